@@ -1,0 +1,20 @@
+"""keras_fip: functionally invariant paths in weight space for Keras 3 models.
+
+Transforms trained Keras models along paths that keep their outputs on data they must keep
+serving while a second objective pulls them somewhere useful: a new task, a sparse weight set,
+away from damage, towards diverse ensemble members.
+"""
+
+import os as _os
+
+_os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from keras_fip import data  # noqa: E402
+from keras_fip import models  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "data",
+    "models",
+]

@@ -1,0 +1,19 @@
+"""Shared test set-up: quiet TensorFlow, two logical CPUs for distribution tests."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import tensorflow as tf  # noqa: E402
+
+# Two logical CPU devices so `tf.distribute.MirroredStrategy` tests run on one CPU.
+# This must happen before TensorFlow initialises its devices.
+_cpus = tf.config.list_physical_devices("CPU")
+try:
+    tf.config.set_logical_device_configuration(
+        _cpus[0],
+        [tf.config.LogicalDeviceConfiguration()] * 2,
+    )
+except RuntimeError:  # Devices already initialised by an earlier import.
+    pass
