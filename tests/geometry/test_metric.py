@@ -1,0 +1,188 @@
+import numpy as np
+import pytest
+import scipy.sparse.linalg
+import tensorflow as tf
+
+import keras
+from keras_fip.geometry import MetricOperator
+from keras_fip.geometry import metric_vector_product
+from keras_fip.geometry import output_jvp
+from tests.geometry.conftest import dense_metric
+from tests.geometry.conftest import tiny_conv_bn
+from tests.geometry.conftest import tiny_mlp
+
+
+def _relative_error(actual, expected):
+    return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+
+
+def _weights(model):
+    return [np.array(v) for v in model.weights]
+
+
+@pytest.mark.parametrize("problem", ["mlp_problem", "conv_problem"])
+@pytest.mark.parametrize("outputs", ["logits", "probabilities"])
+def test_matvec_matches_dense_reference(problem, outputs, request):
+    model, inputs = request.getfixturevalue(problem)
+    before = _weights(model)
+    # batch_size=4 forces several batches including a ragged last one.
+    metric = MetricOperator(model, inputs, outputs=outputs, batch_size=4)
+    dense = dense_metric(model, inputs, outputs)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        vector = rng.normal(size=metric.num_params)
+        assert _relative_error(metric.matvec(vector), dense @ vector) <= 1e-10
+    # The model is untouched (BatchNorm statistics included).
+    for old, new in zip(before, _weights(model)):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_matvec_list_layout_round_trips(mlp_problem):
+    model, inputs = mlp_problem
+    metric = MetricOperator(model, (inputs, np.zeros(len(inputs))))
+    vector = np.random.default_rng(2).normal(size=metric.num_params)
+    as_list = metric.unflatten(vector)
+    product_list = metric.matvec(as_list)
+    assert [p.shape for p in product_list] == [
+        tuple(v.shape) for v in model.trainable_variables
+    ]
+    np.testing.assert_allclose(
+        metric.flatten(product_list), metric.matvec(vector), rtol=1e-12
+    )
+    tensor_product = metric.matvec(tf.constant(vector))
+    assert tf.is_tensor(tensor_product)
+    np.testing.assert_allclose(tensor_product.numpy(), metric.matvec(vector))
+
+
+def test_to_dense_and_linear_operator_match_reference(conv_problem):
+    model, inputs = conv_problem
+    metric = MetricOperator(model, inputs, batch_size=5)
+    dense = dense_metric(model, inputs)
+    assert _relative_error(metric.to_dense(), dense) <= 1e-12
+    operator = metric.as_linear_operator()
+    assert isinstance(operator, scipy.sparse.linalg.LinearOperator)
+    vector = np.random.default_rng(3).normal(size=metric.num_params)
+    assert _relative_error(operator @ vector, dense @ vector) <= 1e-10
+
+
+def test_gram_nonzero_spectrum_equals_metric_spectrum(mlp_problem):
+    model, inputs = mlp_problem
+    inputs = inputs[:4]  # N·C = 12 < n = 51
+    metric = MetricOperator(model, inputs)
+    gram = metric.gram()
+    assert gram.shape == (12, 12)
+    gram_values = np.sort(np.linalg.eigvalsh(gram))[::-1]
+    metric_values = np.sort(np.linalg.eigvalsh(dense_metric(model, inputs)))[::-1]
+    np.testing.assert_allclose(gram_values, metric_values[:12], rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(metric_values[12:], 0.0, atol=1e-12)
+
+
+def test_dense_forms_refuse_large_problems(mlp_problem):
+    model, inputs = mlp_problem
+    metric = MetricOperator(model, inputs)
+    with pytest.raises(ValueError, match="max_params=10"):
+        metric.to_dense(max_params=10)
+    with pytest.raises(ValueError, match="max_entries=100"):
+        metric.gram(max_entries=100)
+
+
+def test_metric_vector_product_is_batch_mean(mlp_problem):
+    model, inputs = mlp_problem
+    metric = MetricOperator(model, inputs)
+    vector = metric.unflatten(np.random.default_rng(4).normal(size=metric.num_params))
+    product = tf.function(metric_vector_product)(model, tf.constant(inputs), vector)
+    np.testing.assert_allclose(
+        metric.flatten([p.numpy() for p in product]),
+        dense_metric(model, inputs) @ metric.flatten(vector),
+        rtol=1e-10,
+    )
+
+
+def test_output_jvp_matches_finite_difference(mlp_problem):
+    model, inputs = mlp_problem
+    vector = [np.random.default_rng(5).normal(size=v.shape) for v in model.weights]
+    values, jvp = output_jvp(model, inputs, vector)
+    np.testing.assert_allclose(values, model(inputs), rtol=1e-12)
+    step = 1e-6
+    shifted = keras.models.clone_model(model)
+    shifted.set_weights([w + step * d for w, d in zip(model.get_weights(), vector)])
+    difference = (shifted(inputs) - model(inputs)) / step
+    np.testing.assert_allclose(jvp, difference, rtol=1e-4, atol=1e-6)
+
+
+def test_mirrored_strategy_gives_same_matvec():
+    inputs = np.random.default_rng(6).uniform(size=(11, 5, 5, 1))
+    reference_model = tiny_conv_bn()
+    reference = MetricOperator(reference_model, inputs, batch_size=4)
+    vector = np.random.default_rng(7).normal(size=reference.num_params)
+    expected = reference.matvec(vector)
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert strategy.num_replicas_in_sync == 2
+    with strategy.scope():
+        model = tiny_conv_bn()
+        model.set_weights(reference_model.get_weights())
+        metric = MetricOperator(model, inputs, batch_size=4)
+    assert _relative_error(metric.matvec(vector), expected) <= 1e-10
+
+    # Per-replica batch means from `metric_vector_product`, all-reduced by the caller.
+    tangents = metric.unflatten(vector)
+    dataset = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(inputs[:10]).batch(10)
+    )
+
+    @tf.function
+    def step(batch):
+        per_replica = strategy.run(
+            lambda x: [
+                p * tf.cast(tf.shape(x)[0], p.dtype) / 10.0
+                for p in metric_vector_product(model, x, tangents)
+            ],
+            args=(batch,),
+        )
+        return [
+            strategy.reduce(tf.distribute.ReduceOp.SUM, p, axis=None)
+            for p in per_replica
+        ]
+
+    product = step(next(iter(dataset)))
+    expected = dense_metric(reference_model, inputs[:10]) @ vector
+    assert _relative_error(metric.flatten([p.numpy() for p in product]), expected) <= 1e-10
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"outputs": "softmax"}, "outputs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"data": np.zeros((0, 4))}, "data"),
+        ({"model": "not a model"}, "model"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, message, mlp_problem):
+    model, inputs = mlp_problem
+    arguments = {"model": model, "data": inputs, **kwargs}
+    with pytest.raises(ValueError, match=f"`{message}`"):
+        MetricOperator(**arguments)
+
+
+def test_bad_vector_raises(mlp_problem):
+    model, inputs = mlp_problem
+    metric = MetricOperator(model, inputs)
+    with pytest.raises(ValueError, match="`v`"):
+        metric.matvec(np.ones(metric.num_params + 1))
+    with pytest.raises(ValueError, match="`v`"):
+        metric.matvec([np.ones(3)])
+
+
+def test_dataset_data_equals_array_data(mlp_problem):
+    model, inputs = mlp_problem
+    labels = np.zeros(len(inputs), dtype="int32")
+    dataset = tf.data.Dataset.from_tensor_slices((inputs, labels)).batch(3)
+    vector = np.random.default_rng(8).normal(size=51)
+    np.testing.assert_allclose(
+        MetricOperator(model, dataset).matvec(vector),
+        MetricOperator(model, inputs).matvec(vector),
+        rtol=1e-12,
+    )
