@@ -1,0 +1,79 @@
+"""Deep copies of Keras models: same architecture, same weights, same masks."""
+
+import keras
+
+from keras_fip.engine import masks as masks_lib
+
+
+def copy_model(model):
+    """Returns a deep copy of a model with equal weights and masks.
+
+    Sequential and functional models are cloned layer by layer
+    (`keras.models.clone_model`, nested models included); subclassed models go through
+    `keras.saving.serialize_keras_object` / `deserialize_keras_object`, so they must be
+    registered serialisable with a `get_config`. All weights are copied, trainable and
+    non-trainable (for example BatchNormalization moving statistics), and every
+    `MaskConstraint` is re-attached to the matching variable, so masked weights stay
+    exactly zero under later training. The compile state (optimizer, loss) is not copied.
+    The input model is not changed.
+
+    Args:
+        model: A `keras.Model`.
+
+    Returns:
+        A new `keras.Model` whose outputs equal the input's.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> twin = copy_model(model)
+    >>> x = np.ones((1, 3), "float32")
+    >>> bool(np.array_equal(twin(x), model(x)))
+    True
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"`model` must be a `keras.Model`. Received: model={model!r}"
+        )
+
+    # Rebuild the architecture.
+    try:
+        clone = keras.models.clone_model(model, recursive=True)
+    except Exception as error:
+        raise ValueError(
+            f"Cannot copy model `{model.name}` ({type(model).__name__}): a subclassed "
+            "model must be registered with `@keras.saving.register_keras_serializable` "
+            "and implement `get_config` so that `from_config(get_config())` rebuilds "
+            f"it. Cloning failed with: {error}"
+        ) from error
+    if model.built and model.weights and not clone.weights:
+        raise ValueError(
+            f"Cannot copy model `{model.name}` ({type(model).__name__}): the copy was "
+            "not built. Implement `build` (or `build_from_config`) so that "
+            "deserialisation builds the model."
+        )
+
+    # Copy every weight, trainable and non-trainable.
+    source, target = model.weights, clone.weights
+    if len(source) != len(target) or any(
+        tuple(a.shape) != tuple(b.shape) for a, b in zip(source, target)
+    ):
+        raise ValueError(
+            f"Cannot copy model `{model.name}`: its rebuilt copy has different weights "
+            f"({[tuple(v.shape) for v in target][:6]}...) from the original "
+            f"({[tuple(v.shape) for v in source][:6]}...)."
+        )
+    for original, copied in zip(source, target):
+        copied.assign(original.value)
+
+    # Re-attach the masks (also those a parent layer's config cannot carry).
+    variable_masks = [
+        (copied, original.constraint.mask)
+        for original, copied in zip(source, target)
+        if isinstance(original.constraint, masks_lib.MaskConstraint)
+    ]
+    if variable_masks:
+        masks_lib._attach(clone, variable_masks, warn=False)
+    return clone
+

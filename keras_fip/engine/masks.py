@@ -1,0 +1,604 @@
+"""Masks: weights held at exactly zero, carried by the model and kept by any optimizer.
+
+A mask lives on the masked variable as a `MaskConstraint`, set both on the variable
+(`variable.constraint`, applied by every Keras optimizer after each update) and on the
+owning layer's constructor-level attribute (`kernel_constraint`, `bias_constraint`, ...), so
+it is part of the layer config: it travels with copies and survives `.keras` save/load.
+`MaskedOptimizer` additionally masks gradients and re-projects after each update, so
+optimizer state (momentum, Adam moments) cannot leak non-zeros into masked weights.
+"""
+
+import base64
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+# Variables whose constraint attribute is not `f"{variable.name}_constraint"`.
+_IRREGULAR_VARIABLE_NAMES = {
+    "depthwise_kernel": "depthwise_constraint",
+    "pointwise_kernel": "pointwise_constraint",
+}
+# Layers whose `kernel` variable is constrained by `depthwise_constraint`.
+_DEPTHWISE_LAYERS = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+
+
+def _encode_mask(mask):
+    """Packs a boolean mask into a JSON-friendly dict (shape + base64 of packed bits)."""
+    mask = np.asarray(mask, dtype=bool)
+    bits = np.packbits(mask.ravel())
+    return {
+        "shape": [int(d) for d in mask.shape],
+        "bits": base64.b64encode(bits.tobytes()).decode("ascii"),
+    }
+
+
+def _decode_mask(config):
+    """Inverse of `_encode_mask`."""
+    shape = tuple(int(d) for d in config["shape"])
+    size = int(np.prod(shape, dtype=np.int64))
+    bits = np.frombuffer(base64.b64decode(config["bits"]), dtype=np.uint8)
+    return np.unpackbits(bits, count=size).astype(bool).reshape(shape)
+
+
+def _as_bool_mask(mask, argument_name):
+    """Validates an array-like of booleans or 0/1 values and returns a bool array."""
+    if isinstance(mask, dict) and set(mask) == {"shape", "bits"}:
+        return _decode_mask(mask)
+    try:
+        array = np.asarray(
+            mask.numpy() if hasattr(mask, "numpy") else mask
+        )
+    except Exception as error:
+        raise ValueError(
+            f"`{argument_name}` must be an array of booleans or 0/1 values. "
+            f"Received: {argument_name}={mask!r}"
+        ) from error
+    if array.dtype == bool:
+        return array.copy()
+    if array.dtype == object or not np.issubdtype(array.dtype, np.number):
+        raise ValueError(
+            f"`{argument_name}` must be an array of booleans or 0/1 values. "
+            f"Received: {argument_name} with dtype {array.dtype}"
+        )
+    if not np.all((array == 0) | (array == 1)):
+        raise ValueError(
+            f"`{argument_name}` must contain only 0/1 values (1 keeps a weight, 0 "
+            f"holds it at zero). Received: {argument_name} with values "
+            f"{np.unique(array)[:5]}"
+        )
+    return array.astype(bool)
+
+
+@keras.saving.register_keras_serializable(package="keras_fip")
+class MaskConstraint(keras.constraints.Constraint):
+    """Holds the masked entries of a weight at exactly zero.
+
+    Multiplies the weight by a fixed boolean mask after an optional user constraint. Keras
+    optimizers apply `variable.constraint` after every update, and layers pass their
+    `*_constraint` arguments to the variables they build, so a model carrying this
+    constraint keeps its zeros under any optimizer, through `keras.models.clone_model` and
+    through `.keras` save/load. The mask is serialised compactly (bits packed, base64), so
+    the config stays small even for millions of weights.
+
+    Args:
+        mask: Boolean array (or 0/1 values) of the weight's shape; `True` keeps a weight,
+            `False` holds it at zero. The packed dict produced by `get_config` is also
+            accepted.
+        constraint: Optional user constraint applied before the mask (a
+            `keras.constraints.Constraint`, its name or its config). Defaults to `None`.
+
+    Returns:
+        A callable `w -> constraint(w) * mask`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> constraint = MaskConstraint(np.array([[True, False], [False, True]]))
+    >>> np.asarray(constraint(np.ones((2, 2), "float32"))).tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+    """
+
+    def __init__(self, mask, constraint=None):
+        self.mask = _as_bool_mask(mask, "mask")
+        if isinstance(constraint, MaskConstraint):
+            raise ValueError(
+                "`constraint` must be a user constraint, not another MaskConstraint; "
+                "combine masks with `&` instead. "
+                f"Received: constraint={constraint!r}"
+            )
+        try:
+            self.constraint = keras.constraints.get(constraint)
+        except (ValueError, TypeError) as error:
+            raise ValueError(
+                "`constraint` must be `None`, a `keras.constraints.Constraint`, its name "
+                f"or its config. Received: constraint={constraint!r}"
+            ) from error
+
+    def __call__(self, w):
+        if self.constraint is not None:
+            w = self.constraint(w)
+        if tuple(w.shape) != self.mask.shape:
+            raise ValueError(
+                f"MaskConstraint has a mask of shape {self.mask.shape} but was applied to "
+                f"a weight of shape {tuple(w.shape)}."
+            )
+        return ops.multiply(w, ops.cast(self.mask, w.dtype))
+
+    def get_config(self):
+        return {
+            "mask": _encode_mask(self.mask),
+            "constraint": (
+                None
+                if self.constraint is None
+                else keras.constraints.serialize(self.constraint)
+            ),
+        }
+
+
+# Finding the layer attribute behind a variable.
+
+
+def _child_layers(layer):
+    """Direct sub-layers of `layer` (models: `.layers`; other layers: attributes)."""
+    if isinstance(layer, keras.Model):
+        return list(layer.layers)
+    children = []
+    for value in vars(layer).values():
+        values = value if isinstance(value, (list, tuple)) else (
+            value.values() if isinstance(value, dict) else (value,)
+        )
+        for item in values:
+            if isinstance(item, keras.layers.Layer) and item is not layer:
+                children.append(item)
+    return children
+
+
+def _variable_owners(model):
+    """Maps `id(variable)` to `(owning_layer, parent_layer)` for every weight."""
+    owners = {}
+
+    def visit(layer, parent, seen):
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        children = _child_layers(layer)
+        for child in children:
+            visit(child, layer, seen)
+        for variable in layer.weights:
+            # Deepest owner wins: children were visited first.
+            owners.setdefault(id(variable), (layer, parent))
+
+    visit(model, None, set())
+    return owners
+
+
+def _constraint_attribute(layer, variable):
+    """Name of the layer attribute that holds `variable`'s constraint, or raises."""
+    name = variable.name
+    if name == "kernel" and isinstance(layer, _DEPTHWISE_LAYERS):
+        attribute = "depthwise_constraint"
+    else:
+        attribute = _IRREGULAR_VARIABLE_NAMES.get(name, f"{name}_constraint")
+    if not hasattr(layer, attribute):
+        raise ValueError(
+            f"Cannot mask variable `{variable.path}`: its layer `{layer.name}` "
+            f"({type(layer).__name__}) has no `{attribute}` attribute to carry the mask. "
+            "Masks are supported on the weights of standard layers (Dense, Conv, "
+            "DepthwiseConv, BatchNormalization, LayerNormalization, Embedding, "
+            "EinsumDense, MultiHeadAttention)."
+        )
+    return attribute
+
+
+def _variable_keys(variables):
+    """Unique keys for `variables`: `variable.path`, with `:k` appended to the k-th repeat.
+
+    Repeats happen when identical sub-models (for example ensemble members) were built
+    outside a common name scope.
+    """
+    counts = {}
+    keys = []
+    for variable in variables:
+        count = counts.get(variable.path, 0)
+        counts[variable.path] = count + 1
+        keys.append(variable.path if count == 0 else f"{variable.path}:{count}")
+    return keys
+
+
+class _Untracked:
+    """Holds a value out of sight of Keras's attribute tracking (no variable capture)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _mask_of(variable):
+    constraint = variable.constraint
+    return constraint.mask if isinstance(constraint, MaskConstraint) else None
+
+
+def _attach(model, variable_masks, warn=True):
+    """Attaches `[(variable, bool mask)]` to `model` in place and zeroes the weights."""
+    owners = _variable_owners(model)
+    # Resolve every attribute before changing anything.
+    plan = []
+    for variable, mask in variable_masks:
+        if id(variable) not in owners:
+            raise ValueError(
+                f"Variable `{variable.path}` does not belong to model `{model.name}`."
+            )
+        layer, parent = owners[id(variable)]
+        attribute = _constraint_attribute(layer, variable)
+        if tuple(variable.shape) != mask.shape:
+            raise ValueError(
+                f"The mask for `{variable.path}` must have the variable's shape "
+                f"{tuple(variable.shape)}. Received: mask of shape {mask.shape}"
+            )
+        plan.append((variable, mask, layer, parent, attribute))
+    for variable, mask, layer, parent, attribute in plan:
+        existing = variable.constraint
+        if isinstance(existing, MaskConstraint):
+            mask = mask & existing.mask
+            user_constraint = existing.constraint
+        else:
+            user_constraint = existing
+        constraint = MaskConstraint(mask, constraint=user_constraint)
+        setattr(layer, attribute, constraint)
+        variable.constraint = constraint
+        variable.assign(ops.multiply(variable, ops.cast(mask, variable.dtype)))
+        if warn and parent is not None and not isinstance(parent, keras.Model):
+            warnings.warn(
+                f"The mask on `{variable.path}` is kept by training, keras_fip copies and "
+                f"export, but not by `.keras` files: `{parent.name}` "
+                f"({type(parent).__name__}) rebuilds its sub-layer `{layer.name}` from "
+                "its own config.",
+                stacklevel=3,
+            )
+
+
+def masks(model):
+    """Returns the masks a model carries.
+
+    Reads the `MaskConstraint` on each of the model's variables. Only masked variables
+    appear. The model is not changed.
+
+    Args:
+        model: A `keras.Model`.
+
+    Returns:
+        A dict mapping `variable.path` to a boolean numpy array of the variable's shape
+        (`False` = held at zero). When identical sub-models make a path repeat, the k-th
+        repeat is keyed `f"{path}:{k}"`.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> masks(model)
+    {}
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"`model` must be a `keras.Model`. Received: model={model!r}"
+        )
+    variables = model.weights
+    return {
+        key: _mask_of(variable).copy()
+        for key, variable in zip(_variable_keys(variables), variables)
+        if _mask_of(variable) is not None
+    }
+
+
+def apply_masks(model, masks):
+    """Attaches masks to a model IN PLACE and zeroes the masked weights.
+
+    This mutates `model`: it is meant for copies (keras_fip operations call it on the copy
+    they return; use `keras_fip.engine.copy_model` first to keep the original). A mask is
+    AND-ed with any mask the variable already carries; a user constraint on the variable
+    is kept and applied before the mask. `strip_masks` is the undo.
+
+    Args:
+        model: A built `keras.Model`, changed in place.
+        masks: Dict mapping variable keys (as returned by `keras_fip.masks`, i.e.
+            `variable.path`) to boolean arrays of the variable's shape (`True` keeps a
+            weight, `False` holds it at zero).
+
+    Returns:
+        `None`.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    >>> apply_masks(model, {"d/kernel": np.eye(3, 2, dtype=bool)})
+    >>> int(np.count_nonzero(model.layers[0].kernel.numpy()))
+    2
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"`model` must be a `keras.Model`. Received: model={model!r}"
+        )
+    if not isinstance(masks, dict):
+        raise ValueError(
+            "`masks` must be a dict mapping variable paths to boolean arrays. "
+            f"Received: masks={masks!r}"
+        )
+    variables = model.weights
+    by_key = dict(zip(_variable_keys(variables), variables))
+    unknown = sorted(set(masks) - set(by_key))
+    if unknown:
+        raise ValueError(
+            f"`masks` has keys that are not variables of model `{model.name}`: "
+            f"{unknown[:5]}. Expected keys among {list(by_key)[:10]}. "
+            f"Received: masks with keys {sorted(masks)[:10]}"
+        )
+    variable_masks = [
+        (by_key[key], _as_bool_mask(mask, f"masks[{key!r}]"))
+        for key, mask in masks.items()
+    ]
+    _attach(model, variable_masks)
+
+
+def strip_masks(model):
+    """Returns a copy of a model without masks: plain layers, zeros kept.
+
+    The undo of `apply_masks` (the analogue of tfmot's `strip_pruning`): each
+    `MaskConstraint` is replaced by the user constraint it wrapped (or none). Weights are
+    copied as they are, so masked weights are still exactly zero, but nothing keeps them
+    there any more. The input model is not changed.
+
+    Args:
+        model: A built `keras.Model`.
+
+    Returns:
+        A new `keras.Model`.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    >>> apply_masks(model, {"d/kernel": np.eye(3, 2, dtype=bool)})
+    >>> plain = strip_masks(model)
+    >>> masks(plain)
+    {}
+    """
+    from keras_fip.engine.copy import copy_model
+
+    stripped = copy_model(model)
+    owners = _variable_owners(stripped)
+    for variable in stripped.weights:
+        constraint = variable.constraint
+        if not isinstance(constraint, MaskConstraint):
+            continue
+        layer, _ = owners[id(variable)]
+        setattr(layer, _constraint_attribute(layer, variable), constraint.constraint)
+        variable.constraint = constraint.constraint
+    return stripped
+
+
+def sparsity(model, per_variable=False):
+    """Fraction of a model's trainable weights that are exactly zero.
+
+    Args:
+        model: A `keras.Model`.
+        per_variable: If `True`, return a dict mapping each trainable variable's key
+            (as in `keras_fip.masks`) to its own fraction of zeros. Defaults to `False`.
+
+    Returns:
+        A float in [0, 1], or a dict of floats when `per_variable=True`.
+
+    Example:
+
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> sparsity(model)  # the bias starts at zero
+    0.25
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"`model` must be a `keras.Model`. Received: model={model!r}"
+        )
+    variables = model.trainable_variables
+    zeros = [int(np.sum(v.numpy() == 0)) for v in variables]
+    sizes = [int(np.prod(v.shape, dtype=np.int64)) for v in variables]
+    if per_variable:
+        return {
+            key: (count / size if size else 0.0)
+            for key, count, size in zip(_variable_keys(variables), zeros, sizes)
+        }
+    total = sum(sizes)
+    return sum(zeros) / total if total else 0.0
+
+
+@keras.saving.register_keras_serializable(package="keras_fip")
+class MaskedOptimizer(keras.optimizers.Optimizer):
+    """An optimizer wrapper that holds masked weights at exactly zero.
+
+    Wraps another Keras optimizer (the `LossScaleOptimizer` pattern): gradients of masked
+    entries are zeroed before the inner optimizer's update, and the masked variables are
+    re-projected onto their masks right after it, so momentum or Adam moments cannot move
+    a masked weight. By default the masks are those the variables carry as
+    `MaskConstraint`s when the optimizer is built; explicit masks override them. Works
+    inside `tf.function` and `tf.distribute` strategies.
+
+    Args:
+        optimizer: The `keras.optimizers.Optimizer` to wrap (an instance, name or config).
+        masks: `None` to use the masks the variables carry; a dict mapping variable paths
+            (as in `keras_fip.masks`) to boolean arrays; or a list of boolean arrays (or
+            `None` for unmasked variables) aligned with the variables the optimizer is
+            built on. Defaults to `None`.
+        name: Name of the optimizer. Defaults to `None`.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    >>> optimizer = MaskedOptimizer(
+    ...     keras.optimizers.Adam(0.1), masks={"d/kernel": np.eye(3, 2, dtype=bool)}
+    ... )
+    >>> model.compile(optimizer=optimizer, loss="mse")
+    >>> _ = model.fit(np.ones((4, 3)), np.ones((4, 2)), epochs=2, verbose=0)
+    >>> int(np.count_nonzero(model.layers[0].kernel.numpy()))
+    2
+    """
+
+    def __init__(self, optimizer, masks=None, name=None, **kwargs):
+        if kwargs:
+            raise ValueError(
+                "MaskedOptimizer takes no base-optimizer arguments; set them on the "
+                f"inner optimizer instead. Received: {sorted(kwargs)}"
+            )
+        if isinstance(optimizer, (str, dict)):
+            optimizer = keras.optimizers.get(optimizer)
+        if not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise ValueError(
+                "`optimizer` must be a `keras.optimizers.Optimizer` instance, name or "
+                f"config. Received: optimizer={optimizer!r}"
+            )
+        if isinstance(masks, dict):
+            masks = {
+                str(key): _as_bool_mask(value, f"masks[{key!r}]")
+                for key, value in masks.items()
+            }
+        elif isinstance(masks, (list, tuple)):
+            masks = [
+                None if value is None else _as_bool_mask(value, f"masks[{i}]")
+                for i, value in enumerate(masks)
+            ]
+        elif masks is not None:
+            raise ValueError(
+                "`masks` must be `None`, a dict mapping variable paths to boolean "
+                "arrays, or a list of boolean arrays aligned with the variables. "
+                f"Received: masks={masks!r}"
+            )
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = optimizer
+        self._explicit_masks = _Untracked(masks)
+        self._variable_masks = _Untracked(())
+
+    def build(self, var_list):
+        if self.built:
+            return
+        var_list = list(var_list)
+        masks = self._resolve_masks(var_list)
+        self.inner_optimizer.build(var_list)
+        super().build(var_list)
+        # (variable, mask) pairs, kept out of the optimizer's tracked state.
+        self._variable_masks = _Untracked(tuple(
+            (variable, mask)
+            for variable, mask in zip(var_list, masks)
+            if mask is not None
+        ))
+
+    def _resolve_masks(self, var_list):
+        explicit = self._explicit_masks.value
+        if explicit is None:
+            return [_mask_of(variable) for variable in var_list]
+        if isinstance(explicit, list):
+            if len(explicit) != len(var_list):
+                raise ValueError(
+                    f"`masks` must have one entry per variable ({len(var_list)}). "
+                    f"Received: masks with {len(explicit)} entries"
+                )
+            resolved = explicit
+        else:
+            keys = _variable_keys(var_list)
+            unknown = sorted(set(explicit) - set(keys))
+            if unknown:
+                raise ValueError(
+                    f"`masks` has keys that are not among the optimized variables: "
+                    f"{unknown[:5]}. Expected keys among {keys[:10]}."
+                )
+            resolved = [explicit.get(key) for key in keys]
+        for variable, mask in zip(var_list, resolved):
+            if mask is not None and tuple(variable.shape) != mask.shape:
+                raise ValueError(
+                    f"The mask for `{variable.path}` must have the variable's shape "
+                    f"{tuple(variable.shape)}. Received: mask of shape {mask.shape}"
+                )
+        return resolved
+
+    def apply(self, grads, trainable_variables=None):
+        if not self.built:
+            if trainable_variables is None:
+                raise ValueError(
+                    "When passing `grads` without `trainable_variables`, the optimizer "
+                    "must already be built. Call `optimizer.build(variables)` first."
+                )
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+        variables = (
+            self._trainable_variables
+            if trainable_variables is None
+            else list(trainable_variables)
+        )
+        masks = {id(variable): mask for variable, mask in self._variable_masks.value}
+
+        # Mask the gradients.
+        masked_grads = []
+        for grad, variable in zip(grads, variables):
+            mask = masks.get(id(variable))
+            if grad is not None and mask is not None:
+                if isinstance(grad, tf.IndexedSlices):
+                    grad = tf.convert_to_tensor(grad)
+                grad = ops.multiply(grad, ops.cast(mask, grad.dtype))
+            masked_grads.append(grad)
+
+        # Inner update.
+        self.inner_optimizer.apply(masked_grads, trainable_variables)
+
+        # Re-project onto the masks.
+        for variable in variables:
+            mask = masks.get(id(variable))
+            if mask is not None:
+                variable.assign(
+                    ops.multiply(variable, ops.cast(mask, variable.dtype))
+                )
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def get_config(self):
+        # Do not use super().get_config(): the base arguments belong to the inner one.
+        explicit = self._explicit_masks.value
+        if isinstance(explicit, dict):
+            masks = {key: _encode_mask(value) for key, value in explicit.items()}
+        elif isinstance(explicit, list):
+            masks = [None if value is None else _encode_mask(value) for value in explicit]
+        else:
+            masks = None
+        return {
+            "name": self.name,
+            "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "masks": masks,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        optimizer = keras.saving.deserialize_keras_object(
+            config.pop("optimizer"), custom_objects=custom_objects
+        )
+        return cls(optimizer, **config)
