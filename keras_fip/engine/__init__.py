@@ -4,6 +4,6 @@ from keras_fip.engine.copy import copy_model
 from keras_fip.engine.masks import MaskConstraint
 from keras_fip.engine.masks import MaskedOptimizer
 from keras_fip.engine.masks import apply_masks
-from keras_fip.engine.masks import masks
 from keras_fip.engine.masks import sparsity
 from keras_fip.engine.masks import strip_masks
+from keras_fip.engine.path import Path

@@ -312,9 +312,10 @@ def apply_masks(model, masks):
     Example:
 
     >>> import keras, numpy as np
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
-    >>> apply_masks(model, {"d/kernel": np.eye(3, 2, dtype=bool)})
-    >>> int(np.count_nonzero(model.layers[0].kernel.numpy()))
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> kernel = model.layers[0].kernel
+    >>> apply_masks(model, {kernel.path: np.eye(3, 2, dtype=bool)})
+    >>> int(np.count_nonzero(kernel.numpy()))
     2
     """
     if not isinstance(model, keras.Model):
@@ -359,8 +360,8 @@ def strip_masks(model):
     Example:
 
     >>> import keras, numpy as np
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
-    >>> apply_masks(model, {"d/kernel": np.eye(3, 2, dtype=bool)})
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> apply_masks(model, {model.layers[0].kernel.path: np.eye(3, 2, dtype=bool)})
     >>> plain = strip_masks(model)
     >>> masks(plain)
     {}
@@ -435,13 +436,14 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     Example:
 
     >>> import keras, numpy as np
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> kernel = model.layers[0].kernel
     >>> optimizer = MaskedOptimizer(
-    ...     keras.optimizers.Adam(0.1), masks={"d/kernel": np.eye(3, 2, dtype=bool)}
+    ...     keras.optimizers.Adam(0.1), masks={kernel.path: np.eye(3, 2, dtype=bool)}
     ... )
     >>> model.compile(optimizer=optimizer, loss="mse")
     >>> _ = model.fit(np.ones((4, 3)), np.ones((4, 2)), epochs=2, verbose=0)
-    >>> int(np.count_nonzero(model.layers[0].kernel.numpy()))
+    >>> int(np.count_nonzero(kernel.numpy()))
     2
     """
 
