@@ -5,6 +5,10 @@ from keras_fip.models.mlp import lenet_300_100
 from keras_fip.models.mlp import mlp
 from keras_fip.models.resnet import resnet
 from keras_fip.models.transformer import transformer_classifier
+from keras_fip.models.training import base_network
+from keras_fip.models.training import compile_classifier
+from keras_fip.models.training import evaluate_classifier
+from keras_fip.models.training import train_classifier
 from keras_fip.models.vgg import vgg
 
 BUILDERS = {
@@ -43,6 +47,10 @@ def get(name, input_shape, num_classes, **kwargs):
 
 __all__ = [
     "BUILDERS",
+    "base_network",
+    "compile_classifier",
+    "evaluate_classifier",
+    "train_classifier",
     "cnn5",
     "get",
     "lenet_300_100",

@@ -1,0 +1,70 @@
+"""Flags and helpers shared by the keras_fip apps.
+
+absl flags live in one process-wide registry, so flags that several apps take are defined
+here, once; each app sets its own defaults with `flags.FLAGS.set_default` where they differ.
+"""
+
+import json
+import os
+
+import keras
+import tensorflow as tf
+from absl import flags
+
+# Model and data
+flags.DEFINE_string("model", "lenet_300_100", "Zoo model name (keras_fip.models.BUILDERS).")
+flags.DEFINE_string("dataset", "mnist", "Dataset name (keras_fip.data.load).")
+flags.DEFINE_string("data_dir", None, "Directory with the official dataset files.")
+
+# Training
+flags.DEFINE_integer("epochs", 10, "Training epochs.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 128, "Examples per step.", lower_bound=1)
+flags.DEFINE_float("learning_rate", 1e-3, "Initial learning rate.", lower_bound=0.0)
+flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0)
+
+# Runtime
+flags.DEFINE_string("output_dir", "runs/latest", "Where config.json, results.json and plots go.")
+flags.DEFINE_string("cache_dir", None, "Base-network cache (default: env KERAS_FIP_CACHE or "
+                    "~/.cache/keras_fip).")
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "tpu", "multi_worker"],
+                  "tf.distribute strategy: `mirrored` uses every local GPU (or CPU), `tpu` "
+                  "the attached TPU, `multi_worker` reads TF_CONFIG.")
+
+FLAGS = flags.FLAGS
+
+
+def get_strategy(name):
+    """Returns the `tf.distribute.Strategy` named by the `--strategy` flag."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(
+        "`strategy` must be one of ['default', 'mirrored', 'tpu', 'multi_worker']. "
+        f"Received: strategy={name!r}"
+    )
+
+
+def flag_values(names):
+    """The current values of the named flags, as a JSON-ready dict."""
+    return {name: FLAGS[name].value for name in names}
+
+
+def write_json(output_dir, filename, content):
+    """Writes `content` as indented JSON to `output_dir/filename`; returns the path."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, filename)
+    with open(path, "w") as f:
+        json.dump(content, f, indent=2, sort_keys=True, default=float)
+    return path
+
+
+def set_seed(seed):
+    keras.utils.set_random_seed(seed)
