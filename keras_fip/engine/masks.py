@@ -157,22 +157,31 @@ def _child_layers(layer):
 
 
 def _variable_owners(model):
-    """Maps `id(variable)` to `(owning_layer, parent_layer)` for every weight."""
+    """Maps `id(variable)` to `(owning_layer, ancestors)`, ancestors innermost first."""
     owners = {}
 
-    def visit(layer, parent, seen):
+    def visit(layer, ancestors, seen):
         if id(layer) in seen:
             return
         seen.add(id(layer))
-        children = _child_layers(layer)
-        for child in children:
-            visit(child, layer, seen)
+        for child in _child_layers(layer):
+            visit(child, (layer,) + ancestors, seen)
         for variable in layer.weights:
             # Deepest owner wins: children were visited first.
-            owners.setdefault(id(variable), (layer, parent))
+            owners.setdefault(id(variable), (layer, ancestors))
 
-    visit(model, None, set())
+    visit(model, (), set())
     return owners
+
+
+def _rebuilds_from_config(layer):
+    """True if `layer`'s config lists its sub-layers' configs (Sequential, functional)."""
+    if not isinstance(layer, keras.Model):
+        return False
+    try:
+        return "layers" in layer.get_config()
+    except Exception:
+        return False
 
 
 def _constraint_attribute(layer, variable):
@@ -230,15 +239,17 @@ def _attach(model, variable_masks, warn=True):
             raise ValueError(
                 f"Variable `{variable.path}` does not belong to model `{model.name}`."
             )
-        layer, parent = owners[id(variable)]
+        layer, ancestors = owners[id(variable)]
         attribute = _constraint_attribute(layer, variable)
         if tuple(variable.shape) != mask.shape:
             raise ValueError(
                 f"The mask for `{variable.path}` must have the variable's shape "
                 f"{tuple(variable.shape)}. Received: mask of shape {mask.shape}"
             )
-        plan.append((variable, mask, layer, parent, attribute))
-    for variable, mask, layer, parent, attribute in plan:
+        plan.append((variable, mask, layer, ancestors, attribute))
+    not_saved = []
+    rebuilds = {}
+    for variable, mask, layer, ancestors, attribute in plan:
         existing = variable.constraint
         if isinstance(existing, MaskConstraint):
             mask = mask & existing.mask
@@ -249,14 +260,20 @@ def _attach(model, variable_masks, warn=True):
         setattr(layer, attribute, constraint)
         variable.constraint = constraint
         variable.assign(ops.multiply(variable, ops.cast(mask, variable.dtype)))
-        if warn and parent is not None and not isinstance(parent, keras.Model):
-            warnings.warn(
-                f"The mask on `{variable.path}` is kept by training, keras_fip copies and "
-                f"export, but not by `.keras` files: `{parent.name}` "
-                f"({type(parent).__name__}) rebuilds its sub-layer `{layer.name}` from "
-                "its own config.",
-                stacklevel=3,
-            )
+        for ancestor in ancestors:
+            if id(ancestor) not in rebuilds:
+                rebuilds[id(ancestor)] = _rebuilds_from_config(ancestor)
+        if not all(rebuilds[id(ancestor)] for ancestor in ancestors):
+            not_saved.append(variable.path)
+    if warn and not_saved:
+        warnings.warn(
+            f"The masks on {not_saved[:5]} are kept by training, keras_fip copies, Path "
+            "points and export, but not by `.keras` files: a subclassed model or a "
+            "composite layer (such as MultiHeadAttention) rebuilds these sub-layers in "
+            "its own constructor, not from their configs. The saved weights keep their "
+            "zeros; re-attach the masks with `apply_masks` after loading.",
+            stacklevel=3,
+        )
 
 
 def masks(model):
@@ -271,7 +288,8 @@ def masks(model):
     Returns:
         A dict mapping `variable.path` to a boolean numpy array of the variable's shape
         (`False` = held at zero). When identical sub-models make a path repeat, the k-th
-        repeat is keyed `f"{path}:{k}"`.
+        repeat is keyed `f"{path}:{k}"`. Paths belong to this model object: a reloaded
+        or cloned twin may name its variables differently.
 
     Example:
 
@@ -302,9 +320,12 @@ def apply_masks(model, masks):
 
     Args:
         model: A built `keras.Model`, changed in place.
-        masks: Dict mapping variable keys (as returned by `keras_fip.masks`, i.e.
-            `variable.path`) to boolean arrays of the variable's shape (`True` keeps a
-            weight, `False` holds it at zero).
+        masks: Dict mapping variable keys of this model (as returned by
+            `keras_fip.masks`, i.e. `variable.path`) to boolean arrays of the variable's
+            shape (`True` keeps a weight, `False` holds it at zero); or a list aligned
+            with `model.trainable_variables`, holding a boolean array or `None` (unmasked)
+            per variable. Variable paths can differ between a model and its reloaded or
+            cloned twin, so transfer masks between models with the list form.
 
     Returns:
         `None`.
@@ -322,24 +343,39 @@ def apply_masks(model, masks):
         raise ValueError(
             f"`model` must be a `keras.Model`. Received: model={model!r}"
         )
-    if not isinstance(masks, dict):
+    if isinstance(masks, (list, tuple)):
+        variables = model.trainable_variables
+        if len(masks) != len(variables):
+            raise ValueError(
+                "`masks` given as a list must have one entry (array or `None`) per "
+                f"trainable variable of model `{model.name}` ({len(variables)}). "
+                f"Received: masks with {len(masks)} entries"
+            )
+        variable_masks = [
+            (variable, _as_bool_mask(mask, f"masks[{i}]"))
+            for i, (variable, mask) in enumerate(zip(variables, masks))
+            if mask is not None
+        ]
+    elif isinstance(masks, dict):
+        variables = model.weights
+        by_key = dict(zip(_variable_keys(variables), variables))
+        unknown = sorted(set(masks) - set(by_key))
+        if unknown:
+            raise ValueError(
+                f"`masks` has keys that are not variables of model `{model.name}`: "
+                f"{unknown[:5]}. Expected keys among {list(by_key)[:10]}. "
+                f"Received: masks with keys {sorted(masks)[:10]}"
+            )
+        variable_masks = [
+            (by_key[key], _as_bool_mask(mask, f"masks[{key!r}]"))
+            for key, mask in masks.items()
+        ]
+    else:
         raise ValueError(
-            "`masks` must be a dict mapping variable paths to boolean arrays. "
+            "`masks` must be a dict mapping variable paths to boolean arrays, or a list "
+            "aligned with `model.trainable_variables`. "
             f"Received: masks={masks!r}"
         )
-    variables = model.weights
-    by_key = dict(zip(_variable_keys(variables), variables))
-    unknown = sorted(set(masks) - set(by_key))
-    if unknown:
-        raise ValueError(
-            f"`masks` has keys that are not variables of model `{model.name}`: "
-            f"{unknown[:5]}. Expected keys among {list(by_key)[:10]}. "
-            f"Received: masks with keys {sorted(masks)[:10]}"
-        )
-    variable_masks = [
-        (by_key[key], _as_bool_mask(mask, f"masks[{key!r}]"))
-        for key, mask in masks.items()
-    ]
     _attach(model, variable_masks)
 
 
