@@ -1,0 +1,20 @@
+"""Baselines a practitioner would otherwise use; keras_fip operations are measured against them.
+
+`tfmot_bridge` is deliberately not imported: it runs only in its own process.
+"""
+
+from keras_fip.baselines.magnitude_pruning import gradual_magnitude_pruning
+from keras_fip.baselines.magnitude_pruning import lottery_ticket
+from keras_fip.baselines.magnitude_pruning import one_shot_magnitude_pruning
+from keras_fip.baselines.magnitude_pruning import polynomial_decay_sparsity
+from keras_fip.baselines.tfmot_baseline import tfmot_available
+from keras_fip.baselines.tfmot_baseline import tfmot_gradual_pruning
+
+__all__ = [
+    "gradual_magnitude_pruning",
+    "lottery_ticket",
+    "one_shot_magnitude_pruning",
+    "polynomial_decay_sparsity",
+    "tfmot_available",
+    "tfmot_gradual_pruning",
+]
