@@ -11,10 +11,20 @@ _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from keras_fip import data  # noqa: E402
 from keras_fip import models  # noqa: E402
+from keras_fip.engine.masks import MaskedOptimizer  # noqa: E402
+from keras_fip.engine.masks import masks  # noqa: E402
+from keras_fip.engine.masks import strip_masks  # noqa: E402
+from keras_fip.engine.path import Path  # noqa: E402
+from keras_fip.export import export  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "data",
     "models",
+    "MaskedOptimizer",
+    "Path",
+    "export",
+    "masks",
+    "strip_masks",
 ]
