@@ -1,0 +1,256 @@
+"""Normalises `data=` arguments into the batched `tf.data` pipeline the FIP trainer eats."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def _describe(value):
+    if hasattr(value, "shape"):
+        return f"{type(value).__name__} of shape {tuple(value.shape)}"
+    return repr(value)
+
+
+def _materialize(dataset, name):
+    """Reads a finite `tf.data.Dataset` of `x`, `(x,)`, `(x, y)` elements into numpy."""
+    spec = dataset.element_spec
+    is_batched = False
+    first = tf.nest.flatten(spec)[0]
+    if first.shape.rank is not None and first.shape.rank >= 1 and first.shape[0] is None:
+        is_batched = True
+    if dataset.cardinality() == tf.data.INFINITE_CARDINALITY:
+        raise ValueError(
+            f"`{name}` must be a finite `tf.data.Dataset` (it is read once). "
+            f"Received: {name} with infinite cardinality"
+        )
+    elements = list(dataset.as_numpy_iterator())
+    if not elements:
+        raise ValueError(f"`{name}` must not be empty. Received: {name}={dataset}")
+    if isinstance(elements[0], tuple):
+        columns = list(zip(*elements))
+    else:
+        columns = [elements]
+    combine = np.concatenate if is_batched else np.stack
+    return tuple(combine(column, axis=0) for column in columns)
+
+
+def normalize_data(data, name="data", require_labels=False):
+    """Turns an array, an `(x, y)` tuple or a finite `tf.data.Dataset` into numpy arrays.
+
+    Args:
+        data: A numpy array (or anything `np.asarray` accepts) of inputs, a tuple `(x,)` or
+            `(x, y)`, or a finite `tf.data.Dataset` of `x`, `(x,)` or `(x, y)` elements,
+            batched or not.
+        name: The argument name used in error messages. Defaults to `"data"`.
+        require_labels: Whether `y` must be present. Defaults to `False`.
+
+    Returns:
+        A tuple `(x, y)` of numpy arrays; `y` is `None` when there are no labels.
+
+    Example:
+
+    >>> x, y = normalize_data((np.zeros((4, 2)), np.arange(4)))
+    >>> x.shape, y.tolist()
+    ((4, 2), [0, 1, 2, 3])
+    """
+    if isinstance(data, tf.data.Dataset):
+        data = _materialize(data, name)
+    if isinstance(data, list) and data and all(hasattr(d, "shape") for d in data):
+        data = tuple(data)
+    if isinstance(data, tuple):
+        if len(data) not in (1, 2):
+            raise ValueError(
+                f"`{name}` must be `x`, `(x,)` or `(x, y)`. "
+                f"Received: {name}=tuple of length {len(data)}"
+            )
+        x = data[0]
+        y = data[1] if len(data) == 2 else None
+    else:
+        x, y = data, None
+    try:
+        x = np.asarray(x)
+    except Exception as error:
+        raise ValueError(
+            f"`{name}` must hold an array of inputs. Received: {name}={_describe(x)}"
+        ) from error
+    if x.ndim < 1 or x.shape[0] == 0 or not np.issubdtype(x.dtype, np.number):
+        raise ValueError(
+            f"`{name}` must hold a non-empty numeric array of inputs with a batch axis. "
+            f"Received: {name}={_describe(x)} with dtype {x.dtype}"
+        )
+    if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+        raise ValueError(
+            f"`{name}` must not contain NaN or Inf values. Received: {name} with "
+            f"{int(np.sum(~np.isfinite(x)))} non-finite entries"
+        )
+    if y is not None:
+        y = np.asarray(y)
+        if y.shape[:1] != x.shape[:1]:
+            raise ValueError(
+                f"`{name}` must have as many labels as inputs. Received: {name} with "
+                f"x of shape {x.shape} and y of shape {y.shape}"
+            )
+        if np.issubdtype(y.dtype, np.floating) and not np.all(np.isfinite(y)):
+            raise ValueError(
+                f"`{name}` labels must not contain NaN or Inf values. "
+                f"Received: {name} with non-finite labels"
+            )
+    elif require_labels:
+        raise ValueError(
+            f"`{name}` must be an `(x, y)` tuple or a dataset of `(x, y)` pairs with "
+            f"labels. Received: {name}={_describe(x)} without labels"
+        )
+    return x, y
+
+
+def check_inputs_match_model(model, x, name="data"):
+    """Raises a `ValueError` if `x` does not match the model's input shape.
+
+    Only checked for models with one known input (Sequential and functional models).
+
+    Args:
+        model: A built `keras.Model`.
+        x: A numpy array of inputs.
+        name: The argument name used in error messages. Defaults to `"data"`.
+    """
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        return
+    if not inputs or len(inputs) != 1:
+        return
+    expected = tuple(inputs[0].shape[1:])
+    received = tuple(x.shape[1:])
+    if len(expected) != len(received) or any(
+        e is not None and e != r for e, r in zip(expected, received)
+    ):
+        raise ValueError(
+            f"`{name}` must hold inputs of shape (batch, "
+            f"{', '.join(str(e) for e in expected)}) to match model `{model.name}`. "
+            f"Received: {name} with inputs of shape {x.shape}"
+        )
+
+
+def _cast_inputs(model, x):
+    """Casts float inputs to the model's input dtype (float32 unless the model says so)."""
+    if not np.issubdtype(x.dtype, np.floating):
+        return x
+    dtype = "float32"
+    try:
+        if model.inputs and len(model.inputs) == 1:
+            dtype = keras.backend.standardize_dtype(model.inputs[0].dtype)
+    except (AttributeError, ValueError):
+        pass
+    return x.astype(dtype, copy=False)
+
+
+def reference_outputs(model, x, batch_size):
+    """The model's outputs on `x` in inference mode, in batches of `batch_size`.
+
+    Args:
+        model: A built `keras.Model`.
+        x: A numpy array of inputs.
+        batch_size: The batch size, best equal to the FIP step's anchor batch size.
+
+    Returns:
+        A numpy array (or structure of arrays) of outputs.
+    """
+    forward = tf.function(lambda inputs: model(inputs, training=False))
+    batches = [
+        tf.nest.map_structure(lambda t: t.numpy(), forward(tf.constant(x[i : i + batch_size])))
+        for i in range(0, len(x), batch_size)
+    ]
+    return tf.nest.map_structure(lambda *parts: np.concatenate(parts, axis=0), *batches)
+
+
+def _repeated_batches(tensors, batch_size, shuffle, seed):
+    size = len(tf.nest.flatten(tensors)[0])
+    dataset = tf.data.Dataset.from_tensor_slices(tensors)
+    if shuffle:
+        dataset = dataset.shuffle(size, seed=seed, reshuffle_each_iteration=True)
+    return dataset.repeat().batch(batch_size, drop_remainder=True)
+
+
+def fip_dataset(
+    model,
+    anchor,
+    secondary=None,
+    batch_size=128,
+    secondary_batch_size=None,
+    reference="start",
+    shuffle=True,
+    seed=None,
+):
+    """Builds the infinite, shuffled, batched pipeline of `FIPTrainer` steps.
+
+    The anchor inputs are validated against `model` (shape, finiteness). With
+    `reference="start"` the reference outputs `f(x; w₀)` of the model as it is now are
+    computed once, in inference mode, and zipped with the anchor inputs. Each element is a
+    dict `{"anchor_inputs", "anchor_outputs" (start reference only), "secondary" (when
+    given)}`. Batches have static sizes (the remainder of an epoch rolls into the next), so
+    steps compile once and split evenly across replicas.
+
+    Args:
+        model: The built `keras.Model` to be moved (returning logits); it is not changed.
+        anchor: Anchor inputs whose outputs must be kept: an array, an `(x, y)` tuple (`y`
+            is ignored) or a finite `tf.data.Dataset`.
+        secondary: Data of the secondary objective: an `(x, y)` tuple (or dataset of
+            pairs) for a supervised loss, an array of inputs, or `None` when L needs no
+            data. Defaults to `None`.
+        batch_size: Anchor examples per step (global, over all replicas). Defaults to
+            `128`.
+        secondary_batch_size: Secondary examples per step. Defaults to `None`
+            (`batch_size`).
+        reference: `"start"` to cache the reference outputs, or `"local"` to leave them to
+            the trainer. Defaults to `"start"`.
+        shuffle: Whether to reshuffle the examples every pass. Defaults to `True`.
+        seed: Shuffle seed. Defaults to `None`.
+
+    Returns:
+        An infinite `tf.data.Dataset` of dicts, to pass to `FIPTrainer.fit` with
+        `steps_per_epoch`.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+    >>> data = fip_dataset(model, np.ones((10, 2), "float32"), batch_size=4)
+    >>> sorted(data.element_spec)
+    ['anchor_inputs', 'anchor_outputs']
+    """
+    for name, value in (("batch_size", batch_size), ("secondary_batch_size", secondary_batch_size)):
+        if value is None and name == "secondary_batch_size":
+            continue
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+    if reference not in ("start", "local"):
+        raise ValueError(
+            f"`reference` must be 'start' or 'local'. Received: reference={reference!r}"
+        )
+    secondary_batch_size = secondary_batch_size or batch_size
+
+    # Validate everything before any work.
+    anchor_x, _ = normalize_data(anchor, name="anchor")
+    check_inputs_match_model(model, anchor_x, name="anchor")
+    anchor_x = _cast_inputs(model, anchor_x)
+    if secondary is not None:
+        secondary_x, secondary_y = normalize_data(secondary, name="secondary")
+        check_inputs_match_model(model, secondary_x, name="secondary")
+        secondary_x = _cast_inputs(model, secondary_x)
+
+    # Anchor pipeline, with the reference outputs computed once.
+    anchor_tensors = {"anchor_inputs": anchor_x}
+    if reference == "start":
+        anchor_tensors["anchor_outputs"] = reference_outputs(model, anchor_x, batch_size)
+    dataset = _repeated_batches(anchor_tensors, batch_size, shuffle, seed)
+
+    # Secondary pipeline.
+    if secondary is not None:
+        tensors = secondary_x if secondary_y is None else (secondary_x, secondary_y)
+        secondary_seed = None if seed is None else seed + 1
+        secondary_dataset = _repeated_batches(
+            tensors, secondary_batch_size, shuffle, secondary_seed
+        )
+        dataset = tf.data.Dataset.zip((dataset, secondary_dataset)).map(
+            lambda anchor_batch, secondary_batch: {**anchor_batch, "secondary": secondary_batch}
+        )
+    return dataset.prefetch(tf.data.AUTOTUNE)

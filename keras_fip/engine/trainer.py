@@ -1,0 +1,630 @@
+"""The FIP trainer: one graph-safe step that keeps anchor outputs while L pulls the model."""
+
+import math
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_fip.engine import distances as distances_lib
+from keras_fip.engine import step_rules
+from keras_fip.engine.masks import MaskConstraint
+from keras_fip.engine.masks import MaskedOptimizer
+
+REFERENCES = ("start", "local")
+
+
+def _is_number(value):
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, bool
+    )
+
+
+def _check_positive(value, name, allow_zero=False):
+    if not _is_number(value) or not math.isfinite(value) or (
+        value < 0 if allow_zero else value <= 0
+    ):
+        expected = "a non-negative" if allow_zero else "a positive"
+        raise ValueError(
+            f"`{name}` must be {expected} finite number. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def _variable_masks(variables):
+    """Boolean masks carried by `variables` as `MaskConstraint`s (None where unmasked)."""
+    return [
+        variable.constraint.mask
+        if isinstance(variable.constraint, MaskConstraint)
+        else None
+        for variable in variables
+    ]
+
+
+@keras.saving.register_keras_serializable(package="keras_fip")
+class FIPTrainer(keras.Model):
+    """Moves a model along a functionally invariant path, one `fit` step at a time.
+
+    Wraps `model` (whose weights it changes in place: pass a copy) and replaces `fit`'s step
+    with the FIP step. Each step receives one anchor batch, whose outputs must stay close to
+    the reference outputs under the output distance D (both sides in inference mode), and
+    optionally one secondary batch for the secondary objective L:
+
+    - `step_rule="penalty"`: minimise `D + β·L` with the compiled Keras optimizer.
+    - `step_rule="normalized"`: the gradient of `D + β·L` rescaled to Euclidean length ε.
+    - `step_rule="metric"`: solve `(g + δI) θ = −β ∇L` by `cg_iterations` steps of
+      conjugate gradient with the matrix-free metric g on the anchor batch, rescale θ to
+      length ε (the paper's step). D is then only measured.
+
+    For the `normalized` and `metric` rules the step is handed to the compiled optimizer as
+    a gradient; with the default `keras.optimizers.SGD(1.0)` the weights move by exactly θ.
+    Masked weights (carried as `MaskConstraint`s) are excluded from the step and stay at
+    zero. The batches are dicts, built by `keras_fip.engine.data_adapter.fip_dataset`:
+    `{"anchor_inputs": x, "anchor_outputs": f(x; w_ref), "secondary": batch}`;
+    `"anchor_outputs"` is omitted with `reference="local"` (computed in the step from the
+    previous point) and `"secondary"` when L needs no data. Each step returns, averaged
+    over replicas: `distance` (D), `secondary_loss` (L), `step_norm` (‖Δw‖),
+    `distance_from_start` (‖w − w₀‖), `finite` (1.0 if the loss, step and weights are
+    finite; a non-finite step is not applied) and `accuracy` when L is a supervised loss.
+    Create and compile it under the `tf.distribute` strategy scope it should run in.
+
+    Args:
+        model: The built `keras.Model` to move (returning logits). Changed in place.
+        step_rule: `"penalty"`, `"normalized"` or `"metric"`. Defaults to `"penalty"`.
+        distance: Output distance D: `"l2"`, `"kl"`, `"bhattacharyya"` or a callable
+            `fn(outputs, reference_outputs) -> scalar`. Defaults to `"l2"`.
+        beta: β, the weight of the secondary objective. Defaults to `1.0`.
+        epsilon: ε, the step length of the `normalized` and `metric` rules. Defaults to
+            `0.01`.
+        damping: δ, added to g in the `metric` rule. Defaults to `1e-3`.
+        cg_iterations: Conjugate-gradient iterations of the `metric` rule. Defaults to
+            `10`.
+        secondary_loss: A `keras.losses.Loss` (or its config) applied to the model's
+            outputs on secondary `(x, y)` batches, e.g.
+            `keras.losses.SparseCategoricalCrossentropy(from_logits=True)`. Exclusive with
+            `secondary_objective`. Defaults to `None`.
+        secondary_objective: A callable `fn(model, batch) -> scalar`, the mean of L over
+            its batch (`batch` is `None` when the data carry no secondary batch). Exclusive
+            with `secondary_loss`. Defaults to `None` (with no `secondary_loss`, L = 0).
+        reference: `"start"` (the frozen starting network: outputs cached once in the
+            data) or `"local"` (the previous point of the path). Defaults to `"start"`.
+        metric_length: Whether each step also measures its length in the metric g on
+            the anchor batch, `sqrt(Δwᵀ g Δw)` (one extra forward-mode pass), and reports
+            the running sum as `metric_length`. Defaults to `False`.
+        **kwargs: Passed to `keras.Model` (e.g. `name`).
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_fip.engine.data_adapter import fip_dataset
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> x = np.random.rand(32, 4).astype("float32")
+    >>> y = np.random.randint(0, 3, 32)
+    >>> trainer = FIPTrainer(model, step_rule="normalized", epsilon=0.01,
+    ...     secondary_loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    >>> trainer.compile()
+    >>> data = fip_dataset(model, anchor=x, secondary=(x, y), batch_size=8)
+    >>> history = trainer.fit(data, epochs=1, steps_per_epoch=3, verbose=0)
+    >>> round(float(history.history["step_norm"][-1]), 6)
+    0.01
+    """
+
+    def __init__(
+        self,
+        model,
+        step_rule="penalty",
+        distance="l2",
+        beta=1.0,
+        epsilon=0.01,
+        damping=1e-3,
+        cg_iterations=10,
+        secondary_loss=None,
+        secondary_objective=None,
+        reference="start",
+        metric_length=False,
+        **kwargs,
+    ):
+        # Validate everything before any state is created.
+        if not isinstance(model, keras.Model):
+            raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
+        if not model.built or not model.trainable_variables:
+            raise ValueError(
+                "`model` must be built and have trainable weights. Received: "
+                f"model={model.name} with {len(model.trainable_variables)} trainable "
+                "variables"
+            )
+        step_rules.check_step_rule(step_rule)
+        distance_fn = distances_lib.get(distance)
+        if not _is_number(beta) or not math.isfinite(beta):
+            raise ValueError(f"`beta` must be a finite number. Received: beta={beta!r}")
+        epsilon = _check_positive(epsilon, "epsilon")
+        damping = _check_positive(damping, "damping", allow_zero=True)
+        if (
+            not isinstance(cg_iterations, (int, np.integer))
+            or isinstance(cg_iterations, bool)
+            or cg_iterations < 1
+        ):
+            raise ValueError(
+                "`cg_iterations` must be a positive integer. "
+                f"Received: cg_iterations={cg_iterations!r}"
+            )
+        if secondary_loss is not None and secondary_objective is not None:
+            raise ValueError(
+                "Pass at most one of `secondary_loss` and `secondary_objective`. "
+                f"Received: secondary_loss={secondary_loss!r}, "
+                f"secondary_objective={secondary_objective!r}"
+            )
+        loss_fn = None
+        if isinstance(secondary_loss, dict):
+            secondary_loss = keras.losses.deserialize(secondary_loss)
+        if secondary_loss is not None:
+            if not isinstance(secondary_loss, keras.losses.Loss):
+                raise ValueError(
+                    "`secondary_loss` must be a `keras.losses.Loss` instance (or its "
+                    "config), e.g. `keras.losses.SparseCategoricalCrossentropy("
+                    "from_logits=True)` for models returning logits. "
+                    f"Received: secondary_loss={secondary_loss!r}"
+                )
+            loss_fn = secondary_loss
+        if isinstance(secondary_objective, dict):
+            secondary_objective = keras.saving.deserialize_keras_object(secondary_objective)
+        if secondary_objective is not None and not callable(secondary_objective):
+            raise ValueError(
+                "`secondary_objective` must be a callable `fn(model, batch) -> scalar`. "
+                f"Received: secondary_objective={secondary_objective!r}"
+            )
+        if reference not in REFERENCES:
+            raise ValueError(
+                f"`reference` must be one of {list(REFERENCES)}. "
+                f"Received: reference={reference!r}"
+            )
+        if step_rule == "metric" and secondary_loss is None and secondary_objective is None:
+            warnings.warn(
+                "`step_rule='metric'` with no secondary objective (L = 0) has a zero "
+                "right-hand side: every step is zero.",
+                stacklevel=2,
+            )
+        super().__init__(**kwargs)
+
+        self.network = model
+        self.step_rule = step_rule
+        self.distance = distance
+        self.beta = float(beta)
+        self.epsilon = epsilon
+        self.damping = damping
+        self.cg_iterations = int(cg_iterations)
+        self.secondary_loss = secondary_loss
+        self.secondary_objective = secondary_objective
+        self.reference = reference
+        self.metric_length = bool(metric_length)
+        self._distance_fn = distance_fn
+        self._loss_fn = loss_fn
+
+        # Start point and previous point, for ‖w − w₀‖, the local reference and the guard.
+        variables = model.trainable_variables
+        self._start_weights = [
+            keras.Variable(
+                v.numpy(),
+                trainable=False,
+                synchronization="on_read",
+                aggregation="only_first_replica",
+                name=f"start_{i}",
+            )
+            for i, v in enumerate(variables)
+        ]
+        self._previous_weights = [
+            keras.Variable(
+                v.numpy(),
+                trainable=False,
+                synchronization="on_read",
+                aggregation="only_first_replica",
+                name=f"previous_{i}",
+            )
+            for i, v in enumerate(variables)
+        ]
+        self._masks = _variable_masks(variables)
+        self._metric_length = keras.Variable(
+            0.0,
+            trainable=False,
+            synchronization="on_read",
+            aggregation="only_first_replica",
+            name="metric_length",
+        )
+        self._reports_accuracy = loss_fn is not None and "crossentropy" in str(
+            getattr(loss_fn, "name", getattr(loss_fn, "__name__", ""))
+        )
+        if self._reports_accuracy:
+            self.accuracy_metric = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+            self.categorical_accuracy_metric = keras.metrics.CategoricalAccuracy(
+                name="accuracy"
+            )
+        self.built = True
+
+    def call(self, inputs, training=False):
+        return self.network(inputs, training=training)
+
+    def compile(self, optimizer=None, jit_compile=False, steps_per_execution=1, **kwargs):
+        """Configures the trainer; the loss is the FIP objective, so none is accepted.
+
+        Args:
+            optimizer: A Keras optimizer. `None` uses `keras.optimizers.SGD(1.0)` for the
+                `normalized` and `metric` rules (the weights move by exactly θ) and
+                `keras.optimizers.Adam(1e-3)` for `penalty`. Wrapped in a
+                `MaskedOptimizer` when the model carries masks. Defaults to `None`.
+            jit_compile: Whether to compile the step with XLA. Defaults to `False`.
+            steps_per_execution: Steps per `tf.function` call. Defaults to `1`.
+            **kwargs: Other `keras.Model.compile` arguments except `loss` and `metrics`.
+        """
+        for name in ("loss", "metrics", "loss_weights", "weighted_metrics"):
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"FIPTrainer.compile does not take `{name}`: the objective is D + β·L. "
+                    f"Received: {name}={kwargs[name]!r}"
+                )
+        if optimizer is None:
+            if self.step_rule == "penalty":
+                optimizer = keras.optimizers.Adam(1e-3)
+            else:
+                optimizer = keras.optimizers.SGD(1.0)
+        else:
+            optimizer = keras.optimizers.get(optimizer)
+        if any(mask is not None for mask in self._masks) and not isinstance(
+            optimizer, MaskedOptimizer
+        ):
+            optimizer = MaskedOptimizer(optimizer)
+        super().compile(
+            optimizer=optimizer,
+            jit_compile=jit_compile,
+            steps_per_execution=steps_per_execution,
+            **kwargs,
+        )
+
+    # The step.
+
+    def _reference_outputs(self, inputs):
+        """f(x; w_prev) from the previous-point snapshot, without touching the model."""
+        outputs, _ = self.network.stateless_call(
+            [v.value for v in self._previous_weights],
+            [v.value for v in self.network.non_trainable_variables],
+            inputs,
+            training=False,
+        )
+        return outputs
+
+    def _anchor_distance(self, outputs, reference_outputs):
+        """D over all outputs; model outputs beyond the reference's last axis are free."""
+        total = 0.0
+        for output, reference in zip(
+            tf.nest.flatten(outputs), tf.nest.flatten(reference_outputs)
+        ):
+            if output.shape[-1] is not None and reference.shape[-1] is not None:
+                if output.shape[-1] > reference.shape[-1]:
+                    output = output[..., : reference.shape[-1]]
+            total = total + self._distance_fn(output, reference)
+        return tf.convert_to_tensor(total)
+
+    def _can_fuse(self, anchor_inputs, secondary):
+        """Whether anchor and secondary inputs can share one forward pass."""
+        if self._loss_fn is None or self.step_rule == "metric":
+            return False
+        secondary_inputs = secondary[0]
+        if not (tf.is_tensor(anchor_inputs) and tf.is_tensor(secondary_inputs)):
+            return False
+        return (
+            anchor_inputs.dtype == secondary_inputs.dtype
+            and anchor_inputs.shape[1:] == secondary_inputs.shape[1:]
+            and anchor_inputs.shape[1:].is_fully_defined()
+        )
+
+    def _update_accuracy(self, labels, outputs):
+        """Updates the accuracy matching the label format; returns its running value."""
+        if not self._reports_accuracy:
+            return None
+        if labels.shape.rank == outputs.shape.rank:
+            metric = self.categorical_accuracy_metric
+        else:
+            metric = self.accuracy_metric
+        metric.update_state(labels, outputs)
+        return metric.result()
+
+    def _supervised_loss(self, labels, outputs):
+        """The Keras loss as a per-replica batch mean (Keras divides it by the replicas)."""
+        value = tf.cast(self._loss_fn(labels, outputs), "float32")
+        return value * tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, "float32")
+
+    def _secondary_value(self, secondary):
+        """L on an unfused secondary batch and the accuracy (or None) on it."""
+        if self._loss_fn is not None:
+            inputs, labels = secondary[0], secondary[1]
+            outputs = self.network(inputs, training=False)
+            accuracy = self._update_accuracy(labels, outputs)
+            return self._supervised_loss(labels, outputs), accuracy
+        if self.secondary_objective is not None:
+            value = self.secondary_objective(self.network, secondary)
+            return tf.cast(value, "float32"), None
+        return tf.constant(0.0), None
+
+    def train_step(self, data):
+        # Unpack.
+        anchor_inputs = data["anchor_inputs"]
+        reference_outputs = data.get("anchor_outputs")
+        secondary = data.get("secondary")
+        variables = self.network.trainable_variables
+        replicas = step_rules.num_replicas()
+        before = [tf.identity(v.value) for v in variables]
+        if reference_outputs is None:
+            reference_outputs = self._reference_outputs(anchor_inputs)
+
+        # Forward pass.
+        with tf.GradientTape() as tape:
+            if secondary is not None and self._can_fuse(anchor_inputs, secondary):
+                anchor_size = tf.shape(anchor_inputs)[0]
+                outputs = self.network(
+                    tf.concat([anchor_inputs, secondary[0]], axis=0), training=False
+                )
+                anchor_outputs = outputs[:anchor_size]
+                secondary_outputs = outputs[anchor_size:]
+                accuracy = self._update_accuracy(secondary[1], secondary_outputs)
+                secondary_value = self._supervised_loss(secondary[1], secondary_outputs)
+            else:
+                anchor_outputs = None
+                if self.step_rule != "metric":
+                    anchor_outputs = self.network(anchor_inputs, training=False)
+                secondary_value, accuracy = self._secondary_value(secondary)
+            if self.step_rule == "metric":
+                objective = secondary_value
+            else:
+                distance = self._anchor_distance(anchor_outputs, reference_outputs)
+                objective = tf.cast(distance, "float32") + self.beta * secondary_value
+            scaled_objective = self.optimizer.scale_loss(objective / replicas)
+        gradients = tape.gradient(scaled_objective, variables)
+        gradients = [
+            tf.zeros_like(v.value) if g is None else tf.convert_to_tensor(g)
+            for g, v in zip(gradients, variables)
+        ]
+
+        # All-reduce the scalars (and the gradient for the normalised rules) in one
+        # collective, so every later collective depends on it and runs in the same order.
+        if self.step_rule == "metric":
+            distance = self._anchor_distance(
+                self.network(anchor_inputs, training=False), reference_outputs
+            )
+        pack_dtype = gradients[0].dtype
+        scalars = [
+            tf.cast(value, pack_dtype) for value in (objective, distance, secondary_value)
+        ]
+        if self.step_rule == "penalty":
+            reduced = step_rules.all_reduce_mean(scalars)
+        else:
+            reduced = step_rules.all_reduce_mean(
+                scalars + [g * replicas for g in gradients]
+            )
+            gradients = reduced[3:]
+        objective_mean, distance_mean, secondary_mean = [
+            tf.cast(value, "float32") for value in reduced[:3]
+        ]
+
+        # Step rule.
+        if self.step_rule == "metric":
+            from keras_fip.geometry import metric_vector_product
+
+            displacement, _ = step_rules.metric_step(
+                lambda vector: metric_vector_product(self.network, anchor_inputs, vector),
+                gradients,
+                beta=self.beta,
+                epsilon=self.epsilon,
+                damping=self.damping,
+                iterations=self.cg_iterations,
+                masks=self._masks,
+            )
+            updates = [-d / replicas for d in displacement]
+        elif self.step_rule == "normalized":
+            displacement, _ = step_rules.normalized_step(
+                gradients, self.epsilon, masks=self._masks
+            )
+            updates = [-d / replicas for d in displacement]
+        else:
+            updates = gradients
+
+        # Non-finite guard: a non-finite objective or step is not applied.
+        update_norm = step_rules.global_norm(updates)
+        finite = tf.logical_and(
+            tf.math.is_finite(objective_mean), tf.math.is_finite(update_norm)
+        )
+        updates = [tf.where(finite, u, tf.zeros_like(u)) for u in updates]
+
+        # Apply.
+        for snapshot, value in zip(self._previous_weights, before):
+            snapshot.assign(value)
+        self.optimizer.apply(updates, variables)
+
+        # Measure.
+        after = [tf.identity(v.value) for v in variables]
+        step_norm = step_rules.global_norm([a - b for a, b in zip(after, before)])
+        from_start = step_rules.global_norm(
+            [a - s.value for a, s in zip(after, self._start_weights)]
+        )
+        finite = tf.logical_and(finite, tf.math.is_finite(from_start))
+        if self.metric_length:
+            from keras_fip.geometry import output_jvp
+
+            delta = [a - b for a, b in zip(after, before)]
+            _, jvp = output_jvp(self.network, anchor_inputs, delta)
+            speed = tf.reduce_mean(tf.reduce_sum(tf.square(jvp), axis=-1))
+            (speed,) = step_rules.all_reduce_mean([speed])
+            self._metric_length.assign_add(tf.sqrt(tf.cast(speed, "float32")))
+        logs = {
+            "distance": distance_mean,
+            "secondary_loss": secondary_mean,
+            "step_norm": tf.cast(step_norm, "float32"),
+            "distance_from_start": tf.cast(from_start, "float32"),
+            "finite": tf.cast(finite, "float32"),
+        }
+        if self.metric_length:
+            logs["metric_length"] = self._metric_length.value
+        if accuracy is not None:
+            logs["accuracy"] = accuracy
+        return logs
+
+    # Walking.
+
+    def restore_previous_point(self):
+        """Sets the model's weights back to the point before the last step."""
+        for variable, snapshot in zip(self.network.trainable_variables, self._previous_weights):
+            variable.assign(snapshot.value)
+
+    def reset_start(self):
+        """Makes the model's current weights the start point `w₀` (and previous point)."""
+        for variable, start, previous in zip(
+            self.network.trainable_variables, self._start_weights, self._previous_weights
+        ):
+            start.assign(variable.value)
+            previous.assign(variable.value)
+        self._metric_length.assign(0.0)
+
+    def walk(
+        self,
+        data,
+        steps,
+        path=None,
+        steps_per_epoch=None,
+        callbacks=None,
+        verbose="auto",
+        log_dir=None,
+    ):
+        """Runs `steps` FIP steps with `fit`, recording every step; stops on non-finite.
+
+        Drives `fit` (progress bar, callbacks, `tf.distribute`, `jit_compile`) and records
+        each step's scalars, and the weights every `path.record_every` steps, into `path`.
+        A step whose loss, step or weights are not finite stops the walk: the model is
+        put back on the last finite point (which `path` keeps) and a `FloatingPointError`
+        naming the step is raised.
+
+        Args:
+            data: The dataset from `keras_fip.engine.data_adapter.fip_dataset`.
+            steps: Number of steps (a positive integer).
+            path: A `keras_fip.Path` started at the model's current weights, or `None`.
+                Steps continue after the path's last step (so a resumed path goes on).
+                Defaults to `None`.
+            steps_per_epoch: Steps per `fit` epoch (must divide `steps`). Defaults to
+                `None` (one epoch).
+            callbacks: Keras callbacks, as `fit` accepts them. Defaults to `None`.
+            verbose: `fit`'s verbosity (`"auto"`, 0, 1 or 2). Defaults to `"auto"`.
+            log_dir: Directory for TensorBoard logs (per step), or `None`. Defaults to
+                `None`.
+
+        Returns:
+            A dict mapping each metric name to the list of its per-step values.
+        """
+        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"`steps` must be a positive integer. Received: steps={steps!r}")
+        steps_per_epoch = steps if steps_per_epoch is None else steps_per_epoch
+        if (
+            not isinstance(steps_per_epoch, (int, np.integer))
+            or isinstance(steps_per_epoch, bool)
+            or steps_per_epoch < 1
+            or steps % steps_per_epoch
+        ):
+            raise ValueError(
+                "`steps_per_epoch` must be a positive integer dividing `steps` "
+                f"({steps}). Received: steps_per_epoch={steps_per_epoch!r}"
+            )
+        if callbacks is not None and not isinstance(callbacks, (list, tuple)):
+            raise ValueError(
+                "`callbacks` must be a list of `keras.callbacks.Callback`. "
+                f"Received: callbacks={callbacks!r}"
+            )
+        first_step = 0 if path is None else int(path.steps[-1])
+        recorder = _WalkRecorder(self, path, first_step, steps_per_epoch)
+        all_callbacks = [recorder] + list(callbacks or [])
+        if log_dir is not None:
+            all_callbacks.append(keras.callbacks.TensorBoard(log_dir, update_freq="batch"))
+        self.fit(
+            data,
+            epochs=steps // steps_per_epoch,
+            steps_per_epoch=steps_per_epoch,
+            callbacks=all_callbacks,
+            verbose=verbose,
+            shuffle=False,
+        )
+        if recorder.failed_step is not None:
+            raise FloatingPointError(
+                f"The FIP walk hit a non-finite loss, step or weight at step "
+                f"{recorder.failed_step}; it stopped there. The model holds the last "
+                f"finite point (step {recorder.failed_step - 1}), which the path keeps. "
+                "Lower `epsilon` or the learning rate, or check the data."
+            )
+        return recorder.history
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "model": keras.saving.serialize_keras_object(self.network),
+                "step_rule": self.step_rule,
+                "distance": distances_lib.serialize(self._distance_fn),
+                "beta": self.beta,
+                "epsilon": self.epsilon,
+                "damping": self.damping,
+                "cg_iterations": self.cg_iterations,
+                "secondary_loss": (
+                    None
+                    if self._loss_fn is None
+                    else keras.saving.serialize_keras_object(self._loss_fn)
+                ),
+                "secondary_objective": (
+                    None
+                    if self.secondary_objective is None
+                    else keras.saving.serialize_keras_object(self.secondary_objective)
+                ),
+                "reference": self.reference,
+                "metric_length": self.metric_length,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        model = keras.saving.deserialize_keras_object(
+            config.pop("model"), custom_objects=custom_objects
+        )
+        return cls(model, **config)
+
+
+class _WalkRecorder(keras.callbacks.Callback):
+    """Records each step's scalars (and the weights into a `Path`); guards non-finite."""
+
+    def __init__(self, trainer, path, first_step, steps_per_epoch):
+        super().__init__()
+        self._trainer = trainer
+        self._path = path
+        self._first_step = first_step
+        self._steps_per_epoch = steps_per_epoch
+        self._epoch = 0
+        self.history = {}
+        self.failed_step = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self._first_step + self._epoch * self._steps_per_epoch + batch + 1
+        metrics = {name: float(np.asarray(value)) for name, value in (logs or {}).items()}
+        network = self._trainer.network
+        if metrics.get("finite", 1.0) < 1.0:
+            # The step was not applied unless the weights overflowed: go back.
+            weights = [v.numpy() for v in network.trainable_variables]
+            if not all(np.all(np.isfinite(w)) for w in weights):
+                self._trainer.restore_previous_point()
+            self.failed_step = step
+            self.model.stop_training = True
+            return
+        for name, value in metrics.items():
+            self.history.setdefault(name, []).append(value)
+        if self._path is not None:
+            weights = None
+            if self._path.should_record(step):
+                weights = [v.numpy() for v in network.trainable_variables]
+            self._path.append(step, weights, metrics)

@@ -1,0 +1,9 @@
+"""Operations: validated, serialisable `model -> model` transformations along FIPs."""
+
+from keras_fip.operations.base import Operation
+from keras_fip.operations.base import carry_data
+from keras_fip.operations.base import carried_data
+from keras_fip.operations.base import check_model
+from keras_fip.operations.chain import Chain
+from keras_fip.operations.chain import chain
+from keras_fip.operations.isofunctional import Isofunctional

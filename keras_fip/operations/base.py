@@ -1,0 +1,395 @@
+"""`Operation`: the one idea everything hangs on, a validated, serialisable `model -> model`."""
+
+import re
+import weakref
+
+import keras
+import numpy as np
+
+from keras_fip.engine.copy import copy_model
+from keras_fip.engine.data_adapter import fip_dataset
+from keras_fip.engine.data_adapter import normalize_data
+from keras_fip.engine.path import Path
+from keras_fip.engine.trainer import FIPTrainer
+
+# Layers whose weights and computation the FIP machinery handles (JVPs, masks, copies).
+SUPPORTED_LAYERS = tuple(
+    getattr(keras.layers, name)
+    for name in (
+        "InputLayer", "Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D",
+        "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D",
+        "BatchNormalization", "LayerNormalization", "GroupNormalization",
+        "UnitNormalization", "Embedding", "MultiHeadAttention",
+        "MaxPooling1D", "MaxPooling2D", "MaxPooling3D",
+        "AveragePooling1D", "AveragePooling2D", "AveragePooling3D",
+        "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D",
+        "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
+        "Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate",
+        "Flatten", "Reshape", "Permute", "RepeatVector", "Identity",
+        "Dropout", "SpatialDropout1D", "SpatialDropout2D", "GaussianNoise",
+        "Activation", "ReLU", "LeakyReLU", "ELU", "Softmax", "PReLU",
+        "ZeroPadding1D", "ZeroPadding2D", "Cropping1D", "Cropping2D",
+        "UpSampling1D", "UpSampling2D", "Rescaling",
+    )
+    if hasattr(keras.layers, name)
+)
+
+_CARRIED_DATA = weakref.WeakKeyDictionary()
+
+
+def carried_data(model):
+    """The anchor inputs a model carries from an earlier keras_fip operation, or `None`.
+
+    Args:
+        model: A `keras.Model`.
+
+    Returns:
+        A numpy array of inputs, or `None`.
+    """
+    return _CARRIED_DATA.get(model)
+
+
+def carry_data(model, inputs):
+    """Attaches anchor inputs to a model so that later operations can default to them.
+
+    Operations that keep a memory of the data they served (e.g. `ContinualLearn`) call
+    this on the model they return; an `Operation` given no `data` then uses these inputs.
+    The model is not otherwise changed and the inputs are not saved with it.
+
+    Args:
+        model: A `keras.Model`.
+        inputs: Inputs (array, `(x, y)` tuple or finite `tf.data.Dataset`).
+    """
+    x, _ = normalize_data(inputs, name="inputs")
+    _CARRIED_DATA[model] = x
+
+
+def _snake_case(name):
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _sublayers(layer):
+    """Direct sub-layers of a layer (models: `.layers`; other layers: attributes)."""
+    if isinstance(layer, keras.Model):
+        return list(layer.layers)
+    children = []
+    for value in vars(layer).values():
+        items = value if isinstance(value, (list, tuple)) else (
+            value.values() if isinstance(value, dict) else (value,)
+        )
+        children.extend(
+            item for item in items
+            if isinstance(item, keras.layers.Layer) and item is not layer
+        )
+    return children
+
+
+def check_model(model, argument="model"):
+    """Raises a `ValueError` unless `model` is a built Keras model of supported layers.
+
+    Standard layers (`SUPPORTED_LAYERS`) are accepted; a container (a nested model, or a
+    custom layer without weights of its own) is accepted when all its sub-layers are. Any
+    other layer is named in the error: it is never silently skipped.
+
+    Args:
+        model: The model to check.
+        argument: The argument name used in error messages. Defaults to `"model"`.
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"`{argument}` must be a `keras.Model`. Received: {argument}={model!r}"
+        )
+    if not model.built or not model.trainable_variables:
+        raise ValueError(
+            f"`{argument}` must be a built model with trainable weights. Received: "
+            f"{argument}={model.name} with {len(model.trainable_variables)} trainable "
+            "variables"
+        )
+
+    def visit(layer, seen):
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        if isinstance(layer, SUPPORTED_LAYERS):
+            return
+        children = _sublayers(layer)
+        child_weights = {id(w) for child in children for w in child.weights}
+        own_weights = [w for w in layer.weights if id(w) not in child_weights]
+        if isinstance(layer, keras.Model) or (children and not own_weights):
+            for child in children:
+                visit(child, seen)
+            return
+        raise ValueError(
+            f"`{argument}` contains layer `{layer.name}` of unsupported type "
+            f"{type(layer).__name__}. keras_fip supports "
+            f"{sorted({cls.__name__ for cls in SUPPORTED_LAYERS})}, nested models and "
+            f"custom layers built from them. Received: {argument}={model.name}"
+        )
+
+    for layer in _sublayers(model):
+        visit(layer, {id(model)})
+
+
+@keras.saving.register_keras_serializable(package="keras_fip")
+class Operation:
+    """A validated, serialisable transformation `model -> new model` along a FIP.
+
+    Subclasses validate their hyper-parameters in `__init__` (a `ValueError` naming the
+    argument, what was expected and `Received: arg=...`, before any work), implement
+    `call(model)` on a private copy, and list their arguments in `get_config`. Calling an
+    operation checks the model's layers, copies it (`keras_fip.engine.copy_model`: same
+    weights, same masks), runs `call` on the copy and returns the result: **the input
+    model is never changed**. Walks run by `fip_walk` set `op.path` (a `keras_fip.Path`)
+    and `op.history` (a dict of per-step lists, as `fit`'s `History` holds per epoch).
+    Progress is shown by `fit`'s `keras.utils.Progbar`; callbacks are accepted as `fit`
+    accepts them; `log_dir` writes TensorBoard logs. `keras_fip.chain(*ops)` composes
+    operations into one.
+
+    Args:
+        name: Name of the operation. Defaults to `None` (the class name in snake case).
+        verbose: Progress display, as in `fit` (`"auto"`, 0, 1 or 2). Defaults to
+            `"auto"`.
+        callbacks: List of `keras.callbacks.Callback`, passed to the walk's `fit`.
+            Defaults to `None`.
+        log_dir: Directory for TensorBoard logs of the walk, or `None`. Defaults to
+            `None`.
+
+    Example:
+
+    >>> class Scale(Operation):
+    ...     def __init__(self, factor=2.0, **kwargs):
+    ...         super().__init__(**kwargs)
+    ...         self.factor = self.check_number(factor, "factor", low=0.0)
+    ...     def call(self, model):
+    ...         for variable in model.trainable_variables:
+    ...             variable.assign(variable * self.factor)
+    ...         return model
+    ...     def get_config(self):
+    ...         return {**super().get_config(), "factor": self.factor}
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> scaled = Scale(3.0)(model)
+    >>> scaled is model
+    False
+    """
+
+    def __init__(self, name=None, verbose="auto", callbacks=None, log_dir=None):
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"`name` must be a string or None. Received: name={name!r}")
+        if verbose not in ("auto", 0, 1, 2):
+            raise ValueError(
+                f"`verbose` must be 'auto', 0, 1 or 2. Received: verbose={verbose!r}"
+            )
+        if callbacks is not None and (
+            not isinstance(callbacks, (list, tuple))
+            or not all(isinstance(c, keras.callbacks.Callback) for c in callbacks)
+        ):
+            raise ValueError(
+                "`callbacks` must be a list of `keras.callbacks.Callback`. "
+                f"Received: callbacks={callbacks!r}"
+            )
+        if log_dir is not None and not isinstance(log_dir, str):
+            raise ValueError(
+                f"`log_dir` must be a string path or None. Received: log_dir={log_dir!r}"
+            )
+        self.name = name or _snake_case(type(self).__name__)
+        self.verbose = verbose
+        self.callbacks = None if callbacks is None else list(callbacks)
+        self.log_dir = log_dir
+        self.path = None
+        self.history = None
+
+    # Validation helpers (the `Received: arg=...` pattern).
+
+    @staticmethod
+    def check_number(value, name, low=None, high=None, low_inclusive=False,
+                     high_inclusive=True, integer=False):
+        """Returns `value` if it is a number in the range, else raises a `ValueError`.
+
+        Args:
+            value: The value to check.
+            name: The argument name.
+            low: Lower bound, or `None`. Defaults to `None`.
+            high: Upper bound, or `None`. Defaults to `None`.
+            low_inclusive: Whether `low` itself is allowed. Defaults to `False`.
+            high_inclusive: Whether `high` itself is allowed. Defaults to `True`.
+            integer: Whether `value` must be an integer. Defaults to `False`.
+
+        Returns:
+            `value` as an `int` or `float`.
+        """
+        types = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+        ok = isinstance(value, types) and not isinstance(value, bool)
+        ok = ok and np.isfinite(value)
+        if ok and low is not None:
+            ok = value >= low if low_inclusive else value > low
+        if ok and high is not None:
+            ok = value <= high if high_inclusive else value < high
+        if not ok:
+            kind = "an integer" if integer else "a number"
+            bounds = []
+            if low is not None:
+                bounds.append(f"{'>=' if low_inclusive else '>'} {low}")
+            if high is not None:
+                bounds.append(f"{'<=' if high_inclusive else '<'} {high}")
+            expected = kind + (f" {' and '.join(bounds)}" if bounds else "")
+            raise ValueError(f"`{name}` must be {expected}. Received: {name}={value!r}")
+        return int(value) if integer else float(value)
+
+    @staticmethod
+    def check_choice(value, name, choices):
+        """Returns `value` if it is one of `choices`, else raises a `ValueError`."""
+        if value not in choices:
+            raise ValueError(
+                f"`{name}` must be one of {list(choices)}. Received: {name}={value!r}"
+            )
+        return value
+
+    # Calling.
+
+    def __call__(self, model):
+        """Returns a new model: the operation applied to a copy of `model`.
+
+        Args:
+            model: A built `keras.Model` of supported layers. Never changed.
+
+        Returns:
+            A new `keras.Model`.
+        """
+        check_model(model)
+        self.path = None
+        self.history = None
+        copy = copy_model(model)
+        data = carried_data(model)
+        if data is not None:
+            _CARRIED_DATA[copy] = data
+        result = self.call(copy)
+        if not isinstance(result, keras.Model):
+            raise TypeError(
+                f"{type(self).__name__}.call must return a `keras.Model`. "
+                f"Received: {result!r}"
+            )
+        return result
+
+    def call(self, model):
+        """Transforms `model` (a private copy, free to change) and returns the result.
+
+        Args:
+            model: A copy of the model the operation was called on.
+
+        Returns:
+            A `keras.Model`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement `call(model)`.")
+
+    def resolve_data(self, data, model, argument="data"):
+        """`data` if given, else the inputs `model` carries, else a `ValueError`."""
+        if data is not None:
+            return data
+        carried = carried_data(model)
+        if carried is None:
+            raise ValueError(
+                f"`{argument}` is required: model `{model.name}` carries no data from an "
+                f"earlier keras_fip operation. Received: {argument}=None"
+            )
+        return carried
+
+    def fip_walk(
+        self,
+        model,
+        anchor,
+        steps,
+        secondary=None,
+        batch_size=128,
+        secondary_batch_size=None,
+        optimizer=None,
+        record_every=1,
+        path_directory=None,
+        jit_compile=False,
+        seed=None,
+        **trainer_kwargs,
+    ):
+        """Walks `model` (in place) along a FIP and sets `self.path` and `self.history`.
+
+        Builds a `FIPTrainer` (in the current `tf.distribute` strategy scope) and the
+        anchor/secondary pipeline, then runs `steps` steps, recording into a new
+        `keras_fip.Path`. On a non-finite step the model and the path keep the last
+        finite point and a `FloatingPointError` is raised.
+
+        Args:
+            model: The model to move (the operation's private copy).
+            anchor: Anchor inputs whose outputs are kept.
+            steps: Number of FIP steps.
+            secondary: Secondary data, or `None`. Defaults to `None`.
+            batch_size: Anchor examples per step. Defaults to `128`.
+            secondary_batch_size: Secondary examples per step. Defaults to `None`
+                (`batch_size`).
+            optimizer: Optimizer for `FIPTrainer.compile`. Defaults to `None`.
+            record_every: Record weights every this many steps. Defaults to `1`.
+            path_directory: Directory to stream the path to, or `None`. Defaults to
+                `None`.
+            jit_compile: Whether to compile the step with XLA. Defaults to `False`.
+            seed: Shuffle seed. Defaults to `None`.
+            **trainer_kwargs: `FIPTrainer` arguments (`step_rule`, `distance`, `beta`,
+                `epsilon`, `damping`, `cg_iterations`, `secondary_loss`,
+                `secondary_objective`, `reference`, `metric_length`).
+
+        Returns:
+            `model`, moved.
+        """
+        reference = trainer_kwargs.get("reference", "start")
+        trainer = FIPTrainer(model, **trainer_kwargs)
+        trainer.compile(optimizer=optimizer, jit_compile=jit_compile)
+        dataset = fip_dataset(
+            model,
+            anchor,
+            secondary=secondary,
+            batch_size=batch_size,
+            secondary_batch_size=secondary_batch_size,
+            reference=reference,
+            seed=seed,
+        )
+        self.path = Path(model, record_every=record_every, directory=path_directory)
+        self.history = {}
+        self.history = trainer.walk(
+            dataset,
+            steps,
+            path=self.path,
+            callbacks=self.callbacks,
+            verbose=self.verbose,
+            log_dir=self.log_dir,
+        )
+        return model
+
+    # Serialisation.
+
+    def get_config(self):
+        """The constructor arguments (subclasses add theirs).
+
+        Returns:
+            A dict.
+        """
+        return {
+            "name": self.name,
+            "verbose": self.verbose,
+            "callbacks": self.callbacks,
+            "log_dir": self.log_dir,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        """Re-creates the operation from `get_config()`.
+
+        Args:
+            config: A dict from `get_config`.
+
+        Returns:
+            An `Operation`.
+        """
+        return cls(**config)
+
+    def __repr__(self):
+        arguments = ", ".join(
+            f"{key}={value!r}" for key, value in self.get_config().items()
+            if key not in ("callbacks",)
+        )
+        return f"{type(self).__name__}({arguments})"
