@@ -8,12 +8,14 @@ import keras
 import numpy as np
 
 from keras_fip.engine.copy import copy_model
+from keras_fip.engine import masks as masks_lib
 from keras_fip.engine.masks import MaskConstraint
 
 _CONFIG_FILE = "path.json"
 _MODEL_FILE = "model.keras"
 _LOG_FILE = "points.jsonl"
 _POINTS_DIR = "points"
+_MASKS_FILE = "masks.npz"
 
 
 class Path:
@@ -237,6 +239,13 @@ class Path:
         os.makedirs(os.path.join(directory, _POINTS_DIR), exist_ok=True)
         open(os.path.join(directory, _LOG_FILE), "w").close()
         self._template.save(os.path.join(directory, _MODEL_FILE))
+        # Masks again, by position: subclassed models' `.keras` configs cannot hold them.
+        carried = {
+            f"mask_{i}": variable.constraint.mask
+            for i, variable in enumerate(self._template.trainable_variables)
+            if isinstance(variable.constraint, MaskConstraint)
+        }
+        np.savez(os.path.join(directory, _MASKS_FILE), **carried)
         for index, (step, record) in enumerate(zip(self._steps, self._records)):
             self._write_point(directory, index, step, self.weights(index), record)
         with open(os.path.join(directory, _CONFIG_FILE), "w") as config:
@@ -273,10 +282,7 @@ class Path:
                 f"`{_CONFIG_FILE}`). Received: directory={directory!r}"
             )
         directory = os.fspath(directory)
-        model = keras.saving.load_model(
-            os.path.join(directory, _MODEL_FILE), compile=False
-        )
-        return cls(model, directory=directory)
+        return cls(_load_template(directory), directory=directory)
 
     def _resume(self, directory):
         with open(os.path.join(directory, _CONFIG_FILE)) as config_file:
@@ -318,9 +324,7 @@ class Path:
             self._records.append(entry)
         self._euclidean_length = float(self._records[-1]["euclidean_length"])
         self._previous = self._read_point(len(self._steps) - 1)
-        self._template = keras.saving.load_model(
-            os.path.join(directory, _MODEL_FILE), compile=False
-        )
+        self._template = _load_template(directory)
 
     def _read_point(self, index):
         with np.load(os.path.join(self.directory, self._point_file(index))) as data:
@@ -435,3 +439,19 @@ class Path:
             f"<Path points={len(self)} last_step={self._steps[-1]} "
             f"record_every={self.record_every} directory={self.directory!r}>"
         )
+
+
+def _load_template(directory):
+    """The path's model as saved, with its masks re-attached by position."""
+    model = keras.saving.load_model(os.path.join(directory, _MODEL_FILE), compile=False)
+    masks_path = os.path.join(directory, _MASKS_FILE)
+    if os.path.exists(masks_path):
+        variables = model.trainable_variables
+        with np.load(masks_path) as saved:
+            variable_masks = [
+                (variables[int(name.split("_")[1])], saved[name].astype(bool))
+                for name in saved.files
+            ]
+        if variable_masks:
+            masks_lib._attach(model, variable_masks, warn=False)
+    return model

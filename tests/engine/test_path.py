@@ -287,3 +287,28 @@ def test_get_config_and_masks_of_loaded_points(tmp_path):
     point = Path.load(tmp_path / "path").point(0)
     (read,) = masks(point).values()
     np.testing.assert_array_equal(read, mask)
+
+
+@keras.saving.register_keras_serializable(package="keras_fip_test_path")
+class TinyNet(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(3, name="dense")
+
+    def call(self, inputs):
+        return self.dense(inputs)
+
+
+def test_loaded_points_of_subclassed_model_keep_masks(tmp_path):
+    model = TinyNet()
+    model(np.zeros((1, 4), "float32"))
+    mask = np.random.default_rng(0).random((4, 3)) < 0.5
+    with pytest.warns(UserWarning):
+        apply_masks(model, [mask, None])
+    path = Path(model, directory=tmp_path / "path")
+    path.append(1, [w + 1.0 for w in model.get_weights()])
+    point = Path.load(tmp_path / "path").point(1)
+    kernel = point.trainable_variables[0]
+    np.testing.assert_array_equal(kernel.constraint.mask, mask)
+    assert np.all(kernel.numpy()[~mask] == 0.0)
+    assert np.all(kernel.numpy()[mask] != 0.0)
