@@ -1,11 +1,23 @@
 """Geometry of weight space: the metric tensor g, its spectrum, and path measurements."""
 
+from keras_fip.geometry.eigenpairs import Eigenpairs
 from keras_fip.geometry.metric import MetricOperator
 from keras_fip.geometry.metric import metric_vector_product
 from keras_fip.geometry.metric import output_jvp
+from keras_fip.geometry.spectrum import expected_perturbation_change
+from keras_fip.geometry.spectrum import spectral_density
+from keras_fip.geometry.spectrum import top_eigenpairs
+from keras_fip.geometry.spectrum import trace
+from keras_fip.geometry.spectrum import vulnerable_fraction
 
 __all__ = [
+    "Eigenpairs",
     "MetricOperator",
+    "expected_perturbation_change",
     "metric_vector_product",
     "output_jvp",
+    "spectral_density",
+    "top_eigenpairs",
+    "trace",
+    "vulnerable_fraction",
 ]

@@ -283,16 +283,31 @@ class MetricOperator:
 
     def _build_matvec(self):
         strategy = self._strategy
-        dataset = tf.data.Dataset.from_tensor_slices(self._inputs).batch(
-            self._batch_size
-        )
-        if strategy.num_replicas_in_sync > 1:
-            dataset = strategy.experimental_distribute_dataset(dataset)
         model, outputs = self.model, self.outputs
-        num_examples = self.num_examples
+        num_examples, batch_size = self.num_examples, self._batch_size
+        num_batches = -(-num_examples // batch_size)
 
         def replica_fn(inputs, vector):
             return _summed_metric_vector_product(model, inputs, vector, outputs)
+
+        if strategy.num_replicas_in_sync == 1:
+            # Batches sliced from one tensor in a graph loop: no tf.data overhead.
+            all_inputs = tf.convert_to_tensor(self._inputs)
+
+            @tf.function(reduce_retracing=True)
+            def matvec_fn(vector):
+                total = tuple(tf.zeros_like(piece) for piece in vector)
+                for index in tf.range(num_batches):
+                    inputs = all_inputs[index * batch_size : (index + 1) * batch_size]
+                    summed = replica_fn(inputs, vector)
+                    total = tuple(a + b for a, b in zip(total, summed))
+                return [piece / tf.cast(num_examples, piece.dtype) for piece in total]
+
+            return matvec_fn
+
+        # Each batch split over the replicas, per-replica sums all-reduced.
+        dataset = tf.data.Dataset.from_tensor_slices(self._inputs).batch(batch_size)
+        dataset = strategy.experimental_distribute_dataset(dataset)
 
         @tf.function(reduce_retracing=True)
         def matvec_fn(vector):
