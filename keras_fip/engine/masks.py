@@ -9,6 +9,7 @@ optimizer state (momentum, Adam moments) cannot leak non-zeros into masked weigh
 """
 
 import base64
+import json
 import warnings
 
 import keras
@@ -174,14 +175,12 @@ def _variable_owners(model):
     return owners
 
 
-def _rebuilds_from_config(layer):
-    """True if `layer`'s config lists its sub-layers' configs (Sequential, functional)."""
-    if not isinstance(layer, keras.Model):
-        return False
+def _config_text(layer):
+    """`layer.get_config()` as JSON text, or `""` when it has none."""
     try:
-        return "layers" in layer.get_config()
+        return json.dumps(layer.get_config(), default=str)
     except Exception:
-        return False
+        return ""
 
 
 def _constraint_attribute(layer, variable):
@@ -248,7 +247,7 @@ def _attach(model, variable_masks, warn=True):
             )
         plan.append((variable, mask, layer, ancestors, attribute))
     not_saved = []
-    rebuilds = {}
+    config_texts = {}
     for variable, mask, layer, ancestors, attribute in plan:
         existing = variable.constraint
         if isinstance(existing, MaskConstraint):
@@ -260,11 +259,13 @@ def _attach(model, variable_masks, warn=True):
         setattr(layer, attribute, constraint)
         variable.constraint = constraint
         variable.assign(ops.multiply(variable, ops.cast(mask, variable.dtype)))
-        for ancestor in ancestors:
-            if id(ancestor) not in rebuilds:
-                rebuilds[id(ancestor)] = _rebuilds_from_config(ancestor)
-        if not all(rebuilds[id(ancestor)] for ancestor in ancestors):
-            not_saved.append(variable.path)
+        # Saved only if every ancestor's config holds its child's config (by name).
+        for child, parent in zip((layer,) + ancestors, ancestors):
+            if id(parent) not in config_texts:
+                config_texts[id(parent)] = _config_text(parent)
+            if f'"name": {json.dumps(child.name)}' not in config_texts[id(parent)]:
+                not_saved.append(variable.path)
+                break
     if warn and not_saved:
         warnings.warn(
             f"The masks on {not_saved[:5]} are kept by training, keras_fip copies, Path "

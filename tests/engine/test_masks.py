@@ -498,3 +498,19 @@ def test_multi_head_attention_masks_train_and_warn_about_keras_files():
         warnings.simplefilter("error")
         plain = strip_masks(model)
     assert masks(plain) == {}
+
+
+def test_wrapper_layers_that_serialise_their_layer_carry_masks_silently(tmp_path):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3, 4))
+    wrapped = keras.layers.TimeDistributed(keras.layers.Dense(2, name="inner"), name="td")
+    model = keras.Model(inputs, wrapped(inputs))
+    kernel = model.trainable_variables[0]
+    mask = np.array([[True, False]] * 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_masks(model, [mask, None])
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    _assert_same_masks_in_order(loaded, [mask, None])
+    assert kernel.constraint is not None
