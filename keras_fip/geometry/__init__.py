@@ -4,6 +4,9 @@ from keras_fip.geometry.eigenpairs import Eigenpairs
 from keras_fip.geometry.metric import MetricOperator
 from keras_fip.geometry.metric import metric_vector_product
 from keras_fip.geometry.metric import output_jvp
+from keras_fip.geometry.paths import breakdown_acceleration
+from keras_fip.geometry.paths import breakdown_speed
+from keras_fip.geometry.paths import path_length
 from keras_fip.geometry.spectrum import expected_perturbation_change
 from keras_fip.geometry.spectrum import spectral_density
 from keras_fip.geometry.spectrum import top_eigenpairs
@@ -13,9 +16,12 @@ from keras_fip.geometry.spectrum import vulnerable_fraction
 __all__ = [
     "Eigenpairs",
     "MetricOperator",
+    "breakdown_acceleration",
+    "breakdown_speed",
     "expected_perturbation_change",
     "metric_vector_product",
     "output_jvp",
+    "path_length",
     "spectral_density",
     "top_eigenpairs",
     "trace",
