@@ -589,10 +589,10 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         # Inner update.
         self.inner_optimizer.apply(masked_grads, trainable_variables)
 
-        # Re-project onto the masks.
+        # Re-project onto the masks (unless the inner update's constraint just did).
         for variable in variables:
             mask = masks.get(id(variable))
-            if mask is not None:
+            if mask is not None and _mask_of(variable) is not mask:
                 variable.assign(
                     ops.multiply(variable, ops.cast(mask, variable.dtype))
                 )
