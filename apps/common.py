@@ -23,7 +23,8 @@ flags.DEFINE_float("learning_rate", 1e-3, "Initial learning rate.", lower_bound=
 flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0)
 
 # Runtime
-flags.DEFINE_string("output_dir", "runs/latest", "Where config.json, results.json and plots go.")
+flags.DEFINE_string("output_dir", None, "Where config.json, results.json and plots go "
+                    "(default: runs/<app name>).")
 flags.DEFINE_string("cache_dir", None, "Base-network cache (default: env KERAS_FIP_CACHE or "
                     "~/.cache/keras_fip).")
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "tpu", "multi_worker"],
@@ -50,6 +51,11 @@ def get_strategy(name):
         "`strategy` must be one of ['default', 'mirrored', 'tpu', 'multi_worker']. "
         f"Received: strategy={name!r}"
     )
+
+
+def output_dir(app_name):
+    """The `--output_dir` flag, or `runs/<app_name>` when it is not set."""
+    return FLAGS.output_dir or os.path.join("runs", app_name)
 
 
 def flag_values(names):

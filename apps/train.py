@@ -47,14 +47,15 @@ def main(argv):
         verbose=2,
         strategy=strategy,
     )
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    model_path = os.path.join(FLAGS.output_dir, "model.keras")
+    output_dir = common.output_dir("train")
+    os.makedirs(output_dir, exist_ok=True)
+    model_path = os.path.join(output_dir, "model.keras")
     if results.get("cache/path"):
         shutil.copyfile(os.path.join(results["cache/path"], "model.keras"), model_path)
     else:
         model.save(model_path)
-    common.write_json(FLAGS.output_dir, "config.json", config)
-    common.write_json(FLAGS.output_dir, "results.json", results)
+    common.write_json(output_dir, "config.json", config)
+    common.write_json(output_dir, "results.json", results)
     print(
         f"{FLAGS.model} on {FLAGS.dataset}: test accuracy {results['test/accuracy']:.4f}, "
         f"trained in {results['train/wall_time_seconds']:.1f} s -> {model_path}"

@@ -77,6 +77,22 @@ def prunable_variables(model, include_biases=False, include_normalization=False,
     return [v for v in model.trainable_variables if id(v) in chosen]
 
 
+def prunable_sparsity(model, **kwargs):
+    """Fraction of a model's prunable weights (see `prunable_variables`) that are exactly zero.
+
+    Args:
+        model: A built `keras.Model`.
+        **kwargs: Passed to `prunable_variables` (`include_biases`, ...).
+
+    Returns:
+        A float in [0, 1].
+    """
+    variables = prunable_variables(model, **kwargs)
+    total = sum(int(np.prod(v.shape)) for v in variables)
+    zeros = sum(int(np.sum(keras.ops.convert_to_numpy(v) == 0)) for v in variables)
+    return zeros / max(total, 1)
+
+
 def check_structure_and_scope(structure, scope):
     if structure not in STRUCTURES:
         raise ValueError(
