@@ -32,6 +32,18 @@ def _check_positive(value, name, allow_zero=False):
     return float(value)
 
 
+def _distance(left, right):
+    """Euclidean distance between two aligned lists of tensors (one fused pass each)."""
+    return tf.sqrt(
+        tf.add_n(
+            [
+                tf.reduce_sum(tf.math.squared_difference(a, tf.cast(b, a.dtype)))
+                for a, b in zip(left, right)
+            ]
+        )
+    )
+
+
 def _variable_masks(variables):
     """Boolean masks carried by `variables` as `MaskConstraint`s (None where unmasked)."""
     return [
@@ -65,8 +77,9 @@ class FIPTrainer(keras.Model):
     `"anchor_outputs"` is omitted with `reference="local"` (computed in the step from the
     previous point) and `"secondary"` when L needs no data. Each step returns, averaged
     over replicas: `distance` (D), `secondary_loss` (L), `step_norm` (‖Δw‖),
-    `distance_from_start` (‖w − w₀‖), `finite` (1.0 if the loss, step and weights are
-    finite; a non-finite step is not applied) and `accuracy` when L is a supervised loss.
+    `distance_from_start` (‖w − w₀‖), `finite` (1.0 if the objective and the weights are
+    finite; `walk` then stops and puts the model back on the previous point) and
+    `accuracy` when L is a supervised loss.
     Create and compile it under the `tf.distribute` strategy scope it should run in.
 
     Args:
@@ -280,6 +293,10 @@ class FIPTrainer(keras.Model):
             **kwargs,
         )
 
+    def fit(self, *args, shuffle=False, **kwargs):
+        """`keras.Model.fit`; `shuffle` defaults to `False` (the pipeline shuffles)."""
+        return super().fit(*args, shuffle=shuffle, **kwargs)
+
     # The step.
 
     def _reference_outputs(self, inputs):
@@ -427,25 +444,19 @@ class FIPTrainer(keras.Model):
         else:
             updates = gradients
 
-        # Non-finite guard: a non-finite objective or step is not applied.
-        update_norm = step_rules.global_norm(updates)
-        finite = tf.logical_and(
-            tf.math.is_finite(objective_mean), tf.math.is_finite(update_norm)
-        )
-        updates = [tf.where(finite, u, tf.zeros_like(u)) for u in updates]
-
-        # Apply.
+        # Apply, keeping the current point as the previous one (the non-finite guard
+        # of `walk` returns to it).
         for snapshot, value in zip(self._previous_weights, before):
             snapshot.assign(value)
         self.optimizer.apply(updates, variables)
 
         # Measure.
-        after = [tf.identity(v.value) for v in variables]
-        step_norm = step_rules.global_norm([a - b for a, b in zip(after, before)])
-        from_start = step_rules.global_norm(
-            [a - s.value for a, s in zip(after, self._start_weights)]
+        after = [v.value for v in variables]
+        step_norm = _distance(after, before)
+        from_start = _distance(after, [s.value for s in self._start_weights])
+        finite = tf.logical_and(
+            tf.math.is_finite(objective_mean), tf.math.is_finite(from_start)
         )
-        finite = tf.logical_and(finite, tf.math.is_finite(from_start))
         if self.metric_length:
             from keras_fip.geometry import output_jvp
 
@@ -511,8 +522,9 @@ class FIPTrainer(keras.Model):
                 `None` (one epoch).
             callbacks: Keras callbacks, as `fit` accepts them. Defaults to `None`.
             verbose: `fit`'s verbosity (`"auto"`, 0, 1 or 2). Defaults to `"auto"`.
-            log_dir: Directory for TensorBoard logs (per step), or `None`. Defaults to
-                `None`.
+            log_dir: Directory for TensorBoard event files (every scalar, every step;
+                written with `tf.summary`, no TensorBoard install needed), or `None`.
+                Defaults to `None`.
 
         Returns:
             A dict mapping each metric name to the list of its per-step values.
@@ -539,7 +551,7 @@ class FIPTrainer(keras.Model):
         recorder = _WalkRecorder(self, path, first_step, steps_per_epoch)
         all_callbacks = [recorder] + list(callbacks or [])
         if log_dir is not None:
-            all_callbacks.append(keras.callbacks.TensorBoard(log_dir, update_freq="batch"))
+            all_callbacks.append(_ScalarSummaries(log_dir, first_step, steps_per_epoch))
         self.fit(
             data,
             epochs=steps // steps_per_epoch,
@@ -612,12 +624,9 @@ class _WalkRecorder(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         step = self._first_step + self._epoch * self._steps_per_epoch + batch + 1
         metrics = {name: float(np.asarray(value)) for name, value in (logs or {}).items()}
-        network = self._trainer.network
         if metrics.get("finite", 1.0) < 1.0:
-            # The step was not applied unless the weights overflowed: go back.
-            weights = [v.numpy() for v in network.trainable_variables]
-            if not all(np.all(np.isfinite(w)) for w in weights):
-                self._trainer.restore_previous_point()
+            # Go back to the point before the failed step.
+            self._trainer.restore_previous_point()
             self.failed_step = step
             self.model.stop_training = True
             return
@@ -626,5 +635,41 @@ class _WalkRecorder(keras.callbacks.Callback):
         if self._path is not None:
             weights = None
             if self._path.should_record(step):
-                weights = [v.numpy() for v in network.trainable_variables]
+                weights = [v.numpy() for v in self._trainer.network.trainable_variables]
             self._path.append(step, weights, metrics)
+
+
+class _ScalarSummaries(keras.callbacks.Callback):
+    """Writes each step's scalars as TensorBoard scalar summaries under `log_dir`."""
+
+    def __init__(self, log_dir, first_step, steps_per_epoch):
+        super().__init__()
+        self._log_dir = log_dir
+        self._first_step = first_step
+        self._steps_per_epoch = steps_per_epoch
+        self._epoch = 0
+        self._writer = None
+        metadata = tf.compat.v1.SummaryMetadata()
+        metadata.plugin_data.plugin_name = "scalars"
+        self._metadata = metadata.SerializeToString()
+
+    def on_train_begin(self, logs=None):
+        self._writer = tf.summary.create_file_writer(self._log_dir)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self._first_step + self._epoch * self._steps_per_epoch + batch + 1
+        with self._writer.as_default():
+            for name, value in (logs or {}).items():
+                tf.summary.write(
+                    f"fip/{name}",
+                    tf.cast(np.asarray(value), tf.float32),
+                    step=step,
+                    metadata=self._metadata,
+                )
+
+    def on_train_end(self, logs=None):
+        self._writer.flush()
+        self._writer.close()

@@ -115,15 +115,20 @@ def check_model(model, argument="model"):
         children = _sublayers(layer)
         child_weights = {id(w) for child in children for w in child.weights}
         own_weights = [w for w in layer.weights if id(w) not in child_weights]
-        if isinstance(layer, keras.Model) or (children and not own_weights):
+        is_builtin = type(layer).__module__.startswith("keras.")
+        if isinstance(layer, keras.Model) or (
+            not is_builtin and children and not own_weights
+        ):
             for child in children:
                 visit(child, seen)
             return
         raise ValueError(
             f"`{argument}` contains layer `{layer.name}` of unsupported type "
-            f"{type(layer).__name__}. keras_fip supports "
-            f"{sorted({cls.__name__ for cls in SUPPORTED_LAYERS})}, nested models and "
-            f"custom layers built from them. Received: {argument}={model.name}"
+            f"{type(layer).__name__}. keras_fip supports standard layers (Dense, Conv, "
+            "DepthwiseConv, BatchNormalization, LayerNormalization, Embedding, "
+            "MultiHeadAttention, pooling, merging, reshaping, activation, dropout; see "
+            "`keras_fip.operations.base.SUPPORTED_LAYERS`), nested models and custom "
+            f"layers built only from them. Received: {argument}={model.name}"
         )
 
     for layer in _sublayers(model):

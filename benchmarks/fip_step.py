@@ -1,0 +1,139 @@
+"""Speed of one FIP step relative to a plain `model.fit` step, per step rule.
+
+For LeNet-300-100 and cnn5 on MNIST, times `model.fit` on batches of 256 examples and
+`FIPTrainer.fit` on 128 anchor + 128 secondary examples (cross-entropy secondary loss) for
+each step rule, in the same run, after a warm-up (the clock runs from the end of the last
+warm-up step to the end of the last step, so tracing and input start-up are excluded; the
+runs are interleaved and the best of `--repeats` is kept). Prints one JSON line per model with
+`<rule>_over_fit` = (FIP samples/s) / (fit samples/s): higher is better, 1.0 is as fast as
+plain training.
+
+Example:
+
+    python -m benchmarks.fip_step
+    python -m benchmarks.fip_step --steps=100 --models=lenet_300_100
+"""
+
+import argparse
+import json
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import keras_fip
+from keras_fip.engine.data_adapter import fip_dataset
+
+RULES = (("penalty", "penalty"), ("normalized", "normalized"), ("metric_cg10", "metric"))
+
+
+def _loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+class _StepTimer(keras.callbacks.Callback):
+    """Wall time of the steps after the warm-up (excludes tracing and iterator start)."""
+
+    def __init__(self, warmup):
+        super().__init__()
+        self.warmup = warmup
+        self.times = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter())
+
+    def seconds(self):
+        return self.times[-1] - self.times[self.warmup - 1]
+
+
+def _time_fit(model, dataset, steps, warmup):
+    timer = _StepTimer(warmup)
+    model.fit(dataset, epochs=1, steps_per_epoch=warmup + steps, verbose=0,
+              callbacks=[timer])
+    return timer.seconds()
+
+
+def benchmark(name, x, y, steps, warmup, repeats, batch_size, jit_compile=False):
+    keras.utils.set_random_seed(0)
+    template = keras_fip.models.get(name, x.shape[1:], 10)
+    half = batch_size // 2
+
+    # Plain fit.
+    fit_model = keras_fip.engine.copy_model(template)
+    fit_model.compile(
+        optimizer=keras.optimizers.Adam(1e-3), loss=_loss(), jit_compile=jit_compile
+    )
+    fit_data = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(len(x), seed=0)
+        .repeat()
+        .batch(batch_size, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+    # FIP trainers.
+    trainers = {}
+    for label, rule in RULES:
+        network = keras_fip.engine.copy_model(template)
+        trainer = keras_fip.FIPTrainer(
+            network, step_rule=rule, secondary_loss=_loss(), cg_iterations=10
+        )
+        trainer.compile(
+            optimizer=keras.optimizers.Adam(1e-3) if rule == "penalty" else None,
+            jit_compile=jit_compile,
+        )
+        data = fip_dataset(
+            network, anchor=x, secondary=(x, y), batch_size=half, seed=0
+        )
+        trainers[label] = (trainer, data)
+
+    # Interleave the measurements so that machine load affects all equally.
+    seconds = {"fit": []}
+    seconds.update({label: [] for label, _ in RULES})
+    for _ in range(repeats):
+        seconds["fit"].append(_time_fit(fit_model, fit_data, steps, warmup))
+        for label, _ in RULES:
+            trainer, data = trainers[label]
+            seconds[label].append(_time_fit(trainer, data, steps, warmup))
+    best = {label: min(values) for label, values in seconds.items()}
+    samples = steps * batch_size
+    result = {
+        "benchmark": "fip_step",
+        "model": name,
+        "dataset": "mnist",
+        "num_params": int(sum(np.prod(v.shape) for v in template.trainable_variables)),
+        "samples_per_step": batch_size,
+        "steps": steps,
+        "repeats": repeats,
+        "jit_compile": jit_compile,
+        "fit_samples_per_second": round(samples / best["fit"], 1),
+    }
+    for label, _ in RULES:
+        result[f"{label}_samples_per_second"] = round(samples / best[label], 1)
+        result[f"{label}_over_fit"] = round(best["fit"] / best[label], 3)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="lenet_300_100,cnn5")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--jit_compile", action="store_true")
+    args = parser.parse_args(argv)
+    x, y = keras_fip.data.load("mnist", "train")
+    for name in args.models.split(","):
+        print(
+            json.dumps(benchmark(
+                name, x, y, args.steps, args.warmup, args.repeats, args.batch_size,
+                args.jit_compile,
+            )),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""`Compress`: sparsify a model along a functionally invariant path."""
+
+import math
+
+import keras
+import numpy as np
+
+from keras_fip.engine import distances as distances_lib
+from keras_fip.engine import masks as masks_lib
+from keras_fip.engine import projection
+from keras_fip.engine import step_rules
+from keras_fip.engine.data_adapter import fip_dataset
+from keras_fip.engine.data_adapter import normalize_data
+from keras_fip.engine.path import Path
+from keras_fip.engine.trainer import FIPTrainer
+from keras_fip.operations.base import Operation
+
+
+class _ProjectionDistance:
+    """L(w) = ½·‖w − P_p(w)‖²: the squared distance of the prunable weights to their
+    projection, with the current target masks held in variables (updated on a schedule)."""
+
+    def __init__(self, indices, mask_variables):
+        self.indices = indices
+        self.mask_variables = mask_variables
+
+    def __call__(self, model, batch):
+        del batch  # L needs no data.
+        variables = model.trainable_variables
+        total = 0.0
+        for index, mask in zip(self.indices, self.mask_variables):
+            weights = variables[index].value
+            pruned = weights * (1.0 - keras.ops.cast(mask.value, weights.dtype))
+            total = total + 0.5 * keras.ops.sum(keras.ops.square(pruned))
+        return total
+
+
+class _RampTargets(keras.callbacks.Callback):
+    """Recomputes the target masks every `update_every` steps as the sparsity ramps up."""
+
+    def __init__(self, operation, variables, mask_variables, pull_steps, existing_masks):
+        super().__init__()
+        self.operation = operation
+        self.variables = variables
+        self.mask_variables = mask_variables
+        self.pull_steps = pull_steps
+        self.existing_masks = existing_masks
+        self.step = 0
+        self.targets = {}
+
+    def target_sparsity(self, step):
+        progress = min(1.0, step / max(1, self.pull_steps * self.operation.ramp_fraction))
+        return self.operation.sparsity * (1.0 - (1.0 - progress) ** self.operation.ramp_power)
+
+    def update(self):
+        op = self.operation
+        sparsity = self.target_sparsity(self.step + op.update_every)
+        if op.structure == "2:4":
+            sparsity = 0.5
+        self.targets = projection.magnitude_masks(
+            self.model_to_prune, sparsity, op.structure, op.scope, self.variables,
+            self.existing_masks,
+        )
+        for variable, mask_variable in zip(self.variables, self.mask_variables):
+            mask_variable.assign(self.targets[variable.path].astype("float32"))
+
+    def on_train_begin(self, logs=None):
+        self.update()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step % self.operation.update_every == 0:
+            self.update()
+
+
+@keras.saving.register_keras_serializable(package="keras_fip")
+class Compress(Operation):
+    """Sparsifies a model along a functionally invariant path.
+
+    The prunable weights are pulled towards P_p(w), their projection onto the p-sparse set,
+    by the secondary objective L(w) = ½·‖w − P_p(w)‖², while the output distance D to the
+    starting network on `data` keeps the function (the FIP). The target sparsity ramps up
+    as tfmot's polynomial schedule does and the target masks are recomputed from the
+    current weights every `update_every` steps (weights the path has shrunk drop out,
+    weights it needs come back). Then the final mask is applied exactly, and the path
+    settles for the remaining steps with the mask fixed, minimising D alone: the sparse
+    network recovers the dense network's outputs. The returned model has exactly the
+    requested fraction of its prunable weights at zero (per layer with
+    `scope="per_layer"`, overall with `"global"`), and carries its masks
+    (`keras_fip.masks`), so any later training keeps them. Masks the input already carries
+    are kept and count towards the sparsity.
+
+    Args:
+        sparsity: p, the fraction of prunable weights to zero, in [0, 1).
+        data: Inputs whose outputs are kept: an array, an `(x, y)` tuple (labels are used
+            only to report accuracy) or a finite `tf.data.Dataset`. Defaults to `None`
+            (the inputs the model carries from an earlier operation).
+        structure: `"unstructured"`, `"nodes"` (whole Dense units), `"filters"` (whole
+            convolution filters) or `"2:4"` (two of every four input weights; p = 0.5).
+            Defaults to `"unstructured"`.
+        scope: `"global"` (one magnitude ranking over all prunable weights) or
+            `"per_layer"` (each layer loses the fraction p). Defaults to `"global"`.
+        epochs: Passes over `data`: the budget of the whole path (pull and settle).
+            Defaults to `10`.
+        pull_fraction: Fraction of the steps spent pulling towards P_p(w); the rest
+            settle with the mask fixed. Defaults to `0.7`.
+        ramp_fraction: Fraction of the pull over which the target sparsity ramps from 0
+            to p. Defaults to `0.7`.
+        ramp_power: Exponent of the polynomial ramp. Defaults to `3`.
+        update_every: Steps between recomputations of the target masks. Defaults to `50`.
+        beta: β, the weight of L. Defaults to `1.0`.
+        distance: Output distance D (`"l2"` on logits, `"kl"`, `"bhattacharyya"`).
+            Defaults to `"kl"`.
+        step_rule: `"penalty"`, `"normalized"` or `"metric"`. Defaults to `"penalty"`.
+        learning_rate: Adam learning rate of the `penalty` rule (cosine-decayed over each
+            phase). Defaults to `1e-3`.
+        epsilon: ε, the step length of the `normalized` and `metric` rules. Defaults to
+            `0.01`.
+        batch_size: Anchor examples per step. Defaults to `128`.
+        include_biases: Whether biases are prunable. Defaults to `False`.
+        include_normalization: Whether normalisation scales/offsets are prunable. Defaults
+            to `False`.
+        include_embeddings: Whether embedding tables are prunable. Defaults to `False`.
+        record_every: Record the weights in `op.path` every this many steps. Defaults to
+            `100`.
+        path_directory: Directory to stream the path to, or `None`. Defaults to `None`.
+        jit_compile: Whether to compile the step with XLA. Defaults to `False`.
+        seed: Shuffle seed. Defaults to `None`.
+        **kwargs: `Operation` arguments (`name`, `verbose`, `callbacks`, `log_dir`).
+
+    Example:
+
+    >>> x, y = keras_fip.data.load("digits")
+    >>> model = keras_fip.models.mlp(32, input_shape=(8, 8, 1))
+    >>> sparse = keras_fip.Compress(0.9, data=x, epochs=1, verbose=0)(model)
+    >>> round(keras_fip.engine.projection.prunable_sparsity(sparse), 3)
+    0.9
+    """
+
+    def __init__(
+        self,
+        sparsity,
+        data=None,
+        structure="unstructured",
+        scope="global",
+        epochs=10,
+        pull_fraction=0.7,
+        ramp_fraction=0.7,
+        ramp_power=3,
+        update_every=50,
+        beta=1.0,
+        distance="kl",
+        step_rule="penalty",
+        learning_rate=1e-3,
+        epsilon=0.01,
+        batch_size=128,
+        include_biases=False,
+        include_normalization=False,
+        include_embeddings=False,
+        record_every=100,
+        path_directory=None,
+        jit_compile=False,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.sparsity = projection.check_sparsity(sparsity)
+        projection.check_structure_and_scope(structure, scope)
+        if structure == "2:4" and abs(self.sparsity - 0.5) > 1e-9:
+            raise ValueError(
+                "`structure='2:4'` zeroes exactly half of each kernel, so `sparsity` must be "
+                f"0.5. Received: sparsity={sparsity}"
+            )
+        self.structure = structure
+        self.scope = scope
+        if data is not None:
+            x, _ = normalize_data(data, name="data")
+            if not np.all(np.isfinite(np.asarray(x, dtype="float64"))):
+                raise ValueError("`data` must be finite. Received: data containing NaN or Inf")
+        self.data = data
+        self.epochs = self.check_number(epochs, "epochs", low=1, low_inclusive=True,
+                                        integer=True)
+        self.pull_fraction = self.check_number(pull_fraction, "pull_fraction", low=0.0,
+                                               high=1.0)
+        self.ramp_fraction = self.check_number(ramp_fraction, "ramp_fraction", low=0.0,
+                                               high=1.0)
+        self.ramp_power = self.check_number(ramp_power, "ramp_power", low=0.0)
+        self.update_every = self.check_number(update_every, "update_every", low=1,
+                                              low_inclusive=True, integer=True)
+        self.beta = self.check_number(beta, "beta", low=0.0)
+        distances_lib.get(distance)
+        self.distance = distance
+        self.step_rule = self.check_choice(step_rule, "step_rule", step_rules.STEP_RULES)
+        self.learning_rate = self.check_number(learning_rate, "learning_rate", low=0.0)
+        self.epsilon = self.check_number(epsilon, "epsilon", low=0.0)
+        self.batch_size = self.check_number(batch_size, "batch_size", low=1,
+                                            low_inclusive=True, integer=True)
+        self.include_biases = bool(include_biases)
+        self.include_normalization = bool(include_normalization)
+        self.include_embeddings = bool(include_embeddings)
+        self.record_every = self.check_number(record_every, "record_every", low=1,
+                                              low_inclusive=True, integer=True)
+        if path_directory is not None and not isinstance(path_directory, str):
+            raise ValueError(
+                "`path_directory` must be a string path or None. "
+                f"Received: path_directory={path_directory!r}"
+            )
+        self.path_directory = path_directory
+        self.jit_compile = bool(jit_compile)
+        if seed is not None:
+            seed = self.check_number(seed, "seed", low=0, low_inclusive=True, integer=True)
+        self.seed = seed
+
+    def _optimizer(self, steps):
+        if self.step_rule != "penalty":
+            return None  # The trainer's SGD(1.0) applies θ exactly.
+        schedule = keras.optimizers.schedules.CosineDecay(self.learning_rate, max(steps, 1))
+        return keras.optimizers.Adam(schedule)
+
+    def _trainer(self, model, steps, objective):
+        trainer = FIPTrainer(
+            model,
+            step_rule=self.step_rule if objective is not None else "penalty",
+            distance=self.distance,
+            beta=self.beta,
+            epsilon=self.epsilon,
+            secondary_objective=objective,
+        )
+        trainer.compile(optimizer=self._optimizer(steps), jit_compile=self.jit_compile)
+        return trainer
+
+    def call(self, model):
+        anchor = self.resolve_data(self.data, model)
+        x, y = normalize_data(anchor, name="data")
+        variables = projection.prunable_variables(
+            model, self.include_biases, self.include_normalization, self.include_embeddings
+        )
+        if not variables:
+            raise ValueError(
+                f"`model` has no prunable weights (Dense/Conv kernels by default; see "
+                "`include_biases`, `include_normalization`, `include_embeddings`). "
+                f"Received: model={model.name}"
+            )
+        existing = {path: mask for path, mask in masks_lib.masks(model).items()}
+        steps_per_epoch = math.ceil(len(x) / self.batch_size)
+        total_steps = self.epochs * steps_per_epoch
+        pull_steps = max(1, int(round(self.pull_fraction * total_steps)))
+        settle_steps = total_steps - pull_steps
+        dataset = fip_dataset(model, x, batch_size=self.batch_size, seed=self.seed)
+        self.path = Path(model, record_every=self.record_every,
+                         directory=self.path_directory)
+
+        # Pull towards the projection onto the ramping sparse set
+        by_id = {id(v): i for i, v in enumerate(model.trainable_variables)}
+        indices = [by_id[id(v)] for v in variables]
+        mask_variables = [
+            keras.Variable(np.ones(v.shape, "float32"), trainable=False, name=f"target_{i}")
+            for i, v in enumerate(variables)
+        ]
+        objective = _ProjectionDistance(indices, mask_variables)
+        ramp = _RampTargets(self, variables, mask_variables, pull_steps, existing)
+        ramp.model_to_prune = model
+        trainer = self._trainer(model, pull_steps, objective)
+        history = trainer.walk(dataset, pull_steps, path=self.path,
+                               callbacks=[ramp] + list(self.callbacks or []),
+                               verbose=self.verbose, log_dir=self.log_dir)
+
+        # Apply the final mask exactly, then settle with it fixed (D alone)
+        final = projection.magnitude_masks(model, self.sparsity, self.structure, self.scope,
+                                           variables, existing)
+        masks_lib.apply_masks(model, final)
+        if settle_steps:
+            settle = self._trainer(model, settle_steps, None)
+            settled = settle.walk(dataset, settle_steps, path=self.path,
+                                  callbacks=list(self.callbacks or []),
+                                  verbose=self.verbose, log_dir=self.log_dir)
+            history = {key: list(history.get(key, [])) + list(settled.get(key, []))
+                       for key in set(history) | set(settled)}
+        self.history = dict(history)
+        self.history["layer_sparsity"] = {
+            v.path: float(1.0 - final[v.path].mean()) for v in variables
+        }
+        return model
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            sparsity=self.sparsity,
+            data=None,  # Data are not serialised; pass them again after from_config.
+            structure=self.structure,
+            scope=self.scope,
+            epochs=self.epochs,
+            pull_fraction=self.pull_fraction,
+            ramp_fraction=self.ramp_fraction,
+            ramp_power=self.ramp_power,
+            update_every=self.update_every,
+            beta=self.beta,
+            distance=self.distance,
+            step_rule=self.step_rule,
+            learning_rate=self.learning_rate,
+            epsilon=self.epsilon,
+            batch_size=self.batch_size,
+            include_biases=self.include_biases,
+            include_normalization=self.include_normalization,
+            include_embeddings=self.include_embeddings,
+            record_every=self.record_every,
+            path_directory=self.path_directory,
+            jit_compile=self.jit_compile,
+            seed=self.seed,
+        )
+        return config
