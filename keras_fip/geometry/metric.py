@@ -296,6 +296,9 @@ class MetricOperator:
 
             @tf.function(reduce_retracing=True)
             def matvec_fn(vector):
+                if num_batches == 1:
+                    summed = replica_fn(all_inputs, vector)
+                    return [p / tf.cast(num_examples, p.dtype) for p in summed]
                 total = tuple(tf.zeros_like(piece) for piece in vector)
                 for index in tf.range(num_batches):
                     inputs = all_inputs[index * batch_size : (index + 1) * batch_size]
