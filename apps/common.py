@@ -72,5 +72,12 @@ def write_json(output_dir, filename, content):
     return path
 
 
+def check_choice(value, name, choices):
+    """Returns `value` if it is one of `choices`, else a `ValueError` naming the flag."""
+    if value not in choices:
+        raise ValueError(f"`--{name}` must be among {list(choices)}. Received: {value!r}")
+    return value
+
+
 def set_seed(seed):
     keras.utils.set_random_seed(seed)

@@ -1,0 +1,43 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl.testing import flagsaver
+
+from apps import compress
+from keras_fip import data
+
+
+def test_compress_app_sweeps_methods_and_exports_the_sparsest(tmp_path):
+    output_dir = str(tmp_path / "compress")
+    with flagsaver.flagsaver(model="mlp", dataset="digits", sparsities=["50", "80"],
+                             methods=["fip", "gradual", "oneshot", "lth"], seeds=["0"],
+                             epochs=2, base_epochs=3, batch_size=64, lth_rounds=2,
+                             output_dir=output_dir, cache_dir=str(tmp_path / "cache")):
+        compress.main([])
+    with open(os.path.join(output_dir, "results.json")) as f:
+        results = json.load(f)
+    for method in ("fip", "gradual", "oneshot", "lth"):
+        for percent in ("50", "80"):
+            key = f"{method}/{percent}"
+            assert 0.0 <= results[f"{key}/test/accuracy"] <= 1.0
+            assert results[f"{key}/sparsity"] == pytest.approx(float(percent) / 100, abs=2e-3)
+            assert results[f"{key}/epochs"] == 2
+            assert results[f"{key}/num_seeds"] == 1
+    assert results["dataset/subset"] is False
+    for name in ("accuracy_vs_sparsity.png", "layer_sparsity.png", "config.json"):
+        assert os.path.isfile(os.path.join(output_dir, name))
+    served = tf.saved_model.load(os.path.join(output_dir, "serving"))
+    x, _ = data.load("digits", "test")
+    kernels = [v.numpy() for v in served.variables if len(v.shape) == 2]
+    zeros = sum(int(np.sum(k == 0)) for k in kernels)
+    assert zeros / sum(k.size for k in kernels) == pytest.approx(0.8, abs=2e-3)
+    assert served.serve(x[:4]).shape == (4, 10)
+
+
+def test_compress_app_rejects_bad_sparsities(tmp_path):
+    with flagsaver.flagsaver(sparsities=["100"], output_dir=str(tmp_path)):
+        with pytest.raises(ValueError, match="sparsities"):
+            compress.main([])

@@ -1,0 +1,23 @@
+import json
+import os
+
+from absl.testing import flagsaver
+
+from apps import quickstart
+
+
+def test_quickstart_runs_and_shows_the_fip_walk_keeping_function(tmp_path, capsys):
+    output_dir = str(tmp_path / "quickstart")
+    with flagsaver.flagsaver(output_dir=output_dir, seed=0):
+        quickstart.main([])
+    with open(os.path.join(output_dir, "results.json")) as f:
+        results = json.load(f)
+    assert os.path.isfile(os.path.join(output_dir, "summary.png"))
+    assert results["base/test/accuracy"] > 0.9
+    # The walk moved the weights but kept the function; the same-size random step did not.
+    assert results["walk/euclidean_distance"] > 9.0
+    assert abs(results["walk/test/accuracy"] - results["base/test/accuracy"]) < 0.01
+    assert results["random_perturbation/test/accuracy"] < results["walk/test/accuracy"] - 0.05
+    assert 0.0 < results["geometry/rho"] < 1.0
+    assert abs(results["gradual/90/sparsity"] - 0.9) < 1e-3  # per-layer rounding
+    assert "trained MLP (base)" in capsys.readouterr().out

@@ -1,0 +1,163 @@
+import hashlib
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_fip
+import keras_fip.operations
+from keras_fip import data
+from keras_fip import models
+from keras_fip.engine import masks as masks_lib
+from keras_fip.engine import projection
+from keras_fip.operations.compress import Compress
+from keras_fip.operations.shrink import shrink
+
+
+@pytest.fixture(scope="module")
+def trained():
+    keras.utils.set_random_seed(0)
+    x, y = data.load("digits")
+    model = models.mlp(64, input_shape=(8, 8, 1))
+    models.train_classifier(model, x, y, epochs=10, batch_size=64, learning_rate=3e-3)
+    return model, x, y
+
+
+def _digest(model):
+    return hashlib.sha256(b"".join(w.tobytes() for w in model.get_weights())).hexdigest()
+
+
+def _zeros(model):
+    return {v.path: np.asarray(v.numpy() == 0) for v in projection.prunable_variables(model)}
+
+
+def test_compress_reaches_exact_sparsity_without_mutating_input(trained):
+    model, x, y = trained
+    before = _digest(model)
+    op = Compress(0.9, data=x, epochs=2, batch_size=64, verbose=0, seed=0)
+    sparse = op(model)
+    assert _digest(model) == before
+    sizes = sum(int(np.prod(v.shape)) for v in projection.prunable_variables(sparse))
+    zeros = sum(int(z.sum()) for z in _zeros(sparse).values())
+    assert zeros == round(0.9 * sizes)
+    assert set(keras_fip.masks(sparse)) == {v.path for v in projection.prunable_variables(sparse)}
+    assert set(op.history["layer_sparsity"]) == set(keras_fip.masks(sparse))
+    assert len(op.path) > 0 and "distance" in op.history
+
+
+def test_compress_keeps_function_better_than_bare_projection(trained):
+    model, x, y = trained
+    x_test, y_test = data.load("digits", "test")
+    projected = keras_fip.engine.copy_model(model)
+    keras_fip.engine.apply_masks(projected, projection.magnitude_masks(projected, 0.9))
+    sparse = Compress(0.9, data=x, epochs=3, batch_size=64, learning_rate=1e-2, verbose=0,
+                      seed=0)(model)
+    fip = models.evaluate_classifier(sparse, x_test, y_test)["accuracy"]
+    assert fip > models.evaluate_classifier(projected, x_test, y_test)["accuracy"] + 0.05
+    assert fip > 0.85
+
+
+@pytest.mark.parametrize("scope", ["global", "per_layer"])
+def test_masks_stay_exactly_zero_under_later_training(trained, scope):
+    model, x, y = trained
+    sparse = Compress(0.8, data=(x, y), scope=scope, epochs=1, batch_size=64, verbose=0)(model)
+    zeros = _zeros(sparse)
+    models.train_classifier(sparse, x, y, epochs=1, batch_size=64, learning_rate=1e-2)
+    for path, zero in _zeros(sparse).items():
+        np.testing.assert_array_equal(zero, zeros[path])
+
+
+def test_sparsity_survives_keras_save_load_and_savedmodel_export(trained, tmp_path):
+    model, x, _ = trained
+    sparse = Compress(0.9, data=x, epochs=1, batch_size=64, verbose=0)(model)
+    path = str(tmp_path / "sparse.keras")
+    sparse.save(path)
+    restored = keras.saving.load_model(path)
+    for name, zero in _zeros(sparse).items():
+        np.testing.assert_array_equal(_zeros(restored)[name], zero)
+    assert set(keras_fip.masks(restored)) == set(keras_fip.masks(sparse))
+    keras_fip.export(sparse, str(tmp_path / "serving"))
+    loaded = tf.saved_model.load(str(tmp_path / "serving"))
+    np.testing.assert_allclose(loaded.serve(x[:16]), sparse(x[:16]), atol=1e-5)
+    exported = {v.name.split(":")[0]: v.numpy() for v in loaded.variables}
+    kernels = [v for v in exported.values() if v.ndim == 2]
+    zero_count = sum(int(np.sum(k == 0)) for k in kernels)
+    assert zero_count == sum(int(z.sum()) for z in _zeros(sparse).values())
+
+
+def test_nodes_structure_zeroes_whole_units_and_shrinks(trained):
+    model, x, _ = trained
+    sparse = Compress(0.5, data=x, structure="nodes", scope="per_layer", epochs=1,
+                      batch_size=64, verbose=0, seed=0)(model)
+    hidden = sparse.get_layer("dense_1").kernel.numpy()
+    dead = np.all(hidden == 0, axis=0)
+    assert dead.sum() == 32
+    smaller = shrink(sparse)
+    assert smaller.get_layer("dense_1").units == 32
+    np.testing.assert_allclose(smaller(x[:16]), sparse(x[:16]), atol=1e-4)
+
+
+def test_existing_masks_are_kept_and_count(trained):
+    model, x, _ = trained
+    first = Compress(0.5, data=x, epochs=1, batch_size=64, verbose=0)(model)
+    second = Compress(0.8, data=x, epochs=1, batch_size=64, verbose=0)(first)
+    for path, mask in keras_fip.masks(first).items():
+        assert not (keras_fip.masks(second)[path] & ~mask).any()
+    assert projection.prunable_sparsity(second) == pytest.approx(0.8, abs=1e-3)
+
+
+def test_chain_equals_sequential_application(trained):
+    model, x, _ = trained
+    ops = [Compress(0.5, data=x, epochs=1, batch_size=64, verbose=0, seed=0),
+           Compress(0.7, data=x, epochs=1, batch_size=64, verbose=0, seed=0)]
+    keras.utils.set_random_seed(1)
+    chained = keras_fip.operations.chain(*ops)(model)
+    keras.utils.set_random_seed(1)
+    sequential = ops[1](ops[0](model))
+    for a, b in zip(chained.get_weights(), sequential.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_get_config_round_trip():
+    op = Compress(0.99, structure="nodes", scope="per_layer", epochs=3, beta=0.5)
+    clone = Compress.from_config(op.get_config())
+    assert clone.get_config() == op.get_config()
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"sparsity": 1.0}, "`sparsity`"),
+        ({"sparsity": -0.5}, "`sparsity`"),
+        ({"sparsity": 0.5, "structure": "blocks"}, "`structure`"),
+        ({"sparsity": 0.9, "structure": "2:4"}, "`sparsity`"),
+        ({"sparsity": 0.5, "scope": "layer"}, "`scope`"),
+        ({"sparsity": 0.5, "epochs": 0}, "`epochs`"),
+        ({"sparsity": 0.5, "data": np.full((4, 8, 8, 1), np.nan, "float32")}, "`data`"),
+    ],
+)
+def test_bad_arguments_fail_in_init(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        Compress(**kwargs)
+
+
+def test_data_that_does_not_fit_the_model_fails_before_any_work(trained):
+    model, _, _ = trained
+    before = _digest(model)
+    with pytest.raises(ValueError, match="anchor|data"):
+        Compress(0.5, data=np.zeros((8, 28, 28, 1), "float32"), verbose=0)(model)
+    assert _digest(model) == before
+
+
+def test_model_with_nothing_prunable_is_a_clear_error():
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.LayerNormalization()(inputs))
+    with pytest.raises(ValueError, match="prunable"):
+        Compress(0.5, data=np.zeros((8, 4), "float32"), verbose=0)(model)
+
+
+def test_no_data_and_none_carried_is_a_clear_error(trained):
+    model, _, _ = trained
+    with pytest.raises(ValueError, match="`data`"):
+        Compress(0.5, verbose=0)(model)
