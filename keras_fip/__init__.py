@@ -10,6 +10,7 @@ import os as _os
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from keras_fip import data  # noqa: E402
+from keras_fip import geometry  # noqa: E402
 from keras_fip import models  # noqa: E402
 from keras_fip.engine.masks import MaskedOptimizer  # noqa: E402
 from keras_fip.engine.masks import masks  # noqa: E402
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "data",
+    "geometry",
     "models",
     "MaskedOptimizer",
     "Path",
