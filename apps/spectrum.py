@@ -9,7 +9,8 @@ on the first `--spectrum_num_inputs` training inputs is measured matrix-free:
   Lanczos otherwise (and always, as a check);
 - ρ, the fraction of the n weight-space directions with eigenvalue ≥ `--spectrum_threshold`
   (exact count from the Gram spectrum when available, else stochastic Lanczos quadrature;
-  the SLQ estimate is always reported too, as `rho_slq`);
+  the SLQ estimate is always reported too, as `rho_slq`). rank(g) ≤ N·C, so ρ ≤ N·C/n:
+  `vulnerable_over_rank_bound` near 1 says ρ is capped by N, not by the network;
 - trace(g) by Hutch++ (and exactly from the Gram matrix when available), and the expected
   squared output change under a random weight perturbation with E‖δw‖² = 1, (1/n)·trace(g).
 
@@ -101,6 +102,9 @@ def measure(model, inputs, threshold, max_gram_entries, top_k, trace_samples, sl
     else:
         results["rho"] = results["rho_slq"]
         results["rho_method"] = "slq"
+    # ρ·n / min(N·C, n): near 1 means ρ is capped by the rank of g, i.e. by N.
+    results["vulnerable_over_rank_bound"] = (
+        results["rho"] * metric.num_params / results["rank_bound"])
     return results, eigenvalues
 
 
@@ -146,6 +150,9 @@ def main(argv):
         print(f"{name}: n={measured['num_params']} rho={measured['rho']:.3e} "
               f"({measured['rho_method']}; SLQ {measured['rho_slq']:.3e}) "
               f"trace={measured['trace']:.4g} in {measured['seconds']:.1f} s")
+        if measured["vulnerable_over_rank_bound"] > 0.95:
+            print(f"  {name}: every direction g can see is vulnerable; rho is capped by "
+                  "rank(g) <= N·C: raise --spectrum_num_inputs for the network's own rho.")
     plot(spectra, FLAGS.spectrum_threshold, f"{FLAGS.output_dir}/eigenvalues.png")
     common.write_json(FLAGS.output_dir, "results.json", results)
 
