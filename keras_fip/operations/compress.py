@@ -20,19 +20,33 @@ class _ProjectionDistance:
     """L(w) = ½·‖w − P_p(w)‖²: the squared distance of the prunable weights to their
     projection, with the current target masks held in variables (updated on a schedule)."""
 
-    def __init__(self, indices, mask_variables):
+    def __init__(self, indices, mask_variables, task_weight=0.0):
         self.indices = indices
         self.mask_variables = mask_variables
+        self.task_weight = task_weight
+        self.task_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     def __call__(self, model, batch):
-        del batch  # L needs no data.
-        variables = model.trainable_variables
         total = 0.0
+        if self.task_weight and batch is not None:
+            inputs, labels = batch
+            total = self.task_weight * self.task_loss(labels, model(inputs, training=True))
+        variables = model.trainable_variables
         for index, mask in zip(self.indices, self.mask_variables):
             weights = variables[index].value
             pruned = weights * (1.0 - keras.ops.cast(mask.value, weights.dtype))
             total = total + 0.5 * keras.ops.sum(keras.ops.square(pruned))
         return total
+
+
+class _TaskLoss:
+    """The settle phase's L: the task cross-entropy on labelled batches (weighted)."""
+
+    def __init__(self, task_weight):
+        self.projection = _ProjectionDistance([], [], task_weight)
+
+    def __call__(self, model, batch):
+        return self.projection(model, batch)
 
 
 class _RampTargets(keras.callbacks.Callback):
@@ -109,6 +123,8 @@ class Compress(Operation):
         ramp_power: Exponent of the polynomial ramp. Defaults to `3`.
         update_every: Steps between recomputations of the target masks. Defaults to `50`.
         beta: β, the weight of L. Defaults to `1.0`.
+        task_weight: When `data` has labels, the weight of the task cross-entropy added to
+            L in both phases (0 keeps L the pure projection distance). Defaults to `0.0`.
         distance: Output distance D (`"l2"` on logits, `"kl"`, `"bhattacharyya"`).
             Defaults to `"kl"`.
         step_rule: `"penalty"`, `"normalized"` or `"metric"`. Defaults to `"penalty"`.
@@ -149,6 +165,7 @@ class Compress(Operation):
         ramp_power=3,
         update_every=50,
         beta=1.0,
+        task_weight=0.0,
         distance="kl",
         step_rule="penalty",
         learning_rate=1e-3,
@@ -188,6 +205,8 @@ class Compress(Operation):
         self.update_every = self.check_number(update_every, "update_every", low=1,
                                               low_inclusive=True, integer=True)
         self.beta = self.check_number(beta, "beta", low=0.0)
+        self.task_weight = self.check_number(task_weight, "task_weight", low=0.0,
+                                             low_inclusive=True)
         distances_lib.get(distance)
         self.distance = distance
         self.step_rule = self.check_choice(step_rule, "step_rule", step_rules.STEP_RULES)
@@ -211,22 +230,23 @@ class Compress(Operation):
             seed = self.check_number(seed, "seed", low=0, low_inclusive=True, integer=True)
         self.seed = seed
 
-    def _optimizer(self, steps):
-        if self.step_rule != "penalty":
+    def _optimizer(self, steps, penalty):
+        if not penalty:
             return None  # The trainer's SGD(1.0) applies θ exactly.
         schedule = keras.optimizers.schedules.CosineDecay(self.learning_rate, max(steps, 1))
         return keras.optimizers.Adam(schedule)
 
-    def _trainer(self, model, steps, objective):
+    def _trainer(self, model, steps, objective, settle=False):
         trainer = FIPTrainer(
             model,
-            step_rule=self.step_rule if objective is not None else "penalty",
+            step_rule="penalty" if settle else self.step_rule,
             distance=self.distance,
             beta=self.beta,
             epsilon=self.epsilon,
             secondary_objective=objective,
         )
-        trainer.compile(optimizer=self._optimizer(steps), jit_compile=self.jit_compile)
+        penalty = settle or self.step_rule == "penalty"
+        trainer.compile(optimizer=self._optimizer(steps, penalty), jit_compile=self.jit_compile)
         return trainer
 
     def call(self, model):
@@ -246,7 +266,10 @@ class Compress(Operation):
         total_steps = self.epochs * steps_per_epoch
         pull_steps = max(1, int(round(self.pull_fraction * total_steps)))
         settle_steps = total_steps - pull_steps
-        dataset = fip_dataset(model, x, batch_size=self.batch_size, seed=self.seed)
+        labelled = self.task_weight > 0 and y is not None
+        secondary = (x, y) if labelled else None
+        dataset = fip_dataset(model, x, secondary=secondary, batch_size=self.batch_size,
+                              seed=self.seed)
         self.path = Path(model, record_every=self.record_every,
                          directory=self.path_directory)
 
@@ -257,7 +280,8 @@ class Compress(Operation):
             keras.Variable(np.ones(v.shape, "float32"), trainable=False, name=f"target_{i}")
             for i, v in enumerate(variables)
         ]
-        objective = _ProjectionDistance(indices, mask_variables)
+        objective = _ProjectionDistance(indices, mask_variables,
+                                        self.task_weight if labelled else 0.0)
         ramp = _RampTargets(self, variables, mask_variables, pull_steps, existing)
         ramp.model_to_prune = model
         trainer = self._trainer(model, pull_steps, objective)
@@ -270,7 +294,8 @@ class Compress(Operation):
                                            variables, existing)
         masks_lib.apply_masks(model, final)
         if settle_steps:
-            settle = self._trainer(model, settle_steps, None)
+            task = _TaskLoss(self.task_weight) if labelled else None
+            settle = self._trainer(model, settle_steps, task, settle=True)
             settled = settle.walk(dataset, settle_steps, path=self.path,
                                   callbacks=list(self.callbacks or []),
                                   verbose=self.verbose, log_dir=self.log_dir)
@@ -295,6 +320,7 @@ class Compress(Operation):
             ramp_power=self.ramp_power,
             update_every=self.update_every,
             beta=self.beta,
+            task_weight=self.task_weight,
             distance=self.distance,
             step_rule=self.step_rule,
             learning_rate=self.learning_rate,

@@ -161,3 +161,14 @@ def test_no_data_and_none_carried_is_a_clear_error(trained):
     model, _, _ = trained
     with pytest.raises(ValueError, match="`data`"):
         Compress(0.5, verbose=0)(model)
+
+
+def test_task_weight_uses_labels_and_still_reaches_exact_sparsity(trained):
+    model, x, y = trained
+    op = Compress(0.8, data=(x, y), task_weight=1.0, epochs=1, batch_size=64, verbose=0,
+                  seed=0)
+    sparse = op(model)
+    assert projection.prunable_sparsity(sparse) == pytest.approx(0.8, abs=1e-3)
+    assert max(op.history["secondary_loss"]) > 0.0
+    with pytest.raises(ValueError, match="`task_weight`"):
+        Compress(0.5, task_weight=-1.0)
