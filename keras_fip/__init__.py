@@ -17,6 +17,11 @@ from keras_fip.engine.masks import masks  # noqa: E402
 from keras_fip.engine.masks import strip_masks  # noqa: E402
 from keras_fip.engine.path import Path  # noqa: E402
 from keras_fip.export import export  # noqa: E402
+from keras_fip.engine.trainer import FIPTrainer  # noqa: E402
+from keras_fip.operations import Chain  # noqa: E402
+from keras_fip.operations import Isofunctional  # noqa: E402
+from keras_fip.operations import Operation  # noqa: E402
+from keras_fip.operations import chain  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -29,4 +34,9 @@ __all__ = [
     "export",
     "masks",
     "strip_masks",
+    "FIPTrainer",
+    "Chain",
+    "Isofunctional",
+    "Operation",
+    "chain",
 ]

@@ -31,10 +31,10 @@ def _materialize(dataset, name):
     else:
         columns = [elements]
     combine = np.concatenate if is_batched else np.stack
-    return tuple(combine(column, axis=0) for column in columns)
+    return tuple(combine(column, axis=0) for column in columns), not is_batched
 
 
-def normalize_data(data, name="data", require_labels=False):
+def normalize_data(data, name="data", require_labels=False, example_shape=None):
     """Turns an array, an `(x, y)` tuple or a finite `tf.data.Dataset` into numpy arrays.
 
     Args:
@@ -43,6 +43,9 @@ def normalize_data(data, name="data", require_labels=False):
             batched or not.
         name: The argument name used in error messages. Defaults to `"data"`.
         require_labels: Whether `y` must be present. Defaults to `False`.
+        example_shape: The shape of one input example, if known. A dataset batched with
+            a static batch size (`drop_remainder=True`) is then un-batched. Defaults to
+            `None`.
 
     Returns:
         A tuple `(x, y)` of numpy arrays; `y` is `None` when there are no labels.
@@ -53,8 +56,9 @@ def normalize_data(data, name="data", require_labels=False):
     >>> x.shape, y.tolist()
     ((4, 2), [0, 1, 2, 3])
     """
+    maybe_batched = False
     if isinstance(data, tf.data.Dataset):
-        data = _materialize(data, name)
+        data, maybe_batched = _materialize(data, name)
     if isinstance(data, list) and data and all(hasattr(d, "shape") for d in data):
         data = tuple(data)
     if isinstance(data, tuple):
@@ -73,6 +77,16 @@ def normalize_data(data, name="data", require_labels=False):
         raise ValueError(
             f"`{name}` must hold an array of inputs. Received: {name}={_describe(x)}"
         ) from error
+    if (
+        maybe_batched
+        and example_shape is not None
+        and x.ndim == len(example_shape) + 2
+        and all(e is None or e == r for e, r in zip(example_shape, x.shape[2:]))
+    ):
+        x = x.reshape((-1,) + x.shape[2:])
+        if y is not None:
+            y = np.asarray(y)
+            y = y.reshape((-1,) + y.shape[2:])
     if x.ndim < 1 or x.shape[0] == 0 or not np.issubdtype(x.dtype, np.number):
         raise ValueError(
             f"`{name}` must hold a non-empty numeric array of inputs with a batch axis. "
@@ -101,6 +115,17 @@ def normalize_data(data, name="data", require_labels=False):
             f"labels. Received: {name}={_describe(x)} without labels"
         )
     return x, y
+
+
+def model_example_shape(model):
+    """The shape of one input example of a single-input model, or `None` if unknown."""
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        return None
+    if not inputs or len(inputs) != 1:
+        return None
+    return tuple(inputs[0].shape[1:])
 
 
 def check_inputs_match_model(model, x, name="data"):
@@ -229,11 +254,14 @@ def fip_dataset(
     secondary_batch_size = secondary_batch_size or batch_size
 
     # Validate everything before any work.
-    anchor_x, _ = normalize_data(anchor, name="anchor")
+    example_shape = model_example_shape(model)
+    anchor_x, _ = normalize_data(anchor, name="anchor", example_shape=example_shape)
     check_inputs_match_model(model, anchor_x, name="anchor")
     anchor_x = _cast_inputs(model, anchor_x)
     if secondary is not None:
-        secondary_x, secondary_y = normalize_data(secondary, name="secondary")
+        secondary_x, secondary_y = normalize_data(
+            secondary, name="secondary", example_shape=example_shape
+        )
         check_inputs_match_model(model, secondary_x, name="secondary")
         secondary_x = _cast_inputs(model, secondary_x)
 

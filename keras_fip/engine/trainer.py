@@ -79,7 +79,7 @@ class FIPTrainer(keras.Model):
     over replicas: `distance` (D), `secondary_loss` (L), `step_norm` (‖Δw‖),
     `distance_from_start` (‖w − w₀‖), `finite` (1.0 if the objective and the weights are
     finite; `walk` then stops and puts the model back on the previous point) and
-    `accuracy` when L is a supervised loss.
+    `accuracy` (on the secondary batch) when L is a cross-entropy.
     Create and compile it under the `tf.distribute` strategy scope it should run in.
 
     Args:
@@ -247,11 +247,6 @@ class FIPTrainer(keras.Model):
         self._reports_accuracy = loss_fn is not None and "crossentropy" in str(
             getattr(loss_fn, "name", getattr(loss_fn, "__name__", ""))
         )
-        if self._reports_accuracy:
-            self.accuracy_metric = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-            self.categorical_accuracy_metric = keras.metrics.CategoricalAccuracy(
-                name="accuracy"
-            )
         self.built = True
 
     def call(self, inputs, training=False):
@@ -334,16 +329,15 @@ class FIPTrainer(keras.Model):
             and anchor_inputs.shape[1:].is_fully_defined()
         )
 
-    def _update_accuracy(self, labels, outputs):
-        """Updates the accuracy matching the label format; returns its running value."""
+    def _batch_accuracy(self, labels, outputs):
+        """Accuracy on this batch (labels as class indices or one-hot), or `None`."""
         if not self._reports_accuracy:
             return None
         if labels.shape.rank == outputs.shape.rank:
-            metric = self.categorical_accuracy_metric
-        else:
-            metric = self.accuracy_metric
-        metric.update_state(labels, outputs)
-        return metric.result()
+            labels = tf.argmax(labels, axis=-1)
+        predictions = tf.argmax(outputs, axis=-1, output_type=tf.int64)
+        labels = tf.cast(tf.reshape(labels, tf.shape(predictions)), tf.int64)
+        return tf.reduce_mean(tf.cast(tf.equal(predictions, labels), "float32"))
 
     def _supervised_loss(self, labels, outputs):
         """The Keras loss as a per-replica batch mean (Keras divides it by the replicas)."""
@@ -355,7 +349,7 @@ class FIPTrainer(keras.Model):
         if self._loss_fn is not None:
             inputs, labels = secondary[0], secondary[1]
             outputs = self.network(inputs, training=False)
-            accuracy = self._update_accuracy(labels, outputs)
+            accuracy = self._batch_accuracy(labels, outputs)
             return self._supervised_loss(labels, outputs), accuracy
         if self.secondary_objective is not None:
             value = self.secondary_objective(self.network, secondary)
@@ -382,7 +376,7 @@ class FIPTrainer(keras.Model):
                 )
                 anchor_outputs = outputs[:anchor_size]
                 secondary_outputs = outputs[anchor_size:]
-                accuracy = self._update_accuracy(secondary[1], secondary_outputs)
+                accuracy = self._batch_accuracy(secondary[1], secondary_outputs)
                 secondary_value = self._supervised_loss(secondary[1], secondary_outputs)
             else:
                 anchor_outputs = None
@@ -409,7 +403,13 @@ class FIPTrainer(keras.Model):
             )
         pack_dtype = gradients[0].dtype
         scalars = [
-            tf.cast(value, pack_dtype) for value in (objective, distance, secondary_value)
+            tf.cast(value, pack_dtype)
+            for value in (
+                objective,
+                distance,
+                secondary_value,
+                0.0 if accuracy is None else accuracy,
+            )
         ]
         if self.step_rule == "penalty":
             reduced = step_rules.all_reduce_mean(scalars)
@@ -417,9 +417,9 @@ class FIPTrainer(keras.Model):
             reduced = step_rules.all_reduce_mean(
                 scalars + [g * replicas for g in gradients]
             )
-            gradients = reduced[3:]
-        objective_mean, distance_mean, secondary_mean = [
-            tf.cast(value, "float32") for value in reduced[:3]
+            gradients = reduced[4:]
+        objective_mean, distance_mean, secondary_mean, accuracy_mean = [
+            tf.cast(value, "float32") for value in reduced[:4]
         ]
 
         # Step rule.
@@ -475,7 +475,7 @@ class FIPTrainer(keras.Model):
         if self.metric_length:
             logs["metric_length"] = self._metric_length.value
         if accuracy is not None:
-            logs["accuracy"] = accuracy
+            logs["accuracy"] = accuracy_mean
         return logs
 
     # Walking.

@@ -20,9 +20,13 @@ class Chain(Operation):
 
     Example:
 
-    >>> both = Chain([Operation.__new__(Operation)]) if False else None
-    >>> both is None
-    True
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> x = np.random.rand(16, 4).astype("float32")
+    >>> walk = Isofunctional(data=x, steps=2, batch_size=8, verbose=0)
+    >>> both = Chain([walk, Isofunctional.from_config(walk.get_config())])
+    >>> moved = both(model)
+    >>> len(both.paths), moved is model
+    (2, False)
     """
 
     def __init__(self, operations, **kwargs):
@@ -84,8 +88,7 @@ def chain(*operations, **kwargs):
 
     Example:
 
-    >>> import keras_fip
-    >>> walk = keras_fip.Isofunctional(data=np.zeros((8, 2), "float32"), steps=1)
+    >>> walk = Isofunctional(data=np.zeros((8, 2), "float32"), steps=1)
     >>> isinstance(chain(walk, walk), Operation)
     True
     """

@@ -99,8 +99,8 @@ class Isofunctional(Operation):
     >>> walk = Isofunctional(data=x, steps=5, epsilon=0.01, batch_size=8, seed=0,
     ...                      verbose=0)
     >>> moved = walk(model)
-    >>> round(walk.history["distance_from_start"][-1], 3)
-    0.05
+    >>> [round(length, 6) for length in walk.history["step_norm"]]
+    [0.01, 0.01, 0.01, 0.01, 0.01]
     """
 
     def __init__(

@@ -322,3 +322,10 @@ def test_data_adapter_rejects_bad_data_before_work():
     element = next(iter(fip_dataset(model, dataset, secondary=dataset, batch_size=4)))
     assert element["anchor_inputs"].shape == (4, 4)
     assert element["secondary"][1].shape == (4,)
+    # Batched with a static batch size, unbatched and repeated: the same examples.
+    for source in (dataset, tf.data.Dataset.from_tensor_slices((x, y)).batch(8, drop_remainder=True),
+                   tf.data.Dataset.from_tensor_slices((x, y))):
+        batch = next(iter(fip_dataset(model, source, secondary=source, batch_size=32,
+                                      shuffle=False)))
+        np.testing.assert_array_equal(batch["anchor_inputs"], x)
+        np.testing.assert_array_equal(batch["secondary"][1], y)
