@@ -4,7 +4,8 @@ Trains (or loads the cached) LeNet-300-100 on MNIST, walks it with `keras_fip.Is
 (the `metric` rule: each step solves `(g + δI) θ = β u` by conjugate gradient for a fixed
 random unit direction u, on anchor batches of MNIST training images, and rescales θ to
 length ε) and prints one JSON line: the Euclidean distance moved, the path length, and the
-MNIST test accuracy before and after.
+MNIST test accuracy before and after, next to the accuracy of the naive move: the same
+Euclidean distance straight along u.
 
 Example:
 
@@ -20,6 +21,7 @@ import numpy as np
 
 import keras_fip
 from keras_fip.models.training import base_network
+from keras_fip.operations.isofunctional import random_direction
 
 
 def _accuracy(model, x, y):
@@ -29,10 +31,11 @@ def _accuracy(model, x, y):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--epsilon", type=float, default=0.05)
     parser.add_argument("--step_rule", default="metric")
     parser.add_argument("--push", default="random")
+    parser.add_argument("--beta", type=float, default=1.0)
     parser.add_argument("--damping", type=float, default=1e-3)
     parser.add_argument("--cg_iterations", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=256)
@@ -53,6 +56,7 @@ def main(argv=None):
         epsilon=args.epsilon,
         step_rule=args.step_rule,
         push=args.push,
+        beta=args.beta,
         damping=args.damping,
         cg_iterations=args.cg_iterations,
         batch_size=args.batch_size,
@@ -74,6 +78,14 @@ def main(argv=None):
         )
     )
     accuracy_after = _accuracy(moved, x_test, y_test)
+
+    # Baseline: the same Euclidean distance straight along the push direction u.
+    straight = keras_fip.engine.copy_model(model)
+    if args.push == "random":
+        direction = random_direction(model, seed=args.seed)
+        for variable, piece in zip(straight.trainable_variables, direction):
+            variable.assign(variable.numpy() + distance * piece)
+    accuracy_straight = _accuracy(straight, x_test, y_test)
     print(
         json.dumps(
             {
@@ -84,6 +96,7 @@ def main(argv=None):
                 "push": args.push,
                 "steps": args.steps,
                 "epsilon": args.epsilon,
+                "beta": args.beta,
                 "batch_size": args.batch_size,
                 "euclidean_distance": round(distance, 4),
                 "euclidean_path_length": round(walk.path.length(), 4),
@@ -93,6 +106,7 @@ def main(argv=None):
                 "test_accuracy_before": accuracy_before,
                 "test_accuracy_after": accuracy_after,
                 "accuracy_change_pp": round(100 * (accuracy_after - accuracy_before), 3),
+                "straight_line_same_distance_accuracy": accuracy_straight,
                 "final_anchor_distance": round(walk.history["distance"][-1], 6),
                 "walk_seconds": round(seconds, 2),
                 "base_test_accuracy": base["test/accuracy"],
