@@ -9,6 +9,7 @@ import os as _os
 
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+from keras_fip import baselines  # noqa: E402
 from keras_fip import data  # noqa: E402
 from keras_fip import geometry  # noqa: E402
 from keras_fip import models  # noqa: E402
@@ -16,27 +17,32 @@ from keras_fip.engine.masks import MaskedOptimizer  # noqa: E402
 from keras_fip.engine.masks import masks  # noqa: E402
 from keras_fip.engine.masks import strip_masks  # noqa: E402
 from keras_fip.engine.path import Path  # noqa: E402
-from keras_fip.export import export  # noqa: E402
 from keras_fip.engine.trainer import FIPTrainer  # noqa: E402
+from keras_fip.export import export  # noqa: E402
 from keras_fip.operations import Chain  # noqa: E402
+from keras_fip.operations import Compress  # noqa: E402
 from keras_fip.operations import Isofunctional  # noqa: E402
 from keras_fip.operations import Operation  # noqa: E402
 from keras_fip.operations import chain  # noqa: E402
+from keras_fip.operations import shrink  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "baselines",
     "data",
     "geometry",
     "models",
+    "Chain",
+    "Compress",
+    "FIPTrainer",
+    "Isofunctional",
     "MaskedOptimizer",
+    "Operation",
     "Path",
+    "chain",
     "export",
     "masks",
+    "shrink",
     "strip_masks",
-    "FIPTrainer",
-    "Chain",
-    "Isofunctional",
-    "Operation",
-    "chain",
 ]

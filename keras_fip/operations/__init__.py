@@ -7,3 +7,5 @@ from keras_fip.operations.base import check_model
 from keras_fip.operations.chain import Chain
 from keras_fip.operations.chain import chain
 from keras_fip.operations.isofunctional import Isofunctional
+from keras_fip.operations.compress import Compress
+from keras_fip.operations.shrink import shrink
