@@ -323,6 +323,12 @@ class FIPTrainer(keras.Model):
         secondary_inputs = secondary[0]
         if not (tf.is_tensor(anchor_inputs) and tf.is_tensor(secondary_inputs)):
             return False
+        try:
+            single_output = len(self.network.outputs) == 1
+        except (AttributeError, TypeError, ValueError):
+            single_output = False  # Subclassed models: the outputs are not known ahead.
+        if not single_output:
+            return False
         return (
             anchor_inputs.dtype == secondary_inputs.dtype
             and anchor_inputs.shape[1:] == secondary_inputs.shape[1:]
