@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 # Two logical CPU devices so `tf.distribute.MirroredStrategy` tests run on one CPU.
@@ -17,3 +18,13 @@ try:
     )
 except RuntimeError:  # Devices already initialised by an earlier import.
     pass
+
+
+@pytest.fixture(scope="session")
+def mirrored_strategy():
+    """The one `MirroredStrategy` over the two logical CPUs that every test shares.
+
+    Several MirroredStrategy objects in one process collide on collective-op keys (a
+    "shape mismatch in the collective instance" error), so tests never create their own.
+    """
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

@@ -455,8 +455,8 @@ def test_subclassed_model_masks_warn_and_keep_zeros_through_keras_files(tmp_path
     _assert_same_masks_in_order(loaded, expected)
 
 
-def test_masked_optimizer_under_mirrored_strategy_keeps_zeros():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def test_masked_optimizer_under_mirrored_strategy_keeps_zeros(mirrored_strategy):
+    strategy = mirrored_strategy
     with strategy.scope():
         model = _functional()
         # Explicit masks and no constraints: only the wrapper keeps the zeros.

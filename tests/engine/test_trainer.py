@@ -131,9 +131,9 @@ def test_masks_exactly_zero_after_100_steps(step_rule):
 
 
 @pytest.fixture(scope="module")
-def mirrored():
+def mirrored(mirrored_strategy):
     # One strategy per process: several MirroredStrategy objects collide on collective keys.
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    return mirrored_strategy
 
 
 def _walk(strategy, template, step_rule, reference, x, y, steps=5):

@@ -110,14 +110,14 @@ def test_output_jvp_matches_finite_difference(mlp_problem):
     np.testing.assert_allclose(jvp, difference, rtol=1e-4, atol=1e-6)
 
 
-def test_mirrored_strategy_gives_same_matvec():
+def test_mirrored_strategy_gives_same_matvec(mirrored_strategy):
     inputs = np.random.default_rng(6).uniform(size=(11, 5, 5, 1))
     reference_model = tiny_conv_bn()
     reference = MetricOperator(reference_model, inputs, batch_size=4)
     vector = np.random.default_rng(7).normal(size=reference.num_params)
     expected = reference.matvec(vector)
 
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored_strategy
     assert strategy.num_replicas_in_sync == 2
     with strategy.scope():
         model = tiny_conv_bn()
