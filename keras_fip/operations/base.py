@@ -249,6 +249,28 @@ class Operation:
             )
         return value
 
+    def check_path_options(self, record_every, path_directory, seed):
+        """Validates the arguments every walking operation takes; returns them checked.
+
+        Args:
+            record_every: Record the weights every this many steps (a positive integer).
+            path_directory: Directory to stream the path to, or `None`.
+            seed: A non-negative integer seed, or `None`.
+
+        Returns:
+            A tuple `(record_every, path_directory, seed)`.
+        """
+        record_every = self.check_number(record_every, "record_every", low=1,
+                                         low_inclusive=True, integer=True)
+        if path_directory is not None and not isinstance(path_directory, str):
+            raise ValueError(
+                "`path_directory` must be a string path or None. "
+                f"Received: path_directory={path_directory!r}"
+            )
+        if seed is not None:
+            seed = self.check_number(seed, "seed", low=0, low_inclusive=True, integer=True)
+        return record_every, path_directory, seed
+
     # Calling.
 
     def __call__(self, model):

@@ -217,18 +217,10 @@ class Compress(Operation):
         self.include_biases = bool(include_biases)
         self.include_normalization = bool(include_normalization)
         self.include_embeddings = bool(include_embeddings)
-        self.record_every = self.check_number(record_every, "record_every", low=1,
-                                              low_inclusive=True, integer=True)
-        if path_directory is not None and not isinstance(path_directory, str):
-            raise ValueError(
-                "`path_directory` must be a string path or None. "
-                f"Received: path_directory={path_directory!r}"
-            )
-        self.path_directory = path_directory
+        self.record_every, self.path_directory, self.seed = self.check_path_options(
+            record_every, path_directory, seed
+        )
         self.jit_compile = bool(jit_compile)
-        if seed is not None:
-            seed = self.check_number(seed, "seed", low=0, low_inclusive=True, integer=True)
-        self.seed = seed
 
     def _optimizer(self, steps, penalty):
         if not penalty:

@@ -149,19 +149,10 @@ class Isofunctional(Operation):
         self.batch_size = self.check_number(
             batch_size, "batch_size", low=1, low_inclusive=True, integer=True
         )
-        self.record_every = self.check_number(
-            record_every, "record_every", low=1, low_inclusive=True, integer=True
+        self.record_every, self.path_directory, self.seed = self.check_path_options(
+            record_every, path_directory, seed
         )
-        if path_directory is not None and not isinstance(path_directory, str):
-            raise ValueError(
-                "`path_directory` must be a string path or None. "
-                f"Received: path_directory={path_directory!r}"
-            )
-        self.path_directory = path_directory
         self.jit_compile = bool(jit_compile)
-        if seed is not None:
-            seed = self.check_number(seed, "seed", low=0, low_inclusive=True, integer=True)
-        self.seed = seed
 
     def call(self, model):
         anchor = self.resolve_data(self.data, model)
