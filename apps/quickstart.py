@@ -7,8 +7,8 @@ do:
   test accuracy stays put, where a random perturbation of the same size destroys it;
 - the metric tensor g of the trained network: its trace and the fraction ρ of vulnerable
   directions (most directions are resilient, which is why FIPs exist);
-- sparsifying to 90%: the FIP operations against gradual magnitude pruning (tfmot's
-  schedule, native Keras 3) and one-shot pruning with fine-tuning.
+- sparsifying to 90%: `keras_fip.Compress` against gradual magnitude pruning (tfmot's
+  schedule, native Keras 3) and one-shot pruning with fine-tuning, same epoch budget.
 
 Prints the table and writes `results.json`, `config.json` and `summary.png` to
 `--output_dir` (default `runs/quickstart`).
@@ -97,7 +97,13 @@ def run(output_dir, seed, walk_steps, sparsity, epochs=30):
 
     # Sparsify: baselines on the same data and epoch budget
     prune_epochs = 10
+
+    def compress(model, sparsity, x, y, epochs, batch_size, learning_rate):
+        return keras_fip.Compress(sparsity, data=(x, y), epochs=epochs, batch_size=batch_size,
+                                  learning_rate=learning_rate, seed=seed, verbose=0)(model)
+
     for label, method in (
+        ("FIP Compress", compress),
         ("gradual magnitude pruning (tfmot schedule)", baselines.gradual_magnitude_pruning),
         ("one-shot magnitude pruning + fine-tune", baselines.one_shot_magnitude_pruning),
     ):
@@ -116,7 +122,7 @@ def run(output_dir, seed, walk_steps, sparsity, epochs=30):
         "geometry/num_params": int(metric.num_params),
     }
     for label, accuracy, zeros, distance, seconds in rows[3:]:
-        key = label.split(" ")[0].replace("-", "_")
+        key = "fip" if label.startswith("FIP") else label.split(" ")[0].replace("-", "_")
         results[f"{key}/{sparsity * 100:g}/test/accuracy"] = accuracy
         results[f"{key}/{sparsity * 100:g}/sparsity"] = zeros
         results[f"{key}/{sparsity * 100:g}/wall_time_seconds"] = seconds

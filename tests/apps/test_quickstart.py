@@ -20,4 +20,6 @@ def test_quickstart_runs_and_shows_the_fip_walk_keeping_function(tmp_path, capsy
     assert results["random_perturbation/test/accuracy"] < results["walk/test/accuracy"] - 0.05
     assert 0.0 < results["geometry/rho"] < 1.0
     assert abs(results["gradual/90/sparsity"] - 0.9) < 1e-3  # per-layer rounding
+    assert abs(results["fip/90/sparsity"] - 0.9) < 1e-3
+    assert results["fip/90/test/accuracy"] > 0.8
     assert "trained MLP (base)" in capsys.readouterr().out
