@@ -4,35 +4,44 @@ Every method starts from the same trained base network (one per seed, cached) an
 same epoch budget on the same training data:
 
 - `fip`: `keras_fip.Compress` (pull along a FIP towards the sparse projection, then settle);
-- `gradual`: gradual magnitude pruning with tfmot's PolynomialDecay schedule, native Keras 3
-  (`--gradual_scope=global` by default: one ranking over all layers, the stronger baseline at
-  high sparsity; `per_layer` is tfmot's own behaviour);
+- `gradual`: gradual magnitude pruning with tfmot's PolynomialDecay schedule, native Keras 3,
+  one ranking over all layers (global: the stronger baseline at high sparsity);
+- `gradual_per_layer`: the same with each layer pruned to the target (tfmot's behaviour);
 - `oneshot`: one-shot magnitude pruning, then fine-tuning with the mask fixed;
-- `lth`: iterative magnitude pruning with rewinding (lottery ticket), `--lth_rounds` rounds;
-- `tfmot`: the real tfmot (`prune_low_magnitude`, per layer) in a separate tf_keras process,
-  to cross-check the native gradual baseline (needs the `baselines` extra).
+- `lth`: iterative magnitude pruning with rewinding (lottery ticket), `--lth_rounds` rounds
+  sharing the budget;
+- `tfmot`: the real tfmot (`prune_low_magnitude`, per layer, the same schedule) in a separate
+  tf_keras process, to cross-check `gradual_per_layer` (needs the `baselines` extra; skipped
+  with a warning when it is missing).
+
+The budget is `--epochs` (20 unless given) for every method. Jobs run in `--workers`
+processes side by side.
 
 Writes `results.json` (per method and sparsity: mean and std of test accuracy over seeds,
-measured sparsity, epochs, wall time; keys like `"fip/99.1/test/accuracy"`), `config.json`,
+measured sparsity, epochs, wall time; keys like `"fip/99.1/test/accuracy"`; FIP's margin over
+`gradual` and the `gradual_per_layer` − `tfmot` gap per sparsity), `config.json`,
 `accuracy_vs_sparsity.png`, `layer_sparsity.png`, and the sparsest FIP model as a SavedModel
 in `serving/`.
 
 Example (LeNet-300-100 on MNIST, the paper's setting):
 
-    python -m apps.compress --sparsities=90,95,98,99.1,99.4 \
-        --methods=fip,gradual,oneshot,lth --seeds=0,1,2 --epochs=10
+    python -m apps.compress        # all methods, 90-99.4%, seeds 0,1,2, 20 epochs
 
 ResNet-20 on CIFAR-10 (on machines without the full set this uses the local subset and says
 so in `results.json`): `--model=resnet20 --dataset=cifar10`. On a GPU/TPU host add
-`--strategy=mirrored` (or `tpu`) and a larger `--batch_size`.
+`--workers=1 --strategy=mirrored` (or `tpu`) and a larger `--batch_size`; on a many-core CPU
+host raise `--workers`.
 """
 
+import multiprocessing
 import os
 import time
+from concurrent import futures
 
 import numpy as np
 from absl import app
 from absl import flags
+from absl import logging
 
 import keras_fip
 from apps import common
@@ -42,27 +51,30 @@ from keras_fip import models
 from keras_fip.engine import projection
 from keras_fip.operations.compress import Compress
 
-METHODS = ("fip", "gradual", "oneshot", "lth", "tfmot")
+METHODS = ("fip", "gradual", "gradual_per_layer", "oneshot", "lth", "tfmot")
+DEFAULT_EPOCHS = 20
 
 # Sweep
 flags.DEFINE_list("sparsities", ["90", "95", "98", "99.1", "99.4"],
                   "Target sparsities, in percent of the prunable weights.")
-flags.DEFINE_list("methods", ["fip", "gradual", "oneshot", "lth"],
-                  f"Methods among {list(METHODS)}.")
+flags.DEFINE_list("methods", list(METHODS), f"Methods among {list(METHODS)}.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: each trains its own base network.")
+flags.DEFINE_integer("workers", 2, "Processes running (method, sparsity, seed) jobs side by "
+                     "side (a LeNet job keeps about one core busy). Use 1 with "
+                     "`--strategy` other than default.", lower_bound=1)
 
 # Method settings
 flags.DEFINE_float("prune_learning_rate", 3e-3, "Initial Adam learning rate of every "
                    "method (cosine-decayed over its budget).", lower_bound=0.0)
 flags.DEFINE_integer("base_epochs", 10, "Epochs of the base network.", lower_bound=1)
-flags.DEFINE_enum("gradual_scope", "global", ["global", "per_layer"],
-                  "Scope of the native gradual baseline.")
 flags.DEFINE_integer("lth_rounds", 3, "Pruning rounds of the lottery-ticket baseline.",
                      lower_bound=1)
 flags.DEFINE_enum("fip_structure", "unstructured", list(projection.STRUCTURES),
                   "Structure of the FIP masks.")
 
 FLAGS = flags.FLAGS
+
+_DATA = {}
 
 
 def _percent_list(values):
@@ -75,65 +87,114 @@ def _percent_list(values):
     return percents
 
 
+def _load(dataset, data_dir):
+    """Train and test splits, loaded once per process."""
+    if (dataset, data_dir) not in _DATA:
+        _DATA[dataset, data_dir] = (data.load(dataset, "train", data_dir),
+                                    data.load(dataset, "test", data_dir))
+    return _DATA[dataset, data_dir]
+
+
 def prune(method, base, sparsity, x, y, x_test, y_test, epochs, batch_size, learning_rate,
-          seed):
-    """Runs one method; returns `(model, extras)` where extras may hold per-layer figures."""
+          seed, lth_rounds=3, fip_structure="unstructured"):
+    """Runs one method; returns the pruned model (a new one: `base` is not changed)."""
     if method == "fip":
-        op = Compress(sparsity, data=(x, y), structure=FLAGS.fip_structure, epochs=epochs,
-                      batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                      verbose=0)
-        return op(base), {"layer_sparsity": op.history["layer_sparsity"]}
+        return Compress(sparsity, data=(x, y), structure=fip_structure, epochs=epochs,
+                        batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                        verbose=0)(base)
     common_args = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate)
-    if method == "gradual":
-        return baselines.gradual_magnitude_pruning(base, sparsity, x, y,
-                                                   scope=FLAGS.gradual_scope,
-                                                   **common_args), {}
+    if method in ("gradual", "gradual_per_layer"):
+        scope = "global" if method == "gradual" else "per_layer"
+        return baselines.gradual_magnitude_pruning(base, sparsity, x, y, scope=scope,
+                                                   **common_args)
     if method == "oneshot":
-        return baselines.one_shot_magnitude_pruning(base, sparsity, x, y, **common_args), {}
+        return baselines.one_shot_magnitude_pruning(base, sparsity, x, y, **common_args)
     if method == "lth":
-        return baselines.lottery_ticket(base, sparsity, x, y, rounds=FLAGS.lth_rounds,
-                                        **common_args), {}
+        return baselines.lottery_ticket(base, sparsity, x, y, rounds=lth_rounds,
+                                        **common_args)
     if method == "tfmot":
         pruned, _ = baselines.tfmot_gradual_pruning(base, sparsity, x, y, x_test, y_test,
                                                     seed=seed, **common_args)
-        return pruned, {}
+        return pruned
     raise ValueError(f"`--methods` must be among {list(METHODS)}. Received: {method!r}")
 
 
-def _layer_sparsity(model):
-    return {v.path: float(np.mean(v.numpy() == 0)) for v in
-            projection.prunable_variables(model)}
+def run_job(job):
+    """One (method, sparsity, seed): prunes the cached base network and measures it.
+
+    Runs in the app's process or in a worker process (`--workers`); the job is a plain
+    dict so that it crosses process boundaries. Saves the pruned model to
+    `job["save_path"]` when one is given.
+    """
+    (x, y), (x_test, y_test) = _load(job["dataset"], job["data_dir"])
+    base, _ = models.base_network(job["model"], job["dataset"], epochs=job["base_epochs"],
+                                  seed=job["seed"], data_dir=job["data_dir"],
+                                  cache_dir=job["cache_dir"])
+    common.set_seed(job["seed"])
+    start = time.perf_counter()
+    pruned = prune(job["method"], base, job["percent"] / 100.0, x, y, x_test, y_test,
+                   job["epochs"], job["batch_size"], job["learning_rate"], job["seed"],
+                   job["lth_rounds"], job["fip_structure"])
+    seconds = time.perf_counter() - start
+    if job.get("save_path"):
+        pruned.save(job["save_path"])
+    return {
+        **job,
+        "accuracy": models.evaluate_classifier(pruned, x_test, y_test)["accuracy"],
+        "sparsity": projection.prunable_sparsity(pruned),
+        "seconds": seconds,
+        "layer_sparsity": {v.path: float(np.mean(v.numpy() == 0))
+                           for v in projection.prunable_variables(pruned)},
+    }
 
 
-def sweep(methods, percents, seeds, epochs, batch_size, learning_rate, strategy):
+def _run_all(jobs, workers, strategy):
+    """Yields the results of `jobs` as they finish, in this process or in `workers`."""
+    if workers == 1:
+        for job in jobs:
+            with strategy.scope():
+                yield run_job(job)
+        return
+    context = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        pending = [pool.submit(run_job, job) for job in jobs]
+        for done in futures.as_completed(pending):
+            yield done.result()
+
+
+def sweep(methods, percents, seeds, epochs, batch_size, learning_rate, strategy, workers,
+          output_dir):
     """Runs every (method, sparsity, seed); returns `(results, layer_figures, sparsest)`."""
     info = data.info(FLAGS.dataset, FLAGS.data_dir)
-    x, y = data.load(FLAGS.dataset, "train", FLAGS.data_dir)
-    x_test, y_test = data.load(FLAGS.dataset, "test", FLAGS.data_dir)
-    runs, layer_figures, sparsest = {}, {}, None
+    runs, layer_figures = {}, {}
+    jobs = []
     for seed in seeds:
-        base, base_results = models.base_network(
+        # Train (or load) the base networks here, so that workers only read the cache.
+        _, base_results = models.base_network(
             FLAGS.model, FLAGS.dataset, epochs=FLAGS.base_epochs, seed=seed,
             data_dir=FLAGS.data_dir, cache_dir=FLAGS.cache_dir, strategy=strategy)
         runs.setdefault("base", {}).setdefault(0.0, []).append(
             (base_results["test/accuracy"], 0.0, base_results["train/wall_time_seconds"]))
         for method in methods:
             for percent in percents:
-                common.set_seed(seed)
-                start = time.perf_counter()
-                with strategy.scope():
-                    pruned, extras = prune(method, base, percent / 100.0, x, y, x_test,
-                                           y_test, epochs, batch_size, learning_rate, seed)
-                seconds = time.perf_counter() - start
-                accuracy = models.evaluate_classifier(pruned, x_test, y_test)["accuracy"]
-                measured = projection.prunable_sparsity(pruned)
-                runs.setdefault(method, {}).setdefault(percent, []).append(
-                    (accuracy, measured, seconds))
-                layer_figures.setdefault(method, {})[percent] = _layer_sparsity(pruned)
-                print(f"seed {seed} {method:>8} {percent:>5}%: test accuracy {accuracy:.4f} "
-                      f"(sparsity {measured:.4f}, {seconds:.0f} s)", flush=True)
-                if method == "fip" and (sparsest is None or percent >= sparsest[0]):
-                    sparsest = (percent, pruned)
+                sparsest = method == "fip" and percent == max(percents) and seed == seeds[0]
+                jobs.append(dict(
+                    model=FLAGS.model, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
+                    cache_dir=FLAGS.cache_dir, base_epochs=FLAGS.base_epochs, seed=seed,
+                    method=method, percent=percent, epochs=epochs, batch_size=batch_size,
+                    learning_rate=learning_rate, lth_rounds=FLAGS.lth_rounds,
+                    fip_structure=FLAGS.fip_structure,
+                    save_path=(os.path.join(output_dir, "sparsest_fip.keras")
+                               if sparsest else None),
+                ))
+    for result in _run_all(jobs, workers, strategy):
+        method, percent = result["method"], result["percent"]
+        runs.setdefault(method, {}).setdefault(percent, []).append(
+            (result["accuracy"], result["sparsity"], result["seconds"]))
+        layer_figures.setdefault(method, {})[percent] = result["layer_sparsity"]
+        print(f"seed {result['seed']} {method:>17} {percent:>5}%: test accuracy "
+              f"{result['accuracy']:.4f} (sparsity {result['sparsity']:.4f}, "
+              f"{result['seconds']:.0f} s)", flush=True)
     results = {"dataset/subset": bool(info["subset"]), "epochs": epochs}
     for method, by_percent in runs.items():
         for percent, values in by_percent.items():
@@ -145,7 +206,15 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rate, strategy)
             results[f"{key}/wall_time_seconds"] = float(seconds.mean())
             results[f"{key}/epochs"] = epochs if method != "base" else FLAGS.base_epochs
             results[f"{key}/num_seeds"] = len(accuracies)
-    return results, layer_figures, sparsest
+    for percent in percents:
+        def mean(method):
+            return results.get(f"{method}/{percent:g}/test/accuracy")
+        if mean("fip") is not None and mean("gradual") is not None:
+            results[f"fip/{percent:g}/margin_over_gradual"] = mean("fip") - mean("gradual")
+        if mean("tfmot") is not None and mean("gradual_per_layer") is not None:
+            results[f"tfmot/{percent:g}/gap_to_gradual_per_layer"] = (
+                mean("gradual_per_layer") - mean("tfmot"))
+    return results, layer_figures
 
 
 def plot(results, layer_figures, methods, percents, output_dir):
@@ -189,26 +258,45 @@ def main(argv):
     percents = _percent_list(FLAGS.sparsities)
     methods = [common.check_choice(m, "methods", METHODS) for m in FLAGS.methods]
     seeds = [int(s) for s in FLAGS.seeds]
+    epochs = DEFAULT_EPOCHS if FLAGS["epochs"].using_default_value else FLAGS.epochs
+    if FLAGS.workers > 1 and FLAGS.strategy != "default":
+        raise ValueError(
+            "`--workers` above 1 runs jobs in separate processes, which cannot share a "
+            f"`--strategy`. Received: workers={FLAGS.workers}, strategy={FLAGS.strategy!r}"
+        )
+    skipped = {}
+    if "tfmot" in methods and not baselines.tfmot_available():
+        logging.warning("tensorflow-model-optimization or tf_keras is missing (install the "
+                        "`baselines` extra); skipping the `tfmot` cross-check.")
+        methods.remove("tfmot")
+        skipped["tfmot/skipped"] = "tensorflow-model-optimization or tf_keras not installed"
     output_dir = common.output_dir("compress")
+    os.makedirs(output_dir, exist_ok=True)
     strategy = common.get_strategy(FLAGS.strategy)
     start = time.perf_counter()
-    results, layer_figures, sparsest = sweep(methods, percents, seeds, FLAGS.epochs,
-                                             FLAGS.batch_size, FLAGS.prune_learning_rate,
-                                             strategy)
+    results, layer_figures = sweep(methods, percents, seeds, epochs, FLAGS.batch_size,
+                                   FLAGS.prune_learning_rate, strategy, FLAGS.workers,
+                                   output_dir)
+    results.update(skipped)
     results["wall_time_seconds"] = time.perf_counter() - start
-    config = common.flag_values(("model", "dataset", "epochs", "batch_size", "sparsities",
-                                 "methods", "seeds", "prune_learning_rate", "base_epochs",
-                                 "gradual_scope", "lth_rounds", "fip_structure", "strategy"))
+    config = common.flag_values(("model", "dataset", "batch_size", "sparsities", "methods",
+                                 "seeds", "workers", "prune_learning_rate", "base_epochs",
+                                 "lth_rounds", "fip_structure", "strategy"))
+    config["epochs"] = epochs
     common.write_json(output_dir, "config.json", config)
     common.write_json(output_dir, "results.json", results)
     plot(results, layer_figures, methods, percents, output_dir)
-    if sparsest is not None:
-        keras_fip.export(sparsest[1], os.path.join(output_dir, "serving"))
-    print(f"\n{'sparsity':>9}" + "".join(f"{m:>16}" for m in methods))
+    sparsest_path = os.path.join(output_dir, "sparsest_fip.keras")
+    if "fip" in methods:
+        import keras
+
+        sparsest = keras.saving.load_model(sparsest_path)
+        keras_fip.export(sparsest, os.path.join(output_dir, "serving"))
+    print(f"\n{'sparsity':>9}" + "".join(f"{m:>19}" for m in methods))
     for percent in percents:
         cells = "".join(
-            f"{results[f'{m}/{percent:g}/test/accuracy']:>10.4f}±"
-            f"{results[f'{m}/{percent:g}/test/accuracy_std']:<5.3f}" for m in methods)
+            f"{100 * results[f'{m}/{percent:g}/test/accuracy']:>12.2f}±"
+            f"{100 * results[f'{m}/{percent:g}/test/accuracy_std']:<6.2f}" for m in methods)
         print(f"{percent:>8g}%{cells}")
     print(f"wall time {results['wall_time_seconds']:.0f} s -> {output_dir}")
 

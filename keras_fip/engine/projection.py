@@ -149,15 +149,20 @@ def _two_of_four_mask(weights):
 
 def _keep_top(scores, num_keep):
     """Boolean keep-vector of the `num_keep` largest scores (ties broken by position)."""
-    keep = np.zeros(scores.shape, dtype=bool)
-    if num_keep > 0:
-        order = np.argsort(-scores, kind="stable")
-        keep[order[:num_keep]] = True
+    if num_keep <= 0:
+        return np.zeros(scores.shape, dtype=bool)
+    if num_keep >= scores.size:
+        return np.ones(scores.shape, dtype=bool)
+    # O(n) selection: everything above the num_keep-th largest score, then the first ties.
+    threshold = np.partition(scores, scores.size - num_keep)[scores.size - num_keep]
+    keep = scores > threshold
+    ties = np.flatnonzero(scores == threshold)
+    keep[ties[: num_keep - int(keep.sum())]] = True
     return keep
 
 
 def magnitude_masks(model, sparsity, structure="unstructured", scope="global",
-                    variables=None, existing_masks=None):
+                    variables=None, existing_masks=None, importance=None):
     """Masks of the projection P_p(w): keep the largest weights, zero a fraction `sparsity`.
 
     With `scope="global"` one threshold ranks all prunable groups of all variables together
@@ -168,6 +173,12 @@ def magnitude_masks(model, sparsity, structure="unstructured", scope="global",
     Weights already masked by `existing_masks` stay masked and count towards the sparsity.
     The number of zeroed elements is exact: `round(sparsity * size)` per scope.
 
+    With `importance`, a diagonal metric `d` per variable (e.g. the diagonal of g = JᵀJ
+    or of the Fisher information, as from `keras_fip.geometry.metric_diagonal`), the
+    projection is taken in the norm `Σ d_i w_i²` instead of the Euclidean one: weights
+    (groups) are ranked by `√d_i·|w_i|`, so the kept set is the one whose removal changes
+    the outputs least to second order (Optimal Brain Damage's saliency).
+
     Args:
         model: A built `keras.Model`.
         sparsity: Fraction of prunable weights to zero, in [0, 1).
@@ -177,6 +188,8 @@ def magnitude_masks(model, sparsity, structure="unstructured", scope="global",
         variables: The variables to prune. Defaults to `None` (`prunable_variables(model)`).
         existing_masks: Dict of masks to keep (as from `keras_fip.masks`). Defaults to
             `None`.
+        importance: List of non-negative arrays, one per variable and of its shape: the
+            diagonal metric to rank in. Defaults to `None` (Euclidean: magnitude).
 
     Returns:
         A dict mapping `variable.path` to a boolean array (`False` = pruned).
@@ -201,6 +214,18 @@ def magnitude_masks(model, sparsity, structure="unstructured", scope="global",
     for variable, array in zip(variables, arrays):
         if variable.path in existing_masks:
             array *= existing_masks[variable.path]
+    if importance is not None:
+        importance = list(importance)
+        if len(importance) != len(variables) or any(
+            np.shape(d) != a.shape for d, a in zip(importance, arrays)
+        ):
+            raise ValueError(
+                "`importance` must hold one array per variable, of the variable's shape. "
+                f"Received: shapes {[np.shape(d) for d in importance]} for variables of "
+                f"shapes {[a.shape for a in arrays]}"
+            )
+        arrays = [a * np.sqrt(np.maximum(np.asarray(d, a.dtype), 0.0))
+                  for a, d in zip(arrays, importance)]
 
     if structure == "2:4":
         if abs(sparsity - 0.5) > 1e-9:

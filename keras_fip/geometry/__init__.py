@@ -1,5 +1,6 @@
 """Geometry of weight space: the metric tensor g, its spectrum, and path measurements."""
 
+from keras_fip.geometry.diagonal import metric_diagonal
 from keras_fip.geometry.eigenpairs import Eigenpairs
 from keras_fip.geometry.metric import MetricOperator
 from keras_fip.geometry.metric import metric_vector_product
@@ -19,6 +20,7 @@ __all__ = [
     "breakdown_acceleration",
     "breakdown_speed",
     "expected_perturbation_change",
+    "metric_diagonal",
     "metric_vector_product",
     "output_jvp",
     "path_length",

@@ -13,7 +13,27 @@ from keras_fip.engine.data_adapter import fip_dataset
 from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.engine.path import Path
 from keras_fip.engine.trainer import FIPTrainer
+from keras_fip.geometry.diagonal import metric_diagonal
 from keras_fip.operations.base import Operation
+
+
+SALIENCIES = ("magnitude", "metric")
+
+
+class _CosineFrom(keras.optimizers.schedules.LearningRateSchedule):
+    """Cosine decay over the whole path, read from step `offset` on: the settle phase
+    continues the pull's schedule instead of restarting it."""
+
+    def __init__(self, initial_learning_rate, decay_steps, offset=0):
+        self.cosine = keras.optimizers.schedules.CosineDecay(initial_learning_rate,
+                                                             decay_steps)
+        self.offset = offset
+
+    def __call__(self, step):
+        return self.cosine(step + self.offset)
+
+    def get_config(self):
+        return {**self.cosine.get_config(), "offset": self.offset}
 
 
 class _ProjectionDistance:
@@ -71,10 +91,8 @@ class _RampTargets(keras.callbacks.Callback):
         sparsity = self.target_sparsity(self.step + op.update_every)
         if op.structure == "2:4":
             sparsity = 0.5
-        self.targets = projection.magnitude_masks(
-            self.model_to_prune, sparsity, op.structure, op.scope, self.variables,
-            self.existing_masks,
-        )
+        self.targets = op._masks(self.model_to_prune, sparsity, self.variables,
+                                 self.existing_masks)
         for variable, mask_variable in zip(self.variables, self.mask_variables):
             mask_variable.assign(self.targets[variable.path].astype("float32"))
 
@@ -123,6 +141,12 @@ class Compress(Operation):
         ramp_power: Exponent of the polynomial ramp. Defaults to `3`.
         update_every: Steps between recomputations of the target masks. Defaults to `50`.
         beta: β, the weight of L. Defaults to `1.0`.
+        saliency: The norm of the projection P_p. `"magnitude"` (Euclidean: keep the
+            largest weights) or `"metric"` (the diagonal of the output metric, the Fisher
+            information for `"kl"`/`"bhattacharyya"` and JᵀJ otherwise, estimated on
+            `metric_examples` inputs at every target update: keep the weights whose
+            removal changes the outputs least). Defaults to `"magnitude"`.
+        metric_examples: Inputs per estimate of the metric diagonal. Defaults to `1024`.
         task_weight: When `data` has labels, the weight of the task cross-entropy added to
             L in both phases (0 keeps L the pure projection distance). Defaults to `0.0`.
         distance: Output distance D (`"l2"` on logits, `"kl"`, `"bhattacharyya"`).
@@ -165,6 +189,8 @@ class Compress(Operation):
         ramp_power=3,
         update_every=50,
         beta=1.0,
+        saliency="magnitude",
+        metric_examples=1024,
         task_weight=0.0,
         distance="kl",
         step_rule="penalty",
@@ -205,6 +231,9 @@ class Compress(Operation):
         self.update_every = self.check_number(update_every, "update_every", low=1,
                                               low_inclusive=True, integer=True)
         self.beta = self.check_number(beta, "beta", low=0.0)
+        self.saliency = self.check_choice(saliency, "saliency", SALIENCIES)
+        self.metric_examples = self.check_number(metric_examples, "metric_examples", low=1,
+                                                 low_inclusive=True, integer=True)
         self.task_weight = self.check_number(task_weight, "task_weight", low=0.0,
                                              low_inclusive=True)
         distances_lib.get(distance)
@@ -222,13 +251,24 @@ class Compress(Operation):
         )
         self.jit_compile = bool(jit_compile)
 
-    def _optimizer(self, steps, penalty):
+    def _masks(self, model, sparsity, variables, existing):
+        """The projection P_p(w): in the Euclidean norm, or in the diagonal metric."""
+        importance = None
+        if self.saliency == "metric":
+            rows = self._rng.choice(len(self._inputs), min(self.metric_examples,
+                                                           len(self._inputs)), replace=False)
+            kind = "fisher" if self.distance in ("kl", "bhattacharyya") else "jacobian"
+            importance = metric_diagonal(model, self._inputs[np.sort(rows)], variables,
+                                         kind=kind, seed=int(self._rng.integers(2**31)))
+        return projection.magnitude_masks(model, sparsity, self.structure, self.scope,
+                                          variables, existing, importance=importance)
+
+    def _optimizer(self, steps, penalty, offset=0):
         if not penalty:
             return None  # The trainer's SGD(1.0) applies θ exactly.
-        schedule = keras.optimizers.schedules.CosineDecay(self.learning_rate, max(steps, 1))
-        return keras.optimizers.Adam(schedule)
+        return keras.optimizers.Adam(_CosineFrom(self.learning_rate, max(steps, 1), offset))
 
-    def _trainer(self, model, steps, objective, settle=False):
+    def _trainer(self, model, steps, objective, settle=False, offset=0):
         trainer = FIPTrainer(
             model,
             step_rule="penalty" if settle else self.step_rule,
@@ -238,12 +278,15 @@ class Compress(Operation):
             secondary_objective=objective,
         )
         penalty = settle or self.step_rule == "penalty"
-        trainer.compile(optimizer=self._optimizer(steps, penalty), jit_compile=self.jit_compile)
+        trainer.compile(optimizer=self._optimizer(steps, penalty, offset),
+                        jit_compile=self.jit_compile)
         return trainer
 
     def call(self, model):
         anchor = self.resolve_data(self.data, model)
         x, y = normalize_data(anchor, name="data")
+        self._inputs = np.asarray(x)
+        self._rng = np.random.default_rng(self.seed)
         variables = projection.prunable_variables(
             model, self.include_biases, self.include_normalization, self.include_embeddings
         )
@@ -276,18 +319,17 @@ class Compress(Operation):
                                         self.task_weight if labelled else 0.0)
         ramp = _RampTargets(self, variables, mask_variables, pull_steps, existing)
         ramp.model_to_prune = model
-        trainer = self._trainer(model, pull_steps, objective)
+        trainer = self._trainer(model, total_steps, objective)
         history = trainer.walk(dataset, pull_steps, path=self.path,
                                callbacks=[ramp] + list(self.callbacks or []),
                                verbose=self.verbose, log_dir=self.log_dir)
 
         # Apply the final mask exactly, then settle with it fixed (D alone)
-        final = projection.magnitude_masks(model, self.sparsity, self.structure, self.scope,
-                                           variables, existing)
+        final = self._masks(model, self.sparsity, variables, existing)
         masks_lib.apply_masks(model, final)
         if settle_steps:
             task = _TaskLoss(self.task_weight) if labelled else None
-            settle = self._trainer(model, settle_steps, task, settle=True)
+            settle = self._trainer(model, total_steps, task, settle=True, offset=pull_steps)
             settled = settle.walk(dataset, settle_steps, path=self.path,
                                   callbacks=list(self.callbacks or []),
                                   verbose=self.verbose, log_dir=self.log_dir)
@@ -312,6 +354,8 @@ class Compress(Operation):
             ramp_power=self.ramp_power,
             update_every=self.update_every,
             beta=self.beta,
+            saliency=self.saliency,
+            metric_examples=self.metric_examples,
             task_weight=self.task_weight,
             distance=self.distance,
             step_rule=self.step_rule,

@@ -13,13 +13,14 @@ from keras_fip import data
 def test_compress_app_sweeps_methods_and_exports_the_sparsest(tmp_path):
     output_dir = str(tmp_path / "compress")
     with flagsaver.flagsaver(model="mlp", dataset="digits", sparsities=["50", "80"],
-                             methods=["fip", "gradual", "oneshot", "lth"], seeds=["0"],
+                             methods=["fip", "gradual", "gradual_per_layer", "oneshot",
+                                      "lth"], seeds=["0"], workers=1,
                              epochs=2, base_epochs=3, batch_size=64, lth_rounds=2,
                              output_dir=output_dir, cache_dir=str(tmp_path / "cache")):
         compress.main([])
     with open(os.path.join(output_dir, "results.json")) as f:
         results = json.load(f)
-    for method in ("fip", "gradual", "oneshot", "lth"):
+    for method in ("fip", "gradual", "gradual_per_layer", "oneshot", "lth"):
         for percent in ("50", "80"):
             key = f"{method}/{percent}"
             assert 0.0 <= results[f"{key}/test/accuracy"] <= 1.0
@@ -27,6 +28,8 @@ def test_compress_app_sweeps_methods_and_exports_the_sparsest(tmp_path):
             assert results[f"{key}/epochs"] == 2
             assert results[f"{key}/num_seeds"] == 1
     assert results["dataset/subset"] is False
+    assert results["fip/80/margin_over_gradual"] == pytest.approx(
+        results["fip/80/test/accuracy"] - results["gradual/80/test/accuracy"])
     for name in ("accuracy_vs_sparsity.png", "layer_sparsity.png", "config.json"):
         assert os.path.isfile(os.path.join(output_dir, name))
     served = tf.saved_model.load(os.path.join(output_dir, "serving"))
@@ -40,4 +43,26 @@ def test_compress_app_sweeps_methods_and_exports_the_sparsest(tmp_path):
 def test_compress_app_rejects_bad_sparsities(tmp_path):
     with flagsaver.flagsaver(sparsities=["100"], output_dir=str(tmp_path)):
         with pytest.raises(ValueError, match="sparsities"):
+            compress.main([])
+
+
+def test_compress_app_runs_jobs_in_worker_processes(tmp_path):
+    output_dir = str(tmp_path / "workers")
+    with flagsaver.flagsaver(model="mlp", dataset="digits", sparsities=["90"],
+                             methods=["fip", "gradual"], seeds=["0", "1"], workers=2,
+                             epochs=1, base_epochs=2, batch_size=64, output_dir=output_dir,
+                             cache_dir=str(tmp_path / "cache")):
+        compress.main([])
+    with open(os.path.join(output_dir, "results.json")) as f:
+        results = json.load(f)
+    for method in ("fip", "gradual"):
+        assert results[f"{method}/90/num_seeds"] == 2
+        assert results[f"{method}/90/sparsity"] == pytest.approx(0.9, abs=2e-3)
+    with open(os.path.join(output_dir, "config.json")) as f:
+        assert json.load(f)["epochs"] == 1
+
+
+def test_compress_app_rejects_workers_with_a_strategy(tmp_path):
+    with flagsaver.flagsaver(workers=2, strategy="mirrored", output_dir=str(tmp_path)):
+        with pytest.raises(ValueError, match="workers"):
             compress.main([])

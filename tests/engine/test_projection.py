@@ -108,3 +108,35 @@ def test_nothing_prunable_is_a_clear_error():
     model = keras.Model(inputs, keras.layers.LayerNormalization()(inputs))
     with pytest.raises(ValueError, match="no prunable variables"):
         projection.magnitude_masks(model, 0.5)
+
+
+def test_importance_ranks_in_the_diagonal_metric():
+    model = _model()
+    variables = projection.prunable_variables(model)
+    # A uniform metric is the Euclidean projection.
+    uniform = [np.full(v.shape, 3.0, "float32") for v in variables]
+    plain = projection.magnitude_masks(model, 0.7)
+    scaled = projection.magnitude_masks(model, 0.7, importance=uniform)
+    for path in plain:
+        np.testing.assert_array_equal(plain[path], scaled[path])
+    # A metric that ignores the conv kernel prunes it first; the count stays exact.
+    importance = [np.zeros(v.shape) if v.path == "conv/kernel" else np.ones(v.shape)
+                  for v in variables]
+    conv_size = int(np.prod(variables[0].shape))
+    total = sum(int(np.prod(v.shape)) for v in variables)
+    masks = projection.magnitude_masks(model, conv_size / total, importance=importance)
+    assert not masks["conv/kernel"].any()
+    assert masks["hidden/kernel"].all() and masks["logits/kernel"].all()
+    # Scores are √d·|w|: a large metric keeps a small weight.
+    kernel = variables[-1].numpy()
+    smallest = np.unravel_index(np.argmin(np.abs(kernel)), kernel.shape)
+    boosted = [np.ones(v.shape) for v in variables]
+    boosted[-1][smallest] = 1e12
+    masks = projection.magnitude_masks(model, 0.99, importance=boosted)
+    assert masks["logits/kernel"][smallest]
+
+
+def test_importance_of_the_wrong_shape_is_a_clear_error():
+    model = _model()
+    with pytest.raises(ValueError, match="`importance`"):
+        projection.magnitude_masks(model, 0.5, importance=[np.ones((2, 2))])
