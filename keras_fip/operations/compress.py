@@ -152,8 +152,9 @@ class Compress(Operation):
         distance: Output distance D (`"l2"` on logits, `"kl"`, `"bhattacharyya"`).
             Defaults to `"kl"`.
         step_rule: `"penalty"`, `"normalized"` or `"metric"`. Defaults to `"penalty"`.
-        learning_rate: Adam learning rate of the `penalty` rule (cosine-decayed over each
-            phase). Defaults to `1e-3`.
+        learning_rate: Initial Adam learning rate of the `penalty` rule, cosine-decayed
+            over the whole path (the settle phase continues the schedule, so the fixed
+            mask is not met by a learning-rate restart). Defaults to `1e-3`.
         epsilon: ε, the step length of the `normalized` and `metric` rules. Defaults to
             `0.01`.
         batch_size: Anchor examples per step. Defaults to `128`.

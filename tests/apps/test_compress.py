@@ -66,3 +66,20 @@ def test_compress_app_rejects_workers_with_a_strategy(tmp_path):
     with flagsaver.flagsaver(workers=2, strategy="mirrored", output_dir=str(tmp_path)):
         with pytest.raises(ValueError, match="workers"):
             compress.main([])
+
+
+@pytest.mark.large
+def test_lenet_reproduction_meets_the_paper_targets(tmp_path):
+    """Fig. 3B: LeNet-300-100 on MNIST, 3 seeds, 20 epochs for every method (~10 min)."""
+    output_dir = str(tmp_path / "lenet")
+    with flagsaver.flagsaver(model="lenet_300_100", dataset="mnist",
+                             sparsities=["95", "99.1", "99.4"], methods=["fip", "gradual"],
+                             seeds=["0", "1", "2"], workers=2, output_dir=output_dir):
+        compress.main([])
+    with open(os.path.join(output_dir, "results.json")) as f:
+        results = json.load(f)
+    assert results["fip/99.1/test/accuracy"] >= 0.968
+    assert results["fip/99.4/test/accuracy"] >= 0.960
+    assert results["fip/95/margin_over_gradual"] >= 0.0
+    assert results["fip/99.1/margin_over_gradual"] >= 0.005
+    assert results["fip/99.4/margin_over_gradual"] >= 0.005

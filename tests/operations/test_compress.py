@@ -172,3 +172,40 @@ def test_task_weight_uses_labels_and_still_reaches_exact_sparsity(trained):
     assert max(op.history["secondary_loss"]) > 0.0
     with pytest.raises(ValueError, match="`task_weight`"):
         Compress(0.5, task_weight=-1.0)
+
+
+@pytest.mark.parametrize("structure, sparsity", [("unstructured", 0.8), ("filters", 0.5)])
+def test_compress_handles_a_residual_network_with_batch_norm(structure, sparsity):
+    keras.utils.set_random_seed(0)
+    model = models.resnet(20, width_multiplier=0.25, input_shape=(8, 8, 3), num_classes=4)
+    x = np.random.default_rng(0).normal(size=(64, 8, 8, 3)).astype("float32")
+    before = _digest(model)
+    op = Compress(sparsity, data=x, structure=structure, epochs=2, batch_size=32, verbose=0,
+                  seed=0)
+    sparse = op(model)
+    assert _digest(model) == before
+    variables = projection.prunable_variables(sparse)
+    assert any(len(v.shape) == 4 for v in variables)
+    assert projection.prunable_sparsity(sparse) == pytest.approx(sparsity, abs=0.02)
+    for variable in variables:
+        mask = keras_fip.masks(sparse)[variable.path]
+        assert np.all(variable.numpy()[~mask] == 0)
+        if structure == "filters" and len(variable.shape) == 4:
+            # Whole output filters: a filter is all zero or untouched by the mask.
+            per_filter = mask.reshape(-1, mask.shape[-1])
+            assert np.all(per_filter.all(axis=0) | ~per_filter.any(axis=0))
+    assert np.all(np.isfinite(sparse.predict(x, verbose=0)))
+
+
+def test_metric_saliency_reaches_exact_sparsity_and_keeps_the_function(trained):
+    model, x, y = trained
+    x_test, y_test = data.load("digits", "test")
+    op = Compress(0.9, data=x, saliency="metric", metric_examples=256, epochs=3,
+                  batch_size=64, learning_rate=1e-2, verbose=0, seed=0)
+    sparse = op(model)
+    sizes = sum(int(np.prod(v.shape)) for v in projection.prunable_variables(sparse))
+    zeros = sum(int(z.sum()) for z in _zeros(sparse).values())
+    assert zeros == round(0.9 * sizes)
+    assert models.evaluate_classifier(sparse, x_test, y_test)["accuracy"] > 0.85
+    with pytest.raises(ValueError, match="`saliency`"):
+        Compress(0.5, saliency="hessian")
