@@ -36,6 +36,26 @@ class _CosineFrom(keras.optimizers.schedules.LearningRateSchedule):
         return {**self.cosine.get_config(), "offset": self.offset}
 
 
+def _structured_variables(model, variables, structure):
+    """The variables a structured mode prunes: not the output layer (its units are the
+    model's outputs), and only convolution kernels for `"filters"`."""
+    if structure not in ("nodes", "filters"):
+        return variables
+    output_layer = next(
+        (layer for layer in reversed(model.layers)
+         if any(v is w for v in variables for w in layer.trainable_weights)), None)
+    excluded = {id(w) for w in output_layer.trainable_weights} if output_layer else set()
+    kept = [v for v in variables if id(v) not in excluded
+            and (structure == "nodes" or len(v.shape) >= 3)]
+    if not kept:
+        raise ValueError(
+            f"`structure={structure!r}` prunes whole hidden "
+            f"{'units' if structure == 'nodes' else 'convolution filters'}, and `model` "
+            f"has none outside its output layer. Received: model={model.name}"
+        )
+    return kept
+
+
 class _ProjectionDistance:
     """L(w) = ½·‖w − P_p(w)‖²: the squared distance of the prunable weights to their
     projection, with the current target masks held in variables (updated on a schedule)."""
@@ -129,7 +149,9 @@ class Compress(Operation):
             (the inputs the model carries from an earlier operation).
         structure: `"unstructured"`, `"nodes"` (whole Dense units), `"filters"` (whole
             convolution filters) or `"2:4"` (two of every four input weights; p = 0.5).
-            Defaults to `"unstructured"`.
+            The structured modes leave the output layer whole (its units are the model's
+            outputs) and `"filters"` prunes convolution kernels only; the sparsity counts
+            the kernels they prune. Defaults to `"unstructured"`.
         scope: `"global"` (one magnitude ranking over all prunable weights) or
             `"per_layer"` (each layer loses the fraction p). Defaults to `"global"`.
         epochs: Passes over `data`: the budget of the whole path (pull and settle).
@@ -297,6 +319,7 @@ class Compress(Operation):
                 "`include_biases`, `include_normalization`, `include_embeddings`). "
                 f"Received: model={model.name}"
             )
+        variables = _structured_variables(model, variables, self.structure)
         existing = {path: mask for path, mask in masks_lib.masks(model).items()}
         steps_per_epoch = math.ceil(len(x) / self.batch_size)
         total_steps = self.epochs * steps_per_epoch
