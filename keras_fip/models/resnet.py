@@ -16,15 +16,15 @@ def _basic_block(x, filters, stride, name):
     y = keras.layers.Conv2D(
         filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv1"
     )(x)
-    y = keras.layers.BatchNormalization(name=f"{name}_bn1")(y)
+    y = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_bn1")(y)
     y = keras.layers.Activation("relu", name=f"{name}_relu1")(y)
     y = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
-    y = keras.layers.BatchNormalization(name=f"{name}_bn2")(y)
+    y = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_bn2")(y)
     if stride != 1 or shortcut.shape[-1] != filters:
         shortcut = keras.layers.Conv2D(
             filters, 1, strides=stride, use_bias=False, name=f"{name}_shortcut_conv"
         )(shortcut)
-        shortcut = keras.layers.BatchNormalization(name=f"{name}_shortcut_bn")(shortcut)
+        shortcut = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_shortcut_bn")(shortcut)
     y = keras.layers.Add(name=f"{name}_add")([y, shortcut])
     return keras.layers.Activation("relu", name=f"{name}_out")(y)
 
@@ -62,7 +62,7 @@ def resnet(depth=20, width_multiplier=1.0, input_shape=(32, 32, 3), num_classes=
     x = keras.layers.Conv2D(widths[0], 3, padding="same", use_bias=False, name="stem_conv")(
         inputs
     )
-    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, name="stem_bn")(x)
     x = keras.layers.Activation("relu", name="stem_relu")(x)
     for stage, filters in enumerate(widths, start=1):
         for block in range(1, blocks + 1):

@@ -145,6 +145,12 @@ def base_network(model="lenet_300_100", dataset="mnist", epochs=10, batch_size=1
     }
     directory = None
     if cache_dir is not False:
+        # The architecture enters the key, so a changed zoo builder never reuses old weights.
+        info = data_lib.info(dataset, data_dir)
+        architecture = models_lib.get(model, info["input_shape"], info["num_classes"],
+                                      **model_kwargs).get_config()
+        config["architecture"] = hashlib.sha256(
+            json.dumps(architecture, sort_keys=True, default=str).encode()).hexdigest()[:16]
         key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
         directory = os.path.join(cache_dir or default_cache_dir(), "base_networks",
                                  f"{model}_{dataset}_{key}")

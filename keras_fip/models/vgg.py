@@ -52,7 +52,7 @@ def vgg(depth=16, width_multiplier=1.0, input_shape=(32, 32, 3), num_classes=10,
             filters, 3, padding="same", use_bias=not batch_norm, name=f"block{block}_conv{conv}"
         )(x)
         if batch_norm:
-            x = keras.layers.BatchNormalization(name=f"block{block}_bn{conv}")(x)
+            x = keras.layers.BatchNormalization(momentum=0.9, name=f"block{block}_bn{conv}")(x)
         x = keras.layers.Activation("relu", name=f"block{block}_relu{conv}")(x)
         conv += 1
     x = keras.layers.GlobalAveragePooling2D(name="global_pool")(x)
