@@ -7,6 +7,7 @@ from keras_fip.engine.masks import apply_masks
 from keras_fip.engine.masks import sparsity
 from keras_fip.engine.masks import strip_masks
 from keras_fip.engine.path import Path
+from keras_fip.engine.normalization import recalibrate_batch_normalization
 from keras_fip.engine import distances
 from keras_fip.engine import step_rules
 from keras_fip.engine.data_adapter import fip_dataset

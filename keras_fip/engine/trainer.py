@@ -60,8 +60,9 @@ class FIPTrainer(keras.Model):
 
     Wraps `model` (whose weights it changes in place: pass a copy) and replaces `fit`'s step
     with the FIP step. Each step receives one anchor batch, whose outputs must stay close to
-    the reference outputs under the output distance D (both sides in inference mode), and
-    optionally one secondary batch for the secondary objective L:
+    the reference outputs under the output distance D, and optionally one secondary batch
+    for the secondary objective L. Both sides of D run in inference mode, unless
+    `training=True` puts the moving side in training mode:
 
     - `step_rule="penalty"`: minimise `D + β·L` with the compiled Keras optimizer.
     - `step_rule="normalized"`: the gradient of `D + β·L` rescaled to Euclidean length ε.
@@ -105,6 +106,14 @@ class FIPTrainer(keras.Model):
         metric_length: Whether each step also measures its length in the metric g on
             the anchor batch, `sqrt(Δwᵀ g Δw)` (one extra forward-mode pass), and reports
             the running sum as `metric_length`. Defaults to `False`.
+        training: The mode of the moving network's forward pass in D and L; the reference
+            outputs always come from inference mode. `True` normalises BatchNormalization
+            layers with batch statistics and updates their moving statistics, as `fit`
+            does: a path that rescales the activations (pruning shrinks them) is then
+            not fought by frozen statistics, and the statistics follow the path. It also
+            turns Dropout on, and D is no longer exactly zero at the start. The
+            non-finite guard restores the moving statistics with the weights. Defaults
+            to `False`.
         **kwargs: Passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -136,6 +145,7 @@ class FIPTrainer(keras.Model):
         secondary_objective=None,
         reference="start",
         metric_length=False,
+        training=False,
         **kwargs,
     ):
         # Validate everything before any state is created.
@@ -192,6 +202,10 @@ class FIPTrainer(keras.Model):
                 f"`reference` must be one of {list(REFERENCES)}. "
                 f"Received: reference={reference!r}"
             )
+        if not isinstance(training, (bool, np.bool_)):
+            raise ValueError(
+                f"`training` must be `True` or `False`. Received: training={training!r}"
+            )
         if step_rule == "metric" and secondary_loss is None and secondary_objective is None:
             warnings.warn(
                 "`step_rule='metric'` with no secondary objective (L = 0) has a zero "
@@ -211,6 +225,7 @@ class FIPTrainer(keras.Model):
         self.secondary_objective = secondary_objective
         self.reference = reference
         self.metric_length = bool(metric_length)
+        self.walk_training = bool(training)
         self._distance_fn = distance_fn
         self._loss_fn = loss_fn
 
@@ -235,6 +250,18 @@ class FIPTrainer(keras.Model):
                 name=f"previous_{i}",
             )
             for i, v in enumerate(variables)
+        ]
+        # The moving statistics change in training mode: the guard restores them too.
+        self._state = list(model.non_trainable_variables) if self.walk_training else []
+        self._previous_state = [
+            keras.Variable(
+                v.numpy(),
+                trainable=False,
+                synchronization="on_read",
+                aggregation="only_first_replica",
+                name=f"previous_state_{i}",
+            )
+            for i, v in enumerate(self._state)
         ]
         self._masks = _variable_masks(variables)
         self._metric_length = keras.Variable(
@@ -354,7 +381,7 @@ class FIPTrainer(keras.Model):
         """L on an unfused secondary batch and the accuracy (or None) on it."""
         if self._loss_fn is not None:
             inputs, labels = secondary[0], secondary[1]
-            outputs = self.network(inputs, training=False)
+            outputs = self.network(inputs, training=self.walk_training)
             accuracy = self._batch_accuracy(labels, outputs)
             return self._supervised_loss(labels, outputs), accuracy
         if self.secondary_objective is not None:
@@ -370,6 +397,7 @@ class FIPTrainer(keras.Model):
         variables = self.network.trainable_variables
         replicas = step_rules.num_replicas()
         before = [tf.identity(v.value) for v in variables]
+        before_state = [tf.identity(v.value) for v in self._state]
         if reference_outputs is None:
             reference_outputs = self._reference_outputs(anchor_inputs)
 
@@ -378,7 +406,8 @@ class FIPTrainer(keras.Model):
             if secondary is not None and self._can_fuse(anchor_inputs, secondary):
                 anchor_size = tf.shape(anchor_inputs)[0]
                 outputs = self.network(
-                    tf.concat([anchor_inputs, secondary[0]], axis=0), training=False
+                    tf.concat([anchor_inputs, secondary[0]], axis=0),
+                    training=self.walk_training,
                 )
                 anchor_outputs = outputs[:anchor_size]
                 secondary_outputs = outputs[anchor_size:]
@@ -387,7 +416,9 @@ class FIPTrainer(keras.Model):
             else:
                 anchor_outputs = None
                 if self.step_rule != "metric":
-                    anchor_outputs = self.network(anchor_inputs, training=False)
+                    anchor_outputs = self.network(
+                        anchor_inputs, training=self.walk_training
+                    )
                 secondary_value, accuracy = self._secondary_value(secondary)
             if self.step_rule == "metric":
                 objective = secondary_value
@@ -405,7 +436,8 @@ class FIPTrainer(keras.Model):
         # collective, so every later collective depends on it and runs in the same order.
         if self.step_rule == "metric":
             distance = self._anchor_distance(
-                self.network(anchor_inputs, training=False), reference_outputs
+                self.network(anchor_inputs, training=self.walk_training),
+                reference_outputs,
             )
         pack_dtype = gradients[0].dtype
         scalars = [
@@ -452,7 +484,9 @@ class FIPTrainer(keras.Model):
 
         # Apply, keeping the current point as the previous one (the non-finite guard
         # of `walk` returns to it).
-        for snapshot, value in zip(self._previous_weights, before):
+        for snapshot, value in zip(
+            self._previous_weights + self._previous_state, before + before_state
+        ):
             snapshot.assign(value)
         self.optimizer.apply(updates, variables)
 
@@ -488,7 +522,10 @@ class FIPTrainer(keras.Model):
 
     def restore_previous_point(self):
         """Sets the model's weights back to the point before the last step."""
-        for variable, snapshot in zip(self.network.trainable_variables, self._previous_weights):
+        for variable, snapshot in zip(
+            self.network.trainable_variables + self._state,
+            self._previous_weights + self._previous_state,
+        ):
             variable.assign(snapshot.value)
 
     def reset_start(self):
@@ -598,6 +635,7 @@ class FIPTrainer(keras.Model):
                 ),
                 "reference": self.reference,
                 "metric_length": self.metric_length,
+                "training": self.walk_training,
             }
         )
         return config

@@ -203,6 +203,73 @@ def test_non_finite_step_stops_walk_and_keeps_last_good_point():
     assert all(np.all(np.isfinite(w)) for w in _weights(model))
 
 
+def _normalized_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(6, name="hidden"),
+            keras.layers.BatchNormalization(momentum=0.5, name="norm"),
+            keras.layers.Dense(3, name="logits"),
+        ]
+    )
+
+
+def _moving_statistics(model):
+    layer = model.get_layer("norm")
+    return [layer.moving_mean.numpy().copy(), layer.moving_variance.numpy().copy()]
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_training_mode_normalizes_with_batch_statistics_and_updates_them(training):
+    model = _normalized_model()
+    x, _ = _data()
+    x = 3.0 * x + 5.0  # Far from the initial moving statistics (mean 0, variance 1).
+    reference = model.predict(x, verbose=0)
+    before = _moving_statistics(model)
+    trainer = FIPTrainer(model, step_rule="penalty", training=training)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.0))
+    history = trainer.walk(fip_dataset(model, x, batch_size=32, shuffle=False), 3,
+                           verbose=0)
+    after = _moving_statistics(model)
+    if training:
+        # The moving side runs on batch statistics: D sees the gap to inference mode.
+        assert history["distance"][0] > 1e-3
+        hidden = x @ model.get_layer("hidden").get_weights()[0] + model.get_layer(
+            "hidden").get_weights()[1]
+        # Three updates with momentum 0.5 towards the (fixed) batch mean.
+        expected = before[0] * 0.5**3 + hidden.mean(0) * (1 - 0.5**3)
+        np.testing.assert_allclose(after[0], expected, rtol=1e-4, atol=1e-4)
+    else:
+        assert history["distance"] == [0.0, 0.0, 0.0]
+        for a, b in zip(before, after):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(model.predict(x, verbose=0), reference, atol=1e-6)
+
+
+def test_non_finite_step_in_training_mode_restores_the_moving_statistics():
+    model = _normalized_model()
+    x, _ = _data()
+    x = 3.0 * x + 5.0
+    trainer = FIPTrainer(model, step_rule="normalized", epsilon=0.01, training=True,
+                         secondary_objective=_NaNAfter(3))
+    trainer.compile()
+    path = Path(model)
+    data = fip_dataset(model, x, batch_size=8, seed=0)
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        trainer.walk(data, 10, path=path, verbose=0)
+    # The model is back on step 2: its weights and the statistics its forward pass saw.
+    for recorded, current in zip(path.weights(-1), _weights(model)):
+        np.testing.assert_array_equal(recorded, current)
+    replay = _normalized_model()
+    trainer_replay = FIPTrainer(replay, step_rule="normalized", epsilon=0.01,
+                                training=True, secondary_objective=_NaNAfter(100))
+    trainer_replay.compile()
+    trainer_replay.walk(fip_dataset(replay, x, batch_size=8, seed=0), 2, verbose=0)
+    for a, b in zip(_moving_statistics(model), _moving_statistics(replay)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 def test_walk_records_path_history_and_continues_a_resumed_path(tmp_path):
     model = _model()
     x, y = _data()
@@ -275,11 +342,11 @@ def test_get_config_round_trip():
     model = _model()
     trainer = FIPTrainer(model, step_rule="metric", distance="kl", beta=0.5, epsilon=0.02,
                          damping=0.1, cg_iterations=7, secondary_loss=_loss(),
-                         reference="local", metric_length=True)
+                         reference="local", metric_length=True, training=True)
     config = trainer.get_config()
     clone = FIPTrainer.from_config(config)
     for key in ("step_rule", "beta", "epsilon", "damping", "cg_iterations", "reference",
-                "metric_length"):
+                "metric_length", "walk_training"):
         assert getattr(clone, key) == getattr(trainer, key)
     assert config["distance"] == "kl"
     assert isinstance(clone.secondary_loss, keras.losses.SparseCategoricalCrossentropy)
@@ -298,6 +365,7 @@ def test_get_config_round_trip():
         ({"reference": "previous"}, "Received: reference='previous'"),
         ({"secondary_loss": "sparse_categorical_crossentropy"}, "Received: secondary_loss="),
         ({"secondary_objective": 3}, "Received: secondary_objective=3"),
+        ({"training": "yes"}, "Received: training='yes'"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(kwargs, message):
