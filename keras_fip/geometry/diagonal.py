@@ -54,24 +54,26 @@ def metric_diagonal(model, data, variables=None, kind="jacobian", probes=1,
     variables = list(variables)
     if not variables:
         raise ValueError("`variables` must not be empty. Received: variables=[]")
-    generator = tf.random.Generator.from_seed(
-        seed if seed is not None else np.random.randint(2**31)
-    )
+    rng = np.random.default_rng(seed)
     dtype = keras.backend.standardize_dtype(model.inputs[0].dtype) if getattr(
         model, "inputs", None) else keras.config.floatx()
+    strategy = tf.distribute.get_strategy()
 
-    @tf.function(reduce_retracing=True)
-    def squared_gradient(batch):
+    def squared_gradient(batch, seed):
+        # Stateless draws, distinct per replica: no generator state to mirror.
+        context = tf.distribute.get_replica_context()
+        if context is not None:
+            seed = seed + tf.cast(context.replica_id_in_sync_group, seed.dtype)
         logits = model(batch, training=False)
         logits = tf.reshape(logits, [-1, tf.shape(logits)[-1]])
         if kind == "fisher":
             probabilities = tf.nn.softmax(tf.cast(logits, "float32"), axis=-1)
             classes = tf.random.stateless_categorical(
-                tf.math.log(probabilities + 1e-30), 1, generator.make_seeds()[:, 0]
+                tf.math.log(probabilities + 1e-30), 1, seed
             )[:, 0]
             u = tf.one_hot(classes, tf.shape(logits)[-1]) - probabilities
         else:
-            u = tf.sign(generator.uniform(tf.shape(logits), -1.0, 1.0))
+            u = tf.sign(tf.random.stateless_uniform(tf.shape(logits), seed, -1.0, 1.0))
         u = tf.stop_gradient(tf.cast(u, logits.dtype))
         gradients = tf.gradients(tf.reduce_sum(u * logits), [v.value for v in variables])
         return [
@@ -79,11 +81,29 @@ def metric_diagonal(model, data, variables=None, kind="jacobian", probes=1,
             for g, v in zip(gradients, variables)
         ]
 
+    if strategy.num_replicas_in_sync == 1:
+        step = tf.function(squared_gradient, reduce_retracing=True)
+    else:
+        # Each batch split over the replicas (the estimate is unbiased for any split),
+        # the per-replica squares summed.
+        @tf.function(reduce_retracing=True)
+        def step(batch, seed):
+            per_replica = strategy.run(squared_gradient, args=(batch, seed))
+            return [strategy.reduce(tf.distribute.ReduceOp.SUM, piece, axis=None)
+                    for piece in per_replica]
+
+        dataset = tf.data.Dataset.from_tensor_slices(inputs.astype(dtype)).batch(batch_size)
+        batches = iter(strategy.experimental_distribute_dataset(dataset))
+
     totals = [np.zeros(v.shape, "float64") for v in variables]
     for start in range(0, len(inputs), batch_size):
-        batch = tf.convert_to_tensor(inputs[start:start + batch_size], dtype)
+        if strategy.num_replicas_in_sync == 1:
+            batch = tf.convert_to_tensor(inputs[start:start + batch_size], dtype)
+        else:
+            batch = next(batches)
         for _ in range(probes):
-            for total, square in zip(totals, squared_gradient(batch)):
+            seed = tf.constant(rng.integers(0, 2**31 - 1, size=2), "int64")
+            for total, square in zip(totals, step(batch, seed)):
                 total += square.numpy()
     return [(total / (len(inputs) * probes)).astype(keras.backend.standardize_dtype(v.dtype))
             for total, v in zip(totals, variables)]

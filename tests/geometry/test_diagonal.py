@@ -62,3 +62,16 @@ def test_bad_arguments(mlp_problem, kwargs, argument):
     model, inputs = mlp_problem
     with pytest.raises(ValueError, match=argument):
         metric_diagonal(model, inputs, **kwargs)
+
+
+def test_mirrored_strategy_estimate_matches_dense_fisher(mlp_problem, mirrored_strategy):
+    import keras
+
+    model, inputs = mlp_problem
+    exact = np.diag(_dense_fisher(model, inputs))
+    with mirrored_strategy.scope():
+        replica_model = keras.models.clone_model(model)
+        replica_model.set_weights(model.get_weights())
+        estimate = _flat(metric_diagonal(replica_model, inputs, kind="fisher",
+                                         probes=2000, seed=0))
+    assert np.linalg.norm(estimate - exact) / np.linalg.norm(exact) < 0.08

@@ -278,3 +278,22 @@ def test_metric_saliency_reaches_exact_sparsity_and_keeps_the_function(trained):
     assert accuracy > 0.8
     with pytest.raises(ValueError, match="`saliency`"):
         Compress(0.5, saliency="hessian")
+
+
+def test_compress_of_a_batch_norm_net_runs_under_mirrored_strategy(mirrored_strategy):
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(2.0, 3.0, (128, 6)).astype("float32")
+    with mirrored_strategy.scope():
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16),
+                                  keras.layers.BatchNormalization(), keras.layers.ReLU(),
+                                  keras.layers.Dense(3)])
+        op = Compress(0.75, data=x, epochs=2, batch_size=32, verbose=0, seed=0)
+        sparse = op(model)
+    assert op._walk_training
+    assert projection.prunable_sparsity(sparse) == pytest.approx(0.75, abs=1e-3)
+    norm = [layer for layer in sparse.layers
+            if isinstance(layer, keras.layers.BatchNormalization)][0]
+    # The statistics moved from their initial (0, 1) to those of the data.
+    assert np.all(np.isfinite(norm.moving_mean.numpy()))
+    assert not np.allclose(norm.moving_variance.numpy(), 1.0)
+    assert np.all(np.isfinite(sparse.predict(x, verbose=0)))
