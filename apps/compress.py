@@ -28,7 +28,10 @@ Example (LeNet-300-100 on MNIST, the paper's setting):
     python -m apps.compress        # all methods, 90-99.4%, seeds 0,1,2, 20 epochs
 
 ResNet-20 on CIFAR-10 (on machines without the full set this uses the local subset and says
-so in `results.json`): `--model=resnet20 --dataset=cifar10`. On a GPU/TPU host add
+so in `results.json`): `--model=resnet20 --dataset=cifar10`. Compress walks BatchNorm
+networks on batch statistics and recalibrates them after; with `--seeds=0 --sparsities=90
+--methods=fip,gradual,oneshot --epochs=5` on the 4,000-image subset FIP keeps 50.7% (base
+47.3%, one-shot 50.4%, gradual 41.4%). On a GPU/TPU host add
 `--workers=1 --strategy=mirrored` (or `tpu`) and a larger `--batch_size`; on a many-core CPU
 host raise `--workers`.
 """

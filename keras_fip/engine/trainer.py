@@ -54,6 +54,20 @@ def _variable_masks(variables):
     ]
 
 
+def _snapshots(variables, prefix):
+    """Per-replica-readable copies of `variables` (the start point, the previous point)."""
+    return [
+        keras.Variable(
+            v.numpy(),
+            trainable=False,
+            synchronization="on_read",
+            aggregation="only_first_replica",
+            name=f"{prefix}_{i}",
+        )
+        for i, v in enumerate(variables)
+    ]
+
+
 @keras.saving.register_keras_serializable(package="keras_fip")
 class FIPTrainer(keras.Model):
     """Moves a model along a functionally invariant path, one `fit` step at a time.
@@ -231,38 +245,11 @@ class FIPTrainer(keras.Model):
 
         # Start point and previous point, for ‖w − w₀‖, the local reference and the guard.
         variables = model.trainable_variables
-        self._start_weights = [
-            keras.Variable(
-                v.numpy(),
-                trainable=False,
-                synchronization="on_read",
-                aggregation="only_first_replica",
-                name=f"start_{i}",
-            )
-            for i, v in enumerate(variables)
-        ]
-        self._previous_weights = [
-            keras.Variable(
-                v.numpy(),
-                trainable=False,
-                synchronization="on_read",
-                aggregation="only_first_replica",
-                name=f"previous_{i}",
-            )
-            for i, v in enumerate(variables)
-        ]
+        self._start_weights = _snapshots(variables, "start")
+        self._previous_weights = _snapshots(variables, "previous")
         # The moving statistics change in training mode: the guard restores them too.
         self._state = list(model.non_trainable_variables) if self.walk_training else []
-        self._previous_state = [
-            keras.Variable(
-                v.numpy(),
-                trainable=False,
-                synchronization="on_read",
-                aggregation="only_first_replica",
-                name=f"previous_state_{i}",
-            )
-            for i, v in enumerate(self._state)
-        ]
+        self._previous_state = _snapshots(self._state, "previous_state")
         self._masks = _variable_masks(variables)
         self._metric_length = keras.Variable(
             0.0,

@@ -187,16 +187,22 @@ class _NaNAfter:
         return tf.where(self.calls >= self.count, tf.constant(np.nan, value.dtype), value)
 
 
-def test_non_finite_step_stops_walk_and_keeps_last_good_point():
-    model = _model()
-    x, _ = _data()
-    trainer = FIPTrainer(model, step_rule="normalized", epsilon=0.01,
-                         secondary_objective=_NaNAfter(4))
+def _walk_into_nan(model, x, count, training=False):
+    """Walks until the objective turns NaN at step `count`; returns the recorded path."""
+    trainer = FIPTrainer(model, step_rule="normalized", epsilon=0.01, training=training,
+                         secondary_objective=_NaNAfter(count))
     trainer.compile()
     path = Path(model)
     data = fip_dataset(model, x, batch_size=8, seed=0)
-    with pytest.raises(FloatingPointError, match="at step 4"):
+    with pytest.raises(FloatingPointError, match=f"at step {count}"):
         trainer.walk(data, 10, path=path, verbose=0)
+    return path
+
+
+def test_non_finite_step_stops_walk_and_keeps_last_good_point():
+    model = _model()
+    x, _ = _data()
+    path = _walk_into_nan(model, x, 4)
     assert list(path.steps) == [0, 1, 2, 3]
     for recorded, current in zip(path.weights(-1), _weights(model)):
         np.testing.assert_array_equal(recorded, current)
@@ -251,13 +257,7 @@ def test_non_finite_step_in_training_mode_restores_the_moving_statistics():
     model = _normalized_model()
     x, _ = _data()
     x = 3.0 * x + 5.0
-    trainer = FIPTrainer(model, step_rule="normalized", epsilon=0.01, training=True,
-                         secondary_objective=_NaNAfter(3))
-    trainer.compile()
-    path = Path(model)
-    data = fip_dataset(model, x, batch_size=8, seed=0)
-    with pytest.raises(FloatingPointError, match="at step 3"):
-        trainer.walk(data, 10, path=path, verbose=0)
+    path = _walk_into_nan(model, x, 3, training=True)
     # The model is back on step 2: its weights and the statistics its forward pass saw.
     for recorded, current in zip(path.weights(-1), _weights(model)):
         np.testing.assert_array_equal(recorded, current)
