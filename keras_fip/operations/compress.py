@@ -194,8 +194,8 @@ class Compress(Operation):
             L in both phases (0 keeps L the pure projection distance). Defaults to `0.0`.
         training: The mode of the moving network on the path (the starting network's
             outputs, which D keeps, always come from inference mode). `True` runs
-            BatchNormalization on batch statistics and updates its moving statistics,
-            as the FIP paper trains its ResNets: pruning shrinks the activations each
+            BatchNormalization on batch statistics and updates its moving statistics:
+            pruning shrinks the activations each
             normalisation receives, and frozen moving statistics would turn that
             shrinkage into a large change of the outputs. The moving statistics are then
             re-estimated on `data` for the final weights
@@ -288,7 +288,7 @@ class Compress(Operation):
         self.ramp_power = self.check_number(ramp_power, "ramp_power", low=0.0)
         self.update_every = self.check_number(update_every, "update_every", low=1,
                                               low_inclusive=True, integer=True)
-        if beta != "auto":
+        if not (isinstance(beta, str) and beta == "auto"):
             beta = self.check_number(beta, "beta", low=0.0)
         self.beta = beta
         self.saliency = self.check_choice(saliency, "saliency", SALIENCIES)
@@ -296,11 +296,12 @@ class Compress(Operation):
                                                  low_inclusive=True, integer=True)
         self.task_weight = self.check_number(task_weight, "task_weight", low=0.0,
                                              low_inclusive=True)
-        if training not in ("auto", True, False):
+        if not ((isinstance(training, str) and training == "auto")
+                or isinstance(training, (bool, np.bool_))):
             raise ValueError(
                 f"`training` must be 'auto', True or False. Received: training={training!r}"
             )
-        self.training = training
+        self.training = training if isinstance(training, str) else bool(training)
         distances_lib.get(distance)
         self.distance = distance
         self.step_rule = self.check_choice(step_rule, "step_rule", step_rules.STEP_RULES)
@@ -327,7 +328,7 @@ class Compress(Operation):
 
     def _resolve_beta(self, model, variables):
         """β: as given, or `AUTO_BETA_SCALE` × the mean metric diagonal (`"auto"`)."""
-        if self.beta != "auto":
+        if not isinstance(self.beta, str):
             return float(self.beta)
         diagonal = self._metric_diagonal(model, variables, AUTO_BETA_EXAMPLES)
         mean = float(np.mean(np.concatenate([np.ravel(np.asarray(d)) for d in diagonal])))

@@ -256,6 +256,8 @@ def test_training_mode_is_automatic_and_can_be_forced(trained_conv, trained):
         assert op.history["beta"] == 1.0
     with pytest.raises(ValueError, match="Received: training='yes'"):
         Compress(0.5, training="yes")
+    with pytest.raises(ValueError, match="Received: training=1"):
+        Compress(0.5, training=1)
     with pytest.raises(ValueError, match="`beta`"):
         Compress(0.5, beta="large")
 
