@@ -14,7 +14,9 @@ same epoch budget on the same training data:
   tf_keras process, to cross-check `gradual_per_layer` (needs the `baselines` extra; skipped
   with a warning when it is missing).
 
-The budget is `--epochs` (20 unless given) for every method. Jobs run in `--workers`
+The budget is `--epochs` (20 unless given) for every method, exactly: Compress's `min_steps`
+floor (which lengthens short walks on small data) is switched off here so that no method gets
+more steps than another; on small data raise `--epochs` for all. Jobs run in `--workers`
 processes side by side.
 
 Writes `results.json` (per method and sparsity: mean and std of test accuracy over seeds,
@@ -102,9 +104,10 @@ def prune(method, base, sparsity, x, y, x_test, y_test, epochs, batch_size, lear
           seed, lth_rounds=3, fip_structure="unstructured"):
     """Runs one method; returns the pruned model (a new one: `base` is not changed)."""
     if method == "fip":
+        # min_steps=0: exactly `epochs` passes, the baselines' budget.
         return Compress(sparsity, data=(x, y), structure=fip_structure, epochs=epochs,
-                        batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                        verbose=0)(base)
+                        min_steps=0, batch_size=batch_size, learning_rate=learning_rate,
+                        seed=seed, verbose=0)(base)
     common_args = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate)
     if method in ("gradual", "gradual_per_layer"):
         scope = "global" if method == "gradual" else "per_layer"

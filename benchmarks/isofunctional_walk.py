@@ -41,12 +41,14 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--anchor_examples", type=int, default=60000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="lenet_300_100")
+    parser.add_argument("--dataset", default="mnist")
     args = parser.parse_args(argv)
 
     # Base network (trained once, cached).
-    model, base = base_network("lenet_300_100", "mnist", seed=args.seed)
-    x_train, _ = keras_fip.data.load("mnist", "train")
-    x_test, y_test = keras_fip.data.load("mnist", "test")
+    model, base = base_network(args.model, args.dataset, seed=args.seed)
+    x_train, _ = keras_fip.data.load(args.dataset, "train")
+    x_test, y_test = keras_fip.data.load(args.dataset, "test")
     accuracy_before = _accuracy(model, x_test, y_test)
 
     # Walk.
@@ -90,8 +92,8 @@ def main(argv=None):
         json.dumps(
             {
                 "benchmark": "isofunctional_walk",
-                "model": "lenet_300_100",
-                "dataset": "mnist",
+                "model": args.model,
+                "dataset": args.dataset,
                 "step_rule": args.step_rule,
                 "push": args.push,
                 "steps": args.steps,
@@ -100,9 +102,8 @@ def main(argv=None):
                 "batch_size": args.batch_size,
                 "euclidean_distance": round(distance, 4),
                 "euclidean_path_length": round(walk.path.length(), 4),
-                "weight_norm": round(
-                    float(np.sqrt(sum(np.sum(w.astype(np.float64) ** 2) for w in model.get_weights()))), 4
-                ),
+                "weight_norm": round(float(np.sqrt(sum(
+                    np.sum(w.astype(np.float64) ** 2) for w in model.get_weights()))), 4),
                 "test_accuracy_before": accuracy_before,
                 "test_accuracy_after": accuracy_after,
                 "accuracy_change_pp": round(100 * (accuracy_after - accuracy_before), 3),

@@ -54,8 +54,9 @@ class _HoldMasks(keras.callbacks.Callback):
     """Keeps pruned weights at zero after every batch, recomputing masks on a schedule."""
 
     def __init__(self, variables, schedule=None, frequency=100, structure="unstructured",
-                 scope="per_layer", masks=None):
+                 scope="per_layer", masks=None, layer_floor=projection.DEFAULT_LAYER_FLOOR):
         super().__init__()
+        self.layer_floor = layer_floor
         self.variables = variables
         self.schedule = schedule
         self.frequency = frequency
@@ -69,7 +70,8 @@ class _HoldMasks(keras.callbacks.Callback):
         if target <= 0:
             return
         self.masks = projection.magnitude_masks(
-            self.model, target, self.structure, self.scope, self.variables, self.masks
+            self.model, target, self.structure, self.scope, self.variables, self.masks,
+            layer_floor=self.layer_floor,
         )
 
     def _hold(self):
@@ -90,11 +92,13 @@ class _HoldMasks(keras.callbacks.Callback):
         self._hold()
 
 
-def _check_common(model, sparsity, x, y, epochs, batch_size, structure, scope):
+def _check_common(model, sparsity, x, y, epochs, batch_size, structure, scope,
+                  layer_floor=0.0):
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
     projection.check_sparsity(sparsity)
     projection.check_structure_and_scope(structure, scope)
+    projection.check_layer_floor(layer_floor)
     if len(x) != len(y):
         raise ValueError(
             f"`x` and `y` must have the same length. Received: len(x)={len(x)}, len(y)={len(y)}"
@@ -113,7 +117,7 @@ def _finish(pruned, masks):
 
 def one_shot_magnitude_pruning(model, sparsity, x, y, epochs=10, batch_size=128,
                                learning_rate=1e-4, structure="unstructured", scope="global",
-                               verbose=0):
+                               layer_floor=projection.DEFAULT_LAYER_FLOOR, verbose=0):
     """Prunes the smallest weights once, then fine-tunes with the mask fixed.
 
     Args:
@@ -127,16 +131,19 @@ def one_shot_magnitude_pruning(model, sparsity, x, y, epochs=10, batch_size=128,
         structure: As in `keras_fip.engine.projection.magnitude_masks`. Defaults to
             `"unstructured"`.
         scope: `"global"` or `"per_layer"`. Defaults to `"global"`.
+        layer_floor: The layer-collapse floor of the global ranking, as in
+            `magnitude_masks` (the protection `Compress` has). Defaults to `"auto"`.
         verbose: Keras verbosity. Defaults to `0`.
 
     Returns:
         A new `keras.Model` with exactly `sparsity` of its prunable weights at zero, carrying
         its masks.
     """
-    _check_common(model, sparsity, x, y, epochs, batch_size, structure, scope)
+    _check_common(model, sparsity, x, y, epochs, batch_size, structure, scope, layer_floor)
     pruned = copy_lib.copy_model(model)
     variables = projection.prunable_variables(pruned)
-    masks = projection.magnitude_masks(pruned, sparsity, structure, scope, variables)
+    masks = projection.magnitude_masks(pruned, sparsity, structure, scope, variables,
+                                       layer_floor=layer_floor)
     hold = _HoldMasks(variables, masks=masks)
     training.train_classifier(pruned, x, y, epochs, batch_size, learning_rate,
                               callbacks=[hold], verbose=verbose)
@@ -146,7 +153,8 @@ def one_shot_magnitude_pruning(model, sparsity, x, y, epochs=10, batch_size=128,
 def gradual_magnitude_pruning(model, sparsity, x, y, epochs=10, batch_size=128,
                               learning_rate=1e-4, begin_fraction=0.0, end_fraction=0.7,
                               frequency=100, initial_sparsity=0.0, power=3,
-                              structure="unstructured", scope="per_layer", verbose=0):
+                              structure="unstructured", scope="per_layer",
+                              layer_floor=projection.DEFAULT_LAYER_FLOOR, verbose=0):
     """Gradual magnitude pruning with tfmot's `PolynomialDecay` schedule, in Keras 3.
 
     The native equivalent of `tfmot.sparsity.keras.prune_low_magnitude` with
@@ -171,13 +179,15 @@ def gradual_magnitude_pruning(model, sparsity, x, y, epochs=10, batch_size=128,
         power: Exponent of the polynomial schedule. Defaults to `3`.
         structure: As in `magnitude_masks`. Defaults to `"unstructured"`.
         scope: `"per_layer"` (tfmot) or `"global"`. Defaults to `"per_layer"`.
+        layer_floor: With `scope="global"`, the layer-collapse floor, as in
+            `magnitude_masks`. Defaults to `"auto"`.
         verbose: Keras verbosity. Defaults to `0`.
 
     Returns:
         A new `keras.Model` with exactly `sparsity` of its prunable weights at zero, carrying
         its masks.
     """
-    _check_common(model, sparsity, x, y, epochs, batch_size, structure, scope)
+    _check_common(model, sparsity, x, y, epochs, batch_size, structure, scope, layer_floor)
     if not 0.0 <= begin_fraction < end_fraction <= 1.0:
         raise ValueError(
             "`begin_fraction` and `end_fraction` must satisfy 0 <= begin < end <= 1. "
@@ -197,18 +207,19 @@ def gradual_magnitude_pruning(model, sparsity, x, y, epochs=10, batch_size=128,
         return polynomial_decay_sparsity(step, sparsity, begin_step, end_step,
                                          initial_sparsity, power)
 
-    hold = _HoldMasks(variables, schedule, frequency, structure, scope)
+    hold = _HoldMasks(variables, schedule, frequency, structure, scope,
+                      layer_floor=layer_floor)
     training.train_classifier(pruned, x, y, epochs, batch_size, learning_rate,
                               callbacks=[hold], verbose=verbose)
     # Make sure the final sparsity is exact, whatever the step count.
     masks = projection.magnitude_masks(pruned, sparsity, structure, scope, variables,
-                                       hold.masks)
+                                       hold.masks, layer_floor=layer_floor)
     return _finish(pruned, masks)
 
 
 def lottery_ticket(model, sparsity, x, y, epochs=10, batch_size=128, learning_rate=1e-3,
                    rounds=3, rewind_weights=None, structure="unstructured", scope="global",
-                   verbose=0):
+                   layer_floor=projection.DEFAULT_LAYER_FLOOR, verbose=0):
     """Iterative magnitude pruning with rewinding (the lottery-ticket procedure).
 
     Each of `rounds` rounds prunes the smallest surviving weights so that sparsity follows
@@ -232,13 +243,15 @@ def lottery_ticket(model, sparsity, x, y, epochs=10, batch_size=128, learning_ra
             (the given model's weights).
         structure: As in `magnitude_masks`. Defaults to `"unstructured"`.
         scope: `"global"` or `"per_layer"`. Defaults to `"global"`.
+        layer_floor: The layer-collapse floor of the global ranking, as in
+            `magnitude_masks`. Defaults to `"auto"`.
         verbose: Keras verbosity. Defaults to `0`.
 
     Returns:
         A new `keras.Model` with exactly `sparsity` of its prunable weights at zero, carrying
         its masks.
     """
-    _check_common(model, sparsity, x, y, epochs, batch_size, structure, scope)
+    _check_common(model, sparsity, x, y, epochs, batch_size, structure, scope, layer_floor)
     if not isinstance(rounds, int) or not 1 <= rounds <= epochs:
         raise ValueError(
             f"`rounds` must be an integer in [1, epochs={epochs}]. Received: rounds={rounds!r}"
@@ -251,7 +264,8 @@ def lottery_ticket(model, sparsity, x, y, epochs=10, batch_size=128, learning_ra
                         for r in range(rounds)]
     for r in range(1, rounds + 1):
         target = 1.0 - (1.0 - sparsity) ** (r / rounds)
-        masks = projection.magnitude_masks(pruned, target, structure, scope, variables, masks)
+        masks = projection.magnitude_masks(pruned, target, structure, scope, variables, masks,
+                                           layer_floor=layer_floor)
         pruned.set_weights(rewind)
         hold = _HoldMasks(variables, masks=masks)
         training.train_classifier(pruned, x, y, epochs_per_round[r - 1], batch_size,

@@ -10,6 +10,12 @@ import numpy as np
 
 STRUCTURES = ("unstructured", "nodes", "filters", "2:4")
 SCOPES = ("global", "per_layer")
+# Layer-collapse protection of `scope="global"`: every variable keeps at least a fraction
+# of the density the Erdős–Rényi-kernel rule gives it at the target sparsity; "auto" is
+# BATCH_NORM_LAYER_FLOOR for models with BatchNormalization, LAYER_FLOOR otherwise.
+DEFAULT_LAYER_FLOOR = "auto"
+LAYER_FLOOR = 0.5
+BATCH_NORM_LAYER_FLOOR = 1.0
 
 # Layer types whose `kernel` is prunable by default; other variables are opt-in.
 _KERNEL_LAYERS = (
@@ -147,6 +153,37 @@ def _two_of_four_mask(weights):
     return np.moveaxis(keep.reshape(moved.shape), -1, -2)
 
 
+def erk_densities(shapes, density):
+    """Erdős–Rényi-kernel densities (Evci et al. 2020, RigL) for a total `density`.
+
+    Each weight array of shape `(d_1, ..., d_k)` gets density `min(1, ε·Σd_i / Πd_i)`, with
+    ε chosen so that the kept weights add up to `density` of all weights: small and
+    thin layers (a stem convolution, an output layer) stay denser than large ones. Arrays
+    that would exceed density 1 are kept dense and the rest share what remains.
+
+    Args:
+        shapes: Shapes of the weight arrays.
+        density: Fraction of all weights to keep, in [0, 1].
+
+    Returns:
+        A float64 numpy array, one density per shape, each in [0, 1].
+    """
+    sizes = np.array([float(np.prod(shape)) for shape in shapes])
+    raw = np.array([float(np.sum(shape)) for shape in shapes]) / np.maximum(sizes, 1.0)
+    budget = density * sizes.sum()
+    dense = np.zeros(len(sizes), dtype=bool)
+    while True:
+        free = ~dense
+        denominator = float(np.sum(raw[free] * sizes[free]))
+        remaining = budget - float(np.sum(sizes[dense]))
+        epsilon = remaining / denominator if denominator > 0 else 0.0
+        now_dense = free & (epsilon * raw >= 1.0)
+        if not now_dense.any():
+            break
+        dense |= now_dense
+    return np.where(dense, 1.0, np.clip(epsilon * raw, 0.0, 1.0))
+
+
 def _keep_top(scores, num_keep):
     """Boolean keep-vector of the `num_keep` largest scores (ties broken by position)."""
     if num_keep <= 0:
@@ -162,7 +199,8 @@ def _keep_top(scores, num_keep):
 
 
 def magnitude_masks(model, sparsity, structure="unstructured", scope="global",
-                    variables=None, existing_masks=None, importance=None):
+                    variables=None, existing_masks=None, importance=None,
+                    layer_floor=DEFAULT_LAYER_FLOOR):
     """Masks of the projection P_p(w): keep the largest weights, zero a fraction `sparsity`.
 
     With `scope="global"` one threshold ranks all prunable groups of all variables together
@@ -172,6 +210,23 @@ def magnitude_masks(model, sparsity, structure="unstructured", scope="global",
     every four consecutive input weights (exactly 50% per variable; `sparsity` must be 0.5).
     Weights already masked by `existing_masks` stay masked and count towards the sparsity.
     The number of zeroed elements is exact: `round(sparsity * size)` per scope.
+
+    **Layer-collapse protection** (`scope="global"`): one global threshold can empty a
+    layer whose weights are small by scale rather than by use (a 216-weight stem convolution
+    in front of BatchNormalization, whose output does not depend on the kernel's scale, is
+    left 96% sparse at 80% overall), and no training afterwards restores a layer with almost
+    nothing left. So each variable first keeps its top groups up to a floor, `layer_floor`
+    times the density the Erdős–Rényi-kernel rule (`erk_densities`, as RigL allocates
+    sparsity) gives it at this sparsity; the global ranking then fills the rest of the
+    budget. Because the ERK densities add up to the budget, the floors always fit, the total
+    stays exact, and the ranking stays global wherever it leaves layers above their floors
+    (on LeNet-300-100 at 99.1%, the floors do not bind). `layer_floor=0` is the plain
+    global ranking; `1` is the ERK allocation itself. `"auto"` is `0.5`, or `1` when the
+    model has BatchNormalization: a kernel whose outputs are normalised can be rescaled
+    without changing the function, so its magnitudes say nothing about its use next to
+    another layer's, and the allocation across layers follows their shapes alone (on a
+    12-filter residual BatchNorm net on the digits at 80%, Compress kept 90.0% with 0.5 and
+    the dense 95.6% with 1).
 
     With `importance`, a diagonal metric `d` per variable (e.g. the diagonal of g = JᵀJ
     or of the Fisher information, as from `keras_fip.geometry.metric_diagonal`), the
@@ -190,6 +245,9 @@ def magnitude_masks(model, sparsity, structure="unstructured", scope="global",
             `None`.
         importance: List of non-negative arrays, one per variable and of its shape: the
             diagonal metric to rank in. Defaults to `None` (Euclidean: magnitude).
+        layer_floor: With `scope="global"`, the fraction of its ERK density below which no
+            variable is pruned, in [0, 1], or `"auto"` (1 for models with
+            BatchNormalization, else 0.5). Defaults to `"auto"`.
 
     Returns:
         A dict mapping `variable.path` to a boolean array (`False` = pruned).
@@ -202,6 +260,7 @@ def magnitude_masks(model, sparsity, structure="unstructured", scope="global",
     """
     sparsity = check_sparsity(sparsity)
     check_structure_and_scope(structure, scope)
+    layer_floor = resolve_layer_floor(model, layer_floor)
     if variables is None:
         variables = prunable_variables(model)
     if not variables:
@@ -255,8 +314,11 @@ def magnitude_masks(model, sparsity, structure="unstructured", scope="global",
             result[variable.path] = expand(_keep_top(scores, num_keep))
         return result
 
-    # Global: rank every group of every variable together.
+    # Global: rank every group of every variable together, above each variable's floor.
     normalized = [scores / np.sqrt(size) for (scores, _), size in zip(scored, group_sizes)]
+    if layer_floor > 0:
+        floors = layer_floor * erk_densities([a.shape for a in arrays], 1.0 - sparsity)
+        normalized = [_raise_floor(scores, floor) for scores, floor in zip(normalized, floors)]
     all_scores = np.concatenate(normalized)
     all_sizes = np.concatenate(
         [np.full(scores.size, size) for (scores, _), size in zip(scored, group_sizes)]
@@ -279,6 +341,45 @@ def magnitude_masks(model, sparsity, structure="unstructured", scope="global",
         result[variable.path] = expand(keep[offset : offset + scores.size])
         offset += scores.size
     return result
+
+
+def check_layer_floor(layer_floor, name="layer_floor"):
+    """`layer_floor` checked: `"auto"` or a number in [0, 1]."""
+    if isinstance(layer_floor, str) and layer_floor == "auto":
+        return layer_floor
+    if (
+        isinstance(layer_floor, bool)
+        or not isinstance(layer_floor, (int, float, np.integer, np.floating))
+        or not 0.0 <= float(layer_floor) <= 1.0
+    ):
+        raise ValueError(
+            f"`{name}` must be 'auto' or a number in [0, 1]. Received: {name}={layer_floor!r}"
+        )
+    return float(layer_floor)
+
+
+def resolve_layer_floor(model, layer_floor):
+    """The number `layer_floor` stands for on `model` (`"auto"`: 1 with BatchNormalization,
+    else 0.5)."""
+    layer_floor = check_layer_floor(layer_floor)
+    if layer_floor != "auto":
+        return layer_floor
+    normalized = any(isinstance(layer, keras.layers.BatchNormalization)
+                     for layer in _layers(model))
+    return BATCH_NORM_LAYER_FLOOR if normalized else LAYER_FLOOR
+
+
+def _raise_floor(scores, density):
+    """Scores with the top `floor(density·size)` non-zero groups lifted above every other
+    score (+inf), so that a global ranking keeps them first. Rounding down keeps the
+    floors of all variables inside the budget (the ERK densities add up to it exactly).
+    Zero scores (weights already masked) are never lifted."""
+    num_floor = min(int(np.floor(density * scores.size + 1e-9)), int(np.count_nonzero(scores)))
+    if num_floor <= 0:
+        return scores
+    lifted = scores.astype("float64").copy()
+    lifted[_keep_top(scores, num_floor)] = np.inf
+    return lifted
 
 
 def project(weights, masks):

@@ -1,4 +1,4 @@
-"""VGG networks for 32x32 images."""
+"""VGG networks for 32x32 (and 28x28) images."""
 
 import keras
 
@@ -44,7 +44,9 @@ def vgg(depth=16, width_multiplier=1.0, input_shape=(32, 32, 3), num_classes=10,
     block, conv = 1, 1
     for entry in _CONFIGS[depth]:
         if entry == "M":
-            x = keras.layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
+            # `same` padding: 32x32 pools exactly as before (32 -> 1); 28x28 MNIST pools
+            # 28 -> 14 -> 7 -> 4 -> 2 -> 1 instead of reaching zero size.
+            x = keras.layers.MaxPooling2D(2, padding="same", name=f"block{block}_pool")(x)
             block, conv = block + 1, 1
             continue
         filters = validation.scaled(entry, multiplier)

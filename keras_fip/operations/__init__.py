@@ -4,8 +4,8 @@ from keras_fip.operations.base import Operation
 from keras_fip.operations.base import carry_data
 from keras_fip.operations.base import carried_data
 from keras_fip.operations.base import check_model
-from keras_fip.operations.chain import Chain
-from keras_fip.operations.chain import chain
+from keras_fip.operations.composition import Chain
+from keras_fip.operations.composition import chain
 from keras_fip.operations.isofunctional import Isofunctional
 from keras_fip.operations.compress import Compress
 from keras_fip.operations.shrink import shrink

@@ -31,6 +31,16 @@ AUTO_BETA_SCALE = 1e4
 # Inputs of that estimate: the Fisher diagonal is carried by the few uncertain inputs, and
 # 1,024 of them scatter β by ±40% on LeNet-300-100; 8,192 hold it to about ±5%.
 AUTO_BETA_EXAMPLES = 8192
+# The path's budget does not shrink with the data: at least MIN_STEPS steps (1,400 digits
+# at 10 epochs of batch 128 would be 110 steps, two target updates), and the targets are
+# recomputed every MAX_UPDATE_EVERY steps or often enough for MIN_TARGET_UPDATES updates,
+# but never more often than every MIN_UPDATE_EVERY steps: targets recomputed at every step
+# chase the weights they move (a 48-step pull on the digits MLP at 90% kept 82% updating
+# every step, 91% every 50).
+MIN_STEPS = 1000
+MAX_UPDATE_EVERY = 50
+MIN_UPDATE_EVERY = 10
+MIN_TARGET_UPDATES = 40
 
 
 class _CosineFrom(keras.optimizers.schedules.LearningRateSchedule):
@@ -123,7 +133,7 @@ class _RampTargets(keras.callbacks.Callback):
 
     def update(self):
         op = self.operation
-        sparsity = self.target_sparsity(self.step + op.update_every)
+        sparsity = self.target_sparsity(self.step + op._update_every)
         if op.structure == "2:4":
             sparsity = 0.5
         self.targets = op._masks(self.model_to_prune, sparsity, self.variables,
@@ -136,7 +146,7 @@ class _RampTargets(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1
-        if self.step % self.operation.update_every == 0:
+        if self.step % self.operation._update_every == 0:
             self.update()
 
 
@@ -167,16 +177,33 @@ class Compress(Operation):
             The structured modes leave the output layer whole (its units are the model's
             outputs) and `"filters"` prunes convolution kernels only; the sparsity counts
             the kernels they prune. Defaults to `"unstructured"`.
-        scope: `"global"` (one magnitude ranking over all prunable weights) or
-            `"per_layer"` (each layer loses the fraction p). Defaults to `"global"`.
-        epochs: Passes over `data`: the budget of the whole path (pull and settle).
-            Defaults to `10`.
+        scope: `"global"` (one magnitude ranking over all prunable weights, above each
+            layer's collapse floor; see `layer_floor`) or `"per_layer"` (each layer loses
+            the fraction p). Defaults to `"global"`.
+        epochs: Passes over `data`: the budget of the whole path (pull and settle),
+            raised to `min_steps` steps when the data are few. Defaults to `10`.
+        steps: The exact number of steps of the whole path, instead of `epochs` (and
+            `min_steps`). The number taken is `op.history["steps"]`. Defaults to `None`.
+        min_steps: The fewest steps an `epochs` budget gives: the walk must be long
+            enough for the targets to reach zero and the function to settle however few
+            the inputs are (1,400 digits at 10 epochs would be 110 steps). Defaults to
+            `1000`.
         pull_fraction: Fraction of the steps spent pulling towards P_p(w); the rest
             settle with the mask fixed. Defaults to `0.7`.
         ramp_fraction: Fraction of the pull over which the target sparsity ramps from 0
             to p. Defaults to `0.7`.
         ramp_power: Exponent of the polynomial ramp. Defaults to `3`.
-        update_every: Steps between recomputations of the target masks. Defaults to `50`.
+        update_every: Steps between recomputations of the target masks, or `"auto"`:
+            every 50 steps, or more often on short pulls so that the targets are
+            recomputed 40 times, but at most every 10 steps (`op.history["target_updates"]`
+            counts them). Defaults to `"auto"`.
+        layer_floor: With `scope="global"`, no layer is pruned below this fraction of its
+            Erdős–Rényi-kernel density (`keras_fip.engine.projection.erk_densities`): the
+            layer-collapse protection, which keeps a small stem or output layer
+            functional; 0 is the plain global ranking, 1 the ERK allocation, `"auto"` 1
+            for models with BatchNormalization (whose kernels' scales carry no function)
+            and 0.5 otherwise (see `keras_fip.engine.projection.magnitude_masks`).
+            Defaults to `"auto"`.
         beta: β, the weight of the projection distance in L, or `"auto"`:
             `AUTO_BETA_SCALE` (1e4) × the mean diagonal of the output metric over the
             prunable weights (estimated on up to 8,192 inputs), so that the pull has
@@ -241,10 +268,13 @@ class Compress(Operation):
         structure="unstructured",
         scope="global",
         epochs=10,
+        steps=None,
+        min_steps=MIN_STEPS,
         pull_fraction=0.7,
         ramp_fraction=0.7,
         ramp_power=3,
-        update_every=50,
+        update_every="auto",
+        layer_floor=projection.DEFAULT_LAYER_FLOOR,
         beta="auto",
         saliency="magnitude",
         metric_examples=1024,
@@ -281,13 +311,21 @@ class Compress(Operation):
         self.data = data
         self.epochs = self.check_number(epochs, "epochs", low=1, low_inclusive=True,
                                         integer=True)
+        if steps is not None:
+            steps = self.check_number(steps, "steps", low=2, low_inclusive=True, integer=True)
+        self.steps = steps
+        self.min_steps = self.check_number(min_steps, "min_steps", low=0, low_inclusive=True,
+                                           integer=True)
         self.pull_fraction = self.check_number(pull_fraction, "pull_fraction", low=0.0,
                                                high=1.0)
         self.ramp_fraction = self.check_number(ramp_fraction, "ramp_fraction", low=0.0,
                                                high=1.0)
         self.ramp_power = self.check_number(ramp_power, "ramp_power", low=0.0)
-        self.update_every = self.check_number(update_every, "update_every", low=1,
-                                              low_inclusive=True, integer=True)
+        if not (isinstance(update_every, str) and update_every == "auto"):
+            update_every = self.check_number(update_every, "update_every", low=1,
+                                             low_inclusive=True, integer=True)
+        self.update_every = update_every
+        self.layer_floor = projection.check_layer_floor(layer_floor)
         if not (isinstance(beta, str) and beta == "auto"):
             beta = self.check_number(beta, "beta", low=0.0)
         self.beta = beta
@@ -317,6 +355,21 @@ class Compress(Operation):
         )
         self.jit_compile = bool(jit_compile)
 
+    def walk_steps(self, num_examples):
+        """The number of steps of the whole path for `num_examples` inputs: `steps` if
+        given, else `epochs` passes over the data, but never fewer than `min_steps`."""
+        if self.steps is not None:
+            return self.steps
+        return max(self.epochs * math.ceil(num_examples / self.batch_size), self.min_steps)
+
+    def target_update_interval(self, pull_steps):
+        """Steps between target-mask updates: `update_every`, or with `"auto"` every
+        `MAX_UPDATE_EVERY` steps, more often on short pulls so that there are at least
+        `MIN_TARGET_UPDATES` updates, but at most every `MIN_UPDATE_EVERY` steps."""
+        if not isinstance(self.update_every, str):
+            return self.update_every
+        return max(MIN_UPDATE_EVERY, min(MAX_UPDATE_EVERY, pull_steps // MIN_TARGET_UPDATES))
+
     def _metric_diagonal(self, model, variables, examples):
         """The diagonal of the output metric (Fisher for KL/Bhattacharyya, JᵀJ for L2) on
         `examples` random inputs."""
@@ -342,7 +395,8 @@ class Compress(Operation):
         if self.saliency == "metric":
             importance = self._metric_diagonal(model, variables, self.metric_examples)
         return projection.magnitude_masks(model, sparsity, self.structure, self.scope,
-                                          variables, existing, importance=importance)
+                                          variables, existing, importance=importance,
+                                          layer_floor=self.layer_floor)
 
     def _optimizer(self, steps, penalty, offset=0):
         if not penalty:
@@ -382,10 +436,10 @@ class Compress(Operation):
         normalized = bool(normalization.batch_normalization_layers(model))
         self._walk_training = normalized if self.training == "auto" else self.training
         existing = {path: mask for path, mask in masks_lib.masks(model).items()}
-        steps_per_epoch = math.ceil(len(x) / self.batch_size)
-        total_steps = self.epochs * steps_per_epoch
+        total_steps = self.walk_steps(len(x))
         pull_steps = max(1, int(round(self.pull_fraction * total_steps)))
         settle_steps = total_steps - pull_steps
+        self._update_every = self.target_update_interval(pull_steps)
         labelled = self.task_weight > 0 and y is not None
         secondary = (x, y) if labelled else None
         dataset = fip_dataset(model, x, secondary=secondary, batch_size=self.batch_size,
@@ -426,6 +480,10 @@ class Compress(Operation):
                                                           self.batch_size * 2)
         self.history = dict(history)
         self.history["beta"] = self._beta
+        self.history["steps"] = total_steps
+        self.history["pull_steps"] = pull_steps
+        self.history["target_updates"] = 1 + (pull_steps - 1) // self._update_every
+        self.history["update_every"] = self._update_every
         self.history["layer_sparsity"] = {
             v.path: float(1.0 - final[v.path].mean()) for v in variables
         }
@@ -439,10 +497,13 @@ class Compress(Operation):
             structure=self.structure,
             scope=self.scope,
             epochs=self.epochs,
+            steps=self.steps,
+            min_steps=self.min_steps,
             pull_fraction=self.pull_fraction,
             ramp_fraction=self.ramp_fraction,
             ramp_power=self.ramp_power,
             update_every=self.update_every,
+            layer_floor=self.layer_floor,
             beta=self.beta,
             saliency=self.saliency,
             metric_examples=self.metric_examples,

@@ -41,7 +41,8 @@ def test_unstructured_sparsity_is_exact(sparsity, scope):
 
 def test_global_unstructured_keeps_the_largest_magnitudes():
     model = _model()
-    masks = projection.magnitude_masks(model, 0.8)
+    # The plain ranking (no layer-collapse floor).
+    masks = projection.magnitude_masks(model, 0.8, layer_floor=0.0)
     variables = projection.prunable_variables(model)
     kept = np.concatenate([np.abs(v.numpy())[masks[v.path]] for v in variables])
     pruned = np.concatenate([np.abs(v.numpy())[~masks[v.path]] for v in variables])
@@ -140,3 +141,75 @@ def test_importance_of_the_wrong_shape_is_a_clear_error():
     model = _model()
     with pytest.raises(ValueError, match="`importance`"):
         projection.magnitude_masks(model, 0.5, importance=[np.ones((2, 2))])
+
+
+def test_erk_densities_spend_the_budget_and_favour_small_layers():
+    shapes = [(3, 3, 1, 24), (3, 3, 24, 24), (24, 64), (64, 10)]
+    sizes = np.array([np.prod(s) for s in shapes])
+    for density in (0.05, 0.2, 0.5):
+        densities = projection.erk_densities(shapes, density)
+        assert np.all((densities >= 0) & (densities <= 1))
+        np.testing.assert_allclose(np.sum(densities * sizes), density * sizes.sum(),
+                                   rtol=1e-9)
+        # The 216-weight stem is denser than the 5,184-weight block.
+        assert densities[0] > densities[1]
+    np.testing.assert_allclose(projection.erk_densities(shapes, 1.0), 1.0)
+
+
+def _collapsing_model():
+    """A model whose first kernel is small by scale: a plain global ranking empties it."""
+    model = _model()
+    conv = model.get_layer("conv").kernel
+    conv.assign(conv.numpy() * 1e-3)
+    return model
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.95])
+def test_global_ranking_keeps_every_layer_above_its_floor(sparsity):
+    model = _collapsing_model()
+    variables = projection.prunable_variables(model)
+    plain = projection.magnitude_masks(model, sparsity, layer_floor=0.0)
+    assert plain["conv/kernel"].sum() == 0  # The collapse the floor prevents.
+    masks = projection.magnitude_masks(model, sparsity)
+    total = sum(int(np.prod(v.shape)) for v in variables)
+    assert sum(int((~m).sum()) for m in masks.values()) == round(sparsity * total)
+    densities = projection.erk_densities([v.shape for v in variables], 1 - sparsity)
+    for variable, density in zip(variables, densities):
+        kept = int(masks[variable.path].sum())
+        floor = np.ceil(projection.resolve_layer_floor(model, "auto") * density
+                        * np.prod(variable.shape))
+        assert kept >= floor - 1, (variable.path, kept, floor)
+        assert kept > 0
+    # Above their floors, the other layers still follow the global magnitude ranking: the
+    # kept weights of the dense layers are the largest ones.
+    hidden = model.get_layer("hidden").kernel.numpy()
+    mask = masks["hidden/kernel"]
+    assert np.abs(hidden[mask]).min() >= np.abs(hidden[~mask]).max()
+
+
+def test_layer_floor_one_is_the_erk_allocation_and_floors_respect_existing_masks():
+    model = _collapsing_model()
+    variables = projection.prunable_variables(model)
+    masks = projection.magnitude_masks(model, 0.8, layer_floor=1.0)
+    densities = projection.erk_densities([v.shape for v in variables], 0.2)
+    for variable, density in zip(variables, densities):
+        size = np.prod(variable.shape)
+        # Floors round down; the few weights left over are ranked globally.
+        assert abs(int(masks[variable.path].sum()) - density * size) <= len(variables)
+    # Weights masked before are never lifted back by a floor.
+    existing = {"conv/kernel": np.zeros((3, 3, 1, 8), bool)}
+    masks = projection.magnitude_masks(model, 0.5, existing_masks=existing)
+    assert masks["conv/kernel"].sum() == 0
+
+
+def test_auto_layer_floor_is_erk_for_batch_norm_models():
+    assert projection.resolve_layer_floor(_model(), "auto") == 1.0  # has BatchNorm
+    mlp = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2)])
+    assert projection.resolve_layer_floor(mlp, "auto") == 0.5
+    assert projection.resolve_layer_floor(mlp, 0.25) == 0.25
+
+
+@pytest.mark.parametrize("layer_floor", [-0.1, 1.5, True, "erk"])
+def test_bad_layer_floor_is_a_clear_error(layer_floor):
+    with pytest.raises(ValueError, match="layer_floor"):
+        projection.magnitude_masks(_model(), 0.5, layer_floor=layer_floor)

@@ -100,3 +100,12 @@ def test_evaluate_classifier_matches_manual_accuracy():
     result = models.evaluate_classifier(model, x, y)
     manual = np.mean(np.argmax(model.predict(x, verbose=0), -1) == y)
     assert result["accuracy"] == pytest.approx(manual)
+
+
+@pytest.mark.parametrize("depth", [11, 16])
+def test_vgg_builds_on_28x28_inputs(depth):
+    # Five 2x2 poolings would reach zero size at 28x28 without `same` padding.
+    model = models.vgg(depth, width_multiplier=0.125, input_shape=(28, 28, 1))
+    outputs = model(np.zeros((2, 28, 28, 1), "float32"))
+    assert tuple(outputs.shape) == (2, 10)
+    assert model.get_layer("block5_pool").output.shape[1:3] == (1, 1)

@@ -141,3 +141,15 @@ def test_carried_data_is_used_when_no_data_is_given():
     moved = walk(model)
     assert walk.history["step_norm"] == pytest.approx([0.01, 0.01], rel=1e-5)
     assert keras_fip.operations.carried_data(moved) is not None
+
+
+def test_chain_function_does_not_shadow_a_module():
+    import importlib
+
+    import keras_fip.operations.composition as composition
+
+    assert keras_fip.operations.chain is composition.chain
+    assert keras_fip.operations.Chain is composition.Chain
+    assert callable(keras_fip.operations.chain)
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("keras_fip.operations.chain")

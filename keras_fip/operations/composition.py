@@ -1,4 +1,8 @@
-"""`Chain` and `chain`: operations compose into an operation."""
+"""`Chain` and `chain`: operations compose into an operation.
+
+The module is named `composition` so that the function `keras_fip.operations.chain` does not
+shadow it (a module `operations/chain.py` would be hidden behind the function of its name).
+"""
 
 import keras
 

@@ -1,0 +1,124 @@
+"""Compress with default arguments on models built here, never seen when tuning them.
+
+A BatchNorm residual conv net and an MLP on the digits, at 50%, 80% and 90%: the sparsity
+is exact, no layer is emptied (the layer-collapse floor), the walk is long enough however
+few the inputs (the `min_steps` budget) and the accuracy stays close to the dense network.
+Before the floor and the step budget, the same calls left the residual net far below its
+dense accuracy (the stem convolution pruned to a few weights, 110 steps).
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_fip
+from keras_fip import data
+from keras_fip import models
+from keras_fip.engine import projection
+
+SPARSITIES = (0.5, 0.8, 0.9)
+# The largest accuracy loss tolerated at each sparsity (fractions of the test set).
+MAX_LOSS = {0.5: 0.02, 0.8: 0.03, 0.9: 0.06}
+_CACHE = {}
+
+
+def _residual_net():
+    """A small BatchNorm residual conv net (stem conv, BN, ReLU, a residual conv block,
+    global pooling, Dense 32, logits)."""
+    keras.utils.set_random_seed(1)
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 1))
+    stem = layers.ReLU()(layers.BatchNormalization()(
+        layers.Conv2D(12, 3, padding="same", name="stem")(inputs)))
+    block = layers.BatchNormalization()(layers.Conv2D(12, 3, padding="same")(stem))
+    hidden = layers.GlobalAveragePooling2D()(layers.ReLU()(layers.Add()([stem, block])))
+    hidden = layers.Dense(32, activation="relu")(hidden)
+    return keras.Model(inputs, layers.Dense(10)(hidden), name="residual")
+
+
+def _mlp():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [keras.Input((8, 8, 1)), keras.layers.Flatten(),
+         keras.layers.Dense(64, activation="relu"), keras.layers.Dense(32, activation="relu"),
+         keras.layers.Dense(10)],
+        name="mlp",
+    )
+
+
+def _trained(kind):
+    if kind not in _CACHE:
+        x, y = data.load("digits")
+        model = _residual_net() if kind == "residual" else _mlp()
+        # 40 epochs: Keras' BatchNorm momentum 0.99 needs them for its moving statistics.
+        models.train_classifier(model, x, y, epochs=40 if kind == "residual" else 20,
+                                batch_size=64, learning_rate=3e-3)
+        _CACHE[kind] = model
+    return _CACHE[kind]
+
+
+def _accuracy(model):
+    x_test, y_test = data.load("digits", "test")
+    return models.evaluate_classifier(model, x_test, y_test)["accuracy"]
+
+
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("kind", ["residual", "mlp"])
+def test_default_compress_keeps_unseen_models_accurate(kind, sparsity):
+    model = _trained(kind)
+    x, _ = data.load("digits")
+    operation = keras_fip.Compress(sparsity, data=x, seed=0, verbose=0)
+    sparse = operation(model)
+
+    # Exact sparsity, no layer emptied
+    variables = projection.prunable_variables(sparse)
+    total = sum(int(np.prod(v.shape)) for v in variables)
+    zeros = sum(int(np.sum(v.numpy() == 0)) for v in variables)
+    assert zeros == round(sparsity * total)
+    densities = projection.erk_densities([v.shape for v in variables], 1.0 - sparsity)
+    floor = projection.resolve_layer_floor(model, "auto")
+    for variable, density in zip(variables, densities):
+        kept = int(np.count_nonzero(variable.numpy()))
+        assert kept >= np.ceil(floor * density * np.prod(variable.shape)) - 1, variable.path
+
+    # A walk that does not shrink with the data
+    assert operation.history["steps"] == keras_fip.operations.compress.MIN_STEPS
+    assert operation.history["target_updates"] >= 40
+
+    # The function is kept
+    assert _accuracy(sparse) >= _accuracy(model) - MAX_LOSS[sparsity]
+
+
+def test_walk_steps_follow_epochs_steps_and_the_floor():
+    x = np.zeros((1000, 4), "float32")
+    assert keras_fip.Compress(0.5, epochs=10).walk_steps(len(x)) == 1000  # 80 -> floor
+    assert keras_fip.Compress(0.5, epochs=20).walk_steps(len(x)) == 1000
+    assert keras_fip.Compress(0.5, epochs=20, batch_size=8).walk_steps(len(x)) == 2500
+    assert keras_fip.Compress(0.5, epochs=10, min_steps=0).walk_steps(len(x)) == 80
+    assert keras_fip.Compress(0.5, steps=37).walk_steps(len(x)) == 37
+    operation = keras_fip.Compress(0.5)
+    assert operation.target_update_interval(700) == 17  # 40 updates
+    assert operation.target_update_interval(10_000) == 50
+    assert operation.target_update_interval(48) == 10
+    assert keras_fip.Compress(0.5, update_every=7).target_update_interval(700) == 7
+
+
+def test_history_counts_the_steps_taken():
+    model = _mlp()
+    x, _ = data.load("digits")
+    operation = keras_fip.Compress(0.5, data=x[:256], steps=30, verbose=0, seed=0)
+    operation(model)
+    assert operation.history["steps"] == 30
+    assert operation.history["pull_steps"] == 21
+    assert len(operation.history["distance"]) == 30
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [({"steps": 1}, "`steps`"), ({"steps": 2.5}, "`steps`"), ({"min_steps": -1}, "`min_steps`"),
+     ({"update_every": "often"}, "`update_every`"), ({"update_every": 0}, "`update_every`"),
+     ({"layer_floor": 2.0}, "`layer_floor`")],
+)
+def test_bad_budget_arguments_fail_in_init(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        keras_fip.Compress(0.5, **kwargs)
