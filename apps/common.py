@@ -22,6 +22,12 @@ flags.DEFINE_integer("batch_size", 128, "Examples per step.", lower_bound=1)
 flags.DEFINE_float("learning_rate", 1e-3, "Initial learning rate.", lower_bound=0.0)
 flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0)
 
+# Experiments (sweeps over methods and seeds)
+flags.DEFINE_list("methods", None, "Methods to run (each app lists its own; default: all of "
+                  "that app's methods).")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: each trains its own base network.")
+flags.DEFINE_integer("base_epochs", 10, "Epochs of the base network.", lower_bound=1)
+
 # Runtime
 flags.DEFINE_string("output_dir", None, "Where config.json, results.json and plots go "
                     "(default: runs/<app name>).")

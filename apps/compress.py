@@ -62,8 +62,6 @@ DEFAULT_EPOCHS = 20
 # Sweep
 flags.DEFINE_list("sparsities", ["90", "95", "98", "99.1", "99.4"],
                   "Target sparsities, in percent of the prunable weights.")
-flags.DEFINE_list("methods", list(METHODS), f"Methods among {list(METHODS)}.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: each trains its own base network.")
 flags.DEFINE_integer("workers", 2, "Processes running (method, sparsity, seed) jobs side by "
                      "side (a LeNet job keeps about one core busy). Use 1 with "
                      "`--strategy` other than default.", lower_bound=1)
@@ -71,7 +69,6 @@ flags.DEFINE_integer("workers", 2, "Processes running (method, sparsity, seed) j
 # Method settings
 flags.DEFINE_float("prune_learning_rate", 3e-3, "Initial Adam learning rate of every "
                    "method (cosine-decayed over its budget).", lower_bound=0.0)
-flags.DEFINE_integer("base_epochs", 10, "Epochs of the base network.", lower_bound=1)
 flags.DEFINE_integer("lth_rounds", 3, "Pruning rounds of the lottery-ticket baseline.",
                      lower_bound=1)
 flags.DEFINE_enum("fip_structure", "unstructured", list(projection.STRUCTURES),
@@ -262,7 +259,8 @@ def plot(results, layer_figures, methods, percents, output_dir):
 def main(argv):
     del argv  # Unused.
     percents = _percent_list(FLAGS.sparsities)
-    methods = [common.check_choice(m, "methods", METHODS) for m in FLAGS.methods]
+    methods = [common.check_choice(m, "methods", METHODS)
+               for m in (FLAGS.methods or METHODS)]
     seeds = [int(s) for s in FLAGS.seeds]
     epochs = DEFAULT_EPOCHS if FLAGS["epochs"].using_default_value else FLAGS.epochs
     if FLAGS.workers > 1 and FLAGS.strategy != "default":
