@@ -10,6 +10,7 @@ from keras_fip.engine import distances as distances_lib
 from keras_fip.engine import normalization
 from keras_fip.engine import step_rules
 from keras_fip.engine.copy import copy_model
+from keras_fip.engine.data_adapter import check_inputs_match_model
 from keras_fip.engine.data_adapter import fip_dataset
 from keras_fip.engine.data_adapter import model_example_shape
 from keras_fip.engine.data_adapter import normalize_data
@@ -19,12 +20,17 @@ from keras_fip.operations.base import Operation
 from keras_fip.operations.isofunctional import random_direction
 
 COMBINES = ("mean_probabilities", "mean_logits", "log_mean_probabilities")
+# The combinations an ensemble model is built with (standard layers only).
+SAVED_COMBINES = ("mean_probabilities", "mean_logits")
 PUSHES = ("random", "random_per_member", "none")
 
 
 @keras.saving.register_keras_serializable(package="keras_fip")
 class EnsembleCombination(keras.layers.Layer):
-    """Combines the logits of ensemble members into the ensemble's output.
+    """Combines the logits of ensemble members in one layer (for attacks and analyses).
+
+    The ensembles keras_fip builds use standard layers (`build_ensemble`); this layer
+    gives the numerically stable log p̄ that attacks and losses need.
 
     `"mean_probabilities"`: p̄ = (1/K) Σ_k softmax(z_k), the probabilities the paper sums.
     `"log_mean_probabilities"`: log p̄, computed stably as
@@ -71,26 +77,31 @@ class EnsembleCombination(keras.layers.Layer):
         return {**super().get_config(), "combine": self.combine}
 
 
-def _combination_layer(model):
-    for layer in model.layers:
-        if isinstance(layer, EnsembleCombination):
-            return layer
-    return None
+COMBINATION_NAME = "combination"
+
+
+def is_ensemble(model):
+    """Whether `model` is a keras_fip ensemble (nested members, a `"combination"` layer)."""
+    if not isinstance(model, keras.Model):
+        return False
+    names = [layer.name for layer in model.layers]
+    return COMBINATION_NAME in names and any(
+        isinstance(layer, keras.Model) for layer in model.layers)
 
 
 def ensemble_members(model):
     """The member networks of a keras_fip ensemble, each returning logits.
 
     The members are found structurally: the nested `keras.Model` layers of an ensemble
-    model that has an `EnsembleCombination` layer, in the order they were added. This
-    also works on an ensemble re-loaded from a `.keras` file. The members are the
-    ensemble's own layers (shared weights, not copies): copy them with
-    `keras_fip.engine.copy_model` before changing them.
+    model (one whose output layer is named `"combination"`, as `build_ensemble` makes
+    them), in the order they were added. This also works on an ensemble re-loaded from
+    a `.keras` file or copied. The members are the ensemble's own layers (shared
+    weights, not copies): copy them with `keras_fip.engine.copy_model` before changing
+    them.
 
     Args:
-        model: A model returned by `keras_fip.Ensemble` (or re-loaded from one), or a
-            model built the same way (one input, nested member models, an
-            `EnsembleCombination`).
+        model: A model returned by `keras_fip.Ensemble`, the ensemble baselines or
+            `build_ensemble` (or re-loaded from one).
 
     Returns:
         A list of `keras.Model`, each returning logits.
@@ -105,19 +116,21 @@ def ensemble_members(model):
     """
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
-    if _combination_layer(model) is None:
+    if not is_ensemble(model):
         raise ValueError(
-            "`model` is not a keras_fip ensemble: it has no `EnsembleCombination` layer "
-            f"(make ensembles with `keras_fip.Ensemble` or `build_ensemble`). "
-            f"Received: model={model.name}"
+            "`model` is not a keras_fip ensemble: it has no nested member models and "
+            f"`{COMBINATION_NAME}` layer (make ensembles with `keras_fip.Ensemble` or "
+            f"`build_ensemble`). Received: model={model.name}"
         )
     return [layer for layer in model.layers if isinstance(layer, keras.Model)]
 
 
 def ensemble_combine(model):
-    """The `combine` mode of a keras_fip ensemble (`"mean_probabilities"`, ...)."""
+    """The `combine` mode of a keras_fip ensemble: `"mean_probabilities"` or
+    `"mean_logits"`."""
     ensemble_members(model)
-    return _combination_layer(model).combine
+    softmax = any(isinstance(layer, keras.layers.Softmax) for layer in model.layers)
+    return "mean_probabilities" if softmax else "mean_logits"
 
 
 def build_ensemble(members, combine="mean_probabilities", input_shape=None, name="ensemble"):
@@ -125,13 +138,16 @@ def build_ensemble(members, combine="mean_probabilities", input_shape=None, name
 
     The members are used as they are (nested, not copied) and renamed `member_0`,
     `member_1`, ... so that the ensemble saves as `.keras` and exports as a SavedModel
-    with each member intact; `ensemble_members` gives them back. Masks the members carry
-    stay on them.
+    with each member intact; `ensemble_members` gives them back. The combination is made
+    of standard layers (a `Softmax` per member and an `Average` named `"combination"`),
+    so the ensemble is a standard Keras model that other keras_fip operations accept.
+    Masks the members carry stay on them.
 
     Args:
         members: A non-empty list of `keras.Model`, each returning logits of one shape.
-        combine: One of `COMBINES` (see `EnsembleCombination`). Defaults to
-            `"mean_probabilities"`.
+        combine: `"mean_probabilities"` (outputs p̄ = (1/K) Σ_k softmax(z_k):
+            probabilities, not logits) or `"mean_logits"` (outputs (1/K) Σ_k z_k).
+            Defaults to `"mean_probabilities"`.
         input_shape: The shape of one input example, or `None` to read it from the first
             member's input. Defaults to `None`.
         name: The ensemble model's name. Defaults to `"ensemble"`.
@@ -153,9 +169,9 @@ def build_ensemble(members, combine="mean_probabilities", input_shape=None, name
             "`members` must be a non-empty list of `keras.Model`. "
             f"Received: members={members!r}"
         )
-    if combine not in COMBINES:
+    if combine not in SAVED_COMBINES:
         raise ValueError(
-            f"`combine` must be one of {list(COMBINES)}. Received: combine={combine!r}"
+            f"`combine` must be one of {list(SAVED_COMBINES)}. Received: combine={combine!r}"
         )
     if input_shape is None:
         input_shape = model_example_shape(members[0])
@@ -172,9 +188,15 @@ def build_ensemble(members, combine="mean_probabilities", input_shape=None, name
     for index, member in enumerate(members):
         member.name = f"member_{index}"
     inputs = keras.Input(tuple(input_shape), dtype=dtype, name="inputs")
-    logits = [member(inputs) for member in members]
-    outputs = EnsembleCombination(combine, name="combination")(logits)
-    return keras.Model(inputs, outputs, name=name)
+    outputs = [member(inputs) for member in members]
+    if combine == "mean_probabilities":
+        outputs = [keras.layers.Softmax(name=f"member_{index}_probabilities")(output)
+                   for index, output in enumerate(outputs)]
+    if len(outputs) == 1:
+        combined = keras.layers.Identity(name=COMBINATION_NAME)(outputs[0])
+    else:
+        combined = keras.layers.Average(name=COMBINATION_NAME)(outputs)
+    return keras.Model(inputs, combined, name=name)
 
 
 class _DiversityPush:
@@ -281,7 +303,8 @@ class Ensemble(Operation):
     `keras.Model`: one input → the members (nested models `member_0`, `member_1`, ...)
     → their combination. **With the default `combine="mean_probabilities"` the returned
     model outputs probabilities, not logits** (use `keras.losses.*(from_logits=False)`
-    with it, or `combine="log_mean_probabilities"` for a logits-compatible output);
+    with it, or `keras_fip.robustness.logit_model(ensemble)` for log p̄, which any
+    `from_logits=True` loss accepts);
     `keras_fip.ensemble_members(ensemble)` returns the members, each returning logits.
     The ensemble saves as `.keras` and exports with `keras_fip.export`; masks the input
     carries stay on every member. BatchNorm members are walked on batch statistics
@@ -328,8 +351,9 @@ class Ensemble(Operation):
         perturbation_epsilon: ρ, the L∞ radius of the diversity perturbations, in input
             units. Defaults to `0.1`.
         diversity_examples: Perturbed inputs drawn per member. Defaults to `1024`.
-        combine: `"mean_probabilities"`, `"log_mean_probabilities"` or `"mean_logits"`
-            (see `EnsembleCombination`). Defaults to `"mean_probabilities"`.
+        combine: `"mean_probabilities"` (the model outputs p̄, the mean of the members'
+            softmax) or `"mean_logits"` (it outputs the mean of their logits). Defaults
+            to `"mean_probabilities"`.
         include_start: Whether the starting network is the first member (then K − 1
             members come from the walk). Defaults to `False`.
         push: The driver: `"random"`, `"random_per_member"` or `"none"` (only with
@@ -415,7 +439,7 @@ class Ensemble(Operation):
             perturbation_epsilon, "perturbation_epsilon", low=0.0)
         self.diversity_examples = self.check_number(
             diversity_examples, "diversity_examples", low=1, low_inclusive=True, integer=True)
-        self.combine = self.check_choice(combine, "combine", COMBINES)
+        self.combine = self.check_choice(combine, "combine", SAVED_COMBINES)
         if not isinstance(include_start, (bool, np.bool_)):
             raise ValueError(
                 f"`include_start` must be True or False. Received: include_start={include_start!r}"
@@ -476,6 +500,7 @@ class Ensemble(Operation):
         anchor = self.resolve_data(self.data, model)
         x, y = normalize_data(anchor, name="data", example_shape=model_example_shape(model))
         x = np.asarray(x)
+        check_inputs_match_model(model, x, name="data")
         if np.issubdtype(x.dtype, np.floating):
             x = x.astype("float32", copy=False)
         self._low, self._high = float(np.min(x)), float(np.max(x))

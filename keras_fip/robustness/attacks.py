@@ -18,9 +18,9 @@ import keras
 import numpy as np
 
 from keras_fip.operations.ensemble import EnsembleCombination
-from keras_fip.operations.ensemble import _combination_layer
 from keras_fip.operations.ensemble import ensemble_combine
 from keras_fip.operations.ensemble import ensemble_members
+from keras_fip.operations.ensemble import is_ensemble
 
 
 def _require_art():
@@ -39,8 +39,8 @@ def logit_model(model):
 
     A plain model is assumed to return logits and is returned as it is. For a keras_fip
     ensemble, a new functional model over the same members (shared weights) returns
-    log p̄ (`combine="mean_probabilities"` or `"log_mean_probabilities"`) or the mean
-    logits (`"mean_logits"`): its softmax is the ensemble's distribution, so
+    log p̄ (`combine="mean_probabilities"`, computed stably as
+    `logsumexp_k(log_softmax(z_k)) − log K`) or the mean logits (`"mean_logits"`): its softmax is the ensemble's distribution, so
     `from_logits=True` losses differentiate the whole ensemble exactly.
 
     Args:
@@ -49,7 +49,7 @@ def logit_model(model):
     Returns:
         A `keras.Model` returning logits.
     """
-    if _combination_layer(model) is None:
+    if not is_ensemble(model):
         return model
     members = ensemble_members(model)
     combine = ensemble_combine(model)
