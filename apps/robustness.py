@@ -99,7 +99,7 @@ flags.DEFINE_integer("attack_seed", 0, "Seed of the attack subset and random sta
 # Methods' settings
 flags.DEFINE_integer("fip_steps_between", 50, "FIP steps between members.", lower_bound=1)
 flags.DEFINE_float("fip_epsilon", 0.05, "FIP step length ε.", lower_bound=0.0)
-flags.DEFINE_float("fip_diversity", 5.0, "λ of the diversity push (0: the paper's L = 0).",
+flags.DEFINE_float("fip_diversity", 20.0, "λ of the diversity push (0: the paper's L = 0).",
                    lower_bound=0.0)
 flags.DEFINE_integer("fip_cg_iterations", 10, "CG iterations of the metric step.",
                      lower_bound=1)
