@@ -27,6 +27,7 @@ from keras_fip.operations import chain  # noqa: E402
 from keras_fip.operations import shrink  # noqa: E402
 from keras_fip.operations import Ensemble  # noqa: E402
 from keras_fip.operations import ensemble_members  # noqa: E402
+from keras_fip import robustness  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -49,4 +50,5 @@ __all__ = [
     "strip_masks",
     "Ensemble",
     "ensemble_members",
+    "robustness",
 ]
