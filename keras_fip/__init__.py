@@ -25,6 +25,9 @@ from keras_fip.operations import Isofunctional  # noqa: E402
 from keras_fip.operations import Operation  # noqa: E402
 from keras_fip.operations import chain  # noqa: E402
 from keras_fip.operations import shrink  # noqa: E402
+from keras_fip.operations import Ensemble  # noqa: E402
+from keras_fip.operations import ensemble_members  # noqa: E402
+from keras_fip import robustness  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -45,4 +48,7 @@ __all__ = [
     "masks",
     "shrink",
     "strip_masks",
+    "Ensemble",
+    "ensemble_members",
+    "robustness",
 ]

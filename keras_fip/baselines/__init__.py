@@ -9,6 +9,9 @@ from keras_fip.baselines.magnitude_pruning import one_shot_magnitude_pruning
 from keras_fip.baselines.magnitude_pruning import polynomial_decay_sparsity
 from keras_fip.baselines.tfmot_baseline import tfmot_available
 from keras_fip.baselines.tfmot_baseline import tfmot_gradual_pruning
+from keras_fip.baselines.deep_ensemble import deep_ensemble
+from keras_fip.baselines.deep_ensemble import fast_geometric_ensemble
+from keras_fip.baselines.deep_ensemble import snapshot_ensemble
 
 __all__ = [
     "gradual_magnitude_pruning",
@@ -17,4 +20,7 @@ __all__ = [
     "polynomial_decay_sparsity",
     "tfmot_available",
     "tfmot_gradual_pruning",
+    "deep_ensemble",
+    "fast_geometric_ensemble",
+    "snapshot_ensemble",
 ]

@@ -9,3 +9,8 @@ from keras_fip.operations.composition import chain
 from keras_fip.operations.isofunctional import Isofunctional
 from keras_fip.operations.compress import Compress
 from keras_fip.operations.shrink import shrink
+from keras_fip.operations.ensemble import Ensemble
+from keras_fip.operations.ensemble import EnsembleCombination
+from keras_fip.operations.ensemble import build_ensemble
+from keras_fip.operations.ensemble import is_ensemble
+from keras_fip.operations.ensemble import ensemble_members

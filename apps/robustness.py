@@ -1,0 +1,408 @@
+r"""Ensembles under adversarial attack: FIP ensembles beside the ensembles users know (Fig. 4).
+
+For each experiment (`dataset/model`) and seed s, every method starts from the same data:
+
+- `single`: the base network of seed s (`keras_fip.models.base_network`, cached);
+- `fip`: `keras_fip.Ensemble` from that network: K members along one FIP (a member every
+  `--fip_steps_between` metric steps of length `--fip_epsilon`; `--fip_diversity` > 0 adds
+  the push away from the earlier members on FGSM-perturbed inputs of radius ε, beyond
+  the paper);
+- `deep`: K independently trained networks of the same recipe (the base networks of seeds
+  s, s+1, ..., s+K−1, i.e. `keras_fip.baselines.deep_ensemble`'s recipe through the shared
+  cache; the windows of different seeds overlap, so the deep ensemble's spread over seeds
+  understates its independent-seed spread);
+- `fge`: `keras_fip.baselines.fast_geometric_ensemble` from the base network (cyclic
+  learning rate, Garipov et al. 2018);
+- `snapshot`: `keras_fip.baselines.snapshot_ensemble` from scratch (Huang et al. 2017).
+
+The attacks (`keras_fip.robustness`, ART `ProjectedGradientDescent`, L∞) run on a fixed
+test subset of `--attack_examples` images drawn with `--attack_seed` (the same images for
+every method and seed; clean accuracy uses the whole test set):
+
+- transfer (the paper's threat model): PGD on a surrogate of the same architecture trained
+  separately (base network of seed 1000 + s), its adversarial images given to every model;
+- white-box: PGD on each model itself, through the whole ensemble (loss −log p̄_y).
+
+Compute is recorded as examples through a training pass (`train_examples`, epochs ×
+examples; FIP and FGE include the base network's training) and, for FIP, also weighted by
+the passes a metric step takes (`example_passes`: 1 + CG iterations per anchor example).
+
+Writes `config.json`, `results.json` (flat keys `"{experiment}/{method}/{measure}"`, e.g.
+`"mnist/fip/transfer_pgd/accuracy/mean"`, `"mnist/deep/whitebox_pgd/accuracy/mean"`,
+`"mnist/fip/train_examples"`; the experiment is the dataset for its default model, LeNet-300-100
+on MNIST and VGG-11 on CIFAR-10, else `dataset_model`, e.g. `mnist_cnn5`; the attack settings
+under `"{experiment}/attack/..."`), `member_vs_ensemble.png`, `layer_diversity.png`,
+`weight_pca.png`, and the first FIP ensemble as a SavedModel in `serving/`. CIFAR-10 runs
+on the local 4,000-image subset when the full set is missing and say so
+(`"{experiment}/dataset/subset"`).
+
+Measured here (LeNet-300-100 on MNIST, seeds 0-2, K = 10, base networks 5 epochs, PGD
+ε = 0.3, step 0.01, 40 iterations, 1 random start, on 500 seeded test images;
+`--experiments=mnist/lenet_300_100 --methods=fip,deep,single`, 27 min on a 2-core machine
+shared with three other jobs): transfer PGD accuracy FIP 8.1 ± 1.2%, deep ensemble 0.0%,
+single 0.0% (the surrogate's own 0.0%); white-box FIP 3.2 ± 3.7%, deep and single 0.0%;
+clean FIP 96.1 ± 0.6%, deep 98.1%, single 98.0%. FIP's compute is 16% of the deep
+ensemble's in examples (42% weighted by passes: 10 CG iterations per step). Coherence with
+the surrogate: FIP 0.57, single 0.71, deep 0.82. On MNIST at ε = 0.3 a transfer attack
+from an undefended network breaks every undefended network and ensemble; only the
+diversity push (`--fip_diversity`, beyond the paper) gives the FIP ensemble some accuracy,
+and it costs clean accuracy (the paper's L = 0 stayed at 0% in a 5-member check,
+seed 0, 10-epoch base network).
+
+Example:
+
+    python -m apps.robustness   # LeNet-300-100 (3 seeds) and cnn5 on MNIST, VGG-11 on CIFAR-10
+    python -m apps.robustness --experiments=mnist/lenet_300_100 --methods=fip,deep,single
+"""
+
+import os
+import time
+
+import numpy as np
+from absl import app
+from absl import flags
+
+import keras_fip
+from apps import common
+from keras_fip import baselines
+from keras_fip import data
+from keras_fip import models
+from keras_fip import robustness
+from keras_fip.engine.copy import copy_model
+from keras_fip.operations.ensemble import build_ensemble
+
+METHODS = ("fip", "deep", "fge", "snapshot", "single")
+ENSEMBLES = ("fip", "deep", "fge", "snapshot")
+DEFAULT_EXPERIMENTS = ("mnist/lenet_300_100", "mnist/cnn5", "cifar10/vgg11")
+DEFAULT_MODELS = {"mnist": "lenet_300_100", "cifar10": "vgg11", "digits": "mlp"}
+# Per experiment: base epochs, model arguments, attack ε and step, FGE's α₁ (sized for a
+# 2-core CPU; every one can be overridden by its flag).
+SETTINGS = {
+    "mnist": dict(base_epochs=5, epsilon=0.3, step=0.01, fge_learning_rate=0.05),
+    "cifar10": dict(base_epochs=15, epsilon=8 / 255, step=2 / 255, fge_learning_rate=0.05),
+    "digits": dict(base_epochs=10, epsilon=0.3, step=0.01, fge_learning_rate=0.02),
+}
+MODEL_ARGUMENTS = {"vgg11": {"width_multiplier": 0.25}, "vgg16": {"width_multiplier": 0.25}}
+
+# Experiments and methods (`methods`, `seeds` and `base_epochs` are shared with other apps:
+# defined here only when no other app defined them).
+flags.DEFINE_list("experiments", list(DEFAULT_EXPERIMENTS), "`dataset/model` pairs.")
+if "methods" not in flags.FLAGS:
+    flags.DEFINE_list("methods", list(METHODS), "Methods.")
+if "seeds" not in flags.FLAGS:
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
+if "base_epochs" not in flags.FLAGS:
+    flags.DEFINE_integer("base_epochs", 10, "Epochs of the base network.", lower_bound=1)
+flags.DEFINE_list("other_seeds", ["0"], "Seeds of every experiment after the first (cnn5 "
+                  "and VGG by default: sized for 2 cores); the first runs on --seeds.")
+flags.DEFINE_integer("num_members", 10, "K, members of every ensemble.", lower_bound=1)
+
+# Attack
+flags.DEFINE_float("pgd_epsilon", None, "L∞ radius ε (default 0.3 on MNIST, 8/255 on "
+                   "CIFAR-10).", lower_bound=0.0)
+flags.DEFINE_float("pgd_step", None, "PGD step (default 0.01 on MNIST, 2/255 on CIFAR-10).",
+                   lower_bound=0.0)
+flags.DEFINE_integer("pgd_iterations", 40, "PGD iterations.", lower_bound=1)
+flags.DEFINE_integer("pgd_restarts", 1, "Random starts (ART num_random_init).", lower_bound=0)
+flags.DEFINE_integer("attack_examples", 500, "Size of the fixed, seeded test subset the "
+                     "attacks run on.", lower_bound=1)
+flags.DEFINE_integer("attack_seed", 0, "Seed of the attack subset and random starts.",
+                     lower_bound=0)
+
+# Methods' settings
+flags.DEFINE_integer("fip_steps_between", 50, "FIP steps between members.", lower_bound=1)
+flags.DEFINE_float("fip_epsilon", 0.05, "FIP step length ε.", lower_bound=0.0)
+flags.DEFINE_float("fip_diversity", 20.0, "λ of the diversity push (0: the paper's L = 0).",
+                   lower_bound=0.0)
+flags.DEFINE_integer("fip_cg_iterations", 10, "CG iterations of the metric step.",
+                     lower_bound=1)
+flags.DEFINE_integer("fge_cycle_epochs", 2, "FGE cycle length in epochs (authors: 2-4).",
+                     lower_bound=1)
+flags.DEFINE_float("fge_learning_rate", None, "FGE α₁ (α₂ = α₁/100; default 0.05).",
+                   lower_bound=0.0)
+flags.DEFINE_integer("snapshot_cycle_epochs", 2, "Epochs per snapshot cycle.", lower_bound=1)
+flags.DEFINE_float("snapshot_learning_rate", 0.1, "Snapshot α₀ (authors: 0.1-0.2).",
+                   lower_bound=0.0)
+flags.DEFINE_integer("diagnostic_examples", 256, "Test images for coherence and CKA.",
+                     lower_bound=2)
+
+FLAGS = flags.FLAGS
+
+
+def _experiment(spec):
+    if spec.count("/") != 1:
+        raise ValueError(f"`--experiments` entries must be `dataset/model`. Received: {spec!r}")
+    dataset, model = spec.split("/")
+    common.check_choice(dataset, "experiments", sorted(SETTINGS))
+    common.check_choice(model, "experiments", sorted(models.BUILDERS))
+    name = dataset if DEFAULT_MODELS.get(dataset) == model else f"{dataset}_{model}"
+    return name, dataset, model
+
+
+def _flag_or(name, default):
+    return default if FLAGS[name].value is None else FLAGS[name].value
+
+
+def _base(model, dataset, seed, epochs):
+    network, _ = models.base_network(model, dataset, epochs=epochs, seed=seed,
+                                     learning_rate=FLAGS.learning_rate, batch_size=128,
+                                     data_dir=FLAGS.data_dir, cache_dir=FLAGS.cache_dir,
+                                     **MODEL_ARGUMENTS.get(model, {}))
+    return network
+
+
+def build_methods(methods, model, dataset, seed, epochs, x, y, settings):
+    """Every method's model for one seed; returns `(models, compute)`."""
+    K = FLAGS.num_members
+    base = _base(model, dataset, seed, epochs)
+    base_examples = epochs * len(x)
+    built, compute = {}, {}
+    for method in methods:
+        common.set_seed(seed)
+        if method == "single":
+            built[method] = base
+            compute[method] = {"train_examples": base_examples, "example_passes": base_examples}
+        elif method == "deep":
+            members = [copy_model(_base(model, dataset, seed + k, epochs)) for k in range(K)]
+            built[method] = build_ensemble(members, name="deep_ensemble")
+            compute[method] = {"train_examples": K * base_examples,
+                               "example_passes": K * base_examples}
+        elif method == "fip":
+            operation = keras_fip.Ensemble(
+                K, data=(x, y), steps_between=FLAGS.fip_steps_between,
+                epsilon=FLAGS.fip_epsilon, diversity=FLAGS.fip_diversity,
+                perturbation_epsilon=settings["epsilon"], cg_iterations=FLAGS.fip_cg_iterations,
+                batch_size=FLAGS.batch_size, seed=seed, verbose=0)
+            built[method] = operation(base)
+            compute[method] = {
+                "train_examples": base_examples + operation.history["train_examples"],
+                "example_passes": base_examples + operation.history["example_passes"]}
+        elif method == "fge":
+            alpha = settings["fge_learning_rate"]
+            built[method], info = baselines.fast_geometric_ensemble(
+                base, x, y, num_members=K, cycle_epochs=FLAGS.fge_cycle_epochs,
+                learning_rates=(alpha, alpha / 100), batch_size=FLAGS.batch_size, seed=seed)
+            total = base_examples + info["train_examples"]
+            compute[method] = {"train_examples": total, "example_passes": total}
+        elif method == "snapshot":
+            built[method], info = baselines.snapshot_ensemble(
+                base, x, y, num_members=K, epochs=K * FLAGS.snapshot_cycle_epochs,
+                learning_rate=FLAGS.snapshot_learning_rate, batch_size=FLAGS.batch_size,
+                seed=seed)
+            compute[method] = {"train_examples": info["train_examples"],
+                               "example_passes": info["train_examples"]}
+    return built, compute
+
+
+def evaluate(built, surrogate, x_test, y_test, x_attack, y_attack, settings):
+    """Clean, transfer and white-box accuracies and the diagnostics, per method."""
+    attack = dict(epsilon=settings["epsilon"], step=settings["step"],
+                  iterations=FLAGS.pgd_iterations, restarts=FLAGS.pgd_restarts,
+                  seed=FLAGS.attack_seed)
+    transfer, adversarial = robustness.transfer_pgd_accuracy(surrogate, built, x_attack,
+                                                             y_attack, **attack)
+    x_diagnostic = x_attack[:FLAGS.diagnostic_examples]
+    y_diagnostic = y_attack[:FLAGS.diagnostic_examples]
+    figures = {"surrogate/transfer_pgd/accuracy": transfer["surrogate"]}
+    members_transfer, layer_diversity = {}, {}
+    for method, network in built.items():
+        key = f"{method}"
+        figures[f"{key}/clean/accuracy"] = robustness.accuracy(network, x_test, y_test)
+        figures[f"{key}/transfer_pgd/accuracy"] = transfer[method]
+        figures[f"{key}/whitebox_pgd/accuracy"], _ = robustness.whitebox_pgd_accuracy(
+            network, x_attack, y_attack, **attack)
+        figures[f"{key}/coherence"] = robustness.gradient_coherence(
+            network, surrogate, x_diagnostic, y_diagnostic)
+        if method in ENSEMBLES:
+            members = keras_fip.ensemble_members(network)
+            members_transfer[method] = [robustness.accuracy(m, adversarial, y_attack)
+                                        for m in members]
+            figures[f"{key}/member_transfer_pgd/accuracy"] = float(
+                np.mean(members_transfer[method]))
+            figures[f"{key}/member_coherence"] = float(np.mean([
+                robustness.gradient_coherence(m, surrogate, x_diagnostic, y_diagnostic)
+                for m in members]))
+            if len(members) > 1:
+                distances = robustness.weight_distances(members)
+                figures[f"{key}/weight_distance"] = distances["mean"]
+                figures[f"{key}/relative_weight_distance"] = distances["relative_mean"]
+                layer_diversity[method] = {
+                    name: 1.0 - value
+                    for name, value in robustness.layer_cka(members, x_diagnostic).items()}
+                figures[f"{key}/cka_diversity"] = float(
+                    np.mean(list(layer_diversity[method].values())))
+    return figures, members_transfer, layer_diversity
+
+
+def run_experiment(spec, seeds, methods, output_dir):
+    """All seeds of one experiment; returns `(results, plot data)`."""
+    name, dataset, model = _experiment(spec)
+    defaults = SETTINGS[dataset]
+    epochs = defaults["base_epochs"] if FLAGS["base_epochs"].using_default_value \
+        else FLAGS.base_epochs
+    settings = dict(epsilon=_flag_or("pgd_epsilon", defaults["epsilon"]),
+                    step=_flag_or("pgd_step", defaults["step"]),
+                    fge_learning_rate=_flag_or("fge_learning_rate",
+                                               defaults["fge_learning_rate"]))
+    x, y = data.load(dataset, "train", FLAGS.data_dir)
+    x_test, y_test = data.load(dataset, "test", FLAGS.data_dir)
+    rows = np.sort(np.random.default_rng(FLAGS.attack_seed).choice(
+        len(x_test), min(FLAGS.attack_examples, len(x_test)), replace=False))
+    x_attack, y_attack = x_test[rows], y_test[rows]
+    per_seed, plots = [], {}
+    for seed in seeds:
+        start = time.perf_counter()
+        built, compute = build_methods(methods, model, dataset, seed, epochs, x, y, settings)
+        surrogate = _base(model, dataset, 1000 + seed, epochs)
+        figures, members_transfer, layer_diversity = evaluate(
+            built, surrogate, x_test, y_test, x_attack, y_attack, settings)
+        for method, cost in compute.items():
+            figures.update({f"{method}/{k}": v for k, v in cost.items()})
+        per_seed.append(figures)
+        print(f"{name} seed {seed}: " + ", ".join(
+            f"{m} clean {figures[f'{m}/clean/accuracy']:.3f} transfer "
+            f"{figures[f'{m}/transfer_pgd/accuracy']:.3f} white-box "
+            f"{figures[f'{m}/whitebox_pgd/accuracy']:.3f}" for m in methods)
+            + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+        if seed == seeds[0]:
+            plots = {"members_transfer": members_transfer, "layer_diversity": layer_diversity,
+                     "pca": {m: keras_fip.ensemble_members(built[m]) for m in built
+                             if m in ENSEMBLES},
+                     "transfer": {m: figures[f"{m}/transfer_pgd/accuracy"] for m in built}}
+            if "fip" in built and not os.path.isdir(os.path.join(output_dir, "serving")):
+                keras_fip.export(built["fip"], os.path.join(output_dir, "serving"))
+    results = {f"{name}/dataset/subset": bool(data.info(dataset, FLAGS.data_dir)["subset"]),
+               f"{name}/model": model, f"{name}/base_epochs": epochs,
+               f"{name}/num_seeds": len(seeds), f"{name}/num_members": FLAGS.num_members}
+    results.update({f"{name}/attack/{k}": v for k, v in robustness.attack_settings(
+        settings["epsilon"], settings["step"], FLAGS.pgd_iterations,
+        FLAGS.pgd_restarts).items()})
+    results[f"{name}/attack/examples"] = len(rows)
+    for key in per_seed[0]:
+        values = np.array([figures[key] for figures in per_seed], dtype=float)
+        if key.endswith(("train_examples", "example_passes")):
+            results[f"{name}/{key}"] = float(values.mean())
+        else:
+            results[f"{name}/{key}/mean"] = float(values.mean())
+            results[f"{name}/{key}/std"] = float(values.std())
+    _comparisons(results, name, methods)
+    return name, results, plots
+
+
+def _comparisons(results, name, methods):
+    """The acceptance margins: FIP against the single network and the deep ensemble."""
+    def get(method, measure):
+        return results.get(f"{name}/{method}/{measure}")
+
+    if "fip" not in methods:
+        return
+    for other in ("single", "deep"):
+        if other in methods:
+            for attack in ("transfer_pgd", "whitebox_pgd", "clean"):
+                results[f"{name}/fip/{attack}/margin_over_{other}"] = (
+                    get("fip", f"{attack}/accuracy/mean")
+                    - get(other, f"{attack}/accuracy/mean"))
+    if "deep" in methods:
+        for measure in ("train_examples", "example_passes"):
+            results[f"{name}/fip/{measure}/fraction_of_deep"] = (
+                get("fip", measure) / get("deep", measure))
+
+
+def plot(all_plots, output_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(all_plots)
+    # Member vs ensemble adversarial (transfer) accuracy.
+    figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        members = all_plots[name]["members_transfer"]
+        for index, (method, values) in enumerate(members.items()):
+            axis.scatter([index] * len(values), values, color="grey", s=12,
+                         label="members" if index == 0 else None)
+            axis.scatter([index], [all_plots[name]["transfer"][method]], color="red",
+                         marker="*", s=120, label="ensemble" if index == 0 else None)
+        axis.set_xticks(range(len(members)), list(members))
+        axis.set_ylabel("transfer PGD accuracy")
+        axis.set_title(name)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(os.path.join(output_dir, "member_vs_ensemble.png"), dpi=120)
+    plt.close(figure)
+
+    # Diversity per layer: 1 − mean pairwise linear CKA.
+    figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        for method, per_layer in all_plots[name]["layer_diversity"].items():
+            axis.plot(range(len(per_layer)), list(per_layer.values()), marker="o",
+                      label=method)
+            axis.set_xticks(range(len(per_layer)), list(per_layer), rotation=45,
+                            fontsize=7, ha="right")
+        axis.set_ylabel("1 − linear CKA")
+        axis.set_title(name)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(os.path.join(output_dir, "layer_diversity.png"), dpi=120)
+    plt.close(figure)
+
+    # Weight-space PCA of the ensembles' members (Fig. 4).
+    figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        groups = all_plots[name]["pca"]
+        if sum(len(v) for v in groups.values()) >= 2:
+            coordinates, explained = robustness.weight_pca(groups)
+            for method, points in coordinates.items():
+                axis.scatter(points[:, 0], points[:, 1], label=method, s=18)
+            axis.set_xlabel(f"PC1 ({100 * explained[0]:.0f}%)")
+            axis.set_ylabel(f"PC2 ({100 * explained[1]:.0f}%)" if len(explained) > 1
+                            else "PC2")
+        axis.set_title(f"{name}: member weights")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(os.path.join(output_dir, "weight_pca.png"), dpi=120)
+    plt.close(figure)
+
+
+def main(argv):
+    del argv  # Unused.
+    methods = list(METHODS) if FLAGS["methods"].using_default_value else FLAGS.methods
+    methods = [common.check_choice(m, "methods", METHODS) for m in methods]
+    experiments = list(FLAGS.experiments)
+    for spec in experiments:
+        _experiment(spec)  # Validate every entry before any work.
+    seeds = [int(s) for s in FLAGS.seeds]
+    other_seeds = [int(s) for s in FLAGS.other_seeds]
+    output_dir = common.output_dir("robustness")
+    os.makedirs(output_dir, exist_ok=True)
+    start = time.perf_counter()
+    results, all_plots = {}, {}
+    for index, spec in enumerate(experiments):
+        name, figures, plots = run_experiment(spec, seeds if index == 0 else other_seeds,
+                                              methods, output_dir)
+        results.update(figures)
+        all_plots[name] = plots
+    results["wall_time_seconds"] = time.perf_counter() - start
+    config = common.flag_values((
+        "experiments", "seeds", "other_seeds", "num_members", "base_epochs", "batch_size",
+        "pgd_epsilon", "pgd_step", "pgd_iterations", "pgd_restarts", "attack_examples",
+        "attack_seed", "fip_steps_between", "fip_epsilon", "fip_diversity",
+        "fip_cg_iterations", "fge_cycle_epochs", "fge_learning_rate",
+        "snapshot_cycle_epochs", "snapshot_learning_rate", "diagnostic_examples"))
+    config["methods"] = methods
+    common.write_json(output_dir, "config.json", config)
+    common.write_json(output_dir, "results.json", results)
+    plot(all_plots, output_dir)
+    print(f"\n{'':>22}" + "".join(f"{m:>11}" for m in methods))
+    for name in all_plots:
+        for measure in ("clean", "transfer_pgd", "whitebox_pgd"):
+            cells = "".join(
+                f"{100 * results[f'{name}/{m}/{measure}/accuracy/mean']:>11.2f}"
+                for m in methods)
+            print(f"{name + ' ' + measure:>22}{cells}")
+    print(f"wall time {results['wall_time_seconds']:.0f} s -> {output_dir}")
+
+
+if __name__ == "__main__":
+    app.run(main)

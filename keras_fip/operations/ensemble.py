@@ -1,0 +1,624 @@
+"""`Ensemble`: networks sampled along one functionally invariant path, served as one model."""
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_fip.engine import distances as distances_lib
+from keras_fip.engine import normalization
+from keras_fip.engine import step_rules
+from keras_fip.engine.copy import copy_model
+from keras_fip.engine.data_adapter import check_inputs_match_model
+from keras_fip.engine.data_adapter import fip_dataset
+from keras_fip.engine.data_adapter import model_example_shape
+from keras_fip.engine.data_adapter import normalize_data
+from keras_fip.engine.path import Path
+from keras_fip.engine.trainer import FIPTrainer
+from keras_fip.operations.base import Operation
+from keras_fip.operations.isofunctional import random_direction
+
+COMBINES = ("mean_probabilities", "mean_logits", "log_mean_probabilities")
+# The combinations an ensemble model is built with (standard layers only).
+SAVED_COMBINES = ("mean_probabilities", "mean_logits")
+PUSHES = ("random", "random_per_member", "none")
+
+
+@keras.saving.register_keras_serializable(package="keras_fip")
+class EnsembleCombination(keras.layers.Layer):
+    """Combines the logits of ensemble members in one layer (for attacks and analyses).
+
+    The ensembles keras_fip builds use standard layers (`build_ensemble`); this layer
+    gives the numerically stable log p̄ that attacks and losses need.
+
+    `"mean_probabilities"`: p̄ = (1/K) Σ_k softmax(z_k), the probabilities the paper sums.
+    `"log_mean_probabilities"`: log p̄, computed stably as
+    `logsumexp_k(log_softmax(z_k)) − log K`; its softmax is p̄ again, so it can stand
+    wherever logits are expected (`from_logits=True` losses, attacks).
+    `"mean_logits"`: (1/K) Σ_k z_k, logits of a geometric-mean ensemble.
+
+    Args:
+        combine: One of `COMBINES`. Defaults to `"mean_probabilities"`.
+        **kwargs: `keras.layers.Layer` arguments (e.g. `name`).
+
+    Example:
+
+    >>> layer = EnsembleCombination()
+    >>> z = np.array([[0.0, 0.0]], "float32")
+    >>> keras.ops.convert_to_numpy(layer([z, z])).tolist()
+    [[0.5, 0.5]]
+    """
+
+    def __init__(self, combine="mean_probabilities", **kwargs):
+        super().__init__(**kwargs)
+        if combine not in COMBINES:
+            raise ValueError(
+                f"`combine` must be one of {list(COMBINES)}. Received: combine={combine!r}"
+            )
+        self.combine = combine
+
+    def call(self, inputs):
+        members = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        stacked = keras.ops.stack(members, axis=0)
+        if self.combine == "mean_logits":
+            return keras.ops.mean(stacked, axis=0)
+        if self.combine == "mean_probabilities":
+            return keras.ops.mean(keras.ops.softmax(stacked, axis=-1), axis=0)
+        log_probabilities = keras.ops.log_softmax(stacked, axis=-1)
+        return keras.ops.logsumexp(log_probabilities, axis=0) - math.log(len(members))
+
+    def compute_output_shape(self, input_shape):
+        if isinstance(input_shape, list):
+            return tuple(input_shape[0])
+        return tuple(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "combine": self.combine}
+
+
+COMBINATION_NAME = "combination"
+
+
+def is_ensemble(model):
+    """Whether `model` is a keras_fip ensemble (nested members, a `"combination"` layer)."""
+    if not isinstance(model, keras.Model):
+        return False
+    names = [layer.name for layer in model.layers]
+    return COMBINATION_NAME in names and any(
+        isinstance(layer, keras.Model) for layer in model.layers)
+
+
+def ensemble_members(model):
+    """The member networks of a keras_fip ensemble, each returning logits.
+
+    The members are found structurally: the nested `keras.Model` layers of an ensemble
+    model (one whose output layer is named `"combination"`, as `build_ensemble` makes
+    them), in the order they were added. This also works on an ensemble re-loaded from
+    a `.keras` file or copied. The members are the ensemble's own layers (shared
+    weights, not copies): copy them with `keras_fip.engine.copy_model` before changing
+    them.
+
+    Args:
+        model: A model returned by `keras_fip.Ensemble`, the ensemble baselines or
+            `build_ensemble` (or re-loaded from one).
+
+    Returns:
+        A list of `keras.Model`, each returning logits.
+
+    Example:
+
+    >>> x, y = keras_fip.data.load("digits")
+    >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
+    >>> ensemble = keras_fip.Ensemble(3, data=x, steps_between=2, verbose=0)(model)
+    >>> len(keras_fip.ensemble_members(ensemble))
+    3
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
+    if not is_ensemble(model):
+        raise ValueError(
+            "`model` is not a keras_fip ensemble: it has no nested member models and "
+            f"`{COMBINATION_NAME}` layer (make ensembles with `keras_fip.Ensemble` or "
+            f"`build_ensemble`). Received: model={model.name}"
+        )
+    return [layer for layer in model.layers if isinstance(layer, keras.Model)]
+
+
+def ensemble_combine(model):
+    """The `combine` mode of a keras_fip ensemble: `"mean_probabilities"` or
+    `"mean_logits"`."""
+    ensemble_members(model)
+    softmax = any(isinstance(layer, keras.layers.Softmax) for layer in model.layers)
+    return "mean_probabilities" if softmax else "mean_logits"
+
+
+def build_ensemble(members, combine="mean_probabilities", input_shape=None, name="ensemble"):
+    """Builds one functional model: one input, the member networks, their combination.
+
+    The members are used as they are (nested, not copied) and renamed `member_0`,
+    `member_1`, ... so that the ensemble saves as `.keras` and exports as a SavedModel
+    with each member intact; `ensemble_members` gives them back. The combination is made
+    of standard layers (a `Softmax` per member and an `Average` named `"combination"`),
+    so the ensemble is a standard Keras model that other keras_fip operations accept.
+    Masks the members carry stay on them.
+
+    Args:
+        members: A non-empty list of `keras.Model`, each returning logits of one shape.
+        combine: `"mean_probabilities"` (outputs p̄ = (1/K) Σ_k softmax(z_k):
+            probabilities, not logits) or `"mean_logits"` (outputs (1/K) Σ_k z_k).
+            Defaults to `"mean_probabilities"`.
+        input_shape: The shape of one input example, or `None` to read it from the first
+            member's input. Defaults to `None`.
+        name: The ensemble model's name. Defaults to `"ensemble"`.
+
+    Returns:
+        A functional `keras.Model`.
+
+    Example:
+
+    >>> members = [keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    ...            for _ in range(2)]
+    >>> build_ensemble(members).output_shape
+    (None, 2)
+    """
+    if not isinstance(members, (list, tuple)) or not members or not all(
+        isinstance(m, keras.Model) for m in members
+    ):
+        raise ValueError(
+            "`members` must be a non-empty list of `keras.Model`. "
+            f"Received: members={members!r}"
+        )
+    if combine not in SAVED_COMBINES:
+        raise ValueError(
+            f"`combine` must be one of {list(SAVED_COMBINES)}. Received: combine={combine!r}"
+        )
+    if input_shape is None:
+        input_shape = model_example_shape(members[0])
+        if input_shape is None:
+            raise ValueError(
+                "`input_shape` is required for members without a known single input "
+                f"(subclassed models). Received: input_shape=None"
+            )
+    dtype = "float32"
+    try:
+        dtype = keras.backend.standardize_dtype(members[0].inputs[0].dtype)
+    except (AttributeError, ValueError, TypeError, IndexError):
+        pass
+    for index, member in enumerate(members):
+        member.name = f"member_{index}"
+    inputs = keras.Input(tuple(input_shape), dtype=dtype, name="inputs")
+    outputs = [member(inputs) for member in members]
+    if combine == "mean_probabilities":
+        outputs = [keras.layers.Softmax(name=f"member_{index}_probabilities")(output)
+                   for index, output in enumerate(outputs)]
+    if len(outputs) == 1:
+        combined = keras.layers.Identity(name=COMBINATION_NAME)(outputs[0])
+    else:
+        combined = keras.layers.Average(name=COMBINATION_NAME)(outputs)
+    return keras.Model(inputs, combined, name=name)
+
+
+class _DiversityPush:
+    """The secondary objective of an ensemble walk: L = −⟨u, w⟩ + λ·L_div(w)/‖∇L_div‖.
+
+    −⟨u, w⟩ is the driver (u a fixed random unit direction, replaced per member with
+    `push="random_per_member"`); L_div = mean over perturbed inputs x̃ of
+    ⟨softmax f(x̃; w), p̄_prev(x̃)⟩, the agreement of the moving network with the members
+    taken so far where they are attacked. Its gradient is normalised to length λ (the
+    `diversity`), so that λ = 1 weighs it as much as the unit driver on any model.
+    """
+
+    def __init__(self, model, direction, diversity, training):
+        self.variables = model.trainable_variables
+        self.direction = None
+        if direction is not None:
+            self.direction = [
+                keras.Variable(piece, trainable=False, name=f"push_{i}")
+                for i, piece in enumerate(direction)
+            ]
+        self.diversity = float(diversity)
+        self.training = bool(training)
+
+    def set_direction(self, direction):
+        for variable, piece in zip(self.direction, direction):
+            variable.assign(piece)
+
+    def __call__(self, model, batch):
+        total = tf.constant(0.0)
+        if self.direction is not None:
+            total = total - tf.cast(step_rules.inner_product(
+                [tf.cast(u.value, v.dtype) for u, v in zip(self.direction, self.variables)],
+                [v.value for v in self.variables],
+            ), "float32")
+        if self.diversity > 0 and batch is not None:
+            inputs, previous = batch
+            with tf.GradientTape() as tape:
+                probabilities = keras.ops.softmax(model(inputs, training=self.training), -1)
+                agreement = tf.reduce_mean(tf.reduce_sum(
+                    tf.cast(probabilities, "float32") * tf.cast(previous, "float32"), -1))
+            gradients = tape.gradient(agreement, [v.value for v in self.variables],
+                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            norm = tf.cast(step_rules.global_norm(gradients), "float32")
+            total = total + self.diversity * agreement / tf.stop_gradient(norm + 1e-12)
+        return total
+
+
+class _StopAtMetricDistance(keras.callbacks.Callback):
+    """Stops a segment once it has covered `target` in the metric: the trainer reports
+    the running metric length of the whole walk, `offset` is its value at the segment's
+    start."""
+
+    def __init__(self, target, offset):
+        super().__init__()
+        self.target = target
+        self.offset = offset
+
+    def on_train_batch_end(self, batch, logs=None):
+        length = float(np.asarray((logs or {}).get("metric_length", 0.0)))
+        if length - self.offset >= self.target:
+            self.model.stop_training = True
+
+
+def _predict(models, x, batch_size, training=False):
+    """Mean softmax of `models` on `x` (numpy), in batches."""
+    outputs = []
+    for start in range(0, len(x), batch_size):
+        batch = x[start:start + batch_size]
+        probabilities = [
+            keras.ops.convert_to_numpy(keras.ops.softmax(m(batch, training=training), -1))
+            for m in models
+        ]
+        outputs.append(np.mean(probabilities, axis=0))
+    return np.concatenate(outputs).astype("float32")
+
+
+def _fgsm(models, x, labels, epsilon, low, high, batch_size):
+    """x̃ = clip(x + ε·sign ∇ₓ(−log p̄_y(x))): FGSM against the mean of `models`."""
+    perturbed = []
+    for start in range(0, len(x), batch_size):
+        batch = tf.constant(x[start:start + batch_size])
+        target = tf.constant(labels[start:start + batch_size])
+        with tf.GradientTape() as tape:
+            tape.watch(batch)
+            logits = [m(batch, training=False) for m in models]
+            log_mean = EnsembleCombination("log_mean_probabilities")(logits)
+            loss = keras.losses.sparse_categorical_crossentropy(target, log_mean,
+                                                                from_logits=True)
+        gradient = tape.gradient(loss, batch)
+        perturbed.append(np.clip(batch.numpy() + epsilon * np.sign(gradient.numpy()),
+                                 low, high))
+    return np.concatenate(perturbed).astype(x.dtype)
+
+
+@keras.saving.register_keras_serializable(package="keras_fip")
+class Ensemble(Operation):
+    """Samples networks along a functionally invariant path and serves them as one model.
+
+    From the model, a FIP is walked on `data` (the secondary objective is L = 0, as in the
+    paper, up to the driver below) and a copy of the network is taken as a member every
+    `steps_between` steps, or as soon as the walk has covered `metric_distance` in the
+    output metric since the previous member. The members compute (nearly) the same
+    function on `data` with different weights. They are returned as ONE functional
+    `keras.Model`: one input → the members (nested models `member_0`, `member_1`, ...)
+    → their combination. **With the default `combine="mean_probabilities"` the returned
+    model outputs probabilities, not logits** (use `keras.losses.*(from_logits=False)`
+    with it, or `keras_fip.robustness.logit_model(ensemble)` for log p̄, which any
+    `from_logits=True` loss accepts);
+    `keras_fip.ensemble_members(ensemble)` returns the members, each returning logits.
+    The ensemble saves as `.keras` and exports with `keras_fip.export`; masks the input
+    carries stay on every member. BatchNorm members are walked on batch statistics
+    (`training="auto"`) and get their moving statistics re-estimated on `data`.
+
+    The driver: with L = 0 the paper's `metric` step `(g + δI)θ = −β∇L` is zero, so the
+    walk is driven by a push, as `Isofunctional` does: L = −⟨u, w⟩ for a random unit
+    direction u. The metric step then moves along the part of u that the outputs on
+    `data` do not see (ε per step, so the members drift apart linearly in the steps),
+    which is what makes an isofunctional path travel far; `push="random_per_member"`
+    draws a new u for each member (a random walk: members spread in more directions,
+    less far).
+
+    Diversity (beyond the paper): with `diversity` λ > 0, L gets a second term, λ·L_div
+    with L_div(w) = mean over x̃ of ⟨softmax f(x̃; w), p̄_prev(x̃)⟩, the agreement of the
+    moving network with the mean probabilities p̄_prev of the members taken so far (the
+    starting network before the first) on perturbed inputs x̃ = clip(x + ρ·sign ∇ₓ
+    (−log p̄_prev,y(x))): FGSM against the ensemble so far, radius ρ =
+    `perturbation_epsilon`, on `diversity_examples` inputs drawn from `data` per member
+    (labels from `data` when given, else the predictions). Minimising it pushes each new
+    member away from the earlier ones where they are attacked, while the FIP keeps it
+    on the clean data. Its gradient is normalised to length λ, so λ = 1 weighs it like
+    the unit driver.
+
+    The compute of the walk is `op.history["train_examples"]` (examples entering the
+    step computations: anchor batches, diversity batches and the FGSM inputs, i.e.
+    epochs × examples) and `op.history["example_passes"]` (the same weighted by the
+    forward/backward passes each example takes: a `metric` step costs 1 + `cg_iterations`
+    passes per anchor example).
+
+    Args:
+        num_members: K, the number of members (a positive integer).
+        data: Inputs whose outputs are kept: an array, an `(x, y)` tuple (labels used
+            only for the diversity perturbations) or a finite `tf.data.Dataset`.
+            Defaults to `None` (the inputs the model carries from an earlier operation).
+        steps_between: FIP steps between members (the most, with `metric_distance`).
+            Defaults to `100`.
+        metric_distance: Take a member once the walk has covered this length in the
+            output metric, Σ sqrt(Δwᵀ g Δw) on the anchor batches, since the previous
+            member, or `None` to take one every `steps_between` steps. Defaults to
+            `None`.
+        diversity: λ, the weight of the push away from the earlier members' outputs on
+            perturbed inputs (0 disables it). Defaults to `0.0`.
+        perturbation_epsilon: ρ, the L∞ radius of the diversity perturbations, in input
+            units. Defaults to `0.1`.
+        diversity_examples: Perturbed inputs drawn per member. Defaults to `1024`.
+        combine: `"mean_probabilities"` (the model outputs p̄, the mean of the members'
+            softmax) or `"mean_logits"` (it outputs the mean of their logits). Defaults
+            to `"mean_probabilities"`.
+        include_start: Whether the starting network is the first member (then K − 1
+            members come from the walk). Defaults to `False`.
+        push: The driver: `"random"`, `"random_per_member"` or `"none"` (only with
+            `diversity` > 0 or a non-`metric` rule). Defaults to `"random"`.
+        step_rule: `"metric"`, `"normalized"` or `"penalty"`. Defaults to `"metric"`.
+        epsilon: ε, the step length (`metric`, `normalized`). Defaults to `0.05`.
+        beta: β, the weight of L. Defaults to `1.0`.
+        distance: Output distance D (`"l2"`, `"kl"`, `"bhattacharyya"`). Defaults to
+            `"l2"`.
+        reference: `"start"` or `"local"`. Defaults to `"start"`.
+        damping: δ of the `metric` rule. Defaults to `1e-3`.
+        cg_iterations: CG iterations of the `metric` rule. Defaults to `10`.
+        learning_rate: Adam learning rate of the `penalty` rule. Defaults to `1e-3`.
+        batch_size: Anchor (and diversity) examples per step. Defaults to `128`.
+        training: Mode of the moving network on the path: `True` (batch statistics,
+            moving statistics re-estimated for each member), `False`, or `"auto"`
+            (`True` when the model has BatchNormalization layers). Defaults to `"auto"`.
+        record_every: Record the weights in `op.path` every this many steps. Defaults to
+            `100`.
+        path_directory: Directory to stream the path to, or `None`. Defaults to `None`.
+        jit_compile: Whether to compile the step with XLA. Defaults to `False`.
+        seed: Seed of the push directions, the perturbed inputs and the shuffling.
+            Defaults to `None`.
+        **kwargs: `Operation` arguments (`name`, `verbose`, `callbacks`, `log_dir`).
+
+    Returns (when called):
+        A functional `keras.Model` with one input returning the combination (by default
+        probabilities) of its K members.
+
+    Example:
+
+    >>> x, y = keras_fip.data.load("digits")
+    >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
+    >>> ensemble = keras_fip.Ensemble(3, data=x, steps_between=2, verbose=0)(model)
+    >>> ensemble.output_shape
+    (None, 10)
+    >>> [m.name for m in keras_fip.ensemble_members(ensemble)]
+    ['member_0', 'member_1', 'member_2']
+    """
+
+    def __init__(
+        self,
+        num_members,
+        data=None,
+        steps_between=100,
+        metric_distance=None,
+        diversity=0.0,
+        perturbation_epsilon=0.1,
+        diversity_examples=1024,
+        combine="mean_probabilities",
+        include_start=False,
+        push="random",
+        step_rule="metric",
+        epsilon=0.05,
+        beta=1.0,
+        distance="l2",
+        reference="start",
+        damping=1e-3,
+        cg_iterations=10,
+        learning_rate=1e-3,
+        batch_size=128,
+        training="auto",
+        record_every=100,
+        path_directory=None,
+        jit_compile=False,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_members = self.check_number(num_members, "num_members", low=1,
+                                             low_inclusive=True, integer=True)
+        if data is not None:
+            normalize_data(data, name="data")
+        self.data = data
+        self.steps_between = self.check_number(steps_between, "steps_between", low=1,
+                                               low_inclusive=True, integer=True)
+        if metric_distance is not None:
+            metric_distance = self.check_number(metric_distance, "metric_distance", low=0.0)
+        self.metric_distance = metric_distance
+        self.diversity = self.check_number(diversity, "diversity", low=0.0,
+                                           low_inclusive=True)
+        self.perturbation_epsilon = self.check_number(
+            perturbation_epsilon, "perturbation_epsilon", low=0.0)
+        self.diversity_examples = self.check_number(
+            diversity_examples, "diversity_examples", low=1, low_inclusive=True, integer=True)
+        self.combine = self.check_choice(combine, "combine", SAVED_COMBINES)
+        if not isinstance(include_start, (bool, np.bool_)):
+            raise ValueError(
+                f"`include_start` must be True or False. Received: include_start={include_start!r}"
+            )
+        self.include_start = bool(include_start)
+        self.push = self.check_choice(push, "push", PUSHES)
+        self.step_rule = self.check_choice(step_rule, "step_rule", step_rules.STEP_RULES)
+        if self.push == "none" and self.diversity == 0 and self.step_rule == "metric":
+            raise ValueError(
+                "`push='none'` with `diversity=0` leaves the `metric` rule no right-hand "
+                "side (every step is zero). Use push='random', diversity > 0, or another "
+                f"step_rule. Received: push={push!r}, diversity={diversity!r}"
+            )
+        self.epsilon = self.check_number(epsilon, "epsilon", low=0.0)
+        self.beta = self.check_number(beta, "beta")
+        distances_lib.get(distance)
+        self.distance = distance
+        self.reference = self.check_choice(reference, "reference", ("start", "local"))
+        self.damping = self.check_number(damping, "damping", low=0.0, low_inclusive=True)
+        self.cg_iterations = self.check_number(cg_iterations, "cg_iterations", low=1,
+                                               low_inclusive=True, integer=True)
+        self.learning_rate = self.check_number(learning_rate, "learning_rate", low=0.0)
+        self.batch_size = self.check_number(batch_size, "batch_size", low=1,
+                                            low_inclusive=True, integer=True)
+        if not ((isinstance(training, str) and training == "auto")
+                or isinstance(training, (bool, np.bool_))):
+            raise ValueError(
+                f"`training` must be 'auto', True or False. Received: training={training!r}"
+            )
+        self.training = training if isinstance(training, str) else bool(training)
+        self.record_every, self.path_directory, self.seed = self.check_path_options(
+            record_every, path_directory, seed
+        )
+        self.jit_compile = bool(jit_compile)
+
+    # The walk.
+
+    def _passes_per_example(self):
+        """Forward/backward passes per anchor example of one step (for the compute)."""
+        passes = 1 + (self.metric_distance is not None)  # D (and the metric length).
+        if self.step_rule == "metric":
+            passes += self.cg_iterations  # One JᵀJv per CG iteration.
+        return passes
+
+    def _diversity_batch(self, previous, x, y, rng):
+        rows = np.sort(rng.choice(len(x), min(self.diversity_examples, len(x)),
+                                  replace=False))
+        inputs = x[rows]
+        if y is not None and np.asarray(y).ndim == 1:
+            labels = np.asarray(y)[rows].astype("int64")
+        else:
+            labels = np.argmax(_predict(previous, inputs, 512), -1).astype("int64")
+        perturbed = _fgsm(previous, inputs, labels, self.perturbation_epsilon,
+                          self._low, self._high, 512)
+        return perturbed, _predict(previous, perturbed, 512)
+
+    def call(self, model):
+        anchor = self.resolve_data(self.data, model)
+        x, y = normalize_data(anchor, name="data", example_shape=model_example_shape(model))
+        x = np.asarray(x)
+        check_inputs_match_model(model, x, name="data")
+        if np.issubdtype(x.dtype, np.floating):
+            x = x.astype("float32", copy=False)
+        self._low, self._high = float(np.min(x)), float(np.max(x))
+        rng = np.random.default_rng(self.seed)
+        normalized = bool(normalization.batch_normalization_layers(model))
+        walk_training = normalized if self.training == "auto" else self.training
+        anchor_data = fip_dataset(model, x, batch_size=self.batch_size,
+                                  reference=self.reference, seed=self.seed)  # Checks the fit.
+        input_shape = model_example_shape(model) or tuple(x.shape[1:])
+
+        # Driver and trainer (one walk through every member; the path continues).
+        direction = None
+        if self.push != "none":
+            direction = random_direction(model, int(rng.integers(2**31)))
+        objective = _DiversityPush(model, direction, self.diversity, walk_training)
+        trainer = FIPTrainer(
+            model,
+            step_rule=self.step_rule,
+            distance=self.distance,
+            beta=self.beta,
+            epsilon=self.epsilon,
+            damping=self.damping,
+            cg_iterations=self.cg_iterations,
+            secondary_objective=objective,
+            reference=self.reference,
+            metric_length=self.metric_distance is not None,
+            training=walk_training,
+        )
+        optimizer = (keras.optimizers.Adam(self.learning_rate)
+                     if self.step_rule == "penalty" else None)
+        trainer.compile(optimizer=optimizer, jit_compile=self.jit_compile)
+        self.path = Path(model, record_every=self.record_every,
+                         directory=self.path_directory)
+
+        members = [copy_model(model)] if self.include_start else []
+        history = {}
+        member_steps = [0] if self.include_start else []
+        train_examples = 0
+        example_passes = 0
+        total_steps = 0
+        while len(members) < self.num_members:
+            # This segment's data: the anchors, and the perturbed inputs of the diversity.
+            dataset = anchor_data
+            if self.diversity > 0:
+                previous = members or [copy_model(model)]
+                perturbed, targets = self._diversity_batch(previous, x, y, rng)
+                train_examples += len(perturbed) * (1 + len(previous))
+                example_passes += 2 * len(perturbed) * (1 + len(previous))
+                secondary = tf.data.Dataset.from_tensor_slices((perturbed, targets))
+                secondary = secondary.shuffle(len(perturbed), seed=int(rng.integers(2**31)))
+                secondary = secondary.repeat().batch(self.batch_size, drop_remainder=True)
+                dataset = tf.data.Dataset.zip((anchor_data, secondary)).map(
+                    lambda anchor_batch, batch: {**anchor_batch, "secondary": batch})
+            if self.push == "random_per_member" and members:
+                objective.set_direction(random_direction(model, int(rng.integers(2**31))))
+
+            # Walk to the next member.
+            callbacks = list(self.callbacks or [])
+            if self.metric_distance is not None:
+                offset = history["metric_length"][-1] if history.get("metric_length") else 0.0
+                callbacks.append(_StopAtMetricDistance(self.metric_distance, offset))
+            segment = trainer.walk(dataset, self.steps_between, path=self.path,
+                                   callbacks=callbacks, verbose=self.verbose,
+                                   log_dir=self.log_dir)
+            steps = len(next(iter(segment.values()))) if segment else 0
+            for key, values in segment.items():
+                history.setdefault(key, []).extend(values)
+            diversity_passes = 2 if self.diversity > 0 else 0
+            train_examples += steps * self.batch_size * (1 + (self.diversity > 0))
+            example_passes += steps * self.batch_size * (
+                self._passes_per_example() + diversity_passes)
+
+            # Take the member (a recorded point of the path, so the steps run on).
+            total_steps += steps
+            if int(self.path.steps[-1]) != total_steps:
+                self.path.append(total_steps, [v.numpy() for v in model.trainable_variables],
+                                 {key: values[-1] for key, values in segment.items()})
+            member = copy_model(model)
+            if walk_training and normalized:
+                normalization.recalibrate_batch_normalization(member, x, 2 * self.batch_size)
+                train_examples += len(x)
+                example_passes += len(x)
+            members.append(member)
+            member_steps.append(total_steps)
+
+        ensemble = build_ensemble(members, self.combine, input_shape,
+                                  name=f"{model.name}_ensemble")
+        self.history = history
+        self.history["member_steps"] = member_steps
+        self.history["train_examples"] = int(train_examples)
+        self.history["example_passes"] = int(example_passes)
+        return ensemble
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_members": self.num_members,
+            "data": None,  # Data are not serialised; pass them again after from_config.
+            "steps_between": self.steps_between,
+            "metric_distance": self.metric_distance,
+            "diversity": self.diversity,
+            "perturbation_epsilon": self.perturbation_epsilon,
+            "diversity_examples": self.diversity_examples,
+            "combine": self.combine,
+            "include_start": self.include_start,
+            "push": self.push,
+            "step_rule": self.step_rule,
+            "epsilon": self.epsilon,
+            "beta": self.beta,
+            "distance": self.distance,
+            "reference": self.reference,
+            "damping": self.damping,
+            "cg_iterations": self.cg_iterations,
+            "learning_rate": self.learning_rate,
+            "batch_size": self.batch_size,
+            "training": self.training,
+            "record_every": self.record_every,
+            "path_directory": self.path_directory,
+            "jit_compile": self.jit_compile,
+            "seed": self.seed,
+        }
