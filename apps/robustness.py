@@ -87,12 +87,7 @@ MODEL_ARGUMENTS = {"vgg11": {"width_multiplier": 0.25}, "vgg16": {"width_multipl
 # Experiments and methods (`methods`, `seeds` and `base_epochs` are shared with other apps:
 # defined here only when no other app defined them).
 flags.DEFINE_list("experiments", list(DEFAULT_EXPERIMENTS), "`dataset/model` pairs.")
-if "methods" not in flags.FLAGS:
-    flags.DEFINE_list("methods", list(METHODS), "Methods.")
-if "seeds" not in flags.FLAGS:
-    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
-if "base_epochs" not in flags.FLAGS:
-    flags.DEFINE_integer("base_epochs", 10, "Epochs of the base network.", lower_bound=1)
+# `--methods` (default: all of METHODS), `--seeds` and `--base_epochs` are apps.common's.
 flags.DEFINE_list("other_seeds", ["0"], "Seeds of every experiment after the first (cnn5 "
                   "and VGG by default: sized for 2 cores); the first runs on --seeds.")
 flags.DEFINE_integer("num_members", 10, "K, members of every ensemble.", lower_bound=1)
@@ -367,7 +362,7 @@ def plot(all_plots, output_dir):
 
 def main(argv):
     del argv  # Unused.
-    methods = list(METHODS) if FLAGS["methods"].using_default_value else FLAGS.methods
+    methods = list(FLAGS.methods or METHODS)
     methods = [common.check_choice(m, "methods", METHODS) for m in methods]
     experiments = list(FLAGS.experiments)
     for spec in experiments:
