@@ -21,5 +21,9 @@ def test_quickstart_runs_and_shows_the_fip_walk_keeping_function(tmp_path, capsy
     assert 0.0 < results["geometry/rho"] < 1.0
     assert abs(results["gradual/90/sparsity"] - 0.9) < 1e-3  # per-layer rounding
     assert abs(results["fip/90/sparsity"] - 0.9) < 1e-3
-    assert results["fip/90/test/accuracy"] > 0.8
+    # Compress with its defaults beats both magnitude baselines at the same epoch budget
+    # (measured: 0.969 against 0.942 gradual and 0.956 one-shot).
+    assert results["fip/90/test/accuracy"] > results["gradual/90/test/accuracy"]
+    assert results["fip/90/test/accuracy"] > results["one_shot/90/test/accuracy"]
+    assert results["fip/90/test/accuracy"] > results["base/test/accuracy"] - 0.02
     assert "trained MLP (base)" in capsys.readouterr().out
