@@ -9,3 +9,6 @@ from keras_fip.operations.chain import chain
 from keras_fip.operations.isofunctional import Isofunctional
 from keras_fip.operations.compress import Compress
 from keras_fip.operations.shrink import shrink
+from keras_fip.operations.damage import Damage
+from keras_fip.operations.damage import DamageReference
+from keras_fip.operations.damage import damage_reference
