@@ -11,7 +11,6 @@ from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import projection
 from keras_fip.engine.data_adapter import check_inputs_match_model
 from keras_fip.engine.data_adapter import normalize_data
-from keras_fip.engine.data_adapter import reference_outputs
 from keras_fip.geometry.metric import MetricOperator
 from keras_fip.geometry.spectrum import top_eigenpairs
 from keras_fip.operations import faults
@@ -143,6 +142,13 @@ def damage_reference(model):
     True
     """
     return _REFERENCES.get(model)
+
+
+def _predict(model, x, batch_size=1024):
+    """Inference-mode outputs in eager batches (no tf.function traced per model)."""
+    return np.concatenate([
+        keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False))
+        for i in range(0, len(x), batch_size)])
 
 
 def _keeps_zero(function, shape):
@@ -562,7 +568,7 @@ class Damage(Operation):
 
     def _record_reference_outputs(self, model, inputs):
         if inputs is not None:
-            self._reference_outputs = reference_outputs(model, inputs, 1024)
+            self._reference_outputs = _predict(model, inputs)
 
     # The kinds.
 
@@ -668,20 +674,32 @@ class Damage(Operation):
                 model, {keys[identity]: mask for identity, mask in masks_by_id.items()})
         return masks_by_id
 
+    def _free(self, variables):
+        """Flat indices of each variable's entries not held at zero by a mask carried in
+        (masked weights are absent from the network: damage never touches them)."""
+        free = []
+        for variable in variables:
+            mask = masks_lib._mask_of(variable)
+            size = int(np.prod(variable.shape, dtype=np.int64))
+            free.append(np.arange(size) if mask is None else np.flatnonzero(mask))
+        return free
+
+    def _draw(self, free, rng, what, scope="global"):
+        """A seeded prefix of a permutation of the free entries: flat indices per variable."""
+        if scope == "global":
+            pool = np.concatenate(free) if free else np.zeros(0, np.int64)
+            owner = np.repeat(np.arange(len(free)), [f.size for f in free])
+            chosen = rng.permutation(pool.size)[: self._count(pool.size, what)]
+            return [np.sort(pool[chosen[owner[chosen] == i]]) for i in range(len(free))]
+        return [np.sort(f[rng.permutation(f.size)[: self._count(f.size, what)]])
+                for f in free]
+
     def _damage_weights(self, model, selected, inputs, labels, rng):
         variables = self._variables_of(model, selected, kernels_only=True)
-        sizes = [int(np.prod(v.shape, dtype=np.int64)) for v in variables]
+        free = self._free(variables)
+        per_variable = self._draw(free, rng, "free kernel entries", self.scope)
         self._record_reference_outputs(model, inputs)
         masks_by_id, hit = {}, {}
-        if self.scope == "global":
-            total = int(sum(sizes))
-            flat = np.sort(rng.permutation(total)[: self._count(total, "kernel entries")])
-            bounds = np.concatenate([[0], np.cumsum(sizes)])
-            per_variable = [flat[(flat >= lo) & (flat < hi)] - lo
-                            for lo, hi in zip(bounds[:-1], bounds[1:])]
-        else:
-            per_variable = [np.sort(rng.permutation(size)[: self._count(
-                size, f"entries of `{v.path}`")]) for v, size in zip(variables, sizes)]
         for variable, indices in zip(variables, per_variable):
             if indices.size == 0:
                 continue
@@ -691,7 +709,7 @@ class Damage(Operation):
             hit[variable.path] = indices.tolist()
         zeroed = self._apply(model, masks_by_id)
         return {"weights": hit, "num_hit": int(sum(len(i) for i in per_variable)),
-                "num_weights": int(sum(sizes))}, zeroed
+                "num_weights": int(sum(f.size for f in free))}, zeroed
 
     def _add(self, variables, perturbation):
         for variable, delta in zip(variables, perturbation):
@@ -700,13 +718,18 @@ class Damage(Operation):
 
     def _damage_gaussian(self, model, selected, inputs, labels, rng):
         variables = self._variables_of(model, selected)
+        free = self._free(variables)
         self._record_reference_outputs(model, inputs)
-        noise = [rng.standard_normal(v.shape) for v in variables]
+        noise = []
+        for variable, indices in zip(variables, free):
+            values = np.zeros(int(np.prod(variable.shape, dtype=np.int64)))
+            values[indices] = rng.standard_normal(indices.size)
+            noise.append(values.reshape(variable.shape))
         length = np.sqrt(sum(np.sum(np.square(n)) for n in noise))
-        perturbation = [n * (self.norm / length) for n in noise]
+        perturbation = [n * (self.norm / length) if length > 0 else n for n in noise]
         self._add(variables, perturbation)
         self._set_perturbation(model, variables, perturbation)
-        return {"num_hit": int(sum(n.size for n in noise)), "norm": self.norm}, {}
+        return {"num_hit": int(sum(f.size for f in free)), "norm": self.norm}, {}
 
     def _set_perturbation(self, model, variables, perturbation):
         by_id = {id(v): p for v, p in zip(variables, perturbation)}
@@ -716,21 +739,15 @@ class Damage(Operation):
 
     def _damage_bitflip(self, model, selected, inputs, labels, rng):
         variables = self._variables_of(model, selected)
-        sizes = [int(np.prod(v.shape, dtype=np.int64)) for v in variables]
-        total = int(sum(sizes))
-        number = self._count(total, "weights")
+        per_variable = self._draw(self._free(variables), rng, "free weights")
         self._record_reference_outputs(model, inputs)
-        positions = faults.bit_positions(self.bits, self.bit_format)
-        flat = np.sort(rng.choice(total, size=number, replace=False))
-        bits = rng.choice(np.asarray(positions), size=number)
-        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        positions = np.asarray(faults.bit_positions(self.bits, self.bit_format))
         flips = []
-        for variable, lo, hi in zip(variables, bounds[:-1], bounds[1:]):
-            inside = (flat >= lo) & (flat < hi)
-            if not np.any(inside):
+        for variable, indices in zip(variables, per_variable):
+            if indices.size == 0:
                 continue
             values = variable.numpy().astype(np.float32)
-            indices, chosen = flat[inside] - lo, bits[inside]
+            chosen = rng.choice(positions, size=indices.size)
             old = values.reshape(-1)[indices].copy()
             if self.bit_format == "float32":
                 new = faults.flip_float32(old, chosen)
@@ -742,14 +759,14 @@ class Damage(Operation):
                 {"variable": variable.path, "index": int(i), "bit": int(b),
                  "before": float(o), "after": float(n)}
                 for i, b, o, n in zip(indices, chosen, old, new))
-        return {"bits": flips, "num_hit": number, "bit_format": self.bit_format}, {}
+        return {"bits": flips, "num_hit": len(flips), "bit_format": self.bit_format}, {}
 
     def _damage_eigen(self, model, selected, inputs, labels, rng):
         variables = self._variables_of(model, selected)
         examples = inputs[: self.eigen_examples]
         example_labels = None if labels is None else labels[: self.eigen_examples]
 
-        # Top eigenpairs of g on the data (restricted to the selected variables)
+        # Top eigenpairs of g on the data (restricted to the free selected coordinates)
         metric = MetricOperator(model, examples, outputs=self.outputs)
         operator, unflatten = self._restricted(model, metric, variables)
         k = min(self.num_eigenpairs, max(1, operator.shape[0] - 1))
@@ -766,6 +783,8 @@ class Damage(Operation):
         signs = np.ones(k)
         if example_labels is not None:
             gradient = self._loss_gradient(model, variables, examples, example_labels)
+            gradient = np.concatenate([g.ravel()[f] for g, f in
+                                       zip(gradient, self._free(variables))])
             signs = np.where(pairs.vectors.T @ gradient >= 0, 1.0, -1.0)
         direction = pairs.vectors @ (weights * signs)
         direction = direction * (self.norm / max(np.linalg.norm(direction), 1e-300))
@@ -773,13 +792,13 @@ class Damage(Operation):
         # Of ±δ, apply the one that hurts the outputs on the data more
         self._record_reference_outputs(model, inputs)
         reference = self._reference_outputs[: len(examples)]
-        start = [v.numpy().astype(np.float64) for v in variables]
+        start = [v.numpy() for v in variables]
         scores = {}
         for sign in (1.0, -1.0):
             self._add(variables, [sign * p for p in unflatten(direction)])
             scores[sign] = self._harm(model, examples, example_labels, reference)
             for variable, value in zip(variables, start):
-                variable.assign(value.astype(variable.dtype))
+                variable.assign(value)
         sign = max(scores, key=scores.get)
         perturbation = [sign * p for p in unflatten(direction)]
         self._add(variables, perturbation)
@@ -795,38 +814,36 @@ class Damage(Operation):
         }, {}
 
     def _restricted(self, model, metric, variables):
-        """g on the selected variables only: (LinearOperator, unflatten to their shapes)."""
+        """g on the free coordinates of `variables`: (LinearOperator, unflatten to them)."""
         everything = model.trainable_variables
-        if len(variables) == len(everything):
-            def unflatten(vector):
-                return [np.asarray(p, np.float64) for p in metric.unflatten(vector)]
-            return metric.as_linear_operator(), unflatten
-        keep = {id(v) for v in variables}
+        free = dict(zip((id(v) for v in variables), self._free(variables)))
         sizes = [int(np.prod(v.shape, dtype=np.int64)) for v in everything]
-        bounds = np.concatenate([[0], np.cumsum(sizes)])
-        index = np.concatenate([np.arange(lo, hi) for v, lo, hi in
-                                zip(everything, bounds[:-1], bounds[1:]) if id(v) in keep])
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        index = np.concatenate([free[id(v)] + offset for v, offset in
+                                zip(everything, offsets) if id(v) in free])
         full = metric.as_linear_operator()
+        if index.size == metric.num_params:
+            operator = full
+        else:
+            def apply(vector):
+                padded = np.zeros(metric.num_params)
+                padded[index] = np.ravel(vector)
+                return full.matvec(padded)[index]
 
-        def apply(vector):
-            padded = np.zeros(metric.num_params)
-            padded[index] = np.ravel(vector)
-            return full.matvec(padded)[index]
-
-        operator = scipy.sparse.linalg.LinearOperator(
-            (index.size, index.size), matvec=apply, rmatvec=apply, dtype=np.float64)
+            operator = scipy.sparse.linalg.LinearOperator(
+                (index.size, index.size), matvec=apply, rmatvec=apply, dtype=np.float64)
 
         def unflatten(vector):
             padded = np.zeros(metric.num_params)
             padded[index] = vector
-            pieces = metric.unflatten(padded)
-            return [np.asarray(p, np.float64) for v, p in zip(everything, pieces)
-                    if id(v) in keep]
+            pieces = np.split(padded, np.cumsum(sizes)[:-1])
+            return [piece.reshape(v.shape) for v, piece in zip(everything, pieces)
+                    if id(v) in free]
 
         return operator, unflatten
 
     def _loss_gradient(self, model, variables, x, y):
-        """Flat gradient of the mean cross-entropy on `(x, y)` w.r.t. `variables`."""
+        """Gradient of the mean cross-entropy on `(x, y)`: one array per variable."""
         loss_fn = keras.losses.SparseCategoricalCrossentropy(
             from_logits=self.outputs == "logits")
         total = [np.zeros(v.shape) for v in variables]
@@ -838,11 +855,11 @@ class Damage(Operation):
                                       unconnected_gradients=tf.UnconnectedGradients.ZERO)
             for running, gradient in zip(total, gradients):
                 running += gradient.numpy() * len(batch) / len(x)
-        return np.concatenate([g.ravel() for g in total])
+        return total
 
     def _harm(self, model, x, y, reference):
         """Damage on `(x, y)`: mean task loss with labels, else mean squared output change."""
-        outputs = reference_outputs(model, x, 1024)
+        outputs = _predict(model, x)
         if y is not None:
             loss = keras.losses.sparse_categorical_crossentropy(
                 y, outputs, from_logits=self.outputs == "logits")
