@@ -15,6 +15,7 @@ from keras_fip.geometry.metric import MetricOperator
 from keras_fip.geometry.spectrum import top_eigenpairs
 from keras_fip.operations import faults
 from keras_fip.operations.base import Operation
+from keras_fip.operations.base import carried_data
 
 KINDS = ("nodes", "weights", "gaussian", "eigen", "bitflip")
 SCOPES = ("global", "per_layer")
@@ -489,11 +490,7 @@ class Damage(Operation):
         if self.kind == "eigen":
             data = self.resolve_data(self.data, model)
         else:
-            data = self.data if self.data is not None else None
-            if data is None:
-                from keras_fip.operations.base import carried_data
-
-                data = carried_data(model)
+            data = self.data if self.data is not None else carried_data(model)
         if data is None:
             return None, None
         x, y = normalize_data(data, name="data")

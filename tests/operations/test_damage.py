@@ -425,3 +425,29 @@ def test_config_round_trip_covers_every_argument():
 
     arguments = set(inspect.signature(Damage.__init__).parameters) - {"self", "kwargs"}
     assert arguments <= set(config)
+
+
+@pytest.mark.large
+def test_lenet_eigen_adversary_collapses_what_random_directions_leave_intact(monkeypatch):
+    # The acceptance setting: LeNet-300-100 on MNIST, top-20 eigenpairs on 1,000 inputs.
+    model, base = models.base_network("lenet_300_100", "mnist")
+    x, y = data.load("mnist", "train")
+    x_test, y_test = data.load("mnist", "test")
+    clean = models.evaluate_classifier(model, x_test, y_test)["accuracy"]
+    assert clean >= 0.98
+    calls = []
+    original = metric_lib.MetricOperator.matvec
+
+    def counting(self, v):
+        calls.append(1)
+        return original(self, v)
+
+    monkeypatch.setattr(metric_lib.MetricOperator, "matvec", counting)
+    eigen = Damage("eigen", norm=1.0, data=(x[:1000], y[:1000]), num_eigenpairs=20, seed=0)
+    attacked = eigen(model)
+    assert len(calls) <= 100
+    assert clean - models.evaluate_classifier(attacked, x_test, y_test)["accuracy"] >= 0.2
+    for seed in range(20):
+        damaged = Damage("gaussian", norm=1.0, seed=seed)(model)
+        assert abs(models.evaluate_classifier(damaged, x_test, y_test)["accuracy"]
+                   - clean) <= 0.01
