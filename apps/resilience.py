@@ -15,7 +15,8 @@ Three experiment families of the resilience and damage-rescue papers, on base ne
 - `deletion` (Fig. 3): MLP-1 (784-`--resilience_mlp_width`-10) with 0-100% of its hidden units
   deleted in `--resilience_deletion_step` steps, `--resilience_deletion_seeds` deletion
   orders (nested sets per order): test accuracy mean ± std, the break-down speed and
-  acceleration along each deletion path (times = deleted fraction; acceleration ds/dt,
+  acceleration along each deletion path (g on `--resilience_path_outputs`, probabilities
+  by default; times = deleted fraction; acceleration ds/dt,
   Eq. 11 with its sign restored; energy = Eq. 6 without square root, length with it), the
   knee of the accuracy curve (Kneedle) and where the acceleration peaks. Then
   `--resilience_layer_models` layer by layer (each hidden layer's fraction deleted alone).
@@ -98,6 +99,10 @@ flags.DEFINE_integer("resilience_deletion_seeds", 5, "Deletion orders of MLP-1."
                      lower_bound=1)
 flags.DEFINE_integer("resilience_path_examples", 1000, "Training inputs on which the "
                      "break-down speed is measured.", lower_bound=1)
+flags.DEFINE_enum("resilience_path_outputs", "probabilities", ["logits", "probabilities"],
+                  "Outputs whose metric measures the break-down speed: on logits a deleted "
+                  "unit's change is the same wherever it is deleted (MLP-1's logits are a "
+                  "sum over units), on probabilities it grows as the margins shrink.")
 flags.DEFINE_list("resilience_layer_models", ["lenet_300_100"], "Networks deleted layer by "
                   "layer (VGG-11 is added by --resilience_vgg).")
 flags.DEFINE_float("resilience_layer_step", 0.1, "Step of the per-layer deleted fraction.",
@@ -286,7 +291,8 @@ def deletion(dataset, epochs):
         for damaged in sequence:
             evaluator.set_weights(damaged.get_weights())
             accuracy.append(evaluator.accuracy())
-        profile = geometry.breakdown_profile(sequence, path_inputs, times=fractions)
+        profile = geometry.breakdown_profile(sequence, path_inputs, times=fractions,
+                                             outputs=FLAGS.resilience_path_outputs)
         curves.append(accuracy)
         speeds.append(profile["speed"])
         accelerations.append(profile["acceleration"])
@@ -300,11 +306,16 @@ def deletion(dataset, epochs):
             f"mlp1/nodes/{_key(fraction)}/test/accuracy", curves[:, index]).items()
             if key.endswith(("/mean", "/std"))})
     results["mlp1/knee"] = float(np.mean(knees))
+    results["mlp1/knee_of_mean_curve"] = geometry.knee(fractions, curves.mean(0))
     results["mlp1/knee/std"] = float(np.std(knees))
     results["mlp1/knee/per_seed"] = knees
-    results["mlp1/max_acceleration_at"] = float(np.mean(peaks))
+    mean_acceleration = np.mean(accelerations, axis=0)
+    results["mlp1/max_acceleration_at"] = float(
+        profile["acceleration_times"][np.argmax(mean_acceleration)])
     results["mlp1/max_acceleration_at/per_seed"] = peaks
-    results["mlp1/max_acceleration_minus_knee/max_abs"] = float(
+    results["mlp1/max_acceleration_minus_knee"] = (
+        results["mlp1/max_acceleration_at"] - geometry.knee(fractions, curves.mean(0)))
+    results["mlp1/max_acceleration_minus_knee/per_seed_max_abs"] = float(
         np.max(np.abs(np.array(peaks) - np.array(knees))))
     results["mlp1/path_energy/mean"] = float(np.mean(energies))
     results["mlp1/breakdown_speed/mean"] = np.mean(speeds, axis=0).tolist()
