@@ -444,7 +444,8 @@ def plot_deletion(info, layers, output_dir):
     twin = right.twinx()
     twin.plot(100 * fractions[1:-1], info["accelerations"].mean(0), color="tab:orange",
               label="acceleration ds/dt")
-    right.axvline(100 * np.mean(info["peaks"]), color="tab:orange", linestyle=":")
+    peak = fractions[1:-1][np.argmax(info["accelerations"].mean(0))]
+    right.axvline(100 * peak, color="tab:orange", linestyle=":", label="acceleration peak")
     right.set_xlabel("hidden units deleted (%)")
     right.set_ylabel("break-down speed")
     twin.set_ylabel("break-down acceleration")
