@@ -28,6 +28,8 @@ from keras_fip.operations import shrink  # noqa: E402
 from keras_fip.operations import Ensemble  # noqa: E402
 from keras_fip.operations import ensemble_members  # noqa: E402
 from keras_fip import robustness  # noqa: E402
+from keras_fip.operations import Damage  # noqa: E402
+from keras_fip.operations import damage_reference  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -51,4 +53,6 @@ __all__ = [
     "Ensemble",
     "ensemble_members",
     "robustness",
+    "Damage",
+    "damage_reference",
 ]

@@ -13,6 +13,10 @@ from keras_fip.geometry.spectrum import spectral_density
 from keras_fip.geometry.spectrum import top_eigenpairs
 from keras_fip.geometry.spectrum import trace
 from keras_fip.geometry.spectrum import vulnerable_fraction
+from keras_fip.geometry.damage import breakdown_profile
+from keras_fip.geometry.damage import damage_path
+from keras_fip.geometry.damage import deletion_sequence
+from keras_fip.geometry.damage import knee
 
 __all__ = [
     "Eigenpairs",
@@ -28,4 +32,8 @@ __all__ = [
     "top_eigenpairs",
     "trace",
     "vulnerable_fraction",
+    "breakdown_profile",
+    "damage_path",
+    "deletion_sequence",
+    "knee",
 ]

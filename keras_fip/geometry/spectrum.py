@@ -355,21 +355,34 @@ def vulnerable_fraction(
     return float(np.mean(fractions))
 
 
-def expected_perturbation_change(op, sigma, num_samples=100, seed=0):
-    """Expected output change under a random weight perturbation: (σ/n)·trace(g).
+def expected_perturbation_change(op, sigma=None, num_samples=100, seed=0, norm=None):
+    """Expected squared output change under a random weight perturbation (Eq. 9, settled).
 
-    For δw ~ N(0, (σ/n) I) (so E‖δw‖² = σ) the mean squared output change
-    to second order is E[δwᵀ g δw] = (σ/n) trace(g) (Eq. 9 of the resilience
-    paper). The trace is estimated with `trace(op, num_samples, seed=seed)`.
+    To second order a perturbation δw changes the outputs on the metric's data by
+    δwᵀ g δw (mean squared change of the outputs). For any isotropic random δw,
+    E[δwᵀ g δw] = (E‖δw‖² / n)·trace(g). Eq. 9 of the resilience paper writes σ for the
+    perturbation's norm in one place and for its squared norm in the other; here the two
+    are separate arguments, so the convention is explicit:
+
+    - `sigma` is the expected **squared** norm E‖δw‖² (δw ~ N(0, (σ/n) I)): the change is
+      (σ/n)·trace(g);
+    - `norm` is the Euclidean norm ‖δw‖ itself (a random direction of exact norm r, as
+      `keras_fip.Damage(kind="gaussian", norm=r)` draws): the change is (r²/n)·trace(g).
+
+    Exactly one of them must be given. The trace is estimated with
+    `trace(op, num_samples, seed=seed)`.
 
     Args:
         op: a `MetricOperator` (or a symmetric `LinearOperator`).
-        sigma: expected squared norm of the perturbation, σ ≥ 0.
+        sigma: expected squared norm E‖δw‖² ≥ 0 of the perturbation, or `None`.
+            Defaults to `None`.
         num_samples: products g·v for the trace estimate. Defaults to `100`.
         seed: seed of the trace probes. Defaults to `0`.
+        norm: Euclidean norm ‖δw‖ ≥ 0 of the perturbation, or `None`. Defaults to
+            `None`.
 
     Returns:
-        The expected change, a Python float.
+        The expected squared output change, a Python float.
 
     Example:
 
@@ -377,9 +390,22 @@ def expected_perturbation_change(op, sigma, num_samples=100, seed=0):
     >>> metric = MetricOperator(model, np.random.rand(16, 3).astype("float32"))
     >>> expected_perturbation_change(metric, sigma=0.0)
     0.0
+    >>> a = expected_perturbation_change(metric, norm=2.0, num_samples=30)
+    >>> b = expected_perturbation_change(metric, sigma=4.0, num_samples=30)
+    >>> bool(np.isclose(a, b))
+    True
     """
     counting = _CountingOperator(op)
-    _check_non_negative(sigma, "sigma")
+    if (sigma is None) == (norm is None):
+        raise ValueError(
+            "Pass exactly one of `sigma` (the expected squared norm E‖δw‖²) and `norm` "
+            f"(the norm ‖δw‖). Received: sigma={sigma!r}, norm={norm!r}"
+        )
+    if norm is not None:
+        _check_non_negative(norm, "norm")
+        sigma = float(norm) ** 2
+    else:
+        _check_non_negative(sigma, "sigma")
     if sigma == 0:
         return 0.0
     return float(sigma / counting.num_params * trace(op, num_samples, seed=seed))

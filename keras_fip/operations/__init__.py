@@ -14,3 +14,6 @@ from keras_fip.operations.ensemble import EnsembleCombination
 from keras_fip.operations.ensemble import build_ensemble
 from keras_fip.operations.ensemble import is_ensemble
 from keras_fip.operations.ensemble import ensemble_members
+from keras_fip.operations.damage import Damage
+from keras_fip.operations.damage import DamageReference
+from keras_fip.operations.damage import damage_reference

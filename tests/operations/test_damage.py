@@ -1,0 +1,453 @@
+import hashlib
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_fip
+from keras_fip import data
+from keras_fip import models
+from keras_fip.geometry import metric as metric_lib
+from keras_fip.operations.damage import Damage
+from keras_fip.operations.damage import damage_reference
+from tests.operations.contract import run_operation_contract
+
+layers = keras.layers
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = data.load("digits")
+    return x.astype("float32"), y
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    x, y = digits
+    keras.utils.set_random_seed(0)
+    model = models.mlp((48, 32), input_shape=(8, 8, 1))
+    models.train_classifier(model, x, y, epochs=10, batch_size=64, learning_rate=3e-3)
+    return model
+
+
+def _bn_conv_net():
+    """conv -> BN -> ReLU -> pool -> conv(no bias) -> BN -> ReLU -> flatten -> dense."""
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((8, 8, 1))
+    x = layers.Conv2D(6, 3, padding="same", name="conv_a")(inputs)
+    x = layers.BatchNormalization(name="bn_a")(x)
+    x = layers.ReLU(name="relu_a")(x)
+    x = layers.MaxPooling2D(2, name="pool_a")(x)
+    x = layers.Conv2D(5, 3, padding="same", use_bias=False, name="conv_b")(x)
+    x = layers.BatchNormalization(name="bn_b")(x)
+    x = layers.Activation("relu", name="relu_b")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(12, activation="relu", name="dense")(x)
+    outputs = layers.Dense(10, name="logits")(x)
+    return keras.Model(inputs, outputs)
+
+
+def _residual_net():
+    """stem conv -> BN -> ReLU -> [conv -> BN] + stem -> ReLU -> global pool -> logits."""
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((8, 8, 1))
+    stem = layers.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(inputs)
+    stem = layers.ReLU(name="stem_relu")(layers.BatchNormalization(name="stem_bn")(stem))
+    block = layers.Conv2D(8, 3, padding="same", name="block")(stem)
+    block = layers.BatchNormalization(name="block_bn")(block)
+    merged = layers.ReLU(name="merged_relu")(layers.Add(name="add")([stem, block]))
+    pooled = layers.GlobalAveragePooling2D(name="pool")(merged)
+    outputs = layers.Dense(10, name="logits")(pooled)
+    return keras.Model(inputs, outputs)
+
+
+def _fit_briefly(model, x, y, epochs=2):
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
+    return model
+
+
+def _probe(model, layer_name, x, training=False):
+    probe = keras.Model(model.inputs[0], model.get_layer(layer_name).output)
+    return np.asarray(probe(x, training=training))
+
+
+def _digest(model):
+    return hashlib.sha256(b"".join(w.tobytes() for w in model.get_weights())).hexdigest()
+
+
+# The shared contract.
+
+
+@pytest.mark.parametrize("kind, kwargs, contract_models", [
+    ("nodes", {"fraction": 0.25}, ("sequential", "functional", "batchnorm_residual")),
+    ("weights", {"fraction": 0.3}, ("sequential", "batchnorm_residual")),
+    ("gaussian", {"norm": 0.5}, ("functional",)),
+    ("eigen", {"norm": 0.5, "num_eigenpairs": 3, "eigen_examples": 100},
+     ("batchnorm_residual",)),
+    ("bitflip", {"count": 20, "bits": "mantissa"}, ("functional",)),
+])
+def test_damage_meets_the_operation_contract(kind, kwargs, contract_models):
+    # The zeroing kinds (masks) run on every contract model with the save/export round
+    # trips; the additive kinds change values only, so one model each keeps this fast.
+    def make(model, x, y):
+        extra = {"data": (x, y)} if kind == "eigen" else {}
+        return Damage(kind, seed=3, **kwargs, **extra)
+
+    results = run_operation_contract(make, models=contract_models,
+                                     check_export=kind in ("nodes", "weights"))
+    if kind == "nodes":
+        # The BatchNorm residual net: the hidden conv's deleted channels are masked.
+        assert keras_fip.masks(results["batchnorm_residual"])
+
+
+# Exact counts.
+
+
+def test_nodes_global_deletes_round_fraction_of_all_hidden_units(trained, digits):
+    x, _ = digits
+    op = Damage("nodes", fraction=0.3, seed=0)
+    damaged = op(trained)
+    units = op.record["units"]
+    assert set(units) == {"dense_1", "dense_2"}  # Never the output layer.
+    assert sum(len(u) for u in units.values()) == round(0.3 * 80) == op.record["num_hit"]
+    # Incoming kernel columns and biases are zero, outgoing rows too.
+    for name, deleted in units.items():
+        layer = damaged.get_layer(name)
+        assert np.all(layer.kernel.numpy()[:, deleted] == 0)
+        assert np.all(layer.bias.numpy()[deleted] == 0)
+        np.testing.assert_array_equal(np.delete(layer.bias.numpy(), deleted),
+                                      np.delete(trained.get_layer(name).bias.numpy(), deleted))
+        activations = _probe(damaged, name, x)
+        assert np.all(activations[:, deleted] == 0)
+        assert np.any(np.delete(activations, deleted, axis=1) != 0)
+    assert np.all(damaged.get_layer("dense_2").kernel.numpy()[units["dense_1"]] == 0)
+    assert np.all(damaged.get_layer("logits").kernel.numpy()[units["dense_2"]] == 0)
+    # The output layer keeps every unit and its bias.
+    np.testing.assert_array_equal(damaged.get_layer("logits").bias.numpy(),
+                                  trained.get_layer("logits").bias.numpy())
+    # Masks hold every zeroed weight.
+    masks = keras_fip.masks(damaged)
+    assert int((~masks["dense_1/kernel"]).sum()) == 64 * len(units["dense_1"])
+
+
+def test_nodes_per_layer_takes_the_fraction_of_each_layer(trained):
+    op = Damage("nodes", fraction=0.25, scope="per_layer", seed=1)
+    op(trained)
+    assert {k: len(v) for k, v in op.record["units"].items()} == {"dense_1": 12, "dense_2": 8}
+    op = Damage("nodes", count=5, layers=["dense_2"], seed=1)
+    op(trained)
+    assert {k: len(v) for k, v in op.record["units"].items()} == {"dense_2": 5}
+
+
+def test_nodes_silence_batchnorm_conv_filters_through_flatten(digits):
+    x, y = digits
+    model = _fit_briefly(_bn_conv_net(), x[:300], y[:300], epochs=1)
+    op = Damage("nodes", fraction=0.4, scope="per_layer", seed=0)
+    damaged = op(model)
+    units = op.record["units"]
+    assert {k: len(v) for k, v in units.items()} == {"conv_a": 2, "conv_b": 2, "dense": 5}
+    # Activations after BatchNorm and ReLU are exactly zero, in both modes.
+    for training in (False, True):
+        for layer_name, unit_layer in (("relu_a", "conv_a"), ("pool_a", "conv_a"),
+                                       ("relu_b", "conv_b")):
+            values = _probe(damaged, layer_name, x[:64], training=training)
+            assert np.all(values[..., units[unit_layer]] == 0), (layer_name, training)
+            kept = np.delete(values, units[unit_layer], axis=-1)
+            assert np.any(kept != 0)
+    for name in ("bn_a", "bn_b"):
+        bn = damaged.get_layer(name)
+        deleted = units["conv_a" if name == "bn_a" else "conv_b"]
+        assert np.all(bn.gamma.numpy()[deleted] == 0) and np.all(bn.beta.numpy()[deleted] == 0)
+    # Outgoing weights: conv_b's input channels, and the Flatten rows h·W·C + w·C + c.
+    assert np.all(damaged.get_layer("conv_b").kernel.numpy()[:, :, units["conv_a"], :] == 0)
+    dense_kernel = damaged.get_layer("dense").kernel.numpy()
+    rows = np.arange(dense_kernel.shape[0])
+    dead_rows = np.isin(rows % 5, units["conv_b"])
+    assert np.all(dense_kernel[dead_rows] == 0)
+    assert np.all(np.any(dense_kernel[~dead_rows] != 0, axis=1))
+    # Damaged weights stay zero through training.
+    _fit_briefly(damaged, x[:300], y[:300], epochs=1)
+    assert np.all(damaged.get_layer("dense").kernel.numpy()[dead_rows] == 0)
+    assert np.all(_probe(damaged, "relu_b", x[:64], training=True)[..., units["conv_b"]] == 0)
+
+
+def test_nodes_silence_residual_net_channels(digits):
+    x, y = digits
+    model = _fit_briefly(_residual_net(), x[:300], y[:300], epochs=1)
+    op = Damage("nodes", fraction=0.25, scope="per_layer", seed=4)
+    damaged = op(model)
+    units = op.record["units"]
+    assert {k: len(v) for k, v in units.items()} == {"stem": 2, "block": 2}
+    for training in (False, True):
+        stem = _probe(damaged, "stem_relu", x[:64], training)
+        block = _probe(damaged, "block_bn", x[:64], training)
+        assert np.all(stem[..., units["stem"]] == 0)
+        assert np.all(block[..., units["block"]] == 0)
+    # The stem's deleted channels are cut from the block conv's inputs too.
+    assert np.all(damaged.get_layer("block").kernel.numpy()[:, :, units["stem"], :] == 0)
+    np.testing.assert_array_equal(damaged.get_layer("logits").kernel.numpy(),
+                                  model.get_layer("logits").kernel.numpy())
+
+
+def test_weights_zero_exactly_round_fraction_of_kernel_entries(trained):
+    op = Damage("weights", fraction=0.37, seed=0)
+    damaged = op(trained)
+    sizes = [int(np.prod(v.shape)) for v in keras_fip.engine.projection.prunable_variables(
+        trained)]
+    expected = round(0.37 * sum(sizes))
+    assert op.record["num_hit"] == expected
+    masks = keras_fip.masks(damaged)
+    assert sum(int((~m).sum()) for m in masks.values()) == expected
+    assert set(masks) <= {"dense_1/kernel", "dense_2/kernel", "logits/kernel"}
+    for key, mask in masks.items():
+        variable = next(v for v in damaged.trainable_variables if v.path == key)
+        assert np.all(variable.numpy()[~mask] == 0)
+    per_layer = Damage("weights", fraction=0.5, scope="per_layer", seed=0)
+    per_layer(trained)
+    assert {k: len(v) for k, v in per_layer.record["weights"].items()} == {
+        "dense_1/kernel": round(0.5 * 64 * 48),
+        "dense_2/kernel": round(0.5 * 48 * 32), "logits/kernel": round(0.5 * 32 * 10)}
+
+
+def test_gaussian_and_eigen_have_exact_norm_and_eigen_hurts_more(trained, digits):
+    x, y = digits
+    clean = models.evaluate_classifier(trained, x, y)["accuracy"]
+    gaussian = Damage("gaussian", norm=1.5, seed=0)
+    random_damaged = gaussian(trained)
+    eigen = Damage("eigen", norm=1.5, data=(x, y), num_eigenpairs=5, seed=0)
+    eigen_damaged = eigen(trained)
+    for op in (gaussian, eigen):
+        assert op.record["perturbation_norm"] == pytest.approx(1.5, rel=1e-5)
+        flat = np.concatenate([p.ravel() for p in op.perturbation])
+        assert np.linalg.norm(flat) == pytest.approx(1.5, rel=1e-6)
+    random_accuracy = models.evaluate_classifier(random_damaged, x, y)["accuracy"]
+    eigen_accuracy = models.evaluate_classifier(eigen_damaged, x, y)["accuracy"]
+    assert clean - random_accuracy < 0.05
+    assert clean - eigen_accuracy > 0.2
+    # The eigen perturbation lies in the span of the top eigenvectors: δᵀgδ matches.
+    metric = keras_fip.geometry.MetricOperator(trained, x[:1000])
+    flat = np.concatenate([p.ravel() for p in eigen.perturbation])
+    quadratic = float(flat @ metric.matvec(flat))
+    assert quadratic == pytest.approx(eigen.record["predicted_change"], rel=1e-3)
+    assert quadratic >= 1.5 ** 2 * min(eigen.record["eigenvalues"]) * (1 - 1e-3)
+    # The second-order prediction of the output change holds roughly at this norm.
+    assert eigen.record["measured_change"] == pytest.approx(
+        eigen.record["predicted_change"], rel=0.5)
+
+
+def test_eigen_sqrt_mixing_and_layer_restriction(trained, digits):
+    x, y = digits
+    op = Damage("eigen", norm=1.0, data=x, num_eigenpairs=4, mixing="sqrt",
+                layers=["dense_2"], seed=0)
+    damaged = op(trained)
+    weights = np.array(op.record["coefficients"])
+    roots = np.sqrt(op.record["eigenvalues"])
+    np.testing.assert_allclose(weights, roots / np.linalg.norm(roots), rtol=1e-9)
+    for before, after in zip(trained.layers, damaged.layers):
+        changed = any(not np.array_equal(a, b) for a, b in
+                      zip(before.get_weights(), after.get_weights()))
+        assert changed == (before.name == "dense_2")
+
+
+def test_eigen_of_top_20_on_1000_inputs_within_100_metric_products(trained, digits,
+                                                                   monkeypatch):
+    x, y = digits
+    calls = []
+    original = metric_lib.MetricOperator.matvec
+
+    def counting(self, v):
+        calls.append(1)
+        return original(self, v)
+
+    monkeypatch.setattr(metric_lib.MetricOperator, "matvec", counting)
+    op = Damage("eigen", norm=1.0, data=(x[:1000], y[:1000]), num_eigenpairs=20, seed=0)
+    op(trained)
+    assert len(calls) == op.record["num_matvecs"] <= 100
+    assert len(op.record["eigenvalues"]) == 20
+
+
+def test_bitflip_flips_exactly_count_bits(trained):
+    before = np.concatenate([v.numpy().ravel() for v in trained.trainable_variables])
+    for bits, allowed in ((None, range(32)), ("sign", [31]), ("exponent", range(23, 31)),
+                          ("mantissa", range(23)), (5, [5])):
+        op = Damage("bitflip", count=40, bits=bits, seed=0)
+        damaged = op(trained)
+        after = np.concatenate([v.numpy().ravel() for v in damaged.trainable_variables])
+        xor = before.view(np.uint32) ^ after.view(np.uint32)
+        assert int(np.count_nonzero(xor)) == 40
+        assert sum(bin(int(w)).count("1") for w in xor[xor != 0]) == 40
+        positions = {int(np.log2(int(w))) for w in xor[xor != 0]}
+        assert positions <= set(allowed)
+        assert op.record["num_hit"] == len(op.record["bits"]) == 40
+    op = Damage("bitflip", count=10, bits="sign", bit_format="int8", seed=0)
+    damaged = op(trained)
+    for flip in op.record["bits"]:
+        variable = next(v for v in trained.trainable_variables if v.path == flip["variable"])
+        scale = np.abs(variable.numpy()).max() / 127
+        code = int(np.clip(np.round(flip["before"] / scale), -127, 127))
+        flipped = np.array([code], np.int8).view(np.uint8) ^ np.uint8(128)
+        assert flip["after"] == pytest.approx(float(flipped.view(np.int8)[0]) * scale,
+                                              rel=1e-6)
+
+
+# Determinism, nesting, no mutation, the reference.
+
+
+def test_same_seed_same_damage_and_nested_deletions(trained):
+    first = Damage("nodes", fraction=0.4, seed=7)
+    second = Damage("nodes", fraction=0.4, seed=7)
+    assert _digest(first(trained)) == _digest(second(trained))
+    assert first.record["units"] == second.record["units"]
+    smaller = Damage("nodes", fraction=0.2, seed=7)
+    smaller(trained)
+    for name, units in smaller.record["units"].items():
+        assert set(units) <= set(first.record["units"][name])
+    other = Damage("nodes", fraction=0.4, seed=8)
+    other(trained)
+    assert other.record["units"] != first.record["units"]
+    sparse = Damage("weights", fraction=0.1, seed=7)
+    dense = Damage("weights", fraction=0.3, seed=7)
+    sparse(trained)
+    dense(trained)
+    for key, indices in sparse.record["weights"].items():
+        assert set(indices) <= set(dense.record["weights"][key])
+    for kind, kwargs in (("gaussian", {"norm": 1.0}), ("bitflip", {"count": 9})):
+        a, b = Damage(kind, seed=2, **kwargs), Damage(kind, seed=2, **kwargs)
+        assert _digest(a(trained)) == _digest(b(trained))
+
+
+def test_damage_never_mutates_and_records_the_undamaged_network(trained, digits):
+    x, _ = digits
+    before = _digest(trained)
+    damaged = Damage("nodes", fraction=0.5, data=x[:100], seed=0)(trained)
+    assert _digest(trained) == before and not keras_fip.masks(trained)
+    reference = damage_reference(damaged)
+    assert reference is not None and damage_reference(trained) is None
+    restored = reference.restore(damaged)
+    assert _digest(restored) == before and not keras_fip.masks(restored)
+    np.testing.assert_allclose(reference.outputs, np.asarray(trained(x[:100])), atol=1e-5)
+    assert reference.inputs.shape == (100, 8, 8, 1)
+    # Damage on damage keeps the first undamaged network and accumulates the masks.
+    again = Damage("weights", fraction=0.2, seed=1)(damaged)
+    second = damage_reference(again)
+    assert _digest(second.restore(again)) == before
+    assert [r["kind"] for r in second.records] == ["nodes", "weights"]
+    kernel = [i for i, v in enumerate(again.trainable_variables) if v.path == "dense_1/kernel"][0]
+    assert int((~second.damage_masks[kernel]).sum()) > int(
+        (~reference.damage_masks[kernel]).sum())
+
+
+def test_masks_survive_keras_save_and_masked_training(trained, digits, tmp_path):
+    x, y = digits
+    damaged = Damage("nodes", fraction=0.5, seed=0)(trained)
+    zeros = {v.path: v.numpy() == 0 for v in damaged.trainable_variables}
+    path = os.path.join(tmp_path, "damaged.keras")
+    damaged.save(path)
+    loaded = keras.saving.load_model(path)
+    assert {k: int((~m).sum()) for k, m in keras_fip.masks(loaded).items()} == {
+        k: int((~m).sum()) for k, m in keras_fip.masks(damaged).items()}
+    models.train_classifier(loaded, x, y, epochs=1, batch_size=64, learning_rate=1e-2)
+    for variable in loaded.trainable_variables:
+        mask = keras_fip.masks(loaded).get(variable.path)
+        if mask is not None:
+            assert np.all(variable.numpy()[~mask] == 0)
+            assert np.all(zeros[variable.path][~mask])
+
+
+# Bad inputs.
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    ({"kind": "melt"}, "kind"),
+    ({"kind": "nodes"}, "fraction"),
+    ({"kind": "nodes", "fraction": 1.5}, "fraction"),
+    ({"kind": "nodes", "fraction": -0.1}, "fraction"),
+    ({"kind": "nodes", "fraction": 0.5, "count": 3}, "fraction"),
+    ({"kind": "weights", "count": -1}, "count"),
+    ({"kind": "gaussian"}, "norm"),
+    ({"kind": "gaussian", "norm": -1.0}, "norm"),
+    ({"kind": "eigen", "norm": float("nan")}, "norm"),
+    ({"kind": "gaussian", "norm": 1.0, "fraction": 0.5}, "fraction"),
+    ({"kind": "nodes", "fraction": 0.5, "norm": 1.0}, "norm"),
+    ({"kind": "bitflip"}, "count"),
+    ({"kind": "bitflip", "count": 2, "bits": 32}, "bits"),
+    ({"kind": "bitflip", "count": 2, "bits": "exponent", "bit_format": "int8"}, "bits"),
+    ({"kind": "bitflip", "count": 2, "bit_format": "int4"}, "bit_format"),
+    ({"kind": "nodes", "fraction": 0.5, "scope": "local"}, "scope"),
+    ({"kind": "nodes", "fraction": 0.5, "layers": []}, "layers"),
+    ({"kind": "eigen", "norm": 1.0, "mixing": "random"}, "mixing"),
+    ({"kind": "eigen", "norm": 1.0, "num_eigenpairs": 0}, "num_eigenpairs"),
+    ({"kind": "nodes", "fraction": 0.5, "seed": -1}, "seed"),
+])
+def test_bad_arguments_raise_before_any_work(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        Damage(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    ({"kind": "eigen", "norm": 1.0}, "data"),
+    ({"kind": "nodes", "fraction": 1.0}, "fraction"),
+    ({"kind": "nodes", "fraction": 1.0, "scope": "per_layer"}, "fraction"),
+    ({"kind": "nodes", "fraction": 0.5, "layers": ["missing"]}, "layers"),
+    ({"kind": "nodes", "fraction": 0.5, "layers": ["logits"]}, "layers"),
+    ({"kind": "gaussian", "norm": 1.0, "layers": ["dense_1", "nope"]}, "layers"),
+    ({"kind": "nodes", "count": 81}, "count"),
+    ({"kind": "weights", "count": 10**7}, "count"),
+    ({"kind": "bitflip", "count": 10**7}, "count"),
+])
+def test_bad_arguments_for_the_model_raise_and_leave_it_alone(trained, kwargs, argument):
+    before = _digest(trained)
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        Damage(seed=0, **kwargs)(trained)
+    assert _digest(trained) == before
+
+
+def test_allow_dead_layers_deletes_a_whole_layer(trained, digits):
+    x, _ = digits
+    op = Damage("nodes", fraction=1.0, seed=0, allow_dead_layers=True)
+    damaged = op(trained)
+    assert op.record["num_hit"] == 80
+    outputs = np.asarray(damaged(x[:10]))
+    np.testing.assert_allclose(outputs, np.tile(trained.get_layer("logits").bias.numpy(),
+                                                (10, 1)), atol=0)
+
+
+def test_config_round_trip_covers_every_argument():
+    op = Damage("bitflip", count=3, layers=["dense_1"], seed=5, bits="sign",
+                bit_format="int8", name="flip")
+    config = op.get_config()
+    assert Damage.from_config(config).get_config() == config
+    assert config["count"] == 3 and config["bit_format"] == "int8" and config["name"] == "flip"
+    import inspect
+
+    arguments = set(inspect.signature(Damage.__init__).parameters) - {"self", "kwargs"}
+    assert arguments <= set(config)
+
+
+@pytest.mark.large
+def test_lenet_eigen_adversary_collapses_what_random_directions_leave_intact(monkeypatch):
+    # The acceptance setting: LeNet-300-100 on MNIST, top-20 eigenpairs on 1,000 inputs.
+    model, base = models.base_network("lenet_300_100", "mnist")
+    x, y = data.load("mnist", "train")
+    x_test, y_test = data.load("mnist", "test")
+    clean = models.evaluate_classifier(model, x_test, y_test)["accuracy"]
+    assert clean >= 0.98
+    calls = []
+    original = metric_lib.MetricOperator.matvec
+
+    def counting(self, v):
+        calls.append(1)
+        return original(self, v)
+
+    monkeypatch.setattr(metric_lib.MetricOperator, "matvec", counting)
+    eigen = Damage("eigen", norm=1.0, data=(x[:1000], y[:1000]), num_eigenpairs=20, seed=0)
+    attacked = eigen(model)
+    assert len(calls) <= 100
+    assert clean - models.evaluate_classifier(attacked, x_test, y_test)["accuracy"] >= 0.2
+    for seed in range(20):
+        damaged = Damage("gaussian", norm=1.0, seed=seed)(model)
+        assert abs(models.evaluate_classifier(damaged, x_test, y_test)["accuracy"]
+                   - clean) <= 0.01
