@@ -1,4 +1,4 @@
-r"""Quick start: keras_fip on scikit-learn's bundled digits, in about a minute on a CPU.
+r"""Quick start: keras_fip on scikit-learn's bundled digits, in a few minutes on a CPU.
 
 Trains a small MLP, then shows the central idea side by side with what you would otherwise
 do:
@@ -7,6 +7,10 @@ do:
   test accuracy stays put, where a random perturbation of the same size destroys it;
 - the metric tensor g of the trained network: its trace and the fraction ρ of vulnerable
   directions (most directions are resilient, which is why FIPs exist);
+- damage: random Gaussian weight noise against `keras_fip.Damage("eigen")`, the
+  weight-space adversary of the same norm, and deleting half the hidden units;
+- an ensemble of 5 networks along one FIP (`keras_fip.Ensemble`) beside a 5-member deep
+  ensemble, clean and under PGD transferred from a separately trained surrogate;
 - sparsifying to 90%: `keras_fip.Compress` against gradual magnitude pruning (tfmot's
   schedule, global ranking, native Keras 3) and one-shot pruning with fine-tuning, the same
   epoch budget for every method, Compress with its default arguments.
@@ -123,6 +127,42 @@ def run(output_dir, seed, walk_steps, sparsity, epochs=30):
         rows.append((f"{label}, {sparsity:.0%}", _accuracy(pruned, x_test, y_test),
                      projection.prunable_sparsity(pruned), _distance(pruned, base), seconds))
 
+    # Damage: random weight noise against the eigen adversary of the same norm
+    damage_rows = []
+    for label, damage in (
+        ("random Gaussian damage, norm 1", keras_fip.Damage("gaussian", norm=1.0, seed=seed)),
+        ("eigen adversary (top-20 of g), norm 1",
+         keras_fip.Damage("eigen", norm=1.0, data=(x[:1000], y[:1000]), seed=seed)),
+        ("50% hidden units deleted", keras_fip.Damage("nodes", fraction=0.5, seed=seed)),
+    ):
+        damaged, seconds = _timed(lambda: damage(base))
+        damage_rows.append((label, _accuracy(damaged, x_test, y_test),
+                            keras_fip.engine.sparsity(damaged), _distance(damaged, base),
+                            seconds))
+
+    # Ensemble: 5 networks along one FIP beside a 5-member deep ensemble, under PGD
+    # transferred from a separately trained surrogate (L-inf, epsilon 0.3, 40 steps)
+    surrogate = models.mlp(64, input_shape=(8, 8, 1))
+    models.train_classifier(surrogate, x, y, epochs=epochs, batch_size=64,
+                            learning_rate=3e-3)
+    fip_ensemble, fip_seconds = _timed(lambda: keras_fip.Ensemble(
+        5, data=(x, y), steps_between=20, diversity=5.0, perturbation_epsilon=0.3,
+        seed=seed, verbose=0)(base))
+    (deep, _), deep_seconds = _timed(lambda: baselines.deep_ensemble(
+        base, x, y, num_members=5, epochs=epochs, seed=seed + 1))
+    attacked, _ = keras_fip.robustness.transfer_pgd_accuracy(
+        surrogate, {"fip": fip_ensemble, "deep": deep, "single": base}, x_test, y_test,
+        epsilon=0.3)
+    ensemble_rows = [
+        ("FIP ensemble (5 members), clean", _accuracy(fip_ensemble, x_test, y_test), 0.0,
+         0.0, fip_seconds),
+        ("FIP ensemble, transfer PGD eps 0.3", attacked["fip"], 0.0, 0.0, 0.0),
+        ("deep ensemble (5 seeds), clean", _accuracy(deep, x_test, y_test), 0.0, 0.0,
+         deep_seconds),
+        ("deep ensemble, transfer PGD eps 0.3", attacked["deep"], 0.0, 0.0, 0.0),
+        ("single network, transfer PGD eps 0.3", attacked["single"], 0.0, 0.0, 0.0),
+    ]
+
     results = {
         "base/test/accuracy": base_accuracy,
         "walk/test/accuracy": rows[1][1],
@@ -132,12 +172,19 @@ def run(output_dir, seed, walk_steps, sparsity, epochs=30):
         "geometry/rho": float(rho),
         "geometry/num_params": int(metric.num_params),
     }
-    for label, accuracy, zeros, distance, seconds in rows[3:]:
+    for label, accuracy, zeros, distance, seconds in rows[3:6]:
         key = "fip" if label.startswith("FIP") else label.split(" ")[0].replace("-", "_")
         results[f"{key}/{sparsity * 100:g}/test/accuracy"] = accuracy
         results[f"{key}/{sparsity * 100:g}/sparsity"] = zeros
         results[f"{key}/{sparsity * 100:g}/wall_time_seconds"] = seconds
     results["pruning/epochs"] = prune_epochs
+    for key, row in zip(("gaussian", "eigen", "nodes"), damage_rows):
+        results[f"damage/{key}/test/accuracy"] = row[1]
+    results["ensemble/fip/test/accuracy"] = ensemble_rows[0][1]
+    results["ensemble/deep/test/accuracy"] = ensemble_rows[2][1]
+    for key in ("fip", "deep", "single"):
+        results[f"ensemble/{key}/transfer_pgd/accuracy"] = float(attacked[key])
+    rows = rows + damage_rows + ensemble_rows
     return rows, results
 
 
