@@ -25,6 +25,8 @@ from keras_fip.operations import Isofunctional  # noqa: E402
 from keras_fip.operations import Operation  # noqa: E402
 from keras_fip.operations import chain  # noqa: E402
 from keras_fip.operations import shrink  # noqa: E402
+from keras_fip.operations import ContinualLearn  # noqa: E402
+from keras_fip import metrics  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -45,4 +47,6 @@ __all__ = [
     "masks",
     "shrink",
     "strip_masks",
+    "ContinualLearn",
+    "metrics",
 ]

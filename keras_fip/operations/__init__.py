@@ -9,3 +9,5 @@ from keras_fip.operations.chain import chain
 from keras_fip.operations.isofunctional import Isofunctional
 from keras_fip.operations.compress import Compress
 from keras_fip.operations.shrink import shrink
+from keras_fip.operations.continual_learn import ContinualLearn
+from keras_fip.operations.heads import grow_output_layer
