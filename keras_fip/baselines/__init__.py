@@ -18,3 +18,11 @@ __all__ = [
     "tfmot_available",
     "tfmot_gradual_pruning",
 ]
+from keras_fip.baselines.agem import AGEM
+from keras_fip.baselines.ewc import EWC
+from keras_fip.baselines.finetune import FineTune
+from keras_fip.baselines.joint import JointTraining
+from keras_fip.baselines.lwf import LwF
+from keras_fip.baselines.replay import ExperienceReplay
+
+__all__ += ["AGEM", "EWC", "ExperienceReplay", "FineTune", "JointTraining", "LwF"]
