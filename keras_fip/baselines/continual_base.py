@@ -61,12 +61,25 @@ class ContinualBaseline(Operation):
         learning_rate: Initial Adam learning rate, cosine-decayed. Defaults to `1e-3`.
         batch_size: New-task examples per step. Defaults to `128`.
         seed: Seed of the shuffles and the new units. Defaults to `None`.
+        eval_tasks: A list of `(x, y)` (labels in the returned model's output indices)
+            whose accuracy is recorded along training in `op.history["task_{i}/accuracy"]`
+            at `op.history["eval_step"]`, as `ContinualLearn` records it. Defaults to
+            `None`.
+        eval_every: Steps between evaluations. Defaults to `None` (10 per run).
         **kwargs: `Operation` arguments.
     """
 
     def __init__(self, new_task, head="append", epochs=5, learning_rate=1e-3,
-                 batch_size=128, seed=None, **kwargs):
+                 batch_size=128, seed=None, eval_tasks=None, eval_every=None, **kwargs):
         super().__init__(**kwargs)
+        self._eval_tasks = [
+            check_labelled(task, f"eval_tasks[{i}]") for i, task in enumerate(eval_tasks or [])
+        ]
+        self.eval_tasks = eval_tasks
+        if eval_every is not None:
+            eval_every = self.check_number(eval_every, "eval_every", low=1,
+                                           low_inclusive=True, integer=True)
+        self.eval_every = eval_every
         self.head = self.check_choice(head, "head", heads.HEADS)
         if new_task is not None:
             self._task = check_labelled(new_task, "new_task")
@@ -146,7 +159,7 @@ class ContinualBaseline(Operation):
         config = super().get_config()
         config.update(new_task=None, head=self.head, epochs=self.epochs,
                       learning_rate=self.learning_rate, batch_size=self.batch_size,
-                      seed=self.seed)
+                      seed=self.seed, eval_tasks=None, eval_every=self.eval_every)
         return config
 
 
@@ -174,12 +187,25 @@ def train(model, baseline, x, labels, steps, learning_rate=None):
         optimizer.apply(gradients, variables)
         return loss
 
+    evaluator = None
+    if baseline._eval_tasks:
+        from keras_fip.operations.continual_learn import _EvaluateTasks
+
+        tasks = [(x_, np.asarray(y_).astype("int64")) for x_, y_ in baseline._eval_tasks]
+        evaluator = _EvaluateTasks(model, tasks, baseline.eval_every or max(1, steps // 10))
+        evaluator.evaluate()
     losses = []
     for batch in dataset.take(steps):
         losses.append(float(step(batch)))
+        if evaluator is not None:
+            evaluator.on_train_batch_end(len(losses) - 1)
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(
                 f"{type(baseline).__name__} hit a non-finite loss at step {len(losses)}. "
                 "Lower the learning rate or check the data."
             )
-    return {"loss": losses}
+    history = {"loss": losses}
+    if evaluator is not None:
+        evaluator.finish(steps)
+        history.update(evaluator.history)
+    return history

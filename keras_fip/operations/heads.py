@@ -99,7 +99,8 @@ def grow_output_layer(model, num_new, seed=None):
             name=model.name,
         )
     else:
-        grown = keras.Model(model.inputs, new(old.input), name=model.name)
+        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+        grown = keras.Model(inputs, new(old.input), name=model.name)
 
     # Copy the old units exactly
     kernel = keras.ops.convert_to_numpy(new.kernel).copy()
