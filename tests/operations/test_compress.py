@@ -13,6 +13,7 @@ from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import projection
 from keras_fip.operations.compress import Compress
 from keras_fip.operations.shrink import shrink
+from tests.operations.contract import run_operation_contract
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +300,9 @@ def test_compress_of_a_batch_norm_net_runs_under_mirrored_strategy(mirrored_stra
     assert np.all(np.isfinite(norm.moving_mean.numpy()))
     assert not np.allclose(norm.moving_variance.numpy(), 1.0)
     assert np.all(np.isfinite(sparse.predict(x, verbose=0)))
+
+
+def test_compress_meets_the_operation_contract():
+    run_operation_contract(
+        lambda model, x, y: keras_fip.Compress(0.5, data=x, epochs=1, seed=0, verbose=0)
+    )
