@@ -256,3 +256,13 @@ def test_bad_inputs_against_the_model_raise_before_any_work(digits, old_model):
                        eval_tasks=[(x, y + 20)], verbose=0)(old_model)
     for value, variable in zip(before, old_model.weights):
         np.testing.assert_array_equal(value, variable.numpy())
+
+
+def test_continual_learn_meets_the_operation_contract():
+    from tests.operations.contract import run_operation_contract
+
+    results = run_operation_contract(
+        lambda model, x, y: ContinualLearn((x[200:], y[200:] % 3), memory=x[:200],
+                                           epochs=1, batch_size=64, seed=0, verbose=0))
+    for result in results.values():
+        assert result.output_shape == (None, 13)
