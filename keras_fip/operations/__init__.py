@@ -11,3 +11,4 @@ from keras_fip.operations.compress import Compress
 from keras_fip.operations.shrink import shrink
 from keras_fip.operations.continual_learn import ContinualLearn
 from keras_fip.operations.heads import grow_output_layer
+from keras_fip.operations.bridge import Bridge
