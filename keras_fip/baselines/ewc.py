@@ -14,6 +14,8 @@ from keras_fip.engine.copy import copy_model
 from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.geometry.diagonal import metric_diagonal
 from keras_fip.metrics.continual import task_accuracy
+from keras_fip.operations.base import carried_data
+from keras_fip.operations.base import carry_data
 
 # EWC's consolidated Fisher diagonals and anchors, carried by the models it returns.
 _EWC_STATE = weakref.WeakKeyDictionary()
@@ -191,7 +193,10 @@ class EWC(ContinualBaseline):
                                                for vx, vy in validation]))
                 if best is None or scores[value] > scores[best[0]]:
                     best = (value, candidate, history)
+            carried = carried_data(model)
             chosen, model, history = best
+            if carried is not None:
+                carry_data(model, carried)
             self.history = dict(history, lambda_scores=scores)
         else:
             chosen = self.ewc_lambda
