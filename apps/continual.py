@@ -61,7 +61,7 @@ MODELS = {"mnist_fmnist": "cnn5", "split_mnist": "mlp", "permuted_mnist": "mlp",
           "split_cifar10": "cnn5", "split_cifar100": "cnn5"}
 MEMORY = {"mnist_fmnist": 500, "split_mnist": 200, "permuted_mnist": 200,
           "split_cifar10": 200, "split_cifar100": 100}
-EWC_GRID = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
+EWC_GRID = (10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7)
 
 # Benchmarks and methods
 flags.DEFINE_list("benchmarks", ["mnist_fmnist", "split_mnist"],

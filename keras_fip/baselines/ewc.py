@@ -19,7 +19,7 @@ from keras_fip.operations.base import carry_data
 
 # EWC's consolidated Fisher diagonals and anchors, carried by the models it returns.
 _EWC_STATE = weakref.WeakKeyDictionary()
-LAMBDA_GRID = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)
+LAMBDA_GRID = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7)
 
 
 def ewc_state(model):
@@ -64,7 +64,7 @@ class EWC(ContinualBaseline):
         fisher_data: Inputs of the task the model has just learned (or `(x, y)`, labels
             unused). Defaults to `None` (no new penalty: only the carried ones).
         ewc_lambda: λ, or `"auto"`. Defaults to `"auto"`.
-        lambda_grid: Candidates for `"auto"`. Defaults to `LAMBDA_GRID` (1 … 1e6).
+        lambda_grid: Candidates for `"auto"`. Defaults to `LAMBDA_GRID` (1 … 1e7).
         validation_tasks: Held-out old-task data `(x, y)` (labels in output indices) for
             `"auto"`. Defaults to `None` (only the new task's held-out split).
         validation_fraction: New-task fraction held out for `"auto"`. Defaults to `0.1`.
