@@ -32,6 +32,14 @@ and the plots `<benchmark>_path.png` (every task's accuracy along the FIP agains
 fine-tuning, Fig. 2C), `<benchmark>_final.png` (final per-task accuracy per method) and,
 with `--memory_sizes`, `<benchmark>_memory.png` (ACC against memory size).
 
+Measured here (seed 0 only, 2 epochs, cnn5 trained 5 epochs on 18,000 MNIST images (98.0%
+on the first 3,000 test images), Fashion-MNIST the local subset (7,665 training images after
+the validation hold-out), memory 500 MNIST inputs, class-incremental accuracy on the first
+3,000 test images of each task, MNIST / Fashion-MNIST / average): FIP 96.5 / 84.4 / 90.4%;
+replay 96.4 / 84.5 / 90.5%; EWC (λ = 1e5 chosen from {10, 1e3, 1e5, 1e6, 1e7}) 91.8 /
+80.2 / 86.0%; fine-tuning 0.0 / 84.3 / 42.1% (task-incremental MNIST 62.1%). FIP with β = 3:
+96.1 / 84.0 / 90.1%.
+
 Example:
 
     python -m apps.continual        # mnist_fmnist and split_mnist, main methods, 3 seeds
