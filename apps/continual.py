@@ -232,11 +232,14 @@ def plot(benchmark, runs, methods, results, output_dir, memory_sizes):
     for method, style in (("fip", "-"), ("finetune", "--")):
         if method not in runs or not runs[method][0]["paths"]:
             continue
-        offset = 0
+        offset, labelled = 0, set()
         for path in runs[method][0]["paths"]:
             steps = np.asarray(path["eval_step"]) + offset
             for name in sorted(k for k in path if k != "eval_step"):
-                axis.plot(steps, path[name], style, label=f"{method} {name.split('/')[0]}")
+                task = int(name.split("/")[0].split("_")[1])
+                label = None if (method, task) in labelled else f"{method} task {task}"
+                labelled.add((method, task))
+                axis.plot(steps, path[name], style, color=f"C{task % 10}", label=label)
             offset = steps[-1]
     axis.set_xlabel("step (tasks in order)")
     axis.set_ylabel("test accuracy (class-incremental)")
