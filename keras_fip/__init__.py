@@ -30,6 +30,8 @@ from keras_fip.operations import ensemble_members  # noqa: E402
 from keras_fip import robustness  # noqa: E402
 from keras_fip.operations import Damage  # noqa: E402
 from keras_fip.operations import damage_reference  # noqa: E402
+from keras_fip.operations import ContinualLearn  # noqa: E402
+from keras_fip import metrics  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -55,4 +57,6 @@ __all__ = [
     "robustness",
     "Damage",
     "damage_reference",
+    "ContinualLearn",
+    "metrics",
 ]

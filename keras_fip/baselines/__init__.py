@@ -24,3 +24,11 @@ __all__ = [
     "fast_geometric_ensemble",
     "snapshot_ensemble",
 ]
+from keras_fip.baselines.agem import AGEM
+from keras_fip.baselines.ewc import EWC
+from keras_fip.baselines.finetune import FineTune
+from keras_fip.baselines.joint import JointTraining
+from keras_fip.baselines.lwf import LwF
+from keras_fip.baselines.replay import ExperienceReplay
+
+__all__ += ["AGEM", "EWC", "ExperienceReplay", "FineTune", "JointTraining", "LwF"]

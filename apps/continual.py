@@ -1,0 +1,368 @@
+r"""Continual learning with keras_fip.ContinualLearn against the baselines, side by side.
+
+Each seed trains one network on the benchmark's first task; every method then learns the
+later tasks from that same network, in order, with the same epoch budget, batch size,
+optimizer (Adam, cosine-decayed) and, where it keeps one, the same memory
+(`--memory_per_task` class-balanced inputs of every finished task, drawn identically):
+
+- `fip`: `keras_fip.ContinualLearn` (keeps the old network's outputs on the memory inputs,
+  no labels);
+- `finetune`: plain training on the new task (shows forgetting);
+- `ewc`: online EWC, λ chosen on held-out data of every task seen (`--ewc_lambda=auto`
+  tunes on the first seed and reuses the choice for the others);
+- `lwf`: Learning without Forgetting (T = 2, λ_o = 1);
+- `replay`: experience replay on the labelled memory;
+- `agem`: A-GEM on the labelled memory;
+- `joint`: training on the union of all tasks' data (the upper bound).
+
+Benchmarks: `mnist_fmnist` (cnn5, the paper's 2-task run; Fashion-MNIST is the local
+8,517-image subset on these machines: results.json says so), `split_mnist` (5 × 2
+classes, MLP 400-400), `permuted_mnist` (10 tasks on shared outputs, MLP 400-400),
+`split_cifar10` (5 × 2, cnn5; the local 4,000-image subset here), `split_cifar100` (20 × 5,
+cnn5; needs the full data through tensorflow-datasets or `--data_dir`). Every task holds out
+10% of its training data (at most 1,000) as validation for EWC's λ; all methods train on
+the rest. Split benchmarks grow the output layer by each task's classes (`head="append"`)
+and report class-incremental accuracy (argmax over every output) as the main figure, and
+task-incremental accuracy (argmax over the task's own outputs) beside it.
+
+Writes `results.json` (per benchmark and method: the R matrix per seed, ACC/BWT/forgetting
+mean ± std in both evaluations, final per-task accuracy, wall time, epochs; keys such as
+`"mnist_fmnist/fip/acc/mean"`, `"mnist_fmnist/ewc/task_0/accuracy/mean"`), `config.json`
+and the plots `<benchmark>_path.png` (every task's accuracy along the FIP against
+fine-tuning, Fig. 2C), `<benchmark>_final.png` (final per-task accuracy per method) and,
+with `--memory_sizes`, `<benchmark>_memory.png` (ACC against memory size).
+
+Measured here (seed 0 only, 2 epochs, cnn5 trained 5 epochs on 18,000 MNIST images (98.0%
+on the first 3,000 test images), Fashion-MNIST the local subset (7,665 training images after
+the validation hold-out), memory 500 MNIST inputs, class-incremental accuracy on the first
+3,000 test images of each task, MNIST / Fashion-MNIST / average): FIP 96.5 / 84.4 / 90.4%;
+replay 96.4 / 84.5 / 90.5%; EWC (λ = 1e5 chosen from {10, 1e3, 1e5, 1e6, 1e7}) 91.8 /
+80.2 / 86.0%; fine-tuning 0.0 / 84.3 / 42.1% (task-incremental MNIST 62.1%). FIP with β = 3:
+96.1 / 84.0 / 90.1%.
+
+Example:
+
+    python -m apps.continual        # mnist_fmnist and split_mnist, main methods, 3 seeds
+    python -m apps.continual --benchmarks=permuted_mnist --methods=fip,ewc --seeds=0
+"""
+
+import os
+import time
+
+import keras
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+
+import keras_fip
+from apps import common
+from keras_fip import baselines
+from keras_fip import data
+from keras_fip import metrics
+from keras_fip import models
+
+METHODS = ("fip", "finetune", "ewc", "lwf", "replay", "agem", "joint")
+DEFAULT_METHODS = ("fip", "finetune", "ewc", "lwf", "replay", "agem")
+DEFAULT_EPOCHS = 5
+MODELS = {"mnist_fmnist": "cnn5", "split_mnist": "mlp", "permuted_mnist": "mlp",
+          "split_cifar10": "cnn5", "split_cifar100": "cnn5"}
+MEMORY = {"mnist_fmnist": 500, "split_mnist": 200, "permuted_mnist": 200,
+          "split_cifar10": 200, "split_cifar100": 100}
+EWC_GRID = (10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7)
+
+# Benchmarks and methods
+flags.DEFINE_list("benchmarks", ["mnist_fmnist", "split_mnist"],
+                  f"Benchmarks among {list(data.BENCHMARKS)}.")
+# `--methods`, `--seeds` and `--base_epochs` are apps.common's (one flag registry).
+flags.DEFINE_integer("memory_per_task", None, "Memory inputs kept per finished task "
+                     "(default: 500 for mnist_fmnist, 200 for the splits).", lower_bound=1)
+flags.DEFINE_list("memory_sizes", [], "Memory sizes per task for the ACC-vs-memory plot "
+                  "(fip, replay, agem; first benchmark only). Empty: no sweep.")
+flags.DEFINE_integer("max_train_examples", 20000, "At most this many training examples "
+                     "per task (a seeded sample; 0 for all).", lower_bound=0)
+flags.DEFINE_integer("max_test_examples", 0, "At most this many test examples per task "
+                     "(0 for all).", lower_bound=0)
+flags.DEFINE_integer("continual_base_epochs", 5, "Epochs of the first-task network.",
+                     lower_bound=1)
+flags.DEFINE_string("ewc_lambda", "auto", "EWC's λ: a number, or `auto` (grid "
+                    f"{list(EWC_GRID)} on held-out data, first seed, reused).")
+flags.DEFINE_string("fip_beta", "auto", "ContinualLearn's β: a number or `auto`.")
+flags.DEFINE_enum("fip_step_rule", "penalty", ["penalty", "normalized", "metric"],
+                  "ContinualLearn's step rule.")
+
+FLAGS = flags.FLAGS
+
+
+def _value(name, default):
+    """The flag's value, or this app's default when the flag was not set."""
+    return default if FLAGS[name].using_default_value else FLAGS[name].value
+
+
+def build_model(benchmark, num_outputs, input_shape):
+    name = MODELS[benchmark]
+    if name == "mlp":
+        return models.get("mlp", input_shape, num_outputs, hidden_units=(400, 400))
+    return models.get(name, input_shape, num_outputs)
+
+
+def first_network(bench, seed, epochs, batch_size, learning_rate):
+    """The network trained on the first task (shared by every method of this seed)."""
+    keras.utils.set_random_seed(seed)
+    x, y = bench["train"][0]
+    model = build_model(bench["name"], int(np.max(y)) + 1, bench["input_shape"])
+    models.train_classifier(model, x, y, epochs=epochs, batch_size=batch_size,
+                            learning_rate=learning_rate)
+    return model
+
+
+def split_validation(bench, seed):
+    """Holds out 10% (at most 1,000) of every task's training data as validation."""
+    rng = np.random.default_rng(seed + 1000)
+    train, validation = [], []
+    for t, (x, y) in enumerate(bench["train"]):
+        order = rng.permutation(len(x))
+        held = min(1000, max(1, len(x) // 10))
+        validation.append((x[order[:held]], y[order[:held]] + bench["offsets"][t]))
+        rows = np.sort(order[held:])
+        train.append((x[rows], y[rows]))
+    return train, validation
+
+
+def learn(method, model, t, train, validation, bench, memory, settings, state):
+    """Applies `method` for task t; returns (model, operation)."""
+    x, y = train[t]
+    offsets = bench["offsets"]
+    common_args = dict(head=bench["head"], epochs=settings["epochs"],
+                       learning_rate=settings["learning_rate"],
+                       batch_size=settings["batch_size"], seed=settings["seed"])
+    eval_tasks = [(tx[:1000], ty[:1000]) for tx, ty in bench["test"][: t + 1]]
+    labelled_memory = (np.concatenate([m[0] for m in memory]),
+                       np.concatenate([m[1] for m in memory]))
+    if method == "fip":
+        beta = settings["fip_beta"]
+        op = keras_fip.ContinualLearn(
+            (x, y), memory=labelled_memory[0] if t == 1 else None,
+            memory_per_task=settings["memory_per_task"], beta=beta,
+            step_rule=settings["fip_step_rule"], eval_tasks=eval_tasks, verbose=0,
+            record_every=10**9, **common_args)
+    elif method == "finetune":
+        op = baselines.FineTune((x, y), eval_tasks=eval_tasks, **common_args)
+    elif method == "lwf":
+        op = baselines.LwF((x, y), **common_args)
+    elif method == "replay":
+        op = baselines.ExperienceReplay((x, y), memory=labelled_memory, **common_args)
+    elif method == "agem":
+        op = baselines.AGEM((x, y), memory=labelled_memory, **common_args)
+    elif method == "joint":
+        old = [(train[j][0], train[j][1] + offsets[j]) for j in range(t)]
+        op = baselines.JointTraining((x, y), old_tasks=old, **common_args)
+    elif method == "ewc":
+        chosen = state.setdefault("ewc_lambda", {})
+        value = settings["ewc_lambda"]
+        if value == "auto" and t in chosen:
+            value = chosen[t]  # Tuned on the first seed.
+        op = baselines.EWC((x, y), fisher_data=train[t - 1][0],
+                           ewc_lambda=value, lambda_grid=EWC_GRID,
+                           validation_tasks=validation[:t], **common_args)
+    else:
+        raise ValueError(f"`--methods` must be among {list(METHODS)}. Received: {method!r}")
+    result = op(model)
+    if method == "ewc":
+        state["ewc_lambda"].setdefault(t, op.history["lambda"])
+    return result, op
+
+
+def run_stream(method, bench, seed, settings, state):
+    """One method over every task for one seed: the R matrices and the FIP path."""
+    train, validation = split_validation(bench, seed)
+    bench_seed = dict(bench, train=train)
+    model = state["first"][seed]
+    memory_size = settings["memory_per_task"]
+    x0, y0 = train[0]
+    memory = [tuple(m) for m in [data.memory_sample(x0, y0, memory_size, seed=seed)]]
+    after = [model]
+    paths = []
+    start = time.perf_counter()
+    for t in range(1, len(train)):
+        model, op = learn(method, model, t, train, validation, bench_seed, memory,
+                          dict(settings, seed=seed), state)
+        x, y = train[t]
+        mx, my = data.memory_sample(x, y, memory_size, seed=seed)
+        memory.append((mx, my + bench["offsets"][t]))
+        after.append(model)
+        if "eval_step" in (op.history or {}):
+            paths.append({k: v for k, v in op.history.items()
+                          if k == "eval_step" or k.endswith("/accuracy")})
+    wall_time = time.perf_counter() - start
+    class_matrix = metrics.accuracy_matrix(after, bench["test"])
+    task_matrix = metrics.accuracy_matrix(after, bench["test"], mode="task_incremental",
+                                          task_outputs=bench["task_outputs"])
+    return {"class": class_matrix, "task": task_matrix, "wall_time": wall_time,
+            "paths": paths}
+
+
+def summarize(benchmark, method, runs, epochs, results, prefix=None):
+    key = prefix or f"{benchmark}/{method}"
+    for mode, suffix in (("class", ""), ("task", "task_incremental/")):
+        summaries = [metrics.summarize(run[mode]) for run in runs]
+        for name in summaries[0]:
+            values = [s[name] for s in summaries]
+            results[f"{key}/{suffix}{name}/mean"] = float(np.mean(values))
+            results[f"{key}/{suffix}{name}/std"] = float(np.std(values))
+        results[f"{key}/{suffix}R"] = [run[mode].tolist() for run in runs]
+    results[f"{key}/wall_time_seconds"] = float(np.mean([run["wall_time"] for run in runs]))
+    results[f"{key}/epochs"] = epochs
+    results[f"{key}/num_seeds"] = len(runs)
+
+
+def plot(benchmark, runs, methods, results, output_dir, memory_sizes):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # Every task's accuracy along the FIP and along fine-tuning (Fig. 2C), first seed
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for method, style in (("fip", "-"), ("finetune", "--")):
+        if method not in runs or not runs[method][0]["paths"]:
+            continue
+        offset, labelled = 0, set()
+        for path in runs[method][0]["paths"]:
+            steps = np.asarray(path["eval_step"]) + offset
+            for name in sorted(k for k in path if k != "eval_step"):
+                task = int(name.split("/")[0].split("_")[1])
+                label = None if (method, task) in labelled else f"{method} task {task}"
+                labelled.add((method, task))
+                axis.plot(steps, path[name], style, color=f"C{task % 10}", label=label)
+            offset = steps[-1]
+    axis.set_xlabel("step (tasks in order)")
+    axis.set_ylabel("test accuracy (class-incremental)")
+    axis.set_title(f"{benchmark}: FIP (solid) vs fine-tuning (dashed)")
+    axis.legend(fontsize=6)
+    figure.tight_layout()
+    figure.savefig(os.path.join(output_dir, f"{benchmark}_path.png"), dpi=120)
+    plt.close(figure)
+
+    # Final per-task accuracy per method
+    figure, axis = plt.subplots(figsize=(7, 4))
+    num_tasks = len(runs[methods[0]][0]["class"])
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        means = [results[f"{benchmark}/{method}/task_{j}/accuracy/mean"]
+                 for j in range(num_tasks)]
+        axis.bar(np.arange(num_tasks) + i * width, means, width, label=method)
+    axis.set_xlabel("task")
+    axis.set_ylabel("final test accuracy")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(os.path.join(output_dir, f"{benchmark}_final.png"), dpi=120)
+    plt.close(figure)
+
+    # ACC against memory size
+    if memory_sizes:
+        figure, axis = plt.subplots(figsize=(5, 4))
+        for method in ("fip", "replay", "agem"):
+            values = [results.get(f"{benchmark}/memory_{size}/{method}/acc/mean")
+                      for size in memory_sizes]
+            if all(v is not None for v in values):
+                axis.plot(memory_sizes, values, "o-", label=method)
+        axis.set_xlabel("memory per task")
+        axis.set_ylabel("ACC")
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(os.path.join(output_dir, f"{benchmark}_memory.png"), dpi=120)
+        plt.close(figure)
+
+
+def digits_arrays(benchmark):
+    """`--dataset=digits`: scikit-learn's digits stand in (quick runs and tests); for
+    mnist_fmnist the second task is the digits with inverted intensities."""
+    train, test = data.load("digits", "train"), data.load("digits", "test")
+    if benchmark == "mnist_fmnist":
+        return {"train": [train, (1.0 - train[0], train[1])],
+                "test": [test, (1.0 - test[0], test[1])]}
+    return {"train": train, "test": test}
+
+
+def run_benchmark(benchmark, methods, seeds, settings, memory_sizes, results, output_dir):
+    max_train = FLAGS.max_train_examples or None
+    arrays = None
+    if not FLAGS["dataset"].using_default_value and FLAGS.dataset == "digits":
+        arrays = digits_arrays(benchmark)
+    results[f"{benchmark}/data"] = "digits" if arrays else "official"
+    bench = data.build_benchmark(benchmark, FLAGS.data_dir, seed=0,
+                                 max_train_examples=max_train,
+                                 max_test_examples=FLAGS.max_test_examples or None,
+                                 arrays=arrays)
+    results[f"{benchmark}/subset"] = bool(bench["subset"])
+    results[f"{benchmark}/max_train_examples"] = max_train or 0
+    memory = FLAGS.memory_per_task or MEMORY[benchmark]
+    settings = dict(settings, memory_per_task=memory)
+    results[f"{benchmark}/memory_per_task"] = memory
+    state = {"first": {}}
+    for seed in seeds:
+        start = time.perf_counter()
+        train, _ = split_validation(bench, seed)
+        state["first"][seed] = first_network(dict(bench, train=train), seed,
+                                             settings["base_epochs"], settings["batch_size"],
+                                             settings["learning_rate"])
+        results[f"{benchmark}/first_task/wall_time_seconds"] = time.perf_counter() - start
+    results[f"{benchmark}/first_task/accuracy/mean"] = float(np.mean([
+        metrics.task_accuracy(state["first"][s], *bench["test"][0]) for s in seeds]))
+    runs = {}
+    for method in methods:
+        runs[method] = []
+        for seed in seeds:
+            runs[method].append(run_stream(method, bench, seed, settings, state))
+            logging.info("%s %s seed %d: ACC %.4f", benchmark, method, seed,
+                         metrics.average_accuracy(runs[method][-1]["class"]))
+        summarize(benchmark, method, runs[method], settings["epochs"], results)
+    if "ewc_lambda" in state:
+        results[f"{benchmark}/ewc/lambda"] = {str(k): v for k, v in state["ewc_lambda"].items()}
+    for size in memory_sizes:
+        for method in ("fip", "replay", "agem"):
+            sized = dict(settings, memory_per_task=size)
+            sized_runs = [run_stream(method, bench, seed, sized, state) for seed in seeds]
+            summarize(benchmark, method, sized_runs, settings["epochs"], results,
+                      prefix=f"{benchmark}/memory_{size}/{method}")
+    plot(benchmark, runs, methods, results, output_dir, memory_sizes)
+
+
+def main(argv):
+    del argv
+    methods = [common.check_choice(m, "methods", METHODS)
+               for m in _value("methods", list(DEFAULT_METHODS))]
+    benchmarks = [common.check_choice(b, "benchmarks", data.BENCHMARKS)
+                  for b in FLAGS.benchmarks]
+    seeds = [int(s) for s in _value("seeds", ["0", "1", "2"])]
+    memory_sizes = [int(s) for s in FLAGS.memory_sizes]
+    if FLAGS.ewc_lambda != "auto":
+        float(FLAGS.ewc_lambda)
+    output_dir = common.output_dir("continual")
+    os.makedirs(output_dir, exist_ok=True)
+    settings = {
+        "epochs": _value("epochs", DEFAULT_EPOCHS),
+        "base_epochs": FLAGS.continual_base_epochs,
+        "batch_size": FLAGS.batch_size,
+        "learning_rate": FLAGS.learning_rate,
+        "fip_beta": "auto" if FLAGS.fip_beta == "auto" else float(FLAGS.fip_beta),
+        "fip_step_rule": FLAGS.fip_step_rule,
+        "ewc_lambda": "auto" if FLAGS.ewc_lambda == "auto" else float(FLAGS.ewc_lambda),
+    }
+    common.write_json(output_dir, "config.json", {
+        **settings, "methods": methods, "benchmarks": benchmarks, "seeds": seeds,
+        "memory_per_task": FLAGS.memory_per_task, "memory_sizes": memory_sizes,
+        "max_train_examples": FLAGS.max_train_examples, "data_dir": FLAGS.data_dir})
+    results = {}
+    start = time.perf_counter()
+    for benchmark in benchmarks:
+        run_benchmark(benchmark, methods, seeds, settings, memory_sizes, results, output_dir)
+        common.write_json(output_dir, "results.json", results)
+    results["wall_time_seconds"] = time.perf_counter() - start
+    common.write_json(output_dir, "results.json", results)
+    return results
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,52 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from absl.testing import flagsaver
+
+from apps import continual
+
+
+def test_continual_app_compares_every_method_on_digits(tmp_path):
+    output_dir = str(tmp_path / "continual")
+    with flagsaver.flagsaver(benchmarks=["split_mnist"], dataset="digits",
+                             methods=list(continual.METHODS), seeds=["0"], epochs=1,
+                             continual_base_epochs=2, batch_size=32, memory_per_task=20,
+                             max_train_examples=96, ewc_lambda="100",
+                             output_dir=output_dir):
+        continual.main([])
+    with open(os.path.join(output_dir, "results.json")) as f:
+        results = json.load(f)
+    for method in continual.METHODS:
+        key = f"split_mnist/{method}"
+        assert 0.0 <= results[f"{key}/acc/mean"] <= 1.0
+        assert results[f"{key}/epochs"] == 1
+        assert np.asarray(results[f"{key}/R"]).shape == (1, 5, 5)
+        assert results[f"{key}/task_incremental/acc/mean"] >= results[f"{key}/acc/mean"] - 1e-9
+        for j in range(5):
+            assert f"{key}/task_{j}/accuracy/mean" in results
+    assert results["split_mnist/max_train_examples"] == 96
+    assert results["split_mnist/data"] == "digits"
+    for name in ("split_mnist_path.png", "split_mnist_final.png", "config.json"):
+        assert os.path.isfile(os.path.join(output_dir, name))
+
+
+def test_continual_app_two_task_run_and_memory_sweep(tmp_path):
+    output_dir = str(tmp_path / "two")
+    with flagsaver.flagsaver(benchmarks=["mnist_fmnist"], dataset="digits",
+                             methods=["fip", "replay"], seeds=["0"], epochs=1,
+                             continual_base_epochs=2, batch_size=64, memory_sizes=["10", "40"],
+                             max_train_examples=128,
+                             output_dir=output_dir):
+        results = continual.main([])
+    assert results["mnist_fmnist/memory_per_task"] == 500
+    for size in ("10", "40"):
+        assert 0.0 <= results[f"mnist_fmnist/memory_{size}/fip/acc/mean"] <= 1.0
+    assert os.path.isfile(os.path.join(output_dir, "mnist_fmnist_memory.png"))
+
+
+def test_continual_app_rejects_unknown_methods(tmp_path):
+    with flagsaver.flagsaver(methods=["magic"], output_dir=str(tmp_path)):
+        with pytest.raises(ValueError, match="methods"):
+            continual.main([])

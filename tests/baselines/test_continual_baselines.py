@@ -1,0 +1,144 @@
+import keras
+import numpy as np
+import pytest
+
+import keras_fip
+from keras_fip import baselines
+from keras_fip import metrics
+from keras_fip.baselines.ewc import ewc_state
+
+
+@pytest.fixture(scope="module")
+def setting():
+    x, y = keras_fip.data.load("digits")
+    x_test, y_test = keras_fip.data.load("digits", "test")
+    old, new = y < 5, y >= 5
+    keras.utils.set_random_seed(0)
+    model = keras_fip.models.mlp(64, input_shape=(8, 8, 1), num_classes=5)
+    keras_fip.models.train_classifier(model, x[old], y[old], epochs=20, batch_size=32)
+    return {
+        "model": model,
+        "old": (x[old], y[old]),
+        "new": (x[new], (y[new] - 5).astype("int32")),
+        "memory": (x[old][:200], y[old][:200]),
+        "tests": [(x_test[y_test < 5], y_test[y_test < 5]),
+                  (x_test[y_test >= 5], y_test[y_test >= 5])],
+    }
+
+
+def _accuracies(model, setting):
+    return [metrics.task_accuracy(model, *task) for task in setting["tests"]]
+
+
+BUDGET = dict(epochs=8, batch_size=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def finetuned(setting):
+    return _accuracies(baselines.FineTune(setting["new"], **BUDGET)(setting["model"]), setting)
+
+
+def test_finetune_learns_the_new_task_and_forgets_the_old(finetuned):
+    old, new = finetuned
+    assert old < 0.05 and new > 0.85
+
+
+@pytest.mark.parametrize("make", [
+    lambda s: baselines.ExperienceReplay(s["new"], memory=s["memory"], **BUDGET),
+    lambda s: baselines.AGEM(s["new"], memory=s["memory"], **BUDGET),
+    lambda s: baselines.JointTraining(s["new"], old_tasks=[s["old"]], **BUDGET),
+], ids=["replay", "agem", "joint"])
+def test_memory_and_joint_baselines_keep_the_old_task(setting, finetuned, make):
+    model = make(setting)(setting["model"])
+    old, new = _accuracies(model, setting)
+    assert old > finetuned[0] + 0.5
+    assert new > 0.6
+    assert model.output_shape == (None, 10)
+
+
+def test_ewc_chooses_lambda_on_validation_and_beats_finetuning(setting, finetuned):
+    x_old, y_old = setting["old"]
+    op = baselines.EWC(setting["new"], fisher_data=x_old, lambda_grid=(1.0, 1e3),
+                       validation_tasks=[(x_old[-100:], y_old[-100:])], **BUDGET)
+    model = op(setting["model"])
+    assert op.history["lambda"] in (1.0, 1e3)
+    scores = op.history["lambda_scores"]
+    assert op.history["lambda"] == max(scores, key=scores.get)
+    assert _accuracies(model, setting)[0] > finetuned[0] + 0.3
+    (fisher, anchor), = ewc_state(model)
+    assert fisher[-2].shape == model.trainable_variables[-2].shape  # Grown head padded.
+    assert np.all(fisher[-2][:, 5:] == 0.0) and np.all(fisher[-2] >= 0.0)
+
+
+def test_online_ewc_merges_penalties_and_offline_keeps_them(setting):
+    x_old, _ = setting["old"]
+    x_new, y_new = setting["new"]
+    first = (x_new[y_new < 3], y_new[y_new < 3])
+    second = (x_new[y_new >= 3], y_new[y_new >= 3] - 3)
+    budget = dict(epochs=1, batch_size=64, seed=0, ewc_lambda=10.0)
+    for online, count in ((True, 1), (False, 2)):
+        model = baselines.EWC(first, fisher_data=x_old, online=online, **budget)(
+            setting["model"])
+        model = baselines.EWC(second, fisher_data=first[0], online=online, **budget)(model)
+        assert len(ewc_state(model)) == count
+        assert model.output_shape == (None, 10)
+
+
+def test_lwf_distils_the_old_outputs(setting, finetuned):
+    model = baselines.LwF(setting["new"], **BUDGET)(setting["model"])
+    undistilled = baselines.LwF(setting["new"], distillation_weight=0.0, **BUDGET)(
+        setting["model"])
+    x_old = setting["tests"][0][0]
+    old_logits = np.asarray(setting["model"](x_old))
+    change = np.mean(np.abs(np.asarray(model(x_old))[:, :5] - old_logits))
+    undistilled_change = np.mean(np.abs(np.asarray(undistilled(x_old))[:, :5] - old_logits))
+    assert change < undistilled_change
+    assert _accuracies(model, setting)[1] > 0.5
+
+
+def test_baselines_keep_masks_and_never_change_their_input(setting):
+    sparse = keras_fip.Compress(0.5, data=setting["old"][0], epochs=1, verbose=0,
+                                seed=0)(setting["model"])
+    before = [v.numpy().copy() for v in sparse.weights]
+    model = baselines.ExperienceReplay(setting["new"], memory=setting["memory"],
+                                       epochs=1, seed=0)(sparse)
+    zeros = sum(int((~m).sum()) for m in keras_fip.masks(model).values())
+    assert zeros == sum(int((~m).sum()) for m in keras_fip.masks(sparse).values()) > 0
+    for variable in model.trainable_variables:
+        mask = keras_fip.masks(model).get(variable.path)
+        if mask is not None:
+            assert np.all(variable.numpy()[~mask] == 0.0)
+    for value, variable in zip(before, sparse.weights):
+        np.testing.assert_array_equal(value, variable.numpy())
+
+
+def test_baselines_check_their_inputs(setting):
+    x_new, y_new = setting["new"]
+    with pytest.raises(ValueError, match="memory"):
+        baselines.ExperienceReplay(setting["new"])(setting["model"])
+    with pytest.raises(ValueError, match="memory"):
+        baselines.AGEM(setting["new"], memory=(x_new[:5], np.full(5, 7)))(setting["model"])
+    with pytest.raises(ValueError, match="fisher_data"):
+        baselines.EWC(setting["new"])(setting["model"])
+    with pytest.raises(ValueError, match="NaN"):
+        baselines.FineTune((np.full_like(x_new, np.nan), y_new))
+    with pytest.raises(ValueError, match="head"):
+        baselines.LwF(setting["new"], head="grow")
+    with pytest.raises(ValueError, match="0..k-1"):
+        baselines.FineTune((x_new, y_new + 1))
+
+
+def test_config_round_trip():
+    op = baselines.EWC((np.zeros((2, 8, 8, 1)), np.array([0, 1])), ewc_lambda=5.0, epochs=2)
+    config = op.get_config()
+    assert baselines.EWC.from_config(config).get_config() == config
+    assert config["ewc_lambda"] == 5.0 and config["epochs"] == 2
+
+
+def test_baselines_meet_the_operation_contract():
+    from tests.operations.contract import run_operation_contract
+
+    run_operation_contract(
+        lambda model, x, y: baselines.ExperienceReplay((x[200:], y[200:] % 3),
+                                                memory=(x[:100], y[:100]), epochs=1, seed=0),
+        models=("batchnorm_residual",))

@@ -1,0 +1,268 @@
+import keras
+import numpy as np
+import pytest
+
+import keras_fip
+from keras_fip import metrics
+from keras_fip.engine import masks as masks_lib
+from keras_fip.operations import carried_data
+from keras_fip.operations import grow_output_layer
+from keras_fip.operations.continual_learn import ContinualLearn
+from keras_fip.operations.continual_learn import pad_reference
+
+
+def _split(x, y):
+    old, new = y < 5, y >= 5
+    return (x[old], y[old]), (x[new], (y[new] - 5).astype("int32"))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = keras_fip.data.load("digits")
+    x_test, y_test = keras_fip.data.load("digits", "test")
+    return _split(x, y), _split(x_test, y_test)
+
+
+@pytest.fixture(scope="module")
+def old_model(digits):
+    (old, _), _ = digits
+    keras.utils.set_random_seed(0)
+    model = keras_fip.models.mlp(64, input_shape=(8, 8, 1), num_classes=5)
+    keras_fip.models.train_classifier(model, *old, epochs=20, batch_size=32)
+    return model
+
+
+def _residual_batchnorm_model(num_classes=5):
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(16, 3, padding="same")(inputs)
+    x = keras.layers.BatchNormalization(momentum=0.9)(x)
+    x = keras.layers.ReLU()(x)
+    y = keras.layers.Conv2D(16, 3, padding="same")(x)
+    y = keras.layers.BatchNormalization(momentum=0.9)(y)
+    x = keras.layers.ReLU()(keras.layers.Add()([x, y]))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(num_classes)(x)
+    return keras.Model(inputs, outputs)
+
+
+def _test_tasks(digits):
+    _, ((xo, yo), (xn, yn)) = digits
+    return [(xo, yo), (xn, yn + 5)]
+
+
+@pytest.mark.parametrize("kind", ["sequential", "functional"])
+def test_grow_output_layer_keeps_old_outputs_exactly(kind):
+    keras.utils.set_random_seed(1)
+    if kind == "sequential":
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
+                                  keras.layers.Dense(3)])
+    else:
+        inputs = keras.Input((6,))
+        hidden = keras.layers.Dense(8, activation="relu")(inputs)
+        model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+    x = np.random.default_rng(0).normal(size=(16, 6)).astype("float32")
+    grown = grow_output_layer(model, 4, seed=0)
+    assert grown.output_shape == (None, 7)
+    assert isinstance(grown, keras.Sequential) == (kind == "sequential")
+    np.testing.assert_array_equal(np.asarray(grown(x))[:, :3], np.asarray(model(x)))
+    new_kernel = grown.layers[-1].kernel.numpy()[:, 3:]
+    assert np.all(new_kernel != 0.0)
+
+
+def test_grow_output_layer_extends_a_mask_of_the_output_kernel():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    mask = np.ones((4, 3), bool)
+    mask[0] = False
+    masks_lib.apply_masks(model, {model.layers[-1].kernel.path: mask})
+    grown = grow_output_layer(model, 2)
+    (grown_mask,) = keras_fip.masks(grown).values()
+    assert grown_mask.shape == (4, 5)
+    np.testing.assert_array_equal(grown_mask[:, :3], mask)
+    assert grown_mask[:, 3:].all()
+
+
+def test_continual_learn_learns_the_new_task_and_keeps_the_old(digits, old_model):
+    (old, new), _ = digits
+    tasks = _test_tasks(digits)
+    op = ContinualLearn(new, memory=old[0][:200], epochs=10, batch_size=32, seed=0,
+                        verbose=0, eval_tasks=tasks)
+    model = op(old_model)
+    finetuned = keras_fip.baselines.FineTune(new, epochs=10, batch_size=32, seed=0)(old_model)
+    assert model.output_shape == (None, 10)
+    old_accuracy = metrics.task_accuracy(model, *tasks[0])
+    assert old_accuracy > 0.85
+    assert metrics.task_accuracy(model, *tasks[1]) > 0.75
+    assert metrics.task_accuracy(finetuned, *tasks[0]) < 0.05
+    # Accuracy along the path is recorded; its last point is the returned model.
+    history = op.history
+    assert history["eval_step"][0] == 0 and history["eval_step"][-1] == history["steps"]
+    assert len(history["task_0/accuracy"]) == len(history["eval_step"])
+    assert history["task_0/accuracy"][-1] == pytest.approx(old_accuracy)
+    assert history["task_1/accuracy"][0] < 0.3 < history["task_1/accuracy"][-1]
+    assert history["beta"] == 1.0
+
+
+def test_continual_learn_never_changes_its_input(digits, old_model):
+    (old, new), _ = digits
+    before = [v.numpy().copy() for v in old_model.weights]
+    ContinualLearn(new, memory=old[0][:50], epochs=1, batch_size=64, verbose=0)(old_model)
+    for value, variable in zip(before, old_model.weights):
+        np.testing.assert_array_equal(value, variable.numpy())
+    assert old_model.output_shape == (None, 5)
+
+
+def test_memory_is_carried_across_chained_calls(digits, old_model):
+    (old, new), _ = digits
+    x, y = new
+    first = (x[y < 3], y[y < 3])
+    second = (x[y >= 3], y[y >= 3] - 3)
+    model = ContinualLearn(first, memory=old[0][:100], memory_per_task=30, epochs=1,
+                           batch_size=32, verbose=0, seed=0)(old_model)
+    assert carried_data(model).shape == (130, 8, 8, 1)
+    chained = keras_fip.chain(
+        ContinualLearn(second, memory_per_task=20, epochs=1, batch_size=32, verbose=0))
+    result = chained(model)
+    assert result.output_shape == (None, 10)
+    memory = carried_data(result)
+    assert memory.shape == (150, 8, 8, 1)
+    np.testing.assert_array_equal(memory[:130], carried_data(model))
+
+
+def test_masks_are_kept_exactly(digits, old_model):
+    (old, new), _ = digits
+    sparse = keras_fip.Compress(0.5, data=old[0], epochs=1, verbose=0, seed=0)(old_model)
+    before = keras_fip.masks(sparse)
+    model = ContinualLearn(new, memory=old[0][:100], epochs=2, batch_size=32, verbose=0,
+                           seed=0)(sparse)
+    after = keras_fip.masks(model)
+    hidden_kernel = model.layers[-2].kernel if len(model.layers) > 2 else None
+    for variable in model.trainable_variables:
+        mask = after.get(variable.path)
+        if mask is not None:
+            assert np.all(variable.numpy()[~mask] == 0.0)
+    zeros_before = sum(int((~m).sum()) for m in before.values())
+    zeros_after = sum(int((~m).sum()) for m in after.values())
+    assert zeros_after == zeros_before > 0
+    del hidden_kernel
+
+
+def test_shared_head_uses_preallocated_outputs(digits):
+    (old, new), _ = digits
+    keras.utils.set_random_seed(0)
+    model = keras_fip.models.mlp(32, input_shape=(8, 8, 1), num_classes=10)
+    keras_fip.models.train_classifier(model, *old, epochs=10, batch_size=32)
+    shared = (new[0], new[1] + 5)
+    result = ContinualLearn(shared, memory=old[0][:100], head="shared", epochs=10,
+                            batch_size=32, verbose=0, seed=0)(model)
+    assert result.output_shape == (None, 10)
+    assert metrics.task_accuracy(result, *_test_tasks(digits)[1]) > 0.5
+
+
+def test_batchnorm_residual_model_walks_on_batch_statistics(digits):
+    (old, new), _ = digits
+    keras.utils.set_random_seed(0)
+    model = _residual_batchnorm_model()
+    keras_fip.models.train_classifier(model, *old, epochs=15, batch_size=32)
+    keras_fip.engine.recalibrate_batch_normalization(model, old[0])
+    tasks = _test_tasks(digits)
+    base = metrics.task_accuracy(model, *tasks[0])
+    assert base > 0.8
+    result = ContinualLearn(new, memory=old[0][:300], epochs=8, batch_size=32, verbose=0,
+                            seed=0)(model)
+    finetuned = keras_fip.baselines.FineTune(new, epochs=8, batch_size=32, seed=0)(model)
+    assert metrics.task_accuracy(result, *tasks[0]) > base - 0.15
+    assert metrics.task_accuracy(result, *tasks[0]) > metrics.task_accuracy(
+        finetuned, *tasks[0]) + 0.3
+    assert metrics.task_accuracy(result, *tasks[1]) > 0.3
+
+
+@pytest.mark.parametrize("step_rule", ["normalized", "metric"])
+def test_other_step_rules_learn_the_new_task(digits, old_model, step_rule):
+    (old, new), _ = digits
+    op = ContinualLearn(new, memory=old[0][:100], epochs=3, batch_size=32, verbose=0,
+                        seed=0, step_rule=step_rule, epsilon=0.05)
+    model = op(old_model)
+    assert metrics.task_accuracy(model, *_test_tasks(digits)[1]) > 0.3
+    assert np.allclose(op.history["step_norm"], 0.05, rtol=1e-3)
+
+
+def test_auto_beta_converts_distances_to_kl_units(digits, old_model):
+    (old, new), _ = digits
+    bhattacharyya = ContinualLearn(new, memory=old[0][:64], distance="bhattacharyya",
+                                   epochs=1, verbose=0)
+    bhattacharyya(old_model)
+    assert bhattacharyya.history["beta"] == 0.25
+    l2 = ContinualLearn(new, memory=old[0][:64], distance="l2", epochs=1, verbose=0,
+                        seed=0)
+    l2(old_model)
+    assert l2.history["beta"] > 1.0  # Logit changes cost more than softmax changes.
+
+
+def test_pad_reference_marks_new_classes_absent():
+    reference = np.array([[2.0, -1.0, 0.5]], "float32")
+    padded = pad_reference(reference, 5, "kl")
+    np.testing.assert_array_equal(padded[:, :3], reference)
+    np.testing.assert_allclose(padded[:, 3:], -11.0)
+    np.testing.assert_allclose(pad_reference(reference, 5, "l2")[:, 3:], -1.0)
+
+
+def test_config_round_trip():
+    op = ContinualLearn((np.zeros((4, 8, 8, 1)), np.array([0, 1, 0, 1])), head="shared",
+                        beta=0.5, epochs=3, seed=2)
+    config = op.get_config()
+    restored = ContinualLearn.from_config(config)
+    assert restored.get_config() == config
+    assert config["new_task"] is None and config["beta"] == 0.5
+    restored_config = keras.saving.serialize_keras_object(op)
+    assert restored_config["class_name"] == "ContinualLearn"
+
+
+def _model_ending_in_softmax():
+    return keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                             keras.layers.Dense(5), keras.layers.Softmax()])
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda x, y: dict(new_task=(np.full_like(x, np.nan), y)), "NaN"),
+    (lambda x, y: dict(new_task=(x, y), memory=np.full_like(x, np.inf)), "Inf|finite"),
+    (lambda x, y: dict(new_task=(x, y + 1)), "0..k-1"),
+    (lambda x, y: dict(new_task=(x, y), head="grow"), "head"),
+    (lambda x, y: dict(new_task=(x, y), memory=np.zeros((0, 8, 8, 1))), "memory"),
+    (lambda x, y: dict(new_task=(x,)), "labels"),
+    (lambda x, y: dict(new_task=(x, y), beta=-1.0), "beta"),
+    (lambda x, y: dict(new_task=(x, y), distance="cosine"), "distance"),
+])
+def test_bad_arguments_raise_before_any_work(digits, build, message):
+    (_, (x, y)), _ = digits
+    with pytest.raises(ValueError, match=message):
+        ContinualLearn(**build(x, y))
+
+
+def test_bad_inputs_against_the_model_raise_before_any_work(digits, old_model):
+    (old, (x, y)), _ = digits
+    before = [v.numpy().copy() for v in old_model.weights]
+    with pytest.raises(ValueError, match="memory"):
+        ContinualLearn((x, y))(old_model)  # Nothing carried, nothing given.
+    with pytest.raises(ValueError, match="shape"):
+        ContinualLearn((x[:, :4], y), memory=old[0])(old_model)
+    with pytest.raises(ValueError, match="shape"):
+        ContinualLearn((x, y), memory=old[0][:, :4, :4])(old_model)
+    with pytest.raises(ValueError, match="outputs of the model"):
+        ContinualLearn((x, y + 5), memory=old[0], head="shared")(old_model)
+    with pytest.raises(ValueError, match="Dense"):
+        ContinualLearn((x, y), memory=old[0])(_model_ending_in_softmax())
+    with pytest.raises(ValueError, match="eval_tasks"):
+        ContinualLearn((x, y), memory=old[0], epochs=1,
+                       eval_tasks=[(x, y + 20)], verbose=0)(old_model)
+    for value, variable in zip(before, old_model.weights):
+        np.testing.assert_array_equal(value, variable.numpy())
+
+
+def test_continual_learn_meets_the_operation_contract():
+    from tests.operations.contract import run_operation_contract
+
+    results = run_operation_contract(
+        lambda model, x, y: ContinualLearn((x[200:], y[200:] % 3), memory=x[:200],
+                                           epochs=1, batch_size=64, seed=0, verbose=0))
+    for result in results.values():
+        assert result.output_shape == (None, 13)
