@@ -41,14 +41,14 @@ def _run(method, model, x, y, steps, batch_size):
     return time.perf_counter() - start
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cnn5")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--short_steps", type=int, default=10)
     parser.add_argument("--long_steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     keras.utils.set_random_seed(0)
     model = keras_fip.models.get(args.model, (28, 28, 1), 10)
     rng = np.random.default_rng(0)

@@ -19,6 +19,8 @@ TINY_ARGUMENTS = {
                  "--repeats=1", "--batch_size=32"],
     "isofunctional_walk": ["--model=mlp", "--dataset=digits", "--steps=5",
                            "--anchor_examples=256", "--batch_size=64"],
+    "continual_step": ["--model=mlp", "--batch_size=16", "--short_steps=2", "--long_steps=4",
+                       "--repeats=1"],
     "compress_unseen": ["--nets=plain24", "--base_epochs=1", "--steps=6",
                         "--learning_rates=1e-3", "--sparsities=0.5"],
 }
@@ -27,6 +29,7 @@ EXPECTED_KEYS = {
     "metric_matvec": ("matvec_over_gradient", "matvecs_for_top20", "peak_memory_matvec_mb"),
     "fip_step": ("penalty_over_fit", "normalized_over_fit", "metric_cg10_over_fit"),
     "isofunctional_walk": ("euclidean_distance", "test_accuracy_after"),
+    "continual_step": ("fip_step_seconds", "replay_step_seconds", "fip_over_replay"),
     "compress_unseen": ("fip/50/test/accuracy", "oneshot/50/test/accuracy",
                         "gradual/50/test/accuracy", "fip/50/steps"),
 }
