@@ -21,7 +21,7 @@ TINY_ARGUMENTS = {
                            "--anchor_examples=256", "--batch_size=64"],
     "continual_step": ["--model=mlp", "--batch_size=16", "--short_steps=2", "--long_steps=4",
                        "--repeats=1"],
-    "compress_unseen": ["--nets=plain24", "--base_epochs=1", "--steps=6",
+    "compress_unseen": ["--nets=plain24", "--base_epochs=1", "--steps=6", "--seeds=0",
                         "--learning_rates=1e-3", "--sparsities=0.5"],
 }
 # The keys each script's JSON lines must have.
@@ -53,6 +53,9 @@ def test_benchmark_prints_json_lines(name, tmp_path, monkeypatch, capsys):
     for line in lines:
         record = json.loads(line)
         assert record["benchmark"] == name
+        if record.get("summary"):  # Mean ± std over seeds, checked below.
+            assert f"{EXPECTED_KEYS[name][0]}/mean" in record
+            continue
         for key in EXPECTED_KEYS[name]:
             assert key in record, f"benchmarks.{name}: no {key!r} in {sorted(record)}"
         if name == "metric_matvec":
