@@ -143,6 +143,14 @@ class ContinualLearn(Operation):
     logits (`distance="l2"`) over-constrains what the softmax ignores (a shift shared by
     all logits). Hence the default `distance="kl"`.
 
+    Very short walks: the `penalty` rule's Adam normalises every weight's step, so the
+    weights that only the memory touches (e.g. first-layer weights of pixels the new task
+    never lights, on permuted MNIST) move by whole learning-rate steps on the anchor's
+    small, noisy gradient, where fine-tuning leaves them exactly still. With about 8
+    steps a task on permuted MNIST this forgets more than fine-tuning; with a few epochs
+    the anchor's gradient is informative and the walk keeps the old tasks better than
+    EWC and replay (see `apps/continual.py`).
+
     Memory: the returned model carries the memory plus a class-balanced sample of the
     new task (`memory_per_task` inputs; `keras_fip.operations.carried_data`), so
     `ContinualLearn(task3)(ContinualLearn(task2)(model))` keeps every earlier task. Masks
