@@ -208,4 +208,5 @@ def train(model, baseline, x, labels, steps, learning_rate=None):
     if evaluator is not None:
         evaluator.finish(steps)
         history.update(evaluator.history)
+        history["eval_seconds"] = evaluator.seconds
     return history

@@ -26,6 +26,10 @@ def test_continual_app_compares_every_method_on_digits(tmp_path):
         assert results[f"{key}/task_incremental/acc/mean"] >= results[f"{key}/acc/mean"] - 1e-9
         for j in range(5):
             assert f"{key}/task_{j}/accuracy/mean" in results
+        # The path recording's time is told apart from training's (fip and finetune).
+        assert results[f"{key}/train_time_seconds"] == pytest.approx(
+            results[f"{key}/wall_time_seconds"] - results[f"{key}/eval_time_seconds"])
+        assert (results[f"{key}/eval_time_seconds"] > 0) == (method in ("fip", "finetune"))
     assert results["split_mnist/max_train_examples"] == 96
     assert results["split_mnist/data"] == "digits"
     for name in ("split_mnist_path.png", "split_mnist_final.png", "config.json"):

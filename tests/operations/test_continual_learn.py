@@ -100,6 +100,7 @@ def test_continual_learn_learns_the_new_task_and_keeps_the_old(digits, old_model
     assert history["task_0/accuracy"][-1] == pytest.approx(old_accuracy)
     assert history["task_1/accuracy"][0] < 0.3 < history["task_1/accuracy"][-1]
     assert history["beta"] == 1.0
+    assert 0.0 < history["eval_seconds"] < 60.0
 
 
 def test_continual_learn_never_changes_its_input(digits, old_model):
