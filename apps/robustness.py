@@ -105,10 +105,28 @@ flags.DEFINE_integer("attack_seed", 0, "Seed of the attack subset and random sta
                      lower_bound=0)
 
 # Methods' settings
-flags.DEFINE_integer("fip_steps_between", 50, "FIP steps between members.", lower_bound=1)
-flags.DEFINE_float("fip_epsilon", 0.05, "FIP step length ε.", lower_bound=0.0)
-flags.DEFINE_float("fip_diversity", 20.0, "λ of the diversity push (0: the paper's L = 0).",
+flags.DEFINE_float("fip_member_fraction", 0.04, "FIP steps between members, as a fraction "
+                   "of the single network's training steps (base epochs × N / batch): the "
+                   "walk's budget scales with the dataset and the recipe.", lower_bound=0.0)
+flags.DEFINE_integer("fip_steps_between", None, "FIP steps between members (overrides "
+                     "--fip_member_fraction).", lower_bound=1)
+flags.DEFINE_enum("fip_step_rule", "penalty", ["penalty", "metric", "normalized"],
+                  "FIP step rule.")
+flags.DEFINE_float("fip_epsilon", 0.05, "FIP step length ε (metric, normalized).",
                    lower_bound=0.0)
+flags.DEFINE_float("fip_learning_rate", 1e-3, "FIP Adam learning rate (penalty).",
+                   lower_bound=0.0)
+flags.DEFINE_float("fip_task_weight", 1.0, "τ of the task term on the labelled data "
+                   "(0 with --fip_diversity=0 is the paper's L = 0).", lower_bound=0.0)
+flags.DEFINE_float("fip_diversity", 1.0, "λ of the diversity term (0: none).",
+                   lower_bound=0.0)
+flags.DEFINE_enum("fip_diversity_loss", "error", ["error", "agreement"],
+                  "L_div: cross-entropy on attacked inputs, or agreement with the members.")
+flags.DEFINE_enum("fip_adversary", "members", ["members", "ensemble"],
+                  "Attacked inputs: once per member against the members so far, or every "
+                  "step against them and the moving network.")
+flags.DEFINE_integer("fip_diversity_examples", 2048, "Inputs of L_div drawn per member.",
+                     lower_bound=1)
 flags.DEFINE_integer("fip_cg_iterations", 10, "CG iterations of the metric step.",
                      lower_bound=1)
 flags.DEFINE_integer("fge_cycle_epochs", 2, "FGE cycle length in epochs (authors: 2-4).",
@@ -156,36 +174,40 @@ def build_methods(methods, model, dataset, seed, epochs, x, y, settings):
         common.set_seed(seed)
         if method == "single":
             built[method] = base
-            compute[method] = {"train_examples": base_examples, "example_passes": base_examples}
+            compute[method] = {"train_examples": base_examples}
         elif method == "deep":
             members = [copy_model(_base(model, dataset, seed + k, epochs)) for k in range(K)]
             built[method] = build_ensemble(members, name="deep_ensemble")
-            compute[method] = {"train_examples": K * base_examples,
-                               "example_passes": K * base_examples}
+            compute[method] = {"train_examples": K * base_examples}
         elif method == "fip":
+            steps_between = FLAGS.fip_steps_between or max(
+                1, round(FLAGS.fip_member_fraction * epochs * len(x) / FLAGS.batch_size))
             operation = keras_fip.Ensemble(
-                K, data=(x, y), steps_between=FLAGS.fip_steps_between,
-                epsilon=FLAGS.fip_epsilon, diversity=FLAGS.fip_diversity,
-                perturbation_epsilon=settings["epsilon"], cg_iterations=FLAGS.fip_cg_iterations,
+                K, data=(x, y), steps_between=steps_between,
+                step_rule=FLAGS.fip_step_rule, epsilon=FLAGS.fip_epsilon,
+                learning_rate=FLAGS.fip_learning_rate, task_weight=FLAGS.fip_task_weight,
+                diversity=FLAGS.fip_diversity, diversity_loss=FLAGS.fip_diversity_loss,
+                adversary=FLAGS.fip_adversary, perturbation_epsilon=settings["epsilon"],
+                diversity_examples=FLAGS.fip_diversity_examples,
+                cg_iterations=FLAGS.fip_cg_iterations, push="none"
+                if FLAGS.fip_task_weight > 0 or FLAGS.fip_diversity > 0 else "random",
                 batch_size=FLAGS.batch_size, seed=seed, verbose=0)
             built[method] = operation(base)
             compute[method] = {
-                "train_examples": base_examples + operation.history["train_examples"],
-                "example_passes": base_examples + operation.history["example_passes"]}
+                "train_examples": base_examples + operation.history["train_examples"]}
         elif method == "fge":
             alpha = settings["fge_learning_rate"]
             built[method], info = baselines.fast_geometric_ensemble(
                 base, x, y, num_members=K, cycle_epochs=FLAGS.fge_cycle_epochs,
                 learning_rates=(alpha, alpha / 100), batch_size=FLAGS.batch_size, seed=seed)
             total = base_examples + info["train_examples"]
-            compute[method] = {"train_examples": total, "example_passes": total}
+            compute[method] = {"train_examples": total}
         elif method == "snapshot":
             built[method], info = baselines.snapshot_ensemble(
                 base, x, y, num_members=K, epochs=K * FLAGS.snapshot_cycle_epochs,
                 learning_rate=FLAGS.snapshot_learning_rate, batch_size=FLAGS.batch_size,
                 seed=seed)
-            compute[method] = {"train_examples": info["train_examples"],
-                               "example_passes": info["train_examples"]}
+            compute[method] = {"train_examples": info["train_examples"]}
     return built, compute
 
 
@@ -275,7 +297,7 @@ def run_experiment(spec, seeds, methods, output_dir):
     results[f"{name}/attack/examples"] = len(rows)
     for key in per_seed[0]:
         values = np.array([figures[key] for figures in per_seed], dtype=float)
-        if key.endswith(("train_examples", "example_passes")):
+        if key.endswith("train_examples"):
             results[f"{name}/{key}"] = float(values.mean())
         else:
             results[f"{name}/{key}/mean"] = float(values.mean())
@@ -298,9 +320,8 @@ def _comparisons(results, name, methods):
                     get("fip", f"{attack}/accuracy/mean")
                     - get(other, f"{attack}/accuracy/mean"))
     if "deep" in methods:
-        for measure in ("train_examples", "example_passes"):
-            results[f"{name}/fip/{measure}/fraction_of_deep"] = (
-                get("fip", measure) / get("deep", measure))
+        results[f"{name}/fip/train_examples/fraction_of_deep"] = (
+            get("fip", "train_examples") / get("deep", "train_examples"))
 
 
 def plot(all_plots, output_dir):
@@ -373,21 +394,23 @@ def main(argv):
     os.makedirs(output_dir, exist_ok=True)
     start = time.perf_counter()
     results, all_plots = {}, {}
+    config = common.flag_values((
+        "experiments", "seeds", "other_seeds", "num_members", "base_epochs", "batch_size",
+        "pgd_epsilon", "pgd_step", "pgd_iterations", "pgd_restarts", "attack_examples",
+        "attack_seed", "fip_member_fraction", "fip_steps_between", "fip_step_rule", "fip_epsilon",
+        "fip_learning_rate", "fip_task_weight", "fip_diversity", "fip_diversity_loss",
+        "fip_adversary", "fip_diversity_examples", "fip_cg_iterations", "fge_cycle_epochs", "fge_learning_rate",
+        "snapshot_cycle_epochs", "snapshot_learning_rate", "diagnostic_examples"))
+    config["methods"] = methods
+    common.write_json(output_dir, "config.json", config)
     for index, spec in enumerate(experiments):
         name, figures, plots = run_experiment(spec, seeds if index == 0 else other_seeds,
                                               methods, output_dir)
         results.update(figures)
         all_plots[name] = plots
-    results["wall_time_seconds"] = time.perf_counter() - start
-    config = common.flag_values((
-        "experiments", "seeds", "other_seeds", "num_members", "base_epochs", "batch_size",
-        "pgd_epsilon", "pgd_step", "pgd_iterations", "pgd_restarts", "attack_examples",
-        "attack_seed", "fip_steps_between", "fip_epsilon", "fip_diversity",
-        "fip_cg_iterations", "fge_cycle_epochs", "fge_learning_rate",
-        "snapshot_cycle_epochs", "snapshot_learning_rate", "diagnostic_examples"))
-    config["methods"] = methods
-    common.write_json(output_dir, "config.json", config)
-    common.write_json(output_dir, "results.json", results)
+        results["wall_time_seconds"] = time.perf_counter() - start
+        # Written after each experiment, so a long run keeps what it has measured.
+        common.write_json(output_dir, "results.json", results)
     plot(all_plots, output_dir)
     print(f"\n{'':>22}" + "".join(f"{m:>11}" for m in methods))
     for name in all_plots:
