@@ -415,6 +415,13 @@ class Ensemble(Operation):
     x̃ = clip(x − ρ·sign ∇ₓ Σ_k p_k,y(x)), the FGSM direction of −log p̄_y, with the
     members' part of the gradient cached per member (one extra pass per step).
 
+    Which rule: with the error diversity, `step_rule="penalty"` (Adam on D + β·L) kept
+    the clean accuracy of the start (LeNet-300-100 on MNIST: 98.0% against 98.0%, 10
+    members, ε = 0.3 transfer PGD 89–92% against 0% for the start; `apps.robustness`);
+    the `metric` step buys more robustness per step at a small clean cost (digits MLP,
+    3 members, 60 steps each, FGSM ε = 0.2 from a surrogate: 36.7% against 26.9%, clean
+    94.7% against 95.0%, start 95.3%).
+
     Compute: `op.history["train_examples"]` counts example passes (one forward and
     backward pass of one example, the unit of "epochs × examples"; a forward pass
     alone counts as a whole one): the start's reference outputs, per step the anchor
