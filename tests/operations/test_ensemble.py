@@ -80,8 +80,10 @@ def test_members_are_distinct_accurate_and_combined_exactly(digits):
     np.testing.assert_allclose(outputs, expected, atol=1e-6)
     np.testing.assert_allclose(outputs.sum(-1), 1.0, atol=1e-5)
     assert np.mean(outputs.argmax(-1) == y_test) > base - 0.03
-    assert op.history["train_examples"] == 60 * 128
-    assert op.history["example_passes"] == 60 * 128 * (1 + op.cg_iterations)
+    # Compute in example passes: the reference outputs, then per step the anchor batch
+    # (D and one JᵀJv per CG iteration) and the labelled batch of the task term.
+    assert op.history["walk_examples"] == 60 * 128 * 2
+    assert op.history["train_examples"] == len(x) + 60 * 128 * (1 + op.cg_iterations + 1)
 
 
 def test_include_start_mean_logits_and_single_member(digits):
@@ -115,7 +117,47 @@ def test_members_taken_at_a_metric_distance(digits):
         assert lengths[step - 2] - start < 0.3
 
 
-def test_diversity_pushes_members_apart_on_perturbed_inputs(digits):
+def _fgsm_accuracy(source, target, x, y, epsilon=0.3):
+    """Accuracy of `target` (an ensemble) on FGSM inputs crafted against `source`."""
+    inputs = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        loss = keras.losses.sparse_categorical_crossentropy(y, source(inputs),
+                                                            from_logits=True)
+    attacked = np.clip(x + epsilon * np.sign(tape.gradient(loss, inputs).numpy()), 0, 1)
+    return float(np.mean(np.asarray(target(attacked.astype("float32"))).argmax(-1) == y))
+
+
+@pytest.mark.parametrize("adversary",
+                         ["members", pytest.param("ensemble", marks=pytest.mark.large)])
+def test_error_diversity_resists_transferred_attacks_and_keeps_clean_accuracy(digits,
+                                                                              adversary):
+    model, x, y, x_test, y_test = digits
+    # A surrogate trained separately: its FGSM inputs transfer to networks like `model`.
+    keras.utils.set_random_seed(7)
+    surrogate = keras_fip.models.mlp(64, input_shape=(8, 8, 1))
+    keras_fip.models.train_classifier(surrogate, x, y, epochs=15, batch_size=64,
+                                      learning_rate=3e-3)
+    settings = dict(data=(x, y), steps_between=60, step_rule="penalty", learning_rate=3e-3,
+                    push="none", perturbation_epsilon=0.2, diversity_examples=256,
+                    batch_size=64, seed=0, verbose=0)
+    plain = keras_fip.Ensemble(3, **settings)(model)
+    op = keras_fip.Ensemble(3, diversity=3.0, adversary=adversary, **settings)
+    diverse = op(model)
+    # Measured: single 11.4%, plain walk 10.8%, error diversity 26.9% (members) and
+    # 28.3% (ensemble) on FGSM ε = 0.2 transferred from the surrogate.
+    assert (_fgsm_accuracy(surrogate, diverse, x_test, y_test, 0.2)
+            > _fgsm_accuracy(surrogate, plain, x_test, y_test, 0.2) + 0.1)
+    base = keras_fip.models.evaluate_classifier(model, x_test, y_test)["accuracy"]
+    assert np.mean(np.asarray(diverse(x_test)).argmax(-1) == y_test) > base - 0.02
+    # Compute: reference outputs; per step anchor (D), task and diversity batches (and the
+    # per-step attack); per member the attack on the members so far (the start, 1, 2).
+    per_step = 3 + (adversary == "ensemble")
+    assert op.history["train_examples"] == (len(x) + 180 * 64 * per_step
+                                            + 256 * (1 + 1 + 2))
+
+
+def test_agreement_diversity_pushes_members_apart_on_perturbed_inputs(digits):
     model, x, y, x_test, y_test = digits
 
     def disagreement(ensemble):
@@ -127,16 +169,19 @@ def test_diversity_pushes_members_apart_on_perturbed_inputs(digits):
         mean = np.mean(probabilities, axis=0)
         return float(np.mean([np.abs(p - mean).sum(-1).mean() for p in probabilities]))
 
-    settings = dict(data=(x, y), steps_between=25, perturbation_epsilon=0.3,
+    settings = dict(data=x, steps_between=25, perturbation_epsilon=0.3,
                     diversity_examples=512, seed=0, verbose=0)
     plain = keras_fip.Ensemble(3, **settings)(model)
-    diverse_op = keras_fip.Ensemble(3, diversity=3.0, **settings)
+    diverse_op = keras_fip.Ensemble(3, diversity=3.0, diversity_loss="agreement", **settings)
     diverse = diverse_op(model)
     assert disagreement(diverse) > 1.5 * disagreement(plain)
     # The FIP still keeps the clean function.
     base = keras_fip.models.evaluate_classifier(model, x_test, y_test)["accuracy"]
     assert np.mean(np.asarray(diverse(x_test)).argmax(-1) == y_test) > base - 0.05
-    assert diverse_op.history["train_examples"] > 75 * 128
+    # Unlabelled: the attacks use the predictions (one forward pass per member so far),
+    # the agreement targets another.
+    assert diverse_op.history["train_examples"] == (
+        len(x) + 75 * 128 * (1 + diverse_op.cg_iterations + 1) + 512 * 3 * (1 + 1 + 2))
 
 
 def test_batchnorm_members_get_recalibrated_statistics():
@@ -194,9 +239,14 @@ def test_ensemble_members_rejects_plain_models():
         (dict(num_members=2, combine="vote"), "combine"),
         (dict(num_members=2, steps_between=0), "steps_between"),
         (dict(num_members=2, diversity=-1.0), "diversity"),
-        (dict(num_members=2, push="none"), "push"),
         (dict(num_members=2, training="yes"), "training"),
         (dict(num_members=2, metric_distance=-1.0), "metric_distance"),
+        (dict(num_members=2, task_weight=-1.0), "task_weight"),
+        (dict(num_members=2, diversity_loss="kl"), "diversity_loss"),
+        (dict(num_members=2, adversary="surrogate"), "adversary"),
+        (dict(num_members=2, adversary="ensemble", diversity_loss="agreement"), "adversary"),
+        (dict(num_members=2, perturbation_steps=0), "perturbation_steps"),
+        (dict(num_members=2, push="none", task_weight=0.0), "push"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
@@ -210,11 +260,15 @@ def test_data_that_do_not_fit_raise(digits):
         keras_fip.Ensemble(2, data=np.zeros((16, 5, 5, 1), "float32"), verbose=0)(model)
     with pytest.raises(ValueError, match="data"):
         keras_fip.Ensemble(2, verbose=0)(model)
+    with pytest.raises(ValueError, match="labelled"):
+        keras_fip.Ensemble(2, data=np.zeros((16, 8, 8, 1), "float32"), push="none",
+                           verbose=0)(model)
 
 
 def test_config_round_trip():
     op = keras_fip.Ensemble(5, steps_between=7, diversity=0.5, combine="mean_logits",
-                            seed=3)
+                            task_weight=0.5, diversity_loss="agreement", adversary="members",
+                            perturbation_steps=3, seed=3)
     twin = keras_fip.Ensemble.from_config(op.get_config())
     assert twin.get_config() == op.get_config()
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(op))
