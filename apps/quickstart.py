@@ -145,9 +145,11 @@ def run(output_dir, seed, walk_steps, sparsity, epochs=30):
     surrogate = models.mlp(64, input_shape=(8, 8, 1))
     models.train_classifier(surrogate, x, y, epochs=epochs, batch_size=64,
                             learning_rate=3e-3)
+    # As `apps.robustness` runs it: penalty walk, task term, each member trained on inputs
+    # attacked (FGSM, eps 0.3) against the members before it.
     fip_ensemble, fip_seconds = _timed(lambda: keras_fip.Ensemble(
-        5, data=(x, y), steps_between=20, diversity=5.0, perturbation_epsilon=0.3,
-        seed=seed, verbose=0)(base))
+        5, data=(x, y), steps_between=50, step_rule="penalty", push="none", diversity=1.0,
+        perturbation_epsilon=0.3, seed=seed, verbose=0)(base))
     (deep, _), deep_seconds = _timed(lambda: baselines.deep_ensemble(
         base, x, y, num_members=5, epochs=epochs, seed=seed + 1))
     attacked, _ = keras_fip.robustness.transfer_pgd_accuracy(
