@@ -32,6 +32,7 @@ from keras_fip.operations import Damage  # noqa: E402
 from keras_fip.operations import damage_reference  # noqa: E402
 from keras_fip.operations import ContinualLearn  # noqa: E402
 from keras_fip import metrics  # noqa: E402
+from keras_fip.operations import Repair  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -59,4 +60,5 @@ __all__ = [
     "damage_reference",
     "ContinualLearn",
     "metrics",
+    "Repair",
 ]
