@@ -33,6 +33,7 @@ from keras_fip.operations import damage_reference  # noqa: E402
 from keras_fip.operations import ContinualLearn  # noqa: E402
 from keras_fip import metrics  # noqa: E402
 from keras_fip.operations import Repair  # noqa: E402
+from keras_fip.operations import DamageRepair  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -61,4 +62,5 @@ __all__ = [
     "ContinualLearn",
     "metrics",
     "Repair",
+    "DamageRepair",
 ]

@@ -22,3 +22,4 @@ from keras_fip.operations.continual_learn import ContinualLearn
 from keras_fip.operations.heads import grow_output_layer
 from keras_fip.operations.bridge import Bridge
 from keras_fip.operations.repair import Repair
+from keras_fip.operations.damage_repair import DamageRepair

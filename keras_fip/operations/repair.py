@@ -374,6 +374,7 @@ class Repair(Operation):
         else:
             model, history = self._repair_supervised(model, reference, x, y, x_val, y_val,
                                                      released)
+        history["epochs"] = history["steps"] / self._steps_per_epoch
         self.history = history
         self._attach(model, reference, released)
         return model
