@@ -512,7 +512,7 @@ class Repair(Operation):
             dataset = fip_dataset(undamaged, x, secondary=(x, y) if labelled else None,
                                   batch_size=self.batch_size, seed=seed)
             path = Path(candidate, record_every=self.record_every,
-                        directory=self.path_directory if index == 0 else None)
+                        directory=self.path_directory if self.num_paths == 1 else None)
             evaluator = _EpochEvaluator(
                 self._evaluator(candidate, x, x_val, y_val, history), self._every)
             if history["epochs_to_recover"] is None or not self.stop_at_target:
@@ -536,6 +536,8 @@ class Repair(Operation):
         _, model, history, self.path = best
         if self.num_paths > 1:
             history["candidates"] = candidates
+            if self.path_directory is not None:
+                self.path.save(self.path_directory)  # The chosen candidate's path.
         return model, history
 
     def _repair_supervised(self, model, reference, x, y, x_val, y_val, released):

@@ -11,6 +11,7 @@ from keras_fip import models
 from keras_fip.operations.damage import Damage
 from keras_fip.operations.damage import damage_reference
 from keras_fip.operations.repair import Repair
+from keras_fip.operations.repair import recovery_path
 from tests.operations.contract import run_operation_contract
 
 
@@ -275,3 +276,33 @@ def test_reference_with_other_shapes_raises(digits, damaged):
     other = models.mlp(32, input_shape=(8, 8, 1))
     with pytest.raises(ValueError, match="shapes"):
         Repair(data=x, reference=other)(damaged)
+
+
+def test_recovery_path_stays_above_the_straight_damage_path(digits, trained, damaged):
+    x, _, x_test, y_test = digits
+    masks = damage_reference(damaged).damage_masks
+    points, times = recovery_path(trained, masks, x, num_points=4, steps_per_point=25,
+                                  learning_rate=3e-3, seed=0)
+    straight, _ = keras_fip.geometry.damage_path(trained, damaged, 4)
+    np.testing.assert_array_equal(times, [0, 1 / 3, 2 / 3, 1])
+    for a, b in zip(points[0], trained.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # At each time the damaged weights are exactly the straight path's (1 − t)·w.
+    for point, line in zip(points, straight):
+        for value, reference, mask in zip(point, line, masks):
+            if mask is not None:
+                np.testing.assert_allclose(value[~mask], reference[~mask], rtol=1e-6)
+    working = keras_fip.engine.copy_model(trained)
+    final = []
+    for weights in (points[-1], straight[-1]):
+        working.set_weights(weights)
+        final.append(_accuracy(working, x_test, y_test))
+    assert final[0] > final[1] + 0.1
+
+
+def test_recovery_path_rejects_misaligned_masks(trained, digits):
+    x, _, _, _ = digits
+    with pytest.raises(ValueError, match="damage_masks"):
+        recovery_path(trained, [None], x)
+    with pytest.raises(ValueError, match="num_points"):
+        recovery_path(trained, [None] * len(trained.trainable_variables), x, num_points=1)
