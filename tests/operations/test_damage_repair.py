@@ -105,3 +105,42 @@ def test_bad_arguments_raise_value_error(kwargs, match):
 def test_budget_larger_than_the_undamaged_units_raises_before_work(digits, trained):
     with pytest.raises(ValueError, match="undamaged"):
         DamageRepair(rounds=2, count=100, repair=_repair(digits))(trained)
+
+
+# The sampler's building blocks: Damage(units=...) and hidden_units.
+
+
+def test_damage_deletes_exactly_the_named_units(trained):
+    from keras_fip.operations.damage import Damage
+
+    damaged = Damage("nodes", units={"dense_1": [2, 0, 2], "dense_2": [5]})(trained)
+    listing = hidden_units(damaged)
+    assert listing == {"dense_1": (24, [0, 2]), "dense_2": (16, [5])}
+    assert hidden_units(trained) == {"dense_1": (24, []), "dense_2": (16, [])}
+    assert damage_reference(damaged).records[0]["units"] == {"dense_1": [0, 2],
+                                                             "dense_2": [5]}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"units": {"dense_1": [0]}, "fraction": 0.5}, "units"),
+    ({"units": {"dense_1": [-1]}}, "units"),
+    ({"units": ["dense_1"]}, "units"),
+])
+def test_damage_units_bad_arguments_raise(kwargs, match):
+    from keras_fip.operations.damage import Damage
+
+    with pytest.raises(ValueError, match=match):
+        Damage("nodes", **kwargs)
+    with pytest.raises(ValueError, match="units"):
+        Damage("weights", units={"dense_1": [0]})
+
+
+@pytest.mark.parametrize("units, match", [
+    ({"logits": [0]}, "logits"),
+    ({"dense_1": [24]}, "24"),
+])
+def test_damage_units_unknown_layer_or_index_raises_before_work(trained, units, match):
+    from keras_fip.operations.damage import Damage
+
+    with pytest.raises(ValueError, match=match):
+        Damage("nodes", units=units)(trained)
