@@ -178,7 +178,8 @@ def _tuned(method, model, damaged, splits, seed):
         scores[rate] = (np.inf if recover is None else recover,
                         -history["val_accuracy"][-1])
     best = min(scores, key=scores.get)
-    return best, {_key(r): s[0] for r, s in scores.items()}, runs[best]
+    grid = {_key(r): (None if np.isinf(s[0]) else s[0]) for r, s in scores.items()}
+    return best, grid, runs[best]
 
 
 def recovery(methods, seeds, splits):
