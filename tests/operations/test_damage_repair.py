@@ -65,6 +65,7 @@ def test_rounds_delete_distinct_undamaged_units_with_exact_zeros(digits, trained
     assert [r["kind"] for r in reference.records] == ["nodes", "repair"] * 3
 
 
+@pytest.mark.large  # Two loops of two rounds: kept out of the default run's budget.
 def test_cycles_sum_the_rounds_epochs_and_same_seed_same_units(digits, trained):
     first = DamageRepair(rounds=2, count=6, repair=_repair(digits, stop_at_target=True),
                          seed=4)
