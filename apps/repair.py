@@ -24,7 +24,9 @@ Experiment families of the resilience and damage-rescue papers, every network da
   `--repair_iterative_counts` hidden units, batch repair (all m deleted at once, then
   strategy 1 `retrain` or strategy 2 `embryonic`) against the iterative loop (r∘D)
   (`keras_fip.DamageRepair`, `--repair_round_budget` units per round, each round repaired
-  by retraining until recovered): cycles (training epochs) to recover.
+  by `--repair_iterative_method` until recovered): cycles (training epochs) to recover —
+  for the loop, the epochs of all its rounds together (`cycles`) and of its last round
+  (`last_round_cycles`).
 - `vgg` (Fig. 4, `--repair_vgg`): VGG-11 (`--repair_vgg_width`) on
   `--repair_cifar_dataset` with `--repair_vgg_fraction` of its first-layer filters
   deleted: accuracy along the recovery path (`keras_fip.operations.repair.recovery_path`)
@@ -92,6 +94,8 @@ flags.DEFINE_list("repair_iterative_counts", ["100", "200", "300"], "Total hidde
                   "deleted, m.")
 flags.DEFINE_integer("repair_round_budget", 50, "Units deleted per (r∘D) round.",
                      lower_bound=1)
+flags.DEFINE_enum("repair_iterative_method", "retrain", ["retrain", "embryonic", "fip"],
+                  "Repair of each (r∘D) round.")
 flags.DEFINE_float("repair_iterative_learning_rate", 3e-3, "Adam rate of every repair in "
                    "the iterative experiment.", lower_bound=0.0)
 
@@ -242,6 +246,7 @@ def iterative(seeds, splits):
                   batch_size=FLAGS.batch_size, verbose=0)
     for count in [int(c) for c in FLAGS.repair_iterative_counts]:
         cycles = {"retrain": [], "embryonic": [], "damage_repair": []}
+        last_round = []
         for seed in seeds:
             model = _mlp(seed)
             damaged = keras_fip.Damage("nodes", count=count, seed=seed)(model)
@@ -253,15 +258,19 @@ def iterative(seeds, splits):
             rounds = -(-count // FLAGS.repair_round_budget)
             loop = keras_fip.DamageRepair(
                 rounds=rounds, count=FLAGS.repair_round_budget, seed=seed,
-                repair=keras_fip.Repair(data=(x, y), method="retrain", seed=seed,
-                                        epochs=FLAGS.repair_max_epochs, **kwargs))
+                repair=keras_fip.Repair(data=(x, y), method=FLAGS.repair_iterative_method,
+                                        seed=seed, epochs=FLAGS.repair_max_epochs, **kwargs))
             loop(model)
             cycles["damage_repair"].append(loop.history["cycles"]
                                            if loop.history["recovered"] else None)
+            last_round.append(loop.history["rounds"][-1]["epochs_to_recover"])
             print(f"iterative m={count} seed {seed}: " + ", ".join(
                 f"{k} {v[-1]}" for k, v in cycles.items()))
         for method, values in cycles.items():
             results.update(_summary(f"iterative/{count}/{method}/cycles", values))
+        # The epochs the last round needed (the network's recovery from its last damage).
+        results.update(_summary(f"iterative/{count}/damage_repair/last_round_cycles",
+                                last_round))
         table[count] = {m: results[f"iterative/{count}/{m}/cycles/mean"] for m in cycles}
         results[f"iterative/{count}/fewer_cycles"] = bool(
             table[count]["damage_repair"] < min(table[count]["retrain"],
