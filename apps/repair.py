@@ -111,6 +111,9 @@ flags.DEFINE_integer("repair_path_steps", 50, "FIP steps between recovery-path p
                      lower_bound=1)
 flags.DEFINE_float("repair_path_learning_rate", 1e-3, "Adam rate of the recovery path.",
                    lower_bound=0.0)
+flags.DEFINE_enum("repair_path_training", "auto", ["auto", "true", "false"], "Mode of "
+                  "the moving network on the recovery path (`auto`: training mode for "
+                  "BatchNorm nets, moving statistics recalibrated at each point).")
 flags.DEFINE_integer("repair_path_examples", 200, "Inputs on which the break-down speed is "
                      "measured.", lower_bound=1)
 
@@ -298,6 +301,7 @@ def vgg(seed):
         model, masks, x, num_points=FLAGS.repair_path_points,
         steps_per_point=FLAGS.repair_path_steps,
         learning_rate=FLAGS.repair_path_learning_rate, batch_size=FLAGS.batch_size,
+        training={"auto": "auto", "true": True, "false": False}[FLAGS.repair_path_training],
         seed=seed)
     straight_points, _ = geometry.damage_path(model, damaged, FLAGS.repair_path_points)
     working = keras_fip.strip_masks(model)
