@@ -32,6 +32,8 @@ from keras_fip.operations import Damage  # noqa: E402
 from keras_fip.operations import damage_reference  # noqa: E402
 from keras_fip.operations import ContinualLearn  # noqa: E402
 from keras_fip import metrics  # noqa: E402
+from keras_fip.operations import Repair  # noqa: E402
+from keras_fip.operations import DamageRepair  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -59,4 +61,6 @@ __all__ = [
     "damage_reference",
     "ContinualLearn",
     "metrics",
+    "Repair",
+    "DamageRepair",
 ]

@@ -32,3 +32,6 @@ from keras_fip.baselines.lwf import LwF
 from keras_fip.baselines.replay import ExperienceReplay
 
 __all__ += ["AGEM", "EWC", "ExperienceReplay", "FineTune", "JointTraining", "LwF"]
+from keras_fip.baselines.prune_retrain import prune_retrain
+
+__all__ += ["prune_retrain"]

@@ -17,6 +17,9 @@ from keras_fip.operations.ensemble import ensemble_members
 from keras_fip.operations.damage import Damage
 from keras_fip.operations.damage import DamageReference
 from keras_fip.operations.damage import damage_reference
+from keras_fip.operations.damage import hidden_units
 from keras_fip.operations.continual_learn import ContinualLearn
 from keras_fip.operations.heads import grow_output_layer
 from keras_fip.operations.bridge import Bridge
+from keras_fip.operations.repair import Repair
+from keras_fip.operations.damage_repair import DamageRepair

@@ -260,6 +260,64 @@ def _unit_plan(layer, consumers, outputs):
     return plan, blocked
 
 
+def _check_units(units, kind, fraction, count):
+    """`units` as a `{layer name: sorted unit indices}` dict, validated, or `None`."""
+    if units is None:
+        return None
+    if kind != "nodes" or fraction is not None or count is not None:
+        raise ValueError(
+            "`units` names the units to delete for `kind='nodes'`, instead of `fraction` "
+            f"and `count`. Received: units={units!r} with kind={kind!r}, "
+            f"fraction={fraction!r}, count={count!r}"
+        )
+    if not isinstance(units, dict) or not all(
+            isinstance(name, str) and isinstance(indices, (list, tuple, np.ndarray))
+            and all(isinstance(u, (int, np.integer)) and not isinstance(u, bool) and u >= 0
+                    for u in indices)
+            for name, indices in units.items()):
+        raise ValueError(
+            "`units` must be a dict mapping layer names to lists of non-negative unit "
+            f"indices. Received: units={units!r}"
+        )
+    return {name: sorted({int(u) for u in indices}) for name, indices in units.items()}
+
+
+def hidden_units(model, layers=None):
+    """The units `Damage("nodes")` may delete, and which of them are deleted already.
+
+    A unit counts as deleted when the masks the model carries hold its whole incoming
+    kernel slice at zero (as `Damage("nodes")` leaves it).
+
+    Args:
+        model: A Sequential or functional `keras.Model`. Not changed.
+        layers: Names of the layers to list, or `None` for every hidden Dense/Conv layer.
+            Defaults to `None`.
+
+    Returns:
+        A dict mapping each layer name to a tuple `(num_units, deleted)`, `deleted` the
+        sorted list of deleted unit indices.
+
+    Example:
+
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+    ...                           keras.layers.Dense(2)])
+    >>> damaged = keras_fip.Damage("nodes", count=3, seed=0)(model)
+    >>> num_units, deleted = hidden_units(damaged)["dense"]
+    >>> num_units, len(deleted)
+    (8, 3)
+    """
+    probe = Damage("nodes", count=0, layers=layers)
+    plans = probe._unit_plans(model, probe._selected_layers(model))
+    listing = {}
+    for plan in plans:
+        mask = masks_lib._mask_of(plan.layer.kernel)
+        deleted = [] if mask is None else np.flatnonzero(
+            ~np.any(mask.reshape(-1, plan.channels), axis=0)).tolist()
+        listing[plan.layer.name] = (plan.channels, deleted)
+    return listing
+
+
 @keras.saving.register_keras_serializable(package="keras_fip")
 class Damage(Operation):
     """Damages a network: deleted units, zeroed or bit-flipped weights, random or eigen noise.
@@ -332,6 +390,9 @@ class Damage(Operation):
         bit_format: `"float32"` or `"int8"`. Defaults to `"float32"`.
         allow_dead_layers: Whether `"nodes"` may delete every unit of a layer (the network
             then computes a constant past it). Defaults to `False`.
+        units: For `"nodes"`, the units to delete instead of `fraction`/`count`: a dict
+            mapping layer names to unit indices (e.g. sampled among the undamaged units
+            that `keras_fip.operations.hidden_units` lists). Defaults to `None`.
         **kwargs: `Operation` arguments (`name`, `verbose`, `callbacks`, `log_dir`).
 
     Returns:
@@ -353,11 +414,12 @@ class Damage(Operation):
     def __init__(self, kind, fraction=None, count=None, norm=None, layers=None,
                  scope="global", data=None, seed=None, num_eigenpairs=20, mixing="equal",
                  eigen_examples=1000, eigen_tol=1e-3, outputs="logits", bits=None,
-                 bit_format="float32", allow_dead_layers=False, **kwargs):
+                 bit_format="float32", allow_dead_layers=False, units=None, **kwargs):
         super().__init__(**kwargs)
         self.kind = self.check_choice(kind, "kind", KINDS)
         zeroing = kind in ("nodes", "weights")
-        if zeroing and (fraction is None) == (count is None):
+        units = _check_units(units, kind, fraction, count)
+        if units is None and zeroing and (fraction is None) == (count is None):
             raise ValueError(
                 f"`kind={kind!r}` needs exactly one of `fraction` and `count`. "
                 f"Received: fraction={fraction!r}, count={count!r}"
@@ -448,6 +510,7 @@ class Damage(Operation):
         self.bits = bits
         self.bit_format = bit_format
         self.allow_dead_layers = allow_dead_layers
+        self.units = units
         self.record = None
         self.perturbation = None
 
@@ -575,7 +638,9 @@ class Damage(Operation):
 
         # Which units: a seeded permutation's prefix (nested as the fraction grows)
         chosen = [[] for _ in plans]
-        if self.scope == "global":
+        if self.units is not None:
+            chosen = self._explicit_units(plans)
+        elif self.scope == "global":
             total = int(sum(sizes))
             number = self._count(total, "hidden units")
             owners = np.repeat(np.arange(len(plans)), sizes)
@@ -607,6 +672,26 @@ class Damage(Operation):
         units = {plan.layer.name: sorted(u) for plan, u in zip(plans, chosen)}
         return {"units": units, "num_hit": int(sum(len(u) for u in chosen)),
                 "num_units": int(sum(sizes))}, zeroed
+
+    def _explicit_units(self, plans):
+        """The units named by `units`, checked against the layers' unit counts."""
+        by_name = {plan.layer.name: index for index, plan in enumerate(plans)}
+        chosen = [[] for _ in plans]
+        for name, indices in self.units.items():
+            if name not in by_name:
+                raise ValueError(
+                    f"`units` names layer `{name}`, which has no deletable hidden units. "
+                    f"Expected names among {sorted(by_name)}. Received: units={self.units!r}"
+                )
+            plan = plans[by_name[name]]
+            bad = [u for u in indices if u >= plan.channels]
+            if bad:
+                raise ValueError(
+                    f"`units` names units {bad} of layer `{name}`, which has "
+                    f"{plan.channels} units. Received: units={self.units!r}"
+                )
+            chosen[by_name[name]] = sorted(set(indices))
+        return chosen
 
     def _unit_plans(self, model, selected):
         try:
@@ -885,5 +970,6 @@ class Damage(Operation):
             bits=self.bits,
             bit_format=self.bit_format,
             allow_dead_layers=self.allow_dead_layers,
+            units=self.units,
         )
         return config

@@ -1,0 +1,427 @@
+r"""Repairing damaged networks: geodesic recovery, retraining, pruning, damage-repair loops.
+
+Experiment families of the resilience and damage-rescue papers, every network damaged with
+`keras_fip.Damage("nodes")` and repaired with `keras_fip.Repair`, on base networks from
+`keras_fip.models.base_network` (one per seed, trained once, cached):
+
+- `recovery` (resilience paper, Fig. 4): MLP-1 (784-`--repair_mlp_width`-10) on `--dataset`
+  with `--repair_fractions` of its hidden units deleted, repaired by
+  - `fip`: the FIP back to the undamaged network's outputs, inputs only;
+  - `retrain`: supervised retraining of the surviving units (damage-rescue strategy 1);
+  - `prune`: deleting the same units one at a time (`--repair_prune_units_per_round`)
+    from the undamaged network with SGD steps in between, then retraining
+    (`keras_fip.baselines.prune_retrain`).
+  Every method sees `--batch_size` examples per step and ⌈N/batch⌉ steps per epoch, so an
+  epoch is the same number of examples for all (the FIP sees their inputs only). Each
+  method's learning rate is tuned on the first seed over its grid
+  (`--repair_<method>_learning_rates`): the rate recovering in the fewest epochs (then the
+  best final accuracy) is used for every seed. Accuracy is measured
+  `--repair_evaluations_per_epoch` times per epoch on a validation split (the first
+  `--repair_validation_examples` test images) and `epochs_to_recover` is the first
+  measurement within `--repair_target` of the undamaged accuracy; the final accuracy is
+  also reported on the rest of the test set.
+- `iterative` (damage-rescue paper, Fig. 2-3): for each total damage m in
+  `--repair_iterative_counts` hidden units, batch repair (all m deleted at once, then
+  strategy 1 `retrain` or strategy 2 `embryonic`) against the iterative loop (r∘D)
+  (`keras_fip.DamageRepair`, `--repair_round_budget` units per round, each round repaired
+  by `--repair_iterative_method` until recovered): cycles (training epochs) to recover —
+  for the loop, the epochs of all its rounds together (`cycles`) and of its last round
+  (`last_round_cycles`).
+- `vgg` (Fig. 4, `--repair_vgg`): VGG-11 (`--repair_vgg_width`) on
+  `--repair_cifar_dataset` with `--repair_vgg_fraction` of its first-layer filters
+  deleted: accuracy along the recovery path (`keras_fip.operations.repair.recovery_path`)
+  and along the straight damage path (`keras_fip.geometry.damage_path`) at the same
+  damage times, with the break-down speed and acceleration along each.
+
+Writes `config.json`, `results.json` (flat keys such as `"mlp/fip/epochs_to_recover/mean"`,
+`"mlp/0.8/retrain/epochs_to_recover/mean"`, `"iterative/200/damage_repair/cycles/mean"`,
+`"vgg11/recovery/test/accuracy"`) and `recovery.png`, `iterative.png`, `vgg.png` to
+`--output_dir`.
+
+Example:
+
+    python -m apps.repair --output_dir=runs/repair
+    python -m apps.repair --repair_parts=recovery --repair_fractions=0.8 --seeds=0
+"""
+
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+import keras_fip  # noqa: E402
+from apps import common  # noqa: E402
+from keras_fip import data  # noqa: E402
+from keras_fip import geometry  # noqa: E402
+from keras_fip import models  # noqa: E402
+from keras_fip.operations.repair import recovery_path  # noqa: E402
+
+PARTS = ("recovery", "iterative", "vgg")
+METHODS = ("fip", "retrain", "prune")
+
+# Experiments
+flags.DEFINE_list("repair_parts", ["recovery", "iterative"], f"Experiment families, among "
+                  f"{PARTS} (`vgg` also runs with --repair_vgg).")
+flags.DEFINE_integer("repair_validation_examples", 5000, "Test images used as the "
+                     "validation split (the rest is the held-out test).", lower_bound=1)
+flags.DEFINE_float("repair_target", 0.01, "Recovered: within this of the undamaged "
+                   "validation accuracy.", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_integer("repair_evaluations_per_epoch", 20, "Validation measurements per "
+                     "epoch.", lower_bound=1)
+
+# Recovery
+flags.DEFINE_integer("repair_mlp_width", 400, "Hidden units of MLP-1.", lower_bound=1)
+flags.DEFINE_list("repair_fractions", ["0.5", "0.8"], "Fractions of hidden units deleted.")
+flags.DEFINE_integer("repair_max_epochs", 4, "Epoch budget of every repair.", lower_bound=1)
+flags.DEFINE_list("repair_fip_learning_rates", ["1e-3", "3e-3", "1e-2"], "Adam rates of "
+                  "the FIP repair (tuned on the first seed).")
+flags.DEFINE_list("repair_retrain_learning_rates", ["1e-3", "3e-3", "1e-2"], "Adam rates of "
+                  "retraining (tuned on the first seed).")
+flags.DEFINE_list("repair_prune_learning_rates", ["0.01", "0.03", "0.1"], "SGD (momentum "
+                  "0.9) rates of prune-one-at-a-time (tuned on the first seed).")
+flags.DEFINE_integer("repair_prune_units_per_round", 1, "Units deleted per pruning round.",
+                     lower_bound=1)
+flags.DEFINE_integer("repair_prune_steps_per_round", 1, "SGD steps after each pruning "
+                     "round.", lower_bound=1)
+
+# Iterative damage-repair
+flags.DEFINE_list("repair_iterative_counts", ["100", "200", "300"], "Total hidden units "
+                  "deleted, m.")
+flags.DEFINE_integer("repair_round_budget", 50, "Units deleted per (r∘D) round.",
+                     lower_bound=1)
+flags.DEFINE_enum("repair_iterative_method", "retrain", ["retrain", "embryonic", "fip"],
+                  "Repair of each (r∘D) round.")
+flags.DEFINE_float("repair_iterative_learning_rate", 3e-3, "Adam rate of every repair in "
+                   "the iterative experiment.", lower_bound=0.0)
+
+# VGG
+flags.DEFINE_bool("repair_vgg", False, "Also run the VGG-11 recovery path.")
+flags.DEFINE_float("repair_vgg_width", 0.5, "Width multiplier of VGG-11.", lower_bound=0.0)
+flags.DEFINE_float("repair_vgg_fraction", 50 / 60, "Fraction of first-layer filters "
+                   "deleted (the paper's 50 of 60).", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_string("repair_cifar_dataset", "cifar10", "Dataset of VGG-11.")
+flags.DEFINE_integer("repair_cifar_epochs", 20, "Training epochs of VGG-11.", lower_bound=1)
+flags.DEFINE_integer("repair_path_points", 11, "Points of the VGG paths.", lower_bound=3)
+flags.DEFINE_integer("repair_path_steps", 50, "FIP steps between recovery-path points.",
+                     lower_bound=1)
+flags.DEFINE_float("repair_path_learning_rate", 1e-3, "Adam rate of the recovery path.",
+                   lower_bound=0.0)
+flags.DEFINE_enum("repair_path_training", "auto", ["auto", "true", "false"], "Mode of "
+                  "the moving network on the recovery path (`auto`: training mode for "
+                  "BatchNorm nets, moving statistics recalibrated at each point).")
+flags.DEFINE_integer("repair_path_examples", 200, "Inputs on which the break-down speed is "
+                     "measured.", lower_bound=1)
+
+FLAGS = flags.FLAGS
+
+
+def _key(value):
+    return f"{round(float(value), 4):g}"
+
+
+def _summary(prefix, values):
+    """`{prefix/mean, prefix/std, prefix/per_seed}`; runs that never recovered count as
+    the budget in the mean (and `prefix/recovered` says how many did)."""
+    present = [v for v in values if v is not None]
+    budget = [FLAGS.repair_max_epochs if v is None else v for v in values]
+    return {f"{prefix}/mean": float(np.mean(budget)), f"{prefix}/std": float(np.std(budget)),
+            f"{prefix}/per_seed": values, f"{prefix}/recovered": len(present)}
+
+
+def _splits(dataset):
+    x, y = data.load(dataset, "train", FLAGS.data_dir)
+    x_test, y_test = data.load(dataset, "test", FLAGS.data_dir)
+    cut = min(FLAGS.repair_validation_examples, len(x_test) - 1)
+    return (x, y), (x_test[:cut], y_test[:cut]), (x_test[cut:], y_test[cut:])
+
+
+def _mlp(seed):
+    model, _ = models.base_network(
+        "mlp", FLAGS.dataset, epochs=FLAGS.base_epochs, batch_size=FLAGS.batch_size,
+        learning_rate=FLAGS.learning_rate, seed=seed, data_dir=FLAGS.data_dir,
+        cache_dir=FLAGS.cache_dir, hidden_units=FLAGS.repair_mlp_width)
+    return model
+
+
+def _repair(method, model, damaged, learning_rate, splits, seed):
+    """One repair: `(history, repaired model)`."""
+    (x, y), validation, _ = splits
+    common_kwargs = dict(epochs=FLAGS.repair_max_epochs, target=FLAGS.repair_target,
+                         evaluations_per_epoch=FLAGS.repair_evaluations_per_epoch,
+                         stop_at_target=True, seed=seed)
+    if method == "prune":
+        units = keras_fip.damage_reference(damaged).records[0]["units"]
+        repaired, history = keras_fip.baselines.prune_retrain(
+            model, units, (x, y), validation, learning_rate=learning_rate,
+            units_per_round=FLAGS.repair_prune_units_per_round,
+            steps_per_round=FLAGS.repair_prune_steps_per_round,
+            batch_size=FLAGS.batch_size, **common_kwargs)
+        return history, repaired
+    op = keras_fip.Repair(data=x if method == "fip" else (x, y), method=method,
+                          validation_data=validation, learning_rate=learning_rate,
+                          batch_size=FLAGS.batch_size, verbose=0, **common_kwargs)
+    repaired = op(damaged)
+    return op.history, repaired
+
+
+def _tuned(method, model, damaged, splits, seed):
+    """The learning rate of `method`'s grid recovering first (then most accurate), the
+    grid's epochs to recover, and the chosen run `(history, repaired)`."""
+    grid = [float(v) for v in getattr(FLAGS, f"repair_{method}_learning_rates")]
+    scores, runs = {}, {}
+    for rate in grid:
+        try:
+            runs[rate] = _repair(method, model, damaged, rate, splits, seed)
+        except FloatingPointError:  # Diverged: the rate is too high.
+            scores[rate] = (np.inf, np.inf)
+            continue
+        history = runs[rate][0]
+        recover = history["epochs_to_recover"]
+        scores[rate] = (np.inf if recover is None else recover,
+                        -history["val_accuracy"][-1])
+    best = min(scores, key=scores.get)
+    grid = {_key(r): (None if np.isinf(s[0]) else s[0]) for r, s in scores.items()}
+    return best, grid, runs[best]
+
+
+def recovery(methods, seeds, splits):
+    """Epochs to recover of each method at each deleted fraction, over seeds."""
+    results, curves = {}, {}
+    _, _, (x_test, y_test) = splits
+    for fraction in [float(f) for f in FLAGS.repair_fractions]:
+        rates, per_method = {}, {m: [] for m in methods}
+        for index, seed in enumerate(seeds):
+            model = _mlp(seed)
+            damaged = keras_fip.Damage("nodes", fraction=fraction, seed=seed)(model)
+            prefix = f"mlp/{_key(fraction)}"
+            if index == 0:
+                results[f"{prefix}/undamaged/test/accuracy"] = models.evaluate_classifier(
+                    model, x_test, y_test)["accuracy"]
+                results[f"{prefix}/damaged/test/accuracy"] = models.evaluate_classifier(
+                    damaged, x_test, y_test)["accuracy"]
+            for method in methods:
+                if index == 0:  # Tune on the first seed; its chosen run is that seed's.
+                    rates[method], grid, (history, repaired) = _tuned(
+                        method, model, damaged, splits, seed)
+                    results[f"{prefix}/{method}/learning_rate"] = rates[method]
+                    results[f"{prefix}/{method}/tuning/epochs_to_recover"] = grid
+                else:
+                    history, repaired = _repair(method, model, damaged, rates[method],
+                                                splits, seed)
+                per_method[method].append({
+                    "epochs_to_recover": history["epochs_to_recover"],
+                    "test": models.evaluate_classifier(repaired, x_test, y_test)["accuracy"]})
+                if index == 0:
+                    curves[(fraction, method)] = (history["epoch"], history["val_accuracy"],
+                                                  history["undamaged_accuracy"])
+                print(f"{prefix} seed {seed} {method}: recovered at "
+                      f"{history['epochs_to_recover']} epochs (lr {rates[method]:g})")
+        for method, runs in per_method.items():
+            prefix = f"mlp/{_key(fraction)}/{method}"
+            results.update(_summary(f"{prefix}/epochs_to_recover",
+                                    [r["epochs_to_recover"] for r in runs]))
+            results[f"{prefix}/test/accuracy/mean"] = float(np.mean([r["test"] for r in runs]))
+        if "fip" in methods:
+            fip = results[f"mlp/{_key(fraction)}/fip/epochs_to_recover/mean"]
+            for other in [m for m in methods if m != "fip"]:
+                theirs = results[f"mlp/{_key(fraction)}/{other}/epochs_to_recover/mean"]
+                results[f"mlp/{_key(fraction)}/fip_over_{other}"] = fip / theirs
+    # The headline: the largest fraction
+    largest = _key(max(float(f) for f in FLAGS.repair_fractions))
+    for key in list(results):
+        if key.startswith(f"mlp/{largest}/") and "/tuning/" not in key:
+            results["mlp/" + key[len(f"mlp/{largest}/"):]] = results[key]
+    return results, curves
+
+
+def iterative(seeds, splits):
+    """Cycles to recover: batch strategies 1 and 2 against (r∘D) rounds, per m."""
+    (x, y), validation, _ = splits
+    results, table = {}, {}
+    kwargs = dict(validation_data=validation, target=FLAGS.repair_target,
+                  evaluations_per_epoch=FLAGS.repair_evaluations_per_epoch,
+                  stop_at_target=True, learning_rate=FLAGS.repair_iterative_learning_rate,
+                  batch_size=FLAGS.batch_size, verbose=0)
+    for count in [int(c) for c in FLAGS.repair_iterative_counts]:
+        cycles = {"retrain": [], "embryonic": [], "damage_repair": []}
+        last_round = []
+        for seed in seeds:
+            model = _mlp(seed)
+            damaged = keras_fip.Damage("nodes", count=count, seed=seed)(model)
+            for method in ("retrain", "embryonic"):
+                op = keras_fip.Repair(data=(x, y), method=method, seed=seed,
+                                      epochs=FLAGS.repair_max_epochs, **kwargs)
+                op(damaged)
+                cycles[method].append(op.history["epochs_to_recover"])
+            rounds = -(-count // FLAGS.repair_round_budget)
+            loop = keras_fip.DamageRepair(
+                rounds=rounds, count=FLAGS.repair_round_budget, seed=seed,
+                repair=keras_fip.Repair(data=(x, y), method=FLAGS.repair_iterative_method,
+                                        seed=seed, epochs=FLAGS.repair_max_epochs, **kwargs))
+            loop(model)
+            cycles["damage_repair"].append(loop.history["cycles"]
+                                           if loop.history["recovered"] else None)
+            last_round.append(loop.history["rounds"][-1]["epochs_to_recover"])
+            print(f"iterative m={count} seed {seed}: " + ", ".join(
+                f"{k} {v[-1]}" for k, v in cycles.items()))
+        for method, values in cycles.items():
+            results.update(_summary(f"iterative/{count}/{method}/cycles", values))
+        # The epochs the last round needed (the network's recovery from its last damage).
+        results.update(_summary(f"iterative/{count}/damage_repair/last_round_cycles",
+                                last_round))
+        table[count] = {m: results[f"iterative/{count}/{m}/cycles/mean"] for m in cycles}
+        results[f"iterative/{count}/fewer_cycles"] = bool(
+            table[count]["damage_repair"] < min(table[count]["retrain"],
+                                               table[count]["embryonic"]))
+    results["iterative/fewer_cycles_at_every_m"] = all(
+        results[f"iterative/{c}/fewer_cycles"] for c in table)
+    return results, table
+
+
+def vgg(seed):
+    """Accuracy and break-down along the recovery path and the straight damage path."""
+    model, base = models.base_network(
+        "vgg11", FLAGS.repair_cifar_dataset, epochs=FLAGS.repair_cifar_epochs,
+        batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate, seed=seed,
+        data_dir=FLAGS.data_dir, cache_dir=FLAGS.cache_dir,
+        width_multiplier=FLAGS.repair_vgg_width)
+    x, _ = data.load(FLAGS.repair_cifar_dataset, "train", FLAGS.data_dir)
+    x_test, y_test = data.load(FLAGS.repair_cifar_dataset, "test", FLAGS.data_dir)
+    first = next(layer.name for layer in model.layers if "conv" in layer.name.lower()
+                 and hasattr(layer, "kernel"))
+    damaged = keras_fip.Damage("nodes", fraction=FLAGS.repair_vgg_fraction, layers=[first],
+                               scope="per_layer", seed=seed)(model)
+    masks = keras_fip.damage_reference(damaged).damage_masks
+    recovery_points, times = recovery_path(
+        model, masks, x, num_points=FLAGS.repair_path_points,
+        steps_per_point=FLAGS.repair_path_steps,
+        learning_rate=FLAGS.repair_path_learning_rate, batch_size=FLAGS.batch_size,
+        training={"auto": "auto", "true": True, "false": False}[FLAGS.repair_path_training],
+        seed=seed)
+    straight_points, _ = geometry.damage_path(model, damaged, FLAGS.repair_path_points)
+    working = keras_fip.strip_masks(model)
+    normalized = bool(keras_fip.engine.normalization.batch_normalization_layers(working))
+    curves = {}
+    for name, points in (("recovery", recovery_points), ("straight", straight_points)):
+        accuracies = []
+        for point in points:
+            working.set_weights(point)
+            if normalized and name == "straight":  # The recovery path recalibrated its own.
+                keras_fip.engine.normalization.recalibrate_batch_normalization(
+                    working, x, 2 * FLAGS.batch_size, max_examples=4096)
+            accuracies.append(models.evaluate_classifier(working, x_test, y_test)["accuracy"])
+        profile = geometry.breakdown_profile(points, x[:FLAGS.repair_path_examples],
+                                             model=working, times=times,
+                                             outputs="probabilities")
+        curves[name] = (accuracies, profile)
+    recovered, straight = curves["recovery"][0], curves["straight"][0]
+    results = {
+        "vgg11/test/accuracy": base["test/accuracy"],
+        "vgg11/dataset/subset": base["dataset/subset"],
+        "vgg11/layer": first,
+        "vgg11/filters_deleted": len(keras_fip.damage_reference(damaged)
+                                     .records[0]["units"][first]),
+        "vgg11/times": times.tolist(),
+        "vgg11/recovery/test/accuracy": recovered,
+        "vgg11/straight/test/accuracy": straight,
+        "vgg11/recovery/min_accuracy": float(np.min(recovered)),
+        "vgg11/recovery_above_straight_at_every_point": bool(
+            all(r >= s for r, s in zip(recovered[1:], straight[1:]))),
+    }
+    for name, (_, profile) in curves.items():
+        results[f"vgg11/{name}/breakdown_speed"] = profile["speed"].tolist()
+        results[f"vgg11/{name}/breakdown_acceleration"] = profile["acceleration"].tolist()
+        results[f"vgg11/{name}/length"] = profile["length"]
+    return results, (times, curves)
+
+
+def plot_recovery(curves, output_dir):
+    fractions = sorted({f for f, _ in curves})
+    figure, axes = plt.subplots(1, len(fractions), figsize=(5 * len(fractions), 3.8),
+                                squeeze=False)
+    for axis, fraction in zip(axes[0], fractions):
+        for (f, method), (epochs, accuracy, undamaged) in curves.items():
+            if f == fraction:
+                axis.plot(epochs, accuracy, marker=".", label=method)
+        axis.axhline(undamaged - FLAGS.repair_target, color="black", linestyle="--",
+                     label="undamaged − target")
+        axis.set_xlabel("epochs (same examples per epoch for every method)")
+        axis.set_ylabel("validation accuracy")
+        axis.set_title(f"MLP-1, {100 * fraction:g}% hidden units deleted")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(f"{output_dir}/recovery.png", dpi=120)
+    plt.close(figure)
+
+
+def plot_iterative(table, output_dir):
+    figure, axis = plt.subplots(figsize=(5, 3.8))
+    counts = sorted(table)
+    for method, label in (("retrain", "batch, strategy 1 (retrain)"),
+                          ("embryonic", "batch, strategy 2 (embryonic)"),
+                          ("damage_repair", "iterative (r∘D)")):
+        axis.plot(counts, [table[c][method] for c in counts], marker="o", label=label)
+    axis.set_xlabel("hidden units deleted, m")
+    axis.set_ylabel("cycles (epochs) to recover")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(f"{output_dir}/iterative.png", dpi=120)
+    plt.close(figure)
+
+
+def plot_vgg(times, curves, output_dir):
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, (accuracies, profile) in curves.items():
+        left.plot(times, accuracies, marker="o", label=f"{name} path")
+        right.plot(profile["acceleration_times"], profile["acceleration"], marker=".",
+                   label=f"{name} path")
+    left.set_xlabel("damage time t (deleted filters scaled by 1 − t)")
+    left.set_ylabel("test accuracy")
+    left.legend()
+    right.set_xlabel("t")
+    right.set_ylabel("break-down acceleration ds/dt")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(f"{output_dir}/vgg.png", dpi=120)
+    plt.close(figure)
+
+
+def main(argv):
+    del argv  # Unused.
+    parts = [common.check_choice(p, "repair_parts", PARTS) for p in FLAGS.repair_parts]
+    methods = [common.check_choice(m, "methods", METHODS) for m in FLAGS.methods or METHODS]
+    seeds = [int(s) for s in FLAGS.seeds]
+    output_dir = common.output_dir("repair")
+    common.write_json(output_dir, "config.json", common.flag_values(
+        [name for name in FLAGS if name.startswith("repair_")]
+        + ["dataset", "data_dir", "base_epochs", "batch_size", "learning_rate", "seeds",
+           "methods"]))
+    common.set_seed(seeds[0])
+    start = time.perf_counter()
+    results = {}
+    if "recovery" in parts or "iterative" in parts:
+        splits = _splits(FLAGS.dataset)
+    if "recovery" in parts:
+        measured, curves = recovery(methods, seeds, splits)
+        results.update(measured)
+        plot_recovery(curves, output_dir)
+    if "iterative" in parts:
+        measured, table = iterative(seeds, splits)
+        results.update(measured)
+        plot_iterative(table, output_dir)
+    if "vgg" in parts or FLAGS.repair_vgg:
+        measured, (times, curves) = vgg(seeds[0])
+        results.update(measured)
+        plot_vgg(times, curves, output_dir)
+    results["wall_time_seconds"] = time.perf_counter() - start
+    common.write_json(output_dir, "results.json", results)
+    print(f"results in {output_dir}/results.json ({results['wall_time_seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    app.run(main)

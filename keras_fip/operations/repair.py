@@ -1,0 +1,716 @@
+"""`Repair`: recover a damaged network along a functionally invariant path."""
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_fip.engine import masks as masks_lib
+from keras_fip.engine import normalization
+from keras_fip.engine.copy import copy_model
+from keras_fip.engine.data_adapter import check_inputs_match_model
+from keras_fip.engine.data_adapter import fip_dataset
+from keras_fip.engine.data_adapter import normalize_data
+from keras_fip.engine import distances as distances_lib
+from keras_fip.engine.path import Path
+from keras_fip.engine.trainer import FIPTrainer
+from keras_fip.operations import damage as damage_lib
+from keras_fip.operations.base import Operation
+from keras_fip.operations.base import carried_data
+
+METHODS = ("fip", "retrain", "embryonic")
+OPTIMIZERS = ("adam", "sgd")
+
+
+def _predict(model, x, batch_size=1000):
+    return np.concatenate([
+        keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False))
+        for i in range(0, len(x), batch_size)])
+
+
+def _score(model, x, targets):
+    """Accuracy of `model` on `(x, targets)` (targets: labels, or reference predictions)."""
+    return float(np.mean(np.argmax(_predict(model, x), axis=-1) == np.asarray(targets)))
+
+
+def _reinitialise(model, damage_masks, rng, scale=1.0):
+    """Draws fresh values for the damaged entries of each variable (in place).
+
+    Each damaged entry is drawn from a normal distribution with the mean and standard
+    deviation of the variable's surviving entries (a BatchNorm scale comes back near its
+    survivors' mean, a kernel entry near zero with the kernel's spread), times `scale`
+    around that mean; a variable with no survivor uses Glorot's standard deviation.
+    """
+    for variable, mask in zip(model.trainable_variables, damage_masks):
+        if mask is None or mask.all():
+            continue
+        values = np.array(variable.numpy(), dtype=np.float64)
+        survivors = values[mask]
+        if survivors.size:
+            mean, spread = float(np.mean(survivors)), float(np.std(survivors))
+        else:
+            shape = variable.shape
+            fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else int(shape[0])
+            mean, spread = 0.0, math.sqrt(2.0 / (fan_in + int(shape[-1])))
+        values[~mask] = mean + scale * spread * rng.standard_normal(int((~mask).sum()))
+        variable.assign(values.astype(variable.dtype))
+
+
+def supervised_training(model, x, y, steps, learning_rate, optimizer="adam",
+                        batch_size=128, gradient_scales=None, masks=None, seed=None,
+                        callback=None, evaluate_every=None):
+    """Trains a logits classifier in place with cross-entropy, SGD or Adam, one graph.
+
+    The shared loop of `Repair`'s supervised methods and the prune-and-retrain baseline:
+    every step sees `batch_size` labelled examples (shuffled every pass), so the epochs of
+    every method count the same examples. Masks the model carries are kept exactly
+    (`MaskedOptimizer`); `masks` (a list of `keras.Variable`s of 0/1 aligned with the
+    trainable variables, or `None` entries) are multiplied in after every step, so a caller
+    may change them between steps without retracing.
+
+    Args:
+        model: A `keras.Model` returning logits. Changed in place.
+        x: Inputs.
+        y: Integer labels.
+        steps: Number of steps.
+        learning_rate: Learning rate.
+        optimizer: `"adam"` or `"sgd"` (momentum 0.9). Defaults to `"adam"`.
+        batch_size: Examples per step. Defaults to `128`.
+        gradient_scales: List aligned with the trainable variables of arrays (or `None`
+            for 1) multiplying each entry's gradient. Defaults to `None`.
+        masks: Mask variables as above, or `None`. Defaults to `None`.
+        seed: Shuffle seed. Defaults to `None`.
+        callback: `callback(step) -> bool` called every `evaluate_every` steps (after the
+            step); returning `True` stops the training. Defaults to `None`.
+        evaluate_every: Steps between callback calls. Defaults to `None` (never).
+
+    Returns:
+        The number of steps taken.
+    """
+    variables = model.trainable_variables
+    inner = (keras.optimizers.Adam(learning_rate) if optimizer == "adam"
+             else keras.optimizers.SGD(learning_rate, momentum=0.9))
+    carried = any(masks_lib._mask_of(v) is not None for v in variables)
+    optimizer = masks_lib.MaskedOptimizer(inner) if carried else inner
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    scales = None
+    if gradient_scales is not None:
+        scales = [None if s is None else tf.constant(s, v.dtype)
+                  for s, v in zip(gradient_scales, variables)]
+
+    @tf.function(reduce_retracing=True)
+    def step(inputs, labels):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(labels, model(inputs, training=True))
+        gradients = tape.gradient(loss, variables)
+        gradients = [tf.zeros_like(v.value) if g is None else tf.convert_to_tensor(g)
+                     for g, v in zip(gradients, variables)]
+        if scales is not None:
+            gradients = [g if s is None else g * s for g, s in zip(gradients, scales)]
+        optimizer.apply(gradients, variables)
+        if masks is not None:
+            for variable, mask in zip(variables, masks):
+                if mask is not None:
+                    variable.assign(variable.value * mask.value)
+        return loss
+
+    dataset = (tf.data.Dataset.from_tensor_slices((np.asarray(x, "float32"), np.asarray(y)))
+               .shuffle(len(x), seed=seed, reshuffle_each_iteration=True).repeat()
+               .batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+    taken = 0
+    for inputs, labels in dataset:
+        if taken >= steps:
+            break
+        loss = step(inputs, labels)
+        taken += 1
+        if not np.isfinite(float(loss)):
+            raise FloatingPointError(
+                f"Supervised training hit a non-finite loss at step {taken}. Lower the "
+                "learning rate.")
+        if callback is not None and evaluate_every and taken % evaluate_every == 0:
+            if callback(taken):
+                break
+    return taken
+
+
+class _EpochEvaluator(keras.callbacks.Callback):
+    """Evaluates the walked network every `every` steps of a FIP walk (and can stop it)."""
+
+    def __init__(self, evaluate, every):
+        super().__init__()
+        self.evaluate = evaluate
+        self.every = every
+        self.step = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step % self.every == 0 and self.evaluate(self.step):
+            self.model.stop_training = True
+
+
+@keras.saving.register_keras_serializable(package="keras_fip")
+class Repair(Operation):
+    """Repairs a damaged network: walks it back to the undamaged network's function.
+
+    The three repair strategies of the resilience and damage-rescue papers, on a model
+    returned by `keras_fip.Damage` (whose undamaged network it finds on the model,
+    `keras_fip.damage_reference`) or with the undamaged network passed as `reference`:
+
+    - `"fip"` (default): a functionally invariant path from the damaged weights back to
+      the undamaged network's outputs: the FIP trainer minimises the output distance D
+      between the damaged network and the undamaged one on the inputs of `data` (inputs
+      only; labels are used for the task loss only if `task_weight > 0`), with the damaged
+      weights held exactly at zero by their masks. With `num_paths > 1`, that many paths
+      (different data orders) are walked and the one of least length in the metric g
+      (Σ √(Δwᵀ g Δw) over its steps, measured by the trainer) among those that recover is
+      kept, as the paper does.
+    - `"retrain"`: strategy 1 of the damage-rescue paper: supervised retraining of the
+      surviving sub-network on labelled `data`, the damaged weights held at zero.
+    - `"embryonic"`: strategy 2: the damaged weights are re-initialised (drawn with their
+      variable's surviving mean and spread) and released, and trained on labelled `data`:
+      only they (`plasticity=0`), or with the surviving weights' gradients scaled by
+      `plasticity`.
+
+    Releasing damage, the C3 → C4 transition of the resilience paper (deleted filters
+    restored): `release=True` re-initialises the damaged weights and removes their masks
+    before `"fip"` or `"retrain"` (masks the network carried before the damage stay); the
+    path then grows the restored units back into the undamaged function. Without it, the
+    returned model keeps the damage masks, so later training keeps the damaged weights at
+    zero. `keras_fip.damage_reference(model).restore(model)` is the exact undo of the
+    damage. The returned model carries the same damage reference (and the repair record in
+    its `records`), so `Damage` then `Repair` can repeat (`keras_fip.DamageRepair`).
+
+    Epochs are passes over the training examples of `data`: every method takes
+    ⌈N/`batch_size`⌉ steps of `batch_size` examples per epoch (the FIP sees only their
+    inputs). After a call, `op.history` holds `"epoch"` (fractional epochs of each
+    evaluation, 0 = the damaged network), `"val_accuracy"` (accuracy on the validation
+    split at each), `"undamaged_accuracy"`, `"epochs_to_recover"` (the first evaluation
+    within `target` of the undamaged accuracy, or `None`), `"steps"` and, for `"fip"`, the
+    walk's per-step scalars; `op.path` is the FIP path (`keras_fip.Path`). Without labels
+    anywhere, "accuracy" is the agreement with the undamaged network's predictions (the
+    undamaged network scores 1).
+
+    Args:
+        data: Training data: inputs (enough for `"fip"`), an `(x, y)` tuple or a finite
+            `tf.data.Dataset`. Defaults to `None` (the inputs the model carries, or those
+            the damage reference recorded).
+        method: `"fip"`, `"retrain"` or `"embryonic"`. Defaults to `"fip"`.
+        reference: The undamaged network: a `keras.Model` with the damaged model's weight
+            layout, or a `keras_fip.operations.DamageReference`. Defaults to `None` (the
+            reference `Damage` recorded on the model).
+        epochs: Maximum passes over the training examples. Defaults to `10`.
+        target: Recovered means within this much of the undamaged accuracy. Defaults to
+            `0.01` (1 percentage point).
+        num_paths: Candidate FIP paths; the shortest in the metric is kept. Defaults to
+            `1`.
+        validation_data: Labelled `(x, y)` on which accuracy is measured. Defaults to
+            `None` (a seeded `validation_split` of `data`).
+        validation_split: Fraction of `data` held out for validation when
+            `validation_data` is not given. Defaults to `0.1`.
+        evaluations_per_epoch: Validation measurements per epoch (`epochs_to_recover` is
+            resolved to 1/this of an epoch). Defaults to `1`.
+        stop_at_target: Whether to stop as soon as the network has recovered. Defaults to
+            `False`.
+        release: Whether to re-initialise and release the damaged weights first (`"fip"`,
+            `"retrain"`; `"embryonic"` always does). Defaults to `False`.
+        task_weight: For `"fip"` with labelled `data`, the weight of the task
+            cross-entropy added to D. Defaults to `0.0` (inputs only).
+        plasticity: For `"embryonic"`, the gradient multiplier of the surviving weights
+            (0: only the re-initialised weights train). Defaults to `0.0`.
+        init_scale: Spread of re-initialised weights relative to their survivors'.
+            Defaults to `1.0`.
+        learning_rate: Learning rate of every method. Defaults to `1e-3`.
+        optimizer: `"adam"` or `"sgd"` (momentum 0.9). Defaults to `"adam"`.
+        batch_size: Examples per step. Defaults to `128`.
+        distance: Output distance D of `"fip"` (`"l2"`, `"kl"`, `"bhattacharyya"`).
+            Defaults to `"kl"`.
+        training: Mode of the moving network on the FIP path: `True` runs BatchNorm on
+            batch statistics (moving statistics recalibrated on `data` before every
+            evaluation), `"auto"` when the model has BatchNormalization. Defaults to
+            `"auto"`.
+        record_every: Record the weights in `op.path` every this many steps. Defaults to
+            `100`.
+        path_directory: Directory to stream the path to, or `None`. Defaults to `None`.
+        jit_compile: Whether to compile the FIP step with XLA. Defaults to `False`.
+        seed: Shuffle, split and initialisation seed. Defaults to `None`.
+        **kwargs: `Operation` arguments (`name`, `verbose`, `callbacks`, `log_dir`).
+
+    Example:
+
+    >>> x, y = keras_fip.data.load("digits")
+    >>> model = keras_fip.models.mlp(64, input_shape=(8, 8, 1))
+    >>> _ = keras_fip.models.train_classifier(model, x, y, epochs=5)
+    >>> damaged = keras_fip.Damage("nodes", fraction=0.5, seed=0)(model)
+    >>> op = keras_fip.Repair(data=x, validation_data=(x, y), epochs=2, seed=0, verbose=0)
+    >>> repaired = op(damaged)
+    >>> len(op.history["val_accuracy"])
+    3
+    >>> restored = keras_fip.damage_reference(repaired).restore(repaired)  # the undo
+    """
+
+    def __init__(self, data=None, method="fip", reference=None, epochs=10, target=0.01,
+                 num_paths=1, validation_data=None, validation_split=0.1,
+                 evaluations_per_epoch=1, stop_at_target=False, release=False,
+                 task_weight=0.0, plasticity=0.0, init_scale=1.0, learning_rate=1e-3,
+                 optimizer="adam", batch_size=128, distance="kl", training="auto",
+                 record_every=100, path_directory=None, jit_compile=False, seed=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.method = self.check_choice(method, "method", METHODS)
+        labels = None
+        if data is not None:
+            x, labels = normalize_data(data, name="data")
+            if not np.all(np.isfinite(np.asarray(x, dtype="float64"))):
+                raise ValueError("`data` must be finite. Received: data containing NaN or Inf")
+        if method in ("retrain", "embryonic") and data is not None and labels is None:
+            raise ValueError(
+                f"`method={method!r}` trains on labels: `data` must be an `(x, y)` tuple "
+                "or a dataset of pairs. Received: data with inputs only"
+            )
+        if reference is not None and not isinstance(
+                reference, (keras.Model, damage_lib.DamageReference)):
+            raise ValueError(
+                "`reference` must be the undamaged `keras.Model` or a `DamageReference`. "
+                f"Received: reference={reference!r}"
+            )
+        if validation_data is not None:
+            _, validation_labels = normalize_data(validation_data, name="validation_data")
+            if validation_labels is None:
+                raise ValueError(
+                    "`validation_data` must be labelled: an `(x, y)` tuple. "
+                    "Received: validation_data with inputs only"
+                )
+        self.data = data
+        self.reference = reference
+        self.validation_data = validation_data
+        self.epochs = self.check_number(epochs, "epochs", low=1, low_inclusive=True,
+                                        integer=True)
+        self.target = self.check_number(target, "target", low=0.0, high=1.0,
+                                        low_inclusive=True)
+        self.num_paths = self.check_number(num_paths, "num_paths", low=1,
+                                           low_inclusive=True, integer=True)
+        if self.num_paths > 1 and method != "fip":
+            raise ValueError(
+                "`num_paths` candidate paths are walked by `method='fip'` only. "
+                f"Received: num_paths={num_paths!r} with method={method!r}"
+            )
+        self.validation_split = self.check_number(validation_split, "validation_split",
+                                                  low=0.0, high=1.0)
+        self.evaluations_per_epoch = self.check_number(
+            evaluations_per_epoch, "evaluations_per_epoch", low=1, low_inclusive=True,
+            integer=True)
+        self.stop_at_target = bool(stop_at_target)
+        if not isinstance(release, (bool, np.bool_)):
+            raise ValueError(f"`release` must be a boolean. Received: release={release!r}")
+        self.release = bool(release)
+        self.task_weight = self.check_number(task_weight, "task_weight", low=0.0,
+                                             low_inclusive=True)
+        if self.task_weight and method != "fip":
+            raise ValueError(
+                "`task_weight` weighs the task loss on the FIP path (`method='fip'`). "
+                f"Received: task_weight={task_weight!r} with method={method!r}"
+            )
+        if self.task_weight and data is not None and labels is None:
+            raise ValueError(
+                "`task_weight > 0` needs labelled `data` (an `(x, y)` tuple). "
+                f"Received: task_weight={task_weight!r} with inputs only"
+            )
+        self.plasticity = self.check_number(plasticity, "plasticity", low=0.0,
+                                            low_inclusive=True)
+        self.init_scale = self.check_number(init_scale, "init_scale", low=0.0,
+                                            low_inclusive=True)
+        self.learning_rate = self.check_number(learning_rate, "learning_rate", low=0.0)
+        self.optimizer = self.check_choice(optimizer, "optimizer", OPTIMIZERS)
+        self.batch_size = self.check_number(batch_size, "batch_size", low=1,
+                                            low_inclusive=True, integer=True)
+        distances_lib.get(distance)
+        self.distance = distance
+        if not ((isinstance(training, str) and training == "auto")
+                or isinstance(training, (bool, np.bool_))):
+            raise ValueError(
+                f"`training` must be 'auto', True or False. Received: training={training!r}"
+            )
+        self.training = training if isinstance(training, str) else bool(training)
+        self.record_every, self.path_directory, self.seed = self.check_path_options(
+            record_every, path_directory, seed)
+        self.jit_compile = bool(jit_compile)
+
+    # Calling.
+
+    def __call__(self, model):
+        self._recorded = (damage_lib.damage_reference(model)
+                          if isinstance(model, keras.Model) else None)
+        try:
+            return super().__call__(model)
+        finally:
+            self._recorded = None
+
+    def call(self, model):
+        # The undamaged network, the damage masks, the data
+        reference = self._resolve_reference(model)
+        undamaged = reference.restore(model)
+        x, y = self._training_data(model, reference)
+        x, y, x_val, y_val = self._split(x, y, undamaged)
+        if self.method in ("retrain", "embryonic") and y is None:
+            raise ValueError(
+                f"`method={self.method!r}` trains on labels, and neither `data` nor the "
+                "model's carried data have them. Pass `data=(x, y)`. Received: data=None"
+            )
+        self._undamaged_score = _score(undamaged, x_val, y_val)
+        self._normalized = bool(normalization.batch_normalization_layers(model))
+        self._rng = np.random.default_rng(self.seed)
+        self._steps_per_epoch = max(1, math.ceil(len(x) / self.batch_size))
+        self._every = max(1, self._steps_per_epoch // self.evaluations_per_epoch)
+
+        # Release the damage (re-initialise, unmask) for embryonic and release=True
+        released = self.release or self.method == "embryonic"
+        if released:
+            model = self._released(model, reference)
+
+        # Repair
+        if self.method == "fip":
+            model, history = self._repair_fip(model, undamaged, x, y, x_val, y_val)
+        else:
+            model, history = self._repair_supervised(model, reference, x, y, x_val, y_val,
+                                                     released)
+        history["epochs"] = history["steps"] / self._steps_per_epoch
+        self.history = history
+        self._attach(model, reference, released)
+        return model
+
+    def _resolve_reference(self, model):
+        """The `DamageReference` to repair towards (recorded, or built from `reference`)."""
+        reference = self.reference if self.reference is not None else self._recorded
+        if reference is None:
+            raise ValueError(
+                f"`model` ({model.name}) carries no damage record (it was not returned by "
+                "`keras_fip.Damage`) and no `reference` was given: pass the undamaged "
+                "network as `reference=`. Received: reference=None"
+            )
+        variables = model.trainable_variables
+        if isinstance(reference, damage_lib.DamageReference):
+            shapes = [tuple(np.shape(w)) for w in reference.weights]
+            if shapes != [tuple(w.shape) for w in model.weights]:
+                raise ValueError(
+                    "`reference` must have the damaged model's weight shapes. Received: "
+                    f"reference weight shapes {shapes[:4]}..., model "
+                    f"{[tuple(w.shape) for w in model.weights][:4]}..."
+                )
+            return reference
+        shapes = [tuple(w.shape) for w in reference.weights]
+        if shapes != [tuple(w.shape) for w in model.weights]:
+            raise ValueError(
+                "`reference` must be the undamaged network with the damaged model's weight "
+                f"shapes. Received: reference={reference.name} with shapes {shapes}, model "
+                f"{model.name} with {[tuple(w.shape) for w in model.weights]}"
+            )
+        # Damage masks: what the damaged model holds at zero that the reference does not
+        reference_masks = [masks_lib._mask_of(v) for v in reference.trainable_variables]
+        damage_masks = []
+        for variable, before in zip(variables, reference_masks):
+            mask = masks_lib._mask_of(variable)
+            if mask is None:
+                damage_masks.append(None)
+                continue
+            held = mask if before is None else (mask | ~before)
+            damage_masks.append(None if held.all() else held)
+        return damage_lib.DamageReference(
+            [np.array(w.numpy()) for w in reference.weights], reference_masks, damage_masks)
+
+    def _training_data(self, model, reference):
+        data = self.data
+        if data is None:
+            data = carried_data(model)
+        if data is None:
+            data = reference.inputs
+        if data is None:
+            raise ValueError(
+                "`data` is required: the model carries no inputs and the damage recorded "
+                "none. Received: data=None"
+            )
+        x, y = normalize_data(data, name="data")
+        check_inputs_match_model(model, x)
+        return np.asarray(x), None if y is None else np.asarray(y)
+
+    def _split(self, x, y, undamaged):
+        """(x, y, x_val, y_val): validation labels, or the undamaged predictions."""
+        if self.validation_data is not None:
+            x_val, y_val = normalize_data(self.validation_data, name="validation_data")
+            check_inputs_match_model(undamaged, x_val, name="validation_data")
+            return x, y, np.asarray(x_val), np.asarray(y_val)
+        order = np.random.default_rng(self.seed).permutation(len(x))
+        held = max(1, int(round(self.validation_split * len(x))))
+        if held >= len(x):
+            raise ValueError(
+                f"`validation_split` leaves no training data ({len(x)} examples). "
+                f"Received: validation_split={self.validation_split!r}"
+            )
+        val, train = np.sort(order[:held]), np.sort(order[held:])
+        x_val = x[val]
+        y_val = (y[val] if y is not None
+                 else np.argmax(_predict(undamaged, x_val), axis=-1))
+        return x[train], None if y is None else y[train], x_val, y_val
+
+    def _released(self, model, reference):
+        """A copy with the damage masks removed and the damaged weights re-drawn."""
+        released = masks_lib.strip_masks(model)
+        _reinitialise(released, reference.damage_masks, self._rng, self.init_scale)
+        if any(mask is not None for mask in reference.masks):
+            masks_lib.apply_masks(released, reference.masks)
+        return released
+
+    # Evaluation.
+
+    def _evaluator(self, model, x, x_val, y_val, history, offset=0):
+        """`evaluate(step) -> stop`: records accuracy at epoch (step + offset)/N."""
+        recalibrate = self._normalized
+
+        def evaluate(step):
+            if recalibrate:
+                normalization.recalibrate_batch_normalization(
+                    model, x, self.batch_size * 2, max_examples=4096)
+            accuracy = _score(model, x_val, y_val)
+            history["epoch"].append((step + offset) / self._steps_per_epoch)
+            history["val_accuracy"].append(accuracy)
+            recovered = accuracy >= self._undamaged_score - self.target - 1e-12
+            if recovered and history["epochs_to_recover"] is None:
+                history["epochs_to_recover"] = history["epoch"][-1]
+            return recovered and self.stop_at_target
+
+        return evaluate
+
+    def _new_history(self, model, x_val, y_val):
+        accuracy = _score(model, x_val, y_val)
+        recovered = accuracy >= self._undamaged_score - self.target - 1e-12
+        return {"epoch": [0.0], "val_accuracy": [accuracy],
+                "undamaged_accuracy": self._undamaged_score,
+                "epochs_to_recover": 0.0 if recovered else None}
+
+    # The methods.
+
+    def _repair_fip(self, model, undamaged, x, y, x_val, y_val):
+        walk_training = self._normalized if self.training == "auto" else self.training
+        labelled = self.task_weight > 0 and y is not None
+        steps = self.epochs * self._steps_per_epoch
+        candidates, best = [], None
+        for index in range(self.num_paths):
+            seed = None if self.seed is None else self.seed + index
+            candidate = copy_model(model) if self.num_paths > 1 else model
+            history = self._new_history(candidate, x_val, y_val)
+            trainer = FIPTrainer(
+                candidate, step_rule="penalty", distance=self.distance,
+                beta=self.task_weight,
+                secondary_loss=(keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+                                if labelled else None),
+                metric_length=self.num_paths > 1, training=walk_training)
+            trainer.compile(optimizer=keras.optimizers.Adam(self.learning_rate)
+                            if self.optimizer == "adam"
+                            else keras.optimizers.SGD(self.learning_rate, momentum=0.9),
+                            jit_compile=self.jit_compile)
+            # Reference outputs: the undamaged network's, on the same inputs
+            dataset = fip_dataset(undamaged, x, secondary=(x, y) if labelled else None,
+                                  batch_size=self.batch_size, seed=seed)
+            path = Path(candidate, record_every=self.record_every,
+                        directory=self.path_directory if self.num_paths == 1 else None)
+            evaluator = _EpochEvaluator(
+                self._evaluator(candidate, x, x_val, y_val, history), self._every)
+            if history["epochs_to_recover"] is None or not self.stop_at_target:
+                walked = trainer.walk(dataset, steps, path=path,
+                                      steps_per_epoch=self._steps_per_epoch,
+                                      callbacks=[evaluator] + list(self.callbacks or []),
+                                      verbose=self.verbose, log_dir=self.log_dir)
+                history.update(walked)
+            if walk_training and self._normalized:
+                normalization.recalibrate_batch_normalization(candidate, x,
+                                                              self.batch_size * 2)
+            history["steps"] = evaluator.step
+            length = float(history.get("metric_length", [0.0])[-1]) if self.num_paths > 1 \
+                else None
+            candidates.append({"metric_length": length,
+                               "epochs_to_recover": history["epochs_to_recover"],
+                               "final_accuracy": history["val_accuracy"][-1], "seed": seed})
+            key = (history["epochs_to_recover"] is None, length or 0.0)
+            if best is None or key < best[0]:
+                best = (key, candidate, history, path)
+        _, model, history, self.path = best
+        if self.num_paths > 1:
+            history["candidates"] = candidates
+            if self.path_directory is not None:
+                self.path.save(self.path_directory)  # The chosen candidate's path.
+        return model, history
+
+    def _repair_supervised(self, model, reference, x, y, x_val, y_val, released):
+        history = self._new_history(model, x_val, y_val)
+        scales = None
+        if self.method == "embryonic":
+            scales = [None if mask is None else np.where(mask, self.plasticity, 1.0)
+                      for mask in reference.damage_masks]
+            # Variables no damage touched: their weights all survive.
+            scales = [np.full(v.shape, self.plasticity) if s is None else s
+                      for s, v in zip(scales, model.trainable_variables)]
+        evaluate = self._evaluator(model, x, x_val, y_val, history)
+        self.path = Path(model, record_every=self.record_every,
+                         directory=self.path_directory)
+        steps = 0
+        if history["epochs_to_recover"] is None or not self.stop_at_target:
+            steps = supervised_training(
+                model, x, y, self.epochs * self._steps_per_epoch, self.learning_rate,
+                self.optimizer, self.batch_size, gradient_scales=scales, seed=self.seed,
+                callback=evaluate, evaluate_every=self._every)
+        if steps:
+            self.path.append(steps, [v.numpy() for v in model.trainable_variables],
+                             {"val_accuracy": history["val_accuracy"][-1]})
+        history["steps"] = steps
+        return model, history
+
+    def _attach(self, model, reference, released):
+        """Records the undamaged network on the repaired model (for later repairs)."""
+        record = {"kind": "repair", "method": self.method, "released": released,
+                  "epochs_to_recover": self.history["epochs_to_recover"],
+                  "steps": self.history["steps"]}
+        damage_masks = ([None] * len(reference.damage_masks) if released
+                        else reference.damage_masks)
+        damage_lib._REFERENCES[model] = damage_lib.DamageReference(
+            reference.weights, reference.masks, damage_masks, reference.inputs,
+            reference.outputs, reference.records + [record])
+
+    # Serialisation.
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            data=None,  # Data and networks are not serialised; pass them again.
+            method=self.method,
+            reference=None,
+            epochs=self.epochs,
+            target=self.target,
+            num_paths=self.num_paths,
+            validation_data=None,
+            validation_split=self.validation_split,
+            evaluations_per_epoch=self.evaluations_per_epoch,
+            stop_at_target=self.stop_at_target,
+            release=self.release,
+            task_weight=self.task_weight,
+            plasticity=self.plasticity,
+            init_scale=self.init_scale,
+            learning_rate=self.learning_rate,
+            optimizer=self.optimizer,
+            batch_size=self.batch_size,
+            distance=self.distance,
+            training=self.training,
+            record_every=self.record_every,
+            path_directory=self.path_directory,
+            jit_compile=self.jit_compile,
+            seed=self.seed,
+        )
+        return config
+
+
+def recovery_path(model, damage_masks, data, num_points=11, steps_per_point=20,
+                  learning_rate=1e-3, batch_size=128, distance="kl", training="auto",
+                  seed=None):
+    """A FIP from an undamaged network to one with the damaged weights at zero.
+
+    The recovery path of the resilience paper's Fig. 4, to set against the straight damage
+    path `keras_fip.geometry.damage_path` (which scales the damaged weights by 1 − t and
+    leaves every other weight where it is). Here, at each time t_k = k/(num_points − 1)
+    the damaged weights are set to (1 − t_k) times their undamaged values, exactly as on
+    the straight path, and the other weights take `steps_per_point` Adam steps minimising
+    the output distance D to the undamaged network on `data` (inputs only): the
+    surviving network compensates while the damage grows. At t = 1 the damaged weights
+    are exactly zero. With `training` (`"auto"`: when the model has BatchNormalization),
+    the path runs BatchNorm on batch statistics and each point's moving statistics are
+    recalibrated on `data`.
+
+    Args:
+        model: The undamaged `keras.Model` (logits). Not changed.
+        damage_masks: List aligned with `model.trainable_variables`: `False` where the
+            damage zeroes a weight, or `None` (e.g.
+            `keras_fip.damage_reference(damaged).damage_masks`).
+        data: Inputs whose outputs are kept (array or `(x, y)`).
+        num_points: Points of the path, t = 0 included. Defaults to `11`.
+        steps_per_point: Adam steps between points. Defaults to `20`.
+        learning_rate: Adam learning rate. Defaults to `1e-3`.
+        batch_size: Inputs per step. Defaults to `128`.
+        distance: Output distance D. Defaults to `"kl"`.
+        training: `True`, `False` or `"auto"`. Defaults to `"auto"`.
+        seed: Shuffle seed. Defaults to `None`.
+
+    Returns:
+        A tuple `(points, times)`: weight lists in `model.get_weights()` order (ready for
+        `keras_fip.geometry.breakdown_profile`) and the numpy array of times.
+
+    Example:
+
+    >>> x, y = keras_fip.data.load("digits")
+    >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
+    >>> damaged = keras_fip.Damage("nodes", fraction=0.5, seed=0)(model)
+    >>> masks = keras_fip.damage_reference(damaged).damage_masks
+    >>> points, times = recovery_path(model, masks, x, num_points=3, steps_per_point=2)
+    >>> len(points)
+    3
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
+    variables = model.trainable_variables
+    if not isinstance(damage_masks, (list, tuple)) or len(damage_masks) != len(variables):
+        raise ValueError(
+            "`damage_masks` must be a list aligned with `model.trainable_variables` "
+            f"({len(variables)} entries). Received: {damage_masks!r}"[:300])
+    for name, value in (("num_points", num_points), ("steps_per_point", steps_per_point),
+                        ("batch_size", batch_size)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+    if num_points < 2:
+        raise ValueError(f"`num_points` must be at least 2. Received: num_points={num_points}")
+    distance_fn = distances_lib.get(distance)
+    x, _ = normalize_data(data, name="data")
+    check_inputs_match_model(model, x)
+    x = np.asarray(x, "float32")
+
+    # The moving copy: damaged coordinates driven, the others free
+    walker = masks_lib.strip_masks(model)
+    normalized = bool(normalization.batch_normalization_layers(walker))
+    walk_training = normalized if training == "auto" else bool(training)
+    moving = walker.trainable_variables
+    free = [tf.constant(np.ones(v.shape) if m is None else m.astype("float64"), v.dtype)
+            for v, m in zip(moving, damage_masks)]
+    start = [tf.constant(np.asarray(v.numpy()) * (1.0 - f.numpy()), v.dtype)
+             for v, f in zip(moving, free)]
+    time = keras.Variable(0.0, trainable=False, name="recovery_time")
+    optimizer = keras.optimizers.Adam(learning_rate)
+    reference = _predict(model, x).astype("float32")
+
+    @tf.function(reduce_retracing=True)
+    def step(inputs, targets):
+        with tf.GradientTape() as tape:
+            loss = distance_fn(walker(inputs, training=walk_training), targets)
+        gradients = tape.gradient(loss, moving)
+        gradients = [tf.zeros_like(v.value) if g is None else g * f
+                     for g, v, f in zip(gradients, moving, free)]
+        optimizer.apply(gradients, moving)
+        for variable, keep, value in zip(moving, free, start):
+            variable.assign(variable.value * keep + (1.0 - time.value) * value)
+        return loss
+
+    dataset = iter(tf.data.Dataset.from_tensor_slices((x, reference))
+                   .shuffle(len(x), seed=seed).repeat().batch(batch_size, drop_remainder=True)
+                   .prefetch(tf.data.AUTOTUNE))
+    points, times = [model.get_weights()], np.linspace(0.0, 1.0, num_points)
+    for t in times[1:]:
+        time.assign(float(t))
+        for variable, keep, value in zip(moving, free, start):
+            variable.assign(variable.value * keep + (1.0 - float(t)) * value)
+        for _ in range(steps_per_point):
+            inputs, targets = next(dataset)
+            loss = step(inputs, targets)
+        if not np.isfinite(float(loss)):
+            raise FloatingPointError(
+                f"The recovery path hit a non-finite loss at t={t:g}. Lower the learning "
+                "rate.")
+        if walk_training and normalized:
+            normalization.recalibrate_batch_normalization(walker, x, 2 * batch_size,
+                                                          max_examples=4096)
+        points.append(walker.get_weights())
+    return points, times

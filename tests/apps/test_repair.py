@@ -1,0 +1,57 @@
+import json
+import os
+
+import pytest
+from absl.testing import flagsaver
+
+from apps import repair
+
+
+def test_repair_app_writes_recovery_and_iterative_results(tmp_path):
+    output_dir = str(tmp_path / "repair")
+    with flagsaver.flagsaver(
+        dataset="digits", base_epochs=15, batch_size=64, learning_rate=3e-3,
+        seeds=["0"], methods=None, repair_parts=["recovery", "iterative"],
+        repair_validation_examples=150, repair_target=0.05,
+        repair_evaluations_per_epoch=2, repair_mlp_width=32, repair_fractions=["0.5"],
+        repair_max_epochs=2, repair_fip_learning_rates=["3e-3"],
+        repair_retrain_learning_rates=["1e-3", "3e-3"],
+        repair_prune_learning_rates=["0.05"], repair_iterative_counts=["16"],
+        repair_round_budget=8, repair_iterative_learning_rate=3e-3,
+        output_dir=output_dir, cache_dir=str(tmp_path / "cache"),
+    ):
+        repair.main([])
+    with open(os.path.join(output_dir, "results.json")) as f:
+        results = json.load(f)
+    with open(os.path.join(output_dir, "config.json")) as f:
+        assert json.load(f)["repair_mlp_width"] == 32
+    for name in ("recovery.png", "iterative.png"):
+        assert os.path.getsize(os.path.join(output_dir, name)) > 0
+
+    # Recovery: every method has epochs to recover, within the budget.
+    assert results["mlp/0.5/damaged/test/accuracy"] < results["mlp/0.5/undamaged/test/accuracy"]
+    for method in ("fip", "retrain", "prune"):
+        assert len(results[f"mlp/0.5/{method}/epochs_to_recover/per_seed"]) == 1
+        assert 0 <= results[f"mlp/{method}/epochs_to_recover/mean"] <= 2
+        assert results[f"mlp/{method}/epochs_to_recover/mean"] == results[
+            f"mlp/0.5/{method}/epochs_to_recover/mean"]
+    assert results["mlp/0.5/retrain/learning_rate"] in (1e-3, 3e-3)
+    assert set(results["mlp/0.5/retrain/tuning/epochs_to_recover"]) == {"0.001", "0.003"}
+    assert results["mlp/0.5/fip_over_retrain"] == pytest.approx(
+        results["mlp/0.5/fip/epochs_to_recover/mean"]
+        / results["mlp/0.5/retrain/epochs_to_recover/mean"])
+
+    # Iterative: cycles of each strategy at each m.
+    for count in (16,):
+        for method in ("retrain", "embryonic", "damage_repair"):
+            assert len(results[f"iterative/{count}/{method}/cycles/per_seed"]) == 1
+    assert isinstance(results["iterative/fewer_cycles_at_every_m"], bool)
+
+
+def test_repair_app_rejects_unknown_parts_and_methods(tmp_path):
+    with flagsaver.flagsaver(repair_parts=["everything"], output_dir=str(tmp_path)):
+        with pytest.raises(ValueError, match="repair_parts"):
+            repair.main([])
+    with flagsaver.flagsaver(methods=["surgery"], output_dir=str(tmp_path)):
+        with pytest.raises(ValueError, match="methods"):
+            repair.main([])

@@ -1,0 +1,147 @@
+import keras
+import numpy as np
+import pytest
+
+import keras_fip
+from keras_fip import data
+from keras_fip import models
+from keras_fip.operations import hidden_units
+from keras_fip.operations.damage import damage_reference
+from keras_fip.operations.damage_repair import DamageRepair
+from keras_fip.operations.repair import Repair
+from tests.operations.contract import run_operation_contract
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = data.load("digits")
+    x_test, y_test = data.load("digits", "test")
+    return x.astype("float32"), y, x_test.astype("float32"), y_test
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    x, y, _, _ = digits
+    keras.utils.set_random_seed(0)
+    model = models.mlp((24, 16), input_shape=(8, 8, 1))
+    models.train_classifier(model, x, y, epochs=20, batch_size=64, learning_rate=3e-3)
+    return model
+
+
+def _repair(digits, **kwargs):
+    x, y, x_test, y_test = digits
+    return Repair(data=(x, y), method="retrain", validation_data=(x_test, y_test),
+                  epochs=1, evaluations_per_epoch=2, learning_rate=3e-3, seed=0, verbose=0,
+                  **kwargs)
+
+
+def test_damage_repair_meets_the_operation_contract():
+    run_operation_contract(lambda model, x, y: DamageRepair(
+        rounds=2, count=3, seed=0, layers=["contract_hidden"],
+        repair=Repair(data=(x, y), method="retrain", epochs=1, seed=0, verbose=0)),
+        models=("sequential",))
+
+
+def test_rounds_delete_distinct_undamaged_units_with_exact_zeros(digits, trained):
+    op = DamageRepair(rounds=3, count=5, repair=_repair(digits), seed=0, verbose=0)
+    result = op(trained)
+    deleted = {name: set(units) for name, (_, units) in hidden_units(result).items()}
+    assert sum(len(units) for units in deleted.values()) == 15  # 3 rounds × 5, distinct.
+    per_round = [op.history["rounds"][i]["units"] for i in range(3)]
+    union = {}
+    for units in per_round:
+        assert sum(len(u) for u in units.values()) == 5
+        for name, indices in units.items():
+            assert not set(indices) & union.get(name, set())  # Only undamaged units drawn.
+            union.setdefault(name, set()).update(indices)
+    assert union == {name: units for name, units in deleted.items() if units}
+    # The deleted units' weights are exactly zero, and the reference is the original.
+    reference = damage_reference(result)
+    for variable, mask in zip(result.trainable_variables, reference.damage_masks):
+        if mask is not None:
+            assert np.all(np.asarray(variable.numpy())[~mask] == 0.0)
+    for a, b in zip(reference.weights, trained.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert [r["kind"] for r in reference.records] == ["nodes", "repair"] * 3
+
+
+@pytest.mark.large  # Two loops of two rounds: kept out of the default run's budget.
+def test_cycles_sum_the_rounds_epochs_and_same_seed_same_units(digits, trained):
+    first = DamageRepair(rounds=2, count=6, repair=_repair(digits, stop_at_target=True),
+                         seed=4)
+    first(trained)
+    rounds = first.history["rounds"]
+    expected = sum(r["epochs_to_recover"] if r["epochs_to_recover"] is not None
+                   else r["epochs"] for r in rounds)
+    assert first.history["cycles"] == pytest.approx(expected)
+    second = DamageRepair(rounds=2, count=6, repair=_repair(digits), seed=4)
+    second(trained)
+    assert [r["units"] for r in second.history["rounds"]] == [r["units"] for r in rounds]
+
+
+def test_config_round_trip(digits):
+    op = DamageRepair(rounds=4, fraction=0.1, repair=Repair(method="embryonic", epochs=2),
+                      layers=["dense_1"], seed=3)
+    config = op.get_config()
+    twin = DamageRepair.from_config(config)
+    assert twin.get_config() == config
+    assert isinstance(twin.repair, Repair) and twin.repair.method == "embryonic"
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(op))
+    assert restored.get_config() == config
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"rounds": 0, "count": 1}, "rounds"),
+    ({"rounds": 2}, "count"),
+    ({"rounds": 2, "count": 1, "fraction": 0.1}, "count"),
+    ({"rounds": 2, "fraction": 1.5}, "fraction"),
+    ({"rounds": 2, "count": 1, "repair": "retrain"}, "repair"),
+    ({"rounds": 2, "count": 1, "layers": []}, "layers"),
+])
+def test_bad_arguments_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DamageRepair(**kwargs)
+
+
+def test_budget_larger_than_the_undamaged_units_raises_before_work(digits, trained):
+    with pytest.raises(ValueError, match="undamaged"):
+        DamageRepair(rounds=2, count=100, repair=_repair(digits))(trained)
+
+
+# The sampler's building blocks: Damage(units=...) and hidden_units.
+
+
+def test_damage_deletes_exactly_the_named_units(trained):
+    from keras_fip.operations.damage import Damage
+
+    damaged = Damage("nodes", units={"dense_1": [2, 0, 2], "dense_2": [5]})(trained)
+    listing = hidden_units(damaged)
+    assert listing == {"dense_1": (24, [0, 2]), "dense_2": (16, [5])}
+    assert hidden_units(trained) == {"dense_1": (24, []), "dense_2": (16, [])}
+    assert damage_reference(damaged).records[0]["units"] == {"dense_1": [0, 2],
+                                                             "dense_2": [5]}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"units": {"dense_1": [0]}, "fraction": 0.5}, "units"),
+    ({"units": {"dense_1": [-1]}}, "units"),
+    ({"units": ["dense_1"]}, "units"),
+])
+def test_damage_units_bad_arguments_raise(kwargs, match):
+    from keras_fip.operations.damage import Damage
+
+    with pytest.raises(ValueError, match=match):
+        Damage("nodes", **kwargs)
+    with pytest.raises(ValueError, match="units"):
+        Damage("weights", units={"dense_1": [0]})
+
+
+@pytest.mark.parametrize("units, match", [
+    ({"logits": [0]}, "logits"),
+    ({"dense_1": [24]}, "24"),
+])
+def test_damage_units_unknown_layer_or_index_raises_before_work(trained, units, match):
+    from keras_fip.operations.damage import Damage
+
+    with pytest.raises(ValueError, match=match):
+        Damage("nodes", units=units)(trained)

@@ -1,0 +1,308 @@
+import hashlib
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_fip
+from keras_fip import data
+from keras_fip import models
+from keras_fip.operations.damage import Damage
+from keras_fip.operations.damage import damage_reference
+from keras_fip.operations.repair import Repair
+from keras_fip.operations.repair import recovery_path
+from tests.operations.contract import run_operation_contract
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = data.load("digits")
+    x_test, y_test = data.load("digits", "test")
+    return x.astype("float32"), y, x_test.astype("float32"), y_test
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    x, y, _, _ = digits
+    keras.utils.set_random_seed(0)
+    model = models.mlp(64, input_shape=(8, 8, 1))
+    models.train_classifier(model, x, y, epochs=30, batch_size=64, learning_rate=3e-3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def damaged(trained):
+    return Damage("nodes", fraction=0.6, seed=0)(trained)
+
+
+def _fingerprint(model):
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    for key, mask in sorted(keras_fip.masks(model).items()):
+        digest.update(key.encode() + np.ascontiguousarray(mask).tobytes())
+    return digest.hexdigest()
+
+
+def _damaged_entries(model, damaged):
+    """Per trainable variable of `model`: its values at `damaged`'s damage-masked entries."""
+    reference = damage_reference(damaged)
+    return [np.asarray(v.numpy())[~mask] for v, mask in
+            zip(model.trainable_variables, reference.damage_masks) if mask is not None]
+
+
+def _accuracy(model, x, y):
+    return models.evaluate_classifier(model, x, y)["accuracy"]
+
+
+# The shared contract.
+
+
+def test_repair_meets_the_operation_contract():
+    # Repair towards the model itself (reference=): a walk that keeps the function.
+    run_operation_contract(lambda model, x, y: Repair(
+        data=x, reference=model, epochs=1, validation_split=0.25, seed=0, verbose=0))
+
+
+def test_chain_of_damage_and_repair_equals_repair_of_damage(digits, trained):
+    x, y, _, _ = digits
+
+    def operations():
+        return (Damage("nodes", fraction=0.25, seed=1),
+                Repair(data=(x, y), method="retrain", epochs=1, seed=0, verbose=0))
+
+    keras.utils.set_random_seed(0)
+    damage, repair = operations()
+    sequential = repair(damage(trained))
+    keras.utils.set_random_seed(0)
+    chained = keras_fip.chain(*operations())(trained)
+    np.testing.assert_allclose(chained(x[:64]), sequential(x[:64]), atol=1e-5)
+    assert damage_reference(chained).records[-1]["kind"] == "repair"
+
+
+# Each method.
+
+
+def test_fip_repair_recovers_inputs_only_with_damaged_weights_exactly_zero(
+        digits, trained, damaged):
+    x, _, x_test, y_test = digits
+    before = _fingerprint(damaged)
+    op = Repair(data=x, validation_data=(x_test, y_test), epochs=6, learning_rate=3e-3,
+                seed=0, verbose=0)
+    repaired = op(damaged)
+    assert _fingerprint(damaged) == before  # No mutation.
+    assert all(np.all(v == 0.0) for v in _damaged_entries(repaired, damaged))
+    # The masks travel: exactly those of the damaged network.
+    assert {k: m.tolist() for k, m in keras_fip.masks(repaired).items()} == {
+        k: m.tolist() for k, m in keras_fip.masks(damaged).items()}
+    # Recovery: most of the lost accuracy comes back on held-out data.
+    undamaged, hurt = _accuracy(trained, x_test, y_test), _accuracy(damaged, x_test, y_test)
+    assert hurt < undamaged - 0.1
+    assert _accuracy(repaired, x_test, y_test) > hurt + 0.5 * (undamaged - hurt)
+    history = op.history
+    assert history["undamaged_accuracy"] == pytest.approx(undamaged)
+    assert history["val_accuracy"][0] == pytest.approx(hurt)
+    assert len(history["epoch"]) == len(history["val_accuracy"]) == 7
+    assert history["epoch"][-1] == pytest.approx(6.0)
+    assert len(history["distance"]) == history["steps"] == 6 * 12  # ⌈1437/128⌉ per epoch.
+    assert history["epochs"] == pytest.approx(6.0)
+
+
+def test_epochs_to_recover_is_the_first_evaluation_within_target(digits, damaged):
+    x, y, x_test, y_test = digits
+    op = Repair(data=(x, y), method="retrain", validation_data=(x_test, y_test), epochs=4,
+                evaluations_per_epoch=2, target=0.05, learning_rate=3e-3, seed=0,
+                verbose=0)
+    op(damaged)
+    history = op.history
+    within = [e for e, a in zip(history["epoch"], history["val_accuracy"])
+              if a >= history["undamaged_accuracy"] - 0.05 - 1e-12]
+    assert history["epochs_to_recover"] == (within[0] if within else None)
+    assert history["epoch"] == pytest.approx([0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4], abs=0.1)
+    # stop_at_target stops there.
+    if within:
+        early = Repair(data=(x, y), method="retrain", validation_data=(x_test, y_test),
+                       epochs=4, evaluations_per_epoch=2, target=0.05, learning_rate=3e-3,
+                       stop_at_target=True, seed=0, verbose=0)
+        early(damaged)
+        assert early.history["epoch"][-1] == pytest.approx(within[0])
+
+
+def test_retrain_keeps_damaged_weights_exactly_zero(digits, damaged):
+    x, y, x_test, y_test = digits
+    op = Repair(data=(x, y), method="retrain", validation_data=(x_test, y_test), epochs=3,
+                learning_rate=3e-3, seed=0, verbose=0)
+    repaired = op(damaged)
+    assert all(np.all(v == 0.0) for v in _damaged_entries(repaired, damaged))
+    assert op.history["val_accuracy"][-1] > op.history["val_accuracy"][0]
+    # Later training keeps them zero (the masks are real constraints).
+    repaired.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    repaired.fit(x[:256], y[:256], epochs=1, verbose=0)
+    assert all(np.all(v == 0.0) for v in _damaged_entries(repaired, damaged))
+
+
+def test_embryonic_trains_only_the_released_weights(digits, damaged):
+    x, y, x_test, y_test = digits
+    op = Repair(data=(x, y), method="embryonic", validation_data=(x_test, y_test),
+                epochs=3, learning_rate=3e-3, seed=0, verbose=0)
+    repaired = op(damaged)
+    assert keras_fip.masks(repaired) == {}  # Released.
+    reference = damage_reference(damaged)
+    for after, before, mask in zip(repaired.trainable_variables,
+                                   damaged.trainable_variables, reference.damage_masks):
+        after, before = np.asarray(after.numpy()), np.asarray(before.numpy())
+        if mask is None:
+            np.testing.assert_array_equal(after, before)  # plasticity=0: frozen.
+        else:
+            np.testing.assert_array_equal(after[mask], before[mask])
+            assert np.count_nonzero(after[~mask]) == (~mask).sum()  # Re-grown.
+    assert op.history["val_accuracy"][-1] > op.history["val_accuracy"][0]
+
+
+def test_release_restores_the_deleted_units_on_the_fip_path(digits, trained, damaged):
+    x, _, x_test, y_test = digits
+    op = Repair(data=x, release=True, validation_data=(x_test, y_test), epochs=4,
+                learning_rate=3e-3, seed=0, verbose=0)
+    repaired = op(damaged)
+    assert keras_fip.masks(repaired) == {}
+    assert all(np.count_nonzero(v) > 0 for v in _damaged_entries(repaired, damaged))
+    assert _accuracy(repaired, x_test, y_test) > _accuracy(damaged, x_test, y_test)
+    # The undo of the damage stays exact.
+    restored = damage_reference(repaired).restore(repaired)
+    for a, b in zip(restored.get_weights(), trained.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_num_paths_keeps_the_shortest_recovering_path_in_the_metric(digits, damaged):
+    x, _, x_test, y_test = digits
+    op = Repair(data=x, num_paths=2, validation_data=(x_test, y_test), epochs=2,
+                target=0.2, learning_rate=3e-3, seed=0, verbose=0)
+    op(damaged)
+    candidates = op.history["candidates"]
+    assert len(candidates) == 2 and all(c["metric_length"] > 0 for c in candidates)
+    recovering = [c for c in candidates if c["epochs_to_recover"] is not None] or candidates
+    chosen = min(recovering, key=lambda c: c["metric_length"])
+    assert op.history["metric_length"][-1] == pytest.approx(chosen["metric_length"])
+
+
+def test_reference_model_replaces_a_lost_damage_record(digits, trained, damaged):
+    x, _, x_test, y_test = digits
+    copy = keras_fip.engine.copy_model(damaged)  # A copy carries the masks, not the record.
+    assert damage_reference(copy) is None
+    op = Repair(data=x, reference=trained, validation_data=(x_test, y_test), epochs=1,
+                seed=0, verbose=0)
+    repaired = op(copy)
+    assert op.history["undamaged_accuracy"] == pytest.approx(
+        _accuracy(trained, x_test, y_test))
+    assert all(np.all(v == 0.0) for v in _damaged_entries(repaired, damaged))
+
+
+def test_masks_survive_keras_save_and_load(tmp_path, digits, damaged):
+    x, _, _, _ = digits
+    repaired = Repair(data=x, epochs=1, seed=0, verbose=0)(damaged)
+    path = os.path.join(tmp_path, "repaired.keras")
+    repaired.save(path)
+    loaded = keras.saving.load_model(path)
+    saved, kept = keras_fip.masks(repaired), keras_fip.masks(loaded)
+    assert len(saved) == len(kept) == 3  # Kernel, bias, next kernel of the deleted units.
+    assert sorted(int((~m).sum()) for m in saved.values()) == sorted(
+        int((~m).sum()) for m in kept.values())
+    np.testing.assert_array_equal(loaded(x[:16]), repaired(x[:16]))
+
+
+def test_repair_without_labels_measures_agreement_with_the_undamaged_network(
+        digits, damaged):
+    x, _, _, _ = digits
+    op = Repair(data=x, epochs=1, seed=0, verbose=0)
+    op(damaged)
+    assert op.history["undamaged_accuracy"] == 1.0
+    assert op.history["val_accuracy"][-1] > op.history["val_accuracy"][0]
+
+
+def test_config_round_trip():
+    op = Repair(method="embryonic", epochs=3, target=0.02, plasticity=0.1,
+                evaluations_per_epoch=4, optimizer="sgd", seed=5)
+    config = op.get_config()
+    assert Repair.from_config(config).get_config() == config
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(op))
+    assert restored.get_config() == config
+
+
+# Bad inputs: ValueError before any work.
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"method": "surgery"}, "method"),
+    ({"epochs": 0}, "epochs"),
+    ({"target": 1.5}, "target"),
+    ({"num_paths": 0}, "num_paths"),
+    ({"num_paths": 2, "method": "retrain"}, "num_paths"),
+    ({"reference": "model"}, "reference"),
+    ({"optimizer": "rmsprop"}, "optimizer"),
+    ({"distance": "cosine"}, "distance"),
+    ({"training": "yes"}, "training"),
+    ({"release": "yes"}, "release"),
+    ({"task_weight": 1.0, "method": "retrain"}, "task_weight"),
+])
+def test_bad_arguments_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Repair(**kwargs)
+
+
+def test_retrain_without_labels_raises(digits, damaged):
+    x, _, _, _ = digits
+    with pytest.raises(ValueError, match="labels"):
+        Repair(data=x, method="retrain")
+    with pytest.raises(ValueError, match="labelled"):
+        Repair(data=x, validation_data=x)
+    carried = keras_fip.operations.damage_reference(damaged).inputs
+    assert carried is None
+    with pytest.raises(ValueError, match="data"):
+        Repair(method="retrain")(damaged)  # No data anywhere.
+
+
+def test_model_without_damage_record_or_reference_raises(trained, digits):
+    x, _, _, _ = digits
+    before = _fingerprint(trained)
+    with pytest.raises(ValueError, match="damage record"):
+        Repair(data=x)(trained)
+    assert _fingerprint(trained) == before
+
+
+def test_reference_with_other_shapes_raises(digits, damaged):
+    x, _, _, _ = digits
+    other = models.mlp(32, input_shape=(8, 8, 1))
+    with pytest.raises(ValueError, match="shapes"):
+        Repair(data=x, reference=other)(damaged)
+
+
+def test_recovery_path_stays_above_the_straight_damage_path(digits, trained, damaged):
+    x, _, x_test, y_test = digits
+    masks = damage_reference(damaged).damage_masks
+    points, times = recovery_path(trained, masks, x, num_points=4, steps_per_point=25,
+                                  learning_rate=3e-3, seed=0)
+    straight, _ = keras_fip.geometry.damage_path(trained, damaged, 4)
+    np.testing.assert_array_equal(times, [0, 1 / 3, 2 / 3, 1])
+    for a, b in zip(points[0], trained.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # At each time the damaged weights are exactly the straight path's (1 − t)·w.
+    for point, line in zip(points, straight):
+        for value, reference, mask in zip(point, line, masks):
+            if mask is not None:
+                np.testing.assert_allclose(value[~mask], reference[~mask], rtol=1e-6)
+    working = keras_fip.engine.copy_model(trained)
+    final = []
+    for weights in (points[-1], straight[-1]):
+        working.set_weights(weights)
+        final.append(_accuracy(working, x_test, y_test))
+    assert final[0] > final[1] + 0.1
+
+
+def test_recovery_path_rejects_misaligned_masks(trained, digits):
+    x, _, _, _ = digits
+    with pytest.raises(ValueError, match="damage_masks"):
+        recovery_path(trained, [None], x)
+    with pytest.raises(ValueError, match="num_points"):
+        recovery_path(trained, [None] * len(trained.trainable_variables), x, num_points=1)
