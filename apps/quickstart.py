@@ -9,6 +9,8 @@ do:
   directions (most directions are resilient, which is why FIPs exist);
 - damage: random Gaussian weight noise against `keras_fip.Damage("eigen")`, the
   weight-space adversary of the same norm, and deleting half the hidden units;
+- repair of that deletion: `keras_fip.Repair` (a FIP back to the undamaged outputs, inputs
+  only) beside retraining the surviving weights with labels, 5 epochs each;
 - an ensemble of 5 networks along one FIP (`keras_fip.Ensemble`) beside a 5-member deep
   ensemble, clean and under PGD transferred from a separately trained surrogate;
 - sparsifying to 90%: `keras_fip.Compress` against gradual magnitude pruning (tfmot's
@@ -140,6 +142,20 @@ def run(output_dir, seed, walk_steps, sparsity, epochs=30):
                             keras_fip.engine.sparsity(damaged), _distance(damaged, base),
                             seconds))
 
+    # Repair the 50%-deleted network: a FIP back to the undamaged outputs (inputs only)
+    # against supervised retraining of the surviving weights, the same epochs
+    nodes_damaged = keras_fip.Damage("nodes", fraction=0.5, seed=seed)(base)
+    repair_rows = []
+    for label, kwargs in (("FIP repair (inputs only), 5 epochs", {"data": x}),
+                          ("retraining (labels), 5 epochs",
+                           {"data": (x, y), "method": "retrain"})):
+        repair = keras_fip.Repair(validation_data=(x_test, y_test), epochs=5,
+                                  learning_rate=3e-3, seed=seed, verbose=0, **kwargs)
+        repaired, seconds = _timed(lambda: repair(nodes_damaged))
+        repair_rows.append((label, _accuracy(repaired, x_test, y_test),
+                            keras_fip.engine.sparsity(repaired), _distance(repaired, base),
+                            seconds, repair.history["epochs_to_recover"]))
+
     # Ensemble: 5 networks along one FIP beside a 5-member deep ensemble, under PGD
     # transferred from a separately trained surrogate (L-inf, epsilon 0.3, 40 steps)
     surrogate = models.mlp(64, input_shape=(8, 8, 1))
@@ -182,11 +198,14 @@ def run(output_dir, seed, walk_steps, sparsity, epochs=30):
     results["pruning/epochs"] = prune_epochs
     for key, row in zip(("gaussian", "eigen", "nodes"), damage_rows):
         results[f"damage/{key}/test/accuracy"] = row[1]
+    for key, row in zip(("fip", "retrain"), repair_rows):
+        results[f"repair/{key}/test/accuracy"] = row[1]
+        results[f"repair/{key}/epochs_to_recover"] = row[5]
     results["ensemble/fip/test/accuracy"] = ensemble_rows[0][1]
     results["ensemble/deep/test/accuracy"] = ensemble_rows[2][1]
     for key in ("fip", "deep", "single"):
         results[f"ensemble/{key}/transfer_pgd/accuracy"] = float(attacked[key])
-    rows = rows + damage_rows + ensemble_rows
+    rows = rows + damage_rows + [row[:5] for row in repair_rows] + ensemble_rows
     return rows, results
 
 

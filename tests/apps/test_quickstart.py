@@ -26,4 +26,6 @@ def test_quickstart_runs_and_shows_the_fip_walk_keeping_function(tmp_path, capsy
     assert results["fip/90/test/accuracy"] > results["gradual/90/test/accuracy"]
     assert results["fip/90/test/accuracy"] > results["one_shot/90/test/accuracy"]
     assert results["fip/90/test/accuracy"] > results["base/test/accuracy"] - 0.02
+    assert results["repair/fip/test/accuracy"] > results["damage/nodes/test/accuracy"]
+    assert results["repair/retrain/test/accuracy"] > results["damage/nodes/test/accuracy"]
     assert "trained MLP (base)" in capsys.readouterr().out
