@@ -27,6 +27,9 @@ flags.DEFINE_list("methods", None, "Methods to run (each app lists its own; defa
                   "that app's methods).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: each trains its own base network.")
 flags.DEFINE_integer("base_epochs", 10, "Epochs of the base network.", lower_bound=1)
+flags.DEFINE_enum("fip_step_rule", "penalty", ["penalty", "normalized", "metric"],
+                  "Step rule of the app's FIP walk (penalty: Adam on D + L; normalized: that "
+                  "gradient at length ε; metric: CG on (g + δI)θ = −β∇L).")
 
 # Runtime
 flags.DEFINE_string("output_dir", None, "Where config.json, results.json and plots go "

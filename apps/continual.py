@@ -91,8 +91,6 @@ flags.DEFINE_integer("continual_base_epochs", 5, "Epochs of the first-task netwo
 flags.DEFINE_string("ewc_lambda", "auto", "EWC's λ: a number, or `auto` (grid "
                     f"{list(EWC_GRID)} on held-out data, first seed, reused).")
 flags.DEFINE_string("fip_beta", "auto", "ContinualLearn's β: a number or `auto`.")
-flags.DEFINE_enum("fip_step_rule", "penalty", ["penalty", "normalized", "metric"],
-                  "ContinualLearn's step rule.")
 
 FLAGS = flags.FLAGS
 

@@ -139,8 +139,6 @@ flags.DEFINE_float("fip_member_fraction", 0.04, "FIP steps between members, as a
                    "walk's budget scales with the dataset and the recipe.", lower_bound=0.0)
 flags.DEFINE_integer("fip_steps_between", None, "FIP steps between members (overrides "
                      "--fip_member_fraction).", lower_bound=1)
-flags.DEFINE_enum("fip_step_rule", "penalty", ["penalty", "metric", "normalized"],
-                  "FIP step rule.")
 flags.DEFINE_float("fip_epsilon", 0.05, "FIP step length ε (metric, normalized).",
                    lower_bound=0.0)
 flags.DEFINE_float("fip_learning_rate", 1e-3, "FIP Adam learning rate (penalty).",
