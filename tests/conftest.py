@@ -28,3 +28,28 @@ def mirrored_strategy():
     "shape mismatch in the collective instance" error), so tests never create their own.
     """
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """`(x, y, x_test, y_test)`: scikit-learn's digits as float32 (N, 8, 8, 1) images."""
+    from keras_fip import data
+
+    x, y = data.load("digits")
+    x_test, y_test = data.load("digits", "test")
+    return x.astype("float32"), y, x_test.astype("float32"), y_test
+
+
+@pytest.fixture(scope="session")
+def trained_small_mlp(digits):
+    """A 24-16 MLP trained on the digits (operations never mutate their input, so tests
+    share it)."""
+    import keras
+
+    from keras_fip import models
+
+    x, y, _, _ = digits
+    keras.utils.set_random_seed(0)
+    model = models.mlp((24, 16), input_shape=(8, 8, 1))
+    models.train_classifier(model, x, y, epochs=20, batch_size=64, learning_rate=3e-3)
+    return model

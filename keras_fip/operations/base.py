@@ -249,6 +249,22 @@ class Operation:
             )
         return value
 
+    @staticmethod
+    def check_layer_names(layers, name="layers"):
+        """`None`, or `layers` as a non-empty list of layer names (a lone name is a list of
+        one); anything else raises a `ValueError`."""
+        if layers is None:
+            return None
+        if isinstance(layers, str):
+            layers = [layers]
+        if not isinstance(layers, (list, tuple)) or not layers or not all(
+                isinstance(layer, str) for layer in layers):
+            raise ValueError(
+                f"`{name}` must be `None` or a non-empty list of layer names. "
+                f"Received: {name}={layers!r}"
+            )
+        return list(layers)
+
     def check_path_options(self, record_every, path_directory, seed):
         """Validates the arguments every walking operation takes; returns them checked.
 

@@ -8,7 +8,6 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fip.data.tasks import memory_sample
-from keras_fip.engine import distances as distances_lib
 from keras_fip.engine import normalization
 from keras_fip.engine import step_rules
 from keras_fip.engine.data_adapter import check_inputs_match_model

@@ -457,16 +457,7 @@ class Damage(Operation):
                 "`norm` applies to kind 'gaussian' or 'eigen' only. "
                 f"Received: norm={norm!r} with kind={kind!r}"
             )
-        if layers is not None:
-            if isinstance(layers, str):
-                layers = [layers]
-            if not isinstance(layers, (list, tuple)) or not layers or not all(
-                    isinstance(name, str) for name in layers):
-                raise ValueError(
-                    "`layers` must be `None` or a non-empty list of layer names. "
-                    f"Received: layers={layers!r}"
-                )
-            layers = list(layers)
+        layers = self.check_layer_names(layers)
         self.check_choice(scope, "scope", SCOPES)
         if seed is not None:
             seed = self.check_number(seed, "seed", low=0, low_inclusive=True, integer=True)

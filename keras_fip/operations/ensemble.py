@@ -180,7 +180,7 @@ def build_ensemble(members, combine="mean_probabilities", input_shape=None, name
         if input_shape is None:
             raise ValueError(
                 "`input_shape` is required for members without a known single input "
-                f"(subclassed models). Received: input_shape=None"
+                "(subclassed models). Received: input_shape=None"
             )
     dtype = "float32"
     try:

@@ -1,30 +1,16 @@
 import hashlib
 
-import keras
 import numpy as np
 import pytest
 
 import keras_fip
-from keras_fip import data
-from keras_fip import models
 from keras_fip.baselines import prune_retrain
 from keras_fip.operations import hidden_units
 
 
 @pytest.fixture(scope="module")
-def digits():
-    x, y = data.load("digits")
-    x_test, y_test = data.load("digits", "test")
-    return x.astype("float32"), y, x_test.astype("float32"), y_test
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    x, y, _, _ = digits
-    keras.utils.set_random_seed(0)
-    model = models.mlp((24, 16), input_shape=(8, 8, 1))
-    models.train_classifier(model, x, y, epochs=20, batch_size=64, learning_rate=3e-3)
-    return model
+def trained(trained_small_mlp):
+    return trained_small_mlp
 
 
 def _fingerprint(model):

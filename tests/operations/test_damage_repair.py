@@ -2,9 +2,6 @@ import keras
 import numpy as np
 import pytest
 
-import keras_fip
-from keras_fip import data
-from keras_fip import models
 from keras_fip.operations import hidden_units
 from keras_fip.operations.damage import damage_reference
 from keras_fip.operations.damage_repair import DamageRepair
@@ -13,19 +10,8 @@ from tests.operations.contract import run_operation_contract
 
 
 @pytest.fixture(scope="module")
-def digits():
-    x, y = data.load("digits")
-    x_test, y_test = data.load("digits", "test")
-    return x.astype("float32"), y, x_test.astype("float32"), y_test
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    x, y, _, _ = digits
-    keras.utils.set_random_seed(0)
-    model = models.mlp((24, 16), input_shape=(8, 8, 1))
-    models.train_classifier(model, x, y, epochs=20, batch_size=64, learning_rate=3e-3)
-    return model
+def trained(trained_small_mlp):
+    return trained_small_mlp
 
 
 def _repair(digits, **kwargs):

@@ -6,20 +6,12 @@ import numpy as np
 import pytest
 
 import keras_fip
-from keras_fip import data
 from keras_fip import models
 from keras_fip.operations.damage import Damage
 from keras_fip.operations.damage import damage_reference
 from keras_fip.operations.repair import Repair
 from keras_fip.operations.repair import recovery_path
 from tests.operations.contract import run_operation_contract
-
-
-@pytest.fixture(scope="module")
-def digits():
-    x, y = data.load("digits")
-    x_test, y_test = data.load("digits", "test")
-    return x.astype("float32"), y, x_test.astype("float32"), y_test
 
 
 @pytest.fixture(scope="module")
