@@ -250,6 +250,18 @@ class Operation:
         return value
 
     @staticmethod
+    def check_training(training, name="training"):
+        """`"auto"`, or `training` as a bool (the mode of the moving network on a walk);
+        anything else raises a `ValueError`."""
+        if isinstance(training, str) and training == "auto":
+            return training
+        if not isinstance(training, (bool, np.bool_)):
+            raise ValueError(
+                f"`{name}` must be 'auto', True or False. Received: {name}={training!r}"
+            )
+        return bool(training)
+
+    @staticmethod
     def check_layer_names(layers, name="layers"):
         """`None`, or `layers` as a non-empty list of layer names (a lone name is a list of
         one); anything else raises a `ValueError`."""

@@ -140,12 +140,7 @@ class Bridge(Operation):
         self.epsilon = self.check_number(epsilon, "epsilon", low=0.0)
         self.batch_size = self.check_number(batch_size, "batch_size", low=1,
                                             low_inclusive=True, integer=True)
-        if not ((isinstance(training, str) and training == "auto")
-                or isinstance(training, (bool, np.bool_))):
-            raise ValueError(
-                f"`training` must be 'auto', True or False. Received: training={training!r}"
-            )
-        self.training = training if isinstance(training, str) else bool(training)
+        self.training = self.check_training(training)
         self._eval_tasks = [
             tuple(np.asarray(a) for a in normalize_data(task, name=f"eval_tasks[{i}]",
                                                         require_labels=True))

@@ -334,12 +334,7 @@ class Compress(Operation):
                                                  low_inclusive=True, integer=True)
         self.task_weight = self.check_number(task_weight, "task_weight", low=0.0,
                                              low_inclusive=True)
-        if not ((isinstance(training, str) and training == "auto")
-                or isinstance(training, (bool, np.bool_))):
-            raise ValueError(
-                f"`training` must be 'auto', True or False. Received: training={training!r}"
-            )
-        self.training = training if isinstance(training, str) else bool(training)
+        self.training = self.check_training(training)
         distances_lib.get(distance)
         self.distance = distance
         self.step_rule = self.check_choice(step_rule, "step_rule", step_rules.STEP_RULES)

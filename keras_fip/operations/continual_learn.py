@@ -271,12 +271,7 @@ class ContinualLearn(Operation):
             memory_batch_size = self.check_number(memory_batch_size, "memory_batch_size",
                                                   low=1, low_inclusive=True, integer=True)
         self.memory_batch_size = memory_batch_size
-        if not ((isinstance(training, str) and training == "auto")
-                or isinstance(training, (bool, np.bool_))):
-            raise ValueError(
-                f"`training` must be 'auto', True or False. Received: training={training!r}"
-            )
-        self.training = training if isinstance(training, str) else bool(training)
+        self.training = self.check_training(training)
         self._eval_tasks = []
         if eval_tasks is not None:
             if not isinstance(eval_tasks, (list, tuple)):

@@ -589,12 +589,7 @@ class Ensemble(Operation):
         self.learning_rate = self.check_number(learning_rate, "learning_rate", low=0.0)
         self.batch_size = self.check_number(batch_size, "batch_size", low=1,
                                             low_inclusive=True, integer=True)
-        if not ((isinstance(training, str) and training == "auto")
-                or isinstance(training, (bool, np.bool_))):
-            raise ValueError(
-                f"`training` must be 'auto', True or False. Received: training={training!r}"
-            )
-        self.training = training if isinstance(training, str) else bool(training)
+        self.training = self.check_training(training)
         self.record_every, self.path_directory, self.seed = self.check_path_options(
             record_every, path_directory, seed
         )

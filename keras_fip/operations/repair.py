@@ -326,12 +326,7 @@ class Repair(Operation):
                                             low_inclusive=True, integer=True)
         distances_lib.get(distance)
         self.distance = distance
-        if not ((isinstance(training, str) and training == "auto")
-                or isinstance(training, (bool, np.bool_))):
-            raise ValueError(
-                f"`training` must be 'auto', True or False. Received: training={training!r}"
-            )
-        self.training = training if isinstance(training, str) else bool(training)
+        self.training = self.check_training(training)
         self.record_every, self.path_directory, self.seed = self.check_path_options(
             record_every, path_directory, seed)
         self.jit_compile = bool(jit_compile)
