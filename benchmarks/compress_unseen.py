@@ -76,7 +76,7 @@ def _split(seed, validation_fraction=0.2):
 
 
 def run_net(name, sparsities, base_epochs, seed, steps=None,
-            learning_rates=BASELINE_LEARNING_RATES):
+            learning_rates=BASELINE_LEARNING_RATES, task_weight=0.0):
     (x, y), (x_val, y_val), (x_test, y_test) = _split(seed)
     model = conv_net(**NETS[name], seed=seed)
     keras_fip.models.train_classifier(model, x, y, epochs=base_epochs, batch_size=64,
@@ -86,7 +86,10 @@ def run_net(name, sparsities, base_epochs, seed, steps=None,
     for sparsity in sparsities:
         key = f"{sparsity * 100:g}"
         start = time.perf_counter()
-        operation = keras_fip.Compress(sparsity, data=x, steps=steps, seed=seed, verbose=0)
+        # Inputs only by default; `task_weight > 0` gives Compress the labels too.
+        data = (x, y) if task_weight else x
+        operation = keras_fip.Compress(sparsity, data=data, steps=steps, seed=seed,
+                                       task_weight=task_weight, verbose=0)
         compressed = operation(model)
         result[f"fip/{key}/seconds"] = round(time.perf_counter() - start, 1)
         result[f"fip/{key}/test/accuracy"] = round(_accuracy(compressed, x_test, y_test), 4)
@@ -148,6 +151,9 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=None,
                         help="Compress's `steps` (default: its own budget rule).")
+    parser.add_argument("--task_weight", type=float, default=0.0,
+                        help="Compress's task_weight (> 0 passes the labels; default: inputs "
+                        "only).")
     parser.add_argument("--learning_rates",
                         default=",".join(str(r) for r in BASELINE_LEARNING_RATES),
                         help="Baseline fine-tuning learning rates; the best is reported.")
@@ -160,7 +166,7 @@ def main(argv=None):
         results = []
         for seed in (int(s) for s in args.seeds.split(",")):
             results.append(run_net(name, sparsities, args.base_epochs, seed, args.steps,
-                                   learning_rates))
+                                   learning_rates, args.task_weight))
             print(json.dumps(results[-1]), flush=True)
         print(json.dumps(summarize(name, results, sparsities)), flush=True)
 
