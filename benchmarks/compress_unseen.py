@@ -33,26 +33,29 @@ NETS = {
     "residual24": {"width": 24, "residual": True},
     "residual48": {"width": 48, "residual": True},
     "plain24": {"width": 24, "residual": False},
+    "stem24": {"width": 24, "residual": False, "block": False},
 }
 BASELINE_LEARNING_RATES = (1e-4, 1e-3, 3e-3)
 
 
-def conv_net(width=24, residual=True, seed=0):
-    """The digits conv net of the benchmark (BatchNorm, optional residual block)."""
+def conv_net(width=24, residual=True, block=True, seed=0):
+    """The digits conv net of the benchmark: a BatchNorm stem, then (with `block`) a 3×3
+    BatchNorm conv block, added back to the stem when `residual`."""
     keras.utils.set_random_seed(seed)
     layers = keras.layers
     inputs = keras.Input((8, 8, 1))
     stem = layers.Conv2D(width, 3, padding="same", name="stem")(inputs)
     stem = layers.ReLU()(layers.BatchNormalization()(stem))
     hidden = stem
-    if residual:
-        block = layers.Conv2D(width, 3, padding="same", name="block")(stem)
-        block = layers.BatchNormalization()(block)
-        hidden = layers.ReLU()(layers.Add()([stem, block]))
+    if block:
+        branch = layers.Conv2D(width, 3, padding="same", name="block")(stem)
+        branch = layers.BatchNormalization()(branch)
+        hidden = layers.ReLU()(layers.Add()([stem, branch]) if residual else branch)
     hidden = layers.GlobalAveragePooling2D()(hidden)
     hidden = layers.Dense(64, activation="relu")(hidden)
     outputs = layers.Dense(10, name="logits")(hidden)
-    return keras.Model(inputs, outputs, name=f"digits_conv{width}{'_res' if residual else ''}")
+    suffix = ("_res" if residual else "_plain") if block else "_stem"
+    return keras.Model(inputs, outputs, name=f"digits_conv{width}{suffix}")
 
 
 def _accuracy(model, x, y):

@@ -160,8 +160,9 @@ class Compress(Operation):
     as tfmot's polynomial schedule does and the target masks are recomputed from the
     current weights every `update_every` steps (weights the path has shrunk drop out,
     weights it needs come back). Then the final mask is applied exactly, and the path
-    settles for the remaining steps with the mask fixed, minimising D alone: the sparse
-    network recovers the dense network's outputs. The returned model has exactly the
+    settles for the remaining steps with the mask fixed, minimising D (plus the task
+    cross-entropy when `data` has labels, see `task_weight`): the sparse network recovers
+    the dense network's outputs. The returned model has exactly the
     requested fraction of its prunable weights at zero (per layer with
     `scope="per_layer"`, overall with `"global"`), and carries its masks
     (`keras_fip.masks`), so any later training keeps them. Masks the input already carries
@@ -169,9 +170,9 @@ class Compress(Operation):
 
     Args:
         sparsity: p, the fraction of prunable weights to zero, in [0, 1).
-        data: Inputs whose outputs are kept: an array, an `(x, y)` tuple (labels are used
-            only to report accuracy) or a finite `tf.data.Dataset`. Defaults to `None`
-            (the inputs the model carries from an earlier operation).
+        data: Inputs whose outputs are kept: an array, an `(x, y)` tuple (the labels add
+            the task term, see `task_weight`) or a finite `tf.data.Dataset`. Defaults to
+            `None` (the inputs the model carries from an earlier operation).
         structure: `"unstructured"`, `"nodes"` (whole Dense units), `"filters"` (whole
             convolution filters) or `"2:4"` (two of every four input weights; p = 0.5).
             The structured modes leave the output layer whole (its units are the model's
@@ -218,7 +219,13 @@ class Compress(Operation):
         metric_examples: Inputs per estimate of the metric diagonal for
             `saliency="metric"`. Defaults to `1024`.
         task_weight: When `data` has labels, the weight of the task cross-entropy added to
-            L in both phases (0 keeps L the pure projection distance). Defaults to `0.0`.
+            L in both phases (0 keeps L the pure projection distance, and the labels only
+            report accuracy), or `"auto"`: 1 when `data` has labels, 0 otherwise. D (the
+            KL divergence to the starting network's outputs by default) and the
+            cross-entropy are both in nats, so a weight of 1 holds the dense function and
+            the labels with equal strength: the magnitude baselines fine-tune on the same
+            labels, and on an underfit network a walk that only keeps the dense function
+            cannot match them. Defaults to `"auto"`.
         training: The mode of the moving network on the path (the starting network's
             outputs, which D keeps, always come from inference mode). `True` runs
             BatchNormalization on batch statistics and updates its moving statistics:
@@ -278,7 +285,7 @@ class Compress(Operation):
         beta="auto",
         saliency="magnitude",
         metric_examples=1024,
-        task_weight=0.0,
+        task_weight="auto",
         training="auto",
         distance="kl",
         step_rule="penalty",
@@ -332,8 +339,10 @@ class Compress(Operation):
         self.saliency = self.check_choice(saliency, "saliency", SALIENCIES)
         self.metric_examples = self.check_number(metric_examples, "metric_examples", low=1,
                                                  low_inclusive=True, integer=True)
-        self.task_weight = self.check_number(task_weight, "task_weight", low=0.0,
-                                             low_inclusive=True)
+        if not (isinstance(task_weight, str) and task_weight == "auto"):
+            task_weight = self.check_number(task_weight, "task_weight", low=0.0,
+                                            low_inclusive=True)
+        self.task_weight = task_weight
         self.training = self.check_training(training)
         distances_lib.get(distance)
         self.distance = distance
@@ -435,7 +444,8 @@ class Compress(Operation):
         pull_steps = max(1, int(round(self.pull_fraction * total_steps)))
         settle_steps = total_steps - pull_steps
         self._update_every = self.target_update_interval(pull_steps)
-        labelled = self.task_weight > 0 and y is not None
+        task_weight = 1.0 if self.task_weight == "auto" else self.task_weight
+        labelled = task_weight > 0 and y is not None
         secondary = (x, y) if labelled else None
         dataset = fip_dataset(model, x, secondary=secondary, batch_size=self.batch_size,
                               seed=self.seed)  # Checks that the data fit the model.
@@ -451,7 +461,7 @@ class Compress(Operation):
             for i, v in enumerate(variables)
         ]
         objective = _ProjectionDistance(indices, mask_variables,
-                                        self.task_weight if labelled else 0.0, self._beta)
+                                        task_weight if labelled else 0.0, self._beta)
         ramp = _RampTargets(self, variables, mask_variables, pull_steps, existing)
         ramp.model_to_prune = model
         trainer = self._trainer(model, total_steps, objective)
@@ -463,7 +473,7 @@ class Compress(Operation):
         final = self._masks(model, self.sparsity, variables, existing)
         masks_lib.apply_masks(model, final)
         if settle_steps:
-            task = _TaskLoss(self.task_weight) if labelled else None
+            task = _TaskLoss(task_weight) if labelled else None
             settle = self._trainer(model, total_steps, task, settle=True, offset=pull_steps)
             settled = settle.walk(dataset, settle_steps, path=self.path,
                                   callbacks=list(self.callbacks or []),
