@@ -176,6 +176,27 @@ def test_task_weight_uses_labels_and_still_reaches_exact_sparsity(trained):
     assert max(op.history["secondary_loss"]) > 0.0
     with pytest.raises(ValueError, match="`task_weight`"):
         Compress(0.5, task_weight=-1.0)
+    with pytest.raises(ValueError, match="`task_weight`"):
+        Compress(0.5, task_weight="always")
+
+
+def test_task_weight_auto_is_one_with_labels_and_zero_without(trained):
+    model, x, y = trained
+    x, y = x[:128], y[:128]
+
+    def weights(data, task_weight):
+        keras.utils.set_random_seed(0)  # The walk's random ops depend on the global state.
+        op = Compress(0.5, data=data, task_weight=task_weight, steps=6, verbose=0, seed=0)
+        return [w.numpy() for w in op(model).weights]
+
+    def same(a, b):
+        return all(np.array_equal(u, v) for u, v in zip(a, b))
+
+    labelled = weights((x, y), "auto")
+    assert same(labelled, weights((x, y), 1.0))
+    assert not same(labelled, weights((x, y), 0.0))
+    assert same(weights(x, "auto"), weights(x, 0.0))
+    assert Compress(0.5).get_config()["task_weight"] == "auto"
 
 
 @pytest.mark.parametrize("structure, sparsity", [("unstructured", 0.8), ("filters", 0.5)])
