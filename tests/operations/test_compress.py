@@ -11,6 +11,7 @@ from keras_fip import data
 from keras_fip import models
 from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import projection
+from keras_fip.operations import compress as compress_lib
 from keras_fip.operations.compress import Compress
 from keras_fip.operations.shrink import shrink
 from tests.operations.contract import run_operation_contract
@@ -180,7 +181,7 @@ def test_task_weight_uses_labels_and_still_reaches_exact_sparsity(trained):
         Compress(0.5, task_weight="always")
 
 
-def test_task_weight_auto_is_one_with_labels_and_zero_without(trained):
+def test_task_weight_auto_uses_labels_when_there_are_labels(trained):
     model, x, y = trained
     x, y = x[:128], y[:128]
 
@@ -193,7 +194,7 @@ def test_task_weight_auto_is_one_with_labels_and_zero_without(trained):
         return all(np.array_equal(u, v) for u, v in zip(a, b))
 
     labelled = weights((x, y), "auto")
-    assert same(labelled, weights((x, y), 1.0))
+    assert same(labelled, weights((x, y), compress_lib.AUTO_TASK_WEIGHT))
     assert not same(labelled, weights((x, y), 0.0))
     assert same(weights(x, "auto"), weights(x, 0.0))
     assert Compress(0.5).get_config()["task_weight"] == "auto"
