@@ -73,6 +73,9 @@ flags.DEFINE_integer("lth_rounds", 3, "Pruning rounds of the lottery-ticket base
                      lower_bound=1)
 flags.DEFINE_enum("fip_structure", "unstructured", list(projection.STRUCTURES),
                   "Structure of the FIP masks.")
+flags.DEFINE_float("compress_task_weight", 0.0, "Compress's `task_weight`: the weight of "
+                   "the labels' cross-entropy beside the distance to the dense outputs (0: the "
+                   "walk keeps the dense outputs alone).", lower_bound=0.0)
 
 FLAGS = flags.FLAGS
 
@@ -98,13 +101,13 @@ def _load(dataset, data_dir):
 
 
 def prune(method, base, sparsity, x, y, x_test, y_test, epochs, batch_size, learning_rate,
-          seed, lth_rounds=3, fip_structure="unstructured"):
+          seed, lth_rounds=3, fip_structure="unstructured", compress_task_weight=0.0):
     """Runs one method; returns the pruned model (a new one: `base` is not changed)."""
     if method == "fip":
         # min_steps=0: exactly `epochs` passes, the baselines' budget.
         return Compress(sparsity, data=(x, y), structure=fip_structure, epochs=epochs,
                         min_steps=0, batch_size=batch_size, learning_rate=learning_rate,
-                        seed=seed, verbose=0)(base)
+                        task_weight=compress_task_weight, seed=seed, verbose=0)(base)
     common_args = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate)
     if method in ("gradual", "gradual_per_layer"):
         scope = "global" if method == "gradual" else "per_layer"
@@ -137,7 +140,7 @@ def run_job(job):
     start = time.perf_counter()
     pruned = prune(job["method"], base, job["percent"] / 100.0, x, y, x_test, y_test,
                    job["epochs"], job["batch_size"], job["learning_rate"], job["seed"],
-                   job["lth_rounds"], job["fip_structure"])
+                   job["lth_rounds"], job["fip_structure"], job["compress_task_weight"])
     seconds = time.perf_counter() - start
     if job.get("save_path"):
         pruned.save(job["save_path"])
@@ -187,6 +190,7 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rate, strategy,
                     method=method, percent=percent, epochs=epochs, batch_size=batch_size,
                     learning_rate=learning_rate, lth_rounds=FLAGS.lth_rounds,
                     fip_structure=FLAGS.fip_structure,
+                    compress_task_weight=FLAGS.compress_task_weight,
                     save_path=(os.path.join(output_dir, "sparsest_fip.keras")
                                if sparsest else None),
                 ))
@@ -285,7 +289,8 @@ def main(argv):
     results["wall_time_seconds"] = time.perf_counter() - start
     config = common.flag_values(("model", "dataset", "batch_size", "sparsities", "methods",
                                  "seeds", "workers", "prune_learning_rate", "base_epochs",
-                                 "lth_rounds", "fip_structure", "strategy"))
+                                 "lth_rounds", "fip_structure", "compress_task_weight",
+                                 "strategy"))
     config["epochs"] = epochs
     common.write_json(output_dir, "config.json", config)
     common.write_json(output_dir, "results.json", results)

@@ -11,7 +11,6 @@ from keras_fip import data
 from keras_fip import models
 from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import projection
-from keras_fip.operations import compress as compress_lib
 from keras_fip.operations.compress import Compress
 from keras_fip.operations.shrink import shrink
 from tests.operations.contract import run_operation_contract
@@ -177,11 +176,9 @@ def test_task_weight_uses_labels_and_still_reaches_exact_sparsity(trained):
     assert max(op.history["secondary_loss"]) > 0.0
     with pytest.raises(ValueError, match="`task_weight`"):
         Compress(0.5, task_weight=-1.0)
-    with pytest.raises(ValueError, match="`task_weight`"):
-        Compress(0.5, task_weight="always")
 
 
-def test_task_weight_auto_uses_labels_when_there_are_labels(trained):
+def test_task_weight_changes_the_walk_only_with_labels(trained):
     model, x, y = trained
     x, y = x[:128], y[:128]
 
@@ -193,11 +190,8 @@ def test_task_weight_auto_uses_labels_when_there_are_labels(trained):
     def same(a, b):
         return all(np.array_equal(u, v) for u, v in zip(a, b))
 
-    labelled = weights((x, y), "auto")
-    assert same(labelled, weights((x, y), compress_lib.AUTO_TASK_WEIGHT))
-    assert not same(labelled, weights((x, y), 0.0))
-    assert same(weights(x, "auto"), weights(x, 0.0))
-    assert Compress(0.5).get_config()["task_weight"] == "auto"
+    assert not same(weights((x, y), 1.0), weights((x, y), 0.0))
+    assert same(weights(x, 1.0), weights(x, 0.0))
 
 
 @pytest.mark.parametrize("structure, sparsity", [("unstructured", 0.8), ("filters", 0.5)])
