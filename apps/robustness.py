@@ -20,6 +20,21 @@ For each experiment (`dataset/model`) and seed s, every method starts from the s
   learning rate, Garipov et al. 2018);
 - `snapshot`: `keras_fip.baselines.snapshot_ensemble` from scratch (Huang et al. 2017).
 
+What runs by default (sized for 2 CPU cores): the first experiment, LeNet-300-100 on
+MNIST, runs every method on `--seeds` (0, 1, 2) with `--num_members` K = 10 and attacks
+on `--attack_examples` 500 images (the headline comparison, FIP against a same-K deep
+ensemble at a recorded fraction of its compute). Every experiment after it (cnn5 on MNIST,
+VGG-11 on CIFAR-10) runs lighter: the methods in both `--methods` and `--other_methods`
+(FIP and the single network it starts from), `--other_seeds` (0), `--other_num_members`
+K = 5 and `--other_attack_examples` 200 images; every example pass is still counted, so
+`train_examples` stays comparable across methods. The deep ensemble, FGE and snapshot
+ensembles of cnn5 and VGG (9 more networks per seed for a 10-member deep ensemble, then
+20 epochs each of FGE and snapshot) are behind the flags; on a GPU host, the full
+comparison is
+`--other_seeds=0,1,2 --other_num_members=10 --other_methods=fip,deep,fge,snapshot,single
+--other_attack_examples=500`. `results.json` records each experiment's seeds, K, methods,
+attack subset, per-method build and evaluation seconds and wall time.
+
 The attacks (`keras_fip.robustness`, ART `ProjectedGradientDescent`, L∞) run on a fixed
 test subset of `--attack_examples` images drawn with `--attack_seed` (the same images for
 every method and seed; clean accuracy uses the whole test set):
@@ -64,7 +79,8 @@ the surrogate (cosine of input gradients): FIP 0.64, single 0.71, deep 0.82. The
 L = 0 walk and the earlier agreement push gave 0% and 8.1% under the same transfer attack.
 
 On cnn5 (MNIST; the same defaults, which no test or tuning saw; seed 0,
-`--experiments=mnist/cnn5,cifar10/vgg11 --methods=fip,single --seeds=0 --attack_examples=200`):
+`--experiments=mnist/cnn5,cifar10/vgg11 --methods=fip,single --seeds=0 --attack_examples=200
+--other_num_members=10`):
 FIP clean 99.31% against 99.27%, transfer PGD 43.0% against 0%, white-box 0% for both,
 at 815,168 example passes (27% of a 10 × 5-epoch deep ensemble's 3,000,000).
 VGG-11 (width 0.25) on the local 4,000-image CIFAR-10 subset, same command, ε = 8/255:
@@ -74,9 +90,15 @@ white-box 0% for both, at 271,168 passes: 45% of a 10 × 15-epoch deep ensemble 
 since the per-member attacks (2,048 inputs against the members so far) and the reference
 outputs do not shrink with a small training set. That command took 37 min here.
 
-The default command (all three experiments, every method) does not finish in 60 minutes
-on this shared machine: the LeNet experiment took 19 min, a 5-epoch cnn5 base network
-3.5 min (the cnn5 experiment trains 11 of them, then FGE and snapshot for 20 epochs each).
+The default command (`python -m apps.robustness`, the plan above) took 34 min 54 s on
+this 2-core machine shared with other jobs (1-minute load average 6.7-18), with every base
+network already in the cache: LeNet-300-100 20 min (the figures above, unchanged), cnn5
+7.5 min, VGG-11 7.2 min. With K = 5 the cnn5 FIP ensemble keeps its clean accuracy (99.31%
+against 99.27%) and takes transfer PGD from 0% to 34.5% (43.0% with K = 10, above), at
+563,008 example passes; VGG-11: clean 54.1% against 52.4%, transfer 49.0% against 47.5%,
+at 143,008 passes; white-box 0% for both. From an empty cache, the 19 base networks it
+trains come on top: 15 LeNet-300-100 (36 s each), 2 cnn5 (395 s each), 2 VGG-11 (88 s
+each), timed one by one at load 6-9, about 25 min, so about 60 min in all.
 
 Example:
 
@@ -112,6 +134,15 @@ SETTINGS = {
     "digits": dict(base_epochs=10, epsilon=0.3, step=0.01, fge_learning_rate=0.02),
 }
 MODEL_ARGUMENTS = {"vgg11": {"width_multiplier": 0.25}, "vgg16": {"width_multiplier": 0.25}}
+# Every experiment after the first (cnn5 and VGG-11 by default) runs lighter by default, so
+# that the default command fits in an hour on 2 CPU cores: `--other_seeds`,
+# `--other_num_members`, `--other_methods` and `--other_attack_examples` (the first
+# experiment, LeNet-300-100 on MNIST, runs on `--seeds`, `--num_members`, `--methods` and
+# `--attack_examples`). On a GPU host: `--other_seeds=0,1,2 --other_num_members=10
+# --other_methods=fip,deep,fge,snapshot,single --other_attack_examples=500`.
+OTHER_NUM_MEMBERS = 5
+OTHER_METHODS = ("fip", "single")
+OTHER_ATTACK_EXAMPLES = 200
 
 # Experiments and methods (`methods`, `seeds` and `base_epochs` are shared with other apps:
 # defined here only when no other app defined them).
@@ -119,7 +150,12 @@ flags.DEFINE_list("experiments", list(DEFAULT_EXPERIMENTS), "`dataset/model` pai
 # `--methods` (default: all of METHODS), `--seeds` and `--base_epochs` are apps.common's.
 flags.DEFINE_list("other_seeds", ["0"], "Seeds of every experiment after the first (cnn5 "
                   "and VGG by default: sized for 2 cores); the first runs on --seeds.")
-flags.DEFINE_integer("num_members", 10, "K, members of every ensemble.", lower_bound=1)
+flags.DEFINE_integer("num_members", 10, "K, members of every ensemble of the first "
+                     "experiment.", lower_bound=1)
+flags.DEFINE_integer("other_num_members", OTHER_NUM_MEMBERS, "K of every experiment after "
+                     "the first (sized for 2 cores; 10 on a GPU host).", lower_bound=1)
+flags.DEFINE_list("other_methods", list(OTHER_METHODS), "Methods of every experiment after "
+                  "the first (a subset of --methods; all five on a GPU host).")
 
 # Attack
 flags.DEFINE_float("pgd_epsilon", None, "L∞ radius ε (default 0.3 on MNIST, 8/255 on "
@@ -129,7 +165,9 @@ flags.DEFINE_float("pgd_step", None, "PGD step (default 0.01 on MNIST, 2/255 on 
 flags.DEFINE_integer("pgd_iterations", 40, "PGD iterations.", lower_bound=1)
 flags.DEFINE_integer("pgd_restarts", 1, "Random starts (ART num_random_init).", lower_bound=0)
 flags.DEFINE_integer("attack_examples", 500, "Size of the fixed, seeded test subset the "
-                     "attacks run on.", lower_bound=1)
+                     "attacks run on (first experiment).", lower_bound=1)
+flags.DEFINE_integer("other_attack_examples", OTHER_ATTACK_EXAMPLES, "The attack subset of "
+                     "every experiment after the first (500 on a GPU host).", lower_bound=1)
 flags.DEFINE_integer("attack_seed", 0, "Seed of the attack subset and random starts.",
                      lower_bound=0)
 
@@ -191,14 +229,14 @@ def _base(model, dataset, seed, epochs):
     return network
 
 
-def build_methods(methods, model, dataset, seed, epochs, x, y, settings):
-    """Every method's model for one seed; returns `(models, compute)`."""
-    K = FLAGS.num_members
+def build_methods(methods, model, dataset, seed, epochs, x, y, settings, K):
+    """Every method's K-member model for one seed; returns `(models, compute)`."""
     base = _base(model, dataset, seed, epochs)
     base_examples = epochs * len(x)
     built, compute = {}, {}
     for method in methods:
         common.set_seed(seed)
+        start = time.perf_counter()
         if method == "single":
             built[method] = base
             compute[method] = {"train_examples": base_examples}
@@ -235,6 +273,7 @@ def build_methods(methods, model, dataset, seed, epochs, x, y, settings):
                 learning_rate=FLAGS.snapshot_learning_rate, batch_size=FLAGS.batch_size,
                 seed=seed)
             compute[method] = {"train_examples": info["train_examples"]}
+        compute[method]["build_seconds"] = time.perf_counter() - start
     return built, compute
 
 
@@ -250,6 +289,7 @@ def evaluate(built, surrogate, x_test, y_test, x_attack, y_attack, settings):
     figures = {"surrogate/transfer_pgd/accuracy": transfer["surrogate"]}
     members_transfer, layer_diversity = {}, {}
     for method, network in built.items():
+        start = time.perf_counter()
         key = f"{method}"
         figures[f"{key}/clean/accuracy"] = robustness.accuracy(network, x_test, y_test)
         figures[f"{key}/transfer_pgd/accuracy"] = transfer[method]
@@ -275,11 +315,12 @@ def evaluate(built, surrogate, x_test, y_test, x_attack, y_attack, settings):
                     for name, value in robustness.layer_cka(members, x_diagnostic).items()}
                 figures[f"{key}/cka_diversity"] = float(
                     np.mean(list(layer_diversity[method].values())))
+        figures[f"{key}/evaluate_seconds"] = time.perf_counter() - start
     return figures, members_transfer, layer_diversity
 
 
-def run_experiment(spec, seeds, methods, output_dir):
-    """All seeds of one experiment; returns `(results, plot data)`."""
+def run_experiment(spec, seeds, methods, num_members, attack_examples, output_dir):
+    """All seeds of one experiment; returns `(name, results, plot data)`."""
     name, dataset, model = _experiment(spec)
     defaults = SETTINGS[dataset]
     epochs = defaults["base_epochs"] if FLAGS["base_epochs"].using_default_value \
@@ -291,12 +332,13 @@ def run_experiment(spec, seeds, methods, output_dir):
     x, y = data.load(dataset, "train", FLAGS.data_dir)
     x_test, y_test = data.load(dataset, "test", FLAGS.data_dir)
     rows = np.sort(np.random.default_rng(FLAGS.attack_seed).choice(
-        len(x_test), min(FLAGS.attack_examples, len(x_test)), replace=False))
+        len(x_test), min(attack_examples, len(x_test)), replace=False))
     x_attack, y_attack = x_test[rows], y_test[rows]
     per_seed, plots = [], {}
     for seed in seeds:
         start = time.perf_counter()
-        built, compute = build_methods(methods, model, dataset, seed, epochs, x, y, settings)
+        built, compute = build_methods(methods, model, dataset, seed, epochs, x, y, settings,
+                                       num_members)
         surrogate = _base(model, dataset, 1000 + seed, epochs)
         figures, members_transfer, layer_diversity = evaluate(
             built, surrogate, x_test, y_test, x_attack, y_attack, settings)
@@ -317,7 +359,8 @@ def run_experiment(spec, seeds, methods, output_dir):
                 keras_fip.export(built["fip"], os.path.join(output_dir, "serving"))
     results = {f"{name}/dataset/subset": bool(data.info(dataset, FLAGS.data_dir)["subset"]),
                f"{name}/model": model, f"{name}/base_epochs": epochs,
-               f"{name}/num_seeds": len(seeds), f"{name}/num_members": FLAGS.num_members}
+               f"{name}/num_seeds": len(seeds), f"{name}/num_members": num_members,
+               f"{name}/methods": list(methods)}
     results.update({f"{name}/attack/{k}": v for k, v in robustness.attack_settings(
         settings["epsilon"], settings["step"], FLAGS.pgd_iterations,
         FLAGS.pgd_restarts).items()})
@@ -408,32 +451,61 @@ def plot(all_plots, output_dir):
     plt.close(figure)
 
 
-def main(argv):
-    del argv  # Unused.
+def experiment_plans():
+    """What each experiment runs, from the flags (validated before any work).
+
+    The first experiment runs on `--seeds`, `--methods`, `--num_members` and
+    `--attack_examples`; every later one on `--other_seeds`, the methods in both
+    `--methods` and `--other_methods`, `--other_num_members` and `--other_attack_examples`.
+
+    Returns:
+        A list of `(spec, seeds, methods, num_members, attack_examples)`.
+    """
     methods = list(FLAGS.methods or METHODS)
     methods = [common.check_choice(m, "methods", METHODS) for m in methods]
     experiments = list(FLAGS.experiments)
     for spec in experiments:
         _experiment(spec)  # Validate every entry before any work.
+    for m in FLAGS.other_methods:
+        common.check_choice(m, "other_methods", METHODS)
+    other_methods = [m for m in methods if m in FLAGS.other_methods]
+    if len(experiments) > 1 and not other_methods:
+        raise ValueError(
+            "`--other_methods` (the methods of every experiment after the first) shares no "
+            f"method with `--methods`. Received: methods={methods}, "
+            f"other_methods={list(FLAGS.other_methods)}")
     seeds = [int(s) for s in FLAGS.seeds]
     other_seeds = [int(s) for s in FLAGS.other_seeds]
+    return [(spec, seeds, methods, FLAGS.num_members, FLAGS.attack_examples) if index == 0
+            else (spec, other_seeds, other_methods, FLAGS.other_num_members,
+                  FLAGS.other_attack_examples)
+            for index, spec in enumerate(experiments)]
+
+
+def main(argv):
+    del argv  # Unused.
+    plans = experiment_plans()
+    methods = plans[0][2]
     output_dir = common.output_dir("robustness")
     os.makedirs(output_dir, exist_ok=True)
     start = time.perf_counter()
     results, all_plots = {}, {}
     config = common.flag_values((
-        "experiments", "seeds", "other_seeds", "num_members", "base_epochs", "batch_size",
+        "experiments", "seeds", "other_seeds", "num_members", "other_num_members",
+        "other_methods", "base_epochs", "batch_size",
         "pgd_epsilon", "pgd_step", "pgd_iterations", "pgd_restarts", "attack_examples",
+        "other_attack_examples",
         "attack_seed", "fip_member_fraction", "fip_steps_between", "fip_step_rule", "fip_epsilon",
         "fip_learning_rate", "fip_task_weight", "fip_diversity", "fip_diversity_loss",
         "fip_adversary", "fip_diversity_examples", "fip_cg_iterations", "fge_cycle_epochs", "fge_learning_rate",
         "snapshot_cycle_epochs", "snapshot_learning_rate", "diagnostic_examples"))
     config["methods"] = methods
     common.write_json(output_dir, "config.json", config)
-    for index, spec in enumerate(experiments):
-        name, figures, plots = run_experiment(spec, seeds if index == 0 else other_seeds,
-                                              methods, output_dir)
+    for plan in plans:
+        experiment_start = time.perf_counter()
+        name, figures, plots = run_experiment(*plan, output_dir)
         results.update(figures)
+        results[f"{name}/wall_time_seconds"] = time.perf_counter() - experiment_start
         all_plots[name] = plots
         results["wall_time_seconds"] = time.perf_counter() - start
         # Written after each experiment, so a long run keeps what it has measured.
@@ -444,6 +516,7 @@ def main(argv):
         for measure in ("clean", "transfer_pgd", "whitebox_pgd"):
             cells = "".join(
                 f"{100 * results[f'{name}/{m}/{measure}/accuracy/mean']:>11.2f}"
+                if f"{name}/{m}/{measure}/accuracy/mean" in results else f"{'-':>11}"
                 for m in methods)
             print(f"{name + ' ' + measure:>22}{cells}")
     print(f"wall time {results['wall_time_seconds']:.0f} s -> {output_dir}")

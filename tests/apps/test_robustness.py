@@ -57,10 +57,30 @@ def test_robustness_app_compares_every_method_under_both_attacks(tmp_path):
     np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
 
 
+def test_experiments_after_the_first_run_on_the_lighter_plan():
+    plans = robustness.experiment_plans()  # The defaults.
+    assert plans == [
+        ("mnist/lenet_300_100", [0, 1, 2], list(robustness.METHODS), 10, 500),
+        ("mnist/cnn5", [0], ["fip", "single"], 5, 200),
+        ("cifar10/vgg11", [0], ["fip", "single"], 5, 200),
+    ]
+    with flagsaver.flagsaver(experiments=["digits/mlp", "mnist/cnn5"], methods=["fip", "deep"],
+                             other_methods=list(robustness.METHODS), other_seeds=["0", "1"],
+                             other_num_members=10, other_attack_examples=500):
+        assert robustness.experiment_plans()[1] == (
+            "mnist/cnn5", [0, 1], ["fip", "deep"], 10, 500)
+
+
 def test_robustness_app_rejects_unknown_methods_and_experiments(tmp_path):
     with flagsaver.flagsaver(methods=["fip", "bagging"], output_dir=str(tmp_path)):
         with pytest.raises(ValueError, match="methods"):
             robustness.main([])
     with flagsaver.flagsaver(experiments=["mnist"], output_dir=str(tmp_path)):
         with pytest.raises(ValueError, match="experiments"):
+            robustness.main([])
+    with flagsaver.flagsaver(other_methods=["fip", "boosting"], output_dir=str(tmp_path)):
+        with pytest.raises(ValueError, match="other_methods"):
+            robustness.main([])
+    with flagsaver.flagsaver(methods=["deep"], output_dir=str(tmp_path)):
+        with pytest.raises(ValueError, match="other_methods"):
             robustness.main([])

@@ -56,8 +56,9 @@ def test_ensemble_meets_the_operation_contract_on_every_model():
 
 def test_members_are_distinct_accurate_and_combined_exactly(digits):
     model, x, y, x_test, y_test = digits
+    # The metric walk with the task term (labelled data select the penalty walk by default).
     op = keras_fip.Ensemble(3, data=(x, y), steps_between=20, batch_size=128, seed=0,
-                            verbose=0)
+                            step_rule="metric", push="random", diversity=0.0, verbose=0)
     ensemble = op(model)
     members = keras_fip.ensemble_members(ensemble)
     assert [m.name for m in members] == ["member_0", "member_1", "member_2"]
@@ -102,6 +103,31 @@ def test_include_start_mean_logits_and_single_member(digits):
                                atol=1e-6)
 
 
+def test_defaults_are_the_measured_walk_with_labels_and_the_papers_without(digits):
+    model, x, y, _, _ = digits
+    x, y = x[:512], y[:512]
+    settings = dict(steps_between=4, batch_size=64, diversity_examples=128, seed=0, verbose=0)
+    auto = keras_fip.Ensemble(2, data=(x, y), **settings)
+    assert (auto.diversity, auto.push, auto.step_rule) == ("auto", "auto", "auto")
+    measured = keras_fip.Ensemble(2, data=(x, y), step_rule="penalty", push="none",
+                                  diversity=1.0, **settings)
+    first, second = auto(model), measured(model)
+    assert (auto.history["step_rule"], auto.history["push"], auto.history["diversity"]) == (
+        "penalty", "none", 1.0)
+    for a, b in zip(keras_fip.ensemble_members(first), keras_fip.ensemble_members(second)):
+        np.testing.assert_allclose(_flat(a), _flat(b), atol=1e-5)
+    assert auto.history["train_examples"] == measured.history["train_examples"]
+    # Inputs only: the paper's walk (the metric rule driven by a random push, L = 0).
+    paper = keras_fip.Ensemble(2, data=x, **settings)
+    paper(model)
+    assert (paper.history["step_rule"], paper.history["push"],
+            paper.history["diversity"]) == ("metric", "random", 0.0)
+    assert paper.history["train_examples"] == len(x) + 8 * 64 * (1 + paper.cg_iterations)
+    # Labels without diversity: the metric walk with the task term.
+    assert keras_fip.Ensemble(2, diversity=0.0).resolve_defaults(labelled=True) == (
+        0.0, "random", "metric")
+
+
 def test_members_taken_at_a_metric_distance(digits):
     model, x, _, _, _ = digits
     op = keras_fip.Ensemble(3, data=x, steps_between=100, metric_distance=0.3, epsilon=0.05,
@@ -141,7 +167,7 @@ def test_error_diversity_resists_transferred_attacks_and_keeps_clean_accuracy(di
     settings = dict(data=(x, y), steps_between=60, step_rule="penalty", learning_rate=3e-3,
                     push="none", perturbation_epsilon=0.2, diversity_examples=256,
                     batch_size=64, seed=0, verbose=0)
-    plain = keras_fip.Ensemble(3, **settings)(model)
+    plain = keras_fip.Ensemble(3, diversity=0.0, **settings)(model)
     op = keras_fip.Ensemble(3, diversity=3.0, adversary=adversary, **settings)
     diverse = op(model)
     # Measured: single 11.4%, plain walk 10.8%, error diversity 26.9% (members) and
@@ -246,7 +272,10 @@ def test_ensemble_members_rejects_plain_models():
         (dict(num_members=2, adversary="surrogate"), "adversary"),
         (dict(num_members=2, adversary="ensemble", diversity_loss="agreement"), "adversary"),
         (dict(num_members=2, perturbation_steps=0), "perturbation_steps"),
-        (dict(num_members=2, push="none", task_weight=0.0), "push"),
+        (dict(num_members=2, push="none", diversity=0.0, task_weight=0.0), "push"),
+        (dict(num_members=2, push="sideways"), "push"),
+        (dict(num_members=2, step_rule="adam"), "step_rule"),
+        (dict(num_members=2, diversity="lots"), "diversity"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
@@ -273,3 +302,6 @@ def test_config_round_trip():
     assert twin.get_config() == op.get_config()
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(op))
     assert restored.get_config() == op.get_config()
+    defaults = keras_fip.Ensemble(2)
+    assert keras_fip.Ensemble.from_config(defaults.get_config()).get_config() == (
+        defaults.get_config())
