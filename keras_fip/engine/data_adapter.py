@@ -191,9 +191,22 @@ def reference_outputs(model, x, batch_size):
 def _repeated_batches(tensors, batch_size, shuffle, seed):
     size = len(tf.nest.flatten(tensors)[0])
     dataset = tf.data.Dataset.from_tensor_slices(tensors)
-    if shuffle:
-        dataset = dataset.shuffle(size, seed=seed, reshuffle_each_iteration=True)
-    return dataset.repeat().batch(batch_size, drop_remainder=True)
+    if shuffle and seed is not None:
+        # Pass p is shuffled with seed (seed, p), not by a seed generator that advances with
+        # every iterator: any process, under any strategy (Keras iterates once more to
+        # build under one), resumed or not, sees the same batches.
+        examples = dataset
+
+        def shuffled_pass(index):
+            pass_seed = tf.constant(seed, tf.int64) * 1_000_003 + index
+            return examples.shuffle(size, seed=pass_seed, reshuffle_each_iteration=False)
+
+        dataset = tf.data.Dataset.range(np.iinfo(np.int64).max).flat_map(shuffled_pass)
+    elif shuffle:
+        dataset = dataset.shuffle(size, reshuffle_each_iteration=True).repeat()
+    else:
+        dataset = dataset.repeat()
+    return dataset.batch(batch_size, drop_remainder=True)
 
 
 def fip_dataset(
