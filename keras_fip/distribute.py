@@ -149,7 +149,7 @@ def get_strategy(name="default", tpu=None, communication="auto"):
     if tpu is not None and name != "tpu":
         raise ValueError(
             "`tpu` is only used with `strategy='tpu'`. "
-            f"Received: strategy={name!r}, tpu={tpu!r}"
+            f"Received: tpu={tpu!r} with strategy={name!r}"
         )
     if communication not in COMMUNICATIONS:
         raise ValueError(
