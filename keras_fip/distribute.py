@@ -474,7 +474,7 @@ def resumable_walk(trainer, data, steps, directory, record_every=1, strategy=Non
 
     Example:
 
-    >>> import tempfile
+    >>> import tempfile, keras_fip
     >>> from keras_fip.engine.data_adapter import fip_dataset
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     >>> x = np.random.rand(32, 4).astype("float32")
@@ -483,7 +483,7 @@ def resumable_walk(trainer, data, steps, directory, record_every=1, strategy=Non
     >>> data = fip_dataset(model, x, batch_size=8, seed=0)
     >>> path, history, first = resumable_walk(trainer, data, 4, tempfile.mkdtemp() + "/w",
     ...                                       verbose=0)
-    >>> list(path.steps), first
+    >>> path.steps.tolist(), first
     ([0, 1, 2, 3, 4], 0)
     """
     from keras_fip.engine.path import Path
