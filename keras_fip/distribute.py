@@ -49,6 +49,8 @@ TensorFlow's multi-worker checkpoints assume). On one machine, `launch_workers` 
 the workers with free loopback ports:
 
     python -m benchmarks.multi_worker        # two local workers vs one process
+    python -m keras_fip.distribute --workers=2 -- \
+        python -m apps.compress --strategy=multi_worker --seed=0
 """
 
 import json
@@ -554,3 +556,35 @@ def _truncate_log(directory, step):
             kept.append(line if line.endswith("\n") else line + "\n")
     with open(log, "w") as lines:
         lines.writelines(kept)
+
+
+def main(argv=None):
+    """`python -m keras_fip.distribute [--workers=2] [--timeout=3600] -- COMMAND...`: runs
+    COMMAND in local workers (`launch_workers`), prints each worker's output and exits
+    with the first non-zero return code."""
+    import argparse
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        raise SystemExit("Usage: python -m keras_fip.distribute [--workers=2] "
+                         "[--timeout=3600] -- python -m apps.compress --strategy=multi_worker")
+    split = argv.index("--")
+    parser = argparse.ArgumentParser(prog="python -m keras_fip.distribute")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    args = parser.parse_args(argv[:split])
+    results = launch_workers(argv[split + 1:], num_workers=args.workers,
+                             timeout=args.timeout)
+    for index, result in enumerate(results):
+        print(f"# worker {index}: return code {result['returncode']}"
+              f"{' (timed out)' if result['timed_out'] else ''}")
+        print(result["stdout"], end="")
+        if result["returncode"]:
+            print(result["stderr"][-4000:], end="", file=sys.stderr)
+    codes = [r["returncode"] for r in results if r["returncode"]]
+    raise SystemExit(codes[0] if codes else 0)
+
+
+if __name__ == "__main__":
+    main()
