@@ -33,6 +33,7 @@ On a real cluster, run the worker role on every host with its own `TF_CONFIG` (s
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -251,14 +252,21 @@ def run(args):
             with np.load(resumed) as saved:
                 workers.update(dict(saved))
     for name in names:
-        row = {"computation": name, "workers": args.workers, "steps": args.steps,
+        row = {"benchmark": "multi_worker", "computation": name, "workers": args.workers,
+               "steps": args.steps,
                "max_abs_difference": _max_difference(reference, workers, name)}
         if name == "resume":
             row["resumed_from_step"] = int(workers.get("resume_first_step", -1))
             row["killed_at_step"] = args.kill_at
         rows.append(row)
-    rows.append({"single_process_seconds": round(single_seconds, 1),
-                 "launches": launches, "output_dir": output_dir})
+    rows.append({"benchmark": "multi_worker", "computation": "all", "workers": args.workers,
+                 "steps": args.steps,
+                 "max_abs_difference": float(
+                     np.max([row["max_abs_difference"] for row in rows])),
+                 "single_process_seconds": round(single_seconds, 1),
+                 "launches": launches, "output_dir": args.output_dir})
+    if args.output_dir is None:
+        shutil.rmtree(output_dir, ignore_errors=True)
     return rows, (first, launches)
 
 

@@ -133,7 +133,7 @@ def loopback_rows(tmp_path_factory):
     ])
     rows, (first_launch, launches) = multi_worker.run(args)
     logs = "\n".join(r["stderr"][-3000:] for r in first_launch)
-    return {row.get("computation", "launches"): row for row in rows}, launches, logs
+    return {row["computation"]: row for row in rows}, launches, logs
 
 
 @pytest.mark.parametrize("computation", ["compress", "continual", "metric"])
