@@ -8,8 +8,9 @@ import json
 import os
 
 import keras
-import tensorflow as tf
 from absl import flags
+
+from keras_fip import distribute
 
 # Model and data
 flags.DEFINE_string("model", "lenet_300_100", "Zoo model name (keras_fip.models.BUILDERS).")
@@ -43,23 +44,9 @@ flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "tpu", "multi_w
 FLAGS = flags.FLAGS
 
 
-def get_strategy(name):
-    """Returns the `tf.distribute.Strategy` named by the `--strategy` flag."""
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if name == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        return tf.distribute.TPUStrategy(resolver)
-    raise ValueError(
-        "`strategy` must be one of ['default', 'mirrored', 'tpu', 'multi_worker']. "
-        f"Received: strategy={name!r}"
-    )
+def get_strategy(name, tpu=None):
+    """The `tf.distribute.Strategy` named by `--strategy` (`keras_fip.distribute.get_strategy`)."""
+    return distribute.get_strategy(name, tpu=tpu)
 
 
 def output_dir(app_name):

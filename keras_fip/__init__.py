@@ -64,3 +64,4 @@ __all__ = [
     "Repair",
     "DamageRepair",
 ]
+from keras_fip import distribute  # noqa: E402

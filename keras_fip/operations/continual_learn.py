@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fip.data.tasks import memory_sample
+from keras_fip.engine import data_adapter
 from keras_fip.engine import normalization
 from keras_fip.engine import step_rules
 from keras_fip.engine.data_adapter import check_inputs_match_model
@@ -342,11 +343,8 @@ class ContinualLearn(Operation):
         seed = self.seed
 
         def repeated(tensors, size, offset):
-            dataset = tf.data.Dataset.from_tensor_slices(tensors)
-            dataset = dataset.shuffle(len(tf.nest.flatten(tensors)[0]),
-                                      seed=None if seed is None else seed + offset,
-                                      reshuffle_each_iteration=True)
-            return dataset.repeat().batch(size, drop_remainder=True)
+            return data_adapter._repeated_batches(
+                tensors, size, True, None if seed is None else seed + offset)
 
         anchor = repeated({"anchor_inputs": memory_x, "anchor_outputs": reference},
                           memory_batch, 0)
