@@ -190,28 +190,28 @@ def reference_outputs(model, x, batch_size):
 
 def _repeated_batches(tensors, batch_size, shuffle, seed):
     size = len(tf.nest.flatten(tensors)[0])
-    dataset = tf.data.Dataset.from_tensor_slices(tensors)
     if shuffle and seed is not None:
         # Pass p is ordered by a stateless permutation of seed (seed, p), not by a seed
         # generator that advances with every iterator: any process, under any strategy
         # (Keras iterates once more to build under one), resumed or not, sees the same
-        # batches.
+        # batches. Only the indices stream through tf.data; each batch is one gather.
         columns = tf.nest.map_structure(tf.convert_to_tensor, tensors)
-
-        def example(index):
-            return tf.nest.map_structure(lambda column: tf.gather(column, index), columns)
 
         def shuffled_pass(index):
             pass_seed = tf.stack([tf.constant(seed, tf.int64), index])
             order = tf.argsort(tf.random.stateless_uniform([size], seed=pass_seed))
-            return tf.data.Dataset.from_tensor_slices(order).map(example)
+            return tf.data.Dataset.from_tensor_slices(order)
 
-        dataset = tf.data.Dataset.range(np.iinfo(np.int64).max).flat_map(shuffled_pass)
-    elif shuffle:
-        dataset = dataset.shuffle(size, reshuffle_each_iteration=True).repeat()
-    else:
-        dataset = dataset.repeat()
-    return dataset.batch(batch_size, drop_remainder=True)
+        def gather(indices):
+            return tf.nest.map_structure(lambda column: tf.gather(column, indices), columns)
+
+        indices = tf.data.Dataset.range(np.iinfo(np.int64).max).flat_map(shuffled_pass)
+        return indices.batch(batch_size, drop_remainder=True).map(
+            gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = tf.data.Dataset.from_tensor_slices(tensors)
+    if shuffle:
+        dataset = dataset.shuffle(size, reshuffle_each_iteration=True)
+    return dataset.repeat().batch(batch_size, drop_remainder=True)
 
 
 def fip_dataset(

@@ -23,6 +23,7 @@ TINY_ARGUMENTS = {
                        "--repeats=1"],
     "compress_unseen": ["--nets=plain24", "--base_epochs=1", "--steps=6", "--seeds=0",
                         "--learning_rates=1e-3", "--sparsities=0.5"],
+    "multi_worker": ["--computations=metric", "--steps=2"],
 }
 # The keys each script's JSON lines must have.
 EXPECTED_KEYS = {
@@ -32,6 +33,7 @@ EXPECTED_KEYS = {
     "continual_step": ("fip_step_seconds", "replay_step_seconds", "fip_over_replay"),
     "compress_unseen": ("fip/50/test/accuracy", "oneshot/50/test/accuracy",
                         "gradual/50/test/accuracy", "fip/50/steps"),
+    "multi_worker": ("computation", "max_abs_difference"),
 }
 
 

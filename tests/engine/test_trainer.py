@@ -72,8 +72,9 @@ def test_normalized_and_metric_steps_have_length_epsilon(step_rule):
     before = _weights(model)
     history = trainer.fit(data, epochs=1, steps_per_epoch=1, verbose=0)
     moved = np.linalg.norm(_flat(_weights(model)).astype(np.float64) - _flat(before))
-    assert abs(moved - 0.0123) < 1e-6 * 0.0123
-    assert abs(history.history["step_norm"][0] - 0.0123) < 1e-6 * 0.0123
+    # Float32 rounding of the update (a few ulp of ε on some batches).
+    assert abs(moved - 0.0123) < 2e-6 * 0.0123
+    assert abs(history.history["step_norm"][0] - 0.0123) < 2e-6 * 0.0123
     history = trainer.fit(data, epochs=1, steps_per_epoch=4, verbose=0)
     assert history.history["distance"][0] > 0.0
 
