@@ -64,3 +64,5 @@ __all__ = [
     "Repair",
     "DamageRepair",
 ]
+from keras_fip.operations import load_damaged_model  # noqa: E402
+__all__ += ["load_damaged_model"]

@@ -566,9 +566,9 @@ class Repair(Operation):
                   "steps": self.history["steps"]}
         damage_masks = ([None] * len(reference.damage_masks) if released
                         else reference.damage_masks)
-        damage_lib._REFERENCES[model] = damage_lib.DamageReference(
+        damage_lib.attach_reference(model, damage_lib.DamageReference(
             reference.weights, reference.masks, damage_masks, reference.inputs,
-            reference.outputs, reference.records + [record])
+            reference.outputs, reference.records + [record]))
 
     # Serialisation.
 
