@@ -61,7 +61,9 @@ class DamageReference:
     copies) and is written into the model's `.keras` file by `model.save(...)` (beside the
     weights, in `model.weights.h5`); `keras.saving.load_model` ignores it, and
     `keras_fip.load_damaged_model` loads the model with it, so a repair can happen in
-    another process. Damage applied to an already damaged model keeps
+    another process. Everything is saved, the recorded `inputs` and `outputs` included
+    (pass `Damage` only the `data` a repair needs: a whole training set makes a large
+    file). Damage applied to an already damaged model keeps
     the *first* undamaged network as the reference and accumulates the damage masks and the
     records, so a repair always aims at the network before any damage.
 
