@@ -6,7 +6,9 @@ Experiment families of the resilience and damage-rescue papers, every network da
 
 - `recovery` (resilience paper, Fig. 4): MLP-1 (784-`--repair_mlp_width`-10) on `--dataset`
   with `--repair_fractions` of its hidden units deleted, repaired by
-  - `fip`: the FIP back to the undamaged network's outputs, inputs only;
+  - `fip`: the FIP back to the undamaged network's outputs, inputs only, started by
+    solving the output layer for the undamaged logits on `--repair_fip_solve_examples`
+    inputs (their passes count in its epochs);
   - `retrain`: supervised retraining of the surviving units (damage-rescue strategy 1);
   - `prune`: deleting the same units one at a time (`--repair_prune_units_per_round`)
     from the undamaged network with SGD steps in between, then retraining
@@ -27,6 +29,21 @@ Experiment families of the resilience and damage-rescue papers, every network da
   by `--repair_iterative_method` until recovered): cycles (training epochs) to recover —
   for the loop, the epochs of all its rounds together (`cycles`) and of its last round
   (`last_round_cycles`).
+- `invariant` (damage-rescue paper, Fig. 4), on the first seed's MLP-1:
+  `--repair_invariant_loops` loops of `--repair_invariant_rounds` (r∘D) rounds of
+  `--repair_invariant_budget` units each (`keras_fip.DamageRepair(keep_networks=True)`,
+  repaired by `--repair_iterative_method`), every repaired network kept with the
+  undamaged one. Their validation loss; every pair joined by a straight line in weight
+  space at `--repair_invariant_points` points: the fraction of pairs whose line stays
+  under the loss threshold (`--repair_invariant_loss_threshold`, by default the largest
+  loss of the kept networks) and the barrier (the line's highest loss above its worse
+  end); a 2-D t-SNE embedding of the networks (scikit-learn) coloured by loss.
+- `transitions` (resilience paper), on the first seed's MLP-1, every step a FIP repair
+  (inputs only) back to the undamaged function: C1 (undamaged) → C2 (the first
+  `--repair_transition_fractions` of the hidden units deleted) → C3 (the second, a
+  superset: the same seeded order) → C4 (the deleted units restored: re-initialised,
+  released and grown back, `Repair(release=True)`). Epochs to recover and accuracy of
+  each transition.
 - `vgg` (Fig. 4, `--repair_vgg`): VGG-11 (`--repair_vgg_width`) on
   `--repair_cifar_dataset` with `--repair_vgg_fraction` of its first-layer filters
   deleted: accuracy along the recovery path (`keras_fip.operations.repair.recovery_path`)
@@ -35,8 +52,9 @@ Experiment families of the resilience and damage-rescue papers, every network da
 
 Writes `config.json`, `results.json` (flat keys such as `"mlp/fip/epochs_to_recover/mean"`,
 `"mlp/0.8/retrain/epochs_to_recover/mean"`, `"iterative/200/damage_repair/cycles/mean"`,
-`"vgg11/recovery/test/accuracy"`) and `recovery.png`, `iterative.png`, `vgg.png` to
-`--output_dir`.
+`"vgg11/recovery/test/accuracy"`, `"invariant/connected_fraction"`,
+`"transitions/C2_to_C3/epochs_to_recover"`) and `recovery.png`, `iterative.png`,
+`invariant.png`, `vgg.png` to `--output_dir`.
 
 Example:
 
@@ -49,8 +67,10 @@ import time
 import matplotlib
 
 matplotlib.use("Agg")
+import keras  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
@@ -61,11 +81,12 @@ from keras_fip import geometry  # noqa: E402
 from keras_fip import models  # noqa: E402
 from keras_fip.operations.repair import recovery_path  # noqa: E402
 
-PARTS = ("recovery", "iterative", "vgg")
+PARTS = ("recovery", "iterative", "invariant", "transitions", "vgg")
 METHODS = ("fip", "retrain", "prune")
 
 # Experiments
-flags.DEFINE_list("repair_parts", ["recovery", "iterative"], f"Experiment families, among "
+flags.DEFINE_list("repair_parts", ["recovery", "iterative", "invariant", "transitions"],
+                  f"Experiment families, among "
                   f"{PARTS} (`vgg` also runs with --repair_vgg).")
 flags.DEFINE_integer("repair_validation_examples", 5000, "Test images used as the "
                      "validation split (the rest is the held-out test).", lower_bound=1)
@@ -80,6 +101,10 @@ flags.DEFINE_list("repair_fractions", ["0.5", "0.8"], "Fractions of hidden units
 flags.DEFINE_integer("repair_max_epochs", 4, "Epoch budget of every repair.", lower_bound=1)
 flags.DEFINE_list("repair_fip_learning_rates", ["1e-3", "3e-3", "1e-2"], "Adam rates of "
                   "the FIP repair (tuned on the first seed).")
+flags.DEFINE_integer("repair_fip_solve_examples", 2000, "Training inputs on which the FIP "
+                     "repair first solves the output layer for the undamaged logits "
+                     "(`Repair(solve_output_layer=...)`, counted in its epochs); 0: no "
+                     "solve.", lower_bound=0)
 flags.DEFINE_list("repair_retrain_learning_rates", ["1e-3", "3e-3", "1e-2"], "Adam rates of "
                   "retraining (tuned on the first seed).")
 flags.DEFINE_list("repair_prune_learning_rates", ["0.01", "0.03", "0.1"], "SGD (momentum "
@@ -98,6 +123,25 @@ flags.DEFINE_enum("repair_iterative_method", "retrain", ["retrain", "embryonic",
                   "Repair of each (r∘D) round.")
 flags.DEFINE_float("repair_iterative_learning_rate", 3e-3, "Adam rate of every repair in "
                    "the iterative experiment.", lower_bound=0.0)
+
+# The invariant set
+flags.DEFINE_integer("repair_invariant_loops", 2, "(r∘D) loops (sampler seeds) whose "
+                     "networks are kept.", lower_bound=1)
+flags.DEFINE_integer("repair_invariant_rounds", 8, "Rounds per loop.", lower_bound=1)
+flags.DEFINE_integer("repair_invariant_budget", 20, "Units deleted per round.",
+                     lower_bound=1)
+flags.DEFINE_integer("repair_invariant_points", 11, "Points on each pairwise line (ends "
+                     "included).", lower_bound=3)
+flags.DEFINE_integer("repair_invariant_examples", 2000, "Validation images on which the "
+                     "losses are measured.", lower_bound=1)
+flags.DEFINE_float("repair_invariant_loss_threshold", None, "Loss threshold of the set "
+                   "(default: the largest loss of the kept networks).")
+
+# Transitions
+flags.DEFINE_list("repair_transition_fractions", ["0.5", "0.8"], "Deleted fractions of C2 "
+                  "and C3.")
+flags.DEFINE_float("repair_transition_learning_rate", 3e-3, "Adam rate of the FIP "
+                   "repairs of the transitions.", lower_bound=0.0)
 
 # VGG
 flags.DEFINE_bool("repair_vgg", False, "Also run the VGG-11 recovery path.")
@@ -162,9 +206,10 @@ def _repair(method, model, damaged, learning_rate, splits, seed):
             steps_per_round=FLAGS.repair_prune_steps_per_round,
             batch_size=FLAGS.batch_size, **common_kwargs)
         return history, repaired
+    extra = {"solve_output_layer": FLAGS.repair_fip_solve_examples} if method == "fip" else {}
     op = keras_fip.Repair(data=x if method == "fip" else (x, y), method=method,
                           validation_data=validation, learning_rate=learning_rate,
-                          batch_size=FLAGS.batch_size, verbose=0, **common_kwargs)
+                          batch_size=FLAGS.batch_size, verbose=0, **common_kwargs, **extra)
     repaired = op(damaged)
     return op.history, repaired
 
@@ -283,6 +328,145 @@ def iterative(seeds, splits):
     return results, table
 
 
+class _Scorer:
+    """Validation loss and accuracy of many weight settings of one architecture."""
+
+    def __init__(self, model, x, y, batch_size=1000):
+        self.model = keras_fip.strip_masks(model)
+        inputs, labels = tf.constant(np.asarray(x, "float32")), tf.constant(np.asarray(y))
+        count = int(inputs.shape[0])
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                             reduction="sum")
+
+        @tf.function
+        def score():
+            loss, correct = tf.constant(0.0, tf.float64), tf.constant(0, tf.int64)
+            for start in tf.range(0, count, batch_size):
+                logits = self.model(inputs[start:start + batch_size], training=False)
+                batch = labels[start:start + batch_size]
+                loss += tf.cast(loss_fn(batch, logits), tf.float64)
+                correct += tf.reduce_sum(tf.cast(
+                    tf.argmax(logits, axis=-1) == tf.cast(batch, tf.int64), tf.int64))
+            return loss / count, tf.cast(correct, tf.float64) / count
+
+        self._score = score
+
+    def __call__(self, weights):
+        self.model.set_weights(weights)
+        loss, accuracy = self._score()
+        return float(loss), float(accuracy)
+
+
+def _repair_kwargs(splits, learning_rate):
+    _, validation, _ = splits
+    return dict(validation_data=validation, target=FLAGS.repair_target,
+                evaluations_per_epoch=FLAGS.repair_evaluations_per_epoch,
+                stop_at_target=True, learning_rate=learning_rate,
+                batch_size=FLAGS.batch_size, epochs=FLAGS.repair_max_epochs, verbose=0)
+
+
+def invariant(seed, splits):
+    """Networks of (r∘D) loops: losses, pairwise linear interpolation, t-SNE."""
+    from sklearn.manifold import TSNE
+
+    (x, y), (x_val, y_val), _ = splits
+    model = _mlp(seed)
+    networks, labels = [model.get_weights()], [(-1, 0)]
+    for loop in range(FLAGS.repair_invariant_loops):
+        repair = keras_fip.Repair(data=(x, y), method=FLAGS.repair_iterative_method,
+                                  seed=seed, **_repair_kwargs(
+                                      splits, FLAGS.repair_iterative_learning_rate))
+        op = keras_fip.DamageRepair(rounds=FLAGS.repair_invariant_rounds,
+                                    count=FLAGS.repair_invariant_budget, repair=repair,
+                                    seed=1000 * seed + loop, keep_networks=True)
+        op(model)
+        networks += op.networks
+        labels += [(loop, index + 1) for index in range(len(op.networks))]
+        print(f"invariant loop {loop}: {len(op.networks)} networks, cycles "
+              f"{op.history['cycles']:.2f}")
+    count = FLAGS.repair_invariant_examples
+    scorer = _Scorer(model, x_val[:count], y_val[:count])
+    scores = [scorer(weights) for weights in networks]
+    losses = np.array([loss for loss, _ in scores])
+    threshold = (FLAGS.repair_invariant_loss_threshold
+                 if FLAGS.repair_invariant_loss_threshold is not None else float(losses.max()))
+    # Every pair, joined by a straight line
+    times = np.linspace(0.0, 1.0, FLAGS.repair_invariant_points)[1:-1]
+    pairs, highest, barriers = [], [], []
+    for i in range(len(networks)):
+        for j in range(i + 1, len(networks)):
+            line = [scorer([(1 - t) * a + t * b for a, b in zip(networks[i], networks[j])])[0]
+                    for t in times]
+            pairs.append((i, j))
+            highest.append(max(line))
+            barriers.append(max(line) - max(losses[i], losses[j]))
+    highest, barriers = np.array(highest), np.array(barriers)
+    connected = highest <= threshold
+    undamaged_pairs = np.array([i == 0 for i, _ in pairs])
+    # A 2-D embedding of the networks
+    flat = np.stack([np.concatenate([np.ravel(w) for w in weights]) for weights in networks])
+    perplexity = float(min(30.0, max(2.0, (len(networks) - 1) / 3)))
+    embedding = TSNE(n_components=2, perplexity=perplexity, init="pca",
+                     random_state=seed).fit_transform(flat)
+    results = {
+        "invariant/num_networks": len(networks),
+        "invariant/labels": [list(label) for label in labels],
+        "invariant/loss": losses.tolist(),
+        "invariant/accuracy": [accuracy for _, accuracy in scores],
+        "invariant/loss_threshold": threshold,
+        "invariant/num_pairs": len(pairs),
+        "invariant/connected_fraction": float(np.mean(connected)),
+        "invariant/connected_fraction/with_undamaged": float(
+            np.mean(connected[undamaged_pairs])),
+        "invariant/connected_fraction/within_loop": float(np.mean(
+            [c for (i, j), c in zip(pairs, connected) if i > 0
+             and labels[i][0] == labels[j][0]] or [np.nan])),
+        "invariant/connected_fraction/across_loops": float(np.mean(
+            [c for (i, j), c in zip(pairs, connected) if i > 0
+             and labels[i][0] != labels[j][0]] or [np.nan])),
+        "invariant/barrier/mean": float(np.mean(barriers)),
+        "invariant/barrier/max": float(np.max(barriers)),
+        "invariant/embedding": embedding.tolist(),
+    }
+    print(f"invariant: {len(networks)} networks, {np.mean(connected):.2%} of "
+          f"{len(pairs)} lines under the loss {threshold:.4f}")
+    return results, (embedding, losses, pairs, connected)
+
+
+def transitions(seed, splits):
+    """C1 → C2 → C3 → C4: epochs of each FIP transition (inputs only)."""
+    (x, _), _, (x_test, y_test) = splits
+    model = _mlp(seed)
+    kwargs = _repair_kwargs(splits, FLAGS.repair_transition_learning_rate)
+    results = {"transitions/C1/test/accuracy": models.evaluate_classifier(
+        model, x_test, y_test)["accuracy"]}
+    current = model
+    steps = [(f"C{i + 1}_to_C{i + 2}", float(f)) for i, f in
+             enumerate(FLAGS.repair_transition_fractions)]
+    steps.append((f"C{len(steps) + 1}_to_C{len(steps) + 2}", None))
+    for name, fraction in steps:
+        if fraction is not None:  # Delete more (the same seeded order: a superset)
+            current = keras_fip.Damage("nodes", fraction=fraction, seed=seed)(current)
+            op = keras_fip.Repair(data=x, method="fip", seed=seed, **kwargs)
+        else:  # Restore the deleted units
+            op = keras_fip.Repair(data=x, method="fip", release=True, seed=seed, **kwargs)
+        current = op(current)
+        recovered = op.history["epochs_to_recover"]
+        results[f"transitions/{name}/fraction_deleted"] = fraction if fraction else 0.0
+        results[f"transitions/{name}/start/val_accuracy"] = op.history["val_accuracy"][0]
+        results[f"transitions/{name}/epochs_to_recover"] = recovered
+        results[f"transitions/{name}/epochs"] = op.history["epochs"]
+        results[f"transitions/{name}/test/accuracy"] = models.evaluate_classifier(
+            current, x_test, y_test)["accuracy"]
+        print(f"transition {name}: from {op.history['val_accuracy'][0]:.4f}, recovered at "
+              f"{recovered} epochs")
+    done = [results[f"transitions/{name}/epochs_to_recover"] for name, _ in steps]
+    results["transitions/all_recovered"] = all(v is not None for v in done)
+    results["transitions/max_epochs_to_recover"] = (
+        float(max(done)) if all(v is not None for v in done) else None)
+    return results, None
+
+
 def vgg(seed):
     """Accuracy and break-down along the recovery path and the straight damage path."""
     model, base = models.base_network(
@@ -374,6 +558,27 @@ def plot_iterative(table, output_dir):
     plt.close(figure)
 
 
+def plot_invariant(info, output_dir):
+    embedding, losses, pairs, connected = info
+    figure, axis = plt.subplots(figsize=(5.5, 4.2))
+    for (i, j), joined in zip(pairs, connected):
+        if joined:
+            axis.plot(embedding[[i, j], 0], embedding[[i, j], 1], color="0.85",
+                      linewidth=0.5, zorder=0)
+    points = axis.scatter(embedding[:, 0], embedding[:, 1], c=losses, cmap="viridis",
+                          zorder=1)
+    axis.scatter(embedding[:1, 0], embedding[:1, 1], marker="*", s=200, c="tab:red",
+                 label="undamaged", zorder=2)
+    figure.colorbar(points, label="validation loss")
+    axis.set_title(f"(r∘D) networks: {np.mean(connected):.0%} of lines under the threshold")
+    axis.set_xlabel("t-SNE 1")
+    axis.set_ylabel("t-SNE 2")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(f"{output_dir}/invariant.png", dpi=120)
+    plt.close(figure)
+
+
 def plot_vgg(times, curves, output_dir):
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, (accuracies, profile) in curves.items():
@@ -404,7 +609,7 @@ def main(argv):
     common.set_seed(seeds[0])
     start = time.perf_counter()
     results = {}
-    if "recovery" in parts or "iterative" in parts:
+    if any(part in parts for part in ("recovery", "iterative", "invariant", "transitions")):
         splits = _splits(FLAGS.dataset)
     if "recovery" in parts:
         measured, curves = recovery(methods, seeds, splits)
@@ -414,6 +619,13 @@ def main(argv):
         measured, table = iterative(seeds, splits)
         results.update(measured)
         plot_iterative(table, output_dir)
+    if "invariant" in parts:
+        measured, info = invariant(seeds[0], splits)
+        results.update(measured)
+        plot_invariant(info, output_dir)
+    if "transitions" in parts:
+        measured, _ = transitions(seeds[0], splits)
+        results.update(measured)
     if "vgg" in parts or FLAGS.repair_vgg:
         measured, (times, curves) = vgg(seeds[0])
         results.update(measured)

@@ -14,12 +14,15 @@ Three experiment families of the resilience and damage-rescue papers, on base ne
   so (`<model>/dataset/subset`).
 - `deletion` (Fig. 3): MLP-1 (784-`--resilience_mlp_width`-10) with 0-100% of its hidden units
   deleted in `--resilience_deletion_step` steps, `--resilience_deletion_seeds` deletion
-  orders (nested sets per order): test accuracy mean ± std, the break-down speed and
-  acceleration along each deletion path (g on `--resilience_path_outputs`, probabilities
-  by default; times = deleted fraction; acceleration ds/dt,
-  Eq. 11 with its sign restored; energy = Eq. 6 without square root, length with it), the
-  knee of the accuracy curve (Kneedle) and where the acceleration peaks. Then
-  `--resilience_layer_models` layer by layer (each hidden layer's fraction deleted alone).
+  orders (nested sets per order): test accuracy mean ± std, the knee of the accuracy curve
+  (Kneedle) and the break-down speed and acceleration of the deletion process
+  (`geometry.deletion_profile`: at each network, the expected squared change of the
+  `--resilience_path_outputs` on `--resilience_path_examples` inputs when one more unit is
+  deleted, per unit of deleted fraction, and its finite difference ds/dt, Eq. 11 with its
+  sign restored), with where the mean acceleration peaks. The speeds of the sequence's own
+  segments (second-order, `geometry.breakdown_profile`; energy = Eq. 6 without square root)
+  are reported beside it under `mlp1/segment/...`. Then `--resilience_layer_models` layer by
+  layer (each hidden layer's fraction deleted alone).
 - `faults`: on `--resilience_fault_model`, bit flips by class (any/sign/exponent/mantissa
   float32 bits, int8 any/sign) and count, Gaussian perturbations by norm, weight zeroing by
   fraction: test accuracy mean ± std over `--resilience_fault_seeds` seeds. Bit flips are an
@@ -95,9 +98,9 @@ flags.DEFINE_integer("resilience_rho_steps", 40, "SLQ Lanczos steps for ρ.", lo
 flags.DEFINE_integer("resilience_mlp_width", 400, "Hidden units of MLP-1.", lower_bound=1)
 flags.DEFINE_float("resilience_deletion_step", 0.05, "Step of the deleted fraction.",
                    lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_integer("resilience_deletion_seeds", 5, "Deletion orders of MLP-1.",
+flags.DEFINE_integer("resilience_deletion_seeds", 10, "Deletion orders of MLP-1.",
                      lower_bound=1)
-flags.DEFINE_integer("resilience_path_examples", 1000, "Training inputs on which the "
+flags.DEFINE_integer("resilience_path_examples", 500, "Training inputs on which the "
                      "break-down speed is measured.", lower_bound=1)
 flags.DEFINE_enum("resilience_path_outputs", "probabilities", ["logits", "probabilities"],
                   "Outputs whose metric measures the break-down speed: on logits a deleted "
@@ -284,44 +287,69 @@ def deletion(dataset, epochs):
     path_inputs = x_train[:FLAGS.resilience_path_examples]
     evaluator = Evaluator(model, x_test, y_test)
     fractions = np.round(np.arange(0.0, 1.0 + 1e-9, FLAGS.resilience_deletion_step), 6)
-    curves, speeds, accelerations, knees, peaks, energies = [], [], [], [], [], []
+    outputs = FLAGS.resilience_path_outputs
+    curves, speeds, accelerations, knees, peaks = [], [], [], [], []
+    segment_accelerations, segment_peaks, energies = [], [], []
     for seed in range(FLAGS.resilience_deletion_seeds):
         sequence = geometry.deletion_sequence(model, fractions, seed=seed)
         accuracy = []
         for damaged in sequence:
             evaluator.set_weights(damaged.get_weights())
             accuracy.append(evaluator.accuracy())
-        profile = geometry.breakdown_profile(sequence, path_inputs, times=fractions,
-                                             outputs=FLAGS.resilience_path_outputs)
+        # The deletion process's speed (expected over the next unit) and its derivative
+        profile = geometry.deletion_profile(sequence, path_inputs, fractions, outputs=outputs)
+        # The speeds of the sequence's own segments (second order, per Δt²), for comparison
+        segments = geometry.breakdown_profile(sequence, path_inputs, times=fractions,
+                                              outputs=outputs)
         curves.append(accuracy)
         speeds.append(profile["speed"])
         accelerations.append(profile["acceleration"])
-        energies.append(profile["energy"])
         knees.append(geometry.knee(fractions, accuracy))
         peaks.append(float(profile["acceleration_times"][np.argmax(profile["acceleration"])]))
+        segment_accelerations.append(segments["acceleration"])
+        segment_peaks.append(float(
+            segments["acceleration_times"][np.argmax(segments["acceleration"])]))
+        energies.append(segments["energy"])
     curves = np.array(curves)
     results = {"mlp1/test/accuracy": curves[0, 0], "mlp1/deletion_seeds": len(knees)}
     for index, fraction in enumerate(fractions):
         results.update({key: value for key, value in _stats(
             f"mlp1/nodes/{_key(fraction)}/test/accuracy", curves[:, index]).items()
             if key.endswith(("/mean", "/std"))})
+    knee_of_mean = geometry.knee(fractions, curves.mean(0))
     results["mlp1/knee"] = float(np.mean(knees))
-    results["mlp1/knee_of_mean_curve"] = geometry.knee(fractions, curves.mean(0))
+    results["mlp1/knee_of_mean_curve"] = knee_of_mean
     results["mlp1/knee/std"] = float(np.std(knees))
     results["mlp1/knee/per_seed"] = knees
-    mean_acceleration = np.mean(accelerations, axis=0)
-    results["mlp1/max_acceleration_at"] = float(
-        profile["acceleration_times"][np.argmax(mean_acceleration)])
+    # Every order has survivors up to the last fraction below 1: equal lengths.
+    length = min(len(a) for a in accelerations)
+    mean_acceleration = np.mean([a[:length] for a in accelerations], axis=0)
+    acceleration_times = profile["acceleration_times"][:length]
+    peak = float(acceleration_times[np.argmax(mean_acceleration)])
+    results["mlp1/max_acceleration_at"] = peak
+    results["mlp1/max_acceleration_minus_knee"] = peak - knee_of_mean
+    results["mlp1/max_acceleration_minus_mean_knee"] = peak - float(np.mean(knees))
     results["mlp1/max_acceleration_at/per_seed"] = peaks
-    results["mlp1/max_acceleration_minus_knee"] = (
-        results["mlp1/max_acceleration_at"] - geometry.knee(fractions, curves.mean(0)))
-    results["mlp1/max_acceleration_minus_knee/per_seed_max_abs"] = float(
-        np.max(np.abs(np.array(peaks) - np.array(knees))))
+    distances = np.abs(np.array(peaks) - np.array(knees))
+    results["mlp1/max_acceleration_minus_knee/per_seed_max_abs"] = float(np.max(distances))
+    results["mlp1/max_acceleration_within_10_points/per_seed_count"] = int(
+        np.sum(distances <= 0.1 + 1e-9))
+    results["mlp1/breakdown_speed/mean"] = np.mean(
+        [s[:length + 1] for s in speeds], axis=0).tolist()
+    results["mlp1/breakdown_speed/times"] = profile["speed_times"][:length + 1].tolist()
+    results["mlp1/breakdown_acceleration/mean"] = mean_acceleration.tolist()
+    results["mlp1/breakdown_acceleration/times"] = acceleration_times.tolist()
+    segment_mean = np.mean(segment_accelerations, axis=0)
+    results["mlp1/segment/max_acceleration_at"] = float(
+        segments["acceleration_times"][np.argmax(segment_mean)])
+    results["mlp1/segment/max_acceleration_at/per_seed"] = segment_peaks
     results["mlp1/path_energy/mean"] = float(np.mean(energies))
-    results["mlp1/breakdown_speed/mean"] = np.mean(speeds, axis=0).tolist()
-    results["mlp1/breakdown_acceleration/mean"] = np.mean(accelerations, axis=0).tolist()
-    figure = {"fractions": fractions, "curves": curves, "speeds": np.array(speeds),
-              "accelerations": np.array(accelerations), "knees": knees, "peaks": peaks}
+    figure = {"fractions": fractions, "curves": curves,
+              "speeds": np.array([s[:length + 1] for s in speeds]),
+              "speed_times": profile["speed_times"][:length + 1],
+              "accelerations": np.array([a[:length] for a in accelerations]),
+              "acceleration_times": acceleration_times, "knees": knees, "peaks": peaks,
+              "knee_of_mean": knee_of_mean, "peak": peak}
     return results, figure
 
 
@@ -435,17 +463,20 @@ def plot_deletion(info, layers, output_dir):
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     mean, spread = info["curves"].mean(0), info["curves"].std(0)
     left.errorbar(100 * fractions, mean, yerr=spread, marker="o", markersize=3)
-    left.axvline(100 * np.mean(info["knees"]), color="tab:red", linestyle="--", label="knee")
+    left.axvline(100 * info["knee_of_mean"], color="tab:red", linestyle="--",
+                 label="knee of the mean curve")
     left.set_xlabel("hidden units deleted (%)")
     left.set_ylabel("test accuracy")
     left.set_title("MLP-1 node deletion")
     left.legend()
-    right.semilogy(100 * fractions[:-1], info["speeds"].mean(0), label="speed s")
+    right.plot(100 * info["speed_times"], info["speeds"].mean(0), label="speed s")
     twin = right.twinx()
-    twin.plot(100 * fractions[1:-1], info["accelerations"].mean(0), color="tab:orange",
-              label="acceleration ds/dt")
-    peak = fractions[1:-1][np.argmax(info["accelerations"].mean(0))]
-    right.axvline(100 * peak, color="tab:orange", linestyle=":", label="acceleration peak")
+    twin.plot(100 * info["acceleration_times"], info["accelerations"].mean(0),
+              color="tab:orange", label="acceleration ds/dt")
+    right.axvline(100 * info["peak"], color="tab:orange", linestyle=":",
+                  label="acceleration peak")
+    right.axvline(100 * info["knee_of_mean"], color="tab:red", linestyle="--", label="knee")
+    right.legend(fontsize=7)
     right.set_xlabel("hidden units deleted (%)")
     right.set_ylabel("break-down speed")
     twin.set_ylabel("break-down acceleration")

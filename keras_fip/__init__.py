@@ -65,3 +65,5 @@ __all__ = [
     "DamageRepair",
 ]
 from keras_fip import distribute  # noqa: E402
+from keras_fip.operations import load_damaged_model  # noqa: E402
+__all__ += ["load_damaged_model"]

@@ -17,6 +17,8 @@ from keras_fip.geometry.damage import breakdown_profile
 from keras_fip.geometry.damage import damage_path
 from keras_fip.geometry.damage import deletion_sequence
 from keras_fip.geometry.damage import knee
+from keras_fip.geometry.damage import deletion_profile
+from keras_fip.geometry.damage import unit_deletion_speed
 
 __all__ = [
     "Eigenpairs",
@@ -36,4 +38,6 @@ __all__ = [
     "damage_path",
     "deletion_sequence",
     "knee",
+    "deletion_profile",
+    "unit_deletion_speed",
 ]

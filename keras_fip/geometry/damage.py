@@ -13,12 +13,31 @@ segment and its finite-difference derivative ds/dt (Eq. 11 of the resilience pap
 its dropped minus sign restored: we differentiate s directly rather than use the printed
 closed form). Eq. 6's "length" ∫ γ'ᵀ g γ' dt has no square root: it is the path *energy*,
 reported as `energy`; the metric length ∫ √(γ'ᵀ g γ') dt is reported as `length`.
+
+A deletion sequence is not a smooth path but a jump process: each step deletes k = N·Δt of
+the N units, and the squared output change of a step is, to first order, the sum of the k
+units' own changes, so it grows like Δt, not Δt². Speeds of its segments divided by Δt²
+(`breakdown_profile`) double when the step halves; the speeds of the segments also carry
+the noise of which k units happened to go, and their second-order form at the segment's
+start is not the change: a unit's output is bilinear in its incoming and outgoing weights,
+both zeroed, so the linearised change is twice the true one. `deletion_profile` measures instead the
+break-down speed of the deletion process itself, the limit Δt → 0 of E‖Δf‖²/Δt: at each
+network of the sequence, `unit_deletion_speed` = N · mean over the surviving units u of
+E_x ‖f(w without u; x) − f(w; x)‖², each unit deleted exactly (no expansion), which is the
+expected break-down speed of deleting the next unit of a random order, step-independent.
+Its acceleration is the finite difference between consecutive networks.
 """
 
 import keras
 import numpy as np
+import tensorflow as tf
 
+from keras_fip.engine.copy import copy_model
+from keras_fip.engine.data_adapter import check_inputs_match_model
+from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.geometry.paths import breakdown_speed
+
+OUTPUTS = ("logits", "probabilities")
 
 
 def _check_model(model, name):
@@ -215,3 +234,214 @@ def knee(x, y):
     scaled_y = (y - y.min()) / span
     chord = scaled_y[0] + (scaled_y[-1] - scaled_y[0]) * scaled_x
     return float(x[int(np.argmax(scaled_y - chord))])
+
+
+def _check_outputs(outputs):
+    if outputs not in OUTPUTS:
+        raise ValueError(
+            f"`outputs` must be one of {OUTPUTS}. Received: outputs={outputs!r}")
+
+
+class _UnitDeleter:
+    """Squared output change of deleting each surviving hidden unit of one architecture.
+
+    One working copy of the model and one traced function per deletable layer: a unit is
+    deleted by multiplying the layer's silencing targets (`Damage("nodes")`'s plan: its
+    incoming kernel slice and bias, BatchNorm scale and offset, outgoing weights) by a mask
+    built from the unit's index, the outputs on the inputs compared with the network's own,
+    and the variables restored. Nothing is retraced per unit or per network.
+    """
+
+    def __init__(self, model, x, outputs, layers, batch_size):
+        from keras_fip.operations.damage import Damage
+
+        self.working = copy_model(model)
+        self.outputs = outputs
+        probe = Damage("nodes", count=0, layers=layers)
+        self.plans = probe._unit_plans(self.working, probe._selected_layers(self.working))
+        self.layers = layers
+        self.num_units = int(sum(plan.channels for plan in self.plans))
+        inputs = tf.constant(np.asarray(x, dtype=self.working.inputs[0].dtype))
+        count, size = int(inputs.shape[0]), int(batch_size)
+
+        def forward():
+            pieces = []
+            for start in range(0, count, size):
+                values = self.working(inputs[start:start + size], training=False)
+                if outputs == "probabilities":
+                    values = tf.nn.softmax(values, axis=-1)
+                pieces.append(tf.reshape(tf.cast(values, tf.float64),
+                                         [-1, int(np.prod(values.shape[1:]))]))
+            return tf.concat(pieces, axis=0)
+
+        self._forward = tf.function(forward)
+        self._changes = [self._change_function(plan, forward) for plan in self.plans]
+
+    @staticmethod
+    def _change_function(plan, forward):
+        targets = plan.targets
+        channels = plan.channels
+
+        @tf.function
+        def change(unit, base):
+            saved = [tf.identity(variable.value) for variable, _, _ in targets]
+            for variable, axis, spatial in targets:
+                size = int(variable.shape[axis])
+                indices = tf.range(spatial) * channels + unit
+                keep = 1.0 - tf.reduce_sum(tf.one_hot(indices, size, dtype=variable.dtype),
+                                           axis=0)
+                shape = [1] * len(variable.shape)
+                shape[axis] = size
+                variable.assign(variable.value * tf.reshape(keep, shape))
+            after = forward()
+            for (variable, _, _), value in zip(targets, saved):
+                variable.assign(value)
+            return tf.reduce_mean(tf.reduce_sum(tf.square(after - base), axis=-1))
+
+        return change
+
+    def __call__(self, point, max_units=None, rng=None):
+        """(N · mean squared change, per-unit changes, number of surviving units)."""
+        from keras_fip.operations.damage import hidden_units
+
+        self.working.set_weights(point.get_weights())
+        deleted = hidden_units(point, self.layers)
+        base = self._forward()
+        candidates = []
+        for index, plan in enumerate(self.plans):
+            gone = set(deleted.get(plan.layer.name, (plan.channels, []))[1])
+            candidates += [(index, unit) for unit in range(plan.channels) if unit not in gone]
+        alive = len(candidates)
+        if max_units is not None and alive > max_units:
+            chosen = rng.choice(alive, size=max_units, replace=False)
+            candidates = [candidates[i] for i in np.sort(chosen)]
+        changes = np.array([float(self._changes[index](tf.constant(unit, tf.int32), base))
+                            for index, unit in candidates])
+        speed = float(self.num_units * np.mean(changes)) if changes.size else 0.0
+        return speed, changes, alive
+
+
+def _check_positive(value, name, allow_none=False):
+    if allow_none and value is None:
+        return
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(
+            f"`{name}` must be a positive integer{' or None' if allow_none else ''}. "
+            f"Received: {name}={value!r}")
+
+
+def unit_deletion_speed(model, data, outputs="probabilities", layers=None, max_units=None,
+                        seed=None, batch_size=1024):
+    """The break-down speed of deleting one more hidden unit, at a (damaged) network.
+
+    With N deletable hidden units (`Damage("nodes")`'s, of `layers`) the deleted fraction
+    grows by 1/N per unit, so the expected break-down speed of a random deletion order at
+    this network is `N · mean_u E_x ‖f(w without u; x) − f(w; x)‖²` over the surviving
+    units u, each deleted exactly (its incoming slice, bias, BatchNorm scale/offset and
+    outgoing weights zeroed, as `Damage` does) with the others as they are. It is the limit
+    of `E‖Δf‖² / Δt` as the deletion step Δt shrinks: the speed of the deletion process,
+    independent of any step size (see the module docstring).
+
+    Args:
+        model: A Sequential or functional `keras.Model`, possibly damaged by
+            `Damage("nodes")` (its deleted units are read from the masks it carries). Not
+            changed.
+        data: Inputs on which outputs are compared (array or `(x, y)`).
+        outputs: `"probabilities"` (softmax of the logits) or `"logits"`. Defaults to
+            `"probabilities"`.
+        layers: Names of the layers whose units count, or `None` for every hidden
+            Dense/Conv layer. Defaults to `None`.
+        max_units: Delete at most this many surviving units (a seeded sample) instead of
+            all of them. Defaults to `None` (all).
+        seed: Seed of the sample. Defaults to `None`.
+        batch_size: Inputs per forward pass. Defaults to `1024`.
+
+    Returns:
+        A dict: `speed` (float), `changes` (numpy array, the mean squared output change of
+        each unit deleted), `num_units` (N) and `num_alive` (surviving units).
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu"),
+    ...                           keras.layers.Dense(2)])
+    >>> result = unit_deletion_speed(model, np.ones((3, 4)))
+    >>> result["num_units"], result["num_alive"]
+    (8, 8)
+    """
+    _check_model(model, "model")
+    _check_outputs(outputs)
+    _check_positive(max_units, "max_units", allow_none=True)
+    _check_positive(batch_size, "batch_size")
+    x, _ = normalize_data(data, name="data")
+    check_inputs_match_model(model, x)
+    deleter = _UnitDeleter(model, x, outputs, layers, batch_size)
+    speed, changes, alive = deleter(model, max_units, np.random.default_rng(seed))
+    return {"speed": speed, "changes": changes, "num_units": deleter.num_units,
+            "num_alive": alive}
+
+
+def deletion_profile(sequence, data, times, outputs="probabilities", layers=None,
+                     max_units=None, seed=None, batch_size=1024):
+    """Break-down speed and acceleration of a progressive deletion sequence.
+
+    At each network of `sequence` that still has units, the speed is
+    `unit_deletion_speed` (the expected break-down speed of deleting the next unit, per
+    unit of deleted fraction); the acceleration is its finite difference
+    `(s_{i+1} − s_i) / (t_{i+1} − t_i)`, placed at the midpoint of the two times. Unlike
+    `breakdown_profile` on the same sequence, neither depends on the step of the sequence
+    (see the module docstring).
+
+    Args:
+        sequence: At least 3 `keras.Model`s, e.g. from `deletion_sequence`.
+        data: Inputs on which outputs are compared.
+        times: Strictly increasing deleted fractions of the networks.
+        outputs: `"probabilities"` or `"logits"`. Defaults to `"probabilities"`.
+        layers: Names of the layers whose units count (those the sequence deletes from),
+            or `None`. Defaults to `None`.
+        max_units: Units deleted per network, at most (a seeded sample). Defaults to
+            `None` (all).
+        seed: Seed of the samples. Defaults to `None`.
+        batch_size: Inputs per forward pass. Defaults to `1024`.
+
+    Returns:
+        A dict of numpy arrays: `speed` and `speed_times` (the networks with surviving
+        units), `acceleration` and `acceleration_times` (midpoints), `num_alive`.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu"),
+    ...                           keras.layers.Dense(2)])
+    >>> sequence = deletion_sequence(model, [0.0, 0.25, 0.5, 1.0])
+    >>> profile = deletion_profile(sequence, np.ones((3, 4)), [0.0, 0.25, 0.5, 1.0])
+    >>> profile["speed_times"].tolist(), profile["acceleration_times"].tolist()
+    ([0.0, 0.25, 0.5], [0.125, 0.375])
+    """
+    if not isinstance(sequence, (list, tuple)) or len(sequence) < 3 or not all(
+            isinstance(point, keras.Model) for point in sequence):
+        raise ValueError(
+            "`sequence` must be a list of at least 3 `keras.Model`s. Received: "
+            f"{sequence!r}"[:300])
+    times = np.asarray(times, dtype=np.float64)
+    if times.shape != (len(sequence),) or np.any(np.diff(times) <= 0):
+        raise ValueError(
+            f"`times` must be {len(sequence)} strictly increasing numbers, one per network. "
+            f"Received: times={times.tolist()!r}")
+    _check_outputs(outputs)
+    _check_positive(max_units, "max_units", allow_none=True)
+    _check_positive(batch_size, "batch_size")
+    x, _ = normalize_data(data, name="data")
+    check_inputs_match_model(sequence[0], x)
+    deleter = _UnitDeleter(sequence[0], x, outputs, layers, batch_size)
+    rng = np.random.default_rng(seed)
+    speeds, alive = [], []
+    for point in sequence:
+        speed, _, count = deleter(point, max_units, rng)
+        if count == 0:
+            break
+        speeds.append(speed)
+        alive.append(count)
+    speeds = np.array(speeds)
+    kept = times[:len(speeds)]
+    return {"speed": speeds, "speed_times": kept,
+            "acceleration": np.diff(speeds) / np.diff(kept),
+            "acceleration_times": (kept[:-1] + kept[1:]) / 2, "num_alive": np.array(alive)}

@@ -23,3 +23,4 @@ from keras_fip.operations.heads import grow_output_layer
 from keras_fip.operations.bridge import Bridge
 from keras_fip.operations.repair import Repair
 from keras_fip.operations.damage_repair import DamageRepair
+from keras_fip.operations.damage import load_damaged_model

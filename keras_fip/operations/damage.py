@@ -1,6 +1,7 @@
 """`Damage`: fault models for Keras networks, from deleted units to the weight-space adversary."""
 
-import weakref
+import json
+import os
 
 import keras
 import numpy as np
@@ -48,17 +49,21 @@ _STRUCTURAL_LAYERS = tuple(getattr(keras.layers, name) for name in (
     "UpSampling1D", "UpSampling2D", "UpSampling3D", "ActivityRegularization")
     if hasattr(keras.layers, name))
 
-_REFERENCES = weakref.WeakKeyDictionary()
+# The attribute of a damaged model that holds its `DamageReference` (saved in `.keras`).
+_STATE_ATTRIBUTE = "_keras_fip_damage_reference"
 
 
 class DamageReference:
     """The undamaged network behind a damaged model: what `Repair` walks back to.
 
     `Damage` records one on every model it returns (`keras_fip.damage_reference(model)`),
-    in a `weakref.WeakKeyDictionary` keyed by the returned model object, as
-    `keras_fip.operations.carry_data` carries anchor inputs: it lives as long as that model
-    object and is not saved in `.keras` files (save the reference's `weights` yourself if a
-    repair must happen in another process). Damage applied to an already damaged model keeps
+    and `Repair` on every model it repairs. It lives on that model object (not on its
+    copies) and is written into the model's `.keras` file by `model.save(...)` (beside the
+    weights, in `model.weights.h5`); `keras.saving.load_model` ignores it, and
+    `keras_fip.load_damaged_model` loads the model with it, so a repair can happen in
+    another process. Everything is saved, the recorded `inputs` and `outputs` included
+    (pass `Damage` only the `data` a repair needs: a whole training set makes a large
+    file). Damage applied to an already damaged model keeps
     the *first* undamaged network as the reference and accumulates the damage masks and the
     records, so a repair always aims at the network before any damage.
 
@@ -142,7 +147,127 @@ def damage_reference(model):
     >>> keras_fip.damage_reference(model) is None
     True
     """
-    return _REFERENCES.get(model)
+    state = getattr(model, _STATE_ATTRIBUTE, None) if isinstance(model, keras.Model) else None
+    return state.reference if isinstance(state, _ReferenceState) else None
+
+
+def attach_reference(model, reference):
+    """Records `reference` (a `DamageReference`) on `model`, replacing any earlier one."""
+    state = _ReferenceState(reference)
+    # Not a layer, variable or metric: Keras does not track it, but `.keras` saving
+    # visits it (`save_own_variables`).
+    setattr(model, _STATE_ATTRIBUTE, state)
+
+
+def _pack(reference):
+    """A flat dict of numpy arrays holding a `DamageReference` (for `.keras` files)."""
+    arrays = {}
+    layout = {"weights": len(reference.weights), "masks": [], "damage_masks": [],
+              "inputs": reference.inputs is not None,
+              "outputs": reference.outputs is not None}
+    for index, weight in enumerate(reference.weights):
+        arrays[f"weight_{index}"] = np.asarray(weight)
+    for field in ("masks", "damage_masks"):
+        for index, mask in enumerate(getattr(reference, field)):
+            layout[field].append(mask is not None)
+            if mask is not None:
+                arrays[f"{field}_{index}"] = np.asarray(mask, dtype=np.uint8)
+    if reference.inputs is not None:
+        arrays["inputs"] = np.asarray(reference.inputs)
+    if reference.outputs is not None:
+        arrays["outputs"] = np.asarray(reference.outputs)
+    layout["records"] = reference.records
+    text = json.dumps(layout, default=_json_default)
+    arrays["layout"] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    return arrays
+
+
+def _json_default(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _unpack(arrays):
+    """Inverse of `_pack` (`arrays`: a mapping of names to arrays)."""
+    layout = json.loads(bytes(np.asarray(arrays["layout"], dtype=np.uint8)).decode("utf-8"))
+    weights = [np.asarray(arrays[f"weight_{i}"]) for i in range(layout["weights"])]
+    masks = {}
+    for field in ("masks", "damage_masks"):
+        masks[field] = [np.asarray(arrays[f"{field}_{i}"]).astype(bool) if present else None
+                        for i, present in enumerate(layout[field])]
+    return DamageReference(
+        weights, masks["masks"], masks["damage_masks"],
+        np.asarray(arrays["inputs"]) if layout["inputs"] else None,
+        np.asarray(arrays["outputs"]) if layout["outputs"] else None, layout["records"])
+
+
+class _ReferenceState(keras.Operation):
+    """Holds a model's `DamageReference`; Keras's `.keras` saving writes it with the weights."""
+
+    def __init__(self, reference=None):
+        super().__init__(name="keras_fip_damage_reference")
+        self.reference = reference
+
+    def save_own_variables(self, store):
+        if self.reference is not None:
+            for key, value in _pack(self.reference).items():
+                store[key] = value
+
+    def load_own_variables(self, store):
+        try:
+            keys = list(store.keys())
+        except (AttributeError, TypeError):
+            keys = []
+        if "layout" in keys:
+            self.reference = _unpack({key: np.asarray(store[key]) for key in keys})
+
+
+def load_damaged_model(filepath, custom_objects=None, compile=True, safe_mode=True):
+    """Loads a `.keras` file with the damage reference `model.save` wrote into it.
+
+    `keras.saving.load_model` restores the damaged network (and its masks) but not the
+    undamaged network behind it; this loads the model the same way and re-attaches its
+    `DamageReference`, so `keras_fip.Repair` needs nothing else.
+
+    Args:
+        filepath: Path of a `.keras` file written by `model.save` (or
+            `keras.saving.save_model`).
+        custom_objects: As for `keras.saving.load_model`. Defaults to `None`.
+        compile: As for `keras.saving.load_model`. Defaults to `True`.
+        safe_mode: As for `keras.saving.load_model`. Defaults to `True`.
+
+    Returns:
+        The loaded `keras.Model`; `keras_fip.damage_reference(model)` is its reference, or
+        `None` if the saved model carried none.
+
+    Example:
+
+    >>> import keras, os, tempfile
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+    ...                           keras.layers.Dense(2)])
+    >>> damaged = keras_fip.Damage("nodes", fraction=0.5, seed=0)(model)
+    >>> path = os.path.join(tempfile.mkdtemp(), "damaged.keras")
+    >>> damaged.save(path)
+    >>> loaded = load_damaged_model(path)
+    >>> keras_fip.damage_reference(loaded).records[0]["num_hit"]
+    4
+    """
+    if not isinstance(filepath, (str, os.PathLike)) or not str(filepath).endswith(".keras"):
+        raise ValueError(
+            f"`filepath` must be the path of a `.keras` file. Received: filepath={filepath!r}")
+    model = keras.saving.load_model(filepath, custom_objects=custom_objects,
+                                    compile=compile, safe_mode=safe_mode)
+    state = _ReferenceState()
+    setattr(model, _STATE_ATTRIBUTE, state)
+    # The same file again, through Keras's own reader: it visits the empty state, which
+    # reads the stored reference (and reloads the weights, unchanged).
+    model.load_weights(filepath)
+    if state.reference is None:
+        delattr(model, _STATE_ATTRIBUTE)
+    return model
 
 
 def _predict(model, x, batch_size=1024):
@@ -510,7 +635,7 @@ class Damage(Operation):
     def __call__(self, model):
         self.record = None
         self.perturbation = None
-        self._earlier = _REFERENCES.get(model) if isinstance(model, keras.Model) else None
+        self._earlier = damage_reference(model)
         try:
             return super().__call__(model)
         finally:
@@ -568,7 +693,7 @@ class Damage(Operation):
                 outputs = self._reference_outputs
             reference = DamageReference(undamaged, old_masks, new_masks, inputs, outputs,
                                         [self.record])
-        _REFERENCES[model] = reference
+        attach_reference(model, reference)
 
     # Layer selection.
 

@@ -28,7 +28,10 @@ class DamageRepair(Operation):
     after the damage and after the repair, the repair's epochs and `epochs_to_recover`),
     `"cycles"` (the training epochs of all repairs together: each round counts its
     `epochs_to_recover`, or all its epochs when it did not recover) and `"recovered"`
-    (whether the last round recovered); `op.path` is the last repair's path.
+    (whether the last round recovered); `op.path` is the last repair's path. With
+    `keep_networks=True`, `op.networks` lists the weights (`model.get_weights()` order) of
+    the network after every repair: the set of resilient networks the loop visits, whose
+    connectedness `apps.repair`'s `invariant` part measures.
 
     Args:
         rounds: m, the number of damage-repair rounds.
@@ -41,6 +44,8 @@ class DamageRepair(Operation):
         layers: Names of the layers whose units may be deleted, or `None` for all hidden
             Dense/Conv layers. Defaults to `None`.
         seed: Sampler seed. Defaults to `None`.
+        keep_networks: Whether to keep every repaired network's weights in `op.networks`.
+            Defaults to `False`.
         **kwargs: `Operation` arguments (`name`, `verbose`, `callbacks`, `log_dir`).
 
     Example:
@@ -56,7 +61,7 @@ class DamageRepair(Operation):
     """
 
     def __init__(self, rounds, count=None, fraction=None, repair=None, layers=None,
-                 seed=None, **kwargs):
+                 seed=None, keep_networks=False, **kwargs):
         super().__init__(**kwargs)
         self.rounds = self.check_number(rounds, "rounds", low=1, low_inclusive=True,
                                         integer=True)
@@ -84,6 +89,11 @@ class DamageRepair(Operation):
         self.repair = repair if repair is not None else Repair()
         self.layers = layers
         self.seed = seed
+        if not isinstance(keep_networks, (bool, np.bool_)):
+            raise ValueError(
+                f"`keep_networks` must be a boolean. Received: keep_networks={keep_networks!r}")
+        self.keep_networks = bool(keep_networks)
+        self.networks = []
 
     def _sample(self, model, rng):
         """`{layer: units}`: the round's units, drawn among the undamaged ones."""
@@ -108,6 +118,7 @@ class DamageRepair(Operation):
         rng = np.random.default_rng(self.seed)
         self._sample(model, np.random.default_rng(0))  # Checks the budget before work.
         rounds, cycles = [], 0.0
+        self.networks = []
         for index in range(self.rounds):
             # Damage: a few undamaged units
             units = self._sample(model, rng)
@@ -118,6 +129,8 @@ class DamageRepair(Operation):
             used = (history["epochs_to_recover"] if history["epochs_to_recover"] is not None
                     else history["epochs"])
             cycles += used
+            if self.keep_networks:
+                self.networks.append(model.get_weights())
             rounds.append({
                 "round": index + 1, "units": units,
                 "damaged_accuracy": history["val_accuracy"][0],
@@ -144,5 +157,6 @@ class DamageRepair(Operation):
             repair=keras.saving.serialize_keras_object(self.repair),
             layers=self.layers,
             seed=self.seed,
+            keep_networks=self.keep_networks,
         )
         return config

@@ -234,6 +234,14 @@ class Repair(Operation):
         path_directory: Directory to stream the path to, or `None`. Defaults to `None`.
         jit_compile: Whether to compile the FIP step with XLA. Defaults to `False`.
         seed: Shuffle, split and initialisation seed. Defaults to `None`.
+        solve_output_layer: For `"fip"`: if positive, the number of training inputs on
+            which the output layer (a Dense layer returning the logits) is first set to the
+            exact minimiser of the squared logit distance to the undamaged network, its
+            kernel and bias the least-squares fit of the undamaged logits from the damaged
+            network's features (D is quadratic in that layer's weights, so this is the
+            walk's objective solved in closed form over them); the walk then starts there.
+            These inputs count towards the epochs (`history["epoch"]` starts at
+            `solve_output_layer / N` after the solve). Defaults to `0` (no solve).
         **kwargs: `Operation` arguments (`name`, `verbose`, `callbacks`, `log_dir`).
 
     Example:
@@ -255,7 +263,7 @@ class Repair(Operation):
                  task_weight=0.0, plasticity=0.0, init_scale=1.0, learning_rate=1e-3,
                  optimizer="adam", batch_size=128, distance="kl", training="auto",
                  record_every=100, path_directory=None, jit_compile=False, seed=None,
-                 **kwargs):
+                 solve_output_layer=0, **kwargs):
         super().__init__(**kwargs)
         self.method = self.check_choice(method, "method", METHODS)
         labels = None
@@ -330,6 +338,14 @@ class Repair(Operation):
         self.record_every, self.path_directory, self.seed = self.check_path_options(
             record_every, path_directory, seed)
         self.jit_compile = bool(jit_compile)
+        self.solve_output_layer = self.check_number(
+            solve_output_layer, "solve_output_layer", low=0, low_inclusive=True,
+            integer=True)
+        if self.solve_output_layer and method != "fip":
+            raise ValueError(
+                "`solve_output_layer` starts the FIP (`method='fip'`). Received: "
+                f"solve_output_layer={solve_output_layer!r} with method={method!r}"
+            )
 
     # Calling.
 
@@ -484,8 +500,50 @@ class Repair(Operation):
 
     # The methods.
 
+    def _solve_output_layer(self, model, undamaged, x):
+        """Sets the output Dense layer to the least-squares fit of the undamaged logits."""
+        layer = model.layers[-1]
+        if not (isinstance(layer, keras.layers.Dense) and len(model.outputs) == 1
+                and model.outputs[0] is layer.output
+                and layer.activation in (None, keras.activations.linear)):
+            raise ValueError(
+                "`solve_output_layer` needs a model whose last layer is a linear Dense layer "
+                f"returning the logits. Received: a model ending in `{layer.name}` "
+                f"({type(layer).__name__})"
+            )
+        count = min(self.solve_output_layer, len(x))
+        chosen = np.sort(self._rng.permutation(len(x))[:count])
+        features = keras.Model(model.input, layer.input)
+        inputs = x[chosen]
+        design = np.concatenate([
+            _predict(features, inputs).reshape(count, -1).astype(np.float64),
+            np.ones((count, 1))], axis=1)
+        targets = _predict(undamaged, inputs).astype(np.float64)
+        mask = masks_lib._mask_of(layer.kernel)
+        if mask is None or np.all(mask == mask[:, :1]):  # Whole rows held at zero (or none)
+            rows = np.ones(design.shape[1], bool)
+            if mask is not None:
+                rows[:-1] = mask[:, 0]
+            solution = np.zeros((design.shape[1], targets.shape[1]))
+            solution[rows], *_ = np.linalg.lstsq(design[:, rows], targets, rcond=None)
+        else:  # Each output's own free inputs
+            solution = np.zeros((design.shape[1], targets.shape[1]))
+            for column in range(targets.shape[1]):
+                rows = np.append(mask[:, column], True)
+                solution[rows, column], *_ = np.linalg.lstsq(
+                    design[:, rows], targets[:, column], rcond=None)
+        layer.kernel.assign(solution[:-1].astype(layer.kernel.dtype))
+        if layer.bias is not None:
+            layer.bias.assign(solution[-1].astype(layer.bias.dtype))
+        return count
+
     def _repair_fip(self, model, undamaged, x, y, x_val, y_val):
         walk_training = self._normalized if self.training == "auto" else self.training
+        start = None
+        if self.solve_output_layer:
+            before = _score(model, x_val, y_val)
+            solved = self._solve_output_layer(model, undamaged, x)
+            start = (before, solved / self.batch_size)
         labelled = self.task_weight > 0 and y is not None
         steps = self.epochs * self._steps_per_epoch
         candidates, best = [], None
@@ -493,6 +551,15 @@ class Repair(Operation):
             seed = None if self.seed is None else self.seed + index
             candidate = copy_model(model) if self.num_paths > 1 else model
             history = self._new_history(candidate, x_val, y_val)
+            offset = 0
+            if start is not None:  # The damaged network, then the solved one.
+                offset = start[1]
+                history["epoch"] = [0.0, offset / self._steps_per_epoch]
+                history["val_accuracy"].insert(0, start[0])
+                if start[0] >= self._undamaged_score - self.target - 1e-12:
+                    history["epochs_to_recover"] = 0.0
+                elif history["epochs_to_recover"] is not None:
+                    history["epochs_to_recover"] = history["epoch"][1]
             trainer = FIPTrainer(
                 candidate, step_rule="penalty", distance=self.distance,
                 beta=self.task_weight,
@@ -509,7 +576,7 @@ class Repair(Operation):
             path = Path(candidate, record_every=self.record_every,
                         directory=self.path_directory if self.num_paths == 1 else None)
             evaluator = _EpochEvaluator(
-                self._evaluator(candidate, x, x_val, y_val, history), self._every)
+                self._evaluator(candidate, x, x_val, y_val, history, offset), self._every)
             if history["epochs_to_recover"] is None or not self.stop_at_target:
                 walked = trainer.walk(dataset, steps, path=path,
                                       steps_per_epoch=self._steps_per_epoch,
@@ -519,7 +586,7 @@ class Repair(Operation):
             if walk_training and self._normalized:
                 normalization.recalibrate_batch_normalization(candidate, x,
                                                               self.batch_size * 2)
-            history["steps"] = evaluator.step
+            history["steps"] = evaluator.step + offset
             length = float(history.get("metric_length", [0.0])[-1]) if self.num_paths > 1 \
                 else None
             candidates.append({"metric_length": length,
@@ -566,9 +633,9 @@ class Repair(Operation):
                   "steps": self.history["steps"]}
         damage_masks = ([None] * len(reference.damage_masks) if released
                         else reference.damage_masks)
-        damage_lib._REFERENCES[model] = damage_lib.DamageReference(
+        damage_lib.attach_reference(model, damage_lib.DamageReference(
             reference.weights, reference.masks, damage_masks, reference.inputs,
-            reference.outputs, reference.records + [record])
+            reference.outputs, reference.records + [record]))
 
     # Serialisation.
 
@@ -598,6 +665,7 @@ class Repair(Operation):
             path_directory=self.path_directory,
             jit_compile=self.jit_compile,
             seed=self.seed,
+            solve_output_layer=self.solve_output_layer,
         )
         return config
 

@@ -55,3 +55,36 @@ def test_repair_app_rejects_unknown_parts_and_methods(tmp_path):
     with flagsaver.flagsaver(methods=["surgery"], output_dir=str(tmp_path)):
         with pytest.raises(ValueError, match="methods"):
             repair.main([])
+
+
+def test_repair_app_writes_the_invariant_set_and_the_transitions(tmp_path):
+    output_dir = str(tmp_path / "repair")
+    with flagsaver.flagsaver(
+        dataset="digits", base_epochs=15, batch_size=64, learning_rate=3e-3, seeds=["0"],
+        repair_parts=["invariant", "transitions"], repair_validation_examples=150,
+        repair_target=0.05, repair_evaluations_per_epoch=2, repair_mlp_width=32,
+        repair_max_epochs=1, repair_iterative_learning_rate=3e-3,
+        repair_invariant_loops=2, repair_invariant_rounds=1, repair_invariant_budget=4,
+        repair_invariant_points=3, repair_invariant_examples=100,
+        repair_transition_fractions=["0.25", "0.5"], repair_transition_learning_rate=3e-3,
+        output_dir=output_dir, cache_dir=str(tmp_path / "cache"),
+    ):
+        repair.main([])
+    with open(os.path.join(output_dir, "results.json")) as f:
+        results = json.load(f)
+    assert os.path.getsize(os.path.join(output_dir, "invariant.png")) > 0
+
+    # The undamaged network and 2 loops × 1 round; every pair joined, one midpoint each.
+    assert results["invariant/num_networks"] == 3
+    assert results["invariant/num_pairs"] == 3
+    assert len(results["invariant/embedding"]) == 3
+    assert results["invariant/loss_threshold"] == pytest.approx(max(results["invariant/loss"]))
+    assert 0.0 <= results["invariant/connected_fraction"] <= 1.0
+    assert results["invariant/labels"][0] == [-1, 0]
+
+    # C1 → C2 → C3 → C4, each a FIP repair.
+    for name, fraction in (("C1_to_C2", 0.25), ("C2_to_C3", 0.5), ("C3_to_C4", 0.0)):
+        assert results[f"transitions/{name}/fraction_deleted"] == fraction
+        assert 0.0 <= results[f"transitions/{name}/epochs"] <= 1.1
+        assert 0.0 <= results[f"transitions/{name}/test/accuracy"] <= 1.0
+    assert isinstance(results["transitions/all_recovered"], bool)

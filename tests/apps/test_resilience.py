@@ -63,6 +63,15 @@ def test_resilience_app_writes_vulnerability_deletion_and_fault_results(tmp_path
     assert 0 < results["mlp1/knee"] < 1 and len(results["mlp1/knee/per_seed"]) == 2
     assert len(results["mlp1/breakdown_speed/mean"]) == 4
     assert len(results["mlp1/breakdown_acceleration/mean"]) == 3
+    # The deletion process's speed at the networks with units left, its acceleration
+    # between them; the segments' own (second-order) peak beside it.
+    assert results["mlp1/breakdown_speed/times"] == [0.0, 0.25, 0.5, 0.75]
+    assert results["mlp1/breakdown_acceleration/times"] == [0.125, 0.375, 0.625]
+    assert results["mlp1/max_acceleration_at"] in (0.125, 0.375, 0.625)
+    assert results["mlp1/max_acceleration_minus_knee"] == pytest.approx(
+        results["mlp1/max_acceleration_at"] - results["mlp1/knee_of_mean_curve"])
+    assert 0 <= results["mlp1/max_acceleration_within_10_points/per_seed_count"] <= 2
+    assert results["mlp1/segment/max_acceleration_at"] in (0.25, 0.5, 0.75)
     for layer in ("dense_1", "dense_2"):
         assert f"lenet_300_100/nodes/{layer}/knee" in results
         assert results[f"lenet_300_100/nodes/{layer}/1/test/accuracy/mean"] < 0.3

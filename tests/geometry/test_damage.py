@@ -10,9 +10,11 @@ from keras_fip.geometry import breakdown_acceleration
 from keras_fip.geometry import breakdown_profile
 from keras_fip.geometry import breakdown_speed
 from keras_fip.geometry import damage_path
+from keras_fip.geometry import deletion_profile
 from keras_fip.geometry import deletion_sequence
 from keras_fip.geometry import expected_perturbation_change
 from keras_fip.geometry import knee
+from keras_fip.geometry import unit_deletion_speed
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +121,74 @@ def test_expected_perturbation_change_predicts_measured_gaussian_damage(trained)
         expected_perturbation_change(metric, sigma=1.0, norm=1.0)
     with pytest.raises(ValueError, match="`norm`"):
         expected_perturbation_change(metric, norm=-1.0)
+
+
+def _deleted_alone(model, layer, unit, x, probabilities=True):
+    """Outputs with one more unit deleted, through `Damage(units=...)` (the reference)."""
+    damaged = keras_fip.Damage("nodes", units={layer: [unit]})(model)
+    outputs = np.asarray(damaged(x), np.float64)
+    return keras.ops.convert_to_numpy(keras.ops.softmax(outputs)) if probabilities else outputs
+
+
+def test_unit_deletion_speed_is_the_mean_exact_change_of_deleting_one_more_unit(trained):
+    model, x, _ = trained
+    inputs = x[:100]
+    damaged = deletion_sequence(model, [0.25], seed=2)[0]
+    before = [w.copy() for w in damaged.get_weights()]
+    result = unit_deletion_speed(damaged, inputs)
+    reference = np.asarray(keras.ops.softmax(np.asarray(damaged(inputs), np.float64)))
+    _, deleted = keras_fip.operations.hidden_units(damaged)["dense_1"]
+    alive = [u for u in range(32) if u not in deleted]
+    changes = [np.mean(np.sum((_deleted_alone(damaged, "dense_1", u, inputs) - reference) ** 2,
+                              axis=1)) for u in alive]
+    assert (result["num_units"], result["num_alive"]) == (32, 24)
+    np.testing.assert_allclose(result["changes"], changes, rtol=1e-4, atol=1e-9)
+    assert result["speed"] == pytest.approx(32 * np.mean(changes), rel=1e-4)
+    for a, b in zip(before, damaged.get_weights()):
+        np.testing.assert_array_equal(a, b)  # Not changed
+    sample = unit_deletion_speed(damaged, inputs, outputs="logits", max_units=5, seed=0)
+    assert sample["changes"].shape == (5,) and sample["num_alive"] == 24
+    with pytest.raises(ValueError, match="`outputs`"):
+        unit_deletion_speed(damaged, inputs, outputs="softmax")
+    with pytest.raises(ValueError, match="`max_units`"):
+        unit_deletion_speed(damaged, inputs, max_units=0)
+
+
+def test_unit_deletion_speed_through_batch_normalization_and_flatten():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 1))
+    h = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    h = keras.layers.BatchNormalization(name="norm")(h)
+    h = keras.layers.ReLU()(h)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(5, activation="relu", name="hidden")(h)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="logits")(h))
+    model.get_layer("norm").set_weights([np.full(4, 1.5), np.full(4, 0.1), np.full(4, 0.2),
+                                         np.full(4, 2.0)])
+    x = np.random.default_rng(0).normal(size=(20, 6, 6, 1)).astype("float32")
+    result = unit_deletion_speed(model, x, outputs="logits")
+    reference = np.asarray(model(x), np.float64)
+    changes = [np.mean(np.sum((_deleted_alone(model, layer, u, x, False) - reference) ** 2, 1))
+               for layer, count in (("conv", 4), ("hidden", 5)) for u in range(count)]
+    assert result["num_units"] == 9
+    np.testing.assert_allclose(result["changes"], changes, rtol=1e-4, atol=1e-9)
+
+
+def test_deletion_profile_speed_does_not_depend_on_the_step(trained):
+    model, x, _ = trained
+    coarse, fine = [0.0, 0.5, 0.75, 1.0], [0.0, 0.25, 0.5, 0.625, 0.75, 1.0]
+    profiles = [deletion_profile(deletion_sequence(model, f, seed=0), x[:100], f)
+                for f in (coarse, fine)]
+    np.testing.assert_allclose(profiles[0]["speed_times"], [0.0, 0.5, 0.75])
+    np.testing.assert_allclose(profiles[0]["acceleration_times"], [0.25, 0.625])
+    np.testing.assert_allclose(profiles[0]["num_alive"], [32, 16, 8])
+    # The same networks (nested prefixes of one order) have the same speed on either grid.
+    np.testing.assert_allclose(profiles[0]["speed"], profiles[1]["speed"][[0, 2, 4]],
+                               rtol=1e-6)
+    speed = profiles[1]["speed"]
+    np.testing.assert_allclose(profiles[1]["acceleration"],
+                               np.diff(speed) / np.diff(fine[:5]), rtol=1e-6)
+    with pytest.raises(ValueError, match="`times`"):
+        deletion_profile(deletion_sequence(model, coarse, seed=0), x[:10], [0, 1, 2, 2])
+    with pytest.raises(ValueError, match="`sequence`"):
+        deletion_profile([model, model], x[:10], [0, 1])

@@ -357,6 +357,44 @@ def test_masks_survive_keras_save_and_masked_training(trained, digits, tmp_path)
             assert np.all(zeros[variable.path][~mask])
 
 
+def test_damage_reference_is_saved_in_keras_files_and_repairs_after_reload(trained, digits,
+                                                                         tmp_path):
+    x, y = digits
+    damaged = Damage("nodes", fraction=0.5, data=x[:100], seed=0)(trained)
+    damaged = Damage("weights", fraction=0.1, seed=1)(damaged)
+    reference = damage_reference(damaged)
+    path = os.path.join(tmp_path, "damaged.keras")
+    damaged.save(path)
+    # Plain Keras loading ignores it; keras_fip.load_damaged_model restores it exactly.
+    assert damage_reference(keras.saving.load_model(path)) is None
+    loaded = keras_fip.load_damaged_model(path)
+    restored = damage_reference(loaded)
+    for a, b in zip(loaded.get_weights(), damaged.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for field in ("weights", "masks", "damage_masks"):
+        for a, b in zip(getattr(restored, field), getattr(reference, field)):
+            assert (a is None and b is None) or np.array_equal(a, b)
+    np.testing.assert_array_equal(restored.inputs, reference.inputs)
+    np.testing.assert_array_equal(restored.outputs, reference.outputs)
+    assert restored.records == reference.records
+    assert _digest(restored.restore(loaded)) == _digest(trained)
+    # Repair needs nothing else; its result saves its reference (and record) in turn.
+    repair = keras_fip.Repair(data=x, method="fip", epochs=1, seed=0, verbose=0)
+    repaired = repair(loaded)
+    assert repair.history["val_accuracy"][-1] > repair.history["val_accuracy"][0]
+    for variable, mask in zip(repaired.trainable_variables, restored.damage_masks):
+        if mask is not None:
+            assert np.all(variable.numpy()[~mask] == 0)
+    repaired.save(path)
+    again = damage_reference(keras_fip.load_damaged_model(path))
+    assert [r["kind"] for r in again.records] == ["nodes", "weights", "repair"]
+    plain = os.path.join(tmp_path, "plain.keras")
+    trained.save(plain)
+    assert damage_reference(keras_fip.load_damaged_model(plain)) is None
+    with pytest.raises(ValueError, match="`filepath`"):
+        keras_fip.load_damaged_model(os.path.join(tmp_path, "damaged.h5"))
+
+
 # Bad inputs.
 
 

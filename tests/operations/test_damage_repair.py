@@ -29,8 +29,14 @@ def test_damage_repair_meets_the_operation_contract():
 
 
 def test_rounds_delete_distinct_undamaged_units_with_exact_zeros(digits, trained):
-    op = DamageRepair(rounds=3, count=5, repair=_repair(digits), seed=0, verbose=0)
+    op = DamageRepair(rounds=3, count=5, repair=_repair(digits), seed=0, verbose=0,
+                      keep_networks=True)
     result = op(trained)
+    # The network after every repair, the last one the result.
+    assert len(op.networks) == 3
+    for a, b in zip(op.networks[-1], result.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(op.networks[0][0], op.networks[1][0])
     deleted = {name: set(units) for name, (_, units) in hidden_units(result).items()}
     assert sum(len(units) for units in deleted.values()) == 15  # 3 rounds × 5, distinct.
     per_round = [op.history["rounds"][i]["units"] for i in range(3)]
@@ -67,8 +73,9 @@ def test_cycles_sum_the_rounds_epochs_and_same_seed_same_units(digits, trained):
 
 def test_config_round_trip(digits):
     op = DamageRepair(rounds=4, fraction=0.1, repair=Repair(method="embryonic", epochs=2),
-                      layers=["dense_1"], seed=3)
+                      layers=["dense_1"], seed=3, keep_networks=True)
     config = op.get_config()
+    assert config["keep_networks"] is True
     twin = DamageRepair.from_config(config)
     assert twin.get_config() == config
     assert isinstance(twin.repair, Repair) and twin.repair.method == "embryonic"
@@ -83,6 +90,7 @@ def test_config_round_trip(digits):
     ({"rounds": 2, "fraction": 1.5}, "fraction"),
     ({"rounds": 2, "count": 1, "repair": "retrain"}, "repair"),
     ({"rounds": 2, "count": 1, "layers": []}, "layers"),
+    ({"rounds": 2, "count": 1, "keep_networks": "yes"}, "keep_networks"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):

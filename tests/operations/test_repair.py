@@ -213,6 +213,31 @@ def test_repair_without_labels_measures_agreement_with_the_undamaged_network(
     assert op.history["val_accuracy"][-1] > op.history["val_accuracy"][0]
 
 
+def test_solve_output_layer_starts_from_the_least_squares_readout(digits, trained, damaged):
+    x, _, x_test, y_test = digits
+    # A learning rate so small that the walk leaves the solved layer as it is.
+    op = Repair(data=x, validation_data=(x_test, y_test), epochs=1, learning_rate=1e-12,
+                solve_output_layer=10 * len(x), seed=0, verbose=0)
+    repaired = op(damaged)
+    features = keras.Model(damaged.input, damaged.get_layer("logits").input)
+    design = np.concatenate([np.asarray(features(x), np.float64), np.ones((len(x), 1))], 1)
+    _, deleted = keras_fip.operations.hidden_units(damaged)["dense_1"]
+    alive = np.setdiff1d(np.arange(64), deleted)
+    rows = np.append(alive, 64)
+    expected, *_ = np.linalg.lstsq(design[:, rows], np.asarray(trained(x), np.float64),
+                                   rcond=None)
+    kernel, bias = repaired.get_layer("logits").get_weights()
+    np.testing.assert_allclose(kernel[alive], expected[:-1], atol=2e-3)
+    np.testing.assert_allclose(bias, expected[-1], atol=2e-3)
+    assert np.all(kernel[deleted] == 0)  # The deleted units' outgoing weights stay zero.
+    # The solve's inputs count: the first evaluation after it is at N/N = 1 epoch.
+    assert op.history["epoch"][:2] == [0.0, pytest.approx(len(x) / (op._steps_per_epoch
+                                                                     * 128))]
+    assert op.history["val_accuracy"][1] > op.history["val_accuracy"][0] + 0.1
+    with pytest.raises(ValueError, match="solve_output_layer"):
+        Repair(method="retrain", solve_output_layer=100)
+
+
 def test_config_round_trip():
     op = Repair(method="embryonic", epochs=3, target=0.02, plasticity=0.1,
                 evaluations_per_epoch=4, optimizer="sgd", seed=5)
@@ -237,6 +262,7 @@ def test_config_round_trip():
     ({"training": "yes"}, "training"),
     ({"release": "yes"}, "release"),
     ({"task_weight": 1.0, "method": "retrain"}, "task_weight"),
+    ({"solve_output_layer": -1}, "solve_output_layer"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
