@@ -63,7 +63,8 @@ __all__ = [
     "metrics",
     "Repair",
     "DamageRepair",
+    "load_damaged_model",
+    "distribute",
 ]
 from keras_fip import distribute  # noqa: E402
 from keras_fip.operations import load_damaged_model  # noqa: E402
-__all__ += ["load_damaged_model"]
