@@ -69,9 +69,9 @@ def copy_model(model):
 
     # Re-attach the masks (also those a parent layer's config cannot carry).
     variable_masks = [
-        (copied, original.constraint.mask)
+        (copied, masks_lib._mask_of(original))
         for original, copied in zip(source, target)
-        if isinstance(original.constraint, masks_lib.MaskConstraint)
+        if masks_lib._mask_of(original) is not None
     ]
     if variable_masks:
         masks_lib._attach(clone, variable_masks, warn=False)
