@@ -56,8 +56,9 @@ def copy_model(model):
 
     # Copy every weight, trainable and non-trainable.
     source, target = model.weights, clone.weights
-    if _weights_differ(source, target):
-        # Layer-by-layer cloning unties weights shared between layers (KerasHub's
+    if _weights_differ(source, target) or getattr(model, "carries_masks", False):
+        # A model that records its masks in its own config (`carries_masks`) must keep
+        # its class, which layer-by-layer cloning drops. Layer-by-layer cloning unties weights shared between layers (KerasHub's
         # masked-LM head reuses the token embedding); the model's own config does not.
         try:
             clone = keras.saving.deserialize_keras_object(
