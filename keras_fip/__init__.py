@@ -63,4 +63,6 @@ __all__ = [
     "metrics",
     "Repair",
     "DamageRepair",
+    "Submanifold",
 ]
+from keras_fip.submanifold import Submanifold  # noqa: E402
