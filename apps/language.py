@@ -14,11 +14,16 @@ Stages (each reported in `results.json`, keys prefixed by stage):
    reference code's Yelp → IMDB layout) fine-tuned on SST-5, then taught CR by
    `keras_fip.ContinualLearn` (memory: SST-5 training inputs), by plain fine-tuning and by
    EWC; accuracies task-incrementally (argmax over a task's own outputs) on both test sets.
-4. `chain/`: `cl_then_co` = `keras_fip.chain(ContinualLearn, Compress)` (learn CR first, then
+4. `chain/` and `submanifold/`: `cl_then_co` = `keras_fip.chain(ContinualLearn, Compress)` (learn CR first, then
    compress keeping both tasks' outputs) and `co_then_cl` = `keras_fip.chain(Compress,
    ContinualLearn)` (compress the SST-5 network first, then learn CR with the mask fixed), at
    each `--language_chain_sparsities`; both accuracies and the weight distance between the
-   two results.
+   two results. Every recorded point of these walks (every `--language_record_every` steps)
+   joins a `keras_fip.Submanifold` (families `cl_then_co_<p>`, `co_then_cl_<p>`, `base`),
+   which unseen sentiment sets (`--language_queries`, MR and SST-2 test sentences) query by
+   NLL on the CR outputs: the family each prefers, the best network, the MDS map of the
+   weight-distance graph coloured by 1/NLL (`submanifold.png`). TREC has no matching head
+   and these classifier networks have no masked-LM head, so it cannot be scored here.
 
 Example (the measured setting; about an hour on two shared CPU cores):
 
@@ -86,6 +91,12 @@ flags.DEFINE_integer("language_max_task_examples", None, "Cap on each task's tra
                      "test examples (tests).", lower_bound=4)
 flags.DEFINE_list("language_chain_sparsities", ["10", "30", "60"],
                   "Sparsities (%) of the two compositions.")
+flags.DEFINE_integer("language_record_every", 10, "Steps between the path points of the "
+                     "composition walks that join the sub-manifold.", lower_bound=1)
+flags.DEFINE_list("language_queries", ["mr", "sst2"], "Unseen two-class sentiment sets that "
+                  "query the sub-manifold (scored by NLL on the CR outputs).")
+flags.DEFINE_integer("language_query_examples", 500, "Test examples of each query set.",
+                     lower_bound=1)
 
 FLAGS = flags.FLAGS
 
@@ -221,6 +232,8 @@ def continual_stage(base, tasks, seed):
 
 def chain_stage(base, tasks, seed):
     results = {}
+    manifold = keras_fip.Submanifold(base, dtype="float16")
+    manifold.add(base, "base")
     x_old = tasks["sst5"][0]
     memory = x_old[np.random.default_rng(seed).permutation(len(x_old))[
         :FLAGS.language_memory]]
@@ -231,19 +244,22 @@ def chain_stage(base, tasks, seed):
         def learn():
             return keras_fip.ContinualLearn(new_task, memory=memory, head="shared",
                                             epochs=FLAGS.language_cl_epochs, batch_size=64,
-                                            learning_rate=1e-4, seed=seed, verbose=0)
+                                            learning_rate=1e-4, seed=seed, verbose=0,
+                                            record_every=FLAGS.language_record_every)
 
         def compress(data):
             return keras_fip.Compress(sparsity, data=data, batch_size=64,
                                       steps=FLAGS.language_compress_steps, seed=seed,
-                                      verbose=0)
+                                      verbose=0, record_every=FLAGS.language_record_every)
 
         start = time.perf_counter()
         # CL then Co: learn CR, then compress keeping the outputs on both tasks' inputs.
         both = np.concatenate([memory, tasks["cr"][0][:FLAGS.language_memory]])
-        cl_then_co = keras_fip.chain(learn(), compress(both))(base)
+        cl_then_co, = manifold.grow(base, [keras_fip.chain(learn(), compress(both))],
+                                    [f"cl_then_co_{percent}"])
         # Co then CL: compress the SST-5 network on its inputs, then learn CR (mask fixed).
-        co_then_cl = keras_fip.chain(compress(memory), learn())(base)
+        co_then_cl, = manifold.grow(base, [keras_fip.chain(compress(memory), learn())],
+                                    [f"co_then_cl_{percent}"])
         for name, model in (("cl_then_co", cl_then_co), ("co_then_cl", co_then_cl)):
             results.update({f"{percent}/{name}/{k}": v
                             for k, v in _evaluate_both(model, tasks).items()})
@@ -259,7 +275,66 @@ def chain_stage(base, tasks, seed):
                 results[f"{percent}/cl_then_co/{task}/accuracy"]
                 - results[f"{percent}/co_then_cl/{task}/accuracy"])
         results[f"{percent}/wall_time_seconds"] = time.perf_counter() - start
+    return results, manifold
+
+
+def submanifold_stage(manifold, encoder, output_dir):
+    """Queries the sub-manifold with unseen sentiment sets (NLL on the CR outputs)."""
+    results = {"networks": len(manifold)}
+    families = sorted(set(manifold.families))
+    results["families"] = {f: manifold.families.count(f) for f in families}
+    queries = {}
+    for name in FLAGS.language_queries:
+        x, y = keras_fip.data.load(name, "test", FLAGS.data_dir)
+        x, y = x[:FLAGS.language_query_examples], y[:FLAGS.language_query_examples]
+        start = time.perf_counter()
+        query = manifold.query((encoder(x), y), score="nll", outputs=(OLD_CLASSES, 2))
+        queries[name] = query
+        results[f"{name}/family_mean_nll"] = query["family_means"]
+        results[f"{name}/best_family"] = min(query["family_means"],
+                                             key=query["family_means"].get)
+        best = query["ranking"][0]
+        results[f"{name}/best_network"] = {"index": best, "family": manifold.families[best],
+                                           "nll": query["scores"][best]}
+        top = [manifold.families[i] for i in query["ranking"][:10]]
+        results[f"{name}/top10_families"] = {f: top.count(f) for f in set(top)}
+        results[f"{name}/wall_time_seconds"] = time.perf_counter() - start
+    embedding = manifold.embedding()
+    graph = manifold.graph(num_neighbors=4)
+    results["graph/edges"] = len(graph)
+    plot_submanifold(manifold, embedding, graph, queries, output_dir)
     return results
+
+
+def plot_submanifold(manifold, embedding, graph, queries, output_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("family", None)] + list(queries.items())
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5))
+    axes = np.atleast_1d(axes)
+    families = sorted(set(manifold.families))
+    for axis, (title, query) in zip(axes, panels):
+        for i, j, _ in graph:
+            axis.plot(embedding[[i, j], 0], embedding[[i, j], 1], color="0.85", lw=0.5,
+                      zorder=0)
+        if query is None:
+            for family in families:
+                chosen = [k for k, f in enumerate(manifold.families) if f == family]
+                axis.scatter(embedding[chosen, 0], embedding[chosen, 1], s=12, label=family)
+            axis.legend(fontsize=6)
+            axis.set_title("networks by family")
+        else:
+            points = axis.scatter(embedding[:, 0], embedding[:, 1], s=12,
+                                  c=1.0 / np.asarray(query["scores"]), cmap="viridis")
+            figure.colorbar(points, ax=axis, label="1 / NLL")
+            axis.set_title(f"query: {title}")
+        axis.set(xlabel="MDS 1 (weights)", ylabel="MDS 2")
+    figure.tight_layout()
+    figure.savefig(os.path.join(output_dir, "submanifold.png"))
+    plt.close(figure)
 
 
 def plot(results, seed, output_dir):
@@ -325,8 +400,11 @@ def main(argv):
                 results.update({f"{prefix}continual/{k}": v for k, v in stage.items()})
                 common.write_json(output_dir, "results.json", results)
             if "chain" in stages:
-                stage = chain_stage(base, tasks, seed)
+                stage, manifold = chain_stage(base, tasks, seed)
                 results.update({f"{prefix}chain/{k}": v for k, v in stage.items()})
+                common.write_json(output_dir, "results.json", results)
+                stage = submanifold_stage(manifold, encoder, output_dir)
+                results.update({f"{prefix}submanifold/{k}": v for k, v in stage.items()})
         plot(results, seed, output_dir)
     results["wall_time_seconds"] = time.perf_counter() - start
     config = {name: FLAGS[name].value for name in FLAGS

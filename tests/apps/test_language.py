@@ -15,7 +15,8 @@ def _tiny_flags(tmp_path, **overrides):
         language_max_sentences=200, language_eval_sentences=32, language_pppl_sentences=4,
         language_sparsities=["50"], language_compress_steps=4, language_anchor_sentences=32,
         language_task_epochs=1, language_cl_epochs=1, language_memory=16,
-        language_max_task_examples=32, language_chain_sparsities=["30"])
+        language_max_task_examples=32, language_chain_sparsities=["30"],
+        language_record_every=2, language_query_examples=16)
     settings.update(overrides)
     return flagsaver.flagsaver(**settings)
 
@@ -35,6 +36,9 @@ def test_language_app_runs_every_stage_on_a_tiny_bert(tmp_path):
             0.3, abs=0.01)
     assert results["seed0/chain/30/weight_distance"] > 0
     assert os.path.isfile(tmp_path / "language" / "compositions.png")
+    assert results["seed0/submanifold/networks"] >= 5
+    assert results["seed0/submanifold/mr/best_family"] in results["seed0/submanifold/families"]
+    assert os.path.isfile(tmp_path / "language" / "submanifold.png")
 
 
 def test_language_app_pretrains_and_reports_on_a_tiny_bert(tmp_path):
