@@ -80,6 +80,10 @@ flags.DEFINE_integer("language_anchor_sentences", 4096, "Pretraining sentences w
 flags.DEFINE_bool("language_embeddings", False, "Compress the embedding tables too.")
 flags.DEFINE_integer("language_task_epochs", 3, "Epochs of SST-5 fine-tuning.",
                      lower_bound=1)
+flags.DEFINE_float("language_task_learning_rate", 5e-4, "Peak Adam learning rate of SST-5 "
+                   "fine-tuning.", lower_bound=0.0)
+flags.DEFINE_float("language_cl_learning_rate", 3e-4, "Adam learning rate of every method "
+                   "on CR.", lower_bound=0.0)
 flags.DEFINE_integer("language_cl_epochs", 3, "Epochs of every method on CR.", lower_bound=1)
 flags.DEFINE_list("language_cl_methods", list(CL_METHODS),
                   f"Methods learning CR, among {list(CL_METHODS)}.")
@@ -191,7 +195,8 @@ def sst5_classifier(mlm, tasks, seed):
     model = bert.classifier(backbone, OLD_CLASSES + 2, FLAGS.language_sequence_length)
     x, y = tasks["sst5"][:2]
     keras_fip.models.train_classifier(model, x, y, epochs=FLAGS.language_task_epochs,
-                                      batch_size=64, learning_rate=1e-4)
+                                      batch_size=64,
+                                      learning_rate=FLAGS.language_task_learning_rate)
     return model
 
 
@@ -201,7 +206,7 @@ def _learn_cr(method, base, tasks, seed):
         :FLAGS.language_memory]]
     new_task = (tasks["cr"][0], tasks["cr"][1] + OLD_CLASSES)
     common_args = dict(head="shared", epochs=FLAGS.language_cl_epochs, batch_size=64,
-                       learning_rate=1e-4, verbose=0)
+                       learning_rate=FLAGS.language_cl_learning_rate, verbose=0)
     if method == "fip":
         operation = keras_fip.ContinualLearn(new_task, memory=memory, seed=seed,
                                              **common_args)
@@ -244,7 +249,8 @@ def chain_stage(base, tasks, seed):
         def learn():
             return keras_fip.ContinualLearn(new_task, memory=memory, head="shared",
                                             epochs=FLAGS.language_cl_epochs, batch_size=64,
-                                            learning_rate=1e-4, seed=seed, verbose=0,
+                                            learning_rate=FLAGS.language_cl_learning_rate,
+                                            seed=seed, verbose=0,
                                             record_every=FLAGS.language_record_every)
 
         def compress(data):
