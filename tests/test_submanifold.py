@@ -53,6 +53,7 @@ def test_store_load_graph_and_label_query_rank_the_trained_network_first(
 
 
 def test_pseudo_perplexity_query_on_tiny_masked_lms():
+    pytest.importorskip("keras_hub")  # the `text` extra
     keras.utils.set_random_seed(0)
     model = bert.masked_lm(bert.bert_backbone(30, 1, 2, 8, 16, 8, dropout=0.0), 8, 2)
     manifold = keras_fip.Submanifold(model, dtype="float16")

@@ -58,8 +58,9 @@ def copy_model(model):
     source, target = model.weights, clone.weights
     if _weights_differ(source, target) or getattr(model, "carries_masks", False):
         # A model that records its masks in its own config (`carries_masks`) must keep
-        # its class, which layer-by-layer cloning drops. Layer-by-layer cloning unties weights shared between layers (KerasHub's
-        # masked-LM head reuses the token embedding); the model's own config does not.
+        # its class, which layer-by-layer cloning drops; and layer-by-layer cloning
+        # unties weights shared between layers (KerasHub's masked-LM head reuses the
+        # token embedding). The model's own config does neither.
         try:
             clone = keras.saving.deserialize_keras_object(
                 keras.saving.serialize_keras_object(model))

@@ -6,6 +6,8 @@ from absl.testing import flagsaver
 
 from apps import language
 
+pytest.importorskip("keras_hub")  # the `text` extra
+
 
 def _tiny_flags(tmp_path, **overrides):
     settings = dict(

@@ -64,6 +64,7 @@ def test_pretraining_corpus_excludes_every_held_out_sentence():
 
 
 def test_tokenizer_round_trip_and_saved_vocabulary(tmp_path):
+    pytest.importorskip("keras_hub")  # the `text` extra
     sentences = np.asarray(
         ["the movie is good", "the film was not good at all", "a great great movie",
          "what a waste of time", "the plot is thin but the actors are good"] * 20,
@@ -85,6 +86,7 @@ def test_tokenizer_round_trip_and_saved_vocabulary(tmp_path):
 
 
 def test_text_encoder_validates_its_arguments():
+    pytest.importorskip("keras_hub")
     with pytest.raises(ValueError, match="vocabulary"):
         text.TextEncoder(["a", "b"])
     with pytest.raises(ValueError, match="sequence_length"):

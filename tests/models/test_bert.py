@@ -8,6 +8,8 @@ import keras_fip
 from keras_fip.engine import projection
 from keras_fip.models import bert
 
+pytest.importorskip("keras_hub")  # the `text` extra
+
 VOCABULARY_SIZE = 40
 SEQUENCE_LENGTH = 10
 
