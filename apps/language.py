@@ -16,14 +16,15 @@ Stages (each reported in `results.json`, keys prefixed by stage):
    EWC; accuracies task-incrementally (argmax over a task's own outputs) on both test sets.
 4. `chain/` and `submanifold/`: `cl_then_co` = `keras_fip.chain(ContinualLearn, Compress)`
    (learn CR first, then compress keeping both tasks' outputs) and `co_then_cl` =
-   `keras_fip.chain(Compress, ContinualLearn)` (compress the SST-5 network first, then learn
-   CR with the mask fixed), at each `--language_chain_sparsities`; both accuracies and the
-   weight distance between the two results. Every recorded point of these walks (every `--language_record_every` steps)
-   joins a `keras_fip.Submanifold` (families `cl_then_co_<p>`, `co_then_cl_<p>`, `base`),
-   which unseen sentiment sets (`--language_queries`, MR and SST-2 test sentences) query by
-   NLL on the CR outputs: the family each prefers, the best network, the MDS map of the
-   weight-distance graph coloured by 1/NLL (`submanifold.png`). TREC has no matching head
-   and these classifier networks have no masked-LM head, so it cannot be scored here.
+   `keras_fip.chain(Compress, ContinualLearn)` (compress the SST-5 network first, then learn CR
+   with the mask fixed), at each `--language_chain_sparsities`; both accuracies and the weight
+   distance between the two results. Every recorded point of these walks (every
+   `--language_record_every` steps) joins a `keras_fip.Submanifold` (families `cl_then_co_<p>`,
+   `co_then_cl_<p>`, `base`), which unseen sentiment sets (`--language_queries`, MR and SST-2
+   test sentences) query by NLL on the CR outputs: the family each prefers, the best network,
+   the MDS map of the weight-distance graph coloured by 1/NLL (`submanifold.png`). TREC has no
+   matching head and these classifier networks have no masked-LM head, so it cannot be scored
+   here.
 
 Example (the measured setting; about an hour on two shared CPU cores):
 
