@@ -65,6 +65,8 @@ __all__ = [
     "DamageRepair",
     "load_damaged_model",
     "distribute",
+    "Submanifold",
 ]
 from keras_fip import distribute  # noqa: E402
 from keras_fip.operations import load_damaged_model  # noqa: E402
+from keras_fip.submanifold import Submanifold  # noqa: E402

@@ -16,10 +16,13 @@ _TFDS_NAMES = {
 
 
 def _check_name_and_split(name, split):
-    if name not in registry.DATASETS:
+    if name not in registry.DATASETS and name not in registry.TEXT_DATASETS:
         raise ValueError(
-            f"`name` must be one of {sorted(registry.DATASETS)}. Received: name={name!r}"
+            f"`name` must be one of {sorted(registry.DATASETS) + sorted(registry.TEXT_DATASETS)}"
+            f". Received: name={name!r}"
         )
+    if name in registry.TEXT_DATASETS:
+        return
     if split not in registry.SPLITS:
         raise ValueError(
             f"`split` must be one of {list(registry.SPLITS)}. Received: split={split!r}"
@@ -36,16 +39,23 @@ def load(name, split="train", data_dir=None, download=True):
     when a network exists and `download=True`). `"digits"` is scikit-learn's bundled copy and
     needs no files; its fixed split holds out a stratified 20% (360 images) as `"test"`.
 
+    The text sets (`"sst5"`, `"sst2"`, `"mr"`, `"cr"`, `"mpqa"`, `"subj"`, `"trec"`) are
+    read from their distributed `LABEL sentence` files by `keras_fip.data.text.load_text`:
+    `x` is then an array of sentences; sets without an official split hold out a seeded
+    10% as `"test"`, and SST-5/SST-2 also have `"validation"`.
+
     Args:
-        name: One of `"digits"`, `"mnist"`, `"fashion_mnist"`, `"cifar10"`, `"cifar100"`.
-        split: `"train"` or `"test"`. Defaults to `"train"`.
+        name: One of `"digits"`, `"mnist"`, `"fashion_mnist"`, `"cifar10"`, `"cifar100"`,
+            or a text set name.
+        split: `"train"` or `"test"` (text sets: also `"validation"`). Defaults to
+            `"train"`.
         data_dir: A directory holding the official files. Defaults to `None`.
         download: Whether tensorflow-datasets may download when no local copy is found.
             Defaults to `True`.
 
     Returns:
-        A tuple `(x, y)`: `x` float32 scaled to [0, 1], images in NHWC layout; `y` int32
-        class indices.
+        A tuple `(x, y)`: `x` float32 scaled to [0, 1], images in NHWC layout (text sets:
+        a numpy array of sentences); `y` int32 class indices.
 
     Example:
 
@@ -54,6 +64,10 @@ def load(name, split="train", data_dir=None, download=True):
     ((360, 8, 8, 1), (360,))
     """
     _check_name_and_split(name, split)
+    if name in registry.TEXT_DATASETS:
+        from keras_fip.data import text
+
+        return text.load_text(name, split, data_dir)
     images, labels = _load_uint8(name, split, None if data_dir is None else str(data_dir),
                                  download)
     scale = 16.0 if name == "digits" else 255.0
@@ -81,6 +95,10 @@ def info(name, data_dir=None):
     10
     """
     _check_name_and_split(name, "train")
+    if name in registry.TEXT_DATASETS:
+        from keras_fip.data import text
+
+        return text.text_info(name, data_dir)
     details = dict(registry.DATASETS[name])
     if name == "digits":
         details.update(source="scikit-learn", subset=False)

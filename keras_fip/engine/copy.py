@@ -56,9 +56,18 @@ def copy_model(model):
 
     # Copy every weight, trainable and non-trainable.
     source, target = model.weights, clone.weights
-    if len(source) != len(target) or any(
-        tuple(a.shape) != tuple(b.shape) for a, b in zip(source, target)
-    ):
+    if _weights_differ(source, target) or getattr(model, "carries_masks", False):
+        # A model that records its masks in its own config (`carries_masks`) must keep
+        # its class, which layer-by-layer cloning drops; and layer-by-layer cloning
+        # unties weights shared between layers (KerasHub's masked-LM head reuses the
+        # token embedding). The model's own config does neither.
+        try:
+            clone = keras.saving.deserialize_keras_object(
+                keras.saving.serialize_keras_object(model))
+            target = clone.weights
+        except Exception:
+            pass
+    if _weights_differ(source, target):
         raise ValueError(
             f"Cannot copy model `{model.name}`: its rebuilt copy has different weights "
             f"({[tuple(v.shape) for v in target][:6]}...) from the original "
@@ -69,11 +78,16 @@ def copy_model(model):
 
     # Re-attach the masks (also those a parent layer's config cannot carry).
     variable_masks = [
-        (copied, original.constraint.mask)
+        (copied, masks_lib._mask_of(original))
         for original, copied in zip(source, target)
-        if isinstance(original.constraint, masks_lib.MaskConstraint)
+        if masks_lib._mask_of(original) is not None
     ]
     if variable_masks:
         masks_lib._attach(clone, variable_masks, warn=False)
     return clone
 
+
+
+def _weights_differ(source, target):
+    return len(source) != len(target) or any(
+        tuple(a.shape) != tuple(b.shape) for a, b in zip(source, target))

@@ -139,6 +139,88 @@ class MaskConstraint(keras.constraints.Constraint):
         }
 
 
+@keras.saving.register_keras_serializable(package="keras_fip")
+class CompositeMaskConstraint(keras.constraints.Constraint):
+    """The masks of the weights a composite layer builds for its sub-layers.
+
+    A composite layer such as `MultiHeadAttention` builds its sub-layers (`query`, `key`,
+    `value`, `attention_output`) in its own code and hands them one constraint per kind
+    (`kernel_constraint`, `bias_constraint`), which is what its config saves. Set on the
+    composite layer, this constraint carries one mask per sub-layer variable, keyed by the
+    variable's path inside the composite (`"query/kernel"`), so the masks travel with the
+    composite's config through `.keras` save/load. After loading, every sub-layer variable
+    holds this constraint, and Keras optimizers call it with the variable itself
+    (`variable.constraint(variable)`), from whose path it picks the variable's mask.
+
+    Args:
+        masks: Dict mapping paths inside the composite layer to boolean masks (or their
+            packed configs).
+        constraint: Optional user constraint applied before the mask (the one the
+            composite layer had). Defaults to `None`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> constraint = CompositeMaskConstraint({"query/kernel": np.eye(2, dtype=bool)})
+    >>> constraint.mask_for("model/attention/query/kernel").tolist()
+    [[True, False], [False, True]]
+    """
+
+    def __init__(self, masks, constraint=None):
+        if not isinstance(masks, dict) or not masks:
+            raise ValueError(
+                "`masks` must be a non-empty dict mapping paths inside the composite "
+                f"layer to boolean masks. Received: masks={masks!r}"
+            )
+        self.masks = {str(key): _as_bool_mask(value, f"masks[{key!r}]")
+                      for key, value in masks.items()}
+        if isinstance(constraint, (MaskConstraint, CompositeMaskConstraint)):
+            raise ValueError(
+                "`constraint` must be a user constraint, not a mask constraint. "
+                f"Received: constraint={constraint!r}"
+            )
+        try:
+            self.constraint = keras.constraints.get(constraint)
+        except (ValueError, TypeError) as error:
+            raise ValueError(
+                "`constraint` must be `None`, a `keras.constraints.Constraint`, its name "
+                f"or its config. Received: constraint={constraint!r}"
+            ) from error
+
+    def mask_for(self, path):
+        """The mask of the variable at `path` (a full variable path), or `None`."""
+        if not path:
+            return None
+        for key, mask in self.masks.items():
+            if path == key or path.endswith("/" + key):
+                return mask
+        return None
+
+    def __call__(self, w):
+        if self.constraint is not None:
+            w_constrained = self.constraint(w)
+        else:
+            w_constrained = w
+        mask = self.mask_for(getattr(w, "path", None))
+        if mask is None:
+            # A plain tensor (no path): use the mask of its shape if only one fits.
+            fitting = [m for m in self.masks.values() if m.shape == tuple(w.shape)]
+            if len(fitting) != 1:
+                return w_constrained
+            mask = fitting[0]
+        return ops.multiply(w_constrained, ops.cast(mask, w_constrained.dtype))
+
+    def get_config(self):
+        return {
+            "masks": {key: _encode_mask(mask) for key, mask in self.masks.items()},
+            "constraint": (
+                None
+                if self.constraint is None
+                else keras.constraints.serialize(self.constraint)
+            ),
+        }
+
+
 # Finding the layer attribute behind a variable.
 
 
@@ -225,7 +307,47 @@ class _Untracked:
 
 def _mask_of(variable):
     constraint = variable.constraint
-    return constraint.mask if isinstance(constraint, MaskConstraint) else None
+    if isinstance(constraint, MaskConstraint):
+        return constraint.mask
+    if isinstance(constraint, CompositeMaskConstraint):
+        return constraint.mask_for(variable.path)
+    return None
+
+
+def _user_constraint(constraint):
+    """The user constraint a mask constraint wraps (or `constraint` itself)."""
+    if isinstance(constraint, (MaskConstraint, CompositeMaskConstraint)):
+        return constraint.constraint
+    return constraint
+
+
+def _relative_path(variable, layer):
+    """`variable.path` after the `layer.name` segment (`"query/kernel"`), or `None`."""
+    segments = variable.path.split("/")
+    if layer.name not in segments[:-1]:
+        return None
+    index = len(segments) - 2 - segments[-2::-1].index(layer.name)
+    return "/".join(segments[index + 1:])
+
+
+def _carry_in_composite(composite, variable, mask, config_text):
+    """Puts `mask` on the composite layer's forwarded constraint attribute, if it has one.
+
+    Returns `True` when the composite's config will carry the mask.
+    """
+    key = f"{variable.name}_constraint"
+    if f'"{key}"' not in config_text:
+        return False
+    attribute = next((a for a in (f"_{key}", key) if hasattr(composite, a)), None)
+    relative = _relative_path(variable, composite)
+    if attribute is None or relative is None:
+        return False
+    existing = getattr(composite, attribute)
+    carried = dict(existing.masks) if isinstance(existing, CompositeMaskConstraint) else {}
+    carried[relative] = mask
+    setattr(composite, attribute,
+            CompositeMaskConstraint(carried, constraint=_user_constraint(existing)))
+    return True
 
 
 def _attach(model, variable_masks, warn=True):
@@ -250,27 +372,38 @@ def _attach(model, variable_masks, warn=True):
     config_texts = {}
     for variable, mask, layer, ancestors, attribute in plan:
         existing = variable.constraint
-        if isinstance(existing, MaskConstraint):
-            mask = mask & existing.mask
-            user_constraint = existing.constraint
-        else:
-            user_constraint = existing
+        carried = _mask_of(variable)
+        if carried is not None:
+            mask = mask & carried
+        user_constraint = _user_constraint(existing)
         constraint = MaskConstraint(mask, constraint=user_constraint)
         setattr(layer, attribute, constraint)
         variable.constraint = constraint
         variable.assign(ops.multiply(variable, ops.cast(mask, variable.dtype)))
-        # Saved only if every ancestor's config holds its child's config (by name).
+        # Saved if every ancestor's config holds its child's config (by name), or if the
+        # composite ancestor that rebuilds it forwards a constraint its config saves.
+        carrier = None
         for child, parent in zip((layer,) + ancestors, ancestors):
             if id(parent) not in config_texts:
                 config_texts[id(parent)] = _config_text(parent)
-            if f'"name": {json.dumps(child.name)}' not in config_texts[id(parent)]:
-                not_saved.append(variable.path)
-                break
+            if f'"name": {json.dumps(child.name)}' in config_texts[id(parent)]:
+                continue
+            if carrier is None and _carry_in_composite(
+                    parent, variable, mask, config_texts[id(parent)]):
+                carrier = parent
+                config_texts.pop(id(parent))
+                continue
+            not_saved.append(variable.path)
+            break
+    # A model whose config records `masks(model)` and whose constructor re-attaches them.
+    if getattr(model, "carries_masks", False):
+        not_saved = []
     if warn and not_saved:
         warnings.warn(
             f"The masks on {not_saved[:5]} are kept by training, keras_fip copies, Path "
             "points and export, but not by `.keras` files: a subclassed model or a "
-            "composite layer (such as MultiHeadAttention) rebuilds these sub-layers in "
+            "composite layer that forwards no constraint to them (such as KerasHub's "
+            "TransformerEncoder) rebuilds these sub-layers in "
             "its own constructor, not from their configs. The saved weights keep their "
             "zeros; re-attach the masks with `apply_masks` after loading.",
             stacklevel=3,
@@ -409,11 +542,22 @@ def strip_masks(model):
     owners = _variable_owners(stripped)
     for variable in stripped.weights:
         constraint = variable.constraint
-        if not isinstance(constraint, MaskConstraint):
+        if not isinstance(constraint, (MaskConstraint, CompositeMaskConstraint)):
             continue
         layer, _ = owners[id(variable)]
         setattr(layer, _constraint_attribute(layer, variable), constraint.constraint)
         variable.constraint = constraint.constraint
+    # Composite layers carrying their sub-layers' masks in their config.
+    layers, seen = [stripped], set()
+    while layers:
+        layer = layers.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        layers.extend(_child_layers(layer))
+        for attribute, value in list(vars(layer).items()):
+            if isinstance(value, CompositeMaskConstraint):
+                setattr(layer, attribute, value.constraint)
     return stripped
 
 

@@ -34,6 +34,12 @@ SUPPORTED_LAYERS = tuple(
     if hasattr(keras.layers, name)
 )
 
+# Layers of other Keras libraries, by package and class name, that hold plain weights
+# (no state beyond their variables): KerasHub's BERT embeddings and masked-LM head.
+THIRD_PARTY_LAYERS = {
+    "keras_hub": ("PositionEmbedding", "ReversibleEmbedding", "MaskedLMHead"),
+}
+
 _CARRIED_DATA = weakref.WeakKeyDictionary()
 
 
@@ -110,7 +116,8 @@ def check_model(model, argument="model"):
         if id(layer) in seen:
             return
         seen.add(id(layer))
-        if isinstance(layer, SUPPORTED_LAYERS):
+        if isinstance(layer, SUPPORTED_LAYERS) or type(layer).__name__ in (
+                THIRD_PARTY_LAYERS.get(type(layer).__module__.split(".")[0], ())):
             return
         children = _sublayers(layer)
         child_weights = {id(w) for child in children for w in child.weights}

@@ -15,6 +15,7 @@ from keras_fip.engine import apply_masks
 from keras_fip.engine import sparsity
 from keras_fip.engine import strip_masks
 from keras_fip.engine.masks import masks
+from keras_fip.engine.copy import copy_model
 
 
 @keras.saving.register_keras_serializable(package="keras_fip_test_masks")
@@ -480,24 +481,45 @@ def test_masked_optimizer_under_mirrored_strategy_keeps_zeros(mirrored_strategy)
     np.testing.assert_array_equal(replicas[0].numpy(), replicas[1].numpy())
 
 
-def test_multi_head_attention_masks_train_and_warn_about_keras_files():
+def test_multi_head_attention_masks_survive_keras_files_and_a_later_plain_fit(tmp_path):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((4, 8))
-    attention = keras.layers.MultiHeadAttention(2, 4, name="attention")
+    attention = keras.layers.MultiHeadAttention(2, 4, name="attention",
+                                                kernel_constraint="non_neg")
     outputs = keras.layers.Flatten()(attention(inputs, inputs))
     model = keras.Model(inputs, keras.layers.Dense(2, name="logits")(outputs))
-    query = [v for v in model.trainable_variables if v.path.endswith("query/kernel")][0]
-    mask = np.random.default_rng(0).random(tuple(query.shape)) < 0.5
-    with pytest.warns(UserWarning, match="not by `.keras` files"):
-        apply_masks(model, {query.path: mask})
-    model.compile(optimizer=MaskedOptimizer(keras.optimizers.Adam(0.01)), loss="mse")
-    x = np.random.default_rng(1).normal(size=(16, 4, 8)).astype("float32")
-    model.fit(x, np.ones((16, 2), "float32"), batch_size=8, epochs=3, verbose=0)
-    assert np.all(query.numpy()[~mask] == 0.0)
+    rng = np.random.default_rng(0)
+    wanted = {v.path: rng.random(tuple(v.shape)) < 0.5 for v in model.trainable_variables
+              if v.path.startswith("attention/") and not v.path.endswith("value/bias")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Carried by the attention layer's config.
+        apply_masks(model, wanted)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    reloaded = masks(loaded)
+    assert sorted(reloaded) == sorted(wanted)
+    for key, mask in wanted.items():
+        np.testing.assert_array_equal(reloaded[key], mask)
+    # A plain optimizer (no MaskedOptimizer) keeps the zeros: the constraint does.
+    loaded.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    x = rng.normal(size=(16, 4, 8)).astype("float32")
+    loaded.fit(x, np.ones((16, 2), "float32"), batch_size=8, epochs=3, verbose=0)
+    for variable in loaded.trainable_variables:
+        if variable.path in wanted:
+            assert np.all(variable.numpy()[~wanted[variable.path]] == 0.0), variable.path
+            assert np.any(variable.numpy()[wanted[variable.path]] != 0.0), variable.path
+    # The user constraint is kept under the mask.
+    kernels = [v for v in loaded.trainable_variables if v.path.endswith("query/kernel")]
+    assert np.all(kernels[0].numpy() >= 0.0)
+    # A copy keeps them; stripping removes them from the variables and the config.
+    np.testing.assert_array_equal(masks(copy_model(loaded))[kernels[0].path],
+                                  wanted[kernels[0].path])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        plain = strip_masks(model)
+        plain = strip_masks(loaded)
     assert masks(plain) == {}
+    plain.save(tmp_path / "plain.keras")
+    assert masks(keras.saving.load_model(tmp_path / "plain.keras")) == {}
 
 
 def test_wrapper_layers_that_serialise_their_layer_carry_masks_silently(tmp_path):

@@ -1,0 +1,54 @@
+import json
+import os
+
+import pytest
+from absl.testing import flagsaver
+
+from apps import language
+
+pytest.importorskip("keras_hub")  # the `text` extra
+
+
+def _tiny_flags(tmp_path, **overrides):
+    settings = dict(
+        seeds=["0"], output_dir=str(tmp_path / "language"), cache_dir=str(tmp_path / "cache"),
+        language_vocabulary_size=200, language_sequence_length=12, language_num_layers=1,
+        language_hidden_dim=8, language_intermediate_dim=16, language_pretrain_epochs=1,
+        language_max_sentences=200, language_eval_sentences=32, language_pppl_sentences=4,
+        language_sparsities=["50"], language_compress_steps=4, language_anchor_sentences=32,
+        language_task_epochs=1, language_cl_epochs=1, language_memory=16,
+        language_max_task_examples=32, language_chain_sparsities=["30"],
+        language_record_every=2, language_query_examples=16)
+    settings.update(overrides)
+    return flagsaver.flagsaver(**settings)
+
+
+@pytest.mark.large
+def test_language_app_runs_every_stage_on_a_tiny_bert(tmp_path):
+    with _tiny_flags(tmp_path):
+        language.main([])
+    with open(tmp_path / "language" / "results.json") as f:
+        results = json.load(f)
+    assert 0.0 <= results["seed0/pretrain/held_out/masked_token_accuracy"] <= 1.0
+    assert results["seed0/compress/50/measured_sparsity"] == pytest.approx(0.5, abs=0.01)
+    for method in language.CL_METHODS:
+        assert 0.0 <= results[f"seed0/continual/{method}/cr/accuracy"] <= 1.0
+    for name in ("cl_then_co", "co_then_cl"):
+        assert results[f"seed0/chain/30/{name}/measured_sparsity"] == pytest.approx(
+            0.3, abs=0.01)
+    assert results["seed0/chain/30/weight_distance"] > 0
+    assert os.path.isfile(tmp_path / "language" / "compositions.png")
+    assert results["seed0/submanifold/networks"] >= 5
+    assert results["seed0/submanifold/mr/best_family"] in results["seed0/submanifold/families"]
+    assert os.path.isfile(tmp_path / "language" / "submanifold.png")
+
+
+def test_language_app_pretrains_and_reports_on_a_tiny_bert(tmp_path):
+    with _tiny_flags(tmp_path, language_stages=["compress"], language_sparsities=[]):
+        language.main([])
+    with open(tmp_path / "language" / "results.json") as f:
+        results = json.load(f)
+    assert 0.0 <= results["seed0/pretrain/held_out/masked_token_accuracy"] <= 1.0
+    assert results["seed0/pretrain/held_out/pseudo_perplexity"] > 1.0
+    assert results["seed0/compress/dense/pseudo_perplexity"] > 1.0
+    assert os.path.isfile(tmp_path / "language" / "config.json")
