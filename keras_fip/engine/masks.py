@@ -73,6 +73,17 @@ def _as_bool_mask(mask, argument_name):
     return array.astype(bool)
 
 
+def _get_constraint(constraint):
+    """`keras.constraints.get(constraint)`, with an error naming the argument."""
+    try:
+        return keras.constraints.get(constraint)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            "`constraint` must be `None`, a `keras.constraints.Constraint`, its name "
+            f"or its config. Received: constraint={constraint!r}"
+        ) from error
+
+
 @keras.saving.register_keras_serializable(package="keras_fip")
 class MaskConstraint(keras.constraints.Constraint):
     """Holds the masked entries of a weight at exactly zero.
@@ -110,13 +121,7 @@ class MaskConstraint(keras.constraints.Constraint):
                 "combine masks with `&` instead. "
                 f"Received: constraint={constraint!r}"
             )
-        try:
-            self.constraint = keras.constraints.get(constraint)
-        except (ValueError, TypeError) as error:
-            raise ValueError(
-                "`constraint` must be `None`, a `keras.constraints.Constraint`, its name "
-                f"or its config. Received: constraint={constraint!r}"
-            ) from error
+        self.constraint = _get_constraint(constraint)
 
     def __call__(self, w):
         if self.constraint is not None:
@@ -179,13 +184,7 @@ class CompositeMaskConstraint(keras.constraints.Constraint):
                 "`constraint` must be a user constraint, not a mask constraint. "
                 f"Received: constraint={constraint!r}"
             )
-        try:
-            self.constraint = keras.constraints.get(constraint)
-        except (ValueError, TypeError) as error:
-            raise ValueError(
-                "`constraint` must be `None`, a `keras.constraints.Constraint`, its name "
-                f"or its config. Received: constraint={constraint!r}"
-            ) from error
+        self.constraint = _get_constraint(constraint)
 
     def mask_for(self, path):
         """The mask of the variable at `path` (a full variable path), or `None`."""
