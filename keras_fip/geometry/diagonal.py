@@ -58,6 +58,9 @@ def metric_diagonal(model, data, variables=None, kind="jacobian", probes=1,
     dtype = keras.backend.standardize_dtype(model.inputs[0].dtype) if getattr(
         model, "inputs", None) else keras.config.floatx()
     strategy = tf.distribute.get_strategy()
+    # Under any strategy scope, even of one replica, distributed variables are read in a
+    # replica context (`strategy.run`).
+    distributed = tf.distribute.has_strategy()
 
     def squared_gradient(batch, seed):
         # Stateless draws, distinct per replica: no generator state to mirror.
@@ -81,7 +84,7 @@ def metric_diagonal(model, data, variables=None, kind="jacobian", probes=1,
             for g, v in zip(gradients, variables)
         ]
 
-    if strategy.num_replicas_in_sync == 1:
+    if not distributed:
         step = tf.function(squared_gradient, reduce_retracing=True)
     else:
         # Each batch split over the replicas (the estimate is unbiased for any split),
@@ -97,7 +100,7 @@ def metric_diagonal(model, data, variables=None, kind="jacobian", probes=1,
 
     totals = [np.zeros(v.shape, "float64") for v in variables]
     for start in range(0, len(inputs), batch_size):
-        if strategy.num_replicas_in_sync == 1:
+        if not distributed:
             batch = tf.convert_to_tensor(inputs[start:start + batch_size], dtype)
         else:
             batch = next(batches)

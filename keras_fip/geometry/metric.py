@@ -220,6 +220,9 @@ class MetricOperator:
         self.dtype = np.result_type(*[d.as_numpy_dtype for d in self._dtypes])
         self.num_params = int(sum(self._sizes))
         self._strategy = tf.distribute.get_strategy()
+        # Under any strategy scope, even of one replica, the model's variables are
+        # distributed and may only be read in a replica context (`strategy.run`).
+        self._distributed = tf.distribute.has_strategy()
         self._num_outputs = None
         self._matvec_fn = None
 
@@ -290,7 +293,7 @@ class MetricOperator:
         def replica_fn(inputs, vector):
             return _summed_metric_vector_product(model, inputs, vector, outputs)
 
-        if strategy.num_replicas_in_sync == 1:
+        if not self._distributed:
             # Batches sliced from one tensor in a graph loop: no tf.data overhead.
             all_inputs = tf.convert_to_tensor(self._inputs)
 

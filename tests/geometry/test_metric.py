@@ -5,6 +5,7 @@ import tensorflow as tf
 
 import keras
 from keras_fip.geometry import MetricOperator
+from keras_fip.geometry import metric_diagonal
 from keras_fip.geometry import metric_vector_product
 from keras_fip.geometry import output_jvp
 from tests.geometry.conftest import dense_metric
@@ -148,6 +149,26 @@ def test_mirrored_strategy_gives_same_matvec(mirrored_strategy):
     product = step(next(iter(dataset)))
     expected = dense_metric(reference_model, inputs[:10]) @ vector
     assert _relative_error(metric.flatten([p.numpy() for p in product]), expected) <= 1e-10
+
+
+def test_one_replica_strategy_gives_same_matvec_and_diagonal():
+    # Under a strategy scope the variables are distributed even with one replica, and may
+    # only be read in a replica context.
+    inputs = np.random.default_rng(8).uniform(size=(9, 5, 5, 1)).astype("float32")
+    reference_model = tiny_conv_bn()
+    reference = MetricOperator(reference_model, inputs, batch_size=4)
+    vector = np.random.default_rng(9).normal(size=reference.num_params)
+    expected = reference.matvec(vector)
+    expected_diagonal = metric_diagonal(reference_model, inputs, seed=0)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        model = tiny_conv_bn()
+        model.set_weights(reference_model.get_weights())
+        metric = MetricOperator(model, inputs, batch_size=4)
+        diagonal = metric_diagonal(model, inputs, seed=0)
+    assert _relative_error(metric.matvec(vector), expected) <= 1e-6
+    for got, want in zip(diagonal, expected_diagonal):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize(
