@@ -206,8 +206,7 @@ def _repeated_batches(tensors, batch_size, shuffle, seed):
             return tf.nest.map_structure(lambda column: tf.gather(column, indices), columns)
 
         indices = tf.data.Dataset.range(np.iinfo(np.int64).max).flat_map(shuffled_pass)
-        return indices.batch(batch_size, drop_remainder=True).map(
-            gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return indices.batch(batch_size, drop_remainder=True).map(gather).prefetch(2)
     dataset = tf.data.Dataset.from_tensor_slices(tensors)
     if shuffle:
         dataset = dataset.shuffle(size, reshuffle_each_iteration=True)
