@@ -426,21 +426,28 @@ def _restore_optimizer(optimizer, directory, step):
         variable.assign(value)
 
 
-def _last_resumable_step(directory):
-    """The last step with both a recorded point and an optimizer state, or 0."""
+def _log_entries(directory):
+    """`(line, entry)` for each whole line of the path's log, up to a torn last line (a
+    kill mid-write)."""
     log = os.path.join(directory, "points.jsonl")
-    last = 0
     if not os.path.exists(log):
-        return 0
+        return
     with open(log) as lines:
         for line in lines:
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:
-                break
-            step = int(entry["step"])
-            if step and os.path.exists(_optimizer_file(directory, step)):
-                last = step
+                return
+            yield line, entry
+
+
+def _last_resumable_step(directory):
+    """The last step with both a recorded point and an optimizer state, or 0."""
+    last = 0
+    for _, entry in _log_entries(directory):
+        step = int(entry["step"])
+        if step and os.path.exists(_optimizer_file(directory, step)):
+            last = step
     return last
 
 
@@ -543,18 +550,12 @@ def resumable_walk(trainer, data, steps, directory, record_every=1, strategy=Non
 
 def _truncate_log(directory, step):
     """Drops the points after `step` from the log (a kill can leave one without state)."""
-    log = os.path.join(directory, "points.jsonl")
     kept = []
-    with open(log) as lines:
-        for line in lines:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if int(entry["step"]) > step:
-                break
-            kept.append(line if line.endswith("\n") else line + "\n")
-    with open(log, "w") as lines:
+    for line, entry in _log_entries(directory):
+        if int(entry["step"]) > step:
+            break
+        kept.append(line if line.endswith("\n") else line + "\n")
+    with open(os.path.join(directory, "points.jsonl"), "w") as lines:
         lines.writelines(kept)
 
 
