@@ -163,9 +163,8 @@ class Compress(Operation):
     settles for the remaining steps with the mask fixed, minimising D (plus the task
     cross-entropy if `task_weight` > 0): the sparse network recovers the dense network's
     outputs. The returned model has exactly the requested fraction of its prunable weights
-    at zero (per layer with
-    `scope="per_layer"`, overall with `"global"`), and carries its masks
-    (`keras_fip.masks`), so any later training keeps them. Masks the input already carries
+    at zero (per layer with `scope="per_layer"`, overall with `"global"`), and carries its
+    masks (`keras_fip.masks`), so any later training keeps them. Masks the input already carries
     are kept and count towards the sparsity.
 
     Args:
@@ -445,8 +444,7 @@ class Compress(Operation):
         pull_steps = max(1, int(round(self.pull_fraction * total_steps)))
         settle_steps = total_steps - pull_steps
         self._update_every = self.target_update_interval(pull_steps)
-        task_weight = self.task_weight
-        labelled = task_weight > 0 and y is not None
+        labelled = self.task_weight > 0 and y is not None
         secondary = (x, y) if labelled else None
         dataset = fip_dataset(model, x, secondary=secondary, batch_size=self.batch_size,
                               seed=self.seed)  # Checks that the data fit the model.
@@ -462,7 +460,7 @@ class Compress(Operation):
             for i, v in enumerate(variables)
         ]
         objective = _ProjectionDistance(indices, mask_variables,
-                                        task_weight if labelled else 0.0, self._beta)
+                                        self.task_weight if labelled else 0.0, self._beta)
         ramp = _RampTargets(self, variables, mask_variables, pull_steps, existing)
         ramp.model_to_prune = model
         trainer = self._trainer(model, total_steps, objective)
@@ -474,7 +472,7 @@ class Compress(Operation):
         final = self._masks(model, self.sparsity, variables, existing)
         masks_lib.apply_masks(model, final)
         if settle_steps:
-            task = _TaskLoss(task_weight) if labelled else None
+            task = _TaskLoss(self.task_weight) if labelled else None
             settle = self._trainer(model, total_steps, task, settle=True, offset=pull_steps)
             settled = settle.walk(dataset, settle_steps, path=self.path,
                                   callbacks=list(self.callbacks or []),
