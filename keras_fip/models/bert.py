@@ -24,6 +24,7 @@ import time
 
 import keras
 import numpy as np
+import scipy.special
 
 from keras_fip.models import validation
 
@@ -322,18 +323,13 @@ def masked_token_accuracy(model, token_ids, seed=1, rate=0.15):
     packed, labels, weights = mask_tokens(token_ids, num_predictions, mask_id,
                                           vocabulary_size, rate, (1.0, 0.0), seed)
     logits = _logits(model, packed)
-    log_probs = logits - _logsumexp(logits)
+    log_probs = scipy.special.log_softmax(logits, axis=-1)
     picked = np.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
     hits = (np.argmax(logits, axis=-1) == labels)
     total = weights.sum()
     return {"accuracy": float((hits * weights).sum() / total),
             "loss": float(-(picked * weights).sum() / total),
             "num_predictions": int(total)}
-
-
-def _logsumexp(logits):
-    top = logits.max(axis=-1, keepdims=True)
-    return top + np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
 
 
 def pseudo_log_likelihoods(model, token_ids, batch_size=256):
@@ -367,7 +363,7 @@ def pseudo_log_likelihoods(model, token_ids, batch_size=256):
     mask_positions[:, 0] = positions
     logits = _logits(model, np.concatenate([rows, mask_positions], axis=1),
                      batch_size)[:, 0, :]
-    log_probs = logits - _logsumexp(logits)
+    log_probs = scipy.special.log_softmax(logits, axis=-1)
     targets = token_ids[np.asarray(sentence_of), positions]
     scores = log_probs[np.arange(len(rows)), targets].astype(np.float64)
     sentence_of = np.asarray(sentence_of)
