@@ -1,16 +1,41 @@
-"""Flags and helpers shared by the keras_fip apps.
+r"""Flags and helpers shared by the keras_fip apps: one strategy flag, chief-only outputs,
+TensorBoard.
 
 absl flags live in one process-wide registry, so flags that several apps take are defined
 here, once; each app sets its own defaults with `flags.FLAGS.set_default` where they differ.
+
+Every app starts with `run = common.start("<app>", unsupported={...})`: it resolves
+`--strategy`/`--tpu` once per process (`keras_fip.distribute.get_strategy`), refuses, before
+any work, the app's parts that cannot run under a distributed strategy (naming them), and
+gives the app where to write: `run.output_dir` is `--output_dir` (default `runs/<app>`) on
+the chief and a private temporary directory on the other workers of a multi-worker job
+(removed by `run.close()`), so only the chief writes results, plots and logs. The app then
+runs its operations and baselines in `with run.scope():`, passes `log_dir=run.log_dir(name)`
+to the operations it runs (their walks write every step's scalars: distance moved,
+anchor-output change, secondary loss, ...) and writes its own measurements with
+`run.scalars(values, step)`; all of it lands under `<output_dir>/logs` (`runs/<app>/logs`):
+
+    tensorboard --logdir runs
+
+On several hosts, run the same app command on every host with its own `TF_CONFIG` and the
+same `--seed` (see `keras_fip.distribute`); on one machine
+`python -m keras_fip.distribute --workers=2 -- python -m apps.compress
+--strategy=multi_worker --workers=1 --methods=fip`.
 """
 
 import json
 import os
+import shutil
+import tempfile
 
 import keras
+import numpy as np
+import tensorflow as tf
 from absl import flags
 
 from keras_fip import distribute
+from keras_fip import models
+from keras_fip.models import training
 
 # Model and data
 flags.DEFINE_string("model", "lenet_300_100", "Zoo model name (keras_fip.models.BUILDERS).")
@@ -37,16 +62,200 @@ flags.DEFINE_string("output_dir", None, "Where config.json, results.json and plo
                     "(default: runs/<app name>).")
 flags.DEFINE_string("cache_dir", None, "Base-network cache (default: env KERAS_FIP_CACHE or "
                     "~/.cache/keras_fip).")
-flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "tpu", "multi_worker"],
-                  "tf.distribute strategy: `mirrored` uses every local GPU (or CPU), `tpu` "
-                  "the attached TPU, `multi_worker` reads TF_CONFIG.")
+flags.DEFINE_enum("strategy", "default", list(distribute.STRATEGIES),
+                  "tf.distribute strategy: `mirrored` uses every local GPU (or every logical "
+                  "CPU), `tpu` the TPU at `--tpu`, `multi_worker` the cluster in TF_CONFIG "
+                  "(every worker runs the same command with the same `--seed`; only the "
+                  "chief writes outputs).")
+flags.DEFINE_string("tpu", None, "TPU address for `--strategy=tpu` (`grpc://...`, a TPU "
+                    "name or `local`; default: let the resolver find it).")
+flags.DEFINE_bool("tensorboard", True, "Write TensorBoard scalars under "
+                  "`<output_dir>/logs` (chief only).")
 
 FLAGS = flags.FLAGS
 
+_STRATEGIES = {}
+
 
 def get_strategy(name, tpu=None):
-    """The `tf.distribute.Strategy` named by `--strategy` (`keras_fip.distribute.get_strategy`)."""
-    return distribute.get_strategy(name, tpu=tpu)
+    """The `tf.distribute.Strategy` named by `--strategy`, created once per process.
+
+    `keras_fip.distribute.get_strategy` resolves it; the same `(name, tpu)` returns the same
+    strategy afterwards (several `MirroredStrategy` objects in one process collide on
+    collective keys, and a multi-worker strategy may be created only once).
+
+    Args:
+        name: `"default"`, `"mirrored"`, `"multi_worker"` or `"tpu"`.
+        tpu: The TPU address (`--tpu`), or `None`. Defaults to `None`.
+
+    Returns:
+        A `tf.distribute.Strategy`.
+    """
+    if name == "default":
+        return distribute.get_strategy(name, tpu=tpu)
+    if (name, tpu) not in _STRATEGIES:
+        _STRATEGIES[name, tpu] = distribute.get_strategy(name, tpu=tpu)
+    return _STRATEGIES[name, tpu]
+
+
+class Run:
+    """What an app needs to run under `--strategy`: the scope, where to write, TensorBoard.
+
+    Made by `start`. On the chief (or alone) `output_dir` is `--output_dir` (default
+    `runs/<app>`); on the other workers of a multi-worker job it is a private temporary
+    directory, removed by `close`, so that only the chief writes results, plots and logs
+    while every worker runs the same code. `log_dir(name)` is where an operation's walk
+    writes its TensorBoard scalars (`None` off the chief or with `--notensorboard`);
+    `scalars` writes the app's own measurements to `<output_dir>/logs/<app>`.
+
+    Args:
+        app_name: The app's name (`runs/<app_name>`).
+        strategy: The `tf.distribute.Strategy`.
+        output_dir: The shared output directory (the chief's).
+        tensorboard: Whether to write TensorBoard logs. Defaults to `True`.
+
+    Example:
+
+    >>> run = Run("demo", tf.distribute.get_strategy(), tempfile.mkdtemp())
+    >>> with run.scope():
+    ...     run.scalars({"test/accuracy": 0.9}, step=1)
+    >>> run.close()
+    """
+
+    def __init__(self, app_name, strategy, output_dir, tensorboard=True):
+        self.app_name = app_name
+        self.strategy = strategy
+        self.is_chief = distribute.is_chief(strategy)
+        self.shared_output_dir = output_dir
+        self._temporary = None
+        if self.is_chief:
+            self.output_dir = output_dir
+        else:
+            self._temporary = tempfile.mkdtemp(
+                prefix=f"keras_fip_{app_name}_worker{distribute.task_index(strategy)}_")
+            self.output_dir = self._temporary
+        os.makedirs(self.output_dir, exist_ok=True)
+        self.tensorboard = bool(tensorboard) and self.is_chief
+        self._writer = None
+
+    @property
+    def num_replicas(self):
+        return self.strategy.num_replicas_in_sync
+
+    def scope(self):
+        """The strategy's scope: build models and run operations and baselines in it."""
+        return self.strategy.scope()
+
+    def log_dir(self, name):
+        """`<output_dir>/logs/<name>` for an operation's `log_dir` (chief only), or `None`."""
+        if not self.tensorboard:
+            return None
+        return os.path.join(self.output_dir, "logs", name)
+
+    def scalars(self, values, step=0, prefix=None):
+        """Writes each finite number in `values` (a flat dict) as a TensorBoard scalar.
+
+        Tags are `<prefix>/<key>` (or `<key>`); values that are not numbers (lists,
+        strings, bools) are skipped. A no-op off the chief or with `--notensorboard`.
+
+        Args:
+            values: A dict of tag -> number.
+            step: The integer step of the points. Defaults to `0`.
+            prefix: Tag prefix, or `None`. Defaults to `None`.
+        """
+        if not self.tensorboard:
+            return
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(
+                os.path.join(self.output_dir, "logs", self.app_name))
+        with self._writer.as_default():
+            for key, value in values.items():
+                if isinstance(value, (bool, np.bool_)) or not isinstance(
+                        value, (int, float, np.integer, np.floating)):
+                    continue
+                if not np.isfinite(value):
+                    continue
+                tag = f"{prefix}/{key}" if prefix else key
+                tf.summary.scalar(tag, float(value), step=int(step))
+        self._writer.flush()
+
+    def write_json(self, filename, content):
+        """Writes `content` as JSON to `output_dir/filename` (the chief's, or private)."""
+        return write_json(self.output_dir, filename, content)
+
+    def base_network(self, *args, **kwargs):
+        """`keras_fip.models.base_network` in this run's strategy, cached by the chief only.
+
+        Every worker reads the shared cache; on a miss every worker trains (the training
+        is collective), and only the chief writes the network to the cache (the others
+        keep theirs in a private cache that links the shared one's entries).
+        """
+        kwargs.setdefault("strategy", self.strategy)
+        if self.is_chief or kwargs.get("cache_dir") is False:
+            return models.base_network(*args, **kwargs)
+        shared = os.path.join(kwargs.get("cache_dir") or training.default_cache_dir(),
+                              "base_networks")
+        private = os.path.join(self._temporary, "cache", "base_networks")
+        os.makedirs(private, exist_ok=True)
+        if os.path.isdir(shared):
+            for entry in os.listdir(shared):
+                link = os.path.join(private, entry)
+                if not os.path.lexists(link):
+                    os.symlink(os.path.join(shared, entry), link)
+        kwargs["cache_dir"] = os.path.dirname(private)
+        return models.base_network(*args, **kwargs)
+
+    def close(self):
+        """Flushes the TensorBoard writer; removes a worker's private directory."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._temporary is not None:
+            shutil.rmtree(self._temporary, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def start(app_name, unsupported=None):
+    """Starts an app under `--strategy`: checks it can run there, then returns a `Run`.
+
+    Call it at the top of `main`, before any work: it resolves `--strategy` and `--tpu`
+    (once per process), and with any strategy but `default` raises a `ValueError` naming
+    every part of the app listed in `unsupported` (methods, baselines, measurements whose
+    loops are single-device), so nothing runs half-distributed.
+
+    Args:
+        app_name: The app's name (`runs/<app_name>`).
+        unsupported: A dict `{part: reason}` of what this invocation would run that cannot
+            run under a distributed strategy, or `None`. Defaults to `None`.
+
+    Returns:
+        A `Run`.
+
+    Example:
+
+    >>> run = start("demo")  # In an app's main, after flags are parsed.
+    """
+    name = FLAGS.strategy
+    if FLAGS.tpu is not None and name != "tpu":
+        raise ValueError(f"`--tpu` is only used with `--strategy=tpu`. Received: "
+                         f"tpu={FLAGS.tpu!r} with strategy={name!r}")
+    if name != "default" and unsupported:
+        listed = "; ".join(f"{part} ({reason})" for part, reason in unsupported.items())
+        raise ValueError(
+            f"`--strategy={name}` cannot run {sorted(unsupported)}: {listed}. Run them with "
+            f"`--strategy=default`, or leave them out. Received: strategy={name!r}")
+    strategy = get_strategy(name, tpu=FLAGS.tpu)
+    return Run(app_name, strategy, output_dir(app_name), tensorboard=FLAGS.tensorboard)
+
+
+def single_device_parts(requested, single_device):
+    """The `{part: reason}` of `requested` parts found in `single_device` (for `start`)."""
+    return {part: single_device[part] for part in requested if part in single_device}
 
 
 def output_dir(app_name):
@@ -77,3 +286,30 @@ def check_choice(value, name, choices):
 
 def set_seed(seed):
     keras.utils.set_random_seed(seed)
+
+
+def movement(model, reference, inputs, batch_size=1000):
+    """How far `model` is from `reference`: in weights and in outputs on `inputs`.
+
+    Args:
+        model: A `keras.Model`.
+        reference: The `keras.Model` it started from (same architecture).
+        inputs: Inputs on which the outputs are compared.
+        batch_size: Examples per forward pass. Defaults to `1000`.
+
+    Returns:
+        A dict: `"distance_moved"`, the Euclidean distance ‖w − w₀‖ over every weight, and
+        `"output_change"`, the mean over `inputs` of the squared L2 distance between the
+        two models' outputs (logits).
+    """
+    distance = np.sqrt(sum(
+        float(np.sum((np.asarray(a, "float64") - np.asarray(b, "float64")) ** 2))
+        for a, b in zip(model.get_weights(), reference.get_weights())))
+    change = 0.0
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start:start + batch_size]
+        difference = (keras.ops.convert_to_numpy(model(batch, training=False))
+                      - keras.ops.convert_to_numpy(reference(batch, training=False)))
+        change += float(np.sum(np.asarray(difference, "float64") ** 2))
+    return {"distance_moved": float(distance),
+            "output_change": change / max(1, len(inputs))}

@@ -57,6 +57,8 @@ from keras_fip.engine import projection
 from keras_fip.operations.compress import Compress
 
 METHODS = ("fip", "gradual", "gradual_per_layer", "oneshot", "lth", "tfmot")
+# Methods that cannot run under a distributed `--strategy` (`common.start` refuses them).
+SINGLE_DEVICE = {"tfmot": "tf_keras training in a separate process, outside the strategy"}
 DEFAULT_EPOCHS = 20
 
 # Sweep
@@ -101,13 +103,15 @@ def _load(dataset, data_dir):
 
 
 def prune(method, base, sparsity, x, y, x_test, y_test, epochs, batch_size, learning_rate,
-          seed, lth_rounds=3, fip_structure="unstructured", compress_task_weight=0.0):
+          seed, lth_rounds=3, fip_structure="unstructured", compress_task_weight=0.0,
+          log_dir=None):
     """Runs one method; returns the pruned model (a new one: `base` is not changed)."""
     if method == "fip":
         # min_steps=0: exactly `epochs` passes, the baselines' budget.
         return Compress(sparsity, data=(x, y), structure=fip_structure, epochs=epochs,
                         min_steps=0, batch_size=batch_size, learning_rate=learning_rate,
-                        task_weight=compress_task_weight, seed=seed, verbose=0)(base)
+                        task_weight=compress_task_weight, seed=seed, verbose=0,
+                        log_dir=log_dir)(base)
     common_args = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate)
     if method in ("gradual", "gradual_per_layer"):
         scope = "global" if method == "gradual" else "per_layer"
@@ -125,22 +129,25 @@ def prune(method, base, sparsity, x, y, x_test, y_test, epochs, batch_size, lear
     raise ValueError(f"`--methods` must be among {list(METHODS)}. Received: {method!r}")
 
 
-def run_job(job):
+def run_job(job, base=None):
     """One (method, sparsity, seed): prunes the cached base network and measures it.
 
-    Runs in the app's process or in a worker process (`--workers`); the job is a plain
-    dict so that it crosses process boundaries. Saves the pruned model to
-    `job["save_path"]` when one is given.
+    Runs in the app's process (given the `base` network) or in a worker process
+    (`--workers`, reading it from the cache); the job is a plain dict so that it crosses
+    process boundaries. Saves the pruned model to `job["save_path"]` when one is given;
+    the FIP walk writes TensorBoard scalars to `job["log_dir"]` when one is given.
     """
     (x, y), (x_test, y_test) = _load(job["dataset"], job["data_dir"])
-    base, _ = models.base_network(job["model"], job["dataset"], epochs=job["base_epochs"],
-                                  seed=job["seed"], data_dir=job["data_dir"],
-                                  cache_dir=job["cache_dir"])
+    if base is None:
+        base, _ = models.base_network(job["model"], job["dataset"],
+                                      epochs=job["base_epochs"], seed=job["seed"],
+                                      data_dir=job["data_dir"], cache_dir=job["cache_dir"])
     common.set_seed(job["seed"])
     start = time.perf_counter()
     pruned = prune(job["method"], base, job["percent"] / 100.0, x, y, x_test, y_test,
                    job["epochs"], job["batch_size"], job["learning_rate"], job["seed"],
-                   job["lth_rounds"], job["fip_structure"], job["compress_task_weight"])
+                   job["lth_rounds"], job["fip_structure"], job["compress_task_weight"],
+                   job.get("log_dir"))
     seconds = time.perf_counter() - start
     if job.get("save_path"):
         pruned.save(job["save_path"])
@@ -151,15 +158,18 @@ def run_job(job):
         "seconds": seconds,
         "layer_sparsity": {v.path: float(np.mean(v.numpy() == 0))
                            for v in projection.prunable_variables(pruned)},
+        **common.movement(pruned, base, x_test[:1000]),
     }
 
 
-def _run_all(jobs, workers, strategy):
-    """Yields the results of `jobs` as they finish, in this process or in `workers`."""
+def _run_all(jobs, workers, run, bases):
+    """Yields the results of `jobs` as they finish, in this process (in the strategy's
+    scope, on the base networks `bases[seed]`) or in `workers` processes."""
     if workers == 1:
         for job in jobs:
-            with strategy.scope():
-                yield run_job(job)
+            with run.scope():
+                result = run_job(job, base=bases[job["seed"]])
+            yield result
         return
     context = multiprocessing.get_context("spawn")
     with futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
@@ -168,17 +178,17 @@ def _run_all(jobs, workers, strategy):
             yield done.result()
 
 
-def sweep(methods, percents, seeds, epochs, batch_size, learning_rate, strategy, workers,
-          output_dir):
-    """Runs every (method, sparsity, seed); returns `(results, layer_figures, sparsest)`."""
+def sweep(methods, percents, seeds, epochs, batch_size, learning_rate, run, workers):
+    """Runs every (method, sparsity, seed); returns `(results, layer_figures)`."""
+    output_dir = run.output_dir
     info = data.info(FLAGS.dataset, FLAGS.data_dir)
-    runs, layer_figures = {}, {}
+    runs, layer_figures, bases = {}, {}, {}
     jobs = []
     for seed in seeds:
         # Train (or load) the base networks here, so that workers only read the cache.
-        _, base_results = models.base_network(
+        bases[seed], base_results = run.base_network(
             FLAGS.model, FLAGS.dataset, epochs=FLAGS.base_epochs, seed=seed,
-            data_dir=FLAGS.data_dir, cache_dir=FLAGS.cache_dir, strategy=strategy)
+            data_dir=FLAGS.data_dir, cache_dir=FLAGS.cache_dir)
         runs.setdefault("base", {}).setdefault(0.0, []).append(
             (base_results["test/accuracy"], 0.0, base_results["train/wall_time_seconds"]))
         for method in methods:
@@ -193,12 +203,19 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rate, strategy,
                     compress_task_weight=FLAGS.compress_task_weight,
                     save_path=(os.path.join(output_dir, "sparsest_fip.keras")
                                if sparsest else None),
+                    log_dir=(run.log_dir(f"fip/{percent:g}/seed_{seed}")
+                             if method == "fip" else None),
                 ))
-    for result in _run_all(jobs, workers, strategy):
+    for result in _run_all(jobs, workers, run, bases):
         method, percent = result["method"], result["percent"]
         runs.setdefault(method, {}).setdefault(percent, []).append(
             (result["accuracy"], result["sparsity"], result["seconds"]))
         layer_figures.setdefault(method, {})[percent] = result["layer_sparsity"]
+        # TensorBoard: one point per target sparsity (the step is the sparsity in 0.01%).
+        run.scalars({"test_accuracy": result["accuracy"], "sparsity": result["sparsity"],
+                     "distance_moved": result["distance_moved"],
+                     "output_change": result["output_change"]},
+                    step=round(100 * percent), prefix=f"{method}/seed_{result['seed']}")
         print(f"seed {result['seed']} {method:>17} {percent:>5}%: test accuracy "
               f"{result['accuracy']:.4f} (sparsity {result['sparsity']:.4f}, "
               f"{result['seconds']:.0f} s)", flush=True)
@@ -272,19 +289,18 @@ def main(argv):
             "`--workers` above 1 runs jobs in separate processes, which cannot share a "
             f"`--strategy`. Received: workers={FLAGS.workers}, strategy={FLAGS.strategy!r}"
         )
+    run = common.start("compress", unsupported=common.single_device_parts(
+        methods, SINGLE_DEVICE))
     skipped = {}
     if "tfmot" in methods and not baselines.tfmot_available():
         logging.warning("tensorflow-model-optimization or tf_keras is missing (install the "
                         "`baselines` extra); skipping the `tfmot` cross-check.")
         methods.remove("tfmot")
         skipped["tfmot/skipped"] = "tensorflow-model-optimization or tf_keras not installed"
-    output_dir = common.output_dir("compress")
-    os.makedirs(output_dir, exist_ok=True)
-    strategy = common.get_strategy(FLAGS.strategy)
+    output_dir = run.output_dir
     start = time.perf_counter()
     results, layer_figures = sweep(methods, percents, seeds, epochs, FLAGS.batch_size,
-                                   FLAGS.prune_learning_rate, strategy, FLAGS.workers,
-                                   output_dir)
+                                   FLAGS.prune_learning_rate, run, FLAGS.workers)
     results.update(skipped)
     results["wall_time_seconds"] = time.perf_counter() - start
     config = common.flag_values(("model", "dataset", "batch_size", "sparsities", "methods",
@@ -308,6 +324,7 @@ def main(argv):
             f"{100 * results[f'{m}/{percent:g}/test/accuracy_std']:<6.2f}" for m in methods)
         print(f"{percent:>8g}%{cells}")
     print(f"wall time {results['wall_time_seconds']:.0f} s -> {output_dir}")
+    run.close()
 
 
 if __name__ == "__main__":

@@ -73,6 +73,12 @@ MODELS = {"mnist_fmnist": "cnn5", "split_mnist": "mlp", "permuted_mnist": "mlp",
 MEMORY = {"mnist_fmnist": 500, "split_mnist": 200, "permuted_mnist": 200,
           "split_cifar10": 200, "split_cifar100": 100}
 EWC_GRID = (10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7)
+# Baselines whose training loop (`baselines.continual_base.train`) is a single-device
+# `tf.function` (no `strategy.run`, no per-replica loss scaling): `common.start` refuses
+# them under a distributed `--strategy`.
+_LOOP = "single-device training loop (baselines.continual_base.train)"
+SINGLE_DEVICE = {name: _LOOP for name in ("finetune", "ewc", "lwf", "replay", "agem",
+                                          "joint")}
 
 # Benchmarks and methods
 flags.DEFINE_list("benchmarks", ["mnist_fmnist", "split_mnist"],
@@ -142,11 +148,15 @@ def learn(method, model, t, train, validation, bench, memory, settings, state):
                        np.concatenate([m[1] for m in memory]))
     if method == "fip":
         beta = settings["fip_beta"]
+        run = state.get("run")
         op = keras_fip.ContinualLearn(
             (x, y), memory=labelled_memory[0] if t == 1 else None,
             memory_per_task=settings["memory_per_task"], beta=beta,
             step_rule=settings["fip_step_rule"], eval_tasks=eval_tasks, verbose=0,
-            record_every=10**9, **common_args)
+            record_every=10**9,
+            log_dir=run and run.log_dir(f"{bench['name']}/fip/seed_{settings['seed']}"
+                                        f"/task_{t}"),
+            **common_args)
     elif method == "finetune":
         op = baselines.FineTune((x, y), eval_tasks=eval_tasks, **common_args)
     elif method == "lwf":
@@ -186,9 +196,11 @@ def run_stream(method, bench, seed, settings, state):
     paths = []
     eval_seconds = 0.0
     start = time.perf_counter()
+    run = state["run"]
     for t in range(1, len(train)):
-        model, op = learn(method, model, t, train, validation, bench_seed, memory,
-                          dict(settings, seed=seed), state)
+        with run.scope():
+            model, op = learn(method, model, t, train, validation, bench_seed, memory,
+                              dict(settings, seed=seed), state)
         x, y = train[t]
         mx, my = data.memory_sample(x, y, memory_size, seed=seed)
         memory.append((mx, my + bench["offsets"][t]))
@@ -201,8 +213,26 @@ def run_stream(method, bench, seed, settings, state):
     class_matrix = metrics.accuracy_matrix(after, bench["test"])
     task_matrix = metrics.accuracy_matrix(after, bench["test"], mode="task_incremental",
                                           task_outputs=bench["task_outputs"])
+    _log_stream(run, f"{bench['name']}/{method}/seed_{seed}", class_matrix, paths)
     return {"class": class_matrix, "task": task_matrix, "wall_time": wall_time,
             "eval_time": eval_seconds, "paths": paths}
+
+
+def _log_stream(run, prefix, class_matrix, paths):
+    """TensorBoard: every task's accuracy after each task (the step is the task learned),
+    and along the walk where it was recorded (the step counts the walks' steps)."""
+    class_matrix = np.asarray(class_matrix)
+    for t in range(class_matrix.shape[0]):
+        values = {f"task_{j}/accuracy": class_matrix[t, j] for j in range(t + 1)}
+        values["average_accuracy"] = float(np.mean(class_matrix[t, : t + 1]))
+        run.scalars(values, step=t, prefix=f"{prefix}/after_task")
+    offset = 0
+    for path in paths:
+        steps = np.asarray(path["eval_step"]) + offset
+        for name in (k for k in path if k != "eval_step"):
+            for step, value in zip(steps, path[name]):
+                run.scalars({name: value}, step=int(step), prefix=f"{prefix}/path")
+        offset = int(steps[-1]) if len(steps) else offset
 
 
 def summarize(benchmark, method, runs, epochs, results, prefix=None):
@@ -292,7 +322,7 @@ def digits_arrays(benchmark):
     return {"train": train, "test": test}
 
 
-def run_benchmark(benchmark, methods, seeds, settings, memory_sizes, results, output_dir):
+def run_benchmark(benchmark, methods, seeds, settings, memory_sizes, results, run):
     max_train = FLAGS.max_train_examples or None
     arrays = None
     if not FLAGS["dataset"].using_default_value and FLAGS.dataset == "digits":
@@ -307,13 +337,15 @@ def run_benchmark(benchmark, methods, seeds, settings, memory_sizes, results, ou
     memory = FLAGS.memory_per_task or MEMORY[benchmark]
     settings = dict(settings, memory_per_task=memory)
     results[f"{benchmark}/memory_per_task"] = memory
-    state = {"first": {}}
+    state = {"first": {}, "run": run}
     for seed in seeds:
         start = time.perf_counter()
         train, _ = split_validation(bench, seed)
-        state["first"][seed] = first_network(dict(bench, train=train), seed,
-                                             settings["base_epochs"], settings["batch_size"],
-                                             settings["learning_rate"])
+        with run.scope():
+            state["first"][seed] = first_network(dict(bench, train=train), seed,
+                                                 settings["base_epochs"],
+                                                 settings["batch_size"],
+                                                 settings["learning_rate"])
         results[f"{benchmark}/first_task/wall_time_seconds"] = time.perf_counter() - start
     results[f"{benchmark}/first_task/accuracy/mean"] = float(np.mean([
         metrics.task_accuracy(state["first"][s], *bench["test"][0]) for s in seeds]))
@@ -333,7 +365,7 @@ def run_benchmark(benchmark, methods, seeds, settings, memory_sizes, results, ou
             sized_runs = [run_stream(method, bench, seed, sized, state) for seed in seeds]
             summarize(benchmark, method, sized_runs, settings["epochs"], results,
                       prefix=f"{benchmark}/memory_{size}/{method}")
-    plot(benchmark, runs, methods, results, output_dir, memory_sizes)
+    plot(benchmark, runs, methods, results, run.output_dir, memory_sizes)
 
 
 def main(argv):
@@ -346,8 +378,10 @@ def main(argv):
     memory_sizes = [int(s) for s in FLAGS.memory_sizes]
     if FLAGS.ewc_lambda != "auto":
         float(FLAGS.ewc_lambda)
-    output_dir = common.output_dir("continual")
-    os.makedirs(output_dir, exist_ok=True)
+    swept = ["fip", "replay", "agem"] if memory_sizes else []
+    run = common.start("continual", unsupported=common.single_device_parts(
+        methods + swept, SINGLE_DEVICE))
+    output_dir = run.output_dir
     settings = {
         "epochs": _value("epochs", DEFAULT_EPOCHS),
         "base_epochs": FLAGS.continual_base_epochs,
@@ -364,12 +398,13 @@ def main(argv):
     results = {}
     start = time.perf_counter()
     for benchmark in benchmarks:
-        run_benchmark(benchmark, methods, seeds, settings, memory_sizes, results, output_dir)
+        run_benchmark(benchmark, methods, seeds, settings, memory_sizes, results, run)
         common.write_json(output_dir, "results.json", results)
     results["wall_time_seconds"] = time.perf_counter() - start
     common.write_json(output_dir, "results.json", results)
+    run.close()
     return results
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(lambda argv: main(argv) and None)  # The results are for callers, not the exit code.

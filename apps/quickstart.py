@@ -23,6 +23,10 @@ Prints the table and writes `results.json`, `config.json` and `summary.png` to
 Example:
 
     python -m apps.quickstart --output_dir=runs/quickstart
+    tensorboard --logdir runs      # the walks' distance, output change and losses per step
+
+`--strategy=mirrored|multi_worker|tpu` runs every operation and baseline in that strategy's
+scope (the walks and `fit` split each batch across the replicas).
 """
 
 import math
@@ -76,8 +80,11 @@ def _timed(fn):
     return result, time.perf_counter() - start
 
 
-def run(output_dir, seed, walk_steps, sparsity, epochs=30):
-    """Runs the comparison and returns `(rows, results)`."""
+def run(output_dir, seed, walk_steps, sparsity, epochs=30, log_dir=None):
+    """Runs the comparison and returns `(rows, results)`.
+
+    `log_dir(name)` gives the TensorBoard directory of each FIP walk (or `None`)."""
+    log_dir = log_dir or (lambda name: None)
     keras.utils.set_random_seed(seed)
     x, y = data.load("digits", "train")
     x_test, y_test = data.load("digits", "test")
@@ -89,7 +96,7 @@ def run(output_dir, seed, walk_steps, sparsity, epochs=30):
 
     # A functionally invariant walk against a random step of the same length
     walk = operations.Isofunctional(data=x, steps=walk_steps, epsilon=0.05, seed=seed,
-                                   batch_size=256, verbose=0)
+                                   batch_size=256, verbose=0, log_dir=log_dir("walk"))
     walked, walk_time = _timed(lambda: walk(base))
     moved = _distance(walked, base)
     rows.append(("FIP walk (Isofunctional, metric rule)", _accuracy(walked, x_test, y_test),
@@ -112,7 +119,7 @@ def run(output_dir, seed, walk_steps, sparsity, epochs=30):
 
     def compress(model, sparsity, x, y, epochs, **unused):
         return keras_fip.Compress(sparsity, data=(x, y), epochs=epochs, seed=seed,
-                                  verbose=0)(model)
+                                  verbose=0, log_dir=log_dir("compress"))(model)
 
     def gradual(model, sparsity, x, y, **kwargs):
         return baselines.gradual_magnitude_pruning(model, sparsity, x, y, scope="global",
@@ -146,7 +153,8 @@ def run(output_dir, seed, walk_steps, sparsity, epochs=30):
     # against supervised retraining of the surviving weights, the same epochs
     nodes_damaged = keras_fip.Damage("nodes", fraction=0.5, seed=seed)(base)
     repair_rows = []
-    for label, kwargs in (("FIP repair (inputs only), 5 epochs", {"data": x}),
+    for label, kwargs in (("FIP repair (inputs only), 5 epochs",
+                           {"data": x, "log_dir": log_dir("repair")}),
                           ("retraining (labels), 5 epochs",
                            {"data": (x, y), "method": "retrain"})):
         repair = keras_fip.Repair(validation_data=(x_test, y_test), epochs=5,
@@ -165,7 +173,8 @@ def run(output_dir, seed, walk_steps, sparsity, epochs=30):
     # attacked (FGSM, eps 0.3) against the members before it.
     fip_ensemble, fip_seconds = _timed(lambda: keras_fip.Ensemble(
         5, data=(x, y), steps_between=50, step_rule="penalty", push="none", diversity=1.0,
-        perturbation_epsilon=0.3, seed=seed, verbose=0)(base))
+        perturbation_epsilon=0.3, seed=seed, verbose=0, log_dir=log_dir("ensemble")
+    )(base))
     (deep, _), deep_seconds = _timed(lambda: baselines.deep_ensemble(
         base, x, y, num_members=5, epochs=epochs, seed=seed + 1))
     attacked, _ = keras_fip.robustness.transfer_pgd_accuracy(
@@ -231,15 +240,19 @@ def _plot(rows, path):
 
 def main(argv):
     del argv  # Unused.
-    output_dir = common.output_dir("quickstart")
-    rows, results = run(output_dir, FLAGS.seed, FLAGS.quickstart_walk_steps,
-                        FLAGS.quickstart_sparsity)
+    session = common.start("quickstart")
+    output_dir = session.output_dir
+    with session.scope():
+        rows, results = run(output_dir, FLAGS.seed, FLAGS.quickstart_walk_steps,
+                            FLAGS.quickstart_sparsity, log_dir=session.log_dir)
     common.write_json(output_dir, "config.json", {
         "seed": FLAGS.seed,
         "walk_steps": FLAGS.quickstart_walk_steps,
         "sparsity": FLAGS.quickstart_sparsity,
+        "strategy": FLAGS.strategy,
     })
     common.write_json(output_dir, "results.json", results)
+    session.scalars(results, prefix="quickstart")
     _plot(rows, os.path.join(output_dir, "summary.png"))
     print(f"\n{'method':<48}{'test acc':>10}{'sparsity':>10}{'moved':>9}{'seconds':>9}")
     for label, accuracy, zeros, distance, seconds in rows:
@@ -248,6 +261,7 @@ def main(argv):
           f"trace {results['geometry/trace']:.3g}, vulnerable fraction "
           f"rho {results['geometry/rho']:.4f}")
     print(f"wrote {output_dir}/results.json and summary.png")
+    session.close()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,12 @@ Example:
 
     python -m apps.resilience --output_dir=runs/resilience
     python -m apps.resilience --resilience_parts=vulnerability --resilience_vgg
+
+`--strategy=mirrored|multi_worker|tpu` builds the networks and runs the metric products
+(eigen adversary, ρ, expected change) in that strategy; the accuracy evaluations of the
+perturbed networks run in the strategy's scope on one device (a `tf.function` per
+evaluator). TensorBoard scalars (accuracies, ρ, the deletion curve against the deleted
+percent) go to `<output_dir>/logs`.
 """
 
 import time
@@ -60,6 +66,7 @@ from keras_fip import geometry  # noqa: E402
 from keras_fip import models  # noqa: E402
 
 PARTS = ("vulnerability", "deletion", "faults")
+_RUN = {}  # {"run": common.Run} while main runs (the base networks' strategy and cache).
 
 # Experiments
 flags.DEFINE_list("resilience_parts", list(PARTS), f"Experiment families, among {PARTS}.")
@@ -191,9 +198,10 @@ def _network(name, dataset, epochs):
         name, kwargs = "mlp", {"hidden_units": FLAGS.resilience_mlp_width}
     if name == "vgg11":
         kwargs = {"width_multiplier": FLAGS.resilience_vgg_width}
-    return models.base_network(name, dataset, epochs=epochs, batch_size=FLAGS.batch_size,
-                               learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
-                               data_dir=FLAGS.data_dir, cache_dir=FLAGS.cache_dir, **kwargs)
+    network = _RUN["run"].base_network if _RUN else models.base_network
+    return network(name, dataset, epochs=epochs, batch_size=FLAGS.batch_size,
+                   learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
+                   data_dir=FLAGS.data_dir, cache_dir=FLAGS.cache_dir, **kwargs)
 
 
 def _splits(dataset):
@@ -528,10 +536,22 @@ def plot_faults(table, name, output_dir):
 def main(argv):
     del argv  # Unused.
     parts = [common.check_choice(p, "resilience_parts", PARTS) for p in FLAGS.resilience_parts]
-    output_dir = common.output_dir("resilience")
+    run = common.start("resilience")
+    _RUN["run"] = run
+    try:
+        with run.scope():
+            _main(parts, run)
+    finally:
+        _RUN.clear()
+        run.close()
+
+
+def _main(parts, run):
+    output_dir = run.output_dir
     common.write_json(output_dir, "config.json", common.flag_values(
         [name for name in FLAGS if name.startswith("resilience_")]
-        + ["dataset", "data_dir", "epochs", "batch_size", "learning_rate", "seed"]))
+        + ["dataset", "data_dir", "epochs", "batch_size", "learning_rate", "seed",
+           "strategy", "tpu"]))
     common.set_seed(FLAGS.seed)
     start = time.perf_counter()
     results = {}
@@ -546,6 +566,7 @@ def main(argv):
         for name, dataset, epochs, directions in jobs:
             measured, figures[name] = vulnerability(name, dataset, epochs, directions)
             results.update({f"{name}/{key}": value for key, value in measured.items()})
+            run.scalars(measured, prefix=f"{name}/vulnerability")
             print(f"{name}: clean {measured['test/accuracy']:.4f}, random min "
                   f"{measured['random/test/accuracy/min']:.4f}, eigen "
                   f"{measured['eigen/test/accuracy']:.4f} "
@@ -554,6 +575,13 @@ def main(argv):
     if "deletion" in parts:
         measured, curves = deletion(FLAGS.dataset, FLAGS.epochs)
         results.update(measured)
+        # TensorBoard: accuracy against the deleted fraction (the step is the percent).
+        for fraction, accuracy in zip(curves["fractions"], curves["curves"].mean(0)):
+            run.scalars({"test/accuracy/mean": accuracy}, step=round(100 * fraction),
+                        prefix="mlp1/deletion")
+        for time_, speed in zip(curves["speed_times"], curves["speeds"].mean(0)):
+            run.scalars({"breakdown_speed/mean": speed}, step=round(100 * time_),
+                        prefix="mlp1/deletion")
         layers = {}
         jobs = [(n, FLAGS.dataset, FLAGS.epochs) for n in FLAGS.resilience_layer_models]
         for name, dataset, epochs in jobs + [(n, *cifar) for n in vgg]:
@@ -567,6 +595,7 @@ def main(argv):
         name = FLAGS.resilience_fault_model
         measured, table = fault_table(name, FLAGS.dataset, FLAGS.epochs)
         results.update(measured)
+        run.scalars(measured, prefix="faults")
         plot_faults(table, name, output_dir)
     results["wall_time_seconds"] = time.perf_counter() - start
     common.write_json(output_dir, "results.json", results)

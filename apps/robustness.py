@@ -104,6 +104,12 @@ Example:
 
     python -m apps.robustness   # LeNet-300-100 (3 seeds) and cnn5 on MNIST, VGG-11 on CIFAR-10
     python -m apps.robustness --experiments=mnist/lenet_300_100 --methods=fip,deep,single
+
+`--strategy=mirrored|multi_worker|tpu` trains the base networks, deep-ensemble members,
+FGE and snapshot ensembles with `fit` and runs the FIP walk in that strategy; the ART
+attacks and diagnostics run in the strategy's scope on one device (ART's gradient loop).
+TensorBoard scalars (every figure per seed; the FIP walk's distance moved, output change
+and losses per step) go to `<output_dir>/logs`.
 """
 
 import os
@@ -205,6 +211,7 @@ flags.DEFINE_integer("diagnostic_examples", 256, "Test images for coherence and 
                      lower_bound=2)
 
 FLAGS = flags.FLAGS
+_RUN = {}  # {"run": common.Run} while main runs (strategy, cache, TensorBoard).
 
 
 def _experiment(spec):
@@ -222,7 +229,7 @@ def _flag_or(name, default):
 
 
 def _base(model, dataset, seed, epochs):
-    network, _ = models.base_network(model, dataset, epochs=epochs, seed=seed,
+    network, _ = (_RUN["run"].base_network if _RUN else models.base_network)(model, dataset, epochs=epochs, seed=seed,
                                      learning_rate=FLAGS.learning_rate, batch_size=128,
                                      data_dir=FLAGS.data_dir, cache_dir=FLAGS.cache_dir,
                                      **MODEL_ARGUMENTS.get(model, {}))
@@ -256,7 +263,9 @@ def build_methods(methods, model, dataset, seed, epochs, x, y, settings, K):
                 diversity_examples=FLAGS.fip_diversity_examples,
                 cg_iterations=FLAGS.fip_cg_iterations, push="none"
                 if FLAGS.fip_task_weight > 0 or FLAGS.fip_diversity > 0 else "random",
-                batch_size=FLAGS.batch_size, seed=seed, verbose=0)
+                batch_size=FLAGS.batch_size, seed=seed, verbose=0,
+                log_dir=_RUN["run"].log_dir(f"{dataset}_{model}/fip/seed_{seed}")
+                if _RUN else None)
             built[method] = operation(base)
             compute[method] = {
                 "train_examples": base_examples + operation.history["train_examples"]}
@@ -345,6 +354,8 @@ def run_experiment(spec, seeds, methods, num_members, attack_examples, output_di
         for method, cost in compute.items():
             figures.update({f"{method}/{k}": v for k, v in cost.items()})
         per_seed.append(figures)
+        if _RUN:  # TensorBoard: every figure of this seed (the step is the seed).
+            _RUN["run"].scalars(figures, step=seed, prefix=name)
         print(f"{name} seed {seed}: " + ", ".join(
             f"{m} clean {figures[f'{m}/clean/accuracy']:.3f} transfer "
             f"{figures[f'{m}/transfer_pgd/accuracy']:.3f} white-box "
@@ -486,8 +497,17 @@ def main(argv):
     del argv  # Unused.
     plans = experiment_plans()
     methods = plans[0][2]
-    output_dir = common.output_dir("robustness")
-    os.makedirs(output_dir, exist_ok=True)
+    run = common.start("robustness")
+    _RUN["run"] = run
+    try:
+        with run.scope():
+            _main(plans, methods, run.output_dir)
+    finally:
+        _RUN.clear()
+        run.close()
+
+
+def _main(plans, methods, output_dir):
     start = time.perf_counter()
     results, all_plots = {}, {}
     config = common.flag_values((
@@ -498,7 +518,8 @@ def main(argv):
         "attack_seed", "fip_member_fraction", "fip_steps_between", "fip_step_rule", "fip_epsilon",
         "fip_learning_rate", "fip_task_weight", "fip_diversity", "fip_diversity_loss",
         "fip_adversary", "fip_diversity_examples", "fip_cg_iterations", "fge_cycle_epochs", "fge_learning_rate",
-        "snapshot_cycle_epochs", "snapshot_learning_rate", "diagnostic_examples"))
+        "snapshot_cycle_epochs", "snapshot_learning_rate", "diagnostic_examples",
+        "strategy", "tpu"))
     config["methods"] = methods
     common.write_json(output_dir, "config.json", config)
     for plan in plans:

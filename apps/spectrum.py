@@ -21,6 +21,10 @@ Example:
 
     python -m apps.spectrum --output_dir=runs/spectrum
     python -m apps.spectrum --spectrum_models=lenet_300_100 --spectrum_num_inputs=200
+
+`--strategy=mirrored|multi_worker|tpu` builds the networks and runs the products g·v in
+that strategy (the inputs are split across the replicas); TensorBoard scalars (ρ, trace,
+the top eigenvalues against their rank) go to `<output_dir>/logs`.
 """
 
 import time
@@ -64,7 +68,7 @@ FLAGS = flags.FLAGS
 CONFIG_FLAGS = ("spectrum_models", "spectrum_num_inputs", "spectrum_threshold",
                 "spectrum_max_gram_entries", "spectrum_top_k", "spectrum_trace_samples",
                 "spectrum_slq_probes", "spectrum_slq_steps", "dataset", "data_dir", "epochs",
-                "batch_size", "learning_rate", "seed", "cache_dir")
+                "batch_size", "learning_rate", "seed", "cache_dir", "strategy", "tpu")
 
 
 @flags.validator("spectrum_models", message="--spectrum_models must name zoo models.")
@@ -126,35 +130,43 @@ def plot(spectra, threshold, path):
 
 def main(argv):
     del argv  # Unused.
-    common.write_json(FLAGS.output_dir, "config.json", common.flag_values(CONFIG_FLAGS))
+    run = common.start("spectrum")
+    output_dir = run.output_dir
+    common.write_json(output_dir, "config.json", common.flag_values(CONFIG_FLAGS))
     x_train, _ = data.load(FLAGS.dataset, "train", FLAGS.data_dir)
     inputs = x_train[: FLAGS.spectrum_num_inputs]
     results = {"num_inputs": int(inputs.shape[0]), "threshold": FLAGS.spectrum_threshold}
     spectra = {}
     for name in FLAGS.spectrum_models:
         # Trained base network (cached)
-        model, base = models.base_network(
+        model, base = run.base_network(
             name, FLAGS.dataset, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
             learning_rate=FLAGS.learning_rate, seed=FLAGS.seed, data_dir=FLAGS.data_dir,
             cache_dir=FLAGS.cache_dir)
         # Spectrum of its metric
         start = time.perf_counter()
-        measured, eigenvalues = measure(
-            model, inputs, FLAGS.spectrum_threshold, FLAGS.spectrum_max_gram_entries,
-            FLAGS.spectrum_top_k, FLAGS.spectrum_trace_samples, FLAGS.spectrum_slq_probes,
-            FLAGS.spectrum_slq_steps, FLAGS.seed)
+        with run.scope():
+            measured, eigenvalues = measure(
+                model, inputs, FLAGS.spectrum_threshold, FLAGS.spectrum_max_gram_entries,
+                FLAGS.spectrum_top_k, FLAGS.spectrum_trace_samples, FLAGS.spectrum_slq_probes,
+                FLAGS.spectrum_slq_steps, FLAGS.seed)
         measured["seconds"] = time.perf_counter() - start
         measured["test_accuracy"] = base["test/accuracy"]
         results.update({f"{name}/{key}": value for key, value in measured.items()})
         spectra[name] = (eigenvalues, measured["rho"])
+        # TensorBoard: the scalars, and the eigenvalues against their rank (step).
+        run.scalars(measured, prefix=name)
+        for rank, value in enumerate(measured["top_eigenvalues"], start=1):
+            run.scalars({"top_eigenvalue": value}, step=rank, prefix=name)
         print(f"{name}: n={measured['num_params']} rho={measured['rho']:.3e} "
               f"({measured['rho_method']}; SLQ {measured['rho_slq']:.3e}) "
               f"trace={measured['trace']:.4g} in {measured['seconds']:.1f} s")
         if measured["vulnerable_over_rank_bound"] > 0.95:
             print(f"  {name}: every direction g can see is vulnerable; rho is capped by "
                   "rank(g) <= N·C: raise --spectrum_num_inputs for the network's own rho.")
-    plot(spectra, FLAGS.spectrum_threshold, f"{FLAGS.output_dir}/eigenvalues.png")
-    common.write_json(FLAGS.output_dir, "results.json", results)
+    plot(spectra, FLAGS.spectrum_threshold, f"{output_dir}/eigenvalues.png")
+    common.write_json(output_dir, "results.json", results)
+    run.close()
 
 
 if __name__ == "__main__":

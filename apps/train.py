@@ -9,7 +9,11 @@ Example:
     python -m apps.train --model=lenet_300_100 --dataset=mnist --epochs=10 \
         --output_dir=runs/lenet_mnist
 
-On a GPU/TPU host add `--strategy=mirrored` (or `tpu`) and raise `--batch_size`.
+On a GPU/TPU host add `--strategy=mirrored` (or `--strategy=tpu --tpu=<address>`) and
+raise `--batch_size` (it is global: split across the replicas). Across hosts, run the same
+command with `--strategy=multi_worker` on every host, each with its `TF_CONFIG` (see
+`keras_fip.distribute`); only the chief writes `--output_dir` and the cache. TensorBoard
+scalars (train/test accuracy and loss) go to `<output_dir>/logs`: `tensorboard --logdir runs`.
 """
 
 import os
@@ -19,7 +23,6 @@ from absl import app
 from absl import flags
 
 from apps import common
-from keras_fip import models
 
 # Caching
 flags.DEFINE_bool("use_cache", True, "Reuse a cached network trained with the same "
@@ -28,14 +31,14 @@ flags.DEFINE_bool("use_cache", True, "Reuse a cached network trained with the sa
 FLAGS = flags.FLAGS
 
 CONFIG_FLAGS = ("model", "dataset", "epochs", "batch_size", "learning_rate", "seed",
-                "data_dir", "strategy")
+                "data_dir", "strategy", "tpu")
 
 
 def main(argv):
     del argv  # Unused.
     config = common.flag_values(CONFIG_FLAGS)
-    strategy = common.get_strategy(FLAGS.strategy)
-    model, results = models.base_network(
+    run = common.start("train")
+    model, results = run.base_network(
         model=FLAGS.model,
         dataset=FLAGS.dataset,
         epochs=FLAGS.epochs,
@@ -45,10 +48,8 @@ def main(argv):
         data_dir=FLAGS.data_dir,
         cache_dir=FLAGS.cache_dir if FLAGS.use_cache else False,
         verbose=2,
-        strategy=strategy,
     )
-    output_dir = common.output_dir("train")
-    os.makedirs(output_dir, exist_ok=True)
+    output_dir = run.output_dir
     model_path = os.path.join(output_dir, "model.keras")
     if results.get("cache/path"):
         shutil.copyfile(os.path.join(results["cache/path"], "model.keras"), model_path)
@@ -56,6 +57,8 @@ def main(argv):
         model.save(model_path)
     common.write_json(output_dir, "config.json", config)
     common.write_json(output_dir, "results.json", results)
+    run.scalars(results, step=FLAGS.epochs, prefix=FLAGS.model)
+    run.close()
     print(
         f"{FLAGS.model} on {FLAGS.dataset}: test accuracy {results['test/accuracy']:.4f}, "
         f"trained in {results['train/wall_time_seconds']:.1f} s -> {model_path}"

@@ -120,7 +120,8 @@ def get_strategy(name="default", tpu=None, communication="auto"):
     """The `tf.distribute.Strategy` named `name`: the one place strategies are resolved.
 
     `"default"` is the current strategy (no distribution outside a scope), `"mirrored"`
-    `tf.distribute.MirroredStrategy` over every local GPU (or the CPU), `"multi_worker"`
+    `tf.distribute.MirroredStrategy` over every local GPU (without GPUs, every logical
+    CPU), `"multi_worker"`
     `MultiWorkerMirroredStrategy` (this module's, `fit`-ready) over the cluster in
     `TF_CONFIG` (one worker without it), `"tpu"` `tf.distribute.TPUStrategy` on the TPU at
     `tpu` (connected and initialised here). Call it once per process, at the start: a
@@ -161,7 +162,11 @@ def get_strategy(name="default", tpu=None, communication="auto"):
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
+        # Every GPU; without GPUs every logical CPU (TensorFlow's default takes one CPU,
+        # so CPU replicas configured with `set_logical_device_configuration` would idle).
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices(
+            "CPU")
+        return tf.distribute.MirroredStrategy([device.name for device in devices])
     if name == "multi_worker":
         implementation = getattr(
             tf.distribute.experimental.CommunicationImplementation, communication.upper()

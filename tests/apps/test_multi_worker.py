@@ -1,0 +1,104 @@
+"""`apps.compress` and `apps.continual` with `--strategy=multi_worker` on two loopback workers.
+
+Each worker runs both apps in one process (this module's `__main__`: one TensorFlow start
+and one `MultiWorkerMirroredStrategy`, which `apps.common` creates once per process) with
+the same flags and `--seed`, as `python -m keras_fip.distribute --workers=2 -- python -m
+apps.compress --strategy=multi_worker ...` would. The chief's `results.json` must equal a
+single-process run on the same flags; only the chief writes outputs (the other worker's
+private directory is gone afterwards) and TensorBoard logs.
+"""
+
+import json
+import os
+import sys
+
+import pytest
+
+COMPRESS = dict(model="mlp", dataset="digits", sparsities=["80"], methods=["fip"],
+                seeds=["0"], workers=1, epochs=2, base_epochs=2, batch_size=64)
+CONTINUAL = dict(benchmarks=["mnist_fmnist"], dataset="digits", methods=["fip"],
+                 seeds=["0"], epochs=1, continual_base_epochs=1, batch_size=32,
+                 memory_per_task=20, max_train_examples=128, max_test_examples=200)
+# Timings, not results: they differ between runs.
+_TIMES = ("seconds",)
+
+
+def _run_apps(output_dir, cache_dir):
+    """Runs compress then continual in this process under the parsed `--strategy`."""
+    from absl.testing import flagsaver
+
+    from apps import compress
+    from apps import continual
+
+    with flagsaver.flagsaver(output_dir=os.path.join(output_dir, "compress"),
+                             cache_dir=cache_dir, **COMPRESS):
+        compress.main([])
+    with flagsaver.flagsaver(output_dir=os.path.join(output_dir, "continual"),
+                             cache_dir=cache_dir, **CONTINUAL):
+        continual.main([])
+
+
+def _comparable(results):
+    return {key: value for key, value in results.items() if not key.endswith(_TIMES)}
+
+
+def _results(directory):
+    with open(os.path.join(directory, "results.json")) as f:
+        return _comparable(json.load(f))
+
+
+def test_two_worker_apps_match_one_process_and_only_the_chief_writes(tmp_path):
+    from keras_fip import distribute
+    from tests.apps.conftest import scalar_tags
+
+    cache_dir = str(tmp_path / "cache")
+    # One process (it also trains and caches the base network both runs start from).
+    _run_apps(str(tmp_path / "single"), cache_dir)
+
+    # Two workers on 127.0.0.1; each worker's private directories go under its TMPDIR.
+    worker_tmp = tmp_path / "worker_tmp"
+    worker_tmp.mkdir()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    command = [sys.executable, "-m", "tests.apps.test_multi_worker",
+               f"--output_dir={tmp_path / 'multi'}", f"--cache_dir={cache_dir}"]
+    env = {"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "",
+           "KERAS_BACKEND": "tensorflow", "TMPDIR": str(worker_tmp),
+           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    launched = distribute.launch_workers(command, num_workers=2, timeout=400, env=env,
+                                         cwd=root)
+    logs = "\n".join(r["stderr"][-3000:] for r in launched)
+    assert [r["returncode"] for r in launched] == [0, 0], logs
+
+    for app in ("compress", "continual"):
+        single = _results(str(tmp_path / "single" / app))
+        multi = _results(str(tmp_path / "multi" / app))
+        assert sorted(single) == sorted(multi)
+        for key, value in single.items():
+            if isinstance(value, float):
+                assert multi[key] == pytest.approx(value, abs=1e-5), key
+            else:
+                assert multi[key] == value, key
+    # Only the chief wrote: the other worker's private directories were removed.
+    assert os.listdir(worker_tmp) == []
+    compress_tags = scalar_tags(str(tmp_path / "multi" / "compress" / "logs"))
+    assert 8000 in compress_tags["compress/fip/seed_0/test_accuracy"]  # Step: 80.00%.
+    assert "fip/80/seed_0/fip/distance_from_start" in compress_tags
+    continual_tags = scalar_tags(str(tmp_path / "multi" / "continual" / "logs"))
+    assert "mnist_fmnist/fip/seed_0/task_1/fip/distance" in continual_tags
+    assert 1 in continual_tags[
+        "continual/mnist_fmnist/fip/seed_0/after_task/task_0/accuracy"]
+
+def main(argv):
+    """A worker: `python -m tests.apps.test_multi_worker --output_dir=... --cache_dir=...`
+    with `TF_CONFIG` set (`keras_fip.distribute.launch_workers`)."""
+    from absl import flags
+
+    flags.FLAGS(argv + ["--strategy=multi_worker"])
+    _run_apps(flags.FLAGS.output_dir, flags.FLAGS.cache_dir)
+
+
+if __name__ == "__main__":
+    import apps.compress  # noqa: F401  (defines the flags before they are parsed)
+    import apps.continual  # noqa: F401
+
+    main(sys.argv)
