@@ -41,10 +41,11 @@ Example:
     python -m apps.resilience --output_dir=runs/resilience
     python -m apps.resilience --resilience_parts=vulnerability --resilience_vgg
 
-`--strategy=mirrored|multi_worker|tpu` builds the networks and runs the metric products
-(eigen adversary, ρ, expected change) in that strategy; the accuracy evaluations of the
-perturbed networks run in the strategy's scope on one device (a `tf.function` per
-evaluator). TensorBoard scalars (accuracies, ρ, the deletion curve against the deleted
+`--strategy=mirrored|multi_worker|tpu` builds (trains) the networks in that strategy and
+runs `deletion` and `faults` in its scope; the accuracy evaluations of the perturbed
+networks run on one device (a `tf.function` per evaluator). `vulnerability` is refused
+under a distributed strategy, before any work: `keras_fip.Damage("eigen")` takes its loss
+gradient with a one-device tape. TensorBoard scalars (accuracies, ρ, the deletion curve against the deleted
 percent) go to `<output_dir>/logs`.
 """
 
@@ -66,6 +67,9 @@ from keras_fip import geometry  # noqa: E402
 from keras_fip import models  # noqa: E402
 
 PARTS = ("vulnerability", "deletion", "faults")
+# Parts that cannot run under a distributed `--strategy` (`common.start` refuses them).
+SINGLE_DEVICE = {"vulnerability": "keras_fip.Damage('eigen') takes its loss gradient with a "
+                 "one-device GradientTape (operations/damage.py `_loss_gradient`)"}
 _RUN = {}  # {"run": common.Run} while main runs (the base networks' strategy and cache).
 
 # Experiments
@@ -536,7 +540,8 @@ def plot_faults(table, name, output_dir):
 def main(argv):
     del argv  # Unused.
     parts = [common.check_choice(p, "resilience_parts", PARTS) for p in FLAGS.resilience_parts]
-    run = common.start("resilience")
+    run = common.start("resilience", unsupported=common.single_device_parts(
+        parts, SINGLE_DEVICE))
     _RUN["run"] = run
     try:
         with run.scope():

@@ -23,7 +23,8 @@ Example:
     python -m apps.spectrum --spectrum_models=lenet_300_100 --spectrum_num_inputs=200
 
 `--strategy=mirrored|multi_worker|tpu` builds the networks and runs the products g·v in
-that strategy (the inputs are split across the replicas); TensorBoard scalars (ρ, trace,
+that strategy (the inputs are split across the replicas; the exact Gram spectrum's dense
+Jacobian runs on a one-device copy); TensorBoard scalars (ρ, trace,
 the top eigenvalues against their rank) go to `<output_dir>/logs`.
 """
 
@@ -41,6 +42,7 @@ from apps import common  # noqa: E402
 from keras_fip import data  # noqa: E402
 from keras_fip import geometry  # noqa: E402
 from keras_fip import models  # noqa: E402
+from keras_fip.engine import copy_model  # noqa: E402
 
 # Networks
 flags.DEFINE_list("spectrum_models", ["mlp", "lenet_300_100", "cnn5"],
@@ -77,8 +79,12 @@ def _check_models(names):
 
 
 def measure(model, inputs, threshold, max_gram_entries, top_k, trace_samples, slq_probes,
-            slq_steps, seed):
-    """The spectrum measurements of one network's metric; returns (results, eigenvalues)."""
+            slq_steps, seed, gram_model=None):
+    """The spectrum measurements of one network's metric; returns (results, eigenvalues).
+
+    `gram_model` is the network whose dense Jacobian gives the exact Gram spectrum (a
+    one-device copy of `model` when `model` lives in a distributed strategy: the dense
+    Jacobian is a one-device computation); `None` uses `model`."""
     metric = geometry.MetricOperator(model, inputs)
     num_rows = metric.num_examples * metric.num_outputs()
     top = geometry.top_eigenpairs(metric, k=min(top_k, metric.num_params - 1), tol=1e-6,
@@ -97,7 +103,8 @@ def measure(model, inputs, threshold, max_gram_entries, top_k, trace_samples, sl
     }
     eigenvalues = top.values
     if num_rows * metric.num_params <= max_gram_entries:
-        eigenvalues = np.sort(np.linalg.eigvalsh(metric.gram(max_gram_entries)))[::-1]
+        exact = metric if gram_model is None else geometry.MetricOperator(gram_model, inputs)
+        eigenvalues = np.sort(np.linalg.eigvalsh(exact.gram(max_gram_entries)))[::-1]
         results["rho"] = float(np.sum(eigenvalues >= threshold) / metric.num_params)
         results["rho_method"] = "gram"
         results["trace_exact"] = float(np.sum(eigenvalues))
@@ -145,11 +152,13 @@ def main(argv):
             cache_dir=FLAGS.cache_dir)
         # Spectrum of its metric
         start = time.perf_counter()
+        # The exact Gram spectrum's dense Jacobian runs on one device: a plain copy.
+        gram_model = None if FLAGS.strategy == "default" else copy_model(model)
         with run.scope():
             measured, eigenvalues = measure(
                 model, inputs, FLAGS.spectrum_threshold, FLAGS.spectrum_max_gram_entries,
                 FLAGS.spectrum_top_k, FLAGS.spectrum_trace_samples, FLAGS.spectrum_slq_probes,
-                FLAGS.spectrum_slq_steps, FLAGS.seed)
+                FLAGS.spectrum_slq_steps, FLAGS.seed, gram_model=gram_model)
         measured["seconds"] = time.perf_counter() - start
         measured["test_accuracy"] = base["test/accuracy"]
         results.update({f"{name}/{key}": value for key, value in measured.items()})

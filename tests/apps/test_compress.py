@@ -8,6 +8,7 @@ from absl.testing import flagsaver
 
 from apps import compress
 from keras_fip import data
+from tests.apps.conftest import scalar_tags
 
 
 def test_compress_app_sweeps_methods_and_exports_the_sparsest(tmp_path):
@@ -38,6 +39,16 @@ def test_compress_app_sweeps_methods_and_exports_the_sparsest(tmp_path):
     zeros = sum(int(np.sum(k == 0)) for k in kernels)
     assert zeros / sum(k.size for k in kernels) == pytest.approx(0.8, abs=2e-3)
     assert served.serve(x[:4]).shape == (4, 10)
+    # TensorBoard: every method's accuracy, sparsity and movement per target sparsity
+    # (step: sparsity in 0.01%), and the FIP walks' per-step scalars.
+    tags = scalar_tags(os.path.join(output_dir, "logs"))
+    assert tags["compress/fip/seed_0/test_accuracy"] == pytest.approx(
+        {5000: results["fip/50/test/accuracy"], 8000: results["fip/80/test/accuracy"]})
+    assert tags["compress/lth/seed_0/sparsity"][8000] == pytest.approx(0.8, abs=2e-3)
+    assert tags["compress/oneshot/seed_0/distance_moved"][5000] > 0
+    assert "compress/gradual/seed_0/output_change" in tags
+    for name in ("distance", "distance_from_start", "secondary_loss"):
+        assert len(tags[f"fip/80/seed_0/fip/{name}"]) > 1
 
 
 def test_compress_app_rejects_bad_sparsities(tmp_path):
@@ -66,6 +77,14 @@ def test_compress_app_rejects_workers_with_a_strategy(tmp_path):
     with flagsaver.flagsaver(workers=2, strategy="mirrored", output_dir=str(tmp_path)):
         with pytest.raises(ValueError, match="workers"):
             compress.main([])
+
+
+def test_compress_app_refuses_single_device_methods_under_a_strategy(tmp_path):
+    with flagsaver.flagsaver(workers=1, strategy="multi_worker", methods=["fip", "tfmot"],
+                             output_dir=str(tmp_path)):
+        with pytest.raises(ValueError, match=r"cannot run \['tfmot'\]"):
+            compress.main([])
+    assert not os.listdir(tmp_path)  # Refused before any work.
 
 
 @pytest.mark.large

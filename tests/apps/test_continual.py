@@ -6,6 +6,7 @@ import pytest
 from absl.testing import flagsaver
 
 from apps import continual
+from tests.apps.conftest import scalar_tags
 
 
 def test_continual_app_compares_every_method_on_digits(tmp_path):
@@ -34,6 +35,17 @@ def test_continual_app_compares_every_method_on_digits(tmp_path):
     assert results["split_mnist/data"] == "digits"
     for name in ("split_mnist_path.png", "split_mnist_final.png", "config.json"):
         assert os.path.isfile(os.path.join(output_dir, name))
+    # TensorBoard: every task's accuracy after each task (step: the task learned), along
+    # the walks, and the FIP walks' per-step scalars.
+    tags = scalar_tags(os.path.join(output_dir, "logs"))
+    for method in continual.METHODS:
+        prefix = f"continual/split_mnist/{method}/seed_0/after_task"
+        assert sorted(tags[f"{prefix}/task_0/accuracy"]) == [0, 1, 2, 3, 4]
+        assert tags[f"{prefix}/task_4/accuracy"][4] == pytest.approx(
+            results[f"split_mnist/{method}/R"][0][4][4])
+    assert "continual/split_mnist/fip/seed_0/path/task_0/accuracy" in tags
+    for name in ("distance", "distance_from_start", "secondary_loss"):
+        assert tags[f"split_mnist/fip/seed_0/task_4/fip/{name}"]
 
 
 def test_continual_app_two_task_run_and_memory_sweep(tmp_path):
@@ -48,6 +60,14 @@ def test_continual_app_two_task_run_and_memory_sweep(tmp_path):
     for size in ("10", "40"):
         assert 0.0 <= results[f"mnist_fmnist/memory_{size}/fip/acc/mean"] <= 1.0
     assert os.path.isfile(os.path.join(output_dir, "mnist_fmnist_memory.png"))
+
+
+def test_continual_app_refuses_single_device_baselines_under_a_strategy(tmp_path):
+    with flagsaver.flagsaver(strategy="mirrored", methods=["fip", "ewc", "agem"],
+                             output_dir=str(tmp_path / "out")):
+        with pytest.raises(ValueError, match=r"cannot run \['agem', 'ewc'\]"):
+            continual.main([])
+    assert not os.path.exists(tmp_path / "out")  # Refused before any work.
 
 
 def test_continual_app_rejects_unknown_methods(tmp_path):

@@ -1,9 +1,11 @@
 import json
 import os
 
+import pytest
 from absl.testing import flagsaver
 
 from apps import quickstart
+from tests.apps.conftest import scalar_tags
 
 
 def test_quickstart_runs_and_shows_the_fip_walk_keeping_function(tmp_path, capsys):
@@ -29,3 +31,9 @@ def test_quickstart_runs_and_shows_the_fip_walk_keeping_function(tmp_path, capsy
     assert results["repair/fip/test/accuracy"] > results["damage/nodes/test/accuracy"]
     assert results["repair/retrain/test/accuracy"] > results["damage/nodes/test/accuracy"]
     assert "trained MLP (base)" in capsys.readouterr().out
+    # TensorBoard: the table's figures, and every FIP walk's per-step scalars.
+    tags = scalar_tags(os.path.join(output_dir, "logs"))
+    assert tags["quickstart/quickstart/walk/euclidean_distance"][0] == pytest.approx(
+        results["walk/euclidean_distance"])
+    for walk in ("walk", "compress", "repair", "ensemble"):
+        assert tags[f"{walk}/fip/distance_from_start"], walk

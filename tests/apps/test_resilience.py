@@ -6,6 +6,7 @@ import pytest
 from absl.testing import flagsaver
 
 from apps import resilience
+from tests.apps.conftest import scalar_tags
 
 
 def test_resilience_app_writes_vulnerability_deletion_and_fault_results(tmp_path):
@@ -84,6 +85,15 @@ def test_resilience_app_writes_vulnerability_deletion_and_fault_results(tmp_path
         "mlp/test/accuracy"] - 0.02
     assert np.isfinite(results["mlp/gaussian/1/test/accuracy/std"])
     assert results["mlp/weights/0.5/test/accuracy/mean"] < results["mlp/test/accuracy"]
+
+    # TensorBoard: the vulnerability figures, the deletion curve (step: percent deleted),
+    # the fault table.
+    tags = scalar_tags(os.path.join(output_dir, "logs"))
+    assert tags["resilience/mlp/vulnerability/eigen/test/accuracy"][0] == pytest.approx(
+        results["mlp/eigen/test/accuracy"])
+    assert sorted(tags["resilience/mlp1/deletion/test/accuracy/mean"]) == [0, 25, 50, 75,
+                                                                            100]
+    assert "resilience/faults/mlp/gaussian/1/test/accuracy/mean" in tags
 
 
 def test_resilience_app_rejects_unknown_parts(tmp_path):

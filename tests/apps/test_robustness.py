@@ -10,6 +10,7 @@ pytest.importorskip("art", reason="needs the `robustness` extra")
 
 from apps import robustness  # noqa: E402
 from keras_fip import data  # noqa: E402
+from tests.apps.conftest import scalar_tags  # noqa: E402
 
 
 def test_robustness_app_compares_every_method_under_both_attacks(tmp_path):
@@ -55,6 +56,11 @@ def test_robustness_app_compares_every_method_under_both_attacks(tmp_path):
     served = tf.saved_model.load(os.path.join(output_dir, "serving"))
     probabilities = np.asarray(served.serve(x[:4]))
     np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
+    # TensorBoard: every figure per seed (step: the seed) and the FIP walk's scalars.
+    tags = scalar_tags(os.path.join(output_dir, "logs"))
+    assert tags["robustness/digits/fip/transfer_pgd/accuracy"][0] == pytest.approx(
+        results["digits/fip/transfer_pgd/accuracy/mean"])
+    assert tags["digits_mlp/fip/seed_0/fip/distance_from_start"]
 
 
 def test_experiments_after_the_first_run_on_the_lighter_plan():

@@ -5,6 +5,7 @@ import numpy as np
 from absl.testing import flagsaver
 
 from apps import spectrum
+from tests.apps.conftest import scalar_tags
 
 
 def test_spectrum_app_writes_rho_trace_and_plot(tmp_path):
@@ -42,3 +43,7 @@ def test_spectrum_app_writes_rho_trace_and_plot(tmp_path):
     np.testing.assert_allclose(
         results["mlp/expected_change_unit_perturbation"],
         results["mlp/trace"] / results["mlp/num_params"], rtol=1e-9)
+    # TensorBoard: ρ and trace, and the top eigenvalues against their rank.
+    tags = scalar_tags(os.path.join(output_dir, "logs"))
+    np.testing.assert_allclose(tags["spectrum/mlp/rho"][0], results["mlp/rho"], rtol=1e-6)
+    assert sorted(tags["spectrum/lenet_300_100/top_eigenvalue"]) == [1, 2, 3, 4, 5]

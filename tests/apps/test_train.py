@@ -3,10 +3,12 @@ import os
 
 import keras
 import numpy as np
+import pytest
 from absl.testing import flagsaver
 
 from apps import train
 from keras_fip import data
+from tests.apps.conftest import scalar_tags
 
 
 def test_train_app_writes_model_config_and_results(tmp_path):
@@ -25,6 +27,9 @@ def test_train_app_writes_model_config_and_results(tmp_path):
     x, y = data.load("digits", "test")
     accuracy = np.mean(np.argmax(model.predict(x, verbose=0), -1) == y)
     assert accuracy == results["test/accuracy"]
+    tags = scalar_tags(os.path.join(output_dir, "logs"))
+    assert tags["train/mlp/test/accuracy"] == {3: pytest.approx(results["test/accuracy"])}
+    assert 3 in tags["train/mlp/train/loss"]
 
 
 def test_train_app_reuses_the_cache(tmp_path):
