@@ -47,6 +47,21 @@ Example:
 
     python -m apps.continual        # mnist_fmnist and split_mnist, main methods, 3 seeds
     python -m apps.continual --benchmarks=permuted_mnist --methods=fip,ewc --seeds=0
+
+`--strategy=mirrored|multi_worker|tpu` trains the first-task networks and runs the FIP
+walks in that strategy; the baselines (finetune, ewc, lwf, replay, agem, joint) are refused
+there before any work, naming them: their loop (`baselines.continual_base.train`) is a
+one-device `tf.function`. Across processes or hosts every worker runs the same command with
+the same `--seeds`, and only the chief writes `--output_dir`:
+
+    python -m keras_fip.distribute --workers=2 -- python -m apps.continual \
+        --strategy=multi_worker --methods=fip
+
+(on a cluster: the same command on every host with its `TF_CONFIG`, see `apps.compress`).
+The chief's results equal one process's (tested on two loopback workers:
+`tests/apps/test_multi_worker.py`). TensorBoard (`tensorboard --logdir runs`): every task's
+accuracy after each task and along the walks, and the walks' per-step distance, distance from
+the start and secondary loss (`runs/continual/logs`).
 """
 
 import os

@@ -25,8 +25,9 @@ Example:
     python -m apps.quickstart --output_dir=runs/quickstart
     tensorboard --logdir runs      # the walks' distance, output change and losses per step
 
-`--strategy=mirrored|multi_worker|tpu` runs every operation and baseline in that strategy's
-scope (the walks and `fit` split each batch across the replicas).
+The quick start runs on one device: `--strategy` other than `default` is refused before any
+work, naming what cannot run distributed (the exact-Gram ρ and the eigen adversary); the
+other apps take `--strategy=mirrored|multi_worker|tpu`.
 """
 
 import math
@@ -54,6 +55,14 @@ flags.DEFINE_float("quickstart_sparsity", 0.9, "Target sparsity of the pruning c
                    lower_bound=0.0, upper_bound=0.99)
 
 FLAGS = flags.FLAGS
+
+# What the quick start runs that cannot run under a distributed `--strategy`.
+SINGLE_DEVICE = {
+    "geometry.vulnerable_fraction": "ρ from the exact Gram matrix, a dense Jacobian on one "
+                                    "device (MetricOperator.gram)",
+    "Damage('eigen')": "its loss gradient is a one-device GradientTape "
+                       "(operations/damage.py `_loss_gradient`)",
+}
 
 
 def _accuracy(model, x, y):
@@ -240,7 +249,7 @@ def _plot(rows, path):
 
 def main(argv):
     del argv  # Unused.
-    session = common.start("quickstart")
+    session = common.start("quickstart", unsupported=SINGLE_DEVICE)
     output_dir = session.output_dir
     with session.scope():
         rows, results = run(output_dir, FLAGS.seed, FLAGS.quickstart_walk_steps,

@@ -40,8 +40,10 @@ first in the list is the chief), and the same `--seed`, e.g. on the two hosts of
                 "task": {"type": "worker", "index": 1}}' \
         python -m benchmarks.multi_worker --role=worker --output_dir=/shared/run
 
-(an app: `python -m apps.compress --strategy=multi_worker --seed=0` in place of the
-benchmark's worker role). Only the chief writes shared files (`is_chief`;
+(an app: `python -m apps.compress --strategy=multi_worker --workers=1 --methods=fip,oneshot
+--seeds=0 --output_dir=/shared/runs/compress` in place of the benchmark's worker role; the
+apps write outputs, plots and TensorBoard logs on the chief only, see `apps.common`).
+Only the chief writes shared files (`is_chief`;
 `worker_directory` gives the others private `<dir>.workertemp_<index>` directories, the
 TensorFlow convention); `resumable_walk` does this for paths and reads the chief's
 directory on resume, so the directory must be on a file system all hosts share (as
@@ -50,7 +52,9 @@ the workers with free loopback ports:
 
     python -m benchmarks.multi_worker        # two local workers vs one process
     python -m keras_fip.distribute --workers=2 -- \
-        python -m apps.compress --strategy=multi_worker --seed=0
+        python -m apps.compress --strategy=multi_worker --workers=1 --methods=fip --seeds=0
+    python -m keras_fip.distribute --workers=2 -- \
+        python -m apps.continual --strategy=multi_worker --methods=fip --seeds=0
 """
 
 import json
@@ -574,7 +578,8 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
         raise SystemExit("Usage: python -m keras_fip.distribute [--workers=2] "
-                         "[--timeout=3600] -- python -m apps.compress --strategy=multi_worker")
+                         "[--timeout=3600] -- python -m apps.compress "
+                         "--strategy=multi_worker --workers=1 --methods=fip")
     split = argv.index("--")
     parser = argparse.ArgumentParser(prog="python -m keras_fip.distribute")
     parser.add_argument("--workers", type=int, default=2)

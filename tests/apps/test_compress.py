@@ -50,6 +50,22 @@ def test_compress_app_sweeps_methods_and_exports_the_sparsest(tmp_path):
     for name in ("distance", "distance_from_start", "secondary_loss"):
         assert len(tags[f"fip/80/seed_0/fip/{name}"]) > 1
 
+    # A killed sweep resumes: recorded jobs are kept, the missing one runs again, alike.
+    os.remove(os.path.join(output_dir, "jobs", "oneshot_80_seed_0.json"))
+    with flagsaver.flagsaver(model="mlp", dataset="digits", sparsities=["50", "80"],
+                             methods=["fip", "gradual", "gradual_per_layer", "oneshot",
+                                      "lth"], seeds=["0"], workers=1, resume=True,
+                             epochs=2, base_epochs=3, batch_size=64, lth_rounds=2,
+                             output_dir=output_dir, cache_dir=str(tmp_path / "cache")):
+        compress.main([])
+    with open(os.path.join(output_dir, "results.json")) as f:
+        resumed = json.load(f)
+    assert resumed["oneshot/80/test/accuracy"] == results["oneshot/80/test/accuracy"]
+    assert resumed["oneshot/80/wall_time_seconds"] != results["oneshot/80/wall_time_seconds"]
+    for key, value in results.items():
+        if key != "wall_time_seconds" and not key.startswith("oneshot/80/"):
+            assert resumed[key] == value, key  # Not run again: even the timings agree.
+
 
 def test_compress_app_rejects_bad_sparsities(tmp_path):
     with flagsaver.flagsaver(sparsities=["100"], output_dir=str(tmp_path)):

@@ -99,6 +99,6 @@ def main(argv):
 
 if __name__ == "__main__":
     import apps.compress  # noqa: F401  (defines the flags before they are parsed)
-    import apps.continual  # noqa: F401
+    import apps.continual  # noqa: F401  (ditto)
 
     main(sys.argv)

@@ -37,3 +37,10 @@ def test_quickstart_runs_and_shows_the_fip_walk_keeping_function(tmp_path, capsy
         results["walk/euclidean_distance"])
     for walk in ("walk", "compress", "repair", "ensemble"):
         assert tags[f"{walk}/fip/distance_from_start"], walk
+
+
+def test_quickstart_refuses_a_distributed_strategy_naming_what_cannot_run(tmp_path):
+    with flagsaver.flagsaver(output_dir=str(tmp_path / "out"), strategy="mirrored"):
+        with pytest.raises(ValueError, match=r"Damage\('eigen'\).*vulnerable_fraction"):
+            quickstart.main([])
+    assert not os.path.exists(tmp_path / "out")

@@ -100,3 +100,10 @@ def test_resilience_app_rejects_unknown_parts(tmp_path):
     with flagsaver.flagsaver(resilience_parts=["everything"], output_dir=str(tmp_path)):
         with pytest.raises(ValueError, match="resilience_parts"):
             resilience.main([])
+
+
+def test_resilience_app_refuses_vulnerability_under_a_strategy(tmp_path):
+    with flagsaver.flagsaver(strategy="mirrored", output_dir=str(tmp_path / "out")):
+        with pytest.raises(ValueError, match=r"cannot run \['vulnerability'\]"):
+            resilience.main([])
+    assert not os.path.exists(tmp_path / "out")
