@@ -393,8 +393,9 @@ def _launch_once(command, num_workers, timeout, env, cwd):
 class _OptimizerState(keras.callbacks.Callback):
     """Saves the optimizer's variables beside each recorded point of the path."""
 
-    def __init__(self, trainer, path, first_step, steps_per_epoch):
+    def __init__(self, trainer, path, first_step, steps_per_epoch, state_variables=()):
         super().__init__()
+        self._state_variables = list(state_variables)
         self._trainer = trainer
         self._path = path
         self._first_step = first_step
@@ -407,31 +408,35 @@ class _OptimizerState(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         step = self._first_step + self._epoch * self._steps_per_epoch + batch + 1
         if self._path.should_record(step) and int(self._path.steps[-1]) == step:
-            _save_optimizer(self._trainer.optimizer, self._path.directory, step)
+            _save_optimizer(self._trainer.optimizer, self._path.directory, step,
+                            self._state_variables)
 
 
 def _optimizer_file(directory, step):
     return os.path.join(directory, _OPTIMIZER_DIR, f"{step:07d}.npz")
 
 
-def _save_optimizer(optimizer, directory, step):
+def _save_optimizer(optimizer, directory, step, state_variables=()):
+    """Saves the optimizer's variables, then the `state_variables`, in one file."""
     final = _optimizer_file(directory, step)
     os.makedirs(os.path.dirname(final), exist_ok=True)
     temporary = final + ".tmp.npz"
-    np.savez(temporary, *[np.asarray(v.numpy()) for v in optimizer.variables])
+    variables = list(optimizer.variables) + list(state_variables)
+    np.savez(temporary, *[np.asarray(v.numpy()) for v in variables])
     os.replace(temporary, final)
 
 
-def _restore_optimizer(optimizer, directory, step):
+def _restore_optimizer(optimizer, directory, step, state_variables=()):
     with np.load(_optimizer_file(directory, step)) as saved:
         values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
-    if len(values) != len(optimizer.variables):
+    variables = list(optimizer.variables) + list(state_variables)
+    if len(values) != len(variables):
         raise ValueError(
-            f"The optimizer state saved at step {step} has {len(values)} variables; the "
-            f"trainer's optimizer has {len(optimizer.variables)}. Resume with the "
-            "optimizer the walk started with."
+            f"The walk state saved at step {step} has {len(values)} variables; the "
+            f"trainer's optimizer and `state_variables` have {len(variables)}. Resume "
+            "with the optimizer and state variables the walk started with."
         )
-    for variable, value in zip(optimizer.variables, values):
+    for variable, value in zip(variables, values):
         variable.assign(value)
 
 
@@ -461,7 +466,7 @@ def _last_resumable_step(directory):
 
 
 def resumable_walk(trainer, data, steps, directory, record_every=1, strategy=None,
-                   **walk_kwargs):
+                   state_variables=None, **walk_kwargs):
     """Runs `trainer.walk` streamed to a `Path` in `directory`, resuming a killed walk.
 
     The path's points (weights every `record_every` steps) and the optimizer's state at
@@ -483,6 +488,9 @@ def resumable_walk(trainer, data, steps, directory, record_every=1, strategy=Non
         record_every: Record a point (and the optimizer state) every this many steps:
             at most this many steps are redone after a kill. Defaults to `1`.
         strategy: The `tf.distribute.Strategy`. Defaults to `None` (the current one).
+        state_variables: Other variables the walk changes as it goes (e.g. the masks a
+            sparsifying callback updates), saved with the optimizer state at each
+            recorded point and restored on resume, or `None`. Defaults to `None`.
         **walk_kwargs: Other `FIPTrainer.walk` arguments (`callbacks`, `verbose`,
             `log_dir`).
 
@@ -543,13 +551,14 @@ def resumable_walk(trainer, data, steps, directory, record_every=1, strategy=Non
         if not trainer.optimizer.built:
             with strategy.scope():
                 trainer.optimizer.build(trainer.trainable_variables)
-        _restore_optimizer(trainer.optimizer, own, resume_step)
+        _restore_optimizer(trainer.optimizer, own, resume_step, state_variables or ())
         data = data.skip(resume_step)
     history = {}
     remaining = steps - resume_step
     if remaining > 0:
         callbacks = list(walk_kwargs.pop("callbacks", None) or [])
-        callbacks.append(_OptimizerState(trainer, path, resume_step, remaining))
+        callbacks.append(_OptimizerState(trainer, path, resume_step, remaining,
+                                         state_variables or ()))
         history = trainer.walk(data, remaining, path=path, callbacks=callbacks,
                                **walk_kwargs)
     if own != directory:
