@@ -11,14 +11,15 @@ private directory is gone afterwards) and TensorBoard logs.
 import json
 import os
 import sys
+import time
 
 import pytest
 
 COMPRESS = dict(model="mlp", dataset="digits", sparsities=["80"], methods=["fip"],
-                seeds=["0"], workers=1, epochs=2, base_epochs=2, batch_size=64)
+                seeds=["0"], workers=1, epochs=1, base_epochs=1, batch_size=64)
 CONTINUAL = dict(benchmarks=["mnist_fmnist"], dataset="digits", methods=["fip"],
                  seeds=["0"], epochs=1, continual_base_epochs=1, batch_size=32,
-                 memory_per_task=20, max_train_examples=128, max_test_examples=200)
+                 memory_per_task=20, max_train_examples=128, max_test_examples=100)
 # Timings, not results: they differ between runs.
 _TIMES = ("seconds",)
 
@@ -53,7 +54,9 @@ def test_two_worker_apps_match_one_process_and_only_the_chief_writes(tmp_path):
 
     cache_dir = str(tmp_path / "cache")
     # One process (it also trains and caches the base network both runs start from).
+    start = time.perf_counter()
     _run_apps(str(tmp_path / "single"), cache_dir)
+    print(f"one process: {time.perf_counter() - start:.1f} s")
 
     # Two workers on 127.0.0.1; each worker's private directories go under its TMPDIR.
     worker_tmp = tmp_path / "worker_tmp"
@@ -64,8 +67,10 @@ def test_two_worker_apps_match_one_process_and_only_the_chief_writes(tmp_path):
     env = {"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "",
            "KERAS_BACKEND": "tensorflow", "TMPDIR": str(worker_tmp),
            "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    start = time.perf_counter()
     launched = distribute.launch_workers(command, num_workers=2, timeout=400, env=env,
                                          cwd=root)
+    print(f"two workers: {time.perf_counter() - start:.1f} s")
     logs = "\n".join(r["stderr"][-3000:] for r in launched)
     assert [r["returncode"] for r in launched] == [0, 0], logs
 
