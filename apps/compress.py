@@ -50,9 +50,11 @@ On a cluster, run on every host `TF_CONFIG='{"cluster": {"worker": ["host0:12345
 "host1:12345"]}, "task": {"type": "worker", "index": <i>}}' python -m apps.compress
 --strategy=multi_worker --workers=1 --output_dir=<dir on a shared file system>` (worker 0 is
 the chief). The chief's results equal one process's on the same flags (tested on two
-loopback workers for `fip`: `tests/apps/test_multi_worker.py`); baselines whose masks are
-chosen by magnitude ranking may differ where float32 all-reduce rounding flips a tie at the
-threshold (seen once: gradual 80% on the digits, 77.78 vs 77.50%).
+loopback workers for `fip`: `tests/apps/test_multi_worker.py`; `oneshot` agreed too). A
+baseline that ranks weights by magnitude can differ where float32 all-reduce rounding
+(~1e-8 here) reorders a near-tie at the threshold: `gradual` at 80% on the digits gave
+77.78% on two workers against 77.50% in one process (one test example; the cause is
+likely, not traced).
 
 TensorBoard: `tensorboard --logdir runs` shows, per method and seed, the test accuracy,
 sparsity, distance moved ‖w − w₀‖ and output change against the target sparsity (the step

@@ -58,8 +58,11 @@ the same `--seeds`, and only the chief writes `--output_dir`:
         --strategy=multi_worker --methods=fip
 
 (on a cluster: the same command on every host with its `TF_CONFIG`, see `apps.compress`).
-The chief's results equal one process's (tested on two loopback workers:
-`tests/apps/test_multi_worker.py`). TensorBoard (`tensorboard --logdir runs`): every task's
+The chief's results equal one process's for split_mnist's MLP (tested on two loopback
+workers: `tests/apps/test_multi_worker.py`). cnn5 (mnist_fmnist, split_cifar) trains its
+first task with weights ~3e-3 from one process's after 16 Adam steps (float32 reduction
+order in the convolutions, amplified by Adam on near-zero gradients), so its figures agree
+up to an example here and there. TensorBoard (`tensorboard --logdir runs`): every task's
 accuracy after each task and along the walks, and the walks' per-step distance, distance from
 the start and secondary loss (`runs/continual/logs`).
 """

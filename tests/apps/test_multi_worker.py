@@ -17,9 +17,13 @@ import pytest
 
 COMPRESS = dict(model="mlp", dataset="digits", sparsities=["80"], methods=["fip"],
                 seeds=["0"], workers=1, epochs=1, base_epochs=1, batch_size=64)
-CONTINUAL = dict(benchmarks=["mnist_fmnist"], dataset="digits", methods=["fip"],
+# split_mnist's MLP: `fit` under the strategy matches one process to ~1e-8 in the weights.
+# (mnist_fmnist's cnn5 drifts to ~3e-3 after 16 Adam steps: float32 reduction order in the
+# convolutions, amplified by Adam on near-zero gradients; its accuracies then agree only
+# up to a flipped example.)
+CONTINUAL = dict(benchmarks=["split_mnist"], dataset="digits", methods=["fip"],
                  seeds=["0"], epochs=1, continual_base_epochs=1, batch_size=32,
-                 memory_per_task=20, max_train_examples=128, max_test_examples=100)
+                 memory_per_task=10, max_train_examples=64, max_test_examples=100)
 # Timings, not results: they differ between runs.
 _TIMES = ("seconds",)
 
@@ -89,9 +93,9 @@ def test_two_worker_apps_match_one_process_and_only_the_chief_writes(tmp_path):
     assert 8000 in compress_tags["compress/fip/seed_0/test_accuracy"]  # Step: 80.00%.
     assert "fip/80/seed_0/fip/distance_from_start" in compress_tags
     continual_tags = scalar_tags(str(tmp_path / "multi" / "continual" / "logs"))
-    assert "mnist_fmnist/fip/seed_0/task_1/fip/distance" in continual_tags
-    assert 1 in continual_tags[
-        "continual/mnist_fmnist/fip/seed_0/after_task/task_0/accuracy"]
+    assert "split_mnist/fip/seed_0/task_4/fip/distance" in continual_tags
+    assert 4 in continual_tags[
+        "continual/split_mnist/fip/seed_0/after_task/task_0/accuracy"]
 
 def main(argv):
     """A worker: `python -m tests.apps.test_multi_worker --output_dir=... --cache_dir=...`
