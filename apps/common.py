@@ -116,6 +116,7 @@ class Run:
 
     Example:
 
+    >>> import tempfile
     >>> run = Run("demo", tf.distribute.get_strategy(), tempfile.mkdtemp())
     >>> with run.scope():
     ...     run.scalars({"test/accuracy": 0.9}, step=1)
@@ -236,9 +237,16 @@ def start(app_name, unsupported=None):
     Returns:
         A `Run`.
 
-    Example:
+    Example (an app's `main`, after absl parsed the flags):
 
-    >>> run = start("demo")  # In an app's main, after flags are parsed.
+        run = common.start("repair", unsupported=common.single_device_parts(
+            methods, SINGLE_DEVICE))
+        base, _ = run.base_network("lenet_300_100", "mnist", seed=FLAGS.seed)
+        with run.scope():
+            repaired = keras_fip.Repair(data=x, log_dir=run.log_dir("repair/seed_0"))(base)
+        run.scalars({"test/accuracy": accuracy}, step=0, prefix="repair")
+        common.write_json(run.output_dir, "results.json", results)
+        run.close()
     """
     name = FLAGS.strategy
     if FLAGS.tpu is not None and name != "tpu":
