@@ -49,7 +49,7 @@ Experiment families of the resilience and damage-rescue papers, every network da
   superset: the same seeded order) → C4 (the deleted units restored: re-initialised,
   released and grown back, `Repair(release=True)`). Epochs to recover and accuracy of
   each transition.
-- `vgg` (Fig. 4, `--repair_vgg`): VGG-11 (`--repair_vgg_width`) on
+- `vgg` (Fig. 4): VGG-11 (`--repair_vgg_width`) on
   `--repair_cifar_dataset` with `--repair_vgg_fraction` of its first-layer filters
   deleted: accuracy along the recovery path (`keras_fip.operations.repair.recovery_path`)
   and along the straight damage path (`keras_fip.geometry.damage_path`: the paper's
@@ -93,9 +93,8 @@ PARTS = ("recovery", "iterative", "invariant", "transitions", "vgg")
 METHODS = ("fip", "retrain", "prune")
 
 # Experiments
-flags.DEFINE_list("repair_parts", ["recovery", "iterative", "invariant", "transitions"],
-                  f"Experiment families, among "
-                  f"{PARTS} (`vgg` also runs with --repair_vgg).")
+flags.DEFINE_list("repair_parts", list(PARTS), f"Experiment families, among {PARTS} "
+                  "(`vgg` also runs with --repair_vgg).")
 flags.DEFINE_integer("repair_validation_examples", 5000, "Test images used as the "
                      "validation split (the rest is the held-out test).", lower_bound=1)
 flags.DEFINE_float("repair_target", 0.01, "Recovered: within this of the undamaged "
@@ -112,14 +111,14 @@ flags.DEFINE_list("repair_fip_learning_rates", ["3e-4", "1e-3", "3e-3"], "Adam r
 flags.DEFINE_enum("repair_fip_distance", "l2", ["l2", "kl", "bhattacharyya"], "Output "
                   "distance D of the FIP repair (`l2` on the logits: the objective the "
                   "solves minimise exactly).")
-flags.DEFINE_integer("repair_fip_solve_examples", 5000, "Training inputs per solve batch "
+flags.DEFINE_integer("repair_fip_solve_examples", 2000, "Training inputs per solve batch "
                      "of the FIP repair (`Repair(solve_output_layer=...)`: the output "
                      "layer's least-squares fit of the undamaged logits; every batch is "
                      "counted in its epochs); 0: no solve.", lower_bound=0)
-flags.DEFINE_integer("repair_fip_solve_sweeps", 2, "Gauss-Newton sweeps of the hidden "
+flags.DEFINE_integer("repair_fip_solve_sweeps", 6, "Gauss-Newton sweeps of the hidden "
                      "layer before the FIP walk, each on a fresh solve batch "
                      "(`Repair(solve_sweeps=...)`).", lower_bound=0)
-flags.DEFINE_integer("repair_fip_solve_rank", 128, "Principal input directions of the "
+flags.DEFINE_integer("repair_fip_solve_rank", 64, "Principal input directions of the "
                      "sweeps (`Repair(solve_rank=...)`).", lower_bound=1)
 flags.DEFINE_list("repair_retrain_learning_rates", ["1e-3", "3e-3", "1e-2"], "Adam rates of "
                   "retraining (tuned on the first seed).")
@@ -166,7 +165,8 @@ flags.DEFINE_float("repair_transition_learning_rate", 3e-3, "Adam rate of the FI
                    "repairs of the transitions.", lower_bound=0.0)
 
 # VGG
-flags.DEFINE_bool("repair_vgg", False, "Also run the VGG-11 recovery path.")
+flags.DEFINE_bool("repair_vgg", False, "Also run the VGG-11 recovery path when "
+                  "--repair_parts leaves it out.")
 flags.DEFINE_float("repair_vgg_width", 0.5, "Width multiplier of VGG-11.", lower_bound=0.0)
 flags.DEFINE_float("repair_vgg_fraction", 50 / 60, "Fraction of first-layer filters "
                    "deleted (the paper's 50 of 60).", lower_bound=0.0, upper_bound=1.0)
