@@ -6,9 +6,13 @@ Experiment families of the resilience and damage-rescue papers, every network da
 
 - `recovery` (resilience paper, Fig. 4): MLP-1 (784-`--repair_mlp_width`-10) on `--dataset`
   with `--repair_fractions` of its hidden units deleted, repaired by
-  - `fip`: the FIP back to the undamaged network's outputs, inputs only, started by
-    solving the output layer for the undamaged logits on `--repair_fip_solve_examples`
-    inputs (their passes count in its epochs);
+  - `fip`: the FIP back to the undamaged network's outputs (`--repair_fip_distance`),
+    inputs only, started by a layer-wise reconstruction on batches of
+    `--repair_fip_solve_examples` fresh inputs: the output layer's least-squares fit of
+    the undamaged logits, `--repair_fip_solve_sweeps` Gauss-Newton sweeps of the
+    surviving hidden units' incoming weights (in `--repair_fip_solve_rank` principal input
+    directions), and a last output-layer solve (`Repair(solve_output_layer=...,
+    solve_sweeps=...)`; every batch counts in its epochs), the damaged weights at zero;
   - `retrain`: supervised retraining of the surviving units (damage-rescue strategy 1);
   - `prune`: deleting the same units one at a time (`--repair_prune_units_per_round`)
     from the undamaged network with SGD steps in between, then retraining
@@ -26,9 +30,10 @@ Experiment families of the resilience and damage-rescue papers, every network da
   `--repair_iterative_counts` hidden units, batch repair (all m deleted at once, then
   strategy 1 `retrain` or strategy 2 `embryonic`) against the iterative loop (r∘D)
   (`keras_fip.DamageRepair`, `--repair_round_budget` units per round, each round repaired
-  by `--repair_iterative_method` until recovered): cycles (training epochs) to recover —
-  for the loop, the epochs of all its rounds together (`cycles`) and of its last round
-  (`last_round_cycles`).
+  by `--repair_iterative_method` until recovered): cycles (training epochs, solves
+  included) to recover — for the loop, the epochs of all its rounds together (`cycles`,
+  compared with the batch repairs) and of its last round (`last_round_cycles`). With the
+  FIP rounds (the default), batch FIP with the same repair is reported too (`fip`).
 - `invariant` (damage-rescue paper, Fig. 4), on the first seed's MLP-1:
   `--repair_invariant_loops` loops of `--repair_invariant_rounds` (r∘D) rounds of
   `--repair_invariant_budget` units each (`keras_fip.DamageRepair(keep_networks=True)`,
@@ -44,11 +49,14 @@ Experiment families of the resilience and damage-rescue papers, every network da
   superset: the same seeded order) → C4 (the deleted units restored: re-initialised,
   released and grown back, `Repair(release=True)`). Epochs to recover and accuracy of
   each transition.
-- `vgg` (Fig. 4, `--repair_vgg`): VGG-11 (`--repair_vgg_width`) on
+- `vgg` (Fig. 4): VGG-11 (`--repair_vgg_width`) on
   `--repair_cifar_dataset` with `--repair_vgg_fraction` of its first-layer filters
   deleted: accuracy along the recovery path (`keras_fip.operations.repair.recovery_path`)
-  and along the straight damage path (`keras_fip.geometry.damage_path`) at the same
-  damage times, with the break-down speed and acceleration along each.
+  and along the straight damage path (`keras_fip.geometry.damage_path`: the paper's
+  naive path, the weights on the line and the BatchNorm statistics as trained) at the
+  same damage times, with the break-down speed and acceleration along each; with
+  BatchNorm, the straight path with its statistics re-estimated at every point is
+  reported beside it (`straight_recalibrated`).
 
 Writes `config.json`, `results.json` (flat keys such as `"mlp/fip/epochs_to_recover/mean"`,
 `"mlp/0.8/retrain/epochs_to_recover/mean"`, `"iterative/200/damage_repair/cycles/mean"`,
@@ -85,9 +93,8 @@ PARTS = ("recovery", "iterative", "invariant", "transitions", "vgg")
 METHODS = ("fip", "retrain", "prune")
 
 # Experiments
-flags.DEFINE_list("repair_parts", ["recovery", "iterative", "invariant", "transitions"],
-                  f"Experiment families, among "
-                  f"{PARTS} (`vgg` also runs with --repair_vgg).")
+flags.DEFINE_list("repair_parts", list(PARTS), f"Experiment families, among {PARTS} "
+                  "(`vgg` also runs with --repair_vgg).")
 flags.DEFINE_integer("repair_validation_examples", 5000, "Test images used as the "
                      "validation split (the rest is the held-out test).", lower_bound=1)
 flags.DEFINE_float("repair_target", 0.01, "Recovered: within this of the undamaged "
@@ -99,12 +106,20 @@ flags.DEFINE_integer("repair_evaluations_per_epoch", 20, "Validation measurement
 flags.DEFINE_integer("repair_mlp_width", 400, "Hidden units of MLP-1.", lower_bound=1)
 flags.DEFINE_list("repair_fractions", ["0.5", "0.8"], "Fractions of hidden units deleted.")
 flags.DEFINE_integer("repair_max_epochs", 4, "Epoch budget of every repair.", lower_bound=1)
-flags.DEFINE_list("repair_fip_learning_rates", ["1e-3", "3e-3", "1e-2"], "Adam rates of "
+flags.DEFINE_list("repair_fip_learning_rates", ["3e-4", "1e-3", "3e-3"], "Adam rates of "
                   "the FIP repair (tuned on the first seed).")
-flags.DEFINE_integer("repair_fip_solve_examples", 2000, "Training inputs on which the FIP "
-                     "repair first solves the output layer for the undamaged logits "
-                     "(`Repair(solve_output_layer=...)`, counted in its epochs); 0: no "
-                     "solve.", lower_bound=0)
+flags.DEFINE_enum("repair_fip_distance", "l2", ["l2", "kl", "bhattacharyya"], "Output "
+                  "distance D of the FIP repair (`l2` on the logits: the objective the "
+                  "solves minimise exactly).")
+flags.DEFINE_integer("repair_fip_solve_examples", 2000, "Training inputs per solve batch "
+                     "of the FIP repair (`Repair(solve_output_layer=...)`: the output "
+                     "layer's least-squares fit of the undamaged logits; every batch is "
+                     "counted in its epochs); 0: no solve.", lower_bound=0)
+flags.DEFINE_integer("repair_fip_solve_sweeps", 6, "Gauss-Newton sweeps of the hidden "
+                     "layer before the FIP walk, each on a fresh solve batch "
+                     "(`Repair(solve_sweeps=...)`).", lower_bound=0)
+flags.DEFINE_integer("repair_fip_solve_rank", 64, "Principal input directions of the "
+                     "sweeps (`Repair(solve_rank=...)`).", lower_bound=1)
 flags.DEFINE_list("repair_retrain_learning_rates", ["1e-3", "3e-3", "1e-2"], "Adam rates of "
                   "retraining (tuned on the first seed).")
 flags.DEFINE_list("repair_prune_learning_rates", ["0.01", "0.03", "0.1"], "SGD (momentum "
@@ -119,10 +134,16 @@ flags.DEFINE_list("repair_iterative_counts", ["100", "200", "300"], "Total hidde
                   "deleted, m.")
 flags.DEFINE_integer("repair_round_budget", 50, "Units deleted per (r∘D) round.",
                      lower_bound=1)
-flags.DEFINE_enum("repair_iterative_method", "retrain", ["retrain", "embryonic", "fip"],
+flags.DEFINE_enum("repair_iterative_method", "fip", ["retrain", "embryonic", "fip"],
                   "Repair of each (r∘D) round.")
-flags.DEFINE_float("repair_iterative_learning_rate", 3e-3, "Adam rate of every repair in "
-                   "the iterative experiment.", lower_bound=0.0)
+flags.DEFINE_float("repair_iterative_learning_rate", 3e-3, "Adam rate of the supervised "
+                   "repairs (retrain, embryonic) in the iterative experiment.",
+                   lower_bound=0.0)
+flags.DEFINE_float("repair_iterative_fip_learning_rate", 1e-3, "Adam rate of the FIP "
+                   "repairs in the iterative experiment.", lower_bound=0.0)
+flags.DEFINE_integer("repair_iterative_solve_examples", 2000, "Inputs on which each FIP "
+                     "repair of the iterative experiment (batch and per round) first "
+                     "solves the output layer (counted in its cycles).", lower_bound=0)
 
 # The invariant set
 flags.DEFINE_integer("repair_invariant_loops", 2, "(r∘D) loops (sampler seeds) whose "
@@ -144,7 +165,8 @@ flags.DEFINE_float("repair_transition_learning_rate", 3e-3, "Adam rate of the FI
                    "repairs of the transitions.", lower_bound=0.0)
 
 # VGG
-flags.DEFINE_bool("repair_vgg", False, "Also run the VGG-11 recovery path.")
+flags.DEFINE_bool("repair_vgg", False, "Also run the VGG-11 recovery path when "
+                  "--repair_parts leaves it out.")
 flags.DEFINE_float("repair_vgg_width", 0.5, "Width multiplier of VGG-11.", lower_bound=0.0)
 flags.DEFINE_float("repair_vgg_fraction", 50 / 60, "Fraction of first-layer filters "
                    "deleted (the paper's 50 of 60).", lower_bound=0.0, upper_bound=1.0)
@@ -206,7 +228,13 @@ def _repair(method, model, damaged, learning_rate, splits, seed):
             steps_per_round=FLAGS.repair_prune_steps_per_round,
             batch_size=FLAGS.batch_size, **common_kwargs)
         return history, repaired
-    extra = {"solve_output_layer": FLAGS.repair_fip_solve_examples} if method == "fip" else {}
+    extra = {}
+    if method == "fip":
+        extra = {"solve_output_layer": FLAGS.repair_fip_solve_examples,
+                 "solve_sweeps": (FLAGS.repair_fip_solve_sweeps
+                                  if FLAGS.repair_fip_solve_examples else 0),
+                 "solve_rank": FLAGS.repair_fip_solve_rank,
+                 "distance": FLAGS.repair_fip_distance}
     op = keras_fip.Repair(data=x if method == "fip" else (x, y), method=method,
                           validation_data=validation, learning_rate=learning_rate,
                           batch_size=FLAGS.batch_size, verbose=0, **common_kwargs, **extra)
@@ -284,36 +312,58 @@ def recovery(methods, seeds, splits):
     return results, curves
 
 
+def _round_repair(method, seed, splits, epochs=None):
+    """The `Repair` of the iterative and invariant experiments: `method` with its rate (a
+    FIP first solves the output layer on `--repair_iterative_solve_examples` inputs)."""
+    (x, y), _, _ = splits
+    if method == "fip":
+        kwargs = _repair_kwargs(splits, FLAGS.repair_iterative_fip_learning_rate)
+        kwargs.update(solve_output_layer=FLAGS.repair_iterative_solve_examples,
+                      distance=FLAGS.repair_fip_distance)
+        data_ = x
+    else:
+        kwargs = _repair_kwargs(splits, FLAGS.repair_iterative_learning_rate)
+        data_ = (x, y)
+    if epochs is not None:
+        kwargs["epochs"] = epochs
+    return keras_fip.Repair(data=data_, method=method, seed=seed, **kwargs)
+
+
 def iterative(seeds, splits):
-    """Cycles to recover: batch strategies 1 and 2 against (r∘D) rounds, per m."""
-    (x, y), validation, _ = splits
+    """Cycles to recover: batch strategies 1 and 2 against (r∘D) rounds, per m.
+
+    Cycles are training epochs (passes over the training examples, solves included),
+    counted the same way for every repair: a batch repair's epochs to recover from all m
+    deletions at once; the loop's epochs to recover summed over all its rounds (`cycles`,
+    the acceptance measure), and the epochs of its last round alone
+    (`last_round_cycles`, the rescue after the last damage). Batch FIP with the same
+    repair as the loop's rounds is reported beside them (`fip`), so the effect of
+    iterating is separate from that of the repair.
+    """
     results, table = {}, {}
-    kwargs = dict(validation_data=validation, target=FLAGS.repair_target,
-                  evaluations_per_epoch=FLAGS.repair_evaluations_per_epoch,
-                  stop_at_target=True, learning_rate=FLAGS.repair_iterative_learning_rate,
-                  batch_size=FLAGS.batch_size, verbose=0)
+    batch_methods = ["retrain", "embryonic"]
+    if FLAGS.repair_iterative_method == "fip":
+        batch_methods.append("fip")
     for count in [int(c) for c in FLAGS.repair_iterative_counts]:
-        cycles = {"retrain": [], "embryonic": [], "damage_repair": []}
+        cycles = {method: [] for method in batch_methods + ["damage_repair"]}
         last_round = []
         for seed in seeds:
             model = _mlp(seed)
             damaged = keras_fip.Damage("nodes", count=count, seed=seed)(model)
-            for method in ("retrain", "embryonic"):
-                op = keras_fip.Repair(data=(x, y), method=method, seed=seed,
-                                      epochs=FLAGS.repair_max_epochs, **kwargs)
+            for method in batch_methods:
+                op = _round_repair(method, seed, splits)
                 op(damaged)
                 cycles[method].append(op.history["epochs_to_recover"])
             rounds = -(-count // FLAGS.repair_round_budget)
             loop = keras_fip.DamageRepair(
                 rounds=rounds, count=FLAGS.repair_round_budget, seed=seed,
-                repair=keras_fip.Repair(data=(x, y), method=FLAGS.repair_iterative_method,
-                                        seed=seed, epochs=FLAGS.repair_max_epochs, **kwargs))
+                repair=_round_repair(FLAGS.repair_iterative_method, seed, splits))
             loop(model)
             cycles["damage_repair"].append(loop.history["cycles"]
                                            if loop.history["recovered"] else None)
             last_round.append(loop.history["rounds"][-1]["epochs_to_recover"])
             print(f"iterative m={count} seed {seed}: " + ", ".join(
-                f"{k} {v[-1]}" for k, v in cycles.items()))
+                f"{k} {v[-1]}" for k, v in cycles.items()), flush=True)
         for method, values in cycles.items():
             results.update(_summary(f"iterative/{count}/{method}/cycles", values))
         # The epochs the last round needed (the network's recovery from its last damage).
@@ -323,6 +373,9 @@ def iterative(seeds, splits):
         results[f"iterative/{count}/fewer_cycles"] = bool(
             table[count]["damage_repair"] < min(table[count]["retrain"],
                                                table[count]["embryonic"]))
+        if "fip" in table[count]:
+            results[f"iterative/{count}/fewer_cycles_than_batch_fip"] = bool(
+                table[count]["damage_repair"] < table[count]["fip"])
     results["iterative/fewer_cycles_at_every_m"] = all(
         results[f"iterative/{c}/fewer_cycles"] for c in table)
     return results, table
@@ -373,9 +426,7 @@ def invariant(seed, splits):
     model = _mlp(seed)
     networks, labels = [model.get_weights()], [(-1, 0)]
     for loop in range(FLAGS.repair_invariant_loops):
-        repair = keras_fip.Repair(data=(x, y), method=FLAGS.repair_iterative_method,
-                                  seed=seed, **_repair_kwargs(
-                                      splits, FLAGS.repair_iterative_learning_rate))
+        repair = _round_repair(FLAGS.repair_iterative_method, seed, splits)
         op = keras_fip.DamageRepair(rounds=FLAGS.repair_invariant_rounds,
                                     count=FLAGS.repair_invariant_budget, repair=repair,
                                     seed=1000 * seed + loop, keep_networks=True)
@@ -490,15 +541,24 @@ def vgg(seed):
     straight_points, _ = geometry.damage_path(model, damaged, FLAGS.repair_path_points)
     working = keras_fip.strip_masks(model)
     normalized = bool(keras_fip.engine.normalization.batch_normalization_layers(working))
+    # The straight path is the paper's naive path: the weights on the line, every other
+    # state (BatchNorm statistics) as trained. Re-estimating the statistics at each point
+    # is a repair step of its own; that variant is reported beside it when there is
+    # BatchNorm (`straight_recalibrated`).
+    paths = [("recovery", recovery_points, False), ("straight", straight_points, False)]
+    if normalized:
+        paths.append(("straight_recalibrated", straight_points, True))
     curves = {}
-    for name, points in (("recovery", recovery_points), ("straight", straight_points)):
-        accuracies = []
+    for name, points, recalibrate in paths:
+        accuracies, visited = [], []
         for point in points:
             working.set_weights(point)
-            if normalized and name == "straight":  # The recovery path recalibrated its own.
+            if recalibrate:  # The recovery path recalibrated its own.
                 keras_fip.engine.normalization.recalibrate_batch_normalization(
                     working, x, 2 * FLAGS.batch_size, max_examples=4096)
+            visited.append(working.get_weights())
             accuracies.append(models.evaluate_classifier(working, x_test, y_test)["accuracy"])
+        points = visited
         profile = geometry.breakdown_profile(points, x[:FLAGS.repair_path_examples],
                                              model=working, times=times,
                                              outputs="probabilities")
@@ -514,9 +574,15 @@ def vgg(seed):
         "vgg11/recovery/test/accuracy": recovered,
         "vgg11/straight/test/accuracy": straight,
         "vgg11/recovery/min_accuracy": float(np.min(recovered)),
+        "vgg11/straight/min_accuracy": float(np.min(straight)),
         "vgg11/recovery_above_straight_at_every_point": bool(
             all(r >= s for r, s in zip(recovered[1:], straight[1:]))),
     }
+    if "straight_recalibrated" in curves:
+        calibrated = curves["straight_recalibrated"][0]
+        results["vgg11/straight_recalibrated/test/accuracy"] = calibrated
+        results["vgg11/recovery_above_straight_recalibrated_at_every_point"] = bool(
+            all(r >= s for r, s in zip(recovered[1:], calibrated[1:])))
     for name, (_, profile) in curves.items():
         results[f"vgg11/{name}/breakdown_speed"] = profile["speed"].tolist()
         results[f"vgg11/{name}/breakdown_acceleration"] = profile["acceleration"].tolist()
@@ -548,8 +614,10 @@ def plot_iterative(table, output_dir):
     counts = sorted(table)
     for method, label in (("retrain", "batch, strategy 1 (retrain)"),
                           ("embryonic", "batch, strategy 2 (embryonic)"),
+                          ("fip", "batch, FIP"),
                           ("damage_repair", "iterative (r∘D)")):
-        axis.plot(counts, [table[c][method] for c in counts], marker="o", label=label)
+        if method in table[counts[0]]:
+            axis.plot(counts, [table[c][method] for c in counts], marker="o", label=label)
     axis.set_xlabel("hidden units deleted, m")
     axis.set_ylabel("cycles (epochs) to recover")
     axis.legend(fontsize=7)

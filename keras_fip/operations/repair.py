@@ -34,6 +34,18 @@ def _score(model, x, targets):
     return float(np.mean(np.argmax(_predict(model, x), axis=-1) == np.asarray(targets)))
 
 
+def _activation_slope(activation, pre):
+    """(activation'(pre), activation(pre)) of an elementwise activation, as float64."""
+    if activation in (None, keras.activations.linear):
+        return np.ones_like(pre), pre
+    values = tf.constant(pre)
+    with tf.GradientTape() as tape:
+        tape.watch(values)
+        outputs = activation(values)
+    slope = tape.gradient(outputs, values)
+    return np.asarray(slope, np.float64), np.asarray(outputs, np.float64)
+
+
 def _reinitialise(model, damage_masks, rng, scale=1.0):
     """Draws fresh values for the damaged entries of each variable (in place).
 
@@ -210,7 +222,8 @@ class Repair(Operation):
             `validation_data` is not given. Defaults to `0.1`.
         evaluations_per_epoch: Validation measurements per epoch (`epochs_to_recover` is
             resolved to 1/this of an epoch). Defaults to `1`.
-        stop_at_target: Whether to stop as soon as the network has recovered. Defaults to
+        stop_at_target: Whether to stop as soon as the network has recovered (a network
+            already within `target` is returned as it is, without solves). Defaults to
             `False`.
         release: Whether to re-initialise and release the damaged weights first (`"fip"`,
             `"retrain"`; `"embryonic"` always does). Defaults to `False`.
@@ -242,6 +255,27 @@ class Repair(Operation):
             walk's objective solved in closed form over them); the walk then starts there.
             These inputs count towards the epochs (`history["epoch"]` starts at
             `solve_output_layer / N` after the solve). Defaults to `0` (no solve).
+        solve_sweeps: For `"fip"` with `solve_output_layer`: Gauss-Newton sweeps over the
+            last hidden layer (a Dense layer with an elementwise activation feeding the
+            output layer) before the walk, a layer-wise reconstruction in the spirit of the
+            pruning literature (OBS, layer-wise least squares), on inputs only. Each sweep
+            draws `solve_output_layer` fresh training inputs and queries the undamaged
+            network on them; it solves the output layer as above, then, with the output
+            weights and the activation pattern fixed, the logits are linear in each
+            surviving hidden unit's incoming weights, and each unit in turn (Gauss-Seidel,
+            the residual updated after each) takes the least-squares step of its incoming
+            weights and bias towards the undamaged logits, restricted to the leading
+            `solve_rank` principal directions of the layer's inputs (measured on the first
+            solve batch; the full input dimension over-fits a few thousand inputs). A last
+            batch then solves the output layer again. Damaged weights stay exactly zero
+            (a unit's step only uses its unmasked inputs; deleted units are not touched).
+            Every batch counts towards the epochs: the walk starts at
+            `(solve_sweeps + 1) * solve_output_layer / N`. The validation accuracy is
+            measured after every output-layer solve (an entry of `history`); with
+            `stop_at_target`, the solves stop once the network has recovered. Defaults
+            to `0`.
+        solve_rank: Principal directions of the hidden layer's inputs in which the
+            sweeps move each unit's weights. Defaults to `128`.
         **kwargs: `Operation` arguments (`name`, `verbose`, `callbacks`, `log_dir`).
 
     Example:
@@ -263,7 +297,7 @@ class Repair(Operation):
                  task_weight=0.0, plasticity=0.0, init_scale=1.0, learning_rate=1e-3,
                  optimizer="adam", batch_size=128, distance="kl", training="auto",
                  record_every=100, path_directory=None, jit_compile=False, seed=None,
-                 solve_output_layer=0, **kwargs):
+                 solve_output_layer=0, solve_sweeps=0, solve_rank=128, **kwargs):
         super().__init__(**kwargs)
         self.method = self.check_choice(method, "method", METHODS)
         labels = None
@@ -346,6 +380,16 @@ class Repair(Operation):
                 "`solve_output_layer` starts the FIP (`method='fip'`). Received: "
                 f"solve_output_layer={solve_output_layer!r} with method={method!r}"
             )
+        self.solve_sweeps = self.check_number(solve_sweeps, "solve_sweeps", low=0,
+                                              low_inclusive=True, integer=True)
+        if self.solve_sweeps and not self.solve_output_layer:
+            raise ValueError(
+                "`solve_sweeps` runs on `solve_output_layer` inputs per sweep: pass "
+                "`solve_output_layer > 0` (and `method='fip'`). Received: "
+                f"solve_sweeps={solve_sweeps!r} with solve_output_layer={solve_output_layer!r}"
+            )
+        self.solve_rank = self.check_number(solve_rank, "solve_rank", low=1,
+                                            low_inclusive=True, integer=True)
 
     # Calling.
 
@@ -500,8 +544,10 @@ class Repair(Operation):
 
     # The methods.
 
-    def _solve_output_layer(self, model, undamaged, x):
-        """Sets the output Dense layer to the least-squares fit of the undamaged logits."""
+    def _solve_output_layer(self, model, undamaged, x, after_batch=None):
+        """Least-squares output layer, then `solve_sweeps` Gauss-Newton sweeps of the last
+        hidden layer (each on fresh inputs). `after_batch(inputs_used) -> stop` is called
+        after each output-layer solve. Returns the number of inputs used."""
         layer = model.layers[-1]
         if not (isinstance(layer, keras.layers.Dense) and len(model.outputs) == 1
                 and model.outputs[0] is layer.output
@@ -511,23 +557,70 @@ class Repair(Operation):
                 f"returning the logits. Received: a model ending in `{layer.name}` "
                 f"({type(layer).__name__})"
             )
+        hidden = self._hidden_layer(model, layer) if self.solve_sweeps else None
         count = min(self.solve_output_layer, len(x))
-        chosen = np.sort(self._rng.permutation(len(x))[:count])
-        features = keras.Model(model.input, layer.input)
-        inputs = x[chosen]
-        design = np.concatenate([
-            _predict(features, inputs).reshape(count, -1).astype(np.float64),
-            np.ones((count, 1))], axis=1)
-        targets = _predict(undamaged, inputs).astype(np.float64)
+        order = self._rng.permutation(len(x))
+        features = keras.Model(model.input, (hidden or layer).input)
+        basis = None
+        for sweep in range(self.solve_sweeps + 1):
+            chosen = np.sort(np.take(order, np.arange(sweep * count, (sweep + 1) * count),
+                                     mode="wrap"))
+            inputs = x[chosen]
+            targets = _predict(undamaged, inputs).astype(np.float64)
+            below = _predict(features, inputs).reshape(count, -1).astype(np.float64)
+            if hidden is None:
+                self._least_squares_output(layer, below, targets)
+                if after_batch is not None:
+                    after_batch(count)
+                return count
+            kernel = np.asarray(hidden.kernel.numpy(), np.float64)
+            bias = (np.zeros(kernel.shape[1]) if hidden.bias is None
+                    else np.asarray(hidden.bias.numpy(), np.float64))
+            pre = below @ kernel + bias
+            slope, activations = _activation_slope(hidden.activation, pre)
+            residual = self._least_squares_output(layer, activations, targets)
+            used = count * (sweep + 1)
+            stop = after_batch is not None and after_batch(used)
+            if stop or sweep == self.solve_sweeps:
+                return used
+            if basis is None:  # Leading principal directions of the layer's inputs, + bias
+                centred = below - below.mean(axis=0)
+                rank = min(self.solve_rank, *centred.shape)
+                directions = np.linalg.svd(centred, full_matrices=False)[2][:rank].T
+                basis = np.zeros((kernel.shape[0] + 1, rank + 1))
+                basis[:-1, :rank] = directions
+                basis[-1, rank] = 1.0
+            self._gauss_newton_sweep(hidden, layer, below, slope, residual, basis)
+
+    @staticmethod
+    def _hidden_layer(model, layer):
+        """The Dense layer (elementwise activation) whose output the output layer reads."""
+        index = model.layers.index(layer)
+        hidden = model.layers[index - 1] if index > 0 else None
+        if not (isinstance(hidden, keras.layers.Dense) and layer.input is hidden.output
+                and hidden.activation not in (keras.activations.softmax,
+                                              keras.activations.log_softmax)):
+            raise ValueError(
+                "`solve_sweeps` needs the output layer to read a hidden Dense layer with an "
+                "elementwise activation directly (an MLP). Received: the output layer "
+                f"`{layer.name}` after `{getattr(hidden, 'name', None)}` "
+                f"({type(hidden).__name__})"
+            )
+        return hidden
+
+    @staticmethod
+    def _least_squares_output(layer, features, targets):
+        """Sets `layer` to the least-squares fit of `targets`; returns the residual."""
+        count = len(features)
+        design = np.concatenate([features, np.ones((count, 1))], axis=1)
         mask = masks_lib._mask_of(layer.kernel)
+        solution = np.zeros((design.shape[1], targets.shape[1]))
         if mask is None or np.all(mask == mask[:, :1]):  # Whole rows held at zero (or none)
             rows = np.ones(design.shape[1], bool)
             if mask is not None:
                 rows[:-1] = mask[:, 0]
-            solution = np.zeros((design.shape[1], targets.shape[1]))
             solution[rows], *_ = np.linalg.lstsq(design[:, rows], targets, rcond=None)
         else:  # Each output's own free inputs
-            solution = np.zeros((design.shape[1], targets.shape[1]))
             for column in range(targets.shape[1]):
                 rows = np.append(mask[:, column], True)
                 solution[rows, column], *_ = np.linalg.lstsq(
@@ -535,15 +628,81 @@ class Repair(Operation):
         layer.kernel.assign(solution[:-1].astype(layer.kernel.dtype))
         if layer.bias is not None:
             layer.bias.assign(solution[-1].astype(layer.bias.dtype))
-        return count
+        else:
+            solution[-1] = 0.0
+        return targets - design @ solution
+
+    @staticmethod
+    def _gauss_newton_sweep(hidden, layer, below, slope, residual, basis):
+        """One Gauss-Seidel pass of least-squares steps over the hidden units (in place).
+
+        With the output weights c_j (row j of the output kernel) and the activation slopes
+        s_j(x) fixed, changing unit j's incoming weights by δ changes the logits by
+        c_j s_j(x) (x̃·δ) (x̃: the layer's input with a 1 for the bias); δ = P u in the
+        principal basis P (rows of masked inputs zeroed) minimises
+        Σ_x ‖r(x) − c_j s_j(x) x̃ᵀP u‖², a (rank+1)-square system.
+        """
+        kernel = np.asarray(hidden.kernel.numpy(), np.float64)
+        bias = (None if hidden.bias is None
+                else np.asarray(hidden.bias.numpy(), np.float64))
+        kernel_mask = masks_lib._mask_of(hidden.kernel)
+        bias_mask = None if hidden.bias is None else masks_lib._mask_of(hidden.bias)
+        readout = np.asarray(layer.kernel.numpy(), np.float64)
+        extended = np.concatenate([below, np.ones((len(below), 1))], axis=1)
+        projected = extended @ basis
+        for unit in range(kernel.shape[1]):
+            allowed = np.ones(kernel.shape[0] + 1, bool)
+            if kernel_mask is not None:
+                allowed[:-1] = kernel_mask[:, unit]
+            if bias is None or (bias_mask is not None and not bias_mask[unit]):
+                allowed[-1] = False
+            weights = slope[:, unit]
+            active = weights != 0
+            c = readout[unit]
+            norm = float(c @ c)
+            if not allowed.any() or norm == 0.0 or not active.any():
+                continue  # A deleted unit, or one the output does not read.
+            if allowed.all():
+                local, directions = projected[active], basis
+            else:
+                directions = basis * allowed[:, None]
+                local = extended[active] @ directions
+            scaled = local * weights[active, None]
+            gram = norm * (scaled.T @ scaled)
+            gram += np.eye(len(gram)) * (1e-6 * np.trace(gram) / len(gram) + 1e-12)
+            rhs = scaled.T @ (residual[active] @ c)
+            step = np.linalg.solve(gram, rhs)
+            delta = directions @ step
+            kernel[:, unit] += delta[:-1]
+            if bias is not None:
+                bias[unit] += delta[-1]
+            residual[active] -= np.outer(scaled @ step, c)
+        if kernel_mask is not None:
+            kernel *= kernel_mask
+        hidden.kernel.assign(kernel.astype(hidden.kernel.dtype))
+        if bias is not None:
+            if bias_mask is not None:
+                bias *= bias_mask
+            hidden.bias.assign(bias.astype(hidden.bias.dtype))
 
     def _repair_fip(self, model, undamaged, x, y, x_val, y_val):
         walk_training = self._normalized if self.training == "auto" else self.training
         start = None
-        if self.solve_output_layer:
-            before = _score(model, x_val, y_val)
-            solved = self._solve_output_layer(model, undamaged, x)
-            start = (before, solved / self.batch_size)
+        before = _score(model, x_val, y_val) if self.solve_output_layer else None
+        # A network already within the target needs no solve when stopping there.
+        if self.solve_output_layer and not (
+                self.stop_at_target
+                and before >= self._undamaged_score - self.target - 1e-12):
+            points = []  # (epoch, validation accuracy) after each solve batch
+
+            def after_batch(used):
+                accuracy = _score(model, x_val, y_val)
+                points.append((used / self.batch_size / self._steps_per_epoch, accuracy))
+                return (self.stop_at_target
+                        and accuracy >= self._undamaged_score - self.target - 1e-12)
+
+            solved = self._solve_output_layer(model, undamaged, x, after_batch)
+            start = (before, solved / self.batch_size, points)
         labelled = self.task_weight > 0 and y is not None
         steps = self.epochs * self._steps_per_epoch
         candidates, best = [], None
@@ -552,14 +711,14 @@ class Repair(Operation):
             candidate = copy_model(model) if self.num_paths > 1 else model
             history = self._new_history(candidate, x_val, y_val)
             offset = 0
-            if start is not None:  # The damaged network, then the solved one.
+            if start is not None:  # The damaged network, then after each solve batch.
                 offset = start[1]
-                history["epoch"] = [0.0, offset / self._steps_per_epoch]
-                history["val_accuracy"].insert(0, start[0])
-                if start[0] >= self._undamaged_score - self.target - 1e-12:
-                    history["epochs_to_recover"] = 0.0
-                elif history["epochs_to_recover"] is not None:
-                    history["epochs_to_recover"] = history["epoch"][1]
+                history["epoch"] = [0.0] + [epoch for epoch, _ in start[2]]
+                history["val_accuracy"] = [start[0]] + [accuracy for _, accuracy in start[2]]
+                history["epochs_to_recover"] = next(
+                    (epoch for epoch, accuracy in zip(history["epoch"],
+                                                      history["val_accuracy"])
+                     if accuracy >= self._undamaged_score - self.target - 1e-12), None)
             trainer = FIPTrainer(
                 candidate, step_rule="penalty", distance=self.distance,
                 beta=self.task_weight,
@@ -666,6 +825,8 @@ class Repair(Operation):
             jit_compile=self.jit_compile,
             seed=self.seed,
             solve_output_layer=self.solve_output_layer,
+            solve_sweeps=self.solve_sweeps,
+            solve_rank=self.solve_rank,
         )
         return config
 

@@ -18,6 +18,8 @@ def test_repair_app_writes_recovery_and_iterative_results(tmp_path):
         repair_retrain_learning_rates=["1e-3", "3e-3"],
         repair_prune_learning_rates=["0.05"], repair_iterative_counts=["16"],
         repair_round_budget=8, repair_iterative_learning_rate=3e-3,
+        repair_fip_solve_examples=300, repair_fip_solve_sweeps=1, repair_fip_solve_rank=16,
+        repair_iterative_solve_examples=300, repair_iterative_fip_learning_rate=3e-3,
         output_dir=output_dir, cache_dir=str(tmp_path / "cache"),
     ):
         repair.main([])
@@ -43,9 +45,10 @@ def test_repair_app_writes_recovery_and_iterative_results(tmp_path):
 
     # Iterative: cycles of each strategy at each m.
     for count in (16,):
-        for method in ("retrain", "embryonic", "damage_repair"):
+        for method in ("retrain", "embryonic", "fip", "damage_repair"):
             assert len(results[f"iterative/{count}/{method}/cycles/per_seed"]) == 1
     assert isinstance(results["iterative/fewer_cycles_at_every_m"], bool)
+    assert isinstance(results["iterative/16/fewer_cycles_than_batch_fip"], bool)
 
 
 def test_repair_app_rejects_unknown_parts_and_methods(tmp_path):

@@ -238,6 +238,44 @@ def test_solve_output_layer_starts_from_the_least_squares_readout(digits, traine
         Repair(method="retrain", solve_output_layer=100)
 
 
+def _logit_distance(model, reference, x):
+    return float(np.mean(np.sum((np.asarray(model(x)) - np.asarray(reference(x))) ** 2, -1)))
+
+
+def test_solve_sweeps_fit_the_hidden_layer_with_damage_held_at_zero(digits, trained,
+                                                                     damaged):
+    x, _, x_test, y_test = digits
+    kwargs = dict(data=x, validation_data=(x_test, y_test), epochs=1, learning_rate=1e-12,
+                  solve_output_layer=len(x), seed=0, verbose=0)
+    output_only = Repair(**kwargs)(damaged)
+    op = Repair(solve_sweeps=2, solve_rank=32, **kwargs)
+    swept = op(damaged)
+    # The sweeps move the hidden layer and bring the logits closer than the output solve.
+    assert _logit_distance(swept, trained, x) < 0.8 * _logit_distance(output_only, trained, x)
+    assert not np.allclose(swept.get_layer("dense_1").get_weights()[0],
+                           damaged.get_layer("dense_1").get_weights()[0])
+    for values in _damaged_entries(swept, damaged):
+        assert np.all(values == 0)  # Deleted units stay exactly deleted.
+    # Each of the three solve batches counts (and is evaluated): the walk starts at 3N.
+    epoch = len(x) / (op._steps_per_epoch * 128)
+    assert op.history["epoch"][1:4] == pytest.approx([epoch, 2 * epoch, 3 * epoch])
+    assert op.history["val_accuracy"][1] > op.history["val_accuracy"][0] + 0.1
+    assert keras_fip.masks(swept).keys() == keras_fip.masks(damaged).keys()
+
+
+def test_solve_sweeps_need_an_mlp_readout(digits):
+    x, y, _, _ = digits
+    inputs = keras.Input((8, 8, 1))
+    hidden = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    outputs = keras.layers.Dense(10)(keras.layers.Flatten()(hidden))
+    model = keras.Model(inputs, outputs)
+    damaged = Damage("nodes", fraction=0.5, seed=0)(model)
+    before = _fingerprint(damaged)
+    with pytest.raises(ValueError, match="solve_sweeps"):
+        Repair(data=x, solve_output_layer=100, solve_sweeps=1, verbose=0)(damaged)
+    assert _fingerprint(damaged) == before
+
+
 def test_config_round_trip():
     op = Repair(method="embryonic", epochs=3, target=0.02, plasticity=0.1,
                 evaluations_per_epoch=4, optimizer="sgd", seed=5)
@@ -263,6 +301,9 @@ def test_config_round_trip():
     ({"release": "yes"}, "release"),
     ({"task_weight": 1.0, "method": "retrain"}, "task_weight"),
     ({"solve_output_layer": -1}, "solve_output_layer"),
+    ({"solve_sweeps": 1}, "solve_sweeps"),
+    ({"solve_sweeps": -1, "solve_output_layer": 10}, "solve_sweeps"),
+    ({"solve_rank": 0}, "solve_rank"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
