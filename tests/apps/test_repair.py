@@ -5,6 +5,7 @@ import pytest
 from absl.testing import flagsaver
 
 from apps import repair
+from tests.apps.conftest import scalar_tags
 
 
 def test_repair_app_writes_recovery_and_iterative_results(tmp_path):
@@ -50,6 +51,12 @@ def test_repair_app_writes_recovery_and_iterative_results(tmp_path):
     assert isinstance(results["iterative/fewer_cycles_at_every_m"], bool)
     assert isinstance(results["iterative/16/fewer_cycles_than_batch_fip"], bool)
 
+    # TensorBoard: the measured figures are scalars under <output_dir>/logs.
+    tags = scalar_tags(os.path.join(output_dir, "logs"))
+    tag = next(t for t in tags if t.endswith("mlp/fip/epochs_to_recover/mean"))
+    assert list(tags[tag].values()) == [pytest.approx(
+        results["mlp/fip/epochs_to_recover/mean"])]
+
 
 def test_repair_app_rejects_unknown_parts_and_methods(tmp_path):
     with flagsaver.flagsaver(repair_parts=["everything"], output_dir=str(tmp_path)):
@@ -58,6 +65,12 @@ def test_repair_app_rejects_unknown_parts_and_methods(tmp_path):
     with flagsaver.flagsaver(methods=["surgery"], output_dir=str(tmp_path)):
         with pytest.raises(ValueError, match="methods"):
             repair.main([])
+    # Parts not verified under tf.distribute are refused by name before any work.
+    with flagsaver.flagsaver(repair_parts=["recovery"], strategy="mirrored",
+                             output_dir=str(tmp_path / "mirrored")):
+        with pytest.raises(ValueError, match=r"strategy=mirrored.*recovery"):
+            repair.main([])
+    assert not os.path.exists(tmp_path / "mirrored" / "config.json")
 
 
 def test_repair_app_writes_the_invariant_set_and_the_transitions(tmp_path):
