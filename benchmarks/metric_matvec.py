@@ -218,7 +218,7 @@ def main(argv=None):
     parser.add_argument("--models", default="lenet_300_100,cnn5")
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--num_inputs", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="Alternatives timed alongside: forward_accumulator, xla "
                              "(comma-separated, or empty).")
