@@ -1,16 +1,24 @@
 """Speed of one FIP step relative to a plain `model.fit` step, per step rule.
 
-For LeNet-300-100 and cnn5 on MNIST, times `model.fit` on batches of 256 examples and
-`FIPTrainer.fit` on 128 anchor + 128 secondary examples (cross-entropy secondary loss) for
-each step rule, in the same run, after a warm-up (the clock runs from the end of the last
-warm-up step to the end of the last step, so tracing and input start-up are excluded; the
-runs are interleaved and the best of `--repeats` is kept). Prints one JSON line per model with
-`<rule>_over_fit` = (FIP samples/s) / (fit samples/s): higher is better, 1.0 is as fast as
-plain training.
+For LeNet-300-100 and cnn5 on MNIST, times plain `model.fit` (Adam 1e-3, batches of 256
+examples) and `FIPTrainer.fit` on 128 anchor + 128 secondary examples (cross-entropy
+secondary loss, the data from `fip_dataset`) for each step rule, in the same run, after a
+warm-up (the clock runs from the end of the last warm-up step to the end of the last step,
+so tracing and input start-up are excluded). Plain fit is timed on the Keras default input
+path, `fit(x, y, batch_size=256)` (`fit_arrays`), and on the usual hand-built pipeline
+`from_tensor_slices(...).shuffle(60000).batch(256).prefetch` (`fit_dataset`); the faster of
+the two (by median) is the baseline. The runs are interleaved (fit, fit, rule, rule, ...,
+`--repeats` rounds) so that load on the machine affects all alike, and medians are kept.
+
+Prints one JSON line per model with `<rule>_over_fit` = (FIP samples/s) / (fit samples/s),
+medians of the wall time (higher is better, 1.0 is as fast as plain training),
+`<rule>_over_fit_best` (the same ratio of the fastest rounds), `<rule>_over_fit_cpu` (the
+ratio of process CPU time per sample: the work done, less sensitive to other processes on
+a shared machine) and `load_average` (1-minute load at the start and the end).
 
 Example:
 
-    python -m benchmarks.fip_step                     # about 3 minutes on 2 CPU cores
+    python -m benchmarks.fip_step                     # about 3 minutes on 2 idle CPU cores
     python -m benchmarks.fip_step --steps=500 --repeats=5 --models=lenet_300_100
     python -m benchmarks.fip_step --rules=penalty,normalized   # skip the costly metric rule
 
@@ -19,6 +27,7 @@ On a GPU/TPU host, raise `--batch_size` and `--steps` (the ratios are per sample
 
 import argparse
 import json
+import os
 import time
 
 import keras
@@ -36,25 +45,43 @@ def _loss():
 
 
 class _StepTimer(keras.callbacks.Callback):
-    """Wall time of the steps after the warm-up (excludes tracing and iterator start)."""
+    """Wall and CPU time of the steps after the warm-up (no tracing, no iterator start)."""
 
     def __init__(self, warmup):
         super().__init__()
         self.warmup = warmup
         self.times = []
+        self.cpu_times = []
 
     def on_train_batch_end(self, batch, logs=None):
         self.times.append(time.perf_counter())
+        self.cpu_times.append(time.process_time())
 
     def seconds(self):
         return self.times[-1] - self.times[self.warmup - 1]
 
+    def cpu_seconds(self):
+        return self.cpu_times[-1] - self.cpu_times[self.warmup - 1]
 
-def _time_fit(model, dataset, steps, warmup):
+
+def _time_fit(model, data, steps, warmup, batch_size=None):
+    """`(wall seconds, CPU seconds)` of `steps` steps; `data` a dataset or `(x, y)`."""
     timer = _StepTimer(warmup)
-    model.fit(dataset, epochs=1, steps_per_epoch=warmup + steps, verbose=0,
-              callbacks=[timer])
-    return timer.seconds()
+    if isinstance(data, tuple):
+        x, y = data
+        model.fit(x, y, batch_size=batch_size, epochs=1, steps_per_epoch=warmup + steps,
+                  verbose=0, callbacks=[timer])
+    else:
+        model.fit(data, epochs=1, steps_per_epoch=warmup + steps, verbose=0,
+                  callbacks=[timer])
+    return timer.seconds(), timer.cpu_seconds()
+
+
+def _load_average():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # Not available on this platform.
+        return None
 
 
 def benchmark(name, x, y, steps, warmup, repeats, batch_size, jit_compile=False,
@@ -63,18 +90,24 @@ def benchmark(name, x, y, steps, warmup, repeats, batch_size, jit_compile=False,
     template = keras_fip.models.get(name, x.shape[1:], 10)
     half = batch_size // 2
 
-    # Plain fit.
-    fit_model = keras_fip.engine.copy_model(template)
-    fit_model.compile(
-        optimizer=keras.optimizers.Adam(1e-3), loss=_loss(), jit_compile=jit_compile
-    )
-    fit_data = (
-        tf.data.Dataset.from_tensor_slices((x, y))
-        .shuffle(len(x), seed=0)
-        .repeat()
-        .batch(batch_size, drop_remainder=True)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    # Plain fit, the Keras default way (arrays) and through a hand-built tf.data pipeline.
+    fits = {}
+    for label in ("fit_arrays", "fit_dataset"):
+        fit_model = keras_fip.engine.copy_model(template)
+        fit_model.compile(
+            optimizer=keras.optimizers.Adam(1e-3), loss=_loss(), jit_compile=jit_compile
+        )
+        fits[label] = fit_model
+    fit_inputs = {
+        "fit_arrays": (x, y),
+        "fit_dataset": (
+            tf.data.Dataset.from_tensor_slices((x, y))
+            .shuffle(len(x), seed=0)
+            .repeat()
+            .batch(batch_size, drop_remainder=True)
+            .prefetch(tf.data.AUTOTUNE)
+        ),
+    }
 
     # FIP trainers.
     trainers = {}
@@ -98,16 +131,29 @@ def benchmark(name, x, y, steps, warmup, repeats, batch_size, jit_compile=False,
               for label, rule in rules}
 
     # Interleave the measurements so that machine load affects all equally.
-    seconds = {"fit": []}
-    seconds.update({label: [] for label, _ in rules})
+    load_start = _load_average()
+    labels = list(fits) + [label for label, _ in rules]
+    wall = {label: [] for label in labels}
+    cpu = {label: [] for label in labels}
     for _ in range(repeats):
-        seconds["fit"].append(_time_fit(fit_model, fit_data, steps, warmup))
+        for label in fits:
+            seconds, cpu_seconds = _time_fit(
+                fits[label], fit_inputs[label], steps, warmup, batch_size
+            )
+            wall[label].append(seconds)
+            cpu[label].append(cpu_seconds)
         for label, _ in rules:
             trainer, data = trainers[label]
-            seconds[label].append(_time_fit(trainer, data, counts[label], warmup))
-    best = {label: min(values) for label, values in seconds.items()}
-    samples = {"fit": steps * batch_size}
+            seconds, cpu_seconds = _time_fit(trainer, data, counts[label], warmup)
+            wall[label].append(seconds)
+            cpu[label].append(cpu_seconds)
+    samples = {label: steps * batch_size for label in fits}
     samples.update({label: counts[label] * batch_size for label in counts})
+
+    def rate(label, times, reduce):
+        return samples[label] / reduce(times[label])
+
+    baseline = max(fits, key=lambda label: rate(label, wall, np.median))
     result = {
         "benchmark": "fip_step",
         "model": name,
@@ -117,13 +163,24 @@ def benchmark(name, x, y, steps, warmup, repeats, batch_size, jit_compile=False,
         "steps": steps,
         "repeats": repeats,
         "jit_compile": jit_compile,
-        "fit_samples_per_second": round(samples["fit"] / best["fit"], 1),
+        "fit_baseline": baseline,
+        "fit_samples_per_second": round(rate(baseline, wall, np.median), 1),
     }
+    for label in fits:
+        result[f"{label}_samples_per_second"] = round(rate(label, wall, np.median), 1)
     for label, _ in rules:
-        rate = samples[label] / best[label]
         result[f"{label}_steps"] = counts[label]
-        result[f"{label}_samples_per_second"] = round(rate, 1)
-        result[f"{label}_over_fit"] = round(rate / result["fit_samples_per_second"], 3)
+        result[f"{label}_samples_per_second"] = round(rate(label, wall, np.median), 1)
+        result[f"{label}_over_fit"] = round(
+            rate(label, wall, np.median) / rate(baseline, wall, np.median), 3
+        )
+        result[f"{label}_over_fit_best"] = round(
+            rate(label, wall, min) / max(rate(f, wall, min) for f in fits), 3
+        )
+        result[f"{label}_over_fit_cpu"] = round(
+            rate(label, cpu, np.median) / max(rate(f, cpu, np.median) for f in fits), 3
+        )
+    result["load_average"] = [load_start, _load_average()]
     return result
 
 
@@ -137,7 +194,7 @@ def main(argv=None):
     parser.add_argument("--metric_steps", type=int, default=20,
                         help="Timed steps of the metric rule (10 CG products a step).")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--jit_compile", action="store_true")
     args = parser.parse_args(argv)

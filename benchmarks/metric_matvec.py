@@ -8,6 +8,12 @@ on the same 1,000 MNIST training inputs and in the same run:
   gradient of the mean cross-entropy on the same inputs; the two are timed interleaved
   after a warm-up, `--repeats` times each (`matvec_over_gradient_best`: the same ratio of
   the fastest runs, less sensitive to other load on the machine).
+- `variants` (`--variants`, each timed interleaved with the two above, medians):
+  `forward_accumulator_over_gradient`, the same product computed the earlier way (J v by
+  `tf.autodiff.ForwardAccumulator`, which carries a zero tangent for the input batch through
+  the first layer, then Jᵀ (J v) by `GradientTape`), one `tf.function`; and `xla_over_gradient`,
+  the library's product and the gradient both compiled with `jit_compile=True` (XLA), plus
+  `xla_gradient_over_gradient` (the XLA gradient over the default one).
 - `matvecs_for_top20`: products g·v used by `top_eigenpairs(k=20, tol=1e-4)`, and the
   largest relative error of those eigenvalues against a `tol=0` (machine precision) run.
 - `peak_memory_*_mb`: peak of TensorFlow's allocator on the device the model runs on
@@ -17,7 +23,8 @@ on the same 1,000 MNIST training inputs and in the same run:
   allocator, which GPUs use, keeps them); where they are still unavailable (TensorFlow
   imported earlier by the caller) the fields are `null` and `peak_memory_note` says why.
 
-Prints one JSON line per model.
+Prints one JSON line per model, with `load_average` (1-minute load at the start and the end:
+the machine may be shared).
 
 Example:
 
@@ -42,6 +49,53 @@ import tensorflow as tf  # noqa: E402
 from keras_fip import data
 from keras_fip import geometry
 from keras_fip import models
+from keras_fip.geometry import metric as metric_lib
+
+VARIANTS = ("forward_accumulator", "xla")
+
+
+def _load_average():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # Not available on this platform.
+        return None
+
+
+def _variant_functions(model, x, y, vector, variants):
+    """The timed alternatives to the library's product (see the module docstring)."""
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    primals = metric_lib._primals(model)
+    scale = 1.0 / int(x.shape[0])
+    functions = {}
+    if "forward_accumulator" in variants:
+
+        @tf.function
+        def forward_accumulator():
+            with tf.autodiff.ForwardAccumulator(primals, vector) as accumulator:
+                with tf.GradientTape(watch_accessed_variables=False) as tape:
+                    tape.watch(primals)
+                    values = metric_lib._flat_outputs(model, x, "logits")
+            jvp = accumulator.jvp(values, unconnected_gradients="zero") * scale
+            return tape.gradient(values, primals, output_gradients=tf.stop_gradient(jvp),
+                                 unconnected_gradients="zero")
+
+        functions["forward_accumulator"] = forward_accumulator
+    if "xla" in variants:
+
+        @tf.function(jit_compile=True)
+        def xla():
+            return metric_lib._summed_metric_vector_product(
+                model, x, vector, "logits", scale=scale)
+
+        @tf.function(jit_compile=True)
+        def xla_gradient():
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x, training=False))
+            return tape.gradient(loss, model.trainable_variables)
+
+        functions["xla"] = xla
+        functions["xla_gradient"] = xla_gradient
+    return functions
 
 
 def _setup(name, dataset, num_inputs):
@@ -61,7 +115,7 @@ def _setup(name, dataset, num_inputs):
     vector = [
         tf.random.normal(v.shape, dtype=v.dtype, seed=0) for v in model.trainable_variables
     ]
-    return metric, gradient, vector
+    return metric, gradient, vector, model, x, y
 
 
 def _memory_device():
@@ -94,19 +148,27 @@ def _median_seconds(fn, repeats):
     return float(np.median(times))
 
 
-def benchmark(name, dataset, num_inputs, repeats):
-    metric, gradient, vector = _setup(name, dataset, num_inputs)
+def benchmark(name, dataset, num_inputs, repeats, variants=()):
+    metric, gradient, vector, model, x, y = _setup(name, dataset, num_inputs)
+    load_start = _load_average()
+    others = _variant_functions(model, x, y, vector, variants)
 
     # Warm-up (tracing), then interleaved timing
     for _ in range(2):
         metric.matvec(vector)
         gradient()
+        for function in others.values():
+            function()
     matvec_times, gradient_times = [], []
+    other_times = {label: [] for label in others}
     for _ in range(repeats):
         matvec_times.append(_median_seconds(lambda: metric.matvec(vector), 1))
         gradient_times.append(_median_seconds(gradient, 1))
+        for label, function in others.items():
+            other_times[label].append(_median_seconds(function, 1))
     matvec_seconds = float(np.median(matvec_times))
     gradient_seconds = float(np.median(gradient_times))
+    other_seconds = {label: float(np.median(t)) for label, t in other_times.items()}
 
     # Top-20 eigenpairs at tol=1e-4, checked against a machine-precision run
     start = time.perf_counter()
@@ -127,6 +189,15 @@ def benchmark(name, dataset, num_inputs, repeats):
         "gradient_seconds": gradient_seconds,
         "matvec_over_gradient": matvec_seconds / gradient_seconds,
         "matvec_over_gradient_best": min(matvec_times) / min(gradient_times),
+    }
+    if "forward_accumulator" in other_seconds:
+        result["forward_accumulator_over_gradient"] = (
+            other_seconds["forward_accumulator"] / gradient_seconds)
+    if "xla" in other_seconds:
+        result["xla_over_gradient"] = other_seconds["xla"] / other_seconds["xla_gradient"]
+        result["xla_gradient_over_gradient"] = (
+            other_seconds["xla_gradient"] / gradient_seconds)
+    result.update({
         "matvecs_for_top20": pairs.num_matvecs,
         "top20_seconds": top20_seconds,
         "top20_max_relative_error": top20_error,
@@ -135,7 +206,8 @@ def benchmark(name, dataset, num_inputs, repeats):
         "peak_memory_device": _memory_device(),
         "peak_memory_matvec_mb": matvec_memory,
         "peak_memory_gradient_mb": gradient_memory,
-    }
+        "load_average": [load_start, _load_average()],
+    })
     if note:
         result["peak_memory_note"] = note
     return result
@@ -146,12 +218,19 @@ def main(argv=None):
     parser.add_argument("--models", default="lenet_300_100,cnn5")
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--num_inputs", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="Alternatives timed alongside: forward_accumulator, xla "
+                             "(comma-separated, or empty).")
     args = parser.parse_args(argv)
     if args.num_inputs < 1 or args.repeats < 1:
         parser.error("--num_inputs and --repeats must be >= 1")
+    variants = tuple(v for v in args.variants.split(",") if v)
+    if any(v not in VARIANTS for v in variants):
+        parser.error(f"--variants must name variants among {VARIANTS}; got {args.variants!r}")
     for name in args.models.split(","):
-        print(json.dumps(benchmark(name, args.dataset, args.num_inputs, args.repeats)),
+        print(json.dumps(benchmark(name, args.dataset, args.num_inputs, args.repeats,
+                                   variants)),
               flush=True)
 
 

@@ -188,29 +188,52 @@ def reference_outputs(model, x, batch_size):
     return tf.nest.map_structure(lambda *parts: np.concatenate(parts, axis=0), *batches)
 
 
-def _repeated_batches(tensors, batch_size, shuffle, seed):
-    size = len(tf.nest.flatten(tensors)[0])
+def _index_batches(size, batch_size, shuffle, seed):
+    """Infinite dataset of index batches of `batch_size` into `size` examples.
+
+    Pass p over the examples is `range(size)` (no shuffle), a fresh random permutation
+    (shuffle, no seed), or the stateless permutation of seed `(seed, p)`: not a seed
+    generator that advances with every iterator, so any process, under any strategy
+    (Keras iterates once more to build under one), resumed or not, sees the same batches.
+    The passes are concatenated (the remainder of one pass rolls into the next) and cut
+    into batches by `rebatch`, which slices whole passes: no per-example work.
+    """
     if shuffle and seed is not None:
-        # Pass p is ordered by a stateless permutation of seed (seed, p), not by a seed
-        # generator that advances with every iterator: any process, under any strategy
-        # (Keras iterates once more to build under one), resumed or not, sees the same
-        # batches. Only the indices stream through tf.data; each batch is one gather.
-        columns = tf.nest.map_structure(tf.convert_to_tensor, tensors)
 
-        def shuffled_pass(index):
+        def order(index):
             pass_seed = tf.stack([tf.constant(seed, tf.int64), index])
-            order = tf.argsort(tf.random.stateless_uniform([size], seed=pass_seed))
-            return tf.data.Dataset.from_tensor_slices(order)
+            return tf.argsort(tf.random.stateless_uniform([size], seed=pass_seed))
 
-        def gather(indices):
-            return tf.nest.map_structure(lambda column: tf.gather(column, indices), columns)
+    elif shuffle:
 
-        indices = tf.data.Dataset.range(np.iinfo(np.int64).max).flat_map(shuffled_pass)
-        return indices.batch(batch_size, drop_remainder=True).map(gather).prefetch(2)
-    dataset = tf.data.Dataset.from_tensor_slices(tensors)
-    if shuffle:
-        dataset = dataset.shuffle(size, reshuffle_each_iteration=True)
-    return dataset.repeat().batch(batch_size, drop_remainder=True)
+        def order(index):
+            del index
+            return tf.random.shuffle(tf.range(size, dtype=tf.int32))
+
+    else:
+
+        def order(index):
+            del index
+            return tf.range(size, dtype=tf.int32)
+
+    passes = tf.data.Dataset.range(np.iinfo(np.int64).max).map(order)
+    return passes.rebatch(batch_size, drop_remainder=True)
+
+
+def _gather(columns, indices):
+    """The rows `indices` of every array in the structure `columns`."""
+    return tf.nest.map_structure(lambda column: tf.gather(column, indices), columns)
+
+
+def _repeated_batches(tensors, batch_size, shuffle, seed):
+    """Infinite batches of the structure of arrays `tensors`, gathered by `_index_batches`.
+
+    Each batch is one gather per array (prefetched), from arrays held once in memory.
+    """
+    size = len(tf.nest.flatten(tensors)[0])
+    columns = tf.nest.map_structure(tf.convert_to_tensor, tensors)
+    indices = _index_batches(size, batch_size, shuffle, seed)
+    return indices.map(lambda batch: _gather(columns, batch)).prefetch(2)
 
 
 def fip_dataset(
@@ -286,16 +309,24 @@ def fip_dataset(
     anchor_tensors = {"anchor_inputs": anchor_x}
     if reference == "start":
         anchor_tensors["anchor_outputs"] = reference_outputs(model, anchor_x, batch_size)
-    dataset = _repeated_batches(anchor_tensors, batch_size, shuffle, seed)
+    anchor_columns = tf.nest.map_structure(tf.convert_to_tensor, anchor_tensors)
+    indices = _index_batches(len(anchor_x), batch_size, shuffle, seed)
+    if secondary is None:
+        dataset = indices.map(lambda batch: _gather(anchor_columns, batch))
+        return dataset.prefetch(tf.data.AUTOTUNE)
 
-    # Secondary pipeline.
-    if secondary is not None:
-        tensors = secondary_x if secondary_y is None else (secondary_x, secondary_y)
-        secondary_seed = None if seed is None else seed + 1
-        secondary_dataset = _repeated_batches(
-            tensors, secondary_batch_size, shuffle, secondary_seed
-        )
-        dataset = tf.data.Dataset.zip((dataset, secondary_dataset)).map(
-            lambda anchor_batch, secondary_batch: {**anchor_batch, "secondary": secondary_batch}
-        )
+    # Secondary pipeline: its own index stream (seed + 1), gathered in the same map.
+    tensors = secondary_x if secondary_y is None else (secondary_x, secondary_y)
+    secondary_columns = tf.nest.map_structure(tf.convert_to_tensor, tensors)
+    secondary_seed = None if seed is None else seed + 1
+    secondary_indices = _index_batches(
+        len(secondary_x), secondary_batch_size, shuffle, secondary_seed
+    )
+
+    def gather_both(anchor_batch, secondary_batch):
+        element = _gather(anchor_columns, anchor_batch)
+        element["secondary"] = _gather(secondary_columns, secondary_batch)
+        return element
+
+    dataset = tf.data.Dataset.zip((indices, secondary_indices)).map(gather_both)
     return dataset.prefetch(tf.data.AUTOTUNE)

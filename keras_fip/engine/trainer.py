@@ -383,7 +383,8 @@ class FIPTrainer(keras.Model):
         secondary = data.get("secondary")
         variables = self.network.trainable_variables
         replicas = step_rules.num_replicas()
-        before = [tf.identity(v.value) for v in variables]
+        # The moving statistics (training mode only) change in the forward pass: read
+        # them first.
         before_state = [tf.identity(v.value) for v in self._state]
         if reference_outputs is None:
             reference_outputs = self._reference_outputs(anchor_inputs)
@@ -449,10 +450,18 @@ class FIPTrainer(keras.Model):
 
         # Step rule.
         if self.step_rule == "metric":
-            from keras_fip.geometry import metric_vector_product
+            from keras_fip.geometry.metric import linearize
+
+            # One forward pass for every CG product: g·v = (1/B) Jᵀ (J v).
+            _, jvp, vjp = linearize(self.network, anchor_inputs)
+            anchor_count = tf.shape(tf.nest.flatten(anchor_inputs)[0])[0]
+
+            def metric_product(vector):
+                tangent = jvp(vector)
+                return vjp(tangent / tf.cast(anchor_count, tangent.dtype))
 
             displacement, _ = step_rules.metric_step(
-                lambda vector: metric_vector_product(self.network, anchor_inputs, vector),
+                metric_product,
                 gradients,
                 beta=self.beta,
                 epsilon=self.epsilon,
@@ -470,15 +479,19 @@ class FIPTrainer(keras.Model):
             updates = gradients
 
         # Apply, keeping the current point as the previous one (the non-finite guard
-        # of `walk` returns to it).
+        # of `walk` returns to it; the step is measured from it). Every read of the
+        # snapshots above (the local reference) and of the variables comes first, in
+        # program order, which automatic control dependencies keep.
         for snapshot, value in zip(
-            self._previous_weights + self._previous_state, before + before_state
+            self._previous_weights + self._previous_state,
+            [v.value for v in variables] + before_state,
         ):
             snapshot.assign(value)
         self.optimizer.apply(updates, variables)
 
         # Measure.
         after = [v.value for v in variables]
+        before = [s.value for s in self._previous_weights]
         step_norm = _distance(after, before)
         from_start = _distance(after, [s.value for s in self._start_weights])
         finite = tf.logical_and(

@@ -39,14 +39,98 @@ def _cast_like(vector, primals):
     ]
 
 
-def output_jvp(model, inputs, vector, outputs="logits"):
-    """Outputs and their forward-mode directional derivative `J v` on one batch.
+def _pairing(pullback, vector):
+    """`Σ_i ⟨pullback_i, vector_i⟩`; sparse (`tf.IndexedSlices`) pullbacks stay sparse."""
+    terms = []
+    for piece, tangent in zip(pullback, vector):
+        if isinstance(piece, tf.IndexedSlices):
+            rows = tf.gather(tangent, piece.indices)
+            terms.append(tf.reduce_sum(piece.values * rows))
+        else:
+            terms.append(tf.reduce_sum(piece * tangent))
+    return tf.add_n(terms)
 
-    One forward pass under `tf.autodiff.ForwardAccumulator` watching the
-    `tf.Variable`s behind `model.trainable_variables`. The model runs in
+
+def linearize(model, inputs, outputs="logits"):
+    """One forward pass, and the linear maps `v ↦ J v` and `u ↦ Jᵀ u` at its point.
+
+    The forward pass runs once, in inference mode, under a persistent
+    `tf.GradientTape` watching the `tf.Variable`s behind
+    `model.trainable_variables`. `vjp(u) = Jᵀ u` is one reverse pass over that
+    tape. `jvp(v) = J v` is its transpose, taken by differentiating the
+    reverse pass with respect to its cotangent (the "double-backward" trick):
+    inside a `tf.function` only the tangent computations survive, and they
+    carry tangents of the weights alone. Forward-mode differentiation with
+    `tf.autodiff.ForwardAccumulator` instead gives the input batch, which has
+    no tangent, a zero tangent and multiplies it through the first layer
+    (`0 · W₁` costs as much as the forward pass of that layer); here the first
+    layer's tangent is just `x · V₁`. Both maps can be called many times on one
+    forward pass (e.g. every iteration of a conjugate-gradient solve). Pure
+    TensorFlow: graph-safe, no cross-replica reduction.
+
+    Args:
+        model: a built `keras.Model`.
+        inputs: one batch of model inputs.
+        outputs: `"logits"` or `"probabilities"`. Defaults to `"logits"`.
+
+    Returns:
+        A tuple `(values, jvp, vjp)`: the outputs, of shape
+        `(batch, num_outputs)`; `jvp(v)` maps a list of tensors aligned with
+        `model.trainable_variables` to a `(batch, num_outputs)` tensor;
+        `vjp(u)` maps a `(batch, num_outputs)` tensor to a list of dense
+        tensors aligned with `model.trainable_variables` (summed over the
+        batch, not averaged).
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> values, jvp, vjp = linearize(model, np.ones((4, 3), "float32"))
+    >>> vector = [keras.ops.ones_like(v) for v in model.trainable_variables]
+    >>> [tuple(p.shape) for p in vjp(jvp(vector))]
+    [(3, 2), (2,)]
+    """
+    _check_outputs(outputs)
+    primals = _primals(model)
+    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+        tape.watch(primals)
+        values = _flat_outputs(model, inputs, outputs)
+
+    def pullback(cotangent):
+        return tape.gradient(
+            values,
+            primals,
+            output_gradients=cotangent,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+
+    def vjp(cotangent):
+        return [
+            tf.convert_to_tensor(piece)
+            for piece in pullback(tf.stop_gradient(tf.cast(cotangent, values.dtype)))
+        ]
+
+    def jvp(vector):
+        tangents = _cast_like(vector, primals)
+        # J v = d/du ⟨Jᵀ u, v⟩: the pullback is linear in u, so u's value is irrelevant.
+        cotangent = tf.zeros_like(values)
+        with tf.GradientTape(watch_accessed_variables=False) as transpose_tape:
+            transpose_tape.watch(cotangent)
+            pairing = _pairing(pullback(cotangent), tangents)
+        return transpose_tape.gradient(
+            pairing, cotangent, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+
+    return values, jvp, vjp
+
+
+def output_jvp(model, inputs, vector, outputs="logits"):
+    """Outputs and their directional derivative `J v` on one batch.
+
+    One forward pass and the transpose of one reverse pass (`linearize`), in
     inference mode (dropout off, BatchNorm on its moving statistics). Pure
     TensorFlow: safe inside `tf.function` and in a `tf.distribute` replica
-    context.
+    context; inside a `tf.function` it costs about a forward pass plus the
+    tangent pass.
 
     Args:
         model: a built `keras.Model`.
@@ -66,38 +150,29 @@ def output_jvp(model, inputs, vector, outputs="logits"):
     >>> tuple(jvp.shape)
     (4, 2)
     """
-    _check_outputs(outputs)
-    primals = _primals(model)
-    tangents = _cast_like(vector, primals)
-    with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
-        values = _flat_outputs(model, inputs, outputs)
-    jvp = accumulator.jvp(values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return values, jvp
+    values, jvp, _ = linearize(model, inputs, outputs)
+    return values, jvp(vector)
 
 
-def _summed_metric_vector_product(model, inputs, vector, outputs):
-    """Σ_x J_xᵀ (J_x v) over one batch: one JVP and one VJP, one forward pass."""
-    primals = _primals(model)
-    tangents = _cast_like(vector, primals)
-    with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(primals)
-            values = _flat_outputs(model, inputs, outputs)
-    jvp = accumulator.jvp(values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return tape.gradient(
-        values,
-        primals,
-        output_gradients=tf.stop_gradient(jvp),
-        unconnected_gradients=tf.UnconnectedGradients.ZERO,
-    )
+def _summed_metric_vector_product(model, inputs, vector, outputs, scale=None):
+    """`scale · Σ_x J_xᵀ (J_x v)` over one batch: one forward, one tangent, one reverse pass.
+
+    `scale` multiplies the (batch, outputs) tangent, not the (much larger) result.
+    """
+    _, jvp, vjp = linearize(model, inputs, outputs)
+    tangent = jvp(vector)
+    if scale is not None:
+        if not tf.is_tensor(scale):
+            scale = tf.constant(scale, tangent.dtype)  # No float32 round trip.
+        tangent = tangent * tf.cast(scale, tangent.dtype)
+    return vjp(tangent)
 
 
 def metric_vector_product(model, inputs, vector, outputs="logits"):
     """The product g·v = (1/B) Jᵀ (J v) on one batch at the current weights.
 
-    One forward-mode JVP (`tf.autodiff.ForwardAccumulator`) and one
-    reverse-mode VJP (`tf.GradientTape` with `output_gradients`) sharing one
-    forward pass, in inference mode. Pure TensorFlow, graph-safe, no Python
+    One forward pass, the tangent pass `J v` and one reverse pass `Jᵀ (J v)`
+    (`linearize`), in inference mode. Pure TensorFlow, graph-safe, no Python
     side effects and no cross-replica reduction: inside a `tf.distribute`
     replica context each replica gets its own batch mean and the caller
     all-reduces.
@@ -120,11 +195,10 @@ def metric_vector_product(model, inputs, vector, outputs="logits"):
     [(3, 2), (2,)]
     """
     _check_outputs(outputs)
-    summed = _summed_metric_vector_product(model, inputs, vector, outputs)
     batch_size = tf.shape(tf.nest.flatten(inputs)[0])[0]
-    return [
-        tensor / tf.cast(batch_size, tensor.dtype) for tensor in summed
-    ]
+    return _summed_metric_vector_product(
+        model, inputs, vector, outputs, scale=1.0 / tf.cast(batch_size, "float64")
+    )
 
 
 def _data_inputs(data):
@@ -159,8 +233,9 @@ class MetricOperator:
     `g = (1/N) Σ_x J_xᵀ J_x`, with `J_x` the Jacobian of the model's outputs
     (logits by default) on input `x` with respect to all trainable weights,
     averaged over the N inputs of `data`. g is never materialised:
-    `matvec(v)` runs, per batch, one forward-mode JVP and one reverse-mode
-    VJP inside one `tf.function`. The model runs in inference mode and is
+    `matvec(v)` runs, per batch, one forward pass, the tangent pass `J v`
+    and one reverse pass `Jᵀ (J v)` (`linearize`) inside one `tf.function`;
+    flat vectors are split and concatenated inside it too. The model runs in inference mode and is
     never changed. Products are computed in the dtypes of the model's
     variables (build float64 layers for float64 products). Under a
     `tf.distribute` strategy scope (the one the model was built in), each
@@ -172,7 +247,7 @@ class MetricOperator:
             `tf.data.Dataset` of inputs or `(x, y)` pairs.
         outputs: `"logits"` (raw model outputs) or `"probabilities"`
             (softmax over the last axis). Defaults to `"logits"`.
-        batch_size: number of inputs per JVP/VJP pass; `None` uses
+        batch_size: number of inputs per forward/tangent/reverse pass; `None` uses
             `min(N, 1024)`. Defaults to `None`.
 
     Example:
@@ -252,82 +327,84 @@ class MetricOperator:
         ]
 
     def _as_tensors(self, vector):
-        """Validates `vector` and returns (list of tensors, is_flat, is_numpy)."""
-        if isinstance(vector, (list, tuple)):
-            shapes = [tuple(np.shape(piece)) for piece in vector]
-            if shapes != self._shapes:
-                raise ValueError(
-                    "`v` must be a flat vector of length "
-                    f"{self.num_params} or a list shaped like "
-                    f"`model.trainable_variables` {self._shapes}. "
-                    f"Received: v with shapes {shapes}"
-                )
-            is_numpy = not any(tf.is_tensor(piece) for piece in vector)
-            tensors = [
-                tf.cast(piece, dtype) for piece, dtype in zip(vector, self._dtypes)
-            ]
-            return tensors, False, is_numpy
-        if tuple(np.shape(vector)) != (self.num_params,):
+        """Validates a list layout `vector`; returns (list of tensors, is_numpy)."""
+        shapes = [tuple(np.shape(piece)) for piece in vector]
+        if shapes != self._shapes:
             raise ValueError(
                 "`v` must be a flat vector of length "
                 f"{self.num_params} or a list shaped like "
-                f"`model.trainable_variables`. Received: v with shape "
-                f"{tuple(np.shape(vector))}"
+                f"`model.trainable_variables` {self._shapes}. "
+                f"Received: v with shapes {shapes}"
             )
-        is_numpy = not tf.is_tensor(vector)
-        pieces = tf.split(tf.convert_to_tensor(vector), self._sizes)
-        tensors = [
-            tf.cast(tf.reshape(piece, shape), dtype)
-            for piece, shape, dtype in zip(pieces, self._shapes, self._dtypes)
-        ]
-        return tensors, True, is_numpy
+        is_numpy = not any(tf.is_tensor(piece) for piece in vector)
+        tensors = [tf.cast(piece, dtype) for piece, dtype in zip(vector, self._dtypes)]
+        return tensors, is_numpy
 
     # Products
 
     def _build_matvec(self):
+        """Returns `(list_fn, flat_fn)`: g·v on a list of tensors and on a flat vector."""
         strategy = self._strategy
         model, outputs = self.model, self.outputs
         num_examples, batch_size = self.num_examples, self._batch_size
         num_batches = -(-num_examples // batch_size)
+        shapes, sizes, dtypes = self._shapes, self._sizes, self._dtypes
+        layout_dtype = tf.as_dtype(self.dtype)
 
         def replica_fn(inputs, vector):
-            return _summed_metric_vector_product(model, inputs, vector, outputs)
+            # Σ over the batch of J_xᵀ J_x v / N: the batches (and replicas) sum to g·v.
+            return _summed_metric_vector_product(
+                model, inputs, vector, outputs, scale=1.0 / num_examples
+            )
 
         if not self._distributed:
             # Batches sliced from one tensor in a graph loop: no tf.data overhead.
             all_inputs = tf.convert_to_tensor(self._inputs)
 
-            @tf.function(reduce_retracing=True)
-            def matvec_fn(vector):
+            def product(vector):
                 if num_batches == 1:
-                    summed = replica_fn(all_inputs, vector)
-                    return [p / tf.cast(num_examples, p.dtype) for p in summed]
+                    return replica_fn(all_inputs, vector)
                 total = tuple(tf.zeros_like(piece) for piece in vector)
                 for index in tf.range(num_batches):
                     inputs = all_inputs[index * batch_size : (index + 1) * batch_size]
                     summed = replica_fn(inputs, vector)
                     total = tuple(a + b for a, b in zip(total, summed))
-                return [piece / tf.cast(num_examples, piece.dtype) for piece in total]
+                return list(total)
 
-            return matvec_fn
+        else:
+            # Each batch split over the replicas, per-replica sums all-reduced.
+            dataset = tf.data.Dataset.from_tensor_slices(self._inputs).batch(batch_size)
+            dataset = strategy.experimental_distribute_dataset(dataset)
 
-        # Each batch split over the replicas, per-replica sums all-reduced.
-        dataset = tf.data.Dataset.from_tensor_slices(self._inputs).batch(batch_size)
-        dataset = strategy.experimental_distribute_dataset(dataset)
+            def product(vector):
+                total = tuple(tf.zeros_like(piece) for piece in vector)
+                for inputs in dataset:
+                    per_replica = strategy.run(replica_fn, args=(inputs, vector))
+                    total = tuple(
+                        running
+                        + strategy.reduce(tf.distribute.ReduceOp.SUM, piece, axis=None)
+                        for running, piece in zip(total, per_replica)
+                    )
+                return list(total)
 
         @tf.function(reduce_retracing=True)
-        def matvec_fn(vector):
-            total = tuple(tf.zeros_like(piece) for piece in vector)
-            for inputs in dataset:
-                per_replica = strategy.run(replica_fn, args=(inputs, vector))
-                total = tuple(
-                    running
-                    + strategy.reduce(tf.distribute.ReduceOp.SUM, piece, axis=None)
-                    for running, piece in zip(total, per_replica)
-                )
-            return [piece / tf.cast(num_examples, piece.dtype) for piece in total]
+        def list_fn(vector):
+            return product(vector)
 
-        return matvec_fn
+        @tf.function(reduce_retracing=True)
+        def flat_fn(flat):
+            # Split, reshape and cast in the graph: no eager op per variable.
+            pieces = tf.split(flat, sizes)
+            vector = [
+                tf.cast(tf.reshape(piece, shape), dtype)
+                for piece, shape, dtype in zip(pieces, shapes, dtypes)
+            ]
+            return tf.concat(
+                [tf.cast(tf.reshape(piece, [-1]), layout_dtype) for piece in product(vector)],
+                axis=0,
+            )
+
+        return list_fn, flat_fn
 
     def matvec(self, v):
         """The product g·v.
@@ -340,17 +417,28 @@ class MetricOperator:
             g·v in the same layout as `v`: numpy if `v` is numpy, tensors
             otherwise.
         """
-        tensors, is_flat, is_numpy = self._as_tensors(v)
         if self._matvec_fn is None:
             self._matvec_fn = self._build_matvec()
-        product = self._matvec_fn(tensors)
-        self.num_matvecs += 1
-        if is_flat:
-            product = tf.concat(
-                [tf.cast(tf.reshape(piece, [-1]), self.dtype) for piece in product],
-                axis=0,
-            )
+        list_fn, flat_fn = self._matvec_fn
+        if not isinstance(v, (list, tuple)):
+            if tuple(np.shape(v)) != (self.num_params,):
+                raise ValueError(
+                    "`v` must be a flat vector of length "
+                    f"{self.num_params} or a list shaped like "
+                    f"`model.trainable_variables`. Received: v with shape "
+                    f"{tuple(np.shape(v))}"
+                )
+            is_numpy = not tf.is_tensor(v)
+            flat = tf.convert_to_tensor(v)
+            if not flat.dtype.is_floating:
+                flat = tf.cast(flat, self.dtype)
+            # In the layout's dtype: that of the variables (float64 if any is).
+            product = flat_fn(flat)
+            self.num_matvecs += 1
             return product.numpy() if is_numpy else product
+        tensors, is_numpy = self._as_tensors(v)
+        product = list_fn(tensors)
+        self.num_matvecs += 1
         return [piece.numpy() for piece in product] if is_numpy else product
 
     def as_linear_operator(self):

@@ -24,6 +24,11 @@ TINY_ARGUMENTS = {
     "compress_unseen": ["--nets=plain24", "--base_epochs=1", "--steps=6", "--seeds=0",
                         "--learning_rates=1e-3", "--sparsities=0.5"],
     "multi_worker": ["--computations=metric", "--steps=2"],
+    # One replica in this process (a second MirroredStrategy over the test session's two
+    # logical CPUs could collide with the shared one).
+    "replica_scaling": ["--models=mlp", "--dataset=digits", "--replicas=1", "--steps=3",
+                        "--warmup=2", "--repeats=1", "--rounds=1", "--batch_size=32",
+                        "--in_process"],
 }
 # The keys each script's JSON lines must have.
 EXPECTED_KEYS = {
@@ -34,6 +39,7 @@ EXPECTED_KEYS = {
     "compress_unseen": ("fip/50/test/accuracy", "oneshot/50/test/accuracy",
                         "gradual/50/test/accuracy", "fip/50/steps"),
     "multi_worker": ("computation", "max_abs_difference"),
+    "replica_scaling": ("fit_samples_per_second", "fip_samples_per_second", "fip_speedup"),
 }
 
 

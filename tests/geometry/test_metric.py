@@ -8,6 +8,7 @@ from keras_fip.geometry import MetricOperator
 from keras_fip.geometry import metric_diagonal
 from keras_fip.geometry import metric_vector_product
 from keras_fip.geometry import output_jvp
+from keras_fip.geometry.metric import linearize
 from tests.geometry.conftest import dense_metric
 from tests.geometry.conftest import tiny_conv_bn
 from tests.geometry.conftest import tiny_mlp
@@ -109,6 +110,44 @@ def test_output_jvp_matches_finite_difference(mlp_problem):
     shifted.set_weights([w + step * d for w, d in zip(model.get_weights(), vector)])
     difference = (shifted(inputs) - model(inputs)) / step
     np.testing.assert_allclose(jvp, difference, rtol=1e-4, atol=1e-6)
+
+
+def test_linearize_reuses_one_forward_pass_for_several_products(mlp_problem):
+    model, inputs = mlp_problem
+    dense = dense_metric(model, inputs)
+    metric = MetricOperator(model, inputs)
+    rng = np.random.default_rng(10)
+    vectors = [metric.unflatten(rng.normal(size=metric.num_params)) for _ in range(2)]
+
+    @tf.function
+    def products(x):
+        _, jvp, vjp = linearize(model, x)
+        return [vjp(jvp(vector)) for vector in vectors]  # One forward pass, two products.
+
+    for vector, product in zip(vectors, products(tf.constant(inputs))):
+        np.testing.assert_allclose(
+            metric.flatten([p.numpy() for p in product]) / len(inputs),
+            dense @ metric.flatten(vector),
+            rtol=1e-10,
+        )
+
+
+def test_output_jvp_matches_forward_accumulator_with_embeddings():
+    # Integer inputs (no tangent at all) and a sparse (IndexedSlices) pullback.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((5,), dtype="int32"),
+        keras.layers.Embedding(7, 3, dtype="float64"),
+        keras.layers.GlobalAveragePooling1D(dtype="float64"),
+        keras.layers.Dense(2, dtype="float64"),
+    ])
+    tokens = np.random.default_rng(11).integers(0, 7, size=(4, 5)).astype("int32")
+    vector = [np.random.default_rng(12).normal(size=v.shape) for v in model.weights]
+    _, jvp = output_jvp(model, tokens, vector)
+    primals = [v.value for v in model.trainable_variables]
+    with tf.autodiff.ForwardAccumulator(primals, [tf.constant(v) for v in vector]) as acc:
+        values = model(tokens, training=False)
+    np.testing.assert_allclose(jvp, acc.jvp(values), rtol=1e-12)
 
 
 def test_mirrored_strategy_gives_same_matvec(mirrored_strategy):
