@@ -94,7 +94,7 @@ flags.DEFINE_integer("language_task_epochs", 3, "Epochs of SST-5 fine-tuning.",
                      lower_bound=1)
 flags.DEFINE_float("language_task_learning_rate", 5e-4, "Peak Adam learning rate of SST-5 "
                    "fine-tuning.", lower_bound=0.0)
-flags.DEFINE_float("language_cl_learning_rate", 3e-4, "Adam learning rate of every method "
+flags.DEFINE_float("language_cl_learning_rate", 1e-3, "Adam learning rate of every method "
                    "on CR.", lower_bound=0.0)
 flags.DEFINE_integer("language_cl_epochs", 3, "Epochs of every method on CR.", lower_bound=1)
 flags.DEFINE_list("language_cl_methods", list(CL_METHODS),

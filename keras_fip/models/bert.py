@@ -463,9 +463,9 @@ def pseudo_perplexity(model, token_ids, batch_size=256):
     return float(np.exp(-pll.sum() / max(1, counts.sum())))
 
 
-def pretrained_masked_lm(vocabulary_size=5000, sequence_length=48, num_predictions=8,
-                         num_layers=2, num_heads=2, hidden_dim=128, intermediate_dim=256,
-                         epochs=4, batch_size=128, learning_rate=1e-3, seed=0,
+def pretrained_masked_lm(vocabulary_size=4000, sequence_length=48, num_predictions=8,
+                         num_layers=2, num_heads=2, hidden_dim=128, intermediate_dim=512,
+                         epochs=10, batch_size=128, learning_rate=1e-3, seed=0,
                          max_sentences=None, data_dir=None, cache_dir=None, verbose=0):
     """A small BERT pretrained here by masked-LM on the pooled text sets, cached.
 
@@ -476,15 +476,15 @@ def pretrained_masked_lm(vocabulary_size=5000, sequence_length=48, num_predictio
     `<cache>/base_networks/bert_mlm_<key>` like `keras_fip.models.base_network`.
 
     Args:
-        vocabulary_size: WordPiece vocabulary size. Defaults to `5000`.
+        vocabulary_size: WordPiece vocabulary size. Defaults to `4000`.
         sequence_length: Packed sequence length (covers about 85% of the corpus
             sentences whole; longer ones are truncated). Defaults to `48`.
         num_predictions: Masked positions per row. Defaults to `8`.
         num_layers: Encoder layers. Defaults to `2`.
         num_heads: Attention heads. Defaults to `2`.
         hidden_dim: Hidden width. Defaults to `128`.
-        intermediate_dim: Feed-forward width. Defaults to `256`.
-        epochs: Passes over the corpus. Defaults to `4`.
+        intermediate_dim: Feed-forward width. Defaults to `512` (BERT's 4 × hidden).
+        epochs: Passes over the corpus. Defaults to `10`.
         batch_size: Sentences per step. Defaults to `128`.
         learning_rate: Peak AdamW learning rate. Defaults to `1e-3`.
         seed: Seed of initialisation and masking. Defaults to `0`.
