@@ -49,7 +49,11 @@ feed-forward-256 model of the previous version: 11.6% / 433); Compress to 50% 19
 fine-tuning 77.5% (SST-5 falls to 28.9%), EWC 77.0% (λ = 100 chosen on validation; SST-5
 38.2%). Wall time under that load: vocabulary 6 min, pretraining 50.5 min, compress stage
 6.4 min, continual stage about 19 min (SST-5 training, FIP 3.5 min, fine-tuning 1.3 min, EWC
-with its λ grid 4.9 min).
+with its λ grid 4.9 min). Compositions (`--language_stages=chain --language_chain_sparsities=30
+--language_compress_steps=100 --language_record_every=5`, the only setting that fit): at 30%,
+CL then Co SST-5 39.6% / CR 68.5%, Co then CL 38.9% / 79.6% (gaps 0.7 and 11.1 pp), weight
+distance 18.1 (15.3 and 15.8 from the SST-5 network), 7.7 min; the sub-manifold queries of
+that run (105 networks) did not finish before the deadline.
 
 Real BERT on a host with network: `keras_hub.models.BertBackbone.from_preset(
 "bert_base_en_uncased")` wrapped by `keras_fip.models.bert.masked_lm` / `classifier`, with
