@@ -220,7 +220,8 @@ class Submanifold:
 
     # Querying
 
-    def query(self, data, score="pseudo_perplexity", outputs=None, batch_size=256):
+    def query(self, data, score="pseudo_perplexity", outputs=None, batch_size=256,
+              as_scored=None):
         """Scores every network on unseen data and ranks them (best first).
 
         Args:
@@ -234,6 +235,11 @@ class Submanifold:
                 over these outputs only (a task's own head in a multi-task layout).
                 Defaults to `None` (all outputs).
             batch_size: Examples per forward pass. Defaults to `256`.
+            as_scored: A callable taking each network (a `keras.Model`) and returning
+                the model that is scored, or `None` (the network itself). For example
+                `keras_fip.models.bert.under_masked_lm_head(mlm)` scores classifier
+                networks by the pseudo-perplexity of their BERT backbone under a
+                pretrained masked-LM head. Defaults to `None`.
 
         Returns:
             A dict with `scores` (one float per network, in index order), `ranking`
@@ -242,18 +248,24 @@ class Submanifold:
         """
         if score not in SCORES:
             raise ValueError(f"`score` must be one of {list(SCORES)}. Received: score={score!r}")
+        if as_scored is not None and not callable(as_scored):
+            raise ValueError(f"`as_scored` must be a callable or None. "
+                             f"Received: as_scored={as_scored!r}")
         if len(self) == 0:
             raise ValueError("The sub-manifold is empty: add networks before querying.")
+        as_scored = as_scored or (lambda network: network)
         if score == "pseudo_perplexity":
             from keras_fip.models import bert
 
-            scores = [bert.pseudo_perplexity(self.network(i), np.asarray(data), batch_size)
+            scores = [bert.pseudo_perplexity(as_scored(self.network(i)), np.asarray(data),
+                                             batch_size)
                       for i in range(len(self))]
         else:
             if not (isinstance(data, tuple) and len(data) == 2):
                 raise ValueError(f"`data` must be an `(x, y)` tuple for score={score!r}. "
                                  f"Received: data of type {type(data).__name__}")
-            scores = [_label_score(self.network(i), data, score, outputs, batch_size)
+            scores = [_label_score(as_scored(self.network(i)), data, score, outputs,
+                                   batch_size)
                       for i in range(len(self))]
         scores = np.asarray(scores, dtype=np.float64)
         order = np.argsort(-scores if score == "accuracy" else scores, kind="stable")

@@ -66,6 +66,35 @@ def test_pseudo_perplexity_query_on_tiny_masked_lms():
     assert result["ranking"] == list(np.argsort(result["scores"]))
 
 
+def test_classifiers_are_scored_by_their_backbone_under_a_masked_lm_head():
+    pytest.importorskip("keras_hub")  # the `text` extra
+    keras.utils.set_random_seed(0)
+    mlm = bert.masked_lm(bert.bert_backbone(30, 1, 2, 8, 16, 8, dropout=0.0), 8, 2)
+    reference = [v.numpy() for v in mlm.weights]
+    net = bert.classifier(bert.bert_backbone(30, 1, 2, 8, 16, 8, dropout=0.0), 3, 8)
+    manifold = keras_fip.Submanifold(net)
+    manifold.add(net, "other")  # a random backbone
+    manifold.add([v.numpy() for v in net.trainable_variables], "copy")
+    for variable, weight in zip(bert.find_backbone(manifold.template).weights,
+                                bert.find_backbone(mlm).weights):
+        variable.assign(weight)
+    manifold.add(manifold.template, "mlm_backbone")
+    ids = np.array([[2, 5, 6, 7, 3, 0, 0, 0], [2, 9, 8, 3, 0, 0, 0, 0]], np.int32)
+    result = manifold.query(ids, as_scored=bert.under_masked_lm_head(mlm))
+    assert result["scores"][2] == pytest.approx(bert.pseudo_perplexity(mlm, ids), rel=1e-5)
+    assert result["scores"][0] == pytest.approx(result["scores"][1], rel=1e-5)
+    assert result["scores"][0] != pytest.approx(result["scores"][2], rel=1e-3)
+    assert all(np.array_equal(v.numpy(), w) for v, w in zip(mlm.weights, reference))
+    with pytest.raises(ValueError, match="as_scored"):
+        manifold.query(ids, as_scored="mlm")
+    with pytest.raises(ValueError, match="network"):
+        manifold.query(ids, as_scored=bert.under_masked_lm_head(
+            bert.masked_lm(bert.bert_backbone(30, 1, 2, 4, 16, 8), 8, 2)))
+    with pytest.raises(ValueError, match="model"):
+        bert.under_masked_lm_head(keras.Sequential([keras.Input((2,)),
+                                                    keras.layers.Dense(1)]))
+
+
 def test_submanifold_validates_its_arguments(trained_small_mlp):
     with pytest.raises(ValueError, match="template"):
         keras_fip.Submanifold("model")

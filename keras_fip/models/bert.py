@@ -148,25 +148,34 @@ class BertMaskedLanguageModel(_BertWrapper):
 
 @keras.saving.register_keras_serializable(package="keras_fip")
 class BertTokenClassifier(_BertWrapper):
-    """KerasHub's `BertTextClassifier` taking packed token ids. Built by `classifier`."""
+    """A BERT classifier taking packed token ids. Built by `classifier`; see there."""
 
     def __init__(self, backbone, num_classes, sequence_length=64, dropout=0.1, masks=None,
-                 **kwargs):
+                 pooling="cls", **kwargs):
         self.num_classes = num_classes
         self.dropout = dropout
+        self.pooling = pooling
         super().__init__(backbone, sequence_length, masks, **kwargs)
 
     def _build_graph(self, backbone, sequence_length):
         import keras_hub
 
-        task = keras_hub.models.BertTextClassifier(
-            backbone, self.num_classes, preprocessor=None, dropout=self.dropout)
         token_ids = keras.Input((sequence_length,), dtype="int32", name="token_ids")
-        return token_ids, task(_backbone_inputs(token_ids))
+        inputs = _backbone_inputs(token_ids)
+        if self.pooling == "cls":
+            task = keras_hub.models.BertTextClassifier(
+                backbone, self.num_classes, preprocessor=None, dropout=self.dropout)
+            return token_ids, task(inputs)
+        sequence = backbone(inputs)["sequence_output"]
+        weights = keras.ops.cast(inputs["padding_mask"], sequence.dtype)[..., None]
+        pooled = keras.ops.sum(sequence * weights, axis=1) / keras.ops.maximum(
+            keras.ops.sum(weights, axis=1), 1.0)
+        pooled = keras.layers.Dropout(self.dropout, name="pooled_dropout")(pooled)
+        return token_ids, keras.layers.Dense(self.num_classes, name="logits")(pooled)
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes,
-                "dropout": self.dropout}
+                "dropout": self.dropout, "pooling": self.pooling}
 
 
 def masked_lm(backbone, sequence_length=64, num_predictions=10):
@@ -196,14 +205,22 @@ def masked_lm(backbone, sequence_length=64, num_predictions=10):
                                    name="bert_masked_lm")
 
 
-def classifier(backbone, num_classes, sequence_length=64, dropout=0.1):
-    """Wraps a `BertBackbone` as a KerasHub `BertTextClassifier` taking token ids.
+def classifier(backbone, num_classes, sequence_length=64, dropout=0.1, pooling="cls"):
+    """Wraps a `BertBackbone` as a classifier taking token ids.
+
+    With `pooling="cls"` it is KerasHub's `BertTextClassifier` (logits from the pooled
+    `[CLS]` output, as BERT is fine-tuned); with `"mean"` the logits come from the mean of
+    the last layer's outputs over the sentence's pieces (padding excluded), as
+    Sentence-BERT pools. A small BERT pretrained on a few ten thousand sentences never
+    learns a `[CLS]` summary (its pretraining has no sentence-level task), and its
+    classifiers learn a new task from the mean much sooner.
 
     Args:
         backbone: A `keras_hub.models.BertBackbone` (used as is, weights shared).
         num_classes: Number of output logits.
         sequence_length: Length of the packed token ids. Defaults to `64`.
-        dropout: Dropout on the pooled `[CLS]` output. Defaults to `0.1`.
+        dropout: Dropout on the pooled output. Defaults to `0.1`.
+        pooling: `"cls"` or `"mean"`. Defaults to `"cls"`.
 
     Returns:
         A `BertTokenClassifier` (a functional `keras.Model`): int32 token ids of shape
@@ -218,19 +235,78 @@ def classifier(backbone, num_classes, sequence_length=64, dropout=0.1):
     """
     validation.check_positive_int(num_classes, "num_classes")
     validation.check_positive_int(sequence_length, "sequence_length")
+    if pooling not in ("cls", "mean"):
+        raise ValueError(
+            f"`pooling` must be 'cls' or 'mean'. Received: pooling={pooling!r}"
+        )
     return BertTokenClassifier(backbone, num_classes, sequence_length, dropout,
-                               name="bert_classifier")
+                               pooling=pooling, name="bert_classifier")
 
 
 def _as_wrapper(model, sequence_length, num_predictions):
     """A `BertMaskedLanguageModel` equal to a plain functional masked-LM wrapper."""
     if isinstance(model, BertMaskedLanguageModel):
         return model
+    return _copy_masked_lm(model, sequence_length, num_predictions)
+
+
+def _copy_masked_lm(model, sequence_length, num_predictions):
+    """A new `BertMaskedLanguageModel` with `model`'s weights (masks not carried)."""
     backbone = keras.saving.deserialize_keras_object(
         keras.saving.serialize_keras_object(find_backbone(model)))
     wrapped = masked_lm(backbone, sequence_length, num_predictions)
     wrapped.set_weights(model.get_weights())
     return wrapped
+
+
+def under_masked_lm_head(model):
+    """A function putting a network's BERT backbone under `model`'s masked-LM head.
+
+    Classifier networks (`classifier` wrappers) have no masked-LM head, so they cannot be
+    scored by pseudo-perplexity themselves; the returned function copies a network's
+    backbone weights into a copy of `model` (a `masked_lm` wrapper, e.g. the pretrained
+    one, whose head is kept) and returns that copy, ready for `pseudo_perplexity`. It is
+    how `keras_fip.Submanifold.query(..., as_scored=...)` ranks classifiers by how well
+    their backbones still model language. `model` is never changed.
+
+    Args:
+        model: A `masked_lm` wrapper with the same backbone configuration.
+
+    Returns:
+        A function `network -> masked_lm wrapper` (the same copy each call, re-assigned).
+
+    Example:
+
+    >>> backbone = keras_fip.models.bert.bert_backbone(100, num_layers=1, hidden_dim=16,
+    ...                                               intermediate_dim=32)
+    >>> mlm = keras_fip.models.bert.masked_lm(backbone, 16, 3)
+    >>> net = keras_fip.models.bert.classifier(backbone, 2, 16)
+    >>> keras_fip.models.bert.under_masked_lm_head(mlm)(net).output_shape
+    (None, 3, 100)
+    """
+    if not isinstance(model, keras.Model) or find_backbone(model) is None:
+        raise ValueError(
+            "`model` must be a `masked_lm` wrapper holding a `BertBackbone`. "
+            f"Received: model={model!r}"
+        )
+    num_predictions = model.output_shape[1]
+    scorer = _copy_masked_lm(model, model.input_shape[1] - num_predictions,
+                             num_predictions)
+    target = find_backbone(scorer).weights
+
+    def as_scored(network):
+        source = find_backbone(network)
+        shapes = None if source is None else [tuple(w.shape) for w in source.weights]
+        if shapes != [tuple(w.shape) for w in target]:
+            raise ValueError(
+                "`network` must hold a `BertBackbone` of the masked-LM model's "
+                f"configuration. Received: network={getattr(network, 'name', network)!r}"
+            )
+        for variable, weight in zip(target, source.weights):
+            variable.assign(weight)
+        return scorer
+
+    return as_scored
 
 
 def find_backbone(model):
@@ -387,9 +463,9 @@ def pseudo_perplexity(model, token_ids, batch_size=256):
     return float(np.exp(-pll.sum() / max(1, counts.sum())))
 
 
-def pretrained_masked_lm(vocabulary_size=5000, sequence_length=48, num_predictions=8,
-                         num_layers=2, num_heads=2, hidden_dim=128, intermediate_dim=256,
-                         epochs=4, batch_size=128, learning_rate=1e-3, seed=0,
+def pretrained_masked_lm(vocabulary_size=4000, sequence_length=48, num_predictions=8,
+                         num_layers=2, num_heads=2, hidden_dim=128, intermediate_dim=512,
+                         epochs=10, batch_size=128, learning_rate=1e-3, seed=0,
                          max_sentences=None, data_dir=None, cache_dir=None, verbose=0):
     """A small BERT pretrained here by masked-LM on the pooled text sets, cached.
 
@@ -400,15 +476,15 @@ def pretrained_masked_lm(vocabulary_size=5000, sequence_length=48, num_predictio
     `<cache>/base_networks/bert_mlm_<key>` like `keras_fip.models.base_network`.
 
     Args:
-        vocabulary_size: WordPiece vocabulary size. Defaults to `5000`.
+        vocabulary_size: WordPiece vocabulary size. Defaults to `4000`.
         sequence_length: Packed sequence length (covers about 85% of the corpus
             sentences whole; longer ones are truncated). Defaults to `48`.
         num_predictions: Masked positions per row. Defaults to `8`.
         num_layers: Encoder layers. Defaults to `2`.
         num_heads: Attention heads. Defaults to `2`.
         hidden_dim: Hidden width. Defaults to `128`.
-        intermediate_dim: Feed-forward width. Defaults to `256`.
-        epochs: Passes over the corpus. Defaults to `4`.
+        intermediate_dim: Feed-forward width. Defaults to `512` (BERT's 4 × hidden).
+        epochs: Passes over the corpus. Defaults to `10`.
         batch_size: Sentences per step. Defaults to `128`.
         learning_rate: Peak AdamW learning rate. Defaults to `1e-3`.
         seed: Seed of initialisation and masking. Defaults to `0`.

@@ -39,7 +39,11 @@ def test_language_app_runs_every_stage_on_a_tiny_bert(tmp_path):
     assert results["seed0/chain/30/weight_distance"] > 0
     assert os.path.isfile(tmp_path / "language" / "compositions.png")
     assert results["seed0/submanifold/networks"] >= 5
-    assert results["seed0/submanifold/mr/best_family"] in results["seed0/submanifold/families"]
+    families = results["seed0/submanifold/families"]
+    assert results["seed0/submanifold/nll/mr/best_family"] in families
+    for name in ("mr", "trec"):
+        assert results[f"seed0/submanifold/pseudo_perplexity/{name}/best_family"] in families
+    assert results["seed0/continual/ewc/lambda"] in (1e2, 1e4, 1e6)
     assert os.path.isfile(tmp_path / "language" / "submanifold.png")
 
 

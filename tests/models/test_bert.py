@@ -72,6 +72,26 @@ def test_wrappers_shapes_and_keras_round_trip(tmp_path):
     assert type(keras_fip.engine.copy_model(classifier)) is bert.BertTokenClassifier
 
 
+def test_mean_pooled_classifier_is_the_masked_mean_of_the_last_layer(tmp_path):
+    backbone = bert.find_backbone(_tiny_masked_lm())
+    model = bert.classifier(backbone, 3, SEQUENCE_LENGTH, pooling="mean")
+    ids = _token_ids(4)
+    sequence = keras.ops.convert_to_numpy(backbone({
+        "token_ids": ids, "segment_ids": np.zeros_like(ids),
+        "padding_mask": (ids != 0).astype("int32")})["sequence_output"])
+    real = (ids != 0)[..., None]
+    pooled = (sequence * real).sum(axis=1) / real.sum(axis=1)
+    dense = model.get_layer("logits")
+    expected = pooled @ dense.kernel.numpy() + dense.bias.numpy()
+    np.testing.assert_allclose(model(ids), expected, atol=1e-5)
+    model.save(tmp_path / "mean.keras")
+    loaded = keras.saving.load_model(tmp_path / "mean.keras")
+    assert loaded.pooling == "mean"
+    np.testing.assert_allclose(loaded(ids), model(ids), atol=1e-6)
+    with pytest.raises(ValueError, match="pooling"):
+        bert.classifier(backbone, 3, SEQUENCE_LENGTH, pooling="max")
+
+
 def test_masks_inside_kerashub_layers_survive_keras_files_and_a_later_fit(tmp_path):
     model = _tiny_masked_lm()
     rng = np.random.default_rng(0)
