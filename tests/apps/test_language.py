@@ -5,6 +5,7 @@ import pytest
 from absl.testing import flagsaver
 
 from apps import language
+from tests.apps.conftest import scalar_tags
 
 pytest.importorskip("keras_hub")  # the `text` extra
 
@@ -56,3 +57,15 @@ def test_language_app_pretrains_and_reports_on_a_tiny_bert(tmp_path):
     assert results["seed0/pretrain/held_out/pseudo_perplexity"] > 1.0
     assert results["seed0/compress/dense/pseudo_perplexity"] > 1.0
     assert os.path.isfile(tmp_path / "language" / "config.json")
+    # TensorBoard: the figures are scalars under <output_dir>/logs.
+    tags = scalar_tags(str(tmp_path / "language" / "logs"))
+    tag = next(t for t in tags if t.endswith("seed0/compress/dense/pseudo_perplexity"))
+    assert list(tags[tag].values()) == [pytest.approx(
+        results["seed0/compress/dense/pseudo_perplexity"])]
+
+
+def test_language_app_refuses_a_distributed_strategy_by_name(tmp_path):
+    with _tiny_flags(tmp_path, language_stages=["compress"], strategy="mirrored"):
+        with pytest.raises(ValueError, match=r"strategy=mirrored.*pretrain"):
+            language.main([])
+    assert not os.path.exists(tmp_path / "language" / "results.json")
