@@ -1,0 +1,25 @@
+import numpy as np
+import pytest
+
+import keras_fip
+from benchmarks import compress_unseen
+
+
+def test_mnist8_is_mnist_in_the_digits_format():
+    (x, y), (x_val, y_val), (x_test, y_test) = compress_unseen._split(
+        0, dataset="mnist8", train_size=500)
+    assert x.shape == (400, 8, 8, 1) and x_val.shape == (100, 8, 8, 1)
+    assert x_test.shape == (10000, 8, 8, 1) and x.dtype == np.float32
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    # Each pixel is the mean of a 3x3 block of the central 24x24 of the MNIST image.
+    mnist_test, labels = keras_fip.data.load("mnist", "test")
+    np.testing.assert_array_equal(y_test, labels)
+    block = mnist_test[0, 2 + 3 * 4:2 + 3 * 5, 2 + 3 * 2:2 + 3 * 3, 0]
+    np.testing.assert_allclose(x_test[0, 4, 2, 0], block.mean(), rtol=1e-6)
+    # Stratified: every class in the training images.
+    assert set(np.unique(y)) == set(range(10))
+
+
+def test_mnist8_refuses_folds():
+    with pytest.raises(SystemExit):
+        compress_unseen.main(["--dataset=mnist8", "--folds=5"])
