@@ -25,10 +25,6 @@ COMPRESS = dict(model="mlp", dataset="digits", sparsities=["80"], methods=["fip"
                 checkpoint_every=5)
 # The killed workers die just after the Compress pull's checkpoint at this step (of 16).
 KILL_AT = 10
-# For the killed continual run: all of split_mnist's digits (9 steps a task), checkpoints
-# every 3 steps; the workers die after the checkpoint at step 6 of the second task.
-CONTINUAL_KILLED = dict(CONTINUAL, max_train_examples=0, checkpoint_every=3)
-CONTINUAL_KILL_AT = "walk:6:2"
 # split_mnist's MLP: `fit` under the strategy matches one process to ~1e-8 in the weights.
 # (mnist_fmnist's cnn5 drifts to ~3e-3 after 16 Adam steps: float32 reduction order in the
 # convolutions, amplified by Adam on near-zero gradients; its accuracies then agree only
@@ -36,6 +32,10 @@ CONTINUAL_KILL_AT = "walk:6:2"
 CONTINUAL = dict(benchmarks=["split_mnist"], dataset="digits", methods=["fip"],
                  seeds=["0"], epochs=1, continual_base_epochs=1, batch_size=32,
                  memory_per_task=10, max_train_examples=64, max_test_examples=100)
+# For the killed continual run: all of split_mnist's digits (9 steps a task), checkpoints
+# every 3 steps; the workers die after the checkpoint at step 6 of the second task.
+CONTINUAL_KILLED = dict(CONTINUAL, max_train_examples=0, checkpoint_every=3)
+CONTINUAL_KILL_AT = "walk:6:2"
 # Timings, not results: they differ between runs.
 _TIMES = ("seconds",)
 
