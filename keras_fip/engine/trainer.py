@@ -94,7 +94,8 @@ class FIPTrainer(keras.Model):
     `"anchor_outputs"` is omitted with `reference="local"` (computed in the step from the
     previous point) and `"secondary"` when L needs no data. Each step returns, averaged
     over replicas: `distance` (D), `secondary_loss` (L), `step_norm` (‖Δw‖),
-    `distance_from_start` (‖w − w₀‖), `finite` (1.0 if the objective and the weights are
+    `distance_from_start` (‖w − w₀‖; both NaN between measurements with
+    `measure_every` > 1), `finite` (1.0 if the objective and the weights are
     finite; `walk` then stops and puts the model back on the previous point) and
     `accuracy` (on the secondary batch) when L is a cross-entropy.
     Create and compile it under the `tf.distribute` strategy scope it should run in.
