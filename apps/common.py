@@ -69,6 +69,13 @@ flags.DEFINE_enum("strategy", "default", list(distribute.STRATEGIES),
                   "chief writes outputs).")
 flags.DEFINE_string("tpu", None, "TPU address for `--strategy=tpu` (`grpc://...`, a TPU "
                     "name or `local`; default: let the resolver find it).")
+flags.DEFINE_bool("resume", False, "Continue a killed run: FIP walks resume from their "
+                  "last checkpoint in `<output_dir>/checkpoints/` and end at the weights of an "
+                  "uninterrupted run (apps.compress also keeps the jobs already recorded). "
+                  "Without it the checkpoints of an earlier run are discarded.")
+flags.DEFINE_integer("checkpoint_every", 100, "Steps between the checkpoints of a FIP walk "
+                     "(its path's recorded points): at most this many steps are walked again "
+                     "after a kill.", lower_bound=1)
 flags.DEFINE_bool("tensorboard", True, "Write TensorBoard scalars under "
                   "`<output_dir>/logs` (chief only).")
 
@@ -259,6 +266,30 @@ def start(app_name, unsupported=None):
             f"`--strategy=default`, or leave them out. Received: strategy={name!r}")
     strategy = get_strategy(name, tpu=FLAGS.tpu)
     return Run(app_name, strategy, output_dir(app_name), tensorboard=FLAGS.tensorboard)
+
+
+def checkpoint_dir(shared_output_dir, name, resume=False):
+    """`<shared_output_dir>/checkpoints/<name>`, a FIP walk's `checkpoint_directory`.
+
+    Every worker gets the chief's directory (`keras_fip.engine.WalkCheckpoint` reads it on
+    every worker and writes it on the chief only). Unless `resume`, the chief first removes
+    what an earlier run left there, and every worker waits for it (`distribute.barrier`)
+    so that none resumes from it.
+
+    Args:
+        shared_output_dir: The chief's output directory (`Run.shared_output_dir`).
+        name: The walk's name, a relative path.
+        resume: Whether to keep an earlier run's checkpoint. Defaults to `False`.
+
+    Returns:
+        The directory path.
+    """
+    directory = os.path.join(shared_output_dir, "checkpoints", name)
+    if not resume:
+        if distribute.is_chief():
+            shutil.rmtree(directory, ignore_errors=True)
+        distribute.barrier()
+    return directory
 
 
 def single_device_parts(requested, single_device):

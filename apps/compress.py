@@ -56,6 +56,13 @@ baseline that ranks weights by magnitude can differ where float32 all-reduce rou
 77.78% on two workers against 77.50% in one process (one test example; the cause is
 likely, not traced).
 
+A killed run continues with the same command and `--resume`: the jobs recorded in
+`<output_dir>/jobs/` are kept, and a FIP walk the kill interrupted resumes from its last
+checkpoint in `<output_dir>/checkpoints/` (every `--checkpoint_every` steps: the weights,
+the optimizer, the target masks and the ramp; `Compress(checkpoint_directory=...)`) and ends
+at the weights of an uninterrupted run (tested in `tests/apps/test_compress.py`, and on two
+loopback workers killed by SIGKILL in `tests/apps/test_multi_worker.py`, a large test). Without `--resume` earlier checkpoints are discarded.
+
 TensorBoard: `tensorboard --logdir runs` shows, per method and seed, the test accuracy,
 sparsity, distance moved ‖w − w₀‖ and output change against the target sparsity (the step
 is the sparsity in 0.01%), and every FIP walk's per-step distance, distance from the start
@@ -65,6 +72,7 @@ and secondary loss (`runs/compress/logs`).
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from concurrent import futures
 
@@ -89,9 +97,6 @@ DEFAULT_EPOCHS = 20
 # Sweep
 flags.DEFINE_list("sparsities", ["90", "95", "98", "99.1", "99.4"],
                   "Target sparsities, in percent of the prunable weights.")
-flags.DEFINE_bool("resume", False, "Keep the (method, sparsity, seed) jobs that an earlier, "
-                  "killed run with the same settings recorded in `<output_dir>/jobs/`, and "
-                  "run only the rest (every job is seeded: the results are the same).")
 flags.DEFINE_integer("workers", 2, "Processes running (method, sparsity, seed) jobs side by "
                      "side (a LeNet job keeps about one core busy). Use 1 with "
                      "`--strategy` other than default.", lower_bound=1)
@@ -132,14 +137,16 @@ def _load(dataset, data_dir):
 
 def prune(method, base, sparsity, x, y, x_test, y_test, epochs, batch_size, learning_rate,
           seed, lth_rounds=3, fip_structure="unstructured", compress_task_weight=0.0,
-          log_dir=None):
-    """Runs one method; returns the pruned model (a new one: `base` is not changed)."""
+          log_dir=None, checkpoint_dir=None, checkpoint_every=100):
+    """Runs one method; returns the pruned model (a new one: `base` is not changed). The
+    FIP walk checkpoints to `checkpoint_dir` (and resumes from it) when one is given."""
     if method == "fip":
         # min_steps=0: exactly `epochs` passes, the baselines' budget.
         return Compress(sparsity, data=(x, y), structure=fip_structure, epochs=epochs,
                         min_steps=0, batch_size=batch_size, learning_rate=learning_rate,
                         task_weight=compress_task_weight, seed=seed, verbose=0,
-                        log_dir=log_dir)(base)
+                        record_every=checkpoint_every, log_dir=log_dir,
+                        checkpoint_directory=checkpoint_dir)(base)
     common_args = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate)
     if method in ("gradual", "gradual_per_layer"):
         scope = "global" if method == "gradual" else "per_layer"
@@ -163,19 +170,26 @@ def run_job(job, base=None):
     Runs in the app's process (given the `base` network) or in a worker process
     (`--workers`, reading it from the cache); the job is a plain dict so that it crosses
     process boundaries. Saves the pruned model to `job["save_path"]` when one is given;
-    the FIP walk writes TensorBoard scalars to `job["log_dir"]` when one is given.
+    the FIP walk writes TensorBoard scalars to `job["log_dir"]` when one is given, and
+    checkpoints to `<job["shared_output_dir"]>/checkpoints/<job["checkpoint_name"]>`
+    (resuming it with `job["resume"]`, else starting afresh).
     """
     (x, y), (x_test, y_test) = _load(job["dataset"], job["data_dir"])
     if base is None:
         base, _ = models.base_network(job["model"], job["dataset"],
                                       epochs=job["base_epochs"], seed=job["seed"],
                                       data_dir=job["data_dir"], cache_dir=job["cache_dir"])
+    checkpoint_dir = None
+    if job.get("checkpoint_name"):
+        checkpoint_dir = common.checkpoint_dir(job["shared_output_dir"],
+                                               job["checkpoint_name"], job.get("resume"))
     common.set_seed(job["seed"])
     start = time.perf_counter()
     pruned = prune(job["method"], base, job["percent"] / 100.0, x, y, x_test, y_test,
                    job["epochs"], job["batch_size"], job["learning_rate"], job["seed"],
                    job["lth_rounds"], job["fip_structure"], job["compress_task_weight"],
-                   job.get("log_dir"))
+                   job.get("log_dir"), checkpoint_dir,
+                   job.get("checkpoint_every", 100))
     seconds = time.perf_counter() - start
     if job.get("save_path"):
         pruned.save(job["save_path"])
@@ -192,7 +206,8 @@ def run_job(job, base=None):
 
 # Job records (`--resume`).
 
-_RUNTIME_KEYS = ("save_path", "log_dir")
+_RUNTIME_KEYS = ("save_path", "log_dir", "checkpoint_name", "shared_output_dir",
+                 "checkpoint_every", "resume")
 
 
 def _job_file(directory, job):
@@ -230,6 +245,9 @@ def _run_all(jobs, workers, run, bases, resume=False):
     for result in _run_jobs(jobs, workers, run, bases):
         common.write_json(os.path.dirname(_job_file(run.output_dir, result)),
                           os.path.basename(_job_file(run.output_dir, result)), result)
+        if result.get("checkpoint_name") and run.is_chief:  # Recorded: not needed.
+            shutil.rmtree(os.path.join(run.shared_output_dir, "checkpoints",
+                                       result["checkpoint_name"]), ignore_errors=True)
         yield result
 
 
@@ -274,6 +292,13 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rate, run, work
                                if sparsest else None),
                     log_dir=(run.log_dir(f"fip/{percent:g}/seed_{seed}")
                              if method == "fip" else None),
+                    # FIP walks checkpoint to `<output_dir>/checkpoints/<name>` (the
+                    # chief's, read by every worker), resumed with `--resume`.
+                    checkpoint_name=(f"fip_{percent:g}_seed_{seed}"
+                                     if method == "fip" else None),
+                    shared_output_dir=run.shared_output_dir,
+                    checkpoint_every=FLAGS.checkpoint_every,
+                    resume=FLAGS.resume,
                 ))
     for result in _run_all(jobs, workers, run, bases, resume=FLAGS.resume):
         method, percent = result["method"], result["percent"]

@@ -65,9 +65,19 @@ order in the convolutions, amplified by Adam on near-zero gradients), so its fig
 up to an example here and there. TensorBoard (`tensorboard --logdir runs`): every task's
 accuracy after each task and along the walks, and the walks' per-step distance, distance from
 the start and secondary loss (`runs/continual/logs`).
+
+A killed run continues with the same command and `--resume`: every FIP walk checkpoints to
+`<output_dir>/checkpoints/` every `--checkpoint_every` steps
+(`ContinualLearn(checkpoint_directory=...)`), the tasks a stream already learned are
+restored without walking, and the interrupted walk resumes from its last checkpoint and
+ends at the weights of an uninterrupted run (the baselines run again; tested on two loopback
+workers killed by SIGKILL in `tests/apps/test_multi_worker.py`, a large test, and in
+`tests/operations/test_continual_learn.py`). Without `--resume` earlier
+checkpoints are discarded; a finished run removes them.
 """
 
 import os
+import shutil
 import time
 
 import keras
@@ -167,11 +177,19 @@ def learn(method, model, t, train, validation, bench, memory, settings, state):
     if method == "fip":
         beta = settings["fip_beta"]
         run = state.get("run")
+        checkpoint = None
+        if run is not None:  # Every `--checkpoint_every` steps; resumed with `--resume`.
+            checkpoint = common.checkpoint_dir(
+                run.shared_output_dir,
+                f"{bench['name']}/fip/memory_{settings['memory_per_task']}/"
+                f"seed_{settings['seed']}/task_{t}", settings.get("resume", False))
         op = keras_fip.ContinualLearn(
             (x, y), memory=labelled_memory[0] if t == 1 else None,
             memory_per_task=settings["memory_per_task"], beta=beta,
             step_rule=settings["fip_step_rule"], eval_tasks=eval_tasks, verbose=0,
-            record_every=10**9,
+            record_every=(10**9 if checkpoint is None
+                          else settings.get("checkpoint_every", 100)),
+            checkpoint_directory=checkpoint,
             log_dir=run and run.log_dir(f"{bench['name']}/fip/seed_{settings['seed']}"
                                         f"/task_{t}"),
             **common_args)
@@ -408,6 +426,8 @@ def main(argv):
         "fip_beta": "auto" if FLAGS.fip_beta == "auto" else float(FLAGS.fip_beta),
         "fip_step_rule": FLAGS.fip_step_rule,
         "ewc_lambda": "auto" if FLAGS.ewc_lambda == "auto" else float(FLAGS.ewc_lambda),
+        "resume": FLAGS.resume,
+        "checkpoint_every": FLAGS.checkpoint_every,
     }
     common.write_json(output_dir, "config.json", {
         **settings, "methods": methods, "benchmarks": benchmarks, "seeds": seeds,
@@ -420,6 +440,9 @@ def main(argv):
         common.write_json(output_dir, "results.json", results)
     results["wall_time_seconds"] = time.perf_counter() - start
     common.write_json(output_dir, "results.json", results)
+    if run.is_chief:  # Finished: the walks' checkpoints are not needed any more.
+        shutil.rmtree(os.path.join(run.shared_output_dir, "checkpoints"),
+                      ignore_errors=True)
     run.close()
     return results
 

@@ -2,7 +2,9 @@
 
 For LeNet-300-100 and cnn5 on MNIST, times plain `model.fit` (Adam 1e-3, batches of 256
 examples) and `FIPTrainer.fit` on 128 anchor + 128 secondary examples (cross-entropy
-secondary loss, the data from `fip_dataset`) for each step rule, in the same run, after a
+secondary loss, the data from `fip_dataset`) for each step rule (and the penalty rule
+measuring `step_norm` / `distance_from_start` every 100 steps, `penalty_measure100`:
+`FIPTrainer(measure_every=100)`), in the same run, after a
 warm-up (the clock runs from the end of the last warm-up step to the end of the last step,
 so tracing and input start-up are excluded). Plain fit is timed on the Keras default input
 path, `fit(x, y, batch_size=256)` (`fit_arrays`), and on the usual hand-built pipeline
@@ -21,6 +23,7 @@ Example:
     python -m benchmarks.fip_step                     # about 3 minutes on 2 idle CPU cores
     python -m benchmarks.fip_step --steps=500 --repeats=5 --models=lenet_300_100
     python -m benchmarks.fip_step --rules=penalty,normalized   # skip the costly metric rule
+    python -m benchmarks.fip_step --rules=penalty,penalty_measure100
 
 On a GPU/TPU host, raise `--batch_size` and `--steps` (the ratios are per sample).
 """
@@ -37,7 +40,12 @@ import tensorflow as tf
 import keras_fip
 from keras_fip.engine.data_adapter import fip_dataset
 
-RULES = (("penalty", "penalty"), ("normalized", "normalized"), ("metric_cg10", "metric"))
+RULES = (("penalty", "penalty"), ("penalty_measure100", "penalty"),
+         ("normalized", "normalized"), ("metric_cg10", "metric"))
+# Trainer arguments per label: `penalty_measure100` measures the step's length and the
+# distance from the start every 100 steps (`FIPTrainer(measure_every=100)`, what a walk
+# recording its path every 100 steps needs) instead of at every step.
+TRAINER_ARGUMENTS = {"penalty_measure100": {"measure_every": 100}}
 
 
 def _loss():
@@ -114,7 +122,8 @@ def benchmark(name, x, y, steps, warmup, repeats, batch_size, jit_compile=False,
     for label, rule in rules:
         network = keras_fip.engine.copy_model(template)
         trainer = keras_fip.FIPTrainer(
-            network, step_rule=rule, secondary_loss=_loss(), cg_iterations=10
+            network, step_rule=rule, secondary_loss=_loss(), cg_iterations=10,
+            **TRAINER_ARGUMENTS.get(label, {}),
         )
         trainer.compile(
             optimizer=keras.optimizers.Adam(1e-3) if rule == "penalty" else None,
@@ -189,7 +198,8 @@ def main(argv=None):
     parser.add_argument("--models", default="lenet_300_100,cnn5")
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--rules", default=",".join(label for label, _ in RULES),
-                        help="Step rules to time: penalty, normalized, metric_cg10.")
+                        help="Step rules to time: penalty, penalty_measure100, "
+                             "normalized, metric_cg10.")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--metric_steps", type=int, default=20,
                         help="Timed steps of the metric rule (10 CG products a step).")

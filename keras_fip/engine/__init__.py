@@ -12,3 +12,4 @@ from keras_fip.engine import distances
 from keras_fip.engine import step_rules
 from keras_fip.engine.data_adapter import fip_dataset
 from keras_fip.engine.trainer import FIPTrainer
+from keras_fip.engine.walk_checkpoint import WalkCheckpoint

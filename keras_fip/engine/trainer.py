@@ -13,6 +13,8 @@ from keras_fip.engine.masks import MaskConstraint
 from keras_fip.engine.masks import MaskedOptimizer
 
 REFERENCES = ("start", "local")
+# Step outputs that `measure_every` leaves NaN between measurements.
+_MEASURED = ("step_norm", "distance_from_start")
 
 
 def _is_number(value):
@@ -92,7 +94,8 @@ class FIPTrainer(keras.Model):
     `"anchor_outputs"` is omitted with `reference="local"` (computed in the step from the
     previous point) and `"secondary"` when L needs no data. Each step returns, averaged
     over replicas: `distance` (D), `secondary_loss` (L), `step_norm` (‖Δw‖),
-    `distance_from_start` (‖w − w₀‖), `finite` (1.0 if the objective and the weights are
+    `distance_from_start` (‖w − w₀‖; both NaN between measurements with
+    `measure_every` > 1), `finite` (1.0 if the objective and the weights are
     finite; `walk` then stops and puts the model back on the previous point) and
     `accuracy` (on the secondary batch) when L is a cross-entropy.
     Create and compile it under the `tf.distribute` strategy scope it should run in.
@@ -128,6 +131,13 @@ class FIPTrainer(keras.Model):
             turns Dropout on, and D is no longer exactly zero at the start. The
             non-finite guard restores the moving statistics with the weights. Defaults
             to `False`.
+        measure_every: Measure `step_norm` and `distance_from_start` (two passes over
+            the weights beside the step) only at steps that are multiples of this;
+            other steps report them as NaN, and check the weights for non-finite
+            values by their sum (one pass). `walk` counts steps as its `path` does, so
+            with `measure_every=path.record_every` every recorded point carries the
+            same values as with `1`. On small models these passes are a tenth of the
+            step (`python -m benchmarks.fip_step`). Defaults to `1` (every step).
         **kwargs: Passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -160,6 +170,7 @@ class FIPTrainer(keras.Model):
         reference="start",
         metric_length=False,
         training=False,
+        measure_every=1,
         **kwargs,
     ):
         # Validate everything before any state is created.
@@ -220,6 +231,15 @@ class FIPTrainer(keras.Model):
             raise ValueError(
                 f"`training` must be `True` or `False`. Received: training={training!r}"
             )
+        if (
+            not isinstance(measure_every, (int, np.integer))
+            or isinstance(measure_every, bool)
+            or measure_every < 1
+        ):
+            raise ValueError(
+                "`measure_every` must be a positive integer. "
+                f"Received: measure_every={measure_every!r}"
+            )
         if step_rule == "metric" and secondary_loss is None and secondary_objective is None:
             warnings.warn(
                 "`step_rule='metric'` with no secondary objective (L = 0) has a zero "
@@ -240,6 +260,7 @@ class FIPTrainer(keras.Model):
         self.reference = reference
         self.metric_length = bool(metric_length)
         self.walk_training = bool(training)
+        self.measure_every = int(measure_every)
         self._distance_fn = distance_fn
         self._loss_fn = loss_fn
 
@@ -251,6 +272,15 @@ class FIPTrainer(keras.Model):
         self._state = list(model.non_trainable_variables) if self.walk_training else []
         self._previous_state = _snapshots(self._state, "previous_state")
         self._masks = _variable_masks(variables)
+        # The walk's step count (as its path counts), for `measure_every`.
+        self._step_count = keras.Variable(
+            0,
+            dtype="int64",
+            trainable=False,
+            synchronization="on_read",
+            aggregation="only_first_replica",
+            name="step_count",
+        )
         self._metric_length = keras.Variable(
             0.0,
             trainable=False,
@@ -492,11 +522,25 @@ class FIPTrainer(keras.Model):
         # Measure.
         after = [v.value for v in variables]
         before = [s.value for s in self._previous_weights]
-        step_norm = _distance(after, before)
-        from_start = _distance(after, [s.value for s in self._start_weights])
-        finite = tf.logical_and(
-            tf.math.is_finite(objective_mean), tf.math.is_finite(from_start)
-        )
+
+        def measured():
+            from_start = _distance(after, [s.value for s in self._start_weights])
+            return _distance(after, before), from_start, tf.math.is_finite(from_start)
+
+        if self.measure_every == 1:
+            step_norm, from_start, weights_finite = measured()
+        else:
+            step = self._step_count.assign_add(1)
+
+            def unmeasured():
+                # A sum is non-finite when any term is (weights never near 1e38).
+                total = tf.add_n([tf.reduce_sum(a) for a in after])
+                nan = tf.constant(float("nan"), after[0].dtype)
+                return nan, nan, tf.math.is_finite(total)
+
+            step_norm, from_start, weights_finite = tf.cond(
+                tf.equal(step % self.measure_every, 0), measured, unmeasured)
+        finite = tf.logical_and(tf.math.is_finite(objective_mean), weights_finite)
         if self.metric_length:
             from keras_fip.geometry import output_jvp
 
@@ -591,6 +635,7 @@ class FIPTrainer(keras.Model):
                 f"Received: callbacks={callbacks!r}"
             )
         first_step = 0 if path is None else int(path.steps[-1])
+        self._step_count.assign(first_step)  # `measure_every` counts as the path does.
         recorder = _WalkRecorder(self, path, first_step, steps_per_epoch)
         all_callbacks = [recorder] + list(callbacks or [])
         if log_dir is not None:
@@ -636,6 +681,7 @@ class FIPTrainer(keras.Model):
                 "reference": self.reference,
                 "metric_length": self.metric_length,
                 "training": self.walk_training,
+                "measure_every": self.measure_every,
             }
         )
         return config
@@ -707,6 +753,8 @@ class _ScalarSummaries(keras.callbacks.Callback):
         step = self._first_step + self._epoch * self._steps_per_epoch + batch + 1
         with self._writer.as_default():
             for name, value in (logs or {}).items():
+                if not np.isfinite(np.asarray(value)) and name in _MEASURED:
+                    continue  # Not measured at this step (`measure_every`).
                 tf.summary.write(
                     f"fip/{name}",
                     tf.cast(np.asarray(value), tf.float32),

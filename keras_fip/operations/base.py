@@ -306,6 +306,61 @@ class Operation:
             seed = self.check_number(seed, "seed", low=0, low_inclusive=True, integer=True)
         return record_every, path_directory, seed
 
+    def check_checkpoint_directory(self, checkpoint_directory, path_directory, seed):
+        """Validates a `checkpoint_directory` argument; returns it.
+
+        A walk resumed from a checkpoint skips the batches it already took, so its data
+        pipeline must be seeded; its path streams into the checkpoint directory, so no
+        separate `path_directory` is taken with it.
+
+        Args:
+            checkpoint_directory: A directory path, or `None`.
+            path_directory: The operation's `path_directory`.
+            seed: The operation's `seed`.
+
+        Returns:
+            `checkpoint_directory`.
+        """
+        if checkpoint_directory is None:
+            return None
+        if not isinstance(checkpoint_directory, str) or not checkpoint_directory:
+            raise ValueError(
+                "`checkpoint_directory` must be a directory path or None. "
+                f"Received: checkpoint_directory={checkpoint_directory!r}"
+            )
+        if seed is None:
+            raise ValueError(
+                "`checkpoint_directory` needs a `seed`: a resumed walk skips the batches "
+                "it already took, which only a seeded pipeline repeats. Received: "
+                f"seed=None with checkpoint_directory={checkpoint_directory!r}"
+            )
+        if path_directory is not None:
+            raise ValueError(
+                "Pass at most one of `checkpoint_directory` and `path_directory`: with a "
+                "checkpoint the path streams to `<checkpoint_directory>/path`. Received: "
+                f"checkpoint_directory={checkpoint_directory!r}, "
+                f"path_directory={path_directory!r}"
+            )
+        return checkpoint_directory
+
+    def walk_config(self):
+        """The config a checkpoint is tied to: `get_config()` without the options that do
+        not change the walk (progress, callbacks, logs, directories)."""
+        config = dict(self.get_config())
+        for key in ("verbose", "callbacks", "log_dir", "checkpoint_directory",
+                    "path_directory"):
+            config.pop(key, None)
+        return {"class": type(self).__name__, **config}
+
+    def open_checkpoint(self, checkpoint_directory):
+        """A `keras_fip.engine.WalkCheckpoint` in `checkpoint_directory` for this
+        operation's walks, or `None` when `checkpoint_directory` is `None`."""
+        if checkpoint_directory is None:
+            return None
+        from keras_fip.engine.walk_checkpoint import WalkCheckpoint
+
+        return WalkCheckpoint(checkpoint_directory, self.walk_config())
+
     # Calling.
 
     def __call__(self, model):
@@ -368,6 +423,7 @@ class Operation:
         path_directory=None,
         jit_compile=False,
         seed=None,
+        checkpoint_directory=None,
         **trainer_kwargs,
     ):
         """Walks `model` (in place) along a FIP and sets `self.path` and `self.history`.
@@ -391,6 +447,10 @@ class Operation:
                 `None`.
             jit_compile: Whether to compile the step with XLA. Defaults to `False`.
             seed: Shuffle seed. Defaults to `None`.
+            checkpoint_directory: Directory to checkpoint the walk to at every recorded
+                point (`keras_fip.engine.WalkCheckpoint`), resumed mid-walk if it holds
+                one; needs a `seed` and no `path_directory` (the path streams into it).
+                Defaults to `None`.
             **trainer_kwargs: `FIPTrainer` arguments (`step_rule`, `distance`, `beta`,
                 `epsilon`, `damping`, `cg_iterations`, `secondary_loss`,
                 `secondary_objective`, `reference`, `metric_length`).
@@ -410,16 +470,26 @@ class Operation:
             reference=reference,
             seed=seed,
         )
-        self.path = Path(model, record_every=record_every, directory=path_directory)
+        checkpoint_directory = self.check_checkpoint_directory(
+            checkpoint_directory, path_directory, seed)
+        checkpoint = self.open_checkpoint(checkpoint_directory)
         self.history = {}
-        self.history = trainer.walk(
-            dataset,
-            steps,
-            path=self.path,
-            callbacks=self.callbacks,
-            verbose=self.verbose,
-            log_dir=self.log_dir,
-        )
+        if checkpoint is None:
+            self.path = Path(model, record_every=record_every, directory=path_directory)
+            self.history = trainer.walk(
+                dataset,
+                steps,
+                path=self.path,
+                callbacks=self.callbacks,
+                verbose=self.verbose,
+                log_dir=self.log_dir,
+            )
+            return model
+        self.path = checkpoint.open_path(model, record_every)
+        self.history = checkpoint.walk(
+            "walk", trainer, dataset, steps, self.path, callbacks=self.callbacks,
+            verbose=self.verbose, log_dir=self.log_dir)
+        checkpoint.close()
         return model
 
     # Serialisation.

@@ -142,12 +142,21 @@ class _RampTargets(keras.callbacks.Callback):
             mask_variable.assign(self.targets[variable.path].astype("float32"))
 
     def on_train_begin(self, logs=None):
-        self.update()
+        if self.step == 0:  # A resumed walk has its targets restored.
+            self.update()
 
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1
         if self.step % self.operation._update_every == 0:
             self.update()
+
+    def get_walk_state(self):
+        """The ramp's position and the operation's generator (`WalkCheckpoint`)."""
+        return {"step": self.step, "rng": self.operation._rng.bit_generator.state}
+
+    def set_walk_state(self, state):
+        self.step = int(state["step"])
+        self.operation._rng.bit_generator.state = state["rng"]
 
 
 @keras.saving.register_keras_serializable(package="keras_fip")
@@ -259,6 +268,13 @@ class Compress(Operation):
         path_directory: Directory to stream the path to, or `None`. Defaults to `None`.
         jit_compile: Whether to compile the step with XLA. Defaults to `False`.
         seed: Shuffle seed. Defaults to `None`.
+        checkpoint_directory: Directory where the walk is checkpointed at every recorded
+            point (the weights, the optimizer, the target masks, the ramp's step and
+            both phases' progress; `keras_fip.engine.WalkCheckpoint`), or `None`. Calling
+            the operation again with the same arguments, model, data and directory
+            resumes a killed walk from its last checkpoint and ends at the weights of an
+            uninterrupted run. Needs a `seed`; the path streams into
+            `<checkpoint_directory>/path` (no `path_directory`). Defaults to `None`.
         **kwargs: `Operation` arguments (`name`, `verbose`, `callbacks`, `log_dir`).
 
     Example:
@@ -301,6 +317,7 @@ class Compress(Operation):
         path_directory=None,
         jit_compile=False,
         seed=None,
+        checkpoint_directory=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -357,6 +374,8 @@ class Compress(Operation):
         self.record_every, self.path_directory, self.seed = self.check_path_options(
             record_every, path_directory, seed
         )
+        self.checkpoint_directory = self.check_checkpoint_directory(
+            checkpoint_directory, self.path_directory, self.seed)
         self.jit_compile = bool(jit_compile)
 
     def walk_steps(self, num_examples):
@@ -449,8 +468,20 @@ class Compress(Operation):
         dataset = fip_dataset(model, x, secondary=secondary, batch_size=self.batch_size,
                               seed=self.seed)  # Checks that the data fit the model.
         self._beta = self._resolve_beta(model, variables)
-        self.path = Path(model, record_every=self.record_every,
-                         directory=self.path_directory)
+        checkpoint = self.open_checkpoint(self.checkpoint_directory)
+        if checkpoint is None:
+            self.path = Path(model, record_every=self.record_every,
+                             directory=self.path_directory)
+        else:
+            self.path = checkpoint.open_path(model, self.record_every)
+
+        def walk(phase, trainer, steps, callbacks, state_variables=()):
+            if checkpoint is None:
+                return trainer.walk(dataset, steps, path=self.path, callbacks=callbacks,
+                                    verbose=self.verbose, log_dir=self.log_dir)
+            return checkpoint.walk(phase, trainer, dataset, steps, self.path,
+                                   callbacks=callbacks, state_variables=state_variables,
+                                   verbose=self.verbose, log_dir=self.log_dir)
 
         # Pull towards the projection onto the ramping sparse set
         by_id = {id(v): i for i, v in enumerate(model.trainable_variables)}
@@ -464,9 +495,8 @@ class Compress(Operation):
         ramp = _RampTargets(self, variables, mask_variables, pull_steps, existing)
         ramp.model_to_prune = model
         trainer = self._trainer(model, total_steps, objective)
-        history = trainer.walk(dataset, pull_steps, path=self.path,
-                               callbacks=[ramp] + list(self.callbacks or []),
-                               verbose=self.verbose, log_dir=self.log_dir)
+        history = walk("pull", trainer, pull_steps, [ramp] + list(self.callbacks or []),
+                       state_variables=mask_variables)
 
         # Apply the final mask exactly, then settle with it fixed (D alone)
         final = self._masks(model, self.sparsity, variables, existing)
@@ -474,11 +504,11 @@ class Compress(Operation):
         if settle_steps:
             task = _TaskLoss(self.task_weight) if labelled else None
             settle = self._trainer(model, total_steps, task, settle=True, offset=pull_steps)
-            settled = settle.walk(dataset, settle_steps, path=self.path,
-                                  callbacks=list(self.callbacks or []),
-                                  verbose=self.verbose, log_dir=self.log_dir)
+            settled = walk("settle", settle, settle_steps, list(self.callbacks or []))
             history = {key: list(history.get(key, [])) + list(settled.get(key, []))
                        for key in set(history) | set(settled)}
+        if checkpoint is not None:
+            checkpoint.close()
         if self._walk_training and normalized:
             normalization.recalibrate_batch_normalization(model, self._inputs,
                                                           self.batch_size * 2)
@@ -525,5 +555,6 @@ class Compress(Operation):
             path_directory=self.path_directory,
             jit_compile=self.jit_compile,
             seed=self.seed,
+            checkpoint_directory=self.checkpoint_directory,
         )
         return config

@@ -88,6 +88,15 @@ class _EvaluateTasks(keras.callbacks.Callback):
         if self.step % self.every == 0:
             self.evaluate()
 
+    def get_walk_state(self):
+        """The evaluations so far (`WalkCheckpoint`)."""
+        return {"step": self.step, "history": self.history, "seconds": self.seconds}
+
+    def set_walk_state(self, state):
+        self.step = int(state["step"])
+        self.history = {key: list(values) for key, values in state["history"].items()}
+        self.seconds = float(state["seconds"])
+
 
 def pad_reference(reference, num_outputs, distance):
     """Extends the old network's memory outputs to the grown head's `num_outputs`.
@@ -198,6 +207,13 @@ class ContinualLearn(Operation):
         jit_compile: Whether to compile the step with XLA. Defaults to `False`.
         seed: Seed of the shuffles, the new units and the memory sample. Defaults to
             `None`.
+        checkpoint_directory: Directory where the walk is checkpointed at every recorded
+            point (the weights, the optimizer, the task evaluations so far;
+            `keras_fip.engine.WalkCheckpoint`), or `None`. Calling the operation again
+            with the same arguments, model, data and directory resumes a killed walk
+            from its last checkpoint and ends at the weights of an uninterrupted run.
+            Needs a `seed`; the path streams into `<checkpoint_directory>/path` (no
+            `path_directory`). Defaults to `None`.
         **kwargs: `Operation` arguments (`name`, `verbose`, `callbacks`, `log_dir`).
 
     Example:
@@ -232,6 +248,7 @@ class ContinualLearn(Operation):
         path_directory=None,
         jit_compile=False,
         seed=None,
+        checkpoint_directory=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -292,6 +309,8 @@ class ContinualLearn(Operation):
         self.record_every, self.path_directory, self.seed = self.check_path_options(
             record_every, path_directory, seed
         )
+        self.checkpoint_directory = self.check_checkpoint_directory(
+            checkpoint_directory, self.path_directory, self.seed)
         self.jit_compile = bool(jit_compile)
 
     # Validation against the model (before any work).
@@ -390,16 +409,26 @@ class ContinualLearn(Operation):
                 keras.optimizers.schedules.CosineDecay(self.learning_rate, steps))
         trainer.compile(optimizer=optimizer, jit_compile=self.jit_compile)
         dataset = self._dataset(memory_x, reference, x, labels)
-        self.path = Path(model, record_every=self.record_every,
-                         directory=self.path_directory)
+        checkpoint = self.open_checkpoint(self.checkpoint_directory)
+        if checkpoint is None:
+            self.path = Path(model, record_every=self.record_every,
+                             directory=self.path_directory)
+        else:
+            self.path = checkpoint.open_path(model, self.record_every)
         callbacks = list(self.callbacks or [])
         evaluator = None
         if self._eval_tasks:
             every = self.eval_every or max(1, steps // 10)
             evaluator = _EvaluateTasks(model, self._eval_tasks, every)
             callbacks = [evaluator] + callbacks
-        history = trainer.walk(dataset, steps, path=self.path, callbacks=callbacks,
-                               verbose=self.verbose, log_dir=self.log_dir)
+        if checkpoint is None:
+            history = trainer.walk(dataset, steps, path=self.path, callbacks=callbacks,
+                                   verbose=self.verbose, log_dir=self.log_dir)
+        else:
+            history = checkpoint.walk("walk", trainer, dataset, steps, self.path,
+                                      callbacks=callbacks, verbose=self.verbose,
+                                      log_dir=self.log_dir)
+            checkpoint.close()
         if walk_training and normalized:
             rng = np.random.default_rng(self.seed)
             sample = x[np.sort(rng.choice(len(x), min(len(x), len(memory_x)),
@@ -446,5 +475,6 @@ class ContinualLearn(Operation):
             path_directory=self.path_directory,
             jit_compile=self.jit_compile,
             seed=self.seed,
+            checkpoint_directory=self.checkpoint_directory,
         )
         return config

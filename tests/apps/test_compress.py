@@ -1,6 +1,7 @@
 import json
 import os
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -8,10 +9,11 @@ from absl.testing import flagsaver
 
 from apps import compress
 from keras_fip import data
+from keras_fip.engine.walk_checkpoint import WalkCheckpoint
 from tests.apps.conftest import scalar_tags
 
 
-def test_compress_app_sweeps_methods_and_exports_the_sparsest(tmp_path):
+def test_compress_app_sweeps_methods_and_exports_the_sparsest(tmp_path, monkeypatch):
     output_dir = str(tmp_path / "compress")
     with flagsaver.flagsaver(model="mlp", dataset="digits", sparsities=["50", "80"],
                              methods=["fip", "gradual", "gradual_per_layer", "oneshot",
@@ -65,6 +67,36 @@ def test_compress_app_sweeps_methods_and_exports_the_sparsest(tmp_path):
     for key, value in results.items():
         if key != "wall_time_seconds" and not key.startswith("oneshot/80/"):
             assert resumed[key] == value, key  # Not run again: even the timings agree.
+
+    # A FIP walk killed mid-walk resumes from its checkpoint and ends at the same weights.
+    killed_dir = str(tmp_path / "killed")
+    save = WalkCheckpoint._save
+
+    def save_then_die(self, phase, step, *args, **kwargs):
+        save(self, phase, step, *args, **kwargs)
+        if phase == "pull" and step == 10:
+            raise KeyboardInterrupt("killed after the checkpoint at step 10")
+
+    settings = dict(model="mlp", dataset="digits", sparsities=["80"], methods=["fip"],
+                    seeds=["0"], workers=1, epochs=2, base_epochs=3, batch_size=64,
+                    checkpoint_every=5, output_dir=killed_dir,
+                    cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(WalkCheckpoint, "_save", save_then_die)
+    with flagsaver.flagsaver(**settings), pytest.raises(KeyboardInterrupt):
+        compress.main([])
+    monkeypatch.setattr(WalkCheckpoint, "_save", save)
+    checkpoint = os.path.join(killed_dir, "checkpoints", "fip_80_seed_0")
+    with open(os.path.join(checkpoint, "phase_pull.json")) as f:
+        assert json.load(f)["step"] == 10
+    with flagsaver.flagsaver(resume=True, **settings):
+        compress.main([])
+    assert not os.path.exists(checkpoint)  # Recorded: the checkpoint is removed.
+    with open(os.path.join(killed_dir, "results.json")) as f:
+        assert json.load(f)["fip/80/test/accuracy"] == results["fip/80/test/accuracy"]
+    expected = keras.saving.load_model(os.path.join(output_dir, "sparsest_fip.keras"))
+    actual = keras.saving.load_model(os.path.join(killed_dir, "sparsest_fip.keras"))
+    for a, b in zip(actual.trainable_variables, expected.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-5)
 
 
 def test_compress_app_rejects_bad_sparsities(tmp_path):

@@ -6,6 +6,11 @@ the same flags and `--seed`, as `python -m keras_fip.distribute --workers=2 -- p
 apps.compress --strategy=multi_worker ...` would. The chief's `results.json` must equal a
 single-process run on the same flags; only the chief writes outputs (the other worker's
 private directory is gone afterwards) and TensorBoard logs.
+
+The two large tests (~1-2 min each under load) kill (SIGKILL) both workers in the middle of
+a Compress walk (just after its checkpoint at step `KILL_AT`) or of the second task's
+ContinualLearn walk, and run the same command with `--resume`: the chief's results must
+still equal the uninterrupted single-process run.
 """
 
 import json
@@ -16,7 +21,10 @@ import time
 import pytest
 
 COMPRESS = dict(model="mlp", dataset="digits", sparsities=["80"], methods=["fip"],
-                seeds=["0"], workers=1, epochs=1, base_epochs=1, batch_size=64)
+                seeds=["0"], workers=1, epochs=1, base_epochs=1, batch_size=64,
+                checkpoint_every=5)
+# The killed workers die just after the Compress pull's checkpoint at this step (of 16).
+KILL_AT = 10
 # split_mnist's MLP: `fit` under the strategy matches one process to ~1e-8 in the weights.
 # (mnist_fmnist's cnn5 drifts to ~3e-3 after 16 Adam steps: float32 reduction order in the
 # convolutions, amplified by Adam on near-zero gradients; its accuracies then agree only
@@ -24,23 +32,63 @@ COMPRESS = dict(model="mlp", dataset="digits", sparsities=["80"], methods=["fip"
 CONTINUAL = dict(benchmarks=["split_mnist"], dataset="digits", methods=["fip"],
                  seeds=["0"], epochs=1, continual_base_epochs=1, batch_size=32,
                  memory_per_task=10, max_train_examples=64, max_test_examples=100)
+# For the killed continual run: all of split_mnist's digits (9 steps a task), checkpoints
+# every 3 steps; the workers die after the checkpoint at step 6 of the second task.
+CONTINUAL_KILLED = dict(CONTINUAL, max_train_examples=0, checkpoint_every=3)
+CONTINUAL_KILL_AT = "walk:6:2"
 # Timings, not results: they differ between runs.
 _TIMES = ("seconds",)
 
 
-def _run_apps(output_dir, cache_dir):
+def _run_apps(output_dir, cache_dir, resume=False, apps=("compress", "continual"),
+              continual_settings=None):
     """Runs compress then continual in this process under the parsed `--strategy`."""
     from absl.testing import flagsaver
 
     from apps import compress
     from apps import continual
 
-    with flagsaver.flagsaver(output_dir=os.path.join(output_dir, "compress"),
-                             cache_dir=cache_dir, **COMPRESS):
-        compress.main([])
-    with flagsaver.flagsaver(output_dir=os.path.join(output_dir, "continual"),
-                             cache_dir=cache_dir, **CONTINUAL):
-        continual.main([])
+    if "compress" in apps:
+        with flagsaver.flagsaver(output_dir=os.path.join(output_dir, "compress"),
+                                 cache_dir=cache_dir, resume=resume, **COMPRESS):
+            compress.main([])
+    if "continual" in apps:
+        with flagsaver.flagsaver(output_dir=os.path.join(output_dir, "continual"),
+                                 cache_dir=cache_dir, resume=resume,
+                                 **(continual_settings or CONTINUAL)):
+            continual.main([])
+
+
+def _kill_after_checkpoint(spec):
+    """Makes this process SIGKILL itself right after the `n`-th checkpoint of phase `phase`
+    at step `step` (`spec` is `"phase:step:n"`): a worker killed mid-walk, at a point that
+    does not depend on timing."""
+    import signal
+
+    from keras_fip.engine.walk_checkpoint import WalkCheckpoint
+
+    phase, step, count = spec.split(":")
+    save = WalkCheckpoint._save
+    seen = []
+
+    def save_then_die(self, saved_phase, at, *args, **kwargs):
+        save(self, saved_phase, at, *args, **kwargs)
+        if saved_phase == phase and at == int(step):
+            seen.append(at)
+            if len(seen) == int(count):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    WalkCheckpoint._save = save_then_die
+
+
+def _worker_command(tmp_path, cache_dir):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    command = [sys.executable, "-m", "tests.apps.test_multi_worker",
+               f"--output_dir={tmp_path / 'multi'}", f"--cache_dir={cache_dir}"]
+    env = {"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "",
+           "KERAS_BACKEND": "tensorflow",
+           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return command, env, root
 
 
 def _comparable(results):
@@ -65,12 +113,8 @@ def test_two_worker_apps_match_one_process_and_only_the_chief_writes(tmp_path):
     # Two workers on 127.0.0.1; each worker's private directories go under its TMPDIR.
     worker_tmp = tmp_path / "worker_tmp"
     worker_tmp.mkdir()
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    command = [sys.executable, "-m", "tests.apps.test_multi_worker",
-               f"--output_dir={tmp_path / 'multi'}", f"--cache_dir={cache_dir}"]
-    env = {"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "",
-           "KERAS_BACKEND": "tensorflow", "TMPDIR": str(worker_tmp),
-           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    command, env, root = _worker_command(tmp_path, cache_dir)
+    env["TMPDIR"] = str(worker_tmp)
     start = time.perf_counter()
     launched = distribute.launch_workers(command, num_workers=2, timeout=400, env=env,
                                          cwd=root)
@@ -97,13 +141,93 @@ def test_two_worker_apps_match_one_process_and_only_the_chief_writes(tmp_path):
     assert 4 in continual_tags[
         "continual/split_mnist/fip/seed_0/after_task/task_0/accuracy"]
 
+
+@pytest.mark.large
+def test_two_workers_killed_mid_walk_resume_to_the_one_process_result(tmp_path):
+    from keras_fip import distribute
+
+    cache_dir = str(tmp_path / "cache")
+    _run_apps(str(tmp_path / "single"), cache_dir, apps=("compress",))
+    command, env, root = _worker_command(tmp_path, cache_dir)
+    command.append("--apps=compress")
+    # Both workers die (SIGKILL) just after the pull's checkpoint at KILL_AT.
+    start = time.perf_counter()
+    killed = distribute.launch_workers(command + [f"--kill_at=pull:{KILL_AT}:1"],
+                                       num_workers=2, timeout=400, env=env, cwd=root)
+    print(f"two workers, killed: {time.perf_counter() - start:.1f} s")
+    assert [r["returncode"] for r in killed] == [-9, -9], "\n".join(
+        r["stderr"][-3000:] for r in killed)
+    checkpoint = tmp_path / "multi" / "compress" / "checkpoints" / "fip_80_seed_0"
+    with open(checkpoint / "phase_pull.json") as f:
+        assert json.load(f)["step"] == KILL_AT
+    assert not (tmp_path / "multi" / "compress" / "results.json").exists()
+    # The same command with --resume continues the walk from that checkpoint.
+    start = time.perf_counter()
+    resumed = distribute.launch_workers(command + ["--resume"], num_workers=2,
+                                        timeout=400, env=env, cwd=root)
+    print(f"two workers, resumed: {time.perf_counter() - start:.1f} s")
+    assert [r["returncode"] for r in resumed] == [0, 0], "\n".join(
+        r["stderr"][-3000:] for r in resumed)
+    assert not checkpoint.exists()  # The job was recorded: its checkpoint removed.
+    single = _results(str(tmp_path / "single" / "compress"))
+    multi = _results(str(tmp_path / "multi" / "compress"))
+    assert sorted(single) == sorted(multi)
+    for key, value in single.items():
+        if isinstance(value, float):
+            assert multi[key] == pytest.approx(value, abs=1e-5), key
+        else:
+            assert multi[key] == value, key
+
+
+
+@pytest.mark.large
+def test_two_workers_killed_mid_continual_walk_resume_to_the_one_process_result(tmp_path):
+    from keras_fip import distribute
+
+    cache_dir = str(tmp_path / "cache")
+    _run_apps(str(tmp_path / "single"), cache_dir, apps=("continual",),
+              continual_settings=CONTINUAL_KILLED)
+    command, env, root = _worker_command(tmp_path, cache_dir)
+    command.append("--apps=continual")
+    killed = distribute.launch_workers(command + [f"--kill_at={CONTINUAL_KILL_AT}"],
+                                       num_workers=2, timeout=400, env=env, cwd=root)
+    assert [r["returncode"] for r in killed] == [-9, -9], "\n".join(
+        r["stderr"][-3000:] for r in killed)
+    checkpoints = tmp_path / "multi" / "continual" / "checkpoints" / "split_mnist" / "fip"
+    task_2 = next(checkpoints.glob("memory_*/seed_0/task_2"))
+    with open(task_2 / "phase_walk.json") as f:
+        saved = json.load(f)
+    assert (saved["step"], saved["done"]) == (6, False)
+    resumed = distribute.launch_workers(command + ["--resume"], num_workers=2,
+                                        timeout=400, env=env, cwd=root)
+    assert [r["returncode"] for r in resumed] == [0, 0], "\n".join(
+        r["stderr"][-3000:] for r in resumed)
+    assert not (tmp_path / "multi" / "continual" / "checkpoints").exists()  # Finished.
+    single = _results(str(tmp_path / "single" / "continual"))
+    multi = _results(str(tmp_path / "multi" / "continual"))
+    assert sorted(single) == sorted(multi)
+    for key, value in single.items():
+        if isinstance(value, float):
+            assert multi[key] == pytest.approx(value, abs=1e-5), key
+        else:
+            assert multi[key] == value, key
+
+
 def main(argv):
     """A worker: `python -m tests.apps.test_multi_worker --output_dir=... --cache_dir=...`
     with `TF_CONFIG` set (`keras_fip.distribute.launch_workers`)."""
     from absl import flags
 
+    options = {arg.split("=")[0]: arg.split("=")[1] for arg in argv
+               if arg.startswith(("--kill_at=", "--apps="))}
+    argv = [arg for arg in argv if arg.split("=")[0] not in options]
     flags.FLAGS(argv + ["--strategy=multi_worker"])
-    _run_apps(flags.FLAGS.output_dir, flags.FLAGS.cache_dir)
+    if "--kill_at" in options:
+        _kill_after_checkpoint(options["--kill_at"])
+    apps = tuple(options.get("--apps", "compress,continual").split(","))
+    _run_apps(flags.FLAGS.output_dir, flags.FLAGS.cache_dir, resume=flags.FLAGS.resume,
+              apps=apps, continual_settings=CONTINUAL_KILLED if apps == ("continual",)
+              else None)
 
 
 if __name__ == "__main__":

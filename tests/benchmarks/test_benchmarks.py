@@ -33,7 +33,8 @@ TINY_ARGUMENTS = {
 # The keys each script's JSON lines must have.
 EXPECTED_KEYS = {
     "metric_matvec": ("matvec_over_gradient", "matvecs_for_top20", "peak_memory_matvec_mb"),
-    "fip_step": ("penalty_over_fit", "normalized_over_fit", "metric_cg10_over_fit"),
+    "fip_step": ("penalty_over_fit", "penalty_measure100_over_fit", "normalized_over_fit",
+                 "metric_cg10_over_fit"),
     "isofunctional_walk": ("euclidean_distance", "test_accuracy_after"),
     "continual_step": ("fip_step_seconds", "replay_step_seconds", "fip_over_replay"),
     "compress_unseen": ("fip/50/test/accuracy", "oneshot/50/test/accuracy",

@@ -398,3 +398,40 @@ def test_data_adapter_rejects_bad_data_before_work():
                                       shuffle=False)))
         np.testing.assert_array_equal(batch["anchor_inputs"], x)
         np.testing.assert_array_equal(batch["secondary"][1], y)
+
+
+def test_measure_every_measures_recorded_steps_alike_and_guards_every_step():
+    x, y = _data()
+    runs = {}
+    for every in (1, 3):
+        model = _model()
+        trainer = FIPTrainer(model, secondary_loss=_loss(), measure_every=every)
+        trainer.compile(optimizer=keras.optimizers.Adam(1e-2))
+        path = Path(model, record_every=3)
+        data = fip_dataset(model, x, secondary=(x, y), batch_size=8, seed=0)
+        history = trainer.walk(data, 7, path=path, verbose=0)
+        runs[every] = history, path, _weights(model)
+    (every_step, every_path, every_weights), (sparse, sparse_path, sparse_weights) = (
+        runs[1], runs[3])
+    for a, b in zip(sparse_weights, every_weights):
+        np.testing.assert_array_equal(a, b)  # The walk itself is unchanged.
+    for name in ("step_norm", "distance_from_start"):
+        values = np.asarray(sparse[name])
+        np.testing.assert_array_equal(values[[2, 5]], np.asarray(every_step[name])[[2, 5]])
+        assert np.all(np.isnan(np.delete(values, [2, 5])))
+    assert list(sparse_path.steps) == [0, 3, 6]
+    for name, values in every_path.metrics.items():
+        np.testing.assert_array_equal(sparse_path.metrics[name], values)
+    # The non-finite guard still checks the weights at the unmeasured steps.
+    model = _model()
+    trainer = FIPTrainer(model, measure_every=5, secondary_objective=lambda network, batch:
+                         10.0 * tf.reduce_sum(tf.square(network.trainable_variables[0])))
+    trainer.compile(optimizer=keras.optimizers.SGD(1e38))
+    with pytest.raises(FloatingPointError, match="at step 1"):
+        trainer.walk(fip_dataset(model, x, batch_size=8, seed=0), 3, verbose=0)
+    assert all(np.all(np.isfinite(w)) for w in _weights(model))
+
+
+def test_measure_every_must_be_a_positive_integer():
+    with pytest.raises(ValueError, match="measure_every=0"):
+        FIPTrainer(_model(), measure_every=0)

@@ -326,3 +326,77 @@ def test_compress_meets_the_operation_contract():
     run_operation_contract(
         lambda model, x, y: keras_fip.Compress(0.5, data=x, steps=8, seed=0, verbose=0)
     )
+
+
+class _Kill(keras.callbacks.Callback):
+    """Stops a walk at its `at`-th step (counted across phases), as a killed run would."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+        self.steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        if self.steps == self.at:
+            raise KeyboardInterrupt(f"killed at step {self.at}")
+
+
+def test_killed_walk_resumes_from_checkpoint_to_the_same_weights(trained, tmp_path):
+    model, x, _ = trained
+
+    def compress(directory=None, callbacks=None):
+        return Compress(0.8, data=x[:512], steps=40, min_steps=0, update_every=10,
+                        beta=0.5, saliency="metric", metric_examples=64, record_every=5,
+                        seed=0, verbose=0, checkpoint_directory=directory,
+                        callbacks=callbacks)
+
+    reference_op = compress()
+    reference = reference_op(model)
+    for killed_at in (17, 36):  # In the pull phase (28 steps); in the settle phase.
+        directory = str(tmp_path / f"checkpoint_{killed_at}")
+        with pytest.raises(KeyboardInterrupt):
+            compress(directory, [_Kill(killed_at)])(model)
+        op = compress(directory)
+        resumed = op(model)
+        for expected, actual in zip(reference.trainable_variables,
+                                    resumed.trainable_variables):
+            np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=0, atol=1e-5)
+        assert keras_fip.masks(resumed).keys() == keras_fip.masks(reference).keys()
+        for key, mask in keras_fip.masks(reference).items():
+            np.testing.assert_array_equal(keras_fip.masks(resumed)[key], mask)
+        assert op.path.steps.tolist() == reference_op.path.steps.tolist()
+        np.testing.assert_allclose(op.path.weights(-1)[0], reference_op.path.weights(-1)[0],
+                                   atol=1e-5)
+        assert len(op.history["distance"]) == 40
+        np.testing.assert_allclose(op.history["distance"], reference_op.history["distance"],
+                                   rtol=1e-5, atol=1e-7)
+    # A finished walk called again returns the same model without walking.
+    again = compress(directory)(model)
+    for expected, actual in zip(resumed.trainable_variables, again.trainable_variables):
+        np.testing.assert_array_equal(actual.numpy(), expected.numpy())
+
+
+def test_checkpoint_of_another_config_or_model_is_refused(trained, tmp_path):
+    model, x, _ = trained
+    directory = str(tmp_path / "checkpoint")
+    Compress(0.5, data=x[:256], steps=4, min_steps=0, beta=0.5, record_every=2, seed=0,
+             verbose=0, checkpoint_directory=directory)(model)
+    with pytest.raises(ValueError, match="another config"):
+        Compress(0.6, data=x[:256], steps=4, min_steps=0, beta=0.5, record_every=2,
+                 seed=0, verbose=0, checkpoint_directory=directory)(model)
+    other = keras_fip.engine.copy_model(model)
+    other.trainable_variables[0].assign(other.trainable_variables[0] + 1.0)
+    with pytest.raises(ValueError, match="another model"):
+        Compress(0.5, data=x[:256], steps=4, min_steps=0, beta=0.5, record_every=2,
+                 seed=0, verbose=0, checkpoint_directory=directory)(other)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"checkpoint_directory": "ckpt"}, "needs a `seed`"),
+    ({"checkpoint_directory": "ckpt", "seed": 0, "path_directory": "p"}, "at most one"),
+    ({"checkpoint_directory": 3, "seed": 0}, "checkpoint_directory=3"),
+])
+def test_bad_checkpoint_arguments_raise(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        Compress(0.5, **arguments)

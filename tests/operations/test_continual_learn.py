@@ -267,3 +267,42 @@ def test_continual_learn_meets_the_operation_contract():
                                            epochs=1, batch_size=64, seed=0, verbose=0))
     for result in results.values():
         assert result.output_shape == (None, 13)
+
+
+class _Kill(keras.callbacks.Callback):
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+        self.steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        if self.steps == self.at:
+            raise KeyboardInterrupt(f"killed at step {self.at}")
+
+
+def test_killed_walk_resumes_from_checkpoint_to_the_same_weights(digits, old_model,
+                                                                 tmp_path):
+    (old, new), (old_test, new_test) = digits
+    tasks = [old_test, (new_test[0], new_test[1] + 5)]
+
+    def learn(directory=None, callbacks=None):
+        return ContinualLearn(new, memory=old[0][:200], epochs=2, batch_size=64,
+                              record_every=4, eval_tasks=tasks, eval_every=3, seed=0,
+                              verbose=0, checkpoint_directory=directory,
+                              callbacks=callbacks)
+
+    reference_op = learn()
+    reference = reference_op(old_model)
+    directory = str(tmp_path / "checkpoint")
+    with pytest.raises(KeyboardInterrupt):
+        learn(directory, [_Kill(10)])(old_model)
+    op = learn(directory)
+    resumed = op(old_model)
+    for expected, actual in zip(reference.trainable_variables, resumed.trainable_variables):
+        np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=0, atol=1e-5)
+    assert op.history["eval_step"] == reference_op.history["eval_step"]
+    np.testing.assert_allclose(op.history["task_1/accuracy"],
+                               reference_op.history["task_1/accuracy"], atol=1e-6)
+    assert len(op.history["distance"]) == reference_op.history["steps"]
+    assert op.path.steps.tolist() == reference_op.path.steps.tolist()
