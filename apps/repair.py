@@ -7,12 +7,15 @@ Experiment families of the resilience and damage-rescue papers, every network da
 - `recovery` (resilience paper, Fig. 4): MLP-1 (784-`--repair_mlp_width`-10) on `--dataset`
   with `--repair_fractions` of its hidden units deleted, repaired by
   - `fip`: the FIP back to the undamaged network's outputs (`--repair_fip_distance`),
-    inputs only, started by a layer-wise reconstruction on batches of
-    `--repair_fip_solve_examples` fresh inputs: the output layer's least-squares fit of
-    the undamaged logits, `--repair_fip_solve_sweeps` Gauss-Newton sweeps of the
-    surviving hidden units' incoming weights (in `--repair_fip_solve_rank` principal input
-    directions), and a last output-layer solve (`Repair(solve_output_layer=...,
-    solve_sweeps=...)`; every batch counts in its epochs), the damaged weights at zero;
+    inputs only, started by a layer-wise reconstruction on fresh inputs: the output
+    layer's fit of the undamaged logits on `--repair_fip_solve_first` inputs, then on
+    batches of `--repair_fip_solve_examples`, `--repair_fip_solve_sweeps` Gauss-Newton
+    sweeps of the surviving hidden units' incoming weights (in `--repair_fip_solve_rank`
+    principal input directions), each with an output-layer solve, and a last output-layer
+    solve; the solves minimise the logit-space Gauss-Newton model of the softmax KL at
+    `--repair_fip_solve_temperature` (`Repair(solve_output_layer=..., solve_first=...,
+    solve_sweeps=..., solve_temperature=...)`; every batch counts in its epochs), the
+    damaged weights at zero;
   - `retrain`: supervised retraining of the surviving units (damage-rescue strategy 1);
   - `prune`: deleting the same units one at a time (`--repair_prune_units_per_round`)
     from the undamaged network with SGD steps in between, then retraining
@@ -51,8 +54,9 @@ Experiment families of the resilience and damage-rescue papers, every network da
   each transition.
 - `vgg` (Fig. 4): VGG-11 (`--repair_vgg_width`) on
   `--repair_cifar_dataset` with `--repair_vgg_fraction` of its first-layer filters
-  deleted: accuracy along the recovery path (`keras_fip.operations.repair.recovery_path`)
-  and along the straight damage path (`keras_fip.geometry.damage_path`: the paper's
+  deleted: accuracy along the recovery path (`keras_fip.operations.repair.recovery_path`,
+  `--repair_path_steps` Adam steps at `--repair_path_learning_rate` per point, walking the
+  inference function itself with `--repair_path_training=false`) and along the straight damage path (`keras_fip.geometry.damage_path`: the paper's
   naive path, the weights on the line and the BatchNorm statistics as trained) at the
   same damage times, with the break-down speed and acceleration along each; with
   BatchNorm, the straight path with its statistics re-estimated at every point is
@@ -117,15 +121,24 @@ flags.DEFINE_list("repair_fip_learning_rates", ["3e-4", "1e-3", "3e-3"], "Adam r
 flags.DEFINE_enum("repair_fip_distance", "l2", ["l2", "kl", "bhattacharyya"], "Output "
                   "distance D of the FIP repair (`l2` on the logits: the objective the "
                   "solves minimise exactly).")
-flags.DEFINE_integer("repair_fip_solve_examples", 2000, "Training inputs per solve batch "
-                     "of the FIP repair (`Repair(solve_output_layer=...)`: the output "
-                     "layer's least-squares fit of the undamaged logits; every batch is "
-                     "counted in its epochs); 0: no solve.", lower_bound=0)
-flags.DEFINE_integer("repair_fip_solve_sweeps", 6, "Gauss-Newton sweeps of the hidden "
+flags.DEFINE_integer("repair_fip_solve_first", 2000, "Training inputs of the FIP "
+                     "repair's first solve batch, output layer only "
+                     "(`Repair(solve_first=...)`; counted in its epochs); 0: none.",
+                     lower_bound=0)
+flags.DEFINE_integer("repair_fip_solve_examples", 5000, "Training inputs per solve batch "
+                     "of the FIP repair after the first (`Repair(solve_output_layer=...)`: "
+                     "the output layer's fit of the undamaged logits and a sweep of the "
+                     "hidden layer; every batch is counted in its epochs); 0: no solve.",
+                     lower_bound=0)
+flags.DEFINE_integer("repair_fip_solve_sweeps", 4, "Gauss-Newton sweeps of the hidden "
                      "layer before the FIP walk, each on a fresh solve batch "
                      "(`Repair(solve_sweeps=...)`).", lower_bound=0)
-flags.DEFINE_integer("repair_fip_solve_rank", 64, "Principal input directions of the "
+flags.DEFINE_integer("repair_fip_solve_rank", 200, "Principal input directions of the "
                      "sweeps (`Repair(solve_rank=...)`).", lower_bound=1)
+flags.DEFINE_float("repair_fip_solve_temperature", 4.0, "Temperature of the softmax "
+                   "weights of the solves (`Repair(solve_temperature=...)`: the logit-space "
+                   "Gauss-Newton model of the KL at this temperature); 0: plain least "
+                   "squares on the logits.", lower_bound=0.0)
 flags.DEFINE_list("repair_retrain_learning_rates", ["1e-3", "3e-3", "1e-2"], "Adam rates of "
                   "retraining (tuned on the first seed).")
 flags.DEFINE_list("repair_prune_learning_rates", ["0.01", "0.03", "0.1"], "SGD (momentum "
@@ -179,13 +192,15 @@ flags.DEFINE_float("repair_vgg_fraction", 50 / 60, "Fraction of first-layer filt
 flags.DEFINE_string("repair_cifar_dataset", "cifar10", "Dataset of VGG-11.")
 flags.DEFINE_integer("repair_cifar_epochs", 20, "Training epochs of VGG-11.", lower_bound=1)
 flags.DEFINE_integer("repair_path_points", 11, "Points of the VGG paths.", lower_bound=3)
-flags.DEFINE_integer("repair_path_steps", 50, "FIP steps between recovery-path points.",
+flags.DEFINE_integer("repair_path_steps", 30, "FIP steps between recovery-path points.",
                      lower_bound=1)
-flags.DEFINE_float("repair_path_learning_rate", 1e-3, "Adam rate of the recovery path.",
+flags.DEFINE_float("repair_path_learning_rate", 3e-4, "Adam rate of the recovery path.",
                    lower_bound=0.0)
-flags.DEFINE_enum("repair_path_training", "auto", ["auto", "true", "false"], "Mode of "
-                  "the moving network on the recovery path (`auto`: training mode for "
-                  "BatchNorm nets, moving statistics recalibrated at each point).")
+flags.DEFINE_enum("repair_path_training", "false", ["auto", "true", "false"], "Mode of "
+                  "the moving network on the recovery path: `false` walks the inference "
+                  "function itself (BatchNorm on its trained statistics, the function the "
+                  "accuracy is measured on); `auto`/`true`: training mode for BatchNorm "
+                  "nets, moving statistics recalibrated at each point.")
 flags.DEFINE_integer("repair_path_examples", 200, "Inputs on which the break-down speed is "
                      "measured.", lower_bound=1)
 
@@ -236,10 +251,15 @@ def _repair(method, model, damaged, learning_rate, splits, seed):
         return history, repaired
     extra = {}
     if method == "fip":
+        solving = FLAGS.repair_fip_solve_examples > 0
+        sweeps = FLAGS.repair_fip_solve_sweeps if solving else 0
         extra = {"solve_output_layer": FLAGS.repair_fip_solve_examples,
-                 "solve_sweeps": (FLAGS.repair_fip_solve_sweeps
-                                  if FLAGS.repair_fip_solve_examples else 0),
+                 "solve_sweeps": sweeps,
                  "solve_rank": FLAGS.repair_fip_solve_rank,
+                 "solve_first": FLAGS.repair_fip_solve_first if sweeps else 0,
+                 "solve_temperature": (FLAGS.repair_fip_solve_temperature
+                                       if solving and FLAGS.repair_fip_solve_temperature
+                                       else None),
                  "distance": FLAGS.repair_fip_distance}
     op = keras_fip.Repair(data=x if method == "fip" else (x, y), method=method,
                           validation_data=validation, learning_rate=learning_rate,
@@ -254,11 +274,16 @@ def _tuned(method, model, damaged, splits, seed):
     grid = [float(v) for v in getattr(FLAGS, f"repair_{method}_learning_rates")]
     scores, runs = {}, {}
     for rate in grid:
-        try:
-            runs[rate] = _repair(method, model, damaged, rate, splits, seed)
-        except FloatingPointError:  # Diverged: the rate is too high.
-            scores[rate] = (np.inf, np.inf)
-            continue
+        solved = [r for r in runs.values() if r[0].get("epochs_to_recover") is not None
+                  and r[0]["epochs_to_recover"] <= r[0].get("solve_epochs", -1.0) + 1e-9]
+        if solved:  # Recovered by the FIP's solves, before its walk: every rate ties.
+            runs[rate] = solved[0]
+        else:
+            try:
+                runs[rate] = _repair(method, model, damaged, rate, splits, seed)
+            except FloatingPointError:  # Diverged: the rate is too high.
+                scores[rate] = (np.inf, np.inf)
+                continue
         history = runs[rate][0]
         recover = history["epochs_to_recover"]
         scores[rate] = (np.inf if recover is None else recover,
@@ -538,12 +563,14 @@ def vgg(seed):
     damaged = keras_fip.Damage("nodes", fraction=FLAGS.repair_vgg_fraction, layers=[first],
                                scope="per_layer", seed=seed)(model)
     masks = keras_fip.damage_reference(damaged).damage_masks
+    began = time.perf_counter()
     recovery_points, times = recovery_path(
         model, masks, x, num_points=FLAGS.repair_path_points,
         steps_per_point=FLAGS.repair_path_steps,
         learning_rate=FLAGS.repair_path_learning_rate, batch_size=FLAGS.batch_size,
         training={"auto": "auto", "true": True, "false": False}[FLAGS.repair_path_training],
         seed=seed)
+    print(f"vgg: recovery path walked in {time.perf_counter() - began:.0f} s", flush=True)
     straight_points, _ = geometry.damage_path(model, damaged, FLAGS.repair_path_points)
     working = keras_fip.strip_masks(model)
     normalized = bool(keras_fip.engine.normalization.batch_normalization_layers(working))
@@ -569,6 +596,8 @@ def vgg(seed):
                                              model=working, times=times,
                                              outputs="probabilities")
         curves[name] = (accuracies, profile)
+        print(f"vgg: {name} path measured ({time.perf_counter() - began:.0f} s): accuracy "
+              + " ".join(f"{a:.3f}" for a in accuracies), flush=True)
     recovered, straight = curves["recovery"][0], curves["straight"][0]
     results = {
         "vgg11/test/accuracy": base["test/accuracy"],
@@ -694,27 +723,43 @@ def _main(parts, methods, seeds, run):
     common.set_seed(seeds[0])
     start = time.perf_counter()
     results = {}
+
+    def finished(part, began, measured):
+        """Adds a part's results and its time, and writes results.json (so a stopped run
+        keeps the parts it finished)."""
+        results.update(measured)
+        results[f"time/{part}_seconds"] = time.perf_counter() - began
+        results["wall_time_seconds"] = time.perf_counter() - start
+        common.write_json(output_dir, "results.json", results)
+        print(f"part {part} done in {results[f'time/{part}_seconds']:.0f} s "
+              f"({results['wall_time_seconds']:.0f} s so far)", flush=True)
+
     if any(part in parts for part in ("recovery", "iterative", "invariant", "transitions")):
         splits = _splits(FLAGS.dataset)
     if "recovery" in parts:
+        began = time.perf_counter()
         measured, curves = recovery(methods, seeds, splits)
-        results.update(measured)
         plot_recovery(curves, output_dir)
+        finished("recovery", began, measured)
     if "iterative" in parts:
+        began = time.perf_counter()
         measured, table = iterative(seeds, splits)
-        results.update(measured)
         plot_iterative(table, output_dir)
+        finished("iterative", began, measured)
     if "invariant" in parts:
+        began = time.perf_counter()
         measured, info = invariant(seeds[0], splits)
-        results.update(measured)
         plot_invariant(info, output_dir)
+        finished("invariant", began, measured)
     if "transitions" in parts:
+        began = time.perf_counter()
         measured, _ = transitions(seeds[0], splits)
-        results.update(measured)
+        finished("transitions", began, measured)
     if "vgg" in parts:
+        began = time.perf_counter()
         measured, (times, curves) = vgg(seeds[0])
-        results.update(measured)
         plot_vgg(times, curves, output_dir)
+        finished("vgg", began, measured)
     results["wall_time_seconds"] = time.perf_counter() - start
     run.scalars(results, prefix="repair")
     common.write_json(output_dir, "results.json", results)
