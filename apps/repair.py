@@ -55,8 +55,8 @@ Experiment families of the resilience and damage-rescue papers, every network da
 - `vgg` (Fig. 4): VGG-11 (`--repair_vgg_width`) on
   `--repair_cifar_dataset` with `--repair_vgg_fraction` of its first-layer filters
   deleted: accuracy along the recovery path (`keras_fip.operations.repair.recovery_path`,
-  `--repair_path_steps` Adam steps at `--repair_path_learning_rate` per point, walking the
-  inference function itself with `--repair_path_training=false`) and along the straight damage path (`keras_fip.geometry.damage_path`: the paper's
+  `--repair_path_steps` Adam steps at `--repair_path_learning_rate` per point, BatchNorm
+  on batch statistics and recalibrated at each point by default) and along the straight damage path (`keras_fip.geometry.damage_path`: the paper's
   naive path, the weights on the line and the BatchNorm statistics as trained) at the
   same damage times, with the break-down speed and acceleration along each; with
   BatchNorm, the straight path with its statistics re-estimated at every point is
@@ -196,11 +196,10 @@ flags.DEFINE_integer("repair_path_steps", 30, "FIP steps between recovery-path p
                      lower_bound=1)
 flags.DEFINE_float("repair_path_learning_rate", 3e-4, "Adam rate of the recovery path.",
                    lower_bound=0.0)
-flags.DEFINE_enum("repair_path_training", "false", ["auto", "true", "false"], "Mode of "
-                  "the moving network on the recovery path: `false` walks the inference "
-                  "function itself (BatchNorm on its trained statistics, the function the "
-                  "accuracy is measured on); `auto`/`true`: training mode for BatchNorm "
-                  "nets, moving statistics recalibrated at each point.")
+flags.DEFINE_enum("repair_path_training", "auto", ["auto", "true", "false"], "Mode of "
+                  "the moving network on the recovery path (`auto`: training mode for "
+                  "BatchNorm nets, moving statistics recalibrated at each point; `false` "
+                  "walks the inference function, BatchNorm on its trained statistics).")
 flags.DEFINE_integer("repair_path_examples", 200, "Inputs on which the break-down speed is "
                      "measured.", lower_bound=1)
 
