@@ -55,7 +55,7 @@ Experiment families of the resilience and damage-rescue papers, every network da
 - `vgg` (Fig. 4): VGG-11 (`--repair_vgg_width`) on
   `--repair_cifar_dataset` with `--repair_vgg_fraction` of its first-layer filters
   deleted: accuracy along the recovery path (`keras_fip.operations.repair.recovery_path`,
-  `--repair_path_steps` Adam steps at `--repair_path_learning_rate` per point, BatchNorm
+  `--repair_path_steps` Adam steps per point at `--repair_path_learning_rate` × t, BatchNorm
   on batch statistics and recalibrated at each point by default) and along the straight damage path (`keras_fip.geometry.damage_path`: the paper's
   naive path, the weights on the line and the BatchNorm statistics as trained) at the
   same damage times, with the break-down speed and acceleration along each; with
@@ -118,9 +118,11 @@ flags.DEFINE_list("repair_fractions", ["0.5", "0.8"], "Fractions of hidden units
 flags.DEFINE_integer("repair_max_epochs", 4, "Epoch budget of every repair.", lower_bound=1)
 flags.DEFINE_list("repair_fip_learning_rates", ["3e-4", "1e-3", "3e-3"], "Adam rates of "
                   "the FIP repair (tuned on the first seed).")
-flags.DEFINE_enum("repair_fip_distance", "l2", ["l2", "kl", "bhattacharyya"], "Output "
-                  "distance D of the FIP repair (`l2` on the logits: the objective the "
-                  "solves minimise exactly).")
+flags.DEFINE_enum("repair_fip_distance", "kl", ["l2", "kl", "bhattacharyya"], "Output "
+                  "distance D of the FIP repair's walk after its solves.")
+flags.DEFINE_float("repair_fip_distance_temperature", 4.0, "Temperature of the walk's D "
+                   "(`Repair(distance_temperature=...)`: D between logits / T, × T²); 0: "
+                   "none.", lower_bound=0.0)
 flags.DEFINE_integer("repair_fip_solve_first", 2000, "Training inputs of the FIP "
                      "repair's first solve batch, output layer only "
                      "(`Repair(solve_first=...)`; counted in its epochs); 0: none.",
@@ -160,6 +162,9 @@ flags.DEFINE_float("repair_iterative_learning_rate", 3e-3, "Adam rate of the sup
                    lower_bound=0.0)
 flags.DEFINE_float("repair_iterative_fip_learning_rate", 1e-3, "Adam rate of the FIP "
                    "repairs in the iterative experiment.", lower_bound=0.0)
+flags.DEFINE_enum("repair_iterative_fip_distance", "l2", ["l2", "kl", "bhattacharyya"],
+                  "Output distance D of the FIP repairs in the iterative experiment (`l2` "
+                  "on the logits: the objective their output-layer solve minimises).")
 flags.DEFINE_integer("repair_iterative_solve_examples", 2000, "Inputs on which each FIP "
                      "repair of the iterative experiment (batch and per round) first "
                      "solves the output layer (counted in its cycles).", lower_bound=0)
@@ -196,6 +201,9 @@ flags.DEFINE_integer("repair_path_steps", 30, "FIP steps between recovery-path p
                      lower_bound=1)
 flags.DEFINE_float("repair_path_learning_rate", 3e-4, "Adam rate of the recovery path.",
                    lower_bound=0.0)
+flags.DEFINE_bool("repair_path_rate_with_time", True, "Adam rate of the recovery path "
+                  "proportional to the damage time t (`recovery_path(rate_with_time=...)`: "
+                  "--repair_path_learning_rate at t = 1).")
 flags.DEFINE_enum("repair_path_training", "auto", ["auto", "true", "false"], "Mode of "
                   "the moving network on the recovery path (`auto`: training mode for "
                   "BatchNorm nets, moving statistics recalibrated at each point; `false` "
@@ -259,7 +267,8 @@ def _repair(method, model, damaged, learning_rate, splits, seed):
                  "solve_temperature": (FLAGS.repair_fip_solve_temperature
                                        if solving and FLAGS.repair_fip_solve_temperature
                                        else None),
-                 "distance": FLAGS.repair_fip_distance}
+                 "distance": FLAGS.repair_fip_distance,
+                 "distance_temperature": FLAGS.repair_fip_distance_temperature or None}
     op = keras_fip.Repair(data=x if method == "fip" else (x, y), method=method,
                           validation_data=validation, learning_rate=learning_rate,
                           batch_size=FLAGS.batch_size, verbose=0, **common_kwargs, **extra)
@@ -349,7 +358,7 @@ def _round_repair(method, seed, splits, epochs=None):
     if method == "fip":
         kwargs = _repair_kwargs(splits, FLAGS.repair_iterative_fip_learning_rate)
         kwargs.update(solve_output_layer=FLAGS.repair_iterative_solve_examples,
-                      distance=FLAGS.repair_fip_distance)
+                      distance=FLAGS.repair_iterative_fip_distance)
         data_ = x
     else:
         kwargs = _repair_kwargs(splits, FLAGS.repair_iterative_learning_rate)
@@ -568,7 +577,7 @@ def vgg(seed):
         steps_per_point=FLAGS.repair_path_steps,
         learning_rate=FLAGS.repair_path_learning_rate, batch_size=FLAGS.batch_size,
         training={"auto": "auto", "true": True, "false": False}[FLAGS.repair_path_training],
-        seed=seed)
+        seed=seed, rate_with_time=FLAGS.repair_path_rate_with_time)
     print(f"vgg: recovery path walked in {time.perf_counter() - began:.0f} s", flush=True)
     straight_points, _ = geometry.damage_path(model, damaged, FLAGS.repair_path_points)
     working = keras_fip.strip_masks(model)

@@ -245,6 +245,10 @@ class Repair(Operation):
         batch_size: Examples per step. Defaults to `128`.
         distance: Output distance D of `"fip"` (`"l2"`, `"kl"`, `"bhattacharyya"`).
             Defaults to `"kl"`.
+        distance_temperature: `None`, or a temperature T > 0: the walk's D is taken
+            between the logits divided by T, times T² (with `"kl"`, the softened
+            distillation loss of Hinton et al., whose gradient keeps its scale as T
+            grows). Defaults to `None`.
         training: Mode of the moving network on the FIP path: `True` runs BatchNorm on
             batch statistics (moving statistics recalibrated on `data` before every
             evaluation), `"auto"` when the model has BatchNormalization. Defaults to
@@ -321,7 +325,7 @@ class Repair(Operation):
                  optimizer="adam", batch_size=128, distance="kl", training="auto",
                  record_every=100, path_directory=None, jit_compile=False, seed=None,
                  solve_output_layer=0, solve_sweeps=0, solve_rank=128, solve_first=0,
-                 solve_temperature=None, **kwargs):
+                 solve_temperature=None, distance_temperature=None, **kwargs):
         super().__init__(**kwargs)
         self.method = self.check_choice(method, "method", METHODS)
         labels = None
@@ -414,6 +418,9 @@ class Repair(Operation):
             )
         self.solve_rank = self.check_number(solve_rank, "solve_rank", low=1,
                                             low_inclusive=True, integer=True)
+        self.distance_temperature = (
+            None if distance_temperature is None else self.check_number(
+                distance_temperature, "distance_temperature", low=0.0))
         self.solve_first = self.check_number(solve_first, "solve_first", low=0,
                                              low_inclusive=True, integer=True)
         if self.solve_first and not self.solve_sweeps:
@@ -828,7 +835,7 @@ class Repair(Operation):
                                                       history["val_accuracy"])
                      if accuracy >= self._undamaged_score - self.target - 1e-12), None)
             trainer = FIPTrainer(
-                candidate, step_rule="penalty", distance=self.distance,
+                candidate, step_rule="penalty", distance=self._walk_distance(),
                 beta=self.task_weight,
                 secondary_loss=(keras.losses.SparseCategoricalCrossentropy(from_logits=True)
                                 if labelled else None),
@@ -869,6 +876,19 @@ class Repair(Operation):
             if self.path_directory is not None:
                 self.path.save(self.path_directory)  # The chosen candidate's path.
         return model, history
+
+    def _walk_distance(self):
+        """D of the FIP walk: `distance`, on logits / `distance_temperature` (× T²)."""
+        distance = distances_lib.get(self.distance)
+        temperature = self.distance_temperature
+        if temperature is None:
+            return distance
+
+        def tempered(outputs, reference_outputs):
+            return temperature ** 2 * distance(outputs / temperature,
+                                               reference_outputs / temperature)
+
+        return tempered
 
     def _repair_supervised(self, model, reference, x, y, x_val, y_val, released):
         history = self._new_history(model, x_val, y_val)
@@ -938,13 +958,14 @@ class Repair(Operation):
             solve_rank=self.solve_rank,
             solve_first=self.solve_first,
             solve_temperature=self.solve_temperature,
+            distance_temperature=self.distance_temperature,
         )
         return config
 
 
 def recovery_path(model, damage_masks, data, num_points=11, steps_per_point=20,
                   learning_rate=1e-3, batch_size=128, distance="kl", training="auto",
-                  seed=None):
+                  seed=None, rate_with_time=False):
     """A FIP from an undamaged network to one with the damaged weights at zero.
 
     The recovery path of the resilience paper's Fig. 4, to set against the straight damage
@@ -971,6 +992,12 @@ def recovery_path(model, damage_masks, data, num_points=11, steps_per_point=20,
         distance: Output distance D. Defaults to `"kl"`.
         training: `True`, `False` or `"auto"`. Defaults to `"auto"`.
         seed: Shuffle seed. Defaults to `None`.
+        rate_with_time: Whether the Adam rate at time t is `learning_rate * t`. An Adam
+            step moves every weight by about the rate whatever the size of its gradient,
+            so a fixed rate moves the network as far at t = 0.1, where the damage is
+            small, as at t = 1, and its noise can cost more than the damage there; a
+            rate proportional to t (to the damage's size) keeps the walk in proportion.
+            Defaults to `False`.
 
     Returns:
         A tuple `(points, times)`: weight lists in `model.get_weights()` order (ready for
@@ -1035,6 +1062,8 @@ def recovery_path(model, damage_masks, data, num_points=11, steps_per_point=20,
     points, times = [model.get_weights()], np.linspace(0.0, 1.0, num_points)
     for t in times[1:]:
         time.assign(float(t))
+        if rate_with_time:
+            optimizer.learning_rate.assign(learning_rate * float(t))
         for variable, keep, value in zip(moving, free, start):
             variable.assign(variable.value * keep + (1.0 - float(t)) * value)
         for _ in range(steps_per_point):

@@ -344,7 +344,8 @@ def test_config_round_trip():
                 evaluations_per_epoch=4, optimizer="sgd", seed=5)
     config = op.get_config()
     assert Repair.from_config(config).get_config() == config
-    op = Repair(solve_output_layer=100, solve_sweeps=2, solve_rank=8, solve_temperature=3.0)
+    op = Repair(solve_output_layer=100, solve_sweeps=2, solve_rank=8, solve_temperature=3.0,
+                distance_temperature=2.0)
     config = op.get_config()
     assert Repair.from_config(config).get_config() == config
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(op))
@@ -373,6 +374,7 @@ def test_config_round_trip():
     ({"solve_temperature": 0.0, "solve_output_layer": 10}, "solve_temperature"),
     ({"solve_temperature": 2.0}, "solve_temperature"),
     ({"solve_first": -1}, "solve_first"),
+    ({"distance_temperature": -1.0}, "distance_temperature"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -428,9 +430,39 @@ def test_recovery_path_stays_above_the_straight_damage_path(digits, trained, dam
     assert final[0] > final[1] + 0.1
 
 
+def test_recovery_path_rate_with_time_scales_the_first_steps(digits, trained, damaged):
+    x, _, _, _ = digits
+    masks = damage_reference(damaged).damage_masks
+    straight, _ = keras_fip.geometry.damage_path(trained, damaged, 5)
+    moved = []
+    for scaled in (False, True):
+        points, _ = recovery_path(trained, masks, x, num_points=5, steps_per_point=4,
+                                  learning_rate=1e-3, seed=0, rate_with_time=scaled)
+        moved.append(max(float(np.max(np.abs(a - b))) for a, b in zip(points[1], straight[1])))
+    # Adam moves a weight by about the rate per step: 4 steps at 1e-3, or at 1e-3 × 0.25.
+    assert 1e-3 < moved[0] <= 4 * 1e-3 * 1.5
+    assert 0 < moved[1] <= 4 * 2.5e-4 * 1.5
+
+
 def test_recovery_path_rejects_misaligned_masks(trained, digits):
     x, _, _, _ = digits
     with pytest.raises(ValueError, match="damage_masks"):
         recovery_path(trained, [None], x)
     with pytest.raises(ValueError, match="num_points"):
         recovery_path(trained, [None] * len(trained.trainable_variables), x, num_points=1)
+
+
+def test_distance_temperature_softens_the_walk_distance(digits, damaged):
+    x, _, x_test, y_test = digits
+    logits = np.random.default_rng(0).normal(size=(5, 10)).astype("float32") * 4
+    reference = np.random.default_rng(1).normal(size=(5, 10)).astype("float32") * 4
+    tempered = Repair(distance="kl", distance_temperature=2.0)._walk_distance()
+    expected = 4.0 * keras_fip.engine.distances.kl(logits / 2.0, reference / 2.0)
+    np.testing.assert_allclose(float(tempered(logits, reference)), float(expected), rtol=1e-6)
+    # A walk under it repairs, the damage held at zero.
+    op = Repair(data=x, validation_data=(x_test, y_test), epochs=1, distance_temperature=4.0,
+                seed=0, verbose=0)
+    repaired = op(damaged)
+    assert op.history["val_accuracy"][-1] > op.history["val_accuracy"][0]
+    for values in _damaged_entries(repaired, damaged):
+        assert np.all(values == 0)
