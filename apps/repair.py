@@ -619,13 +619,13 @@ def vgg(seed):
         "vgg11/recovery/min_accuracy": float(np.min(recovered)),
         "vgg11/straight/min_accuracy": float(np.min(straight)),
         "vgg11/recovery_above_straight_at_every_point": bool(
-            all(r >= s for r, s in zip(recovered[1:], straight[1:]))),
+            all(r > s for r, s in zip(recovered[1:], straight[1:]))),
     }
     if "straight_recalibrated" in curves:
         calibrated = curves["straight_recalibrated"][0]
         results["vgg11/straight_recalibrated/test/accuracy"] = calibrated
         results["vgg11/recovery_above_straight_recalibrated_at_every_point"] = bool(
-            all(r >= s for r, s in zip(recovered[1:], calibrated[1:])))
+            all(r > s for r, s in zip(recovered[1:], calibrated[1:])))
     for name, (_, profile) in curves.items():
         results[f"vgg11/{name}/breakdown_speed"] = profile["speed"].tolist()
         results[f"vgg11/{name}/breakdown_acceleration"] = profile["acceleration"].tolist()
