@@ -56,9 +56,9 @@ Experiment families of the resilience and damage-rescue papers, every network da
   `--repair_cifar_dataset` with `--repair_vgg_fraction` of its first-layer filters
   deleted: accuracy along the recovery path (`keras_fip.operations.repair.recovery_path`,
   `--repair_path_steps` Adam steps per point at `--repair_path_learning_rate` × t, BatchNorm
-  on batch statistics and recalibrated at each point by default) and along the straight damage path (`keras_fip.geometry.damage_path`: the paper's
-  naive path, the weights on the line and the BatchNorm statistics as trained) at the
-  same damage times, with the break-down speed and acceleration along each; with
+  on batch statistics and recalibrated at each point by default) and along the straight
+  damage path (`keras_fip.geometry.damage_path`: the paper's naive path, the weights on
+  the line and the BatchNorm statistics as trained) at the same damage times, with the break-down speed and acceleration along each; with
   BatchNorm, the straight path with its statistics re-estimated at every point is
   reported beside it (`straight_recalibrated`).
 
