@@ -58,9 +58,9 @@ Experiment families of the resilience and damage-rescue papers, every network da
   `--repair_path_steps` Adam steps per point at `--repair_path_learning_rate` × t, BatchNorm
   on batch statistics and recalibrated at each point by default) and along the straight
   damage path (`keras_fip.geometry.damage_path`: the paper's naive path, the weights on
-  the line and the BatchNorm statistics as trained) at the same damage times, with the break-down speed and acceleration along each; with
-  BatchNorm, the straight path with its statistics re-estimated at every point is
-  reported beside it (`straight_recalibrated`).
+  the line and the BatchNorm statistics as trained) at the same damage times, with the
+  break-down speed and acceleration along each; with BatchNorm, the straight path with its
+  statistics re-estimated at every point is reported beside it (`straight_recalibrated`).
 
 Writes `config.json`, `results.json` (flat keys such as `"mlp/fip/epochs_to_recover/mean"`,
 `"mlp/0.8/retrain/epochs_to_recover/mean"`, `"iterative/200/damage_repair/cycles/mean"`,
