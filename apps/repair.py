@@ -7,12 +7,15 @@ Experiment families of the resilience and damage-rescue papers, every network da
 - `recovery` (resilience paper, Fig. 4): MLP-1 (784-`--repair_mlp_width`-10) on `--dataset`
   with `--repair_fractions` of its hidden units deleted, repaired by
   - `fip`: the FIP back to the undamaged network's outputs (`--repair_fip_distance`),
-    inputs only, started by a layer-wise reconstruction on batches of
-    `--repair_fip_solve_examples` fresh inputs: the output layer's least-squares fit of
-    the undamaged logits, `--repair_fip_solve_sweeps` Gauss-Newton sweeps of the
-    surviving hidden units' incoming weights (in `--repair_fip_solve_rank` principal input
-    directions), and a last output-layer solve (`Repair(solve_output_layer=...,
-    solve_sweeps=...)`; every batch counts in its epochs), the damaged weights at zero;
+    inputs only, started by a layer-wise reconstruction on fresh inputs: the output
+    layer's fit of the undamaged logits on `--repair_fip_solve_first` inputs, then on
+    batches of `--repair_fip_solve_examples`, `--repair_fip_solve_sweeps` Gauss-Newton
+    sweeps of the surviving hidden units' incoming weights (in `--repair_fip_solve_rank`
+    principal input directions), each with an output-layer solve, and a last output-layer
+    solve; the solves minimise the logit-space Gauss-Newton model of the softmax KL at
+    `--repair_fip_solve_temperature` (`Repair(solve_output_layer=..., solve_first=...,
+    solve_sweeps=..., solve_temperature=...)`; every batch counts in its epochs), the
+    damaged weights at zero;
   - `retrain`: supervised retraining of the surviving units (damage-rescue strategy 1);
   - `prune`: deleting the same units one at a time (`--repair_prune_units_per_round`)
     from the undamaged network with SGD steps in between, then retraining
@@ -51,12 +54,13 @@ Experiment families of the resilience and damage-rescue papers, every network da
   each transition.
 - `vgg` (Fig. 4): VGG-11 (`--repair_vgg_width`) on
   `--repair_cifar_dataset` with `--repair_vgg_fraction` of its first-layer filters
-  deleted: accuracy along the recovery path (`keras_fip.operations.repair.recovery_path`)
-  and along the straight damage path (`keras_fip.geometry.damage_path`: the paper's
-  naive path, the weights on the line and the BatchNorm statistics as trained) at the
-  same damage times, with the break-down speed and acceleration along each; with
-  BatchNorm, the straight path with its statistics re-estimated at every point is
-  reported beside it (`straight_recalibrated`).
+  deleted: accuracy along the recovery path (`keras_fip.operations.repair.recovery_path`,
+  `--repair_path_steps` Adam steps per point at `--repair_path_learning_rate` × t, BatchNorm
+  on batch statistics and recalibrated at each point by default) and along the straight
+  damage path (`keras_fip.geometry.damage_path`: the paper's naive path, the weights on
+  the line and the BatchNorm statistics as trained) at the same damage times, with the
+  break-down speed and acceleration along each; with BatchNorm, the straight path with its
+  statistics re-estimated at every point is reported beside it (`straight_recalibrated`).
 
 Writes `config.json`, `results.json` (flat keys such as `"mlp/fip/epochs_to_recover/mean"`,
 `"mlp/0.8/retrain/epochs_to_recover/mean"`, `"iterative/200/damage_repair/cycles/mean"`,
@@ -114,18 +118,29 @@ flags.DEFINE_list("repair_fractions", ["0.5", "0.8"], "Fractions of hidden units
 flags.DEFINE_integer("repair_max_epochs", 4, "Epoch budget of every repair.", lower_bound=1)
 flags.DEFINE_list("repair_fip_learning_rates", ["3e-4", "1e-3", "3e-3"], "Adam rates of "
                   "the FIP repair (tuned on the first seed).")
-flags.DEFINE_enum("repair_fip_distance", "l2", ["l2", "kl", "bhattacharyya"], "Output "
-                  "distance D of the FIP repair (`l2` on the logits: the objective the "
-                  "solves minimise exactly).")
-flags.DEFINE_integer("repair_fip_solve_examples", 2000, "Training inputs per solve batch "
-                     "of the FIP repair (`Repair(solve_output_layer=...)`: the output "
-                     "layer's least-squares fit of the undamaged logits; every batch is "
-                     "counted in its epochs); 0: no solve.", lower_bound=0)
-flags.DEFINE_integer("repair_fip_solve_sweeps", 6, "Gauss-Newton sweeps of the hidden "
+flags.DEFINE_enum("repair_fip_distance", "kl", ["l2", "kl", "bhattacharyya"], "Output "
+                  "distance D of the FIP repair's walk after its solves.")
+flags.DEFINE_float("repair_fip_distance_temperature", 4.0, "Temperature of the walk's D "
+                   "(`Repair(distance_temperature=...)`: D between logits / T, × T²); 0: "
+                   "none.", lower_bound=0.0)
+flags.DEFINE_integer("repair_fip_solve_first", 2000, "Training inputs of the FIP "
+                     "repair's first solve batch, output layer only "
+                     "(`Repair(solve_first=...)`; counted in its epochs); 0: none.",
+                     lower_bound=0)
+flags.DEFINE_integer("repair_fip_solve_examples", 5000, "Training inputs per solve batch "
+                     "of the FIP repair after the first (`Repair(solve_output_layer=...)`: "
+                     "the output layer's fit of the undamaged logits and a sweep of the "
+                     "hidden layer; every batch is counted in its epochs); 0: no solve.",
+                     lower_bound=0)
+flags.DEFINE_integer("repair_fip_solve_sweeps", 4, "Gauss-Newton sweeps of the hidden "
                      "layer before the FIP walk, each on a fresh solve batch "
                      "(`Repair(solve_sweeps=...)`).", lower_bound=0)
-flags.DEFINE_integer("repair_fip_solve_rank", 64, "Principal input directions of the "
+flags.DEFINE_integer("repair_fip_solve_rank", 200, "Principal input directions of the "
                      "sweeps (`Repair(solve_rank=...)`).", lower_bound=1)
+flags.DEFINE_float("repair_fip_solve_temperature", 4.0, "Temperature of the softmax "
+                   "weights of the solves (`Repair(solve_temperature=...)`: the logit-space "
+                   "Gauss-Newton model of the KL at this temperature); 0: plain least "
+                   "squares on the logits.", lower_bound=0.0)
 flags.DEFINE_list("repair_retrain_learning_rates", ["1e-3", "3e-3", "1e-2"], "Adam rates of "
                   "retraining (tuned on the first seed).")
 flags.DEFINE_list("repair_prune_learning_rates", ["0.01", "0.03", "0.1"], "SGD (momentum "
@@ -147,6 +162,9 @@ flags.DEFINE_float("repair_iterative_learning_rate", 3e-3, "Adam rate of the sup
                    lower_bound=0.0)
 flags.DEFINE_float("repair_iterative_fip_learning_rate", 1e-3, "Adam rate of the FIP "
                    "repairs in the iterative experiment.", lower_bound=0.0)
+flags.DEFINE_enum("repair_iterative_fip_distance", "l2", ["l2", "kl", "bhattacharyya"],
+                  "Output distance D of the FIP repairs in the iterative experiment (`l2` "
+                  "on the logits: the objective their output-layer solve minimises).")
 flags.DEFINE_integer("repair_iterative_solve_examples", 2000, "Inputs on which each FIP "
                      "repair of the iterative experiment (batch and per round) first "
                      "solves the output layer (counted in its cycles).", lower_bound=0)
@@ -179,13 +197,17 @@ flags.DEFINE_float("repair_vgg_fraction", 50 / 60, "Fraction of first-layer filt
 flags.DEFINE_string("repair_cifar_dataset", "cifar10", "Dataset of VGG-11.")
 flags.DEFINE_integer("repair_cifar_epochs", 20, "Training epochs of VGG-11.", lower_bound=1)
 flags.DEFINE_integer("repair_path_points", 11, "Points of the VGG paths.", lower_bound=3)
-flags.DEFINE_integer("repair_path_steps", 50, "FIP steps between recovery-path points.",
+flags.DEFINE_integer("repair_path_steps", 30, "FIP steps between recovery-path points.",
                      lower_bound=1)
-flags.DEFINE_float("repair_path_learning_rate", 1e-3, "Adam rate of the recovery path.",
+flags.DEFINE_float("repair_path_learning_rate", 3e-4, "Adam rate of the recovery path.",
                    lower_bound=0.0)
+flags.DEFINE_bool("repair_path_rate_with_time", True, "Adam rate of the recovery path "
+                  "proportional to the damage time t (`recovery_path(rate_with_time=...)`: "
+                  "--repair_path_learning_rate at t = 1).")
 flags.DEFINE_enum("repair_path_training", "auto", ["auto", "true", "false"], "Mode of "
                   "the moving network on the recovery path (`auto`: training mode for "
-                  "BatchNorm nets, moving statistics recalibrated at each point).")
+                  "BatchNorm nets, moving statistics recalibrated at each point; `false` "
+                  "walks the inference function, BatchNorm on its trained statistics).")
 flags.DEFINE_integer("repair_path_examples", 200, "Inputs on which the break-down speed is "
                      "measured.", lower_bound=1)
 
@@ -236,11 +258,17 @@ def _repair(method, model, damaged, learning_rate, splits, seed):
         return history, repaired
     extra = {}
     if method == "fip":
+        solving = FLAGS.repair_fip_solve_examples > 0
+        sweeps = FLAGS.repair_fip_solve_sweeps if solving else 0
         extra = {"solve_output_layer": FLAGS.repair_fip_solve_examples,
-                 "solve_sweeps": (FLAGS.repair_fip_solve_sweeps
-                                  if FLAGS.repair_fip_solve_examples else 0),
+                 "solve_sweeps": sweeps,
                  "solve_rank": FLAGS.repair_fip_solve_rank,
-                 "distance": FLAGS.repair_fip_distance}
+                 "solve_first": FLAGS.repair_fip_solve_first if sweeps else 0,
+                 "solve_temperature": (FLAGS.repair_fip_solve_temperature
+                                       if solving and FLAGS.repair_fip_solve_temperature
+                                       else None),
+                 "distance": FLAGS.repair_fip_distance,
+                 "distance_temperature": FLAGS.repair_fip_distance_temperature or None}
     op = keras_fip.Repair(data=x if method == "fip" else (x, y), method=method,
                           validation_data=validation, learning_rate=learning_rate,
                           batch_size=FLAGS.batch_size, verbose=0, **common_kwargs, **extra)
@@ -254,11 +282,16 @@ def _tuned(method, model, damaged, splits, seed):
     grid = [float(v) for v in getattr(FLAGS, f"repair_{method}_learning_rates")]
     scores, runs = {}, {}
     for rate in grid:
-        try:
-            runs[rate] = _repair(method, model, damaged, rate, splits, seed)
-        except FloatingPointError:  # Diverged: the rate is too high.
-            scores[rate] = (np.inf, np.inf)
-            continue
+        solved = [r for r in runs.values() if r[0].get("epochs_to_recover") is not None
+                  and r[0]["epochs_to_recover"] <= r[0].get("solve_epochs", -1.0) + 1e-9]
+        if solved:  # Recovered by the FIP's solves, before its walk: every rate ties.
+            runs[rate] = solved[0]
+        else:
+            try:
+                runs[rate] = _repair(method, model, damaged, rate, splits, seed)
+            except FloatingPointError:  # Diverged: the rate is too high.
+                scores[rate] = (np.inf, np.inf)
+                continue
         history = runs[rate][0]
         recover = history["epochs_to_recover"]
         scores[rate] = (np.inf if recover is None else recover,
@@ -325,7 +358,7 @@ def _round_repair(method, seed, splits, epochs=None):
     if method == "fip":
         kwargs = _repair_kwargs(splits, FLAGS.repair_iterative_fip_learning_rate)
         kwargs.update(solve_output_layer=FLAGS.repair_iterative_solve_examples,
-                      distance=FLAGS.repair_fip_distance)
+                      distance=FLAGS.repair_iterative_fip_distance)
         data_ = x
     else:
         kwargs = _repair_kwargs(splits, FLAGS.repair_iterative_learning_rate)
@@ -538,12 +571,14 @@ def vgg(seed):
     damaged = keras_fip.Damage("nodes", fraction=FLAGS.repair_vgg_fraction, layers=[first],
                                scope="per_layer", seed=seed)(model)
     masks = keras_fip.damage_reference(damaged).damage_masks
+    began = time.perf_counter()
     recovery_points, times = recovery_path(
         model, masks, x, num_points=FLAGS.repair_path_points,
         steps_per_point=FLAGS.repair_path_steps,
         learning_rate=FLAGS.repair_path_learning_rate, batch_size=FLAGS.batch_size,
         training={"auto": "auto", "true": True, "false": False}[FLAGS.repair_path_training],
-        seed=seed)
+        seed=seed, rate_with_time=FLAGS.repair_path_rate_with_time)
+    print(f"vgg: recovery path walked in {time.perf_counter() - began:.0f} s", flush=True)
     straight_points, _ = geometry.damage_path(model, damaged, FLAGS.repair_path_points)
     working = keras_fip.strip_masks(model)
     normalized = bool(keras_fip.engine.normalization.batch_normalization_layers(working))
@@ -569,6 +604,8 @@ def vgg(seed):
                                              model=working, times=times,
                                              outputs="probabilities")
         curves[name] = (accuracies, profile)
+        print(f"vgg: {name} path measured ({time.perf_counter() - began:.0f} s): accuracy "
+              + " ".join(f"{a:.3f}" for a in accuracies), flush=True)
     recovered, straight = curves["recovery"][0], curves["straight"][0]
     results = {
         "vgg11/test/accuracy": base["test/accuracy"],
@@ -582,13 +619,13 @@ def vgg(seed):
         "vgg11/recovery/min_accuracy": float(np.min(recovered)),
         "vgg11/straight/min_accuracy": float(np.min(straight)),
         "vgg11/recovery_above_straight_at_every_point": bool(
-            all(r >= s for r, s in zip(recovered[1:], straight[1:]))),
+            all(r > s for r, s in zip(recovered[1:], straight[1:]))),
     }
     if "straight_recalibrated" in curves:
         calibrated = curves["straight_recalibrated"][0]
         results["vgg11/straight_recalibrated/test/accuracy"] = calibrated
         results["vgg11/recovery_above_straight_recalibrated_at_every_point"] = bool(
-            all(r >= s for r, s in zip(recovered[1:], calibrated[1:])))
+            all(r > s for r, s in zip(recovered[1:], calibrated[1:])))
     for name, (_, profile) in curves.items():
         results[f"vgg11/{name}/breakdown_speed"] = profile["speed"].tolist()
         results[f"vgg11/{name}/breakdown_acceleration"] = profile["acceleration"].tolist()
@@ -694,27 +731,43 @@ def _main(parts, methods, seeds, run):
     common.set_seed(seeds[0])
     start = time.perf_counter()
     results = {}
+
+    def finished(part, began, measured):
+        """Adds a part's results and its time, and writes results.json (so a stopped run
+        keeps the parts it finished)."""
+        results.update(measured)
+        results[f"time/{part}_seconds"] = time.perf_counter() - began
+        results["wall_time_seconds"] = time.perf_counter() - start
+        common.write_json(output_dir, "results.json", results)
+        print(f"part {part} done in {results[f'time/{part}_seconds']:.0f} s "
+              f"({results['wall_time_seconds']:.0f} s so far)", flush=True)
+
     if any(part in parts for part in ("recovery", "iterative", "invariant", "transitions")):
         splits = _splits(FLAGS.dataset)
     if "recovery" in parts:
+        began = time.perf_counter()
         measured, curves = recovery(methods, seeds, splits)
-        results.update(measured)
         plot_recovery(curves, output_dir)
+        finished("recovery", began, measured)
     if "iterative" in parts:
+        began = time.perf_counter()
         measured, table = iterative(seeds, splits)
-        results.update(measured)
         plot_iterative(table, output_dir)
+        finished("iterative", began, measured)
     if "invariant" in parts:
+        began = time.perf_counter()
         measured, info = invariant(seeds[0], splits)
-        results.update(measured)
         plot_invariant(info, output_dir)
+        finished("invariant", began, measured)
     if "transitions" in parts:
+        began = time.perf_counter()
         measured, _ = transitions(seeds[0], splits)
-        results.update(measured)
+        finished("transitions", began, measured)
     if "vgg" in parts:
+        began = time.perf_counter()
         measured, (times, curves) = vgg(seeds[0])
-        results.update(measured)
         plot_vgg(times, curves, output_dir)
+        finished("vgg", began, measured)
     results["wall_time_seconds"] = time.perf_counter() - start
     run.scalars(results, prefix="repair")
     common.write_json(output_dir, "results.json", results)

@@ -1,5 +1,6 @@
 """`Repair`: recover a damaged network along a functionally invariant path."""
 
+import contextlib
 import math
 
 import keras
@@ -18,6 +19,11 @@ from keras_fip.engine.trainer import FIPTrainer
 from keras_fip.operations import damage as damage_lib
 from keras_fip.operations.base import Operation
 from keras_fip.operations.base import carried_data
+
+try:  # scikit-learn's dependency; optional here.
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover
+    threadpool_limits = None
 
 METHODS = ("fip", "retrain", "embryonic")
 OPTIMIZERS = ("adam", "sgd")
@@ -198,8 +204,9 @@ class Repair(Operation):
     inputs). After a call, `op.history` holds `"epoch"` (fractional epochs of each
     evaluation, 0 = the damaged network), `"val_accuracy"` (accuracy on the validation
     split at each), `"undamaged_accuracy"`, `"epochs_to_recover"` (the first evaluation
-    within `target` of the undamaged accuracy, or `None`), `"steps"` and, for `"fip"`, the
-    walk's per-step scalars; `op.path` is the FIP path (`keras_fip.Path`). Without labels
+    within `target` of the undamaged accuracy, or `None`), `"steps"` and, for `"fip"`,
+    `"solve_epochs"` (the epochs its solves used before the walk) and the walk's per-step
+    scalars; `op.path` is the FIP path (`keras_fip.Path`). Without labels
     anywhere, "accuracy" is the agreement with the undamaged network's predictions (the
     undamaged network scores 1).
 
@@ -238,6 +245,10 @@ class Repair(Operation):
         batch_size: Examples per step. Defaults to `128`.
         distance: Output distance D of `"fip"` (`"l2"`, `"kl"`, `"bhattacharyya"`).
             Defaults to `"kl"`.
+        distance_temperature: `None`, or a temperature T > 0: the walk's D is taken
+            between the logits divided by T, times T² (with `"kl"`, the softened
+            distillation loss of Hinton et al., whose gradient keeps its scale as T
+            grows). Defaults to `None`.
         training: Mode of the moving network on the FIP path: `True` runs BatchNorm on
             batch statistics (moving statistics recalibrated on `data` before every
             evaluation), `"auto"` when the model has BatchNormalization. Defaults to
@@ -276,6 +287,22 @@ class Repair(Operation):
             to `0`.
         solve_rank: Principal directions of the hidden layer's inputs in which the
             sweeps move each unit's weights. Defaults to `128`.
+        solve_first: For `"fip"` with `solve_sweeps`: if positive, the inputs of a first
+            batch on which only the output layer is solved, before the sweeps' batches (a
+            light damage is often repaired by this solve alone, so a small first batch
+            saves inputs; the sweeps want larger batches). Counted like the others: the
+            walk then starts at `(solve_first + (solve_sweeps + 1) * solve_output_layer)
+            / N` epochs. Defaults to `0` (none).
+        solve_temperature: `None` (the solves fit the undamaged logits in plain least
+            squares), or a temperature T > 0: the solves (output layer and sweeps)
+            minimise instead the logit-space Gauss-Newton model of the softmax KL at
+            temperature T around the undamaged outputs,
+            Σ_x (z(x) − z*(x))ᵀ H(x) (z(x) − z*(x)) with H = diag(p) − p pᵀ + εI and
+            p = softmax(z*/T) (ε = 1e-3: the shift every softmax ignores stays
+            determined). Logit errors between classes the undamaged network does not
+            consider are weighted down, those between its likely classes up; the solve
+            is still exact (a weighted least-squares system) and uses the same inputs.
+            Defaults to `None`.
         **kwargs: `Operation` arguments (`name`, `verbose`, `callbacks`, `log_dir`).
 
     Example:
@@ -297,7 +324,8 @@ class Repair(Operation):
                  task_weight=0.0, plasticity=0.0, init_scale=1.0, learning_rate=1e-3,
                  optimizer="adam", batch_size=128, distance="kl", training="auto",
                  record_every=100, path_directory=None, jit_compile=False, seed=None,
-                 solve_output_layer=0, solve_sweeps=0, solve_rank=128, **kwargs):
+                 solve_output_layer=0, solve_sweeps=0, solve_rank=128, solve_first=0,
+                 solve_temperature=None, distance_temperature=None, **kwargs):
         super().__init__(**kwargs)
         self.method = self.check_choice(method, "method", METHODS)
         labels = None
@@ -390,6 +418,25 @@ class Repair(Operation):
             )
         self.solve_rank = self.check_number(solve_rank, "solve_rank", low=1,
                                             low_inclusive=True, integer=True)
+        self.distance_temperature = (
+            None if distance_temperature is None else self.check_number(
+                distance_temperature, "distance_temperature", low=0.0))
+        self.solve_first = self.check_number(solve_first, "solve_first", low=0,
+                                             low_inclusive=True, integer=True)
+        if self.solve_first and not self.solve_sweeps:
+            raise ValueError(
+                "`solve_first` is an output-only batch before the sweeps: pass "
+                f"`solve_sweeps > 0`. Received: solve_first={solve_first!r} with "
+                f"solve_sweeps={solve_sweeps!r}"
+            )
+        self.solve_temperature = (None if solve_temperature is None else self.check_number(
+            solve_temperature, "solve_temperature", low=0.0))
+        if self.solve_temperature is not None and not self.solve_output_layer:
+            raise ValueError(
+                "`solve_temperature` weighs the solves: pass `solve_output_layer > 0` (and "
+                f"`method='fip'`). Received: solve_temperature={solve_temperature!r} with "
+                f"solve_output_layer={solve_output_layer!r}"
+            )
 
     # Calling.
 
@@ -559,30 +606,37 @@ class Repair(Operation):
             )
         hidden = self._hidden_layer(model, layer) if self.solve_sweeps else None
         count = min(self.solve_output_layer, len(x))
+        # Batch sizes: an optional output-only first batch, then one per sweep and a last
+        sizes = [count] * (self.solve_sweeps + 1)
+        first = 1 if (hidden is not None and self.solve_first) else 0
+        if first:
+            sizes = [min(self.solve_first, len(x))] + sizes
         order = self._rng.permutation(len(x))
         features = keras.Model(model.input, (hidden or layer).input)
-        basis = None
-        for sweep in range(self.solve_sweeps + 1):
-            chosen = np.sort(np.take(order, np.arange(sweep * count, (sweep + 1) * count),
-                                     mode="wrap"))
+        basis, used = None, 0
+        for index, size in enumerate(sizes):
+            chosen = np.sort(np.take(order, np.arange(used, used + size), mode="wrap"))
+            used += size
             inputs = x[chosen]
             targets = _predict(undamaged, inputs).astype(np.float64)
-            below = _predict(features, inputs).reshape(count, -1).astype(np.float64)
+            below = _predict(features, inputs).reshape(size, -1).astype(np.float64)
+            curvature = self._curvature(targets)
             if hidden is None:
-                self._least_squares_output(layer, below, targets)
+                self._least_squares_output(layer, below, targets, curvature)
                 if after_batch is not None:
-                    after_batch(count)
-                return count
+                    after_batch(used)
+                return used
             kernel = np.asarray(hidden.kernel.numpy(), np.float64)
             bias = (np.zeros(kernel.shape[1]) if hidden.bias is None
                     else np.asarray(hidden.bias.numpy(), np.float64))
             pre = below @ kernel + bias
             slope, activations = _activation_slope(hidden.activation, pre)
-            residual = self._least_squares_output(layer, activations, targets)
-            used = count * (sweep + 1)
+            residual = self._least_squares_output(layer, activations, targets, curvature)
             stop = after_batch is not None and after_batch(used)
-            if stop or sweep == self.solve_sweeps:
+            if stop or index == len(sizes) - 1:
                 return used
+            if index < first:
+                continue  # The output-only first batch.
             if basis is None:  # Leading principal directions of the layer's inputs, + bias
                 centred = below - below.mean(axis=0)
                 rank = min(self.solve_rank, *centred.shape)
@@ -590,7 +644,8 @@ class Repair(Operation):
                 basis = np.zeros((kernel.shape[0] + 1, rank + 1))
                 basis[:-1, :rank] = directions
                 basis[-1, rank] = 1.0
-            self._gauss_newton_sweep(hidden, layer, below, slope, residual, basis)
+            self._gauss_newton_sweep(hidden, layer, below, slope, residual, basis,
+                                     curvature)
 
     @staticmethod
     def _hidden_layer(model, layer):
@@ -608,14 +663,51 @@ class Repair(Operation):
             )
         return hidden
 
+    def _curvature(self, targets):
+        """The logit weights H(x) of the solves (`solve_temperature`), or `None`."""
+        if self.solve_temperature is None:
+            return None
+        logits = targets / self.solve_temperature
+        logits = logits - logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=1, keepdims=True)
+        eye = np.eye(targets.shape[1])
+        return p[:, :, None] * eye[None] - p[:, :, None] * p[:, None, :] + 1e-3 * eye[None]
+
     @staticmethod
-    def _least_squares_output(layer, features, targets):
-        """Sets `layer` to the least-squares fit of `targets`; returns the residual."""
+    def _least_squares_output(layer, features, targets, curvature=None):
+        """Sets `layer` to the least-squares fit of `targets` (weighted by `curvature`,
+        per-example logit matrices, if given); returns the residual."""
         count = len(features)
         design = np.concatenate([features, np.ones((count, 1))], axis=1)
         mask = masks_lib._mask_of(layer.kernel)
         solution = np.zeros((design.shape[1], targets.shape[1]))
-        if mask is None or np.all(mask == mask[:, :1]):  # Whole rows held at zero (or none)
+        if curvature is not None:
+            # Σ_x (D_x W − z*_x)ᵀ H_x (D_x W − z*_x) over the free entries of vec(W):
+            # the normal equations couple the outputs through H, block (c, c') =
+            # Dᵀ diag(H_{cc'}) D.
+            free = np.ones(design.shape, bool)[:, :1] * np.ones(targets.shape[1], bool)
+            if mask is not None:
+                free = np.concatenate([mask, np.ones((1, mask.shape[1]), bool)], axis=0)
+            rows = free.any(axis=1)
+            local = design[:, rows]
+            size, outputs = local.shape[1], targets.shape[1]
+            system = np.zeros((outputs * size, outputs * size))
+            rhs = np.zeros((outputs, size))
+            weighted_targets = np.einsum("ncd,nd->nc", curvature, targets)
+            for c in range(outputs):
+                rhs[c] = local.T @ weighted_targets[:, c]
+                for d in range(c, outputs):
+                    block = (local * curvature[:, c, d][:, None]).T @ local
+                    system[c * size:(c + 1) * size, d * size:(d + 1) * size] = block
+                    system[d * size:(d + 1) * size, c * size:(c + 1) * size] = block.T
+            keep = free[rows].T.reshape(-1)  # vec order: output-major, like the blocks
+            system = system[np.ix_(keep, keep)]
+            system += np.eye(len(system)) * (1e-10 * np.trace(system) / len(system))
+            values = np.zeros(outputs * size)
+            values[keep] = np.linalg.solve(system, rhs.reshape(-1)[keep])
+            solution[rows] = values.reshape(outputs, size).T
+        elif mask is None or np.all(mask == mask[:, :1]):  # Whole rows held at zero (or none)
             rows = np.ones(design.shape[1], bool)
             if mask is not None:
                 rows[:-1] = mask[:, 0]
@@ -633,14 +725,17 @@ class Repair(Operation):
         return targets - design @ solution
 
     @staticmethod
-    def _gauss_newton_sweep(hidden, layer, below, slope, residual, basis):
+    def _gauss_newton_sweep(hidden, layer, below, slope, residual, basis, curvature=None):
         """One Gauss-Seidel pass of least-squares steps over the hidden units (in place).
 
         With the output weights c_j (row j of the output kernel) and the activation slopes
         s_j(x) fixed, changing unit j's incoming weights by δ changes the logits by
         c_j s_j(x) (x̃·δ) (x̃: the layer's input with a 1 for the bias); δ = P u in the
         principal basis P (rows of masked inputs zeroed) minimises
-        Σ_x ‖r(x) − c_j s_j(x) x̃ᵀP u‖², a (rank+1)-square system.
+        Σ_x ‖r(x) − c_j s_j(x) x̃ᵀP u‖², a (rank+1)-square system (with `curvature`,
+        the H(x)-weighted norm: the scalars cᵀHc and cᵀHr replace ‖c‖² and cᵀr). The
+        residual is then updated through the activation itself, so the next unit's step
+        starts from the network as it now is.
         """
         kernel = np.asarray(hidden.kernel.numpy(), np.float64)
         bias = (None if hidden.bias is None
@@ -650,6 +745,10 @@ class Repair(Operation):
         readout = np.asarray(layer.kernel.numpy(), np.float64)
         extended = np.concatenate([below, np.ones((len(below), 1))], axis=1)
         projected = extended @ basis
+        activation = hidden.activation
+        pre = below @ kernel + (0.0 if bias is None else bias)
+        _, outputs = _activation_slope(activation, pre)
+        pre, outputs = np.array(pre), np.array(outputs)
         for unit in range(kernel.shape[1]):
             allowed = np.ones(kernel.shape[0] + 1, bool)
             if kernel_mask is not None:
@@ -667,16 +766,27 @@ class Repair(Operation):
             else:
                 directions = basis * allowed[:, None]
                 local = extended[active] @ directions
+            if curvature is None:
+                gains, targets = np.full(int(active.sum()), norm), residual[active] @ c
+            else:  # cᵀ H(x) c and cᵀ H(x) r(x)
+                weighted = curvature[active] @ c
+                gains = weighted @ c
+                targets = np.sum(weighted * residual[active], axis=1)
             scaled = local * weights[active, None]
-            gram = norm * (scaled.T @ scaled)
+            gram = (scaled * gains[:, None]).T @ scaled
             gram += np.eye(len(gram)) * (1e-6 * np.trace(gram) / len(gram) + 1e-12)
-            rhs = scaled.T @ (residual[active] @ c)
+            rhs = scaled.T @ targets
             step = np.linalg.solve(gram, rhs)
             delta = directions @ step
             kernel[:, unit] += delta[:-1]
             if bias is not None:
                 bias[unit] += delta[-1]
-            residual[active] -= np.outer(scaled @ step, c)
+            # The residual after the step, through the activation itself (Gauss-Seidel:
+            # the next unit sees this one's new output).
+            moved = pre[:, unit] + extended @ delta
+            _, after = _activation_slope(activation, moved)
+            residual -= np.outer(after - outputs[:, unit], c)
+            pre[:, unit], outputs[:, unit] = moved, after
         if kernel_mask is not None:
             kernel *= kernel_mask
         hidden.kernel.assign(kernel.astype(hidden.kernel.dtype))
@@ -701,7 +811,12 @@ class Repair(Operation):
                 return (self.stop_at_target
                         and accuracy >= self._undamaged_score - self.target - 1e-12)
 
-            solved = self._solve_output_layer(model, undamaged, x, after_batch)
+            # Many small dense solves: one BLAS thread avoids oversubscribing the cores
+            # (with TensorFlow's own threads), which made them 10× slower on a busy host.
+            limit = (threadpool_limits(limits=1, user_api="blas") if threadpool_limits
+                     else contextlib.nullcontext())
+            with limit:
+                solved = self._solve_output_layer(model, undamaged, x, after_batch)
             start = (before, solved / self.batch_size, points)
         labelled = self.task_weight > 0 and y is not None
         steps = self.epochs * self._steps_per_epoch
@@ -720,7 +835,7 @@ class Repair(Operation):
                                                       history["val_accuracy"])
                      if accuracy >= self._undamaged_score - self.target - 1e-12), None)
             trainer = FIPTrainer(
-                candidate, step_rule="penalty", distance=self.distance,
+                candidate, step_rule="penalty", distance=self._walk_distance(),
                 beta=self.task_weight,
                 secondary_loss=(keras.losses.SparseCategoricalCrossentropy(from_logits=True)
                                 if labelled else None),
@@ -746,6 +861,7 @@ class Repair(Operation):
                 normalization.recalibrate_batch_normalization(candidate, x,
                                                               self.batch_size * 2)
             history["steps"] = evaluator.step + offset
+            history["solve_epochs"] = offset / self._steps_per_epoch
             length = float(history.get("metric_length", [0.0])[-1]) if self.num_paths > 1 \
                 else None
             candidates.append({"metric_length": length,
@@ -760,6 +876,19 @@ class Repair(Operation):
             if self.path_directory is not None:
                 self.path.save(self.path_directory)  # The chosen candidate's path.
         return model, history
+
+    def _walk_distance(self):
+        """D of the FIP walk: `distance`, on logits / `distance_temperature` (× T²)."""
+        distance = distances_lib.get(self.distance)
+        temperature = self.distance_temperature
+        if temperature is None:
+            return distance
+
+        def tempered(outputs, reference_outputs):
+            return temperature ** 2 * distance(outputs / temperature,
+                                               reference_outputs / temperature)
+
+        return tempered
 
     def _repair_supervised(self, model, reference, x, y, x_val, y_val, released):
         history = self._new_history(model, x_val, y_val)
@@ -827,13 +956,16 @@ class Repair(Operation):
             solve_output_layer=self.solve_output_layer,
             solve_sweeps=self.solve_sweeps,
             solve_rank=self.solve_rank,
+            solve_first=self.solve_first,
+            solve_temperature=self.solve_temperature,
+            distance_temperature=self.distance_temperature,
         )
         return config
 
 
 def recovery_path(model, damage_masks, data, num_points=11, steps_per_point=20,
                   learning_rate=1e-3, batch_size=128, distance="kl", training="auto",
-                  seed=None):
+                  seed=None, rate_with_time=False):
     """A FIP from an undamaged network to one with the damaged weights at zero.
 
     The recovery path of the resilience paper's Fig. 4, to set against the straight damage
@@ -860,6 +992,12 @@ def recovery_path(model, damage_masks, data, num_points=11, steps_per_point=20,
         distance: Output distance D. Defaults to `"kl"`.
         training: `True`, `False` or `"auto"`. Defaults to `"auto"`.
         seed: Shuffle seed. Defaults to `None`.
+        rate_with_time: Whether the Adam rate at time t is `learning_rate * t`. An Adam
+            step moves every weight by about the rate whatever the size of its gradient,
+            so a fixed rate moves the network as far at t = 0.1, where the damage is
+            small, as at t = 1, and its noise can cost more than the damage there; a
+            rate proportional to t (to the damage's size) keeps the walk in proportion.
+            Defaults to `False`.
 
     Returns:
         A tuple `(points, times)`: weight lists in `model.get_weights()` order (ready for
@@ -924,6 +1062,8 @@ def recovery_path(model, damage_masks, data, num_points=11, steps_per_point=20,
     points, times = [model.get_weights()], np.linspace(0.0, 1.0, num_points)
     for t in times[1:]:
         time.assign(float(t))
+        if rate_with_time:
+            optimizer.learning_rate.assign(learning_rate * float(t))
         for variable, keep, value in zip(moving, free, start):
             variable.assign(variable.value * keep + (1.0 - float(t)) * value)
         for _ in range(steps_per_point):

@@ -20,6 +20,7 @@ def test_repair_app_writes_recovery_and_iterative_results(tmp_path):
         repair_prune_learning_rates=["0.05"], repair_iterative_counts=["16"],
         repair_round_budget=8, repair_iterative_learning_rate=3e-3,
         repair_fip_solve_examples=300, repair_fip_solve_sweeps=1, repair_fip_solve_rank=16,
+        repair_fip_solve_first=100,
         repair_iterative_solve_examples=300, repair_iterative_fip_learning_rate=3e-3,
         output_dir=output_dir, cache_dir=str(tmp_path / "cache"),
     ):
@@ -50,6 +51,10 @@ def test_repair_app_writes_recovery_and_iterative_results(tmp_path):
             assert len(results[f"iterative/{count}/{method}/cycles/per_seed"]) == 1
     assert isinstance(results["iterative/fewer_cycles_at_every_m"], bool)
     assert isinstance(results["iterative/16/fewer_cycles_than_batch_fip"], bool)
+
+    # Each part's own time, and the whole run's.
+    assert 0 < results["time/recovery_seconds"] < results["wall_time_seconds"]
+    assert 0 < results["time/iterative_seconds"] < results["wall_time_seconds"]
 
     # TensorBoard: the measured figures are scalars under <output_dir>/logs.
     tags = scalar_tags(os.path.join(output_dir, "logs"))
@@ -104,3 +109,28 @@ def test_repair_app_writes_the_invariant_set_and_the_transitions(tmp_path):
         assert 0.0 <= results[f"transitions/{name}/epochs"] <= 1.1
         assert 0.0 <= results[f"transitions/{name}/test/accuracy"] <= 1.0
     assert isinstance(results["transitions/all_recovered"], bool)
+
+
+def test_repair_app_keeps_finished_parts_when_a_later_part_fails(tmp_path, monkeypatch):
+    output_dir = str(tmp_path / "repair")
+
+    def broken(seed):
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(repair, "vgg", broken)
+    with flagsaver.flagsaver(
+        dataset="digits", base_epochs=15, batch_size=64, learning_rate=3e-3, seeds=["0"],
+        repair_parts=["transitions", "vgg"], repair_validation_examples=150,
+        repair_target=0.05, repair_evaluations_per_epoch=2, repair_mlp_width=32,
+        repair_max_epochs=1, repair_transition_fractions=["0.25", "0.5"],
+        repair_transition_learning_rate=3e-3, output_dir=output_dir,
+        cache_dir=str(tmp_path / "cache"),
+    ):
+        with pytest.raises(RuntimeError, match="stopped"):
+            repair.main([])
+    # results.json was written when the transitions finished, with their time.
+    with open(os.path.join(output_dir, "results.json")) as f:
+        results = json.load(f)
+    assert "transitions/C1_to_C2/epochs_to_recover" in results
+    assert results["time/transitions_seconds"] > 0
+    assert not any(key.startswith("vgg11/") for key in results)

@@ -263,6 +263,69 @@ def test_solve_sweeps_fit_the_hidden_layer_with_damage_held_at_zero(digits, trai
     assert keras_fip.masks(swept).keys() == keras_fip.masks(damaged).keys()
 
 
+def _softmax_weights(logits, temperature):
+    p = np.exp(logits / temperature - np.max(logits / temperature, -1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return [np.diag(q) - np.outer(q, q) + 1e-3 * np.eye(len(q)) for q in p]
+
+
+def _weighted_distance(model, reference, x, temperature):
+    target = np.asarray(reference(x), np.float64)
+    error = np.asarray(model(x), np.float64) - target
+    weights = _softmax_weights(target, temperature)
+    return float(np.mean([e @ h @ e for e, h in zip(error, weights)]))
+
+
+def test_solve_temperature_fits_the_softmax_weighted_least_squares(digits, trained,
+                                                                   damaged):
+    x, _, x_test, y_test = digits
+    op = Repair(data=x, validation_data=(x_test, y_test), epochs=1, learning_rate=1e-12,
+                solve_output_layer=len(x), solve_temperature=2.0, seed=0, verbose=0)
+    repaired = op(damaged)
+    # The dense reference: Σ_x kron(H_x, d_x d_xᵀ) vec(W) = Σ_x kron(H_x z*_x, d_x)
+    features = keras.Model(damaged.input, damaged.get_layer("logits").input)
+    _, deleted = keras_fip.operations.hidden_units(damaged)["dense_1"]
+    alive = np.setdiff1d(np.arange(64), deleted)
+    design = np.concatenate([np.asarray(features(x), np.float64)[:, alive],
+                             np.ones((len(x), 1))], 1)
+    target = np.asarray(trained(x), np.float64)
+    system, rhs = 0.0, 0.0
+    for d, z, h in zip(design, target, _softmax_weights(target, 2.0)):
+        system = system + np.kron(h, np.outer(d, d))
+        rhs = rhs + np.kron(h @ z, d)
+    expected = np.linalg.lstsq(system, rhs, rcond=None)[0].reshape(10, -1).T
+    kernel, bias = repaired.get_layer("logits").get_weights()
+    np.testing.assert_allclose(kernel[alive], expected[:-1], atol=2e-3)
+    np.testing.assert_allclose(bias, expected[-1], atol=2e-3)
+    assert np.all(kernel[deleted] == 0)
+    # Sweeps under the same weights lower the weighted distance further; damage stays zero.
+    swept = Repair(data=x, validation_data=(x_test, y_test), epochs=1, learning_rate=1e-12,
+                   solve_output_layer=len(x), solve_temperature=2.0, solve_sweeps=2,
+                   solve_rank=32, seed=0, verbose=0)(damaged)
+    assert (_weighted_distance(swept, trained, x, 2.0)
+            < 0.8 * _weighted_distance(repaired, trained, x, 2.0))
+    for values in _damaged_entries(swept, damaged):
+        assert np.all(values == 0)
+
+
+def test_solve_first_is_an_output_only_batch_before_the_sweeps(digits, damaged):
+    x, _, x_test, y_test = digits
+    kwargs = dict(data=x, validation_data=(x_test, y_test), epochs=1, learning_rate=1e-12,
+                  solve_output_layer=len(x), seed=0, verbose=0)
+    hidden_before = damaged.get_layer("dense_1").get_weights()[0]
+    # solve_first needs sweeps; with one sweep: 300 inputs, then two batches of N.
+    with pytest.raises(ValueError, match="solve_first"):
+        Repair(solve_first=300, **kwargs)
+    op = Repair(solve_first=300, solve_sweeps=1, solve_rank=16, **kwargs)
+    swept = op(damaged)
+    steps = op._steps_per_epoch * 128
+    assert op.history["epoch"][1:4] == pytest.approx(
+        [300 / steps, (300 + len(x)) / steps, (300 + 2 * len(x)) / steps])
+    assert not np.allclose(swept.get_layer("dense_1").get_weights()[0], hidden_before)
+    for values in _damaged_entries(swept, damaged):
+        assert np.all(values == 0)
+
+
 def test_solve_sweeps_need_an_mlp_readout(digits):
     x, y, _, _ = digits
     inputs = keras.Input((8, 8, 1))
@@ -279,6 +342,10 @@ def test_solve_sweeps_need_an_mlp_readout(digits):
 def test_config_round_trip():
     op = Repair(method="embryonic", epochs=3, target=0.02, plasticity=0.1,
                 evaluations_per_epoch=4, optimizer="sgd", seed=5)
+    config = op.get_config()
+    assert Repair.from_config(config).get_config() == config
+    op = Repair(solve_output_layer=100, solve_sweeps=2, solve_rank=8, solve_temperature=3.0,
+                distance_temperature=2.0)
     config = op.get_config()
     assert Repair.from_config(config).get_config() == config
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(op))
@@ -304,6 +371,10 @@ def test_config_round_trip():
     ({"solve_sweeps": 1}, "solve_sweeps"),
     ({"solve_sweeps": -1, "solve_output_layer": 10}, "solve_sweeps"),
     ({"solve_rank": 0}, "solve_rank"),
+    ({"solve_temperature": 0.0, "solve_output_layer": 10}, "solve_temperature"),
+    ({"solve_temperature": 2.0}, "solve_temperature"),
+    ({"solve_first": -1}, "solve_first"),
+    ({"distance_temperature": -1.0}, "distance_temperature"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -359,9 +430,39 @@ def test_recovery_path_stays_above_the_straight_damage_path(digits, trained, dam
     assert final[0] > final[1] + 0.1
 
 
+def test_recovery_path_rate_with_time_scales_the_first_steps(digits, trained, damaged):
+    x, _, _, _ = digits
+    masks = damage_reference(damaged).damage_masks
+    straight, _ = keras_fip.geometry.damage_path(trained, damaged, 5)
+    moved = []
+    for scaled in (False, True):
+        points, _ = recovery_path(trained, masks, x, num_points=5, steps_per_point=4,
+                                  learning_rate=1e-3, seed=0, rate_with_time=scaled)
+        moved.append(max(float(np.max(np.abs(a - b))) for a, b in zip(points[1], straight[1])))
+    # Adam moves a weight by about the rate per step: 4 steps at 1e-3, or at 1e-3 × 0.25.
+    assert 1e-3 < moved[0] <= 4 * 1e-3 * 1.5
+    assert 0 < moved[1] <= 4 * 2.5e-4 * 1.5
+
+
 def test_recovery_path_rejects_misaligned_masks(trained, digits):
     x, _, _, _ = digits
     with pytest.raises(ValueError, match="damage_masks"):
         recovery_path(trained, [None], x)
     with pytest.raises(ValueError, match="num_points"):
         recovery_path(trained, [None] * len(trained.trainable_variables), x, num_points=1)
+
+
+def test_distance_temperature_softens_the_walk_distance(digits, damaged):
+    x, _, x_test, y_test = digits
+    logits = np.random.default_rng(0).normal(size=(5, 10)).astype("float32") * 4
+    reference = np.random.default_rng(1).normal(size=(5, 10)).astype("float32") * 4
+    tempered = Repair(distance="kl", distance_temperature=2.0)._walk_distance()
+    expected = 4.0 * keras_fip.engine.distances.kl(logits / 2.0, reference / 2.0)
+    np.testing.assert_allclose(float(tempered(logits, reference)), float(expected), rtol=1e-6)
+    # A walk under it repairs, the damage held at zero.
+    op = Repair(data=x, validation_data=(x_test, y_test), epochs=1, distance_temperature=4.0,
+                seed=0, verbose=0)
+    repaired = op(damaged)
+    assert op.history["val_accuracy"][-1] > op.history["val_accuracy"][0]
+    for values in _damaged_entries(repaired, damaged):
+        assert np.all(values == 0)
