@@ -228,7 +228,7 @@ class Run:
         self.close()
 
 
-def start(app_name, unsupported=None):
+def start(app_name, unsupported=None, resumable=False):
     """Starts an app under `--strategy`: checks it can run there, then returns a `Run`.
 
     Call it at the top of `main`, before any work: it resolves `--strategy` and `--tpu`
@@ -240,6 +240,9 @@ def start(app_name, unsupported=None):
         app_name: The app's name (`runs/<app_name>`).
         unsupported: A dict `{part: reason}` of what this invocation would run that cannot
             run under a distributed strategy, or `None`. Defaults to `None`.
+        resumable: Whether the app resumes a killed run under `--resume` (its walks take
+            `checkpoint_dir(...)`); if not, `--resume` is refused rather than ignored.
+            Defaults to `False`.
 
     Returns:
         A `Run`.
@@ -256,6 +259,10 @@ def start(app_name, unsupported=None):
         run.close()
     """
     name = FLAGS.strategy
+    if FLAGS.resume and not resumable:
+        raise ValueError(f"`--resume` is not supported by apps.{app_name} (only apps.compress "
+                         f"and apps.continual checkpoint their walks): run it again without "
+                         f"`--resume`. Received: resume=True")
     if FLAGS.tpu is not None and name != "tpu":
         raise ValueError(f"`--tpu` is only used with `--strategy=tpu`. Received: "
                          f"tpu={FLAGS.tpu!r} with strategy={name!r}")

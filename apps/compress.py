@@ -384,7 +384,7 @@ def main(argv):
             f"`--strategy`. Received: workers={FLAGS.workers}, strategy={FLAGS.strategy!r}"
         )
     run = common.start("compress", unsupported=common.single_device_parts(
-        methods, SINGLE_DEVICE))
+        methods, SINGLE_DEVICE), resumable=True)
     skipped = {}
     if "tfmot" in methods and not baselines.tfmot_available():
         logging.warning("tensorflow-model-optimization or tf_keras is missing (install the "

@@ -416,7 +416,7 @@ def main(argv):
         float(FLAGS.ewc_lambda)
     swept = ["fip", "replay", "agem"] if memory_sizes else []
     run = common.start("continual", unsupported=common.single_device_parts(
-        methods + swept, SINGLE_DEVICE))
+        methods + swept, SINGLE_DEVICE), resumable=True)
     output_dir = run.output_dir
     settings = {
         "epochs": _value("epochs", DEFAULT_EPOCHS),

@@ -49,3 +49,16 @@ def test_run_writes_numeric_scalars_on_the_chief_only(tmp_path):
     quiet.scalars({"accuracy": 0.5})
     assert quiet.log_dir("walk") is None
     assert not os.path.exists(tmp_path / "quiet" / "logs")
+
+
+def test_start_refuses_resume_where_the_app_cannot_resume(tmp_path):
+    import pytest
+    from absl.testing import flagsaver
+
+    from apps import common
+
+    with flagsaver.flagsaver(resume=True, output_dir=str(tmp_path / "demo")):
+        with pytest.raises(ValueError, match="`--resume` is not supported by apps.demo"):
+            common.start("demo")
+        run = common.start("demo", resumable=True)
+        run.close()
