@@ -73,12 +73,28 @@ validation; SST-5 38.2%). Compositions (300 Compress steps), SST-5 / CR:
 CL→Co now keeps CR where ContinualLearn left it (78.0% → 78.0-79.6%; 68.5% at 30% with the
 1,000-sentence anchors); the CR gap left at 10-30% is Co→CL's ContinualLearn reaching
 81% from the sparse SST-5 network where it reaches 78% from the dense one (one seed).
+Sub-manifold of that run: 117 networks (base 1, cl 8, each `cl_then_co_<p>` 14, each
+`co_then_cl_<p>` 22; `--language_record_every=20`). Family means (lower is better):
+
+    query                         base   cl     cl_then_co (10/30/60)   co_then_cl (10/30/60)
+    MR, NLL on CR outputs         0.676  0.711  0.650 / 0.669 / 0.656   0.723 / 0.715 / 0.713
+    SST-2, NLL on CR outputs      0.665  0.633  0.637 / 0.645 / 0.649   0.658 / 0.663 / 0.656
+    MR, pseudo-perplexity         181    249    663 / 678 / 664         366 / 369 / 397
+    TREC, pseudo-perplexity       85.1   108    397 / 280 / 311         233 / 213 / 203
+
+The sentiment queries prefer the CL→Co networks (MR's best family `cl_then_co_10`; SST-2's
+`cl`, then `cl_then_co_10`); the language queries prefer the networks nearest the
+pretrained backbone (`base`, then `cl`) and, of the two orders, Co→CL (about half
+CL→Co's pseudo-perplexity on MR) — the paper's pattern (IMDB best on CLCo, WikiText on
+CoCL), one seed.
+
 Stage wall times of that run (warm cache, load 6-12): pretrain 5 s (cached; cold: vocabulary
 6 min and pretraining 50.5 min under load), compress 309 s, SST-5 classifier 133 s,
-continual 334 s, chain (three sparsities) 1,188 s; the sub-manifold queries with the
-previous query sizes (500 labelled examples, 100 pseudo-perplexity sentences) cost 2.7 s
-and 18 s per network and query (MR): 123 networks took over 35 min, hence the defaults of
-200 examples and 25 sentences (about 18 min at that load, estimated).
+continual 334 s, chain (three sparsities) 1,188 s, sub-manifold 2,367 s with the previous
+query sizes (500 labelled examples, 100 pseudo-perplexity sentences, eager calls): 72 min
+in all. With the defaults now (200 examples, 25 sentences, one traced function per model)
+a query costs 0.8 s (NLL) and 1-2 s (MR pseudo-perplexity) per network at load 7, about
+6-7 min for 117 networks: about 40 min warm at that load (estimated, not run end to end).
 
 Real BERT on a host with network: `keras_hub.models.BertBackbone.from_preset(
 "bert_base_en_uncased")` wrapped by `keras_fip.models.bert.masked_lm` / `classifier`, with
