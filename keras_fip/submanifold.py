@@ -301,9 +301,9 @@ class Submanifold:
 
 def _label_score(model, data, score, outputs, batch_size):
     x, y = data
-    logits = np.concatenate([
-        keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False))
-        for i in range(0, len(x), batch_size)]).astype(np.float64)
+    # `predict` traces one function per model and reuses it: the query re-assigns one
+    # template's weights for every network, so it is traced once.
+    logits = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), np.float64)
     if outputs is not None:
         first, count = outputs
         logits = logits[:, first:first + count]

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import time
+import weakref
 
 import keras
 import numpy as np
@@ -408,8 +409,82 @@ def masked_token_accuracy(model, token_ids, seed=1, rate=0.15):
             "num_predictions": int(total)}
 
 
+def _inner_masked_lm(model):
+    """The KerasHub `BertMaskedLM` inside a `masked_lm` wrapper, or `None`."""
+    import keras_hub
+
+    for layer in model.layers:
+        if isinstance(layer, keras_hub.models.BertMaskedLM):
+            return layer
+    return None
+
+
+_SINGLE_MASK_FUNCTIONS = weakref.WeakKeyDictionary()
+
+
+def _single_mask_function(task):
+    """`(token_ids, positions) -> logits` of a KerasHub `BertMaskedLM`: one `tf.function`
+    per task (any batch and width, traced once; the eager call was 3× slower on a small
+    BERT), reused while the task lives (a sub-manifold query re-assigns one model's
+    weights for every network). Eager on other backends."""
+    if task in _SINGLE_MASK_FUNCTIONS:
+        return _SINGLE_MASK_FUNCTIONS[task]
+
+    def call(token_ids, positions):
+        inputs = _backbone_inputs(token_ids)
+        inputs["mask_positions"] = positions
+        return task(inputs, training=False)
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        call = tf.function(call, input_signature=[tf.TensorSpec([None, None], tf.int32),
+                                                  tf.TensorSpec([None, 1], tf.int32)])
+    _SINGLE_MASK_FUNCTIONS[task] = call
+    return call
+
+
+def _single_mask_log_probs(model, rows, positions, targets, batch_size):
+    """log p(target | row) at one masked position per row, rows bucketed by length.
+
+    Rows are sorted by their number of pieces and each batch is cut to its longest row
+    (padding stripped) and scored at one prediction slot, by calling the wrapper's KerasHub
+    `BertMaskedLM` directly: the padding mask hides `[PAD]` from attention, so the logits
+    at real positions equal those of the full-width packed input (up to float rounding;
+    `tests/models/test_bert.py` checks it) at a fraction of the cost (short sentences
+    padded to 48 pieces spent most of the work on padding, and the head on seven unused
+    prediction slots). Models without that inner layer take the packed full-width path.
+    """
+    num_predictions = model.input_shape[1] - rows.shape[1]
+    task = _inner_masked_lm(model)
+    log_probs = np.zeros(len(rows), np.float64)
+    if task is None:
+        mask_positions = np.zeros((len(rows), num_predictions), np.int32)
+        mask_positions[:, 0] = positions
+        logits = _logits(model, np.concatenate([rows, mask_positions], axis=1),
+                         batch_size)[:, 0, :]
+        picked = scipy.special.log_softmax(logits, axis=-1)
+        return picked[np.arange(len(rows)), targets].astype(np.float64)
+    call = _single_mask_function(task)
+    lengths = np.sum(rows != 0, axis=1)
+    order = np.argsort(lengths, kind="stable")
+    for start in range(0, len(rows), batch_size):
+        chosen = order[start:start + batch_size]
+        width = int(lengths[chosen].max())
+        logits = keras.ops.convert_to_numpy(call(
+            np.ascontiguousarray(rows[chosen, :width]),
+            np.ascontiguousarray(positions[chosen][:, None])))[:, 0, :]
+        picked = scipy.special.log_softmax(logits.astype(np.float64), axis=-1)
+        log_probs[chosen] = picked[np.arange(len(chosen)), targets[chosen]]
+    return log_probs
+
+
 def pseudo_log_likelihoods(model, token_ids, batch_size=256):
     """Per-sentence pseudo-log-likelihoods: each piece masked in turn (Salazar et al. 2020).
+
+    One row per (sentence, piece) with that piece `[MASK]`-ed; rows are bucketed by
+    length (see `_single_mask_log_probs`), so short query sets cost in proportion to their
+    pieces, not to the packed length.
 
     Args:
         model: A `masked_lm` wrapper.
@@ -421,8 +496,6 @@ def pseudo_log_likelihoods(model, token_ids, batch_size=256):
         number of pieces scored per sentence.
     """
     token_ids = np.asarray(token_ids, np.int32)
-    sequence_length = token_ids.shape[1]
-    num_predictions = model.input_shape[1] - sequence_length
     mask_id = 4
     rows, positions, sentence_of = [], [], []
     for index, row in enumerate(token_ids):
@@ -433,16 +506,12 @@ def pseudo_log_likelihoods(model, token_ids, batch_size=256):
             rows.append(masked)
             positions.append(position)
             sentence_of.append(index)
-    rows = np.asarray(rows, np.int32)
+    rows = np.asarray(rows, np.int32).reshape(-1, token_ids.shape[1])
     positions = np.asarray(positions, np.int32)
-    mask_positions = np.zeros((len(rows), num_predictions), np.int32)
-    mask_positions[:, 0] = positions
-    logits = _logits(model, np.concatenate([rows, mask_positions], axis=1),
-                     batch_size)[:, 0, :]
-    log_probs = scipy.special.log_softmax(logits, axis=-1)
-    targets = token_ids[np.asarray(sentence_of), positions]
-    scores = log_probs[np.arange(len(rows)), targets].astype(np.float64)
-    sentence_of = np.asarray(sentence_of)
+    sentence_of = np.asarray(sentence_of, np.int64)
+    targets = token_ids[sentence_of, positions] if len(rows) else np.zeros(0, np.int32)
+    scores = (_single_mask_log_probs(model, rows, positions, targets, batch_size)
+              if len(rows) else np.zeros(0))
     pll = np.bincount(sentence_of, weights=scores, minlength=len(token_ids))
     counts = np.bincount(sentence_of, minlength=len(token_ids))
     return pll, counts

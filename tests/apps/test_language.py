@@ -41,7 +41,15 @@ def test_language_app_runs_every_stage_on_a_tiny_bert(tmp_path):
     assert os.path.isfile(tmp_path / "language" / "compositions.png")
     assert results["seed0/submanifold/networks"] >= 5
     families = results["seed0/submanifold/families"]
+    # base, the shared ContinualLearn path, and each order's walk at 30%.
+    assert set(families) == {"base", "cl", "cl_then_co_30", "co_then_cl_30"}
+    assert results["seed0/submanifold/networks"] == sum(families.values())
     assert results["seed0/submanifold/nll/mr/best_family"] in families
+    for order in ("cl_then_co", "co_then_cl"):
+        assert f"seed0/submanifold/nll/mr/order_means/{order}" in results
+    for stage in ("pretrain", "compress", "sst5_classifier", "continual", "chain",
+                  "submanifold"):
+        assert results[f"seed0/{stage}/stage_wall_time_seconds"] > 0
     for name in ("mr", "trec"):
         assert results[f"seed0/submanifold/pseudo_perplexity/{name}/best_family"] in families
     assert results["seed0/continual/ewc/lambda"] in (1e2, 1e4, 1e6)

@@ -60,6 +60,22 @@ def test_uniform_masked_lm_has_pseudo_perplexity_equal_to_the_vocabulary_size():
     np.testing.assert_array_equal(counts, np.sum(ids >= 5, axis=1))
 
 
+def test_length_bucketed_pseudo_log_likelihoods_equal_the_packed_full_width_ones():
+    model = _tiny_masked_lm()
+    ids = _token_ids(12, seed=3)
+    pll, counts = bert.pseudo_log_likelihoods(model, ids, batch_size=5)
+    expected = np.zeros(len(ids))
+    for index, row in enumerate(ids):  # dense reference: full width, slot 0, one at a time
+        for position in range(1, counts[index] + 1):
+            masked = row.copy()
+            masked[position] = 4
+            packed = np.concatenate([masked, [position, 0, 0]])[None].astype("int32")
+            logits = keras.ops.convert_to_numpy(model(packed))[0, 0].astype("float64")
+            expected[index] += (logits - np.log(np.sum(np.exp(logits))))[row[position]]
+    np.testing.assert_allclose(pll, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(counts, np.sum(ids >= 5, axis=1))
+
+
 def test_wrappers_shapes_and_keras_round_trip(tmp_path):
     model = _tiny_masked_lm()
     assert model.output_shape == (None, 3, VOCABULARY_SIZE)
