@@ -361,6 +361,14 @@ class Operation:
 
         return WalkCheckpoint(checkpoint_directory, self.walk_config())
 
+    def open_walk_path(self, model, checkpoint, record_every, path_directory=None):
+        """The `Path` a walk records into: a new one (streamed to `path_directory`), or,
+        with a `checkpoint` from `open_checkpoint`, the checkpoint's path, reopened at
+        its last recorded point."""
+        if checkpoint is None:
+            return Path(model, record_every=record_every, directory=path_directory)
+        return checkpoint.open_path(model, record_every)
+
     # Calling.
 
     def __call__(self, model):

@@ -12,7 +12,6 @@ from keras_fip.engine import projection
 from keras_fip.engine import step_rules
 from keras_fip.engine.data_adapter import fip_dataset
 from keras_fip.engine.data_adapter import normalize_data
-from keras_fip.engine.path import Path
 from keras_fip.engine.trainer import FIPTrainer
 from keras_fip.geometry.diagonal import metric_diagonal
 from keras_fip.operations.base import Operation
@@ -469,11 +468,8 @@ class Compress(Operation):
                               seed=self.seed)  # Checks that the data fit the model.
         self._beta = self._resolve_beta(model, variables)
         checkpoint = self.open_checkpoint(self.checkpoint_directory)
-        if checkpoint is None:
-            self.path = Path(model, record_every=self.record_every,
-                             directory=self.path_directory)
-        else:
-            self.path = checkpoint.open_path(model, self.record_every)
+        self.path = self.open_walk_path(model, checkpoint, self.record_every,
+                                        self.path_directory)
 
         def walk(phase, trainer, steps, callbacks, state_variables=()):
             if checkpoint is None:

@@ -15,7 +15,6 @@ from keras_fip.engine.data_adapter import check_inputs_match_model
 from keras_fip.engine.data_adapter import model_example_shape
 from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.engine.data_adapter import reference_outputs
-from keras_fip.engine.path import Path
 from keras_fip.engine.trainer import FIPTrainer
 from keras_fip.geometry.diagonal import metric_diagonal
 from keras_fip.operations import heads
@@ -410,11 +409,8 @@ class ContinualLearn(Operation):
         trainer.compile(optimizer=optimizer, jit_compile=self.jit_compile)
         dataset = self._dataset(memory_x, reference, x, labels)
         checkpoint = self.open_checkpoint(self.checkpoint_directory)
-        if checkpoint is None:
-            self.path = Path(model, record_every=self.record_every,
-                             directory=self.path_directory)
-        else:
-            self.path = checkpoint.open_path(model, self.record_every)
+        self.path = self.open_walk_path(model, checkpoint, self.record_every,
+                                        self.path_directory)
         callbacks = list(self.callbacks or [])
         evaluator = None
         if self._eval_tasks:

@@ -7,6 +7,7 @@ import pytest
 
 from keras_fip.engine.walk_checkpoint import WalkCheckpoint
 from keras_fip.operations.base import Operation
+from tests.operations.contract import KillAt
 
 
 class _Walk(Operation):
@@ -29,18 +30,6 @@ class _Walk(Operation):
         return {**super().get_config(), "checkpoint_directory": self.checkpoint_directory}
 
 
-class _Kill(keras.callbacks.Callback):
-    def __init__(self, at):
-        super().__init__()
-        self.at = at
-        self.steps = 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.steps += 1
-        if self.steps == self.at:
-            raise KeyboardInterrupt
-
-
 def _model():
     keras.utils.set_random_seed(0)
     return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
@@ -54,7 +43,7 @@ def test_fip_walk_killed_mid_walk_resumes_to_the_same_weights_and_history(tmp_pa
     reference = reference_op(model)
     directory = str(tmp_path / "checkpoint")
     with pytest.raises(KeyboardInterrupt):
-        _Walk(x, directory, verbose=0, callbacks=[_Kill(8)])(model)
+        _Walk(x, directory, verbose=0, callbacks=[KillAt(8)])(model)
     with open(os.path.join(directory, "phase_walk.json")) as f:
         saved = json.load(f)
     assert (saved["step"], saved["done"], saved["points"]) == (6, False, 3)

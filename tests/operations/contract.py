@@ -62,6 +62,21 @@ class ContractScale(Operation):
         return {**super().get_config(), "factor": self.factor}
 
 
+class KillAt(keras.callbacks.Callback):
+    """Stops a walk at its `at`-th step (counted across phases), as a killed run would:
+    the checkpoint tests resume from what the walk saved before it."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+        self.steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        if self.steps == self.at:
+            raise KeyboardInterrupt(f"killed at step {self.at}")
+
+
 def contract_data(num_examples=400):
     """`(x, y)`: the first digits training examples, as (N, 8, 8, 1) float32 in [0, 1]."""
     x, y = keras_fip.data.load("digits")

@@ -13,6 +13,7 @@ from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import projection
 from keras_fip.operations.compress import Compress
 from keras_fip.operations.shrink import shrink
+from tests.operations.contract import KillAt
 from tests.operations.contract import run_operation_contract
 
 
@@ -328,20 +329,6 @@ def test_compress_meets_the_operation_contract():
     )
 
 
-class _Kill(keras.callbacks.Callback):
-    """Stops a walk at its `at`-th step (counted across phases), as a killed run would."""
-
-    def __init__(self, at):
-        super().__init__()
-        self.at = at
-        self.steps = 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.steps += 1
-        if self.steps == self.at:
-            raise KeyboardInterrupt(f"killed at step {self.at}")
-
-
 def test_killed_walk_resumes_from_checkpoint_to_the_same_weights(trained, tmp_path):
     model, x, _ = trained
 
@@ -356,7 +343,7 @@ def test_killed_walk_resumes_from_checkpoint_to_the_same_weights(trained, tmp_pa
     for killed_at in (17, 36):  # In the pull phase (28 steps); in the settle phase.
         directory = str(tmp_path / f"checkpoint_{killed_at}")
         with pytest.raises(KeyboardInterrupt):
-            compress(directory, [_Kill(killed_at)])(model)
+            compress(directory, [KillAt(killed_at)])(model)
         op = compress(directory)
         resumed = op(model)
         for expected, actual in zip(reference.trainable_variables,

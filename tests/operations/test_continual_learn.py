@@ -9,6 +9,7 @@ from keras_fip.operations import carried_data
 from keras_fip.operations import grow_output_layer
 from keras_fip.operations.continual_learn import ContinualLearn
 from keras_fip.operations.continual_learn import pad_reference
+from tests.operations.contract import KillAt
 
 
 def _split(x, y):
@@ -269,18 +270,6 @@ def test_continual_learn_meets_the_operation_contract():
         assert result.output_shape == (None, 13)
 
 
-class _Kill(keras.callbacks.Callback):
-    def __init__(self, at):
-        super().__init__()
-        self.at = at
-        self.steps = 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.steps += 1
-        if self.steps == self.at:
-            raise KeyboardInterrupt(f"killed at step {self.at}")
-
-
 def test_killed_walk_resumes_from_checkpoint_to_the_same_weights(digits, old_model,
                                                                  tmp_path):
     (old, new), (old_test, new_test) = digits
@@ -296,7 +285,7 @@ def test_killed_walk_resumes_from_checkpoint_to_the_same_weights(digits, old_mod
     reference = reference_op(old_model)
     directory = str(tmp_path / "checkpoint")
     with pytest.raises(KeyboardInterrupt):
-        learn(directory, [_Kill(10)])(old_model)
+        learn(directory, [KillAt(10)])(old_model)
     op = learn(directory)
     resumed = op(old_model)
     for expected, actual in zip(reference.trainable_variables, resumed.trainable_variables):
