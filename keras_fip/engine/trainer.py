@@ -34,6 +34,12 @@ def _check_positive(value, name, allow_zero=False):
     return float(value)
 
 
+def _check_positive_integer(value, name):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+    return int(value)
+
+
 def _distance(left, right):
     """Euclidean distance between two aligned lists of tensors (one fused pass each)."""
     return tf.sqrt(
@@ -188,15 +194,7 @@ class FIPTrainer(keras.Model):
             raise ValueError(f"`beta` must be a finite number. Received: beta={beta!r}")
         epsilon = _check_positive(epsilon, "epsilon")
         damping = _check_positive(damping, "damping", allow_zero=True)
-        if (
-            not isinstance(cg_iterations, (int, np.integer))
-            or isinstance(cg_iterations, bool)
-            or cg_iterations < 1
-        ):
-            raise ValueError(
-                "`cg_iterations` must be a positive integer. "
-                f"Received: cg_iterations={cg_iterations!r}"
-            )
+        _check_positive_integer(cg_iterations, "cg_iterations")
         if secondary_loss is not None and secondary_objective is not None:
             raise ValueError(
                 "Pass at most one of `secondary_loss` and `secondary_objective`. "
@@ -231,15 +229,7 @@ class FIPTrainer(keras.Model):
             raise ValueError(
                 f"`training` must be `True` or `False`. Received: training={training!r}"
             )
-        if (
-            not isinstance(measure_every, (int, np.integer))
-            or isinstance(measure_every, bool)
-            or measure_every < 1
-        ):
-            raise ValueError(
-                "`measure_every` must be a positive integer. "
-                f"Received: measure_every={measure_every!r}"
-            )
+        _check_positive_integer(measure_every, "measure_every")
         if step_rule == "metric" and secondary_loss is None and secondary_objective is None:
             warnings.warn(
                 "`step_rule='metric'` with no secondary objective (L = 0) has a zero "
