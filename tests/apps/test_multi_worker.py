@@ -123,14 +123,7 @@ def test_two_worker_apps_match_one_process_and_only_the_chief_writes(tmp_path):
     assert [r["returncode"] for r in launched] == [0, 0], logs
 
     for app in ("compress", "continual"):
-        single = _results(str(tmp_path / "single" / app))
-        multi = _results(str(tmp_path / "multi" / app))
-        assert sorted(single) == sorted(multi)
-        for key, value in single.items():
-            if isinstance(value, float):
-                assert multi[key] == pytest.approx(value, abs=1e-5), key
-            else:
-                assert multi[key] == value, key
+        _assert_same_results(tmp_path, app)
     # Only the chief wrote: the other worker's private directories were removed.
     assert os.listdir(worker_tmp) == []
     compress_tags = scalar_tags(str(tmp_path / "multi" / "compress" / "logs"))
@@ -169,15 +162,7 @@ def test_two_workers_killed_mid_walk_resume_to_the_one_process_result(tmp_path):
     assert [r["returncode"] for r in resumed] == [0, 0], "\n".join(
         r["stderr"][-3000:] for r in resumed)
     assert not checkpoint.exists()  # The job was recorded: its checkpoint removed.
-    single = _results(str(tmp_path / "single" / "compress"))
-    multi = _results(str(tmp_path / "multi" / "compress"))
-    assert sorted(single) == sorted(multi)
-    for key, value in single.items():
-        if isinstance(value, float):
-            assert multi[key] == pytest.approx(value, abs=1e-5), key
-        else:
-            assert multi[key] == value, key
-
+    _assert_same_results(tmp_path, "compress")
 
 
 @pytest.mark.large
@@ -203,8 +188,13 @@ def test_two_workers_killed_mid_continual_walk_resume_to_the_one_process_result(
     assert [r["returncode"] for r in resumed] == [0, 0], "\n".join(
         r["stderr"][-3000:] for r in resumed)
     assert not (tmp_path / "multi" / "continual" / "checkpoints").exists()  # Finished.
-    single = _results(str(tmp_path / "single" / "continual"))
-    multi = _results(str(tmp_path / "multi" / "continual"))
+    _assert_same_results(tmp_path, "continual")
+
+
+def _assert_same_results(tmp_path, app):
+    """The two-worker run's `results.json` equals the one-process run's (floats to 1e-5)."""
+    single = _results(str(tmp_path / "single" / app))
+    multi = _results(str(tmp_path / "multi" / app))
     assert sorted(single) == sorted(multi)
     for key, value in single.items():
         if isinstance(value, float):
