@@ -10,20 +10,25 @@ so tracing and input start-up are excluded). Plain fit is timed on the Keras def
 path, `fit(x, y, batch_size=256)` (`fit_arrays`), and on the usual hand-built pipeline
 `from_tensor_slices(...).shuffle(60000).batch(256).prefetch` (`fit_dataset`); the faster of
 the two (by median) is the baseline. The runs are interleaved (fit, fit, rule, rule, ...,
-`--repeats` rounds) so that load on the machine affects all alike, and medians are kept.
+`--repeats` rounds, after `--warmup_rounds` discarded rounds: the first round of a fresh
+process is slower for every method) so that load on the machine affects all alike, and
+medians are kept.
 
 Prints one JSON line per model with `<rule>_over_fit` = (FIP samples/s) / (fit samples/s),
 medians of the wall time (higher is better, 1.0 is as fast as plain training),
-`<rule>_over_fit_best` (the same ratio of the fastest rounds), `<rule>_over_fit_cpu` (the
-ratio of process CPU time per sample: the work done, less sensitive to other processes on
-a shared machine) and `load_average` (1-minute load at the start and the end).
+`<rule>_over_fit_best` (the same ratio of the fastest rounds), `<rule>_over_fit_paired`
+(the median over rounds of the ratio within each round: it cancels drift in the machine's
+speed, which on a shared virtual machine moves single rounds by ±20%),
+`<rule>_over_fit_cpu` (the ratio of process CPU time per sample: the work done, less
+sensitive to other processes on a shared machine) and `load_average` (1-minute load at
+the start and the end).
 
 Example:
 
     python -m benchmarks.fip_step                     # about 3 minutes on 2 idle CPU cores
     python -m benchmarks.fip_step --steps=500 --repeats=5 --models=lenet_300_100
     python -m benchmarks.fip_step --rules=penalty,normalized   # skip the costly metric rule
-    python -m benchmarks.fip_step --rules=penalty,penalty_measure100
+    python -m benchmarks.fip_step --rules=penalty,penalty_measure100 --steps=150 --repeats=5
 
 On a GPU/TPU host, raise `--batch_size` and `--steps` (the ratios are per sample).
 """
@@ -93,7 +98,7 @@ def _load_average():
 
 
 def benchmark(name, x, y, steps, warmup, repeats, batch_size, jit_compile=False,
-              rules=RULES, dataset="mnist", metric_steps=None):
+              rules=RULES, dataset="mnist", metric_steps=None, warmup_rounds=1):
     keras.utils.set_random_seed(0)
     template = keras_fip.models.get(name, x.shape[1:], 10)
     half = batch_size // 2
@@ -144,7 +149,11 @@ def benchmark(name, x, y, steps, warmup, repeats, batch_size, jit_compile=False,
     labels = list(fits) + [label for label, _ in rules]
     wall = {label: [] for label in labels}
     cpu = {label: [] for label in labels}
-    for _ in range(repeats):
+    for round_index in range(warmup_rounds + repeats):
+        if round_index == warmup_rounds:
+            for times in (wall, cpu):
+                for label in times:
+                    times[label].clear()
         for label in fits:
             seconds, cpu_seconds = _time_fit(
                 fits[label], fit_inputs[label], steps, warmup, batch_size
@@ -186,6 +195,10 @@ def benchmark(name, x, y, steps, warmup, repeats, batch_size, jit_compile=False,
         result[f"{label}_over_fit_best"] = round(
             rate(label, wall, min) / max(rate(f, wall, min) for f in fits), 3
         )
+        result[f"{label}_over_fit_paired"] = round(float(np.median([
+            (fit_seconds / steps) / (seconds / counts[label])
+            for fit_seconds, seconds in zip(wall[baseline], wall[label])
+        ])), 3)
         result[f"{label}_over_fit_cpu"] = round(
             rate(label, cpu, np.median) / max(rate(f, cpu, np.median) for f in fits), 3
         )
@@ -200,11 +213,15 @@ def main(argv=None):
     parser.add_argument("--rules", default=",".join(label for label, _ in RULES),
                         help="Step rules to time: penalty, penalty_measure100, "
                              "normalized, metric_cg10.")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=60,
+                        help="Timed steps per method and round (per-step noise falls "
+                             "with longer rounds: use 150+ for the acceptance ratios).")
     parser.add_argument("--metric_steps", type=int, default=20,
                         help="Timed steps of the metric rule (10 CG products a step).")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--warmup_rounds", type=int, default=1,
+                        help="Interleaved rounds run first and discarded.")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--jit_compile", action="store_true")
     args = parser.parse_args(argv)
@@ -213,15 +230,16 @@ def main(argv=None):
     if len(rules) != len(args.rules.split(",")):
         parser.error(f"--rules must name rules among {sorted(known)}; got {args.rules!r}")
     if (min(args.steps, args.metric_steps, args.warmup, args.repeats) < 1
-            or args.batch_size < 2):
+            or args.batch_size < 2 or args.warmup_rounds < 0):
         parser.error("--steps, --metric_steps, --warmup and --repeats must be >= 1, "
-                     "--batch_size >= 2")
+                     "--warmup_rounds >= 0, --batch_size >= 2")
     x, y = keras_fip.data.load(args.dataset, "train")
     for name in args.models.split(","):
         print(
             json.dumps(benchmark(
                 name, x, y, args.steps, args.warmup, args.repeats, args.batch_size,
                 args.jit_compile, rules, args.dataset, args.metric_steps,
+                args.warmup_rounds,
             )),
             flush=True,
         )

@@ -52,6 +52,12 @@ def _distance(left, right):
     )
 
 
+def _batch_size(inputs):
+    """The batch size of `inputs`: a Python int when static, else a scalar tensor."""
+    size = inputs.shape[0]
+    return int(size) if size is not None else tf.shape(inputs)[0]
+
+
 def _variable_masks(variables):
     """Boolean masks carried by `variables` as `MaskConstraint`s (None where unmasked)."""
     return [
@@ -412,13 +418,16 @@ class FIPTrainer(keras.Model):
         # Forward pass.
         with tf.GradientTape() as tape:
             if secondary is not None and self._can_fuse(anchor_inputs, secondary):
-                anchor_size = tf.shape(anchor_inputs)[0]
                 outputs = self.network(
                     tf.concat([anchor_inputs, secondary[0]], axis=0),
                     training=self.walk_training,
                 )
-                anchor_outputs = outputs[:anchor_size]
-                secondary_outputs = outputs[anchor_size:]
+                # One Split (its gradient one Concat) rather than two strided slices.
+                anchor_outputs, secondary_outputs = tf.split(
+                    outputs,
+                    [_batch_size(anchor_inputs), _batch_size(secondary[0])],
+                    axis=0,
+                )
                 accuracy = self._batch_accuracy(secondary[1], secondary_outputs)
                 secondary_value = self._supervised_loss(secondary[1], secondary_outputs)
             else:
@@ -502,16 +511,15 @@ class FIPTrainer(keras.Model):
         # of `walk` returns to it; the step is measured from it). Every read of the
         # snapshots above (the local reference) and of the variables comes first, in
         # program order, which automatic control dependencies keep.
+        before = [tf.convert_to_tensor(v.value) for v in variables]
         for snapshot, value in zip(
-            self._previous_weights + self._previous_state,
-            [v.value for v in variables] + before_state,
+            self._previous_weights + self._previous_state, before + before_state
         ):
             snapshot.assign(value)
         self.optimizer.apply(updates, variables)
 
-        # Measure.
+        # Measure (from the values read before the update: no second read).
         after = [v.value for v in variables]
-        before = [s.value for s in self._previous_weights]
 
         def measured():
             from_start = _distance(after, [s.value for s in self._start_weights])

@@ -16,7 +16,7 @@ import benchmarks
 TINY_ARGUMENTS = {
     "metric_matvec": ["--models=mlp", "--dataset=digits", "--num_inputs=64", "--repeats=2"],
     "fip_step": ["--models=mlp", "--dataset=digits", "--steps=3", "--warmup=2",
-                 "--repeats=1", "--batch_size=32"],
+                 "--repeats=1", "--warmup_rounds=1", "--batch_size=32"],
     "isofunctional_walk": ["--model=mlp", "--dataset=digits", "--steps=5",
                            "--anchor_examples=256", "--batch_size=64"],
     "continual_step": ["--model=mlp", "--batch_size=16", "--short_steps=2", "--long_steps=4",
@@ -33,7 +33,8 @@ TINY_ARGUMENTS = {
 # The keys each script's JSON lines must have.
 EXPECTED_KEYS = {
     "metric_matvec": ("matvec_over_gradient", "matvecs_for_top20", "peak_memory_matvec_mb"),
-    "fip_step": ("penalty_over_fit", "penalty_measure100_over_fit", "normalized_over_fit",
+    "fip_step": ("penalty_over_fit", "penalty_over_fit_paired", "penalty_measure100_over_fit",
+                 "normalized_over_fit",
                  "metric_cg10_over_fit"),
     "isofunctional_walk": ("euclidean_distance", "test_accuracy_after"),
     "continual_step": ("fip_step_seconds", "replay_step_seconds", "fip_over_replay"),
