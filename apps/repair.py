@@ -294,10 +294,11 @@ def _recovered_by_solves(history):
 def _tuned(method, cases, splits):
     """The learning rate of `method`'s grid recovering first on the mean over `cases`
     (`(seed, model, damaged)`; a run that never recovers counts as the budget), then most
-    accurate at its end on the mean; the grid's mean epochs to recover (`None`: diverged);
-    and the chosen rate's runs `{seed: (history, repaired)}`."""
+    accurate at its end on the mean; the grid's mean epochs to recover (`None`: a run
+    diverged or did not recover); and the chosen rate's runs `{seed: (history,
+    repaired)}`."""
     grid = [float(v) for v in getattr(FLAGS, f"repair_{method}_learning_rates")]
-    scores, runs = {}, {}
+    scores, runs, unrecovered = {}, {}, set()
     for rate in grid:
         runs[rate] = {}
         for seed, model, damaged in cases:
@@ -318,8 +319,11 @@ def _tuned(method, cases, splits):
             float(np.mean([FLAGS.repair_max_epochs if h["epochs_to_recover"] is None
                            else h["epochs_to_recover"] for h in histories])),
             -float(np.mean([h["val_accuracy"][-1] for h in histories])))
+        if any(h["epochs_to_recover"] is None for h in histories):
+            unrecovered.add(rate)
     best = min(scores, key=scores.get)
-    grid = {_key(r): (None if np.isinf(s[0]) else s[0]) for r, s in scores.items()}
+    grid = {_key(r): (None if np.isinf(s[0]) or r in unrecovered else s[0])
+            for r, s in scores.items()}
     return best, grid, runs[best]
 
 
