@@ -11,21 +11,23 @@ Experiment families of the resilience and damage-rescue papers, every network da
     layer's fit of the undamaged logits on `--repair_fip_solve_first` inputs, then on
     batches of `--repair_fip_solve_examples`, `--repair_fip_solve_sweeps` Gauss-Newton
     sweeps of the surviving hidden units' incoming weights (in `--repair_fip_solve_rank`
-    principal input directions), each with an output-layer solve, and a last output-layer
-    solve; the solves minimise the logit-space Gauss-Newton model of the softmax KL at
+    principal input directions, each unit's step damped by `--repair_fip_solve_damping`),
+    each with an output-layer solve, and a last output-layer solve; the solves minimise
+    the logit-space Gauss-Newton model of the softmax KL at
     `--repair_fip_solve_temperature` (`Repair(solve_output_layer=..., solve_first=...,
-    solve_sweeps=..., solve_temperature=...)`; every batch counts in its epochs), the
-    damaged weights at zero;
+    solve_sweeps=..., solve_temperature=..., solve_damping=...)`; every batch counts in
+    its epochs), the damaged weights at zero;
   - `retrain`: supervised retraining of the surviving units (damage-rescue strategy 1);
   - `prune`: deleting the same units one at a time (`--repair_prune_units_per_round`)
     from the undamaged network with SGD steps in between, then retraining
     (`keras_fip.baselines.prune_retrain`).
   Every method sees `--batch_size` examples per step and ⌈N/batch⌉ steps per epoch, so an
   epoch is the same number of examples for all (the FIP sees their inputs only). Each
-  method's learning rate is tuned on the first seed over its grid
-  (`--repair_<method>_learning_rates`): the rate recovering in the fewest epochs (then the
-  best final accuracy) is used for every seed. Accuracy is measured
-  `--repair_evaluations_per_epoch` times per epoch on a validation split (the first
+  method's learning rate is tuned over its grid (`--repair_<method>_learning_rates`) on
+  the mean over the first `--repair_tuning_seeds` seeds (the first one by default; 0: all):
+  the rate recovering in the fewest epochs on the mean (then the best final accuracy on
+  the mean) is used for every seed, so each method gets the same tuning effort. Accuracy
+  is measured `--repair_evaluations_per_epoch` times per epoch on a validation split (the first
   `--repair_validation_examples` test images) and `epochs_to_recover` is the first
   measurement within `--repair_target` of the undamaged accuracy; the final accuracy is
   also reported on the rest of the test set.
@@ -117,7 +119,7 @@ flags.DEFINE_integer("repair_mlp_width", 400, "Hidden units of MLP-1.", lower_bo
 flags.DEFINE_list("repair_fractions", ["0.5", "0.8"], "Fractions of hidden units deleted.")
 flags.DEFINE_integer("repair_max_epochs", 4, "Epoch budget of every repair.", lower_bound=1)
 flags.DEFINE_list("repair_fip_learning_rates", ["3e-4", "1e-3", "3e-3"], "Adam rates of "
-                  "the FIP repair (tuned on the first seed).")
+                  "the FIP repair (tuned with --repair_tuning_seeds).")
 flags.DEFINE_enum("repair_fip_distance", "kl", ["l2", "kl", "bhattacharyya"], "Output "
                   "distance D of the FIP repair's walk after its solves.")
 flags.DEFINE_float("repair_fip_distance_temperature", 4.0, "Temperature of the walk's D "
@@ -141,10 +143,16 @@ flags.DEFINE_float("repair_fip_solve_temperature", 4.0, "Temperature of the soft
                    "weights of the solves (`Repair(solve_temperature=...)`: the logit-space "
                    "Gauss-Newton model of the KL at this temperature); 0: plain least "
                    "squares on the logits.", lower_bound=0.0)
+flags.DEFINE_float("repair_fip_solve_damping", 0.1, "Levenberg-Marquardt damping of "
+                   "each unit's step in the sweeps (`Repair(solve_damping=...)`).",
+                   lower_bound=0.0)
+flags.DEFINE_integer("repair_tuning_seeds", 1, "Seeds (the first of --seeds) on whose mean "
+                     "each method's learning rate is tuned; 0: all of them (about 1.8x the "
+                     "recovery part's time).", lower_bound=0)
 flags.DEFINE_list("repair_retrain_learning_rates", ["1e-3", "3e-3", "1e-2"], "Adam rates of "
-                  "retraining (tuned on the first seed).")
+                  "retraining (tuned with --repair_tuning_seeds).")
 flags.DEFINE_list("repair_prune_learning_rates", ["0.01", "0.03", "0.1"], "SGD (momentum "
-                  "0.9) rates of prune-one-at-a-time (tuned on the first seed).")
+                  "0.9) rates of prune-one-at-a-time (tuned with --repair_tuning_seeds).")
 flags.DEFINE_integer("repair_prune_units_per_round", 1, "Units deleted per pruning round.",
                      lower_bound=1)
 flags.DEFINE_integer("repair_prune_steps_per_round", 1, "SGD steps after each pruning "
@@ -264,6 +272,7 @@ def _repair(method, model, damaged, learning_rate, splits, seed):
                  "solve_sweeps": sweeps,
                  "solve_rank": FLAGS.repair_fip_solve_rank,
                  "solve_first": FLAGS.repair_fip_solve_first if sweeps else 0,
+                 "solve_damping": FLAGS.repair_fip_solve_damping,
                  "solve_temperature": (FLAGS.repair_fip_solve_temperature
                                        if solving and FLAGS.repair_fip_solve_temperature
                                        else None),
@@ -276,28 +285,45 @@ def _repair(method, model, damaged, learning_rate, splits, seed):
     return op.history, repaired
 
 
-def _tuned(method, model, damaged, splits, seed):
-    """The learning rate of `method`'s grid recovering first (then most accurate), the
-    grid's epochs to recover, and the chosen run `(history, repaired)`."""
+def _recovered_by_solves(history):
+    """Whether a FIP run recovered within its solves, before its walk (every rate ties)."""
+    return (history.get("epochs_to_recover") is not None
+            and history["epochs_to_recover"] <= history.get("solve_epochs", -1.0) + 1e-9)
+
+
+def _tuned(method, cases, splits):
+    """The learning rate of `method`'s grid recovering first on the mean over `cases`
+    (`(seed, model, damaged)`; a run that never recovers counts as the budget), then most
+    accurate at its end on the mean; the grid's mean epochs to recover (`None`: a run
+    diverged or did not recover); and the chosen rate's runs `{seed: (history,
+    repaired)}`."""
     grid = [float(v) for v in getattr(FLAGS, f"repair_{method}_learning_rates")]
-    scores, runs = {}, {}
+    scores, runs, unrecovered = {}, {}, set()
     for rate in grid:
-        solved = [r for r in runs.values() if r[0].get("epochs_to_recover") is not None
-                  and r[0]["epochs_to_recover"] <= r[0].get("solve_epochs", -1.0) + 1e-9]
-        if solved:  # Recovered by the FIP's solves, before its walk: every rate ties.
-            runs[rate] = solved[0]
-        else:
-            try:
-                runs[rate] = _repair(method, model, damaged, rate, splits, seed)
-            except FloatingPointError:  # Diverged: the rate is too high.
-                scores[rate] = (np.inf, np.inf)
+        runs[rate] = {}
+        for seed, model, damaged in cases:
+            solved = [r[seed] for r in runs.values()
+                      if seed in r and _recovered_by_solves(r[seed][0])]
+            if solved:  # Recovered by the FIP's solves, before its walk: every rate ties.
+                runs[rate][seed] = solved[0]
                 continue
-        history = runs[rate][0]
-        recover = history["epochs_to_recover"]
-        scores[rate] = (np.inf if recover is None else recover,
-                        -history["val_accuracy"][-1])
+            try:
+                runs[rate][seed] = _repair(method, model, damaged, rate, splits, seed)
+            except FloatingPointError:  # Diverged: the rate is too high.
+                break
+        if len(runs[rate]) < len(cases):
+            scores[rate] = (np.inf, np.inf)
+            continue
+        histories = [history for history, _ in runs[rate].values()]
+        scores[rate] = (
+            float(np.mean([FLAGS.repair_max_epochs if h["epochs_to_recover"] is None
+                           else h["epochs_to_recover"] for h in histories])),
+            -float(np.mean([h["val_accuracy"][-1] for h in histories])))
+        if any(h["epochs_to_recover"] is None for h in histories):
+            unrecovered.add(rate)
     best = min(scores, key=scores.get)
-    grid = {_key(r): (None if np.isinf(s[0]) else s[0]) for r, s in scores.items()}
+    grid = {_key(r): (None if np.isinf(s[0]) or r in unrecovered else s[0])
+            for r, s in scores.items()}
     return best, grid, runs[best]
 
 
@@ -305,44 +331,45 @@ def recovery(methods, seeds, splits):
     """Epochs to recover of each method at each deleted fraction, over seeds."""
     results, curves = {}, {}
     _, _, (x_test, y_test) = splits
+    tuning = FLAGS.repair_tuning_seeds or len(seeds)
     for fraction in [float(f) for f in FLAGS.repair_fractions]:
-        rates, per_method = {}, {m: [] for m in methods}
+        prefix = f"mlp/{_key(fraction)}"
+        cases = []
         for index, seed in enumerate(seeds):
             model = _mlp(seed)
             damaged = keras_fip.Damage("nodes", fraction=fraction, seed=seed)(model)
-            prefix = f"mlp/{_key(fraction)}"
+            cases.append((seed, model, damaged))
             if index == 0:
                 results[f"{prefix}/undamaged/test/accuracy"] = models.evaluate_classifier(
                     model, x_test, y_test)["accuracy"]
                 results[f"{prefix}/damaged/test/accuracy"] = models.evaluate_classifier(
                     damaged, x_test, y_test)["accuracy"]
-            for method in methods:
-                if index == 0:  # Tune on the first seed; its chosen run is that seed's.
-                    rates[method], grid, (history, repaired) = _tuned(
-                        method, model, damaged, splits, seed)
-                    results[f"{prefix}/{method}/learning_rate"] = rates[method]
-                    results[f"{prefix}/{method}/tuning/epochs_to_recover"] = grid
-                else:
-                    history, repaired = _repair(method, model, damaged, rates[method],
-                                                splits, seed)
-                per_method[method].append({
+        for method in methods:
+            # Tune on the first `tuning` seeds; their chosen runs are theirs.
+            rate, grid, tuned = _tuned(method, cases[:tuning], splits)
+            results[f"{prefix}/{method}/learning_rate"] = rate
+            results[f"{prefix}/{method}/tuning/epochs_to_recover"] = grid
+            runs = []
+            for index, (seed, model, damaged) in enumerate(cases):
+                history, repaired = (tuned[seed] if seed in tuned else
+                                     _repair(method, model, damaged, rate, splits, seed))
+                runs.append({
                     "epochs_to_recover": history["epochs_to_recover"],
                     "test": models.evaluate_classifier(repaired, x_test, y_test)["accuracy"]})
                 if index == 0:
                     curves[(fraction, method)] = (history["epoch"], history["val_accuracy"],
                                                   history["undamaged_accuracy"])
                 print(f"{prefix} seed {seed} {method}: recovered at "
-                      f"{history['epochs_to_recover']} epochs (lr {rates[method]:g})")
-        for method, runs in per_method.items():
-            prefix = f"mlp/{_key(fraction)}/{method}"
-            results.update(_summary(f"{prefix}/epochs_to_recover",
+                      f"{history['epochs_to_recover']} epochs (lr {rate:g})", flush=True)
+            results.update(_summary(f"{prefix}/{method}/epochs_to_recover",
                                     [r["epochs_to_recover"] for r in runs]))
-            results[f"{prefix}/test/accuracy/mean"] = float(np.mean([r["test"] for r in runs]))
+            results[f"{prefix}/{method}/test/accuracy/mean"] = float(
+                np.mean([r["test"] for r in runs]))
         if "fip" in methods:
-            fip = results[f"mlp/{_key(fraction)}/fip/epochs_to_recover/mean"]
+            fip = results[f"{prefix}/fip/epochs_to_recover/mean"]
             for other in [m for m in methods if m != "fip"]:
-                theirs = results[f"mlp/{_key(fraction)}/{other}/epochs_to_recover/mean"]
-                results[f"mlp/{_key(fraction)}/fip_over_{other}"] = fip / theirs
+                theirs = results[f"{prefix}/{other}/epochs_to_recover/mean"]
+                results[f"{prefix}/fip_over_{other}"] = fip / theirs
     # The headline: the largest fraction
     largest = _key(max(float(f) for f in FLAGS.repair_fractions))
     for key in list(results):

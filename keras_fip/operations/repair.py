@@ -303,6 +303,12 @@ class Repair(Operation):
             consider are weighted down, those between its likely classes up; the solve
             is still exact (a weighted least-squares system) and uses the same inputs.
             Defaults to `None`.
+        solve_damping: Levenberg-Marquardt damping of each unit's step in the sweeps:
+            λ times the mean diagonal of its Gauss-Newton matrix is added to that matrix
+            (a ridge on the step). The sweeps fit a few hundred directions per unit on
+            one batch; a larger λ keeps each step from fitting that batch's noise (on
+            MNIST MLP-1 with 80% of its units deleted, λ = 0.1 recovered more accuracy per
+            input than 1e-6). Defaults to `1e-6`.
         **kwargs: `Operation` arguments (`name`, `verbose`, `callbacks`, `log_dir`).
 
     Example:
@@ -325,7 +331,8 @@ class Repair(Operation):
                  optimizer="adam", batch_size=128, distance="kl", training="auto",
                  record_every=100, path_directory=None, jit_compile=False, seed=None,
                  solve_output_layer=0, solve_sweeps=0, solve_rank=128, solve_first=0,
-                 solve_temperature=None, distance_temperature=None, **kwargs):
+                 solve_temperature=None, distance_temperature=None, solve_damping=1e-6,
+                 **kwargs):
         super().__init__(**kwargs)
         self.method = self.check_choice(method, "method", METHODS)
         labels = None
@@ -437,6 +444,8 @@ class Repair(Operation):
                 f"`method='fip'`). Received: solve_temperature={solve_temperature!r} with "
                 f"solve_output_layer={solve_output_layer!r}"
             )
+        self.solve_damping = self.check_number(solve_damping, "solve_damping", low=0.0,
+                                               low_inclusive=True)
 
     # Calling.
 
@@ -645,7 +654,7 @@ class Repair(Operation):
                 basis[:-1, :rank] = directions
                 basis[-1, rank] = 1.0
             self._gauss_newton_sweep(hidden, layer, below, slope, residual, basis,
-                                     curvature)
+                                     curvature, self.solve_damping)
 
     @staticmethod
     def _hidden_layer(model, layer):
@@ -725,7 +734,8 @@ class Repair(Operation):
         return targets - design @ solution
 
     @staticmethod
-    def _gauss_newton_sweep(hidden, layer, below, slope, residual, basis, curvature=None):
+    def _gauss_newton_sweep(hidden, layer, below, slope, residual, basis, curvature=None,
+                            damping=1e-6):
         """One Gauss-Seidel pass of least-squares steps over the hidden units (in place).
 
         With the output weights c_j (row j of the output kernel) and the activation slopes
@@ -735,7 +745,8 @@ class Repair(Operation):
         Σ_x ‖r(x) − c_j s_j(x) x̃ᵀP u‖², a (rank+1)-square system (with `curvature`,
         the H(x)-weighted norm: the scalars cᵀHc and cᵀHr replace ‖c‖² and cᵀr). The
         residual is then updated through the activation itself, so the next unit's step
-        starts from the network as it now is.
+        starts from the network as it now is. Each unit's system is damped
+        (Levenberg-Marquardt) by `damping` times its mean diagonal.
         """
         kernel = np.asarray(hidden.kernel.numpy(), np.float64)
         bias = (None if hidden.bias is None
@@ -774,7 +785,7 @@ class Repair(Operation):
                 targets = np.sum(weighted * residual[active], axis=1)
             scaled = local * weights[active, None]
             gram = (scaled * gains[:, None]).T @ scaled
-            gram += np.eye(len(gram)) * (1e-6 * np.trace(gram) / len(gram) + 1e-12)
+            gram += np.eye(len(gram)) * (damping * np.trace(gram) / len(gram) + 1e-12)
             rhs = scaled.T @ targets
             step = np.linalg.solve(gram, rhs)
             delta = directions @ step
@@ -958,6 +969,7 @@ class Repair(Operation):
             solve_rank=self.solve_rank,
             solve_first=self.solve_first,
             solve_temperature=self.solve_temperature,
+            solve_damping=self.solve_damping,
             distance_temperature=self.distance_temperature,
         )
         return config

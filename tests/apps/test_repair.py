@@ -63,6 +63,28 @@ def test_repair_app_writes_recovery_and_iterative_results(tmp_path):
         results["mlp/fip/epochs_to_recover/mean"])]
 
 
+def test_repair_app_tunes_each_rate_on_the_mean_over_seeds(monkeypatch):
+    # Rate 1 wins on seed 0 alone, rate 2 on the mean over seeds 0 and 1; seed 1 never
+    # recovers at rate 1 (it counts as the budget).
+    epochs = {(1.0, 0): 0.5, (1.0, 1): None, (2.0, 0): 1.0, (2.0, 1): 1.0, (2.0, 2): 0.7}
+    calls = []
+
+    def fake(method, model, damaged, rate, splits, seed):
+        calls.append((rate, seed))
+        return {"epochs_to_recover": epochs[(rate, seed)], "val_accuracy": [0.9]}, seed
+
+    monkeypatch.setattr(repair, "_repair", fake)
+    cases = [(seed, None, None) for seed in (0, 1)]
+    with flagsaver.flagsaver(repair_retrain_learning_rates=["1", "2"], repair_max_epochs=4):
+        rate, grid, runs = repair._tuned("retrain", cases, None)
+        # Rate 1's mean counts seed 1 as the 4-epoch budget (2.25 > 1.0); not all its
+        # runs recovered, so its grid entry is None.
+        assert (rate, grid) == (2.0, {"1": None, "2": 1.0})
+        assert {seed: run[1] for seed, run in runs.items()} == {0: 0, 1: 1}
+        assert calls == [(1.0, 0), (1.0, 1), (2.0, 0), (2.0, 1)]
+        assert repair._tuned("retrain", cases[:1], None)[0] == 1.0
+
+
 def test_repair_app_rejects_unknown_parts_and_methods(tmp_path):
     with flagsaver.flagsaver(repair_parts=["everything"], output_dir=str(tmp_path)):
         with pytest.raises(ValueError, match="repair_parts"):

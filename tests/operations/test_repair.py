@@ -326,6 +326,25 @@ def test_solve_first_is_an_output_only_batch_before_the_sweeps(digits, damaged):
         assert np.all(values == 0)
 
 
+def test_solve_damping_shrinks_each_unit_step(digits, damaged):
+    x, _, x_test, y_test = digits
+    kwargs = dict(data=x, validation_data=(x_test, y_test), epochs=1, learning_rate=1e-12,
+                  solve_output_layer=len(x), solve_sweeps=1, solve_rank=16, seed=0,
+                  verbose=0)
+    before = damaged.get_layer("dense_1").get_weights()[0]
+
+    def moved(damping):
+        repaired = Repair(solve_damping=damping, **kwargs)(damaged)
+        for values in _damaged_entries(repaired, damaged):
+            assert np.all(values == 0)
+        return float(np.linalg.norm(repaired.get_layer("dense_1").get_weights()[0] - before))
+
+    free, ridge, frozen = moved(1e-6), moved(1.0), moved(1e9)
+    # The Levenberg-Marquardt ridge shortens the steps, and a huge one stops them.
+    assert 0 < ridge < free
+    assert frozen < 1e-6 * free
+
+
 def test_solve_sweeps_need_an_mlp_readout(digits):
     x, y, _, _ = digits
     inputs = keras.Input((8, 8, 1))
@@ -345,7 +364,7 @@ def test_config_round_trip():
     config = op.get_config()
     assert Repair.from_config(config).get_config() == config
     op = Repair(solve_output_layer=100, solve_sweeps=2, solve_rank=8, solve_temperature=3.0,
-                distance_temperature=2.0)
+                distance_temperature=2.0, solve_damping=0.5)
     config = op.get_config()
     assert Repair.from_config(config).get_config() == config
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(op))
@@ -374,6 +393,7 @@ def test_config_round_trip():
     ({"solve_temperature": 0.0, "solve_output_layer": 10}, "solve_temperature"),
     ({"solve_temperature": 2.0}, "solve_temperature"),
     ({"solve_first": -1}, "solve_first"),
+    ({"solve_damping": -0.1}, "solve_damping"),
     ({"distance_temperature": -1.0}, "distance_temperature"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
