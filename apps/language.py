@@ -169,6 +169,9 @@ flags.DEFINE_float("language_task_learning_rate", 5e-4, "Peak Adam learning rate
 flags.DEFINE_float("language_cl_learning_rate", 1e-3, "Adam learning rate of every method "
                    "on CR.", lower_bound=0.0)
 flags.DEFINE_integer("language_cl_epochs", 3, "Epochs of every method on CR.", lower_bound=1)
+flags.DEFINE_bool("language_cl_training", False, "Walk ContinualLearn (both compositions' "
+                  "too) with the moving network in training mode (Dropout on, as "
+                  "fine-tuning and EWC train); the reference outputs stay in inference mode.")
 flags.DEFINE_list("language_cl_methods", list(CL_METHODS),
                   f"Methods learning CR, among {list(CL_METHODS)}.")
 flags.DEFINE_list("language_ewc_lambdas", ["1e2", "1e4", "1e6"], "EWC's λ candidates: each "
@@ -383,7 +386,7 @@ def _learn_operation(tasks, seed):
         (tasks["cr"][0], tasks["cr"][1] + OLD_CLASSES), memory=_memory(tasks, seed),
         head="shared", epochs=FLAGS.language_cl_epochs, batch_size=64,
         learning_rate=FLAGS.language_cl_learning_rate, seed=seed, verbose=0,
-        record_every=FLAGS.language_record_every)
+        training=FLAGS.language_cl_training, record_every=FLAGS.language_record_every)
 
 
 def _compress_operation(sparsity, data, seed):
