@@ -1,6 +1,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 from absl.testing import flagsaver
 
@@ -77,3 +78,14 @@ def test_language_app_refuses_a_distributed_strategy_by_name(tmp_path):
         with pytest.raises(ValueError, match=r"strategy=mirrored.*pretrain"):
             language.main([])
     assert not os.path.exists(tmp_path / "language" / "results.json")
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_language_continual_learn_walks_in_the_mode_of_the_flag(training):
+    rng = np.random.default_rng(0)
+    tasks = {name: (rng.integers(1, 50, (8, 6)), rng.integers(0, classes, 8))
+             for name, classes in (("sst5", 5), ("cr", 2))}
+    with flagsaver.flagsaver(language_cl_training=training, language_memory=4):
+        operation = language._learn_operation(tasks, seed=0)
+        assert len(language._memory(tasks, 0)) == 4
+    assert operation.training is training
