@@ -7,7 +7,9 @@ average pooling, Dense 64, logits; `stem24` has no block (one convolution: an un
 ~78%, kept as the known weak case, not in the default list). 20% of the digits training split
 (stratified, seeded) is held out as a validation split that no method trains on. Trains each
 net on the rest, then sparsifies it with `keras_fip.Compress(sparsity, data=(x, y))` —
-default arguments: the labels only report accuracy (`--task_weights` > 0 add them) — and
+default arguments, so `learning_rate="auto"` (`--compress_learning_rates` adds runs at other
+rates, reported as `fip_lr<r>`, never chosen by the benchmark); the labels only report
+accuracy (`--task_weights` > 0 add them, as `fip_task<w>`) — and
 with one-shot and gradual magnitude pruning (global scope, the same layer-collapse
 protection) fine-tuned with labels for the same number of steps Compress took
 (`op.history["steps"]`), each at the learning rate that does best on the validation split
