@@ -102,8 +102,11 @@ flags.DEFINE_integer("workers", 2, "Processes running (method, sparsity, seed) j
                      "`--strategy` other than default.", lower_bound=1)
 
 # Method settings
-flags.DEFINE_float("prune_learning_rate", 3e-3, "Initial Adam learning rate of every "
-                   "method (cosine-decayed over its budget).", lower_bound=0.0)
+flags.DEFINE_float("prune_learning_rate", 3e-3, "Initial Adam learning rate of the "
+                   "baselines (cosine-decayed over their budget).", lower_bound=0.0)
+flags.DEFINE_string("compress_learning_rate", "auto", "Compress's `learning_rate`: `auto` "
+                    "(its default: scaled to the RMS of the prunable weights, 3e-3 on "
+                    "LeNet-300-100) or a number.")
 flags.DEFINE_integer("lth_rounds", 3, "Pruning rounds of the lottery-ticket baseline.",
                      lower_bound=1)
 flags.DEFINE_enum("fip_structure", "unstructured", list(projection.STRUCTURES),
@@ -127,6 +130,20 @@ def _percent_list(values):
     return percents
 
 
+def _compress_learning_rate(value):
+    """`--compress_learning_rate`: `"auto"` or a positive number."""
+    if value.strip() == "auto":
+        return "auto"
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = None
+    if rate is None or not np.isfinite(rate) or rate <= 0.0:
+        raise ValueError("`--compress_learning_rate` must be `auto` or a positive number. "
+                         f"Received: compress_learning_rate={value!r}")
+    return rate
+
+
 def _load(dataset, data_dir):
     """Train and test splits, loaded once per process."""
     if (dataset, data_dir) not in _DATA:
@@ -137,13 +154,16 @@ def _load(dataset, data_dir):
 
 def prune(method, base, sparsity, x, y, x_test, y_test, epochs, batch_size, learning_rate,
           seed, lth_rounds=3, fip_structure="unstructured", compress_task_weight=0.0,
-          log_dir=None, checkpoint_dir=None, checkpoint_every=100):
+          log_dir=None, checkpoint_dir=None, checkpoint_every=100,
+          compress_learning_rate="auto"):
     """Runs one method; returns the pruned model (a new one: `base` is not changed). The
-    FIP walk checkpoints to `checkpoint_dir` (and resumes from it) when one is given."""
+    baselines train at `learning_rate`, Compress at `compress_learning_rate`. The FIP walk
+    checkpoints to `checkpoint_dir` (and resumes from it) when one is given."""
     if method == "fip":
         # min_steps=0: exactly `epochs` passes, the baselines' budget.
         return Compress(sparsity, data=(x, y), structure=fip_structure, epochs=epochs,
-                        min_steps=0, batch_size=batch_size, learning_rate=learning_rate,
+                        min_steps=0, batch_size=batch_size,
+                        learning_rate=compress_learning_rate,
                         task_weight=compress_task_weight, seed=seed, verbose=0,
                         record_every=checkpoint_every, log_dir=log_dir,
                         checkpoint_directory=checkpoint_dir)(base)
@@ -189,7 +209,8 @@ def run_job(job, base=None):
                    job["epochs"], job["batch_size"], job["learning_rate"], job["seed"],
                    job["lth_rounds"], job["fip_structure"], job["compress_task_weight"],
                    job.get("log_dir"), checkpoint_dir,
-                   job.get("checkpoint_every", 100))
+                   job.get("checkpoint_every", 100),
+                   job.get("compress_learning_rate", "auto"))
     seconds = time.perf_counter() - start
     if job.get("save_path"):
         pruned.save(job["save_path"])
@@ -288,6 +309,8 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rate, run, work
                     learning_rate=learning_rate, lth_rounds=FLAGS.lth_rounds,
                     fip_structure=FLAGS.fip_structure,
                     compress_task_weight=FLAGS.compress_task_weight,
+                    compress_learning_rate=_compress_learning_rate(
+                        FLAGS.compress_learning_rate),
                     save_path=(os.path.join(output_dir, "sparsest_fip.keras")
                                if sparsest else None),
                     log_dir=(run.log_dir(f"fip/{percent:g}/seed_{seed}")
@@ -377,6 +400,7 @@ def main(argv):
     methods = [common.check_choice(m, "methods", METHODS)
                for m in (FLAGS.methods or METHODS)]
     seeds = [int(s) for s in FLAGS.seeds]
+    _compress_learning_rate(FLAGS.compress_learning_rate)  # Refused before any work.
     epochs = DEFAULT_EPOCHS if FLAGS["epochs"].using_default_value else FLAGS.epochs
     if FLAGS.workers > 1 and FLAGS.strategy != "default":
         raise ValueError(
@@ -398,7 +422,8 @@ def main(argv):
     results.update(skipped)
     results["wall_time_seconds"] = time.perf_counter() - start
     config = common.flag_values(("model", "dataset", "batch_size", "sparsities", "methods",
-                                 "seeds", "workers", "prune_learning_rate", "base_epochs",
+                                 "seeds", "workers", "prune_learning_rate",
+                                 "compress_learning_rate", "base_epochs",
                                  "lth_rounds", "fip_structure", "compress_task_weight",
                                  "strategy"))
     config["epochs"] = epochs

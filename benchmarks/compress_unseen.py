@@ -7,7 +7,9 @@ average pooling, Dense 64, logits; `stem24` has no block (one convolution: an un
 ~78%, kept as the known weak case, not in the default list). 20% of the digits training split
 (stratified, seeded) is held out as a validation split that no method trains on. Trains each
 net on the rest, then sparsifies it with `keras_fip.Compress(sparsity, data=(x, y))` —
-default arguments: the labels only report accuracy (`--task_weights` > 0 add them) — and
+default arguments, so `learning_rate="auto"` (`--compress_learning_rates` adds runs at other
+rates, reported as `fip_lr<r>`, never chosen by the benchmark); the labels only report
+accuracy (`--task_weights` > 0 add them, as `fip_task<w>`) — and
 with one-shot and gradual magnitude pruning (global scope, the same layer-collapse
 protection) fine-tuned with labels for the same number of steps Compress took
 (`op.history["steps"]`), each at the learning rate that does best on the validation split
@@ -126,14 +128,31 @@ def _split(seed, validation_fraction=0.2, folds=0, dataset="digits", train_size=
     return (x_train, y_train), (x_val, y_val), (x_test, y_test)
 
 
-def _fip_name(index, task_weight):
-    """`fip` for the first task weight, `fip_task<w>` for further ones."""
-    return "fip" if index == 0 else f"fip_task{task_weight:g}"
+def _parse_learning_rate(text):
+    """A Compress learning rate from the command line: `auto` or a number."""
+    return "auto" if text.strip() == "auto" else float(text)
+
+
+def _variants(compress_learning_rates, task_weights):
+    """`(name, learning_rate, task_weight)` of every Compress run: the first of each list
+    is `fip`; a further rate adds `_lr<r>` to the name, a further task weight `_task<w>`
+    (`fip_task1`, `fip_lr0.01`, `fip_lr0.01_task1`)."""
+    variants = []
+    for learning_rate in compress_learning_rates:
+        for task_weight in task_weights:
+            name = "fip"
+            if learning_rate != compress_learning_rates[0]:
+                name += f"_lr{learning_rate}" if isinstance(learning_rate, str) else \
+                    f"_lr{learning_rate:g}"
+            if task_weight != task_weights[0]:
+                name += f"_task{task_weight:g}"
+            variants.append((name, learning_rate, task_weight))
+    return variants
 
 
 def run_net(name, sparsities, base_epochs, seed, steps=None,
             learning_rates=BASELINE_LEARNING_RATES, task_weights=(0.0,), folds=0,
-            dataset="digits", train_size=12000):
+            dataset="digits", train_size=12000, compress_learning_rates=("auto",)):
     (x, y), (x_val, y_val), (x_test, y_test) = _split(seed, folds=folds, dataset=dataset,
                                                        train_size=train_size)
     model = conv_net(**NETS[name], seed=seed)
@@ -143,15 +162,19 @@ def run_net(name, sparsities, base_epochs, seed, steps=None,
               "dense/test/accuracy": round(_accuracy(model, x_test, y_test), 4)}
     for sparsity in sparsities:
         key = f"{sparsity * 100:g}"
-        for index, task_weight in enumerate(task_weights):
-            fip = _fip_name(index, task_weight)
+        for fip, compress_learning_rate, task_weight in _variants(compress_learning_rates,
+                                                                  task_weights):
             start = time.perf_counter()
             # The labels only report accuracy unless `task_weight` > 0.
             operation = keras_fip.Compress(sparsity, data=(x, y), steps=steps, seed=seed,
-                                           task_weight=task_weight, verbose=0)
+                                           task_weight=task_weight,
+                                           learning_rate=compress_learning_rate, verbose=0)
             compressed = operation(model)
             result[f"{fip}/{key}/seconds"] = round(time.perf_counter() - start, 1)
             result[f"{fip}/{key}/test/accuracy"] = round(_accuracy(compressed, x_test, y_test), 4)
+            result[f"{fip}/{key}/validation/accuracy"] = round(
+                _accuracy(compressed, x_val, y_val), 4)
+            result[f"{fip}/{key}/learning_rate"] = round(operation.history["learning_rate"], 6)
             result[f"{fip}/{key}/steps"] = operation.history["steps"]
             result[f"{fip}/{key}/layer_sparsity"] = _layer_sparsity(compressed)
         epochs = math.ceil(operation.history["steps"] / math.ceil(len(x) / 128))
@@ -179,19 +202,18 @@ def run_net(name, sparsities, base_epochs, seed, steps=None,
             result[f"{label}/{key}/learning_rate"] = best
         best_baseline = max(result[f"oneshot/{key}/test/accuracy"],
                             result[f"gradual/{key}/test/accuracy"])
-        for index, task_weight in enumerate(task_weights):
-            fip = _fip_name(index, task_weight)
+        for fip, _, _ in _variants(compress_learning_rates, task_weights):
             accuracy = result[f"{fip}/{key}/test/accuracy"]
             result[f"{fip}/{key}/gap_to_dense"] = round(result["dense/test/accuracy"] - accuracy, 4)
             result[f"{fip}/{key}/margin_over_best_baseline"] = round(accuracy - best_baseline, 4)
     return result
 
 
-def summarize(name, results, sparsities, task_weights=(0.0,)):
+def summarize(name, results, sparsities, task_weights=(0.0,), compress_learning_rates=("auto",)):
     """Mean ± std over seeds of every method's test accuracy, and the margins of the means."""
     summary = {"benchmark": "compress_unseen", "net": name, "summary": True,
                "seeds": [r["seed"] for r in results]}
-    fips = [_fip_name(i, w) for i, w in enumerate(task_weights)]
+    fips = [fip for fip, _, _ in _variants(compress_learning_rates, task_weights)]
     keys = ["dense/test/accuracy"] + [
         f"{method}/{sparsity * 100:g}/test/accuracy"
         for sparsity in sparsities for method in fips + ["oneshot", "gradual"]]
@@ -227,6 +249,11 @@ def main(argv=None):
                         help="Comma-separated Compress task_weight values, each its own "
                         "run: the first reported as `fip`, the others as `fip_task<w>` "
                         "(0: inputs only; > 0 adds the labels' cross-entropy).")
+    parser.add_argument("--compress_learning_rates", default="auto",
+                        help="Comma-separated Compress learning_rate values (`auto`, its "
+                        "default, or numbers), each its own run with every task weight: "
+                        "the first reported as `fip`, the others as `fip_lr<r>`. Not tuned: "
+                        "the first is the one the comparison is about.")
     parser.add_argument("--folds", type=int, default=0,
                         help="0: the official digits test split (360 images); K >= 2: K "
                         "stratified folds of all 1,797 digits, seed k tests on fold k mod K "
@@ -245,6 +272,12 @@ def main(argv=None):
     sparsities = [float(s) for s in args.sparsities.split(",")]
     learning_rates = [float(r) for r in args.learning_rates.split(",")]
     task_weights = [float(w) for w in args.task_weights.split(",")]
+    try:
+        compress_learning_rates = [_parse_learning_rate(r)
+                                   for r in args.compress_learning_rates.split(",")]
+    except ValueError:
+        parser.error("--compress_learning_rates: `auto` or numbers. Received: "
+                     f"{args.compress_learning_rates}")
     if args.dataset == "mnist8" and args.folds:
         parser.error("--folds applies to --dataset=digits only (mnist8 has 10,000 tests).")
     if args.folds == 1 or args.folds < 0:
@@ -256,9 +289,10 @@ def main(argv=None):
         for seed in (int(s) for s in args.seeds.split(",")):
             results.append(run_net(name, sparsities, args.base_epochs, seed, args.steps,
                                    learning_rates, task_weights, args.folds,
-                                   args.dataset, args.train_size))
+                                   args.dataset, args.train_size, compress_learning_rates))
             print(json.dumps(results[-1]), flush=True)
-        print(json.dumps(summarize(name, results, sparsities, task_weights)), flush=True)
+        print(json.dumps(summarize(name, results, sparsities, task_weights,
+                                   compress_learning_rates)), flush=True)
 
 
 if __name__ == "__main__":

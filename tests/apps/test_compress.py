@@ -105,6 +105,14 @@ def test_compress_app_rejects_bad_sparsities(tmp_path):
             compress.main([])
 
 
+@pytest.mark.parametrize("value", ["fast", "0", "-1e-3"])
+def test_compress_app_rejects_a_bad_compress_learning_rate(tmp_path, value):
+    with flagsaver.flagsaver(compress_learning_rate=value, output_dir=str(tmp_path / "out")):
+        with pytest.raises(ValueError, match="compress_learning_rate"):
+            compress.main([])
+    assert not os.path.exists(tmp_path / "out")  # Refused before any work.
+
+
 def test_compress_app_runs_jobs_in_worker_processes(tmp_path):
     output_dir = str(tmp_path / "workers")
     with flagsaver.flagsaver(model="mlp", dataset="digits", sparsities=["90"],

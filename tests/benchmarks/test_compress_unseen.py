@@ -23,3 +23,13 @@ def test_mnist8_is_mnist_in_the_digits_format():
 def test_mnist8_refuses_folds():
     with pytest.raises(SystemExit):
         compress_unseen.main(["--dataset=mnist8", "--folds=5"])
+
+
+def test_compress_variants_cross_learning_rates_and_task_weights():
+    assert compress_unseen._variants(["auto", 0.01], [0.0, 1.0]) == [
+        ("fip", "auto", 0.0), ("fip_task1", "auto", 1.0),
+        ("fip_lr0.01", 0.01, 0.0), ("fip_lr0.01_task1", 0.01, 1.0)]
+    assert compress_unseen._parse_learning_rate("auto") == "auto"
+    assert compress_unseen._parse_learning_rate("3e-3") == 3e-3
+    with pytest.raises(SystemExit):
+        compress_unseen.main(["--compress_learning_rates=fast"])

@@ -127,3 +127,51 @@ def test_history_counts_the_steps_taken():
 def test_bad_budget_arguments_fail_in_init(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         keras_fip.Compress(0.5, **kwargs)
+
+
+def _rms_of_live_weights(model):
+    weights = np.concatenate([v.numpy().ravel() for v in projection.prunable_variables(model)])
+    live = weights[weights != 0].astype("float64")
+    return float(np.sqrt(np.mean(live**2)))
+
+
+def test_auto_learning_rate_scales_with_the_prunable_weights():
+    from keras_fip.operations.compress import AUTO_LEARNING_RATE_SCALE
+
+    model = _mlp()
+    x, _ = data.load("digits")
+    x = x[:256]
+    # Three times the weights, some already zero: the rate scales with the live weights.
+    scaled = keras.models.clone_model(model)
+    scaled.set_weights([3.0 * w for w in model.get_weights()])
+    kernel = projection.prunable_variables(scaled)[0]
+    kernel.assign(np.where(np.arange(kernel.shape[-1]) % 2 == 0, kernel.numpy(), 0.0))
+    rates = []
+    for start in (model, scaled):
+        operation = keras_fip.Compress(0.5, data=x, steps=4, beta=1.0, verbose=0, seed=0)
+        walked = operation(start)
+        expected = AUTO_LEARNING_RATE_SCALE * _rms_of_live_weights(start)
+        assert operation.history["learning_rate"] == pytest.approx(expected, rel=1e-6)
+        rates.append(operation.history["learning_rate"])
+    assert rates[1] > 2.5 * rates[0]
+    # The walk is the one an explicit rate of that value takes (recorded as given).
+    explicit = keras_fip.Compress(0.5, data=x, steps=4, beta=1.0, verbose=0, seed=0,
+                                  learning_rate=rates[1])
+    for a, b in zip(walked.get_weights(), explicit(scaled).get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert explicit.history["learning_rate"] == rates[1]
+
+
+def test_learning_rate_round_trips_through_the_config():
+    for learning_rate in ("auto", 2e-3):
+        operation = keras_fip.Compress(0.5, learning_rate=learning_rate)
+        clone = keras_fip.Compress.from_config(operation.get_config())
+        assert clone.learning_rate == learning_rate
+        assert clone.get_config() == operation.get_config()
+    assert keras_fip.Compress(0.5).learning_rate == "auto"
+
+
+@pytest.mark.parametrize("learning_rate", ["fast", 0.0, -1e-3, float("nan"), True, None])
+def test_bad_learning_rate_fails_in_init(learning_rate):
+    with pytest.raises(ValueError, match="`learning_rate`"):
+        keras_fip.Compress(0.5, learning_rate=learning_rate)
