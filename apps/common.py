@@ -330,6 +330,20 @@ def check_choice(value, name, choices):
     return value
 
 
+def compress_learning_rate(value, name):
+    """A `--<name>` flag for Compress's `learning_rate`: `"auto"` or a positive number."""
+    if value.strip() == "auto":
+        return "auto"
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = None
+    if rate is None or not np.isfinite(rate) or rate <= 0.0:
+        raise ValueError(f"`--{name}` must be `auto` or a positive number. "
+                         f"Received: {name}={value!r}")
+    return rate
+
+
 def set_seed(seed):
     keras.utils.set_random_seed(seed)
 

@@ -130,20 +130,6 @@ def _percent_list(values):
     return percents
 
 
-def _compress_learning_rate(value):
-    """`--compress_learning_rate`: `"auto"` or a positive number."""
-    if value.strip() == "auto":
-        return "auto"
-    try:
-        rate = float(value)
-    except ValueError:
-        rate = None
-    if rate is None or not np.isfinite(rate) or rate <= 0.0:
-        raise ValueError("`--compress_learning_rate` must be `auto` or a positive number. "
-                         f"Received: compress_learning_rate={value!r}")
-    return rate
-
-
 def _load(dataset, data_dir):
     """Train and test splits, loaded once per process."""
     if (dataset, data_dir) not in _DATA:
@@ -309,8 +295,8 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rate, run, work
                     learning_rate=learning_rate, lth_rounds=FLAGS.lth_rounds,
                     fip_structure=FLAGS.fip_structure,
                     compress_task_weight=FLAGS.compress_task_weight,
-                    compress_learning_rate=_compress_learning_rate(
-                        FLAGS.compress_learning_rate),
+                    compress_learning_rate=common.compress_learning_rate(
+                        FLAGS.compress_learning_rate, "compress_learning_rate"),
                     save_path=(os.path.join(output_dir, "sparsest_fip.keras")
                                if sparsest else None),
                     log_dir=(run.log_dir(f"fip/{percent:g}/seed_{seed}")
@@ -400,7 +386,8 @@ def main(argv):
     methods = [common.check_choice(m, "methods", METHODS)
                for m in (FLAGS.methods or METHODS)]
     seeds = [int(s) for s in FLAGS.seeds]
-    _compress_learning_rate(FLAGS.compress_learning_rate)  # Refused before any work.
+    # Refused before any work.
+    common.compress_learning_rate(FLAGS.compress_learning_rate, "compress_learning_rate")
     epochs = DEFAULT_EPOCHS if FLAGS["epochs"].using_default_value else FLAGS.epochs
     if FLAGS.workers > 1 and FLAGS.strategy != "default":
         raise ValueError(

@@ -89,3 +89,17 @@ def test_language_continual_learn_walks_in_the_mode_of_the_flag(training):
         operation = language._learn_operation(tasks, seed=0)
         assert len(language._memory(tasks, 0)) == 4
     assert operation.training is training
+
+
+def test_language_app_refuses_a_bad_compress_learning_rate(tmp_path):
+    with _tiny_flags(tmp_path, language_compress_learning_rate="fast"):
+        with pytest.raises(ValueError, match="language_compress_learning_rate"):
+            language.main([])
+    assert not os.path.exists(tmp_path / "language")  # Refused before any work.
+
+
+@pytest.mark.parametrize("value, expected", [("3e-3", 3e-3), ("auto", "auto")])
+def test_language_compress_walks_at_the_rate_of_the_flag(value, expected):
+    with flagsaver.flagsaver(language_compress_learning_rate=value):
+        operation = language._compress_operation(0.3, np.zeros((4, 6), "int32"), seed=0)
+    assert operation.learning_rate == expected
