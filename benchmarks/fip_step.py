@@ -58,35 +58,47 @@ def _loss():
 
 
 class _StepTimer(keras.callbacks.Callback):
-    """Wall and CPU time of the steps after the warm-up (no tracing, no iterator start)."""
+    """Wall and CPU time of the steps after the warm-up (no tracing, no iterator start);
+    stops the run after `total` steps."""
 
-    def __init__(self, warmup):
+    def __init__(self, warmup, total):
         super().__init__()
         self.warmup = warmup
+        self.total = total
         self.times = []
         self.cpu_times = []
 
     def on_train_batch_end(self, batch, logs=None):
         self.times.append(time.perf_counter())
         self.cpu_times.append(time.process_time())
+        if len(self.times) >= self.total:
+            self.model.stop_training = True
 
     def seconds(self):
-        return self.times[-1] - self.times[self.warmup - 1]
+        return self.times[self.total - 1] - self.times[self.warmup - 1]
 
     def cpu_seconds(self):
-        return self.cpu_times[-1] - self.cpu_times[self.warmup - 1]
+        return self.cpu_times[self.total - 1] - self.cpu_times[self.warmup - 1]
 
 
 def _time_fit(model, data, steps, warmup, batch_size=None):
-    """`(wall seconds, CPU seconds)` of `steps` steps; `data` a dataset or `(x, y)`."""
-    timer = _StepTimer(warmup)
+    """`(wall seconds, CPU seconds)` of `steps` steps; `data` a dataset or `(x, y)`.
+
+    Arrays run as many passes as the steps need (`fit` ends an epoch at the end of the
+    arrays even when `steps_per_epoch` asks for more, which would time fewer steps than
+    counted); the timer stops the run after `warmup + steps` steps.
+    """
+    total = warmup + steps
+    timer = _StepTimer(warmup, total)
     if isinstance(data, tuple):
         x, y = data
-        model.fit(x, y, batch_size=batch_size, epochs=1, steps_per_epoch=warmup + steps,
+        batches_per_pass = -(-len(x) // batch_size)
+        model.fit(x, y, batch_size=batch_size, epochs=-(-total // batches_per_pass),
                   verbose=0, callbacks=[timer])
     else:
-        model.fit(data, epochs=1, steps_per_epoch=warmup + steps, verbose=0,
-                  callbacks=[timer])
+        model.fit(data, epochs=1, steps_per_epoch=total, verbose=0, callbacks=[timer])
+    if len(timer.times) < total:
+        raise RuntimeError(f"Timed {len(timer.times)} steps of {total}: the data ran out.")
     return timer.seconds(), timer.cpu_seconds()
 
 

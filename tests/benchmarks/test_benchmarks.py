@@ -74,3 +74,19 @@ def test_benchmark_prints_json_lines(name, tmp_path, monkeypatch, capsys):
             memory = record["peak_memory_matvec_mb"]
             assert (memory is not None and memory >= 0) or "peak_memory_note" in record
 
+
+
+def test_fip_step_times_every_step_asked_for_beyond_one_pass_over_arrays():
+    import keras
+    import numpy as np
+
+    from benchmarks import fip_step
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.zeros((64, 3), "float32"), np.zeros((64, 2), "float32")
+    # 4 batches a pass; `fit(steps_per_epoch=7)` would stop after 4 and time 3 of 6.
+    seconds, cpu_seconds = fip_step._time_fit(model, (x, y), steps=6, warmup=1,
+                                              batch_size=16)
+    assert int(model.optimizer.iterations) == 7
+    assert seconds > 0 and cpu_seconds >= 0
