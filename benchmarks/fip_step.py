@@ -28,7 +28,7 @@ Example:
     python -m benchmarks.fip_step                     # about 3 minutes on 2 idle CPU cores
     python -m benchmarks.fip_step --steps=500 --repeats=5 --models=lenet_300_100
     python -m benchmarks.fip_step --rules=penalty,normalized   # skip the costly metric rule
-    python -m benchmarks.fip_step --rules=penalty,penalty_measure100 --steps=150 --repeats=5
+    python -m benchmarks.fip_step --rules=penalty,penalty_measure100 --repeats=20
 
 On a GPU/TPU host, raise `--batch_size` and `--steps` (the ratios are per sample).
 """
@@ -226,8 +226,9 @@ def main(argv=None):
                         help="Step rules to time: penalty, penalty_measure100, "
                              "normalized, metric_cg10.")
     parser.add_argument("--steps", type=int, default=60,
-                        help="Timed steps per method and round (per-step noise falls "
-                             "with longer rounds: use 150+ for the acceptance ratios).")
+                        help="Timed steps per method and round. On a shared virtual machine "
+                             "many short rounds (`--repeats=20`) give steadier ratios than "
+                             "a few long ones: the paired ratio cancels drift between rounds.")
     parser.add_argument("--metric_steps", type=int, default=20,
                         help="Timed steps of the metric rule (10 CG products a step).")
     parser.add_argument("--warmup", type=int, default=5)
