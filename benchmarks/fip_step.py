@@ -25,7 +25,7 @@ the start and the end).
 
 Example:
 
-    python -m benchmarks.fip_step                     # about 3 minutes on 2 idle CPU cores
+    python -m benchmarks.fip_step                     # about 4 minutes on 2 idle CPU cores
     python -m benchmarks.fip_step --steps=500 --repeats=5 --models=lenet_300_100
     python -m benchmarks.fip_step --rules=penalty,normalized   # skip the costly metric rule
     python -m benchmarks.fip_step --rules=penalty,penalty_measure100 --repeats=20
@@ -229,10 +229,10 @@ def main(argv=None):
                         help="Timed steps per method and round. On a shared virtual machine "
                              "many short rounds (`--repeats=20`) give steadier ratios than "
                              "a few long ones: the paired ratio cancels drift between rounds.")
-    parser.add_argument("--metric_steps", type=int, default=20,
+    parser.add_argument("--metric_steps", type=int, default=10,
                         help="Timed steps of the metric rule (10 CG products a step).")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup_rounds", type=int, default=1,
                         help="Interleaved rounds run first and discarded.")
     parser.add_argument("--batch_size", type=int, default=256)
