@@ -20,6 +20,13 @@ accuracies (360 images: one image is 0.28 pp, hence several seeds), then one sum
 net with the mean ± std over seeds and the margins of the means. `--folds=5 --seeds=0,1,2,3,4`
 tests on all 1,797 digits instead (five stratified folds, each seed trains on the other
 four), which resolves differences of a few images that the 360-image split cannot.
+`--compress_options='{"name": {...}}'` adds Compress runs with other keyword arguments
+(`fip_<name>`, reported beside `fip`, never chosen by the benchmark), and
+`--finetuned_reference` the dense network trained on the labels for the same budget without
+pruning (`finetuned`, its rate chosen on validation like the baselines'): what gradual
+pruning's labelled training gives on its own — on the digits it lifts the dense network
+above its own test accuracy, which a walk that keeps the dense function cannot reach
+without the labels (`--task_weights=0,1`).
 `--dataset=mnist8` runs the same nets on MNIST brought to the digits' format (the central
 24×24 of each image, where the digit is, averaged over 3×3 blocks, as the digits were
 made by counting 4×4 blocks of 32×32 bitmaps): `--train_size` training images (stratified, seeded; 12,000 by default) and all
@@ -150,9 +157,42 @@ def _variants(compress_learning_rates, task_weights):
     return variants
 
 
+def _runs(compress_learning_rates, task_weights, options=None):
+    """`(name, Compress keyword arguments)` of every Compress run: the `_variants` grid,
+    then one `fip_<name>` run per entry of `options` (a name -> keyword-arguments dict;
+    Compress's defaults for everything else)."""
+    runs = [(name, {"learning_rate": learning_rate, "task_weight": task_weight})
+            for name, learning_rate, task_weight in _variants(compress_learning_rates,
+                                                              task_weights)]
+    return runs + [(f"fip_{name}", dict(kwargs)) for name, kwargs in (options or {}).items()]
+
+
+def _parse_options(text):
+    """`--compress_options`: a JSON object, name -> Compress keyword arguments."""
+    options = json.loads(text) if text else {}
+    if not isinstance(options, dict) or not all(
+            isinstance(kwargs, dict) for kwargs in options.values()):
+        raise ValueError(f"expected a JSON object of objects. Received: {text}")
+    for kwargs in options.values():
+        keras_fip.Compress(0.5, **kwargs)  # Bad arguments fail before any training.
+    return options
+
+
+def _finetuned(model, sparsity, x, y, epochs, batch_size, learning_rate):
+    """The reference `--finetuned_reference` adds: the dense network itself (a copy, not
+    pruned) trained on the labels for the baselines' budget, as they are. What it gains over
+    the dense network is what the labels and the extra training give, whatever the pruning."""
+    del sparsity
+    tuned = keras_fip.engine.copy_model(model)
+    keras_fip.models.train_classifier(tuned, x, y, epochs, batch_size, learning_rate)
+    return tuned
+
+
 def run_net(name, sparsities, base_epochs, seed, steps=None,
             learning_rates=BASELINE_LEARNING_RATES, task_weights=(0.0,), folds=0,
-            dataset="digits", train_size=12000, compress_learning_rates=("auto",)):
+            dataset="digits", train_size=12000, compress_learning_rates=("auto",),
+            compress_options=None, finetuned_reference=False):
+    runs = _runs(compress_learning_rates, task_weights, compress_options)
     (x, y), (x_val, y_val), (x_test, y_test) = _split(seed, folds=folds, dataset=dataset,
                                                        train_size=train_size)
     model = conv_net(**NETS[name], seed=seed)
@@ -162,13 +202,11 @@ def run_net(name, sparsities, base_epochs, seed, steps=None,
               "dense/test/accuracy": round(_accuracy(model, x_test, y_test), 4)}
     for sparsity in sparsities:
         key = f"{sparsity * 100:g}"
-        for fip, compress_learning_rate, task_weight in _variants(compress_learning_rates,
-                                                                  task_weights):
+        for fip, kwargs in runs:
             start = time.perf_counter()
             # The labels only report accuracy unless `task_weight` > 0.
             operation = keras_fip.Compress(sparsity, data=(x, y), steps=steps, seed=seed,
-                                           task_weight=task_weight,
-                                           learning_rate=compress_learning_rate, verbose=0)
+                                           verbose=0, **kwargs)
             compressed = operation(model)
             result[f"{fip}/{key}/seconds"] = round(time.perf_counter() - start, 1)
             result[f"{fip}/{key}/test/accuracy"] = round(_accuracy(compressed, x_test, y_test), 4)
@@ -178,8 +216,11 @@ def run_net(name, sparsities, base_epochs, seed, steps=None,
             result[f"{fip}/{key}/steps"] = operation.history["steps"]
             result[f"{fip}/{key}/layer_sparsity"] = _layer_sparsity(compressed)
         epochs = math.ceil(operation.history["steps"] / math.ceil(len(x) / 128))
-        for label, method in (("oneshot", baselines.one_shot_magnitude_pruning),
-                              ("gradual", baselines.gradual_magnitude_pruning)):
+        references = [("oneshot", baselines.one_shot_magnitude_pruning),
+                      ("gradual", baselines.gradual_magnitude_pruning)]
+        if finetuned_reference:
+            references.append(("finetuned", _finetuned))
+        for label, method in references:
             validation, test = {}, {}
             grid = list(learning_rates)
             while grid:
@@ -202,21 +243,24 @@ def run_net(name, sparsities, base_epochs, seed, steps=None,
             result[f"{label}/{key}/learning_rate"] = best
         best_baseline = max(result[f"oneshot/{key}/test/accuracy"],
                             result[f"gradual/{key}/test/accuracy"])
-        for fip, _, _ in _variants(compress_learning_rates, task_weights):
+        for fip, _ in runs:
             accuracy = result[f"{fip}/{key}/test/accuracy"]
             result[f"{fip}/{key}/gap_to_dense"] = round(result["dense/test/accuracy"] - accuracy, 4)
             result[f"{fip}/{key}/margin_over_best_baseline"] = round(accuracy - best_baseline, 4)
     return result
 
 
-def summarize(name, results, sparsities, task_weights=(0.0,), compress_learning_rates=("auto",)):
+def summarize(name, results, sparsities, task_weights=(0.0,), compress_learning_rates=("auto",),
+              compress_options=None):
     """Mean ± std over seeds of every method's test accuracy, and the margins of the means."""
     summary = {"benchmark": "compress_unseen", "net": name, "summary": True,
                "seeds": [r["seed"] for r in results]}
-    fips = [fip for fip, _, _ in _variants(compress_learning_rates, task_weights)]
+    fips = [fip for fip, _ in _runs(compress_learning_rates, task_weights, compress_options)]
+    methods = fips + [m for m in ("oneshot", "gradual", "finetuned")
+                      if f"{m}/{sparsities[0] * 100:g}/test/accuracy" in results[0]]
     keys = ["dense/test/accuracy"] + [
-        f"{method}/{sparsity * 100:g}/test/accuracy"
-        for sparsity in sparsities for method in fips + ["oneshot", "gradual"]]
+        f"{method}/{sparsity * 100:g}/{split}/accuracy"
+        for sparsity in sparsities for method in methods for split in ("test", "validation")]
     for key in keys:
         values = [r[key] for r in results]
         summary[f"{key}/mean"] = round(float(np.mean(values)), 4)
@@ -254,6 +298,15 @@ def main(argv=None):
                         "default, or numbers), each its own run with every task weight: "
                         "the first reported as `fip`, the others as `fip_lr<r>`. Not tuned: "
                         "the first is the one the comparison is about.")
+    parser.add_argument("--compress_options", default="",
+                        help="JSON object, name -> Compress keyword arguments: one more run "
+                        "per entry, reported as `fip_<name>` (e.g. "
+                        "'{\"pull0.5\": {\"pull_fraction\": 0.5}}'). Not chosen by the "
+                        "benchmark: `fip` (the defaults) is the one the comparison is about.")
+    parser.add_argument("--finetuned_reference", action="store_true",
+                        help="Also report `finetuned`: the dense network trained on the labels "
+                        "for the same budget without pruning (its rate chosen on validation "
+                        "as the baselines' are): what the extra labelled training alone gives.")
     parser.add_argument("--folds", type=int, default=0,
                         help="0: the official digits test split (360 images); K >= 2: K "
                         "stratified folds of all 1,797 digits, seed k tests on fold k mod K "
@@ -278,6 +331,10 @@ def main(argv=None):
     except ValueError:
         parser.error("--compress_learning_rates: `auto` or numbers. Received: "
                      f"{args.compress_learning_rates}")
+    try:
+        compress_options = _parse_options(args.compress_options)
+    except (TypeError, ValueError) as error:
+        parser.error(f"--compress_options: {error}")
     if args.dataset == "mnist8" and args.folds:
         parser.error("--folds applies to --dataset=digits only (mnist8 has 10,000 tests).")
     if args.folds == 1 or args.folds < 0:
@@ -289,10 +346,11 @@ def main(argv=None):
         for seed in (int(s) for s in args.seeds.split(",")):
             results.append(run_net(name, sparsities, args.base_epochs, seed, args.steps,
                                    learning_rates, task_weights, args.folds,
-                                   args.dataset, args.train_size, compress_learning_rates))
+                                   args.dataset, args.train_size, compress_learning_rates,
+                                   compress_options, args.finetuned_reference))
             print(json.dumps(results[-1]), flush=True)
         print(json.dumps(summarize(name, results, sparsities, task_weights,
-                                   compress_learning_rates)), flush=True)
+                                   compress_learning_rates, compress_options)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -33,3 +35,28 @@ def test_compress_variants_cross_learning_rates_and_task_weights():
     assert compress_unseen._parse_learning_rate("3e-3") == 3e-3
     with pytest.raises(SystemExit):
         compress_unseen.main(["--compress_learning_rates=fast"])
+
+
+def test_compress_options_add_named_runs_with_defaults_elsewhere():
+    runs = compress_unseen._runs(["auto"], [0.0], {"pull0.5": {"pull_fraction": 0.5}})
+    assert runs == [("fip", {"learning_rate": "auto", "task_weight": 0.0}),
+                    ("fip_pull0.5", {"pull_fraction": 0.5})]
+    assert compress_unseen._parse_options("") == {}
+    assert compress_unseen._parse_options('{"a": {"task_weight": 1}}') == {
+        "a": {"task_weight": 1}}
+    for bad in ('[1]', '{"a": 1}', '{"a": {"pull_fraction": 2}}', '{"a": {"nope": 1}}'):
+        with pytest.raises(SystemExit):
+            compress_unseen.main([f"--compress_options={bad}"])
+
+
+def test_finetuned_reference_and_validation_means_are_reported(capsys):
+    compress_unseen.main(["--nets=plain24", "--base_epochs=1", "--steps=4", "--seeds=0",
+                          "--learning_rates=1e-3", "--sparsities=0.5", "--finetuned_reference",
+                          '--compress_options={"p5": {"pull_fraction": 0.5}}'])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+             if line.startswith("{")]
+    record, summary = lines
+    for method in ("fip", "fip_p5", "oneshot", "gradual", "finetuned"):
+        assert 0.0 <= record[f"{method}/50/test/accuracy"] <= 1.0
+        assert f"{method}/50/validation/accuracy/mean" in summary
+    assert record["fip_p5/50/steps"] == 4
