@@ -52,6 +52,14 @@ def _distance(left, right):
     )
 
 
+def _unmeasured(after):
+    """NaN `step_norm` and `distance_from_start`, and whether the weights are finite."""
+    # A sum is non-finite when any term is (weights never near 1e38).
+    total = tf.add_n([tf.reduce_sum(a) for a in after])
+    nan = tf.constant(float("nan"), after[0].dtype)
+    return nan, nan, tf.math.is_finite(total)
+
+
 def _batch_size(inputs):
     """The batch size of `inputs`: a Python int when static, else a scalar tensor."""
     size = inputs.shape[0]
@@ -108,7 +116,8 @@ class FIPTrainer(keras.Model):
     over replicas: `distance` (D), `secondary_loss` (L), `step_norm` (‖Δw‖),
     `distance_from_start` (‖w − w₀‖; both NaN between measurements with
     `measure_every` > 1), `finite` (1.0 if the objective and the weights are
-    finite; `walk` then stops and puts the model back on the previous point) and
+    finite; otherwise `walk` stops and puts the model back on the previous point, or the
+    last measured one with `measure_every` > 1) and
     `accuracy` (on the secondary batch) when L is a cross-entropy.
     Create and compile it under the `tf.distribute` strategy scope it should run in.
 
@@ -148,8 +157,16 @@ class FIPTrainer(keras.Model):
             other steps report them as NaN, and check the weights for non-finite
             values by their sum (one pass). `walk` counts steps as its `path` does, so
             with `measure_every=path.record_every` every recorded point carries the
-            same values as with `1`. On small models these passes are a tenth of the
-            step (`python -m benchmarks.fip_step`). Defaults to `1` (every step).
+            same values as with `1`. With the start reference (and no
+            `metric_length`), the non-finite guard then keeps a copy of the weights
+            only at measured steps (and the step before, for `step_norm`), and other
+            steps do not read the weights at all (a weight that turns non-finite
+            there makes the next step's objective non-finite, and `walk` checks every
+            point it records): a failed step puts the model back on the last measured
+            point (the walk's first point before the first), which the path keeps
+            when `path.record_every` is `measure_every`, rather than on the point
+            just before it. On small models the copies and passes are a tenth of the step
+            (`python -m benchmarks.fip_step`). Defaults to `1` (every step).
         **kwargs: Passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -264,6 +281,16 @@ class FIPTrainer(keras.Model):
         variables = model.trainable_variables
         self._start_weights = _snapshots(variables, "start")
         self._previous_weights = _snapshots(variables, "previous")
+        # With `measure_every` > 1 (and the start reference) the guard's point is only
+        # snapshotted at measured steps; the point one step before a measured step is
+        # kept here for its `step_norm`.
+        # (`metric_length` needs every step's previous point.)
+        self._sparse_guard = (
+            self.measure_every > 1 and reference != "local" and not self.metric_length
+        )
+        self._before_measured = (
+            _snapshots(variables, "before_measured") if self._sparse_guard else []
+        )
         # The moving statistics change in training mode: the guard restores them too.
         self._state = list(model.non_trainable_variables) if self.walk_training else []
         self._previous_state = _snapshots(self._state, "previous_state")
@@ -409,9 +436,20 @@ class FIPTrainer(keras.Model):
         secondary = data.get("secondary")
         variables = self.network.trainable_variables
         replicas = step_rules.num_replicas()
+        # The guard's point is snapshotted every step unless `measure_every` > 1 with
+        # the start reference (then at measured steps only, after the update).
+        if self._sparse_guard and reference_outputs is None:
+            raise ValueError(
+                "With `reference='start'` and `measure_every` > 1 the data must carry the "
+                "start point's outputs (`fip_dataset(..., reference='start')`). Received "
+                f"batches without 'anchor_outputs' (measure_every={self.measure_every})."
+            )
+        every_step = not self._sparse_guard
         # The moving statistics (training mode only) change in the forward pass: read
         # them first.
-        before_state = [tf.identity(v.value) for v in self._state]
+        before_state = (
+            [tf.identity(v.value) for v in self._state] if every_step else []
+        )
         if reference_outputs is None:
             reference_outputs = self._reference_outputs(anchor_inputs)
 
@@ -507,42 +545,18 @@ class FIPTrainer(keras.Model):
         else:
             updates = gradients
 
-        # Apply, keeping the current point as the previous one (the non-finite guard
-        # of `walk` returns to it; the step is measured from it). Every read of the
-        # snapshots above (the local reference) and of the variables comes first, in
-        # program order, which automatic control dependencies keep.
-        before = [tf.convert_to_tensor(v.value) for v in variables]
-        for snapshot, value in zip(
-            self._previous_weights + self._previous_state, before + before_state
-        ):
-            snapshot.assign(value)
-        self.optimizer.apply(updates, variables)
-
-        # Measure (from the values read before the update: no second read).
-        after = [v.value for v in variables]
-
-        def measured():
-            from_start = _distance(after, [s.value for s in self._start_weights])
-            return _distance(after, before), from_start, tf.math.is_finite(from_start)
-
-        if self.measure_every == 1:
-            step_norm, from_start, weights_finite = measured()
+        if every_step:
+            step_norm, from_start, weights_finite, delta_base = self._apply_every_step(
+                updates, variables, before_state)
         else:
-            step = self._step_count.assign_add(1)
-
-            def unmeasured():
-                # A sum is non-finite when any term is (weights never near 1e38).
-                total = tf.add_n([tf.reduce_sum(a) for a in after])
-                nan = tf.constant(float("nan"), after[0].dtype)
-                return nan, nan, tf.math.is_finite(total)
-
-            step_norm, from_start, weights_finite = tf.cond(
-                tf.equal(step % self.measure_every, 0), measured, unmeasured)
+            step_norm, from_start, weights_finite, delta_base = self._apply_sparse(
+                updates, variables, tf.math.is_finite(objective_mean))
         finite = tf.logical_and(tf.math.is_finite(objective_mean), weights_finite)
         if self.metric_length:
             from keras_fip.geometry import output_jvp
 
-            delta = [a - b for a, b in zip(after, before)]
+            after = [v.value for v in variables]
+            delta = [a - b for a, b in zip(after, delta_base)]
             _, jvp = output_jvp(self.network, anchor_inputs, delta)
             speed = tf.reduce_mean(tf.reduce_sum(tf.square(jvp), axis=-1))
             (speed,) = step_rules.all_reduce_mean([speed])
@@ -560,10 +574,114 @@ class FIPTrainer(keras.Model):
             logs["accuracy"] = accuracy_mean
         return logs
 
+    def _apply_every_step(self, updates, variables, before_state):
+        """Applies the update, snapshotting the current point as the previous one first
+        (the local reference and the guard's point); measures every `measure_every`."""
+        # Every read of the snapshots above (the local reference) and of the variables
+        # comes first, in program order, which automatic control dependencies keep.
+        before = [tf.convert_to_tensor(v.value) for v in variables]
+        for snapshot, value in zip(
+            self._previous_weights + self._previous_state, before + before_state
+        ):
+            snapshot.assign(value)
+        self.optimizer.apply(updates, variables)
+        # Measure (from the values read before the update: no second read).
+        after = [v.value for v in variables]
+
+        def measured():
+            from_start = _distance(after, [s.value for s in self._start_weights])
+            return _distance(after, before), from_start, tf.math.is_finite(from_start)
+
+        if self.measure_every == 1:
+            return (*measured(), before)
+        step = self._step_count.assign_add(1)
+        step_norm, from_start, finite = tf.cond(
+            tf.equal(step % self.measure_every, 0),
+            measured,
+            lambda: _unmeasured(after),
+        )
+        return step_norm, from_start, finite, before
+
+    def _apply_sparse(self, updates, variables, objective_finite):
+        """Applies the update; the guard's point and `step_norm` need copies of the
+        weights only around measured steps, so other steps make none.
+
+        At a measured step (a multiple of `measure_every`) the new point becomes the
+        guard's point, when it and the step's objective are finite; the step before keeps its point for `step_norm`.
+        Other steps make no copy and no pass over the weights: a weight that turns
+        non-finite there makes the next step's objective non-finite (the guard stops
+        one step later), and `walk` checks the weights of every point it records.
+        Reading the weights before the update would also make TensorFlow copy them at
+        the update (copy on write)."""
+        step = self._step_count.assign_add(1)
+        self.optimizer.apply(updates, variables)
+        after = [v.value for v in variables]
+
+        def measured():
+            before = [s.value for s in self._before_measured]
+            from_start = _distance(after, [s.value for s in self._start_weights])
+            finite = tf.math.is_finite(from_start)
+
+            def keep_point():
+                for snapshot, value in zip(
+                    self._previous_weights + self._previous_state,
+                    after + [v.value for v in self._state],
+                ):
+                    snapshot.assign(value)
+                return tf.constant(True)
+
+            kept = tf.cond(tf.logical_and(finite, objective_finite), keep_point,
+                           lambda: tf.constant(False))
+            with tf.control_dependencies([kept]):
+                step_norm = tf.identity(_distance(after, before))
+            return step_norm, from_start, finite
+
+        # Unmeasured steps do not read the weights to check them (a pass over every
+        # weight, ~3% of a LeNet-300-100 step): non-finite weights make the next step's
+        # objective non-finite, and the recorder checks every point it records.
+        def unmeasured():
+            nan = tf.constant(float("nan"), after[0].dtype)
+            return nan, nan, tf.constant(True)
+
+        def before_measured():
+            for snapshot, value in zip(self._before_measured, after):
+                snapshot.assign(value)
+            return unmeasured()
+
+        phase = step % self.measure_every
+        branch = tf.where(
+            tf.equal(phase, 0), 0, tf.where(tf.equal(phase, self.measure_every - 1), 1, 2)
+        )
+        step_norm, from_start, finite = tf.switch_case(
+            tf.cast(branch, "int32"),
+            [measured, before_measured, unmeasured],
+        )
+        return step_norm, from_start, finite, None
+
+    def _guard_point(self, failed_step, first_step):
+        """The step of the point the guard returns to after a failed step."""
+        if not self._sparse_guard:
+            return failed_step - 1
+        return max(first_step, (failed_step - 1) // self.measure_every * self.measure_every)
+
+    def _keep_guard_point(self):
+        """Makes the current point the guard's point at the start of a walk, with
+        `measure_every` > 1 (with every-step copies the first step makes it)."""
+        if not self._sparse_guard:
+            return
+        variables = self.network.trainable_variables
+        for snapshot, variable in zip(self._previous_weights, variables):
+            snapshot.assign(variable.value)
+        for snapshot, variable in zip(self._previous_state, self._state):
+            snapshot.assign(variable.value)
+        for snapshot, variable in zip(self._before_measured, variables):
+            snapshot.assign(variable.value)
+
     # Walking.
 
     def restore_previous_point(self):
-        """Sets the model's weights back to the point before the last step."""
+        """Sets the model's weights back to the guard's point: the point before the last
+        step, or with `measure_every` > 1 (start reference) the last measured point."""
         for variable, snapshot in zip(
             self.network.trainable_variables + self._state,
             self._previous_weights + self._previous_state,
@@ -594,8 +712,9 @@ class FIPTrainer(keras.Model):
         Drives `fit` (progress bar, callbacks, `tf.distribute`, `jit_compile`) and records
         each step's scalars, and the weights every `path.record_every` steps, into `path`.
         A step whose loss, step or weights are not finite stops the walk: the model is
-        put back on the last finite point (which `path` keeps) and a `FloatingPointError`
-        naming the step is raised.
+        put back on the point before it (with `measure_every` > 1, the last measured
+        point, or the walk's first) and a `FloatingPointError` naming both steps is
+        raised.
 
         Args:
             data: The dataset from `keras_fip.engine.data_adapter.fip_dataset`.
@@ -634,6 +753,7 @@ class FIPTrainer(keras.Model):
             )
         first_step = 0 if path is None else int(path.steps[-1])
         self._step_count.assign(first_step)  # `measure_every` counts as the path does.
+        self._keep_guard_point()
         recorder = _WalkRecorder(self, path, first_step, steps_per_epoch)
         all_callbacks = [recorder] + list(callbacks or [])
         if log_dir is not None:
@@ -647,11 +767,14 @@ class FIPTrainer(keras.Model):
             shuffle=False,
         )
         if recorder.failed_step is not None:
+            kept = self._guard_point(recorder.failed_step, first_step)
             raise FloatingPointError(
                 f"The FIP walk hit a non-finite loss, step or weight at step "
                 f"{recorder.failed_step}; it stopped there. The model holds the last "
-                f"finite point (step {recorder.failed_step - 1}), which the path keeps. "
-                "Lower `epsilon` or the learning rate, or check the data."
+                f"finite point it kept (step {kept}"
+                + (f", the last multiple of measure_every={self.measure_every}"
+                   if kept != recorder.failed_step - 1 else "")
+                + "). Lower `epsilon` or the learning rate, or check the data."
             )
         return recorder.history
 
@@ -713,18 +836,25 @@ class _WalkRecorder(keras.callbacks.Callback):
         step = self._first_step + self._epoch * self._steps_per_epoch + batch + 1
         metrics = {name: float(np.asarray(value)) for name, value in (logs or {}).items()}
         if metrics.get("finite", 1.0) < 1.0:
-            # Go back to the point before the failed step.
-            self._trainer.restore_previous_point()
-            self.failed_step = step
-            self.model.stop_training = True
+            self._fail(step)
             return
+        weights = None
+        if self._path is not None and self._path.should_record(step):
+            weights = [v.numpy() for v in self._trainer.network.trainable_variables]
+            if not all(np.isfinite(w).all() for w in weights):
+                # Steps between measured ones do not check the weights.
+                self._fail(step)
+                return
         for name, value in metrics.items():
             self.history.setdefault(name, []).append(value)
         if self._path is not None:
-            weights = None
-            if self._path.should_record(step):
-                weights = [v.numpy() for v in self._trainer.network.trainable_variables]
             self._path.append(step, weights, metrics)
+
+    def _fail(self, step):
+        # Go back to the guard's point (`FIPTrainer._guard_point`).
+        self._trainer.restore_previous_point()
+        self.failed_step = step
+        self.model.stop_training = True
 
 
 class _ScalarSummaries(keras.callbacks.Callback):

@@ -137,12 +137,13 @@ def mirrored(mirrored_strategy):
     return mirrored_strategy
 
 
-def _walk(strategy, template, step_rule, reference, x, y, steps=5):
+def _walk(strategy, template, step_rule, reference, x, y, steps=5, measure_every=1):
     with strategy.scope():
         model = _copy(template)
         trainer = FIPTrainer(
             model, step_rule=step_rule, epsilon=0.01, reference=reference,
-            secondary_loss=_loss(), metric_length=True,
+            secondary_loss=_loss(), metric_length=measure_every == 1,
+            measure_every=measure_every,
         )
         optimizer = keras.optimizers.SGD(0.1) if step_rule == "penalty" else None
         trainer.compile(optimizer=optimizer)
@@ -173,6 +174,24 @@ def test_mirrored_strategy_matches_one_device(mirrored, step_rule, reference, dt
         np.testing.assert_allclose(
             single_history[name], multi_history[name], rtol=1e-5, atol=1e-7
         )
+
+
+def test_mirrored_strategy_matches_one_device_measuring_every_other_step(mirrored):
+    # The guard's copies are made only around measured steps (per replica).
+    template = _model()
+    x, y = _data(64)
+    single, single_history = _walk(tf.distribute.get_strategy(), template, "penalty",
+                                   "start", x, y, measure_every=2)
+    multi, multi_history = _walk(mirrored, template, "penalty", "start", x, y,
+                                 measure_every=2)
+    for a, b in zip(single, multi):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    for name in ("distance", "step_norm", "distance_from_start", "finite"):
+        np.testing.assert_allclose(
+            single_history[name], multi_history[name], rtol=1e-5, atol=1e-7
+        )
+    assert np.all(np.isnan(single_history["step_norm"][0::2]))
+    assert np.all(np.isfinite(single_history["step_norm"][1::2]))
 
 
 class _NaNAfter:
@@ -422,13 +441,84 @@ def test_measure_every_measures_recorded_steps_alike_and_guards_every_step():
     assert list(sparse_path.steps) == [0, 3, 6]
     for name, values in every_path.metrics.items():
         np.testing.assert_array_equal(sparse_path.metrics[name], values)
-    # The non-finite guard still checks the weights at the unmeasured steps.
+    # Weights that overflow at an unmeasured step: the next step's objective stops the
+    # walk (local reference: the weights are checked at every step), back on the start.
+    for reference, failed in (("start", 2), ("local", 1)):
+        model = _model()
+        start = _weights(model)
+        trainer = FIPTrainer(model, measure_every=5, reference=reference,
+                             secondary_objective=lambda network, batch: 10.0
+                             * tf.reduce_sum(tf.square(network.trainable_variables[0])))
+        trainer.compile(optimizer=keras.optimizers.SGD(1e38))
+        with pytest.raises(FloatingPointError, match=f"at step {failed}.*step 0"):
+            trainer.walk(fip_dataset(model, x, batch_size=8, seed=0, reference=reference),
+                         3, verbose=0)
+        for a, b in zip(_weights(model), start):
+            np.testing.assert_array_equal(a, b)
+    # A recorded point between measured steps is checked before the path keeps it.
     model = _model()
+    start = _weights(model)
     trainer = FIPTrainer(model, measure_every=5, secondary_objective=lambda network, batch:
                          10.0 * tf.reduce_sum(tf.square(network.trainable_variables[0])))
     trainer.compile(optimizer=keras.optimizers.SGD(1e38))
-    with pytest.raises(FloatingPointError, match="at step 1"):
-        trainer.walk(fip_dataset(model, x, batch_size=8, seed=0), 3, verbose=0)
+    path = Path(model, record_every=1)
+    with pytest.raises(FloatingPointError, match="at step 1.*step 0"):
+        trainer.walk(fip_dataset(model, x, batch_size=8, seed=0), 3, path=path, verbose=0)
+    assert list(path.steps) == [0]
+    for a, b in zip(_weights(model), start):
+        np.testing.assert_array_equal(a, b)
+
+
+def _bn_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((4,)),
+        keras.layers.Dense(6, name="hidden"),
+        keras.layers.BatchNormalization(),
+        keras.layers.Activation("tanh"),
+        keras.layers.Dense(3, name="logits"),
+    ])
+
+
+@pytest.mark.parametrize("every, failing, kept", [(3, 5, 3), (3, 6, 3), (3, 2, 0), (1, 5, 4)])
+def test_guard_returns_to_the_last_measured_point_with_its_statistics(every, failing, kept):
+    x, y = _data()
+    start = _bn_model()
+
+    def walk(steps, fail_at=None):
+        model = _copy(start)
+        trainer = FIPTrainer(model, training=True, measure_every=every,
+                             secondary_objective=_NaNAfter(fail_at or steps + 1))
+        trainer.compile(optimizer=keras.optimizers.SGD(0.05))
+        path = Path(model, record_every=every)
+        data = fip_dataset(model, x, batch_size=8, seed=0)
+        return trainer, path, model, lambda: trainer.walk(data, steps, path=path, verbose=0)
+
+    if kept:
+        _, _, reference, run = walk(kept)
+        run()
+    else:
+        reference = start
+    _, path, model, run = walk(6, fail_at=failing)
+    with pytest.raises(FloatingPointError, match=f"at step {failing}.*step {kept}"):
+        run()
+    # Weights and moving statistics are those of step `kept`, exactly.
+    for a, b in zip(model.weights, reference.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    if every > 1:  # Recorded every `measure_every` steps, the path holds that point.
+        assert kept in list(path.steps)
+        for a, b in zip(path.weights(list(path.steps).index(kept)), _weights(model)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_start_reference_with_sparse_measuring_needs_the_start_outputs():
+    x, y = _data()
+    model = _model()
+    trainer = FIPTrainer(model, secondary_loss=_loss(), measure_every=2)
+    trainer.compile()
+    data = fip_dataset(model, x, secondary=(x, y), batch_size=8, reference="local")
+    with pytest.raises(ValueError, match="anchor_outputs"):
+        trainer.walk(data, 2, verbose=0)
     assert all(np.all(np.isfinite(w)) for w in _weights(model))
 
 
