@@ -4,7 +4,8 @@ For LeNet-300-100 and cnn5 on MNIST, times plain `model.fit` (Adam 1e-3, batches
 examples) and `FIPTrainer.fit` on 128 anchor + 128 secondary examples (cross-entropy
 secondary loss, the data from `fip_dataset`) for each step rule (and the penalty rule
 measuring `step_norm` / `distance_from_start` every 100 steps, `penalty_measure100`:
-`FIPTrainer(measure_every=100)`), in the same run, after a
+`FIPTrainer(measure_every=100)`, whose non-finite guard then copies the weights only
+around those steps), in the same run, after a
 warm-up (the clock runs from the end of the last warm-up step to the end of the last step,
 so tracing and input start-up are excluded). Plain fit is timed on the Keras default input
 path, `fit(x, y, batch_size=256)` (`fit_arrays`), and on the usual hand-built pipeline
@@ -49,7 +50,8 @@ RULES = (("penalty", "penalty"), ("penalty_measure100", "penalty"),
          ("normalized", "normalized"), ("metric_cg10", "metric"))
 # Trainer arguments per label: `penalty_measure100` measures the step's length and the
 # distance from the start every 100 steps (`FIPTrainer(measure_every=100)`, what a walk
-# recording its path every 100 steps needs) instead of at every step.
+# recording its path every 100 steps needs) instead of at every step, and its guard
+# copies the weights only around those steps.
 TRAINER_ARGUMENTS = {"penalty_measure100": {"measure_every": 100}}
 
 
