@@ -482,8 +482,8 @@ class Operation:
             checkpoint_directory, path_directory, seed)
         checkpoint = self.open_checkpoint(checkpoint_directory)
         self.history = {}
+        self.path = self.open_walk_path(model, checkpoint, record_every, path_directory)
         if checkpoint is None:
-            self.path = Path(model, record_every=record_every, directory=path_directory)
             self.history = trainer.walk(
                 dataset,
                 steps,
@@ -493,7 +493,6 @@ class Operation:
                 log_dir=self.log_dir,
             )
             return model
-        self.path = checkpoint.open_path(model, record_every)
         self.history = checkpoint.walk(
             "walk", trainer, dataset, steps, self.path, callbacks=self.callbacks,
             verbose=self.verbose, log_dir=self.log_dir)
