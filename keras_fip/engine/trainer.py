@@ -710,7 +710,8 @@ class FIPTrainer(keras.Model):
         """Runs `steps` FIP steps with `fit`, recording every step; stops on non-finite.
 
         Drives `fit` (progress bar, callbacks, `tf.distribute`, `jit_compile`) and records
-        each step's scalars, and the weights every `path.record_every` steps, into `path`.
+        each step's scalars, and the weights every `path.record_every` steps and at the
+        walk's last step (also when a callback stops it early), into `path`.
         A step whose loss, step or weights are not finite stops the walk: the model is
         put back on the point before it (with `measure_every` > 1, the last measured
         point, or the walk's first) and a `FloatingPointError` naming both steps is
@@ -828,6 +829,7 @@ class _WalkRecorder(keras.callbacks.Callback):
         self._epoch = 0
         self.history = {}
         self.failed_step = None
+        self._last = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -840,15 +842,33 @@ class _WalkRecorder(keras.callbacks.Callback):
             return
         weights = None
         if self._path is not None and self._path.should_record(step):
-            weights = [v.numpy() for v in self._trainer.network.trainable_variables]
-            if not all(np.isfinite(w).all() for w in weights):
-                # Steps between measured ones do not check the weights.
-                self._fail(step)
+            weights = self._finite_weights(step)
+            if weights is None:
                 return
         for name, value in metrics.items():
             self.history.setdefault(name, []).append(value)
         if self._path is not None:
             self._path.append(step, weights, metrics)
+        self._last = (step, metrics)
+
+    def on_train_end(self, logs=None):
+        # The path ends at the walk's last point, recorded or not (the next walk on the
+        # path numbers its steps from there).
+        if self._path is None or self.failed_step is not None or self._last is None:
+            return
+        step, metrics = self._last
+        if step > int(self._path.steps[-1]):
+            weights = self._finite_weights(step)
+            if weights is not None:
+                self._path.append(step, weights, metrics)
+
+    def _finite_weights(self, step):
+        weights = [v.numpy() for v in self._trainer.network.trainable_variables]
+        if not all(np.isfinite(w).all() for w in weights):
+            # Steps between measured ones do not check the weights.
+            self._fail(step)
+            return None
+        return weights
 
     def _fail(self, step):
         # Go back to the guard's point (`FIPTrainer._guard_point`).

@@ -450,7 +450,8 @@ class Operation:
             secondary_batch_size: Secondary examples per step. Defaults to `None`
                 (`batch_size`).
             optimizer: Optimizer for `FIPTrainer.compile`. Defaults to `None`.
-            record_every: Record weights every this many steps. Defaults to `1`.
+            record_every: Record weights every this many steps (and at the last). Defaults
+                to `1`.
             path_directory: Directory to stream the path to, or `None`. Defaults to
                 `None`.
             jit_compile: Whether to compile the step with XLA. Defaults to `False`.

@@ -102,7 +102,8 @@ class Bridge(Operation):
         training: BatchNorm mode of the walk, as in `ContinualLearn`. Defaults to `"auto"`.
         eval_tasks: List of `(x, y)` evaluated along the path. Defaults to `None`.
         eval_every: Steps between evaluations. Defaults to `None` (20 per walk).
-        record_every: Record weights every this many steps. Defaults to `100`.
+        record_every: Record weights every this many steps (and at the end of each
+            walk). Defaults to `100`.
         seed: Shuffle seed. Defaults to `None`.
         **kwargs: `Operation` arguments.
 

@@ -287,8 +287,8 @@ class Compress(Operation):
         include_normalization: Whether normalisation scales/offsets are prunable. Defaults
             to `False`.
         include_embeddings: Whether embedding tables are prunable. Defaults to `False`.
-        record_every: Record the weights in `op.path` every this many steps. Defaults to
-            `100`.
+        record_every: Record the weights in `op.path` every this many steps (and at
+            the end of each walk). Defaults to `100`.
         path_directory: Directory to stream the path to, or `None`. Defaults to `None`.
         jit_compile: Whether to compile the step with XLA. Defaults to `False`.
         seed: Shuffle seed. Defaults to `None`.

@@ -200,8 +200,8 @@ class ContinualLearn(Operation):
             the path in `op.history["task_{i}/accuracy"]` at `op.history["eval_step"]`.
             Defaults to `None`.
         eval_every: Steps between evaluations. Defaults to `None` (10 per walk).
-        record_every: Record the weights in `op.path` every this many steps. Defaults to
-            `100`.
+        record_every: Record the weights in `op.path` every this many steps (and at
+            the end of each walk). Defaults to `100`.
         path_directory: Directory to stream the path to, or `None`. Defaults to `None`.
         jit_compile: Whether to compile the step with XLA. Defaults to `False`.
         seed: Seed of the shuffles, the new units and the memory sample. Defaults to

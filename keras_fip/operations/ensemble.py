@@ -494,8 +494,8 @@ class Ensemble(Operation):
         training: Mode of the moving network on the path: `True` (batch statistics,
             moving statistics re-estimated for each member), `False`, or `"auto"`
             (`True` when the model has BatchNormalization layers). Defaults to `"auto"`.
-        record_every: Record the weights in `op.path` every this many steps. Defaults to
-            `100`.
+        record_every: Record the weights in `op.path` every this many steps (and at
+            the end of each walk). Defaults to `100`.
         path_directory: Directory to stream the path to, or `None`. Defaults to `None`.
         jit_compile: Whether to compile the step with XLA. Defaults to `False`.
         seed: Seed of the push directions, the perturbed inputs and the shuffling.

@@ -253,8 +253,8 @@ class Repair(Operation):
             batch statistics (moving statistics recalibrated on `data` before every
             evaluation), `"auto"` when the model has BatchNormalization. Defaults to
             `"auto"`.
-        record_every: Record the weights in `op.path` every this many steps. Defaults to
-            `100`.
+        record_every: Record the weights in `op.path` every this many steps (and at
+            the end of each walk). Defaults to `100`.
         path_directory: Directory to stream the path to, or `None`. Defaults to `None`.
         jit_compile: Whether to compile the FIP step with XLA. Defaults to `False`.
         seed: Shuffle, split and initialisation seed. Defaults to `None`.

@@ -438,9 +438,15 @@ def test_measure_every_measures_recorded_steps_alike_and_guards_every_step():
         values = np.asarray(sparse[name])
         np.testing.assert_array_equal(values[[2, 5]], np.asarray(every_step[name])[[2, 5]])
         assert np.all(np.isnan(np.delete(values, [2, 5])))
-    assert list(sparse_path.steps) == [0, 3, 6]
+    # Points at multiples of `record_every`, and the walk's last step.
+    assert list(sparse_path.steps) == [0, 3, 6, 7]
     for name, values in every_path.metrics.items():
-        np.testing.assert_array_equal(sparse_path.metrics[name], values)
+        if name in ("step_norm", "distance_from_start"):  # Not measured at step 7.
+            assert np.isnan(sparse_path.metrics[name][-1])
+            values, sparse_values = values[:-1], sparse_path.metrics[name][:-1]
+        else:
+            sparse_values = sparse_path.metrics[name]
+        np.testing.assert_array_equal(sparse_values, values)
     # Weights that overflow at an unmeasured step: the next step's objective stops the
     # walk (local reference: the weights are checked at every step), back on the start.
     for reference, failed in (("start", 2), ("local", 1)):
@@ -467,6 +473,26 @@ def test_measure_every_measures_recorded_steps_alike_and_guards_every_step():
     assert list(path.steps) == [0]
     for a, b in zip(_weights(model), start):
         np.testing.assert_array_equal(a, b)
+
+
+def test_walks_on_one_path_number_steps_on_and_end_at_the_model():
+    x, y = _data()
+    model = _model()
+    trainer = FIPTrainer(model, secondary_loss=_loss())
+    trainer.compile(optimizer=keras.optimizers.SGD(0.1))
+    path = Path(model, record_every=3)
+    data = fip_dataset(model, x, secondary=(x, y), batch_size=8, seed=0)
+    first = trainer.walk(data, 4, path=path, verbose=0)
+    assert list(path.steps) == [0, 3, 4]
+    for a, b in zip(path.weights(-1), _weights(model)):
+        np.testing.assert_array_equal(a, b)
+    second = trainer.walk(data, 4, path=path, verbose=0)
+    assert list(path.steps) == [0, 3, 4, 6, 8]  # Steps 5..8, none counted twice.
+    for a, b in zip(path.weights(-1), _weights(model)):
+        np.testing.assert_array_equal(a, b)
+    assert len(first["distance"]) == len(second["distance"]) == 4
+    np.testing.assert_array_equal(path.metrics["distance"][[2, 4]],
+                                  [first["distance"][-1], second["distance"][-1]])
 
 
 def _bn_model():
