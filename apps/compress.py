@@ -19,11 +19,30 @@ floor (which lengthens short walks on small data) is switched off here so that n
 more steps than another; on small data raise `--epochs` for all. Jobs run in `--workers`
 processes side by side.
 
+The baselines are tuned as their authors tune them: each one's initial Adam learning rate is
+chosen per method and per sparsity from `--prune_learning_rates` (1e-3, 3e-3, 1e-2; extended
+by factors of 3, up to 0.1 or down to 1e-5, while the largest or the smallest rate is the
+best) on a validation split: `--prune_validation_fraction` (10%) of the training data,
+stratified and seeded, held out. A tuning base network is trained as the base network is
+(same recipe, seed and epochs) without the validation split, each rate prunes it with the
+same budget on the rest of the training data, and the best validation accuracy (mean over
+the first `--prune_tuning_seeds` seeds: the first one by default; 0: all; ties go to the
+smaller rate) chooses the rate; every seed then prunes its base network with all the
+training data at that rate, as Compress does. The test split is never read for the
+choice. `tfmot` trains at `gradual_per_layer`'s rate when both run (the cross-check
+compares one recipe). Compress is not tuned: it keeps its defaults
+(`--compress_learning_rate=auto`). One rate (`--prune_learning_rates=3e-3`) is used as given,
+without tuning. The tuning runs are jobs too (`--workers`, `--resume`; recorded in
+`<output_dir>/jobs/tuning/`, the tuning base networks in `<output_dir>/tuning/`); the FIP
+jobs run beside the tuning, and each baseline's jobs start as soon as its rate is chosen.
+
 Writes `results.json` (per method and sparsity: mean and std of test accuracy over seeds,
 measured sparsity, epochs, wall time; keys like `"fip/99.1/test/accuracy"`; FIP's margin over
-`gradual` and the `gradual_per_layer` − `tfmot` gap per sparsity), `config.json`,
-`accuracy_vs_sparsity.png`, `layer_sparsity.png`, and the sparsest FIP model as a SavedModel
-in `serving/`.
+`gradual` and the `gradual_per_layer` − `tfmot` gap per sparsity; each baseline's chosen
+`"<method>/<sparsity>/learning_rate"` and its grid's mean validation accuracies,
+`"<method>/<sparsity>/tuning/validation_accuracy"`; the tuning's seeds, validation fraction
+and time, `"tuning/..."`), `config.json`, `accuracy_vs_sparsity.png`, `layer_sparsity.png`,
+and the sparsest FIP model as a SavedModel in `serving/`.
 
 Example (LeNet-300-100 on MNIST, the paper's setting):
 
@@ -69,6 +88,7 @@ is the sparsity in 0.01%), and every FIP walk's per-step distance, distance from
 and secondary loss (`runs/compress/logs`).
 """
 
+import collections
 import inspect
 import json
 import multiprocessing
@@ -213,12 +233,17 @@ def tuning_base(run, seed, resume=False):
     its batch size and learning rate, the same seed and initialisation), but on the
     training split less the validation split, so that every network the tuning compares
     sees the validation images for the first time (the base network itself trained on
-    them). The chief saves it to `<output_dir>/tuning/`, for the worker processes and
-    `--resume`.
+    them). The chief saves it to `<output_dir>/tuning/` with its settings, for the worker
+    processes and `--resume` (which reuses it only with the same settings).
     """
     path = _tuning_base_path(run.shared_output_dir, seed)
-    if resume and os.path.isfile(path):
-        return keras.saving.load_model(path), 0.0
+    settings = {"model": FLAGS.model, "dataset": FLAGS.dataset, "data_dir": FLAGS.data_dir,
+                "base_epochs": FLAGS.base_epochs, "seed": seed,
+                "validation_fraction": FLAGS.prune_validation_fraction}
+    if resume and os.path.isfile(path) and os.path.isfile(path + ".json"):
+        with open(path + ".json") as f:
+            if json.load(f) == settings:
+                return keras.saving.load_model(path), 0.0
     (x, y), _ = _fit_split(FLAGS.dataset, FLAGS.data_dir, FLAGS.prune_validation_fraction,
                            seed)
     info = data.info(FLAGS.dataset, FLAGS.data_dir)
@@ -235,6 +260,7 @@ def tuning_base(run, seed, resume=False):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         network.save(path + ".tmp.keras")
         os.replace(path + ".tmp.keras", path)
+        common.write_json(os.path.dirname(path), os.path.basename(path) + ".json", settings)
     return network, seconds
 
 
@@ -336,73 +362,96 @@ def _finished(job, run):
     return result if same else None
 
 
-def _run_all(jobs, workers, run, bases, resume=False):
+def _record(result, run):
+    """Records a finished job in `<output_dir>/jobs/` (and drops its walk's checkpoint)."""
+    common.write_json(os.path.dirname(_job_file(run.output_dir, result)),
+                      os.path.basename(_job_file(run.output_dir, result)), result)
+    if result.get("checkpoint_name") and run.is_chief:  # Recorded: not needed.
+        shutil.rmtree(os.path.join(run.shared_output_dir, "checkpoints",
+                                   result["checkpoint_name"]), ignore_errors=True)
+
+
+def _run_all(jobs, workers, run, bases, resume=False, follow_up=None):
     """Yields the results of `jobs` as they finish, in this process (in the strategy's
-    scope, on the base networks `bases[seed]`) or in `workers` processes. Each result is
-    recorded in `<output_dir>/jobs/`; with `resume`, jobs recorded with the same settings
-    by an earlier (killed) run are not run again."""
-    done = [result for result in (_finished(job, run) for job in jobs) if result] \
-        if resume else []
-    jobs = [job for job in jobs
-            if not any(_job_file("", job) == _job_file("", r) for r in done)]
-    for result in done:
-        yield result
-    for result in _run_jobs(jobs, workers, run, bases):
-        common.write_json(os.path.dirname(_job_file(run.output_dir, result)),
-                          os.path.basename(_job_file(run.output_dir, result)), result)
-        if result.get("checkpoint_name") and run.is_chief:  # Recorded: not needed.
-            shutil.rmtree(os.path.join(run.shared_output_dir, "checkpoints",
-                                       result["checkpoint_name"]), ignore_errors=True)
-        yield result
+    scope, on the base networks `bases[seed]`, the tuning ones `bases["tuning", seed]`)
+    or in `workers` processes. Each result is recorded in `<output_dir>/jobs/`; with
+    `resume`, jobs recorded with the same settings by an earlier (killed) run are not run
+    again. `follow_up(result)`, called on every result before it is yielded, returns the
+    jobs it makes runnable (the next rates of a tuning, the jobs waiting for its choice):
+    they run next, as soon as a process is free."""
+    queue = collections.deque(jobs)
+    pool, running = None, {}
+    if workers > 1:
+        pool = futures.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"))
 
+    def finish(result):
+        queue.extendleft(reversed(follow_up(result) if follow_up else []))
+        return result
 
-def _run_jobs(jobs, workers, run, bases):
-    if workers == 1:
-        for job in jobs:
-            key = ("tuning", job["seed"]) if job.get("role") == "tuning" else job["seed"]
-            with run.scope():
-                result = run_job(job, base=bases[key])
-            yield result
-        return
-    context = multiprocessing.get_context("spawn")
-    with futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        pending = [pool.submit(run_job, job) for job in jobs]
-        for done in futures.as_completed(pending):
-            yield done.result()
+    try:
+        while queue or running:
+            while queue and len(running) < workers:
+                job = queue.popleft()
+                result = _finished(job, run) if resume else None
+                if result is None and pool is not None:
+                    running[pool.submit(run_job, job)] = job
+                    continue
+                if result is None:
+                    key = ("tuning", job["seed"]) if job.get("role") == "tuning" \
+                        else job["seed"]
+                    with run.scope():
+                        result = run_job(job, base=bases[key])
+                    _record(result, run)
+                yield finish(result)
+            if running:
+                done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+                for future in done:
+                    del running[future]
+                    result = future.result()
+                    _record(result, run)
+                    yield finish(result)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
 
 class _Tuning:
-    """The baselines' learning-rate search, round by round.
+    """The baselines' learning-rate search, per (method, sparsity) group.
 
-    Per (method, sparsity) group: every rate of `grid` on each of `seeds`, then the rates
-    `common.extend_learning_rates` adds (while an edge rate is the best), each a round of
-    jobs that run side by side. The choice is the best mean validation accuracy over
-    `seeds` (`common.best_learning_rate`). A grid of one rate runs nothing.
+    Each group runs every rate of `grid` on each of `seeds`, then, once they are all
+    measured, the rates `common.extend_learning_rates` adds (while an edge rate is the
+    best), until the choice: the best mean validation accuracy over `seeds`
+    (`common.best_learning_rate`). A grid of one rate runs nothing.
     """
 
     def __init__(self, groups, seeds, grid, make_job):
         self.grid = grid
         self.seeds = seeds
-        self.scores = {group: {} for group in groups}  # group -> rate -> seed -> accuracy
-        self.pending = {group: list(grid) for group in groups} if len(grid) > 1 else {}
+        # group -> rate -> seed -> validation accuracy
+        self.scores = {group: {} for group in groups} if len(grid) > 1 else {}
         self.make_job = make_job
         self.seconds = 0.0
 
-    def jobs(self):
-        """The jobs of the next round (every pending rate on every tuning seed)."""
-        jobs = []
-        for (method, percent), rates in self.pending.items():
-            for rate in rates:
-                self.scores[method, percent][rate] = {}
-                jobs += [self.make_job(method, percent, seed, rate) for seed in self.seeds]
-        self.pending = {}
-        return jobs
+    def jobs(self, group, rates):
+        """The jobs measuring `rates` for `group` on every tuning seed."""
+        for rate in rates:
+            self.scores[group][rate] = {}
+        return [self.make_job(*group, seed, rate) for rate in rates for seed in self.seeds]
+
+    def first_jobs(self):
+        return [job for group in self.scores for job in self.jobs(group, self.grid)]
 
     def record(self, result):
+        """Records a tuning result; returns its group."""
         group = result["method"], result["percent"]
         self.scores[group][result["learning_rate"]][result["seed"]] = \
             result["validation_accuracy"]
         self.seconds += result["seconds"]
+        return group
+
+    def complete(self, group):
+        return all(len(by_seed) == len(self.seeds) for by_seed in self.scores[group].values())
 
     def validation(self, group):
         """`{rate: mean validation accuracy over the tuning seeds}` (`None`: diverged)."""
@@ -410,14 +459,10 @@ class _Tuning:
                        else float(np.mean(list(by_seed.values()))))
                 for rate, by_seed in sorted(self.scores[group].items())}
 
-    def extend(self):
-        """Queues the next round; returns whether there is one."""
-        for group in self.scores:
-            rates = [rate for rate in common.extend_learning_rates(self.validation(group))
-                     if rate not in self.scores[group]]
-            if rates:
-                self.pending[group] = rates
-        return bool(self.pending)
+    def extension(self, group):
+        """The rates `group` still has to measure (none: its choice is made)."""
+        return [rate for rate in common.extend_learning_rates(self.validation(group))
+                if rate not in self.scores[group]]
 
     def rate(self, group):
         if len(self.grid) == 1:
@@ -428,9 +473,9 @@ class _Tuning:
 def sweep(methods, percents, seeds, epochs, batch_size, learning_rates, run, workers):
     """Runs every (method, sparsity, seed); returns `(results, layer_figures)`.
 
-    With more than one rate in `learning_rates` the baselines' rates are first chosen per
-    method and sparsity on a validation split (`_Tuning`, on the first
-    `--prune_tuning_seeds` seeds), the FIP jobs running beside the first round.
+    With more than one rate in `learning_rates` the baselines' rates are chosen per method
+    and sparsity on a validation split (`_Tuning`, on the first `--prune_tuning_seeds`
+    seeds) before they run; the FIP jobs run beside the tuning.
     """
     output_dir = run.output_dir
     info = data.info(FLAGS.dataset, FLAGS.data_dir)
@@ -486,7 +531,39 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rates, run, wor
                    key=list(METHODS).index)
     tuning = _Tuning([(m, p) for m in tuned for p in percents], tuning_seeds,
                      learning_rates, tuning_job)
-    tuning_start = time.perf_counter()
+    waiting = {}  # group -> the jobs waiting for its choice of learning rate
+    for job in jobs:
+        if job["learning_rate"] is None and job["method"] != "fip":
+            waiting.setdefault((_tuned_as(job["method"], methods), job["percent"]),
+                               []).append(job)
+    base_seconds = []
+
+    def with_tuning_bases(new_jobs):
+        # The tuning base networks of the tuning jobs an earlier run did not record.
+        for job in new_jobs:
+            key = ("tuning", job["seed"])
+            if (job.get("role") == "tuning" and key not in bases
+                    and not (FLAGS.resume and _finished(job, run))):
+                bases[key], seconds = tuning_base(run, job["seed"], resume=FLAGS.resume)
+                base_seconds.append(seconds)
+                print(f"seed {job['seed']} tuning base network (without the validation "
+                      f"split): {seconds:.0f} s", flush=True)
+        return new_jobs
+
+    def follow_up(result):
+        """A group's next rates once it has measured the last ones, else the jobs
+        waiting for its choice."""
+        if result.get("role") != "tuning":
+            return []
+        group = tuning.record(result)
+        if not tuning.complete(group):
+            return []
+        rates = tuning.extension(group)
+        if rates:
+            return with_tuning_bases(tuning.jobs(group, rates))
+        for job in waiting.get(group, []):
+            job["learning_rate"] = tuning.rate(group)
+        return waiting.pop(group, [])
 
     def record(result):
         method, percent = result["method"], result["percent"]
@@ -502,33 +579,18 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rates, run, wor
               f"{result['accuracy']:.4f} (sparsity {result['sparsity']:.4f}, "
               f"{result['seconds']:.0f} s)", flush=True)
 
-    waiting = [job for job in jobs if job["learning_rate"] is None and job["method"] != "fip"]
-    batch = tuning.jobs() + [job for job in jobs if job not in waiting]
-    while batch:
-        # Tuning base networks for the tuning jobs not recorded by an earlier run.
-        for job in batch:
-            key = ("tuning", job["seed"])
-            if (job.get("role") == "tuning" and key not in bases
-                    and not (FLAGS.resume and _finished(job, run))):
-                bases[key], seconds = tuning_base(run, job["seed"], resume=FLAGS.resume)
-                print(f"seed {job['seed']} tuning base network (without the validation "
-                      f"split): {seconds:.0f} s", flush=True)
-        for result in _run_all(batch, workers, run, bases, resume=FLAGS.resume):
-            if result.get("role") == "tuning":
-                tuning.record(result)
-                print(f"seed {result['seed']} {result['method']:>17} {result['percent']:>5}%"
-                      f": learning rate {result['learning_rate']:g}, validation accuracy "
-                      f"{result['validation_accuracy']} ({result['seconds']:.0f} s)",
-                      flush=True)
-            else:
-                record(result)
-        batch = tuning.jobs() if tuning.extend() else []
-    tuning_seconds = time.perf_counter() - tuning_start
-    for job in waiting:
-        job["learning_rate"] = tuning.rate((_tuned_as(job["method"], methods),
-                                            job["percent"]))
-    for result in _run_all(waiting, workers, run, bases, resume=FLAGS.resume):
-        record(result)
+    # The tuning first, then the jobs that need no choice (FIP); each group's waiting
+    # jobs start as soon as its choice is made.
+    first = with_tuning_bases(tuning.first_jobs())
+    first += [job for job in jobs if not any(job in group for group in waiting.values())]
+    for result in _run_all(first, workers, run, bases, resume=FLAGS.resume,
+                           follow_up=follow_up):
+        if result.get("role") == "tuning":
+            print(f"seed {result['seed']} {result['method']:>17} {result['percent']:>5}%: "
+                  f"learning rate {result['learning_rate']:g}, validation accuracy "
+                  f"{result['validation_accuracy']} ({result['seconds']:.0f} s)", flush=True)
+        else:
+            record(result)
 
     results = {"dataset/subset": bool(info["subset"]), "epochs": epochs}
     for method, by_percent in runs.items():
@@ -548,18 +610,17 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rates, run, wor
             group = _tuned_as(method, methods), percent
             results[f"{method}/{percent:g}/learning_rate"] = tuning.rate(group)
             if len(learning_rates) > 1 and group[0] == method:
-                results[f"{method}/{percent:g}/tuning/validation_accuracy"] = {
-                    f"{rate:g}": accuracy
-                    for rate, accuracy in tuning.validation(group).items()}
+                validation = {f"{rate:g}": accuracy
+                              for rate, accuracy in tuning.validation(group).items()}
+                results[f"{method}/{percent:g}/tuning/validation_accuracy"] = validation
                 print(f"{method} {percent:g}%: learning rate {tuning.rate(group):g} chosen "
-                      f"on validation {results[f'{method}/{percent:g}/tuning/validation_accuracy']}",
-                      flush=True)
+                      f"on validation {validation}", flush=True)
     if tuned and len(learning_rates) > 1:
         results["tuning/seeds"] = tuning_seeds
         results["tuning/validation_fraction"] = FLAGS.prune_validation_fraction
-        # The tuning jobs' own time, and the wall time of the rounds (FIP jobs beside).
+        # The time the tuning adds: its jobs' and its base networks' (0 if loaded).
         results["tuning/job_seconds"] = tuning.seconds
-        results["tuning/wall_time_seconds"] = tuning_seconds
+        results["tuning/base_network_seconds"] = float(sum(base_seconds))
     for percent in percents:
         def mean(method):
             return results.get(f"{method}/{percent:g}/test/accuracy")
