@@ -20,10 +20,12 @@ more steps than another; on small data raise `--epochs` for all. Jobs run in `--
 processes side by side.
 
 The baselines are tuned as their authors tune them: each one's initial Adam learning rate is
-chosen per method and per sparsity from `--prune_learning_rates` (1e-3, 3e-3, 1e-2; extended
-by factors of 3, up to 0.1 or down to 1e-5, while the largest or the smallest rate is the
-best) on a validation split: `--prune_validation_fraction` (10%) of the training data,
-stratified and seeded, held out. A tuning base network is trained as the base network is
+chosen per method and per sparsity from `--prune_learning_rates` (1e-3, 2e-3, 5e-3, 1e-2:
+steps of 2-2.5×, since on LeNet-300-100 at 99.1% gradual pruning's validation accuracy moves
+by ~0.6 pp between 3e-3 and 5e-3; extended by factors of 3, up to 0.1 or down to 1e-5, while
+the largest or the smallest rate is the best) on a validation split:
+`--prune_validation_fraction` (10%) of the training data, stratified and seeded, held out.
+A tuning base network is trained as the base network is
 (same recipe, seed and epochs) without the validation split, each rate prunes it with the
 same budget on the rest of the training data, and the best validation accuracy (mean over
 the first `--prune_tuning_seeds` seeds: the first one by default; 0: all; ties go to the
@@ -124,7 +126,7 @@ flags.DEFINE_integer("workers", 2, "Processes running (method, sparsity, seed) j
                      "`--strategy` other than default.", lower_bound=1)
 
 # Method settings
-flags.DEFINE_list("prune_learning_rates", ["1e-3", "3e-3", "1e-2"], "Initial Adam "
+flags.DEFINE_list("prune_learning_rates", ["1e-3", "2e-3", "5e-3", "1e-2"], "Initial Adam "
                   "learning rates (cosine-decayed over the budget) the baselines choose from, "
                   "per method and sparsity, on a validation split (extended by factors of 3 "
                   "while an edge rate is the best); one rate: no tuning, used as given.")
