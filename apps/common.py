@@ -373,3 +373,171 @@ def movement(model, reference, inputs, batch_size=1000):
         change += float(np.sum(np.asarray(difference, "float64") ** 2))
     return {"distance_moved": float(distance),
             "output_change": change / max(1, len(inputs))}
+
+
+# Learning-rate tuning of the baselines (apps.compress, apps.quickstart).
+
+# The grid is extended past its edge (by factors of 3) while an edge rate is the best, but
+# never beyond these bounds.
+MAX_TUNED_LEARNING_RATE = 0.1
+MIN_TUNED_LEARNING_RATE = 1e-5
+
+
+def learning_rate_grid(values, name):
+    """A `--<name>` list of learning rates, checked: positive finite numbers, no repeats.
+
+    One rate means no tuning (it is used as given); two or more are a grid searched on a
+    validation split (`extend_learning_rates`, `best_learning_rate`).
+
+    Args:
+        values: The flag's list of strings (or numbers).
+        name: The flag's name, for the error message.
+
+    Returns:
+        The rates as floats, ascending.
+
+    Example:
+
+    >>> learning_rate_grid(["3e-3", "1e-3"], "prune_learning_rates")
+    [0.001, 0.003]
+    """
+    try:
+        rates = [float(v) for v in values]
+    except (TypeError, ValueError):
+        rates = None
+    if (not rates or any(not np.isfinite(r) or r <= 0.0 for r in rates)
+            or len(set(rates)) != len(rates)):
+        raise ValueError(f"`--{name}` must be one or more distinct positive learning rates. "
+                         f"Received: {name}={list(values) if values else values!r}")
+    return sorted(rates)
+
+
+def _score(value):
+    """A validation score for comparisons: `None` (diverged) and NaN are the worst."""
+    return -np.inf if value is None or not np.isfinite(value) else float(value)
+
+
+def best_learning_rate(scores):
+    """The rate with the highest validation score; ties go to the smaller rate.
+
+    Args:
+        scores: A dict `{learning_rate: validation score}` (higher is better; `None` or
+            NaN, e.g. a diverged run, counts as the worst).
+
+    Returns:
+        The chosen learning rate.
+
+    Example:
+
+    >>> best_learning_rate({1e-3: 0.90, 3e-3: 0.95, 1e-2: 0.95})
+    0.003
+    """
+    if not scores:
+        raise ValueError("`scores` must hold at least one learning rate. Received: {}")
+    return min(scores, key=lambda rate: (-_score(scores[rate]), rate))
+
+
+def extend_learning_rates(scores):
+    """The rates to try next so that the choice is never cut off by the grid's edge.
+
+    If the largest rate tried is the best alone, 3× it (up to `MAX_TUNED_LEARNING_RATE`);
+    if the smallest is the best alone, a third of it (down to `MIN_TUNED_LEARNING_RATE`);
+    otherwise (or with a single rate: no tuning) nothing.
+
+    Args:
+        scores: A dict `{learning_rate: validation score}` of every rate tried so far.
+
+    Returns:
+        A list of new learning rates (empty when the search is over).
+
+    Example:
+
+    >>> extend_learning_rates({1e-3: 0.90, 3e-3: 0.92, 1e-2: 0.95})
+    [0.03]
+    """
+    if len(scores) < 2:
+        return []
+    rates = sorted(scores)
+    best = _score(scores[best_learning_rate(scores)])
+    alone = [r for r in rates if _score(scores[r]) == best]
+    if alone == [rates[-1]]:
+        rate = float(f"{rates[-1] * 3:.3g}")
+        return [rate] if rate <= MAX_TUNED_LEARNING_RATE * (1 + 1e-6) else []
+    if alone == [rates[0]]:
+        rate = float(f"{rates[0] / 3:.3g}")
+        return [rate] if rate >= MIN_TUNED_LEARNING_RATE * (1 - 1e-6) else []
+    return []
+
+
+def tune_learning_rate(validation_score, grid):
+    """Searches `grid` (extended past its edges while an edge wins) for the best rate.
+
+    Runs `validation_score(rate)` for every rate of the grid, then for the rates
+    `extend_learning_rates` adds, and returns the best (`best_learning_rate`). A grid of
+    one rate is not searched: it is returned as it is, without a call.
+
+    Args:
+        validation_score: A function `rate -> score` on a validation split (higher is
+            better; `None` or NaN for a diverged run).
+        grid: The learning rates to try (`learning_rate_grid`).
+
+    Returns:
+        A tuple `(rate, scores)`: the chosen rate and `{rate: score}` of every rate tried
+        (empty for a single rate).
+
+    Example:
+
+    >>> accuracy = {1e-3: 0.90, 3e-3: 0.95, 1e-2: 0.93}
+    >>> tune_learning_rate(accuracy.get, [1e-3, 3e-3, 1e-2])
+    (0.003, {0.001: 0.9, 0.003: 0.95, 0.01: 0.93})
+    """
+    grid = list(grid)
+    if len(grid) == 1:
+        return grid[0], {}
+    scores = {}
+    while grid:
+        for rate in grid:
+            scores[rate] = validation_score(rate)
+        grid = [r for r in extend_learning_rates(scores) if r not in scores]
+    return best_learning_rate(scores), scores
+
+
+def validation_split(x, y, fraction, seed):
+    """Holds out a stratified, seeded `fraction` of `(x, y)` as a validation split.
+
+    Every class keeps `round(fraction × its count)` examples (at least one) for validation;
+    the rest, in its original order, is for training.
+
+    Args:
+        x: Inputs (an array).
+        y: Integer labels, one per input.
+        fraction: The validation share, in (0, 1).
+        seed: Seed of the choice.
+
+    Returns:
+        A tuple `((x_fit, y_fit), (x_validation, y_validation))`.
+
+    Example:
+
+    >>> x, y = np.arange(20.0).reshape(10, 2), np.array([0, 1] * 5)
+    >>> (x_fit, y_fit), (x_val, y_val) = validation_split(x, y, 0.2, seed=0)
+    >>> len(x_fit), sorted(y_val.tolist())
+    (8, [0, 1])
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"`fraction` must be in (0, 1). Received: fraction={fraction}")
+    y = np.asarray(y)
+    if len(x) != len(y):
+        raise ValueError(f"`x` and `y` must have the same length. Received: len(x)={len(x)}, "
+                         f"len(y)={len(y)}")
+    rng = np.random.default_rng(seed)
+    held = []
+    for label in np.unique(y):
+        rows = np.flatnonzero(y == label)
+        held.append(rng.permutation(rows)[:max(1, int(round(fraction * len(rows))))])
+    validation = np.zeros(len(y), bool)
+    validation[np.concatenate(held)] = True
+    if validation.all():
+        raise ValueError(f"`fraction` leaves no training examples. Received: "
+                         f"fraction={fraction} of {len(y)} examples")
+    return (x[~validation], y[~validation]), (x[validation], y[validation])

@@ -19,11 +19,32 @@ floor (which lengthens short walks on small data) is switched off here so that n
 more steps than another; on small data raise `--epochs` for all. Jobs run in `--workers`
 processes side by side.
 
+The baselines are tuned as their authors tune them: each one's initial Adam learning rate is
+chosen per method and per sparsity from `--prune_learning_rates` (1e-3, 2e-3, 5e-3, 1e-2:
+steps of 2-2.5×, since on LeNet-300-100 at 99.1% gradual pruning's validation accuracy moves
+by ~0.6 pp between 3e-3 and 5e-3; extended by factors of 3, up to 0.1 or down to 1e-5, while
+the largest or the smallest rate is the best) on a validation split:
+`--prune_validation_fraction` (10%) of the training data, stratified and seeded, held out.
+A tuning base network is trained as the base network is
+(same recipe, seed and epochs) without the validation split, each rate prunes it with the
+same budget on the rest of the training data, and the best validation accuracy (mean over
+the first `--prune_tuning_seeds` seeds: the first one by default; 0: all; ties go to the
+smaller rate) chooses the rate; every seed then prunes its base network with all the
+training data at that rate, as Compress does. The test split is never read for the
+choice. `tfmot` trains at `gradual_per_layer`'s rate when both run (the cross-check
+compares one recipe). Compress is not tuned: it keeps its defaults
+(`--compress_learning_rate=auto`). One rate (`--prune_learning_rates=3e-3`) is used as given,
+without tuning. The tuning runs are jobs too (`--workers`, `--resume`; recorded in
+`<output_dir>/jobs/tuning/`, the tuning base networks in `<output_dir>/tuning/`); the FIP
+jobs run beside the tuning, and each baseline's jobs start as soon as its rate is chosen.
+
 Writes `results.json` (per method and sparsity: mean and std of test accuracy over seeds,
 measured sparsity, epochs, wall time; keys like `"fip/99.1/test/accuracy"`; FIP's margin over
-`gradual` and the `gradual_per_layer` − `tfmot` gap per sparsity), `config.json`,
-`accuracy_vs_sparsity.png`, `layer_sparsity.png`, and the sparsest FIP model as a SavedModel
-in `serving/`.
+`gradual` and the `gradual_per_layer` − `tfmot` gap per sparsity; each baseline's chosen
+`"<method>/<sparsity>/learning_rate"` and its grid's mean validation accuracies,
+`"<method>/<sparsity>/tuning/validation_accuracy"`; the tuning's seeds, validation fraction
+and time, `"tuning/..."`), `config.json`, `accuracy_vs_sparsity.png`, `layer_sparsity.png`,
+and the sparsest FIP model as a SavedModel in `serving/`.
 
 Example (LeNet-300-100 on MNIST, the paper's setting):
 
@@ -69,6 +90,8 @@ is the sparsity in 0.01%), and every FIP walk's per-step distance, distance from
 and secondary loss (`runs/compress/logs`).
 """
 
+import collections
+import inspect
 import json
 import multiprocessing
 import os
@@ -76,6 +99,7 @@ import shutil
 import time
 from concurrent import futures
 
+import keras
 import numpy as np
 from absl import app
 from absl import flags
@@ -102,8 +126,16 @@ flags.DEFINE_integer("workers", 2, "Processes running (method, sparsity, seed) j
                      "`--strategy` other than default.", lower_bound=1)
 
 # Method settings
-flags.DEFINE_float("prune_learning_rate", 3e-3, "Initial Adam learning rate of the "
-                   "baselines (cosine-decayed over their budget).", lower_bound=0.0)
+flags.DEFINE_list("prune_learning_rates", ["1e-3", "2e-3", "5e-3", "1e-2"], "Initial Adam "
+                  "learning rates (cosine-decayed over the budget) the baselines choose from, "
+                  "per method and sparsity, on a validation split (extended by factors of 3 "
+                  "while an edge rate is the best); one rate: no tuning, used as given.")
+flags.DEFINE_float("prune_validation_fraction", 0.1, "Share of the training split held out "
+                   "(stratified, seeded) as the baselines' validation split when they are "
+                   "tuned.", lower_bound=0.01, upper_bound=0.5)
+flags.DEFINE_integer("prune_tuning_seeds", 1, "Seeds (the first of --seeds) on whose mean "
+                     "validation accuracy the baselines' learning rates are chosen; 0: all.",
+                     lower_bound=0)
 flags.DEFINE_string("compress_learning_rate", "auto", "Compress's `learning_rate`: `auto` "
                     "(its default: scaled to the RMS of the prunable weights, 3e-3 on "
                     "LeNet-300-100) or a number.")
@@ -118,6 +150,7 @@ flags.DEFINE_float("compress_task_weight", 0.0, "Compress's `task_weight`: the w
 FLAGS = flags.FLAGS
 
 _DATA = {}
+_SPLITS = {}
 
 
 def _percent_list(values):
@@ -136,6 +169,27 @@ def _load(dataset, data_dir):
         _DATA[dataset, data_dir] = (data.load(dataset, "train", data_dir),
                                     data.load(dataset, "test", data_dir))
     return _DATA[dataset, data_dir]
+
+
+def _fit_split(dataset, data_dir, fraction, seed):
+    """`(x, y), (x_val, y_val)`: the training split less a stratified validation split of
+    `fraction` (seeded by `seed`), and that validation split; made once per process."""
+    key = (dataset, data_dir, fraction, seed)
+    if key not in _SPLITS:
+        (x, y), _ = _load(dataset, data_dir)
+        _SPLITS[key] = common.validation_split(x, y, fraction, seed)
+    return _SPLITS[key]
+
+
+def _tuned_as(method, methods):
+    """The method whose chosen learning rate `method` trains at (`None` for `fip`, which
+    keeps Compress's own rate): its own, except `tfmot`, which takes `gradual_per_layer`'s
+    when both run, so that the cross-check compares one recipe."""
+    if method == "fip":
+        return None
+    if method == "tfmot" and "gradual_per_layer" in methods:
+        return "gradual_per_layer"
+    return method
 
 
 def prune(method, base, sparsity, x, y, x_test, y_test, epochs, batch_size, learning_rate,
@@ -170,6 +224,72 @@ def prune(method, base, sparsity, x, y, x_test, y_test, epochs, batch_size, lear
     raise ValueError(f"`--methods` must be among {list(METHODS)}. Received: {method!r}")
 
 
+def _tuning_base_path(output_dir, seed):
+    return os.path.join(output_dir, "tuning", f"base_seed_{seed}.keras")
+
+
+def tuning_base(run, seed, resume=False):
+    """The base network of the tuning runs of `seed`, and the seconds it took to train.
+
+    It is trained as the base network is (`models.base_network`'s recipe: `--base_epochs`,
+    its batch size and learning rate, the same seed and initialisation), but on the
+    training split less the validation split, so that every network the tuning compares
+    sees the validation images for the first time (the base network itself trained on
+    them). The chief saves it to `<output_dir>/tuning/` with its settings, for the worker
+    processes and `--resume` (which reuses it only with the same settings).
+    """
+    path = _tuning_base_path(run.shared_output_dir, seed)
+    settings = {"model": FLAGS.model, "dataset": FLAGS.dataset, "data_dir": FLAGS.data_dir,
+                "base_epochs": FLAGS.base_epochs, "seed": seed,
+                "validation_fraction": FLAGS.prune_validation_fraction}
+    if resume and os.path.isfile(path) and os.path.isfile(path + ".json"):
+        with open(path + ".json") as f:
+            if json.load(f) == settings:
+                return keras.saving.load_model(path), 0.0
+    (x, y), _ = _fit_split(FLAGS.dataset, FLAGS.data_dir, FLAGS.prune_validation_fraction,
+                           seed)
+    info = data.info(FLAGS.dataset, FLAGS.data_dir)
+    recipe = inspect.signature(models.base_network).parameters
+    start = time.perf_counter()
+    common.set_seed(seed)
+    with run.scope():
+        network = models.get(FLAGS.model, info["input_shape"], info["num_classes"])
+        models.train_classifier(network, x, y, FLAGS.base_epochs,
+                                recipe["batch_size"].default,
+                                recipe["learning_rate"].default)
+    seconds = time.perf_counter() - start
+    if run.is_chief:  # A temporary name first: a kill leaves no half-written model.
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        network.save(path + ".tmp.keras")
+        os.replace(path + ".tmp.keras", path)
+        common.write_json(os.path.dirname(path), os.path.basename(path) + ".json", settings)
+    return network, seconds
+
+
+def run_tuning_job(job, base=None):
+    """One tuning run of a baseline: (method, sparsity, seed, learning rate).
+
+    Prunes the tuning base network (`tuning_base`, given as `base` or read from
+    `job["tuning_base_path"]`) with the training split less the validation split and
+    returns the job with its `"validation_accuracy"` (`None` if the outputs are not
+    finite). The test split is never read.
+    """
+    (x, y), (x_val, y_val) = _fit_split(job["dataset"], job["data_dir"],
+                                        job["validation_fraction"], job["seed"])
+    if base is None:
+        base = keras.saving.load_model(job["tuning_base_path"])
+    common.set_seed(job["seed"])
+    start = time.perf_counter()
+    # The tfmot process evaluates on its "test" arrays: give it the validation split.
+    pruned = prune(job["method"], base, job["percent"] / 100.0, x, y, x_val, y_val,
+                   job["epochs"], job["batch_size"], job["learning_rate"], job["seed"],
+                   job["lth_rounds"])
+    seconds = time.perf_counter() - start
+    accuracy = models.evaluate_classifier(pruned, x_val, y_val)["accuracy"]
+    return {**job, "validation_accuracy": float(accuracy) if np.isfinite(accuracy) else None,
+            "seconds": seconds}
+
+
 def run_job(job, base=None):
     """One (method, sparsity, seed): prunes the cached base network and measures it.
 
@@ -178,8 +298,11 @@ def run_job(job, base=None):
     process boundaries. Saves the pruned model to `job["save_path"]` when one is given;
     the FIP walk writes TensorBoard scalars to `job["log_dir"]` when one is given, and
     checkpoints to `<job["shared_output_dir"]>/checkpoints/<job["checkpoint_name"]>`
-    (resuming it with `job["resume"]`, else starting afresh).
+    (resuming it with `job["resume"]`, else starting afresh). Tuning jobs
+    (`job["role"] == "tuning"`) go to `run_tuning_job`.
     """
+    if job.get("role") == "tuning":
+        return run_tuning_job(job, base)
     (x, y), (x_test, y_test) = _load(job["dataset"], job["data_dir"])
     if base is None:
         base, _ = models.base_network(job["model"], job["dataset"],
@@ -214,12 +337,15 @@ def run_job(job, base=None):
 # Job records (`--resume`).
 
 _RUNTIME_KEYS = ("save_path", "log_dir", "checkpoint_name", "shared_output_dir",
-                 "checkpoint_every", "resume")
+                 "checkpoint_every", "resume", "tuning_base_path")
 
 
 def _job_file(directory, job):
-    return os.path.join(directory, "jobs",
-                        f"{job['method']}_{job['percent']:g}_seed_{job['seed']}.json")
+    name = f"{job['method']}_{job['percent']:g}_seed_{job['seed']}"
+    if job.get("role") == "tuning":
+        return os.path.join(directory, "jobs", "tuning",
+                            f"{name}_lr_{job['learning_rate']:g}.json")
+    return os.path.join(directory, "jobs", f"{name}.json")
 
 
 def _finished(job, run):
@@ -238,42 +364,121 @@ def _finished(job, run):
     return result if same else None
 
 
-def _run_all(jobs, workers, run, bases, resume=False):
+def _record(result, run):
+    """Records a finished job in `<output_dir>/jobs/` (and drops its walk's checkpoint)."""
+    common.write_json(os.path.dirname(_job_file(run.output_dir, result)),
+                      os.path.basename(_job_file(run.output_dir, result)), result)
+    if result.get("checkpoint_name") and run.is_chief:  # Recorded: not needed.
+        shutil.rmtree(os.path.join(run.shared_output_dir, "checkpoints",
+                                   result["checkpoint_name"]), ignore_errors=True)
+
+
+def _run_all(jobs, workers, run, bases, resume=False, follow_up=None):
     """Yields the results of `jobs` as they finish, in this process (in the strategy's
-    scope, on the base networks `bases[seed]`) or in `workers` processes. Each result is
-    recorded in `<output_dir>/jobs/`; with `resume`, jobs recorded with the same settings
-    by an earlier (killed) run are not run again."""
-    done = [result for result in (_finished(job, run) for job in jobs) if result] \
-        if resume else []
-    jobs = [job for job in jobs
-            if not any(_job_file("", job) == _job_file("", r) for r in done)]
-    for result in done:
-        yield result
-    for result in _run_jobs(jobs, workers, run, bases):
-        common.write_json(os.path.dirname(_job_file(run.output_dir, result)),
-                          os.path.basename(_job_file(run.output_dir, result)), result)
-        if result.get("checkpoint_name") and run.is_chief:  # Recorded: not needed.
-            shutil.rmtree(os.path.join(run.shared_output_dir, "checkpoints",
-                                       result["checkpoint_name"]), ignore_errors=True)
-        yield result
+    scope, on the base networks `bases[seed]`, the tuning ones `bases["tuning", seed]`)
+    or in `workers` processes. Each result is recorded in `<output_dir>/jobs/`; with
+    `resume`, jobs recorded with the same settings by an earlier (killed) run are not run
+    again. `follow_up(result)`, called on every result before it is yielded, returns the
+    jobs it makes runnable (the next rates of a tuning, the jobs waiting for its choice):
+    they run next, as soon as a process is free."""
+    queue = collections.deque(jobs)
+    pool, running = None, {}
+    if workers > 1:
+        pool = futures.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def finish(result):
+        queue.extendleft(reversed(follow_up(result) if follow_up else []))
+        return result
+
+    try:
+        while queue or running:
+            while queue and len(running) < workers:
+                job = queue.popleft()
+                result = _finished(job, run) if resume else None
+                if result is None and pool is not None:
+                    running[pool.submit(run_job, job)] = job
+                    continue
+                if result is None:
+                    key = ("tuning", job["seed"]) if job.get("role") == "tuning" \
+                        else job["seed"]
+                    with run.scope():
+                        result = run_job(job, base=bases[key])
+                    _record(result, run)
+                yield finish(result)
+            if running:
+                done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+                for future in done:
+                    del running[future]
+                    result = future.result()
+                    _record(result, run)
+                    yield finish(result)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
 
-def _run_jobs(jobs, workers, run, bases):
-    if workers == 1:
-        for job in jobs:
-            with run.scope():
-                result = run_job(job, base=bases[job["seed"]])
-            yield result
-        return
-    context = multiprocessing.get_context("spawn")
-    with futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        pending = [pool.submit(run_job, job) for job in jobs]
-        for done in futures.as_completed(pending):
-            yield done.result()
+class _Tuning:
+    """The baselines' learning-rate search, per (method, sparsity) group.
+
+    Each group runs every rate of `grid` on each of `seeds`, then, once they are all
+    measured, the rates `common.extend_learning_rates` adds (while an edge rate is the
+    best), until the choice: the best mean validation accuracy over `seeds`
+    (`common.best_learning_rate`). A grid of one rate runs nothing.
+    """
+
+    def __init__(self, groups, seeds, grid, make_job):
+        self.grid = grid
+        self.seeds = seeds
+        # group -> rate -> seed -> validation accuracy
+        self.scores = {group: {} for group in groups} if len(grid) > 1 else {}
+        self.make_job = make_job
+        self.seconds = 0.0
+
+    def jobs(self, group, rates):
+        """The jobs measuring `rates` for `group` on every tuning seed."""
+        for rate in rates:
+            self.scores[group][rate] = {}
+        return [self.make_job(*group, seed, rate) for rate in rates for seed in self.seeds]
+
+    def first_jobs(self):
+        return [job for group in self.scores for job in self.jobs(group, self.grid)]
+
+    def record(self, result):
+        """Records a tuning result; returns its group."""
+        group = result["method"], result["percent"]
+        self.scores[group][result["learning_rate"]][result["seed"]] = \
+            result["validation_accuracy"]
+        self.seconds += result["seconds"]
+        return group
+
+    def complete(self, group):
+        return all(len(by_seed) == len(self.seeds) for by_seed in self.scores[group].values())
+
+    def validation(self, group):
+        """`{rate: mean validation accuracy over the tuning seeds}` (`None`: diverged)."""
+        return {rate: (None if any(v is None for v in by_seed.values())
+                       else float(np.mean(list(by_seed.values()))))
+                for rate, by_seed in sorted(self.scores[group].items())}
+
+    def extension(self, group):
+        """The rates `group` still has to measure (none: its choice is made)."""
+        return [rate for rate in common.extend_learning_rates(self.validation(group))
+                if rate not in self.scores[group]]
+
+    def rate(self, group):
+        if len(self.grid) == 1:
+            return self.grid[0]
+        return common.best_learning_rate(self.validation(group))
 
 
-def sweep(methods, percents, seeds, epochs, batch_size, learning_rate, run, workers):
-    """Runs every (method, sparsity, seed); returns `(results, layer_figures)`."""
+def sweep(methods, percents, seeds, epochs, batch_size, learning_rates, run, workers):
+    """Runs every (method, sparsity, seed); returns `(results, layer_figures)`.
+
+    With more than one rate in `learning_rates` the baselines' rates are chosen per method
+    and sparsity on a validation split (`_Tuning`, on the first `--prune_tuning_seeds`
+    seeds) before they run; the FIP jobs run beside the tuning.
+    """
     output_dir = run.output_dir
     info = data.info(FLAGS.dataset, FLAGS.data_dir)
     runs, layer_figures, bases = {}, {}, {}
@@ -292,7 +497,10 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rate, run, work
                     model=FLAGS.model, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
                     cache_dir=FLAGS.cache_dir, base_epochs=FLAGS.base_epochs, seed=seed,
                     method=method, percent=percent, epochs=epochs, batch_size=batch_size,
-                    learning_rate=learning_rate, lth_rounds=FLAGS.lth_rounds,
+                    # The baselines' rate: set once chosen (Compress has its own).
+                    learning_rate=(learning_rates[0] if len(learning_rates) == 1
+                                   and method != "fip" else None),
+                    lth_rounds=FLAGS.lth_rounds,
                     fip_structure=FLAGS.fip_structure,
                     compress_task_weight=FLAGS.compress_task_weight,
                     compress_learning_rate=common.compress_learning_rate(
@@ -309,7 +517,57 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rate, run, work
                     checkpoint_every=FLAGS.checkpoint_every,
                     resume=FLAGS.resume,
                 ))
-    for result in _run_all(jobs, workers, run, bases, resume=FLAGS.resume):
+
+    # The baselines' learning rates, chosen on a validation split of the training data.
+    tuning_seeds = seeds[:FLAGS.prune_tuning_seeds or len(seeds)]
+
+    def tuning_job(method, percent, seed, rate):
+        return dict(role="tuning", model=FLAGS.model, dataset=FLAGS.dataset,
+                    data_dir=FLAGS.data_dir, base_epochs=FLAGS.base_epochs, seed=seed,
+                    method=method, percent=percent, epochs=epochs, batch_size=batch_size,
+                    learning_rate=rate, lth_rounds=FLAGS.lth_rounds,
+                    validation_fraction=FLAGS.prune_validation_fraction,
+                    tuning_base_path=_tuning_base_path(run.shared_output_dir, seed))
+
+    tuned = sorted({_tuned_as(m, methods) for m in methods} - {None},
+                   key=list(METHODS).index)
+    tuning = _Tuning([(m, p) for m in tuned for p in percents], tuning_seeds,
+                     learning_rates, tuning_job)
+    waiting = {}  # group -> the jobs waiting for its choice of learning rate
+    for job in jobs:
+        if job["learning_rate"] is None and job["method"] != "fip":
+            waiting.setdefault((_tuned_as(job["method"], methods), job["percent"]),
+                               []).append(job)
+    base_seconds = []
+
+    def with_tuning_bases(new_jobs):
+        # The tuning base networks of the tuning jobs an earlier run did not record.
+        for job in new_jobs:
+            key = ("tuning", job["seed"])
+            if (job.get("role") == "tuning" and key not in bases
+                    and not (FLAGS.resume and _finished(job, run))):
+                bases[key], seconds = tuning_base(run, job["seed"], resume=FLAGS.resume)
+                base_seconds.append(seconds)
+                print(f"seed {job['seed']} tuning base network (without the validation "
+                      f"split): {seconds:.0f} s", flush=True)
+        return new_jobs
+
+    def follow_up(result):
+        """A group's next rates once it has measured the last ones, else the jobs
+        waiting for its choice."""
+        if result.get("role") != "tuning":
+            return []
+        group = tuning.record(result)
+        if not tuning.complete(group):
+            return []
+        rates = tuning.extension(group)
+        if rates:
+            return with_tuning_bases(tuning.jobs(group, rates))
+        for job in waiting.get(group, []):
+            job["learning_rate"] = tuning.rate(group)
+        return waiting.pop(group, [])
+
+    def record(result):
         method, percent = result["method"], result["percent"]
         runs.setdefault(method, {}).setdefault(percent, []).append(
             (result["accuracy"], result["sparsity"], result["seconds"]))
@@ -322,6 +580,20 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rate, run, work
         print(f"seed {result['seed']} {method:>17} {percent:>5}%: test accuracy "
               f"{result['accuracy']:.4f} (sparsity {result['sparsity']:.4f}, "
               f"{result['seconds']:.0f} s)", flush=True)
+
+    # The tuning first, then the jobs that need no choice (FIP); each group's waiting
+    # jobs start as soon as its choice is made.
+    first = with_tuning_bases(tuning.first_jobs())
+    first += [job for job in jobs if not any(job in group for group in waiting.values())]
+    for result in _run_all(first, workers, run, bases, resume=FLAGS.resume,
+                           follow_up=follow_up):
+        if result.get("role") == "tuning":
+            print(f"seed {result['seed']} {result['method']:>17} {result['percent']:>5}%: "
+                  f"learning rate {result['learning_rate']:g}, validation accuracy "
+                  f"{result['validation_accuracy']} ({result['seconds']:.0f} s)", flush=True)
+        else:
+            record(result)
+
     results = {"dataset/subset": bool(info["subset"]), "epochs": epochs}
     for method, by_percent in runs.items():
         for percent, values in by_percent.items():
@@ -333,6 +605,24 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rate, run, work
             results[f"{key}/wall_time_seconds"] = float(seconds.mean())
             results[f"{key}/epochs"] = epochs if method != "base" else FLAGS.base_epochs
             results[f"{key}/num_seeds"] = len(accuracies)
+    for method in methods:
+        for percent in percents:
+            if _tuned_as(method, methods) is None:
+                continue
+            group = _tuned_as(method, methods), percent
+            results[f"{method}/{percent:g}/learning_rate"] = tuning.rate(group)
+            if len(learning_rates) > 1 and group[0] == method:
+                validation = {f"{rate:g}": accuracy
+                              for rate, accuracy in tuning.validation(group).items()}
+                results[f"{method}/{percent:g}/tuning/validation_accuracy"] = validation
+                print(f"{method} {percent:g}%: learning rate {tuning.rate(group):g} chosen "
+                      f"on validation {validation}", flush=True)
+    if tuned and len(learning_rates) > 1:
+        results["tuning/seeds"] = tuning_seeds
+        results["tuning/validation_fraction"] = FLAGS.prune_validation_fraction
+        # The time the tuning adds: its jobs' and its base networks' (0 if loaded).
+        results["tuning/job_seconds"] = tuning.seconds
+        results["tuning/base_network_seconds"] = float(sum(base_seconds))
     for percent in percents:
         def mean(method):
             return results.get(f"{method}/{percent:g}/test/accuracy")
@@ -388,6 +678,8 @@ def main(argv):
     seeds = [int(s) for s in FLAGS.seeds]
     # Refused before any work.
     common.compress_learning_rate(FLAGS.compress_learning_rate, "compress_learning_rate")
+    learning_rates = common.learning_rate_grid(FLAGS.prune_learning_rates,
+                                               "prune_learning_rates")
     epochs = DEFAULT_EPOCHS if FLAGS["epochs"].using_default_value else FLAGS.epochs
     if FLAGS.workers > 1 and FLAGS.strategy != "default":
         raise ValueError(
@@ -405,11 +697,12 @@ def main(argv):
     output_dir = run.output_dir
     start = time.perf_counter()
     results, layer_figures = sweep(methods, percents, seeds, epochs, FLAGS.batch_size,
-                                   FLAGS.prune_learning_rate, run, FLAGS.workers)
+                                   learning_rates, run, FLAGS.workers)
     results.update(skipped)
     results["wall_time_seconds"] = time.perf_counter() - start
     config = common.flag_values(("model", "dataset", "batch_size", "sparsities", "methods",
-                                 "seeds", "workers", "prune_learning_rate",
+                                 "seeds", "workers", "prune_learning_rates",
+                                 "prune_validation_fraction", "prune_tuning_seeds",
                                  "compress_learning_rate", "base_epochs",
                                  "lth_rounds", "fip_structure", "compress_task_weight",
                                  "strategy"))
@@ -419,8 +712,6 @@ def main(argv):
     plot(results, layer_figures, methods, percents, output_dir)
     sparsest_path = os.path.join(output_dir, "sparsest_fip.keras")
     if "fip" in methods:
-        import keras
-
         if not os.path.isfile(sparsest_path):  # A worker resuming: the chief saved it.
             sparsest_path = os.path.join(run.shared_output_dir, "sparsest_fip.keras")
         sparsest = keras.saving.load_model(sparsest_path)

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 from absl.testing import flagsaver
 
+from apps import common
 from apps import compress
 from keras_fip import data
 from keras_fip.engine.walk_checkpoint import WalkCheckpoint
@@ -19,7 +20,8 @@ def test_compress_app_sweeps_methods_and_exports_the_sparsest(tmp_path, monkeypa
                              methods=["fip", "gradual", "gradual_per_layer", "oneshot",
                                       "lth"], seeds=["0"], workers=1,
                              epochs=2, base_epochs=3, batch_size=64, lth_rounds=2,
-                             output_dir=output_dir, cache_dir=str(tmp_path / "cache")):
+                             prune_learning_rates=["3e-3"], output_dir=output_dir,
+                             cache_dir=str(tmp_path / "cache")):
         compress.main([])
     with open(os.path.join(output_dir, "results.json")) as f:
         results = json.load(f)
@@ -31,6 +33,10 @@ def test_compress_app_sweeps_methods_and_exports_the_sparsest(tmp_path, monkeypa
             assert results[f"{key}/epochs"] == 2
             assert results[f"{key}/num_seeds"] == 1
     assert results["dataset/subset"] is False
+    # One rate: used as given, nothing tuned.
+    assert results["gradual/80/learning_rate"] == 3e-3
+    assert not any("tuning" in key for key in results)
+    assert not os.path.exists(os.path.join(output_dir, "tuning"))
     assert results["fip/80/margin_over_gradual"] == pytest.approx(
         results["fip/80/test/accuracy"] - results["gradual/80/test/accuracy"])
     for name in ("accuracy_vs_sparsity.png", "layer_sparsity.png", "config.json"):
@@ -58,7 +64,8 @@ def test_compress_app_sweeps_methods_and_exports_the_sparsest(tmp_path, monkeypa
                              methods=["fip", "gradual", "gradual_per_layer", "oneshot",
                                       "lth"], seeds=["0"], workers=1, resume=True,
                              epochs=2, base_epochs=3, batch_size=64, lth_rounds=2,
-                             output_dir=output_dir, cache_dir=str(tmp_path / "cache")):
+                             prune_learning_rates=["3e-3"], output_dir=output_dir,
+                             cache_dir=str(tmp_path / "cache")):
         compress.main([])
     with open(os.path.join(output_dir, "results.json")) as f:
         resumed = json.load(f)
@@ -117,7 +124,9 @@ def test_compress_app_runs_jobs_in_worker_processes(tmp_path):
     output_dir = str(tmp_path / "workers")
     with flagsaver.flagsaver(model="mlp", dataset="digits", sparsities=["90"],
                              methods=["fip", "gradual"], seeds=["0", "1"], workers=2,
-                             epochs=1, base_epochs=2, batch_size=64, output_dir=output_dir,
+                             epochs=1, base_epochs=2, batch_size=64,
+                             prune_learning_rates=["1e-7", "3e-3", "10"],
+                             output_dir=output_dir,
                              cache_dir=str(tmp_path / "cache")):
         compress.main([])
     with open(os.path.join(output_dir, "results.json")) as f:
@@ -125,8 +134,129 @@ def test_compress_app_runs_jobs_in_worker_processes(tmp_path):
     for method in ("fip", "gradual"):
         assert results[f"{method}/90/num_seeds"] == 2
         assert results[f"{method}/90/sparsity"] == pytest.approx(0.9, abs=2e-3)
+    # The tuning ran in the worker processes too (on the tuning base network they read
+    # from `<output_dir>/tuning/`), and the choice is the best on validation.
+    validation = results["gradual/90/tuning/validation_accuracy"]
+    assert sorted(validation) == ["0.003", "10", "1e-07"]
+    assert results["gradual/90/learning_rate"] == 3e-3 == float(
+        max(validation, key=validation.get))
+    assert os.path.isfile(os.path.join(output_dir, "tuning", "base_seed_0.keras"))
+    assert not any(key.startswith("fip/") and ("learning_rate" in key or "tuning" in key)
+                   for key in results)  # Compress keeps its own rate.
     with open(os.path.join(output_dir, "config.json")) as f:
         assert json.load(f)["epochs"] == 1
+
+
+# The baselines' learning rates, chosen on a validation split: one entry far too small
+# (1e-7: the pruned network is barely fine-tuned), one diverging (10), one good (3e-3).
+TUNING = dict(model="mlp", dataset="digits", sparsities=["80"], methods=["oneshot"],
+              seeds=["0", "1"], workers=1, epochs=2, base_epochs=3, batch_size=64,
+              prune_learning_rates=["10", "1e-7", "3e-3"])
+
+
+def _scrambled_test_labels(load):
+    def scrambled(name, split="train", *args, **kwargs):
+        x, y = load(name, split, *args, **kwargs)
+        if split == "test":
+            y = (np.asarray(y) + 1 + np.arange(len(y)) % 9) % 10  # Every label changed.
+        return x, y
+    return scrambled
+
+
+def test_compress_app_chooses_the_baselines_rate_on_validation_never_on_test(tmp_path,
+                                                                           monkeypatch):
+    cache_dir = str(tmp_path / "cache")
+    output_dir = str(tmp_path / "tuned")
+    with flagsaver.flagsaver(output_dir=output_dir, cache_dir=cache_dir, **TUNING):
+        compress.main([])
+    with open(os.path.join(output_dir, "results.json")) as f:
+        results = json.load(f)
+    validation = results["oneshot/80/tuning/validation_accuracy"]
+    assert sorted(validation) == ["0.003", "10", "1e-07"]  # The grid, not extended.
+    # The chosen rate is the best on validation: the diverging entry is far behind.
+    assert results["oneshot/80/learning_rate"] == 3e-3
+    assert max(validation, key=validation.get) == "0.003"
+    assert validation["10"] < validation["0.003"] - 0.2
+    assert validation["1e-07"] < validation["0.003"]
+    assert results["tuning/seeds"] == [0]  # The first seed only, by default.
+    assert results["tuning/validation_fraction"] == 0.1
+    records = sorted(os.listdir(os.path.join(output_dir, "jobs", "tuning")))
+    assert records == [f"oneshot_80_seed_0_lr_{rate}.json" for rate in ("0.003", "10", "1e-07")]
+    with open(os.path.join(output_dir, "jobs", "oneshot_80_seed_1.json")) as f:
+        assert json.load(f)["learning_rate"] == 3e-3  # Every seed trains at the choice.
+    with open(os.path.join(output_dir, "config.json")) as f:
+        assert json.load(f)["prune_learning_rates"] == ["10", "1e-7", "3e-3"]
+
+    # The test labels are never read for the choice: with every one of them changed, the
+    # validation accuracies and the choice are the same (the test accuracy is not).
+    monkeypatch.setattr(data, "load", _scrambled_test_labels(data.load))
+    monkeypatch.setattr(compress, "_DATA", {})
+    scrambled_dir = str(tmp_path / "scrambled")
+    with flagsaver.flagsaver(output_dir=scrambled_dir, cache_dir=cache_dir, **TUNING):
+        compress.main([])
+    monkeypatch.undo()
+    with open(os.path.join(scrambled_dir, "results.json")) as f:
+        scrambled = json.load(f)
+    assert scrambled["oneshot/80/tuning/validation_accuracy"] == validation
+    assert scrambled["oneshot/80/learning_rate"] == 3e-3
+    assert scrambled["oneshot/80/test/accuracy"] < results["oneshot/80/test/accuracy"] - 0.3
+
+    # A killed tuning resumes (reading the tuning base network from `<output_dir>/tuning/`):
+    # the missing tuning run and final job run again, alike.
+    os.remove(os.path.join(output_dir, "jobs", "tuning", "oneshot_80_seed_0_lr_0.003.json"))
+    os.remove(os.path.join(output_dir, "jobs", "oneshot_80_seed_1.json"))
+    with flagsaver.flagsaver(output_dir=output_dir, cache_dir=cache_dir, resume=True,
+                             **TUNING):
+        compress.main([])
+    with open(os.path.join(output_dir, "results.json")) as f:
+        resumed = json.load(f)
+    for key, value in results.items():
+        if "seconds" in key:
+            continue
+        if isinstance(value, float):
+            assert resumed[key] == pytest.approx(value, abs=1e-6), key
+        else:
+            assert resumed[key] == value, key
+
+
+def test_compress_app_rejects_bad_learning_rate_grids(tmp_path):
+    for grid in (["fast"], ["0"], ["1e-3", "1e-3"], ["-1e-3", "1e-2"]):
+        with flagsaver.flagsaver(prune_learning_rates=grid, output_dir=str(tmp_path / "out")):
+            with pytest.raises(ValueError, match="prune_learning_rates"):
+                compress.main([])
+    assert not os.path.exists(tmp_path / "out")  # Refused before any work.
+
+
+def test_learning_rate_search_extends_past_a_winning_edge_and_prefers_validation():
+    # The shared helpers of apps.compress and apps.quickstart.
+    assert common.learning_rate_grid(["1e-2", "1e-3"], "grid") == [1e-3, 1e-2]
+    assert common.best_learning_rate({1e-3: 0.5, 3e-3: None, 1e-2: float("nan")}) == 1e-3
+    assert common.best_learning_rate({1e-3: 0.9, 3e-3: 0.9}) == 1e-3  # Ties: smaller.
+    assert common.extend_learning_rates({1e-3: 0.9}) == []  # One rate: no tuning.
+    assert common.extend_learning_rates({1e-3: 0.8, 1e-2: 0.9}) == [0.03]
+    assert common.extend_learning_rates({1e-3: 0.9, 1e-2: 0.8}) == [0.000333]
+    assert common.extend_learning_rates({1e-3: 0.9, 1e-2: 0.9}) == []  # Not alone.
+    assert common.extend_learning_rates({0.03: 0.8, 0.09: 0.9}) == []  # 0.27 > 0.1.
+    calls = []
+
+    def score(rate):
+        calls.append(rate)
+        return -abs(np.log(rate / 0.027))  # Best at 0.027, beyond the grid's top.
+
+    rate, scores = common.tune_learning_rate(score, [1e-3, 3e-3])
+    assert rate == 0.027
+    assert calls == [1e-3, 3e-3, 9e-3, 0.027, 0.081] == list(scores)
+    assert common.tune_learning_rate(score, [1e-3]) == (1e-3, {})  # Not searched.
+    assert len(calls) == 5
+
+    x, y = np.arange(300.0)[:, None], np.repeat(np.arange(3), 100)
+    (x_fit, y_fit), (x_val, y_val) = common.validation_split(x, y, 0.1, seed=0)
+    assert np.bincount(y_val).tolist() == [10, 10, 10]  # Stratified.
+    assert sorted(np.concatenate([x_fit, x_val])[:, 0].tolist()) == x[:, 0].tolist()
+    (_, _), (x_again, _) = common.validation_split(x, y, 0.1, seed=0)
+    np.testing.assert_array_equal(x_val, x_again)  # Seeded.
+    with pytest.raises(ValueError, match="fraction"):
+        common.validation_split(x, y, 1.0, seed=0)
 
 
 def test_compress_app_rejects_workers_with_a_strategy(tmp_path):
