@@ -26,7 +26,11 @@ the start and the end).
 
 Example:
 
-    python -m benchmarks.fip_step                     # about 4 minutes on 2 idle CPU cores
+    python -m benchmarks.fip_step                     # 222 s on 2 idle CPU cores
+    # The default run is a quick check: 3 rounds of 40 steps (~0.2 s a round for
+    # LeNet) swing its LeNet ratios by ±15%. For the ratios, many longer rounds:
+    python -m benchmarks.fip_step --models=lenet_300_100 \
+        --rules=penalty,penalty_measure100 --steps=200 --repeats=10
     python -m benchmarks.fip_step --steps=500 --repeats=5 --models=lenet_300_100
     python -m benchmarks.fip_step --rules=penalty,normalized   # skip the costly metric rule
     python -m benchmarks.fip_step --rules=penalty,penalty_measure100 --repeats=20
@@ -227,11 +231,11 @@ def main(argv=None):
     parser.add_argument("--rules", default=",".join(label for label, _ in RULES),
                         help="Step rules to time: penalty, penalty_measure100, "
                              "normalized, metric_cg10.")
-    parser.add_argument("--steps", type=int, default=60,
+    parser.add_argument("--steps", type=int, default=40,
                         help="Timed steps per method and round. On a shared virtual machine "
                              "many short rounds (`--repeats=20`) give steadier ratios than "
                              "a few long ones: the paired ratio cancels drift between rounds.")
-    parser.add_argument("--metric_steps", type=int, default=10,
+    parser.add_argument("--metric_steps", type=int, default=5,
                         help="Timed steps of the metric rule (10 CG products a step).")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
