@@ -607,12 +607,12 @@ class FIPTrainer(keras.Model):
         weights only around measured steps, so other steps make none.
 
         At a measured step (a multiple of `measure_every`) the new point becomes the
-        guard's point, when it and the step's objective are finite; the step before keeps its point for `step_norm`.
-        Other steps make no copy and no pass over the weights: a weight that turns
-        non-finite there makes the next step's objective non-finite (the guard stops
-        one step later), and `walk` checks the weights of every point it records.
-        Reading the weights before the update would also make TensorFlow copy them at
-        the update (copy on write)."""
+        guard's point, when it and the step's objective are finite; the step before
+        keeps its point for `step_norm`. Other steps make no copy and no pass over the
+        weights: a weight that turns non-finite there makes the next step's objective
+        non-finite (the guard stops one step later), and `walk` checks the weights of
+        every point it records. Reading the weights before the update would also make
+        TensorFlow copy them at the update (copy on write)."""
         step = self._step_count.assign_add(1)
         self.optimizer.apply(updates, variables)
         after = [v.value for v in variables]
