@@ -8,6 +8,14 @@ on the same 1,000 MNIST training inputs and in the same run:
   gradient of the mean cross-entropy on the same inputs; the two are timed interleaved
   after a warm-up, `--repeats` times each (`matvec_over_gradient_best`: the same ratio of
   the fastest runs, less sensitive to other load on the machine).
+- `matmat_over_gradient`: the same for one product of a block: the median time of one
+  `MetricOperator.matmat` of `--block_vectors` (16) vectors, which share each batch's
+  forward pass, divided by the number of vectors, over the gradient's median, timed
+  interleaved with the two above (`matmat_over_gradient_best`: fastest runs). This is the
+  cost per product in `trace`, `spectral_density` and `vulnerable_fraction`, which take
+  their products in blocks; `trace_seconds` and `trace_seconds_one_per_pass` time
+  `trace(metric, --trace_samples)` with blocks and with one product per forward pass
+  (`vectors_per_pass=1`, the earlier way).
 - `variants` (`--variants`, each timed interleaved with the two above, medians):
   `forward_accumulator_over_gradient`, the same product computed the earlier way (J v by
   `tf.autodiff.ForwardAccumulator`, which carries a zero tangent for the input batch through
@@ -27,8 +35,9 @@ The floor of the ratio: a standalone product runs the forward pass, J v and Jᵀ
 gradient runs the forward pass and one reverse pass. On LeNet-300-100 with 1,000 inputs
 that is 860M multiply-adds against 563M (the first layer's x·V₁ and xᵀδ₁ each cost as much
 as its forward pass): 1.53 in arithmetic, so ~1.5 is what one product can reach. Products
-that share one forward pass (a conjugate-gradient solve inside one `tf.function`,
-`linearize`) each add 1.05× a gradient in arithmetic (not timed here).
+that share one forward pass (`matmat`, or a conjugate-gradient solve inside one
+`tf.function` with `linearize`) each add 594M, 1.05× a gradient, plus their share of the
+266M forward pass: (1.05 + 0.47 / k)× for a block of k (1.08 for 16).
 
 Prints one JSON line per model, with `load_average` (1-minute load at the start and the end:
 the machine may be shared).
@@ -155,25 +164,32 @@ def _median_seconds(fn, repeats):
     return float(np.median(times))
 
 
-def benchmark(name, dataset, num_inputs, repeats, variants=()):
+def benchmark(name, dataset, num_inputs, repeats, variants=(), block_vectors=16,
+              trace_samples=48):
     metric, gradient, vector, model, x, y = _setup(name, dataset, num_inputs)
     load_start = _load_average()
     others = _variant_functions(model, x, y, vector, variants)
+    block = tf.random.normal((metric.num_params, block_vectors), seed=1,
+                             dtype=metric.dtype)
+    blocked = geometry.MetricOperator(model, x, vectors_per_pass=block_vectors)
 
     # Warm-up (tracing), then interleaved timing
     for _ in range(2):
         metric.matvec(vector)
+        blocked.matmat(block)
         gradient()
         for function in others.values():
             function()
-    matvec_times, gradient_times = [], []
+    matvec_times, matmat_times, gradient_times = [], [], []
     other_times = {label: [] for label in others}
     for _ in range(repeats):
         matvec_times.append(_median_seconds(lambda: metric.matvec(vector), 1))
         gradient_times.append(_median_seconds(gradient, 1))
+        matmat_times.append(_median_seconds(lambda: [blocked.matmat(block)], 1))
         for label, function in others.items():
             other_times[label].append(_median_seconds(function, 1))
     matvec_seconds = float(np.median(matvec_times))
+    matmat_seconds = float(np.median(matmat_times))
     gradient_seconds = float(np.median(gradient_times))
     other_seconds = {label: float(np.median(t)) for label, t in other_times.items()}
 
@@ -184,8 +200,19 @@ def benchmark(name, dataset, num_inputs, repeats, variants=()):
     reference = geometry.top_eigenpairs(metric, k=20, tol=0.0)
     top20_error = float(np.max(np.abs(pairs.values - reference.values) / reference.values))
 
+    # Hutch++ trace: products in blocks, and one product per forward pass
+    one_per_pass = geometry.MetricOperator(model, x, vectors_per_pass=1)
+    trace_times = {}
+    for label, operator in (("blocks", blocked), ("one_per_pass", one_per_pass)):
+        geometry.trace(operator, num_samples=trace_samples, seed=1)  # Tracing.
+        start = time.perf_counter()
+        estimate = geometry.trace(operator, num_samples=trace_samples, seed=0)
+        trace_times[label] = time.perf_counter() - start
+        trace_times[label + "_estimate"] = estimate
+
     matvec_memory, note = _peak_memory_mb(lambda: metric.matvec(vector))
     gradient_memory, _ = _peak_memory_mb(gradient)
+    matmat_memory, _ = _peak_memory_mb(lambda: [blocked.matmat(block)])
     result = {
         "benchmark": "metric_matvec",
         "model": name,
@@ -196,6 +223,10 @@ def benchmark(name, dataset, num_inputs, repeats, variants=()):
         "gradient_seconds": gradient_seconds,
         "matvec_over_gradient": matvec_seconds / gradient_seconds,
         "matvec_over_gradient_best": min(matvec_times) / min(gradient_times),
+        "block_vectors": block_vectors,
+        "matmat_over_gradient": matmat_seconds / block_vectors / gradient_seconds,
+        "matmat_over_gradient_best": (
+            min(matmat_times) / block_vectors / min(gradient_times)),
     }
     if "forward_accumulator" in other_seconds:
         result["forward_accumulator_over_gradient"] = (
@@ -210,9 +241,16 @@ def benchmark(name, dataset, num_inputs, repeats, variants=()):
         "top20_max_relative_error": top20_error,
         "matvecs_for_top20_tol0": reference.num_matvecs,
         "top_eigenvalue": float(reference.values[0]),
+        "trace_samples": trace_samples,
+        "trace_seconds": trace_times["blocks"],
+        "trace_seconds_one_per_pass": trace_times["one_per_pass"],
+        "trace_estimates_agree": bool(np.isclose(
+            trace_times["blocks_estimate"], trace_times["one_per_pass_estimate"],
+            rtol=1e-4)),
         "peak_memory_device": _memory_device(),
         "peak_memory_matvec_mb": matvec_memory,
         "peak_memory_gradient_mb": gradient_memory,
+        "peak_memory_matmat_mb": matmat_memory,
         "load_average": [load_start, _load_average()],
     })
     if note:
@@ -226,18 +264,24 @@ def main(argv=None):
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--num_inputs", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--block_vectors", type=int, default=16,
+                        help="Vectors of the timed `matmat` block (one forward pass).")
+    parser.add_argument("--trace_samples", type=int, default=48,
+                        help="Products g·v of the timed Hutch++ trace.")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="Alternatives timed alongside: forward_accumulator, xla "
                              "(comma-separated, or empty).")
     args = parser.parse_args(argv)
-    if args.num_inputs < 1 or args.repeats < 1:
-        parser.error("--num_inputs and --repeats must be >= 1")
+    if args.num_inputs < 1 or args.repeats < 1 or args.block_vectors < 1:
+        parser.error("--num_inputs, --repeats and --block_vectors must be >= 1")
+    if args.trace_samples < 3:
+        parser.error("--trace_samples must be >= 3 (Hutch++)")
     variants = tuple(v for v in args.variants.split(",") if v)
     if any(v not in VARIANTS for v in variants):
         parser.error(f"--variants must name variants among {VARIANTS}; got {args.variants!r}")
     for name in args.models.split(","):
         print(json.dumps(benchmark(name, args.dataset, args.num_inputs, args.repeats,
-                                   variants)),
+                                   variants, args.block_vectors, args.trace_samples)),
               flush=True)
 
 

@@ -41,7 +41,9 @@ class _CountingOperator:
         return np.asarray(self._linear_operator.matvec(vector), dtype=np.float64)
 
     def matmat(self, matrix):
-        return np.stack([self(column) for column in matrix.T], axis=1)
+        """Products with the columns of `matrix`; a `MetricOperator` shares forward passes."""
+        self.num_matvecs += matrix.shape[1]
+        return np.asarray(self._linear_operator.matmat(matrix), dtype=np.float64)
 
     def linear_operator(self):
         return scipy.sparse.linalg.LinearOperator(
@@ -188,39 +190,64 @@ def trace(op, num_samples=100, method="hutch++", seed=0):
     return float(exact_part + remainder)
 
 
-def _lanczos(counting, start, num_steps):
-    """Lanczos with full reorthogonalisation; returns tridiagonal (alphas, betas)."""
-    basis = np.zeros((num_steps, counting.num_params))
-    basis[0] = start / np.linalg.norm(start)
-    alphas, betas = [], []
+# Lanczos bases held at once by `_quadrature` (float64 entries, 512 MiB): the probes run
+# in lockstep in groups that fit, so each step's products share forward passes.
+_MAX_BASIS_ENTRIES = 2**26
+
+
+def _lanczos(counting, starts, num_steps):
+    """Lanczos with full reorthogonalisation from each column of `starts`, in lockstep.
+
+    Each probe's recurrence is its own (no block Lanczos); only the products g·v of one
+    step are taken together (`counting.matmat`). Returns one tridiagonal
+    `(alphas, betas)` per probe.
+    """
+    num_probes = starts.shape[1]
+    basis = np.zeros((num_probes, num_steps, counting.num_params))
+    basis[:, 0] = (starts / np.linalg.norm(starts, axis=0)).T
+    alphas = [[] for _ in range(num_probes)]
+    betas = [[] for _ in range(num_probes)]
+    active = list(range(num_probes))
     for step in range(num_steps):
-        product = counting(basis[step])
-        alpha = float(basis[step] @ product)
-        alphas.append(alpha)
-        # Full reorthogonalisation, twice for numerical safety.
-        for _ in range(2):
-            product -= basis[: step + 1].T @ (basis[: step + 1] @ product)
-        beta = float(np.linalg.norm(product))
-        scale = max(max(abs(a) for a in alphas), max(betas, default=0.0), 1e-300)
-        if step == num_steps - 1 or beta <= 1e-10 * scale:
+        products = counting.matmat(basis[active, step].T)
+        still_active = []
+        for column, probe in enumerate(active):
+            product = products[:, column]
+            vectors = basis[probe, : step + 1]
+            alpha = float(vectors[step] @ product)
+            alphas[probe].append(alpha)
+            # Full reorthogonalisation, twice for numerical safety.
+            for _ in range(2):
+                product -= vectors.T @ (vectors @ product)
+            beta = float(np.linalg.norm(product))
+            scale = max(
+                max(abs(a) for a in alphas[probe]), max(betas[probe], default=0.0), 1e-300
+            )
+            if step == num_steps - 1 or beta <= 1e-10 * scale:
+                continue
+            betas[probe].append(beta)
+            basis[probe, step + 1] = product / beta
+            still_active.append(probe)
+        active = still_active
+        if not active:
             break
-        betas.append(beta)
-        basis[step + 1] = product / beta
-    return np.array(alphas), np.array(betas)
+    return [(np.array(a), np.array(b)) for a, b in zip(alphas, betas)]
 
 
 def _quadrature(counting, num_probes, num_steps, seed):
     """Gauss quadrature nodes and weights of g's spectral measure, per probe."""
     rng = np.random.default_rng(seed)
     num_steps = min(num_steps, counting.num_params)
+    starts = [rng.choice([-1.0, 1.0], size=counting.num_params) for _ in range(num_probes)]
+    group = max(1, _MAX_BASIS_ENTRIES // (num_steps * counting.num_params))
     nodes, weights = [], []
-    for _ in range(num_probes):
-        start = rng.choice([-1.0, 1.0], size=counting.num_params)
-        alphas, betas = _lanczos(counting, start, num_steps)
-        tridiagonal = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
-        ritz_values, ritz_vectors = np.linalg.eigh(tridiagonal)
-        nodes.append(ritz_values)
-        weights.append(ritz_vectors[0] ** 2)
+    for first in range(0, num_probes, group):
+        columns = np.stack(starts[first : first + group], axis=1)
+        for alphas, betas in _lanczos(counting, columns, num_steps):
+            tridiagonal = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+            ritz_values, ritz_vectors = np.linalg.eigh(tridiagonal)
+            nodes.append(ritz_values)
+            weights.append(ritz_vectors[0] ** 2)
     return nodes, weights
 
 

@@ -14,7 +14,8 @@ import benchmarks
 
 # Tiny settings per script (digits, small models, few steps).
 TINY_ARGUMENTS = {
-    "metric_matvec": ["--models=mlp", "--dataset=digits", "--num_inputs=64", "--repeats=2"],
+    "metric_matvec": ["--models=mlp", "--dataset=digits", "--num_inputs=64", "--repeats=2",
+                      "--block_vectors=3", "--trace_samples=6"],
     "fip_step": ["--models=mlp", "--dataset=digits", "--steps=3", "--warmup=2",
                  "--repeats=1", "--warmup_rounds=1", "--batch_size=32"],
     "isofunctional_walk": ["--model=mlp", "--dataset=digits", "--steps=5",
@@ -32,7 +33,8 @@ TINY_ARGUMENTS = {
 }
 # The keys each script's JSON lines must have.
 EXPECTED_KEYS = {
-    "metric_matvec": ("matvec_over_gradient", "matvecs_for_top20", "peak_memory_matvec_mb"),
+    "metric_matvec": ("matvec_over_gradient", "matmat_over_gradient", "matvecs_for_top20",
+                      "trace_seconds_one_per_pass", "peak_memory_matvec_mb"),
     "fip_step": ("penalty_over_fit", "penalty_over_fit_paired", "penalty_measure100_over_fit",
                  "normalized_over_fit",
                  "metric_cg10_over_fit"),
@@ -73,6 +75,7 @@ def test_benchmark_prints_json_lines(name, tmp_path, monkeypatch, capsys):
             # the figure is then null with a note, never a crash.
             memory = record["peak_memory_matvec_mb"]
             assert (memory is not None and memory >= 0) or "peak_memory_note" in record
+            assert record["trace_estimates_agree"]
 
 
 

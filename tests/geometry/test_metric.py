@@ -210,6 +210,55 @@ def test_one_replica_strategy_gives_same_matvec_and_diagonal():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
 
 
+def test_matmat_shares_forward_passes_and_equals_column_products(conv_problem):
+    model, inputs = conv_problem
+    before = _weights(model)
+    # Several batches with a ragged last one; 7 columns in passes of 3, 3 and 1.
+    metric = MetricOperator(model, inputs, batch_size=4, vectors_per_pass=3)
+    block = np.random.default_rng(3).normal(size=(metric.num_params, 7))
+    product = metric.matmat(block)
+    assert product.shape == (metric.num_params, 7) and metric.num_matvecs == 7
+    columns = np.stack([metric.matvec(column) for column in block.T], axis=1)
+    assert _relative_error(product, columns) <= 1e-12
+    assert _relative_error(product, dense_metric(model, inputs) @ block) <= 1e-10
+    operator = metric.as_linear_operator()
+    np.testing.assert_allclose(operator.matmat(block), product, rtol=1e-12)
+    tensor_product = metric.matmat(tf.constant(block))
+    assert tf.is_tensor(tensor_product)
+    np.testing.assert_allclose(tensor_product.numpy(), product, rtol=1e-12)
+    for old, new in zip(before, _weights(model)):
+        np.testing.assert_array_equal(old, new)
+    # One product per pass: a block of k costs k forward passes per batch instead.
+    single = MetricOperator(model, inputs, batch_size=4, vectors_per_pass=1)
+    np.testing.assert_allclose(single.matmat(block[:, :2]), product[:, :2], rtol=1e-12)
+
+
+def test_mirrored_strategy_gives_same_matmat(mirrored_strategy):
+    inputs = np.random.default_rng(6).uniform(size=(11, 5, 5, 1))
+    reference_model = tiny_conv_bn()
+    reference = MetricOperator(reference_model, inputs, batch_size=4)
+    block = np.random.default_rng(7).normal(size=(reference.num_params, 3))
+    expected = dense_metric(reference_model, inputs) @ block
+    with mirrored_strategy.scope():
+        model = tiny_conv_bn()
+        model.set_weights(reference_model.get_weights())
+        metric = MetricOperator(model, inputs, batch_size=4, vectors_per_pass=2)
+    assert _relative_error(metric.matmat(block), expected) <= 1e-10
+
+
+def test_bad_block_raises(mlp_problem):
+    model, inputs = mlp_problem
+    metric = MetricOperator(model, inputs)
+    for block in (np.ones(metric.num_params), np.ones((metric.num_params + 1, 2)),
+                  np.ones((metric.num_params, 0))):
+        with pytest.raises(ValueError, match="`vectors`"):
+            metric.matmat(block)
+    assert metric.num_matvecs == 0
+    for value in (0, 2.5, True):
+        with pytest.raises(ValueError, match="`vectors_per_pass`"):
+            MetricOperator(model, inputs, vectors_per_pass=value)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

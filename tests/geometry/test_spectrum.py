@@ -77,6 +77,41 @@ def test_spectral_density_integrates_to_num_params(problem):
     assert mean == pytest.approx(np.trace(dense) / metric.num_params, rel=0.3)
 
 
+def test_quadrature_runs_probes_in_lockstep_on_shared_forward_passes(problem, monkeypatch):
+    metric, _ = problem
+    from keras_fip.geometry import spectrum
+
+    def no_single_products(vector):
+        raise AssertionError("a single product g·v where a block was expected")
+
+    monkeypatch.setattr(metric, "matvec", no_single_products)
+    before = metric.num_matvecs
+    counting = spectrum._CountingOperator(metric)
+    lockstep = spectrum._quadrature(counting, num_probes=4, num_steps=12, seed=2)
+    assert metric.num_matvecs - before == counting.num_matvecs == 4 * 12
+    # One probe at a time (groups of one) gives the same nodes and weights.
+    monkeypatch.setattr(spectrum, "_MAX_BASIS_ENTRIES", 1)
+    one_at_a_time = spectrum._quadrature(
+        spectrum._CountingOperator(metric), num_probes=4, num_steps=12, seed=2)
+    for got, want in zip(lockstep, one_at_a_time):
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_lanczos_stops_each_probe_at_its_invariant_subspace():
+    from keras_fip.geometry import spectrum
+
+    # Three distinct eigenvalues: every Krylov space stops growing after three steps.
+    diagonal = np.repeat([0.5, 2.0, 7.0], 10)
+    counting = spectrum._CountingOperator(
+        scipy.sparse.linalg.aslinearoperator(np.diag(diagonal)))
+    nodes, weights = spectrum._quadrature(counting, num_probes=3, num_steps=10, seed=0)
+    assert counting.num_matvecs == 9
+    for probe_nodes, probe_weights in zip(nodes, weights):
+        np.testing.assert_allclose(probe_nodes, [0.5, 2.0, 7.0], rtol=1e-9)
+        assert np.sum(probe_weights) == pytest.approx(1.0, rel=1e-12)
+
+
 def test_vulnerable_fraction_gram_is_exact(problem):
     metric, dense = problem
     threshold = 1e-3
