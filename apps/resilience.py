@@ -255,7 +255,7 @@ def vulnerability(name, dataset, epochs, num_directions):
 
     # Random unit-norm directions
     rng = np.random.default_rng(FLAGS.seed)
-    accuracies, predicted, measured = [], [], []
+    accuracies, scatter, measured = [], [], []
     start = time.perf_counter()
     for index in range(num_directions):
         direction = [rng.standard_normal(v.shape) for v in evaluator.variables]
@@ -264,10 +264,13 @@ def vulnerability(name, dataset, epochs, num_directions):
         evaluator.perturb(direction)
         accuracies.append(evaluator.accuracy())
         if index < FLAGS.resilience_scatter_directions:
-            flat = metric.flatten(direction)
-            predicted.append(float(flat @ metric.matvec(flat)))
+            scatter.append(metric.flatten(direction))
             measured.append(float(np.mean(np.sum((evaluator.probe() - reference) ** 2, 1))))
     evaluator.reset()
+    predicted = []
+    if scatter:  # δwᵀ g δw at the unperturbed point, the products in blocks.
+        block = np.stack(scatter, axis=1)
+        predicted = [float(value) for value in np.sum(block * metric.matmat(block), axis=0)]
     results["random/seconds"] = time.perf_counter() - start
     results["random/num_directions"] = num_directions
     results.update(_stats("random/test/accuracy", accuracies))
