@@ -153,11 +153,11 @@ class FIPTrainer(keras.Model):
             non-finite guard restores the moving statistics with the weights. Defaults
             to `False`.
         measure_every: Measure `step_norm` and `distance_from_start` (two passes over
-            the weights beside the step) only at steps that are multiples of this;
-            other steps report them as NaN, and check the weights for non-finite
-            values by their sum (one pass). `walk` counts steps as its `path` does, so
-            with `measure_every=path.record_every` every recorded point carries the
-            same values as with `1`. With the start reference (and no
+            the weights beside the step) only at steps that are multiples of this, and
+            at the last step of a `walk`; other steps report them as NaN, and check the
+            weights for non-finite values by their sum (one pass). `walk` counts steps
+            as its `path` does, so with `measure_every=path.record_every` every recorded
+            point (the walk's last included) carries the same values as with `1`. With the start reference (and no
             `metric_length`), the non-finite guard then keeps a copy of the weights
             only at measured steps (and the step before, for `step_norm`), and other
             steps do not read the weights at all (a weight that turns non-finite
@@ -303,6 +303,15 @@ class FIPTrainer(keras.Model):
             synchronization="on_read",
             aggregation="only_first_replica",
             name="step_count",
+        )
+        # The step `walk` ends on: measured whatever `measure_every` says.
+        self._last_step = keras.Variable(
+            0,
+            dtype="int64",
+            trainable=False,
+            synchronization="on_read",
+            aggregation="only_first_replica",
+            name="last_step",
         )
         self._metric_length = keras.Variable(
             0.0,
@@ -596,7 +605,8 @@ class FIPTrainer(keras.Model):
             return (*measured(), before)
         step = self._step_count.assign_add(1)
         step_norm, from_start, finite = tf.cond(
-            tf.equal(step % self.measure_every, 0),
+            tf.logical_or(tf.equal(step % self.measure_every, 0),
+                          tf.equal(step, self._last_step.value)),
             measured,
             lambda: _unmeasured(after),
         )
@@ -617,6 +627,13 @@ class FIPTrainer(keras.Model):
         self.optimizer.apply(updates, variables)
         after = [v.value for v in variables]
 
+        last = self._last_step.value
+
+        def keep_before():
+            for snapshot, value in zip(self._before_measured, after):
+                snapshot.assign(value)
+            return tf.constant(True)
+
         def measured():
             before = [s.value for s in self._before_measured]
             from_start = _distance(after, [s.value for s in self._start_weights])
@@ -634,7 +651,12 @@ class FIPTrainer(keras.Model):
                            lambda: tf.constant(False))
             with tf.control_dependencies([kept]):
                 step_norm = tf.identity(_distance(after, before))
-            return step_norm, from_start, finite
+            # The walk's last step is measured too: keep its previous point.
+            with tf.control_dependencies([step_norm]):
+                before_last = tf.cond(tf.equal(step + 1, last), keep_before,
+                                      lambda: tf.constant(False))
+            with tf.control_dependencies([before_last]):
+                return tf.identity(step_norm), from_start, finite
 
         # Unmeasured steps do not read the weights to check them (a pass over every
         # weight, ~3% of a LeNet-300-100 step): non-finite weights make the next step's
@@ -644,13 +666,19 @@ class FIPTrainer(keras.Model):
             return nan, nan, tf.constant(True)
 
         def before_measured():
-            for snapshot, value in zip(self._before_measured, after):
-                snapshot.assign(value)
+            keep_before()
             return unmeasured()
 
         phase = step % self.measure_every
         branch = tf.where(
-            tf.equal(phase, 0), 0, tf.where(tf.equal(phase, self.measure_every - 1), 1, 2)
+            tf.logical_or(tf.equal(phase, 0), tf.equal(step, last)),
+            0,
+            tf.where(
+                tf.logical_or(tf.equal(phase, self.measure_every - 1),
+                              tf.equal(step + 1, last)),
+                1,
+                2,
+            ),
         )
         step_norm, from_start, finite = tf.switch_case(
             tf.cast(branch, "int32"),
@@ -754,6 +782,7 @@ class FIPTrainer(keras.Model):
             )
         first_step = 0 if path is None else int(path.steps[-1])
         self._step_count.assign(first_step)  # `measure_every` counts as the path does.
+        self._last_step.assign(first_step + steps)
         self._keep_guard_point()
         recorder = _WalkRecorder(self, path, first_step, steps_per_epoch)
         all_callbacks = [recorder] + list(callbacks or [])

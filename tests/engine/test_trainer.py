@@ -434,19 +434,32 @@ def test_measure_every_measures_recorded_steps_alike_and_guards_every_step():
         runs[1], runs[3])
     for a, b in zip(sparse_weights, every_weights):
         np.testing.assert_array_equal(a, b)  # The walk itself is unchanged.
+    # Measured at steps 3 and 6 and at the walk's last step, 7 (right after step 6).
     for name in ("step_norm", "distance_from_start"):
         values = np.asarray(sparse[name])
-        np.testing.assert_array_equal(values[[2, 5]], np.asarray(every_step[name])[[2, 5]])
-        assert np.all(np.isnan(np.delete(values, [2, 5])))
-    # Points at multiples of `record_every`, and the walk's last step.
+        np.testing.assert_array_equal(values[[2, 5, 6]],
+                                      np.asarray(every_step[name])[[2, 5, 6]])
+        assert np.all(np.isnan(np.delete(values, [2, 5, 6])))
+    # Points at multiples of `record_every`, and the walk's last step, fully measured.
     assert list(sparse_path.steps) == [0, 3, 6, 7]
     for name, values in every_path.metrics.items():
-        if name in ("step_norm", "distance_from_start"):  # Not measured at step 7.
-            assert np.isnan(sparse_path.metrics[name][-1])
-            values, sparse_values = values[:-1], sparse_path.metrics[name][:-1]
-        else:
-            sparse_values = sparse_path.metrics[name]
-        np.testing.assert_array_equal(sparse_values, values)
+        np.testing.assert_array_equal(sparse_path.metrics[name], values)
+    # A walk whose last step is not next to a measured one (steps 1..5, 3 measured),
+    # with the sparse guard (start reference) and with every-step copies (local).
+    for reference in ("start", "local"):
+        for every in (1, 3):
+            model = _model()
+            trainer = FIPTrainer(model, secondary_loss=_loss(), measure_every=every,
+                                 reference=reference)
+            trainer.compile(optimizer=keras.optimizers.Adam(1e-2))
+            data = fip_dataset(model, x, secondary=(x, y), batch_size=8, seed=0,
+                               reference=reference)
+            runs[every] = trainer.walk(data, 5, verbose=0)
+        for name in ("step_norm", "distance_from_start"):
+            values = np.asarray(runs[3][name])
+            np.testing.assert_array_equal(values[[2, 4]],
+                                          np.asarray(runs[1][name])[[2, 4]])
+            assert np.all(np.isnan(values[[0, 1, 3]]))
     # Weights that overflow at an unmeasured step: the next step's objective stops the
     # walk (local reference: the weights are checked at every step), back on the start.
     for reference, failed in (("start", 2), ("local", 1)):
