@@ -126,41 +126,19 @@ def linearize(model, inputs, outputs="logits"):
 def _summed_metric_block_product(model, inputs, vectors, outputs, scale):
     """`[scale · Σ_x J_xᵀ (J_x v) for v in vectors]` on one forward pass over the batch.
 
-    The forward pass and the reverse pass that `linearize`'s `jvp` transposes are built
-    once and shared by every vector; each vector adds its tangent pass and its reverse
-    pass. On LeNet-300-100 that is 1.05× a gradient per vector in arithmetic, against
-    1.53× for a standalone product (see `benchmarks/metric_matvec.py`).
+    One `linearize`: the forward pass is shared by every vector, and each adds its
+    tangent pass and its reverse pass. On LeNet-300-100 that is 1.05× a gradient per
+    vector in arithmetic, against 1.53× for a standalone product (see
+    `benchmarks/metric_matvec.py`).
     """
-    _check_outputs(outputs)
-    primals = _primals(model)
-    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
-        tape.watch(primals)
-        values = _flat_outputs(model, inputs, outputs)
-    cotangent = tf.zeros_like(values)
-    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as transpose:
-        transpose.watch(cotangent)
-        pullback = tape.gradient(
-            values, primals, output_gradients=cotangent,
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
-        pairings = [_pairing(pullback, _cast_like(v, primals)) for v in vectors]
+    _, jvp, vjp = linearize(model, inputs, outputs)
     products = []
-    for pairing in pairings:
-        tangent = transpose.gradient(
-            pairing, cotangent, unconnected_gradients=tf.UnconnectedGradients.ZERO
-        )
-        if tf.is_tensor(scale):
-            factor = tf.cast(scale, tangent.dtype)
-        else:
-            factor = tf.constant(scale, tangent.dtype)  # No float32 round trip.
-        tangent = tf.stop_gradient(tangent * factor)
-        products.append([
-            tf.convert_to_tensor(piece)
-            for piece in tape.gradient(
-                values, primals, output_gradients=tangent,
-                unconnected_gradients=tf.UnconnectedGradients.ZERO,
-            )
-        ])
+    for vector in vectors:
+        tangent = jvp(vector)
+        # A Python scale becomes a constant of the tangent's dtype (no float32 round trip).
+        factor = (tf.cast(scale, tangent.dtype) if tf.is_tensor(scale)
+                  else tf.constant(scale, tangent.dtype))
+        products.append(vjp(tangent * factor))
     return products
 
 
@@ -281,8 +259,8 @@ class MetricOperator:
     `vectors_per_pass` of them (on LeNet-300-100 a standalone product costs
     1.53× a gradient in arithmetic, a shared one 1.05×); `trace` and the
     Lanczos quadratures of `keras_fip.geometry` use it, and so does
-    `as_linear_operator()` (`scipy.sparse.linalg.LinearOperator.matmat`). The model runs in inference mode and is
-    never changed. Products are computed in the dtypes of the model's
+    `as_linear_operator()` (`scipy.sparse.linalg.LinearOperator.matmat`). The
+    model runs in inference mode and is never changed. Products are computed in the dtypes of the model's
     variables (build float64 layers for float64 products). Under a
     `tf.distribute` strategy scope (the one the model was built in), each
     batch is split over the replicas and the results are summed.
