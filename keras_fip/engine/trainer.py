@@ -52,6 +52,18 @@ def _distance(left, right):
     )
 
 
+def _step_variable(name):
+    """A step number held by the trainer (read on the first replica)."""
+    return keras.Variable(
+        0,
+        dtype="int64",
+        trainable=False,
+        synchronization="on_read",
+        aggregation="only_first_replica",
+        name=name,
+    )
+
+
 def _unmeasured(after):
     """NaN `step_norm` and `distance_from_start`, and whether the weights are finite."""
     # A sum is non-finite when any term is (weights never near 1e38).
@@ -296,23 +308,9 @@ class FIPTrainer(keras.Model):
         self._previous_state = _snapshots(self._state, "previous_state")
         self._masks = _variable_masks(variables)
         # The walk's step count (as its path counts), for `measure_every`.
-        self._step_count = keras.Variable(
-            0,
-            dtype="int64",
-            trainable=False,
-            synchronization="on_read",
-            aggregation="only_first_replica",
-            name="step_count",
-        )
+        self._step_count = _step_variable("step_count")
         # The step `walk` ends on: measured whatever `measure_every` says.
-        self._last_step = keras.Variable(
-            0,
-            dtype="int64",
-            trainable=False,
-            synchronization="on_read",
-            aggregation="only_first_replica",
-            name="last_step",
-        )
+        self._last_step = _step_variable("last_step")
         self._metric_length = keras.Variable(
             0.0,
             trainable=False,

@@ -123,7 +123,7 @@ def linearize(model, inputs, outputs="logits"):
     return values, jvp, vjp
 
 
-def _summed_metric_block_product(model, inputs, vectors, outputs, scale):
+def _summed_metric_block_product(model, inputs, vectors, outputs, scale=None):
     """`[scale · Σ_x J_xᵀ (J_x v) for v in vectors]` on one forward pass over the batch.
 
     One `linearize`: the forward pass is shared by every vector, and each adds its
@@ -135,10 +135,12 @@ def _summed_metric_block_product(model, inputs, vectors, outputs, scale):
     products = []
     for vector in vectors:
         tangent = jvp(vector)
-        # A Python scale becomes a constant of the tangent's dtype (no float32 round trip).
-        factor = (tf.cast(scale, tangent.dtype) if tf.is_tensor(scale)
-                  else tf.constant(scale, tangent.dtype))
-        products.append(vjp(tangent * factor))
+        if scale is not None:
+            # A Python scale becomes a constant of the tangent's dtype (no float32 round
+            # trip); it multiplies the (batch, outputs) tangent, not the larger result.
+            tangent = tangent * (tf.cast(scale, tangent.dtype) if tf.is_tensor(scale)
+                                 else tf.constant(scale, tangent.dtype))
+        products.append(vjp(tangent))
     return products
 
 
@@ -178,13 +180,7 @@ def _summed_metric_vector_product(model, inputs, vector, outputs, scale=None):
 
     `scale` multiplies the (batch, outputs) tangent, not the (much larger) result.
     """
-    _, jvp, vjp = linearize(model, inputs, outputs)
-    tangent = jvp(vector)
-    if scale is not None:
-        if not tf.is_tensor(scale):
-            scale = tf.constant(scale, tangent.dtype)  # No float32 round trip.
-        tangent = tangent * tf.cast(scale, tangent.dtype)
-    return vjp(tangent)
+    return _summed_metric_block_product(model, inputs, [vector], outputs, scale)[0]
 
 
 def metric_vector_product(model, inputs, vector, outputs="logits"):
@@ -382,50 +378,64 @@ class MetricOperator:
 
     # Products
 
-    def _build_matvec(self):
-        """Returns `(list_fn, flat_fn)`: g·v on a list of tensors and on a flat vector."""
+    def _summed_over_batches(self):
+        """`product(vectors)`: `[g·v for v in vectors]`, summed over the batches of `data`
+        (and the replicas), each batch's forward pass shared by all the vectors."""
         strategy = self._strategy
-        model, outputs = self.model, self.outputs
-        num_examples, batch_size = self.num_examples, self._batch_size
-        num_batches = -(-num_examples // batch_size)
-        shapes, sizes, dtypes = self._shapes, self._sizes, self._dtypes
-        layout_dtype = tf.as_dtype(self.dtype)
+        model, outputs, num_examples = self.model, self.outputs, self.num_examples
 
-        def replica_fn(inputs, vector):
+        def replica_fn(inputs, vectors):
             # Σ over the batch of J_xᵀ J_x v / N: the batches (and replicas) sum to g·v.
-            return _summed_metric_vector_product(
-                model, inputs, vector, outputs, scale=1.0 / num_examples
+            return _summed_metric_block_product(
+                model, inputs, vectors, outputs, scale=1.0 / num_examples
             )
+
+        num_batches = -(-self.num_examples // self._batch_size)
+        batch_size = self._batch_size
+
+        def add(total, summed):
+            return tf.nest.map_structure(lambda a, b: a + b, total, summed)
 
         if not self._distributed:
             # Batches sliced from one tensor in a graph loop: no tf.data overhead.
             all_inputs = tf.convert_to_tensor(self._inputs)
 
-            def product(vector):
+            def product(vectors):
                 if num_batches == 1:
-                    return replica_fn(all_inputs, vector)
-                total = tuple(tf.zeros_like(piece) for piece in vector)
+                    return replica_fn(all_inputs, vectors)
+                total = tf.nest.map_structure(tf.zeros_like, vectors)
                 for index in tf.range(num_batches):
                     inputs = all_inputs[index * batch_size : (index + 1) * batch_size]
-                    summed = replica_fn(inputs, vector)
-                    total = tuple(a + b for a, b in zip(total, summed))
-                return list(total)
+                    total = add(total, replica_fn(inputs, vectors))
+                return total
 
-        else:
-            # Each batch split over the replicas, per-replica sums all-reduced.
-            dataset = tf.data.Dataset.from_tensor_slices(self._inputs).batch(batch_size)
-            dataset = strategy.experimental_distribute_dataset(dataset)
+            return product
 
-            def product(vector):
-                total = tuple(tf.zeros_like(piece) for piece in vector)
-                for inputs in dataset:
-                    per_replica = strategy.run(replica_fn, args=(inputs, vector))
-                    total = tuple(
-                        running
-                        + strategy.reduce(tf.distribute.ReduceOp.SUM, piece, axis=None)
-                        for running, piece in zip(total, per_replica)
-                    )
-                return list(total)
+        # Each batch split over the replicas, per-replica sums all-reduced.
+        dataset = tf.data.Dataset.from_tensor_slices(self._inputs).batch(batch_size)
+        dataset = strategy.experimental_distribute_dataset(dataset)
+
+        def product(vectors):
+            total = tf.nest.map_structure(tf.zeros_like, vectors)
+            for inputs in dataset:
+                per_replica = strategy.run(replica_fn, args=(inputs, vectors))
+                total = add(total, tf.nest.map_structure(
+                    lambda piece: strategy.reduce(
+                        tf.distribute.ReduceOp.SUM, piece, axis=None),
+                    per_replica,
+                ))
+            return total
+
+        return product
+
+    def _build_matvec(self):
+        """Returns `(list_fn, flat_fn)`: g·v on a list of tensors and on a flat vector."""
+        shapes, sizes, dtypes = self._shapes, self._sizes, self._dtypes
+        layout_dtype = tf.as_dtype(self.dtype)
+        products = self._summed_over_batches()
+
+        def product(vector):
+            return products([vector])[0]
 
         @tf.function(reduce_retracing=True)
         def list_fn(vector):
@@ -448,50 +458,9 @@ class MetricOperator:
 
     def _build_matmat(self):
         """g·V on a flat `(num_params, k)` block, one forward pass per batch for all k."""
-        strategy = self._strategy
-        model, outputs = self.model, self.outputs
-        num_examples, batch_size = self.num_examples, self._batch_size
-        num_batches = -(-num_examples // batch_size)
         shapes, sizes, dtypes = self._shapes, self._sizes, self._dtypes
         layout_dtype = tf.as_dtype(self.dtype)
-
-        def replica_fn(inputs, vectors):
-            return _summed_metric_block_product(
-                model, inputs, vectors, outputs, scale=1.0 / num_examples
-            )
-
-        def add(total, summed):
-            return tuple(
-                tuple(a + b for a, b in zip(running, piece))
-                for running, piece in zip(total, summed)
-            )
-
-        if not self._distributed:
-            all_inputs = tf.convert_to_tensor(self._inputs)
-
-            def product(vectors):
-                if num_batches == 1:
-                    return replica_fn(all_inputs, vectors)
-                total = tuple(tuple(tf.zeros_like(p) for p in v) for v in vectors)
-                for index in tf.range(num_batches):
-                    inputs = all_inputs[index * batch_size : (index + 1) * batch_size]
-                    total = add(total, replica_fn(inputs, vectors))
-                return total
-
-        else:
-            dataset = tf.data.Dataset.from_tensor_slices(self._inputs).batch(batch_size)
-            dataset = strategy.experimental_distribute_dataset(dataset)
-
-            def product(vectors):
-                total = tuple(tuple(tf.zeros_like(p) for p in v) for v in vectors)
-                for inputs in dataset:
-                    per_replica = strategy.run(replica_fn, args=(inputs, vectors))
-                    total = add(total, tf.nest.map_structure(
-                        lambda piece: strategy.reduce(
-                            tf.distribute.ReduceOp.SUM, piece, axis=None),
-                        per_replica,
-                    ))
-                return total
+        product = self._summed_over_batches()
 
         # Traced once per number of columns (`matmat` passes at most two distinct ones
         # per call: `vectors_per_pass` and the remainder), which must be static here.
