@@ -169,16 +169,17 @@ class FIPTrainer(keras.Model):
             at the last step of a `walk`; other steps report them as NaN, and check the
             weights for non-finite values by their sum (one pass). `walk` counts steps
             as its `path` does, so with `measure_every=path.record_every` every recorded
-            point (the walk's last included) carries the same values as with `1`. With the start reference (and no
-            `metric_length`), the non-finite guard then keeps a copy of the weights
-            only at measured steps (and the step before, for `step_norm`), and other
-            steps do not read the weights at all (a weight that turns non-finite
-            there makes the next step's objective non-finite, and `walk` checks every
-            point it records): a failed step puts the model back on the last measured
-            point (the walk's first point before the first), which the path keeps
-            when `path.record_every` is `measure_every`, rather than on the point
-            just before it. On small models the copies and passes are a tenth of the step
-            (`python -m benchmarks.fip_step`). Defaults to `1` (every step).
+            point (the walk's last included) carries the same values as with `1`. With
+            the start reference (and no `metric_length`), the non-finite guard then
+            keeps a copy of the weights only at measured steps (and the step before,
+            for `step_norm`), and other steps do not read the weights at all (a weight
+            that turns non-finite there makes the next step's objective non-finite,
+            and `walk` checks every point it records): a failed step puts the model
+            back on the last measured point (the walk's first point before the first),
+            which the path keeps when `path.record_every` is `measure_every`, rather
+            than on the point just before it. On small models the copies and passes
+            are a tenth of the step (`python -m benchmarks.fip_step`). Defaults to `1`
+            (every step).
         **kwargs: Passed to `keras.Model` (e.g. `name`).
 
     Example:

@@ -256,10 +256,10 @@ class MetricOperator:
     1.53× a gradient in arithmetic, a shared one 1.05×); `trace` and the
     Lanczos quadratures of `keras_fip.geometry` use it, and so does
     `as_linear_operator()` (`scipy.sparse.linalg.LinearOperator.matmat`). The
-    model runs in inference mode and is never changed. Products are computed in the dtypes of the model's
-    variables (build float64 layers for float64 products). Under a
-    `tf.distribute` strategy scope (the one the model was built in), each
-    batch is split over the replicas and the results are summed.
+    model runs in inference mode and is never changed. Products are computed in the
+    dtypes of the model's variables (build float64 layers for float64 products). Under a
+    `tf.distribute` strategy scope (the one the model was built in), each batch is split
+    over the replicas and the results are summed.
 
     Args:
         model: a built `keras.Model` with trainable weights.
