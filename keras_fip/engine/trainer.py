@@ -604,8 +604,7 @@ class FIPTrainer(keras.Model):
             return (*measured(), before)
         step = self._step_count.assign_add(1)
         step_norm, from_start, finite = tf.cond(
-            tf.logical_or(tf.equal(step % self.measure_every, 0),
-                          tf.equal(step, self._last_step.value)),
+            self._is_measured(step),
             measured,
             lambda: _unmeasured(after),
         )
@@ -625,8 +624,6 @@ class FIPTrainer(keras.Model):
         step = self._step_count.assign_add(1)
         self.optimizer.apply(updates, variables)
         after = [v.value for v in variables]
-
-        last = self._last_step.value
 
         def keep_before():
             for snapshot, value in zip(self._before_measured, after):
@@ -652,7 +649,7 @@ class FIPTrainer(keras.Model):
                 step_norm = tf.identity(_distance(after, before))
             # The walk's last step is measured too: keep its previous point.
             with tf.control_dependencies([step_norm]):
-                before_last = tf.cond(tf.equal(step + 1, last), keep_before,
+                before_last = tf.cond(self._is_measured(step + 1), keep_before,
                                       lambda: tf.constant(False))
             with tf.control_dependencies([before_last]):
                 return tf.identity(step_norm), from_start, finite
@@ -668,22 +665,19 @@ class FIPTrainer(keras.Model):
             keep_before()
             return unmeasured()
 
-        phase = step % self.measure_every
         branch = tf.where(
-            tf.logical_or(tf.equal(phase, 0), tf.equal(step, last)),
-            0,
-            tf.where(
-                tf.logical_or(tf.equal(phase, self.measure_every - 1),
-                              tf.equal(step + 1, last)),
-                1,
-                2,
-            ),
+            self._is_measured(step), 0, tf.where(self._is_measured(step + 1), 1, 2)
         )
         step_norm, from_start, finite = tf.switch_case(
             tf.cast(branch, "int32"),
             [measured, before_measured, unmeasured],
         )
         return step_norm, from_start, finite, None
+
+    def _is_measured(self, step):
+        """Whether `step` is measured: a multiple of `measure_every`, or the walk's last."""
+        return tf.logical_or(tf.equal(step % self.measure_every, 0),
+                             tf.equal(step, self._last_step.value))
 
     def _guard_point(self, failed_step, first_step):
         """The step of the point the guard returns to after a failed step."""
