@@ -289,7 +289,11 @@ class Compress(Operation):
             to `False`.
         include_embeddings: Whether embedding tables are prunable. Defaults to `False`.
         record_every: Record the weights in `op.path` every this many steps (and at
-            the end of each walk). Defaults to `100`.
+            the end of each walk). The walk measures `step_norm` and
+            `distance_from_start` at the recorded points only
+            (`FIPTrainer(measure_every=record_every)`: `op.history` holds NaN
+            between them), and a non-finite step puts the model back on the last
+            recorded point. Defaults to `100`.
         path_directory: Directory to stream the path to, or `None`. Defaults to `None`.
         jit_compile: Whether to compile the step with XLA. Defaults to `False`.
         seed: Shuffle seed. Defaults to `None`.
@@ -477,6 +481,7 @@ class Compress(Operation):
             epsilon=self.epsilon,
             secondary_objective=objective,
             training=self._walk_training,
+            measure_every=self.record_every,
         )
         penalty = settle or self.step_rule == "penalty"
         trainer.compile(optimizer=self._optimizer(steps, penalty, offset),

@@ -201,7 +201,11 @@ class ContinualLearn(Operation):
             Defaults to `None`.
         eval_every: Steps between evaluations. Defaults to `None` (10 per walk).
         record_every: Record the weights in `op.path` every this many steps (and at
-            the end of each walk). Defaults to `100`.
+            the end of each walk). The walk measures `step_norm` and
+            `distance_from_start` at the recorded points only
+            (`FIPTrainer(measure_every=record_every)`: `op.history` holds NaN
+            between them), and a non-finite step puts the model back on the last
+            recorded point. Defaults to `100`.
         path_directory: Directory to stream the path to, or `None`. Defaults to `None`.
         jit_compile: Whether to compile the step with XLA. Defaults to `False`.
         seed: Seed of the shuffles, the new units and the memory sample. Defaults to
@@ -401,6 +405,7 @@ class ContinualLearn(Operation):
             epsilon=self.epsilon,
             secondary_loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             training=walk_training,
+            measure_every=self.record_every,
         )
         optimizer = None
         if self.step_rule == "penalty":

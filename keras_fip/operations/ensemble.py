@@ -495,7 +495,11 @@ class Ensemble(Operation):
             moving statistics re-estimated for each member), `False`, or `"auto"`
             (`True` when the model has BatchNormalization layers). Defaults to `"auto"`.
         record_every: Record the weights in `op.path` every this many steps (and at
-            the end of each walk). Defaults to `100`.
+            the end of each walk). The walk measures `step_norm` and
+            `distance_from_start` at the recorded points only
+            (`FIPTrainer(measure_every=record_every)`: `op.history` holds NaN
+            between them), and a non-finite step puts the model back on the last
+            recorded point. Defaults to `100`.
         path_directory: Directory to stream the path to, or `None`. Defaults to `None`.
         jit_compile: Whether to compile the step with XLA. Defaults to `False`.
         seed: Seed of the push directions, the perturbed inputs and the shuffling.
@@ -733,6 +737,7 @@ class Ensemble(Operation):
             reference=self.reference,
             metric_length=self.metric_distance is not None,
             training=walk_training,
+            measure_every=self.record_every,
         )
         optimizer = (keras.optimizers.Adam(self.learning_rate)
                      if step_rule == "penalty" else None)

@@ -254,7 +254,11 @@ class Repair(Operation):
             evaluation), `"auto"` when the model has BatchNormalization. Defaults to
             `"auto"`.
         record_every: Record the weights in `op.path` every this many steps (and at
-            the end of each walk). Defaults to `100`.
+            the end of each walk). The walk measures `step_norm` and
+            `distance_from_start` at the recorded points only
+            (`FIPTrainer(measure_every=record_every)`: `op.history` holds NaN
+            between them), and a non-finite step puts the model back on the last
+            recorded point. Defaults to `100`.
         path_directory: Directory to stream the path to, or `None`. Defaults to `None`.
         jit_compile: Whether to compile the FIP step with XLA. Defaults to `False`.
         seed: Shuffle, split and initialisation seed. Defaults to `None`.
@@ -850,7 +854,8 @@ class Repair(Operation):
                 beta=self.task_weight,
                 secondary_loss=(keras.losses.SparseCategoricalCrossentropy(from_logits=True)
                                 if labelled else None),
-                metric_length=self.num_paths > 1, training=walk_training)
+                metric_length=self.num_paths > 1, training=walk_training,
+                measure_every=self.record_every)
             trainer.compile(optimizer=keras.optimizers.Adam(self.learning_rate)
                             if self.optimizer == "adam"
                             else keras.optimizers.SGD(self.learning_rate, momentum=0.9),

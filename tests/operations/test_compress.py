@@ -387,3 +387,25 @@ def test_checkpoint_of_another_config_or_model_is_refused(trained, tmp_path):
 def test_bad_checkpoint_arguments_raise(arguments, message):
     with pytest.raises(ValueError, match=message):
         Compress(0.5, **arguments)
+
+
+def test_walk_measures_exactly_at_the_recorded_points(trained):
+    # Operations walk with `FIPTrainer(measure_every=record_every)`: the step length and
+    # the distance from the start are measured at multiples of `record_every` and at each
+    # phase's last step, so every point of the path carries them; other steps hold NaN.
+    model, x, _ = trained
+    op = Compress(0.5, data=x[:256], steps=22, min_steps=0, record_every=4, batch_size=64,
+                  seed=0, verbose=0)
+    op(model)
+    norms = np.asarray(op.history["step_norm"])
+    assert norms.shape == (22,)
+    pull = op.history["pull_steps"]
+    assert 0 < pull < 22 and pull % 4  # a phase end off the multiples
+    measured = {step for step in range(4, 23, 4)} | {pull, 22}
+    assert {int(i) + 1 for i in np.flatnonzero(np.isfinite(norms))} == measured
+    assert np.all(np.isfinite(np.asarray(op.history["distance_from_start"])[
+        sorted(step - 1 for step in measured)]))
+    assert set(op.path.steps[1:]) == measured
+    recorded = op.path.metrics
+    for name in ("step_norm", "distance_from_start"):
+        assert np.all(np.isfinite(recorded[name][1:])) and np.all(recorded[name][1:] > 0)
