@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from keras_fip.baselines.continual_base import cross_entropy
 from keras_fip.baselines.replay import MemoryBaseline
+from keras_fip.engine import step_rules
 
 
 @keras.saving.register_keras_serializable(package="keras_fip")
@@ -45,12 +46,20 @@ class AGEM(MemoryBaseline):
     def transform_gradients(self, model, batch, gradients):
         memory_x, memory_y = batch["memory"]
         variables = model.trainable_variables
+        replicas = step_rules.num_replicas()
         with tf.GradientTape() as tape:
             reference_loss = cross_entropy(memory_y, model(memory_x, training=True))
+            reference_loss = reference_loss / replicas
         reference = tape.gradient(reference_loss, [v.value for v in variables])
         reference = [tf.zeros_like(g) if r is None else r
                      for r, g in zip(reference, gradients)]
+        if replicas > 1:
+            # The projection is not linear: project the global gradients (every replica
+            # the same), then hand each replica 1/replicas of the result to be summed.
+            context = tf.distribute.get_replica_context()
+            gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
+            reference = context.all_reduce(tf.distribute.ReduceOp.SUM, reference)
         dot = tf.add_n([tf.reduce_sum(g * r) for g, r in zip(gradients, reference)])
         norm = tf.add_n([tf.reduce_sum(r * r) for r in reference])
         scale = tf.where(dot < 0.0, dot / tf.maximum(norm, 1e-12), 0.0)
-        return [g - scale * r for g, r in zip(gradients, reference)]
+        return [(g - scale * r) / replicas for g, r in zip(gradients, reference)]

@@ -15,7 +15,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_fip import distribute
+from keras_fip.engine import data_adapter
 from keras_fip.engine import masks as masks_lib
+from keras_fip.engine import step_rules
 from keras_fip.engine.data_adapter import check_inputs_match_model
 from keras_fip.engine.data_adapter import model_example_shape
 from keras_fip.engine.data_adapter import normalize_data
@@ -30,11 +33,11 @@ def cross_entropy(labels, logits):
 
 
 def repeated_batches(tensors, batch_size, seed):
-    """An infinite, reshuffled, fixed-size batch pipeline."""
+    """An infinite, reshuffled, fixed-size batch pipeline (at most one pass a batch):
+    `keras_fip.engine.data_adapter.repeated_batches`, the same batches under any
+    `tf.distribute` strategy."""
     size = len(tf.nest.flatten(tensors)[0])
-    dataset = tf.data.Dataset.from_tensor_slices(tensors)
-    dataset = dataset.shuffle(size, seed=seed, reshuffle_each_iteration=True)
-    return dataset.repeat().batch(min(batch_size, size), drop_remainder=True)
+    return data_adapter.repeated_batches(tensors, min(batch_size, size), seed=seed)
 
 
 def check_labelled(data, name, finite=True):
@@ -111,6 +114,9 @@ class ContinualBaseline(Operation):
         raise NotImplementedError
 
     def transform_gradients(self, model, batch, gradients):
+        """The gradients handed to the optimizer. Runs in a replica context: `gradients`
+        are this replica's share (of the loss over `num_replicas`), which the optimizer
+        sums over the replicas; a non-linear transform all-reduces them first."""
         return gradients
 
     def num_steps(self, x):
@@ -176,16 +182,19 @@ def train(model, baseline, x, labels, steps, learning_rate=None):
     variables = model.trainable_variables
     optimizer.build(variables)
 
-    @tf.function
-    def step(batch):
+    def replica_step(batch):
+        # Under a strategy each replica takes its slice of the global batch; its loss is
+        # scaled by 1/replicas, as Keras scales it, and the optimizer sums the gradients.
         with tf.GradientTape() as tape:
-            loss = baseline.loss(model, batch)
+            loss = baseline.loss(model, batch) / step_rules.num_replicas()
         gradients = tape.gradient(loss, [v.value for v in variables])
         gradients = [tf.zeros_like(v.value) if g is None else g
                      for g, v in zip(gradients, variables)]
         gradients = baseline.transform_gradients(model, batch, gradients)
         optimizer.apply(gradients, variables)
         return loss
+
+    step = distribute.replica_step(replica_step)
 
     evaluator = None
     if baseline._eval_tasks:
@@ -195,7 +204,7 @@ def train(model, baseline, x, labels, steps, learning_rate=None):
         evaluator = _EvaluateTasks(model, tasks, baseline.eval_every or max(1, steps // 10))
         evaluator.evaluate()
     losses = []
-    for batch in dataset.take(steps):
+    for batch in distribute.distribute_dataset(dataset.take(steps)):
         losses.append(float(step(batch)))
         if evaluator is not None:
             evaluator.on_train_batch_end(len(losses) - 1)

@@ -225,10 +225,26 @@ def _gather(columns, indices):
     return tf.nest.map_structure(lambda column: tf.gather(column, indices), columns)
 
 
-def _repeated_batches(tensors, batch_size, shuffle, seed):
+def repeated_batches(tensors, batch_size, shuffle=True, seed=None):
     """Infinite batches of the structure of arrays `tensors`, gathered by `_index_batches`.
 
-    Each batch is one gather per array (prefetched), from arrays held once in memory.
+    The pipeline of every custom training loop in keras_fip: with a `seed`, pass p is the
+    stateless permutation of `(seed, p)`, so one process, any `tf.distribute` strategy
+    (`keras_fip.distribute.distribute_dataset` splits each batch over the replicas) and a
+    resumed run see the same global batches, which `Dataset.shuffle(seed=...)` does not
+    promise once a strategy rebuilds the pipeline. Each batch is one gather per array
+    (prefetched), from arrays held once in memory; the last, partial batch of a pass rolls
+    into the next pass, so every batch has `batch_size` examples.
+
+    Args:
+        tensors: An array, or a structure (tuple, dict) of arrays of equal length.
+        batch_size: Examples per batch.
+        shuffle: Whether each pass is permuted. Defaults to `True`.
+        seed: The permutations' seed, or `None` (a fresh permutation each pass).
+            Defaults to `None`.
+
+    Returns:
+        An infinite `tf.data.Dataset` of batches with the structure of `tensors`.
     """
     size = len(tf.nest.flatten(tensors)[0])
     columns = tf.nest.map_structure(tf.convert_to_tensor, tensors)

@@ -98,13 +98,16 @@ class _ProjectionDistance:
         self.mask_variables = mask_variables
         self.task_weight = task_weight
         self.beta = beta
-        self.task_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     def __call__(self, model, batch):
         total = 0.0
         if self.task_weight and batch is not None:
             inputs, labels = batch
-            total = self.task_weight * self.task_loss(labels, model(inputs, training=True))
+            # The batch mean (the loss function, not a `keras.losses.Loss`, whose mean is
+            # already divided by the replicas under a strategy; the trainer scales L).
+            total = self.task_weight * keras.ops.mean(
+                keras.losses.sparse_categorical_crossentropy(
+                    labels, model(inputs, training=True), from_logits=True))
         variables = model.trainable_variables
         for index, mask in zip(self.indices, self.mask_variables):
             weights = variables[index].value

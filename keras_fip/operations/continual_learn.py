@@ -365,7 +365,7 @@ class ContinualLearn(Operation):
         seed = self.seed
 
         def repeated(tensors, size, offset):
-            return data_adapter._repeated_batches(
+            return data_adapter.repeated_batches(
                 tensors, size, True, None if seed is None else seed + offset)
 
         anchor = repeated({"anchor_inputs": memory_x, "anchor_outputs": reference},

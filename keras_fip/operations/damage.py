@@ -8,6 +8,7 @@ import numpy as np
 import scipy.sparse.linalg
 import tensorflow as tf
 
+from keras_fip import distribute
 from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import projection
 from keras_fip.engine.data_adapter import check_inputs_match_model
@@ -1043,17 +1044,18 @@ class Damage(Operation):
     def _loss_gradient(self, model, variables, x, y):
         """Gradient of the mean cross-entropy on `(x, y)`: one array per variable."""
         loss_fn = keras.losses.SparseCategoricalCrossentropy(
-            from_logits=self.outputs == "logits")
-        total = [np.zeros(v.shape) for v in variables]
-        for start in range(0, len(x), 1024):
-            batch = tf.constant(x[start:start + 1024])
+            from_logits=self.outputs == "logits", reduction="sum")
+
+        def summed_gradient(batch):
+            inputs, labels = batch
             with tf.GradientTape() as tape:
-                loss = loss_fn(y[start:start + 1024], model(batch, training=False))
-            gradients = tape.gradient(loss, [v.value for v in variables],
-                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            for running, gradient in zip(total, gradients):
-                running += gradient.numpy() * len(batch) / len(x)
-        return total
+                loss = loss_fn(labels, model(inputs, training=False))
+            return tape.gradient(loss, [v.value for v in variables],
+                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+        # Summed per replica under a strategy (distributed variables are read there).
+        total = distribute.summed_over_batches(summed_gradient, (x, y), 1024)
+        return [piece / len(x) for piece in total]
 
     def _harm(self, model, x, y, reference):
         """Damage on `(x, y)`: mean task loss with labels, else mean squared output change."""

@@ -14,6 +14,7 @@ from keras_fip.engine.data_adapter import check_inputs_match_model
 from keras_fip.engine.data_adapter import fip_dataset
 from keras_fip.engine.data_adapter import model_example_shape
 from keras_fip.engine.data_adapter import normalize_data
+from keras_fip.engine.data_adapter import repeated_batches
 from keras_fip.engine.path import Path
 from keras_fip.engine.trainer import FIPTrainer
 from keras_fip.operations.base import Operation
@@ -713,9 +714,9 @@ class Ensemble(Operation):
             )
         task_data = None
         if task_weight > 0:
-            task_data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
-                len(x), seed=int(rng.integers(2**31)), reshuffle_each_iteration=True)
-            task_data = task_data.repeat().batch(self.batch_size, drop_remainder=True)
+            # Stateless per-pass permutations: the same batches under any strategy.
+            task_data = repeated_batches((x, y), self.batch_size,
+                                         seed=int(rng.integers(2**31)))
 
         # Driver and trainer (one walk through every member; the path continues).
         direction = None
@@ -762,10 +763,8 @@ class Ensemble(Operation):
                 previous = members or [copy_model(model)]
                 tensors, passes = self._diversity_batch(previous, x, y, rng)
                 train_examples += passes
-                attacked = tf.data.Dataset.from_tensor_slices(tensors)
-                attacked = attacked.shuffle(len(tensors[0]), seed=int(rng.integers(2**31)))
-                secondary["diversity"] = attacked.repeat().batch(self.batch_size,
-                                                                 drop_remainder=True)
+                secondary["diversity"] = repeated_batches(
+                    tuple(tensors), self.batch_size, seed=int(rng.integers(2**31)))
             dataset = anchor_data
             if secondary:
                 keys = sorted(secondary)

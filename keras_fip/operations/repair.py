@@ -7,6 +7,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_fip import distribute
+from keras_fip.engine import data_adapter
 from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import normalization
 from keras_fip.engine.copy import copy_model
@@ -15,6 +17,7 @@ from keras_fip.engine.data_adapter import fip_dataset
 from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.engine import distances as distances_lib
 from keras_fip.engine.path import Path
+from keras_fip.engine import step_rules
 from keras_fip.engine.trainer import FIPTrainer
 from keras_fip.operations import damage as damage_lib
 from keras_fip.operations.base import Operation
@@ -111,36 +114,47 @@ def supervised_training(model, x, y, steps, learning_rate, optimizer="adam",
              else keras.optimizers.SGD(learning_rate, momentum=0.9))
     carried = any(masks_lib._mask_of(v) is not None for v in variables)
     optimizer = masks_lib.MaskedOptimizer(inner) if carried else inner
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    optimizer.build(variables)  # Its slots are created here, not inside a replica step.
     scales = None
     if gradient_scales is not None:
         scales = [None if s is None else tf.constant(s, v.dtype)
                   for s, v in zip(gradient_scales, variables)]
 
-    @tf.function(reduce_retracing=True)
-    def step(inputs, labels):
+    def replica_step(batch):
+        # Under a strategy each replica takes its slice of the global batch; its loss is
+        # scaled by 1/replicas, as Keras scales it, and the optimizer sums the gradients.
+        inputs, labels = batch
         with tf.GradientTape() as tape:
-            loss = loss_fn(labels, model(inputs, training=True))
-        gradients = tape.gradient(loss, variables)
+            # The function, not the `Loss` object: the object scales its mean by the
+            # replicas already (`keras.losses.Loss` under a strategy).
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                labels, model(inputs, training=True), from_logits=True))
+            loss = loss / step_rules.num_replicas()
+        gradients = tape.gradient(loss, [v.value for v in variables])
         gradients = [tf.zeros_like(v.value) if g is None else tf.convert_to_tensor(g)
                      for g, v in zip(gradients, variables)]
         if scales is not None:
             gradients = [g if s is None else g * s for g, s in zip(gradients, scales)]
         optimizer.apply(gradients, variables)
-        if masks is not None:
-            for variable, mask in zip(variables, masks):
-                if mask is not None:
-                    variable.assign(variable.value * mask.value)
         return loss
 
-    dataset = (tf.data.Dataset.from_tensor_slices((np.asarray(x, "float32"), np.asarray(y)))
-               .shuffle(len(x), seed=seed, reshuffle_each_iteration=True).repeat()
-               .batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+    step = distribute.replica_step(replica_step)
+
+    @tf.function
+    def apply_masks():
+        # Outside the replica context: a distributed variable is assigned on every replica.
+        for variable, mask in zip(variables, masks):
+            if mask is not None:
+                variable.assign(variable.value * mask.value)
+
+    # Stateless per-pass permutations: the same global batches under any strategy.
+    dataset = data_adapter.repeated_batches(
+        (np.asarray(x, "float32"), np.asarray(y)), batch_size, seed=seed)
     taken = 0
-    for inputs, labels in dataset:
-        if taken >= steps:
-            break
-        loss = step(inputs, labels)
+    for batch in distribute.distribute_dataset(dataset.take(steps)):
+        loss = step(batch)
+        if masks is not None:
+            apply_masks()
         taken += 1
         if not np.isfinite(float(loss)):
             raise FloatingPointError(
@@ -625,7 +639,7 @@ class Repair(Operation):
         if first:
             sizes = [min(self.solve_first, len(x))] + sizes
         order = self._rng.permutation(len(x))
-        features = keras.Model(model.input, (hidden or layer).input)
+        features = keras.Model(model.inputs, (hidden or layer).input)  # Sequential too
         basis, used = None, 0
         for index, size in enumerate(sizes):
             chosen = np.sort(np.take(order, np.arange(used, used + size), mode="wrap"))
@@ -1061,21 +1075,31 @@ def recovery_path(model, damage_masks, data, num_points=11, steps_per_point=20,
     optimizer = keras.optimizers.Adam(learning_rate)
     reference = _predict(model, x).astype("float32")
 
-    @tf.function(reduce_retracing=True)
-    def step(inputs, targets):
+    optimizer.build(moving)  # Its slots are created here, not inside a replica step.
+
+    def replica_step(batch):
+        # Each replica's batch mean over the replicas: the optimizer sums the gradients.
+        inputs, targets = batch
         with tf.GradientTape() as tape:
             loss = distance_fn(walker(inputs, training=walk_training), targets)
-        gradients = tape.gradient(loss, moving)
+            loss = loss / step_rules.num_replicas()
+        gradients = tape.gradient(loss, [v.value for v in moving])
         gradients = [tf.zeros_like(v.value) if g is None else g * f
                      for g, v, f in zip(gradients, moving, free)]
         optimizer.apply(gradients, moving)
-        for variable, keep, value in zip(moving, free, start):
-            variable.assign(variable.value * keep + (1.0 - time.value) * value)
         return loss
 
-    dataset = iter(tf.data.Dataset.from_tensor_slices((x, reference))
-                   .shuffle(len(x), seed=seed).repeat().batch(batch_size, drop_remainder=True)
-                   .prefetch(tf.data.AUTOTUNE))
+    step = distribute.replica_step(replica_step)
+
+    @tf.function
+    def hold_damage():
+        # Outside the replica context: a distributed variable is assigned on every replica.
+        for variable, keep, value in zip(moving, free, start):
+            variable.assign(variable.value * keep + (1.0 - time.value) * value)
+
+    # Stateless per-pass permutations: the same global batches under any strategy.
+    dataset = iter(distribute.distribute_dataset(
+        data_adapter.repeated_batches((x, reference), batch_size, seed=seed)))
     points, times = [model.get_weights()], np.linspace(0.0, 1.0, num_points)
     for t in times[1:]:
         time.assign(float(t))
@@ -1084,8 +1108,8 @@ def recovery_path(model, damage_masks, data, num_points=11, steps_per_point=20,
         for variable, keep, value in zip(moving, free, start):
             variable.assign(variable.value * keep + (1.0 - float(t)) * value)
         for _ in range(steps_per_point):
-            inputs, targets = next(dataset)
-            loss = step(inputs, targets)
+            loss = step(next(dataset))
+            hold_damage()
         if not np.isfinite(float(loss)):
             raise FloatingPointError(
                 f"The recovery path hit a non-finite loss at t={t:g}. Lower the learning "

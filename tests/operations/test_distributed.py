@@ -1,0 +1,114 @@
+"""Every operation under `tf.distribute.MirroredStrategy` (two logical CPUs) gives the
+one-device result.
+
+Each case runs once on one device and once with the model built and the operation called
+inside the strategy's scope (each global batch split over the two replicas, per-replica
+losses scaled as Keras scales them, gradients summed), from the same seed, and compares
+every weight of the result. Networks without BatchNormalization are compared: a
+BatchNorm network walked in training mode normalises each replica's half batch with its
+own statistics, as Keras's `fit` does under a strategy (unless the layers are
+`synchronized`), so it legitimately differs.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_fip
+from keras_fip.operations.repair import recovery_path
+from tests.operations.contract import contract_data
+from tests.operations.contract import trained_model
+
+# Relative to the largest weight. The float32 sums split over two replicas differ from
+# one device's in the last bits; Adam's normalised steps carry that into 1e-5..1e-4 after
+# a few steps (on weights whose gradient is near zero). A loss scaled twice (or not at
+# all) by the replicas moves the weights by 7e-3..2e-2 of the largest here.
+RTOL = 3e-4
+
+
+def _data():
+    x, y = contract_data()
+    return x, y
+
+
+def _damaged():
+    return keras_fip.Damage("nodes", fraction=0.25, seed=3)(trained_model("sequential"))
+
+
+def _recovery_end(model):
+    x, _ = _data()
+    damaged = keras_fip.Damage("nodes", fraction=0.25, seed=3)(model)
+    masks = keras_fip.damage_reference(damaged).damage_masks
+    points, _ = recovery_path(model, masks, x, num_points=3, steps_per_point=4, seed=0)
+    end = keras_fip.engine.copy_model(model)
+    end.set_weights(points[-1])
+    return end
+
+
+def _cases():
+    x, y = _data()
+    new_task = (x[200:], y[200:] % 3)
+    repair = dict(epochs=1, validation_split=0.25, seed=0, verbose=0)
+    return {
+        "compress": (lambda: trained_model("sequential"), lambda: keras_fip.Compress(
+            0.5, data=x, steps=8, min_steps=0, seed=0, verbose=0)),
+        "compress_with_labels": (lambda: trained_model("functional"), lambda: keras_fip.Compress(
+            0.5, data=(x, y), task_weight=1.0, steps=8, min_steps=0, seed=0, verbose=0)),
+        "continual_learn": (lambda: trained_model("sequential"), lambda: keras_fip.ContinualLearn(
+            new_task, memory=x[:200], epochs=1, batch_size=64, seed=0, verbose=0)),
+        "damage_eigen": (lambda: trained_model("sequential"), lambda: keras_fip.Damage(
+            "eigen", norm=0.5, num_eigenpairs=3, eigen_examples=100, data=(x, y), seed=3)),
+        "damage_bitflip": (lambda: trained_model("functional"), lambda: keras_fip.Damage(
+            "bitflip", count=20, bits="mantissa", seed=3)),
+        "repair_fip_with_solves": (_damaged, lambda: keras_fip.Repair(
+            data=x, solve_output_layer=128, solve_sweeps=2, **repair)),
+        "repair_fip_two_paths": (_damaged, lambda: keras_fip.Repair(
+            data=x, num_paths=2, **repair)),
+        "repair_retrain": (_damaged, lambda: keras_fip.Repair(
+            data=(x, y), method="retrain", epochs=1, seed=0, verbose=0)),
+        "repair_embryonic": (_damaged, lambda: keras_fip.Repair(
+            data=(x, y), method="embryonic", epochs=1, seed=0, verbose=0)),
+        "damage_repair": (lambda: trained_model("sequential"), lambda: keras_fip.DamageRepair(
+            rounds=2, count=3, seed=0, layers=["contract_hidden"],
+            repair=keras_fip.Repair(data=x, **repair))),
+        "ensemble": (lambda: trained_model("sequential"), lambda: keras_fip.Ensemble(
+            2, data=x, steps_between=3, batch_size=64, cg_iterations=3, seed=0, verbose=0)),
+        "ensemble_with_labels": (lambda: trained_model("sequential"), lambda: keras_fip.Ensemble(
+            2, data=(x, y), steps_between=3, batch_size=64, seed=0, verbose=0)),
+        "isofunctional": (lambda: trained_model("sequential"), lambda: keras_fip.Isofunctional(
+            data=x, steps=8, seed=0, verbose=0)),
+        "recovery_path": (lambda: trained_model("sequential"), lambda: _recovery_end),
+    }
+
+
+CASES = sorted(_cases())
+
+
+def _weights(model):
+    try:
+        members = keras_fip.ensemble_members(model)
+    except ValueError:
+        members = [model]
+    return np.concatenate([np.ravel(w) for member in members for w in member.get_weights()])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_operation_under_mirrored_strategy_equals_one_device(name, mirrored_strategy):
+    make_model, make_operation = _cases()[name]
+    keras.utils.set_random_seed(0)
+    alone = _weights(make_operation()(make_model()))
+    keras.utils.set_random_seed(0)
+    with mirrored_strategy.scope():
+        model = make_model()
+        assert isinstance(model.trainable_variables[0].value,
+                          tf.distribute.DistributedValues)
+        result = make_operation()(model)
+    distributed = _weights(result)
+    assert distributed.shape == alone.shape
+    scale = np.max(np.abs(alone))
+    np.testing.assert_allclose(distributed, alone, rtol=0, atol=RTOL * scale)
+    start = _weights(make_model())
+    if start.shape == alone.shape and name != "damage_bitflip":
+        # The comparison can fail: the weights moved by much more than the tolerance.
+        assert np.max(np.abs(alone - start)) > 10 * RTOL * scale
