@@ -48,14 +48,13 @@ Example:
     python -m apps.continual        # mnist_fmnist and split_mnist, main methods, 3 seeds
     python -m apps.continual --benchmarks=permuted_mnist --methods=fip,ewc --seeds=0
 
-`--strategy=mirrored|multi_worker|tpu` trains the first-task networks and runs the FIP
-walks in that strategy; the baselines (finetune, ewc, lwf, replay, agem, joint) are refused
-there before any work, naming them: their loop (`baselines.continual_base.train`) is a
-one-device `tf.function`. Across processes or hosts every worker runs the same command with
-the same `--seeds`, and only the chief writes `--output_dir`:
+`--strategy=mirrored|multi_worker|tpu` trains the first-task networks and runs every method
+in that strategy: the FIP walks and the baselines' loop (`baselines.continual_base.train`)
+split each global batch over the replicas. Across processes or hosts every worker runs the
+same command with the same `--seeds`, and only the chief writes `--output_dir`:
 
     python -m keras_fip.distribute --workers=2 -- python -m apps.continual \
-        --strategy=multi_worker --methods=fip
+        --strategy=multi_worker --methods=fip,ewc,agem,replay
 
 (on a cluster: the same command on every host with its `TF_CONFIG`, see `apps.compress`).
 The chief's results equal one process's for split_mnist's MLP (tested on two loopback
@@ -101,12 +100,11 @@ MODELS = {"mnist_fmnist": "cnn5", "split_mnist": "mlp", "permuted_mnist": "mlp",
 MEMORY = {"mnist_fmnist": 500, "split_mnist": 200, "permuted_mnist": 200,
           "split_cifar10": 200, "split_cifar100": 100}
 EWC_GRID = (10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7)
-# Baselines whose training loop (`baselines.continual_base.train`) is a single-device
-# `tf.function` (no `strategy.run`, no per-replica loss scaling): `common.start` refuses
-# them under a distributed `--strategy`.
-_LOOP = "single-device training loop (baselines.continual_base.train)"
-SINGLE_DEVICE = {name: _LOOP for name in ("finetune", "ewc", "lwf", "replay", "agem",
-                                          "joint")}
+# Methods `common.start` would refuse under a distributed `--strategy`: none. The
+# baselines' loop (`baselines.continual_base.train`) splits each global batch over the
+# replicas (`keras_fip.distribute.replica_step`) and equals one device
+# (tests/baselines/test_distributed.py; two loopback workers in tests/apps/test_multi_worker.py).
+SINGLE_DEVICE = {}
 
 # Benchmarks and methods
 flags.DEFINE_list("benchmarks", ["mnist_fmnist", "split_mnist"],

@@ -34,8 +34,8 @@ Example:
     tensorboard --logdir runs      # the walks' distance, output change and losses per step
 
 The quick start runs on one device: `--strategy` other than `default` is refused before any
-work, naming what cannot run distributed (the exact-Gram ρ and the eigen adversary); the
-other apps take `--strategy=mirrored|multi_worker|tpu`.
+work, naming what cannot run distributed (the exact-Gram ρ); the other apps take
+`--strategy=mirrored|multi_worker|tpu`.
 """
 
 import math
@@ -75,8 +75,6 @@ FLAGS = flags.FLAGS
 SINGLE_DEVICE = {
     "geometry.vulnerable_fraction": "ρ from the exact Gram matrix, a dense Jacobian on one "
                                     "device (MetricOperator.gram)",
-    "Damage('eigen')": "its loss gradient is a one-device GradientTape "
-                       "(operations/damage.py `_loss_gradient`)",
 }
 
 

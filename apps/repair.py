@@ -74,6 +74,13 @@ Example:
 
     python -m apps.repair --output_dir=runs/repair
     python -m apps.repair --repair_parts=recovery --repair_fractions=0.8 --seeds=0
+
+`--strategy=mirrored|multi_worker|tpu` runs the MLP parts (recovery, iterative, invariant,
+transitions) in that strategy; the VGG part is refused there before any work, naming it.
+On two loopback workers (every worker the same command and `--seeds`; the chief writes):
+
+    python -m keras_fip.distribute --workers=2 -- python -m apps.repair \
+        --strategy=multi_worker --repair_parts=recovery,iterative --seeds=0
 """
 
 import time
@@ -98,11 +105,11 @@ from keras_fip.operations.repair import recovery_path  # noqa: E402
 PARTS = ("recovery", "iterative", "invariant", "transitions", "vgg")
 METHODS = ("fip", "retrain", "prune")
 # Parts that cannot run under a distributed `--strategy` (`common.start` refuses them before
-# any work). Repair's output-layer solve, its Gauss-Newton sweeps and the recovery-path
-# measurements read and assign single-device variables, and none of the parts has been
-# checked against a one-process run under a strategy yet.
-SINGLE_DEVICE = {part: "Repair's least-squares solves and path measurements are one-device "
-                 "code, not yet verified under tf.distribute" for part in PARTS}
+# any work). The MLP parts give the one-process results on two loopback workers
+# (tests/apps/test_multi_worker.py); the VGG part (BatchNorm on per-replica batch
+# statistics, CIFAR-10) has not been checked against a one-process run.
+SINGLE_DEVICE = {"vgg": "not yet verified under tf.distribute (BatchNorm walks normalise "
+                        "each replica's share of the batch)"}
 
 # Experiments
 flags.DEFINE_list("repair_parts", list(PARTS), f"Experiment families, among {PARTS} "

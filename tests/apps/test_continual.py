@@ -62,14 +62,6 @@ def test_continual_app_two_task_run_and_memory_sweep(tmp_path):
     assert os.path.isfile(os.path.join(output_dir, "mnist_fmnist_memory.png"))
 
 
-def test_continual_app_refuses_single_device_baselines_under_a_strategy(tmp_path):
-    with flagsaver.flagsaver(strategy="mirrored", methods=["fip", "ewc", "agem"],
-                             output_dir=str(tmp_path / "out")):
-        with pytest.raises(ValueError, match=r"cannot run \['agem', 'ewc'\]"):
-            continual.main([])
-    assert not os.path.exists(tmp_path / "out")  # Refused before any work.
-
-
 def test_continual_app_rejects_unknown_methods(tmp_path):
     with flagsaver.flagsaver(methods=["magic"], output_dir=str(tmp_path)):
         with pytest.raises(ValueError, match="methods"):

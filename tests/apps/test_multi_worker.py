@@ -1,6 +1,7 @@
-"""`apps.compress` and `apps.continual` with `--strategy=multi_worker` on two loopback workers.
+"""`apps.compress`, `apps.continual` and `apps.repair` with `--strategy=multi_worker` on two
+loopback workers.
 
-Each worker runs both apps in one process (this module's `__main__`: one TensorFlow start
+Each worker runs the apps in one process (this module's `__main__`: one TensorFlow start
 and one `MultiWorkerMirroredStrategy`, which `apps.common` creates once per process) with
 the same flags and `--seed`, as `python -m keras_fip.distribute --workers=2 -- python -m
 apps.compress --strategy=multi_worker ...` would. The chief's `results.json` must equal a
@@ -29,24 +30,44 @@ KILL_AT = 10
 # (mnist_fmnist's cnn5 drifts to ~3e-3 after 16 Adam steps: float32 reduction order in the
 # convolutions, amplified by Adam on near-zero gradients; its accuracies then agree only
 # up to a flipped example.)
-CONTINUAL = dict(benchmarks=["split_mnist"], dataset="digits", methods=["fip"],
+CONTINUAL = dict(benchmarks=["split_mnist"], dataset="digits",
+                 methods=["fip", "ewc", "agem", "replay"],
                  seeds=["0"], epochs=1, continual_base_epochs=1, batch_size=32,
                  memory_per_task=10, max_train_examples=64, max_test_examples=100)
 # For the killed continual run: all of split_mnist's digits (9 steps a task), checkpoints
 # every 3 steps; the workers die after the checkpoint at step 6 of the second task.
-CONTINUAL_KILLED = dict(CONTINUAL, max_train_examples=0, checkpoint_every=3)
+CONTINUAL_KILLED = dict(CONTINUAL, methods=["fip"], max_train_examples=0, checkpoint_every=3)
+# apps.repair's MLP parts on tiny settings (every method; the VGG part is refused under a
+# strategy, not verified).
+REPAIR = dict(
+    dataset="digits", base_epochs=15, batch_size=64, learning_rate=3e-3, seeds=["0"],
+    methods=None, repair_parts=["recovery", "iterative", "invariant", "transitions"],
+    repair_validation_examples=150, repair_target=0.05, repair_evaluations_per_epoch=2,
+    repair_mlp_width=32, repair_fractions=["0.5"], repair_max_epochs=1,
+    repair_fip_learning_rates=["3e-3"], repair_retrain_learning_rates=["1e-3", "3e-3"],
+    repair_prune_learning_rates=["0.05"], repair_iterative_counts=["16"],
+    repair_round_budget=8, repair_iterative_learning_rate=3e-3,
+    repair_fip_solve_examples=300, repair_fip_solve_sweeps=1, repair_fip_solve_rank=16,
+    repair_fip_solve_first=100, repair_iterative_solve_examples=300,
+    repair_iterative_fip_learning_rate=3e-3, repair_invariant_loops=2,
+    repair_invariant_rounds=1, repair_invariant_budget=4, repair_invariant_points=3,
+    repair_invariant_examples=100, repair_transition_fractions=["0.25"],
+    repair_transition_learning_rate=3e-3)
 CONTINUAL_KILL_AT = "walk:6:2"
-# Timings, not results: they differ between runs.
-_TIMES = ("seconds",)
+# Timings, not results: they differ between runs. The t-SNE embedding of the repaired
+# networks is not compared: t-SNE's optimisation turns last-bit differences of its input
+# into visible ones (the networks it embeds are compared, through their losses).
+_TIMES = ("seconds", "invariant/embedding")
 
 
-def _run_apps(output_dir, cache_dir, resume=False, apps=("compress", "continual"),
+def _run_apps(output_dir, cache_dir, resume=False, apps=("compress", "continual", "repair"),
               continual_settings=None):
-    """Runs compress then continual in this process under the parsed `--strategy`."""
+    """Runs compress, continual and repair in this process under the parsed `--strategy`."""
     from absl.testing import flagsaver
 
     from apps import compress
     from apps import continual
+    from apps import repair
 
     if "compress" in apps:
         with flagsaver.flagsaver(output_dir=os.path.join(output_dir, "compress"),
@@ -57,6 +78,10 @@ def _run_apps(output_dir, cache_dir, resume=False, apps=("compress", "continual"
                                  cache_dir=cache_dir, resume=resume,
                                  **(continual_settings or CONTINUAL)):
             continual.main([])
+    if "repair" in apps:
+        with flagsaver.flagsaver(output_dir=os.path.join(output_dir, "repair"),
+                                 cache_dir=cache_dir, resume=resume, **REPAIR):
+            repair.main([])
 
 
 def _kill_after_checkpoint(spec):
@@ -122,7 +147,7 @@ def test_two_worker_apps_match_one_process_and_only_the_chief_writes(tmp_path):
     logs = "\n".join(r["stderr"][-3000:] for r in launched)
     assert [r["returncode"] for r in launched] == [0, 0], logs
 
-    for app in ("compress", "continual"):
+    for app in ("compress", "continual", "repair"):
         _assert_same_results(tmp_path, app)
     # Only the chief wrote: the other worker's private directories were removed.
     assert os.listdir(worker_tmp) == []
@@ -197,10 +222,19 @@ def _assert_same_results(tmp_path, app):
     multi = _results(str(tmp_path / "multi" / app))
     assert sorted(single) == sorted(multi)
     for key, value in single.items():
-        if isinstance(value, float):
-            assert multi[key] == pytest.approx(value, abs=1e-5), key
-        else:
-            assert multi[key] == value, key
+        _assert_same(multi[key], value, key)
+
+
+def _assert_same(got, expected, key):
+    """Floats (nested in lists too) to 1e-5, everything else exactly."""
+    if isinstance(expected, float):
+        assert got == pytest.approx(expected, abs=1e-5, nan_ok=True), key
+    elif isinstance(expected, list) and isinstance(got, list):
+        assert len(got) == len(expected), key
+        for got_item, expected_item in zip(got, expected):
+            _assert_same(got_item, expected_item, key)
+    else:
+        assert got == expected, key
 
 
 def main(argv):
@@ -214,7 +248,7 @@ def main(argv):
     flags.FLAGS(argv + ["--strategy=multi_worker"])
     if "--kill_at" in options:
         _kill_after_checkpoint(options["--kill_at"])
-    apps = tuple(options.get("--apps", "compress,continual").split(","))
+    apps = tuple(options.get("--apps", "compress,continual,repair").split(","))
     _run_apps(flags.FLAGS.output_dir, flags.FLAGS.cache_dir, resume=flags.FLAGS.resume,
               apps=apps, continual_settings=CONTINUAL_KILLED if apps == ("continual",)
               else None)
@@ -223,5 +257,6 @@ def main(argv):
 if __name__ == "__main__":
     import apps.compress  # noqa: F401  (defines the flags before they are parsed)
     import apps.continual  # noqa: F401  (ditto)
+    import apps.repair  # noqa: F401  (ditto)
 
     main(sys.argv)

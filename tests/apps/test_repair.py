@@ -93,9 +93,9 @@ def test_repair_app_rejects_unknown_parts_and_methods(tmp_path):
         with pytest.raises(ValueError, match="methods"):
             repair.main([])
     # Parts not verified under tf.distribute are refused by name before any work.
-    with flagsaver.flagsaver(repair_parts=["recovery"], strategy="mirrored",
+    with flagsaver.flagsaver(repair_parts=["recovery", "vgg"], strategy="mirrored",
                              output_dir=str(tmp_path / "mirrored")):
-        with pytest.raises(ValueError, match=r"strategy=mirrored.*recovery"):
+        with pytest.raises(ValueError, match=r"strategy=mirrored.*cannot run \['vgg'\]"):
             repair.main([])
     assert not os.path.exists(tmp_path / "mirrored" / "config.json")
 
