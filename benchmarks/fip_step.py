@@ -5,7 +5,7 @@ examples) and `FIPTrainer.fit` on 128 anchor + 128 secondary examples (cross-ent
 secondary loss, the data from `fip_dataset`) for each step rule (and the penalty rule
 measuring `step_norm` / `distance_from_start` every 100 steps, `penalty_measure100`:
 `FIPTrainer(measure_every=100)`, whose non-finite guard then copies the weights only
-around those steps), in the same run, after a
+around those steps; the step of every operation at its default `record_every=100`), in the same run, after a
 warm-up (the clock runs from the end of the last warm-up step to the end of the last step,
 so tracing and input start-up are excluded). Plain fit is timed on the Keras default input
 path, `fit(x, y, batch_size=256)` (`fit_arrays`), and on the usual hand-built pipeline
@@ -55,7 +55,8 @@ RULES = (("penalty", "penalty"), ("penalty_measure100", "penalty"),
 # Trainer arguments per label: `penalty_measure100` measures the step's length and the
 # distance from the start every 100 steps (`FIPTrainer(measure_every=100)`, what a walk
 # recording its path every 100 steps needs) instead of at every step, and its guard
-# copies the weights only around those steps.
+# copies the weights only around those steps. It is the step every operation runs with
+# its default `record_every=100` (operations walk with `measure_every=record_every`).
 TRAINER_ARGUMENTS = {"penalty_measure100": {"measure_every": 100}}
 
 
