@@ -315,7 +315,11 @@ def summed_over_batches(fn, data, batch_size, strategy=None):
         The structure of `fn`'s results, as numpy arrays (float64 sums of the batches).
     """
     dataset = tf.data.Dataset.from_tensor_slices(data).batch(batch_size)
-    step = replica_step(fn, strategy)
+
+    def dense_fn(batch):  # Sparse gradients (embeddings) summed as dense tensors.
+        return tf.nest.map_structure(tf.convert_to_tensor, fn(batch))
+
+    step = replica_step(dense_fn, strategy)
     total = None
     for batch in distribute_dataset(dataset, strategy):
         values = tf.nest.map_structure(

@@ -10,6 +10,15 @@ from keras_fip.geometry.metric import _data_inputs
 _KINDS = ("jacobian", "fisher")
 
 
+def _example_output_shape(model, example):
+    """The shape of one example's outputs (from the model's output shape, or one call)."""
+    shape = getattr(model, "output_shape", None)
+    if isinstance(shape, tuple) and len(shape) > 1 and all(
+            isinstance(d, int) for d in shape[1:]):
+        return tuple(shape[1:])
+    return tuple(int(d) for d in model(example, training=False).shape[1:])
+
+
 def metric_diagonal(model, data, variables=None, kind="jacobian", probes=1,
                     batch_size=256, seed=None):
     """Unbiased Monte-Carlo estimate of the diagonal of the metric tensor.
@@ -21,7 +30,9 @@ def metric_diagonal(model, data, variables=None, kind="jacobian", probes=1,
     Rademacher for `"jacobian"`, `onehot(c) − p` with `c ~ p` for `"fisher"`, so that
     E[u uᵀ] is the output metric, and takes one backward pass of Σ_x u_x·f(x): the squared
     gradient is then an unbiased estimate of the diagonal (cross-example terms vanish in
-    expectation). The model runs in inference mode.
+    expectation). The model runs in inference mode. Each example's probe is drawn from
+    its batch's seed at its position in the global batch, so one device and any
+    `tf.distribute` strategy (each batch split over the replicas) give the same estimate.
 
     Args:
         model: A built `keras.Model` returning logits.
@@ -61,52 +72,54 @@ def metric_diagonal(model, data, variables=None, kind="jacobian", probes=1,
     # Under any strategy scope, even of one replica, distributed variables are read in a
     # replica context (`strategy.run`).
     distributed = tf.distribute.has_strategy()
+    # Uniforms for every output of every example of the global batch, drawn from the
+    # batch's seed; each example takes the row of its position in the global batch, so
+    # the probes do not depend on how a batch is split over replicas.
+    noise_shape = (batch_size,) + _example_output_shape(model, inputs[:1].astype(dtype))
 
-    def squared_gradient(batch, seed):
-        # Stateless draws, distinct per replica: no generator state to mirror.
-        context = tf.distribute.get_replica_context()
-        if context is not None:
-            seed = seed + tf.cast(context.replica_id_in_sync_group, seed.dtype)
+    def gradient(batch, positions, seed):
         logits = model(batch, training=False)
         logits = tf.reshape(logits, [-1, tf.shape(logits)[-1]])
+        noise = tf.gather(tf.random.stateless_uniform(noise_shape, seed), positions)
+        noise = tf.reshape(noise, tf.shape(logits))
         if kind == "fisher":
+            # c ~ p by inversion of the cumulative distribution at one uniform per row.
             probabilities = tf.nn.softmax(tf.cast(logits, "float32"), axis=-1)
-            classes = tf.random.stateless_categorical(
-                tf.math.log(probabilities + 1e-30), 1, seed
-            )[:, 0]
+            below = tf.cumsum(probabilities, axis=-1) <= noise[:, :1]
+            classes = tf.minimum(tf.reduce_sum(tf.cast(below, tf.int32), axis=-1),
+                                 tf.shape(logits)[-1] - 1)
             u = tf.one_hot(classes, tf.shape(logits)[-1]) - probabilities
         else:
-            u = tf.sign(tf.random.stateless_uniform(tf.shape(logits), seed, -1.0, 1.0))
+            u = tf.where(noise < 0.5, -1.0, 1.0)  # Rademacher.
         u = tf.stop_gradient(tf.cast(u, logits.dtype))
         gradients = tf.gradients(tf.reduce_sum(u * logits), [v.value for v in variables])
-        return [
-            tf.zeros(v.shape, v.dtype) if g is None else tf.square(g)
-            for g, v in zip(gradients, variables)
-        ]
+        return [tf.zeros(v.shape, v.dtype) if g is None else tf.convert_to_tensor(g)
+                for g, v in zip(gradients, variables)]
 
+    positions = np.arange(len(inputs), dtype=np.int32) % batch_size
     if not distributed:
-        step = tf.function(squared_gradient, reduce_retracing=True)
+        step = tf.function(gradient, reduce_retracing=True)
+        batches = ((tf.convert_to_tensor(inputs[start:start + batch_size], dtype),
+                    tf.convert_to_tensor(positions[start:start + batch_size]))
+                   for start in range(0, len(inputs), batch_size))
     else:
-        # Each batch split over the replicas (the estimate is unbiased for any split),
-        # the per-replica squares summed.
+        # Each batch split over the replicas (with its positions), the per-replica
+        # gradients summed before they are squared: the same estimate as one device.
         @tf.function(reduce_retracing=True)
-        def step(batch, seed):
-            per_replica = strategy.run(squared_gradient, args=(batch, seed))
+        def step(batch, batch_positions, seed):
+            per_replica = strategy.run(gradient, args=(batch, batch_positions, seed))
             return [strategy.reduce(tf.distribute.ReduceOp.SUM, piece, axis=None)
                     for piece in per_replica]
 
-        dataset = tf.data.Dataset.from_tensor_slices(inputs.astype(dtype)).batch(batch_size)
-        batches = iter(strategy.experimental_distribute_dataset(dataset))
+        dataset = tf.data.Dataset.from_tensor_slices(
+            (inputs.astype(dtype), positions)).batch(batch_size)
+        batches = strategy.experimental_distribute_dataset(dataset)
 
     totals = [np.zeros(v.shape, "float64") for v in variables]
-    for start in range(0, len(inputs), batch_size):
-        if not distributed:
-            batch = tf.convert_to_tensor(inputs[start:start + batch_size], dtype)
-        else:
-            batch = next(batches)
+    for batch, batch_positions in batches:
         for _ in range(probes):
             seed = tf.constant(rng.integers(0, 2**31 - 1, size=2), "int64")
-            for total, square in zip(totals, step(batch, seed)):
-                total += square.numpy()
+            for total, piece in zip(totals, step(batch, batch_positions, seed)):
+                total += np.square(piece.numpy().astype("float64"))
     return [(total / (len(inputs) * probes)).astype(keras.backend.standardize_dtype(v.dtype))
             for total, v in zip(totals, variables)]

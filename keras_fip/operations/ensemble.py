@@ -624,24 +624,27 @@ class Ensemble(Operation):
 
     # The walk.
 
-    def resolve_defaults(self, labelled):
+    def resolve_defaults(self, labelled, continuous=True):
         """The `diversity`, `push` and `step_rule` a walk uses, `"auto"` resolved.
 
         With labelled data, `"auto"` gives the configuration `apps.robustness` measured:
         `diversity=1.0`, `push="none"` and `step_rule="penalty"` (when `diversity` > 0;
         with `diversity=0` the walk has no driver but the push, so the paper's walk
-        below). Without labels it gives the paper's walk: `diversity=0.0`,
-        `push="random"`, `step_rule="metric"`. Arguments that are not `"auto"` are kept.
+        below). Without labels, or with inputs that cannot be perturbed (integer token
+        ids: the diversity term attacks the inputs), it gives the paper's walk:
+        `diversity=0.0`, `push="random"`, `step_rule="metric"`. Arguments that are not
+        `"auto"` are kept.
 
         Args:
             labelled: Whether the walk's data carry labels.
+            continuous: Whether the inputs are floating point. Defaults to `True`.
 
         Returns:
             A tuple `(diversity, push, step_rule)`.
         """
         diversity = self.diversity
         if diversity == "auto":
-            diversity = 1.0 if labelled else 0.0
+            diversity = 1.0 if labelled and continuous else 0.0
         measured = labelled and diversity > 0
         push = self.push
         if push == "auto":
@@ -704,7 +707,16 @@ class Ensemble(Operation):
                                   reference=self.reference, seed=self.seed)  # Checks the fit.
         input_shape = model_example_shape(model) or tuple(x.shape[1:])
         task_weight = self.task_weight if y is not None else 0.0
-        diversity, push, step_rule = self.resolve_defaults(labelled=y is not None)
+        continuous = np.issubdtype(x.dtype, np.floating)
+        diversity, push, step_rule = self.resolve_defaults(labelled=y is not None,
+                                                           continuous=continuous)
+        if diversity > 0 and not continuous:
+            raise ValueError(
+                "`diversity` > 0 trains each member on inputs attacked against the "
+                "ensemble (an L∞ perturbation), which needs floating-point inputs. "
+                f"Received: diversity={diversity!r} with {x.dtype} inputs (e.g. token "
+                "ids); use diversity=0 (or 'auto')"
+            )
         if (push == "none" and diversity == 0 and task_weight == 0
                 and step_rule == "metric"):
             raise ValueError(

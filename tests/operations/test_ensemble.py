@@ -305,3 +305,19 @@ def test_config_round_trip():
     defaults = keras_fip.Ensemble(2)
     assert keras_fip.Ensemble.from_config(defaults.get_config()).get_config() == (
         defaults.get_config())
+
+
+def test_diversity_needs_floating_point_inputs():
+    # Token ids cannot be attacked: "auto" walks without the diversity term, an explicit
+    # diversity is refused before any work.
+    tokens = np.random.default_rng(0).integers(1, 20, (64, 6)).astype("int32")
+    labels = tokens[:, 0] % 2
+    model = keras_fip.models.transformer_classifier(vocab_size=20, sequence_length=6,
+                                                    embed_dim=8, num_heads=1,
+                                                    feed_forward_dim=8, num_layers=1)
+    op = keras_fip.Ensemble(2, data=(tokens, labels), steps_between=2, batch_size=16,
+                            seed=0, verbose=0)
+    assert op.resolve_defaults(labelled=True, continuous=False) == (0.0, "random", "metric")
+    assert len(keras_fip.ensemble_members(op(model))) == 2
+    with pytest.raises(ValueError, match="`diversity`.*int32"):
+        keras_fip.Ensemble(2, data=(tokens, labels), diversity=1.0, verbose=0)(model)
