@@ -26,10 +26,9 @@ from keras_fip.operations import heads
 from keras_fip.operations.base import Operation
 
 
-def cross_entropy(labels, logits):
-    """Mean sparse categorical cross-entropy on logits."""
-    return tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(
-        labels, logits, from_logits=True))
+# The batch-mean cross-entropy of every baseline's loss (the function, scaled per replica
+# by `train`).
+cross_entropy = step_rules.mean_cross_entropy
 
 
 def repeated_batches(tensors, batch_size, seed):

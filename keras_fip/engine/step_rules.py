@@ -18,6 +18,7 @@ computes the step one device would compute on the global batch. Each all-reduce 
 the previous one's result, so collectives run in the same order on every replica.
 """
 
+import keras
 import tensorflow as tf
 
 STEP_RULES = ("penalty", "normalized", "metric")
@@ -31,6 +32,17 @@ def check_step_rule(step_rule):
             f"Received: step_rule={step_rule!r}"
         )
     return step_rule
+
+
+def mean_cross_entropy(labels, logits):
+    """The batch mean of the sparse categorical cross-entropy of `logits`.
+
+    The loss function, not a `keras.losses.Loss` object: under a `tf.distribute` strategy
+    the object's mean is already divided by the replicas, and the custom steps here scale
+    each replica's loss themselves (`num_replicas`).
+    """
+    return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
+        labels, logits, from_logits=True))
 
 
 def num_replicas():

@@ -103,11 +103,9 @@ class _ProjectionDistance:
         total = 0.0
         if self.task_weight and batch is not None:
             inputs, labels = batch
-            # The batch mean (the loss function, not a `keras.losses.Loss`, whose mean is
-            # already divided by the replicas under a strategy; the trainer scales L).
-            total = self.task_weight * keras.ops.mean(
-                keras.losses.sparse_categorical_crossentropy(
-                    labels, model(inputs, training=True), from_logits=True))
+            # The batch mean (the trainer scales L per replica).
+            total = self.task_weight * step_rules.mean_cross_entropy(
+                labels, model(inputs, training=True))
         variables = model.trainable_variables
         for index, mask in zip(self.indices, self.mask_variables):
             weights = variables[index].value

@@ -251,8 +251,7 @@ class _WalkObjective:
 
     def _cross_entropy(self, model, inputs, labels):
         logits = tf.cast(model(inputs, training=self.training), "float32")
-        return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
-            labels, logits, from_logits=True))
+        return step_rules.mean_cross_entropy(labels, logits)
 
     def __call__(self, model, batch):
         total = tf.constant(0.0)

@@ -125,10 +125,7 @@ def supervised_training(model, x, y, steps, learning_rate, optimizer="adam",
         # scaled by 1/replicas, as Keras scales it, and the optimizer sums the gradients.
         inputs, labels = batch
         with tf.GradientTape() as tape:
-            # The function, not the `Loss` object: the object scales its mean by the
-            # replicas already (`keras.losses.Loss` under a strategy).
-            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
-                labels, model(inputs, training=True), from_logits=True))
+            loss = step_rules.mean_cross_entropy(labels, model(inputs, training=True))
             loss = loss / step_rules.num_replicas()
         gradients = tape.gradient(loss, [v.value for v in variables])
         gradients = [tf.zeros_like(v.value) if g is None else tf.convert_to_tensor(g)

@@ -8,13 +8,12 @@ import keras
 import numpy as np
 import pytest
 
-import keras_fip
 from keras_fip import baselines
 from tests.operations.contract import contract_data
 from tests.operations.contract import trained_model
+from tests.operations.test_distributed import RTOL
+from tests.operations.test_distributed import weights_of
 
-# See `tests/operations/test_distributed.py`.
-RTOL = 3e-4
 
 
 def _cases():
@@ -47,27 +46,17 @@ def _cases():
     }
 
 
-def _weights(result):
-    if isinstance(result, (list, tuple)):
-        result = result[0]
-    try:
-        members = keras_fip.ensemble_members(result)
-    except ValueError:
-        members = [result]
-    return np.concatenate([np.ravel(w) for member in members for w in member.get_weights()])
-
-
 @pytest.mark.parametrize("name", sorted(_cases()))
 def test_baseline_under_mirrored_strategy_equals_one_device(name, mirrored_strategy):
     run = _cases()[name]
     keras.utils.set_random_seed(0)
-    alone = _weights(run(trained_model("sequential")))
+    alone = weights_of(run(trained_model("sequential")))
     keras.utils.set_random_seed(0)
     with mirrored_strategy.scope():
-        distributed = _weights(run(trained_model("sequential")))
+        distributed = weights_of(run(trained_model("sequential")))
     assert distributed.shape == alone.shape
     scale = np.max(np.abs(alone))
     np.testing.assert_allclose(distributed, alone, rtol=0, atol=RTOL * scale)
-    start = _weights(trained_model("sequential"))
+    start = weights_of(trained_model("sequential"))
     if start.shape == alone.shape:  # The comparison can fail: the weights moved.
         assert np.max(np.abs(alone - start)) > 10 * RTOL * scale

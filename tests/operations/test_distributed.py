@@ -27,17 +27,12 @@ from tests.operations.contract import trained_model
 RTOL = 3e-4
 
 
-def _data():
-    x, y = contract_data()
-    return x, y
-
-
 def _damaged():
     return keras_fip.Damage("nodes", fraction=0.25, seed=3)(trained_model("sequential"))
 
 
 def _recovery_end(model):
-    x, _ = _data()
+    x, _ = contract_data()
     damaged = keras_fip.Damage("nodes", fraction=0.25, seed=3)(model)
     masks = keras_fip.damage_reference(damaged).damage_masks
     points, _ = recovery_path(model, masks, x, num_points=3, steps_per_point=4, seed=0)
@@ -72,7 +67,7 @@ def _transformer():
 
 
 def _cases():
-    x, y = _data()
+    x, y = contract_data()
     tokens, token_labels = _tokens()
     new_tokens = (tokens[128:], (tokens[128:, 1] % 2).astype("int64"))
     new_task = (x[200:], y[200:] % 3)
@@ -129,11 +124,15 @@ def _cases():
 CASES = sorted(_cases())
 
 
-def _weights(model):
+def weights_of(result):
+    """Every weight of an operation's or baseline's result (its first element if a
+    tuple; every member of an ensemble), flattened into one vector."""
+    if isinstance(result, (list, tuple)):
+        result = result[0]
     try:
-        members = keras_fip.ensemble_members(model)
+        members = keras_fip.ensemble_members(result)
     except ValueError:
-        members = [model]
+        members = [result]
     return np.concatenate([np.ravel(w) for member in members for w in member.get_weights()])
 
 
@@ -141,18 +140,18 @@ def _weights(model):
 def test_operation_under_mirrored_strategy_equals_one_device(name, mirrored_strategy):
     make_model, make_operation = _cases()[name]
     keras.utils.set_random_seed(0)
-    alone = _weights(make_operation()(make_model()))
+    alone = weights_of(make_operation()(make_model()))
     keras.utils.set_random_seed(0)
     with mirrored_strategy.scope():
         model = make_model()
         assert isinstance(model.trainable_variables[0].value,
                           tf.distribute.DistributedValues)
         result = make_operation()(model)
-    distributed = _weights(result)
+    distributed = weights_of(result)
     assert distributed.shape == alone.shape
     scale = np.max(np.abs(alone))
     np.testing.assert_allclose(distributed, alone, rtol=0, atol=RTOL * scale)
-    start = _weights(make_model())
+    start = weights_of(make_model())
     if start.shape == alone.shape and name != "damage_bitflip":
         # The comparison can fail: the weights moved by much more than the tolerance.
         assert np.max(np.abs(alone - start)) > 10 * RTOL * scale
