@@ -1,6 +1,9 @@
 """Shared test set-up: quiet TensorFlow, two logical CPUs for distribution tests."""
 
+import importlib.util
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -18,6 +21,22 @@ try:
     )
 except RuntimeError:  # Devices already initialised by an earlier import.
     pass
+
+
+def pytest_configure(config):
+    """Lets ART write its configuration file once, before the xdist workers start.
+
+    On a machine where `~/.art/config.json` does not exist yet, ART creates it at import
+    time without a lock; two workers importing ART at once can both miss it and then fail
+    with `NameError: name '_config' is not defined` (ART 1.20). The controller (the process
+    without `workerinput`) imports it first, so the workers find the file. In a child
+    process: importing ART here configures logging under pytest's capture, whose teardown
+    then fails ("I/O operation on closed file").
+    """
+    if hasattr(config, "workerinput") or importlib.util.find_spec("art") is None:
+        return
+    subprocess.run([sys.executable, "-c", "import art.config"], check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
 
 
 @pytest.fixture(scope="session")
