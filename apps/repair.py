@@ -75,9 +75,13 @@ Example:
     python -m apps.repair --output_dir=runs/repair
     python -m apps.repair --repair_parts=recovery --repair_fractions=0.8 --seeds=0
 
-`--strategy=mirrored|multi_worker|tpu` runs the MLP parts (recovery, iterative, invariant,
-transitions) in that strategy; the VGG part is refused there before any work, naming it.
-On two loopback workers (every worker the same command and `--seeds`; the chief writes):
+`--strategy=mirrored|multi_worker|tpu` runs every part in that strategy. The VGG recovery
+path walks in training mode by default (`--repair_path_training=auto`, BatchNorm on batch
+statistics): under a strategy each replica normalises its own share of the batch, as
+Keras's `fit` does, so its figures differ from one device's by the statistics of smaller
+batches (on the test's tiny VGG, a percent of the accuracy); in inference mode
+(`--repair_path_training=false`) and on the straight paths they are one device's. On two
+loopback workers (every worker the same command and `--seeds`; the chief writes):
 
     python -m keras_fip.distribute --workers=2 -- python -m apps.repair \
         --strategy=multi_worker --repair_parts=recovery,iterative --seeds=0
@@ -105,11 +109,11 @@ from keras_fip.operations.repair import recovery_path  # noqa: E402
 PARTS = ("recovery", "iterative", "invariant", "transitions", "vgg")
 METHODS = ("fip", "retrain", "prune")
 # Parts that cannot run under a distributed `--strategy` (`common.start` refuses them before
-# any work). The MLP parts give the one-process results on two loopback workers
-# (tests/apps/test_multi_worker.py); the VGG part (BatchNorm on per-replica batch
-# statistics, CIFAR-10) has not been checked against a one-process run.
-SINGLE_DEVICE = {"vgg": "not yet verified under tf.distribute (BatchNorm walks normalise "
-                        "each replica's share of the batch)"}
+# any work): none. The MLP parts give the one-process results on two loopback workers
+# (tests/apps/test_multi_worker.py); the VGG part too with `--repair_path_training=false`,
+# and in training mode its recovery path normalises each replica's share of the batch
+# (tests/apps/test_repair.py).
+SINGLE_DEVICE = {}
 
 # Experiments
 flags.DEFINE_list("repair_parts", list(PARTS), f"Experiment families, among {PARTS} "

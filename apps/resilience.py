@@ -42,10 +42,10 @@ Example:
     python -m apps.resilience --resilience_parts=vulnerability --resilience_vgg
 
 `--strategy=mirrored|multi_worker|tpu` builds (trains) the networks in that strategy and
-runs `deletion` and `faults` in its scope; the accuracy evaluations of the perturbed
-networks run on one device (a `tf.function` per evaluator). `vulnerability` is refused
-under a distributed strategy, before any work: `keras_fip.Damage("eigen")` takes its loss
-gradient with a one-device tape. TensorBoard scalars (accuracies, ρ, the deletion curve against the deleted
+runs every part in its scope: the eigen adversary's loss gradient and the metric products
+of the scatter, the expected change and ρ split their batches over the replicas and equal
+one device's to rounding (`tests/apps/test_resilience.py`); the accuracy evaluations of
+the perturbed networks run on one device (a `tf.function` per evaluator). TensorBoard scalars (accuracies, ρ, the deletion curve against the deleted
 percent) go to `<output_dir>/logs`.
 """
 
@@ -67,9 +67,8 @@ from keras_fip import geometry  # noqa: E402
 from keras_fip import models  # noqa: E402
 
 PARTS = ("vulnerability", "deletion", "faults")
-# Parts that cannot run under a distributed `--strategy` (`common.start` refuses them).
-SINGLE_DEVICE = {"vulnerability": "keras_fip.Damage('eigen') takes its loss gradient with a "
-                 "one-device GradientTape (operations/damage.py `_loss_gradient`)"}
+# Parts that cannot run under a distributed `--strategy` (`common.start` refuses them): none.
+SINGLE_DEVICE = {}
 _RUN = {}  # {"run": common.Run} while main runs (the base networks' strategy and cache).
 
 # Experiments

@@ -150,7 +150,13 @@ class FIPTrainer(keras.Model):
             `secondary_objective`. Defaults to `None`.
         secondary_objective: A callable `fn(model, batch) -> scalar`, the mean of L over
             its batch (`batch` is `None` when the data carry no secondary batch). Exclusive
-            with `secondary_loss`. Defaults to `None` (with no `secondary_loss`, L = 0).
+            with `secondary_loss`. Under a strategy it runs on each replica's share of the
+            batch and the trainer divides it by the replicas, so it must be a plain batch
+            mean: a `keras.losses.Loss` object called inside it already divides by the
+            replicas in a replica context, and would be divided twice (call its loss
+            function, e.g. `keras.losses.sparse_categorical_crossentropy`, and take the
+            mean; or pass the object as `secondary_loss`). Defaults to `None` (with no
+            `secondary_loss`, L = 0).
         reference: `"start"` (the frozen starting network: outputs cached once in the
             data) or `"local"` (the previous point of the path). Defaults to `"start"`.
         metric_length: Whether each step also measures its length in the metric g on

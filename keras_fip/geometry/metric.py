@@ -578,12 +578,28 @@ class MetricOperator:
     # Dense forms (small problems only)
 
     def _jacobian_batches(self):
-        """Yields the flat Jacobian (batch·C, num_params) of each batch."""
+        """Yields the flat Jacobian (batch·C, num_params) of each batch.
+
+        Under a strategy each batch is split over the replicas (replica i takes slice i,
+        as `experimental_distribute_dataset` splits a global batch), every replica takes
+        the Jacobian of its slice, and `strategy.gather` puts the rows back in the order
+        of the batch, on every worker.
+        """
         model, outputs = self.model, self.outputs
         primals = _primals(model)
 
-        @tf.function(reduce_retracing=True)
         def jacobian_fn(inputs):
+            if self._distributed:
+                # A replica's slice of a short last batch can be empty, where the
+                # vectorised Jacobian of a convolution fails: no rows to compute.
+                return tf.cond(
+                    tf.shape(inputs)[0] > 0,
+                    lambda: nonempty_jacobian_fn(inputs),
+                    lambda: tf.zeros([0, self.num_params], self.dtype),
+                )
+            return nonempty_jacobian_fn(inputs)
+
+        def nonempty_jacobian_fn(inputs):
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(primals)
                 values = _flat_outputs(model, inputs, outputs)
@@ -604,9 +620,23 @@ class MetricOperator:
         # Chunks of at most ~2**25 Jacobian entries keep memory bounded.
         rows_per_example = self.num_outputs() * self.num_params
         chunk = max(1, min(self._batch_size, 2**25 // rows_per_example))
-        for start in range(0, self.num_examples, chunk):
-            inputs = self._inputs[start : start + chunk]
-            yield jacobian_fn(tf.convert_to_tensor(inputs)).numpy()
+        if not self._distributed:
+            one_device_fn = tf.function(jacobian_fn, reduce_retracing=True)
+            for start in range(0, self.num_examples, chunk):
+                inputs = self._inputs[start : start + chunk]
+                yield one_device_fn(tf.convert_to_tensor(inputs)).numpy()
+            return
+
+        strategy = self._strategy
+
+        @tf.function
+        def gathered_fn(inputs):
+            per_replica = strategy.run(jacobian_fn, args=(inputs,))
+            return strategy.gather(per_replica, axis=0)
+
+        dataset = tf.data.Dataset.from_tensor_slices(self._inputs).batch(chunk)
+        for inputs in strategy.experimental_distribute_dataset(dataset):
+            yield gathered_fn(inputs).numpy()
 
     def num_outputs(self):
         """C, the number of outputs per input (flattened)."""

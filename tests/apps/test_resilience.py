@@ -3,8 +3,10 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from absl.testing import flagsaver
 
+from apps import common
 from apps import resilience
 from tests.apps.conftest import scalar_tags
 
@@ -102,8 +104,41 @@ def test_resilience_app_rejects_unknown_parts(tmp_path):
             resilience.main([])
 
 
-def test_resilience_app_refuses_vulnerability_under_a_strategy(tmp_path):
-    with flagsaver.flagsaver(strategy="mirrored", output_dir=str(tmp_path / "out")):
-        with pytest.raises(ValueError, match=r"cannot run \['vulnerability'\]"):
+def test_vulnerability_under_a_strategy_equals_one_device(tmp_path, monkeypatch,
+                                                          mirrored_strategy):
+    # The shared two-replica strategy (a second MirroredStrategy in one process collides).
+    monkeypatch.setitem(common._STRATEGIES, ("mirrored", None), mirrored_strategy)
+    seen = []  # The strategy each vulnerability measurement runs in.
+    measure = resilience.vulnerability
+    monkeypatch.setattr(resilience, "vulnerability", lambda *args: (
+        seen.append(tf.distribute.get_strategy()), measure(*args))[1])
+    cache_dir = str(tmp_path / "cache")  # The second run loads the first run's networks.
+    results = {}
+    for strategy in ("default", "mirrored"):
+        output_dir = str(tmp_path / strategy)
+        with flagsaver.flagsaver(
+            dataset="digits", epochs=2, batch_size=64, learning_rate=3e-3,
+            resilience_parts=["vulnerability"], resilience_mnist_models=["mlp"],
+            resilience_cifar_models=["cnn5"], resilience_cifar_dataset="digits",
+            resilience_cifar_epochs=1, resilience_directions=3,
+            resilience_cifar_directions=2, resilience_norm=1.0,
+            resilience_num_eigenpairs=3, resilience_metric_examples=63,
+            resilience_scatter_directions=2, resilience_rho_examples=21,
+            resilience_rho_probes=2, resilience_rho_steps=6, resilience_mlp_width=20,
+            strategy=strategy, output_dir=output_dir, cache_dir=cache_dir,
+        ):
             resilience.main([])
-    assert not os.path.exists(tmp_path / "out")
+        with open(os.path.join(output_dir, "results.json")) as f:
+            results[strategy] = json.load(f)
+    assert seen[2:] == [mirrored_strategy] * 2 and mirrored_strategy not in seen[:2]
+    expected, got = results["default"], results["mirrored"]
+    compared = [key for key in expected if not key.endswith("seconds")]
+    assert sorted(compared) == sorted(key for key in got if not key.endswith("seconds"))
+    # Odd example counts: the replicas' shares of the batches differ.
+    for key in compared:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    # The eigen adversary, the scatter and ρ were computed, not skipped.
+    for name in ("mlp", "cnn5"):
+        assert expected[f"{name}/eigen/predicted_change"] > 0
+        assert len(expected[f"{name}/eigen/top_eigenvalues"]) == 3
+        assert expected[f"{name}/random/predicted_change/mean"] > 0

@@ -246,6 +246,25 @@ def test_mirrored_strategy_gives_same_matmat(mirrored_strategy):
     assert _relative_error(metric.matmat(block), expected) <= 1e-10
 
 
+def test_mirrored_strategy_gives_same_gram_and_dense(mirrored_strategy):
+    # 11 inputs in batches of 4: the last batch of 3 splits 2/1, and a batch of 1 would
+    # leave one replica empty; both must come back in the batch's order.
+    inputs = np.random.default_rng(6).uniform(size=(11, 5, 5, 1))
+    reference_model = tiny_conv_bn()
+    reference = MetricOperator(reference_model, inputs, batch_size=4)
+    with mirrored_strategy.scope():
+        model = tiny_conv_bn()
+        model.set_weights(reference_model.get_weights())
+        metric = MetricOperator(model, inputs, batch_size=4)
+        single = MetricOperator(model, inputs[:1])
+    expected = dense_metric(reference_model, inputs)
+    assert _relative_error(metric.to_dense(), expected) <= 1e-12
+    # Rows example-major: a permuted order would change the Gram matrix, not its spectrum.
+    np.testing.assert_allclose(metric.gram(), reference.gram(), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(single.gram(), MetricOperator(reference_model, inputs[:1]).gram(),
+                               rtol=1e-10, atol=1e-14)
+
+
 def test_bad_block_raises(mlp_problem):
     model, inputs = mlp_problem
     metric = MetricOperator(model, inputs)
