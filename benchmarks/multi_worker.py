@@ -6,15 +6,16 @@ collectives, bounded by `--timeout`, killed on exit), on a 24-16 MLP and the dig
 
 - `compress`: a `keras_fip.Compress(0.5, steps=--steps)` walk (penalty rule, Adam, KL);
 - `continual`: a `keras_fip.ContinualLearn` walk (digits 5-9 learned, 0-4 kept);
-- `metric`: a product g·v with `keras_fip.geometry.MetricOperator` and its top 3
-  eigenpairs (`top_eigenpairs`);
+- `metric`: a product g·v with `keras_fip.geometry.MetricOperator`, its top 3
+  eigenpairs (`top_eigenpairs`) and the Gram matrix of 7 inputs (`gram`: each worker's
+  Jacobian rows gathered);
 - `resume`: a `FIPTrainer` walk (penalty rule, Adam, cross-entropy) streamed with
   `keras_fip.distribute.resumable_walk`; worker 1 is killed (SIGKILL) at step
   `--kill_at`, all workers stop, and a second launch resumes the walk from its path.
 
 and prints one JSON line per computation with the largest absolute difference between the
 multi-worker and the single-process results (final weights, g·v, eigenvalues and
-eigenvectors up to sign, and for `resume` the resumed walk's final weights against the
+eigenvectors up to sign, the Gram matrix, and for `resume` the resumed walk's final weights against the
 uninterrupted single-process walk). Each global batch is the same in both: the pipelines
 are seeded, and the distributed dataset splits every global batch into per-replica slices
 before sharding them across the workers (see `keras_fip.distribute`). float32 throughout;
@@ -161,9 +162,13 @@ def _metric(output_dir, x):
     metric = keras_fip.geometry.MetricOperator(model, x[:128], batch_size=32)
     vector = np.random.default_rng(0).standard_normal(metric.num_params)
     values, vectors = keras_fip.geometry.top_eigenpairs(metric, k=3, seed=0)
+    # The Gram matrix of 7 inputs in batches of 4: each worker's rows gathered in order,
+    # the last batch of 3 split unevenly.
+    gram = keras_fip.geometry.MetricOperator(model, x[:7], batch_size=4).gram()
     return {"metric/product": metric.matvec(vector.astype("float32")),
             "metric/values": values,
-            "metric/vectors": vectors * np.sign(vectors[:1])}
+            "metric/vectors": vectors * np.sign(vectors[:1]),
+            "metric/gram": gram}
 
 
 def _worker(args):
