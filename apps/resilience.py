@@ -45,8 +45,9 @@ Example:
 runs every part in its scope: the eigen adversary's loss gradient and the metric products
 of the scatter, the expected change and ρ split their batches over the replicas and equal
 one device's to rounding (`tests/apps/test_resilience.py`); the accuracy evaluations of
-the perturbed networks run on one device (a `tf.function` per evaluator). TensorBoard scalars (accuracies, ρ, the deletion curve against the deleted
-percent) go to `<output_dir>/logs`.
+the perturbed networks run on one device (a `tf.function` per evaluator). TensorBoard
+scalars (accuracies, ρ, the deletion curve against the deleted percent) go to
+`<output_dir>/logs`.
 """
 
 import time

@@ -15,8 +15,8 @@ collectives, bounded by `--timeout`, killed on exit), on a 24-16 MLP and the dig
 
 and prints one JSON line per computation with the largest absolute difference between the
 multi-worker and the single-process results (final weights, g·v, eigenvalues and
-eigenvectors up to sign, the Gram matrix, and for `resume` the resumed walk's final weights against the
-uninterrupted single-process walk). Each global batch is the same in both: the pipelines
+eigenvectors up to sign, the Gram matrix, and for `resume` the resumed walk's final weights
+against the uninterrupted single-process walk). Each global batch is the same in both: the pipelines
 are seeded, and the distributed dataset splits every global batch into per-replica slices
 before sharding them across the workers (see `keras_fip.distribute`). float32 throughout;
 the target is a difference ≤ 1e-5.

@@ -589,17 +589,6 @@ class MetricOperator:
         primals = _primals(model)
 
         def jacobian_fn(inputs):
-            if self._distributed:
-                # A replica's slice of a short last batch can be empty, where the
-                # vectorised Jacobian of a convolution fails: no rows to compute.
-                return tf.cond(
-                    tf.shape(inputs)[0] > 0,
-                    lambda: nonempty_jacobian_fn(inputs),
-                    lambda: tf.zeros([0, self.num_params], self.dtype),
-                )
-            return nonempty_jacobian_fn(inputs)
-
-        def nonempty_jacobian_fn(inputs):
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(primals)
                 values = _flat_outputs(model, inputs, outputs)
@@ -629,10 +618,15 @@ class MetricOperator:
 
         strategy = self._strategy
 
+        def replica_fn(inputs):
+            # A replica's slice of a short last batch can be empty, where the vectorised
+            # Jacobian of a convolution fails: no rows to compute.
+            return tf.cond(tf.shape(inputs)[0] > 0, lambda: jacobian_fn(inputs),
+                           lambda: tf.zeros([0, self.num_params], self.dtype))
+
         @tf.function
         def gathered_fn(inputs):
-            per_replica = strategy.run(jacobian_fn, args=(inputs,))
-            return strategy.gather(per_replica, axis=0)
+            return strategy.gather(strategy.run(replica_fn, args=(inputs,)), axis=0)
 
         dataset = tf.data.Dataset.from_tensor_slices(self._inputs).batch(chunk)
         for inputs in strategy.experimental_distribute_dataset(dataset):
