@@ -54,10 +54,7 @@ def test_quickstart_runs_and_shows_the_fip_walk_keeping_function(tmp_path):
 
 
 @pytest.mark.large
-def test_quickstart_under_a_strategy_matches_one_device(tmp_path, monkeypatch,
-                                                        mirrored_strategy):
-    # The shared two-replica strategy (a second MirroredStrategy in one process collides).
-    monkeypatch.setitem(common._STRATEGIES, ("mirrored", None), mirrored_strategy)
+def test_quickstart_under_a_strategy_matches_one_device(tmp_path, app_mirrored_strategy):
     results = {}
     for strategy in ("default", "mirrored"):
         output_dir = str(tmp_path / strategy)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from absl.testing import flagsaver
 
-from apps import common
 from apps import repair
+from tests.apps.conftest import assert_results_close
 from tests.apps.conftest import scalar_tags
 
 
@@ -154,9 +154,7 @@ def test_repair_app_keeps_finished_parts_when_a_later_part_fails(tmp_path, monke
     assert not any(key.startswith("vgg11/") for key in results)
 
 
-def test_vgg_part_under_a_strategy(tmp_path, monkeypatch, mirrored_strategy):
-    # The shared two-replica strategy (a second MirroredStrategy in one process collides).
-    monkeypatch.setitem(common._STRATEGIES, ("mirrored", None), mirrored_strategy)
+def test_vgg_part_under_a_strategy(tmp_path, app_mirrored_strategy):
     results = {}
     for strategy, training in (("default", "false"), ("mirrored", "false"),
                                ("default", "auto"), ("mirrored", "auto")):
@@ -173,14 +171,7 @@ def test_vgg_part_under_a_strategy(tmp_path, monkeypatch, mirrored_strategy):
             results[strategy, training] = json.load(f)
     # In inference mode every figure is one device's (measured: 5e-6 relative).
     expected = results["default", "false"]
-    got = results["mirrored", "false"]
-    assert sorted(got) == sorted(expected)
-    for key, value in expected.items():
-        if isinstance(value, (str, bool)):
-            assert got[key] == value, key
-        elif not key.endswith("seconds"):
-            np.testing.assert_allclose(np.asarray(got[key], float), np.asarray(value, float),
-                                       rtol=1e-4, atol=1e-6, err_msg=key)
+    assert_results_close(results["mirrored", "false"], expected, rtol=1e-4, atol=1e-6)
     assert expected["vgg11/filters_deleted"] > 0  # The recovery path walked off the line:
     assert expected["vgg11/recovery/test/accuracy"] != expected["vgg11/straight/test/accuracy"]
     # In training mode each replica normalises its half batch, as `fit` does: a walk
