@@ -268,9 +268,9 @@ def vulnerability(name, dataset, epochs, num_directions):
             measured.append(float(np.mean(np.sum((evaluator.probe() - reference) ** 2, 1))))
     evaluator.reset()
     predicted = []
-    if scatter:  # δwᵀ g δw at the unperturbed point, the products in blocks.
-        block = np.stack(scatter, axis=1)
-        predicted = [float(value) for value in np.sum(block * metric.matmat(block), axis=0)]
+    if scatter:  # δwᵀ g δw at the unperturbed point, the quadratic forms in blocks.
+        predicted = [float(value)
+                     for value in metric.quadratic_form(np.stack(scatter, axis=1))]
     results["random/seconds"] = time.perf_counter() - start
     results["random/num_directions"] = num_directions
     results.update(_stats("random/test/accuracy", accuracies))

@@ -195,7 +195,7 @@ def breakdown_profile(points, data, model=None, times=None, outputs="logits",
         "acceleration": np.diff(speed) / steps[1:],
         "acceleration_times": times[1:-1],
         "energy": float(np.sum(speed * steps)),
-        "length": float(np.sum(np.sqrt(np.clip(speed, 0, None)) * steps)),
+        "length": float(np.sum(np.sqrt(speed) * steps)),
     }
 
 

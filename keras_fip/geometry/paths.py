@@ -89,7 +89,8 @@ def _segment_speeds(points, data, model, times, outputs, batch_size, minimum):
             times[index + 1] - times[index]
         )
         load(points[index], index)
-        speeds.append(float(velocity @ metric.matvec(velocity)))
+        # ‖J γ'‖² from the tangent pass: no reverse pass, and never negative.
+        speeds.append(metric.quadratic_form(velocity))
     return np.array(speeds), times
 
 

@@ -35,6 +35,7 @@ class _CountingOperator:
                 f"`scipy.sparse.linalg.LinearOperator`. Received: {name}={op!r}"
             )
         self.num_matvecs = 0
+        self.num_quadratic_forms = 0
 
     def __call__(self, vector):
         self.num_matvecs += 1
@@ -44,6 +45,14 @@ class _CountingOperator:
         """Products with the columns of `matrix`; a `MetricOperator` shares forward passes."""
         self.num_matvecs += matrix.shape[1]
         return np.asarray(self._linear_operator.matmat(matrix), dtype=np.float64)
+
+    def quadratic_forms(self, matrix):
+        """vᵀ g v for the columns v of `matrix`: a `MetricOperator` runs no reverse pass
+        (`MetricOperator.quadratic_form`), another operator takes the products."""
+        if self.metric is None:
+            return np.sum(matrix * self.matmat(matrix), axis=0)
+        self.num_quadratic_forms += matrix.shape[1]
+        return np.asarray(self.metric.quadratic_form(matrix), dtype=np.float64)
 
     def linear_operator(self):
         return scipy.sparse.linalg.LinearOperator(
@@ -136,17 +145,20 @@ def top_eigenpairs(op, k=10, tol=0.0, seed=0, max_iterations=None):
 
 
 def trace(op, num_samples=100, method="hutch++", seed=0):
-    """Stochastic estimate of trace(g) from `num_samples` products g·v.
+    """Stochastic estimate of trace(g) from `num_samples` probes of g.
 
     `"hutchinson"` averages zᵀ g z over Rademacher vectors z. `"hutch++"`
-    (Meyer et al., 2021) spends a third of the products on a sketch Q of g's
-    range, takes trace(Qᵀ g Q) exactly and runs Hutchinson on the rest; g is
-    low-rank (rank ≤ N·C), so Hutch++ is usually far more accurate.
+    (Meyer et al., 2021) spends a third of the probes on products g·S that sketch
+    g's range Q, takes trace(Qᵀ g Q) exactly and runs Hutchinson on the rest; g is
+    low-rank (rank ≤ N·C), so Hutch++ is usually far more accurate. Every probe but
+    the sketch's needs only a quadratic form zᵀ g z, which a `MetricOperator` takes
+    without a reverse pass (`MetricOperator.quadratic_form`: about half the price of
+    a product in a block).
 
     Args:
         op: a `MetricOperator` (or a symmetric `LinearOperator`).
-        num_samples: number of products g·v to spend (at least 3 for
-            Hutch++). Defaults to `100`.
+        num_samples: number of probes to spend: products g·v and quadratic
+            forms zᵀ g z (at least 3 for Hutch++). Defaults to `100`.
         method: `"hutch++"` or `"hutchinson"`. Defaults to `"hutch++"`.
         seed: seed of the random probes. Defaults to `0`.
 
@@ -175,18 +187,18 @@ def trace(op, num_samples=100, method="hutch++", seed=0):
 
     if method == "hutchinson":
         probes = rademacher(num_samples)
-        return float(np.mean(np.sum(probes * counting.matmat(probes), axis=0)))
+        return float(np.mean(counting.quadratic_forms(probes)))
 
     # Sketch of the range of g
     sketch_size = num_samples // 3
     basis, _ = np.linalg.qr(counting.matmat(rademacher(sketch_size)))
-    exact_part = np.trace(basis.T @ counting.matmat(basis))
+    exact_part = np.sum(counting.quadratic_forms(basis))
 
     # Hutchinson on the deflated remainder
     num_remaining = num_samples - 2 * sketch_size
     probes = rademacher(num_remaining)
     probes = probes - basis @ (basis.T @ probes)
-    remainder = np.sum(probes * counting.matmat(probes)) / num_remaining
+    remainder = np.sum(counting.quadratic_forms(probes)) / num_remaining
     return float(exact_part + remainder)
 
 
@@ -403,7 +415,7 @@ def expected_perturbation_change(op, sigma=None, num_samples=100, seed=0, norm=N
         op: a `MetricOperator` (or a symmetric `LinearOperator`).
         sigma: expected squared norm E‖δw‖² ≥ 0 of the perturbation, or `None`.
             Defaults to `None`.
-        num_samples: products g·v for the trace estimate. Defaults to `100`.
+        num_samples: probes of g for the trace estimate (`trace`). Defaults to `100`.
         seed: seed of the trace probes. Defaults to `0`.
         norm: Euclidean norm ‖δw‖ ≥ 0 of the perturbation, or `None`. Defaults to
             `None`.

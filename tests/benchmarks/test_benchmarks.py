@@ -34,7 +34,9 @@ TINY_ARGUMENTS = {
 # The keys each script's JSON lines must have.
 EXPECTED_KEYS = {
     "metric_matvec": ("matvec_over_gradient", "matmat_over_gradient", "matvecs_for_top20",
-                      "trace_seconds_one_per_pass", "peak_memory_matvec_mb"),
+                      "trace_seconds_one_per_pass", "trace_seconds_products",
+                      "quadratic_form_over_gradient", "quadratic_form_block_over_gradient",
+                      "peak_memory_matvec_mb"),
     "fip_step": ("penalty_over_fit", "penalty_over_fit_paired", "penalty_measure100_over_fit",
                  "normalized_over_fit",
                  "metric_cg10_over_fit"),

@@ -8,6 +8,7 @@ from keras_fip.geometry import MetricOperator
 from keras_fip.geometry import metric_diagonal
 from keras_fip.geometry import metric_vector_product
 from keras_fip.geometry import output_jvp
+from keras_fip.geometry import metric as metric_module
 from keras_fip.geometry.metric import linearize
 from tests.geometry.conftest import dense_metric
 from tests.geometry.conftest import tiny_conv_bn
@@ -263,6 +264,66 @@ def test_mirrored_strategy_gives_same_gram_and_dense(mirrored_strategy):
     np.testing.assert_allclose(metric.gram(), reference.gram(), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(single.gram(), MetricOperator(reference_model, inputs[:1]).gram(),
                                rtol=1e-10, atol=1e-14)
+
+
+def test_quadratic_form_equals_dense_reference_with_no_reverse_pass(conv_problem, monkeypatch):
+    model, inputs = conv_problem
+    before = _weights(model)
+    dense = dense_metric(model, inputs)
+    # Any reverse pass Jᵀ u would go through `vjp`: the quadratic form must not take one.
+    real_linearize = metric_module.linearize
+
+    def forward_only(*args, **kwargs):
+        values, jvp, _ = real_linearize(*args, **kwargs)
+
+        def no_vjp(cotangent):
+            raise AssertionError("quadratic_form took a reverse pass")
+
+        return values, jvp, no_vjp
+
+    monkeypatch.setattr(metric_module, "linearize", forward_only)
+    # Several batches with a ragged last one; 7 columns in passes of 3, 3 and 1.
+    metric = MetricOperator(model, inputs, batch_size=4, vectors_per_pass=3)
+    block = np.random.default_rng(3).normal(size=(metric.num_params, 7))
+    values = metric.quadratic_form(block)
+    assert values.shape == (7,) and values.dtype == np.float64
+    expected = np.einsum("ik,ij,jk->k", block, dense, block)
+    np.testing.assert_allclose(values, expected, rtol=1e-10)
+    assert metric.num_quadratic_forms == 7 and metric.num_matvecs == 0
+    single = metric.quadratic_form(block[:, 4])
+    assert isinstance(single, float) and single == pytest.approx(expected[4], rel=1e-10)
+    tensor_values = metric.quadratic_form(tf.constant(block))
+    assert tf.is_tensor(tensor_values)
+    np.testing.assert_allclose(tensor_values.numpy(), values, rtol=1e-12)
+    assert metric.quadratic_form(np.zeros(metric.num_params)) == 0.0
+    for old, new in zip(before, _weights(model)):
+        np.testing.assert_array_equal(old, new)
+    monkeypatch.undo()
+    np.testing.assert_allclose(values, np.sum(block * metric.matmat(block), axis=0),
+                               rtol=1e-12)
+
+
+def test_mirrored_strategy_gives_same_quadratic_form(mirrored_strategy):
+    inputs = np.random.default_rng(6).uniform(size=(11, 5, 5, 1))
+    reference_model = tiny_conv_bn()
+    block = np.random.default_rng(7).normal(
+        size=(MetricOperator(reference_model, inputs).num_params, 3))
+    expected = np.einsum("ik,ij,jk->k", block, dense_metric(reference_model, inputs), block)
+    with mirrored_strategy.scope():
+        model = tiny_conv_bn()
+        model.set_weights(reference_model.get_weights())
+        metric = MetricOperator(model, inputs, batch_size=4, vectors_per_pass=2)
+    np.testing.assert_allclose(metric.quadratic_form(block), expected, rtol=1e-10)
+
+
+def test_bad_quadratic_form_vectors_raise(mlp_problem):
+    model, inputs = mlp_problem
+    metric = MetricOperator(model, inputs)
+    for vectors in (np.ones(metric.num_params + 1), np.ones((metric.num_params + 1, 2)),
+                    np.ones((metric.num_params, 0)), np.ones((2, 2, 2))):
+        with pytest.raises(ValueError, match="`vectors` must be a flat vector"):
+            metric.quadratic_form(vectors)
+    assert metric.num_quadratic_forms == 0
 
 
 def test_bad_block_raises(mlp_problem):

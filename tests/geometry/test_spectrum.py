@@ -51,6 +51,21 @@ def test_trace_hutch_plus_plus_within_five_percent(problem):
     assert abs(estimate - np.trace(dense)) <= 0.05 * np.trace(dense)
 
 
+@pytest.mark.parametrize("method", ["hutch++", "hutchinson"])
+def test_trace_takes_quadratic_forms_where_it_needs_no_product(problem, method):
+    metric, dense = problem
+    products, forms = metric.num_matvecs, metric.num_quadratic_forms
+    estimate = trace(metric, num_samples=30, method=method, seed=1)
+    # Hutch++: a third of the probes sketch the range (products), the rest are zᵀ g z.
+    sketch = 10 if method == "hutch++" else 0
+    assert metric.num_matvecs - products == sketch
+    assert metric.num_quadratic_forms - forms == 30 - sketch
+    # The same estimate as from products: the same probes, vᵀ(g v) for each.
+    operator = scipy.sparse.linalg.aslinearoperator(dense)
+    assert estimate == pytest.approx(trace(operator, num_samples=30, method=method, seed=1),
+                                     rel=1e-9)
+
+
 def test_trace_hutchinson_is_unbiased_on_diagonal_operator():
     diagonal = np.linspace(0.0, 2.0, 50)
     operator = scipy.sparse.linalg.aslinearoperator(np.diag(diagonal))
