@@ -12,7 +12,16 @@ do:
 - repair of that deletion: `keras_fip.Repair` (a FIP back to the undamaged outputs, inputs
   only) beside retraining the surviving weights with labels, 5 epochs each;
 - an ensemble of 5 networks along one FIP (`keras_fip.Ensemble`) beside a 5-member deep
-  ensemble, clean and under PGD transferred from a separately trained surrogate;
+  ensemble trained with the base network's recipe, clean and under L∞ PGD transferred from
+  a separately trained surrogate at ε 0.1, 0.2 and 0.3 (`ENSEMBLE_EPSILONS`; the table
+  shows 0.2, the printout all three: at 0.3 the attack erases these 8×8 digits for every
+  model). The walk takes `ENSEMBLE_STEPS_BETWEEN` steps a member, which spends about as
+  many example passes as the deep ensemble's training (every pass of the walk counted:
+  anchors, labelled batches, the attacks its diversity term trains on; both figures are
+  in `results.json`: 209,244 against 215,550). Measured (`--seed=0`, 1, 2): FIP
+  70.0 / 68.6 / 66.4% at ε 0.1 and 15.6 / 12.5 / 13.6% at 0.2, against the deep
+  ensemble's 57.8 / 55.8 / 56.1% and 3.6 / 2.8 / 4.2% (single network 55.0 / 55.6 /
+  55.8% and 3.6 / 3.3 / 4.2%); clean 96.4 / 96.9 / 97.2% against 96.9 / 96.7 / 96.7%;
 - sparsifying to 90%: `keras_fip.Compress` against gradual magnitude pruning (tfmot's
   schedule, global ranking, native Keras 3) and one-shot pruning with fine-tuning, the same
   epoch budget for every method, Compress with its default arguments. The baselines are
@@ -76,6 +85,13 @@ FLAGS = flags.FLAGS
 
 # What the quick start runs that cannot run under a distributed `--strategy`: nothing.
 SINGLE_DEVICE = {}
+
+# Radii of the transfer PGD attack on the ensembles, and the one the table shows.
+ENSEMBLE_EPSILONS = (0.1, 0.2, 0.3)
+TABLE_EPSILON = 0.2
+# FIP steps between ensemble members: 5 members × 100 steps spend 209,244 example passes
+# (anchors, labelled and attacked batches), the deep ensemble's 5 × 30 epochs 215,550.
+ENSEMBLE_STEPS_BETWEEN = 100
 
 
 def _accuracy(model, x, y):
@@ -254,28 +270,36 @@ def run(output_dir, seed, walk_steps, sparsity, epochs=30, log_dir=None,
                             seconds, repair.history["epochs_to_recover"]))
 
     # Ensemble: 5 networks along one FIP beside a 5-member deep ensemble, under PGD
-    # transferred from a separately trained surrogate (L-inf, epsilon 0.3, 40 steps)
+    # transferred from a separately trained surrogate (L-inf, 40 steps of 0.01)
     surrogate = _mlp()
     _train(surrogate, x, y, epochs)
     # As `apps.robustness` runs it: penalty walk, task term, each member trained on inputs
     # attacked (FGSM, eps 0.3) against the members before it.
-    fip_ensemble, fip_seconds = _timed(lambda: keras_fip.Ensemble(
-        5, data=(x, y), steps_between=50, step_rule="penalty", push="none", diversity=1.0,
-        perturbation_epsilon=0.3, seed=seed, verbose=0, log_dir=log_dir("ensemble")
-    )(base))
-    (deep, _), deep_seconds = _timed(lambda: baselines.deep_ensemble(
-        base, x, y, num_members=5, epochs=epochs, seed=seed + 1))
-    attacked, _ = keras_fip.robustness.transfer_pgd_accuracy(
-        surrogate, {"fip": fip_ensemble, "deep": deep, "single": base}, x_test, y_test,
-        epsilon=0.3)
+    ensemble = keras_fip.Ensemble(
+        5, data=(x, y), steps_between=ENSEMBLE_STEPS_BETWEEN, step_rule="penalty",
+        push="none", diversity=1.0, perturbation_epsilon=0.3, seed=seed, verbose=0,
+        log_dir=log_dir("ensemble"))
+    fip_ensemble, fip_seconds = _timed(lambda: ensemble(base))
+    # Each member trained as the base network is (not the baseline's own defaults).
+    (deep, deep_info), deep_seconds = _timed(lambda: baselines.deep_ensemble(
+        base, x, y, num_members=5, epochs=epochs, batch_size=64, learning_rate=3e-3,
+        seed=seed + 1))
+    attacked = {}
+    for epsilon in ENSEMBLE_EPSILONS:
+        attacked[epsilon], _ = keras_fip.robustness.transfer_pgd_accuracy(
+            surrogate, {"fip": fip_ensemble, "deep": deep, "single": base}, x_test, y_test,
+            epsilon=epsilon)
+    shown = attacked[TABLE_EPSILON]
     ensemble_rows = [
         ("FIP ensemble (5 members), clean", _accuracy(fip_ensemble, x_test, y_test), 0.0,
          0.0, fip_seconds),
-        ("FIP ensemble, transfer PGD eps 0.3", attacked["fip"], 0.0, 0.0, 0.0),
+        (f"FIP ensemble, transfer PGD eps {TABLE_EPSILON:g}", shown["fip"], 0.0, 0.0, 0.0),
         ("deep ensemble (5 seeds), clean", _accuracy(deep, x_test, y_test), 0.0, 0.0,
          deep_seconds),
-        ("deep ensemble, transfer PGD eps 0.3", attacked["deep"], 0.0, 0.0, 0.0),
-        ("single network, transfer PGD eps 0.3", attacked["single"], 0.0, 0.0, 0.0),
+        (f"deep ensemble, transfer PGD eps {TABLE_EPSILON:g}", shown["deep"], 0.0, 0.0,
+         0.0),
+        (f"single network, transfer PGD eps {TABLE_EPSILON:g}", shown["single"], 0.0, 0.0,
+         0.0),
     ]
 
     results = {
@@ -308,8 +332,12 @@ def run(output_dir, seed, walk_steps, sparsity, epochs=30, log_dir=None,
         results[f"repair/{key}/epochs_to_recover"] = row[5]
     results["ensemble/fip/test/accuracy"] = ensemble_rows[0][1]
     results["ensemble/deep/test/accuracy"] = ensemble_rows[2][1]
-    for key in ("fip", "deep", "single"):
-        results[f"ensemble/{key}/transfer_pgd/accuracy"] = float(attacked[key])
+    results["ensemble/fip/train_examples"] = int(ensemble.history["train_examples"])
+    results["ensemble/deep/train_examples"] = int(deep_info["train_examples"])
+    for epsilon, accuracies in attacked.items():
+        for key in ("fip", "deep", "single", "surrogate"):
+            results[f"ensemble/{key}/transfer_pgd/{epsilon:g}/accuracy"] = float(
+                accuracies[key])
     rows = rows + damage_rows + [row[:5] for row in repair_rows] + ensemble_rows
     return rows, results
 
@@ -361,7 +389,17 @@ def main(argv):
     print(f"\n{'method':<48}{'test acc':>10}{'sparsity':>10}{'moved':>9}{'seconds':>9}")
     for label, accuracy, zeros, distance, seconds in rows:
         print(f"{label:<48}{accuracy:>10.4f}{zeros:>10.3f}{distance:>9.2f}{seconds:>9.1f}")
-    print(f"\nmetric g of the base network ({results['geometry/num_params']} weights): "
+    print("\ntransfer PGD accuracy at eps " + " / ".join(f"{e:g}" for e in ENSEMBLE_EPSILONS)
+          + ": " + ", ".join(
+              f"{name} " + " / ".join(
+                  f"{results[f'ensemble/{key}/transfer_pgd/{e:g}/accuracy']:.3f}"
+                  for e in ENSEMBLE_EPSILONS)
+              for key, name in (("fip", "FIP ensemble"), ("deep", "deep ensemble"),
+                                ("single", "single network"),
+                                ("surrogate", "surrogate (white-box)")))
+          + f"; example passes: FIP walk {results['ensemble/fip/train_examples']:,}, "
+          f"deep ensemble {results['ensemble/deep/train_examples']:,}")
+    print(f"metric g of the base network ({results['geometry/num_params']} weights): "
           f"trace {results['geometry/trace']:.3g}, vulnerable fraction "
           f"rho {results['geometry/rho']:.4f}")
     percent = f"{FLAGS.quickstart_sparsity * 100:g}"
