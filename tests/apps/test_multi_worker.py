@@ -1,5 +1,6 @@
 """`apps.compress`, `apps.continual` and `apps.repair` with `--strategy=multi_worker` on two
-loopback workers.
+loopback workers, and the parts lifted in session 14, `apps.resilience`'s vulnerability and
+`apps.repair`'s VGG part (~1 min).
 
 Each worker runs the apps in one process (this module's `__main__`: one TensorFlow start
 and one `MultiWorkerMirroredStrategy`, which `apps.common` creates once per process) with
@@ -54,6 +55,22 @@ REPAIR = dict(
     repair_invariant_examples=100, repair_transition_fractions=["0.25"],
     repair_transition_learning_rate=3e-3)
 CONTINUAL_KILL_AT = "walk:6:2"
+# The parts that ran on one device only until session 14, on the settings of their
+# in-process strategy tests (odd example counts: the workers' shares of a batch differ).
+RESILIENCE = dict(
+    dataset="digits", epochs=2, batch_size=64, learning_rate=3e-3,
+    resilience_parts=["vulnerability"], resilience_mnist_models=["mlp"],
+    resilience_cifar_models=["cnn5"], resilience_cifar_dataset="digits",
+    resilience_cifar_epochs=1, resilience_directions=3, resilience_cifar_directions=2,
+    resilience_norm=1.0, resilience_num_eigenpairs=3, resilience_metric_examples=63,
+    resilience_scatter_directions=2, resilience_rho_examples=21, resilience_rho_probes=2,
+    resilience_rho_steps=6, resilience_mlp_width=20)
+# The VGG part's walk in inference mode: in training mode each worker normalises its share
+# of a batch, as `fit` does, and the walk is close to one process's, not equal.
+REPAIR_VGG = dict(
+    repair_parts=["vgg"], seeds=["0"], repair_cifar_dataset="digits", repair_cifar_epochs=2,
+    repair_vgg_width=0.125, repair_path_points=3, repair_path_steps=3,
+    repair_path_training="false", repair_path_examples=50, batch_size=64)
 # Timings, not results: they differ between runs. The t-SNE embedding of the repaired
 # networks is not compared: t-SNE's optimisation turns last-bit differences of its input
 # into visible ones (the networks it embeds are compared, through their losses).
@@ -62,12 +79,13 @@ _TIMES = ("seconds", "invariant/embedding")
 
 def _run_apps(output_dir, cache_dir, resume=False, apps=("compress", "continual", "repair"),
               continual_settings=None):
-    """Runs compress, continual and repair in this process under the parsed `--strategy`."""
+    """Runs the named apps in this process under the parsed `--strategy`."""
     from absl.testing import flagsaver
 
     from apps import compress
     from apps import continual
     from apps import repair
+    from apps import resilience
 
     if "compress" in apps:
         with flagsaver.flagsaver(output_dir=os.path.join(output_dir, "compress"),
@@ -81,6 +99,14 @@ def _run_apps(output_dir, cache_dir, resume=False, apps=("compress", "continual"
     if "repair" in apps:
         with flagsaver.flagsaver(output_dir=os.path.join(output_dir, "repair"),
                                  cache_dir=cache_dir, resume=resume, **REPAIR):
+            repair.main([])
+    if "resilience" in apps:
+        with flagsaver.flagsaver(output_dir=os.path.join(output_dir, "resilience"),
+                                 cache_dir=cache_dir, **RESILIENCE):
+            resilience.main([])
+    if "repair_vgg" in apps:
+        with flagsaver.flagsaver(output_dir=os.path.join(output_dir, "repair_vgg"),
+                                 cache_dir=cache_dir, **REPAIR_VGG):
             repair.main([])
 
 
@@ -216,6 +242,30 @@ def test_two_workers_killed_mid_continual_walk_resume_to_the_one_process_result(
     _assert_same_results(tmp_path, "continual")
 
 
+def test_two_workers_run_the_lifted_parts_as_one_process(tmp_path):
+    from keras_fip import distribute
+    from tests.apps.conftest import assert_results_close
+
+    cache_dir = str(tmp_path / "cache")
+    lifted = ("resilience", "repair_vgg")
+    _run_apps(str(tmp_path / "single"), cache_dir, apps=lifted)
+    command, env, root = _worker_command(tmp_path, cache_dir)
+    launched = distribute.launch_workers(command + ["--apps=" + ",".join(lifted)],
+                                         num_workers=2, timeout=600, env=env, cwd=root)
+    logs = "\n".join(r["stderr"][-3000:] for r in launched)
+    assert [r["returncode"] for r in launched] == [0, 0], logs
+    for app in lifted:
+        single = _results(str(tmp_path / "single" / app))
+        # The in-process strategy tests' tolerances (measured there: < 1e-6 and 5e-6).
+        assert_results_close(_results(str(tmp_path / "multi" / app)), single, rtol=1e-4,
+                             atol=1e-6)
+    # The eigen adversary, the scatter and the recovery path were computed, not skipped.
+    single = _results(str(tmp_path / "single" / "resilience"))
+    assert single["mlp/eigen/predicted_change"] > 0
+    assert single["cnn5/random/predicted_change/mean"] > 0
+    assert _results(str(tmp_path / "single" / "repair_vgg"))["vgg11/filters_deleted"] > 0
+
+
 def _assert_same_results(tmp_path, app):
     """The two-worker run's `results.json` equals the one-process run's (floats to 1e-5)."""
     single = _results(str(tmp_path / "single" / app))
@@ -258,5 +308,6 @@ if __name__ == "__main__":
     import apps.compress  # noqa: F401  (defines the flags before they are parsed)
     import apps.continual  # noqa: F401  (ditto)
     import apps.repair  # noqa: F401  (ditto)
+    import apps.resilience  # noqa: F401  (ditto)
 
     main(sys.argv)
