@@ -527,6 +527,8 @@ class MetricOperator:
 
     def _in_chunks(self, block_fn, block, axis):
         """`block_fn` on `vectors_per_pass` columns of `block` at a time, concatenated."""
+        if int(block.shape[1]) <= self.vectors_per_pass:
+            return block_fn(block)  # No eager slicing for one pass.
         chunks = [
             block_fn(block[:, start : start + self.vectors_per_pass])
             for start in range(0, int(block.shape[1]), self.vectors_per_pass)
@@ -536,9 +538,8 @@ class MetricOperator:
     def _as_block(self, vectors, name, allow_vector=False):
         """`vectors` as a floating `(num_params, k)` tensor, after checking its shape."""
         shape = tuple(np.shape(vectors))
-        if allow_vector and shape == (self.num_params,):
-            vectors = tf.reshape(tf.convert_to_tensor(vectors), [-1, 1])
-        elif len(shape) != 2 or shape[0] != self.num_params or shape[1] < 1:
+        single = allow_vector and shape == (self.num_params,)
+        if not single and (len(shape) != 2 or shape[0] != self.num_params or shape[1] < 1):
             expected = "a flat vector of length num_params or " if allow_vector else ""
             raise ValueError(
                 f"`{name}` must be {expected}a (num_params, k) block with num_params="
@@ -548,8 +549,10 @@ class MetricOperator:
         # and a float64 block of a float32 model would cross into the graph at twice
         # the size (~25% of a LeNet-300-100 block product's time).
         if tf.is_tensor(vectors):
-            return tf.cast(vectors, self.dtype)
-        return tf.convert_to_tensor(np.asarray(vectors, dtype=self.dtype))
+            block = tf.cast(vectors, self.dtype)
+            return tf.reshape(block, [-1, 1]) if single else block
+        block = np.asarray(vectors, dtype=self.dtype)
+        return tf.convert_to_tensor(block.reshape(-1, 1) if single else block)
 
     def matmat(self, vectors):
         """The products g·V of several vectors, sharing each batch's forward pass.
@@ -595,11 +598,10 @@ class MetricOperator:
             self._quadratic_fn = self._build_matmat(quadratic=True)
         values = self._in_chunks(self._quadratic_fn, block, axis=0)
         self.num_quadratic_forms += int(block.shape[1])
-        if single:
-            values = values[0]
         if tf.is_tensor(vectors):
-            return values
-        return float(values) if single else values.numpy()
+            return values[0] if single else values
+        values = values.numpy()
+        return float(values[0]) if single else values
 
     def matvec(self, v):
         """The product g·v.
