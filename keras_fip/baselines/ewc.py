@@ -20,6 +20,24 @@ from keras_fip.operations.base import carry_data
 # EWC's consolidated Fisher diagonals and anchors, carried by the models it returns.
 _EWC_STATE = weakref.WeakKeyDictionary()
 LAMBDA_GRID = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7)
+# `"auto"` never lets the grid's edge cut the choice off: while the largest λ tried is the
+# best alone, 10× it is tried too (and ÷10 below the smallest positive one), at most
+# `max_lambda_extensions` times each way.
+LAMBDA_EXTENSION_FACTOR = 10.0
+
+
+def _next_lambdas(scores, extended_up, extended_down, max_extensions):
+    """The λ values to try next: beyond an edge of `scores` that is the best alone."""
+    if len(scores) < 2:
+        return []
+    values = sorted(scores)
+    best = max(scores.values())
+    alone = [v for v in values if scores[v] == best]
+    if alone == [values[-1]] and values[-1] > 0 and extended_up < max_extensions:
+        return [values[-1] * LAMBDA_EXTENSION_FACTOR]
+    if alone == [values[0]] and values[0] > 0 and extended_down < max_extensions:
+        return [values[0] / LAMBDA_EXTENSION_FACTOR]
+    return []
 
 
 def ewc_state(model):
@@ -57,7 +75,10 @@ class EWC(ContinualBaseline):
     λ: a number, or `"auto"`: every value of `lambda_grid` is trained (the full budget
     each) on the new task minus a held-out `validation_fraction`, and the model with the
     best mean accuracy over the held-out new-task split and `validation_tasks` is
-    returned; `op.history["lambda"]` is the choice, `op.history["lambda_scores"]` all.
+    returned (ties go to the smaller λ); `op.history["lambda"]` is the choice,
+    `op.history["lambda_scores"]` all. An edge of the grid that is the best alone is not
+    taken as the answer: 10× the largest (÷10 the smallest positive) λ is tried next,
+    up to `max_lambda_extensions` times each way, as learning rates are tuned.
 
     Args:
         new_task: The new task, `(x, y)` (labels 0..k-1 for `"append"`).
@@ -65,6 +86,8 @@ class EWC(ContinualBaseline):
             unused). Defaults to `None` (no new penalty: only the carried ones).
         ewc_lambda: λ, or `"auto"`. Defaults to `"auto"`.
         lambda_grid: Candidates for `"auto"`. Defaults to `LAMBDA_GRID` (1 … 1e7).
+        max_lambda_extensions: How many times `"auto"` may extend the grid past each
+            edge (0: the grid as given). Defaults to `3`.
         validation_tasks: Held-out old-task data `(x, y)` (labels in output indices) for
             `"auto"`. Defaults to `None` (only the new task's held-out split).
         validation_fraction: New-task fraction held out for `"auto"`. Defaults to `0.1`.
@@ -90,7 +113,7 @@ class EWC(ContinualBaseline):
 
     def __init__(self, new_task, fisher_data=None, ewc_lambda="auto", lambda_grid=LAMBDA_GRID,
                  validation_tasks=None, validation_fraction=0.1, online=True, gamma=1.0,
-                 fisher_examples=1000, **kwargs):
+                 fisher_examples=1000, max_lambda_extensions=3, **kwargs):
         super().__init__(new_task, **kwargs)
         if fisher_data is not None:
             fisher_x, _ = normalize_data(fisher_data, name="fisher_data")
@@ -119,6 +142,9 @@ class EWC(ContinualBaseline):
         self.gamma = self.check_number(gamma, "gamma", low=0.0, low_inclusive=True)
         self.fisher_examples = self.check_number(fisher_examples, "fisher_examples", low=1,
                                                  low_inclusive=True, integer=True)
+        self.max_lambda_extensions = self.check_number(
+            max_lambda_extensions, "max_lambda_extensions", low=0, low_inclusive=True,
+            integer=True)
 
     def __call__(self, model):
         self._incoming = ewc_state(model)
@@ -183,18 +209,30 @@ class EWC(ContinualBaseline):
             held = max(1, int(round(self.validation_fraction * len(x))))
             validation = [(x[order[:held]], labels[order[:held]])] + self._validation
             train_rows = np.sort(order[held:])
-            scores, best = {}, None
-            for value in self.lambda_grid:
-                candidate = copy_model(model)
-                self._lambda = keras.Variable(value, trainable=False, name="ewc_lambda")
-                history = train(candidate, self, x[train_rows], labels[train_rows],
-                                self.num_steps(x[train_rows]))
-                scores[value] = float(np.mean([task_accuracy(candidate, vx, vy)
-                                               for vx, vy in validation]))
-                if best is None or scores[value] > scores[best[0]]:
-                    best = (value, candidate, history)
+            scores, trained = {}, {}
+            pending, extended_up, extended_down = list(self.lambda_grid), 0, 0
+            while pending:
+                for value in pending:
+                    candidate = copy_model(model)
+                    self._lambda = keras.Variable(value, trainable=False,
+                                                  name="ewc_lambda")
+                    history = train(candidate, self, x[train_rows], labels[train_rows],
+                                    self.num_steps(x[train_rows]))
+                    scores[value] = float(np.mean([task_accuracy(candidate, vx, vy)
+                                                   for vx, vy in validation]))
+                    trained[value] = (candidate, history)
+                    # Only the best so far is kept.
+                    best_value = min(scores, key=lambda v: (-scores[v], v))
+                    trained = {best_value: trained[best_value]}
+                pending = [v for v in _next_lambdas(scores, extended_up, extended_down,
+                                                    self.max_lambda_extensions)
+                           if v not in scores]
+                if pending and pending[0] > max(scores):
+                    extended_up += 1
+                elif pending:
+                    extended_down += 1
             carried = carried_data(model)
-            chosen, model, history = best
+            (chosen, (model, history)), = trained.items()
             if carried is not None:
                 carry_data(model, carried)
             self.history = dict(history, lambda_scores=scores)
@@ -212,5 +250,6 @@ class EWC(ContinualBaseline):
         config.update(fisher_data=None, ewc_lambda=self.ewc_lambda,
                       lambda_grid=self.lambda_grid, validation_tasks=None,
                       validation_fraction=self.validation_fraction, online=self.online,
-                      gamma=self.gamma, fisher_examples=self.fisher_examples)
+                      gamma=self.gamma, fisher_examples=self.fisher_examples,
+                      max_lambda_extensions=self.max_lambda_extensions)
         return config

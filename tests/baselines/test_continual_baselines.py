@@ -59,7 +59,8 @@ def test_memory_and_joint_baselines_keep_the_old_task(setting, finetuned, make):
 def test_ewc_chooses_lambda_on_validation_and_beats_finetuning(setting, finetuned):
     x_old, y_old = setting["old"]
     op = baselines.EWC(setting["new"], fisher_data=x_old, lambda_grid=(1.0, 1e3),
-                       validation_tasks=[(x_old[-100:], y_old[-100:])], **BUDGET)
+                       validation_tasks=[(x_old[-100:], y_old[-100:])],
+                       max_lambda_extensions=0, **BUDGET)
     model = op(setting["model"])
     assert op.history["lambda"] in (1.0, 1e3)
     scores = op.history["lambda_scores"]
@@ -68,6 +69,37 @@ def test_ewc_chooses_lambda_on_validation_and_beats_finetuning(setting, finetune
     (fisher, anchor), = ewc_state(model)
     assert fisher[-2].shape == model.trainable_variables[-2].shape  # Grown head padded.
     assert np.all(fisher[-2][:, 5:] == 0.0) and np.all(fisher[-2] >= 0.0)
+
+
+@pytest.mark.parametrize("peak, grid, tried, chosen", [
+    # The top wins alone: 10x past it until a value loses (at most 3 extensions).
+    (1e9, (1e6, 1e7), [1e6, 1e7, 1e8, 1e9, 1e10], 1e9),
+    (1e12, (1e6, 1e7), [1e6, 1e7, 1e8, 1e9, 1e10], 1e10),
+    # The bottom wins alone: ÷10 below it.
+    (0.1, (10.0, 100.0), [0.01, 0.1, 1.0, 10.0, 100.0], 0.1),
+    # An interior best: the grid as given.
+    (10.0, (1.0, 10.0, 100.0), [1.0, 10.0, 100.0], 10.0),
+])
+def test_ewc_extends_the_lambda_grid_past_an_edge_that_wins(setting, monkeypatch, peak, grid,
+                                                           tried, chosen):
+    # The validation score peaks at `peak` (in log10 λ); training is skipped.
+    from keras_fip.baselines import ewc
+
+    def fake_train(candidate, op, x, y, steps):
+        candidate.ewc_lambda_used = float(op._lambda.numpy())
+        return {"loss": [0.0]}
+
+    monkeypatch.setattr(ewc, "train", fake_train)
+    monkeypatch.setattr(ewc, "task_accuracy", lambda candidate, x, y: -abs(
+        np.log10(candidate.ewc_lambda_used) - np.log10(peak)))
+    x_old, _ = setting["old"]
+    op = baselines.EWC(setting["new"], fisher_data=x_old[:50], lambda_grid=grid, epochs=1,
+                       seed=0)
+    op(setting["model"])
+    np.testing.assert_allclose(sorted(op.history["lambda_scores"]), tried, rtol=1e-9)
+    assert op.history["lambda"] == pytest.approx(chosen, rel=1e-9)
+    with pytest.raises(ValueError, match="max_lambda_extensions"):
+        baselines.EWC(setting["new"], max_lambda_extensions=-1)
 
 
 def test_online_ewc_merges_penalties_and_offline_keeps_them(setting):
