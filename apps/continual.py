@@ -217,6 +217,10 @@ def learn(method, model, t, train, validation, bench, memory, settings, state):
     result = op(model)
     if method == "ewc":
         state["ewc_lambda"].setdefault(t, op.history["lambda"])
+        if "lambda_scores" in op.history:  # Every λ tried, extensions included.
+            scores = sorted(op.history["lambda_scores"].items())
+            state.setdefault("ewc_lambda_scores", {}).setdefault(
+                t, {f"{value:g}": score for value, score in scores})
     return result, op
 
 
@@ -395,6 +399,9 @@ def run_benchmark(benchmark, methods, seeds, settings, memory_sizes, results, ru
         summarize(benchmark, method, runs[method], settings["epochs"], results)
     if "ewc_lambda" in state:
         results[f"{benchmark}/ewc/lambda"] = {str(k): v for k, v in state["ewc_lambda"].items()}
+    if "ewc_lambda_scores" in state:
+        results[f"{benchmark}/ewc/lambda_validation_accuracy"] = {
+            str(k): v for k, v in state["ewc_lambda_scores"].items()}
     for size in memory_sizes:
         for method in ("fip", "replay", "agem"):
             sized = dict(settings, memory_per_task=size)

@@ -21,22 +21,25 @@ from keras_fip.operations.base import carry_data
 _EWC_STATE = weakref.WeakKeyDictionary()
 LAMBDA_GRID = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7)
 # `"auto"` never lets the grid's edge cut the choice off: while the largest λ tried is the
-# best alone, 10× it is tried too (and ÷10 below the smallest positive one), at most
+# best alone, one more step of the grid's spacing at that edge is tried (10× on
+# `LAMBDA_GRID`), and likewise below the smallest positive one, at most
 # `max_lambda_extensions` times each way.
-LAMBDA_EXTENSION_FACTOR = 10.0
+LAMBDA_EXTENSION_FACTOR = 10.0  # Where the edge's spacing is undefined (next to λ = 0).
 
 
 def _next_lambdas(scores, extended_up, extended_down, max_extensions):
-    """The λ values to try next: beyond an edge of `scores` that is the best alone."""
+    """The λ values to try next: one grid step beyond an edge of `scores` that is the best
+    alone."""
     if len(scores) < 2:
         return []
     values = sorted(scores)
     best = max(scores.values())
     alone = [v for v in values if scores[v] == best]
     if alone == [values[-1]] and values[-1] > 0 and extended_up < max_extensions:
-        return [values[-1] * LAMBDA_EXTENSION_FACTOR]
+        factor = values[-1] / values[-2] if values[-2] > 0 else LAMBDA_EXTENSION_FACTOR
+        return [values[-1] * factor]
     if alone == [values[0]] and values[0] > 0 and extended_down < max_extensions:
-        return [values[0] / LAMBDA_EXTENSION_FACTOR]
+        return [values[0] / (values[1] / values[0])]
     return []
 
 
@@ -77,8 +80,9 @@ class EWC(ContinualBaseline):
     best mean accuracy over the held-out new-task split and `validation_tasks` is
     returned (ties go to the smaller λ); `op.history["lambda"]` is the choice,
     `op.history["lambda_scores"]` all. An edge of the grid that is the best alone is not
-    taken as the answer: 10× the largest (÷10 the smallest positive) λ is tried next,
-    up to `max_lambda_extensions` times each way, as learning rates are tuned.
+    taken as the answer: one more step of the grid's spacing past it is tried (10× the
+    largest or ÷10 the smallest positive λ on `LAMBDA_GRID`), up to
+    `max_lambda_extensions` times each way, as learning rates are tuned.
 
     Args:
         new_task: The new task, `(x, y)` (labels 0..k-1 for `"append"`).

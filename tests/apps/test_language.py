@@ -54,7 +54,8 @@ def test_language_app_runs_every_stage_on_a_tiny_bert(tmp_path):
         assert results[f"seed0/{stage}/stage_wall_time_seconds"] > 0
     for name in ("mr", "trec"):
         assert results[f"seed0/submanifold/pseudo_perplexity/{name}/best_family"] in families
-    assert results["seed0/continual/ewc/lambda"] in (1e2, 1e4, 1e6)
+    # The grid (1e2, 1e4, 1e6), or up to 3 steps of it past an edge that wins alone.
+    assert results["seed0/continual/ewc/lambda"] in [10.0 ** k for k in range(-4, 13, 2)]
     assert os.path.isfile(tmp_path / "language" / "submanifold.png")
 
 

@@ -72,13 +72,16 @@ def test_ewc_chooses_lambda_on_validation_and_beats_finetuning(setting, finetune
 
 
 @pytest.mark.parametrize("peak, grid, tried, chosen", [
-    # The top wins alone: 10x past it until a value loses (at most 3 extensions).
+    # The top wins alone: one grid step (10x) past it until a value loses (3 at most).
     (1e9, (1e6, 1e7), [1e6, 1e7, 1e8, 1e9, 1e10], 1e9),
     (1e12, (1e6, 1e7), [1e6, 1e7, 1e8, 1e9, 1e10], 1e10),
     # The bottom wins alone: ÷10 below it.
     (0.1, (10.0, 100.0), [0.01, 0.1, 1.0, 10.0, 100.0], 0.1),
     # An interior best: the grid as given.
     (10.0, (1.0, 10.0, 100.0), [1.0, 10.0, 100.0], 10.0),
+    # The step is the grid's spacing at that edge; λ = 0 next to the bottom: 10x up.
+    (1e8, (1e2, 1e4, 1e6), [1e2, 1e4, 1e6, 1e8, 1e10], 1e8),
+    (1e2, (0.0, 1.0), [0.0, 1.0, 10.0, 100.0, 1e3], 100.0),
 ])
 def test_ewc_extends_the_lambda_grid_past_an_edge_that_wins(setting, monkeypatch, peak, grid,
                                                            tried, chosen):
