@@ -389,15 +389,15 @@ class MetricOperator:
             for piece, shape, dtype in zip(pieces, self._shapes, self._dtypes)
         ]
 
-    def _as_tensors(self, vector):
+    def _as_tensors(self, vector, name="v"):
         """Validates a list layout `vector`; returns (list of tensors, is_numpy)."""
         shapes = [tuple(np.shape(piece)) for piece in vector]
         if shapes != self._shapes:
             raise ValueError(
-                "`v` must be a flat vector of length "
+                f"`{name}` must be a flat vector of length "
                 f"{self.num_params} or a list shaped like "
                 f"`model.trainable_variables` {self._shapes}. "
-                f"Received: v with shapes {shapes}"
+                f"Received: {name} with shapes {shapes}"
             )
         is_numpy = not any(tf.is_tensor(piece) for piece in vector)
         tensors = [tf.cast(piece, dtype) for piece, dtype in zip(vector, self._dtypes)]
@@ -584,14 +584,20 @@ class MetricOperator:
         Hutch++ traces, predicted output changes of perturbations.
 
         Args:
-            vectors: a flat vector of length `num_params`, or a `(num_params, k)`
-                block whose columns are the vectors (up to `vectors_per_pass` share
-                one forward pass).
+            vectors: a flat vector of length `num_params`, a list of arrays shaped
+                like `model.trainable_variables` (one vector, as `matvec` takes), or a
+                `(num_params, k)` block whose columns are the vectors (up to
+                `vectors_per_pass` share one forward pass).
 
         Returns:
             A float64 `(k,)` array (a tensor if `vectors` is one) for a block; a
-            Python float for a flat numpy vector (a scalar tensor for a tensor).
+            Python float for one numpy vector (a scalar tensor for tensors).
         """
+        if isinstance(vectors, (list, tuple)):
+            tensors, is_numpy = self._as_tensors(vectors, "vectors")
+            flat = tf.concat([tf.reshape(tf.cast(piece, self.dtype), [-1])
+                              for piece in tensors], axis=0)
+            return self.quadratic_form(flat.numpy() if is_numpy else flat)
         single = tuple(np.shape(vectors)) == (self.num_params,)
         block = self._as_block(vectors, "vectors", allow_vector=True)
         if self._quadratic_fn is None:

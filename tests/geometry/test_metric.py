@@ -295,6 +295,11 @@ def test_quadratic_form_equals_dense_reference_with_no_reverse_pass(conv_problem
     tensor_values = metric.quadratic_form(tf.constant(block))
     assert tf.is_tensor(tensor_values)
     np.testing.assert_allclose(tensor_values.numpy(), values, rtol=1e-12)
+    # The list layout `matvec` takes: one vector.
+    pieces = metric.unflatten(block[:, 4])
+    assert metric.quadratic_form(pieces) == pytest.approx(expected[4], rel=1e-10)
+    listed = metric.quadratic_form([tf.constant(piece) for piece in pieces])
+    assert tf.is_tensor(listed) and float(listed) == pytest.approx(expected[4], rel=1e-10)
     assert metric.quadratic_form(np.zeros(metric.num_params)) == 0.0
     for old, new in zip(before, _weights(model)):
         np.testing.assert_array_equal(old, new)
@@ -323,6 +328,8 @@ def test_bad_quadratic_form_vectors_raise(mlp_problem):
                     np.ones((metric.num_params, 0)), np.ones((2, 2, 2))):
         with pytest.raises(ValueError, match="`vectors` must be a flat vector"):
             metric.quadratic_form(vectors)
+    with pytest.raises(ValueError, match="`vectors` must be a flat vector.*shaped like"):
+        metric.quadratic_form([np.ones((2, 2))])
     assert metric.num_quadratic_forms == 0
 
 
