@@ -123,6 +123,12 @@ def linearize(model, inputs, outputs="logits"):
     return values, jvp, vjp
 
 
+def _scale_as(scale, dtype):
+    """`scale` as a tensor of `dtype`: a Python number becomes a constant of that dtype
+    directly (`tf.cast` of a Python float would round it to float32 first)."""
+    return tf.cast(scale, dtype) if tf.is_tensor(scale) else tf.constant(scale, dtype)
+
+
 def _summed_metric_block_product(model, inputs, vectors, outputs, scale=None):
     """`[scale · Σ_x J_xᵀ (J_x v) for v in vectors]` on one forward pass over the batch.
 
@@ -136,10 +142,8 @@ def _summed_metric_block_product(model, inputs, vectors, outputs, scale=None):
     for vector in vectors:
         tangent = jvp(vector)
         if scale is not None:
-            # A Python scale becomes a constant of the tangent's dtype (no float32 round
-            # trip); it multiplies the (batch, outputs) tangent, not the larger result.
-            tangent = tangent * (tf.cast(scale, tangent.dtype) if tf.is_tensor(scale)
-                                 else tf.constant(scale, tangent.dtype))
+            # It multiplies the (batch, outputs) tangent, not the larger result.
+            tangent = tangent * _scale_as(scale, tangent.dtype)
         products.append(vjp(tangent))
     return products
 
@@ -190,9 +194,7 @@ def _summed_metric_block_quadratic(model, inputs, vectors, outputs, scale=None):
         tangent = jvp(vector)
         value = tf.cast(tf.reduce_sum(tf.square(tangent)), "float64")
         if scale is not None:
-            # Not `tf.cast(scale, ...)`: that would round a Python scale to float32 first.
-            value = value * (tf.cast(scale, "float64") if tf.is_tensor(scale)
-                             else tf.constant(scale, "float64"))
+            value = value * _scale_as(scale, "float64")
         values.append(value)
     return values
 
