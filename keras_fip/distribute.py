@@ -70,6 +70,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_fip.engine import data_adapter
+
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 COMMUNICATIONS = ("auto", "ring", "nccl")
 _OPTIMIZER_DIR = "optimizer"
@@ -307,14 +309,16 @@ def summed_over_batches(fn, data, batch_size, strategy=None):
     Args:
         fn: `fn(batch) -> structure of tensors`, additive over examples. `batch` has the
             structure of `data`.
-        data: An array, or a tuple of arrays of equal length.
+        data: An array, or a tuple of arrays of equal length (inputs may be a dict or
+            list of arrays, for a model with several).
         batch_size: Examples per (global) batch.
         strategy: A `tf.distribute.Strategy`. Defaults to `None` (the current one).
 
     Returns:
         The structure of `fn`'s results, as numpy arrays (float64 sums of the batches).
     """
-    dataset = tf.data.Dataset.from_tensor_slices(data).batch(batch_size)
+    dataset = tf.data.Dataset.from_tensor_slices(
+        data_adapter.for_tf_data(data)).batch(batch_size)
 
     def dense_fn(batch):  # Sparse gradients (embeddings) summed as dense tensors.
         return tf.nest.map_structure(tf.convert_to_tensor, fn(batch))

@@ -42,10 +42,9 @@ def repeated_batches(tensors, batch_size, seed):
 def check_labelled(data, name, finite=True):
     """`(x float32, y int)` from an `(x, y)` tuple or labelled dataset, else ValueError."""
     x, y = normalize_data(data, name=name, require_labels=True)
-    x = np.asarray(x)
-    if finite and not np.all(np.isfinite(np.asarray(x, "float64"))):
+    if finite and not data_adapter.all_finite(x):
         raise ValueError(f"`{name}` must be finite. Received: NaN or Inf inputs")
-    return x.astype("float32"), np.asarray(y)
+    return data_adapter.float32_inputs(x), np.asarray(y)
 
 
 class ContinualBaseline(Operation):
@@ -119,7 +118,8 @@ class ContinualBaseline(Operation):
         return gradients
 
     def num_steps(self, x):
-        return self.epochs * math.ceil(len(x) / min(self.batch_size, len(x)))
+        count = data_adapter.num_examples(x)
+        return self.epochs * math.ceil(count / min(self.batch_size, count))
 
     def training_data(self, x, labels):
         """The `(x, y)` the main pipeline cycles over (the joint baseline widens it)."""
@@ -143,9 +143,9 @@ class ContinualBaseline(Operation):
     def check_inputs(self, model, data, name):
         x, y = normalize_data(data, name=name, example_shape=model_example_shape(model))
         check_inputs_match_model(model, x, name=name)
-        if not np.all(np.isfinite(np.asarray(x, "float64"))):
+        if not data_adapter.all_finite(x):
             raise ValueError(f"`{name}` must be finite. Received: NaN or Inf inputs")
-        return np.asarray(x, "float32"), y
+        return data_adapter.float32_inputs(x), y
 
     def call(self, model):
         # Validate everything before any work

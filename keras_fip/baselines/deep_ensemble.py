@@ -12,6 +12,7 @@ import math
 import keras
 import numpy as np
 
+from keras_fip.engine import data_adapter
 from keras_fip.engine import normalization
 from keras_fip.engine.copy import copy_model
 from keras_fip.operations.ensemble import COMBINES
@@ -42,7 +43,9 @@ def _fresh_copy(model, seed):
 
 
 def _input_shape(model):
-    return tuple(model.inputs[0].shape[1:])
+    """One example's input shape; `None` for several inputs (the ensemble takes the same
+    dict or list of inputs as the model)."""
+    return None if len(model.inputs) > 1 else tuple(model.inputs[0].shape[1:])
 
 
 def deep_ensemble(model, x, y, num_members=10, epochs=10, batch_size=128,
@@ -89,7 +92,7 @@ def deep_ensemble(model, x, y, num_members=10, epochs=10, batch_size=128,
         train_classifier(member, x, y, epochs=epochs, batch_size=batch_size,
                          learning_rate=learning_rate, verbose=verbose)
         members.append(member)
-    info = {"train_examples": int(num_members * epochs * len(x)),
+    info = {"train_examples": int(num_members * epochs * data_adapter.num_examples(x)),
             "epochs": int(num_members * epochs), "num_members": int(num_members)}
     return build_ensemble(members, combine, _input_shape(model),
                           name=f"{model.name}_deep_ensemble"), info
@@ -210,7 +213,7 @@ def fast_geometric_ensemble(model, x, y, num_members=10, cycle_epochs=2,
         )
     keras.utils.set_random_seed(seed)
     network = copy_model(model)
-    steps_per_epoch = math.ceil(len(x) / batch_size)
+    steps_per_epoch = math.ceil(data_adapter.num_examples(x) / batch_size)
     cycle_steps = 2 * max(1, (cycle_epochs * steps_per_epoch) // 2)
     _sgd_classifier(network, high, momentum, weight_decay=weight_decay)
     collector = _FGECollector(cycle_steps, high, low, x, batch_size, num_members)
@@ -309,13 +312,13 @@ def snapshot_ensemble(model, x, y, num_members=10, epochs=20, learning_rate=0.1,
     network = _fresh_copy(model, seed)
     _sgd_classifier(network, learning_rate, momentum, nesterov=True,
                     weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(x) / batch_size)
+    steps_per_epoch = math.ceil(data_adapter.num_examples(x) / batch_size)
     total_steps = epochs * steps_per_epoch
     collector = _SnapshotCollector(total_steps, num_members, float(learning_rate), x,
                                    batch_size)
     network.fit(x, y, batch_size=batch_size, epochs=epochs, callbacks=[collector],
                 verbose=verbose)
-    info = {"train_examples": int(epochs * len(x)), "epochs": int(epochs),
+    info = {"train_examples": int(epochs * data_adapter.num_examples(x)), "epochs": int(epochs),
             "num_members": len(collector.members)}
     return build_ensemble(collector.members, combine, _input_shape(model),
                           name=f"{model.name}_snapshot"), info

@@ -10,6 +10,7 @@ from keras_fip.baselines.continual_base import ContinualBaseline
 from keras_fip.baselines.continual_base import check_labelled
 from keras_fip.baselines.continual_base import cross_entropy
 from keras_fip.baselines.continual_base import train
+from keras_fip.engine import data_adapter
 from keras_fip.engine.copy import copy_model
 from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.geometry.diagonal import metric_diagonal
@@ -121,9 +122,9 @@ class EWC(ContinualBaseline):
         super().__init__(new_task, **kwargs)
         if fisher_data is not None:
             fisher_x, _ = normalize_data(fisher_data, name="fisher_data")
-            if not np.all(np.isfinite(np.asarray(fisher_x, "float64"))):
+            if not data_adapter.all_finite(fisher_x):
                 raise ValueError("`fisher_data` must be finite. Received: NaN or Inf inputs")
-            self._fisher_x = np.asarray(fisher_x, "float32")
+            self._fisher_x = data_adapter.float32_inputs(fisher_x)
         self.fisher_data = fisher_data
         if not (isinstance(ewc_lambda, str) and ewc_lambda == "auto"):
             ewc_lambda = self.check_number(ewc_lambda, "ewc_lambda", low=0.0,
@@ -167,9 +168,11 @@ class EWC(ContinualBaseline):
         penalties = list(self._incoming)
         if self.fisher_data is not None:
             rng = np.random.default_rng(self.seed)
-            count = min(self.fisher_examples, len(self._fisher_x))
-            rows = np.sort(rng.choice(len(self._fisher_x), count, replace=False))
-            fisher = metric_diagonal(old_model, self._fisher_x[rows], kind="fisher",
+            available = data_adapter.num_examples(self._fisher_x)
+            count = min(self.fisher_examples, available)
+            rows = np.sort(rng.choice(available, count, replace=False))
+            fisher = metric_diagonal(old_model, data_adapter.take(self._fisher_x, rows),
+                                     kind="fisher",
                                      batch_size=1, seed=self.seed)
             anchor = [v.numpy() for v in old_model.trainable_variables]
             if self.online and penalties:
@@ -209,9 +212,11 @@ class EWC(ContinualBaseline):
         # λ: given, or the best of the grid on held-out data
         if isinstance(self.ewc_lambda, str):
             rng = np.random.default_rng(self.seed)
-            order = rng.permutation(len(x))
-            held = max(1, int(round(self.validation_fraction * len(x))))
-            validation = [(x[order[:held]], labels[order[:held]])] + self._validation
+            count = data_adapter.num_examples(x)
+            order = rng.permutation(count)
+            held = max(1, int(round(self.validation_fraction * count)))
+            validation = ([(data_adapter.take(x, order[:held]), labels[order[:held]])]
+                          + self._validation)
             train_rows = np.sort(order[held:])
             scores, trained = {}, {}
             pending, extended_up, extended_down = list(self.lambda_grid), 0, 0
@@ -220,8 +225,9 @@ class EWC(ContinualBaseline):
                     candidate = copy_model(model)
                     self._lambda = keras.Variable(value, trainable=False,
                                                   name="ewc_lambda")
-                    history = train(candidate, self, x[train_rows], labels[train_rows],
-                                    self.num_steps(x[train_rows]))
+                    train_x = data_adapter.take(x, train_rows)
+                    history = train(candidate, self, train_x, labels[train_rows],
+                                    self.num_steps(train_x))
                     scores[value] = float(np.mean([task_accuracy(candidate, vx, vy)
                                                    for vx, vy in validation]))
                     trained[value] = (candidate, history)

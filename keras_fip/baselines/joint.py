@@ -6,6 +6,7 @@ import numpy as np
 from keras_fip.baselines.continual_base import ContinualBaseline
 from keras_fip.baselines.continual_base import check_labelled
 from keras_fip.baselines.continual_base import cross_entropy
+from keras_fip.engine import data_adapter
 
 
 @keras.saving.register_keras_serializable(package="keras_fip")
@@ -60,7 +61,7 @@ class JointTraining(ContinualBaseline):
     def training_data(self, x, labels):
         xs = [x] + [old_x for old_x, _ in self._old]
         ys = [labels] + [old_y.astype("int32") for _, old_y in self._old]
-        return np.concatenate(xs), np.concatenate(ys)
+        return data_adapter.concatenate(xs), np.concatenate(ys)
 
     def loss(self, model, batch):
         x, y = batch["task"]

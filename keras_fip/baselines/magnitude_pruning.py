@@ -9,6 +9,7 @@ import keras
 import numpy as np
 
 from keras_fip.engine import copy as copy_lib
+from keras_fip.engine import data_adapter
 from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import projection
 from keras_fip.models import training
@@ -99,14 +100,17 @@ def _check_common(model, sparsity, x, y, epochs, batch_size, structure, scope,
     projection.check_sparsity(sparsity)
     projection.check_structure_and_scope(structure, scope)
     projection.check_layer_floor(layer_floor)
-    if len(x) != len(y):
+    if data_adapter.is_structured(x):
+        x = data_adapter._normalize_structure(x, "x")
+    count = data_adapter.num_examples(x)
+    if count != len(y):
         raise ValueError(
-            f"`x` and `y` must have the same length. Received: len(x)={len(x)}, len(y)={len(y)}"
+            f"`x` and `y` must have the same length. Received: len(x)={count}, len(y)={len(y)}"
         )
     for value, name in ((epochs, "epochs"), (batch_size, "batch_size")):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-    if not np.all(np.isfinite(x)):
+    if not data_adapter.all_finite(x):
         raise ValueError("`x` must be finite. Received: x containing NaN or Inf")
 
 
@@ -198,7 +202,8 @@ def gradual_magnitude_pruning(model, sparsity, x, y, epochs=10, batch_size=128,
     pruned = copy_lib.copy_model(model)
     variables = projection.prunable_variables(pruned)
     begin_step, end_step, frequency = gradual_schedule_steps(
-        len(x), batch_size, epochs, begin_fraction, end_fraction, frequency
+        data_adapter.num_examples(x), batch_size, epochs, begin_fraction, end_fraction,
+        frequency
     )
 
     def schedule(step):

@@ -5,6 +5,7 @@ import math
 import keras
 import numpy as np
 
+from keras_fip.engine import data_adapter
 from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import normalization
 from keras_fip.engine.copy import copy_model
@@ -103,7 +104,7 @@ def prune_retrain(model, units, data, validation_data, units_per_round=1,
     carried = [masks_lib._mask_of(v) for v in variables]
     mask_variables = [keras.Variable(np.ones(v.shape, v.dtype), trainable=False)
                       for v in variables]
-    steps_per_epoch = max(1, math.ceil(len(x) / batch_size))
+    steps_per_epoch = max(1, math.ceil(data_adapter.num_examples(x) / batch_size))
     every = max(1, steps_per_epoch // evaluations_per_epoch)
     normalized = bool(normalization.batch_normalization_layers(pruned))
     undamaged = _score(pruned, x_val, y_val)

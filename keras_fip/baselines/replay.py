@@ -92,5 +92,7 @@ class ExperienceReplay(MemoryBaseline):
     def loss(self, model, batch):
         x, y = batch["task"]
         memory_x, memory_y = batch["memory"]
-        logits = model(tf.concat([x, memory_x], axis=0), training=True)
+        # Several inputs (a dict or tuple of arrays) are joined input by input.
+        joined = tf.nest.map_structure(lambda a, b: tf.concat([a, b], axis=0), x, memory_x)
+        logits = model(joined, training=True)
         return cross_entropy(tf.concat([y, memory_y], axis=0), logits)

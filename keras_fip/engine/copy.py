@@ -1,5 +1,8 @@
 """Deep copies of Keras models: same architecture, same weights, same masks."""
 
+import os
+import tempfile
+
 import keras
 
 from keras_fip.engine import masks as masks_lib
@@ -9,7 +12,9 @@ def copy_model(model):
     """Returns a deep copy of a model with equal weights and masks.
 
     Sequential and functional models are cloned layer by layer
-    (`keras.models.clone_model`, nested models included); subclassed models go through
+    (`keras.models.clone_model`, nested models included); subclassed models, and
+    functional subclasses that cloning would turn into a plain `Functional` (a KerasHub
+    task keeps its class and its preprocessor), go through
     `keras.saving.serialize_keras_object` / `deserialize_keras_object`, so they must be
     registered serialisable with a `get_config`. All weights are copied, trainable and
     non-trainable (for example BatchNormalization moving statistics), and every
@@ -56,15 +61,19 @@ def copy_model(model):
 
     # Copy every weight, trainable and non-trainable.
     source, target = model.weights, clone.weights
-    if _weights_differ(source, target) or getattr(model, "carries_masks", False):
-        # A model that records its masks in its own config (`carries_masks`) must keep
-        # its class, which layer-by-layer cloning drops; and layer-by-layer cloning
-        # unties weights shared between layers (KerasHub's masked-LM head reuses the
-        # token embedding). The model's own config does neither.
+    if (_weights_differ(source, target) or getattr(model, "carries_masks", False)
+            or type(clone) is not type(model)):
+        # Layer-by-layer cloning drops the class of a functional subclass whose
+        # constructor is not `(inputs, outputs)`, such as a KerasHub task with its
+        # preprocessor, and of a model that records its masks in its own config
+        # (`carries_masks`); and it unties weights shared between layers (KerasHub's
+        # masked-LM head reuses the token embedding). The model's own config does
+        # neither; where it cannot rebuild the model, the layer-by-layer clone stays.
         try:
-            clone = keras.saving.deserialize_keras_object(
+            rebuilt = keras.saving.deserialize_keras_object(
                 keras.saving.serialize_keras_object(model))
-            target = clone.weights
+            _copy_assets(model, rebuilt)
+            clone, target = rebuilt, rebuilt.weights
         except Exception:
             pass
     if _weights_differ(source, target):
@@ -86,6 +95,32 @@ def copy_model(model):
         masks_lib._attach(clone, variable_masks, warn=False)
     return clone
 
+
+
+def _copy_assets(source, target):
+    """Copies the assets of `source`'s layers into `target`'s (rebuilt from its config):
+    a layer's assets, such as a KerasHub tokenizer's
+    vocabulary, are kept out of its config and travel through `save_assets` /
+    `load_assets`, as in a `.keras` file. `_flatten_layers` is the walk Keras saving
+    itself makes; no public call lists nested layers outside `model.layers` (the
+    preprocessor of a KerasHub task)."""
+    def with_assets(model):
+        return [layer for layer in model._flatten_layers(include_self=False)
+                if hasattr(layer, "save_assets")]
+
+    # Matched by class and name: a layer built on first call (a preprocessor's packer)
+    # may not exist yet in the copy, so positions can differ.
+    targets = {(type(layer), layer.name): layer for layer in with_assets(target)}
+    pairs = [(layer, targets[(type(layer), layer.name)]) for layer in with_assets(source)
+             if (type(layer), layer.name) in targets]
+    if not pairs:
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        for index, (original, copied) in enumerate(pairs):
+            path = os.path.join(directory, str(index))
+            os.makedirs(path)
+            original.save_assets(path)
+            copied.load_assets(path)
 
 
 def _weights_differ(source, target):

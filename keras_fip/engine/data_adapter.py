@@ -12,7 +12,8 @@ def _describe(value):
 
 
 def _materialize(dataset, name):
-    """Reads a finite `tf.data.Dataset` of `x`, `(x,)`, `(x, y)` elements into numpy."""
+    """Reads a finite `tf.data.Dataset` of `x`, `(x,)`, `(x, y)` elements into numpy (`x`
+    may be a dict or list of inputs, for a model with several)."""
     spec = dataset.element_spec
     is_batched = False
     first = tf.nest.flatten(spec)[0]
@@ -31,16 +32,23 @@ def _materialize(dataset, name):
     else:
         columns = [elements]
     combine = np.concatenate if is_batched else np.stack
-    return tuple(combine(column, axis=0) for column in columns), not is_batched
+    return tuple(
+        tf.nest.map_structure(lambda *parts: combine(parts, axis=0), *column)
+        for column in columns
+    ), not is_batched
 
 
 def normalize_data(data, name="data", require_labels=False, example_shape=None):
     """Turns an array, an `(x, y)` tuple or a finite `tf.data.Dataset` into numpy arrays.
 
+    For a model with several inputs, `x` is a dict of arrays keyed by the inputs' names
+    or a list of arrays in their order, as Keras takes them (`model.predict(x)`): so a
+    list of arrays is always inputs, and labels come in an `(x, y)` tuple.
+
     Args:
-        data: A numpy array (or anything `np.asarray` accepts) of inputs, a tuple `(x,)` or
-            `(x, y)`, or a finite `tf.data.Dataset` of `x`, `(x,)` or `(x, y)` elements,
-            batched or not.
+        data: A numpy array (or anything `np.asarray` accepts) of inputs, a dict or list of
+            arrays of inputs, a tuple `(x,)` or `(x, y)`, or a finite `tf.data.Dataset`
+            of `x`, `(x,)` or `(x, y)` elements, batched or not.
         name: The argument name used in error messages. Defaults to `"data"`.
         require_labels: Whether `y` must be present. Defaults to `False`.
         example_shape: The shape of one input example, if known. A dataset batched with
@@ -48,7 +56,8 @@ def normalize_data(data, name="data", require_labels=False, example_shape=None):
             `None`.
 
     Returns:
-        A tuple `(x, y)` of numpy arrays; `y` is `None` when there are no labels.
+        A tuple `(x, y)`: `x` a numpy array (or a dict or list of them), `y` a numpy
+        array or `None` when there are no labels.
 
     Example:
 
@@ -59,8 +68,6 @@ def normalize_data(data, name="data", require_labels=False, example_shape=None):
     maybe_batched = False
     if isinstance(data, tf.data.Dataset):
         data, maybe_batched = _materialize(data, name)
-    if isinstance(data, list) and data and all(hasattr(d, "shape") for d in data):
-        data = tuple(data)
     if isinstance(data, tuple):
         if len(data) not in (1, 2):
             raise ValueError(
@@ -71,6 +78,9 @@ def normalize_data(data, name="data", require_labels=False, example_shape=None):
         y = data[1] if len(data) == 2 else None
     else:
         x, y = data, None
+    if is_structured(x):
+        x = _normalize_structure(x, name)
+        return x, _normalize_labels(x, y, name, require_labels)
     try:
         x = np.asarray(x)
     except Exception as error:
@@ -97,12 +107,16 @@ def normalize_data(data, name="data", require_labels=False, example_shape=None):
             f"`{name}` must not contain NaN or Inf values. Received: {name} with "
             f"{int(np.sum(~np.isfinite(x)))} non-finite entries"
         )
+    return x, _normalize_labels(x, y, name, require_labels)
+
+
+def _normalize_labels(x, y, name, require_labels):
     if y is not None:
         y = np.asarray(y)
-        if y.shape[:1] != x.shape[:1]:
+        if y.shape[:1] != (num_examples(x),):
             raise ValueError(
                 f"`{name}` must have as many labels as inputs. Received: {name} with "
-                f"x of shape {x.shape} and y of shape {y.shape}"
+                f"{num_examples(x)} inputs and y of shape {y.shape}"
             )
         if np.issubdtype(y.dtype, np.floating) and not np.all(np.isfinite(y)):
             raise ValueError(
@@ -114,7 +128,98 @@ def normalize_data(data, name="data", require_labels=False, example_shape=None):
             f"`{name}` must be an `(x, y)` tuple or a dataset of `(x, y)` pairs with "
             f"labels. Received: {name}={_describe(x)} without labels"
         )
-    return x, y
+    return y
+
+
+def is_structured(x):
+    """Whether `x` holds the inputs of a model with several inputs: a dict of arrays (by
+    input name) or a list or tuple of arrays (in the model's input order; a list of
+    Python lists or numbers is one array, as `np.asarray` reads it)."""
+    if isinstance(x, dict):
+        return True
+    return isinstance(x, (list, tuple)) and bool(x) and all(
+        hasattr(item, "shape") for item in x)
+
+
+def _normalize_structure(x, name):
+    """A dict (or list) of non-empty numeric, finite arrays of one length, as numpy."""
+    if not x:
+        raise ValueError(
+            f"`{name}` must hold at least one input array. Received: {name} with an "
+            f"empty {type(x).__name__} of inputs"
+        )
+    keys = list(x) if isinstance(x, dict) else list(range(len(x)))
+    arrays = {}
+    for key in keys:
+        value = x[key]
+        label = f"{name}[{key!r}]"
+        if isinstance(value, (dict, list, tuple)):
+            raise ValueError(
+                f"`{label}` must be an array: inputs nest one level (a dict or list of "
+                f"arrays). Received: {label}={type(value).__name__}"
+            )
+        try:
+            value = np.asarray(value)
+        except Exception as error:
+            raise ValueError(
+                f"`{label}` must be an array of inputs. Received: {label}={_describe(value)}"
+            ) from error
+        if value.ndim < 1 or value.shape[0] == 0 or not (
+            np.issubdtype(value.dtype, np.number) or value.dtype == bool
+        ):
+            raise ValueError(
+                f"`{label}` must be a non-empty numeric array with a batch axis. "
+                f"Received: {label}={_describe(value)} with dtype {value.dtype}"
+            )
+        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+            raise ValueError(
+                f"`{label}` must not contain NaN or Inf values. Received: {label} with "
+                f"{int(np.sum(~np.isfinite(value)))} non-finite entries"
+            )
+        arrays[key] = value
+    lengths = {key: int(value.shape[0]) for key, value in arrays.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(
+            f"`{name}` must hold inputs of one batch length. Received: {name} with "
+            f"lengths {lengths}"
+        )
+    return arrays if isinstance(x, dict) else [arrays[key] for key in keys]
+
+
+def num_examples(x):
+    """The number of examples of inputs `x` (an array, or a dict or list of arrays)."""
+    return int(np.shape(tf.nest.flatten(x)[0])[0])
+
+
+def take(x, index):
+    """The examples `index` (a slice or an index array) of every array of inputs `x`."""
+    return tf.nest.map_structure(lambda array: array[index], x)
+
+
+def all_finite(x):
+    """Whether every float array of inputs `x` (one array, or a dict or list) is finite."""
+    return all(np.all(np.isfinite(array)) for array in tf.nest.flatten(as_arrays(x))
+               if np.issubdtype(np.asarray(array).dtype, np.floating))
+
+
+def float32_inputs(x):
+    """Inputs as the walks feed them: one array as float32; in a dict or list of inputs
+    (a model with several), the float arrays as float32 and the rest (token ids, masks)
+    as they are."""
+    if not is_structured(x):
+        return np.asarray(x, "float32")
+    return tf.nest.map_structure(
+        lambda a: a.astype("float32") if np.issubdtype(a.dtype, np.floating) else a, x)
+
+
+def as_arrays(x):
+    """Inputs as numpy: one array, or the dict or list of arrays as it is."""
+    return x if is_structured(x) else np.asarray(x)
+
+
+def concatenate(parts):
+    """Inputs `parts` (arrays, or dicts or lists of arrays alike) joined along the batch."""
+    return tf.nest.map_structure(lambda *arrays: np.concatenate(arrays, axis=0), *parts)
 
 
 def model_example_shape(model):
@@ -128,45 +233,112 @@ def model_example_shape(model):
     return tuple(inputs[0].shape[1:])
 
 
-def check_inputs_match_model(model, x, name="data"):
-    """Raises a `ValueError` if `x` does not match the model's input shape.
+def _model_inputs(model):
+    """The model's input `KerasTensor`s as built (a dict by name, a list, or one), or
+    `None` when unknown (subclassed models)."""
+    try:
+        inputs = model.inputs
+        structure = getattr(model, "_inputs_struct", None)
+    except (AttributeError, ValueError):
+        return None
+    if not inputs:
+        return None
+    if isinstance(structure, dict):
+        return dict(structure)
+    return inputs[0] if len(inputs) == 1 else list(inputs)
 
-    Only checked for models with one known input (Sequential and functional models).
+
+def _matching_inputs(model, x, name):
+    """Pairs `(label, array, input)` of the arrays of `x` with the model's inputs, or
+    `None` when the model's inputs are unknown. Raises a `ValueError` naming `name` when
+    the structure of `x` cannot feed the model."""
+    inputs = _model_inputs(model)
+    if inputs is None:
+        return None
+    if not is_structured(x):
+        if is_structured(inputs):
+            names = (list(inputs) if isinstance(inputs, dict)
+                     else [tensor.name for tensor in inputs])
+            raise ValueError(
+                f"`{name}` must hold one array per input of model `{model.name}` (a dict "
+                f"keyed by {names}, or a list in that order). Received: {name}="
+                f"{_describe(x)}"
+            )
+        return [(name, x, inputs)]
+    if not is_structured(inputs):
+        raise ValueError(
+            f"`{name}` must be one array: model `{model.name}` has one input. Received: "
+            f"{name}={type(x).__name__} of {len(x)} arrays"
+        )
+    if isinstance(x, dict):
+        by_name = (inputs if isinstance(inputs, dict)
+                   else {tensor.name: tensor for tensor in inputs})
+        if set(x) != set(by_name):
+            raise ValueError(
+                f"`{name}` must hold one array per input of model `{model.name}`, keyed "
+                f"{sorted(by_name)}. Received: {name} with keys {sorted(x)}"
+            )
+        return [(f"{name}[{key!r}]", x[key], by_name[key]) for key in x]
+    ordered = list(inputs.values()) if isinstance(inputs, dict) else inputs
+    if len(x) != len(ordered):
+        raise ValueError(
+            f"`{name}` must hold {len(ordered)} arrays, one per input of model "
+            f"`{model.name}`. Received: {name} with {len(x)} arrays"
+        )
+    return [(f"{name}[{index}]", array, tensor)
+            for index, (array, tensor) in enumerate(zip(x, ordered))]
+
+
+def check_inputs_match_model(model, x, name="data"):
+    """Raises a `ValueError` if `x` does not match the model's inputs.
+
+    Checked for models with known inputs (Sequential and functional models): one array
+    for one input; for several, a dict keyed by the inputs' names or a list in their
+    order, each array of its input's shape.
 
     Args:
         model: A built `keras.Model`.
-        x: A numpy array of inputs.
+        x: A numpy array of inputs, or a dict or list of them.
         name: The argument name used in error messages. Defaults to `"data"`.
     """
-    try:
-        inputs = model.inputs
-    except (AttributeError, ValueError):
-        return
-    if not inputs or len(inputs) != 1:
-        return
-    expected = tuple(inputs[0].shape[1:])
-    received = tuple(x.shape[1:])
-    if len(expected) != len(received) or any(
-        e is not None and e != r for e, r in zip(expected, received)
-    ):
-        raise ValueError(
-            f"`{name}` must hold inputs of shape (batch, "
-            f"{', '.join(str(e) for e in expected)}) to match model `{model.name}`. "
-            f"Received: {name} with inputs of shape {x.shape}"
-        )
+    pairs = _matching_inputs(model, x, name)
+    for label, array, tensor in pairs or ():
+        expected = tuple(tensor.shape[1:])
+        received = tuple(array.shape[1:])
+        if len(expected) != len(received) or any(
+            e is not None and e != r for e, r in zip(expected, received)
+        ):
+            raise ValueError(
+                f"`{label}` must hold inputs of shape (batch, "
+                f"{', '.join(str(e) for e in expected)}) to match model `{model.name}`. "
+                f"Received: {label} with inputs of shape {array.shape}"
+            )
 
 
 def _cast_inputs(model, x):
-    """Casts float inputs to the model's input dtype (float32 unless the model says so)."""
-    if not np.issubdtype(x.dtype, np.floating):
-        return x
-    dtype = "float32"
+    """Casts float inputs to their model input's dtype (float32 unless the model says so);
+    in a dict or list of inputs, each array to its own input's."""
     try:
-        if model.inputs and len(model.inputs) == 1:
-            dtype = keras.backend.standardize_dtype(model.inputs[0].dtype)
-    except (AttributeError, ValueError):
-        pass
-    return x.astype(dtype, copy=False)
+        pairs = _matching_inputs(model, x, "x")
+    except ValueError:
+        pairs = None
+
+    def cast(array, tensor):
+        if not np.issubdtype(array.dtype, np.floating):
+            return array
+        dtype = "float32"
+        if tensor is not None:
+            dtype = keras.backend.standardize_dtype(tensor.dtype)
+            if not np.issubdtype(np.dtype(dtype), np.floating):
+                dtype = "float32"
+        return array.astype(dtype, copy=False)
+
+    if not is_structured(x):
+        return cast(x, pairs[0][2] if pairs else None)
+    tensors = [pair[2] for pair in pairs] if pairs else [None] * len(x)
+    if isinstance(x, dict):
+        return {key: cast(x[key], tensor) for key, tensor in zip(x, tensors)}
+    return [cast(array, tensor) for array, tensor in zip(x, tensors)]
 
 
 def reference_outputs(model, x, batch_size):
@@ -174,7 +346,7 @@ def reference_outputs(model, x, batch_size):
 
     Args:
         model: A built `keras.Model`.
-        x: A numpy array of inputs.
+        x: A numpy array of inputs, or a dict or list of them.
         batch_size: The batch size, best equal to the FIP step's anchor batch size.
 
     Returns:
@@ -182,8 +354,11 @@ def reference_outputs(model, x, batch_size):
     """
     forward = tf.function(lambda inputs: model(inputs, training=False))
     batches = [
-        tf.nest.map_structure(lambda t: t.numpy(), forward(tf.constant(x[i : i + batch_size])))
-        for i in range(0, len(x), batch_size)
+        tf.nest.map_structure(
+            lambda t: t.numpy(),
+            forward(tf.nest.map_structure(tf.constant, take(x, slice(i, i + batch_size)))),
+        )
+        for i in range(0, num_examples(x), batch_size)
     ]
     return tf.nest.map_structure(lambda *parts: np.concatenate(parts, axis=0), *batches)
 
@@ -220,6 +395,22 @@ def _index_batches(size, batch_size, shuffle, seed):
     return passes.rebatch(batch_size, drop_remainder=True)
 
 
+def for_tf_data(structure):
+    """A structure of arrays as `tf.data` takes it: its elements cannot hold lists (it
+    would stack a list of inputs into one tensor), so lists become tuples, which Keras
+    models take as they take lists."""
+    if isinstance(structure, dict):
+        return {key: for_tf_data(value) for key, value in structure.items()}
+    if isinstance(structure, (list, tuple)):
+        return tuple(for_tf_data(value) for value in structure)
+    return structure
+
+
+def _columns(tensors):
+    """A structure of arrays as tensors for `tf.data` (`for_tf_data`)."""
+    return tf.nest.map_structure(tf.convert_to_tensor, for_tf_data(tensors))
+
+
 def _gather(columns, indices):
     """The rows `indices` of every array in the structure `columns`."""
     return tf.nest.map_structure(lambda column: tf.gather(column, indices), columns)
@@ -247,7 +438,7 @@ def repeated_batches(tensors, batch_size, shuffle=True, seed=None):
         An infinite `tf.data.Dataset` of batches with the structure of `tensors`.
     """
     size = len(tf.nest.flatten(tensors)[0])
-    columns = tf.nest.map_structure(tf.convert_to_tensor, tensors)
+    columns = _columns(tensors)
     indices = _index_batches(size, batch_size, shuffle, seed)
     return indices.map(lambda batch: _gather(columns, batch)).prefetch(2)
 
@@ -325,18 +516,18 @@ def fip_dataset(
     anchor_tensors = {"anchor_inputs": anchor_x}
     if reference == "start":
         anchor_tensors["anchor_outputs"] = reference_outputs(model, anchor_x, batch_size)
-    anchor_columns = tf.nest.map_structure(tf.convert_to_tensor, anchor_tensors)
-    indices = _index_batches(len(anchor_x), batch_size, shuffle, seed)
+    anchor_columns = _columns(anchor_tensors)
+    indices = _index_batches(num_examples(anchor_x), batch_size, shuffle, seed)
     if secondary is None:
         dataset = indices.map(lambda batch: _gather(anchor_columns, batch))
         return dataset.prefetch(tf.data.AUTOTUNE)
 
     # Secondary pipeline: its own index stream (seed + 1), gathered in the same map.
     tensors = secondary_x if secondary_y is None else (secondary_x, secondary_y)
-    secondary_columns = tf.nest.map_structure(tf.convert_to_tensor, tensors)
+    secondary_columns = _columns(tensors)
     secondary_seed = None if seed is None else seed + 1
     secondary_indices = _index_batches(
-        len(secondary_x), secondary_batch_size, shuffle, secondary_seed
+        num_examples(secondary_x), secondary_batch_size, shuffle, secondary_seed
     )
 
     def gather_both(anchor_batch, secondary_batch):

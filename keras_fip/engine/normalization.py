@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 
+from keras_fip.engine import data_adapter
 from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.engine.projection import _layers
 
@@ -60,21 +61,22 @@ def recalibrate_batch_normalization(model, data, batch_size=256, max_examples=No
             f"Received: max_examples={max_examples!r}"
         )
     x, _ = normalize_data(data, name="data")
-    x = np.asarray(x)
     if max_examples is not None:
-        x = x[:max_examples]
-    if len(x) == 0:
+        x = data_adapter.take(x, slice(0, max_examples))
+    count = data_adapter.num_examples(x)
+    if count == 0:
         raise ValueError("`data` must hold at least one example. Received: 0 examples")
     layers = batch_normalization_layers(model)
     if not layers:
         return 0
     momenta = [layer.momentum for layer in layers]
     try:
-        for batch, start in enumerate(range(0, len(x), batch_size)):
+        for batch, start in enumerate(range(0, count, batch_size)):
             # moving ← moving·k/(k+1) + batch/(k+1): the running mean of batch statistics.
             for layer in layers:
                 layer.momentum = batch / (batch + 1.0)
-            model(x[start:start + batch_size], training=True)
+            model(data_adapter.take(x, slice(start, start + batch_size)),
+                  training=True)
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum

@@ -32,6 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_fip.engine import data_adapter
 from keras_fip.engine.copy import copy_model
 from keras_fip.engine.data_adapter import check_inputs_match_model
 from keras_fip.engine.data_adapter import normalize_data
@@ -261,13 +262,16 @@ class _UnitDeleter:
         self.plans = probe._unit_plans(self.working, probe._selected_layers(self.working))
         self.layers = layers
         self.num_units = int(sum(plan.channels for plan in self.plans))
-        inputs = tf.constant(np.asarray(x, dtype=self.working.inputs[0].dtype))
-        count, size = int(inputs.shape[0]), int(batch_size)
+        inputs = tf.nest.map_structure(
+            tf.constant, data_adapter._cast_inputs(self.working, data_adapter.as_arrays(x)))
+        count, size = data_adapter.num_examples(x), int(batch_size)
 
         def forward():
             pieces = []
             for start in range(0, count, size):
-                values = self.working(inputs[start:start + size], training=False)
+                values = self.working(
+                    tf.nest.map_structure(lambda t: t[start:start + size], inputs),
+                    training=False)
                 if outputs == "probabilities":
                     values = tf.nn.softmax(values, axis=-1)
                 pieces.append(tf.reshape(tf.cast(values, tf.float64),

@@ -5,6 +5,7 @@ import tensorflow as tf
 
 import keras
 
+from keras_fip.engine import data_adapter
 from keras_fip.geometry.metric import _data_inputs
 
 _KINDS = ("jacobian", "fisher")
@@ -59,15 +60,18 @@ def metric_diagonal(model, data, variables=None, kind="jacobian", probes=1,
     for value, name in ((probes, "probes"), (batch_size, "batch_size")):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-    inputs = np.asarray(_data_inputs(data))
+    inputs = _data_inputs(data)
+    if not data_adapter.is_structured(inputs):
+        inputs = np.asarray(inputs)
     if variables is None:
         variables = model.trainable_variables
     variables = list(variables)
     if not variables:
         raise ValueError("`variables` must not be empty. Received: variables=[]")
     rng = np.random.default_rng(seed)
-    dtype = keras.backend.standardize_dtype(model.inputs[0].dtype) if getattr(
-        model, "inputs", None) else keras.config.floatx()
+    # Float inputs in their model input's dtype (each its own, for several inputs).
+    inputs = data_adapter._cast_inputs(model, inputs)
+    count = data_adapter.num_examples(inputs)
     strategy = tf.distribute.get_strategy()
     # Under any strategy scope, even of one replica, distributed variables are read in a
     # replica context (`strategy.run`).
@@ -75,7 +79,8 @@ def metric_diagonal(model, data, variables=None, kind="jacobian", probes=1,
     # Uniforms for every output of every example of the global batch, drawn from the
     # batch's seed; each example takes the row of its position in the global batch, so
     # the probes do not depend on how a batch is split over replicas.
-    noise_shape = (batch_size,) + _example_output_shape(model, inputs[:1].astype(dtype))
+    noise_shape = (batch_size,) + _example_output_shape(
+        model, data_adapter.take(inputs, slice(0, 1)))
 
     def gradient(batch, positions, seed):
         logits = model(batch, training=False)
@@ -96,12 +101,14 @@ def metric_diagonal(model, data, variables=None, kind="jacobian", probes=1,
         return [tf.zeros(v.shape, v.dtype) if g is None else tf.convert_to_tensor(g)
                 for g, v in zip(gradients, variables)]
 
-    positions = np.arange(len(inputs), dtype=np.int32) % batch_size
+    positions = np.arange(count, dtype=np.int32) % batch_size
     if not distributed:
         step = tf.function(gradient, reduce_retracing=True)
-        batches = ((tf.convert_to_tensor(inputs[start:start + batch_size], dtype),
+        batches = ((tf.nest.map_structure(
+                        tf.convert_to_tensor,
+                        data_adapter.take(inputs, slice(start, start + batch_size))),
                     tf.convert_to_tensor(positions[start:start + batch_size]))
-                   for start in range(0, len(inputs), batch_size))
+                   for start in range(0, count, batch_size))
     else:
         # Each batch split over the replicas (with its positions), the per-replica
         # gradients summed before they are squared: the same estimate as one device.
@@ -112,7 +119,8 @@ def metric_diagonal(model, data, variables=None, kind="jacobian", probes=1,
                     for piece in per_replica]
 
         dataset = tf.data.Dataset.from_tensor_slices(
-            (inputs.astype(dtype), positions)).batch(batch_size)
+            (tuple(inputs) if isinstance(inputs, list) else inputs, positions)
+        ).batch(batch_size)
         batches = strategy.experimental_distribute_dataset(dataset)
 
     totals = [np.zeros(v.shape, "float64") for v in variables]
@@ -121,5 +129,5 @@ def metric_diagonal(model, data, variables=None, kind="jacobian", probes=1,
             seed = tf.constant(rng.integers(0, 2**31 - 1, size=2), "int64")
             for total, piece in zip(totals, step(batch, batch_positions, seed)):
                 total += np.square(piece.numpy().astype("float64"))
-    return [(total / (len(inputs) * probes)).astype(keras.backend.standardize_dtype(v.dtype))
+    return [(total / (count * probes)).astype(keras.backend.standardize_dtype(v.dtype))
             for total, v in zip(totals, variables)]

@@ -6,6 +6,8 @@ import tensorflow as tf
 
 import keras
 
+from keras_fip.engine import data_adapter
+
 _OUTPUTS = ("logits", "probabilities")
 
 
@@ -241,7 +243,8 @@ def metric_vector_product(model, inputs, vector, outputs="logits"):
 
 
 def _data_inputs(data):
-    """The inputs held by `data`: an array, an `(x, y)` tuple or a `tf.data.Dataset`."""
+    """The inputs held by `data`: an array, an `(x, y)` tuple or a `tf.data.Dataset`; for
+    a model with several inputs, `x` is a dict (by input name) or a list of arrays."""
     if isinstance(data, tf.data.Dataset):
         batches = []
         for element in data.as_numpy_iterator():
@@ -252,18 +255,35 @@ def _data_inputs(data):
             spec = data.element_spec[0]
         else:
             spec = data.element_spec
+        spec = tf.nest.flatten(spec)[0]
         if spec.shape.rank is not None and spec.shape.rank >= 1:
             if spec.shape[0] is None or len(batches) > 1:
-                return np.concatenate(batches, axis=0)
-        return np.stack(batches, axis=0)
-    if isinstance(data, (tuple, list)) and len(data) in (1, 2, 3):
+                return data_adapter.concatenate(batches)
+        return tf.nest.map_structure(lambda *parts: np.stack(parts, axis=0), *batches)
+    # A tuple is `(x,)`, `(x, y)` or `(x, y, sample_weight)`; a list of arrays is the
+    # inputs of a model with several, as Keras takes them.
+    if isinstance(data, tuple) and len(data) in (1, 2, 3):
         data = data[0]
+    if data_adapter.is_structured(data):
+        return data_adapter._normalize_structure(data, "data")
     if not hasattr(data, "shape") or len(data.shape) < 1 or data.shape[0] == 0:
         raise ValueError(
             "`data` must be a non-empty array of inputs, an `(x, y)` tuple or a "
             f"`tf.data.Dataset`. Received: data={data!r}"
         )
     return data
+
+
+def _as_tensors(inputs):
+    """Inputs (an array, or a dict or list of arrays) as tensors of the same structure."""
+    return tf.nest.map_structure(tf.convert_to_tensor, inputs)
+
+
+def _dataset_of(inputs):
+    """`Dataset.from_tensor_slices` of inputs; a list of inputs stays several (a list
+    would be stacked into one tensor)."""
+    return tf.data.Dataset.from_tensor_slices(
+        tuple(inputs) if isinstance(inputs, list) else inputs)
 
 
 class MetricOperator:
@@ -348,7 +368,7 @@ class MetricOperator:
         self.num_quadratic_forms = 0
 
         self._inputs = _data_inputs(data)
-        self.num_examples = int(self._inputs.shape[0])
+        self.num_examples = data_adapter.num_examples(self._inputs)
         self._batch_size = int(batch_size or min(self.num_examples, 1024))
         self._variables = list(model.trainable_variables)
         self._shapes = [tuple(v.shape) for v in self._variables]
@@ -438,21 +458,22 @@ class MetricOperator:
 
         if not self._distributed:
             # Batches sliced from one tensor in a graph loop: no tf.data overhead.
-            all_inputs = tf.convert_to_tensor(self._inputs)
+            all_inputs = _as_tensors(self._inputs)
 
             def product(vectors):
                 if num_batches == 1:
                     return replica_fn(all_inputs, vectors)
                 total = zeros(vectors)
                 for index in tf.range(num_batches):
-                    inputs = all_inputs[index * batch_size : (index + 1) * batch_size]
+                    inputs = tf.nest.map_structure(
+                        lambda t: t[index * batch_size : (index + 1) * batch_size], all_inputs)
                     total = add(total, replica_fn(inputs, vectors))
                 return total
 
             return product
 
         # Each batch split over the replicas, per-replica sums all-reduced.
-        dataset = tf.data.Dataset.from_tensor_slices(self._inputs).batch(batch_size)
+        dataset = _dataset_of(self._inputs).batch(batch_size)
         dataset = strategy.experimental_distribute_dataset(dataset)
 
         def product(vectors):
@@ -708,8 +729,8 @@ class MetricOperator:
         if not self._distributed:
             one_device_fn = tf.function(jacobian_fn, reduce_retracing=True)
             for start in range(0, self.num_examples, chunk):
-                inputs = self._inputs[start : start + chunk]
-                yield one_device_fn(tf.convert_to_tensor(inputs)).numpy()
+                inputs = data_adapter.take(self._inputs, slice(start, start + chunk))
+                yield one_device_fn(_as_tensors(inputs)).numpy()
             return
 
         strategy = self._strategy
@@ -717,22 +738,23 @@ class MetricOperator:
         def replica_fn(inputs):
             # A replica's slice of a short last batch can be empty, where the vectorised
             # Jacobian of a convolution fails: no rows to compute.
-            return tf.cond(tf.shape(inputs)[0] > 0, lambda: jacobian_fn(inputs),
+            return tf.cond(tf.shape(tf.nest.flatten(inputs)[0])[0] > 0,
+                           lambda: jacobian_fn(inputs),
                            lambda: tf.zeros([0, self.num_params], self.dtype))
 
         @tf.function
         def gathered_fn(inputs):
             return strategy.gather(strategy.run(replica_fn, args=(inputs,)), axis=0)
 
-        dataset = tf.data.Dataset.from_tensor_slices(self._inputs).batch(chunk)
+        dataset = _dataset_of(self._inputs).batch(chunk)
         for inputs in strategy.experimental_distribute_dataset(dataset):
             yield gathered_fn(inputs).numpy()
 
     def num_outputs(self):
         """C, the number of outputs per input (flattened)."""
         if self._num_outputs is None:
-            sample = self._inputs[:1]
-            values = _flat_outputs(self.model, tf.convert_to_tensor(sample), "logits")
+            sample = data_adapter.take(self._inputs, slice(0, 1))
+            values = _flat_outputs(self.model, _as_tensors(sample), "logits")
             self._num_outputs = int(values.shape[-1])
         return self._num_outputs
 

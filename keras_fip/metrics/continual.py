@@ -25,9 +25,12 @@ MODES = ("class_incremental", "task_incremental")
 def _logits(model, x, batch_size=1000):
     import keras
 
+    from keras_fip.engine import data_adapter
+
     return np.concatenate([
-        keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False))
-        for i in range(0, len(x), batch_size)
+        keras.ops.convert_to_numpy(
+            model(data_adapter.take(x, slice(i, i + batch_size)), training=False))
+        for i in range(0, data_adapter.num_examples(x), batch_size)
     ])
 
 
@@ -36,7 +39,7 @@ def task_accuracy(model, x, y, mode="class_incremental", outputs=None, batch_siz
 
     Args:
         model: A `keras.Model` returning logits (or any callable of a batch).
-        x: The task's inputs.
+        x: The task's inputs (a dict or list of arrays for a model with several).
         y: Labels, in the model's output indices.
         mode: `"class_incremental"` (argmax over all outputs) or `"task_incremental"`
             (argmax over `outputs`). Defaults to `"class_incremental"`.
@@ -57,7 +60,9 @@ def task_accuracy(model, x, y, mode="class_incremental", outputs=None, batch_siz
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {list(MODES)}. Received: mode={mode!r}")
     y = np.asarray(y).astype("int64")
-    logits = _logits(model, np.asarray(x, "float32"), batch_size)
+    from keras_fip.engine import data_adapter
+
+    logits = _logits(model, data_adapter.float32_inputs(x), batch_size)
     if mode == "task_incremental":
         if outputs is None:
             raise ValueError(

@@ -9,6 +9,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_fip.engine import data_adapter
+
 CACHE_ENV_VARIABLE = "KERAS_FIP_CACHE"
 
 
@@ -59,7 +61,7 @@ def train_classifier(model, x, y, epochs=10, batch_size=128, learning_rate=1e-3,
     >>> model = keras_fip.models.mlp(32, input_shape=(8, 8, 1))
     >>> history = keras_fip.models.train_classifier(model, x, y, epochs=1)
     """
-    steps_per_epoch = int(np.ceil(len(x) / batch_size))
+    steps_per_epoch = int(np.ceil(data_adapter.num_examples(x) / batch_size))
     compile_classifier(model, learning_rate, decay_steps=epochs * steps_per_epoch)
     return model.fit(
         x,
@@ -86,8 +88,9 @@ def evaluate_classifier(model, x, y, batch_size=1000):
     """
     # Batched eager calls: unlike `predict`, no new tf.function is traced for each model.
     logits = np.concatenate([
-        keras.ops.convert_to_numpy(model(x[i : i + batch_size], training=False))
-        for i in range(0, len(x), batch_size)
+        keras.ops.convert_to_numpy(
+            model(data_adapter.take(x, slice(i, i + batch_size)), training=False))
+        for i in range(0, data_adapter.num_examples(x), batch_size)
     ])
     loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
     return {

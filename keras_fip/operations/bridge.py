@@ -5,6 +5,7 @@ import math
 import keras
 import numpy as np
 
+from keras_fip.engine import data_adapter
 from keras_fip.engine import normalization
 from keras_fip.engine.data_adapter import fip_dataset
 from keras_fip.engine.data_adapter import normalize_data
@@ -34,12 +35,12 @@ class _TargetDistance:
 
 
 def _accuracy(model, x, y, batch_size=1024):
-    correct = 0
-    for start in range(0, len(x), batch_size):
-        logits = keras.ops.convert_to_numpy(model(x[start:start + batch_size],
-                                                  training=False))
+    correct, count = 0, data_adapter.num_examples(x)
+    for start in range(0, count, batch_size):
+        batch = data_adapter.take(x, slice(start, start + batch_size))
+        logits = keras.ops.convert_to_numpy(model(batch, training=False))
         correct += int(np.sum(np.argmax(logits, -1) == y[start:start + batch_size]))
-    return correct / len(x)
+    return correct / count
 
 
 def linear_path_accuracy(model_a, model_b, tasks, num_points=11):
@@ -143,9 +144,9 @@ class Bridge(Operation):
                                             low_inclusive=True, integer=True)
         self.training = self.check_training(training)
         self._eval_tasks = [
-            tuple(np.asarray(a) for a in normalize_data(task, name=f"eval_tasks[{i}]",
-                                                        require_labels=True))
+            (data_adapter.as_arrays(tx), np.asarray(ty))
             for i, task in enumerate(eval_tasks or [])
+            for tx, ty in [normalize_data(task, name=f"eval_tasks[{i}]", require_labels=True)]
         ]
         self.eval_tasks = eval_tasks
         self.eval_every = eval_every
@@ -166,7 +167,7 @@ class Bridge(Operation):
         dataset = fip_dataset(model, x, batch_size=self.batch_size, seed=self.seed)
         beta = self.beta
         if isinstance(beta, str):
-            sample = x[:2048]
+            sample = data_adapter.take(x, slice(0, 2048))
             diagonal = metric_diagonal(model, sample, kind="fisher", seed=self.seed)
             mean = float(np.mean(np.concatenate([np.ravel(d) for d in diagonal])))
             beta = AUTO_BETA_SCALE * mean if np.isfinite(mean) and mean > 0 else 1.0
@@ -179,7 +180,7 @@ class Bridge(Operation):
             training=walk_training)
         trainer.compile(optimizer=keras.optimizers.Adam(self.learning_rate)
                         if self.step_rule == "penalty" else None)
-        steps = self.epochs * math.ceil(len(x) / self.batch_size)
+        steps = self.epochs * math.ceil(data_adapter.num_examples(x) / self.batch_size)
         self.path = Path(model, record_every=self.record_every)
         callbacks = list(self.callbacks or [])
         evaluator = None

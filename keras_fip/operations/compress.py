@@ -5,6 +5,7 @@ import math
 import keras
 import numpy as np
 
+from keras_fip.engine import data_adapter
 from keras_fip.engine import distances as distances_lib
 from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import normalization
@@ -361,9 +362,7 @@ class Compress(Operation):
         self.structure = structure
         self.scope = scope
         if data is not None:
-            x, _ = normalize_data(data, name="data")
-            if not np.all(np.isfinite(np.asarray(x, dtype="float64"))):
-                raise ValueError("`data` must be finite. Received: data containing NaN or Inf")
+            normalize_data(data, name="data")  # Checks shapes, numbers and finiteness.
         self.data = data
         self.epochs = self.check_number(epochs, "epochs", low=1, low_inclusive=True,
                                         integer=True)
@@ -428,10 +427,11 @@ class Compress(Operation):
     def _metric_diagonal(self, model, variables, examples):
         """The diagonal of the output metric (Fisher for KL/Bhattacharyya, JᵀJ for L2) on
         `examples` random inputs."""
-        rows = self._rng.choice(len(self._inputs), min(examples, len(self._inputs)),
-                                replace=False)
+        count = data_adapter.num_examples(self._inputs)
+        rows = self._rng.choice(count, min(examples, count), replace=False)
         kind = "fisher" if self.distance in ("kl", "bhattacharyya") else "jacobian"
-        return metric_diagonal(model, self._inputs[np.sort(rows)], variables, kind=kind,
+        return metric_diagonal(model, data_adapter.take(self._inputs, np.sort(rows)),
+                               variables, kind=kind,
                                seed=int(self._rng.integers(2**31)))
 
     def _resolve_beta(self, model, variables):
@@ -492,7 +492,8 @@ class Compress(Operation):
     def call(self, model):
         anchor = self.resolve_data(self.data, model)
         x, y = normalize_data(anchor, name="data")
-        self._inputs = np.asarray(x)
+        data_adapter.check_inputs_match_model(model, x, name="data")
+        self._inputs = x if data_adapter.is_structured(x) else np.asarray(x)
         self._rng = np.random.default_rng(self.seed)
         variables = projection.prunable_variables(
             model, self.include_biases, self.include_normalization, self.include_embeddings
@@ -507,7 +508,7 @@ class Compress(Operation):
         normalized = bool(normalization.batch_normalization_layers(model))
         self._walk_training = normalized if self.training == "auto" else self.training
         existing = {path: mask for path, mask in masks_lib.masks(model).items()}
-        total_steps = self.walk_steps(len(x))
+        total_steps = self.walk_steps(data_adapter.num_examples(x))
         pull_steps = max(1, int(round(self.pull_fraction * total_steps)))
         settle_steps = total_steps - pull_steps
         self._update_every = self.target_update_interval(pull_steps)

@@ -63,11 +63,13 @@ class _EvaluateTasks(keras.callbacks.Callback):
         self.history["eval_step"].append(self.step)
         for i, (x, y) in enumerate(self.tasks):
             correct = 0
-            for start in range(0, len(x), self.batch_size):
-                logits = self.forward(tf.constant(x[start:start + self.batch_size]))
+            count = data_adapter.num_examples(x)
+            for start in range(0, count, self.batch_size):
+                batch = data_adapter.take(x, slice(start, start + self.batch_size))
+                logits = self.forward(tf.nest.map_structure(tf.constant, batch))
                 correct += int(np.sum(np.argmax(logits.numpy(), -1) ==
                                       y[start:start + self.batch_size]))
-            self.history.setdefault(f"task_{i}/accuracy", []).append(correct / len(x))
+            self.history.setdefault(f"task_{i}/accuracy", []).append(correct / count)
         self.seconds += time.perf_counter() - began
 
     def finish(self, steps):
@@ -257,17 +259,14 @@ class ContinualLearn(Operation):
         super().__init__(**kwargs)
         self.head = self.check_choice(head, "head", heads.HEADS)
         if new_task is not None:  # `None` only from `from_config` (data are not saved).
+            # Shapes, numbers and finiteness checked here; against the model in `call`.
             x, y = normalize_data(new_task, name="new_task", require_labels=True)
-            if not np.all(np.isfinite(np.asarray(x, "float64"))):
-                raise ValueError("`new_task` must be finite. Received: NaN or Inf inputs")
             if self.head == "append":
                 heads.task_labels(0, y, "append")
             self._task = (x, y)
         self.new_task = new_task
         if memory is not None:
-            memory_x, _ = normalize_data(memory, name="memory")
-            if not np.all(np.isfinite(np.asarray(memory_x, "float64"))):
-                raise ValueError("`memory` must be finite. Received: NaN or Inf inputs")
+            normalize_data(memory, name="memory")
         self.memory = memory
         self.memory_per_task = self.check_number(memory_per_task, "memory_per_task", low=0,
                                                  low_inclusive=True, integer=True)
@@ -302,7 +301,7 @@ class ContinualLearn(Operation):
                 )
             for i, task in enumerate(eval_tasks):
                 tx, ty = normalize_data(task, name=f"eval_tasks[{i}]", require_labels=True)
-                self._eval_tasks.append((np.asarray(tx, "float32"),
+                self._eval_tasks.append((data_adapter.float32_inputs(tx),
                                          np.asarray(ty).astype("int64")))
         self.eval_tasks = eval_tasks
         if eval_every is not None:
@@ -341,7 +340,7 @@ class ContinualLearn(Operation):
         heads.task_labels(model.output_shape[-1], y, self.head)
         for i, (tx, ty) in enumerate(self._eval_tasks):
             check_inputs_match_model(model, tx, name=f"eval_tasks[{i}]")
-        return np.asarray(x, "float32"), y, np.asarray(memory_x, "float32")
+        return data_adapter.float32_inputs(x), y, data_adapter.float32_inputs(memory_x)
 
     def _resolve_beta(self, model, memory_x):
         if not isinstance(self.beta, str):
@@ -350,7 +349,7 @@ class ContinualLearn(Operation):
             return AUTO_BETA
         if self.distance == "bhattacharyya":
             return AUTO_BETA / 4.0
-        sample = memory_x[:AUTO_BETA_EXAMPLES]
+        sample = data_adapter.take(memory_x, slice(0, AUTO_BETA_EXAMPLES))
         jacobian = metric_diagonal(model, sample, kind="jacobian", seed=self.seed)
         fisher = metric_diagonal(model, sample, kind="fisher", seed=self.seed)
         total_jacobian = sum(float(np.sum(d)) for d in jacobian)
@@ -360,8 +359,9 @@ class ContinualLearn(Operation):
         return AUTO_BETA * total_jacobian / (0.5 * total_fisher)
 
     def _dataset(self, memory_x, reference, x, labels):
-        memory_batch = min(self.memory_batch_size or self.batch_size, len(memory_x))
-        batch = min(self.batch_size, len(x))
+        memory_batch = min(self.memory_batch_size or self.batch_size,
+                           data_adapter.num_examples(memory_x))
+        batch = min(self.batch_size, data_adapter.num_examples(x))
         seed = self.seed
 
         def repeated(tensors, size, offset):
@@ -396,7 +396,8 @@ class ContinualLearn(Operation):
         # The walk
         normalized = bool(normalization.batch_normalization_layers(model))
         walk_training = normalized if self.training == "auto" else self.training
-        steps = self.epochs * math.ceil(len(x) / min(self.batch_size, len(x)))
+        count = data_adapter.num_examples(x)
+        steps = self.epochs * math.ceil(count / min(self.batch_size, count))
         trainer = FIPTrainer(
             model,
             step_rule=self.step_rule,
@@ -432,18 +433,20 @@ class ContinualLearn(Operation):
             checkpoint.close()
         if walk_training and normalized:
             rng = np.random.default_rng(self.seed)
-            sample = x[np.sort(rng.choice(len(x), min(len(x), len(memory_x)),
-                                          replace=False))]
+            sample = data_adapter.take(x, np.sort(rng.choice(
+                count, min(count, data_adapter.num_examples(memory_x)), replace=False)))
             normalization.recalibrate_batch_normalization(
-                model, np.concatenate([memory_x, sample]), self.batch_size * 2)
+                model, data_adapter.concatenate([memory_x, sample]), self.batch_size * 2)
         if evaluator is not None:
             evaluator.finish(steps)  # The returned model's accuracy is the last point.
 
         # Memory and history
         if self.memory_per_task:
-            new_memory, _ = memory_sample(x, y, self.memory_per_task,
-                                          seed=0 if self.seed is None else self.seed)
-            carry_data(model, np.concatenate([memory_x, new_memory.astype("float32")]))
+            # The class-balanced draw, by example index (the inputs may be several).
+            chosen, _ = memory_sample(np.arange(count), y, self.memory_per_task,
+                                      seed=0 if self.seed is None else self.seed)
+            carry_data(model, data_adapter.concatenate(
+                [memory_x, data_adapter.take(x, chosen)]))
         else:
             carry_data(model, memory_x)
         self.history = dict(history)

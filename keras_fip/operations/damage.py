@@ -9,6 +9,7 @@ import scipy.sparse.linalg
 import tensorflow as tf
 
 from keras_fip import distribute
+from keras_fip.engine import data_adapter
 from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import projection
 from keras_fip.engine.data_adapter import check_inputs_match_model
@@ -274,8 +275,9 @@ def load_damaged_model(filepath, custom_objects=None, compile=True, safe_mode=Tr
 def _predict(model, x, batch_size=1024):
     """Inference-mode outputs in eager batches (no tf.function traced per model)."""
     return np.concatenate([
-        keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False))
-        for i in range(0, len(x), batch_size)])
+        keras.ops.convert_to_numpy(
+            model(data_adapter.take(x, slice(i, i + batch_size)), training=False))
+        for i in range(0, data_adapter.num_examples(x), batch_size)])
 
 
 def _keeps_zero(function, shape):
@@ -962,7 +964,7 @@ class Damage(Operation):
 
     def _damage_eigen(self, model, selected, inputs, labels, rng):
         variables = self._variables_of(model, selected)
-        examples = inputs[: self.eigen_examples]
+        examples = data_adapter.take(inputs, slice(0, self.eigen_examples))
         example_labels = None if labels is None else labels[: self.eigen_examples]
 
         # Top eigenpairs of g on the data (restricted to the free selected coordinates)
@@ -990,7 +992,7 @@ class Damage(Operation):
 
         # Of ±δ, apply the one that hurts the outputs on the data more
         self._record_reference_outputs(model, inputs)
-        reference = self._reference_outputs[: len(examples)]
+        reference = self._reference_outputs[: data_adapter.num_examples(examples)]
         start = [v.numpy() for v in variables]
         scores = {}
         for sign in (1.0, -1.0):
@@ -1055,7 +1057,7 @@ class Damage(Operation):
 
         # Summed per replica under a strategy (distributed variables are read there).
         total = distribute.summed_over_batches(summed_gradient, (x, y), 1024)
-        return [piece / len(x) for piece in total]
+        return [piece / data_adapter.num_examples(x) for piece in total]
 
     def _harm(self, model, x, y, reference):
         """Damage on `(x, y)`: mean task loss with labels, else mean squared output change."""
@@ -1064,7 +1066,7 @@ class Damage(Operation):
             loss = keras.losses.sparse_categorical_crossentropy(
                 y, outputs, from_logits=self.outputs == "logits")
             return float(np.mean(keras.ops.convert_to_numpy(loss)))
-        flat = np.reshape(outputs - reference, (len(x), -1))
+        flat = np.reshape(outputs - reference, (data_adapter.num_examples(x), -1))
         return float(np.mean(np.sum(np.square(flat), axis=1)))
 
     # Serialisation.

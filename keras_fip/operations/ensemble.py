@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_fip.engine import data_adapter
 from keras_fip.engine import distances as distances_lib
 from keras_fip.engine import normalization
 from keras_fip.engine import step_rules
@@ -152,7 +153,8 @@ def build_ensemble(members, combine="mean_probabilities", input_shape=None, name
             probabilities, not logits) or `"mean_logits"` (outputs (1/K) Σ_k z_k).
             Defaults to `"mean_probabilities"`.
         input_shape: The shape of one input example, or `None` to read it from the first
-            member's input. Defaults to `None`.
+            member's input (for members with several inputs, the ensemble takes the
+            same dict or list of inputs). Defaults to `None`.
         name: The ensemble model's name. Defaults to `"ensemble"`.
 
     Returns:
@@ -176,7 +178,8 @@ def build_ensemble(members, combine="mean_probabilities", input_shape=None, name
         raise ValueError(
             f"`combine` must be one of {list(SAVED_COMBINES)}. Received: combine={combine!r}"
         )
-    if input_shape is None:
+    several = data_adapter._model_inputs(members[0]) if input_shape is None else None
+    if input_shape is None and not data_adapter.is_structured(several):
         input_shape = model_example_shape(members[0])
         if input_shape is None:
             raise ValueError(
@@ -190,7 +193,13 @@ def build_ensemble(members, combine="mean_probabilities", input_shape=None, name
         pass
     for index, member in enumerate(members):
         member.name = f"member_{index}"
-    inputs = keras.Input(tuple(input_shape), dtype=dtype, name="inputs")
+    if data_adapter.is_structured(several):
+        # Several inputs: the same dict or list of inputs as the first member's.
+        inputs = tf.nest.map_structure(
+            lambda tensor: keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype,
+                                       name=tensor.name), several)
+    else:
+        inputs = keras.Input(tuple(input_shape), dtype=dtype, name="inputs")
     outputs = [member(inputs) for member in members]
     if combine == "mean_probabilities":
         outputs = [keras.layers.Softmax(name=f"member_{index}_probabilities")(output)
@@ -689,32 +698,37 @@ class Ensemble(Operation):
     def call(self, model):
         anchor = self.resolve_data(self.data, model)
         x, y = normalize_data(anchor, name="data", example_shape=model_example_shape(model))
-        x = np.asarray(x)
         check_inputs_match_model(model, x, name="data")
-        if np.issubdtype(x.dtype, np.floating):
-            x = x.astype("float32", copy=False)
+        several = data_adapter.is_structured(x)
+        x = data_adapter.float32_inputs(x) if several or np.issubdtype(
+            np.asarray(x).dtype, np.floating) else np.asarray(x)
         if y is not None:
             y = np.asarray(y)
             if y.ndim == 2 and y.shape[-1] > 1:
                 y = np.argmax(y, -1)
-            y = y.reshape(len(x)).astype("int64")
-        self._low, self._high = float(np.min(x)), float(np.max(x))
+            y = y.reshape(data_adapter.num_examples(x)).astype("int64")
+        self._low = self._high = None  # The attacks' bounds (one input of floats only).
+        if not several:
+            self._low, self._high = float(np.min(x)), float(np.max(x))
         rng = np.random.default_rng(self.seed)
         normalized = bool(normalization.batch_normalization_layers(model))
         walk_training = normalized if self.training == "auto" else self.training
         anchor_data = fip_dataset(model, x, batch_size=self.batch_size,
                                   reference=self.reference, seed=self.seed)  # Checks the fit.
-        input_shape = model_example_shape(model) or tuple(x.shape[1:])
+        input_shape = None if several else (model_example_shape(model)
+                                            or tuple(x.shape[1:]))
         task_weight = self.task_weight if y is not None else 0.0
-        continuous = np.issubdtype(x.dtype, np.floating)
+        # The attacked inputs of `diversity` are one array of floats.
+        continuous = not several and np.issubdtype(x.dtype, np.floating)
         diversity, push, step_rule = self.resolve_defaults(labelled=y is not None,
                                                            continuous=continuous)
         if diversity > 0 and not continuous:
             raise ValueError(
                 "`diversity` > 0 trains each member on inputs attacked against the "
-                "ensemble (an L∞ perturbation), which needs floating-point inputs. "
-                f"Received: diversity={diversity!r} with {x.dtype} inputs (e.g. token "
-                "ids); use diversity=0 (or 'auto')"
+                "ensemble (an L∞ perturbation), which needs one floating-point input. "
+                f"Received: diversity={diversity!r} with "
+                + ("several inputs" if several else f"{x.dtype} inputs (e.g. token ids)")
+                + "; use diversity=0 (or 'auto')"
             )
         if (push == "none" and diversity == 0 and task_weight == 0
                 and step_rule == "metric"):
@@ -762,7 +776,7 @@ class Ensemble(Operation):
         member_steps = [0] if self.include_start else []
         # Compute, in example passes (one forward and backward pass of one example; a
         # forward pass alone is counted as a whole one): the reference outputs first.
-        train_examples = len(x) if self.reference == "start" else 0
+        train_examples = data_adapter.num_examples(x) if self.reference == "start" else 0
         walk_examples = 0
         total_steps = 0
         while len(members) < self.num_members:
@@ -811,7 +825,7 @@ class Ensemble(Operation):
             member = copy_model(model)
             if walk_training and normalized:
                 normalization.recalibrate_batch_normalization(member, x, 2 * self.batch_size)
-                train_examples += len(x)
+                train_examples += data_adapter.num_examples(x)
             members.append(member)
             member_steps.append(total_steps)
 

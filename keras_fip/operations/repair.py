@@ -34,8 +34,9 @@ OPTIMIZERS = ("adam", "sgd")
 
 def _predict(model, x, batch_size=1000):
     return np.concatenate([
-        keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False))
-        for i in range(0, len(x), batch_size)])
+        keras.ops.convert_to_numpy(
+            model(data_adapter.take(x, slice(i, i + batch_size)), training=False))
+        for i in range(0, data_adapter.num_examples(x), batch_size)])
 
 
 def _score(model, x, targets):
@@ -146,7 +147,7 @@ def supervised_training(model, x, y, steps, learning_rate, optimizer="adam",
 
     # Stateless per-pass permutations: the same global batches under any strategy.
     dataset = data_adapter.repeated_batches(
-        (np.asarray(x, "float32"), np.asarray(y)), batch_size, seed=seed)
+        (data_adapter.float32_inputs(x), np.asarray(y)), batch_size, seed=seed)
     taken = 0
     for batch in distribute.distribute_dataset(dataset.take(steps)):
         loss = step(batch)
@@ -352,9 +353,8 @@ class Repair(Operation):
         self.method = self.check_choice(method, "method", METHODS)
         labels = None
         if data is not None:
+            # Shapes, numbers and finiteness checked here; against the model in `call`.
             x, labels = normalize_data(data, name="data")
-            if not np.all(np.isfinite(np.asarray(x, dtype="float64"))):
-                raise ValueError("`data` must be finite. Received: data containing NaN or Inf")
         if method in ("retrain", "embryonic") and data is not None and labels is None:
             raise ValueError(
                 f"`method={method!r}` trains on labels: `data` must be an `(x, y)` tuple "
@@ -486,7 +486,8 @@ class Repair(Operation):
         self._undamaged_score = _score(undamaged, x_val, y_val)
         self._normalized = bool(normalization.batch_normalization_layers(model))
         self._rng = np.random.default_rng(self.seed)
-        self._steps_per_epoch = max(1, math.ceil(len(x) / self.batch_size))
+        self._steps_per_epoch = max(
+            1, math.ceil(data_adapter.num_examples(x) / self.batch_size))
         self._every = max(1, self._steps_per_epoch // self.evaluations_per_epoch)
 
         # Release the damage (re-initialise, unmask) for embryonic and release=True
@@ -557,26 +558,28 @@ class Repair(Operation):
             )
         x, y = normalize_data(data, name="data")
         check_inputs_match_model(model, x)
-        return np.asarray(x), None if y is None else np.asarray(y)
+        return data_adapter.as_arrays(x), None if y is None else np.asarray(y)
 
     def _split(self, x, y, undamaged):
         """(x, y, x_val, y_val): validation labels, or the undamaged predictions."""
         if self.validation_data is not None:
             x_val, y_val = normalize_data(self.validation_data, name="validation_data")
             check_inputs_match_model(undamaged, x_val, name="validation_data")
-            return x, y, np.asarray(x_val), np.asarray(y_val)
-        order = np.random.default_rng(self.seed).permutation(len(x))
-        held = max(1, int(round(self.validation_split * len(x))))
-        if held >= len(x):
+            return x, y, data_adapter.as_arrays(x_val), np.asarray(y_val)
+        count = data_adapter.num_examples(x)
+        order = np.random.default_rng(self.seed).permutation(count)
+        held = max(1, int(round(self.validation_split * count)))
+        if held >= count:
             raise ValueError(
-                f"`validation_split` leaves no training data ({len(x)} examples). "
+                f"`validation_split` leaves no training data ({count} examples). "
                 f"Received: validation_split={self.validation_split!r}"
             )
         val, train = np.sort(order[:held]), np.sort(order[held:])
-        x_val = x[val]
+        x_val = data_adapter.take(x, val)
         y_val = (y[val] if y is not None
                  else np.argmax(_predict(undamaged, x_val), axis=-1))
-        return x[train], None if y is None else y[train], x_val, y_val
+        return (data_adapter.take(x, train), None if y is None else y[train], x_val,
+                y_val)
 
     def _released(self, model, reference):
         """A copy with the damage masks removed and the damaged weights re-drawn."""
@@ -629,19 +632,19 @@ class Repair(Operation):
                 f"({type(layer).__name__})"
             )
         hidden = self._hidden_layer(model, layer) if self.solve_sweeps else None
-        count = min(self.solve_output_layer, len(x))
+        count = min(self.solve_output_layer, data_adapter.num_examples(x))
         # Batch sizes: an optional output-only first batch, then one per sweep and a last
         sizes = [count] * (self.solve_sweeps + 1)
         first = 1 if (hidden is not None and self.solve_first) else 0
         if first:
-            sizes = [min(self.solve_first, len(x))] + sizes
-        order = self._rng.permutation(len(x))
+            sizes = [min(self.solve_first, data_adapter.num_examples(x))] + sizes
+        order = self._rng.permutation(data_adapter.num_examples(x))
         features = keras.Model(model.inputs, (hidden or layer).input)  # Sequential too
         basis, used = None, 0
         for index, size in enumerate(sizes):
             chosen = np.sort(np.take(order, np.arange(used, used + size), mode="wrap"))
             used += size
-            inputs = x[chosen]
+            inputs = data_adapter.take(x, chosen)
             targets = _predict(undamaged, inputs).astype(np.float64)
             below = _predict(features, inputs).reshape(size, -1).astype(np.float64)
             curvature = self._curvature(targets)
@@ -1057,7 +1060,7 @@ def recovery_path(model, damage_masks, data, num_points=11, steps_per_point=20,
     distance_fn = distances_lib.get(distance)
     x, _ = normalize_data(data, name="data")
     check_inputs_match_model(model, x)
-    x = np.asarray(x, "float32")
+    x = data_adapter.float32_inputs(x)
 
     # The moving copy: damaged coordinates driven, the others free
     walker = masks_lib.strip_masks(model)

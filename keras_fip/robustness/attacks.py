@@ -123,6 +123,11 @@ def pgd(model, x, y, epsilon=0.3, step=0.01, iterations=40, restarts=1, num_clas
         The adversarial inputs, a numpy array like `x`.
     """
     _check_attack(epsilon, step, iterations, restarts)
+    if isinstance(x, (dict, list, tuple)):
+        raise ValueError(
+            "`x` must be one array of floating-point inputs: PGD (ART) perturbs a single "
+            f"input tensor. Received: x={type(x).__name__} of {len(x)} inputs"
+        )
     _require_art()
     from art.attacks.evasion import ProjectedGradientDescent
 

@@ -66,6 +66,33 @@ def _transformer():
     return keras_fip.engine.copy_model(_TRANSFORMER["model"])
 
 
+_SEVERAL = {}
+
+
+def _several_inputs():
+    """The dict-input network of `test_structured_inputs`, trained briefly; a fresh copy
+    with its data `(x, y)`."""
+    from tests.operations.test_structured_inputs import _two_input_model
+
+    if "model" not in _SEVERAL:
+        rng = np.random.default_rng(0)
+        x = {"a": rng.normal(size=(160, 5)).astype("float32"),
+             "b": rng.normal(size=(160, 3)).astype("float32")}
+        y = (x["a"][:, 0] + x["b"][:, 1] > 0).astype("int64")
+        model = _two_input_model("dict")
+        model.compile(keras.optimizers.Adam(1e-2),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, epochs=5, batch_size=32, verbose=0)
+        _SEVERAL.update(model=model, data=(x, y))
+    return keras_fip.engine.copy_model(_SEVERAL["model"])
+
+
+def _several_data():
+    if "data" not in _SEVERAL:
+        _several_inputs()
+    return _SEVERAL["data"]
+
+
 def _cases():
     x, y = contract_data()
     tokens, token_labels = _tokens()
@@ -118,6 +145,16 @@ def _cases():
         "attention/ensemble_with_labels": (_transformer, lambda: keras_fip.Ensemble(
             2, data=(tokens, token_labels), steps_between=3, batch_size=32,
             step_rule="penalty", seed=0, verbose=0)),
+        # Several inputs (a dict of arrays), split over the replicas input by input.
+        "several_inputs/compress_with_labels": (_several_inputs, lambda: keras_fip.Compress(
+            0.5, data=_several_data(), task_weight=1.0, steps=8, min_steps=0, seed=0,
+            verbose=0)),
+        "several_inputs/continual_learn": (_several_inputs, lambda: keras_fip.ContinualLearn(
+            ({key: value[::-1] for key, value in _several_data()[0].items()},
+             _several_data()[1]), memory=_several_data()[0], epochs=1, batch_size=32,
+            seed=0, verbose=0)),
+        "several_inputs/damage_eigen": (_several_inputs, lambda: keras_fip.Damage(
+            "eigen", norm=0.5, num_eigenpairs=2, data=_several_data(), seed=3)),
     }
 
 
