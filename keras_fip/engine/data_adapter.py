@@ -97,7 +97,16 @@ def normalize_data(data, name="data", require_labels=False, example_shape=None):
         if y is not None:
             y = np.asarray(y)
             y = y.reshape((-1,) + y.shape[2:])
-    if x.ndim < 1 or x.shape[0] == 0 or not np.issubdtype(x.dtype, np.number):
+    _check_inputs_array(x, name)
+    return x, _normalize_labels(x, y, name, require_labels)
+
+
+def _check_inputs_array(x, name):
+    """Raises a `ValueError` naming `name` unless `x` is a non-empty numeric (or boolean)
+    array with a batch axis and no NaN or Inf."""
+    if x.ndim < 1 or x.shape[0] == 0 or not (
+        np.issubdtype(x.dtype, np.number) or x.dtype == bool
+    ):
         raise ValueError(
             f"`{name}` must hold a non-empty numeric array of inputs with a batch axis. "
             f"Received: {name}={_describe(x)} with dtype {x.dtype}"
@@ -107,7 +116,6 @@ def normalize_data(data, name="data", require_labels=False, example_shape=None):
             f"`{name}` must not contain NaN or Inf values. Received: {name} with "
             f"{int(np.sum(~np.isfinite(x)))} non-finite entries"
         )
-    return x, _normalize_labels(x, y, name, require_labels)
 
 
 def _normalize_labels(x, y, name, require_labels):
@@ -164,18 +172,7 @@ def _normalize_structure(x, name):
             raise ValueError(
                 f"`{label}` must be an array of inputs. Received: {label}={_describe(value)}"
             ) from error
-        if value.ndim < 1 or value.shape[0] == 0 or not (
-            np.issubdtype(value.dtype, np.number) or value.dtype == bool
-        ):
-            raise ValueError(
-                f"`{label}` must be a non-empty numeric array with a batch axis. "
-                f"Received: {label}={_describe(value)} with dtype {value.dtype}"
-            )
-        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
-            raise ValueError(
-                f"`{label}` must not contain NaN or Inf values. Received: {label} with "
-                f"{int(np.sum(~np.isfinite(value)))} non-finite entries"
-            )
+        _check_inputs_array(value, label)
         arrays[key] = value
     lengths = {key: int(value.shape[0]) for key, value in arrays.items()}
     if len(set(lengths.values())) != 1:

@@ -110,7 +110,7 @@ def test_normalize_data_reads_dicts_lists_and_datasets_of_several_inputs(task):
         (lambda x: {"a": x["a"], "b": x["b"][:10]}, r"one batch length.*'b': 10"),
         (lambda x: {"a": x["a"], "b": np.full_like(x["b"], np.nan)},
          r"`data\['b'\]` must not contain NaN"),
-        (lambda x: {"a": x["a"], "b": np.array(["w"] * 160)}, r"`data\['b'\]` must be a non"),
+        (lambda x: {"a": x["a"], "b": np.array(["w"] * 160)}, r"`data\['b'\]` must hold a non-empty numeric"),
         (lambda x: {"a": x["a"], "b": {"c": x["b"]}}, r"`data\['b'\]` must be an array"),
         (lambda x: {}, "at least one input array"),
     ],
