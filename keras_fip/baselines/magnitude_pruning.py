@@ -101,7 +101,7 @@ def _check_common(model, sparsity, x, y, epochs, batch_size, structure, scope,
     projection.check_structure_and_scope(structure, scope)
     projection.check_layer_floor(layer_floor)
     if data_adapter.is_structured(x):
-        x = data_adapter._normalize_structure(x, "x")
+        x = data_adapter.normalize_inputs(x, "x")
     count = data_adapter.num_examples(x)
     if count != len(y):
         raise ValueError(

@@ -79,7 +79,7 @@ def normalize_data(data, name="data", require_labels=False, example_shape=None):
     else:
         x, y = data, None
     if is_structured(x):
-        x = _normalize_structure(x, name)
+        x = normalize_inputs(x, name)
         return x, _normalize_labels(x, y, name, require_labels)
     try:
         x = np.asarray(x)
@@ -149,8 +149,17 @@ def is_structured(x):
         hasattr(item, "shape") for item in x)
 
 
-def _normalize_structure(x, name):
-    """A dict (or list) of non-empty numeric, finite arrays of one length, as numpy."""
+def normalize_inputs(x, name):
+    """Inputs of a model with several, checked: a dict (or list) of non-empty numeric,
+    finite numpy arrays of one batch length.
+
+    Args:
+        x: A dict of arrays keyed by input name, or a list or tuple of arrays.
+        name: The argument name used in error messages (`name['key']` for an input).
+
+    Returns:
+        The dict, or a list, of numpy arrays.
+    """
     if not x:
         raise ValueError(
             f"`{name}` must hold at least one input array. Received: {name} with an "
@@ -230,7 +239,7 @@ def model_example_shape(model):
     return tuple(inputs[0].shape[1:])
 
 
-def _model_inputs(model):
+def model_inputs(model):
     """The model's input `KerasTensor`s as built (a dict by name, a list, or one), or
     `None` when unknown (subclassed models)."""
     try:
@@ -249,7 +258,7 @@ def _matching_inputs(model, x, name):
     """Pairs `(label, array, input)` of the arrays of `x` with the model's inputs, or
     `None` when the model's inputs are unknown. Raises a `ValueError` naming `name` when
     the structure of `x` cannot feed the model."""
-    inputs = _model_inputs(model)
+    inputs = model_inputs(model)
     if inputs is None:
         return None
     if not is_structured(x):
@@ -312,7 +321,7 @@ def check_inputs_match_model(model, x, name="data"):
             )
 
 
-def _cast_inputs(model, x):
+def cast_inputs(model, x):
     """Casts float inputs to their model input's dtype (float32 unless the model says so);
     in a dict or list of inputs, each array to its own input's."""
     try:
@@ -501,13 +510,13 @@ def fip_dataset(
     example_shape = model_example_shape(model)
     anchor_x, _ = normalize_data(anchor, name="anchor", example_shape=example_shape)
     check_inputs_match_model(model, anchor_x, name="anchor")
-    anchor_x = _cast_inputs(model, anchor_x)
+    anchor_x = cast_inputs(model, anchor_x)
     if secondary is not None:
         secondary_x, secondary_y = normalize_data(
             secondary, name="secondary", example_shape=example_shape
         )
         check_inputs_match_model(model, secondary_x, name="secondary")
-        secondary_x = _cast_inputs(model, secondary_x)
+        secondary_x = cast_inputs(model, secondary_x)
 
     # Anchor pipeline, with the reference outputs computed once.
     anchor_tensors = {"anchor_inputs": anchor_x}

@@ -263,7 +263,7 @@ class _UnitDeleter:
         self.layers = layers
         self.num_units = int(sum(plan.channels for plan in self.plans))
         inputs = tf.nest.map_structure(
-            tf.constant, data_adapter._cast_inputs(self.working, data_adapter.as_arrays(x)))
+            tf.constant, data_adapter.cast_inputs(self.working, data_adapter.as_arrays(x)))
         count, size = data_adapter.num_examples(x), int(batch_size)
 
         def forward():

@@ -70,7 +70,7 @@ def metric_diagonal(model, data, variables=None, kind="jacobian", probes=1,
         raise ValueError("`variables` must not be empty. Received: variables=[]")
     rng = np.random.default_rng(seed)
     # Float inputs in their model input's dtype (each its own, for several inputs).
-    inputs = data_adapter._cast_inputs(model, inputs)
+    inputs = data_adapter.cast_inputs(model, inputs)
     count = data_adapter.num_examples(inputs)
     strategy = tf.distribute.get_strategy()
     # Under any strategy scope, even of one replica, distributed variables are read in a

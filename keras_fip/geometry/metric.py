@@ -265,7 +265,7 @@ def _data_inputs(data):
     if isinstance(data, tuple) and len(data) in (1, 2, 3):
         data = data[0]
     if data_adapter.is_structured(data):
-        return data_adapter._normalize_structure(data, "data")
+        return data_adapter.normalize_inputs(data, "data")
     if not hasattr(data, "shape") or len(data.shape) < 1 or data.shape[0] == 0:
         raise ValueError(
             "`data` must be a non-empty array of inputs, an `(x, y)` tuple or a "

@@ -178,7 +178,7 @@ def build_ensemble(members, combine="mean_probabilities", input_shape=None, name
         raise ValueError(
             f"`combine` must be one of {list(SAVED_COMBINES)}. Received: combine={combine!r}"
         )
-    several = data_adapter._model_inputs(members[0]) if input_shape is None else None
+    several = data_adapter.model_inputs(members[0]) if input_shape is None else None
     if input_shape is None and not data_adapter.is_structured(several):
         input_shape = model_example_shape(members[0])
         if input_shape is None:
