@@ -20,7 +20,6 @@ from keras_fip.engine import data_adapter
 from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import step_rules
 from keras_fip.engine.data_adapter import check_inputs_match_model
-from keras_fip.engine.data_adapter import model_example_shape
 from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.operations import heads
 from keras_fip.operations.base import Operation
@@ -39,9 +38,11 @@ def repeated_batches(tensors, batch_size, seed):
     return data_adapter.repeated_batches(tensors, min(batch_size, size), seed=seed)
 
 
-def check_labelled(data, name, finite=True):
-    """`(x float32, y int)` from an `(x, y)` tuple or labelled dataset, else ValueError."""
-    x, y = normalize_data(data, name=name, require_labels=True)
+def check_labelled(data, name, finite=True, model=None):
+    """`(x float32, y int)` from an `(x, y)` tuple or labelled dataset, else ValueError
+    (`model`: the model the inputs feed, which a statically batched dataset is un-batched
+    for; see `normalize_data`)."""
+    x, y = normalize_data(data, name=name, require_labels=True, model=model)
     if finite and not data_adapter.all_finite(x):
         raise ValueError(f"`{name}` must be finite. Received: NaN or Inf inputs")
     return data_adapter.float32_inputs(x), np.asarray(y)
@@ -84,7 +85,8 @@ class ContinualBaseline(Operation):
         self.head = self.check_choice(head, "head", heads.HEADS)
         if new_task is not None:
             self._task = check_labelled(new_task, "new_task")
-            if self.head == "append":
+            if self.head == "append" and not isinstance(new_task, tf.data.Dataset):
+                # A dataset's labels are checked in `call` (`read_datasets`).
                 heads.task_labels(0, self._task[1], "append")
         self.new_task = new_task
         self.epochs = self.check_number(epochs, "epochs", low=1, low_inclusive=True,
@@ -97,6 +99,26 @@ class ContinualBaseline(Operation):
         self.seed = seed
 
     # Hooks.
+
+    def read_datasets(self, model):
+        """Reads the `tf.data.Dataset` arguments again for `model`, first thing in `call`.
+
+        A dataset batched with a static batch size (`drop_remainder=True`) is only told
+        from one of single examples by the model's inputs, so construction reads it as it
+        looks and `call` reads it again, un-batched. Subclasses with more data arguments
+        extend this (`read_dataset_arguments`)."""
+        if isinstance(self.new_task, tf.data.Dataset):
+            self._task = check_labelled(self.new_task, "new_task", model=model)
+        self._eval_tasks = self.read_dataset_arguments(
+            model, self.eval_tasks, self._eval_tasks, "eval_tasks")
+
+    @staticmethod
+    def read_dataset_arguments(model, tasks, read, name):
+        """`read` (the labelled `tasks` as construction read them), with each dataset among
+        `tasks` read again for `model`."""
+        return [check_labelled(task, f"{name}[{i}]", model=model)
+                if isinstance(task, tf.data.Dataset) else done
+                for i, (task, done) in enumerate(zip(tasks or [], read))]
 
     def check(self, model):
         """Further checks against the model before any work (subclasses)."""
@@ -133,6 +155,7 @@ class ContinualBaseline(Operation):
                 "`new_task` is required (data are not serialised: pass it again after "
                 "`from_config`). Received: new_task=None"
             )
+        self.read_datasets(model)
         x, y = self._task
         check_inputs_match_model(model, x, name="new_task")
         if self.head == "append":
@@ -141,7 +164,7 @@ class ContinualBaseline(Operation):
         return x, y
 
     def check_inputs(self, model, data, name):
-        x, y = normalize_data(data, name=name, example_shape=model_example_shape(model))
+        x, y = normalize_data(data, name=name, model=model)
         check_inputs_match_model(model, x, name=name)
         if not data_adapter.all_finite(x):
             raise ValueError(f"`{name}` must be finite. Received: NaN or Inf inputs")

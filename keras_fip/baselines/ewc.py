@@ -155,6 +155,14 @@ class EWC(ContinualBaseline):
         self._incoming = ewc_state(model)
         return super().__call__(model)
 
+    def read_datasets(self, model):
+        super().read_datasets(model)
+        self._validation = self.read_dataset_arguments(
+            model, self.validation_tasks, self._validation, "validation_tasks")
+        if isinstance(self.fisher_data, tf.data.Dataset):
+            fisher_x, _ = normalize_data(self.fisher_data, name="fisher_data", model=model)
+            self._fisher_x = data_adapter.float32_inputs(fisher_x)
+
     def check(self, model):
         if self.fisher_data is not None:
             self.check_inputs(model, self._fisher_x, "fisher_data")

@@ -48,6 +48,10 @@ class JointTraining(ContinualBaseline):
                      for i, task in enumerate(old_tasks)]
         self.old_tasks = old_tasks
 
+    def read_datasets(self, model):
+        super().read_datasets(model)
+        self._old = self.read_dataset_arguments(model, self.old_tasks, self._old, "old_tasks")
+
     def check(self, model):
         for i, (x, y) in enumerate(self._old):
             self.check_inputs(model, x, f"old_tasks[{i}]")

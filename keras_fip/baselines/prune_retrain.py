@@ -76,9 +76,9 @@ def prune_retrain(model, units, data, validation_data, units_per_round=1,
     # Validate everything before any work
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
-    x, y = normalize_data(data, name="data", require_labels=True)
+    x, y = normalize_data(data, name="data", require_labels=True, model=model)
     x_val, y_val = normalize_data(validation_data, name="validation_data",
-                                  require_labels=True)
+                                  require_labels=True, model=model)
     check_inputs_match_model(model, x)
     check_inputs_match_model(model, x_val, name="validation_data")
     units_per_round = _check_positive_int(units_per_round, "units_per_round")

@@ -32,6 +32,13 @@ class MemoryBaseline(ContinualBaseline):
                                                   low=1, low_inclusive=True, integer=True)
         self.memory_batch_size = memory_batch_size
 
+    def read_datasets(self, model):
+        super().read_datasets(model)
+        if isinstance(self.memory, tf.data.Dataset):
+            from keras_fip.baselines.continual_base import check_labelled
+
+            self._memory = check_labelled(self.memory, "memory", model=model)
+
     def check(self, model):
         if self.memory is None:
             raise ValueError(

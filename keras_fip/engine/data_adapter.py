@@ -38,7 +38,7 @@ def _materialize(dataset, name):
     ), not is_batched
 
 
-def normalize_data(data, name="data", require_labels=False, example_shape=None):
+def normalize_data(data, name="data", require_labels=False, model=None):
     """Turns an array, an `(x, y)` tuple or a finite `tf.data.Dataset` into numpy arrays.
 
     For a model with several inputs, `x` is a dict of arrays keyed by the inputs' names
@@ -51,9 +51,13 @@ def normalize_data(data, name="data", require_labels=False, example_shape=None):
             of `x`, `(x,)` or `(x, y)` elements, batched or not.
         name: The argument name used in error messages. Defaults to `"data"`.
         require_labels: Whether `y` must be present. Defaults to `False`.
-        example_shape: The shape of one input example, if known. A dataset batched with
-            a static batch size (`drop_remainder=True`) is then un-batched. Defaults to
-            `None`.
+        model: The model the inputs feed, if known. A dataset batched with a static batch
+            size (`dataset.batch(n, drop_remainder=True)`, as TPUs need), whose elements
+            look like single examples with one axis too many, is then un-batched: when
+            every input array has one axis more than its model input (and the same
+            trailing shape), the first two axes of the inputs and the labels are merged.
+            Without a model such a dataset reads as examples of shape `(n, ...)`.
+            Defaults to `None`.
 
     Returns:
         A tuple `(x, y)`: `x` a numpy array (or a dict or list of them), `y` a numpy
@@ -80,25 +84,39 @@ def normalize_data(data, name="data", require_labels=False, example_shape=None):
         x, y = data, None
     if is_structured(x):
         x = normalize_inputs(x, name)
-        return x, _normalize_labels(x, y, name, require_labels)
-    try:
-        x = np.asarray(x)
-    except Exception as error:
-        raise ValueError(
-            f"`{name}` must hold an array of inputs. Received: {name}={_describe(x)}"
-        ) from error
-    if (
-        maybe_batched
-        and example_shape is not None
-        and x.ndim == len(example_shape) + 2
-        and all(e is None or e == r for e, r in zip(example_shape, x.shape[2:]))
-    ):
-        x = x.reshape((-1,) + x.shape[2:])
+    else:
+        try:
+            x = np.asarray(x)
+        except Exception as error:
+            raise ValueError(
+                f"`{name}` must hold an array of inputs. Received: {name}={_describe(x)}"
+            ) from error
+    if maybe_batched and model is not None and _statically_batched(model, x):
+        x = tf.nest.map_structure(lambda array: array.reshape((-1,) + array.shape[2:]), x)
         if y is not None:
             y = np.asarray(y)
             y = y.reshape((-1,) + y.shape[2:])
-    _check_inputs_array(x, name)
+    if not is_structured(x):
+        _check_inputs_array(x, name)
     return x, _normalize_labels(x, y, name, require_labels)
+
+
+def _statically_batched(model, x):
+    """Whether every array of `x` is a stack of batches of the model's inputs: one axis
+    more than its input, with the input's trailing shape."""
+    try:
+        pairs = _matching_inputs(model, x, "data")
+    except ValueError:
+        return False
+    if not pairs:
+        return False
+    for _, array, tensor in pairs:
+        example = tuple(tensor.shape[1:])
+        if array.ndim != len(example) + 2 or any(
+            e is not None and e != r for e, r in zip(example, array.shape[2:])
+        ):
+            return False
+    return True
 
 
 def _check_inputs_array(x, name):
@@ -507,14 +525,11 @@ def fip_dataset(
     secondary_batch_size = secondary_batch_size or batch_size
 
     # Validate everything before any work.
-    example_shape = model_example_shape(model)
-    anchor_x, _ = normalize_data(anchor, name="anchor", example_shape=example_shape)
+    anchor_x, _ = normalize_data(anchor, name="anchor", model=model)
     check_inputs_match_model(model, anchor_x, name="anchor")
     anchor_x = cast_inputs(model, anchor_x)
     if secondary is not None:
-        secondary_x, secondary_y = normalize_data(
-            secondary, name="secondary", example_shape=example_shape
-        )
+        secondary_x, secondary_y = normalize_data(secondary, name="secondary", model=model)
         check_inputs_match_model(model, secondary_x, name="secondary")
         secondary_x = cast_inputs(model, secondary_x)
 

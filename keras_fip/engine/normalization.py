@@ -60,7 +60,7 @@ def recalibrate_batch_normalization(model, data, batch_size=256, max_examples=No
             "`max_examples` must be a positive integer or None. "
             f"Received: max_examples={max_examples!r}"
         )
-    x, _ = normalize_data(data, name="data")
+    x, _ = normalize_data(data, name="data", model=model)
     if max_examples is not None:
         x = data_adapter.take(x, slice(0, max_examples))
     count = data_adapter.num_examples(x)

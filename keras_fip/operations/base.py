@@ -66,7 +66,7 @@ def carry_data(model, inputs):
         model: A `keras.Model`.
         inputs: Inputs (array, `(x, y)` tuple or finite `tf.data.Dataset`).
     """
-    x, _ = normalize_data(inputs, name="inputs")
+    x, _ = normalize_data(inputs, name="inputs", model=model)
     _CARRIED_DATA[model] = x
 
 

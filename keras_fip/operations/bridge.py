@@ -163,7 +163,7 @@ class Bridge(Operation):
                 "same trainable weight shapes). Received: target="
                 f"{self.target.name} with {[tuple(v.shape) for v in targets][:4]}..."
             )
-        x, _ = normalize_data(self.resolve_data(self.data, model), name="data")
+        x, _ = normalize_data(self.resolve_data(self.data, model), name="data", model=model)
         dataset = fip_dataset(model, x, batch_size=self.batch_size, seed=self.seed)
         beta = self.beta
         if isinstance(beta, str):

@@ -491,9 +491,9 @@ class Compress(Operation):
 
     def call(self, model):
         anchor = self.resolve_data(self.data, model)
-        x, y = normalize_data(anchor, name="data")
+        x, y = normalize_data(anchor, name="data", model=model)
         data_adapter.check_inputs_match_model(model, x, name="data")
-        self._inputs = x if data_adapter.is_structured(x) else np.asarray(x)
+        self._inputs = data_adapter.as_arrays(x)
         self._rng = np.random.default_rng(self.seed)
         variables = projection.prunable_variables(
             model, self.include_biases, self.include_normalization, self.include_embeddings

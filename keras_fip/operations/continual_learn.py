@@ -12,7 +12,6 @@ from keras_fip.engine import data_adapter
 from keras_fip.engine import normalization
 from keras_fip.engine import step_rules
 from keras_fip.engine.data_adapter import check_inputs_match_model
-from keras_fip.engine.data_adapter import model_example_shape
 from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.engine.data_adapter import reference_outputs
 from keras_fip.engine.trainer import FIPTrainer
@@ -261,7 +260,8 @@ class ContinualLearn(Operation):
         if new_task is not None:  # `None` only from `from_config` (data are not saved).
             # Shapes, numbers and finiteness checked here; against the model in `call`.
             x, y = normalize_data(new_task, name="new_task", require_labels=True)
-            if self.head == "append":
+            if self.head == "append" and not isinstance(new_task, tf.data.Dataset):
+                # A dataset's labels are checked in `call`, read again for the model.
                 heads.task_labels(0, y, "append")
             self._task = (x, y)
         self.new_task = new_task
@@ -323,6 +323,17 @@ class ContinualLearn(Operation):
                 "`new_task` is required (data are not serialised: pass it again after "
                 "`from_config`). Received: new_task=None"
             )
+        # A dataset batched with a static batch size is only told from one of single
+        # examples by the model's inputs: datasets are read again for the model.
+        if isinstance(self.new_task, tf.data.Dataset):
+            self._task = normalize_data(self.new_task, name="new_task", require_labels=True,
+                                        model=model)
+        for i, task in enumerate(self.eval_tasks or []):
+            if isinstance(task, tf.data.Dataset):
+                tx, ty = normalize_data(task, name=f"eval_tasks[{i}]", require_labels=True,
+                                        model=model)
+                self._eval_tasks[i] = (data_adapter.float32_inputs(tx),
+                                       np.asarray(ty).astype("int64"))
         x, y = self._task
         check_inputs_match_model(model, x, name="new_task")
         memory = self.memory if self.memory is not None else carried_data(model)
@@ -332,8 +343,7 @@ class ContinualLearn(Operation):
                 f"keeps, and model `{model.name}` carries no memory from an earlier "
                 "keras_fip operation. Received: memory=None"
             )
-        memory_x, _ = normalize_data(memory, name="memory",
-                                     example_shape=model_example_shape(model))
+        memory_x, _ = normalize_data(memory, name="memory", model=model)
         check_inputs_match_model(model, memory_x, name="memory")
         if self.head == "append":
             heads.output_layer(model)

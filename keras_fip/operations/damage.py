@@ -675,7 +675,7 @@ class Damage(Operation):
             data = self.data if self.data is not None else carried_data(model)
         if data is None:
             return None, None
-        x, y = normalize_data(data, name="data")
+        x, y = normalize_data(data, name="data", model=model)
         check_inputs_match_model(model, x)
         return x, y
 

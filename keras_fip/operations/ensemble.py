@@ -697,7 +697,7 @@ class Ensemble(Operation):
 
     def call(self, model):
         anchor = self.resolve_data(self.data, model)
-        x, y = normalize_data(anchor, name="data", example_shape=model_example_shape(model))
+        x, y = normalize_data(anchor, name="data", model=model)
         check_inputs_match_model(model, x, name="data")
         several = data_adapter.is_structured(x)
         x = data_adapter.float32_inputs(x) if several or np.issubdtype(

@@ -556,14 +556,15 @@ class Repair(Operation):
                 "`data` is required: the model carries no inputs and the damage recorded "
                 "none. Received: data=None"
             )
-        x, y = normalize_data(data, name="data")
+        x, y = normalize_data(data, name="data", model=model)
         check_inputs_match_model(model, x)
         return data_adapter.as_arrays(x), None if y is None else np.asarray(y)
 
     def _split(self, x, y, undamaged):
         """(x, y, x_val, y_val): validation labels, or the undamaged predictions."""
         if self.validation_data is not None:
-            x_val, y_val = normalize_data(self.validation_data, name="validation_data")
+            x_val, y_val = normalize_data(self.validation_data, name="validation_data",
+                                          model=undamaged)
             check_inputs_match_model(undamaged, x_val, name="validation_data")
             return x, y, data_adapter.as_arrays(x_val), np.asarray(y_val)
         count = data_adapter.num_examples(x)
@@ -1058,7 +1059,7 @@ def recovery_path(model, damage_masks, data, num_points=11, steps_per_point=20,
     if num_points < 2:
         raise ValueError(f"`num_points` must be at least 2. Received: num_points={num_points}")
     distance_fn = distances_lib.get(distance)
-    x, _ = normalize_data(data, name="data")
+    x, _ = normalize_data(data, name="data", model=model)
     check_inputs_match_model(model, x)
     x = data_adapter.float32_inputs(x)
 
