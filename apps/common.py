@@ -49,35 +49,60 @@ flags.DEFINE_float("learning_rate", 1e-3, "Initial learning rate.", lower_bound=
 flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0)
 
 # Experiments (sweeps over methods and seeds)
-flags.DEFINE_list("methods", None, "Methods to run (each app lists its own; default: all of "
-                  "that app's methods).")
+flags.DEFINE_list(
+    "methods", None, "Methods to run (each app lists its own; default: all of that app's methods)."
+)
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: each trains its own base network.")
 flags.DEFINE_integer("base_epochs", 10, "Epochs of the base network.", lower_bound=1)
-flags.DEFINE_enum("fip_step_rule", "penalty", ["penalty", "normalized", "metric"],
-                  "Step rule of the app's FIP walk (penalty: Adam on D + L; normalized: that "
-                  "gradient at length ε; metric: CG on (g + δI)θ = −β∇L).")
+flags.DEFINE_enum(
+    "fip_step_rule",
+    "penalty",
+    ["penalty", "normalized", "metric"],
+    "Step rule of the app's FIP walk (penalty: Adam on D + L; normalized: that "
+    "gradient at length ε; metric: CG on (g + δI)θ = −β∇L).",
+)
 
 # Runtime
-flags.DEFINE_string("output_dir", None, "Where config.json, results.json and plots go "
-                    "(default: runs/<app name>).")
-flags.DEFINE_string("cache_dir", None, "Base-network cache (default: env KERAS_FIP_CACHE or "
-                    "~/.cache/keras_fip).")
-flags.DEFINE_enum("strategy", "default", list(distribute.STRATEGIES),
-                  "tf.distribute strategy: `mirrored` uses every local GPU (or every logical "
-                  "CPU), `tpu` the TPU at `--tpu`, `multi_worker` the cluster in TF_CONFIG "
-                  "(every worker runs the same command with the same `--seed`; only the "
-                  "chief writes outputs).")
-flags.DEFINE_string("tpu", None, "TPU address for `--strategy=tpu` (`grpc://...`, a TPU "
-                    "name or `local`; default: let the resolver find it).")
-flags.DEFINE_bool("resume", False, "Continue a killed run: FIP walks resume from their "
-                  "last checkpoint in `<output_dir>/checkpoints/` and end at the weights of an "
-                  "uninterrupted run (apps.compress also keeps the jobs already recorded). "
-                  "Without it the checkpoints of an earlier run are discarded.")
-flags.DEFINE_integer("checkpoint_every", 100, "Steps between the checkpoints of a FIP walk "
-                     "(its path's recorded points): at most this many steps are walked again "
-                     "after a kill.", lower_bound=1)
-flags.DEFINE_bool("tensorboard", True, "Write TensorBoard scalars under "
-                  "`<output_dir>/logs` (chief only).")
+flags.DEFINE_string(
+    "output_dir", None, "Where config.json, results.json and plots go (default: runs/<app name>)."
+)
+flags.DEFINE_string(
+    "cache_dir", None, "Base-network cache (default: env KERAS_FIP_CACHE or ~/.cache/keras_fip)."
+)
+flags.DEFINE_enum(
+    "strategy",
+    "default",
+    list(distribute.STRATEGIES),
+    "tf.distribute strategy: `mirrored` uses every local GPU (or every logical "
+    "CPU), `tpu` the TPU at `--tpu`, `multi_worker` the cluster in TF_CONFIG "
+    "(every worker runs the same command with the same `--seed`; only the "
+    "chief writes outputs).",
+)
+flags.DEFINE_string(
+    "tpu",
+    None,
+    "TPU address for `--strategy=tpu` (`grpc://...`, a TPU "
+    "name or `local`; default: let the resolver find it).",
+)
+flags.DEFINE_bool(
+    "resume",
+    False,
+    "Continue a killed run: FIP walks resume from their "
+    "last checkpoint in `<output_dir>/checkpoints/` and end at the weights of an "
+    "uninterrupted run (apps.compress also keeps the jobs already recorded). "
+    "Without it the checkpoints of an earlier run are discarded.",
+)
+flags.DEFINE_integer(
+    "checkpoint_every",
+    100,
+    "Steps between the checkpoints of a FIP walk "
+    "(its path's recorded points): at most this many steps are walked again "
+    "after a kill.",
+    lower_bound=1,
+)
+flags.DEFINE_bool(
+    "tensorboard", True, "Write TensorBoard scalars under `<output_dir>/logs` (chief only)."
+)
 
 FLAGS = flags.FLAGS
 
@@ -140,7 +165,8 @@ class Run:
             self.output_dir = output_dir
         else:
             self._temporary = tempfile.mkdtemp(
-                prefix=f"keras_fip_{app_name}_worker{distribute.task_index(strategy)}_")
+                prefix=f"keras_fip_{app_name}_worker{distribute.task_index(strategy)}_"
+            )
             self.output_dir = self._temporary
         os.makedirs(self.output_dir, exist_ok=True)
         self.tensorboard = bool(tensorboard) and self.is_chief
@@ -175,11 +201,13 @@ class Run:
             return
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(
-                os.path.join(self.output_dir, "logs", self.app_name))
+                os.path.join(self.output_dir, "logs", self.app_name)
+            )
         with self._writer.as_default():
             for key, value in values.items():
                 if isinstance(value, (bool, np.bool_)) or not isinstance(
-                        value, (int, float, np.integer, np.floating)):
+                    value, (int, float, np.integer, np.floating)
+                ):
                     continue
                 if not np.isfinite(value):
                     continue
@@ -201,8 +229,9 @@ class Run:
         kwargs.setdefault("strategy", self.strategy)
         if self.is_chief or kwargs.get("cache_dir") is False:
             return models.base_network(*args, **kwargs)
-        shared = os.path.join(kwargs.get("cache_dir") or training.default_cache_dir(),
-                              "base_networks")
+        shared = os.path.join(
+            kwargs.get("cache_dir") or training.default_cache_dir(), "base_networks"
+        )
         private = os.path.join(self._temporary, "cache", "base_networks")
         os.makedirs(private, exist_ok=True)
         if os.path.isdir(shared):
@@ -260,17 +289,22 @@ def start(app_name, unsupported=None, resumable=False):
     """
     name = FLAGS.strategy
     if FLAGS.resume and not resumable:
-        raise ValueError(f"`--resume` is not supported by apps.{app_name} (only apps.compress "
-                         f"and apps.continual checkpoint their walks): run it again without "
-                         f"`--resume`. Received: resume=True")
+        raise ValueError(
+            f"`--resume` is not supported by apps.{app_name} (only apps.compress "
+            f"and apps.continual checkpoint their walks): run it again without "
+            f"`--resume`. Received: resume=True"
+        )
     if FLAGS.tpu is not None and name != "tpu":
-        raise ValueError(f"`--tpu` is only used with `--strategy=tpu`. Received: "
-                         f"tpu={FLAGS.tpu!r} with strategy={name!r}")
+        raise ValueError(
+            f"`--tpu` is only used with `--strategy=tpu`. Received: "
+            f"tpu={FLAGS.tpu!r} with strategy={name!r}"
+        )
     if name != "default" and unsupported:
         listed = "; ".join(f"{part} ({reason})" for part, reason in unsupported.items())
         raise ValueError(
             f"`--strategy={name}` cannot run {sorted(unsupported)}: {listed}. Run them with "
-            f"`--strategy=default`, or leave them out. Received: strategy={name!r}")
+            f"`--strategy=default`, or leave them out. Received: strategy={name!r}"
+        )
     strategy = get_strategy(name, tpu=FLAGS.tpu)
     return Run(app_name, strategy, output_dir(app_name), tensorboard=FLAGS.tensorboard)
 
@@ -339,8 +373,9 @@ def compress_learning_rate(value, name):
     except ValueError:
         rate = None
     if rate is None or not np.isfinite(rate) or rate <= 0.0:
-        raise ValueError(f"`--{name}` must be `auto` or a positive number. "
-                         f"Received: {name}={value!r}")
+        raise ValueError(
+            f"`--{name}` must be `auto` or a positive number. Received: {name}={value!r}"
+        )
     return rate
 
 
@@ -362,17 +397,20 @@ def movement(model, reference, inputs, batch_size=1000):
         `"output_change"`, the mean over `inputs` of the squared L2 distance between the
         two models' outputs (logits).
     """
-    distance = np.sqrt(sum(
-        float(np.sum((np.asarray(a, "float64") - np.asarray(b, "float64")) ** 2))
-        for a, b in zip(model.get_weights(), reference.get_weights())))
+    distance = np.sqrt(
+        sum(
+            float(np.sum((np.asarray(a, "float64") - np.asarray(b, "float64")) ** 2))
+            for a, b in zip(model.get_weights(), reference.get_weights())
+        )
+    )
     change = 0.0
     for start in range(0, len(inputs), batch_size):
-        batch = inputs[start:start + batch_size]
-        difference = (keras.ops.convert_to_numpy(model(batch, training=False))
-                      - keras.ops.convert_to_numpy(reference(batch, training=False)))
+        batch = inputs[start : start + batch_size]
+        difference = keras.ops.convert_to_numpy(
+            model(batch, training=False)
+        ) - keras.ops.convert_to_numpy(reference(batch, training=False))
         change += float(np.sum(np.asarray(difference, "float64") ** 2))
-    return {"distance_moved": float(distance),
-            "output_change": change / max(1, len(inputs))}
+    return {"distance_moved": float(distance), "output_change": change / max(1, len(inputs))}
 
 
 # Learning-rate tuning of the baselines (apps.compress, apps.quickstart).
@@ -405,10 +443,15 @@ def learning_rate_grid(values, name):
         rates = [float(v) for v in values]
     except (TypeError, ValueError):
         rates = None
-    if (not rates or any(not np.isfinite(r) or r <= 0.0 for r in rates)
-            or len(set(rates)) != len(rates)):
-        raise ValueError(f"`--{name}` must be one or more distinct positive learning rates. "
-                         f"Received: {name}={list(values) if values else values!r}")
+    if (
+        not rates
+        or any(not np.isfinite(r) or r <= 0.0 for r in rates)
+        or len(set(rates)) != len(rates)
+    ):
+        raise ValueError(
+            f"`--{name}` must be one or more distinct positive learning rates. "
+            f"Received: {name}={list(values) if values else values!r}"
+        )
     return sorted(rates)
 
 
@@ -528,16 +571,19 @@ def validation_split(x, y, fraction, seed):
         raise ValueError(f"`fraction` must be in (0, 1). Received: fraction={fraction}")
     y = np.asarray(y)
     if len(x) != len(y):
-        raise ValueError(f"`x` and `y` must have the same length. Received: len(x)={len(x)}, "
-                         f"len(y)={len(y)}")
+        raise ValueError(
+            f"`x` and `y` must have the same length. Received: len(x)={len(x)}, len(y)={len(y)}"
+        )
     rng = np.random.default_rng(seed)
     held = []
     for label in np.unique(y):
         rows = np.flatnonzero(y == label)
-        held.append(rng.permutation(rows)[:max(1, int(round(fraction * len(rows))))])
+        held.append(rng.permutation(rows)[: max(1, int(round(fraction * len(rows))))])
     validation = np.zeros(len(y), bool)
     validation[np.concatenate(held)] = True
     if validation.all():
-        raise ValueError(f"`fraction` leaves no training examples. Received: "
-                         f"fraction={fraction} of {len(y)} examples")
+        raise ValueError(
+            f"`fraction` leaves no training examples. Received: "
+            f"fraction={fraction} of {len(y)} examples"
+        )
     return (x[~validation], y[~validation]), (x[validation], y[validation])

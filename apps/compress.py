@@ -82,7 +82,8 @@ A killed run continues with the same command and `--resume`: the jobs recorded i
 checkpoint in `<output_dir>/checkpoints/` (every `--checkpoint_every` steps: the weights,
 the optimizer, the target masks and the ramp; `Compress(checkpoint_directory=...)`) and ends
 at the weights of an uninterrupted run (tested in `tests/apps/test_compress.py`, and on two
-loopback workers killed by SIGKILL in `tests/apps/test_multi_worker.py`, a large test). Without `--resume` earlier checkpoints are discarded.
+loopback workers killed by SIGKILL in `tests/apps/test_multi_worker.py`, a large test). Without
+`--resume` earlier checkpoints are discarded.
 
 TensorBoard: `tensorboard --logdir runs` shows, per method and seed, the test accuracy,
 sparsity, distance moved ‖w − w₀‖ and output change against the target sparsity (the step
@@ -119,33 +120,66 @@ SINGLE_DEVICE = {"tfmot": "tf_keras training in a separate process, outside the 
 DEFAULT_EPOCHS = 20
 
 # Sweep
-flags.DEFINE_list("sparsities", ["90", "95", "98", "99.1", "99.4"],
-                  "Target sparsities, in percent of the prunable weights.")
-flags.DEFINE_integer("workers", 2, "Processes running (method, sparsity, seed) jobs side by "
-                     "side (a LeNet job keeps about one core busy). Use 1 with "
-                     "`--strategy` other than default.", lower_bound=1)
+flags.DEFINE_list(
+    "sparsities",
+    ["90", "95", "98", "99.1", "99.4"],
+    "Target sparsities, in percent of the prunable weights.",
+)
+flags.DEFINE_integer(
+    "workers",
+    2,
+    "Processes running (method, sparsity, seed) jobs side by "
+    "side (a LeNet job keeps about one core busy). Use 1 with "
+    "`--strategy` other than default.",
+    lower_bound=1,
+)
 
 # Method settings
-flags.DEFINE_list("prune_learning_rates", ["1e-3", "2e-3", "5e-3", "1e-2"], "Initial Adam "
-                  "learning rates (cosine-decayed over the budget) the baselines choose from, "
-                  "per method and sparsity, on a validation split (extended by factors of 3 "
-                  "while an edge rate is the best); one rate: no tuning, used as given.")
-flags.DEFINE_float("prune_validation_fraction", 0.1, "Share of the training split held out "
-                   "(stratified, seeded) as the baselines' validation split when they are "
-                   "tuned.", lower_bound=0.01, upper_bound=0.5)
-flags.DEFINE_integer("prune_tuning_seeds", 1, "Seeds (the first of --seeds) on whose mean "
-                     "validation accuracy the baselines' learning rates are chosen; 0: all.",
-                     lower_bound=0)
-flags.DEFINE_string("compress_learning_rate", "auto", "Compress's `learning_rate`: `auto` "
-                    "(its default: scaled to the RMS of the prunable weights, 3e-3 on "
-                    "LeNet-300-100) or a number.")
-flags.DEFINE_integer("lth_rounds", 3, "Pruning rounds of the lottery-ticket baseline.",
-                     lower_bound=1)
-flags.DEFINE_enum("fip_structure", "unstructured", list(projection.STRUCTURES),
-                  "Structure of the FIP masks.")
-flags.DEFINE_float("compress_task_weight", 0.0, "Compress's `task_weight`: the weight of "
-                   "the labels' cross-entropy beside the distance to the dense outputs (0: the "
-                   "walk keeps the dense outputs alone).", lower_bound=0.0)
+flags.DEFINE_list(
+    "prune_learning_rates",
+    ["1e-3", "2e-3", "5e-3", "1e-2"],
+    "Initial Adam "
+    "learning rates (cosine-decayed over the budget) the baselines choose from, "
+    "per method and sparsity, on a validation split (extended by factors of 3 "
+    "while an edge rate is the best); one rate: no tuning, used as given.",
+)
+flags.DEFINE_float(
+    "prune_validation_fraction",
+    0.1,
+    "Share of the training split held out "
+    "(stratified, seeded) as the baselines' validation split when they are "
+    "tuned.",
+    lower_bound=0.01,
+    upper_bound=0.5,
+)
+flags.DEFINE_integer(
+    "prune_tuning_seeds",
+    1,
+    "Seeds (the first of --seeds) on whose mean "
+    "validation accuracy the baselines' learning rates are chosen; 0: all.",
+    lower_bound=0,
+)
+flags.DEFINE_string(
+    "compress_learning_rate",
+    "auto",
+    "Compress's `learning_rate`: `auto` "
+    "(its default: scaled to the RMS of the prunable weights, 3e-3 on "
+    "LeNet-300-100) or a number.",
+)
+flags.DEFINE_integer(
+    "lth_rounds", 3, "Pruning rounds of the lottery-ticket baseline.", lower_bound=1
+)
+flags.DEFINE_enum(
+    "fip_structure", "unstructured", list(projection.STRUCTURES), "Structure of the FIP masks."
+)
+flags.DEFINE_float(
+    "compress_task_weight",
+    0.0,
+    "Compress's `task_weight`: the weight of "
+    "the labels' cross-entropy beside the distance to the dense outputs (0: the "
+    "walk keeps the dense outputs alone).",
+    lower_bound=0.0,
+)
 
 FLAGS = flags.FLAGS
 
@@ -166,8 +200,10 @@ def _percent_list(values):
 def _load(dataset, data_dir):
     """Train and test splits, loaded once per process."""
     if (dataset, data_dir) not in _DATA:
-        _DATA[dataset, data_dir] = (data.load(dataset, "train", data_dir),
-                                    data.load(dataset, "test", data_dir))
+        _DATA[dataset, data_dir] = (
+            data.load(dataset, "train", data_dir),
+            data.load(dataset, "test", data_dir),
+        )
     return _DATA[dataset, data_dir]
 
 
@@ -192,34 +228,58 @@ def _tuned_as(method, methods):
     return method
 
 
-def prune(method, base, sparsity, x, y, x_test, y_test, epochs, batch_size, learning_rate,
-          seed, lth_rounds=3, fip_structure="unstructured", compress_task_weight=0.0,
-          log_dir=None, checkpoint_dir=None, checkpoint_every=100,
-          compress_learning_rate="auto"):
+def prune(
+    method,
+    base,
+    sparsity,
+    x,
+    y,
+    x_test,
+    y_test,
+    epochs,
+    batch_size,
+    learning_rate,
+    seed,
+    lth_rounds=3,
+    fip_structure="unstructured",
+    compress_task_weight=0.0,
+    log_dir=None,
+    checkpoint_dir=None,
+    checkpoint_every=100,
+    compress_learning_rate="auto",
+):
     """Runs one method; returns the pruned model (a new one: `base` is not changed). The
     baselines train at `learning_rate`, Compress at `compress_learning_rate`. The FIP walk
     checkpoints to `checkpoint_dir` (and resumes from it) when one is given."""
     if method == "fip":
         # min_steps=0: exactly `epochs` passes, the baselines' budget.
-        return Compress(sparsity, data=(x, y), structure=fip_structure, epochs=epochs,
-                        min_steps=0, batch_size=batch_size,
-                        learning_rate=compress_learning_rate,
-                        task_weight=compress_task_weight, seed=seed, verbose=0,
-                        record_every=checkpoint_every, log_dir=log_dir,
-                        checkpoint_directory=checkpoint_dir)(base)
+        return Compress(
+            sparsity,
+            data=(x, y),
+            structure=fip_structure,
+            epochs=epochs,
+            min_steps=0,
+            batch_size=batch_size,
+            learning_rate=compress_learning_rate,
+            task_weight=compress_task_weight,
+            seed=seed,
+            verbose=0,
+            record_every=checkpoint_every,
+            log_dir=log_dir,
+            checkpoint_directory=checkpoint_dir,
+        )(base)
     common_args = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate)
     if method in ("gradual", "gradual_per_layer"):
         scope = "global" if method == "gradual" else "per_layer"
-        return baselines.gradual_magnitude_pruning(base, sparsity, x, y, scope=scope,
-                                                   **common_args)
+        return baselines.gradual_magnitude_pruning(base, sparsity, x, y, scope=scope, **common_args)
     if method == "oneshot":
         return baselines.one_shot_magnitude_pruning(base, sparsity, x, y, **common_args)
     if method == "lth":
-        return baselines.lottery_ticket(base, sparsity, x, y, rounds=lth_rounds,
-                                        **common_args)
+        return baselines.lottery_ticket(base, sparsity, x, y, rounds=lth_rounds, **common_args)
     if method == "tfmot":
-        pruned, _ = baselines.tfmot_gradual_pruning(base, sparsity, x, y, x_test, y_test,
-                                                    seed=seed, **common_args)
+        pruned, _ = baselines.tfmot_gradual_pruning(
+            base, sparsity, x, y, x_test, y_test, seed=seed, **common_args
+        )
         return pruned
     raise ValueError(f"`--methods` must be among {list(METHODS)}. Received: {method!r}")
 
@@ -239,24 +299,33 @@ def tuning_base(run, seed, resume=False):
     processes and `--resume` (which reuses it only with the same settings).
     """
     path = _tuning_base_path(run.shared_output_dir, seed)
-    settings = {"model": FLAGS.model, "dataset": FLAGS.dataset, "data_dir": FLAGS.data_dir,
-                "base_epochs": FLAGS.base_epochs, "seed": seed,
-                "validation_fraction": FLAGS.prune_validation_fraction}
+    settings = {
+        "model": FLAGS.model,
+        "dataset": FLAGS.dataset,
+        "data_dir": FLAGS.data_dir,
+        "base_epochs": FLAGS.base_epochs,
+        "seed": seed,
+        "validation_fraction": FLAGS.prune_validation_fraction,
+    }
     if resume and os.path.isfile(path) and os.path.isfile(path + ".json"):
         with open(path + ".json") as f:
             if json.load(f) == settings:
                 return keras.saving.load_model(path), 0.0
-    (x, y), _ = _fit_split(FLAGS.dataset, FLAGS.data_dir, FLAGS.prune_validation_fraction,
-                           seed)
+    (x, y), _ = _fit_split(FLAGS.dataset, FLAGS.data_dir, FLAGS.prune_validation_fraction, seed)
     info = data.info(FLAGS.dataset, FLAGS.data_dir)
     recipe = inspect.signature(models.base_network).parameters
     start = time.perf_counter()
     common.set_seed(seed)
     with run.scope():
         network = models.get(FLAGS.model, info["input_shape"], info["num_classes"])
-        models.train_classifier(network, x, y, FLAGS.base_epochs,
-                                recipe["batch_size"].default,
-                                recipe["learning_rate"].default)
+        models.train_classifier(
+            network,
+            x,
+            y,
+            FLAGS.base_epochs,
+            recipe["batch_size"].default,
+            recipe["learning_rate"].default,
+        )
     seconds = time.perf_counter() - start
     if run.is_chief:  # A temporary name first: a kill leaves no half-written model.
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -274,20 +343,35 @@ def run_tuning_job(job, base=None):
     returns the job with its `"validation_accuracy"` (`None` if the outputs are not
     finite). The test split is never read.
     """
-    (x, y), (x_val, y_val) = _fit_split(job["dataset"], job["data_dir"],
-                                        job["validation_fraction"], job["seed"])
+    (x, y), (x_val, y_val) = _fit_split(
+        job["dataset"], job["data_dir"], job["validation_fraction"], job["seed"]
+    )
     if base is None:
         base = keras.saving.load_model(job["tuning_base_path"])
     common.set_seed(job["seed"])
     start = time.perf_counter()
     # The tfmot process evaluates on its "test" arrays: give it the validation split.
-    pruned = prune(job["method"], base, job["percent"] / 100.0, x, y, x_val, y_val,
-                   job["epochs"], job["batch_size"], job["learning_rate"], job["seed"],
-                   job["lth_rounds"])
+    pruned = prune(
+        job["method"],
+        base,
+        job["percent"] / 100.0,
+        x,
+        y,
+        x_val,
+        y_val,
+        job["epochs"],
+        job["batch_size"],
+        job["learning_rate"],
+        job["seed"],
+        job["lth_rounds"],
+    )
     seconds = time.perf_counter() - start
     accuracy = models.evaluate_classifier(pruned, x_val, y_val)["accuracy"]
-    return {**job, "validation_accuracy": float(accuracy) if np.isfinite(accuracy) else None,
-            "seconds": seconds}
+    return {
+        **job,
+        "validation_accuracy": float(accuracy) if np.isfinite(accuracy) else None,
+        "seconds": seconds,
+    }
 
 
 def run_job(job, base=None):
@@ -305,21 +389,41 @@ def run_job(job, base=None):
         return run_tuning_job(job, base)
     (x, y), (x_test, y_test) = _load(job["dataset"], job["data_dir"])
     if base is None:
-        base, _ = models.base_network(job["model"], job["dataset"],
-                                      epochs=job["base_epochs"], seed=job["seed"],
-                                      data_dir=job["data_dir"], cache_dir=job["cache_dir"])
+        base, _ = models.base_network(
+            job["model"],
+            job["dataset"],
+            epochs=job["base_epochs"],
+            seed=job["seed"],
+            data_dir=job["data_dir"],
+            cache_dir=job["cache_dir"],
+        )
     checkpoint_dir = None
     if job.get("checkpoint_name"):
-        checkpoint_dir = common.checkpoint_dir(job["shared_output_dir"],
-                                               job["checkpoint_name"], job.get("resume"))
+        checkpoint_dir = common.checkpoint_dir(
+            job["shared_output_dir"], job["checkpoint_name"], job.get("resume")
+        )
     common.set_seed(job["seed"])
     start = time.perf_counter()
-    pruned = prune(job["method"], base, job["percent"] / 100.0, x, y, x_test, y_test,
-                   job["epochs"], job["batch_size"], job["learning_rate"], job["seed"],
-                   job["lth_rounds"], job["fip_structure"], job["compress_task_weight"],
-                   job.get("log_dir"), checkpoint_dir,
-                   job.get("checkpoint_every", 100),
-                   job.get("compress_learning_rate", "auto"))
+    pruned = prune(
+        job["method"],
+        base,
+        job["percent"] / 100.0,
+        x,
+        y,
+        x_test,
+        y_test,
+        job["epochs"],
+        job["batch_size"],
+        job["learning_rate"],
+        job["seed"],
+        job["lth_rounds"],
+        job["fip_structure"],
+        job["compress_task_weight"],
+        job.get("log_dir"),
+        checkpoint_dir,
+        job.get("checkpoint_every", 100),
+        job.get("compress_learning_rate", "auto"),
+    )
     seconds = time.perf_counter() - start
     if job.get("save_path"):
         pruned.save(job["save_path"])
@@ -328,23 +432,30 @@ def run_job(job, base=None):
         "accuracy": models.evaluate_classifier(pruned, x_test, y_test)["accuracy"],
         "sparsity": projection.prunable_sparsity(pruned),
         "seconds": seconds,
-        "layer_sparsity": {v.path: float(np.mean(v.numpy() == 0))
-                           for v in projection.prunable_variables(pruned)},
+        "layer_sparsity": {
+            v.path: float(np.mean(v.numpy() == 0)) for v in projection.prunable_variables(pruned)
+        },
         **common.movement(pruned, base, x_test[:1000]),
     }
 
 
 # Job records (`--resume`).
 
-_RUNTIME_KEYS = ("save_path", "log_dir", "checkpoint_name", "shared_output_dir",
-                 "checkpoint_every", "resume", "tuning_base_path")
+_RUNTIME_KEYS = (
+    "save_path",
+    "log_dir",
+    "checkpoint_name",
+    "shared_output_dir",
+    "checkpoint_every",
+    "resume",
+    "tuning_base_path",
+)
 
 
 def _job_file(directory, job):
     name = f"{job['method']}_{job['percent']:g}_seed_{job['seed']}"
     if job.get("role") == "tuning":
-        return os.path.join(directory, "jobs", "tuning",
-                            f"{name}_lr_{job['learning_rate']:g}.json")
+        return os.path.join(directory, "jobs", "tuning", f"{name}_lr_{job['learning_rate']:g}.json")
     return os.path.join(directory, "jobs", f"{name}.json")
 
 
@@ -356,21 +467,26 @@ def _finished(job, run):
         return None
     with open(path) as f:
         result = json.load(f)
-    same = all(result.get(key) == value for key, value in job.items()
-               if key not in _RUNTIME_KEYS)
+    same = all(result.get(key) == value for key, value in job.items() if key not in _RUNTIME_KEYS)
     if job.get("save_path") and not os.path.isfile(
-            os.path.join(run.shared_output_dir, os.path.basename(job["save_path"]))):
+        os.path.join(run.shared_output_dir, os.path.basename(job["save_path"]))
+    ):
         return None  # The sparsest model was not saved before the kill: redo it.
     return result if same else None
 
 
 def _record(result, run):
     """Records a finished job in `<output_dir>/jobs/` (and drops its walk's checkpoint)."""
-    common.write_json(os.path.dirname(_job_file(run.output_dir, result)),
-                      os.path.basename(_job_file(run.output_dir, result)), result)
+    common.write_json(
+        os.path.dirname(_job_file(run.output_dir, result)),
+        os.path.basename(_job_file(run.output_dir, result)),
+        result,
+    )
     if result.get("checkpoint_name") and run.is_chief:  # Recorded: not needed.
-        shutil.rmtree(os.path.join(run.shared_output_dir, "checkpoints",
-                                   result["checkpoint_name"]), ignore_errors=True)
+        shutil.rmtree(
+            os.path.join(run.shared_output_dir, "checkpoints", result["checkpoint_name"]),
+            ignore_errors=True,
+        )
 
 
 def _run_all(jobs, workers, run, bases, resume=False, follow_up=None):
@@ -384,8 +500,7 @@ def _run_all(jobs, workers, run, bases, resume=False, follow_up=None):
     queue = collections.deque(jobs)
     pool, running = None, {}
     if workers > 1:
-        pool = futures.ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"))
+        pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
     def finish(result):
         queue.extendleft(reversed(follow_up(result) if follow_up else []))
@@ -400,8 +515,7 @@ def _run_all(jobs, workers, run, bases, resume=False, follow_up=None):
                     running[pool.submit(run_job, job)] = job
                     continue
                 if result is None:
-                    key = ("tuning", job["seed"]) if job.get("role") == "tuning" \
-                        else job["seed"]
+                    key = ("tuning", job["seed"]) if job.get("role") == "tuning" else job["seed"]
                     with run.scope():
                         result = run_job(job, base=bases[key])
                     _record(result, run)
@@ -447,8 +561,7 @@ class _Tuning:
     def record(self, result):
         """Records a tuning result; returns its group."""
         group = result["method"], result["percent"]
-        self.scores[group][result["learning_rate"]][result["seed"]] = \
-            result["validation_accuracy"]
+        self.scores[group][result["learning_rate"]][result["seed"]] = result["validation_accuracy"]
         self.seconds += result["seconds"]
         return group
 
@@ -457,14 +570,22 @@ class _Tuning:
 
     def validation(self, group):
         """`{rate: mean validation accuracy over the tuning seeds}` (`None`: diverged)."""
-        return {rate: (None if any(v is None for v in by_seed.values())
-                       else float(np.mean(list(by_seed.values()))))
-                for rate, by_seed in sorted(self.scores[group].items())}
+        return {
+            rate: (
+                None
+                if any(v is None for v in by_seed.values())
+                else float(np.mean(list(by_seed.values())))
+            )
+            for rate, by_seed in sorted(self.scores[group].items())
+        }
 
     def extension(self, group):
         """The rates `group` still has to measure (none: its choice is made)."""
-        return [rate for rate in common.extend_learning_rates(self.validation(group))
-                if rate not in self.scores[group]]
+        return [
+            rate
+            for rate in common.extend_learning_rates(self.validation(group))
+            if rate not in self.scores[group]
+        ]
 
     def rate(self, group):
         if len(self.grid) == 1:
@@ -486,70 +607,107 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rates, run, wor
     for seed in seeds:
         # Train (or load) the base networks here, so that workers only read the cache.
         bases[seed], base_results = run.base_network(
-            FLAGS.model, FLAGS.dataset, epochs=FLAGS.base_epochs, seed=seed,
-            data_dir=FLAGS.data_dir, cache_dir=FLAGS.cache_dir)
+            FLAGS.model,
+            FLAGS.dataset,
+            epochs=FLAGS.base_epochs,
+            seed=seed,
+            data_dir=FLAGS.data_dir,
+            cache_dir=FLAGS.cache_dir,
+        )
         runs.setdefault("base", {}).setdefault(0.0, []).append(
-            (base_results["test/accuracy"], 0.0, base_results["train/wall_time_seconds"]))
+            (base_results["test/accuracy"], 0.0, base_results["train/wall_time_seconds"])
+        )
         for method in methods:
             for percent in percents:
                 sparsest = method == "fip" and percent == max(percents) and seed == seeds[0]
-                jobs.append(dict(
-                    model=FLAGS.model, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
-                    cache_dir=FLAGS.cache_dir, base_epochs=FLAGS.base_epochs, seed=seed,
-                    method=method, percent=percent, epochs=epochs, batch_size=batch_size,
-                    # The baselines' rate: set once chosen (Compress has its own).
-                    learning_rate=(learning_rates[0] if len(learning_rates) == 1
-                                   and method != "fip" else None),
-                    lth_rounds=FLAGS.lth_rounds,
-                    fip_structure=FLAGS.fip_structure,
-                    compress_task_weight=FLAGS.compress_task_weight,
-                    compress_learning_rate=common.compress_learning_rate(
-                        FLAGS.compress_learning_rate, "compress_learning_rate"),
-                    save_path=(os.path.join(output_dir, "sparsest_fip.keras")
-                               if sparsest else None),
-                    log_dir=(run.log_dir(f"fip/{percent:g}/seed_{seed}")
-                             if method == "fip" else None),
-                    # FIP walks checkpoint to `<output_dir>/checkpoints/<name>` (the
-                    # chief's, read by every worker), resumed with `--resume`.
-                    checkpoint_name=(f"fip_{percent:g}_seed_{seed}"
-                                     if method == "fip" else None),
-                    shared_output_dir=run.shared_output_dir,
-                    checkpoint_every=FLAGS.checkpoint_every,
-                    resume=FLAGS.resume,
-                ))
+                jobs.append(
+                    dict(
+                        model=FLAGS.model,
+                        dataset=FLAGS.dataset,
+                        data_dir=FLAGS.data_dir,
+                        cache_dir=FLAGS.cache_dir,
+                        base_epochs=FLAGS.base_epochs,
+                        seed=seed,
+                        method=method,
+                        percent=percent,
+                        epochs=epochs,
+                        batch_size=batch_size,
+                        # The baselines' rate: set once chosen (Compress has its own).
+                        learning_rate=(
+                            learning_rates[0]
+                            if len(learning_rates) == 1 and method != "fip"
+                            else None
+                        ),
+                        lth_rounds=FLAGS.lth_rounds,
+                        fip_structure=FLAGS.fip_structure,
+                        compress_task_weight=FLAGS.compress_task_weight,
+                        compress_learning_rate=common.compress_learning_rate(
+                            FLAGS.compress_learning_rate, "compress_learning_rate"
+                        ),
+                        save_path=(
+                            os.path.join(output_dir, "sparsest_fip.keras") if sparsest else None
+                        ),
+                        log_dir=(
+                            run.log_dir(f"fip/{percent:g}/seed_{seed}") if method == "fip" else None
+                        ),
+                        # FIP walks checkpoint to `<output_dir>/checkpoints/<name>` (the
+                        # chief's, read by every worker), resumed with `--resume`.
+                        checkpoint_name=(
+                            f"fip_{percent:g}_seed_{seed}" if method == "fip" else None
+                        ),
+                        shared_output_dir=run.shared_output_dir,
+                        checkpoint_every=FLAGS.checkpoint_every,
+                        resume=FLAGS.resume,
+                    )
+                )
 
     # The baselines' learning rates, chosen on a validation split of the training data.
-    tuning_seeds = seeds[:FLAGS.prune_tuning_seeds or len(seeds)]
+    tuning_seeds = seeds[: FLAGS.prune_tuning_seeds or len(seeds)]
 
     def tuning_job(method, percent, seed, rate):
-        return dict(role="tuning", model=FLAGS.model, dataset=FLAGS.dataset,
-                    data_dir=FLAGS.data_dir, base_epochs=FLAGS.base_epochs, seed=seed,
-                    method=method, percent=percent, epochs=epochs, batch_size=batch_size,
-                    learning_rate=rate, lth_rounds=FLAGS.lth_rounds,
-                    validation_fraction=FLAGS.prune_validation_fraction,
-                    tuning_base_path=_tuning_base_path(run.shared_output_dir, seed))
+        return dict(
+            role="tuning",
+            model=FLAGS.model,
+            dataset=FLAGS.dataset,
+            data_dir=FLAGS.data_dir,
+            base_epochs=FLAGS.base_epochs,
+            seed=seed,
+            method=method,
+            percent=percent,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=rate,
+            lth_rounds=FLAGS.lth_rounds,
+            validation_fraction=FLAGS.prune_validation_fraction,
+            tuning_base_path=_tuning_base_path(run.shared_output_dir, seed),
+        )
 
-    tuned = sorted({_tuned_as(m, methods) for m in methods} - {None},
-                   key=list(METHODS).index)
-    tuning = _Tuning([(m, p) for m in tuned for p in percents], tuning_seeds,
-                     learning_rates, tuning_job)
+    tuned = sorted({_tuned_as(m, methods) for m in methods} - {None}, key=list(METHODS).index)
+    tuning = _Tuning(
+        [(m, p) for m in tuned for p in percents], tuning_seeds, learning_rates, tuning_job
+    )
     waiting = {}  # group -> the jobs waiting for its choice of learning rate
     for job in jobs:
         if job["learning_rate"] is None and job["method"] != "fip":
-            waiting.setdefault((_tuned_as(job["method"], methods), job["percent"]),
-                               []).append(job)
+            waiting.setdefault((_tuned_as(job["method"], methods), job["percent"]), []).append(job)
     base_seconds = []
 
     def with_tuning_bases(new_jobs):
         # The tuning base networks of the tuning jobs an earlier run did not record.
         for job in new_jobs:
             key = ("tuning", job["seed"])
-            if (job.get("role") == "tuning" and key not in bases
-                    and not (FLAGS.resume and _finished(job, run))):
+            if (
+                job.get("role") == "tuning"
+                and key not in bases
+                and not (FLAGS.resume and _finished(job, run))
+            ):
                 bases[key], seconds = tuning_base(run, job["seed"], resume=FLAGS.resume)
                 base_seconds.append(seconds)
-                print(f"seed {job['seed']} tuning base network (without the validation "
-                      f"split): {seconds:.0f} s", flush=True)
+                print(
+                    f"seed {job['seed']} tuning base network (without the validation "
+                    f"split): {seconds:.0f} s",
+                    flush=True,
+                )
         return new_jobs
 
     def follow_up(result):
@@ -570,27 +728,39 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rates, run, wor
     def record(result):
         method, percent = result["method"], result["percent"]
         runs.setdefault(method, {}).setdefault(percent, []).append(
-            (result["accuracy"], result["sparsity"], result["seconds"]))
+            (result["accuracy"], result["sparsity"], result["seconds"])
+        )
         layer_figures.setdefault(method, {})[percent] = result["layer_sparsity"]
         # TensorBoard: one point per target sparsity (the step is the sparsity in 0.01%).
-        run.scalars({"test_accuracy": result["accuracy"], "sparsity": result["sparsity"],
-                     "distance_moved": result["distance_moved"],
-                     "output_change": result["output_change"]},
-                    step=round(100 * percent), prefix=f"{method}/seed_{result['seed']}")
-        print(f"seed {result['seed']} {method:>17} {percent:>5}%: test accuracy "
-              f"{result['accuracy']:.4f} (sparsity {result['sparsity']:.4f}, "
-              f"{result['seconds']:.0f} s)", flush=True)
+        run.scalars(
+            {
+                "test_accuracy": result["accuracy"],
+                "sparsity": result["sparsity"],
+                "distance_moved": result["distance_moved"],
+                "output_change": result["output_change"],
+            },
+            step=round(100 * percent),
+            prefix=f"{method}/seed_{result['seed']}",
+        )
+        print(
+            f"seed {result['seed']} {method:>17} {percent:>5}%: test accuracy "
+            f"{result['accuracy']:.4f} (sparsity {result['sparsity']:.4f}, "
+            f"{result['seconds']:.0f} s)",
+            flush=True,
+        )
 
     # The tuning first, then the jobs that need no choice (FIP); each group's waiting
     # jobs start as soon as its choice is made.
     first = with_tuning_bases(tuning.first_jobs())
     first += [job for job in jobs if not any(job in group for group in waiting.values())]
-    for result in _run_all(first, workers, run, bases, resume=FLAGS.resume,
-                           follow_up=follow_up):
+    for result in _run_all(first, workers, run, bases, resume=FLAGS.resume, follow_up=follow_up):
         if result.get("role") == "tuning":
-            print(f"seed {result['seed']} {result['method']:>17} {result['percent']:>5}%: "
-                  f"learning rate {result['learning_rate']:g}, validation accuracy "
-                  f"{result['validation_accuracy']} ({result['seconds']:.0f} s)", flush=True)
+            print(
+                f"seed {result['seed']} {result['method']:>17} {result['percent']:>5}%: "
+                f"learning rate {result['learning_rate']:g}, validation accuracy "
+                f"{result['validation_accuracy']} ({result['seconds']:.0f} s)",
+                flush=True,
+            )
         else:
             record(result)
 
@@ -612,11 +782,15 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rates, run, wor
             group = _tuned_as(method, methods), percent
             results[f"{method}/{percent:g}/learning_rate"] = tuning.rate(group)
             if len(learning_rates) > 1 and group[0] == method:
-                validation = {f"{rate:g}": accuracy
-                              for rate, accuracy in tuning.validation(group).items()}
+                validation = {
+                    f"{rate:g}": accuracy for rate, accuracy in tuning.validation(group).items()
+                }
                 results[f"{method}/{percent:g}/tuning/validation_accuracy"] = validation
-                print(f"{method} {percent:g}%: learning rate {tuning.rate(group):g} chosen "
-                      f"on validation {validation}", flush=True)
+                print(
+                    f"{method} {percent:g}%: learning rate {tuning.rate(group):g} chosen "
+                    f"on validation {validation}",
+                    flush=True,
+                )
     if tuned and len(learning_rates) > 1:
         results["tuning/seeds"] = tuning_seeds
         results["tuning/validation_fraction"] = FLAGS.prune_validation_fraction
@@ -624,13 +798,16 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rates, run, wor
         results["tuning/job_seconds"] = tuning.seconds
         results["tuning/base_network_seconds"] = float(sum(base_seconds))
     for percent in percents:
+
         def mean(method):
-            return results.get(f"{method}/{percent:g}/test/accuracy")
+            return results.get(f"{method}/{percent:g}/test/accuracy")  # noqa: B023
+
         if mean("fip") is not None and mean("gradual") is not None:
             results[f"fip/{percent:g}/margin_over_gradual"] = mean("fip") - mean("gradual")
         if mean("tfmot") is not None and mean("gradual_per_layer") is not None:
-            results[f"tfmot/{percent:g}/gap_to_gradual_per_layer"] = (
-                mean("gradual_per_layer") - mean("tfmot"))
+            results[f"tfmot/{percent:g}/gap_to_gradual_per_layer"] = mean(
+                "gradual_per_layer"
+            ) - mean("tfmot")
     return results, layer_figures
 
 
@@ -653,15 +830,16 @@ def plot(results, layer_figures, methods, percents, output_dir):
     figure.savefig(os.path.join(output_dir, "accuracy_vs_sparsity.png"), dpi=120)
     plt.close(figure)
 
-    figure, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.5),
-                                squeeze=False)
+    figure, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.5), squeeze=False)
     for axis, method in zip(axes[0], methods):
         for percent in percents:
             per_layer = layer_figures[method][percent]
-            axis.plot(range(len(per_layer)), list(per_layer.values()), marker="o",
-                      label=f"{percent:g}%")
-            axis.set_xticks(range(len(per_layer)), list(per_layer), rotation=45,
-                            fontsize=7, ha="right")
+            axis.plot(
+                range(len(per_layer)), list(per_layer.values()), marker="o", label=f"{percent:g}%"
+            )
+            axis.set_xticks(
+                range(len(per_layer)), list(per_layer), rotation=45, fontsize=7, ha="right"
+            )
         axis.set_title(method)
         axis.set_ylabel("layer sparsity")
     axes[0][-1].legend(fontsize=7)
@@ -673,39 +851,55 @@ def plot(results, layer_figures, methods, percents, output_dir):
 def main(argv):
     del argv  # Unused.
     percents = _percent_list(FLAGS.sparsities)
-    methods = [common.check_choice(m, "methods", METHODS)
-               for m in (FLAGS.methods or METHODS)]
+    methods = [common.check_choice(m, "methods", METHODS) for m in (FLAGS.methods or METHODS)]
     seeds = [int(s) for s in FLAGS.seeds]
     # Refused before any work.
     common.compress_learning_rate(FLAGS.compress_learning_rate, "compress_learning_rate")
-    learning_rates = common.learning_rate_grid(FLAGS.prune_learning_rates,
-                                               "prune_learning_rates")
+    learning_rates = common.learning_rate_grid(FLAGS.prune_learning_rates, "prune_learning_rates")
     epochs = DEFAULT_EPOCHS if FLAGS["epochs"].using_default_value else FLAGS.epochs
     if FLAGS.workers > 1 and FLAGS.strategy != "default":
         raise ValueError(
             "`--workers` above 1 runs jobs in separate processes, which cannot share a "
             f"`--strategy`. Received: workers={FLAGS.workers}, strategy={FLAGS.strategy!r}"
         )
-    run = common.start("compress", unsupported=common.single_device_parts(
-        methods, SINGLE_DEVICE), resumable=True)
+    run = common.start(
+        "compress", unsupported=common.single_device_parts(methods, SINGLE_DEVICE), resumable=True
+    )
     skipped = {}
     if "tfmot" in methods and not baselines.tfmot_available():
-        logging.warning("tensorflow-model-optimization or tf_keras is missing (install the "
-                        "`baselines` extra); skipping the `tfmot` cross-check.")
+        logging.warning(
+            "tensorflow-model-optimization or tf_keras is missing (install the "
+            "`baselines` extra); skipping the `tfmot` cross-check."
+        )
         methods.remove("tfmot")
         skipped["tfmot/skipped"] = "tensorflow-model-optimization or tf_keras not installed"
     output_dir = run.output_dir
     start = time.perf_counter()
-    results, layer_figures = sweep(methods, percents, seeds, epochs, FLAGS.batch_size,
-                                   learning_rates, run, FLAGS.workers)
+    results, layer_figures = sweep(
+        methods, percents, seeds, epochs, FLAGS.batch_size, learning_rates, run, FLAGS.workers
+    )
     results.update(skipped)
     results["wall_time_seconds"] = time.perf_counter() - start
-    config = common.flag_values(("model", "dataset", "batch_size", "sparsities", "methods",
-                                 "seeds", "workers", "prune_learning_rates",
-                                 "prune_validation_fraction", "prune_tuning_seeds",
-                                 "compress_learning_rate", "base_epochs",
-                                 "lth_rounds", "fip_structure", "compress_task_weight",
-                                 "strategy"))
+    config = common.flag_values(
+        (
+            "model",
+            "dataset",
+            "batch_size",
+            "sparsities",
+            "methods",
+            "seeds",
+            "workers",
+            "prune_learning_rates",
+            "prune_validation_fraction",
+            "prune_tuning_seeds",
+            "compress_learning_rate",
+            "base_epochs",
+            "lth_rounds",
+            "fip_structure",
+            "compress_task_weight",
+            "strategy",
+        )
+    )
     config["epochs"] = epochs
     common.write_json(output_dir, "config.json", config)
     common.write_json(output_dir, "results.json", results)
@@ -720,7 +914,9 @@ def main(argv):
     for percent in percents:
         cells = "".join(
             f"{100 * results[f'{m}/{percent:g}/test/accuracy']:>12.2f}±"
-            f"{100 * results[f'{m}/{percent:g}/test/accuracy_std']:<6.2f}" for m in methods)
+            f"{100 * results[f'{m}/{percent:g}/test/accuracy_std']:<6.2f}"
+            for m in methods
+        )
         print(f"{percent:>8g}%{cells}")
     print(f"wall time {results['wall_time_seconds']:.0f} s -> {output_dir}")
     run.close()

@@ -96,10 +96,20 @@ from keras_fip import models
 METHODS = ("fip", "finetune", "ewc", "lwf", "replay", "agem", "joint")
 DEFAULT_METHODS = ("fip", "finetune", "ewc", "lwf", "replay", "agem")
 DEFAULT_EPOCHS = 5
-MODELS = {"mnist_fmnist": "cnn5", "split_mnist": "mlp", "permuted_mnist": "mlp",
-          "split_cifar10": "cnn5", "split_cifar100": "cnn5"}
-MEMORY = {"mnist_fmnist": 500, "split_mnist": 200, "permuted_mnist": 200,
-          "split_cifar10": 200, "split_cifar100": 100}
+MODELS = {
+    "mnist_fmnist": "cnn5",
+    "split_mnist": "mlp",
+    "permuted_mnist": "mlp",
+    "split_cifar10": "cnn5",
+    "split_cifar100": "cnn5",
+}
+MEMORY = {
+    "mnist_fmnist": 500,
+    "split_mnist": 200,
+    "permuted_mnist": 200,
+    "split_cifar10": 200,
+    "split_cifar100": 100,
+}
 EWC_GRID = (10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7)
 # Methods `common.start` would refuse under a distributed `--strategy`: none. The
 # baselines' loop (`baselines.continual_base.train`) splits each global batch over the
@@ -108,22 +118,39 @@ EWC_GRID = (10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7)
 SINGLE_DEVICE = {}
 
 # Benchmarks and methods
-flags.DEFINE_list("benchmarks", ["mnist_fmnist", "split_mnist"],
-                  f"Benchmarks among {list(data.BENCHMARKS)}.")
+flags.DEFINE_list(
+    "benchmarks", ["mnist_fmnist", "split_mnist"], f"Benchmarks among {list(data.BENCHMARKS)}."
+)
 # `--methods`, `--seeds` and `--base_epochs` are apps.common's (one flag registry).
-flags.DEFINE_integer("memory_per_task", None, "Memory inputs kept per finished task "
-                     "(default: 500 for mnist_fmnist, 200 for the splits).", lower_bound=1)
-flags.DEFINE_list("memory_sizes", [], "Memory sizes per task for the ACC-vs-memory plot "
-                  "(fip, replay, agem; first benchmark only). Empty: no sweep.")
-flags.DEFINE_integer("max_train_examples", 20000, "At most this many training examples "
-                     "per task (a seeded sample; 0 for all).", lower_bound=0)
-flags.DEFINE_integer("max_test_examples", 0, "At most this many test examples per task "
-                     "(0 for all).", lower_bound=0)
-flags.DEFINE_integer("continual_base_epochs", 5, "Epochs of the first-task network.",
-                     lower_bound=1)
-flags.DEFINE_string("ewc_lambda", "auto", "EWC's λ: a number, or `auto` (grid "
-                    f"{list(EWC_GRID)} on held-out data, extended ×10 past an edge that "
-                    "wins, first seed, reused).")
+flags.DEFINE_integer(
+    "memory_per_task",
+    None,
+    "Memory inputs kept per finished task (default: 500 for mnist_fmnist, 200 for the splits).",
+    lower_bound=1,
+)
+flags.DEFINE_list(
+    "memory_sizes",
+    [],
+    "Memory sizes per task for the ACC-vs-memory plot "
+    "(fip, replay, agem; first benchmark only). Empty: no sweep.",
+)
+flags.DEFINE_integer(
+    "max_train_examples",
+    20000,
+    "At most this many training examples per task (a seeded sample; 0 for all).",
+    lower_bound=0,
+)
+flags.DEFINE_integer(
+    "max_test_examples", 0, "At most this many test examples per task (0 for all).", lower_bound=0
+)
+flags.DEFINE_integer("continual_base_epochs", 5, "Epochs of the first-task network.", lower_bound=1)
+flags.DEFINE_string(
+    "ewc_lambda",
+    "auto",
+    "EWC's λ: a number, or `auto` (grid "
+    f"{list(EWC_GRID)} on held-out data, extended ×10 past an edge that "
+    "wins, first seed, reused).",
+)
 flags.DEFINE_string("fip_beta", "auto", "ContinualLearn's β: a number or `auto`.")
 
 FLAGS = flags.FLAGS
@@ -146,8 +173,9 @@ def first_network(bench, seed, epochs, batch_size, learning_rate):
     keras.utils.set_random_seed(seed)
     x, y = bench["train"][0]
     model = build_model(bench["name"], int(np.max(y)) + 1, bench["input_shape"])
-    models.train_classifier(model, x, y, epochs=epochs, batch_size=batch_size,
-                            learning_rate=learning_rate)
+    models.train_classifier(
+        model, x, y, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate
+    )
     return model
 
 
@@ -168,12 +196,18 @@ def learn(method, model, t, train, validation, bench, memory, settings, state):
     """Applies `method` for task t; returns (model, operation)."""
     x, y = train[t]
     offsets = bench["offsets"]
-    common_args = dict(head=bench["head"], epochs=settings["epochs"],
-                       learning_rate=settings["learning_rate"],
-                       batch_size=settings["batch_size"], seed=settings["seed"])
+    common_args = dict(
+        head=bench["head"],
+        epochs=settings["epochs"],
+        learning_rate=settings["learning_rate"],
+        batch_size=settings["batch_size"],
+        seed=settings["seed"],
+    )
     eval_tasks = [(tx[:1000], ty[:1000]) for tx, ty in bench["test"][: t + 1]]
-    labelled_memory = (np.concatenate([m[0] for m in memory]),
-                       np.concatenate([m[1] for m in memory]))
+    labelled_memory = (
+        np.concatenate([m[0] for m in memory]),
+        np.concatenate([m[1] for m in memory]),
+    )
     if method == "fip":
         beta = settings["fip_beta"]
         run = state.get("run")
@@ -182,17 +216,22 @@ def learn(method, model, t, train, validation, bench, memory, settings, state):
             checkpoint = common.checkpoint_dir(
                 run.shared_output_dir,
                 f"{bench['name']}/fip/memory_{settings['memory_per_task']}/"
-                f"seed_{settings['seed']}/task_{t}", settings.get("resume", False))
+                f"seed_{settings['seed']}/task_{t}",
+                settings.get("resume", False),
+            )
         op = keras_fip.ContinualLearn(
-            (x, y), memory=labelled_memory[0] if t == 1 else None,
-            memory_per_task=settings["memory_per_task"], beta=beta,
-            step_rule=settings["fip_step_rule"], eval_tasks=eval_tasks, verbose=0,
-            record_every=(10**9 if checkpoint is None
-                          else settings.get("checkpoint_every", 100)),
+            (x, y),
+            memory=labelled_memory[0] if t == 1 else None,
+            memory_per_task=settings["memory_per_task"],
+            beta=beta,
+            step_rule=settings["fip_step_rule"],
+            eval_tasks=eval_tasks,
+            verbose=0,
+            record_every=(10**9 if checkpoint is None else settings.get("checkpoint_every", 100)),
             checkpoint_directory=checkpoint,
-            log_dir=run and run.log_dir(f"{bench['name']}/fip/seed_{settings['seed']}"
-                                        f"/task_{t}"),
-            **common_args)
+            log_dir=run and run.log_dir(f"{bench['name']}/fip/seed_{settings['seed']}/task_{t}"),
+            **common_args,
+        )
     elif method == "finetune":
         op = baselines.FineTune((x, y), eval_tasks=eval_tasks, **common_args)
     elif method == "lwf":
@@ -209,9 +248,14 @@ def learn(method, model, t, train, validation, bench, memory, settings, state):
         value = settings["ewc_lambda"]
         if value == "auto" and t in chosen:
             value = chosen[t]  # Tuned on the first seed.
-        op = baselines.EWC((x, y), fisher_data=train[t - 1][0],
-                           ewc_lambda=value, lambda_grid=EWC_GRID,
-                           validation_tasks=validation[:t], **common_args)
+        op = baselines.EWC(
+            (x, y),
+            fisher_data=train[t - 1][0],
+            ewc_lambda=value,
+            lambda_grid=EWC_GRID,
+            validation_tasks=validation[:t],
+            **common_args,
+        )
     else:
         raise ValueError(f"`--methods` must be among {list(METHODS)}. Received: {method!r}")
     result = op(model)
@@ -220,7 +264,8 @@ def learn(method, model, t, train, validation, bench, memory, settings, state):
         if "lambda_scores" in op.history:  # Every λ tried, extensions included.
             scores = sorted(op.history["lambda_scores"].items())
             state.setdefault("ewc_lambda_scores", {}).setdefault(
-                t, {f"{value:g}": score for value, score in scores})
+                t, {f"{value:g}": score for value, score in scores}
+            )
     return result, op
 
 
@@ -239,23 +284,39 @@ def run_stream(method, bench, seed, settings, state):
     run = state["run"]
     for t in range(1, len(train)):
         with run.scope():
-            model, op = learn(method, model, t, train, validation, bench_seed, memory,
-                              dict(settings, seed=seed), state)
+            model, op = learn(
+                method,
+                model,
+                t,
+                train,
+                validation,
+                bench_seed,
+                memory,
+                dict(settings, seed=seed),
+                state,
+            )
         x, y = train[t]
         mx, my = data.memory_sample(x, y, memory_size, seed=seed)
         memory.append((mx, my + bench["offsets"][t]))
         after.append(model)
         eval_seconds += float((op.history or {}).get("eval_seconds", 0.0))
         if "eval_step" in (op.history or {}):
-            paths.append({k: v for k, v in op.history.items()
-                          if k == "eval_step" or k.endswith("/accuracy")})
+            paths.append(
+                {k: v for k, v in op.history.items() if k == "eval_step" or k.endswith("/accuracy")}
+            )
     wall_time = time.perf_counter() - start
     class_matrix = metrics.accuracy_matrix(after, bench["test"])
-    task_matrix = metrics.accuracy_matrix(after, bench["test"], mode="task_incremental",
-                                          task_outputs=bench["task_outputs"])
+    task_matrix = metrics.accuracy_matrix(
+        after, bench["test"], mode="task_incremental", task_outputs=bench["task_outputs"]
+    )
     _log_stream(run, f"{bench['name']}/{method}/seed_{seed}", class_matrix, paths)
-    return {"class": class_matrix, "task": task_matrix, "wall_time": wall_time,
-            "eval_time": eval_seconds, "paths": paths}
+    return {
+        "class": class_matrix,
+        "task": task_matrix,
+        "wall_time": wall_time,
+        "eval_time": eval_seconds,
+        "paths": paths,
+    }
 
 
 def _log_stream(run, prefix, class_matrix, paths):
@@ -326,8 +387,7 @@ def plot(benchmark, runs, methods, results, output_dir, memory_sizes):
     num_tasks = len(runs[methods[0]][0]["class"])
     width = 0.8 / len(methods)
     for i, method in enumerate(methods):
-        means = [results[f"{benchmark}/{method}/task_{j}/accuracy/mean"]
-                 for j in range(num_tasks)]
+        means = [results[f"{benchmark}/{method}/task_{j}/accuracy/mean"] for j in range(num_tasks)]
         axis.bar(np.arange(num_tasks) + i * width, means, width, label=method)
     axis.set_xlabel("task")
     axis.set_ylabel("final test accuracy")
@@ -340,8 +400,9 @@ def plot(benchmark, runs, methods, results, output_dir, memory_sizes):
     if memory_sizes:
         figure, axis = plt.subplots(figsize=(5, 4))
         for method in ("fip", "replay", "agem"):
-            values = [results.get(f"{benchmark}/memory_{size}/{method}/acc/mean")
-                      for size in memory_sizes]
+            values = [
+                results.get(f"{benchmark}/memory_{size}/{method}/acc/mean") for size in memory_sizes
+            ]
             if all(v is not None for v in values):
                 axis.plot(memory_sizes, values, "o-", label=method)
         axis.set_xlabel("memory per task")
@@ -357,8 +418,10 @@ def digits_arrays(benchmark):
     mnist_fmnist the second task is the digits with inverted intensities."""
     train, test = data.load("digits", "train"), data.load("digits", "test")
     if benchmark == "mnist_fmnist":
-        return {"train": [train, (1.0 - train[0], train[1])],
-                "test": [test, (1.0 - test[0], test[1])]}
+        return {
+            "train": [train, (1.0 - train[0], train[1])],
+            "test": [test, (1.0 - test[0], test[1])],
+        }
     return {"train": train, "test": test}
 
 
@@ -368,10 +431,14 @@ def run_benchmark(benchmark, methods, seeds, settings, memory_sizes, results, ru
     if not FLAGS["dataset"].using_default_value and FLAGS.dataset == "digits":
         arrays = digits_arrays(benchmark)
     results[f"{benchmark}/data"] = "digits" if arrays else "official"
-    bench = data.build_benchmark(benchmark, FLAGS.data_dir, seed=0,
-                                 max_train_examples=max_train,
-                                 max_test_examples=FLAGS.max_test_examples or None,
-                                 arrays=arrays)
+    bench = data.build_benchmark(
+        benchmark,
+        FLAGS.data_dir,
+        seed=0,
+        max_train_examples=max_train,
+        max_test_examples=FLAGS.max_test_examples or None,
+        arrays=arrays,
+    )
     results[f"{benchmark}/subset"] = bool(bench["subset"])
     results[f"{benchmark}/max_train_examples"] = max_train or 0
     memory = FLAGS.memory_per_task or MEMORY[benchmark]
@@ -382,48 +449,67 @@ def run_benchmark(benchmark, methods, seeds, settings, memory_sizes, results, ru
         start = time.perf_counter()
         train, _ = split_validation(bench, seed)
         with run.scope():
-            state["first"][seed] = first_network(dict(bench, train=train), seed,
-                                                 settings["base_epochs"],
-                                                 settings["batch_size"],
-                                                 settings["learning_rate"])
+            state["first"][seed] = first_network(
+                dict(bench, train=train),
+                seed,
+                settings["base_epochs"],
+                settings["batch_size"],
+                settings["learning_rate"],
+            )
         results[f"{benchmark}/first_task/wall_time_seconds"] = time.perf_counter() - start
-    results[f"{benchmark}/first_task/accuracy/mean"] = float(np.mean([
-        metrics.task_accuracy(state["first"][s], *bench["test"][0]) for s in seeds]))
+    results[f"{benchmark}/first_task/accuracy/mean"] = float(
+        np.mean([metrics.task_accuracy(state["first"][s], *bench["test"][0]) for s in seeds])
+    )
     runs = {}
     for method in methods:
         runs[method] = []
         for seed in seeds:
             runs[method].append(run_stream(method, bench, seed, settings, state))
-            logging.info("%s %s seed %d: ACC %.4f", benchmark, method, seed,
-                         metrics.average_accuracy(runs[method][-1]["class"]))
+            logging.info(
+                "%s %s seed %d: ACC %.4f",
+                benchmark,
+                method,
+                seed,
+                metrics.average_accuracy(runs[method][-1]["class"]),
+            )
         summarize(benchmark, method, runs[method], settings["epochs"], results)
     if "ewc_lambda" in state:
         results[f"{benchmark}/ewc/lambda"] = {str(k): v for k, v in state["ewc_lambda"].items()}
     if "ewc_lambda_scores" in state:
         results[f"{benchmark}/ewc/lambda_validation_accuracy"] = {
-            str(k): v for k, v in state["ewc_lambda_scores"].items()}
+            str(k): v for k, v in state["ewc_lambda_scores"].items()
+        }
     for size in memory_sizes:
         for method in ("fip", "replay", "agem"):
             sized = dict(settings, memory_per_task=size)
             sized_runs = [run_stream(method, bench, seed, sized, state) for seed in seeds]
-            summarize(benchmark, method, sized_runs, settings["epochs"], results,
-                      prefix=f"{benchmark}/memory_{size}/{method}")
+            summarize(
+                benchmark,
+                method,
+                sized_runs,
+                settings["epochs"],
+                results,
+                prefix=f"{benchmark}/memory_{size}/{method}",
+            )
     plot(benchmark, runs, methods, results, run.output_dir, memory_sizes)
 
 
 def main(argv):
     del argv
-    methods = [common.check_choice(m, "methods", METHODS)
-               for m in _value("methods", list(DEFAULT_METHODS))]
-    benchmarks = [common.check_choice(b, "benchmarks", data.BENCHMARKS)
-                  for b in FLAGS.benchmarks]
+    methods = [
+        common.check_choice(m, "methods", METHODS) for m in _value("methods", list(DEFAULT_METHODS))
+    ]
+    benchmarks = [common.check_choice(b, "benchmarks", data.BENCHMARKS) for b in FLAGS.benchmarks]
     seeds = [int(s) for s in _value("seeds", ["0", "1", "2"])]
     memory_sizes = [int(s) for s in FLAGS.memory_sizes]
     if FLAGS.ewc_lambda != "auto":
         float(FLAGS.ewc_lambda)
     swept = ["fip", "replay", "agem"] if memory_sizes else []
-    run = common.start("continual", unsupported=common.single_device_parts(
-        methods + swept, SINGLE_DEVICE), resumable=True)
+    run = common.start(
+        "continual",
+        unsupported=common.single_device_parts(methods + swept, SINGLE_DEVICE),
+        resumable=True,
+    )
     output_dir = run.output_dir
     settings = {
         "epochs": _value("epochs", DEFAULT_EPOCHS),
@@ -436,10 +522,20 @@ def main(argv):
         "resume": FLAGS.resume,
         "checkpoint_every": FLAGS.checkpoint_every,
     }
-    common.write_json(output_dir, "config.json", {
-        **settings, "methods": methods, "benchmarks": benchmarks, "seeds": seeds,
-        "memory_per_task": FLAGS.memory_per_task, "memory_sizes": memory_sizes,
-        "max_train_examples": FLAGS.max_train_examples, "data_dir": FLAGS.data_dir})
+    common.write_json(
+        output_dir,
+        "config.json",
+        {
+            **settings,
+            "methods": methods,
+            "benchmarks": benchmarks,
+            "seeds": seeds,
+            "memory_per_task": FLAGS.memory_per_task,
+            "memory_sizes": memory_sizes,
+            "max_train_examples": FLAGS.max_train_examples,
+            "data_dir": FLAGS.data_dir,
+        },
+    )
     results = {}
     start = time.perf_counter()
     for benchmark in benchmarks:
@@ -448,8 +544,7 @@ def main(argv):
     results["wall_time_seconds"] = time.perf_counter() - start
     common.write_json(output_dir, "results.json", results)
     if run.is_chief:  # Finished: the walks' checkpoints are not needed any more.
-        shutil.rmtree(os.path.join(run.shared_output_dir, "checkpoints"),
-                      ignore_errors=True)
+        shutil.rmtree(os.path.join(run.shared_output_dir, "checkpoints"), ignore_errors=True)
     run.close()
     return results
 

@@ -69,17 +69,32 @@ from keras_fip import operations
 from keras_fip.engine import projection
 
 # Quick-start settings
-flags.DEFINE_integer("quickstart_walk_steps", 200, "Steps of the functionally invariant walk.",
-                     lower_bound=1)
-flags.DEFINE_float("quickstart_sparsity", 0.9, "Target sparsity of the pruning comparison.",
-                   lower_bound=0.0, upper_bound=0.99)
-flags.DEFINE_list("quickstart_prune_learning_rates", ["1e-3", "2e-3", "5e-3", "1e-2"], "Adam "
-                  "learning rates the magnitude-pruning baselines choose from on a validation "
-                  "split of the training digits (extended by factors of 3 while an edge rate "
-                  "is the best); one rate: no tuning, used as given.")
-flags.DEFINE_float("quickstart_validation_fraction", 0.2, "Share of the training digits "
-                   "held out (stratified, seeded) as the baselines' validation split.",
-                   lower_bound=0.05, upper_bound=0.5)
+flags.DEFINE_integer(
+    "quickstart_walk_steps", 200, "Steps of the functionally invariant walk.", lower_bound=1
+)
+flags.DEFINE_float(
+    "quickstart_sparsity",
+    0.9,
+    "Target sparsity of the pruning comparison.",
+    lower_bound=0.0,
+    upper_bound=0.99,
+)
+flags.DEFINE_list(
+    "quickstart_prune_learning_rates",
+    ["1e-3", "2e-3", "5e-3", "1e-2"],
+    "Adam "
+    "learning rates the magnitude-pruning baselines choose from on a validation "
+    "split of the training digits (extended by factors of 3 while an edge rate "
+    "is the best); one rate: no tuning, used as given.",
+)
+flags.DEFINE_float(
+    "quickstart_validation_fraction",
+    0.2,
+    "Share of the training digits "
+    "held out (stratified, seeded) as the baselines' validation split.",
+    lower_bound=0.05,
+    upper_bound=0.5,
+)
 
 FLAGS = flags.FLAGS
 
@@ -99,9 +114,11 @@ def _accuracy(model, x, y):
 
 
 def _distance(model_a, model_b):
-    return float(np.sqrt(sum(
-        np.sum((a - b) ** 2) for a, b in zip(model_a.get_weights(), model_b.get_weights())
-    )))
+    return float(
+        np.sqrt(
+            sum(np.sum((a - b) ** 2) for a, b in zip(model_a.get_weights(), model_b.get_weights()))
+        )
+    )
 
 
 def _random_perturbation(model, norm, seed):
@@ -117,12 +134,21 @@ def _mlp():
 
 
 def _train(model, x, y, epochs):
-    return models.train_classifier(model, x, y, epochs=epochs, batch_size=64,
-                                   learning_rate=3e-3)
+    return models.train_classifier(model, x, y, epochs=epochs, batch_size=64, learning_rate=3e-3)
 
 
-def tune_baselines(methods, sparsity, x, y, seed, grid, validation_fraction, base_epochs,
-                   prune_epochs, prune_batch_size):
+def tune_baselines(
+    methods,
+    sparsity,
+    x,
+    y,
+    seed,
+    grid,
+    validation_fraction,
+    base_epochs,
+    prune_epochs,
+    prune_batch_size,
+):
     """Chooses each baseline's learning rate on a validation split of `(x, y)`.
 
     A network is trained as the base network is (same initialisation, recipe and epochs)
@@ -157,10 +183,18 @@ def tune_baselines(methods, sparsity, x, y, seed, grid, validation_fraction, bas
     _train(network, x_fit, y_fit, base_epochs)
     chosen = {}
     for key, method in methods.items():
+
         def validation_accuracy(rate, method=method):
             keras.utils.set_random_seed(seed)
-            pruned = method(network, sparsity, x_fit, y_fit, epochs=prune_epochs,
-                            batch_size=prune_batch_size, learning_rate=rate)
+            pruned = method(
+                network,
+                sparsity,
+                x_fit,
+                y_fit,
+                epochs=prune_epochs,
+                batch_size=prune_batch_size,
+                learning_rate=rate,
+            )
             return _accuracy(pruned, x_val, y_val)
 
         chosen[key] = common.tune_learning_rate(validation_accuracy, grid)
@@ -173,8 +207,16 @@ def _timed(fn):
     return result, time.perf_counter() - start
 
 
-def run(output_dir, seed, walk_steps, sparsity, epochs=30, log_dir=None,
-        prune_learning_rates=(3e-3,), validation_fraction=0.2):
+def run(
+    output_dir,
+    seed,
+    walk_steps,
+    sparsity,
+    epochs=30,
+    log_dir=None,
+    prune_learning_rates=(3e-3,),
+    validation_fraction=0.2,
+):
     """Runs the comparison and returns `(rows, results)`.
 
     `log_dir(name)` gives the TensorBoard directory of each FIP walk (or `None`); the
@@ -190,15 +232,35 @@ def run(output_dir, seed, walk_steps, sparsity, epochs=30, log_dir=None,
     rows = [("trained MLP (base)", base_accuracy, 0.0, 0.0, base_time)]
 
     # A functionally invariant walk against a random step of the same length
-    walk = operations.Isofunctional(data=x, steps=walk_steps, epsilon=0.05, seed=seed,
-                                   batch_size=256, verbose=0, log_dir=log_dir("walk"))
+    walk = operations.Isofunctional(
+        data=x,
+        steps=walk_steps,
+        epsilon=0.05,
+        seed=seed,
+        batch_size=256,
+        verbose=0,
+        log_dir=log_dir("walk"),
+    )
     walked, walk_time = _timed(lambda: walk(base))
     moved = _distance(walked, base)
-    rows.append(("FIP walk (Isofunctional, metric rule)", _accuracy(walked, x_test, y_test),
-                 0.0, moved, walk_time))
-    rows.append(("random perturbation, same distance",
-                 _accuracy(_random_perturbation(base, moved, seed), x_test, y_test),
-                 0.0, moved, 0.0))
+    rows.append(
+        (
+            "FIP walk (Isofunctional, metric rule)",
+            _accuracy(walked, x_test, y_test),
+            0.0,
+            moved,
+            walk_time,
+        )
+    )
+    rows.append(
+        (
+            "random perturbation, same distance",
+            _accuracy(_random_perturbation(base, moved, seed), x_test, y_test),
+            0.0,
+            moved,
+            0.0,
+        )
+    )
 
     # Geometry of the trained network
     metric = geometry.MetricOperator(base, x[:256])
@@ -209,35 +271,75 @@ def run(output_dir, seed, walk_steps, sparsity, epochs=30, log_dir=None,
     # Compress runs with its defaults (no tuning for this demo); its budget rule gives a
     # path of at least `MIN_STEPS` steps, so every method gets that many epochs here.
     prune_batch_size = 128
-    prune_epochs = math.ceil(keras_fip.operations.compress.MIN_STEPS
-                             / math.ceil(len(x) / prune_batch_size))
-    compressed, seconds = _timed(lambda: keras_fip.Compress(
-        sparsity, data=(x, y), epochs=prune_epochs, seed=seed, verbose=0,
-        log_dir=log_dir("compress"))(base))
-    rows.append((f"FIP Compress, {sparsity:.0%}", _accuracy(compressed, x_test, y_test),
-                 projection.prunable_sparsity(compressed), _distance(compressed, base),
-                 seconds))
+    prune_epochs = math.ceil(
+        keras_fip.operations.compress.MIN_STEPS / math.ceil(len(x) / prune_batch_size)
+    )
+    compressed, seconds = _timed(
+        lambda: keras_fip.Compress(
+            sparsity,
+            data=(x, y),
+            epochs=prune_epochs,
+            seed=seed,
+            verbose=0,
+            log_dir=log_dir("compress"),
+        )(base)
+    )
+    rows.append(
+        (
+            f"FIP Compress, {sparsity:.0%}",
+            _accuracy(compressed, x_test, y_test),
+            projection.prunable_sparsity(compressed),
+            _distance(compressed, base),
+            seconds,
+        )
+    )
 
     def gradual(model, sparsity, x, y, **kwargs):
-        return baselines.gradual_magnitude_pruning(model, sparsity, x, y, scope="global",
-                                                   **kwargs)
+        return baselines.gradual_magnitude_pruning(model, sparsity, x, y, scope="global", **kwargs)
 
-    pruning_baselines = {"gradual": gradual,
-                         "one_shot": baselines.one_shot_magnitude_pruning}
+    pruning_baselines = {"gradual": gradual, "one_shot": baselines.one_shot_magnitude_pruning}
     # Each baseline's learning rate, chosen on a validation split of the training digits
     # (as their authors tune them); the chosen rate then prunes the base network on all
     # of them, as Compress does.
-    chosen, tuning_seconds = _timed(lambda: tune_baselines(
-        pruning_baselines, sparsity, x, y, seed, list(prune_learning_rates),
-        validation_fraction, epochs, prune_epochs, prune_batch_size))
-    for label, key in (("gradual magnitude pruning (tfmot schedule)", "gradual"),
-                       ("one-shot magnitude pruning + fine-tune", "one_shot")):
+    chosen, tuning_seconds = _timed(
+        lambda: tune_baselines(
+            pruning_baselines,
+            sparsity,
+            x,
+            y,
+            seed,
+            list(prune_learning_rates),
+            validation_fraction,
+            epochs,
+            prune_epochs,
+            prune_batch_size,
+        )
+    )
+    for label, key in (
+        ("gradual magnitude pruning (tfmot schedule)", "gradual"),
+        ("one-shot magnitude pruning + fine-tune", "one_shot"),
+    ):
         keras.utils.set_random_seed(seed)
-        pruned, seconds = _timed(lambda: pruning_baselines[key](
-            base, sparsity, x, y, epochs=prune_epochs, batch_size=prune_batch_size,
-            learning_rate=chosen[key][0]))
-        rows.append((f"{label}, {sparsity:.0%}", _accuracy(pruned, x_test, y_test),
-                     projection.prunable_sparsity(pruned), _distance(pruned, base), seconds))
+        pruned, seconds = _timed(
+            lambda: pruning_baselines[key](  # noqa: B023
+                base,
+                sparsity,
+                x,
+                y,
+                epochs=prune_epochs,
+                batch_size=prune_batch_size,
+                learning_rate=chosen[key][0],  # noqa: B023
+            )
+        )
+        rows.append(
+            (
+                f"{label}, {sparsity:.0%}",
+                _accuracy(pruned, x_test, y_test),
+                projection.prunable_sparsity(pruned),
+                _distance(pruned, base),
+                seconds,
+            )
+        )
     # The sections below do not depend on how many tuning runs there were.
     keras.utils.set_random_seed(seed)
 
@@ -245,29 +347,50 @@ def run(output_dir, seed, walk_steps, sparsity, epochs=30, log_dir=None,
     damage_rows = []
     for label, damage in (
         ("random Gaussian damage, norm 1", keras_fip.Damage("gaussian", norm=1.0, seed=seed)),
-        ("eigen adversary (top-20 of g), norm 1",
-         keras_fip.Damage("eigen", norm=1.0, data=(x[:1000], y[:1000]), seed=seed)),
+        (
+            "eigen adversary (top-20 of g), norm 1",
+            keras_fip.Damage("eigen", norm=1.0, data=(x[:1000], y[:1000]), seed=seed),
+        ),
         ("50% hidden units deleted", keras_fip.Damage("nodes", fraction=0.5, seed=seed)),
     ):
-        damaged, seconds = _timed(lambda: damage(base))
-        damage_rows.append((label, _accuracy(damaged, x_test, y_test),
-                            keras_fip.engine.sparsity(damaged), _distance(damaged, base),
-                            seconds))
+        damaged, seconds = _timed(lambda: damage(base))  # noqa: B023
+        damage_rows.append(
+            (
+                label,
+                _accuracy(damaged, x_test, y_test),
+                keras_fip.engine.sparsity(damaged),
+                _distance(damaged, base),
+                seconds,
+            )
+        )
 
     # Repair the 50%-deleted network: a FIP back to the undamaged outputs (inputs only)
     # against supervised retraining of the surviving weights, the same epochs
     nodes_damaged = keras_fip.Damage("nodes", fraction=0.5, seed=seed)(base)
     repair_rows = []
-    for label, kwargs in (("FIP repair (inputs only), 5 epochs",
-                           {"data": x, "log_dir": log_dir("repair")}),
-                          ("retraining (labels), 5 epochs",
-                           {"data": (x, y), "method": "retrain"})):
-        repair = keras_fip.Repair(validation_data=(x_test, y_test), epochs=5,
-                                  learning_rate=3e-3, seed=seed, verbose=0, **kwargs)
-        repaired, seconds = _timed(lambda: repair(nodes_damaged))
-        repair_rows.append((label, _accuracy(repaired, x_test, y_test),
-                            keras_fip.engine.sparsity(repaired), _distance(repaired, base),
-                            seconds, repair.history["epochs_to_recover"]))
+    for label, kwargs in (
+        ("FIP repair (inputs only), 5 epochs", {"data": x, "log_dir": log_dir("repair")}),
+        ("retraining (labels), 5 epochs", {"data": (x, y), "method": "retrain"}),
+    ):
+        repair = keras_fip.Repair(
+            validation_data=(x_test, y_test),
+            epochs=5,
+            learning_rate=3e-3,
+            seed=seed,
+            verbose=0,
+            **kwargs,
+        )
+        repaired, seconds = _timed(lambda: repair(nodes_damaged))  # noqa: B023
+        repair_rows.append(
+            (
+                label,
+                _accuracy(repaired, x_test, y_test),
+                keras_fip.engine.sparsity(repaired),
+                _distance(repaired, base),
+                seconds,
+                repair.history["epochs_to_recover"],
+            )
+        )
 
     # Ensemble: 5 networks along one FIP beside a 5-member deep ensemble, under PGD
     # transferred from a separately trained surrogate (L-inf, 40 steps of 0.01)
@@ -276,30 +399,53 @@ def run(output_dir, seed, walk_steps, sparsity, epochs=30, log_dir=None,
     # As `apps.robustness` runs it: penalty walk, task term, each member trained on inputs
     # attacked (FGSM, eps 0.3) against the members before it.
     ensemble = keras_fip.Ensemble(
-        5, data=(x, y), steps_between=ENSEMBLE_STEPS_BETWEEN, step_rule="penalty",
-        push="none", diversity=1.0, perturbation_epsilon=0.3, seed=seed, verbose=0,
-        log_dir=log_dir("ensemble"))
+        5,
+        data=(x, y),
+        steps_between=ENSEMBLE_STEPS_BETWEEN,
+        step_rule="penalty",
+        push="none",
+        diversity=1.0,
+        perturbation_epsilon=0.3,
+        seed=seed,
+        verbose=0,
+        log_dir=log_dir("ensemble"),
+    )
     fip_ensemble, fip_seconds = _timed(lambda: ensemble(base))
     # Each member trained as the base network is (not the baseline's own defaults).
-    (deep, deep_info), deep_seconds = _timed(lambda: baselines.deep_ensemble(
-        base, x, y, num_members=5, epochs=epochs, batch_size=64, learning_rate=3e-3,
-        seed=seed + 1))
+    (deep, deep_info), deep_seconds = _timed(
+        lambda: baselines.deep_ensemble(
+            base,
+            x,
+            y,
+            num_members=5,
+            epochs=epochs,
+            batch_size=64,
+            learning_rate=3e-3,
+            seed=seed + 1,
+        )
+    )
     attacked = {}
     for epsilon in ENSEMBLE_EPSILONS:
         attacked[epsilon], _ = keras_fip.robustness.transfer_pgd_accuracy(
-            surrogate, {"fip": fip_ensemble, "deep": deep, "single": base}, x_test, y_test,
-            epsilon=epsilon)
+            surrogate,
+            {"fip": fip_ensemble, "deep": deep, "single": base},
+            x_test,
+            y_test,
+            epsilon=epsilon,
+        )
     shown = attacked[TABLE_EPSILON]
     ensemble_rows = [
-        ("FIP ensemble (5 members), clean", _accuracy(fip_ensemble, x_test, y_test), 0.0,
-         0.0, fip_seconds),
+        (
+            "FIP ensemble (5 members), clean",
+            _accuracy(fip_ensemble, x_test, y_test),
+            0.0,
+            0.0,
+            fip_seconds,
+        ),
         (f"FIP ensemble, transfer PGD eps {TABLE_EPSILON:g}", shown["fip"], 0.0, 0.0, 0.0),
-        ("deep ensemble (5 seeds), clean", _accuracy(deep, x_test, y_test), 0.0, 0.0,
-         deep_seconds),
-        (f"deep ensemble, transfer PGD eps {TABLE_EPSILON:g}", shown["deep"], 0.0, 0.0,
-         0.0),
-        (f"single network, transfer PGD eps {TABLE_EPSILON:g}", shown["single"], 0.0, 0.0,
-         0.0),
+        ("deep ensemble (5 seeds), clean", _accuracy(deep, x_test, y_test), 0.0, 0.0, deep_seconds),
+        (f"deep ensemble, transfer PGD eps {TABLE_EPSILON:g}", shown["deep"], 0.0, 0.0, 0.0),
+        (f"single network, transfer PGD eps {TABLE_EPSILON:g}", shown["single"], 0.0, 0.0, 0.0),
     ]
 
     results = {
@@ -311,7 +457,7 @@ def run(output_dir, seed, walk_steps, sparsity, epochs=30, log_dir=None,
         "geometry/rho": float(rho),
         "geometry/num_params": int(metric.num_params),
     }
-    for label, accuracy, zeros, distance, seconds in rows[3:6]:
+    for label, accuracy, zeros, _moved, seconds in rows[3:6]:
         key = "fip" if label.startswith("FIP") else label.split(" ")[0].replace("-", "_")
         results[f"{key}/{sparsity * 100:g}/test/accuracy"] = accuracy
         results[f"{key}/{sparsity * 100:g}/sparsity"] = zeros
@@ -321,7 +467,8 @@ def run(output_dir, seed, walk_steps, sparsity, epochs=30, log_dir=None,
         results[f"{key}/{sparsity * 100:g}/learning_rate"] = rate
         if validation:
             results[f"{key}/{sparsity * 100:g}/tuning/validation_accuracy"] = {
-                f"{r:g}": accuracy for r, accuracy in sorted(validation.items())}
+                f"{r:g}": accuracy for r, accuracy in sorted(validation.items())
+            }
     if any(validation for _, validation in chosen.values()):
         results["pruning/tuning/validation_fraction"] = validation_fraction
         results["pruning/tuning/wall_time_seconds"] = tuning_seconds
@@ -336,8 +483,7 @@ def run(output_dir, seed, walk_steps, sparsity, epochs=30, log_dir=None,
     results["ensemble/deep/train_examples"] = int(deep_info["train_examples"])
     for epsilon, accuracies in attacked.items():
         for key in ("fip", "deep", "single", "surrogate"):
-            results[f"ensemble/{key}/transfer_pgd/{epsilon:g}/accuracy"] = float(
-                accuracies[key])
+            results[f"ensemble/{key}/transfer_pgd/{epsilon:g}/accuracy"] = float(accuracies[key])
     rows = rows + damage_rows + [row[:5] for row in repair_rows] + ensemble_rows
     return rows, results
 
@@ -364,52 +510,78 @@ def _plot(rows, path):
 
 def main(argv):
     del argv  # Unused.
-    grid = common.learning_rate_grid(FLAGS.quickstart_prune_learning_rates,
-                                     "quickstart_prune_learning_rates")
+    grid = common.learning_rate_grid(
+        FLAGS.quickstart_prune_learning_rates, "quickstart_prune_learning_rates"
+    )
     session = common.start("quickstart", unsupported=SINGLE_DEVICE)
     output_dir = session.output_dir
     start = time.perf_counter()
     with session.scope():
-        rows, results = run(output_dir, FLAGS.seed, FLAGS.quickstart_walk_steps,
-                            FLAGS.quickstart_sparsity, log_dir=session.log_dir,
-                            prune_learning_rates=grid,
-                            validation_fraction=FLAGS.quickstart_validation_fraction)
+        rows, results = run(
+            output_dir,
+            FLAGS.seed,
+            FLAGS.quickstart_walk_steps,
+            FLAGS.quickstart_sparsity,
+            log_dir=session.log_dir,
+            prune_learning_rates=grid,
+            validation_fraction=FLAGS.quickstart_validation_fraction,
+        )
     results["wall_time_seconds"] = time.perf_counter() - start
-    common.write_json(output_dir, "config.json", {
-        "seed": FLAGS.seed,
-        "walk_steps": FLAGS.quickstart_walk_steps,
-        "sparsity": FLAGS.quickstart_sparsity,
-        "prune_learning_rates": grid,
-        "validation_fraction": FLAGS.quickstart_validation_fraction,
-        "strategy": FLAGS.strategy,
-    })
+    common.write_json(
+        output_dir,
+        "config.json",
+        {
+            "seed": FLAGS.seed,
+            "walk_steps": FLAGS.quickstart_walk_steps,
+            "sparsity": FLAGS.quickstart_sparsity,
+            "prune_learning_rates": grid,
+            "validation_fraction": FLAGS.quickstart_validation_fraction,
+            "strategy": FLAGS.strategy,
+        },
+    )
     common.write_json(output_dir, "results.json", results)
     session.scalars(results, prefix="quickstart")
     _plot(rows, os.path.join(output_dir, "summary.png"))
     print(f"\n{'method':<48}{'test acc':>10}{'sparsity':>10}{'moved':>9}{'seconds':>9}")
     for label, accuracy, zeros, distance, seconds in rows:
         print(f"{label:<48}{accuracy:>10.4f}{zeros:>10.3f}{distance:>9.2f}{seconds:>9.1f}")
-    print("\ntransfer PGD accuracy at eps " + " / ".join(f"{e:g}" for e in ENSEMBLE_EPSILONS)
-          + ": " + ", ".join(
-              f"{name} " + " / ".join(
-                  f"{results[f'ensemble/{key}/transfer_pgd/{e:g}/accuracy']:.3f}"
-                  for e in ENSEMBLE_EPSILONS)
-              for key, name in (("fip", "FIP ensemble"), ("deep", "deep ensemble"),
-                                ("single", "single network"),
-                                ("surrogate", "surrogate (white-box)")))
-          + f"; example passes: FIP walk {results['ensemble/fip/train_examples']:,}, "
-          f"deep ensemble {results['ensemble/deep/train_examples']:,}")
-    print(f"metric g of the base network ({results['geometry/num_params']} weights): "
-          f"trace {results['geometry/trace']:.3g}, vulnerable fraction "
-          f"rho {results['geometry/rho']:.4f}")
+    print(
+        "\ntransfer PGD accuracy at eps "
+        + " / ".join(f"{e:g}" for e in ENSEMBLE_EPSILONS)
+        + ": "
+        + ", ".join(
+            f"{name} "
+            + " / ".join(
+                f"{results[f'ensemble/{key}/transfer_pgd/{e:g}/accuracy']:.3f}"
+                for e in ENSEMBLE_EPSILONS
+            )
+            for key, name in (
+                ("fip", "FIP ensemble"),
+                ("deep", "deep ensemble"),
+                ("single", "single network"),
+                ("surrogate", "surrogate (white-box)"),
+            )
+        )
+        + f"; example passes: FIP walk {results['ensemble/fip/train_examples']:,}, "
+        f"deep ensemble {results['ensemble/deep/train_examples']:,}"
+    )
+    print(
+        f"metric g of the base network ({results['geometry/num_params']} weights): "
+        f"trace {results['geometry/trace']:.3g}, vulnerable fraction "
+        f"rho {results['geometry/rho']:.4f}"
+    )
     percent = f"{FLAGS.quickstart_sparsity * 100:g}"
     for key in ("gradual", "one_shot"):
         validation = results.get(f"{key}/{percent}/tuning/validation_accuracy")
-        print(f"{key} learning rate {results[f'{key}/{percent}/learning_rate']:g}" + (
-            f", chosen on validation {validation}" if validation else " (not tuned)"))
+        print(
+            f"{key} learning rate {results[f'{key}/{percent}/learning_rate']:g}"
+            + (f", chosen on validation {validation}" if validation else " (not tuned)")
+        )
     if "pruning/tuning/wall_time_seconds" in results:
-        print(f"choosing the baselines' learning rates took "
-              f"{results['pruning/tuning/wall_time_seconds']:.0f} s")
+        print(
+            f"choosing the baselines' learning rates took "
+            f"{results['pruning/tuning/wall_time_seconds']:.0f} s"
+        )
     print(f"wall time {results['wall_time_seconds']:.0f} s")
     print(f"wrote {output_dir}/results.json and summary.png")
     session.close()

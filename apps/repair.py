@@ -116,119 +116,231 @@ METHODS = ("fip", "retrain", "prune")
 SINGLE_DEVICE = {}
 
 # Experiments
-flags.DEFINE_list("repair_parts", list(PARTS), f"Experiment families, among {PARTS} "
-                  "(`vgg` also runs with --repair_vgg).")
-flags.DEFINE_integer("repair_validation_examples", 5000, "Test images used as the "
-                     "validation split (the rest is the held-out test).", lower_bound=1)
-flags.DEFINE_float("repair_target", 0.01, "Recovered: within this of the undamaged "
-                   "validation accuracy.", lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_integer("repair_evaluations_per_epoch", 20, "Validation measurements per "
-                     "epoch.", lower_bound=1)
+flags.DEFINE_list(
+    "repair_parts",
+    list(PARTS),
+    f"Experiment families, among {PARTS} (`vgg` also runs with --repair_vgg).",
+)
+flags.DEFINE_integer(
+    "repair_validation_examples",
+    5000,
+    "Test images used as the validation split (the rest is the held-out test).",
+    lower_bound=1,
+)
+flags.DEFINE_float(
+    "repair_target",
+    0.01,
+    "Recovered: within this of the undamaged validation accuracy.",
+    lower_bound=0.0,
+    upper_bound=1.0,
+)
+flags.DEFINE_integer(
+    "repair_evaluations_per_epoch", 20, "Validation measurements per epoch.", lower_bound=1
+)
 
 # Recovery
 flags.DEFINE_integer("repair_mlp_width", 400, "Hidden units of MLP-1.", lower_bound=1)
 flags.DEFINE_list("repair_fractions", ["0.5", "0.8"], "Fractions of hidden units deleted.")
 flags.DEFINE_integer("repair_max_epochs", 4, "Epoch budget of every repair.", lower_bound=1)
-flags.DEFINE_list("repair_fip_learning_rates", ["3e-4", "1e-3", "3e-3"], "Adam rates of "
-                  "the FIP repair (tuned with --repair_tuning_seeds).")
-flags.DEFINE_enum("repair_fip_distance", "kl", ["l2", "kl", "bhattacharyya"], "Output "
-                  "distance D of the FIP repair's walk after its solves.")
-flags.DEFINE_float("repair_fip_distance_temperature", 4.0, "Temperature of the walk's D "
-                   "(`Repair(distance_temperature=...)`: D between logits / T, × T²); 0: "
-                   "none.", lower_bound=0.0)
-flags.DEFINE_integer("repair_fip_solve_first", 2000, "Training inputs of the FIP "
-                     "repair's first solve batch, output layer only "
-                     "(`Repair(solve_first=...)`; counted in its epochs); 0: none.",
-                     lower_bound=0)
-flags.DEFINE_integer("repair_fip_solve_examples", 5000, "Training inputs per solve batch "
-                     "of the FIP repair after the first (`Repair(solve_output_layer=...)`: "
-                     "the output layer's fit of the undamaged logits and a sweep of the "
-                     "hidden layer; every batch is counted in its epochs); 0: no solve.",
-                     lower_bound=0)
-flags.DEFINE_integer("repair_fip_solve_sweeps", 4, "Gauss-Newton sweeps of the hidden "
-                     "layer before the FIP walk, each on a fresh solve batch "
-                     "(`Repair(solve_sweeps=...)`).", lower_bound=0)
-flags.DEFINE_integer("repair_fip_solve_rank", 200, "Principal input directions of the "
-                     "sweeps (`Repair(solve_rank=...)`).", lower_bound=1)
-flags.DEFINE_float("repair_fip_solve_temperature", 4.0, "Temperature of the softmax "
-                   "weights of the solves (`Repair(solve_temperature=...)`: the logit-space "
-                   "Gauss-Newton model of the KL at this temperature); 0: plain least "
-                   "squares on the logits.", lower_bound=0.0)
-flags.DEFINE_float("repair_fip_solve_damping", 0.1, "Levenberg-Marquardt damping of "
-                   "each unit's step in the sweeps (`Repair(solve_damping=...)`).",
-                   lower_bound=0.0)
-flags.DEFINE_integer("repair_tuning_seeds", 1, "Seeds (the first of --seeds) on whose mean "
-                     "each method's learning rate is tuned; 0: all of them (about 1.8x the "
-                     "recovery part's time).", lower_bound=0)
-flags.DEFINE_list("repair_retrain_learning_rates", ["1e-3", "3e-3", "1e-2"], "Adam rates of "
-                  "retraining (tuned with --repair_tuning_seeds).")
-flags.DEFINE_list("repair_prune_learning_rates", ["0.01", "0.03", "0.1"], "SGD (momentum "
-                  "0.9) rates of prune-one-at-a-time (tuned with --repair_tuning_seeds).")
-flags.DEFINE_integer("repair_prune_units_per_round", 1, "Units deleted per pruning round.",
-                     lower_bound=1)
-flags.DEFINE_integer("repair_prune_steps_per_round", 1, "SGD steps after each pruning "
-                     "round.", lower_bound=1)
+flags.DEFINE_list(
+    "repair_fip_learning_rates",
+    ["3e-4", "1e-3", "3e-3"],
+    "Adam rates of the FIP repair (tuned with --repair_tuning_seeds).",
+)
+flags.DEFINE_enum(
+    "repair_fip_distance",
+    "kl",
+    ["l2", "kl", "bhattacharyya"],
+    "Output distance D of the FIP repair's walk after its solves.",
+)
+flags.DEFINE_float(
+    "repair_fip_distance_temperature",
+    4.0,
+    "Temperature of the walk's D "
+    "(`Repair(distance_temperature=...)`: D between logits / T, × T²); 0: "
+    "none.",
+    lower_bound=0.0,
+)
+flags.DEFINE_integer(
+    "repair_fip_solve_first",
+    2000,
+    "Training inputs of the FIP "
+    "repair's first solve batch, output layer only "
+    "(`Repair(solve_first=...)`; counted in its epochs); 0: none.",
+    lower_bound=0,
+)
+flags.DEFINE_integer(
+    "repair_fip_solve_examples",
+    5000,
+    "Training inputs per solve batch "
+    "of the FIP repair after the first (`Repair(solve_output_layer=...)`: "
+    "the output layer's fit of the undamaged logits and a sweep of the "
+    "hidden layer; every batch is counted in its epochs); 0: no solve.",
+    lower_bound=0,
+)
+flags.DEFINE_integer(
+    "repair_fip_solve_sweeps",
+    4,
+    "Gauss-Newton sweeps of the hidden "
+    "layer before the FIP walk, each on a fresh solve batch "
+    "(`Repair(solve_sweeps=...)`).",
+    lower_bound=0,
+)
+flags.DEFINE_integer(
+    "repair_fip_solve_rank",
+    200,
+    "Principal input directions of the sweeps (`Repair(solve_rank=...)`).",
+    lower_bound=1,
+)
+flags.DEFINE_float(
+    "repair_fip_solve_temperature",
+    4.0,
+    "Temperature of the softmax "
+    "weights of the solves (`Repair(solve_temperature=...)`: the logit-space "
+    "Gauss-Newton model of the KL at this temperature); 0: plain least "
+    "squares on the logits.",
+    lower_bound=0.0,
+)
+flags.DEFINE_float(
+    "repair_fip_solve_damping",
+    0.1,
+    "Levenberg-Marquardt damping of each unit's step in the sweeps (`Repair(solve_damping=...)`).",
+    lower_bound=0.0,
+)
+flags.DEFINE_integer(
+    "repair_tuning_seeds",
+    1,
+    "Seeds (the first of --seeds) on whose mean "
+    "each method's learning rate is tuned; 0: all of them (about 1.8x the "
+    "recovery part's time).",
+    lower_bound=0,
+)
+flags.DEFINE_list(
+    "repair_retrain_learning_rates",
+    ["1e-3", "3e-3", "1e-2"],
+    "Adam rates of retraining (tuned with --repair_tuning_seeds).",
+)
+flags.DEFINE_list(
+    "repair_prune_learning_rates",
+    ["0.01", "0.03", "0.1"],
+    "SGD (momentum 0.9) rates of prune-one-at-a-time (tuned with --repair_tuning_seeds).",
+)
+flags.DEFINE_integer(
+    "repair_prune_units_per_round", 1, "Units deleted per pruning round.", lower_bound=1
+)
+flags.DEFINE_integer(
+    "repair_prune_steps_per_round", 1, "SGD steps after each pruning round.", lower_bound=1
+)
 
 # Iterative damage-repair
-flags.DEFINE_list("repair_iterative_counts", ["100", "200", "300"], "Total hidden units "
-                  "deleted, m.")
-flags.DEFINE_integer("repair_round_budget", 50, "Units deleted per (r∘D) round.",
-                     lower_bound=1)
-flags.DEFINE_enum("repair_iterative_method", "fip", ["retrain", "embryonic", "fip"],
-                  "Repair of each (r∘D) round.")
-flags.DEFINE_float("repair_iterative_learning_rate", 3e-3, "Adam rate of the supervised "
-                   "repairs (retrain, embryonic) in the iterative experiment.",
-                   lower_bound=0.0)
-flags.DEFINE_float("repair_iterative_fip_learning_rate", 1e-3, "Adam rate of the FIP "
-                   "repairs in the iterative experiment.", lower_bound=0.0)
-flags.DEFINE_enum("repair_iterative_fip_distance", "l2", ["l2", "kl", "bhattacharyya"],
-                  "Output distance D of the FIP repairs in the iterative experiment (`l2` "
-                  "on the logits: the objective their output-layer solve minimises).")
-flags.DEFINE_integer("repair_iterative_solve_examples", 2000, "Inputs on which each FIP "
-                     "repair of the iterative experiment (batch and per round) first "
-                     "solves the output layer (counted in its cycles).", lower_bound=0)
+flags.DEFINE_list(
+    "repair_iterative_counts", ["100", "200", "300"], "Total hidden units deleted, m."
+)
+flags.DEFINE_integer("repair_round_budget", 50, "Units deleted per (r∘D) round.", lower_bound=1)
+flags.DEFINE_enum(
+    "repair_iterative_method", "fip", ["retrain", "embryonic", "fip"], "Repair of each (r∘D) round."
+)
+flags.DEFINE_float(
+    "repair_iterative_learning_rate",
+    3e-3,
+    "Adam rate of the supervised repairs (retrain, embryonic) in the iterative experiment.",
+    lower_bound=0.0,
+)
+flags.DEFINE_float(
+    "repair_iterative_fip_learning_rate",
+    1e-3,
+    "Adam rate of the FIP repairs in the iterative experiment.",
+    lower_bound=0.0,
+)
+flags.DEFINE_enum(
+    "repair_iterative_fip_distance",
+    "l2",
+    ["l2", "kl", "bhattacharyya"],
+    "Output distance D of the FIP repairs in the iterative experiment (`l2` "
+    "on the logits: the objective their output-layer solve minimises).",
+)
+flags.DEFINE_integer(
+    "repair_iterative_solve_examples",
+    2000,
+    "Inputs on which each FIP "
+    "repair of the iterative experiment (batch and per round) first "
+    "solves the output layer (counted in its cycles).",
+    lower_bound=0,
+)
 
 # The invariant set
-flags.DEFINE_integer("repair_invariant_loops", 2, "(r∘D) loops (sampler seeds) whose "
-                     "networks are kept.", lower_bound=1)
+flags.DEFINE_integer(
+    "repair_invariant_loops",
+    2,
+    "(r∘D) loops (sampler seeds) whose networks are kept.",
+    lower_bound=1,
+)
 flags.DEFINE_integer("repair_invariant_rounds", 8, "Rounds per loop.", lower_bound=1)
-flags.DEFINE_integer("repair_invariant_budget", 20, "Units deleted per round.",
-                     lower_bound=1)
-flags.DEFINE_integer("repair_invariant_points", 11, "Points on each pairwise line (ends "
-                     "included).", lower_bound=3)
-flags.DEFINE_integer("repair_invariant_examples", 2000, "Validation images on which the "
-                     "losses are measured.", lower_bound=1)
-flags.DEFINE_float("repair_invariant_loss_threshold", None, "Loss threshold of the set "
-                   "(default: the largest loss of the kept networks).")
+flags.DEFINE_integer("repair_invariant_budget", 20, "Units deleted per round.", lower_bound=1)
+flags.DEFINE_integer(
+    "repair_invariant_points", 11, "Points on each pairwise line (ends included).", lower_bound=3
+)
+flags.DEFINE_integer(
+    "repair_invariant_examples",
+    2000,
+    "Validation images on which the losses are measured.",
+    lower_bound=1,
+)
+flags.DEFINE_float(
+    "repair_invariant_loss_threshold",
+    None,
+    "Loss threshold of the set (default: the largest loss of the kept networks).",
+)
 
 # Transitions
-flags.DEFINE_list("repair_transition_fractions", ["0.5", "0.8"], "Deleted fractions of C2 "
-                  "and C3.")
-flags.DEFINE_float("repair_transition_learning_rate", 3e-3, "Adam rate of the FIP "
-                   "repairs of the transitions.", lower_bound=0.0)
+flags.DEFINE_list("repair_transition_fractions", ["0.5", "0.8"], "Deleted fractions of C2 and C3.")
+flags.DEFINE_float(
+    "repair_transition_learning_rate",
+    3e-3,
+    "Adam rate of the FIP repairs of the transitions.",
+    lower_bound=0.0,
+)
 
 # VGG
-flags.DEFINE_bool("repair_vgg", False, "Also run the VGG-11 recovery path when "
-                  "--repair_parts leaves it out.")
+flags.DEFINE_bool(
+    "repair_vgg", False, "Also run the VGG-11 recovery path when --repair_parts leaves it out."
+)
 flags.DEFINE_float("repair_vgg_width", 0.5, "Width multiplier of VGG-11.", lower_bound=0.0)
-flags.DEFINE_float("repair_vgg_fraction", 50 / 60, "Fraction of first-layer filters "
-                   "deleted (the paper's 50 of 60).", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_float(
+    "repair_vgg_fraction",
+    50 / 60,
+    "Fraction of first-layer filters deleted (the paper's 50 of 60).",
+    lower_bound=0.0,
+    upper_bound=1.0,
+)
 flags.DEFINE_string("repair_cifar_dataset", "cifar10", "Dataset of VGG-11.")
 flags.DEFINE_integer("repair_cifar_epochs", 20, "Training epochs of VGG-11.", lower_bound=1)
 flags.DEFINE_integer("repair_path_points", 11, "Points of the VGG paths.", lower_bound=3)
-flags.DEFINE_integer("repair_path_steps", 30, "FIP steps between recovery-path points.",
-                     lower_bound=1)
-flags.DEFINE_float("repair_path_learning_rate", 3e-4, "Adam rate of the recovery path.",
-                   lower_bound=0.0)
-flags.DEFINE_bool("repair_path_rate_with_time", True, "Adam rate of the recovery path "
-                  "proportional to the damage time t (`recovery_path(rate_with_time=...)`: "
-                  "--repair_path_learning_rate at t = 1).")
-flags.DEFINE_enum("repair_path_training", "auto", ["auto", "true", "false"], "Mode of "
-                  "the moving network on the recovery path (`auto`: training mode for "
-                  "BatchNorm nets, moving statistics recalibrated at each point; `false` "
-                  "walks the inference function, BatchNorm on its trained statistics).")
-flags.DEFINE_integer("repair_path_examples", 200, "Inputs on which the break-down speed is "
-                     "measured.", lower_bound=1)
+flags.DEFINE_integer(
+    "repair_path_steps", 30, "FIP steps between recovery-path points.", lower_bound=1
+)
+flags.DEFINE_float(
+    "repair_path_learning_rate", 3e-4, "Adam rate of the recovery path.", lower_bound=0.0
+)
+flags.DEFINE_bool(
+    "repair_path_rate_with_time",
+    True,
+    "Adam rate of the recovery path "
+    "proportional to the damage time t (`recovery_path(rate_with_time=...)`: "
+    "--repair_path_learning_rate at t = 1).",
+)
+flags.DEFINE_enum(
+    "repair_path_training",
+    "auto",
+    ["auto", "true", "false"],
+    "Mode of "
+    "the moving network on the recovery path (`auto`: training mode for "
+    "BatchNorm nets, moving statistics recalibrated at each point; `false` "
+    "walks the inference function, BatchNorm on its trained statistics).",
+)
+flags.DEFINE_integer(
+    "repair_path_examples", 200, "Inputs on which the break-down speed is measured.", lower_bound=1
+)
 
 FLAGS = flags.FLAGS
 
@@ -242,8 +354,12 @@ def _summary(prefix, values):
     the budget in the mean (and `prefix/recovered` says how many did)."""
     present = [v for v in values if v is not None]
     budget = [FLAGS.repair_max_epochs if v is None else v for v in values]
-    return {f"{prefix}/mean": float(np.mean(budget)), f"{prefix}/std": float(np.std(budget)),
-            f"{prefix}/per_seed": values, f"{prefix}/recovered": len(present)}
+    return {
+        f"{prefix}/mean": float(np.mean(budget)),
+        f"{prefix}/std": float(np.std(budget)),
+        f"{prefix}/per_seed": values,
+        f"{prefix}/recovered": len(present),
+    }
 
 
 def _splits(dataset):
@@ -255,51 +371,81 @@ def _splits(dataset):
 
 def _mlp(seed):
     model, _ = models.base_network(
-        "mlp", FLAGS.dataset, epochs=FLAGS.base_epochs, batch_size=FLAGS.batch_size,
-        learning_rate=FLAGS.learning_rate, seed=seed, data_dir=FLAGS.data_dir,
-        cache_dir=FLAGS.cache_dir, hidden_units=FLAGS.repair_mlp_width)
+        "mlp",
+        FLAGS.dataset,
+        epochs=FLAGS.base_epochs,
+        batch_size=FLAGS.batch_size,
+        learning_rate=FLAGS.learning_rate,
+        seed=seed,
+        data_dir=FLAGS.data_dir,
+        cache_dir=FLAGS.cache_dir,
+        hidden_units=FLAGS.repair_mlp_width,
+    )
     return model
 
 
 def _repair(method, model, damaged, learning_rate, splits, seed):
     """One repair: `(history, repaired model)`."""
     (x, y), validation, _ = splits
-    common_kwargs = dict(epochs=FLAGS.repair_max_epochs, target=FLAGS.repair_target,
-                         evaluations_per_epoch=FLAGS.repair_evaluations_per_epoch,
-                         stop_at_target=True, seed=seed)
+    common_kwargs = dict(
+        epochs=FLAGS.repair_max_epochs,
+        target=FLAGS.repair_target,
+        evaluations_per_epoch=FLAGS.repair_evaluations_per_epoch,
+        stop_at_target=True,
+        seed=seed,
+    )
     if method == "prune":
         units = keras_fip.damage_reference(damaged).records[0]["units"]
         repaired, history = keras_fip.baselines.prune_retrain(
-            model, units, (x, y), validation, learning_rate=learning_rate,
+            model,
+            units,
+            (x, y),
+            validation,
+            learning_rate=learning_rate,
             units_per_round=FLAGS.repair_prune_units_per_round,
             steps_per_round=FLAGS.repair_prune_steps_per_round,
-            batch_size=FLAGS.batch_size, **common_kwargs)
+            batch_size=FLAGS.batch_size,
+            **common_kwargs,
+        )
         return history, repaired
     extra = {}
     if method == "fip":
         solving = FLAGS.repair_fip_solve_examples > 0
         sweeps = FLAGS.repair_fip_solve_sweeps if solving else 0
-        extra = {"solve_output_layer": FLAGS.repair_fip_solve_examples,
-                 "solve_sweeps": sweeps,
-                 "solve_rank": FLAGS.repair_fip_solve_rank,
-                 "solve_first": FLAGS.repair_fip_solve_first if sweeps else 0,
-                 "solve_damping": FLAGS.repair_fip_solve_damping,
-                 "solve_temperature": (FLAGS.repair_fip_solve_temperature
-                                       if solving and FLAGS.repair_fip_solve_temperature
-                                       else None),
-                 "distance": FLAGS.repair_fip_distance,
-                 "distance_temperature": FLAGS.repair_fip_distance_temperature or None}
-    op = keras_fip.Repair(data=x if method == "fip" else (x, y), method=method,
-                          validation_data=validation, learning_rate=learning_rate,
-                          batch_size=FLAGS.batch_size, verbose=0, **common_kwargs, **extra)
+        extra = {
+            "solve_output_layer": FLAGS.repair_fip_solve_examples,
+            "solve_sweeps": sweeps,
+            "solve_rank": FLAGS.repair_fip_solve_rank,
+            "solve_first": FLAGS.repair_fip_solve_first if sweeps else 0,
+            "solve_damping": FLAGS.repair_fip_solve_damping,
+            "solve_temperature": (
+                FLAGS.repair_fip_solve_temperature
+                if solving and FLAGS.repair_fip_solve_temperature
+                else None
+            ),
+            "distance": FLAGS.repair_fip_distance,
+            "distance_temperature": FLAGS.repair_fip_distance_temperature or None,
+        }
+    op = keras_fip.Repair(
+        data=x if method == "fip" else (x, y),
+        method=method,
+        validation_data=validation,
+        learning_rate=learning_rate,
+        batch_size=FLAGS.batch_size,
+        verbose=0,
+        **common_kwargs,
+        **extra,
+    )
     repaired = op(damaged)
     return op.history, repaired
 
 
 def _recovered_by_solves(history):
     """Whether a FIP run recovered within its solves, before its walk (every rate ties)."""
-    return (history.get("epochs_to_recover") is not None
-            and history["epochs_to_recover"] <= history.get("solve_epochs", -1.0) + 1e-9)
+    return (
+        history.get("epochs_to_recover") is not None
+        and history["epochs_to_recover"] <= history.get("solve_epochs", -1.0) + 1e-9
+    )
 
 
 def _tuned(method, cases, splits):
@@ -313,8 +459,9 @@ def _tuned(method, cases, splits):
     for rate in grid:
         runs[rate] = {}
         for seed, model, damaged in cases:
-            solved = [r[seed] for r in runs.values()
-                      if seed in r and _recovered_by_solves(r[seed][0])]
+            solved = [
+                r[seed] for r in runs.values() if seed in r and _recovered_by_solves(r[seed][0])
+            ]
             if solved:  # Recovered by the FIP's solves, before its walk: every rate ties.
                 runs[rate][seed] = solved[0]
                 continue
@@ -327,14 +474,24 @@ def _tuned(method, cases, splits):
             continue
         histories = [history for history, _ in runs[rate].values()]
         scores[rate] = (
-            float(np.mean([FLAGS.repair_max_epochs if h["epochs_to_recover"] is None
-                           else h["epochs_to_recover"] for h in histories])),
-            -float(np.mean([h["val_accuracy"][-1] for h in histories])))
+            float(
+                np.mean(
+                    [
+                        FLAGS.repair_max_epochs
+                        if h["epochs_to_recover"] is None
+                        else h["epochs_to_recover"]
+                        for h in histories
+                    ]
+                )
+            ),
+            -float(np.mean([h["val_accuracy"][-1] for h in histories])),
+        )
         if any(h["epochs_to_recover"] is None for h in histories):
             unrecovered.add(rate)
     best = min(scores, key=scores.get)
-    grid = {_key(r): (None if np.isinf(s[0]) or r in unrecovered else s[0])
-            for r, s in scores.items()}
+    grid = {
+        _key(r): (None if np.isinf(s[0]) or r in unrecovered else s[0]) for r, s in scores.items()
+    }
     return best, grid, runs[best]
 
 
@@ -352,9 +509,11 @@ def recovery(methods, seeds, splits):
             cases.append((seed, model, damaged))
             if index == 0:
                 results[f"{prefix}/undamaged/test/accuracy"] = models.evaluate_classifier(
-                    model, x_test, y_test)["accuracy"]
+                    model, x_test, y_test
+                )["accuracy"]
                 results[f"{prefix}/damaged/test/accuracy"] = models.evaluate_classifier(
-                    damaged, x_test, y_test)["accuracy"]
+                    damaged, x_test, y_test
+                )["accuracy"]
         for method in methods:
             # Tune on the first `tuning` seeds; their chosen runs are theirs.
             rate, grid, tuned = _tuned(method, cases[:tuning], splits)
@@ -362,20 +521,36 @@ def recovery(methods, seeds, splits):
             results[f"{prefix}/{method}/tuning/epochs_to_recover"] = grid
             runs = []
             for index, (seed, model, damaged) in enumerate(cases):
-                history, repaired = (tuned[seed] if seed in tuned else
-                                     _repair(method, model, damaged, rate, splits, seed))
-                runs.append({
-                    "epochs_to_recover": history["epochs_to_recover"],
-                    "test": models.evaluate_classifier(repaired, x_test, y_test)["accuracy"]})
+                history, repaired = (
+                    tuned[seed]
+                    if seed in tuned
+                    else _repair(method, model, damaged, rate, splits, seed)
+                )
+                runs.append(
+                    {
+                        "epochs_to_recover": history["epochs_to_recover"],
+                        "test": models.evaluate_classifier(repaired, x_test, y_test)["accuracy"],
+                    }
+                )
                 if index == 0:
-                    curves[(fraction, method)] = (history["epoch"], history["val_accuracy"],
-                                                  history["undamaged_accuracy"])
-                print(f"{prefix} seed {seed} {method}: recovered at "
-                      f"{history['epochs_to_recover']} epochs (lr {rate:g})", flush=True)
-            results.update(_summary(f"{prefix}/{method}/epochs_to_recover",
-                                    [r["epochs_to_recover"] for r in runs]))
+                    curves[(fraction, method)] = (
+                        history["epoch"],
+                        history["val_accuracy"],
+                        history["undamaged_accuracy"],
+                    )
+                print(
+                    f"{prefix} seed {seed} {method}: recovered at "
+                    f"{history['epochs_to_recover']} epochs (lr {rate:g})",
+                    flush=True,
+                )
+            results.update(
+                _summary(
+                    f"{prefix}/{method}/epochs_to_recover", [r["epochs_to_recover"] for r in runs]
+                )
+            )
             results[f"{prefix}/{method}/test/accuracy/mean"] = float(
-                np.mean([r["test"] for r in runs]))
+                np.mean([r["test"] for r in runs])
+            )
         if "fip" in methods:
             fip = results[f"{prefix}/fip/epochs_to_recover/mean"]
             for other in [m for m in methods if m != "fip"]:
@@ -385,7 +560,7 @@ def recovery(methods, seeds, splits):
     largest = _key(max(float(f) for f in FLAGS.repair_fractions))
     for key in list(results):
         if key.startswith(f"mlp/{largest}/") and "/tuning/" not in key:
-            results["mlp/" + key[len(f"mlp/{largest}/"):]] = results[key]
+            results["mlp/" + key[len(f"mlp/{largest}/") :]] = results[key]
     return results, curves
 
 
@@ -395,8 +570,10 @@ def _round_repair(method, seed, splits, epochs=None):
     (x, y), _, _ = splits
     if method == "fip":
         kwargs = _repair_kwargs(splits, FLAGS.repair_iterative_fip_learning_rate)
-        kwargs.update(solve_output_layer=FLAGS.repair_iterative_solve_examples,
-                      distance=FLAGS.repair_iterative_fip_distance)
+        kwargs.update(
+            solve_output_layer=FLAGS.repair_iterative_solve_examples,
+            distance=FLAGS.repair_iterative_fip_distance,
+        )
         data_ = x
     else:
         kwargs = _repair_kwargs(splits, FLAGS.repair_iterative_learning_rate)
@@ -433,28 +610,36 @@ def iterative(seeds, splits):
                 cycles[method].append(op.history["epochs_to_recover"])
             rounds = -(-count // FLAGS.repair_round_budget)
             loop = keras_fip.DamageRepair(
-                rounds=rounds, count=FLAGS.repair_round_budget, seed=seed,
-                repair=_round_repair(FLAGS.repair_iterative_method, seed, splits))
+                rounds=rounds,
+                count=FLAGS.repair_round_budget,
+                seed=seed,
+                repair=_round_repair(FLAGS.repair_iterative_method, seed, splits),
+            )
             loop(model)
-            cycles["damage_repair"].append(loop.history["cycles"]
-                                           if loop.history["recovered"] else None)
+            cycles["damage_repair"].append(
+                loop.history["cycles"] if loop.history["recovered"] else None
+            )
             last_round.append(loop.history["rounds"][-1]["epochs_to_recover"])
-            print(f"iterative m={count} seed {seed}: " + ", ".join(
-                f"{k} {v[-1]}" for k, v in cycles.items()), flush=True)
+            print(
+                f"iterative m={count} seed {seed}: "
+                + ", ".join(f"{k} {v[-1]}" for k, v in cycles.items()),
+                flush=True,
+            )
         for method, values in cycles.items():
             results.update(_summary(f"iterative/{count}/{method}/cycles", values))
         # The epochs the last round needed (the network's recovery from its last damage).
-        results.update(_summary(f"iterative/{count}/damage_repair/last_round_cycles",
-                                last_round))
+        results.update(_summary(f"iterative/{count}/damage_repair/last_round_cycles", last_round))
         table[count] = {m: results[f"iterative/{count}/{m}/cycles/mean"] for m in cycles}
         results[f"iterative/{count}/fewer_cycles"] = bool(
-            table[count]["damage_repair"] < min(table[count]["retrain"],
-                                               table[count]["embryonic"]))
+            table[count]["damage_repair"] < min(table[count]["retrain"], table[count]["embryonic"])
+        )
         if "fip" in table[count]:
             results[f"iterative/{count}/fewer_cycles_than_batch_fip"] = bool(
-                table[count]["damage_repair"] < table[count]["fip"])
+                table[count]["damage_repair"] < table[count]["fip"]
+            )
     results["iterative/fewer_cycles_at_every_m"] = all(
-        results[f"iterative/{c}/fewer_cycles"] for c in table)
+        results[f"iterative/{c}/fewer_cycles"] for c in table
+    )
     return results, table
 
 
@@ -465,18 +650,18 @@ class _Scorer:
         self.model = keras_fip.strip_masks(model)
         inputs, labels = tf.constant(np.asarray(x, "float32")), tf.constant(np.asarray(y))
         count = int(inputs.shape[0])
-        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
-                                                             reduction="sum")
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
 
         @tf.function
         def score():
             loss, correct = tf.constant(0.0, tf.float64), tf.constant(0, tf.int64)
             for start in tf.range(0, count, batch_size):
-                logits = self.model(inputs[start:start + batch_size], training=False)
-                batch = labels[start:start + batch_size]
+                logits = self.model(inputs[start : start + batch_size], training=False)
+                batch = labels[start : start + batch_size]
                 loss += tf.cast(loss_fn(batch, logits), tf.float64)
-                correct += tf.reduce_sum(tf.cast(
-                    tf.argmax(logits, axis=-1) == tf.cast(batch, tf.int64), tf.int64))
+                correct += tf.reduce_sum(
+                    tf.cast(tf.argmax(logits, axis=-1) == tf.cast(batch, tf.int64), tf.int64)
+                )
             return loss / count, tf.cast(correct, tf.float64) / count
 
         self._score = score
@@ -489,10 +674,16 @@ class _Scorer:
 
 def _repair_kwargs(splits, learning_rate):
     _, validation, _ = splits
-    return dict(validation_data=validation, target=FLAGS.repair_target,
-                evaluations_per_epoch=FLAGS.repair_evaluations_per_epoch,
-                stop_at_target=True, learning_rate=learning_rate,
-                batch_size=FLAGS.batch_size, epochs=FLAGS.repair_max_epochs, verbose=0)
+    return dict(
+        validation_data=validation,
+        target=FLAGS.repair_target,
+        evaluations_per_epoch=FLAGS.repair_evaluations_per_epoch,
+        stop_at_target=True,
+        learning_rate=learning_rate,
+        batch_size=FLAGS.batch_size,
+        epochs=FLAGS.repair_max_epochs,
+        verbose=0,
+    )
 
 
 def invariant(seed, splits):
@@ -504,27 +695,37 @@ def invariant(seed, splits):
     networks, labels = [model.get_weights()], [(-1, 0)]
     for loop in range(FLAGS.repair_invariant_loops):
         repair = _round_repair(FLAGS.repair_iterative_method, seed, splits)
-        op = keras_fip.DamageRepair(rounds=FLAGS.repair_invariant_rounds,
-                                    count=FLAGS.repair_invariant_budget, repair=repair,
-                                    seed=1000 * seed + loop, keep_networks=True)
+        op = keras_fip.DamageRepair(
+            rounds=FLAGS.repair_invariant_rounds,
+            count=FLAGS.repair_invariant_budget,
+            repair=repair,
+            seed=1000 * seed + loop,
+            keep_networks=True,
+        )
         op(model)
         networks += op.networks
         labels += [(loop, index + 1) for index in range(len(op.networks))]
-        print(f"invariant loop {loop}: {len(op.networks)} networks, cycles "
-              f"{op.history['cycles']:.2f}")
+        print(
+            f"invariant loop {loop}: {len(op.networks)} networks, cycles {op.history['cycles']:.2f}"
+        )
     count = FLAGS.repair_invariant_examples
     scorer = _Scorer(model, x_val[:count], y_val[:count])
     scores = [scorer(weights) for weights in networks]
     losses = np.array([loss for loss, _ in scores])
-    threshold = (FLAGS.repair_invariant_loss_threshold
-                 if FLAGS.repair_invariant_loss_threshold is not None else float(losses.max()))
+    threshold = (
+        FLAGS.repair_invariant_loss_threshold
+        if FLAGS.repair_invariant_loss_threshold is not None
+        else float(losses.max())
+    )
     # Every pair, joined by a straight line
     times = np.linspace(0.0, 1.0, FLAGS.repair_invariant_points)[1:-1]
     pairs, highest, barriers = [], [], []
     for i in range(len(networks)):
         for j in range(i + 1, len(networks)):
-            line = [scorer([(1 - t) * a + t * b for a, b in zip(networks[i], networks[j])])[0]
-                    for t in times]
+            line = [
+                scorer([(1 - t) * a + t * b for a, b in zip(networks[i], networks[j])])[0]
+                for t in times
+            ]
             pairs.append((i, j))
             highest.append(max(line))
             barriers.append(max(line) - max(losses[i], losses[j]))
@@ -534,8 +735,9 @@ def invariant(seed, splits):
     # A 2-D embedding of the networks
     flat = np.stack([np.concatenate([np.ravel(w) for w in weights]) for weights in networks])
     perplexity = float(min(30.0, max(2.0, (len(networks) - 1) / 3)))
-    embedding = TSNE(n_components=2, perplexity=perplexity, init="pca",
-                     random_state=seed).fit_transform(flat)
+    embedding = TSNE(
+        n_components=2, perplexity=perplexity, init="pca", random_state=seed
+    ).fit_transform(flat)
     results = {
         "invariant/num_networks": len(networks),
         "invariant/labels": [list(label) for label in labels],
@@ -544,20 +746,27 @@ def invariant(seed, splits):
         "invariant/loss_threshold": threshold,
         "invariant/num_pairs": len(pairs),
         "invariant/connected_fraction": float(np.mean(connected)),
-        "invariant/connected_fraction/with_undamaged": float(
-            np.mean(connected[undamaged_pairs])),
-        "invariant/connected_fraction/within_loop": float(np.mean(
-            [c for (i, j), c in zip(pairs, connected) if i > 0
-             and labels[i][0] == labels[j][0]] or [np.nan])),
-        "invariant/connected_fraction/across_loops": float(np.mean(
-            [c for (i, j), c in zip(pairs, connected) if i > 0
-             and labels[i][0] != labels[j][0]] or [np.nan])),
+        "invariant/connected_fraction/with_undamaged": float(np.mean(connected[undamaged_pairs])),
+        "invariant/connected_fraction/within_loop": float(
+            np.mean(
+                [c for (i, j), c in zip(pairs, connected) if i > 0 and labels[i][0] == labels[j][0]]
+                or [np.nan]
+            )
+        ),
+        "invariant/connected_fraction/across_loops": float(
+            np.mean(
+                [c for (i, j), c in zip(pairs, connected) if i > 0 and labels[i][0] != labels[j][0]]
+                or [np.nan]
+            )
+        ),
         "invariant/barrier/mean": float(np.mean(barriers)),
         "invariant/barrier/max": float(np.max(barriers)),
         "invariant/embedding": embedding.tolist(),
     }
-    print(f"invariant: {len(networks)} networks, {np.mean(connected):.2%} of "
-          f"{len(pairs)} lines under the loss {threshold:.4f}")
+    print(
+        f"invariant: {len(networks)} networks, {np.mean(connected):.2%} of "
+        f"{len(pairs)} lines under the loss {threshold:.4f}"
+    )
     return results, (embedding, losses, pairs, connected)
 
 
@@ -566,11 +775,15 @@ def transitions(seed, splits):
     (x, _), _, (x_test, y_test) = splits
     model = _mlp(seed)
     kwargs = _repair_kwargs(splits, FLAGS.repair_transition_learning_rate)
-    results = {"transitions/C1/test/accuracy": models.evaluate_classifier(
-        model, x_test, y_test)["accuracy"]}
+    results = {
+        "transitions/C1/test/accuracy": models.evaluate_classifier(model, x_test, y_test)[
+            "accuracy"
+        ]
+    }
     current = model
-    steps = [(f"C{i + 1}_to_C{i + 2}", float(f)) for i, f in
-             enumerate(FLAGS.repair_transition_fractions)]
+    steps = [
+        (f"C{i + 1}_to_C{i + 2}", float(f)) for i, f in enumerate(FLAGS.repair_transition_fractions)
+    ]
     steps.append((f"C{len(steps) + 1}_to_C{len(steps) + 2}", None))
     for name, fraction in steps:
         if fraction is not None:  # Delete more (the same seeded order: a superset)
@@ -585,37 +798,57 @@ def transitions(seed, splits):
         results[f"transitions/{name}/epochs_to_recover"] = recovered
         results[f"transitions/{name}/epochs"] = op.history["epochs"]
         results[f"transitions/{name}/test/accuracy"] = models.evaluate_classifier(
-            current, x_test, y_test)["accuracy"]
-        print(f"transition {name}: from {op.history['val_accuracy'][0]:.4f}, recovered at "
-              f"{recovered} epochs")
+            current, x_test, y_test
+        )["accuracy"]
+        print(
+            f"transition {name}: from {op.history['val_accuracy'][0]:.4f}, recovered at "
+            f"{recovered} epochs"
+        )
     done = [results[f"transitions/{name}/epochs_to_recover"] for name, _ in steps]
     results["transitions/all_recovered"] = all(v is not None for v in done)
     results["transitions/max_epochs_to_recover"] = (
-        float(max(done)) if all(v is not None for v in done) else None)
+        float(max(done)) if all(v is not None for v in done) else None
+    )
     return results, None
 
 
 def vgg(seed):
     """Accuracy and break-down along the recovery path and the straight damage path."""
     model, base = models.base_network(
-        "vgg11", FLAGS.repair_cifar_dataset, epochs=FLAGS.repair_cifar_epochs,
-        batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate, seed=seed,
-        data_dir=FLAGS.data_dir, cache_dir=FLAGS.cache_dir,
-        width_multiplier=FLAGS.repair_vgg_width)
+        "vgg11",
+        FLAGS.repair_cifar_dataset,
+        epochs=FLAGS.repair_cifar_epochs,
+        batch_size=FLAGS.batch_size,
+        learning_rate=FLAGS.learning_rate,
+        seed=seed,
+        data_dir=FLAGS.data_dir,
+        cache_dir=FLAGS.cache_dir,
+        width_multiplier=FLAGS.repair_vgg_width,
+    )
     x, _ = data.load(FLAGS.repair_cifar_dataset, "train", FLAGS.data_dir)
     x_test, y_test = data.load(FLAGS.repair_cifar_dataset, "test", FLAGS.data_dir)
-    first = next(layer.name for layer in model.layers if "conv" in layer.name.lower()
-                 and hasattr(layer, "kernel"))
-    damaged = keras_fip.Damage("nodes", fraction=FLAGS.repair_vgg_fraction, layers=[first],
-                               scope="per_layer", seed=seed)(model)
+    first = next(
+        layer.name
+        for layer in model.layers
+        if "conv" in layer.name.lower() and hasattr(layer, "kernel")
+    )
+    damaged = keras_fip.Damage(
+        "nodes", fraction=FLAGS.repair_vgg_fraction, layers=[first], scope="per_layer", seed=seed
+    )(model)
     masks = keras_fip.damage_reference(damaged).damage_masks
     began = time.perf_counter()
     recovery_points, times = recovery_path(
-        model, masks, x, num_points=FLAGS.repair_path_points,
+        model,
+        masks,
+        x,
+        num_points=FLAGS.repair_path_points,
         steps_per_point=FLAGS.repair_path_steps,
-        learning_rate=FLAGS.repair_path_learning_rate, batch_size=FLAGS.batch_size,
+        learning_rate=FLAGS.repair_path_learning_rate,
+        batch_size=FLAGS.batch_size,
         training={"auto": "auto", "true": True, "false": False}[FLAGS.repair_path_training],
-        seed=seed, rate_with_time=FLAGS.repair_path_rate_with_time)
+        seed=seed,
+        rate_with_time=FLAGS.repair_path_rate_with_time,
+    )
     print(f"vgg: recovery path walked in {time.perf_counter() - began:.0f} s", flush=True)
     straight_points, _ = geometry.damage_path(model, damaged, FLAGS.repair_path_points)
     working = keras_fip.strip_masks(model)
@@ -634,36 +867,47 @@ def vgg(seed):
             working.set_weights(point)
             if recalibrate:  # The recovery path recalibrated its own.
                 keras_fip.engine.normalization.recalibrate_batch_normalization(
-                    working, x, 2 * FLAGS.batch_size, max_examples=4096)
+                    working, x, 2 * FLAGS.batch_size, max_examples=4096
+                )
             visited.append(working.get_weights())
             accuracies.append(models.evaluate_classifier(working, x_test, y_test)["accuracy"])
         points = visited
-        profile = geometry.breakdown_profile(points, x[:FLAGS.repair_path_examples],
-                                             model=working, times=times,
-                                             outputs="probabilities")
+        profile = geometry.breakdown_profile(
+            points,
+            x[: FLAGS.repair_path_examples],
+            model=working,
+            times=times,
+            outputs="probabilities",
+        )
         curves[name] = (accuracies, profile)
-        print(f"vgg: {name} path measured ({time.perf_counter() - began:.0f} s): accuracy "
-              + " ".join(f"{a:.3f}" for a in accuracies), flush=True)
+        print(
+            f"vgg: {name} path measured ({time.perf_counter() - began:.0f} s): accuracy "
+            + " ".join(f"{a:.3f}" for a in accuracies),
+            flush=True,
+        )
     recovered, straight = curves["recovery"][0], curves["straight"][0]
     results = {
         "vgg11/test/accuracy": base["test/accuracy"],
         "vgg11/dataset/subset": base["dataset/subset"],
         "vgg11/layer": first,
-        "vgg11/filters_deleted": len(keras_fip.damage_reference(damaged)
-                                     .records[0]["units"][first]),
+        "vgg11/filters_deleted": len(
+            keras_fip.damage_reference(damaged).records[0]["units"][first]
+        ),
         "vgg11/times": times.tolist(),
         "vgg11/recovery/test/accuracy": recovered,
         "vgg11/straight/test/accuracy": straight,
         "vgg11/recovery/min_accuracy": float(np.min(recovered)),
         "vgg11/straight/min_accuracy": float(np.min(straight)),
         "vgg11/recovery_above_straight_at_every_point": bool(
-            all(r > s for r, s in zip(recovered[1:], straight[1:]))),
+            all(r > s for r, s in zip(recovered[1:], straight[1:]))
+        ),
     }
     if "straight_recalibrated" in curves:
         calibrated = curves["straight_recalibrated"][0]
         results["vgg11/straight_recalibrated/test/accuracy"] = calibrated
         results["vgg11/recovery_above_straight_recalibrated_at_every_point"] = bool(
-            all(r > s for r, s in zip(recovered[1:], calibrated[1:])))
+            all(r > s for r, s in zip(recovered[1:], calibrated[1:]))
+        )
     for name, (_, profile) in curves.items():
         results[f"vgg11/{name}/breakdown_speed"] = profile["speed"].tolist()
         results[f"vgg11/{name}/breakdown_acceleration"] = profile["acceleration"].tolist()
@@ -673,14 +917,18 @@ def vgg(seed):
 
 def plot_recovery(curves, output_dir):
     fractions = sorted({f for f, _ in curves})
-    figure, axes = plt.subplots(1, len(fractions), figsize=(5 * len(fractions), 3.8),
-                                squeeze=False)
+    figure, axes = plt.subplots(1, len(fractions), figsize=(5 * len(fractions), 3.8), squeeze=False)
     for axis, fraction in zip(axes[0], fractions):
-        for (f, method), (epochs, accuracy, undamaged) in curves.items():
+        for (f, method), (epochs, accuracy, reference) in curves.items():
             if f == fraction:
                 axis.plot(epochs, accuracy, marker=".", label=method)
-        axis.axhline(undamaged - FLAGS.repair_target, color="black", linestyle="--",
-                     label="undamaged − target")
+                undamaged = reference
+        axis.axhline(
+            undamaged - FLAGS.repair_target,
+            color="black",
+            linestyle="--",
+            label="undamaged − target",
+        )
         axis.set_xlabel("epochs (same examples per epoch for every method)")
         axis.set_ylabel("validation accuracy")
         axis.set_title(f"MLP-1, {100 * fraction:g}% hidden units deleted")
@@ -693,10 +941,12 @@ def plot_recovery(curves, output_dir):
 def plot_iterative(table, output_dir):
     figure, axis = plt.subplots(figsize=(5, 3.8))
     counts = sorted(table)
-    for method, label in (("retrain", "batch, strategy 1 (retrain)"),
-                          ("embryonic", "batch, strategy 2 (embryonic)"),
-                          ("fip", "batch, FIP"),
-                          ("damage_repair", "iterative (r∘D)")):
+    for method, label in (
+        ("retrain", "batch, strategy 1 (retrain)"),
+        ("embryonic", "batch, strategy 2 (embryonic)"),
+        ("fip", "batch, FIP"),
+        ("damage_repair", "iterative (r∘D)"),
+    ):
         if method in table[counts[0]]:
             axis.plot(counts, [table[c][method] for c in counts], marker="o", label=label)
     axis.set_xlabel("hidden units deleted, m")
@@ -712,12 +962,19 @@ def plot_invariant(info, output_dir):
     figure, axis = plt.subplots(figsize=(5.5, 4.2))
     for (i, j), joined in zip(pairs, connected):
         if joined:
-            axis.plot(embedding[[i, j], 0], embedding[[i, j], 1], color="0.85",
-                      linewidth=0.5, zorder=0)
-    points = axis.scatter(embedding[:, 0], embedding[:, 1], c=losses, cmap="viridis",
-                          zorder=1)
-    axis.scatter(embedding[:1, 0], embedding[:1, 1], marker="*", s=200, c="tab:red",
-                 label="undamaged", zorder=2)
+            axis.plot(
+                embedding[[i, j], 0], embedding[[i, j], 1], color="0.85", linewidth=0.5, zorder=0
+            )
+    points = axis.scatter(embedding[:, 0], embedding[:, 1], c=losses, cmap="viridis", zorder=1)
+    axis.scatter(
+        embedding[:1, 0],
+        embedding[:1, 1],
+        marker="*",
+        s=200,
+        c="tab:red",
+        label="undamaged",
+        zorder=2,
+    )
     figure.colorbar(points, label="validation loss")
     axis.set_title(f"(r∘D) networks: {np.mean(connected):.0%} of lines under the threshold")
     axis.set_xlabel("t-SNE 1")
@@ -732,8 +989,9 @@ def plot_vgg(times, curves, output_dir):
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, (accuracies, profile) in curves.items():
         left.plot(times, accuracies, marker="o", label=f"{name} path")
-        right.plot(profile["acceleration_times"], profile["acceleration"], marker=".",
-                   label=f"{name} path")
+        right.plot(
+            profile["acceleration_times"], profile["acceleration"], marker=".", label=f"{name} path"
+        )
     left.set_xlabel("damage time t (deleted filters scaled by 1 − t)")
     left.set_ylabel("test accuracy")
     left.legend()
@@ -762,10 +1020,24 @@ def main(argv):
 
 def _main(parts, methods, seeds, run):
     output_dir = run.output_dir
-    common.write_json(output_dir, "config.json", common.flag_values(
-        [name for name in FLAGS if name.startswith("repair_")]
-        + ["dataset", "data_dir", "base_epochs", "batch_size", "learning_rate", "seeds",
-           "methods", "strategy", "tpu"]))
+    common.write_json(
+        output_dir,
+        "config.json",
+        common.flag_values(
+            [name for name in FLAGS if name.startswith("repair_")]
+            + [
+                "dataset",
+                "data_dir",
+                "base_epochs",
+                "batch_size",
+                "learning_rate",
+                "seeds",
+                "methods",
+                "strategy",
+                "tpu",
+            ]
+        ),
+    )
     common.set_seed(seeds[0])
     start = time.perf_counter()
     results = {}
@@ -777,8 +1049,11 @@ def _main(parts, methods, seeds, run):
         results[f"time/{part}_seconds"] = time.perf_counter() - began
         results["wall_time_seconds"] = time.perf_counter() - start
         common.write_json(output_dir, "results.json", results)
-        print(f"part {part} done in {results[f'time/{part}_seconds']:.0f} s "
-              f"({results['wall_time_seconds']:.0f} s so far)", flush=True)
+        print(
+            f"part {part} done in {results[f'time/{part}_seconds']:.0f} s "
+            f"({results['wall_time_seconds']:.0f} s so far)",
+            flush=True,
+        )
 
     if any(part in parts for part in ("recovery", "iterative", "invariant", "transitions")):
         splits = _splits(FLAGS.dataset)

@@ -74,67 +74,120 @@ _RUN = {}  # {"run": common.Run} while main runs (the base networks' strategy an
 
 # Experiments
 flags.DEFINE_list("resilience_parts", list(PARTS), f"Experiment families, among {PARTS}.")
-flags.DEFINE_integer("resilience_eval_examples", None, "Test examples evaluated (default: "
-                     "the whole test split).", lower_bound=1)
+flags.DEFINE_integer(
+    "resilience_eval_examples",
+    None,
+    "Test examples evaluated (default: the whole test split).",
+    lower_bound=1,
+)
 
 # Vulnerability
 flags.DEFINE_list("resilience_mnist_models", ["lenet_300_100"], "Zoo networks on --dataset.")
-flags.DEFINE_list("resilience_cifar_models", ["cnn5"], "Zoo networks on "
-                  "--resilience_cifar_dataset.")
-flags.DEFINE_bool("resilience_vgg", False, "Also run VGG-11 (vulnerability on the CIFAR set, "
-                  "and layer-by-layer deletion).")
+flags.DEFINE_list(
+    "resilience_cifar_models", ["cnn5"], "Zoo networks on --resilience_cifar_dataset."
+)
+flags.DEFINE_bool(
+    "resilience_vgg",
+    False,
+    "Also run VGG-11 (vulnerability on the CIFAR set, and layer-by-layer deletion).",
+)
 flags.DEFINE_float("resilience_vgg_width", 0.5, "Width multiplier of VGG-11.", lower_bound=0.0)
 flags.DEFINE_string("resilience_cifar_dataset", "cifar10", "Dataset of the CIFAR networks.")
-flags.DEFINE_integer("resilience_cifar_epochs", 20, "Training epochs of the CIFAR networks.",
-                     lower_bound=1)
-flags.DEFINE_integer("resilience_directions", 1000, "Random unit-norm directions per "
-                     "--dataset network.", lower_bound=1)
-flags.DEFINE_integer("resilience_cifar_directions", 100, "Random directions per CIFAR "
-                     "network.", lower_bound=1)
-flags.DEFINE_float("resilience_norm", 1.0, "Norm of the random and eigen perturbations.",
-                   lower_bound=0.0)
-flags.DEFINE_integer("resilience_num_eigenpairs", 20, "k: top eigenvectors of g mixed by the "
-                     "eigen perturbation.", lower_bound=1)
+flags.DEFINE_integer(
+    "resilience_cifar_epochs", 20, "Training epochs of the CIFAR networks.", lower_bound=1
+)
+flags.DEFINE_integer(
+    "resilience_directions",
+    1000,
+    "Random unit-norm directions per --dataset network.",
+    lower_bound=1,
+)
+flags.DEFINE_integer(
+    "resilience_cifar_directions", 100, "Random directions per CIFAR network.", lower_bound=1
+)
+flags.DEFINE_float(
+    "resilience_norm", 1.0, "Norm of the random and eigen perturbations.", lower_bound=0.0
+)
+flags.DEFINE_integer(
+    "resilience_num_eigenpairs",
+    20,
+    "k: top eigenvectors of g mixed by the eigen perturbation.",
+    lower_bound=1,
+)
 flags.DEFINE_enum("resilience_mixing", "equal", ["equal", "sqrt"], "Eigenvector mixing.")
-flags.DEFINE_integer("resilience_metric_examples", 1000, "Training inputs over which g is "
-                     "averaged.", lower_bound=1)
-flags.DEFINE_integer("resilience_scatter_directions", 100, "Random directions whose δᵀgδ is "
-                     "computed for the prediction scatter.", lower_bound=0)
-flags.DEFINE_integer("resilience_rho_examples", 200, "Inputs of the metric whose ρ is "
-                     "estimated.", lower_bound=1)
+flags.DEFINE_integer(
+    "resilience_metric_examples", 1000, "Training inputs over which g is averaged.", lower_bound=1
+)
+flags.DEFINE_integer(
+    "resilience_scatter_directions",
+    100,
+    "Random directions whose δᵀgδ is computed for the prediction scatter.",
+    lower_bound=0,
+)
+flags.DEFINE_integer(
+    "resilience_rho_examples", 200, "Inputs of the metric whose ρ is estimated.", lower_bound=1
+)
 flags.DEFINE_integer("resilience_rho_probes", 4, "SLQ probes for ρ.", lower_bound=1)
 flags.DEFINE_integer("resilience_rho_steps", 40, "SLQ Lanczos steps for ρ.", lower_bound=2)
 
 # Deletion
 flags.DEFINE_integer("resilience_mlp_width", 400, "Hidden units of MLP-1.", lower_bound=1)
-flags.DEFINE_float("resilience_deletion_step", 0.05, "Step of the deleted fraction.",
-                   lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_integer("resilience_deletion_seeds", 10, "Deletion orders of MLP-1.",
-                     lower_bound=1)
-flags.DEFINE_integer("resilience_path_examples", 500, "Training inputs on which the "
-                     "break-down speed is measured.", lower_bound=1)
-flags.DEFINE_enum("resilience_path_outputs", "probabilities", ["logits", "probabilities"],
-                  "Outputs whose metric measures the break-down speed: on logits a deleted "
-                  "unit's change is the same wherever it is deleted (MLP-1's logits are a "
-                  "sum over units), on probabilities it grows as the margins shrink.")
-flags.DEFINE_list("resilience_layer_models", ["lenet_300_100"], "Networks deleted layer by "
-                  "layer (VGG-11 is added by --resilience_vgg).")
-flags.DEFINE_float("resilience_layer_step", 0.1, "Step of the per-layer deleted fraction.",
-                   lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_float(
+    "resilience_deletion_step",
+    0.05,
+    "Step of the deleted fraction.",
+    lower_bound=0.0,
+    upper_bound=1.0,
+)
+flags.DEFINE_integer("resilience_deletion_seeds", 10, "Deletion orders of MLP-1.", lower_bound=1)
+flags.DEFINE_integer(
+    "resilience_path_examples",
+    500,
+    "Training inputs on which the break-down speed is measured.",
+    lower_bound=1,
+)
+flags.DEFINE_enum(
+    "resilience_path_outputs",
+    "probabilities",
+    ["logits", "probabilities"],
+    "Outputs whose metric measures the break-down speed: on logits a deleted "
+    "unit's change is the same wherever it is deleted (MLP-1's logits are a "
+    "sum over units), on probabilities it grows as the margins shrink.",
+)
+flags.DEFINE_list(
+    "resilience_layer_models",
+    ["lenet_300_100"],
+    "Networks deleted layer by layer (VGG-11 is added by --resilience_vgg).",
+)
+flags.DEFINE_float(
+    "resilience_layer_step",
+    0.1,
+    "Step of the per-layer deleted fraction.",
+    lower_bound=0.0,
+    upper_bound=1.0,
+)
 flags.DEFINE_integer("resilience_layer_seeds", 3, "Deletion orders per layer.", lower_bound=1)
 
 # Faults
 flags.DEFINE_string("resilience_fault_model", "lenet_300_100", "Network of the fault table.")
 flags.DEFINE_list("resilience_bit_counts", ["1", "10", "100"], "Bits flipped.")
 flags.DEFINE_list("resilience_gaussian_norms", ["0.5", "1", "2", "4", "8"], "Gaussian norms.")
-flags.DEFINE_list("resilience_zero_fractions", ["0.1", "0.3", "0.5", "0.7", "0.9"],
-                  "Fractions of kernel entries zeroed.")
+flags.DEFINE_list(
+    "resilience_zero_fractions",
+    ["0.1", "0.3", "0.5", "0.7", "0.9"],
+    "Fractions of kernel entries zeroed.",
+)
 flags.DEFINE_integer("resilience_fault_seeds", 5, "Seeds per fault.", lower_bound=1)
 
 FLAGS = flags.FLAGS
-BIT_CLASSES = (("any", None, "float32"), ("sign", "sign", "float32"),
-               ("exponent", "exponent", "float32"), ("mantissa", "mantissa", "float32"),
-               ("int8_any", None, "int8"), ("int8_sign", "sign", "int8"))
+BIT_CLASSES = (
+    ("any", None, "float32"),
+    ("sign", "sign", "float32"),
+    ("exponent", "exponent", "float32"),
+    ("mantissa", "mantissa", "float32"),
+    ("int8_any", None, "int8"),
+    ("int8_sign", "sign", "int8"),
+)
 
 
 class Evaluator:
@@ -156,10 +209,11 @@ class Evaluator:
         def accuracy():
             correct = tf.constant(0, tf.int64)
             for start in tf.range(0, count, size):
-                logits = self.model(inputs[start:start + size], training=False)
+                logits = self.model(inputs[start : start + size], training=False)
                 predicted = tf.argmax(logits, axis=-1)
-                correct += tf.reduce_sum(tf.cast(predicted == labels[start:start + size],
-                                                 tf.int64))
+                correct += tf.reduce_sum(
+                    tf.cast(predicted == labels[start : start + size], tf.int64)
+                )
             return tf.cast(correct, tf.float64) / count
 
         self._accuracy = accuracy
@@ -188,8 +242,12 @@ class Evaluator:
 
 def _stats(prefix, values):
     values = np.asarray(values, dtype=np.float64)
-    return {f"{prefix}/mean": float(np.mean(values)), f"{prefix}/std": float(np.std(values)),
-            f"{prefix}/min": float(np.min(values)), f"{prefix}/max": float(np.max(values))}
+    return {
+        f"{prefix}/mean": float(np.mean(values)),
+        f"{prefix}/std": float(np.std(values)),
+        f"{prefix}/min": float(np.min(values)),
+        f"{prefix}/max": float(np.max(values)),
+    }
 
 
 def _key(value):
@@ -203,17 +261,27 @@ def _network(name, dataset, epochs):
     if name == "vgg11":
         kwargs = {"width_multiplier": FLAGS.resilience_vgg_width}
     network = _RUN["run"].base_network if _RUN else models.base_network
-    return network(name, dataset, epochs=epochs, batch_size=FLAGS.batch_size,
-                   learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
-                   data_dir=FLAGS.data_dir, cache_dir=FLAGS.cache_dir, **kwargs)
+    return network(
+        name,
+        dataset,
+        epochs=epochs,
+        batch_size=FLAGS.batch_size,
+        learning_rate=FLAGS.learning_rate,
+        seed=FLAGS.seed,
+        data_dir=FLAGS.data_dir,
+        cache_dir=FLAGS.cache_dir,
+        **kwargs,
+    )
 
 
 def _splits(dataset):
     x_train, y_train = data.load(dataset, "train", FLAGS.data_dir)
     x_test, y_test = data.load(dataset, "test", FLAGS.data_dir)
     if FLAGS.resilience_eval_examples:
-        x_test, y_test = x_test[:FLAGS.resilience_eval_examples], y_test[
-            :FLAGS.resilience_eval_examples]
+        x_test, y_test = (
+            x_test[: FLAGS.resilience_eval_examples],
+            y_test[: FLAGS.resilience_eval_examples],
+        )
     return x_train, y_train, x_test, y_test
 
 
@@ -224,20 +292,28 @@ def vulnerability(name, dataset, epochs, num_directions):
     """Random unit-norm directions vs the eigen adversary on one network."""
     model, base = _network(name, dataset, epochs)
     x_train, y_train, x_test, y_test = _splits(dataset)
-    probe = x_train[:FLAGS.resilience_metric_examples]
+    probe = x_train[: FLAGS.resilience_metric_examples]
     evaluator = Evaluator(model, x_test, y_test, probe=probe)
     clean, reference = evaluator.accuracy(), evaluator.probe()
     norm = FLAGS.resilience_norm
     metric = geometry.MetricOperator(model, probe)
-    results = {"test/accuracy": clean, "dataset/subset": base["dataset/subset"],
-               "num_params": metric.num_params}
+    results = {
+        "test/accuracy": clean,
+        "dataset/subset": base["dataset/subset"],
+        "num_params": metric.num_params,
+    }
 
     # The eigen adversary, both signs
     start = time.perf_counter()
-    adversary = keras_fip.Damage("eigen", norm=norm, data=(probe, y_train[:len(probe)]),
-                                 num_eigenpairs=FLAGS.resilience_num_eigenpairs,
-                                 eigen_examples=len(probe), mixing=FLAGS.resilience_mixing,
-                                 seed=FLAGS.seed)
+    adversary = keras_fip.Damage(
+        "eigen",
+        norm=norm,
+        data=(probe, y_train[: len(probe)]),
+        num_eigenpairs=FLAGS.resilience_num_eigenpairs,
+        eigen_examples=len(probe),
+        mixing=FLAGS.resilience_mixing,
+        seed=FLAGS.seed,
+    )
     adversary(model)
     results["eigen/seconds"] = time.perf_counter() - start
     results["eigen/num_matvecs"] = adversary.record["num_matvecs"]
@@ -259,7 +335,7 @@ def vulnerability(name, dataset, epochs, num_directions):
     start = time.perf_counter()
     for index in range(num_directions):
         direction = [rng.standard_normal(v.shape) for v in evaluator.variables]
-        scale = norm / np.sqrt(sum(np.sum(d ** 2) for d in direction))
+        scale = norm / np.sqrt(sum(np.sum(d**2) for d in direction))
         direction = [d * scale for d in direction]
         evaluator.perturb(direction)
         accuracies.append(evaluator.accuracy())
@@ -269,8 +345,7 @@ def vulnerability(name, dataset, epochs, num_directions):
     evaluator.reset()
     predicted = []
     if scatter:  # δwᵀ g δw at the unperturbed point, the quadratic forms in blocks.
-        predicted = [float(value)
-                     for value in metric.quadratic_form(np.stack(scatter, axis=1))]
+        predicted = [float(value) for value in metric.quadratic_form(np.stack(scatter, axis=1))]
     results["random/seconds"] = time.perf_counter() - start
     results["random/num_directions"] = num_directions
     results.update(_stats("random/test/accuracy", accuracies))
@@ -279,16 +354,26 @@ def vulnerability(name, dataset, epochs, num_directions):
         results.update(_stats("random/predicted_change", predicted))
         results.update(_stats("random/measured_change", measured))
     results["expected_change"] = geometry.expected_perturbation_change(
-        metric, norm=norm, num_samples=30, seed=FLAGS.seed)
+        metric, norm=norm, num_samples=30, seed=FLAGS.seed
+    )
 
     # ρ, the fraction of vulnerable directions
-    small = geometry.MetricOperator(model, x_train[:FLAGS.resilience_rho_examples])
+    small = geometry.MetricOperator(model, x_train[: FLAGS.resilience_rho_examples])
     results["rho"] = geometry.vulnerable_fraction(
-        small, method="slq", num_probes=FLAGS.resilience_rho_probes,
-        num_steps=FLAGS.resilience_rho_steps, seed=FLAGS.seed)
-    figures = {"accuracies": accuracies, "clean": clean, "eigen": eigen,
-               "predicted": predicted, "measured": measured,
-               "eigen_predicted": adversary.record["predicted_change"]}
+        small,
+        method="slq",
+        num_probes=FLAGS.resilience_rho_probes,
+        num_steps=FLAGS.resilience_rho_steps,
+        seed=FLAGS.seed,
+    )
+    figures = {
+        "accuracies": accuracies,
+        "clean": clean,
+        "eigen": eigen,
+        "predicted": predicted,
+        "measured": measured,
+        "eigen_predicted": adversary.record["predicted_change"],
+    }
     return results, figures
 
 
@@ -299,7 +384,7 @@ def deletion(dataset, epochs):
     """MLP-1 deleted from 0 to 100%: accuracy, break-down speed/acceleration, knee."""
     model, _ = _network("mlp1", dataset, epochs)
     x_train, _, x_test, y_test = _splits(dataset)
-    path_inputs = x_train[:FLAGS.resilience_path_examples]
+    path_inputs = x_train[: FLAGS.resilience_path_examples]
     evaluator = Evaluator(model, x_test, y_test)
     fractions = np.round(np.arange(0.0, 1.0 + 1e-9, FLAGS.resilience_deletion_step), 6)
     outputs = FLAGS.resilience_path_outputs
@@ -314,23 +399,31 @@ def deletion(dataset, epochs):
         # The deletion process's speed (expected over the next unit) and its derivative
         profile = geometry.deletion_profile(sequence, path_inputs, fractions, outputs=outputs)
         # The speeds of the sequence's own segments (second order, per Δt²), for comparison
-        segments = geometry.breakdown_profile(sequence, path_inputs, times=fractions,
-                                              outputs=outputs)
+        segments = geometry.breakdown_profile(
+            sequence, path_inputs, times=fractions, outputs=outputs
+        )
         curves.append(accuracy)
         speeds.append(profile["speed"])
         accelerations.append(profile["acceleration"])
         knees.append(geometry.knee(fractions, accuracy))
         peaks.append(float(profile["acceleration_times"][np.argmax(profile["acceleration"])]))
         segment_accelerations.append(segments["acceleration"])
-        segment_peaks.append(float(
-            segments["acceleration_times"][np.argmax(segments["acceleration"])]))
+        segment_peaks.append(
+            float(segments["acceleration_times"][np.argmax(segments["acceleration"])])
+        )
         energies.append(segments["energy"])
     curves = np.array(curves)
     results = {"mlp1/test/accuracy": curves[0, 0], "mlp1/deletion_seeds": len(knees)}
     for index, fraction in enumerate(fractions):
-        results.update({key: value for key, value in _stats(
-            f"mlp1/nodes/{_key(fraction)}/test/accuracy", curves[:, index]).items()
-            if key.endswith(("/mean", "/std"))})
+        results.update(
+            {
+                key: value
+                for key, value in _stats(
+                    f"mlp1/nodes/{_key(fraction)}/test/accuracy", curves[:, index]
+                ).items()
+                if key.endswith(("/mean", "/std"))
+            }
+        )
     knee_of_mean = geometry.knee(fractions, curves.mean(0))
     results["mlp1/knee"] = float(np.mean(knees))
     results["mlp1/knee_of_mean_curve"] = knee_of_mean
@@ -348,23 +441,32 @@ def deletion(dataset, epochs):
     distances = np.abs(np.array(peaks) - np.array(knees))
     results["mlp1/max_acceleration_minus_knee/per_seed_max_abs"] = float(np.max(distances))
     results["mlp1/max_acceleration_within_10_points/per_seed_count"] = int(
-        np.sum(distances <= 0.1 + 1e-9))
+        np.sum(distances <= 0.1 + 1e-9)
+    )
     results["mlp1/breakdown_speed/mean"] = np.mean(
-        [s[:length + 1] for s in speeds], axis=0).tolist()
-    results["mlp1/breakdown_speed/times"] = profile["speed_times"][:length + 1].tolist()
+        [s[: length + 1] for s in speeds], axis=0
+    ).tolist()
+    results["mlp1/breakdown_speed/times"] = profile["speed_times"][: length + 1].tolist()
     results["mlp1/breakdown_acceleration/mean"] = mean_acceleration.tolist()
     results["mlp1/breakdown_acceleration/times"] = acceleration_times.tolist()
     segment_mean = np.mean(segment_accelerations, axis=0)
     results["mlp1/segment/max_acceleration_at"] = float(
-        segments["acceleration_times"][np.argmax(segment_mean)])
+        segments["acceleration_times"][np.argmax(segment_mean)]
+    )
     results["mlp1/segment/max_acceleration_at/per_seed"] = segment_peaks
     results["mlp1/path_energy/mean"] = float(np.mean(energies))
-    figure = {"fractions": fractions, "curves": curves,
-              "speeds": np.array([s[:length + 1] for s in speeds]),
-              "speed_times": profile["speed_times"][:length + 1],
-              "accelerations": np.array([a[:length] for a in accelerations]),
-              "acceleration_times": acceleration_times, "knees": knees, "peaks": peaks,
-              "knee_of_mean": knee_of_mean, "peak": peak}
+    figure = {
+        "fractions": fractions,
+        "curves": curves,
+        "speeds": np.array([s[: length + 1] for s in speeds]),
+        "speed_times": profile["speed_times"][: length + 1],
+        "accelerations": np.array([a[:length] for a in accelerations]),
+        "acceleration_times": acceleration_times,
+        "knees": knees,
+        "peaks": peaks,
+        "knee_of_mean": knee_of_mean,
+        "peak": peak,
+    }
     return results, figure
 
 
@@ -380,8 +482,9 @@ def layer_by_layer(name, dataset, epochs):
     for layer in probe.record["units"]:
         curves = []
         for seed in range(FLAGS.resilience_layer_seeds):
-            sequence = geometry.deletion_sequence(model, fractions, seed=seed,
-                                                  scope="per_layer", layers=[layer])
+            sequence = geometry.deletion_sequence(
+                model, fractions, seed=seed, scope="per_layer", layers=[layer]
+            )
             curve = []
             for damaged in sequence:
                 evaluator.set_weights(damaged.get_weights())
@@ -420,12 +523,12 @@ def fault_table(name, dataset, epochs):
     for label, bits, bit_format in BIT_CLASSES:
         for count in FLAGS.resilience_bit_counts:
             table[f"bitflip/{label}/{int(count)}"] = measure(
-                kind="bitflip", count=int(count), bits=bits, bit_format=bit_format)
+                kind="bitflip", count=int(count), bits=bits, bit_format=bit_format
+            )
     for norm in FLAGS.resilience_gaussian_norms:
         table[f"gaussian/{_key(norm)}"] = measure(kind="gaussian", norm=float(norm))
     for fraction in FLAGS.resilience_zero_fractions:
-        table[f"weights/{_key(fraction)}"] = measure(kind="weights",
-                                                     fraction=float(fraction))
+        table[f"weights/{_key(fraction)}"] = measure(kind="weights", fraction=float(fraction))
     results = {}
     for key, value in table.items():
         results[f"{name}/{key}/test/accuracy/mean"] = value["mean"]
@@ -441,8 +544,13 @@ def plot_vulnerability(figures, output_dir):
     figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
     for axis, name in zip(axes[0], names):
         info = figures[name]
-        axis.hist(info["accuracies"], bins=30, color="tab:blue", alpha=0.8,
-                  label=f"random, {len(info['accuracies'])} directions")
+        axis.hist(
+            info["accuracies"],
+            bins=30,
+            color="tab:blue",
+            alpha=0.8,
+            label=f"random, {len(info['accuracies'])} directions",
+        )
         axis.axvline(info["clean"], color="black", linestyle="--", label="undamaged")
         for label, color in (("plus", "tab:red"), ("minus", "tab:orange")):
             axis.axvline(info["eigen"][label][0], color=color, label=f"eigen ({label})")
@@ -457,10 +565,14 @@ def plot_vulnerability(figures, output_dir):
     for name in names:
         info = figures[name]
         if info["predicted"]:
-            axis.loglog(info["predicted"], info["measured"], ".", alpha=0.6,
-                        label=f"{name} random")
-        axis.loglog([info["eigen_predicted"]], [info["eigen"]["plus"][1]], "*",
-                    markersize=12, label=f"{name} eigen")
+            axis.loglog(info["predicted"], info["measured"], ".", alpha=0.6, label=f"{name} random")
+        axis.loglog(
+            [info["eigen_predicted"]],
+            [info["eigen"]["plus"][1]],
+            "*",
+            markersize=12,
+            label=f"{name} eigen",
+        )
     lows = [min(f["predicted"] + [f["eigen_predicted"]]) for f in figures.values()]
     highs = [max(f["predicted"] + [f["eigen_predicted"]]) for f in figures.values()]
     line = [min(lows), max(highs)]
@@ -478,18 +590,22 @@ def plot_deletion(info, layers, output_dir):
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     mean, spread = info["curves"].mean(0), info["curves"].std(0)
     left.errorbar(100 * fractions, mean, yerr=spread, marker="o", markersize=3)
-    left.axvline(100 * info["knee_of_mean"], color="tab:red", linestyle="--",
-                 label="knee of the mean curve")
+    left.axvline(
+        100 * info["knee_of_mean"], color="tab:red", linestyle="--", label="knee of the mean curve"
+    )
     left.set_xlabel("hidden units deleted (%)")
     left.set_ylabel("test accuracy")
     left.set_title("MLP-1 node deletion")
     left.legend()
     right.plot(100 * info["speed_times"], info["speeds"].mean(0), label="speed s")
     twin = right.twinx()
-    twin.plot(100 * info["acceleration_times"], info["accelerations"].mean(0),
-              color="tab:orange", label="acceleration ds/dt")
-    right.axvline(100 * info["peak"], color="tab:orange", linestyle=":",
-                  label="acceleration peak")
+    twin.plot(
+        100 * info["acceleration_times"],
+        info["accelerations"].mean(0),
+        color="tab:orange",
+        label="acceleration ds/dt",
+    )
+    right.axvline(100 * info["peak"], color="tab:orange", linestyle=":", label="acceleration peak")
     right.axvline(100 * info["knee_of_mean"], color="tab:red", linestyle="--", label="knee")
     right.legend(fontsize=7)
     right.set_xlabel("hidden units deleted (%)")
@@ -500,8 +616,7 @@ def plot_deletion(info, layers, output_dir):
     figure.savefig(f"{output_dir}/deletion.png", dpi=120)
     plt.close(figure)
     if layers:
-        figure, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.6),
-                                    squeeze=False)
+        figure, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.6), squeeze=False)
         for axis, (name, curves) in zip(axes[0], layers.items()):
             for layer, values in curves.items():
                 if layer != "fractions":
@@ -520,17 +635,27 @@ def plot_faults(table, name, output_dir):
     counts = [int(c) for c in FLAGS.resilience_bit_counts]
     for label, _, _ in BIT_CLASSES:
         values = [table[f"bitflip/{label}/{c}"] for c in counts]
-        axes[0].errorbar(counts, [v["mean"] for v in values], yerr=[v["std"] for v in values],
-                         marker="o", label=label)
+        axes[0].errorbar(
+            counts,
+            [v["mean"] for v in values],
+            yerr=[v["std"] for v in values],
+            marker="o",
+            label=label,
+        )
     axes[0].set_xscale("log")
     axes[0].set_xlabel("bits flipped")
     axes[0].legend(fontsize=7)
     for axis, kind, values, label in (
-            (axes[1], "gaussian", FLAGS.resilience_gaussian_norms, "Gaussian norm"),
-            (axes[2], "weights", FLAGS.resilience_zero_fractions, "weights zeroed")):
+        (axes[1], "gaussian", FLAGS.resilience_gaussian_norms, "Gaussian norm"),
+        (axes[2], "weights", FLAGS.resilience_zero_fractions, "weights zeroed"),
+    ):
         rows = [table[f"{kind}/{_key(v)}"] for v in values]
-        axis.errorbar([float(v) for v in values], [r["mean"] for r in rows],
-                      yerr=[r["std"] for r in rows], marker="o")
+        axis.errorbar(
+            [float(v) for v in values],
+            [r["mean"] for r in rows],
+            yerr=[r["std"] for r in rows],
+            marker="o",
+        )
         axis.set_xlabel(label)
     for axis in axes:
         axis.set_ylabel("test accuracy")
@@ -543,8 +668,7 @@ def plot_faults(table, name, output_dir):
 def main(argv):
     del argv  # Unused.
     parts = [common.check_choice(p, "resilience_parts", PARTS) for p in FLAGS.resilience_parts]
-    run = common.start("resilience", unsupported=common.single_device_parts(
-        parts, SINGLE_DEVICE))
+    run = common.start("resilience", unsupported=common.single_device_parts(parts, SINGLE_DEVICE))
     _RUN["run"] = run
     try:
         with run.scope():
@@ -556,10 +680,23 @@ def main(argv):
 
 def _main(parts, run):
     output_dir = run.output_dir
-    common.write_json(output_dir, "config.json", common.flag_values(
-        [name for name in FLAGS if name.startswith("resilience_")]
-        + ["dataset", "data_dir", "epochs", "batch_size", "learning_rate", "seed",
-           "strategy", "tpu"]))
+    common.write_json(
+        output_dir,
+        "config.json",
+        common.flag_values(
+            [name for name in FLAGS if name.startswith("resilience_")]
+            + [
+                "dataset",
+                "data_dir",
+                "epochs",
+                "batch_size",
+                "learning_rate",
+                "seed",
+                "strategy",
+                "tpu",
+            ]
+        ),
+    )
     common.set_seed(FLAGS.seed)
     start = time.perf_counter()
     results = {}
@@ -567,38 +704,48 @@ def _main(parts, run):
     cifar = (FLAGS.resilience_cifar_dataset, FLAGS.resilience_cifar_epochs)
     if "vulnerability" in parts:
         figures = {}
-        jobs = [(n, FLAGS.dataset, FLAGS.epochs, FLAGS.resilience_directions)
-                for n in FLAGS.resilience_mnist_models]
-        jobs += [(n, *cifar, FLAGS.resilience_cifar_directions)
-                 for n in list(FLAGS.resilience_cifar_models) + vgg]
+        jobs = [
+            (n, FLAGS.dataset, FLAGS.epochs, FLAGS.resilience_directions)
+            for n in FLAGS.resilience_mnist_models
+        ]
+        jobs += [
+            (n, *cifar, FLAGS.resilience_cifar_directions)
+            for n in list(FLAGS.resilience_cifar_models) + vgg
+        ]
         for name, dataset, epochs, directions in jobs:
             measured, figures[name] = vulnerability(name, dataset, epochs, directions)
             results.update({f"{name}/{key}": value for key, value in measured.items()})
             run.scalars(measured, prefix=f"{name}/vulnerability")
-            print(f"{name}: clean {measured['test/accuracy']:.4f}, random min "
-                  f"{measured['random/test/accuracy/min']:.4f}, eigen "
-                  f"{measured['eigen/test/accuracy']:.4f} "
-                  f"({measured['eigen/num_matvecs']} products), rho {measured['rho']:.3g}")
+            print(
+                f"{name}: clean {measured['test/accuracy']:.4f}, random min "
+                f"{measured['random/test/accuracy/min']:.4f}, eigen "
+                f"{measured['eigen/test/accuracy']:.4f} "
+                f"({measured['eigen/num_matvecs']} products), rho {measured['rho']:.3g}"
+            )
         plot_vulnerability(figures, output_dir)
     if "deletion" in parts:
         measured, curves = deletion(FLAGS.dataset, FLAGS.epochs)
         results.update(measured)
         # TensorBoard: accuracy against the deleted fraction (the step is the percent).
         for fraction, accuracy in zip(curves["fractions"], curves["curves"].mean(0)):
-            run.scalars({"test/accuracy/mean": accuracy}, step=round(100 * fraction),
-                        prefix="mlp1/deletion")
+            run.scalars(
+                {"test/accuracy/mean": accuracy}, step=round(100 * fraction), prefix="mlp1/deletion"
+            )
         for time_, speed in zip(curves["speed_times"], curves["speeds"].mean(0)):
-            run.scalars({"breakdown_speed/mean": speed}, step=round(100 * time_),
-                        prefix="mlp1/deletion")
+            run.scalars(
+                {"breakdown_speed/mean": speed}, step=round(100 * time_), prefix="mlp1/deletion"
+            )
         layers = {}
         jobs = [(n, FLAGS.dataset, FLAGS.epochs) for n in FLAGS.resilience_layer_models]
         for name, dataset, epochs in jobs + [(n, *cifar) for n in vgg]:
             measured, layers[name] = layer_by_layer(name, dataset, epochs)
             results.update(measured)
         plot_deletion(curves, layers, output_dir)
-        print(f"mlp1: 80% deleted {results.get('mlp1/nodes/0.8/test/accuracy/mean', 0):.4f}, "
-              f"knee {results['mlp1/knee']:.2f}, acceleration peak "
-              f"{results['mlp1/max_acceleration_at']:.2f}")
+        print(
+            f"mlp1: 80% deleted {results.get('mlp1/nodes/0.8/test/accuracy/mean', 0):.4f}, "
+            f"knee {results['mlp1/knee']:.2f}, acceleration peak "
+            f"{results['mlp1/max_acceleration_at']:.2f}"
+        )
     if "faults" in parts:
         name = FLAGS.resilience_fault_model
         measured, table = fault_table(name, FLAGS.dataset, FLAGS.epochs)

@@ -154,61 +154,106 @@ OTHER_ATTACK_EXAMPLES = 200
 # defined here only when no other app defined them).
 flags.DEFINE_list("experiments", list(DEFAULT_EXPERIMENTS), "`dataset/model` pairs.")
 # `--methods` (default: all of METHODS), `--seeds` and `--base_epochs` are apps.common's.
-flags.DEFINE_list("other_seeds", ["0"], "Seeds of every experiment after the first (cnn5 "
-                  "and VGG by default: sized for 2 cores); the first runs on --seeds.")
-flags.DEFINE_integer("num_members", 10, "K, members of every ensemble of the first "
-                     "experiment.", lower_bound=1)
-flags.DEFINE_integer("other_num_members", OTHER_NUM_MEMBERS, "K of every experiment after "
-                     "the first (sized for 2 cores; 10 on a GPU host).", lower_bound=1)
-flags.DEFINE_list("other_methods", list(OTHER_METHODS), "Methods of every experiment after "
-                  "the first (a subset of --methods; all five on a GPU host).")
+flags.DEFINE_list(
+    "other_seeds",
+    ["0"],
+    "Seeds of every experiment after the first (cnn5 "
+    "and VGG by default: sized for 2 cores); the first runs on --seeds.",
+)
+flags.DEFINE_integer(
+    "num_members", 10, "K, members of every ensemble of the first experiment.", lower_bound=1
+)
+flags.DEFINE_integer(
+    "other_num_members",
+    OTHER_NUM_MEMBERS,
+    "K of every experiment after the first (sized for 2 cores; 10 on a GPU host).",
+    lower_bound=1,
+)
+flags.DEFINE_list(
+    "other_methods",
+    list(OTHER_METHODS),
+    "Methods of every experiment after the first (a subset of --methods; all five on a GPU host).",
+)
 
 # Attack
-flags.DEFINE_float("pgd_epsilon", None, "L∞ radius ε (default 0.3 on MNIST, 8/255 on "
-                   "CIFAR-10).", lower_bound=0.0)
-flags.DEFINE_float("pgd_step", None, "PGD step (default 0.01 on MNIST, 2/255 on CIFAR-10).",
-                   lower_bound=0.0)
+flags.DEFINE_float(
+    "pgd_epsilon", None, "L∞ radius ε (default 0.3 on MNIST, 8/255 on CIFAR-10).", lower_bound=0.0
+)
+flags.DEFINE_float(
+    "pgd_step", None, "PGD step (default 0.01 on MNIST, 2/255 on CIFAR-10).", lower_bound=0.0
+)
 flags.DEFINE_integer("pgd_iterations", 40, "PGD iterations.", lower_bound=1)
 flags.DEFINE_integer("pgd_restarts", 1, "Random starts (ART num_random_init).", lower_bound=0)
-flags.DEFINE_integer("attack_examples", 500, "Size of the fixed, seeded test subset the "
-                     "attacks run on (first experiment).", lower_bound=1)
-flags.DEFINE_integer("other_attack_examples", OTHER_ATTACK_EXAMPLES, "The attack subset of "
-                     "every experiment after the first (500 on a GPU host).", lower_bound=1)
-flags.DEFINE_integer("attack_seed", 0, "Seed of the attack subset and random starts.",
-                     lower_bound=0)
+flags.DEFINE_integer(
+    "attack_examples",
+    500,
+    "Size of the fixed, seeded test subset the attacks run on (first experiment).",
+    lower_bound=1,
+)
+flags.DEFINE_integer(
+    "other_attack_examples",
+    OTHER_ATTACK_EXAMPLES,
+    "The attack subset of every experiment after the first (500 on a GPU host).",
+    lower_bound=1,
+)
+flags.DEFINE_integer(
+    "attack_seed", 0, "Seed of the attack subset and random starts.", lower_bound=0
+)
 
 # Methods' settings
-flags.DEFINE_float("fip_member_fraction", 0.04, "FIP steps between members, as a fraction "
-                   "of the single network's training steps (base epochs × N / batch): the "
-                   "walk's budget scales with the dataset and the recipe.", lower_bound=0.0)
-flags.DEFINE_integer("fip_steps_between", None, "FIP steps between members (overrides "
-                     "--fip_member_fraction).", lower_bound=1)
-flags.DEFINE_float("fip_epsilon", 0.05, "FIP step length ε (metric, normalized).",
-                   lower_bound=0.0)
-flags.DEFINE_float("fip_learning_rate", 1e-3, "FIP Adam learning rate (penalty).",
-                   lower_bound=0.0)
-flags.DEFINE_float("fip_task_weight", 1.0, "τ of the task term on the labelled data "
-                   "(0 with --fip_diversity=0 is the paper's L = 0).", lower_bound=0.0)
-flags.DEFINE_float("fip_diversity", 1.0, "λ of the diversity term (0: none).",
-                   lower_bound=0.0)
-flags.DEFINE_enum("fip_diversity_loss", "error", ["error", "agreement"],
-                  "L_div: cross-entropy on attacked inputs, or agreement with the members.")
-flags.DEFINE_enum("fip_adversary", "members", ["members", "ensemble"],
-                  "Attacked inputs: once per member against the members so far, or every "
-                  "step against them and the moving network.")
-flags.DEFINE_integer("fip_diversity_examples", 2048, "Inputs of L_div drawn per member.",
-                     lower_bound=1)
-flags.DEFINE_integer("fip_cg_iterations", 10, "CG iterations of the metric step.",
-                     lower_bound=1)
-flags.DEFINE_integer("fge_cycle_epochs", 2, "FGE cycle length in epochs (authors: 2-4).",
-                     lower_bound=1)
-flags.DEFINE_float("fge_learning_rate", None, "FGE α₁ (α₂ = α₁/100; default 0.05).",
-                   lower_bound=0.0)
+flags.DEFINE_float(
+    "fip_member_fraction",
+    0.04,
+    "FIP steps between members, as a fraction "
+    "of the single network's training steps (base epochs × N / batch): the "
+    "walk's budget scales with the dataset and the recipe.",
+    lower_bound=0.0,
+)
+flags.DEFINE_integer(
+    "fip_steps_between",
+    None,
+    "FIP steps between members (overrides --fip_member_fraction).",
+    lower_bound=1,
+)
+flags.DEFINE_float("fip_epsilon", 0.05, "FIP step length ε (metric, normalized).", lower_bound=0.0)
+flags.DEFINE_float("fip_learning_rate", 1e-3, "FIP Adam learning rate (penalty).", lower_bound=0.0)
+flags.DEFINE_float(
+    "fip_task_weight",
+    1.0,
+    "τ of the task term on the labelled data (0 with --fip_diversity=0 is the paper's L = 0).",
+    lower_bound=0.0,
+)
+flags.DEFINE_float("fip_diversity", 1.0, "λ of the diversity term (0: none).", lower_bound=0.0)
+flags.DEFINE_enum(
+    "fip_diversity_loss",
+    "error",
+    ["error", "agreement"],
+    "L_div: cross-entropy on attacked inputs, or agreement with the members.",
+)
+flags.DEFINE_enum(
+    "fip_adversary",
+    "members",
+    ["members", "ensemble"],
+    "Attacked inputs: once per member against the members so far, or every "
+    "step against them and the moving network.",
+)
+flags.DEFINE_integer(
+    "fip_diversity_examples", 2048, "Inputs of L_div drawn per member.", lower_bound=1
+)
+flags.DEFINE_integer("fip_cg_iterations", 10, "CG iterations of the metric step.", lower_bound=1)
+flags.DEFINE_integer(
+    "fge_cycle_epochs", 2, "FGE cycle length in epochs (authors: 2-4).", lower_bound=1
+)
+flags.DEFINE_float(
+    "fge_learning_rate", None, "FGE α₁ (α₂ = α₁/100; default 0.05).", lower_bound=0.0
+)
 flags.DEFINE_integer("snapshot_cycle_epochs", 2, "Epochs per snapshot cycle.", lower_bound=1)
-flags.DEFINE_float("snapshot_learning_rate", 0.1, "Snapshot α₀ (authors: 0.1-0.2).",
-                   lower_bound=0.0)
-flags.DEFINE_integer("diagnostic_examples", 256, "Test images for coherence and CKA.",
-                     lower_bound=2)
+flags.DEFINE_float(
+    "snapshot_learning_rate", 0.1, "Snapshot α₀ (authors: 0.1-0.2).", lower_bound=0.0
+)
+flags.DEFINE_integer(
+    "diagnostic_examples", 256, "Test images for coherence and CKA.", lower_bound=2
+)
 
 FLAGS = flags.FLAGS
 _RUN = {}  # {"run": common.Run} while main runs (strategy, cache, TensorBoard).
@@ -229,10 +274,17 @@ def _flag_or(name, default):
 
 
 def _base(model, dataset, seed, epochs):
-    network, _ = (_RUN["run"].base_network if _RUN else models.base_network)(model, dataset, epochs=epochs, seed=seed,
-                                     learning_rate=FLAGS.learning_rate, batch_size=128,
-                                     data_dir=FLAGS.data_dir, cache_dir=FLAGS.cache_dir,
-                                     **MODEL_ARGUMENTS.get(model, {}))
+    network, _ = (_RUN["run"].base_network if _RUN else models.base_network)(
+        model,
+        dataset,
+        epochs=epochs,
+        seed=seed,
+        learning_rate=FLAGS.learning_rate,
+        batch_size=128,
+        data_dir=FLAGS.data_dir,
+        cache_dir=FLAGS.cache_dir,
+        **MODEL_ARGUMENTS.get(model, {}),
+    )
     return network
 
 
@@ -253,34 +305,57 @@ def build_methods(methods, model, dataset, seed, epochs, x, y, settings, K):
             compute[method] = {"train_examples": K * base_examples}
         elif method == "fip":
             steps_between = FLAGS.fip_steps_between or max(
-                1, round(FLAGS.fip_member_fraction * epochs * len(x) / FLAGS.batch_size))
+                1, round(FLAGS.fip_member_fraction * epochs * len(x) / FLAGS.batch_size)
+            )
             operation = keras_fip.Ensemble(
-                K, data=(x, y), steps_between=steps_between,
-                step_rule=FLAGS.fip_step_rule, epsilon=FLAGS.fip_epsilon,
-                learning_rate=FLAGS.fip_learning_rate, task_weight=FLAGS.fip_task_weight,
-                diversity=FLAGS.fip_diversity, diversity_loss=FLAGS.fip_diversity_loss,
-                adversary=FLAGS.fip_adversary, perturbation_epsilon=settings["epsilon"],
+                K,
+                data=(x, y),
+                steps_between=steps_between,
+                step_rule=FLAGS.fip_step_rule,
+                epsilon=FLAGS.fip_epsilon,
+                learning_rate=FLAGS.fip_learning_rate,
+                task_weight=FLAGS.fip_task_weight,
+                diversity=FLAGS.fip_diversity,
+                diversity_loss=FLAGS.fip_diversity_loss,
+                adversary=FLAGS.fip_adversary,
+                perturbation_epsilon=settings["epsilon"],
                 diversity_examples=FLAGS.fip_diversity_examples,
-                cg_iterations=FLAGS.fip_cg_iterations, push="none"
-                if FLAGS.fip_task_weight > 0 or FLAGS.fip_diversity > 0 else "random",
-                batch_size=FLAGS.batch_size, seed=seed, verbose=0,
-                log_dir=_RUN["run"].log_dir(f"{dataset}_{model}/fip/seed_{seed}")
-                if _RUN else None)
+                cg_iterations=FLAGS.fip_cg_iterations,
+                push="none" if FLAGS.fip_task_weight > 0 or FLAGS.fip_diversity > 0 else "random",
+                batch_size=FLAGS.batch_size,
+                seed=seed,
+                verbose=0,
+                log_dir=_RUN["run"].log_dir(f"{dataset}_{model}/fip/seed_{seed}") if _RUN else None,
+            )
             built[method] = operation(base)
             compute[method] = {
-                "train_examples": base_examples + operation.history["train_examples"]}
+                "train_examples": base_examples + operation.history["train_examples"]
+            }
         elif method == "fge":
             alpha = settings["fge_learning_rate"]
             built[method], info = baselines.fast_geometric_ensemble(
-                base, x, y, num_members=K, cycle_epochs=FLAGS.fge_cycle_epochs,
-                learning_rates=(alpha, alpha / 100), batch_size=FLAGS.batch_size, seed=seed)
+                base,
+                x,
+                y,
+                num_members=K,
+                cycle_epochs=FLAGS.fge_cycle_epochs,
+                learning_rates=(alpha, alpha / 100),
+                batch_size=FLAGS.batch_size,
+                seed=seed,
+            )
             total = base_examples + info["train_examples"]
             compute[method] = {"train_examples": total}
         elif method == "snapshot":
             built[method], info = baselines.snapshot_ensemble(
-                base, x, y, num_members=K, epochs=K * FLAGS.snapshot_cycle_epochs,
-                learning_rate=FLAGS.snapshot_learning_rate, batch_size=FLAGS.batch_size,
-                seed=seed)
+                base,
+                x,
+                y,
+                num_members=K,
+                epochs=K * FLAGS.snapshot_cycle_epochs,
+                learning_rate=FLAGS.snapshot_learning_rate,
+                batch_size=FLAGS.batch_size,
+                seed=seed,
+            )
             compute[method] = {"train_examples": info["train_examples"]}
         compute[method]["build_seconds"] = time.perf_counter() - start
     return built, compute
@@ -288,13 +363,18 @@ def build_methods(methods, model, dataset, seed, epochs, x, y, settings, K):
 
 def evaluate(built, surrogate, x_test, y_test, x_attack, y_attack, settings):
     """Clean, transfer and white-box accuracies and the diagnostics, per method."""
-    attack = dict(epsilon=settings["epsilon"], step=settings["step"],
-                  iterations=FLAGS.pgd_iterations, restarts=FLAGS.pgd_restarts,
-                  seed=FLAGS.attack_seed)
-    transfer, adversarial = robustness.transfer_pgd_accuracy(surrogate, built, x_attack,
-                                                             y_attack, **attack)
-    x_diagnostic = x_attack[:FLAGS.diagnostic_examples]
-    y_diagnostic = y_attack[:FLAGS.diagnostic_examples]
+    attack = dict(
+        epsilon=settings["epsilon"],
+        step=settings["step"],
+        iterations=FLAGS.pgd_iterations,
+        restarts=FLAGS.pgd_restarts,
+        seed=FLAGS.attack_seed,
+    )
+    transfer, adversarial = robustness.transfer_pgd_accuracy(
+        surrogate, built, x_attack, y_attack, **attack
+    )
+    x_diagnostic = x_attack[: FLAGS.diagnostic_examples]
+    y_diagnostic = y_attack[: FLAGS.diagnostic_examples]
     figures = {"surrogate/transfer_pgd/accuracy": transfer["surrogate"]}
     members_transfer, layer_diversity = {}, {}
     for method, network in built.items():
@@ -303,27 +383,38 @@ def evaluate(built, surrogate, x_test, y_test, x_attack, y_attack, settings):
         figures[f"{key}/clean/accuracy"] = robustness.accuracy(network, x_test, y_test)
         figures[f"{key}/transfer_pgd/accuracy"] = transfer[method]
         figures[f"{key}/whitebox_pgd/accuracy"], _ = robustness.whitebox_pgd_accuracy(
-            network, x_attack, y_attack, **attack)
+            network, x_attack, y_attack, **attack
+        )
         figures[f"{key}/coherence"] = robustness.gradient_coherence(
-            network, surrogate, x_diagnostic, y_diagnostic)
+            network, surrogate, x_diagnostic, y_diagnostic
+        )
         if method in ENSEMBLES:
             members = keras_fip.ensemble_members(network)
-            members_transfer[method] = [robustness.accuracy(m, adversarial, y_attack)
-                                        for m in members]
+            members_transfer[method] = [
+                robustness.accuracy(m, adversarial, y_attack) for m in members
+            ]
             figures[f"{key}/member_transfer_pgd/accuracy"] = float(
-                np.mean(members_transfer[method]))
-            figures[f"{key}/member_coherence"] = float(np.mean([
-                robustness.gradient_coherence(m, surrogate, x_diagnostic, y_diagnostic)
-                for m in members]))
+                np.mean(members_transfer[method])
+            )
+            figures[f"{key}/member_coherence"] = float(
+                np.mean(
+                    [
+                        robustness.gradient_coherence(m, surrogate, x_diagnostic, y_diagnostic)
+                        for m in members
+                    ]
+                )
+            )
             if len(members) > 1:
                 distances = robustness.weight_distances(members)
                 figures[f"{key}/weight_distance"] = distances["mean"]
                 figures[f"{key}/relative_weight_distance"] = distances["relative_mean"]
                 layer_diversity[method] = {
                     name: 1.0 - value
-                    for name, value in robustness.layer_cka(members, x_diagnostic).items()}
+                    for name, value in robustness.layer_cka(members, x_diagnostic).items()
+                }
                 figures[f"{key}/cka_diversity"] = float(
-                    np.mean(list(layer_diversity[method].values())))
+                    np.mean(list(layer_diversity[method].values()))
+                )
         figures[f"{key}/evaluate_seconds"] = time.perf_counter() - start
     return figures, members_transfer, layer_diversity
 
@@ -332,49 +423,73 @@ def run_experiment(spec, seeds, methods, num_members, attack_examples, output_di
     """All seeds of one experiment; returns `(name, results, plot data)`."""
     name, dataset, model = _experiment(spec)
     defaults = SETTINGS[dataset]
-    epochs = defaults["base_epochs"] if FLAGS["base_epochs"].using_default_value \
-        else FLAGS.base_epochs
-    settings = dict(epsilon=_flag_or("pgd_epsilon", defaults["epsilon"]),
-                    step=_flag_or("pgd_step", defaults["step"]),
-                    fge_learning_rate=_flag_or("fge_learning_rate",
-                                               defaults["fge_learning_rate"]))
+    epochs = (
+        defaults["base_epochs"] if FLAGS["base_epochs"].using_default_value else FLAGS.base_epochs
+    )
+    settings = dict(
+        epsilon=_flag_or("pgd_epsilon", defaults["epsilon"]),
+        step=_flag_or("pgd_step", defaults["step"]),
+        fge_learning_rate=_flag_or("fge_learning_rate", defaults["fge_learning_rate"]),
+    )
     x, y = data.load(dataset, "train", FLAGS.data_dir)
     x_test, y_test = data.load(dataset, "test", FLAGS.data_dir)
-    rows = np.sort(np.random.default_rng(FLAGS.attack_seed).choice(
-        len(x_test), min(attack_examples, len(x_test)), replace=False))
+    rows = np.sort(
+        np.random.default_rng(FLAGS.attack_seed).choice(
+            len(x_test), min(attack_examples, len(x_test)), replace=False
+        )
+    )
     x_attack, y_attack = x_test[rows], y_test[rows]
     per_seed, plots = [], {}
     for seed in seeds:
         start = time.perf_counter()
-        built, compute = build_methods(methods, model, dataset, seed, epochs, x, y, settings,
-                                       num_members)
+        built, compute = build_methods(
+            methods, model, dataset, seed, epochs, x, y, settings, num_members
+        )
         surrogate = _base(model, dataset, 1000 + seed, epochs)
         figures, members_transfer, layer_diversity = evaluate(
-            built, surrogate, x_test, y_test, x_attack, y_attack, settings)
+            built, surrogate, x_test, y_test, x_attack, y_attack, settings
+        )
         for method, cost in compute.items():
             figures.update({f"{method}/{k}": v for k, v in cost.items()})
         per_seed.append(figures)
         if _RUN:  # TensorBoard: every figure of this seed (the step is the seed).
             _RUN["run"].scalars(figures, step=seed, prefix=name)
-        print(f"{name} seed {seed}: " + ", ".join(
-            f"{m} clean {figures[f'{m}/clean/accuracy']:.3f} transfer "
-            f"{figures[f'{m}/transfer_pgd/accuracy']:.3f} white-box "
-            f"{figures[f'{m}/whitebox_pgd/accuracy']:.3f}" for m in methods)
-            + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+        print(
+            f"{name} seed {seed}: "
+            + ", ".join(
+                f"{m} clean {figures[f'{m}/clean/accuracy']:.3f} transfer "
+                f"{figures[f'{m}/transfer_pgd/accuracy']:.3f} white-box "
+                f"{figures[f'{m}/whitebox_pgd/accuracy']:.3f}"
+                for m in methods
+            )
+            + f" ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
         if seed == seeds[0]:
-            plots = {"members_transfer": members_transfer, "layer_diversity": layer_diversity,
-                     "pca": {m: keras_fip.ensemble_members(built[m]) for m in built
-                             if m in ENSEMBLES},
-                     "transfer": {m: figures[f"{m}/transfer_pgd/accuracy"] for m in built}}
+            plots = {
+                "members_transfer": members_transfer,
+                "layer_diversity": layer_diversity,
+                "pca": {m: keras_fip.ensemble_members(built[m]) for m in built if m in ENSEMBLES},
+                "transfer": {m: figures[f"{m}/transfer_pgd/accuracy"] for m in built},
+            }
             if "fip" in built and not os.path.isdir(os.path.join(output_dir, "serving")):
                 keras_fip.export(built["fip"], os.path.join(output_dir, "serving"))
-    results = {f"{name}/dataset/subset": bool(data.info(dataset, FLAGS.data_dir)["subset"]),
-               f"{name}/model": model, f"{name}/base_epochs": epochs,
-               f"{name}/num_seeds": len(seeds), f"{name}/num_members": num_members,
-               f"{name}/methods": list(methods)}
-    results.update({f"{name}/attack/{k}": v for k, v in robustness.attack_settings(
-        settings["epsilon"], settings["step"], FLAGS.pgd_iterations,
-        FLAGS.pgd_restarts).items()})
+    results = {
+        f"{name}/dataset/subset": bool(data.info(dataset, FLAGS.data_dir)["subset"]),
+        f"{name}/model": model,
+        f"{name}/base_epochs": epochs,
+        f"{name}/num_seeds": len(seeds),
+        f"{name}/num_members": num_members,
+        f"{name}/methods": list(methods),
+    }
+    results.update(
+        {
+            f"{name}/attack/{k}": v
+            for k, v in robustness.attack_settings(
+                settings["epsilon"], settings["step"], FLAGS.pgd_iterations, FLAGS.pgd_restarts
+            ).items()
+        }
+    )
     results[f"{name}/attack/examples"] = len(rows)
     for key in per_seed[0]:
         values = np.array([figures[key] for figures in per_seed], dtype=float)
@@ -389,6 +504,7 @@ def run_experiment(spec, seeds, methods, num_members, attack_examples, output_di
 
 def _comparisons(results, name, methods):
     """The acceptance margins: FIP against the single network and the deep ensemble."""
+
     def get(method, measure):
         return results.get(f"{name}/{method}/{measure}")
 
@@ -397,12 +513,13 @@ def _comparisons(results, name, methods):
     for other in ("single", "deep"):
         if other in methods:
             for attack in ("transfer_pgd", "whitebox_pgd", "clean"):
-                results[f"{name}/fip/{attack}/margin_over_{other}"] = (
-                    get("fip", f"{attack}/accuracy/mean")
-                    - get(other, f"{attack}/accuracy/mean"))
+                results[f"{name}/fip/{attack}/margin_over_{other}"] = get(
+                    "fip", f"{attack}/accuracy/mean"
+                ) - get(other, f"{attack}/accuracy/mean")
     if "deep" in methods:
-        results[f"{name}/fip/train_examples/fraction_of_deep"] = (
-            get("fip", "train_examples") / get("deep", "train_examples"))
+        results[f"{name}/fip/train_examples/fraction_of_deep"] = get("fip", "train_examples") / get(
+            "deep", "train_examples"
+        )
 
 
 def plot(all_plots, output_dir):
@@ -417,10 +534,21 @@ def plot(all_plots, output_dir):
     for axis, name in zip(axes[0], names):
         members = all_plots[name]["members_transfer"]
         for index, (method, values) in enumerate(members.items()):
-            axis.scatter([index] * len(values), values, color="grey", s=12,
-                         label="members" if index == 0 else None)
-            axis.scatter([index], [all_plots[name]["transfer"][method]], color="red",
-                         marker="*", s=120, label="ensemble" if index == 0 else None)
+            axis.scatter(
+                [index] * len(values),
+                values,
+                color="grey",
+                s=12,
+                label="members" if index == 0 else None,
+            )
+            axis.scatter(
+                [index],
+                [all_plots[name]["transfer"][method]],
+                color="red",
+                marker="*",
+                s=120,
+                label="ensemble" if index == 0 else None,
+            )
         axis.set_xticks(range(len(members)), list(members))
         axis.set_ylabel("transfer PGD accuracy")
         axis.set_title(name)
@@ -433,10 +561,10 @@ def plot(all_plots, output_dir):
     figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)
     for axis, name in zip(axes[0], names):
         for method, per_layer in all_plots[name]["layer_diversity"].items():
-            axis.plot(range(len(per_layer)), list(per_layer.values()), marker="o",
-                      label=method)
-            axis.set_xticks(range(len(per_layer)), list(per_layer), rotation=45,
-                            fontsize=7, ha="right")
+            axis.plot(range(len(per_layer)), list(per_layer.values()), marker="o", label=method)
+            axis.set_xticks(
+                range(len(per_layer)), list(per_layer), rotation=45, fontsize=7, ha="right"
+            )
         axis.set_ylabel("1 − linear CKA")
         axis.set_title(name)
         axis.legend(fontsize=7)
@@ -453,8 +581,7 @@ def plot(all_plots, output_dir):
             for method, points in coordinates.items():
                 axis.scatter(points[:, 0], points[:, 1], label=method, s=18)
             axis.set_xlabel(f"PC1 ({100 * explained[0]:.0f}%)")
-            axis.set_ylabel(f"PC2 ({100 * explained[1]:.0f}%)" if len(explained) > 1
-                            else "PC2")
+            axis.set_ylabel(f"PC2 ({100 * explained[1]:.0f}%)" if len(explained) > 1 else "PC2")
         axis.set_title(f"{name}: member weights")
         axis.legend(fontsize=7)
     figure.tight_layout()
@@ -484,13 +611,22 @@ def experiment_plans():
         raise ValueError(
             "`--other_methods` (the methods of every experiment after the first) shares no "
             f"method with `--methods`. Received: methods={methods}, "
-            f"other_methods={list(FLAGS.other_methods)}")
+            f"other_methods={list(FLAGS.other_methods)}"
+        )
     seeds = [int(s) for s in FLAGS.seeds]
     other_seeds = [int(s) for s in FLAGS.other_seeds]
-    return [(spec, seeds, methods, FLAGS.num_members, FLAGS.attack_examples) if index == 0
-            else (spec, other_seeds, other_methods, FLAGS.other_num_members,
-                  FLAGS.other_attack_examples)
-            for index, spec in enumerate(experiments)]
+    return [
+        (spec, seeds, methods, FLAGS.num_members, FLAGS.attack_examples)
+        if index == 0
+        else (
+            spec,
+            other_seeds,
+            other_methods,
+            FLAGS.other_num_members,
+            FLAGS.other_attack_examples,
+        )
+        for index, spec in enumerate(experiments)
+    ]
 
 
 def main(argv):
@@ -510,16 +646,43 @@ def main(argv):
 def _main(plans, methods, output_dir):
     start = time.perf_counter()
     results, all_plots = {}, {}
-    config = common.flag_values((
-        "experiments", "seeds", "other_seeds", "num_members", "other_num_members",
-        "other_methods", "base_epochs", "batch_size",
-        "pgd_epsilon", "pgd_step", "pgd_iterations", "pgd_restarts", "attack_examples",
-        "other_attack_examples",
-        "attack_seed", "fip_member_fraction", "fip_steps_between", "fip_step_rule", "fip_epsilon",
-        "fip_learning_rate", "fip_task_weight", "fip_diversity", "fip_diversity_loss",
-        "fip_adversary", "fip_diversity_examples", "fip_cg_iterations", "fge_cycle_epochs", "fge_learning_rate",
-        "snapshot_cycle_epochs", "snapshot_learning_rate", "diagnostic_examples",
-        "strategy", "tpu"))
+    config = common.flag_values(
+        (
+            "experiments",
+            "seeds",
+            "other_seeds",
+            "num_members",
+            "other_num_members",
+            "other_methods",
+            "base_epochs",
+            "batch_size",
+            "pgd_epsilon",
+            "pgd_step",
+            "pgd_iterations",
+            "pgd_restarts",
+            "attack_examples",
+            "other_attack_examples",
+            "attack_seed",
+            "fip_member_fraction",
+            "fip_steps_between",
+            "fip_step_rule",
+            "fip_epsilon",
+            "fip_learning_rate",
+            "fip_task_weight",
+            "fip_diversity",
+            "fip_diversity_loss",
+            "fip_adversary",
+            "fip_diversity_examples",
+            "fip_cg_iterations",
+            "fge_cycle_epochs",
+            "fge_learning_rate",
+            "snapshot_cycle_epochs",
+            "snapshot_learning_rate",
+            "diagnostic_examples",
+            "strategy",
+            "tpu",
+        )
+    )
     config["methods"] = methods
     common.write_json(output_dir, "config.json", config)
     for plan in plans:
@@ -537,8 +700,10 @@ def _main(plans, methods, output_dir):
         for measure in ("clean", "transfer_pgd", "whitebox_pgd"):
             cells = "".join(
                 f"{100 * results[f'{name}/{m}/{measure}/accuracy/mean']:>11.2f}"
-                if f"{name}/{m}/{measure}/accuracy/mean" in results else f"{'-':>11}"
-                for m in methods)
+                if f"{name}/{m}/{measure}/accuracy/mean" in results
+                else f"{'-':>11}"
+                for m in methods
+            )
             print(f"{name + ' ' + measure:>22}{cells}")
     print(f"wall time {results['wall_time_seconds']:.0f} s -> {output_dir}")
 

@@ -45,32 +45,60 @@ from keras_fip import models  # noqa: E402
 from keras_fip.engine import copy_model  # noqa: E402
 
 # Networks
-flags.DEFINE_list("spectrum_models", ["mlp", "lenet_300_100", "cnn5"],
-                  "Zoo networks whose metric spectrum is measured.")
+flags.DEFINE_list(
+    "spectrum_models",
+    ["mlp", "lenet_300_100", "cnn5"],
+    "Zoo networks whose metric spectrum is measured.",
+)
 
 # Metric
-flags.DEFINE_integer("spectrum_num_inputs", 100, "N: training inputs over which g is "
-                     "averaged.", lower_bound=1)
-flags.DEFINE_float("spectrum_threshold", 1e-3, "Eigenvalue at or above which a direction "
-                   "counts as vulnerable.", lower_bound=0.0)
-flags.DEFINE_integer("spectrum_max_gram_entries", 2**28, "Largest Jacobian (N·C x n "
-                     "entries) held in memory for the exact Gram spectrum.", lower_bound=1)
+flags.DEFINE_integer(
+    "spectrum_num_inputs", 100, "N: training inputs over which g is averaged.", lower_bound=1
+)
+flags.DEFINE_float(
+    "spectrum_threshold",
+    1e-3,
+    "Eigenvalue at or above which a direction counts as vulnerable.",
+    lower_bound=0.0,
+)
+flags.DEFINE_integer(
+    "spectrum_max_gram_entries",
+    2**28,
+    "Largest Jacobian (N·C x n entries) held in memory for the exact Gram spectrum.",
+    lower_bound=1,
+)
 
 # Estimators
-flags.DEFINE_integer("spectrum_top_k", 20, "Top eigenvalues computed by Lanczos.",
-                     lower_bound=1)
-flags.DEFINE_integer("spectrum_trace_samples", 100, "Products g·v for the Hutch++ trace.",
-                     lower_bound=3)
-flags.DEFINE_integer("spectrum_slq_probes", 5, "Stochastic Lanczos quadrature probes.",
-                     lower_bound=1)
+flags.DEFINE_integer("spectrum_top_k", 20, "Top eigenvalues computed by Lanczos.", lower_bound=1)
+flags.DEFINE_integer(
+    "spectrum_trace_samples", 100, "Products g·v for the Hutch++ trace.", lower_bound=3
+)
+flags.DEFINE_integer(
+    "spectrum_slq_probes", 5, "Stochastic Lanczos quadrature probes.", lower_bound=1
+)
 flags.DEFINE_integer("spectrum_slq_steps", 60, "Lanczos steps per SLQ probe.", lower_bound=2)
 
 FLAGS = flags.FLAGS
 
-CONFIG_FLAGS = ("spectrum_models", "spectrum_num_inputs", "spectrum_threshold",
-                "spectrum_max_gram_entries", "spectrum_top_k", "spectrum_trace_samples",
-                "spectrum_slq_probes", "spectrum_slq_steps", "dataset", "data_dir", "epochs",
-                "batch_size", "learning_rate", "seed", "cache_dir", "strategy", "tpu")
+CONFIG_FLAGS = (
+    "spectrum_models",
+    "spectrum_num_inputs",
+    "spectrum_threshold",
+    "spectrum_max_gram_entries",
+    "spectrum_top_k",
+    "spectrum_trace_samples",
+    "spectrum_slq_probes",
+    "spectrum_slq_steps",
+    "dataset",
+    "data_dir",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "seed",
+    "cache_dir",
+    "strategy",
+    "tpu",
+)
 
 
 @flags.validator("spectrum_models", message="--spectrum_models must name zoo models.")
@@ -78,8 +106,18 @@ def _check_models(names):
     return bool(names) and all(name in models.BUILDERS for name in names)
 
 
-def measure(model, inputs, threshold, max_gram_entries, top_k, trace_samples, slq_probes,
-            slq_steps, seed, gram_model=None):
+def measure(
+    model,
+    inputs,
+    threshold,
+    max_gram_entries,
+    top_k,
+    trace_samples,
+    slq_probes,
+    slq_steps,
+    seed,
+    gram_model=None,
+):
     """The spectrum measurements of one network's metric; returns (results, eigenvalues).
 
     `gram_model` is the network whose dense Jacobian gives the exact Gram spectrum (a
@@ -87,8 +125,7 @@ def measure(model, inputs, threshold, max_gram_entries, top_k, trace_samples, sl
     Jacobian is a one-device computation); `None` uses `model`."""
     metric = geometry.MetricOperator(model, inputs)
     num_rows = metric.num_examples * metric.num_outputs()
-    top = geometry.top_eigenpairs(metric, k=min(top_k, metric.num_params - 1), tol=1e-6,
-                                  seed=seed)
+    top = geometry.top_eigenpairs(metric, k=min(top_k, metric.num_params - 1), tol=1e-6, seed=seed)
     results = {
         "num_params": metric.num_params,
         "rank_bound": min(num_rows, metric.num_params),
@@ -96,10 +133,11 @@ def measure(model, inputs, threshold, max_gram_entries, top_k, trace_samples, sl
         "top_k_matvecs": top.num_matvecs,
         "trace": geometry.trace(metric, trace_samples, seed=seed),
         "expected_change_unit_perturbation": geometry.expected_perturbation_change(
-            metric, 1.0, trace_samples, seed=seed),
-        "rho_slq": geometry.vulnerable_fraction(metric, threshold, method="slq",
-                                                num_probes=slq_probes,
-                                                num_steps=slq_steps, seed=seed),
+            metric, 1.0, trace_samples, seed=seed
+        ),
+        "rho_slq": geometry.vulnerable_fraction(
+            metric, threshold, method="slq", num_probes=slq_probes, num_steps=slq_steps, seed=seed
+        ),
     }
     eigenvalues = top.values
     if num_rows * metric.num_params <= max_gram_entries:
@@ -115,7 +153,8 @@ def measure(model, inputs, threshold, max_gram_entries, top_k, trace_samples, sl
         results["rho_method"] = "slq"
     # ρ·n / min(N·C, n): near 1 means ρ is capped by the rank of g, i.e. by N.
     results["vulnerable_over_rank_bound"] = (
-        results["rho"] * metric.num_params / results["rank_bound"])
+        results["rho"] * metric.num_params / results["rank_bound"]
+    )
     return results, eigenvalues
 
 
@@ -147,18 +186,32 @@ def main(argv):
     for name in FLAGS.spectrum_models:
         # Trained base network (cached)
         model, base = run.base_network(
-            name, FLAGS.dataset, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-            learning_rate=FLAGS.learning_rate, seed=FLAGS.seed, data_dir=FLAGS.data_dir,
-            cache_dir=FLAGS.cache_dir)
+            name,
+            FLAGS.dataset,
+            epochs=FLAGS.epochs,
+            batch_size=FLAGS.batch_size,
+            learning_rate=FLAGS.learning_rate,
+            seed=FLAGS.seed,
+            data_dir=FLAGS.data_dir,
+            cache_dir=FLAGS.cache_dir,
+        )
         # Spectrum of its metric
         start = time.perf_counter()
         # The exact Gram spectrum's dense Jacobian runs on one device: a plain copy.
         gram_model = None if FLAGS.strategy == "default" else copy_model(model)
         with run.scope():
             measured, eigenvalues = measure(
-                model, inputs, FLAGS.spectrum_threshold, FLAGS.spectrum_max_gram_entries,
-                FLAGS.spectrum_top_k, FLAGS.spectrum_trace_samples, FLAGS.spectrum_slq_probes,
-                FLAGS.spectrum_slq_steps, FLAGS.seed, gram_model=gram_model)
+                model,
+                inputs,
+                FLAGS.spectrum_threshold,
+                FLAGS.spectrum_max_gram_entries,
+                FLAGS.spectrum_top_k,
+                FLAGS.spectrum_trace_samples,
+                FLAGS.spectrum_slq_probes,
+                FLAGS.spectrum_slq_steps,
+                FLAGS.seed,
+                gram_model=gram_model,
+            )
         measured["seconds"] = time.perf_counter() - start
         measured["test_accuracy"] = base["test/accuracy"]
         results.update({f"{name}/{key}": value for key, value in measured.items()})
@@ -167,12 +220,16 @@ def main(argv):
         run.scalars(measured, prefix=name)
         for rank, value in enumerate(measured["top_eigenvalues"], start=1):
             run.scalars({"top_eigenvalue": value}, step=rank, prefix=name)
-        print(f"{name}: n={measured['num_params']} rho={measured['rho']:.3e} "
-              f"({measured['rho_method']}; SLQ {measured['rho_slq']:.3e}) "
-              f"trace={measured['trace']:.4g} in {measured['seconds']:.1f} s")
+        print(
+            f"{name}: n={measured['num_params']} rho={measured['rho']:.3e} "
+            f"({measured['rho_method']}; SLQ {measured['rho_slq']:.3e}) "
+            f"trace={measured['trace']:.4g} in {measured['seconds']:.1f} s"
+        )
         if measured["vulnerable_over_rank_bound"] > 0.95:
-            print(f"  {name}: every direction g can see is vulnerable; rho is capped by "
-                  "rank(g) <= N·C: raise --spectrum_num_inputs for the network's own rho.")
+            print(
+                f"  {name}: every direction g can see is vulnerable; rho is capped by "
+                "rank(g) <= N·C: raise --spectrum_num_inputs for the network's own rho."
+            )
     plot(spectra, FLAGS.spectrum_threshold, f"{output_dir}/eigenvalues.png")
     common.write_json(output_dir, "results.json", results)
     run.close()

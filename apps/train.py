@@ -25,13 +25,25 @@ from absl import flags
 from apps import common
 
 # Caching
-flags.DEFINE_bool("use_cache", True, "Reuse a cached network trained with the same "
-                  "configuration instead of training again.")
+flags.DEFINE_bool(
+    "use_cache",
+    True,
+    "Reuse a cached network trained with the same configuration instead of training again.",
+)
 
 FLAGS = flags.FLAGS
 
-CONFIG_FLAGS = ("model", "dataset", "epochs", "batch_size", "learning_rate", "seed",
-                "data_dir", "strategy", "tpu")
+CONFIG_FLAGS = (
+    "model",
+    "dataset",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "seed",
+    "data_dir",
+    "strategy",
+    "tpu",
+)
 
 
 def main(argv):

@@ -14,7 +14,8 @@ with one-shot and gradual magnitude pruning (global scope, the same layer-collap
 protection) fine-tuned with labels for the same number of steps Compress took
 (`op.history["steps"]`), each at the learning rate that does best on the validation split
 (as their authors tune them): the grid `--learning_rates` (1e-4 to 1e-2), extended by
-factors of 3 while its largest rate is the best, up to 0.1 (a single rate is used as given), so the chosen rate is never
+factors of 3 while its largest rate is the best, up to 0.1 (a single rate is used as given), so
+the chosen rate is never
 cut off by the grid's edge. Prints one JSON line per net and seed with the test
 accuracies (360 images: one image is 0.28 pp, hence several seeds), then one summary line per
 net with the mean ± std over seeds and the margins of the means. `--folds=5 --seeds=0,1,2,3,4`
@@ -29,7 +30,8 @@ above its own test accuracy, which a walk that keeps the dense function cannot r
 without the labels (`--task_weights=0,1`).
 `--dataset=mnist8` runs the same nets on MNIST brought to the digits' format (the central
 24×24 of each image, where the digit is, averaged over 3×3 blocks, as the digits were
-made by counting 4×4 blocks of 32×32 bitmaps): `--train_size` training images (stratified, seeded; 12,000 by default) and all
+made by counting 4×4 blocks of 32×32 bitmaps): `--train_size` training images (stratified,
+seeded; 12,000 by default) and all
 10,000 test images, so one image is 0.01 pp.
 
 Example:
@@ -105,8 +107,7 @@ def _mnist8(train_size, seed):
     x, y = keras_fip.data.load("mnist", "train")
     x_test, y_test = keras_fip.data.load("mnist", "test")
     if train_size < len(x):
-        x, _, y, _ = train_test_split(x, y, train_size=train_size, stratify=y,
-                                      random_state=seed)
+        x, _, y, _ = train_test_split(x, y, train_size=train_size, stratify=y, random_state=seed)
     return shrink(x), y, shrink(x_test), y_test
 
 
@@ -131,7 +132,8 @@ def _split(seed, validation_fraction=0.2, folds=0, dataset="digits", train_size=
         train_rows, test_rows = splits[seed % folds]
         x, y, x_test, y_test = x[train_rows], y[train_rows], x[test_rows], y[test_rows]
     x_train, x_val, y_train, y_val = train_test_split(
-        x, y, test_size=validation_fraction, stratify=y, random_state=seed)
+        x, y, test_size=validation_fraction, stratify=y, random_state=seed
+    )
     return (x_train, y_train), (x_val, y_val), (x_test, y_test)
 
 
@@ -149,8 +151,11 @@ def _variants(compress_learning_rates, task_weights):
         for task_weight in task_weights:
             name = "fip"
             if learning_rate != compress_learning_rates[0]:
-                name += f"_lr{learning_rate}" if isinstance(learning_rate, str) else \
-                    f"_lr{learning_rate:g}"
+                name += (
+                    f"_lr{learning_rate}"
+                    if isinstance(learning_rate, str)
+                    else f"_lr{learning_rate:g}"
+                )
             if task_weight != task_weights[0]:
                 name += f"_task{task_weight:g}"
             variants.append((name, learning_rate, task_weight))
@@ -161,9 +166,10 @@ def _runs(compress_learning_rates, task_weights, options=None):
     """`(name, Compress keyword arguments)` of every Compress run: the `_variants` grid,
     then one `fip_<name>` run per entry of `options` (a name -> keyword-arguments dict;
     Compress's defaults for everything else)."""
-    runs = [(name, {"learning_rate": learning_rate, "task_weight": task_weight})
-            for name, learning_rate, task_weight in _variants(compress_learning_rates,
-                                                              task_weights)]
+    runs = [
+        (name, {"learning_rate": learning_rate, "task_weight": task_weight})
+        for name, learning_rate, task_weight in _variants(compress_learning_rates, task_weights)
+    ]
     return runs + [(f"fip_{name}", dict(kwargs)) for name, kwargs in (options or {}).items()]
 
 
@@ -171,7 +177,8 @@ def _parse_options(text):
     """`--compress_options`: a JSON object, name -> Compress keyword arguments."""
     options = json.loads(text) if text else {}
     if not isinstance(options, dict) or not all(
-            isinstance(kwargs, dict) for kwargs in options.values()):
+        isinstance(kwargs, dict) for kwargs in options.values()
+    ):
         raise ValueError(f"expected a JSON object of objects. Received: {text}")
     for kwargs in options.values():
         keras_fip.Compress(0.5, **kwargs)  # Bad arguments fail before any training.
@@ -188,36 +195,58 @@ def _finetuned(model, sparsity, x, y, epochs, batch_size, learning_rate):
     return tuned
 
 
-def run_net(name, sparsities, base_epochs, seed, steps=None,
-            learning_rates=BASELINE_LEARNING_RATES, task_weights=(0.0,), folds=0,
-            dataset="digits", train_size=12000, compress_learning_rates=("auto",),
-            compress_options=None, finetuned_reference=False):
+def run_net(
+    name,
+    sparsities,
+    base_epochs,
+    seed,
+    steps=None,
+    learning_rates=BASELINE_LEARNING_RATES,
+    task_weights=(0.0,),
+    folds=0,
+    dataset="digits",
+    train_size=12000,
+    compress_learning_rates=("auto",),
+    compress_options=None,
+    finetuned_reference=False,
+):
     runs = _runs(compress_learning_rates, task_weights, compress_options)
-    (x, y), (x_val, y_val), (x_test, y_test) = _split(seed, folds=folds, dataset=dataset,
-                                                       train_size=train_size)
+    (x, y), (x_val, y_val), (x_test, y_test) = _split(
+        seed, folds=folds, dataset=dataset, train_size=train_size
+    )
     model = conv_net(**NETS[name], seed=seed)
-    keras_fip.models.train_classifier(model, x, y, epochs=base_epochs, batch_size=64,
-                                      learning_rate=3e-3)
-    result = {"benchmark": "compress_unseen", "net": name, "seed": seed, "dataset": dataset,
-              "dense/test/accuracy": round(_accuracy(model, x_test, y_test), 4)}
+    keras_fip.models.train_classifier(
+        model, x, y, epochs=base_epochs, batch_size=64, learning_rate=3e-3
+    )
+    result = {
+        "benchmark": "compress_unseen",
+        "net": name,
+        "seed": seed,
+        "dataset": dataset,
+        "dense/test/accuracy": round(_accuracy(model, x_test, y_test), 4),
+    }
     for sparsity in sparsities:
         key = f"{sparsity * 100:g}"
         for fip, kwargs in runs:
             start = time.perf_counter()
             # The labels only report accuracy unless `task_weight` > 0.
-            operation = keras_fip.Compress(sparsity, data=(x, y), steps=steps, seed=seed,
-                                           verbose=0, **kwargs)
+            operation = keras_fip.Compress(
+                sparsity, data=(x, y), steps=steps, seed=seed, verbose=0, **kwargs
+            )
             compressed = operation(model)
             result[f"{fip}/{key}/seconds"] = round(time.perf_counter() - start, 1)
             result[f"{fip}/{key}/test/accuracy"] = round(_accuracy(compressed, x_test, y_test), 4)
             result[f"{fip}/{key}/validation/accuracy"] = round(
-                _accuracy(compressed, x_val, y_val), 4)
+                _accuracy(compressed, x_val, y_val), 4
+            )
             result[f"{fip}/{key}/learning_rate"] = round(operation.history["learning_rate"], 6)
             result[f"{fip}/{key}/steps"] = operation.history["steps"]
             result[f"{fip}/{key}/layer_sparsity"] = _layer_sparsity(compressed)
         epochs = math.ceil(operation.history["steps"] / math.ceil(len(x) / 128))
-        references = [("oneshot", baselines.one_shot_magnitude_pruning),
-                      ("gradual", baselines.gradual_magnitude_pruning)]
+        references = [
+            ("oneshot", baselines.one_shot_magnitude_pruning),
+            ("gradual", baselines.gradual_magnitude_pruning),
+        ]
         if finetuned_reference:
             references.append(("finetuned", _finetuned))
         for label, method in references:
@@ -227,22 +256,34 @@ def run_net(name, sparsities, base_epochs, seed, steps=None,
                 learning_rate = grid.pop(0)
                 keras.utils.set_random_seed(seed)
                 kwargs = {"scope": "global"} if label == "gradual" else {}
-                pruned = method(model, sparsity, x, y, epochs=epochs, batch_size=128,
-                                learning_rate=learning_rate, **kwargs)
+                pruned = method(
+                    model,
+                    sparsity,
+                    x,
+                    y,
+                    epochs=epochs,
+                    batch_size=128,
+                    learning_rate=learning_rate,
+                    **kwargs,
+                )
                 validation[learning_rate] = _accuracy(pruned, x_val, y_val)
                 test[learning_rate] = _accuracy(pruned, x_test, y_test)
                 # The best rate at the grid's top edge: extend the grid upwards.
                 top = max(validation)
-                if (not grid and len(learning_rates) > 1
-                        and max(validation, key=validation.get) == top
-                        and top * 3 <= MAX_LEARNING_RATE * 1.0001):
+                if (
+                    not grid
+                    and len(learning_rates) > 1
+                    and max(validation, key=validation.get) == top
+                    and top * 3 <= MAX_LEARNING_RATE * 1.0001
+                ):
                     grid.append(float(f"{top * 3:.3g}"))
             best = max(validation, key=validation.get)
             result[f"{label}/{key}/test/accuracy"] = round(test[best], 4)
             result[f"{label}/{key}/validation/accuracy"] = round(validation[best], 4)
             result[f"{label}/{key}/learning_rate"] = best
-        best_baseline = max(result[f"oneshot/{key}/test/accuracy"],
-                            result[f"gradual/{key}/test/accuracy"])
+        best_baseline = max(
+            result[f"oneshot/{key}/test/accuracy"], result[f"gradual/{key}/test/accuracy"]
+        )
         for fip, _ in runs:
             accuracy = result[f"{fip}/{key}/test/accuracy"]
             result[f"{fip}/{key}/gap_to_dense"] = round(result["dense/test/accuracy"] - accuracy, 4)
@@ -250,87 +291,142 @@ def run_net(name, sparsities, base_epochs, seed, steps=None,
     return result
 
 
-def summarize(name, results, sparsities, task_weights=(0.0,), compress_learning_rates=("auto",),
-              compress_options=None):
+def summarize(
+    name,
+    results,
+    sparsities,
+    task_weights=(0.0,),
+    compress_learning_rates=("auto",),
+    compress_options=None,
+):
     """Mean ± std over seeds of every method's test accuracy, and the margins of the means."""
-    summary = {"benchmark": "compress_unseen", "net": name, "summary": True,
-               "seeds": [r["seed"] for r in results]}
+    summary = {
+        "benchmark": "compress_unseen",
+        "net": name,
+        "summary": True,
+        "seeds": [r["seed"] for r in results],
+    }
     fips = [fip for fip, _ in _runs(compress_learning_rates, task_weights, compress_options)]
-    methods = fips + [m for m in ("oneshot", "gradual", "finetuned")
-                      if f"{m}/{sparsities[0] * 100:g}/test/accuracy" in results[0]]
+    methods = fips + [
+        m
+        for m in ("oneshot", "gradual", "finetuned")
+        if f"{m}/{sparsities[0] * 100:g}/test/accuracy" in results[0]
+    ]
     keys = ["dense/test/accuracy"] + [
         f"{method}/{sparsity * 100:g}/{split}/accuracy"
-        for sparsity in sparsities for method in methods for split in ("test", "validation")]
+        for sparsity in sparsities
+        for method in methods
+        for split in ("test", "validation")
+    ]
     for key in keys:
         values = [r[key] for r in results]
         summary[f"{key}/mean"] = round(float(np.mean(values)), 4)
         summary[f"{key}/std"] = round(float(np.std(values)), 4)
     for sparsity in sparsities:
         key = f"{sparsity * 100:g}"
-        best_baseline = max(summary[f"oneshot/{key}/test/accuracy/mean"],
-                            summary[f"gradual/{key}/test/accuracy/mean"])
+        best_baseline = max(
+            summary[f"oneshot/{key}/test/accuracy/mean"],
+            summary[f"gradual/{key}/test/accuracy/mean"],
+        )
         for fip in fips:
             accuracy = summary[f"{fip}/{key}/test/accuracy/mean"]
             summary[f"{fip}/{key}/gap_to_dense"] = round(
-                summary["dense/test/accuracy/mean"] - accuracy, 4)
-            summary[f"{fip}/{key}/margin_over_best_baseline"] = round(
-                accuracy - best_baseline, 4)
+                summary["dense/test/accuracy/mean"] - accuracy, 4
+            )
+            summary[f"{fip}/{key}/margin_over_best_baseline"] = round(accuracy - best_baseline, 4)
     return summary
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nets", default="residual24,residual48,plain24",
-                        help=f"Comma-separated, from {sorted(NETS)}.")
+    parser.add_argument(
+        "--nets",
+        default="residual24,residual48,plain24",
+        help=f"Comma-separated, from {sorted(NETS)}.",
+    )
     parser.add_argument("--sparsities", default="0.8")
-    parser.add_argument("--base_epochs", type=int, default=40,
-                        help="Base training epochs (BatchNorm moving statistics need ~40 "
-                        "epochs of 23 steps to settle with Keras' momentum 0.99).")
+    parser.add_argument(
+        "--base_epochs",
+        type=int,
+        default=40,
+        help="Base training epochs (BatchNorm moving statistics need ~40 "
+        "epochs of 23 steps to settle with Keras' momentum 0.99).",
+    )
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="Compress's `steps` (default: its own budget rule).")
-    parser.add_argument("--task_weights", default="0",
-                        help="Comma-separated Compress task_weight values, each its own "
-                        "run: the first reported as `fip`, the others as `fip_task<w>` "
-                        "(0: inputs only; > 0 adds the labels' cross-entropy).")
-    parser.add_argument("--compress_learning_rates", default="auto",
-                        help="Comma-separated Compress learning_rate values (`auto`, its "
-                        "default, or numbers), each its own run with every task weight: "
-                        "the first reported as `fip`, the others as `fip_lr<r>`. Not tuned: "
-                        "the first is the one the comparison is about.")
-    parser.add_argument("--compress_options", default="",
-                        help="JSON object, name -> Compress keyword arguments: one more run "
-                        "per entry, reported as `fip_<name>` (e.g. "
-                        "'{\"pull0.5\": {\"pull_fraction\": 0.5}}'). Not chosen by the "
-                        "benchmark: `fip` (the defaults) is the one the comparison is about.")
-    parser.add_argument("--finetuned_reference", action="store_true",
-                        help="Also report `finetuned`: the dense network trained on the labels "
-                        "for the same budget without pruning (its rate chosen on validation "
-                        "as the baselines' are): what the extra labelled training alone gives.")
-    parser.add_argument("--folds", type=int, default=0,
-                        help="0: the official digits test split (360 images); K >= 2: K "
-                        "stratified folds of all 1,797 digits, seed k tests on fold k mod K "
-                        "(seeds 0..K-1 test on every image once).")
-    parser.add_argument("--dataset", default="digits", choices=("digits", "mnist8"),
-                        help="digits: scikit-learn's 8x8 digits; mnist8: MNIST padded to "
-                        "32x32 and averaged over 4x4 blocks (10,000 test images).")
-    parser.add_argument("--train_size", type=int, default=12000,
-                        help="mnist8: training images (stratified, seeded).")
-    parser.add_argument("--learning_rates",
-                        default=",".join(str(r) for r in BASELINE_LEARNING_RATES),
-                        help="Baseline fine-tuning learning rates; with two or more, extended "
-                        "by factors of 3 (up to 0.1) while the largest is the best on "
-                        "validation; the best is reported.")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="Compress's `steps` (default: its own budget rule)."
+    )
+    parser.add_argument(
+        "--task_weights",
+        default="0",
+        help="Comma-separated Compress task_weight values, each its own "
+        "run: the first reported as `fip`, the others as `fip_task<w>` "
+        "(0: inputs only; > 0 adds the labels' cross-entropy).",
+    )
+    parser.add_argument(
+        "--compress_learning_rates",
+        default="auto",
+        help="Comma-separated Compress learning_rate values (`auto`, its "
+        "default, or numbers), each its own run with every task weight: "
+        "the first reported as `fip`, the others as `fip_lr<r>`. Not tuned: "
+        "the first is the one the comparison is about.",
+    )
+    parser.add_argument(
+        "--compress_options",
+        default="",
+        help="JSON object, name -> Compress keyword arguments: one more run "
+        "per entry, reported as `fip_<name>` (e.g. "
+        '\'{"pull0.5": {"pull_fraction": 0.5}}\'). Not chosen by the '
+        "benchmark: `fip` (the defaults) is the one the comparison is about.",
+    )
+    parser.add_argument(
+        "--finetuned_reference",
+        action="store_true",
+        help="Also report `finetuned`: the dense network trained on the labels "
+        "for the same budget without pruning (its rate chosen on validation "
+        "as the baselines' are): what the extra labelled training alone gives.",
+    )
+    parser.add_argument(
+        "--folds",
+        type=int,
+        default=0,
+        help="0: the official digits test split (360 images); K >= 2: K "
+        "stratified folds of all 1,797 digits, seed k tests on fold k mod K "
+        "(seeds 0..K-1 test on every image once).",
+    )
+    parser.add_argument(
+        "--dataset",
+        default="digits",
+        choices=("digits", "mnist8"),
+        help="digits: scikit-learn's 8x8 digits; mnist8: MNIST padded to "
+        "32x32 and averaged over 4x4 blocks (10,000 test images).",
+    )
+    parser.add_argument(
+        "--train_size",
+        type=int,
+        default=12000,
+        help="mnist8: training images (stratified, seeded).",
+    )
+    parser.add_argument(
+        "--learning_rates",
+        default=",".join(str(r) for r in BASELINE_LEARNING_RATES),
+        help="Baseline fine-tuning learning rates; with two or more, extended "
+        "by factors of 3 (up to 0.1) while the largest is the best on "
+        "validation; the best is reported.",
+    )
     args = parser.parse_args(argv)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     learning_rates = [float(r) for r in args.learning_rates.split(",")]
     task_weights = [float(w) for w in args.task_weights.split(",")]
     try:
-        compress_learning_rates = [_parse_learning_rate(r)
-                                   for r in args.compress_learning_rates.split(",")]
+        compress_learning_rates = [
+            _parse_learning_rate(r) for r in args.compress_learning_rates.split(",")
+        ]
     except ValueError:
-        parser.error("--compress_learning_rates: `auto` or numbers. Received: "
-                     f"{args.compress_learning_rates}")
+        parser.error(
+            "--compress_learning_rates: `auto` or numbers. Received: "
+            f"{args.compress_learning_rates}"
+        )
     try:
         compress_options = _parse_options(args.compress_options)
     except (TypeError, ValueError) as error:
@@ -344,13 +440,37 @@ def main(argv=None):
             parser.error(f"--nets: unknown net {name!r}; choose from {sorted(NETS)}")
         results = []
         for seed in (int(s) for s in args.seeds.split(",")):
-            results.append(run_net(name, sparsities, args.base_epochs, seed, args.steps,
-                                   learning_rates, task_weights, args.folds,
-                                   args.dataset, args.train_size, compress_learning_rates,
-                                   compress_options, args.finetuned_reference))
+            results.append(
+                run_net(
+                    name,
+                    sparsities,
+                    args.base_epochs,
+                    seed,
+                    args.steps,
+                    learning_rates,
+                    task_weights,
+                    args.folds,
+                    args.dataset,
+                    args.train_size,
+                    compress_learning_rates,
+                    compress_options,
+                    args.finetuned_reference,
+                )
+            )
             print(json.dumps(results[-1]), flush=True)
-        print(json.dumps(summarize(name, results, sparsities, task_weights,
-                                   compress_learning_rates, compress_options)), flush=True)
+        print(
+            json.dumps(
+                summarize(
+                    name,
+                    results,
+                    sparsities,
+                    task_weights,
+                    compress_learning_rates,
+                    compress_options,
+                )
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

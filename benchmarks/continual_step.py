@@ -30,12 +30,20 @@ def _run(method, model, x, y, steps, batch_size):
     task = (x[:epochs_examples], y[:epochs_examples])
     memory = (x[-500:], y[-500:] % 10)
     if method == "fip":
-        op = keras_fip.ContinualLearn(task, memory=memory[0], epochs=1,
-                                      batch_size=batch_size, memory_per_task=0, seed=0,
-                                      verbose=0, record_every=10**9)
+        op = keras_fip.ContinualLearn(
+            task,
+            memory=memory[0],
+            epochs=1,
+            batch_size=batch_size,
+            memory_per_task=0,
+            seed=0,
+            verbose=0,
+            record_every=10**9,
+        )
     else:
-        op = baselines.ExperienceReplay(task, memory=memory, epochs=1,
-                                        batch_size=batch_size, seed=0)
+        op = baselines.ExperienceReplay(
+            task, memory=memory, epochs=1, batch_size=batch_size, seed=0
+        )
     start = time.perf_counter()
     op(model)
     return time.perf_counter() - start
@@ -62,16 +70,20 @@ def main(argv=None):
             long = _run(method, model, x, y, args.long_steps, args.batch_size)
             slope = (long - short) / (args.long_steps - args.short_steps)
             best[method] = min(best[method], slope)
-    print(json.dumps({
-        "benchmark": "continual_step",
-        "model": args.model,
-        "batch_size": args.batch_size,
-        "memory_batch_size": args.batch_size,
-        "fip_step_seconds": best["fip"],
-        "replay_step_seconds": best["replay"],
-        "fip_over_replay": best["fip"] / best["replay"],
-        "repeats": args.repeats,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "continual_step",
+                "model": args.model,
+                "batch_size": args.batch_size,
+                "memory_batch_size": args.batch_size,
+                "fip_step_seconds": best["fip"],
+                "replay_step_seconds": best["replay"],
+                "fip_over_replay": best["fip"] / best["replay"],
+                "repeats": args.repeats,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ examples) and `FIPTrainer.fit` on 128 anchor + 128 secondary examples (cross-ent
 secondary loss, the data from `fip_dataset`) for each step rule (and the penalty rule
 measuring `step_norm` / `distance_from_start` every 100 steps, `penalty_measure100`:
 `FIPTrainer(measure_every=100)`, whose non-finite guard then copies the weights only
-around those steps; the step of every operation at its default `record_every=100`), in the same run, after a
+around those steps; the step of every operation at its default `record_every=100`), in the same
+run, after a
 warm-up (the clock runs from the end of the last warm-up step to the end of the last step,
 so tracing and input start-up are excluded). Plain fit is timed on the Keras default input
 path, `fit(x, y, batch_size=256)` (`fit_arrays`), and on the usual hand-built pipeline
@@ -50,8 +51,12 @@ import tensorflow as tf
 import keras_fip
 from keras_fip.engine.data_adapter import fip_dataset
 
-RULES = (("penalty", "penalty"), ("penalty_measure100", "penalty"),
-         ("normalized", "normalized"), ("metric_cg10", "metric"))
+RULES = (
+    ("penalty", "penalty"),
+    ("penalty_measure100", "penalty"),
+    ("normalized", "normalized"),
+    ("metric_cg10", "metric"),
+)
 # Trainer arguments per label: `penalty_measure100` measures the step's length and the
 # distance from the start every 100 steps (`FIPTrainer(measure_every=100)`, what a walk
 # recording its path every 100 steps needs) instead of at every step, and its guard
@@ -100,8 +105,14 @@ def _time_fit(model, data, steps, warmup, batch_size=None):
     if isinstance(data, tuple):
         x, y = data
         batches_per_pass = -(-len(x) // batch_size)
-        model.fit(x, y, batch_size=batch_size, epochs=-(-total // batches_per_pass),
-                  verbose=0, callbacks=[timer])
+        model.fit(
+            x,
+            y,
+            batch_size=batch_size,
+            epochs=-(-total // batches_per_pass),
+            verbose=0,
+            callbacks=[timer],
+        )
     else:
         model.fit(data, epochs=1, steps_per_epoch=total, verbose=0, callbacks=[timer])
     if len(timer.times) < total:
@@ -116,8 +127,20 @@ def _load_average():
         return None
 
 
-def benchmark(name, x, y, steps, warmup, repeats, batch_size, jit_compile=False,
-              rules=RULES, dataset="mnist", metric_steps=None, warmup_rounds=1):
+def benchmark(
+    name,
+    x,
+    y,
+    steps,
+    warmup,
+    repeats,
+    batch_size,
+    jit_compile=False,
+    rules=RULES,
+    dataset="mnist",
+    metric_steps=None,
+    warmup_rounds=1,
+):
     keras.utils.set_random_seed(0)
     template = keras_fip.models.get(name, x.shape[1:], 10)
     half = batch_size // 2
@@ -146,22 +169,24 @@ def benchmark(name, x, y, steps, warmup, repeats, batch_size, jit_compile=False,
     for label, rule in rules:
         network = keras_fip.engine.copy_model(template)
         trainer = keras_fip.FIPTrainer(
-            network, step_rule=rule, secondary_loss=_loss(), cg_iterations=10,
+            network,
+            step_rule=rule,
+            secondary_loss=_loss(),
+            cg_iterations=10,
             **TRAINER_ARGUMENTS.get(label, {}),
         )
         trainer.compile(
             optimizer=keras.optimizers.Adam(1e-3) if rule == "penalty" else None,
             jit_compile=jit_compile,
         )
-        data = fip_dataset(
-            network, anchor=x, secondary=(x, y), batch_size=half, seed=0
-        )
+        data = fip_dataset(network, anchor=x, secondary=(x, y), batch_size=half, seed=0)
         trainers[label] = (trainer, data)
 
     # The metric rule costs ~10 fit steps a step: it is timed over fewer steps (the ratio
     # is per sample, so the step count only changes its noise).
-    counts = {label: (metric_steps or steps) if rule == "metric" else steps
-              for label, rule in rules}
+    counts = {
+        label: (metric_steps or steps) if rule == "metric" else steps for label, rule in rules
+    }
 
     # Interleave the measurements so that machine load affects all equally.
     load_start = _load_average()
@@ -214,10 +239,17 @@ def benchmark(name, x, y, steps, warmup, repeats, batch_size, jit_compile=False,
         result[f"{label}_over_fit_best"] = round(
             rate(label, wall, min) / max(rate(f, wall, min) for f in fits), 3
         )
-        result[f"{label}_over_fit_paired"] = round(float(np.median([
-            (fit_seconds / steps) / (seconds / counts[label])
-            for fit_seconds, seconds in zip(wall[baseline], wall[label])
-        ])), 3)
+        result[f"{label}_over_fit_paired"] = round(
+            float(
+                np.median(
+                    [
+                        (fit_seconds / steps) / (seconds / counts[label])
+                        for fit_seconds, seconds in zip(wall[baseline], wall[label])
+                    ]
+                )
+            ),
+            3,
+        )
         result[f"{label}_over_fit_cpu"] = round(
             rate(label, cpu, np.median) / max(rate(f, cpu, np.median) for f in fits), 3
         )
@@ -229,19 +261,30 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="lenet_300_100,cnn5")
     parser.add_argument("--dataset", default="mnist")
-    parser.add_argument("--rules", default=",".join(label for label, _ in RULES),
-                        help="Step rules to time: penalty, penalty_measure100, "
-                             "normalized, metric_cg10.")
-    parser.add_argument("--steps", type=int, default=40,
-                        help="Timed steps per method and round. On a shared virtual machine "
-                             "many short rounds (`--repeats=20`) give steadier ratios than "
-                             "a few long ones: the paired ratio cancels drift between rounds.")
-    parser.add_argument("--metric_steps", type=int, default=5,
-                        help="Timed steps of the metric rule (10 CG products a step).")
+    parser.add_argument(
+        "--rules",
+        default=",".join(label for label, _ in RULES),
+        help="Step rules to time: penalty, penalty_measure100, normalized, metric_cg10.",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=40,
+        help="Timed steps per method and round. On a shared virtual machine "
+        "many short rounds (`--repeats=20`) give steadier ratios than "
+        "a few long ones: the paired ratio cancels drift between rounds.",
+    )
+    parser.add_argument(
+        "--metric_steps",
+        type=int,
+        default=5,
+        help="Timed steps of the metric rule (10 CG products a step).",
+    )
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup_rounds", type=int, default=1,
-                        help="Interleaved rounds run first and discarded.")
+    parser.add_argument(
+        "--warmup_rounds", type=int, default=1, help="Interleaved rounds run first and discarded."
+    )
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--jit_compile", action="store_true")
     args = parser.parse_args(argv)
@@ -249,18 +292,34 @@ def main(argv=None):
     rules = tuple((label, known[label]) for label in args.rules.split(",") if label in known)
     if len(rules) != len(args.rules.split(",")):
         parser.error(f"--rules must name rules among {sorted(known)}; got {args.rules!r}")
-    if (min(args.steps, args.metric_steps, args.warmup, args.repeats) < 1
-            or args.batch_size < 2 or args.warmup_rounds < 0):
-        parser.error("--steps, --metric_steps, --warmup and --repeats must be >= 1, "
-                     "--warmup_rounds >= 0, --batch_size >= 2")
+    if (
+        min(args.steps, args.metric_steps, args.warmup, args.repeats) < 1
+        or args.batch_size < 2
+        or args.warmup_rounds < 0
+    ):
+        parser.error(
+            "--steps, --metric_steps, --warmup and --repeats must be >= 1, "
+            "--warmup_rounds >= 0, --batch_size >= 2"
+        )
     x, y = keras_fip.data.load(args.dataset, "train")
     for name in args.models.split(","):
         print(
-            json.dumps(benchmark(
-                name, x, y, args.steps, args.warmup, args.repeats, args.batch_size,
-                args.jit_compile, rules, args.dataset, args.metric_steps,
-                args.warmup_rounds,
-            )),
+            json.dumps(
+                benchmark(
+                    name,
+                    x,
+                    y,
+                    args.steps,
+                    args.warmup,
+                    args.repeats,
+                    args.batch_size,
+                    args.jit_compile,
+                    rules,
+                    args.dataset,
+                    args.metric_steps,
+                    args.warmup_rounds,
+                )
+            ),
             flush=True,
         )
 

@@ -102,8 +102,12 @@ def main(argv=None):
                 "batch_size": args.batch_size,
                 "euclidean_distance": round(distance, 4),
                 "euclidean_path_length": round(walk.path.length(), 4),
-                "weight_norm": round(float(np.sqrt(sum(
-                    np.sum(w.astype(np.float64) ** 2) for w in model.get_weights()))), 4),
+                "weight_norm": round(
+                    float(
+                        np.sqrt(sum(np.sum(w.astype(np.float64) ** 2) for w in model.get_weights()))
+                    ),
+                    4,
+                ),
                 "test_accuracy_before": accuracy_before,
                 "test_accuracy_after": accuracy_after,
                 "accuracy_change_pp": round(100 * (accuracy_after - accuracy_before), 3),

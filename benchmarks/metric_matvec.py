@@ -99,16 +99,19 @@ def _variant_functions(model, x, y, vector, variants):
                     tape.watch(primals)
                     values = metric_lib._flat_outputs(model, x, "logits")
             jvp = accumulator.jvp(values, unconnected_gradients="zero") * scale
-            return tape.gradient(values, primals, output_gradients=tf.stop_gradient(jvp),
-                                 unconnected_gradients="zero")
+            return tape.gradient(
+                values,
+                primals,
+                output_gradients=tf.stop_gradient(jvp),
+                unconnected_gradients="zero",
+            )
 
         functions["forward_accumulator"] = forward_accumulator
     if "xla" in variants:
 
         @tf.function(jit_compile=True)
         def xla():
-            return metric_lib._summed_metric_vector_product(
-                model, x, vector, "logits", scale=scale)
+            return metric_lib._summed_metric_vector_product(model, x, vector, "logits", scale=scale)
 
         @tf.function(jit_compile=True)
         def xla_gradient():
@@ -135,9 +138,7 @@ def _setup(name, dataset, num_inputs):
             loss = loss_fn(y, model(x, training=False))
         return tape.gradient(loss, model.trainable_variables)
 
-    vector = [
-        tf.random.normal(v.shape, dtype=v.dtype, seed=0) for v in model.trainable_variables
-    ]
+    vector = [tf.random.normal(v.shape, dtype=v.dtype, seed=0) for v in model.trainable_variables]
     return metric, gradient, vector, model, x, y
 
 
@@ -154,8 +155,9 @@ def _peak_memory_mb(fn):
         tf.config.experimental.reset_memory_stats(device)
         before = tf.config.experimental.get_memory_info(device)["current"]
     except ValueError as error:
-        return None, (f"{device}: {error} (set TF_CPU_ALLOCATOR_USE_BFC=true before "
-                      "TensorFlow starts)")
+        return None, (
+            f"{device}: {error} (set TF_CPU_ALLOCATOR_USE_BFC=true before TensorFlow starts)"
+        )
     _ = [piece.numpy() for piece in fn()]
     peak = tf.config.experimental.get_memory_info(device)["peak"]
     return (peak - before) / 2**20, None
@@ -171,13 +173,11 @@ def _median_seconds(fn, repeats):
     return float(np.median(times))
 
 
-def benchmark(name, dataset, num_inputs, repeats, variants=(), block_vectors=16,
-              trace_samples=48):
+def benchmark(name, dataset, num_inputs, repeats, variants=(), block_vectors=16, trace_samples=48):
     metric, gradient, vector, model, x, y = _setup(name, dataset, num_inputs)
     load_start = _load_average()
     others = _variant_functions(model, x, y, vector, variants)
-    block = tf.random.normal((metric.num_params, block_vectors), seed=1,
-                             dtype=metric.dtype)
+    block = tf.random.normal((metric.num_params, block_vectors), seed=1, dtype=metric.dtype)
     blocked = geometry.MetricOperator(model, x, vectors_per_pass=block_vectors)
 
     flat_vector = tf.concat([tf.reshape(tf.cast(v, metric.dtype), [-1]) for v in vector], 0)
@@ -199,8 +199,7 @@ def benchmark(name, dataset, num_inputs, repeats, variants=(), block_vectors=16,
         gradient_times.append(_median_seconds(gradient, 1))
         matmat_times.append(_median_seconds(lambda: [blocked.matmat(block)], 1))
         form_times.append(_median_seconds(lambda: [metric.quadratic_form(flat_vector)], 1))
-        form_block_times.append(
-            _median_seconds(lambda: [blocked.quadratic_form(block)], 1))
+        form_block_times.append(_median_seconds(lambda: [blocked.quadratic_form(block)], 1))
         for label, function in others.items():
             other_times[label].append(_median_seconds(function, 1))
     matvec_seconds = float(np.median(matvec_times))
@@ -219,8 +218,11 @@ def benchmark(name, dataset, num_inputs, repeats, variants=(), block_vectors=16,
     # and products only (through scipy, as before quadratic forms)
     one_per_pass = geometry.MetricOperator(model, x, vectors_per_pass=1)
     trace_times = {}
-    for label, operator in (("blocks", blocked), ("one_per_pass", one_per_pass),
-                            ("products", blocked.as_linear_operator())):
+    for label, operator in (
+        ("blocks", blocked),
+        ("one_per_pass", one_per_pass),
+        ("products", blocked.as_linear_operator()),
+    ):
         geometry.trace(operator, num_samples=trace_samples, seed=1)  # Tracing.
         seconds = []
         for _ in range(3):
@@ -245,41 +247,46 @@ def benchmark(name, dataset, num_inputs, repeats, variants=(), block_vectors=16,
         "matvec_over_gradient_best": min(matvec_times) / min(gradient_times),
         "block_vectors": block_vectors,
         "matmat_over_gradient": matmat_seconds / block_vectors / gradient_seconds,
-        "matmat_over_gradient_best": (
-            min(matmat_times) / block_vectors / min(gradient_times)),
+        "matmat_over_gradient_best": (min(matmat_times) / block_vectors / min(gradient_times)),
         "quadratic_form_over_gradient": float(np.median(form_times)) / gradient_seconds,
         "quadratic_form_over_gradient_best": min(form_times) / min(gradient_times),
         "quadratic_form_block_over_gradient": (
-            float(np.median(form_block_times)) / block_vectors / gradient_seconds),
+            float(np.median(form_block_times)) / block_vectors / gradient_seconds
+        ),
     }
     if "forward_accumulator" in other_seconds:
         result["forward_accumulator_over_gradient"] = (
-            other_seconds["forward_accumulator"] / gradient_seconds)
+            other_seconds["forward_accumulator"] / gradient_seconds
+        )
     if "xla" in other_seconds:
         result["xla_over_gradient"] = other_seconds["xla"] / other_seconds["xla_gradient"]
-        result["xla_gradient_over_gradient"] = (
-            other_seconds["xla_gradient"] / gradient_seconds)
-    result.update({
-        "matvecs_for_top20": pairs.num_matvecs,
-        "top20_seconds": top20_seconds,
-        "top20_max_relative_error": top20_error,
-        "matvecs_for_top20_tol0": reference.num_matvecs,
-        "top_eigenvalue": float(reference.values[0]),
-        "trace_samples": trace_samples,
-        "trace_seconds": trace_times["blocks"],
-        "trace_seconds_one_per_pass": trace_times["one_per_pass"],
-        "trace_seconds_products": trace_times["products"],
-        "trace_estimates_agree": bool(
-            np.isclose(trace_times["blocks_estimate"], trace_times["one_per_pass_estimate"],
-                       rtol=1e-4)
-            and np.isclose(trace_times["blocks_estimate"], trace_times["products_estimate"],
-                           rtol=1e-4)),
-        "peak_memory_device": _memory_device(),
-        "peak_memory_matvec_mb": matvec_memory,
-        "peak_memory_gradient_mb": gradient_memory,
-        "peak_memory_matmat_mb": matmat_memory,
-        "load_average": [load_start, _load_average()],
-    })
+        result["xla_gradient_over_gradient"] = other_seconds["xla_gradient"] / gradient_seconds
+    result.update(
+        {
+            "matvecs_for_top20": pairs.num_matvecs,
+            "top20_seconds": top20_seconds,
+            "top20_max_relative_error": top20_error,
+            "matvecs_for_top20_tol0": reference.num_matvecs,
+            "top_eigenvalue": float(reference.values[0]),
+            "trace_samples": trace_samples,
+            "trace_seconds": trace_times["blocks"],
+            "trace_seconds_one_per_pass": trace_times["one_per_pass"],
+            "trace_seconds_products": trace_times["products"],
+            "trace_estimates_agree": bool(
+                np.isclose(
+                    trace_times["blocks_estimate"], trace_times["one_per_pass_estimate"], rtol=1e-4
+                )
+                and np.isclose(
+                    trace_times["blocks_estimate"], trace_times["products_estimate"], rtol=1e-4
+                )
+            ),
+            "peak_memory_device": _memory_device(),
+            "peak_memory_matvec_mb": matvec_memory,
+            "peak_memory_gradient_mb": gradient_memory,
+            "peak_memory_matmat_mb": matmat_memory,
+            "load_average": [load_start, _load_average()],
+        }
+    )
     if note:
         result["peak_memory_note"] = note
     return result
@@ -291,14 +298,23 @@ def main(argv=None):
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--num_inputs", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--block_vectors", type=int, default=16,
-                        help="Vectors of the timed `matmat` block (one forward pass).")
-    parser.add_argument("--trace_samples", type=int, default=48,
-                        help="Probes (products g·v and quadratic forms) of the timed Hutch++ "
-                             "trace.")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="Alternatives timed alongside: forward_accumulator, xla "
-                             "(comma-separated, or empty).")
+    parser.add_argument(
+        "--block_vectors",
+        type=int,
+        default=16,
+        help="Vectors of the timed `matmat` block (one forward pass).",
+    )
+    parser.add_argument(
+        "--trace_samples",
+        type=int,
+        default=48,
+        help="Probes (products g·v and quadratic forms) of the timed Hutch++ trace.",
+    )
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="Alternatives timed alongside: forward_accumulator, xla (comma-separated, or empty).",
+    )
     args = parser.parse_args(argv)
     if args.num_inputs < 1 or args.repeats < 1 or args.block_vectors < 1:
         parser.error("--num_inputs, --repeats and --block_vectors must be >= 1")
@@ -308,9 +324,20 @@ def main(argv=None):
     if any(v not in VARIANTS for v in variants):
         parser.error(f"--variants must name variants among {VARIANTS}; got {args.variants!r}")
     for name in args.models.split(","):
-        print(json.dumps(benchmark(name, args.dataset, args.num_inputs, args.repeats,
-                                   variants, args.block_vectors, args.trace_samples)),
-              flush=True)
+        print(
+            json.dumps(
+                benchmark(
+                    name,
+                    args.dataset,
+                    args.num_inputs,
+                    args.repeats,
+                    variants,
+                    args.block_vectors,
+                    args.trace_samples,
+                )
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,12 @@ COMPUTATIONS = ("compress", "continual", "metric", "resume")
 
 
 def _settings(args):
-    return {"steps": args.steps, "batch_size": args.batch_size, "kill_at": args.kill_at,
-            "record_every": args.record_every}
+    return {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "kill_at": args.kill_at,
+        "record_every": args.record_every,
+    }
 
 
 def _data():
@@ -111,18 +115,31 @@ def compute(names, strategy, output_dir, settings, kill=False):
     with strategy.scope():
         if "compress" in names:
             keras.utils.set_random_seed(0)
-            op = keras_fip.Compress(0.5, data=x, steps=steps, batch_size=batch_size,
-                                    beta=1.0, update_every=5, seed=0,
-                                    record_every=steps, verbose=0)
+            op = keras_fip.Compress(
+                0.5,
+                data=x,
+                steps=steps,
+                batch_size=batch_size,
+                beta=1.0,
+                update_every=5,
+                seed=0,
+                record_every=steps,
+                verbose=0,
+            )
             sparse = op(_load_base(output_dir, 10))
             results.update({f"compress/{i}": w for i, w in enumerate(sparse.get_weights())})
         if "continual" in names:
             keras.utils.set_random_seed(0)
             old, new = y < 5, y >= 5
-            op = keras_fip.ContinualLearn((x[new][:64], y[new][:64] - 5),
-                                          memory=x[old][:64], epochs=steps // 2,
-                                          batch_size=batch_size, seed=0,
-                                          record_every=steps, verbose=0)
+            op = keras_fip.ContinualLearn(
+                (x[new][:64], y[new][:64] - 5),
+                memory=x[old][:64],
+                epochs=steps // 2,
+                batch_size=batch_size,
+                seed=0,
+                record_every=steps,
+                verbose=0,
+            )
             grown = op(_load_base(output_dir, 5))
             results.update({f"continual/{i}": w for i, w in enumerate(grown.get_weights())})
         if "metric" in names and strategy.num_replicas_in_sync > 1:
@@ -130,8 +147,11 @@ def compute(names, strategy, output_dir, settings, kill=False):
         if "resume" in names:
             model = _load_base(output_dir, 10)
             trainer = keras_fip.FIPTrainer(
-                model, step_rule="penalty", distance="kl",
-                secondary_loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                model,
+                step_rule="penalty",
+                distance="kl",
+                secondary_loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            )
             trainer.compile(optimizer=keras.optimizers.Adam(3e-3))
             data = fip_dataset(model, x, secondary=(x, y), batch_size=batch_size, seed=0)
             callbacks = []
@@ -141,8 +161,15 @@ def compute(names, strategy, output_dir, settings, kill=False):
             if strategy.num_replicas_in_sync == 1:
                 directory = os.path.join(output_dir, "walk_single")
             path, _, first_step = distribute.resumable_walk(
-                trainer, data, steps, directory, record_every=settings["record_every"],
-                strategy=strategy, callbacks=callbacks, verbose=0)
+                trainer,
+                data,
+                steps,
+                directory,
+                record_every=settings["record_every"],
+                strategy=strategy,
+                callbacks=callbacks,
+                verbose=0,
+            )
             results.update({f"resume/{i}": w for i, w in enumerate(model.get_weights())})
             results["resume_first_step"] = np.asarray(first_step)
             results["resume_points"] = np.asarray(len(path))
@@ -165,10 +192,12 @@ def _metric(output_dir, x):
     # The Gram matrix of 7 inputs in batches of 4: each worker's rows gathered in order,
     # the last batch of 3 split unevenly.
     gram = keras_fip.geometry.MetricOperator(model, x[:7], batch_size=4).gram()
-    return {"metric/product": metric.matvec(vector.astype("float32")),
-            "metric/values": values,
-            "metric/vectors": vectors * np.sign(vectors[:1]),
-            "metric/gram": gram}
+    return {
+        "metric/product": metric.matvec(vector.astype("float32")),
+        "metric/values": values,
+        "metric/vectors": vectors * np.sign(vectors[:1]),
+        "metric/gram": gram,
+    }
 
 
 def _worker(args):
@@ -179,12 +208,13 @@ def _worker(args):
 
     names = args.computations.split(",")
     # The walks and products first (saved before the resumable walk, which may be killed).
-    for group, tag in (([n for n in names if n != "resume"], "main"),
-                       ([n for n in names if n == "resume"], "resume")):
+    for group, tag in (
+        ([n for n in names if n != "resume"], "main"),
+        ([n for n in names if n == "resume"], "resume"),
+    ):
         if not group:
             continue
-        results = compute(group, strategy, args.output_dir, _settings(args),
-                          kill=args.kill)
+        results = compute(group, strategy, args.output_dir, _settings(args), kill=args.kill)
         if distribute.is_chief(strategy):
             np.savez(os.path.join(args.output_dir, f"worker_{tag}.npz"), **results)
     distribute.barrier(strategy)
@@ -197,25 +227,42 @@ def _max_difference(reference, other, prefix):
     keys = sorted(k for k in reference if k.startswith(prefix + "/"))
     if not keys or any(k not in other for k in keys):
         return float("nan")
-    return max(float(np.max(np.abs(np.asarray(reference[k], "float64")
-                                   - np.asarray(other[k], "float64")))) for k in keys)
+    return max(
+        float(np.max(np.abs(np.asarray(reference[k], "float64") - np.asarray(other[k], "float64"))))
+        for k in keys
+    )
 
 
 def _launch(args, output_dir, names, kill):
     from keras_fip import distribute
 
-    command = [sys.executable, "-m", "benchmarks.multi_worker", "--role=worker",
-               f"--output_dir={output_dir}", f"--computations={','.join(names)}",
-               f"--steps={args.steps}", f"--batch_size={args.batch_size}",
-               f"--kill_at={args.kill_at}", f"--record_every={args.record_every}",
-               f"--communication={args.communication}"] + (["--kill"] if kill else [])
-    env = {"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "",
-           "KERAS_BACKEND": "tensorflow", "PYTHONUNBUFFERED": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.multi_worker",
+        "--role=worker",
+        f"--output_dir={output_dir}",
+        f"--computations={','.join(names)}",
+        f"--steps={args.steps}",
+        f"--batch_size={args.batch_size}",
+        f"--kill_at={args.kill_at}",
+        f"--record_every={args.record_every}",
+        f"--communication={args.communication}",
+    ] + (["--kill"] if kill else [])
+    env = {
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "CUDA_VISIBLE_DEVICES": "",
+        "KERAS_BACKEND": "tensorflow",
+        "PYTHONUNBUFFERED": "1",
+    }
     start = time.perf_counter()
-    results = distribute.launch_workers(command, num_workers=args.workers,
-                                        timeout=args.timeout, env=env,
-                                        cwd=os.path.dirname(os.path.dirname(
-                                            os.path.abspath(__file__))))
+    results = distribute.launch_workers(
+        command,
+        num_workers=args.workers,
+        timeout=args.timeout,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     return results, time.perf_counter() - start
 
 
@@ -238,10 +285,14 @@ def run(args):
     rows = []
     kill = "resume" in names
     first, first_seconds = _launch(args, output_dir, names, kill=kill)
-    launches = [{"launch": "all" + (" (worker 1 killed)" if kill else ""),
-                 "seconds": round(first_seconds, 1),
-                 "returncodes": [r["returncode"] for r in first],
-                 "timed_out": first[0]["timed_out"]}]
+    launches = [
+        {
+            "launch": "all" + (" (worker 1 killed)" if kill else ""),
+            "seconds": round(first_seconds, 1),
+            "returncodes": [r["returncode"] for r in first],
+            "timed_out": first[0]["timed_out"],
+        }
+    ]
     workers = {}
     main_file = os.path.join(output_dir, "worker_main.npz")
     if os.path.exists(main_file):
@@ -249,27 +300,42 @@ def run(args):
             workers.update(dict(saved))
     if kill:
         second, second_seconds = _launch(args, output_dir, ["resume"], kill=False)
-        launches.append({"launch": "resume", "seconds": round(second_seconds, 1),
-                         "returncodes": [r["returncode"] for r in second],
-                         "timed_out": second[0]["timed_out"]})
+        launches.append(
+            {
+                "launch": "resume",
+                "seconds": round(second_seconds, 1),
+                "returncodes": [r["returncode"] for r in second],
+                "timed_out": second[0]["timed_out"],
+            }
+        )
         resumed = os.path.join(output_dir, "worker_resume.npz")
         if os.path.exists(resumed):
             with np.load(resumed) as saved:
                 workers.update(dict(saved))
     for name in names:
-        row = {"benchmark": "multi_worker", "computation": name, "workers": args.workers,
-               "steps": args.steps,
-               "max_abs_difference": _max_difference(reference, workers, name)}
+        row = {
+            "benchmark": "multi_worker",
+            "computation": name,
+            "workers": args.workers,
+            "steps": args.steps,
+            "max_abs_difference": _max_difference(reference, workers, name),
+        }
         if name == "resume":
             row["resumed_from_step"] = int(workers.get("resume_first_step", -1))
             row["killed_at_step"] = args.kill_at
         rows.append(row)
-    rows.append({"benchmark": "multi_worker", "computation": "all", "workers": args.workers,
-                 "steps": args.steps,
-                 "max_abs_difference": float(
-                     np.max([row["max_abs_difference"] for row in rows])),
-                 "single_process_seconds": round(single_seconds, 1),
-                 "launches": launches, "output_dir": args.output_dir})
+    rows.append(
+        {
+            "benchmark": "multi_worker",
+            "computation": "all",
+            "workers": args.workers,
+            "steps": args.steps,
+            "max_abs_difference": float(np.max([row["max_abs_difference"] for row in rows])),
+            "single_process_seconds": round(single_seconds, 1),
+            "launches": launches,
+            "output_dir": args.output_dir,
+        }
+    )
     if args.output_dir is None:
         shutil.rmtree(output_dir, ignore_errors=True)
     return rows, (first, launches)

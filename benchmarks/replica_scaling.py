@@ -70,7 +70,6 @@ def _measure(args):
                 f"TensorFlow already started with {available}; run without --in_process."
             ) from None
     import keras
-    import numpy as np
 
     import keras_fip
     from benchmarks.fip_step import _time_fit
@@ -87,8 +86,7 @@ def _measure(args):
         network = keras_fip.engine.copy_model(fit_model)
         fit_model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
         trainer = keras_fip.FIPTrainer(network, step_rule=args.rule, secondary_loss=loss)
-        trainer.compile(optimizer=keras.optimizers.Adam(1e-3) if args.rule == "penalty"
-                        else None)
+        trainer.compile(optimizer=keras.optimizers.Adam(1e-3) if args.rule == "penalty" else None)
     data = fip_dataset(network, anchor=x, secondary=(x, y), batch_size=half, seed=0)
 
     class _Timer(keras.callbacks.Callback):
@@ -118,10 +116,18 @@ def _measure(args):
 
 def _run_child(args, model, replicas):
     command = [
-        sys.executable, "-m", "benchmarks.replica_scaling", "--child",
-        f"--model={model}", f"--replicas={replicas}", f"--dataset={args.dataset}",
-        f"--rule={args.rule}", f"--steps={args.steps}", f"--warmup={args.warmup}",
-        f"--repeats={args.repeats}", f"--batch_size={args.batch_size}",
+        sys.executable,
+        "-m",
+        "benchmarks.replica_scaling",
+        "--child",
+        f"--model={model}",
+        f"--replicas={replicas}",
+        f"--dataset={args.dataset}",
+        f"--rule={args.rule}",
+        f"--steps={args.steps}",
+        f"--warmup={args.warmup}",
+        f"--repeats={args.repeats}",
+        f"--batch_size={args.batch_size}",
     ]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     environment = dict(os.environ)
@@ -130,7 +136,11 @@ def _run_child(args, model, replicas):
     )
     environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     completed = subprocess.run(
-        command, cwd=root, env=environment, capture_output=True, text=True,
+        command,
+        cwd=root,
+        env=environment,
+        capture_output=True,
+        text=True,
         timeout=args.timeout,
     )
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
@@ -145,23 +155,32 @@ def _run_child(args, model, replicas):
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="lenet_300_100,cnn5")
-    parser.add_argument("--replicas", default="1,2",
-                        help="Comma-separated replica counts (logical CPU devices).")
+    parser.add_argument(
+        "--replicas", default="1,2", help="Comma-separated replica counts (logical CPU devices)."
+    )
     parser.add_argument("--dataset", default="mnist")
-    parser.add_argument("--rule", default="penalty",
-                        choices=("penalty", "normalized", "metric"))
+    parser.add_argument("--rule", default="penalty", choices=("penalty", "normalized", "metric"))
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="Interleaved fit/walk timings per process.")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="Processes per replica count, alternating between counts.")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="Interleaved fit/walk timings per process."
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="Processes per replica count, alternating between counts.",
+    )
     parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--timeout", type=float, default=900.0,
-                        help="Seconds allowed to each child process.")
-    parser.add_argument("--in_process", action="store_true",
-                        help="Measure in this process (one replica count per process "
-                             "is cleaner; meant for quick checks).")
+    parser.add_argument(
+        "--timeout", type=float, default=900.0, help="Seconds allowed to each child process."
+    )
+    parser.add_argument(
+        "--in_process",
+        action="store_true",
+        help="Measure in this process (one replica count per process "
+        "is cleaner; meant for quick checks).",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -171,8 +190,10 @@ def parse(argv=None):
     if min(args.steps, args.warmup, args.repeats, args.rounds) < 1:
         parser.error("--steps, --warmup, --repeats and --rounds must be >= 1")
     if args.batch_size < 2 or any((args.batch_size // 2) % count for count in counts):
-        parser.error("--batch_size / 2 must be a multiple of every replica count; got "
-                     f"{args.batch_size} for {counts}")
+        parser.error(
+            "--batch_size / 2 must be a multiple of every replica count; got "
+            f"{args.batch_size} for {counts}"
+        )
     args.replica_counts = counts
     return args
 
@@ -191,8 +212,11 @@ def main(argv=None):
         for _ in range(args.rounds):
             for count in args.replica_counts:
                 if args.in_process:
-                    runs[count].append(_measure(argparse.Namespace(
-                        **{**vars(args), "model": model, "replicas": count})))
+                    runs[count].append(
+                        _measure(
+                            argparse.Namespace(**{**vars(args), "model": model, "replicas": count})
+                        )
+                    )
                 else:
                     runs[count].append(_run_child(args, model, count))
         rates = {}
@@ -205,22 +229,27 @@ def main(argv=None):
         first = args.replica_counts[0]
         for count in args.replica_counts:
             fit_rate, fip_rate = rates[count]
-            print(json.dumps({
-                "benchmark": "replica_scaling",
-                "model": model,
-                "dataset": args.dataset,
-                "rule": args.rule,
-                "replicas": count,
-                "global_batch_size": args.batch_size,
-                "steps": args.steps,
-                "timings": args.rounds * args.repeats,
-                "fit_samples_per_second": round(fit_rate, 1),
-                "fip_samples_per_second": round(fip_rate, 1),
-                "fip_over_fit": round(fip_rate / fit_rate, 3),
-                "fit_speedup": round(fit_rate / rates[first][0], 3),
-                "fip_speedup": round(fip_rate / rates[first][1], 3),
-                "load_average": [load_start, load_end],
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "benchmark": "replica_scaling",
+                        "model": model,
+                        "dataset": args.dataset,
+                        "rule": args.rule,
+                        "replicas": count,
+                        "global_batch_size": args.batch_size,
+                        "steps": args.steps,
+                        "timings": args.rounds * args.repeats,
+                        "fit_samples_per_second": round(fit_rate, 1),
+                        "fip_samples_per_second": round(fip_rate, 1),
+                        "fip_over_fit": round(fip_rate / fit_rate, 3),
+                        "fit_speedup": round(fit_rate / rates[first][0], 3),
+                        "fip_speedup": round(fip_rate / rates[first][1], 3),
+                        "load_average": [load_start, load_end],
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

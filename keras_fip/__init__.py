@@ -12,7 +12,9 @@ _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 from keras_fip import baselines  # noqa: E402
 from keras_fip import data  # noqa: E402
 from keras_fip import geometry  # noqa: E402
+from keras_fip import metrics  # noqa: E402
 from keras_fip import models  # noqa: E402
+from keras_fip import robustness  # noqa: E402
 from keras_fip.engine.masks import MaskedOptimizer  # noqa: E402
 from keras_fip.engine.masks import masks  # noqa: E402
 from keras_fip.engine.masks import strip_masks  # noqa: E402
@@ -21,19 +23,17 @@ from keras_fip.engine.trainer import FIPTrainer  # noqa: E402
 from keras_fip.export import export  # noqa: E402
 from keras_fip.operations import Chain  # noqa: E402
 from keras_fip.operations import Compress  # noqa: E402
+from keras_fip.operations import ContinualLearn  # noqa: E402
+from keras_fip.operations import Damage  # noqa: E402
+from keras_fip.operations import DamageRepair  # noqa: E402
+from keras_fip.operations import Ensemble  # noqa: E402
 from keras_fip.operations import Isofunctional  # noqa: E402
 from keras_fip.operations import Operation  # noqa: E402
-from keras_fip.operations import chain  # noqa: E402
-from keras_fip.operations import shrink  # noqa: E402
-from keras_fip.operations import Ensemble  # noqa: E402
-from keras_fip.operations import ensemble_members  # noqa: E402
-from keras_fip import robustness  # noqa: E402
-from keras_fip.operations import Damage  # noqa: E402
-from keras_fip.operations import damage_reference  # noqa: E402
-from keras_fip.operations import ContinualLearn  # noqa: E402
-from keras_fip import metrics  # noqa: E402
 from keras_fip.operations import Repair  # noqa: E402
-from keras_fip.operations import DamageRepair  # noqa: E402
+from keras_fip.operations import chain  # noqa: E402
+from keras_fip.operations import damage_reference  # noqa: E402
+from keras_fip.operations import ensemble_members  # noqa: E402
+from keras_fip.operations import shrink  # noqa: E402
 
 __version__ = "0.1.0"
 

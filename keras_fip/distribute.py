@@ -106,9 +106,7 @@ class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
                 component = leaf.values[0]
             rank = getattr(getattr(component, "shape", None), "rank", None)
             leaf_axis = None if rank == 0 else axis
-            return super(MultiWorkerMirroredStrategy, self).reduce(
-                reduce_op, leaf, axis=leaf_axis
-            )
+            return super(MultiWorkerMirroredStrategy, self).reduce(reduce_op, leaf, axis=leaf_axis)
 
         return tf.nest.map_structure(reduce_one, value)
 
@@ -152,9 +150,7 @@ def get_strategy(name="default", tpu=None, communication="auto"):
     """
     check_strategy_name(name)
     if tpu is not None and (not isinstance(tpu, str) or not tpu):
-        raise ValueError(
-            f"`tpu` must be a non-empty address string or None. Received: tpu={tpu!r}"
-        )
+        raise ValueError(f"`tpu` must be a non-empty address string or None. Received: tpu={tpu!r}")
     if tpu is not None and name != "tpu":
         raise ValueError(
             "`tpu` is only used with `strategy='tpu'`. "
@@ -170,16 +166,13 @@ def get_strategy(name="default", tpu=None, communication="auto"):
     if name == "mirrored":
         # Every GPU; without GPUs every logical CPU (TensorFlow's default takes one CPU,
         # so CPU replicas configured with `set_logical_device_configuration` would idle).
-        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices(
-            "CPU")
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([device.name for device in devices])
     if name == "multi_worker":
         implementation = getattr(
             tf.distribute.experimental.CommunicationImplementation, communication.upper()
         )
-        options = tf.distribute.experimental.CommunicationOptions(
-            implementation=implementation
-        )
+        options = tf.distribute.experimental.CommunicationOptions(implementation=implementation)
         return MultiWorkerMirroredStrategy(communication_options=options)
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
     tf.config.experimental_connect_to_cluster(resolver)
@@ -291,8 +284,8 @@ def replica_step(step_fn, strategy=None):
     def step(batch):
         per_replica = strategy.run(step_fn, args=(batch,))
         return tf.nest.map_structure(
-            lambda value: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None),
-            per_replica)
+            lambda value: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None), per_replica
+        )
 
     return step
 
@@ -317,8 +310,7 @@ def summed_over_batches(fn, data, batch_size, strategy=None):
     Returns:
         The structure of `fn`'s results, as numpy arrays (float64 sums of the batches).
     """
-    dataset = tf.data.Dataset.from_tensor_slices(
-        data_adapter.for_tf_data(data)).batch(batch_size)
+    dataset = tf.data.Dataset.from_tensor_slices(data_adapter.for_tf_data(data)).batch(batch_size)
 
     def dense_fn(batch):  # Sparse gradients (embeddings) summed as dense tensors.
         return tf.nest.map_structure(tf.convert_to_tensor, fn(batch))
@@ -326,8 +318,7 @@ def summed_over_batches(fn, data, batch_size, strategy=None):
     step = replica_step(dense_fn, strategy)
     total = None
     for batch in distribute_dataset(dataset, strategy):
-        values = tf.nest.map_structure(
-            lambda value: np.asarray(value, np.float64), step(batch))
+        values = tf.nest.map_structure(lambda value: np.asarray(value, np.float64), step(batch))
         total = values if total is None else tf.nest.map_structure(np.add, total, values)
     return total
 
@@ -363,8 +354,7 @@ def _kill_group(process):
         pass
 
 
-def launch_workers(command, num_workers=2, timeout=120.0, env=None, cwd=None,
-                   attempts=2):
+def launch_workers(command, num_workers=2, timeout=120.0, env=None, cwd=None, attempts=2):
     """Runs `command` in `num_workers` local worker processes, each with its `TF_CONFIG`.
 
     Each worker gets a free loopback port and the `TF_CONFIG` of a cluster of
@@ -395,8 +385,10 @@ def launch_workers(command, num_workers=2, timeout=120.0, env=None, cwd=None,
     >>> [r["stdout"].strip() for r in results]
     ['hi', 'hi']
     """
-    if not isinstance(command, (list, tuple)) or not command or not all(
-        isinstance(part, str) for part in command
+    if (
+        not isinstance(command, (list, tuple))
+        or not command
+        or not all(isinstance(part, str) for part in command)
     ):
         raise ValueError(
             f"`command` must be a non-empty list of strings. Received: command={command!r}"
@@ -499,8 +491,9 @@ class _OptimizerState(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         step = self._first_step + self._epoch * self._steps_per_epoch + batch + 1
         if self._path.should_record(step) and int(self._path.steps[-1]) == step:
-            _save_optimizer(self._trainer.optimizer, self._path.directory, step,
-                            self._state_variables)
+            _save_optimizer(
+                self._trainer.optimizer, self._path.directory, step, self._state_variables
+            )
 
 
 def _optimizer_file(directory, step):
@@ -556,8 +549,16 @@ def _last_resumable_step(directory):
     return last
 
 
-def resumable_walk(trainer, data, steps, directory, record_every=1, strategy=None,
-                   state_variables=None, **walk_kwargs):
+def resumable_walk(
+    trainer,
+    data,
+    steps,
+    directory,
+    record_every=1,
+    strategy=None,
+    state_variables=None,
+    **walk_kwargs,
+):
     """Runs `trainer.walk` streamed to a `Path` in `directory`, resuming a killed walk.
 
     The path's points (weights every `record_every` steps) and the optimizer's state at
@@ -648,10 +649,10 @@ def resumable_walk(trainer, data, steps, directory, record_every=1, strategy=Non
     remaining = steps - resume_step
     if remaining > 0:
         callbacks = list(walk_kwargs.pop("callbacks", None) or [])
-        callbacks.append(_OptimizerState(trainer, path, resume_step, remaining,
-                                         state_variables or ()))
-        history = trainer.walk(data, remaining, path=path, callbacks=callbacks,
-                               **walk_kwargs)
+        callbacks.append(
+            _OptimizerState(trainer, path, resume_step, remaining, state_variables or ())
+        )
+        history = trainer.walk(data, remaining, path=path, callbacks=callbacks, **walk_kwargs)
     if own != directory:
         shutil.rmtree(own, ignore_errors=True)
     return path, history, resume_step
@@ -677,19 +678,22 @@ def main(argv=None):
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
-        raise SystemExit("Usage: python -m keras_fip.distribute [--workers=2] "
-                         "[--timeout=3600] -- python -m apps.compress "
-                         "--strategy=multi_worker --workers=1 --methods=fip")
+        raise SystemExit(
+            "Usage: python -m keras_fip.distribute [--workers=2] "
+            "[--timeout=3600] -- python -m apps.compress "
+            "--strategy=multi_worker --workers=1 --methods=fip"
+        )
     split = argv.index("--")
     parser = argparse.ArgumentParser(prog="python -m keras_fip.distribute")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600.0)
     args = parser.parse_args(argv[:split])
-    results = launch_workers(argv[split + 1:], num_workers=args.workers,
-                             timeout=args.timeout)
+    results = launch_workers(argv[split + 1 :], num_workers=args.workers, timeout=args.timeout)
     for index, result in enumerate(results):
-        print(f"# worker {index}: return code {result['returncode']}"
-              f"{' (timed out)' if result['timed_out'] else ''}")
+        print(
+            f"# worker {index}: return code {result['returncode']}"
+            f"{' (timed out)' if result['timed_out'] else ''}"
+        )
         print(result["stdout"], end="")
         if result["returncode"]:
             print(result["stderr"][-4000:], end="", file=sys.stderr)

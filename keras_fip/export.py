@@ -41,18 +41,14 @@ def export(model, directory, input_signature=None, verbose=False):
     (4, 2)
     """
     if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"`model` must be a `keras.Model`. Received: model={model!r}"
-        )
+        raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
     if not model.built:
         raise ValueError(
             "`model` must be built (called on data or `build()`) before export. "
             f"Received: model={model.name} (built=False)"
         )
     if not isinstance(directory, (str, os.PathLike)):
-        raise ValueError(
-            f"`directory` must be a path. Received: directory={directory!r}"
-        )
+        raise ValueError(f"`directory` must be a path. Received: directory={directory!r}")
     input_signature = _input_signature(model, input_signature)
 
     # Plain layers, zeros kept.

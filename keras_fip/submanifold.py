@@ -47,9 +47,7 @@ class Submanifold:
                 f"`template` must be a built `keras.Model`. Received: template={template!r}"
             )
         if dtype not in ("float32", "float16"):
-            raise ValueError(
-                f"`dtype` must be 'float32' or 'float16'. Received: dtype={dtype!r}"
-            )
+            raise ValueError(f"`dtype` must be 'float32' or 'float16'. Received: dtype={dtype!r}")
         self.template = strip_masks(template)
         self.dtype = dtype
         self.shapes = [tuple(v.shape) for v in self.template.trainable_variables]
@@ -157,8 +155,9 @@ class Submanifold:
 
     def _row(self, index):
         if not -len(self) <= index < len(self):
-            raise ValueError(f"`index` must be in [{-len(self)}, {len(self)}). "
-                             f"Received: index={index}")
+            raise ValueError(
+                f"`index` must be in [{-len(self)}, {len(self)}). Received: index={index}"
+            )
         index %= len(self)
         stored = 0 if self._stored is None else len(self._stored)
         return self._stored[index] if index < stored else self._rows[index - stored]
@@ -169,7 +168,7 @@ class Submanifold:
         offset = 0
         for variable, shape in zip(self.template.trainable_variables, self.shapes):
             size = int(np.prod(shape, dtype=np.int64))
-            variable.assign(row[offset:offset + size].reshape(shape))
+            variable.assign(row[offset : offset + size].reshape(shape))
             offset += size
         return self.template
 
@@ -183,8 +182,8 @@ class Submanifold:
         mean = np.mean(matrix, axis=0, dtype=np.float64)
         gram = np.zeros((len(matrix), len(matrix)))
         for start in range(0, matrix.shape[1], chunk_size):
-            block = np.asarray(matrix[:, start:start + chunk_size], np.float64)
-            block = block - mean[start:start + chunk_size]
+            block = np.asarray(matrix[:, start : start + chunk_size], np.float64)
+            block = block - mean[start : start + chunk_size]
             gram += block @ block.T
         squares = np.diag(gram)
         distances = np.sqrt(np.maximum(squares[:, None] + squares[None, :] - 2 * gram, 0.0))
@@ -220,8 +219,7 @@ class Submanifold:
 
     # Querying
 
-    def query(self, data, score="pseudo_perplexity", outputs=None, batch_size=256,
-              as_scored=None):
+    def query(self, data, score="pseudo_perplexity", outputs=None, batch_size=256, as_scored=None):
         """Scores every network on unseen data and ranks them (best first).
 
         Args:
@@ -249,30 +247,41 @@ class Submanifold:
         if score not in SCORES:
             raise ValueError(f"`score` must be one of {list(SCORES)}. Received: score={score!r}")
         if as_scored is not None and not callable(as_scored):
-            raise ValueError(f"`as_scored` must be a callable or None. "
-                             f"Received: as_scored={as_scored!r}")
+            raise ValueError(
+                f"`as_scored` must be a callable or None. Received: as_scored={as_scored!r}"
+            )
         if len(self) == 0:
             raise ValueError("The sub-manifold is empty: add networks before querying.")
         as_scored = as_scored or (lambda network: network)
         if score == "pseudo_perplexity":
             from keras_fip.models import bert
 
-            scores = [bert.pseudo_perplexity(as_scored(self.network(i)), np.asarray(data),
-                                             batch_size)
-                      for i in range(len(self))]
+            scores = [
+                bert.pseudo_perplexity(as_scored(self.network(i)), np.asarray(data), batch_size)
+                for i in range(len(self))
+            ]
         else:
             if not (isinstance(data, tuple) and len(data) == 2):
-                raise ValueError(f"`data` must be an `(x, y)` tuple for score={score!r}. "
-                                 f"Received: data of type {type(data).__name__}")
-            scores = [_label_score(as_scored(self.network(i)), data, score, outputs,
-                                   batch_size)
-                      for i in range(len(self))]
+                raise ValueError(
+                    f"`data` must be an `(x, y)` tuple for score={score!r}. "
+                    f"Received: data of type {type(data).__name__}"
+                )
+            scores = [
+                _label_score(as_scored(self.network(i)), data, score, outputs, batch_size)
+                for i in range(len(self))
+            ]
         scores = np.asarray(scores, dtype=np.float64)
         order = np.argsort(-scores if score == "accuracy" else scores, kind="stable")
-        family_means = {family: float(np.mean(scores[[f == family for f in self.families]]))
-                        for family in dict.fromkeys(self.families)}
-        return {"scores": scores.tolist(), "ranking": order.tolist(),
-                "families": list(self.families), "family_means": family_means}
+        family_means = {
+            family: float(np.mean(scores[[f == family for f in self.families]]))
+            for family in dict.fromkeys(self.families)
+        }
+        return {
+            "scores": scores.tolist(),
+            "ranking": order.tolist(),
+            "families": list(self.families),
+            "family_means": family_means,
+        }
 
     # Storage
 
@@ -282,8 +291,7 @@ class Submanifold:
         np.save(os.path.join(directory, WEIGHTS_FILE), self.weights_matrix())
         self.template.save(os.path.join(directory, TEMPLATE_FILE))
         with open(os.path.join(directory, INDEX_FILE), "w") as f:
-            json.dump({"families": self.families, "info": self.info, "dtype": self.dtype},
-                      f)
+            json.dump({"families": self.families, "info": self.info, "dtype": self.dtype}, f)
 
     @classmethod
     def load(cls, directory, mmap=True):
@@ -292,8 +300,9 @@ class Submanifold:
         with open(os.path.join(directory, INDEX_FILE)) as f:
             index = json.load(f)
         manifold = cls(template, dtype=index["dtype"])
-        manifold._stored = np.load(os.path.join(directory, WEIGHTS_FILE),
-                                   mmap_mode="r" if mmap else None)
+        manifold._stored = np.load(
+            os.path.join(directory, WEIGHTS_FILE), mmap_mode="r" if mmap else None
+        )
         manifold.families = list(index["families"])
         manifold.info = list(index["info"])
         return manifold
@@ -306,7 +315,7 @@ def _label_score(model, data, score, outputs, batch_size):
     logits = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), np.float64)
     if outputs is not None:
         first, count = outputs
-        logits = logits[:, first:first + count]
+        logits = logits[:, first : first + count]
     y = np.asarray(y)
     if score == "accuracy":
         return float(np.mean(np.argmax(logits, axis=-1) == y))

@@ -35,8 +35,13 @@ def pytest_configure(config):
     """
     if hasattr(config, "workerinput") or importlib.util.find_spec("art") is None:
         return
-    subprocess.run([sys.executable, "-c", "import art.config"], check=False,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", "import art.config"],
+        check=False,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -40,19 +40,19 @@ def test_get_strategy_default_is_the_current_strategy():
 
 def test_launch_workers_runs_each_worker_with_its_tf_config():
     code = "import json, os; print(json.loads(os.environ['TF_CONFIG'])['task']['index'])"
-    results = distribute.launch_workers([sys.executable, "-c", code], num_workers=2,
-                                        timeout=60)
+    results = distribute.launch_workers([sys.executable, "-c", code], num_workers=2, timeout=60)
     assert [r["returncode"] for r in results] == [0, 0]
     assert [r["stdout"].strip() for r in results] == ["0", "1"]
 
 
 def test_launch_workers_kills_the_process_group_at_the_timeout():
-    code = ("import subprocess, sys, time; "
-            "child = subprocess.Popen(['sleep', '60']); print(child.pid, flush=True); "
-            "time.sleep(60)")
+    code = (
+        "import subprocess, sys, time; "
+        "child = subprocess.Popen(['sleep', '60']); print(child.pid, flush=True); "
+        "time.sleep(60)"
+    )
     start = time.monotonic()
-    results = distribute.launch_workers([sys.executable, "-c", code], num_workers=1,
-                                        timeout=3)
+    results = distribute.launch_workers([sys.executable, "-c", code], num_workers=1, timeout=3)
     assert time.monotonic() - start < 30
     assert results[0]["timed_out"] and results[0]["returncode"] == -9
     child = int(results[0]["stdout"].split()[0])
@@ -70,20 +70,24 @@ def _alive(pid):
 
 
 def test_launch_workers_stops_the_others_when_one_fails():
-    code = ("import json, os, sys, time; "
-            "index = json.loads(os.environ['TF_CONFIG'])['task']['index']; "
-            "sys.exit(3) if index == 1 else time.sleep(60)")
+    code = (
+        "import json, os, sys, time; "
+        "index = json.loads(os.environ['TF_CONFIG'])['task']['index']; "
+        "sys.exit(3) if index == 1 else time.sleep(60)"
+    )
     start = time.monotonic()
-    results = distribute.launch_workers([sys.executable, "-c", code], num_workers=2,
-                                        timeout=60)
+    results = distribute.launch_workers([sys.executable, "-c", code], num_workers=2, timeout=60)
     assert time.monotonic() - start < 30
     assert [r["returncode"] for r in results] == [-9, 3]
 
 
 @pytest.mark.parametrize(
     "kwargs, argument",
-    [({"num_workers": 0}, "num_workers"), ({"timeout": 0}, "timeout"),
-     ({"command": "python"}, "command")],
+    [
+        ({"num_workers": 0}, "num_workers"),
+        ({"timeout": 0}, "timeout"),
+        ({"command": "python"}, "command"),
+    ],
 )
 def test_launch_workers_errors_name_the_argument(kwargs, argument):
     arguments = {"command": [sys.executable, "-c", "pass"], **kwargs}
@@ -110,15 +114,16 @@ def _walk(directory, steps, digits, state=None):
     keras.utils.set_random_seed(0)
     model = keras_fip.models.mlp(8, input_shape=(8, 8, 1))
     trainer = keras_fip.FIPTrainer(
-        model, distance="kl",
-        secondary_loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model,
+        distance="kl",
+        secondary_loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     trainer.compile(optimizer=keras.optimizers.Adam(3e-3))  # Stateful: restored too.
-    data = fip_dataset(model, x[:128], secondary=(x[:128], y[:128]), batch_size=16,
-                       seed=0)
-    extra = {} if state is None else {"state_variables": [state],
-                                      "callbacks": [_Count(state)]}
-    path, history, first = distribute.resumable_walk(trainer, data, steps, directory,
-                                                     record_every=2, verbose=0, **extra)
+    data = fip_dataset(model, x[:128], secondary=(x[:128], y[:128]), batch_size=16, seed=0)
+    extra = {} if state is None else {"state_variables": [state], "callbacks": [_Count(state)]}
+    path, history, first = distribute.resumable_walk(
+        trainer, data, steps, directory, record_every=2, verbose=0, **extra
+    )
     return model.get_weights(), path, history, first
 
 
@@ -151,10 +156,16 @@ def test_resumable_walk_restores_the_state_variables(tmp_path, digits):
 def loopback_rows(tmp_path_factory):
     from benchmarks import multi_worker
 
-    args = multi_worker.parse([
-        "--steps=6", "--kill_at=3", "--record_every=2", "--batch_size=32",
-        "--timeout=240", f"--output_dir={tmp_path_factory.mktemp('multi_worker')}",
-    ])
+    args = multi_worker.parse(
+        [
+            "--steps=6",
+            "--kill_at=3",
+            "--record_every=2",
+            "--batch_size=32",
+            "--timeout=240",
+            f"--output_dir={tmp_path_factory.mktemp('multi_worker')}",
+        ]
+    )
     rows, (first_launch, launches) = multi_worker.run(args)
     logs = "\n".join(r["stderr"][-3000:] for r in first_launch)
     return {row["computation"]: row for row in rows}, launches, logs

@@ -33,9 +33,7 @@ def _masked_conv_net():
     model.fit(_x(16), np.ones((16, 3), "float32"), batch_size=8, verbose=0)
     rng = np.random.default_rng(0)
     kernel_masks = {
-        model.get_layer(name).kernel.path: rng.random(
-            tuple(model.get_layer(name).kernel.shape)
-        )
+        model.get_layer(name).kernel.path: rng.random(tuple(model.get_layer(name).kernel.shape))
         < 0.3
         for name in ("conv", "logits")
     }
@@ -139,9 +137,7 @@ def test_export_subclassed_model_needs_input_signature(tmp_path):
     model(np.zeros((1, 3), "float32"))
     with pytest.raises(ValueError, match="`input_signature`"):
         export(model, tmp_path / "serving")
-    export(
-        model, tmp_path / "serving", input_signature=[tf.TensorSpec((None, 3), "float32")]
-    )
+    export(model, tmp_path / "serving", input_signature=[tf.TensorSpec((None, 3), "float32")])
     loaded = tf.saved_model.load(str(tmp_path / "serving"))
     x = np.ones((2, 3), "float32")
     np.testing.assert_allclose(loaded.serve(x), model(x), atol=1e-5)

@@ -9,12 +9,15 @@ from keras_fip.models import bert
 
 def _noisy(model, scale, seed):
     rng = np.random.default_rng(seed)
-    return [v.numpy() + scale * rng.normal(size=v.shape).astype("float32")
-            for v in model.trainable_variables]
+    return [
+        v.numpy() + scale * rng.normal(size=v.shape).astype("float32")
+        for v in model.trainable_variables
+    ]
 
 
 def test_store_load_graph_and_label_query_rank_the_trained_network_first(
-        trained_small_mlp, digits, tmp_path):
+    trained_small_mlp, digits, tmp_path
+):
     _, _, x_test, y_test = digits
     manifold = keras_fip.Submanifold(trained_small_mlp)
     assert manifold.add(trained_small_mlp, "base") == 0
@@ -26,8 +29,10 @@ def test_store_load_graph_and_label_query_rank_the_trained_network_first(
     assert len(manifold) == 5 and manifold.families[3:] == ["walk", "walk"]
     # Distances: exact on a known pair, symmetric, zero diagonal.
     distances = manifold.distances()
-    flat = [np.concatenate([w.ravel() for w in _noisy(trained_small_mlp, 0.3, 0)]),
-            np.concatenate([v.numpy().ravel() for v in trained_small_mlp.trainable_variables])]
+    flat = [
+        np.concatenate([w.ravel() for w in _noisy(trained_small_mlp, 0.3, 0)]),
+        np.concatenate([v.numpy().ravel() for v in trained_small_mlp.trainable_variables]),
+    ]
     assert distances[0, 1] == pytest.approx(np.linalg.norm(flat[0] - flat[1]), rel=1e-4)
     np.testing.assert_allclose(distances, distances.T, atol=1e-3)
     np.testing.assert_allclose(np.diag(distances), 0.0, atol=1e-2)
@@ -39,7 +44,8 @@ def test_store_load_graph_and_label_query_rank_the_trained_network_first(
     accuracy = manifold.query((x_test, y_test), score="accuracy")
     assert nll["ranking"][0] in (0, 3) and nll["ranking"][-1] == 2
     assert accuracy["scores"][0] == pytest.approx(
-        keras_fip.models.evaluate_classifier(trained_small_mlp, x_test, y_test)["accuracy"])
+        keras_fip.models.evaluate_classifier(trained_small_mlp, x_test, y_test)["accuracy"]
+    )
     assert nll["family_means"]["noisy"] > nll["family_means"]["base"]
     # Save/load: the same weights, families and outputs; the weights memory-mapped.
     manifold.save(str(tmp_path / "manifold"))
@@ -75,8 +81,9 @@ def test_classifiers_are_scored_by_their_backbone_under_a_masked_lm_head():
     manifold = keras_fip.Submanifold(net)
     manifold.add(net, "other")  # a random backbone
     manifold.add([v.numpy() for v in net.trainable_variables], "copy")
-    for variable, weight in zip(bert.find_backbone(manifold.template).weights,
-                                bert.find_backbone(mlm).weights):
+    for variable, weight in zip(
+        bert.find_backbone(manifold.template).weights, bert.find_backbone(mlm).weights
+    ):
         variable.assign(weight)
     manifold.add(manifold.template, "mlm_backbone")
     ids = np.array([[2, 5, 6, 7, 3, 0, 0, 0], [2, 9, 8, 3, 0, 0, 0, 0]], np.int32)
@@ -88,11 +95,14 @@ def test_classifiers_are_scored_by_their_backbone_under_a_masked_lm_head():
     with pytest.raises(ValueError, match="as_scored"):
         manifold.query(ids, as_scored="mlm")
     with pytest.raises(ValueError, match="network"):
-        manifold.query(ids, as_scored=bert.under_masked_lm_head(
-            bert.masked_lm(bert.bert_backbone(30, 1, 2, 4, 16, 8), 8, 2)))
+        manifold.query(
+            ids,
+            as_scored=bert.under_masked_lm_head(
+                bert.masked_lm(bert.bert_backbone(30, 1, 2, 4, 16, 8), 8, 2)
+            ),
+        )
     with pytest.raises(ValueError, match="model"):
-        bert.under_masked_lm_head(keras.Sequential([keras.Input((2,)),
-                                                    keras.layers.Dense(1)]))
+        bert.under_masked_lm_head(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]))
 
 
 def test_submanifold_validates_its_arguments(trained_small_mlp):

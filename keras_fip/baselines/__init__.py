@@ -3,15 +3,22 @@
 `tfmot_bridge` is deliberately not imported: it runs only in its own process.
 """
 
+from keras_fip.baselines.agem import AGEM
+from keras_fip.baselines.deep_ensemble import deep_ensemble
+from keras_fip.baselines.deep_ensemble import fast_geometric_ensemble
+from keras_fip.baselines.deep_ensemble import snapshot_ensemble
+from keras_fip.baselines.ewc import EWC
+from keras_fip.baselines.finetune import FineTune
+from keras_fip.baselines.joint import JointTraining
+from keras_fip.baselines.lwf import LwF
 from keras_fip.baselines.magnitude_pruning import gradual_magnitude_pruning
 from keras_fip.baselines.magnitude_pruning import lottery_ticket
 from keras_fip.baselines.magnitude_pruning import one_shot_magnitude_pruning
 from keras_fip.baselines.magnitude_pruning import polynomial_decay_sparsity
+from keras_fip.baselines.prune_retrain import prune_retrain
+from keras_fip.baselines.replay import ExperienceReplay
 from keras_fip.baselines.tfmot_baseline import tfmot_available
 from keras_fip.baselines.tfmot_baseline import tfmot_gradual_pruning
-from keras_fip.baselines.deep_ensemble import deep_ensemble
-from keras_fip.baselines.deep_ensemble import fast_geometric_ensemble
-from keras_fip.baselines.deep_ensemble import snapshot_ensemble
 
 __all__ = [
     "gradual_magnitude_pruning",
@@ -23,15 +30,11 @@ __all__ = [
     "deep_ensemble",
     "fast_geometric_ensemble",
     "snapshot_ensemble",
+    "AGEM",
+    "EWC",
+    "ExperienceReplay",
+    "FineTune",
+    "JointTraining",
+    "LwF",
+    "prune_retrain",
 ]
-from keras_fip.baselines.agem import AGEM
-from keras_fip.baselines.ewc import EWC
-from keras_fip.baselines.finetune import FineTune
-from keras_fip.baselines.joint import JointTraining
-from keras_fip.baselines.lwf import LwF
-from keras_fip.baselines.replay import ExperienceReplay
-
-__all__ += ["AGEM", "EWC", "ExperienceReplay", "FineTune", "JointTraining", "LwF"]
-from keras_fip.baselines.prune_retrain import prune_retrain
-
-__all__ += ["prune_retrain"]

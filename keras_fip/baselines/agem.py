@@ -51,8 +51,7 @@ class AGEM(MemoryBaseline):
             reference_loss = cross_entropy(memory_y, model(memory_x, training=True))
             reference_loss = reference_loss / replicas
         reference = tape.gradient(reference_loss, [v.value for v in variables])
-        reference = [tf.zeros_like(g) if r is None else r
-                     for r, g in zip(reference, gradients)]
+        reference = [tf.zeros_like(g) if r is None else r for r, g in zip(reference, gradients)]
         if replicas > 1:
             # The projection is not linear: project the global gradients (every replica
             # the same), then hand each replica 1/replicas of the result to be summed.

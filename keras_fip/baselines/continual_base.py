@@ -24,7 +24,6 @@ from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.operations import heads
 from keras_fip.operations.base import Operation
 
-
 # The batch-mean cross-entropy of every baseline's loss (the function, scaled per replica
 # by `train`).
 cross_entropy = step_rules.mean_cross_entropy
@@ -71,16 +70,27 @@ class ContinualBaseline(Operation):
         **kwargs: `Operation` arguments.
     """
 
-    def __init__(self, new_task, head="append", epochs=5, learning_rate=1e-3,
-                 batch_size=128, seed=None, eval_tasks=None, eval_every=None, **kwargs):
+    def __init__(
+        self,
+        new_task,
+        head="append",
+        epochs=5,
+        learning_rate=1e-3,
+        batch_size=128,
+        seed=None,
+        eval_tasks=None,
+        eval_every=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self._eval_tasks = [
             check_labelled(task, f"eval_tasks[{i}]") for i, task in enumerate(eval_tasks or [])
         ]
         self.eval_tasks = eval_tasks
         if eval_every is not None:
-            eval_every = self.check_number(eval_every, "eval_every", low=1,
-                                           low_inclusive=True, integer=True)
+            eval_every = self.check_number(
+                eval_every, "eval_every", low=1, low_inclusive=True, integer=True
+            )
         self.eval_every = eval_every
         self.head = self.check_choice(head, "head", heads.HEADS)
         if new_task is not None:
@@ -89,11 +99,11 @@ class ContinualBaseline(Operation):
                 # A dataset's labels are checked in `call` (`read_datasets`).
                 heads.task_labels(0, self._task[1], "append")
         self.new_task = new_task
-        self.epochs = self.check_number(epochs, "epochs", low=1, low_inclusive=True,
-                                        integer=True)
+        self.epochs = self.check_number(epochs, "epochs", low=1, low_inclusive=True, integer=True)
         self.learning_rate = self.check_number(learning_rate, "learning_rate", low=0.0)
-        self.batch_size = self.check_number(batch_size, "batch_size", low=1,
-                                            low_inclusive=True, integer=True)
+        self.batch_size = self.check_number(
+            batch_size, "batch_size", low=1, low_inclusive=True, integer=True
+        )
         if seed is not None:
             seed = self.check_number(seed, "seed", low=0, low_inclusive=True, integer=True)
         self.seed = seed
@@ -110,15 +120,19 @@ class ContinualBaseline(Operation):
         if isinstance(self.new_task, tf.data.Dataset):
             self._task = check_labelled(self.new_task, "new_task", model=model)
         self._eval_tasks = self.read_dataset_arguments(
-            model, self.eval_tasks, self._eval_tasks, "eval_tasks")
+            model, self.eval_tasks, self._eval_tasks, "eval_tasks"
+        )
 
     @staticmethod
     def read_dataset_arguments(model, tasks, read, name):
         """`read` (the labelled `tasks` as construction read them), with each dataset among
         `tasks` read again for `model`."""
-        return [check_labelled(task, f"{name}[{i}]", model=model)
-                if isinstance(task, tf.data.Dataset) else done
-                for i, (task, done) in enumerate(zip(tasks or [], read))]
+        return [
+            check_labelled(task, f"{name}[{i}]", model=model)
+            if isinstance(task, tf.data.Dataset)
+            else done
+            for i, (task, done) in enumerate(zip(tasks or [], read))
+        ]
 
     def check(self, model):
         """Further checks against the model before any work (subclasses)."""
@@ -185,9 +199,16 @@ class ContinualBaseline(Operation):
 
     def get_config(self):
         config = super().get_config()
-        config.update(new_task=None, head=self.head, epochs=self.epochs,
-                      learning_rate=self.learning_rate, batch_size=self.batch_size,
-                      seed=self.seed, eval_tasks=None, eval_every=self.eval_every)
+        config.update(
+            new_task=None,
+            head=self.head,
+            epochs=self.epochs,
+            learning_rate=self.learning_rate,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            eval_tasks=None,
+            eval_every=self.eval_every,
+        )
         return config
 
 
@@ -210,8 +231,9 @@ def train(model, baseline, x, labels, steps, learning_rate=None):
         with tf.GradientTape() as tape:
             loss = baseline.loss(model, batch) / step_rules.num_replicas()
         gradients = tape.gradient(loss, [v.value for v in variables])
-        gradients = [tf.zeros_like(v.value) if g is None else g
-                     for g, v in zip(gradients, variables)]
+        gradients = [
+            tf.zeros_like(v.value) if g is None else g for g, v in zip(gradients, variables)
+        ]
         gradients = baseline.transform_gradients(model, batch, gradients)
         optimizer.apply(gradients, variables)
         return loss

@@ -20,8 +20,11 @@ from keras_fip.operations.ensemble import build_ensemble
 
 
 def _check_common(num_members, epochs, name_epochs, combine):
-    if not isinstance(num_members, (int, np.integer)) or isinstance(num_members, bool) or (
-            num_members < 1):
+    if (
+        not isinstance(num_members, (int, np.integer))
+        or isinstance(num_members, bool)
+        or (num_members < 1)
+    ):
         raise ValueError(
             f"`num_members` must be a positive integer. Received: num_members={num_members!r}"
         )
@@ -48,8 +51,18 @@ def _input_shape(model):
     return None if len(model.inputs) > 1 else tuple(model.inputs[0].shape[1:])
 
 
-def deep_ensemble(model, x, y, num_members=10, epochs=10, batch_size=128,
-                  learning_rate=1e-3, seed=0, combine="mean_probabilities", verbose=0):
+def deep_ensemble(
+    model,
+    x,
+    y,
+    num_members=10,
+    epochs=10,
+    batch_size=128,
+    learning_rate=1e-3,
+    seed=0,
+    combine="mean_probabilities",
+    verbose=0,
+):
     """K networks of `model`'s architecture trained from K random initialisations.
 
     The deep ensemble of Lakshminarayanan et al. (2017) without adversarial training:
@@ -89,13 +102,24 @@ def deep_ensemble(model, x, y, num_members=10, epochs=10, batch_size=128,
     members = []
     for k in range(num_members):
         member = _fresh_copy(model, seed + k)
-        train_classifier(member, x, y, epochs=epochs, batch_size=batch_size,
-                         learning_rate=learning_rate, verbose=verbose)
+        train_classifier(
+            member,
+            x,
+            y,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            verbose=verbose,
+        )
         members.append(member)
-    info = {"train_examples": int(num_members * epochs * data_adapter.num_examples(x)),
-            "epochs": int(num_members * epochs), "num_members": int(num_members)}
-    return build_ensemble(members, combine, _input_shape(model),
-                          name=f"{model.name}_deep_ensemble"), info
+    info = {
+        "train_examples": int(num_members * epochs * data_adapter.num_examples(x)),
+        "epochs": int(num_members * epochs),
+        "num_members": int(num_members),
+    }
+    return build_ensemble(
+        members, combine, _input_shape(model), name=f"{model.name}_deep_ensemble"
+    ), info
 
 
 def fge_learning_rate(iteration, cycle_steps, high, low):
@@ -141,13 +165,13 @@ class _FGECollector(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         self.iteration += 1
         self.model.optimizer.learning_rate.assign(
-            fge_learning_rate(self.iteration, self.cycle_steps, self.high, self.low))
+            fge_learning_rate(self.iteration, self.cycle_steps, self.high, self.low)
+        )
 
     def on_train_batch_end(self, batch, logs=None):
         if self.iteration % self.cycle_steps == self.cycle_steps // 2:
             member = copy_model(self.model)
-            normalization.recalibrate_batch_normalization(member, self.data,
-                                                          2 * self.batch_size)
+            normalization.recalibrate_batch_normalization(member, self.data, 2 * self.batch_size)
             self.members.append(member)
             if len(self.members) == self.num_members:
                 self.model.stop_training = True
@@ -155,18 +179,29 @@ class _FGECollector(keras.callbacks.Callback):
 
 def _sgd_classifier(model, learning_rate, momentum=0.9, nesterov=False, weight_decay=None):
     model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate, momentum=momentum, nesterov=nesterov,
-                                       weight_decay=weight_decay),
+        optimizer=keras.optimizers.SGD(
+            learning_rate, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+        ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
     return model
 
 
-def fast_geometric_ensemble(model, x, y, num_members=10, cycle_epochs=2,
-                            learning_rates=(5e-2, 5e-4), batch_size=128, momentum=0.9,
-                            weight_decay=None, seed=0, combine="mean_probabilities",
-                            verbose=0):
+def fast_geometric_ensemble(
+    model,
+    x,
+    y,
+    num_members=10,
+    cycle_epochs=2,
+    learning_rates=(5e-2, 5e-4),
+    batch_size=128,
+    momentum=0.9,
+    weight_decay=None,
+    seed=0,
+    combine="mean_probabilities",
+    verbose=0,
+):
     """Fast geometric ensembling (Garipov et al., 2018) from a trained network.
 
     From a copy of the trained `model`, SGD with momentum runs K cycles of c =
@@ -194,7 +229,8 @@ def fast_geometric_ensemble(model, x, y, num_members=10, cycle_epochs=2,
 
     Returns:
         A tuple `(ensemble, info)`; `info["train_examples"]` ≈ (K − ½)·c·N, the
-        steps run times the batch size (the trained starting network not included), `"epochs"` and `"num_members"`.
+        steps run times the batch size (the trained starting network not included), `"epochs"`
+        and `"num_members"`.
 
     Example:
 
@@ -220,14 +256,14 @@ def fast_geometric_ensemble(model, x, y, num_members=10, cycle_epochs=2,
     # The last member is taken half-way through the last cycle, where training stops.
     total_steps = (num_members - 1) * cycle_steps + cycle_steps // 2
     epochs = math.ceil(total_steps / steps_per_epoch)
-    network.fit(x, y, batch_size=batch_size, epochs=epochs, callbacks=[collector],
-                verbose=verbose)
+    network.fit(x, y, batch_size=batch_size, epochs=epochs, callbacks=[collector], verbose=verbose)
     members = collector.members[:num_members]
-    info = {"train_examples": int(total_steps * batch_size),
-            "epochs": float(total_steps / steps_per_epoch),
-            "num_members": len(members)}
-    return build_ensemble(members, combine, _input_shape(model),
-                          name=f"{model.name}_fge"), info
+    info = {
+        "train_examples": int(total_steps * batch_size),
+        "epochs": float(total_steps / steps_per_epoch),
+        "num_members": len(members),
+    }
+    return build_ensemble(members, combine, _input_shape(model), name=f"{model.name}_fge"), info
 
 
 def snapshot_learning_rate(iteration, total_steps, num_cycles, initial):
@@ -255,21 +291,34 @@ class _SnapshotCollector(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         self.iteration += 1
-        self.model.optimizer.learning_rate.assign(snapshot_learning_rate(
-            self.iteration, self.total_steps, self.num_cycles, self.initial))
+        self.model.optimizer.learning_rate.assign(
+            snapshot_learning_rate(self.iteration, self.total_steps, self.num_cycles, self.initial)
+        )
 
     def on_train_batch_end(self, batch, logs=None):
         if self.iteration % self.cycle == 0 or self.iteration == self.total_steps:
             if len(self.members) < self.num_cycles:
                 member = copy_model(self.model)
-                normalization.recalibrate_batch_normalization(member, self.data,
-                                                              2 * self.batch_size)
+                normalization.recalibrate_batch_normalization(
+                    member, self.data, 2 * self.batch_size
+                )
                 self.members.append(member)
 
 
-def snapshot_ensemble(model, x, y, num_members=10, epochs=20, learning_rate=0.1,
-                      batch_size=128, momentum=0.9, weight_decay=None, seed=0,
-                      combine="mean_probabilities", verbose=0):
+def snapshot_ensemble(
+    model,
+    x,
+    y,
+    num_members=10,
+    epochs=20,
+    learning_rate=0.1,
+    batch_size=128,
+    momentum=0.9,
+    weight_decay=None,
+    seed=0,
+    combine="mean_probabilities",
+    verbose=0,
+):
     """Snapshot ensemble (Huang et al., 2017): one training run, M cosine cycles.
 
     A fresh network of `model`'s architecture (seed `seed`) is trained for `epochs` with
@@ -310,15 +359,16 @@ def snapshot_ensemble(model, x, y, num_members=10, epochs=20, learning_rate=0.1,
             f"`learning_rate` must be positive. Received: learning_rate={learning_rate!r}"
         )
     network = _fresh_copy(model, seed)
-    _sgd_classifier(network, learning_rate, momentum, nesterov=True,
-                    weight_decay=weight_decay)
+    _sgd_classifier(network, learning_rate, momentum, nesterov=True, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(data_adapter.num_examples(x) / batch_size)
     total_steps = epochs * steps_per_epoch
-    collector = _SnapshotCollector(total_steps, num_members, float(learning_rate), x,
-                                   batch_size)
-    network.fit(x, y, batch_size=batch_size, epochs=epochs, callbacks=[collector],
-                verbose=verbose)
-    info = {"train_examples": int(epochs * data_adapter.num_examples(x)), "epochs": int(epochs),
-            "num_members": len(collector.members)}
-    return build_ensemble(collector.members, combine, _input_shape(model),
-                          name=f"{model.name}_snapshot"), info
+    collector = _SnapshotCollector(total_steps, num_members, float(learning_rate), x, batch_size)
+    network.fit(x, y, batch_size=batch_size, epochs=epochs, callbacks=[collector], verbose=verbose)
+    info = {
+        "train_examples": int(epochs * data_adapter.num_examples(x)),
+        "epochs": int(epochs),
+        "num_members": len(collector.members),
+    }
+    return build_ensemble(
+        collector.members, combine, _input_shape(model), name=f"{model.name}_snapshot"
+    ), info

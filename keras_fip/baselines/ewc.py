@@ -116,9 +116,20 @@ class EWC(ContinualBaseline):
     (None, 10)
     """
 
-    def __init__(self, new_task, fisher_data=None, ewc_lambda="auto", lambda_grid=LAMBDA_GRID,
-                 validation_tasks=None, validation_fraction=0.1, online=True, gamma=1.0,
-                 fisher_examples=1000, max_lambda_extensions=3, **kwargs):
+    def __init__(
+        self,
+        new_task,
+        fisher_data=None,
+        ewc_lambda="auto",
+        lambda_grid=LAMBDA_GRID,
+        validation_tasks=None,
+        validation_fraction=0.1,
+        online=True,
+        gamma=1.0,
+        fisher_examples=1000,
+        max_lambda_extensions=3,
+        **kwargs,
+    ):
         super().__init__(new_task, **kwargs)
         if fisher_data is not None:
             fisher_x, _ = normalize_data(fisher_data, name="fisher_data")
@@ -127,29 +138,32 @@ class EWC(ContinualBaseline):
             self._fisher_x = data_adapter.float32_inputs(fisher_x)
         self.fisher_data = fisher_data
         if not (isinstance(ewc_lambda, str) and ewc_lambda == "auto"):
-            ewc_lambda = self.check_number(ewc_lambda, "ewc_lambda", low=0.0,
-                                           low_inclusive=True)
+            ewc_lambda = self.check_number(ewc_lambda, "ewc_lambda", low=0.0, low_inclusive=True)
         self.ewc_lambda = ewc_lambda
         if not isinstance(lambda_grid, (list, tuple)) or not lambda_grid:
             raise ValueError(
                 f"`lambda_grid` must be a non-empty list of numbers. "
                 f"Received: lambda_grid={lambda_grid!r}"
             )
-        self.lambda_grid = tuple(self.check_number(v, "lambda_grid", low=0.0,
-                                                   low_inclusive=True) for v in lambda_grid)
-        self._validation = [check_labelled(task, f"validation_tasks[{i}]")
-                            for i, task in enumerate(validation_tasks or [])]
+        self.lambda_grid = tuple(
+            self.check_number(v, "lambda_grid", low=0.0, low_inclusive=True) for v in lambda_grid
+        )
+        self._validation = [
+            check_labelled(task, f"validation_tasks[{i}]")
+            for i, task in enumerate(validation_tasks or [])
+        ]
         self.validation_tasks = validation_tasks
-        self.validation_fraction = self.check_number(validation_fraction,
-                                                     "validation_fraction", low=0.0,
-                                                     high=1.0, high_inclusive=False)
+        self.validation_fraction = self.check_number(
+            validation_fraction, "validation_fraction", low=0.0, high=1.0, high_inclusive=False
+        )
         self.online = bool(online)
         self.gamma = self.check_number(gamma, "gamma", low=0.0, low_inclusive=True)
-        self.fisher_examples = self.check_number(fisher_examples, "fisher_examples", low=1,
-                                                 low_inclusive=True, integer=True)
+        self.fisher_examples = self.check_number(
+            fisher_examples, "fisher_examples", low=1, low_inclusive=True, integer=True
+        )
         self.max_lambda_extensions = self.check_number(
-            max_lambda_extensions, "max_lambda_extensions", low=0, low_inclusive=True,
-            integer=True)
+            max_lambda_extensions, "max_lambda_extensions", low=0, low_inclusive=True, integer=True
+        )
 
     def __call__(self, model):
         self._incoming = ewc_state(model)
@@ -158,7 +172,8 @@ class EWC(ContinualBaseline):
     def read_datasets(self, model):
         super().read_datasets(model)
         self._validation = self.read_dataset_arguments(
-            model, self.validation_tasks, self._validation, "validation_tasks")
+            model, self.validation_tasks, self._validation, "validation_tasks"
+        )
         if isinstance(self.fisher_data, tf.data.Dataset):
             fisher_x, _ = normalize_data(self.fisher_data, name="fisher_data", model=model)
             self._fisher_x = data_adapter.float32_inputs(fisher_x)
@@ -179,19 +194,24 @@ class EWC(ContinualBaseline):
             available = data_adapter.num_examples(self._fisher_x)
             count = min(self.fisher_examples, available)
             rows = np.sort(rng.choice(available, count, replace=False))
-            fisher = metric_diagonal(old_model, data_adapter.take(self._fisher_x, rows),
-                                     kind="fisher",
-                                     batch_size=1, seed=self.seed)
+            fisher = metric_diagonal(
+                old_model,
+                data_adapter.take(self._fisher_x, rows),
+                kind="fisher",
+                batch_size=1,
+                seed=self.seed,
+            )
             anchor = [v.numpy() for v in old_model.trainable_variables]
             if self.online and penalties:
-                (old_fisher, _), = penalties
+                ((old_fisher, _),) = penalties
                 old_fisher = _fit_shapes(old_fisher, old_model.trainable_variables)
                 fisher = [self.gamma * f_old + f for f_old, f in zip(old_fisher, fisher)]
                 penalties = []
             penalties.append((fisher, anchor))
         variables = model.trainable_variables
-        self._penalties = [(_fit_shapes(f, variables), _fit_shapes(a, variables))
-                           for f, a in penalties]
+        self._penalties = [
+            (_fit_shapes(f, variables), _fit_shapes(a, variables)) for f, a in penalties
+        ]
         self._lambda = keras.Variable(0.0, trainable=False, name="ewc_lambda")
 
     def loss(self, model, batch):
@@ -212,9 +232,10 @@ class EWC(ContinualBaseline):
         old_model = model
         model, labels = heads.prepare_head(model, x, y, self.head, seed=self.seed)
         self.prepare(old_model, model, x, labels)
-        self._penalty_tensors = [([tf.constant(f) for f in fisher],
-                                  [tf.constant(a) for a in anchor])
-                                 for fisher, anchor in self._penalties]
+        self._penalty_tensors = [
+            ([tf.constant(f) for f in fisher], [tf.constant(a) for a in anchor])
+            for fisher, anchor in self._penalties
+        ]
         steps = self.num_steps(x)
 
         # λ: given, or the best of the grid on held-out data
@@ -223,34 +244,40 @@ class EWC(ContinualBaseline):
             count = data_adapter.num_examples(x)
             order = rng.permutation(count)
             held = max(1, int(round(self.validation_fraction * count)))
-            validation = ([(data_adapter.take(x, order[:held]), labels[order[:held]])]
-                          + self._validation)
+            validation = [
+                (data_adapter.take(x, order[:held]), labels[order[:held]])
+            ] + self._validation
             train_rows = np.sort(order[held:])
             scores, trained = {}, {}
             pending, extended_up, extended_down = list(self.lambda_grid), 0, 0
             while pending:
                 for value in pending:
                     candidate = copy_model(model)
-                    self._lambda = keras.Variable(value, trainable=False,
-                                                  name="ewc_lambda")
+                    self._lambda = keras.Variable(value, trainable=False, name="ewc_lambda")
                     train_x = data_adapter.take(x, train_rows)
-                    history = train(candidate, self, train_x, labels[train_rows],
-                                    self.num_steps(train_x))
-                    scores[value] = float(np.mean([task_accuracy(candidate, vx, vy)
-                                                   for vx, vy in validation]))
+                    history = train(
+                        candidate, self, train_x, labels[train_rows], self.num_steps(train_x)
+                    )
+                    scores[value] = float(
+                        np.mean([task_accuracy(candidate, vx, vy) for vx, vy in validation])
+                    )
                     trained[value] = (candidate, history)
                     # Only the best so far is kept.
                     best_value = min(scores, key=lambda v: (-scores[v], v))
                     trained = {best_value: trained[best_value]}
-                pending = [v for v in _next_lambdas(scores, extended_up, extended_down,
-                                                    self.max_lambda_extensions)
-                           if v not in scores]
+                pending = [
+                    v
+                    for v in _next_lambdas(
+                        scores, extended_up, extended_down, self.max_lambda_extensions
+                    )
+                    if v not in scores
+                ]
                 if pending and pending[0] > max(scores):
                     extended_up += 1
                 elif pending:
                     extended_down += 1
             carried = carried_data(model)
-            (chosen, (model, history)), = trained.items()
+            ((chosen, (model, history)),) = trained.items()
             if carried is not None:
                 carry_data(model, carried)
             self.history = dict(history, lambda_scores=scores)
@@ -265,9 +292,15 @@ class EWC(ContinualBaseline):
 
     def get_config(self):
         config = super().get_config()
-        config.update(fisher_data=None, ewc_lambda=self.ewc_lambda,
-                      lambda_grid=self.lambda_grid, validation_tasks=None,
-                      validation_fraction=self.validation_fraction, online=self.online,
-                      gamma=self.gamma, fisher_examples=self.fisher_examples,
-                      max_lambda_extensions=self.max_lambda_extensions)
+        config.update(
+            fisher_data=None,
+            ewc_lambda=self.ewc_lambda,
+            lambda_grid=self.lambda_grid,
+            validation_tasks=None,
+            validation_fraction=self.validation_fraction,
+            online=self.online,
+            gamma=self.gamma,
+            fisher_examples=self.fisher_examples,
+            max_lambda_extensions=self.max_lambda_extensions,
+        )
         return config

@@ -44,8 +44,7 @@ class JointTraining(ContinualBaseline):
             raise ValueError(
                 f"`old_tasks` must be a list of `(x, y)`. Received: old_tasks={old_tasks!r}"
             )
-        self._old = [check_labelled(task, f"old_tasks[{i}]")
-                     for i, task in enumerate(old_tasks)]
+        self._old = [check_labelled(task, f"old_tasks[{i}]") for i, task in enumerate(old_tasks)]
         self.old_tasks = old_tasks
 
     def read_datasets(self, model):

@@ -45,7 +45,8 @@ class LwF(ContinualBaseline):
         super().__init__(new_task, **kwargs)
         self.temperature = self.check_number(temperature, "temperature", low=0.0)
         self.distillation_weight = self.check_number(
-            distillation_weight, "distillation_weight", low=0.0, low_inclusive=True)
+            distillation_weight, "distillation_weight", low=0.0, low_inclusive=True
+        )
 
     def prepare(self, old_model, model, x, labels):
         old = np.asarray(reference_outputs(old_model, x, 256), "float32")
@@ -66,12 +67,13 @@ class LwF(ContinualBaseline):
         task = cross_entropy(y, logits)
         temperature = self.temperature
         old = tf.nn.softmax(old_logits / temperature, axis=-1)
-        new = tf.nn.log_softmax(tf.gather(logits, self._kept, axis=-1) / temperature,
-                                axis=-1)
-        kl = tf.reduce_mean(tf.reduce_sum(
-            old * (tf.math.log(old + 1e-12) - new), axis=-1))
+        new = tf.nn.log_softmax(tf.gather(logits, self._kept, axis=-1) / temperature, axis=-1)
+        kl = tf.reduce_mean(tf.reduce_sum(old * (tf.math.log(old + 1e-12) - new), axis=-1))
         return task + self.distillation_weight * temperature**2 * kl
 
     def get_config(self):
-        return {**super().get_config(), "temperature": self.temperature,
-                "distillation_weight": self.distillation_weight}
+        return {
+            **super().get_config(),
+            "temperature": self.temperature,
+            "distillation_weight": self.distillation_weight,
+        }

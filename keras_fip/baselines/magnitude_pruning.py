@@ -15,8 +15,9 @@ from keras_fip.engine import projection
 from keras_fip.models import training
 
 
-def polynomial_decay_sparsity(step, final_sparsity, begin_step, end_step,
-                              initial_sparsity=0.0, power=3):
+def polynomial_decay_sparsity(
+    step, final_sparsity, begin_step, end_step, initial_sparsity=0.0, power=3
+):
     """tfmot's `PolynomialDecay` pruning schedule: the target sparsity at `step`.
 
     `s(t) = s_f + (s_i - s_f) * (1 - (t - t_0) / (t_1 - t_0)) ** power`, clipped to
@@ -37,8 +38,9 @@ def polynomial_decay_sparsity(step, final_sparsity, begin_step, end_step,
     return float(final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** power)
 
 
-def gradual_schedule_steps(num_examples, batch_size, epochs, begin_fraction, end_fraction,
-                           frequency):
+def gradual_schedule_steps(
+    num_examples, batch_size, epochs, begin_fraction, end_fraction, frequency
+):
     """`(begin_step, end_step, frequency)` of a gradual schedule over a training budget.
 
     The frequency is capped so that the mask is updated at least ten times while pruning.
@@ -54,8 +56,16 @@ def gradual_schedule_steps(num_examples, batch_size, epochs, begin_fraction, end
 class _HoldMasks(keras.callbacks.Callback):
     """Keeps pruned weights at zero after every batch, recomputing masks on a schedule."""
 
-    def __init__(self, variables, schedule=None, frequency=100, structure="unstructured",
-                 scope="per_layer", masks=None, layer_floor=projection.DEFAULT_LAYER_FLOOR):
+    def __init__(
+        self,
+        variables,
+        schedule=None,
+        frequency=100,
+        structure="unstructured",
+        scope="per_layer",
+        masks=None,
+        layer_floor=projection.DEFAULT_LAYER_FLOOR,
+    ):
         super().__init__()
         self.layer_floor = layer_floor
         self.variables = variables
@@ -71,7 +81,12 @@ class _HoldMasks(keras.callbacks.Callback):
         if target <= 0:
             return
         self.masks = projection.magnitude_masks(
-            self.model, target, self.structure, self.scope, self.variables, self.masks,
+            self.model,
+            target,
+            self.structure,
+            self.scope,
+            self.variables,
+            self.masks,
             layer_floor=self.layer_floor,
         )
 
@@ -93,8 +108,7 @@ class _HoldMasks(keras.callbacks.Callback):
         self._hold()
 
 
-def _check_common(model, sparsity, x, y, epochs, batch_size, structure, scope,
-                  layer_floor=0.0):
+def _check_common(model, sparsity, x, y, epochs, batch_size, structure, scope, layer_floor=0.0):
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
     projection.check_sparsity(sparsity)
@@ -119,9 +133,19 @@ def _finish(pruned, masks):
     return pruned
 
 
-def one_shot_magnitude_pruning(model, sparsity, x, y, epochs=10, batch_size=128,
-                               learning_rate=1e-4, structure="unstructured", scope="global",
-                               layer_floor=projection.DEFAULT_LAYER_FLOOR, verbose=0):
+def one_shot_magnitude_pruning(
+    model,
+    sparsity,
+    x,
+    y,
+    epochs=10,
+    batch_size=128,
+    learning_rate=1e-4,
+    structure="unstructured",
+    scope="global",
+    layer_floor=projection.DEFAULT_LAYER_FLOOR,
+    verbose=0,
+):
     """Prunes the smallest weights once, then fine-tunes with the mask fixed.
 
     Args:
@@ -146,19 +170,34 @@ def one_shot_magnitude_pruning(model, sparsity, x, y, epochs=10, batch_size=128,
     _check_common(model, sparsity, x, y, epochs, batch_size, structure, scope, layer_floor)
     pruned = copy_lib.copy_model(model)
     variables = projection.prunable_variables(pruned)
-    masks = projection.magnitude_masks(pruned, sparsity, structure, scope, variables,
-                                       layer_floor=layer_floor)
+    masks = projection.magnitude_masks(
+        pruned, sparsity, structure, scope, variables, layer_floor=layer_floor
+    )
     hold = _HoldMasks(variables, masks=masks)
-    training.train_classifier(pruned, x, y, epochs, batch_size, learning_rate,
-                              callbacks=[hold], verbose=verbose)
+    training.train_classifier(
+        pruned, x, y, epochs, batch_size, learning_rate, callbacks=[hold], verbose=verbose
+    )
     return _finish(pruned, masks)
 
 
-def gradual_magnitude_pruning(model, sparsity, x, y, epochs=10, batch_size=128,
-                              learning_rate=1e-4, begin_fraction=0.0, end_fraction=0.7,
-                              frequency=100, initial_sparsity=0.0, power=3,
-                              structure="unstructured", scope="per_layer",
-                              layer_floor=projection.DEFAULT_LAYER_FLOOR, verbose=0):
+def gradual_magnitude_pruning(
+    model,
+    sparsity,
+    x,
+    y,
+    epochs=10,
+    batch_size=128,
+    learning_rate=1e-4,
+    begin_fraction=0.0,
+    end_fraction=0.7,
+    frequency=100,
+    initial_sparsity=0.0,
+    power=3,
+    structure="unstructured",
+    scope="per_layer",
+    layer_floor=projection.DEFAULT_LAYER_FLOOR,
+    verbose=0,
+):
     """Gradual magnitude pruning with tfmot's `PolynomialDecay` schedule, in Keras 3.
 
     The native equivalent of `tfmot.sparsity.keras.prune_low_magnitude` with
@@ -198,33 +237,48 @@ def gradual_magnitude_pruning(model, sparsity, x, y, epochs=10, batch_size=128,
             f"Received: begin_fraction={begin_fraction}, end_fraction={end_fraction}"
         )
     if not isinstance(frequency, int) or frequency < 1:
-        raise ValueError(f"`frequency` must be a positive integer. Received: frequency={frequency!r}")
+        raise ValueError(
+            f"`frequency` must be a positive integer. Received: frequency={frequency!r}"
+        )
     pruned = copy_lib.copy_model(model)
     variables = projection.prunable_variables(pruned)
     begin_step, end_step, frequency = gradual_schedule_steps(
-        data_adapter.num_examples(x), batch_size, epochs, begin_fraction, end_fraction,
-        frequency
+        data_adapter.num_examples(x), batch_size, epochs, begin_fraction, end_fraction, frequency
     )
 
     def schedule(step):
         if step < begin_step:
             return 0.0
-        return polynomial_decay_sparsity(step, sparsity, begin_step, end_step,
-                                         initial_sparsity, power)
+        return polynomial_decay_sparsity(
+            step, sparsity, begin_step, end_step, initial_sparsity, power
+        )
 
-    hold = _HoldMasks(variables, schedule, frequency, structure, scope,
-                      layer_floor=layer_floor)
-    training.train_classifier(pruned, x, y, epochs, batch_size, learning_rate,
-                              callbacks=[hold], verbose=verbose)
+    hold = _HoldMasks(variables, schedule, frequency, structure, scope, layer_floor=layer_floor)
+    training.train_classifier(
+        pruned, x, y, epochs, batch_size, learning_rate, callbacks=[hold], verbose=verbose
+    )
     # Make sure the final sparsity is exact, whatever the step count.
-    masks = projection.magnitude_masks(pruned, sparsity, structure, scope, variables,
-                                       hold.masks, layer_floor=layer_floor)
+    masks = projection.magnitude_masks(
+        pruned, sparsity, structure, scope, variables, hold.masks, layer_floor=layer_floor
+    )
     return _finish(pruned, masks)
 
 
-def lottery_ticket(model, sparsity, x, y, epochs=10, batch_size=128, learning_rate=1e-3,
-                   rounds=3, rewind_weights=None, structure="unstructured", scope="global",
-                   layer_floor=projection.DEFAULT_LAYER_FLOOR, verbose=0):
+def lottery_ticket(
+    model,
+    sparsity,
+    x,
+    y,
+    epochs=10,
+    batch_size=128,
+    learning_rate=1e-3,
+    rounds=3,
+    rewind_weights=None,
+    structure="unstructured",
+    scope="global",
+    layer_floor=projection.DEFAULT_LAYER_FLOOR,
+    verbose=0,
+):
     """Iterative magnitude pruning with rewinding (the lottery-ticket procedure).
 
     Each of `rounds` rounds prunes the smallest surviving weights so that sparsity follows
@@ -265,14 +319,22 @@ def lottery_ticket(model, sparsity, x, y, epochs=10, batch_size=128, learning_ra
     rewind = [np.array(w) for w in (rewind_weights or model.get_weights())]
     variables = projection.prunable_variables(pruned)
     masks = {}
-    epochs_per_round = [epochs // rounds + (1 if r < epochs % rounds else 0)
-                        for r in range(rounds)]
+    epochs_per_round = [epochs // rounds + (1 if r < epochs % rounds else 0) for r in range(rounds)]
     for r in range(1, rounds + 1):
         target = 1.0 - (1.0 - sparsity) ** (r / rounds)
-        masks = projection.magnitude_masks(pruned, target, structure, scope, variables, masks,
-                                           layer_floor=layer_floor)
+        masks = projection.magnitude_masks(
+            pruned, target, structure, scope, variables, masks, layer_floor=layer_floor
+        )
         pruned.set_weights(rewind)
         hold = _HoldMasks(variables, masks=masks)
-        training.train_classifier(pruned, x, y, epochs_per_round[r - 1], batch_size,
-                                  learning_rate, callbacks=[hold], verbose=verbose)
+        training.train_classifier(
+            pruned,
+            x,
+            y,
+            epochs_per_round[r - 1],
+            batch_size,
+            learning_rate,
+            callbacks=[hold],
+            verbose=verbose,
+        )
     return _finish(pruned, masks)

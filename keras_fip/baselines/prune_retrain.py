@@ -22,10 +22,22 @@ def _check_positive_int(value, name):
     return int(value)
 
 
-def prune_retrain(model, units, data, validation_data, units_per_round=1,
-                  steps_per_round=1, epochs=10, learning_rate=0.01, optimizer="sgd",
-                  batch_size=128, target=0.01, evaluations_per_epoch=1,
-                  stop_at_target=False, seed=None):
+def prune_retrain(
+    model,
+    units,
+    data,
+    validation_data,
+    units_per_round=1,
+    steps_per_round=1,
+    epochs=10,
+    learning_rate=0.01,
+    optimizer="sgd",
+    batch_size=128,
+    target=0.01,
+    evaluations_per_epoch=1,
+    stop_at_target=False,
+    seed=None,
+):
     """Deletes units one (or a few) at a time, retraining with SGD between deletions.
 
     The baseline the resilience paper compares geodesic repair with: starting from the
@@ -77,19 +89,18 @@ def prune_retrain(model, units, data, validation_data, units_per_round=1,
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
     x, y = normalize_data(data, name="data", require_labels=True, model=model)
-    x_val, y_val = normalize_data(validation_data, name="validation_data",
-                                  require_labels=True, model=model)
+    x_val, y_val = normalize_data(
+        validation_data, name="validation_data", require_labels=True, model=model
+    )
     check_inputs_match_model(model, x)
     check_inputs_match_model(model, x_val, name="validation_data")
     units_per_round = _check_positive_int(units_per_round, "units_per_round")
     steps_per_round = _check_positive_int(steps_per_round, "steps_per_round")
     epochs = _check_positive_int(epochs, "epochs")
     batch_size = _check_positive_int(batch_size, "batch_size")
-    evaluations_per_epoch = _check_positive_int(evaluations_per_epoch,
-                                                "evaluations_per_epoch")
+    evaluations_per_epoch = _check_positive_int(evaluations_per_epoch, "evaluations_per_epoch")
     if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"`optimizer` must be 'sgd' or 'adam'. Received: "
-                         f"optimizer={optimizer!r}")
+        raise ValueError(f"`optimizer` must be 'sgd' or 'adam'. Received: optimizer={optimizer!r}")
     probe = damage_lib.Damage("nodes", units=units)  # Validates the form of `units`.
     pruned = copy_model(model)
     plans = {plan.layer.name: plan for plan in probe._unit_plans(pruned, None)}
@@ -102,19 +113,23 @@ def prune_retrain(model, units, data, validation_data, units_per_round=1,
     index_of = {id(v): i for i, v in enumerate(variables)}
     current = {id(v): np.ones(v.shape, bool) for v in variables}
     carried = [masks_lib._mask_of(v) for v in variables]
-    mask_variables = [keras.Variable(np.ones(v.shape, v.dtype), trainable=False)
-                      for v in variables]
+    mask_variables = [keras.Variable(np.ones(v.shape, v.dtype), trainable=False) for v in variables]
     steps_per_epoch = max(1, math.ceil(data_adapter.num_examples(x) / batch_size))
     every = max(1, steps_per_epoch // evaluations_per_epoch)
     normalized = bool(normalization.batch_normalization_layers(pruned))
     undamaged = _score(pruned, x_val, y_val)
-    history = {"epoch": [0.0], "val_accuracy": [undamaged], "undamaged_accuracy": undamaged,
-               "pruned_at": None, "epochs_to_recover": None}
+    history = {
+        "epoch": [0.0],
+        "val_accuracy": [undamaged],
+        "undamaged_accuracy": undamaged,
+        "pruned_at": None,
+        "epochs_to_recover": None,
+    }
     state = {"next": 0}
 
     def delete_next():
         touched = set()
-        for name, unit in order[state["next"]:state["next"] + units_per_round]:
+        for name, unit in order[state["next"] : state["next"] + units_per_round]:
             plans[name].zero(current, unit)
             touched.update(id(target[0]) for target in plans[name].targets)
         state["next"] += units_per_round
@@ -132,14 +147,18 @@ def prune_retrain(model, units, data, validation_data, units_per_round=1,
         if step % every:
             return False
         if normalized:
-            normalization.recalibrate_batch_normalization(pruned, x, 2 * batch_size,
-                                                          max_examples=4096)
+            normalization.recalibrate_batch_normalization(
+                pruned, x, 2 * batch_size, max_examples=4096
+            )
         accuracy = _score(pruned, x_val, y_val)
         history["epoch"].append(step / steps_per_epoch)
         history["val_accuracy"].append(accuracy)
         done = state["next"] >= len(order)
-        if done and history["epochs_to_recover"] is None and (
-                accuracy >= undamaged - target - 1e-12):
+        if (
+            done
+            and history["epochs_to_recover"] is None
+            and (accuracy >= undamaged - target - 1e-12)
+        ):
             history["epochs_to_recover"] = step / steps_per_epoch
         return done and stop_at_target and history["epochs_to_recover"] is not None
 
@@ -147,14 +166,28 @@ def prune_retrain(model, units, data, validation_data, units_per_round=1,
         delete_next()  # The first deletion happens before any training.
     if state["next"] >= len(order):
         history["pruned_at"] = 0.0
-    steps = supervised_training(pruned, x, y, epochs * steps_per_epoch, learning_rate,
-                                optimizer, batch_size, masks=mask_variables, seed=seed,
-                                callback=callback, evaluate_every=1)
+    steps = supervised_training(
+        pruned,
+        x,
+        y,
+        epochs * steps_per_epoch,
+        learning_rate,
+        optimizer,
+        batch_size,
+        masks=mask_variables,
+        seed=seed,
+        callback=callback,
+        evaluate_every=1,
+    )
     history["steps"] = steps
     history["epochs"] = steps / steps_per_epoch
 
     # Carry the deletions as masks
-    masks_lib.apply_masks(pruned, [
-        None if current[id(v)].all() and carried[i] is None else current[id(v)]
-        for i, v in enumerate(variables)])
+    masks_lib.apply_masks(
+        pruned,
+        [
+            None if current[id(v)].all() and carried[i] is None else current[id(v)]
+            for i, v in enumerate(variables)
+        ],
+    )
     return pruned, history

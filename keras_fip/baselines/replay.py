@@ -28,8 +28,9 @@ class MemoryBaseline(ContinualBaseline):
             self._memory = check_labelled(memory, "memory")
         self.memory = memory
         if memory_batch_size is not None:
-            memory_batch_size = self.check_number(memory_batch_size, "memory_batch_size",
-                                                  low=1, low_inclusive=True, integer=True)
+            memory_batch_size = self.check_number(
+                memory_batch_size, "memory_batch_size", low=1, low_inclusive=True, integer=True
+            )
         self.memory_batch_size = memory_batch_size
 
     def read_datasets(self, model):
@@ -57,8 +58,11 @@ class MemoryBaseline(ContinualBaseline):
 
     def extra_data(self, model, x, labels):
         seed = None if self.seed is None else self.seed + 1
-        return {"memory": repeated_batches(self._memory,
-                                           self.memory_batch_size or self.batch_size, seed)}
+        return {
+            "memory": repeated_batches(
+                self._memory, self.memory_batch_size or self.batch_size, seed
+            )
+        }
 
     def get_config(self):
         config = super().get_config()

@@ -14,8 +14,15 @@ from keras_fip.engine import copy as copy_lib
 from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import projection
 
-_BRIDGE_LAYERS = ("InputLayer", "Flatten", "Dense", "Conv2D", "MaxPooling2D", "Dropout",
-                  "Activation")
+_BRIDGE_LAYERS = (
+    "InputLayer",
+    "Flatten",
+    "Dense",
+    "Conv2D",
+    "MaxPooling2D",
+    "Dropout",
+    "Activation",
+)
 
 
 def tfmot_available():
@@ -23,8 +30,9 @@ def tfmot_available():
     subprocess, so this process never imports them)."""
     code = "import tensorflow_model_optimization, tf_keras"
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-c", code], env=env,
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode == 0
+    )
 
 
 def _architecture(model):
@@ -41,9 +49,24 @@ def _architecture(model):
     return {"input_shape": list(model.inputs[0].shape[1:]), "layers": layers}
 
 
-def tfmot_gradual_pruning(model, sparsity, x, y, x_test, y_test, epochs=10, batch_size=128,
-                          learning_rate=1e-4, begin_fraction=0.0, end_fraction=0.7,
-                          frequency=100, initial_sparsity=0.0, power=3, seed=0, timeout=3600):
+def tfmot_gradual_pruning(
+    model,
+    sparsity,
+    x,
+    y,
+    x_test,
+    y_test,
+    epochs=10,
+    batch_size=128,
+    learning_rate=1e-4,
+    begin_fraction=0.0,
+    end_fraction=0.7,
+    frequency=100,
+    initial_sparsity=0.0,
+    power=3,
+    seed=0,
+    timeout=3600,
+):
     """Runs tfmot's `prune_low_magnitude` + `PolynomialDecay` on a copy of `model`.
 
     The model's architecture (a sequential chain of Dense/Conv2D/pooling layers) and weights
@@ -79,8 +102,10 @@ def tfmot_gradual_pruning(model, sparsity, x, y, x_test, y_test, epochs=10, batc
         len(x), batch_size, epochs, begin_fraction, end_fraction, frequency
     )
     with tempfile.TemporaryDirectory(prefix="keras_fip_tfmot_") as directory:
-        paths = {name: os.path.join(directory, name) for name in
-                 ("request.json", "weights.npz", "data.npz", "out_weights.npz", "out.json")}
+        paths = {
+            name: os.path.join(directory, name)
+            for name in ("request.json", "weights.npz", "data.npz", "out_weights.npz", "out.json")
+        }
         np.savez(paths["weights.npz"], **{f"w{i}": w for i, w in enumerate(model.get_weights())})
         np.savez(paths["data.npz"], x=x, y=y, x_test=x_test, y_test=y_test)
         request = {
@@ -105,7 +130,10 @@ def tfmot_gradual_pruning(model, sparsity, x, y, x_test, y_test, epochs=10, batc
         env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3")
         completed = subprocess.run(
             [sys.executable, "-m", "keras_fip.baselines.tfmot_bridge", paths["request.json"]],
-            env=env, capture_output=True, text=True, timeout=timeout,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if completed.returncode != 0:
             raise RuntimeError(
@@ -118,8 +146,9 @@ def tfmot_gradual_pruning(model, sparsity, x, y, x_test, y_test, epochs=10, batc
             result = json.load(f)
     pruned = copy_lib.copy_model(model)
     pruned.set_weights(weights)
-    masks = {v.path: keras.ops.convert_to_numpy(v) != 0
-             for v in projection.prunable_variables(pruned)}
+    masks = {
+        v.path: keras.ops.convert_to_numpy(v) != 0 for v in projection.prunable_variables(pruned)
+    }
     masks_lib.apply_masks(pruned, masks)
     return pruned, result
 

@@ -25,18 +25,35 @@ def _build(tf_keras, architecture):
         if kind == "Flatten":
             layers.append(tf_keras.layers.Flatten(name=config["name"]))
         elif kind == "Dense":
-            layers.append(tf_keras.layers.Dense(
-                config["units"], activation=config["activation"], use_bias=config["use_bias"],
-                name=config["name"]))
+            layers.append(
+                tf_keras.layers.Dense(
+                    config["units"],
+                    activation=config["activation"],
+                    use_bias=config["use_bias"],
+                    name=config["name"],
+                )
+            )
         elif kind == "Conv2D":
-            layers.append(tf_keras.layers.Conv2D(
-                config["filters"], tuple(config["kernel_size"]), strides=tuple(config["strides"]),
-                padding=config["padding"], activation=config["activation"],
-                use_bias=config["use_bias"], name=config["name"]))
+            layers.append(
+                tf_keras.layers.Conv2D(
+                    config["filters"],
+                    tuple(config["kernel_size"]),
+                    strides=tuple(config["strides"]),
+                    padding=config["padding"],
+                    activation=config["activation"],
+                    use_bias=config["use_bias"],
+                    name=config["name"],
+                )
+            )
         elif kind == "MaxPooling2D":
-            layers.append(tf_keras.layers.MaxPooling2D(
-                tuple(config["pool_size"]), strides=tuple(config["strides"]),
-                padding=config["padding"], name=config["name"]))
+            layers.append(
+                tf_keras.layers.MaxPooling2D(
+                    tuple(config["pool_size"]),
+                    strides=tuple(config["strides"]),
+                    padding=config["padding"],
+                    name=config["name"],
+                )
+            )
         elif kind == "Dropout":
             layers.append(tf_keras.layers.Dropout(config["rate"], name=config["name"]))
         elif kind == "Activation":
@@ -74,12 +91,19 @@ def main(request_path):
     steps = request["epochs"] * int(np.ceil(len(x) / request["batch_size"]))
     pruned.compile(
         optimizer=tf_keras.optimizers.Adam(
-            tf_keras.optimizers.schedules.CosineDecay(request["learning_rate"], steps)),
+            tf_keras.optimizers.schedules.CosineDecay(request["learning_rate"], steps)
+        ),
         loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    pruned.fit(x, y, epochs=request["epochs"], batch_size=request["batch_size"], verbose=0,
-               callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+    pruned.fit(
+        x,
+        y,
+        epochs=request["epochs"],
+        batch_size=request["batch_size"],
+        verbose=0,
+        callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
+    )
     stripped = tfmot.sparsity.keras.strip_pruning(pruned)
 
     # Report

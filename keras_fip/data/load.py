@@ -68,8 +68,7 @@ def load(name, split="train", data_dir=None, download=True):
         from keras_fip.data import text
 
         return text.load_text(name, split, data_dir)
-    images, labels = _load_uint8(name, split, None if data_dir is None else str(data_dir),
-                                 download)
+    images, labels = _load_uint8(name, split, None if data_dir is None else str(data_dir), download)
     scale = 16.0 if name == "digits" else 255.0
     x = images.astype(np.float32) / scale
     if x.ndim == 3:

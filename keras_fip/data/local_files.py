@@ -124,9 +124,7 @@ def _npz_reader(path, split):
 
 def _cifar10_pickle_reader(pickle_dir, split):
     def read():
-        names = (
-            [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-        )
+        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
         batches = [_read_cifar_pickle(os.path.join(pickle_dir, n)) for n in names]
         images = np.concatenate([_cifar_images(b[b"data"]) for b in batches])
         labels = np.concatenate([np.asarray(b[b"labels"]) for b in batches])

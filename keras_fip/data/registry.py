@@ -45,16 +45,22 @@ TEXT_DATASETS = {
     "sst5": {
         "num_classes": 5,
         "description": "SST-5 movie-review sentences, 5 sentiment classes "
-                       "(8,544 train, 1,101 validation, 2,210 test)",
-        "files": {"train": "stsa.fine.train", "validation": "stsa.fine.dev",
-                  "test": "stsa.fine.test"},
+        "(8,544 train, 1,101 validation, 2,210 test)",
+        "files": {
+            "train": "stsa.fine.train",
+            "validation": "stsa.fine.dev",
+            "test": "stsa.fine.test",
+        },
     },
     "sst2": {
         "num_classes": 2,
         "description": "SST-2 movie-review sentences, 2 sentiment classes "
-                       "(6,920 train, 872 validation, 1,821 test)",
-        "files": {"train": "stsa.binary.train", "validation": "stsa.binary.dev",
-                  "test": "stsa.binary.test"},
+        "(6,920 train, 872 validation, 1,821 test)",
+        "files": {
+            "train": "stsa.binary.train",
+            "validation": "stsa.binary.dev",
+            "test": "stsa.binary.test",
+        },
     },
     "mr": {
         "num_classes": 2,

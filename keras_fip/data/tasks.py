@@ -105,9 +105,7 @@ def permuted_tasks(x, y, num_tasks, seed=0, include_identity=True):
     """
     x, y = _check_pair(x, y)
     if not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ValueError(
-            f"`num_tasks` must be a positive integer. Received: num_tasks={num_tasks}"
-        )
+        raise ValueError(f"`num_tasks` must be a positive integer. Received: num_tasks={num_tasks}")
     rng = np.random.default_rng(seed)
     flat = x.reshape(x.shape[0], -1)
     tasks = []
@@ -159,8 +157,7 @@ def memory_sample(x, y, size, seed=0):
     return x[indices], y[indices]
 
 
-BENCHMARKS = ("mnist_fmnist", "split_mnist", "permuted_mnist", "split_cifar10",
-              "split_cifar100")
+BENCHMARKS = ("mnist_fmnist", "split_mnist", "permuted_mnist", "split_cifar10", "split_cifar100")
 
 
 def _subsample(x, y, max_examples, rng):
@@ -170,8 +167,9 @@ def _subsample(x, y, max_examples, rng):
     return x[rows], y[rows]
 
 
-def build_benchmark(name, data_dir=None, seed=0, max_train_examples=None,
-                    max_test_examples=None, arrays=None):
+def build_benchmark(
+    name, data_dir=None, seed=0, max_train_examples=None, max_test_examples=None, arrays=None
+):
     """Builds a continual-learning benchmark: its tasks, head layout and test sets.
 
     - `"mnist_fmnist"`: MNIST then Fashion-MNIST (10 classes each; the FIP paper's 2-task
@@ -234,8 +232,12 @@ def build_benchmark(name, data_dir=None, seed=0, max_train_examples=None,
             test = [dataset("mnist", "test"), dataset("fashion_mnist", "test")]
         head = "append"
     else:
-        source = {"split_mnist": "mnist", "permuted_mnist": "mnist",
-                  "split_cifar10": "cifar10", "split_cifar100": "cifar100"}[name]
+        source = {
+            "split_mnist": "mnist",
+            "permuted_mnist": "mnist",
+            "split_cifar10": "cifar10",
+            "split_cifar100": "cifar100",
+        }[name]
         if arrays is not None:
             full_train, full_test = arrays["train"], arrays["test"]
         else:
@@ -245,18 +247,15 @@ def build_benchmark(name, data_dir=None, seed=0, max_train_examples=None,
             permutations = [task["permutation"] for task in train_tasks]
             train = [(task["x"], task["y"]) for task in train_tasks]
             flat = full_test[0].reshape(len(full_test[0]), -1)
-            test = [(flat[:, p].reshape(full_test[0].shape), full_test[1])
-                    for p in permutations]
+            test = [(flat[:, p].reshape(full_test[0].shape), full_test[1]) for p in permutations]
             head = "shared"
         else:
             num_tasks = 20 if name == "split_cifar100" else 5
             train = [(t["x"], t["y"]) for t in split_by_classes(*full_train, num_tasks)]
             test = [(t["x"], t["y"]) for t in split_by_classes(*full_test, num_tasks)]
             head = "append"
-    train = [_subsample(np.asarray(x), np.asarray(y), max_train_examples, rng)
-             for x, y in train]
-    test = [_subsample(np.asarray(x), np.asarray(y), max_test_examples, rng)
-            for x, y in test]
+    train = [_subsample(np.asarray(x), np.asarray(y), max_train_examples, rng) for x, y in train]
+    test = [_subsample(np.asarray(x), np.asarray(y), max_test_examples, rng) for x, y in test]
     sizes = [int(np.max(y)) + 1 for _, y in train]
     if head == "append":
         offsets = [int(sum(sizes[:t])) for t in range(len(sizes))]
@@ -264,8 +263,7 @@ def build_benchmark(name, data_dir=None, seed=0, max_train_examples=None,
     else:
         offsets = [0] * len(sizes)
         num_outputs = [max(sizes)] * len(sizes)
-    test = [(x, (np.asarray(y) + offset).astype(np.int32)) for (x, y), offset in
-            zip(test, offsets)]
+    test = [(x, (np.asarray(y) + offset).astype(np.int32)) for (x, y), offset in zip(test, offsets)]
     return {
         "name": name,
         "train": [(x.astype(np.float32), y.astype(np.int32)) for x, y in train],

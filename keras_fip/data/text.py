@@ -127,19 +127,20 @@ def load_text(name, split="train", data_dir=None):
 
 def text_info(name, data_dir=None):
     """Describes a text set: classes, description, files and how its splits are made."""
-    details = {key: value for key, value in registry.TEXT_DATASETS[name].items()
-               if key != "files"}
+    details = {key: value for key, value in registry.TEXT_DATASETS[name].items() if key != "files"}
     files = registry.TEXT_DATASETS[name]["files"]
     directory, _ = find_text_dir(data_dir)
     details["input_shape"] = ()
     details["modality"] = "text"
-    details["source"] = None if directory is None else os.path.join(
-        directory, files.get("train", files.get("all")))
+    details["source"] = (
+        None if directory is None else os.path.join(directory, files.get("train", files.get("all")))
+    )
     details["subset"] = False
     details["splits"] = (
-        "official splits" if "all" not in files
+        "official splits"
+        if "all" not in files
         else f"no official split: seeded {1 - TEST_FRACTION:.0%}/{TEST_FRACTION:.0%} "
-             f"train/test split (numpy default_rng({SPLIT_SEED}) permutation)"
+        f"train/test split (numpy default_rng({SPLIT_SEED}) permutation)"
     )
     return details
 
@@ -220,11 +221,18 @@ def word_piece_vocabulary(sentences, vocabulary_size=8000):
             f"`vocabulary_size` must be an int above {len(RESERVED_TOKENS)}. "
             f"Received: vocabulary_size={vocabulary_size!r}"
         )
-    dataset = tf.data.Dataset.from_tensor_slices(
-        np.asarray([str(s) for s in sentences])).batch(1000)
-    return list(compute_word_piece_vocabulary(
-        dataset, vocabulary_size, lowercase=True, strip_accents=True,
-        reserved_tokens=list(RESERVED_TOKENS)))
+    dataset = tf.data.Dataset.from_tensor_slices(np.asarray([str(s) for s in sentences])).batch(
+        1000
+    )
+    return list(
+        compute_word_piece_vocabulary(
+            dataset,
+            vocabulary_size,
+            lowercase=True,
+            strip_accents=True,
+            reserved_tokens=list(RESERVED_TOKENS),
+        )
+    )
 
 
 def save_vocabulary(vocabulary, directory):
@@ -282,9 +290,11 @@ class TextEncoder:
         self.vocabulary = vocabulary
         self.sequence_length = sequence_length
         self.tokenizer = WordPieceTokenizer(
-            vocabulary=vocabulary, lowercase=True, strip_accents=True, oov_token="[UNK]")
+            vocabulary=vocabulary, lowercase=True, strip_accents=True, oov_token="[UNK]"
+        )
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
-            vocabulary.index(t) for t in RESERVED_TOKENS)
+            vocabulary.index(t) for t in RESERVED_TOKENS
+        )
 
     @property
     def vocabulary_size(self):
@@ -294,13 +304,12 @@ class TextEncoder:
         """Token ids of each sentence, unpacked: a list of int lists."""
         rows = self.tokenizer(np.asarray([str(s) for s in sentences]))
         rows = rows.to_list() if hasattr(rows, "to_list") else rows
-        return [[int(i) for i in (row.tolist() if hasattr(row, "tolist") else row)]
-                for row in rows]
+        return [[int(i) for i in (row.tolist() if hasattr(row, "tolist") else row)] for row in rows]
 
     def __call__(self, sentences, batch_size=4096):
         ids = np.full((len(sentences), self.sequence_length), self.pad_id, dtype=np.int32)
         for start in range(0, len(sentences), batch_size):
-            rows = self.pieces(sentences[start:start + batch_size])
+            rows = self.pieces(sentences[start : start + batch_size])
             for i, row in enumerate(rows, start=start):
                 row = [self.cls_id] + row[: self.sequence_length - 2] + [self.sep_id]
                 ids[i, : len(row)] = row

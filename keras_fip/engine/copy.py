@@ -38,9 +38,7 @@ def copy_model(model):
     True
     """
     if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"`model` must be a `keras.Model`. Received: model={model!r}"
-        )
+        raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
 
     # Rebuild the architecture.
     try:
@@ -61,8 +59,11 @@ def copy_model(model):
 
     # Copy every weight, trainable and non-trainable.
     source, target = model.weights, clone.weights
-    if (_weights_differ(source, target) or getattr(model, "carries_masks", False)
-            or type(clone) is not type(model)):
+    if (
+        _weights_differ(source, target)
+        or getattr(model, "carries_masks", False)
+        or type(clone) is not type(model)
+    ):
         # Layer-by-layer cloning drops the class of a functional subclass whose
         # constructor is not `(inputs, outputs)`, such as a KerasHub task with its
         # preprocessor, and of a model that records its masks in its own config
@@ -71,7 +72,8 @@ def copy_model(model):
         # neither; where it cannot rebuild the model, the layer-by-layer clone stays.
         try:
             rebuilt = keras.saving.deserialize_keras_object(
-                keras.saving.serialize_keras_object(model))
+                keras.saving.serialize_keras_object(model)
+            )
             _copy_assets(model, rebuilt)
             clone, target = rebuilt, rebuilt.weights
         except Exception:
@@ -96,7 +98,6 @@ def copy_model(model):
     return clone
 
 
-
 def _copy_assets(source, target):
     """Copies the assets of `source`'s layers into `target`'s (rebuilt from its config):
     a layer's assets, such as a KerasHub tokenizer's
@@ -104,15 +105,22 @@ def _copy_assets(source, target):
     `load_assets`, as in a `.keras` file. `_flatten_layers` is the walk Keras saving
     itself makes; no public call lists nested layers outside `model.layers` (the
     preprocessor of a KerasHub task)."""
+
     def with_assets(model):
-        return [layer for layer in model._flatten_layers(include_self=False)
-                if hasattr(layer, "save_assets")]
+        return [
+            layer
+            for layer in model._flatten_layers(include_self=False)
+            if hasattr(layer, "save_assets")
+        ]
 
     # Matched by class and name: a layer built on first call (a preprocessor's packer)
     # may not exist yet in the copy, so positions can differ.
     targets = {(type(layer), layer.name): layer for layer in with_assets(target)}
-    pairs = [(layer, targets[(type(layer), layer.name)]) for layer in with_assets(source)
-             if (type(layer), layer.name) in targets]
+    pairs = [
+        (layer, targets[(type(layer), layer.name)])
+        for layer in with_assets(source)
+        if (type(layer), layer.name) in targets
+    ]
     if not pairs:
         return
     with tempfile.TemporaryDirectory() as directory:
@@ -125,4 +133,5 @@ def _copy_assets(source, target):
 
 def _weights_differ(source, target):
     return len(source) != len(target) or any(
-        tuple(a.shape) != tuple(b.shape) for a, b in zip(source, target))
+        tuple(a.shape) != tuple(b.shape) for a, b in zip(source, target)
+    )

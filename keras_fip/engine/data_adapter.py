@@ -33,8 +33,7 @@ def _materialize(dataset, name):
         columns = [elements]
     combine = np.concatenate if is_batched else np.stack
     return tuple(
-        tf.nest.map_structure(lambda *parts: combine(parts, axis=0), *column)
-        for column in columns
+        tf.nest.map_structure(lambda *parts: combine(parts, axis=0), *column) for column in columns
     ), not is_batched
 
 
@@ -122,9 +121,7 @@ def _statically_batched(model, x):
 def _check_inputs_array(x, name):
     """Raises a `ValueError` naming `name` unless `x` is a non-empty numeric (or boolean)
     array with a batch axis and no NaN or Inf."""
-    if x.ndim < 1 or x.shape[0] == 0 or not (
-        np.issubdtype(x.dtype, np.number) or x.dtype == bool
-    ):
+    if x.ndim < 1 or x.shape[0] == 0 or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
         raise ValueError(
             f"`{name}` must hold a non-empty numeric array of inputs with a batch axis. "
             f"Received: {name}={_describe(x)} with dtype {x.dtype}"
@@ -163,8 +160,7 @@ def is_structured(x):
     Python lists or numbers is one array, as `np.asarray` reads it)."""
     if isinstance(x, dict):
         return True
-    return isinstance(x, (list, tuple)) and bool(x) and all(
-        hasattr(item, "shape") for item in x)
+    return isinstance(x, (list, tuple)) and bool(x) and all(hasattr(item, "shape") for item in x)
 
 
 def normalize_inputs(x, name):
@@ -222,8 +218,11 @@ def take(x, index):
 
 def all_finite(x):
     """Whether every float array of inputs `x` (one array, or a dict or list) is finite."""
-    return all(np.all(np.isfinite(array)) for array in tf.nest.flatten(as_arrays(x))
-               if np.issubdtype(np.asarray(array).dtype, np.floating))
+    return all(
+        np.all(np.isfinite(array))
+        for array in tf.nest.flatten(as_arrays(x))
+        if np.issubdtype(np.asarray(array).dtype, np.floating)
+    )
 
 
 def float32_inputs(x):
@@ -233,7 +232,8 @@ def float32_inputs(x):
     if not is_structured(x):
         return np.asarray(x, "float32")
     return tf.nest.map_structure(
-        lambda a: a.astype("float32") if np.issubdtype(a.dtype, np.floating) else a, x)
+        lambda a: a.astype("float32") if np.issubdtype(a.dtype, np.floating) else a, x
+    )
 
 
 def as_arrays(x):
@@ -281,8 +281,7 @@ def _matching_inputs(model, x, name):
         return None
     if not is_structured(x):
         if is_structured(inputs):
-            names = (list(inputs) if isinstance(inputs, dict)
-                     else [tensor.name for tensor in inputs])
+            names = list(inputs) if isinstance(inputs, dict) else [tensor.name for tensor in inputs]
             raise ValueError(
                 f"`{name}` must hold one array per input of model `{model.name}` (a dict "
                 f"keyed by {names}, or a list in that order). Received: {name}="
@@ -295,8 +294,7 @@ def _matching_inputs(model, x, name):
             f"{name}={type(x).__name__} of {len(x)} arrays"
         )
     if isinstance(x, dict):
-        by_name = (inputs if isinstance(inputs, dict)
-                   else {tensor.name: tensor for tensor in inputs})
+        by_name = inputs if isinstance(inputs, dict) else {tensor.name: tensor for tensor in inputs}
         if set(x) != set(by_name):
             raise ValueError(
                 f"`{name}` must hold one array per input of model `{model.name}`, keyed "
@@ -309,8 +307,9 @@ def _matching_inputs(model, x, name):
             f"`{name}` must hold {len(ordered)} arrays, one per input of model "
             f"`{model.name}`. Received: {name} with {len(x)} arrays"
         )
-    return [(f"{name}[{index}]", array, tensor)
-            for index, (array, tensor) in enumerate(zip(x, ordered))]
+    return [
+        (f"{name}[{index}]", array, tensor) for index, (array, tensor) in enumerate(zip(x, ordered))
+    ]
 
 
 def check_inputs_match_model(model, x, name="data"):

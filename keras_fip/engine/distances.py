@@ -101,9 +101,7 @@ def kl(outputs, reference_outputs):
     0.0
     """
     outputs, reference_outputs = _prepare(outputs, reference_outputs)
-    per_example = _kl_from_logits(
-        _flatten_classes(outputs), _flatten_classes(reference_outputs)
-    )
+    per_example = _kl_from_logits(_flatten_classes(outputs), _flatten_classes(reference_outputs))
     return ops.mean(per_example)
 
 

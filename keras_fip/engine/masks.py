@@ -49,9 +49,7 @@ def _as_bool_mask(mask, argument_name):
     if isinstance(mask, dict) and set(mask) == {"shape", "bits"}:
         return _decode_mask(mask)
     try:
-        array = np.asarray(
-            mask.numpy() if hasattr(mask, "numpy") else mask
-        )
+        array = np.asarray(mask.numpy() if hasattr(mask, "numpy") else mask)
     except Exception as error:
         raise ValueError(
             f"`{argument_name}` must be an array of booleans or 0/1 values. "
@@ -137,9 +135,7 @@ class MaskConstraint(keras.constraints.Constraint):
         return {
             "mask": _encode_mask(self.mask),
             "constraint": (
-                None
-                if self.constraint is None
-                else keras.constraints.serialize(self.constraint)
+                None if self.constraint is None else keras.constraints.serialize(self.constraint)
             ),
         }
 
@@ -177,8 +173,9 @@ class CompositeMaskConstraint(keras.constraints.Constraint):
                 "`masks` must be a non-empty dict mapping paths inside the composite "
                 f"layer to boolean masks. Received: masks={masks!r}"
             )
-        self.masks = {str(key): _as_bool_mask(value, f"masks[{key!r}]")
-                      for key, value in masks.items()}
+        self.masks = {
+            str(key): _as_bool_mask(value, f"masks[{key!r}]") for key, value in masks.items()
+        }
         if isinstance(constraint, (MaskConstraint, CompositeMaskConstraint)):
             raise ValueError(
                 "`constraint` must be a user constraint, not a mask constraint. "
@@ -213,9 +210,7 @@ class CompositeMaskConstraint(keras.constraints.Constraint):
         return {
             "masks": {key: _encode_mask(mask) for key, mask in self.masks.items()},
             "constraint": (
-                None
-                if self.constraint is None
-                else keras.constraints.serialize(self.constraint)
+                None if self.constraint is None else keras.constraints.serialize(self.constraint)
             ),
         }
 
@@ -229,8 +224,10 @@ def _child_layers(layer):
         return list(layer.layers)
     children = []
     for value in vars(layer).values():
-        values = value if isinstance(value, (list, tuple)) else (
-            value.values() if isinstance(value, dict) else (value,)
+        values = (
+            value
+            if isinstance(value, (list, tuple))
+            else (value.values() if isinstance(value, dict) else (value,))
         )
         for item in values:
             if isinstance(item, keras.layers.Layer) and item is not layer:
@@ -326,7 +323,7 @@ def _relative_path(variable, layer):
     if layer.name not in segments[:-1]:
         return None
     index = len(segments) - 2 - segments[-2::-1].index(layer.name)
-    return "/".join(segments[index + 1:])
+    return "/".join(segments[index + 1 :])
 
 
 def _carry_in_composite(composite, variable, mask, config_text):
@@ -344,8 +341,11 @@ def _carry_in_composite(composite, variable, mask, config_text):
     existing = getattr(composite, attribute)
     carried = dict(existing.masks) if isinstance(existing, CompositeMaskConstraint) else {}
     carried[relative] = mask
-    setattr(composite, attribute,
-            CompositeMaskConstraint(carried, constraint=_user_constraint(existing)))
+    setattr(
+        composite,
+        attribute,
+        CompositeMaskConstraint(carried, constraint=_user_constraint(existing)),
+    )
     return True
 
 
@@ -356,9 +356,7 @@ def _attach(model, variable_masks, warn=True):
     plan = []
     for variable, mask in variable_masks:
         if id(variable) not in owners:
-            raise ValueError(
-                f"Variable `{variable.path}` does not belong to model `{model.name}`."
-            )
+            raise ValueError(f"Variable `{variable.path}` does not belong to model `{model.name}`.")
         layer, ancestors = owners[id(variable)]
         attribute = _constraint_attribute(layer, variable)
         if tuple(variable.shape) != mask.shape:
@@ -388,7 +386,8 @@ def _attach(model, variable_masks, warn=True):
             if f'"name": {json.dumps(child.name)}' in config_texts[id(parent)]:
                 continue
             if carrier is None and _carry_in_composite(
-                    parent, variable, mask, config_texts[id(parent)]):
+                parent, variable, mask, config_texts[id(parent)]
+            ):
                 carrier = parent
                 config_texts.pop(id(parent))
                 continue
@@ -432,9 +431,7 @@ def masks(model):
     {}
     """
     if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"`model` must be a `keras.Model`. Received: model={model!r}"
-        )
+        raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
     variables = model.weights
     return {
         key: _mask_of(variable).copy()
@@ -473,9 +470,7 @@ def apply_masks(model, masks):
     2
     """
     if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"`model` must be a `keras.Model`. Received: model={model!r}"
-        )
+        raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
     if isinstance(masks, (list, tuple)):
         variables = model.trainable_variables
         if len(masks) != len(variables):
@@ -500,8 +495,7 @@ def apply_masks(model, masks):
                 f"Received: masks with keys {sorted(masks)[:10]}"
             )
         variable_masks = [
-            (by_key[key], _as_bool_mask(mask, f"masks[{key!r}]"))
-            for key, mask in masks.items()
+            (by_key[key], _as_bool_mask(mask, f"masks[{key!r}]")) for key, mask in masks.items()
         ]
     else:
         raise ValueError(
@@ -579,9 +573,7 @@ def sparsity(model, per_variable=False):
     0.25
     """
     if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"`model` must be a `keras.Model`. Received: model={model!r}"
-        )
+        raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
     variables = model.trainable_variables
     zeros = [int(np.sum(v.numpy() == 0)) for v in variables]
     sizes = [int(np.prod(v.shape, dtype=np.int64)) for v in variables]
@@ -642,8 +634,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             )
         if isinstance(masks, dict):
             masks = {
-                str(key): _as_bool_mask(value, f"masks[{key!r}]")
-                for key, value in masks.items()
+                str(key): _as_bool_mask(value, f"masks[{key!r}]") for key, value in masks.items()
             }
         elif isinstance(masks, (list, tuple)):
             masks = [
@@ -669,11 +660,9 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         self.inner_optimizer.build(var_list)
         super().build(var_list)
         # (variable, mask) pairs, kept out of the optimizer's tracked state.
-        self._variable_masks = _Untracked(tuple(
-            (variable, mask)
-            for variable, mask in zip(var_list, masks)
-            if mask is not None
-        ))
+        self._variable_masks = _Untracked(
+            tuple((variable, mask) for variable, mask in zip(var_list, masks) if mask is not None)
+        )
 
     def _resolve_masks(self, var_list):
         explicit = self._explicit_masks.value
@@ -713,9 +702,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
         variables = (
-            self._trainable_variables
-            if trainable_variables is None
-            else list(trainable_variables)
+            self._trainable_variables if trainable_variables is None else list(trainable_variables)
         )
         masks = {id(variable): mask for variable, mask in self._variable_masks.value}
 
@@ -736,9 +723,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         for variable in variables:
             mask = masks.get(id(variable))
             if mask is not None and _mask_of(variable) is not mask:
-                variable.assign(
-                    ops.multiply(variable, ops.cast(mask, variable.dtype))
-                )
+                variable.assign(ops.multiply(variable, ops.cast(mask, variable.dtype)))
 
     @property
     def variables(self):

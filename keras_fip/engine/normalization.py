@@ -10,10 +10,7 @@ from keras_fip.engine.projection import _layers
 
 def batch_normalization_layers(model):
     """The `keras.layers.BatchNormalization` layers of `model`, nested ones included."""
-    return [
-        layer for layer in _layers(model)
-        if isinstance(layer, keras.layers.BatchNormalization)
-    ]
+    return [layer for layer in _layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
 
 
 def recalibrate_batch_normalization(model, data, batch_size=256, max_examples=None):
@@ -46,14 +43,17 @@ def recalibrate_batch_normalization(model, data, batch_size=256, max_examples=No
     >>> recalibrate_batch_normalization(model, x)
     1
     """
-    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or (
-        batch_size < 1
+    if (
+        not isinstance(batch_size, (int, np.integer))
+        or isinstance(batch_size, bool)
+        or (batch_size < 1)
     ):
         raise ValueError(
             f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}"
         )
     if max_examples is not None and (
-        not isinstance(max_examples, (int, np.integer)) or isinstance(max_examples, bool)
+        not isinstance(max_examples, (int, np.integer))
+        or isinstance(max_examples, bool)
         or max_examples < 1
     ):
         raise ValueError(
@@ -75,8 +75,7 @@ def recalibrate_batch_normalization(model, data, batch_size=256, max_examples=No
             # moving ← moving·k/(k+1) + batch/(k+1): the running mean of batch statistics.
             for layer in layers:
                 layer.momentum = batch / (batch + 1.0)
-            model(data_adapter.take(x, slice(start, start + batch_size)),
-                  training=True)
+            model(data_adapter.take(x, slice(start, start + batch_size)), training=True)
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum

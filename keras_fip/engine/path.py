@@ -7,8 +7,8 @@ import os
 import keras
 import numpy as np
 
-from keras_fip.engine.copy import copy_model
 from keras_fip.engine import masks as masks_lib
+from keras_fip.engine.copy import copy_model
 from keras_fip.engine.masks import MaskConstraint
 
 _CONFIG_FILE = "path.json"
@@ -55,9 +55,7 @@ class Path:
 
     def __init__(self, model, record_every=1, directory=None):
         if not isinstance(model, keras.Model):
-            raise ValueError(
-                f"`model` must be a `keras.Model`. Received: model={model!r}"
-            )
+            raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
         if not model.built or not model.trainable_variables:
             raise ValueError(
                 "`model` must be built and have trainable variables. "
@@ -69,13 +67,11 @@ class Path:
             or record_every < 1
         ):
             raise ValueError(
-                "`record_every` must be an integer >= 1. "
-                f"Received: record_every={record_every!r}"
+                f"`record_every` must be an integer >= 1. Received: record_every={record_every!r}"
             )
         if directory is not None and not isinstance(directory, (str, os.PathLike)):
             raise ValueError(
-                "`directory` must be `None` or a path. "
-                f"Received: directory={directory!r}"
+                f"`directory` must be `None` or a path. Received: directory={directory!r}"
             )
         self.record_every = int(record_every)
         self.directory = None
@@ -128,17 +124,14 @@ class Path:
             )
         metrics = {} if metrics is None else metrics
         if not isinstance(metrics, dict):
-            raise ValueError(
-                f"`metrics` must be a dict of scalars. Received: metrics={metrics!r}"
-            )
+            raise ValueError(f"`metrics` must be a dict of scalars. Received: metrics={metrics!r}")
         clean = {}
         for name, value in metrics.items():
             try:
                 clean[str(name)] = float(np.asarray(value))
             except (TypeError, ValueError) as error:
                 raise ValueError(
-                    f"`metrics` values must be scalars. Received: metrics[{name!r}]="
-                    f"{value!r}"
+                    f"`metrics` values must be scalars. Received: metrics[{name!r}]={value!r}"
                 ) from error
         if weights is None:
             return False
@@ -223,9 +216,7 @@ class Path:
             `None`.
         """
         if not isinstance(directory, (str, os.PathLike)):
-            raise ValueError(
-                f"`directory` must be a path. Received: directory={directory!r}"
-            )
+            raise ValueError(f"`directory` must be a path. Received: directory={directory!r}")
         directory = os.fspath(directory)
         if self.directory is not None and os.path.abspath(directory) == os.path.abspath(
             self.directory
@@ -399,8 +390,7 @@ class Path:
         values = metrics[metric]
         if np.all(np.isnan(values)):
             raise ValueError(
-                f"Metric {metric!r} was never recorded with a value. "
-                f"Received: metric={metric!r}"
+                f"Metric {metric!r} was never recorded with a value. Received: metric={metric!r}"
             )
         index = int(np.nanargmin(values) if mode == "min" else np.nanargmax(values))
         return self.point(index) if return_model else index
@@ -426,9 +416,7 @@ class Path:
                     f"Received: kind={kind!r}"
                 )
             return float(values[~np.isnan(values)][-1])
-        raise ValueError(
-            f"`kind` must be 'euclidean' or 'metric'. Received: kind={kind!r}"
-        )
+        raise ValueError(f"`kind` must be 'euclidean' or 'metric'. Received: kind={kind!r}")
 
     def get_config(self):
         """The constructor arguments other than the model."""

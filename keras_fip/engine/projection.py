@@ -52,8 +52,9 @@ def _layers(model):
     return ordered
 
 
-def prunable_variables(model, include_biases=False, include_normalization=False,
-                       include_embeddings=False):
+def prunable_variables(
+    model, include_biases=False, include_normalization=False, include_embeddings=False
+):
     """The trainable variables a pruning method may zero, in `model.trainable_variables` order.
 
     Args:
@@ -198,9 +199,16 @@ def _keep_top(scores, num_keep):
     return keep
 
 
-def magnitude_masks(model, sparsity, structure="unstructured", scope="global",
-                    variables=None, existing_masks=None, importance=None,
-                    layer_floor=DEFAULT_LAYER_FLOOR):
+def magnitude_masks(
+    model,
+    sparsity,
+    structure="unstructured",
+    scope="global",
+    variables=None,
+    existing_masks=None,
+    importance=None,
+    layer_floor=DEFAULT_LAYER_FLOOR,
+):
     """Masks of the projection P_p(w): keep the largest weights, zero a fraction `sparsity`.
 
     With `scope="global"` one threshold ranks all prunable groups of all variables together
@@ -283,8 +291,9 @@ def magnitude_masks(model, sparsity, structure="unstructured", scope="global",
                 f"Received: shapes {[np.shape(d) for d in importance]} for variables of "
                 f"shapes {[a.shape for a in arrays]}"
             )
-        arrays = [a * np.sqrt(np.maximum(np.asarray(d, a.dtype), 0.0))
-                  for a, d in zip(arrays, importance)]
+        arrays = [
+            a * np.sqrt(np.maximum(np.asarray(d, a.dtype), 0.0)) for a, d in zip(arrays, importance)
+        ]
 
     if structure == "2:4":
         if abs(sparsity - 0.5) > 1e-9:
@@ -292,7 +301,7 @@ def magnitude_masks(model, sparsity, structure="unstructured", scope="global",
                 "`structure='2:4'` zeroes exactly half of each kernel, so `sparsity` must be "
                 f"0.5. Received: sparsity={sparsity}"
             )
-        for variable, array in zip(variables, arrays):
+        for array in arrays:
             _group_scores(array, structure)  # validates the shape
         return {v.path: _two_of_four_mask(a) for v, a in zip(variables, arrays)}
 
@@ -364,8 +373,7 @@ def resolve_layer_floor(model, layer_floor):
     layer_floor = check_layer_floor(layer_floor)
     if layer_floor != "auto":
         return layer_floor
-    normalized = any(isinstance(layer, keras.layers.BatchNormalization)
-                     for layer in _layers(model))
+    normalized = any(isinstance(layer, keras.layers.BatchNormalization) for layer in _layers(model))
     return BATCH_NORM_LAYER_FLOOR if normalized else LAYER_FLOOR
 
 

@@ -28,8 +28,7 @@ def check_step_rule(step_rule):
     """Raises a `ValueError` unless `step_rule` is one of `STEP_RULES`."""
     if step_rule not in STEP_RULES:
         raise ValueError(
-            f"`step_rule` must be one of {list(STEP_RULES)}. "
-            f"Received: step_rule={step_rule!r}"
+            f"`step_rule` must be one of {list(STEP_RULES)}. Received: step_rule={step_rule!r}"
         )
     return step_rule
 
@@ -41,8 +40,9 @@ def mean_cross_entropy(labels, logits):
     the object's mean is already divided by the replicas, and the custom steps here scale
     each replica's loss themselves (`num_replicas`).
     """
-    return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
-        labels, logits, from_logits=True))
+    return keras.ops.mean(
+        keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    )
 
 
 def num_replicas():
@@ -75,9 +75,7 @@ def all_reduce_mean(tensors):
 
 def inner_product(left, right):
     """`Σ_i ⟨left_i, right_i⟩` over two aligned lists of tensors, as a scalar."""
-    return tf.add_n(
-        [tf.reduce_sum(a * tf.cast(b, a.dtype)) for a, b in zip(left, right)]
-    )
+    return tf.add_n([tf.reduce_sum(a * tf.cast(b, a.dtype)) for a, b in zip(left, right)])
 
 
 def global_norm(tensors):
@@ -189,19 +187,13 @@ def conjugate_gradient(matvec, rhs, iterations, damping=0.0, tolerance=None):
         active = residual_squared > threshold
         product = matvec(direction)
         if damping:
-            product = [
-                p + tf.cast(damping, p.dtype) * d for p, d in zip(product, direction)
-            ]
+            product = [p + tf.cast(damping, p.dtype) * d for p, d in zip(product, direction)]
         curvature = inner_product(direction, product)
-        alpha = tf.where(
-            active, tf.math.divide_no_nan(residual_squared, curvature), 0.0
-        )
+        alpha = tf.where(active, tf.math.divide_no_nan(residual_squared, curvature), 0.0)
         solution = [x + tf.cast(alpha, x.dtype) * d for x, d in zip(solution, direction)]
         residual = [r - tf.cast(alpha, r.dtype) * p for r, p in zip(residual, product)]
         new_residual_squared = inner_product(residual, residual)
-        beta = tf.where(
-            active, tf.math.divide_no_nan(new_residual_squared, residual_squared), 1.0
-        )
+        beta = tf.where(active, tf.math.divide_no_nan(new_residual_squared, residual_squared), 1.0)
         direction = [r + tf.cast(beta, r.dtype) * d for r, d in zip(residual, direction)]
         residual_squared = new_residual_squared
     return solution, tf.sqrt(residual_squared)

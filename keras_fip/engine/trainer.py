@@ -18,19 +18,17 @@ _MEASURED = ("step_norm", "distance_from_start")
 
 
 def _is_number(value):
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, bool
-    )
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def _check_positive(value, name, allow_zero=False):
-    if not _is_number(value) or not math.isfinite(value) or (
-        value < 0 if allow_zero else value <= 0
+    if (
+        not _is_number(value)
+        or not math.isfinite(value)
+        or (value < 0 if allow_zero else value <= 0)
     ):
         expected = "a non-negative" if allow_zero else "a positive"
-        raise ValueError(
-            f"`{name}` must be {expected} finite number. Received: {name}={value!r}"
-        )
+        raise ValueError(f"`{name}` must be {expected} finite number. Received: {name}={value!r}")
     return float(value)
 
 
@@ -81,9 +79,7 @@ def _batch_size(inputs):
 def _variable_masks(variables):
     """Boolean masks carried by `variables` as `MaskConstraint`s (None where unmasked)."""
     return [
-        variable.constraint.mask
-        if isinstance(variable.constraint, MaskConstraint)
-        else None
+        variable.constraint.mask if isinstance(variable.constraint, MaskConstraint) else None
         for variable in variables
     ]
 
@@ -264,8 +260,7 @@ class FIPTrainer(keras.Model):
             )
         if reference not in REFERENCES:
             raise ValueError(
-                f"`reference` must be one of {list(REFERENCES)}. "
-                f"Received: reference={reference!r}"
+                f"`reference` must be one of {list(REFERENCES)}. Received: reference={reference!r}"
             )
         if not isinstance(training, (bool, np.bool_)):
             raise ValueError(
@@ -388,9 +383,7 @@ class FIPTrainer(keras.Model):
     def _anchor_distance(self, outputs, reference_outputs):
         """D over all outputs; model outputs beyond the reference's last axis are free."""
         total = 0.0
-        for output, reference in zip(
-            tf.nest.flatten(outputs), tf.nest.flatten(reference_outputs)
-        ):
+        for output, reference in zip(tf.nest.flatten(outputs), tf.nest.flatten(reference_outputs)):
             if output.shape[-1] is not None and reference.shape[-1] is not None:
                 if output.shape[-1] > reference.shape[-1]:
                     output = output[..., : reference.shape[-1]]
@@ -461,9 +454,7 @@ class FIPTrainer(keras.Model):
         every_step = not self._sparse_guard
         # The moving statistics (training mode only) change in the forward pass: read
         # them first.
-        before_state = (
-            [tf.identity(v.value) for v in self._state] if every_step else []
-        )
+        before_state = [tf.identity(v.value) for v in self._state] if every_step else []
         if reference_outputs is None:
             reference_outputs = self._reference_outputs(anchor_inputs)
 
@@ -485,9 +476,7 @@ class FIPTrainer(keras.Model):
             else:
                 anchor_outputs = None
                 if self.step_rule != "metric":
-                    anchor_outputs = self.network(
-                        anchor_inputs, training=self.walk_training
-                    )
+                    anchor_outputs = self.network(anchor_inputs, training=self.walk_training)
                 secondary_value, accuracy = self._secondary_value(secondary)
             if self.step_rule == "metric":
                 objective = secondary_value
@@ -521,9 +510,7 @@ class FIPTrainer(keras.Model):
         if self.step_rule == "penalty":
             reduced = step_rules.all_reduce_mean(scalars)
         else:
-            reduced = step_rules.all_reduce_mean(
-                scalars + [g * replicas for g in gradients]
-            )
+            reduced = step_rules.all_reduce_mean(scalars + [g * replicas for g in gradients])
             gradients = reduced[4:]
         objective_mean, distance_mean, secondary_mean, accuracy_mean = [
             tf.cast(value, "float32") for value in reduced[:4]
@@ -552,19 +539,19 @@ class FIPTrainer(keras.Model):
             )
             updates = [-d / replicas for d in displacement]
         elif self.step_rule == "normalized":
-            displacement, _ = step_rules.normalized_step(
-                gradients, self.epsilon, masks=self._masks
-            )
+            displacement, _ = step_rules.normalized_step(gradients, self.epsilon, masks=self._masks)
             updates = [-d / replicas for d in displacement]
         else:
             updates = gradients
 
         if every_step:
             step_norm, from_start, weights_finite, delta_base = self._apply_every_step(
-                updates, variables, before_state)
+                updates, variables, before_state
+            )
         else:
             step_norm, from_start, weights_finite, delta_base = self._apply_sparse(
-                updates, variables, tf.math.is_finite(objective_mean))
+                updates, variables, tf.math.is_finite(objective_mean)
+            )
         finite = tf.logical_and(tf.math.is_finite(objective_mean), weights_finite)
         if self.metric_length:
             from keras_fip.geometry import output_jvp
@@ -649,14 +636,16 @@ class FIPTrainer(keras.Model):
                     snapshot.assign(value)
                 return tf.constant(True)
 
-            kept = tf.cond(tf.logical_and(finite, objective_finite), keep_point,
-                           lambda: tf.constant(False))
+            kept = tf.cond(
+                tf.logical_and(finite, objective_finite), keep_point, lambda: tf.constant(False)
+            )
             with tf.control_dependencies([kept]):
                 step_norm = tf.identity(_distance(after, before))
             # The walk's last step is measured too: keep its previous point.
             with tf.control_dependencies([step_norm]):
-                before_last = tf.cond(self._is_measured(step + 1), keep_before,
-                                      lambda: tf.constant(False))
+                before_last = tf.cond(
+                    self._is_measured(step + 1), keep_before, lambda: tf.constant(False)
+                )
             with tf.control_dependencies([before_last]):
                 return tf.identity(step_norm), from_start, finite
 
@@ -671,9 +660,7 @@ class FIPTrainer(keras.Model):
             keep_before()
             return unmeasured()
 
-        branch = tf.where(
-            self._is_measured(step), 0, tf.where(self._is_measured(step + 1), 1, 2)
-        )
+        branch = tf.where(self._is_measured(step), 0, tf.where(self._is_measured(step + 1), 1, 2))
         step_norm, from_start, finite = tf.switch_case(
             tf.cast(branch, "int32"),
             [measured, before_measured, unmeasured],
@@ -682,8 +669,9 @@ class FIPTrainer(keras.Model):
 
     def _is_measured(self, step):
         """Whether `step` is measured: a multiple of `measure_every`, or the walk's last."""
-        return tf.logical_or(tf.equal(step % self.measure_every, 0),
-                             tf.equal(step, self._last_step.value))
+        return tf.logical_or(
+            tf.equal(step % self.measure_every, 0), tf.equal(step, self._last_step.value)
+        )
 
     def _guard_point(self, failed_step, first_step):
         """The step of the point the guard returns to after a failed step."""
@@ -801,8 +789,11 @@ class FIPTrainer(keras.Model):
                 f"The FIP walk hit a non-finite loss, step or weight at step "
                 f"{recorder.failed_step}; it stopped there. The model holds the last "
                 f"finite point it kept (step {kept}"
-                + (f", the last multiple of measure_every={self.measure_every}"
-                   if kept != recorder.failed_step - 1 else "")
+                + (
+                    f", the last multiple of measure_every={self.measure_every}"
+                    if kept != recorder.failed_step - 1
+                    else ""
+                )
                 + "). Lower `epsilon` or the learning rate, or check the data."
             )
         return recorder.history

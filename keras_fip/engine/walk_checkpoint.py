@@ -83,9 +83,7 @@ class WalkCheckpoint:
         from keras_fip import distribute
 
         if not isinstance(directory, (str, os.PathLike)):
-            raise ValueError(
-                f"`directory` must be a path. Received: directory={directory!r}"
-            )
+            raise ValueError(f"`directory` must be a path. Received: directory={directory!r}")
         self.directory = os.fspath(directory)
         self.strategy = strategy or tf.distribute.get_strategy()
         self._config = _fingerprint(config)
@@ -95,7 +93,8 @@ class WalkCheckpoint:
                 saved = json.load(handle)["config"]
             if saved != self._config:
                 changed = sorted(
-                    key for key in set(saved) | set(self._config)
+                    key
+                    for key in set(saved) | set(self._config)
                     if saved.get(key) != self._config.get(key)
                 )
                 raise ValueError(
@@ -147,8 +146,7 @@ class WalkCheckpoint:
         if latest is not None:
             start = self.path.weights(0)
             current = [v.numpy() for v in model.trainable_variables]
-            if any(a.shape != b.shape or not np.array_equal(a, b)
-                   for a, b in zip(start, current)):
+            if any(a.shape != b.shape or not np.array_equal(a, b) for a, b in zip(start, current)):
                 raise ValueError(
                     "`checkpoint_directory` holds a walk that started from another model "
                     "(its first point differs from the model's weights). Received: "
@@ -156,8 +154,9 @@ class WalkCheckpoint:
                 )
         return self.path
 
-    def walk(self, phase, trainer, data, steps, path, callbacks=None, state_variables=(),
-             **walk_kwargs):
+    def walk(
+        self, phase, trainer, data, steps, path, callbacks=None, state_variables=(), **walk_kwargs
+    ):
         """Runs (or restores, or resumes) one phase: `trainer.walk(data, steps, path)`.
 
         Args:
@@ -177,8 +176,9 @@ class WalkCheckpoint:
             The phase's history (every step's scalars, as `FIPTrainer.walk` returns).
         """
         callbacks = list(callbacks or [])
-        stateful = [c for c in callbacks
-                    if hasattr(c, "get_walk_state") and hasattr(c, "set_walk_state")]
+        stateful = [
+            c for c in callbacks if hasattr(c, "get_walk_state") and hasattr(c, "set_walk_state")
+        ]
         state = self._states.get(phase)
         variables = self._variables(trainer, state_variables)
         history = {}
@@ -196,8 +196,7 @@ class WalkCheckpoint:
             first = state["step"]
             data = data.skip(first)
         saver = _Saver(self, phase, trainer, path, stateful, variables, first, history)
-        trainer.walk(data, steps - first, path=path, callbacks=callbacks + [saver],
-                     **walk_kwargs)
+        trainer.walk(data, steps - first, path=path, callbacks=callbacks + [saver], **walk_kwargs)
         saver.save(done=True)
         return saver.history
 
@@ -212,9 +211,14 @@ class WalkCheckpoint:
     def _variables(trainer, state_variables):
         # The optimizer's variables are read when saving: the first step builds them.
         return {
-            "trainer": (list(trainer.network.variables) + list(trainer._start_weights)
-                        + list(trainer._previous_weights) + list(trainer._previous_state)
-                        + [trainer._metric_length] + list(state_variables)),
+            "trainer": (
+                list(trainer.network.variables)
+                + list(trainer._start_weights)
+                + list(trainer._previous_weights)
+                + list(trainer._previous_state)
+                + [trainer._metric_length]
+                + list(state_variables)
+            ),
             "trainer_object": trainer,
         }
 
@@ -261,8 +265,7 @@ class WalkCheckpoint:
 class _Saver(keras.callbacks.Callback):
     """Checkpoints the phase after each step the path records a point at."""
 
-    def __init__(self, checkpoint, phase, trainer, path, callbacks, variables, first,
-                 history):
+    def __init__(self, checkpoint, phase, trainer, path, callbacks, variables, first, history):
         super().__init__()
         self._checkpoint = checkpoint
         self._phase = phase
@@ -286,8 +289,15 @@ class _Saver(keras.callbacks.Callback):
             self.save(done=False)
 
     def save(self, done):
-        self._checkpoint._save(self._phase, self.step, done, len(self._path),
-                               self.history, self._callbacks, self._variables)
+        self._checkpoint._save(
+            self._phase,
+            self.step,
+            done,
+            len(self._path),
+            self.history,
+            self._callbacks,
+            self._variables,
+        )
 
 
 def _truncate_points(directory, points):

@@ -1,5 +1,11 @@
 """Geometry of weight space: the metric tensor g, its spectrum, and path measurements."""
 
+from keras_fip.geometry.damage import breakdown_profile
+from keras_fip.geometry.damage import damage_path
+from keras_fip.geometry.damage import deletion_profile
+from keras_fip.geometry.damage import deletion_sequence
+from keras_fip.geometry.damage import knee
+from keras_fip.geometry.damage import unit_deletion_speed
 from keras_fip.geometry.diagonal import metric_diagonal
 from keras_fip.geometry.eigenpairs import Eigenpairs
 from keras_fip.geometry.metric import MetricOperator
@@ -13,12 +19,6 @@ from keras_fip.geometry.spectrum import spectral_density
 from keras_fip.geometry.spectrum import top_eigenpairs
 from keras_fip.geometry.spectrum import trace
 from keras_fip.geometry.spectrum import vulnerable_fraction
-from keras_fip.geometry.damage import breakdown_profile
-from keras_fip.geometry.damage import damage_path
-from keras_fip.geometry.damage import deletion_sequence
-from keras_fip.geometry.damage import knee
-from keras_fip.geometry.damage import deletion_profile
-from keras_fip.geometry.damage import unit_deletion_speed
 
 __all__ = [
     "Eigenpairs",

@@ -77,10 +77,14 @@ def damage_path(model, damaged, num_points=11):
     """
     _check_model(model, "model")
     _check_model(damaged, "damaged")
-    if not isinstance(num_points, (int, np.integer)) or isinstance(num_points, bool) or (
-            num_points < 2):
+    if (
+        not isinstance(num_points, (int, np.integer))
+        or isinstance(num_points, bool)
+        or (num_points < 2)
+    ):
         raise ValueError(
-            f"`num_points` must be an integer >= 2. Received: num_points={num_points!r}")
+            f"`num_points` must be an integer >= 2. Received: num_points={num_points!r}"
+        )
     start, end = model.get_weights(), damaged.get_weights()
     if len(start) != len(end) or any(a.shape != b.shape for a, b in zip(start, end)):
         raise ValueError(
@@ -90,8 +94,10 @@ def damage_path(model, damaged, num_points=11):
         )
     times = np.linspace(0.0, 1.0, int(num_points))
     points = [
-        [(a.astype(np.float64) + t * (b.astype(np.float64) - a)).astype(a.dtype)
-         for a, b in zip(start, end)]
+        [
+            (a.astype(np.float64) + t * (b.astype(np.float64) - a)).astype(a.dtype)
+            for a, b in zip(start, end)
+        ]
         for t in times
     ]
     # The end point is exactly the damaged network (zeros stay exact).
@@ -99,8 +105,9 @@ def damage_path(model, damaged, num_points=11):
     return points, times
 
 
-def deletion_sequence(model, fractions, seed=0, kind="nodes", scope="global", layers=None,
-                      **damage_kwargs):
+def deletion_sequence(
+    model, fractions, seed=0, kind="nodes", scope="global", layers=None, **damage_kwargs
+):
     """Progressively damaged copies of `model`: nested deletions at increasing fractions.
 
     Runs `keras_fip.Damage(kind, fraction=f, seed=seed, ...)` for each fraction; the same
@@ -133,11 +140,14 @@ def deletion_sequence(model, fractions, seed=0, kind="nodes", scope="global", la
 
     _check_model(model, "model")
     if kind not in ("nodes", "weights"):
-        raise ValueError(
-            f"`kind` must be 'nodes' or 'weights'. Received: kind={kind!r}")
+        raise ValueError(f"`kind` must be 'nodes' or 'weights'. Received: kind={kind!r}")
     fractions = np.asarray(fractions, dtype=np.float64)
-    if fractions.ndim != 1 or fractions.size < 1 or np.any(np.diff(fractions) <= 0) or (
-            np.any(fractions < 0) or np.any(fractions > 1)):
+    if (
+        fractions.ndim != 1
+        or fractions.size < 1
+        or np.any(np.diff(fractions) <= 0)
+        or (np.any(fractions < 0) or np.any(fractions > 1))
+    ):
         raise ValueError(
             "`fractions` must be strictly increasing numbers in [0, 1]. "
             f"Received: fractions={fractions.tolist()!r}"
@@ -145,14 +155,14 @@ def deletion_sequence(model, fractions, seed=0, kind="nodes", scope="global", la
     if kind == "nodes":
         damage_kwargs.setdefault("allow_dead_layers", True)
     return [
-        Damage(kind, fraction=float(fraction), seed=seed, scope=scope, layers=layers,
-               **damage_kwargs)(model)
+        Damage(
+            kind, fraction=float(fraction), seed=seed, scope=scope, layers=layers, **damage_kwargs
+        )(model)
         for fraction in fractions
     ]
 
 
-def breakdown_profile(points, data, model=None, times=None, outputs="logits",
-                      batch_size=None):
+def breakdown_profile(points, data, model=None, times=None, outputs="logits", batch_size=None):
     """Break-down speed, acceleration, path energy (Eq. 6) and metric length along a path.
 
     `speed[i] = γ'_iᵀ g(w_i) γ'_i` on segment i (`keras_fip.geometry.breakdown_speed`),
@@ -184,11 +194,14 @@ def breakdown_profile(points, data, model=None, times=None, outputs="logits",
     if not isinstance(points, (list, tuple)) or len(points) < 3:
         raise ValueError(
             "`points` must be a list of at least 3 models or weight lists. "
-            f"Received: {len(points) if isinstance(points, (list, tuple)) else points!r}")
-    times = np.arange(len(points), dtype=np.float64) if times is None else np.asarray(
-        times, np.float64)
-    speed = breakdown_speed(points, data, model=model, times=times, outputs=outputs,
-                            batch_size=batch_size)
+            f"Received: {len(points) if isinstance(points, (list, tuple)) else points!r}"
+        )
+    times = (
+        np.arange(len(points), dtype=np.float64) if times is None else np.asarray(times, np.float64)
+    )
+    speed = breakdown_speed(
+        points, data, model=model, times=times, outputs=outputs, batch_size=batch_size
+    )
     steps = np.diff(times)
     return {
         "speed": speed,
@@ -225,7 +238,8 @@ def knee(x, y):
     if x.ndim != 1 or x.shape != y.shape or x.size < 3 or np.any(np.diff(x) <= 0):
         raise ValueError(
             "`x` must be at least 3 strictly increasing numbers and `y` the same number of "
-            f"values. Received: x={x.tolist()!r}, y={y.tolist()!r}")
+            f"values. Received: x={x.tolist()!r}, y={y.tolist()!r}"
+        )
     if not np.all(np.isfinite(y)):
         raise ValueError(f"`y` must be finite. Received: y={y.tolist()!r}")
     span = y.max() - y.min()
@@ -239,8 +253,7 @@ def knee(x, y):
 
 def _check_outputs(outputs):
     if outputs not in OUTPUTS:
-        raise ValueError(
-            f"`outputs` must be one of {OUTPUTS}. Received: outputs={outputs!r}")
+        raise ValueError(f"`outputs` must be one of {OUTPUTS}. Received: outputs={outputs!r}")
 
 
 class _UnitDeleter:
@@ -263,19 +276,22 @@ class _UnitDeleter:
         self.layers = layers
         self.num_units = int(sum(plan.channels for plan in self.plans))
         inputs = tf.nest.map_structure(
-            tf.constant, data_adapter.cast_inputs(self.working, data_adapter.as_arrays(x)))
+            tf.constant, data_adapter.cast_inputs(self.working, data_adapter.as_arrays(x))
+        )
         count, size = data_adapter.num_examples(x), int(batch_size)
 
         def forward():
             pieces = []
             for start in range(0, count, size):
                 values = self.working(
-                    tf.nest.map_structure(lambda t: t[start:start + size], inputs),
-                    training=False)
+                    tf.nest.map_structure(lambda t, start=start: t[start : start + size], inputs),
+                    training=False,
+                )
                 if outputs == "probabilities":
                     values = tf.nn.softmax(values, axis=-1)
-                pieces.append(tf.reshape(tf.cast(values, tf.float64),
-                                         [-1, int(np.prod(values.shape[1:]))]))
+                pieces.append(
+                    tf.reshape(tf.cast(values, tf.float64), [-1, int(np.prod(values.shape[1:]))])
+                )
             return tf.concat(pieces, axis=0)
 
         self._forward = tf.function(forward)
@@ -292,8 +308,7 @@ class _UnitDeleter:
             for variable, axis, spatial in targets:
                 size = int(variable.shape[axis])
                 indices = tf.range(spatial) * channels + unit
-                keep = 1.0 - tf.reduce_sum(tf.one_hot(indices, size, dtype=variable.dtype),
-                                           axis=0)
+                keep = 1.0 - tf.reduce_sum(tf.one_hot(indices, size, dtype=variable.dtype), axis=0)
                 shape = [1] * len(variable.shape)
                 shape[axis] = size
                 variable.assign(variable.value * tf.reshape(keep, shape))
@@ -319,8 +334,12 @@ class _UnitDeleter:
         if max_units is not None and alive > max_units:
             chosen = rng.choice(alive, size=max_units, replace=False)
             candidates = [candidates[i] for i in np.sort(chosen)]
-        changes = np.array([float(self._changes[index](tf.constant(unit, tf.int32), base))
-                            for index, unit in candidates])
+        changes = np.array(
+            [
+                float(self._changes[index](tf.constant(unit, tf.int32), base))
+                for index, unit in candidates
+            ]
+        )
         speed = float(self.num_units * np.mean(changes)) if changes.size else 0.0
         return speed, changes, alive
 
@@ -331,11 +350,13 @@ def _check_positive(value, name, allow_none=False):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise ValueError(
             f"`{name}` must be a positive integer{' or None' if allow_none else ''}. "
-            f"Received: {name}={value!r}")
+            f"Received: {name}={value!r}"
+        )
 
 
-def unit_deletion_speed(model, data, outputs="probabilities", layers=None, max_units=None,
-                        seed=None, batch_size=1024):
+def unit_deletion_speed(
+    model, data, outputs="probabilities", layers=None, max_units=None, seed=None, batch_size=1024
+):
     """The break-down speed of deleting one more hidden unit, at a (damaged) network.
 
     With N deletable hidden units (`Damage("nodes")`'s, of `layers`) the deleted fraction
@@ -380,12 +401,19 @@ def unit_deletion_speed(model, data, outputs="probabilities", layers=None, max_u
     check_inputs_match_model(model, x)
     deleter = _UnitDeleter(model, x, outputs, layers, batch_size)
     speed, changes, alive = deleter(model, max_units, np.random.default_rng(seed))
-    return {"speed": speed, "changes": changes, "num_units": deleter.num_units,
-            "num_alive": alive}
+    return {"speed": speed, "changes": changes, "num_units": deleter.num_units, "num_alive": alive}
 
 
-def deletion_profile(sequence, data, times, outputs="probabilities", layers=None,
-                     max_units=None, seed=None, batch_size=1024):
+def deletion_profile(
+    sequence,
+    data,
+    times,
+    outputs="probabilities",
+    layers=None,
+    max_units=None,
+    seed=None,
+    batch_size=1024,
+):
     """Break-down speed and acceleration of a progressive deletion sequence.
 
     At each network of `sequence` that still has units, the speed is
@@ -420,16 +448,20 @@ def deletion_profile(sequence, data, times, outputs="probabilities", layers=None
     >>> profile["speed_times"].tolist(), profile["acceleration_times"].tolist()
     ([0.0, 0.25, 0.5], [0.125, 0.375])
     """
-    if not isinstance(sequence, (list, tuple)) or len(sequence) < 3 or not all(
-            isinstance(point, keras.Model) for point in sequence):
+    if (
+        not isinstance(sequence, (list, tuple))
+        or len(sequence) < 3
+        or not all(isinstance(point, keras.Model) for point in sequence)
+    ):
         raise ValueError(
-            "`sequence` must be a list of at least 3 `keras.Model`s. Received: "
-            f"{sequence!r}"[:300])
+            f"`sequence` must be a list of at least 3 `keras.Model`s. Received: {sequence!r}"[:300]
+        )
     times = np.asarray(times, dtype=np.float64)
     if times.shape != (len(sequence),) or np.any(np.diff(times) <= 0):
         raise ValueError(
             f"`times` must be {len(sequence)} strictly increasing numbers, one per network. "
-            f"Received: times={times.tolist()!r}")
+            f"Received: times={times.tolist()!r}"
+        )
     _check_outputs(outputs)
     _check_positive(max_units, "max_units", allow_none=True)
     _check_positive(batch_size, "batch_size")
@@ -445,7 +477,11 @@ def deletion_profile(sequence, data, times, outputs="probabilities", layers=None
         speeds.append(speed)
         alive.append(count)
     speeds = np.array(speeds)
-    kept = times[:len(speeds)]
-    return {"speed": speeds, "speed_times": kept,
-            "acceleration": np.diff(speeds) / np.diff(kept),
-            "acceleration_times": (kept[:-1] + kept[1:]) / 2, "num_alive": np.array(alive)}
+    kept = times[: len(speeds)]
+    return {
+        "speed": speeds,
+        "speed_times": kept,
+        "acceleration": np.diff(speeds) / np.diff(kept),
+        "acceleration_times": (kept[:-1] + kept[1:]) / 2,
+        "num_alive": np.array(alive),
+    }

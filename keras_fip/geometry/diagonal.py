@@ -1,9 +1,8 @@
 """The diagonal of the metric tensor, estimated with one backward pass per probe."""
 
+import keras
 import numpy as np
 import tensorflow as tf
-
-import keras
 
 from keras_fip.engine import data_adapter
 from keras_fip.geometry.metric import _data_inputs
@@ -14,14 +13,14 @@ _KINDS = ("jacobian", "fisher")
 def _example_output_shape(model, example):
     """The shape of one example's outputs (from the model's output shape, or one call)."""
     shape = getattr(model, "output_shape", None)
-    if isinstance(shape, tuple) and len(shape) > 1 and all(
-            isinstance(d, int) for d in shape[1:]):
+    if isinstance(shape, tuple) and len(shape) > 1 and all(isinstance(d, int) for d in shape[1:]):
         return tuple(shape[1:])
     return tuple(int(d) for d in model(example, training=False).shape[1:])
 
 
-def metric_diagonal(model, data, variables=None, kind="jacobian", probes=1,
-                    batch_size=256, seed=None):
+def metric_diagonal(
+    model, data, variables=None, kind="jacobian", probes=1, batch_size=256, seed=None
+):
     """Unbiased Monte-Carlo estimate of the diagonal of the metric tensor.
 
     With `kind="jacobian"` the metric is g = (1/N) Σ_x J_xᵀ J_x of the logits (the metric
@@ -80,7 +79,8 @@ def metric_diagonal(model, data, variables=None, kind="jacobian", probes=1,
     # batch's seed; each example takes the row of its position in the global batch, so
     # the probes do not depend on how a batch is split over replicas.
     noise_shape = (batch_size,) + _example_output_shape(
-        model, data_adapter.take(inputs, slice(0, 1)))
+        model, data_adapter.take(inputs, slice(0, 1))
+    )
 
     def gradient(batch, positions, seed):
         logits = model(batch, training=False)
@@ -91,32 +91,42 @@ def metric_diagonal(model, data, variables=None, kind="jacobian", probes=1,
             # c ~ p by inversion of the cumulative distribution at one uniform per row.
             probabilities = tf.nn.softmax(tf.cast(logits, "float32"), axis=-1)
             below = tf.cumsum(probabilities, axis=-1) <= noise[:, :1]
-            classes = tf.minimum(tf.reduce_sum(tf.cast(below, tf.int32), axis=-1),
-                                 tf.shape(logits)[-1] - 1)
+            classes = tf.minimum(
+                tf.reduce_sum(tf.cast(below, tf.int32), axis=-1), tf.shape(logits)[-1] - 1
+            )
             u = tf.one_hot(classes, tf.shape(logits)[-1]) - probabilities
         else:
             u = tf.where(noise < 0.5, -1.0, 1.0)  # Rademacher.
         u = tf.stop_gradient(tf.cast(u, logits.dtype))
         gradients = tf.gradients(tf.reduce_sum(u * logits), [v.value for v in variables])
-        return [tf.zeros(v.shape, v.dtype) if g is None else tf.convert_to_tensor(g)
-                for g, v in zip(gradients, variables)]
+        return [
+            tf.zeros(v.shape, v.dtype) if g is None else tf.convert_to_tensor(g)
+            for g, v in zip(gradients, variables)
+        ]
 
     positions = np.arange(count, dtype=np.int32) % batch_size
     if not distributed:
         step = tf.function(gradient, reduce_retracing=True)
-        batches = ((tf.nest.map_structure(
-                        tf.convert_to_tensor,
-                        data_adapter.take(inputs, slice(start, start + batch_size))),
-                    tf.convert_to_tensor(positions[start:start + batch_size]))
-                   for start in range(0, count, batch_size))
+        batches = (
+            (
+                tf.nest.map_structure(
+                    tf.convert_to_tensor,
+                    data_adapter.take(inputs, slice(start, start + batch_size)),
+                ),
+                tf.convert_to_tensor(positions[start : start + batch_size]),
+            )
+            for start in range(0, count, batch_size)
+        )
     else:
         # Each batch split over the replicas (with its positions), the per-replica
         # gradients summed before they are squared: the same estimate as one device.
         @tf.function(reduce_retracing=True)
         def step(batch, batch_positions, seed):
             per_replica = strategy.run(gradient, args=(batch, batch_positions, seed))
-            return [strategy.reduce(tf.distribute.ReduceOp.SUM, piece, axis=None)
-                    for piece in per_replica]
+            return [
+                strategy.reduce(tf.distribute.ReduceOp.SUM, piece, axis=None)
+                for piece in per_replica
+            ]
 
         dataset = tf.data.Dataset.from_tensor_slices(
             (tuple(inputs) if isinstance(inputs, list) else inputs, positions)
@@ -129,5 +139,7 @@ def metric_diagonal(model, data, variables=None, kind="jacobian", probes=1,
             seed = tf.constant(rng.integers(0, 2**31 - 1, size=2), "int64")
             for total, piece in zip(totals, step(batch, batch_positions, seed)):
                 total += np.square(piece.numpy().astype("float64"))
-    return [(total / (count * probes)).astype(keras.backend.standardize_dtype(v.dtype))
-            for total, v in zip(totals, variables)]
+    return [
+        (total / (count * probes)).astype(keras.backend.standardize_dtype(v.dtype))
+        for total, v in zip(totals, variables)
+    ]

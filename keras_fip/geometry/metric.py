@@ -1,10 +1,9 @@
 """The metric tensor g = (1/N) Σ_x J_xᵀ J_x, used only through matrix-free products."""
 
+import keras
 import numpy as np
 import scipy.sparse.linalg
 import tensorflow as tf
-
-import keras
 
 from keras_fip.engine import data_adapter
 
@@ -13,9 +12,7 @@ _OUTPUTS = ("logits", "probabilities")
 
 def _check_outputs(outputs):
     if outputs not in _OUTPUTS:
-        raise ValueError(
-            f"`outputs` must be one of {_OUTPUTS}. Received: outputs={outputs!r}"
-        )
+        raise ValueError(f"`outputs` must be one of {_OUTPUTS}. Received: outputs={outputs!r}")
 
 
 def _primals(model):
@@ -27,8 +24,7 @@ def _flat_outputs(model, inputs, outputs):
     """Model outputs on `inputs` in inference mode, as a (batch, num_outputs) tensor."""
     predictions = model(inputs, training=False)
     flat = [
-        tf.reshape(tensor, [tf.shape(tensor)[0], -1])
-        for tensor in tf.nest.flatten(predictions)
+        tf.reshape(tensor, [tf.shape(tensor)[0], -1]) for tensor in tf.nest.flatten(predictions)
     ]
     if outputs == "probabilities":
         flat = [tf.nn.softmax(tensor, axis=-1) for tensor in flat]
@@ -36,9 +32,7 @@ def _flat_outputs(model, inputs, outputs):
 
 
 def _cast_like(vector, primals):
-    return [
-        tf.cast(tangent, primal.dtype) for tangent, primal in zip(vector, primals)
-    ]
+    return [tf.cast(tangent, primal.dtype) for tangent, primal in zip(vector, primals)]
 
 
 def _pairing(pullback, vector):
@@ -282,8 +276,7 @@ def _as_tensors(inputs):
 def _dataset_of(inputs):
     """`Dataset.from_tensor_slices` of inputs; a list of inputs stays several (a list
     would be stacked into one tensor)."""
-    return tf.data.Dataset.from_tensor_slices(
-        tuple(inputs) if isinstance(inputs, list) else inputs)
+    return tf.data.Dataset.from_tensor_slices(tuple(inputs) if isinstance(inputs, list) else inputs)
 
 
 class MetricOperator:
@@ -332,12 +325,9 @@ class MetricOperator:
     (8, 3)
     """
 
-    def __init__(self, model, data, outputs="logits", batch_size=None,
-                 vectors_per_pass=16):
+    def __init__(self, model, data, outputs="logits", batch_size=None, vectors_per_pass=16):
         if not isinstance(model, keras.Model):
-            raise ValueError(
-                f"`model` must be a `keras.Model`. Received: model={model!r}"
-            )
+            raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
         if not model.built or not model.trainable_variables:
             raise ValueError(
                 "`model` must be built and have trainable weights. "
@@ -352,9 +342,11 @@ class MetricOperator:
                 "`batch_size` must be a positive integer or None. "
                 f"Received: batch_size={batch_size!r}"
             )
-        if not isinstance(vectors_per_pass, (int, np.integer)) or isinstance(
-            vectors_per_pass, bool
-        ) or vectors_per_pass < 1:
+        if (
+            not isinstance(vectors_per_pass, (int, np.integer))
+            or isinstance(vectors_per_pass, bool)
+            or vectors_per_pass < 1
+        ):
             raise ValueError(
                 "`vectors_per_pass` must be a positive integer. "
                 f"Received: vectors_per_pass={vectors_per_pass!r}"
@@ -398,9 +390,7 @@ class MetricOperator:
 
     def flatten(self, vectors):
         """Concatenates a list aligned with the trainable variables into one vector."""
-        return np.concatenate(
-            [np.reshape(np.asarray(v, dtype=self.dtype), [-1]) for v in vectors]
-        )
+        return np.concatenate([np.reshape(np.asarray(v, dtype=self.dtype), [-1]) for v in vectors])
 
     def unflatten(self, vector):
         """Splits a flat vector into arrays shaped like the trainable variables."""
@@ -466,7 +456,9 @@ class MetricOperator:
                 total = zeros(vectors)
                 for index in tf.range(num_batches):
                     inputs = tf.nest.map_structure(
-                        lambda t: t[index * batch_size : (index + 1) * batch_size], all_inputs)
+                        lambda t, index=index: t[index * batch_size : (index + 1) * batch_size],
+                        all_inputs,
+                    )
                     total = add(total, replica_fn(inputs, vectors))
                 return total
 
@@ -480,11 +472,13 @@ class MetricOperator:
             total = zeros(vectors)
             for inputs in dataset:
                 per_replica = strategy.run(replica_fn, args=(inputs, vectors))
-                total = add(total, tf.nest.map_structure(
-                    lambda piece: strategy.reduce(
-                        tf.distribute.ReduceOp.SUM, piece, axis=None),
-                    per_replica,
-                ))
+                total = add(
+                    total,
+                    tf.nest.map_structure(
+                        lambda piece: strategy.reduce(tf.distribute.ReduceOp.SUM, piece, axis=None),
+                        per_replica,
+                    ),
+                )
             return total
 
         return product
@@ -531,10 +525,12 @@ class MetricOperator:
             vectors = []
             for column in tf.unstack(block, axis=1):
                 pieces = tf.split(column, sizes)
-                vectors.append([
-                    tf.cast(tf.reshape(piece, shape), dtype)
-                    for piece, shape, dtype in zip(pieces, shapes, dtypes)
-                ])
+                vectors.append(
+                    [
+                        tf.cast(tf.reshape(piece, shape), dtype)
+                        for piece, shape, dtype in zip(pieces, shapes, dtypes)
+                    ]
+                )
             if quadratic:
                 return tf.stack(product(vectors))
             columns = [
@@ -618,8 +614,9 @@ class MetricOperator:
         """
         if isinstance(vectors, (list, tuple)):
             tensors, is_numpy = self._as_tensors(vectors, "vectors")
-            flat = tf.concat([tf.reshape(tf.cast(piece, self.dtype), [-1])
-                              for piece in tensors], axis=0)
+            flat = tf.concat(
+                [tf.reshape(tf.cast(piece, self.dtype), [-1]) for piece in tensors], axis=0
+            )
             return self.quadratic_form(flat.numpy() if is_numpy else flat)
         single = tuple(np.shape(vectors)) == (self.num_params,)
         block = self._as_block(vectors, "vectors", allow_vector=True)
@@ -716,10 +713,7 @@ class MetricOperator:
             )
             rows = tf.shape(values)[0] * tf.shape(values)[1]
             return tf.concat(
-                [
-                    tf.cast(tf.reshape(jacobian, [rows, -1]), self.dtype)
-                    for jacobian in jacobians
-                ],
+                [tf.cast(tf.reshape(jacobian, [rows, -1]), self.dtype) for jacobian in jacobians],
                 axis=1,
             )
 
@@ -738,9 +732,11 @@ class MetricOperator:
         def replica_fn(inputs):
             # A replica's slice of a short last batch can be empty, where the vectorised
             # Jacobian of a convolution fails: no rows to compute.
-            return tf.cond(tf.shape(tf.nest.flatten(inputs)[0])[0] > 0,
-                           lambda: jacobian_fn(inputs),
-                           lambda: tf.zeros([0, self.num_params], self.dtype))
+            return tf.cond(
+                tf.shape(tf.nest.flatten(inputs)[0])[0] > 0,
+                lambda: jacobian_fn(inputs),
+                lambda: tf.zeros([0, self.num_params], self.dtype),
+            )
 
         @tf.function
         def gathered_fn(inputs):

@@ -8,9 +8,8 @@ L = Σ_i s_i (t_{i+1} - t_i), and the break-down acceleration (Eq. 11) is the
 finite difference ds/dt.
 """
 
-import numpy as np
-
 import keras
+import numpy as np
 
 from keras_fip.geometry.metric import MetricOperator
 
@@ -49,9 +48,7 @@ def _segment_speeds(points, data, model, times, outputs, batch_size, minimum):
             f"lists. Received: points={points!r}"
         )
     if model is not None and not isinstance(model, keras.Model):
-        raise ValueError(
-            f"`model` must be a `keras.Model` or None. Received: model={model!r}"
-        )
+        raise ValueError(f"`model` must be a `keras.Model` or None. Received: model={model!r}")
     if times is None:
         times = np.arange(len(points), dtype=np.float64)
     times = np.asarray(times, dtype=np.float64)
@@ -85,18 +82,14 @@ def _segment_speeds(points, data, model, times, outputs, batch_size, minimum):
     flats = [load(point, index) for index, point in enumerate(points)]
     speeds = []
     for index in range(len(points) - 1):
-        velocity = (flats[index + 1] - flats[index]) / (
-            times[index + 1] - times[index]
-        )
+        velocity = (flats[index + 1] - flats[index]) / (times[index + 1] - times[index])
         load(points[index], index)
         # ‖J γ'‖² from the tangent pass: no reverse pass, and never negative.
         speeds.append(metric.quadratic_form(velocity))
     return np.array(speeds), times
 
 
-def breakdown_speed(
-    points, data, model=None, times=None, outputs="logits", batch_size=None
-):
+def breakdown_speed(points, data, model=None, times=None, outputs="logits", batch_size=None):
     """Break-down speed s_i = γ'_iᵀ g(w_i) γ'_i on each segment of a path.
 
     The squared rate at which the outputs on `data` change as the weights
@@ -129,9 +122,7 @@ def breakdown_speed(
     return speeds
 
 
-def path_length(
-    points, data, model=None, times=None, outputs="logits", batch_size=None
-):
+def path_length(points, data, model=None, times=None, outputs="logits", batch_size=None):
     """Metric length L = ∫ γ'ᵀ g γ' dt of a path (Eq. 6), by the left-point rule.
 
     `L = Σ_i s_i (t_{i+1} - t_i)` with `s_i` the break-down speed of segment
@@ -156,15 +147,11 @@ def path_length(
     >>> path_length(path, np.ones((4, 3)), model=model) >= 0
     True
     """
-    speeds, times = _segment_speeds(
-        points, data, model, times, outputs, batch_size, 2
-    )
+    speeds, times = _segment_speeds(points, data, model, times, outputs, batch_size, 2)
     return float(np.sum(speeds * np.diff(times)))
 
 
-def breakdown_acceleration(
-    points, data, model=None, times=None, outputs="logits", batch_size=None
-):
+def breakdown_acceleration(points, data, model=None, times=None, outputs="logits", batch_size=None):
     """Break-down acceleration ds/dt along a path (Eq. 11), by finite differences.
 
     `a_i = (s_{i+1} - s_i) / (t_{i+1} - t_i)` from consecutive break-down
@@ -188,7 +175,5 @@ def breakdown_acceleration(
     >>> breakdown_acceleration(path, np.ones((4, 3)), model=model).shape
     (2,)
     """
-    speeds, times = _segment_speeds(
-        points, data, model, times, outputs, batch_size, 3
-    )
+    speeds, times = _segment_speeds(points, data, model, times, outputs, batch_size, 3)
     return np.diff(speeds) / np.diff(times)[:-1]

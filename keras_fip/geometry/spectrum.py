@@ -23,8 +23,7 @@ class _CountingOperator:
         elif isinstance(op, scipy.sparse.linalg.LinearOperator):
             if len(op.shape) != 2 or op.shape[0] != op.shape[1]:
                 raise ValueError(
-                    f"`{name}` must be a square operator. "
-                    f"Received: {name} with shape {op.shape}"
+                    f"`{name}` must be a square operator. Received: {name} with shape {op.shape}"
                 )
             self.num_params = int(op.shape[0])
             self._linear_operator = op
@@ -65,22 +64,16 @@ class _CountingOperator:
 
 def _check_positive_int(value, name, minimum=1):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-        raise ValueError(
-            f"`{name}` must be an integer >= {minimum}. Received: {name}={value!r}"
-        )
+        raise ValueError(f"`{name}` must be an integer >= {minimum}. Received: {name}={value!r}")
     if value < minimum:
-        raise ValueError(
-            f"`{name}` must be an integer >= {minimum}. Received: {name}={value!r}"
-        )
+        raise ValueError(f"`{name}` must be an integer >= {minimum}. Received: {name}={value!r}")
 
 
 def _check_non_negative(value, name):
     if not isinstance(value, (int, float, np.floating, np.integer)) or not (
         value >= 0 and np.isfinite(value)
     ):
-        raise ValueError(
-            f"`{name}` must be a finite number >= 0. Received: {name}={value!r}"
-        )
+        raise ValueError(f"`{name}` must be a finite number >= 0. Received: {name}={value!r}")
 
 
 def top_eigenpairs(op, k=10, tol=0.0, seed=0, max_iterations=None):
@@ -174,10 +167,7 @@ def trace(op, num_samples=100, method="hutch++", seed=0):
     """
     counting = _CountingOperator(op)
     if method not in ("hutch++", "hutchinson"):
-        raise ValueError(
-            "`method` must be 'hutch++' or 'hutchinson'. "
-            f"Received: method={method!r}"
-        )
+        raise ValueError(f"`method` must be 'hutch++' or 'hutchinson'. Received: method={method!r}")
     _check_positive_int(num_samples, "num_samples", 3 if method == "hutch++" else 1)
     rng = np.random.default_rng(seed)
     n = counting.num_params
@@ -232,9 +222,7 @@ def _lanczos(counting, starts, num_steps):
             for _ in range(2):
                 product -= vectors.T @ (vectors @ product)
             beta = float(np.linalg.norm(product))
-            scale = max(
-                max(abs(a) for a in alphas[probe]), max(betas[probe], default=0.0), 1e-300
-            )
+            scale = max(max(abs(a) for a in alphas[probe]), max(betas[probe], default=0.0), 1e-300)
             if step == num_steps - 1 or beta <= 1e-10 * scale:
                 continue
             betas[probe].append(beta)
@@ -263,9 +251,7 @@ def _quadrature(counting, num_probes, num_steps, seed):
     return nodes, weights
 
 
-def spectral_density(
-    op, num_probes=10, num_steps=50, num_points=1000, sigma=None, seed=0
-):
+def spectral_density(op, num_probes=10, num_steps=50, num_points=1000, sigma=None, seed=0):
     """Stochastic Lanczos quadrature estimate of g's eigenvalue density.
 
     For each Rademacher probe, `num_steps` Lanczos steps (full
@@ -300,12 +286,8 @@ def spectral_density(
     _check_positive_int(num_probes, "num_probes")
     _check_positive_int(num_steps, "num_steps")
     _check_positive_int(num_points, "num_points", 2)
-    if sigma is not None and not (
-        isinstance(sigma, (int, float, np.floating)) and sigma > 0
-    ):
-        raise ValueError(
-            f"`sigma` must be a positive number or None. Received: sigma={sigma!r}"
-        )
+    if sigma is not None and not (isinstance(sigma, (int, float, np.floating)) and sigma > 0):
+        raise ValueError(f"`sigma` must be a positive number or None. Received: sigma={sigma!r}")
 
     # Quadrature nodes and weights
     nodes, weights = _quadrature(counting, num_probes, num_steps, seed)
@@ -367,21 +349,17 @@ def vulnerable_fraction(
     counting = _CountingOperator(op)
     _check_non_negative(threshold, "threshold")
     if method not in ("auto", "gram", "slq"):
-        raise ValueError(
-            f"`method` must be 'auto', 'gram' or 'slq'. Received: method={method!r}"
-        )
+        raise ValueError(f"`method` must be 'auto', 'gram' or 'slq'. Received: method={method!r}")
     _check_positive_int(num_probes, "num_probes")
     _check_positive_int(num_steps, "num_steps")
     metric = counting.metric
     if method == "gram" and metric is None:
         raise ValueError(
-            "`method='gram'` needs `op` to be a `MetricOperator`. "
-            f"Received: op={op!r}"
+            f"`method='gram'` needs `op` to be a `MetricOperator`. Received: op={op!r}"
         )
     if method == "auto":
         fits = metric is not None and (
-            metric.num_examples * metric.num_outputs() * metric.num_params
-            <= max_entries
+            metric.num_examples * metric.num_outputs() * metric.num_params <= max_entries
         )
         method = "gram" if fits else "slq"
 

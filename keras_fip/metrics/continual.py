@@ -27,11 +27,14 @@ def _logits(model, x, batch_size=1000):
 
     from keras_fip.engine import data_adapter
 
-    return np.concatenate([
-        keras.ops.convert_to_numpy(
-            model(data_adapter.take(x, slice(i, i + batch_size)), training=False))
-        for i in range(0, data_adapter.num_examples(x), batch_size)
-    ])
+    return np.concatenate(
+        [
+            keras.ops.convert_to_numpy(
+                model(data_adapter.take(x, slice(i, i + batch_size)), training=False)
+            )
+            for i in range(0, data_adapter.num_examples(x), batch_size)
+        ]
+    )
 
 
 def task_accuracy(model, x, y, mode="class_incremental", outputs=None, batch_size=1000):
@@ -66,8 +69,7 @@ def task_accuracy(model, x, y, mode="class_incremental", outputs=None, batch_siz
     if mode == "task_incremental":
         if outputs is None:
             raise ValueError(
-                "`mode='task_incremental'` needs the task's output indices. "
-                "Received: outputs=None"
+                "`mode='task_incremental'` needs the task's output indices. Received: outputs=None"
             )
         outputs = np.asarray(outputs, "int64")
         if not np.all(np.isin(y, outputs)):
@@ -81,8 +83,7 @@ def task_accuracy(model, x, y, mode="class_incremental", outputs=None, batch_siz
     return float(np.mean(predictions == y))
 
 
-def accuracy_matrix(models, tasks, mode="class_incremental", task_outputs=None,
-                    batch_size=1000):
+def accuracy_matrix(models, tasks, mode="class_incremental", task_outputs=None, batch_size=1000):
     """The accuracy matrix R: R[i, j] = accuracy on task j after learning task i.
 
     Args:
@@ -182,9 +183,7 @@ def forgetting(matrix):
     tasks = matrix.shape[0]
     if tasks == 1:
         return 0.0
-    return float(np.mean([
-        np.max(matrix[j:, j]) - matrix[-1, j] for j in range(tasks - 1)
-    ]))
+    return float(np.mean([np.max(matrix[j:, j]) - matrix[-1, j] for j in range(tasks - 1)]))
 
 
 def summarize(matrix):

@@ -4,11 +4,11 @@ from keras_fip.models.cnn5 import cnn5
 from keras_fip.models.mlp import lenet_300_100
 from keras_fip.models.mlp import mlp
 from keras_fip.models.resnet import resnet
-from keras_fip.models.transformer import transformer_classifier
 from keras_fip.models.training import base_network
 from keras_fip.models.training import compile_classifier
 from keras_fip.models.training import evaluate_classifier
 from keras_fip.models.training import train_classifier
+from keras_fip.models.transformer import transformer_classifier
 from keras_fip.models.vgg import vgg
 
 BUILDERS = {

@@ -32,8 +32,15 @@ from keras_fip.models import validation
 MODEL_FILE = "model.keras"
 
 
-def bert_backbone(vocabulary_size, num_layers=2, num_heads=2, hidden_dim=128,
-                  intermediate_dim=512, max_sequence_length=64, dropout=0.1):
+def bert_backbone(
+    vocabulary_size,
+    num_layers=2,
+    num_heads=2,
+    hidden_dim=128,
+    intermediate_dim=512,
+    max_sequence_length=64,
+    dropout=0.1,
+):
     """A small KerasHub `BertBackbone` (BERT-base is 12 layers, 12 heads, 768, 3072).
 
     Args:
@@ -57,10 +64,14 @@ def bert_backbone(vocabulary_size, num_layers=2, num_heads=2, hidden_dim=128,
     """
     import keras_hub
 
-    for value, name in ((vocabulary_size, "vocabulary_size"), (num_layers, "num_layers"),
-                        (num_heads, "num_heads"), (hidden_dim, "hidden_dim"),
-                        (intermediate_dim, "intermediate_dim"),
-                        (max_sequence_length, "max_sequence_length")):
+    for value, name in (
+        (vocabulary_size, "vocabulary_size"),
+        (num_layers, "num_layers"),
+        (num_heads, "num_heads"),
+        (hidden_dim, "hidden_dim"),
+        (intermediate_dim, "intermediate_dim"),
+        (max_sequence_length, "max_sequence_length"),
+    ):
         validation.check_positive_int(value, name)
     if hidden_dim % num_heads:
         raise ValueError(
@@ -68,9 +79,14 @@ def bert_backbone(vocabulary_size, num_layers=2, num_heads=2, hidden_dim=128,
             f"Received: hidden_dim={hidden_dim}"
         )
     return keras_hub.models.BertBackbone(
-        vocabulary_size=vocabulary_size, num_layers=num_layers, num_heads=num_heads,
-        hidden_dim=hidden_dim, intermediate_dim=intermediate_dim, dropout=dropout,
-        max_sequence_length=max_sequence_length)
+        vocabulary_size=vocabulary_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        hidden_dim=hidden_dim,
+        intermediate_dim=intermediate_dim,
+        dropout=dropout,
+        max_sequence_length=max_sequence_length,
+    )
 
 
 def _backbone_inputs(token_ids):
@@ -112,8 +128,9 @@ class _BertWrapper(keras.Model):
             "trainable": self.trainable,
             "backbone": keras.saving.serialize_keras_object(self.backbone),
             "sequence_length": self.sequence_length,
-            "masks": {key: masks_lib._encode_mask(mask)
-                      for key, mask in masks_lib.masks(self).items()},
+            "masks": {
+                key: masks_lib._encode_mask(mask) for key, mask in masks_lib.masks(self).items()
+            },
         }
 
     @classmethod
@@ -128,8 +145,7 @@ class BertMaskedLanguageModel(_BertWrapper):
     Built by `masked_lm`; see there.
     """
 
-    def __init__(self, backbone, sequence_length=64, num_predictions=10, masks=None,
-                 **kwargs):
+    def __init__(self, backbone, sequence_length=64, num_predictions=10, masks=None, **kwargs):
         self.num_predictions = num_predictions
         super().__init__(backbone, sequence_length, masks, **kwargs)
 
@@ -137,8 +153,9 @@ class BertMaskedLanguageModel(_BertWrapper):
         import keras_hub
 
         task = keras_hub.models.BertMaskedLM(backbone, preprocessor=None)
-        packed = keras.Input((sequence_length + self.num_predictions,), dtype="int32",
-                             name="packed")
+        packed = keras.Input(
+            (sequence_length + self.num_predictions,), dtype="int32", name="packed"
+        )
         inputs = _backbone_inputs(packed[:, :sequence_length])
         inputs["mask_positions"] = packed[:, sequence_length:]
         return packed, task(inputs)
@@ -151,8 +168,16 @@ class BertMaskedLanguageModel(_BertWrapper):
 class BertTokenClassifier(_BertWrapper):
     """A BERT classifier taking packed token ids. Built by `classifier`; see there."""
 
-    def __init__(self, backbone, num_classes, sequence_length=64, dropout=0.1, masks=None,
-                 pooling="cls", **kwargs):
+    def __init__(
+        self,
+        backbone,
+        num_classes,
+        sequence_length=64,
+        dropout=0.1,
+        masks=None,
+        pooling="cls",
+        **kwargs,
+    ):
         self.num_classes = num_classes
         self.dropout = dropout
         self.pooling = pooling
@@ -165,18 +190,24 @@ class BertTokenClassifier(_BertWrapper):
         inputs = _backbone_inputs(token_ids)
         if self.pooling == "cls":
             task = keras_hub.models.BertTextClassifier(
-                backbone, self.num_classes, preprocessor=None, dropout=self.dropout)
+                backbone, self.num_classes, preprocessor=None, dropout=self.dropout
+            )
             return token_ids, task(inputs)
         sequence = backbone(inputs)["sequence_output"]
         weights = keras.ops.cast(inputs["padding_mask"], sequence.dtype)[..., None]
         pooled = keras.ops.sum(sequence * weights, axis=1) / keras.ops.maximum(
-            keras.ops.sum(weights, axis=1), 1.0)
+            keras.ops.sum(weights, axis=1), 1.0
+        )
         pooled = keras.layers.Dropout(self.dropout, name="pooled_dropout")(pooled)
         return token_ids, keras.layers.Dense(self.num_classes, name="logits")(pooled)
 
     def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes,
-                "dropout": self.dropout, "pooling": self.pooling}
+        return {
+            **super().get_config(),
+            "num_classes": self.num_classes,
+            "dropout": self.dropout,
+            "pooling": self.pooling,
+        }
 
 
 def masked_lm(backbone, sequence_length=64, num_predictions=10):
@@ -202,8 +233,9 @@ def masked_lm(backbone, sequence_length=64, num_predictions=10):
     """
     validation.check_positive_int(sequence_length, "sequence_length")
     validation.check_positive_int(num_predictions, "num_predictions")
-    return BertMaskedLanguageModel(backbone, sequence_length, num_predictions,
-                                   name="bert_masked_lm")
+    return BertMaskedLanguageModel(
+        backbone, sequence_length, num_predictions, name="bert_masked_lm"
+    )
 
 
 def classifier(backbone, num_classes, sequence_length=64, dropout=0.1, pooling="cls"):
@@ -237,11 +269,10 @@ def classifier(backbone, num_classes, sequence_length=64, dropout=0.1, pooling="
     validation.check_positive_int(num_classes, "num_classes")
     validation.check_positive_int(sequence_length, "sequence_length")
     if pooling not in ("cls", "mean"):
-        raise ValueError(
-            f"`pooling` must be 'cls' or 'mean'. Received: pooling={pooling!r}"
-        )
-    return BertTokenClassifier(backbone, num_classes, sequence_length, dropout,
-                               pooling=pooling, name="bert_classifier")
+        raise ValueError(f"`pooling` must be 'cls' or 'mean'. Received: pooling={pooling!r}")
+    return BertTokenClassifier(
+        backbone, num_classes, sequence_length, dropout, pooling=pooling, name="bert_classifier"
+    )
 
 
 def _as_wrapper(model, sequence_length, num_predictions):
@@ -254,7 +285,8 @@ def _as_wrapper(model, sequence_length, num_predictions):
 def _copy_masked_lm(model, sequence_length, num_predictions):
     """A new `BertMaskedLanguageModel` with `model`'s weights (masks not carried)."""
     backbone = keras.saving.deserialize_keras_object(
-        keras.saving.serialize_keras_object(find_backbone(model)))
+        keras.saving.serialize_keras_object(find_backbone(model))
+    )
     wrapped = masked_lm(backbone, sequence_length, num_predictions)
     wrapped.set_weights(model.get_weights())
     return wrapped
@@ -291,8 +323,7 @@ def under_masked_lm_head(model):
             f"Received: model={model!r}"
         )
     num_predictions = model.output_shape[1]
-    scorer = _copy_masked_lm(model, model.input_shape[1] - num_predictions,
-                             num_predictions)
+    scorer = _copy_masked_lm(model, model.input_shape[1] - num_predictions, num_predictions)
     target = find_backbone(scorer).weights
 
     def as_scored(network):
@@ -324,8 +355,16 @@ def find_backbone(model):
     return None
 
 
-def mask_tokens(token_ids, num_predictions, mask_id, vocabulary_size, rate=0.15,
-                replace_fraction=(0.8, 0.1), seed=0, num_special=5):
+def mask_tokens(
+    token_ids,
+    num_predictions,
+    mask_id,
+    vocabulary_size,
+    rate=0.15,
+    replace_fraction=(0.8, 0.1),
+    seed=0,
+    num_special=5,
+):
     """BERT's masking of packed token ids, in numpy.
 
     In each row, `max(1, round(rate * n))` of the `n` word pieces (at most
@@ -367,17 +406,22 @@ def mask_tokens(token_ids, num_predictions, mask_id, vocabulary_size, rate=0.15,
         draw = rng.random(count)
         to_mask = draw < replace_fraction[0]
         to_random = (draw >= replace_fraction[0]) & (
-            draw < replace_fraction[0] + replace_fraction[1])
+            draw < replace_fraction[0] + replace_fraction[1]
+        )
         masked[row, chosen[to_mask]] = mask_id
         masked[row, chosen[to_random]] = rng.integers(
-            num_special, vocabulary_size, int(to_random.sum()))
+            num_special, vocabulary_size, int(to_random.sum())
+        )
     return np.concatenate([masked, positions], axis=1), labels, weights
 
 
 def _logits(model, x, batch_size=256):
-    return np.concatenate([
-        keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False))
-        for i in range(0, len(x), batch_size)])
+    return np.concatenate(
+        [
+            keras.ops.convert_to_numpy(model(x[i : i + batch_size], training=False))
+            for i in range(0, len(x), batch_size)
+        ]
+    )
 
 
 def masked_token_accuracy(model, token_ids, seed=1, rate=0.15):
@@ -397,16 +441,19 @@ def masked_token_accuracy(model, token_ids, seed=1, rate=0.15):
     num_predictions = model.input_shape[1] - sequence_length
     mask_id = 4
     vocabulary_size = model.output_shape[-1]
-    packed, labels, weights = mask_tokens(token_ids, num_predictions, mask_id,
-                                          vocabulary_size, rate, (1.0, 0.0), seed)
+    packed, labels, weights = mask_tokens(
+        token_ids, num_predictions, mask_id, vocabulary_size, rate, (1.0, 0.0), seed
+    )
     logits = _logits(model, packed)
     log_probs = scipy.special.log_softmax(logits, axis=-1)
     picked = np.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
-    hits = (np.argmax(logits, axis=-1) == labels)
+    hits = np.argmax(logits, axis=-1) == labels
     total = weights.sum()
-    return {"accuracy": float((hits * weights).sum() / total),
-            "loss": float(-(picked * weights).sum() / total),
-            "num_predictions": int(total)}
+    return {
+        "accuracy": float((hits * weights).sum() / total),
+        "loss": float(-(picked * weights).sum() / total),
+        "num_predictions": int(total),
+    }
 
 
 def _inner_masked_lm(model):
@@ -438,8 +485,13 @@ def _single_mask_function(task):
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        call = tf.function(call, input_signature=[tf.TensorSpec([None, None], tf.int32),
-                                                  tf.TensorSpec([None, 1], tf.int32)])
+        call = tf.function(
+            call,
+            input_signature=[
+                tf.TensorSpec([None, None], tf.int32),
+                tf.TensorSpec([None, 1], tf.int32),
+            ],
+        )
     _SINGLE_MASK_FUNCTIONS[task] = call
     return call
 
@@ -461,19 +513,21 @@ def _single_mask_log_probs(model, rows, positions, targets, batch_size):
     if task is None:
         mask_positions = np.zeros((len(rows), num_predictions), np.int32)
         mask_positions[:, 0] = positions
-        logits = _logits(model, np.concatenate([rows, mask_positions], axis=1),
-                         batch_size)[:, 0, :]
+        logits = _logits(model, np.concatenate([rows, mask_positions], axis=1), batch_size)[:, 0, :]
         picked = scipy.special.log_softmax(logits, axis=-1)
         return picked[np.arange(len(rows)), targets].astype(np.float64)
     call = _single_mask_function(task)
     lengths = np.sum(rows != 0, axis=1)
     order = np.argsort(lengths, kind="stable")
     for start in range(0, len(rows), batch_size):
-        chosen = order[start:start + batch_size]
+        chosen = order[start : start + batch_size]
         width = int(lengths[chosen].max())
-        logits = keras.ops.convert_to_numpy(call(
-            np.ascontiguousarray(rows[chosen, :width]),
-            np.ascontiguousarray(positions[chosen][:, None])))[:, 0, :]
+        logits = keras.ops.convert_to_numpy(
+            call(
+                np.ascontiguousarray(rows[chosen, :width]),
+                np.ascontiguousarray(positions[chosen][:, None]),
+            )
+        )[:, 0, :]
         picked = scipy.special.log_softmax(logits.astype(np.float64), axis=-1)
         log_probs[chosen] = picked[np.arange(len(chosen)), targets[chosen]]
     return log_probs
@@ -510,8 +564,11 @@ def pseudo_log_likelihoods(model, token_ids, batch_size=256):
     positions = np.asarray(positions, np.int32)
     sentence_of = np.asarray(sentence_of, np.int64)
     targets = token_ids[sentence_of, positions] if len(rows) else np.zeros(0, np.int32)
-    scores = (_single_mask_log_probs(model, rows, positions, targets, batch_size)
-              if len(rows) else np.zeros(0))
+    scores = (
+        _single_mask_log_probs(model, rows, positions, targets, batch_size)
+        if len(rows)
+        else np.zeros(0)
+    )
     pll = np.bincount(sentence_of, weights=scores, minlength=len(token_ids))
     counts = np.bincount(sentence_of, minlength=len(token_ids))
     return pll, counts
@@ -532,10 +589,23 @@ def pseudo_perplexity(model, token_ids, batch_size=256):
     return float(np.exp(-pll.sum() / max(1, counts.sum())))
 
 
-def pretrained_masked_lm(vocabulary_size=4000, sequence_length=48, num_predictions=8,
-                         num_layers=2, num_heads=2, hidden_dim=128, intermediate_dim=512,
-                         epochs=10, batch_size=128, learning_rate=1e-3, seed=0,
-                         max_sentences=None, data_dir=None, cache_dir=None, verbose=0):
+def pretrained_masked_lm(
+    vocabulary_size=4000,
+    sequence_length=48,
+    num_predictions=8,
+    num_layers=2,
+    num_heads=2,
+    hidden_dim=128,
+    intermediate_dim=512,
+    epochs=10,
+    batch_size=128,
+    learning_rate=1e-3,
+    seed=0,
+    max_sentences=None,
+    data_dir=None,
+    cache_dir=None,
+    verbose=0,
+):
     """A small BERT pretrained here by masked-LM on the pooled text sets, cached.
 
     The WordPiece vocabulary is computed on `keras_fip.data.text.pretraining_corpus()`
@@ -573,25 +643,38 @@ def pretrained_masked_lm(vocabulary_size=4000, sequence_length=48, num_predictio
     from keras_fip.data import text
     from keras_fip.models import training
 
-    config = dict(vocabulary_size=vocabulary_size, sequence_length=sequence_length,
-                  num_predictions=num_predictions, num_layers=num_layers,
-                  num_heads=num_heads, hidden_dim=hidden_dim,
-                  intermediate_dim=intermediate_dim, epochs=epochs, batch_size=batch_size,
-                  learning_rate=learning_rate, seed=seed, max_sentences=max_sentences,
-                  version=1)
+    config = dict(
+        vocabulary_size=vocabulary_size,
+        sequence_length=sequence_length,
+        num_predictions=num_predictions,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        hidden_dim=hidden_dim,
+        intermediate_dim=intermediate_dim,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        max_sentences=max_sentences,
+        version=1,
+    )
     directory = None
     if cache_dir is not False:
         key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-        directory = os.path.join(cache_dir or training.default_cache_dir(), "base_networks",
-                                 f"bert_mlm_{key}")
+        directory = os.path.join(
+            cache_dir or training.default_cache_dir(), "base_networks", f"bert_mlm_{key}"
+        )
         model_path = os.path.join(directory, MODEL_FILE)
         results_path = os.path.join(directory, "results.json")
         if os.path.isfile(model_path) and os.path.isfile(results_path):
             with open(results_path) as f:
                 results = json.load(f)
             encoder = text.TextEncoder(directory, sequence_length)
-            return _as_wrapper(keras.saving.load_model(model_path), sequence_length,
-                               num_predictions), encoder, results
+            return (
+                _as_wrapper(keras.saving.load_model(model_path), sequence_length, num_predictions),
+                encoder,
+                results,
+            )
 
     # Tokenizer
     keras.utils.set_random_seed(seed)
@@ -608,23 +691,37 @@ def pretrained_masked_lm(vocabulary_size=4000, sequence_length=48, num_predictio
 
     # Pretrain
     model = masked_lm(
-        bert_backbone(len(vocabulary), num_layers, num_heads, hidden_dim, intermediate_dim,
-                      sequence_length), sequence_length, num_predictions)
+        bert_backbone(
+            len(vocabulary), num_layers, num_heads, hidden_dim, intermediate_dim, sequence_length
+        ),
+        sequence_length,
+        num_predictions,
+    )
     steps = epochs * (len(token_ids) // batch_size)
     schedule = keras.optimizers.schedules.PolynomialDecay(
-        learning_rate, max(1, steps - steps // 10), end_learning_rate=0.0)
+        learning_rate, max(1, steps - steps // 10), end_learning_rate=0.0
+    )
     schedule = _Warmup(schedule, learning_rate, max(1, steps // 10))
     model.compile(
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=0.01),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
     start = time.perf_counter()
     history = []
     for epoch in range(epochs):
-        packed, labels, weights = mask_tokens(token_ids, num_predictions, encoder.mask_id,
-                                              len(vocabulary), seed=seed * 1000 + epoch)
-        logs = model.fit(packed, labels, sample_weight=weights, batch_size=batch_size,
-                         epochs=1, shuffle=True, verbose=verbose).history
+        packed, labels, weights = mask_tokens(
+            token_ids, num_predictions, encoder.mask_id, len(vocabulary), seed=seed * 1000 + epoch
+        )
+        logs = model.fit(
+            packed,
+            labels,
+            sample_weight=weights,
+            batch_size=batch_size,
+            epochs=1,
+            shuffle=True,
+            verbose=verbose,
+        ).history
         history.append({k: float(v[-1]) for k, v in logs.items()})
     train_time = time.perf_counter() - start
 
@@ -666,12 +763,16 @@ class _Warmup(keras.optimizers.schedules.LearningRateSchedule):
     def __call__(self, step):
         step = keras.ops.cast(step, "float32")
         warm = self.peak * (step + 1.0) / self.warmup_steps
-        return keras.ops.where(step < self.warmup_steps, warm,
-                               self.schedule(step - self.warmup_steps))
+        return keras.ops.where(
+            step < self.warmup_steps, warm, self.schedule(step - self.warmup_steps)
+        )
 
     def get_config(self):
-        return {"schedule": keras.optimizers.schedules.serialize(self.schedule),
-                "peak": self.peak, "warmup_steps": self.warmup_steps}
+        return {
+            "schedule": keras.optimizers.schedules.serialize(self.schedule),
+            "peak": self.peak,
+            "warmup_steps": self.warmup_steps,
+        }
 
     @classmethod
     def from_config(cls, config):

@@ -34,9 +34,7 @@ def cnn5(input_shape=(28, 28, 1), num_classes=10, dense_units=(600, 120), dropou
     inputs = keras.Input(input_shape, name="inputs")
     x = inputs
     for i, filters in enumerate((32, 64), start=1):
-        x = keras.layers.Conv2D(
-            filters, 3, padding="same", activation="relu", name=f"conv_{i}"
-        )(x)
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"conv_{i}")(x)
         x = keras.layers.MaxPooling2D(2, name=f"pool_{i}")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     for i, width in enumerate(dense_units, start=1):

@@ -24,7 +24,9 @@ def _basic_block(x, filters, stride, name):
         shortcut = keras.layers.Conv2D(
             filters, 1, strides=stride, use_bias=False, name=f"{name}_shortcut_conv"
         )(shortcut)
-        shortcut = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_shortcut_bn")(shortcut)
+        shortcut = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_shortcut_bn")(
+            shortcut
+        )
     y = keras.layers.Add(name=f"{name}_add")([y, shortcut])
     return keras.layers.Activation("relu", name=f"{name}_out")(y)
 
@@ -59,9 +61,7 @@ def resnet(depth=20, width_multiplier=1.0, input_shape=(32, 32, 3), num_classes=
     widths, blocks = _CONFIGS[depth]
     widths = [validation.scaled(w, multiplier) for w in widths]
     inputs = keras.Input(input_shape, name="inputs")
-    x = keras.layers.Conv2D(widths[0], 3, padding="same", use_bias=False, name="stem_conv")(
-        inputs
-    )
+    x = keras.layers.Conv2D(widths[0], 3, padding="same", use_bias=False, name="stem_conv")(inputs)
     x = keras.layers.BatchNormalization(momentum=0.9, name="stem_bn")(x)
     x = keras.layers.Activation("relu", name="stem_relu")(x)
     for stage, filters in enumerate(widths, start=1):

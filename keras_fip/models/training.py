@@ -37,8 +37,17 @@ def compile_classifier(model, learning_rate=1e-3, decay_steps=None):
     return model
 
 
-def train_classifier(model, x, y, epochs=10, batch_size=128, learning_rate=1e-3,
-                     validation_data=None, callbacks=None, verbose=0):
+def train_classifier(
+    model,
+    x,
+    y,
+    epochs=10,
+    batch_size=128,
+    learning_rate=1e-3,
+    validation_data=None,
+    callbacks=None,
+    verbose=0,
+):
     """Trains a logits classifier in place with Adam and a cosine learning-rate decay.
 
     Args:
@@ -87,11 +96,14 @@ def evaluate_classifier(model, x, y, batch_size=1000):
         A dict with float `loss` (mean cross-entropy) and `accuracy`.
     """
     # Batched eager calls: unlike `predict`, no new tf.function is traced for each model.
-    logits = np.concatenate([
-        keras.ops.convert_to_numpy(
-            model(data_adapter.take(x, slice(i, i + batch_size)), training=False))
-        for i in range(0, data_adapter.num_examples(x), batch_size)
-    ])
+    logits = np.concatenate(
+        [
+            keras.ops.convert_to_numpy(
+                model(data_adapter.take(x, slice(i, i + batch_size)), training=False)
+            )
+            for i in range(0, data_adapter.num_examples(x), batch_size)
+        ]
+    )
     loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
     return {
         "loss": float(np.mean(keras.ops.convert_to_numpy(loss))),
@@ -106,9 +118,19 @@ def default_cache_dir():
     )
 
 
-def base_network(model="lenet_300_100", dataset="mnist", epochs=10, batch_size=128,
-                 learning_rate=1e-3, seed=0, data_dir=None, cache_dir=None, verbose=0,
-                 strategy=None, **model_kwargs):
+def base_network(
+    model="lenet_300_100",
+    dataset="mnist",
+    epochs=10,
+    batch_size=128,
+    learning_rate=1e-3,
+    seed=0,
+    data_dir=None,
+    cache_dir=None,
+    verbose=0,
+    strategy=None,
+    **model_kwargs,
+):
     """Returns a trained zoo network, training it once and caching it by configuration.
 
     The cache key is a hash of every argument that changes the trained weights, so the apps
@@ -150,13 +172,16 @@ def base_network(model="lenet_300_100", dataset="mnist", epochs=10, batch_size=1
     if cache_dir is not False:
         # The architecture enters the key, so a changed zoo builder never reuses old weights.
         info = data_lib.info(dataset, data_dir)
-        architecture = models_lib.get(model, info["input_shape"], info["num_classes"],
-                                      **model_kwargs).get_config()
+        architecture = models_lib.get(
+            model, info["input_shape"], info["num_classes"], **model_kwargs
+        ).get_config()
         config["architecture"] = hashlib.sha256(
-            json.dumps(architecture, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            json.dumps(architecture, sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
         key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-        directory = os.path.join(cache_dir or default_cache_dir(), "base_networks",
-                                 f"{model}_{dataset}_{key}")
+        directory = os.path.join(
+            cache_dir or default_cache_dir(), "base_networks", f"{model}_{dataset}_{key}"
+        )
         model_path = os.path.join(directory, "model.keras")
         results_path = os.path.join(directory, "results.json")
         if os.path.isfile(model_path) and os.path.isfile(results_path):
@@ -170,10 +195,10 @@ def base_network(model="lenet_300_100", dataset="mnist", epochs=10, batch_size=1
     x_test, y_test = data_lib.load(dataset, "test", data_dir)
     start = time.perf_counter()
     with (strategy or tf.distribute.get_strategy()).scope():
-        network = models_lib.get(model, info["input_shape"], info["num_classes"],
-                                 **model_kwargs)
-        history = train_classifier(network, x_train, y_train, epochs, batch_size,
-                                   learning_rate, verbose=verbose)
+        network = models_lib.get(model, info["input_shape"], info["num_classes"], **model_kwargs)
+        history = train_classifier(
+            network, x_train, y_train, epochs, batch_size, learning_rate, verbose=verbose
+        )
     wall_time = time.perf_counter() - start
     test = evaluate_classifier(network, x_test, y_test)
     results = {

@@ -68,9 +68,7 @@ def transformer_classifier(
             num_heads, embed_dim // num_heads or 1, name=f"block{i}_attention"
         )(x, x)
         if dropout:
-            attention = keras.layers.Dropout(dropout, name=f"block{i}_attention_dropout")(
-                attention
-            )
+            attention = keras.layers.Dropout(dropout, name=f"block{i}_attention_dropout")(attention)
         x = keras.layers.Add(name=f"block{i}_attention_add")([x, attention])
         x = keras.layers.LayerNormalization(name=f"block{i}_attention_norm")(x)
         hidden = keras.layers.Dense(feed_forward_dim, activation="relu", name=f"block{i}_ff1")(x)

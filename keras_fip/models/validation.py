@@ -9,7 +9,9 @@ def check_input_shape(input_shape, rank=None):
         or not all(isinstance(d, int) and d > 0 for d in shape)
         or (rank is not None and len(shape) != rank)
     ):
-        expected = f"a tuple of {rank} positive integers" if rank else "a tuple of positive integers"
+        expected = (
+            f"a tuple of {rank} positive integers" if rank else "a tuple of positive integers"
+        )
         raise ValueError(f"`input_shape` must be {expected}. Received: input_shape={input_shape!r}")
     return shape
 

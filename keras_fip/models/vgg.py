@@ -6,13 +6,11 @@ from keras_fip.models import validation
 
 _CONFIGS = {
     11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
-    16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
-         512, 512, 512, "M"),
+    16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
 }
 
 
-def vgg(depth=16, width_multiplier=1.0, input_shape=(32, 32, 3), num_classes=10,
-        batch_norm=True):
+def vgg(depth=16, width_multiplier=1.0, input_shape=(32, 32, 3), num_classes=10, batch_norm=True):
     """A VGG network for 32x32 images (the CIFAR variant: one linear classifier layer).
 
     Each convolution is 3x3 with `same` padding, optionally BatchNormalization, then ReLU;

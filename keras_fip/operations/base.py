@@ -16,20 +16,63 @@ from keras_fip.engine.trainer import FIPTrainer
 SUPPORTED_LAYERS = tuple(
     getattr(keras.layers, name)
     for name in (
-        "InputLayer", "Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D",
-        "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D",
-        "BatchNormalization", "LayerNormalization", "GroupNormalization",
-        "UnitNormalization", "Embedding", "MultiHeadAttention",
-        "MaxPooling1D", "MaxPooling2D", "MaxPooling3D",
-        "AveragePooling1D", "AveragePooling2D", "AveragePooling3D",
-        "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D",
-        "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
-        "Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate",
-        "Flatten", "Reshape", "Permute", "RepeatVector", "Identity",
-        "Dropout", "SpatialDropout1D", "SpatialDropout2D", "GaussianNoise",
-        "Activation", "ReLU", "LeakyReLU", "ELU", "Softmax", "PReLU",
-        "ZeroPadding1D", "ZeroPadding2D", "Cropping1D", "Cropping2D",
-        "UpSampling1D", "UpSampling2D", "Rescaling",
+        "InputLayer",
+        "Dense",
+        "EinsumDense",
+        "Conv1D",
+        "Conv2D",
+        "Conv3D",
+        "DepthwiseConv1D",
+        "DepthwiseConv2D",
+        "SeparableConv1D",
+        "SeparableConv2D",
+        "BatchNormalization",
+        "LayerNormalization",
+        "GroupNormalization",
+        "UnitNormalization",
+        "Embedding",
+        "MultiHeadAttention",
+        "MaxPooling1D",
+        "MaxPooling2D",
+        "MaxPooling3D",
+        "AveragePooling1D",
+        "AveragePooling2D",
+        "AveragePooling3D",
+        "GlobalAveragePooling1D",
+        "GlobalAveragePooling2D",
+        "GlobalAveragePooling3D",
+        "GlobalMaxPooling1D",
+        "GlobalMaxPooling2D",
+        "GlobalMaxPooling3D",
+        "Add",
+        "Subtract",
+        "Multiply",
+        "Average",
+        "Maximum",
+        "Minimum",
+        "Concatenate",
+        "Flatten",
+        "Reshape",
+        "Permute",
+        "RepeatVector",
+        "Identity",
+        "Dropout",
+        "SpatialDropout1D",
+        "SpatialDropout2D",
+        "GaussianNoise",
+        "Activation",
+        "ReLU",
+        "LeakyReLU",
+        "ELU",
+        "Softmax",
+        "PReLU",
+        "ZeroPadding1D",
+        "ZeroPadding2D",
+        "Cropping1D",
+        "Cropping2D",
+        "UpSampling1D",
+        "UpSampling2D",
+        "Rescaling",
     )
     if hasattr(keras.layers, name)
 )
@@ -80,12 +123,13 @@ def _sublayers(layer):
         return list(layer.layers)
     children = []
     for value in vars(layer).values():
-        items = value if isinstance(value, (list, tuple)) else (
-            value.values() if isinstance(value, dict) else (value,)
+        items = (
+            value
+            if isinstance(value, (list, tuple))
+            else (value.values() if isinstance(value, dict) else (value,))
         )
         children.extend(
-            item for item in items
-            if isinstance(item, keras.layers.Layer) and item is not layer
+            item for item in items if isinstance(item, keras.layers.Layer) and item is not layer
         )
     return children
 
@@ -102,9 +146,7 @@ def check_model(model, argument="model"):
         argument: The argument name used in error messages. Defaults to `"model"`.
     """
     if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"`{argument}` must be a `keras.Model`. Received: {argument}={model!r}"
-        )
+        raise ValueError(f"`{argument}` must be a `keras.Model`. Received: {argument}={model!r}")
     if not model.built or not model.trainable_variables:
         raise ValueError(
             f"`{argument}` must be a built model with trainable weights. Received: "
@@ -117,15 +159,14 @@ def check_model(model, argument="model"):
             return
         seen.add(id(layer))
         if isinstance(layer, SUPPORTED_LAYERS) or type(layer).__name__ in (
-                THIRD_PARTY_LAYERS.get(type(layer).__module__.split(".")[0], ())):
+            THIRD_PARTY_LAYERS.get(type(layer).__module__.split(".")[0], ())
+        ):
             return
         children = _sublayers(layer)
         child_weights = {id(w) for child in children for w in child.weights}
         own_weights = [w for w in layer.weights if id(w) not in child_weights]
         is_builtin = type(layer).__module__.startswith("keras.")
-        if isinstance(layer, keras.Model) or (
-            not is_builtin and children and not own_weights
-        ):
+        if isinstance(layer, keras.Model) or (not is_builtin and children and not own_weights):
             for child in children:
                 visit(child, seen)
             return
@@ -188,9 +229,7 @@ class Operation:
         if name is not None and not isinstance(name, str):
             raise ValueError(f"`name` must be a string or None. Received: name={name!r}")
         if verbose not in ("auto", 0, 1, 2):
-            raise ValueError(
-                f"`verbose` must be 'auto', 0, 1 or 2. Received: verbose={verbose!r}"
-            )
+            raise ValueError(f"`verbose` must be 'auto', 0, 1 or 2. Received: verbose={verbose!r}")
         if callbacks is not None and (
             not isinstance(callbacks, (list, tuple))
             or not all(isinstance(c, keras.callbacks.Callback) for c in callbacks)
@@ -213,8 +252,9 @@ class Operation:
     # Validation helpers (the `Received: arg=...` pattern).
 
     @staticmethod
-    def check_number(value, name, low=None, high=None, low_inclusive=False,
-                     high_inclusive=True, integer=False):
+    def check_number(
+        value, name, low=None, high=None, low_inclusive=False, high_inclusive=True, integer=False
+    ):
         """Returns `value` if it is a number in the range, else raises a `ValueError`.
 
         Args:
@@ -251,9 +291,7 @@ class Operation:
     def check_choice(value, name, choices):
         """Returns `value` if it is one of `choices`, else raises a `ValueError`."""
         if value not in choices:
-            raise ValueError(
-                f"`{name}` must be one of {list(choices)}. Received: {name}={value!r}"
-            )
+            raise ValueError(f"`{name}` must be one of {list(choices)}. Received: {name}={value!r}")
         return value
 
     @staticmethod
@@ -276,8 +314,11 @@ class Operation:
             return None
         if isinstance(layers, str):
             layers = [layers]
-        if not isinstance(layers, (list, tuple)) or not layers or not all(
-                isinstance(layer, str) for layer in layers):
+        if (
+            not isinstance(layers, (list, tuple))
+            or not layers
+            or not all(isinstance(layer, str) for layer in layers)
+        ):
             raise ValueError(
                 f"`{name}` must be `None` or a non-empty list of layer names. "
                 f"Received: {name}={layers!r}"
@@ -295,8 +336,9 @@ class Operation:
         Returns:
             A tuple `(record_every, path_directory, seed)`.
         """
-        record_every = self.check_number(record_every, "record_every", low=1,
-                                         low_inclusive=True, integer=True)
+        record_every = self.check_number(
+            record_every, "record_every", low=1, low_inclusive=True, integer=True
+        )
         if path_directory is not None and not isinstance(path_directory, str):
             raise ValueError(
                 "`path_directory` must be a string path or None. "
@@ -347,8 +389,7 @@ class Operation:
         """The config a checkpoint is tied to: `get_config()` without the options that do
         not change the walk (progress, callbacks, logs, directories)."""
         config = dict(self.get_config())
-        for key in ("verbose", "callbacks", "log_dir", "checkpoint_directory",
-                    "path_directory"):
+        for key in ("verbose", "callbacks", "log_dir", "checkpoint_directory", "path_directory"):
             config.pop(key, None)
         return {"class": type(self).__name__, **config}
 
@@ -390,8 +431,7 @@ class Operation:
         result = self.call(copy)
         if not isinstance(result, keras.Model):
             raise TypeError(
-                f"{type(self).__name__}.call must return a `keras.Model`. "
-                f"Received: {result!r}"
+                f"{type(self).__name__}.call must return a `keras.Model`. Received: {result!r}"
             )
         return result
 
@@ -480,7 +520,8 @@ class Operation:
             seed=seed,
         )
         checkpoint_directory = self.check_checkpoint_directory(
-            checkpoint_directory, path_directory, seed)
+            checkpoint_directory, path_directory, seed
+        )
         checkpoint = self.open_checkpoint(checkpoint_directory)
         self.history = {}
         self.path = self.open_walk_path(model, checkpoint, record_every, path_directory)
@@ -495,8 +536,15 @@ class Operation:
             )
             return model
         self.history = checkpoint.walk(
-            "walk", trainer, dataset, steps, self.path, callbacks=self.callbacks,
-            verbose=self.verbose, log_dir=self.log_dir)
+            "walk",
+            trainer,
+            dataset,
+            steps,
+            self.path,
+            callbacks=self.callbacks,
+            verbose=self.verbose,
+            log_dir=self.log_dir,
+        )
         checkpoint.close()
         return model
 
@@ -529,7 +577,8 @@ class Operation:
 
     def __repr__(self):
         arguments = ", ".join(
-            f"{key}={value!r}" for key, value in self.get_config().items()
+            f"{key}={value!r}"
+            for key, value in self.get_config().items()
             if key not in ("callbacks",)
         )
         return f"{type(self).__name__}({arguments})"

@@ -39,7 +39,7 @@ def _accuracy(model, x, y, batch_size=1024):
     for start in range(0, count, batch_size):
         batch = data_adapter.take(x, slice(start, start + batch_size))
         logits = keras.ops.convert_to_numpy(model(batch, training=False))
-        correct += int(np.sum(np.argmax(logits, -1) == y[start:start + batch_size]))
+        correct += int(np.sum(np.argmax(logits, -1) == y[start : start + batch_size]))
     return correct / count
 
 
@@ -119,10 +119,24 @@ class Bridge(Operation):
     True
     """
 
-    def __init__(self, target, data=None, epochs=10, beta="auto", distance="kl",
-                 step_rule="penalty", learning_rate=1e-3, epsilon=0.01, batch_size=128,
-                 training="auto", eval_tasks=None, eval_every=None, record_every=100,
-                 seed=None, **kwargs):
+    def __init__(
+        self,
+        target,
+        data=None,
+        epochs=10,
+        beta="auto",
+        distance="kl",
+        step_rule="penalty",
+        learning_rate=1e-3,
+        epsilon=0.01,
+        batch_size=128,
+        training="auto",
+        eval_tasks=None,
+        eval_every=None,
+        record_every=100,
+        seed=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if target is not None and not isinstance(target, keras.Model):
             raise ValueError(f"`target` must be a `keras.Model`. Received: target={target!r}")
@@ -130,18 +144,19 @@ class Bridge(Operation):
         if data is not None:
             normalize_data(data, name="data")
         self.data = data
-        self.epochs = self.check_number(epochs, "epochs", low=1, low_inclusive=True,
-                                        integer=True)
+        self.epochs = self.check_number(epochs, "epochs", low=1, low_inclusive=True, integer=True)
         if not (isinstance(beta, str) and beta == "auto"):
             beta = self.check_number(beta, "beta", low=0.0)
         self.beta = beta
         self.distance = self.check_choice(distance, "distance", ("kl", "bhattacharyya", "l2"))
-        self.step_rule = self.check_choice(step_rule, "step_rule",
-                                           ("penalty", "normalized", "metric"))
+        self.step_rule = self.check_choice(
+            step_rule, "step_rule", ("penalty", "normalized", "metric")
+        )
         self.learning_rate = self.check_number(learning_rate, "learning_rate", low=0.0)
         self.epsilon = self.check_number(epsilon, "epsilon", low=0.0)
-        self.batch_size = self.check_number(batch_size, "batch_size", low=1,
-                                            low_inclusive=True, integer=True)
+        self.batch_size = self.check_number(
+            batch_size, "batch_size", low=1, low_inclusive=True, integer=True
+        )
         self.training = self.check_training(training)
         self._eval_tasks = [
             (data_adapter.as_arrays(tx), np.asarray(ty))
@@ -156,8 +171,7 @@ class Bridge(Operation):
         if self.target is None:
             raise ValueError("`target` is required. Received: target=None")
         targets = self.target.trainable_variables
-        if [tuple(v.shape) for v in targets] != [tuple(v.shape) for v in
-                                                 model.trainable_variables]:
+        if [tuple(v.shape) for v in targets] != [tuple(v.shape) for v in model.trainable_variables]:
             raise ValueError(
                 "`target` must have the architecture of the model it is called on (the "
                 "same trainable weight shapes). Received: target="
@@ -174,22 +188,36 @@ class Bridge(Operation):
         normalized = bool(normalization.batch_normalization_layers(model))
         walk_training = normalized if self.training == "auto" else self.training
         trainer = FIPTrainer(
-            model, step_rule=self.step_rule, distance=self.distance, beta=1.0,
+            model,
+            step_rule=self.step_rule,
+            distance=self.distance,
+            beta=1.0,
             epsilon=self.epsilon,
             secondary_objective=_TargetDistance([t.numpy() for t in targets], beta),
-            training=walk_training)
-        trainer.compile(optimizer=keras.optimizers.Adam(self.learning_rate)
-                        if self.step_rule == "penalty" else None)
+            training=walk_training,
+        )
+        trainer.compile(
+            optimizer=keras.optimizers.Adam(self.learning_rate)
+            if self.step_rule == "penalty"
+            else None
+        )
         steps = self.epochs * math.ceil(data_adapter.num_examples(x) / self.batch_size)
         self.path = Path(model, record_every=self.record_every)
         callbacks = list(self.callbacks or [])
         evaluator = None
         if self._eval_tasks:
-            evaluator = _EvaluateTasks(model, self._eval_tasks,
-                                       self.eval_every or max(1, steps // 20))
+            evaluator = _EvaluateTasks(
+                model, self._eval_tasks, self.eval_every or max(1, steps // 20)
+            )
             callbacks = [evaluator] + callbacks
-        history = trainer.walk(dataset, steps, path=self.path, callbacks=callbacks,
-                               verbose=self.verbose, log_dir=self.log_dir)
+        history = trainer.walk(
+            dataset,
+            steps,
+            path=self.path,
+            callbacks=callbacks,
+            verbose=self.verbose,
+            log_dir=self.log_dir,
+        )
         if walk_training and normalized:
             normalization.recalibrate_batch_normalization(model, x, self.batch_size * 2)
         if evaluator is not None:
@@ -200,10 +228,20 @@ class Bridge(Operation):
 
     def get_config(self):
         config = super().get_config()
-        config.update(target=None, data=None, epochs=self.epochs, beta=self.beta,
-                      distance=self.distance, step_rule=self.step_rule,
-                      learning_rate=self.learning_rate, epsilon=self.epsilon,
-                      batch_size=self.batch_size, training=self.training, eval_tasks=None,
-                      eval_every=self.eval_every, record_every=self.record_every,
-                      seed=self.seed)
+        config.update(
+            target=None,
+            data=None,
+            epochs=self.epochs,
+            beta=self.beta,
+            distance=self.distance,
+            step_rule=self.step_rule,
+            learning_rate=self.learning_rate,
+            epsilon=self.epsilon,
+            batch_size=self.batch_size,
+            training=self.training,
+            eval_tasks=None,
+            eval_every=self.eval_every,
+            record_every=self.record_every,
+            seed=self.seed,
+        )
         return config

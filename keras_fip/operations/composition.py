@@ -74,8 +74,7 @@ class Chain(Operation):
         return {
             **super().get_config(),
             "operations": [
-                keras.saving.serialize_keras_object(operation)
-                for operation in self.operations
+                keras.saving.serialize_keras_object(operation) for operation in self.operations
             ],
         }
 

@@ -17,7 +17,6 @@ from keras_fip.engine.trainer import FIPTrainer
 from keras_fip.geometry.diagonal import metric_diagonal
 from keras_fip.operations.base import Operation
 
-
 SALIENCIES = ("magnitude", "metric")
 # β = AUTO_BETA_SCALE × the mean diagonal of the output metric over the prunable weights.
 # A target weight w_i that the outputs hold with curvature g_ii settles where
@@ -58,8 +57,7 @@ class _CosineFrom(keras.optimizers.schedules.LearningRateSchedule):
     continues the pull's schedule instead of restarting it."""
 
     def __init__(self, initial_learning_rate, decay_steps, offset=0):
-        self.cosine = keras.optimizers.schedules.CosineDecay(initial_learning_rate,
-                                                             decay_steps)
+        self.cosine = keras.optimizers.schedules.CosineDecay(initial_learning_rate, decay_steps)
         self.offset = offset
 
     def __call__(self, step):
@@ -75,11 +73,19 @@ def _structured_variables(model, variables, structure):
     if structure not in ("nodes", "filters"):
         return variables
     output_layer = next(
-        (layer for layer in reversed(model.layers)
-         if any(v is w for v in variables for w in layer.trainable_weights)), None)
+        (
+            layer
+            for layer in reversed(model.layers)
+            if any(v is w for v in variables for w in layer.trainable_weights)
+        ),
+        None,
+    )
     excluded = {id(w) for w in output_layer.trainable_weights} if output_layer else set()
-    kept = [v for v in variables if id(v) not in excluded
-            and (structure == "nodes" or len(v.shape) >= 3)]
+    kept = [
+        v
+        for v in variables
+        if id(v) not in excluded and (structure == "nodes" or len(v.shape) >= 3)
+    ]
     if not kept:
         raise ValueError(
             f"`structure={structure!r}` prunes whole hidden "
@@ -106,7 +112,8 @@ class _ProjectionDistance:
             inputs, labels = batch
             # The batch mean (the trainer scales L per replica).
             total = self.task_weight * step_rules.mean_cross_entropy(
-                labels, model(inputs, training=True))
+                labels, model(inputs, training=True)
+            )
         variables = model.trainable_variables
         for index, mask in zip(self.indices, self.mask_variables):
             weights = variables[index].value
@@ -147,8 +154,7 @@ class _RampTargets(keras.callbacks.Callback):
         sparsity = self.target_sparsity(self.step + op._update_every)
         if op.structure == "2:4":
             sparsity = 0.5
-        self.targets = op._masks(self.model_to_prune, sparsity, self.variables,
-                                 self.existing_masks)
+        self.targets = op._masks(self.model_to_prune, sparsity, self.variables, self.existing_masks)
         for variable, mask_variable in zip(self.variables, self.mask_variables):
             mask_variable.assign(self.targets[variable.path].astype("float32"))
 
@@ -364,31 +370,32 @@ class Compress(Operation):
         if data is not None:
             normalize_data(data, name="data")  # Checks shapes, numbers and finiteness.
         self.data = data
-        self.epochs = self.check_number(epochs, "epochs", low=1, low_inclusive=True,
-                                        integer=True)
+        self.epochs = self.check_number(epochs, "epochs", low=1, low_inclusive=True, integer=True)
         if steps is not None:
             steps = self.check_number(steps, "steps", low=2, low_inclusive=True, integer=True)
         self.steps = steps
-        self.min_steps = self.check_number(min_steps, "min_steps", low=0, low_inclusive=True,
-                                           integer=True)
-        self.pull_fraction = self.check_number(pull_fraction, "pull_fraction", low=0.0,
-                                               high=1.0)
-        self.ramp_fraction = self.check_number(ramp_fraction, "ramp_fraction", low=0.0,
-                                               high=1.0)
+        self.min_steps = self.check_number(
+            min_steps, "min_steps", low=0, low_inclusive=True, integer=True
+        )
+        self.pull_fraction = self.check_number(pull_fraction, "pull_fraction", low=0.0, high=1.0)
+        self.ramp_fraction = self.check_number(ramp_fraction, "ramp_fraction", low=0.0, high=1.0)
         self.ramp_power = self.check_number(ramp_power, "ramp_power", low=0.0)
         if not (isinstance(update_every, str) and update_every == "auto"):
-            update_every = self.check_number(update_every, "update_every", low=1,
-                                             low_inclusive=True, integer=True)
+            update_every = self.check_number(
+                update_every, "update_every", low=1, low_inclusive=True, integer=True
+            )
         self.update_every = update_every
         self.layer_floor = projection.check_layer_floor(layer_floor)
         if not (isinstance(beta, str) and beta == "auto"):
             beta = self.check_number(beta, "beta", low=0.0)
         self.beta = beta
         self.saliency = self.check_choice(saliency, "saliency", SALIENCIES)
-        self.metric_examples = self.check_number(metric_examples, "metric_examples", low=1,
-                                                 low_inclusive=True, integer=True)
-        self.task_weight = self.check_number(task_weight, "task_weight", low=0.0,
-                                             low_inclusive=True)
+        self.metric_examples = self.check_number(
+            metric_examples, "metric_examples", low=1, low_inclusive=True, integer=True
+        )
+        self.task_weight = self.check_number(
+            task_weight, "task_weight", low=0.0, low_inclusive=True
+        )
         self.training = self.check_training(training)
         distances_lib.get(distance)
         self.distance = distance
@@ -397,8 +404,9 @@ class Compress(Operation):
             learning_rate = self.check_number(learning_rate, "learning_rate", low=0.0)
         self.learning_rate = learning_rate
         self.epsilon = self.check_number(epsilon, "epsilon", low=0.0)
-        self.batch_size = self.check_number(batch_size, "batch_size", low=1,
-                                            low_inclusive=True, integer=True)
+        self.batch_size = self.check_number(
+            batch_size, "batch_size", low=1, low_inclusive=True, integer=True
+        )
         self.include_biases = bool(include_biases)
         self.include_normalization = bool(include_normalization)
         self.include_embeddings = bool(include_embeddings)
@@ -406,7 +414,8 @@ class Compress(Operation):
             record_every, path_directory, seed
         )
         self.checkpoint_directory = self.check_checkpoint_directory(
-            checkpoint_directory, self.path_directory, self.seed)
+            checkpoint_directory, self.path_directory, self.seed
+        )
         self.jit_compile = bool(jit_compile)
 
     def walk_steps(self, num_examples):
@@ -430,9 +439,13 @@ class Compress(Operation):
         count = data_adapter.num_examples(self._inputs)
         rows = self._rng.choice(count, min(examples, count), replace=False)
         kind = "fisher" if self.distance in ("kl", "bhattacharyya") else "jacobian"
-        return metric_diagonal(model, data_adapter.take(self._inputs, np.sort(rows)),
-                               variables, kind=kind,
-                               seed=int(self._rng.integers(2**31)))
+        return metric_diagonal(
+            model,
+            data_adapter.take(self._inputs, np.sort(rows)),
+            variables,
+            kind=kind,
+            seed=int(self._rng.integers(2**31)),
+        )
 
     def _resolve_beta(self, model, variables):
         """β: as given, or `AUTO_BETA_SCALE` × the mean metric diagonal (`"auto"`)."""
@@ -464,9 +477,16 @@ class Compress(Operation):
         importance = None
         if self.saliency == "metric":
             importance = self._metric_diagonal(model, variables, self.metric_examples)
-        return projection.magnitude_masks(model, sparsity, self.structure, self.scope,
-                                          variables, existing, importance=importance,
-                                          layer_floor=self.layer_floor)
+        return projection.magnitude_masks(
+            model,
+            sparsity,
+            self.structure,
+            self.scope,
+            variables,
+            existing,
+            importance=importance,
+            layer_floor=self.layer_floor,
+        )
 
     def _optimizer(self, steps, penalty, offset=0):
         if not penalty:
@@ -485,8 +505,9 @@ class Compress(Operation):
             measure_every=self.record_every,
         )
         penalty = settle or self.step_rule == "penalty"
-        trainer.compile(optimizer=self._optimizer(steps, penalty, offset),
-                        jit_compile=self.jit_compile)
+        trainer.compile(
+            optimizer=self._optimizer(steps, penalty, offset), jit_compile=self.jit_compile
+        )
         return trainer
 
     def call(self, model):
@@ -514,21 +535,35 @@ class Compress(Operation):
         self._update_every = self.target_update_interval(pull_steps)
         labelled = self.task_weight > 0 and y is not None
         secondary = (x, y) if labelled else None
-        dataset = fip_dataset(model, x, secondary=secondary, batch_size=self.batch_size,
-                              seed=self.seed)  # Checks that the data fit the model.
+        dataset = fip_dataset(
+            model, x, secondary=secondary, batch_size=self.batch_size, seed=self.seed
+        )  # Checks that the data fit the model.
         self._beta = self._resolve_beta(model, variables)
         self._learning_rate = self._resolve_learning_rate(variables)
         checkpoint = self.open_checkpoint(self.checkpoint_directory)
-        self.path = self.open_walk_path(model, checkpoint, self.record_every,
-                                        self.path_directory)
+        self.path = self.open_walk_path(model, checkpoint, self.record_every, self.path_directory)
 
         def walk(phase, trainer, steps, callbacks, state_variables=()):
             if checkpoint is None:
-                return trainer.walk(dataset, steps, path=self.path, callbacks=callbacks,
-                                    verbose=self.verbose, log_dir=self.log_dir)
-            return checkpoint.walk(phase, trainer, dataset, steps, self.path,
-                                   callbacks=callbacks, state_variables=state_variables,
-                                   verbose=self.verbose, log_dir=self.log_dir)
+                return trainer.walk(
+                    dataset,
+                    steps,
+                    path=self.path,
+                    callbacks=callbacks,
+                    verbose=self.verbose,
+                    log_dir=self.log_dir,
+                )
+            return checkpoint.walk(
+                phase,
+                trainer,
+                dataset,
+                steps,
+                self.path,
+                callbacks=callbacks,
+                state_variables=state_variables,
+                verbose=self.verbose,
+                log_dir=self.log_dir,
+            )
 
         # Pull towards the projection onto the ramping sparse set
         by_id = {id(v): i for i, v in enumerate(model.trainable_variables)}
@@ -537,13 +572,19 @@ class Compress(Operation):
             keras.Variable(np.ones(v.shape, "float32"), trainable=False, name=f"target_{i}")
             for i, v in enumerate(variables)
         ]
-        objective = _ProjectionDistance(indices, mask_variables,
-                                        self.task_weight if labelled else 0.0, self._beta)
+        objective = _ProjectionDistance(
+            indices, mask_variables, self.task_weight if labelled else 0.0, self._beta
+        )
         ramp = _RampTargets(self, variables, mask_variables, pull_steps, existing)
         ramp.model_to_prune = model
         trainer = self._trainer(model, total_steps, objective)
-        history = walk("pull", trainer, pull_steps, [ramp] + list(self.callbacks or []),
-                       state_variables=mask_variables)
+        history = walk(
+            "pull",
+            trainer,
+            pull_steps,
+            [ramp] + list(self.callbacks or []),
+            state_variables=mask_variables,
+        )
 
         # Apply the final mask exactly, then settle with it fixed (D alone)
         final = self._masks(model, self.sparsity, variables, existing)
@@ -552,13 +593,14 @@ class Compress(Operation):
             task = _TaskLoss(self.task_weight) if labelled else None
             settle = self._trainer(model, total_steps, task, settle=True, offset=pull_steps)
             settled = walk("settle", settle, settle_steps, list(self.callbacks or []))
-            history = {key: list(history.get(key, [])) + list(settled.get(key, []))
-                       for key in set(history) | set(settled)}
+            history = {
+                key: list(history.get(key, [])) + list(settled.get(key, []))
+                for key in set(history) | set(settled)
+            }
         if checkpoint is not None:
             checkpoint.close()
         if self._walk_training and normalized:
-            normalization.recalibrate_batch_normalization(model, self._inputs,
-                                                          self.batch_size * 2)
+            normalization.recalibrate_batch_normalization(model, self._inputs, self.batch_size * 2)
         self.history = dict(history)
         self.history["beta"] = self._beta
         self.history["learning_rate"] = self._learning_rate

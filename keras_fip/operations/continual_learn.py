@@ -54,8 +54,7 @@ class _EvaluateTasks(keras.callbacks.Callback):
         self.step = 0
         self.history = {"eval_step": []}
         self.seconds = 0.0
-        self.forward = tf.function(lambda x: network(x, training=False),
-                                   reduce_retracing=True)
+        self.forward = tf.function(lambda x: network(x, training=False), reduce_retracing=True)
 
     def evaluate(self):
         began = time.perf_counter()
@@ -66,8 +65,9 @@ class _EvaluateTasks(keras.callbacks.Callback):
             for start in range(0, count, self.batch_size):
                 batch = data_adapter.take(x, slice(start, start + self.batch_size))
                 logits = self.forward(tf.nest.map_structure(tf.constant, batch))
-                correct += int(np.sum(np.argmax(logits.numpy(), -1) ==
-                                      y[start:start + self.batch_size]))
+                correct += int(
+                    np.sum(np.argmax(logits.numpy(), -1) == y[start : start + self.batch_size])
+                )
             self.history.setdefault(f"task_{i}/accuracy", []).append(correct / count)
         self.seconds += time.perf_counter() - began
 
@@ -268,15 +268,19 @@ class ContinualLearn(Operation):
         if memory is not None:
             normalize_data(memory, name="memory")
         self.memory = memory
-        self.memory_per_task = self.check_number(memory_per_task, "memory_per_task", low=0,
-                                                 low_inclusive=True, integer=True)
-        self.epochs = self.check_number(epochs, "epochs", low=1, low_inclusive=True,
-                                        integer=True)
+        self.memory_per_task = self.check_number(
+            memory_per_task, "memory_per_task", low=0, low_inclusive=True, integer=True
+        )
+        self.epochs = self.check_number(epochs, "epochs", low=1, low_inclusive=True, integer=True)
         if not (isinstance(beta, str) and beta == "auto"):
             beta = self.check_number(beta, "beta", low=0.0)
         self.beta = beta
         if not isinstance(distance, str) or distance not in (
-                "kl", "bhattacharyya", "l2", "squared_l2"):
+            "kl",
+            "bhattacharyya",
+            "l2",
+            "squared_l2",
+        ):
             raise ValueError(
                 "`distance` must be one of ['kl', 'bhattacharyya', 'l2']. "
                 f"Received: distance={distance!r}"
@@ -285,11 +289,13 @@ class ContinualLearn(Operation):
         self.step_rule = self.check_choice(step_rule, "step_rule", step_rules.STEP_RULES)
         self.learning_rate = self.check_number(learning_rate, "learning_rate", low=0.0)
         self.epsilon = self.check_number(epsilon, "epsilon", low=0.0)
-        self.batch_size = self.check_number(batch_size, "batch_size", low=1,
-                                            low_inclusive=True, integer=True)
+        self.batch_size = self.check_number(
+            batch_size, "batch_size", low=1, low_inclusive=True, integer=True
+        )
         if memory_batch_size is not None:
-            memory_batch_size = self.check_number(memory_batch_size, "memory_batch_size",
-                                                  low=1, low_inclusive=True, integer=True)
+            memory_batch_size = self.check_number(
+                memory_batch_size, "memory_batch_size", low=1, low_inclusive=True, integer=True
+            )
         self.memory_batch_size = memory_batch_size
         self.training = self.check_training(training)
         self._eval_tasks = []
@@ -301,18 +307,21 @@ class ContinualLearn(Operation):
                 )
             for i, task in enumerate(eval_tasks):
                 tx, ty = normalize_data(task, name=f"eval_tasks[{i}]", require_labels=True)
-                self._eval_tasks.append((data_adapter.float32_inputs(tx),
-                                         np.asarray(ty).astype("int64")))
+                self._eval_tasks.append(
+                    (data_adapter.float32_inputs(tx), np.asarray(ty).astype("int64"))
+                )
         self.eval_tasks = eval_tasks
         if eval_every is not None:
-            eval_every = self.check_number(eval_every, "eval_every", low=1,
-                                           low_inclusive=True, integer=True)
+            eval_every = self.check_number(
+                eval_every, "eval_every", low=1, low_inclusive=True, integer=True
+            )
         self.eval_every = eval_every
         self.record_every, self.path_directory, self.seed = self.check_path_options(
             record_every, path_directory, seed
         )
         self.checkpoint_directory = self.check_checkpoint_directory(
-            checkpoint_directory, self.path_directory, self.seed)
+            checkpoint_directory, self.path_directory, self.seed
+        )
         self.jit_compile = bool(jit_compile)
 
     # Validation against the model (before any work).
@@ -326,14 +335,18 @@ class ContinualLearn(Operation):
         # A dataset batched with a static batch size is only told from one of single
         # examples by the model's inputs: datasets are read again for the model.
         if isinstance(self.new_task, tf.data.Dataset):
-            self._task = normalize_data(self.new_task, name="new_task", require_labels=True,
-                                        model=model)
+            self._task = normalize_data(
+                self.new_task, name="new_task", require_labels=True, model=model
+            )
         for i, task in enumerate(self.eval_tasks or []):
             if isinstance(task, tf.data.Dataset):
-                tx, ty = normalize_data(task, name=f"eval_tasks[{i}]", require_labels=True,
-                                        model=model)
-                self._eval_tasks[i] = (data_adapter.float32_inputs(tx),
-                                       np.asarray(ty).astype("int64"))
+                tx, ty = normalize_data(
+                    task, name=f"eval_tasks[{i}]", require_labels=True, model=model
+                )
+                self._eval_tasks[i] = (
+                    data_adapter.float32_inputs(tx),
+                    np.asarray(ty).astype("int64"),
+                )
         x, y = self._task
         check_inputs_match_model(model, x, name="new_task")
         memory = self.memory if self.memory is not None else carried_data(model)
@@ -348,7 +361,7 @@ class ContinualLearn(Operation):
         if self.head == "append":
             heads.output_layer(model)
         heads.task_labels(model.output_shape[-1], y, self.head)
-        for i, (tx, ty) in enumerate(self._eval_tasks):
+        for i, (tx, _) in enumerate(self._eval_tasks):
             check_inputs_match_model(model, tx, name=f"eval_tasks[{i}]")
         return data_adapter.float32_inputs(x), y, data_adapter.float32_inputs(memory_x)
 
@@ -369,20 +382,24 @@ class ContinualLearn(Operation):
         return AUTO_BETA * total_jacobian / (0.5 * total_fisher)
 
     def _dataset(self, memory_x, reference, x, labels):
-        memory_batch = min(self.memory_batch_size or self.batch_size,
-                           data_adapter.num_examples(memory_x))
+        memory_batch = min(
+            self.memory_batch_size or self.batch_size, data_adapter.num_examples(memory_x)
+        )
         batch = min(self.batch_size, data_adapter.num_examples(x))
         seed = self.seed
 
         def repeated(tensors, size, offset):
             return data_adapter.repeated_batches(
-                tensors, size, True, None if seed is None else seed + offset)
+                tensors, size, True, None if seed is None else seed + offset
+            )
 
-        anchor = repeated({"anchor_inputs": memory_x, "anchor_outputs": reference},
-                          memory_batch, 0)
+        anchor = repeated({"anchor_inputs": memory_x, "anchor_outputs": reference}, memory_batch, 0)
         task = repeated((x, labels), batch, 1)
-        return tf.data.Dataset.zip((anchor, task)).map(
-            lambda a, s: {**a, "secondary": s}).prefetch(tf.data.AUTOTUNE)
+        return (
+            tf.data.Dataset.zip((anchor, task))
+            .map(lambda a, s: {**a, "secondary": s})
+            .prefetch(tf.data.AUTOTUNE)
+        )
 
     def call(self, model):
         # Validate everything before any work
@@ -395,7 +412,7 @@ class ContinualLearn(Operation):
         # The head
         model, labels = heads.prepare_head(model, x, y, self.head, seed=self.seed)
         reference = pad_reference(reference, int(model.output_shape[-1]), self.distance)
-        for i, (tx, ty) in enumerate(self._eval_tasks):
+        for i, (_tx, ty) in enumerate(self._eval_tasks):
             if ty.min() < 0 or ty.max() >= model.output_shape[-1]:
                 raise ValueError(
                     f"`eval_tasks[{i}]` labels must be outputs of the returned model, in "
@@ -421,12 +438,12 @@ class ContinualLearn(Operation):
         optimizer = None
         if self.step_rule == "penalty":
             optimizer = keras.optimizers.Adam(
-                keras.optimizers.schedules.CosineDecay(self.learning_rate, steps))
+                keras.optimizers.schedules.CosineDecay(self.learning_rate, steps)
+            )
         trainer.compile(optimizer=optimizer, jit_compile=self.jit_compile)
         dataset = self._dataset(memory_x, reference, x, labels)
         checkpoint = self.open_checkpoint(self.checkpoint_directory)
-        self.path = self.open_walk_path(model, checkpoint, self.record_every,
-                                        self.path_directory)
+        self.path = self.open_walk_path(model, checkpoint, self.record_every, self.path_directory)
         callbacks = list(self.callbacks or [])
         evaluator = None
         if self._eval_tasks:
@@ -434,29 +451,52 @@ class ContinualLearn(Operation):
             evaluator = _EvaluateTasks(model, self._eval_tasks, every)
             callbacks = [evaluator] + callbacks
         if checkpoint is None:
-            history = trainer.walk(dataset, steps, path=self.path, callbacks=callbacks,
-                                   verbose=self.verbose, log_dir=self.log_dir)
+            history = trainer.walk(
+                dataset,
+                steps,
+                path=self.path,
+                callbacks=callbacks,
+                verbose=self.verbose,
+                log_dir=self.log_dir,
+            )
         else:
-            history = checkpoint.walk("walk", trainer, dataset, steps, self.path,
-                                      callbacks=callbacks, verbose=self.verbose,
-                                      log_dir=self.log_dir)
+            history = checkpoint.walk(
+                "walk",
+                trainer,
+                dataset,
+                steps,
+                self.path,
+                callbacks=callbacks,
+                verbose=self.verbose,
+                log_dir=self.log_dir,
+            )
             checkpoint.close()
         if walk_training and normalized:
             rng = np.random.default_rng(self.seed)
-            sample = data_adapter.take(x, np.sort(rng.choice(
-                count, min(count, data_adapter.num_examples(memory_x)), replace=False)))
+            sample = data_adapter.take(
+                x,
+                np.sort(
+                    rng.choice(
+                        count, min(count, data_adapter.num_examples(memory_x)), replace=False
+                    )
+                ),
+            )
             normalization.recalibrate_batch_normalization(
-                model, data_adapter.concatenate([memory_x, sample]), self.batch_size * 2)
+                model, data_adapter.concatenate([memory_x, sample]), self.batch_size * 2
+            )
         if evaluator is not None:
             evaluator.finish(steps)  # The returned model's accuracy is the last point.
 
         # Memory and history
         if self.memory_per_task:
             # The class-balanced draw, by example index (the inputs may be several).
-            chosen, _ = memory_sample(np.arange(count), y, self.memory_per_task,
-                                      seed=0 if self.seed is None else self.seed)
-            carry_data(model, data_adapter.concatenate(
-                [memory_x, data_adapter.take(x, chosen)]))
+            chosen, _ = memory_sample(
+                np.arange(count),
+                y,
+                self.memory_per_task,
+                seed=0 if self.seed is None else self.seed,
+            )
+            carry_data(model, data_adapter.concatenate([memory_x, data_adapter.take(x, chosen)]))
         else:
             carry_data(model, memory_x)
         self.history = dict(history)

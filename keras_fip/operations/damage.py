@@ -26,30 +26,75 @@ MIXINGS = ("equal", "sqrt")
 OUTPUTS = ("logits", "probabilities")
 
 # Layers whose units (the last axis of the kernel) `kind="nodes"` deletes.
-_UNIT_LAYERS = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D,
-                keras.layers.Conv3D)
-_TRANSPOSED = tuple(getattr(keras.layers, name) for name in (
-    "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose") if hasattr(keras.layers, name))
+_UNIT_LAYERS = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+_TRANSPOSED = tuple(
+    getattr(keras.layers, name)
+    for name in ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose")
+    if hasattr(keras.layers, name)
+)
 # Layers with weights that mix channels: a unit's influence stops there (outputs reached
 # only through them do not make a layer the output layer).
-_WEIGHT_LAYERS = tuple(getattr(keras.layers, name) for name in (
-    "Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose",
-    "Conv2DTranspose", "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D",
-    "SeparableConv1D", "SeparableConv2D", "MultiHeadAttention", "Embedding")
-    if hasattr(keras.layers, name)) + (keras.Model,)
+_WEIGHT_LAYERS = tuple(
+    getattr(keras.layers, name)
+    for name in (
+        "Dense",
+        "EinsumDense",
+        "Conv1D",
+        "Conv2D",
+        "Conv3D",
+        "Conv1DTranspose",
+        "Conv2DTranspose",
+        "Conv3DTranspose",
+        "DepthwiseConv1D",
+        "DepthwiseConv2D",
+        "SeparableConv1D",
+        "SeparableConv2D",
+        "MultiHeadAttention",
+        "Embedding",
+    )
+    if hasattr(keras.layers, name)
+) + (keras.Model,)
 # Element-wise activations: a zero channel stays zero iff f(0) = 0 (checked numerically).
-_ACTIVATION_LAYERS = tuple(getattr(keras.layers, name) for name in (
-    "Activation", "ReLU", "LeakyReLU", "ELU", "PReLU") if hasattr(keras.layers, name))
+_ACTIVATION_LAYERS = tuple(
+    getattr(keras.layers, name)
+    for name in ("Activation", "ReLU", "LeakyReLU", "ELU", "PReLU")
+    if hasattr(keras.layers, name)
+)
 # Layers that keep each channel on the last axis and map a zero channel to zero.
-_STRUCTURAL_LAYERS = tuple(getattr(keras.layers, name) for name in (
-    "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
-    "GaussianDropout", "Identity", "MaxPooling1D", "MaxPooling2D",
-    "MaxPooling3D", "AveragePooling1D", "AveragePooling2D", "AveragePooling3D",
-    "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D",
-    "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D", "ZeroPadding1D",
-    "ZeroPadding2D", "ZeroPadding3D", "Cropping1D", "Cropping2D", "Cropping3D",
-    "UpSampling1D", "UpSampling2D", "UpSampling3D", "ActivityRegularization")
-    if hasattr(keras.layers, name))
+_STRUCTURAL_LAYERS = tuple(
+    getattr(keras.layers, name)
+    for name in (
+        "Dropout",
+        "SpatialDropout1D",
+        "SpatialDropout2D",
+        "SpatialDropout3D",
+        "GaussianDropout",
+        "Identity",
+        "MaxPooling1D",
+        "MaxPooling2D",
+        "MaxPooling3D",
+        "AveragePooling1D",
+        "AveragePooling2D",
+        "AveragePooling3D",
+        "GlobalAveragePooling1D",
+        "GlobalAveragePooling2D",
+        "GlobalAveragePooling3D",
+        "GlobalMaxPooling1D",
+        "GlobalMaxPooling2D",
+        "GlobalMaxPooling3D",
+        "ZeroPadding1D",
+        "ZeroPadding2D",
+        "ZeroPadding3D",
+        "Cropping1D",
+        "Cropping2D",
+        "Cropping3D",
+        "UpSampling1D",
+        "UpSampling2D",
+        "UpSampling3D",
+        "ActivityRegularization",
+    )
+    if hasattr(keras.layers, name)
+)
 
 # The attribute of a damaged model that holds its `DamageReference` (saved in `.keras`).
 _STATE_ATTRIBUTE = "_keras_fip_damage_reference"
@@ -95,8 +140,7 @@ class DamageReference:
     True
     """
 
-    def __init__(self, weights, masks, damage_masks, inputs=None, outputs=None,
-                 records=None):
+    def __init__(self, weights, masks, damage_masks, inputs=None, outputs=None, records=None):
         self.weights = list(weights)
         self.masks = list(masks)
         self.damage_masks = list(damage_masks)
@@ -164,9 +208,13 @@ def attach_reference(model, reference):
 def _pack(reference):
     """A flat dict of numpy arrays holding a `DamageReference` (for `.keras` files)."""
     arrays = {}
-    layout = {"weights": len(reference.weights), "masks": [], "damage_masks": [],
-              "inputs": reference.inputs is not None,
-              "outputs": reference.outputs is not None}
+    layout = {
+        "weights": len(reference.weights),
+        "masks": [],
+        "damage_masks": [],
+        "inputs": reference.inputs is not None,
+        "outputs": reference.outputs is not None,
+    }
     for index, weight in enumerate(reference.weights):
         arrays[f"weight_{index}"] = np.asarray(weight)
     for field in ("masks", "damage_masks"):
@@ -198,12 +246,18 @@ def _unpack(arrays):
     weights = [np.asarray(arrays[f"weight_{i}"]) for i in range(layout["weights"])]
     masks = {}
     for field in ("masks", "damage_masks"):
-        masks[field] = [np.asarray(arrays[f"{field}_{i}"]).astype(bool) if present else None
-                        for i, present in enumerate(layout[field])]
+        masks[field] = [
+            np.asarray(arrays[f"{field}_{i}"]).astype(bool) if present else None
+            for i, present in enumerate(layout[field])
+        ]
     return DamageReference(
-        weights, masks["masks"], masks["damage_masks"],
+        weights,
+        masks["masks"],
+        masks["damage_masks"],
         np.asarray(arrays["inputs"]) if layout["inputs"] else None,
-        np.asarray(arrays["outputs"]) if layout["outputs"] else None, layout["records"])
+        np.asarray(arrays["outputs"]) if layout["outputs"] else None,
+        layout["records"],
+    )
 
 
 class _ReferenceState(keras.Operation):
@@ -259,9 +313,11 @@ def load_damaged_model(filepath, custom_objects=None, compile=True, safe_mode=Tr
     """
     if not isinstance(filepath, (str, os.PathLike)) or not str(filepath).endswith(".keras"):
         raise ValueError(
-            f"`filepath` must be the path of a `.keras` file. Received: filepath={filepath!r}")
-    model = keras.saving.load_model(filepath, custom_objects=custom_objects,
-                                    compile=compile, safe_mode=safe_mode)
+            f"`filepath` must be the path of a `.keras` file. Received: filepath={filepath!r}"
+        )
+    model = keras.saving.load_model(
+        filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode
+    )
     state = _ReferenceState()
     setattr(model, _STATE_ATTRIBUTE, state)
     # The same file again, through Keras's own reader: it visits the empty state, which
@@ -274,10 +330,14 @@ def load_damaged_model(filepath, custom_objects=None, compile=True, safe_mode=Tr
 
 def _predict(model, x, batch_size=1024):
     """Inference-mode outputs in eager batches (no tf.function traced per model)."""
-    return np.concatenate([
-        keras.ops.convert_to_numpy(
-            model(data_adapter.take(x, slice(i, i + batch_size)), training=False))
-        for i in range(0, data_adapter.num_examples(x), batch_size)])
+    return np.concatenate(
+        [
+            keras.ops.convert_to_numpy(
+                model(data_adapter.take(x, slice(i, i + batch_size)), training=False)
+            )
+            for i in range(0, data_adapter.num_examples(x), batch_size)
+        ]
+    )
 
 
 def _keeps_zero(function, shape):
@@ -364,11 +424,18 @@ def _unit_plan(layer, consumers, outputs):
             single = len(keras.tree.flatten(consumer.input)) == 1
             if isinstance(consumer, keras.layers.Dense) and single:
                 plan.add(consumer.kernel, 0, spatial)
-            elif (isinstance(consumer, _UNIT_LAYERS) and single and spatial == 1
-                  and consumer.data_format == "channels_last" and consumer.groups == 1):
+            elif (
+                isinstance(consumer, _UNIT_LAYERS)
+                and single
+                and spatial == 1
+                and consumer.data_format == "channels_last"
+                and consumer.groups == 1
+            ):
                 plan.add(consumer.kernel, -2)
-            elif (isinstance(consumer, keras.layers.BatchNormalization)
-                  and consumer.axis in (-1, len(tensor.shape) - 1)):
+            elif isinstance(consumer, keras.layers.BatchNormalization) and consumer.axis in (
+                -1,
+                len(tensor.shape) - 1,
+            ):
                 if consumer.scale:
                     plan.add(consumer.gamma, 0, spatial)
                 if consumer.center:
@@ -380,7 +447,8 @@ def _unit_plan(layer, consumers, outputs):
             elif isinstance(consumer, _STRUCTURAL_LAYERS) and spatial == 1:
                 frontier.append((consumer.output, spatial, zero))
             elif isinstance(consumer, keras.layers.Flatten) and (
-                    spatial == 1 and all(d is not None for d in tensor.shape[1:])):
+                spatial == 1 and all(d is not None for d in tensor.shape[1:])
+            ):
                 size = int(np.prod(tensor.shape[1:-1], dtype=np.int64))
                 frontier.append((consumer.output, size, zero))
             elif not zero:
@@ -399,10 +467,13 @@ def _check_units(units, kind, fraction, count):
             f"fraction={fraction!r}, count={count!r}"
         )
     if not isinstance(units, dict) or not all(
-            isinstance(name, str) and isinstance(indices, (list, tuple, np.ndarray))
-            and all(isinstance(u, (int, np.integer)) and not isinstance(u, bool) and u >= 0
-                    for u in indices)
-            for name, indices in units.items()):
+        isinstance(name, str)
+        and isinstance(indices, (list, tuple, np.ndarray))
+        and all(
+            isinstance(u, (int, np.integer)) and not isinstance(u, bool) and u >= 0 for u in indices
+        )
+        for name, indices in units.items()
+    ):
         raise ValueError(
             "`units` must be a dict mapping layer names to lists of non-negative unit "
             f"indices. Received: units={units!r}"
@@ -440,8 +511,11 @@ def hidden_units(model, layers=None):
     listing = {}
     for plan in plans:
         mask = masks_lib._mask_of(plan.layer.kernel)
-        deleted = [] if mask is None else np.flatnonzero(
-            ~np.any(mask.reshape(-1, plan.channels), axis=0)).tolist()
+        deleted = (
+            []
+            if mask is None
+            else np.flatnonzero(~np.any(mask.reshape(-1, plan.channels), axis=0)).tolist()
+        )
         listing[plan.layer.name] = (plan.channels, deleted)
     return listing
 
@@ -539,10 +613,27 @@ class Damage(Operation):
     >>> attacked = adversary(model)
     """
 
-    def __init__(self, kind, fraction=None, count=None, norm=None, layers=None,
-                 scope="global", data=None, seed=None, num_eigenpairs=20, mixing="equal",
-                 eigen_examples=1000, eigen_tol=1e-3, outputs="logits", bits=None,
-                 bit_format="float32", allow_dead_layers=False, units=None, **kwargs):
+    def __init__(
+        self,
+        kind,
+        fraction=None,
+        count=None,
+        norm=None,
+        layers=None,
+        scope="global",
+        data=None,
+        seed=None,
+        num_eigenpairs=20,
+        mixing="equal",
+        eigen_examples=1000,
+        eigen_tol=1e-3,
+        outputs="logits",
+        bits=None,
+        bit_format="float32",
+        allow_dead_layers=False,
+        units=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.kind = self.check_choice(kind, "kind", KINDS)
         zeroing = kind in ("nodes", "weights")
@@ -558,12 +649,12 @@ class Damage(Operation):
                     "`fraction` applies to kind 'nodes' or 'weights' only. "
                     f"Received: fraction={fraction!r} with kind={kind!r}"
                 )
-            fraction = self.check_number(fraction, "fraction", low=0.0, high=1.0,
-                                         low_inclusive=True)
+            fraction = self.check_number(
+                fraction, "fraction", low=0.0, high=1.0, low_inclusive=True
+            )
         if kind == "bitflip" and count is None:
             raise ValueError(
-                "`kind='bitflip'` needs `count`, the number of bits to flip. "
-                "Received: count=None"
+                "`kind='bitflip'` needs `count`, the number of bits to flip. Received: count=None"
             )
         if count is not None:
             if kind in ("gaussian", "eigen"):
@@ -571,8 +662,7 @@ class Damage(Operation):
                     "`count` applies to kind 'nodes', 'weights' or 'bitflip' only. "
                     f"Received: count={count!r} with kind={kind!r}"
                 )
-            count = self.check_number(count, "count", low=0, low_inclusive=True,
-                                      integer=True)
+            count = self.check_number(count, "count", low=0, low_inclusive=True, integer=True)
         if kind in ("gaussian", "eigen"):
             if norm is None:
                 raise ValueError(
@@ -589,20 +679,28 @@ class Damage(Operation):
         self.check_choice(scope, "scope", SCOPES)
         if seed is not None:
             seed = self.check_number(seed, "seed", low=0, low_inclusive=True, integer=True)
-        num_eigenpairs = self.check_number(num_eigenpairs, "num_eigenpairs", low=1,
-                                           low_inclusive=True, integer=True)
+        num_eigenpairs = self.check_number(
+            num_eigenpairs, "num_eigenpairs", low=1, low_inclusive=True, integer=True
+        )
         self.check_choice(mixing, "mixing", MIXINGS)
-        eigen_examples = self.check_number(eigen_examples, "eigen_examples", low=1,
-                                           low_inclusive=True, integer=True)
+        eigen_examples = self.check_number(
+            eigen_examples, "eigen_examples", low=1, low_inclusive=True, integer=True
+        )
         eigen_tol = self.check_number(eigen_tol, "eigen_tol", low=0.0, low_inclusive=True)
         self.check_choice(outputs, "outputs", OUTPUTS)
         self.check_choice(bit_format, "bit_format", faults.FORMATS)
         if bits is not None:
             width = faults.num_bits(bit_format)
             names = faults.BIT_CLASSES if bit_format == "float32" else ("sign",)
-            valid = bits in names if isinstance(bits, str) else (
-                isinstance(bits, (int, np.integer)) and not isinstance(bits, bool)
-                and 0 <= bits < width)
+            valid = (
+                bits in names
+                if isinstance(bits, str)
+                else (
+                    isinstance(bits, (int, np.integer))
+                    and not isinstance(bits, bool)
+                    and 0 <= bits < width
+                )
+            )
             if not valid:
                 raise ValueError(
                     f"`bits` must be None, one of {list(names)} or a bit index in "
@@ -661,8 +759,9 @@ class Damage(Operation):
         # What changed, and the undamaged network for Repair
         after = [v.numpy().astype(np.float64) for v in model.trainable_variables]
         record["kind"] = self.kind
-        record["perturbation_norm"] = float(np.sqrt(sum(
-            np.sum(np.square(b - a)) for a, b in zip(before, after))))
+        record["perturbation_norm"] = float(
+            np.sqrt(sum(np.sum(np.square(b - a)) for a, b in zip(before, after)))
+        )
         self.record = record
         self._attach_reference(model, undamaged, old_masks, zeroed, inputs)
         return model
@@ -686,16 +785,23 @@ class Damage(Operation):
         if earlier is not None and len(earlier.weights) == len(undamaged):
             damage_masks = [
                 a if b is None else (b if a is None else a & b)
-                for a, b in zip(earlier.damage_masks, new_masks)]
-            reference = DamageReference(earlier.weights, earlier.masks, damage_masks,
-                                        earlier.inputs, earlier.outputs,
-                                        earlier.records + [self.record])
+                for a, b in zip(earlier.damage_masks, new_masks)
+            ]
+            reference = DamageReference(
+                earlier.weights,
+                earlier.masks,
+                damage_masks,
+                earlier.inputs,
+                earlier.outputs,
+                earlier.records + [self.record],
+            )
         else:
             outputs = None
             if inputs is not None:
                 outputs = self._reference_outputs
-            reference = DamageReference(undamaged, old_masks, new_masks, inputs, outputs,
-                                        [self.record])
+            reference = DamageReference(
+                undamaged, old_masks, new_masks, inputs, outputs, [self.record]
+            )
         attach_reference(model, reference)
 
     # Layer selection.
@@ -789,8 +895,11 @@ class Damage(Operation):
                 plan.zero(masks_by_id, unit)
         zeroed = self._apply(model, masks_by_id)
         units = {plan.layer.name: sorted(u) for plan, u in zip(plans, chosen)}
-        return {"units": units, "num_hit": int(sum(len(u) for u in chosen)),
-                "num_units": int(sum(sizes))}, zeroed
+        return {
+            "units": units,
+            "num_hit": int(sum(len(u) for u in chosen)),
+            "num_units": int(sum(sizes)),
+        }, zeroed
 
     def _explicit_units(self, plans):
         """The units named by `units`, checked against the layers' unit counts."""
@@ -825,7 +934,8 @@ class Damage(Operation):
                 f"({type(model).__name__}): {error}"
             ) from error
         candidates = [
-            layer for layer in model.layers
+            layer
+            for layer in model.layers
             if isinstance(layer, _UNIT_LAYERS) and not isinstance(layer, _TRANSPOSED)
         ]
         plans, problems = [], {}
@@ -845,15 +955,15 @@ class Damage(Operation):
             if blocked:
                 problems[layer.name] = (
                     "its units' activation is not zero at zero input and reaches "
-                    f"{', '.join(blocked)} directly")
+                    f"{', '.join(blocked)} directly"
+                )
                 continue
             plans.append(plan)
         if selected is not None:
             by_name = {plan.layer.name: plan for plan in plans}
             for layer in selected:
                 if layer.name not in by_name:
-                    reason = problems.get(
-                        layer.name, "it is not a top-level Dense or Conv layer")
+                    reason = problems.get(layer.name, "it is not a top-level Dense or Conv layer")
                     raise ValueError(
                         f"`layers` names `{layer.name}`, whose units cannot be deleted: "
                         f"{reason}. Received: layers={self.layers!r}"
@@ -868,11 +978,11 @@ class Damage(Operation):
 
     def _apply(self, model, masks_by_id):
         """Attaches the zeroing masks; returns them keyed by `id(variable)`."""
-        keys = dict(zip((id(v) for v in model.weights),
-                        masks_lib._variable_keys(model.weights)))
+        keys = dict(zip((id(v) for v in model.weights), masks_lib._variable_keys(model.weights)))
         if masks_by_id:
             masks_lib.apply_masks(
-                model, {keys[identity]: mask for identity, mask in masks_by_id.items()})
+                model, {keys[identity]: mask for identity, mask in masks_by_id.items()}
+            )
         return masks_by_id
 
     def _free(self, variables):
@@ -892,8 +1002,7 @@ class Damage(Operation):
             owner = np.repeat(np.arange(len(free)), [f.size for f in free])
             chosen = rng.permutation(pool.size)[: self._count(pool.size, what)]
             return [np.sort(pool[chosen[owner[chosen] == i]]) for i in range(len(free))]
-        return [np.sort(f[rng.permutation(f.size)[: self._count(f.size, what)]])
-                for f in free]
+        return [np.sort(f[rng.permutation(f.size)[: self._count(f.size, what)]]) for f in free]
 
     def _damage_weights(self, model, selected, inputs, labels, rng):
         variables = self._variables_of(model, selected, kernels_only=True)
@@ -909,13 +1018,15 @@ class Damage(Operation):
             masks_by_id[id(variable)] = mask
             hit[variable.path] = indices.tolist()
         zeroed = self._apply(model, masks_by_id)
-        return {"weights": hit, "num_hit": int(sum(len(i) for i in per_variable)),
-                "num_weights": int(sum(f.size for f in free))}, zeroed
+        return {
+            "weights": hit,
+            "num_hit": int(sum(len(i) for i in per_variable)),
+            "num_weights": int(sum(f.size for f in free)),
+        }, zeroed
 
     def _add(self, variables, perturbation):
         for variable, delta in zip(variables, perturbation):
-            variable.assign(
-                (variable.numpy().astype(np.float64) + delta).astype(variable.dtype))
+            variable.assign((variable.numpy().astype(np.float64) + delta).astype(variable.dtype))
 
     def _damage_gaussian(self, model, selected, inputs, labels, rng):
         variables = self._variables_of(model, selected)
@@ -935,8 +1046,8 @@ class Damage(Operation):
     def _set_perturbation(self, model, variables, perturbation):
         by_id = {id(v): p for v, p in zip(variables, perturbation)}
         self.perturbation = [
-            by_id.get(id(v), np.zeros(v.shape)).astype(v.dtype)
-            for v in model.trainable_variables]
+            by_id.get(id(v), np.zeros(v.shape)).astype(v.dtype) for v in model.trainable_variables
+        ]
 
     def _damage_bitflip(self, model, selected, inputs, labels, rng):
         variables = self._variables_of(model, selected)
@@ -957,9 +1068,15 @@ class Damage(Operation):
             values.reshape(-1)[indices] = new
             variable.assign(values.astype(variable.dtype))
             flips.extend(
-                {"variable": variable.path, "index": int(i), "bit": int(b),
-                 "before": float(o), "after": float(n)}
-                for i, b, o, n in zip(indices, chosen, old, new))
+                {
+                    "variable": variable.path,
+                    "index": int(i),
+                    "bit": int(b),
+                    "before": float(o),
+                    "after": float(n),
+                }
+                for i, b, o, n in zip(indices, chosen, old, new)
+            )
         return {"bits": flips, "num_hit": len(flips), "bit_format": self.bit_format}, {}
 
     def _damage_eigen(self, model, selected, inputs, labels, rng):
@@ -977,15 +1094,17 @@ class Damage(Operation):
             weights = np.full(k, 1.0 / np.sqrt(k))
         else:
             roots = np.sqrt(values)
-            weights = roots / np.linalg.norm(roots) if np.any(roots) else np.full(
-                k, 1.0 / np.sqrt(k))
+            weights = (
+                roots / np.linalg.norm(roots) if np.any(roots) else np.full(k, 1.0 / np.sqrt(k))
+            )
 
         # Signs: first-order ascent of the task loss when labels are known
         signs = np.ones(k)
         if example_labels is not None:
             gradient = self._loss_gradient(model, variables, examples, example_labels)
-            gradient = np.concatenate([g.ravel()[f] for g, f in
-                                       zip(gradient, self._free(variables))])
+            gradient = np.concatenate(
+                [g.ravel()[f] for g, f in zip(gradient, self._free(variables))]
+            )
             signs = np.where(pairs.vectors.T @ gradient >= 0, 1.0, -1.0)
         direction = pairs.vectors @ (weights * signs)
         direction = direction * (self.norm / max(np.linalg.norm(direction), 1e-300))
@@ -1005,13 +1124,19 @@ class Damage(Operation):
         self._add(variables, perturbation)
         self._set_perturbation(model, variables, perturbation)
         return {
-            "num_hit": int(operator.shape[0]), "norm": self.norm,
-            "eigenvalues": pairs.values.tolist(), "coefficients": weights.tolist(),
-            "signs": (sign * signs).astype(int).tolist(), "sign": int(sign),
+            "num_hit": int(operator.shape[0]),
+            "norm": self.norm,
+            "eigenvalues": pairs.values.tolist(),
+            "coefficients": weights.tolist(),
+            "signs": (sign * signs).astype(int).tolist(),
+            "sign": int(sign),
             "num_matvecs": int(pairs.num_matvecs),
-            "predicted_change": float(self.norm ** 2 * np.sum(weights ** 2 * values)),
-            "measured_change": float(scores[sign] if example_labels is None else
-                                     self._harm(model, examples, None, reference)),
+            "predicted_change": float(self.norm**2 * np.sum(weights**2 * values)),
+            "measured_change": float(
+                scores[sign]
+                if example_labels is None
+                else self._harm(model, examples, None, reference)
+            ),
         }, {}
 
     def _restricted(self, model, metric, variables):
@@ -1020,40 +1145,46 @@ class Damage(Operation):
         free = dict(zip((id(v) for v in variables), self._free(variables)))
         sizes = [int(np.prod(v.shape, dtype=np.int64)) for v in everything]
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        index = np.concatenate([free[id(v)] + offset for v, offset in
-                                zip(everything, offsets) if id(v) in free])
+        index = np.concatenate(
+            [free[id(v)] + offset for v, offset in zip(everything, offsets) if id(v) in free]
+        )
         full = metric.as_linear_operator()
         if index.size == metric.num_params:
             operator = full
         else:
+
             def apply(vector):
                 padded = np.zeros(metric.num_params)
                 padded[index] = np.ravel(vector)
                 return full.matvec(padded)[index]
 
             operator = scipy.sparse.linalg.LinearOperator(
-                (index.size, index.size), matvec=apply, rmatvec=apply, dtype=np.float64)
+                (index.size, index.size), matvec=apply, rmatvec=apply, dtype=np.float64
+            )
 
         def unflatten(vector):
             padded = np.zeros(metric.num_params)
             padded[index] = vector
             pieces = np.split(padded, np.cumsum(sizes)[:-1])
-            return [piece.reshape(v.shape) for v, piece in zip(everything, pieces)
-                    if id(v) in free]
+            return [piece.reshape(v.shape) for v, piece in zip(everything, pieces) if id(v) in free]
 
         return operator, unflatten
 
     def _loss_gradient(self, model, variables, x, y):
         """Gradient of the mean cross-entropy on `(x, y)`: one array per variable."""
         loss_fn = keras.losses.SparseCategoricalCrossentropy(
-            from_logits=self.outputs == "logits", reduction="sum")
+            from_logits=self.outputs == "logits", reduction="sum"
+        )
 
         def summed_gradient(batch):
             inputs, labels = batch
             with tf.GradientTape() as tape:
                 loss = loss_fn(labels, model(inputs, training=False))
-            return tape.gradient(loss, [v.value for v in variables],
-                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return tape.gradient(
+                loss,
+                [v.value for v in variables],
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
 
         # Summed per replica under a strategy (distributed variables are read there).
         total = distribute.summed_over_batches(summed_gradient, (x, y), 1024)
@@ -1064,7 +1195,8 @@ class Damage(Operation):
         outputs = _predict(model, x)
         if y is not None:
             loss = keras.losses.sparse_categorical_crossentropy(
-                y, outputs, from_logits=self.outputs == "logits")
+                y, outputs, from_logits=self.outputs == "logits"
+            )
             return float(np.mean(keras.ops.convert_to_numpy(loss)))
         flat = np.reshape(outputs - reference, (data_adapter.num_examples(x), -1))
         return float(np.mean(np.sum(np.square(flat), axis=1)))

@@ -60,27 +60,32 @@ class DamageRepair(Operation):
     8
     """
 
-    def __init__(self, rounds, count=None, fraction=None, repair=None, layers=None,
-                 seed=None, keep_networks=False, **kwargs):
+    def __init__(
+        self,
+        rounds,
+        count=None,
+        fraction=None,
+        repair=None,
+        layers=None,
+        seed=None,
+        keep_networks=False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
-        self.rounds = self.check_number(rounds, "rounds", low=1, low_inclusive=True,
-                                        integer=True)
+        self.rounds = self.check_number(rounds, "rounds", low=1, low_inclusive=True, integer=True)
         if (count is None) == (fraction is None):
             raise ValueError(
                 "Pass exactly one of `count` and `fraction` (the per-round budget). "
                 f"Received: count={count!r}, fraction={fraction!r}"
             )
         if count is not None:
-            count = self.check_number(count, "count", low=1, low_inclusive=True,
-                                      integer=True)
+            count = self.check_number(count, "count", low=1, low_inclusive=True, integer=True)
         if fraction is not None:
             fraction = self.check_number(fraction, "fraction", low=0.0, high=1.0)
         if isinstance(repair, dict):
             repair = keras.saving.deserialize_keras_object(repair)
         if repair is not None and not isinstance(repair, Repair):
-            raise ValueError(
-                f"`repair` must be a `keras_fip.Repair`. Received: repair={repair!r}"
-            )
+            raise ValueError(f"`repair` must be a `keras_fip.Repair`. Received: repair={repair!r}")
         layers = self.check_layer_names(layers)
         if seed is not None:
             seed = self.check_number(seed, "seed", low=0, low_inclusive=True, integer=True)
@@ -91,15 +96,19 @@ class DamageRepair(Operation):
         self.seed = seed
         if not isinstance(keep_networks, (bool, np.bool_)):
             raise ValueError(
-                f"`keep_networks` must be a boolean. Received: keep_networks={keep_networks!r}")
+                f"`keep_networks` must be a boolean. Received: keep_networks={keep_networks!r}"
+            )
         self.keep_networks = bool(keep_networks)
         self.networks = []
 
     def _sample(self, model, rng):
         """`{layer: units}`: the round's units, drawn among the undamaged ones."""
         listing = hidden_units(model, self.layers)
-        free = [(name, unit) for name, (size, deleted) in listing.items()
-                for unit in sorted(set(range(size)) - set(deleted))]
+        free = [
+            (name, unit)
+            for name, (size, deleted) in listing.items()
+            for unit in sorted(set(range(size)) - set(deleted))
+        ]
         total = sum(size for size, _ in listing.values())
         number = self.count if self.count is not None else int(round(self.fraction * total))
         if number > len(free):
@@ -126,26 +135,37 @@ class DamageRepair(Operation):
             # Repair towards the network before the first round
             model = self.repair(damaged)
             history = self.repair.history
-            used = (history["epochs_to_recover"] if history["epochs_to_recover"] is not None
-                    else history["epochs"])
+            used = (
+                history["epochs_to_recover"]
+                if history["epochs_to_recover"] is not None
+                else history["epochs"]
+            )
             cycles += used
             if self.keep_networks:
                 self.networks.append(model.get_weights())
-            rounds.append({
-                "round": index + 1, "units": units,
-                "damaged_accuracy": history["val_accuracy"][0],
-                "repaired_accuracy": history["val_accuracy"][-1],
-                "epochs": history["epochs"],
-                "epochs_to_recover": history["epochs_to_recover"],
-                "undamaged_accuracy": history["undamaged_accuracy"],
-            })
+            rounds.append(
+                {
+                    "round": index + 1,
+                    "units": units,
+                    "damaged_accuracy": history["val_accuracy"][0],
+                    "repaired_accuracy": history["val_accuracy"][-1],
+                    "epochs": history["epochs"],
+                    "epochs_to_recover": history["epochs_to_recover"],
+                    "undamaged_accuracy": history["undamaged_accuracy"],
+                }
+            )
             if self.verbose not in (0, "0"):
-                print(f"round {index + 1}/{self.rounds}: damaged "
-                      f"{rounds[-1]['damaged_accuracy']:.4f} -> repaired "
-                      f"{rounds[-1]['repaired_accuracy']:.4f} in {used:g} epochs")
+                print(
+                    f"round {index + 1}/{self.rounds}: damaged "
+                    f"{rounds[-1]['damaged_accuracy']:.4f} -> repaired "
+                    f"{rounds[-1]['repaired_accuracy']:.4f} in {used:g} epochs"
+                )
         self.path = self.repair.path
-        self.history = {"rounds": rounds, "cycles": cycles,
-                        "recovered": rounds[-1]["epochs_to_recover"] is not None}
+        self.history = {
+            "rounds": rounds,
+            "cycles": cycles,
+            "recovered": rounds[-1]["epochs_to_recover"] is not None,
+        }
         return model
 
     def get_config(self):

@@ -90,7 +90,8 @@ def is_ensemble(model):
         return False
     names = [layer.name for layer in model.layers]
     return COMBINATION_NAME in names and any(
-        isinstance(layer, keras.Model) for layer in model.layers)
+        isinstance(layer, keras.Model) for layer in model.layers
+    )
 
 
 def ensemble_members(model):
@@ -167,12 +168,13 @@ def build_ensemble(members, combine="mean_probabilities", input_shape=None, name
     >>> build_ensemble(members).output_shape
     (None, 2)
     """
-    if not isinstance(members, (list, tuple)) or not members or not all(
-        isinstance(m, keras.Model) for m in members
+    if (
+        not isinstance(members, (list, tuple))
+        or not members
+        or not all(isinstance(m, keras.Model) for m in members)
     ):
         raise ValueError(
-            "`members` must be a non-empty list of `keras.Model`. "
-            f"Received: members={members!r}"
+            f"`members` must be a non-empty list of `keras.Model`. Received: members={members!r}"
         )
     if combine not in SAVED_COMBINES:
         raise ValueError(
@@ -196,14 +198,19 @@ def build_ensemble(members, combine="mean_probabilities", input_shape=None, name
     if data_adapter.is_structured(several):
         # Several inputs: the same dict or list of inputs as the first member's.
         inputs = tf.nest.map_structure(
-            lambda tensor: keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype,
-                                       name=tensor.name), several)
+            lambda tensor: keras.Input(
+                batch_shape=tensor.shape, dtype=tensor.dtype, name=tensor.name
+            ),
+            several,
+        )
     else:
         inputs = keras.Input(tuple(input_shape), dtype=dtype, name="inputs")
     outputs = [member(inputs) for member in members]
     if combine == "mean_probabilities":
-        outputs = [keras.layers.Softmax(name=f"member_{index}_probabilities")(output)
-                   for index, output in enumerate(outputs)]
+        outputs = [
+            keras.layers.Softmax(name=f"member_{index}_probabilities")(output)
+            for index, output in enumerate(outputs)
+        ]
     if len(outputs) == 1:
         combined = keras.layers.Identity(name=COMBINATION_NAME)(outputs[0])
     else:
@@ -251,9 +258,9 @@ class _WalkObjective:
         with tf.GradientTape() as tape:
             tape.watch(inputs)
             probabilities = keras.ops.softmax(
-                tf.cast(model(inputs, training=self.training), "float32"), -1)
-            true = tf.reduce_sum(tf.gather(probabilities, tf.cast(labels, "int32"),
-                                           batch_dims=1))
+                tf.cast(model(inputs, training=self.training), "float32"), -1
+            )
+            true = tf.reduce_sum(tf.gather(probabilities, tf.cast(labels, "int32"), batch_dims=1))
         gradient = tape.gradient(true, inputs) + tf.cast(previous_gradient, inputs.dtype)
         perturbed = inputs - tf.cast(self.radius, inputs.dtype) * tf.sign(gradient)
         return tf.stop_gradient(tf.clip_by_value(perturbed, self.low, self.high))
@@ -265,10 +272,13 @@ class _WalkObjective:
     def __call__(self, model, batch):
         total = tf.constant(0.0)
         if self.direction is not None:
-            total = total - tf.cast(step_rules.inner_product(
-                [tf.cast(u.value, v.dtype) for u, v in zip(self.direction, self.variables)],
-                [v.value for v in self.variables],
-            ), "float32")
+            total = total - tf.cast(
+                step_rules.inner_product(
+                    [tf.cast(u.value, v.dtype) for u, v in zip(self.direction, self.variables)],
+                    [v.value for v in self.variables],
+                ),
+                "float32",
+            )
         if batch is None:
             return total
         if self.task_weight > 0 and "task" in batch:
@@ -282,13 +292,17 @@ class _WalkObjective:
                 total = total + self.diversity * self._cross_entropy(model, inputs, targets)
             else:
                 with tf.GradientTape() as tape:
-                    probabilities = keras.ops.softmax(
-                        model(inputs, training=self.training), -1)
-                    agreement = tf.reduce_mean(tf.reduce_sum(
-                        tf.cast(probabilities, "float32") * tf.cast(targets, "float32"), -1))
+                    probabilities = keras.ops.softmax(model(inputs, training=self.training), -1)
+                    agreement = tf.reduce_mean(
+                        tf.reduce_sum(
+                            tf.cast(probabilities, "float32") * tf.cast(targets, "float32"), -1
+                        )
+                    )
                 gradients = tape.gradient(
-                    agreement, [v.value for v in self.variables],
-                    unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                    agreement,
+                    [v.value for v in self.variables],
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                )
                 norm = tf.cast(step_rules.global_norm(gradients), "float32")
                 total = total + self.diversity * agreement / tf.stop_gradient(norm + 1e-12)
         return total
@@ -314,7 +328,7 @@ def _predict(models, x, batch_size, training=False):
     """Mean softmax of `models` on `x` (numpy), in batches."""
     outputs = []
     for start in range(0, len(x), batch_size):
-        batch = x[start:start + batch_size]
+        batch = x[start : start + batch_size]
         probabilities = [
             keras.ops.convert_to_numpy(keras.ops.softmax(m(batch, training=training), -1))
             for m in models
@@ -327,14 +341,13 @@ def _probability_gradient(models, x, labels, batch_size):
     """Σ_k ∇ₓ p_k,y(x) over `models` (numpy), in batches."""
     gradients = []
     for start in range(0, len(x), batch_size):
-        batch = tf.constant(x[start:start + batch_size])
-        target = tf.constant(labels[start:start + batch_size].astype("int32"))
+        batch = tf.constant(x[start : start + batch_size])
+        target = tf.constant(labels[start : start + batch_size].astype("int32"))
         with tf.GradientTape() as tape:
             tape.watch(batch)
             total = 0.0
             for m in models:
-                probabilities = keras.ops.softmax(
-                    tf.cast(m(batch, training=False), "float32"), -1)
+                probabilities = keras.ops.softmax(tf.cast(m(batch, training=False), "float32"), -1)
                 total += tf.reduce_sum(tf.gather(probabilities, target, batch_dims=1))
         gradients.append(tape.gradient(total, batch).numpy())
     return np.concatenate(gradients).astype(x.dtype)
@@ -349,8 +362,8 @@ def _attack(models, x, labels, epsilon, steps, low, high, batch_size, rng):
     perturbed = []
     step = epsilon if steps == 1 else 2.5 * epsilon / steps
     for start in range(0, len(x), batch_size):
-        clean = x[start:start + batch_size]
-        target = tf.constant(labels[start:start + batch_size])
+        clean = x[start : start + batch_size]
+        target = tf.constant(labels[start : start + batch_size])
         current = clean
         if steps > 1:
             current = np.clip(clean + rng.uniform(-epsilon, epsilon, clean.shape), low, high)
@@ -360,8 +373,9 @@ def _attack(models, x, labels, epsilon, steps, low, high, batch_size, rng):
                 tape.watch(batch)
                 logits = [m(batch, training=False) for m in models]
                 log_mean = EnsembleCombination("log_mean_probabilities")(logits)
-                loss = keras.losses.sparse_categorical_crossentropy(target, log_mean,
-                                                                    from_logits=True)
+                loss = keras.losses.sparse_categorical_crossentropy(
+                    target, log_mean, from_logits=True
+                )
             gradient = tape.gradient(loss, batch).numpy()
             current = current + step * np.sign(gradient)
             current = np.clip(np.clip(current, clean - epsilon, clean + epsilon), low, high)
@@ -563,26 +577,28 @@ class Ensemble(Operation):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.num_members = self.check_number(num_members, "num_members", low=1,
-                                             low_inclusive=True, integer=True)
+        self.num_members = self.check_number(
+            num_members, "num_members", low=1, low_inclusive=True, integer=True
+        )
         if data is not None:
             normalize_data(data, name="data")
         self.data = data
-        self.steps_between = self.check_number(steps_between, "steps_between", low=1,
-                                               low_inclusive=True, integer=True)
+        self.steps_between = self.check_number(
+            steps_between, "steps_between", low=1, low_inclusive=True, integer=True
+        )
         if metric_distance is not None:
             metric_distance = self.check_number(metric_distance, "metric_distance", low=0.0)
         self.metric_distance = metric_distance
         if not (isinstance(diversity, str) and diversity == "auto"):
-            diversity = self.check_number(diversity, "diversity", low=0.0,
-                                          low_inclusive=True)
+            diversity = self.check_number(diversity, "diversity", low=0.0, low_inclusive=True)
         self.diversity = diversity
-        self.task_weight = self.check_number(task_weight, "task_weight", low=0.0,
-                                             low_inclusive=True)
-        self.diversity_loss = self.check_choice(diversity_loss, "diversity_loss",
-                                                DIVERSITY_LOSSES)
+        self.task_weight = self.check_number(
+            task_weight, "task_weight", low=0.0, low_inclusive=True
+        )
+        self.diversity_loss = self.check_choice(diversity_loss, "diversity_loss", DIVERSITY_LOSSES)
         self.perturbation_epsilon = self.check_number(
-            perturbation_epsilon, "perturbation_epsilon", low=0.0)
+            perturbation_epsilon, "perturbation_epsilon", low=0.0
+        )
         self.adversary = self.check_choice(adversary, "adversary", ADVERSARIES)
         if self.adversary == "ensemble" and self.diversity_loss != "error":
             raise ValueError(
@@ -592,9 +608,11 @@ class Ensemble(Operation):
                 f"diversity_loss={diversity_loss!r}"
             )
         self.perturbation_steps = self.check_number(
-            perturbation_steps, "perturbation_steps", low=1, low_inclusive=True, integer=True)
+            perturbation_steps, "perturbation_steps", low=1, low_inclusive=True, integer=True
+        )
         self.diversity_examples = self.check_number(
-            diversity_examples, "diversity_examples", low=1, low_inclusive=True, integer=True)
+            diversity_examples, "diversity_examples", low=1, low_inclusive=True, integer=True
+        )
         self.combine = self.check_choice(combine, "combine", SAVED_COMBINES)
         if not isinstance(include_start, (bool, np.bool_)):
             raise ValueError(
@@ -602,10 +620,15 @@ class Ensemble(Operation):
             )
         self.include_start = bool(include_start)
         self.push = self.check_choice(push, "push", ("auto",) + PUSHES)
-        self.step_rule = self.check_choice(step_rule, "step_rule",
-                                           ("auto",) + tuple(step_rules.STEP_RULES))
-        if (self.push == "none" and self.diversity == 0 and self.task_weight == 0
-                and self.step_rule in ("metric", "auto")):
+        self.step_rule = self.check_choice(
+            step_rule, "step_rule", ("auto",) + tuple(step_rules.STEP_RULES)
+        )
+        if (
+            self.push == "none"
+            and self.diversity == 0
+            and self.task_weight == 0
+            and self.step_rule in ("metric", "auto")
+        ):
             raise ValueError(
                 "`push='none'` with `diversity=0` and `task_weight=0` leaves the `metric` "
                 "rule no right-hand side (every step is zero). Use push='random', "
@@ -619,11 +642,13 @@ class Ensemble(Operation):
         self.distance = distance
         self.reference = self.check_choice(reference, "reference", ("start", "local"))
         self.damping = self.check_number(damping, "damping", low=0.0, low_inclusive=True)
-        self.cg_iterations = self.check_number(cg_iterations, "cg_iterations", low=1,
-                                               low_inclusive=True, integer=True)
+        self.cg_iterations = self.check_number(
+            cg_iterations, "cg_iterations", low=1, low_inclusive=True, integer=True
+        )
         self.learning_rate = self.check_number(learning_rate, "learning_rate", low=0.0)
-        self.batch_size = self.check_number(batch_size, "batch_size", low=1,
-                                            low_inclusive=True, integer=True)
+        self.batch_size = self.check_number(
+            batch_size, "batch_size", low=1, low_inclusive=True, integer=True
+        )
         self.training = self.check_training(training)
         self.record_every, self.path_directory, self.seed = self.check_path_options(
             record_every, path_directory, seed
@@ -673,8 +698,7 @@ class Ensemble(Operation):
         """The inputs of L_div for the next segment: `diversity_examples` inputs drawn
         from `data`, attacked against the ensemble so far, with their targets (labels for
         `"error"`, p̄_prev for `"agreement"`); and the passes they cost."""
-        rows = np.sort(rng.choice(len(x), min(self.diversity_examples, len(x)),
-                                  replace=False))
+        rows = np.sort(rng.choice(len(x), min(self.diversity_examples, len(x)), replace=False))
         inputs = x[rows]
         passes = 0
         if y is not None:
@@ -687,8 +711,17 @@ class Ensemble(Operation):
             gradient = _probability_gradient(previous, inputs, labels, 512)
             passes += len(inputs) * len(previous)
             return (inputs, labels, gradient), passes
-        perturbed = _attack(previous, inputs, labels, self.perturbation_epsilon,
-                            self.perturbation_steps, self._low, self._high, 512, rng)
+        perturbed = _attack(
+            previous,
+            inputs,
+            labels,
+            self.perturbation_epsilon,
+            self.perturbation_steps,
+            self._low,
+            self._high,
+            512,
+            rng,
+        )
         passes += len(inputs) * len(previous) * self.perturbation_steps
         if self.diversity_loss == "error":
             return (perturbed, labels), passes
@@ -700,8 +733,11 @@ class Ensemble(Operation):
         x, y = normalize_data(anchor, name="data", model=model)
         check_inputs_match_model(model, x, name="data")
         several = data_adapter.is_structured(x)
-        x = data_adapter.float32_inputs(x) if several or np.issubdtype(
-            np.asarray(x).dtype, np.floating) else np.asarray(x)
+        x = (
+            data_adapter.float32_inputs(x)
+            if several or np.issubdtype(np.asarray(x).dtype, np.floating)
+            else np.asarray(x)
+        )
         if y is not None:
             y = np.asarray(y)
             if y.ndim == 2 and y.shape[-1] > 1:
@@ -713,15 +749,16 @@ class Ensemble(Operation):
         rng = np.random.default_rng(self.seed)
         normalized = bool(normalization.batch_normalization_layers(model))
         walk_training = normalized if self.training == "auto" else self.training
-        anchor_data = fip_dataset(model, x, batch_size=self.batch_size,
-                                  reference=self.reference, seed=self.seed)  # Checks the fit.
-        input_shape = None if several else (model_example_shape(model)
-                                            or tuple(x.shape[1:]))
+        anchor_data = fip_dataset(
+            model, x, batch_size=self.batch_size, reference=self.reference, seed=self.seed
+        )  # Checks the fit.
+        input_shape = None if several else (model_example_shape(model) or tuple(x.shape[1:]))
         task_weight = self.task_weight if y is not None else 0.0
         # The attacked inputs of `diversity` are one array of floats.
         continuous = not several and np.issubdtype(x.dtype, np.floating)
-        diversity, push, step_rule = self.resolve_defaults(labelled=y is not None,
-                                                           continuous=continuous)
+        diversity, push, step_rule = self.resolve_defaults(
+            labelled=y is not None, continuous=continuous
+        )
         if diversity > 0 and not continuous:
             raise ValueError(
                 "`diversity` > 0 trains each member on inputs attacked against the "
@@ -730,8 +767,7 @@ class Ensemble(Operation):
                 + ("several inputs" if several else f"{x.dtype} inputs (e.g. token ids)")
                 + "; use diversity=0 (or 'auto')"
             )
-        if (push == "none" and diversity == 0 and task_weight == 0
-                and step_rule == "metric"):
+        if push == "none" and diversity == 0 and task_weight == 0 and step_rule == "metric":
             raise ValueError(
                 "`push='none'` with `diversity=0` needs labelled `data=(x, y)` for the task "
                 "term: with inputs alone every `metric` step is zero. Received: data "
@@ -740,17 +776,20 @@ class Ensemble(Operation):
         task_data = None
         if task_weight > 0:
             # Stateless per-pass permutations: the same batches under any strategy.
-            task_data = repeated_batches((x, y), self.batch_size,
-                                         seed=int(rng.integers(2**31)))
+            task_data = repeated_batches((x, y), self.batch_size, seed=int(rng.integers(2**31)))
 
         # Driver and trainer (one walk through every member; the path continues).
         direction = None
         if push != "none":
             direction = random_direction(model, int(rng.integers(2**31)))
-        objective = _WalkObjective(model, direction, task_weight, diversity,
-                                   self.diversity_loss, walk_training)
+        objective = _WalkObjective(
+            model, direction, task_weight, diversity, self.diversity_loss, walk_training
+        )
         objective.radius, objective.low, objective.high = (
-            self.perturbation_epsilon, self._low, self._high)
+            self.perturbation_epsilon,
+            self._low,
+            self._high,
+        )
         trainer = FIPTrainer(
             model,
             step_rule=step_rule,
@@ -765,11 +804,9 @@ class Ensemble(Operation):
             training=walk_training,
             measure_every=self.record_every,
         )
-        optimizer = (keras.optimizers.Adam(self.learning_rate)
-                     if step_rule == "penalty" else None)
+        optimizer = keras.optimizers.Adam(self.learning_rate) if step_rule == "penalty" else None
         trainer.compile(optimizer=optimizer, jit_compile=self.jit_compile)
-        self.path = Path(model, record_every=self.record_every,
-                         directory=self.path_directory)
+        self.path = Path(model, record_every=self.record_every, directory=self.path_directory)
 
         members = [copy_model(model)] if self.include_start else []
         history = {}
@@ -789,14 +826,19 @@ class Ensemble(Operation):
                 tensors, passes = self._diversity_batch(previous, x, y, rng)
                 train_examples += passes
                 secondary["diversity"] = repeated_batches(
-                    tuple(tensors), self.batch_size, seed=int(rng.integers(2**31)))
+                    tuple(tensors), self.batch_size, seed=int(rng.integers(2**31))
+                )
             dataset = anchor_data
             if secondary:
                 keys = sorted(secondary)
-                dataset = tf.data.Dataset.zip((anchor_data,) + tuple(
-                    secondary[key] for key in keys)).map(
+                dataset = tf.data.Dataset.zip(
+                    (anchor_data,) + tuple(secondary[key] for key in keys)
+                ).map(
                     lambda anchor_batch, *batches: {
-                        **anchor_batch, "secondary": dict(zip(keys, batches))})
+                        **anchor_batch,
+                        "secondary": dict(zip(keys, batches)),  # noqa: B023
+                    }
+                )
             if push == "random_per_member" and members:
                 objective.set_direction(random_direction(model, int(rng.integers(2**31))))
 
@@ -805,23 +847,37 @@ class Ensemble(Operation):
             if self.metric_distance is not None:
                 offset = history["metric_length"][-1] if history.get("metric_length") else 0.0
                 callbacks.append(_StopAtMetricDistance(self.metric_distance, offset))
-            segment = trainer.walk(dataset, self.steps_between, path=self.path,
-                                   callbacks=callbacks, verbose=self.verbose,
-                                   log_dir=self.log_dir)
+            segment = trainer.walk(
+                dataset,
+                self.steps_between,
+                path=self.path,
+                callbacks=callbacks,
+                verbose=self.verbose,
+                log_dir=self.log_dir,
+            )
             steps = len(next(iter(segment.values()))) if segment else 0
             for key, values in segment.items():
                 history.setdefault(key, []).extend(values)
             batches = 1 + len(secondary)
             walk_examples += steps * self.batch_size * batches
-            train_examples += steps * self.batch_size * (
-                self._anchor_passes(step_rule) + len(secondary)
-                + (diversity > 0 and self.adversary == "ensemble"))
+            train_examples += (
+                steps
+                * self.batch_size
+                * (
+                    self._anchor_passes(step_rule)
+                    + len(secondary)
+                    + (diversity > 0 and self.adversary == "ensemble")
+                )
+            )
 
             # Take the member (a recorded point of the path, so the steps run on).
             total_steps += steps
             if int(self.path.steps[-1]) != total_steps:
-                self.path.append(total_steps, [v.numpy() for v in model.trainable_variables],
-                                 {key: values[-1] for key, values in segment.items()})
+                self.path.append(
+                    total_steps,
+                    [v.numpy() for v in model.trainable_variables],
+                    {key: values[-1] for key, values in segment.items()},
+                )
             member = copy_model(model)
             if walk_training and normalized:
                 normalization.recalibrate_batch_normalization(member, x, 2 * self.batch_size)
@@ -829,8 +885,7 @@ class Ensemble(Operation):
             members.append(member)
             member_steps.append(total_steps)
 
-        ensemble = build_ensemble(members, self.combine, input_shape,
-                                  name=f"{model.name}_ensemble")
+        ensemble = build_ensemble(members, self.combine, input_shape, name=f"{model.name}_ensemble")
         self.history = history
         self.history["member_steps"] = member_steps
         self.history["train_examples"] = int(train_examples)

@@ -12,8 +12,7 @@ import numpy as np
 BIT_CLASSES = ("sign", "exponent", "mantissa")
 FORMATS = ("float32", "int8")
 # Bit positions of each class, per storage format.
-_FLOAT32_BITS = {"sign": (31,), "exponent": tuple(range(23, 31)),
-                 "mantissa": tuple(range(0, 23))}
+_FLOAT32_BITS = {"sign": (31,), "exponent": tuple(range(23, 31)), "mantissa": tuple(range(0, 23))}
 _INT8_BITS = {"sign": (7,)}
 
 

@@ -23,8 +23,10 @@ def output_layer(model, argument="model"):
         single_output = len(model.outputs) == 1
     except (AttributeError, TypeError, ValueError):
         single_output = False
-    if not isinstance(layer, keras.layers.Dense) or not single_output or (
-        model.output_shape[-1] != layer.units
+    if (
+        not isinstance(layer, keras.layers.Dense)
+        or not single_output
+        or (model.output_shape[-1] != layer.units)
     ):
         raise ValueError(
             "`head='append'` grows the model's output layer, so the last layer of "
@@ -76,10 +78,15 @@ def grow_output_layer(model, num_new, seed=None):
         raise ValueError(f"`num_new` must be a positive integer. Received: num_new={num_new!r}")
     config = old.get_config()
     config["units"] = old.units + int(num_new)
-    for key, constraint in (("kernel_constraint", old.kernel_constraint),
-                            ("bias_constraint", getattr(old, "bias_constraint", None))):
-        config[key] = keras.constraints.serialize(_plain_constraint(constraint)) if (
-            _plain_constraint(constraint) is not None) else None
+    for key, constraint in (
+        ("kernel_constraint", old.kernel_constraint),
+        ("bias_constraint", getattr(old, "bias_constraint", None)),
+    ):
+        config[key] = (
+            keras.constraints.serialize(_plain_constraint(constraint))
+            if (_plain_constraint(constraint) is not None)
+            else None
+        )
     for key in ("kernel_initializer", "bias_initializer"):
         if seed is not None and isinstance(config.get(key), dict):
             initializer = dict(config[key])
@@ -95,7 +102,8 @@ def grow_output_layer(model, num_new, seed=None):
     if isinstance(model, keras.Sequential):
         grown = keras.Sequential(
             [keras.Input(model.input_shape[1:], dtype=model.inputs[0].dtype)]
-            + list(model.layers[:-1]) + [new],
+            + list(model.layers[:-1])
+            + [new],
             name=model.name,
         )
     else:
@@ -143,9 +151,14 @@ def task_labels(num_outputs, y, head, name="new_task"):
         A tuple `(labels in output indices, k new units to add)` (k = 0 for `"shared"`).
     """
     y = np.asarray(y)
-    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or (
-            np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y))
-            and np.all(y == np.round(y)))):
+    if y.ndim != 1 or not (
+        np.issubdtype(y.dtype, np.integer)
+        or (
+            np.issubdtype(y.dtype, np.floating)
+            and np.all(np.isfinite(y))
+            and np.all(y == np.round(y))
+        )
+    ):
         raise ValueError(
             f"`{name}` labels must be a 1-D array of integer class indices. Received: "
             f"labels of shape {y.shape} and dtype {y.dtype}"

@@ -27,9 +27,7 @@ class _LinearPush:
 
 def _shrink(model, batch):
     """L(w) = ½‖w‖²: a pull towards smaller weights."""
-    return 0.5 * tf.add_n(
-        [tf.reduce_sum(tf.square(v.value)) for v in model.trainable_variables]
-    )
+    return 0.5 * tf.add_n([tf.reduce_sum(tf.square(v.value)) for v in model.trainable_variables])
 
 
 def random_direction(model, seed=None):

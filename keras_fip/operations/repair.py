@@ -9,15 +9,15 @@ import tensorflow as tf
 
 from keras_fip import distribute
 from keras_fip.engine import data_adapter
+from keras_fip.engine import distances as distances_lib
 from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import normalization
+from keras_fip.engine import step_rules
 from keras_fip.engine.copy import copy_model
 from keras_fip.engine.data_adapter import check_inputs_match_model
 from keras_fip.engine.data_adapter import fip_dataset
 from keras_fip.engine.data_adapter import normalize_data
-from keras_fip.engine import distances as distances_lib
 from keras_fip.engine.path import Path
-from keras_fip.engine import step_rules
 from keras_fip.engine.trainer import FIPTrainer
 from keras_fip.operations import damage as damage_lib
 from keras_fip.operations.base import Operation
@@ -33,10 +33,14 @@ OPTIMIZERS = ("adam", "sgd")
 
 
 def _predict(model, x, batch_size=1000):
-    return np.concatenate([
-        keras.ops.convert_to_numpy(
-            model(data_adapter.take(x, slice(i, i + batch_size)), training=False))
-        for i in range(0, data_adapter.num_examples(x), batch_size)])
+    return np.concatenate(
+        [
+            keras.ops.convert_to_numpy(
+                model(data_adapter.take(x, slice(i, i + batch_size)), training=False)
+            )
+            for i in range(0, data_adapter.num_examples(x), batch_size)
+        ]
+    )
 
 
 def _score(model, x, targets):
@@ -79,9 +83,20 @@ def _reinitialise(model, damage_masks, rng, scale=1.0):
         variable.assign(values.astype(variable.dtype))
 
 
-def supervised_training(model, x, y, steps, learning_rate, optimizer="adam",
-                        batch_size=128, gradient_scales=None, masks=None, seed=None,
-                        callback=None, evaluate_every=None):
+def supervised_training(
+    model,
+    x,
+    y,
+    steps,
+    learning_rate,
+    optimizer="adam",
+    batch_size=128,
+    gradient_scales=None,
+    masks=None,
+    seed=None,
+    callback=None,
+    evaluate_every=None,
+):
     """Trains a logits classifier in place with cross-entropy, SGD or Adam, one graph.
 
     The shared loop of `Repair`'s supervised methods and the prune-and-retrain baseline:
@@ -111,15 +126,20 @@ def supervised_training(model, x, y, steps, learning_rate, optimizer="adam",
         The number of steps taken.
     """
     variables = model.trainable_variables
-    inner = (keras.optimizers.Adam(learning_rate) if optimizer == "adam"
-             else keras.optimizers.SGD(learning_rate, momentum=0.9))
+    inner = (
+        keras.optimizers.Adam(learning_rate)
+        if optimizer == "adam"
+        else keras.optimizers.SGD(learning_rate, momentum=0.9)
+    )
     carried = any(masks_lib._mask_of(v) is not None for v in variables)
     optimizer = masks_lib.MaskedOptimizer(inner) if carried else inner
     optimizer.build(variables)  # Its slots are created here, not inside a replica step.
     scales = None
     if gradient_scales is not None:
-        scales = [None if s is None else tf.constant(s, v.dtype)
-                  for s, v in zip(gradient_scales, variables)]
+        scales = [
+            None if s is None else tf.constant(s, v.dtype)
+            for s, v in zip(gradient_scales, variables)
+        ]
 
     def replica_step(batch):
         # Under a strategy each replica takes its slice of the global batch; its loss is
@@ -129,8 +149,10 @@ def supervised_training(model, x, y, steps, learning_rate, optimizer="adam",
             loss = step_rules.mean_cross_entropy(labels, model(inputs, training=True))
             loss = loss / step_rules.num_replicas()
         gradients = tape.gradient(loss, [v.value for v in variables])
-        gradients = [tf.zeros_like(v.value) if g is None else tf.convert_to_tensor(g)
-                     for g, v in zip(gradients, variables)]
+        gradients = [
+            tf.zeros_like(v.value) if g is None else tf.convert_to_tensor(g)
+            for g, v in zip(gradients, variables)
+        ]
         if scales is not None:
             gradients = [g if s is None else g * s for g, s in zip(gradients, scales)]
         optimizer.apply(gradients, variables)
@@ -147,7 +169,8 @@ def supervised_training(model, x, y, steps, learning_rate, optimizer="adam",
 
     # Stateless per-pass permutations: the same global batches under any strategy.
     dataset = data_adapter.repeated_batches(
-        (data_adapter.float32_inputs(x), np.asarray(y)), batch_size, seed=seed)
+        (data_adapter.float32_inputs(x), np.asarray(y)), batch_size, seed=seed
+    )
     taken = 0
     for batch in distribute.distribute_dataset(dataset.take(steps)):
         loss = step(batch)
@@ -157,7 +180,8 @@ def supervised_training(model, x, y, steps, learning_rate, optimizer="adam",
         if not np.isfinite(float(loss)):
             raise FloatingPointError(
                 f"Supervised training hit a non-finite loss at step {taken}. Lower the "
-                "learning rate.")
+                "learning rate."
+            )
         if callback is not None and evaluate_every and taken % evaluate_every == 0:
             if callback(taken):
                 break
@@ -340,15 +364,40 @@ class Repair(Operation):
     >>> restored = keras_fip.damage_reference(repaired).restore(repaired)  # the undo
     """
 
-    def __init__(self, data=None, method="fip", reference=None, epochs=10, target=0.01,
-                 num_paths=1, validation_data=None, validation_split=0.1,
-                 evaluations_per_epoch=1, stop_at_target=False, release=False,
-                 task_weight=0.0, plasticity=0.0, init_scale=1.0, learning_rate=1e-3,
-                 optimizer="adam", batch_size=128, distance="kl", training="auto",
-                 record_every=100, path_directory=None, jit_compile=False, seed=None,
-                 solve_output_layer=0, solve_sweeps=0, solve_rank=128, solve_first=0,
-                 solve_temperature=None, distance_temperature=None, solve_damping=1e-6,
-                 **kwargs):
+    def __init__(
+        self,
+        data=None,
+        method="fip",
+        reference=None,
+        epochs=10,
+        target=0.01,
+        num_paths=1,
+        validation_data=None,
+        validation_split=0.1,
+        evaluations_per_epoch=1,
+        stop_at_target=False,
+        release=False,
+        task_weight=0.0,
+        plasticity=0.0,
+        init_scale=1.0,
+        learning_rate=1e-3,
+        optimizer="adam",
+        batch_size=128,
+        distance="kl",
+        training="auto",
+        record_every=100,
+        path_directory=None,
+        jit_compile=False,
+        seed=None,
+        solve_output_layer=0,
+        solve_sweeps=0,
+        solve_rank=128,
+        solve_first=0,
+        solve_temperature=None,
+        distance_temperature=None,
+        solve_damping=1e-6,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.method = self.check_choice(method, "method", METHODS)
         labels = None
@@ -361,7 +410,8 @@ class Repair(Operation):
                 "or a dataset of pairs. Received: data with inputs only"
             )
         if reference is not None and not isinstance(
-                reference, (keras.Model, damage_lib.DamageReference)):
+            reference, (keras.Model, damage_lib.DamageReference)
+        ):
             raise ValueError(
                 "`reference` must be the undamaged `keras.Model` or a `DamageReference`. "
                 f"Received: reference={reference!r}"
@@ -376,28 +426,29 @@ class Repair(Operation):
         self.data = data
         self.reference = reference
         self.validation_data = validation_data
-        self.epochs = self.check_number(epochs, "epochs", low=1, low_inclusive=True,
-                                        integer=True)
-        self.target = self.check_number(target, "target", low=0.0, high=1.0,
-                                        low_inclusive=True)
-        self.num_paths = self.check_number(num_paths, "num_paths", low=1,
-                                           low_inclusive=True, integer=True)
+        self.epochs = self.check_number(epochs, "epochs", low=1, low_inclusive=True, integer=True)
+        self.target = self.check_number(target, "target", low=0.0, high=1.0, low_inclusive=True)
+        self.num_paths = self.check_number(
+            num_paths, "num_paths", low=1, low_inclusive=True, integer=True
+        )
         if self.num_paths > 1 and method != "fip":
             raise ValueError(
                 "`num_paths` candidate paths are walked by `method='fip'` only. "
                 f"Received: num_paths={num_paths!r} with method={method!r}"
             )
-        self.validation_split = self.check_number(validation_split, "validation_split",
-                                                  low=0.0, high=1.0)
+        self.validation_split = self.check_number(
+            validation_split, "validation_split", low=0.0, high=1.0
+        )
         self.evaluations_per_epoch = self.check_number(
-            evaluations_per_epoch, "evaluations_per_epoch", low=1, low_inclusive=True,
-            integer=True)
+            evaluations_per_epoch, "evaluations_per_epoch", low=1, low_inclusive=True, integer=True
+        )
         self.stop_at_target = bool(stop_at_target)
         if not isinstance(release, (bool, np.bool_)):
             raise ValueError(f"`release` must be a boolean. Received: release={release!r}")
         self.release = bool(release)
-        self.task_weight = self.check_number(task_weight, "task_weight", low=0.0,
-                                             low_inclusive=True)
+        self.task_weight = self.check_number(
+            task_weight, "task_weight", low=0.0, low_inclusive=True
+        )
         if self.task_weight and method != "fip":
             raise ValueError(
                 "`task_weight` weighs the task loss on the FIP path (`method='fip'`). "
@@ -408,65 +459,75 @@ class Repair(Operation):
                 "`task_weight > 0` needs labelled `data` (an `(x, y)` tuple). "
                 f"Received: task_weight={task_weight!r} with inputs only"
             )
-        self.plasticity = self.check_number(plasticity, "plasticity", low=0.0,
-                                            low_inclusive=True)
-        self.init_scale = self.check_number(init_scale, "init_scale", low=0.0,
-                                            low_inclusive=True)
+        self.plasticity = self.check_number(plasticity, "plasticity", low=0.0, low_inclusive=True)
+        self.init_scale = self.check_number(init_scale, "init_scale", low=0.0, low_inclusive=True)
         self.learning_rate = self.check_number(learning_rate, "learning_rate", low=0.0)
         self.optimizer = self.check_choice(optimizer, "optimizer", OPTIMIZERS)
-        self.batch_size = self.check_number(batch_size, "batch_size", low=1,
-                                            low_inclusive=True, integer=True)
+        self.batch_size = self.check_number(
+            batch_size, "batch_size", low=1, low_inclusive=True, integer=True
+        )
         distances_lib.get(distance)
         self.distance = distance
         self.training = self.check_training(training)
         self.record_every, self.path_directory, self.seed = self.check_path_options(
-            record_every, path_directory, seed)
+            record_every, path_directory, seed
+        )
         self.jit_compile = bool(jit_compile)
         self.solve_output_layer = self.check_number(
-            solve_output_layer, "solve_output_layer", low=0, low_inclusive=True,
-            integer=True)
+            solve_output_layer, "solve_output_layer", low=0, low_inclusive=True, integer=True
+        )
         if self.solve_output_layer and method != "fip":
             raise ValueError(
                 "`solve_output_layer` starts the FIP (`method='fip'`). Received: "
                 f"solve_output_layer={solve_output_layer!r} with method={method!r}"
             )
-        self.solve_sweeps = self.check_number(solve_sweeps, "solve_sweeps", low=0,
-                                              low_inclusive=True, integer=True)
+        self.solve_sweeps = self.check_number(
+            solve_sweeps, "solve_sweeps", low=0, low_inclusive=True, integer=True
+        )
         if self.solve_sweeps and not self.solve_output_layer:
             raise ValueError(
                 "`solve_sweeps` runs on `solve_output_layer` inputs per sweep: pass "
                 "`solve_output_layer > 0` (and `method='fip'`). Received: "
                 f"solve_sweeps={solve_sweeps!r} with solve_output_layer={solve_output_layer!r}"
             )
-        self.solve_rank = self.check_number(solve_rank, "solve_rank", low=1,
-                                            low_inclusive=True, integer=True)
+        self.solve_rank = self.check_number(
+            solve_rank, "solve_rank", low=1, low_inclusive=True, integer=True
+        )
         self.distance_temperature = (
-            None if distance_temperature is None else self.check_number(
-                distance_temperature, "distance_temperature", low=0.0))
-        self.solve_first = self.check_number(solve_first, "solve_first", low=0,
-                                             low_inclusive=True, integer=True)
+            None
+            if distance_temperature is None
+            else self.check_number(distance_temperature, "distance_temperature", low=0.0)
+        )
+        self.solve_first = self.check_number(
+            solve_first, "solve_first", low=0, low_inclusive=True, integer=True
+        )
         if self.solve_first and not self.solve_sweeps:
             raise ValueError(
                 "`solve_first` is an output-only batch before the sweeps: pass "
                 f"`solve_sweeps > 0`. Received: solve_first={solve_first!r} with "
                 f"solve_sweeps={solve_sweeps!r}"
             )
-        self.solve_temperature = (None if solve_temperature is None else self.check_number(
-            solve_temperature, "solve_temperature", low=0.0))
+        self.solve_temperature = (
+            None
+            if solve_temperature is None
+            else self.check_number(solve_temperature, "solve_temperature", low=0.0)
+        )
         if self.solve_temperature is not None and not self.solve_output_layer:
             raise ValueError(
                 "`solve_temperature` weighs the solves: pass `solve_output_layer > 0` (and "
                 f"`method='fip'`). Received: solve_temperature={solve_temperature!r} with "
                 f"solve_output_layer={solve_output_layer!r}"
             )
-        self.solve_damping = self.check_number(solve_damping, "solve_damping", low=0.0,
-                                               low_inclusive=True)
+        self.solve_damping = self.check_number(
+            solve_damping, "solve_damping", low=0.0, low_inclusive=True
+        )
 
     # Calling.
 
     def __call__(self, model):
-        self._recorded = (damage_lib.damage_reference(model)
-                          if isinstance(model, keras.Model) else None)
+        self._recorded = (
+            damage_lib.damage_reference(model) if isinstance(model, keras.Model) else None
+        )
         try:
             return super().__call__(model)
         finally:
@@ -486,8 +547,7 @@ class Repair(Operation):
         self._undamaged_score = _score(undamaged, x_val, y_val)
         self._normalized = bool(normalization.batch_normalization_layers(model))
         self._rng = np.random.default_rng(self.seed)
-        self._steps_per_epoch = max(
-            1, math.ceil(data_adapter.num_examples(x) / self.batch_size))
+        self._steps_per_epoch = max(1, math.ceil(data_adapter.num_examples(x) / self.batch_size))
         self._every = max(1, self._steps_per_epoch // self.evaluations_per_epoch)
 
         # Release the damage (re-initialise, unmask) for embryonic and release=True
@@ -499,8 +559,7 @@ class Repair(Operation):
         if self.method == "fip":
             model, history = self._repair_fip(model, undamaged, x, y, x_val, y_val)
         else:
-            model, history = self._repair_supervised(model, reference, x, y, x_val, y_val,
-                                                     released)
+            model, history = self._repair_supervised(model, reference, x, y, x_val, y_val, released)
         history["epochs"] = history["steps"] / self._steps_per_epoch
         self.history = history
         self._attach(model, reference, released)
@@ -543,7 +602,8 @@ class Repair(Operation):
             held = mask if before is None else (mask | ~before)
             damage_masks.append(None if held.all() else held)
         return damage_lib.DamageReference(
-            [np.array(w.numpy()) for w in reference.weights], reference_masks, damage_masks)
+            [np.array(w.numpy()) for w in reference.weights], reference_masks, damage_masks
+        )
 
     def _training_data(self, model, reference):
         data = self.data
@@ -563,8 +623,9 @@ class Repair(Operation):
     def _split(self, x, y, undamaged):
         """(x, y, x_val, y_val): validation labels, or the undamaged predictions."""
         if self.validation_data is not None:
-            x_val, y_val = normalize_data(self.validation_data, name="validation_data",
-                                          model=undamaged)
+            x_val, y_val = normalize_data(
+                self.validation_data, name="validation_data", model=undamaged
+            )
             check_inputs_match_model(undamaged, x_val, name="validation_data")
             return x, y, data_adapter.as_arrays(x_val), np.asarray(y_val)
         count = data_adapter.num_examples(x)
@@ -577,10 +638,8 @@ class Repair(Operation):
             )
         val, train = np.sort(order[:held]), np.sort(order[held:])
         x_val = data_adapter.take(x, val)
-        y_val = (y[val] if y is not None
-                 else np.argmax(_predict(undamaged, x_val), axis=-1))
-        return (data_adapter.take(x, train), None if y is None else y[train], x_val,
-                y_val)
+        y_val = y[val] if y is not None else np.argmax(_predict(undamaged, x_val), axis=-1)
+        return (data_adapter.take(x, train), None if y is None else y[train], x_val, y_val)
 
     def _released(self, model, reference):
         """A copy with the damage masks removed and the damaged weights re-drawn."""
@@ -599,7 +658,8 @@ class Repair(Operation):
         def evaluate(step):
             if recalibrate:
                 normalization.recalibrate_batch_normalization(
-                    model, x, self.batch_size * 2, max_examples=4096)
+                    model, x, self.batch_size * 2, max_examples=4096
+                )
             accuracy = _score(model, x_val, y_val)
             history["epoch"].append((step + offset) / self._steps_per_epoch)
             history["val_accuracy"].append(accuracy)
@@ -613,9 +673,12 @@ class Repair(Operation):
     def _new_history(self, model, x_val, y_val):
         accuracy = _score(model, x_val, y_val)
         recovered = accuracy >= self._undamaged_score - self.target - 1e-12
-        return {"epoch": [0.0], "val_accuracy": [accuracy],
-                "undamaged_accuracy": self._undamaged_score,
-                "epochs_to_recover": 0.0 if recovered else None}
+        return {
+            "epoch": [0.0],
+            "val_accuracy": [accuracy],
+            "undamaged_accuracy": self._undamaged_score,
+            "epochs_to_recover": 0.0 if recovered else None,
+        }
 
     # The methods.
 
@@ -624,9 +687,12 @@ class Repair(Operation):
         hidden layer (each on fresh inputs). `after_batch(inputs_used) -> stop` is called
         after each output-layer solve. Returns the number of inputs used."""
         layer = model.layers[-1]
-        if not (isinstance(layer, keras.layers.Dense) and len(model.outputs) == 1
-                and model.outputs[0] is layer.output
-                and layer.activation in (None, keras.activations.linear)):
+        if not (
+            isinstance(layer, keras.layers.Dense)
+            and len(model.outputs) == 1
+            and model.outputs[0] is layer.output
+            and layer.activation in (None, keras.activations.linear)
+        ):
             raise ValueError(
                 "`solve_output_layer` needs a model whose last layer is a linear Dense layer "
                 f"returning the logits. Received: a model ending in `{layer.name}` "
@@ -655,8 +721,11 @@ class Repair(Operation):
                     after_batch(used)
                 return used
             kernel = np.asarray(hidden.kernel.numpy(), np.float64)
-            bias = (np.zeros(kernel.shape[1]) if hidden.bias is None
-                    else np.asarray(hidden.bias.numpy(), np.float64))
+            bias = (
+                np.zeros(kernel.shape[1])
+                if hidden.bias is None
+                else np.asarray(hidden.bias.numpy(), np.float64)
+            )
             pre = below @ kernel + bias
             slope, activations = _activation_slope(hidden.activation, pre)
             residual = self._least_squares_output(layer, activations, targets, curvature)
@@ -672,17 +741,20 @@ class Repair(Operation):
                 basis = np.zeros((kernel.shape[0] + 1, rank + 1))
                 basis[:-1, :rank] = directions
                 basis[-1, rank] = 1.0
-            self._gauss_newton_sweep(hidden, layer, below, slope, residual, basis,
-                                     curvature, self.solve_damping)
+            self._gauss_newton_sweep(
+                hidden, layer, below, slope, residual, basis, curvature, self.solve_damping
+            )
 
     @staticmethod
     def _hidden_layer(model, layer):
         """The Dense layer (elementwise activation) whose output the output layer reads."""
         index = model.layers.index(layer)
         hidden = model.layers[index - 1] if index > 0 else None
-        if not (isinstance(hidden, keras.layers.Dense) and layer.input is hidden.output
-                and hidden.activation not in (keras.activations.softmax,
-                                              keras.activations.log_softmax)):
+        if not (
+            isinstance(hidden, keras.layers.Dense)
+            and layer.input is hidden.output
+            and hidden.activation not in (keras.activations.softmax, keras.activations.log_softmax)
+        ):
             raise ValueError(
                 "`solve_sweeps` needs the output layer to read a hidden Dense layer with an "
                 "elementwise activation directly (an MLP). Received: the output layer "
@@ -727,8 +799,8 @@ class Repair(Operation):
                 rhs[c] = local.T @ weighted_targets[:, c]
                 for d in range(c, outputs):
                     block = (local * curvature[:, c, d][:, None]).T @ local
-                    system[c * size:(c + 1) * size, d * size:(d + 1) * size] = block
-                    system[d * size:(d + 1) * size, c * size:(c + 1) * size] = block.T
+                    system[c * size : (c + 1) * size, d * size : (d + 1) * size] = block
+                    system[d * size : (d + 1) * size, c * size : (c + 1) * size] = block.T
             keep = free[rows].T.reshape(-1)  # vec order: output-major, like the blocks
             system = system[np.ix_(keep, keep)]
             system += np.eye(len(system)) * (1e-10 * np.trace(system) / len(system))
@@ -744,7 +816,8 @@ class Repair(Operation):
             for column in range(targets.shape[1]):
                 rows = np.append(mask[:, column], True)
                 solution[rows, column], *_ = np.linalg.lstsq(
-                    design[:, rows], targets[:, column], rcond=None)
+                    design[:, rows], targets[:, column], rcond=None
+                )
         layer.kernel.assign(solution[:-1].astype(layer.kernel.dtype))
         if layer.bias is not None:
             layer.bias.assign(solution[-1].astype(layer.bias.dtype))
@@ -753,8 +826,9 @@ class Repair(Operation):
         return targets - design @ solution
 
     @staticmethod
-    def _gauss_newton_sweep(hidden, layer, below, slope, residual, basis, curvature=None,
-                            damping=1e-6):
+    def _gauss_newton_sweep(
+        hidden, layer, below, slope, residual, basis, curvature=None, damping=1e-6
+    ):
         """One Gauss-Seidel pass of least-squares steps over the hidden units (in place).
 
         With the output weights c_j (row j of the output kernel) and the activation slopes
@@ -768,8 +842,7 @@ class Repair(Operation):
         (Levenberg-Marquardt) by `damping` times its mean diagonal.
         """
         kernel = np.asarray(hidden.kernel.numpy(), np.float64)
-        bias = (None if hidden.bias is None
-                else np.asarray(hidden.bias.numpy(), np.float64))
+        bias = None if hidden.bias is None else np.asarray(hidden.bias.numpy(), np.float64)
         kernel_mask = masks_lib._mask_of(hidden.kernel)
         bias_mask = None if hidden.bias is None else masks_lib._mask_of(hidden.bias)
         readout = np.asarray(layer.kernel.numpy(), np.float64)
@@ -831,20 +904,24 @@ class Repair(Operation):
         before = _score(model, x_val, y_val) if self.solve_output_layer else None
         # A network already within the target needs no solve when stopping there.
         if self.solve_output_layer and not (
-                self.stop_at_target
-                and before >= self._undamaged_score - self.target - 1e-12):
+            self.stop_at_target and before >= self._undamaged_score - self.target - 1e-12
+        ):
             points = []  # (epoch, validation accuracy) after each solve batch
 
             def after_batch(used):
                 accuracy = _score(model, x_val, y_val)
                 points.append((used / self.batch_size / self._steps_per_epoch, accuracy))
-                return (self.stop_at_target
-                        and accuracy >= self._undamaged_score - self.target - 1e-12)
+                return (
+                    self.stop_at_target and accuracy >= self._undamaged_score - self.target - 1e-12
+                )
 
             # Many small dense solves: one BLAS thread avoids oversubscribing the cores
             # (with TensorFlow's own threads), which made them 10× slower on a busy host.
-            limit = (threadpool_limits(limits=1, user_api="blas") if threadpool_limits
-                     else contextlib.nullcontext())
+            limit = (
+                threadpool_limits(limits=1, user_api="blas")
+                if threadpool_limits
+                else contextlib.nullcontext()
+            )
             with limit:
                 solved = self._solve_output_layer(model, undamaged, x, after_batch)
             start = (before, solved / self.batch_size, points)
@@ -861,43 +938,73 @@ class Repair(Operation):
                 history["epoch"] = [0.0] + [epoch for epoch, _ in start[2]]
                 history["val_accuracy"] = [start[0]] + [accuracy for _, accuracy in start[2]]
                 history["epochs_to_recover"] = next(
-                    (epoch for epoch, accuracy in zip(history["epoch"],
-                                                      history["val_accuracy"])
-                     if accuracy >= self._undamaged_score - self.target - 1e-12), None)
+                    (
+                        epoch
+                        for epoch, accuracy in zip(history["epoch"], history["val_accuracy"])
+                        if accuracy >= self._undamaged_score - self.target - 1e-12
+                    ),
+                    None,
+                )
             trainer = FIPTrainer(
-                candidate, step_rule="penalty", distance=self._walk_distance(),
+                candidate,
+                step_rule="penalty",
+                distance=self._walk_distance(),
                 beta=self.task_weight,
-                secondary_loss=(keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-                                if labelled else None),
-                metric_length=self.num_paths > 1, training=walk_training,
-                measure_every=self.record_every)
-            trainer.compile(optimizer=keras.optimizers.Adam(self.learning_rate)
-                            if self.optimizer == "adam"
-                            else keras.optimizers.SGD(self.learning_rate, momentum=0.9),
-                            jit_compile=self.jit_compile)
+                secondary_loss=(
+                    keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+                    if labelled
+                    else None
+                ),
+                metric_length=self.num_paths > 1,
+                training=walk_training,
+                measure_every=self.record_every,
+            )
+            trainer.compile(
+                optimizer=keras.optimizers.Adam(self.learning_rate)
+                if self.optimizer == "adam"
+                else keras.optimizers.SGD(self.learning_rate, momentum=0.9),
+                jit_compile=self.jit_compile,
+            )
             # Reference outputs: the undamaged network's, on the same inputs
-            dataset = fip_dataset(undamaged, x, secondary=(x, y) if labelled else None,
-                                  batch_size=self.batch_size, seed=seed)
-            path = Path(candidate, record_every=self.record_every,
-                        directory=self.path_directory if self.num_paths == 1 else None)
+            dataset = fip_dataset(
+                undamaged,
+                x,
+                secondary=(x, y) if labelled else None,
+                batch_size=self.batch_size,
+                seed=seed,
+            )
+            path = Path(
+                candidate,
+                record_every=self.record_every,
+                directory=self.path_directory if self.num_paths == 1 else None,
+            )
             evaluator = _EpochEvaluator(
-                self._evaluator(candidate, x, x_val, y_val, history, offset), self._every)
+                self._evaluator(candidate, x, x_val, y_val, history, offset), self._every
+            )
             if history["epochs_to_recover"] is None or not self.stop_at_target:
-                walked = trainer.walk(dataset, steps, path=path,
-                                      steps_per_epoch=self._steps_per_epoch,
-                                      callbacks=[evaluator] + list(self.callbacks or []),
-                                      verbose=self.verbose, log_dir=self.log_dir)
+                walked = trainer.walk(
+                    dataset,
+                    steps,
+                    path=path,
+                    steps_per_epoch=self._steps_per_epoch,
+                    callbacks=[evaluator] + list(self.callbacks or []),
+                    verbose=self.verbose,
+                    log_dir=self.log_dir,
+                )
                 history.update(walked)
             if walk_training and self._normalized:
-                normalization.recalibrate_batch_normalization(candidate, x,
-                                                              self.batch_size * 2)
+                normalization.recalibrate_batch_normalization(candidate, x, self.batch_size * 2)
             history["steps"] = evaluator.step + offset
             history["solve_epochs"] = offset / self._steps_per_epoch
-            length = float(history.get("metric_length", [0.0])[-1]) if self.num_paths > 1 \
-                else None
-            candidates.append({"metric_length": length,
-                               "epochs_to_recover": history["epochs_to_recover"],
-                               "final_accuracy": history["val_accuracy"][-1], "seed": seed})
+            length = float(history.get("metric_length", [0.0])[-1]) if self.num_paths > 1 else None
+            candidates.append(
+                {
+                    "metric_length": length,
+                    "epochs_to_recover": history["epochs_to_recover"],
+                    "final_accuracy": history["val_accuracy"][-1],
+                    "seed": seed,
+                }
+            )
             key = (history["epochs_to_recover"] is None, length or 0.0)
             if best is None or key < best[0]:
                 best = (key, candidate, history, path)
@@ -916,8 +1023,7 @@ class Repair(Operation):
             return distance
 
         def tempered(outputs, reference_outputs):
-            return temperature ** 2 * distance(outputs / temperature,
-                                               reference_outputs / temperature)
+            return temperature**2 * distance(outputs / temperature, reference_outputs / temperature)
 
         return tempered
 
@@ -925,36 +1031,62 @@ class Repair(Operation):
         history = self._new_history(model, x_val, y_val)
         scales = None
         if self.method == "embryonic":
-            scales = [None if mask is None else np.where(mask, self.plasticity, 1.0)
-                      for mask in reference.damage_masks]
+            scales = [
+                None if mask is None else np.where(mask, self.plasticity, 1.0)
+                for mask in reference.damage_masks
+            ]
             # Variables no damage touched: their weights all survive.
-            scales = [np.full(v.shape, self.plasticity) if s is None else s
-                      for s, v in zip(scales, model.trainable_variables)]
+            scales = [
+                np.full(v.shape, self.plasticity) if s is None else s
+                for s, v in zip(scales, model.trainable_variables)
+            ]
         evaluate = self._evaluator(model, x, x_val, y_val, history)
-        self.path = Path(model, record_every=self.record_every,
-                         directory=self.path_directory)
+        self.path = Path(model, record_every=self.record_every, directory=self.path_directory)
         steps = 0
         if history["epochs_to_recover"] is None or not self.stop_at_target:
             steps = supervised_training(
-                model, x, y, self.epochs * self._steps_per_epoch, self.learning_rate,
-                self.optimizer, self.batch_size, gradient_scales=scales, seed=self.seed,
-                callback=evaluate, evaluate_every=self._every)
+                model,
+                x,
+                y,
+                self.epochs * self._steps_per_epoch,
+                self.learning_rate,
+                self.optimizer,
+                self.batch_size,
+                gradient_scales=scales,
+                seed=self.seed,
+                callback=evaluate,
+                evaluate_every=self._every,
+            )
         if steps:
-            self.path.append(steps, [v.numpy() for v in model.trainable_variables],
-                             {"val_accuracy": history["val_accuracy"][-1]})
+            self.path.append(
+                steps,
+                [v.numpy() for v in model.trainable_variables],
+                {"val_accuracy": history["val_accuracy"][-1]},
+            )
         history["steps"] = steps
         return model, history
 
     def _attach(self, model, reference, released):
         """Records the undamaged network on the repaired model (for later repairs)."""
-        record = {"kind": "repair", "method": self.method, "released": released,
-                  "epochs_to_recover": self.history["epochs_to_recover"],
-                  "steps": self.history["steps"]}
-        damage_masks = ([None] * len(reference.damage_masks) if released
-                        else reference.damage_masks)
-        damage_lib.attach_reference(model, damage_lib.DamageReference(
-            reference.weights, reference.masks, damage_masks, reference.inputs,
-            reference.outputs, reference.records + [record]))
+        record = {
+            "kind": "repair",
+            "method": self.method,
+            "released": released,
+            "epochs_to_recover": self.history["epochs_to_recover"],
+            "steps": self.history["steps"],
+        }
+        damage_masks = [None] * len(reference.damage_masks) if released else reference.damage_masks
+        damage_lib.attach_reference(
+            model,
+            damage_lib.DamageReference(
+                reference.weights,
+                reference.masks,
+                damage_masks,
+                reference.inputs,
+                reference.outputs,
+                reference.records + [record],
+            ),
+        )
 
     # Serialisation.
 
@@ -995,9 +1127,19 @@ class Repair(Operation):
         return config
 
 
-def recovery_path(model, damage_masks, data, num_points=11, steps_per_point=20,
-                  learning_rate=1e-3, batch_size=128, distance="kl", training="auto",
-                  seed=None, rate_with_time=False):
+def recovery_path(
+    model,
+    damage_masks,
+    data,
+    num_points=11,
+    steps_per_point=20,
+    learning_rate=1e-3,
+    batch_size=128,
+    distance="kl",
+    training="auto",
+    seed=None,
+    rate_with_time=False,
+):
     """A FIP from an undamaged network to one with the damaged weights at zero.
 
     The recovery path of the resilience paper's Fig. 4, to set against the straight damage
@@ -1051,9 +1193,13 @@ def recovery_path(model, damage_masks, data, num_points=11, steps_per_point=20,
     if not isinstance(damage_masks, (list, tuple)) or len(damage_masks) != len(variables):
         raise ValueError(
             "`damage_masks` must be a list aligned with `model.trainable_variables` "
-            f"({len(variables)} entries). Received: {damage_masks!r}"[:300])
-    for name, value in (("num_points", num_points), ("steps_per_point", steps_per_point),
-                        ("batch_size", batch_size)):
+            f"({len(variables)} entries). Received: {damage_masks!r}"[:300]
+        )
+    for name, value in (
+        ("num_points", num_points),
+        ("steps_per_point", steps_per_point),
+        ("batch_size", batch_size),
+    ):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
     if num_points < 2:
@@ -1068,10 +1214,14 @@ def recovery_path(model, damage_masks, data, num_points=11, steps_per_point=20,
     normalized = bool(normalization.batch_normalization_layers(walker))
     walk_training = normalized if training == "auto" else bool(training)
     moving = walker.trainable_variables
-    free = [tf.constant(np.ones(v.shape) if m is None else m.astype("float64"), v.dtype)
-            for v, m in zip(moving, damage_masks)]
-    start = [tf.constant(np.asarray(v.numpy()) * (1.0 - f.numpy()), v.dtype)
-             for v, f in zip(moving, free)]
+    free = [
+        tf.constant(np.ones(v.shape) if m is None else m.astype("float64"), v.dtype)
+        for v, m in zip(moving, damage_masks)
+    ]
+    start = [
+        tf.constant(np.asarray(v.numpy()) * (1.0 - f.numpy()), v.dtype)
+        for v, f in zip(moving, free)
+    ]
     time = keras.Variable(0.0, trainable=False, name="recovery_time")
     optimizer = keras.optimizers.Adam(learning_rate)
     reference = _predict(model, x).astype("float32")
@@ -1085,8 +1235,10 @@ def recovery_path(model, damage_masks, data, num_points=11, steps_per_point=20,
             loss = distance_fn(walker(inputs, training=walk_training), targets)
             loss = loss / step_rules.num_replicas()
         gradients = tape.gradient(loss, [v.value for v in moving])
-        gradients = [tf.zeros_like(v.value) if g is None else g * f
-                     for g, v, f in zip(gradients, moving, free)]
+        gradients = [
+            tf.zeros_like(v.value) if g is None else g * f
+            for g, v, f in zip(gradients, moving, free)
+        ]
         optimizer.apply(gradients, moving)
         return loss
 
@@ -1099,8 +1251,11 @@ def recovery_path(model, damage_masks, data, num_points=11, steps_per_point=20,
             variable.assign(variable.value * keep + (1.0 - time.value) * value)
 
     # Stateless per-pass permutations: the same global batches under any strategy.
-    dataset = iter(distribute.distribute_dataset(
-        data_adapter.repeated_batches((x, reference), batch_size, seed=seed)))
+    dataset = iter(
+        distribute.distribute_dataset(
+            data_adapter.repeated_batches((x, reference), batch_size, seed=seed)
+        )
+    )
     points, times = [model.get_weights()], np.linspace(0.0, 1.0, num_points)
     for t in times[1:]:
         time.assign(float(t))
@@ -1113,10 +1268,11 @@ def recovery_path(model, damage_masks, data, num_points=11, steps_per_point=20,
             hold_damage()
         if not np.isfinite(float(loss)):
             raise FloatingPointError(
-                f"The recovery path hit a non-finite loss at t={t:g}. Lower the learning "
-                "rate.")
+                f"The recovery path hit a non-finite loss at t={t:g}. Lower the learning rate."
+            )
         if walk_training and normalized:
-            normalization.recalibrate_batch_normalization(walker, x, 2 * batch_size,
-                                                          max_examples=4096)
+            normalization.recalibrate_batch_normalization(
+                walker, x, 2 * batch_size, max_examples=4096
+            )
         points.append(walker.get_weights())
     return points, times

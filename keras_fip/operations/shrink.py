@@ -15,8 +15,12 @@ _CHANNELWISE = (
     keras.layers.AveragePooling2D,
     keras.layers.ReLU,
 )
-_POOLING = (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D,
-            keras.layers.GlobalMaxPooling1D, keras.layers.GlobalMaxPooling2D)
+_POOLING = (
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalMaxPooling1D,
+    keras.layers.GlobalMaxPooling2D,
+)
 
 
 def _chain(model):
@@ -34,8 +38,9 @@ def _chain(model):
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     previous = model.inputs[0]
     for layer in layers:
-        supported = isinstance(layer, _PRODUCERS + _CHANNELWISE + _POOLING
-                               + (keras.layers.Flatten,))
+        supported = isinstance(
+            layer, _PRODUCERS + _CHANNELWISE + _POOLING + (keras.layers.Flatten,)
+        )
         if not supported:
             raise ValueError(
                 "`shrink` removes units from sequential chains of Dense/Conv1D/Conv2D and "
@@ -112,8 +117,9 @@ def shrink(model, atol=0.0):
         raise ValueError(
             f"`model` has no Dense or Conv layers to shrink. Received: model `{model.name}`"
         )
-    weights = {layer.name: [keras.ops.convert_to_numpy(w) for w in layer.get_weights()]
-               for layer in layers}
+    weights = {
+        layer.name: [keras.ops.convert_to_numpy(w) for w in layer.get_weights()] for layer in layers
+    }
     sizes = {}  # layer name -> new units/filters
 
     # Decide, producer by producer, which output channels survive
@@ -149,16 +155,14 @@ def shrink(model, atol=0.0):
 
         # Rows of the next kernel that read each channel
         if flatten_shape is not None:
-            channel_of_row = np.tile(np.arange(flatten_shape[-1]),
-                                     int(np.prod(flatten_shape[:-1])))
+            channel_of_row = np.tile(np.arange(flatten_shape[-1]), int(np.prod(flatten_shape[:-1])))
         else:
             channel_of_row = np.arange(next_kernel.shape[-2])
         next_weights = weights[next_layer.name]
         for channel in removed:
             rows = np.flatnonzero(channel_of_row == channel)
             if folded[channel] != 0:
-                contribution = next_kernel.reshape(-1, next_kernel.shape[-2],
-                                                   next_kernel.shape[-1])
+                contribution = next_kernel.reshape(-1, next_kernel.shape[-2], next_kernel.shape[-1])
                 if flatten_shape is not None:
                     contribution = next_kernel[rows].sum(axis=0)
                 else:
@@ -178,9 +182,9 @@ def shrink(model, atol=0.0):
     def clone(layer):
         config = layer.get_config()
         if layer.name in sizes:
-            config["units" if isinstance(layer, keras.layers.Dense) else "filters"] = (
-                sizes[layer.name]
-            )
+            config["units" if isinstance(layer, keras.layers.Dense) else "filters"] = sizes[
+                layer.name
+            ]
         return layer.__class__.from_config(config)
 
     smaller = keras.models.clone_model(model, clone_function=clone)

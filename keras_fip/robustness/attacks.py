@@ -40,7 +40,8 @@ def logit_model(model):
     A plain model is assumed to return logits and is returned as it is. For a keras_fip
     ensemble, a new functional model over the same members (shared weights) returns
     log p̄ (`combine="mean_probabilities"`, computed stably as
-    `logsumexp_k(log_softmax(z_k)) − log K`) or the mean logits (`"mean_logits"`): its softmax is the ensemble's distribution, so
+    `logsumexp_k(log_softmax(z_k)) − log K`) or the mean logits (`"mean_logits"`): its softmax
+    is the ensemble's distribution, so
     `from_logits=True` losses differentiate the whole ensemble exactly.
 
     Args:
@@ -100,8 +101,19 @@ def _check_attack(epsilon, step, iterations, restarts):
         )
 
 
-def pgd(model, x, y, epsilon=0.3, step=0.01, iterations=40, restarts=1, num_classes=None,
-        clip_values=(0.0, 1.0), batch_size=256, seed=0):
+def pgd(
+    model,
+    x,
+    y,
+    epsilon=0.3,
+    step=0.01,
+    iterations=40,
+    restarts=1,
+    num_classes=None,
+    clip_values=(0.0, 1.0),
+    batch_size=256,
+    seed=0,
+):
     """Untargeted L∞ projected gradient descent (ART) against `model` on `(x, y)`.
 
     Args:
@@ -135,9 +147,14 @@ def pgd(model, x, y, epsilon=0.3, step=0.01, iterations=40, restarts=1, num_clas
         num_classes = int(model.outputs[0].shape[-1])
     classifier = art_classifier(model, num_classes, clip_values)
     attack = ProjectedGradientDescent(
-        classifier, norm=np.inf, eps=float(epsilon), eps_step=float(step),
-        max_iter=int(iterations), num_random_init=int(restarts),
-        batch_size=int(batch_size), verbose=False,
+        classifier,
+        norm=np.inf,
+        eps=float(epsilon),
+        eps_step=float(step),
+        max_iter=int(iterations),
+        num_random_init=int(restarts),
+        batch_size=int(batch_size),
+        verbose=False,
     )
     keras.utils.set_random_seed(seed)
     np.random.seed(seed)
@@ -146,21 +163,38 @@ def pgd(model, x, y, epsilon=0.3, step=0.01, iterations=40, restarts=1, num_clas
 
 def accuracy(model, x, y, batch_size=1000):
     """Accuracy of a classifier (logits, probabilities or an ensemble) on `(x, y)`."""
-    outputs = np.concatenate([
-        keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False))
-        for i in range(0, len(x), batch_size)
-    ])
+    outputs = np.concatenate(
+        [
+            keras.ops.convert_to_numpy(model(x[i : i + batch_size], training=False))
+            for i in range(0, len(x), batch_size)
+        ]
+    )
     return float(np.mean(np.argmax(outputs, -1) == np.asarray(y)))
 
 
 def attack_settings(epsilon, step, iterations, restarts):
     """The attack's settings as flat result keys."""
-    return {"epsilon": float(epsilon), "step": float(step), "iterations": int(iterations),
-            "restarts": int(restarts)}
+    return {
+        "epsilon": float(epsilon),
+        "step": float(step),
+        "iterations": int(iterations),
+        "restarts": int(restarts),
+    }
 
 
-def transfer_pgd_accuracy(surrogate, models, x, y, epsilon=0.3, step=0.01, iterations=40,
-                          restarts=1, clip_values=(0.0, 1.0), batch_size=256, seed=0):
+def transfer_pgd_accuracy(
+    surrogate,
+    models,
+    x,
+    y,
+    epsilon=0.3,
+    step=0.01,
+    iterations=40,
+    restarts=1,
+    clip_values=(0.0, 1.0),
+    batch_size=256,
+    seed=0,
+):
     """Accuracy of each model on PGD inputs crafted against a separately trained surrogate.
 
     Args:
@@ -184,15 +218,35 @@ def transfer_pgd_accuracy(surrogate, models, x, y, epsilon=0.3, step=0.01, itera
 
     >>> # accuracies, x_adv = transfer_pgd_accuracy(surrogate, {"fip": ensemble}, x, y)
     """
-    adversarial = pgd(surrogate, x, y, epsilon, step, iterations, restarts,
-                      clip_values=clip_values, batch_size=batch_size, seed=seed)
+    adversarial = pgd(
+        surrogate,
+        x,
+        y,
+        epsilon,
+        step,
+        iterations,
+        restarts,
+        clip_values=clip_values,
+        batch_size=batch_size,
+        seed=seed,
+    )
     accuracies = {name: accuracy(model, adversarial, y) for name, model in models.items()}
     accuracies["surrogate"] = accuracy(surrogate, adversarial, y)
     return accuracies, adversarial
 
 
-def whitebox_pgd_accuracy(model, x, y, epsilon=0.3, step=0.01, iterations=40, restarts=1,
-                          clip_values=(0.0, 1.0), batch_size=256, seed=0):
+def whitebox_pgd_accuracy(
+    model,
+    x,
+    y,
+    epsilon=0.3,
+    step=0.01,
+    iterations=40,
+    restarts=1,
+    clip_values=(0.0, 1.0),
+    batch_size=256,
+    seed=0,
+):
     """Accuracy of a model under white-box L∞ PGD on itself (the whole ensemble).
 
     Args:
@@ -210,6 +264,16 @@ def whitebox_pgd_accuracy(model, x, y, epsilon=0.3, step=0.01, iterations=40, re
     Returns:
         A tuple `(accuracy, adversarial)`.
     """
-    adversarial = pgd(model, x, y, epsilon, step, iterations, restarts,
-                      clip_values=clip_values, batch_size=batch_size, seed=seed)
+    adversarial = pgd(
+        model,
+        x,
+        y,
+        epsilon,
+        step,
+        iterations,
+        restarts,
+        clip_values=clip_values,
+        batch_size=batch_size,
+        seed=seed,
+    )
     return accuracy(model, adversarial, y), adversarial

@@ -13,10 +13,12 @@ import tensorflow as tf
 
 
 def _flat_weights(model):
-    return np.concatenate([
-        np.ravel(keras.ops.convert_to_numpy(v.value)).astype(np.float64)
-        for v in model.trainable_variables
-    ])
+    return np.concatenate(
+        [
+            np.ravel(keras.ops.convert_to_numpy(v.value)).astype(np.float64)
+            for v in model.trainable_variables
+        ]
+    )
 
 
 def weight_distances(models):
@@ -54,8 +56,11 @@ def weight_distances(models):
         matrix[i, j] = matrix[j, i] = np.linalg.norm(flat[i] - flat[j])
     pairs = matrix[np.triu_indices(count, 1)]
     norm = float(np.mean([np.linalg.norm(f) for f in flat]))
-    return {"matrix": matrix, "mean": float(pairs.mean()),
-            "relative_mean": float(pairs.mean() / norm) if norm > 0 else 0.0}
+    return {
+        "matrix": matrix,
+        "mean": float(pairs.mean()),
+        "relative_mean": float(pairs.mean() / norm) if norm > 0 else 0.0,
+    }
 
 
 def input_gradients(model, x, y, batch_size=256):
@@ -77,12 +82,13 @@ def input_gradients(model, x, y, batch_size=256):
     network = logit_model(model)
     gradients = []
     for start in range(0, len(x), batch_size):
-        inputs = tf.constant(np.asarray(x[start:start + batch_size], "float32"))
-        labels = tf.constant(np.asarray(y[start:start + batch_size]).astype("int64"))
+        inputs = tf.constant(np.asarray(x[start : start + batch_size], "float32"))
+        labels = tf.constant(np.asarray(y[start : start + batch_size]).astype("int64"))
         with tf.GradientTape() as tape:
             tape.watch(inputs)
             loss = keras.losses.sparse_categorical_crossentropy(
-                labels, network(inputs, training=False), from_logits=True)
+                labels, network(inputs, training=False), from_logits=True
+            )
         gradients.append(tape.gradient(loss, inputs).numpy())
     return np.concatenate(gradients)
 
@@ -156,8 +162,11 @@ def linear_cka(features_x, features_y):
 
 
 def _weighted_layers(model):
-    return [layer for layer in model.layers
-            if layer.trainable_weights and not isinstance(layer, keras.Model)]
+    return [
+        layer
+        for layer in model.layers
+        if layer.trainable_weights and not isinstance(layer, keras.Model)
+    ]
 
 
 def layer_activations(model, x, batch_size=256):
@@ -175,7 +184,7 @@ def layer_activations(model, x, batch_size=256):
     probe = keras.Model(model.inputs, [layer.output for layer in layers])
     outputs = [[] for _ in layers]
     for start in range(0, len(x), batch_size):
-        values = probe(x[start:start + batch_size], training=False)
+        values = probe(x[start : start + batch_size], training=False)
         values = values if isinstance(values, (list, tuple)) else [values]
         for store, value in zip(outputs, values):
             store.append(keras.ops.convert_to_numpy(value))
@@ -204,8 +213,11 @@ def layer_cka(models, x, batch_size=256):
     activations = [layer_activations(m, x, batch_size) for m in models]
     names = list(activations[0])
     return {
-        name: float(np.mean([linear_cka(a[name], b[name])
-                             for a, b in itertools.combinations(activations, 2)]))
+        name: float(
+            np.mean(
+                [linear_cka(a[name], b[name]) for a, b in itertools.combinations(activations, 2)]
+            )
+        )
         for name in names
     }
 
@@ -237,6 +249,6 @@ def weight_pca(groups, num_components=2):
     result, start = {}, 0
     for name in names:
         count = len(groups[name])
-        result[name] = coordinates[start:start + count]
+        result[name] = coordinates[start : start + count]
         start += count
     return result, explained

@@ -25,8 +25,11 @@ def scalar_tags(log_dir):
                 continue
             for event in tf.compat.v1.train.summary_iterator(os.path.join(directory, name)):
                 for value in event.summary.value:
-                    number = (value.simple_value if value.HasField("simple_value")
-                              else float(tf.make_ndarray(value.tensor)))
+                    number = (
+                        value.simple_value
+                        if value.HasField("simple_value")
+                        else float(tf.make_ndarray(value.tensor))
+                    )
                     tag = value.tag if relative == "." else f"{relative}/{value.tag}"
                     scalars.setdefault(tag, {})[event.step] = number
     return scalars
@@ -61,5 +64,10 @@ def assert_results_close(got, expected, rtol, atol):
         if isinstance(value, (str, bool)):
             assert got[key] == value, key
         else:
-            np.testing.assert_allclose(np.asarray(got[key], float), np.asarray(value, float),
-                                       rtol=rtol, atol=atol, err_msg=key)
+            np.testing.assert_allclose(
+                np.asarray(got[key], float),
+                np.asarray(value, float),
+                rtol=rtol,
+                atol=atol,
+                err_msg=key,
+            )

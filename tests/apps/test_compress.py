@@ -16,12 +16,21 @@ from tests.apps.conftest import scalar_tags
 
 def test_compress_app_sweeps_methods_and_exports_the_sparsest(tmp_path, monkeypatch):
     output_dir = str(tmp_path / "compress")
-    with flagsaver.flagsaver(model="mlp", dataset="digits", sparsities=["50", "80"],
-                             methods=["fip", "gradual", "gradual_per_layer", "oneshot",
-                                      "lth"], seeds=["0"], workers=1,
-                             epochs=2, base_epochs=3, batch_size=64, lth_rounds=2,
-                             prune_learning_rates=["3e-3"], output_dir=output_dir,
-                             cache_dir=str(tmp_path / "cache")):
+    with flagsaver.flagsaver(
+        model="mlp",
+        dataset="digits",
+        sparsities=["50", "80"],
+        methods=["fip", "gradual", "gradual_per_layer", "oneshot", "lth"],
+        seeds=["0"],
+        workers=1,
+        epochs=2,
+        base_epochs=3,
+        batch_size=64,
+        lth_rounds=2,
+        prune_learning_rates=["3e-3"],
+        output_dir=output_dir,
+        cache_dir=str(tmp_path / "cache"),
+    ):
         compress.main([])
     with open(os.path.join(output_dir, "results.json")) as f:
         results = json.load(f)
@@ -38,7 +47,8 @@ def test_compress_app_sweeps_methods_and_exports_the_sparsest(tmp_path, monkeypa
     assert not any("tuning" in key for key in results)
     assert not os.path.exists(os.path.join(output_dir, "tuning"))
     assert results["fip/80/margin_over_gradual"] == pytest.approx(
-        results["fip/80/test/accuracy"] - results["gradual/80/test/accuracy"])
+        results["fip/80/test/accuracy"] - results["gradual/80/test/accuracy"]
+    )
     for name in ("accuracy_vs_sparsity.png", "layer_sparsity.png", "config.json"):
         assert os.path.isfile(os.path.join(output_dir, name))
     served = tf.saved_model.load(os.path.join(output_dir, "serving"))
@@ -51,7 +61,8 @@ def test_compress_app_sweeps_methods_and_exports_the_sparsest(tmp_path, monkeypa
     # (step: sparsity in 0.01%), and the FIP walks' per-step scalars.
     tags = scalar_tags(os.path.join(output_dir, "logs"))
     assert tags["compress/fip/seed_0/test_accuracy"] == pytest.approx(
-        {5000: results["fip/50/test/accuracy"], 8000: results["fip/80/test/accuracy"]})
+        {5000: results["fip/50/test/accuracy"], 8000: results["fip/80/test/accuracy"]}
+    )
     assert tags["compress/lth/seed_0/sparsity"][8000] == pytest.approx(0.8, abs=2e-3)
     assert tags["compress/oneshot/seed_0/distance_moved"][5000] > 0
     assert "compress/gradual/seed_0/output_change" in tags
@@ -60,12 +71,22 @@ def test_compress_app_sweeps_methods_and_exports_the_sparsest(tmp_path, monkeypa
 
     # A killed sweep resumes: recorded jobs are kept, the missing one runs again, alike.
     os.remove(os.path.join(output_dir, "jobs", "oneshot_80_seed_0.json"))
-    with flagsaver.flagsaver(model="mlp", dataset="digits", sparsities=["50", "80"],
-                             methods=["fip", "gradual", "gradual_per_layer", "oneshot",
-                                      "lth"], seeds=["0"], workers=1, resume=True,
-                             epochs=2, base_epochs=3, batch_size=64, lth_rounds=2,
-                             prune_learning_rates=["3e-3"], output_dir=output_dir,
-                             cache_dir=str(tmp_path / "cache")):
+    with flagsaver.flagsaver(
+        model="mlp",
+        dataset="digits",
+        sparsities=["50", "80"],
+        methods=["fip", "gradual", "gradual_per_layer", "oneshot", "lth"],
+        seeds=["0"],
+        workers=1,
+        resume=True,
+        epochs=2,
+        base_epochs=3,
+        batch_size=64,
+        lth_rounds=2,
+        prune_learning_rates=["3e-3"],
+        output_dir=output_dir,
+        cache_dir=str(tmp_path / "cache"),
+    ):
         compress.main([])
     with open(os.path.join(output_dir, "results.json")) as f:
         resumed = json.load(f)
@@ -84,10 +105,20 @@ def test_compress_app_sweeps_methods_and_exports_the_sparsest(tmp_path, monkeypa
         if phase == "pull" and step == 10:
             raise KeyboardInterrupt("killed after the checkpoint at step 10")
 
-    settings = dict(model="mlp", dataset="digits", sparsities=["80"], methods=["fip"],
-                    seeds=["0"], workers=1, epochs=2, base_epochs=3, batch_size=64,
-                    checkpoint_every=5, output_dir=killed_dir,
-                    cache_dir=str(tmp_path / "cache"))
+    settings = dict(
+        model="mlp",
+        dataset="digits",
+        sparsities=["80"],
+        methods=["fip"],
+        seeds=["0"],
+        workers=1,
+        epochs=2,
+        base_epochs=3,
+        batch_size=64,
+        checkpoint_every=5,
+        output_dir=killed_dir,
+        cache_dir=str(tmp_path / "cache"),
+    )
     monkeypatch.setattr(WalkCheckpoint, "_save", save_then_die)
     with flagsaver.flagsaver(**settings), pytest.raises(KeyboardInterrupt):
         compress.main([])
@@ -122,12 +153,20 @@ def test_compress_app_rejects_a_bad_compress_learning_rate(tmp_path, value):
 
 def test_compress_app_runs_jobs_in_worker_processes(tmp_path):
     output_dir = str(tmp_path / "workers")
-    with flagsaver.flagsaver(model="mlp", dataset="digits", sparsities=["90"],
-                             methods=["fip", "gradual"], seeds=["0", "1"], workers=2,
-                             epochs=1, base_epochs=2, batch_size=64,
-                             prune_learning_rates=["1e-7", "3e-3", "10"],
-                             output_dir=output_dir,
-                             cache_dir=str(tmp_path / "cache")):
+    with flagsaver.flagsaver(
+        model="mlp",
+        dataset="digits",
+        sparsities=["90"],
+        methods=["fip", "gradual"],
+        seeds=["0", "1"],
+        workers=2,
+        epochs=1,
+        base_epochs=2,
+        batch_size=64,
+        prune_learning_rates=["1e-7", "3e-3", "10"],
+        output_dir=output_dir,
+        cache_dir=str(tmp_path / "cache"),
+    ):
         compress.main([])
     with open(os.path.join(output_dir, "results.json")) as f:
         results = json.load(f)
@@ -138,20 +177,29 @@ def test_compress_app_runs_jobs_in_worker_processes(tmp_path):
     # from `<output_dir>/tuning/`), and the choice is the best on validation.
     validation = results["gradual/90/tuning/validation_accuracy"]
     assert sorted(validation) == ["0.003", "10", "1e-07"]
-    assert results["gradual/90/learning_rate"] == 3e-3 == float(
-        max(validation, key=validation.get))
+    assert results["gradual/90/learning_rate"] == 3e-3 == float(max(validation, key=validation.get))
     assert os.path.isfile(os.path.join(output_dir, "tuning", "base_seed_0.keras"))
-    assert not any(key.startswith("fip/") and ("learning_rate" in key or "tuning" in key)
-                   for key in results)  # Compress keeps its own rate.
+    assert not any(
+        key.startswith("fip/") and ("learning_rate" in key or "tuning" in key) for key in results
+    )  # Compress keeps its own rate.
     with open(os.path.join(output_dir, "config.json")) as f:
         assert json.load(f)["epochs"] == 1
 
 
 # The baselines' learning rates, chosen on a validation split: one entry far too small
 # (1e-7: the pruned network is barely fine-tuned), one diverging (10), one good (3e-3).
-TUNING = dict(model="mlp", dataset="digits", sparsities=["80"], methods=["oneshot"],
-              seeds=["0", "1"], workers=1, epochs=2, base_epochs=3, batch_size=64,
-              prune_learning_rates=["10", "1e-7", "3e-3"])
+TUNING = dict(
+    model="mlp",
+    dataset="digits",
+    sparsities=["80"],
+    methods=["oneshot"],
+    seeds=["0", "1"],
+    workers=1,
+    epochs=2,
+    base_epochs=3,
+    batch_size=64,
+    prune_learning_rates=["10", "1e-7", "3e-3"],
+)
 
 
 def _scrambled_test_labels(load):
@@ -160,11 +208,11 @@ def _scrambled_test_labels(load):
         if split == "test":
             y = (np.asarray(y) + 1 + np.arange(len(y)) % 9) % 10  # Every label changed.
         return x, y
+
     return scrambled
 
 
-def test_compress_app_chooses_the_baselines_rate_on_validation_never_on_test(tmp_path,
-                                                                           monkeypatch):
+def test_compress_app_chooses_the_baselines_rate_on_validation_never_on_test(tmp_path, monkeypatch):
     cache_dir = str(tmp_path / "cache")
     output_dir = str(tmp_path / "tuned")
     with flagsaver.flagsaver(output_dir=output_dir, cache_dir=cache_dir, **TUNING):
@@ -205,8 +253,7 @@ def test_compress_app_chooses_the_baselines_rate_on_validation_never_on_test(tmp
     # the missing tuning run and final job run again, alike.
     os.remove(os.path.join(output_dir, "jobs", "tuning", "oneshot_80_seed_0_lr_0.003.json"))
     os.remove(os.path.join(output_dir, "jobs", "oneshot_80_seed_1.json"))
-    with flagsaver.flagsaver(output_dir=output_dir, cache_dir=cache_dir, resume=True,
-                             **TUNING):
+    with flagsaver.flagsaver(output_dir=output_dir, cache_dir=cache_dir, resume=True, **TUNING):
         compress.main([])
     with open(os.path.join(output_dir, "results.json")) as f:
         resumed = json.load(f)
@@ -266,8 +313,9 @@ def test_compress_app_rejects_workers_with_a_strategy(tmp_path):
 
 
 def test_compress_app_refuses_single_device_methods_under_a_strategy(tmp_path):
-    with flagsaver.flagsaver(workers=1, strategy="multi_worker", methods=["fip", "tfmot"],
-                             output_dir=str(tmp_path)):
+    with flagsaver.flagsaver(
+        workers=1, strategy="multi_worker", methods=["fip", "tfmot"], output_dir=str(tmp_path)
+    ):
         with pytest.raises(ValueError, match=r"cannot run \['tfmot'\]"):
             compress.main([])
     assert not os.listdir(tmp_path)  # Refused before any work.
@@ -277,9 +325,15 @@ def test_compress_app_refuses_single_device_methods_under_a_strategy(tmp_path):
 def test_lenet_reproduction_meets_the_paper_targets(tmp_path):
     """Fig. 3B: LeNet-300-100 on MNIST, 3 seeds, 20 epochs for every method (~10 min)."""
     output_dir = str(tmp_path / "lenet")
-    with flagsaver.flagsaver(model="lenet_300_100", dataset="mnist",
-                             sparsities=["95", "99.1", "99.4"], methods=["fip", "gradual"],
-                             seeds=["0", "1", "2"], workers=2, output_dir=output_dir):
+    with flagsaver.flagsaver(
+        model="lenet_300_100",
+        dataset="mnist",
+        sparsities=["95", "99.1", "99.4"],
+        methods=["fip", "gradual"],
+        seeds=["0", "1", "2"],
+        workers=2,
+        output_dir=output_dir,
+    ):
         compress.main([])
     with open(os.path.join(output_dir, "results.json")) as f:
         results = json.load(f)

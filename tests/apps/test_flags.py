@@ -22,8 +22,9 @@ def test_start_rejects_a_tpu_address_without_the_tpu_strategy(tmp_path):
 
     from apps import common
 
-    with flagsaver.flagsaver(strategy="default", tpu="grpc://10.0.0.1:8470",
-                             output_dir=str(tmp_path)):
+    with flagsaver.flagsaver(
+        strategy="default", tpu="grpc://10.0.0.1:8470", output_dir=str(tmp_path)
+    ):
         with pytest.raises(ValueError, match="Received: tpu='grpc://10.0.0.1:8470'"):
             common.start("demo")
 
@@ -39,13 +40,26 @@ def test_run_writes_numeric_scalars_on_the_chief_only(tmp_path):
         run = common.start("demo")
     assert run.is_chief and run.output_dir == str(tmp_path / "demo")
     assert run.log_dir("walk") == str(tmp_path / "demo" / "logs" / "walk")
-    run.scalars({"accuracy": 0.5, "count": 3, "name": "x", "curve": [1, 2],
-                 "flag": True, "missing": float("nan")}, step=7, prefix="a")
+    run.scalars(
+        {
+            "accuracy": 0.5,
+            "count": 3,
+            "name": "x",
+            "curve": [1, 2],
+            "flag": True,
+            "missing": float("nan"),
+        },
+        step=7,
+        prefix="a",
+    )
     run.close()
     assert scalar_tags(str(tmp_path / "demo" / "logs")) == {
-        "demo/a/accuracy": {7: 0.5}, "demo/a/count": {7: 3.0}}
-    quiet = common.Run("demo", tf.distribute.get_strategy(), str(tmp_path / "quiet"),
-                       tensorboard=False)
+        "demo/a/accuracy": {7: 0.5},
+        "demo/a/count": {7: 3.0},
+    }
+    quiet = common.Run(
+        "demo", tf.distribute.get_strategy(), str(tmp_path / "quiet"), tensorboard=False
+    )
     quiet.scalars({"accuracy": 0.5})
     assert quiet.log_dir("walk") is None
     assert not os.path.exists(tmp_path / "quiet" / "logs")

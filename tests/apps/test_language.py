@@ -14,14 +14,29 @@ pytest.importorskip("keras_hub")  # the `text` extra
 
 def _tiny_flags(tmp_path, **overrides):
     settings = dict(
-        seeds=["0"], output_dir=str(tmp_path / "language"), cache_dir=str(tmp_path / "cache"),
-        language_vocabulary_size=200, language_sequence_length=12, language_num_layers=1,
-        language_hidden_dim=8, language_intermediate_dim=16, language_pretrain_epochs=1,
-        language_max_sentences=200, language_eval_sentences=32, language_pppl_sentences=4,
-        language_sparsities=["50"], language_compress_steps=4, language_anchor_sentences=32,
-        language_task_epochs=1, language_cl_epochs=1, language_memory=16,
-        language_max_task_examples=32, language_chain_sparsities=["30"],
-        language_record_every=2, language_query_examples=16)
+        seeds=["0"],
+        output_dir=str(tmp_path / "language"),
+        cache_dir=str(tmp_path / "cache"),
+        language_vocabulary_size=200,
+        language_sequence_length=12,
+        language_num_layers=1,
+        language_hidden_dim=8,
+        language_intermediate_dim=16,
+        language_pretrain_epochs=1,
+        language_max_sentences=200,
+        language_eval_sentences=32,
+        language_pppl_sentences=4,
+        language_sparsities=["50"],
+        language_compress_steps=4,
+        language_anchor_sentences=32,
+        language_task_epochs=1,
+        language_cl_epochs=1,
+        language_memory=16,
+        language_max_task_examples=32,
+        language_chain_sparsities=["30"],
+        language_record_every=2,
+        language_query_examples=16,
+    )
     settings.update(overrides)
     return flagsaver.flagsaver(**settings)
 
@@ -37,8 +52,7 @@ def test_language_app_runs_every_stage_on_a_tiny_bert(tmp_path):
     for method in language.CL_METHODS:
         assert 0.0 <= results[f"seed0/continual/{method}/cr/accuracy"] <= 1.0
     for name in ("cl_then_co", "co_then_cl"):
-        assert results[f"seed0/chain/30/{name}/measured_sparsity"] == pytest.approx(
-            0.3, abs=0.01)
+        assert results[f"seed0/chain/30/{name}/measured_sparsity"] == pytest.approx(0.3, abs=0.01)
     assert results["seed0/chain/30/weight_distance"] > 0
     assert os.path.isfile(tmp_path / "language" / "compositions.png")
     assert results["seed0/submanifold/networks"] >= 5
@@ -49,13 +63,12 @@ def test_language_app_runs_every_stage_on_a_tiny_bert(tmp_path):
     assert results["seed0/submanifold/nll/mr/best_family"] in families
     for order in ("cl_then_co", "co_then_cl"):
         assert f"seed0/submanifold/nll/mr/order_means/{order}" in results
-    for stage in ("pretrain", "compress", "sst5_classifier", "continual", "chain",
-                  "submanifold"):
+    for stage in ("pretrain", "compress", "sst5_classifier", "continual", "chain", "submanifold"):
         assert results[f"seed0/{stage}/stage_wall_time_seconds"] > 0
     for name in ("mr", "trec"):
         assert results[f"seed0/submanifold/pseudo_perplexity/{name}/best_family"] in families
     # The grid (1e2, 1e4, 1e6), or up to 3 steps of it past an edge that wins alone.
-    assert results["seed0/continual/ewc/lambda"] in [10.0 ** k for k in range(-4, 13, 2)]
+    assert results["seed0/continual/ewc/lambda"] in [10.0**k for k in range(-4, 13, 2)]
     assert os.path.isfile(tmp_path / "language" / "submanifold.png")
 
 
@@ -71,16 +84,18 @@ def test_language_app_pretrains_and_reports_on_a_tiny_bert(tmp_path):
     # TensorBoard: the figures are scalars under <output_dir>/logs.
     tags = scalar_tags(str(tmp_path / "language" / "logs"))
     tag = next(t for t in tags if t.endswith("seed0/compress/dense/pseudo_perplexity"))
-    assert list(tags[tag].values()) == [pytest.approx(
-        results["seed0/compress/dense/pseudo_perplexity"])]
+    assert list(tags[tag].values()) == [
+        pytest.approx(results["seed0/compress/dense/pseudo_perplexity"])
+    ]
 
 
 @pytest.mark.large
 def test_language_app_under_a_strategy_matches_one_device(tmp_path, app_mirrored_strategy):
     results = {}
     for strategy in ("default", "mirrored"):  # The second loads the first's pretraining.
-        with _tiny_flags(tmp_path, output_dir=str(tmp_path / strategy), strategy=strategy,
-                         language_dropout=0.0):
+        with _tiny_flags(
+            tmp_path, output_dir=str(tmp_path / strategy), strategy=strategy, language_dropout=0.0
+        ):
             language.main([])
         with open(tmp_path / strategy / "results.json") as f:
             results[strategy] = json.load(f)
@@ -95,16 +110,19 @@ def test_sst5_classifier_takes_the_dropout_of_the_flag():
     from keras_fip.models import bert
 
     keras.utils.set_random_seed(0)
-    backbone = bert.bert_backbone(50, num_layers=1, num_heads=1, hidden_dim=4,
-                                  intermediate_dim=8, max_sequence_length=6)
+    backbone = bert.bert_backbone(
+        50, num_layers=1, num_heads=1, hidden_dim=4, intermediate_dim=8, max_sequence_length=6
+    )
     mlm = bert.masked_lm(backbone, sequence_length=6, num_predictions=2)
     rng = np.random.default_rng(0)
     tasks = {"sst5": (rng.integers(1, 50, (8, 6)).astype("int32"), rng.integers(0, 5, 8))}
-    with flagsaver.flagsaver(language_dropout=0.0, language_sequence_length=6,
-                             language_task_epochs=1):
+    with flagsaver.flagsaver(
+        language_dropout=0.0, language_sequence_length=6, language_task_epochs=1
+    ):
         model = language.sst5_classifier(mlm, tasks, seed=0)
-    rates = [layer.rate for layer in model._flatten_layers()
-             if isinstance(layer, keras.layers.Dropout)]
+    rates = [
+        layer.rate for layer in model._flatten_layers() if isinstance(layer, keras.layers.Dropout)
+    ]
     assert rates and set(rates) == {0.0}
     assert bert.find_backbone(mlm).get_config()["dropout"] == 0.1  # Not changed.
 
@@ -112,8 +130,10 @@ def test_sst5_classifier_takes_the_dropout_of_the_flag():
 @pytest.mark.parametrize("training", [False, True])
 def test_language_continual_learn_walks_in_the_mode_of_the_flag(training):
     rng = np.random.default_rng(0)
-    tasks = {name: (rng.integers(1, 50, (8, 6)), rng.integers(0, classes, 8))
-             for name, classes in (("sst5", 5), ("cr", 2))}
+    tasks = {
+        name: (rng.integers(1, 50, (8, 6)), rng.integers(0, classes, 8))
+        for name, classes in (("sst5", 5), ("cr", 2))
+    }
     with flagsaver.flagsaver(language_cl_training=training, language_memory=4):
         operation = language._learn_operation(tasks, seed=0)
         assert len(language._memory(tasks, 0)) == 4

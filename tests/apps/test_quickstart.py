@@ -20,9 +20,12 @@ def test_quickstart_runs_and_shows_the_fip_walk_keeping_function(tmp_path):
     printed = io.StringIO()
     # (Not pytest's `capsys`: with it this test fails here, on main too, with "I/O
     # operation on closed file" in pytest's capture teardown.)
-    with flagsaver.flagsaver(output_dir=output_dir, seed=0,
-                             quickstart_prune_learning_rates=["3e-3"]), \
-            contextlib.redirect_stdout(printed):
+    with (
+        flagsaver.flagsaver(
+            output_dir=output_dir, seed=0, quickstart_prune_learning_rates=["3e-3"]
+        ),
+        contextlib.redirect_stdout(printed),
+    ):
         quickstart.main([])
     with open(os.path.join(output_dir, "results.json")) as f:
         results = json.load(f)
@@ -59,7 +62,8 @@ def test_quickstart_runs_and_shows_the_fip_walk_keeping_function(tmp_path):
     # TensorBoard: the table's figures, and every FIP walk's per-step scalars.
     tags = scalar_tags(os.path.join(output_dir, "logs"))
     assert tags["quickstart/quickstart/walk/euclidean_distance"][0] == pytest.approx(
-        results["walk/euclidean_distance"])
+        results["walk/euclidean_distance"]
+    )
     for walk in ("walk", "compress", "repair", "ensemble"):
         assert tags[f"{walk}/fip/distance_from_start"], walk
 
@@ -69,9 +73,15 @@ def test_quickstart_under_a_strategy_matches_one_device(tmp_path, app_mirrored_s
     results = {}
     for strategy in ("default", "mirrored"):
         output_dir = str(tmp_path / strategy)
-        with flagsaver.flagsaver(output_dir=output_dir, seed=0, strategy=strategy,
-                                 quickstart_prune_learning_rates=["3e-3"]), \
-                contextlib.redirect_stdout(io.StringIO()):
+        with (
+            flagsaver.flagsaver(
+                output_dir=output_dir,
+                seed=0,
+                strategy=strategy,
+                quickstart_prune_learning_rates=["3e-3"],
+            ),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
             quickstart.main([])
         with open(os.path.join(output_dir, "results.json")) as f:
             results[strategy] = json.load(f)
@@ -94,8 +104,17 @@ def test_tune_baselines_chooses_the_best_rate_on_a_validation_split():
     x, y = data.load("digits", "train")
     grid = common.learning_rate_grid(["10", "1e-7", "3e-3"], "grid")
     chosen = quickstart.tune_baselines(
-        {"one_shot": baselines.one_shot_magnitude_pruning}, 0.9, x, y, seed=0, grid=grid,
-        validation_fraction=0.2, base_epochs=3, prune_epochs=2, prune_batch_size=128)
+        {"one_shot": baselines.one_shot_magnitude_pruning},
+        0.9,
+        x,
+        y,
+        seed=0,
+        grid=grid,
+        validation_fraction=0.2,
+        base_epochs=3,
+        prune_epochs=2,
+        prune_batch_size=128,
+    )
     rate, validation = chosen["one_shot"]
     assert list(validation) == [1e-7, 3e-3, 10.0]  # The grid, not extended.
     assert rate == 3e-3 == max(validation, key=validation.get)
@@ -105,8 +124,9 @@ def test_tune_baselines_chooses_the_best_rate_on_a_validation_split():
     _, (x_val, _) = common.validation_split(x, y, 0.2, seed=0)
     assert all(round(v * len(x_val), 6).is_integer() for v in validation.values())
     # One rate: used as given, nothing trained.
-    assert quickstart.tune_baselines({"one_shot": None}, 0.9, x, y, 0, [3e-3], 0.2, 3, 2,
-                                     128) == {"one_shot": (3e-3, {})}
+    assert quickstart.tune_baselines({"one_shot": None}, 0.9, x, y, 0, [3e-3], 0.2, 3, 2, 128) == {
+        "one_shot": (3e-3, {})
+    }
 
 
 @pytest.mark.large

@@ -13,18 +13,33 @@ from tests.apps.conftest import scalar_tags
 def test_repair_app_writes_recovery_and_iterative_results(tmp_path):
     output_dir = str(tmp_path / "repair")
     with flagsaver.flagsaver(
-        dataset="digits", base_epochs=15, batch_size=64, learning_rate=3e-3,
-        seeds=["0"], methods=None, repair_parts=["recovery", "iterative"],
-        repair_validation_examples=150, repair_target=0.05,
-        repair_evaluations_per_epoch=2, repair_mlp_width=32, repair_fractions=["0.5"],
-        repair_max_epochs=2, repair_fip_learning_rates=["3e-3"],
+        dataset="digits",
+        base_epochs=15,
+        batch_size=64,
+        learning_rate=3e-3,
+        seeds=["0"],
+        methods=None,
+        repair_parts=["recovery", "iterative"],
+        repair_validation_examples=150,
+        repair_target=0.05,
+        repair_evaluations_per_epoch=2,
+        repair_mlp_width=32,
+        repair_fractions=["0.5"],
+        repair_max_epochs=2,
+        repair_fip_learning_rates=["3e-3"],
         repair_retrain_learning_rates=["1e-3", "3e-3"],
-        repair_prune_learning_rates=["0.05"], repair_iterative_counts=["16"],
-        repair_round_budget=8, repair_iterative_learning_rate=3e-3,
-        repair_fip_solve_examples=300, repair_fip_solve_sweeps=1, repair_fip_solve_rank=16,
+        repair_prune_learning_rates=["0.05"],
+        repair_iterative_counts=["16"],
+        repair_round_budget=8,
+        repair_iterative_learning_rate=3e-3,
+        repair_fip_solve_examples=300,
+        repair_fip_solve_sweeps=1,
+        repair_fip_solve_rank=16,
         repair_fip_solve_first=100,
-        repair_iterative_solve_examples=300, repair_iterative_fip_learning_rate=3e-3,
-        output_dir=output_dir, cache_dir=str(tmp_path / "cache"),
+        repair_iterative_solve_examples=300,
+        repair_iterative_fip_learning_rate=3e-3,
+        output_dir=output_dir,
+        cache_dir=str(tmp_path / "cache"),
     ):
         repair.main([])
     with open(os.path.join(output_dir, "results.json")) as f:
@@ -39,13 +54,16 @@ def test_repair_app_writes_recovery_and_iterative_results(tmp_path):
     for method in ("fip", "retrain", "prune"):
         assert len(results[f"mlp/0.5/{method}/epochs_to_recover/per_seed"]) == 1
         assert 0 <= results[f"mlp/{method}/epochs_to_recover/mean"] <= 2
-        assert results[f"mlp/{method}/epochs_to_recover/mean"] == results[
-            f"mlp/0.5/{method}/epochs_to_recover/mean"]
+        assert (
+            results[f"mlp/{method}/epochs_to_recover/mean"]
+            == results[f"mlp/0.5/{method}/epochs_to_recover/mean"]
+        )
     assert results["mlp/0.5/retrain/learning_rate"] in (1e-3, 3e-3)
     assert set(results["mlp/0.5/retrain/tuning/epochs_to_recover"]) == {"0.001", "0.003"}
     assert results["mlp/0.5/fip_over_retrain"] == pytest.approx(
         results["mlp/0.5/fip/epochs_to_recover/mean"]
-        / results["mlp/0.5/retrain/epochs_to_recover/mean"])
+        / results["mlp/0.5/retrain/epochs_to_recover/mean"]
+    )
 
     # Iterative: cycles of each strategy at each m.
     for count in (16,):
@@ -61,8 +79,7 @@ def test_repair_app_writes_recovery_and_iterative_results(tmp_path):
     # TensorBoard: the measured figures are scalars under <output_dir>/logs.
     tags = scalar_tags(os.path.join(output_dir, "logs"))
     tag = next(t for t in tags if t.endswith("mlp/fip/epochs_to_recover/mean"))
-    assert list(tags[tag].values()) == [pytest.approx(
-        results["mlp/fip/epochs_to_recover/mean"])]
+    assert list(tags[tag].values()) == [pytest.approx(results["mlp/fip/epochs_to_recover/mean"])]
 
 
 def test_repair_app_tunes_each_rate_on_the_mean_over_seeds(monkeypatch):
@@ -99,14 +116,27 @@ def test_repair_app_rejects_unknown_parts_and_methods(tmp_path):
 def test_repair_app_writes_the_invariant_set_and_the_transitions(tmp_path):
     output_dir = str(tmp_path / "repair")
     with flagsaver.flagsaver(
-        dataset="digits", base_epochs=15, batch_size=64, learning_rate=3e-3, seeds=["0"],
-        repair_parts=["invariant", "transitions"], repair_validation_examples=150,
-        repair_target=0.05, repair_evaluations_per_epoch=2, repair_mlp_width=32,
-        repair_max_epochs=1, repair_iterative_learning_rate=3e-3,
-        repair_invariant_loops=2, repair_invariant_rounds=1, repair_invariant_budget=4,
-        repair_invariant_points=3, repair_invariant_examples=100,
-        repair_transition_fractions=["0.25", "0.5"], repair_transition_learning_rate=3e-3,
-        output_dir=output_dir, cache_dir=str(tmp_path / "cache"),
+        dataset="digits",
+        base_epochs=15,
+        batch_size=64,
+        learning_rate=3e-3,
+        seeds=["0"],
+        repair_parts=["invariant", "transitions"],
+        repair_validation_examples=150,
+        repair_target=0.05,
+        repair_evaluations_per_epoch=2,
+        repair_mlp_width=32,
+        repair_max_epochs=1,
+        repair_iterative_learning_rate=3e-3,
+        repair_invariant_loops=2,
+        repair_invariant_rounds=1,
+        repair_invariant_budget=4,
+        repair_invariant_points=3,
+        repair_invariant_examples=100,
+        repair_transition_fractions=["0.25", "0.5"],
+        repair_transition_learning_rate=3e-3,
+        output_dir=output_dir,
+        cache_dir=str(tmp_path / "cache"),
     ):
         repair.main([])
     with open(os.path.join(output_dir, "results.json")) as f:
@@ -137,11 +167,20 @@ def test_repair_app_keeps_finished_parts_when_a_later_part_fails(tmp_path, monke
 
     monkeypatch.setattr(repair, "vgg", broken)
     with flagsaver.flagsaver(
-        dataset="digits", base_epochs=15, batch_size=64, learning_rate=3e-3, seeds=["0"],
-        repair_parts=["transitions", "vgg"], repair_validation_examples=150,
-        repair_target=0.05, repair_evaluations_per_epoch=2, repair_mlp_width=32,
-        repair_max_epochs=1, repair_transition_fractions=["0.25", "0.5"],
-        repair_transition_learning_rate=3e-3, output_dir=output_dir,
+        dataset="digits",
+        base_epochs=15,
+        batch_size=64,
+        learning_rate=3e-3,
+        seeds=["0"],
+        repair_parts=["transitions", "vgg"],
+        repair_validation_examples=150,
+        repair_target=0.05,
+        repair_evaluations_per_epoch=2,
+        repair_mlp_width=32,
+        repair_max_epochs=1,
+        repair_transition_fractions=["0.25", "0.5"],
+        repair_transition_learning_rate=3e-3,
+        output_dir=output_dir,
         cache_dir=str(tmp_path / "cache"),
     ):
         with pytest.raises(RuntimeError, match="stopped"):
@@ -156,14 +195,26 @@ def test_repair_app_keeps_finished_parts_when_a_later_part_fails(tmp_path, monke
 
 def test_vgg_part_under_a_strategy(tmp_path, app_mirrored_strategy):
     results = {}
-    for strategy, training in (("default", "false"), ("mirrored", "false"),
-                               ("default", "auto"), ("mirrored", "auto")):
+    for strategy, training in (
+        ("default", "false"),
+        ("mirrored", "false"),
+        ("default", "auto"),
+        ("mirrored", "auto"),
+    ):
         output_dir = str(tmp_path / f"{strategy}_{training}")
         with flagsaver.flagsaver(
-            repair_parts=["vgg"], seeds=["0"], repair_cifar_dataset="digits",
-            repair_cifar_epochs=2, repair_vgg_width=0.125, repair_path_points=3,
-            repair_path_steps=3, repair_path_training=training, repair_path_examples=50,
-            batch_size=64, strategy=strategy, output_dir=output_dir,
+            repair_parts=["vgg"],
+            seeds=["0"],
+            repair_cifar_dataset="digits",
+            repair_cifar_epochs=2,
+            repair_vgg_width=0.125,
+            repair_path_points=3,
+            repair_path_steps=3,
+            repair_path_training=training,
+            repair_path_examples=50,
+            batch_size=64,
+            strategy=strategy,
+            output_dir=output_dir,
             cache_dir=str(tmp_path / "cache"),  # One VGG, trained by the first run.
         ):
             repair.main([])
@@ -178,10 +229,11 @@ def test_vgg_part_under_a_strategy(tmp_path, app_mirrored_strategy):
     # close to one device's, not equal (measured: the path 1.2% longer, accuracies within
     # two of the 360 digits); the straight paths are the same.
     alone, walked = results["default", "auto"], results["mirrored", "auto"]
-    assert walked["vgg11/recovery/length"] == pytest.approx(
-        alone["vgg11/recovery/length"], rel=0.1)
+    assert walked["vgg11/recovery/length"] == pytest.approx(alone["vgg11/recovery/length"], rel=0.1)
     assert walked["vgg11/recovery/length"] != pytest.approx(
-        alone["vgg11/recovery/length"], rel=1e-4)
-    np.testing.assert_allclose(walked["vgg11/recovery/test/accuracy"],
-                               alone["vgg11/recovery/test/accuracy"], atol=0.05)
+        alone["vgg11/recovery/length"], rel=1e-4
+    )
+    np.testing.assert_allclose(
+        walked["vgg11/recovery/test/accuracy"], alone["vgg11/recovery/test/accuracy"], atol=0.05
+    )
     assert walked["vgg11/straight/test/accuracy"] == alone["vgg11/straight/test/accuracy"]

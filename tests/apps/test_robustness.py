@@ -15,12 +15,25 @@ from tests.apps.conftest import scalar_tags  # noqa: E402
 
 def test_robustness_app_compares_every_method_under_both_attacks(tmp_path):
     output_dir = str(tmp_path / "robustness")
-    with flagsaver.flagsaver(experiments=["digits/mlp"], seeds=["0"], num_members=2,
-                             base_epochs=5, learning_rate=1e-2, batch_size=64, attack_examples=40,
-                             pgd_iterations=3, pgd_step=0.1, pgd_restarts=0, fip_steps_between=3,
-                             fip_diversity=1.0, fge_cycle_epochs=1, snapshot_cycle_epochs=1,
-                             diagnostic_examples=20, output_dir=output_dir,
-                             cache_dir=str(tmp_path / "cache")):
+    with flagsaver.flagsaver(
+        experiments=["digits/mlp"],
+        seeds=["0"],
+        num_members=2,
+        base_epochs=5,
+        learning_rate=1e-2,
+        batch_size=64,
+        attack_examples=40,
+        pgd_iterations=3,
+        pgd_step=0.1,
+        pgd_restarts=0,
+        fip_steps_between=3,
+        fip_diversity=1.0,
+        fge_cycle_epochs=1,
+        snapshot_cycle_epochs=1,
+        diagnostic_examples=20,
+        output_dir=output_dir,
+        cache_dir=str(tmp_path / "cache"),
+    ):
         robustness.main([])
     with open(os.path.join(output_dir, "results.json")) as f:
         results = json.load(f)
@@ -32,17 +45,21 @@ def test_robustness_app_compares_every_method_under_both_attacks(tmp_path):
             assert f"digits/{method}/{measure}/accuracy/std" in results
     # Clean networks are accurate; the white-box attack hurts the single network.
     assert results["digits/single/clean/accuracy/mean"] > 0.8
-    assert (results["digits/single/whitebox_pgd/accuracy/mean"]
-            < results["digits/single/clean/accuracy/mean"])
+    assert (
+        results["digits/single/whitebox_pgd/accuracy/mean"]
+        < results["digits/single/clean/accuracy/mean"]
+    )
     # Compute: epochs × examples.
     assert results["digits/single/train_examples"] == 5 * len(x)
     assert results["digits/deep/train_examples"] == 2 * 5 * len(x)
     assert results["digits/fip/train_examples"] > 5 * len(x)
     assert results["digits/fip/train_examples/fraction_of_deep"] == pytest.approx(
-        results["digits/fip/train_examples"] / results["digits/deep/train_examples"])
+        results["digits/fip/train_examples"] / results["digits/deep/train_examples"]
+    )
     assert results["digits/fip/transfer_pgd/margin_over_single"] == pytest.approx(
         results["digits/fip/transfer_pgd/accuracy/mean"]
-        - results["digits/single/transfer_pgd/accuracy/mean"])
+        - results["digits/single/transfer_pgd/accuracy/mean"]
+    )
     assert results["digits/attack/epsilon"] == 0.3
     assert results["digits/attack/iterations"] == 3
     assert results["digits/attack/restarts"] == 0
@@ -50,8 +67,7 @@ def test_robustness_app_compares_every_method_under_both_attacks(tmp_path):
     assert results["digits/num_seeds"] == 1
     assert 0.0 < results["digits/fip/relative_weight_distance/mean"]
     assert -1.0 <= results["digits/fip/coherence/mean"] <= 1.0
-    for name in ("member_vs_ensemble.png", "layer_diversity.png", "weight_pca.png",
-                 "config.json"):
+    for name in ("member_vs_ensemble.png", "layer_diversity.png", "weight_pca.png", "config.json"):
         assert os.path.isfile(os.path.join(output_dir, name))
     served = tf.saved_model.load(os.path.join(output_dir, "serving"))
     probabilities = np.asarray(served.serve(x[:4]))
@@ -59,7 +75,8 @@ def test_robustness_app_compares_every_method_under_both_attacks(tmp_path):
     # TensorBoard: every figure per seed (step: the seed) and the FIP walk's scalars.
     tags = scalar_tags(os.path.join(output_dir, "logs"))
     assert tags["robustness/digits/fip/transfer_pgd/accuracy"][0] == pytest.approx(
-        results["digits/fip/transfer_pgd/accuracy/mean"])
+        results["digits/fip/transfer_pgd/accuracy/mean"]
+    )
     assert tags["digits_mlp/fip/seed_0/fip/distance_from_start"]
 
 
@@ -70,11 +87,15 @@ def test_experiments_after_the_first_run_on_the_lighter_plan():
         ("mnist/cnn5", [0], ["fip", "single"], 5, 200),
         ("cifar10/vgg11", [0], ["fip", "single"], 5, 200),
     ]
-    with flagsaver.flagsaver(experiments=["digits/mlp", "mnist/cnn5"], methods=["fip", "deep"],
-                             other_methods=list(robustness.METHODS), other_seeds=["0", "1"],
-                             other_num_members=10, other_attack_examples=500):
-        assert robustness.experiment_plans()[1] == (
-            "mnist/cnn5", [0, 1], ["fip", "deep"], 10, 500)
+    with flagsaver.flagsaver(
+        experiments=["digits/mlp", "mnist/cnn5"],
+        methods=["fip", "deep"],
+        other_methods=list(robustness.METHODS),
+        other_seeds=["0", "1"],
+        other_num_members=10,
+        other_attack_examples=500,
+    ):
+        assert robustness.experiment_plans()[1] == ("mnist/cnn5", [0, 1], ["fip", "deep"], 10, 500)
 
 
 def test_robustness_app_rejects_unknown_methods_and_experiments(tmp_path):

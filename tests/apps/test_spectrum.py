@@ -13,10 +13,18 @@ def test_spectrum_app_writes_rho_trace_and_plot(tmp_path):
     # mlp on digits: 20 inputs x 10 logits x 7,510 weights fits the Gram limit (exact);
     # lenet_300_100 (50,610 weights) does not, so its rho comes from SLQ.
     with flagsaver.flagsaver(
-        spectrum_models=["mlp", "lenet_300_100"], dataset="digits", epochs=2,
-        batch_size=64, learning_rate=1e-2, spectrum_num_inputs=20, spectrum_top_k=5,
-        spectrum_trace_samples=30, spectrum_slq_probes=3, spectrum_slq_steps=20,
-        spectrum_max_gram_entries=2_000_000, output_dir=output_dir,
+        spectrum_models=["mlp", "lenet_300_100"],
+        dataset="digits",
+        epochs=2,
+        batch_size=64,
+        learning_rate=1e-2,
+        spectrum_num_inputs=20,
+        spectrum_top_k=5,
+        spectrum_trace_samples=30,
+        spectrum_slq_probes=3,
+        spectrum_slq_steps=20,
+        spectrum_max_gram_entries=2_000_000,
+        output_dir=output_dir,
         cache_dir=str(tmp_path / "cache"),
     ):
         spectrum.main([])
@@ -39,10 +47,13 @@ def test_spectrum_app_writes_rho_trace_and_plot(tmp_path):
     assert results["mlp/num_vulnerable"] <= 200
     np.testing.assert_allclose(results["mlp/trace"], results["mlp/trace_exact"], rtol=0.05)
     np.testing.assert_allclose(
-        results["mlp/top_eigenvalues"], results["mlp/gram_top_eigenvalues"], rtol=1e-4)
+        results["mlp/top_eigenvalues"], results["mlp/gram_top_eigenvalues"], rtol=1e-4
+    )
     np.testing.assert_allclose(
         results["mlp/expected_change_unit_perturbation"],
-        results["mlp/trace"] / results["mlp/num_params"], rtol=1e-9)
+        results["mlp/trace"] / results["mlp/num_params"],
+        rtol=1e-9,
+    )
     # TensorBoard: ρ and trace, and the top eigenvalues against their rank.
     tags = scalar_tags(os.path.join(output_dir, "logs"))
     np.testing.assert_allclose(tags["spectrum/mlp/rho"][0], results["mlp/rho"], rtol=1e-6)

@@ -13,9 +13,15 @@ from tests.apps.conftest import scalar_tags
 
 def test_train_app_writes_model_config_and_results(tmp_path):
     output_dir = str(tmp_path / "run")
-    with flagsaver.flagsaver(model="mlp", dataset="digits", epochs=3, batch_size=64,
-                             learning_rate=1e-2, output_dir=output_dir,
-                             cache_dir=str(tmp_path / "cache")):
+    with flagsaver.flagsaver(
+        model="mlp",
+        dataset="digits",
+        epochs=3,
+        batch_size=64,
+        learning_rate=1e-2,
+        output_dir=output_dir,
+        cache_dir=str(tmp_path / "cache"),
+    ):
         train.main([])
     with open(os.path.join(output_dir, "results.json")) as f:
         results = json.load(f)
@@ -33,8 +39,9 @@ def test_train_app_writes_model_config_and_results(tmp_path):
 
 
 def test_train_app_reuses_the_cache(tmp_path):
-    settings = dict(model="mlp", dataset="digits", epochs=1, batch_size=64,
-                    cache_dir=str(tmp_path / "cache"))
+    settings = dict(
+        model="mlp", dataset="digits", epochs=1, batch_size=64, cache_dir=str(tmp_path / "cache")
+    )
     with flagsaver.flagsaver(output_dir=str(tmp_path / "a"), **settings):
         train.main([])
     with flagsaver.flagsaver(output_dir=str(tmp_path / "b"), **settings):

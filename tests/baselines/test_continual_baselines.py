@@ -21,8 +21,10 @@ def setting():
         "old": (x[old], y[old]),
         "new": (x[new], (y[new] - 5).astype("int32")),
         "memory": (x[old][:200], y[old][:200]),
-        "tests": [(x_test[y_test < 5], y_test[y_test < 5]),
-                  (x_test[y_test >= 5], y_test[y_test >= 5])],
+        "tests": [
+            (x_test[y_test < 5], y_test[y_test < 5]),
+            (x_test[y_test >= 5], y_test[y_test >= 5]),
+        ],
     }
 
 
@@ -43,11 +45,15 @@ def test_finetune_learns_the_new_task_and_forgets_the_old(finetuned):
     assert old < 0.05 and new > 0.85
 
 
-@pytest.mark.parametrize("make", [
-    lambda s: baselines.ExperienceReplay(s["new"], memory=s["memory"], **BUDGET),
-    lambda s: baselines.AGEM(s["new"], memory=s["memory"], **BUDGET),
-    lambda s: baselines.JointTraining(s["new"], old_tasks=[s["old"]], **BUDGET),
-], ids=["replay", "agem", "joint"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s: baselines.ExperienceReplay(s["new"], memory=s["memory"], **BUDGET),
+        lambda s: baselines.AGEM(s["new"], memory=s["memory"], **BUDGET),
+        lambda s: baselines.JointTraining(s["new"], old_tasks=[s["old"]], **BUDGET),
+    ],
+    ids=["replay", "agem", "joint"],
+)
 def test_memory_and_joint_baselines_keep_the_old_task(setting, finetuned, make):
     model = make(setting)(setting["model"])
     old, new = _accuracies(model, setting)
@@ -58,33 +64,42 @@ def test_memory_and_joint_baselines_keep_the_old_task(setting, finetuned, make):
 
 def test_ewc_chooses_lambda_on_validation_and_beats_finetuning(setting, finetuned):
     x_old, y_old = setting["old"]
-    op = baselines.EWC(setting["new"], fisher_data=x_old, lambda_grid=(1.0, 1e3),
-                       validation_tasks=[(x_old[-100:], y_old[-100:])],
-                       max_lambda_extensions=0, **BUDGET)
+    op = baselines.EWC(
+        setting["new"],
+        fisher_data=x_old,
+        lambda_grid=(1.0, 1e3),
+        validation_tasks=[(x_old[-100:], y_old[-100:])],
+        max_lambda_extensions=0,
+        **BUDGET,
+    )
     model = op(setting["model"])
     assert op.history["lambda"] in (1.0, 1e3)
     scores = op.history["lambda_scores"]
     assert op.history["lambda"] == max(scores, key=scores.get)
     assert _accuracies(model, setting)[0] > finetuned[0] + 0.3
-    (fisher, anchor), = ewc_state(model)
+    ((fisher, anchor),) = ewc_state(model)
     assert fisher[-2].shape == model.trainable_variables[-2].shape  # Grown head padded.
     assert np.all(fisher[-2][:, 5:] == 0.0) and np.all(fisher[-2] >= 0.0)
 
 
-@pytest.mark.parametrize("peak, grid, tried, chosen", [
-    # The top wins alone: one grid step (10x) past it until a value loses (3 at most).
-    (1e9, (1e6, 1e7), [1e6, 1e7, 1e8, 1e9, 1e10], 1e9),
-    (1e12, (1e6, 1e7), [1e6, 1e7, 1e8, 1e9, 1e10], 1e10),
-    # The bottom wins alone: ÷10 below it.
-    (0.1, (10.0, 100.0), [0.01, 0.1, 1.0, 10.0, 100.0], 0.1),
-    # An interior best: the grid as given.
-    (10.0, (1.0, 10.0, 100.0), [1.0, 10.0, 100.0], 10.0),
-    # The step is the grid's spacing at that edge; λ = 0 next to the bottom: 10x up.
-    (1e8, (1e2, 1e4, 1e6), [1e2, 1e4, 1e6, 1e8, 1e10], 1e8),
-    (1e2, (0.0, 1.0), [0.0, 1.0, 10.0, 100.0, 1e3], 100.0),
-])
-def test_ewc_extends_the_lambda_grid_past_an_edge_that_wins(setting, monkeypatch, peak, grid,
-                                                           tried, chosen):
+@pytest.mark.parametrize(
+    "peak, grid, tried, chosen",
+    [
+        # The top wins alone: one grid step (10x) past it until a value loses (3 at most).
+        (1e9, (1e6, 1e7), [1e6, 1e7, 1e8, 1e9, 1e10], 1e9),
+        (1e12, (1e6, 1e7), [1e6, 1e7, 1e8, 1e9, 1e10], 1e10),
+        # The bottom wins alone: ÷10 below it.
+        (0.1, (10.0, 100.0), [0.01, 0.1, 1.0, 10.0, 100.0], 0.1),
+        # An interior best: the grid as given.
+        (10.0, (1.0, 10.0, 100.0), [1.0, 10.0, 100.0], 10.0),
+        # The step is the grid's spacing at that edge; λ = 0 next to the bottom: 10x up.
+        (1e8, (1e2, 1e4, 1e6), [1e2, 1e4, 1e6, 1e8, 1e10], 1e8),
+        (1e2, (0.0, 1.0), [0.0, 1.0, 10.0, 100.0, 1e3], 100.0),
+    ],
+)
+def test_ewc_extends_the_lambda_grid_past_an_edge_that_wins(
+    setting, monkeypatch, peak, grid, tried, chosen
+):
     # The validation score peaks at `peak` (in log10 λ); training is skipped.
     from keras_fip.baselines import ewc
 
@@ -93,11 +108,13 @@ def test_ewc_extends_the_lambda_grid_past_an_edge_that_wins(setting, monkeypatch
         return {"loss": [0.0]}
 
     monkeypatch.setattr(ewc, "train", fake_train)
-    monkeypatch.setattr(ewc, "task_accuracy", lambda candidate, x, y: -abs(
-        np.log10(candidate.ewc_lambda_used) - np.log10(peak)))
+    monkeypatch.setattr(
+        ewc,
+        "task_accuracy",
+        lambda candidate, x, y: -abs(np.log10(candidate.ewc_lambda_used) - np.log10(peak)),
+    )
     x_old, _ = setting["old"]
-    op = baselines.EWC(setting["new"], fisher_data=x_old[:50], lambda_grid=grid, epochs=1,
-                       seed=0)
+    op = baselines.EWC(setting["new"], fisher_data=x_old[:50], lambda_grid=grid, epochs=1, seed=0)
     op(setting["model"])
     np.testing.assert_allclose(sorted(op.history["lambda_scores"]), tried, rtol=1e-9)
     assert op.history["lambda"] == pytest.approx(chosen, rel=1e-9)
@@ -112,8 +129,7 @@ def test_online_ewc_merges_penalties_and_offline_keeps_them(setting):
     second = (x_new[y_new >= 3], y_new[y_new >= 3] - 3)
     budget = dict(epochs=1, batch_size=64, seed=0, ewc_lambda=10.0)
     for online, count in ((True, 1), (False, 2)):
-        model = baselines.EWC(first, fisher_data=x_old, online=online, **budget)(
-            setting["model"])
+        model = baselines.EWC(first, fisher_data=x_old, online=online, **budget)(setting["model"])
         model = baselines.EWC(second, fisher_data=first[0], online=online, **budget)(model)
         assert len(ewc_state(model)) == count
         assert model.output_shape == (None, 10)
@@ -121,8 +137,7 @@ def test_online_ewc_merges_penalties_and_offline_keeps_them(setting):
 
 def test_lwf_distils_the_old_outputs(setting, finetuned):
     model = baselines.LwF(setting["new"], **BUDGET)(setting["model"])
-    undistilled = baselines.LwF(setting["new"], distillation_weight=0.0, **BUDGET)(
-        setting["model"])
+    undistilled = baselines.LwF(setting["new"], distillation_weight=0.0, **BUDGET)(setting["model"])
     x_old = setting["tests"][0][0]
     old_logits = np.asarray(setting["model"](x_old))
     change = np.mean(np.abs(np.asarray(model(x_old))[:, :5] - old_logits))
@@ -132,11 +147,13 @@ def test_lwf_distils_the_old_outputs(setting, finetuned):
 
 
 def test_baselines_keep_masks_and_never_change_their_input(setting):
-    sparse = keras_fip.Compress(0.5, data=setting["old"][0], epochs=1, verbose=0,
-                                seed=0)(setting["model"])
+    sparse = keras_fip.Compress(0.5, data=setting["old"][0], epochs=1, verbose=0, seed=0)(
+        setting["model"]
+    )
     before = [v.numpy().copy() for v in sparse.weights]
-    model = baselines.ExperienceReplay(setting["new"], memory=setting["memory"],
-                                       epochs=1, seed=0)(sparse)
+    model = baselines.ExperienceReplay(setting["new"], memory=setting["memory"], epochs=1, seed=0)(
+        sparse
+    )
     zeros = sum(int((~m).sum()) for m in keras_fip.masks(model).values())
     assert zeros == sum(int((~m).sum()) for m in keras_fip.masks(sparse).values()) > 0
     for variable in model.trainable_variables:
@@ -174,6 +191,8 @@ def test_baselines_meet_the_operation_contract():
     from tests.operations.contract import run_operation_contract
 
     run_operation_contract(
-        lambda model, x, y: baselines.ExperienceReplay((x[200:], y[200:] % 3),
-                                                memory=(x[:100], y[:100]), epochs=1, seed=0),
-        models=("batchnorm_residual",))
+        lambda model, x, y: baselines.ExperienceReplay(
+            (x[200:], y[200:] % 3), memory=(x[:100], y[:100]), epochs=1, seed=0
+        ),
+        models=("batchnorm_residual",),
+    )

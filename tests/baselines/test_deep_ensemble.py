@@ -16,8 +16,7 @@ def digits():
     x_test, y_test = keras_fip.data.load("digits", "test")
     keras.utils.set_random_seed(0)
     model = keras_fip.models.mlp(32, input_shape=(8, 8, 1))
-    keras_fip.models.train_classifier(model, x, y, epochs=10, batch_size=64,
-                                      learning_rate=3e-3)
+    keras_fip.models.train_classifier(model, x, y, epochs=10, batch_size=64, learning_rate=3e-3)
     return model, x, y, x_test, y_test
 
 
@@ -32,8 +31,9 @@ def _accuracy(model, x, y):
 def test_deep_ensemble_trains_independent_accurate_members(digits):
     model, x, y, x_test, y_test = digits
     before = _flat(model)
-    ensemble, info = baselines.deep_ensemble(model, x, y, num_members=3, epochs=6,
-                                             batch_size=64, learning_rate=3e-3, seed=5)
+    ensemble, info = baselines.deep_ensemble(
+        model, x, y, num_members=3, epochs=6, batch_size=64, learning_rate=3e-3, seed=5
+    )
     np.testing.assert_array_equal(_flat(model), before)
     members = keras_fip.ensemble_members(ensemble)
     assert len(members) == 3
@@ -49,8 +49,8 @@ def test_deep_ensemble_trains_independent_accurate_members(digits):
 def test_fge_collects_members_at_the_low_learning_rate(digits):
     model, x, y, x_test, y_test = digits
     ensemble, info = baselines.fast_geometric_ensemble(
-        model, x, y, num_members=3, cycle_epochs=2, learning_rates=(2e-2, 2e-4),
-        batch_size=64)
+        model, x, y, num_members=3, cycle_epochs=2, learning_rates=(2e-2, 2e-4), batch_size=64
+    )
     members = keras_fip.ensemble_members(ensemble)
     assert len(members) == 3
     steps_per_epoch = int(np.ceil(len(x) / 64))
@@ -67,8 +67,9 @@ def test_fge_collects_members_at_the_low_learning_rate(digits):
 
 def test_snapshot_ensemble_takes_one_snapshot_per_cycle(digits):
     model, x, y, x_test, y_test = digits
-    ensemble, info = baselines.snapshot_ensemble(model, x, y, num_members=2, epochs=8,
-                                                 learning_rate=0.1, batch_size=64)
+    ensemble, info = baselines.snapshot_ensemble(
+        model, x, y, num_members=2, epochs=8, learning_rate=0.1, batch_size=64
+    )
     assert info == {"train_examples": 8 * len(x), "epochs": 8, "num_members": 2}
     first, second = keras_fip.ensemble_members(ensemble)
     assert np.linalg.norm(_flat(first) - _flat(second)) > 0.0
@@ -85,11 +86,14 @@ def test_cyclic_learning_rates_follow_the_papers():
     assert snapshot_learning_rate(20, 100, 5, 0.1) < 0.001
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(num_members=0), "num_members"),
-    (dict(epochs=0), "epochs"),
-    (dict(combine="vote"), "combine"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_members=0), "num_members"),
+        (dict(epochs=0), "epochs"),
+        (dict(combine="vote"), "combine"),
+    ],
+)
 def test_bad_arguments_raise(digits, kwargs, match):
     model, x, y, _, _ = digits
     with pytest.raises(ValueError, match=match):

@@ -15,7 +15,6 @@ from tests.operations.test_distributed import RTOL
 from tests.operations.test_distributed import weights_of
 
 
-
 def _cases():
     x, y = contract_data()
     new_task = (x[200:], y[200:] % 3)
@@ -29,20 +28,32 @@ def _cases():
         "agem": lambda m: baselines.AGEM(new_task, memory=memory, **common)(m),
         "joint": lambda m: baselines.JointTraining(new_task, old_tasks=[memory], **common)(m),
         "one_shot": lambda m: baselines.one_shot_magnitude_pruning(
-            m, 0.5, x, y, epochs=1, batch_size=64, learning_rate=1e-3),
+            m, 0.5, x, y, epochs=1, batch_size=64, learning_rate=1e-3
+        ),
         "gradual": lambda m: baselines.gradual_magnitude_pruning(
-            m, 0.5, x, y, epochs=1, batch_size=64, learning_rate=1e-3),
-        "lottery": lambda m: baselines.lottery_ticket(m, 0.5, x, y, epochs=2, batch_size=64,
-                                                      rounds=2),
-        "deep_ensemble": lambda m: baselines.deep_ensemble(m, x, y, num_members=2, epochs=1,
-                                                           batch_size=64),
+            m, 0.5, x, y, epochs=1, batch_size=64, learning_rate=1e-3
+        ),
+        "lottery": lambda m: baselines.lottery_ticket(
+            m, 0.5, x, y, epochs=2, batch_size=64, rounds=2
+        ),
+        "deep_ensemble": lambda m: baselines.deep_ensemble(
+            m, x, y, num_members=2, epochs=1, batch_size=64
+        ),
         "fast_geometric_ensemble": lambda m: baselines.fast_geometric_ensemble(
-            m, x, y, num_members=2, cycle_epochs=1, batch_size=64),
+            m, x, y, num_members=2, cycle_epochs=1, batch_size=64
+        ),
         "snapshot_ensemble": lambda m: baselines.snapshot_ensemble(
-            m, x, y, num_members=2, epochs=2, batch_size=64),
+            m, x, y, num_members=2, epochs=2, batch_size=64
+        ),
         "prune_retrain": lambda m: baselines.prune_retrain(
-            m, {"contract_hidden": [0, 1, 2]}, (x, y), (x[:100], y[:100]), epochs=1,
-            batch_size=64, seed=0),
+            m,
+            {"contract_hidden": [0, 1, 2]},
+            (x, y),
+            (x[:100], y[:100]),
+            epochs=1,
+            batch_size=64,
+            seed=0,
+        ),
     }
 
 

@@ -31,7 +31,9 @@ def _prunable_zero_fraction(model):
 
 
 def test_polynomial_decay_matches_tfmot_formula():
-    schedule = [baselines.polynomial_decay_sparsity(t, 0.9, 100, 200) for t in (0, 100, 150, 200, 300)]
+    schedule = [
+        baselines.polynomial_decay_sparsity(t, 0.9, 100, 200) for t in (0, 100, 150, 200, 300)
+    ]
     assert schedule[:2] == [0.0, 0.0]
     assert schedule[2] == pytest.approx(0.9 * (1 - 0.5**3))
     assert schedule[3:] == [pytest.approx(0.9), pytest.approx(0.9)]
@@ -67,16 +69,22 @@ def test_gradual_pruning_recovers_better_than_unretrained_projection(trained):
     projected = keras_fip.engine.copy_model(model)
     masks = projection.magnitude_masks(projected, 0.95, scope="per_layer")
     keras_fip.engine.apply_masks(projected, masks)
-    gradual = baselines.gradual_magnitude_pruning(model, 0.95, x, y, epochs=4, batch_size=64,
-                                                  learning_rate=3e-3, frequency=5)
-    assert (models.evaluate_classifier(gradual, x_test, y_test)["accuracy"]
-            > models.evaluate_classifier(projected, x_test, y_test)["accuracy"])
+    gradual = baselines.gradual_magnitude_pruning(
+        model, 0.95, x, y, epochs=4, batch_size=64, learning_rate=3e-3, frequency=5
+    )
+    assert (
+        models.evaluate_classifier(gradual, x_test, y_test)["accuracy"]
+        > models.evaluate_classifier(projected, x_test, y_test)["accuracy"]
+    )
 
 
 @pytest.mark.parametrize(
     "kwargs, argument",
-    [({"sparsity": 1.0}, "`sparsity`"), ({"sparsity": 0.5, "epochs": 0}, "`epochs`"),
-     ({"sparsity": 0.5, "structure": "x"}, "`structure`")],
+    [
+        ({"sparsity": 1.0}, "`sparsity`"),
+        ({"sparsity": 0.5, "epochs": 0}, "`epochs`"),
+        ({"sparsity": 0.5, "structure": "x"}, "`structure`"),
+    ],
 )
 def test_bad_arguments_fail_before_any_work(trained, kwargs, argument):
     model, x, y = trained

@@ -24,9 +24,18 @@ def test_prune_retrain_deletes_exactly_the_units_with_exact_zeros(digits, traine
     x, y, x_test, y_test = digits
     units = {"dense_1": [0, 3, 5, 7, 11], "dense_2": [1, 2]}
     before = _fingerprint(trained)
-    pruned, history = prune_retrain(trained, units, (x, y), (x_test, y_test),
-                                    units_per_round=2, steps_per_round=3, epochs=2,
-                                    learning_rate=0.05, evaluations_per_epoch=4, seed=0)
+    pruned, history = prune_retrain(
+        trained,
+        units,
+        (x, y),
+        (x_test, y_test),
+        units_per_round=2,
+        steps_per_round=3,
+        epochs=2,
+        learning_rate=0.05,
+        evaluations_per_epoch=4,
+        seed=0,
+    )
     assert _fingerprint(trained) == before  # No mutation.
     listing = hidden_units(pruned)
     assert listing["dense_1"][1] == units["dense_1"]
@@ -52,21 +61,33 @@ def test_prune_retrain_deletes_exactly_the_units_with_exact_zeros(digits, traine
 
 def test_prune_retrain_stops_at_target_once_everything_is_deleted(digits, trained):
     x, y, x_test, y_test = digits
-    _, history = prune_retrain(trained, {"dense_1": [0, 1]}, (x, y), (x_test, y_test),
-                               epochs=3, learning_rate=0.02, target=0.2,
-                               evaluations_per_epoch=4, stop_at_target=True, seed=0)
+    _, history = prune_retrain(
+        trained,
+        {"dense_1": [0, 1]},
+        (x, y),
+        (x_test, y_test),
+        epochs=3,
+        learning_rate=0.02,
+        target=0.2,
+        evaluations_per_epoch=4,
+        stop_at_target=True,
+        seed=0,
+    )
     assert history["epochs_to_recover"] is not None
     assert history["epoch"][-1] == pytest.approx(history["epochs_to_recover"])
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"units": {"dense_9": [0]}}, "dense_9"),
-    ({"units": {"dense_1": [99]}}, "units"),
-    ({"units": [0, 1]}, "units"),
-    ({"units_per_round": 0}, "units_per_round"),
-    ({"optimizer": "rmsprop"}, "optimizer"),
-    ({"epochs": 0}, "epochs"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"units": {"dense_9": [0]}}, "dense_9"),
+        ({"units": {"dense_1": [99]}}, "units"),
+        ({"units": [0, 1]}, "units"),
+        ({"units_per_round": 0}, "units_per_round"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"epochs": 0}, "epochs"),
+    ],
+)
 def test_bad_arguments_raise_value_error(digits, trained, kwargs, match):
     x, y, x_test, y_test = digits
     arguments = {"units": {"dense_1": [0]}, **kwargs}

@@ -9,14 +9,15 @@ from benchmarks import compress_unseen
 
 def test_mnist8_is_mnist_in_the_digits_format():
     (x, y), (x_val, y_val), (x_test, y_test) = compress_unseen._split(
-        0, dataset="mnist8", train_size=500)
+        0, dataset="mnist8", train_size=500
+    )
     assert x.shape == (400, 8, 8, 1) and x_val.shape == (100, 8, 8, 1)
     assert x_test.shape == (10000, 8, 8, 1) and x.dtype == np.float32
     assert 0.0 <= x.min() and x.max() <= 1.0
     # Each pixel is the mean of a 3x3 block of the central 24x24 of the MNIST image.
     mnist_test, labels = keras_fip.data.load("mnist", "test")
     np.testing.assert_array_equal(y_test, labels)
-    block = mnist_test[0, 2 + 3 * 4:2 + 3 * 5, 2 + 3 * 2:2 + 3 * 3, 0]
+    block = mnist_test[0, 2 + 3 * 4 : 2 + 3 * 5, 2 + 3 * 2 : 2 + 3 * 3, 0]
     np.testing.assert_allclose(x_test[0, 4, 2, 0], block.mean(), rtol=1e-6)
     # Stratified: every class in the training images.
     assert set(np.unique(y)) == set(range(10))
@@ -29,8 +30,11 @@ def test_mnist8_refuses_folds():
 
 def test_compress_variants_cross_learning_rates_and_task_weights():
     assert compress_unseen._variants(["auto", 0.01], [0.0, 1.0]) == [
-        ("fip", "auto", 0.0), ("fip_task1", "auto", 1.0),
-        ("fip_lr0.01", 0.01, 0.0), ("fip_lr0.01_task1", 0.01, 1.0)]
+        ("fip", "auto", 0.0),
+        ("fip_task1", "auto", 1.0),
+        ("fip_lr0.01", 0.01, 0.0),
+        ("fip_lr0.01_task1", 0.01, 1.0),
+    ]
     assert compress_unseen._parse_learning_rate("auto") == "auto"
     assert compress_unseen._parse_learning_rate("3e-3") == 3e-3
     with pytest.raises(SystemExit):
@@ -39,22 +43,33 @@ def test_compress_variants_cross_learning_rates_and_task_weights():
 
 def test_compress_options_add_named_runs_with_defaults_elsewhere():
     runs = compress_unseen._runs(["auto"], [0.0], {"pull0.5": {"pull_fraction": 0.5}})
-    assert runs == [("fip", {"learning_rate": "auto", "task_weight": 0.0}),
-                    ("fip_pull0.5", {"pull_fraction": 0.5})]
+    assert runs == [
+        ("fip", {"learning_rate": "auto", "task_weight": 0.0}),
+        ("fip_pull0.5", {"pull_fraction": 0.5}),
+    ]
     assert compress_unseen._parse_options("") == {}
-    assert compress_unseen._parse_options('{"a": {"task_weight": 1}}') == {
-        "a": {"task_weight": 1}}
-    for bad in ('[1]', '{"a": 1}', '{"a": {"pull_fraction": 2}}', '{"a": {"nope": 1}}'):
+    assert compress_unseen._parse_options('{"a": {"task_weight": 1}}') == {"a": {"task_weight": 1}}
+    for bad in ("[1]", '{"a": 1}', '{"a": {"pull_fraction": 2}}', '{"a": {"nope": 1}}'):
         with pytest.raises(SystemExit):
             compress_unseen.main([f"--compress_options={bad}"])
 
 
 def test_finetuned_reference_and_validation_means_are_reported(capsys):
-    compress_unseen.main(["--nets=plain24", "--base_epochs=1", "--steps=4", "--seeds=0",
-                          "--learning_rates=1e-3", "--sparsities=0.5", "--finetuned_reference",
-                          '--compress_options={"p5": {"pull_fraction": 0.5}}'])
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
-             if line.startswith("{")]
+    compress_unseen.main(
+        [
+            "--nets=plain24",
+            "--base_epochs=1",
+            "--steps=4",
+            "--seeds=0",
+            "--learning_rates=1e-3",
+            "--sparsities=0.5",
+            "--finetuned_reference",
+            '--compress_options={"p5": {"pull_fraction": 0.5}}',
+        ]
+    )
+    lines = [
+        json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")
+    ]
     record, summary = lines
     for method in ("fip", "fip_p5", "oneshot", "gradual", "finetuned"):
         assert 0.0 <= record[f"{method}/50/test/accuracy"] <= 1.0

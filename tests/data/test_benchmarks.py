@@ -11,8 +11,9 @@ def _arrays(num_classes, shape=(4, 4, 3), per_class=6, seed=0):
 
 
 def test_split_cifar100_wiring_on_synthetic_arrays():
-    bench = data.build_benchmark("split_cifar100",
-                                 arrays={"train": _arrays(100), "test": _arrays(100, seed=1)})
+    bench = data.build_benchmark(
+        "split_cifar100", arrays={"train": _arrays(100), "test": _arrays(100, seed=1)}
+    )
     assert len(bench["train"]) == 20 and bench["head"] == "append"
     assert bench["task_outputs"][3] == [15, 16, 17, 18, 19]
     assert bench["num_outputs"][-1] == 100
@@ -33,8 +34,11 @@ def test_permuted_mnist_shares_outputs_and_permutes_train_and_test_alike():
 
 def test_mnist_fmnist_offsets_the_second_task_and_subsamples():
     first, second = _arrays(10, (2, 2, 1)), _arrays(10, (2, 2, 1), seed=2)
-    bench = data.build_benchmark("mnist_fmnist", max_train_examples=30,
-                                 arrays={"train": [first, second], "test": [first, second]})
+    bench = data.build_benchmark(
+        "mnist_fmnist",
+        max_train_examples=30,
+        arrays={"train": [first, second], "test": [first, second]},
+    )
     assert [len(x) for x, _ in bench["train"]] == [30, 30]
     assert bench["offsets"] == [0, 10]
     assert bench["test"][1][1].min() == 10

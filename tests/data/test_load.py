@@ -88,7 +88,7 @@ def test_data_dir_takes_precedence_and_reads_idx_files(tmp_path):
     labels = np.array([3, 1, 4, 1, 5])
     directory = tmp_path / "fashion_mnist"
     directory.mkdir()
-    for split, (image_name, label_name) in {
+    for _split, (image_name, label_name) in {
         "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
         "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
     }.items():

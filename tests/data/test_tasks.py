@@ -63,7 +63,7 @@ def test_memory_sample_is_class_balanced_and_reproducible(digits):
     np.testing.assert_array_equal(x_memory, again)
     # Every memory example is a real example with its own label.
     index = {row.tobytes(): label for row, label in zip(x.reshape(len(x), -1), y)}
-    assert all(index[r.tobytes()] == l for r, l in zip(x_memory.reshape(105, -1), y_memory))
+    assert all(index[r.tobytes()] == label for r, label in zip(x_memory.reshape(105, -1), y_memory))
 
 
 def test_memory_sample_rejects_bad_size(digits):

@@ -16,10 +16,19 @@ needs_text = pytest.mark.skipif(
 @needs_text
 @pytest.mark.parametrize(
     "name, split, count, num_classes",
-    [("sst5", "train", 8544, 5), ("sst5", "validation", 1101, 5), ("sst2", "test", 1821, 2),
-     ("trec", "train", 5452, 6), ("trec", "test", 500, 6), ("cr", "train", 3397, 2),
-     ("cr", "test", 378, 2), ("mr", "train", 9596, 2), ("mr", "test", 1066, 2),
-     ("subj", "test", 1000, 2), ("mpqa", "test", 1061, 2)],
+    [
+        ("sst5", "train", 8544, 5),
+        ("sst5", "validation", 1101, 5),
+        ("sst2", "test", 1821, 2),
+        ("trec", "train", 5452, 6),
+        ("trec", "test", 500, 6),
+        ("cr", "train", 3397, 2),
+        ("cr", "test", 378, 2),
+        ("mr", "train", 9596, 2),
+        ("mr", "test", 1066, 2),
+        ("subj", "test", 1000, 2),
+        ("mpqa", "test", 1061, 2),
+    ],
 )
 def test_text_sets_have_their_documented_sizes_and_classes(name, split, count, num_classes):
     x, y = data.load(name, split)
@@ -66,9 +75,16 @@ def test_pretraining_corpus_excludes_every_held_out_sentence():
 def test_tokenizer_round_trip_and_saved_vocabulary(tmp_path):
     pytest.importorskip("keras_hub")  # the `text` extra
     sentences = np.asarray(
-        ["the movie is good", "the film was not good at all", "a great great movie",
-         "what a waste of time", "the plot is thin but the actors are good"] * 20,
-        dtype=object)
+        [
+            "the movie is good",
+            "the film was not good at all",
+            "a great great movie",
+            "what a waste of time",
+            "the plot is thin but the actors are good",
+        ]
+        * 20,
+        dtype=object,
+    )
     vocabulary = text.word_piece_vocabulary(sentences, 60)
     assert vocabulary[:5] == list(text.RESERVED_TOKENS)
     encoder = text.TextEncoder(vocabulary, sequence_length=32)

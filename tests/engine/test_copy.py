@@ -160,9 +160,9 @@ def test_copy_is_independent_of_the_original():
 
 def test_copy_keeps_user_constraints_under_masks():
     inputs = keras.Input((3,))
-    outputs = keras.layers.Dense(
-        2, name="dense", kernel_constraint=keras.constraints.NonNeg()
-    )(inputs)
+    outputs = keras.layers.Dense(2, name="dense", kernel_constraint=keras.constraints.NonNeg())(
+        inputs
+    )
     model = keras.Model(inputs, outputs)
     apply_masks(model, [np.array([[True, False]] * 3), None])
     copy = copy_model(model)

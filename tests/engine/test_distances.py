@@ -77,9 +77,7 @@ def test_distances_are_batch_size_invariant():
     doubled = (np.concatenate([outputs] * 2), np.concatenate([reference] * 2))
     for name in ("l2", "kl", "bhattacharyya"):
         distance = distances.get(name)
-        np.testing.assert_allclose(
-            distance(*doubled), distance(outputs, reference), rtol=1e-6
-        )
+        np.testing.assert_allclose(distance(*doubled), distance(outputs, reference), rtol=1e-6)
 
 
 def test_get_rejects_unknown_name():

@@ -14,8 +14,8 @@ from keras_fip.engine import MaskedOptimizer
 from keras_fip.engine import apply_masks
 from keras_fip.engine import sparsity
 from keras_fip.engine import strip_masks
-from keras_fip.engine.masks import masks
 from keras_fip.engine.copy import copy_model
+from keras_fip.engine.masks import masks
 
 
 @keras.saving.register_keras_serializable(package="keras_fip_test_masks")
@@ -72,9 +72,7 @@ def _data(seed=0, n=32):
 
 def _random_masks(model, seed=0, keep=0.5):
     rng = np.random.default_rng(seed)
-    return {
-        v.path: rng.random(tuple(v.shape)) < keep for v in model.trainable_variables
-    }
+    return {v.path: rng.random(tuple(v.shape)) < keep for v in model.trainable_variables}
 
 
 def _apply_masks_quietly(model, model_masks):
@@ -141,9 +139,7 @@ def test_mask_constraint_config_round_trip_is_compact():
     assert restored.constraint.max_value == 2.0
 
 
-@pytest.mark.parametrize(
-    "mask", [np.array([0.0, 0.5, 1.0]), np.array(["a", "b"]), object()]
-)
+@pytest.mark.parametrize("mask", [np.array([0.0, 0.5, 1.0]), np.array(["a", "b"]), object()])
 def test_mask_constraint_rejects_non_binary_masks(mask):
     with pytest.raises(ValueError, match="`mask`"):
         MaskConstraint(mask)
@@ -174,9 +170,9 @@ def test_apply_masks_zeroes_weights_sets_layer_attribute_and_masks_reads_them(ki
 
 def test_apply_masks_ands_with_existing_mask_and_keeps_user_constraint():
     inputs = keras.Input((4,))
-    outputs = keras.layers.Dense(
-        3, name="dense", kernel_constraint=keras.constraints.NonNeg()
-    )(inputs)
+    outputs = keras.layers.Dense(3, name="dense", kernel_constraint=keras.constraints.NonNeg())(
+        inputs
+    )
     model = keras.Model(inputs, outputs)
     path = model.get_layer("dense").kernel.path
     first = np.random.default_rng(0).random((4, 3)) < 0.6
@@ -248,9 +244,9 @@ def test_standard_layers_carry_masks_through_keras_save_load(tmp_path):
 
 def test_strip_masks_returns_plain_copy_with_zeros_and_user_constraints():
     inputs = keras.Input((4,))
-    outputs = keras.layers.Dense(
-        3, name="dense", kernel_constraint=keras.constraints.NonNeg()
-    )(inputs)
+    outputs = keras.layers.Dense(3, name="dense", kernel_constraint=keras.constraints.NonNeg())(
+        inputs
+    )
     model = keras.Model(inputs, outputs)
     wanted = _random_masks(model, seed=1)
     apply_masks(model, wanted)
@@ -328,9 +324,7 @@ def test_masked_optimizer_keeps_inner_state_at_zero_on_masked_entries():
     kernel = model.get_layer("hidden").kernel
     mask = wanted[kernel.path]
     slots = [
-        v
-        for v in inner.variables
-        if tuple(v.shape) == tuple(kernel.shape) and "hidden" in v.path
+        v for v in inner.variables if tuple(v.shape) == tuple(kernel.shape) and "hidden" in v.path
     ]
     assert len(slots) == 2  # Adam's two moments for the kernel.
     for slot in slots:
@@ -465,9 +459,7 @@ def test_masked_optimizer_under_mirrored_strategy_keeps_zeros(mirrored_strategy)
         for variable in model.trainable_variables:
             variable.assign(variable * wanted[variable.path])
         model.compile(
-            optimizer=MaskedOptimizer(
-                keras.optimizers.SGD(0.05, momentum=0.9), masks=wanted
-            ),
+            optimizer=MaskedOptimizer(keras.optimizers.SGD(0.05, momentum=0.9), masks=wanted),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
     x, y = _data()
@@ -484,13 +476,15 @@ def test_masked_optimizer_under_mirrored_strategy_keeps_zeros(mirrored_strategy)
 def test_multi_head_attention_masks_survive_keras_files_and_a_later_plain_fit(tmp_path):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((4, 8))
-    attention = keras.layers.MultiHeadAttention(2, 4, name="attention",
-                                                kernel_constraint="non_neg")
+    attention = keras.layers.MultiHeadAttention(2, 4, name="attention", kernel_constraint="non_neg")
     outputs = keras.layers.Flatten()(attention(inputs, inputs))
     model = keras.Model(inputs, keras.layers.Dense(2, name="logits")(outputs))
     rng = np.random.default_rng(0)
-    wanted = {v.path: rng.random(tuple(v.shape)) < 0.5 for v in model.trainable_variables
-              if v.path.startswith("attention/") and not v.path.endswith("value/bias")}
+    wanted = {
+        v.path: rng.random(tuple(v.shape)) < 0.5
+        for v in model.trainable_variables
+        if v.path.startswith("attention/") and not v.path.endswith("value/bias")
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # Carried by the attention layer's config.
         apply_masks(model, wanted)
@@ -512,8 +506,9 @@ def test_multi_head_attention_masks_survive_keras_files_and_a_later_plain_fit(tm
     kernels = [v for v in loaded.trainable_variables if v.path.endswith("query/kernel")]
     assert np.all(kernels[0].numpy() >= 0.0)
     # A copy keeps them; stripping removes them from the variables and the config.
-    np.testing.assert_array_equal(masks(copy_model(loaded))[kernels[0].path],
-                                  wanted[kernels[0].path])
+    np.testing.assert_array_equal(
+        masks(copy_model(loaded))[kernels[0].path], wanted[kernels[0].path]
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plain = strip_masks(loaded)

@@ -170,9 +170,7 @@ def test_resume_after_cut_short_log_continues_from_last_point(tmp_path):
     np.testing.assert_array_equal(resumed.steps, [0, 1, 2, 3, 4, 5, 6])
     # Distances are still measured from the original start.
     start = path.weights(0)
-    assert resumed.metrics["euclidean_distance"][-1] == pytest.approx(
-        _distance(walk[5], start)
-    )
+    assert resumed.metrics["euclidean_distance"][-1] == pytest.approx(_distance(walk[5], start))
     reloaded = Path.load(directory)
     np.testing.assert_array_equal(reloaded.steps, [0, 1, 2, 3, 4, 5, 6])
     with open(directory / "points.jsonl") as log:
@@ -202,9 +200,7 @@ def test_killed_run_loses_at_most_one_interval(tmp_path):
             time.sleep(0.002)
         """
     )
-    process = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
-    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         while int(process.stdout.readline()) < 20:
             pass

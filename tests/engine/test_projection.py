@@ -19,8 +19,9 @@ def test_prunable_variables_default_to_kernels():
     model = _model()
     names = [v.path for v in projection.prunable_variables(model)]
     assert names == ["conv/kernel", "hidden/kernel", "logits/kernel"]
-    with_biases = projection.prunable_variables(model, include_biases=True,
-                                                include_normalization=True)
+    with_biases = projection.prunable_variables(
+        model, include_biases=True, include_normalization=True
+    )
     assert "hidden/bias" in [v.path for v in with_biases]
     assert "bn/gamma" in [v.path for v in with_biases]
 
@@ -95,9 +96,12 @@ def test_existing_masks_stay_masked():
 
 @pytest.mark.parametrize(
     "kwargs, argument",
-    [({"sparsity": 1.0}, "`sparsity`"), ({"sparsity": -0.1}, "`sparsity`"),
-     ({"sparsity": 0.5, "structure": "blocks"}, "`structure`"),
-     ({"sparsity": 0.5, "scope": "layer"}, "`scope`")],
+    [
+        ({"sparsity": 1.0}, "`sparsity`"),
+        ({"sparsity": -0.1}, "`sparsity`"),
+        ({"sparsity": 0.5, "structure": "blocks"}, "`structure`"),
+        ({"sparsity": 0.5, "scope": "layer"}, "`scope`"),
+    ],
 )
 def test_bad_arguments_name_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
@@ -121,8 +125,9 @@ def test_importance_ranks_in_the_diagonal_metric():
     for path in plain:
         np.testing.assert_array_equal(plain[path], scaled[path])
     # A metric that ignores the conv kernel prunes it first; the count stays exact.
-    importance = [np.zeros(v.shape) if v.path == "conv/kernel" else np.ones(v.shape)
-                  for v in variables]
+    importance = [
+        np.zeros(v.shape) if v.path == "conv/kernel" else np.ones(v.shape) for v in variables
+    ]
     conv_size = int(np.prod(variables[0].shape))
     total = sum(int(np.prod(v.shape)) for v in variables)
     masks = projection.magnitude_masks(model, conv_size / total, importance=importance)
@@ -149,8 +154,7 @@ def test_erk_densities_spend_the_budget_and_favour_small_layers():
     for density in (0.05, 0.2, 0.5):
         densities = projection.erk_densities(shapes, density)
         assert np.all((densities >= 0) & (densities <= 1))
-        np.testing.assert_allclose(np.sum(densities * sizes), density * sizes.sum(),
-                                   rtol=1e-9)
+        np.testing.assert_allclose(np.sum(densities * sizes), density * sizes.sum(), rtol=1e-9)
         # The 216-weight stem is denser than the 5,184-weight block.
         assert densities[0] > densities[1]
     np.testing.assert_allclose(projection.erk_densities(shapes, 1.0), 1.0)
@@ -176,8 +180,9 @@ def test_global_ranking_keeps_every_layer_above_its_floor(sparsity):
     densities = projection.erk_densities([v.shape for v in variables], 1 - sparsity)
     for variable, density in zip(variables, densities):
         kept = int(masks[variable.path].sum())
-        floor = np.ceil(projection.resolve_layer_floor(model, "auto") * density
-                        * np.prod(variable.shape))
+        floor = np.ceil(
+            projection.resolve_layer_floor(model, "auto") * density * np.prod(variable.shape)
+        )
         assert kept >= floor - 1, (variable.path, kept, floor)
         assert kept > 0
     # Above their floors, the other layers still follow the global magnitude ranking: the

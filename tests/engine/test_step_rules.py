@@ -47,11 +47,16 @@ def test_conjugate_gradient_frozen_after_convergence():
 
 def test_normalized_step_has_length_epsilon_and_descends():
     rng = np.random.default_rng(1)
-    gradients = [tf.constant(rng.normal(size=(5, 4)), tf.float32), tf.constant(rng.normal(size=(4,)), tf.float32)]
+    gradients = [
+        tf.constant(rng.normal(size=(5, 4)), tf.float32),
+        tf.constant(rng.normal(size=(4,)), tf.float32),
+    ]
     step, norm = step_rules.normalized_step(gradients, epsilon=0.0375)
     assert abs(float(step_rules.global_norm(step)) - 0.0375) < 1e-6 * 0.0375
     assert float(step_rules.inner_product(step, gradients)) < 0
-    np.testing.assert_allclose(float(norm), np.sqrt(sum(np.sum(np.square(g)) for g in gradients)), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(norm), np.sqrt(sum(np.sum(np.square(g)) for g in gradients)), rtol=1e-6
+    )
 
 
 def test_normalized_step_masks_before_normalising():
@@ -120,7 +125,12 @@ def test_metric_step_masks_solve_on_unmasked_coordinates():
     gradient = [tf.constant([1.0, 1.0, 1.0], tf.float64)]
     step, _ = step_rules.metric_step(
         lambda v: [tf.linalg.matvec(tf.constant(matrix), v[0])],
-        gradient, beta=1.0, epsilon=1.0, damping=0.0, iterations=10, masks=masks,
+        gradient,
+        beta=1.0,
+        epsilon=1.0,
+        damping=0.0,
+        iterations=10,
+        masks=masks,
     )
     reduced = matrix[np.ix_([0, 2], [0, 2])]
     expected = np.linalg.solve(reduced, -np.ones(2))

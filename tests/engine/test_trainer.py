@@ -103,8 +103,13 @@ def test_metric_step_direction_matches_dense_solve():
 
     before = _flat(_weights(model))
     trainer = FIPTrainer(
-        model, step_rule="metric", beta=beta, epsilon=epsilon, damping=damping,
-        cg_iterations=40, secondary_loss=_loss(),
+        model,
+        step_rule="metric",
+        beta=beta,
+        epsilon=epsilon,
+        damping=damping,
+        cg_iterations=40,
+        secondary_loss=_loss(),
     )
     trainer.compile()
     data = fip_dataset(model, x, secondary=(x, y), batch_size=12, shuffle=False)
@@ -141,14 +146,19 @@ def _walk(strategy, template, step_rule, reference, x, y, steps=5, measure_every
     with strategy.scope():
         model = _copy(template)
         trainer = FIPTrainer(
-            model, step_rule=step_rule, epsilon=0.01, reference=reference,
-            secondary_loss=_loss(), metric_length=measure_every == 1,
+            model,
+            step_rule=step_rule,
+            epsilon=0.01,
+            reference=reference,
+            secondary_loss=_loss(),
+            metric_length=measure_every == 1,
             measure_every=measure_every,
         )
         optimizer = keras.optimizers.SGD(0.1) if step_rule == "penalty" else None
         trainer.compile(optimizer=optimizer)
-    data = fip_dataset(model, x, secondary=(x, y), batch_size=16, reference=reference,
-                       shuffle=False)
+    data = fip_dataset(
+        model, x, secondary=(x, y), batch_size=16, reference=reference, shuffle=False
+    )
     history = trainer.fit(data, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
     return _weights(model), history.history
 
@@ -166,30 +176,28 @@ def _walk(strategy, template, step_rule, reference, x, y, steps=5, measure_every
 def test_mirrored_strategy_matches_one_device(mirrored, step_rule, reference, dtype, tolerance):
     template = _model(dtype)
     x, y = _data(64, dtype)
-    single, single_history = _walk(tf.distribute.get_strategy(), template, step_rule, reference, x, y)
+    single, single_history = _walk(
+        tf.distribute.get_strategy(), template, step_rule, reference, x, y
+    )
     multi, multi_history = _walk(mirrored, template, step_rule, reference, x, y)
     for a, b in zip(single, multi):
         np.testing.assert_allclose(a, b, atol=tolerance)
     for name in ("distance", "secondary_loss", "step_norm", "metric_length", "accuracy"):
-        np.testing.assert_allclose(
-            single_history[name], multi_history[name], rtol=1e-5, atol=1e-7
-        )
+        np.testing.assert_allclose(single_history[name], multi_history[name], rtol=1e-5, atol=1e-7)
 
 
 def test_mirrored_strategy_matches_one_device_measuring_every_other_step(mirrored):
     # The guard's copies are made only around measured steps (per replica).
     template = _model()
     x, y = _data(64)
-    single, single_history = _walk(tf.distribute.get_strategy(), template, "penalty",
-                                   "start", x, y, measure_every=2)
-    multi, multi_history = _walk(mirrored, template, "penalty", "start", x, y,
-                                 measure_every=2)
+    single, single_history = _walk(
+        tf.distribute.get_strategy(), template, "penalty", "start", x, y, measure_every=2
+    )
+    multi, multi_history = _walk(mirrored, template, "penalty", "start", x, y, measure_every=2)
     for a, b in zip(single, multi):
         np.testing.assert_allclose(a, b, atol=1e-6)
     for name in ("distance", "step_norm", "distance_from_start", "finite"):
-        np.testing.assert_allclose(
-            single_history[name], multi_history[name], rtol=1e-5, atol=1e-7
-        )
+        np.testing.assert_allclose(single_history[name], multi_history[name], rtol=1e-5, atol=1e-7)
     assert np.all(np.isnan(single_history["step_norm"][0::2]))
     assert np.all(np.isfinite(single_history["step_norm"][1::2]))
 
@@ -209,8 +217,13 @@ class _NaNAfter:
 
 def _walk_into_nan(model, x, count, training=False):
     """Walks until the objective turns NaN at step `count`; returns the recorded path."""
-    trainer = FIPTrainer(model, step_rule="normalized", epsilon=0.01, training=training,
-                         secondary_objective=_NaNAfter(count))
+    trainer = FIPTrainer(
+        model,
+        step_rule="normalized",
+        epsilon=0.01,
+        training=training,
+        secondary_objective=_NaNAfter(count),
+    )
     trainer.compile()
     path = Path(model)
     data = fip_dataset(model, x, batch_size=8, seed=0)
@@ -255,14 +268,15 @@ def test_training_mode_normalizes_with_batch_statistics_and_updates_them(trainin
     before = _moving_statistics(model)
     trainer = FIPTrainer(model, step_rule="penalty", training=training)
     trainer.compile(optimizer=keras.optimizers.SGD(0.0))
-    history = trainer.walk(fip_dataset(model, x, batch_size=32, shuffle=False), 3,
-                           verbose=0)
+    history = trainer.walk(fip_dataset(model, x, batch_size=32, shuffle=False), 3, verbose=0)
     after = _moving_statistics(model)
     if training:
         # The moving side runs on batch statistics: D sees the gap to inference mode.
         assert history["distance"][0] > 1e-3
-        hidden = x @ model.get_layer("hidden").get_weights()[0] + model.get_layer(
-            "hidden").get_weights()[1]
+        hidden = (
+            x @ model.get_layer("hidden").get_weights()[0]
+            + model.get_layer("hidden").get_weights()[1]
+        )
         # Three updates with momentum 0.5 towards the (fixed) batch mean.
         expected = before[0] * 0.5**3 + hidden.mean(0) * (1 - 0.5**3)
         np.testing.assert_allclose(after[0], expected, rtol=1e-4, atol=1e-4)
@@ -282,8 +296,13 @@ def test_non_finite_step_in_training_mode_restores_the_moving_statistics():
     for recorded, current in zip(path.weights(-1), _weights(model)):
         np.testing.assert_array_equal(recorded, current)
     replay = _normalized_model()
-    trainer_replay = FIPTrainer(replay, step_rule="normalized", epsilon=0.01,
-                                training=True, secondary_objective=_NaNAfter(100))
+    trainer_replay = FIPTrainer(
+        replay,
+        step_rule="normalized",
+        epsilon=0.01,
+        training=True,
+        secondary_objective=_NaNAfter(100),
+    )
     trainer_replay.compile()
     trainer_replay.walk(fip_dataset(replay, x, batch_size=8, seed=0), 2, verbose=0)
     for a, b in zip(_moving_statistics(model), _moving_statistics(replay)):
@@ -293,8 +312,9 @@ def test_non_finite_step_in_training_mode_restores_the_moving_statistics():
 def test_walk_records_path_history_and_continues_a_resumed_path(tmp_path):
     model = _model()
     x, y = _data()
-    trainer = FIPTrainer(model, step_rule="normalized", epsilon=0.01, secondary_loss=_loss(),
-                         metric_length=True)
+    trainer = FIPTrainer(
+        model, step_rule="normalized", epsilon=0.01, secondary_loss=_loss(), metric_length=True
+    )
     trainer.compile()
     data = fip_dataset(model, x, secondary=(x, y), batch_size=8, seed=0)
     path = Path(model, record_every=2, directory=str(tmp_path / "walk"))
@@ -344,14 +364,17 @@ def test_new_output_units_are_free_of_the_anchor_distance():
     model = _model()
     x, _ = _data()
     data = fip_dataset(model, x, batch_size=8, shuffle=False)
-    wider = keras.Sequential([keras.Input((4,)), keras.layers.Dense(6, activation="tanh"),
-                              keras.layers.Dense(5)])
+    wider = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(6, activation="tanh"), keras.layers.Dense(5)]
+    )
     wider.layers[0].set_weights(model.layers[0].get_weights())
     kernel, bias = model.layers[1].get_weights()
-    wider.layers[1].set_weights([
-        np.concatenate([kernel, np.ones((6, 2), "float32")], 1),
-        np.concatenate([bias, np.ones(2, "float32")]),
-    ])
+    wider.layers[1].set_weights(
+        [
+            np.concatenate([kernel, np.ones((6, 2), "float32")], 1),
+            np.concatenate([bias, np.ones(2, "float32")]),
+        ]
+    )
     trainer = FIPTrainer(wider, step_rule="penalty")
     trainer.compile(optimizer=keras.optimizers.SGD(0.1))
     history = trainer.fit(data, epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)
@@ -360,13 +383,31 @@ def test_new_output_units_are_free_of_the_anchor_distance():
 
 def test_get_config_round_trip():
     model = _model()
-    trainer = FIPTrainer(model, step_rule="metric", distance="kl", beta=0.5, epsilon=0.02,
-                         damping=0.1, cg_iterations=7, secondary_loss=_loss(),
-                         reference="local", metric_length=True, training=True)
+    trainer = FIPTrainer(
+        model,
+        step_rule="metric",
+        distance="kl",
+        beta=0.5,
+        epsilon=0.02,
+        damping=0.1,
+        cg_iterations=7,
+        secondary_loss=_loss(),
+        reference="local",
+        metric_length=True,
+        training=True,
+    )
     config = trainer.get_config()
     clone = FIPTrainer.from_config(config)
-    for key in ("step_rule", "beta", "epsilon", "damping", "cg_iterations", "reference",
-                "metric_length", "walk_training"):
+    for key in (
+        "step_rule",
+        "beta",
+        "epsilon",
+        "damping",
+        "cg_iterations",
+        "reference",
+        "metric_length",
+        "walk_training",
+    ):
         assert getattr(clone, key) == getattr(trainer, key)
     assert config["distance"] == "kl"
     assert isinstance(clone.secondary_loss, keras.losses.SparseCategoricalCrossentropy)
@@ -411,10 +452,14 @@ def test_data_adapter_rejects_bad_data_before_work():
     assert element["anchor_inputs"].shape == (4, 4)
     assert element["secondary"][1].shape == (4,)
     # Batched with a static batch size, unbatched and repeated: the same examples.
-    for source in (dataset, tf.data.Dataset.from_tensor_slices((x, y)).batch(8, drop_remainder=True),
-                   tf.data.Dataset.from_tensor_slices((x, y))):
-        batch = next(iter(fip_dataset(model, source, secondary=source, batch_size=32,
-                                      shuffle=False)))
+    for source in (
+        dataset,
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(8, drop_remainder=True),
+        tf.data.Dataset.from_tensor_slices((x, y)),
+    ):
+        batch = next(
+            iter(fip_dataset(model, source, secondary=source, batch_size=32, shuffle=False))
+        )
         np.testing.assert_array_equal(batch["anchor_inputs"], x)
         np.testing.assert_array_equal(batch["secondary"][1], y)
 
@@ -431,14 +476,15 @@ def test_measure_every_measures_recorded_steps_alike_and_guards_every_step():
         history = trainer.walk(data, 7, path=path, verbose=0)
         runs[every] = history, path, _weights(model)
     (every_step, every_path, every_weights), (sparse, sparse_path, sparse_weights) = (
-        runs[1], runs[3])
+        runs[1],
+        runs[3],
+    )
     for a, b in zip(sparse_weights, every_weights):
         np.testing.assert_array_equal(a, b)  # The walk itself is unchanged.
     # Measured at steps 3 and 6 and at the walk's last step, 7 (right after step 6).
     for name in ("step_norm", "distance_from_start"):
         values = np.asarray(sparse[name])
-        np.testing.assert_array_equal(values[[2, 5, 6]],
-                                      np.asarray(every_step[name])[[2, 5, 6]])
+        np.testing.assert_array_equal(values[[2, 5, 6]], np.asarray(every_step[name])[[2, 5, 6]])
         assert np.all(np.isnan(np.delete(values, [2, 5, 6])))
     # Points at multiples of `record_every`, and the walk's last step, fully measured.
     assert list(sparse_path.steps) == [0, 3, 6, 7]
@@ -449,36 +495,48 @@ def test_measure_every_measures_recorded_steps_alike_and_guards_every_step():
     for reference in ("start", "local"):
         for every in (1, 3):
             model = _model()
-            trainer = FIPTrainer(model, secondary_loss=_loss(), measure_every=every,
-                                 reference=reference)
+            trainer = FIPTrainer(
+                model, secondary_loss=_loss(), measure_every=every, reference=reference
+            )
             trainer.compile(optimizer=keras.optimizers.Adam(1e-2))
-            data = fip_dataset(model, x, secondary=(x, y), batch_size=8, seed=0,
-                               reference=reference)
+            data = fip_dataset(
+                model, x, secondary=(x, y), batch_size=8, seed=0, reference=reference
+            )
             runs[every] = trainer.walk(data, 5, verbose=0)
         for name in ("step_norm", "distance_from_start"):
             values = np.asarray(runs[3][name])
-            np.testing.assert_array_equal(values[[2, 4]],
-                                          np.asarray(runs[1][name])[[2, 4]])
+            np.testing.assert_array_equal(values[[2, 4]], np.asarray(runs[1][name])[[2, 4]])
             assert np.all(np.isnan(values[[0, 1, 3]]))
     # Weights that overflow at an unmeasured step: the next step's objective stops the
     # walk (local reference: the weights are checked at every step), back on the start.
     for reference, failed in (("start", 2), ("local", 1)):
         model = _model()
         start = _weights(model)
-        trainer = FIPTrainer(model, measure_every=5, reference=reference,
-                             secondary_objective=lambda network, batch: 10.0
-                             * tf.reduce_sum(tf.square(network.trainable_variables[0])))
+        trainer = FIPTrainer(
+            model,
+            measure_every=5,
+            reference=reference,
+            secondary_objective=lambda network, batch: (
+                10.0 * tf.reduce_sum(tf.square(network.trainable_variables[0]))
+            ),
+        )
         trainer.compile(optimizer=keras.optimizers.SGD(1e38))
         with pytest.raises(FloatingPointError, match=f"at step {failed}.*step 0"):
-            trainer.walk(fip_dataset(model, x, batch_size=8, seed=0, reference=reference),
-                         3, verbose=0)
+            trainer.walk(
+                fip_dataset(model, x, batch_size=8, seed=0, reference=reference), 3, verbose=0
+            )
         for a, b in zip(_weights(model), start):
             np.testing.assert_array_equal(a, b)
     # A recorded point between measured steps is checked before the path keeps it.
     model = _model()
     start = _weights(model)
-    trainer = FIPTrainer(model, measure_every=5, secondary_objective=lambda network, batch:
-                         10.0 * tf.reduce_sum(tf.square(network.trainable_variables[0])))
+    trainer = FIPTrainer(
+        model,
+        measure_every=5,
+        secondary_objective=lambda network, batch: (
+            10.0 * tf.reduce_sum(tf.square(network.trainable_variables[0]))
+        ),
+    )
     trainer.compile(optimizer=keras.optimizers.SGD(1e38))
     path = Path(model, record_every=1)
     with pytest.raises(FloatingPointError, match="at step 1.*step 0"):
@@ -504,19 +562,22 @@ def test_walks_on_one_path_number_steps_on_and_end_at_the_model():
     for a, b in zip(path.weights(-1), _weights(model)):
         np.testing.assert_array_equal(a, b)
     assert len(first["distance"]) == len(second["distance"]) == 4
-    np.testing.assert_array_equal(path.metrics["distance"][[2, 4]],
-                                  [first["distance"][-1], second["distance"][-1]])
+    np.testing.assert_array_equal(
+        path.metrics["distance"][[2, 4]], [first["distance"][-1], second["distance"][-1]]
+    )
 
 
 def _bn_model():
     keras.utils.set_random_seed(0)
-    return keras.Sequential([
-        keras.Input((4,)),
-        keras.layers.Dense(6, name="hidden"),
-        keras.layers.BatchNormalization(),
-        keras.layers.Activation("tanh"),
-        keras.layers.Dense(3, name="logits"),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(6, name="hidden"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Activation("tanh"),
+            keras.layers.Dense(3, name="logits"),
+        ]
+    )
 
 
 @pytest.mark.parametrize("every, failing, kept", [(3, 5, 3), (3, 6, 3), (3, 2, 0), (1, 5, 4)])
@@ -526,8 +587,12 @@ def test_guard_returns_to_the_last_measured_point_with_its_statistics(every, fai
 
     def walk(steps, fail_at=None):
         model = _copy(start)
-        trainer = FIPTrainer(model, training=True, measure_every=every,
-                             secondary_objective=_NaNAfter(fail_at or steps + 1))
+        trainer = FIPTrainer(
+            model,
+            training=True,
+            measure_every=every,
+            secondary_objective=_NaNAfter(fail_at or steps + 1),
+        )
         trainer.compile(optimizer=keras.optimizers.SGD(0.05))
         path = Path(model, record_every=every)
         data = fip_dataset(model, x, batch_size=8, seed=0)

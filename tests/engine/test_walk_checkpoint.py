@@ -20,11 +20,19 @@ class _Walk(Operation):
 
     def call(self, model):
         objective = lambda network, batch: keras.ops.sum(  # noqa: E731
-            keras.ops.square(network.trainable_variables[0]))
-        return self.fip_walk(model, self.x, 12, batch_size=8, record_every=3, seed=0,
-                             optimizer=keras.optimizers.Adam(1e-2),
-                             checkpoint_directory=self.checkpoint_directory,
-                             secondary_objective=objective)
+            keras.ops.square(network.trainable_variables[0])
+        )
+        return self.fip_walk(
+            model,
+            self.x,
+            12,
+            batch_size=8,
+            record_every=3,
+            seed=0,
+            optimizer=keras.optimizers.Adam(1e-2),
+            checkpoint_directory=self.checkpoint_directory,
+            secondary_objective=objective,
+        )
 
     def get_config(self):
         return {**super().get_config(), "checkpoint_directory": self.checkpoint_directory}
@@ -32,8 +40,9 @@ class _Walk(Operation):
 
 def _model():
     keras.utils.set_random_seed(0)
-    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
-                             keras.layers.Dense(3)])
+    return keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)]
+    )
 
 
 def test_fip_walk_killed_mid_walk_resumes_to_the_same_weights_and_history(tmp_path):
@@ -52,11 +61,15 @@ def test_fip_walk_killed_mid_walk_resumes_to_the_same_weights_and_history(tmp_pa
     for expected, actual in zip(reference.trainable_variables, resumed.trainable_variables):
         np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=0, atol=1e-6)
     assert op.path.steps.tolist() == [0, 3, 6, 9, 12]
-    np.testing.assert_allclose(op.path.metrics["euclidean_distance"],
-                               reference_op.path.metrics["euclidean_distance"], atol=1e-6)
+    np.testing.assert_allclose(
+        op.path.metrics["euclidean_distance"],
+        reference_op.path.metrics["euclidean_distance"],
+        atol=1e-6,
+    )
     for name in ("distance", "step_norm", "distance_from_start"):
-        np.testing.assert_allclose(op.history[name], reference_op.history[name],
-                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            op.history[name], reference_op.history[name], rtol=1e-5, atol=1e-7
+        )
 
 
 def test_walk_checkpoint_refuses_another_config(tmp_path):

@@ -1,18 +1,15 @@
 """Tiny float64 models and a dense metric reference built from per-example Jacobians."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
-import keras
 
 
 def tiny_mlp(seed=0):
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((4,), name="inputs")
-    hidden = keras.layers.Dense(6, activation="tanh", dtype="float64", name="hidden")(
-        inputs
-    )
+    hidden = keras.layers.Dense(6, activation="tanh", dtype="float64", name="hidden")(inputs)
     logits = keras.layers.Dense(3, dtype="float64", name="logits")(hidden)
     return keras.Model(inputs, logits, name="tiny_mlp")
 

@@ -31,8 +31,9 @@ def test_damage_path_scales_the_damaged_coordinates_by_one_minus_t(trained):
     damaged = keras_fip.Damage("nodes", fraction=0.5, seed=0)(model)
     points, times = damage_path(model, damaged, num_points=5)
     np.testing.assert_allclose(times, [0, 0.25, 0.5, 0.75, 1.0])
-    for start, end, original, final in zip(points[0], points[-1], model.get_weights(),
-                                           damaged.get_weights()):
+    for start, end, original, final in zip(
+        points[0], points[-1], model.get_weights(), damaged.get_weights()
+    ):
         np.testing.assert_array_equal(start, original)
         np.testing.assert_array_equal(end, final)
     for middle, original, final in zip(points[2], model.get_weights(), damaged.get_weights()):
@@ -47,13 +48,16 @@ def test_deletion_sequence_is_nested_and_runs_to_every_unit(trained):
     model, x, _ = trained
     fractions = [0.0, 0.25, 0.5, 1.0]
     sequence = deletion_sequence(model, fractions, seed=3)
-    dead = [set(np.flatnonzero(np.all(m.get_layer("dense_1").kernel.numpy() == 0, axis=0)))
-            for m in sequence]
+    dead = [
+        set(np.flatnonzero(np.all(m.get_layer("dense_1").kernel.numpy() == 0, axis=0)))
+        for m in sequence
+    ]
     assert [len(d) for d in dead] == [0, 8, 16, 32]
     assert dead[0] <= dead[1] <= dead[2] <= dead[3]
     # All hidden units gone: the logits are the output bias.
-    np.testing.assert_allclose(np.asarray(sequence[-1](x[:4])),
-                               np.tile(model.get_layer("logits").bias.numpy(), (4, 1)))
+    np.testing.assert_allclose(
+        np.asarray(sequence[-1](x[:4])), np.tile(model.get_layer("logits").bias.numpy(), (4, 1))
+    )
     with pytest.raises(ValueError, match="`fractions`"):
         deletion_sequence(model, [0.5, 0.2])
 
@@ -65,9 +69,11 @@ def test_breakdown_profile_matches_speed_acceleration_energy_and_length(trained)
     profile = breakdown_profile(sequence, x[:200], times=fractions)
     speed = breakdown_speed(sequence, x[:200], times=fractions)
     np.testing.assert_allclose(profile["speed"], speed, rtol=1e-6)
-    np.testing.assert_allclose(profile["acceleration"],
-                               breakdown_acceleration(sequence, x[:200], times=fractions),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        profile["acceleration"],
+        breakdown_acceleration(sequence, x[:200], times=fractions),
+        rtol=1e-6,
+    )
     assert np.all(profile["speed"] > 0)
     np.testing.assert_allclose(profile["acceleration_times"], [0.2, 0.4, 0.6])
     assert profile["energy"] == pytest.approx(np.sum(speed * 0.2))
@@ -77,14 +83,14 @@ def test_breakdown_profile_matches_speed_acceleration_energy_and_length(trained)
     # change is twice the true one (speed = 4 × measured / Δt²). Along the damage path
     # γ(t) (both scaled by 1 − t) the speed at t = 0 is the exact rate: check it there.
     change = np.asarray(sequence[1](x[:200])) - np.asarray(sequence[0](x[:200]))
-    measured = np.mean(np.sum(change ** 2, axis=1)) / 0.2 ** 2
+    measured = np.mean(np.sum(change**2, axis=1)) / 0.2**2
     assert profile["speed"][0] == pytest.approx(4 * measured, rel=0.05)
     points, times = damage_path(model, sequence[1], num_points=201)
     first = breakdown_speed(points[:2], x[:200], model=model, times=times[:2])[0]
     working = keras_fip.engine.copy_model(model)
     working.set_weights(points[1])
     step = np.asarray(working(x[:200])) - np.asarray(model(x[:200]))
-    rate = np.mean(np.sum(step ** 2, axis=1)) / times[1] ** 2
+    rate = np.mean(np.sum(step**2, axis=1)) / times[1] ** 2
     assert first == pytest.approx(rate, rel=0.02)
 
 
@@ -113,8 +119,9 @@ def test_expected_perturbation_change_predicts_measured_gaussian_damage(trained)
     assert predicted == pytest.approx(measured, rel=0.15)
     # The two conventions agree when stated consistently, and the other reading of Eq. 9
     # (σ taken as the norm, E‖δw‖ = σ) would be off by a factor 1/σ = 5.
-    assert expected_perturbation_change(metric, sigma=radius ** 2, num_samples=300) == (
-        pytest.approx(predicted))
+    assert expected_perturbation_change(metric, sigma=radius**2, num_samples=300) == (
+        pytest.approx(predicted)
+    )
     wrong = expected_perturbation_change(metric, sigma=radius, num_samples=300)
     assert wrong / measured > 3
     with pytest.raises(ValueError, match="exactly one"):
@@ -139,8 +146,10 @@ def test_unit_deletion_speed_is_the_mean_exact_change_of_deleting_one_more_unit(
     reference = np.asarray(keras.ops.softmax(np.asarray(damaged(inputs), np.float64)))
     _, deleted = keras_fip.operations.hidden_units(damaged)["dense_1"]
     alive = [u for u in range(32) if u not in deleted]
-    changes = [np.mean(np.sum((_deleted_alone(damaged, "dense_1", u, inputs) - reference) ** 2,
-                              axis=1)) for u in alive]
+    changes = [
+        np.mean(np.sum((_deleted_alone(damaged, "dense_1", u, inputs) - reference) ** 2, axis=1))
+        for u in alive
+    ]
     assert (result["num_units"], result["num_alive"]) == (32, 24)
     np.testing.assert_allclose(result["changes"], changes, rtol=1e-4, atol=1e-9)
     assert result["speed"] == pytest.approx(32 * np.mean(changes), rel=1e-4)
@@ -163,13 +172,17 @@ def test_unit_deletion_speed_through_batch_normalization_and_flatten():
     h = keras.layers.Flatten()(h)
     h = keras.layers.Dense(5, activation="relu", name="hidden")(h)
     model = keras.Model(inputs, keras.layers.Dense(3, name="logits")(h))
-    model.get_layer("norm").set_weights([np.full(4, 1.5), np.full(4, 0.1), np.full(4, 0.2),
-                                         np.full(4, 2.0)])
+    model.get_layer("norm").set_weights(
+        [np.full(4, 1.5), np.full(4, 0.1), np.full(4, 0.2), np.full(4, 2.0)]
+    )
     x = np.random.default_rng(0).normal(size=(20, 6, 6, 1)).astype("float32")
     result = unit_deletion_speed(model, x, outputs="logits")
     reference = np.asarray(model(x), np.float64)
-    changes = [np.mean(np.sum((_deleted_alone(model, layer, u, x, False) - reference) ** 2, 1))
-               for layer, count in (("conv", 4), ("hidden", 5)) for u in range(count)]
+    changes = [
+        np.mean(np.sum((_deleted_alone(model, layer, u, x, False) - reference) ** 2, 1))
+        for layer, count in (("conv", 4), ("hidden", 5))
+        for u in range(count)
+    ]
     assert result["num_units"] == 9
     np.testing.assert_allclose(result["changes"], changes, rtol=1e-4, atol=1e-9)
 
@@ -177,17 +190,18 @@ def test_unit_deletion_speed_through_batch_normalization_and_flatten():
 def test_deletion_profile_speed_does_not_depend_on_the_step(trained):
     model, x, _ = trained
     coarse, fine = [0.0, 0.5, 0.75, 1.0], [0.0, 0.25, 0.5, 0.625, 0.75, 1.0]
-    profiles = [deletion_profile(deletion_sequence(model, f, seed=0), x[:100], f)
-                for f in (coarse, fine)]
+    profiles = [
+        deletion_profile(deletion_sequence(model, f, seed=0), x[:100], f) for f in (coarse, fine)
+    ]
     np.testing.assert_allclose(profiles[0]["speed_times"], [0.0, 0.5, 0.75])
     np.testing.assert_allclose(profiles[0]["acceleration_times"], [0.25, 0.625])
     np.testing.assert_allclose(profiles[0]["num_alive"], [32, 16, 8])
     # The same networks (nested prefixes of one order) have the same speed on either grid.
-    np.testing.assert_allclose(profiles[0]["speed"], profiles[1]["speed"][[0, 2, 4]],
-                               rtol=1e-6)
+    np.testing.assert_allclose(profiles[0]["speed"], profiles[1]["speed"][[0, 2, 4]], rtol=1e-6)
     speed = profiles[1]["speed"]
-    np.testing.assert_allclose(profiles[1]["acceleration"],
-                               np.diff(speed) / np.diff(fine[:5]), rtol=1e-6)
+    np.testing.assert_allclose(
+        profiles[1]["acceleration"], np.diff(speed) / np.diff(fine[:5]), rtol=1e-6
+    )
     with pytest.raises(ValueError, match="`times`"):
         deletion_profile(deletion_sequence(model, coarse, seed=0), x[:10], [0, 1, 2, 2])
     with pytest.raises(ValueError, match="`sequence`"):

@@ -14,8 +14,12 @@ def _dense_fisher(model, inputs):
         with tf.GradientTape() as tape:
             logits = tf.reshape(model(example[None], training=False), [-1])
         jacobian = np.concatenate(
-            [np.reshape(j.numpy(), [logits.shape[0], -1])
-             for j in tape.jacobian(logits, variables)], axis=1)
+            [
+                np.reshape(j.numpy(), [logits.shape[0], -1])
+                for j in tape.jacobian(logits, variables)
+            ],
+            axis=1,
+        )
         p = tf.nn.softmax(logits).numpy()
         total = total + jacobian.T @ (np.diag(p) - np.outer(p, p)) @ jacobian
     return total / len(inputs)
@@ -55,8 +59,12 @@ def test_subset_of_variables_and_seeded_repeatability(mlp_problem):
 
 @pytest.mark.parametrize(
     "kwargs, argument",
-    [({"kind": "hessian"}, "`kind`"), ({"probes": 0}, "`probes`"),
-     ({"batch_size": -1}, "`batch_size`"), ({"variables": []}, "`variables`")],
+    [
+        ({"kind": "hessian"}, "`kind`"),
+        ({"probes": 0}, "`probes`"),
+        ({"batch_size": -1}, "`batch_size`"),
+        ({"variables": []}, "`variables`"),
+    ],
 )
 def test_bad_arguments(mlp_problem, kwargs, argument):
     model, inputs = mlp_problem
@@ -72,8 +80,7 @@ def test_mirrored_strategy_estimate_matches_dense_fisher(mlp_problem, mirrored_s
     with mirrored_strategy.scope():
         replica_model = keras.models.clone_model(model)
         replica_model.set_weights(model.get_weights())
-        estimate = _flat(metric_diagonal(replica_model, inputs, kind="fisher",
-                                         probes=2000, seed=0))
+        estimate = _flat(metric_diagonal(replica_model, inputs, kind="fisher", probes=2000, seed=0))
     assert np.linalg.norm(estimate - exact) / np.linalg.norm(exact) < 0.08
 
 
@@ -90,8 +97,7 @@ def test_two_replicas_give_the_one_device_estimate(mlp_problem, mirrored_strateg
     with mirrored_strategy.scope():
         replica_model = keras.models.clone_model(model)
         replica_model.set_weights(model.get_weights())
-        split = metric_diagonal(replica_model, inputs, kind=kind, probes=3, batch_size=4,
-                                seed=5)
+        split = metric_diagonal(replica_model, inputs, kind=kind, probes=3, batch_size=4, seed=5)
     for got, want in zip(split, alone):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
     other_seed = metric_diagonal(model, inputs, kind=kind, probes=3, batch_size=4, seed=6)

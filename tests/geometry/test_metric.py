@@ -1,18 +1,17 @@
+import keras
 import numpy as np
 import pytest
 import scipy.sparse.linalg
 import tensorflow as tf
 
-import keras
 from keras_fip.geometry import MetricOperator
+from keras_fip.geometry import metric as metric_module
 from keras_fip.geometry import metric_diagonal
 from keras_fip.geometry import metric_vector_product
 from keras_fip.geometry import output_jvp
-from keras_fip.geometry import metric as metric_module
 from keras_fip.geometry.metric import linearize
 from tests.geometry.conftest import dense_metric
 from tests.geometry.conftest import tiny_conv_bn
-from tests.geometry.conftest import tiny_mlp
 
 
 def _relative_error(actual, expected):
@@ -46,12 +45,8 @@ def test_matvec_list_layout_round_trips(mlp_problem):
     vector = np.random.default_rng(2).normal(size=metric.num_params)
     as_list = metric.unflatten(vector)
     product_list = metric.matvec(as_list)
-    assert [p.shape for p in product_list] == [
-        tuple(v.shape) for v in model.trainable_variables
-    ]
-    np.testing.assert_allclose(
-        metric.flatten(product_list), metric.matvec(vector), rtol=1e-12
-    )
+    assert [p.shape for p in product_list] == [tuple(v.shape) for v in model.trainable_variables]
+    np.testing.assert_allclose(metric.flatten(product_list), metric.matvec(vector), rtol=1e-12)
     tensor_product = metric.matvec(tf.constant(vector))
     assert tf.is_tensor(tensor_product)
     np.testing.assert_allclose(tensor_product.numpy(), metric.matvec(vector))
@@ -136,12 +131,14 @@ def test_linearize_reuses_one_forward_pass_for_several_products(mlp_problem):
 def test_output_jvp_matches_forward_accumulator_with_embeddings():
     # Integer inputs (no tangent at all) and a sparse (IndexedSlices) pullback.
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((5,), dtype="int32"),
-        keras.layers.Embedding(7, 3, dtype="float64"),
-        keras.layers.GlobalAveragePooling1D(dtype="float64"),
-        keras.layers.Dense(2, dtype="float64"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((5,), dtype="int32"),
+            keras.layers.Embedding(7, 3, dtype="float64"),
+            keras.layers.GlobalAveragePooling1D(dtype="float64"),
+            keras.layers.Dense(2, dtype="float64"),
+        ]
+    )
     tokens = np.random.default_rng(11).integers(0, 7, size=(4, 5)).astype("int32")
     vector = [np.random.default_rng(12).normal(size=v.shape) for v in model.weights]
     _, jvp = output_jvp(model, tokens, vector)
@@ -181,10 +178,7 @@ def test_mirrored_strategy_gives_same_matvec(mirrored_strategy):
             ],
             args=(batch,),
         )
-        return [
-            strategy.reduce(tf.distribute.ReduceOp.SUM, p, axis=None)
-            for p in per_replica
-        ]
+        return [strategy.reduce(tf.distribute.ReduceOp.SUM, p, axis=None) for p in per_replica]
 
     product = step(next(iter(dataset)))
     expected = dense_metric(reference_model, inputs[:10]) @ vector
@@ -262,8 +256,9 @@ def test_mirrored_strategy_gives_same_gram_and_dense(mirrored_strategy):
     assert _relative_error(metric.to_dense(), expected) <= 1e-12
     # Rows example-major: a permuted order would change the Gram matrix, not its spectrum.
     np.testing.assert_allclose(metric.gram(), reference.gram(), rtol=1e-10, atol=1e-14)
-    np.testing.assert_allclose(single.gram(), MetricOperator(reference_model, inputs[:1]).gram(),
-                               rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(
+        single.gram(), MetricOperator(reference_model, inputs[:1]).gram(), rtol=1e-10, atol=1e-14
+    )
 
 
 def test_quadratic_form_equals_dense_reference_with_no_reverse_pass(conv_problem, monkeypatch):
@@ -304,15 +299,15 @@ def test_quadratic_form_equals_dense_reference_with_no_reverse_pass(conv_problem
     for old, new in zip(before, _weights(model)):
         np.testing.assert_array_equal(old, new)
     monkeypatch.undo()
-    np.testing.assert_allclose(values, np.sum(block * metric.matmat(block), axis=0),
-                               rtol=1e-12)
+    np.testing.assert_allclose(values, np.sum(block * metric.matmat(block), axis=0), rtol=1e-12)
 
 
 def test_mirrored_strategy_gives_same_quadratic_form(mirrored_strategy):
     inputs = np.random.default_rng(6).uniform(size=(11, 5, 5, 1))
     reference_model = tiny_conv_bn()
     block = np.random.default_rng(7).normal(
-        size=(MetricOperator(reference_model, inputs).num_params, 3))
+        size=(MetricOperator(reference_model, inputs).num_params, 3)
+    )
     expected = np.einsum("ik,ij,jk->k", block, dense_metric(reference_model, inputs), block)
     with mirrored_strategy.scope():
         model = tiny_conv_bn()
@@ -324,8 +319,12 @@ def test_mirrored_strategy_gives_same_quadratic_form(mirrored_strategy):
 def test_bad_quadratic_form_vectors_raise(mlp_problem):
     model, inputs = mlp_problem
     metric = MetricOperator(model, inputs)
-    for vectors in (np.ones(metric.num_params + 1), np.ones((metric.num_params + 1, 2)),
-                    np.ones((metric.num_params, 0)), np.ones((2, 2, 2))):
+    for vectors in (
+        np.ones(metric.num_params + 1),
+        np.ones((metric.num_params + 1, 2)),
+        np.ones((metric.num_params, 0)),
+        np.ones((2, 2, 2)),
+    ):
         with pytest.raises(ValueError, match="`vectors` must be a flat vector"):
             metric.quadratic_form(vectors)
     with pytest.raises(ValueError, match="`vectors` must be a flat vector.*shaped like"):
@@ -336,8 +335,11 @@ def test_bad_quadratic_form_vectors_raise(mlp_problem):
 def test_bad_block_raises(mlp_problem):
     model, inputs = mlp_problem
     metric = MetricOperator(model, inputs)
-    for block in (np.ones(metric.num_params), np.ones((metric.num_params + 1, 2)),
-                  np.ones((metric.num_params, 0))):
+    for block in (
+        np.ones(metric.num_params),
+        np.ones((metric.num_params + 1, 2)),
+        np.ones((metric.num_params, 0)),
+    ):
         with pytest.raises(ValueError, match="`vectors`"):
             metric.matmat(block)
     assert metric.num_matvecs == 0

@@ -1,7 +1,7 @@
+import keras
 import numpy as np
 import pytest
 
-import keras
 from keras_fip.geometry import breakdown_acceleration
 from keras_fip.geometry import breakdown_speed
 from keras_fip.geometry import path_length
@@ -50,9 +50,7 @@ def test_speed_length_and_acceleration_match_dense_metric():
     length = path_length(points, inputs, model=model, times=times)
     assert length == pytest.approx(np.sum(expected * np.diff(times)), rel=1e-10)
     acceleration = breakdown_acceleration(points, inputs, model=model, times=times)
-    np.testing.assert_allclose(
-        acceleration, np.diff(expected) / np.diff(times)[:-1], rtol=1e-9
-    )
+    np.testing.assert_allclose(acceleration, np.diff(expected) / np.diff(times)[:-1], rtol=1e-9)
     for old, new in zip(before, model.get_weights()):
         np.testing.assert_array_equal(old, new)
 
@@ -108,6 +106,4 @@ def test_bad_arguments_raise(kwargs, message):
 def test_too_few_points_for_acceleration_raises():
     model = tiny_mlp()
     with pytest.raises(ValueError, match="at least 3"):
-        breakdown_acceleration(
-            _random_path(model, 2, 0.1, seed=6), np.zeros((2, 4)), model=model
-        )
+        breakdown_acceleration(_random_path(model, 2, 0.1, seed=6), np.zeros((2, 4)), model=model)

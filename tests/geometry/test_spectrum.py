@@ -62,8 +62,9 @@ def test_trace_takes_quadratic_forms_where_it_needs_no_product(problem, method):
     assert metric.num_quadratic_forms - forms == 30 - sketch
     # The same estimate as from products: the same probes, vᵀ(g v) for each.
     operator = scipy.sparse.linalg.aslinearoperator(dense)
-    assert estimate == pytest.approx(trace(operator, num_samples=30, method=method, seed=1),
-                                     rel=1e-9)
+    assert estimate == pytest.approx(
+        trace(operator, num_samples=30, method=method, seed=1), rel=1e-9
+    )
 
 
 def test_trace_hutchinson_is_unbiased_on_diagonal_operator():
@@ -107,7 +108,8 @@ def test_quadrature_runs_probes_in_lockstep_on_shared_forward_passes(problem, mo
     # One probe at a time (groups of one) gives the same nodes and weights.
     monkeypatch.setattr(spectrum, "_MAX_BASIS_ENTRIES", 1)
     one_at_a_time = spectrum._quadrature(
-        spectrum._CountingOperator(metric), num_probes=4, num_steps=12, seed=2)
+        spectrum._CountingOperator(metric), num_probes=4, num_steps=12, seed=2
+    )
     for got, want in zip(lockstep, one_at_a_time):
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
@@ -118,8 +120,7 @@ def test_lanczos_stops_each_probe_at_its_invariant_subspace():
 
     # Three distinct eigenvalues: every Krylov space stops growing after three steps.
     diagonal = np.repeat([0.5, 2.0, 7.0], 10)
-    counting = spectrum._CountingOperator(
-        scipy.sparse.linalg.aslinearoperator(np.diag(diagonal)))
+    counting = spectrum._CountingOperator(scipy.sparse.linalg.aslinearoperator(np.diag(diagonal)))
     nodes, weights = spectrum._quadrature(counting, num_probes=3, num_steps=10, seed=0)
     assert counting.num_matvecs == 9
     for probe_nodes, probe_weights in zip(nodes, weights):

@@ -4,9 +4,7 @@ import pytest
 
 from keras_fip import metrics
 
-R = np.array([[0.9, 0.1, 0.0],
-              [0.95, 0.8, 0.0],
-              [0.5, 0.6, 0.9]])
+R = np.array([[0.9, 0.1, 0.0], [0.95, 0.8, 0.0], [0.5, 0.6, 0.9]])
 
 
 def test_acc_bwt_and_forgetting_follow_their_definitions():
@@ -62,8 +60,9 @@ def test_accuracy_matrix_skips_outputs_a_model_does_not_have():
     matrix = metrics.accuracy_matrix([small, large], tasks)
     assert matrix[0, 0] == 1.0 and np.isnan(matrix[0, 1])
     np.testing.assert_array_equal(matrix[1], [1.0, 1.0])
-    task = metrics.accuracy_matrix([small, large], tasks, mode="task_incremental",
-                                   task_outputs=[[0, 1], [2, 3]])
+    task = metrics.accuracy_matrix(
+        [small, large], tasks, mode="task_incremental", task_outputs=[[0, 1], [2, 3]]
+    )
     np.testing.assert_array_equal(task[1], [1.0, 1.0])
     with pytest.raises(ValueError, match="one entry per task"):
         metrics.accuracy_matrix([small], tasks)

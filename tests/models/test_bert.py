@@ -16,9 +16,15 @@ SEQUENCE_LENGTH = 10
 
 def _tiny_masked_lm(num_predictions=3):
     keras.utils.set_random_seed(0)
-    backbone = bert.bert_backbone(VOCABULARY_SIZE, num_layers=1, num_heads=2, hidden_dim=8,
-                                  intermediate_dim=16, max_sequence_length=SEQUENCE_LENGTH,
-                                  dropout=0.0)
+    backbone = bert.bert_backbone(
+        VOCABULARY_SIZE,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=SEQUENCE_LENGTH,
+        dropout=0.0,
+    )
     return bert.masked_lm(backbone, SEQUENCE_LENGTH, num_predictions)
 
 
@@ -27,15 +33,19 @@ def _token_ids(count=16, seed=0):
     ids = np.zeros((count, SEQUENCE_LENGTH), np.int32)
     for row in ids:
         length = rng.integers(3, SEQUENCE_LENGTH - 1)
-        row[0], row[1:length + 1], row[length + 1] = 2, rng.integers(5, VOCABULARY_SIZE,
-                                                                     length), 3
+        row[0], row[1 : length + 1], row[length + 1] = (
+            2,
+            rng.integers(5, VOCABULARY_SIZE, length),
+            3,
+        )
     return ids
 
 
 def test_mask_tokens_masks_real_pieces_and_keeps_their_labels():
     ids = _token_ids()
-    packed, labels, weights = bert.mask_tokens(ids, 3, 4, VOCABULARY_SIZE, rate=0.3,
-                                               replace_fraction=(1.0, 0.0), seed=0)
+    packed, labels, weights = bert.mask_tokens(
+        ids, 3, 4, VOCABULARY_SIZE, rate=0.3, replace_fraction=(1.0, 0.0), seed=0
+    )
     assert packed.shape == (16, SEQUENCE_LENGTH + 3)
     positions = packed[:, SEQUENCE_LENGTH:]
     for row in range(16):
@@ -92,9 +102,15 @@ def test_mean_pooled_classifier_is_the_masked_mean_of_the_last_layer(tmp_path):
     backbone = bert.find_backbone(_tiny_masked_lm())
     model = bert.classifier(backbone, 3, SEQUENCE_LENGTH, pooling="mean")
     ids = _token_ids(4)
-    sequence = keras.ops.convert_to_numpy(backbone({
-        "token_ids": ids, "segment_ids": np.zeros_like(ids),
-        "padding_mask": (ids != 0).astype("int32")})["sequence_output"])
+    sequence = keras.ops.convert_to_numpy(
+        backbone(
+            {
+                "token_ids": ids,
+                "segment_ids": np.zeros_like(ids),
+                "padding_mask": (ids != 0).astype("int32"),
+            }
+        )["sequence_output"]
+    )
     real = (ids != 0)[..., None]
     pooled = (sequence * real).sum(axis=1) / real.sum(axis=1)
     dense = model.get_layer("logits")
@@ -111,8 +127,9 @@ def test_mean_pooled_classifier_is_the_masked_mean_of_the_last_layer(tmp_path):
 def test_masks_inside_kerashub_layers_survive_keras_files_and_a_later_fit(tmp_path):
     model = _tiny_masked_lm()
     rng = np.random.default_rng(0)
-    wanted = {v.path: rng.random(tuple(v.shape)) < 0.5
-              for v in projection.prunable_variables(model)}
+    wanted = {
+        v.path: rng.random(tuple(v.shape)) < 0.5 for v in projection.prunable_variables(model)
+    }
     assert any("self_attention_layer/query" in key for key in wanted)
     assert any("feedforward_intermediate_dense" in key for key in wanted)
     with warnings.catch_warnings():
@@ -123,8 +140,10 @@ def test_masks_inside_kerashub_layers_survive_keras_files_and_a_later_fit(tmp_pa
     reloaded = keras_fip.masks(loaded)
     assert sorted(reloaded) == sorted(wanted)
     packed, labels, weights = bert.mask_tokens(_token_ids(), 3, 4, VOCABULARY_SIZE)
-    loaded.compile(optimizer=keras.optimizers.Adam(0.05),
-                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    loaded.compile(
+        optimizer=keras.optimizers.Adam(0.05),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     loaded.fit(packed, labels, sample_weight=weights, epochs=2, batch_size=8, verbose=0)
     for variable in loaded.trainable_variables:
         if variable.path in wanted:
@@ -143,8 +162,7 @@ def test_backbone_arguments_are_validated():
 def test_compress_keeps_masked_lm_outputs_of_a_tiny_bert_and_masks_survive(tmp_path):
     model = _tiny_masked_lm()
     packed, _, _ = bert.mask_tokens(_token_ids(64), 3, 4, VOCABULARY_SIZE)
-    sparse = keras_fip.Compress(0.5, data=packed, steps=40, batch_size=32, seed=0,
-                                verbose=0)(model)
+    sparse = keras_fip.Compress(0.5, data=packed, steps=40, batch_size=32, seed=0, verbose=0)(model)
     assert projection.prunable_sparsity(sparse) == pytest.approx(0.5, abs=1e-3)
     assert isinstance(sparse, bert.BertMaskedLanguageModel)
     sparse.save(tmp_path / "sparse.keras")

@@ -27,8 +27,9 @@ def _one_training_step(model, x, y):
     return loss_before, changed
 
 
-@pytest.mark.parametrize("name, build, input_shape, num_classes", IMAGE_MODELS,
-                         ids=[m[0] for m in IMAGE_MODELS])
+@pytest.mark.parametrize(
+    "name, build, input_shape, num_classes", IMAGE_MODELS, ids=[m[0] for m in IMAGE_MODELS]
+)
 def test_zoo_model_builds_names_layers_and_trains(name, build, input_shape, num_classes):
     model = build()
     assert isinstance(model, keras.Model) and model.inputs is not None  # functional
@@ -52,8 +53,13 @@ def test_paper_parameter_counts():
 
 def test_transformer_classifier_trains_and_survives_save_load(tmp_path):
     model = models.transformer_classifier(
-        vocab_size=50, sequence_length=12, num_classes=3, embed_dim=8, num_heads=2,
-        feed_forward_dim=16, num_layers=1,
+        vocab_size=50,
+        sequence_length=12,
+        num_classes=3,
+        embed_dim=8,
+        num_heads=2,
+        feed_forward_dim=16,
+        num_layers=1,
     )
     layer_types = {type(layer).__name__ for layer in model.layers}
     assert {"Embedding", "MultiHeadAttention", "LayerNormalization", "Add"} <= layer_types
@@ -65,13 +71,15 @@ def test_transformer_classifier_trains_and_survives_save_load(tmp_path):
     path = str(tmp_path / "transformer.keras")
     model.save(path)
     restored = keras.saving.load_model(path)
-    np.testing.assert_allclose(model.predict(x, verbose=0), restored.predict(x, verbose=0),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), restored.predict(x, verbose=0), atol=1e-6
+    )
 
 
 def test_position_embedding_makes_order_matter():
-    model = models.transformer_classifier(vocab_size=20, sequence_length=6, num_classes=2,
-                                          embed_dim=8, num_layers=1)
+    model = models.transformer_classifier(
+        vocab_size=20, sequence_length=6, num_classes=2, embed_dim=8, num_layers=1
+    )
     x = np.array([[1, 2, 3, 4, 5, 6]], dtype="int32")
     assert not np.allclose(model.predict(x, verbose=0), model.predict(x[:, ::-1], verbose=0))
 

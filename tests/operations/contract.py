@@ -221,8 +221,13 @@ def _check_round_trips(result, x, atol):
         path = os.path.join(directory, "model.keras")
         result.save(path)
         loaded = keras.saving.load_model(path)
-        np.testing.assert_allclose(_outputs(loaded, x), expected, atol=atol, rtol=0,
-                                   err_msg=".keras round trip changed the outputs")
+        np.testing.assert_allclose(
+            _outputs(loaded, x),
+            expected,
+            atol=atol,
+            rtol=0,
+            err_msg=".keras round trip changed the outputs",
+        )
         before = [m for _, m in sorted(keras_fip.masks(result).items())]
         after = [m for _, m in sorted(keras_fip.masks(loaded).items())]
         assert len(before) == len(after), ".keras round trip lost masks"
@@ -232,8 +237,9 @@ def _check_round_trips(result, x, atol):
         keras_fip.export(result, serving)
         restored = tf.saved_model.load(serving)
         served = np.asarray(restored.serve(tf.constant(x)))
-        np.testing.assert_allclose(served, expected, atol=atol, rtol=0,
-                                   err_msg="SavedModel serve differs from the model")
+        np.testing.assert_allclose(
+            served, expected, atol=atol, rtol=0, err_msg="SavedModel serve differs from the model"
+        )
 
 
 def run_operation_contract(
@@ -297,7 +303,10 @@ def run_operation_contract(
             keras.utils.set_random_seed(seed)
             chained = chain(make_operation(model, x, y), ContractScale(0.999))(model)
             np.testing.assert_allclose(
-                _outputs(chained, x), sequential, atol=chain_atol, rtol=0,
+                _outputs(chained, x),
+                sequential,
+                atol=chain_atol,
+                rtol=0,
                 err_msg=f"{kind}: chain(op, other)(m) differs from other(op(m))",
             )
             assert _fingerprint(model) == fingerprint

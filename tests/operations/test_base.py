@@ -51,8 +51,12 @@ class Shift(Operation):
 def _model():
     keras.utils.set_random_seed(0)
     return keras.Sequential(
-        [keras.Input((4,)), keras.layers.Dense(5, activation="relu", name="hidden"),
-         keras.layers.Dropout(0.1), keras.layers.Dense(3, name="logits")]
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(5, activation="relu", name="hidden"),
+            keras.layers.Dropout(0.1),
+            keras.layers.Dense(3, name="logits"),
+        ]
     )
 
 
@@ -84,9 +88,7 @@ def test_chain_equals_sequential_application():
 
 def test_config_round_trips_through_keras_serialization():
     operation = chain(Scale(2.5, name="double"), Shift(-1.0), verbose=0)
-    restored = keras.saving.deserialize_keras_object(
-        keras.saving.serialize_keras_object(operation)
-    )
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(operation))
     assert isinstance(restored, Chain)
     assert restored.get_config() == operation.get_config()
     assert restored.operations[0].name == "double"
@@ -128,8 +130,11 @@ def test_nested_models_and_zoo_models_are_supported():
     check_model(outer)
     check_model(keras_fip.models.cnn5(input_shape=(12, 12, 1), num_classes=3))
     check_model(keras_fip.models.resnet(depth=20, width_multiplier=0.25))
-    check_model(keras_fip.models.transformer_classifier(
-        vocab_size=20, sequence_length=8, num_classes=2, num_layers=1))
+    check_model(
+        keras_fip.models.transformer_classifier(
+            vocab_size=20, sequence_length=8, num_classes=2, num_layers=1
+        )
+    )
 
 
 def test_carried_data_is_used_when_no_data_is_given():

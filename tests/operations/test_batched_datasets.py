@@ -19,9 +19,15 @@ BATCH = 16
 
 def _model():
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(10, activation="tanh"),
-                              keras.layers.Dense(8, activation="relu"),
-                              keras.layers.Dense(3)], name="net")
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(10, activation="tanh"),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(3),
+        ],
+        name="net",
+    )
     return model
 
 
@@ -43,8 +49,9 @@ def new_task():
 @pytest.fixture(scope="module")
 def trained(task):
     model = _model()
-    model.compile(keras.optimizers.Adam(1e-2),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     model.fit(*task, epochs=5, batch_size=32, verbose=0)
     return model
 
@@ -62,29 +69,52 @@ def _arrays(data):
 # `wrap` (the arrays themselves, or a statically batched dataset of them).
 OPERATIONS = {
     "compress": lambda t, n, wrap: keras_fip.Compress(
-        0.5, data=wrap(t), steps=6, batch_size=32, task_weight=1.0, verbose=0, seed=0),
+        0.5, data=wrap(t), steps=6, batch_size=32, task_weight=1.0, verbose=0, seed=0
+    ),
     "continual_learn": lambda t, n, wrap: keras_fip.ContinualLearn(
-        wrap(n), memory=wrap(t[0]), eval_tasks=[wrap(t)], eval_every=2, epochs=1,
-        batch_size=32, verbose=0, seed=0),
+        wrap(n),
+        memory=wrap(t[0]),
+        eval_tasks=[wrap(t)],
+        eval_every=2,
+        epochs=1,
+        batch_size=32,
+        verbose=0,
+        seed=0,
+    ),
     "damage_eigen": lambda t, n, wrap: keras_fip.Damage(
-        "eigen", norm=0.5, data=wrap(t), num_eigenpairs=2, seed=0),
+        "eigen", norm=0.5, data=wrap(t), num_eigenpairs=2, seed=0
+    ),
     "damage_repair": lambda t, n, wrap: keras_fip.chain(
         keras_fip.Damage("nodes", fraction=0.25, seed=0),
-        keras_fip.Repair(data=wrap(t), validation_data=wrap(t), epochs=1, batch_size=32,
-                         verbose=0, seed=0)),
+        keras_fip.Repair(
+            data=wrap(t), validation_data=wrap(t), epochs=1, batch_size=32, verbose=0, seed=0
+        ),
+    ),
     "ensemble": lambda t, n, wrap: keras_fip.Ensemble(
-        2, data=wrap(t), steps_between=4, diversity=0, batch_size=32, verbose=0, seed=0),
+        2, data=wrap(t), steps_between=4, diversity=0, batch_size=32, verbose=0, seed=0
+    ),
     "isofunctional": lambda t, n, wrap: keras_fip.Isofunctional(
-        data=wrap(t[0]), steps=4, batch_size=32, verbose=0, seed=0),
+        data=wrap(t[0]), steps=4, batch_size=32, verbose=0, seed=0
+    ),
     "finetune": lambda t, n, wrap: keras_fip.baselines.FineTune(
-        wrap(n), eval_tasks=[wrap(t)], epochs=1, batch_size=32, seed=0),
+        wrap(n), eval_tasks=[wrap(t)], epochs=1, batch_size=32, seed=0
+    ),
     "ewc": lambda t, n, wrap: keras_fip.baselines.EWC(
-        wrap(n), fisher_data=wrap(t[0]), validation_tasks=[wrap(t)], lambda_grid=(1.0, 10.0),
-        max_lambda_extensions=0, epochs=1, batch_size=32, seed=0),
+        wrap(n),
+        fisher_data=wrap(t[0]),
+        validation_tasks=[wrap(t)],
+        lambda_grid=(1.0, 10.0),
+        max_lambda_extensions=0,
+        epochs=1,
+        batch_size=32,
+        seed=0,
+    ),
     "replay": lambda t, n, wrap: keras_fip.baselines.ExperienceReplay(
-        wrap(n), memory=wrap(t), epochs=1, batch_size=32, seed=0),
+        wrap(n), memory=wrap(t), epochs=1, batch_size=32, seed=0
+    ),
     "joint": lambda t, n, wrap: keras_fip.baselines.JointTraining(
-        wrap(n), old_tasks=[wrap(t)], epochs=1, batch_size=32, seed=0),
+        wrap(n), old_tasks=[wrap(t)], epochs=1, batch_size=32, seed=0
+    ),
 }
 
 
@@ -112,15 +142,18 @@ def test_several_inputs_in_a_statically_batched_dataset_of_dicts(task):
     x, y = task
     inputs = {"a": keras.Input((4,), name="a"), "b": keras.Input((2,), name="b")}
     keras.utils.set_random_seed(0)
-    joined = keras.layers.Concatenate()([keras.layers.Dense(8, activation="tanh")(inputs["a"]),
-                                         inputs["b"]])
+    joined = keras.layers.Concatenate()(
+        [keras.layers.Dense(8, activation="tanh")(inputs["a"]), inputs["b"]]
+    )
     model = keras.Model(inputs, keras.layers.Dense(3)(joined))
     features = {"a": x[:, :4], "b": x[:, 4:]}
     read, labels = data_adapter.normalize_data(_static((features, y)), model=model)
     np.testing.assert_array_equal(read["a"], features["a"])
     np.testing.assert_array_equal(labels, y)
-    results = [keras_fip.Compress(0.5, data=data, steps=4, verbose=0, seed=0)(model)
-               for data in ((features, y), _static((features, y)))]
+    results = [
+        keras_fip.Compress(0.5, data=data, steps=4, verbose=0, seed=0)(model)
+        for data in ((features, y), _static((features, y)))
+    ]
     for a, b in zip(results[1].get_weights(), results[0].get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
@@ -128,8 +161,7 @@ def test_several_inputs_in_a_statically_batched_dataset_of_dicts(task):
 def test_without_the_model_a_statically_batched_dataset_reads_as_it_looks(task, trained):
     x, y = task
     read, labels = data_adapter.normalize_data(_static((x, y)))
-    assert read.shape == (len(x) // BATCH, BATCH, 6) and labels.shape == (len(x) // BATCH,
-                                                                           BATCH)
+    assert read.shape == (len(x) // BATCH, BATCH, 6) and labels.shape == (len(x) // BATCH, BATCH)
     read, labels = data_adapter.normalize_data(_static((x, y)), model=trained)
     np.testing.assert_array_equal(read, x)
     np.testing.assert_array_equal(labels, y)

@@ -8,8 +8,14 @@ from keras_fip.operations.bridge import linear_path_accuracy
 
 
 def _distance(model, target):
-    return float(np.sqrt(sum(np.sum((a.numpy() - b.numpy()) ** 2) for a, b in
-                             zip(model.trainable_variables, target.trainable_variables))))
+    return float(
+        np.sqrt(
+            sum(
+                np.sum((a.numpy() - b.numpy()) ** 2)
+                for a, b in zip(model.trainable_variables, target.trainable_variables)
+            )
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +36,11 @@ def test_bridge_moves_towards_the_target_keeping_the_first_task(networks):
     walked = op(a)
     assert _distance(walked, b) < 0.95 * _distance(a, b)
     history = op.history
-    assert len(history["task_0/accuracy"]) == len(history["eval_step"]) == len(
-        history["task_1/accuracy"])
+    assert (
+        len(history["task_0/accuracy"])
+        == len(history["eval_step"])
+        == len(history["task_1/accuracy"])
+    )
     assert history["task_0/accuracy"][-1] > history["task_0/accuracy"][0] - 0.1
     line = linear_path_accuracy(a, b, tasks, num_points=3)
     assert line["task_0/accuracy"][0] > 0.8 and line["task_1/accuracy"][-1] > 0.8

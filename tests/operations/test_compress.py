@@ -9,7 +9,6 @@ import keras_fip
 import keras_fip.operations
 from keras_fip import data
 from keras_fip import models
-from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import projection
 from keras_fip.operations.compress import Compress
 from keras_fip.operations.shrink import shrink
@@ -53,8 +52,9 @@ def test_compress_keeps_function_better_than_bare_projection(trained):
     x_test, y_test = data.load("digits", "test")
     projected = keras_fip.engine.copy_model(model)
     keras_fip.engine.apply_masks(projected, projection.magnitude_masks(projected, 0.9))
-    sparse = Compress(0.9, data=x, min_steps=0, epochs=3, batch_size=64, learning_rate=1e-2,
-                      verbose=0, seed=0)(model)
+    sparse = Compress(
+        0.9, data=x, min_steps=0, epochs=3, batch_size=64, learning_rate=1e-2, verbose=0, seed=0
+    )(model)
     fip = models.evaluate_classifier(sparse, x_test, y_test)["accuracy"]
     assert fip > models.evaluate_classifier(projected, x_test, y_test)["accuracy"] + 0.05
     assert fip > 0.85
@@ -63,8 +63,9 @@ def test_compress_keeps_function_better_than_bare_projection(trained):
 @pytest.mark.parametrize("scope", ["global", "per_layer"])
 def test_masks_stay_exactly_zero_under_later_training(trained, scope):
     model, x, y = trained
-    sparse = Compress(0.8, data=(x, y), scope=scope, min_steps=0, epochs=1, batch_size=64,
-                      verbose=0)(model)
+    sparse = Compress(
+        0.8, data=(x, y), scope=scope, min_steps=0, epochs=1, batch_size=64, verbose=0
+    )(model)
     zeros = _zeros(sparse)
     models.train_classifier(sparse, x, y, epochs=1, batch_size=64, learning_rate=1e-2)
     for path, zero in _zeros(sparse).items():
@@ -91,8 +92,17 @@ def test_sparsity_survives_keras_save_load_and_savedmodel_export(trained, tmp_pa
 
 def test_nodes_structure_zeroes_whole_units_and_shrinks(trained):
     model, x, _ = trained
-    sparse = Compress(0.5, data=x, structure="nodes", scope="per_layer", min_steps=0, epochs=1,
-                      batch_size=64, verbose=0, seed=0)(model)
+    sparse = Compress(
+        0.5,
+        data=x,
+        structure="nodes",
+        scope="per_layer",
+        min_steps=0,
+        epochs=1,
+        batch_size=64,
+        verbose=0,
+        seed=0,
+    )(model)
     hidden = sparse.get_layer("dense_1").kernel.numpy()
     dead = np.all(hidden == 0, axis=0)
     assert dead.sum() == 32
@@ -114,8 +124,10 @@ def test_existing_masks_are_kept_and_count(trained):
 
 def test_chain_equals_sequential_application(trained):
     model, x, _ = trained
-    ops = [Compress(0.5, data=x, min_steps=0, epochs=1, batch_size=64, verbose=0, seed=0),
-           Compress(0.7, data=x, min_steps=0, epochs=1, batch_size=64, verbose=0, seed=0)]
+    ops = [
+        Compress(0.5, data=x, min_steps=0, epochs=1, batch_size=64, verbose=0, seed=0),
+        Compress(0.7, data=x, min_steps=0, epochs=1, batch_size=64, verbose=0, seed=0),
+    ]
     keras.utils.set_random_seed(1)
     chained = keras_fip.operations.chain(*ops)(model)
     keras.utils.set_random_seed(1)
@@ -170,8 +182,9 @@ def test_no_data_and_none_carried_is_a_clear_error(trained):
 
 def test_task_weight_uses_labels_and_still_reaches_exact_sparsity(trained):
     model, x, y = trained
-    op = Compress(0.8, data=(x, y), task_weight=1.0, min_steps=0, epochs=1, batch_size=64,
-                  verbose=0, seed=0)
+    op = Compress(
+        0.8, data=(x, y), task_weight=1.0, min_steps=0, epochs=1, batch_size=64, verbose=0, seed=0
+    )
     sparse = op(model)
     assert projection.prunable_sparsity(sparse) == pytest.approx(0.8, abs=1e-3)
     assert max(op.history["secondary_loss"]) > 0.0
@@ -201,8 +214,16 @@ def test_compress_handles_a_residual_network_with_batch_norm(structure, sparsity
     model = models.resnet(20, width_multiplier=0.25, input_shape=(8, 8, 3), num_classes=4)
     x = np.random.default_rng(0).normal(size=(64, 8, 8, 3)).astype("float32")
     before = _digest(model)
-    op = Compress(sparsity, data=x, structure=structure, min_steps=0, epochs=2, batch_size=32,
-                  verbose=0, seed=0)
+    op = Compress(
+        sparsity,
+        data=x,
+        structure=structure,
+        min_steps=0,
+        epochs=2,
+        batch_size=32,
+        verbose=0,
+        seed=0,
+    )
     sparse = op(model)
     assert _digest(model) == before
     variables = projection.prunable_variables(sparse)
@@ -211,8 +232,7 @@ def test_compress_handles_a_residual_network_with_batch_norm(structure, sparsity
     if structure == "filters":
         assert all(len(v.shape) == 4 for v in pruned)
     zeros = sum(int(np.sum(v.numpy() == 0)) for v in pruned)
-    assert zeros / sum(int(np.prod(v.shape)) for v in pruned) == pytest.approx(sparsity,
-                                                                               abs=0.02)
+    assert zeros / sum(int(np.prod(v.shape)) for v in pruned) == pytest.approx(sparsity, abs=0.02)
     for variable in pruned:
         mask = keras_fip.masks(sparse)[variable.path]
         assert np.all(variable.numpy()[~mask] == 0)
@@ -265,11 +285,21 @@ def test_compress_keeps_the_accuracy_of_a_batch_norm_conv_net(trained_conv):
 def test_training_mode_is_automatic_and_can_be_forced(trained_conv, trained):
     conv, x, _ = trained_conv
     mlp, x_mlp, _ = trained
-    for model, inputs, training, expected in ((conv, x, "auto", True),
-                                              (mlp, x_mlp, "auto", False),
-                                              (conv, x, False, False)):
-        op = Compress(0.5, data=inputs[:128], min_steps=0, epochs=1, batch_size=64, verbose=0,
-                      training=training, beta=1.0)
+    for model, inputs, training, expected in (
+        (conv, x, "auto", True),
+        (mlp, x_mlp, "auto", False),
+        (conv, x, False, False),
+    ):
+        op = Compress(
+            0.5,
+            data=inputs[:128],
+            min_steps=0,
+            epochs=1,
+            batch_size=64,
+            verbose=0,
+            training=training,
+            beta=1.0,
+        )
         op(model)
         assert op._walk_training is expected
         assert op.history["beta"] == 1.0
@@ -288,9 +318,20 @@ def test_metric_saliency_reaches_exact_sparsity_and_keeps_the_function(trained):
     # to the mean diagonal over all weights) over-pulls them (0.78 here against 0.85).
     # A 69-step walk with one target update (update_every=50): on a walk this short, metric
     # targets re-ranked every 10 steps (the "auto" interval) keep only 0.77.
-    op = Compress(0.9, data=x, saliency="metric", metric_examples=256, min_steps=0, epochs=3,
-                  update_every=50, batch_size=64, learning_rate=1e-2, beta=1.0, verbose=0,
-                  seed=0)
+    op = Compress(
+        0.9,
+        data=x,
+        saliency="metric",
+        metric_examples=256,
+        min_steps=0,
+        epochs=3,
+        update_every=50,
+        batch_size=64,
+        learning_rate=1e-2,
+        beta=1.0,
+        verbose=0,
+        seed=0,
+    )
     sparse = op(model)
     sizes = sum(int(np.prod(v.shape)) for v in projection.prunable_variables(sparse))
     zeros = sum(int(z.sum()) for z in _zeros(sparse).values())
@@ -308,15 +349,22 @@ def test_compress_of_a_batch_norm_net_runs_under_mirrored_strategy(mirrored_stra
     keras.utils.set_random_seed(0)
     x = np.random.default_rng(0).normal(2.0, 3.0, (128, 6)).astype("float32")
     with mirrored_strategy.scope():
-        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16),
-                                  keras.layers.BatchNormalization(), keras.layers.ReLU(),
-                                  keras.layers.Dense(3)])
+        model = keras.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(16),
+                keras.layers.BatchNormalization(),
+                keras.layers.ReLU(),
+                keras.layers.Dense(3),
+            ]
+        )
         op = Compress(0.75, data=x, min_steps=0, epochs=2, batch_size=32, verbose=0, seed=0)
         sparse = op(model)
     assert op._walk_training
     assert projection.prunable_sparsity(sparse) == pytest.approx(0.75, abs=1e-3)
-    norm = [layer for layer in sparse.layers
-            if isinstance(layer, keras.layers.BatchNormalization)][0]
+    norm = [layer for layer in sparse.layers if isinstance(layer, keras.layers.BatchNormalization)][
+        0
+    ]
     # The statistics moved from their initial (0, 1) to those of the data.
     assert np.all(np.isfinite(norm.moving_mean.numpy()))
     assert not np.allclose(norm.moving_variance.numpy(), 1.0)
@@ -333,10 +381,21 @@ def test_killed_walk_resumes_from_checkpoint_to_the_same_weights(trained, tmp_pa
     model, x, _ = trained
 
     def compress(directory=None, callbacks=None):
-        return Compress(0.8, data=x[:512], steps=40, min_steps=0, update_every=10,
-                        beta=0.5, saliency="metric", metric_examples=64, record_every=5,
-                        seed=0, verbose=0, checkpoint_directory=directory,
-                        callbacks=callbacks)
+        return Compress(
+            0.8,
+            data=x[:512],
+            steps=40,
+            min_steps=0,
+            update_every=10,
+            beta=0.5,
+            saliency="metric",
+            metric_examples=64,
+            record_every=5,
+            seed=0,
+            verbose=0,
+            checkpoint_directory=directory,
+            callbacks=callbacks,
+        )
 
     reference_op = compress()
     reference = reference_op(model)
@@ -346,18 +405,19 @@ def test_killed_walk_resumes_from_checkpoint_to_the_same_weights(trained, tmp_pa
             compress(directory, [KillAt(killed_at)])(model)
         op = compress(directory)
         resumed = op(model)
-        for expected, actual in zip(reference.trainable_variables,
-                                    resumed.trainable_variables):
+        for expected, actual in zip(reference.trainable_variables, resumed.trainable_variables):
             np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=0, atol=1e-5)
         assert keras_fip.masks(resumed).keys() == keras_fip.masks(reference).keys()
         for key, mask in keras_fip.masks(reference).items():
             np.testing.assert_array_equal(keras_fip.masks(resumed)[key], mask)
         assert op.path.steps.tolist() == reference_op.path.steps.tolist()
-        np.testing.assert_allclose(op.path.weights(-1)[0], reference_op.path.weights(-1)[0],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            op.path.weights(-1)[0], reference_op.path.weights(-1)[0], atol=1e-5
+        )
         assert len(op.history["distance"]) == 40
-        np.testing.assert_allclose(op.history["distance"], reference_op.history["distance"],
-                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            op.history["distance"], reference_op.history["distance"], rtol=1e-5, atol=1e-7
+        )
     # A finished walk called again returns the same model without walking.
     again = compress(directory)(model)
     for expected, actual in zip(resumed.trainable_variables, again.trainable_variables):
@@ -367,23 +427,53 @@ def test_killed_walk_resumes_from_checkpoint_to_the_same_weights(trained, tmp_pa
 def test_checkpoint_of_another_config_or_model_is_refused(trained, tmp_path):
     model, x, _ = trained
     directory = str(tmp_path / "checkpoint")
-    Compress(0.5, data=x[:256], steps=4, min_steps=0, beta=0.5, record_every=2, seed=0,
-             verbose=0, checkpoint_directory=directory)(model)
+    Compress(
+        0.5,
+        data=x[:256],
+        steps=4,
+        min_steps=0,
+        beta=0.5,
+        record_every=2,
+        seed=0,
+        verbose=0,
+        checkpoint_directory=directory,
+    )(model)
     with pytest.raises(ValueError, match="another config"):
-        Compress(0.6, data=x[:256], steps=4, min_steps=0, beta=0.5, record_every=2,
-                 seed=0, verbose=0, checkpoint_directory=directory)(model)
+        Compress(
+            0.6,
+            data=x[:256],
+            steps=4,
+            min_steps=0,
+            beta=0.5,
+            record_every=2,
+            seed=0,
+            verbose=0,
+            checkpoint_directory=directory,
+        )(model)
     other = keras_fip.engine.copy_model(model)
     other.trainable_variables[0].assign(other.trainable_variables[0] + 1.0)
     with pytest.raises(ValueError, match="another model"):
-        Compress(0.5, data=x[:256], steps=4, min_steps=0, beta=0.5, record_every=2,
-                 seed=0, verbose=0, checkpoint_directory=directory)(other)
+        Compress(
+            0.5,
+            data=x[:256],
+            steps=4,
+            min_steps=0,
+            beta=0.5,
+            record_every=2,
+            seed=0,
+            verbose=0,
+            checkpoint_directory=directory,
+        )(other)
 
 
-@pytest.mark.parametrize("arguments, message", [
-    ({"checkpoint_directory": "ckpt"}, "needs a `seed`"),
-    ({"checkpoint_directory": "ckpt", "seed": 0, "path_directory": "p"}, "at most one"),
-    ({"checkpoint_directory": 3, "seed": 0}, "checkpoint_directory=3"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"checkpoint_directory": "ckpt"}, "needs a `seed`"),
+        ({"checkpoint_directory": "ckpt", "seed": 0, "path_directory": "p"}, "at most one"),
+        ({"checkpoint_directory": 3, "seed": 0}, "checkpoint_directory=3"),
+    ],
+)
 def test_bad_checkpoint_arguments_raise(arguments, message):
     with pytest.raises(ValueError, match=message):
         Compress(0.5, **arguments)
@@ -394,8 +484,9 @@ def test_walk_measures_exactly_at_the_recorded_points(trained):
     # the distance from the start are measured at multiples of `record_every` and at each
     # phase's last step, so every point of the path carries them; other steps hold NaN.
     model, x, _ = trained
-    op = Compress(0.5, data=x[:256], steps=22, min_steps=0, record_every=4, batch_size=64,
-                  seed=0, verbose=0)
+    op = Compress(
+        0.5, data=x[:256], steps=22, min_steps=0, record_every=4, batch_size=64, seed=0, verbose=0
+    )
     op(model)
     norms = np.asarray(op.history["step_norm"])
     assert norms.shape == (22,)
@@ -403,8 +494,11 @@ def test_walk_measures_exactly_at_the_recorded_points(trained):
     assert 0 < pull < 22 and pull % 4  # a phase end off the multiples
     measured = {step for step in range(4, 23, 4)} | {pull, 22}
     assert {int(i) + 1 for i in np.flatnonzero(np.isfinite(norms))} == measured
-    assert np.all(np.isfinite(np.asarray(op.history["distance_from_start"])[
-        sorted(step - 1 for step in measured)]))
+    assert np.all(
+        np.isfinite(
+            np.asarray(op.history["distance_from_start"])[sorted(step - 1 for step in measured)]
+        )
+    )
     assert set(op.path.steps[1:]) == measured
     recorded = op.path.metrics
     for name in ("step_norm", "distance_from_start"):

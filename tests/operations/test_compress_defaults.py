@@ -33,8 +33,9 @@ def _residual_net():
     keras.utils.set_random_seed(1)
     layers = keras.layers
     inputs = keras.Input((8, 8, 1))
-    stem = layers.ReLU()(layers.BatchNormalization()(
-        layers.Conv2D(12, 3, padding="same", name="stem")(inputs)))
+    stem = layers.ReLU()(
+        layers.BatchNormalization()(layers.Conv2D(12, 3, padding="same", name="stem")(inputs))
+    )
     block = layers.BatchNormalization()(layers.Conv2D(12, 3, padding="same")(stem))
     hidden = layers.GlobalAveragePooling2D()(layers.ReLU()(layers.Add()([stem, block])))
     hidden = layers.Dense(32, activation="relu")(hidden)
@@ -44,9 +45,13 @@ def _residual_net():
 def _mlp():
     keras.utils.set_random_seed(0)
     return keras.Sequential(
-        [keras.Input((8, 8, 1)), keras.layers.Flatten(),
-         keras.layers.Dense(64, activation="relu"), keras.layers.Dense(32, activation="relu"),
-         keras.layers.Dense(10)],
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(10),
+        ],
         name="mlp",
     )
 
@@ -56,8 +61,9 @@ def _trained(kind):
         x, y = data.load("digits")
         model = _residual_net() if kind == "residual" else _mlp()
         # 40 epochs: Keras' BatchNorm momentum 0.99 needs them for its moving statistics.
-        models.train_classifier(model, x, y, epochs=40 if kind == "residual" else 20,
-                                batch_size=64, learning_rate=3e-3)
+        models.train_classifier(
+            model, x, y, epochs=40 if kind == "residual" else 20, batch_size=64, learning_rate=3e-3
+        )
         _CACHE[kind] = model
     return _CACHE[kind]
 
@@ -120,9 +126,14 @@ def test_history_counts_the_steps_taken():
 
 @pytest.mark.parametrize(
     "kwargs, argument",
-    [({"steps": 1}, "`steps`"), ({"steps": 2.5}, "`steps`"), ({"min_steps": -1}, "`min_steps`"),
-     ({"update_every": "often"}, "`update_every`"), ({"update_every": 0}, "`update_every`"),
-     ({"layer_floor": 2.0}, "`layer_floor`")],
+    [
+        ({"steps": 1}, "`steps`"),
+        ({"steps": 2.5}, "`steps`"),
+        ({"min_steps": -1}, "`min_steps`"),
+        ({"update_every": "often"}, "`update_every`"),
+        ({"update_every": 0}, "`update_every`"),
+        ({"layer_floor": 2.0}, "`layer_floor`"),
+    ],
 )
 def test_bad_budget_arguments_fail_in_init(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
@@ -155,8 +166,9 @@ def test_auto_learning_rate_scales_with_the_prunable_weights():
         rates.append(operation.history["learning_rate"])
     assert rates[1] > 2.5 * rates[0]
     # The walk is the one an explicit rate of that value takes (recorded as given).
-    explicit = keras_fip.Compress(0.5, data=x, steps=4, beta=1.0, verbose=0, seed=0,
-                                  learning_rate=rates[1])
+    explicit = keras_fip.Compress(
+        0.5, data=x, steps=4, beta=1.0, verbose=0, seed=0, learning_rate=rates[1]
+    )
     for a, b in zip(walked.get_weights(), explicit(scaled).get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert explicit.history["learning_rate"] == rates[1]

@@ -55,8 +55,9 @@ def _test_tasks(digits):
 def test_grow_output_layer_keeps_old_outputs_exactly(kind):
     keras.utils.set_random_seed(1)
     if kind == "sequential":
-        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
-                                  keras.layers.Dense(3)])
+        model = keras.Sequential(
+            [keras.Input((6,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)]
+        )
     else:
         inputs = keras.Input((6,))
         hidden = keras.layers.Dense(8, activation="relu")(inputs)
@@ -85,8 +86,9 @@ def test_grow_output_layer_extends_a_mask_of_the_output_kernel():
 def test_continual_learn_learns_the_new_task_and_keeps_the_old(digits, old_model):
     (old, new), _ = digits
     tasks = _test_tasks(digits)
-    op = ContinualLearn(new, memory=old[0][:200], epochs=10, batch_size=32, seed=0,
-                        verbose=0, eval_tasks=tasks)
+    op = ContinualLearn(
+        new, memory=old[0][:200], epochs=10, batch_size=32, seed=0, verbose=0, eval_tasks=tasks
+    )
     model = op(old_model)
     finetuned = keras_fip.baselines.FineTune(new, epochs=10, batch_size=32, seed=0)(old_model)
     assert model.output_shape == (None, 10)
@@ -118,11 +120,13 @@ def test_memory_is_carried_across_chained_calls(digits, old_model):
     x, y = new
     first = (x[y < 3], y[y < 3])
     second = (x[y >= 3], y[y >= 3] - 3)
-    model = ContinualLearn(first, memory=old[0][:100], memory_per_task=30, epochs=1,
-                           batch_size=32, verbose=0, seed=0)(old_model)
+    model = ContinualLearn(
+        first, memory=old[0][:100], memory_per_task=30, epochs=1, batch_size=32, verbose=0, seed=0
+    )(old_model)
     assert carried_data(model).shape == (130, 8, 8, 1)
     chained = keras_fip.chain(
-        ContinualLearn(second, memory_per_task=20, epochs=1, batch_size=32, verbose=0))
+        ContinualLearn(second, memory_per_task=20, epochs=1, batch_size=32, verbose=0)
+    )
     result = chained(model)
     assert result.output_shape == (None, 10)
     memory = carried_data(result)
@@ -134,8 +138,9 @@ def test_masks_are_kept_exactly(digits, old_model):
     (old, new), _ = digits
     sparse = keras_fip.Compress(0.5, data=old[0], epochs=1, verbose=0, seed=0)(old_model)
     before = keras_fip.masks(sparse)
-    model = ContinualLearn(new, memory=old[0][:100], epochs=2, batch_size=32, verbose=0,
-                           seed=0)(sparse)
+    model = ContinualLearn(new, memory=old[0][:100], epochs=2, batch_size=32, verbose=0, seed=0)(
+        sparse
+    )
     after = keras_fip.masks(model)
     hidden_kernel = model.layers[-2].kernel if len(model.layers) > 2 else None
     for variable in model.trainable_variables:
@@ -154,8 +159,9 @@ def test_shared_head_uses_preallocated_outputs(digits):
     model = keras_fip.models.mlp(32, input_shape=(8, 8, 1), num_classes=10)
     keras_fip.models.train_classifier(model, *old, epochs=10, batch_size=32)
     shared = (new[0], new[1] + 5)
-    result = ContinualLearn(shared, memory=old[0][:100], head="shared", epochs=10,
-                            batch_size=32, verbose=0, seed=0)(model)
+    result = ContinualLearn(
+        shared, memory=old[0][:100], head="shared", epochs=10, batch_size=32, verbose=0, seed=0
+    )(model)
     assert result.output_shape == (None, 10)
     assert metrics.task_accuracy(result, *_test_tasks(digits)[1]) > 0.5
 
@@ -169,12 +175,14 @@ def test_batchnorm_residual_model_walks_on_batch_statistics(digits):
     tasks = _test_tasks(digits)
     base = metrics.task_accuracy(model, *tasks[0])
     assert base > 0.8
-    result = ContinualLearn(new, memory=old[0][:300], epochs=8, batch_size=32, verbose=0,
-                            seed=0)(model)
+    result = ContinualLearn(new, memory=old[0][:300], epochs=8, batch_size=32, verbose=0, seed=0)(
+        model
+    )
     finetuned = keras_fip.baselines.FineTune(new, epochs=8, batch_size=32, seed=0)(model)
     assert metrics.task_accuracy(result, *tasks[0]) > base - 0.15
-    assert metrics.task_accuracy(result, *tasks[0]) > metrics.task_accuracy(
-        finetuned, *tasks[0]) + 0.3
+    assert (
+        metrics.task_accuracy(result, *tasks[0]) > metrics.task_accuracy(finetuned, *tasks[0]) + 0.3
+    )
     assert metrics.task_accuracy(result, *tasks[1]) > 0.3
 
 
@@ -182,8 +190,17 @@ def test_batchnorm_residual_model_walks_on_batch_statistics(digits):
 def test_other_step_rules_learn_the_new_task(digits, old_model, step_rule):
     (old, new), _ = digits
     # `record_every=1`: every step measured (operations measure at the recorded points).
-    op = ContinualLearn(new, memory=old[0][:100], epochs=3, batch_size=32, verbose=0,
-                        seed=0, step_rule=step_rule, epsilon=0.05, record_every=1)
+    op = ContinualLearn(
+        new,
+        memory=old[0][:100],
+        epochs=3,
+        batch_size=32,
+        verbose=0,
+        seed=0,
+        step_rule=step_rule,
+        epsilon=0.05,
+        record_every=1,
+    )
     model = op(old_model)
     assert metrics.task_accuracy(model, *_test_tasks(digits)[1]) > 0.3
     assert np.allclose(op.history["step_norm"], 0.05, rtol=1e-3)
@@ -191,12 +208,12 @@ def test_other_step_rules_learn_the_new_task(digits, old_model, step_rule):
 
 def test_auto_beta_converts_distances_to_kl_units(digits, old_model):
     (old, new), _ = digits
-    bhattacharyya = ContinualLearn(new, memory=old[0][:64], distance="bhattacharyya",
-                                   epochs=1, verbose=0)
+    bhattacharyya = ContinualLearn(
+        new, memory=old[0][:64], distance="bhattacharyya", epochs=1, verbose=0
+    )
     bhattacharyya(old_model)
     assert bhattacharyya.history["beta"] == 0.25
-    l2 = ContinualLearn(new, memory=old[0][:64], distance="l2", epochs=1, verbose=0,
-                        seed=0)
+    l2 = ContinualLearn(new, memory=old[0][:64], distance="l2", epochs=1, verbose=0, seed=0)
     l2(old_model)
     assert l2.history["beta"] > 1.0  # Logit changes cost more than softmax changes.
 
@@ -210,8 +227,9 @@ def test_pad_reference_marks_new_classes_absent():
 
 
 def test_config_round_trip():
-    op = ContinualLearn((np.zeros((4, 8, 8, 1)), np.array([0, 1, 0, 1])), head="shared",
-                        beta=0.5, epochs=3, seed=2)
+    op = ContinualLearn(
+        (np.zeros((4, 8, 8, 1)), np.array([0, 1, 0, 1])), head="shared", beta=0.5, epochs=3, seed=2
+    )
     config = op.get_config()
     restored = ContinualLearn.from_config(config)
     assert restored.get_config() == config
@@ -221,20 +239,29 @@ def test_config_round_trip():
 
 
 def _model_ending_in_softmax():
-    return keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
-                             keras.layers.Dense(5), keras.layers.Softmax()])
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(5),
+            keras.layers.Softmax(),
+        ]
+    )
 
 
-@pytest.mark.parametrize("build, message", [
-    (lambda x, y: dict(new_task=(np.full_like(x, np.nan), y)), "NaN"),
-    (lambda x, y: dict(new_task=(x, y), memory=np.full_like(x, np.inf)), "Inf|finite"),
-    (lambda x, y: dict(new_task=(x, y + 1)), "0..k-1"),
-    (lambda x, y: dict(new_task=(x, y), head="grow"), "head"),
-    (lambda x, y: dict(new_task=(x, y), memory=np.zeros((0, 8, 8, 1))), "memory"),
-    (lambda x, y: dict(new_task=(x,)), "labels"),
-    (lambda x, y: dict(new_task=(x, y), beta=-1.0), "beta"),
-    (lambda x, y: dict(new_task=(x, y), distance="cosine"), "distance"),
-])
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda x, y: dict(new_task=(np.full_like(x, np.nan), y)), "NaN"),
+        (lambda x, y: dict(new_task=(x, y), memory=np.full_like(x, np.inf)), "Inf|finite"),
+        (lambda x, y: dict(new_task=(x, y + 1)), "0..k-1"),
+        (lambda x, y: dict(new_task=(x, y), head="grow"), "head"),
+        (lambda x, y: dict(new_task=(x, y), memory=np.zeros((0, 8, 8, 1))), "memory"),
+        (lambda x, y: dict(new_task=(x,)), "labels"),
+        (lambda x, y: dict(new_task=(x, y), beta=-1.0), "beta"),
+        (lambda x, y: dict(new_task=(x, y), distance="cosine"), "distance"),
+    ],
+)
 def test_bad_arguments_raise_before_any_work(digits, build, message):
     (_, (x, y)), _ = digits
     with pytest.raises(ValueError, match=message):
@@ -255,8 +282,9 @@ def test_bad_inputs_against_the_model_raise_before_any_work(digits, old_model):
     with pytest.raises(ValueError, match="Dense"):
         ContinualLearn((x, y), memory=old[0])(_model_ending_in_softmax())
     with pytest.raises(ValueError, match="eval_tasks"):
-        ContinualLearn((x, y), memory=old[0], epochs=1,
-                       eval_tasks=[(x, y + 20)], verbose=0)(old_model)
+        ContinualLearn((x, y), memory=old[0], epochs=1, eval_tasks=[(x, y + 20)], verbose=0)(
+            old_model
+        )
     for value, variable in zip(before, old_model.weights):
         np.testing.assert_array_equal(value, variable.numpy())
 
@@ -265,22 +293,32 @@ def test_continual_learn_meets_the_operation_contract():
     from tests.operations.contract import run_operation_contract
 
     results = run_operation_contract(
-        lambda model, x, y: ContinualLearn((x[200:], y[200:] % 3), memory=x[:200],
-                                           epochs=1, batch_size=64, seed=0, verbose=0))
+        lambda model, x, y: ContinualLearn(
+            (x[200:], y[200:] % 3), memory=x[:200], epochs=1, batch_size=64, seed=0, verbose=0
+        )
+    )
     for result in results.values():
         assert result.output_shape == (None, 13)
 
 
-def test_killed_walk_resumes_from_checkpoint_to_the_same_weights(digits, old_model,
-                                                                 tmp_path):
+def test_killed_walk_resumes_from_checkpoint_to_the_same_weights(digits, old_model, tmp_path):
     (old, new), (old_test, new_test) = digits
     tasks = [old_test, (new_test[0], new_test[1] + 5)]
 
     def learn(directory=None, callbacks=None):
-        return ContinualLearn(new, memory=old[0][:200], epochs=2, batch_size=64,
-                              record_every=4, eval_tasks=tasks, eval_every=3, seed=0,
-                              verbose=0, checkpoint_directory=directory,
-                              callbacks=callbacks)
+        return ContinualLearn(
+            new,
+            memory=old[0][:200],
+            epochs=2,
+            batch_size=64,
+            record_every=4,
+            eval_tasks=tasks,
+            eval_every=3,
+            seed=0,
+            verbose=0,
+            checkpoint_directory=directory,
+            callbacks=callbacks,
+        )
 
     reference_op = learn()
     reference = reference_op(old_model)
@@ -292,7 +330,8 @@ def test_killed_walk_resumes_from_checkpoint_to_the_same_weights(digits, old_mod
     for expected, actual in zip(reference.trainable_variables, resumed.trainable_variables):
         np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=0, atol=1e-5)
     assert op.history["eval_step"] == reference_op.history["eval_step"]
-    np.testing.assert_allclose(op.history["task_1/accuracy"],
-                               reference_op.history["task_1/accuracy"], atol=1e-6)
+    np.testing.assert_allclose(
+        op.history["task_1/accuracy"], reference_op.history["task_1/accuracy"], atol=1e-6
+    )
     assert len(op.history["distance"]) == reference_op.history["steps"]
     assert op.path.steps.tolist() == reference_op.path.steps.tolist()

@@ -63,8 +63,10 @@ def _residual_net():
 
 
 def _fit_briefly(model, x, y, epochs=2):
-    model.compile(optimizer=keras.optimizers.Adam(1e-2),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     model.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
     return model
 
@@ -81,14 +83,20 @@ def _digest(model):
 # The shared contract.
 
 
-@pytest.mark.parametrize("kind, kwargs, contract_models", [
-    ("nodes", {"fraction": 0.25}, ("sequential", "functional", "batchnorm_residual")),
-    ("weights", {"fraction": 0.3}, ("sequential", "batchnorm_residual")),
-    ("gaussian", {"norm": 0.5}, ("functional",)),
-    ("eigen", {"norm": 0.5, "num_eigenpairs": 3, "eigen_examples": 100},
-     ("batchnorm_residual",)),
-    ("bitflip", {"count": 20, "bits": "mantissa"}, ("functional",)),
-])
+@pytest.mark.parametrize(
+    "kind, kwargs, contract_models",
+    [
+        ("nodes", {"fraction": 0.25}, ("sequential", "functional", "batchnorm_residual")),
+        ("weights", {"fraction": 0.3}, ("sequential", "batchnorm_residual")),
+        ("gaussian", {"norm": 0.5}, ("functional",)),
+        (
+            "eigen",
+            {"norm": 0.5, "num_eigenpairs": 3, "eigen_examples": 100},
+            ("batchnorm_residual",),
+        ),
+        ("bitflip", {"count": 20, "bits": "mantissa"}, ("functional",)),
+    ],
+)
 def test_damage_meets_the_operation_contract(kind, kwargs, contract_models):
     # The zeroing kinds (masks) run on every contract model with the save/export round
     # trips; the additive kinds change values only, so one model each keeps this fast.
@@ -96,8 +104,9 @@ def test_damage_meets_the_operation_contract(kind, kwargs, contract_models):
         extra = {"data": (x, y)} if kind == "eigen" else {}
         return Damage(kind, seed=3, **kwargs, **extra)
 
-    results = run_operation_contract(make, models=contract_models,
-                                     check_export=kind in ("nodes", "weights"))
+    results = run_operation_contract(
+        make, models=contract_models, check_export=kind in ("nodes", "weights")
+    )
     if kind == "nodes":
         # The BatchNorm residual net: the hidden conv's deleted channels are masked.
         assert keras_fip.masks(results["batchnorm_residual"])
@@ -118,16 +127,19 @@ def test_nodes_global_deletes_round_fraction_of_all_hidden_units(trained, digits
         layer = damaged.get_layer(name)
         assert np.all(layer.kernel.numpy()[:, deleted] == 0)
         assert np.all(layer.bias.numpy()[deleted] == 0)
-        np.testing.assert_array_equal(np.delete(layer.bias.numpy(), deleted),
-                                      np.delete(trained.get_layer(name).bias.numpy(), deleted))
+        np.testing.assert_array_equal(
+            np.delete(layer.bias.numpy(), deleted),
+            np.delete(trained.get_layer(name).bias.numpy(), deleted),
+        )
         activations = _probe(damaged, name, x)
         assert np.all(activations[:, deleted] == 0)
         assert np.any(np.delete(activations, deleted, axis=1) != 0)
     assert np.all(damaged.get_layer("dense_2").kernel.numpy()[units["dense_1"]] == 0)
     assert np.all(damaged.get_layer("logits").kernel.numpy()[units["dense_2"]] == 0)
     # The output layer keeps every unit and its bias.
-    np.testing.assert_array_equal(damaged.get_layer("logits").bias.numpy(),
-                                  trained.get_layer("logits").bias.numpy())
+    np.testing.assert_array_equal(
+        damaged.get_layer("logits").bias.numpy(), trained.get_layer("logits").bias.numpy()
+    )
     # Masks hold every zeroed weight.
     masks = keras_fip.masks(damaged)
     assert int((~masks["dense_1/kernel"]).sum()) == 64 * len(units["dense_1"])
@@ -151,8 +163,11 @@ def test_nodes_silence_batchnorm_conv_filters_through_flatten(digits):
     assert {k: len(v) for k, v in units.items()} == {"conv_a": 2, "conv_b": 2, "dense": 5}
     # Activations after BatchNorm and ReLU are exactly zero, in both modes.
     for training in (False, True):
-        for layer_name, unit_layer in (("relu_a", "conv_a"), ("pool_a", "conv_a"),
-                                       ("relu_b", "conv_b")):
+        for layer_name, unit_layer in (
+            ("relu_a", "conv_a"),
+            ("pool_a", "conv_a"),
+            ("relu_b", "conv_b"),
+        ):
             values = _probe(damaged, layer_name, x[:64], training=training)
             assert np.all(values[..., units[unit_layer]] == 0), (layer_name, training)
             kept = np.delete(values, units[unit_layer], axis=-1)
@@ -188,15 +203,15 @@ def test_nodes_silence_residual_net_channels(digits):
         assert np.all(block[..., units["block"]] == 0)
     # The stem's deleted channels are cut from the block conv's inputs too.
     assert np.all(damaged.get_layer("block").kernel.numpy()[:, :, units["stem"], :] == 0)
-    np.testing.assert_array_equal(damaged.get_layer("logits").kernel.numpy(),
-                                  model.get_layer("logits").kernel.numpy())
+    np.testing.assert_array_equal(
+        damaged.get_layer("logits").kernel.numpy(), model.get_layer("logits").kernel.numpy()
+    )
 
 
 def test_weights_zero_exactly_round_fraction_of_kernel_entries(trained):
     op = Damage("weights", fraction=0.37, seed=0)
     damaged = op(trained)
-    sizes = [int(np.prod(v.shape)) for v in keras_fip.engine.projection.prunable_variables(
-        trained)]
+    sizes = [int(np.prod(v.shape)) for v in keras_fip.engine.projection.prunable_variables(trained)]
     expected = round(0.37 * sum(sizes))
     assert op.record["num_hit"] == expected
     masks = keras_fip.masks(damaged)
@@ -209,7 +224,9 @@ def test_weights_zero_exactly_round_fraction_of_kernel_entries(trained):
     per_layer(trained)
     assert {k: len(v) for k, v in per_layer.record["weights"].items()} == {
         "dense_1/kernel": round(0.5 * 64 * 48),
-        "dense_2/kernel": round(0.5 * 48 * 32), "logits/kernel": round(0.5 * 32 * 10)}
+        "dense_2/kernel": round(0.5 * 48 * 32),
+        "logits/kernel": round(0.5 * 32 * 10),
+    }
 
 
 def test_gaussian_and_eigen_have_exact_norm_and_eigen_hurts_more(trained, digits):
@@ -232,28 +249,30 @@ def test_gaussian_and_eigen_have_exact_norm_and_eigen_hurts_more(trained, digits
     flat = np.concatenate([p.ravel() for p in eigen.perturbation])
     quadratic = float(flat @ metric.matvec(flat))
     assert quadratic == pytest.approx(eigen.record["predicted_change"], rel=1e-3)
-    assert quadratic >= 1.5 ** 2 * min(eigen.record["eigenvalues"]) * (1 - 1e-3)
+    assert quadratic >= 1.5**2 * min(eigen.record["eigenvalues"]) * (1 - 1e-3)
     # The second-order prediction of the output change holds roughly at this norm.
     assert eigen.record["measured_change"] == pytest.approx(
-        eigen.record["predicted_change"], rel=0.5)
+        eigen.record["predicted_change"], rel=0.5
+    )
 
 
 def test_eigen_sqrt_mixing_and_layer_restriction(trained, digits):
     x, y = digits
-    op = Damage("eigen", norm=1.0, data=x, num_eigenpairs=4, mixing="sqrt",
-                layers=["dense_2"], seed=0)
+    op = Damage(
+        "eigen", norm=1.0, data=x, num_eigenpairs=4, mixing="sqrt", layers=["dense_2"], seed=0
+    )
     damaged = op(trained)
     weights = np.array(op.record["coefficients"])
     roots = np.sqrt(op.record["eigenvalues"])
     np.testing.assert_allclose(weights, roots / np.linalg.norm(roots), rtol=1e-9)
     for before, after in zip(trained.layers, damaged.layers):
-        changed = any(not np.array_equal(a, b) for a, b in
-                      zip(before.get_weights(), after.get_weights()))
+        changed = any(
+            not np.array_equal(a, b) for a, b in zip(before.get_weights(), after.get_weights())
+        )
         assert changed == (before.name == "dense_2")
 
 
-def test_eigen_of_top_20_on_1000_inputs_within_100_metric_products(trained, digits,
-                                                                   monkeypatch):
+def test_eigen_of_top_20_on_1000_inputs_within_100_metric_products(trained, digits, monkeypatch):
     x, y = digits
     calls = []
     original = metric_lib.MetricOperator.matvec
@@ -271,8 +290,13 @@ def test_eigen_of_top_20_on_1000_inputs_within_100_metric_products(trained, digi
 
 def test_bitflip_flips_exactly_count_bits(trained):
     before = np.concatenate([v.numpy().ravel() for v in trained.trainable_variables])
-    for bits, allowed in ((None, range(32)), ("sign", [31]), ("exponent", range(23, 31)),
-                          ("mantissa", range(23)), (5, [5])):
+    for bits, allowed in (
+        (None, range(32)),
+        ("sign", [31]),
+        ("exponent", range(23, 31)),
+        ("mantissa", range(23)),
+        (5, [5]),
+    ):
         op = Damage("bitflip", count=40, bits=bits, seed=0)
         damaged = op(trained)
         after = np.concatenate([v.numpy().ravel() for v in damaged.trainable_variables])
@@ -289,8 +313,7 @@ def test_bitflip_flips_exactly_count_bits(trained):
         scale = np.abs(variable.numpy()).max() / 127
         code = int(np.clip(np.round(flip["before"] / scale), -127, 127))
         flipped = np.array([code], np.int8).view(np.uint8) ^ np.uint8(128)
-        assert flip["after"] == pytest.approx(float(flipped.view(np.int8)[0]) * scale,
-                                              rel=1e-6)
+        assert flip["after"] == pytest.approx(float(flipped.view(np.int8)[0]) * scale, rel=1e-6)
 
 
 # Determinism, nesting, no mutation, the reference.
@@ -336,8 +359,7 @@ def test_damage_never_mutates_and_records_the_undamaged_network(trained, digits)
     assert _digest(second.restore(again)) == before
     assert [r["kind"] for r in second.records] == ["nodes", "weights"]
     kernel = [i for i, v in enumerate(again.trainable_variables) if v.path == "dense_1/kernel"][0]
-    assert int((~second.damage_masks[kernel]).sum()) > int(
-        (~reference.damage_masks[kernel]).sum())
+    assert int((~second.damage_masks[kernel]).sum()) > int((~reference.damage_masks[kernel]).sum())
 
 
 def test_masks_survive_keras_save_and_masked_training(trained, digits, tmp_path):
@@ -348,7 +370,8 @@ def test_masks_survive_keras_save_and_masked_training(trained, digits, tmp_path)
     damaged.save(path)
     loaded = keras.saving.load_model(path)
     assert {k: int((~m).sum()) for k, m in keras_fip.masks(loaded).items()} == {
-        k: int((~m).sum()) for k, m in keras_fip.masks(damaged).items()}
+        k: int((~m).sum()) for k, m in keras_fip.masks(damaged).items()
+    }
     models.train_classifier(loaded, x, y, epochs=1, batch_size=64, learning_rate=1e-2)
     for variable in loaded.trainable_variables:
         mask = keras_fip.masks(loaded).get(variable.path)
@@ -357,8 +380,9 @@ def test_masks_survive_keras_save_and_masked_training(trained, digits, tmp_path)
             assert np.all(zeros[variable.path][~mask])
 
 
-def test_damage_reference_is_saved_in_keras_files_and_repairs_after_reload(trained, digits,
-                                                                         tmp_path):
+def test_damage_reference_is_saved_in_keras_files_and_repairs_after_reload(
+    trained, digits, tmp_path
+):
     x, y = digits
     damaged = Damage("nodes", fraction=0.5, data=x[:100], seed=0)(trained)
     damaged = Damage("weights", fraction=0.1, seed=1)(damaged)
@@ -398,44 +422,50 @@ def test_damage_reference_is_saved_in_keras_files_and_repairs_after_reload(train
 # Bad inputs.
 
 
-@pytest.mark.parametrize("kwargs, argument", [
-    ({"kind": "melt"}, "kind"),
-    ({"kind": "nodes"}, "fraction"),
-    ({"kind": "nodes", "fraction": 1.5}, "fraction"),
-    ({"kind": "nodes", "fraction": -0.1}, "fraction"),
-    ({"kind": "nodes", "fraction": 0.5, "count": 3}, "fraction"),
-    ({"kind": "weights", "count": -1}, "count"),
-    ({"kind": "gaussian"}, "norm"),
-    ({"kind": "gaussian", "norm": -1.0}, "norm"),
-    ({"kind": "eigen", "norm": float("nan")}, "norm"),
-    ({"kind": "gaussian", "norm": 1.0, "fraction": 0.5}, "fraction"),
-    ({"kind": "nodes", "fraction": 0.5, "norm": 1.0}, "norm"),
-    ({"kind": "bitflip"}, "count"),
-    ({"kind": "bitflip", "count": 2, "bits": 32}, "bits"),
-    ({"kind": "bitflip", "count": 2, "bits": "exponent", "bit_format": "int8"}, "bits"),
-    ({"kind": "bitflip", "count": 2, "bit_format": "int4"}, "bit_format"),
-    ({"kind": "nodes", "fraction": 0.5, "scope": "local"}, "scope"),
-    ({"kind": "nodes", "fraction": 0.5, "layers": []}, "layers"),
-    ({"kind": "eigen", "norm": 1.0, "mixing": "random"}, "mixing"),
-    ({"kind": "eigen", "norm": 1.0, "num_eigenpairs": 0}, "num_eigenpairs"),
-    ({"kind": "nodes", "fraction": 0.5, "seed": -1}, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"kind": "melt"}, "kind"),
+        ({"kind": "nodes"}, "fraction"),
+        ({"kind": "nodes", "fraction": 1.5}, "fraction"),
+        ({"kind": "nodes", "fraction": -0.1}, "fraction"),
+        ({"kind": "nodes", "fraction": 0.5, "count": 3}, "fraction"),
+        ({"kind": "weights", "count": -1}, "count"),
+        ({"kind": "gaussian"}, "norm"),
+        ({"kind": "gaussian", "norm": -1.0}, "norm"),
+        ({"kind": "eigen", "norm": float("nan")}, "norm"),
+        ({"kind": "gaussian", "norm": 1.0, "fraction": 0.5}, "fraction"),
+        ({"kind": "nodes", "fraction": 0.5, "norm": 1.0}, "norm"),
+        ({"kind": "bitflip"}, "count"),
+        ({"kind": "bitflip", "count": 2, "bits": 32}, "bits"),
+        ({"kind": "bitflip", "count": 2, "bits": "exponent", "bit_format": "int8"}, "bits"),
+        ({"kind": "bitflip", "count": 2, "bit_format": "int4"}, "bit_format"),
+        ({"kind": "nodes", "fraction": 0.5, "scope": "local"}, "scope"),
+        ({"kind": "nodes", "fraction": 0.5, "layers": []}, "layers"),
+        ({"kind": "eigen", "norm": 1.0, "mixing": "random"}, "mixing"),
+        ({"kind": "eigen", "norm": 1.0, "num_eigenpairs": 0}, "num_eigenpairs"),
+        ({"kind": "nodes", "fraction": 0.5, "seed": -1}, "seed"),
+    ],
+)
 def test_bad_arguments_raise_before_any_work(kwargs, argument):
     with pytest.raises(ValueError, match=f"`{argument}`"):
         Damage(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, argument", [
-    ({"kind": "eigen", "norm": 1.0}, "data"),
-    ({"kind": "nodes", "fraction": 1.0}, "fraction"),
-    ({"kind": "nodes", "fraction": 1.0, "scope": "per_layer"}, "fraction"),
-    ({"kind": "nodes", "fraction": 0.5, "layers": ["missing"]}, "layers"),
-    ({"kind": "nodes", "fraction": 0.5, "layers": ["logits"]}, "layers"),
-    ({"kind": "gaussian", "norm": 1.0, "layers": ["dense_1", "nope"]}, "layers"),
-    ({"kind": "nodes", "count": 81}, "count"),
-    ({"kind": "weights", "count": 10**7}, "count"),
-    ({"kind": "bitflip", "count": 10**7}, "count"),
-])
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"kind": "eigen", "norm": 1.0}, "data"),
+        ({"kind": "nodes", "fraction": 1.0}, "fraction"),
+        ({"kind": "nodes", "fraction": 1.0, "scope": "per_layer"}, "fraction"),
+        ({"kind": "nodes", "fraction": 0.5, "layers": ["missing"]}, "layers"),
+        ({"kind": "nodes", "fraction": 0.5, "layers": ["logits"]}, "layers"),
+        ({"kind": "gaussian", "norm": 1.0, "layers": ["dense_1", "nope"]}, "layers"),
+        ({"kind": "nodes", "count": 81}, "count"),
+        ({"kind": "weights", "count": 10**7}, "count"),
+        ({"kind": "bitflip", "count": 10**7}, "count"),
+    ],
+)
 def test_bad_arguments_for_the_model_raise_and_leave_it_alone(trained, kwargs, argument):
     before = _digest(trained)
     with pytest.raises(ValueError, match=f"`{argument}`"):
@@ -449,13 +479,15 @@ def test_allow_dead_layers_deletes_a_whole_layer(trained, digits):
     damaged = op(trained)
     assert op.record["num_hit"] == 80
     outputs = np.asarray(damaged(x[:10]))
-    np.testing.assert_allclose(outputs, np.tile(trained.get_layer("logits").bias.numpy(),
-                                                (10, 1)), atol=0)
+    np.testing.assert_allclose(
+        outputs, np.tile(trained.get_layer("logits").bias.numpy(), (10, 1)), atol=0
+    )
 
 
 def test_config_round_trip_covers_every_argument():
-    op = Damage("bitflip", count=3, layers=["dense_1"], seed=5, bits="sign",
-                bit_format="int8", name="flip")
+    op = Damage(
+        "bitflip", count=3, layers=["dense_1"], seed=5, bits="sign", bit_format="int8", name="flip"
+    )
     config = op.get_config()
     assert Damage.from_config(config).get_config() == config
     assert config["count"] == 3 and config["bit_format"] == "int8" and config["name"] == "flip"
@@ -487,5 +519,4 @@ def test_lenet_eigen_adversary_collapses_what_random_directions_leave_intact(mon
     assert clean - models.evaluate_classifier(attacked, x_test, y_test)["accuracy"] >= 0.2
     for seed in range(20):
         damaged = Damage("gaussian", norm=1.0, seed=seed)(model)
-        assert abs(models.evaluate_classifier(damaged, x_test, y_test)["accuracy"]
-                   - clean) <= 0.01
+        assert abs(models.evaluate_classifier(damaged, x_test, y_test)["accuracy"] - clean) <= 0.01

@@ -16,21 +16,36 @@ def trained(trained_small_mlp):
 
 def _repair(digits, **kwargs):
     x, y, x_test, y_test = digits
-    return Repair(data=(x, y), method="retrain", validation_data=(x_test, y_test),
-                  epochs=1, evaluations_per_epoch=2, learning_rate=3e-3, seed=0, verbose=0,
-                  **kwargs)
+    return Repair(
+        data=(x, y),
+        method="retrain",
+        validation_data=(x_test, y_test),
+        epochs=1,
+        evaluations_per_epoch=2,
+        learning_rate=3e-3,
+        seed=0,
+        verbose=0,
+        **kwargs,
+    )
 
 
 def test_damage_repair_meets_the_operation_contract():
-    run_operation_contract(lambda model, x, y: DamageRepair(
-        rounds=2, count=3, seed=0, layers=["contract_hidden"],
-        repair=Repair(data=(x, y), method="retrain", epochs=1, seed=0, verbose=0)),
-        models=("sequential",))
+    run_operation_contract(
+        lambda model, x, y: DamageRepair(
+            rounds=2,
+            count=3,
+            seed=0,
+            layers=["contract_hidden"],
+            repair=Repair(data=(x, y), method="retrain", epochs=1, seed=0, verbose=0),
+        ),
+        models=("sequential",),
+    )
 
 
 def test_rounds_delete_distinct_undamaged_units_with_exact_zeros(digits, trained):
-    op = DamageRepair(rounds=3, count=5, repair=_repair(digits), seed=0, verbose=0,
-                      keep_networks=True)
+    op = DamageRepair(
+        rounds=3, count=5, repair=_repair(digits), seed=0, verbose=0, keep_networks=True
+    )
     result = op(trained)
     # The network after every repair, the last one the result.
     assert len(op.networks) == 3
@@ -59,12 +74,13 @@ def test_rounds_delete_distinct_undamaged_units_with_exact_zeros(digits, trained
 
 @pytest.mark.large  # Two loops of two rounds: kept out of the default run's budget.
 def test_cycles_sum_the_rounds_epochs_and_same_seed_same_units(digits, trained):
-    first = DamageRepair(rounds=2, count=6, repair=_repair(digits, stop_at_target=True),
-                         seed=4)
+    first = DamageRepair(rounds=2, count=6, repair=_repair(digits, stop_at_target=True), seed=4)
     first(trained)
     rounds = first.history["rounds"]
-    expected = sum(r["epochs_to_recover"] if r["epochs_to_recover"] is not None
-                   else r["epochs"] for r in rounds)
+    expected = sum(
+        r["epochs_to_recover"] if r["epochs_to_recover"] is not None else r["epochs"]
+        for r in rounds
+    )
     assert first.history["cycles"] == pytest.approx(expected)
     second = DamageRepair(rounds=2, count=6, repair=_repair(digits), seed=4)
     second(trained)
@@ -72,8 +88,14 @@ def test_cycles_sum_the_rounds_epochs_and_same_seed_same_units(digits, trained):
 
 
 def test_config_round_trip(digits):
-    op = DamageRepair(rounds=4, fraction=0.1, repair=Repair(method="embryonic", epochs=2),
-                      layers=["dense_1"], seed=3, keep_networks=True)
+    op = DamageRepair(
+        rounds=4,
+        fraction=0.1,
+        repair=Repair(method="embryonic", epochs=2),
+        layers=["dense_1"],
+        seed=3,
+        keep_networks=True,
+    )
     config = op.get_config()
     assert config["keep_networks"] is True
     twin = DamageRepair.from_config(config)
@@ -83,15 +105,18 @@ def test_config_round_trip(digits):
     assert restored.get_config() == config
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"rounds": 0, "count": 1}, "rounds"),
-    ({"rounds": 2}, "count"),
-    ({"rounds": 2, "count": 1, "fraction": 0.1}, "count"),
-    ({"rounds": 2, "fraction": 1.5}, "fraction"),
-    ({"rounds": 2, "count": 1, "repair": "retrain"}, "repair"),
-    ({"rounds": 2, "count": 1, "layers": []}, "layers"),
-    ({"rounds": 2, "count": 1, "keep_networks": "yes"}, "keep_networks"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"rounds": 0, "count": 1}, "rounds"),
+        ({"rounds": 2}, "count"),
+        ({"rounds": 2, "count": 1, "fraction": 0.1}, "count"),
+        ({"rounds": 2, "fraction": 1.5}, "fraction"),
+        ({"rounds": 2, "count": 1, "repair": "retrain"}, "repair"),
+        ({"rounds": 2, "count": 1, "layers": []}, "layers"),
+        ({"rounds": 2, "count": 1, "keep_networks": "yes"}, "keep_networks"),
+    ],
+)
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DamageRepair(**kwargs)
@@ -112,15 +137,17 @@ def test_damage_deletes_exactly_the_named_units(trained):
     listing = hidden_units(damaged)
     assert listing == {"dense_1": (24, [0, 2]), "dense_2": (16, [5])}
     assert hidden_units(trained) == {"dense_1": (24, []), "dense_2": (16, [])}
-    assert damage_reference(damaged).records[0]["units"] == {"dense_1": [0, 2],
-                                                             "dense_2": [5]}
+    assert damage_reference(damaged).records[0]["units"] == {"dense_1": [0, 2], "dense_2": [5]}
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"units": {"dense_1": [0]}, "fraction": 0.5}, "units"),
-    ({"units": {"dense_1": [-1]}}, "units"),
-    ({"units": ["dense_1"]}, "units"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"units": {"dense_1": [0]}, "fraction": 0.5}, "units"),
+        ({"units": {"dense_1": [-1]}}, "units"),
+        ({"units": ["dense_1"]}, "units"),
+    ],
+)
 def test_damage_units_bad_arguments_raise(kwargs, match):
     from keras_fip.operations.damage import Damage
 
@@ -130,10 +157,13 @@ def test_damage_units_bad_arguments_raise(kwargs, match):
         Damage("weights", units={"dense_1": [0]})
 
 
-@pytest.mark.parametrize("units, match", [
-    ({"logits": [0]}, "logits"),
-    ({"dense_1": [24]}, "24"),
-])
+@pytest.mark.parametrize(
+    "units, match",
+    [
+        ({"logits": [0]}, "logits"),
+        ({"dense_1": [24]}, "24"),
+    ],
+)
 def test_damage_units_unknown_layer_or_index_raises_before_work(trained, units, match):
     from keras_fip.operations.damage import Damage
 

@@ -57,10 +57,18 @@ def _transformer():
         tokens, labels = _tokens()
         keras.utils.set_random_seed(0)
         model = keras_fip.models.transformer_classifier(
-            vocab_size=50, sequence_length=12, num_classes=3, embed_dim=16, num_heads=2,
-            feed_forward_dim=32, num_layers=1)
-        model.compile(keras.optimizers.Adam(3e-3),
-                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            vocab_size=50,
+            sequence_length=12,
+            num_classes=3,
+            embed_dim=16,
+            num_heads=2,
+            feed_forward_dim=32,
+            num_layers=1,
+        )
+        model.compile(
+            keras.optimizers.Adam(3e-3),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
         model.fit(tokens, labels, epochs=3, batch_size=64, verbose=0)
         _TRANSFORMER["model"] = model
     return keras_fip.engine.copy_model(_TRANSFORMER["model"])
@@ -76,12 +84,16 @@ def _several_inputs():
 
     if "model" not in _SEVERAL:
         rng = np.random.default_rng(0)
-        x = {"a": rng.normal(size=(160, 5)).astype("float32"),
-             "b": rng.normal(size=(160, 3)).astype("float32")}
+        x = {
+            "a": rng.normal(size=(160, 5)).astype("float32"),
+            "b": rng.normal(size=(160, 3)).astype("float32"),
+        }
         y = (x["a"][:, 0] + x["b"][:, 1] > 0).astype("int64")
         model = _two_input_model("dict")
-        model.compile(keras.optimizers.Adam(1e-2),
-                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(
+            keras.optimizers.Adam(1e-2),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
         model.fit(x, y, epochs=5, batch_size=32, verbose=0)
         _SEVERAL.update(model=model, data=(x, y))
     return keras_fip.engine.copy_model(_SEVERAL["model"])
@@ -100,61 +112,149 @@ def _cases():
     new_task = (x[200:], y[200:] % 3)
     repair = dict(epochs=1, validation_split=0.25, seed=0, verbose=0)
     return {
-        "compress": (lambda: trained_model("sequential"), lambda: keras_fip.Compress(
-            0.5, data=x, steps=8, min_steps=0, seed=0, verbose=0)),
-        "compress_with_labels": (lambda: trained_model("functional"), lambda: keras_fip.Compress(
-            0.5, data=(x, y), task_weight=1.0, steps=8, min_steps=0, seed=0, verbose=0)),
-        "continual_learn": (lambda: trained_model("sequential"), lambda: keras_fip.ContinualLearn(
-            new_task, memory=x[:200], epochs=1, batch_size=64, seed=0, verbose=0)),
-        "damage_eigen": (lambda: trained_model("sequential"), lambda: keras_fip.Damage(
-            "eigen", norm=0.5, num_eigenpairs=3, eigen_examples=100, data=(x, y), seed=3)),
-        "damage_bitflip": (lambda: trained_model("functional"), lambda: keras_fip.Damage(
-            "bitflip", count=20, bits="mantissa", seed=3)),
-        "repair_fip_with_solves": (_damaged, lambda: keras_fip.Repair(
-            data=x, solve_output_layer=128, solve_sweeps=2, **repair)),
-        "repair_fip_two_paths": (_damaged, lambda: keras_fip.Repair(
-            data=x, num_paths=2, **repair)),
-        "repair_retrain": (_damaged, lambda: keras_fip.Repair(
-            data=(x, y), method="retrain", epochs=1, seed=0, verbose=0)),
-        "repair_embryonic": (_damaged, lambda: keras_fip.Repair(
-            data=(x, y), method="embryonic", epochs=1, seed=0, verbose=0)),
-        "damage_repair": (lambda: trained_model("sequential"), lambda: keras_fip.DamageRepair(
-            rounds=2, count=3, seed=0, layers=["contract_hidden"],
-            repair=keras_fip.Repair(data=x, **repair))),
-        "ensemble": (lambda: trained_model("sequential"), lambda: keras_fip.Ensemble(
-            2, data=x, steps_between=3, batch_size=64, cg_iterations=3, seed=0, verbose=0)),
-        "ensemble_with_labels": (lambda: trained_model("sequential"), lambda: keras_fip.Ensemble(
-            2, data=(x, y), steps_between=3, batch_size=64, seed=0, verbose=0)),
-        "isofunctional": (lambda: trained_model("sequential"), lambda: keras_fip.Isofunctional(
-            data=x, steps=8, seed=0, verbose=0)),
+        "compress": (
+            lambda: trained_model("sequential"),
+            lambda: keras_fip.Compress(0.5, data=x, steps=8, min_steps=0, seed=0, verbose=0),
+        ),
+        "compress_with_labels": (
+            lambda: trained_model("functional"),
+            lambda: keras_fip.Compress(
+                0.5, data=(x, y), task_weight=1.0, steps=8, min_steps=0, seed=0, verbose=0
+            ),
+        ),
+        "continual_learn": (
+            lambda: trained_model("sequential"),
+            lambda: keras_fip.ContinualLearn(
+                new_task, memory=x[:200], epochs=1, batch_size=64, seed=0, verbose=0
+            ),
+        ),
+        "damage_eigen": (
+            lambda: trained_model("sequential"),
+            lambda: keras_fip.Damage(
+                "eigen", norm=0.5, num_eigenpairs=3, eigen_examples=100, data=(x, y), seed=3
+            ),
+        ),
+        "damage_bitflip": (
+            lambda: trained_model("functional"),
+            lambda: keras_fip.Damage("bitflip", count=20, bits="mantissa", seed=3),
+        ),
+        "repair_fip_with_solves": (
+            _damaged,
+            lambda: keras_fip.Repair(data=x, solve_output_layer=128, solve_sweeps=2, **repair),
+        ),
+        "repair_fip_two_paths": (_damaged, lambda: keras_fip.Repair(data=x, num_paths=2, **repair)),
+        "repair_retrain": (
+            _damaged,
+            lambda: keras_fip.Repair(data=(x, y), method="retrain", epochs=1, seed=0, verbose=0),
+        ),
+        "repair_embryonic": (
+            _damaged,
+            lambda: keras_fip.Repair(data=(x, y), method="embryonic", epochs=1, seed=0, verbose=0),
+        ),
+        "damage_repair": (
+            lambda: trained_model("sequential"),
+            lambda: keras_fip.DamageRepair(
+                rounds=2,
+                count=3,
+                seed=0,
+                layers=["contract_hidden"],
+                repair=keras_fip.Repair(data=x, **repair),
+            ),
+        ),
+        "ensemble": (
+            lambda: trained_model("sequential"),
+            lambda: keras_fip.Ensemble(
+                2, data=x, steps_between=3, batch_size=64, cg_iterations=3, seed=0, verbose=0
+            ),
+        ),
+        "ensemble_with_labels": (
+            lambda: trained_model("sequential"),
+            lambda: keras_fip.Ensemble(
+                2, data=(x, y), steps_between=3, batch_size=64, seed=0, verbose=0
+            ),
+        ),
+        "isofunctional": (
+            lambda: trained_model("sequential"),
+            lambda: keras_fip.Isofunctional(data=x, steps=8, seed=0, verbose=0),
+        ),
         "recovery_path": (lambda: trained_model("sequential"), lambda: _recovery_end),
         # Attention: sparse (IndexedSlices) embedding gradients summed over replicas.
-        "attention/compress": (_transformer, lambda: keras_fip.Compress(
-            0.5, data=tokens, steps=8, min_steps=0, seed=0, verbose=0)),
-        "attention/compress_embeddings_with_labels": (_transformer, lambda: keras_fip.Compress(
-            0.5, data=(tokens, token_labels), task_weight=1.0, include_embeddings=True,
-            steps=8, min_steps=0, seed=0, verbose=0)),
-        "attention/continual_learn": (_transformer, lambda: keras_fip.ContinualLearn(
-            new_tokens, memory=tokens[:128], epochs=1, batch_size=32, seed=0, verbose=0)),
-        "attention/damage_eigen": (_transformer, lambda: keras_fip.Damage(
-            "eigen", norm=0.5, num_eigenpairs=2, eigen_examples=64,
-            data=(tokens, token_labels), seed=3)),
+        "attention/compress": (
+            _transformer,
+            lambda: keras_fip.Compress(0.5, data=tokens, steps=8, min_steps=0, seed=0, verbose=0),
+        ),
+        "attention/compress_embeddings_with_labels": (
+            _transformer,
+            lambda: keras_fip.Compress(
+                0.5,
+                data=(tokens, token_labels),
+                task_weight=1.0,
+                include_embeddings=True,
+                steps=8,
+                min_steps=0,
+                seed=0,
+                verbose=0,
+            ),
+        ),
+        "attention/continual_learn": (
+            _transformer,
+            lambda: keras_fip.ContinualLearn(
+                new_tokens, memory=tokens[:128], epochs=1, batch_size=32, seed=0, verbose=0
+            ),
+        ),
+        "attention/damage_eigen": (
+            _transformer,
+            lambda: keras_fip.Damage(
+                "eigen",
+                norm=0.5,
+                num_eigenpairs=2,
+                eigen_examples=64,
+                data=(tokens, token_labels),
+                seed=3,
+            ),
+        ),
         # The penalty rule: the metric rule's CG turns last-bit differences of g·v into
         # ~1e-4 of the weights on attention nets after a few steps (its conditioning);
         # its exact agreement is checked on the MLP cases above.
-        "attention/ensemble_with_labels": (_transformer, lambda: keras_fip.Ensemble(
-            2, data=(tokens, token_labels), steps_between=3, batch_size=32,
-            step_rule="penalty", seed=0, verbose=0)),
+        "attention/ensemble_with_labels": (
+            _transformer,
+            lambda: keras_fip.Ensemble(
+                2,
+                data=(tokens, token_labels),
+                steps_between=3,
+                batch_size=32,
+                step_rule="penalty",
+                seed=0,
+                verbose=0,
+            ),
+        ),
         # Several inputs (a dict of arrays), split over the replicas input by input.
-        "several_inputs/compress_with_labels": (_several_inputs, lambda: keras_fip.Compress(
-            0.5, data=_several_data(), task_weight=1.0, steps=8, min_steps=0, seed=0,
-            verbose=0)),
-        "several_inputs/continual_learn": (_several_inputs, lambda: keras_fip.ContinualLearn(
-            ({key: value[::-1] for key, value in _several_data()[0].items()},
-             _several_data()[1]), memory=_several_data()[0], epochs=1, batch_size=32,
-            seed=0, verbose=0)),
-        "several_inputs/damage_eigen": (_several_inputs, lambda: keras_fip.Damage(
-            "eigen", norm=0.5, num_eigenpairs=2, data=_several_data(), seed=3)),
+        "several_inputs/compress_with_labels": (
+            _several_inputs,
+            lambda: keras_fip.Compress(
+                0.5, data=_several_data(), task_weight=1.0, steps=8, min_steps=0, seed=0, verbose=0
+            ),
+        ),
+        "several_inputs/continual_learn": (
+            _several_inputs,
+            lambda: keras_fip.ContinualLearn(
+                (
+                    {key: value[::-1] for key, value in _several_data()[0].items()},
+                    _several_data()[1],
+                ),
+                memory=_several_data()[0],
+                epochs=1,
+                batch_size=32,
+                seed=0,
+                verbose=0,
+            ),
+        ),
+        "several_inputs/damage_eigen": (
+            _several_inputs,
+            lambda: keras_fip.Damage(
+                "eigen", norm=0.5, num_eigenpairs=2, data=_several_data(), seed=3
+            ),
+        ),
     }
 
 
@@ -181,8 +281,7 @@ def test_operation_under_mirrored_strategy_equals_one_device(name, mirrored_stra
     keras.utils.set_random_seed(0)
     with mirrored_strategy.scope():
         model = make_model()
-        assert isinstance(model.trainable_variables[0].value,
-                          tf.distribute.DistributedValues)
+        assert isinstance(model.trainable_variables[0].value, tf.distribute.DistributedValues)
         result = make_operation()(model)
     distributed = weights_of(result)
     assert distributed.shape == alone.shape

@@ -25,25 +25,32 @@ def digits_model():
     x, y = keras_fip.data.load("digits", "train")
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
-        [keras.Input(x.shape[1:]), keras.layers.Flatten(),
-         keras.layers.Dense(64, activation="relu", name="hidden"),
-         keras.layers.Dense(10, name="logits")]
+        [
+            keras.Input(x.shape[1:]),
+            keras.layers.Flatten(),
+            keras.layers.Dense(64, activation="relu", name="hidden"),
+            keras.layers.Dense(10, name="logits"),
+        ]
     )
-    model.compile(keras.optimizers.Adam(1e-2),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     model.fit(x, y, epochs=15, batch_size=64, verbose=0)
     return model, x
 
 
 def _squared_output_change(model, other, x):
-    return float(np.mean(np.sum((model.predict(x, verbose=0) - other.predict(x, verbose=0)) ** 2, -1)))
+    return float(
+        np.mean(np.sum((model.predict(x, verbose=0) - other.predict(x, verbose=0)) ** 2, -1))
+    )
 
 
 def test_walk_keeps_function_far_better_than_straight_line(digits_model):
     model, x = digits_model
     before = _hash(model)
-    walk = keras_fip.Isofunctional(data=x, steps=40, epsilon=0.05, batch_size=128, seed=0,
-                                   verbose=0, record_every=10)
+    walk = keras_fip.Isofunctional(
+        data=x, steps=40, epsilon=0.05, batch_size=128, seed=0, verbose=0, record_every=10
+    )
     moved = walk(model)
     assert _hash(model) == before
     distance = walk.history["distance_from_start"][-1]
@@ -69,14 +76,19 @@ def test_callbacks_progress_and_tensorboard_logging(digits_model, tmp_path):
             Count.batches += 1
 
     log_dir = str(tmp_path / "logs")
-    walk = keras_fip.Isofunctional(data=x, steps=3, step_rule="normalized", push="shrink",
-                                   batch_size=64, callbacks=[Count()], log_dir=log_dir,
-                                   verbose=0)
+    walk = keras_fip.Isofunctional(
+        data=x,
+        steps=3,
+        step_rule="normalized",
+        push="shrink",
+        batch_size=64,
+        callbacks=[Count()],
+        log_dir=log_dir,
+        verbose=0,
+    )
     walk(model)
     assert Count.batches == 3
-    events = [
-        os.path.join(root, name) for root, _, names in os.walk(log_dir) for name in names
-    ]
+    events = [os.path.join(root, name) for root, _, names in os.walk(log_dir) for name in names]
     assert len(events) == 1
     tags = {
         value.tag
@@ -89,8 +101,9 @@ def test_callbacks_progress_and_tensorboard_logging(digits_model, tmp_path):
 def test_config_round_trip_and_chain_of_walks(digits_model):
     model, x = digits_model
     x = x[:64]
-    walk = keras_fip.Isofunctional(data=x, steps=3, epsilon=0.02, batch_size=32, seed=1,
-                                   step_rule="normalized", verbose=0)
+    walk = keras_fip.Isofunctional(
+        data=x, steps=3, epsilon=0.02, batch_size=32, seed=1, step_rule="normalized", verbose=0
+    )
     restored = keras_fip.Isofunctional.from_config(walk.get_config())
     assert restored.get_config().keys() == walk.get_config().keys()
     assert restored.step_rule == "normalized" and restored.seed == 1

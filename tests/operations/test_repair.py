@@ -40,8 +40,11 @@ def _fingerprint(model):
 def _damaged_entries(model, damaged):
     """Per trainable variable of `model`: its values at `damaged`'s damage-masked entries."""
     reference = damage_reference(damaged)
-    return [np.asarray(v.numpy())[~mask] for v, mask in
-            zip(model.trainable_variables, reference.damage_masks) if mask is not None]
+    return [
+        np.asarray(v.numpy())[~mask]
+        for v, mask in zip(model.trainable_variables, reference.damage_masks)
+        if mask is not None
+    ]
 
 
 def _accuracy(model, x, y):
@@ -53,16 +56,21 @@ def _accuracy(model, x, y):
 
 def test_repair_meets_the_operation_contract():
     # Repair towards the model itself (reference=): a walk that keeps the function.
-    run_operation_contract(lambda model, x, y: Repair(
-        data=x, reference=model, epochs=1, validation_split=0.25, seed=0, verbose=0))
+    run_operation_contract(
+        lambda model, x, y: Repair(
+            data=x, reference=model, epochs=1, validation_split=0.25, seed=0, verbose=0
+        )
+    )
 
 
 def test_chain_of_damage_and_repair_equals_repair_of_damage(digits, trained):
     x, y, _, _ = digits
 
     def operations():
-        return (Damage("nodes", fraction=0.25, seed=1),
-                Repair(data=(x, y), method="retrain", epochs=1, seed=0, verbose=0))
+        return (
+            Damage("nodes", fraction=0.25, seed=1),
+            Repair(data=(x, y), method="retrain", epochs=1, seed=0, verbose=0),
+        )
 
     keras.utils.set_random_seed(0)
     damage, repair = operations()
@@ -77,17 +85,20 @@ def test_chain_of_damage_and_repair_equals_repair_of_damage(digits, trained):
 
 
 def test_fip_repair_recovers_inputs_only_with_damaged_weights_exactly_zero(
-        digits, trained, damaged):
+    digits, trained, damaged
+):
     x, _, x_test, y_test = digits
     before = _fingerprint(damaged)
-    op = Repair(data=x, validation_data=(x_test, y_test), epochs=6, learning_rate=3e-3,
-                seed=0, verbose=0)
+    op = Repair(
+        data=x, validation_data=(x_test, y_test), epochs=6, learning_rate=3e-3, seed=0, verbose=0
+    )
     repaired = op(damaged)
     assert _fingerprint(damaged) == before  # No mutation.
     assert all(np.all(v == 0.0) for v in _damaged_entries(repaired, damaged))
     # The masks travel: exactly those of the damaged network.
     assert {k: m.tolist() for k, m in keras_fip.masks(repaired).items()} == {
-        k: m.tolist() for k, m in keras_fip.masks(damaged).items()}
+        k: m.tolist() for k, m in keras_fip.masks(damaged).items()
+    }
     # Recovery: most of the lost accuracy comes back on held-out data.
     undamaged, hurt = _accuracy(trained, x_test, y_test), _accuracy(damaged, x_test, y_test)
     assert hurt < undamaged - 0.1
@@ -103,47 +114,83 @@ def test_fip_repair_recovers_inputs_only_with_damaged_weights_exactly_zero(
 
 def test_epochs_to_recover_is_the_first_evaluation_within_target(digits, damaged):
     x, y, x_test, y_test = digits
-    op = Repair(data=(x, y), method="retrain", validation_data=(x_test, y_test), epochs=4,
-                evaluations_per_epoch=2, target=0.05, learning_rate=3e-3, seed=0,
-                verbose=0)
+    op = Repair(
+        data=(x, y),
+        method="retrain",
+        validation_data=(x_test, y_test),
+        epochs=4,
+        evaluations_per_epoch=2,
+        target=0.05,
+        learning_rate=3e-3,
+        seed=0,
+        verbose=0,
+    )
     op(damaged)
     history = op.history
-    within = [e for e, a in zip(history["epoch"], history["val_accuracy"])
-              if a >= history["undamaged_accuracy"] - 0.05 - 1e-12]
+    within = [
+        e
+        for e, a in zip(history["epoch"], history["val_accuracy"])
+        if a >= history["undamaged_accuracy"] - 0.05 - 1e-12
+    ]
     assert history["epochs_to_recover"] == (within[0] if within else None)
     assert history["epoch"] == pytest.approx([0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4], abs=0.1)
     # stop_at_target stops there.
     if within:
-        early = Repair(data=(x, y), method="retrain", validation_data=(x_test, y_test),
-                       epochs=4, evaluations_per_epoch=2, target=0.05, learning_rate=3e-3,
-                       stop_at_target=True, seed=0, verbose=0)
+        early = Repair(
+            data=(x, y),
+            method="retrain",
+            validation_data=(x_test, y_test),
+            epochs=4,
+            evaluations_per_epoch=2,
+            target=0.05,
+            learning_rate=3e-3,
+            stop_at_target=True,
+            seed=0,
+            verbose=0,
+        )
         early(damaged)
         assert early.history["epoch"][-1] == pytest.approx(within[0])
 
 
 def test_retrain_keeps_damaged_weights_exactly_zero(digits, damaged):
     x, y, x_test, y_test = digits
-    op = Repair(data=(x, y), method="retrain", validation_data=(x_test, y_test), epochs=3,
-                learning_rate=3e-3, seed=0, verbose=0)
+    op = Repair(
+        data=(x, y),
+        method="retrain",
+        validation_data=(x_test, y_test),
+        epochs=3,
+        learning_rate=3e-3,
+        seed=0,
+        verbose=0,
+    )
     repaired = op(damaged)
     assert all(np.all(v == 0.0) for v in _damaged_entries(repaired, damaged))
     assert op.history["val_accuracy"][-1] > op.history["val_accuracy"][0]
     # Later training keeps them zero (the masks are real constraints).
-    repaired.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True))
+    repaired.compile(
+        optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     repaired.fit(x[:256], y[:256], epochs=1, verbose=0)
     assert all(np.all(v == 0.0) for v in _damaged_entries(repaired, damaged))
 
 
 def test_embryonic_trains_only_the_released_weights(digits, damaged):
     x, y, x_test, y_test = digits
-    op = Repair(data=(x, y), method="embryonic", validation_data=(x_test, y_test),
-                epochs=3, learning_rate=3e-3, seed=0, verbose=0)
+    op = Repair(
+        data=(x, y),
+        method="embryonic",
+        validation_data=(x_test, y_test),
+        epochs=3,
+        learning_rate=3e-3,
+        seed=0,
+        verbose=0,
+    )
     repaired = op(damaged)
     assert keras_fip.masks(repaired) == {}  # Released.
     reference = damage_reference(damaged)
-    for after, before, mask in zip(repaired.trainable_variables,
-                                   damaged.trainable_variables, reference.damage_masks):
+    for after, before, mask in zip(
+        repaired.trainable_variables, damaged.trainable_variables, reference.damage_masks
+    ):
         after, before = np.asarray(after.numpy()), np.asarray(before.numpy())
         if mask is None:
             np.testing.assert_array_equal(after, before)  # plasticity=0: frozen.
@@ -155,8 +202,15 @@ def test_embryonic_trains_only_the_released_weights(digits, damaged):
 
 def test_release_restores_the_deleted_units_on_the_fip_path(digits, trained, damaged):
     x, _, x_test, y_test = digits
-    op = Repair(data=x, release=True, validation_data=(x_test, y_test), epochs=4,
-                learning_rate=3e-3, seed=0, verbose=0)
+    op = Repair(
+        data=x,
+        release=True,
+        validation_data=(x_test, y_test),
+        epochs=4,
+        learning_rate=3e-3,
+        seed=0,
+        verbose=0,
+    )
     repaired = op(damaged)
     assert keras_fip.masks(repaired) == {}
     assert all(np.count_nonzero(v) > 0 for v in _damaged_entries(repaired, damaged))
@@ -169,8 +223,16 @@ def test_release_restores_the_deleted_units_on_the_fip_path(digits, trained, dam
 
 def test_num_paths_keeps_the_shortest_recovering_path_in_the_metric(digits, damaged):
     x, _, x_test, y_test = digits
-    op = Repair(data=x, num_paths=2, validation_data=(x_test, y_test), epochs=2,
-                target=0.2, learning_rate=3e-3, seed=0, verbose=0)
+    op = Repair(
+        data=x,
+        num_paths=2,
+        validation_data=(x_test, y_test),
+        epochs=2,
+        target=0.2,
+        learning_rate=3e-3,
+        seed=0,
+        verbose=0,
+    )
     op(damaged)
     candidates = op.history["candidates"]
     assert len(candidates) == 2 and all(c["metric_length"] > 0 for c in candidates)
@@ -183,11 +245,11 @@ def test_reference_model_replaces_a_lost_damage_record(digits, trained, damaged)
     x, _, x_test, y_test = digits
     copy = keras_fip.engine.copy_model(damaged)  # A copy carries the masks, not the record.
     assert damage_reference(copy) is None
-    op = Repair(data=x, reference=trained, validation_data=(x_test, y_test), epochs=1,
-                seed=0, verbose=0)
+    op = Repair(
+        data=x, reference=trained, validation_data=(x_test, y_test), epochs=1, seed=0, verbose=0
+    )
     repaired = op(copy)
-    assert op.history["undamaged_accuracy"] == pytest.approx(
-        _accuracy(trained, x_test, y_test))
+    assert op.history["undamaged_accuracy"] == pytest.approx(_accuracy(trained, x_test, y_test))
     assert all(np.all(v == 0.0) for v in _damaged_entries(repaired, damaged))
 
 
@@ -200,12 +262,12 @@ def test_masks_survive_keras_save_and_load(tmp_path, digits, damaged):
     saved, kept = keras_fip.masks(repaired), keras_fip.masks(loaded)
     assert len(saved) == len(kept) == 3  # Kernel, bias, next kernel of the deleted units.
     assert sorted(int((~m).sum()) for m in saved.values()) == sorted(
-        int((~m).sum()) for m in kept.values())
+        int((~m).sum()) for m in kept.values()
+    )
     np.testing.assert_array_equal(loaded(x[:16]), repaired(x[:16]))
 
 
-def test_repair_without_labels_measures_agreement_with_the_undamaged_network(
-        digits, damaged):
+def test_repair_without_labels_measures_agreement_with_the_undamaged_network(digits, damaged):
     x, _, _, _ = digits
     op = Repair(data=x, epochs=1, seed=0, verbose=0)
     op(damaged)
@@ -216,23 +278,28 @@ def test_repair_without_labels_measures_agreement_with_the_undamaged_network(
 def test_solve_output_layer_starts_from_the_least_squares_readout(digits, trained, damaged):
     x, _, x_test, y_test = digits
     # A learning rate so small that the walk leaves the solved layer as it is.
-    op = Repair(data=x, validation_data=(x_test, y_test), epochs=1, learning_rate=1e-12,
-                solve_output_layer=10 * len(x), seed=0, verbose=0)
+    op = Repair(
+        data=x,
+        validation_data=(x_test, y_test),
+        epochs=1,
+        learning_rate=1e-12,
+        solve_output_layer=10 * len(x),
+        seed=0,
+        verbose=0,
+    )
     repaired = op(damaged)
     features = keras.Model(damaged.input, damaged.get_layer("logits").input)
     design = np.concatenate([np.asarray(features(x), np.float64), np.ones((len(x), 1))], 1)
     _, deleted = keras_fip.operations.hidden_units(damaged)["dense_1"]
     alive = np.setdiff1d(np.arange(64), deleted)
     rows = np.append(alive, 64)
-    expected, *_ = np.linalg.lstsq(design[:, rows], np.asarray(trained(x), np.float64),
-                                   rcond=None)
+    expected, *_ = np.linalg.lstsq(design[:, rows], np.asarray(trained(x), np.float64), rcond=None)
     kernel, bias = repaired.get_layer("logits").get_weights()
     np.testing.assert_allclose(kernel[alive], expected[:-1], atol=2e-3)
     np.testing.assert_allclose(bias, expected[-1], atol=2e-3)
     assert np.all(kernel[deleted] == 0)  # The deleted units' outgoing weights stay zero.
     # The solve's inputs count: the first evaluation after it is at N/N = 1 epoch.
-    assert op.history["epoch"][:2] == [0.0, pytest.approx(len(x) / (op._steps_per_epoch
-                                                                     * 128))]
+    assert op.history["epoch"][:2] == [0.0, pytest.approx(len(x) / (op._steps_per_epoch * 128))]
     assert op.history["val_accuracy"][1] > op.history["val_accuracy"][0] + 0.1
     with pytest.raises(ValueError, match="solve_output_layer"):
         Repair(method="retrain", solve_output_layer=100)
@@ -242,18 +309,25 @@ def _logit_distance(model, reference, x):
     return float(np.mean(np.sum((np.asarray(model(x)) - np.asarray(reference(x))) ** 2, -1)))
 
 
-def test_solve_sweeps_fit_the_hidden_layer_with_damage_held_at_zero(digits, trained,
-                                                                     damaged):
+def test_solve_sweeps_fit_the_hidden_layer_with_damage_held_at_zero(digits, trained, damaged):
     x, _, x_test, y_test = digits
-    kwargs = dict(data=x, validation_data=(x_test, y_test), epochs=1, learning_rate=1e-12,
-                  solve_output_layer=len(x), seed=0, verbose=0)
+    kwargs = dict(
+        data=x,
+        validation_data=(x_test, y_test),
+        epochs=1,
+        learning_rate=1e-12,
+        solve_output_layer=len(x),
+        seed=0,
+        verbose=0,
+    )
     output_only = Repair(**kwargs)(damaged)
     op = Repair(solve_sweeps=2, solve_rank=32, **kwargs)
     swept = op(damaged)
     # The sweeps move the hidden layer and bring the logits closer than the output solve.
     assert _logit_distance(swept, trained, x) < 0.8 * _logit_distance(output_only, trained, x)
-    assert not np.allclose(swept.get_layer("dense_1").get_weights()[0],
-                           damaged.get_layer("dense_1").get_weights()[0])
+    assert not np.allclose(
+        swept.get_layer("dense_1").get_weights()[0], damaged.get_layer("dense_1").get_weights()[0]
+    )
     for values in _damaged_entries(swept, damaged):
         assert np.all(values == 0)  # Deleted units stay exactly deleted.
     # Each of the three solve batches counts (and is evaluated): the walk starts at 3N.
@@ -276,18 +350,26 @@ def _weighted_distance(model, reference, x, temperature):
     return float(np.mean([e @ h @ e for e, h in zip(error, weights)]))
 
 
-def test_solve_temperature_fits_the_softmax_weighted_least_squares(digits, trained,
-                                                                   damaged):
+def test_solve_temperature_fits_the_softmax_weighted_least_squares(digits, trained, damaged):
     x, _, x_test, y_test = digits
-    op = Repair(data=x, validation_data=(x_test, y_test), epochs=1, learning_rate=1e-12,
-                solve_output_layer=len(x), solve_temperature=2.0, seed=0, verbose=0)
+    op = Repair(
+        data=x,
+        validation_data=(x_test, y_test),
+        epochs=1,
+        learning_rate=1e-12,
+        solve_output_layer=len(x),
+        solve_temperature=2.0,
+        seed=0,
+        verbose=0,
+    )
     repaired = op(damaged)
     # The dense reference: Σ_x kron(H_x, d_x d_xᵀ) vec(W) = Σ_x kron(H_x z*_x, d_x)
     features = keras.Model(damaged.input, damaged.get_layer("logits").input)
     _, deleted = keras_fip.operations.hidden_units(damaged)["dense_1"]
     alive = np.setdiff1d(np.arange(64), deleted)
-    design = np.concatenate([np.asarray(features(x), np.float64)[:, alive],
-                             np.ones((len(x), 1))], 1)
+    design = np.concatenate(
+        [np.asarray(features(x), np.float64)[:, alive], np.ones((len(x), 1))], 1
+    )
     target = np.asarray(trained(x), np.float64)
     system, rhs = 0.0, 0.0
     for d, z, h in zip(design, target, _softmax_weights(target, 2.0)):
@@ -299,19 +381,36 @@ def test_solve_temperature_fits_the_softmax_weighted_least_squares(digits, train
     np.testing.assert_allclose(bias, expected[-1], atol=2e-3)
     assert np.all(kernel[deleted] == 0)
     # Sweeps under the same weights lower the weighted distance further; damage stays zero.
-    swept = Repair(data=x, validation_data=(x_test, y_test), epochs=1, learning_rate=1e-12,
-                   solve_output_layer=len(x), solve_temperature=2.0, solve_sweeps=2,
-                   solve_rank=32, seed=0, verbose=0)(damaged)
-    assert (_weighted_distance(swept, trained, x, 2.0)
-            < 0.8 * _weighted_distance(repaired, trained, x, 2.0))
+    swept = Repair(
+        data=x,
+        validation_data=(x_test, y_test),
+        epochs=1,
+        learning_rate=1e-12,
+        solve_output_layer=len(x),
+        solve_temperature=2.0,
+        solve_sweeps=2,
+        solve_rank=32,
+        seed=0,
+        verbose=0,
+    )(damaged)
+    assert _weighted_distance(swept, trained, x, 2.0) < 0.8 * _weighted_distance(
+        repaired, trained, x, 2.0
+    )
     for values in _damaged_entries(swept, damaged):
         assert np.all(values == 0)
 
 
 def test_solve_first_is_an_output_only_batch_before_the_sweeps(digits, damaged):
     x, _, x_test, y_test = digits
-    kwargs = dict(data=x, validation_data=(x_test, y_test), epochs=1, learning_rate=1e-12,
-                  solve_output_layer=len(x), seed=0, verbose=0)
+    kwargs = dict(
+        data=x,
+        validation_data=(x_test, y_test),
+        epochs=1,
+        learning_rate=1e-12,
+        solve_output_layer=len(x),
+        seed=0,
+        verbose=0,
+    )
     hidden_before = damaged.get_layer("dense_1").get_weights()[0]
     # solve_first needs sweeps; with one sweep: 300 inputs, then two batches of N.
     with pytest.raises(ValueError, match="solve_first"):
@@ -320,7 +419,8 @@ def test_solve_first_is_an_output_only_batch_before_the_sweeps(digits, damaged):
     swept = op(damaged)
     steps = op._steps_per_epoch * 128
     assert op.history["epoch"][1:4] == pytest.approx(
-        [300 / steps, (300 + len(x)) / steps, (300 + 2 * len(x)) / steps])
+        [300 / steps, (300 + len(x)) / steps, (300 + 2 * len(x)) / steps]
+    )
     assert not np.allclose(swept.get_layer("dense_1").get_weights()[0], hidden_before)
     for values in _damaged_entries(swept, damaged):
         assert np.all(values == 0)
@@ -328,9 +428,17 @@ def test_solve_first_is_an_output_only_batch_before_the_sweeps(digits, damaged):
 
 def test_solve_damping_shrinks_each_unit_step(digits, damaged):
     x, _, x_test, y_test = digits
-    kwargs = dict(data=x, validation_data=(x_test, y_test), epochs=1, learning_rate=1e-12,
-                  solve_output_layer=len(x), solve_sweeps=1, solve_rank=16, seed=0,
-                  verbose=0)
+    kwargs = dict(
+        data=x,
+        validation_data=(x_test, y_test),
+        epochs=1,
+        learning_rate=1e-12,
+        solve_output_layer=len(x),
+        solve_sweeps=1,
+        solve_rank=16,
+        seed=0,
+        verbose=0,
+    )
     before = damaged.get_layer("dense_1").get_weights()[0]
 
     def moved(damping):
@@ -359,12 +467,25 @@ def test_solve_sweeps_need_an_mlp_readout(digits):
 
 
 def test_config_round_trip():
-    op = Repair(method="embryonic", epochs=3, target=0.02, plasticity=0.1,
-                evaluations_per_epoch=4, optimizer="sgd", seed=5)
+    op = Repair(
+        method="embryonic",
+        epochs=3,
+        target=0.02,
+        plasticity=0.1,
+        evaluations_per_epoch=4,
+        optimizer="sgd",
+        seed=5,
+    )
     config = op.get_config()
     assert Repair.from_config(config).get_config() == config
-    op = Repair(solve_output_layer=100, solve_sweeps=2, solve_rank=8, solve_temperature=3.0,
-                distance_temperature=2.0, solve_damping=0.5)
+    op = Repair(
+        solve_output_layer=100,
+        solve_sweeps=2,
+        solve_rank=8,
+        solve_temperature=3.0,
+        distance_temperature=2.0,
+        solve_damping=0.5,
+    )
     config = op.get_config()
     assert Repair.from_config(config).get_config() == config
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(op))
@@ -374,28 +495,31 @@ def test_config_round_trip():
 # Bad inputs: ValueError before any work.
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"method": "surgery"}, "method"),
-    ({"epochs": 0}, "epochs"),
-    ({"target": 1.5}, "target"),
-    ({"num_paths": 0}, "num_paths"),
-    ({"num_paths": 2, "method": "retrain"}, "num_paths"),
-    ({"reference": "model"}, "reference"),
-    ({"optimizer": "rmsprop"}, "optimizer"),
-    ({"distance": "cosine"}, "distance"),
-    ({"training": "yes"}, "training"),
-    ({"release": "yes"}, "release"),
-    ({"task_weight": 1.0, "method": "retrain"}, "task_weight"),
-    ({"solve_output_layer": -1}, "solve_output_layer"),
-    ({"solve_sweeps": 1}, "solve_sweeps"),
-    ({"solve_sweeps": -1, "solve_output_layer": 10}, "solve_sweeps"),
-    ({"solve_rank": 0}, "solve_rank"),
-    ({"solve_temperature": 0.0, "solve_output_layer": 10}, "solve_temperature"),
-    ({"solve_temperature": 2.0}, "solve_temperature"),
-    ({"solve_first": -1}, "solve_first"),
-    ({"solve_damping": -0.1}, "solve_damping"),
-    ({"distance_temperature": -1.0}, "distance_temperature"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"method": "surgery"}, "method"),
+        ({"epochs": 0}, "epochs"),
+        ({"target": 1.5}, "target"),
+        ({"num_paths": 0}, "num_paths"),
+        ({"num_paths": 2, "method": "retrain"}, "num_paths"),
+        ({"reference": "model"}, "reference"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"distance": "cosine"}, "distance"),
+        ({"training": "yes"}, "training"),
+        ({"release": "yes"}, "release"),
+        ({"task_weight": 1.0, "method": "retrain"}, "task_weight"),
+        ({"solve_output_layer": -1}, "solve_output_layer"),
+        ({"solve_sweeps": 1}, "solve_sweeps"),
+        ({"solve_sweeps": -1, "solve_output_layer": 10}, "solve_sweeps"),
+        ({"solve_rank": 0}, "solve_rank"),
+        ({"solve_temperature": 0.0, "solve_output_layer": 10}, "solve_temperature"),
+        ({"solve_temperature": 2.0}, "solve_temperature"),
+        ({"solve_first": -1}, "solve_first"),
+        ({"solve_damping": -0.1}, "solve_damping"),
+        ({"distance_temperature": -1.0}, "distance_temperature"),
+    ],
+)
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Repair(**kwargs)
@@ -431,8 +555,9 @@ def test_reference_with_other_shapes_raises(digits, damaged):
 def test_recovery_path_stays_above_the_straight_damage_path(digits, trained, damaged):
     x, _, x_test, y_test = digits
     masks = damage_reference(damaged).damage_masks
-    points, times = recovery_path(trained, masks, x, num_points=4, steps_per_point=25,
-                                  learning_rate=3e-3, seed=0)
+    points, times = recovery_path(
+        trained, masks, x, num_points=4, steps_per_point=25, learning_rate=3e-3, seed=0
+    )
     straight, _ = keras_fip.geometry.damage_path(trained, damaged, 4)
     np.testing.assert_array_equal(times, [0, 1 / 3, 2 / 3, 1])
     for a, b in zip(points[0], trained.get_weights()):
@@ -456,8 +581,16 @@ def test_recovery_path_rate_with_time_scales_the_first_steps(digits, trained, da
     straight, _ = keras_fip.geometry.damage_path(trained, damaged, 5)
     moved = []
     for scaled in (False, True):
-        points, _ = recovery_path(trained, masks, x, num_points=5, steps_per_point=4,
-                                  learning_rate=1e-3, seed=0, rate_with_time=scaled)
+        points, _ = recovery_path(
+            trained,
+            masks,
+            x,
+            num_points=5,
+            steps_per_point=4,
+            learning_rate=1e-3,
+            seed=0,
+            rate_with_time=scaled,
+        )
         moved.append(max(float(np.max(np.abs(a - b))) for a, b in zip(points[1], straight[1])))
     # Adam moves a weight by about the rate per step: 4 steps at 1e-3, or at 1e-3 × 0.25.
     assert 1e-3 < moved[0] <= 4 * 1e-3 * 1.5
@@ -480,8 +613,14 @@ def test_distance_temperature_softens_the_walk_distance(digits, damaged):
     expected = 4.0 * keras_fip.engine.distances.kl(logits / 2.0, reference / 2.0)
     np.testing.assert_allclose(float(tempered(logits, reference)), float(expected), rtol=1e-6)
     # A walk under it repairs, the damage held at zero.
-    op = Repair(data=x, validation_data=(x_test, y_test), epochs=1, distance_temperature=4.0,
-                seed=0, verbose=0)
+    op = Repair(
+        data=x,
+        validation_data=(x_test, y_test),
+        epochs=1,
+        distance_temperature=4.0,
+        seed=0,
+        verbose=0,
+    )
     repaired = op(damaged)
     assert op.history["val_accuracy"][-1] > op.history["val_accuracy"][0]
     for values in _damaged_entries(repaired, damaged):

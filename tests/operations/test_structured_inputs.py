@@ -26,9 +26,11 @@ WIDTHS = {"a": 5, "b": 3}
 
 def _layers():
     keras.utils.set_random_seed(0)
-    return (keras.layers.Dense(12, activation="tanh", name="hidden_a"),
-            keras.layers.Dense(8, activation="relu", name="hidden"),
-            keras.layers.Dense(4, name="logits"))
+    return (
+        keras.layers.Dense(12, activation="tanh", name="hidden_a"),
+        keras.layers.Dense(8, activation="relu", name="hidden"),
+        keras.layers.Dense(4, name="logits"),
+    )
 
 
 def _two_input_model(structure="dict"):
@@ -66,8 +68,9 @@ def task():
 def trained(task):
     x, y = task
     model = _two_input_model("dict")
-    model.compile(keras.optimizers.Adam(1e-2),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     model.fit(x, y, epochs=10, batch_size=32, verbose=0)
     return model
 
@@ -87,9 +90,15 @@ def _joined(x):
 
 def test_normalize_data_reads_dicts_lists_and_datasets_of_several_inputs(task):
     x, y = task
-    for data in (x, (x,), (x, y), [x["a"], x["b"]], ([x["a"], x["b"]], y),
-                 tf.data.Dataset.from_tensor_slices((x, y)).batch(50),
-                 tf.data.Dataset.from_tensor_slices(x)):
+    for data in (
+        x,
+        (x,),
+        (x, y),
+        [x["a"], x["b"]],
+        ([x["a"], x["b"]], y),
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(50),
+        tf.data.Dataset.from_tensor_slices(x),
+    ):
         inputs, labels = data_adapter.normalize_data(data)
         arrays = list(inputs.values()) if isinstance(inputs, dict) else inputs
         np.testing.assert_array_equal(arrays[0], x["a"])
@@ -108,9 +117,14 @@ def test_normalize_data_reads_dicts_lists_and_datasets_of_several_inputs(task):
     "data, message",
     [
         (lambda x: {"a": x["a"], "b": x["b"][:10]}, r"one batch length.*'b': 10"),
-        (lambda x: {"a": x["a"], "b": np.full_like(x["b"], np.nan)},
-         r"`data\['b'\]` must not contain NaN"),
-        (lambda x: {"a": x["a"], "b": np.array(["w"] * 160)}, r"`data\['b'\]` must hold a non-empty numeric"),
+        (
+            lambda x: {"a": x["a"], "b": np.full_like(x["b"], np.nan)},
+            r"`data\['b'\]` must not contain NaN",
+        ),
+        (
+            lambda x: {"a": x["a"], "b": np.array(["w"] * 160)},
+            r"`data\['b'\]` must hold a non-empty numeric",
+        ),
         (lambda x: {"a": x["a"], "b": {"c": x["b"]}}, r"`data\['b'\]` must be an array"),
         (lambda x: {}, "at least one input array"),
     ],
@@ -128,8 +142,11 @@ def test_inputs_are_checked_against_the_model_before_any_work(task, trained):
     cases = [
         (trained, x["a"], r"one array per input of model .*\['a', 'b'\]"),
         (trained, {"a": x["a"]}, r"keyed \['a', 'b'\]. Received: data with keys \['a'\]"),
-        (trained, {"a": x["a"], "b": x["a"]},
-         r"`data\['b'\]` must hold inputs of shape \(batch, 3\)"),
+        (
+            trained,
+            {"a": x["a"], "b": x["a"]},
+            r"`data\['b'\]` must hold inputs of shape \(batch, 3\)",
+        ),
         (as_list, [x["a"]], "must hold 2 arrays"),
         (single, x, "model `one_input` has one input"),
     ]
@@ -152,17 +169,19 @@ def test_metric_of_several_inputs_equals_the_one_input_network(task, trained):
     for model, data in ((trained, x), (as_list, [x["a"], x["b"]]), (trained, (x, None))):
         operator = MetricOperator(model, data, batch_size=64)  # 3 batches: 64, 64, 32.
         np.testing.assert_allclose(operator.matmat(block), expected, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(operator.matvec(block[:, 0]), expected[:, 0],
-                                   rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(operator.quadratic_form(block),
-                                   np.sum(block * expected, axis=0), rtol=1e-5)
+        np.testing.assert_allclose(
+            operator.matvec(block[:, 0]), expected[:, 0], rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            operator.quadratic_form(block), np.sum(block * expected, axis=0), rtol=1e-5
+        )
     # The dense metric from each example's Jacobian, as a reference for all of them.
     small = {key: value[:6] for key, value in x.items()}
     dense = MetricOperator(trained, small).to_dense()
     jacobians = []
     for i in range(6):
         with tf.GradientTape() as tape:
-            outputs = trained({key: value[i:i + 1] for key, value in small.items()})
+            outputs = trained({key: value[i : i + 1] for key, value in small.items()})
         pieces = tape.jacobian(outputs, trained.trainable_variables)
         jacobians.append(np.concatenate([np.reshape(p, (4, -1)) for p in pieces], axis=1))
     reference = sum(j.T @ j for j in jacobians) / 6
@@ -186,8 +205,7 @@ def test_compress_of_several_inputs_equals_the_one_input_network(task, trained):
 
     def compress(model, data):
         keras.utils.set_random_seed(0)
-        return keras_fip.Compress(0.7, data=data, steps=30, batch_size=32, verbose=0,
-                                  seed=0)(model)
+        return keras_fip.Compress(0.7, data=data, steps=30, batch_size=32, verbose=0, seed=0)(model)
 
     expected = compress(single, (_joined(x), y))
     for model, data in ((trained, (x, y)), (as_list, ([x["a"], x["b"]], y))):
@@ -222,24 +240,32 @@ def test_continual_learn_of_several_inputs_equals_the_one_input_network(task, tr
     x, y = task
     _, single = _twins(trained)
     rng = np.random.default_rng(2)
-    new = {key: rng.normal(size=(96, width)).astype("float32")
-           for key, width in WIDTHS.items()}
+    new = {key: rng.normal(size=(96, width)).astype("float32") for key, width in WIDTHS.items()}
     new_y = (new["a"][:, 2] > 0).astype("int64")
 
     def learn(model, new_task, memory, eval_tasks):
         keras.utils.set_random_seed(0)
         operation = keras_fip.ContinualLearn(
-            new_task, memory=memory, head="append", epochs=2, batch_size=32,
-            memory_per_task=20, eval_tasks=eval_tasks, eval_every=3, verbose=0, seed=0)
+            new_task,
+            memory=memory,
+            head="append",
+            epochs=2,
+            batch_size=32,
+            memory_per_task=20,
+            eval_tasks=eval_tasks,
+            eval_every=3,
+            verbose=0,
+            seed=0,
+        )
         return operation(model), operation
 
-    expected, reference = learn(single, (_joined(new), new_y), _joined(x),
-                                [(_joined(x), y)])
+    expected, reference = learn(single, (_joined(new), new_y), _joined(x), [(_joined(x), y)])
     result, operation = learn(trained, (new, new_y), x, [(x, y)])
     for a, b in zip(result.get_weights(), expected.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(operation.history["task_0/accuracy"],
-                               reference.history["task_0/accuracy"])
+    np.testing.assert_allclose(
+        operation.history["task_0/accuracy"], reference.history["task_0/accuracy"]
+    )
     memory = carried_data(result)
     assert sorted(memory) == ["a", "b"] and memory["a"].shape == (180, 5)
     np.testing.assert_array_equal(_joined(memory), carried_data(expected))
@@ -253,30 +279,36 @@ def _tiny_bert_classifier():
     keras.utils.set_random_seed(0)
     vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)]
     tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary)
-    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(tokenizer,
-                                                                   sequence_length=8)
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(tokenizer, sequence_length=8)
     backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=len(vocabulary), num_layers=1, num_heads=2, hidden_dim=8,
-        intermediate_dim=16, max_sequence_length=8)
-    return keras_hub.models.BertTextClassifier(backbone, num_classes=2,
-                                               preprocessor=preprocessor, dropout=0.0)
+        vocabulary_size=len(vocabulary),
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=8,
+    )
+    return keras_hub.models.BertTextClassifier(
+        backbone, num_classes=2, preprocessor=preprocessor, dropout=0.0
+    )
 
 
 def test_kerashub_task_keeps_its_class_and_preprocessor():
     classifier = _tiny_bert_classifier()
     rng = np.random.default_rng(0)
     texts = np.array([" ".join(f"w{i}" for i in rng.integers(0, 40, 5)) for _ in range(48)])
-    features = {key: np.asarray(value)
-                for key, value in classifier.preprocessor(texts).items()}
+    features = {key: np.asarray(value) for key, value in classifier.preprocessor(texts).items()}
     copied = copy_model(classifier)
     assert type(copied) is type(classifier)
     assert copied.preprocessor.tokenizer.vocabulary == classifier.preprocessor.tokenizer.vocabulary
-    np.testing.assert_allclose(copied.predict(texts, verbose=0),
-                               classifier.predict(texts, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(
+        copied.predict(texts, verbose=0), classifier.predict(texts, verbose=0), atol=1e-6
+    )
 
     before = [w.copy() for w in classifier.get_weights()]
-    result = keras_fip.Compress(0.5, data=features, steps=6, batch_size=16, verbose=0,
-                                seed=0)(classifier)
+    result = keras_fip.Compress(0.5, data=features, steps=6, batch_size=16, verbose=0, seed=0)(
+        classifier
+    )
     assert type(result) is type(classifier)
     # The returned task reads raw text through its own preprocessor, and agrees with
     # its backbone and head on the preprocessed features.
@@ -301,34 +333,62 @@ def _new_task(task):
 # to the model's own format (the dict, or the one array of the twin).
 OPERATIONS = {
     "damage_eigen": lambda task, data: keras_fip.Damage(
-        "eigen", norm=0.5, data=(data(task[0]), task[1]), num_eigenpairs=3, seed=0),
+        "eigen", norm=0.5, data=(data(task[0]), task[1]), num_eigenpairs=3, seed=0
+    ),
     "damage_nodes": lambda task, data: keras_fip.Damage(
-        "nodes", fraction=0.25, data=data(task[0]), seed=0),
+        "nodes", fraction=0.25, data=data(task[0]), seed=0
+    ),
     "damage_repair": lambda task, data: keras_fip.chain(
         keras_fip.Damage("nodes", fraction=0.25, seed=0),
-        keras_fip.Repair(data=(data(task[0]), task[1]), epochs=2, batch_size=32,
-                         verbose=0, seed=0)),
+        keras_fip.Repair(data=(data(task[0]), task[1]), epochs=2, batch_size=32, verbose=0, seed=0),
+    ),
     "ensemble": lambda task, data: keras_fip.Ensemble(
-        2, data=(data(task[0]), task[1]), steps_between=6, diversity=0, batch_size=32,
-        verbose=0, seed=0),
+        2,
+        data=(data(task[0]), task[1]),
+        steps_between=6,
+        diversity=0,
+        batch_size=32,
+        verbose=0,
+        seed=0,
+    ),
     "isofunctional": lambda task, data: keras_fip.Isofunctional(
-        data=data(task[0]), steps=6, batch_size=32, verbose=0, seed=0),
+        data=data(task[0]), steps=6, batch_size=32, verbose=0, seed=0
+    ),
     "finetune": lambda task, data: keras_fip.baselines.FineTune(
-        (data(_new_task(task)[0]), _new_task(task)[1]), epochs=1, batch_size=32, seed=0),
+        (data(_new_task(task)[0]), _new_task(task)[1]), epochs=1, batch_size=32, seed=0
+    ),
     "ewc": lambda task, data: keras_fip.baselines.EWC(
-        (data(_new_task(task)[0]), _new_task(task)[1]), fisher_data=data(task[0]),
-        ewc_lambda=10.0, epochs=1, batch_size=32, seed=0),
+        (data(_new_task(task)[0]), _new_task(task)[1]),
+        fisher_data=data(task[0]),
+        ewc_lambda=10.0,
+        epochs=1,
+        batch_size=32,
+        seed=0,
+    ),
     "lwf": lambda task, data: keras_fip.baselines.LwF(
-        (data(_new_task(task)[0]), _new_task(task)[1]), epochs=1, batch_size=32, seed=0),
+        (data(_new_task(task)[0]), _new_task(task)[1]), epochs=1, batch_size=32, seed=0
+    ),
     "replay": lambda task, data: keras_fip.baselines.ExperienceReplay(
-        (data(_new_task(task)[0]), _new_task(task)[1]), memory=(data(task[0]), task[1]),
-        epochs=1, batch_size=32, seed=0),
+        (data(_new_task(task)[0]), _new_task(task)[1]),
+        memory=(data(task[0]), task[1]),
+        epochs=1,
+        batch_size=32,
+        seed=0,
+    ),
     "agem": lambda task, data: keras_fip.baselines.AGEM(
-        (data(_new_task(task)[0]), _new_task(task)[1]), memory=(data(task[0]), task[1]),
-        epochs=1, batch_size=32, seed=0),
+        (data(_new_task(task)[0]), _new_task(task)[1]),
+        memory=(data(task[0]), task[1]),
+        epochs=1,
+        batch_size=32,
+        seed=0,
+    ),
     "joint": lambda task, data: keras_fip.baselines.JointTraining(
-        (data(_new_task(task)[0]), _new_task(task)[1]), old_tasks=[(data(task[0]), task[1])],
-        epochs=1, batch_size=32, seed=0),
+        (data(_new_task(task)[0]), _new_task(task)[1]),
+        old_tasks=[(data(task[0]), task[1])],
+        epochs=1,
+        batch_size=32,
+        seed=0,
+    ),
 }
 
 PRUNINGS = {
@@ -339,7 +399,8 @@ PRUNINGS = {
 
 @pytest.mark.parametrize("name", sorted(OPERATIONS) + sorted(PRUNINGS) + ["deep_ensemble"])
 def test_operations_and_baselines_on_several_inputs_equal_the_one_input_network(
-        task, trained, name):
+    task, trained, name
+):
     x, y = task
     _, single = _twins(trained)
     before = [w.copy() for w in trained.get_weights()]
@@ -350,13 +411,15 @@ def test_operations_and_baselines_on_several_inputs_equal_the_one_input_network(
             return PRUNINGS[name](model, 0.6, data(x), y, epochs=2, batch_size=32)
         if name == "deep_ensemble":
             ensemble, _ = keras_fip.baselines.deep_ensemble(
-                model, data(x), y, num_members=2, epochs=1, batch_size=32, seed=0)
+                model, data(x), y, num_members=2, epochs=1, batch_size=32, seed=0
+            )
             return ensemble
         return OPERATIONS[name](task, data)(model)
 
     expected = run(single, _joined)
     result = run(trained, lambda inputs: inputs)
-    np.testing.assert_allclose(result.predict(x, verbose=0),
-                               expected.predict(_joined(x), verbose=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        result.predict(x, verbose=0), expected.predict(_joined(x), verbose=0), rtol=1e-4, atol=1e-5
+    )
     for weight, original in zip(trained.get_weights(), before):
         np.testing.assert_array_equal(weight, original)

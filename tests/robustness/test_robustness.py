@@ -14,8 +14,7 @@ pytest.importorskip("art", reason="needs the `robustness` extra")
 def _train(seed, x, y, width=32, epochs=12):
     keras.utils.set_random_seed(seed)
     model = keras_fip.models.mlp(width, input_shape=(8, 8, 1))
-    keras_fip.models.train_classifier(model, x, y, epochs=epochs, batch_size=64,
-                                      learning_rate=3e-3)
+    keras_fip.models.train_classifier(model, x, y, epochs=epochs, batch_size=64, learning_rate=3e-3)
     return model
 
 
@@ -31,23 +30,36 @@ def test_whitebox_pgd_stays_in_the_ball_and_breaks_a_single_network(networks):
     (model, _, _), x, y = networks
     clean = robustness.accuracy(model, x, y)
     accuracy, adversarial = robustness.whitebox_pgd_accuracy(
-        model, x, y, epsilon=0.2, step=0.02, iterations=20, restarts=1)
+        model, x, y, epsilon=0.2, step=0.02, iterations=20, restarts=1
+    )
     assert np.max(np.abs(adversarial - x)) <= 0.2 + 1e-6
     assert adversarial.min() >= 0.0 and adversarial.max() <= 1.0
     assert clean > 0.9
     assert accuracy < clean - 0.4
     # A weaker attack hurts less: the attack really follows its settings.
-    weak, _ = robustness.whitebox_pgd_accuracy(model, x, y, epsilon=0.02, step=0.01,
-                                               iterations=5, restarts=0)
+    weak, _ = robustness.whitebox_pgd_accuracy(
+        model, x, y, epsilon=0.02, step=0.01, iterations=5, restarts=0
+    )
     assert weak > accuracy
 
 
 def test_transfer_pgd_hurts_the_target_less_than_the_surrogate(networks):
     (surrogate, target, other), x, y = networks
     accuracies, adversarial = robustness.transfer_pgd_accuracy(
-        surrogate, {"target": target, "ensemble": build_ensemble(
-            [keras_fip.engine.copy_model(target), keras_fip.engine.copy_model(other)])},
-        x, y, epsilon=0.2, step=0.02, iterations=20, restarts=0)
+        surrogate,
+        {
+            "target": target,
+            "ensemble": build_ensemble(
+                [keras_fip.engine.copy_model(target), keras_fip.engine.copy_model(other)]
+            ),
+        },
+        x,
+        y,
+        epsilon=0.2,
+        step=0.02,
+        iterations=20,
+        restarts=0,
+    )
     assert set(accuracies) == {"target", "ensemble", "surrogate"}
     assert accuracies["surrogate"] < accuracies["target"]
     assert accuracies["target"] < robustness.accuracy(target, x, y)
@@ -68,8 +80,9 @@ def test_ensemble_logit_model_is_the_log_of_the_mean_probability(networks):
 def test_whitebox_pgd_differentiates_the_whole_ensemble(networks):
     models, x, y = networks
     ensemble = build_ensemble([keras_fip.engine.copy_model(m) for m in models])
-    accuracy, _ = robustness.whitebox_pgd_accuracy(ensemble, x, y, epsilon=0.2, step=0.02,
-                                                   iterations=20, restarts=0)
+    accuracy, _ = robustness.whitebox_pgd_accuracy(
+        ensemble, x, y, epsilon=0.2, step=0.02, iterations=20, restarts=0
+    )
     assert accuracy < robustness.accuracy(ensemble, x, y) - 0.4
 
 
@@ -94,7 +107,9 @@ def test_linear_cka_invariances():
     wide_x, wide_y = rng.normal(size=(20, 50)), rng.normal(size=(20, 50))
     wide_y[:, :5] += 2 * wide_x[:, :5]
     xc, yc = wide_x - wide_x.mean(0), wide_y - wide_y.mean(0)
-    direct = np.linalg.norm(yc.T @ xc) ** 2 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc))
+    direct = np.linalg.norm(yc.T @ xc) ** 2 / (
+        np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)
+    )
     assert robustness.linear_cka(wide_x, wide_y) == pytest.approx(direct)
 
 
