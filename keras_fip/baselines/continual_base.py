@@ -18,11 +18,13 @@ import tensorflow as tf
 from keras_fip import distribute
 from keras_fip.engine import data_adapter
 from keras_fip.engine import masks as masks_lib
+from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine import step_rules
 from keras_fip.engine.data_adapter import check_inputs_match_model
 from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.operations import heads
 from keras_fip.operations.base import Operation
+from keras_fip.operations.base import model_output_kind
 
 # The batch-mean cross-entropy of every baseline's loss (the function, scaled per replica
 # by `train`).
@@ -190,10 +192,14 @@ class ContinualBaseline(Operation):
         self.check(model)
         old_model = model
         model, labels = heads.prepare_head(model, x, y, self.head, seed=self.seed)
-        self.prepare(old_model, model, x, labels)
+        # Every loss reads logits: a model ending in a softmax through its log-probabilities
+        # (views sharing the weights, so training the view trains the model).
+        old_view = outputs_lib.logits_model(old_model, model_output_kind(old_model, x))
+        view = outputs_lib.logits_model(model, model_output_kind(model, x))
+        self.prepare(old_view, view, x, labels)
         train_x, train_y = self.training_data(x, labels)
         steps = self.num_steps(train_x)
-        self.history = train(model, self, train_x, train_y, steps)
+        self.history = train(view, self, train_x, train_y, steps)
         self.history["steps"] = steps
         return model
 

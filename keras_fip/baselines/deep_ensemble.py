@@ -14,6 +14,7 @@ import numpy as np
 
 from keras_fip.engine import data_adapter
 from keras_fip.engine import normalization
+from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine.copy import copy_model
 from keras_fip.operations.ensemble import COMBINES
 from keras_fip.operations.ensemble import build_ensemble
@@ -182,7 +183,7 @@ def _sgd_classifier(model, learning_rate, momentum=0.9, nesterov=False, weight_d
         optimizer=keras.optimizers.SGD(
             learning_rate, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
         ),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=outputs_lib.classification_loss(outputs_lib.output_kind(model)),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
     return model

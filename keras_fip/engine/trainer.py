@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fip.engine import distances as distances_lib
+from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine import step_rules
 from keras_fip.engine.masks import MaskConstraint
 from keras_fip.engine.masks import MaskedOptimizer
@@ -130,7 +131,8 @@ class FIPTrainer(keras.Model):
     Create and compile it under the `tf.distribute` strategy scope it should run in.
 
     Args:
-        model: The built `keras.Model` to move (returning logits). Changed in place.
+        model: The built `keras.Model` to move, returning logits or probabilities.
+            Changed in place.
         step_rule: `"penalty"`, `"normalized"` or `"metric"`. Defaults to `"penalty"`.
         distance: Output distance D: `"l2"`, `"kl"`, `"bhattacharyya"` or a callable
             `fn(outputs, reference_outputs) -> scalar`. Defaults to `"l2"`.
@@ -182,6 +184,12 @@ class FIPTrainer(keras.Model):
             than on the point just before it. On small models the copies and passes
             are a tenth of the step (`python -m benchmarks.fip_step`). Defaults to `1`
             (every step).
+        outputs: What `model` returns: `"logits"`, `"probabilities"`, or `"auto"` (the
+            layer that makes the output decides: a softmax means probabilities;
+            `keras_fip.engine.outputs.output_kind`). The distance, the metric and a
+            `secondary_loss` then see logits either way: a probability model is read
+            through its log-probabilities, so pass `from_logits=True` losses. Defaults
+            to `"auto"`.
         **kwargs: Passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -215,6 +223,7 @@ class FIPTrainer(keras.Model):
         metric_length=False,
         training=False,
         measure_every=1,
+        outputs="auto",
         **kwargs,
     ):
         # Validate everything before any state is created.
@@ -267,6 +276,7 @@ class FIPTrainer(keras.Model):
                 f"`training` must be `True` or `False`. Received: training={training!r}"
             )
         _check_positive_integer(measure_every, "measure_every")
+        outputs_lib.check_output_kind(outputs)
         if step_rule == "metric" and secondary_loss is None and secondary_objective is None:
             warnings.warn(
                 "`step_rule='metric'` with no secondary objective (L = 0) has a zero "
@@ -275,7 +285,11 @@ class FIPTrainer(keras.Model):
             )
         super().__init__(**kwargs)
 
-        self.network = model
+        self.walked_model = model
+        self.outputs_kind = outputs_lib.output_kind(model) if outputs == "auto" else outputs
+        # Every output the step reads is a logit: a probability model is read through its
+        # log-probabilities (a view sharing its weights).
+        self.network = outputs_lib.logits_model(model, self.outputs_kind)
         self.step_rule = step_rule
         self.distance = distance
         self.beta = float(beta)
@@ -802,7 +816,7 @@ class FIPTrainer(keras.Model):
         config = super().get_config()
         config.update(
             {
-                "model": keras.saving.serialize_keras_object(self.network),
+                "model": keras.saving.serialize_keras_object(self.walked_model),
                 "step_rule": self.step_rule,
                 "distance": distances_lib.serialize(self._distance_fn),
                 "beta": self.beta,
@@ -823,6 +837,7 @@ class FIPTrainer(keras.Model):
                 "metric_length": self.metric_length,
                 "training": self.walk_training,
                 "measure_every": self.measure_every,
+                "outputs": self.outputs_kind,
             }
         )
         return config

@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fip.engine import data_adapter
+from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine.copy import copy_model
 from keras_fip.engine.data_adapter import check_inputs_match_model
 from keras_fip.engine.data_adapter import normalize_data
@@ -279,6 +280,7 @@ class _UnitDeleter:
             tf.constant, data_adapter.cast_inputs(self.working, data_adapter.as_arrays(x))
         )
         count, size = data_adapter.num_examples(x), int(batch_size)
+        kind = outputs_lib.output_kind(self.working, data_adapter.take(x, slice(0, 64)))
 
         def forward():
             pieces = []
@@ -288,7 +290,9 @@ class _UnitDeleter:
                     training=False,
                 )
                 if outputs == "probabilities":
-                    values = tf.nn.softmax(values, axis=-1)
+                    values = outputs_lib.as_probabilities(values, kind)
+                else:
+                    values = outputs_lib.as_logits(values, kind)
                 pieces.append(
                     tf.reshape(tf.cast(values, tf.float64), [-1, int(np.prod(values.shape[1:]))])
                 )

@@ -5,6 +5,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fip.engine import data_adapter
+from keras_fip.engine import outputs as outputs_lib
 from keras_fip.geometry.metric import _data_inputs
 
 _KINDS = ("jacobian", "fisher")
@@ -24,8 +25,9 @@ def metric_diagonal(
     """Unbiased Monte-Carlo estimate of the diagonal of the metric tensor.
 
     With `kind="jacobian"` the metric is g = (1/N) Σ_x J_xᵀ J_x of the logits (the metric
-    of the squared-L2 output distance); with `kind="fisher"` it is the Fisher information
-    (1/N) Σ_x J_xᵀ (diag(p_x) − p_x p_xᵀ) J_x of the softmax (the Hessian of the KL
+    of the squared-L2 output distance; a model ending in a softmax is read through its
+    log-probabilities, `keras_fip.engine.outputs`); with `kind="fisher"` it is the Fisher
+    information (1/N) Σ_x J_xᵀ (diag(p_x) − p_x p_xᵀ) J_x of the softmax (the Hessian of the KL
     distance at the reference). Each probe draws one output-space vector u per example,
     Rademacher for `"jacobian"`, `onehot(c) − p` with `c ~ p` for `"fisher"`, so that
     E[u uᵀ] is the output metric, and takes one backward pass of Σ_x u_x·f(x): the squared
@@ -35,7 +37,7 @@ def metric_diagonal(
     `tf.distribute` strategy (each batch split over the replicas) give the same estimate.
 
     Args:
-        model: A built `keras.Model` returning logits.
+        model: A built `keras.Model` returning logits or probabilities.
         data: Inputs: an array, an `(x, y)` tuple or a `tf.data.Dataset`.
         variables: The variables whose diagonal is wanted. Defaults to `None`
             (`model.trainable_variables`).
@@ -62,6 +64,9 @@ def metric_diagonal(
     inputs = _data_inputs(data)
     if not data_adapter.is_structured(inputs):
         inputs = np.asarray(inputs)
+    # A probability model is read through its log-probabilities (a view sharing its
+    # weights): logits of the same distribution.
+    model = outputs_lib.logits_model(model, outputs_lib.output_kind(model, inputs))
     if variables is None:
         variables = model.trainable_variables
     variables = list(variables)

@@ -6,6 +6,7 @@ import scipy.sparse.linalg
 import tensorflow as tf
 
 from keras_fip.engine import data_adapter
+from keras_fip.engine import outputs as outputs_lib
 
 _OUTPUTS = ("logits", "probabilities")
 
@@ -283,8 +284,10 @@ class MetricOperator:
     """The metric tensor g of a model on a data set, as a matrix-free operator.
 
     `g = (1/N) Σ_x J_xᵀ J_x`, with `J_x` the Jacobian of the model's outputs
-    (logits by default) on input `x` with respect to all trainable weights,
-    averaged over the N inputs of `data`. g is never materialised:
+    (logits by default; a model ending in a softmax is read through its
+    log-probabilities, which differ from its pre-softmax logits by a per-example
+    shift, so the KL divergence's metric is the same) on input `x` with respect to all
+    trainable weights, averaged over the N inputs of `data`. g is never materialised:
     `matvec(v)` runs, per batch, one forward pass, the tangent pass `J v`
     and one reverse pass `Jᵀ (J v)` (`linearize`) inside one `tf.function`;
     flat vectors are split and concatenated inside it too. `matmat(V)` takes
@@ -305,8 +308,11 @@ class MetricOperator:
         model: a built `keras.Model` with trainable weights.
         data: the inputs x: an array, an `(x, y)` tuple or a
             `tf.data.Dataset` of inputs or `(x, y)` pairs.
-        outputs: `"logits"` (raw model outputs) or `"probabilities"`
-            (softmax over the last axis). Defaults to `"logits"`.
+        outputs: `"logits"` (a logits model's outputs, a probability model's
+            log-probabilities) or `"probabilities"` (a softmax of the logits, a
+            probability model's outputs). Which the model returns is read from the
+            layer that makes its output, or from its outputs on `data`
+            (`keras_fip.engine.outputs.output_kind`). Defaults to `"logits"`.
         batch_size: number of inputs per forward/tangent/reverse pass; `None` uses
             `min(N, 1024)`. Defaults to `None`.
         vectors_per_pass: most vectors of one `matmat` call that share a forward
@@ -361,6 +367,17 @@ class MetricOperator:
 
         self._inputs = _data_inputs(data)
         self.num_examples = data_adapter.num_examples(self._inputs)
+        # What the products differentiate: logits are the model's outputs, or the
+        # log-probabilities of a model ending in a softmax (a view sharing its weights);
+        # probabilities are a softmax of logits, or a probability model's outputs.
+        self.output_kind = outputs_lib.output_kind(
+            model, data_adapter.take(self._inputs, slice(0, 64))
+        )
+        self._network, self._network_outputs = model, outputs
+        if self.output_kind == "probabilities":
+            self._network_outputs = "logits"  # The network's own outputs, untransformed.
+            if outputs == "logits":
+                self._network = outputs_lib.logits_model(model, "probabilities")
         self._batch_size = int(batch_size or min(self.num_examples, 1024))
         self._variables = list(model.trainable_variables)
         self._shapes = [tuple(v.shape) for v in self._variables]
@@ -433,7 +450,7 @@ class MetricOperator:
                 return tf.nest.map_structure(tf.zeros_like, vectors)
 
         strategy = self._strategy
-        model, outputs, num_examples = self.model, self.outputs, self.num_examples
+        model, outputs, num_examples = self._network, self._network_outputs, self.num_examples
 
         def replica_fn(inputs, vectors):
             # Σ over the batch of J_xᵀ J_x v / N (or ‖J_x v‖² / N): the batches (and
@@ -699,7 +716,7 @@ class MetricOperator:
         the Jacobian of its slice, and `strategy.gather` puts the rows back in the order
         of the batch, on every worker.
         """
-        model, outputs = self.model, self.outputs
+        model, outputs = self._network, self._network_outputs
         primals = _primals(model)
 
         def jacobian_fn(inputs):
@@ -750,7 +767,7 @@ class MetricOperator:
         """C, the number of outputs per input (flattened)."""
         if self._num_outputs is None:
             sample = data_adapter.take(self._inputs, slice(0, 1))
-            values = _flat_outputs(self.model, _as_tensors(sample), "logits")
+            values = _flat_outputs(self._network, _as_tensors(sample), "logits")
             self._num_outputs = int(values.shape[-1])
         return self._num_outputs
 

@@ -10,28 +10,31 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fip.engine import data_adapter
+from keras_fip.engine import outputs as outputs_lib
 
 CACHE_ENV_VARIABLE = "KERAS_FIP_CACHE"
 
 
 def compile_classifier(model, learning_rate=1e-3, decay_steps=None):
-    """Compiles a logits classifier with Adam (cosine-decayed when `decay_steps` is given).
+    """Compiles a classifier with Adam (cosine-decayed when `decay_steps` is given).
 
     Args:
-        model: A `keras.Model` returning logits.
+        model: A `keras.Model` returning logits or probabilities (a final softmax, read
+            from its graph: `keras_fip.engine.outputs.output_kind`).
         learning_rate: Initial learning rate. Defaults to `1e-3`.
         decay_steps: Steps over which the learning rate decays to zero with a cosine.
             Defaults to `None` (constant learning rate).
 
     Returns:
-        The model, compiled with sparse categorical cross-entropy on logits and accuracy.
+        The model, compiled with sparse categorical cross-entropy (on its logits or its
+        probabilities) and accuracy.
     """
     schedule = learning_rate
     if decay_steps:
         schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps)
     model.compile(
         optimizer=keras.optimizers.Adam(schedule),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=outputs_lib.classification_loss(outputs_lib.output_kind(model)),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
     return model
@@ -48,10 +51,11 @@ def train_classifier(
     callbacks=None,
     verbose=0,
 ):
-    """Trains a logits classifier in place with Adam and a cosine learning-rate decay.
+    """Trains a classifier in place with Adam and a cosine learning-rate decay.
 
     Args:
-        model: A `keras.Model` returning logits. It is compiled and trained in place.
+        model: A `keras.Model` returning logits or probabilities. It is compiled and
+            trained in place.
         x: Training inputs.
         y: Integer training labels.
         epochs: Passes over the training data. Defaults to `10`.
@@ -84,10 +88,10 @@ def train_classifier(
 
 
 def evaluate_classifier(model, x, y, batch_size=1000):
-    """Loss and accuracy of a logits classifier, without touching its compile state.
+    """Loss and accuracy of a classifier, without touching its compile state.
 
     Args:
-        model: A `keras.Model` returning logits.
+        model: A `keras.Model` returning logits or probabilities.
         x: Inputs.
         y: Integer labels.
         batch_size: Examples per forward pass. Defaults to `1000`.
@@ -104,6 +108,8 @@ def evaluate_classifier(model, x, y, batch_size=1000):
             for i in range(0, data_adapter.num_examples(x), batch_size)
         ]
     )
+    kind = outputs_lib.output_kind(model, data_adapter.take(x, slice(0, 64)))
+    logits = keras.ops.convert_to_numpy(outputs_lib.as_logits(logits, kind))
     loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
     return {
         "loss": float(np.mean(keras.ops.convert_to_numpy(loss))),

@@ -6,6 +6,7 @@ import weakref
 import keras
 import numpy as np
 
+from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine.copy import copy_model
 from keras_fip.engine.data_adapter import fip_dataset
 from keras_fip.engine.data_adapter import normalize_data
@@ -111,6 +112,17 @@ def carry_data(model, inputs):
     """
     x, _ = normalize_data(inputs, name="inputs", model=model)
     _CARRIED_DATA[model] = x
+
+
+def model_output_kind(model, data):
+    """What `model` returns, `"logits"` or `"probabilities"`, read from its graph or,
+    where the graph does not show it, from its outputs on `data`
+    (`keras_fip.engine.outputs.output_kind`)."""
+    kind = outputs_lib.structural_output_kind(model)
+    if kind is None:
+        x, _ = normalize_data(data, name="data", model=model)
+        kind = outputs_lib.output_kind(model, x)
+    return kind
 
 
 def _snake_case(name):
@@ -508,10 +520,12 @@ class Operation:
             `model`, moved.
         """
         reference = trainer_kwargs.get("reference", "start")
+        trainer_kwargs.setdefault("outputs", model_output_kind(model, anchor))
         trainer = FIPTrainer(model, **trainer_kwargs)
         trainer.compile(optimizer=optimizer, jit_compile=jit_compile)
+        # The reference outputs are the logits the trainer compares (`trainer.network`).
         dataset = fip_dataset(
-            model,
+            trainer.network,
             anchor,
             secondary=secondary,
             batch_size=batch_size,

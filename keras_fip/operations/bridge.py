@@ -7,12 +7,14 @@ import numpy as np
 
 from keras_fip.engine import data_adapter
 from keras_fip.engine import normalization
+from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine.data_adapter import fip_dataset
 from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.engine.path import Path
 from keras_fip.engine.trainer import FIPTrainer
 from keras_fip.geometry.diagonal import metric_diagonal
 from keras_fip.operations.base import Operation
+from keras_fip.operations.base import model_output_kind
 from keras_fip.operations.continual_learn import _EvaluateTasks
 
 # β = AUTO_BETA_SCALE × the mean Fisher diagonal on the anchor data, as `Compress` scales its
@@ -178,7 +180,13 @@ class Bridge(Operation):
                 f"{self.target.name} with {[tuple(v.shape) for v in targets][:4]}..."
             )
         x, _ = normalize_data(self.resolve_data(self.data, model), name="data", model=model)
-        dataset = fip_dataset(model, x, batch_size=self.batch_size, seed=self.seed)
+        output_kind = model_output_kind(model, x)
+        dataset = fip_dataset(
+            outputs_lib.logits_model(model, output_kind),
+            x,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
         beta = self.beta
         if isinstance(beta, str):
             sample = data_adapter.take(x, slice(0, 2048))
@@ -195,6 +203,7 @@ class Bridge(Operation):
             epsilon=self.epsilon,
             secondary_objective=_TargetDistance([t.numpy() for t in targets], beta),
             training=walk_training,
+            outputs=output_kind,
         )
         trainer.compile(
             optimizer=keras.optimizers.Adam(self.learning_rate)

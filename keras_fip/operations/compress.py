@@ -9,6 +9,7 @@ from keras_fip.engine import data_adapter
 from keras_fip.engine import distances as distances_lib
 from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import normalization
+from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine import projection
 from keras_fip.engine import step_rules
 from keras_fip.engine.data_adapter import fip_dataset
@@ -16,6 +17,7 @@ from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.engine.trainer import FIPTrainer
 from keras_fip.geometry.diagonal import metric_diagonal
 from keras_fip.operations.base import Operation
+from keras_fip.operations.base import model_output_kind
 
 SALIENCIES = ("magnitude", "metric")
 # β = AUTO_BETA_SCALE × the mean diagonal of the output metric over the prunable weights.
@@ -503,6 +505,7 @@ class Compress(Operation):
             secondary_objective=objective,
             training=self._walk_training,
             measure_every=self.record_every,
+            outputs=self._output_kind,
         )
         penalty = settle or self.step_rule == "penalty"
         trainer.compile(
@@ -535,9 +538,14 @@ class Compress(Operation):
         self._update_every = self.target_update_interval(pull_steps)
         labelled = self.task_weight > 0 and y is not None
         secondary = (x, y) if labelled else None
+        self._output_kind = model_output_kind(model, x)
         dataset = fip_dataset(
-            model, x, secondary=secondary, batch_size=self.batch_size, seed=self.seed
-        )  # Checks that the data fit the model.
+            outputs_lib.logits_model(model, self._output_kind),
+            x,
+            secondary=secondary,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )  # Checks that the data fit the model; the reference outputs are logits.
         self._beta = self._resolve_beta(model, variables)
         self._learning_rate = self._resolve_learning_rate(variables)
         checkpoint = self.open_checkpoint(self.checkpoint_directory)

@@ -10,6 +10,7 @@ import tensorflow as tf
 from keras_fip.data.tasks import memory_sample
 from keras_fip.engine import data_adapter
 from keras_fip.engine import normalization
+from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine import step_rules
 from keras_fip.engine.data_adapter import check_inputs_match_model
 from keras_fip.engine.data_adapter import normalize_data
@@ -20,6 +21,7 @@ from keras_fip.operations import heads
 from keras_fip.operations.base import Operation
 from keras_fip.operations.base import carried_data
 from keras_fip.operations.base import carry_data
+from keras_fip.operations.base import model_output_kind
 
 # β = AUTO_BETA × c_D, where c_D converts the output distance D into the units of the KL
 # divergence. The pull is the new task's cross-entropy, in nats per example, and with
@@ -405,8 +407,10 @@ class ContinualLearn(Operation):
         # Validate everything before any work
         x, y, memory_x = self._check_against(model)
 
-        # The frozen network before the task: its outputs on the memory
-        reference = reference_outputs(model, memory_x, 256)
+        # The frozen network before the task: its logits on the memory (a model ending
+        # in a softmax is read through its log-probabilities)
+        output_kind = model_output_kind(model, memory_x)
+        reference = reference_outputs(outputs_lib.logits_model(model, output_kind), memory_x, 256)
         self._beta = self._resolve_beta(model, memory_x)
 
         # The head
@@ -434,6 +438,7 @@ class ContinualLearn(Operation):
             secondary_loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             training=walk_training,
             measure_every=self.record_every,
+            outputs=model_output_kind(model, memory_x),
         )
         optimizer = None
         if self.step_rule == "penalty":

@@ -12,6 +12,7 @@ from keras_fip.engine import data_adapter
 from keras_fip.engine import distances as distances_lib
 from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import normalization
+from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine import step_rules
 from keras_fip.engine.copy import copy_model
 from keras_fip.engine.data_adapter import check_inputs_match_model
@@ -22,6 +23,7 @@ from keras_fip.engine.trainer import FIPTrainer
 from keras_fip.operations import damage as damage_lib
 from keras_fip.operations.base import Operation
 from keras_fip.operations.base import carried_data
+from keras_fip.operations.base import model_output_kind
 
 try:  # scikit-learn's dependency; optional here.
     from threadpoolctl import threadpool_limits
@@ -928,6 +930,7 @@ class Repair(Operation):
         labelled = self.task_weight > 0 and y is not None
         steps = self.epochs * self._steps_per_epoch
         candidates, best = [], None
+        output_kind = model_output_kind(undamaged, x)
         for index in range(self.num_paths):
             seed = None if self.seed is None else self.seed + index
             candidate = copy_model(model) if self.num_paths > 1 else model
@@ -958,6 +961,7 @@ class Repair(Operation):
                 metric_length=self.num_paths > 1,
                 training=walk_training,
                 measure_every=self.record_every,
+                outputs=output_kind,
             )
             trainer.compile(
                 optimizer=keras.optimizers.Adam(self.learning_rate)
@@ -965,9 +969,9 @@ class Repair(Operation):
                 else keras.optimizers.SGD(self.learning_rate, momentum=0.9),
                 jit_compile=self.jit_compile,
             )
-            # Reference outputs: the undamaged network's, on the same inputs
+            # Reference outputs: the undamaged network's logits, on the same inputs
             dataset = fip_dataset(
-                undamaged,
+                outputs_lib.logits_model(undamaged, output_kind),
                 x,
                 secondary=(x, y) if labelled else None,
                 batch_size=self.batch_size,

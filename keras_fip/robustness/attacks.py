@@ -17,6 +17,7 @@ Both use `art.attacks.evasion.ProjectedGradientDescent` on an
 import keras
 import numpy as np
 
+from keras_fip.engine import outputs as outputs_lib
 from keras_fip.operations.ensemble import EnsembleCombination
 from keras_fip.operations.ensemble import ensemble_combine
 from keras_fip.operations.ensemble import ensemble_members
@@ -37,21 +38,23 @@ def _require_art():
 def logit_model(model):
     """A model returning logits (log-probabilities up to a constant) for any classifier.
 
-    A plain model is assumed to return logits and is returned as it is. For a keras_fip
-    ensemble, a new functional model over the same members (shared weights) returns
-    log p̄ (`combine="mean_probabilities"`, computed stably as
-    `logsumexp_k(log_softmax(z_k)) − log K`) or the mean logits (`"mean_logits"`): its softmax
-    is the ensemble's distribution, so
-    `from_logits=True` losses differentiate the whole ensemble exactly.
+    A plain model returning logits is returned as it is; one ending in a softmax gets a
+    view returning its log-probabilities (`keras_fip.engine.outputs.logits_model`). For a
+    keras_fip ensemble, a new functional model over the same members (shared weights)
+    returns log p̄ (`combine="mean_probabilities"`, computed stably as
+    `logsumexp_k(log_softmax(z_k)) − log K`) or the mean logits (`"mean_logits"`): its
+    softmax is the ensemble's distribution, so `from_logits=True` losses differentiate the
+    whole ensemble exactly.
 
     Args:
-        model: A `keras.Model` returning logits, or a keras_fip ensemble.
+        model: A `keras.Model` returning logits or probabilities, or a keras_fip
+            ensemble.
 
     Returns:
         A `keras.Model` returning logits.
     """
     if not is_ensemble(model):
-        return model
+        return outputs_lib.logits_model(model, outputs_lib.output_kind(model))
     members = ensemble_members(model)
     combine = ensemble_combine(model)
     mode = "mean_logits" if combine == "mean_logits" else "log_mean_probabilities"
