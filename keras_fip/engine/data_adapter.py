@@ -37,12 +37,20 @@ def _materialize(dataset, name):
     ), not is_batched
 
 
-def normalize_data(data, name="data", require_labels=False, model=None):
+def normalize_data(data, name="data", require_labels=False, model=None, check_classes=None):
     """Turns an array, an `(x, y)` tuple or a finite `tf.data.Dataset` into numpy arrays.
 
     For a model with several inputs, `x` is a dict of arrays keyed by the inputs' names
     or a list of arrays in their order, as Keras takes them (`model.predict(x)`): so a
     list of arrays is always inputs, and labels come in an `(x, y)` tuple.
+
+    Labels are class indices, as every operation reads them (the sparse categorical
+    cross-entropy): integers, or floats holding integers, ≥ 0, one per example (an
+    `(N, 1)` column is read as `(N,)`). One-hot labels, as `keras.utils.to_categorical`
+    makes them for `categorical_crossentropy`, are turned into class indices here, once,
+    so every operation sees the same integer labels. Anything else (NaN, fractional or
+    negative values, rows that are not one-hot such as probabilities, a wrong length)
+    raises a `ValueError` naming `name`.
 
     Args:
         data: A numpy array (or anything `np.asarray` accepts) of inputs, a dict or list of
@@ -56,7 +64,16 @@ def normalize_data(data, name="data", require_labels=False, model=None):
             every input array has one axis more than its model input (and the same
             trailing shape), the first two axes of the inputs and the labels are merged.
             Without a model such a dataset reads as examples of shape `(n, ...)`.
-            Defaults to `None`.
+            With a model of one output, labels are also read against it: class indices
+            of shape `(N,)` (or `(N, ...)` for per-position outputs `(N, ..., C)`), or
+            one-hot rows of its shape. Defaults to `None`.
+        check_classes: Whether each class index must be one of the model's `C` outputs
+            (`0..C-1`; one-hot rows then have width `C`), checked for a model with one
+            output of known width `C > 1`. `None` checks the labels of data that may
+            come without them (`require_labels=False`: data whose outputs a model keeps
+            or on which it is scored), not those a task requires, which may index
+            outputs the operation adds (`keras_fip.ContinualLearn` grows the head and
+            checks its labels itself). Defaults to `None`.
 
     Returns:
         A tuple `(x, y)`: `x` a numpy array (or a dict or list of them), `y` a numpy
@@ -97,7 +114,9 @@ def normalize_data(data, name="data", require_labels=False, model=None):
             y = y.reshape((-1,) + y.shape[2:])
     if not is_structured(x):
         _check_inputs_array(x, name)
-    return x, _normalize_labels(x, y, name, require_labels)
+    if check_classes is None:
+        check_classes = not require_labels
+    return x, _normalize_labels(x, y, name, require_labels, model, check_classes)
 
 
 def _statically_batched(model, x):
@@ -133,25 +152,157 @@ def _check_inputs_array(x, name):
         )
 
 
-def _normalize_labels(x, y, name, require_labels):
-    if y is not None:
+def _normalize_labels(x, y, name, require_labels, model=None, check_classes=False):
+    """Labels as int64 class indices (see `normalize_data`), or `None`; a `ValueError`
+    naming `name` for anything that is not a label array of `x`."""
+    if y is None:
+        if require_labels:
+            raise ValueError(
+                f"`{name}` must be an `(x, y)` tuple or a dataset of `(x, y)` pairs with "
+                f"labels. Received: {name}={_describe(x)} without labels"
+            )
+        return None
+    try:
         y = np.asarray(y)
-        if y.shape[:1] != (num_examples(x),):
-            raise ValueError(
-                f"`{name}` must have as many labels as inputs. Received: {name} with "
-                f"{num_examples(x)} inputs and y of shape {y.shape}"
-            )
-        if np.issubdtype(y.dtype, np.floating) and not np.all(np.isfinite(y)):
-            raise ValueError(
-                f"`{name}` labels must not contain NaN or Inf values. "
-                f"Received: {name} with non-finite labels"
-            )
-    elif require_labels:
+    except Exception as error:
         raise ValueError(
-            f"`{name}` must be an `(x, y)` tuple or a dataset of `(x, y)` pairs with "
-            f"labels. Received: {name}={_describe(x)} without labels"
+            f"`{name}` labels must be an array of class indices. Received: y={_describe(y)}"
+        ) from error
+    if not (
+        np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating) or y.dtype == bool
+    ):
+        raise ValueError(
+            f"`{name}` labels must be integer class indices or one-hot rows. Received: "
+            f"{name} with labels of dtype {y.dtype}"
         )
+    if y.shape[:1] != (num_examples(x),):
+        raise ValueError(
+            f"`{name}` must have as many labels as inputs. Received: {name} with "
+            f"{num_examples(x)} inputs and y of shape {y.shape}"
+        )
+    if np.issubdtype(y.dtype, np.floating):
+        finite = np.isfinite(y)
+        if not np.all(finite):
+            where = np.unravel_index(int(np.argmin(finite)), y.shape)
+            raise ValueError(
+                f"`{name}` labels must not contain NaN or Inf values. Received: {name} "
+                f"with {int(y.size - np.count_nonzero(finite))} non-finite labels, such as "
+                f"{y[where].item()!r} at {_index_text(where)}"
+            )
+    output = _output_shape(model)
+    y, width = _class_indices(y, name, output)
+    if check_classes and output is not None and output[-1] is not None and output[-1] > 1:
+        _check_classes(y, width, name, model.name, output[-1])
     return y
+
+
+def _output_shape(model):
+    """The shape of the model's one output (batch axis first), or `None` when unknown
+    (no model, several outputs, a subclassed model)."""
+    if model is None:
+        return None
+    try:
+        outputs = model.outputs
+    except (AttributeError, ValueError):
+        return None
+    if not outputs or len(outputs) != 1:
+        return None
+    return tuple(outputs[0].shape)
+
+
+def _one_hot_rows(y):
+    """Whether every row of `y` along its last axis is one-hot (one 1, zeros elsewhere)."""
+    return bool(np.all((y == 0) | (y == 1)) and np.all(np.count_nonzero(y, axis=-1) == 1))
+
+
+def _class_indices(y, name, output):
+    """`(labels as int64 class indices, width of their one-hot rows or None)`.
+
+    With the model's `output` shape `(N, ..., C)`, class indices have its shape without
+    the class axis and one-hot rows its rank; without it, any array of non-negative
+    integers is taken as indices (per position when it has several axes)."""
+    rank = None if output is None else len(output)
+    width = None
+    if y.ndim >= 2 and (rank is None or y.ndim == rank):
+        if y.shape[-1] == 1:
+            y = y[..., 0]  # A column of indices, as `sparse_categorical_crossentropy` reads.
+        elif _one_hot_rows(y):
+            width = int(y.shape[-1])
+            return np.argmax(y, axis=-1).astype("int64"), width
+        elif rank is not None or not np.all(y == np.floor(y)) or np.any(y < 0):
+            bad = ~(np.all((y == 0) | (y == 1), axis=-1) & (np.count_nonzero(y, axis=-1) == 1))
+            row = tuple(int(i) for i in np.argwhere(bad)[0])
+            values = np.asarray(y[row], "float64")
+            hint = ""
+            if np.all(values >= 0) and abs(float(np.sum(values)) - 1.0) < 1e-3:
+                hint = (
+                    " (probabilities: operations train on class indices; pass "
+                    "`np.argmax(y, axis=-1)` for the most likely class)"
+                )
+            raise ValueError(
+                f"`{name}` labels must be class indices or one-hot rows (a single 1, zeros "
+                f"elsewhere). Received: {name} with labels of shape {y.shape} whose row "
+                f"{row if len(row) > 1 else row[0]} is {np.round(values, 4)[:10].tolist()}"
+                f"{hint}"
+            )
+    if output is not None:
+        expected = (y.shape[0],) + tuple(output[1:-1])
+        if y.ndim != len(expected) or any(
+            e is not None and e != r for e, r in zip(expected[1:], y.shape[1:])
+        ):
+            raise ValueError(
+                f"`{name}` labels must be class indices of shape "
+                f"{_shape_text(expected)} or one-hot rows of shape "
+                f"{_shape_text(expected + (output[-1],))} for a model with outputs of "
+                f"shape {_shape_text(output)}. Received: {name} with labels of shape "
+                f"{y.shape}"
+            )
+    if np.issubdtype(y.dtype, np.floating):
+        fractional = y != np.floor(y)
+        if np.any(fractional):
+            where = np.unravel_index(int(np.argmax(fractional)), y.shape)
+            raise ValueError(
+                f"`{name}` labels must be integer class indices. Received: {name} with the "
+                f"fractional label {y[where].item()!r} at {_index_text(where)}"
+            )
+    if y.size and y.min() < 0:
+        where = np.unravel_index(int(np.argmin(y)), y.shape)
+        raise ValueError(
+            f"`{name}` labels must be class indices ≥ 0. Received: {name} with the label "
+            f"{_number(y[where])} at {_index_text(where)}"
+        )
+    return y.astype("int64"), width
+
+
+def _check_classes(y, width, name, model_name, num_outputs):
+    """Raises a `ValueError` unless the class indices `y` (and the one-hot rows they came
+    from) are outputs of a model with `num_outputs` outputs."""
+    if width is not None and width != num_outputs:
+        raise ValueError(
+            f"`{name}` one-hot labels must have one column per output of model "
+            f"`{model_name}` ({num_outputs}). Received: {name} with one-hot labels of "
+            f"width {width}"
+        )
+    if y.size and y.max() >= num_outputs:
+        where = np.unravel_index(int(np.argmax(y)), y.shape)
+        raise ValueError(
+            f"`{name}` labels must be class indices of the {num_outputs} outputs of model "
+            f"`{model_name}`, in 0..{num_outputs - 1}. Received: {name} with the label "
+            f"{int(y[where])} at {_index_text(where)}"
+        )
+
+
+def _shape_text(shape):
+    return (
+        "("
+        + ", ".join("N" if i == 0 else str(d) for i, d in enumerate(shape))
+        + (",)" if len(shape) == 1 else ")")
+    )
+
+
+def _index_text(where):
+    where = tuple(int(i) for i in where)
+    return f"index {where[0]}" if len(where) == 1 else f"index {where}"
 
 
 def is_structured(x):
@@ -262,11 +413,14 @@ def model_inputs(model):
     `None` when unknown (subclassed models)."""
     try:
         inputs = model.inputs
-        structure = getattr(model, "_inputs_struct", None)
     except (AttributeError, ValueError):
         return None
     if not inputs:
         return None
+    try:
+        structure = model.input  # A functional model's inputs as built (a dict, a list).
+    except (AttributeError, ValueError):
+        structure = None  # A Sequential model that was never called: one input.
     if isinstance(structure, dict):
         return dict(structure)
     return inputs[0] if len(inputs) == 1 else list(inputs)
@@ -317,7 +471,14 @@ def check_inputs_match_model(model, x, name="data"):
 
     Checked for models with known inputs (Sequential and functional models): one array
     for one input; for several, a dict keyed by the inputs' names or a list in their
-    order, each array of its input's shape.
+    order, each array of its input's shape. Token ids too: an input declared with an
+    integer dtype must hold integers (floats holding integers are accepted, as the
+    keras.io examples feed them), and an input read by an `Embedding` layer (directly,
+    or by a layer or nested model that holds one, as custom layers and KerasHub
+    backbones do) must hold integers in `[0, input_dim)`, which the `Embedding` itself
+    does not check (TensorFlow raises on a CPU naming a graph node, and returns zeros on
+    a GPU). The ids are read once, with numpy; inputs no `Embedding` reads and no
+    integer input are not read at all.
 
     Args:
         model: A built `keras.Model`.
@@ -336,6 +497,148 @@ def check_inputs_match_model(model, x, name="data"):
                 f"{', '.join(str(e) for e in expected)}) to match model `{model.name}`. "
                 f"Received: {label} with inputs of shape {array.shape}"
             )
+    for label, array, tensor in pairs or ():
+        _check_token_ids(model, label, array, tensor)
+
+
+def _input_tensors(value):
+    """The `KerasTensor`s of a layer's `input` (one, or a structure of them)."""
+    return [tensor for tensor in keras.tree.flatten(value) if isinstance(tensor, keras.KerasTensor)]
+
+
+def _reads(layer, tensor):
+    """Whether `layer` was first called on `tensor` (a nested functional model: whether
+    `tensor` is one of its own inputs, which a model built on a backbone's inputs shares
+    with it)."""
+    try:
+        inputs = layer.input
+    except (AttributeError, ValueError, TypeError):
+        return False  # Never called (or not a graph layer).
+    return any(candidate is tensor for candidate in _input_tensors(inputs))
+
+
+def _descendants(layer):
+    """Every layer inside `layer` (sub-layers held as attributes, nested models' layers),
+    found by public means: a model's `layers`, a layer's attributes."""
+    found, stack, seen = [], [layer], {id(layer)}
+    while stack:
+        current = stack.pop()
+        if isinstance(current, keras.Model):
+            children = list(current.layers)
+        else:
+            children = []
+            for value in vars(current).values():
+                if isinstance(value, dict):
+                    value = list(value.values())
+                for item in value if isinstance(value, (list, tuple)) else (value,):
+                    if isinstance(item, keras.layers.Layer):
+                        children.append(item)
+        for child in children:
+            if id(child) not in seen:
+                seen.add(id(child))
+                found.append(child)
+                stack.append(child)
+    return found
+
+
+def _embedding_readers(model, tensor, prefix=""):
+    """`(reader name, [Embedding layers], direct)` for each layer of `model` that reads its
+    input `tensor`: an `Embedding` itself (`direct`), or a layer or nested model holding
+    `Embedding`s.
+
+    Found from `model.layers` and each layer's `input` (its first call): a Sequential
+    model's first layer reads its input; a nested functional model is followed into when
+    `tensor` is one of its inputs (a model built on a backbone's inputs) or when it is the
+    first layer of a Sequential model and has one input. A layer shared between inputs is
+    seen on the one it was first called on; a nested functional model called on other
+    tensors than its own inputs is not seen."""
+    if isinstance(model, keras.Sequential):
+        layers = list(model.layers[:1])
+    else:
+        layers = [layer for layer in model.layers if _reads(layer, tensor)]
+    readers = []
+    for layer in layers:
+        name = prefix + layer.name
+        if isinstance(layer, keras.layers.Embedding):
+            readers.append((name, [layer], True))
+            continue
+        if isinstance(layer, keras.Model) and not isinstance(layer, keras.Sequential):
+            try:
+                inner = list(layer.inputs or ())
+            except (AttributeError, ValueError):
+                inner = []  # A subclassed model: its Embeddings, below.
+            if any(candidate is tensor for candidate in inner):
+                readers.extend(_embedding_readers(layer, tensor, name + "/"))
+                continue
+            if isinstance(model, keras.Sequential) and len(inner) == 1:
+                readers.extend(_embedding_readers(layer, inner[0], name + "/"))
+                continue
+        if isinstance(layer, keras.Sequential):
+            readers.extend(_embedding_readers(layer, tensor, name + "/"))
+            continue
+        embeddings = [
+            child for child in _descendants(layer) if isinstance(child, keras.layers.Embedding)
+        ]
+        if embeddings:
+            readers.append((name, embeddings, False))
+    return readers
+
+
+def _check_token_ids(model, label, array, tensor):
+    """Raises a `ValueError` naming `label` unless `array`, fed to the model input
+    `tensor`, holds integers (an integer input, or one an `Embedding` reads) within the
+    `input_dim` of every `Embedding` reading it."""
+    readers = _embedding_readers(model, tensor)
+    declared = keras.backend.standardize_dtype(tensor.dtype)
+    integer = declared == "bool" or "int" in declared
+    if not readers and not integer:
+        return
+    if readers:
+        reader = readers[0][0]
+        purpose = f"token ids of layer `{reader}`"
+    else:
+        purpose = f"values of the {declared} input `{tensor.name}` of model `{model.name}`"
+    if np.issubdtype(array.dtype, np.floating):
+        fractional = array != np.floor(array)
+        if np.any(fractional):
+            where = tuple(int(i) for i in np.unravel_index(int(np.argmax(fractional)), array.shape))
+            raise ValueError(
+                f"`{label}` must hold integers: the {purpose}. Received: {label} with the "
+                f"fractional value {array[where].item()!r} at index {where}"
+            )
+    if not readers:
+        return
+    low, high = array.min(), array.max()
+    for reader, embeddings, direct in readers:
+        # Where the graph cannot tell which of a layer's `Embedding`s reads the input (a
+        # custom layer with a token and a position embedding), the ids are held to the
+        # largest `input_dim` among them.
+        input_dim = max(int(embedding.input_dim) for embedding in embeddings)
+        if low >= 0 and high < input_dim:
+            continue
+        if direct:
+            source = f"the `Embedding` layer `{reader}` (input_dim={input_dim})"
+        elif len(embeddings) == 1:
+            source = (
+                f"layer `{reader}`, whose `Embedding` `{embeddings[0].name}` "
+                f"(input_dim={input_dim}) reads it"
+            )
+        else:
+            held = ", ".join(f"`{e.name}` input_dim={int(e.input_dim)}" for e in embeddings)
+            source = (
+                f"layer `{reader}`, whose `Embedding` layers ({held}) read it: ids are held "
+                f"to the largest, input_dim={input_dim}"
+            )
+        value, bound = (high, f"< {input_dim}") if high >= input_dim else (low, ">= 0")
+        raise ValueError(
+            f"`{label}` must hold token ids in [0, {input_dim}) for {source}. Received: "
+            f"{label} with the id {_number(value)} (ids must be {bound}; received ids from "
+            f"{_number(low)} to {_number(high)})"
+        )
+
+
+def _number(value):
+    return int(value) if float(value).is_integer() else float(value)
 
 
 def cast_inputs(model, x):
