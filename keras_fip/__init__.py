@@ -10,6 +10,7 @@ import os as _os
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from keras_fip import baselines  # noqa: E402
+from keras_fip.version import __version__  # noqa: E402
 from keras_fip import data  # noqa: E402
 from keras_fip import geometry  # noqa: E402
 from keras_fip import metrics  # noqa: E402
@@ -35,7 +36,6 @@ from keras_fip.operations import damage_reference  # noqa: E402
 from keras_fip.operations import ensemble_members  # noqa: E402
 from keras_fip.operations import shrink  # noqa: E402
 
-__version__ = "0.1.0"
 
 __all__ = [
     "baselines",
