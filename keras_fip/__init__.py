@@ -20,7 +20,9 @@ from keras_fip.engine.masks import MaskedOptimizer  # noqa: E402
 from keras_fip.engine.masks import masks  # noqa: E402
 from keras_fip.engine.masks import strip_masks  # noqa: E402
 from keras_fip.engine.path import Path  # noqa: E402
+from keras_fip.engine import rules  # noqa: E402
 from keras_fip.engine.trainer import FIPTrainer  # noqa: E402
+from keras_fip.engine.walk import Walk  # noqa: E402
 from keras_fip.export import export  # noqa: E402
 from keras_fip.operations import Chain  # noqa: E402
 from keras_fip.operations import Compress  # noqa: E402
@@ -45,6 +47,8 @@ __all__ = [
     "Chain",
     "Compress",
     "FIPTrainer",
+    "Walk",
+    "rules",
     "Isofunctional",
     "MaskedOptimizer",
     "Operation",

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from keras_fip.engine import distances as distances_lib
 from keras_fip.engine import outputs as outputs_lib
+from keras_fip.engine import rules as rules_lib
 from keras_fip.engine import step_rules
 from keras_fip.engine.masks import MaskConstraint
 from keras_fip.engine.masks import MaskedOptimizer
@@ -109,13 +110,15 @@ class FIPTrainer(keras.Model):
     for the secondary objective L. Both sides of D run in inference mode, unless
     `training=True` puts the moving side in training mode:
 
-    - `step_rule="penalty"`: minimise `D + β·L` with the compiled Keras optimizer.
-    - `step_rule="normalized"`: the gradient of `D + β·L` rescaled to Euclidean length ε.
-    - `step_rule="metric"`: solve `(g + δI) θ = −β ∇L` by `cg_iterations` steps of
-      conjugate gradient with the matrix-free metric g on the anchor batch, rescale θ to
-      length ε (the paper's step). D is then only measured.
+    The step rule (`keras_fip.rules`) turns the gradient into the move:
 
-    For the `normalized` and `metric` rules the step is handed to the compiled optimizer as
+    - `Penalty`: minimise `D + β·L` with the compiled Keras optimizer.
+    - `Normalized`: the gradient of `D + β·L` rescaled to Euclidean length ε.
+    - `Metric`: solve `(g + δI) θ = −β ∇L` by conjugate gradient with the matrix-free
+      metric g on the anchor batch, rescale θ to length ε (the paper's step). D is then
+      only measured.
+
+    For the `Normalized` and `Metric` rules the step is handed to the compiled optimizer as
     a gradient; with the default `keras.optimizers.SGD(1.0)` the weights move by exactly θ.
     Masked weights (carried as `MaskConstraint`s) are excluded from the step and stay at
     zero. The batches are dicts, built by `keras_fip.engine.data_adapter.fip_dataset`:
@@ -133,15 +136,11 @@ class FIPTrainer(keras.Model):
     Args:
         model: The built `keras.Model` to move, returning logits or probabilities.
             Changed in place.
-        step_rule: `"penalty"`, `"normalized"` or `"metric"`. Defaults to `"penalty"`.
-        distance: Output distance D: `"l2"`, `"kl"`, `"bhattacharyya"` or a callable
-            `fn(outputs, reference_outputs) -> scalar`. Defaults to `"l2"`.
+        rule: The step rule: a `keras_fip.rules.Penalty`, `Normalized` or `Metric`, or
+            its name. Defaults to `"penalty"`.
+        distance: Output distance D: `"kl"`, `"l2"`, `"bhattacharyya"` or a callable
+            `fn(outputs, reference_outputs) -> scalar`. Defaults to `"kl"`.
         beta: β, the weight of the secondary objective. Defaults to `1.0`.
-        epsilon: ε, the step length of the `normalized` and `metric` rules. Defaults to
-            `0.01`.
-        damping: δ, added to g in the `metric` rule. Defaults to `1e-3`.
-        cg_iterations: Conjugate-gradient iterations of the `metric` rule. Defaults to
-            `10`.
         secondary_loss: A `keras.losses.Loss` (or its config) applied to the model's
             outputs on secondary `(x, y)` batches, e.g.
             `keras.losses.SparseCategoricalCrossentropy(from_logits=True)`. Exclusive with
@@ -199,7 +198,7 @@ class FIPTrainer(keras.Model):
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     >>> x = np.random.rand(32, 4).astype("float32")
     >>> y = np.random.randint(0, 3, 32)
-    >>> trainer = FIPTrainer(model, step_rule="normalized", epsilon=0.01,
+    >>> trainer = FIPTrainer(model, rule=keras_fip.rules.Normalized(epsilon=0.01),
     ...     secondary_loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     >>> trainer.compile()
     >>> data = fip_dataset(model, anchor=x, secondary=(x, y), batch_size=8)
@@ -211,12 +210,9 @@ class FIPTrainer(keras.Model):
     def __init__(
         self,
         model,
-        step_rule="penalty",
-        distance="l2",
+        rule="penalty",
+        distance="kl",
         beta=1.0,
-        epsilon=0.01,
-        damping=1e-3,
-        cg_iterations=10,
         secondary_loss=None,
         secondary_objective=None,
         reference="start",
@@ -235,13 +231,10 @@ class FIPTrainer(keras.Model):
                 f"model={model.name} with {len(model.trainable_variables)} trainable "
                 "variables"
             )
-        step_rules.check_step_rule(step_rule)
+        rule = rules_lib.get(rule)
         distance_fn = distances_lib.get(distance)
         if not _is_number(beta) or not math.isfinite(beta):
             raise ValueError(f"`beta` must be a finite number. Received: beta={beta!r}")
-        epsilon = _check_positive(epsilon, "epsilon")
-        damping = _check_positive(damping, "damping", allow_zero=True)
-        _check_positive_integer(cg_iterations, "cg_iterations")
         if secondary_loss is not None and secondary_objective is not None:
             raise ValueError(
                 "Pass at most one of `secondary_loss` and `secondary_objective`. "
@@ -277,9 +270,9 @@ class FIPTrainer(keras.Model):
             )
         _check_positive_integer(measure_every, "measure_every")
         outputs_lib.check_output_kind(outputs)
-        if step_rule == "metric" and secondary_loss is None and secondary_objective is None:
+        if rule.needs_metric_product and secondary_loss is None and secondary_objective is None:
             warnings.warn(
-                "`step_rule='metric'` with no secondary objective (L = 0) has a zero "
+                "The `Metric` rule with no secondary objective (L = 0) has a zero "
                 "right-hand side: every step is zero.",
                 stacklevel=2,
             )
@@ -290,12 +283,9 @@ class FIPTrainer(keras.Model):
         # Every output the step reads is a logit: a probability model is read through its
         # log-probabilities (a view sharing its weights).
         self.network = outputs_lib.logits_model(model, self.outputs_kind)
-        self.step_rule = step_rule
+        self.rule = rule
         self.distance = distance
         self.beta = float(beta)
-        self.epsilon = epsilon
-        self.damping = damping
-        self.cg_iterations = int(cg_iterations)
         self.secondary_loss = secondary_loss
         self.secondary_objective = secondary_objective
         self.reference = reference
@@ -347,8 +337,9 @@ class FIPTrainer(keras.Model):
 
         Args:
             optimizer: A Keras optimizer. `None` uses `keras.optimizers.SGD(1.0)` for the
-                `normalized` and `metric` rules (the weights move by exactly θ) and
-                `keras.optimizers.Adam(1e-3)` for `penalty`. Wrapped in a
+                `Normalized` and `Metric` rules (the weights move by exactly θ) and
+                `keras.optimizers.Adam(1e-3)` for `Penalty` (walks take
+                `rule.optimizer(steps, variables)`). Wrapped in a
                 `MaskedOptimizer` when the model carries masks. Defaults to `None`.
             jit_compile: Whether to compile the step with XLA. Defaults to `False`.
             steps_per_execution: Steps per `tf.function` call. Defaults to `1`.
@@ -361,7 +352,7 @@ class FIPTrainer(keras.Model):
                     f"Received: {name}={kwargs[name]!r}"
                 )
         if optimizer is None:
-            if self.step_rule == "penalty":
+            if isinstance(self.rule, rules_lib.Penalty):
                 optimizer = keras.optimizers.Adam(1e-3)
             else:
                 optimizer = keras.optimizers.SGD(1.0)
@@ -406,7 +397,7 @@ class FIPTrainer(keras.Model):
 
     def _can_fuse(self, anchor_inputs, secondary):
         """Whether anchor and secondary inputs can share one forward pass."""
-        if self._loss_fn is None or self.step_rule == "metric":
+        if self._loss_fn is None or not self.rule.objective_includes_distance:
             return False
         secondary_inputs = secondary[0]
         if not (tf.is_tensor(anchor_inputs) and tf.is_tensor(secondary_inputs)):
@@ -451,142 +442,167 @@ class FIPTrainer(keras.Model):
         return tf.constant(0.0), None
 
     def train_step(self, data):
-        # Unpack.
-        anchor_inputs = data["anchor_inputs"]
-        reference_outputs = data.get("anchor_outputs")
-        secondary = data.get("secondary")
+        anchor_inputs, reference_outputs, secondary = self._unpack(data)
         variables = self.network.trainable_variables
-        replicas = step_rules.num_replicas()
-        # The guard's point is snapshotted every step unless `measure_every` > 1 with
-        # the start reference (then at measured steps only, after the update).
+        # The moving statistics (training mode only) change in the forward pass.
+        before_state = self._read_state()
+
+        # Forward pass
+        with tf.GradientTape() as tape:
+            distance, secondary_value, accuracy = self._terms(
+                anchor_inputs, reference_outputs, secondary
+            )
+            objective = self.beta * secondary_value
+            if self.rule.objective_includes_distance:
+                objective = objective + tf.cast(distance, "float32")
+            scaled = self.optimizer.scale_loss(objective / step_rules.num_replicas())
+        gradients = self._gradients(tape.gradient(scaled, variables), variables)
+        if not self.rule.objective_includes_distance:
+            distance = self._distance_of(self._forward(anchor_inputs), reference_outputs)
+
+        # Means over the replicas (with the gradient, for rules that need the global one)
+        scalars, gradients = self._all_reduce(
+            [objective, distance, secondary_value, 0.0 if accuracy is None else accuracy],
+            gradients,
+        )
+
+        # The step rule's move, applied; the point measured and guarded
+        updates = self._rule_update(gradients, anchor_inputs)
+        step_norm, from_start, finite, before = self._apply(
+            updates, variables, before_state, scalars[0]
+        )
+        if self.metric_length:
+            self._add_metric_length(anchor_inputs, variables, before)
+        return self._logs(scalars, step_norm, from_start, finite, accuracy is not None)
+
+    # The step's parts.
+
+    def _unpack(self, data):
+        """`(anchor_inputs, reference_outputs or None, secondary batch or None)`."""
+        reference_outputs = data.get("anchor_outputs")
         if self._sparse_guard and reference_outputs is None:
             raise ValueError(
                 "With `reference='start'` and `measure_every` > 1 the data must carry the "
                 "start point's outputs (`fip_dataset(..., reference='start')`). Received "
                 f"batches without 'anchor_outputs' (measure_every={self.measure_every})."
             )
-        every_step = not self._sparse_guard
-        # The moving statistics (training mode only) change in the forward pass: read
-        # them first.
-        before_state = [tf.identity(v.value) for v in self._state] if every_step else []
         if reference_outputs is None:
-            reference_outputs = self._reference_outputs(anchor_inputs)
+            reference_outputs = self._reference_outputs(data["anchor_inputs"])
+        return data["anchor_inputs"], reference_outputs, data.get("secondary")
 
-        # Forward pass.
-        with tf.GradientTape() as tape:
-            if secondary is not None and self._can_fuse(anchor_inputs, secondary):
-                outputs = self.network(
-                    tf.concat([anchor_inputs, secondary[0]], axis=0),
-                    training=self.walk_training,
-                )
-                # One Split (its gradient one Concat) rather than two strided slices.
-                anchor_outputs, secondary_outputs = tf.split(
-                    outputs,
-                    [_batch_size(anchor_inputs), _batch_size(secondary[0])],
-                    axis=0,
-                )
-                accuracy = self._batch_accuracy(secondary[1], secondary_outputs)
-                secondary_value = self._supervised_loss(secondary[1], secondary_outputs)
-            else:
-                anchor_outputs = None
-                if self.step_rule != "metric":
-                    anchor_outputs = self.network(anchor_inputs, training=self.walk_training)
-                secondary_value, accuracy = self._secondary_value(secondary)
-            if self.step_rule == "metric":
-                objective = secondary_value
-            else:
-                distance = self._anchor_distance(anchor_outputs, reference_outputs)
-                objective = tf.cast(distance, "float32") + self.beta * secondary_value
-            scaled_objective = self.optimizer.scale_loss(objective / replicas)
-        gradients = tape.gradient(scaled_objective, variables)
-        gradients = [
+    def _read_state(self):
+        """The moving statistics before the step, for the guard (every-step copies)."""
+        if self._sparse_guard:
+            return []
+        return [tf.identity(v.value) for v in self._state]
+
+    def _forward(self, inputs):
+        return self.network(inputs, training=self.walk_training)
+
+    def _distance_of(self, outputs, reference_outputs):
+        return self._anchor_distance(outputs, reference_outputs)
+
+    def _terms(self, anchor_inputs, reference_outputs, secondary):
+        """`(D, L, accuracy or None)`; anchor and labelled batches share one forward pass
+        when they can (`_can_fuse`). D is `None` when the rule does not differentiate it."""
+        if secondary is not None and self._can_fuse(anchor_inputs, secondary):
+            outputs = self._forward(tf.concat([anchor_inputs, secondary[0]], axis=0))
+            # One Split (its gradient one Concat) rather than two strided slices.
+            anchor_outputs, secondary_outputs = tf.split(
+                outputs, [_batch_size(anchor_inputs), _batch_size(secondary[0])], axis=0
+            )
+            accuracy = self._batch_accuracy(secondary[1], secondary_outputs)
+            secondary_value = self._supervised_loss(secondary[1], secondary_outputs)
+        else:
+            anchor_outputs = None
+            if self.rule.objective_includes_distance:
+                anchor_outputs = self._forward(anchor_inputs)
+            secondary_value, accuracy = self._secondary_value(secondary)
+        distance = None
+        if anchor_outputs is not None:
+            distance = self._distance_of(anchor_outputs, reference_outputs)
+        return distance, secondary_value, accuracy
+
+    @staticmethod
+    def _gradients(gradients, variables):
+        return [
             tf.zeros_like(v.value) if g is None else tf.convert_to_tensor(g)
             for g, v in zip(gradients, variables)
         ]
 
-        # All-reduce the scalars (and the gradient for the normalised rules) in one
-        # collective, so every later collective depends on it and runs in the same order.
-        if self.step_rule == "metric":
-            distance = self._anchor_distance(
-                self.network(anchor_inputs, training=self.walk_training),
-                reference_outputs,
-            )
+    def _all_reduce(self, scalars, gradients):
+        """Means the scalars (and, for rules on the global gradient, the gradient) over the
+        replicas in one collective, so every later collective runs in the same order."""
         pack_dtype = gradients[0].dtype
-        scalars = [
-            tf.cast(value, pack_dtype)
-            for value in (
-                objective,
-                distance,
-                secondary_value,
-                0.0 if accuracy is None else accuracy,
-            )
-        ]
-        if self.step_rule == "penalty":
+        scalars = [tf.cast(value, pack_dtype) for value in scalars]
+        if isinstance(self.rule, rules_lib.Penalty):
             reduced = step_rules.all_reduce_mean(scalars)
         else:
+            replicas = step_rules.num_replicas()
             reduced = step_rules.all_reduce_mean(scalars + [g * replicas for g in gradients])
-            gradients = reduced[4:]
-        objective_mean, distance_mean, secondary_mean, accuracy_mean = [
-            tf.cast(value, "float32") for value in reduced[:4]
-        ]
+            gradients = reduced[len(scalars) :]
+        return [tf.cast(value, "float32") for value in reduced[: len(scalars)]], gradients
 
-        # Step rule.
-        if self.step_rule == "metric":
+    def _rule_update(self, gradients, anchor_inputs):
+        """The rule's update for the optimizer (a replica's share of a global step)."""
+        metric_product = None
+        if self.rule.needs_metric_product:
             from keras_fip.geometry.metric import linearize
 
             # One forward pass for every CG product: g·v = (1/B) Jᵀ (J v).
             _, jvp, vjp = linearize(self.network, anchor_inputs)
-            anchor_count = tf.shape(tf.nest.flatten(anchor_inputs)[0])[0]
+            count = tf.shape(tf.nest.flatten(anchor_inputs)[0])[0]
 
             def metric_product(vector):
                 tangent = jvp(vector)
-                return vjp(tangent / tf.cast(anchor_count, tangent.dtype))
+                return vjp(tangent / tf.cast(count, tangent.dtype))
 
-            displacement, _ = step_rules.metric_step(
-                metric_product,
-                gradients,
-                beta=self.beta,
-                epsilon=self.epsilon,
-                damping=self.damping,
-                iterations=self.cg_iterations,
-                masks=self._masks,
+        updates = self.rule.update(
+            gradients, self.beta, masks=self._masks, metric_product=metric_product
+        )
+        if isinstance(self.rule, rules_lib.Penalty):
+            return updates
+        # Every replica computed the global step; the optimizer sums the replicas' shares.
+        replicas = step_rules.num_replicas()
+        return [update / replicas for update in updates]
+
+    def _apply(self, updates, variables, before_state, objective):
+        """Applies the update; returns `(step_norm, distance_from_start, finite, before)`,
+        `before` the weights before the step (`None` with `measure_every` > 1)."""
+        if self._sparse_guard:
+            step_norm, from_start, weights_finite, before = self._apply_sparse(
+                updates, variables, tf.math.is_finite(objective)
             )
-            updates = [-d / replicas for d in displacement]
-        elif self.step_rule == "normalized":
-            displacement, _ = step_rules.normalized_step(gradients, self.epsilon, masks=self._masks)
-            updates = [-d / replicas for d in displacement]
         else:
-            updates = gradients
-
-        if every_step:
-            step_norm, from_start, weights_finite, delta_base = self._apply_every_step(
+            step_norm, from_start, weights_finite, before = self._apply_every_step(
                 updates, variables, before_state
             )
-        else:
-            step_norm, from_start, weights_finite, delta_base = self._apply_sparse(
-                updates, variables, tf.math.is_finite(objective_mean)
-            )
-        finite = tf.logical_and(tf.math.is_finite(objective_mean), weights_finite)
-        if self.metric_length:
-            from keras_fip.geometry import output_jvp
+        finite = tf.logical_and(tf.math.is_finite(objective), weights_finite)
+        return step_norm, from_start, finite, before
 
-            after = [v.value for v in variables]
-            delta = [a - b for a, b in zip(after, delta_base)]
-            _, jvp = output_jvp(self.network, anchor_inputs, delta)
-            speed = tf.reduce_mean(tf.reduce_sum(tf.square(jvp), axis=-1))
-            (speed,) = step_rules.all_reduce_mean([speed])
-            self._metric_length.assign_add(tf.sqrt(tf.cast(speed, "float32")))
+    def _add_metric_length(self, anchor_inputs, variables, before):
+        """Adds the step's length in the metric, `sqrt(Δwᵀ g Δw)`, to `metric_length`."""
+        from keras_fip.geometry import output_jvp
+
+        delta = [v.value - b for v, b in zip(variables, before)]
+        _, jvp = output_jvp(self.network, anchor_inputs, delta)
+        speed = tf.reduce_mean(tf.reduce_sum(tf.square(jvp), axis=-1))
+        (speed,) = step_rules.all_reduce_mean([speed])
+        self._metric_length.assign_add(tf.sqrt(tf.cast(speed, "float32")))
+
+    def _logs(self, scalars, step_norm, from_start, finite, has_accuracy):
+        _, distance, secondary, accuracy = scalars
         logs = {
-            "distance": distance_mean,
-            "secondary_loss": secondary_mean,
+            "distance": distance,
+            "secondary_loss": secondary,
             "step_norm": tf.cast(step_norm, "float32"),
             "distance_from_start": tf.cast(from_start, "float32"),
             "finite": tf.cast(finite, "float32"),
         }
         if self.metric_length:
             logs["metric_length"] = self._metric_length.value
-        if accuracy is not None:
-            logs["accuracy"] = accuracy_mean
+        if has_accuracy:
+            logs["accuracy"] = accuracy
         return logs
 
     def _apply_every_step(self, updates, variables, before_state):
@@ -817,12 +833,9 @@ class FIPTrainer(keras.Model):
         config.update(
             {
                 "model": keras.saving.serialize_keras_object(self.walked_model),
-                "step_rule": self.step_rule,
+                "rule": rules_lib.serialize(self.rule),
                 "distance": distances_lib.serialize(self._distance_fn),
                 "beta": self.beta,
-                "epsilon": self.epsilon,
-                "damping": self.damping,
-                "cg_iterations": self.cg_iterations,
                 "secondary_loss": (
                     None
                     if self._loss_fn is None

@@ -6,10 +6,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_fip.engine import rules
 from keras_fip.engine.data_adapter import fip_dataset
 from keras_fip.engine.masks import apply_masks
 from keras_fip.engine.path import Path
 from keras_fip.engine.trainer import FIPTrainer
+
+
+def _rule(name, epsilon=0.01, **kwargs):
+    """The step rule named `name` (`epsilon` for the rules that take it)."""
+    if name == "penalty":
+        return rules.Penalty()
+    if name == "normalized":
+        return rules.Normalized(epsilon=epsilon)
+    return rules.Metric(epsilon=epsilon, **kwargs)
 
 
 def _loss():
@@ -52,7 +62,7 @@ def test_distance_and_gradient_exactly_zero_at_start(distance, reference):
     model = _model()
     x, _ = _data()
     start = _weights(model)
-    trainer = FIPTrainer(model, step_rule="penalty", distance=distance, reference=reference)
+    trainer = FIPTrainer(model, rule="penalty", distance=distance, reference=reference)
     trainer.compile(optimizer=keras.optimizers.SGD(1.0))
     data = fip_dataset(model, x, batch_size=16, reference=reference, shuffle=False)
     history = trainer.fit(data, epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)
@@ -66,7 +76,7 @@ def test_distance_and_gradient_exactly_zero_at_start(distance, reference):
 def test_normalized_and_metric_steps_have_length_epsilon(step_rule):
     model = _model()
     x, y = _data()
-    trainer = FIPTrainer(model, step_rule=step_rule, epsilon=0.0123, secondary_loss=_loss())
+    trainer = FIPTrainer(model, rule=_rule(step_rule, epsilon=0.0123), secondary_loss=_loss())
     trainer.compile()
     data = fip_dataset(model, x, secondary=(x, y), batch_size=8, seed=0)
     before = _weights(model)
@@ -104,11 +114,8 @@ def test_metric_step_direction_matches_dense_solve():
     before = _flat(_weights(model))
     trainer = FIPTrainer(
         model,
-        step_rule="metric",
+        rule=rules.Metric(epsilon=epsilon, damping=damping, cg_iterations=40),
         beta=beta,
-        epsilon=epsilon,
-        damping=damping,
-        cg_iterations=40,
         secondary_loss=_loss(),
     )
     trainer.compile()
@@ -123,7 +130,7 @@ def test_masks_exactly_zero_after_100_steps(step_rule):
     kernel_mask = np.random.default_rng(1).random((4, 6)) > 0.5
     apply_masks(model, {model.get_layer("hidden").kernel.path: kernel_mask})
     x, y = _data()
-    trainer = FIPTrainer(model, step_rule=step_rule, epsilon=0.05, secondary_loss=_loss())
+    trainer = FIPTrainer(model, rule=_rule(step_rule, epsilon=0.05), secondary_loss=_loss())
     trainer.compile(optimizer=keras.optimizers.Adam(0.05) if step_rule == "penalty" else None)
     data = fip_dataset(model, x, secondary=(x, y), batch_size=8, seed=0)
     history = trainer.fit(data, epochs=1, steps_per_epoch=100, verbose=0)
@@ -147,8 +154,7 @@ def _walk(strategy, template, step_rule, reference, x, y, steps=5, measure_every
         model = _copy(template)
         trainer = FIPTrainer(
             model,
-            step_rule=step_rule,
-            epsilon=0.01,
+            rule=_rule(step_rule, epsilon=0.01),
             reference=reference,
             secondary_loss=_loss(),
             metric_length=measure_every == 1,
@@ -219,8 +225,7 @@ def _walk_into_nan(model, x, count, training=False):
     """Walks until the objective turns NaN at step `count`; returns the recorded path."""
     trainer = FIPTrainer(
         model,
-        step_rule="normalized",
-        epsilon=0.01,
+        rule=rules.Normalized(epsilon=0.01),
         training=training,
         secondary_objective=_NaNAfter(count),
     )
@@ -266,7 +271,7 @@ def test_training_mode_normalizes_with_batch_statistics_and_updates_them(trainin
     x = 3.0 * x + 5.0  # Far from the initial moving statistics (mean 0, variance 1).
     reference = model.predict(x, verbose=0)
     before = _moving_statistics(model)
-    trainer = FIPTrainer(model, step_rule="penalty", training=training)
+    trainer = FIPTrainer(model, rule="penalty", training=training)
     trainer.compile(optimizer=keras.optimizers.SGD(0.0))
     history = trainer.walk(fip_dataset(model, x, batch_size=32, shuffle=False), 3, verbose=0)
     after = _moving_statistics(model)
@@ -298,8 +303,7 @@ def test_non_finite_step_in_training_mode_restores_the_moving_statistics():
     replay = _normalized_model()
     trainer_replay = FIPTrainer(
         replay,
-        step_rule="normalized",
-        epsilon=0.01,
+        rule=rules.Normalized(epsilon=0.01),
         training=True,
         secondary_objective=_NaNAfter(100),
     )
@@ -313,7 +317,7 @@ def test_walk_records_path_history_and_continues_a_resumed_path(tmp_path):
     model = _model()
     x, y = _data()
     trainer = FIPTrainer(
-        model, step_rule="normalized", epsilon=0.01, secondary_loss=_loss(), metric_length=True
+        model, rule=rules.Normalized(epsilon=0.01), secondary_loss=_loss(), metric_length=True
     )
     trainer.compile()
     data = fip_dataset(model, x, secondary=(x, y), batch_size=8, seed=0)
@@ -339,7 +343,7 @@ def test_fused_forward_matches_separate_secondary_objective():
     for fused in (True, False):
         model = _copy(template)
         if fused:
-            trainer = FIPTrainer(model, step_rule="normalized", secondary_loss=_loss())
+            trainer = FIPTrainer(model, rule="normalized", secondary_loss=_loss())
             secondary = (x, y)
         else:
             # The same cross-entropy as a callable objective on the same batches.
@@ -350,7 +354,7 @@ def test_fused_forward_matches_separate_secondary_objective():
                     )
                 )
 
-            trainer = FIPTrainer(model, step_rule="normalized", secondary_objective=objective)
+            trainer = FIPTrainer(model, rule="normalized", secondary_objective=objective)
             secondary = (x, y)
         trainer.compile()
         data = fip_dataset(model, x, secondary=secondary, batch_size=8, seed=0)
@@ -375,7 +379,7 @@ def test_new_output_units_are_free_of_the_anchor_distance():
             np.concatenate([bias, np.ones(2, "float32")]),
         ]
     )
-    trainer = FIPTrainer(wider, step_rule="penalty")
+    trainer = FIPTrainer(wider, rule="penalty")
     trainer.compile(optimizer=keras.optimizers.SGD(0.1))
     history = trainer.fit(data, epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)
     assert history.history["distance"] == [0.0]
@@ -385,12 +389,9 @@ def test_get_config_round_trip():
     model = _model()
     trainer = FIPTrainer(
         model,
-        step_rule="metric",
+        rule=rules.Metric(epsilon=0.02, damping=0.1, cg_iterations=7),
         distance="kl",
         beta=0.5,
-        epsilon=0.02,
-        damping=0.1,
-        cg_iterations=7,
         secondary_loss=_loss(),
         reference="local",
         metric_length=True,
@@ -399,11 +400,8 @@ def test_get_config_round_trip():
     config = trainer.get_config()
     clone = FIPTrainer.from_config(config)
     for key in (
-        "step_rule",
+        "rule",
         "beta",
-        "epsilon",
-        "damping",
-        "cg_iterations",
         "reference",
         "metric_length",
         "walk_training",
@@ -417,11 +415,8 @@ def test_get_config_round_trip():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"step_rule": "adam"}, "Received: step_rule='adam'"),
+        ({"rule": "adam"}, "Received: rule='adam'"),
         ({"distance": "cosine"}, "Received: distance='cosine'"),
-        ({"epsilon": 0.0}, "Received: epsilon=0.0"),
-        ({"damping": -1.0}, "Received: damping=-1.0"),
-        ({"cg_iterations": 0}, "Received: cg_iterations=0"),
         ({"beta": float("nan")}, "Received: beta=nan"),
         ({"reference": "previous"}, "Received: reference='previous'"),
         ({"secondary_loss": "sparse_categorical_crossentropy"}, "Received: secondary_loss="),
