@@ -10,17 +10,16 @@ import os as _os
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from keras_fip import baselines  # noqa: E402
-from keras_fip.version import __version__  # noqa: E402
 from keras_fip import data  # noqa: E402
 from keras_fip import geometry  # noqa: E402
 from keras_fip import metrics  # noqa: E402
 from keras_fip import models  # noqa: E402
 from keras_fip import robustness  # noqa: E402
+from keras_fip.engine import rules  # noqa: E402
 from keras_fip.engine.masks import MaskedOptimizer  # noqa: E402
 from keras_fip.engine.masks import masks  # noqa: E402
 from keras_fip.engine.masks import strip_masks  # noqa: E402
 from keras_fip.engine.path import Path  # noqa: E402
-from keras_fip.engine import rules  # noqa: E402
 from keras_fip.engine.trainer import FIPTrainer  # noqa: E402
 from keras_fip.engine.walk import Walk  # noqa: E402
 from keras_fip.export import export  # noqa: E402
@@ -37,7 +36,7 @@ from keras_fip.operations import chain  # noqa: E402
 from keras_fip.operations import damage_reference  # noqa: E402
 from keras_fip.operations import ensemble_members  # noqa: E402
 from keras_fip.operations import shrink  # noqa: E402
-
+from keras_fip.version import __version__  # noqa: E402
 
 __all__ = [
     "baselines",
