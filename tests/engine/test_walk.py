@@ -102,19 +102,30 @@ def test_walk_round_trips_and_repr_names_only_changes():
         record_every=5,
         seed=3,
     )
-    clone = Walk.from_config(walk.get_config())
-    assert clone == walk
+    assert Walk.from_config(walk.get_config()) == walk
     assert keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(walk)) == walk
     assert repr(Walk()) == "Walk()"
     assert repr(Walk(steps=5)) == "Walk(steps=5)"
-    assert "Metric(epsilon=0.01, damping=0.001, cg_iterations=3)" in repr(walk)
+    assert "rule=Metric(epsilon=0.01, damping=0.001, cg_iterations=3)" in repr(walk)
+
+
+def test_resolve_fills_only_what_the_walk_leaves_open():
+    resolved = Walk(batch_size=32).resolve(epochs=3, record_every=10)
+    assert resolved.batch_size == 32
+    assert resolved.epochs == 3 and resolved.steps is None
+    assert resolved.record_every == 10
+    assert resolved.rule == rules.Penalty() and resolved.distance == "kl"
+    assert resolved.beta == "auto" and resolved.training == "auto"
+    # A walk's own budget wins over the operation's, whichever unit it is in.
+    assert Walk(steps=7).resolve(epochs=3).steps == 7
+    assert Walk(steps=7).resolve(epochs=3).epochs is None
 
 
 def test_walk_budget():
-    assert Walk(steps=7).num_steps(1000, default_epochs=3) == 7
+    assert Walk(steps=7).num_steps(1000) == 7
     assert Walk(epochs=2, batch_size=100).num_steps(1001) == 2 * 11
-    assert Walk(batch_size=100).num_steps(250, default_epochs=4) == 4 * 3
-    assert Walk().num_steps(250, default_steps=1000) == 1000
+    assert Walk(batch_size=100).resolve(epochs=4).num_steps(250) == 4 * 3
+    assert Walk().resolve(steps=1000).num_steps(250) == 1000
     # A batch larger than the data is one step a pass.
     assert Walk(epochs=3, batch_size=512).num_steps(100) == 3
     with pytest.raises(ValueError, match="no budget"):
