@@ -7,11 +7,13 @@ import keras
 import numpy as np
 
 from keras_fip.engine import outputs as outputs_lib
+from keras_fip.engine import walk as walk_lib
 from keras_fip.engine.copy import copy_model
 from keras_fip.engine.data_adapter import fip_dataset
 from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.engine.path import Path
 from keras_fip.engine.trainer import FIPTrainer
+from keras_fip.engine.walk_checkpoint import WalkCheckpoint
 
 # Layers whose weights and computation the FIP machinery handles (JVPs, masks, copies).
 SUPPORTED_LAYERS = tuple(
@@ -197,27 +199,20 @@ def check_model(model, argument="model"):
 
 @keras.saving.register_keras_serializable(package="keras_fip")
 class Operation:
-    """A validated, serialisable transformation `model -> new model` along a FIP.
+    """A validated, serialisable transformation `model -> new model`.
 
     Subclasses validate their hyper-parameters in `__init__` (a `ValueError` naming the
-    argument, what was expected and `Received: arg=...`, before any work), implement
+    argument, what was expected and `Received: arg=...`, before any work), may check the
+    data against the model in `validate(model)` (run before the model is copied), implement
     `call(model)` on a private copy, and list their arguments in `get_config`. Calling an
-    operation checks the model's layers, copies it (`keras_fip.engine.copy_model`: same
-    weights, same masks), runs `call` on the copy and returns the result: **the input
-    model is never changed**. Walks run by `fip_walk` set `op.path` (a `keras_fip.Path`)
-    and `op.history` (a dict of per-step lists, as `fit`'s `History` holds per epoch).
-    Progress is shown by `fit`'s `keras.utils.Progbar`; callbacks are accepted as `fit`
-    accepts them; `log_dir` writes TensorBoard logs. `keras_fip.chain(*ops)` composes
-    operations into one.
+    operation checks the model's layers, runs `validate`, copies the model
+    (`keras_fip.engine.copy_model`: same weights, same masks), runs `call` on the copy and
+    returns the result: **the input model is never changed**, and one operation object can
+    be called on several models (each call is independent; `op.path` and `op.history`
+    describe the last call). `keras_fip.chain(*ops)` composes operations into one.
 
     Args:
         name: Name of the operation. Defaults to `None` (the class name in snake case).
-        verbose: Progress display, as in `fit` (`"auto"`, 0, 1 or 2). Defaults to
-            `"auto"`.
-        callbacks: List of `keras.callbacks.Callback`, passed to the walk's `fit`.
-            Defaults to `None`.
-        log_dir: Directory for TensorBoard logs of the walk, or `None`. Defaults to
-            `None`.
 
     Example:
 
@@ -237,27 +232,10 @@ class Operation:
     False
     """
 
-    def __init__(self, name=None, verbose="auto", callbacks=None, log_dir=None):
+    def __init__(self, name=None):
         if name is not None and not isinstance(name, str):
             raise ValueError(f"`name` must be a string or None. Received: name={name!r}")
-        if verbose not in ("auto", 0, 1, 2):
-            raise ValueError(f"`verbose` must be 'auto', 0, 1 or 2. Received: verbose={verbose!r}")
-        if callbacks is not None and (
-            not isinstance(callbacks, (list, tuple))
-            or not all(isinstance(c, keras.callbacks.Callback) for c in callbacks)
-        ):
-            raise ValueError(
-                "`callbacks` must be a list of `keras.callbacks.Callback`. "
-                f"Received: callbacks={callbacks!r}"
-            )
-        if log_dir is not None and not isinstance(log_dir, str):
-            raise ValueError(
-                f"`log_dir` must be a string path or None. Received: log_dir={log_dir!r}"
-            )
         self.name = name or _snake_case(type(self).__name__)
-        self.verbose = verbose
-        self.callbacks = None if callbacks is None else list(callbacks)
-        self.log_dir = log_dir
         self.path = None
         self.history = None
 
@@ -307,18 +285,6 @@ class Operation:
         return value
 
     @staticmethod
-    def check_training(training, name="training"):
-        """`"auto"`, or `training` as a bool (the mode of the moving network on a walk);
-        anything else raises a `ValueError`."""
-        if isinstance(training, str) and training == "auto":
-            return training
-        if not isinstance(training, (bool, np.bool_)):
-            raise ValueError(
-                f"`{name}` must be 'auto', True or False. Received: {name}={training!r}"
-            )
-        return bool(training)
-
-    @staticmethod
     def check_layer_names(layers, name="layers"):
         """`None`, or `layers` as a non-empty list of layer names (a lone name is a list of
         one); anything else raises a `ValueError`."""
@@ -337,91 +303,6 @@ class Operation:
             )
         return list(layers)
 
-    def check_path_options(self, record_every, path_directory, seed):
-        """Validates the arguments every walking operation takes; returns them checked.
-
-        Args:
-            record_every: Record the weights every this many steps (a positive integer).
-            path_directory: Directory to stream the path to, or `None`.
-            seed: A non-negative integer seed, or `None`.
-
-        Returns:
-            A tuple `(record_every, path_directory, seed)`.
-        """
-        record_every = self.check_number(
-            record_every, "record_every", low=1, low_inclusive=True, integer=True
-        )
-        if path_directory is not None and not isinstance(path_directory, str):
-            raise ValueError(
-                "`path_directory` must be a string path or None. "
-                f"Received: path_directory={path_directory!r}"
-            )
-        if seed is not None:
-            seed = self.check_number(seed, "seed", low=0, low_inclusive=True, integer=True)
-        return record_every, path_directory, seed
-
-    def check_checkpoint_directory(self, checkpoint_directory, path_directory, seed):
-        """Validates a `checkpoint_directory` argument; returns it.
-
-        A walk resumed from a checkpoint skips the batches it already took, so its data
-        pipeline must be seeded; its path streams into the checkpoint directory, so no
-        separate `path_directory` is taken with it.
-
-        Args:
-            checkpoint_directory: A directory path, or `None`.
-            path_directory: The operation's `path_directory`.
-            seed: The operation's `seed`.
-
-        Returns:
-            `checkpoint_directory`.
-        """
-        if checkpoint_directory is None:
-            return None
-        if not isinstance(checkpoint_directory, str) or not checkpoint_directory:
-            raise ValueError(
-                "`checkpoint_directory` must be a directory path or None. "
-                f"Received: checkpoint_directory={checkpoint_directory!r}"
-            )
-        if seed is None:
-            raise ValueError(
-                "`checkpoint_directory` needs a `seed`: a resumed walk skips the batches "
-                "it already took, which only a seeded pipeline repeats. Received: "
-                f"seed=None with checkpoint_directory={checkpoint_directory!r}"
-            )
-        if path_directory is not None:
-            raise ValueError(
-                "Pass at most one of `checkpoint_directory` and `path_directory`: with a "
-                "checkpoint the path streams to `<checkpoint_directory>/path`. Received: "
-                f"checkpoint_directory={checkpoint_directory!r}, "
-                f"path_directory={path_directory!r}"
-            )
-        return checkpoint_directory
-
-    def walk_config(self):
-        """The config a checkpoint is tied to: `get_config()` without the options that do
-        not change the walk (progress, callbacks, logs, directories)."""
-        config = dict(self.get_config())
-        for key in ("verbose", "callbacks", "log_dir", "checkpoint_directory", "path_directory"):
-            config.pop(key, None)
-        return {"class": type(self).__name__, **config}
-
-    def open_checkpoint(self, checkpoint_directory):
-        """A `keras_fip.engine.WalkCheckpoint` in `checkpoint_directory` for this
-        operation's walks, or `None` when `checkpoint_directory` is `None`."""
-        if checkpoint_directory is None:
-            return None
-        from keras_fip.engine.walk_checkpoint import WalkCheckpoint
-
-        return WalkCheckpoint(checkpoint_directory, self.walk_config())
-
-    def open_walk_path(self, model, checkpoint, record_every, path_directory=None):
-        """The `Path` a walk records into: a new one (streamed to `path_directory`), or,
-        with a `checkpoint` from `open_checkpoint`, the checkpoint's path, reopened at
-        its last recorded point."""
-        if checkpoint is None:
-            return Path(model, record_every=record_every, directory=path_directory)
-        return checkpoint.open_path(model, record_every)
-
     # Calling.
 
     def __call__(self, model):
@@ -436,6 +317,7 @@ class Operation:
         check_model(model)
         self.path = None
         self.history = None
+        self.validate(model)
         copy = copy_model(model)
         data = carried_data(model)
         if data is not None:
@@ -446,6 +328,13 @@ class Operation:
                 f"{type(self).__name__}.call must return a `keras.Model`. Received: {result!r}"
             )
         return result
+
+    def validate(self, model):
+        """Checks the operation's data against `model` before any work (no copy yet).
+
+        Args:
+            model: The model the operation was called on. Not to be changed.
+        """
 
     def call(self, model):
         """Transforms `model` (a private copy, free to change) and returns the result.
@@ -470,98 +359,6 @@ class Operation:
             )
         return carried
 
-    def fip_walk(
-        self,
-        model,
-        anchor,
-        steps,
-        secondary=None,
-        batch_size=128,
-        secondary_batch_size=None,
-        optimizer=None,
-        record_every=1,
-        path_directory=None,
-        jit_compile=False,
-        seed=None,
-        checkpoint_directory=None,
-        **trainer_kwargs,
-    ):
-        """Walks `model` (in place) along a FIP and sets `self.path` and `self.history`.
-
-        Builds a `FIPTrainer` (in the current `tf.distribute` strategy scope) and the
-        anchor/secondary pipeline, then runs `steps` steps, recording into a new
-        `keras_fip.Path`. On a non-finite step the model and the path keep the last
-        finite point and a `FloatingPointError` is raised.
-
-        Args:
-            model: The model to move (the operation's private copy).
-            anchor: Anchor inputs whose outputs are kept.
-            steps: Number of FIP steps.
-            secondary: Secondary data, or `None`. Defaults to `None`.
-            batch_size: Anchor examples per step. Defaults to `128`.
-            secondary_batch_size: Secondary examples per step. Defaults to `None`
-                (`batch_size`).
-            optimizer: Optimizer for `FIPTrainer.compile`. Defaults to `None`.
-            record_every: Record weights every this many steps (and at the last). Defaults
-                to `1`.
-            path_directory: Directory to stream the path to, or `None`. Defaults to
-                `None`.
-            jit_compile: Whether to compile the step with XLA. Defaults to `False`.
-            seed: Shuffle seed. Defaults to `None`.
-            checkpoint_directory: Directory to checkpoint the walk to at every recorded
-                point (`keras_fip.engine.WalkCheckpoint`), resumed mid-walk if it holds
-                one; needs a `seed` and no `path_directory` (the path streams into it).
-                Defaults to `None`.
-            **trainer_kwargs: `FIPTrainer` arguments (`step_rule`, `distance`, `beta`,
-                `epsilon`, `damping`, `cg_iterations`, `secondary_loss`,
-                `secondary_objective`, `reference`, `metric_length`).
-
-        Returns:
-            `model`, moved.
-        """
-        reference = trainer_kwargs.get("reference", "start")
-        trainer_kwargs.setdefault("outputs", model_output_kind(model, anchor))
-        trainer = FIPTrainer(model, **trainer_kwargs)
-        trainer.compile(optimizer=optimizer, jit_compile=jit_compile)
-        # The reference outputs are the logits the trainer compares (`trainer.network`).
-        dataset = fip_dataset(
-            trainer.network,
-            anchor,
-            secondary=secondary,
-            batch_size=batch_size,
-            secondary_batch_size=secondary_batch_size,
-            reference=reference,
-            seed=seed,
-        )
-        checkpoint_directory = self.check_checkpoint_directory(
-            checkpoint_directory, path_directory, seed
-        )
-        checkpoint = self.open_checkpoint(checkpoint_directory)
-        self.history = {}
-        self.path = self.open_walk_path(model, checkpoint, record_every, path_directory)
-        if checkpoint is None:
-            self.history = trainer.walk(
-                dataset,
-                steps,
-                path=self.path,
-                callbacks=self.callbacks,
-                verbose=self.verbose,
-                log_dir=self.log_dir,
-            )
-            return model
-        self.history = checkpoint.walk(
-            "walk",
-            trainer,
-            dataset,
-            steps,
-            self.path,
-            callbacks=self.callbacks,
-            verbose=self.verbose,
-            log_dir=self.log_dir,
-        )
-        checkpoint.close()
-        return model
-
     # Serialisation.
 
     def get_config(self):
@@ -570,12 +367,7 @@ class Operation:
         Returns:
             A dict.
         """
-        return {
-            "name": self.name,
-            "verbose": self.verbose,
-            "callbacks": self.callbacks,
-            "log_dir": self.log_dir,
-        }
+        return {"name": self.name}
 
     @classmethod
     def from_config(cls, config):
@@ -590,9 +382,130 @@ class Operation:
         return cls(**config)
 
     def __repr__(self):
-        arguments = ", ".join(
-            f"{key}={value!r}"
-            for key, value in self.get_config().items()
-            if key not in ("callbacks",)
-        )
+        arguments = ", ".join(f"{key}={value!r}" for key, value in self.get_config().items())
         return f"{type(self).__name__}({arguments})"
+
+
+class WalkingOperation(Operation):
+    """An operation that walks a FIP: it takes a `keras_fip.Walk` (`walk=`).
+
+    The walk says how the path is walked (budget, step rule, batch size, distance, β,
+    recording, checkpointing, seed, compilation); what it leaves open takes `DEFAULT_BUDGET`
+    (this operation's own) and `keras_fip.engine.walk.DEFAULTS` (every operation's).
+    `fip_walk` runs one walk and sets `op.path` (a `keras_fip.Path`) and `op.history` (a
+    dict of per-step lists, as `fit`'s `History` holds per epoch).
+
+    Args:
+        walk: A `keras_fip.Walk`, or `None` (every default). Defaults to `None`.
+        name: Name of the operation. Defaults to `None`.
+    """
+
+    # The operation's budget when its walk names none: `{"epochs": n}` or `{"steps": n}`.
+    DEFAULT_BUDGET = {"epochs": 10}
+
+    def __init__(self, walk=None, name=None):
+        super().__init__(name=name)
+        self.walk = walk_lib.get(walk)
+
+    def resolved_walk(self, **defaults):
+        """The walk with the operation's budget and `defaults` (then `DEFAULTS`) filled."""
+        return self.walk.resolve(**{**self.DEFAULT_BUDGET, **defaults})
+
+    def checkpoint_config(self):
+        """The config a checkpoint is tied to: `get_config()` without what does not change
+        the walk (progress display, callbacks, logs, directories)."""
+        config = dict(self.get_config())
+        walk = dict(config.pop("walk", {}) or {})
+        for key in ("verbose", "log_dir", "checkpoint_directory", "path_directory", "record_every"):
+            walk.pop(key, None)
+        return {"class": type(self).__name__, **config, "walk": walk}
+
+    def open_checkpoint(self, walk):
+        """A `keras_fip.engine.WalkCheckpoint` for this call's walks, or `None`."""
+        if walk.checkpoint_directory is None:
+            return None
+        return WalkCheckpoint(walk.checkpoint_directory, self.checkpoint_config())
+
+    def open_path(self, model, walk, checkpoint=None):
+        """The `Path` a walk records into: a new one (streamed to `walk.path_directory`),
+        or the checkpoint's path, reopened at its last recorded point."""
+        if checkpoint is None:
+            return Path(model, record_every=walk.record_every, directory=walk.path_directory)
+        return checkpoint.open_path(model, walk.record_every)
+
+    def fip_walk(
+        self,
+        model,
+        walk,
+        anchor,
+        steps,
+        secondary=None,
+        optimizer=None,
+        output_kind=None,
+        **trainer_kwargs,
+    ):
+        """Walks `model` (in place) `steps` steps along a FIP; sets `op.path`, `op.history`.
+
+        Builds a `FIPTrainer` (in the current `tf.distribute` strategy scope) and the
+        anchor/secondary pipeline, then walks, recording into a new `keras_fip.Path` (or
+        resuming from the walk's checkpoint). On a non-finite step the model and the path
+        keep the last finite point and a `FloatingPointError` is raised.
+
+        Args:
+            model: The model to move (the operation's private copy).
+            walk: The resolved `keras_fip.Walk` of this call.
+            anchor: Anchor inputs whose outputs are kept.
+            steps: Number of FIP steps.
+            secondary: Secondary data, or `None`. Defaults to `None`.
+            optimizer: The optimizer, or `None` (`walk.rule.optimizer`). Defaults to
+                `None`.
+            output_kind: What `model` returns, or `None` (read from the model and the
+                anchor). Defaults to `None`.
+            **trainer_kwargs: Other `FIPTrainer` arguments (`beta`, `secondary_loss`,
+                `secondary_objective`, `metric_length`, `training`, `measure_every`).
+
+        Returns:
+            `model`, moved.
+        """
+        output_kind = output_kind or model_output_kind(model, anchor)
+        trainer_kwargs.setdefault("measure_every", walk.record_every)
+        trainer = FIPTrainer(
+            model,
+            rule=walk.rule,
+            distance=walk.distance,
+            reference=walk.reference,
+            outputs=output_kind,
+            **trainer_kwargs,
+        )
+        if optimizer is None:
+            optimizer = walk.rule.optimizer(steps, model.trainable_variables)
+        trainer.compile(optimizer=optimizer, jit_compile=walk.jit_compile)
+        # The reference outputs are the logits the trainer compares (`trainer.network`).
+        dataset = fip_dataset(
+            trainer.network,
+            anchor,
+            secondary=secondary,
+            batch_size=walk.batch_size,
+            reference=walk.reference,
+            seed=walk.seed,
+        )
+        checkpoint = self.open_checkpoint(walk)
+        self.history = {}
+        self.path = self.open_path(model, walk, checkpoint)
+        options = {"callbacks": walk.callbacks, "verbose": walk.verbose, "log_dir": walk.log_dir}
+        if checkpoint is None:
+            self.history = trainer.walk(dataset, steps, path=self.path, **options)
+            return model
+        self.history = checkpoint.walk("walk", trainer, dataset, steps, self.path, **options)
+        checkpoint.close()
+        return model
+
+    def get_config(self):
+        return {**super().get_config(), "walk": self.walk.get_config()}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if config.get("walk") is not None:
+            config["walk"] = walk_lib.get(config["walk"])
+        return cls(**config)
