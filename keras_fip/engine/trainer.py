@@ -897,6 +897,12 @@ class _WalkRecorder(keras.callbacks.Callback):
         if self._path is not None:
             self._path.append(step, weights, metrics)
         self._last = (step, metrics)
+        # The progress bar (run after this callback, on the same logs) shows the measured
+        # values: between measurements it keeps the last one rather than showing NaN.
+        if logs is not None:
+            for name in _MEASURED:
+                if name in logs and not math.isfinite(metrics.get(name, 0.0)):
+                    del logs[name]
 
     def on_train_end(self, logs=None):
         # The path ends at the walk's last point, recorded or not (the next walk on the
