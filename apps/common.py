@@ -23,14 +23,9 @@ same `--seed` (see `keras_fip.distribute`); on one machine
 --strategy=multi_worker --workers=1 --methods=fip`.
 """
 
-import datetime
 import json
 import os
-import platform
-import shlex
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import keras
@@ -38,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-import keras_fip
+from apps import provenance as provenance_lib
 from keras_fip import distribute
 from keras_fip import models
 from keras_fip.models import training
@@ -357,7 +352,7 @@ def flag_values(names):
 def write_json(output_dir, filename, content):
     """Writes `content` as indented JSON to `output_dir/filename`; returns the path.
 
-    Beside a `results.json` it writes `provenance.json` (`provenance()`): the command, the
+    Beside a `results.json` it writes `provenance.json` (`apps.provenance`): the command, the
     commit, the machine and the date the results come from.
     """
     os.makedirs(output_dir, exist_ok=True)
@@ -366,59 +361,8 @@ def write_json(output_dir, filename, content):
         json.dump(content, f, indent=2, sort_keys=True, default=float)
     if filename == "results.json":
         with open(os.path.join(output_dir, "provenance.json"), "w") as f:
-            json.dump(provenance(), f, indent=2, sort_keys=True)
+            json.dump(provenance_lib.provenance(), f, indent=2, sort_keys=True)
     return path
-
-
-def _command():
-    """The command line of this process, as a user would type it (`python -m apps.x ...`)."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    program = f"python -m {spec.name}" if spec is not None and spec.name else sys.argv[0]
-    return " ".join([program] + [shlex.quote(argument) for argument in sys.argv[1:]])
-
-
-def _git(*arguments):
-    try:
-        completed = subprocess.run(
-            ["git", *arguments],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return completed.stdout.strip() if completed.returncode == 0 else None
-
-
-def provenance():
-    """Where results come from: the command, the commit (and whether the tree differed from
-    it), the machine, the library versions and the date.
-
-    Returns:
-        A JSON-ready dict.
-    """
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    devices = [device.device_type for device in tf.config.list_physical_devices()]
-    return {
-        "command": _command(),
-        "commit": _git("rev-parse", "HEAD"),
-        "uncommitted_changes": bool(status) if status is not None else None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "devices": {kind: devices.count(kind) for kind in sorted(set(devices))},
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "keras_fip": keras_fip.__version__,
-        },
-    }
 
 
 def check_choice(value, name, choices):
