@@ -20,21 +20,21 @@ class Chain(Operation):
 
     Args:
         operations: A non-empty list of `Operation`s (or their serialised configs).
-        **kwargs: `Operation` arguments (`name`, `verbose`, `callbacks`, `log_dir`).
+        name: The chain's name. Defaults to `None`.
 
     Example:
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     >>> x = np.random.rand(16, 4).astype("float32")
-    >>> walk = Isofunctional(data=x, steps=2, batch_size=8, verbose=0)
+    >>> walk = Isofunctional(data=x, walk=keras_fip.Walk(steps=2, batch_size=8, verbose=0))
     >>> both = Chain([walk, Isofunctional.from_config(walk.get_config())])
     >>> moved = both(model)
     >>> len(both.paths), moved is model
     (2, False)
     """
 
-    def __init__(self, operations, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, operations, name=None):
+        super().__init__(name=name)
         if not isinstance(operations, (list, tuple)) or not operations:
             raise ValueError(
                 "`operations` must be a non-empty list of keras_fip Operations. "
@@ -79,20 +79,20 @@ class Chain(Operation):
         }
 
 
-def chain(*operations, **kwargs):
+def chain(*operations, name=None):
     """Composes operations into one: `chain(a, b)(model)` equals `b(a(model))`.
 
     Args:
         *operations: `Operation`s, applied left to right.
-        **kwargs: `Operation` arguments of the chain (`name`, `verbose`, ...).
+        name: The chain's name. Defaults to `None`.
 
     Returns:
         A `Chain`, itself an `Operation`.
 
     Example:
 
-    >>> walk = Isofunctional(data=np.zeros((8, 2), "float32"), steps=1)
+    >>> walk = Isofunctional(data=np.zeros((8, 2), "float32"), walk=keras_fip.Walk(steps=1))
     >>> isinstance(chain(walk, walk), Operation)
     True
     """
-    return Chain(list(operations), **kwargs)
+    return Chain(list(operations), name=name)
