@@ -10,7 +10,6 @@ import os as _os
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from keras_fip import baselines  # noqa: E402
-from keras_fip.version import __version__  # noqa: E402
 from keras_fip import data  # noqa: E402
 from keras_fip import geometry  # noqa: E402
 from keras_fip import metrics  # noqa: E402
@@ -35,7 +34,7 @@ from keras_fip.operations import chain  # noqa: E402
 from keras_fip.operations import damage_reference  # noqa: E402
 from keras_fip.operations import ensemble_members  # noqa: E402
 from keras_fip.operations import shrink  # noqa: E402
-
+from keras_fip.version import __version__  # noqa: E402
 
 __all__ = [
     "baselines",
