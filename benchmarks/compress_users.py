@@ -59,12 +59,13 @@ BASELINE_LEARNING_RATES = (1e-4, 1e-3)
 BATCH_SIZE = 128
 
 
-def load(name, seed):
-    """`(model, (x, y), (x_val, y_val), (x_test, y_test))` for one of `MODELS`."""
+def load(name, seed, base_epochs=None):
+    """`(model, (x, y), (x_val, y_val), (x_test, y_test))` for one of `MODELS`, trained
+    for `base_epochs` (`None`: as the Keras example trains it)."""
     if name == "text_transformer":
-        model, data = user_models.trained(name, seed)
+        model, data = user_models.trained(name, seed, epochs=base_epochs)
         return model, (data["x"], data["y"]), (data["x_val"], data["y_val"]), _test(data)
-    model, data = user_models.trained(name, seed, train_size=MNIST_TRAIN_SIZE)
+    model, data = user_models.trained(name, seed, epochs=base_epochs, train_size=MNIST_TRAIN_SIZE)
     everything = user_models.mnist_data()
     rows = np.random.default_rng(seed).permutation(len(everything["x"]))[MNIST_TRAIN_SIZE:]
     validation = (everything["x"][rows], everything["y"][rows])
@@ -102,11 +103,11 @@ def one_shot(model, sparsity, data, epochs, learning_rate, seed):
     )
 
 
-def run(name, sparsities, seed, steps, tuned, learning_rates):
+def run(name, sparsities, seed, steps, tuned, learning_rates, base_epochs=None):
     """One model and seed: Compress and the baseline at each sparsity. `tuned` maps a
     sparsity to the baseline's learning rate chosen on an earlier seed (filled here when
     this seed tunes it)."""
-    model, data, validation, test = load(name, seed)
+    model, data, validation, test = load(name, seed, base_epochs)
     result = {
         "benchmark": "compress_users",
         "model": name,
@@ -211,6 +212,12 @@ def main(argv=None):
         help="The baseline's grid of initial Adam rates (extended x3 while an edge wins).",
     )
     parser.add_argument(
+        "--base_epochs",
+        type=int,
+        default=None,
+        help="Epochs of the users' models (default: as the Keras examples train them).",
+    )
+    parser.add_argument(
         "--tune_every_seed",
         action="store_true",
         help="Choose the baseline's rate on every seed's validation split (by default on "
@@ -236,7 +243,9 @@ def main(argv=None):
         for seed in seeds:
             if args.tune_every_seed:
                 tuned = {}
-            results.append(run(name, sparsities, seed, args.steps, tuned, learning_rates))
+            results.append(
+                run(name, sparsities, seed, args.steps, tuned, learning_rates, args.base_epochs)
+            )
             print(json.dumps(results[-1]), flush=True)
         print(json.dumps(summarize(name, results, sparsities)), flush=True)
 
