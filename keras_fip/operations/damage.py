@@ -599,6 +599,11 @@ class Damage(Operation):
       symmetric per-tensor scale max|w|/127; the flipped weight becomes its dequantised code,
       other weights keep their float values).
 
+    A model ending in a softmax is damaged as its twin returning logits is: the zeroing,
+    Gaussian and bit-flip kinds never read the outputs, and `"eigen"` reads the
+    log-probabilities, the same for both (the undamaged outputs recorded for `Repair` are
+    the model's own).
+
     Zeroing kinds (`"nodes"`, `"weights"`) attach masks (`keras_fip.masks`), so later
     training and `Repair` keep the damaged weights at exactly zero. After a call, `op.record`
     says what was hit (units per layer, weight indices, bits with their old and new values)

@@ -13,6 +13,7 @@ from keras_fip.engine import distances as distances_lib
 from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import normalization
 from keras_fip.engine import outputs as outputs_lib
+from keras_fip.engine import projection
 from keras_fip.engine import step_rules
 from keras_fip.engine.copy import copy_model
 from keras_fip.engine.data_adapter import check_inputs_match_model
@@ -20,6 +21,7 @@ from keras_fip.engine.data_adapter import fip_dataset
 from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.engine.path import Path
 from keras_fip.engine.trainer import FIPTrainer
+from keras_fip.operations import compress as compress_lib
 from keras_fip.operations import damage as damage_lib
 from keras_fip.operations.base import Operation
 from keras_fip.operations.base import carried_data
@@ -320,7 +322,12 @@ class Repair(Operation):
             (0: only the re-initialised weights train). Defaults to `0.0`.
         init_scale: Spread of re-initialised weights relative to their survivors'.
             Defaults to `1.0`.
-        learning_rate: Learning rate of every method. Defaults to `1e-3`.
+        learning_rate: Learning rate of every method, or `"auto"`: 0.044 × the RMS of
+            the damaged model's non-zero Dense/Conv kernels, Compress's rule (Adam moves
+            every weight by about the rate per step, so the step is relative to the
+            weights: 3.0e-3 on MNIST MLP-1, 3.2e-3 on the keras.io MNIST convnet, 6.3e-3
+            on the BatchNorm residual net, whose kernels grew in training). Defaults to
+            `"auto"`.
         optimizer: `"adam"` or `"sgd"` (momentum 0.9). Defaults to `"adam"`.
         batch_size: Examples per step. Defaults to `128`.
         distance: Output distance D of `"fip"` (`"l2"`, `"kl"`, `"bhattacharyya"`).
@@ -432,7 +439,7 @@ class Repair(Operation):
         task_weight="auto",
         plasticity=0.0,
         init_scale=1.0,
-        learning_rate=1e-3,
+        learning_rate="auto",
         optimizer="adam",
         batch_size=128,
         distance="kl",
@@ -516,7 +523,10 @@ class Repair(Operation):
             )
         self.plasticity = self.check_number(plasticity, "plasticity", low=0.0, low_inclusive=True)
         self.init_scale = self.check_number(init_scale, "init_scale", low=0.0, low_inclusive=True)
-        self.learning_rate = self.check_number(learning_rate, "learning_rate", low=0.0)
+        if isinstance(learning_rate, str) and learning_rate == "auto":
+            self.learning_rate = "auto"
+        else:
+            self.learning_rate = self.check_number(learning_rate, "learning_rate", low=0.0)
         self.optimizer = self.check_choice(optimizer, "optimizer", OPTIMIZERS)
         self.batch_size = self.check_number(
             batch_size, "batch_size", low=1, low_inclusive=True, integer=True
@@ -602,6 +612,7 @@ class Repair(Operation):
         self._rng = np.random.default_rng(self.seed)
         self._steps_per_epoch = max(1, math.ceil(data_adapter.num_examples(x) / self.batch_size))
         self._every = max(1, self._steps_per_epoch // self.evaluations_per_epoch)
+        self._rate = self._learning_rate(model)
 
         # Release the damage (re-initialise, unmask) for embryonic and release=True
         released = self.release or self.method == "embryonic"
@@ -1070,9 +1081,9 @@ class Repair(Operation):
                 outputs=output_kind,
             )
             trainer.compile(
-                optimizer=keras.optimizers.Adam(self.learning_rate)
+                optimizer=keras.optimizers.Adam(self._rate)
                 if self.optimizer == "adam"
-                else keras.optimizers.SGD(self.learning_rate, momentum=0.9),
+                else keras.optimizers.SGD(self._rate, momentum=0.9),
                 jit_compile=self.jit_compile,
             )
             # Reference outputs: the undamaged network's logits, on the same inputs
@@ -1130,6 +1141,21 @@ class Repair(Operation):
                 self.path.save(self.path_directory)  # The chosen candidate's path.
         return model, history
 
+    def _learning_rate(self, model):
+        """The rate of every method: as given, or (`"auto"`) `AUTO_LEARNING_RATE_SCALE` ×
+        the RMS of the model's non-zero Dense/Conv kernels (Compress's rule)."""
+        if not isinstance(self.learning_rate, str):
+            return float(self.learning_rate)
+        squares, count = 0.0, 0
+        for variable in projection.prunable_variables(model):
+            weights = np.asarray(variable.numpy(), dtype="float64")
+            live = weights[weights != 0.0]
+            squares += float(np.sum(np.square(live)))
+            count += live.size
+        if not count:
+            return compress_lib.FALLBACK_LEARNING_RATE
+        return compress_lib.AUTO_LEARNING_RATE_SCALE * math.sqrt(squares / count)
+
     def _task_weight(self, y):
         """The weight of the task cross-entropy on the walk: 0 without labels."""
         if y is None:
@@ -1170,7 +1196,7 @@ class Repair(Operation):
                 x,
                 y,
                 self.epochs * self._steps_per_epoch,
-                self.learning_rate,
+                self._rate,
                 self.optimizer,
                 self.batch_size,
                 gradient_scales=scales,
