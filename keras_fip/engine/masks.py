@@ -452,8 +452,9 @@ def _carry_in_compile_configs(uncarried, config_texts):
     """
     carriers = {}
     not_saved = []
+    trainable = {}  # id(model) -> ids of its trainable variables
     for variable, layer, ancestors in uncarried:
-        carrier, reason = _compile_carrier(variable, layer, ancestors, config_texts)
+        carrier, reason = _compile_carrier(variable, layer, ancestors, config_texts, trainable)
         if carrier is None:
             not_saved.append((variable.path, reason))
             continue
@@ -475,9 +476,9 @@ def _carry_in_compile_configs(uncarried, config_texts):
     return not_saved
 
 
-def _compile_carrier(variable, layer, ancestors, config_texts):
+def _compile_carrier(variable, layer, ancestors, config_texts, trainable):
     """`(model, None)`: the model whose compile config can carry `variable`'s mask, or
-    `(None, reason)`."""
+    `(None, reason)`. `trainable` caches the ids of each model's trainable variables."""
     chain = (layer,) + ancestors
     # saved[i]: a `.keras` file saves the config of chain[i] (the model's own always).
     saved = [False] * len(chain)
@@ -494,11 +495,14 @@ def _compile_carrier(variable, layer, ancestors, config_texts):
     for index in range(len(chain) - 1, -1, -1):
         candidate = chain[index]
         if (
-            saved[index]
-            and isinstance(candidate, keras.Model)
-            and type(candidate).compile is keras.Model.compile
-            and any(v is variable for v in candidate.trainable_variables)
+            not saved[index]
+            or not isinstance(candidate, keras.Model)
+            or type(candidate).compile is not keras.Model.compile
         ):
+            continue
+        if id(candidate) not in trainable:
+            trainable[id(candidate)] = {id(v) for v in candidate.trainable_variables}
+        if id(variable) in trainable[id(candidate)]:
             return candidate, None
     model = chain[-1]
     if type(model).compile is not keras.Model.compile:

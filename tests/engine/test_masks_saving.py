@@ -302,12 +302,17 @@ def test_compressed_keras_io_text_transformer_keeps_all_masks_through_keras_file
             model
         )
     expected = _in_order(result)
-    assert sum(mask is not None for mask in expected) == 8  # The 8 kernels.
+    # Every prunable weight (the 8 kernels, the 2 embedding tables) is masked.
+    prunable = {id(v) for v in projection.prunable_variables(result)}
+    assert len(prunable) == 10
+    assert [id(v) for v, m in zip(result.trainable_variables, expected) if m is not None] == [
+        id(v) for v in result.trainable_variables if id(v) in prunable
+    ]
     assert projection.prunable_sparsity(result) == 0.5
     result.save(tmp_path / "model.keras")
 
     loaded = keras.saving.load_model(tmp_path / "model.keras")
-    _assert_same_masks(loaded, expected)  # 8 of 8.
+    _assert_same_masks(loaded, expected)  # 10 of 10.
     _fit_keeps_masks(loaded, expected, (x, y), recompile=False)
     assert projection.prunable_sparsity(loaded) == 0.5
 
