@@ -201,26 +201,30 @@ def test_fip_repair_uses_the_labels_by_default(digits, damaged):
         validation_data=(x_test, y_test), epochs=2, solve_output_layer=0, seed=0, verbose=0
     )
     labelled = Repair(data=(x, y), **common)
-    inputs_only = Repair(data=x, **common)
-    explicit = Repair(data=(x, y), task_weight=1.0, **common)
-    without = Repair(data=(x, y), task_weight=0.0, **common)
-    weights = {}
-    for name, op in (
-        ("labelled", labelled),
-        ("inputs_only", inputs_only),
-        ("explicit", explicit),
-        ("without", without),
-    ):
-        weights[name] = op(damaged).get_weights()
-    assert labelled.history["task_weight"] == 1.0
-    assert inputs_only.history["task_weight"] == without.history["task_weight"] == 0.0
+    chosen = labelled(damaged)
+    # "auto" with labels walks the task term at weights 1 and 10 and keeps the network
+    # most accurate on the validation split at the end.
+    candidates = labelled.history["candidates"]
+    assert [c["task_weight"] for c in candidates] == [1.0, 10.0]
+    best = max(candidates, key=lambda c: c["final_accuracy"])
+    assert labelled.history["task_weight"] == best["task_weight"]
+    assert labelled.history["val_accuracy"][-1] == best["final_accuracy"]
+    assert labelled.history["epochs"] == pytest.approx(2.0)  # One walk's epochs.
     assert np.all(np.isfinite(labelled.history["secondary_loss"]))
-    # "auto" with labels is the task term of weight 1; inputs only is labels at weight 0.
-    for a, b in zip(weights["labelled"], weights["explicit"]):
+    # The kept network is the walk at that weight.
+    explicit = Repair(data=(x, y), task_weight=best["task_weight"], **common)
+    for a, b in zip(chosen.get_weights(), explicit(damaged).get_weights()):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(weights["inputs_only"], weights["without"]):
+    assert explicit.history["val_accuracy"] == labelled.history["val_accuracy"]
+    # Inputs only is the walk without the labels (weight 0).
+    inputs_only = Repair(data=x, **common)
+    without = Repair(data=(x, y), task_weight=0.0, **common)
+    weights = [op(damaged).get_weights() for op in (inputs_only, without)]
+    assert inputs_only.history["task_weight"] == without.history["task_weight"] == 0.0
+    assert "candidates" not in inputs_only.history
+    for a, b in zip(*weights):
         np.testing.assert_array_equal(a, b)
-    assert any(not np.allclose(a, b) for a, b in zip(weights["labelled"], weights["inputs_only"]))
+    assert any(not np.allclose(a, b) for a, b in zip(chosen.get_weights(), weights[0]))
 
 
 @pytest.mark.parametrize("method", ["fip", "retrain"])
