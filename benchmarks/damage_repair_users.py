@@ -11,10 +11,11 @@ Two parts, each run per seed:
 - `repair`: users' models from `benchmarks.user_models` (the keras.io MNIST convnet, which
   ends in a softmax and was trained on one-hot labels, and the BatchNorm residual conv net
   with logits on the 8×8 digits). `Damage("nodes", fraction=--fraction, seed=seed)` deletes
-  hidden units and filters; then `keras_fip.Repair(data=(x, y), epochs=--epochs,
-  seed=seed)` with every other argument at its default (labels as the user has them:
-  one-hot for the convnet) repairs it on `--train_examples` training examples (a seeded
-  subset; all of them for the digits), against retraining the surviving network
+  hidden units and filters; then `keras_fip.Repair(data=(x, y), epochs=E, seed=seed)` with
+  every other argument at its default (labels as the user has them: one-hot for the
+  convnet) repairs it on N training examples (a seeded subset; E = 1 epoch of 6,000 MNIST
+  images for the convnet, E = 5 of all 1,437 digits for the residual net; `--epochs` and
+  `--train_examples` change both), against retraining the surviving network
   (`Repair(method="retrain")`) for the same number of epochs over the same examples, its
   Adam rate chosen among `--retrain_learning_rates` (extended by factors of 3 past an edge
   that wins, within 1e-5 to 0.1) by the accuracy on the same held-out 10% of those
@@ -25,6 +26,18 @@ Two parts, each run per seed:
   networks.
 
 Prints one JSON line per run and a summary line per part (mean ± std over seeds).
+
+Measured (`--seeds=0,1,2 --repair_inputs_only`, test accuracy, mean ± std):
+
+| model | undamaged | damaged | Repair defaults | inputs only | tuned retraining |
+| --- | --- | --- | --- | --- | --- |
+| LeNet-300-100, eigen norm 1 | 98.21 | 15.26 ± 2.14 | | | random: ≥ 98.17 |
+| MNIST convnet, 50% filters | 98.25 | 83.81 | 97.95 ± 0.09 | 97.88 ± 0.03 | 97.23 ± 0.34 |
+| residual net, 50% units | 88.15 | 11.48 | 91.02 ± 2.14 | 71.76 ± 7.86 | 92.78 ± 0.82 |
+
+(The eigen row: the largest drop of 20 random directions is 0.05 points. Repair chose the
+labels' weight 10 on every run; the residual net's retraining, which is not held to the
+undamaged function, ends above it.)
 
 Example:
 
@@ -47,6 +60,9 @@ from keras_fip import models as models_lib
 PARTS = ("eigen", "repair")
 MODELS = ("mnist_convnet", "residual_convnet")
 MIN_LEARNING_RATE, MAX_LEARNING_RATE = 1e-5, 0.1
+# Per model: (epochs of every repair, training examples): one epoch of 6,000 MNIST images
+# (47 steps) for the convnet; five of the 1,437 digits (60 steps) for the residual net.
+BUDGETS = {"mnist_convnet": (1, 6000), "residual_convnet": (5, None)}
 
 
 def _accuracy(model, x, y):
@@ -99,7 +115,9 @@ def repair_part(name, seed, args):
     model, data = user_models.trained(name, seed)
     recipe = user_models.RECIPES[name]
     data = dict(data, labels=data[recipe["labels"]])  # One-hot labels for the convnet.
-    x, y = _subset(data, args.train_examples, seed)
+    epochs, examples = BUDGETS[name]
+    epochs = args.epochs or epochs
+    x, y = _subset(data, args.train_examples or examples, seed)
     x_test, y_test = data["x_test"], data["y_test"]
     damaged = keras_fip.Damage("nodes", fraction=args.fraction, seed=seed)(model)
     result = {
@@ -107,7 +125,7 @@ def repair_part(name, seed, args):
         "model": name,
         "seed": seed,
         "fraction": args.fraction,
-        "epochs": args.epochs,
+        "epochs": epochs,
         "train_examples": len(x),
         "undamaged": _accuracy(model, x_test, y_test),
         "damaged": _accuracy(damaged, x_test, y_test),
@@ -117,7 +135,7 @@ def repair_part(name, seed, args):
         runs["fip_inputs"] = dict(data=x)
     for label, kwargs in runs.items():
         began = time.perf_counter()
-        op = keras_fip.Repair(epochs=args.epochs, seed=seed, verbose=0, **kwargs)
+        op = keras_fip.Repair(epochs=epochs, seed=seed, verbose=0, **kwargs)
         repaired = op(damaged)
         result[label] = _accuracy(repaired, x_test, y_test)
         result[f"{label}_epochs"] = op.history["epochs"]
@@ -132,7 +150,7 @@ def repair_part(name, seed, args):
         op = keras_fip.Repair(
             data=(x, y),
             method="retrain",
-            epochs=args.epochs,
+            epochs=epochs,
             learning_rate=rate,
             seed=seed,
             verbose=0,
@@ -180,8 +198,8 @@ def main(argv=None):
     parser.add_argument("--directions", type=int, default=20)
     parser.add_argument("--examples", type=int, default=1000, help="Inputs of the eigen damage.")
     parser.add_argument("--fraction", type=float, default=0.5, help="Hidden units deleted.")
-    parser.add_argument("--epochs", type=int, default=1, help="Epochs of every repair.")
-    parser.add_argument("--train_examples", type=int, default=6000)
+    parser.add_argument("--epochs", type=int, default=None, help="Epochs of every repair.")
+    parser.add_argument("--train_examples", type=int, default=None)
     parser.add_argument("--retrain_learning_rates", default="1e-3,3e-3,1e-2")
     parser.add_argument("--repair_inputs_only", action="store_true")
     args = parser.parse_args(argv)
