@@ -31,6 +31,7 @@ Example:
     python -m benchmarks.compress_users               # transformer at 50%, seed 0, 300 steps
     python -m benchmarks.compress_users --models=text_transformer --sparsities=50,80 \
         --seeds=0,1,2 --steps=0                        # Compress's own budget (1,000 steps)
+    python -m benchmarks.compress_users --steps=0 --task_weights=0,1,10  # given weights too
     python -m benchmarks.compress_users --models=mnist_convnet --sparsities=90 \
         --seeds=0,1,2 --steps=0                        # 2 epochs of 54,000 images
 """
@@ -90,10 +91,11 @@ def _zero_fractions(model):
     }
 
 
-def compress(model, sparsity, data, epochs, steps, seed):
-    """Compress with its defaults: model, data (with labels), budget and seed only."""
+def compress(model, sparsity, data, epochs, steps, seed, **kwargs):
+    """Compress with its defaults: model, data (with labels), budget and seed only (and
+    `kwargs`, for the runs `--task_weights` adds)."""
     budget = {"steps": steps} if steps else {"epochs": epochs}
-    operation = keras_fip.Compress(sparsity, data=data, seed=seed, verbose=0, **budget)
+    operation = keras_fip.Compress(sparsity, data=data, seed=seed, verbose=0, **budget, **kwargs)
     return operation(model), operation
 
 
@@ -104,7 +106,7 @@ def one_shot(model, sparsity, data, epochs, learning_rate, seed):
     )
 
 
-def run(name, sparsities, seed, steps, tuned, learning_rates, base_epochs=None):
+def run(name, sparsities, seed, steps, tuned, learning_rates, base_epochs=None, task_weights=()):
     """One model and seed: Compress and the baseline at each sparsity. `tuned` maps a
     sparsity to the baseline's learning rate chosen on an earlier seed (filled here when
     this seed tunes it)."""
@@ -135,6 +137,14 @@ def run(name, sparsities, seed, steps, tuned, learning_rates, base_epochs=None):
                 **{f"fip/{key}/{k}": v for k, v in _zero_fractions(sparse).items()},
             }
         )
+        for task_weight in task_weights:  # Runs at given weights, beside the defaults.
+            given, _ = compress(
+                model, sparsity, data, EPOCHS[name], steps, seed, task_weight=task_weight
+            )
+            result[f"fip_task{task_weight:g}/{key}/test/accuracy"] = _accuracy(given, test)
+            result[f"fip_task{task_weight:g}/{key}/validation/accuracy"] = _accuracy(
+                given, validation
+            )
         epochs = math.ceil(history["steps"] / steps_per_epoch)
         start = time.perf_counter()
         runs = {}  # The tuning's pruned models, by rate: the chosen one is not run again.
@@ -213,6 +223,12 @@ def main(argv=None):
         help="The baseline's grid of initial Adam rates (extended x3 while an edge wins).",
     )
     parser.add_argument(
+        "--task_weights",
+        default="",
+        help="Comma-separated Compress task_weight values, each one more run beside the "
+        "defaults, reported as `fip_task<w>` (never chosen by the benchmark).",
+    )
+    parser.add_argument(
         "--base_epochs",
         type=int,
         default=None,
@@ -232,6 +248,10 @@ def main(argv=None):
     if args.steps < 0 or args.steps == 1:
         parser.error(f"--steps must be 0 or at least 2. Received: {args.steps}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        task_weights = [float(w) for w in args.task_weights.split(",") if w]
+    except ValueError:
+        parser.error(f"--task_weights: numbers. Received: {args.task_weights}")
     learning_rates = common.learning_rate_grid(args.learning_rates.split(","), "learning_rates")
     for name in names:
         if args.sparsities == "default":
@@ -245,7 +265,16 @@ def main(argv=None):
             if args.tune_every_seed:
                 tuned = {}
             results.append(
-                run(name, sparsities, seed, args.steps, tuned, learning_rates, args.base_epochs)
+                run(
+                    name,
+                    sparsities,
+                    seed,
+                    args.steps,
+                    tuned,
+                    learning_rates,
+                    args.base_epochs,
+                    task_weights,
+                )
             )
             print(json.dumps(results[-1]), flush=True)
         print(json.dumps(summarize(name, results, sparsities)), flush=True)

@@ -60,9 +60,11 @@ FALLBACK_LEARNING_RATE = 3e-3
 # split of SELECTION_FRACTION of it, the most accurate on that split chosen; with fewer
 # than SELECTION_MIN_EXAMPLES held out (too few to tell the candidates apart),
 # FALLBACK_TASK_WEIGHT: the inputs alone. The labels' weight 1 equals the distillation
-# term's; on the keras.io text transformer (SST-2, 6,920 sentences walked over 1,000 steps)
-# the labels overfit at any weight (50%: 80.9% test accuracy with 0, 77.2% with 1, 77.4%
-# with 10), on an underfit digits MLP they help (1 best, 10 worse than 0).
+# term's. On the keras.io text transformer (SST-2, 6,920 sentences walked over 1,000 steps)
+# the labels overfit at any weight (`python -m benchmarks.compress_users --steps=0
+# --task_weights=0,1,10`, 50%: 80.9% test accuracy with 0, 77.2% with 1, 77.4% with 10); on
+# an underfit digits MLP weight 1 is chosen and beats the inputs alone
+# (`tests/operations/test_compress.py`).
 TASK_WEIGHTS = (0.0, 1.0)
 SELECTION_FRACTION = 0.2
 SELECTION_MIN_EXAMPLES = 100
