@@ -32,14 +32,19 @@ the first `--prune_tuning_seeds` seeds: the first one by default; 0: all; ties g
 smaller rate) chooses the rate; every seed then prunes its base network with all the
 training data at that rate, as Compress does. The test split is never read for the
 choice. `tfmot` trains at `gradual_per_layer`'s rate when both run (the cross-check
-compares one recipe). Compress is not tuned: it keeps its defaults
-(`--compress_learning_rate=auto`). One rate (`--prune_learning_rates=3e-3`) is used as given,
-without tuning. The tuning runs are jobs too (`--workers`, `--resume`; recorded in
-`<output_dir>/jobs/tuning/`, the tuning base networks in `<output_dir>/tuning/`); the FIP
-jobs run beside the tuning, and each baseline's jobs start as soon as its rate is chosen.
+compares one recipe). Compress is not tuned: it is given the model, the training data with
+their labels, the budget and the seed, and keeps every other default (the weight of the
+labels is chosen on a fifth held out of its data: `fip/<sparsity>/task_weights`, and the
+steps that choice takes, beside the budget, `fip/<sparsity>/selection_steps`). One rate
+(`--prune_learning_rates=3e-3`) is used as given, without tuning. The tuning runs are jobs
+too (`--workers`, `--resume`; recorded in `<output_dir>/jobs/tuning/`, the tuning base
+networks in `<output_dir>/tuning/`); the FIP jobs run beside the tuning, and each
+baseline's jobs start as soon as its rate is chosen.
 
 Writes `results.json` (per method and sparsity: mean and std of test accuracy over seeds,
-measured sparsity, epochs, wall time; keys like `"fip/99.1/test/accuracy"`; FIP's margin over
+measured sparsity of the prunable weights and, `"<method>/<sparsity>/parameter_sparsity"`,
+the zero fraction of all parameters; epochs, wall time; keys like
+`"fip/99.1/test/accuracy"`; FIP's margin over
 `gradual` and the `gradual_per_layer` − `tfmot` gap per sparsity; each baseline's chosen
 `"<method>/<sparsity>/learning_rate"` and its grid's mean validation accuracies,
 `"<method>/<sparsity>/tuning/validation_accuracy"`; the tuning's seeds, validation fraction
@@ -159,28 +164,9 @@ flags.DEFINE_integer(
     "validation accuracy the baselines' learning rates are chosen; 0: all.",
     lower_bound=0,
 )
-flags.DEFINE_string(
-    "compress_learning_rate",
-    "auto",
-    "Compress's `learning_rate`: `auto` "
-    "(its default: scaled to the RMS of the prunable weights, 3e-3 on "
-    "LeNet-300-100) or a number.",
-)
 flags.DEFINE_integer(
     "lth_rounds", 3, "Pruning rounds of the lottery-ticket baseline.", lower_bound=1
 )
-flags.DEFINE_enum(
-    "fip_structure", "unstructured", list(projection.STRUCTURES), "Structure of the FIP masks."
-)
-flags.DEFINE_float(
-    "compress_task_weight",
-    0.0,
-    "Compress's `task_weight`: the weight of "
-    "the labels' cross-entropy beside the distance to the dense outputs (0: the "
-    "walk keeps the dense outputs alone).",
-    lower_bound=0.0,
-)
-
 FLAGS = flags.FLAGS
 
 _DATA = {}
@@ -241,46 +227,51 @@ def prune(
     learning_rate,
     seed,
     lth_rounds=3,
-    fip_structure="unstructured",
-    compress_task_weight=0.0,
     log_dir=None,
     checkpoint_dir=None,
     checkpoint_every=100,
-    compress_learning_rate="auto",
 ):
-    """Runs one method; returns the pruned model (a new one: `base` is not changed). The
-    baselines train at `learning_rate`, Compress at `compress_learning_rate`. The FIP walk
-    checkpoints to `checkpoint_dir` (and resumes from it) when one is given."""
+    """Runs one method; returns `(pruned, record)`: the pruned model (a new one: `base` is
+    not changed) and, for `fip`, what Compress chose (the labels' weight, the steps of
+    the walk and of the choice). The baselines train at `learning_rate`; Compress gets
+    the model, the labelled data, the budget and the seed, and keeps its other defaults.
+    The FIP walk checkpoints to `checkpoint_dir` (and resumes from it) when one is
+    given."""
     if method == "fip":
-        # min_steps=0: exactly `epochs` passes, the baselines' budget.
-        return Compress(
+        # The budget: exactly `epochs` passes (min_steps=0), the baselines' budget.
+        operation = Compress(
             sparsity,
             data=(x, y),
-            structure=fip_structure,
             epochs=epochs,
             min_steps=0,
-            batch_size=batch_size,
-            learning_rate=compress_learning_rate,
-            task_weight=compress_task_weight,
             seed=seed,
             verbose=0,
             record_every=checkpoint_every,
             log_dir=log_dir,
             checkpoint_directory=checkpoint_dir,
-        )(base)
+        )
+        pruned = operation(base)
+        history = operation.history
+        return pruned, {key: history[key] for key in ("task_weight", "steps", "selection_steps")}
     common_args = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate)
     if method in ("gradual", "gradual_per_layer"):
         scope = "global" if method == "gradual" else "per_layer"
-        return baselines.gradual_magnitude_pruning(base, sparsity, x, y, scope=scope, **common_args)
+        return (
+            baselines.gradual_magnitude_pruning(base, sparsity, x, y, scope=scope, **common_args),
+            {},
+        )
     if method == "oneshot":
-        return baselines.one_shot_magnitude_pruning(base, sparsity, x, y, **common_args)
+        return baselines.one_shot_magnitude_pruning(base, sparsity, x, y, **common_args), {}
     if method == "lth":
-        return baselines.lottery_ticket(base, sparsity, x, y, rounds=lth_rounds, **common_args)
+        return (
+            baselines.lottery_ticket(base, sparsity, x, y, rounds=lth_rounds, **common_args),
+            {},
+        )
     if method == "tfmot":
         pruned, _ = baselines.tfmot_gradual_pruning(
             base, sparsity, x, y, x_test, y_test, seed=seed, **common_args
         )
-        return pruned
+        return pruned, {}
     raise ValueError(f"`--methods` must be among {list(METHODS)}. Received: {method!r}")
 
 
@@ -351,7 +342,7 @@ def run_tuning_job(job, base=None):
     common.set_seed(job["seed"])
     start = time.perf_counter()
     # The tfmot process evaluates on its "test" arrays: give it the validation split.
-    pruned = prune(
+    pruned, _ = prune(
         job["method"],
         base,
         job["percent"] / 100.0,
@@ -404,7 +395,7 @@ def run_job(job, base=None):
         )
     common.set_seed(job["seed"])
     start = time.perf_counter()
-    pruned = prune(
+    pruned, record = prune(
         job["method"],
         base,
         job["percent"] / 100.0,
@@ -417,12 +408,9 @@ def run_job(job, base=None):
         job["learning_rate"],
         job["seed"],
         job["lth_rounds"],
-        job["fip_structure"],
-        job["compress_task_weight"],
         job.get("log_dir"),
         checkpoint_dir,
         job.get("checkpoint_every", 100),
-        job.get("compress_learning_rate", "auto"),
     )
     seconds = time.perf_counter() - start
     if job.get("save_path"):
@@ -431,6 +419,8 @@ def run_job(job, base=None):
         **job,
         "accuracy": models.evaluate_classifier(pruned, x_test, y_test)["accuracy"],
         "sparsity": projection.prunable_sparsity(pruned),
+        "parameter_sparsity": projection.sparsity_summary(pruned).sparsity,
+        "fip": record,
         "seconds": seconds,
         "layer_sparsity": {
             v.path: float(np.mean(v.numpy() == 0)) for v in projection.prunable_variables(pruned)
@@ -602,7 +592,7 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rates, run, wor
     """
     output_dir = run.output_dir
     info = data.info(FLAGS.dataset, FLAGS.data_dir)
-    runs, layer_figures, bases = {}, {}, {}
+    runs, layer_figures, bases, finished = {}, {}, {}, {}
     jobs = []
     for seed in seeds:
         # Train (or load) the base networks here, so that workers only read the cache.
@@ -639,11 +629,6 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rates, run, wor
                             else None
                         ),
                         lth_rounds=FLAGS.lth_rounds,
-                        fip_structure=FLAGS.fip_structure,
-                        compress_task_weight=FLAGS.compress_task_weight,
-                        compress_learning_rate=common.compress_learning_rate(
-                            FLAGS.compress_learning_rate, "compress_learning_rate"
-                        ),
                         save_path=(
                             os.path.join(output_dir, "sparsest_fip.keras") if sparsest else None
                         ),
@@ -731,6 +716,7 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rates, run, wor
             (result["accuracy"], result["sparsity"], result["seconds"])
         )
         layer_figures.setdefault(method, {})[percent] = result["layer_sparsity"]
+        finished.setdefault((method, percent), []).append(result)
         # TensorBoard: one point per target sparsity (the step is the sparsity in 0.01%).
         run.scalars(
             {
@@ -765,6 +751,18 @@ def sweep(methods, percents, seeds, epochs, batch_size, learning_rates, run, wor
             record(result)
 
     results = {"dataset/subset": bool(info["subset"]), "epochs": epochs}
+    for (method, percent), records in finished.items():
+        key = f"{method}/{percent:g}"
+        # The zero fraction of all parameters, beside the sparsity of the prunable weights.
+        results[f"{key}/parameter_sparsity"] = float(
+            np.mean([r.get("parameter_sparsity", np.nan) for r in records])
+        )
+        if method == "fip":
+            chosen = [r.get("fip") or {} for r in records]
+            results[f"{key}/task_weights"] = [c.get("task_weight") for c in chosen]
+            results[f"{key}/selection_steps"] = float(
+                np.mean([c.get("selection_steps", np.nan) for c in chosen])
+            )
     for method, by_percent in runs.items():
         for percent, values in by_percent.items():
             accuracies, measured, seconds = (np.array(v) for v in zip(*values))
@@ -854,7 +852,6 @@ def main(argv):
     methods = [common.check_choice(m, "methods", METHODS) for m in (FLAGS.methods or METHODS)]
     seeds = [int(s) for s in FLAGS.seeds]
     # Refused before any work.
-    common.compress_learning_rate(FLAGS.compress_learning_rate, "compress_learning_rate")
     learning_rates = common.learning_rate_grid(FLAGS.prune_learning_rates, "prune_learning_rates")
     epochs = DEFAULT_EPOCHS if FLAGS["epochs"].using_default_value else FLAGS.epochs
     if FLAGS.workers > 1 and FLAGS.strategy != "default":
@@ -892,11 +889,8 @@ def main(argv):
             "prune_learning_rates",
             "prune_validation_fraction",
             "prune_tuning_seeds",
-            "compress_learning_rate",
             "base_epochs",
             "lth_rounds",
-            "fip_structure",
-            "compress_task_weight",
             "strategy",
         )
     )

@@ -6,28 +6,23 @@ Experiment families of the resilience and damage-rescue papers, every network da
 
 - `recovery` (resilience paper, Fig. 4): MLP-1 (784-`--repair_mlp_width`-10) on `--dataset`
   with `--repair_fractions` of its hidden units deleted, repaired by
-  - `fip`: the FIP back to the undamaged network's outputs (`--repair_fip_distance`),
-    inputs only, started by a layer-wise reconstruction on fresh inputs: the output
-    layer's fit of the undamaged logits on `--repair_fip_solve_first` inputs, then on
-    batches of `--repair_fip_solve_examples`, `--repair_fip_solve_sweeps` Gauss-Newton
-    sweeps of the surviving hidden units' incoming weights (in `--repair_fip_solve_rank`
-    principal input directions, each unit's step damped by `--repair_fip_solve_damping`),
-    each with an output-layer solve, and a last output-layer solve; the solves minimise
-    the logit-space Gauss-Newton model of the softmax KL at
-    `--repair_fip_solve_temperature` (`Repair(solve_output_layer=..., solve_first=...,
-    solve_sweeps=..., solve_temperature=..., solve_damping=...)`; every batch counts in
-    its epochs), the damaged weights at zero;
+  - `fip`: `keras_fip.Repair(data=(x, y))` with its defaults (its own learning rate,
+    untuned, unless `--repair_fip_learning_rates` names a grid): on MLP-1 the FIP back to
+    the undamaged network's outputs starts with the solves Repair plans for an MLP
+    (output layer, Gauss-Newton sweeps of the hidden units, every input counted in its
+    epochs), the damaged weights at zero, then walks with the labels' term;
   - `retrain`: supervised retraining of the surviving units (damage-rescue strategy 1);
   - `prune`: deleting the same units one at a time (`--repair_prune_units_per_round`)
     from the undamaged network with SGD steps in between, then retraining
     (`keras_fip.baselines.prune_retrain`).
   Every method sees `--batch_size` examples per step and ⌈N/batch⌉ steps per epoch, so an
-  epoch is the same number of examples for all (the FIP sees their inputs only). Each
-  method's learning rate is tuned over its grid (`--repair_<method>_learning_rates`) on
+  epoch is the same number of examples for all. Each baseline's learning rate is tuned
+  over its grid (`--repair_<method>_learning_rates`) on
   the mean over the first `--repair_tuning_seeds` seeds (the first one by default; 0: all):
   the rate recovering in the fewest epochs on the mean (then the best final accuracy on
-  the mean) is used for every seed, so each method gets the same tuning effort. Accuracy
-  is measured `--repair_evaluations_per_epoch` times per epoch on a validation split (the first
+  the mean) is used for every seed. Accuracy is measured
+  `Repair(evaluations_per_epoch=...)` times per epoch (20, or
+  `--repair_evaluations_per_epoch`) on a validation split (the first
   `--repair_validation_examples` test images) and `epochs_to_recover` is the first
   measurement within `--repair_target` of the undamaged accuracy; the final accuracy is
   also reported on the rest of the test set.
@@ -35,7 +30,8 @@ Experiment families of the resilience and damage-rescue papers, every network da
   `--repair_iterative_counts` hidden units, batch repair (all m deleted at once, then
   strategy 1 `retrain` or strategy 2 `embryonic`) against the iterative loop (r∘D)
   (`keras_fip.DamageRepair`, `--repair_round_budget` units per round, each round repaired
-  by `--repair_iterative_method` until recovered): cycles (training epochs, solves
+  by `--repair_iterative_method` until recovered; FIP repairs with Repair's defaults,
+  the supervised ones at `--repair_iterative_learning_rate`): cycles (training epochs, solves
   included) to recover — for the loop, the epochs of all its rounds together (`cycles`,
   compared with the batch repairs) and of its last round (`last_round_cycles`). With the
   FIP rounds (the default), batch FIP with the same repair is reported too (`fip`).
@@ -49,7 +45,8 @@ Experiment families of the resilience and damage-rescue papers, every network da
   loss of the kept networks) and the barrier (the line's highest loss above its worse
   end); a 2-D t-SNE embedding of the networks (scikit-learn) coloured by loss.
 - `transitions` (resilience paper), on the first seed's MLP-1, every step a FIP repair
-  (inputs only) back to the undamaged function: C1 (undamaged) → C2 (the first
+  with Repair's defaults on inputs only (`Repair(data=x)`, the pure function recovery)
+  back to the undamaged function: C1 (undamaged) → C2 (the first
   `--repair_transition_fractions` of the hidden units deleted) → C3 (the second, a
   superset: the same seeded order) → C4 (the deleted units restored: re-initialised,
   released and grown back, `Repair(release=True)`). Epochs to recover and accuracy of
@@ -63,6 +60,12 @@ Experiment families of the resilience and damage-rescue papers, every network da
   the line and the BatchNorm statistics as trained) at the same damage times, with the
   break-down speed and acceleration along each; with BatchNorm, the straight path with its
   statistics re-estimated at every point is reported beside it (`straight_recalibrated`).
+
+Every FIP repair runs with `Repair`'s defaults: the apps pass the model, the data, the
+budget (`--repair_max_epochs`), the validation split and target, and the seeds. The flags
+`--repair_fip_*` (recovery), `--repair_iterative_fip_*`, `--repair_iterative_solve_examples`
+(iterative and invariant) and `--repair_transition_learning_rate` override single `Repair`
+arguments; they are unset by default, and no figure of the README uses them.
 
 Writes `config.json`, `results.json` (flat keys such as `"mlp/fip/epochs_to_recover/mean"`,
 `"mlp/0.8/retrain/epochs_to_recover/mean"`, `"iterative/200/damage_repair/cycles/mean"`,
@@ -135,7 +138,11 @@ flags.DEFINE_float(
     upper_bound=1.0,
 )
 flags.DEFINE_integer(
-    "repair_evaluations_per_epoch", 20, "Validation measurements per epoch.", lower_bound=1
+    "repair_evaluations_per_epoch",
+    None,
+    "Override of `Repair(evaluations_per_epoch=...)`, validation measurements per epoch "
+    "(default: Repair's, 20).",
+    lower_bound=1,
 )
 
 # Recovery
@@ -144,68 +151,41 @@ flags.DEFINE_list("repair_fractions", ["0.5", "0.8"], "Fractions of hidden units
 flags.DEFINE_integer("repair_max_epochs", 4, "Epoch budget of every repair.", lower_bound=1)
 flags.DEFINE_list(
     "repair_fip_learning_rates",
-    ["3e-4", "1e-3", "3e-3"],
-    "Adam rates of the FIP repair (tuned with --repair_tuning_seeds).",
+    [],
+    "Adam rates of the FIP repair, tuned like the baselines' (with --repair_tuning_seeds); "
+    "empty (the default): `Repair`'s own default rate, untuned.",
 )
+# Documented overrides of Repair's defaults for the FIP of `recovery` (unset: Repair's own;
+# a temperature of 0 means none, solve examples 0 no solve).
 flags.DEFINE_enum(
-    "repair_fip_distance",
-    "kl",
-    ["l2", "kl", "bhattacharyya"],
-    "Output distance D of the FIP repair's walk after its solves.",
+    "repair_fip_distance", None, ["l2", "kl", "bhattacharyya"], "Override `Repair(distance=)`."
 )
 flags.DEFINE_float(
     "repair_fip_distance_temperature",
-    4.0,
-    "Temperature of the walk's D "
-    "(`Repair(distance_temperature=...)`: D between logits / T, × T²); 0: "
-    "none.",
+    None,
+    "Override `Repair(distance_temperature=)`.",
     lower_bound=0.0,
 )
 flags.DEFINE_integer(
-    "repair_fip_solve_first",
-    2000,
-    "Training inputs of the FIP "
-    "repair's first solve batch, output layer only "
-    "(`Repair(solve_first=...)`; counted in its epochs); 0: none.",
-    lower_bound=0,
+    "repair_fip_solve_first", None, "Override `Repair(solve_first=)`.", lower_bound=0
 )
 flags.DEFINE_integer(
-    "repair_fip_solve_examples",
-    5000,
-    "Training inputs per solve batch "
-    "of the FIP repair after the first (`Repair(solve_output_layer=...)`: "
-    "the output layer's fit of the undamaged logits and a sweep of the "
-    "hidden layer; every batch is counted in its epochs); 0: no solve.",
-    lower_bound=0,
+    "repair_fip_solve_examples", None, "Override `Repair(solve_output_layer=)`.", lower_bound=0
 )
 flags.DEFINE_integer(
-    "repair_fip_solve_sweeps",
-    4,
-    "Gauss-Newton sweeps of the hidden "
-    "layer before the FIP walk, each on a fresh solve batch "
-    "(`Repair(solve_sweeps=...)`).",
-    lower_bound=0,
+    "repair_fip_solve_sweeps", None, "Override `Repair(solve_sweeps=)`.", lower_bound=0
 )
 flags.DEFINE_integer(
-    "repair_fip_solve_rank",
-    200,
-    "Principal input directions of the sweeps (`Repair(solve_rank=...)`).",
-    lower_bound=1,
+    "repair_fip_solve_rank", None, "Override `Repair(solve_rank=)`.", lower_bound=1
 )
 flags.DEFINE_float(
     "repair_fip_solve_temperature",
-    4.0,
-    "Temperature of the softmax "
-    "weights of the solves (`Repair(solve_temperature=...)`: the logit-space "
-    "Gauss-Newton model of the KL at this temperature); 0: plain least "
-    "squares on the logits.",
+    None,
+    "Override `Repair(solve_temperature=)`.",
     lower_bound=0.0,
 )
 flags.DEFINE_float(
-    "repair_fip_solve_damping",
-    0.1,
-    "Levenberg-Marquardt damping of each unit's step in the sweeps (`Repair(solve_damping=...)`).",
-    lower_bound=0.0,
+    "repair_fip_solve_damping", None, "Override `Repair(solve_damping=)`.", lower_bound=0.0
 )
 flags.DEFINE_integer(
     "repair_tuning_seeds",
@@ -246,26 +226,32 @@ flags.DEFINE_float(
     "Adam rate of the supervised repairs (retrain, embryonic) in the iterative experiment.",
     lower_bound=0.0,
 )
+
+# Documented overrides of Repair's defaults for the FIP rounds of `iterative` and
+# `invariant`, and for the transitions (unset: Repair's own).
 flags.DEFINE_float(
     "repair_iterative_fip_learning_rate",
-    1e-3,
-    "Adam rate of the FIP repairs in the iterative experiment.",
+    None,
+    "Override `Repair(learning_rate=)` of the iterative FIP repairs.",
     lower_bound=0.0,
 )
 flags.DEFINE_enum(
     "repair_iterative_fip_distance",
-    "l2",
+    None,
     ["l2", "kl", "bhattacharyya"],
-    "Output distance D of the FIP repairs in the iterative experiment (`l2` "
-    "on the logits: the objective their output-layer solve minimises).",
+    "Override `Repair(distance=)` of the iterative FIP repairs.",
 )
 flags.DEFINE_integer(
     "repair_iterative_solve_examples",
-    2000,
-    "Inputs on which each FIP "
-    "repair of the iterative experiment (batch and per round) first "
-    "solves the output layer (counted in its cycles).",
+    None,
+    "Override `Repair(solve_output_layer=)` of the iterative FIP repairs.",
     lower_bound=0,
+)
+flags.DEFINE_float(
+    "repair_transition_learning_rate",
+    None,
+    "Override `Repair(learning_rate=)` of the transitions.",
+    lower_bound=0.0,
 )
 
 # The invariant set
@@ -294,12 +280,6 @@ flags.DEFINE_float(
 
 # Transitions
 flags.DEFINE_list("repair_transition_fractions", ["0.5", "0.8"], "Deleted fractions of C2 and C3.")
-flags.DEFINE_float(
-    "repair_transition_learning_rate",
-    3e-3,
-    "Adam rate of the FIP repairs of the transitions.",
-    lower_bound=0.0,
-)
 
 # VGG
 flags.DEFINE_bool(
@@ -384,13 +364,54 @@ def _mlp(seed):
     return model
 
 
+_FIP_OVERRIDES = {
+    "repair_fip_distance": "distance",
+    "repair_fip_distance_temperature": "distance_temperature",
+    "repair_fip_solve_first": "solve_first",
+    "repair_fip_solve_examples": "solve_output_layer",
+    "repair_fip_solve_sweeps": "solve_sweeps",
+    "repair_fip_solve_rank": "solve_rank",
+    "repair_fip_solve_temperature": "solve_temperature",
+    "repair_fip_solve_damping": "solve_damping",
+}
+_ITERATIVE_OVERRIDES = {
+    "repair_iterative_fip_learning_rate": "learning_rate",
+    "repair_iterative_fip_distance": "distance",
+    "repair_iterative_solve_examples": "solve_output_layer",
+}
+_TRANSITION_OVERRIDES = {"repair_transition_learning_rate": "learning_rate"}
+
+
+def _overrides(table):
+    """The `Repair` arguments of the override flags in `table` that are set."""
+    kwargs = {}
+    for flag, argument in table.items():
+        value = getattr(FLAGS, flag)
+        if value is None:
+            continue
+        if argument in ("distance_temperature", "solve_temperature") and value == 0:
+            value = None  # 0: no temperature.
+        kwargs[argument] = value
+    if kwargs.get("solve_output_layer") == 0:  # No solve: no sweep either.
+        kwargs.pop("solve_sweeps", None)
+    if kwargs.get("solve_output_layer") == 0 or kwargs.get("solve_sweeps") == 0:
+        kwargs.pop("solve_first", None)  # No sweep: no output-only first batch.
+    return kwargs
+
+
+def _evaluations_per_epoch():
+    """`--repair_evaluations_per_epoch`, or `Repair`'s default."""
+    return FLAGS.repair_evaluations_per_epoch or keras_fip.Repair().evaluations_per_epoch
+
+
 def _repair(method, model, damaged, learning_rate, splits, seed):
-    """One repair: `(history, repaired model)`."""
+    """One repair: `(history, repaired model)`. The FIP gets `Repair`'s defaults (its rate
+    too when `learning_rate` is `None`); the baselines their tuned rate."""
     (x, y), validation, _ = splits
     common_kwargs = dict(
         epochs=FLAGS.repair_max_epochs,
         target=FLAGS.repair_target,
-        evaluations_per_epoch=FLAGS.repair_evaluations_per_epoch,
+        evaluations_per_epoch=_evaluations_per_epoch(),
         stop_at_target=True,
         seed=seed,
     )
@@ -408,29 +429,13 @@ def _repair(method, model, damaged, learning_rate, splits, seed):
             **common_kwargs,
         )
         return history, repaired
-    extra = {}
+    extra = {} if learning_rate is None else {"learning_rate": learning_rate}
     if method == "fip":
-        solving = FLAGS.repair_fip_solve_examples > 0
-        sweeps = FLAGS.repair_fip_solve_sweeps if solving else 0
-        extra = {
-            "solve_output_layer": FLAGS.repair_fip_solve_examples,
-            "solve_sweeps": sweeps,
-            "solve_rank": FLAGS.repair_fip_solve_rank,
-            "solve_first": FLAGS.repair_fip_solve_first if sweeps else 0,
-            "solve_damping": FLAGS.repair_fip_solve_damping,
-            "solve_temperature": (
-                FLAGS.repair_fip_solve_temperature
-                if solving and FLAGS.repair_fip_solve_temperature
-                else None
-            ),
-            "distance": FLAGS.repair_fip_distance,
-            "distance_temperature": FLAGS.repair_fip_distance_temperature or None,
-        }
+        extra.update(_overrides(_FIP_OVERRIDES))
     op = keras_fip.Repair(
-        data=x if method == "fip" else (x, y),
+        data=(x, y),
         method=method,
         validation_data=validation,
-        learning_rate=learning_rate,
         batch_size=FLAGS.batch_size,
         verbose=0,
         **common_kwargs,
@@ -454,7 +459,7 @@ def _tuned(method, cases, splits):
     accurate at its end on the mean; the grid's mean epochs to recover (`None`: a run
     diverged or did not recover); and the chosen rate's runs `{seed: (history,
     repaired)}`."""
-    grid = [float(v) for v in getattr(FLAGS, f"repair_{method}_learning_rates")]
+    grid = [float(v) for v in getattr(FLAGS, f"repair_{method}_learning_rates")] or [None]
     scores, runs, unrecovered = {}, {}, set()
     for rate in grid:
         runs[rate] = {}
@@ -490,7 +495,10 @@ def _tuned(method, cases, splits):
             unrecovered.add(rate)
     best = min(scores, key=scores.get)
     grid = {
-        _key(r): (None if np.isinf(s[0]) or r in unrecovered else s[0]) for r, s in scores.items()
+        ("default" if r is None else _key(r)): (
+            None if np.isinf(s[0]) or r in unrecovered else s[0]
+        )
+        for r, s in scores.items()
     }
     return best, grid, runs[best]
 
@@ -540,7 +548,7 @@ def recovery(methods, seeds, splits):
                     )
                 print(
                     f"{prefix} seed {seed} {method}: recovered at "
-                    f"{history['epochs_to_recover']} epochs (lr {rate:g})",
+                    f"{history['epochs_to_recover']} epochs (lr {rate or 'default'})",
                     flush=True,
                 )
             results.update(
@@ -565,22 +573,17 @@ def recovery(methods, seeds, splits):
 
 
 def _round_repair(method, seed, splits, epochs=None):
-    """The `Repair` of the iterative and invariant experiments: `method` with its rate (a
-    FIP first solves the output layer on `--repair_iterative_solve_examples` inputs)."""
+    """The `Repair` of the iterative and invariant experiments: the FIP with `Repair`'s
+    defaults, the supervised strategies at `--repair_iterative_learning_rate`."""
     (x, y), _, _ = splits
-    if method == "fip":
-        kwargs = _repair_kwargs(splits, FLAGS.repair_iterative_fip_learning_rate)
-        kwargs.update(
-            solve_output_layer=FLAGS.repair_iterative_solve_examples,
-            distance=FLAGS.repair_iterative_fip_distance,
-        )
-        data_ = x
+    kwargs = _repair_kwargs(splits)
+    if method != "fip":
+        kwargs["learning_rate"] = FLAGS.repair_iterative_learning_rate
     else:
-        kwargs = _repair_kwargs(splits, FLAGS.repair_iterative_learning_rate)
-        data_ = (x, y)
+        kwargs.update(_overrides(_ITERATIVE_OVERRIDES))
     if epochs is not None:
         kwargs["epochs"] = epochs
-    return keras_fip.Repair(data=data_, method=method, seed=seed, **kwargs)
+    return keras_fip.Repair(data=(x, y), method=method, seed=seed, **kwargs)
 
 
 def iterative(seeds, splits):
@@ -672,14 +675,14 @@ class _Scorer:
         return float(loss), float(accuracy)
 
 
-def _repair_kwargs(splits, learning_rate):
+def _repair_kwargs(splits):
+    """The validation data, target, measurements and budget every repair shares."""
     _, validation, _ = splits
     return dict(
         validation_data=validation,
         target=FLAGS.repair_target,
-        evaluations_per_epoch=FLAGS.repair_evaluations_per_epoch,
+        evaluations_per_epoch=_evaluations_per_epoch(),
         stop_at_target=True,
-        learning_rate=learning_rate,
         batch_size=FLAGS.batch_size,
         epochs=FLAGS.repair_max_epochs,
         verbose=0,
@@ -774,7 +777,8 @@ def transitions(seed, splits):
     """C1 → C2 → C3 → C4: epochs of each FIP transition (inputs only)."""
     (x, _), _, (x_test, y_test) = splits
     model = _mlp(seed)
-    kwargs = _repair_kwargs(splits, FLAGS.repair_transition_learning_rate)
+    kwargs = _repair_kwargs(splits)
+    kwargs.update(_overrides(_TRANSITION_OVERRIDES))
     results = {
         "transitions/C1/test/accuracy": models.evaluate_classifier(model, x_test, y_test)[
             "accuracy"

@@ -8,8 +8,9 @@ average pooling, Dense 64, logits; `stem24` has no block (one convolution: an un
 (stratified, seeded) is held out as a validation split that no method trains on. Trains each
 net on the rest, then sparsifies it with `keras_fip.Compress(sparsity, data=(x, y))` —
 default arguments, so `learning_rate="auto"` (`--compress_learning_rates` adds runs at other
-rates, reported as `fip_lr<r>`, never chosen by the benchmark); the labels only report
-accuracy (`--task_weights` > 0 add them, as `fip_task<w>`) — and
+rates, reported as `fip_lr<r>`, never chosen by the benchmark) and `task_weight="auto"`: the
+labels' weight chosen on a fifth held out of `(x, y)` (`--task_weights` adds runs at given
+weights, as `fip_task<w>`; 0 is the walk on the inputs alone) — and
 with one-shot and gradual magnitude pruning (global scope, the same layer-collapse
 protection) fine-tuned with labels for the same number of steps Compress took
 (`op.history["steps"]`), each at the learning rate that does best on the validation split
@@ -27,7 +28,7 @@ four), which resolves differences of a few images that the 360-image split canno
 pruning (`finetuned`, its rate chosen on validation like the baselines'): what gradual
 pruning's labelled training gives on its own — on the digits it lifts the dense network
 above its own test accuracy, which a walk that keeps the dense function cannot reach
-without the labels (`--task_weights=0,1`).
+without the labels (`--task_weights=auto,0`).
 `--dataset=mnist8` runs the same nets on MNIST brought to the digits' format (the central
 24×24 of each image, where the digit is, averaged over 3×3 blocks, as the digits were
 made by counting 4×4 blocks of 32×32 bitmaps): `--train_size` training images (stratified,
@@ -39,7 +40,7 @@ Example:
     python -m benchmarks.compress_unseen                  # 3 nets x 3 seeds, ~30 min on 2 cores
     python -m benchmarks.compress_unseen --nets=residual24 --sparsities=0.5,0.8,0.9 --seeds=0
     python -m benchmarks.compress_unseen --nets=residual24 --folds=5 --seeds=0,1,2,3,4 \
-        --task_weights=0,1                                # every digit tested once, ~50 min
+        --task_weights=auto,0                             # every digit tested once
     python -m benchmarks.compress_unseen --nets=residual24 --dataset=mnist8  # 10,000 tests
 """
 
@@ -138,7 +139,8 @@ def _split(seed, validation_fraction=0.2, folds=0, dataset="digits", train_size=
 
 
 def _parse_learning_rate(text):
-    """A Compress learning rate from the command line: `auto` or a number."""
+    """A Compress learning rate (or task weight) from the command line: `auto` or a
+    number."""
     return "auto" if text.strip() == "auto" else float(text)
 
 
@@ -157,7 +159,11 @@ def _variants(compress_learning_rates, task_weights):
                     else f"_lr{learning_rate:g}"
                 )
             if task_weight != task_weights[0]:
-                name += f"_task{task_weight:g}"
+                name += (
+                    f"_task{task_weight}"
+                    if isinstance(task_weight, str)
+                    else f"_task{task_weight:g}"
+                )
             variants.append((name, learning_rate, task_weight))
     return variants
 
@@ -202,7 +208,7 @@ def run_net(
     seed,
     steps=None,
     learning_rates=BASELINE_LEARNING_RATES,
-    task_weights=(0.0,),
+    task_weights=("auto",),
     folds=0,
     dataset="digits",
     train_size=12000,
@@ -229,7 +235,7 @@ def run_net(
         key = f"{sparsity * 100:g}"
         for fip, kwargs in runs:
             start = time.perf_counter()
-            # The labels only report accuracy unless `task_weight` > 0.
+            # The labels' weight: chosen by Compress ("auto"), unless given.
             operation = keras_fip.Compress(
                 sparsity, data=(x, y), steps=steps, seed=seed, verbose=0, **kwargs
             )
@@ -295,7 +301,7 @@ def summarize(
     name,
     results,
     sparsities,
-    task_weights=(0.0,),
+    task_weights=("auto",),
     compress_learning_rates=("auto",),
     compress_options=None,
 ):
@@ -358,10 +364,11 @@ def main(argv=None):
     )
     parser.add_argument(
         "--task_weights",
-        default="0",
-        help="Comma-separated Compress task_weight values, each its own "
-        "run: the first reported as `fip`, the others as `fip_task<w>` "
-        "(0: inputs only; > 0 adds the labels' cross-entropy).",
+        default="auto",
+        help="Comma-separated Compress task_weight values (`auto`, its "
+        "default, or numbers), each its own run: the first reported as `fip`, "
+        "the others as `fip_task<w>` (0: inputs only; > 0 adds the labels' "
+        "cross-entropy).",
     )
     parser.add_argument(
         "--compress_learning_rates",
@@ -417,7 +424,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     learning_rates = [float(r) for r in args.learning_rates.split(",")]
-    task_weights = [float(w) for w in args.task_weights.split(",")]
+    try:
+        task_weights = [_parse_learning_rate(w) for w in args.task_weights.split(",")]
+    except ValueError:
+        parser.error(f"--task_weights: `auto` or numbers. Received: {args.task_weights}")
     try:
         compress_learning_rates = [
             _parse_learning_rate(r) for r in args.compress_learning_rates.split(",")

@@ -24,8 +24,10 @@ class AGEM(MemoryBaseline):
             `None` (`batch_size`).
         head: `"append"` or `"shared"`. Defaults to `"append"`.
         epochs: Passes over the new task. Defaults to `5`.
-        learning_rate: Initial Adam learning rate, cosine-decayed. Defaults to `1e-3`.
-        batch_size: New-task examples per step. Defaults to `128`.
+        learning_rate: Initial Adam learning rate, cosine-decayed, or `"auto"` (the best
+            of a grid on a held-out split of the new task; `ContinualBaseline`).
+            Defaults to `"auto"`.
+        batch_size: New-task examples per step. Defaults to `32`.
         seed: Seed. Defaults to `None`.
         **kwargs: `Operation` arguments.
 

@@ -3,9 +3,11 @@
 Every baseline is an `Operation` (validated, serialisable, never mutating its input) that
 learns `new_task` with the same head handling as `keras_fip.ContinualLearn`
 (`head="append"` grows the last Dense layer, `"shared"` uses pre-allocated outputs) and the
-same budget: `epochs` passes over the new task, `batch_size` new-task examples per step,
-Adam at `learning_rate` cosine-decayed to zero, BatchNormalization and Dropout in
-training mode as `fit` runs them. Masks the model carries are kept (the optimizer is a
+same budget: `epochs` passes over the new task, `batch_size` new-task examples per step
+(32, as `keras.Model.fit`), Adam at `learning_rate` cosine-decayed to zero,
+BatchNormalization and Dropout in training mode as `fit` runs them. The learning rate is
+chosen as the methods' authors choose it, on a split held out of the new task
+(`learning_rate="auto"`). Masks the model carries are kept (the optimizer is a
 `MaskedOptimizer`).
 """
 
@@ -20,8 +22,10 @@ from keras_fip.engine import data_adapter
 from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine import step_rules
+from keras_fip.engine.copy import copy_model
 from keras_fip.engine.data_adapter import check_inputs_match_model
 from keras_fip.engine.data_adapter import normalize_data
+from keras_fip.metrics.continual import task_accuracy
 from keras_fip.operations import heads
 from keras_fip.operations.base import Operation
 from keras_fip.operations.base import model_output_kind
@@ -29,6 +33,80 @@ from keras_fip.operations.base import model_output_kind
 # The batch-mean cross-entropy of every baseline's loss (the function, scaled per replica
 # by `train`).
 cross_entropy = step_rules.mean_cross_entropy
+# `learning_rate="auto"`: every rate of the grid is trained (the full budget each) on the
+# new task minus a held-out `VALIDATION_FRACTION` (and a baseline's labelled memory minus
+# the same fraction), and the rate with the best mean held-out accuracy over the new task
+# and the old tasks' validation data the baseline has (ties: the smaller) is used to train
+# on the whole task. A rate at an edge of the grid that is the best alone is not taken as
+# the answer: one more step of the grid's spacing past it is tried, at most
+# `MAX_GRID_EXTENSIONS` times each way.
+LEARNING_RATE_GRID = (3e-4, 1e-3, 3e-3)
+DEFAULT_LEARNING_RATE = 1e-3  # Adam's: the grid's middle.
+MAX_GRID_EXTENSIONS = 2
+VALIDATION_FRACTION = 0.1
+
+
+def next_grid_values(scores, extended_up, extended_down, max_extensions, zero_step=10.0):
+    """The values to try next: one grid step beyond an edge of `scores` that is the best
+    alone (the grid's own spacing at that edge; `zero_step`× next to a zero).
+
+    Args:
+        scores: A dict value -> validation score of the values tried.
+        extended_up: How many times the top edge was extended already.
+        extended_down: How many times the bottom edge was extended already.
+        max_extensions: The most extensions each way.
+        zero_step: The factor past an edge whose neighbour is 0. Defaults to `10.0`.
+
+    Returns:
+        A list of at most one value.
+    """
+    if len(scores) < 2:
+        return []
+    values = sorted(scores)
+    best = max(scores.values())
+    alone = [v for v in values if scores[v] == best]
+    if alone == [values[-1]] and values[-1] > 0 and extended_up < max_extensions:
+        factor = values[-1] / values[-2] if values[-2] > 0 else zero_step
+        return [values[-1] * factor]
+    if alone == [values[0]] and values[0] > 0 and extended_down < max_extensions:
+        return [values[0] / (values[1] / values[0])]
+    return []
+
+
+def search_grid(grid, score, max_extensions):
+    """Scores every value of `grid`, extending it past an edge that wins alone.
+
+    Args:
+        grid: The values to try first.
+        score: A function value -> validation score (higher is better).
+        max_extensions: The most extensions past each edge.
+
+    Returns:
+        A tuple `(best value, dict value -> score)`; ties go to the smaller value.
+    """
+    scores = {}
+    pending, extended_up, extended_down = list(grid), 0, 0
+    while pending:
+        for value in pending:
+            scores[value] = score(value)
+        pending = [
+            v
+            for v in next_grid_values(scores, extended_up, extended_down, max_extensions)
+            if v not in scores
+        ]
+        if pending and pending[0] > max(scores):
+            extended_up += 1
+        elif pending:
+            extended_down += 1
+    return min(scores, key=lambda v: (-scores[v], v)), scores
+
+
+def held_out_rows(count, fraction, seed):
+    """`(training rows, held-out rows)`, sorted: a seeded `fraction` of `count` examples
+    held out (at least one, and at least one left to train on)."""
+    order = np.random.default_rng(seed).permutation(count)
+    held = min(max(1, int(round(fraction * count))), count - 1)
+    return np.sort(order[held:]), np.sort(order[:held])
 
 
 def repeated_batches(tensors, batch_size, seed):
@@ -61,9 +139,17 @@ class ContinualBaseline(Operation):
             `"append"`, output indices for `"shared"`).
         head: `"append"` or `"shared"`. Defaults to `"append"`.
         epochs: Passes over the new task. Defaults to `5`.
-        learning_rate: Initial Adam learning rate, cosine-decayed. Defaults to `1e-3`.
-        batch_size: New-task examples per step. Defaults to `128`.
-        seed: Seed of the shuffles and the new units. Defaults to `None`.
+        learning_rate: Initial Adam learning rate, cosine-decayed, or `"auto"`: the
+            rate of `LEARNING_RATE_GRID` (3e-4, 1e-3, 3e-3, extended past an edge that
+            wins) whose run on the new task minus a held-out 10% has the best held-out
+            accuracy (averaged with the old tasks' held-out accuracy where the baseline
+            has old-task data: its labelled memory, minus the same 10% while choosing,
+            or EWC's `validation_tasks`), then trained on the whole task. The rate used
+            is `op.history["learning_rate"]`, every rate tried
+            `op.history["learning_rate_scores"]`. Defaults to `"auto"`.
+        batch_size: New-task examples per step. Defaults to `32`.
+        seed: Seed of the shuffles, the new units and the held-out split. Defaults to
+            `None`.
         eval_tasks: A list of `(x, y)` (labels in the returned model's output indices)
             whose accuracy is recorded along training in `op.history["task_{i}/accuracy"]`
             at `op.history["eval_step"]`, as `ContinualLearn` records it. Defaults to
@@ -77,8 +163,8 @@ class ContinualBaseline(Operation):
         new_task,
         head="append",
         epochs=5,
-        learning_rate=1e-3,
-        batch_size=128,
+        learning_rate="auto",
+        batch_size=32,
         seed=None,
         eval_tasks=None,
         eval_every=None,
@@ -102,13 +188,18 @@ class ContinualBaseline(Operation):
                 heads.task_labels(0, self._task[1], "append")
         self.new_task = new_task
         self.epochs = self.check_number(epochs, "epochs", low=1, low_inclusive=True, integer=True)
-        self.learning_rate = self.check_number(learning_rate, "learning_rate", low=0.0)
+        if not (isinstance(learning_rate, str) and learning_rate == "auto"):
+            learning_rate = self.check_number(learning_rate, "learning_rate", low=0.0)
+        self.learning_rate = learning_rate
         self.batch_size = self.check_number(
             batch_size, "batch_size", low=1, low_inclusive=True, integer=True
         )
         if seed is not None:
             seed = self.check_number(seed, "seed", low=0, low_inclusive=True, integer=True)
         self.seed = seed
+        # The new task's fraction held out by the `"auto"` searches (EWC takes it as an
+        # argument).
+        self.validation_fraction = VALIDATION_FRACTION
 
     # Hooks.
 
@@ -160,8 +251,71 @@ class ContinualBaseline(Operation):
         return self.epochs * math.ceil(count / min(self.batch_size, count))
 
     def training_data(self, x, labels):
-        """The `(x, y)` the main pipeline cycles over (the joint baseline widens it)."""
+        """The `(x, y)` the main pipeline cycles over (the joint baseline widens it). Its
+        first examples are the new task's, in order (`y` may carry more arrays, e.g. the
+        old network's outputs)."""
         return x, labels
+
+    def old_validation(self):
+        """Old-task validation data `[(x, y)]` (labels in output indices) that the held-out
+        score averages in beside the new task's split (subclasses that have some)."""
+        return []
+
+    def validation_score(self, model, validation):
+        """The held-out score of a candidate: its mean accuracy over the new task's
+        held-out split and each set of `old_validation()`."""
+        tasks = list(validation) + list(self.old_validation())
+        return float(np.mean([task_accuracy(model, vx, vy) for vx, vy in tasks]))
+
+    def candidates(self, model, kind, x, labels):
+        """A function `(settings) -> held-out score` that trains a copy of `model` on the
+        training data minus the held-out split with `settings` applied
+        (`apply_settings`), and the held-out split itself.
+
+        Args:
+            model: The model with its head ready (not trained by the candidates).
+            kind: Its output kind.
+            x: The new task's inputs.
+            labels: Their labels in output indices.
+
+        Returns:
+            A tuple `(score function, validation list)`.
+        """
+        train_x, train_y = self.training_data(x, labels)
+        count = data_adapter.num_examples(x)
+        rows, held = held_out_rows(count, self.validation_fraction, self.seed)
+        # Rows past the new task's (the joint baseline's old tasks) always train.
+        rows = np.concatenate([rows, np.arange(count, data_adapter.num_examples(train_x))])
+        candidate_x = data_adapter.take(train_x, rows)
+        candidate_y = tf.nest.map_structure(lambda array: array[rows], train_y)
+        validation = [(data_adapter.take(x, held), np.asarray(labels)[held])]
+
+        def score(settings):
+            candidate = outputs_lib.logits_model(copy_model(model), kind)
+            self.apply_settings(settings)
+            train(
+                candidate,
+                self,
+                candidate_x,
+                candidate_y,
+                self.num_steps(candidate_x),
+                learning_rate=settings["learning_rate"],
+                evaluate=False,
+            )
+            return self.validation_score(candidate, validation)
+
+        return score, validation
+
+    def apply_settings(self, settings):
+        """Sets the knobs a candidate run trains with (subclasses: their own)."""
+
+    def choose_learning_rate(self, score):
+        """The grid search of `learning_rate="auto"`: `(rate, scores)`."""
+        return search_grid(
+            LEARNING_RATE_GRID,
+            lambda rate: score({"learning_rate": rate}),
+            MAX_GRID_EXTENSIONS,
+        )
 
     # The loop.
 
@@ -195,12 +349,24 @@ class ContinualBaseline(Operation):
         # Every loss reads logits: a model ending in a softmax through its log-probabilities
         # (views sharing the weights, so training the view trains the model).
         old_view = outputs_lib.logits_model(old_model, model_output_kind(old_model, x))
-        view = outputs_lib.logits_model(model, model_output_kind(model, x))
+        kind = model_output_kind(model, x)
+        view = outputs_lib.logits_model(model, kind)
         self.prepare(old_view, view, x, labels)
+
+        # The learning rate: given, or chosen on a held-out split of the new task
+        rate, scores = self.learning_rate, None
+        if rate == "auto":
+            score, _ = self.candidates(model, kind, x, labels)
+            rate, scores = self.choose_learning_rate(score)
+
+        # Training on the whole task
         train_x, train_y = self.training_data(x, labels)
         steps = self.num_steps(train_x)
-        self.history = train(view, self, train_x, train_y, steps)
+        self.history = train(view, self, train_x, train_y, steps, learning_rate=rate)
         self.history["steps"] = steps
+        self.history["learning_rate"] = rate
+        if scores is not None:
+            self.history["learning_rate_scores"] = scores
         return model
 
     def get_config(self):
@@ -218,8 +384,23 @@ class ContinualBaseline(Operation):
         return config
 
 
-def train(model, baseline, x, labels, steps, learning_rate=None):
-    """Runs `steps` Adam steps of `baseline.loss` on `model` in place; returns a history."""
+def train(model, baseline, x, labels, steps, learning_rate=None, evaluate=True):
+    """Runs `steps` Adam steps of `baseline.loss` on `model` in place; returns a history.
+
+    Args:
+        model: The model to train (its logits view), changed in place.
+        baseline: The `ContinualBaseline` whose loss, data and settings are used.
+        x: The training inputs.
+        labels: Their labels (a structure of arrays for baselines that carry more).
+        steps: The number of steps.
+        learning_rate: The initial rate, a number. Defaults to `None`
+            (`baseline.learning_rate`).
+        evaluate: Whether `baseline`'s `eval_tasks` are recorded along training.
+            Defaults to `True`.
+
+    Returns:
+        A dict of per-step losses (and the evaluations).
+    """
     seed = baseline.seed
     pipelines = {"task": repeated_batches((x, labels), baseline.batch_size, seed)}
     pipelines.update(baseline.extra_data(model, x, labels))
@@ -247,7 +428,7 @@ def train(model, baseline, x, labels, steps, learning_rate=None):
     step = distribute.replica_step(replica_step)
 
     evaluator = None
-    if baseline._eval_tasks:
+    if evaluate and baseline._eval_tasks:
         from keras_fip.operations.continual_learn import _EvaluateTasks
 
         tasks = [(x_, np.asarray(y_).astype("int64")) for x_, y_ in baseline._eval_tasks]

@@ -1,7 +1,9 @@
 """Ensemble baselines: deep ensembles, fast geometric ensembling (FGE), snapshot ensembles.
 
 Each returns a keras_fip ensemble model (`keras_fip.operations.ensemble.build_ensemble`:
-one input, the members, their combination; mean probabilities by default) and a dict
+one input, the members, their combination; by default the mean of the members'
+probabilities: a model ending in a softmax is averaged as it is, a logits model through
+a softmax, and the ensemble returns probabilities either way) and a dict
 recording the compute it used as epochs × examples (`"train_examples"`: examples through a
 forward and backward pass), so methods can be compared at their cost. The model they start
 from (FGE) is not counted: add its own training.
@@ -16,7 +18,7 @@ from keras_fip.engine import data_adapter
 from keras_fip.engine import normalization
 from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine.copy import copy_model
-from keras_fip.operations.ensemble import COMBINES
+from keras_fip.operations.ensemble import SAVED_COMBINES
 from keras_fip.operations.ensemble import build_ensemble
 
 
@@ -33,9 +35,9 @@ def _check_common(num_members, epochs, name_epochs, combine):
         raise ValueError(
             f"`{name_epochs}` must be a positive integer. Received: {name_epochs}={epochs!r}"
         )
-    if combine not in COMBINES:
+    if combine not in SAVED_COMBINES:
         raise ValueError(
-            f"`combine` must be one of {list(COMBINES)}. Received: combine={combine!r}"
+            f"`combine` must be one of {list(SAVED_COMBINES)}. Received: combine={combine!r}"
         )
 
 
@@ -44,6 +46,11 @@ def _fresh_copy(model, seed):
     keras.utils.set_random_seed(seed)
     clone = keras.models.clone_model(model)
     return clone
+
+
+def _output_kind(model, x):
+    """What `model` returns (its final layer, else its outputs on some of `x`)."""
+    return outputs_lib.output_kind(model, x)
 
 
 def _input_shape(model):
@@ -72,8 +79,8 @@ def deep_ensemble(
     the recipe the base networks use), so every member is as good as a single network.
 
     Args:
-        model: A `keras.Model` returning logits: the architecture (its weights are not
-            used or changed).
+        model: A `keras.Model` returning logits or probabilities: the architecture (its
+            weights are not used or changed).
         x: Training inputs.
         y: Integer training labels.
         num_members: K. Defaults to `10`.
@@ -81,8 +88,8 @@ def deep_ensemble(
         batch_size: Examples per step. Defaults to `128`.
         learning_rate: Initial Adam learning rate (cosine-decayed). Defaults to `1e-3`.
         seed: Seed of the first member. Defaults to `0`.
-        combine: How the ensemble combines its members (`COMBINES`). Defaults to
-            `"mean_probabilities"`.
+        combine: How the ensemble combines its members, `"mean_probabilities"` or
+            `"mean_logits"` (`build_ensemble`). Defaults to `"mean_probabilities"`.
         verbose: Keras verbosity. Defaults to `0`.
 
     Returns:
@@ -119,7 +126,11 @@ def deep_ensemble(
         "num_members": int(num_members),
     }
     return build_ensemble(
-        members, combine, _input_shape(model), name=f"{model.name}_deep_ensemble"
+        members,
+        combine,
+        _input_shape(model),
+        name=f"{model.name}_deep_ensemble",
+        outputs=_output_kind(model, x),
     ), info
 
 
@@ -213,7 +224,7 @@ def fast_geometric_ensemble(
     member are re-estimated on `x` (as their `bn_update`).
 
     Args:
-        model: A trained `keras.Model` returning logits. Not changed.
+        model: A trained `keras.Model` returning logits or probabilities. Not changed.
         x: Training inputs.
         y: Integer training labels.
         num_members: K, the cycles and members. Defaults to `10`.
@@ -264,7 +275,13 @@ def fast_geometric_ensemble(
         "epochs": float(total_steps / steps_per_epoch),
         "num_members": len(members),
     }
-    return build_ensemble(members, combine, _input_shape(model), name=f"{model.name}_fge"), info
+    return build_ensemble(
+        members,
+        combine,
+        _input_shape(model),
+        name=f"{model.name}_fge",
+        outputs=_output_kind(model, x),
+    ), info
 
 
 def snapshot_learning_rate(iteration, total_steps, num_cycles, initial):
@@ -329,7 +346,8 @@ def snapshot_ensemble(
     zero.
 
     Args:
-        model: A `keras.Model` returning logits: the architecture (weights unused).
+        model: A `keras.Model` returning logits or probabilities: the architecture
+            (weights unused).
         x: Training inputs.
         y: Integer training labels.
         num_members: M, the cycles and snapshots. Defaults to `10`.
@@ -371,5 +389,9 @@ def snapshot_ensemble(
         "num_members": len(collector.members),
     }
     return build_ensemble(
-        collector.members, combine, _input_shape(model), name=f"{model.name}_snapshot"
+        collector.members,
+        combine,
+        _input_shape(model),
+        name=f"{model.name}_snapshot",
+        outputs=_output_kind(model, x),
     ), info

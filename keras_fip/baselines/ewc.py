@@ -6,42 +6,30 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_fip.baselines.continual_base import DEFAULT_LEARNING_RATE
+from keras_fip.baselines.continual_base import LEARNING_RATE_GRID
+from keras_fip.baselines.continual_base import MAX_GRID_EXTENSIONS
 from keras_fip.baselines.continual_base import ContinualBaseline
 from keras_fip.baselines.continual_base import check_labelled
 from keras_fip.baselines.continual_base import cross_entropy
+from keras_fip.baselines.continual_base import search_grid
 from keras_fip.baselines.continual_base import train
 from keras_fip.engine import data_adapter
-from keras_fip.engine.copy import copy_model
+from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.geometry.diagonal import metric_diagonal
-from keras_fip.metrics.continual import task_accuracy
+from keras_fip.operations import heads
 from keras_fip.operations.base import carried_data
 from keras_fip.operations.base import carry_data
+from keras_fip.operations.base import model_output_kind
 
 # EWC's consolidated Fisher diagonals and anchors, carried by the models it returns.
 _EWC_STATE = weakref.WeakKeyDictionary()
 LAMBDA_GRID = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7)
 # `"auto"` never lets the grid's edge cut the choice off: while the largest λ tried is the
 # best alone, one more step of the grid's spacing at that edge is tried (10× on
-# `LAMBDA_GRID`), and likewise below the smallest positive one, at most
-# `max_lambda_extensions` times each way.
-LAMBDA_EXTENSION_FACTOR = 10.0  # Where the edge's spacing is undefined (next to λ = 0).
-
-
-def _next_lambdas(scores, extended_up, extended_down, max_extensions):
-    """The λ values to try next: one grid step beyond an edge of `scores` that is the best
-    alone."""
-    if len(scores) < 2:
-        return []
-    values = sorted(scores)
-    best = max(scores.values())
-    alone = [v for v in values if scores[v] == best]
-    if alone == [values[-1]] and values[-1] > 0 and extended_up < max_extensions:
-        factor = values[-1] / values[-2] if values[-2] > 0 else LAMBDA_EXTENSION_FACTOR
-        return [values[-1] * factor]
-    if alone == [values[0]] and values[0] > 0 and extended_down < max_extensions:
-        return [values[0] / (values[1] / values[0])]
-    return []
+# `LAMBDA_GRID`; 10× next to λ = 0), and likewise below the smallest positive one, at
+# most `max_lambda_extensions` times each way (`continual_base.search_grid`).
 
 
 def ewc_state(model):
@@ -77,13 +65,16 @@ class EWC(ContinualBaseline):
     carries the penalties (`ewc_state`). New output units have F = 0.
 
     λ: a number, or `"auto"`: every value of `lambda_grid` is trained (the full budget
-    each) on the new task minus a held-out `validation_fraction`, and the model with the
-    best mean accuracy over the held-out new-task split and `validation_tasks` is
-    returned (ties go to the smaller λ); `op.history["lambda"]` is the choice,
-    `op.history["lambda_scores"]` all. An edge of the grid that is the best alone is not
-    taken as the answer: one more step of the grid's spacing past it is tried (10× the
-    largest or ÷10 the smallest positive λ on `LAMBDA_GRID`), up to
-    `max_lambda_extensions` times each way, as learning rates are tuned.
+    each) on the new task minus a held-out `validation_fraction`, the value with the
+    best mean accuracy over the held-out new-task split and `validation_tasks` is chosen
+    (ties go to the smaller λ), and the returned model is trained on the whole task with
+    it; `op.history["lambda"]` is the choice, `op.history["lambda_scores"]` all. An edge
+    of the grid that is the best alone is not taken as the answer: one more step of the
+    grid's spacing past it is tried (10× the largest or ÷10 the smallest positive λ on
+    `LAMBDA_GRID`), up to `max_lambda_extensions` times each way, as learning rates are
+    tuned. With `learning_rate="auto"` the rate is chosen on the same held-out data, at
+    the given λ, or, when λ is chosen too, after it: λ at Adam's default rate (1e-3),
+    then the rate at that λ.
 
     Args:
         new_task: The new task, `(x, y)` (labels 0..k-1 for `"append"`).
@@ -101,8 +92,9 @@ class EWC(ContinualBaseline):
         fisher_examples: At most this many `fisher_data` inputs. Defaults to `1000`.
         head: `"append"` or `"shared"`. Defaults to `"append"`.
         epochs: Passes over the new task. Defaults to `5`.
-        learning_rate: Initial Adam learning rate, cosine-decayed. Defaults to `1e-3`.
-        batch_size: Examples per step. Defaults to `128`.
+        learning_rate: Initial Adam learning rate, cosine-decayed, or `"auto"` (see
+            above and `ContinualBaseline`). Defaults to `"auto"`.
+        batch_size: Examples per step. Defaults to `32`.
         seed: Seed. Defaults to `None`.
         **kwargs: `Operation` arguments.
 
@@ -223,70 +215,64 @@ class EWC(ContinualBaseline):
                 penalty += tf.reduce_sum(f * tf.square(variable.value - a))
         return total + 0.5 * self._lambda.value * penalty
 
+    def apply_settings(self, settings):
+        self._lambda.assign(settings["lambda"])
+
+    def old_validation(self):
+        return self._validation
+
     def call(self, model):
         # Validate everything before any work
-        from keras_fip.operations import heads
-
         x, y = self.check_task(model)
         self.check(model)
         old_model = model
         model, labels = heads.prepare_head(model, x, y, self.head, seed=self.seed)
-        self.prepare(old_model, model, x, labels)
+        # The Fisher and the loss read logits (a softmax model through its log-probabilities)
+        old_view = outputs_lib.logits_model(old_model, model_output_kind(old_model, x))
+        kind = model_output_kind(model, x)
+        view = outputs_lib.logits_model(model, kind)
+        self.prepare(old_view, view, x, labels)
         self._penalty_tensors = [
             ([tf.constant(f) for f in fisher], [tf.constant(a) for a in anchor])
             for fisher, anchor in self._penalties
         ]
-        steps = self.num_steps(x)
 
-        # λ: given, or the best of the grid on held-out data
-        if isinstance(self.ewc_lambda, str):
-            rng = np.random.default_rng(self.seed)
-            count = data_adapter.num_examples(x)
-            order = rng.permutation(count)
-            held = max(1, int(round(self.validation_fraction * count)))
-            validation = [
-                (data_adapter.take(x, order[:held]), labels[order[:held]])
-            ] + self._validation
-            train_rows = np.sort(order[held:])
-            scores, trained = {}, {}
-            pending, extended_up, extended_down = list(self.lambda_grid), 0, 0
-            while pending:
-                for value in pending:
-                    candidate = copy_model(model)
-                    self._lambda = keras.Variable(value, trainable=False, name="ewc_lambda")
-                    train_x = data_adapter.take(x, train_rows)
-                    history = train(
-                        candidate, self, train_x, labels[train_rows], self.num_steps(train_x)
-                    )
-                    scores[value] = float(
-                        np.mean([task_accuracy(candidate, vx, vy) for vx, vy in validation])
-                    )
-                    trained[value] = (candidate, history)
-                    # Only the best so far is kept.
-                    best_value = min(scores, key=lambda v: (-scores[v], v))
-                    trained = {best_value: trained[best_value]}
-                pending = [
-                    v
-                    for v in _next_lambdas(
-                        scores, extended_up, extended_down, self.max_lambda_extensions
-                    )
-                    if v not in scores
-                ]
-                if pending and pending[0] > max(scores):
-                    extended_up += 1
-                elif pending:
-                    extended_down += 1
-            carried = carried_data(model)
-            ((chosen, (model, history)),) = trained.items()
-            if carried is not None:
-                carry_data(model, carried)
-            self.history = dict(history, lambda_scores=scores)
-        else:
-            chosen = self.ewc_lambda
-            self._lambda = keras.Variable(chosen, trainable=False, name="ewc_lambda")
-            self.history = train(model, self, x, labels, steps)
-        self.history["lambda"] = chosen
-        self.history["steps"] = steps
+        # λ (at Adam's default rate when the rate is chosen too), then the learning rate
+        # at that λ, each the best of its grid on held-out data
+        rate, chosen = self.learning_rate, self.ewc_lambda
+        history = {}
+        if rate == "auto" or chosen == "auto":
+            score, _ = self.candidates(model, kind, x, labels)
+            scored = {}
+
+            def score_once(learning_rate, value):
+                key = (learning_rate, value)
+                if key not in scored:
+                    scored[key] = score({"learning_rate": learning_rate, "lambda": value})
+                return scored[key]
+
+            if chosen == "auto":
+                first_rate = DEFAULT_LEARNING_RATE if rate == "auto" else rate
+                chosen, history["lambda_scores"] = search_grid(
+                    self.lambda_grid,
+                    lambda value: score_once(first_rate, value),
+                    self.max_lambda_extensions,
+                )
+            if rate == "auto":
+                rate, history["learning_rate_scores"] = search_grid(
+                    LEARNING_RATE_GRID,
+                    lambda learning_rate: score_once(learning_rate, chosen),
+                    MAX_GRID_EXTENSIONS,
+                )
+
+        # Training on the whole task
+        self.apply_settings({"lambda": chosen})
+        steps = self.num_steps(x)
+        self.history = train(view, self, x, labels, steps, learning_rate=rate)
+        self.history.update(history, steps=steps, learning_rate=rate, **{"lambda": chosen})
+        carried = carried_data(old_model)
+        if carried is not None:
+            carry_data(model, carried)
         _EWC_STATE[model] = self._penalties
         return model
 

@@ -17,8 +17,10 @@ class FineTune(ContinualBaseline):
         new_task: The new task, `(x, y)` (labels 0..k-1 for `"append"`).
         head: `"append"` or `"shared"`. Defaults to `"append"`.
         epochs: Passes over the new task. Defaults to `5`.
-        learning_rate: Initial Adam learning rate, cosine-decayed. Defaults to `1e-3`.
-        batch_size: Examples per step. Defaults to `128`.
+        learning_rate: Initial Adam learning rate, cosine-decayed, or `"auto"` (the best
+            of a grid on a held-out split of the new task; `ContinualBaseline`).
+            Defaults to `"auto"`.
+        batch_size: Examples per step. Defaults to `32`.
         seed: Shuffle and initialisation seed. Defaults to `None`.
         **kwargs: `Operation` arguments.
 

@@ -23,8 +23,10 @@ class JointTraining(ContinualBaseline):
             Defaults to `()`.
         head: `"append"` or `"shared"`. Defaults to `"append"`.
         epochs: Passes over the union. Defaults to `5`.
-        learning_rate: Initial Adam learning rate, cosine-decayed. Defaults to `1e-3`.
-        batch_size: Examples per step. Defaults to `128`.
+        learning_rate: Initial Adam learning rate, cosine-decayed, or `"auto"` (the best
+            of a grid on a held-out split of the new task; `ContinualBaseline`).
+            Defaults to `"auto"`.
+        batch_size: Examples per step. Defaults to `32`.
         seed: Seed. Defaults to `None`.
         **kwargs: `Operation` arguments.
 

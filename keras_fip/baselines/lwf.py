@@ -27,8 +27,10 @@ class LwF(ContinualBaseline):
         distillation_weight: λ_o. Defaults to `1.0`.
         head: `"append"` or `"shared"`. Defaults to `"append"`.
         epochs: Passes over the new task. Defaults to `5`.
-        learning_rate: Initial Adam learning rate, cosine-decayed. Defaults to `1e-3`.
-        batch_size: Examples per step. Defaults to `128`.
+        learning_rate: Initial Adam learning rate, cosine-decayed, or `"auto"` (the best
+            of a grid on a held-out split of the new task; `ContinualBaseline`).
+            Defaults to `"auto"`.
+        batch_size: Examples per step. Defaults to `32`.
         seed: Seed. Defaults to `None`.
         **kwargs: `Operation` arguments.
 

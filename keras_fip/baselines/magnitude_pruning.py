@@ -1,8 +1,13 @@
 """Magnitude-pruning baselines, native Keras 3: one-shot, gradual (tfmot's schedule), LTH.
 
 These are what a practitioner would otherwise use to sparsify a network; `Compress` is
-measured against them on the same data and epoch budget. Each function returns a new model
-carrying its masks (`keras_fip.masks`) and never changes the model it is given.
+measured against them on the same data and epoch budget. They prune the set `Compress`
+prunes by default, the one tfmot's `prune_low_magnitude` prunes
+(`keras_fip.engine.projection.prunable_variables`: Dense, EinsumDense and convolution
+kernels, Embedding tables, MultiHeadAttention's kernels), and their sparsity counts those
+weights (`keras_fip.engine.projection.sparsity_summary` puts it beside the zero fraction of
+all parameters). Each function returns a new model carrying its masks (`keras_fip.masks`)
+and never changes the model it is given. The models may return logits or probabilities.
 """
 
 import keras
@@ -149,7 +154,7 @@ def one_shot_magnitude_pruning(
     """Prunes the smallest weights once, then fine-tunes with the mask fixed.
 
     Args:
-        model: A trained `keras.Model` returning logits. Not changed.
+        model: A trained `keras.Model` (logits or probabilities). Not changed.
         sparsity: Fraction of prunable weights to zero, in [0, 1).
         x: Fine-tuning inputs.
         y: Integer labels.
@@ -164,8 +169,8 @@ def one_shot_magnitude_pruning(
         verbose: Keras verbosity. Defaults to `0`.
 
     Returns:
-        A new `keras.Model` with exactly `sparsity` of its prunable weights at zero, carrying
-        its masks.
+        A new `keras.Model` with exactly `sparsity` of its prunable weights
+        (`keras_fip.engine.projection.prunable_variables`) at zero, carrying its masks.
     """
     _check_common(model, sparsity, x, y, epochs, batch_size, structure, scope, layer_floor)
     pruned = copy_lib.copy_model(model)
@@ -208,7 +213,7 @@ def gradual_magnitude_pruning(
     continues to the end of the budget with the final mask.
 
     Args:
-        model: A trained `keras.Model` returning logits. Not changed.
+        model: A trained `keras.Model` (logits or probabilities). Not changed.
         sparsity: Final fraction of prunable weights at zero, in [0, 1).
         x: Training inputs.
         y: Integer labels.
@@ -227,8 +232,8 @@ def gradual_magnitude_pruning(
         verbose: Keras verbosity. Defaults to `0`.
 
     Returns:
-        A new `keras.Model` with exactly `sparsity` of its prunable weights at zero, carrying
-        its masks.
+        A new `keras.Model` with exactly `sparsity` of its prunable weights
+        (`keras_fip.engine.projection.prunable_variables`) at zero, carrying its masks.
     """
     _check_common(model, sparsity, x, y, epochs, batch_size, structure, scope, layer_floor)
     if not 0.0 <= begin_fraction < end_fraction <= 1.0:
@@ -289,7 +294,7 @@ def lottery_ticket(
     epochs, so the whole procedure uses the same epoch budget as the other methods.
 
     Args:
-        model: A trained `keras.Model` returning logits. Not changed.
+        model: A trained `keras.Model` (logits or probabilities). Not changed.
         sparsity: Final fraction of prunable weights at zero, in [0, 1).
         x: Training inputs.
         y: Integer labels.
@@ -307,8 +312,8 @@ def lottery_ticket(
         verbose: Keras verbosity. Defaults to `0`.
 
     Returns:
-        A new `keras.Model` with exactly `sparsity` of its prunable weights at zero, carrying
-        its masks.
+        A new `keras.Model` with exactly `sparsity` of its prunable weights
+        (`keras_fip.engine.projection.prunable_variables`) at zero, carrying its masks.
     """
     _check_common(model, sparsity, x, y, epochs, batch_size, structure, scope, layer_floor)
     if not isinstance(rounds, int) or not 1 <= rounds <= epochs:

@@ -8,10 +8,12 @@ import numpy as np
 from keras_fip.engine import data_adapter
 from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import normalization
+from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine.copy import copy_model
 from keras_fip.engine.data_adapter import check_inputs_match_model
 from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.operations import damage as damage_lib
+from keras_fip.operations.base import model_output_kind
 from keras_fip.operations.repair import _score
 from keras_fip.operations.repair import supervised_training
 
@@ -50,7 +52,7 @@ def prune_retrain(
     (and carried as masks by the returned model).
 
     Args:
-        model: The undamaged `keras.Model` (logits). Not changed.
+        model: The undamaged `keras.Model` (logits or probabilities). Not changed.
         units: The units to delete: a dict mapping layer names to unit indices (e.g.
             `keras_fip.damage_reference(damaged).records[0]["units"]`).
         data: Labelled training data `(x, y)`.
@@ -166,8 +168,10 @@ def prune_retrain(
         delete_next()  # The first deletion happens before any training.
     if state["next"] >= len(order):
         history["pruned_at"] = 0.0
+    # Trained through its logits (log-probabilities of a probability model)
+    network = outputs_lib.logits_model(pruned, model_output_kind(pruned, x))
     steps = supervised_training(
-        pruned,
+        network,
         x,
         y,
         epochs * steps_per_epoch,

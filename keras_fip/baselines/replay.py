@@ -5,8 +5,11 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fip.baselines.continual_base import ContinualBaseline
+from keras_fip.baselines.continual_base import check_labelled
 from keras_fip.baselines.continual_base import cross_entropy
+from keras_fip.baselines.continual_base import held_out_rows
 from keras_fip.baselines.continual_base import repeated_batches
+from keras_fip.engine import data_adapter
 
 
 class MemoryBaseline(ContinualBaseline):
@@ -23,8 +26,6 @@ class MemoryBaseline(ContinualBaseline):
     def __init__(self, new_task, memory=None, memory_batch_size=None, **kwargs):
         super().__init__(new_task, **kwargs)
         if memory is not None:
-            from keras_fip.baselines.continual_base import check_labelled
-
             self._memory = check_labelled(memory, "memory")
         self.memory = memory
         if memory_batch_size is not None:
@@ -36,8 +37,6 @@ class MemoryBaseline(ContinualBaseline):
     def read_datasets(self, model):
         super().read_datasets(model)
         if isinstance(self.memory, tf.data.Dataset):
-            from keras_fip.baselines.continual_base import check_labelled
-
             self._memory = check_labelled(self.memory, "memory", model=model)
 
     def check(self, model):
@@ -55,6 +54,30 @@ class MemoryBaseline(ContinualBaseline):
                 f"{int(y.min())}..{int(y.max())}"
             )
         self._memory = (x, y.astype("int32"))
+
+    def candidates(self, model, kind, x, labels):
+        """The held-out search's candidates train on the memory minus a held-out
+        `validation_fraction`, which the score averages in as the old tasks' accuracy."""
+        full = self._memory
+        rows, held = held_out_rows(
+            data_adapter.num_examples(full[0]),
+            self.validation_fraction,
+            None if self.seed is None else self.seed + 1,
+        )
+        self._memory_validation = [(data_adapter.take(full[0], held), full[1][held])]
+        score, validation = super().candidates(model, kind, x, labels)
+
+        def score_without_held_out_memory(settings):
+            self._memory = (data_adapter.take(full[0], rows), full[1][rows])
+            try:
+                return score(settings)
+            finally:
+                self._memory = full
+
+        return score_without_held_out_memory, validation
+
+    def old_validation(self):
+        return getattr(self, "_memory_validation", [])
 
     def extra_data(self, model, x, labels):
         seed = None if self.seed is None else self.seed + 1
@@ -84,8 +107,10 @@ class ExperienceReplay(MemoryBaseline):
         memory_batch_size: Memory examples per step. Defaults to `None` (`batch_size`).
         head: `"append"` or `"shared"`. Defaults to `"append"`.
         epochs: Passes over the new task. Defaults to `5`.
-        learning_rate: Initial Adam learning rate, cosine-decayed. Defaults to `1e-3`.
-        batch_size: New-task examples per step. Defaults to `128`.
+        learning_rate: Initial Adam learning rate, cosine-decayed, or `"auto"` (the best
+            of a grid on a held-out split of the new task; `ContinualBaseline`).
+            Defaults to `"auto"`.
+        batch_size: New-task examples per step. Defaults to `32`.
         seed: Seed. Defaults to `None`.
         **kwargs: `Operation` arguments.
 

@@ -19,8 +19,11 @@ def copy_model(model):
     registered serialisable with a `get_config`. All weights are copied, trainable and
     non-trainable (for example BatchNormalization moving statistics), and every
     `MaskConstraint` is re-attached to the matching variable, so masked weights stay
-    exactly zero under later training. The compile state (optimizer, loss) is not copied.
-    The input model is not changed.
+    exactly zero under later training (and `.keras` files of the copy keep them; see
+    `keras_fip.engine.apply_masks`). A compiled model's copy is compiled as `compile`
+    left it (same optimizer settings with fresh state, same loss and metrics) when its
+    compile config round-trips and its class keeps Keras's `compile`; otherwise it is
+    not compiled. The input model is not changed.
 
     Args:
         model: A `keras.Model`.
@@ -86,6 +89,7 @@ def copy_model(model):
         )
     for original, copied in zip(source, target):
         copied.assign(original.value)
+    _compile_like(clone, model)
 
     # Re-attach the masks (also those a parent layer's config cannot carry).
     variable_masks = [
@@ -129,6 +133,19 @@ def _copy_assets(source, target):
             os.makedirs(path)
             original.save_assets(path)
             copied.load_assets(path)
+
+
+def _compile_like(clone, model):
+    """Compiles `clone` with `model`'s compile config (a fresh optimizer), when it can."""
+    if not model.compiled or clone.compiled or type(clone).compile is not keras.Model.compile:
+        return
+    try:
+        config = keras.saving.deserialize_keras_object(model.get_compile_config(), safe_mode=False)
+        clone.compile(**config)
+    except Exception:
+        # A loss or metric that does not round-trip through its config: the copy stays
+        # uncompiled, as `keras.models.clone_model` leaves it.
+        return
 
 
 def _weights_differ(source, target):

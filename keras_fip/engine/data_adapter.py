@@ -50,7 +50,8 @@ def normalize_data(data, name="data", require_labels=False, model=None, check_cl
     makes them for `categorical_crossentropy`, are turned into class indices here, once,
     so every operation sees the same integer labels. Anything else (NaN, fractional or
     negative values, rows that are not one-hot such as probabilities, a wrong length)
-    raises a `ValueError` naming `name`.
+    raises a `ValueError` naming `name`. Without a model, labels of several axes that are
+    not one-hot are taken as class indices per position when they hold integers ≥ 0.
 
     Args:
         data: A numpy array (or anything `np.asarray` accepts) of inputs, a dict or list of
@@ -76,14 +77,17 @@ def normalize_data(data, name="data", require_labels=False, model=None, check_cl
             checks its labels itself). Defaults to `None`.
 
     Returns:
-        A tuple `(x, y)`: `x` a numpy array (or a dict or list of them), `y` a numpy
-        array or `None` when there are no labels.
+        A tuple `(x, y)`: `x` a numpy array (or a dict or list of them), `y` an int64
+        array of class indices or `None` when there are no labels.
 
     Example:
 
     >>> x, y = normalize_data((np.zeros((4, 2)), np.arange(4)))
     >>> x.shape, y.tolist()
     ((4, 2), [0, 1, 2, 3])
+    >>> _, y = normalize_data((np.zeros((3, 2)), np.eye(4)[[2, 0, 3]]))
+    >>> y.tolist()
+    [2, 0, 3]
     """
     maybe_batched = False
     if isinstance(data, tf.data.Dataset):

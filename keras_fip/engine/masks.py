@@ -4,6 +4,16 @@ A mask lives on the masked variable as a `MaskConstraint`, set both on the varia
 (`variable.constraint`, applied by every Keras optimizer after each update) and on the
 owning layer's constructor-level attribute (`kernel_constraint`, `bias_constraint`, ...), so
 it is part of the layer config: it travels with copies and survives `.keras` save/load.
+
+Some sub-layers are built by a layer's (or a model's) own constructor, not from a config
+that `.keras` files save: the attention and feed-forward layers of a user's transformer
+block subclass, the inner layers of KerasHub's `TransformerEncoder` and `BertBackbone`.
+The masks of their variables ride in the compile config of the model holding them: that
+model is compiled with a `MaskedOptimizer` recording them (`attached_masks`), which Keras
+rebuilds when `keras.saving.load_model` restores the compile state, and whose `build`
+re-attaches them to the variables as `MaskConstraint`s, so later compiles with any optimizer
+keep them too.
+
 `MaskedOptimizer` additionally masks gradients and re-projects after each update, so
 optimizer state (momentum, Adam moments) cannot leak non-zeros into masked weights.
 """
@@ -11,6 +21,7 @@ optimizer state (momentum, Adam moments) cannot leak non-zeros into masked weigh
 import base64
 import json
 import warnings
+import weakref
 
 import keras
 import numpy as np
@@ -120,8 +131,12 @@ class MaskConstraint(keras.constraints.Constraint):
                 f"Received: constraint={constraint!r}"
             )
         self.constraint = _get_constraint(constraint)
+        # A `_CompileRecord` when only a model's compile config carries this mask.
+        self._compile_record = None
 
     def __call__(self, w):
+        if self._compile_record is not None:
+            self._compile_record.check()
         if self.constraint is not None:
             w = self.constraint(w)
         if tuple(w.shape) != self.mask.shape:
@@ -350,7 +365,11 @@ def _carry_in_composite(composite, variable, mask, config_text):
 
 
 def _attach(model, variable_masks, warn=True):
-    """Attaches `[(variable, bool mask)]` to `model` in place and zeroes the weights."""
+    """Attaches `[(variable, bool mask)]` to `model` in place and zeroes the weights.
+
+    Masks that no layer config carries are recorded in the compile config of a model
+    holding them (`_carry_in_compile_configs`); a warning names those nothing can carry.
+    """
     owners = _variable_owners(model)
     # Resolve every attribute before changing anything.
     plan = []
@@ -365,7 +384,7 @@ def _attach(model, variable_masks, warn=True):
                 f"{tuple(variable.shape)}. Received: mask of shape {mask.shape}"
             )
         plan.append((variable, mask, layer, ancestors, attribute))
-    not_saved = []
+    uncarried = []
     config_texts = {}
     for variable, mask, layer, ancestors, attribute in plan:
         existing = variable.constraint
@@ -381,29 +400,227 @@ def _attach(model, variable_masks, warn=True):
         # composite ancestor that rebuilds it forwards a constraint its config saves.
         carrier = None
         for child, parent in zip((layer,) + ancestors, ancestors):
-            if id(parent) not in config_texts:
-                config_texts[id(parent)] = _config_text(parent)
-            if f'"name": {json.dumps(child.name)}' in config_texts[id(parent)]:
+            if _config_names(parent, child, config_texts):
                 continue
             if carrier is None and _carry_in_composite(
-                parent, variable, mask, config_texts[id(parent)]
+                parent, variable, mask, _config_text_of(parent, config_texts)
             ):
                 carrier = parent
                 config_texts.pop(id(parent))
                 continue
-            not_saved.append(variable.path)
+            uncarried.append((variable, layer, ancestors))
             break
     # A model whose config records `masks(model)` and whose constructor re-attaches them.
     if getattr(model, "carries_masks", False):
-        not_saved = []
+        uncarried = []
+    not_saved = _carry_in_compile_configs(uncarried, config_texts)
     if warn and not_saved:
+        paths = [path for path, _ in not_saved]
+        reasons = list(dict.fromkeys(reason for _, reason in not_saved))
         warnings.warn(
-            f"The masks on {not_saved[:5]} are kept by training, keras_fip copies, Path "
-            "points and export, but not by `.keras` files: a subclassed model or a "
-            "composite layer that forwards no constraint to them (such as KerasHub's "
-            "TransformerEncoder) rebuilds these sub-layers in "
-            "its own constructor, not from their configs. The saved weights keep their "
-            "zeros; re-attach the masks with `apply_masks` after loading.",
+            f"The masks on {paths[:5]} are kept by training, keras_fip copies, Path points "
+            f"and export, but not by `.keras` files: {' '.join(reasons)} The saved weights "
+            "keep their zeros; after `keras.saving.load_model`, re-attach these masks with "
+            "`keras_fip.engine.apply_masks(loaded, masks)`, `masks` a list aligned with "
+            "`loaded.trainable_variables` (`None` for the unmasked ones).",
+            stacklevel=3,
+        )
+
+
+def _config_text_of(layer, config_texts):
+    """`_config_text(layer)`, cached in `config_texts` by layer id."""
+    if id(layer) not in config_texts:
+        config_texts[id(layer)] = _config_text(layer)
+    return config_texts[id(layer)]
+
+
+def _config_names(parent, child, config_texts):
+    """Whether `parent`'s config holds a config named as `child` (so it rebuilds it)."""
+    return f'"name": {json.dumps(child.name)}' in _config_text_of(parent, config_texts)
+
+
+# Masks carried by compile configs.
+
+
+def _carry_in_compile_configs(uncarried, config_texts):
+    """Records the masks of `uncarried` `(variable, layer, ancestors)` in compile configs.
+
+    Each variable's carrier is the outermost model among its owners whose config a `.keras`
+    file saves and whose compile state `keras.saving.load_model` restores (its class keeps
+    Keras's `compile`); that model is compiled with a `MaskedOptimizer` recording the masks.
+    Returns `[(path, reason)]` for the masks no model can carry.
+    """
+    carriers = {}
+    not_saved = []
+    trainable = {}  # id(model) -> ids of its trainable variables
+    for variable, layer, ancestors in uncarried:
+        carrier, reason = _compile_carrier(variable, layer, ancestors, config_texts, trainable)
+        if carrier is None:
+            not_saved.append((variable.path, reason))
+            continue
+        carriers[id(carrier)] = carrier
+        variable.constraint._compile_record = _CompileRecord(model=carrier)
+    for carrier in carriers.values():
+        try:
+            _compile_with_masks(carrier)
+        except Exception as error:
+            reason = (
+                f"compiling model `{carrier.name}` with a `MaskedOptimizer` that records "
+                f"them failed ({type(error).__name__}: {error})."
+            )
+            not_saved.extend(
+                (variable.path, reason)
+                for variable in carrier.trainable_variables
+                if _compile_carried_mask(variable) is not None
+            )
+    return not_saved
+
+
+def _compile_carrier(variable, layer, ancestors, config_texts, trainable):
+    """`(model, None)`: the model whose compile config can carry `variable`'s mask, or
+    `(None, reason)`. `trainable` caches the ids of each model's trainable variables."""
+    chain = (layer,) + ancestors
+    # saved[i]: a `.keras` file saves the config of chain[i] (the model's own always).
+    saved = [False] * len(chain)
+    saved[-1] = True
+    for index in range(len(chain) - 2, -1, -1):
+        saved[index] = saved[index + 1] and _config_names(
+            chain[index + 1], chain[index], config_texts
+        )
+    if not variable.trainable:
+        return None, (
+            f"`{variable.path}` is not trainable, and a model's compile config carries "
+            "the masks of trainable variables only."
+        )
+    for index in range(len(chain) - 1, -1, -1):
+        candidate = chain[index]
+        if (
+            not saved[index]
+            or not isinstance(candidate, keras.Model)
+            or type(candidate).compile is not keras.Model.compile
+        ):
+            continue
+        if id(candidate) not in trainable:
+            trainable[id(candidate)] = {id(v) for v in candidate.trainable_variables}
+        if id(variable) in trainable[id(candidate)]:
+            return candidate, None
+    model = chain[-1]
+    if type(model).compile is not keras.Model.compile:
+        return None, (
+            f"`{type(model).__name__}` overrides `compile`, so `keras.saving.load_model` "
+            f"does not restore its compile state, and layer `{layer.name}` is built in "
+            "code rather than from a config, outside any sub-model whose config and "
+            "compile state it saves."
+        )
+    return None, (
+        f"`{variable.path}` is not among the trainable variables of a model whose "
+        "config and compile state `.keras` files save."
+    )
+
+
+def _compile_carried_mask(variable):
+    """The mask of `variable` if only a compile config can carry it, else `None`."""
+    constraint = variable.constraint
+    if isinstance(constraint, MaskConstraint) and constraint._compile_record is not None:
+        return constraint.mask
+    return None
+
+
+def _masked_optimizer(model):
+    """The `MaskedOptimizer` `model` is compiled with (inside a loss-scale wrapper too),
+    or `None`."""
+    optimizer = getattr(model, "optimizer", None) if model.compiled else None
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return optimizer if isinstance(optimizer, MaskedOptimizer) else None
+
+
+def _compile_with_masks(model):
+    """(Re)compiles `model` with a `MaskedOptimizer` recording its compile-carried masks.
+
+    The optimizer it was compiled with is wrapped (its state kept) and its loss, metrics
+    and other compile arguments stay; an uncompiled model gets `"rmsprop"` (the default
+    of `compile`) and no loss. With no mask left to record, the wrapper is removed.
+    """
+    variables = model.trainable_variables
+    attached = [_compile_carried_mask(variable) for variable in variables]
+    record = _CompileRecord(model=model)
+    for variable in variables:
+        if _compile_carried_mask(variable) is not None:
+            variable.constraint._compile_record = record
+    optimizer = getattr(model, "optimizer", None) if model.compiled else None
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and isinstance(
+        optimizer.inner_optimizer, MaskedOptimizer
+    ):
+        optimizer = optimizer.inner_optimizer
+    explicit = None
+    if isinstance(optimizer, MaskedOptimizer):
+        explicit = optimizer._explicit_masks.value
+        optimizer = optimizer.inner_optimizer
+    if all(mask is None for mask in attached):
+        if _masked_optimizer(model) is None:
+            return
+        attached = None
+    if optimizer is None:
+        optimizer = keras.optimizers.get("rmsprop")
+    if attached is not None or explicit is not None:
+        optimizer = MaskedOptimizer(optimizer, masks=explicit, attached_masks=attached)
+    config = {}
+    if model.compiled:
+        config = keras.saving.deserialize_keras_object(model.get_compile_config(), safe_mode=False)
+    config["optimizer"] = optimizer
+    model.compile(**config)
+
+
+class _CompileRecord:
+    """Where compile-carried masks are recorded, checked when a masked weight is updated.
+
+    Either the model compiled with the `MaskedOptimizer` that records them (held weakly;
+    set by keras_fip when it masks), or that optimizer itself (held weakly; set when it
+    re-attaches them on loading, the model being unknown to it). The masks are lost from
+    `.keras` files once the model is no longer compiled with a `MaskedOptimizer`: the
+    first check that finds so warns, once per record.
+    """
+
+    def __init__(self, model=None, optimizer=None):
+        self.model = None if model is None else weakref.ref(model)
+        self.optimizer = None if optimizer is None else weakref.ref(optimizer)
+        self.paths = ()
+        self.warned = False
+
+    def check(self):
+        if self.warned:
+            return
+        if self.model is not None:
+            model = self.model()
+            if model is None or _masked_optimizer(model) is not None:
+                return
+            paths = [
+                v.path for v in model.trainable_variables if _compile_carried_mask(v) is not None
+            ]
+            optimizer = getattr(model, "optimizer", None) if model.compiled else None
+            compiled = f"with `{type(optimizer).__name__}`" if optimizer is not None else "at all"
+            holder = (
+                f"Model `{model.name}` is not compiled with a `keras_fip.MaskedOptimizer` "
+                f"but {compiled}"
+            )
+        elif self.optimizer() is None:
+            # Its optimizer is gone: the model was compiled again.
+            paths = list(self.paths)
+            holder = (
+                "The model holding these variables was compiled again, without a "
+                "`keras_fip.MaskedOptimizer`"
+            )
+        else:
+            return
+        self.warned = True
+        warnings.warn(
+            f"{holder}: its masks on {paths[:5]} still hold their zeros in training, but "
+            "its `.keras` files will not record them. These variables belong to sub-layers "
+            "built in code rather than from a config, so only a `MaskedOptimizer` in the "
+            "model's compile config can carry their masks. To keep them, compile with "
+            "`keras_fip.MaskedOptimizer(optimizer)` and train (or build the optimizer) before "
+            "saving; or re-attach them after loading with `keras_fip.engine.apply_masks`.",
             stacklevel=3,
         )
 
@@ -447,6 +664,16 @@ def apply_masks(model, masks):
     they return; use `keras_fip.engine.copy_model` first to keep the original). A mask is
     AND-ed with any mask the variable already carries; a user constraint on the variable
     is kept and applied before the mask. `strip_masks` is the undo.
+
+    The masks travel in the layer configs, so copies and `.keras` files keep them. Where
+    a sub-layer is built in code rather than from a config (the layers of a user's layer
+    subclass, of a `MultiHeadAttention` inside it, of KerasHub's `TransformerEncoder`), the
+    model holding it is (re)compiled with a `MaskedOptimizer` recording those masks: its
+    optimizer is wrapped and its loss and metrics kept, or, if it was not compiled,
+    `"rmsprop"` and no loss. `keras.saving.load_model` then re-attaches them. A warning
+    names the masks that nothing can carry (the layers a KerasHub task builds in its
+    constructor: the task overrides `compile`, so Keras does not restore its compile
+    state).
 
     Args:
         model: A built `keras.Model`, changed in place.
@@ -512,7 +739,8 @@ def strip_masks(model):
     The undo of `apply_masks` (the analogue of tfmot's `strip_pruning`): each
     `MaskConstraint` is replaced by the user constraint it wrapped (or none). Weights are
     copied as they are, so masked weights are still exactly zero, but nothing keeps them
-    there any more. The input model is not changed.
+    there any more. A model compiled with a `MaskedOptimizer` to carry masks is compiled
+    with its inner optimizer instead. The input model is not changed.
 
     Args:
         model: A built `keras.Model`.
@@ -551,6 +779,9 @@ def strip_masks(model):
         for attribute, value in list(vars(layer).items()):
             if isinstance(value, CompositeMaskConstraint):
                 setattr(layer, attribute, value.constraint)
+        # Models compiled to carry masks: back to their inner optimizer.
+        if isinstance(layer, keras.Model):
+            _compile_with_masks(layer)
     return stripped
 
 
@@ -597,12 +828,29 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     `MaskConstraint`s when the optimizer is built; explicit masks override them. Works
     inside `tf.function` and `tf.distribute` strategies.
 
+    The optimizer also carries masks through `.keras` files, in the model's compile
+    config: `attached_masks` are set on the variables as `MaskConstraint`s when it is built
+    (by `keras.saving.load_model`, which rebuilds and builds the optimizer of a compiled
+    model), and `get_config` records the masks that only a compile config can carry (those
+    of sub-layers built in code rather than from a config, such as the attention layer of a
+    user's transformer block or the layers of KerasHub's `TransformerEncoder`).
+    keras_fip compiles the models it masks this way. Two limits follow: a model
+    recompiled with another optimizer before saving, or loaded with `compile=False`, keeps
+    its masks in training but not in its `.keras` file (a warning says so when such a model
+    is trained); and an optimizer that is neither built nor given `attached_masks` records
+    nothing, so train (or build) it before saving.
+
     Args:
         optimizer: The `keras.optimizers.Optimizer` to wrap (an instance, name or config).
         masks: `None` to use the masks the variables carry; a dict mapping variable paths
             (as in `keras_fip.masks`) to boolean arrays; or a list of boolean arrays (or
             `None` for unmasked variables) aligned with the variables the optimizer is
             built on. Defaults to `None`.
+        attached_masks: `None`, or a list aligned with the variables the optimizer is
+            built on, of boolean arrays (or `None`) that `build` attaches to the
+            variables as `MaskConstraint`s (AND-ed with any mask a variable carries),
+            zeroing the masked weights, so that any optimizer compiled later keeps them.
+            Defaults to `None`.
         name: Name of the optimizer. Defaults to `None`.
 
     Example:
@@ -619,7 +867,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     2
     """
 
-    def __init__(self, optimizer, masks=None, name=None, **kwargs):
+    def __init__(self, optimizer, masks=None, attached_masks=None, name=None, **kwargs):
         if kwargs:
             raise ValueError(
                 "MaskedOptimizer takes no base-optimizer arguments; set them on the "
@@ -647,22 +895,92 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
                 "arrays, or a list of boolean arrays aligned with the variables. "
                 f"Received: masks={masks!r}"
             )
+        if isinstance(attached_masks, (list, tuple)):
+            attached_masks = [
+                None if value is None else _as_bool_mask(value, f"attached_masks[{i}]")
+                for i, value in enumerate(attached_masks)
+            ]
+        elif attached_masks is not None:
+            raise ValueError(
+                "`attached_masks` must be `None` or a list of boolean arrays (or `None`) "
+                f"aligned with the variables. Received: attached_masks={attached_masks!r}"
+            )
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = optimizer
         self._explicit_masks = _Untracked(masks)
+        self._attached_masks = _Untracked(attached_masks)
         self._variable_masks = _Untracked(())
+        self._built_variables = _Untracked(())
+        # Restored from a config (a `.keras` file): mismatched `attached_masks` warn, and
+        # the first `build` only attaches them (see `build`).
+        self._restored = False
+        self._deferred = _Untracked(None)
 
     def build(self, var_list):
         if self.built:
             return
         var_list = list(var_list)
+        self._attach_masks(var_list)
+        if self._restored and self._deferred.value is None:
+            # `keras.saving.load_model` builds a restored optimizer before loading its
+            # state. The state is built when the saved one is loaded
+            # (`load_own_variables`), else at the next build (by `fit`), so an optimizer
+            # saved unbuilt loads as it was saved.
+            self._deferred = _Untracked(var_list)
+            return
         masks = self._resolve_masks(var_list)
         self.inner_optimizer.build(var_list)
         super().build(var_list)
+        self._built_variables = _Untracked(tuple(var_list))
         # (variable, mask) pairs, kept out of the optimizer's tracked state.
         self._variable_masks = _Untracked(
             tuple((variable, mask) for variable, mask in zip(var_list, masks) if mask is not None)
         )
+
+    def _attach_masks(self, var_list):
+        """Sets `attached_masks` on the variables as compile-carried `MaskConstraint`s."""
+        attached = self._attached_masks.value
+        if attached is None:
+            return
+        problem = None
+        if len(attached) != len(var_list):
+            problem = f"{len(attached)} entries for {len(var_list)} variables"
+        else:
+            for variable, mask in zip(var_list, attached):
+                if mask is not None and mask.shape != tuple(variable.shape):
+                    problem = (
+                        f"a mask of shape {mask.shape} for `{variable.path}` of shape "
+                        f"{tuple(variable.shape)}"
+                    )
+                    break
+        if problem is not None:
+            message = (
+                f"`attached_masks` of MaskedOptimizer `{self.name}` must have one entry "
+                "per variable it is built on, of that variable's shape. Received: "
+                f"{problem}."
+            )
+            if not self._restored:
+                raise ValueError(message)
+            warnings.warn(
+                f"{message} The masks recorded in the compile config are not re-attached "
+                "(the model's trainable variables differ from the saved model's); "
+                "re-attach them with `keras_fip.engine.apply_masks`.",
+                stacklevel=3,
+            )
+            return
+        record = _CompileRecord(optimizer=self)
+        for variable, mask in zip(var_list, attached):
+            if mask is None:
+                continue
+            carried = _mask_of(variable)
+            if carried is not None and np.array_equal(carried, mask):
+                continue
+            combined = mask if carried is None else mask & carried
+            constraint = MaskConstraint(combined, constraint=_user_constraint(variable.constraint))
+            constraint._compile_record = record
+            variable.constraint = constraint
+            variable.assign(ops.multiply(variable, ops.cast(combined, variable.dtype)))
+            record.paths += (variable.path,)
 
     def _resolve_masks(self, var_list):
         explicit = self._explicit_masks.value
@@ -702,7 +1020,9 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
         variables = (
-            self._trainable_variables if trainable_variables is None else list(trainable_variables)
+            list(self._built_variables.value)
+            if trainable_variables is None
+            else list(trainable_variables)
         )
         masks = {id(variable): mask for variable, mask in self._variable_masks.value}
 
@@ -727,7 +1047,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
 
     @property
     def variables(self):
-        return self._variables + self.inner_optimizer.variables
+        return super().variables + self.inner_optimizer.variables
 
     @property
     def learning_rate(self):
@@ -747,6 +1067,22 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
 
+    def load_own_variables(self, store):
+        saved_built = len(store.keys()) != len(self.variables)
+        if saved_built and not self.built and self._deferred.value is not None:
+            self.build(self._deferred.value)
+        super().load_own_variables(store)
+
+    def _recorded_attached_masks(self):
+        """The masks `get_config` records for `build` to re-attach (a list or `None`)."""
+        if self.built:
+            recorded = [_compile_carried_mask(v) for v in self._built_variables.value]
+        else:
+            recorded = self._attached_masks.value
+        if not recorded or all(mask is None for mask in recorded):
+            return None
+        return [None if mask is None else _encode_mask(mask) for mask in recorded]
+
     def get_config(self):
         # Do not use super().get_config(): the base arguments belong to the inner one.
         explicit = self._explicit_masks.value
@@ -760,6 +1096,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             "name": self.name,
             "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
             "masks": masks,
+            "attached_masks": self._recorded_attached_masks(),
         }
 
     @classmethod
@@ -768,4 +1105,6 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         optimizer = keras.saving.deserialize_keras_object(
             config.pop("optimizer"), custom_objects=custom_objects
         )
-        return cls(optimizer, **config)
+        instance = cls(optimizer, **config)
+        instance._restored = True
+        return instance

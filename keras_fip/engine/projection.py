@@ -17,7 +17,14 @@ DEFAULT_LAYER_FLOOR = "auto"
 LAYER_FLOOR = 0.5
 BATCH_NORM_LAYER_FLOOR = 1.0
 
-# Layer types whose `kernel` is prunable by default; other variables are opt-in.
+# The default prunable set follows tfmot's default registry (`prune_registry.py` of
+# tensorflow-model-optimization, what `prune_low_magnitude` prunes): the kernels of Dense and
+# convolution layers, the `embeddings` table of Embedding layers, and the kernels of the
+# projections inside MultiHeadAttention (in Keras 3 they are EinsumDense layers, whose
+# kernels are prunable wherever they appear). Biases and normalisation parameters are left
+# out, as there. Where keras_fip differs: the depthwise kernels of DepthwiseConv and
+# SeparableConv layers are prunable too (tfmot leaves them dense; the layer-collapse floor
+# of `magnitude_masks` keeps these small kernels alive).
 _KERNEL_LAYERS = (
     keras.layers.Dense,
     keras.layers.EinsumDense,
@@ -26,46 +33,83 @@ _KERNEL_LAYERS = (
     keras.layers.Conv3D,
     keras.layers.Conv1DTranspose,
     keras.layers.Conv2DTranspose,
+    keras.layers.Conv3DTranspose,
+    keras.layers.DepthwiseConv1D,
     keras.layers.DepthwiseConv2D,
+    keras.layers.SeparableConv1D,
     keras.layers.SeparableConv2D,
 )
 _KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel")
+_NORMALIZATION_LAYERS = (
+    keras.layers.BatchNormalization,
+    keras.layers.LayerNormalization,
+    keras.layers.GroupNormalization,
+)
+# A warning says so when the prunable weights are less than this share of the model's.
+SMALL_PRUNABLE_SHARE = 0.5
+
+
+def _child_layers(layer):
+    """Direct sub-layers of a layer (models: `.layers`; other layers: their attributes)."""
+    if isinstance(layer, keras.Model):
+        return list(layer.layers)
+    children = []
+    for value in vars(layer).values():
+        items = (
+            value
+            if isinstance(value, (list, tuple))
+            else (value.values() if isinstance(value, dict) else (value,))
+        )
+        children.extend(
+            item for item in items if isinstance(item, keras.layers.Layer) and item is not layer
+        )
+    return children
 
 
 def _layers(model):
     """Every layer of a model, nested models and sub-layers included, once each."""
-    seen, ordered = set(), []
+    seen, ordered = {id(model)}, []
 
     def visit(layer):
         if id(layer) in seen:
             return
         seen.add(id(layer))
         ordered.append(layer)
-        for child in getattr(layer, "_layers", None) or []:
+        for child in _child_layers(layer):
             visit(child)
-        if isinstance(layer, keras.Model):
-            for child in layer.layers:
-                visit(child)
 
-    for layer in model.layers:
+    for layer in _child_layers(model):
         visit(layer)
     return ordered
 
 
 def prunable_variables(
-    model, include_biases=False, include_normalization=False, include_embeddings=False
+    model, include_biases=False, include_normalization=False, include_embeddings=True
 ):
     """The trainable variables a pruning method may zero, in `model.trainable_variables` order.
+
+    The default set is the one tfmot's `prune_low_magnitude` prunes: Dense, EinsumDense and
+    convolution kernels (depthwise and pointwise kernels included), Embedding tables, and
+    the query, key, value and output kernels of MultiHeadAttention, inside custom layers and
+    nested models too. Biases and normalisation parameters are opt-in.
 
     Args:
         model: A built `keras.Model`.
         include_biases: Whether biases are prunable. Defaults to `False`.
         include_normalization: Whether normalisation scales and offsets (`gamma`, `beta`) are
             prunable. Defaults to `False`.
-        include_embeddings: Whether embedding tables are prunable. Defaults to `False`.
+        include_embeddings: Whether embedding tables are prunable. Defaults to `True`.
 
     Returns:
-        A list of `keras.Variable`s: Dense/EinsumDense/Conv kernels by default.
+        A list of `keras.Variable`s.
+
+    Example:
+
+    >>> model = keras.Sequential(
+    ...     [keras.Input((4,), dtype="int32"), keras.layers.Embedding(10, 3),
+    ...      keras.layers.Flatten(), keras.layers.Dense(2)])
+    >>> [v.name for v in prunable_variables(model)]
+    ['embeddings', 'kernel']
     """
     chosen = set()
     for layer in _layers(model):
@@ -75,9 +119,7 @@ def prunable_variables(
                 chosen.add(id(variable))
             elif include_biases and name == "bias":
                 chosen.add(id(variable))
-            elif include_normalization and isinstance(
-                layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization)
-            ):
+            elif include_normalization and isinstance(layer, _NORMALIZATION_LAYERS):
                 chosen.add(id(variable))
             elif include_embeddings and isinstance(layer, keras.layers.Embedding):
                 chosen.add(id(variable))
@@ -98,6 +140,90 @@ def prunable_sparsity(model, **kwargs):
     total = sum(int(np.prod(v.shape)) for v in variables)
     zeros = sum(int(np.sum(keras.ops.convert_to_numpy(v) == 0)) for v in variables)
     return zeros / max(total, 1)
+
+
+class SparsitySummary:
+    """How much of a model is zero: over its prunable weights and over all its parameters.
+
+    A pruning method's sparsity counts the prunable weights (`prunable_variables`); this
+    puts it beside the zero fraction of every parameter the model has (all of
+    `model.weights`, trainable or not: what `model.count_params()` counts), so that a
+    sparsity over a small prunable set is not read as the model's.
+
+    Attributes:
+        parameters: Number of parameters of the model.
+        zeros: How many of them are exactly zero.
+        prunable_parameters: Number of prunable weights.
+        prunable_zeros: How many of them are exactly zero.
+        sparsity: `zeros / parameters`.
+        prunable_sparsity: `prunable_zeros / prunable_parameters`.
+        prunable_share: `prunable_parameters / parameters`.
+    """
+
+    def __init__(self, parameters, zeros, prunable_parameters, prunable_zeros):
+        self.parameters = int(parameters)
+        self.zeros = int(zeros)
+        self.prunable_parameters = int(prunable_parameters)
+        self.prunable_zeros = int(prunable_zeros)
+        self.sparsity = self.zeros / max(self.parameters, 1)
+        self.prunable_sparsity = self.prunable_zeros / max(self.prunable_parameters, 1)
+        self.prunable_share = self.prunable_parameters / max(self.parameters, 1)
+
+    def as_dict(self):
+        """The counts and fractions, as a dict of numbers."""
+        return {
+            "parameters": self.parameters,
+            "zeros": self.zeros,
+            "sparsity": self.sparsity,
+            "prunable_parameters": self.prunable_parameters,
+            "prunable_zeros": self.prunable_zeros,
+            "prunable_sparsity": self.prunable_sparsity,
+            "prunable_share": self.prunable_share,
+        }
+
+    def __eq__(self, other):
+        return isinstance(other, SparsitySummary) and self.as_dict() == other.as_dict()
+
+    def __repr__(self):
+        return (
+            f"SparsitySummary(sparsity={self.sparsity:.4f} of all {self.parameters:,} "
+            f"parameters, prunable_sparsity={self.prunable_sparsity:.4f} of "
+            f"{self.prunable_parameters:,} prunable weights "
+            f"({100 * self.prunable_share:.1f}% of the model))"
+        )
+
+
+def _count_zeros(variables):
+    unique = list({id(v): v for v in variables}.values())
+    size = sum(int(np.prod(v.shape, dtype=np.int64)) for v in unique)
+    zeros = sum(int(np.sum(keras.ops.convert_to_numpy(v) == 0)) for v in unique)
+    return size, zeros
+
+
+def sparsity_summary(model, variables=None, **kwargs):
+    """The zero fractions of a model's prunable weights and of all its parameters.
+
+    Args:
+        model: A built `keras.Model`.
+        variables: The prunable variables. Defaults to `None` (`prunable_variables(model,
+            **kwargs)`).
+        **kwargs: Passed to `prunable_variables` (`include_biases`, ...).
+
+    Returns:
+        A `SparsitySummary`.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> summary = sparsity_summary(model)  # the bias starts at zero
+    >>> summary.zeros, summary.parameters, summary.prunable_sparsity
+    (2, 8, 0.0)
+    """
+    if variables is None:
+        variables = prunable_variables(model, **kwargs)
+    parameters, zeros = _count_zeros(model.weights)
+    prunable_parameters, prunable_zeros = _count_zeros(variables)
+    return SparsitySummary(parameters, zeros, prunable_parameters, prunable_zeros)
 
 
 def check_structure_and_scope(structure, scope):

@@ -177,7 +177,9 @@ def breakdown_profile(points, data, model=None, times=None, outputs="logits", ba
         model: Architecture for weight-list points. Defaults to `None`.
         times: Strictly increasing times of the points; `None` means 0, 1, 2, ....
             Defaults to `None`.
-        outputs: `"logits"` or `"probabilities"`. Defaults to `"logits"`.
+        outputs: `"logits"` (a probability model's log-probabilities) or
+            `"probabilities"` (a logits model's softmax; the same for a model and its
+            softmax twin). Defaults to `"logits"`.
         batch_size: `MetricOperator` batch size. Defaults to `None`.
 
     Returns:
@@ -376,7 +378,9 @@ def unit_deletion_speed(
             `Damage("nodes")` (its deleted units are read from the masks it carries). Not
             changed.
         data: Inputs on which outputs are compared (array or `(x, y)`).
-        outputs: `"probabilities"` (softmax of the logits) or `"logits"`. Defaults to
+        outputs: `"probabilities"` (a logits model's softmax, a probability model's own
+            outputs: the same for a model and its softmax twin) or `"logits"` (a
+            probability model's log-probabilities). Defaults to
             `"probabilities"`.
         layers: Names of the layers whose units count, or `None` for every hidden
             Dense/Conv layer. Defaults to `None`.
@@ -431,7 +435,8 @@ def deletion_profile(
         sequence: At least 3 `keras.Model`s, e.g. from `deletion_sequence`.
         data: Inputs on which outputs are compared.
         times: Strictly increasing deleted fractions of the networks.
-        outputs: `"probabilities"` or `"logits"`. Defaults to `"probabilities"`.
+        outputs: `"probabilities"` or `"logits"`, as for `unit_deletion_speed`. Defaults
+            to `"probabilities"`.
         layers: Names of the layers whose units count (those the sequence deletes from),
             or `None`. Defaults to `None`.
         max_units: Units deleted per network, at most (a seeded sample). Defaults to

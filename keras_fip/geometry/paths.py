@@ -105,7 +105,9 @@ def breakdown_speed(points, data, model=None, times=None, outputs="logits", batc
             trainable-only lists. Never modified. Defaults to `None`.
         times: strictly increasing times of the points; `None` means
             0, 1, 2, .... Defaults to `None`.
-        outputs: `"logits"` or `"probabilities"`. Defaults to `"logits"`.
+        outputs: `"logits"` (a probability model's log-probabilities) or
+            `"probabilities"` (a logits model's softmax; the same for a model and its
+            softmax twin). Defaults to `"logits"`.
         batch_size: `MetricOperator` batch size. Defaults to `None`.
 
     Returns:
@@ -134,7 +136,9 @@ def path_length(points, data, model=None, times=None, outputs="logits", batch_si
         data: inputs on which g is measured.
         model: architecture for weight-list points. Defaults to `None`.
         times: strictly increasing times of the points. Defaults to `None`.
-        outputs: `"logits"` or `"probabilities"`. Defaults to `"logits"`.
+        outputs: `"logits"` (a probability model's log-probabilities) or
+            `"probabilities"` (a logits model's softmax; the same for a model and its
+            softmax twin). Defaults to `"logits"`.
         batch_size: `MetricOperator` batch size. Defaults to `None`.
 
     Returns:
@@ -162,7 +166,9 @@ def breakdown_acceleration(points, data, model=None, times=None, outputs="logits
         data: inputs on which g is measured.
         model: architecture for weight-list points. Defaults to `None`.
         times: strictly increasing times of the points. Defaults to `None`.
-        outputs: `"logits"` or `"probabilities"`. Defaults to `"logits"`.
+        outputs: `"logits"` (a probability model's log-probabilities) or
+            `"probabilities"` (a logits model's softmax; the same for a model and its
+            softmax twin). Defaults to `"logits"`.
         batch_size: `MetricOperator` batch size. Defaults to `None`.
 
     Returns:

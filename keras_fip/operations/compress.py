@@ -1,6 +1,7 @@
 """`Compress`: sparsify a model along a functionally invariant path."""
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -12,6 +13,7 @@ from keras_fip.engine import normalization
 from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine import projection
 from keras_fip.engine import step_rules
+from keras_fip.engine.copy import copy_model
 from keras_fip.engine.data_adapter import fip_dataset
 from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.engine.trainer import FIPTrainer
@@ -52,6 +54,87 @@ MIN_TARGET_UPDATES = 40
 AUTO_LEARNING_RATE_SCALE = 0.044
 # The rate when every prunable weight is zero (nothing to scale by): the LeNet rate.
 FALLBACK_LEARNING_RATE = 3e-3
+
+
+# `task_weight="auto"`: the candidates, each walked on `data` less a stratified, seeded
+# split of SELECTION_FRACTION of it, the most accurate on that split chosen; with fewer
+# than SELECTION_MIN_EXAMPLES held out (too few to tell the candidates apart),
+# FALLBACK_TASK_WEIGHT: the inputs alone. The labels' weight 1 equals the distillation
+# term's. On the keras.io text transformer (SST-2, 6,920 sentences walked over 1,000 steps)
+# the labels overfit at any weight (`python -m benchmarks.compress_users --steps=0
+# --task_weights=0,1,10`, 50%: 80.9% test accuracy with 0, 77.2% with 1, 77.4% with 10); on
+# an underfit digits MLP weight 1 is chosen and beats the inputs alone
+# (`tests/operations/test_compress.py`).
+TASK_WEIGHTS = (0.0, 1.0)
+SELECTION_FRACTION = 0.2
+SELECTION_MIN_EXAMPLES = 100
+FALLBACK_TASK_WEIGHT = 0.0
+
+
+def holdout_rows(labels, fraction, seed=None):
+    """`(fit_rows, held_rows)`: a seeded split of `fraction` of the examples, stratified by
+    class (integer labels of one value per example; other labels are split at random).
+
+    Args:
+        labels: The labels, one row per example.
+        fraction: The share held out, in (0, 1).
+        seed: Seed of the split. Defaults to `None`.
+
+    Returns:
+        Two sorted integer arrays of row indices.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    if labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer):
+        groups = [np.flatnonzero(labels == value) for value in np.unique(labels)]
+    else:
+        groups = [np.arange(len(labels))]
+    held = [
+        rng.permutation(rows)[: int(round(fraction * len(rows)))] for rows in groups if len(rows)
+    ]
+    held = np.sort(np.concatenate(held)) if held else np.zeros(0, "int64")
+    return np.setdiff1d(np.arange(len(labels)), held), held
+
+
+def choose_task_weight(correct):
+    """The choice of `task_weight="auto"` from the held-out examples each candidate got right.
+
+    The most accurate candidate (ties: the smaller weight) is chosen if, against the first
+    (the inputs alone), it is right on more of the examples where the two differ by more
+    than one standard deviation of that count under no difference (a sign test):
+    `wins - losses > sqrt(wins + losses)`. Otherwise the first.
+
+    Args:
+        correct: Dict mapping each candidate weight, the first one first, to a boolean
+            array: whether its walk was right on each held-out example.
+
+    Returns:
+        A tuple `(task_weight, wins, losses)`.
+
+    Example:
+
+    >>> right = np.array([True] * 90 + [False] * 10)
+    >>> choose_task_weight({0.0: right, 1.0: np.roll(right, 3)})
+    (0.0, 0, 0)
+    """
+    weights = list(correct)
+    first = weights[0]
+    best = max(weights, key=lambda w: (int(np.sum(correct[w])), -w))
+    wins = int(np.sum(correct[best] & ~correct[first]))
+    losses = int(np.sum(~correct[best] & correct[first]))
+    if wins - losses > math.sqrt(wins + losses):
+        return best, wins, losses
+    return first, wins, losses
+
+
+def _correct(model, x, y):
+    """Whether a classifier (logits or probabilities) is right on each example."""
+    outputs = model.predict(x, batch_size=256, verbose=0)
+    if isinstance(outputs, (list, tuple)):
+        outputs = outputs[0]
+    elif isinstance(outputs, dict):
+        outputs = next(iter(outputs.values()))
+    return np.argmax(outputs, axis=-1) == np.asarray(y)
 
 
 class _CosineFrom(keras.optimizers.schedules.LearningRateSchedule):
@@ -188,17 +271,48 @@ class Compress(Operation):
     as tfmot's polynomial schedule does and the target masks are recomputed from the
     current weights every `update_every` steps (weights the path has shrunk drop out,
     weights it needs come back). Then the final mask is applied exactly, and the path
-    settles for the remaining steps with the mask fixed, minimising D (plus the task
-    cross-entropy if `task_weight` > 0): the sparse network recovers the dense network's
+    settles for the remaining steps with the mask fixed, minimising D (plus the labels'
+    cross-entropy when it is weighted in): the sparse network recovers the dense network's
     outputs. The returned model has exactly the requested fraction of its prunable weights
     at zero (per layer with `scope="per_layer"`, overall with `"global"`), and carries its
-    masks (`keras_fip.masks`), so any later training keeps them. Masks the input already carries
-    are kept and count towards the sparsity.
+    masks (`keras_fip.masks`), so any later training keeps them. Masks the input already
+    carries are kept and count towards the sparsity.
+
+    **What is pruned.** The prunable set is the one tfmot's `prune_low_magnitude` prunes
+    by default (its `prune_registry`): the kernels of Dense, EinsumDense and convolution
+    layers (Conv1D/2D/3D, transposed, depthwise and separable), the tables of Embedding
+    layers, and the query, key, value and output kernels of MultiHeadAttention, wherever
+    they sit (custom layers, nested models); biases and normalisation parameters are not
+    (`include_biases`, `include_normalization`; `include_embeddings=False` leaves the
+    embedding tables dense). tfmot leaves depthwise kernels dense; here they are pruned
+    too, under the layer-collapse floor. `sparsity` counts the prunable weights;
+    `op.history["parameter_sparsity"]` is the zero fraction of all the model's parameters
+    beside it (`op.sparsity_summary`, `keras_fip.engine.projection.sparsity_summary` for
+    any model), and a warning says when the prunable weights are less than half of the
+    model.
+
+    **Labels.** When `data` is `(x, y)`, the labels are used by default
+    (`task_weight="auto"`): their cross-entropy joins L with the weight, 0 or 1
+    (`TASK_WEIGHTS`), whose walk, on `data` less a stratified, seeded fifth of it, is the
+    more accurate on that held-out fifth, as a baseline's learning rate is chosen on a
+    validation split. The labels are weighted in only when their walk is right on more
+    held-out examples than the walk on the inputs alone by more than a sign test's
+    standard deviation (`choose_task_weight`), and never with fewer than 100 held-out
+    examples. The walk that returns the model then runs on all of `data` with that
+    weight. The choice costs one walk per candidate on four fifths of the data:
+    `op.history["selection_steps"]` counts their steps, `op.history["total_steps"]` all
+    steps, `op.history["task_weight"]` is the weight used and
+    `op.history["task_weight_selection"]` the held-out accuracies. The held-out fifth is
+    kept out of the walks, not out of the dense network's training: on the data a model
+    was trained on, it favours keeping what the network memorised, and the labels win
+    only where they help beyond it. D still keeps the starting network's function on
+    every input; the labels pull it where they disagree with it. The inputs alone, as
+    without labels, are one argument away: `task_weight=0` (or `data=x`).
 
     Args:
         sparsity: p, the fraction of prunable weights to zero, in [0, 1).
-        data: Inputs whose outputs are kept: an array, an `(x, y)` tuple (labels report
-            accuracy, and add the task term if `task_weight` > 0) or a finite
+        data: Inputs whose outputs are kept: an array, an `(x, y)` tuple (the labels are
+            used as `task_weight` says, and report accuracy) or a finite
             `tf.data.Dataset`. Defaults to `None` (the inputs the model carries from an
             earlier operation).
         structure: `"unstructured"`, `"nodes"` (whole Dense units), `"filters"` (whole
@@ -246,17 +360,11 @@ class Compress(Operation):
             removal changes the outputs least). Defaults to `"magnitude"`.
         metric_examples: Inputs per estimate of the metric diagonal for
             `saliency="metric"`. Defaults to `1024`.
-        task_weight: When `data` has labels, the weight of the task cross-entropy added to
-            L in both phases (0 keeps L the pure projection distance and the labels only
-            report accuracy). D (the KL divergence to the starting network's outputs by
-            default) is then the distillation term and the cross-entropy the hard-label
-            term of knowledge distillation, both in nats. Measured (session 10): on
-            LeNet-300-100 at 99.1% (`apps.compress`, 3 seeds) 1 costs 0.17 pp against 0
-            (97.05%) — a small network distils better than it learns hard labels; on an
-            80%-sparse digits residual conv net (`benchmarks.compress_unseen
-            --nets=residual24 --folds=5 --seeds=0,1,2,3,4 --task_weights=0,1`) 0 keeps
-            97.61% and 1 98.16% (gradual pruning, its rate tuned on validation, 98.33%);
-            labels help most where the dense network is underfit. Defaults to `0.0`.
+        task_weight: When `data` has labels, the weight of their cross-entropy in L, in
+            both phases (the hard-label term of knowledge distillation, D being the
+            distillation term, both in nats), or `"auto"`: chosen among `TASK_WEIGHTS` on a
+            split held out of `data` (see above). `0` walks on the inputs alone (the labels
+            only report accuracy). Without labels it has no effect. Defaults to `"auto"`.
         training: The mode of the moving network on the path (the starting network's
             outputs, which D keeps, always come from inference mode). `True` runs
             BatchNormalization on batch statistics and updates its moving statistics:
@@ -297,7 +405,7 @@ class Compress(Operation):
         include_biases: Whether biases are prunable. Defaults to `False`.
         include_normalization: Whether normalisation scales/offsets are prunable. Defaults
             to `False`.
-        include_embeddings: Whether embedding tables are prunable. Defaults to `False`.
+        include_embeddings: Whether embedding tables are prunable. Defaults to `True`.
         record_every: Record the weights in `op.path` every this many steps (and at
             the end of each walk). The walk measures `step_norm` and
             `distance_from_start` at the recorded points only
@@ -320,10 +428,17 @@ class Compress(Operation):
 
     >>> x, y = keras_fip.data.load("digits")
     >>> model = keras_fip.models.mlp(32, input_shape=(8, 8, 1))
-    >>> sparse = keras_fip.Compress(0.9, data=x, epochs=1, verbose=0)(model)
-    >>> round(keras_fip.engine.projection.prunable_sparsity(sparse), 3)
+    >>> op = keras_fip.Compress(0.9, data=x, epochs=1, verbose=0)  # inputs only
+    >>> sparse = op(model)
+    >>> round(op.history["prunable_sparsity"], 3)
     0.9
+    >>> labelled = keras_fip.Compress(0.9, data=(x, y), steps=20, verbose=0)
+    >>> sparse = labelled(model)
+    >>> labelled.history["task_weight"] in labelled.TASK_WEIGHTS
+    True
     """
+
+    TASK_WEIGHTS = TASK_WEIGHTS
 
     def __init__(
         self,
@@ -342,7 +457,7 @@ class Compress(Operation):
         beta="auto",
         saliency="magnitude",
         metric_examples=1024,
-        task_weight=0.0,
+        task_weight="auto",
         training="auto",
         distance="kl",
         step_rule="penalty",
@@ -351,7 +466,7 @@ class Compress(Operation):
         batch_size=128,
         include_biases=False,
         include_normalization=False,
-        include_embeddings=False,
+        include_embeddings=True,
         record_every=100,
         path_directory=None,
         jit_compile=False,
@@ -395,9 +510,9 @@ class Compress(Operation):
         self.metric_examples = self.check_number(
             metric_examples, "metric_examples", low=1, low_inclusive=True, integer=True
         )
-        self.task_weight = self.check_number(
-            task_weight, "task_weight", low=0.0, low_inclusive=True
-        )
+        if not (isinstance(task_weight, str) and task_weight == "auto"):
+            task_weight = self.check_number(task_weight, "task_weight", low=0.0, low_inclusive=True)
+        self.task_weight = task_weight
         self.training = self.check_training(training)
         distances_lib.get(distance)
         self.distance = distance
@@ -419,6 +534,7 @@ class Compress(Operation):
             checkpoint_directory, self.path_directory, self.seed
         )
         self.jit_compile = bool(jit_compile)
+        self.sparsity_summary = None
 
     def walk_steps(self, num_examples):
         """The number of steps of the whole path for `num_examples` inputs: `steps` if
@@ -513,64 +629,66 @@ class Compress(Operation):
         )
         return trainer
 
-    def call(self, model):
-        anchor = self.resolve_data(self.data, model)
-        x, y = normalize_data(anchor, name="data", model=model)
-        data_adapter.check_inputs_match_model(model, x, name="data")
-        self._inputs = data_adapter.as_arrays(x)
-        self._rng = np.random.default_rng(self.seed)
+    def _prunable(self, model):
+        """The variables this operation prunes on `model` (a clear error if none)."""
         variables = projection.prunable_variables(
             model, self.include_biases, self.include_normalization, self.include_embeddings
         )
         if not variables:
             raise ValueError(
-                f"`model` has no prunable weights (Dense/Conv kernels by default; see "
-                "`include_biases`, `include_normalization`, `include_embeddings`). "
-                f"Received: model={model.name}"
+                "`model` has no prunable weights (Dense/EinsumDense/Conv kernels and Embedding "
+                "tables by default; see `include_biases`, `include_normalization`, "
+                f"`include_embeddings`). Received: model={model.name}"
             )
-        variables = _structured_variables(model, variables, self.structure)
+        return _structured_variables(model, variables, self.structure)
+
+    def _walk(self, model, x, y, task_weight, checkpoint=None, path=None, final=True):
+        """Pulls `model` (in place) to the sparse set and settles it; returns the history.
+
+        `final=False` is a walk of the choice of `task_weight`: no path, callbacks,
+        progress display or logs."""
+        self._inputs = data_adapter.as_arrays(x)
+        self._rng.bit_generator.state = dict(self._rng_state)
+        variables = self._prunable(model)
         normalized = bool(normalization.batch_normalization_layers(model))
         self._walk_training = normalized if self.training == "auto" else self.training
-        existing = {path: mask for path, mask in masks_lib.masks(model).items()}
+        existing = {key: mask for key, mask in masks_lib.masks(model).items()}
         total_steps = self.walk_steps(data_adapter.num_examples(x))
         pull_steps = max(1, int(round(self.pull_fraction * total_steps)))
         settle_steps = total_steps - pull_steps
         self._update_every = self.target_update_interval(pull_steps)
-        labelled = self.task_weight > 0 and y is not None
-        secondary = (x, y) if labelled else None
-        self._output_kind = model_output_kind(model, x)
+        labelled = task_weight > 0 and y is not None
         dataset = fip_dataset(
             outputs_lib.logits_model(model, self._output_kind),
             x,
-            secondary=secondary,
+            secondary=(x, y) if labelled else None,
             batch_size=self.batch_size,
             seed=self.seed,
         )  # Checks that the data fit the model; the reference outputs are logits.
-        self._beta = self._resolve_beta(model, variables)
-        self._learning_rate = self._resolve_learning_rate(variables)
-        checkpoint = self.open_checkpoint(self.checkpoint_directory)
-        self.path = self.open_walk_path(model, checkpoint, self.record_every, self.path_directory)
+        callbacks = list(self.callbacks or []) if final else []
+        verbose = self.verbose if final else 0
+        log_dir = self.log_dir if final else None
 
-        def walk(phase, trainer, steps, callbacks, state_variables=()):
+        def walk(phase, trainer, steps, phase_callbacks, state_variables=()):
             if checkpoint is None:
                 return trainer.walk(
                     dataset,
                     steps,
-                    path=self.path,
-                    callbacks=callbacks,
-                    verbose=self.verbose,
-                    log_dir=self.log_dir,
+                    path=path,
+                    callbacks=phase_callbacks,
+                    verbose=verbose,
+                    log_dir=log_dir,
                 )
             return checkpoint.walk(
                 phase,
                 trainer,
                 dataset,
                 steps,
-                self.path,
-                callbacks=callbacks,
+                path,
+                callbacks=phase_callbacks,
                 state_variables=state_variables,
-                verbose=self.verbose,
-                log_dir=self.log_dir,
+                verbose=verbose,
+                log_dir=log_dir,
             )
 
         # Pull towards the projection onto the ramping sparse set
@@ -581,44 +699,115 @@ class Compress(Operation):
             for i, v in enumerate(variables)
         ]
         objective = _ProjectionDistance(
-            indices, mask_variables, self.task_weight if labelled else 0.0, self._beta
+            indices, mask_variables, task_weight if labelled else 0.0, self._beta
         )
         ramp = _RampTargets(self, variables, mask_variables, pull_steps, existing)
         ramp.model_to_prune = model
         trainer = self._trainer(model, total_steps, objective)
-        history = walk(
-            "pull",
-            trainer,
-            pull_steps,
-            [ramp] + list(self.callbacks or []),
-            state_variables=mask_variables,
-        )
+        history = walk("pull", trainer, pull_steps, [ramp] + callbacks, mask_variables)
 
         # Apply the final mask exactly, then settle with it fixed (D alone)
-        final = self._masks(model, self.sparsity, variables, existing)
-        masks_lib.apply_masks(model, final)
+        masks = self._masks(model, self.sparsity, variables, existing)
+        masks_lib.apply_masks(model, masks)
         if settle_steps:
-            task = _TaskLoss(self.task_weight) if labelled else None
+            task = _TaskLoss(task_weight) if labelled else None
             settle = self._trainer(model, total_steps, task, settle=True, offset=pull_steps)
-            settled = walk("settle", settle, settle_steps, list(self.callbacks or []))
+            settled = walk("settle", settle, settle_steps, callbacks)
             history = {
                 key: list(history.get(key, [])) + list(settled.get(key, []))
                 for key in set(history) | set(settled)
             }
-        if checkpoint is not None:
-            checkpoint.close()
         if self._walk_training and normalized:
             normalization.recalibrate_batch_normalization(model, self._inputs, self.batch_size * 2)
-        self.history = dict(history)
-        self.history["beta"] = self._beta
-        self.history["learning_rate"] = self._learning_rate
-        self.history["steps"] = total_steps
-        self.history["pull_steps"] = pull_steps
-        self.history["target_updates"] = 1 + (pull_steps - 1) // self._update_every
-        self.history["update_every"] = self._update_every
-        self.history["layer_sparsity"] = {
-            v.path: float(1.0 - final[v.path].mean()) for v in variables
+        history = dict(history)
+        history["beta"] = self._beta
+        history["learning_rate"] = self._learning_rate
+        history["steps"] = total_steps
+        history["pull_steps"] = pull_steps
+        history["target_updates"] = 1 + (pull_steps - 1) // self._update_every
+        history["update_every"] = self._update_every
+        history["layer_sparsity"] = {v.path: float(1.0 - masks[v.path].mean()) for v in variables}
+        return history
+
+    def _choose_task_weight(self, model, x, y):
+        """`(task_weight, record)`: the candidate of `TASK_WEIGHTS` whose walk, on `data`
+        less a held-out split, is the most accurate on that split, if it is right on more
+        held-out examples than the first candidate's walk (the inputs alone) by more than
+        one standard deviation of a sign test; else the first candidate."""
+        fit_rows, held_rows = holdout_rows(y, SELECTION_FRACTION, self.seed)
+        if len(held_rows) < SELECTION_MIN_EXAMPLES:
+            return FALLBACK_TASK_WEIGHT, {"validation_examples": int(len(held_rows))}
+        x_fit, y_fit = data_adapter.take(x, fit_rows), np.asarray(y)[fit_rows]
+        x_held, y_held = data_adapter.take(x, held_rows), np.asarray(y)[held_rows]
+        correct, steps = {}, 0
+        for task_weight in TASK_WEIGHTS:
+            candidate = copy_model(model)
+            walked = self._walk(candidate, x_fit, y_fit, task_weight, final=False)
+            steps += walked["steps"]
+            correct[task_weight] = _correct(candidate, x_held, y_held)
+        chosen, wins, losses = choose_task_weight(correct)
+        record = {
+            "validation_examples": int(len(held_rows)),
+            "validation_accuracy": {float(w): float(np.mean(c)) for w, c in correct.items()},
+            "wins": wins,
+            "losses": losses,
+            "steps": int(steps),
         }
+        return float(chosen), record
+
+    def call(self, model):
+        anchor = self.resolve_data(self.data, model)
+        x, y = normalize_data(anchor, name="data", model=model)
+        data_adapter.check_inputs_match_model(model, x, name="data")
+        variables = self._prunable(model)
+        before = projection.sparsity_summary(model, variables)
+        if before.prunable_share < projection.SMALL_PRUNABLE_SHARE:
+            warnings.warn(
+                f"The prunable weights of model `{model.name}` are "
+                f"{100 * before.prunable_share:.1f}% of its {before.parameters:,} parameters: "
+                f"sparsity={self.sparsity:g} zeroes about "
+                f"{100 * self.sparsity * before.prunable_share:.1f}% of the model "
+                "(`op.history['parameter_sparsity']` gives the exact fraction). The prunable "
+                "set is Dense/EinsumDense/Conv kernels and Embedding tables; see "
+                "`include_embeddings`, `include_biases` and `include_normalization`.",
+                stacklevel=2,
+            )
+        self._output_kind = model_output_kind(model, x)
+        # β and the learning rate from the starting model on all of `data`, for every walk
+        self._inputs = data_adapter.as_arrays(x)
+        self._rng = np.random.default_rng(self.seed)
+        self._beta = self._resolve_beta(model, variables)
+        self._learning_rate = self._resolve_learning_rate(variables)
+        self._rng_state = self._rng.bit_generator.state
+
+        # Choose the weight of the labels on a split held out of `data`
+        selection = None
+        if y is None:
+            task_weight = 0.0
+        elif isinstance(self.task_weight, str):
+            task_weight, selection = self._choose_task_weight(model, x, y)
+        else:
+            task_weight = self.task_weight
+
+        # Walk on all of `data`
+        checkpoint = self.open_checkpoint(self.checkpoint_directory)
+        self.path = self.open_walk_path(model, checkpoint, self.record_every, self.path_directory)
+        history = self._walk(model, x, y, task_weight, checkpoint, self.path)
+        if checkpoint is not None:
+            checkpoint.close()
+        history["task_weight"] = task_weight
+        selection_steps = selection.get("steps", 0) if selection else 0
+        if selection is not None:
+            history["task_weight_selection"] = selection
+        history["selection_steps"] = selection_steps
+        history["total_steps"] = history["steps"] + selection_steps
+        summary = projection.sparsity_summary(model, variables)
+        history["prunable_sparsity"] = summary.prunable_sparsity
+        history["parameter_sparsity"] = summary.sparsity
+        history["prunable_parameters"] = summary.prunable_parameters
+        history["parameters"] = summary.parameters
+        self.history = history
+        self.sparsity_summary = summary
         return model
 
     def get_config(self):

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from keras_fip.data.tasks import memory_sample
 from keras_fip.engine import data_adapter
+from keras_fip.engine import distances
 from keras_fip.engine import normalization
 from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine import step_rules
@@ -128,14 +129,56 @@ def pad_reference(reference, num_outputs, distance):
     return np.concatenate([reference, np.repeat(low, extra, axis=-1)], axis=-1)
 
 
+def old_classes(num_outputs, labels):
+    """The outputs of the model before the task that are not the new task's classes.
+
+    Args:
+        num_outputs: C, the outputs of the model before the task.
+        labels: The new task's labels in output indices.
+
+    Returns:
+        A sorted int32 array of output indices (all C with `head="append"`).
+    """
+    return np.setdiff1d(np.arange(num_outputs), np.unique(labels)).astype("int32")
+
+
+class _Pull:
+    """The walk's pull L: the new task's cross-entropy plus the KL divergence of the old
+    classes' conditional distribution on the task's inputs from the old network's.
+
+    `batch` is `(inputs, labels, old logits of the kept classes)`; `network` returns
+    logits. With fewer than two kept classes the conditional is constant (no term)."""
+
+    def __init__(self, kept, training):
+        self.kept = tf.constant(kept, "int32") if len(kept) > 1 else None
+        self.training = training
+
+    def __call__(self, network, batch):
+        inputs, labels, old_logits = batch
+        logits = network(inputs, training=self.training)
+        loss = step_rules.mean_cross_entropy(labels, logits)
+        if self.kept is not None:
+            loss = loss + distances.kl(tf.gather(logits, self.kept, axis=-1), old_logits)
+        return loss
+
+
 @keras.saving.register_keras_serializable(package="keras_fip")
 class ContinualLearn(Operation):
     """Learns a new task along a functionally invariant path, keeping the old tasks.
 
-    The walk minimises D(f(m; w), f(m; w_old)) + β·CE(new task), with m the memory of
-    old-task inputs and w_old the network before this task (frozen, inference mode): the
-    outputs on the memory are kept while the new task's cross-entropy pulls (the FIP).
-    Only inputs are remembered, never labels.
+    The walk minimises D(f(m; w), f(m; w_old)) + β·L(w), with m the memory of old-task
+    inputs and w_old the network before this task (frozen, inference mode): the outputs
+    on the memory are kept while L pulls (the FIP). Only inputs are remembered, never
+    labels. The pull is the new task's cross-entropy plus the KL divergence, on the new
+    task's inputs x, of the old classes' conditional distribution p(c | x, c old) from
+    the old network's: the new task is learned by telling new classes from old ones,
+    never by rewriting what the old classes say among themselves, on inputs the memory
+    does not cover (Learning without Forgetting's distillation, Li & Hoiem 2017, at
+    T = 1 and weight 1, in the same nats as D). The memory alone leaves the old function
+    free wherever its inputs do not reach: a network that has memorised its training
+    set reads unseen old-task inputs through features the memory's outputs do not pin
+    down, and the new task's inputs, which the old network reads too, pin more of them.
+    (`benchmarks/continual_users.py` measures this on users' models.)
 
     Heads: with `head="append"` the last Dense layer grows by the new task's k classes
     (old units copied exactly; new ones initialised as Keras would), the returned model
@@ -188,10 +231,12 @@ class ContinualLearn(Operation):
         step_rule: `"penalty"` (Adam on D + β·CE), `"normalized"` or `"metric"`.
             Defaults to `"penalty"`.
         learning_rate: Initial Adam learning rate of the `penalty` rule, cosine-decayed
-            over the walk. Defaults to `1e-3`.
+            over the walk (Adam's default). Defaults to `1e-3`.
         epsilon: ε, the step length of the `normalized` and `metric` rules. Defaults to
             `0.01`.
-        batch_size: New-task examples per step. Defaults to `128`.
+        batch_size: New-task examples per step, as `keras.Model.fit` takes them
+            (a budget of a few epochs on a few thousand examples is then hundreds of
+            steps, not a hundred). Defaults to `32`.
         memory_batch_size: Memory examples per step. Defaults to `None` (`batch_size`).
         training: The mode of the moving network (the reference is always in inference
             mode). `True` runs BatchNormalization on batch statistics, then re-estimates
@@ -245,7 +290,7 @@ class ContinualLearn(Operation):
         step_rule="penalty",
         learning_rate=1e-3,
         epsilon=0.01,
-        batch_size=128,
+        batch_size=32,
         memory_batch_size=None,
         training="auto",
         eval_tasks=None,
@@ -383,7 +428,7 @@ class ContinualLearn(Operation):
             return AUTO_BETA
         return AUTO_BETA * total_jacobian / (0.5 * total_fisher)
 
-    def _dataset(self, memory_x, reference, x, labels):
+    def _dataset(self, memory_x, reference, x, labels, old_on_task):
         memory_batch = min(
             self.memory_batch_size or self.batch_size, data_adapter.num_examples(memory_x)
         )
@@ -396,7 +441,8 @@ class ContinualLearn(Operation):
             )
 
         anchor = repeated({"anchor_inputs": memory_x, "anchor_outputs": reference}, memory_batch, 0)
-        task = repeated((x, labels), batch, 1)
+        # The old network's outputs on the task's inputs travel with them (the pull).
+        task = repeated((x, labels, old_on_task), batch, 1)
         return (
             tf.data.Dataset.zip((anchor, task))
             .map(lambda a, s: {**a, "secondary": s})
@@ -410,12 +456,16 @@ class ContinualLearn(Operation):
         # The frozen network before the task: its logits on the memory (a model ending
         # in a softmax is read through its log-probabilities)
         output_kind = model_output_kind(model, memory_x)
-        reference = reference_outputs(outputs_lib.logits_model(model, output_kind), memory_x, 256)
+        old_view = outputs_lib.logits_model(model, output_kind)
+        reference = reference_outputs(old_view, memory_x, 256)
         self._beta = self._resolve_beta(model, memory_x)
 
         # The head
         model, labels = heads.prepare_head(model, x, y, self.head, seed=self.seed)
         reference = pad_reference(reference, int(model.output_shape[-1]), self.distance)
+        # What the old classes say among themselves on the task's inputs (the pull keeps it)
+        kept = old_classes(int(old_view.output_shape[-1]), labels)
+        old_on_task = np.asarray(reference_outputs(old_view, x, 256), "float32")[:, kept]
         for i, (_tx, ty) in enumerate(self._eval_tasks):
             if ty.min() < 0 or ty.max() >= model.output_shape[-1]:
                 raise ValueError(
@@ -435,7 +485,7 @@ class ContinualLearn(Operation):
             distance=self.distance,
             beta=self._beta,
             epsilon=self.epsilon,
-            secondary_loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            secondary_objective=_Pull(kept, walk_training),
             training=walk_training,
             measure_every=self.record_every,
             outputs=model_output_kind(model, memory_x),
@@ -446,7 +496,7 @@ class ContinualLearn(Operation):
                 keras.optimizers.schedules.CosineDecay(self.learning_rate, steps)
             )
         trainer.compile(optimizer=optimizer, jit_compile=self.jit_compile)
-        dataset = self._dataset(memory_x, reference, x, labels)
+        dataset = self._dataset(memory_x, reference, x, labels, old_on_task)
         checkpoint = self.open_checkpoint(self.checkpoint_directory)
         self.path = self.open_walk_path(model, checkpoint, self.record_every, self.path_directory)
         callbacks = list(self.callbacks or [])

@@ -9,6 +9,7 @@ import tensorflow as tf
 from keras_fip.engine import data_adapter
 from keras_fip.engine import distances as distances_lib
 from keras_fip.engine import normalization
+from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine import step_rules
 from keras_fip.engine.copy import copy_model
 from keras_fip.engine.data_adapter import check_inputs_match_model
@@ -19,6 +20,8 @@ from keras_fip.engine.data_adapter import repeated_batches
 from keras_fip.engine.path import Path
 from keras_fip.engine.trainer import FIPTrainer
 from keras_fip.operations.base import Operation
+from keras_fip.operations.base import model_output_kind
+from keras_fip.operations.compress import holdout_rows
 from keras_fip.operations.isofunctional import random_direction
 
 COMBINES = ("mean_probabilities", "mean_logits", "log_mean_probabilities")
@@ -27,23 +30,39 @@ SAVED_COMBINES = ("mean_probabilities", "mean_logits")
 PUSHES = ("random", "random_per_member", "none")
 DIVERSITY_LOSSES = ("error", "agreement")
 ADVERSARIES = ("ensemble", "members")
+# `perturbation_epsilon="auto"`: ρ is this fraction of the range of the inputs of `data`.
+PERTURBATION_FRACTION = 0.3
+# `task_weight="auto"`: each candidate walks one member's segment on `data` less a
+# stratified, seeded held-out split (SELECTION_FRACTION of it, at most
+# SELECTION_MAX_EXAMPLES examples); the lowest cross-entropy on that split chooses. With
+# fewer than SELECTION_MIN_EXAMPLES held out, FALLBACK_TASK_WEIGHT.
+TASK_WEIGHTS = (1.0, 10.0, 100.0)
+SELECTION_FRACTION = 0.2
+SELECTION_MAX_EXAMPLES = 2000
+SELECTION_MIN_EXAMPLES = 100
+FALLBACK_TASK_WEIGHT = 1.0
 
 
 @keras.saving.register_keras_serializable(package="keras_fip")
 class EnsembleCombination(keras.layers.Layer):
-    """Combines the logits of ensemble members in one layer (for attacks and analyses).
+    """Combines the outputs of ensemble members in one layer (for attacks and analyses).
 
     The ensembles keras_fip builds use standard layers (`build_ensemble`); this layer
-    gives the numerically stable log p̄ that attacks and losses need.
+    gives the numerically stable log p̄ that attacks and losses need. The members return
+    logits z_k (p_k = softmax(z_k), log p_k = log_softmax(z_k)) or probabilities p_k
+    (log p_k = log p_k, floored at the smallest normal number), as `outputs` says.
 
-    `"mean_probabilities"`: p̄ = (1/K) Σ_k softmax(z_k), the probabilities the paper sums.
-    `"log_mean_probabilities"`: log p̄, computed stably as
-    `logsumexp_k(log_softmax(z_k)) − log K`; its softmax is p̄ again, so it can stand
-    wherever logits are expected (`from_logits=True` losses, attacks).
-    `"mean_logits"`: (1/K) Σ_k z_k, logits of a geometric-mean ensemble.
+    `"mean_probabilities"`: p̄ = (1/K) Σ_k p_k, the probabilities the paper sums.
+    `"log_mean_probabilities"`: log p̄, computed stably as `logsumexp_k(log p_k) − log K`;
+    its softmax is p̄ again, so it can stand wherever logits are expected
+    (`from_logits=True` losses, attacks).
+    `"mean_logits"`: (1/K) Σ_k log p_k (the mean of the logits z_k up to a per-example
+    shift), logits of the geometric-mean ensemble.
 
     Args:
         combine: One of `COMBINES`. Defaults to `"mean_probabilities"`.
+        outputs: What the members return: `"logits"` or `"probabilities"`. Defaults to
+            `"logits"`.
         **kwargs: `keras.layers.Layer` arguments (e.g. `name`).
 
     Example:
@@ -52,24 +71,34 @@ class EnsembleCombination(keras.layers.Layer):
     >>> z = np.array([[0.0, 0.0]], "float32")
     >>> keras.ops.convert_to_numpy(layer([z, z])).tolist()
     [[0.5, 0.5]]
+    >>> p = np.array([[0.2, 0.8]], "float32")
+    >>> layer = EnsembleCombination(outputs="probabilities")
+    >>> np.round(keras.ops.convert_to_numpy(layer([p, 1 - p])), 4).tolist()
+    [[0.5, 0.5]]
     """
 
-    def __init__(self, combine="mean_probabilities", **kwargs):
+    def __init__(self, combine="mean_probabilities", outputs="logits", **kwargs):
         super().__init__(**kwargs)
         if combine not in COMBINES:
             raise ValueError(
                 f"`combine` must be one of {list(COMBINES)}. Received: combine={combine!r}"
             )
         self.combine = combine
+        self.outputs = outputs_lib.check_output_kind(outputs, "outputs", allow_auto=False)
 
     def call(self, inputs):
         members = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
         stacked = keras.ops.stack(members, axis=0)
-        if self.combine == "mean_logits":
-            return keras.ops.mean(stacked, axis=0)
         if self.combine == "mean_probabilities":
-            return keras.ops.mean(keras.ops.softmax(stacked, axis=-1), axis=0)
-        log_probabilities = keras.ops.log_softmax(stacked, axis=-1)
+            return keras.ops.mean(outputs_lib.as_probabilities(stacked, self.outputs), axis=0)
+        if self.outputs == "logits":
+            log_probabilities = keras.ops.log_softmax(stacked, axis=-1)
+        else:
+            log_probabilities = outputs_lib.log_probabilities(stacked)
+        if self.combine == "mean_logits":
+            if self.outputs == "logits":
+                return keras.ops.mean(stacked, axis=0)
+            return keras.ops.mean(log_probabilities, axis=0)
         return keras.ops.logsumexp(log_probabilities, axis=0) - math.log(len(members))
 
     def compute_output_shape(self, input_shape):
@@ -78,10 +107,15 @@ class EnsembleCombination(keras.layers.Layer):
         return tuple(input_shape)
 
     def get_config(self):
-        return {**super().get_config(), "combine": self.combine}
+        return {**super().get_config(), "combine": self.combine, "outputs": self.outputs}
 
 
 COMBINATION_NAME = "combination"
+# Suffixes of the per-member layers `build_ensemble` puts before the combination: the
+# members' probabilities (a `Softmax` of logits, an `Identity` of probabilities) or the
+# members' logits (log-probabilities of probability members).
+_PROBABILITIES_SUFFIX = "_probabilities"
+_LOGITS_SUFFIX = "_logits"
 
 
 def is_ensemble(model):
@@ -95,21 +129,23 @@ def is_ensemble(model):
 
 
 def ensemble_members(model):
-    """The member networks of a keras_fip ensemble, each returning logits.
+    """The member networks of a keras_fip ensemble, each returning what its start returned.
 
     The members are found structurally: the nested `keras.Model` layers of an ensemble
-    model (one whose output layer is named `"combination"`, as `build_ensemble` makes
-    them), in the order they were added. This also works on an ensemble re-loaded from
-    a `.keras` file or copied. The members are the ensemble's own layers (shared
-    weights, not copies): copy them with `keras_fip.engine.copy_model` before changing
-    them.
+    model (one with a `"combination"` layer, as `build_ensemble` makes them), in the
+    order they were added. This also works on an ensemble re-loaded from a `.keras` file
+    or copied. The members are the ensemble's own layers (shared weights, not copies):
+    copy them with `keras_fip.engine.copy_model` before changing them. Each member
+    returns what the network it was made from returns: logits for a logits model,
+    probabilities for one ending in a softmax (`member_output_kind` says which;
+    `keras_fip.robustness.logit_model(member)` gives logits either way).
 
     Args:
         model: A model returned by `keras_fip.Ensemble`, the ensemble baselines or
             `build_ensemble` (or re-loaded from one).
 
     Returns:
-        A list of `keras.Model`, each returning logits.
+        A list of `keras.Model`.
 
     Example:
 
@@ -130,33 +166,83 @@ def ensemble_members(model):
     return [layer for layer in model.layers if isinstance(layer, keras.Model)]
 
 
+def _member_layers(model, suffix):
+    return [
+        layer
+        for layer in model.layers
+        if layer.name.startswith("member_")
+        and layer.name.endswith(suffix)
+        and not isinstance(layer, keras.Model)
+    ]
+
+
 def ensemble_combine(model):
-    """The `combine` mode of a keras_fip ensemble: `"mean_probabilities"` or
-    `"mean_logits"`."""
+    """The `combine` mode of a keras_fip ensemble: `"mean_probabilities"` (it returns
+    probabilities) or `"mean_logits"` (it returns logits)."""
     ensemble_members(model)
-    softmax = any(isinstance(layer, keras.layers.Softmax) for layer in model.layers)
-    return "mean_probabilities" if softmax else "mean_logits"
+    return "mean_probabilities" if _member_layers(model, _PROBABILITIES_SUFFIX) else "mean_logits"
 
 
-def build_ensemble(members, combine="mean_probabilities", input_shape=None, name="ensemble"):
+def member_output_kind(model):
+    """What the members of a keras_fip ensemble return: `"logits"` or `"probabilities"`.
+
+    Read from the layers `build_ensemble` puts after each member: a `Softmax` follows a
+    member returning logits, an `Identity` (mean probabilities) or a log-probability
+    layer (mean logits) one returning probabilities.
+
+    Args:
+        model: A keras_fip ensemble.
+
+    Returns:
+        `"logits"` or `"probabilities"`.
+
+    Example:
+
+    >>> member = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, "softmax")])
+    >>> member_output_kind(build_ensemble([member]))
+    'probabilities'
+    """
+    ensemble_members(model)
+    probabilities = _member_layers(model, _PROBABILITIES_SUFFIX)
+    if probabilities:
+        softmax = isinstance(probabilities[0], keras.layers.Softmax)
+        return "logits" if softmax else "probabilities"
+    return "probabilities" if _member_layers(model, _LOGITS_SUFFIX) else "logits"
+
+
+def build_ensemble(
+    members, combine="mean_probabilities", input_shape=None, name="ensemble", outputs="auto"
+):
     """Builds one functional model: one input, the member networks, their combination.
 
     The members are used as they are (nested, not copied) and renamed `member_0`,
     `member_1`, ... so that the ensemble saves as `.keras` and exports as a SavedModel
-    with each member intact; `ensemble_members` gives them back. The combination is made
-    of standard layers (a `Softmax` per member and an `Average` named `"combination"`),
-    so the ensemble is a standard Keras model that other keras_fip operations accept.
-    Masks the members carry stay on them.
+    with each member intact; `ensemble_members` gives them back. The combination is an
+    `Average` named `"combination"` of what each member's layer `member_k_probabilities`
+    (or `member_k_logits`) makes of its outputs, so the ensemble is a Keras model that
+    other keras_fip operations accept and that re-loads combining the same way. Masks
+    the members carry stay on them.
+
+    With `combine="mean_probabilities"` the ensemble returns p̄ = (1/K) Σ_k p_k,
+    probabilities, whatever the members return: members returning probabilities (a
+    final softmax) are averaged as they are, members returning logits through a
+    `Softmax` each. With `"mean_logits"` it returns logits: the mean of the members'
+    logits, or of their log-probabilities for members returning probabilities (logits
+    of the geometric-mean ensemble).
 
     Args:
-        members: A non-empty list of `keras.Model`, each returning logits of one shape.
-        combine: `"mean_probabilities"` (outputs p̄ = (1/K) Σ_k softmax(z_k):
-            probabilities, not logits) or `"mean_logits"` (outputs (1/K) Σ_k z_k).
-            Defaults to `"mean_probabilities"`.
+        members: A non-empty list of `keras.Model` with outputs of one shape, all
+            returning logits or all returning probabilities.
+        combine: `"mean_probabilities"` or `"mean_logits"` (see above). Defaults to
+            `"mean_probabilities"`.
         input_shape: The shape of one input example, or `None` to read it from the first
             member's input (for members with several inputs, the ensemble takes the
             same dict or list of inputs). Defaults to `None`.
         name: The ensemble model's name. Defaults to `"ensemble"`.
+        outputs: What the members return: `"logits"`, `"probabilities"`, or `"auto"`
+            (the first member's final layer decides,
+            `keras_fip.engine.outputs.output_kind`; logits when it does not show).
+            Defaults to `"auto"`.
 
     Returns:
         A functional `keras.Model`.
@@ -180,6 +266,9 @@ def build_ensemble(members, combine="mean_probabilities", input_shape=None, name
         raise ValueError(
             f"`combine` must be one of {list(SAVED_COMBINES)}. Received: combine={combine!r}"
         )
+    outputs_lib.check_output_kind(outputs)
+    if outputs == "auto":
+        outputs = outputs_lib.output_kind(members[0])
     several = data_adapter.model_inputs(members[0]) if input_shape is None else None
     if input_shape is None and not data_adapter.is_structured(several):
         input_shape = model_example_shape(members[0])
@@ -205,30 +294,42 @@ def build_ensemble(members, combine="mean_probabilities", input_shape=None, name
         )
     else:
         inputs = keras.Input(tuple(input_shape), dtype=dtype, name="inputs")
-    outputs = [member(inputs) for member in members]
+    values = [member(inputs) for member in members]
     if combine == "mean_probabilities":
-        outputs = [
-            keras.layers.Softmax(name=f"member_{index}_probabilities")(output)
-            for index, output in enumerate(outputs)
+        # The members' probabilities: a softmax of logits, probabilities as they are.
+        layer = keras.layers.Softmax if outputs == "logits" else keras.layers.Identity
+        values = [
+            layer(name=f"member_{index}{_PROBABILITIES_SUFFIX}")(value)
+            for index, value in enumerate(values)
         ]
-    if len(outputs) == 1:
-        combined = keras.layers.Identity(name=COMBINATION_NAME)(outputs[0])
+    elif outputs == "probabilities":
+        # The members' logits: log-probabilities.
+        values = [
+            EnsembleCombination(
+                "mean_logits", outputs="probabilities", name=f"member_{index}{_LOGITS_SUFFIX}"
+            )([value])
+            for index, value in enumerate(values)
+        ]
+    if len(values) == 1:
+        combined = keras.layers.Identity(name=COMBINATION_NAME)(values[0])
     else:
-        combined = keras.layers.Average(name=COMBINATION_NAME)(outputs)
+        combined = keras.layers.Average(name=COMBINATION_NAME)(values)
     return keras.Model(inputs, combined, name=name)
 
 
 class _WalkObjective:
     """The secondary objective of an ensemble walk (see `Ensemble`):
 
-    L(w) = −⟨u, w⟩ + τ·CE(y, f(x; w)) + λ·L_div(w).
+    L(w) = −⟨u, w⟩ + τ·CE(y, f(x; w)) + λ·L_div(w),
 
-    −⟨u, w⟩ is the driver (u a fixed random unit direction, replaced per member with
-    `push="random_per_member"`, absent with `push="none"`). τ·CE is the task term on a
-    labelled batch. L_div is measured on inputs x̃ attacked against the ensemble so far:
-    `"error"`: CE(y, f(x̃; w)), the new member learns to be right where the ensemble is
-    wrong (negatively correlated errors); `"agreement"`: ⟨softmax f(x̃; w), p̄_prev(x̃)⟩,
-    with its gradient normalised to length λ. The batch is a dict with `"task"` and/or
+    f the network's logits (the log-probabilities of a network returning probabilities:
+    the objective is called with the trainer's logits view). −⟨u, w⟩ is the driver (u a
+    fixed random unit direction, replaced per member with `push="random_per_member"`,
+    absent with `push="none"`). τ·CE is the task term on a labelled batch. L_div is
+    measured on inputs x̃ attacked against the ensemble so far: `"error"`:
+    CE(y, f(x̃; w)), the new member learns to be right where the ensemble is wrong
+    (negatively correlated errors); `"agreement"`: ⟨softmax f(x̃; w), p̄_prev(x̃)⟩, with
+    its gradient normalised to length λ. The batch is a dict with `"task"` and/or
     `"diversity"` pairs.
     """
 
@@ -324,21 +425,22 @@ class _StopAtMetricDistance(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def _predict(models, x, batch_size, training=False):
-    """Mean softmax of `models` on `x` (numpy), in batches."""
+def _predict(models, x, batch_size, kind):
+    """Mean probabilities of `models` (returning `kind` outputs) on `x` (numpy), in
+    batches."""
     outputs = []
-    for start in range(0, len(x), batch_size):
-        batch = x[start : start + batch_size]
+    for start in range(0, data_adapter.num_examples(x), batch_size):
+        batch = data_adapter.take(x, slice(start, start + batch_size))
         probabilities = [
-            keras.ops.convert_to_numpy(keras.ops.softmax(m(batch, training=training), -1))
+            keras.ops.convert_to_numpy(outputs_lib.as_probabilities(m(batch, training=False), kind))
             for m in models
         ]
         outputs.append(np.mean(probabilities, axis=0))
     return np.concatenate(outputs).astype("float32")
 
 
-def _probability_gradient(models, x, labels, batch_size):
-    """Σ_k ∇ₓ p_k,y(x) over `models` (numpy), in batches."""
+def _probability_gradient(models, x, labels, batch_size, kind):
+    """Σ_k ∇ₓ p_k,y(x) over `models` (returning `kind` outputs; numpy), in batches."""
     gradients = []
     for start in range(0, len(x), batch_size):
         batch = tf.constant(x[start : start + batch_size])
@@ -347,20 +449,24 @@ def _probability_gradient(models, x, labels, batch_size):
             tape.watch(batch)
             total = 0.0
             for m in models:
-                probabilities = keras.ops.softmax(tf.cast(m(batch, training=False), "float32"), -1)
+                probabilities = outputs_lib.as_probabilities(
+                    tf.cast(m(batch, training=False), "float32"), kind
+                )
                 total += tf.reduce_sum(tf.gather(probabilities, target, batch_dims=1))
         gradients.append(tape.gradient(total, batch).numpy())
     return np.concatenate(gradients).astype(x.dtype)
 
 
-def _attack(models, x, labels, epsilon, steps, low, high, batch_size, rng):
-    """L∞ attack on −log p̄_y, the cross-entropy of the mean probabilities of `models`.
+def _attack(models, x, labels, epsilon, steps, low, high, batch_size, rng, kind):
+    """L∞ attack on −log p̄_y, the cross-entropy of the mean probabilities of `models`
+    (returning `kind` outputs).
 
     One step is FGSM from x (step ε); more steps are PGD from a uniform random start in
     the ε-ball with step 2.5·ε/steps (Madry et al. 2018). Returns the perturbed inputs.
     """
     perturbed = []
     step = epsilon if steps == 1 else 2.5 * epsilon / steps
+    combination = EnsembleCombination("log_mean_probabilities", outputs=kind)
     for start in range(0, len(x), batch_size):
         clean = x[start : start + batch_size]
         target = tf.constant(labels[start : start + batch_size])
@@ -371,8 +477,7 @@ def _attack(models, x, labels, epsilon, steps, low, high, batch_size, rng):
             batch = tf.constant(current.astype(x.dtype))
             with tf.GradientTape() as tape:
                 tape.watch(batch)
-                logits = [m(batch, training=False) for m in models]
-                log_mean = EnsembleCombination("log_mean_probabilities")(logits)
+                log_mean = combination([m(batch, training=False) for m in models])
                 loss = keras.losses.sparse_categorical_crossentropy(
                     target, log_mean, from_logits=True
                 )
@@ -388,51 +493,62 @@ class Ensemble(Operation):
     """Samples networks along a functionally invariant path and serves them as one model.
 
     From the model, a FIP is walked on `data` and a copy of the network is taken as a
-    member every
-    `steps_between` steps, or as soon as the walk has covered `metric_distance` in the
-    output metric since the previous member. The members compute (nearly) the same
-    function on `data` with different weights. They are returned as ONE functional
-    `keras.Model`: one input → the members (nested models `member_0`, `member_1`, ...)
-    → their combination. **With the default `combine="mean_probabilities"` the returned
-    model outputs probabilities, not logits** (use `keras.losses.*(from_logits=False)`
-    with it, or `keras_fip.robustness.logit_model(ensemble)` for log p̄, which any
-    `from_logits=True` loss accepts);
-    `keras_fip.ensemble_members(ensemble)` returns the members, each returning logits.
-    The ensemble saves as `.keras` and exports with `keras_fip.export`; masks the input
-    carries stay on every member. BatchNorm members are walked on batch statistics
-    (`training="auto"`) and get their moving statistics re-estimated on `data`.
+    member every `steps_between` steps, or as soon as the walk has covered
+    `metric_distance` in the output metric since the previous member. They are returned
+    as ONE functional `keras.Model`: one input → the members (nested models `member_0`,
+    `member_1`, ...) → their combination (`build_ensemble`). With the default
+    `combine="mean_probabilities"` the ensemble returns probabilities p̄ = (1/K) Σ_k p_k:
+    a model ending in a softmax gives an ensemble returning probabilities, as it does
+    (its members' probabilities are averaged as they are), and a model returning logits
+    gives one returning probabilities too (a softmax of each member's logits, averaged):
+    use `from_logits=False` losses with it, or `keras_fip.robustness.logit_model(ensemble)`
+    for log p̄. `combine="mean_logits"` returns logits (the mean of the members' logits, or
+    log-probabilities). `keras_fip.ensemble_members(ensemble)` returns the members, each
+    returning what the model returns. The ensemble saves as `.keras` (and re-loads
+    combining the same way) and exports with `keras_fip.export`; masks the input carries
+    stay on every member.
 
-    Defaults (`diversity`, `push` and `step_rule` are `"auto"`, resolved when called,
-    see `resolve_defaults`; `op.history` records what was used):
+    The walk reads the network through its logits (the log-probabilities of a model
+    returning probabilities, `keras_fip.engine.outputs`). The defaults, for any model and
+    data (`"auto"` arguments are resolved when called; `op.history` records what was
+    used):
 
-    - labelled `data=(x, y)`: the configuration `apps.robustness` measured, i.e. the
-      `penalty` rule (Adam on D + L), no push, the task term and the error diversity
-      (λ = 1): L = τ·CE + λ·CE on inputs attacked against the members so far. On
-      LeNet-300-100 / MNIST (10 members, 3 seeds) this kept the clean accuracy (97.99%
-      against 97.96% for the start) and resisted PGD (ε = 0.3) transferred from a
-      separately trained surrogate: 91.7% against 0% for a 10-member deep ensemble, at
-      27% of its training compute. Set `perturbation_epsilon` to the attack radius you
-      care about (the app passes the attack's ε; 0.3 on MNIST).
-    - inputs only: the paper's walk, L = 0 with the random push below and the `metric`
-      rule (members that compute nearly the same function with different weights).
+    - the `penalty` rule: Adam on D + β·L, D the squared distance of the logits on the
+      anchors to the start's. D is measured exactly at every step, so the walk is pulled
+      back whenever it drifts off the function. The paper's `metric` rule keeps the
+      outputs only to first order, by steps of Euclidean length ε: its loss of function
+      grows with the Euclidean distance walked (as much in many short steps as in a few
+      long ones), and how far is too far depends on the network's scale
+      (`python -m benchmarks.ensemble_users --paper_walk`: on the BatchNorm residual net,
+      whose weights have norm 15, members 5 units apart);
+    - the task term τ·CE(y, f(x; w)) with labelled `data=(x, y)`, τ chosen on a split held
+      out of `data` (`task_weight="auto"`, below);
+    - the diversity term λ·L_div (λ = 1) for one floating-point input: each member is
+      trained to be right, on `diversity_examples` inputs attacked (FGSM, radius ρ) against
+      the members so far, about the labels (about the prediction of the members so far
+      without labels); no push. Inputs that cannot be attacked (token ids, several
+      inputs) get the random push instead (below);
+    - ρ (`perturbation_epsilon="auto"`): 0.3 of the range of the inputs of `data` (0.3
+      for images in [0, 1], the radius of the usual MNIST attacks; 76.5 in [0, 255]);
+    - BatchNorm networks are walked on batch statistics (`training="auto"`), and the
+      start's moving statistics are first re-estimated on `data`, as every member's are
+      after its walk: the reference outputs are then the function the members can keep
+      (a network trained with `fit` often carries moving statistics that lag its
+      weights; the walk would otherwise spend its steps bending the weights to
+      reproduce them).
 
-    The driver: with L = 0 the paper's `metric` step `(g + δI)θ = −β∇L` is zero, so the
-    walk is driven by a push, as `Isofunctional` does: L = −⟨u, w⟩ for a random unit
-    direction u. The metric step then moves along the part of u that the outputs on
-    `data` do not see (ε per step, so the members drift apart linearly in the steps),
-    which is what makes an isofunctional path travel far; `push="random_per_member"`
-    draws a new u for each member (a random walk: members spread in more directions,
-    less far).
-
-    The task term: with labelled `data=(x, y)`, L gets τ·CE(y, f(x; w)) (`task_weight`
-    τ) on labelled batches, so that the first-order drift of a long walk (D grows
-    slowly even on a FIP) is corrected toward the labels and every member stays as
-    accurate as the start: the walk stays on the FIP of the *task*, not only of the
-    start's outputs. `task_weight=0` (or unlabelled data) is the paper's walk.
+    The task term: with labelled `data`, L gets τ·CE(y, f(x; w)) on labelled batches, so
+    the walk stays on the FIP of the task, not only of the start's outputs, and keeps
+    improving the fit where the start is under-trained. With `task_weight="auto"` each τ
+    of `TASK_WEIGHTS` (1, 10, 100) walks one member's segment from the start on `data`
+    less a stratified, seeded held-out split (a fifth, at most `SELECTION_MAX_EXAMPLES`
+    examples), and the τ whose member has the lowest cross-entropy on that split is
+    used (with fewer than `SELECTION_MIN_EXAMPLES` held out, `FALLBACK_TASK_WEIGHT`).
+    `op.history["task_weight_selection"]` records the held-out cross-entropies and
+    accuracies. `data=x` (inputs only), or `task_weight=0`, walks without the labels.
 
     Diversity (beyond the paper): with `diversity` λ > 0, L gets λ·L_div, measured on
-    inputs x̃ attacked (L∞, radius ρ = `perturbation_epsilon`) against the ensemble as it
-    stands, on `diversity_examples` inputs drawn from `data` for each member:
+    inputs x̃ attacked (L∞, radius ρ) against the ensemble as it stands:
 
     - `diversity_loss="error"` (default): L_div = CE(y, f(x̃; w)), the cross-entropy of
       the true label (the prediction of the ensemble so far when `data` has no labels).
@@ -445,6 +561,10 @@ class Ensemble(Operation):
       with the mean probabilities of the members so far, its gradient normalised to
       length λ (pushes away from the ensemble's answer, right or wrong: weaker).
 
+    λ = 1 next to the labels' weight chosen for the clean cross-entropy (often 100) keeps
+    the clean accuracy and calibration first; a larger `diversity` (up to τ) trades clean
+    accuracy for accuracy on attacked inputs.
+
     Where x̃ comes from (`adversary`): `"members"` (default) attacks the members taken
     so far (the start before the first), once per member: x̃ = FGSM, or PGD with
     `perturbation_steps` > 1, on −log p̄_y. `"ensemble"` attacks in every step the
@@ -452,59 +572,59 @@ class Ensemble(Operation):
     x̃ = clip(x − ρ·sign ∇ₓ Σ_k p_k,y(x)), the FGSM direction of −log p̄_y, with the
     members' part of the gradient cached per member (one extra pass per step).
 
-    Which rule: with the error diversity, `step_rule="penalty"` (Adam on D + β·L, the
-    `"auto"` choice with labels) kept
-    the clean accuracy of the start (LeNet-300-100 on MNIST: 98.0% against 98.0%, 10
-    members, ε = 0.3 transfer PGD 89–92% against 0% for the start; `apps.robustness`);
-    the `metric` step buys more robustness per step at a small clean cost (digits MLP,
-    3 members, 60 steps each, FGSM ε = 0.2 from a surrogate: 36.7% against 26.9%, clean
-    94.7% against 95.0%, start 95.3%).
+    The push (the paper's driver, `push="random"`): L gets −⟨u, w⟩ for a random unit
+    direction u, which the walk follows along the directions the outputs on `data` do
+    not see; `push="random_per_member"` draws a new u for each member. The paper's walk
+    is `step_rule="metric", push="random", diversity=0, task_weight=0`: the metric step
+    `(g + δI)θ = −β∇L`, rescaled to length ε.
 
     Compute: `op.history["train_examples"]` counts example passes (one forward and
     backward pass of one example, the unit of "epochs × examples"; a forward pass
-    alone counts as a whole one): the start's reference outputs, per step the anchor
-    batch (× (1 + `cg_iterations`) for the `metric` rule, + 1 with `metric_distance`),
-    the task and diversity batches, the per-step attack (`"ensemble"`), and per member
-    the attack generation (examples × members attacked × steps) and BatchNorm
-    recalibration. `op.history["walk_examples"]` counts the examples entering the steps.
+    alone counts as a whole one): the start's BatchNorm re-estimation and reference
+    outputs, the choice of τ (its walks, counted the same way, and the held-out
+    evaluations), per step the anchor batch (× (1 + `cg_iterations`) for the `metric`
+    rule, + 1 with `metric_distance`), the task and diversity batches and the per-step
+    attack (`"ensemble"`), and per member the attack generation (examples × members
+    attacked × steps) and BatchNorm re-estimation. `op.history["walk_examples"]` counts
+    the examples entering the steps of the final walk.
 
     Args:
         num_members: K, the number of members (a positive integer).
         data: Inputs whose outputs are kept: an array, an `(x, y)` tuple (labels for
-            the task term and the diversity perturbations) or a finite
-            `tf.data.Dataset`.
+            the task term and the diversity targets) or a finite `tf.data.Dataset`.
             Defaults to `None` (the inputs the model carries from an earlier operation).
-        steps_between: FIP steps between members (the most, with `metric_distance`).
+        steps_between: Walk steps between members (the most, with `metric_distance`).
             Defaults to `100`.
         metric_distance: Take a member once the walk has covered this length in the
             output metric, Σ sqrt(Δwᵀ g Δw) on the anchor batches, since the previous
             member, or `None` to take one every `steps_between` steps. Defaults to
             `None`.
         diversity: λ, the weight of L_div on inputs attacked against the ensemble so far
-            (0 disables it), or `"auto"`: 1.0 with labelled `data`, else 0. Defaults to
-            `"auto"`.
+            (0 disables it), or `"auto"`: 1.0 for one floating-point input, else 0.
+            Defaults to `"auto"`.
         task_weight: τ, the weight of the cross-entropy on labelled `data` (ignored
-            without labels). Defaults to `1.0`.
+            without labels), or `"auto"`: chosen on a held-out split (see above).
+            Defaults to `"auto"`.
         diversity_loss: `"error"` or `"agreement"` (see above). Defaults to `"error"`.
-        perturbation_epsilon: ρ, the L∞ radius of the diversity perturbations, in input
-            units. Defaults to `0.1`.
+        perturbation_epsilon: ρ, the L∞ radius of the diversity perturbations in input
+            units, or `"auto"`: `PERTURBATION_FRACTION` (0.3) of the range of the inputs
+            of `data`. Defaults to `"auto"`.
         perturbation_steps: Steps of the once-per-member attack (`adversary="members"`):
             1 is FGSM, more is PGD from a random start. Defaults to `1`.
         adversary: `"members"` or `"ensemble"` (see above; `"ensemble"` needs
             `diversity_loss="error"`). Defaults to `"members"`.
         diversity_examples: Inputs of L_div drawn from `data` per member. Defaults to
             `2048`.
-        combine: `"mean_probabilities"` (the model outputs p̄, the mean of the members'
-            softmax) or `"mean_logits"` (it outputs the mean of their logits). Defaults
-            to `"mean_probabilities"`.
+        combine: `"mean_probabilities"` (the ensemble returns p̄, probabilities) or
+            `"mean_logits"` (it returns the mean of the members' logits). Defaults to
+            `"mean_probabilities"`.
         include_start: Whether the starting network is the first member (then K − 1
             members come from the walk). Defaults to `False`.
-        push: The driver: `"random"`, `"random_per_member"` or `"none"` (only with
-            `diversity` > 0, labels or a non-`metric` rule), or `"auto"`: `"none"` with
-            labelled `data` and `diversity` > 0, else `"random"`. Defaults to `"auto"`.
-        step_rule: `"metric"`, `"normalized"` or `"penalty"`, or `"auto"`: `"penalty"`
-            with labelled `data` and `diversity` > 0, else `"metric"`. Defaults to
+        push: The driver `−⟨u, w⟩`: `"random"`, `"random_per_member"` or `"none"`, or
+            `"auto"`: `"none"` with `diversity` > 0, else `"random"`. Defaults to
             `"auto"`.
+        step_rule: `"penalty"`, `"metric"` or `"normalized"`, or `"auto"`: `"penalty"`.
+            Defaults to `"auto"`.
         epsilon: ε, the step length (`metric`, `normalized`). Defaults to `0.05`.
         beta: β, the weight of L against D. Defaults to `1.0`.
         distance: Output distance D (`"l2"`, `"kl"`, `"bhattacharyya"`). Defaults to
@@ -513,10 +633,12 @@ class Ensemble(Operation):
         damping: δ of the `metric` rule. Defaults to `1e-3`.
         cg_iterations: CG iterations of the `metric` rule. Defaults to `10`.
         learning_rate: Adam learning rate of the `penalty` rule. Defaults to `1e-3`.
-        batch_size: Anchor (and diversity) examples per step. Defaults to `128`.
-        training: Mode of the moving network on the path: `True` (batch statistics,
-            moving statistics re-estimated for each member), `False`, or `"auto"`
-            (`True` when the model has BatchNormalization layers). Defaults to `"auto"`.
+        batch_size: Anchor (and task and diversity) examples per step. Defaults to
+            `128`.
+        training: Mode of the moving network on the path: `True` (batch statistics; the
+            start's and every member's moving statistics re-estimated on `data`),
+            `False`, or `"auto"` (`True` when the model has BatchNormalization layers).
+            Defaults to `"auto"`.
         record_every: Record the weights in `op.path` every this many steps (and at
             the end of each walk). The walk measures `step_norm` and
             `distance_from_start` at the recorded points only
@@ -525,13 +647,13 @@ class Ensemble(Operation):
             recorded point. Defaults to `100`.
         path_directory: Directory to stream the path to, or `None`. Defaults to `None`.
         jit_compile: Whether to compile the step with XLA. Defaults to `False`.
-        seed: Seed of the push directions, the perturbed inputs and the shuffling.
-            Defaults to `None`.
+        seed: Seed of the held-out split, the push directions, the perturbed inputs and
+            the shuffling. Defaults to `None`.
         **kwargs: `Operation` arguments (`name`, `verbose`, `callbacks`, `log_dir`).
 
     Returns (when called):
-        A functional `keras.Model` with one input returning the combination (by default
-        probabilities) of its K members.
+        A functional `keras.Model` returning the combination of its K members
+        (probabilities by default).
 
     Example:
 
@@ -551,9 +673,9 @@ class Ensemble(Operation):
         steps_between=100,
         metric_distance=None,
         diversity="auto",
-        task_weight=1.0,
+        task_weight="auto",
         diversity_loss="error",
-        perturbation_epsilon=0.1,
+        perturbation_epsilon="auto",
         perturbation_steps=1,
         adversary="members",
         diversity_examples=2048,
@@ -589,15 +711,11 @@ class Ensemble(Operation):
         if metric_distance is not None:
             metric_distance = self.check_number(metric_distance, "metric_distance", low=0.0)
         self.metric_distance = metric_distance
-        if not (isinstance(diversity, str) and diversity == "auto"):
-            diversity = self.check_number(diversity, "diversity", low=0.0, low_inclusive=True)
-        self.diversity = diversity
-        self.task_weight = self.check_number(
-            task_weight, "task_weight", low=0.0, low_inclusive=True
-        )
+        self.diversity = self._check_auto_number(diversity, "diversity", low_inclusive=True)
+        self.task_weight = self._check_auto_number(task_weight, "task_weight", low_inclusive=True)
         self.diversity_loss = self.check_choice(diversity_loss, "diversity_loss", DIVERSITY_LOSSES)
-        self.perturbation_epsilon = self.check_number(
-            perturbation_epsilon, "perturbation_epsilon", low=0.0
+        self.perturbation_epsilon = self._check_auto_number(
+            perturbation_epsilon, "perturbation_epsilon"
         )
         self.adversary = self.check_choice(adversary, "adversary", ADVERSARIES)
         if self.adversary == "ensemble" and self.diversity_loss != "error":
@@ -623,16 +741,11 @@ class Ensemble(Operation):
         self.step_rule = self.check_choice(
             step_rule, "step_rule", ("auto",) + tuple(step_rules.STEP_RULES)
         )
-        if (
-            self.push == "none"
-            and self.diversity == 0
-            and self.task_weight == 0
-            and self.step_rule in ("metric", "auto")
-        ):
+        if self.push == "none" and self.diversity == 0 and self.task_weight == 0:
             raise ValueError(
-                "`push='none'` with `diversity=0` and `task_weight=0` leaves the `metric` "
-                "rule no right-hand side (every step is zero). Use push='random', "
-                "diversity > 0, task_weight > 0 with labelled data, or another step_rule. "
+                "`push='none'` with `diversity=0` and `task_weight=0` leaves the walk no "
+                "driver (L = 0: every member is the start). Use push='random', "
+                "diversity > 0, or task_weight > 0 with labelled data. "
                 f"Received: push={push!r}, diversity={diversity!r}, "
                 f"task_weight={task_weight!r}"
             )
@@ -655,37 +768,48 @@ class Ensemble(Operation):
         )
         self.jit_compile = bool(jit_compile)
 
-    # The walk.
+    def _check_auto_number(self, value, name, low_inclusive=False):
+        """`"auto"`, or a number ≥ 0 (> 0 unless `low_inclusive`)."""
+        if isinstance(value, str) and value == "auto":
+            return value
+        if isinstance(value, str):
+            raise ValueError(f"`{name}` must be 'auto' or a number. Received: {name}={value!r}")
+        return self.check_number(value, name, low=0.0, low_inclusive=low_inclusive)
 
-    def resolve_defaults(self, labelled, continuous=True):
+    # The defaults.
+
+    def resolve_defaults(self, continuous=True):
         """The `diversity`, `push` and `step_rule` a walk uses, `"auto"` resolved.
 
-        With labelled data, `"auto"` gives the configuration `apps.robustness` measured:
-        `diversity=1.0`, `push="none"` and `step_rule="penalty"` (when `diversity` > 0;
-        with `diversity=0` the walk has no driver but the push, so the paper's walk
-        below). Without labels, or with inputs that cannot be perturbed (integer token
-        ids: the diversity term attacks the inputs), it gives the paper's walk:
-        `diversity=0.0`, `push="random"`, `step_rule="metric"`. Arguments that are not
-        `"auto"` are kept.
+        `"auto"` gives the `penalty` rule; the diversity term (λ = 1) and no push when
+        the inputs can be attacked (one floating-point input), else no diversity term
+        and the random push. Arguments that are not `"auto"` are kept.
 
         Args:
-            labelled: Whether the walk's data carry labels.
-            continuous: Whether the inputs are floating point. Defaults to `True`.
+            continuous: Whether the inputs are one floating-point array. Defaults to
+                `True`.
 
         Returns:
             A tuple `(diversity, push, step_rule)`.
         """
         diversity = self.diversity
         if diversity == "auto":
-            diversity = 1.0 if labelled and continuous else 0.0
-        measured = labelled and diversity > 0
+            diversity = 1.0 if continuous else 0.0
         push = self.push
         if push == "auto":
-            push = "none" if measured else "random"
-        step_rule = self.step_rule
-        if step_rule == "auto":
-            step_rule = "penalty" if measured else "metric"
+            push = "none" if diversity > 0 else "random"
+        step_rule = "penalty" if self.step_rule == "auto" else self.step_rule
         return diversity, push, step_rule
+
+    def resolve_perturbation_epsilon(self, low, high):
+        """ρ: `perturbation_epsilon`, or `PERTURBATION_FRACTION` of the inputs' range
+        `high − low` for `"auto"` (1.0 when the range is unknown or zero)."""
+        if self.perturbation_epsilon != "auto":
+            return float(self.perturbation_epsilon)
+        span = 1.0 if low is None or high is None or high <= low else float(high - low)
+        return PERTURBATION_FRACTION * span
+
+    # The walk.
 
     def _anchor_passes(self, step_rule):
         """Forward/backward passes per anchor example of one step (for the compute)."""
@@ -694,9 +818,9 @@ class Ensemble(Operation):
             passes += self.cg_iterations  # One JᵀJv per CG iteration.
         return passes
 
-    def _diversity_batch(self, previous, x, y, rng):
+    def _diversity_batch(self, previous, x, y, rng, walk):
         """The inputs of L_div for the next segment: `diversity_examples` inputs drawn
-        from `data`, attacked against the ensemble so far, with their targets (labels for
+        from `x`, attacked against the ensemble so far, with their targets (labels for
         `"error"`, p̄_prev for `"agreement"`); and the passes they cost."""
         rows = np.sort(rng.choice(len(x), min(self.diversity_examples, len(x)), replace=False))
         inputs = x[rows]
@@ -704,75 +828,50 @@ class Ensemble(Operation):
         if y is not None:
             labels = y[rows]
         else:
-            labels = np.argmax(_predict(previous, inputs, 512), -1).astype("int64")
+            labels = np.argmax(_predict(previous, inputs, 512, self._kind), -1).astype("int64")
             passes += len(inputs) * len(previous)
         if self.adversary == "ensemble":
             # Attacked in each step; the members' part of the gradient is cached here.
-            gradient = _probability_gradient(previous, inputs, labels, 512)
+            gradient = _probability_gradient(previous, inputs, labels, 512, self._kind)
             passes += len(inputs) * len(previous)
             return (inputs, labels, gradient), passes
         perturbed = _attack(
             previous,
             inputs,
             labels,
-            self.perturbation_epsilon,
+            walk["radius"],
             self.perturbation_steps,
             self._low,
             self._high,
             512,
             rng,
+            self._kind,
         )
         passes += len(inputs) * len(previous) * self.perturbation_steps
         if self.diversity_loss == "error":
             return (perturbed, labels), passes
         passes += len(inputs) * len(previous)
-        return (perturbed, _predict(previous, perturbed, 512)), passes
+        return (perturbed, _predict(previous, perturbed, 512, self._kind)), passes
 
-    def call(self, model):
-        anchor = self.resolve_data(self.data, model)
-        x, y = normalize_data(anchor, name="data", model=model)
-        check_inputs_match_model(model, x, name="data")
-        several = data_adapter.is_structured(x)
-        x = (
-            data_adapter.float32_inputs(x)
-            if several or np.issubdtype(np.asarray(x).dtype, np.floating)
-            else np.asarray(x)
-        )
-        if y is not None:
-            y = np.asarray(y)
-            if y.ndim == 2 and y.shape[-1] > 1:
-                y = np.argmax(y, -1)
-            y = y.reshape(data_adapter.num_examples(x)).astype("int64")
-        self._low = self._high = None  # The attacks' bounds (one input of floats only).
-        if not several:
-            self._low, self._high = float(np.min(x)), float(np.max(x))
+    def _walk(self, model, x, y, num_members, walk, path=None, include_start=False):
+        """Walks `model` (in place) on `(x, y)` and takes `num_members` members.
+
+        `walk` holds the resolved settings (`task_weight`, `diversity`, `push`,
+        `step_rule`, `radius`, `training`). Returns `(members, history)`, `history`
+        holding the per-step scalars, `"member_steps"`, `"train_examples"` (the reference
+        outputs, the steps, the attacks, the BatchNorm re-estimations) and
+        `"walk_examples"`.
+        """
         rng = np.random.default_rng(self.seed)
         normalized = bool(normalization.batch_normalization_layers(model))
-        walk_training = normalized if self.training == "auto" else self.training
         anchor_data = fip_dataset(
-            model, x, batch_size=self.batch_size, reference=self.reference, seed=self.seed
-        )  # Checks the fit.
-        input_shape = None if several else (model_example_shape(model) or tuple(x.shape[1:]))
-        task_weight = self.task_weight if y is not None else 0.0
-        # The attacked inputs of `diversity` are one array of floats.
-        continuous = not several and np.issubdtype(x.dtype, np.floating)
-        diversity, push, step_rule = self.resolve_defaults(
-            labelled=y is not None, continuous=continuous
-        )
-        if diversity > 0 and not continuous:
-            raise ValueError(
-                "`diversity` > 0 trains each member on inputs attacked against the "
-                "ensemble (an L∞ perturbation), which needs one floating-point input. "
-                f"Received: diversity={diversity!r} with "
-                + ("several inputs" if several else f"{x.dtype} inputs (e.g. token ids)")
-                + "; use diversity=0 (or 'auto')"
-            )
-        if push == "none" and diversity == 0 and task_weight == 0 and step_rule == "metric":
-            raise ValueError(
-                "`push='none'` with `diversity=0` needs labelled `data=(x, y)` for the task "
-                "term: with inputs alone every `metric` step is zero. Received: data "
-                f"without labels, push={push!r}, diversity={diversity!r}"
-            )
+            outputs_lib.logits_model(model, self._kind),
+            x,
+            batch_size=self.batch_size,
+            reference=self.reference,
+            seed=self.seed,
+        )  # The reference outputs are logits.
+        task_weight, diversity, push = walk["task_weight"], walk["diversity"], walk["push"]
         task_data = None
         if task_weight > 0:
             # Stateless per-pass permutations: the same batches under any strategy.
@@ -783,16 +882,12 @@ class Ensemble(Operation):
         if push != "none":
             direction = random_direction(model, int(rng.integers(2**31)))
         objective = _WalkObjective(
-            model, direction, task_weight, diversity, self.diversity_loss, walk_training
+            model, direction, task_weight, diversity, self.diversity_loss, walk["training"]
         )
-        objective.radius, objective.low, objective.high = (
-            self.perturbation_epsilon,
-            self._low,
-            self._high,
-        )
+        objective.radius, objective.low, objective.high = walk["radius"], self._low, self._high
         trainer = FIPTrainer(
             model,
-            step_rule=step_rule,
+            step_rule=walk["step_rule"],
             distance=self.distance,
             beta=self.beta,
             epsilon=self.epsilon,
@@ -801,29 +896,29 @@ class Ensemble(Operation):
             secondary_objective=objective,
             reference=self.reference,
             metric_length=self.metric_distance is not None,
-            training=walk_training,
+            training=walk["training"],
             measure_every=self.record_every,
+            outputs=self._kind,
         )
-        optimizer = keras.optimizers.Adam(self.learning_rate) if step_rule == "penalty" else None
+        penalty = walk["step_rule"] == "penalty"
+        optimizer = keras.optimizers.Adam(self.learning_rate) if penalty else None
         trainer.compile(optimizer=optimizer, jit_compile=self.jit_compile)
-        self.path = Path(model, record_every=self.record_every, directory=self.path_directory)
 
-        members = [copy_model(model)] if self.include_start else []
+        members = [copy_model(model)] if include_start else []
         history = {}
-        member_steps = [0] if self.include_start else []
-        # Compute, in example passes (one forward and backward pass of one example; a
-        # forward pass alone is counted as a whole one): the reference outputs first.
+        member_steps = [0] if include_start else []
+        # Compute, in example passes: the reference outputs first.
         train_examples = data_adapter.num_examples(x) if self.reference == "start" else 0
         walk_examples = 0
         total_steps = 0
-        while len(members) < self.num_members:
+        while len(members) < num_members:
             # This segment's data: the anchors, the task batches and the attacked inputs.
             secondary = {}
             if task_data is not None:
                 secondary["task"] = task_data
             if diversity > 0:
                 previous = members or [copy_model(model)]
-                tensors, passes = self._diversity_batch(previous, x, y, rng)
+                tensors, passes = self._diversity_batch(previous, x, y, rng, walk)
                 train_examples += passes
                 secondary["diversity"] = repeated_batches(
                     tuple(tensors), self.batch_size, seed=int(rng.integers(2**31))
@@ -843,28 +938,27 @@ class Ensemble(Operation):
                 objective.set_direction(random_direction(model, int(rng.integers(2**31))))
 
             # Walk to the next member.
-            callbacks = list(self.callbacks or [])
+            callbacks = list(self.callbacks or []) if path is not None else []
             if self.metric_distance is not None:
                 offset = history["metric_length"][-1] if history.get("metric_length") else 0.0
                 callbacks.append(_StopAtMetricDistance(self.metric_distance, offset))
             segment = trainer.walk(
                 dataset,
                 self.steps_between,
-                path=self.path,
+                path=path,
                 callbacks=callbacks,
-                verbose=self.verbose,
-                log_dir=self.log_dir,
+                verbose=self.verbose if path is not None else 0,
+                log_dir=self.log_dir if path is not None else None,
             )
             steps = len(next(iter(segment.values()))) if segment else 0
             for key, values in segment.items():
                 history.setdefault(key, []).extend(values)
-            batches = 1 + len(secondary)
-            walk_examples += steps * self.batch_size * batches
+            walk_examples += steps * self.batch_size * (1 + len(secondary))
             train_examples += (
                 steps
                 * self.batch_size
                 * (
-                    self._anchor_passes(step_rule)
+                    self._anchor_passes(walk["step_rule"])
                     + len(secondary)
                     + (diversity > 0 and self.adversary == "ensemble")
                 )
@@ -872,25 +966,151 @@ class Ensemble(Operation):
 
             # Take the member (a recorded point of the path, so the steps run on).
             total_steps += steps
-            if int(self.path.steps[-1]) != total_steps:
-                self.path.append(
+            if path is not None and int(path.steps[-1]) != total_steps:
+                path.append(
                     total_steps,
                     [v.numpy() for v in model.trainable_variables],
                     {key: values[-1] for key, values in segment.items()},
                 )
             member = copy_model(model)
-            if walk_training and normalized:
+            if walk["training"] and normalized:
                 normalization.recalibrate_batch_normalization(member, x, 2 * self.batch_size)
                 train_examples += data_adapter.num_examples(x)
             members.append(member)
             member_steps.append(total_steps)
+        history["member_steps"] = member_steps
+        history["train_examples"] = int(train_examples)
+        history["walk_examples"] = int(walk_examples)
+        return members, history
 
-        ensemble = build_ensemble(members, self.combine, input_shape, name=f"{model.name}_ensemble")
+    def _choose_task_weight(self, model, x, y, walk):
+        """`(task_weight, record)`: the τ of `TASK_WEIGHTS` whose first member, walked on
+        `(x, y)` less a held-out split (on as many of those examples as one segment
+        reads), has the lowest cross-entropy on that split."""
+        fraction = min(SELECTION_FRACTION, SELECTION_MAX_EXAMPLES / len(y))
+        fit_rows, held_rows = holdout_rows(y, fraction, self.seed)
+        if len(held_rows) < SELECTION_MIN_EXAMPLES:
+            record = {"validation_examples": int(len(held_rows)), "train_examples": 0}
+            return FALLBACK_TASK_WEIGHT, record
+        # A segment reads at most `steps_between` batches of each stream: the candidates
+        # walk on that many of the other examples (their reference outputs cost no more).
+        visited = max(self.steps_between * self.batch_size, self.diversity_examples)
+        if len(fit_rows) > visited:
+            rng = np.random.default_rng(self.seed)
+            fit_rows = np.sort(rng.permutation(fit_rows)[:visited])
+        x_fit, y_fit = data_adapter.take(x, fit_rows), y[fit_rows]
+        x_held, y_held = data_adapter.take(x, held_rows), y[held_rows]
+        losses, accuracies, passes = {}, {}, 0
+        for task_weight in TASK_WEIGHTS:
+            (member,), history = self._walk(
+                copy_model(model), x_fit, y_fit, 1, {**walk, "task_weight": task_weight}
+            )
+            probabilities = _predict([member], x_held, 512, self._kind)
+            true = probabilities[np.arange(len(y_held)), y_held]
+            losses[task_weight] = float(-np.mean(np.log(np.maximum(true, 1e-12))))
+            accuracies[task_weight] = float(np.mean(np.argmax(probabilities, -1) == y_held))
+            passes += history["train_examples"] + len(held_rows)
+        chosen = min(TASK_WEIGHTS, key=lambda weight: (losses[weight], weight))
+        record = {
+            "validation_examples": int(len(held_rows)),
+            "validation_cross_entropy": losses,
+            "validation_accuracy": accuracies,
+            "train_examples": int(passes),
+        }
+        return float(chosen), record
+
+    def call(self, model):
+        anchor = self.resolve_data(self.data, model)
+        x, y = normalize_data(anchor, name="data", model=model)
+        check_inputs_match_model(model, x, name="data")
+        several = data_adapter.is_structured(x)
+        x = (
+            data_adapter.float32_inputs(x)
+            if several or np.issubdtype(np.asarray(x).dtype, np.floating)
+            else np.asarray(x)
+        )
+        if y is not None:
+            y = np.asarray(y)
+            if y.ndim == 2 and y.shape[-1] > 1:
+                y = np.argmax(y, -1)
+            y = y.reshape(data_adapter.num_examples(x)).astype("int64")
+        self._low = self._high = None  # The attacks' bounds (one input of floats only).
+        if not several:
+            self._low, self._high = float(np.min(x)), float(np.max(x))
+        # What the model returns; the walk reads it through its logits (log-probabilities
+        # of a probability model), and the members are combined as what they return.
+        self._kind = model_output_kind(model, x)
+        normalized = bool(normalization.batch_normalization_layers(model))
+        walk_training = normalized if self.training == "auto" else self.training
+        fip_dataset(model, x, batch_size=self.batch_size, reference="local")  # Checks the fit.
+        input_shape = None if several else (model_example_shape(model) or tuple(x.shape[1:]))
+        # The attacked inputs of `diversity` are one array of floats.
+        continuous = not several and np.issubdtype(x.dtype, np.floating)
+        diversity, push, step_rule = self.resolve_defaults(continuous=continuous)
+        if diversity > 0 and not continuous:
+            raise ValueError(
+                "`diversity` > 0 trains each member on inputs attacked against the "
+                "ensemble (an L∞ perturbation), which needs one floating-point input. "
+                f"Received: diversity={diversity!r} with "
+                + ("several inputs" if several else f"{x.dtype} inputs (e.g. token ids)")
+                + "; use diversity=0 (or 'auto')"
+            )
+        if push == "none" and diversity == 0 and (y is None or self.task_weight == 0):
+            raise ValueError(
+                "`push='none'` with `diversity=0` needs labelled `data=(x, y)` for the task "
+                "term: with inputs alone the walk has no driver (every member is the "
+                f"start). Received: data without labels, push={push!r}, "
+                f"diversity={diversity!r}"
+            )
+        walk = {
+            "diversity": diversity,
+            "push": push,
+            "step_rule": step_rule,
+            "radius": self.resolve_perturbation_epsilon(self._low, self._high),
+            "training": bool(walk_training),
+        }
+        train_examples = 0
+
+        # The start: BatchNorm statistics re-estimated on `data`, as the members' are.
+        if walk_training and normalized:
+            normalization.recalibrate_batch_normalization(model, x, 2 * self.batch_size)
+            train_examples += data_adapter.num_examples(x)
+
+        # The labels' weight, chosen on a split held out of `data`.
+        selection = None
+        if y is None:
+            task_weight = 0.0
+        elif self.task_weight == "auto":
+            task_weight, selection = self._choose_task_weight(model, x, y, walk)
+            train_examples += selection["train_examples"]
+        else:
+            task_weight = self.task_weight
+        walk["task_weight"] = task_weight
+
+        # Walk on all of `data`.
+        self.path = Path(model, record_every=self.record_every, directory=self.path_directory)
+        members, history = self._walk(
+            model, x, y, self.num_members, walk, path=self.path, include_start=self.include_start
+        )
+        ensemble = build_ensemble(
+            members,
+            self.combine,
+            input_shape,
+            name=f"{model.name}_ensemble",
+            outputs=self._kind,
+        )
+        history["train_examples"] += train_examples
+        history.update(
+            diversity=diversity,
+            push=push,
+            step_rule=step_rule,
+            task_weight=task_weight,
+            perturbation_epsilon=walk["radius"],
+            outputs=self._kind,
+        )
+        if selection is not None:
+            history["task_weight_selection"] = selection
         self.history = history
-        self.history["member_steps"] = member_steps
-        self.history["train_examples"] = int(train_examples)
-        self.history["walk_examples"] = int(walk_examples)
-        self.history.update(diversity=diversity, push=push, step_rule=step_rule)
         return ensemble
 
     def get_config(self):

@@ -22,6 +22,7 @@ from keras_fip.operations.ensemble import EnsembleCombination
 from keras_fip.operations.ensemble import ensemble_combine
 from keras_fip.operations.ensemble import ensemble_members
 from keras_fip.operations.ensemble import is_ensemble
+from keras_fip.operations.ensemble import member_output_kind
 
 
 def _require_art():
@@ -42,9 +43,10 @@ def logit_model(model):
     view returning its log-probabilities (`keras_fip.engine.outputs.logits_model`). For a
     keras_fip ensemble, a new functional model over the same members (shared weights)
     returns log p̄ (`combine="mean_probabilities"`, computed stably as
-    `logsumexp_k(log_softmax(z_k)) − log K`) or the mean logits (`"mean_logits"`): its
-    softmax is the ensemble's distribution, so `from_logits=True` losses differentiate the
-    whole ensemble exactly.
+    `logsumexp_k(log p_k) − log K` from the members' logits or probabilities,
+    `EnsembleCombination`) or the ensemble's own logits (`"mean_logits"`): its softmax is
+    the ensemble's distribution, so `from_logits=True` losses differentiate the whole
+    ensemble exactly.
 
     Args:
         model: A `keras.Model` returning logits or probabilities, or a keras_fip
@@ -52,25 +54,35 @@ def logit_model(model):
 
     Returns:
         A `keras.Model` returning logits.
+
+    Example:
+
+    >>> member = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, "softmax")])
+    >>> ensemble = keras_fip.operations.build_ensemble([member])
+    >>> x = np.ones((1, 3), "float32")
+    >>> bool(np.allclose(np.exp(logit_model(ensemble)(x)), ensemble(x), atol=1e-6))
+    True
     """
     if not is_ensemble(model):
         return outputs_lib.logits_model(model, outputs_lib.output_kind(model))
     members = ensemble_members(model)
     combine = ensemble_combine(model)
     mode = "mean_logits" if combine == "mean_logits" else "log_mean_probabilities"
+    combination = EnsembleCombination(mode, outputs=member_output_kind(model))
     inputs = keras.Input(tuple(model.inputs[0].shape[1:]), dtype=model.inputs[0].dtype)
-    outputs = EnsembleCombination(mode)([member(inputs) for member in members])
+    outputs = combination([member(inputs) for member in members])
     return keras.Model(inputs, outputs, name=f"{model.name}_logits")
 
 
 def art_classifier(model, num_classes, clip_values=(0.0, 1.0)):
-    """An ART `TensorFlowV2Classifier` for a logits model or a keras_fip ensemble.
+    """An ART `TensorFlowV2Classifier` for a classifier or a keras_fip ensemble.
 
-    The loss is sparse categorical cross-entropy on the logits of `logit_model(model)`,
-    i.e. −log p̄_y for an ensemble.
+    The loss is sparse categorical cross-entropy on the logits of `logit_model(model)`:
+    −log p_y for a model returning logits or probabilities, −log p̄_y for an ensemble.
 
     Args:
-        model: A `keras.Model` returning logits, or a keras_fip ensemble.
+        model: A `keras.Model` returning logits or probabilities, or a keras_fip
+            ensemble.
         num_classes: The number of classes.
         clip_values: `(min, max)` of valid inputs. Defaults to `(0.0, 1.0)`.
 
@@ -120,7 +132,8 @@ def pgd(
     """Untargeted L∞ projected gradient descent (ART) against `model` on `(x, y)`.
 
     Args:
-        model: A `keras.Model` returning logits, or a keras_fip ensemble.
+        model: A `keras.Model` returning logits or probabilities, or a keras_fip
+            ensemble.
         x: Inputs (numpy, float32).
         y: Integer labels (the attack raises the loss of the true label).
         epsilon: ε, the L∞ radius. Defaults to `0.3`.
@@ -201,8 +214,9 @@ def transfer_pgd_accuracy(
     """Accuracy of each model on PGD inputs crafted against a separately trained surrogate.
 
     Args:
-        surrogate: The attacker's `keras.Model` (logits), trained apart from the models.
-        models: A dict of name → model (logits models or keras_fip ensembles).
+        surrogate: The attacker's `keras.Model` (logits or probabilities), trained apart
+            from the models.
+        models: A dict of name → model (classifiers or keras_fip ensembles).
         x: Clean inputs.
         y: Integer labels.
         epsilon: ε, the L∞ radius. Defaults to `0.3`.
@@ -253,7 +267,7 @@ def whitebox_pgd_accuracy(
     """Accuracy of a model under white-box L∞ PGD on itself (the whole ensemble).
 
     Args:
-        model: A logits model or a keras_fip ensemble.
+        model: A classifier (logits or probabilities) or a keras_fip ensemble.
         x: Clean inputs.
         y: Integer labels.
         epsilon: ε, the L∞ radius. Defaults to `0.3`.

@@ -64,12 +64,14 @@ def weight_distances(models):
 
 
 def input_gradients(model, x, y, batch_size=256):
-    """∇ₓ of the cross-entropy of the true label, per example (logits models/ensembles).
+    """∇ₓ of the cross-entropy of the true label, per example, for any classifier.
 
-    Ensembles are differentiated through −log p̄_y (`keras_fip.robustness.logit_model`).
+    The loss is −log p_y on the model's logits, or on the log-probabilities of a model
+    returning probabilities; ensembles are differentiated through −log p̄_y
+    (`keras_fip.robustness.logit_model`).
 
     Args:
-        model: A logits model or a keras_fip ensemble.
+        model: A classifier (logits or probabilities) or a keras_fip ensemble.
         x: Inputs.
         y: Integer labels.
         batch_size: Examples per batch. Defaults to `256`.
@@ -103,8 +105,8 @@ def gradient_coherence(model, surrogate, x, y, batch_size=256):
     is zero are left out.
 
     Args:
-        model: A logits model or a keras_fip ensemble.
-        surrogate: The attacker's logits model.
+        model: A classifier (logits or probabilities) or a keras_fip ensemble.
+        surrogate: The attacker's classifier (logits or probabilities).
         x: Inputs.
         y: Integer labels.
         batch_size: Examples per batch. Defaults to `256`.

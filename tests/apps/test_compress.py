@@ -143,12 +143,52 @@ def test_compress_app_rejects_bad_sparsities(tmp_path):
             compress.main([])
 
 
-@pytest.mark.parametrize("value", ["fast", "0", "-1e-3"])
-def test_compress_app_rejects_a_bad_compress_learning_rate(tmp_path, value):
-    with flagsaver.flagsaver(compress_learning_rate=value, output_dir=str(tmp_path / "out")):
-        with pytest.raises(ValueError, match="compress_learning_rate"):
-            compress.main([])
-    assert not os.path.exists(tmp_path / "out")  # Refused before any work.
+def test_compress_app_gives_compress_only_model_data_budget_and_seed(tmp_path, monkeypatch):
+    calls = []
+
+    class Recording(compress.Compress):
+        def __init__(self, *args, **kwargs):
+            calls.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(compress, "Compress", Recording)
+    output_dir = str(tmp_path / "defaults")
+    with flagsaver.flagsaver(
+        model="mlp",
+        dataset="digits",
+        sparsities=["80"],
+        methods=["fip"],
+        seeds=["0"],
+        workers=1,
+        epochs=2,
+        base_epochs=2,
+        batch_size=64,
+        output_dir=output_dir,
+        cache_dir=str(tmp_path / "cache"),
+    ):
+        compress.main([])
+    (kwargs,) = calls
+    # The data with their labels, the budget, the seed; the rest is input and output.
+    assert set(kwargs) == {
+        "data",
+        "epochs",
+        "min_steps",
+        "seed",
+        "verbose",
+        "record_every",
+        "log_dir",
+        "checkpoint_directory",
+    }
+    x, y = kwargs["data"]
+    assert len(x) == len(y) == len(data.load("digits")[0])
+    assert (kwargs["epochs"], kwargs["min_steps"], kwargs["seed"]) == (2, 0, 0)
+    with open(os.path.join(output_dir, "results.json")) as f:
+        results = json.load(f)
+    # The labels' weight was chosen on a fifth held out of the data, its steps reported.
+    assert results["fip/80/task_weights"][0] in (0.0, 1.0)
+    steps = 2 * int(np.ceil(0.8 * len(x) / 128))
+    assert results["fip/80/selection_steps"] == pytest.approx(2 * steps, abs=2)
+    assert 0.0 < results["fip/80/parameter_sparsity"] < results["fip/80/sparsity"]
 
 
 def test_compress_app_runs_jobs_in_worker_processes(tmp_path):

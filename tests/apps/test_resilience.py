@@ -60,9 +60,10 @@ def test_resilience_app_writes_vulnerability_deletion_and_fault_results(tmp_path
         assert results[f"{name}/random/num_directions"] == directions
         assert results[f"{name}/random/test/accuracy/min"] <= clean + 0.05
         assert results[f"{name}/eigen/test/accuracy"] < results[f"{name}/random/test/accuracy/min"]
-        assert results[f"{name}/eigen/test/accuracy"] == min(
-            results[f"{name}/eigen/plus/test/accuracy"],
-            results[f"{name}/eigen/minus/test/accuracy"],
+        # The network Damage returns (inputs only, its defaults), against its opposite.
+        assert results[f"{name}/eigen/test/accuracy"] == results[f"{name}/eigen/plus/test/accuracy"]
+        assert (
+            results[f"{name}/eigen/test/accuracy"] <= results[f"{name}/eigen/minus/test/accuracy"]
         )
         assert results[f"{name}/eigen/num_matvecs"] <= 100
         assert 0 < results[f"{name}/rho"] <= 1

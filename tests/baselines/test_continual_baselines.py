@@ -1,3 +1,5 @@
+import math
+
 import keras
 import numpy as np
 import pytest
@@ -43,6 +45,80 @@ def finetuned(setting):
 def test_finetune_learns_the_new_task_and_forgets_the_old(finetuned):
     old, new = finetuned
     assert old < 0.05 and new > 0.85
+
+
+def test_finetune_defaults_choose_the_rate_on_held_out_data_and_learn(setting):
+    from keras_fip.baselines.continual_base import LEARNING_RATE_GRID
+
+    op = baselines.FineTune(setting["new"], seed=0)
+    model = op(setting["model"])
+    scores = op.history["learning_rate_scores"]
+    assert set(LEARNING_RATE_GRID) <= set(scores)
+    assert op.history["learning_rate"] == min(scores, key=lambda r: (-scores[r], r))
+    # Five classes: the majority class is ~20%.
+    assert _accuracies(model, setting)[1] > 0.85
+    assert op.history["steps"] == 5 * math.ceil(len(setting["new"][1]) / 32)
+
+
+def _fake_training(monkeypatch, peak):
+    """Candidates are not trained; a candidate's held-out score peaks at `peak` (log10 of
+    its learning rate). Returns the list of `(rate, memory size, validation sets)` of
+    every run."""
+    from keras_fip.baselines import continual_base
+
+    runs = []
+
+    def fake_train(candidate, op, x, y, steps, learning_rate=None, evaluate=True):
+        memory = getattr(op, "_memory", None)
+        runs.append([learning_rate, None if memory is None else len(memory[1]), None])
+        candidate.rate_used = learning_rate
+        return {"loss": [0.0]}
+
+    def fake_accuracy(candidate, x, y):
+        runs[-1][2] = (runs[-1][2] or 0) + 1
+        return -abs(np.log10(candidate.rate_used) - np.log10(peak))
+
+    monkeypatch.setattr(continual_base, "train", fake_train)
+    monkeypatch.setattr(continual_base, "task_accuracy", fake_accuracy)
+    return runs
+
+
+@pytest.mark.parametrize(
+    "peak, tried, chosen",
+    [
+        # The top wins alone: one grid step (3x) past it, twice at most.
+        (1e-2, [3e-4, 1e-3, 3e-3, 9e-3, 2.7e-2], 9e-3),
+        (1.0, [3e-4, 1e-3, 3e-3, 9e-3, 2.7e-2], 2.7e-2),
+        # The bottom wins alone: the bottom spacing (÷10/3) below it.
+        (1e-4, [2.7e-5, 9e-5, 3e-4, 1e-3, 3e-3], 9e-5),
+        # An interior best: the grid as given.
+        (1e-3, [3e-4, 1e-3, 3e-3], 1e-3),
+    ],
+)
+def test_learning_rate_search_extends_the_grid_past_an_edge_that_wins(
+    setting, monkeypatch, peak, tried, chosen
+):
+    runs = _fake_training(monkeypatch, peak)
+    op = baselines.FineTune(setting["new"], epochs=1, seed=0)
+    op(setting["model"])
+    np.testing.assert_allclose(sorted(op.history["learning_rate_scores"]), tried, rtol=1e-3)
+    assert op.history["learning_rate"] == pytest.approx(chosen, rel=1e-3)
+    # Every candidate, then the whole task at the chosen rate.
+    assert [run[0] for run in runs[:-1]] == list(op.history["learning_rate_scores"])
+    assert runs[-1][0] == op.history["learning_rate"]
+
+
+def test_memory_baselines_choose_the_rate_on_a_held_out_part_of_their_memory(setting, monkeypatch):
+    runs = _fake_training(monkeypatch, 1e-3)
+    op = baselines.AGEM(setting["new"], memory=setting["memory"], epochs=1, seed=0)
+    op(setting["model"])
+    # The candidates train on 180 of the 200 memories and are scored on the new task's
+    # held-out split and the 20 others; the returned model trains on all 200.
+    assert [run[1:] for run in runs[:-1]] == [[180, 2]] * 3
+    assert runs[-1][1] == 200
+    fixed = baselines.AGEM(setting["new"], memory=setting["memory"], learning_rate=1e-3, epochs=1)
+    fixed(setting["model"])
+    assert "learning_rate_scores" not in fixed.history and runs[-1][0] == 1e-3
 
 
 @pytest.mark.parametrize(
@@ -101,20 +177,29 @@ def test_ewc_extends_the_lambda_grid_past_an_edge_that_wins(
     setting, monkeypatch, peak, grid, tried, chosen
 ):
     # The validation score peaks at `peak` (in log10 λ); training is skipped.
+    from keras_fip.baselines import continual_base
     from keras_fip.baselines import ewc
 
-    def fake_train(candidate, op, x, y, steps):
+    def fake_train(candidate, op, x, y, steps, learning_rate=None, evaluate=True):
         candidate.ewc_lambda_used = float(op._lambda.numpy())
         return {"loss": [0.0]}
 
-    monkeypatch.setattr(ewc, "train", fake_train)
+    for module in (continual_base, ewc):
+        monkeypatch.setattr(module, "train", fake_train)
     monkeypatch.setattr(
-        ewc,
+        continual_base,
         "task_accuracy",
         lambda candidate, x, y: -abs(np.log10(candidate.ewc_lambda_used) - np.log10(peak)),
     )
     x_old, _ = setting["old"]
-    op = baselines.EWC(setting["new"], fisher_data=x_old[:50], lambda_grid=grid, epochs=1, seed=0)
+    op = baselines.EWC(
+        setting["new"],
+        fisher_data=x_old[:50],
+        lambda_grid=grid,
+        learning_rate=1e-3,
+        epochs=1,
+        seed=0,
+    )
     op(setting["model"])
     np.testing.assert_allclose(sorted(op.history["lambda_scores"]), tried, rtol=1e-9)
     assert op.history["lambda"] == pytest.approx(chosen, rel=1e-9)

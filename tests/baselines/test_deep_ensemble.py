@@ -98,3 +98,37 @@ def test_bad_arguments_raise(digits, kwargs, match):
     model, x, y, _, _ = digits
     with pytest.raises(ValueError, match=match):
         baselines.deep_ensemble(model, x, y, **kwargs)
+
+
+def test_ensembles_of_a_softmax_model_average_its_probabilities(digits):
+    _, x, y, x_test, y_test = digits
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    keras_fip.models.train_classifier(model, x, y, epochs=5, batch_size=64, learning_rate=3e-3)
+    built = {
+        "deep": baselines.deep_ensemble(
+            model, x, y, num_members=2, epochs=6, batch_size=64, learning_rate=3e-3
+        )[0],
+        "fge": baselines.fast_geometric_ensemble(
+            model, x, y, num_members=2, cycle_epochs=1, learning_rates=(1e-2, 1e-4)
+        )[0],
+        "snapshot": baselines.snapshot_ensemble(model, x, y, num_members=2, epochs=4)[0],
+    }
+    for name, ensemble in built.items():
+        members = keras_fip.ensemble_members(ensemble)
+        probabilities = [np.asarray(m(x_test), "float64") for m in members]
+        np.testing.assert_allclose(probabilities[0].sum(-1), 1.0, atol=1e-5)
+        outputs = np.asarray(ensemble(x_test), "float64")
+        # The mean of the members' probabilities (not of a softmax of them).
+        np.testing.assert_allclose(outputs, np.mean(probabilities, 0), atol=1e-6, err_msg=name)
+        # As confident as the members (a softmax of probabilities is nearly uniform).
+        confidence = np.mean([p.max(-1).mean() for p in probabilities])
+        assert outputs.max(-1).mean() > 0.8 * confidence, name
+        assert _accuracy(ensemble, x_test, y_test) > 0.85, name

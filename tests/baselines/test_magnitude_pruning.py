@@ -98,3 +98,24 @@ def test_nan_in_data_is_rejected(trained):
     bad[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="`x` must be finite"):
         baselines.one_shot_magnitude_pruning(model, 0.5, bad, y)
+
+
+def test_baselines_prune_the_set_compress_prunes_embeddings_included():
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((6,), dtype="int32")
+    tokens = keras.layers.Embedding(40, 8, name="tokens")(ids)
+    attended = keras.layers.MultiHeadAttention(2, 4, name="attention")(tokens, tokens)
+    pooled = keras.layers.GlobalAveragePooling1D()(tokens + attended)
+    model = keras.Model(ids, keras.layers.Dense(3, activation="softmax", name="head")(pooled))
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 40, (64, 6)).astype("int32"), rng.integers(0, 3, 64)
+    before = _digest(model)
+    pruned = baselines.one_shot_magnitude_pruning(model, 0.7, x, y, epochs=1, batch_size=16)
+    assert _digest(model) == before
+    variables = projection.prunable_variables(pruned)
+    assert [v.path for v in variables][0] == "tokens/embeddings"
+    assert "attention/query/kernel" in [v.path for v in variables]
+    total = sum(int(np.prod(v.shape)) for v in variables)
+    assert sum(int(np.sum(v.numpy() == 0)) for v in variables) == round(0.7 * total)
+    assert set(keras_fip.masks(pruned)) == {v.path for v in variables}
+    assert np.mean(pruned.get_layer("tokens").embeddings.numpy() == 0) > 0

@@ -39,12 +39,19 @@ def test_compress_variants_cross_learning_rates_and_task_weights():
     assert compress_unseen._parse_learning_rate("3e-3") == 3e-3
     with pytest.raises(SystemExit):
         compress_unseen.main(["--compress_learning_rates=fast"])
+    # The labels' weight: Compress's choice first, given weights beside it.
+    assert [name for name, _, _ in compress_unseen._variants(["auto"], ["auto", 0.0])] == [
+        "fip",
+        "fip_task0",
+    ]
+    with pytest.raises(SystemExit):
+        compress_unseen.main(["--task_weights=heavy"])
 
 
 def test_compress_options_add_named_runs_with_defaults_elsewhere():
-    runs = compress_unseen._runs(["auto"], [0.0], {"pull0.5": {"pull_fraction": 0.5}})
+    runs = compress_unseen._runs(["auto"], ["auto"], {"pull0.5": {"pull_fraction": 0.5}})
     assert runs == [
-        ("fip", {"learning_rate": "auto", "task_weight": 0.0}),
+        ("fip", {"learning_rate": "auto", "task_weight": "auto"}),
         ("fip_pull0.5", {"pull_fraction": 0.5}),
     ]
     assert compress_unseen._parse_options("") == {}

@@ -75,13 +75,6 @@ def _random_masks(model, seed=0, keep=0.5):
     return {v.path: rng.random(tuple(v.shape)) < keep for v in model.trainable_variables}
 
 
-def _apply_masks_quietly(model, model_masks):
-    """`apply_masks`, silencing the expected `.keras` warning for subclassed models."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        apply_masks(model, model_masks)
-
-
 def _weights_hash(model):
     digest = hashlib.sha256()
     for weight in model.get_weights():
@@ -157,7 +150,7 @@ def test_mask_constraint_rejects_shape_mismatch():
 def test_apply_masks_zeroes_weights_sets_layer_attribute_and_masks_reads_them(kind):
     model = BUILDERS[kind]()
     wanted = _random_masks(model)
-    _apply_masks_quietly(model, wanted)
+    apply_masks(model, wanted)
     read = masks(model)
     assert sorted(read) == sorted(wanted)
     for path in wanted:
@@ -293,7 +286,7 @@ def test_sparsity_counts_exact_zeros():
 def test_fit_100_steps_through_masked_optimizer_keeps_exact_zeros(kind, make_optimizer):
     model = BUILDERS[kind]()
     wanted = _random_masks(model)
-    _apply_masks_quietly(model, wanted)
+    apply_masks(model, wanted)
     start = {v.path: v.numpy().copy() for v in model.trainable_variables}
     model.compile(
         optimizer=MaskedOptimizer(make_optimizer()),
@@ -434,19 +427,23 @@ def test_masks_and_masked_optimizer_survive_keras_save_load(tmp_path, kind):
     _assert_same_masks_in_order(loaded, expected)
 
 
-def test_subclassed_model_masks_warn_and_keep_zeros_through_keras_files(tmp_path):
+def test_subclassed_model_masks_survive_keras_files_through_its_compile_config(tmp_path):
     model = _subclassed()
     wanted = _random_masks(model, seed=2)
-    with pytest.warns(UserWarning, match="not by `.keras` files"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Carried by the model's compile config.
         apply_masks(model, wanted)
+    # Not compiled before: compiled with a MaskedOptimizer recording them, and no loss.
+    assert isinstance(model.optimizer, MaskedOptimizer)
+    assert model.loss is None
     model.save(tmp_path / "model.keras")
     loaded = keras.saving.load_model(tmp_path / "model.keras")
     expected = _in_order(model, wanted)
-    for variable, mask in zip(loaded.trainable_variables, expected):
-        assert np.all(variable.numpy()[~mask] == 0.0)
-    assert masks(loaded) == {}  # The documented limitation ...
-    with pytest.warns(UserWarning):
-        apply_masks(loaded, expected)  # ... and its fix, by position.
+    _assert_same_masks_in_order(loaded, expected)
+    loaded.compile(optimizer="adam", loss="mse")
+    x, _ = _data()
+    with pytest.warns(UserWarning, match="compiled again, without a `keras_fip.MaskedOptimizer`"):
+        loaded.fit(x, np.ones((32, 3), "float32"), batch_size=8, epochs=2, verbose=0)
     _assert_same_masks_in_order(loaded, expected)
 
 

@@ -299,8 +299,7 @@ def test_loaded_points_of_subclassed_model_keep_masks(tmp_path):
     model = TinyNet()
     model(np.zeros((1, 4), "float32"))
     mask = np.random.default_rng(0).random((4, 3)) < 0.5
-    with pytest.warns(UserWarning):
-        apply_masks(model, [mask, None])
+    apply_masks(model, [mask, None])
     path = Path(model, directory=tmp_path / "path")
     path.append(1, [w + 1.0 for w in model.get_weights()])
     point = Path.load(tmp_path / "path").point(1)

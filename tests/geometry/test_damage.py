@@ -206,3 +206,39 @@ def test_deletion_profile_speed_does_not_depend_on_the_step(trained):
         deletion_profile(deletion_sequence(model, coarse, seed=0), x[:10], [0, 1, 2, 2])
     with pytest.raises(ValueError, match="`sequence`"):
         deletion_profile([model, model], x[:10], [0, 1])
+
+
+def _softmax_twin(model):
+    """The same network (the same weights) ending in a softmax instead of logits."""
+    last = model.layers[-1]
+
+    def clone(layer):
+        config = layer.get_config()
+        if layer is last:
+            config["activation"] = "softmax"
+        return layer.__class__.from_config(config)
+
+    twin = keras.models.clone_model(model, clone_function=clone)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def test_softmax_model_and_its_logits_twin_break_down_alike(trained):
+    model, x, _ = trained
+    twin = _softmax_twin(model)
+    assert keras_fip.engine.outputs.output_kind(twin) == "probabilities"
+    # Probabilities are the same function of the weights for both: the same deletion
+    # speeds, and the same segment speeds along the same damage path.
+    speeds = [
+        unit_deletion_speed(network, x[:200], outputs="probabilities") for network in (model, twin)
+    ]
+    np.testing.assert_allclose(speeds[0]["changes"], speeds[1]["changes"], rtol=1e-4, atol=1e-9)
+    assert speeds[0]["speed"] == pytest.approx(speeds[1]["speed"], rel=1e-4)
+    profiles = []
+    for network in (model, twin):
+        damaged = keras_fip.Damage("nodes", fraction=0.5, seed=0)(network)
+        points, times = damage_path(network, damaged, num_points=4)
+        profiles.append(
+            breakdown_profile(points, x[:200], model=network, times=times, outputs="probabilities")
+        )
+    np.testing.assert_allclose(profiles[0]["speed"], profiles[1]["speed"], rtol=1e-4)

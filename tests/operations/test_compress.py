@@ -503,3 +503,228 @@ def test_walk_measures_exactly_at_the_recorded_points(trained):
     recorded = op.path.metrics
     for name in ("step_norm", "distance_from_start"):
         assert np.all(np.isfinite(recorded[name][1:])) and np.all(recorded[name][1:] > 0)
+
+
+# Labels used by default, inputs only one argument away
+
+
+@pytest.fixture(scope="module")
+def underfit():
+    """A digits MLP trained for one epoch (~80%): where the labels know more than the
+    dense network's outputs."""
+    keras.utils.set_random_seed(0)
+    x, y = data.load("digits")
+    model = models.mlp(64, input_shape=(8, 8, 1))
+    models.train_classifier(model, x, y, epochs=1, batch_size=64, learning_rate=1e-3)
+    return model, x, y
+
+
+def test_labels_are_used_by_default_and_beat_inputs_only_where_they_matter(underfit):
+    model, x, y = underfit
+    x_test, y_test = data.load("digits", "test")
+    before = _digest(model)
+    kwargs = dict(steps=60, batch_size=64, verbose=0, seed=0)
+    labelled = Compress(0.5, data=(x, y), **kwargs)
+    with_labels = labelled(model)
+    inputs_only = Compress(0.5, data=(x, y), task_weight=0, **kwargs)
+    without = inputs_only(model)
+    assert _digest(model) == before
+    assert labelled.history["task_weight"] > 0.0
+    assert inputs_only.history["task_weight"] == 0.0
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(with_labels.get_weights(), without.get_weights())
+    )
+    dense = models.evaluate_classifier(model, x_test, y_test)["accuracy"]
+    accuracy = models.evaluate_classifier(with_labels, x_test, y_test)["accuracy"]
+    kept = models.evaluate_classifier(without, x_test, y_test)["accuracy"]
+    assert kept < dense + 0.03  # The walk on the inputs keeps the underfit function.
+    assert accuracy > kept + 0.05
+    assert projection.prunable_sparsity(with_labels) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_the_choice_is_counted_in_the_history(underfit):
+    model, x, y = underfit
+    op = Compress(0.5, data=(x, y), steps=12, batch_size=64, verbose=0, seed=0)
+    op(model)
+    fit_rows, held_rows = keras_fip.operations.compress.holdout_rows(
+        y, keras_fip.operations.compress.SELECTION_FRACTION, 0
+    )
+    selection = op.history["task_weight_selection"]
+    assert selection["validation_examples"] == len(held_rows)
+    assert sorted(selection["validation_accuracy"]) == list(Compress.TASK_WEIGHTS)
+    accuracy = selection["validation_accuracy"]
+    wins, losses = selection["wins"], selection["losses"]
+    # Right on (wins - losses) more held-out examples than the walk on the inputs alone.
+    assert (accuracy[1.0] - accuracy[0.0]) * len(held_rows) == pytest.approx(wins - losses)
+    chosen = 1.0 if wins - losses > np.sqrt(wins + losses) else 0.0
+    assert op.history["task_weight"] == chosen
+    assert op.history["selection_steps"] == 12 * len(Compress.TASK_WEIGHTS)
+    assert op.history["total_steps"] == 12 + op.history["selection_steps"]
+    assert op.history["steps"] == 12 and len(op.history["distance"]) == 12
+
+
+def test_labels_are_weighted_in_only_when_a_sign_test_says_they_help():
+    choose = keras_fip.operations.compress.choose_task_weight
+    zero = np.array([True] * 80 + [False] * 20)
+    better = zero.copy()
+    better[80:90] = True  # Right on 10 more examples, wrong on none: 10 > sqrt(10).
+    assert choose({0.0: zero, 1.0: better}) == (1.0, 10, 0)
+    barely = better.copy()
+    barely[:4] = False  # 10 wins, 4 losses: 6 > sqrt(14).
+    assert choose({0.0: zero, 1.0: barely}) == (1.0, 10, 4)
+    noise = zero.copy()
+    noise[80:83], noise[:1] = True, False  # 3 wins, 1 loss: 2 < 2.
+    assert choose({0.0: zero, 1.0: noise}) == (0.0, 3, 1)
+    assert choose({0.0: zero, 1.0: zero.copy()}) == (0.0, 0, 0)  # Ties: the inputs alone.
+    worse = ~zero
+    assert choose({0.0: zero, 1.0: worse})[0] == 0.0
+
+
+def test_holdout_rows_are_stratified_seeded_and_disjoint():
+    holdout_rows = keras_fip.operations.compress.holdout_rows
+    labels = np.repeat(np.arange(3), [50, 30, 20])
+    fit, held = holdout_rows(labels, 0.2, seed=0)
+    assert np.bincount(labels[held]).tolist() == [10, 6, 4]
+    assert sorted(np.concatenate([fit, held]).tolist()) == list(range(100))
+    np.testing.assert_array_equal(held, holdout_rows(labels, 0.2, seed=0)[1])
+    assert not np.array_equal(held, holdout_rows(labels, 0.2, seed=1)[1])
+
+
+def test_inputs_only_is_one_argument_away_and_equals_the_walk_without_labels(trained):
+    model, x, y = trained
+    x, y = x[:256], y[:256]
+
+    def walk(data, **kwargs):
+        keras.utils.set_random_seed(0)
+        op = Compress(0.5, data=data, steps=6, verbose=0, seed=0, **kwargs)
+        return op, [w.numpy() for w in op(model).weights]
+
+    unlabelled, without_labels = walk(x)
+    zero, labels_ignored = walk((x, y), task_weight=0)
+    for a, b in zip(without_labels, labels_ignored):
+        np.testing.assert_array_equal(a, b)
+    for op in (unlabelled, zero):
+        assert op.history["task_weight"] == 0.0 and op.history["selection_steps"] == 0
+        assert "task_weight_selection" not in op.history
+
+
+def test_few_labels_take_the_fallback_weight_without_a_choice(trained):
+    model, x, y = trained
+    count = int(keras_fip.operations.compress.SELECTION_MIN_EXAMPLES / 0.2) - 10
+    op = Compress(0.5, data=(x[:count], y[:count]), steps=6, verbose=0, seed=0)
+    op(model)
+    assert op.history["task_weight"] == keras_fip.operations.compress.FALLBACK_TASK_WEIGHT
+    assert op.history["selection_steps"] == 0
+
+
+def test_task_weight_round_trips_and_is_validated():
+    for task_weight in ("auto", 0.0, 3.0):
+        op = Compress(0.5, task_weight=task_weight)
+        assert Compress.from_config(op.get_config()).task_weight == task_weight
+    assert Compress(0.5).task_weight == "auto"
+    for bad in ("often", -1.0, float("nan"), None):
+        with pytest.raises(ValueError, match="`task_weight`"):
+            Compress(0.5, task_weight=bad)
+
+
+def test_compress_with_labels_meets_the_operation_contract():
+    from tests.operations.contract import contract_data
+
+    labelled = contract_data(700)  # 140 held out: the weight of the labels is chosen.
+    results = run_operation_contract(
+        lambda model, x, y: keras_fip.Compress(0.5, data=labelled, steps=8, seed=0, verbose=0),
+        models=("sequential",),
+    )
+    for result in results.values():
+        assert projection.prunable_sparsity(result) == pytest.approx(0.5, abs=1e-3)
+
+
+# What is pruned: the set tfmot prunes, and the zero fraction of all parameters
+
+
+@keras.saving.register_keras_serializable(package="keras_fip_tests")
+class _TokenEmbedding(keras.layers.Layer):
+    """A custom layer holding an Embedding, as the keras.io transformer example writes it."""
+
+    def __init__(self, vocabulary, width, **kwargs):
+        super().__init__(**kwargs)
+        self.vocabulary, self.width = vocabulary, width
+        self.table = keras.layers.Embedding(vocabulary, width, name="table")
+
+    def call(self, ids):
+        return self.table(ids)
+
+    def get_config(self):
+        return {**super().get_config(), "vocabulary": self.vocabulary, "width": self.width}
+
+
+def _attention_classifier():
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((6,), dtype="int32")
+    tokens = _TokenEmbedding(40, 8, name="tokens")(ids)
+    attended = keras.layers.MultiHeadAttention(2, 4, name="attention")(tokens, tokens)
+    hidden = keras.layers.LayerNormalization(name="norm")(tokens + attended)
+    pooled = keras.layers.GlobalAveragePooling1D()(hidden)
+    outputs = keras.layers.Dense(3, activation="softmax", name="head")(pooled)
+    return keras.Model(ids, outputs)
+
+
+def test_default_prunable_set_is_tfmots_embeddings_and_attention_included():
+    model = _attention_classifier()
+    paths = [v.path for v in projection.prunable_variables(model)]
+    assert paths == [
+        "tokens/table/embeddings",
+        "attention/query/kernel",
+        "attention/key/kernel",
+        "attention/value/kernel",
+        "attention/attention_output/kernel",
+        "head/kernel",
+    ]
+    without = projection.prunable_variables(model, include_embeddings=False)
+    assert [v.path for v in without] == paths[1:]
+
+
+def test_compress_prunes_embeddings_and_attention_kernels_exactly():
+    model = _attention_classifier()
+    ids = np.random.default_rng(0).integers(0, 40, (128, 6)).astype("int32")
+    before = _digest(model)
+    op = Compress(0.6, data=ids, steps=8, batch_size=32, verbose=0, seed=0)
+    sparse = op(model)
+    assert _digest(model) == before
+    variables = projection.prunable_variables(sparse)
+    total = sum(int(np.prod(v.shape)) for v in variables)
+    zeros = sum(int(np.sum(v.numpy() == 0)) for v in variables)
+    assert zeros == round(0.6 * total)
+    assert set(keras_fip.masks(sparse)) == {v.path for v in variables}
+    table = sparse.get_layer("tokens").table.embeddings.numpy()
+    assert 0 < np.mean(table == 0) < 1
+    assert op.history["prunable_sparsity"] == zeros / total
+
+
+def test_history_reports_the_zero_fraction_of_all_parameters_exactly():
+    model = _attention_classifier()
+    ids = np.random.default_rng(0).integers(0, 40, (128, 6)).astype("int32")
+    op = Compress(0.6, data=ids, steps=8, batch_size=32, verbose=0, seed=0)
+    sparse = op(model)
+    weights = [np.asarray(w) for w in sparse.get_weights()]
+    parameters = sum(w.size for w in weights)
+    zeros = sum(int(np.sum(w == 0)) for w in weights)
+    assert parameters == sparse.count_params() == op.history["parameters"]
+    assert op.history["parameter_sparsity"] == zeros / parameters
+    assert op.history["parameter_sparsity"] < op.history["prunable_sparsity"]
+    summary = projection.sparsity_summary(sparse)
+    assert summary == op.sparsity_summary
+    assert (summary.zeros, summary.parameters) == (zeros, parameters)
+    assert summary.prunable_share == op.history["prunable_parameters"] / parameters
+    assert f"sparsity={zeros / parameters:.4f} of all {parameters:,} parameters" in repr(summary)
+
+
+def test_a_small_prunable_share_is_warned_about():
+    model = _attention_classifier()
+    ids = np.random.default_rng(0).integers(0, 40, (64, 6)).astype("int32")
+    with pytest.warns(UserWarning, match=r"prunable weights of model .* are \d+\.\d% of"):
+        op = Compress(0.5, data=ids, steps=4, include_embeddings=False, verbose=0, seed=0)
+        op(model)
+    share = op.history["prunable_parameters"] / op.history["parameters"]
+    assert share < projection.SMALL_PRUNABLE_SHARE
+    assert op.history["parameter_sparsity"] < 0.3  # Half of the prunable weights only.

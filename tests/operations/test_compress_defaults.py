@@ -187,3 +187,13 @@ def test_learning_rate_round_trips_through_the_config():
 def test_bad_learning_rate_fails_in_init(learning_rate):
     with pytest.raises(ValueError, match="`learning_rate`"):
         keras_fip.Compress(0.5, learning_rate=learning_rate)
+
+
+def test_defaults_use_the_labels_and_tfmots_prunable_set():
+    operation = keras_fip.Compress(0.5)
+    assert operation.task_weight == "auto"
+    assert operation.include_embeddings is True
+    assert not operation.include_biases and not operation.include_normalization
+    assert keras_fip.operations.compress.TASK_WEIGHTS[0] == 0.0  # The inputs alone first.
+    clone = keras_fip.Compress.from_config(operation.get_config())
+    assert clone.get_config() == operation.get_config()

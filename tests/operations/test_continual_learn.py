@@ -106,6 +106,69 @@ def test_continual_learn_learns_the_new_task_and_keeps_the_old(digits, old_model
     assert 0.0 < history["eval_seconds"] < 60.0
 
 
+def _softmax_model(digits):
+    (old, _), _ = digits
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(5, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(*old, epochs=20, batch_size=32, verbose=0)
+    return model
+
+
+def test_new_units_stay_quiet_on_old_inputs_of_a_softmax_model(digits):
+    (old, new), (old_test, new_test) = digits
+    model = _softmax_model(digits)
+    start = metrics.task_accuracy(model, *old_test)
+    assert start > 0.95
+    grown = ContinualLearn(new, memory=old[0][:100], epochs=10, seed=0, verbose=0)(model)
+    old_outputs = np.asarray(grown.predict(old_test[0], verbose=0))
+    new_outputs = np.asarray(grown.predict(new_test[0], verbose=0))
+    # By argmax over all ten outputs, old inputs stay on old classes (a new unit wins on
+    # at most a few of the old task's ambiguous digits).
+    assert np.mean(np.argmax(old_outputs, -1) < 5) >= start - 0.05
+    assert np.mean(np.argmax(old_outputs[:, :5], -1) == old_test[1]) >= start - 0.02
+    # The new task is learned, over all outputs, far beyond its majority class.
+    majority = np.max(np.bincount(new_test[1])) / len(new_test[1])
+    assert np.mean(np.argmax(new_outputs, -1) == new_test[1] + 5) > majority + 0.4
+
+
+def test_pull_is_the_cross_entropy_plus_the_old_classes_conditional_kl():
+    from keras_fip.operations.continual_learn import _Pull
+    from keras_fip.operations.continual_learn import old_classes
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 5)).astype("float32")
+    labels = np.array([3, 4, 3, 4, 4, 3], "int32")
+    kept = old_classes(3, labels + 0)
+    np.testing.assert_array_equal(kept, [0, 1, 2])
+    old_logits = rng.normal(size=(6, 3)).astype("float32")
+    network = keras.Sequential([keras.Input((5,)), keras.layers.Identity()])
+    value = float(_Pull(kept, False)(network, (logits, labels, old_logits)))
+
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    cross_entropy = -np.mean(log_softmax(logits)[np.arange(6), labels])
+    q = np.exp(log_softmax(old_logits))
+    kl = np.mean(np.sum(q * (np.log(q) - log_softmax(logits[:, :3])), -1))
+    assert value == pytest.approx(cross_entropy + kl, rel=1e-5)
+    # A shared head keeps the outputs that are not the task's classes; one kept class has
+    # a constant conditional (no term).
+    np.testing.assert_array_equal(old_classes(5, np.array([1, 3])), [0, 2, 4])
+    only = _Pull(old_classes(2, np.array([1])), False)
+    assert float(only(network, (logits[:, :2], np.ones(6, "int32"), old_logits[:, :1]))) == (
+        pytest.approx(-np.mean(log_softmax(logits[:, :2])[:, 1]), rel=1e-5)
+    )
+
+
 def test_continual_learn_never_changes_its_input(digits, old_model):
     (old, new), _ = digits
     before = [v.numpy().copy() for v in old_model.weights]

@@ -229,6 +229,11 @@ def test_weights_zero_exactly_round_fraction_of_kernel_entries(trained):
     }
 
 
+def _log_probabilities(model):
+    """A view of a logits model returning its log-softmax (the weights shared)."""
+    return keras.Model(model.inputs, layers.Activation("log_softmax")(model.outputs[0]))
+
+
 def test_gaussian_and_eigen_have_exact_norm_and_eigen_hurts_more(trained, digits):
     x, y = digits
     clean = models.evaluate_classifier(trained, x, y)["accuracy"]
@@ -236,24 +241,95 @@ def test_gaussian_and_eigen_have_exact_norm_and_eigen_hurts_more(trained, digits
     random_damaged = gaussian(trained)
     eigen = Damage("eigen", norm=1.5, data=(x, y), num_eigenpairs=5, seed=0)
     eigen_damaged = eigen(trained)
-    for op in (gaussian, eigen):
+    equal = Damage("eigen", norm=1.5, data=(x, y), num_eigenpairs=5, mixing="equal", seed=0)
+    equal_damaged = equal(trained)
+    for op in (gaussian, eigen, equal):
         assert op.record["perturbation_norm"] == pytest.approx(1.5, rel=1e-5)
         flat = np.concatenate([p.ravel() for p in op.perturbation])
         assert np.linalg.norm(flat) == pytest.approx(1.5, rel=1e-6)
     random_accuracy = models.evaluate_classifier(random_damaged, x, y)["accuracy"]
     eigen_accuracy = models.evaluate_classifier(eigen_damaged, x, y)["accuracy"]
+    equal_accuracy = models.evaluate_classifier(equal_damaged, x, y)["accuracy"]
     assert clean - random_accuracy < 0.05
-    assert clean - eigen_accuracy > 0.2
-    # The eigen perturbation lies in the span of the top eigenvectors: δᵀgδ matches.
-    metric = keras_fip.geometry.MetricOperator(trained, x[:1000])
-    flat = np.concatenate([p.ravel() for p in eigen.perturbation])
-    quadratic = float(flat @ metric.matvec(flat))
-    assert quadratic == pytest.approx(eigen.record["predicted_change"], rel=1e-3)
-    assert quadratic >= 1.5**2 * min(eigen.record["eigenvalues"]) * (1 - 1e-3)
-    # The second-order prediction of the output change holds roughly at this norm.
-    assert eigen.record["measured_change"] == pytest.approx(
-        eigen.record["predicted_change"], rel=0.5
+    assert clean - equal_accuracy > 0.2
+    # The coefficients chosen by the loss ascent hurt more than the equal mixing.
+    assert eigen.record["loss"] > equal.record["loss"]
+    assert eigen_accuracy <= equal_accuracy + 0.01
+    assert eigen.record["ascent_steps"] >= 1
+    # Both lie in the span of the top eigenvectors of g on the log-probabilities: δᵀgδ
+    # matches the prediction, and is at least norm² times the smallest eigenvalue.
+    metric = keras_fip.geometry.MetricOperator(_log_probabilities(trained), x[:1000])
+    for op in (eigen, equal):
+        flat = np.concatenate([p.ravel() for p in op.perturbation])
+        quadratic = float(flat @ metric.matvec(flat))
+        assert quadratic == pytest.approx(op.record["predicted_change"], rel=1e-3)
+        assert quadratic >= 1.5**2 * min(op.record["eigenvalues"]) * (1 - 1e-3)
+        coefficients = np.array(op.record["coefficients"])
+        assert np.sum(coefficients**2) == pytest.approx(1.0, rel=1e-9)
+    # The second-order prediction of the output change holds at a smaller norm.
+    small = Damage("eigen", norm=0.3, data=x, num_eigenpairs=5, mixing="equal", seed=0)
+    small(trained)
+    assert small.record["measured_change"] == pytest.approx(
+        small.record["predicted_change"], rel=0.25
     )
+
+
+def _softmax_twin(model):
+    """The same network (the same weights) ending in a softmax instead of logits."""
+    last = model.layers[-1]
+
+    def clone(layer):
+        config = layer.get_config()
+        if layer is last:
+            config["activation"] = "softmax"
+        return layer.__class__.from_config(config)
+
+    twin = keras.models.clone_model(model, clone_function=clone)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+def test_eigen_gives_a_softmax_model_and_its_logits_twin_the_same_damage(trained, digits, labelled):
+    x, y = digits
+    twin = _softmax_twin(trained)
+    assert keras_fip.engine.outputs.output_kind(twin) == "probabilities"
+    np.testing.assert_allclose(
+        np.asarray(twin(x[:32])), keras.ops.softmax(trained(x[:32])), atol=1e-6
+    )
+    data = (x[:400], y[:400]) if labelled else x[:400]
+    ops = [Damage("eigen", norm=1.0, data=data, num_eigenpairs=4, seed=0) for _ in range(2)]
+    damaged = [op(model) for op, model in zip(ops, (trained, twin))]
+    # The log-probabilities are the same function of the weights: the same g, the same
+    # eigenvalues, the same coefficients and the same perturbation (to rounding).
+    np.testing.assert_allclose(
+        ops[0].record["eigenvalues"], ops[1].record["eigenvalues"], rtol=1e-3
+    )
+    first, second = (np.concatenate([p.ravel() for p in op.perturbation]) for op in ops)
+    assert abs(first @ second) / (np.linalg.norm(first) * np.linalg.norm(second)) > 0.999
+    # And the same predictions after the damage.
+    agreement = np.mean(np.argmax(damaged[0](x), axis=-1) == np.argmax(damaged[1](x), axis=-1))
+    assert agreement > 0.99
+    assert ops[1].record["loss"] == pytest.approx(ops[0].record["loss"], rel=1e-3)
+
+
+def test_eigen_on_inputs_only_ascends_the_loss_of_the_undamaged_predictions(trained, digits):
+    x, y = digits
+    clean = models.evaluate_classifier(trained, x, y)["accuracy"]
+    op = Damage("eigen", norm=1.0, data=x[:500], num_eigenpairs=5, seed=0)
+    damaged = op(trained)
+    # Without labels the loss is that of the undamaged network's own predictions.
+    predictions = np.argmax(trained(x[:500]), axis=-1)
+    logits = np.asarray(_log_probabilities(damaged)(x[:500]), np.float64)
+    loss = float(np.mean(-logits[np.arange(500), predictions]))
+    assert op.record["loss"] == pytest.approx(loss, rel=1e-4)
+    assert op.record["agreement"] == pytest.approx(
+        np.mean(np.argmax(logits, axis=-1) == predictions)
+    )
+    equal = Damage("eigen", norm=1.0, data=x[:500], num_eigenpairs=5, mixing="equal", seed=0)
+    equal(trained)
+    assert op.record["loss"] > equal.record["loss"]
+    assert clean - models.evaluate_classifier(damaged, x, y)["accuracy"] > 0.2
 
 
 def test_eigen_sqrt_mixing_and_layer_restriction(trained, digits):
@@ -513,10 +589,11 @@ def test_lenet_eigen_adversary_collapses_what_random_directions_leave_intact(mon
         return original(self, v)
 
     monkeypatch.setattr(metric_lib.MetricOperator, "matvec", counting)
-    eigen = Damage("eigen", norm=1.0, data=(x[:1000], y[:1000]), num_eigenpairs=20, seed=0)
+    # The defaults on inputs only (the undamaged predictions stand for the labels).
+    eigen = Damage("eigen", norm=1.0, data=x[:1000], seed=0)
     attacked = eigen(model)
     assert len(calls) <= 100
-    assert clean - models.evaluate_classifier(attacked, x_test, y_test)["accuracy"] >= 0.2
+    assert clean - models.evaluate_classifier(attacked, x_test, y_test)["accuracy"] >= 0.3
     for seed in range(20):
         damaged = Damage("gaussian", norm=1.0, seed=seed)(model)
         assert abs(models.evaluate_classifier(damaged, x_test, y_test)["accuracy"] - clean) <= 0.01

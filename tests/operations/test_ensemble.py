@@ -59,7 +59,7 @@ def test_ensemble_meets_the_operation_contract_on_every_model():
 
 def test_members_are_distinct_accurate_and_combined_exactly(digits):
     model, x, y, x_test, y_test = digits
-    # The metric walk with the task term (labelled data select the penalty walk by default).
+    # The paper's metric walk, with the task term at a given weight (no selection).
     op = keras_fip.Ensemble(
         3,
         data=(x, y),
@@ -69,6 +69,7 @@ def test_members_are_distinct_accurate_and_combined_exactly(digits):
         step_rule="metric",
         push="random",
         diversity=0.0,
+        task_weight=1.0,
         verbose=0,
     )
     ensemble = op(model)
@@ -117,45 +118,67 @@ def test_include_start_mean_logits_and_single_member(digits):
     )
 
 
-def test_defaults_are_the_measured_walk_with_labels_and_the_papers_without(digits):
+def test_defaults_choose_the_task_weight_on_a_held_out_split(digits):
     model, x, y, _, _ = digits
-    x, y = x[:512], y[:512]
+    x, y = x[:700], y[:700]
     settings = dict(steps_between=4, batch_size=64, diversity_examples=128, seed=0, verbose=0)
     auto = keras_fip.Ensemble(2, data=(x, y), **settings)
-    assert (auto.diversity, auto.push, auto.step_rule) == ("auto", "auto", "auto")
-    measured = keras_fip.Ensemble(
-        2, data=(x, y), step_rule="penalty", push="none", diversity=1.0, **settings
+    assert (auto.diversity, auto.push, auto.step_rule, auto.task_weight) == ("auto",) * 4
+    first = auto(model)
+    history = auto.history
+    assert (history["step_rule"], history["push"], history["diversity"]) == ("penalty", "none", 1.0)
+    # ρ: 0.3 of the range of the inputs (digits in [0, 1]).
+    assert history["perturbation_epsilon"] == pytest.approx(0.3 * (x.max() - x.min()))
+    # τ: the candidate whose member has the lowest cross-entropy on the held-out fifth.
+    selection = history["task_weight_selection"]
+    assert selection["validation_examples"] == 140
+    losses = selection["validation_cross_entropy"]
+    assert list(losses) == list(keras_fip.operations.ensemble.TASK_WEIGHTS)
+    assert history["task_weight"] == min(losses, key=losses.get)
+    # The walk on all of `data` is the walk at the chosen weight. The choice's passes are
+    # counted on top: three one-member walks on 256 of the 560 other examples (what 4
+    # steps of 64 read), each with its reference outputs, 4 steps of anchor, task and
+    # diversity batches and the attack on the start, and the held-out evaluations.
+    chosen = keras_fip.Ensemble(
+        2, data=(x, y), task_weight=history["task_weight"], perturbation_epsilon=0.3, **settings
     )
-    first, second = auto(model), measured(model)
-    assert (auto.history["step_rule"], auto.history["push"], auto.history["diversity"]) == (
-        "penalty",
-        "none",
-        1.0,
-    )
+    second = chosen(model)
     for a, b in zip(keras_fip.ensemble_members(first), keras_fip.ensemble_members(second)):
         np.testing.assert_allclose(_flat(a), _flat(b), atol=1e-5)
-    assert auto.history["train_examples"] == measured.history["train_examples"]
-    # Inputs only: the paper's walk (the metric rule driven by a random push, L = 0).
-    paper = keras_fip.Ensemble(2, data=x, **settings)
-    paper(model)
-    assert (paper.history["step_rule"], paper.history["push"], paper.history["diversity"]) == (
-        "metric",
-        "random",
-        0.0,
+    one_member = 256 + 4 * 64 * 3 + 128
+    assert selection["train_examples"] == 3 * (one_member + 140)
+    assert history["train_examples"] == (
+        chosen.history["train_examples"] + selection["train_examples"]
     )
-    assert paper.history["train_examples"] == len(x) + 8 * 64 * (1 + paper.cg_iterations)
-    # Labels without diversity: the metric walk with the task term.
-    assert keras_fip.Ensemble(2, diversity=0.0).resolve_defaults(labelled=True) == (
-        0.0,
-        "random",
-        "metric",
-    )
+    # Inputs only: the same walk without the task term, the diversity targets the
+    # predictions of the members so far.
+    inputs_only = keras_fip.Ensemble(2, data=x, **settings)
+    inputs_only(model)
+    assert (
+        inputs_only.history["step_rule"],
+        inputs_only.history["push"],
+        inputs_only.history["diversity"],
+        inputs_only.history["task_weight"],
+    ) == ("penalty", "none", 1.0, 0.0)
+    assert "task_weight_selection" not in inputs_only.history
+    # Unattackable inputs (token ids): the random push drives the walk instead.
+    assert keras_fip.Ensemble(2).resolve_defaults(continuous=False) == (0.0, "random", "penalty")
+    assert keras_fip.Ensemble(2, diversity=0.0).resolve_defaults() == (0.0, "random", "penalty")
 
 
 def test_members_taken_at_a_metric_distance(digits):
     model, x, _, _, _ = digits
     op = keras_fip.Ensemble(
-        3, data=x, steps_between=100, metric_distance=0.3, epsilon=0.05, seed=0, verbose=0
+        3,
+        data=x,
+        steps_between=100,
+        metric_distance=0.3,
+        step_rule="metric",
+        push="random",
+        diversity=0.0,
+        epsilon=0.05,
+        seed=0,
+        verbose=0,
     )
     op(model)
     steps = op.history["member_steps"]
@@ -193,6 +216,7 @@ def test_error_diversity_resists_transferred_attacks_and_keeps_clean_accuracy(di
         step_rule="penalty",
         learning_rate=3e-3,
         push="none",
+        task_weight=1.0,
         perturbation_epsilon=0.2,
         diversity_examples=256,
         batch_size=64,
@@ -231,12 +255,14 @@ def test_agreement_diversity_pushes_members_apart_on_perturbed_inputs(digits):
     settings = dict(
         data=x,
         steps_between=25,
+        step_rule="metric",
+        push="random",
         perturbation_epsilon=0.3,
         diversity_examples=512,
         seed=0,
         verbose=0,
     )
-    plain = keras_fip.Ensemble(3, **settings)(model)
+    plain = keras_fip.Ensemble(3, diversity=0.0, **settings)(model)
     diverse_op = keras_fip.Ensemble(3, diversity=3.0, diversity_loss="agreement", **settings)
     diverse = diverse_op(model)
     assert disagreement(diverse) > 1.5 * disagreement(plain)
@@ -319,6 +345,13 @@ def test_ensemble_members_rejects_plain_models():
         (dict(num_members=2, push="sideways"), "push"),
         (dict(num_members=2, step_rule="adam"), "step_rule"),
         (dict(num_members=2, diversity="lots"), "diversity"),
+        (dict(num_members=2, task_weight="lots"), "task_weight"),
+        (dict(num_members=2, perturbation_epsilon=0.0), "perturbation_epsilon"),
+        (dict(num_members=2, perturbation_epsilon="large"), "perturbation_epsilon"),
+        (
+            dict(num_members=2, push="none", diversity=0.0, task_weight=0.0, step_rule="penalty"),
+            "push",
+        ),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
@@ -333,9 +366,9 @@ def test_data_that_do_not_fit_raise(digits):
     with pytest.raises(ValueError, match="data"):
         keras_fip.Ensemble(2, verbose=0)(model)
     with pytest.raises(ValueError, match="labelled"):
-        keras_fip.Ensemble(2, data=np.zeros((16, 8, 8, 1), "float32"), push="none", verbose=0)(
-            model
-        )
+        keras_fip.Ensemble(
+            2, data=np.zeros((16, 8, 8, 1), "float32"), push="none", diversity=0.0, verbose=0
+        )(model)
 
 
 def test_config_round_trip():
@@ -371,7 +404,197 @@ def test_diversity_needs_floating_point_inputs():
     op = keras_fip.Ensemble(
         2, data=(tokens, labels), steps_between=2, batch_size=16, seed=0, verbose=0
     )
-    assert op.resolve_defaults(labelled=True, continuous=False) == (0.0, "random", "metric")
+    assert op.resolve_defaults(continuous=False) == (0.0, "random", "penalty")
     assert len(keras_fip.ensemble_members(op(model))) == 2
     with pytest.raises(ValueError, match="`diversity`.*int32"):
         keras_fip.Ensemble(2, data=(tokens, labels), diversity=1.0, verbose=0)(model)
+
+
+# Models ending in a softmax: members averaged as probabilities.
+
+
+@pytest.fixture(scope="module")
+def softmax_convnet():
+    """A small Sequential conv net ending in `Dense(10, activation="softmax")`, trained
+    with `fit` on one-hot labels, as the keras.io MNIST example is."""
+    x, y = keras_fip.data.load("digits", "train")
+    x_test, y_test = keras_fip.data.load("digits", "test")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(8, 3, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="categorical_crossentropy")
+    model.fit(x, keras.utils.to_categorical(y, 10), epochs=10, batch_size=64, verbose=0)
+    return model, x, y, x_test, y_test
+
+
+def _nll(probabilities, y):
+    return float(-np.mean(np.log(probabilities[np.arange(len(y)), y])))
+
+
+def test_softmax_model_ensemble_averages_probabilities(softmax_convnet):
+    model, x, y, x_test, y_test = softmax_convnet
+    op = keras_fip.Ensemble(
+        3, data=x[:600], steps_between=10, batch_size=64, diversity_examples=256, seed=0, verbose=0
+    )
+    ensemble = op(model)
+    assert op.history["outputs"] == "probabilities"
+    members = keras_fip.ensemble_members(ensemble)
+    assert keras_fip.operations.ensemble.member_output_kind(ensemble) == "probabilities"
+    assert ensemble_combine(ensemble) == "mean_probabilities"
+    assert not any(isinstance(layer, keras.layers.Softmax) for layer in ensemble.layers)
+    outputs = np.asarray(ensemble(x_test), "float64")
+    member_outputs = [np.asarray(m(x_test), "float64") for m in members]
+    # Probabilities: rows sum to 1, as confident as the members (a softmax of
+    # probabilities would be nearly uniform: max probability ~0.2).
+    np.testing.assert_allclose(outputs.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(member_outputs[0].sum(-1), 1.0, atol=1e-5)
+    confidence = outputs.max(-1).mean()
+    member_confidence = np.mean([p.max(-1).mean() for p in member_outputs])
+    assert confidence > 0.8
+    assert abs(confidence - member_confidence) < 0.03 * member_confidence
+    # The ensemble's output is the mean of the members' probabilities, so its NLL is the
+    # NLL of that mean, computed by hand.
+    mean = np.mean(member_outputs, axis=0)
+    np.testing.assert_allclose(outputs, mean, atol=1e-6)
+    assert _nll(outputs, y_test) == pytest.approx(_nll(mean, y_test), rel=1e-5)
+    base = np.asarray(model(x_test), "float64")
+    assert _nll(outputs, y_test) < _nll(base, y_test) + 0.05
+    assert np.mean(outputs.argmax(-1) == y_test) > np.mean(base.argmax(-1) == y_test) - 0.02
+    # Evaluated with the compiled loss (categorical cross-entropy on probabilities).
+    ensemble.compile(loss="sparse_categorical_crossentropy")
+    loss = ensemble.evaluate(x_test, y_test, verbose=0)
+    assert loss == pytest.approx(_nll(mean, y_test), rel=1e-4)
+    # The logits of the ensemble (for attacks) are log p̄.
+    log_mean = np.asarray(keras_fip.robustness.logit_model(ensemble)(x_test))
+    np.testing.assert_allclose(np.exp(log_mean), outputs, atol=1e-5)
+
+
+def test_softmax_ensemble_survives_keras_round_trip(softmax_convnet, tmp_path):
+    model, x, _, x_test, _ = softmax_convnet
+    members = [keras_fip.engine.copy_model(model) for _ in range(2)]
+    for index, member in enumerate(members):
+        for variable in member.trainable_variables:
+            variable.assign(variable * (1.0 + 0.05 * (index + 1)))
+    for combine in ("mean_probabilities", "mean_logits"):
+        ensemble = build_ensemble(
+            [keras_fip.engine.copy_model(m) for m in members], combine=combine
+        )
+        path = os.path.join(tmp_path, f"{combine}.keras")
+        ensemble.save(path)
+        loaded = keras.saving.load_model(path)
+        np.testing.assert_allclose(
+            np.asarray(loaded(x_test)), np.asarray(ensemble(x_test)), atol=1e-6
+        )
+        assert ensemble_combine(loaded) == combine
+        assert keras_fip.operations.ensemble.member_output_kind(loaded) == "probabilities"
+        probabilities = [np.asarray(m(x_test), "float64") for m in members]
+        if combine == "mean_probabilities":
+            expected = np.mean(probabilities, axis=0)
+        else:  # The mean of the members' log-probabilities: logits.
+            expected = np.mean(np.log(probabilities), axis=0)
+        np.testing.assert_allclose(np.asarray(loaded(x_test)), expected, atol=1e-4)
+        # logit_model gives logits of the ensemble's distribution either way.
+        log_mean = np.asarray(keras_fip.robustness.logit_model(loaded)(x_test), "float64")
+        distribution = expected if combine == "mean_probabilities" else _softmax(expected)
+        np.testing.assert_allclose(_softmax(log_mean), distribution, atol=1e-5)
+
+
+def test_logits_model_ensemble_is_unchanged(digits):
+    model, _, _, x_test, _ = digits
+    members = [keras_fip.engine.copy_model(model) for _ in range(2)]
+    members[1].trainable_variables[0].assign(members[1].trainable_variables[0] * 1.1)
+    logits = [np.asarray(m(x_test)) for m in members]
+    ensemble = build_ensemble(members)
+    assert keras_fip.operations.ensemble.member_output_kind(ensemble) == "logits"
+    assert sum(isinstance(layer, keras.layers.Softmax) for layer in ensemble.layers) == 2
+    np.testing.assert_allclose(
+        np.asarray(ensemble(x_test)), np.mean([_softmax(z) for z in logits], 0), atol=1e-6
+    )
+    geometric = build_ensemble([keras_fip.engine.copy_model(m) for m in members], "mean_logits")
+    np.testing.assert_allclose(np.asarray(geometric(x_test)), np.mean(logits, 0), atol=1e-5)
+
+
+def test_combination_layer_reads_probabilities():
+    probabilities = [
+        np.array([[1.0, 0.0]], "float32"),
+        np.array([[0.0, 1.0]], "float32"),
+    ]
+    layer = EnsembleCombination("log_mean_probabilities", outputs="probabilities")
+    np.testing.assert_allclose(np.asarray(layer(probabilities)), np.log([[0.5, 0.5]]), atol=1e-5)
+    mean = EnsembleCombination(outputs="probabilities")(probabilities)
+    np.testing.assert_allclose(np.asarray(mean), [[0.5, 0.5]], atol=1e-7)
+    twin = EnsembleCombination.from_config(layer.get_config())
+    assert (twin.combine, twin.outputs) == ("log_mean_probabilities", "probabilities")
+    with pytest.raises(ValueError, match="outputs"):
+        EnsembleCombination(outputs="scores")
+
+
+# Defaults on a BatchNorm residual net trained with `fit`.
+
+
+@pytest.fixture(scope="module")
+def batchnorm_residual():
+    """A small BatchNorm residual conv net with logits, trained with `fit`: its moving
+    statistics lag its weights, as they often do after `fit`."""
+    x, y = keras_fip.data.load("digits", "train")
+    x_test, y_test = keras_fip.data.load("digits", "test")
+    keras.utils.set_random_seed(8)
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 1))
+    stem = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(8, 3, padding="same")(inputs)))
+    branch = layers.BatchNormalization()(layers.Conv2D(8, 3, padding="same")(stem))
+    hidden = layers.GlobalAveragePooling2D()(layers.ReLU()(layers.Add()([stem, branch])))
+    hidden = layers.Dense(32, activation="relu")(hidden)
+    model = keras.Model(inputs, layers.Dense(10)(hidden))
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(x, y, epochs=20, batch_size=64, verbose=0)
+    return model, x, y, x_test, y_test
+
+
+def test_defaults_keep_every_member_of_a_batchnorm_residual_net(batchnorm_residual):
+    model, x, _, x_test, y_test = batchnorm_residual
+
+    def accuracy(network):
+        return float(np.mean(np.asarray(network(x_test)).argmax(-1) == y_test))
+
+    recalibrated = keras_fip.engine.copy_model(model)
+    keras_fip.engine.recalibrate_batch_normalization(recalibrated, x, 256)
+    # The paper's metric walk at its step (ε = 0.05, 100 steps a member: 5 units a member
+    # against a weight norm of 13) leaves this net's function; the penalty walk keeps it.
+    op = keras_fip.Ensemble(3, data=x[:600], batch_size=64, seed=0, verbose=0)
+    ensemble = op(model)
+    floor = max(accuracy(model), accuracy(recalibrated)) - 0.05
+    for member in keras_fip.ensemble_members(ensemble):
+        assert accuracy(member) > floor
+    assert accuracy(ensemble) >= accuracy(model)
+    assert accuracy(ensemble) > accuracy(recalibrated) - 0.02
+    # Compute: the start's statistics re-estimated and its reference outputs (600 each),
+    # per member 100 steps of anchor and diversity batches and the statistics re-estimated,
+    # and the attacks on 600 inputs against 1, 1, 2 members with their predictions (no
+    # labels) as targets.
+    steps = 3 * (100 * 64 * 2 + 600)
+    assert op.history["train_examples"] == 600 + 600 + steps + 2 * 600 * (1 + 1 + 2)
+
+
+def test_batchnorm_start_is_recalibrated_before_the_walk(batchnorm_residual):
+    model, x, _, _, _ = batchnorm_residual
+    x = x[:400]
+    ensemble = keras_fip.Ensemble(
+        2, data=x, steps_between=3, batch_size=64, include_start=True, seed=0, verbose=0
+    )(model)
+    start = keras_fip.ensemble_members(ensemble)[0]
+    expected = keras_fip.engine.copy_model(model)
+    keras_fip.engine.recalibrate_batch_normalization(expected, x, 128)
+    np.testing.assert_allclose(_flat(start), _flat(expected), atol=1e-6)
+    # The caller's model keeps its own statistics.
+    assert not np.allclose(_flat(model), _flat(expected))

@@ -1,4 +1,5 @@
 import hashlib
+import math
 import os
 
 import keras
@@ -89,9 +90,7 @@ def test_fip_repair_recovers_inputs_only_with_damaged_weights_exactly_zero(
 ):
     x, _, x_test, y_test = digits
     before = _fingerprint(damaged)
-    op = Repair(
-        data=x, validation_data=(x_test, y_test), epochs=6, learning_rate=3e-3, seed=0, verbose=0
-    )
+    op = Repair(data=x, validation_data=(x_test, y_test), epochs=6, seed=0, verbose=0)
     repaired = op(damaged)
     assert _fingerprint(damaged) == before  # No mutation.
     assert all(np.all(v == 0.0) for v in _damaged_entries(repaired, damaged))
@@ -106,10 +105,147 @@ def test_fip_repair_recovers_inputs_only_with_damaged_weights_exactly_zero(
     history = op.history
     assert history["undamaged_accuracy"] == pytest.approx(undamaged)
     assert history["val_accuracy"][0] == pytest.approx(hurt)
+    assert history["task_weight"] == 0.0  # Inputs only: the pure function recovery.
+    # The defaults on an MLP: the solves (an output-only batch, 4 sweeps, a last output
+    # solve: six batches, half an epoch of the 1437 inputs), then the walk for the rest
+    # of the 6 epochs of ⌈1437/128⌉ = 12 steps, evaluated 20 times an epoch (every step).
+    solves = len(history["epoch"]) - 1 - len(history["distance"])
+    assert solves == 6
+    assert 0.4 < history["solve_epochs"] <= 0.5
+    walk = 6 * 12 - math.ceil(history["solve_epochs"] * 12)
+    assert len(history["distance"]) == walk
+    assert history["steps"] == pytest.approx(walk + history["solve_epochs"] * 12)
+    assert history["epoch"][-1] == pytest.approx(history["epochs"])
+    assert 71 / 12 < history["epochs"] <= 6.0
+    # The pure walk (no solve), measured once an epoch.
+    walk_only = Repair(
+        data=x,
+        validation_data=(x_test, y_test),
+        epochs=6,
+        solve_output_layer=0,
+        evaluations_per_epoch=1,
+        seed=0,
+        verbose=0,
+    )
+    walked = walk_only(damaged)
+    history = walk_only.history
     assert len(history["epoch"]) == len(history["val_accuracy"]) == 7
     assert history["epoch"][-1] == pytest.approx(6.0)
-    assert len(history["distance"]) == history["steps"] == 6 * 12  # ⌈1437/128⌉ per epoch.
+    assert len(history["distance"]) == history["steps"] == 6 * 12
     assert history["epochs"] == pytest.approx(6.0)
+    assert _accuracy(walked, x_test, y_test) > hurt + 0.3 * (undamaged - hurt)
+
+
+def _softmax_twin(model):
+    """The same network (the same weights) ending in a softmax instead of logits."""
+    last = model.layers[-1]
+
+    def clone(layer):
+        config = layer.get_config()
+        if layer is last:
+            config["activation"] = "softmax"
+        return layer.__class__.from_config(config)
+
+    twin = keras.models.clone_model(model, clone_function=clone)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(epochs=2),  # The defaults: solves, then the walk with the labels' term.
+        dict(epochs=1, method="retrain", learning_rate=3e-3),
+        dict(epochs=1, method="embryonic", learning_rate=3e-3),
+    ],
+    ids=["fip", "retrain", "embryonic"],
+)
+def test_repair_of_a_softmax_model_equals_the_repair_of_its_logits_twin(digits, trained, kwargs):
+    x, y, x_test, y_test = digits
+    twin = _softmax_twin(trained)
+    assert keras_fip.engine.outputs.output_kind(twin) == "probabilities"
+    repaired = []
+    for model in (trained, twin):
+        damaged = Damage("nodes", fraction=0.6, seed=0)(model)
+        op = Repair(data=(x, y), validation_data=(x_test, y_test), seed=0, verbose=0, **kwargs)
+        repaired.append(op(damaged))
+        if kwargs.get("method") != "embryonic":  # Embryonic releases the damaged weights.
+            assert all(np.all(v == 0.0) for v in _damaged_entries(repaired[-1], damaged))
+    # The softmax model's logits are its log-probabilities: the same solves (on the output
+    # layer's pre-activation), the same cross-entropy and KL, the same weights.
+    for a, b in zip(repaired[0].get_weights(), repaired[1].get_weights()):
+        np.testing.assert_allclose(a, b, atol=2e-4)
+    np.testing.assert_allclose(
+        keras.ops.softmax(repaired[0](x_test)), repaired[1](x_test), atol=1e-4
+    )
+    hurt = _accuracy(Damage("nodes", fraction=0.6, seed=0)(twin), x_test, y_test)
+    undamaged = _accuracy(twin, x_test, y_test)
+    assert _accuracy(repaired[1], x_test, y_test) > hurt + 0.5 * (undamaged - hurt)
+
+
+def test_recovery_path_of_a_softmax_model_equals_its_logits_twin(digits, trained, damaged):
+    x, _, _, _ = digits
+    masks = damage_reference(damaged).damage_masks
+    paths = [
+        recovery_path(model, masks, x[:256], num_points=3, steps_per_point=3, seed=0)[0]
+        for model in (trained, _softmax_twin(trained))
+    ]
+    for first, second in zip(paths[0], paths[1]):
+        for a, b in zip(first, second):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_fip_repair_uses_the_labels_by_default(digits, damaged):
+    x, y, x_test, y_test = digits
+    common = dict(
+        validation_data=(x_test, y_test), epochs=2, solve_output_layer=0, seed=0, verbose=0
+    )
+    labelled = Repair(data=(x, y), **common)
+    chosen = labelled(damaged)
+    # "auto" with labels walks the task term at weights 1 and 10 and keeps the network
+    # most accurate on the validation split at the end.
+    candidates = labelled.history["candidates"]
+    assert [c["task_weight"] for c in candidates] == [1.0, 10.0]
+    best = max(candidates, key=lambda c: c["final_accuracy"])
+    assert labelled.history["task_weight"] == best["task_weight"]
+    assert labelled.history["val_accuracy"][-1] == best["final_accuracy"]
+    assert labelled.history["epochs"] == pytest.approx(2.0)  # One walk's epochs.
+    assert np.all(np.isfinite(labelled.history["secondary_loss"]))
+    # The kept network is the walk at that weight.
+    explicit = Repair(data=(x, y), task_weight=best["task_weight"], **common)
+    for a, b in zip(chosen.get_weights(), explicit(damaged).get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert explicit.history["val_accuracy"] == labelled.history["val_accuracy"]
+    # Inputs only is the walk without the labels (weight 0).
+    inputs_only = Repair(data=x, **common)
+    without = Repair(data=(x, y), task_weight=0.0, **common)
+    weights = [op(damaged).get_weights() for op in (inputs_only, without)]
+    assert inputs_only.history["task_weight"] == without.history["task_weight"] == 0.0
+    assert "candidates" not in inputs_only.history
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.allclose(a, b) for a, b in zip(chosen.get_weights(), weights[0]))
+
+
+@pytest.mark.parametrize("method", ["fip", "retrain"])
+def test_one_hot_labels_repair_as_integer_labels(digits, damaged, method):
+    x, y, x_test, y_test = digits
+    one_hot = keras.utils.to_categorical(y, 10)
+    kwargs = dict(method=method, epochs=1, seed=0, verbose=0)
+    if method == "retrain":
+        kwargs["learning_rate"] = 3e-3
+    ops = [
+        Repair(data=(x, labels), validation_data=(x_test, test_labels), **kwargs)
+        for labels, test_labels in ((y, y_test), (one_hot, keras.utils.to_categorical(y_test)))
+    ]
+    repaired = [op(damaged) for op in ops]
+    for a, b in zip(repaired[0].get_weights(), repaired[1].get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert ops[0].history["val_accuracy"] == ops[1].history["val_accuracy"]
+    # And with the validation split held out of `data` (its labels one-hot too).
+    split = Repair(data=(x, one_hot), **kwargs)
+    split(damaged)
+    assert split.history["undamaged_accuracy"] > 0.8
 
 
 def test_epochs_to_recover_is_the_first_evaluation_within_target(digits, damaged):
@@ -284,6 +420,8 @@ def test_solve_output_layer_starts_from_the_least_squares_readout(digits, traine
         epochs=1,
         learning_rate=1e-12,
         solve_output_layer=10 * len(x),
+        solve_sweeps=0,
+        solve_temperature=None,
         seed=0,
         verbose=0,
     )
@@ -317,10 +455,13 @@ def test_solve_sweeps_fit_the_hidden_layer_with_damage_held_at_zero(digits, trai
         epochs=1,
         learning_rate=1e-12,
         solve_output_layer=len(x),
+        solve_first=0,
+        solve_temperature=None,
+        solve_damping=1e-6,
         seed=0,
         verbose=0,
     )
-    output_only = Repair(**kwargs)(damaged)
+    output_only = Repair(solve_sweeps=0, **kwargs)(damaged)
     op = Repair(solve_sweeps=2, solve_rank=32, **kwargs)
     swept = op(damaged)
     # The sweeps move the hidden layer and bring the logits closer than the output solve.
@@ -358,6 +499,7 @@ def test_solve_temperature_fits_the_softmax_weighted_least_squares(digits, train
         epochs=1,
         learning_rate=1e-12,
         solve_output_layer=len(x),
+        solve_sweeps=0,
         solve_temperature=2.0,
         seed=0,
         verbose=0,
@@ -390,6 +532,8 @@ def test_solve_temperature_fits_the_softmax_weighted_least_squares(digits, train
         solve_temperature=2.0,
         solve_sweeps=2,
         solve_rank=32,
+        solve_first=0,
+        solve_damping=1e-6,
         seed=0,
         verbose=0,
     )(damaged)
@@ -408,13 +552,15 @@ def test_solve_first_is_an_output_only_batch_before_the_sweeps(digits, damaged):
         epochs=1,
         learning_rate=1e-12,
         solve_output_layer=len(x),
+        solve_temperature=None,
+        solve_damping=1e-6,
         seed=0,
         verbose=0,
     )
     hidden_before = damaged.get_layer("dense_1").get_weights()[0]
     # solve_first needs sweeps; with one sweep: 300 inputs, then two batches of N.
     with pytest.raises(ValueError, match="solve_first"):
-        Repair(solve_first=300, **kwargs)
+        Repair(solve_first=300, solve_sweeps=0, **kwargs)
     op = Repair(solve_first=300, solve_sweeps=1, solve_rank=16, **kwargs)
     swept = op(damaged)
     steps = op._steps_per_epoch * 128
@@ -436,6 +582,8 @@ def test_solve_damping_shrinks_each_unit_step(digits, damaged):
         solve_output_layer=len(x),
         solve_sweeps=1,
         solve_rank=16,
+        solve_first=0,
+        solve_temperature=None,
         seed=0,
         verbose=0,
     )
@@ -510,12 +658,16 @@ def test_config_round_trip():
         ({"release": "yes"}, "release"),
         ({"task_weight": 1.0, "method": "retrain"}, "task_weight"),
         ({"solve_output_layer": -1}, "solve_output_layer"),
-        ({"solve_sweeps": 1}, "solve_sweeps"),
+        ({"solve_sweeps": 1, "solve_output_layer": 0}, "solve_sweeps"),
+        ({"solve_sweeps": "many"}, "solve_sweeps"),
         ({"solve_sweeps": -1, "solve_output_layer": 10}, "solve_sweeps"),
         ({"solve_rank": 0}, "solve_rank"),
         ({"solve_temperature": 0.0, "solve_output_layer": 10}, "solve_temperature"),
-        ({"solve_temperature": 2.0}, "solve_temperature"),
+        ({"solve_output_layer": "all"}, "solve_output_layer"),
+        ({"task_weight": "labels"}, "task_weight"),
+        ({"task_weight": -1.0}, "task_weight"),
         ({"solve_first": -1}, "solve_first"),
+        ({"solve_first": 10, "solve_sweeps": 0}, "solve_first"),
         ({"solve_damping": -0.1}, "solve_damping"),
         ({"distance_temperature": -1.0}, "distance_temperature"),
     ],

@@ -132,3 +132,46 @@ def test_weight_distances_coherence_and_layer_cka(networks):
     assert coordinates["a"].shape == (2, 2) and coordinates["b"].shape == (2, 2)
     np.testing.assert_allclose(coordinates["a"][0], coordinates["b"][1], atol=1e-6)
     assert 0 < explained[1] <= explained[0] <= 1
+
+
+def _softmax_twin(model):
+    """The same network ending in a softmax (shared weights): it returns probabilities."""
+    twin = keras.Sequential([keras.Input((8, 8, 1)), model, keras.layers.Softmax()])
+    assert keras_fip.engine.outputs.output_kind(twin) == "probabilities"
+    return twin
+
+
+def test_softmax_models_and_ensembles_are_attacked_through_their_log_probabilities(networks):
+    models, x, y = networks
+    twins = [_softmax_twin(keras_fip.engine.copy_model(m)) for m in models]
+    # A single softmax model: its logits are log p, which any from_logits loss reads as
+    # the logits model's.
+    np.testing.assert_allclose(
+        np.exp(np.asarray(robustness.logit_model(twins[0])(x))),
+        np.asarray(twins[0](x)),
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        robustness.input_gradients(twins[0], x, y),
+        robustness.input_gradients(models[0], x, y),
+        atol=1e-5,
+    )
+    assert robustness.gradient_coherence(twins[0], models[0], x, y) == pytest.approx(1.0, abs=1e-5)
+    # Ensembles: probabilities averaged as probabilities, the same distribution as the
+    # ensemble of the logits models, and the same attack.
+    softmax_ensemble = build_ensemble(twins)
+    logits_ensemble = build_ensemble([keras_fip.engine.copy_model(m) for m in models])
+    np.testing.assert_allclose(
+        np.asarray(softmax_ensemble(x)), np.asarray(logits_ensemble(x)), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(robustness.logit_model(softmax_ensemble)(x)),
+        np.asarray(robustness.logit_model(logits_ensemble)(x)),
+        atol=1e-4,
+    )
+    attack = dict(epsilon=0.2, step=0.02, iterations=5, restarts=0)
+    accuracy, adversarial = robustness.whitebox_pgd_accuracy(softmax_ensemble, x, y, **attack)
+    expected_accuracy, expected = robustness.whitebox_pgd_accuracy(logits_ensemble, x, y, **attack)
+    # The same steps (a sign of a gradient that is zero up to rounding may differ).
+    assert np.mean(np.abs(adversarial - expected) > 1e-5) < 0.01
+    assert accuracy == pytest.approx(expected_accuracy, abs=1 / len(y))
