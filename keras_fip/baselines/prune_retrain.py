@@ -12,10 +12,10 @@ from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine.copy import copy_model
 from keras_fip.engine.data_adapter import check_inputs_match_model
 from keras_fip.engine.data_adapter import normalize_data
-from keras_fip.operations import damage as damage_lib
+from keras_fip.geometry import units as units_lib
 from keras_fip.operations.base import model_output_kind
-from keras_fip.operations.repair import _score
-from keras_fip.operations.repair import supervised_training
+from keras_fip.operations.repair.training import accuracy
+from keras_fip.operations.repair.training import supervised_training
 
 
 def _check_positive_int(value, name):
@@ -45,7 +45,7 @@ def prune_retrain(
     The baseline the resilience paper compares geodesic repair with: starting from the
     undamaged network, the units to delete are removed `units_per_round` at a time in a
     seeded order (incoming weights, bias, BatchNorm scale/offset and outgoing weights
-    zeroed, as `keras_fip.Damage("nodes")` does), with `steps_per_round` steps of
+    zeroed, as `keras_fip.faults.Nodes` does), with `steps_per_round` steps of
     supervised training on `data` after each deletion; once all are deleted, training
     continues. Every step sees `batch_size` labelled examples, so its epochs count the
     same examples as `keras_fip.Repair`'s. The deleted weights are held at exactly zero
@@ -103,23 +103,23 @@ def prune_retrain(
     evaluations_per_epoch = _check_positive_int(evaluations_per_epoch, "evaluations_per_epoch")
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"`optimizer` must be 'sgd' or 'adam'. Received: optimizer={optimizer!r}")
-    probe = damage_lib.Damage("nodes", units=units)  # Validates the form of `units`.
+    units = units_lib.check_units(units)
+    units_lib.explicit_units(units_lib.unit_plans(model), units)  # Names and indices.
     pruned = copy_model(model)
-    plans = {plan.layer.name: plan for plan in probe._unit_plans(pruned, None)}
-    probe._explicit_units(list(plans.values()))  # Validates names and indices.
+    plans = {plan.layer.name: plan for plan in units_lib.unit_plans(pruned)}
 
     # Deletion order: a seeded interleaving of every (layer, unit)
-    order = [(name, unit) for name, indices in probe.units.items() for unit in indices]
+    order = [(name, unit) for name, indices in units.items() for unit in indices]
     order = [order[i] for i in np.random.default_rng(seed).permutation(len(order))]
     variables = pruned.trainable_variables
     index_of = {id(v): i for i, v in enumerate(variables)}
     current = {id(v): np.ones(v.shape, bool) for v in variables}
-    carried = [masks_lib._mask_of(v) for v in variables]
+    carried = [masks_lib.mask_of(v) for v in variables]
     mask_variables = [keras.Variable(np.ones(v.shape, v.dtype), trainable=False) for v in variables]
     steps_per_epoch = max(1, math.ceil(data_adapter.num_examples(x) / batch_size))
     every = max(1, steps_per_epoch // evaluations_per_epoch)
     normalized = bool(normalization.batch_normalization_layers(pruned))
-    undamaged = _score(pruned, x_val, y_val)
+    undamaged = accuracy(pruned, x_val, y_val)
     history = {
         "epoch": [0.0],
         "val_accuracy": [undamaged],
@@ -152,15 +152,11 @@ def prune_retrain(
             normalization.recalibrate_batch_normalization(
                 pruned, x, 2 * batch_size, max_examples=4096
             )
-        accuracy = _score(pruned, x_val, y_val)
+        value = accuracy(pruned, x_val, y_val)
         history["epoch"].append(step / steps_per_epoch)
-        history["val_accuracy"].append(accuracy)
+        history["val_accuracy"].append(value)
         done = state["next"] >= len(order)
-        if (
-            done
-            and history["epochs_to_recover"] is None
-            and (accuracy >= undamaged - target - 1e-12)
-        ):
+        if done and history["epochs_to_recover"] is None and (value >= undamaged - target - 1e-12):
             history["epochs_to_recover"] = step / steps_per_epoch
         return done and stop_at_target and history["epochs_to_recover"] is not None
 

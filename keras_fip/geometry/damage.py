@@ -33,10 +33,12 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fip.engine import data_adapter
+from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine.copy import copy_model
 from keras_fip.engine.data_adapter import check_inputs_match_model
 from keras_fip.engine.data_adapter import normalize_data
+from keras_fip.geometry import units as units_lib
 from keras_fip.geometry.paths import breakdown_speed
 
 OUTPUTS = ("logits", "probabilities")
@@ -71,7 +73,7 @@ def damage_path(model, damaged, num_points=11):
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
     ...                           keras.layers.Dense(2)])
-    >>> damaged = keras_fip.Damage("nodes", fraction=0.5, seed=0)(model)
+    >>> damaged = deletion_sequence(model, [0.5])[0]
     >>> points, times = damage_path(model, damaged, num_points=5)
     >>> len(points), float(times[-1])
     (5, 1.0)
@@ -106,42 +108,39 @@ def damage_path(model, damaged, num_points=11):
     return points, times
 
 
-def deletion_sequence(
-    model, fractions, seed=0, kind="nodes", scope="global", layers=None, **damage_kwargs
-):
-    """Progressively damaged copies of `model`: nested deletions at increasing fractions.
+def deletion_sequence(model, fractions, seed=0, scope="global", layers=None):
+    """Progressively damaged copies of `model`: nested unit deletions at growing fractions.
 
-    Runs `keras_fip.Damage(kind, fraction=f, seed=seed, ...)` for each fraction; the same
-    seed's permutation makes the deleted sets nested (those at 20% contain those at 10%),
-    so the sequence is one path of deletion. For `"nodes"` a layer may be emptied
-    (`allow_dead_layers=True` unless given), so the sequence can run to 100%.
+    For each fraction, a copy of `model` with that fraction of its hidden units deleted
+    (`keras_fip.geometry.units`: incoming weights, bias, BatchNorm scale and offset and
+    outgoing weights zeroed and held by masks), the units drawn by
+    `keras_fip.geometry.units.choose_units` from a generator seeded with `seed`: the same
+    units `keras_fip.Damage(keras_fip.faults.Nodes(fraction=f), seed=seed)` deletes, and
+    nested (those at 20% contain those at 10%), so the sequence is one path of deletion.
+    A layer may be emptied, so the sequence can run to 100%.
 
     Args:
-        model: The undamaged `keras.Model`. Not changed.
+        model: The undamaged Sequential or functional `keras.Model`. Not changed.
         fractions: Increasing deleted fractions in [0, 1] (e.g. `np.arange(0, 1.01, 0.05)`).
         seed: Seed of the deletion order. Defaults to `0`.
-        kind: `"nodes"` or `"weights"`. Defaults to `"nodes"`.
-        scope: `"global"` or `"per_layer"`. Defaults to `"global"`.
-        layers: Names of the layers to delete from, or `None`. Defaults to `None`.
-        **damage_kwargs: Further `Damage` arguments.
+        scope: `"global"` (the fraction of all hidden units) or `"per_layer"` (of each
+            layer's). Defaults to `"global"`.
+        layers: Names of the layers to delete from, or `None` for every hidden Dense/Conv
+            layer. Defaults to `None`.
 
     Returns:
-        A list of damaged `keras.Model`s, one per fraction (fraction 0 gives an undamaged
+        A list of new `keras.Model`s, one per fraction (fraction 0 gives an undamaged
         copy).
 
     Example:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="hidden"),
     ...                           keras.layers.Dense(2)])
     >>> sequence = deletion_sequence(model, [0.0, 0.5, 1.0])
-    >>> len(sequence)
-    3
+    >>> [len(units_lib.hidden_units(m)["hidden"][1]) for m in sequence]
+    [0, 4, 8]
     """
-    from keras_fip.operations.damage import Damage
-
     _check_model(model, "model")
-    if kind not in ("nodes", "weights"):
-        raise ValueError(f"`kind` must be 'nodes' or 'weights'. Received: kind={kind!r}")
     fractions = np.asarray(fractions, dtype=np.float64)
     if (
         fractions.ndim != 1
@@ -153,14 +152,30 @@ def deletion_sequence(
             "`fractions` must be strictly increasing numbers in [0, 1]. "
             f"Received: fractions={fractions.tolist()!r}"
         )
-    if kind == "nodes":
-        damage_kwargs.setdefault("allow_dead_layers", True)
-    return [
-        Damage(
-            kind, fraction=float(fraction), seed=seed, scope=scope, layers=layers, **damage_kwargs
-        )(model)
-        for fraction in fractions
-    ]
+    if scope not in units_lib.SCOPES:
+        raise ValueError(
+            f"`scope` must be one of {list(units_lib.SCOPES)}. Received: scope={scope!r}"
+        )
+    if layers is not None and (
+        isinstance(layers, str) or not layers or not all(isinstance(n, str) for n in layers)
+    ):
+        raise ValueError(
+            "`layers` must be `None` or a non-empty list of layer names. "
+            f"Received: layers={layers!r}"
+        )
+    units_lib.unit_plans(model, layers)  # Checks the layers before any copy.
+    sequence = []
+    for fraction in fractions:
+        copy = copy_model(model)
+        plans = units_lib.unit_plans(copy, layers)
+        chosen = units_lib.choose_units(
+            plans, np.random.default_rng(seed), fraction=float(fraction), scope=scope
+        )
+        by_id = units_lib.unit_masks(plans, chosen)
+        if by_id:
+            masks_lib.apply_masks(copy, [by_id.get(id(v)) for v in copy.trainable_variables])
+        sequence.append(copy)
+    return sequence
 
 
 def breakdown_profile(points, data, model=None, times=None, outputs="logits", batch_size=None):
@@ -263,19 +278,16 @@ class _UnitDeleter:
     """Squared output change of deleting each surviving hidden unit of one architecture.
 
     One working copy of the model and one traced function per deletable layer: a unit is
-    deleted by multiplying the layer's silencing targets (`Damage("nodes")`'s plan: its
+    deleted by multiplying the layer's silencing targets (`keras_fip.geometry.units`: its
     incoming kernel slice and bias, BatchNorm scale and offset, outgoing weights) by a mask
     built from the unit's index, the outputs on the inputs compared with the network's own,
     and the variables restored. Nothing is retraced per unit or per network.
     """
 
     def __init__(self, model, x, outputs, layers, batch_size):
-        from keras_fip.operations.damage import Damage
-
         self.working = copy_model(model)
         self.outputs = outputs
-        probe = Damage("nodes", count=0, layers=layers)
-        self.plans = probe._unit_plans(self.working, probe._selected_layers(self.working))
+        self.plans = units_lib.unit_plans(self.working, layers)
         self.layers = layers
         self.num_units = int(sum(plan.channels for plan in self.plans))
         inputs = tf.nest.map_structure(
@@ -327,10 +339,8 @@ class _UnitDeleter:
 
     def __call__(self, point, max_units=None, rng=None):
         """(N · mean squared change, per-unit changes, number of surviving units)."""
-        from keras_fip.operations.damage import hidden_units
-
         self.working.set_weights(point.get_weights())
-        deleted = hidden_units(point, self.layers)
+        deleted = units_lib.hidden_units(point, self.layers)
         base = self._forward()
         candidates = []
         for index, plan in enumerate(self.plans):
@@ -365,18 +375,19 @@ def unit_deletion_speed(
 ):
     """The break-down speed of deleting one more hidden unit, at a (damaged) network.
 
-    With N deletable hidden units (`Damage("nodes")`'s, of `layers`) the deleted fraction
-    grows by 1/N per unit, so the expected break-down speed of a random deletion order at
-    this network is `N · mean_u E_x ‖f(w without u; x) − f(w; x)‖²` over the surviving
-    units u, each deleted exactly (its incoming slice, bias, BatchNorm scale/offset and
-    outgoing weights zeroed, as `Damage` does) with the others as they are. It is the limit
-    of `E‖Δf‖² / Δt` as the deletion step Δt shrinks: the speed of the deletion process,
-    independent of any step size (see the module docstring).
+    With N deletable hidden units (`keras_fip.geometry.units.unit_plans`, of `layers`) the
+    deleted fraction grows by 1/N per unit, so the expected break-down speed of a random
+    deletion order at this network is `N · mean_u E_x ‖f(w without u; x) − f(w; x)‖²`
+    over the surviving units u, each deleted exactly (its incoming slice, bias, BatchNorm
+    scale/offset and outgoing weights zeroed, as `keras_fip.faults.Nodes` does) with the
+    others as they are. It is the limit of `E‖Δf‖² / Δt` as the deletion step Δt
+    shrinks: the speed of the deletion process, independent of any step size (see the
+    module docstring).
 
     Args:
         model: A Sequential or functional `keras.Model`, possibly damaged by
-            `Damage("nodes")` (its deleted units are read from the masks it carries). Not
-            changed.
+            `keras_fip.faults.Nodes` (its deleted units are read from the masks it
+            carries). Not changed.
         data: Inputs on which outputs are compared (array or `(x, y)`).
         outputs: `"probabilities"` (a logits model's softmax, a probability model's own
             outputs: the same for a model and its softmax twin) or `"logits"` (a

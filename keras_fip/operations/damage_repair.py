@@ -3,9 +3,10 @@
 import keras
 import numpy as np
 
+from keras_fip.geometry.units import hidden_units
 from keras_fip.operations.base import Operation
 from keras_fip.operations.damage import Damage
-from keras_fip.operations.damage import hidden_units
+from keras_fip.operations.faults.nodes import Nodes
 from keras_fip.operations.repair import Repair
 
 
@@ -15,23 +16,23 @@ class DamageRepair(Operation):
 
     Each round deletes `count` hidden units (or `fraction` of all hidden units), drawn by a
     seeded sampler among the units not deleted yet (`keras_fip.operations.hidden_units`),
-    with `keras_fip.Damage("nodes", units=...)`, then runs `repair` (a `keras_fip.Repair`)
-    on the damaged network. Every repair aims at the network before the first round (the
-    damage reference accumulates the deletions), so after `rounds` rounds the network has
-    `rounds·count` units deleted and was repaired towards the original function all along.
-    This is the iterative strategy the damage-rescue paper compares with repairing all
-    the damage at once (`Damage(count=rounds·count)` then `Repair`); it is equivalent to
-    `keras_fip.chain` of the rounds' Damage/Repair pairs, with the sampler restricted to
-    undamaged units.
+    with `keras_fip.Damage(keras_fip.faults.Nodes(units=...))`, then runs `repair` (a
+    `keras_fip.Repair`) on the damaged network. Every repair aims at the network before
+    the first round (the damage reference accumulates the deletions), so after `rounds`
+    rounds the network has `rounds·count` units deleted and was repaired towards the
+    original function all along. This is the iterative strategy the damage-rescue paper
+    compares with repairing all the damage at once (`Nodes(count=rounds·count)` then
+    `Repair`); it equals `keras_fip.chain` of the rounds' Damage/Repair pairs, with the
+    sampler restricted to undamaged units.
 
-    After a call, `op.history` holds `"rounds"` (per round: the units deleted, accuracy
-    after the damage and after the repair, the repair's epochs and `epochs_to_recover`),
-    `"cycles"` (the training epochs of all repairs together: each round counts its
-    `epochs_to_recover`, or all its epochs when it did not recover) and `"recovered"`
-    (whether the last round recovered); `op.path` is the last repair's path. With
-    `keep_networks=True`, `op.networks` lists the weights (`model.get_weights()` order) of
-    the network after every repair: the set of resilient networks the loop visits, whose
-    connectedness `apps.repair`'s `invariant` part measures.
+    After a call, `op.history` holds the last call's `"rounds"` (per round: the units
+    deleted, accuracy after the damage and after the repair, the repair's epochs and
+    `epochs_to_recover`), `"cycles"` (the training epochs of all repairs together: each
+    round counts its `epochs_to_recover`, or all its epochs when it did not recover),
+    `"recovered"` (whether the last round recovered) and, with `keep_networks=True`,
+    `"networks"`: the weights (`model.get_weights()` order) of the network after every
+    repair, the set of resilient networks the loop visits. `op.path` is the last repair's
+    path. Progress is printed per round unless the repair's walk has `verbose=0`.
 
     Args:
         rounds: m, the number of damage-repair rounds.
@@ -40,22 +41,23 @@ class DamageRepair(Operation):
             Defaults to `None`.
         repair: The `keras_fip.Repair` run after each damage (`stop_at_target=True` makes
             each round stop once recovered). Defaults to `None` (`Repair()`, which needs
-            data carried by the model).
+            data carried by the model or recorded by the damage).
         layers: Names of the layers whose units may be deleted, or `None` for all hidden
             Dense/Conv layers. Defaults to `None`.
         seed: Sampler seed. Defaults to `None`.
-        keep_networks: Whether to keep every repaired network's weights in `op.networks`.
-            Defaults to `False`.
-        **kwargs: `Operation` arguments (`name`, `verbose`, `callbacks`, `log_dir`).
+        keep_networks: Whether to keep every repaired network's weights in
+            `op.history["networks"]`. Defaults to `False`.
+        name: The operation's name. Defaults to `None`.
 
     Example:
 
     >>> x, y = keras_fip.data.load("digits")
     >>> model = keras_fip.models.mlp(32, input_shape=(8, 8, 1))
     >>> _ = keras_fip.models.train_classifier(model, x, y, epochs=5)
-    >>> repair = keras_fip.Repair(data=(x, y), method="retrain", epochs=1, verbose=0)
-    >>> op = keras_fip.DamageRepair(rounds=2, count=4, repair=repair, seed=0)
-    >>> result = op(model)
+    >>> repair = keras_fip.Repair((x, y), method="retrain",
+    ...                           walk=keras_fip.Walk(epochs=1, verbose=0))
+    >>> loop = keras_fip.DamageRepair(2, count=4, repair=repair, seed=0)
+    >>> result = loop(model)
     >>> len(keras_fip.operations.hidden_units(result)["dense_1"][1])
     8
     """
@@ -63,15 +65,16 @@ class DamageRepair(Operation):
     def __init__(
         self,
         rounds,
+        *,
         count=None,
         fraction=None,
         repair=None,
         layers=None,
         seed=None,
         keep_networks=False,
-        **kwargs,
+        name=None,
     ):
-        super().__init__(**kwargs)
+        super().__init__(name=name)
         self.rounds = self.check_number(rounds, "rounds", low=1, low_inclusive=True, integer=True)
         if (count is None) == (fraction is None):
             raise ValueError(
@@ -89,17 +92,16 @@ class DamageRepair(Operation):
         layers = self.check_layer_names(layers)
         if seed is not None:
             seed = self.check_number(seed, "seed", low=0, low_inclusive=True, integer=True)
+        if not isinstance(keep_networks, (bool, np.bool_)):
+            raise ValueError(
+                f"`keep_networks` must be a boolean. Received: keep_networks={keep_networks!r}"
+            )
         self.count = count
         self.fraction = fraction
         self.repair = repair if repair is not None else Repair()
         self.layers = layers
         self.seed = seed
-        if not isinstance(keep_networks, (bool, np.bool_)):
-            raise ValueError(
-                f"`keep_networks` must be a boolean. Received: keep_networks={keep_networks!r}"
-            )
         self.keep_networks = bool(keep_networks)
-        self.networks = []
 
     def _sample(self, model, rng):
         """`{layer: units}`: the round's units, drawn among the undamaged ones."""
@@ -123,15 +125,17 @@ class DamageRepair(Operation):
             units.setdefault(name, []).append(unit)
         return units
 
+    def validate(self, model):
+        self._sample(model, np.random.default_rng(0))  # The layers and the first round.
+
     def call(self, model):
         rng = np.random.default_rng(self.seed)
-        self._sample(model, np.random.default_rng(0))  # Checks the budget before work.
-        rounds, cycles = [], 0.0
-        self.networks = []
+        rounds, cycles, networks = [], 0.0, []
+        verbose = self.repair.walk.verbose not in (0, "0")
         for index in range(self.rounds):
             # Damage: a few undamaged units
             units = self._sample(model, rng)
-            damaged = Damage("nodes", units=units, allow_dead_layers=True)(model)
+            damaged = Damage(Nodes(units=units, allow_dead_layers=True))(model)
             # Repair towards the network before the first round
             model = self.repair(damaged)
             history = self.repair.history
@@ -142,7 +146,7 @@ class DamageRepair(Operation):
             )
             cycles += used
             if self.keep_networks:
-                self.networks.append(model.get_weights())
+                networks.append(model.get_weights())
             rounds.append(
                 {
                     "round": index + 1,
@@ -154,7 +158,7 @@ class DamageRepair(Operation):
                     "undamaged_accuracy": history["undamaged_accuracy"],
                 }
             )
-            if self.verbose not in (0, "0"):
+            if verbose:
                 print(
                     f"round {index + 1}/{self.rounds}: damaged "
                     f"{rounds[-1]['damaged_accuracy']:.4f} -> repaired "
@@ -166,17 +170,18 @@ class DamageRepair(Operation):
             "cycles": cycles,
             "recovered": rounds[-1]["epochs_to_recover"] is not None,
         }
+        if self.keep_networks:
+            self.history["networks"] = networks
         return model
 
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            rounds=self.rounds,
-            count=self.count,
-            fraction=self.fraction,
-            repair=keras.saving.serialize_keras_object(self.repair),
-            layers=self.layers,
-            seed=self.seed,
-            keep_networks=self.keep_networks,
-        )
-        return config
+        return {
+            **super().get_config(),
+            "rounds": self.rounds,
+            "count": self.count,
+            "fraction": self.fraction,
+            "repair": keras.saving.serialize_keras_object(self.repair),
+            "layers": self.layers,
+            "seed": self.seed,
+            "keep_networks": self.keep_networks,
+        }

@@ -48,7 +48,10 @@ def test_prune_retrain_deletes_exactly_the_units_with_exact_zeros(digits, traine
     assert np.all(layer["dense_2"].kernel.numpy()[units["dense_1"], :] == 0)
     assert np.all(layer["logits"].kernel.numpy()[units["dense_2"], :] == 0)
     assert len(keras_fip.masks(pruned)) == 5
-    assert weights  # The model has weights left to use.
+    # The surviving weights were retrained.
+    kept = np.setdiff1d(np.arange(weights["dense_1/kernel"].shape[1]), units["dense_1"])
+    before = trained.get_layer("dense_1").kernel.numpy()[:, kept]
+    assert not np.allclose(weights["dense_1/kernel"][:, kept], before)
     # 7 units, 2 per round: deleted at steps 0, 3, 6, 9 → all gone at step 9.
     steps_per_epoch = -(-len(x) // 128)
     assert history["pruned_at"] == pytest.approx(9 / steps_per_epoch)

@@ -28,7 +28,7 @@ def trained():
 
 def test_damage_path_scales_the_damaged_coordinates_by_one_minus_t(trained):
     model, _, _ = trained
-    damaged = keras_fip.Damage("nodes", fraction=0.5, seed=0)(model)
+    damaged = keras_fip.Damage(keras_fip.faults.Nodes(0.5), seed=0)(model)
     points, times = damage_path(model, damaged, num_points=5)
     np.testing.assert_allclose(times, [0, 0.25, 0.5, 0.75, 1.0])
     for start, end, original, final in zip(
@@ -60,6 +60,14 @@ def test_deletion_sequence_is_nested_and_runs_to_every_unit(trained):
     )
     with pytest.raises(ValueError, match="`fractions`"):
         deletion_sequence(model, [0.5, 0.2])
+    with pytest.raises(ValueError, match="`scope`"):
+        deletion_sequence(model, [0.5], scope="local")
+    with pytest.raises(ValueError, match="`layers`"):
+        deletion_sequence(model, [0.5], layers=["logits"])
+    # Per layer, of the named layer only; the input model keeps no mask.
+    (half,) = deletion_sequence(model, [0.5], scope="per_layer", layers=["dense_1"])
+    assert len(keras_fip.operations.hidden_units(half)["dense_1"][1]) == 16
+    assert not keras_fip.masks(model)
 
 
 def test_breakdown_profile_matches_speed_acceleration_energy_and_length(trained):
@@ -109,11 +117,11 @@ def test_expected_perturbation_change_predicts_measured_gaussian_damage(trained)
     metric = MetricOperator(model, inputs)
     radius = 0.2
     predicted = expected_perturbation_change(metric, norm=radius, num_samples=300)
-    # Measured: the mean squared logit change under Damage(kind="gaussian", norm=radius).
+    # Measured: the mean squared logit change under Damage(Gaussian(norm=radius)).
     reference = np.asarray(model(inputs))
     changes = []
     for seed in range(40):
-        damaged = keras_fip.Damage("gaussian", norm=radius, seed=seed)(model)
+        damaged = keras_fip.Damage(keras_fip.faults.Gaussian(norm=radius), seed=seed)(model)
         changes.append(np.mean(np.sum((np.asarray(damaged(inputs)) - reference) ** 2, 1)))
     measured = float(np.mean(changes))
     assert predicted == pytest.approx(measured, rel=0.15)
@@ -131,8 +139,8 @@ def test_expected_perturbation_change_predicts_measured_gaussian_damage(trained)
 
 
 def _deleted_alone(model, layer, unit, x, probabilities=True):
-    """Outputs with one more unit deleted, through `Damage(units=...)` (the reference)."""
-    damaged = keras_fip.Damage("nodes", units={layer: [unit]})(model)
+    """Outputs with one more unit deleted, through `Nodes(units=...)` (the reference)."""
+    damaged = keras_fip.Damage(keras_fip.faults.Nodes(units={layer: [unit]}))(model)
     outputs = np.asarray(damaged(x), np.float64)
     return keras.ops.convert_to_numpy(keras.ops.softmax(outputs)) if probabilities else outputs
 
@@ -236,7 +244,7 @@ def test_softmax_model_and_its_logits_twin_break_down_alike(trained):
     assert speeds[0]["speed"] == pytest.approx(speeds[1]["speed"], rel=1e-4)
     profiles = []
     for network in (model, twin):
-        damaged = keras_fip.Damage("nodes", fraction=0.5, seed=0)(network)
+        damaged = keras_fip.Damage(keras_fip.faults.Nodes(0.5), seed=0)(network)
         points, times = damage_path(network, damaged, num_points=4)
         profiles.append(
             breakdown_profile(points, x[:200], model=network, times=times, outputs="probabilities")

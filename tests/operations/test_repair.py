@@ -9,10 +9,18 @@ import pytest
 import keras_fip
 from keras_fip import models
 from keras_fip.operations.damage import Damage
-from keras_fip.operations.damage import damage_reference
+from keras_fip.operations.damage_reference import damage_reference
+from keras_fip.operations.faults import Nodes
+from keras_fip.operations.repair import FIP
+from keras_fip.operations.repair import Embryonic
+from keras_fip.operations.repair import OutputLayerSolver
 from keras_fip.operations.repair import Repair
+from keras_fip.operations.repair import Retrain
 from keras_fip.operations.repair import recovery_path
 from tests.operations.contract import run_operation_contract
+
+# ⌈1437 / 128⌉ steps of 128 examples: the digits' training epoch.
+EPOCH_EXAMPLES = 12 * 128
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +34,7 @@ def trained(digits):
 
 @pytest.fixture(scope="module")
 def damaged(trained):
-    return Damage("nodes", fraction=0.6, seed=0)(trained)
+    return Damage(Nodes(0.6), seed=0)(trained)
 
 
 def _fingerprint(model):
@@ -52,15 +60,24 @@ def _accuracy(model, x, y):
     return models.evaluate_classifier(model, x, y)["accuracy"]
 
 
+def _walk(epochs=1, learning_rate=None, seed=0, **kwargs):
+    """A quiet seeded walk of `epochs`, at a Penalty rate if given."""
+    rule = None if learning_rate is None else keras_fip.rules.Penalty(learning_rate)
+    return keras_fip.Walk(epochs=epochs, rule=rule, seed=seed, verbose=0, **kwargs)
+
+
+def _solver(examples, **kwargs):
+    """A FIP whose walk starts with the given solves."""
+    return FIP(solver=OutputLayerSolver(examples, **kwargs))
+
+
 # The shared contract.
 
 
 def test_repair_meets_the_operation_contract():
-    # Repair towards the model itself (reference=): a walk that keeps the function.
+    # Repair towards the model itself (undamaged=): a walk that keeps the function.
     run_operation_contract(
-        lambda model, x, y: Repair(
-            data=x, reference=model, epochs=1, validation_split=0.25, seed=0, verbose=0
-        )
+        lambda model, x, y: Repair(x, undamaged=model, validation_split=0.25, walk=_walk())
     )
 
 
@@ -69,8 +86,8 @@ def test_chain_of_damage_and_repair_equals_repair_of_damage(digits, trained):
 
     def operations():
         return (
-            Damage("nodes", fraction=0.25, seed=1),
-            Repair(data=(x, y), method="retrain", epochs=1, seed=0, verbose=0),
+            Damage(Nodes(0.25), seed=1),
+            Repair((x, y), method="retrain", walk=_walk()),
         )
 
     keras.utils.set_random_seed(0)
@@ -82,6 +99,31 @@ def test_chain_of_damage_and_repair_equals_repair_of_damage(digits, trained):
     assert damage_reference(chained).records[-1]["kind"] == "repair"
 
 
+def test_one_repair_object_gives_independent_results_on_models_and_calls(digits, trained):
+    x, y, _, _ = digits
+    keras.utils.set_random_seed(1)
+    other = models.mlp(48, input_shape=(8, 8, 1))
+    models.train_classifier(other, x, y, epochs=3, batch_size=64, learning_rate=3e-3)
+    damage = Damage(Nodes(0.5), seed=2)
+    damaged = [damage(trained), damage(other)]
+    for method in ("fip", "retrain"):
+        op = Repair((x, y), method=method, walk=_walk(1, 3e-3))
+        results = [op(damaged[0]), op(damaged[1]), op(damaged[0])]
+        histories = []
+        for model in (damaged[0], damaged[1]):
+            fresh = Repair((x, y), method=method, walk=_walk(1, 3e-3))
+            expected = fresh(model)
+            histories.append(fresh.history)
+            index = 0 if model is damaged[0] else 1
+            assert _fingerprint(results[index]) == _fingerprint(expected)
+        assert _fingerprint(results[2]) == _fingerprint(results[0])
+        assert op.history["val_accuracy"] == histories[0]["val_accuracy"]
+        assert op.history["undamaged_accuracy"] == histories[0]["undamaged_accuracy"]
+        # Each result repairs towards its own undamaged network.
+        restored = damage_reference(results[1]).restore(results[1])
+        assert _fingerprint(restored) == _fingerprint(other)
+
+
 # Each method.
 
 
@@ -90,7 +132,7 @@ def test_fip_repair_recovers_inputs_only_with_damaged_weights_exactly_zero(
 ):
     x, _, x_test, y_test = digits
     before = _fingerprint(damaged)
-    op = Repair(data=x, validation_data=(x_test, y_test), epochs=6, seed=0, verbose=0)
+    op = Repair(x, validation_data=(x_test, y_test), walk=_walk(6))
     repaired = op(damaged)
     assert _fingerprint(damaged) == before  # No mutation.
     assert all(np.all(v == 0.0) for v in _damaged_entries(repaired, damaged))
@@ -105,7 +147,7 @@ def test_fip_repair_recovers_inputs_only_with_damaged_weights_exactly_zero(
     history = op.history
     assert history["undamaged_accuracy"] == pytest.approx(undamaged)
     assert history["val_accuracy"][0] == pytest.approx(hurt)
-    assert history["task_weight"] == 0.0  # Inputs only: the pure function recovery.
+    assert history["beta"] == 0.0  # Inputs only: the pure function recovery.
     # The defaults on an MLP: the solves (an output-only batch, 4 sweeps, a last output
     # solve: six batches, half an epoch of the 1437 inputs), then the walk for the rest
     # of the 6 epochs of ⌈1437/128⌉ = 12 steps, evaluated 20 times an epoch (every step).
@@ -119,13 +161,11 @@ def test_fip_repair_recovers_inputs_only_with_damaged_weights_exactly_zero(
     assert 71 / 12 < history["epochs"] <= 6.0
     # The pure walk (no solve), measured once an epoch.
     walk_only = Repair(
-        data=x,
+        x,
+        method=FIP(solver=None),
         validation_data=(x_test, y_test),
-        epochs=6,
-        solve_output_layer=0,
         evaluations_per_epoch=1,
-        seed=0,
-        verbose=0,
+        walk=_walk(6),
     )
     walked = walk_only(damaged)
     history = walk_only.history
@@ -154,9 +194,9 @@ def _softmax_twin(model):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(epochs=2),  # The defaults: solves, then the walk with the labels' term.
-        dict(epochs=1, method="retrain", learning_rate=3e-3),
-        dict(epochs=1, method="embryonic", learning_rate=3e-3),
+        dict(walk=_walk(2)),  # The defaults: solves, then the walk with the labels' term.
+        dict(method="retrain", walk=_walk(1, 3e-3)),
+        dict(method="embryonic", walk=_walk(1, 3e-3)),
     ],
     ids=["fip", "retrain", "embryonic"],
 )
@@ -166,8 +206,8 @@ def test_repair_of_a_softmax_model_equals_the_repair_of_its_logits_twin(digits, 
     assert keras_fip.engine.outputs.output_kind(twin) == "probabilities"
     repaired = []
     for model in (trained, twin):
-        damaged = Damage("nodes", fraction=0.6, seed=0)(model)
-        op = Repair(data=(x, y), validation_data=(x_test, y_test), seed=0, verbose=0, **kwargs)
+        damaged = Damage(Nodes(0.6), seed=0)(model)
+        op = Repair((x, y), validation_data=(x_test, y_test), **kwargs)
         repaired.append(op(damaged))
         if kwargs.get("method") != "embryonic":  # Embryonic releases the damaged weights.
             assert all(np.all(v == 0.0) for v in _damaged_entries(repaired[-1], damaged))
@@ -178,7 +218,7 @@ def test_repair_of_a_softmax_model_equals_the_repair_of_its_logits_twin(digits, 
     np.testing.assert_allclose(
         keras.ops.softmax(repaired[0](x_test)), repaired[1](x_test), atol=1e-4
     )
-    hurt = _accuracy(Damage("nodes", fraction=0.6, seed=0)(twin), x_test, y_test)
+    hurt = _accuracy(Damage(Nodes(0.6), seed=0)(twin), x_test, y_test)
     undamaged = _accuracy(twin, x_test, y_test)
     assert _accuracy(repaired[1], x_test, y_test) > hurt + 0.5 * (undamaged - hurt)
 
@@ -197,30 +237,28 @@ def test_recovery_path_of_a_softmax_model_equals_its_logits_twin(digits, trained
 
 def test_fip_repair_uses_the_labels_by_default(digits, damaged):
     x, y, x_test, y_test = digits
-    common = dict(
-        validation_data=(x_test, y_test), epochs=2, solve_output_layer=0, seed=0, verbose=0
-    )
-    labelled = Repair(data=(x, y), **common)
+    common = dict(validation_data=(x_test, y_test), method=FIP(solver=None))
+    labelled = Repair((x, y), walk=_walk(2), **common)
     chosen = labelled(damaged)
-    # "auto" with labels walks the task term at weights 1 and 10 and keeps the network
+    # β "auto" with labels walks the task term at weights 1 and 10 and keeps the network
     # most accurate on the validation split at the end.
     candidates = labelled.history["candidates"]
-    assert [c["task_weight"] for c in candidates] == [1.0, 10.0]
+    assert [c["beta"] for c in candidates] == [1.0, 10.0]
     best = max(candidates, key=lambda c: c["final_accuracy"])
-    assert labelled.history["task_weight"] == best["task_weight"]
+    assert labelled.history["beta"] == best["beta"]
     assert labelled.history["val_accuracy"][-1] == best["final_accuracy"]
     assert labelled.history["epochs"] == pytest.approx(2.0)  # One walk's epochs.
     assert np.all(np.isfinite(labelled.history["secondary_loss"]))
     # The kept network is the walk at that weight.
-    explicit = Repair(data=(x, y), task_weight=best["task_weight"], **common)
+    explicit = Repair((x, y), walk=_walk(2, beta=best["beta"]), **common)
     for a, b in zip(chosen.get_weights(), explicit(damaged).get_weights()):
         np.testing.assert_array_equal(a, b)
     assert explicit.history["val_accuracy"] == labelled.history["val_accuracy"]
     # Inputs only is the walk without the labels (weight 0).
-    inputs_only = Repair(data=x, **common)
-    without = Repair(data=(x, y), task_weight=0.0, **common)
+    inputs_only = Repair(x, walk=_walk(2), **common)
+    without = Repair((x, y), walk=_walk(2, beta=0.0), **common)
     weights = [op(damaged).get_weights() for op in (inputs_only, without)]
-    assert inputs_only.history["task_weight"] == without.history["task_weight"] == 0.0
+    assert inputs_only.history["beta"] == without.history["beta"] == 0.0
     assert "candidates" not in inputs_only.history
     for a, b in zip(*weights):
         np.testing.assert_array_equal(a, b)
@@ -231,11 +269,9 @@ def test_fip_repair_uses_the_labels_by_default(digits, damaged):
 def test_one_hot_labels_repair_as_integer_labels(digits, damaged, method):
     x, y, x_test, y_test = digits
     one_hot = keras.utils.to_categorical(y, 10)
-    kwargs = dict(method=method, epochs=1, seed=0, verbose=0)
-    if method == "retrain":
-        kwargs["learning_rate"] = 3e-3
+    kwargs = dict(method=method, walk=_walk(1, 3e-3 if method == "retrain" else None))
     ops = [
-        Repair(data=(x, labels), validation_data=(x_test, test_labels), **kwargs)
+        Repair((x, labels), validation_data=(x_test, test_labels), **kwargs)
         for labels, test_labels in ((y, y_test), (one_hot, keras.utils.to_categorical(y_test)))
     ]
     repaired = [op(damaged) for op in ops]
@@ -243,7 +279,7 @@ def test_one_hot_labels_repair_as_integer_labels(digits, damaged, method):
         np.testing.assert_array_equal(a, b)
     assert ops[0].history["val_accuracy"] == ops[1].history["val_accuracy"]
     # And with the validation split held out of `data` (its labels one-hot too).
-    split = Repair(data=(x, one_hot), **kwargs)
+    split = Repair((x, one_hot), **kwargs)
     split(damaged)
     assert split.history["undamaged_accuracy"] > 0.8
 
@@ -251,15 +287,12 @@ def test_one_hot_labels_repair_as_integer_labels(digits, damaged, method):
 def test_epochs_to_recover_is_the_first_evaluation_within_target(digits, damaged):
     x, y, x_test, y_test = digits
     op = Repair(
-        data=(x, y),
+        (x, y),
         method="retrain",
         validation_data=(x_test, y_test),
-        epochs=4,
         evaluations_per_epoch=2,
         target=0.05,
-        learning_rate=3e-3,
-        seed=0,
-        verbose=0,
+        walk=_walk(4, 3e-3),
     )
     op(damaged)
     history = op.history
@@ -273,16 +306,13 @@ def test_epochs_to_recover_is_the_first_evaluation_within_target(digits, damaged
     # stop_at_target stops there.
     if within:
         early = Repair(
-            data=(x, y),
+            (x, y),
             method="retrain",
             validation_data=(x_test, y_test),
-            epochs=4,
             evaluations_per_epoch=2,
             target=0.05,
-            learning_rate=3e-3,
             stop_at_target=True,
-            seed=0,
-            verbose=0,
+            walk=_walk(4, 3e-3),
         )
         early(damaged)
         assert early.history["epoch"][-1] == pytest.approx(within[0])
@@ -290,15 +320,7 @@ def test_epochs_to_recover_is_the_first_evaluation_within_target(digits, damaged
 
 def test_retrain_keeps_damaged_weights_exactly_zero(digits, damaged):
     x, y, x_test, y_test = digits
-    op = Repair(
-        data=(x, y),
-        method="retrain",
-        validation_data=(x_test, y_test),
-        epochs=3,
-        learning_rate=3e-3,
-        seed=0,
-        verbose=0,
-    )
+    op = Repair((x, y), method="retrain", validation_data=(x_test, y_test), walk=_walk(3, 3e-3))
     repaired = op(damaged)
     assert all(np.all(v == 0.0) for v in _damaged_entries(repaired, damaged))
     assert op.history["val_accuracy"][-1] > op.history["val_accuracy"][0]
@@ -312,15 +334,7 @@ def test_retrain_keeps_damaged_weights_exactly_zero(digits, damaged):
 
 def test_embryonic_trains_only_the_released_weights(digits, damaged):
     x, y, x_test, y_test = digits
-    op = Repair(
-        data=(x, y),
-        method="embryonic",
-        validation_data=(x_test, y_test),
-        epochs=3,
-        learning_rate=3e-3,
-        seed=0,
-        verbose=0,
-    )
+    op = Repair((x, y), method="embryonic", validation_data=(x_test, y_test), walk=_walk(3, 3e-3))
     repaired = op(damaged)
     assert keras_fip.masks(repaired) == {}  # Released.
     reference = damage_reference(damaged)
@@ -338,15 +352,7 @@ def test_embryonic_trains_only_the_released_weights(digits, damaged):
 
 def test_release_restores_the_deleted_units_on_the_fip_path(digits, trained, damaged):
     x, _, x_test, y_test = digits
-    op = Repair(
-        data=x,
-        release=True,
-        validation_data=(x_test, y_test),
-        epochs=4,
-        learning_rate=3e-3,
-        seed=0,
-        verbose=0,
-    )
+    op = Repair(x, method=FIP(release=True), validation_data=(x_test, y_test), walk=_walk(4, 3e-3))
     repaired = op(damaged)
     assert keras_fip.masks(repaired) == {}
     assert all(np.count_nonzero(v) > 0 for v in _damaged_entries(repaired, damaged))
@@ -360,14 +366,11 @@ def test_release_restores_the_deleted_units_on_the_fip_path(digits, trained, dam
 def test_num_paths_keeps_the_shortest_recovering_path_in_the_metric(digits, damaged):
     x, _, x_test, y_test = digits
     op = Repair(
-        data=x,
-        num_paths=2,
+        x,
+        method=FIP(num_paths=2),
         validation_data=(x_test, y_test),
-        epochs=2,
         target=0.2,
-        learning_rate=3e-3,
-        seed=0,
-        verbose=0,
+        walk=_walk(2, 3e-3),
     )
     op(damaged)
     candidates = op.history["candidates"]
@@ -381,9 +384,7 @@ def test_reference_model_replaces_a_lost_damage_record(digits, trained, damaged)
     x, _, x_test, y_test = digits
     copy = keras_fip.engine.copy_model(damaged)  # A copy carries the masks, not the record.
     assert damage_reference(copy) is None
-    op = Repair(
-        data=x, reference=trained, validation_data=(x_test, y_test), epochs=1, seed=0, verbose=0
-    )
+    op = Repair(x, undamaged=trained, validation_data=(x_test, y_test), walk=_walk())
     repaired = op(copy)
     assert op.history["undamaged_accuracy"] == pytest.approx(_accuracy(trained, x_test, y_test))
     assert all(np.all(v == 0.0) for v in _damaged_entries(repaired, damaged))
@@ -391,7 +392,7 @@ def test_reference_model_replaces_a_lost_damage_record(digits, trained, damaged)
 
 def test_masks_survive_keras_save_and_load(tmp_path, digits, damaged):
     x, _, _, _ = digits
-    repaired = Repair(data=x, epochs=1, seed=0, verbose=0)(damaged)
+    repaired = Repair(x, walk=_walk())(damaged)
     path = os.path.join(tmp_path, "repaired.keras")
     repaired.save(path)
     loaded = keras.saving.load_model(path)
@@ -405,7 +406,7 @@ def test_masks_survive_keras_save_and_load(tmp_path, digits, damaged):
 
 def test_repair_without_labels_measures_agreement_with_the_undamaged_network(digits, damaged):
     x, _, _, _ = digits
-    op = Repair(data=x, epochs=1, seed=0, verbose=0)
+    op = Repair(x, walk=_walk())
     op(damaged)
     assert op.history["undamaged_accuracy"] == 1.0
     assert op.history["val_accuracy"][-1] > op.history["val_accuracy"][0]
@@ -415,15 +416,10 @@ def test_solve_output_layer_starts_from_the_least_squares_readout(digits, traine
     x, _, x_test, y_test = digits
     # A learning rate so small that the walk leaves the solved layer as it is.
     op = Repair(
-        data=x,
+        x,
+        method=_solver(10 * len(x), sweeps=0, temperature=None),
         validation_data=(x_test, y_test),
-        epochs=1,
-        learning_rate=1e-12,
-        solve_output_layer=10 * len(x),
-        solve_sweeps=0,
-        solve_temperature=None,
-        seed=0,
-        verbose=0,
+        walk=_walk(1, 1e-12),
     )
     repaired = op(damaged)
     features = keras.Model(damaged.input, damaged.get_layer("logits").input)
@@ -437,10 +433,8 @@ def test_solve_output_layer_starts_from_the_least_squares_readout(digits, traine
     np.testing.assert_allclose(bias, expected[-1], atol=2e-3)
     assert np.all(kernel[deleted] == 0)  # The deleted units' outgoing weights stay zero.
     # The solve's inputs count: the first evaluation after it is at N/N = 1 epoch.
-    assert op.history["epoch"][:2] == [0.0, pytest.approx(len(x) / (op._steps_per_epoch * 128))]
+    assert op.history["epoch"][:2] == [0.0, pytest.approx(len(x) / EPOCH_EXAMPLES)]
     assert op.history["val_accuracy"][1] > op.history["val_accuracy"][0] + 0.1
-    with pytest.raises(ValueError, match="solve_output_layer"):
-        Repair(method="retrain", solve_output_layer=100)
 
 
 def _logit_distance(model, reference, x):
@@ -449,20 +443,10 @@ def _logit_distance(model, reference, x):
 
 def test_solve_sweeps_fit_the_hidden_layer_with_damage_held_at_zero(digits, trained, damaged):
     x, _, x_test, y_test = digits
-    kwargs = dict(
-        data=x,
-        validation_data=(x_test, y_test),
-        epochs=1,
-        learning_rate=1e-12,
-        solve_output_layer=len(x),
-        solve_first=0,
-        solve_temperature=None,
-        solve_damping=1e-6,
-        seed=0,
-        verbose=0,
-    )
-    output_only = Repair(solve_sweeps=0, **kwargs)(damaged)
-    op = Repair(solve_sweeps=2, solve_rank=32, **kwargs)
+    kwargs = dict(validation_data=(x_test, y_test), walk=_walk(1, 1e-12))
+    solver = dict(first=0, temperature=None, damping=1e-6)
+    output_only = Repair(x, method=_solver(len(x), sweeps=0, **solver), **kwargs)(damaged)
+    op = Repair(x, method=_solver(len(x), sweeps=2, rank=32, **solver), **kwargs)
     swept = op(damaged)
     # The sweeps move the hidden layer and bring the logits closer than the output solve.
     assert _logit_distance(swept, trained, x) < 0.8 * _logit_distance(output_only, trained, x)
@@ -472,7 +456,7 @@ def test_solve_sweeps_fit_the_hidden_layer_with_damage_held_at_zero(digits, trai
     for values in _damaged_entries(swept, damaged):
         assert np.all(values == 0)  # Deleted units stay exactly deleted.
     # Each of the three solve batches counts (and is evaluated): the walk starts at 3N.
-    epoch = len(x) / (op._steps_per_epoch * 128)
+    epoch = len(x) / EPOCH_EXAMPLES
     assert op.history["epoch"][1:4] == pytest.approx([epoch, 2 * epoch, 3 * epoch])
     assert op.history["val_accuracy"][1] > op.history["val_accuracy"][0] + 0.1
     assert keras_fip.masks(swept).keys() == keras_fip.masks(damaged).keys()
@@ -494,15 +478,10 @@ def _weighted_distance(model, reference, x, temperature):
 def test_solve_temperature_fits_the_softmax_weighted_least_squares(digits, trained, damaged):
     x, _, x_test, y_test = digits
     op = Repair(
-        data=x,
+        x,
+        method=_solver(len(x), sweeps=0, temperature=2.0),
         validation_data=(x_test, y_test),
-        epochs=1,
-        learning_rate=1e-12,
-        solve_output_layer=len(x),
-        solve_sweeps=0,
-        solve_temperature=2.0,
-        seed=0,
-        verbose=0,
+        walk=_walk(1, 1e-12),
     )
     repaired = op(damaged)
     # The dense reference: Σ_x kron(H_x, d_x d_xᵀ) vec(W) = Σ_x kron(H_x z*_x, d_x)
@@ -524,18 +503,10 @@ def test_solve_temperature_fits_the_softmax_weighted_least_squares(digits, train
     assert np.all(kernel[deleted] == 0)
     # Sweeps under the same weights lower the weighted distance further; damage stays zero.
     swept = Repair(
-        data=x,
+        x,
+        method=_solver(len(x), temperature=2.0, sweeps=2, rank=32, first=0, damping=1e-6),
         validation_data=(x_test, y_test),
-        epochs=1,
-        learning_rate=1e-12,
-        solve_output_layer=len(x),
-        solve_temperature=2.0,
-        solve_sweeps=2,
-        solve_rank=32,
-        solve_first=0,
-        solve_damping=1e-6,
-        seed=0,
-        verbose=0,
+        walk=_walk(1, 1e-12),
     )(damaged)
     assert _weighted_distance(swept, trained, x, 2.0) < 0.8 * _weighted_distance(
         repaired, trained, x, 2.0
@@ -546,24 +517,15 @@ def test_solve_temperature_fits_the_softmax_weighted_least_squares(digits, train
 
 def test_solve_first_is_an_output_only_batch_before_the_sweeps(digits, damaged):
     x, _, x_test, y_test = digits
-    kwargs = dict(
-        data=x,
-        validation_data=(x_test, y_test),
-        epochs=1,
-        learning_rate=1e-12,
-        solve_output_layer=len(x),
-        solve_temperature=None,
-        solve_damping=1e-6,
-        seed=0,
-        verbose=0,
-    )
+    kwargs = dict(validation_data=(x_test, y_test), walk=_walk(1, 1e-12))
+    solver = dict(temperature=None, damping=1e-6)
     hidden_before = damaged.get_layer("dense_1").get_weights()[0]
-    # solve_first needs sweeps; with one sweep: 300 inputs, then two batches of N.
-    with pytest.raises(ValueError, match="solve_first"):
-        Repair(solve_first=300, solve_sweeps=0, **kwargs)
-    op = Repair(solve_first=300, solve_sweeps=1, solve_rank=16, **kwargs)
+    # `first` needs sweeps; with one sweep: 300 inputs, then two batches of N.
+    with pytest.raises(ValueError, match="`first`"):
+        OutputLayerSolver(len(x), first=300, sweeps=0, **solver)
+    op = Repair(x, method=_solver(len(x), first=300, sweeps=1, rank=16, **solver), **kwargs)
     swept = op(damaged)
-    steps = op._steps_per_epoch * 128
+    steps = EPOCH_EXAMPLES
     assert op.history["epoch"][1:4] == pytest.approx(
         [300 / steps, (300 + len(x)) / steps, (300 + 2 * len(x)) / steps]
     )
@@ -574,23 +536,13 @@ def test_solve_first_is_an_output_only_batch_before_the_sweeps(digits, damaged):
 
 def test_solve_damping_shrinks_each_unit_step(digits, damaged):
     x, _, x_test, y_test = digits
-    kwargs = dict(
-        data=x,
-        validation_data=(x_test, y_test),
-        epochs=1,
-        learning_rate=1e-12,
-        solve_output_layer=len(x),
-        solve_sweeps=1,
-        solve_rank=16,
-        solve_first=0,
-        solve_temperature=None,
-        seed=0,
-        verbose=0,
-    )
     before = damaged.get_layer("dense_1").get_weights()[0]
 
     def moved(damping):
-        repaired = Repair(solve_damping=damping, **kwargs)(damaged)
+        method = _solver(len(x), sweeps=1, rank=16, first=0, temperature=None, damping=damping)
+        repaired = Repair(x, method=method, validation_data=(x_test, y_test), walk=_walk(1, 1e-12))(
+            damaged
+        )
         for values in _damaged_entries(repaired, damaged):
             assert np.all(values == 0)
         return float(np.linalg.norm(repaired.get_layer("dense_1").get_weights()[0] - before))
@@ -607,82 +559,103 @@ def test_solve_sweeps_need_an_mlp_readout(digits):
     hidden = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
     outputs = keras.layers.Dense(10)(keras.layers.Flatten()(hidden))
     model = keras.Model(inputs, outputs)
-    damaged = Damage("nodes", fraction=0.5, seed=0)(model)
+    damaged = Damage(Nodes(0.5), seed=0)(model)
     before = _fingerprint(damaged)
-    with pytest.raises(ValueError, match="solve_sweeps"):
-        Repair(data=x, solve_output_layer=100, solve_sweeps=1, verbose=0)(damaged)
+    with pytest.raises(ValueError, match="`sweeps`"):
+        Repair(x, method=_solver(100, sweeps=1), walk=_walk())(damaged)
     assert _fingerprint(damaged) == before
+    # A model ending in no Dense layer: explicit solves raise, "auto" plans none.
+    pooled = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(hidden))
+    with pytest.raises(ValueError, match="`examples`"):
+        Repair(x, method=_solver(100), undamaged=pooled, walk=_walk())(pooled)
+    op = Repair(x, undamaged=pooled, walk=_walk())
+    op(pooled)
+    assert op.history["solve_epochs"] == 0.0
 
 
 def test_config_round_trip():
+    import inspect
+
     op = Repair(
-        method="embryonic",
-        epochs=3,
+        method=Embryonic(plasticity=0.1, init_scale=0.5, optimizer="sgd"),
         target=0.02,
-        plasticity=0.1,
+        validation_split=0.2,
+        stop_at_target=True,
         evaluations_per_epoch=4,
-        optimizer="sgd",
-        seed=5,
+        walk=keras_fip.Walk(epochs=3, seed=5, batch_size=64),
+        name="regrow",
     )
     config = op.get_config()
     assert Repair.from_config(config).get_config() == config
-    op = Repair(
-        solve_output_layer=100,
-        solve_sweeps=2,
-        solve_rank=8,
-        solve_temperature=3.0,
-        distance_temperature=2.0,
-        solve_damping=0.5,
+    assert set(inspect.signature(Repair.__init__).parameters) - {"self"} == set(config)
+    solver = OutputLayerSolver(100, sweeps=2, first=10, rank=8, temperature=3.0, damping=0.5)
+    for method in (
+        FIP(release=True, num_paths=2, temperature=2.0, solver=solver),
+        FIP(solver=None),
+        Retrain(release=True, optimizer="sgd"),
+        Embryonic(0.3),
+    ):
+        op = Repair(method=method)
+        config = op.get_config()
+        assert Repair.from_config(config).get_config() == config
+        restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(op))
+        assert restored.get_config() == config and restored.method == method
+        arguments = set(inspect.signature(type(method).__init__).parameters) - {"self"}
+        assert arguments == set(method.get_config())
+    assert OutputLayerSolver.from_config(solver.get_config()) == solver
+    assert set(inspect.signature(OutputLayerSolver.__init__).parameters) - {"self"} == set(
+        solver.get_config()
     )
-    config = op.get_config()
-    assert Repair.from_config(config).get_config() == config
-    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(op))
-    assert restored.get_config() == config
+    assert Repair(method="embryonic").method == Embryonic()
+    assert FIP().solver == OutputLayerSolver()
 
 
 # Bad inputs: ValueError before any work.
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "make, match",
     [
-        ({"method": "surgery"}, "method"),
-        ({"epochs": 0}, "epochs"),
-        ({"target": 1.5}, "target"),
-        ({"num_paths": 0}, "num_paths"),
-        ({"num_paths": 2, "method": "retrain"}, "num_paths"),
-        ({"reference": "model"}, "reference"),
-        ({"optimizer": "rmsprop"}, "optimizer"),
-        ({"distance": "cosine"}, "distance"),
-        ({"training": "yes"}, "training"),
-        ({"release": "yes"}, "release"),
-        ({"task_weight": 1.0, "method": "retrain"}, "task_weight"),
-        ({"solve_output_layer": -1}, "solve_output_layer"),
-        ({"solve_sweeps": 1, "solve_output_layer": 0}, "solve_sweeps"),
-        ({"solve_sweeps": "many"}, "solve_sweeps"),
-        ({"solve_sweeps": -1, "solve_output_layer": 10}, "solve_sweeps"),
-        ({"solve_rank": 0}, "solve_rank"),
-        ({"solve_temperature": 0.0, "solve_output_layer": 10}, "solve_temperature"),
-        ({"solve_output_layer": "all"}, "solve_output_layer"),
-        ({"task_weight": "labels"}, "task_weight"),
-        ({"task_weight": -1.0}, "task_weight"),
-        ({"solve_first": -1}, "solve_first"),
-        ({"solve_first": 10, "solve_sweeps": 0}, "solve_first"),
-        ({"solve_damping": -0.1}, "solve_damping"),
-        ({"distance_temperature": -1.0}, "distance_temperature"),
+        (lambda: Repair(method="surgery"), "`method`"),
+        (lambda: Repair(target=1.5), "`target`"),
+        (lambda: Repair(validation_split=0.0), "`validation_split`"),
+        (lambda: Repair(evaluations_per_epoch=0), "`evaluations_per_epoch`"),
+        (lambda: Repair(stop_at_target="yes"), "`stop_at_target`"),
+        (lambda: Repair(undamaged="model"), "`undamaged`"),
+        (lambda: Repair(walk=keras_fip.Walk(reference="local")), "`reference`"),
+        (lambda: Repair(walk=keras_fip.Walk(checkpoint_directory="c", seed=0)), "checkpoint"),
+        (lambda: Repair(method="retrain", walk=keras_fip.Walk(beta=1.0)), "`beta`"),
+        (lambda: Repair(method="retrain", walk=keras_fip.Walk(rule="normalized")), "`rule`"),
+        (lambda: Repair(np.ones((4, 8, 8, 1)), walk=keras_fip.Walk(beta=2.0)), "`beta`"),
+        (lambda: FIP(num_paths=0), "`num_paths`"),
+        (lambda: FIP(release="yes"), "`release`"),
+        (lambda: FIP(temperature=-1.0), "`temperature`"),
+        (lambda: FIP(solver="always"), "`solver`"),
+        (lambda: Retrain(optimizer="rmsprop"), "`optimizer`"),
+        (lambda: Embryonic(plasticity=-1.0), "`plasticity`"),
+        (lambda: Embryonic(init_scale=-1.0), "`init_scale`"),
+        (lambda: OutputLayerSolver(0), "`examples`"),
+        (lambda: OutputLayerSolver("all"), "`examples`"),
+        (lambda: OutputLayerSolver(sweeps="many"), "`sweeps`"),
+        (lambda: OutputLayerSolver(sweeps=-1), "`sweeps`"),
+        (lambda: OutputLayerSolver(rank=0), "`rank`"),
+        (lambda: OutputLayerSolver(temperature=0.0), "`temperature`"),
+        (lambda: OutputLayerSolver(first=-1), "`first`"),
+        (lambda: OutputLayerSolver(first=10, sweeps=0), "`first`"),
+        (lambda: OutputLayerSolver(damping=-0.1), "`damping`"),
     ],
 )
-def test_bad_arguments_raise_value_error(kwargs, match):
+def test_bad_arguments_raise_value_error(make, match):
     with pytest.raises(ValueError, match=match):
-        Repair(**kwargs)
+        make()
 
 
 def test_retrain_without_labels_raises(digits, damaged):
     x, _, _, _ = digits
     with pytest.raises(ValueError, match="labels"):
-        Repair(data=x, method="retrain")
+        Repair(x, method="retrain")
     with pytest.raises(ValueError, match="labelled"):
-        Repair(data=x, validation_data=x)
+        Repair(x, validation_data=x)
     carried = keras_fip.operations.damage_reference(damaged).inputs
     assert carried is None
     with pytest.raises(ValueError, match="data"):
@@ -693,7 +666,7 @@ def test_model_without_damage_record_or_reference_raises(trained, digits):
     x, _, _, _ = digits
     before = _fingerprint(trained)
     with pytest.raises(ValueError, match="damage record"):
-        Repair(data=x)(trained)
+        Repair(x)(trained)
     assert _fingerprint(trained) == before
 
 
@@ -701,7 +674,7 @@ def test_reference_with_other_shapes_raises(digits, damaged):
     x, _, _, _ = digits
     other = models.mlp(32, input_shape=(8, 8, 1))
     with pytest.raises(ValueError, match="shapes"):
-        Repair(data=x, reference=other)(damaged)
+        Repair(x, undamaged=other)(damaged)
 
 
 def test_recovery_path_stays_above_the_straight_damage_path(digits, trained, damaged):
@@ -761,18 +734,11 @@ def test_distance_temperature_softens_the_walk_distance(digits, damaged):
     x, _, x_test, y_test = digits
     logits = np.random.default_rng(0).normal(size=(5, 10)).astype("float32") * 4
     reference = np.random.default_rng(1).normal(size=(5, 10)).astype("float32") * 4
-    tempered = Repair(distance="kl", distance_temperature=2.0)._walk_distance()
+    tempered = FIP(temperature=2.0).distance(keras_fip.Walk(distance="kl"))
     expected = 4.0 * keras_fip.engine.distances.kl(logits / 2.0, reference / 2.0)
     np.testing.assert_allclose(float(tempered(logits, reference)), float(expected), rtol=1e-6)
     # A walk under it repairs, the damage held at zero.
-    op = Repair(
-        data=x,
-        validation_data=(x_test, y_test),
-        epochs=1,
-        distance_temperature=4.0,
-        seed=0,
-        verbose=0,
-    )
+    op = Repair(x, method=FIP(temperature=4.0), validation_data=(x_test, y_test), walk=_walk())
     repaired = op(damaged)
     assert op.history["val_accuracy"][-1] > op.history["val_accuracy"][0]
     for values in _damaged_entries(repaired, damaged):

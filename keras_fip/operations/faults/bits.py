@@ -1,6 +1,6 @@
 """Bit-level faults in stored weights: float32 and int8 bit flips (PyTorchFI's fault names).
 
-Pure numpy helpers used by `keras_fip.Damage(kind="bitflip")`. A float32 weight is flipped in
+Pure numpy helpers of `keras_fip.faults.BitFlips`. A float32 weight is flipped in
 its IEEE-754 representation (bit 31 the sign, bits 23-30 the exponent, bits 0-22 the
 mantissa). An int8 flip acts on the weight's symmetric per-tensor int8 code
 `q = round(w / s)`, `s = max|w| / 127` (bit 7 the two's-complement sign, bits 0-6 the
