@@ -16,9 +16,9 @@ from keras_fip import metrics  # noqa: E402
 from keras_fip import models  # noqa: E402
 from keras_fip import robustness  # noqa: E402
 from keras_fip.engine import rules  # noqa: E402
+from keras_fip.engine.copy import strip_masks  # noqa: E402
 from keras_fip.engine.masks import MaskedOptimizer  # noqa: E402
 from keras_fip.engine.masks import masks  # noqa: E402
-from keras_fip.engine.masks import strip_masks  # noqa: E402
 from keras_fip.engine.path import Path  # noqa: E402
 from keras_fip.engine.trainer import FIPTrainer  # noqa: E402
 from keras_fip.engine.walk import Walk  # noqa: E402
@@ -35,6 +35,8 @@ from keras_fip.operations import Repair  # noqa: E402
 from keras_fip.operations import chain  # noqa: E402
 from keras_fip.operations import damage_reference  # noqa: E402
 from keras_fip.operations import ensemble_members  # noqa: E402
+from keras_fip.operations import faults  # noqa: E402
+from keras_fip.operations import repair  # noqa: E402
 from keras_fip.operations import shrink  # noqa: E402
 from keras_fip.version import __version__  # noqa: E402
 
@@ -65,6 +67,8 @@ __all__ = [
     "ContinualLearn",
     "metrics",
     "Repair",
+    "repair",
+    "faults",
     "DamageRepair",
     "load_damaged_model",
     "distribute",

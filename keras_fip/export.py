@@ -5,7 +5,7 @@ import os
 import keras
 import tensorflow as tf
 
-from keras_fip.engine.masks import strip_masks
+from keras_fip.engine.copy import strip_masks
 
 
 def export(model, directory, input_signature=None, verbose=False):

@@ -5,6 +5,7 @@ import tempfile
 
 import keras
 
+from keras_fip.engine import layers as layers_lib
 from keras_fip.engine import masks as masks_lib
 
 
@@ -93,12 +94,12 @@ def copy_model(model):
 
     # Re-attach the masks (also those a parent layer's config cannot carry).
     variable_masks = [
-        (copied, masks_lib._mask_of(original))
+        (copied, masks_lib.mask_of(original))
         for original, copied in zip(source, target)
-        if masks_lib._mask_of(original) is not None
+        if masks_lib.mask_of(original) is not None
     ]
     if variable_masks:
-        masks_lib._attach(clone, variable_masks, warn=False)
+        masks_lib.attach_masks(clone, variable_masks, warn=False)
     return clone
 
 
@@ -106,16 +107,16 @@ def _copy_assets(source, target):
     """Copies the assets of `source`'s layers into `target`'s (rebuilt from its config):
     a layer's assets, such as a KerasHub tokenizer's
     vocabulary, are kept out of its config and travel through `save_assets` /
-    `load_assets`, as in a `.keras` file. `_flatten_layers` is the walk Keras saving
-    itself makes; no public call lists nested layers outside `model.layers` (the
-    preprocessor of a KerasHub task)."""
+    `load_assets`, as in a `.keras` file. The layers are every layer under the model and
+    under its `preprocessor` (a KerasHub task's, which `model.layers` does not list)."""
 
     def with_assets(model):
-        return [
-            layer
-            for layer in model._flatten_layers(include_self=False)
-            if hasattr(layer, "save_assets")
-        ]
+        roots = [model] + [getattr(model, "preprocessor", None)]
+        found = []
+        for root in roots:
+            if isinstance(root, keras.layers.Layer):
+                found += layers_lib.all_layers(root, include_self=root is not model)
+        return [layer for layer in found if hasattr(layer, "save_assets")]
 
     # Matched by class and name: a layer built on first call (a preprocessor's packer)
     # may not exist yet in the copy, so positions can differ.
@@ -152,3 +153,28 @@ def _weights_differ(source, target):
     return len(source) != len(target) or any(
         tuple(a.shape) != tuple(b.shape) for a, b in zip(source, target)
     )
+
+
+def strip_masks(model):
+    """Returns a copy of a model without masks: plain layers, zeros kept.
+
+    The undo of `apply_masks` (the analogue of tfmot's `strip_pruning`): a copy
+    (`copy_model`) whose `MaskConstraint`s are replaced by the user constraints they wrapped
+    (`keras_fip.engine.masks.remove_masks`). Masked weights are still exactly zero, but
+    nothing keeps them there any more. The input model is not changed.
+
+    Args:
+        model: A built `keras.Model`.
+
+    Returns:
+        A new `keras.Model`.
+
+    Examples:
+
+    >>> from keras_fip.engine.masks import apply_masks
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> apply_masks(model, {model.layers[0].kernel.path: np.eye(3, 2, dtype=bool)})
+    >>> keras_fip.masks(strip_masks(model))
+    {}
+    """
+    return masks_lib.remove_masks(copy_model(model))

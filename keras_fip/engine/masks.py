@@ -28,6 +28,8 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_fip.engine import layers as layers_lib
+
 # Variables whose constraint attribute is not `f"{variable.name}_constraint"`.
 _IRREGULAR_VARIABLE_NAMES = {
     "depthwise_kernel": "depthwise_constraint",
@@ -37,7 +39,7 @@ _IRREGULAR_VARIABLE_NAMES = {
 _DEPTHWISE_LAYERS = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
 
 
-def _encode_mask(mask):
+def encode_mask(mask):
     """Packs a boolean mask into a JSON-friendly dict (shape + base64 of packed bits)."""
     mask = np.asarray(mask, dtype=bool)
     bits = np.packbits(mask.ravel())
@@ -47,8 +49,8 @@ def _encode_mask(mask):
     }
 
 
-def _decode_mask(config):
-    """Inverse of `_encode_mask`."""
+def decode_mask(config):
+    """Inverse of `encode_mask`."""
     shape = tuple(int(d) for d in config["shape"])
     size = int(np.prod(shape, dtype=np.int64))
     bits = np.frombuffer(base64.b64decode(config["bits"]), dtype=np.uint8)
@@ -58,7 +60,7 @@ def _decode_mask(config):
 def _as_bool_mask(mask, argument_name):
     """Validates an array-like of booleans or 0/1 values and returns a bool array."""
     if isinstance(mask, dict) and set(mask) == {"shape", "bits"}:
-        return _decode_mask(mask)
+        return decode_mask(mask)
     try:
         array = np.asarray(mask.numpy() if hasattr(mask, "numpy") else mask)
     except Exception as error:
@@ -148,7 +150,7 @@ class MaskConstraint(keras.constraints.Constraint):
 
     def get_config(self):
         return {
-            "mask": _encode_mask(self.mask),
+            "mask": encode_mask(self.mask),
             "constraint": (
                 None if self.constraint is None else keras.constraints.serialize(self.constraint)
             ),
@@ -223,7 +225,7 @@ class CompositeMaskConstraint(keras.constraints.Constraint):
 
     def get_config(self):
         return {
-            "masks": {key: _encode_mask(mask) for key, mask in self.masks.items()},
+            "masks": {key: encode_mask(mask) for key, mask in self.masks.items()},
             "constraint": (
                 None if self.constraint is None else keras.constraints.serialize(self.constraint)
             ),
@@ -231,23 +233,6 @@ class CompositeMaskConstraint(keras.constraints.Constraint):
 
 
 # Finding the layer attribute behind a variable.
-
-
-def _child_layers(layer):
-    """Direct sub-layers of `layer` (models: `.layers`; other layers: attributes)."""
-    if isinstance(layer, keras.Model):
-        return list(layer.layers)
-    children = []
-    for value in vars(layer).values():
-        values = (
-            value
-            if isinstance(value, (list, tuple))
-            else (value.values() if isinstance(value, dict) else (value,))
-        )
-        for item in values:
-            if isinstance(item, keras.layers.Layer) and item is not layer:
-                children.append(item)
-    return children
 
 
 def _variable_owners(model):
@@ -258,7 +243,7 @@ def _variable_owners(model):
         if id(layer) in seen:
             return
         seen.add(id(layer))
-        for child in _child_layers(layer):
+        for child in layers_lib.sublayers(layer):
             visit(child, (layer,) + ancestors, seen)
         for variable in layer.weights:
             # Deepest owner wins: children were visited first.
@@ -294,7 +279,7 @@ def _constraint_attribute(layer, variable):
     return attribute
 
 
-def _variable_keys(variables):
+def variable_keys(variables):
     """Unique keys for `variables`: `variable.path`, with `:k` appended to the k-th repeat.
 
     Repeats happen when identical sub-models (for example ensemble members) were built
@@ -316,7 +301,7 @@ class _Untracked:
         self.value = value
 
 
-def _mask_of(variable):
+def mask_of(variable):
     constraint = variable.constraint
     if isinstance(constraint, MaskConstraint):
         return constraint.mask
@@ -364,7 +349,7 @@ def _carry_in_composite(composite, variable, mask, config_text):
     return True
 
 
-def _attach(model, variable_masks, warn=True):
+def attach_masks(model, variable_masks, warn=True):
     """Attaches `[(variable, bool mask)]` to `model` in place and zeroes the weights.
 
     Masks that no layer config carries are recorded in the compile config of a model
@@ -388,7 +373,7 @@ def _attach(model, variable_masks, warn=True):
     config_texts = {}
     for variable, mask, layer, ancestors, attribute in plan:
         existing = variable.constraint
-        carried = _mask_of(variable)
+        carried = mask_of(variable)
         if carried is not None:
             mask = mask & carried
         user_constraint = _user_constraint(existing)
@@ -651,9 +636,9 @@ def masks(model):
         raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
     variables = model.weights
     return {
-        key: _mask_of(variable).copy()
-        for key, variable in zip(_variable_keys(variables), variables)
-        if _mask_of(variable) is not None
+        key: mask_of(variable).copy()
+        for key, variable in zip(variable_keys(variables), variables)
+        if mask_of(variable) is not None
     }
 
 
@@ -713,7 +698,7 @@ def apply_masks(model, masks):
         ]
     elif isinstance(masks, dict):
         variables = model.weights
-        by_key = dict(zip(_variable_keys(variables), variables))
+        by_key = dict(zip(variable_keys(variables), variables))
         unknown = sorted(set(masks) - set(by_key))
         if unknown:
             raise ValueError(
@@ -730,36 +715,31 @@ def apply_masks(model, masks):
             "aligned with `model.trainable_variables`. "
             f"Received: masks={masks!r}"
         )
-    _attach(model, variable_masks)
+    attach_masks(model, variable_masks)
 
 
-def strip_masks(model):
-    """Returns a copy of a model without masks: plain layers, zeros kept.
+def remove_masks(model):
+    """Takes a model's masks off, in place: plain layers, zeros kept.
 
-    The undo of `apply_masks` (the analogue of tfmot's `strip_pruning`): each
-    `MaskConstraint` is replaced by the user constraint it wrapped (or none). Weights are
-    copied as they are, so masked weights are still exactly zero, but nothing keeps them
-    there any more. A model compiled with a `MaskedOptimizer` to carry masks is compiled
-    with its inner optimizer instead. The input model is not changed.
+    Each `MaskConstraint` is replaced by the user constraint it wrapped (or none). Masked
+    weights are still exactly zero, but nothing keeps them there any more. A model compiled
+    with a `MaskedOptimizer` to carry masks is compiled with its inner optimizer instead.
+    `keras_fip.strip_masks` does the same on a copy.
 
     Args:
-        model: A built `keras.Model`.
+        model: A built `keras.Model`. Changed in place.
 
     Returns:
-        A new `keras.Model`.
+        `model`.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     >>> apply_masks(model, {model.layers[0].kernel.path: np.eye(3, 2, dtype=bool)})
-    >>> plain = strip_masks(model)
-    >>> masks(plain)
+    >>> masks(remove_masks(model))
     {}
     """
-    from keras_fip.engine.copy import copy_model
-
-    stripped = copy_model(model)
+    stripped = model
     owners = _variable_owners(stripped)
     for variable in stripped.weights:
         constraint = variable.constraint
@@ -775,7 +755,7 @@ def strip_masks(model):
         if id(layer) in seen:
             continue
         seen.add(id(layer))
-        layers.extend(_child_layers(layer))
+        layers.extend(layers_lib.sublayers(layer))
         for attribute, value in list(vars(layer).items()):
             if isinstance(value, CompositeMaskConstraint):
                 setattr(layer, attribute, value.constraint)
@@ -811,7 +791,7 @@ def sparsity(model, per_variable=False):
     if per_variable:
         return {
             key: (count / size if size else 0.0)
-            for key, count, size in zip(_variable_keys(variables), zeros, sizes)
+            for key, count, size in zip(variable_keys(variables), zeros, sizes)
         }
     total = sum(sizes)
     return sum(zeros) / total if total else 0.0
@@ -972,7 +952,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         for variable, mask in zip(var_list, attached):
             if mask is None:
                 continue
-            carried = _mask_of(variable)
+            carried = mask_of(variable)
             if carried is not None and np.array_equal(carried, mask):
                 continue
             combined = mask if carried is None else mask & carried
@@ -985,7 +965,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     def _resolve_masks(self, var_list):
         explicit = self._explicit_masks.value
         if explicit is None:
-            return [_mask_of(variable) for variable in var_list]
+            return [mask_of(variable) for variable in var_list]
         if isinstance(explicit, list):
             if len(explicit) != len(var_list):
                 raise ValueError(
@@ -994,7 +974,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
                 )
             resolved = explicit
         else:
-            keys = _variable_keys(var_list)
+            keys = variable_keys(var_list)
             unknown = sorted(set(explicit) - set(keys))
             if unknown:
                 raise ValueError(
@@ -1042,7 +1022,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         # Re-project onto the masks (unless the inner update's constraint just did).
         for variable in variables:
             mask = masks.get(id(variable))
-            if mask is not None and _mask_of(variable) is not mask:
+            if mask is not None and mask_of(variable) is not mask:
                 variable.assign(ops.multiply(variable, ops.cast(mask, variable.dtype)))
 
     @property
@@ -1081,15 +1061,15 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             recorded = self._attached_masks.value
         if not recorded or all(mask is None for mask in recorded):
             return None
-        return [None if mask is None else _encode_mask(mask) for mask in recorded]
+        return [None if mask is None else encode_mask(mask) for mask in recorded]
 
     def get_config(self):
         # Do not use super().get_config(): the base arguments belong to the inner one.
         explicit = self._explicit_masks.value
         if isinstance(explicit, dict):
-            masks = {key: _encode_mask(value) for key, value in explicit.items()}
+            masks = {key: encode_mask(value) for key, value in explicit.items()}
         elif isinstance(explicit, list):
-            masks = [None if value is None else _encode_mask(value) for value in explicit]
+            masks = [None if value is None else encode_mask(value) for value in explicit]
         else:
             masks = None
         return {
@@ -1108,3 +1088,8 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         instance = cls(optimizer, **config)
         instance._restored = True
         return instance
+
+
+_mask_of = mask_of
+_variable_keys = variable_keys
+_attach = attach_masks

@@ -441,5 +441,5 @@ def _load_template(directory):
                 for name in saved.files
             ]
         if variable_masks:
-            masks_lib._attach(model, variable_masks, warn=False)
+            masks_lib.attach_masks(model, variable_masks, warn=False)
     return model

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from keras_fip.engine import data_adapter
 from keras_fip.engine import outputs as outputs_lib
-from keras_fip.geometry.metric import _data_inputs
+from keras_fip.geometry.metric import data_inputs
 
 _KINDS = ("jacobian", "fisher")
 
@@ -61,7 +61,7 @@ def metric_diagonal(
     for value, name in ((probes, "probes"), (batch_size, "batch_size")):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-    inputs = _data_inputs(data)
+    inputs = data_inputs(data)
     if not data_adapter.is_structured(inputs):
         inputs = np.asarray(inputs)
     # A probability model is read through its log-probabilities (a view sharing its

@@ -237,7 +237,7 @@ def metric_vector_product(model, inputs, vector, outputs="logits"):
     )
 
 
-def _data_inputs(data):
+def data_inputs(data):
     """The inputs held by `data`: an array, an `(x, y)` tuple or a `tf.data.Dataset`; for
     a model with several inputs, `x` is a dict (by input name) or a list of arrays."""
     if isinstance(data, tf.data.Dataset):
@@ -365,7 +365,7 @@ class MetricOperator:
         self.num_matvecs = 0
         self.num_quadratic_forms = 0
 
-        self._inputs = _data_inputs(data)
+        self._inputs = data_inputs(data)
         self.num_examples = data_adapter.num_examples(self._inputs)
         # What the products differentiate: logits are the model's outputs, or the
         # log-probabilities of a model ending in a softmax (a view sharing its weights);

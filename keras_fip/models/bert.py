@@ -129,7 +129,7 @@ class _BertWrapper(keras.Model):
             "backbone": keras.saving.serialize_keras_object(self.backbone),
             "sequence_length": self.sequence_length,
             "masks": {
-                key: masks_lib._encode_mask(mask) for key, mask in masks_lib.masks(self).items()
+                key: masks_lib.encode_mask(mask) for key, mask in masks_lib.masks(self).items()
             },
         }
 

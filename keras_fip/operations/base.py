@@ -6,6 +6,7 @@ import weakref
 import keras
 import numpy as np
 
+from keras_fip.engine import layers as layers_lib
 from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine import walk as walk_lib
 from keras_fip.engine.copy import copy_model
@@ -131,23 +132,6 @@ def _snake_case(name):
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
-def _sublayers(layer):
-    """Direct sub-layers of a layer (models: `.layers`; other layers: attributes)."""
-    if isinstance(layer, keras.Model):
-        return list(layer.layers)
-    children = []
-    for value in vars(layer).values():
-        items = (
-            value
-            if isinstance(value, (list, tuple))
-            else (value.values() if isinstance(value, dict) else (value,))
-        )
-        children.extend(
-            item for item in items if isinstance(item, keras.layers.Layer) and item is not layer
-        )
-    return children
-
-
 def check_model(model, argument="model"):
     """Raises a `ValueError` unless `model` is a built Keras model of supported layers.
 
@@ -176,7 +160,7 @@ def check_model(model, argument="model"):
             THIRD_PARTY_LAYERS.get(type(layer).__module__.split(".")[0], ())
         ):
             return
-        children = _sublayers(layer)
+        children = layers_lib.sublayers(layer)
         child_weights = {id(w) for child in children for w in child.weights}
         own_weights = [w for w in layer.weights if id(w) not in child_weights]
         is_builtin = type(layer).__module__.startswith("keras.")
@@ -193,7 +177,7 @@ def check_model(model, argument="model"):
             f"layers built only from them. Received: {argument}={model.name}"
         )
 
-    for layer in _sublayers(model):
+    for layer in layers_lib.sublayers(model):
         visit(layer, {id(model)})
 
 
