@@ -1,16 +1,21 @@
 r"""Continual learning with keras_fip.ContinualLearn against the baselines, side by side.
 
-Each seed trains one network on the benchmark's first task; every method then learns the
-later tasks from that same network, in order, with the same epoch budget, batch size,
-optimizer (Adam, cosine-decayed) and, where it keeps one, the same memory
-(`--memory_per_task` class-balanced inputs of every finished task, drawn identically):
+Each seed trains one network on the benchmark's first task (`--batch_size`,
+`--learning_rate`, `--continual_base_epochs`); every method then learns the later tasks
+from that same network, in order, with the same epoch budget and, where it keeps one, the
+same memory (`--memory_per_task` class-balanced inputs of every finished task, drawn
+identically). Every method gets only the model, the data, the budget and the seed: the
+rest is the library's defaults (32 examples a step, Adam cosine-decayed; the baselines'
+learning rate chosen on a held-out split of the new task, and of their labelled memory,
+as their authors tune it; `--fip_beta` and `--fip_step_rule`, when set, are passed to
+ContinualLearn and recorded in results.json as `fip_options`):
 
 - `fip`: `keras_fip.ContinualLearn` (keeps the old network's outputs on the memory inputs,
   no labels);
 - `finetune`: plain training on the new task (shows forgetting);
 - `ewc`: online EWC, λ chosen on held-out data of every task seen (`--ewc_lambda=auto`
   tunes on the first seed and reuses the choice for the others; the grid is extended ×10
-  past an edge that wins alone, up to 3 times each way, since session 15);
+  past an edge that wins alone, up to 3 times each way);
 - `lwf`: Learning without Forgetting (T = 2, λ_o = 1);
 - `replay`: experience replay on the labelled memory;
 - `agem`: A-GEM on the labelled memory;
@@ -110,7 +115,6 @@ MEMORY = {
     "split_cifar10": 200,
     "split_cifar100": 100,
 }
-EWC_GRID = (10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7)
 # Methods `common.start` would refuse under a distributed `--strategy`: none. The
 # baselines' loop (`baselines.continual_base.train`) splits each global batch over the
 # replicas (`keras_fip.distribute.replica_step`) and equals one device
@@ -147,11 +151,15 @@ flags.DEFINE_integer("continual_base_epochs", 5, "Epochs of the first-task netwo
 flags.DEFINE_string(
     "ewc_lambda",
     "auto",
-    "EWC's λ: a number, or `auto` (grid "
-    f"{list(EWC_GRID)} on held-out data, extended ×10 past an edge that "
-    "wins, first seed, reused).",
+    "EWC's λ: a number, or `auto` (the library's grid on held-out data, extended ×10 "
+    "past an edge that wins, first seed, reused).",
 )
-flags.DEFINE_string("fip_beta", "auto", "ContinualLearn's β: a number or `auto`.")
+flags.DEFINE_string(
+    "fip_beta",
+    "auto",
+    "ContinualLearn's β: a number or `auto` (the library default; a number is named in "
+    "results.json).",
+)
 
 FLAGS = flags.FLAGS
 
@@ -193,23 +201,19 @@ def split_validation(bench, seed):
 
 
 def learn(method, model, t, train, validation, bench, memory, settings, state):
-    """Applies `method` for task t; returns (model, operation)."""
+    """Applies `method` for task t; returns (model, operation). Every method gets the
+    model, the data (the task, its head layout, the memory), the budget and the seed;
+    everything else is the library's default (`settings["fip_options"]`: the FIP flags
+    set on the command line, named in results.json)."""
     x, y = train[t]
     offsets = bench["offsets"]
-    common_args = dict(
-        head=bench["head"],
-        epochs=settings["epochs"],
-        learning_rate=settings["learning_rate"],
-        batch_size=settings["batch_size"],
-        seed=settings["seed"],
-    )
+    common_args = dict(head=bench["head"], epochs=settings["epochs"], seed=settings["seed"])
     eval_tasks = [(tx[:1000], ty[:1000]) for tx, ty in bench["test"][: t + 1]]
     labelled_memory = (
         np.concatenate([m[0] for m in memory]),
         np.concatenate([m[1] for m in memory]),
     )
     if method == "fip":
-        beta = settings["fip_beta"]
         run = state.get("run")
         checkpoint = None
         if run is not None:  # Every `--checkpoint_every` steps; resumed with `--resume`.
@@ -223,14 +227,13 @@ def learn(method, model, t, train, validation, bench, memory, settings, state):
             (x, y),
             memory=labelled_memory[0] if t == 1 else None,
             memory_per_task=settings["memory_per_task"],
-            beta=beta,
-            step_rule=settings["fip_step_rule"],
             eval_tasks=eval_tasks,
             verbose=0,
             record_every=(10**9 if checkpoint is None else settings.get("checkpoint_every", 100)),
             checkpoint_directory=checkpoint,
             log_dir=run and run.log_dir(f"{bench['name']}/fip/seed_{settings['seed']}/task_{t}"),
             **common_args,
+            **settings["fip_options"],
         )
     elif method == "finetune":
         op = baselines.FineTune((x, y), eval_tasks=eval_tasks, **common_args)
@@ -252,7 +255,6 @@ def learn(method, model, t, train, validation, bench, memory, settings, state):
             (x, y),
             fisher_data=train[t - 1][0],
             ewc_lambda=value,
-            lambda_grid=EWC_GRID,
             validation_tasks=validation[:t],
             **common_args,
         )
@@ -511,13 +513,18 @@ def main(argv):
         resumable=True,
     )
     output_dir = run.output_dir
+    # ContinualLearn's own arguments only when set on the command line.
+    fip_options = {}
+    if FLAGS.fip_beta != "auto":
+        fip_options["beta"] = float(FLAGS.fip_beta)
+    if not FLAGS["fip_step_rule"].using_default_value:
+        fip_options["step_rule"] = FLAGS.fip_step_rule
     settings = {
         "epochs": _value("epochs", DEFAULT_EPOCHS),
         "base_epochs": FLAGS.continual_base_epochs,
         "batch_size": FLAGS.batch_size,
         "learning_rate": FLAGS.learning_rate,
-        "fip_beta": "auto" if FLAGS.fip_beta == "auto" else float(FLAGS.fip_beta),
-        "fip_step_rule": FLAGS.fip_step_rule,
+        "fip_options": fip_options,
         "ewc_lambda": "auto" if FLAGS.ewc_lambda == "auto" else float(FLAGS.ewc_lambda),
         "resume": FLAGS.resume,
         "checkpoint_every": FLAGS.checkpoint_every,
@@ -536,7 +543,7 @@ def main(argv):
             "data_dir": FLAGS.data_dir,
         },
     )
-    results = {}
+    results = {"fip_options": fip_options}
     start = time.perf_counter()
     for benchmark in benchmarks:
         run_benchmark(benchmark, methods, seeds, settings, memory_sizes, results, run)

@@ -3,15 +3,14 @@ r"""Ensembles under adversarial attack: FIP ensembles beside the ensembles users
 For each experiment (`dataset/model`) and seed s, every method starts from the same data:
 
 - `single`: the base network of seed s (`keras_fip.models.base_network`, cached);
-- `fip`: `keras_fip.Ensemble` from that network on the labelled training set: K members
-  along one walk of `--fip_step_rule` (default `penalty`: Adam on D + L, D the output
-  distance to the start on the anchors), a member every `--fip_member_fraction` × the
-  single network's training steps (or `--fip_steps_between`). L = τ·CE on labelled batches
-  (`--fip_task_weight`, keeps every member as accurate as the start) + λ·CE of the true
-  label on inputs attacked (FGSM, radius the attack's ε) against the ensemble so far
-  (`--fip_diversity`, `--fip_diversity_loss=error`, `--fip_adversary`): each new member
-  learns to be right where the ensemble so far is wrong (beyond the paper; the paper's
-  L = 0 walk is `--fip_task_weight=0 --fip_diversity=0 --fip_step_rule=metric`);
+- `fip`: `keras_fip.Ensemble(K, data=(x, y), steps_between=S, seed=s)` from that
+  network on the labelled training set, every other argument at the library's default: a
+  member every S = `--fip_member_fraction` × the single network's training steps (or
+  `--fip_steps_between`) along one `penalty` walk (Adam on D + L, D the output distance to
+  the start on the anchors), L = τ·CE on labelled batches (τ chosen on a split held out of
+  the training set) + CE of the true label on inputs attacked (FGSM, radius 0.3 of the
+  inputs' range) against the ensemble so far: each new member learns to be right where
+  the ensemble so far is wrong (beyond the paper; see `keras_fip.Ensemble`);
 - `deep`: K independently trained networks of the same recipe (the base networks of seeds
   s, s+1, ..., s+K−1, i.e. `keras_fip.baselines.deep_ensemble`'s recipe through the shared
   cache; the windows of different seeds overlap, so the deep ensemble's spread over seeds
@@ -45,9 +44,10 @@ every method and seed; clean accuracy uses the whole test set):
 
 Compute is recorded in example passes (`train_examples`: one forward and backward pass of
 one example, i.e. epochs × examples for the trained networks; FIP and FGE include the base
-network's training; FIP counts every pass of its walk: anchors, task and diversity batches,
-CG products of a metric step, the attacks that make its diversity inputs, and the start's
-reference outputs).
+network's training; FIP counts every pass of its walk: the choice of the labels' weight
+(its one-member walks and held-out evaluations), anchors, task and diversity batches, the
+attacks that make its diversity inputs, the start's reference outputs and any BatchNorm
+re-estimation).
 
 Writes `config.json`, `results.json` (flat keys `"{experiment}/{method}/{measure}"`, e.g.
 `"mnist/fip/transfer_pgd/accuracy/mean"`, `"mnist/deep/whitebox_pgd/accuracy/mean"`,
@@ -58,47 +58,34 @@ under `"{experiment}/attack/..."`), `member_vs_ensemble.png`, `layer_diversity.p
 on the local 4,000-image subset when the full set is missing and say so
 (`"{experiment}/dataset/subset"`).
 
-Measured here (`python -m apps.robustness`, LeNet-300-100 on MNIST, seeds 0-2, K = 10,
-base networks 5 epochs, PGD ε = 0.3, step 0.01, 40 iterations, 1 random start, on 500
-seeded test images; 19 min for this experiment on a 2-core machine at load average
-9-12), mean ± std over seeds:
+Measured here with the library's defaults
+(`python -m apps.robustness --experiments=mnist/lenet_300_100 --methods=fip,deep,single`:
+LeNet-300-100 on MNIST, seeds 0-2, K = 10, base networks 5 epochs, PGD ε = 0.3, step
+0.01, 40 iterations, 1 random start, on 500 seeded test images), mean ± std over seeds:
 
     method     clean          transfer PGD    white-box PGD   compute (of deep)
-    fip        97.99 ± 0.07   91.73 ± 1.86    0.00            27%
+    fip        97.98 ± 0.03   92.27 ± 1.46    0.00            32%
     deep       98.17 ± 0.02    0.00           0.00            100%
-    fge        98.16 ± 0.06    0.00           0.00            48%
-    snapshot   98.41 ± 0.06    0.47 ± 0.38    0.00            40%
     single     97.96 ± 0.02    0.00           0.00            10%
 
-The surrogate's own accuracy on its attack is 0%. The FIP members average 83.9%
-under transfer; their representations are nearly identical (1 − linear CKA 0.0007, deep
+The walk chose the labels' weight τ = 1 on every seed (on about 2,000 held-out
+training images). The surrogate's own accuracy on its attack is 0%. The FIP members average 84.5%
+under transfer; their representations are nearly identical (1 − linear CKA 0.0009, deep
 0.045): the gain comes from each member learning to be right on the inputs where the
 ensemble so far was attacked, not from representation diversity, and it does not hold
 against white-box PGD on the ensemble itself (0%, as for every method). Coherence with
-the surrogate (cosine of input gradients): FIP 0.64, single 0.71, deep 0.82. The paper's
-L = 0 walk and the earlier agreement push gave 0% and 8.1% under the same transfer attack.
+the surrogate (cosine of input gradients): FIP 0.63, single 0.71, deep 0.82. With K = 5,
+one seed and 200 attacked images
+(`--experiments=mnist/lenet_300_100 --methods=fip,deep,single --seeds=0 --num_members=5
+--attack_examples=200`): FIP clean 97.99% (single 97.97%, deep 98.12%), transfer
+PGD 89.5% (0% for both), at 719,536 example passes (48% of the 5-member deep ensemble's
+1,500,000; both include the base network's 300,000).
 
-On cnn5 (MNIST; the same defaults, which no test or tuning saw; seed 0,
-`--experiments=mnist/cnn5,cifar10/vgg11 --methods=fip,single --seeds=0 --attack_examples=200
---other_num_members=10`):
-FIP clean 99.31% against 99.27%, transfer PGD 43.0% against 0%, white-box 0% for both,
-at 815,168 example passes (27% of a 10 × 5-epoch deep ensemble's 3,000,000).
-VGG-11 (width 0.25) on the local 4,000-image CIFAR-10 subset, same command, ε = 8/255:
-FIP clean 54.4% against 52.4%, transfer 49.5% against 47.5% (the attack barely transfers
-there: the surrogate's input gradients are nearly orthogonal to both, coherence 0.01),
-white-box 0% for both, at 271,168 passes: 45% of a 10 × 15-epoch deep ensemble (600,000),
-since the per-member attacks (2,048 inputs against the members so far) and the reference
-outputs do not shrink with a small training set. That command took 37 min here.
-
-The default command (`python -m apps.robustness`, the plan above) took 34 min 54 s on
-this 2-core machine shared with other jobs (1-minute load average 6.7-18), with every base
-network already in the cache: LeNet-300-100 20 min (the figures above, unchanged), cnn5
-7.5 min, VGG-11 7.2 min. With K = 5 the cnn5 FIP ensemble keeps its clean accuracy (99.31%
-against 99.27%) and takes transfer PGD from 0% to 34.5% (43.0% with K = 10, above), at
-563,008 example passes; VGG-11: clean 54.1% against 52.4%, transfer 49.0% against 47.5%,
-at 143,008 passes; white-box 0% for both. From an empty cache, the 19 base networks it
-trains come on top: 15 LeNet-300-100 (36 s each), 2 cnn5 (395 s each), 2 VGG-11 (88 s
-each), timed one by one at load 6-9, about 25 min, so about 60 min in all.
+The default command also runs FGE and snapshot ensembles on LeNet-300-100 and the
+lighter plan on cnn5 (MNIST) and VGG-11 (CIFAR-10); their figures are in its
+`results.json`. From an empty cache, the default command first trains 19 base networks
+(15 LeNet-300-100, 2 cnn5, 2 VGG-11). `--fip_options` overrides `Ensemble`'s defaults
+(a JSON object of its arguments, e.g. `'{"task_weight": 1.0}'`; unset by default).
 
 Example:
 
@@ -112,6 +99,7 @@ TensorBoard scalars (every figure per seed; the FIP walk's distance moved, outpu
 and losses per step) go to `<output_dir>/logs`.
 """
 
+import json
 import os
 import time
 
@@ -215,32 +203,12 @@ flags.DEFINE_integer(
     "FIP steps between members (overrides --fip_member_fraction).",
     lower_bound=1,
 )
-flags.DEFINE_float("fip_epsilon", 0.05, "FIP step length ε (metric, normalized).", lower_bound=0.0)
-flags.DEFINE_float("fip_learning_rate", 1e-3, "FIP Adam learning rate (penalty).", lower_bound=0.0)
-flags.DEFINE_float(
-    "fip_task_weight",
-    1.0,
-    "τ of the task term on the labelled data (0 with --fip_diversity=0 is the paper's L = 0).",
-    lower_bound=0.0,
+flags.DEFINE_string(
+    "fip_options",
+    None,
+    "keras_fip.Ensemble keyword arguments that override the library's defaults, as JSON "
+    "(e.g. '{\"task_weight\": 1.0}'); unset: the defaults.",
 )
-flags.DEFINE_float("fip_diversity", 1.0, "λ of the diversity term (0: none).", lower_bound=0.0)
-flags.DEFINE_enum(
-    "fip_diversity_loss",
-    "error",
-    ["error", "agreement"],
-    "L_div: cross-entropy on attacked inputs, or agreement with the members.",
-)
-flags.DEFINE_enum(
-    "fip_adversary",
-    "members",
-    ["members", "ensemble"],
-    "Attacked inputs: once per member against the members so far, or every "
-    "step against them and the moving network.",
-)
-flags.DEFINE_integer(
-    "fip_diversity_examples", 2048, "Inputs of L_div drawn per member.", lower_bound=1
-)
-flags.DEFINE_integer("fip_cg_iterations", 10, "CG iterations of the metric step.", lower_bound=1)
 flags.DEFINE_integer(
     "fge_cycle_epochs", 2, "FGE cycle length in epochs (authors: 2-4).", lower_bound=1
 )
@@ -288,6 +256,26 @@ def _base(model, dataset, seed, epochs):
     return network
 
 
+def fip_options():
+    """The `Ensemble` arguments of `--fip_options` (a JSON object), validated."""
+    if not FLAGS.fip_options:
+        return {}
+    try:
+        options = json.loads(FLAGS.fip_options)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"`--fip_options` must be a JSON object. Received: {FLAGS.fip_options!r} ({error})"
+        ) from error
+    reserved = {"num_members", "data", "steps_between", "batch_size", "seed"}
+    if not isinstance(options, dict) or reserved & set(options):
+        raise ValueError(
+            "`--fip_options` must be a JSON object of keras_fip.Ensemble arguments other "
+            f"than {sorted(reserved)} (the app sets those). Received: {FLAGS.fip_options!r}"
+        )
+    keras_fip.Ensemble(2, **options)  # Validates the arguments before any work.
+    return options
+
+
 def build_methods(methods, model, dataset, seed, epochs, x, y, settings, K):
     """Every method's K-member model for one seed; returns `(models, compute)`."""
     base = _base(model, dataset, seed, epochs)
@@ -307,29 +295,22 @@ def build_methods(methods, model, dataset, seed, epochs, x, y, settings, K):
             steps_between = FLAGS.fip_steps_between or max(
                 1, round(FLAGS.fip_member_fraction * epochs * len(x) / FLAGS.batch_size)
             )
+            # The library's defaults: only the data, the budget and the seed are given.
             operation = keras_fip.Ensemble(
                 K,
                 data=(x, y),
                 steps_between=steps_between,
-                step_rule=FLAGS.fip_step_rule,
-                epsilon=FLAGS.fip_epsilon,
-                learning_rate=FLAGS.fip_learning_rate,
-                task_weight=FLAGS.fip_task_weight,
-                diversity=FLAGS.fip_diversity,
-                diversity_loss=FLAGS.fip_diversity_loss,
-                adversary=FLAGS.fip_adversary,
-                perturbation_epsilon=settings["epsilon"],
-                diversity_examples=FLAGS.fip_diversity_examples,
-                cg_iterations=FLAGS.fip_cg_iterations,
-                push="none" if FLAGS.fip_task_weight > 0 or FLAGS.fip_diversity > 0 else "random",
                 batch_size=FLAGS.batch_size,
                 seed=seed,
                 verbose=0,
                 log_dir=_RUN["run"].log_dir(f"{dataset}_{model}/fip/seed_{seed}") if _RUN else None,
+                **fip_options(),
             )
             built[method] = operation(base)
             compute[method] = {
-                "train_examples": base_examples + operation.history["train_examples"]
+                "train_examples": base_examples + operation.history["train_examples"],
+                "task_weight": operation.history["task_weight"],
+                "perturbation_epsilon": operation.history["perturbation_epsilon"],
             }
         elif method == "fge":
             alpha = settings["fge_learning_rate"]
@@ -606,6 +587,7 @@ def experiment_plans():
         _experiment(spec)  # Validate every entry before any work.
     for m in FLAGS.other_methods:
         common.check_choice(m, "other_methods", METHODS)
+    fip_options()
     other_methods = [m for m in methods if m in FLAGS.other_methods]
     if len(experiments) > 1 and not other_methods:
         raise ValueError(
@@ -665,15 +647,7 @@ def _main(plans, methods, output_dir):
             "attack_seed",
             "fip_member_fraction",
             "fip_steps_between",
-            "fip_step_rule",
-            "fip_epsilon",
-            "fip_learning_rate",
-            "fip_task_weight",
-            "fip_diversity",
-            "fip_diversity_loss",
-            "fip_adversary",
-            "fip_diversity_examples",
-            "fip_cg_iterations",
+            "fip_options",
             "fge_cycle_epochs",
             "fge_learning_rate",
             "snapshot_cycle_epochs",

@@ -769,7 +769,7 @@ class Ensemble(Operation):
         self.jit_compile = bool(jit_compile)
 
     def _check_auto_number(self, value, name, low_inclusive=False):
-        """`"auto"`, or a number ≥ 0 (> 0 unless `low_inclusive`)."""
+        """`"auto"`, or a number > 0 (≥ 0 with `low_inclusive`)."""
         if isinstance(value, str) and value == "auto":
             return value
         if isinstance(value, str):
@@ -802,8 +802,8 @@ class Ensemble(Operation):
         return diversity, push, step_rule
 
     def resolve_perturbation_epsilon(self, low, high):
-        """ρ: `perturbation_epsilon`, or `PERTURBATION_FRACTION` of the inputs' range
-        `high − low` for `"auto"` (1.0 when the range is unknown or zero)."""
+        """ρ: `perturbation_epsilon`, or for `"auto"` `PERTURBATION_FRACTION` of the
+        inputs' range `high − low` (of a range of 1 when it is unknown or zero)."""
         if self.perturbation_epsilon != "auto":
             return float(self.perturbation_epsilon)
         span = 1.0 if low is None or high is None or high <= low else float(high - low)

@@ -27,7 +27,6 @@ def test_robustness_app_compares_every_method_under_both_attacks(tmp_path):
         pgd_step=0.1,
         pgd_restarts=0,
         fip_steps_between=3,
-        fip_diversity=1.0,
         fge_cycle_epochs=1,
         snapshot_cycle_epochs=1,
         diagnostic_examples=20,
@@ -67,6 +66,18 @@ def test_robustness_app_compares_every_method_under_both_attacks(tmp_path):
     assert results["digits/num_seeds"] == 1
     assert 0.0 < results["digits/fip/relative_weight_distance/mean"]
     assert -1.0 <= results["digits/fip/coherence/mean"] <= 1.0
+    # FIP runs with the library's defaults: the labels' weight chosen on held-out data, the
+    # diversity radius 0.3 of the inputs' range; the app sets only the budget.
+    assert results["digits/fip/task_weight/mean"] in (1.0, 10.0, 100.0)
+    assert results["digits/fip/perturbation_epsilon/mean"] == pytest.approx(0.3)
+    with open(os.path.join(output_dir, "config.json")) as f:
+        config = json.load(f)
+    assert sorted(k for k in config if k.startswith("fip_")) == [
+        "fip_member_fraction",
+        "fip_options",
+        "fip_steps_between",
+    ]
+    assert config["fip_options"] is None
     for name in ("member_vs_ensemble.png", "layer_diversity.png", "weight_pca.png", "config.json"):
         assert os.path.isfile(os.path.join(output_dir, name))
     served = tf.saved_model.load(os.path.join(output_dir, "serving"))
@@ -111,3 +122,7 @@ def test_robustness_app_rejects_unknown_methods_and_experiments(tmp_path):
     with flagsaver.flagsaver(methods=["deep"], output_dir=str(tmp_path)):
         with pytest.raises(ValueError, match="other_methods"):
             robustness.main([])
+    for options in ("{task_weight: 1}", '{"seed": 3}', '{"task_weight": -1}'):
+        with flagsaver.flagsaver(fip_options=options, output_dir=str(tmp_path)):
+            with pytest.raises(ValueError, match="fip_options|task_weight"):
+                robustness.main([])
