@@ -283,7 +283,8 @@ def start(app_name, unsupported=None, resumable=False):
             methods, SINGLE_DEVICE))
         base, _ = run.base_network("lenet_300_100", "mnist", seed=FLAGS.seed)
         with run.scope():
-            repaired = keras_fip.Repair(data=x, log_dir=run.log_dir("repair/seed_0"))(base)
+            walk = keras_fip.Walk(log_dir=run.log_dir("repair/seed_0"))
+            repaired = keras_fip.Repair(x, walk=walk)(base)
         run.scalars({"test/accuracy": accuracy}, step=0, prefix="repair")
         common.write_json(run.output_dir, "results.json", results)
         run.close()

@@ -1,12 +1,13 @@
 r"""Repairing damaged networks: geodesic recovery, retraining, pruning, damage-repair loops.
 
 Experiment families of the resilience and damage-rescue papers, every network damaged with
-`keras_fip.Damage("nodes")` and repaired with `keras_fip.Repair`, on base networks from
+`keras_fip.Damage(keras_fip.faults.Nodes(...))` and repaired with `keras_fip.Repair`, on base
+networks from
 `keras_fip.models.base_network` (one per seed, trained once, cached):
 
 - `recovery` (resilience paper, Fig. 4): MLP-1 (784-`--repair_mlp_width`-10) on `--dataset`
   with `--repair_fractions` of its hidden units deleted, repaired by
-  - `fip`: `keras_fip.Repair(data=(x, y))` with its defaults (its own learning rate,
+  - `fip`: `keras_fip.Repair((x, y))` with its defaults (its own learning rate,
     untuned, unless `--repair_fip_learning_rates` names a grid): on MLP-1 the FIP back to
     the undamaged network's outputs starts with the solves Repair plans for an MLP
     (output layer, Gauss-Newton sweeps of the hidden units, every input counted in its
@@ -20,8 +21,9 @@ Experiment families of the resilience and damage-rescue papers, every network da
   over its grid (`--repair_<method>_learning_rates`) on
   the mean over the first `--repair_tuning_seeds` seeds (the first one by default; 0: all):
   the rate recovering in the fewest epochs on the mean (then the best final accuracy on
-  the mean) is used for every seed. Accuracy is measured
-  `Repair(evaluations_per_epoch=...)` times per epoch (20, or
+  the mean) is used for every seed (a rate is the walk's `keras_fip.rules.Penalty`
+  learning rate). Accuracy is measured `Repair(evaluations_per_epoch=...)` times per epoch
+  (20, or
   `--repair_evaluations_per_epoch`) on a validation split (the first
   `--repair_validation_examples` test images) and `epochs_to_recover` is the first
   measurement within `--repair_target` of the undamaged accuracy; the final accuracy is
@@ -45,11 +47,12 @@ Experiment families of the resilience and damage-rescue papers, every network da
   loss of the kept networks) and the barrier (the line's highest loss above its worse
   end); a 2-D t-SNE embedding of the networks (scikit-learn) coloured by loss.
 - `transitions` (resilience paper), on the first seed's MLP-1, every step a FIP repair
-  with Repair's defaults on inputs only (`Repair(data=x)`, the pure function recovery)
+  with Repair's defaults on inputs only (`Repair(x)`, the pure function recovery)
   back to the undamaged function: C1 (undamaged) → C2 (the first
   `--repair_transition_fractions` of the hidden units deleted) → C3 (the second, a
   superset: the same seeded order) → C4 (the deleted units restored: re-initialised,
-  released and grown back, `Repair(release=True)`). Epochs to recover and accuracy of
+  released and grown back, `Repair(method=keras_fip.repair.FIP(release=True))`). Epochs to
+  recover and accuracy of
   each transition.
 - `vgg` (Fig. 4): VGG-11 (`--repair_vgg_width`) on
   `--repair_cifar_dataset` with `--repair_vgg_fraction` of its first-layer filters
@@ -64,14 +67,17 @@ Experiment families of the resilience and damage-rescue papers, every network da
 Every FIP repair runs with `Repair`'s defaults: the apps pass the model, the data, the
 budget (`--repair_max_epochs`), the validation split and target, and the seeds. The flags
 `--repair_fip_*` (recovery), `--repair_iterative_fip_*`, `--repair_iterative_solve_examples`
-(iterative and invariant) and `--repair_transition_learning_rate` override single `Repair`
-arguments; they are unset by default, and no figure of the README uses them.
+(iterative and invariant) and `--repair_transition_learning_rate` override single settings
+of the walk (`keras_fip.Walk`), the FIP method (`keras_fip.repair.FIP`) or its solver
+(`keras_fip.repair.OutputLayerSolver`); they are unset by default, and no figure of the
+results uses them.
 
 Writes `config.json`, `results.json` (flat keys such as `"mlp/fip/epochs_to_recover/mean"`,
 `"mlp/0.8/retrain/epochs_to_recover/mean"`, `"iterative/200/damage_repair/cycles/mean"`,
 `"vgg11/recovery/test/accuracy"`, `"invariant/connected_fraction"`,
-`"transitions/C2_to_C3/epochs_to_recover"`) and `recovery.png`, `iterative.png`,
-`invariant.png`, `vgg.png` to `--output_dir`.
+`"transitions/C2_to_C3/epochs_to_recover"`), `provenance.json`, `summary.json` (the results
+page's table of the `recovery` part) and `recovery.png`, `iterative.png`, `invariant.png`,
+`vgg.png` to `--output_dir`.
 
 Example:
 
@@ -158,34 +164,37 @@ flags.DEFINE_list(
 # Documented overrides of Repair's defaults for the FIP of `recovery` (unset: Repair's own;
 # a temperature of 0 means none, solve examples 0 no solve).
 flags.DEFINE_enum(
-    "repair_fip_distance", None, ["l2", "kl", "bhattacharyya"], "Override `Repair(distance=)`."
+    "repair_fip_distance", None, ["l2", "kl", "bhattacharyya"], "Override `Walk(distance=)`."
 )
 flags.DEFINE_float(
     "repair_fip_distance_temperature",
     None,
-    "Override `Repair(distance_temperature=)`.",
+    "Override `FIP(temperature=)`, the walk distance's temperature.",
     lower_bound=0.0,
 )
 flags.DEFINE_integer(
-    "repair_fip_solve_first", None, "Override `Repair(solve_first=)`.", lower_bound=0
+    "repair_fip_solve_first", None, "Override `OutputLayerSolver(first=)`.", lower_bound=0
 )
 flags.DEFINE_integer(
-    "repair_fip_solve_examples", None, "Override `Repair(solve_output_layer=)`.", lower_bound=0
+    "repair_fip_solve_examples",
+    None,
+    "Override `OutputLayerSolver(examples=)` (0: `FIP(solver=None)`).",
+    lower_bound=0,
 )
 flags.DEFINE_integer(
-    "repair_fip_solve_sweeps", None, "Override `Repair(solve_sweeps=)`.", lower_bound=0
+    "repair_fip_solve_sweeps", None, "Override `OutputLayerSolver(sweeps=)`.", lower_bound=0
 )
 flags.DEFINE_integer(
-    "repair_fip_solve_rank", None, "Override `Repair(solve_rank=)`.", lower_bound=1
+    "repair_fip_solve_rank", None, "Override `OutputLayerSolver(rank=)`.", lower_bound=1
 )
 flags.DEFINE_float(
     "repair_fip_solve_temperature",
     None,
-    "Override `Repair(solve_temperature=)`.",
+    "Override `OutputLayerSolver(temperature=)`.",
     lower_bound=0.0,
 )
 flags.DEFINE_float(
-    "repair_fip_solve_damping", None, "Override `Repair(solve_damping=)`.", lower_bound=0.0
+    "repair_fip_solve_damping", None, "Override `OutputLayerSolver(damping=)`.", lower_bound=0.0
 )
 flags.DEFINE_integer(
     "repair_tuning_seeds",
@@ -232,25 +241,25 @@ flags.DEFINE_float(
 flags.DEFINE_float(
     "repair_iterative_fip_learning_rate",
     None,
-    "Override `Repair(learning_rate=)` of the iterative FIP repairs.",
+    "Override the walk's `Penalty(learning_rate=)` of the iterative FIP repairs.",
     lower_bound=0.0,
 )
 flags.DEFINE_enum(
     "repair_iterative_fip_distance",
     None,
     ["l2", "kl", "bhattacharyya"],
-    "Override `Repair(distance=)` of the iterative FIP repairs.",
+    "Override `Walk(distance=)` of the iterative FIP repairs.",
 )
 flags.DEFINE_integer(
     "repair_iterative_solve_examples",
     None,
-    "Override `Repair(solve_output_layer=)` of the iterative FIP repairs.",
+    "Override `OutputLayerSolver(examples=)` of the iterative FIP repairs (0: no solve).",
     lower_bound=0,
 )
 flags.DEFINE_float(
     "repair_transition_learning_rate",
     None,
-    "Override `Repair(learning_rate=)` of the transitions.",
+    "Override the walk's `Penalty(learning_rate=)` of the transitions.",
     lower_bound=0.0,
 )
 
@@ -364,39 +373,63 @@ def _mlp(seed):
     return model
 
 
+# Override flags: the walk's, the FIP method's and its solver's settings they set.
 _FIP_OVERRIDES = {
-    "repair_fip_distance": "distance",
-    "repair_fip_distance_temperature": "distance_temperature",
-    "repair_fip_solve_first": "solve_first",
-    "repair_fip_solve_examples": "solve_output_layer",
-    "repair_fip_solve_sweeps": "solve_sweeps",
-    "repair_fip_solve_rank": "solve_rank",
-    "repair_fip_solve_temperature": "solve_temperature",
-    "repair_fip_solve_damping": "solve_damping",
+    "repair_fip_distance": ("walk", "distance"),
+    "repair_fip_distance_temperature": ("method", "temperature"),
+    "repair_fip_solve_first": ("solver", "first"),
+    "repair_fip_solve_examples": ("solver", "examples"),
+    "repair_fip_solve_sweeps": ("solver", "sweeps"),
+    "repair_fip_solve_rank": ("solver", "rank"),
+    "repair_fip_solve_temperature": ("solver", "temperature"),
+    "repair_fip_solve_damping": ("solver", "damping"),
 }
 _ITERATIVE_OVERRIDES = {
-    "repair_iterative_fip_learning_rate": "learning_rate",
-    "repair_iterative_fip_distance": "distance",
-    "repair_iterative_solve_examples": "solve_output_layer",
+    "repair_iterative_fip_learning_rate": ("walk", "learning_rate"),
+    "repair_iterative_fip_distance": ("walk", "distance"),
+    "repair_iterative_solve_examples": ("solver", "examples"),
 }
-_TRANSITION_OVERRIDES = {"repair_transition_learning_rate": "learning_rate"}
+_TRANSITION_OVERRIDES = {"repair_transition_learning_rate": ("walk", "learning_rate")}
 
 
 def _overrides(table):
-    """The `Repair` arguments of the override flags in `table` that are set."""
-    kwargs = {}
-    for flag, argument in table.items():
+    """`{"walk": {...}, "method": {...}, "solver": {...}}`: the settings of the override
+    flags in `table` that are set."""
+    settings = {"walk": {}, "method": {}, "solver": {}}
+    for flag, (owner, argument) in table.items():
         value = getattr(FLAGS, flag)
         if value is None:
             continue
-        if argument in ("distance_temperature", "solve_temperature") and value == 0:
+        if argument == "temperature" and value == 0:
             value = None  # 0: no temperature.
-        kwargs[argument] = value
-    if kwargs.get("solve_output_layer") == 0:  # No solve: no sweep either.
-        kwargs.pop("solve_sweeps", None)
-    if kwargs.get("solve_output_layer") == 0 or kwargs.get("solve_sweeps") == 0:
-        kwargs.pop("solve_first", None)  # No sweep: no output-only first batch.
-    return kwargs
+        settings[owner][argument] = value
+    solver = settings["solver"]
+    if solver.get("examples") == 0:  # No solve at all.
+        settings["method"]["solver"] = None
+    elif solver:
+        if solver.get("sweeps") == 0:
+            solver.pop("first", None)  # No sweep: no output-only first batch.
+        settings["method"]["solver"] = keras_fip.repair.OutputLayerSolver(**solver)
+    return settings
+
+
+def _walk(seed, learning_rate=None, distance=None, epochs=None):
+    """The walk of a repair: the budget, the batch, the seed, a rate when one is given."""
+    return keras_fip.Walk(
+        epochs=epochs or FLAGS.repair_max_epochs,
+        rule=None if learning_rate is None else keras_fip.rules.Penalty(learning_rate),
+        batch_size=FLAGS.batch_size,
+        distance=distance,
+        seed=seed,
+        verbose=0,
+    )
+
+
+def _method(name, settings=None):
+    """The repair method `name`, the FIP with the `settings` of `_overrides`."""
+    if name == "fip" and settings and settings["method"]:
+        return keras_fip.repair.FIP(**settings["method"])
+    return name
 
 
 def _evaluations_per_epoch():
@@ -408,12 +441,10 @@ def _repair(method, model, damaged, learning_rate, splits, seed):
     """One repair: `(history, repaired model)`. The FIP gets `Repair`'s defaults (its rate
     too when `learning_rate` is `None`); the baselines their tuned rate."""
     (x, y), validation, _ = splits
-    common_kwargs = dict(
-        epochs=FLAGS.repair_max_epochs,
+    validation_kwargs = dict(
         target=FLAGS.repair_target,
         evaluations_per_epoch=_evaluations_per_epoch(),
         stop_at_target=True,
-        seed=seed,
     )
     if method == "prune":
         units = keras_fip.damage_reference(damaged).records[0]["units"]
@@ -426,20 +457,18 @@ def _repair(method, model, damaged, learning_rate, splits, seed):
             units_per_round=FLAGS.repair_prune_units_per_round,
             steps_per_round=FLAGS.repair_prune_steps_per_round,
             batch_size=FLAGS.batch_size,
-            **common_kwargs,
+            epochs=FLAGS.repair_max_epochs,
+            seed=seed,
+            **validation_kwargs,
         )
         return history, repaired
-    extra = {} if learning_rate is None else {"learning_rate": learning_rate}
-    if method == "fip":
-        extra.update(_overrides(_FIP_OVERRIDES))
+    settings = _overrides(_FIP_OVERRIDES) if method == "fip" else None
     op = keras_fip.Repair(
-        data=(x, y),
-        method=method,
+        (x, y),
+        method=_method(method, settings),
         validation_data=validation,
-        batch_size=FLAGS.batch_size,
-        verbose=0,
-        **common_kwargs,
-        **extra,
+        walk=_walk(seed, learning_rate, **(settings["walk"] if settings else {})),
+        **validation_kwargs,
     )
     repaired = op(damaged)
     return op.history, repaired
@@ -513,7 +542,7 @@ def recovery(methods, seeds, splits):
         cases = []
         for index, seed in enumerate(seeds):
             model = _mlp(seed)
-            damaged = keras_fip.Damage("nodes", fraction=fraction, seed=seed)(model)
+            damaged = keras_fip.Damage(keras_fip.faults.Nodes(fraction), seed=seed)(model)
             cases.append((seed, model, damaged))
             if index == 0:
                 results[f"{prefix}/undamaged/test/accuracy"] = models.evaluate_classifier(
@@ -572,18 +601,54 @@ def recovery(methods, seeds, splits):
     return results, curves
 
 
+def recovery_page(results, methods, seeds):
+    """The results page's `summary.json` of the `recovery` part's `results`."""
+    names = {"fip": "FIP (Repair defaults)", "retrain": "tuned retraining", "prune": "prune"}
+    rows = []
+    for fraction in sorted(float(f) for f in FLAGS.repair_fractions):
+        prefix = f"mlp/{_key(fraction)}"
+        row = [f"{100 * fraction:g}% deleted"]
+        for method in methods:
+            mean = results[f"{prefix}/{method}/epochs_to_recover/mean"]
+            spread = results[f"{prefix}/{method}/epochs_to_recover/std"]
+            row.append(f"{mean:.3f} ± {spread:.3f}")
+        rows.append(row)
+    return {
+        "title": "Repair: epochs to recover after deleting hidden units (MLP-1, MNIST)",
+        "description": (
+            f"MLP-1 (784-{FLAGS.repair_mlp_width}-10) with hidden units deleted by "
+            "`keras_fip.faults.Nodes`, repaired until within "
+            f"{100 * FLAGS.repair_target:g} point(s) of the undamaged validation accuracy: "
+            "`keras_fip.Repair((x, y))` with its defaults against retraining and "
+            "prune-one-at-a-time, their rates tuned on the validation split; epochs of "
+            f"{FLAGS.batch_size}-example steps, mean ± std over seeds {seeds} (a run that "
+            f"never recovers counts as the budget, {FLAGS.repair_max_epochs} epochs)."
+        ),
+        "tables": [
+            {
+                "caption": "Epochs to recover",
+                "columns": ["damage"] + [names[m] for m in methods],
+                "rows": rows,
+                "headline": [len(rows) - 1],
+            }
+        ],
+    }
+
+
 def _round_repair(method, seed, splits, epochs=None):
     """The `Repair` of the iterative and invariant experiments: the FIP with `Repair`'s
     defaults, the supervised strategies at `--repair_iterative_learning_rate`."""
     (x, y), _, _ = splits
-    kwargs = _repair_kwargs(splits)
     if method != "fip":
-        kwargs["learning_rate"] = FLAGS.repair_iterative_learning_rate
+        settings = {"walk": {"learning_rate": FLAGS.repair_iterative_learning_rate}}
     else:
-        kwargs.update(_overrides(_ITERATIVE_OVERRIDES))
-    if epochs is not None:
-        kwargs["epochs"] = epochs
-    return keras_fip.Repair(data=(x, y), method=method, seed=seed, **kwargs)
+        settings = _overrides(_ITERATIVE_OVERRIDES)
+    return keras_fip.Repair(
+        (x, y),
+        method=_method(method, settings),
+        walk=_walk(seed, epochs=epochs, **settings["walk"]),
+        **_repair_kwargs(splits),
+    )
 
 
 def iterative(seeds, splits):
@@ -606,14 +671,14 @@ def iterative(seeds, splits):
         last_round = []
         for seed in seeds:
             model = _mlp(seed)
-            damaged = keras_fip.Damage("nodes", count=count, seed=seed)(model)
+            damaged = keras_fip.Damage(keras_fip.faults.Nodes(count=count), seed=seed)(model)
             for method in batch_methods:
                 op = _round_repair(method, seed, splits)
                 op(damaged)
                 cycles[method].append(op.history["epochs_to_recover"])
             rounds = -(-count // FLAGS.repair_round_budget)
             loop = keras_fip.DamageRepair(
-                rounds=rounds,
+                rounds,
                 count=FLAGS.repair_round_budget,
                 seed=seed,
                 repair=_round_repair(FLAGS.repair_iterative_method, seed, splits),
@@ -676,16 +741,13 @@ class _Scorer:
 
 
 def _repair_kwargs(splits):
-    """The validation data, target, measurements and budget every repair shares."""
+    """The validation data, target and measurements every repair shares."""
     _, validation, _ = splits
     return dict(
         validation_data=validation,
         target=FLAGS.repair_target,
         evaluations_per_epoch=_evaluations_per_epoch(),
         stop_at_target=True,
-        batch_size=FLAGS.batch_size,
-        epochs=FLAGS.repair_max_epochs,
-        verbose=0,
     )
 
 
@@ -699,18 +761,17 @@ def invariant(seed, splits):
     for loop in range(FLAGS.repair_invariant_loops):
         repair = _round_repair(FLAGS.repair_iterative_method, seed, splits)
         op = keras_fip.DamageRepair(
-            rounds=FLAGS.repair_invariant_rounds,
+            FLAGS.repair_invariant_rounds,
             count=FLAGS.repair_invariant_budget,
             repair=repair,
             seed=1000 * seed + loop,
             keep_networks=True,
         )
         op(model)
-        networks += op.networks
-        labels += [(loop, index + 1) for index in range(len(op.networks))]
-        print(
-            f"invariant loop {loop}: {len(op.networks)} networks, cycles {op.history['cycles']:.2f}"
-        )
+        kept = op.history["networks"]
+        networks += kept
+        labels += [(loop, index + 1) for index in range(len(kept))]
+        print(f"invariant loop {loop}: {len(kept)} networks, cycles {op.history['cycles']:.2f}")
     count = FLAGS.repair_invariant_examples
     scorer = _Scorer(model, x_val[:count], y_val[:count])
     scores = [scorer(weights) for weights in networks]
@@ -778,7 +839,7 @@ def transitions(seed, splits):
     (x, _), _, (x_test, y_test) = splits
     model = _mlp(seed)
     kwargs = _repair_kwargs(splits)
-    kwargs.update(_overrides(_TRANSITION_OVERRIDES))
+    walk = _walk(seed, **_overrides(_TRANSITION_OVERRIDES)["walk"])
     results = {
         "transitions/C1/test/accuracy": models.evaluate_classifier(model, x_test, y_test)[
             "accuracy"
@@ -791,10 +852,11 @@ def transitions(seed, splits):
     steps.append((f"C{len(steps) + 1}_to_C{len(steps) + 2}", None))
     for name, fraction in steps:
         if fraction is not None:  # Delete more (the same seeded order: a superset)
-            current = keras_fip.Damage("nodes", fraction=fraction, seed=seed)(current)
-            op = keras_fip.Repair(data=x, method="fip", seed=seed, **kwargs)
+            current = keras_fip.Damage(keras_fip.faults.Nodes(fraction), seed=seed)(current)
+            op = keras_fip.Repair(x, walk=walk, **kwargs)
         else:  # Restore the deleted units
-            op = keras_fip.Repair(data=x, method="fip", release=True, seed=seed, **kwargs)
+            method = keras_fip.repair.FIP(release=True)
+            op = keras_fip.Repair(x, method=method, walk=walk, **kwargs)
         current = op(current)
         recovered = op.history["epochs_to_recover"]
         results[f"transitions/{name}/fraction_deleted"] = fraction if fraction else 0.0
@@ -836,9 +898,8 @@ def vgg(seed):
         for layer in model.layers
         if "conv" in layer.name.lower() and hasattr(layer, "kernel")
     )
-    damaged = keras_fip.Damage(
-        "nodes", fraction=FLAGS.repair_vgg_fraction, layers=[first], scope="per_layer", seed=seed
-    )(model)
+    fault = keras_fip.faults.Nodes(FLAGS.repair_vgg_fraction, layers=[first], scope="per_layer")
+    damaged = keras_fip.Damage(fault, seed=seed)(model)
     masks = keras_fip.damage_reference(damaged).damage_masks
     began = time.perf_counter()
     recovery_points, times = recovery_path(
@@ -1066,6 +1127,7 @@ def _main(parts, methods, seeds, run):
         measured, curves = recovery(methods, seeds, splits)
         plot_recovery(curves, output_dir)
         finished("recovery", began, measured)
+        common.write_json(output_dir, "summary.json", recovery_page(results, methods, seeds))
     if "iterative" in parts:
         began = time.perf_counter()
         measured, table = iterative(seeds, splits)

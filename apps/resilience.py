@@ -1,13 +1,14 @@
 r"""Resilience of trained networks: the weight-space adversary, node deletion, fault tables.
 
 Three experiment families of the resilience and damage-rescue papers, on base networks from
-`keras_fip.models.base_network` (trained once, cached), all damage from `keras_fip.Damage`:
+`keras_fip.models.base_network` (trained once, cached), all damage from `keras_fip.Damage`
+with the fault models of `keras_fip.faults`:
 
 - `vulnerability` (Fig. 2B-E): for LeNet-300-100 on `--dataset` (MNIST), `--resilience_directions`
   random unit-norm weight perturbations (Gaussian directions, `--resilience_norm`) against
-  the eigen perturbation of the same norm, `keras_fip.Damage("eigen", norm=...,
-  data=x_train[:--resilience_metric_examples])` with Damage's defaults (inputs only: the top
-  eigenvectors of g on the log-probabilities, mixed by the loss ascent of the undamaged
+  the eigen perturbation of the same norm, `keras_fip.Damage(keras_fip.faults.Eigen(norm=...),
+  data=x_train[:--resilience_metric_examples])` with the fault's defaults (inputs only: the
+  top eigenvectors of g on the log-probabilities, mixed by the loss ascent of the undamaged
   predictions; `--resilience_num_eigenpairs` and `--resilience_mixing` override them): test
   accuracy of the network it returns (`eigen/test/accuracy`) and of the opposite
   perturbation (`eigen/minus/...`; histogram), ρ (SLQ), and the second-order prediction
@@ -37,8 +38,9 @@ copy and one `tf.function` over the evaluation set: no model is rebuilt per pert
 
 Writes `config.json`, `results.json` (flat keys such as
 `"lenet_300_100/random/test/accuracy/min"`, `"lenet_300_100/eigen/test/accuracy"`,
-`"mlp1/nodes/0.8/test/accuracy/mean"`, `"mlp1/knee"`) and `vulnerability.png`,
-`prediction.png`, `deletion.png`, `layers.png`, `faults.png` to `--output_dir`.
+`"mlp1/nodes/0.8/test/accuracy/mean"`, `"mlp1/knee"`), `provenance.json`, `summary.json` (the
+results page's table of the `vulnerability` part) and `vulnerability.png`, `prediction.png`,
+`deletion.png`, `layers.png`, `faults.png` to `--output_dir`.
 
 Example:
 
@@ -115,15 +117,15 @@ flags.DEFINE_float(
 flags.DEFINE_integer(
     "resilience_num_eigenpairs",
     None,
-    "Override of `Damage(num_eigenpairs=...)`, the top eigenvectors of g the eigen "
-    "perturbation mixes (default: Damage's).",
+    "Override of `Eigen(num_eigenpairs=...)`, the top eigenvectors of g the eigen "
+    "perturbation mixes (default: the fault's).",
     lower_bound=1,
 )
 flags.DEFINE_enum(
     "resilience_mixing",
     None,
     ["ascent", "equal", "sqrt"],
-    "Override of `Damage(mixing=...)`, the eigenvectors' mixing (default: Damage's).",
+    "Override of `Eigen(mixing=...)`, the eigenvectors' mixing (default: the fault's).",
 )
 flags.DEFINE_integer(
     "resilience_metric_examples", 1000, "Training inputs over which g is averaged.", lower_bound=1
@@ -313,8 +315,8 @@ def vulnerability(name, dataset, epochs, num_directions):
         "num_params": metric.num_params,
     }
 
-    # The eigen adversary: Damage's defaults on the training inputs (no labels), and the
-    # opposite perturbation beside it
+    # The eigen adversary: the fault's defaults on the training inputs (no labels), and
+    # the opposite perturbation beside it
     start = time.perf_counter()
     overrides = {
         name: value
@@ -324,21 +326,24 @@ def vulnerability(name, dataset, epochs, num_directions):
         )
         if value is not None
     }
-    adversary = keras_fip.Damage("eigen", norm=norm, data=probe, seed=FLAGS.seed, **overrides)
-    adversary(model)
+    fault = keras_fip.faults.Eigen(norm=norm, **overrides)
+    adversary = keras_fip.Damage(fault, data=probe, seed=FLAGS.seed)
+    attacked = adversary(model)
+    record = adversary.history
+    perturbation = keras_fip.damage_reference(attacked).perturbation(attacked)
     results["eigen/seconds"] = time.perf_counter() - start
-    results["eigen/num_matvecs"] = adversary.record["num_matvecs"]
-    results["eigen/top_eigenvalues"] = adversary.record["eigenvalues"]
+    results["eigen/num_matvecs"] = record["num_matvecs"]
+    results["eigen/top_eigenvalues"] = record["eigenvalues"]
     eigen = {}
     for label, sign in (("plus", 1.0), ("minus", -1.0)):
-        evaluator.perturb([sign * p for p in adversary.perturbation])
+        evaluator.perturb([sign * p for p in perturbation])
         eigen[label] = (evaluator.accuracy(),)
         results[f"eigen/{label}/test/accuracy"] = eigen[label][0]
     results["eigen/test/accuracy"] = eigen["plus"][0]  # The network Damage returns.
     results["eigen/test/accuracy_drop"] = clean - results["eigen/test/accuracy"]
     # Both on the log-probabilities, which Damage's g is measured on.
-    results["eigen/predicted_change"] = adversary.record["predicted_change"]
-    results["eigen/measured_change"] = adversary.record["measured_change"]
+    results["eigen/predicted_change"] = record["predicted_change"]
+    results["eigen/measured_change"] = record["measured_change"]
 
     # Random unit-norm directions
     rng = np.random.default_rng(FLAGS.seed)
@@ -383,10 +388,52 @@ def vulnerability(name, dataset, epochs, num_directions):
         "eigen": eigen,
         "predicted": predicted,
         "measured": measured,
-        "eigen_predicted": adversary.record["predicted_change"],
-        "eigen_measured": adversary.record["measured_change"],
+        "eigen_predicted": record["predicted_change"],
+        "eigen_measured": record["measured_change"],
     }
     return results, figures
+
+
+def vulnerability_page(results, names):
+    """The results page's `summary.json` of the `vulnerability` part's `results`."""
+    rows = []
+    for name in names:
+        rows.append(
+            [
+                name,
+                round(100 * results[f"{name}/test/accuracy"], 2),
+                round(100 * results[f"{name}/eigen/test/accuracy"], 2),
+                round(100 * results[f"{name}/random/test/accuracy/min"], 2),
+                round(100 * results[f"{name}/random/test/accuracy/mean"], 2),
+                results[f"{name}/random/num_directions"],
+                results[f"{name}/eigen/num_matvecs"],
+            ]
+        )
+    return {
+        "title": "Resilience: the weight-space adversary against random directions",
+        "description": (
+            'Test accuracy (%) of the undamaged network, of `keras_fip.Damage("eigen")` '
+            f"(norm {FLAGS.resilience_norm:g}, inputs only, g on "
+            f"{FLAGS.resilience_metric_examples} training inputs) and of random directions "
+            f"of the same norm (seed {FLAGS.seed})."
+        ),
+        "tables": [
+            {
+                "caption": "Test accuracy (%) under perturbations of one norm",
+                "columns": [
+                    "network",
+                    "undamaged",
+                    "eigen",
+                    "random (min)",
+                    "random (mean)",
+                    "directions",
+                    "metric products",
+                ],
+                "rows": rows,
+                "headline": [0],
+            }
+        ],
+    }
 
 
 # Node deletion (Fig. 3)
@@ -488,10 +535,8 @@ def layer_by_layer(name, dataset, epochs):
     _, _, x_test, y_test = _splits(dataset)
     evaluator = Evaluator(model, x_test, y_test)
     fractions = np.round(np.arange(0.0, 1.0 + 1e-9, FLAGS.resilience_layer_step), 6)
-    probe = keras_fip.Damage("nodes", fraction=0.0, seed=0)
-    probe(model)
     results, figure = {}, {"fractions": fractions}
-    for layer in probe.record["units"]:
+    for layer in keras_fip.operations.hidden_units(model):
         curves = []
         for seed in range(FLAGS.resilience_layer_seeds):
             sequence = geometry.deletion_sequence(
@@ -523,10 +568,10 @@ def fault_table(name, dataset, epochs):
     evaluator = Evaluator(model, x_test, y_test)
     seeds = range(FLAGS.resilience_fault_seeds)
 
-    def measure(**kwargs):
+    def measure(fault):
         values = []
         for seed in seeds:
-            damaged = keras_fip.Damage(seed=seed, **kwargs)(model)
+            damaged = keras_fip.Damage(fault, seed=seed)(model)
             evaluator.set_weights(damaged.get_weights())
             values.append(evaluator.accuracy())
         return {"mean": float(np.mean(values)), "std": float(np.std(values))}
@@ -535,12 +580,12 @@ def fault_table(name, dataset, epochs):
     for label, bits, bit_format in BIT_CLASSES:
         for count in FLAGS.resilience_bit_counts:
             table[f"bitflip/{label}/{int(count)}"] = measure(
-                kind="bitflip", count=int(count), bits=bits, bit_format=bit_format
+                keras_fip.faults.BitFlips(int(count), bits=bits, format=bit_format)
             )
     for norm in FLAGS.resilience_gaussian_norms:
-        table[f"gaussian/{_key(norm)}"] = measure(kind="gaussian", norm=float(norm))
+        table[f"gaussian/{_key(norm)}"] = measure(keras_fip.faults.Gaussian(float(norm)))
     for fraction in FLAGS.resilience_zero_fractions:
-        table[f"weights/{_key(fraction)}"] = measure(kind="weights", fraction=float(fraction))
+        table[f"weights/{_key(fraction)}"] = measure(keras_fip.faults.Weights(float(fraction)))
     results = {}
     for key, value in table.items():
         results[f"{name}/{key}/test/accuracy/mean"] = value["mean"]
@@ -735,6 +780,7 @@ def _main(parts, run):
                 f"({measured['eigen/num_matvecs']} products), rho {measured['rho']:.3g}"
             )
         plot_vulnerability(figures, output_dir)
+        common.write_json(output_dir, "summary.json", vulnerability_page(results, list(figures)))
     if "deletion" in parts:
         measured, curves = deletion(FLAGS.dataset, FLAGS.epochs)
         results.update(measured)

@@ -64,6 +64,13 @@ def test_repair_app_writes_recovery_and_iterative_results(tmp_path):
         results["mlp/0.5/fip/epochs_to_recover/mean"]
         / results["mlp/0.5/retrain/epochs_to_recover/mean"]
     )
+    # The results page's table: one row per fraction, the figures of results.json.
+    with open(os.path.join(output_dir, "summary.json")) as f:
+        table = json.load(f)["tables"][0]
+    assert table["columns"][1:] == ["FIP (Repair defaults)", "tuned retraining", "prune"]
+    assert table["rows"][0][1] == f"{results['mlp/0.5/fip/epochs_to_recover/mean']:.3f} ± 0.000"
+    assert table["headline"] == [0]
+    assert os.path.exists(os.path.join(output_dir, "provenance.json"))
 
     # Iterative: cycles of each strategy at each m.
     for count in (16,):

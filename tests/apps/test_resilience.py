@@ -54,6 +54,12 @@ def test_resilience_app_writes_vulnerability_deletion_and_fault_results(tmp_path
     for name in ("vulnerability.png", "prediction.png", "deletion.png", "layers.png", "faults.png"):
         assert os.path.getsize(os.path.join(output_dir, name)) > 0
 
+    # The results page's table: one row per network, the figures of results.json.
+    with open(os.path.join(output_dir, "summary.json")) as f:
+        rows = json.load(f)["tables"][0]["rows"]
+    assert [row[0] for row in rows] == ["mlp", "cnn5"]
+    assert rows[0][2] == round(100 * results["mlp/eigen/test/accuracy"], 2)
+
     # Vulnerability: the eigen adversary hurts more than every random direction.
     for name, directions in (("mlp", 12), ("cnn5", 4)):
         clean = results[f"{name}/test/accuracy"]
