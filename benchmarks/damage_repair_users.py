@@ -4,55 +4,49 @@ Two parts, each run per seed:
 
 - `eigen`: LeNet-300-100 on MNIST, the base network as the apps train it
   (`keras_fip.models.base_network("lenet_300_100", "mnist", seed=seed)`, 10 epochs).
-  `keras_fip.Damage("eigen", norm=1.0, data=x_train[:1000])` with every other argument at
-  its default (inputs only, no labels) against `--directions` random directions of the same
-  norm (`Damage("gaussian", norm=1.0, seed=...)`): the test accuracy of each (all 10,000
-  test images), the eigen drop and the largest random drop.
+  `keras_fip.Damage("eigen", data=x_train[:1000])`, the `keras_fip.faults.Eigen` fault with
+  every setting at its default (norm 1, inputs only, no labels) against `--directions`
+  random directions of the same norm (`Damage("gaussian", seed=...)`): the test accuracy of
+  each (all 10,000 test images), the eigen drop and the largest random drop.
 - `repair`: users' models from `benchmarks.user_models` (the keras.io MNIST convnet, which
   ends in a softmax and was trained on one-hot labels, and the BatchNorm residual conv net
-  with logits on the 8×8 digits). `Damage("nodes", fraction=--fraction, seed=seed)` deletes
-  hidden units and filters; then `keras_fip.Repair(data=(x, y), epochs=E, seed=seed)` with
-  every other argument at its default (labels as the user has them: one-hot for the
-  convnet) repairs it on N training examples (a seeded subset; E = 1 epoch of 6,000 MNIST
-  images for the convnet, E = 5 of all 1,437 digits for the residual net; `--epochs` and
-  `--train_examples` change both), against retraining the surviving network
-  (`Repair(method="retrain")`) for the same number of epochs over the same examples, its
-  Adam rate chosen among `--retrain_learning_rates` (extended by factors of 3 past an edge
-  that wins, within 1e-5 to 0.1) by the accuracy on the same held-out 10% of those
-  examples that Repair holds out (its `validation_split`), as the authors of the
-  retraining strategy tune it. `--repair_inputs_only` adds `Repair(data=x)` (the
-  pure function recovery, no labels) as `fip_inputs`. Test accuracies (10,000 MNIST test
-  images; 360 digits, one is 0.28 pp) of the undamaged, damaged, repaired and retrained
-  networks.
+  with logits on the 8×8 digits). `Damage(keras_fip.faults.Nodes(--fraction), seed=seed)`
+  deletes hidden units and filters; then `keras_fip.Repair((x, y),
+  walk=keras_fip.Walk(epochs=E, seed=seed))` with every other setting at its default (labels
+  as the user has them: one-hot for the convnet) repairs it on N training examples (a seeded
+  subset; E = 1 epoch of 6,000 MNIST images for the convnet, E = 5 of all 1,437 digits for
+  the residual net; `--epochs` and `--train_examples` change both), against retraining the
+  surviving network (`Repair(method="retrain")`) for the same number of epochs over the same
+  examples, its Adam rate (the walk's `keras_fip.rules.Penalty` rate) chosen among
+  `--retrain_learning_rates` (extended by factors of 3 past an edge that wins, within 1e-5 to
+  0.1) by the accuracy on the same held-out 10% of those examples that Repair holds out (its
+  `validation_split`), as the authors of the retraining strategy tune it.
+  `--repair_inputs_only` adds `Repair(x)` (the pure function recovery, no labels) as
+  `fip_inputs`. Test accuracies (10,000 MNIST test images; 360 digits, one is 0.28 pp) of
+  the undamaged, damaged, repaired and retrained networks.
 
-Prints one JSON line per run and a summary line per part (mean ± std over seeds).
-
-Measured (`--seeds=0,1,2 --repair_inputs_only`, test accuracy, mean ± std):
-
-| model | undamaged | damaged | Repair defaults | inputs only | tuned retraining |
-| --- | --- | --- | --- | --- | --- |
-| LeNet-300-100, eigen norm 1 | 98.21 | 15.26 ± 2.14 | | | random: ≥ 98.17 |
-| MNIST convnet, 50% filters | 98.25 | 83.81 | 97.95 ± 0.09 | 97.88 ± 0.03 | 97.23 ± 0.34 |
-| residual net, 50% units | 88.15 | 11.48 | 91.02 ± 2.14 | 71.76 ± 7.86 | 92.78 ± 0.82 |
-
-(The eigen row: the largest drop of 20 random directions is 0.05 points. Repair chose the
-labels' weight 10 on every run; the residual net's retraining, which is not held to the
-undamaged function, ends above it.)
+Prints one JSON line per run and a summary line per part (mean ± std over seeds). With
+`--output_dir`, writes `results.json` (every run and the summaries), `provenance.json` and
+`summary.json` (the table of the results page, `docs/results.md`, which
+`scripts/render_results.py` reads from `results/damage_repair_users/`) there.
 
 Example:
 
     python -m benchmarks.damage_repair_users                      # seed 0, a few minutes
-    python -m benchmarks.damage_repair_users --seeds=0,1,2         # the acceptance figures
+    python -m benchmarks.damage_repair_users --seeds=0,1,2 --repair_inputs_only \
+        --output_dir=results/damage_repair_users                   # the measured table
     python -m benchmarks.damage_repair_users --parts=repair --models=residual_convnet
 """
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
 
 import keras_fip
+from apps import provenance
 from benchmarks import user_models
 from keras_fip import data as data_lib
 from keras_fip import models as models_lib
@@ -69,21 +63,20 @@ def _accuracy(model, x, y):
     return user_models.accuracy(model, x, y)
 
 
-def eigen_part(seed, directions, examples):
+def eigen_part(seed, args):
     """The eigen adversary against random directions on LeNet-300-100 (one seed)."""
-    model, base = models_lib.base_network("lenet_300_100", "mnist", seed=seed)
-    x, _ = data_lib.load("mnist", "train")
-    x_test, y_test = data_lib.load("mnist", "test")
+    epochs = {} if args.base_epochs is None else {"epochs": args.base_epochs}
+    model, _ = models_lib.base_network("lenet_300_100", args.eigen_dataset, seed=seed, **epochs)
+    x, _ = data_lib.load(args.eigen_dataset, "train")
+    x_test, y_test = data_lib.load(args.eigen_dataset, "test")
     clean = _accuracy(model, x_test, y_test)
     began = time.perf_counter()
-    op = keras_fip.Damage("eigen", norm=1.0, data=x[:examples])
+    op = keras_fip.Damage("eigen", data=x[: args.examples])
     eigen = _accuracy(op(model), x_test, y_test)
     seconds = time.perf_counter() - began
     random = [
-        _accuracy(
-            keras_fip.Damage("gaussian", norm=1.0, seed=1000 * seed + index)(model), x_test, y_test
-        )
-        for index in range(directions)
+        _accuracy(keras_fip.Damage("gaussian", seed=1000 * seed + index)(model), x_test, y_test)
+        for index in range(args.directions)
     ]
     return {
         "part": "eigen",
@@ -95,9 +88,9 @@ def eigen_part(seed, directions, examples):
         "random_min": float(np.min(random)),
         "random_max_drop": clean - float(np.min(random)),
         "random_mean": float(np.mean(random)),
-        "directions": directions,
-        "num_matvecs": op.record["num_matvecs"],
-        "ascent_steps": op.record["ascent_steps"],
+        "directions": args.directions,
+        "num_matvecs": op.history["num_matvecs"],
+        "ascent_steps": op.history["ascent_steps"],
         "eigen_seconds": seconds,
     }
 
@@ -112,14 +105,14 @@ def _subset(data, count, seed):
 
 def repair_part(name, seed, args):
     """Damage + Repair defaults against tuned retraining on one user model (one seed)."""
-    model, data = user_models.trained(name, seed)
+    model, data = user_models.trained(name, seed, epochs=args.base_epochs)
     recipe = user_models.RECIPES[name]
     data = dict(data, labels=data[recipe["labels"]])  # One-hot labels for the convnet.
     epochs, examples = BUDGETS[name]
     epochs = args.epochs or epochs
     x, y = _subset(data, args.train_examples or examples, seed)
     x_test, y_test = data["x_test"], data["y_test"]
-    damaged = keras_fip.Damage("nodes", fraction=args.fraction, seed=seed)(model)
+    damaged = keras_fip.Damage(keras_fip.faults.Nodes(args.fraction), seed=seed)(model)
     result = {
         "part": "repair",
         "model": name,
@@ -130,31 +123,27 @@ def repair_part(name, seed, args):
         "undamaged": _accuracy(model, x_test, y_test),
         "damaged": _accuracy(damaged, x_test, y_test),
     }
-    runs = {"fip": dict(data=(x, y))}
+    runs = {"fip": (x, y)}
     if args.repair_inputs_only:
-        runs["fip_inputs"] = dict(data=x)
-    for label, kwargs in runs.items():
+        runs["fip_inputs"] = x
+    for label, data in runs.items():
         began = time.perf_counter()
-        op = keras_fip.Repair(epochs=epochs, seed=seed, verbose=0, **kwargs)
+        op = keras_fip.Repair(data, walk=keras_fip.Walk(epochs=epochs, seed=seed, verbose=0))
         repaired = op(damaged)
         result[label] = _accuracy(repaired, x_test, y_test)
         result[f"{label}_epochs"] = op.history["epochs"]
         result[f"{label}_solve_epochs"] = op.history.get("solve_epochs", 0.0)
-        result[f"{label}_task_weight"] = op.history.get("task_weight")
+        result[f"{label}_beta"] = op.history.get("beta")
         result[f"{label}_seconds"] = time.perf_counter() - began
     # Retraining: the same examples and epochs, the rate chosen on the held-out split
     # (the grid extended by factors of 3 past an edge that wins, within [1e-5, 0.1])
     scores = {}
 
     def retrain(rate):
-        op = keras_fip.Repair(
-            data=(x, y),
-            method="retrain",
-            epochs=epochs,
-            learning_rate=rate,
-            seed=seed,
-            verbose=0,
+        walk = keras_fip.Walk(
+            epochs=epochs, rule=keras_fip.rules.Penalty(rate), seed=seed, verbose=0
         )
+        op = keras_fip.Repair((x, y), method="retrain", walk=walk)
         try:
             retrained = op(damaged)
         except FloatingPointError:
@@ -182,12 +171,90 @@ def repair_part(name, seed, args):
 
 
 def _summary(rows, keys):
+    """`{key: {"mean", "std", "per_seed"}}` of the numeric `keys` of `rows`."""
     summary = {}
     for key in keys:
         values = [row[key] for row in rows if isinstance(row.get(key), (int, float))]
         if values:
-            summary[key] = f"{np.mean(values):.4f} ± {np.std(values):.4f}"
+            summary[key] = {
+                "mean": float(np.mean(values)),
+                "std": float(np.std(values)),
+                "per_seed": values,
+            }
     return summary
+
+
+def _printable(summary):
+    return {key: f"{value['mean']:.4f} ± {value['std']:.4f}" for key, value in summary.items()}
+
+
+def _cell(summary, key, spread=True):
+    """A table cell: mean ± std in percent (or `None` when the run did not measure it)."""
+    if key not in summary:
+        return None
+    value = summary[key]
+    if not spread or len(value["per_seed"]) < 2:
+        return round(100 * value["mean"], 2)
+    return f"{100 * value['mean']:.2f} ± {100 * value['std']:.2f}"
+
+
+def results_summary(results):
+    """The results page's `summary.json` of this benchmark's `results`."""
+    rows = []
+    eigen = results["summary"].get("eigen")
+    if eigen:
+        rows.append(
+            [
+                "LeNet-300-100, eigen norm 1, no labels",
+                _cell(eigen, "clean", spread=False),
+                _cell(eigen, "eigen"),
+                None,
+                None,
+                f"random min {_cell(eigen, 'random_min')}",
+            ]
+        )
+    names = {"mnist_convnet": "keras.io MNIST convnet", "residual_convnet": "residual net"}
+    for name, label in names.items():
+        summary = results["summary"].get(f"repair/{name}")
+        if summary:
+            fraction = round(100 * results["arguments"]["fraction"])
+            rows.append(
+                [
+                    f"{label}, {fraction}% units deleted",
+                    _cell(summary, "undamaged", spread=False),
+                    _cell(summary, "damaged", spread=False),
+                    _cell(summary, "fip"),
+                    _cell(summary, "fip_inputs"),
+                    _cell(summary, "retrain"),
+                ]
+            )
+    seeds = results["arguments"]["seeds"]
+    return {
+        "title": "Damage and Repair defaults on LeNet-300-100 and users' models",
+        "description": (
+            '`keras_fip.Damage("eigen")` (inputs only, norm 1) on LeNet-300-100 against '
+            f"{results['arguments']['directions']} random directions of the same norm; "
+            "hidden units deleted with `keras_fip.faults.Nodes` and repaired by "
+            "`keras_fip.Repair` with its defaults (the labels used; `inputs only`: "
+            "`Repair(x)`) against retraining with its rate tuned on the same held-out "
+            f"split, for the same epochs. Test accuracy (%), mean ± std over seeds {seeds}."
+        ),
+        "tables": [
+            {
+                "caption": "Test accuracy (%)",
+                "columns": [
+                    "model, damage",
+                    "undamaged",
+                    "damaged",
+                    "Repair defaults",
+                    "inputs only",
+                    "tuned retraining",
+                ],
+                "rows": rows,
+                "headline": list(range(len(rows))),
+            }
+        ],
+    }
 
 
 def main(argv=None):
@@ -197,11 +264,19 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--directions", type=int, default=20)
     parser.add_argument("--examples", type=int, default=1000, help="Inputs of the eigen damage.")
+    parser.add_argument("--eigen_dataset", default="mnist", help="Dataset of LeNet-300-100.")
+    parser.add_argument(
+        "--base_epochs",
+        type=int,
+        default=None,
+        help="Training epochs of the undamaged networks (default: their recipes').",
+    )
     parser.add_argument("--fraction", type=float, default=0.5, help="Hidden units deleted.")
     parser.add_argument("--epochs", type=int, default=None, help="Epochs of every repair.")
     parser.add_argument("--train_examples", type=int, default=None)
     parser.add_argument("--retrain_learning_rates", default="1e-3,3e-3,1e-2")
     parser.add_argument("--repair_inputs_only", action="store_true")
+    parser.add_argument("--output_dir", default=None, help="Where to write results.json.")
     args = parser.parse_args(argv)
     args.retrain_learning_rates = [float(r) for r in args.retrain_learning_rates.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -209,13 +284,21 @@ def main(argv=None):
     for part in parts:
         if part not in PARTS:
             raise ValueError(f"`--parts` must name parts among {PARTS}. Received: {part!r}")
+    results = {
+        "arguments": {**vars(args), "seeds": seeds, "parts": parts},
+        "runs": [],
+        "summary": {},
+    }
     if "eigen" in parts:
         rows = []
         for seed in seeds:
-            rows.append(eigen_part(seed, args.directions, args.examples))
+            rows.append(eigen_part(seed, args))
             print(json.dumps(rows[-1]), flush=True)
         keys = ("clean", "eigen", "eigen_drop", "random_min", "random_max_drop")
-        print(json.dumps({"summary": "eigen", **_summary(rows, keys)}), flush=True)
+        results["runs"] += rows
+        results["summary"]["eigen"] = _summary(rows, keys)
+        line = {"summary": "eigen", **_printable(results["summary"]["eigen"])}
+        print(json.dumps(line), flush=True)
     if "repair" in parts:
         for name in args.models.split(","):
             rows = []
@@ -230,8 +313,17 @@ def main(argv=None):
                 "retrain",
                 "fip_minus_retrain",
                 "fip_epochs",
+                "fip_beta",
             )
-            print(json.dumps({"summary": f"repair/{name}", **_summary(rows, keys)}), flush=True)
+            results["runs"] += rows
+            results["summary"][f"repair/{name}"] = _summary(rows, keys)
+            line = {"summary": f"repair/{name}", **_printable(results["summary"][f"repair/{name}"])}
+            print(json.dumps(line), flush=True)
+    if args.output_dir:
+        provenance.write_results(args.output_dir, results)
+        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+            json.dump(results_summary(results), f, indent=2)
+    return results
 
 
 if __name__ == "__main__":
