@@ -31,8 +31,10 @@ from keras_fip.operations import DamageRepair  # noqa: E402
 from keras_fip.operations import Ensemble  # noqa: E402
 from keras_fip.operations import Isofunctional  # noqa: E402
 from keras_fip.operations import Operation  # noqa: E402
+from keras_fip.operations import Quantize  # noqa: E402
 from keras_fip.operations import Repair  # noqa: E402
 from keras_fip.operations import chain  # noqa: E402
+from keras_fip.operations import compress  # noqa: E402
 from keras_fip.operations import damage_reference  # noqa: E402
 from keras_fip.operations import ensemble_members  # noqa: E402
 from keras_fip.operations import faults  # noqa: E402
@@ -47,6 +49,7 @@ __all__ = [
     "models",
     "Chain",
     "Compress",
+    "compress",
     "FIPTrainer",
     "Walk",
     "rules",

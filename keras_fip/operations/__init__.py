@@ -1,6 +1,7 @@
 """Operations: validated, serialisable `model -> model` transformations along FIPs."""
 
 from keras_fip.geometry.units import hidden_units
+from keras_fip.operations import compress
 from keras_fip.operations import faults
 from keras_fip.operations import repair
 from keras_fip.operations.base import Operation
@@ -24,6 +25,7 @@ from keras_fip.operations.ensemble import ensemble_members
 from keras_fip.operations.ensemble import is_ensemble
 from keras_fip.operations.heads import grow_output_layer
 from keras_fip.operations.isofunctional import Isofunctional
+from keras_fip.operations.quantize import Quantize
 from keras_fip.operations.repair import OutputLayerSolver
 from keras_fip.operations.repair import Repair
 from keras_fip.operations.repair import recovery_path
