@@ -166,12 +166,14 @@ def _operations(argument_data, model):
         "compress": lambda: keras_fip.Compress(
             0.5, data=argument_data, task_weight=1.0, steps=4, seed=0, verbose=0
         ),
-        "repair": lambda: keras_fip.Repair(data=argument_data, epochs=1, seed=0, verbose=0),
+        "repair": lambda: keras_fip.Repair(
+            argument_data, walk=keras_fip.Walk(epochs=1, seed=0, verbose=0)
+        ),
         "ensemble": lambda: keras_fip.Ensemble(
             2, data=argument_data, steps_between=2, seed=0, verbose=0
         ),
         "damage_eigen": lambda: keras_fip.Damage(
-            "eigen", norm=0.5, data=argument_data, num_eigenpairs=2, seed=0
+            keras_fip.faults.Eigen(0.5, num_eigenpairs=2), data=argument_data, seed=0
         ),
     }
 
@@ -182,10 +184,10 @@ def models():
     built = {}
     for name in MODELS:
         model = _built(name)
-        built[name] = (model, keras_fip.Damage("nodes", fraction=0.25, seed=0)(model))
+        built[name] = (model, keras_fip.Damage(keras_fip.faults.Nodes(0.25), seed=0)(model))
     keras.utils.set_random_seed(0)
     dense = _dense_model()
-    built["dense"] = (dense, keras_fip.Damage("nodes", fraction=0.25, seed=0)(dense))
+    built["dense"] = (dense, keras_fip.Damage(keras_fip.faults.Nodes(0.25), seed=0)(dense))
     return built
 
 
@@ -476,12 +478,16 @@ def test_one_hot_labels_give_the_integer_labels_result(models):
         ),
         (
             lambda data: keras_fip.Repair(
-                data=data, method="retrain", epochs=2, batch_size=16, seed=0, verbose=0
+                data,
+                method="retrain",
+                walk=keras_fip.Walk(epochs=2, batch_size=16, seed=0, verbose=0),
             ),
             damaged,
         ),
         (
-            lambda data: keras_fip.Repair(data=data, epochs=1, batch_size=16, seed=0, verbose=0),
+            lambda data: keras_fip.Repair(
+                data, walk=keras_fip.Walk(epochs=1, batch_size=16, seed=0, verbose=0)
+            ),
             damaged,
         ),
     ):

@@ -82,12 +82,14 @@ OPERATIONS = {
         seed=0,
     ),
     "damage_eigen": lambda t, n, wrap: keras_fip.Damage(
-        "eigen", norm=0.5, data=wrap(t), num_eigenpairs=2, seed=0
+        keras_fip.faults.Eigen(0.5, num_eigenpairs=2), data=wrap(t), seed=0
     ),
     "damage_repair": lambda t, n, wrap: keras_fip.chain(
-        keras_fip.Damage("nodes", fraction=0.25, seed=0),
+        keras_fip.Damage(keras_fip.faults.Nodes(0.25), seed=0),
         keras_fip.Repair(
-            data=wrap(t), validation_data=wrap(t), epochs=1, batch_size=32, verbose=0, seed=0
+            wrap(t),
+            validation_data=wrap(t),
+            walk=keras_fip.Walk(epochs=1, batch_size=32, verbose=0, seed=0),
         ),
     ),
     "ensemble": lambda t, n, wrap: keras_fip.Ensemble(

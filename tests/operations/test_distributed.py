@@ -28,12 +28,12 @@ RTOL = 3e-4
 
 
 def _damaged():
-    return keras_fip.Damage("nodes", fraction=0.25, seed=3)(trained_model("sequential"))
+    return keras_fip.Damage(keras_fip.faults.Nodes(0.25), seed=3)(trained_model("sequential"))
 
 
 def _recovery_end(model):
     x, _ = contract_data()
-    damaged = keras_fip.Damage("nodes", fraction=0.25, seed=3)(model)
+    damaged = keras_fip.Damage(keras_fip.faults.Nodes(0.25), seed=3)(model)
     masks = keras_fip.damage_reference(damaged).damage_masks
     points, _ = recovery_path(model, masks, x, num_points=3, steps_per_point=4, seed=0)
     end = keras_fip.engine.copy_model(model)
@@ -110,7 +110,8 @@ def _cases():
     tokens, token_labels = _tokens()
     new_tokens = (tokens[128:], (tokens[128:, 1] % 2).astype("int64"))
     new_task = (x[200:], y[200:] % 3)
-    repair = dict(epochs=1, validation_split=0.25, seed=0, verbose=0)
+    repair = dict(validation_split=0.25, walk=keras_fip.Walk(epochs=1, seed=0, verbose=0))
+    solver = keras_fip.repair.OutputLayerSolver(128, sweeps=2)
     return {
         "compress": (
             lambda: trained_model("sequential"),
@@ -131,34 +132,41 @@ def _cases():
         "damage_eigen": (
             lambda: trained_model("sequential"),
             lambda: keras_fip.Damage(
-                "eigen", norm=0.5, num_eigenpairs=3, eigen_examples=100, data=(x, y), seed=3
+                keras_fip.faults.Eigen(0.5, num_eigenpairs=3, examples=100), data=(x, y), seed=3
             ),
         ),
         "damage_bitflip": (
             lambda: trained_model("functional"),
-            lambda: keras_fip.Damage("bitflip", count=20, bits="mantissa", seed=3),
+            lambda: keras_fip.Damage(keras_fip.faults.BitFlips(20, bits="mantissa"), seed=3),
         ),
         "repair_fip_with_solves": (
             _damaged,
-            lambda: keras_fip.Repair(data=x, solve_output_layer=128, solve_sweeps=2, **repair),
+            lambda: keras_fip.Repair(x, method=keras_fip.repair.FIP(solver=solver), **repair),
         ),
-        "repair_fip_two_paths": (_damaged, lambda: keras_fip.Repair(data=x, num_paths=2, **repair)),
+        "repair_fip_two_paths": (
+            _damaged,
+            lambda: keras_fip.Repair(x, method=keras_fip.repair.FIP(num_paths=2), **repair),
+        ),
         "repair_retrain": (
             _damaged,
-            lambda: keras_fip.Repair(data=(x, y), method="retrain", epochs=1, seed=0, verbose=0),
+            lambda: keras_fip.Repair(
+                (x, y), method="retrain", walk=keras_fip.Walk(epochs=1, seed=0, verbose=0)
+            ),
         ),
         "repair_embryonic": (
             _damaged,
-            lambda: keras_fip.Repair(data=(x, y), method="embryonic", epochs=1, seed=0, verbose=0),
+            lambda: keras_fip.Repair(
+                (x, y), method="embryonic", walk=keras_fip.Walk(epochs=1, seed=0, verbose=0)
+            ),
         ),
         "damage_repair": (
             lambda: trained_model("sequential"),
             lambda: keras_fip.DamageRepair(
-                rounds=2,
+                2,
                 count=3,
                 seed=0,
                 layers=["contract_hidden"],
-                repair=keras_fip.Repair(data=x, **repair),
+                repair=keras_fip.Repair(x, **repair),
             ),
         ),
         "ensemble": (
@@ -205,10 +213,7 @@ def _cases():
         "attention/damage_eigen": (
             _transformer,
             lambda: keras_fip.Damage(
-                "eigen",
-                norm=0.5,
-                num_eigenpairs=2,
-                eigen_examples=64,
+                keras_fip.faults.Eigen(0.5, num_eigenpairs=2, examples=64),
                 data=(tokens, token_labels),
                 seed=3,
             ),
@@ -252,7 +257,7 @@ def _cases():
         "several_inputs/damage_eigen": (
             _several_inputs,
             lambda: keras_fip.Damage(
-                "eigen", norm=0.5, num_eigenpairs=2, data=_several_data(), seed=3
+                keras_fip.faults.Eigen(0.5, num_eigenpairs=2), data=_several_data(), seed=3
             ),
         ),
     }

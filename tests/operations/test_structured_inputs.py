@@ -333,14 +333,17 @@ def _new_task(task):
 # to the model's own format (the dict, or the one array of the twin).
 OPERATIONS = {
     "damage_eigen": lambda task, data: keras_fip.Damage(
-        "eigen", norm=0.5, data=(data(task[0]), task[1]), num_eigenpairs=3, seed=0
+        keras_fip.faults.Eigen(0.5, num_eigenpairs=3), data=(data(task[0]), task[1]), seed=0
     ),
     "damage_nodes": lambda task, data: keras_fip.Damage(
-        "nodes", fraction=0.25, data=data(task[0]), seed=0
+        keras_fip.faults.Nodes(0.25), data=data(task[0]), seed=0
     ),
     "damage_repair": lambda task, data: keras_fip.chain(
-        keras_fip.Damage("nodes", fraction=0.25, seed=0),
-        keras_fip.Repair(data=(data(task[0]), task[1]), epochs=2, batch_size=32, verbose=0, seed=0),
+        keras_fip.Damage(keras_fip.faults.Nodes(0.25), seed=0),
+        keras_fip.Repair(
+            (data(task[0]), task[1]),
+            walk=keras_fip.Walk(epochs=2, batch_size=32, verbose=0, seed=0),
+        ),
     ),
     "ensemble": lambda task, data: keras_fip.Ensemble(
         2,
