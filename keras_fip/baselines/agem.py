@@ -23,21 +23,22 @@ class AGEM(MemoryBaseline):
         memory_batch_size: Memory examples per step (A-GEM's reference batch). Defaults to
             `None` (`batch_size`).
         head: `"append"` or `"shared"`. Defaults to `"append"`.
-        epochs: Passes over the new task. Defaults to `5`.
         learning_rate: Initial Adam learning rate, cosine-decayed, or `"auto"` (the best
             of a grid on a held-out split of the new task; `ContinualBaseline`).
             Defaults to `"auto"`.
-        batch_size: New-task examples per step. Defaults to `32`.
-        seed: Seed. Defaults to `None`.
-        **kwargs: `Operation` arguments.
+        walk: A `keras_fip.Walk` with the budget (`epochs` over the new task, or `steps`),
+            `batch_size`, `seed` and `verbose` (`ContinualBaseline`). Defaults to `None`
+            (5 epochs of 32 new-task examples a step).
+        **kwargs: Other `ContinualBaseline` arguments (`eval_tasks`, `eval_every`,
+            `name`).
 
-    Example:
+    Examples:
 
     >>> x, y = keras_fip.data.load("digits")
     >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1), num_classes=5)
     >>> old, new = y < 5, y >= 5
     >>> AGEM((x[new], y[new] - 5), memory=(x[old][:50], y[old][:50]),
-    ...      epochs=1)(model).output_shape
+    ...      walk=keras_fip.Walk(epochs=1, verbose=0))(model).output_shape
     (None, 10)
     """
 

@@ -3,12 +3,14 @@
 Every baseline is an `Operation` (validated, serialisable, never mutating its input) that
 learns `new_task` with the same head handling as `keras_fip.ContinualLearn`
 (`head="append"` grows the last Dense layer, `"shared"` uses pre-allocated outputs) and the
-same budget: `epochs` passes over the new task, `batch_size` new-task examples per step
-(32, as `keras.Model.fit`), Adam at `learning_rate` cosine-decayed to zero,
+same budget, given the same way: a `keras_fip.Walk` whose `epochs` (passes over the new
+task, 5 by default) or `steps`, `batch_size` (new-task examples per step, 32 by default, as
+`keras.Model.fit`), `seed` and `verbose` the baseline reads (the walk's other fields are a
+FIP walk's and are refused). Training is Adam at `learning_rate` cosine-decayed to zero,
 BatchNormalization and Dropout in training mode as `fit` runs them. The learning rate is
 chosen as the methods' authors choose it, on a split held out of the new task
-(`learning_rate="auto"`). Masks the model carries are kept (the optimizer is a
-`MaskedOptimizer`).
+(`learning_rate="auto"`, `keras_fip.engine.tuning.grid_search`). Masks the model carries
+are kept (the optimizer is a `MaskedOptimizer`).
 """
 
 import math
@@ -22,6 +24,8 @@ from keras_fip.engine import data_adapter
 from keras_fip.engine import masks as masks_lib
 from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine import step_rules
+from keras_fip.engine import tuning
+from keras_fip.engine import walk as walk_lib
 from keras_fip.engine.copy import copy_model
 from keras_fip.engine.data_adapter import check_inputs_match_model
 from keras_fip.engine.data_adapter import normalize_data
@@ -29,84 +33,44 @@ from keras_fip.metrics.continual import task_accuracy
 from keras_fip.operations import heads
 from keras_fip.operations.base import Operation
 from keras_fip.operations.base import model_output_kind
+from keras_fip.operations.task_evaluation import TaskEvaluation
 
 # The batch-mean cross-entropy of every baseline's loss (the function, scaled per replica
 # by `train`).
 cross_entropy = step_rules.mean_cross_entropy
+# The budget of a walk that names none, and the new-task examples per step.
+DEFAULT_BUDGET = {"epochs": 5}
+BATCH_SIZE = 32
+# The walk's fields a baseline reads; the others are a FIP walk's.
+WALK_FIELDS = ("steps", "epochs", "batch_size", "seed", "verbose")
 # `learning_rate="auto"`: every rate of the grid is trained (the full budget each) on the
 # new task minus a held-out `VALIDATION_FRACTION` (and a baseline's labelled memory minus
 # the same fraction), and the rate with the best mean held-out accuracy over the new task
 # and the old tasks' validation data the baseline has (ties: the smaller) is used to train
-# on the whole task. A rate at an edge of the grid that is the best alone is not taken as
-# the answer: one more step of the grid's spacing past it is tried, at most
-# `MAX_GRID_EXTENSIONS` times each way.
+# on the whole task; `keras_fip.engine.tuning.grid_search` extends the grid past an edge
+# that is the best alone, at most `MAX_GRID_EXTENSIONS` times each way.
 LEARNING_RATE_GRID = (3e-4, 1e-3, 3e-3)
 DEFAULT_LEARNING_RATE = 1e-3  # Adam's: the grid's middle.
 MAX_GRID_EXTENSIONS = 2
 VALIDATION_FRACTION = 0.1
 
 
-def next_grid_values(scores, extended_up, extended_down, max_extensions, zero_step=10.0):
-    """The values to try next: one grid step beyond an edge of `scores` that is the best
-    alone (the grid's own spacing at that edge; `zero_step`× next to a zero).
-
-    Args:
-        scores: A dict value -> validation score of the values tried.
-        extended_up: How many times the top edge was extended already.
-        extended_down: How many times the bottom edge was extended already.
-        max_extensions: The most extensions each way.
-        zero_step: The factor past an edge whose neighbour is 0. Defaults to `10.0`.
-
-    Returns:
-        A list of at most one value.
-    """
-    if len(scores) < 2:
-        return []
-    values = sorted(scores)
-    best = max(scores.values())
-    alone = [v for v in values if scores[v] == best]
-    if alone == [values[-1]] and values[-1] > 0 and extended_up < max_extensions:
-        factor = values[-1] / values[-2] if values[-2] > 0 else zero_step
-        return [values[-1] * factor]
-    if alone == [values[0]] and values[0] > 0 and extended_down < max_extensions:
-        return [values[0] / (values[1] / values[0])]
-    return []
-
-
-def search_grid(grid, score, max_extensions):
-    """Scores every value of `grid`, extending it past an edge that wins alone.
-
-    Args:
-        grid: The values to try first.
-        score: A function value -> validation score (higher is better).
-        max_extensions: The most extensions past each edge.
-
-    Returns:
-        A tuple `(best value, dict value -> score)`; ties go to the smaller value.
-    """
-    scores = {}
-    pending, extended_up, extended_down = list(grid), 0, 0
-    while pending:
-        for value in pending:
-            scores[value] = score(value)
-        pending = [
-            v
-            for v in next_grid_values(scores, extended_up, extended_down, max_extensions)
-            if v not in scores
-        ]
-        if pending and pending[0] > max(scores):
-            extended_up += 1
-        elif pending:
-            extended_down += 1
-    return min(scores, key=lambda v: (-scores[v], v)), scores
-
-
-def held_out_rows(count, fraction, seed):
-    """`(training rows, held-out rows)`, sorted: a seeded `fraction` of `count` examples
-    held out (at least one, and at least one left to train on)."""
-    order = np.random.default_rng(seed).permutation(count)
-    held = min(max(1, int(round(fraction * count))), count - 1)
-    return np.sort(order[held:]), np.sort(order[:held])
+def baseline_walk(walk):
+    """`walk` (a `keras_fip.Walk`, its config or `None`) checked to set only the fields a
+    baseline reads (`WALK_FIELDS`)."""
+    walk = walk_lib.get(walk)
+    config = walk.get_config()
+    extra = {
+        key: value for key, value in config.items() if key not in WALK_FIELDS and value is not None
+    }
+    if extra or walk.callbacks is not None:
+        extra = extra or {"callbacks": walk.callbacks}
+        raise ValueError(
+            "A continual baseline reads only the walk's budget (`steps` or `epochs`), "
+            "`batch_size`, `seed` and `verbose`; the other fields are a FIP walk's. "
+            f"Received: {', '.join(f'{key}={value!r}' for key, value in extra.items())}"
+        )
+    return walk
 
 
 def repeated_batches(tensors, batch_size, seed):
@@ -138,7 +102,6 @@ class ContinualBaseline(Operation):
         new_task: The new task, an `(x, y)` tuple or a labelled dataset (labels 0..k-1 for
             `"append"`, output indices for `"shared"`).
         head: `"append"` or `"shared"`. Defaults to `"append"`.
-        epochs: Passes over the new task. Defaults to `5`.
         learning_rate: Initial Adam learning rate, cosine-decayed, or `"auto"`: the
             rate of `LEARNING_RATE_GRID` (3e-4, 1e-3, 3e-3, extended past an edge that
             wins) whose run on the new task minus a held-out 10% has the best held-out
@@ -147,30 +110,32 @@ class ContinualBaseline(Operation):
             or EWC's `validation_tasks`), then trained on the whole task. The rate used
             is `op.history["learning_rate"]`, every rate tried
             `op.history["learning_rate_scores"]`. Defaults to `"auto"`.
-        batch_size: New-task examples per step. Defaults to `32`.
-        seed: Seed of the shuffles, the new units and the held-out split. Defaults to
-            `None`.
         eval_tasks: A list of `(x, y)` (labels in the returned model's output indices)
             whose accuracy is recorded along training in `op.history["task_{i}/accuracy"]`
             at `op.history["eval_step"]`, as `ContinualLearn` records it. Defaults to
             `None`.
         eval_every: Steps between evaluations. Defaults to `None` (10 per run).
-        **kwargs: `Operation` arguments.
+        walk: A `keras_fip.Walk` giving the budget (`epochs`, passes over the new task,
+            or `steps`), `batch_size` (new-task examples per step), `seed` (shuffles,
+            new units, held-out split) and `verbose` (a progress bar of the final
+            training); its other fields must be left unset. Defaults to `None`
+            (5 epochs of 32-example steps).
+        name: The operation's name. Defaults to `None`.
     """
 
     def __init__(
         self,
         new_task,
+        *,
         head="append",
-        epochs=5,
         learning_rate="auto",
-        batch_size=32,
-        seed=None,
         eval_tasks=None,
         eval_every=None,
-        **kwargs,
+        walk=None,
+        name=None,
     ):
-        super().__init__(**kwargs)
+        super().__init__(name=name)
+        self.walk = baseline_walk(walk)
         self._eval_tasks = [
             check_labelled(task, f"eval_tasks[{i}]") for i, task in enumerate(eval_tasks or [])
         ]
@@ -187,19 +152,26 @@ class ContinualBaseline(Operation):
                 # A dataset's labels are checked in `call` (`read_datasets`).
                 heads.task_labels(0, self._task[1], "append")
         self.new_task = new_task
-        self.epochs = self.check_number(epochs, "epochs", low=1, low_inclusive=True, integer=True)
         if not (isinstance(learning_rate, str) and learning_rate == "auto"):
             learning_rate = self.check_number(learning_rate, "learning_rate", low=0.0)
         self.learning_rate = learning_rate
-        self.batch_size = self.check_number(
-            batch_size, "batch_size", low=1, low_inclusive=True, integer=True
-        )
-        if seed is not None:
-            seed = self.check_number(seed, "seed", low=0, low_inclusive=True, integer=True)
-        self.seed = seed
         # The new task's fraction held out by the `"auto"` searches (EWC takes it as an
         # argument).
         self.validation_fraction = VALIDATION_FRACTION
+
+    def resolved_walk(self):
+        """The walk with the baselines' budget and batch size filled."""
+        return self.walk.resolve(**DEFAULT_BUDGET, batch_size=BATCH_SIZE)
+
+    @property
+    def batch_size(self):
+        """New-task examples per step (the walk's)."""
+        return self.resolved_walk().batch_size
+
+    @property
+    def seed(self):
+        """The walk's seed."""
+        return self.walk.seed
 
     # Hooks.
 
@@ -247,8 +219,8 @@ class ContinualBaseline(Operation):
         return gradients
 
     def num_steps(self, x):
-        count = data_adapter.num_examples(x)
-        return self.epochs * math.ceil(count / min(self.batch_size, count))
+        """The steps of a run over the inputs `x` (the walk's budget)."""
+        return self.resolved_walk().num_steps(data_adapter.num_examples(x))
 
     def training_data(self, x, labels):
         """The `(x, y)` the main pipeline cycles over (the joint baseline widens it). Its
@@ -283,7 +255,7 @@ class ContinualBaseline(Operation):
         """
         train_x, train_y = self.training_data(x, labels)
         count = data_adapter.num_examples(x)
-        rows, held = held_out_rows(count, self.validation_fraction, self.seed)
+        rows, held = tuning.validation_rows(None, self.validation_fraction, self.seed, count=count)
         # Rows past the new task's (the joint baseline's old tasks) always train.
         rows = np.concatenate([rows, np.arange(count, data_adapter.num_examples(train_x))])
         candidate_x = data_adapter.take(train_x, rows)
@@ -311,10 +283,10 @@ class ContinualBaseline(Operation):
 
     def choose_learning_rate(self, score):
         """The grid search of `learning_rate="auto"`: `(rate, scores)`."""
-        return search_grid(
-            LEARNING_RATE_GRID,
+        return tuning.grid_search(
             lambda rate: score({"learning_rate": rate}),
-            MAX_GRID_EXTENSIONS,
+            LEARNING_RATE_GRID,
+            max_extensions=MAX_GRID_EXTENSIONS,
         )
 
     # The loop.
@@ -370,18 +342,22 @@ class ContinualBaseline(Operation):
         return model
 
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            new_task=None,
-            head=self.head,
-            epochs=self.epochs,
-            learning_rate=self.learning_rate,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            eval_tasks=None,
-            eval_every=self.eval_every,
-        )
-        return config
+        return {
+            **super().get_config(),
+            "new_task": None,  # Data are not serialised; pass them again after from_config.
+            "head": self.head,
+            "learning_rate": self.learning_rate,
+            "eval_tasks": None,
+            "eval_every": self.eval_every,
+            "walk": self.walk.get_config(),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if config.get("walk") is not None:
+            config["walk"] = walk_lib.get(config["walk"])
+        return cls(**config)
 
 
 def train(model, baseline, x, labels, steps, learning_rate=None, evaluate=True):
@@ -395,8 +371,8 @@ def train(model, baseline, x, labels, steps, learning_rate=None, evaluate=True):
         steps: The number of steps.
         learning_rate: The initial rate, a number. Defaults to `None`
             (`baseline.learning_rate`).
-        evaluate: Whether `baseline`'s `eval_tasks` are recorded along training.
-            Defaults to `True`.
+        evaluate: Whether `baseline`'s `eval_tasks` are recorded along training (and
+            its walk's `verbose` shows progress). Defaults to `True`.
 
     Returns:
         A dict of per-step losses (and the evaluations).
@@ -429,16 +405,20 @@ def train(model, baseline, x, labels, steps, learning_rate=None, evaluate=True):
 
     evaluator = None
     if evaluate and baseline._eval_tasks:
-        from keras_fip.operations.continual_learn import _EvaluateTasks
-
         tasks = [(x_, np.asarray(y_).astype("int64")) for x_, y_ in baseline._eval_tasks]
-        evaluator = _EvaluateTasks(model, tasks, baseline.eval_every or max(1, steps // 10))
+        evaluator = TaskEvaluation(model, tasks, baseline.eval_every or max(1, steps // 10))
         evaluator.evaluate()
+    verbose = baseline.resolved_walk().verbose if evaluate else 0
+    progress = None
+    if verbose != 0:
+        progress = keras.utils.Progbar(steps, verbose=1 if verbose == "auto" else verbose)
     losses = []
     for batch in distribute.distribute_dataset(dataset.take(steps)):
         losses.append(float(step(batch)))
         if evaluator is not None:
             evaluator.on_train_batch_end(len(losses) - 1)
+        if progress is not None:
+            progress.update(len(losses), [("loss", losses[-1])])
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(
                 f"{type(baseline).__name__} hit a non-finite loss at step {len(losses)}. "

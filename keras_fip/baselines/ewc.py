@@ -12,10 +12,10 @@ from keras_fip.baselines.continual_base import MAX_GRID_EXTENSIONS
 from keras_fip.baselines.continual_base import ContinualBaseline
 from keras_fip.baselines.continual_base import check_labelled
 from keras_fip.baselines.continual_base import cross_entropy
-from keras_fip.baselines.continual_base import search_grid
 from keras_fip.baselines.continual_base import train
 from keras_fip.engine import data_adapter
 from keras_fip.engine import outputs as outputs_lib
+from keras_fip.engine import tuning
 from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.geometry.diagonal import metric_diagonal
 from keras_fip.operations import heads
@@ -28,8 +28,8 @@ _EWC_STATE = weakref.WeakKeyDictionary()
 LAMBDA_GRID = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7)
 # `"auto"` never lets the grid's edge cut the choice off: while the largest λ tried is the
 # best alone, one more step of the grid's spacing at that edge is tried (10× on
-# `LAMBDA_GRID`; 10× next to λ = 0), and likewise below the smallest positive one, at
-# most `max_lambda_extensions` times each way (`continual_base.search_grid`).
+# `LAMBDA_GRID`), and likewise below the smallest positive one, at most
+# `max_lambda_extensions` times each way (`keras_fip.engine.tuning.grid_search`).
 
 
 def ewc_state(model):
@@ -91,20 +91,21 @@ class EWC(ContinualBaseline):
         gamma: γ, the decay of the old Fisher in online EWC. Defaults to `1.0`.
         fisher_examples: At most this many `fisher_data` inputs. Defaults to `1000`.
         head: `"append"` or `"shared"`. Defaults to `"append"`.
-        epochs: Passes over the new task. Defaults to `5`.
         learning_rate: Initial Adam learning rate, cosine-decayed, or `"auto"` (see
             above and `ContinualBaseline`). Defaults to `"auto"`.
-        batch_size: Examples per step. Defaults to `32`.
-        seed: Seed. Defaults to `None`.
-        **kwargs: `Operation` arguments.
+        walk: A `keras_fip.Walk` with the budget (`epochs` over the new task, or `steps`),
+            `batch_size`, `seed` and `verbose` (`ContinualBaseline`). Defaults to `None`
+            (5 epochs of 32 new-task examples a step).
+        **kwargs: Other `ContinualBaseline` arguments (`eval_tasks`, `eval_every`,
+            `name`).
 
-    Example:
+    Examples:
 
     >>> x, y = keras_fip.data.load("digits")
     >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1), num_classes=5)
     >>> old, new = y < 5, y >= 5
     >>> EWC((x[new], y[new] - 5), fisher_data=x[old], ewc_lambda=100.0,
-    ...     epochs=1)(model).output_shape
+    ...     walk=keras_fip.Walk(epochs=1, verbose=0))(model).output_shape
     (None, 10)
     """
 
@@ -112,6 +113,7 @@ class EWC(ContinualBaseline):
         self,
         new_task,
         fisher_data=None,
+        *,
         ewc_lambda="auto",
         lambda_grid=LAMBDA_GRID,
         validation_tasks=None,
@@ -253,16 +255,16 @@ class EWC(ContinualBaseline):
 
             if chosen == "auto":
                 first_rate = DEFAULT_LEARNING_RATE if rate == "auto" else rate
-                chosen, history["lambda_scores"] = search_grid(
-                    self.lambda_grid,
+                chosen, history["lambda_scores"] = tuning.grid_search(
                     lambda value: score_once(first_rate, value),
-                    self.max_lambda_extensions,
+                    self.lambda_grid,
+                    max_extensions=self.max_lambda_extensions,
                 )
             if rate == "auto":
-                rate, history["learning_rate_scores"] = search_grid(
-                    LEARNING_RATE_GRID,
+                rate, history["learning_rate_scores"] = tuning.grid_search(
                     lambda learning_rate: score_once(learning_rate, chosen),
-                    MAX_GRID_EXTENSIONS,
+                    LEARNING_RATE_GRID,
+                    max_extensions=MAX_GRID_EXTENSIONS,
                 )
 
         # Training on the whole task

@@ -22,21 +22,22 @@ class JointTraining(ContinualBaseline):
         old_tasks: List of the old tasks' `(x, y)`, labels in the model's output indices.
             Defaults to `()`.
         head: `"append"` or `"shared"`. Defaults to `"append"`.
-        epochs: Passes over the union. Defaults to `5`.
         learning_rate: Initial Adam learning rate, cosine-decayed, or `"auto"` (the best
             of a grid on a held-out split of the new task; `ContinualBaseline`).
             Defaults to `"auto"`.
-        batch_size: Examples per step. Defaults to `32`.
-        seed: Seed. Defaults to `None`.
-        **kwargs: `Operation` arguments.
+        walk: A `keras_fip.Walk` with the budget (`epochs` over the union, or `steps`),
+            `batch_size`, `seed` and `verbose` (`ContinualBaseline`). Defaults to `None`
+            (5 epochs of 32 examples a step).
+        **kwargs: Other `ContinualBaseline` arguments (`eval_tasks`, `eval_every`,
+            `name`).
 
-    Example:
+    Examples:
 
     >>> x, y = keras_fip.data.load("digits")
     >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1), num_classes=5)
     >>> old, new = y < 5, y >= 5
     >>> JointTraining((x[new], y[new] - 5), old_tasks=[(x[old], y[old])],
-    ...               epochs=1)(model).output_shape
+    ...               walk=keras_fip.Walk(epochs=1, verbose=0))(model).output_shape
     (None, 10)
     """
 

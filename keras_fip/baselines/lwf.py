@@ -26,24 +26,26 @@ class LwF(ContinualBaseline):
         temperature: T. Defaults to `2.0`.
         distillation_weight: λ_o. Defaults to `1.0`.
         head: `"append"` or `"shared"`. Defaults to `"append"`.
-        epochs: Passes over the new task. Defaults to `5`.
         learning_rate: Initial Adam learning rate, cosine-decayed, or `"auto"` (the best
             of a grid on a held-out split of the new task; `ContinualBaseline`).
             Defaults to `"auto"`.
-        batch_size: Examples per step. Defaults to `32`.
-        seed: Seed. Defaults to `None`.
-        **kwargs: `Operation` arguments.
+        walk: A `keras_fip.Walk` with the budget (`epochs` over the new task, or `steps`),
+            `batch_size`, `seed` and `verbose` (`ContinualBaseline`). Defaults to `None`
+            (5 epochs of 32 new-task examples a step).
+        **kwargs: Other `ContinualBaseline` arguments (`eval_tasks`, `eval_every`,
+            `name`).
 
-    Example:
+    Examples:
 
     >>> x, y = keras_fip.data.load("digits")
     >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1), num_classes=5)
     >>> new = y >= 5
-    >>> LwF((x[new], y[new] - 5), epochs=1)(model).output_shape
+    >>> walk = keras_fip.Walk(epochs=1, verbose=0)
+    >>> LwF((x[new], y[new] - 5), walk=walk)(model).output_shape
     (None, 10)
     """
 
-    def __init__(self, new_task, temperature=2.0, distillation_weight=1.0, **kwargs):
+    def __init__(self, new_task, *, temperature=2.0, distillation_weight=1.0, **kwargs):
         super().__init__(new_task, **kwargs)
         self.temperature = self.check_number(temperature, "temperature", low=0.0)
         self.distillation_weight = self.check_number(

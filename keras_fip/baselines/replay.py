@@ -7,9 +7,9 @@ import tensorflow as tf
 from keras_fip.baselines.continual_base import ContinualBaseline
 from keras_fip.baselines.continual_base import check_labelled
 from keras_fip.baselines.continual_base import cross_entropy
-from keras_fip.baselines.continual_base import held_out_rows
 from keras_fip.baselines.continual_base import repeated_batches
 from keras_fip.engine import data_adapter
+from keras_fip.engine import tuning
 
 
 class MemoryBaseline(ContinualBaseline):
@@ -20,10 +20,14 @@ class MemoryBaseline(ContinualBaseline):
         memory: Old-task examples with labels, `(x, y)`, labels in the model's output
             indices. Required.
         memory_batch_size: Memory examples per step. Defaults to `None` (`batch_size`).
-        **kwargs: `ContinualBaseline` arguments.
+        walk: A `keras_fip.Walk` with the budget (`epochs` over the new task, or `steps`),
+            `batch_size`, `seed` and `verbose` (`ContinualBaseline`). Defaults to `None`
+            (5 epochs of 32 new-task examples a step).
+        **kwargs: Other `ContinualBaseline` arguments (`eval_tasks`, `eval_every`,
+            `name`).
     """
 
-    def __init__(self, new_task, memory=None, memory_batch_size=None, **kwargs):
+    def __init__(self, new_task, memory=None, *, memory_batch_size=None, **kwargs):
         super().__init__(new_task, **kwargs)
         if memory is not None:
             self._memory = check_labelled(memory, "memory")
@@ -59,10 +63,11 @@ class MemoryBaseline(ContinualBaseline):
         """The held-out search's candidates train on the memory minus a held-out
         `validation_fraction`, which the score averages in as the old tasks' accuracy."""
         full = self._memory
-        rows, held = held_out_rows(
-            data_adapter.num_examples(full[0]),
+        rows, held = tuning.validation_rows(
+            None,
             self.validation_fraction,
             None if self.seed is None else self.seed + 1,
+            count=data_adapter.num_examples(full[0]),
         )
         self._memory_validation = [(data_adapter.take(full[0], held), full[1][held])]
         score, validation = super().candidates(model, kind, x, labels)
@@ -106,21 +111,22 @@ class ExperienceReplay(MemoryBaseline):
         memory: Labelled old-task examples `(x, y)` (labels in output indices). Required.
         memory_batch_size: Memory examples per step. Defaults to `None` (`batch_size`).
         head: `"append"` or `"shared"`. Defaults to `"append"`.
-        epochs: Passes over the new task. Defaults to `5`.
         learning_rate: Initial Adam learning rate, cosine-decayed, or `"auto"` (the best
             of a grid on a held-out split of the new task; `ContinualBaseline`).
             Defaults to `"auto"`.
-        batch_size: New-task examples per step. Defaults to `32`.
-        seed: Seed. Defaults to `None`.
-        **kwargs: `Operation` arguments.
+        walk: A `keras_fip.Walk` with the budget (`epochs` over the new task, or `steps`),
+            `batch_size`, `seed` and `verbose` (`ContinualBaseline`). Defaults to `None`
+            (5 epochs of 32 new-task examples a step).
+        **kwargs: Other `ContinualBaseline` arguments (`eval_tasks`, `eval_every`,
+            `name`).
 
-    Example:
+    Examples:
 
     >>> x, y = keras_fip.data.load("digits")
     >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1), num_classes=5)
     >>> old, new = y < 5, y >= 5
     >>> replay = ExperienceReplay((x[new], y[new] - 5), memory=(x[old][:50], y[old][:50]),
-    ...                           epochs=1)
+    ...                           walk=keras_fip.Walk(epochs=1, verbose=0))
     >>> replay(model).output_shape
     (None, 10)
     """

@@ -1,25 +1,24 @@
 """`Bridge`: walk from one trained network towards another along the first task's FIP."""
 
-import math
-
 import keras
 import numpy as np
 
 from keras_fip.engine import data_adapter
 from keras_fip.engine import normalization
-from keras_fip.engine import outputs as outputs_lib
-from keras_fip.engine.data_adapter import fip_dataset
+from keras_fip.engine.beta import auto_beta
+from keras_fip.engine.copy import copy_model
+from keras_fip.engine.data_adapter import check_inputs_match_model
 from keras_fip.engine.data_adapter import normalize_data
-from keras_fip.engine.path import Path
-from keras_fip.engine.trainer import FIPTrainer
-from keras_fip.geometry.diagonal import metric_diagonal
-from keras_fip.operations.base import Operation
+from keras_fip.engine.rules import Penalty
+from keras_fip.operations.base import WalkingOperation
 from keras_fip.operations.base import model_output_kind
-from keras_fip.operations.continual_learn import _EvaluateTasks
+from keras_fip.operations.task_evaluation import TaskEvaluation
 
-# β = AUTO_BETA_SCALE × the mean Fisher diagonal on the anchor data, as `Compress` scales its
-# weight-space pull (½‖w − w_B‖² is in weight units, like Compress's projection distance).
-AUTO_BETA_SCALE = 1e3
+# β = "auto": the documented strength of the pull towards the target's weights
+# (`keras_fip.engine.beta.auto_beta` with `objective="weights"`): ½‖w − w_B‖² is in weight
+# units, like Compress's projection distance, and β = STRENGTH × the curvature of D per
+# unit of squared weight (the mean Fisher diagonal on the anchor data for D = KL).
+STRENGTH = 1e3
 
 
 class _TargetDistance:
@@ -61,8 +60,6 @@ def linear_path_accuracy(model_a, model_b, tasks, num_points=11):
     Returns:
         A dict with `t` (the points) and `task_{i}/accuracy` lists.
     """
-    from keras_fip.engine.copy import copy_model
-
     probe = copy_model(model_a)
     start = [w.numpy() for w in model_a.weights]
     end = [w.numpy() for w in model_b.weights]
@@ -76,7 +73,7 @@ def linear_path_accuracy(model_a, model_b, tasks, num_points=11):
 
 
 @keras.saving.register_keras_serializable(package="keras_fip")
-class Bridge(Operation):
+class Bridge(WalkingOperation):
     """Walks a network towards another network along the first network's FIP.
 
     The FIP papers' "004" experiment: two networks of the same architecture trained
@@ -88,90 +85,68 @@ class Bridge(Operation):
     are high exist although w_B itself, and sequential training towards task B, lose task
     A. Compare with `linear_path_accuracy` (the straight line).
 
+    The walk (`keras_fip.Walk`): its budget is in passes over `data` (10 by default);
+    `beta="auto"` is `keras_fip.engine.beta.auto_beta` with strength `STRENGTH` (1e3) on
+    the weights, as `Compress` scales its weight-space pull (the value used is
+    `op.history["beta"]`); the `Penalty` rule's learning rate (`"auto"` by default) is
+    held constant along the walk (a path, not a schedule). The rest is every walk's
+    default.
+
     Args:
         target: The network to walk towards (same architecture as the model called on).
         data: Task A's inputs, whose outputs are kept. Defaults to `None` (the inputs the
             model carries).
-        epochs: Passes over `data`. Defaults to `10`.
-        beta: β, the weight of L, or `"auto"`: `AUTO_BETA_SCALE` (1e3) × the mean Fisher
-            diagonal on `data`, as `Compress` scales its weight-space pull. Defaults to
-            `"auto"`.
-        distance: Output distance D. Defaults to `"kl"`.
-        step_rule: `"penalty"`, `"normalized"` or `"metric"`. Defaults to `"penalty"`.
-        learning_rate: Adam learning rate of the `penalty` rule (constant: the walk is a
-            path, not a schedule). Defaults to `1e-3`.
-        epsilon: ε of the `normalized` and `metric` rules. Defaults to `0.01`.
-        batch_size: Anchor examples per step. Defaults to `128`.
-        training: BatchNorm mode of the walk, as in `ContinualLearn`. Defaults to `"auto"`.
         eval_tasks: List of `(x, y)` evaluated along the path. Defaults to `None`.
         eval_every: Steps between evaluations. Defaults to `None` (20 per walk).
-        record_every: Record weights every this many steps (and at the end of each
-            walk). Defaults to `100`.
-        seed: Shuffle seed. Defaults to `None`.
-        **kwargs: `Operation` arguments.
+        walk: A `keras_fip.Walk` (budget, rule, batch size, distance, β, recording,
+            seed). Defaults to `None` (every default).
+        name: The operation's name. Defaults to `None`.
 
-    Example:
+    Examples:
 
     >>> x, y = keras_fip.data.load("digits")
     >>> a = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
     >>> b = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
-    >>> op = Bridge(b, data=x, epochs=1, eval_tasks=[(x, y), (1 - x, y)], verbose=0)
+    >>> walk = keras_fip.Walk(epochs=1, seed=0, verbose=0)
+    >>> op = Bridge(b, data=x, eval_tasks=[(x, y), (1 - x, y)], walk=walk)
     >>> walked = op(a)
     >>> len(op.history["task_1/accuracy"]) == len(op.history["eval_step"])
     True
     """
 
+    DEFAULT_BUDGET = {"epochs": 10}
+
     def __init__(
-        self,
-        target,
-        data=None,
-        epochs=10,
-        beta="auto",
-        distance="kl",
-        step_rule="penalty",
-        learning_rate=1e-3,
-        epsilon=0.01,
-        batch_size=128,
-        training="auto",
-        eval_tasks=None,
-        eval_every=None,
-        record_every=100,
-        seed=None,
-        **kwargs,
+        self, target, data=None, *, eval_tasks=None, eval_every=None, walk=None, name=None
     ):
-        super().__init__(**kwargs)
+        super().__init__(walk=walk, name=name)
         if target is not None and not isinstance(target, keras.Model):
             raise ValueError(f"`target` must be a `keras.Model`. Received: target={target!r}")
         self.target = target
         if data is not None:
             normalize_data(data, name="data")
         self.data = data
-        self.epochs = self.check_number(epochs, "epochs", low=1, low_inclusive=True, integer=True)
-        if not (isinstance(beta, str) and beta == "auto"):
-            beta = self.check_number(beta, "beta", low=0.0)
-        self.beta = beta
-        self.distance = self.check_choice(distance, "distance", ("kl", "bhattacharyya", "l2"))
-        self.step_rule = self.check_choice(
-            step_rule, "step_rule", ("penalty", "normalized", "metric")
-        )
-        self.learning_rate = self.check_number(learning_rate, "learning_rate", low=0.0)
-        self.epsilon = self.check_number(epsilon, "epsilon", low=0.0)
-        self.batch_size = self.check_number(
-            batch_size, "batch_size", low=1, low_inclusive=True, integer=True
-        )
-        self.training = self.check_training(training)
-        self._eval_tasks = [
-            (data_adapter.as_arrays(tx), np.asarray(ty))
-            for i, task in enumerate(eval_tasks or [])
-            for tx, ty in [normalize_data(task, name=f"eval_tasks[{i}]", require_labels=True)]
-        ]
+        if eval_tasks is not None and not isinstance(eval_tasks, (list, tuple)):
+            raise ValueError(
+                "`eval_tasks` must be a list of `(x, y)` tuples. "
+                f"Received: eval_tasks={eval_tasks!r}"
+            )
+        for i, task in enumerate(eval_tasks or []):
+            normalize_data(task, name=f"eval_tasks[{i}]", require_labels=True)
         self.eval_tasks = eval_tasks
+        if eval_every is not None:
+            eval_every = self.check_number(
+                eval_every, "eval_every", low=1, low_inclusive=True, integer=True
+            )
         self.eval_every = eval_every
-        self.record_every, _, self.seed = self.check_path_options(record_every, None, seed)
 
-    def call(self, model):
+    def _read(self, model):
+        """`(anchor inputs, eval tasks)` checked against `model`."""
         if self.target is None:
-            raise ValueError("`target` is required. Received: target=None")
+            raise ValueError(
+                "`target` is required (models are not serialised: pass it again after "
+                "`from_config`). Received: target=None"
+            )
         targets = self.target.trainable_variables
         if [tuple(v.shape) for v in targets] != [tuple(v.shape) for v in model.trainable_variables]:
             raise ValueError(
@@ -180,77 +155,65 @@ class Bridge(Operation):
                 f"{self.target.name} with {[tuple(v.shape) for v in targets][:4]}..."
             )
         x, _ = normalize_data(self.resolve_data(self.data, model), name="data", model=model)
+        check_inputs_match_model(model, x, name="data")
+        eval_tasks = []
+        for i, task in enumerate(self.eval_tasks or []):
+            tx, ty = normalize_data(task, name=f"eval_tasks[{i}]", require_labels=True, model=model)
+            check_inputs_match_model(model, tx, name=f"eval_tasks[{i}]")
+            eval_tasks.append((data_adapter.as_arrays(tx), np.asarray(ty)))
+        return x, eval_tasks
+
+    def validate(self, model):
+        self._read(model)
+
+    def call(self, model):
+        walk = self.resolved_walk()
+        x, eval_tasks = self._read(model)
         output_kind = model_output_kind(model, x)
-        dataset = fip_dataset(
-            outputs_lib.logits_model(model, output_kind),
-            x,
-            batch_size=self.batch_size,
-            seed=self.seed,
-        )
-        beta = self.beta
-        if isinstance(beta, str):
-            sample = data_adapter.take(x, slice(0, 2048))
-            diagonal = metric_diagonal(model, sample, kind="fisher", seed=self.seed)
-            mean = float(np.mean(np.concatenate([np.ravel(d) for d in diagonal])))
-            beta = AUTO_BETA_SCALE * mean if np.isfinite(mean) and mean > 0 else 1.0
+        beta = walk.beta
+        if beta == "auto":
+            beta = auto_beta(STRENGTH, model, x, walk.distance, objective="weights", seed=walk.seed)
         normalized = bool(normalization.batch_normalization_layers(model))
-        walk_training = normalized if self.training == "auto" else self.training
-        trainer = FIPTrainer(
-            model,
-            step_rule=self.step_rule,
-            distance=self.distance,
-            beta=1.0,
-            epsilon=self.epsilon,
-            secondary_objective=_TargetDistance([t.numpy() for t in targets], beta),
-            training=walk_training,
-            outputs=output_kind,
-        )
-        trainer.compile(
-            optimizer=keras.optimizers.Adam(self.learning_rate)
-            if self.step_rule == "penalty"
-            else None
-        )
-        steps = self.epochs * math.ceil(data_adapter.num_examples(x) / self.batch_size)
-        self.path = Path(model, record_every=self.record_every)
-        callbacks = list(self.callbacks or [])
+        walk_training = normalized if walk.training == "auto" else walk.training
+        steps = walk.num_steps(data_adapter.num_examples(x))
+        optimizer, learning_rate = None, None
+        if isinstance(walk.rule, Penalty):
+            learning_rate = walk.rule.resolve_learning_rate(model.trainable_variables)
+            optimizer = keras.optimizers.Adam(learning_rate)
         evaluator = None
-        if self._eval_tasks:
-            evaluator = _EvaluateTasks(
-                model, self._eval_tasks, self.eval_every or max(1, steps // 20)
-            )
-            callbacks = [evaluator] + callbacks
-        history = trainer.walk(
-            dataset,
+        if eval_tasks:
+            evaluator = TaskEvaluation(model, eval_tasks, self.eval_every or max(1, steps // 20))
+            walk = walk.replace(callbacks=[evaluator] + list(walk.callbacks or []))
+        self.fip_walk(
+            model,
+            walk,
+            x,
             steps,
-            path=self.path,
-            callbacks=callbacks,
-            verbose=self.verbose,
-            log_dir=self.log_dir,
+            optimizer=optimizer,
+            output_kind=output_kind,
+            beta=1.0,
+            secondary_objective=_TargetDistance(
+                [keras.ops.convert_to_numpy(t) for t in self.target.trainable_variables], beta
+            ),
+            training=walk_training,
         )
         if walk_training and normalized:
-            normalization.recalibrate_batch_normalization(model, x, self.batch_size * 2)
+            normalization.recalibrate_batch_normalization(model, x, walk.batch_size * 2)
+        history = dict(self.history)
         if evaluator is not None:
             evaluator.finish(steps)
             history.update(evaluator.history)
-        self.history = dict(history, beta=beta, steps=steps)
+        history.update(beta=beta, steps=steps)
+        if learning_rate is not None:
+            history["learning_rate"] = learning_rate
+        self.history = history
         return model
 
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            target=None,
-            data=None,
-            epochs=self.epochs,
-            beta=self.beta,
-            distance=self.distance,
-            step_rule=self.step_rule,
-            learning_rate=self.learning_rate,
-            epsilon=self.epsilon,
-            batch_size=self.batch_size,
-            training=self.training,
-            eval_tasks=None,
-            eval_every=self.eval_every,
-            record_every=self.record_every,
-            seed=self.seed,
-        )
-        return config
+        return {
+            **super().get_config(),
+            "target": None,  # Models and data are not serialised.
+            "data": None,
+            "eval_tasks": None,
+            "eval_every": self.eval_every,
+        }

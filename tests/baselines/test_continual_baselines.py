@@ -34,7 +34,7 @@ def _accuracies(model, setting):
     return [metrics.task_accuracy(model, *task) for task in setting["tests"]]
 
 
-BUDGET = dict(epochs=8, batch_size=32, seed=0)
+BUDGET = dict(walk=keras_fip.Walk(epochs=8, seed=0))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_finetune_learns_the_new_task_and_forgets_the_old(finetuned):
 def test_finetune_defaults_choose_the_rate_on_held_out_data_and_learn(setting):
     from keras_fip.baselines.continual_base import LEARNING_RATE_GRID
 
-    op = baselines.FineTune(setting["new"], seed=0)
+    op = baselines.FineTune(setting["new"], walk=keras_fip.Walk(seed=0))
     model = op(setting["model"])
     scores = op.history["learning_rate_scores"]
     assert set(LEARNING_RATE_GRID) <= set(scores)
@@ -99,7 +99,7 @@ def test_learning_rate_search_extends_the_grid_past_an_edge_that_wins(
     setting, monkeypatch, peak, tried, chosen
 ):
     runs = _fake_training(monkeypatch, peak)
-    op = baselines.FineTune(setting["new"], epochs=1, seed=0)
+    op = baselines.FineTune(setting["new"], walk=keras_fip.Walk(epochs=1, seed=0))
     op(setting["model"])
     np.testing.assert_allclose(sorted(op.history["learning_rate_scores"]), tried, rtol=1e-3)
     assert op.history["learning_rate"] == pytest.approx(chosen, rel=1e-3)
@@ -110,13 +110,14 @@ def test_learning_rate_search_extends_the_grid_past_an_edge_that_wins(
 
 def test_memory_baselines_choose_the_rate_on_a_held_out_part_of_their_memory(setting, monkeypatch):
     runs = _fake_training(monkeypatch, 1e-3)
-    op = baselines.AGEM(setting["new"], memory=setting["memory"], epochs=1, seed=0)
+    walk = keras_fip.Walk(epochs=1, seed=0)
+    op = baselines.AGEM(setting["new"], memory=setting["memory"], walk=walk)
     op(setting["model"])
     # The candidates train on 180 of the 200 memories and are scored on the new task's
     # held-out split and the 20 others; the returned model trains on all 200.
     assert [run[1:] for run in runs[:-1]] == [[180, 2]] * 3
     assert runs[-1][1] == 200
-    fixed = baselines.AGEM(setting["new"], memory=setting["memory"], learning_rate=1e-3, epochs=1)
+    fixed = baselines.AGEM(setting["new"], memory=setting["memory"], learning_rate=1e-3, walk=walk)
     fixed(setting["model"])
     assert "learning_rate_scores" not in fixed.history and runs[-1][0] == 1e-3
 
@@ -168,9 +169,9 @@ def test_ewc_chooses_lambda_on_validation_and_beats_finetuning(setting, finetune
         (0.1, (10.0, 100.0), [0.01, 0.1, 1.0, 10.0, 100.0], 0.1),
         # An interior best: the grid as given.
         (10.0, (1.0, 10.0, 100.0), [1.0, 10.0, 100.0], 10.0),
-        # The step is the grid's spacing at that edge; λ = 0 next to the bottom: 10x up.
+        # The step is the grid's spacing at that edge; λ = 0 next to the bottom: 3x up.
         (1e8, (1e2, 1e4, 1e6), [1e2, 1e4, 1e6, 1e8, 1e10], 1e8),
-        (1e2, (0.0, 1.0), [0.0, 1.0, 10.0, 100.0, 1e3], 100.0),
+        (1e2, (0.0, 1.0), [0.0, 1.0, 3.0, 9.0, 27.0], 27.0),
     ],
 )
 def test_ewc_extends_the_lambda_grid_past_an_edge_that_wins(
@@ -197,8 +198,7 @@ def test_ewc_extends_the_lambda_grid_past_an_edge_that_wins(
         fisher_data=x_old[:50],
         lambda_grid=grid,
         learning_rate=1e-3,
-        epochs=1,
-        seed=0,
+        walk=keras_fip.Walk(epochs=1, seed=0),
     )
     op(setting["model"])
     np.testing.assert_allclose(sorted(op.history["lambda_scores"]), tried, rtol=1e-9)
@@ -212,7 +212,7 @@ def test_online_ewc_merges_penalties_and_offline_keeps_them(setting):
     x_new, y_new = setting["new"]
     first = (x_new[y_new < 3], y_new[y_new < 3])
     second = (x_new[y_new >= 3], y_new[y_new >= 3] - 3)
-    budget = dict(epochs=1, batch_size=64, seed=0, ewc_lambda=10.0)
+    budget = dict(walk=keras_fip.Walk(epochs=1, batch_size=64, seed=0), ewc_lambda=10.0)
     for online, count in ((True, 1), (False, 2)):
         model = baselines.EWC(first, fisher_data=x_old, online=online, **budget)(setting["model"])
         model = baselines.EWC(second, fisher_data=first[0], online=online, **budget)(model)
@@ -232,13 +232,10 @@ def test_lwf_distils_the_old_outputs(setting, finetuned):
 
 
 def test_baselines_keep_masks_and_never_change_their_input(setting):
-    sparse = keras_fip.Compress(0.5, data=setting["old"][0], epochs=1, verbose=0, seed=0)(
-        setting["model"]
-    )
+    walk = keras_fip.Walk(epochs=1, verbose=0, seed=0)
+    sparse = keras_fip.Compress(0.5, data=setting["old"][0], walk=walk)(setting["model"])
     before = [v.numpy().copy() for v in sparse.weights]
-    model = baselines.ExperienceReplay(setting["new"], memory=setting["memory"], epochs=1, seed=0)(
-        sparse
-    )
+    model = baselines.ExperienceReplay(setting["new"], memory=setting["memory"], walk=walk)(sparse)
     zeros = sum(int((~m).sum()) for m in keras_fip.masks(model).values())
     assert zeros == sum(int((~m).sum()) for m in keras_fip.masks(sparse).values()) > 0
     for variable in model.trainable_variables:
@@ -263,13 +260,28 @@ def test_baselines_check_their_inputs(setting):
         baselines.LwF(setting["new"], head="grow")
     with pytest.raises(ValueError, match="0..k-1"):
         baselines.FineTune((x_new, y_new + 1))
+    # A baseline reads the walk's budget, batch size, seed and verbosity only.
+    with pytest.raises(ValueError, match="rule="):
+        baselines.FineTune(setting["new"], walk=keras_fip.Walk(rule="metric"))
+    with pytest.raises(ValueError, match="beta=0.5"):
+        baselines.EWC(setting["new"], walk=keras_fip.Walk(beta=0.5))
+    with pytest.raises(ValueError, match="walk"):
+        baselines.LwF(setting["new"], walk="fast")
 
 
 def test_config_round_trip():
-    op = baselines.EWC((np.zeros((2, 8, 8, 1)), np.array([0, 1])), ewc_lambda=5.0, epochs=2)
+    walk = keras_fip.Walk(epochs=2, batch_size=16, seed=3, verbose=0)
+    task = (np.zeros((2, 8, 8, 1)), np.array([0, 1]))
+    op = baselines.EWC(task, ewc_lambda=5.0, walk=walk)
     config = op.get_config()
-    assert baselines.EWC.from_config(config).get_config() == config
-    assert config["ewc_lambda"] == 5.0 and config["epochs"] == 2
+    restored = baselines.EWC.from_config(config)
+    assert restored.get_config() == config
+    assert config["ewc_lambda"] == 5.0 and restored.walk == walk
+    assert restored.batch_size == 16 and restored.seed == 3
+    replay = baselines.ExperienceReplay(task, memory_batch_size=8, learning_rate=1e-3, walk=walk)
+    assert baselines.ExperienceReplay.from_config(replay.get_config()).get_config() == (
+        replay.get_config()
+    )
 
 
 def test_baselines_meet_the_operation_contract():
@@ -277,7 +289,33 @@ def test_baselines_meet_the_operation_contract():
 
     run_operation_contract(
         lambda model, x, y: baselines.ExperienceReplay(
-            (x[200:], y[200:] % 3), memory=(x[:100], y[:100]), epochs=1, seed=0
+            (x[200:], y[200:] % 3),
+            memory=(x[:100], y[:100]),
+            walk=keras_fip.Walk(epochs=1, seed=0),
         ),
         models=("batchnorm_residual",),
     )
+
+
+def test_a_baseline_called_twice_gives_independent_results(setting):
+    op = baselines.LwF(setting["new"], learning_rate=1e-3, walk=keras_fip.Walk(epochs=1, seed=0))
+    first = op(setting["model"])
+    first_history = op.history
+    other = keras.models.clone_model(setting["model"])
+    other.set_weights([w * 0.5 for w in setting["model"].get_weights()])
+    op(other)
+    again = op(setting["model"])
+    assert op.history is not first_history and op.history["steps"] == first_history["steps"]
+    for a, b in zip(first.trainable_variables, again.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-6)
+
+
+def test_steps_budget_and_batch_size_come_from_the_walk(setting, monkeypatch):
+    runs = _fake_training(monkeypatch, 1e-3)
+    walk = keras_fip.Walk(steps=7, batch_size=16, seed=0)
+    op = baselines.FineTune(setting["new"], learning_rate=1e-3, walk=walk)
+    op(setting["model"])
+    assert op.history["steps"] == 7 and op.batch_size == 16 and len(runs) == 1
+    op = baselines.FineTune(setting["new"], learning_rate=1e-3, walk=keras_fip.Walk(epochs=2))
+    op(setting["model"])
+    assert op.history["steps"] == 2 * math.ceil(len(setting["new"][1]) / 32)

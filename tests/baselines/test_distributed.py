@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+import keras_fip
 from keras_fip import baselines
 from tests.operations.contract import contract_data
 from tests.operations.contract import trained_model
@@ -19,7 +20,7 @@ def _cases():
     x, y = contract_data()
     new_task = (x[200:], y[200:] % 3)
     memory = (x[:200], y[:200])
-    common = dict(epochs=1, batch_size=64, seed=0, verbose=0)
+    common = dict(walk=keras_fip.Walk(epochs=1, batch_size=64, seed=0, verbose=0))
     return {
         "finetune": lambda m: baselines.FineTune(new_task, **common)(m),
         "ewc": lambda m: baselines.EWC(new_task, fisher_data=memory[0], **common)(m),

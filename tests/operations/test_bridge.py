@@ -32,7 +32,8 @@ def networks():
 
 def test_bridge_moves_towards_the_target_keeping_the_first_task(networks):
     a, b, x, tasks = networks
-    op = Bridge(b, data=x, epochs=3, beta=1e-3, eval_tasks=tasks, seed=0, verbose=0)
+    walk = keras_fip.Walk(epochs=3, beta=1e-3, seed=0, verbose=0)
+    op = Bridge(b, data=x, eval_tasks=tasks, walk=walk)
     walked = op(a)
     assert _distance(walked, b) < 0.95 * _distance(a, b)
     history = op.history
@@ -51,8 +52,31 @@ def test_bridge_checks_its_target(networks):
     a, _, x, _ = networks
     other = keras_fip.models.mlp(8, input_shape=(8, 8, 1))
     with pytest.raises(ValueError, match="architecture"):
-        Bridge(other, data=x, epochs=1, verbose=0)(a)
+        Bridge(other, data=x)(a)
     with pytest.raises(ValueError, match="target"):
         Bridge("model")
-    config = Bridge(None, epochs=2).get_config()
-    assert Bridge.from_config(config).get_config() == config
+    with pytest.raises(ValueError, match="eval_tasks"):
+        Bridge(other, eval_tasks=(x, x))
+    with pytest.raises(ValueError, match="shape"):
+        Bridge(a, data=x[:, :4])(a)
+    config = Bridge(None, eval_every=5, walk=keras_fip.Walk(epochs=2, seed=1)).get_config()
+    restored = Bridge.from_config(config)
+    assert restored.get_config() == config
+    assert restored.walk.epochs == 2 and restored.eval_every == 5
+
+
+def test_bridge_defaults_auto_beta_and_a_constant_auto_rate(networks):
+    a, b, x, _ = networks
+    op = Bridge(b, data=x, walk=keras_fip.Walk(steps=5, seed=0, verbose=0))
+    op(a)
+    expected = keras_fip.engine.beta.auto_beta(1e3, a, x, "kl", objective="weights", seed=0)
+    assert op.history["beta"] == pytest.approx(expected, rel=1e-6)
+    rate = keras_fip.rules.auto_learning_rate(a.trainable_variables)
+    assert op.history["learning_rate"] == pytest.approx(rate, rel=1e-6)
+    assert op.history["steps"] == 5
+    # Stateless: the same operation on the same model gives the same walk.
+    first = [v.numpy() for v in op(a).trainable_variables]
+    again = [v.numpy() for v in op(a).trainable_variables]
+    for left, right in zip(first, again):
+        np.testing.assert_allclose(left, right, rtol=0, atol=1e-6)
+    assert Bridge.DEFAULT_BUDGET == {"epochs": 10}

@@ -12,6 +12,10 @@ from keras_fip.operations.continual_learn import pad_reference
 from tests.operations.contract import KillAt
 
 
+def _walk(**fields):
+    return keras_fip.Walk(verbose=0, **fields)
+
+
 def _split(x, y):
     old, new = y < 5, y >= 5
     return (x[old], y[old]), (x[new], (y[new] - 5).astype("int32"))
@@ -86,11 +90,9 @@ def test_grow_output_layer_extends_a_mask_of_the_output_kernel():
 def test_continual_learn_learns_the_new_task_and_keeps_the_old(digits, old_model):
     (old, new), _ = digits
     tasks = _test_tasks(digits)
-    op = ContinualLearn(
-        new, memory=old[0][:200], epochs=10, batch_size=32, seed=0, verbose=0, eval_tasks=tasks
-    )
+    op = ContinualLearn(new, memory=old[0][:200], eval_tasks=tasks, walk=_walk(epochs=10, seed=0))
     model = op(old_model)
-    finetuned = keras_fip.baselines.FineTune(new, epochs=10, batch_size=32, seed=0)(old_model)
+    finetuned = keras_fip.baselines.FineTune(new, walk=_walk(epochs=10, seed=0))(old_model)
     assert model.output_shape == (None, 10)
     old_accuracy = metrics.task_accuracy(model, *tasks[0])
     assert old_accuracy > 0.85
@@ -103,6 +105,11 @@ def test_continual_learn_learns_the_new_task_and_keeps_the_old(digits, old_model
     assert history["task_0/accuracy"][-1] == pytest.approx(old_accuracy)
     assert history["task_1/accuracy"][0] < 0.3 < history["task_1/accuracy"][-1]
     assert history["beta"] == 1.0
+    # The walk's defaults: 32 new-task examples a step, the rule's "auto" rate.
+    assert history["steps"] == 10 * int(np.ceil(len(new[1]) / 32))
+    assert history["learning_rate"] == pytest.approx(
+        keras_fip.rules.auto_learning_rate(model.trainable_variables), rel=0.3
+    )
     assert 0.0 < history["eval_seconds"] < 60.0
 
 
@@ -127,7 +134,7 @@ def test_new_units_stay_quiet_on_old_inputs_of_a_softmax_model(digits):
     model = _softmax_model(digits)
     start = metrics.task_accuracy(model, *old_test)
     assert start > 0.95
-    grown = ContinualLearn(new, memory=old[0][:100], epochs=10, seed=0, verbose=0)(model)
+    grown = ContinualLearn(new, memory=old[0][:100], walk=_walk(epochs=10, seed=0))(model)
     old_outputs = np.asarray(grown.predict(old_test[0], verbose=0))
     new_outputs = np.asarray(grown.predict(new_test[0], verbose=0))
     # By argmax over all ten outputs, old inputs stay on old classes (a new unit wins on
@@ -172,7 +179,7 @@ def test_pull_is_the_cross_entropy_plus_the_old_classes_conditional_kl():
 def test_continual_learn_never_changes_its_input(digits, old_model):
     (old, new), _ = digits
     before = [v.numpy().copy() for v in old_model.weights]
-    ContinualLearn(new, memory=old[0][:50], epochs=1, batch_size=64, verbose=0)(old_model)
+    ContinualLearn(new, memory=old[0][:50], walk=_walk(epochs=1, batch_size=64))(old_model)
     for value, variable in zip(before, old_model.weights):
         np.testing.assert_array_equal(value, variable.numpy())
     assert old_model.output_shape == (None, 5)
@@ -184,12 +191,10 @@ def test_memory_is_carried_across_chained_calls(digits, old_model):
     first = (x[y < 3], y[y < 3])
     second = (x[y >= 3], y[y >= 3] - 3)
     model = ContinualLearn(
-        first, memory=old[0][:100], memory_per_task=30, epochs=1, batch_size=32, verbose=0, seed=0
+        first, memory=old[0][:100], memory_per_task=30, walk=_walk(epochs=1, seed=0)
     )(old_model)
     assert carried_data(model).shape == (130, 8, 8, 1)
-    chained = keras_fip.chain(
-        ContinualLearn(second, memory_per_task=20, epochs=1, batch_size=32, verbose=0)
-    )
+    chained = keras_fip.chain(ContinualLearn(second, memory_per_task=20, walk=_walk(epochs=1)))
     result = chained(model)
     assert result.output_shape == (None, 10)
     memory = carried_data(result)
@@ -199,11 +204,9 @@ def test_memory_is_carried_across_chained_calls(digits, old_model):
 
 def test_masks_are_kept_exactly(digits, old_model):
     (old, new), _ = digits
-    sparse = keras_fip.Compress(0.5, data=old[0], epochs=1, verbose=0, seed=0)(old_model)
+    sparse = keras_fip.Compress(0.5, data=old[0], walk=_walk(epochs=1, seed=0))(old_model)
     before = keras_fip.masks(sparse)
-    model = ContinualLearn(new, memory=old[0][:100], epochs=2, batch_size=32, verbose=0, seed=0)(
-        sparse
-    )
+    model = ContinualLearn(new, memory=old[0][:100], walk=_walk(epochs=2, seed=0))(sparse)
     after = keras_fip.masks(model)
     hidden_kernel = model.layers[-2].kernel if len(model.layers) > 2 else None
     for variable in model.trainable_variables:
@@ -223,7 +226,7 @@ def test_shared_head_uses_preallocated_outputs(digits):
     keras_fip.models.train_classifier(model, *old, epochs=10, batch_size=32)
     shared = (new[0], new[1] + 5)
     result = ContinualLearn(
-        shared, memory=old[0][:100], head="shared", epochs=10, batch_size=32, verbose=0, seed=0
+        shared, memory=old[0][:100], head="shared", walk=_walk(epochs=10, seed=0)
     )(model)
     assert result.output_shape == (None, 10)
     assert metrics.task_accuracy(result, *_test_tasks(digits)[1]) > 0.5
@@ -238,10 +241,8 @@ def test_batchnorm_residual_model_walks_on_batch_statistics(digits):
     tasks = _test_tasks(digits)
     base = metrics.task_accuracy(model, *tasks[0])
     assert base > 0.8
-    result = ContinualLearn(new, memory=old[0][:300], epochs=8, batch_size=32, verbose=0, seed=0)(
-        model
-    )
-    finetuned = keras_fip.baselines.FineTune(new, epochs=8, batch_size=32, seed=0)(model)
+    result = ContinualLearn(new, memory=old[0][:300], walk=_walk(epochs=8, seed=0))(model)
+    finetuned = keras_fip.baselines.FineTune(new, walk=_walk(epochs=8, seed=0))(model)
     assert metrics.task_accuracy(result, *tasks[0]) > base - 0.15
     assert (
         metrics.task_accuracy(result, *tasks[0]) > metrics.task_accuracy(finetuned, *tasks[0]) + 0.3
@@ -249,21 +250,12 @@ def test_batchnorm_residual_model_walks_on_batch_statistics(digits):
     assert metrics.task_accuracy(result, *tasks[1]) > 0.3
 
 
-@pytest.mark.parametrize("step_rule", ["normalized", "metric"])
-def test_other_step_rules_learn_the_new_task(digits, old_model, step_rule):
+@pytest.mark.parametrize("rule", [keras_fip.rules.Normalized, keras_fip.rules.Metric])
+def test_other_step_rules_learn_the_new_task(digits, old_model, rule):
     (old, new), _ = digits
     # `record_every=1`: every step measured (operations measure at the recorded points).
-    op = ContinualLearn(
-        new,
-        memory=old[0][:100],
-        epochs=3,
-        batch_size=32,
-        verbose=0,
-        seed=0,
-        step_rule=step_rule,
-        epsilon=0.05,
-        record_every=1,
-    )
+    walk = _walk(epochs=3, seed=0, rule=rule(epsilon=0.05), record_every=1)
+    op = ContinualLearn(new, memory=old[0][:100], walk=walk)
     model = op(old_model)
     assert metrics.task_accuracy(model, *_test_tasks(digits)[1]) > 0.3
     assert np.allclose(op.history["step_norm"], 0.05, rtol=1e-3)
@@ -272,13 +264,20 @@ def test_other_step_rules_learn_the_new_task(digits, old_model, step_rule):
 def test_auto_beta_converts_distances_to_kl_units(digits, old_model):
     (old, new), _ = digits
     bhattacharyya = ContinualLearn(
-        new, memory=old[0][:64], distance="bhattacharyya", epochs=1, verbose=0
+        new, memory=old[0][:64], walk=_walk(distance="bhattacharyya", epochs=1)
     )
     bhattacharyya(old_model)
     assert bhattacharyya.history["beta"] == 0.25
-    l2 = ContinualLearn(new, memory=old[0][:64], distance="l2", epochs=1, verbose=0, seed=0)
+    l2 = ContinualLearn(new, memory=old[0][:64], walk=_walk(distance="l2", epochs=1, seed=0))
     l2(old_model)
     assert l2.history["beta"] > 1.0  # Logit changes cost more than softmax changes.
+    expected = keras_fip.engine.beta.auto_beta(
+        1.0, old_model, old[0][:64].astype("float32"), "l2", objective="outputs", seed=0
+    )
+    assert l2.history["beta"] == pytest.approx(expected, rel=1e-5)
+    given = ContinualLearn(new, memory=old[0][:64], walk=_walk(beta=0.3, epochs=1))
+    given(old_model)
+    assert given.history["beta"] == 0.3
 
 
 def test_pad_reference_marks_new_classes_absent():
@@ -291,12 +290,16 @@ def test_pad_reference_marks_new_classes_absent():
 
 def test_config_round_trip():
     op = ContinualLearn(
-        (np.zeros((4, 8, 8, 1)), np.array([0, 1, 0, 1])), head="shared", beta=0.5, epochs=3, seed=2
+        (np.zeros((4, 8, 8, 1)), np.array([0, 1, 0, 1])),
+        head="shared",
+        memory_batch_size=16,
+        walk=keras_fip.Walk(beta=0.5, epochs=3, seed=2),
     )
     config = op.get_config()
     restored = ContinualLearn.from_config(config)
     assert restored.get_config() == config
-    assert config["new_task"] is None and config["beta"] == 0.5
+    assert config["new_task"] is None and config["walk"]["beta"] == 0.5
+    assert restored.walk == op.walk and restored.memory_batch_size == 16
     restored_config = keras.saving.serialize_keras_object(op)
     assert restored_config["class_name"] == "ContinualLearn"
 
@@ -321,8 +324,10 @@ def _model_ending_in_softmax():
         (lambda x, y: dict(new_task=(x, y), head="grow"), "head"),
         (lambda x, y: dict(new_task=(x, y), memory=np.zeros((0, 8, 8, 1))), "memory"),
         (lambda x, y: dict(new_task=(x,)), "labels"),
-        (lambda x, y: dict(new_task=(x, y), beta=-1.0), "beta"),
-        (lambda x, y: dict(new_task=(x, y), distance="cosine"), "distance"),
+        (lambda x, y: dict(new_task=(x, y), walk=_walk(distance=lambda a, b: 0.0)), "distance"),
+        (lambda x, y: dict(new_task=(x, y), walk=_walk(reference="local")), "reference"),
+        (lambda x, y: dict(new_task=(x, y), memory_batch_size=0), "memory_batch_size"),
+        (lambda x, y: dict(new_task=(x, y), eval_every=0), "eval_every"),
     ],
 )
 def test_bad_arguments_raise_before_any_work(digits, build, message):
@@ -345,9 +350,7 @@ def test_bad_inputs_against_the_model_raise_before_any_work(digits, old_model):
     with pytest.raises(ValueError, match="Dense"):
         ContinualLearn((x, y), memory=old[0])(_model_ending_in_softmax())
     with pytest.raises(ValueError, match="eval_tasks"):
-        ContinualLearn((x, y), memory=old[0], epochs=1, eval_tasks=[(x, y + 20)], verbose=0)(
-            old_model
-        )
+        ContinualLearn((x, y), memory=old[0], eval_tasks=[(x, y + 20)])(old_model)
     for value, variable in zip(before, old_model.weights):
         np.testing.assert_array_equal(value, variable.numpy())
 
@@ -357,7 +360,7 @@ def test_continual_learn_meets_the_operation_contract():
 
     results = run_operation_contract(
         lambda model, x, y: ContinualLearn(
-            (x[200:], y[200:] % 3), memory=x[:200], epochs=1, batch_size=64, seed=0, verbose=0
+            (x[200:], y[200:] % 3), memory=x[:200], walk=_walk(epochs=1, batch_size=64, seed=0)
         )
     )
     for result in results.values():
@@ -372,15 +375,16 @@ def test_killed_walk_resumes_from_checkpoint_to_the_same_weights(digits, old_mod
         return ContinualLearn(
             new,
             memory=old[0][:200],
-            epochs=2,
-            batch_size=64,
-            record_every=4,
             eval_tasks=tasks,
             eval_every=3,
-            seed=0,
-            verbose=0,
-            checkpoint_directory=directory,
-            callbacks=callbacks,
+            walk=_walk(
+                epochs=2,
+                batch_size=64,
+                record_every=4,
+                seed=0,
+                checkpoint_directory=directory,
+                callbacks=callbacks,
+            ),
         )
 
     reference_op = learn()
@@ -398,3 +402,19 @@ def test_killed_walk_resumes_from_checkpoint_to_the_same_weights(digits, old_mod
     )
     assert len(op.history["distance"]) == reference_op.history["steps"]
     assert op.path.steps.tolist() == reference_op.path.steps.tolist()
+
+
+def test_one_operation_called_twice_gives_independent_results(digits, old_model):
+    (old, new), _ = digits
+    op = ContinualLearn(new, memory=old[0][:100], walk=_walk(epochs=1, seed=0))
+    first = op(old_model)
+    first_history = op.history
+    other = keras.models.clone_model(old_model)
+    other.set_weights([w * 0.5 for w in old_model.get_weights()])
+    op(other)
+    again = op(old_model)
+    assert op.history is not first_history
+    for a, b in zip(first.trainable_variables, again.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(carried_data(first), carried_data(again))
+    assert op.history["beta"] == first_history["beta"] == 1.0
