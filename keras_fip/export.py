@@ -1,21 +1,32 @@
 """`keras_fip.export`: a SavedModel for serving, made of plain Keras layers."""
 
 import os
+import tempfile
 
 import keras
 import tensorflow as tf
 
 from keras_fip.engine.copy import strip_masks
 
+FORMATS = ("saved_model", "tflite")
 
-def export(model, directory, input_signature=None, verbose=False):
-    """Writes a model as a TensorFlow SavedModel with a `serve` signature.
+
+def export(model, directory, input_signature=None, verbose=False, format="saved_model"):
+    """Writes a model as a TensorFlow SavedModel with a `serve` signature, or as TFLite.
 
     Masks are stripped first (`keras_fip.engine.strip_masks`): the exported model is made
     of plain layers, its masked weights still exactly zero. Nested models, such as the
     members of a keras_fip ensemble, are exported with their parent. The export goes
     through `keras.export.ExportArchive`; the `serve` endpoint runs the model in inference
     mode on a batch of any size. The input model is not changed.
+
+    `format="tflite"` writes that SavedModel's `serve` signature as one TFLite file (at
+    `directory`), converted with `tf.lite.Optimize.DEFAULT`: kernels are stored as int8
+    with per-channel scales where the converter quantises them, so a model whose kernels
+    lie on a grid of at most 8 bits (`keras_fip.Quantize`) keeps its integers up to the
+    int8 rounding; Keras's int8/int4 layers keep their integer kernels, their unpacking
+    running as TensorFlow ops where TFLite has no builtin. Run it with
+    `tf.lite.Interpreter(model_path=directory).get_signature_runner("serve")`.
 
     Args:
         model: A built `keras.Model`.
@@ -25,6 +36,8 @@ def export(model, directory, input_signature=None, verbose=False):
             functional models it is read from `model.inputs` with a dynamic batch size.
             Defaults to `None`.
         verbose: Whether `ExportArchive.write_out` prints a summary. Defaults to `False`.
+        format: `"saved_model"` (a directory) or `"tflite"` (a file). Defaults to
+            `"saved_model"`.
 
     Returns:
         `None`. Serve with `loaded = tf.saved_model.load(directory)` then
@@ -49,7 +62,24 @@ def export(model, directory, input_signature=None, verbose=False):
         )
     if not isinstance(directory, (str, os.PathLike)):
         raise ValueError(f"`directory` must be a path. Received: directory={directory!r}")
+    if format not in FORMATS:
+        raise ValueError(f"`format` must be one of {list(FORMATS)}. Received: format={format!r}")
     input_signature = _input_signature(model, input_signature)
+    if format == "tflite":
+        with tempfile.TemporaryDirectory() as saved_model:
+            export(model, saved_model, input_signature, verbose)
+            converter = tf.lite.TFLiteConverter.from_saved_model(
+                saved_model, signature_keys=["serve"]
+            )
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_ops = [
+                tf.lite.OpsSet.TFLITE_BUILTINS,
+                tf.lite.OpsSet.SELECT_TF_OPS,
+            ]
+            flatbuffer = converter.convert()
+        with open(os.fspath(directory), "wb") as file:
+            file.write(flatbuffer)
+        return
 
     # Plain layers, zeros kept.
     plain = strip_masks(model)

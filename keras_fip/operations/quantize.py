@@ -404,7 +404,7 @@ class Quantize(WalkingOperation):
         name=None,
     ):
         super().__init__(walk=walk, name=name)
-        if isinstance(bits, bool) or bits not in BITS:
+        if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or bits not in BITS:
             raise ValueError(f"`bits` must be one of {list(BITS)}. Received: bits={bits!r}")
         self.bits = int(bits)
         if data is not None:
