@@ -1,0 +1,256 @@
+"""Quantize against Keras's PTQ, straight-through QAT and TFLite PTQ on a zoo network.
+
+Trains (or reads from the cache) `keras_fip.models.base_network(--model, --dataset)` for
+each seed, holds a stratified, seeded `--validation_fraction` of the training split out
+(`keras_fip.engine.tuning.validation_rows`), and quantises the float network at each of
+`--bits` with:
+
+- `fip`: `keras_fip.Quantize(bits, data=(x, y))` on the rest of the training split, its
+  defaults but what `--fip_options` (a JSON object of Quantize keyword arguments; a
+  `"schedule"` object becomes a `QuantizeSchedule`) sets and the walk's `--fip_epochs`;
+- `qat`: `keras_fip.baselines.quantization.ste_qat` on the same grid and data, for as many
+  epochs as the walk (its learning rate chosen on the validation split over
+  `--qat_learning_rates`, extended past a winning edge: `keras_fip.engine.tuning.grid_search`);
+- `keras_int8`, `keras_int4`: Keras's `model.quantize` (at 8 and 4 bits; `keras_int4` is
+  also the reference at 3 and 2 bits, the lowest width Keras has);
+- `tflite`: TFLite's dynamic-range PTQ of the float network (at 8 bits).
+
+Keras's GPTQ (`keras.quantizers.GPTQConfig`) is not run: it calibrates on token ids (its
+calibration batches are cast to int32 and windowed from one token stream), which float
+image inputs are not.
+
+Reports, per seed, method and bit width, the test accuracy, the size of the exported TFLite
+file gzipped (as tfmot's guides measure size), and the relative error of each quantised
+kernel (‖w_q − w‖ / ‖w‖, where the kernel is readable as floats); one JSON line each, then
+a summary line per method and width (mean over seeds). `--output` also writes them as
+`results.json` (with provenance) in that directory.
+
+Example:
+
+    python -m benchmarks.quantize_lenet --bits=4,3,2 --seeds=0
+    python -m benchmarks.quantize_lenet --bits=2 --fip_options='{"scales": "fitted"}'
+"""
+
+import argparse
+import gzip
+import json
+import os
+import tempfile
+
+import keras
+import numpy as np
+
+import keras_fip
+from keras_fip.baselines import quantization as baselines
+from keras_fip.engine import tuning
+from keras_fip.operations import quantize as quantize_lib
+
+METHODS = ("fip", "qat", "keras_int8", "keras_int4", "tflite")
+
+
+def accuracy(model, x, y):
+    outputs = model.predict(x, batch_size=512, verbose=0)
+    return float(np.mean(np.argmax(outputs, axis=-1) == np.asarray(y).reshape(-1)))
+
+
+def gzipped_tflite_size(model):
+    """Bytes of the model's TFLite export (`keras_fip.export`), gzipped."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "model.tflite")
+        keras_fip.export(model, path, format="tflite")
+        with open(path, "rb") as file:
+            return len(gzip.compress(file.read(), compresslevel=9))
+
+
+def kernel_errors(float_model, quantized):
+    """Relative error of each float kernel of `quantized` against `float_model`'s."""
+    reference = {
+        layer.name: variable.numpy()
+        for layer, variable, _ in quantize_lib.quantizable_variables(float_model)
+    }
+    errors = {}
+    for layer, variable, _ in quantize_lib.quantizable_variables(quantized):
+        if layer.name in reference:
+            before = reference[layer.name]
+            errors[layer.name] = float(
+                np.linalg.norm(variable.numpy() - before) / np.linalg.norm(before)
+            )
+    return errors
+
+
+def fip_options(text):
+    options = json.loads(text) if text else {}
+    if isinstance(options.get("schedule"), dict):
+        options["schedule"] = quantize_lib.QuantizeSchedule(**options["schedule"])
+    return options
+
+
+def run_seed(args, seed):
+    model, _ = keras_fip.models.base_network(args.model, args.dataset, seed=seed)
+    x, y = keras_fip.data.load(args.dataset, split="train")
+    x_test, y_test = keras_fip.data.load(args.dataset, split="test")
+    if args.train_size:
+        rows = tuning.validation_rows(y, args.train_size / len(y), seed)[1]
+        x, y = x[rows], y[rows]
+    if args.test_size:
+        x_test, y_test = x_test[: args.test_size], y_test[: args.test_size]
+    fit_rows, val_rows = tuning.validation_rows(y, args.validation_fraction, seed)
+    x_fit, y_fit, x_val, y_val = x[fit_rows], y[fit_rows], x[val_rows], y[val_rows]
+    rows = []
+
+    def record(method, bits, quantized, extra=None):
+        row = {
+            "seed": seed,
+            "method": method,
+            "bits": bits,
+            "accuracy": accuracy(quantized, x_test, y_test),
+            "gzipped_tflite_bytes": gzipped_tflite_size(quantized),
+            "kernel_error": kernel_errors(model, quantized),
+            **(extra or {}),
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
+    float_row = {
+        "seed": seed,
+        "method": "float",
+        "bits": 32,
+        "accuracy": accuracy(model, x_test, y_test),
+        "gzipped_tflite_bytes": None,
+    }
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "float.h5.gz")
+        weights = b"".join(w.astype("float32").tobytes() for w in model.get_weights())
+        with open(path, "wb") as file:
+            file.write(gzip.compress(weights, compresslevel=9))
+        float_row["gzipped_weights_bytes"] = os.path.getsize(path)
+    print(json.dumps(float_row), flush=True)
+    rows.append(float_row)
+    options = fip_options(args.fip_options)
+    for bits in args.bits:
+        steps = None
+        if "fip" in args.methods:
+            walk = keras_fip.Walk(epochs=args.fip_epochs, seed=seed, verbose=0)
+            op = keras_fip.Quantize(bits, data=(x_fit, y_fit), walk=walk, **options)
+            quantized = op(model)
+            steps = op.history["steps"]
+            # Kernel errors of Keras-quantised layers: the same walk on float grids.
+            record(
+                "fip",
+                bits,
+                quantized,
+                {
+                    "steps": steps,
+                    "keras_layers": op.history["keras_layers"],
+                    "layer_error": op.history["layer_error"],
+                    "beta": op.history["beta"],
+                },
+            )
+        if "qat" in args.methods:
+            epochs = args.fip_epochs
+
+            trained_at = {}
+
+            def score(rate, bits=bits, epochs=epochs, trained_at=trained_at):
+                trained_at[rate] = baselines.ste_qat(
+                    model, bits, (x_fit, y_fit), epochs=epochs, learning_rate=rate, seed=seed
+                )
+                return accuracy(trained_at[rate], x_val, y_val)
+
+            rate, _ = tuning.grid_search(
+                score, args.qat_learning_rates, low=1e-7, high=1e-1, prefer="larger"
+            )
+            trained = trained_at.get(rate) or baselines.ste_qat(
+                model, bits, (x_fit, y_fit), epochs=epochs, learning_rate=rate, seed=seed
+            )
+            record("qat", bits, trained, {"learning_rate": rate, "epochs": epochs})
+        if "keras_int8" in args.methods and bits == 8:
+            record("keras_int8", bits, baselines.keras_ptq(model, "int8"))
+        if "keras_int4" in args.methods and bits <= 4:
+            record("keras_int4", bits, baselines.keras_ptq(model, "int4"))
+        if "tflite" in args.methods and bits == 8:
+            with tempfile.TemporaryDirectory() as directory:
+                path = baselines.tflite_ptq(model, os.path.join(directory, "ptq.tflite"))
+                runner = tf_runner(path)
+                outputs = runner(inputs=x_test.astype("float32"))["output_0"]
+                with open(path, "rb") as file:
+                    size = len(gzip.compress(file.read(), compresslevel=9))
+            row = {
+                "seed": seed,
+                "method": "tflite",
+                "bits": 8,
+                "accuracy": float(np.mean(np.argmax(outputs, -1) == y_test)),
+                "gzipped_tflite_bytes": size,
+            }
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def tf_runner(path):
+    import tensorflow as tf
+
+    return tf.lite.Interpreter(model_path=path).get_signature_runner("serve")
+
+
+def summarize(rows):
+    summary = {}
+    for row in rows:
+        summary.setdefault((row["method"], row["bits"]), []).append(row["accuracy"])
+    lines = []
+    for (method, bits), values in sorted(
+        summary.items(), key=lambda item: (-item[0][1], item[0][0])
+    ):
+        line = {
+            "method": method,
+            "bits": bits,
+            "accuracy_mean": float(np.mean(values)),
+            "accuracy_std": float(np.std(values)),
+            "seeds": len(values),
+        }
+        print(json.dumps({"summary": line}), flush=True)
+        lines.append(line)
+    return lines
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="lenet_300_100")
+    parser.add_argument("--dataset", default="mnist")
+    parser.add_argument("--bits", default="8,4,3,2")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--fip_epochs", type=int, default=3)
+    parser.add_argument("--fip_options", default="")
+    parser.add_argument("--qat_learning_rates", default="1e-5,1e-4,1e-3")
+    parser.add_argument("--validation_fraction", type=float, default=0.1)
+    parser.add_argument("--train_size", type=int, default=0)
+    parser.add_argument("--test_size", type=int, default=0)
+    parser.add_argument("--output", default="")
+    args = parser.parse_args(argv)
+    args.bits = [int(b) for b in args.bits.split(",")]
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.methods = args.methods.split(",")
+    args.qat_learning_rates = [float(r) for r in args.qat_learning_rates.split(",")]
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"`--methods` must be among {list(METHODS)}. Received: {unknown}")
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    keras.utils.set_random_seed(args.seeds[0])
+    rows = []
+    for seed in args.seeds:
+        rows.extend(run_seed(args, seed))
+    summary = summarize(rows)
+    if args.output:
+        from apps.provenance import write_results
+
+        write_results(args.output, {"rows": rows, "summary": summary, "flags": vars(args)})
+    return rows, summary
+
+
+if __name__ == "__main__":
+    main()

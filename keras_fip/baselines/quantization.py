@@ -1,0 +1,150 @@
+"""Quantisation baselines: Keras's post-training quantisation, straight-through QAT, TFLite.
+
+`keras_fip.Quantize` is measured against what a practitioner would otherwise use: Keras's
+`model.quantize("int8" | "int4")` (post-training, Dense/EinsumDense/Embedding only),
+quantisation-aware training with a straight-through estimator on the labels (tfmot's QAT
+is Keras 2 only, so it is written here, on the same per-channel grid as `Quantize`), and
+TFLite's post-training dynamic-range quantisation (`keras_fip.export(format="tflite")` of
+the float model).
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_fip.engine import masks as masks_lib
+from keras_fip.engine.copy import copy_model
+from keras_fip.engine.data_adapter import normalize_data
+from keras_fip.export import export
+from keras_fip.operations.base import model_output_kind
+from keras_fip.operations.quantize import BITS
+from keras_fip.operations.quantize import project
+from keras_fip.operations.quantize import quantizable_variables
+
+KERAS_PTQ_MODES = ("int8", "int4")
+
+
+def keras_ptq(model, mode):
+    """Keras's post-training quantisation of a copy of `model` (`model.quantize(mode)`).
+
+    Keras's defaults, as a user would call it: `"int8"` quantises the kernels per output
+    channel and the inputs of each layer per token (dynamically); `"int4"` quantises the
+    kernels weight-only in groups of 128 input rows. Only Dense, EinsumDense and
+    Embedding layers are quantised; convolutions stay float.
+
+    Args:
+        model: A built `keras.Model`. Not changed.
+        mode: `"int8"` or `"int4"`.
+
+    Returns:
+        A new `keras.Model` with Keras's quantised layers.
+
+    Examples:
+
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> keras_ptq(model, "int8").layers[0].quantization_mode
+    'int8'
+    """
+    if mode not in KERAS_PTQ_MODES:
+        raise ValueError(f"`mode` must be one of {list(KERAS_PTQ_MODES)}. Received: mode={mode!r}")
+    result = masks_lib.remove_masks(copy_model(model))
+    result.quantize(mode)
+    return result
+
+
+def tflite_ptq(model, path):
+    """TFLite's post-training dynamic-range quantisation of `model`, written to `path`.
+
+    The float model converted with `tf.lite.Optimize.DEFAULT`
+    (`keras_fip.export(model, path, format="tflite")`): int8 kernels with per-channel
+    scales, activations quantised on the fly.
+
+    Args:
+        model: A built `keras.Model`. Not changed.
+        path: The `.tflite` file to write.
+
+    Returns:
+        `path`.
+    """
+    export(model, path, format="tflite")
+    return path
+
+
+def ste_qat(
+    model,
+    bits,
+    data,
+    epochs=1,
+    learning_rate=1e-4,
+    batch_size=128,
+    seed=0,
+    per_channel=True,
+):
+    """Quantisation-aware training with a straight-through estimator, on the labels.
+
+    Latent float kernels are kept; each step the model's kernels are set to the latent
+    kernels' projection onto the `bits`-bit per-channel grid (`keras_fip.operations.
+    quantize.project`, the grid `keras_fip.Quantize` snaps to), the labels'
+    cross-entropy is differentiated there, and the gradient is applied to the latent
+    kernels (the straight-through estimator) and to the other trainable weights with
+    Adam. Masks the model carries are kept. At the end the kernels are the projection of
+    the latent ones: exactly on the grid.
+
+    Args:
+        model: A built classifier (logits or probabilities). Not changed.
+        bits: The bit width, one of 2, 3, 4, 8.
+        data: Labelled `(x, y)` training data.
+        epochs: Passes over `data`. Defaults to `1`.
+        learning_rate: Adam's learning rate. Defaults to `1e-4`.
+        batch_size: Examples per step. Defaults to `128`.
+        seed: Seed of the shuffling. Defaults to `0`.
+        per_channel: One scale per output channel (else per kernel). Defaults to `True`.
+
+    Returns:
+        A new `keras.Model` whose kernels lie on the grid.
+    """
+    if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or bits not in BITS:
+        raise ValueError(f"`bits` must be one of {list(BITS)}. Received: bits={bits!r}")
+    x, y = normalize_data(data, name="data", require_labels=True, model=model)
+    result = copy_model(model)
+    triples = [
+        (variable, axes if per_channel else None)
+        for _, variable, axes in quantizable_variables(result)
+    ]
+    kernels = [variable for variable, _ in triples]
+    kernel_ids = {id(v) for v in kernels}
+    others = [v for v in result.trainable_variables if id(v) not in kernel_ids]
+    latent = [keras.Variable(v.numpy(), name="latent") for v in kernels]
+    masks = [masks_lib.mask_of(v) for v in kernels]
+    from_logits = model_output_kind(result, x) == "logits"
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+    optimizer = keras.optimizers.Adam(learning_rate)
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[-1] > 1:
+        y = np.argmax(y, axis=-1)
+
+    @tf.function
+    def gradients(inputs, labels):
+        with tf.GradientTape() as tape:
+            value = loss(labels, result(inputs, training=True))
+        return tape.gradient(value, kernels + others)
+
+    def snap():
+        for (variable, axes), weights in zip(triples, latent):
+            variable.assign(project(weights.numpy(), bits, axes)[0])
+
+    rng = np.random.default_rng(seed)
+    count = len(y)
+    for _ in range(epochs):
+        order = rng.permutation(count)
+        for start in range(0, count, batch_size):
+            rows = order[start : start + batch_size]
+            snap()
+            grads = gradients(tf.constant(x[rows]), tf.constant(y[rows]))
+            kernel_grads = [
+                g if mask is None else g * tf.cast(mask, g.dtype)
+                for g, mask in zip(grads[: len(kernels)], masks)
+            ]
+            optimizer.apply(kernel_grads + list(grads[len(kernels) :]), latent + others)
+    snap()
+    return result
