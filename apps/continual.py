@@ -8,7 +8,7 @@ identically). Every method gets only the model, the data, the budget and the see
 rest is the library's defaults (32 examples a step, Adam cosine-decayed; the baselines'
 learning rate chosen on a held-out split of the new task, and of their labelled memory,
 as their authors tune it; `--fip_beta` and `--fip_step_rule`, when set, are passed to
-ContinualLearn and recorded in results.json as `fip_options`):
+ContinualLearn's walk as `beta` and `rule` and recorded in results.json as `fip_options`):
 
 - `fip`: `keras_fip.ContinualLearn` (keeps the old network's outputs on the memory inputs,
   no labels);
@@ -73,7 +73,7 @@ the start and secondary loss (`runs/continual/logs`).
 
 A killed run continues with the same command and `--resume`: every FIP walk checkpoints to
 `<output_dir>/checkpoints/` every `--checkpoint_every` steps
-(`ContinualLearn(checkpoint_directory=...)`), the tasks a stream already learned are
+(`keras_fip.Walk(checkpoint_directory=...)`), the tasks a stream already learned are
 restored without walking, and the interrupted walk resumes from its last checkpoint and
 ends at the weights of an uninterrupted run (the baselines run again; tested on two loopback
 workers killed by SIGKILL in `tests/apps/test_multi_worker.py`, a large test, and in
@@ -207,7 +207,9 @@ def learn(method, model, t, train, validation, bench, memory, settings, state):
     set on the command line, named in results.json)."""
     x, y = train[t]
     offsets = bench["offsets"]
-    common_args = dict(head=bench["head"], epochs=settings["epochs"], seed=settings["seed"])
+    # The budget and the seed, as every method takes them (a `keras_fip.Walk`).
+    budget = dict(epochs=settings["epochs"], seed=settings["seed"])
+    common_args = dict(head=bench["head"], walk=keras_fip.Walk(**budget, verbose=0))
     eval_tasks = [(tx[:1000], ty[:1000]) for tx, ty in bench["test"][: t + 1]]
     labelled_memory = (
         np.concatenate([m[0] for m in memory]),
@@ -223,17 +225,21 @@ def learn(method, model, t, train, validation, bench, memory, settings, state):
                 f"seed_{settings['seed']}/task_{t}",
                 settings.get("resume", False),
             )
-        op = keras_fip.ContinualLearn(
-            (x, y),
-            memory=labelled_memory[0] if t == 1 else None,
-            memory_per_task=settings["memory_per_task"],
-            eval_tasks=eval_tasks,
+        walk = keras_fip.Walk(
+            **budget,
             verbose=0,
             record_every=(10**9 if checkpoint is None else settings.get("checkpoint_every", 100)),
             checkpoint_directory=checkpoint,
             log_dir=run and run.log_dir(f"{bench['name']}/fip/seed_{settings['seed']}/task_{t}"),
-            **common_args,
             **settings["fip_options"],
+        )
+        op = keras_fip.ContinualLearn(
+            (x, y),
+            memory=labelled_memory[0] if t == 1 else None,
+            head=bench["head"],
+            memory_per_task=settings["memory_per_task"],
+            eval_tasks=eval_tasks,
+            walk=walk,
         )
     elif method == "finetune":
         op = baselines.FineTune((x, y), eval_tasks=eval_tasks, **common_args)
@@ -518,7 +524,7 @@ def main(argv):
     if FLAGS.fip_beta != "auto":
         fip_options["beta"] = float(FLAGS.fip_beta)
     if not FLAGS["fip_step_rule"].using_default_value:
-        fip_options["step_rule"] = FLAGS.fip_step_rule
+        fip_options["rule"] = FLAGS.fip_step_rule
     settings = {
         "epochs": _value("epochs", DEFAULT_EPOCHS),
         "base_epochs": FLAGS.continual_base_epochs,

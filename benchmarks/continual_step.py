@@ -29,20 +29,13 @@ def _run(method, model, x, y, steps, batch_size):
     epochs_examples = steps * batch_size
     task = (x[:epochs_examples], y[:epochs_examples])
     memory = (x[-500:], y[-500:] % 10)
+    budget = dict(epochs=1, batch_size=batch_size, seed=0, verbose=0)
     if method == "fip":
-        op = keras_fip.ContinualLearn(
-            task,
-            memory=memory[0],
-            epochs=1,
-            batch_size=batch_size,
-            memory_per_task=0,
-            seed=0,
-            verbose=0,
-            record_every=10**9,
-        )
+        walk = keras_fip.Walk(**budget, record_every=10**9)
+        op = keras_fip.ContinualLearn(task, memory=memory[0], memory_per_task=0, walk=walk)
     else:
         op = baselines.ExperienceReplay(
-            task, memory=memory, epochs=1, batch_size=batch_size, seed=0
+            task, memory=memory, learning_rate=1e-3, walk=keras_fip.Walk(**budget)
         )
     start = time.perf_counter()
     op(model)

@@ -28,7 +28,9 @@ outputs (`new_all`), the new task read by the untouched old head (`new_untouched
 labels mean what SST-2's do) and its majority class (`new_majority`). A summary table
 follows: mean, min and max over seeds, and each method's new-task accuracy against
 fine-tuning's. `--options='{"name": {"method": "fip", ...}}'` adds runs of a method with
-other keyword arguments (reported as `name`, never chosen by the benchmark).
+other arguments (fields of `keras_fip.Walk` such as `beta` or `batch_size` go to its walk,
+`learning_rate` to ContinualLearn's `Penalty` rule; reported as `name`, never chosen by the
+benchmark).
 
 Example:
 
@@ -39,6 +41,7 @@ Example:
 """
 
 import argparse
+import inspect
 import json
 import time
 
@@ -53,6 +56,8 @@ MODELS = ("text_transformer", "mnist_convnet")
 METHODS = ("fip", "finetune", "ewc", "replay", "agem", "lwf", "joint")
 DEFAULT_METHODS = ("fip", "finetune", "ewc", "replay")
 TASKS = {"text_transformer": ("SST-2", "CR"), "mnist_convnet": ("MNIST", "Fashion-MNIST")}
+# `--options` keys that are the walk's (budget, batch size, β, ...).
+WALK_FIELDS = tuple(inspect.signature(keras_fip.Walk).parameters)
 
 
 def _predictions(model, x, batch_size=500):
@@ -80,11 +85,19 @@ def tasks(name, seed):
 
 
 def build(method, old, new, memory, seed, epochs, options):
-    """The operation of `method` with its defaults (and `options`, for the extra runs)."""
+    """The operation of `method` with its defaults (and `options`, for the extra runs:
+    fields of `keras_fip.Walk` go to the walk, `learning_rate` to ContinualLearn's
+    `Penalty` rule, the rest to the constructor)."""
     task = (new["x"], new["y"])
-    common = dict(epochs=epochs, seed=seed, **options)
+    options = dict(options)
+    walk_options = {key: options.pop(key) for key in list(options) if key in WALK_FIELDS}
+    if method == "fip" and "learning_rate" in options:
+        learning_rate = options.pop("learning_rate")
+        walk_options["rule"] = keras_fip.rules.Penalty(learning_rate=learning_rate)
+    walk = keras_fip.Walk(epochs=epochs, seed=seed, verbose=0, **walk_options)
+    common = dict(walk=walk, **options)
     if method == "fip":
-        return keras_fip.ContinualLearn(task, memory=memory[0], verbose=0, **common)
+        return keras_fip.ContinualLearn(task, memory=memory[0], **common)
     if method == "finetune":
         return baselines.FineTune(task, **common)
     if method == "ewc":
