@@ -4,14 +4,16 @@ Runs, once in this process (no distribution) and once in `--workers` worker proc
 127.0.0.1 (`keras_fip.distribute.launch_workers`: a `TF_CONFIG` each, CPU, RING/AUTO
 collectives, bounded by `--timeout`, killed on exit), on a 24-16 MLP and the digits:
 
-- `compress`: a `keras_fip.Compress(0.5, steps=--steps)` walk (penalty rule, Adam, KL);
+- `compress`: a `keras_fip.Compress(0.5, walk=keras_fip.Walk(steps=--steps))` walk (penalty rule,
+  Adam, KL);
 - `continual`: a `keras_fip.ContinualLearn` walk (digits 5-9 learned, 0-4 kept);
 - `metric`: a product g·v with `keras_fip.geometry.MetricOperator`, its top 3
   eigenpairs (`top_eigenpairs`) and the Gram matrix of 7 inputs (`gram`: each worker's
   Jacobian rows gathered);
-- `resume`: a `FIPTrainer` walk (penalty rule, Adam, cross-entropy) streamed with
-  `keras_fip.distribute.resumable_walk`; worker 1 is killed (SIGKILL) at step
-  `--kill_at`, all workers stop, and a second launch resumes the walk from its path.
+- `resume`: a `keras_fip.Isofunctional` walk (penalty rule, Adam) with a checkpoint
+  directory (`keras_fip.Walk(checkpoint_directory=...)`); worker 1 is killed (SIGKILL) at
+  step `--kill_at`, all workers stop, and a second launch resumes the walk from its
+  checkpoint.
 
 and prints one JSON line per computation with the largest absolute difference between the
 multi-worker and the single-process results (final weights, g·v, eigenvalues and
@@ -107,7 +109,6 @@ def compute(names, strategy, output_dir, settings, kill=False):
 
     import keras_fip
     from keras_fip import distribute
-    from keras_fip.engine.data_adapter import fip_dataset
 
     x, y = _data()
     steps, batch_size = settings["steps"], settings["batch_size"]
@@ -118,13 +119,15 @@ def compute(names, strategy, output_dir, settings, kill=False):
             op = keras_fip.Compress(
                 0.5,
                 data=x,
-                steps=steps,
-                batch_size=batch_size,
-                beta=1.0,
-                update_every=5,
-                seed=0,
-                record_every=steps,
-                verbose=0,
+                schedule=keras_fip.compress.Schedule(update_every=5),
+                walk=keras_fip.Walk(
+                    steps=steps,
+                    batch_size=batch_size,
+                    beta=1.0,
+                    seed=0,
+                    record_every=steps,
+                    verbose=0,
+                ),
             )
             sparse = op(_load_base(output_dir, 10))
             results.update({f"compress/{i}": w for i, w in enumerate(sparse.get_weights())})
@@ -145,34 +148,32 @@ def compute(names, strategy, output_dir, settings, kill=False):
         if "metric" in names and strategy.num_replicas_in_sync > 1:
             results.update(_metric(output_dir, x))
         if "resume" in names:
-            model = _load_base(output_dir, 10)
-            trainer = keras_fip.FIPTrainer(
-                model,
-                step_rule="penalty",
-                distance="kl",
-                secondary_loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            )
-            trainer.compile(optimizer=keras.optimizers.Adam(3e-3))
-            data = fip_dataset(model, x, secondary=(x, y), batch_size=batch_size, seed=0)
             callbacks = []
             if kill and distribute.task_index(strategy) == 1:
                 callbacks.append(_KillAt.make(settings["kill_at"]))
             directory = os.path.join(output_dir, "walk")
             if strategy.num_replicas_in_sync == 1:
                 directory = os.path.join(output_dir, "walk_single")
-            path, _, first_step = distribute.resumable_walk(
-                trainer,
-                data,
-                steps,
-                directory,
+            saved = os.path.join(directory, "phase_walk.json")
+            first_step = 0
+            if os.path.exists(saved):  # The step the killed walk resumes from.
+                with open(saved) as handle:
+                    first_step = json.load(handle)["step"]
+            walk = keras_fip.Walk(
+                steps=steps,
+                rule="penalty",
+                batch_size=batch_size,
                 record_every=settings["record_every"],
-                strategy=strategy,
+                checkpoint_directory=directory,
                 callbacks=callbacks,
+                seed=0,
                 verbose=0,
             )
-            results.update({f"resume/{i}": w for i, w in enumerate(model.get_weights())})
+            op = keras_fip.Isofunctional(data=x, walk=walk)
+            moved = op(_load_base(output_dir, 10))
+            results.update({f"resume/{i}": w for i, w in enumerate(moved.get_weights())})
             results["resume_first_step"] = np.asarray(first_step)
-            results["resume_points"] = np.asarray(len(path))
+            results["resume_points"] = np.asarray(len(op.path))
     if "metric" in names and strategy.num_replicas_in_sync == 1:
         # Outside the scope: MetricOperator's one-replica path runs in cross-replica
         # context, where a one-device strategy's variables cannot be read.

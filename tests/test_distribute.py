@@ -1,16 +1,12 @@
-"""Tests for `keras_fip.distribute`: strategies by name, loopback workers, resumable walks."""
+"""Tests for `keras_fip.distribute`: strategies by name, loopback workers, a resumed walk."""
 
 import sys
 import time
 
-import keras
-import numpy as np
 import pytest
 import tensorflow as tf
 
-import keras_fip
 from keras_fip import distribute
-from keras_fip.engine.data_adapter import fip_dataset
 
 # Strategy resolution.
 
@@ -96,57 +92,6 @@ def test_launch_workers_errors_name_the_argument(kwargs, argument):
 
 
 # Datasets and resumable walks (one process).
-
-
-class _Count(keras.callbacks.Callback):
-    """Walk state outside the optimizer: a variable the callback advances every step."""
-
-    def __init__(self, variable):
-        super().__init__()
-        self.variable = variable
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.variable.assign(self.variable * 2.0 + 1.0)
-
-
-def _walk(directory, steps, digits, state=None):
-    x, y, _, _ = digits
-    keras.utils.set_random_seed(0)
-    model = keras_fip.models.mlp(8, input_shape=(8, 8, 1))
-    trainer = keras_fip.FIPTrainer(
-        model,
-        distance="kl",
-        secondary_loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    trainer.compile(optimizer=keras.optimizers.Adam(3e-3))  # Stateful: restored too.
-    data = fip_dataset(model, x[:128], secondary=(x[:128], y[:128]), batch_size=16, seed=0)
-    extra = {} if state is None else {"state_variables": [state], "callbacks": [_Count(state)]}
-    path, history, first = distribute.resumable_walk(
-        trainer, data, steps, directory, record_every=2, verbose=0, **extra
-    )
-    return model.get_weights(), path, history, first
-
-
-def test_resumable_walk_resumes_at_the_uninterrupted_weights(tmp_path, digits):
-    full, _, full_history, _ = _walk(str(tmp_path / "full"), 8, digits)
-    _walk(str(tmp_path / "cut"), 5, digits)  # Stops after step 5; step 4 is resumable.
-    resumed, path, history, first = _walk(str(tmp_path / "cut"), 8, digits)
-    assert first == 4
-    assert list(path.steps) == [0, 2, 4, 6, 8]
-    assert history["secondary_loss"] == full_history["secondary_loss"][4:]
-    for a, b in zip(full, resumed):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_resumable_walk_restores_the_state_variables(tmp_path, digits):
-    full = tf.Variable(0.0)
-    _walk(str(tmp_path / "full"), 8, digits, state=full)
-    cut = tf.Variable(0.0)
-    _walk(str(tmp_path / "cut"), 5, digits, state=cut)  # Killed after step 5 (state 31).
-    resumed = tf.Variable(-100.0)  # A new process: whatever it starts with.
-    _, _, _, first = _walk(str(tmp_path / "cut"), 8, digits, state=resumed)
-    assert first == 4 and float(full.numpy()) == 255.0  # 2^8 - 1 after 8 steps.
-    assert float(resumed.numpy()) == float(full.numpy())  # Restored at step 4 (15).
 
 
 # Two workers on loopback (subprocesses, bounded in time, killed on exit).

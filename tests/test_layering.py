@@ -25,7 +25,7 @@ LAYERS = {
     "keras_fip.models": 2,
     "keras_fip.geometry": 2,
     "keras_fip.engine": 3,
-    "keras_fip.distribute": 3,
+    "keras_fip.distribute": 2,
     "keras_fip.operations": 4,
     "keras_fip.metrics": 4,
     "keras_fip.export": 4,

@@ -5,12 +5,14 @@ import numpy as np
 
 from keras_fip.engine import data_adapter
 from keras_fip.engine.data_adapter import normalize_data
-from keras_fip.engine.projection import _layers
+from keras_fip.engine.layers import all_layers
 
 
 def batch_normalization_layers(model):
     """The `keras.layers.BatchNormalization` layers of `model`, nested ones included."""
-    return [layer for layer in _layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    return [
+        layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)
+    ]
 
 
 def recalibrate_batch_normalization(model, data, batch_size=256, max_examples=None):

@@ -8,6 +8,8 @@ largest-magnitude weights (or units, filters, 2-of-4 groups) and zeroes the rest
 import keras
 import numpy as np
 
+from keras_fip.engine.layers import all_layers
+
 STRUCTURES = ("unstructured", "nodes", "filters", "2:4")
 SCOPES = ("global", "per_layer")
 # Layer-collapse protection of `scope="global"`: every variable keeps at least a fraction
@@ -49,40 +51,6 @@ _NORMALIZATION_LAYERS = (
 SMALL_PRUNABLE_SHARE = 0.5
 
 
-def _child_layers(layer):
-    """Direct sub-layers of a layer (models: `.layers`; other layers: their attributes)."""
-    if isinstance(layer, keras.Model):
-        return list(layer.layers)
-    children = []
-    for value in vars(layer).values():
-        items = (
-            value
-            if isinstance(value, (list, tuple))
-            else (value.values() if isinstance(value, dict) else (value,))
-        )
-        children.extend(
-            item for item in items if isinstance(item, keras.layers.Layer) and item is not layer
-        )
-    return children
-
-
-def _layers(model):
-    """Every layer of a model, nested models and sub-layers included, once each."""
-    seen, ordered = {id(model)}, []
-
-    def visit(layer):
-        if id(layer) in seen:
-            return
-        seen.add(id(layer))
-        ordered.append(layer)
-        for child in _child_layers(layer):
-            visit(child)
-
-    for layer in _child_layers(model):
-        visit(layer)
-    return ordered
-
-
 def prunable_variables(
     model, include_biases=False, include_normalization=False, include_embeddings=True
 ):
@@ -112,7 +80,7 @@ def prunable_variables(
     ['embeddings', 'kernel']
     """
     chosen = set()
-    for layer in _layers(model):
+    for layer in all_layers(model):
         for variable in layer.trainable_weights:
             name = variable.name
             if isinstance(layer, _KERNEL_LAYERS) and name in _KERNEL_NAMES:
@@ -499,7 +467,9 @@ def resolve_layer_floor(model, layer_floor):
     layer_floor = check_layer_floor(layer_floor)
     if layer_floor != "auto":
         return layer_floor
-    normalized = any(isinstance(layer, keras.layers.BatchNormalization) for layer in _layers(model))
+    normalized = any(
+        isinstance(layer, keras.layers.BatchNormalization) for layer in all_layers(model)
+    )
     return BATCH_NORM_LAYER_FLOOR if normalized else LAYER_FLOOR
 
 
