@@ -1,0 +1,52 @@
+"""`benchmarks.quantize_lenet` at tiny settings."""
+
+import json
+
+import pytest
+
+from benchmarks import quantize_lenet
+
+
+def test_the_benchmark_measures_every_method(tmp_path, monkeypatch):
+    calls = []
+    original = quantize_lenet.keras_fip.models.base_network
+
+    def small_network(model, dataset, seed=0):
+        calls.append((model, dataset, seed))
+        return original("mlp", "digits", epochs=2, seed=seed, cache_dir=False)
+
+    monkeypatch.setattr(quantize_lenet.keras_fip.models, "base_network", small_network)
+    rows, summary = quantize_lenet.main(
+        [
+            "--dataset=digits",
+            "--bits=8,2",
+            "--fip_epochs=1",
+            "--fip_options=" + json.dumps({"schedule": {"min_steps": 5}}),
+            "--qat_learning_rates=1e-3",
+            "--output=" + str(tmp_path),
+        ]
+    )
+    assert calls == [("lenet_300_100", "digits", 0)]
+    methods = {(row["method"], row["bits"]) for row in rows}
+    assert methods == {
+        ("float", 32),
+        ("fip", 8),
+        ("qat", 8),
+        ("keras_int8", 8),
+        ("tflite", 8),
+        ("fip", 2),
+        ("qat", 2),
+        ("keras_int4", 2),
+    }
+    fip = [row for row in rows if row["method"] == "fip"]
+    assert [row["steps"] for row in fip] == [5, 5]
+    assert all(0.0 <= row["accuracy"] <= 1.0 for row in rows)
+    sizes = {row["method"]: row["gzipped_tflite_bytes"] for row in rows if row["bits"] == 8}
+    assert sizes["keras_int8"] is None  # int8 × int8 matmuls: no TFLite conversion.
+    assert all(sizes[method] > 0 for method in ("fip", "qat", "tflite"))
+    assert json.loads((tmp_path / "results.json").read_text())["summary"] == summary
+
+
+def test_unknown_methods_are_rejected():
+    with pytest.raises(ValueError, match="gptq"):
+        quantize_lenet.main(["--methods=fip,gptq"])
