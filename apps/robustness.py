@@ -3,14 +3,15 @@ r"""Ensembles under adversarial attack: FIP ensembles beside the ensembles users
 For each experiment (`dataset/model`) and seed s, every method starts from the same data:
 
 - `single`: the base network of seed s (`keras_fip.models.base_network`, cached);
-- `fip`: `keras_fip.Ensemble(K, data=(x, y), steps_between=S, seed=s)` from that
-  network on the labelled training set, every other argument at the library's default: a
-  member every S = `--fip_member_fraction` × the single network's training steps (or
-  `--fip_steps_between`) along one `penalty` walk (Adam on D + L, D the output distance to
-  the start on the anchors), L = τ·CE on labelled batches (τ chosen on a split held out of
-  the training set) + CE of the true label on inputs attacked (FGSM, radius 0.3 of the
-  inputs' range) against the ensemble so far: each new member learns to be right where
-  the ensemble so far is wrong (beyond the paper; see `keras_fip.Ensemble`);
+- `fip`: `keras_fip.Ensemble(K, data=(x, y), walk=keras_fip.Walk(steps=K·S,
+  batch_size=B, seed=s))` from that network on the labelled training set, every other
+  argument at the library's default: a member every S = `--fip_member_fraction` × the
+  single network's training steps (or `--fip_steps_between`) along one `Penalty` walk
+  (Adam on D + L, D the squared distance of the logits to the start's on the anchors),
+  L = τ·CE on labelled batches (τ chosen on a split held out of the training set) + CE of
+  the true label on inputs attacked (FGSM, radius 0.3 of the inputs' range) against the
+  ensemble so far: each new member learns to be right where the ensemble so far is wrong
+  (beyond the paper; see `keras_fip.Ensemble`);
 - `deep`: K independently trained networks of the same recipe (the base networks of seeds
   s, s+1, ..., s+K−1, i.e. `keras_fip.baselines.deep_ensemble`'s recipe through the shared
   cache; the windows of different seeds overlap, so the deep ensemble's spread over seeds
@@ -85,7 +86,9 @@ The default command also runs FGE and snapshot ensembles on LeNet-300-100 and th
 lighter plan on cnn5 (MNIST) and VGG-11 (CIFAR-10); their figures are in its
 `results.json`. From an empty cache, the default command first trains 19 base networks
 (15 LeNet-300-100, 2 cnn5, 2 VGG-11). `--fip_options` overrides `Ensemble`'s defaults
-(a JSON object of its arguments, e.g. `'{"task_weight": 1.0}'`; unset by default).
+(a JSON object of its arguments, e.g. `'{"labels": 1.0}'`, with `"walk"` for `keras_fip.Walk`
+fields other than the budget, batch size and seed, e.g. `'{"walk": {"distance": "kl"}}'`;
+unset by default).
 
 Example:
 
@@ -207,7 +210,8 @@ flags.DEFINE_string(
     "fip_options",
     None,
     "keras_fip.Ensemble keyword arguments that override the library's defaults, as JSON "
-    "(e.g. '{\"task_weight\": 1.0}'); unset: the defaults.",
+    '(e.g. \'{"labels": 1.0}\' or \'{"walk": {"distance": "kl"}}\'); unset: the '
+    "defaults.",
 )
 flags.DEFINE_integer(
     "fge_cycle_epochs", 2, "FGE cycle length in epochs (authors: 2-4).", lower_bound=1
@@ -257,7 +261,11 @@ def _base(model, dataset, seed, epochs):
 
 
 def fip_options():
-    """The `Ensemble` arguments of `--fip_options` (a JSON object), validated."""
+    """The `Ensemble` arguments of `--fip_options` (a JSON object), validated.
+
+    `"walk"` may hold `keras_fip.Walk` fields other than the budget, batch size and seed
+    (the app sets those); `"diversity"` a `Diversity` config.
+    """
     if not FLAGS.fip_options:
         return {}
     try:
@@ -266,13 +274,23 @@ def fip_options():
         raise ValueError(
             f"`--fip_options` must be a JSON object. Received: {FLAGS.fip_options!r} ({error})"
         ) from error
-    reserved = {"num_members", "data", "steps_between", "batch_size", "seed"}
-    if not isinstance(options, dict) or reserved & set(options):
+    reserved = {"num_members", "data", "name"}
+    walk_reserved = {"steps", "epochs", "batch_size", "seed"}
+    walk = options.get("walk", {}) if isinstance(options, dict) else None
+    if (
+        not isinstance(options, dict)
+        or reserved & set(options)
+        or not isinstance(walk, dict)
+        or walk_reserved & set(walk)
+    ):
         raise ValueError(
             "`--fip_options` must be a JSON object of keras_fip.Ensemble arguments other "
-            f"than {sorted(reserved)} (the app sets those). Received: {FLAGS.fip_options!r}"
+            f"than {sorted(reserved)}, with `walk` a JSON object of keras_fip.Walk fields "
+            f"other than {sorted(walk_reserved)} (the app sets those). "
+            f"Received: {FLAGS.fip_options!r}"
         )
-    keras_fip.Ensemble(2, **options)  # Validates the arguments before any work.
+    # Validates the arguments before any work.
+    keras_fip.Ensemble(2, **{**options, "walk": keras_fip.Walk(**walk)})
     return options
 
 
@@ -296,21 +314,21 @@ def build_methods(methods, model, dataset, seed, epochs, x, y, settings, K):
                 1, round(FLAGS.fip_member_fraction * epochs * len(x) / FLAGS.batch_size)
             )
             # The library's defaults: only the data, the budget and the seed are given.
-            operation = keras_fip.Ensemble(
-                K,
-                data=(x, y),
-                steps_between=steps_between,
+            walk = keras_fip.Walk(
+                steps=K * steps_between,
                 batch_size=FLAGS.batch_size,
                 seed=seed,
                 verbose=0,
                 log_dir=_RUN["run"].log_dir(f"{dataset}_{model}/fip/seed_{seed}") if _RUN else None,
-                **fip_options(),
             )
+            options = fip_options()
+            walk = walk.replace(**options.pop("walk", {}))
+            operation = keras_fip.Ensemble(K, data=(x, y), walk=walk, **options)
             built[method] = operation(base)
             compute[method] = {
                 "train_examples": base_examples + operation.history["train_examples"],
-                "task_weight": operation.history["task_weight"],
-                "perturbation_epsilon": operation.history["perturbation_epsilon"],
+                "labels": operation.history["labels"],
+                "radius": operation.history["radius"],
             }
         elif method == "fge":
             alpha = settings["fge_learning_rate"]

@@ -3,13 +3,15 @@
 For each model of `benchmarks.user_models` named in `--models` and each seed s, the model
 the Keras example trains (`user_models.trained(name, s)`) is the start; then:
 
-- `fip`: `keras_fip.Ensemble(K, data=(x, y), steps_between=S, seed=s)` — every other
-  argument at its default (with `--data=inputs`: `data=x`, the walk on the inputs alone).
-  S is the largest number of steps a member whose example passes
+- `fip`: `keras_fip.Ensemble(K, data=(x, y), walk=keras_fip.Walk(steps=K·S, seed=s))` —
+  every other argument at its default (with `--data=inputs`: `data=x`, the walk on the
+  inputs alone). S, the steps between members, is the largest whose example passes
   (`op.history["train_examples"]`, every pass counted: the choice of the labels' weight,
   the reference outputs, the steps, the attacks of the diversity term, BatchNorm
   re-estimation) stay within the deep ensemble's, found from the walk's accounting
-  (`fip_passes`) and checked against the op's own count in the output;
+  (`fip_passes`, with the labels' weights of `LABEL_WEIGHTS` tried: a grid extended past a
+  winning edge costs one more walk each) and checked against the op's own count in the
+  output;
 - `deep`: K networks trained by the same Keras example recipe from K initialisations:
   the models of seeds s, s+1, ..., s+K−1 (`user_models.trained`, cached; the windows of
   different seeds overlap), `K × epochs × N` example passes; for BatchNorm nets also
@@ -26,9 +28,9 @@ NLL and mean max probability, their example passes, the labels' weight the walk 
 the checks: FIP NLL ≤ the start's, FIP accuracy ≥ the start's, every member within 5 pp
 of the start. The summary line per model and data gives the mean ± std over seeds.
 `--paper_walk` adds to the `--data=inputs` lines `paper`: the paper's walk
-(`step_rule="metric", push="random", diversity=0, task_weight=0`, ε = 0.05 a step, 100
-steps between members) on the inputs, each member's accuracy and Euclidean distance from
-the start beside the start's weight norm.
+(`labels=False, diversity=Diversity(weight=0), push="random"`, the `Metric` rule at
+ε = 0.05 a step, 100 steps between members) on the inputs, each member's accuracy and
+Euclidean distance from the start beside the start's weight norm.
 
 Example:
 
@@ -45,8 +47,11 @@ import numpy as np
 
 import keras_fip
 from benchmarks import user_models
+from keras_fip.engine import tuning
+from keras_fip.engine.rules import Metric
 from keras_fip.operations import ensemble as ensemble_lib
-from keras_fip.operations.compress import holdout_rows
+from keras_fip.operations.ensemble import Diversity
+from keras_fip.operations.ensemble_model import build_ensemble
 
 # Members of both ensembles, per model.
 NUM_MEMBERS = {"mnist_convnet": 3, "residual_convnet": 4, "mobilenet": 3}
@@ -74,9 +79,10 @@ def scores(model, x, y):
     }
 
 
-def fip_passes(steps, y, num_members, labels, normalized):
-    """The example passes of `Ensemble(num_members, steps_between=steps)` with its
-    defaults on one floating-point input: `op.history["train_examples"]`'s accounting.
+def fip_passes(steps, y, num_members, labels, normalized, seed=0):
+    """The example passes of `Ensemble(num_members)` walking `steps` steps a member with
+    its defaults on one floating-point input: `op.history["train_examples"]`'s accounting
+    (the labels' weights of `LABEL_WEIGHTS` tried, the grid not extended).
 
     Args:
         steps: Steps between members.
@@ -85,6 +91,7 @@ def fip_passes(steps, y, num_members, labels, normalized):
         num_members: K.
         labels: Whether `data` has labels (the task term and the choice of its weight).
         normalized: Whether the model has BatchNormalization layers.
+        seed: The walk's seed (of the held-out split). Defaults to `0`.
 
     Returns:
         An integer.
@@ -99,17 +106,17 @@ def fip_passes(steps, y, num_members, labels, normalized):
     passes += (2 - labels) * attacked * (1 + num_members * (num_members - 1) // 2)
     if labels:
         fraction = min(ensemble_lib.SELECTION_FRACTION, ensemble_lib.SELECTION_MAX_EXAMPLES / count)
-        held = len(holdout_rows(y, fraction, seed=0)[1])
+        held = len(tuning.validation_rows(y, fraction, seed)[1])
         visited = min(count - held, max(steps * BATCH_SIZE, DIVERSITY_EXAMPLES))
         one = visited + steps * BATCH_SIZE * 3 + min(DIVERSITY_EXAMPLES, visited)
-        passes += len(ensemble_lib.TASK_WEIGHTS) * (one + normalized * visited + held)
+        passes += len(ensemble_lib.LABEL_WEIGHTS) * (one + normalized * visited + held)
     return int(passes)
 
 
-def steps_for_budget(budget, y, num_members, labels, normalized):
+def steps_for_budget(budget, y, num_members, labels, normalized, seed=0):
     """The most steps between members whose `fip_passes` stay within `budget`."""
     steps = 1
-    while fip_passes(steps + 1, y, num_members, labels, normalized) <= budget:
+    while fip_passes(steps + 1, y, num_members, labels, normalized, seed) <= budget:
         steps += 1
     return steps
 
@@ -132,7 +139,7 @@ def run(name, seed, data_kind, num_members, paper_walk=False):
         keras_fip.engine.copy_model(user_models.trained(name, seed + k)[0])
         for k in range(num_members)
     ]
-    deep = ensemble_lib.build_ensemble(members, name="deep_ensemble")
+    deep = build_ensemble(members, name="deep_ensemble")
     deep_passes = num_members * recipe["epochs"] * len(x)
     row["deep"] = {
         **scores(deep, x_test, y_test),
@@ -151,11 +158,10 @@ def run(name, seed, data_kind, num_members, paper_walk=False):
         }
 
     # FIP: the defaults, at the deep ensemble's example passes.
-    steps = steps_for_budget(deep_passes, y, num_members, labels, normalized)
+    steps = steps_for_budget(deep_passes, y, num_members, labels, normalized, seed)
     start = time.perf_counter()
-    operation = keras_fip.Ensemble(
-        num_members, data=(x, y) if labels else x, steps_between=steps, seed=seed, verbose=0
-    )
+    walk = keras_fip.Walk(steps=num_members * steps, seed=seed, verbose=0)
+    operation = keras_fip.Ensemble(num_members, data=(x, y) if labels else x, walk=walk)
     ensemble = operation(model)
     history = operation.history
     member_scores = [scores(m, x_test, y_test) for m in keras_fip.ensemble_members(ensemble)]
@@ -165,9 +171,11 @@ def run(name, seed, data_kind, num_members, paper_walk=False):
         "member_nll": [s["nll"] for s in member_scores],
         "steps_between": steps,
         "train_examples": int(history["train_examples"]),
-        "predicted_train_examples": fip_passes(steps, y, num_members, labels, normalized),
-        "task_weight": history["task_weight"],
-        "perturbation_epsilon": history["perturbation_epsilon"],
+        "predicted_train_examples": fip_passes(steps, y, num_members, labels, normalized, seed),
+        "labels": history["labels"],
+        "labels_tried": sorted(history.get("labels_selection", {}).get("validation_accuracy", {})),
+        "radius": history["radius"],
+        "learning_rate": history["learning_rate"],
         "outputs": history["outputs"],
         "seconds": time.perf_counter() - start,
     }
@@ -178,12 +186,12 @@ def run(name, seed, data_kind, num_members, paper_walk=False):
         paper = keras_fip.Ensemble(
             num_members,
             data=x,
-            step_rule="metric",
+            labels=False,
+            diversity=Diversity(weight=0.0),
             push="random",
-            diversity=0.0,
-            task_weight=0.0,
-            seed=seed,
-            verbose=0,
+            walk=keras_fip.Walk(
+                steps=100 * num_members, rule=Metric(epsilon=0.05), seed=seed, verbose=0
+            ),
         )
         walked = paper(model)
         row["paper"] = {
@@ -239,7 +247,7 @@ def summary(rows):
         )
         line["fip/train_examples"] = float(np.mean([r["fip"]["train_examples"] for r in group]))
         line["deep/train_examples"] = float(np.mean([r["deep"]["train_examples"] for r in group]))
-        line["fip/task_weight"] = [r["fip"]["task_weight"] for r in group]
+        line["fip/labels"] = [r["fip"]["labels"] for r in group]
         for check in group[0]["checks"]:
             line[f"checks/{check}"] = f"{sum(r['checks'][check] for r in group)}/{len(group)}"
         lines.append(line)

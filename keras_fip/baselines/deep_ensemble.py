@@ -1,6 +1,6 @@
 """Ensemble baselines: deep ensembles, fast geometric ensembling (FGE), snapshot ensembles.
 
-Each returns a keras_fip ensemble model (`keras_fip.operations.ensemble.build_ensemble`:
+Each returns a keras_fip ensemble model (`keras_fip.operations.ensemble_model.build_ensemble`:
 one input, the members, their combination; by default the mean of the members'
 probabilities: a model ending in a softmax is averaged as it is, a logits model through
 a softmax, and the ensemble returns probabilities either way) and a dict
@@ -18,8 +18,8 @@ from keras_fip.engine import data_adapter
 from keras_fip.engine import normalization
 from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine.copy import copy_model
-from keras_fip.operations.ensemble import SAVED_COMBINES
-from keras_fip.operations.ensemble import build_ensemble
+from keras_fip.operations.ensemble_model import SAVED_COMBINES
+from keras_fip.operations.ensemble_model import build_ensemble
 
 
 def _check_common(num_members, epochs, name_epochs, combine):
@@ -96,7 +96,7 @@ def deep_ensemble(
         A tuple `(ensemble, info)`; `info` holds `"train_examples"` (K·epochs·N),
         `"epochs"` (K·epochs) and `"num_members"`.
 
-    Example:
+    Examples:
 
     >>> x, y = keras_fip.data.load("digits")
     >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
@@ -150,7 +150,7 @@ def fge_learning_rate(iteration, cycle_steps, high, low):
     Returns:
         A float.
 
-    Example:
+    Examples:
 
     >>> fge_learning_rate(2, 4, 0.05, 0.0005)
     0.0005
@@ -244,7 +244,7 @@ def fast_geometric_ensemble(
         steps run times the batch size (the trained starting network not included), `"epochs"`
         and `"num_members"`.
 
-    Example:
+    Examples:
 
     >>> x, y = keras_fip.data.load("digits")
     >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
@@ -289,7 +289,7 @@ def snapshot_learning_rate(iteration, total_steps, num_cycles, initial):
 
     α(t) = α₀/2 · (cos(π · mod(t − 1, ⌈T/M⌉) / ⌈T/M⌉) + 1) for step t ≥ 1 of T, M cycles.
 
-    Example:
+    Examples:
 
     >>> snapshot_learning_rate(1, 100, 5, 0.1)
     0.1
@@ -364,7 +364,7 @@ def snapshot_ensemble(
     Returns:
         A tuple `(ensemble, info)`; `info["train_examples"]` = epochs·N.
 
-    Example:
+    Examples:
 
     >>> x, y = keras_fip.data.load("digits")
     >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))

@@ -18,11 +18,11 @@ import keras
 import numpy as np
 
 from keras_fip.engine import outputs as outputs_lib
-from keras_fip.operations.ensemble import EnsembleCombination
-from keras_fip.operations.ensemble import ensemble_combine
-from keras_fip.operations.ensemble import ensemble_members
-from keras_fip.operations.ensemble import is_ensemble
-from keras_fip.operations.ensemble import member_output_kind
+from keras_fip.operations.ensemble_model import EnsembleCombination
+from keras_fip.operations.ensemble_model import ensemble_combine
+from keras_fip.operations.ensemble_model import ensemble_members
+from keras_fip.operations.ensemble_model import is_ensemble
+from keras_fip.operations.ensemble_model import member_output_kind
 
 
 def _require_art():

@@ -8,9 +8,16 @@ import pytest
 import tensorflow as tf
 
 import keras_fip
-from keras_fip.operations.ensemble import EnsembleCombination
-from keras_fip.operations.ensemble import build_ensemble
-from keras_fip.operations.ensemble import ensemble_combine
+from keras_fip.engine import tuning
+from keras_fip.engine.beta import auto_beta
+from keras_fip.engine.rules import Metric
+from keras_fip.engine.rules import Penalty
+from keras_fip.operations.ensemble import LABEL_WEIGHTS
+from keras_fip.operations.ensemble import Diversity
+from keras_fip.operations.ensemble_model import EnsembleCombination
+from keras_fip.operations.ensemble_model import build_ensemble
+from keras_fip.operations.ensemble_model import ensemble_combine
+from keras_fip.operations.ensemble_model import member_output_kind
 from tests.operations.contract import run_operation_contract
 from tests.operations.contract import trained_model
 
@@ -35,10 +42,12 @@ def _softmax(z):
     return e / e.sum(-1, keepdims=True)
 
 
+def _walk(steps, **kwargs):
+    return keras_fip.Walk(steps=steps, **{"seed": 0, "verbose": 0, **kwargs})
+
+
 def _contract_operation(model, x, y):
-    return keras_fip.Ensemble(
-        2, data=x, steps_between=3, batch_size=64, cg_iterations=3, seed=0, verbose=0
-    )
+    return keras_fip.Ensemble(2, data=x, walk=_walk(6, batch_size=64))
 
 
 def test_ensemble_meets_the_operation_contract():
@@ -59,18 +68,14 @@ def test_ensemble_meets_the_operation_contract_on_every_model():
 
 def test_members_are_distinct_accurate_and_combined_exactly(digits):
     model, x, y, x_test, y_test = digits
-    # The paper's metric walk, with the task term at a given weight (no selection).
+    # The paper's metric walk, with the labels' term at a given weight (no selection).
     op = keras_fip.Ensemble(
         3,
         data=(x, y),
-        steps_between=20,
-        batch_size=128,
-        seed=0,
-        step_rule="metric",
+        labels=1.0,
+        diversity=Diversity(weight=0.0),
         push="random",
-        diversity=0.0,
-        task_weight=1.0,
-        verbose=0,
+        walk=_walk(60, batch_size=128, rule=Metric(epsilon=0.05), distance="l2"),
     )
     ensemble = op(model)
     members = keras_fip.ensemble_members(ensemble)
@@ -95,15 +100,30 @@ def test_members_are_distinct_accurate_and_combined_exactly(digits):
     np.testing.assert_allclose(outputs.sum(-1), 1.0, atol=1e-5)
     assert np.mean(outputs.argmax(-1) == y_test) > base - 0.03
     # Compute in example passes: the reference outputs, then per step the anchor batch
-    # (D and one JᵀJv per CG iteration) and the labelled batch of the task term.
+    # (D and one JᵀJv per CG iteration) and the labelled batch.
     assert op.history["walk_examples"] == 60 * 128 * 2
-    assert op.history["train_examples"] == len(x) + 60 * 128 * (1 + op.cg_iterations + 1)
+    assert op.history["train_examples"] == len(x) + 60 * 128 * (1 + 10 + 1)
+
+
+def test_the_budget_is_shared_evenly_between_members(digits):
+    model, x, _, _, _ = digits
+    op = keras_fip.Ensemble(3, data=x, walk=_walk(10, batch_size=64))
+    op(model)
+    assert op.history["member_steps"] == [3, 7, 10]
+    # Without a budget: MEMBER_STEPS steps per member the walk takes; epochs are passes
+    # over `data`.
+    default = keras_fip.Ensemble(3, include_start=True)
+    assert default.resolved_walk().steps == 2 * keras_fip.operations.ensemble.MEMBER_STEPS
+    walk = keras_fip.Walk(epochs=1, batch_size=64, seed=0, verbose=0)
+    op = keras_fip.Ensemble(2, data=x[:256], walk=walk)
+    op(model)
+    assert op.history["member_steps"] == [2, 4]
 
 
 def test_include_start_mean_logits_and_single_member(digits):
     model, x, _, x_test, _ = digits
     ensemble = keras_fip.Ensemble(
-        2, data=x, steps_between=5, include_start=True, combine="mean_logits", seed=0, verbose=0
+        2, data=x, include_start=True, combine="mean_logits", walk=_walk(5)
     )(model)
     first, second = keras_fip.ensemble_members(ensemble)
     np.testing.assert_array_equal(_flat(first), _flat(model))
@@ -111,59 +131,120 @@ def test_include_start_mean_logits_and_single_member(digits):
     assert ensemble_combine(ensemble) == "mean_logits"
     expected = (np.asarray(first(x_test)) + np.asarray(second(x_test))) / 2
     np.testing.assert_allclose(np.asarray(ensemble(x_test)), expected, atol=1e-5)
-    single = keras_fip.Ensemble(1, data=x, steps_between=3, seed=0, verbose=0)(model)
+    single = keras_fip.Ensemble(1, data=x, walk=_walk(3))(model)
     (member,) = keras_fip.ensemble_members(single)
     np.testing.assert_allclose(
         np.asarray(single(x_test)), _softmax(np.asarray(member(x_test))), atol=1e-6
     )
+    # The start alone: no walk.
+    start_only = keras_fip.Ensemble(1, data=x, include_start=True, walk=_walk(3))
+    (member,) = keras_fip.ensemble_members(start_only(model))
+    np.testing.assert_array_equal(_flat(member), _flat(model))
+    assert start_only.history["member_steps"] == [0]
 
 
-def test_defaults_choose_the_task_weight_on_a_held_out_split(digits):
+def test_defaults_choose_the_labels_weight_on_a_held_out_split(digits):
     model, x, y, _, _ = digits
     x, y = x[:700], y[:700]
-    settings = dict(steps_between=4, batch_size=64, diversity_examples=128, seed=0, verbose=0)
-    auto = keras_fip.Ensemble(2, data=(x, y), **settings)
-    assert (auto.diversity, auto.push, auto.step_rule, auto.task_weight) == ("auto",) * 4
+    walk = _walk(8, batch_size=64)
+    auto = keras_fip.Ensemble(2, data=(x, y), diversity=Diversity(examples=128), walk=walk)
+    assert (auto.labels, auto.push, auto.diversity.weight) == ("auto", "auto", "auto")
     first = auto(model)
     history = auto.history
-    assert (history["step_rule"], history["push"], history["diversity"]) == ("penalty", "none", 1.0)
+    assert (history["push"], history["diversity"]) == ("none", 1.0)
+    # The measured walk: the squared distance of the logits, β = 1, the Penalty rule's
+    # "auto" learning rate.
+    assert auto.resolved_walk().distance == "l2"
+    assert history["beta"] == 1.0
+    assert history["learning_rate"] == pytest.approx(
+        keras_fip.rules.auto_learning_rate(model.trainable_variables)
+    )
     # ρ: 0.3 of the range of the inputs (digits in [0, 1]).
-    assert history["perturbation_epsilon"] == pytest.approx(0.3 * (x.max() - x.min()))
-    # τ: the candidate whose member has the lowest cross-entropy on the held-out fifth.
-    selection = history["task_weight_selection"]
-    assert selection["validation_examples"] == 140
+    assert history["radius"] == pytest.approx(0.3 * (x.max() - x.min()))
+    # τ: the weight whose member has the lowest cross-entropy on the held-out fifth.
+    selection = history["labels_selection"]
+    held = len(tuning.validation_rows(y, 0.2, 0)[1])
+    assert selection["validation_examples"] == held
     losses = selection["validation_cross_entropy"]
-    assert list(losses) == list(keras_fip.operations.ensemble.TASK_WEIGHTS)
-    assert history["task_weight"] == min(losses, key=losses.get)
+    assert list(losses)[:3] == list(LABEL_WEIGHTS)
+    assert history["labels"] == min(losses, key=lambda weight: (losses[weight], weight))
     # The walk on all of `data` is the walk at the chosen weight. The choice's passes are
-    # counted on top: three one-member walks on 256 of the 560 other examples (what 4
-    # steps of 64 read), each with its reference outputs, 4 steps of anchor, task and
-    # diversity batches and the attack on the start, and the held-out evaluations.
+    # counted on top: one-member walks on 256 of the other examples (what 4 steps of 64
+    # read), each with its reference outputs, 4 steps of anchor, labelled and diversity
+    # batches and the attack on the start, and the held-out evaluations.
     chosen = keras_fip.Ensemble(
-        2, data=(x, y), task_weight=history["task_weight"], perturbation_epsilon=0.3, **settings
+        2,
+        data=(x, y),
+        labels=history["labels"],
+        diversity=Diversity(examples=128, radius=0.3),
+        walk=walk,
     )
     second = chosen(model)
     for a, b in zip(keras_fip.ensemble_members(first), keras_fip.ensemble_members(second)):
         np.testing.assert_allclose(_flat(a), _flat(b), atol=1e-5)
     one_member = 256 + 4 * 64 * 3 + 128
-    assert selection["train_examples"] == 3 * (one_member + 140)
+    assert selection["train_examples"] == len(losses) * (one_member + held)
     assert history["train_examples"] == (
         chosen.history["train_examples"] + selection["train_examples"]
     )
-    # Inputs only: the same walk without the task term, the diversity targets the
+    # Inputs only: the same walk without the labels' term, the diversity targets the
     # predictions of the members so far.
-    inputs_only = keras_fip.Ensemble(2, data=x, **settings)
+    inputs_only = keras_fip.Ensemble(2, data=x, diversity=Diversity(examples=128), walk=walk)
     inputs_only(model)
     assert (
-        inputs_only.history["step_rule"],
         inputs_only.history["push"],
         inputs_only.history["diversity"],
-        inputs_only.history["task_weight"],
-    ) == ("penalty", "none", 1.0, 0.0)
-    assert "task_weight_selection" not in inputs_only.history
-    # Unattackable inputs (token ids): the random push drives the walk instead.
-    assert keras_fip.Ensemble(2).resolve_defaults(continuous=False) == (0.0, "random", "penalty")
-    assert keras_fip.Ensemble(2, diversity=0.0).resolve_defaults() == (0.0, "random", "penalty")
+        inputs_only.history["labels"],
+    ) == ("none", 1.0, 0.0)
+    assert "labels_selection" not in inputs_only.history
+    # labels=False: the labelled data walked as inputs only.
+    unlabelled = keras_fip.Ensemble(
+        2, data=(x, y), labels=False, diversity=Diversity(examples=128), walk=walk
+    )
+    unlabelled(model)
+    assert unlabelled.history["labels"] == 0.0
+
+
+def test_auto_beta_is_the_library_s_rule(digits):
+    model, x, y, _, _ = digits
+    for distance in ("l2", "kl"):
+        walk = _walk(2, batch_size=64, beta="auto", distance=distance)
+        op = keras_fip.Ensemble(2, data=(x, y), labels=1.0, walk=walk)
+        op(model)
+        expected = auto_beta(
+            keras_fip.operations.ensemble.STRENGTH,
+            model,
+            x,
+            distance=distance,
+            objective="outputs",
+            seed=0,
+        )
+        assert op.history["beta"] == pytest.approx(expected, rel=1e-6)
+    assert op.history["beta"] == 1.0  # The KL divergence: cross-entropies are in its units.
+
+
+def test_one_operation_gives_independent_results(digits, batchnorm_residual):
+    model, x, y, _, _ = digits
+    op = keras_fip.Ensemble(2, data=(x[:400], y[:400]), labels=1.0, walk=_walk(4, batch_size=64))
+    attributes = dict(vars(op))
+    first = op(model)
+    other = op(batchnorm_residual[0])
+    again = op(model)
+    # Only the last call's path and history are kept on the operation.
+    assert {key for key in vars(op) if key not in ("path", "history")} == (
+        {key for key in attributes if key not in ("path", "history")}
+    )
+    for key in attributes:
+        if key not in ("path", "history", "walk", "diversity", "data"):
+            assert vars(op)[key] == attributes[key]
+    for a, b in zip(keras_fip.ensemble_members(first), keras_fip.ensemble_members(again)):
+        np.testing.assert_array_equal(_flat(a), _flat(b))
+    fresh = keras_fip.Ensemble(
+        2, data=(x[:400], y[:400]), labels=1.0, walk=_walk(4, batch_size=64)
+    )(batchnorm_residual[0])
+    for a, b in zip(keras_fip.ensemble_members(other), keras_fip.ensemble_members(fresh)):
+        np.testing.assert_array_equal(_flat(a), _flat(b))
+    assert op.history["member_steps"] == [2, 4]
 
 
 def test_members_taken_at_a_metric_distance(digits):
@@ -171,14 +252,10 @@ def test_members_taken_at_a_metric_distance(digits):
     op = keras_fip.Ensemble(
         3,
         data=x,
-        steps_between=100,
-        metric_distance=0.3,
-        step_rule="metric",
+        spacing=0.3,
         push="random",
-        diversity=0.0,
-        epsilon=0.05,
-        seed=0,
-        verbose=0,
+        diversity=Diversity(weight=0.0),
+        walk=_walk(300, rule=Metric(epsilon=0.05), distance="l2"),
     )
     op(model)
     steps = op.history["member_steps"]
@@ -212,30 +289,24 @@ def test_error_diversity_resists_transferred_attacks_and_keeps_clean_accuracy(di
     keras_fip.models.train_classifier(surrogate, x, y, epochs=15, batch_size=64, learning_rate=3e-3)
     settings = dict(
         data=(x, y),
-        steps_between=60,
-        step_rule="penalty",
-        learning_rate=3e-3,
         push="none",
-        task_weight=1.0,
-        perturbation_epsilon=0.2,
-        diversity_examples=256,
-        batch_size=64,
-        seed=0,
-        verbose=0,
+        labels=1.0,
+        walk=_walk(180, rule=Penalty(3e-3), batch_size=64, distance="l2", beta=1.0),
     )
-    plain = keras_fip.Ensemble(3, diversity=0.0, **settings)(model)
-    op = keras_fip.Ensemble(3, diversity=3.0, adversary=adversary, **settings)
+    plain = keras_fip.Ensemble(3, diversity=Diversity(weight=0.0), **settings)(model)
+    diversity = Diversity(weight=3.0, radius=0.2, adversary=adversary, examples=256)
+    op = keras_fip.Ensemble(3, diversity=diversity, **settings)
     diverse = op(model)
-    # Measured: single 11.4%, plain walk 10.8%, error diversity 26.9% (members) and
-    # 28.3% (ensemble) on FGSM ε = 0.2 transferred from the surrogate.
+    # FGSM at ε = 0.2 transferred from the surrogate: the diverse members are right where
+    # the plain walk's are all wrong.
     assert (
         _fgsm_accuracy(surrogate, diverse, x_test, y_test, 0.2)
         > _fgsm_accuracy(surrogate, plain, x_test, y_test, 0.2) + 0.1
     )
     base = keras_fip.models.evaluate_classifier(model, x_test, y_test)["accuracy"]
     assert np.mean(np.asarray(diverse(x_test)).argmax(-1) == y_test) > base - 0.02
-    # Compute: reference outputs; per step anchor (D), task and diversity batches (and the
-    # per-step attack); per member the attack on the members so far (the start, 1, 2).
+    # Compute: reference outputs; per step anchor (D), labelled and diversity batches (and
+    # the per-step attack); per member the attack on the members so far (the start, 1, 2).
     per_step = 3 + (adversary == "ensemble")
     assert op.history["train_examples"] == (len(x) + 180 * 64 * per_step + 256 * (1 + 1 + 2))
 
@@ -252,18 +323,10 @@ def test_agreement_diversity_pushes_members_apart_on_perturbed_inputs(digits):
         mean = np.mean(probabilities, axis=0)
         return float(np.mean([np.abs(p - mean).sum(-1).mean() for p in probabilities]))
 
-    settings = dict(
-        data=x,
-        steps_between=25,
-        step_rule="metric",
-        push="random",
-        perturbation_epsilon=0.3,
-        diversity_examples=512,
-        seed=0,
-        verbose=0,
-    )
-    plain = keras_fip.Ensemble(3, diversity=0.0, **settings)(model)
-    diverse_op = keras_fip.Ensemble(3, diversity=3.0, diversity_loss="agreement", **settings)
+    settings = dict(data=x, push="random", walk=_walk(75, rule=Metric(epsilon=0.05), distance="l2"))
+    plain = keras_fip.Ensemble(3, diversity=Diversity(weight=0.0), **settings)(model)
+    diversity = Diversity(weight=3.0, loss="agreement", radius=0.3, examples=512)
+    diverse_op = keras_fip.Ensemble(3, diversity=diversity, **settings)
     diverse = diverse_op(model)
     assert disagreement(diverse) > 1.5 * disagreement(plain)
     # The FIP still keeps the clean function.
@@ -272,7 +335,7 @@ def test_agreement_diversity_pushes_members_apart_on_perturbed_inputs(digits):
     # Unlabelled: the attacks use the predictions (one forward pass per member so far),
     # the agreement targets another.
     assert diverse_op.history["train_examples"] == (
-        len(x) + 75 * 128 * (1 + diverse_op.cg_iterations + 1) + 512 * 3 * (1 + 1 + 2)
+        len(x) + 75 * 128 * (1 + 10 + 1) + 512 * 3 * (1 + 1 + 2)
     )
 
 
@@ -280,9 +343,7 @@ def test_batchnorm_members_get_recalibrated_statistics():
     model = trained_model("batchnorm_residual")
     x, _ = keras_fip.data.load("digits")
     x = x[:400]
-    ensemble = keras_fip.Ensemble(
-        2, data=x, steps_between=5, batch_size=64, cg_iterations=3, seed=0, verbose=0
-    )(model)
+    ensemble = keras_fip.Ensemble(2, data=x, walk=_walk(10, batch_size=64))(model)
     for member in keras_fip.ensemble_members(ensemble):
         twin = keras_fip.engine.copy_model(member)
         keras_fip.engine.recalibrate_batch_normalization(twin, x, 128)
@@ -298,7 +359,7 @@ def test_batchnorm_members_get_recalibrated_statistics():
 
 def test_members_survive_keras_round_trip(digits, tmp_path):
     model, x, _, x_test, _ = digits
-    ensemble = keras_fip.Ensemble(3, data=x, steps_between=3, seed=0, verbose=0)(model)
+    ensemble = keras_fip.Ensemble(3, data=x, walk=_walk(9))(model)
     path = os.path.join(tmp_path, "ensemble.keras")
     ensemble.save(path)
     loaded = keras.saving.load_model(path)
@@ -332,25 +393,17 @@ def test_ensemble_members_rejects_plain_models():
         (dict(num_members=0), "num_members"),
         (dict(num_members=2.5), "num_members"),
         (dict(num_members=2, combine="vote"), "combine"),
-        (dict(num_members=2, steps_between=0), "steps_between"),
-        (dict(num_members=2, diversity=-1.0), "diversity"),
-        (dict(num_members=2, training="yes"), "training"),
-        (dict(num_members=2, metric_distance=-1.0), "metric_distance"),
-        (dict(num_members=2, task_weight=-1.0), "task_weight"),
-        (dict(num_members=2, diversity_loss="kl"), "diversity_loss"),
-        (dict(num_members=2, adversary="surrogate"), "adversary"),
-        (dict(num_members=2, adversary="ensemble", diversity_loss="agreement"), "adversary"),
-        (dict(num_members=2, perturbation_steps=0), "perturbation_steps"),
-        (dict(num_members=2, push="none", diversity=0.0, task_weight=0.0), "push"),
+        (dict(num_members=2, labels=-1.0), "labels"),
+        (dict(num_members=2, labels="lots"), "labels"),
+        (dict(num_members=2, labels=True), "labels"),
+        (dict(num_members=2, spacing=-1.0), "spacing"),
+        (dict(num_members=2, include_start="yes"), "include_start"),
         (dict(num_members=2, push="sideways"), "push"),
-        (dict(num_members=2, step_rule="adam"), "step_rule"),
         (dict(num_members=2, diversity="lots"), "diversity"),
-        (dict(num_members=2, task_weight="lots"), "task_weight"),
-        (dict(num_members=2, perturbation_epsilon=0.0), "perturbation_epsilon"),
-        (dict(num_members=2, perturbation_epsilon="large"), "perturbation_epsilon"),
+        (dict(num_members=2, push="none", diversity=Diversity(weight=0.0), labels=False), "push"),
         (
-            dict(num_members=2, push="none", diversity=0.0, task_weight=0.0, step_rule="penalty"),
-            "push",
+            dict(num_members=2, walk=keras_fip.Walk(seed=0, checkpoint_directory="/tmp/x")),
+            "checkpoint_directory",
         ),
     ],
 )
@@ -359,55 +412,94 @@ def test_bad_arguments_raise(kwargs, match):
         keras_fip.Ensemble(**kwargs)
 
 
-def test_data_that_do_not_fit_raise(digits):
-    model, _, _, _, _ = digits
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(weight=-1.0), "weight"),
+        (dict(weight="lots"), "weight"),
+        (dict(loss="kl"), "loss"),
+        (dict(radius=0.0), "radius"),
+        (dict(radius="large"), "radius"),
+        (dict(attack_steps=0), "attack_steps"),
+        (dict(adversary="surrogate"), "adversary"),
+        (dict(adversary="ensemble", loss="agreement"), "adversary"),
+        (dict(examples=0), "examples"),
+    ],
+)
+def test_bad_diversity_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Diversity(**kwargs)
+
+
+@pytest.mark.parametrize("keyword", ["steps_between", "task_weight", "seed", "batch_size"])
+def test_walk_keywords_are_the_walk_s(keyword):
+    with pytest.raises(TypeError, match=keyword):
+        keras_fip.Ensemble(2, **{keyword: 1})
+
+
+def test_data_that_do_not_fit_raise_before_any_work(digits, monkeypatch):
+    model, x, _, _, _ = digits
+    calls = []
+    monkeypatch.setattr(keras_fip.operations.base, "copy_model", lambda m: calls.append(m) or m)
     with pytest.raises(ValueError, match="data"):
-        keras_fip.Ensemble(2, data=np.zeros((16, 5, 5, 1), "float32"), verbose=0)(model)
+        keras_fip.Ensemble(2, data=np.zeros((16, 5, 5, 1), "float32"), walk=_walk(2))(model)
     with pytest.raises(ValueError, match="data"):
-        keras_fip.Ensemble(2, verbose=0)(model)
+        keras_fip.Ensemble(2, walk=_walk(2))(model)
     with pytest.raises(ValueError, match="labelled"):
         keras_fip.Ensemble(
-            2, data=np.zeros((16, 8, 8, 1), "float32"), push="none", diversity=0.0, verbose=0
+            2,
+            data=np.zeros((16, 8, 8, 1), "float32"),
+            push="none",
+            diversity=Diversity(weight=0.0),
+            walk=_walk(2),
         )(model)
+    with pytest.raises(ValueError, match="budget"):
+        keras_fip.Ensemble(3, data=x, walk=_walk(2))(model)
+    assert calls == []
 
 
 def test_config_round_trip():
     op = keras_fip.Ensemble(
         5,
-        steps_between=7,
-        diversity=0.5,
+        labels=0.5,
+        diversity=Diversity(weight=0.5, loss="agreement", attack_steps=3, radius=0.1),
         combine="mean_logits",
-        task_weight=0.5,
-        diversity_loss="agreement",
-        adversary="members",
-        perturbation_steps=3,
-        seed=3,
+        spacing=0.2,
+        push="random_per_member",
+        walk=keras_fip.Walk(steps=70, rule=Metric(epsilon=0.02), seed=3),
     )
     twin = keras_fip.Ensemble.from_config(op.get_config())
     assert twin.get_config() == op.get_config()
+    assert twin.diversity == op.diversity and twin.walk == op.walk
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(op))
     assert restored.get_config() == op.get_config()
     defaults = keras_fip.Ensemble(2)
     assert keras_fip.Ensemble.from_config(defaults.get_config()).get_config() == (
         defaults.get_config()
     )
+    diversity = Diversity(weight=2.0, adversary="ensemble", examples=64)
+    assert Diversity.from_config(diversity.get_config()) == diversity
+    assert (
+        keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(diversity))
+        == diversity
+    )
 
 
 def test_diversity_needs_floating_point_inputs():
-    # Token ids cannot be attacked: "auto" walks without the diversity term, an explicit
-    # diversity is refused before any work.
+    # Token ids cannot be attacked: "auto" walks without the diversity term (the random
+    # push drives it), an explicit diversity weight is refused before any work.
     tokens = np.random.default_rng(0).integers(1, 20, (64, 6)).astype("int32")
     labels = tokens[:, 0] % 2
     model = keras_fip.models.transformer_classifier(
         vocab_size=20, sequence_length=6, embed_dim=8, num_heads=1, feed_forward_dim=8, num_layers=1
     )
-    op = keras_fip.Ensemble(
-        2, data=(tokens, labels), steps_between=2, batch_size=16, seed=0, verbose=0
-    )
-    assert op.resolve_defaults(continuous=False) == (0.0, "random", "penalty")
+    op = keras_fip.Ensemble(2, data=(tokens, labels), walk=_walk(4, batch_size=16))
     assert len(keras_fip.ensemble_members(op(model))) == 2
-    with pytest.raises(ValueError, match="`diversity`.*int32"):
-        keras_fip.Ensemble(2, data=(tokens, labels), diversity=1.0, verbose=0)(model)
+    assert (op.history["diversity"], op.history["push"]) == (0.0, "random")
+    with pytest.raises(ValueError, match="diversity.*int32"):
+        keras_fip.Ensemble(
+            2, data=(tokens, labels), diversity=Diversity(weight=1.0), walk=_walk(4)
+        )(model)
 
 
 # Models ending in a softmax: members averaged as probabilities.
@@ -441,12 +533,12 @@ def _nll(probabilities, y):
 def test_softmax_model_ensemble_averages_probabilities(softmax_convnet):
     model, x, y, x_test, y_test = softmax_convnet
     op = keras_fip.Ensemble(
-        3, data=x[:600], steps_between=10, batch_size=64, diversity_examples=256, seed=0, verbose=0
+        3, data=x[:600], diversity=Diversity(examples=256), walk=_walk(30, batch_size=64)
     )
     ensemble = op(model)
     assert op.history["outputs"] == "probabilities"
     members = keras_fip.ensemble_members(ensemble)
-    assert keras_fip.operations.ensemble.member_output_kind(ensemble) == "probabilities"
+    assert member_output_kind(ensemble) == "probabilities"
     assert ensemble_combine(ensemble) == "mean_probabilities"
     assert not any(isinstance(layer, keras.layers.Softmax) for layer in ensemble.layers)
     outputs = np.asarray(ensemble(x_test), "float64")
@@ -493,7 +585,7 @@ def test_softmax_ensemble_survives_keras_round_trip(softmax_convnet, tmp_path):
             np.asarray(loaded(x_test)), np.asarray(ensemble(x_test)), atol=1e-6
         )
         assert ensemble_combine(loaded) == combine
-        assert keras_fip.operations.ensemble.member_output_kind(loaded) == "probabilities"
+        assert member_output_kind(loaded) == "probabilities"
         probabilities = [np.asarray(m(x_test), "float64") for m in members]
         if combine == "mean_probabilities":
             expected = np.mean(probabilities, axis=0)
@@ -512,7 +604,7 @@ def test_logits_model_ensemble_is_unchanged(digits):
     members[1].trainable_variables[0].assign(members[1].trainable_variables[0] * 1.1)
     logits = [np.asarray(m(x_test)) for m in members]
     ensemble = build_ensemble(members)
-    assert keras_fip.operations.ensemble.member_output_kind(ensemble) == "logits"
+    assert member_output_kind(ensemble) == "logits"
     assert sum(isinstance(layer, keras.layers.Softmax) for layer in ensemble.layers) == 2
     np.testing.assert_allclose(
         np.asarray(ensemble(x_test)), np.mean([_softmax(z) for z in logits], 0), atol=1e-6
@@ -569,9 +661,8 @@ def test_defaults_keep_every_member_of_a_batchnorm_residual_net(batchnorm_residu
 
     recalibrated = keras_fip.engine.copy_model(model)
     keras_fip.engine.recalibrate_batch_normalization(recalibrated, x, 256)
-    # The paper's metric walk at its step (ε = 0.05, 100 steps a member: 5 units a member
-    # against a weight norm of 13) leaves this net's function; the penalty walk keeps it.
-    op = keras_fip.Ensemble(3, data=x[:600], batch_size=64, seed=0, verbose=0)
+    # The defaults (the penalty walk, 100 steps a member) keep this net's function.
+    op = keras_fip.Ensemble(3, data=x[:600], walk=keras_fip.Walk(batch_size=64, seed=0, verbose=0))
     ensemble = op(model)
     floor = max(accuracy(model), accuracy(recalibrated)) - 0.05
     for member in keras_fip.ensemble_members(ensemble):
@@ -589,9 +680,9 @@ def test_defaults_keep_every_member_of_a_batchnorm_residual_net(batchnorm_residu
 def test_batchnorm_start_is_recalibrated_before_the_walk(batchnorm_residual):
     model, x, _, _, _ = batchnorm_residual
     x = x[:400]
-    ensemble = keras_fip.Ensemble(
-        2, data=x, steps_between=3, batch_size=64, include_start=True, seed=0, verbose=0
-    )(model)
+    ensemble = keras_fip.Ensemble(2, data=x, include_start=True, walk=_walk(3, batch_size=64))(
+        model
+    )
     start = keras_fip.ensemble_members(ensemble)[0]
     expected = keras_fip.engine.copy_model(model)
     keras_fip.engine.recalibrate_batch_normalization(expected, x, 128)
