@@ -268,21 +268,17 @@ def run(
     rho = geometry.vulnerable_fraction(metric)
 
     # Sparsify: baselines on the same data and epoch budget
-    # Compress runs with its defaults (no tuning for this demo); its budget rule gives a
-    # path of at least `MIN_STEPS` steps, so every method gets that many epochs here.
+    # Compress runs with its defaults (no tuning for this demo); its schedule gives a
+    # path of at least `min_steps` steps, so every method gets that many epochs here.
     prune_batch_size = 128
     prune_epochs = math.ceil(
-        keras_fip.operations.compress.MIN_STEPS / math.ceil(len(x) / prune_batch_size)
+        keras_fip.compress.Schedule().min_steps / math.ceil(len(x) / prune_batch_size)
+    )
+    compress_walk = keras_fip.Walk(
+        epochs=prune_epochs, seed=seed, verbose=0, log_dir=log_dir("compress")
     )
     compressed, seconds = _timed(
-        lambda: keras_fip.Compress(
-            sparsity,
-            data=(x, y),
-            epochs=prune_epochs,
-            seed=seed,
-            verbose=0,
-            log_dir=log_dir("compress"),
-        )(base)
+        lambda: keras_fip.Compress(sparsity, data=(x, y), walk=compress_walk)(base)
     )
     rows.append(
         (
@@ -346,12 +342,18 @@ def run(
     # Damage: random weight noise against the eigen adversary of the same norm
     damage_rows = []
     for label, damage in (
-        ("random Gaussian damage, norm 1", keras_fip.Damage("gaussian", norm=1.0, seed=seed)),
+        (
+            "random Gaussian damage, norm 1",
+            keras_fip.Damage(keras_fip.faults.Gaussian(1.0), seed=seed),
+        ),
         (
             "eigen adversary (top-20 of g), norm 1",
-            keras_fip.Damage("eigen", norm=1.0, data=(x[:1000], y[:1000]), seed=seed),
+            keras_fip.Damage(keras_fip.faults.Eigen(1.0), data=(x[:1000], y[:1000]), seed=seed),
         ),
-        ("50% hidden units deleted", keras_fip.Damage("nodes", fraction=0.5, seed=seed)),
+        (
+            "50% hidden units deleted",
+            keras_fip.Damage(keras_fip.faults.Nodes(0.5), seed=seed),
+        ),
     ):
         damaged, seconds = _timed(lambda: damage(base))  # noqa: B023
         damage_rows.append(
@@ -366,19 +368,23 @@ def run(
 
     # Repair the 50%-deleted network: a FIP back to the undamaged outputs (inputs only)
     # against supervised retraining of the surviving weights, the same epochs
-    nodes_damaged = keras_fip.Damage("nodes", fraction=0.5, seed=seed)(base)
+    nodes_damaged = keras_fip.Damage(keras_fip.faults.Nodes(0.5), seed=seed)(base)
     repair_rows = []
-    for label, kwargs in (
-        ("FIP repair (inputs only), 5 epochs", {"data": x, "log_dir": log_dir("repair")}),
-        ("retraining (labels), 5 epochs", {"data": (x, y), "method": "retrain"}),
+    for label, repair_data, method, repair_log_dir in (
+        ("FIP repair (inputs only), 5 epochs", x, "fip", log_dir("repair")),
+        ("retraining (labels), 5 epochs", (x, y), "retrain", None),
     ):
         repair = keras_fip.Repair(
+            repair_data,
+            method=method,
             validation_data=(x_test, y_test),
-            epochs=5,
-            learning_rate=3e-3,
-            seed=seed,
-            verbose=0,
-            **kwargs,
+            walk=keras_fip.Walk(
+                epochs=5,
+                rule=keras_fip.rules.Penalty(3e-3),
+                seed=seed,
+                verbose=0,
+                log_dir=repair_log_dir,
+            ),
         )
         repaired, seconds = _timed(lambda: repair(nodes_damaged))  # noqa: B023
         repair_rows.append(
@@ -401,14 +407,11 @@ def run(
     ensemble = keras_fip.Ensemble(
         5,
         data=(x, y),
-        steps_between=ENSEMBLE_STEPS_BETWEEN,
-        step_rule="penalty",
         push="none",
-        diversity=1.0,
-        perturbation_epsilon=0.3,
-        seed=seed,
-        verbose=0,
-        log_dir=log_dir("ensemble"),
+        diversity=keras_fip.operations.ensemble.Diversity(weight=1.0, radius=0.3),
+        walk=keras_fip.Walk(
+            steps=5 * ENSEMBLE_STEPS_BETWEEN, seed=seed, verbose=0, log_dir=log_dir("ensemble")
+        ),
     )
     fip_ensemble, fip_seconds = _timed(lambda: ensemble(base))
     # Each member trained as the base network is (not the baseline's own defaults).

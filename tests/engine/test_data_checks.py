@@ -164,13 +164,13 @@ def _operations(argument_data, model):
     """Each operation, given `argument_data` where it reads labelled or anchor data."""
     return {
         "compress": lambda: keras_fip.Compress(
-            0.5, data=argument_data, task_weight=1.0, steps=4, seed=0, verbose=0
+            0.5, data=argument_data, labels=1.0, walk=keras_fip.Walk(steps=4, seed=0, verbose=0)
         ),
         "repair": lambda: keras_fip.Repair(
             argument_data, walk=keras_fip.Walk(epochs=1, seed=0, verbose=0)
         ),
         "ensemble": lambda: keras_fip.Ensemble(
-            2, data=argument_data, steps_between=2, seed=0, verbose=0
+            2, data=argument_data, walk=keras_fip.Walk(steps=4, seed=0, verbose=0)
         ),
         "damage_eigen": lambda: keras_fip.Damage(
             keras_fip.faults.Eigen(0.5, num_eigenpairs=2), data=argument_data, seed=0
@@ -239,7 +239,8 @@ def test_continual_learn_refuses_bad_token_ids_naming_the_argument(models, model
     memory = bad if argument == "memory" else good
 
     def make():
-        return keras_fip.ContinualLearn(new_task, memory=memory, epochs=1, seed=0, verbose=0)
+        walk = keras_fip.Walk(epochs=1, seed=0, verbose=0)
+        return keras_fip.ContinualLearn(new_task, memory=memory, walk=walk)
 
     _assert_raises_before_any_work(
         make, model, rf"`{label}` must hold token ids in \[0, 20\)(.|\n)*id 25"
@@ -355,7 +356,9 @@ def test_integer_ids_stored_as_float32_are_accepted_and_read_as_integers(models)
     assert ids.dtype == np.float32
     y = _labels()
     results = [
-        keras_fip.Compress(0.5, data=(x, y), task_weight=1.0, steps=4, seed=0, verbose=0)(model)
+        keras_fip.Compress(
+            0.5, data=(x, y), labels=1.0, walk=keras_fip.Walk(steps=4, seed=0, verbose=0)
+        )(model)
         for x in (ids, ids.astype("int32"))
     ]
     for a, b in zip(*(result.get_weights() for result in results)):
@@ -411,7 +414,7 @@ def test_continual_learn_refuses_bad_labels_naming_new_task(models, case):
 
     def make():
         return keras_fip.ContinualLearn(
-            (x, change(_labels())), memory=x, epochs=1, seed=0, verbose=0
+            (x, change(_labels())), memory=x, walk=keras_fip.Walk(epochs=1, seed=0, verbose=0)
         )
 
     _assert_raises_before_any_work(make, model, match.replace("`data`", "`new_task`"))
@@ -455,7 +458,9 @@ def test_continual_learn_grows_the_head_for_labels_beyond_the_old_outputs(models
     y = np.arange(48) % 6
     results = [
         keras_fip.ContinualLearn(
-            (x, labels), memory=x[:16], epochs=1, batch_size=16, seed=0, verbose=0
+            (x, labels),
+            memory=x[:16],
+            walk=keras_fip.Walk(epochs=1, batch_size=16, seed=0, verbose=0),
         )(model)
         for labels in (y, _one_hot(y, 6))
     ]
@@ -472,7 +477,7 @@ def test_one_hot_labels_give_the_integer_labels_result(models):
     for make, target in (
         (
             lambda data: keras_fip.Compress(
-                0.5, data=data, task_weight=1.0, steps=6, seed=0, verbose=0
+                0.5, data=data, labels=1.0, walk=keras_fip.Walk(steps=6, seed=0, verbose=0)
             ),
             model,
         ),

@@ -69,17 +69,17 @@ def _arrays(data):
 # `wrap` (the arrays themselves, or a statically batched dataset of them).
 OPERATIONS = {
     "compress": lambda t, n, wrap: keras_fip.Compress(
-        0.5, data=wrap(t), steps=6, batch_size=32, task_weight=1.0, verbose=0, seed=0
+        0.5,
+        data=wrap(t),
+        labels=1.0,
+        walk=keras_fip.Walk(steps=6, batch_size=32, verbose=0, seed=0),
     ),
     "continual_learn": lambda t, n, wrap: keras_fip.ContinualLearn(
         wrap(n),
         memory=wrap(t[0]),
         eval_tasks=[wrap(t)],
         eval_every=2,
-        epochs=1,
-        batch_size=32,
-        verbose=0,
-        seed=0,
+        walk=keras_fip.Walk(epochs=1, batch_size=32, verbose=0, seed=0),
     ),
     "damage_eigen": lambda t, n, wrap: keras_fip.Damage(
         keras_fip.faults.Eigen(0.5, num_eigenpairs=2), data=wrap(t), seed=0
@@ -93,13 +93,16 @@ OPERATIONS = {
         ),
     ),
     "ensemble": lambda t, n, wrap: keras_fip.Ensemble(
-        2, data=wrap(t), steps_between=4, diversity=0, batch_size=32, verbose=0, seed=0
+        2,
+        data=wrap(t),
+        diversity=keras_fip.operations.ensemble.Diversity(weight=0),
+        walk=keras_fip.Walk(steps=8, batch_size=32, verbose=0, seed=0),
     ),
     "isofunctional": lambda t, n, wrap: keras_fip.Isofunctional(
         data=wrap(t[0]), steps=4, batch_size=32, verbose=0, seed=0
     ),
     "finetune": lambda t, n, wrap: keras_fip.baselines.FineTune(
-        wrap(n), eval_tasks=[wrap(t)], epochs=1, batch_size=32, seed=0
+        wrap(n), eval_tasks=[wrap(t)], walk=keras_fip.Walk(epochs=1, batch_size=32, seed=0)
     ),
     "ewc": lambda t, n, wrap: keras_fip.baselines.EWC(
         wrap(n),
@@ -107,15 +110,13 @@ OPERATIONS = {
         validation_tasks=[wrap(t)],
         lambda_grid=(1.0, 10.0),
         max_lambda_extensions=0,
-        epochs=1,
-        batch_size=32,
-        seed=0,
+        walk=keras_fip.Walk(epochs=1, batch_size=32, seed=0),
     ),
     "replay": lambda t, n, wrap: keras_fip.baselines.ExperienceReplay(
-        wrap(n), memory=wrap(t), epochs=1, batch_size=32, seed=0
+        wrap(n), memory=wrap(t), walk=keras_fip.Walk(epochs=1, batch_size=32, seed=0)
     ),
     "joint": lambda t, n, wrap: keras_fip.baselines.JointTraining(
-        wrap(n), old_tasks=[wrap(t)], epochs=1, batch_size=32, seed=0
+        wrap(n), old_tasks=[wrap(t)], walk=keras_fip.Walk(epochs=1, batch_size=32, seed=0)
     ),
 }
 
@@ -153,7 +154,7 @@ def test_several_inputs_in_a_statically_batched_dataset_of_dicts(task):
     np.testing.assert_array_equal(read["a"], features["a"])
     np.testing.assert_array_equal(labels, y)
     results = [
-        keras_fip.Compress(0.5, data=data, steps=4, verbose=0, seed=0)(model)
+        keras_fip.Compress(0.5, data=data, walk=keras_fip.Walk(steps=4, verbose=0, seed=0))(model)
         for data in ((features, y), _static((features, y)))
     ]
     for a, b in zip(results[1].get_weights(), results[0].get_weights()):
@@ -169,7 +170,9 @@ def test_without_the_model_a_statically_batched_dataset_reads_as_it_looks(task, 
     np.testing.assert_array_equal(labels, y)
     # Arrays are never reshaped: a stack of batches given as arrays is a shape error.
     with pytest.raises(ValueError, match=r"inputs of shape \(batch, 6\)"):
-        keras_fip.Compress(0.5, data=x.reshape(-1, BATCH, 6), steps=2, verbose=0)(trained)
+        keras_fip.Compress(
+            0.5, data=x.reshape(-1, BATCH, 6), walk=keras_fip.Walk(steps=2, verbose=0)
+        )(trained)
     # Single examples whose shape happens to be a batch of the inputs are not merged
     # unless every input array (and only a dataset's) has one axis too many.
     single = tf.data.Dataset.from_tensor_slices(x)

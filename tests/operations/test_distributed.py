@@ -115,18 +115,22 @@ def _cases():
     return {
         "compress": (
             lambda: trained_model("sequential"),
-            lambda: keras_fip.Compress(0.5, data=x, steps=8, min_steps=0, seed=0, verbose=0),
+            lambda: keras_fip.Compress(
+                0.5, data=x, walk=keras_fip.Walk(steps=8, seed=0, verbose=0)
+            ),
         ),
         "compress_with_labels": (
             lambda: trained_model("functional"),
             lambda: keras_fip.Compress(
-                0.5, data=(x, y), task_weight=1.0, steps=8, min_steps=0, seed=0, verbose=0
+                0.5, data=(x, y), labels=1.0, walk=keras_fip.Walk(steps=8, seed=0, verbose=0)
             ),
         ),
         "continual_learn": (
             lambda: trained_model("sequential"),
             lambda: keras_fip.ContinualLearn(
-                new_task, memory=x[:200], epochs=1, batch_size=64, seed=0, verbose=0
+                new_task,
+                memory=x[:200],
+                walk=keras_fip.Walk(epochs=1, batch_size=64, seed=0, verbose=0),
             ),
         ),
         "damage_eigen": (
@@ -172,13 +176,13 @@ def _cases():
         "ensemble": (
             lambda: trained_model("sequential"),
             lambda: keras_fip.Ensemble(
-                2, data=x, steps_between=3, batch_size=64, cg_iterations=3, seed=0, verbose=0
+                2, data=x, walk=keras_fip.Walk(steps=6, batch_size=64, seed=0, verbose=0)
             ),
         ),
         "ensemble_with_labels": (
             lambda: trained_model("sequential"),
             lambda: keras_fip.Ensemble(
-                2, data=(x, y), steps_between=3, batch_size=64, seed=0, verbose=0
+                2, data=(x, y), walk=keras_fip.Walk(steps=6, batch_size=64, seed=0, verbose=0)
             ),
         ),
         "isofunctional": (
@@ -189,25 +193,26 @@ def _cases():
         # Attention: sparse (IndexedSlices) embedding gradients summed over replicas.
         "attention/compress": (
             _transformer,
-            lambda: keras_fip.Compress(0.5, data=tokens, steps=8, min_steps=0, seed=0, verbose=0),
+            lambda: keras_fip.Compress(
+                0.5, data=tokens, walk=keras_fip.Walk(steps=8, seed=0, verbose=0)
+            ),
         ),
         "attention/compress_embeddings_with_labels": (
             _transformer,
             lambda: keras_fip.Compress(
                 0.5,
                 data=(tokens, token_labels),
-                task_weight=1.0,
-                include_embeddings=True,
-                steps=8,
-                min_steps=0,
-                seed=0,
-                verbose=0,
+                labels=1.0,
+                prunable=keras_fip.compress.Prunable(embeddings=True),
+                walk=keras_fip.Walk(steps=8, seed=0, verbose=0),
             ),
         ),
         "attention/continual_learn": (
             _transformer,
             lambda: keras_fip.ContinualLearn(
-                new_tokens, memory=tokens[:128], epochs=1, batch_size=32, seed=0, verbose=0
+                new_tokens,
+                memory=tokens[:128],
+                walk=keras_fip.Walk(epochs=1, batch_size=32, seed=0, verbose=0),
             ),
         ),
         "attention/damage_eigen": (
@@ -226,18 +231,17 @@ def _cases():
             lambda: keras_fip.Ensemble(
                 2,
                 data=(tokens, token_labels),
-                steps_between=3,
-                batch_size=32,
-                step_rule="penalty",
-                seed=0,
-                verbose=0,
+                walk=keras_fip.Walk(steps=6, batch_size=32, rule="penalty", seed=0, verbose=0),
             ),
         ),
         # Several inputs (a dict of arrays), split over the replicas input by input.
         "several_inputs/compress_with_labels": (
             _several_inputs,
             lambda: keras_fip.Compress(
-                0.5, data=_several_data(), task_weight=1.0, steps=8, min_steps=0, seed=0, verbose=0
+                0.5,
+                data=_several_data(),
+                labels=1.0,
+                walk=keras_fip.Walk(steps=8, seed=0, verbose=0),
             ),
         ),
         "several_inputs/continual_learn": (
@@ -248,10 +252,7 @@ def _cases():
                     _several_data()[1],
                 ),
                 memory=_several_data()[0],
-                epochs=1,
-                batch_size=32,
-                seed=0,
-                verbose=0,
+                walk=keras_fip.Walk(epochs=1, batch_size=32, seed=0, verbose=0),
             ),
         ),
         "several_inputs/damage_eigen": (

@@ -151,7 +151,7 @@ def test_inputs_are_checked_against_the_model_before_any_work(task, trained):
         (single, x, "model `one_input` has one input"),
     ]
     for model, data, message in cases:
-        operation = keras_fip.Compress(0.5, data=data, steps=4, verbose=0)
+        operation = keras_fip.Compress(0.5, data=data, walk=keras_fip.Walk(steps=4, verbose=0))
         with pytest.raises(ValueError, match=message):
             operation(model)
         assert operation.path is None  # No walk started.
@@ -205,7 +205,8 @@ def test_compress_of_several_inputs_equals_the_one_input_network(task, trained):
 
     def compress(model, data):
         keras.utils.set_random_seed(0)
-        return keras_fip.Compress(0.7, data=data, steps=30, batch_size=32, verbose=0, seed=0)(model)
+        walk = keras_fip.Walk(steps=30, batch_size=32, verbose=0, seed=0)
+        return keras_fip.Compress(0.7, data=data, walk=walk)(model)
 
     expected = compress(single, (_joined(x), y))
     for model, data in ((trained, (x, y)), (as_list, ([x["a"], x["b"]], y))):
@@ -249,13 +250,10 @@ def test_continual_learn_of_several_inputs_equals_the_one_input_network(task, tr
             new_task,
             memory=memory,
             head="append",
-            epochs=2,
-            batch_size=32,
             memory_per_task=20,
             eval_tasks=eval_tasks,
             eval_every=3,
-            verbose=0,
-            seed=0,
+            walk=keras_fip.Walk(epochs=2, batch_size=32, verbose=0, seed=0),
         )
         return operation(model), operation
 
@@ -270,7 +268,7 @@ def test_continual_learn_of_several_inputs_equals_the_one_input_network(task, tr
     assert sorted(memory) == ["a", "b"] and memory["a"].shape == (180, 5)
     np.testing.assert_array_equal(_joined(memory), carried_data(expected))
     # The carried memory serves the next operation.
-    compressed = keras_fip.Compress(0.5, steps=4, verbose=0)(result)
+    compressed = keras_fip.Compress(0.5, walk=keras_fip.Walk(steps=4, verbose=0))(result)
     assert sum(int((~m).sum()) for m in keras_fip.masks(compressed).values()) > 0
 
 
@@ -306,9 +304,8 @@ def test_kerashub_task_keeps_its_class_and_preprocessor():
     )
 
     before = [w.copy() for w in classifier.get_weights()]
-    result = keras_fip.Compress(0.5, data=features, steps=6, batch_size=16, verbose=0, seed=0)(
-        classifier
-    )
+    walk = keras_fip.Walk(steps=6, batch_size=16, verbose=0, seed=0)
+    result = keras_fip.Compress(0.5, data=features, walk=walk)(classifier)
     assert type(result) is type(classifier)
     # The returned task reads raw text through its own preprocessor, and agrees with
     # its backbone and head on the preprocessed features.
@@ -348,49 +345,40 @@ OPERATIONS = {
     "ensemble": lambda task, data: keras_fip.Ensemble(
         2,
         data=(data(task[0]), task[1]),
-        steps_between=6,
-        diversity=0,
-        batch_size=32,
-        verbose=0,
-        seed=0,
+        diversity=keras_fip.operations.ensemble.Diversity(weight=0),
+        walk=keras_fip.Walk(steps=12, batch_size=32, verbose=0, seed=0),
     ),
     "isofunctional": lambda task, data: keras_fip.Isofunctional(
         data=data(task[0]), steps=6, batch_size=32, verbose=0, seed=0
     ),
     "finetune": lambda task, data: keras_fip.baselines.FineTune(
-        (data(_new_task(task)[0]), _new_task(task)[1]), epochs=1, batch_size=32, seed=0
+        (data(_new_task(task)[0]), _new_task(task)[1]),
+        walk=keras_fip.Walk(epochs=1, batch_size=32, seed=0),
     ),
     "ewc": lambda task, data: keras_fip.baselines.EWC(
         (data(_new_task(task)[0]), _new_task(task)[1]),
         fisher_data=data(task[0]),
         ewc_lambda=10.0,
-        epochs=1,
-        batch_size=32,
-        seed=0,
+        walk=keras_fip.Walk(epochs=1, batch_size=32, seed=0),
     ),
     "lwf": lambda task, data: keras_fip.baselines.LwF(
-        (data(_new_task(task)[0]), _new_task(task)[1]), epochs=1, batch_size=32, seed=0
+        (data(_new_task(task)[0]), _new_task(task)[1]),
+        walk=keras_fip.Walk(epochs=1, batch_size=32, seed=0),
     ),
     "replay": lambda task, data: keras_fip.baselines.ExperienceReplay(
         (data(_new_task(task)[0]), _new_task(task)[1]),
         memory=(data(task[0]), task[1]),
-        epochs=1,
-        batch_size=32,
-        seed=0,
+        walk=keras_fip.Walk(epochs=1, batch_size=32, seed=0),
     ),
     "agem": lambda task, data: keras_fip.baselines.AGEM(
         (data(_new_task(task)[0]), _new_task(task)[1]),
         memory=(data(task[0]), task[1]),
-        epochs=1,
-        batch_size=32,
-        seed=0,
+        walk=keras_fip.Walk(epochs=1, batch_size=32, seed=0),
     ),
     "joint": lambda task, data: keras_fip.baselines.JointTraining(
         (data(_new_task(task)[0]), _new_task(task)[1]),
         old_tasks=[(data(task[0]), task[1])],
-        epochs=1,
-        batch_size=32,
-        seed=0,
+        walk=keras_fip.Walk(epochs=1, batch_size=32, seed=0),
     ),
 }
 
