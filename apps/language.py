@@ -361,12 +361,14 @@ def compress_stage(model, encoder, held_out, seed):
         operation = keras_fip.Compress(
             float(percent) / 100,
             data=anchor,
-            steps=FLAGS.language_compress_steps,
-            learning_rate=_compress_rate(),
-            batch_size=64,
-            include_embeddings=FLAGS.language_embeddings,
-            seed=seed,
-            verbose=0,
+            prunable=keras_fip.compress.Prunable(embeddings=FLAGS.language_embeddings),
+            walk=keras_fip.Walk(
+                steps=FLAGS.language_compress_steps,
+                rule=keras_fip.rules.Penalty(_compress_rate()),
+                batch_size=64,
+                seed=seed,
+                verbose=0,
+            ),
         )
         sparse = operation(model)
         metrics = mlm_metrics(sparse, held_out)
@@ -541,16 +543,15 @@ def _compress_rate():
 
 
 def _compress_operation(sparsity, data, seed):
-    return keras_fip.Compress(
-        sparsity,
-        data=data,
-        batch_size=64,
-        learning_rate=_compress_rate(),
+    walk = keras_fip.Walk(
         steps=FLAGS.language_compress_steps,
+        rule=keras_fip.rules.Penalty(_compress_rate()),
+        batch_size=64,
         seed=seed,
         verbose=0,
         record_every=FLAGS.language_record_every,
     )
+    return keras_fip.Compress(sparsity, data=data, walk=walk)
 
 
 def chain_stage(base, tasks, seed, learned=None, report=None):

@@ -137,11 +137,13 @@ def compute(names, strategy, output_dir, settings, kill=False):
             op = keras_fip.ContinualLearn(
                 (x[new][:64], y[new][:64] - 5),
                 memory=x[old][:64],
-                epochs=steps // 2,
-                batch_size=batch_size,
-                seed=0,
-                record_every=steps,
-                verbose=0,
+                walk=keras_fip.Walk(
+                    epochs=steps // 2,
+                    batch_size=batch_size,
+                    seed=0,
+                    record_every=steps,
+                    verbose=0,
+                ),
             )
             grown = op(_load_base(output_dir, 5))
             results.update({f"continual/{i}": w for i, w in enumerate(grown.get_weights())})

@@ -194,9 +194,8 @@ def _masked(name, how, tmp_path):
             apply_masks(model, _kernel_masks(model))
             masked = model
         else:
-            masked = keras_fip.Compress(
-                0.5, data=(x, y), steps=4, batch_size=16, verbose=0, seed=0
-            )(model)
+            walk = keras_fip.Walk(steps=4, batch_size=16, verbose=0, seed=0)
+            masked = keras_fip.Compress(0.5, data=(x, y), walk=walk)(model)
     messages = [str(w.message) for w in caught if "not by `.keras` files" in str(w.message)]
     if name == "bert_classifier":
         # The head is built by the task's constructor, and the task overrides `compile`.
@@ -298,9 +297,8 @@ def test_compressed_keras_io_text_transformer_keeps_all_masks_through_keras_file
     x, y = rng.integers(1, 200, (128, 16)), rng.integers(0, 2, 128)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # Every mask is carried.
-        result = keras_fip.Compress(0.5, data=(x, y), steps=4, batch_size=32, verbose=0, seed=0)(
-            model
-        )
+        walk = keras_fip.Walk(steps=4, batch_size=32, verbose=0, seed=0)
+        result = keras_fip.Compress(0.5, data=(x, y), walk=walk)(model)
     expected = _in_order(result)
     # Every prunable weight (the 8 kernels, the 2 embedding tables) is masked.
     prunable = {id(v) for v in projection.prunable_variables(result)}
@@ -393,7 +391,8 @@ def test_copies_keep_compile_state_and_masks_and_strip_masks_unwraps(tmp_path):
 
 def test_export_of_a_masked_composite_model(tmp_path):
     model, (x, y) = _compiled("block")
-    result = keras_fip.Compress(0.5, data=(x, y), steps=4, batch_size=16, verbose=0, seed=0)(model)
+    walk = keras_fip.Walk(steps=4, batch_size=16, verbose=0, seed=0)
+    result = keras_fip.Compress(0.5, data=(x, y), walk=walk)(model)
     keras_fip.export(result, tmp_path / "serving")
     loaded = tf.saved_model.load(str(tmp_path / "serving"))
     served = loaded.serve(tf.constant(x[:5]))

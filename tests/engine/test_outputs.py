@@ -188,7 +188,9 @@ def test_compress_gives_a_softmax_model_the_result_of_its_logits_twin():
     logits, softmax = _pair()
     x, y = _data(64)
     results = [
-        keras_fip.Compress(0.5, data=(x, y), steps=30, batch_size=16, seed=0, verbose=0)(m)
+        keras_fip.Compress(
+            0.5, data=(x, y), walk=keras_fip.Walk(steps=30, batch_size=16, seed=0, verbose=0)
+        )(m)
         for m in (logits, softmax)
     ]
     assert outputs.output_kind(results[1]) == "probabilities"
@@ -201,7 +203,9 @@ def test_fine_tune_baseline_trains_a_softmax_model_as_its_logits_twin():
     logits, softmax = _pair()
     x, y = _data(64)
     tuned = [
-        keras_fip.baselines.FineTune((x, y), head="shared", epochs=1, batch_size=16, seed=0)(m)
+        keras_fip.baselines.FineTune(
+            (x, y), head="shared", walk=keras_fip.Walk(epochs=1, batch_size=16, seed=0)
+        )(m)
         for m in (logits, softmax)
     ]
     for a, b in zip(tuned[0].get_weights(), tuned[1].get_weights()):

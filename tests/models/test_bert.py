@@ -162,7 +162,8 @@ def test_backbone_arguments_are_validated():
 def test_compress_keeps_masked_lm_outputs_of_a_tiny_bert_and_masks_survive(tmp_path):
     model = _tiny_masked_lm()
     packed, _, _ = bert.mask_tokens(_token_ids(64), 3, 4, VOCABULARY_SIZE)
-    sparse = keras_fip.Compress(0.5, data=packed, steps=40, batch_size=32, seed=0, verbose=0)(model)
+    walk = keras_fip.Walk(steps=40, batch_size=32, seed=0, verbose=0)
+    sparse = keras_fip.Compress(0.5, data=packed, walk=walk)(model)
     assert projection.prunable_sparsity(sparse) == pytest.approx(0.5, abs=1e-3)
     assert isinstance(sparse, bert.BertMaskedLanguageModel)
     sparse.save(tmp_path / "sparse.keras")

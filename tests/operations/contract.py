@@ -21,7 +21,8 @@ Example (in a test module):
 
     def test_compress_meets_the_operation_contract():
         run_operation_contract(
-            lambda model, x, y: keras_fip.Compress(0.5, data=x, steps=8, seed=0, verbose=0))
+            lambda model, x, y: keras_fip.Compress(
+                0.5, data=x, walk=keras_fip.Walk(steps=8, seed=0, verbose=0)))
 """
 
 import hashlib
