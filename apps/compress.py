@@ -14,10 +14,10 @@ same epoch budget on the same training data:
   tf_keras process, to cross-check `gradual_per_layer` (needs the `baselines` extra; skipped
   with a warning when it is missing).
 
-The budget is `--epochs` (20 unless given) for every method, exactly: Compress's `min_steps`
-floor (which lengthens short walks on small data) is switched off here so that no method gets
-more steps than another; on small data raise `--epochs` for all. Jobs run in `--workers`
-processes side by side.
+The budget is `--epochs` (20 unless given) for every method, exactly: the `min_steps` floor
+of Compress's schedule (which lengthens short walks on small data) is switched off here so
+that no method gets more steps than another; on small data raise `--epochs` for all. Jobs
+run in `--workers` processes side by side.
 
 The baselines are tuned as their authors tune them: each one's initial Adam learning rate is
 chosen per method and per sparsity from `--prune_learning_rates` (1e-3, 2e-3, 5e-3, 1e-2:
@@ -85,7 +85,7 @@ likely, not traced).
 A killed run continues with the same command and `--resume`: the jobs recorded in
 `<output_dir>/jobs/` are kept, and a FIP walk the kill interrupted resumes from its last
 checkpoint in `<output_dir>/checkpoints/` (every `--checkpoint_every` steps: the weights,
-the optimizer, the target masks and the ramp; `Compress(checkpoint_directory=...)`) and ends
+the optimizer, the target masks and the ramp; `keras_fip.Walk(checkpoint_directory=...)`) and ends
 at the weights of an uninterrupted run (tested in `tests/apps/test_compress.py`, and on two
 loopback workers killed by SIGKILL in `tests/apps/test_multi_worker.py`, a large test). Without
 `--resume` earlier checkpoints are discarded.
@@ -118,6 +118,7 @@ from keras_fip import data
 from keras_fip import models
 from keras_fip.engine import projection
 from keras_fip.operations.compress import Compress
+from keras_fip.operations.compress import Schedule
 
 METHODS = ("fip", "gradual", "gradual_per_layer", "oneshot", "lth", "tfmot")
 # Methods that cannot run under a distributed `--strategy` (`common.start` refuses them).
@@ -238,18 +239,16 @@ def prune(
     The FIP walk checkpoints to `checkpoint_dir` (and resumes from it) when one is
     given."""
     if method == "fip":
-        # The budget: exactly `epochs` passes (min_steps=0), the baselines' budget.
-        operation = Compress(
-            sparsity,
-            data=(x, y),
+        # The budget: exactly `epochs` passes (no step floor), the baselines' budget.
+        walk = keras_fip.Walk(
             epochs=epochs,
-            min_steps=0,
             seed=seed,
             verbose=0,
             record_every=checkpoint_every,
             log_dir=log_dir,
             checkpoint_directory=checkpoint_dir,
         )
+        operation = Compress(sparsity, data=(x, y), schedule=Schedule(min_steps=0), walk=walk)
         pruned = operation(base)
         history = operation.history
         return pruned, {key: history[key] for key in ("task_weight", "steps", "selection_steps")}

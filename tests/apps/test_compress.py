@@ -169,19 +169,16 @@ def test_compress_app_gives_compress_only_model_data_budget_and_seed(tmp_path, m
         compress.main([])
     (kwargs,) = calls
     # The data with their labels, the budget, the seed; the rest is input and output.
-    assert set(kwargs) == {
-        "data",
-        "epochs",
-        "min_steps",
-        "seed",
-        "verbose",
-        "record_every",
-        "log_dir",
-        "checkpoint_directory",
-    }
+    assert set(kwargs) == {"data", "schedule", "walk"}
     x, y = kwargs["data"]
     assert len(x) == len(y) == len(data.load("digits")[0])
-    assert (kwargs["epochs"], kwargs["min_steps"], kwargs["seed"]) == (2, 0, 0)
+    assert kwargs["schedule"] == compress.Schedule(min_steps=0)  # Exactly the budget.
+    walk = kwargs["walk"]
+    # The walk names the budget, the seed and the recording only: the rest is the default.
+    named = {key for key, value in vars(walk).items() if value is not None}
+    assert {"epochs", "seed"} <= named
+    assert named <= {"epochs", "seed", "verbose", "record_every", "log_dir", "checkpoint_directory"}
+    assert (walk.epochs, walk.seed, walk.verbose) == (2, 0, 0)
     with open(os.path.join(output_dir, "results.json")) as f:
         results = json.load(f)
     # The labels' weight was chosen on a fifth held out of the data, its steps reported.
