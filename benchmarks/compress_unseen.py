@@ -7,23 +7,25 @@ average pooling, Dense 64, logits; `stem24` has no block (one convolution: an un
 ~78%, kept as the known weak case, not in the default list). 20% of the digits training split
 (stratified, seeded) is held out as a validation split that no method trains on. Trains each
 net on the rest, then sparsifies it with `keras_fip.Compress(sparsity, data=(x, y))` —
-default arguments, so `learning_rate="auto"` (`--compress_learning_rates` adds runs at other
-rates, reported as `fip_lr<r>`, never chosen by the benchmark) and `task_weight="auto"`: the
-labels' weight chosen on a fifth held out of `(x, y)` (`--task_weights` adds runs at given
-weights, as `fip_task<w>`; 0 is the walk on the inputs alone) — and
+default arguments, so the walk's `Penalty(learning_rate="auto")` (`--compress_learning_rates`
+adds runs at other rates, reported as `fip_lr<r>`, never chosen by the benchmark) and
+`labels="auto"`: the labels' weight chosen on a fifth held out of `(x, y)` (`--task_weights`
+adds runs at given weights, as `fip_task<w>`; 0 is the walk on the inputs alone) — and
 with one-shot and gradual magnitude pruning (global scope, the same layer-collapse
 protection) fine-tuned with labels for the same number of steps Compress took
 (`op.history["steps"]`), each at the learning rate that does best on the validation split
-(as their authors tune them): the grid `--learning_rates` (1e-4 to 1e-2), extended by
-factors of 3 while its largest rate is the best, up to 0.1 (a single rate is used as given), so
-the chosen rate is never
+(as their authors tune them): the grid `--learning_rates` (1e-4 to 1e-2), extended by the
+grid's own spacing while a rate at its edge is the best alone, up to 0.1
+(`keras_fip.engine.tuning.grid_search`; a single rate is used as given), so the chosen rate
+is never
 cut off by the grid's edge. Prints one JSON line per net and seed with the test
 accuracies (360 images: one image is 0.28 pp, hence several seeds), then one summary line per
 net with the mean ± std over seeds and the margins of the means. `--folds=5 --seeds=0,1,2,3,4`
 tests on all 1,797 digits instead (five stratified folds, each seed trains on the other
 four), which resolves differences of a few images that the 360-image split cannot.
 `--compress_options='{"name": {...}}'` adds Compress runs with other keyword arguments
-(`fip_<name>`, reported beside `fip`, never chosen by the benchmark), and
+(`"walk"`, `"schedule"`, `"saliency"`: objects of those classes' arguments; `fip_<name>`,
+reported beside `fip`, never chosen by the benchmark), and
 `--finetuned_reference` the dense network trained on the labels for the same budget without
 pruning (`finetuned`, its rate chosen on validation like the baselines'): what gradual
 pruning's labelled training gives on its own — on the digits it lifts the dense network
@@ -169,25 +171,39 @@ def _variants(compress_learning_rates, task_weights):
 
 
 def _runs(compress_learning_rates, task_weights, options=None):
-    """`(name, Compress keyword arguments)` of every Compress run: the `_variants` grid,
-    then one `fip_<name>` run per entry of `options` (a name -> keyword-arguments dict;
-    Compress's defaults for everything else)."""
-    runs = [
-        (name, {"learning_rate": learning_rate, "task_weight": task_weight})
-        for name, learning_rate, task_weight in _variants(compress_learning_rates, task_weights)
-    ]
+    """`(name, Compress keyword arguments)` of every Compress run: the `_variants` grid
+    (the rate as the walk's `Penalty` rule, the task weight as `labels`), then one
+    `fip_<name>` run per entry of `options` (a name -> keyword-arguments dict; Compress's
+    defaults for everything else)."""
+    runs = []
+    for name, learning_rate, task_weight in _variants(compress_learning_rates, task_weights):
+        kwargs = {"labels": task_weight}
+        if learning_rate != "auto":
+            kwargs["walk"] = {"rule": keras_fip.rules.Penalty(learning_rate)}
+        runs.append((name, kwargs))
     return runs + [(f"fip_{name}", dict(kwargs)) for name, kwargs in (options or {}).items()]
 
 
+def _compress(sparsity, data, steps, seed, kwargs):
+    """A `keras_fip.Compress` with `kwargs` (its own arguments, and `"walk"`: a dict of
+    `keras_fip.Walk` arguments) on `data`, walked `steps` steps (or its own budget) with
+    `seed`."""
+    kwargs = dict(kwargs)
+    walk = {"steps": steps, "seed": seed, "verbose": 0, **(kwargs.pop("walk", None) or {})}
+    return keras_fip.Compress(sparsity, data=data, walk=keras_fip.Walk(**walk), **kwargs)
+
+
 def _parse_options(text):
-    """`--compress_options`: a JSON object, name -> Compress keyword arguments."""
+    """`--compress_options`: a JSON object, name -> Compress keyword arguments (`"walk"`:
+    an object of `keras_fip.Walk` arguments; `"schedule"`, `"saliency"`, `"prunable"`:
+    objects of their arguments)."""
     options = json.loads(text) if text else {}
     if not isinstance(options, dict) or not all(
         isinstance(kwargs, dict) for kwargs in options.values()
     ):
         raise ValueError(f"expected a JSON object of objects. Received: {text}")
     for kwargs in options.values():
-        keras_fip.Compress(0.5, **kwargs)  # Bad arguments fail before any training.
+        _compress(0.5, None, None, None, kwargs)  # Bad arguments fail before any training.
     return options
 
 
@@ -236,9 +252,7 @@ def run_net(
         for fip, kwargs in runs:
             start = time.perf_counter()
             # The labels' weight: chosen by Compress ("auto"), unless given.
-            operation = keras_fip.Compress(
-                sparsity, data=(x, y), steps=steps, seed=seed, verbose=0, **kwargs
-            )
+            operation = _compress(sparsity, (x, y), steps, seed, kwargs)
             compressed = operation(model)
             result[f"{fip}/{key}/seconds"] = round(time.perf_counter() - start, 1)
             result[f"{fip}/{key}/test/accuracy"] = round(_accuracy(compressed, x_test, y_test), 4)
@@ -256,10 +270,16 @@ def run_net(
         if finetuned_reference:
             references.append(("finetuned", _finetuned))
         for label, method in references:
-            validation, test = {}, {}
-            grid = list(learning_rates)
-            while grid:
-                learning_rate = grid.pop(0)
+            test = {}
+
+            def score(
+                learning_rate,
+                label=label,
+                method=method,
+                sparsity=sparsity,
+                epochs=epochs,
+                test=test,
+            ):
                 keras.utils.set_random_seed(seed)
                 kwargs = {"scope": "global"} if label == "gradual" else {}
                 pruned = method(
@@ -272,18 +292,15 @@ def run_net(
                     learning_rate=learning_rate,
                     **kwargs,
                 )
-                validation[learning_rate] = _accuracy(pruned, x_val, y_val)
                 test[learning_rate] = _accuracy(pruned, x_test, y_test)
-                # The best rate at the grid's top edge: extend the grid upwards.
-                top = max(validation)
-                if (
-                    not grid
-                    and len(learning_rates) > 1
-                    and max(validation, key=validation.get) == top
-                    and top * 3 <= MAX_LEARNING_RATE * 1.0001
-                ):
-                    grid.append(float(f"{top * 3:.3g}"))
-            best = max(validation, key=validation.get)
+                return _accuracy(pruned, x_val, y_val)
+
+            # The rate chosen on the validation split, the grid extended past a winning edge.
+            best, validation = keras_fip.engine.tuning.grid_search(
+                score, learning_rates, high=MAX_LEARNING_RATE
+            )
+            if not validation:  # One rate: used as given.
+                validation = {best: score(best)}
             result[f"{label}/{key}/test/accuracy"] = round(test[best], 4)
             result[f"{label}/{key}/validation/accuracy"] = round(validation[best], 4)
             result[f"{label}/{key}/learning_rate"] = best
@@ -360,12 +377,12 @@ def main(argv=None):
     )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument(
-        "--steps", type=int, default=None, help="Compress's `steps` (default: its own budget rule)."
+        "--steps", type=int, default=None, help="The walk's `steps` (default: Compress's budget)."
     )
     parser.add_argument(
         "--task_weights",
         default="auto",
-        help="Comma-separated Compress task_weight values (`auto`, its "
+        help="Comma-separated Compress `labels` values (`auto`, its "
         "default, or numbers), each its own run: the first reported as `fip`, "
         "the others as `fip_task<w>` (0: inputs only; > 0 adds the labels' "
         "cross-entropy).",
@@ -373,7 +390,7 @@ def main(argv=None):
     parser.add_argument(
         "--compress_learning_rates",
         default="auto",
-        help="Comma-separated Compress learning_rate values (`auto`, its "
+        help="Comma-separated learning rates of Compress's walk (`auto`, its "
         "default, or numbers), each its own run with every task weight: "
         "the first reported as `fip`, the others as `fip_lr<r>`. Not tuned: "
         "the first is the one the comparison is about.",
@@ -383,7 +400,7 @@ def main(argv=None):
         default="",
         help="JSON object, name -> Compress keyword arguments: one more run "
         "per entry, reported as `fip_<name>` (e.g. "
-        '\'{"pull0.5": {"pull_fraction": 0.5}}\'). Not chosen by the '
+        '\'{"pull0.5": {"schedule": {"pull_fraction": 0.5}}}\'). Not chosen by the '
         "benchmark: `fip` (the defaults) is the one the comparison is about.",
     )
     parser.add_argument(

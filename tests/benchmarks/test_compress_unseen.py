@@ -49,14 +49,28 @@ def test_compress_variants_cross_learning_rates_and_task_weights():
 
 
 def test_compress_options_add_named_runs_with_defaults_elsewhere():
-    runs = compress_unseen._runs(["auto"], ["auto"], {"pull0.5": {"pull_fraction": 0.5}})
+    pull = {"schedule": {"pull_fraction": 0.5}}
+    runs = compress_unseen._runs(["auto", 0.01], ["auto"], {"pull0.5": pull})
     assert runs == [
-        ("fip", {"learning_rate": "auto", "task_weight": "auto"}),
-        ("fip_pull0.5", {"pull_fraction": 0.5}),
+        ("fip", {"labels": "auto"}),
+        ("fip_lr0.01", {"labels": "auto", "walk": {"rule": keras_fip.rules.Penalty(0.01)}}),
+        ("fip_pull0.5", pull),
     ]
+    operation = compress_unseen._compress(0.5, None, 7, 1, runs[1][1])
+    assert operation.walk == keras_fip.Walk(
+        steps=7, seed=1, verbose=0, rule=keras_fip.rules.Penalty(0.01)
+    )
+    assert compress_unseen._compress(0.5, None, None, 0, pull).schedule.pull_fraction == 0.5
     assert compress_unseen._parse_options("") == {}
-    assert compress_unseen._parse_options('{"a": {"task_weight": 1}}') == {"a": {"task_weight": 1}}
-    for bad in ("[1]", '{"a": 1}', '{"a": {"pull_fraction": 2}}', '{"a": {"nope": 1}}'):
+    assert compress_unseen._parse_options('{"a": {"labels": 1}}') == {"a": {"labels": 1}}
+    for bad in (
+        "[1]",
+        '{"a": 1}',
+        '{"a": {"schedule": {"pull_fraction": 2}}}',
+        '{"a": {"nope": 1}}',
+        '{"a": {"walk": {"steps": 0}}}',
+        '{"a": {"task_weight": 1}}',
+    ):
         with pytest.raises(SystemExit):
             compress_unseen.main([f"--compress_options={bad}"])
 
@@ -71,7 +85,7 @@ def test_finetuned_reference_and_validation_means_are_reported(capsys):
             "--learning_rates=1e-3",
             "--sparsities=0.5",
             "--finetuned_reference",
-            '--compress_options={"p5": {"pull_fraction": 0.5}}',
+            '--compress_options={"p5": {"schedule": {"pull_fraction": 0.5}}}',
         ]
     )
     lines = [
