@@ -69,7 +69,7 @@ def damage_path(model, damaged, num_points=11):
         `model.get_weights()` order, ready for `breakdown_speed(points, data, model=model,
         times=times)`) and the numpy array of times.
 
-    Example:
+    Examples:
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
     ...                           keras.layers.Dense(2)])
@@ -132,7 +132,7 @@ def deletion_sequence(model, fractions, seed=0, scope="global", layers=None):
         A list of new `keras.Model`s, one per fraction (fraction 0 gives an undamaged
         copy).
 
-    Example:
+    Examples:
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="hidden"),
     ...                           keras.layers.Dense(2)])
@@ -201,7 +201,7 @@ def breakdown_profile(points, data, model=None, times=None, outputs="logits", ba
         A dict of numpy arrays and floats: `speed`, `speed_times` (segment starts),
         `acceleration`, `acceleration_times`, `energy`, `length`.
 
-    Example:
+    Examples:
 
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     >>> path = [[w * (1 + 0.1 * i) for w in model.get_weights()] for i in range(4)]
@@ -246,7 +246,7 @@ def knee(x, y):
     Returns:
         The knee's x, a Python float.
 
-    Example:
+    Examples:
 
     >>> knee([0.0, 0.2, 0.4, 0.6, 0.8, 1.0], [1.0, 0.99, 0.98, 0.96, 0.6, 0.1])
     0.6
@@ -404,7 +404,7 @@ def unit_deletion_speed(
         A dict: `speed` (float), `changes` (numpy array, the mean squared output change of
         each unit deleted), `num_units` (N) and `num_alive` (surviving units).
 
-    Example:
+    Examples:
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu"),
     ...                           keras.layers.Dense(2)])
@@ -459,7 +459,7 @@ def deletion_profile(
         A dict of numpy arrays: `speed` and `speed_times` (the networks with surviving
         units), `acceleration` and `acceleration_times` (midpoints), `num_alive`.
 
-    Example:
+    Examples:
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu"),
     ...                           keras.layers.Dense(2)])

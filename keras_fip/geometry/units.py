@@ -148,7 +148,7 @@ class UnitPlan:
         layer: The Dense or convolution layer whose units the plan silences.
         channels: Its number of units (the last axis of its kernel).
 
-    Example:
+    Examples:
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, "relu"),
     ...                           keras.layers.Dense(2)])
@@ -242,7 +242,7 @@ def unit_plans(model, layers=None):
         A non-empty list of `UnitPlan`s, in the model's layer order (or the order of
         `layers`).
 
-    Example:
+    Examples:
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu", name="hidden"),
     ...                           keras.layers.Dense(2)])
@@ -386,7 +386,7 @@ def choose_units(plans, rng, fraction=None, count=None, scope="global"):
     Returns:
         A list aligned with `plans` of lists of unit indices.
 
-    Example:
+    Examples:
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu"),
     ...                           keras.layers.Dense(2)])
@@ -450,7 +450,7 @@ def hidden_units(model, layers=None):
         A dict mapping each layer name to a tuple `(num_units, deleted)`, `deleted` the
         sorted list of deleted unit indices.
 
-    Example:
+    Examples:
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="hidden"),
     ...                           keras.layers.Dense(2)])

@@ -82,7 +82,7 @@ class Damage(Operation):
     Returns:
         Calling the operation returns a new, damaged `keras.Model`.
 
-    Example:
+    Examples:
 
     >>> x, y = keras_fip.data.load("digits")
     >>> model = keras_fip.models.mlp(64, input_shape=(8, 8, 1))

@@ -42,7 +42,7 @@ class DamageReference:
         records: List of the record dicts of every damage (and repair) applied since.
             Defaults to `None` (none).
 
-    Example:
+    Examples:
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
     ...                           keras.layers.Dense(2)])
@@ -90,7 +90,7 @@ class DamageReference:
             A list aligned with `damaged.trainable_variables` of numpy arrays (in the
             variables' dtypes): the weights of `damaged` minus the undamaged weights.
 
-        Example:
+        Examples:
 
         >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
         >>> damaged = keras_fip.Damage(keras_fip.faults.Gaussian(norm=0.5), seed=0)(model)
@@ -127,7 +127,7 @@ def damage_reference(model):
         inputs the network served and its outputs on them, the damage records), or `None`
         when `model` was not returned by `Damage`.
 
-    Example:
+    Examples:
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     >>> damaged = keras_fip.Damage("gaussian", seed=0)(model)
@@ -248,7 +248,7 @@ def load_damaged_model(filepath, custom_objects=None, compile=True, safe_mode=Tr
         The loaded `keras.Model`; `keras_fip.damage_reference(model)` is its reference, or
         `None` if the saved model carried none.
 
-    Example:
+    Examples:
 
     >>> import os, tempfile
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),

@@ -49,7 +49,7 @@ class DamageRepair(Operation):
             `op.history["networks"]`. Defaults to `False`.
         name: The operation's name. Defaults to `None`.
 
-    Example:
+    Examples:
 
     >>> x, y = keras_fip.data.load("digits")
     >>> model = keras_fip.models.mlp(32, input_shape=(8, 8, 1))
@@ -127,6 +127,7 @@ class DamageRepair(Operation):
 
     def validate(self, model):
         self._sample(model, np.random.default_rng(0))  # The layers and the first round.
+        self.repair.validate_data(model)
 
     def call(self, model):
         rng = np.random.default_rng(self.seed)

@@ -578,11 +578,27 @@ def test_bad_arguments_raise_before_any_work(make, argument):
         (BitFlips(10**7), "count"),
     ],
 )
-def test_bad_arguments_for_the_model_raise_and_leave_it_alone(trained, fault, argument):
+def test_bad_arguments_for_the_model_raise_and_leave_it_alone(
+    trained, fault, argument, monkeypatch
+):
+    monkeypatch.setattr(keras_fip.operations.base, "copy_model", _no_copy)
     before = _digest(trained)
     with pytest.raises(ValueError, match=f"`{argument}`"):
         Damage(fault, seed=0)(trained)
     assert _digest(trained) == before
+
+
+def _no_copy(model):
+    raise AssertionError("the model was copied before the arguments were checked")
+
+
+@pytest.mark.parametrize("fault", [Eigen(num_eigenpairs=2), Nodes(0.5)])
+def test_data_that_do_not_fit_the_model_raise_before_the_copy(trained, fault, monkeypatch):
+    monkeypatch.setattr(keras_fip.operations.base, "copy_model", _no_copy)
+    op = Damage(fault, data=np.zeros((20, 7, 7, 1), "float32"), seed=0)
+    with pytest.raises(ValueError, match="`data` must hold inputs of shape"):
+        op(trained)
+    assert op.history is None
 
 
 def test_allow_dead_layers_deletes_a_whole_layer(trained, digits):

@@ -187,3 +187,15 @@ def test_damage_units_bad_arguments_raise(kwargs, match):
 def test_damage_units_unknown_layer_or_index_raises_before_work(trained, units, match):
     with pytest.raises(ValueError, match=match):
         Damage(Nodes(units=units))(trained)
+
+
+def test_repair_data_that_do_not_fit_the_model_raise_before_the_first_damage(trained, monkeypatch):
+    def no_copy(model):
+        raise AssertionError("the model was copied before the data were checked")
+
+    monkeypatch.setattr(keras_fip.operations.base, "copy_model", no_copy)
+    bad = np.zeros((20, 7, 7, 1), "float32")
+    loop = DamageRepair(1, count=2, repair=Repair(bad))
+    with pytest.raises(ValueError, match="`data` must hold inputs of shape"):
+        loop(trained)
+    assert loop.history is None

@@ -650,6 +650,29 @@ def test_bad_arguments_raise_value_error(make, match):
         make()
 
 
+def _no_copy(model):
+    raise AssertionError("the model was copied before the data were checked")
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda bad, y: Repair(bad), "`data` must hold inputs of shape"),
+        (
+            lambda bad, y: Repair(np.zeros((20, 8, 8, 1), "float32"), validation_data=(bad, y)),
+            "`validation_data` must hold inputs of shape",
+        ),
+    ],
+)
+def test_data_that_does_not_fit_the_model_raise_before_the_copy(damaged, monkeypatch, make, match):
+    monkeypatch.setattr(keras_fip.operations.repair.repair, "copy_model", _no_copy)
+    bad, y = np.zeros((20, 7, 7, 1), "float32"), np.zeros(20, "int64")
+    op = make(bad, y)
+    with pytest.raises(ValueError, match=match):
+        op(damaged)
+    assert op.history is None and op.path is None
+
+
 def test_retrain_without_labels_raises(digits, damaged):
     x, _, _, _ = digits
     with pytest.raises(ValueError, match="labels"):

@@ -28,7 +28,7 @@ def get(identifier):
     Returns:
         A `Fault`.
 
-    Example:
+    Examples:
 
     >>> get("gaussian")
     Gaussian(norm=1.0, layers=None)

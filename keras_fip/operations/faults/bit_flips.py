@@ -28,7 +28,7 @@ class BitFlips(Fault):
         layers: Names of the layers whose weights may be hit, or `None` for all.
             Defaults to `None`.
 
-    Example:
+    Examples:
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     >>> damage = keras_fip.Damage(BitFlips(count=3, bits="sign"), seed=0)

@@ -98,7 +98,7 @@ class Eigen(Fault):
             `"probabilities"`. Defaults to `"log_probabilities"`.
         layers: Names of the layers to perturb, or `None` for all. Defaults to `None`.
 
-    Example:
+    Examples:
 
     >>> x, y = keras_fip.data.load("digits")
     >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))

@@ -23,7 +23,7 @@ class Fault:
         layers: Names of the layers to damage, or `None` for the fault's default set.
             Defaults to `None`.
 
-    Example:
+    Examples:
 
     >>> keras_fip.faults.get("gaussian")
     Gaussian(norm=1.0, layers=None)

@@ -19,7 +19,7 @@ class Gaussian(Fault):
         norm: Euclidean norm ≥ 0 of the perturbation. Defaults to `1.0`.
         layers: Names of the layers to perturb, or `None` for all. Defaults to `None`.
 
-    Example:
+    Examples:
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     >>> damage = keras_fip.Damage(Gaussian(norm=0.5), seed=0)

@@ -42,7 +42,7 @@ class Nodes(Fault):
         allow_dead_layers: Whether every unit of a layer may be deleted (the network then
             computes a constant past it). Defaults to `False`.
 
-    Example:
+    Examples:
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu", name="hidden"),
     ...                           keras.layers.Dense(2)])
@@ -106,14 +106,41 @@ class Nodes(Fault):
     def check(self, model):
         plans = units_lib.unit_plans(model, self.layers)
         if self.units is not None:
-            units_lib.explicit_units(plans, self.units)
+            chosen = units_lib.explicit_units(plans, self.units)
+            self._check_alive(plans, [len(units) for units in chosen])
             return
         fraction, count = self._budget()
-        if count is not None:
-            sizes = [plan.channels for plan in plans]
-            total = sum(sizes) if self.scope == "global" else min(sizes)
-            what = "hidden units" if self.scope == "global" else "units of the smallest layer"
-            self.number(fraction, count, total, what)
+        sizes = [plan.channels for plan in plans]
+        if not sizes:
+            return
+        if self.scope == "global":
+            number = self.number(fraction, count, sum(sizes), "hidden units")
+            # Whatever the draw, at least this many units of each layer are deleted.
+            deleted = [number - (sum(sizes) - size) for size in sizes]
+        else:
+            self.number(fraction, count, min(sizes), "units of the smallest layer")
+            deleted = [self.number(fraction, count, size, "units") for size in sizes]
+        self._check_alive(plans, deleted)
+
+    def _check_alive(self, plans, deleted):
+        """Refuses a deletion of every unit of a layer, unless `allow_dead_layers`."""
+        if self.allow_dead_layers:
+            return
+        for plan, number in zip(plans, deleted):
+            if plan.channels and number >= plan.channels:
+                argument = (
+                    "units"
+                    if self.units is not None
+                    else ("count" if self.count is not None else "fraction")
+                )
+                per_layer = "use `scope='per_layer'`, " if self.scope == "global" else ""
+                raise ValueError(
+                    f"`{argument}` would delete every unit of layer `{plan.layer.name}` "
+                    f"({plan.channels} units): the network would be constant past it. "
+                    f"Lower `{argument}`, {per_layer}or pass `allow_dead_layers=True`. "
+                    f"Received: fraction={self.fraction!r}, count={self.count!r}, "
+                    f"units={self.units!r}"
+                )
 
     def apply(self, model, inputs, labels, rng, seed):
         plans = units_lib.unit_plans(model, self.layers)
@@ -124,16 +151,8 @@ class Nodes(Fault):
             chosen = units_lib.choose_units(
                 plans, rng, fraction=fraction, count=count, scope=self.scope
             )
-        if not self.allow_dead_layers:
-            for plan, units in zip(plans, chosen):
-                if len(units) == plan.channels and plan.channels:
-                    raise ValueError(
-                        f"`fraction` would delete every unit of layer `{plan.layer.name}` "
-                        f"({plan.channels} units): the network would be constant past it. "
-                        "Lower `fraction`, use `scope='per_layer'`, or pass "
-                        f"`allow_dead_layers=True`. Received: fraction={self.fraction!r}, "
-                        f"count={self.count!r}"
-                    )
+        # A random draw may still take a whole layer.
+        self._check_alive(plans, [len(units) for units in chosen])
         record = {
             "units": {plan.layer.name: sorted(units) for plan, units in zip(plans, chosen)},
             "num_hit": int(sum(len(units) for units in chosen)),

@@ -30,7 +30,7 @@ class Weights(Fault):
             Defaults to `None`.
         scope: `"global"` or `"per_layer"`. Defaults to `"global"`.
 
-    Example:
+    Examples:
 
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5),
     ...                           keras.layers.Dense(2)])

@@ -25,7 +25,7 @@ class Embryonic(RepairMethod):
             survivors'. Defaults to `1.0`.
         optimizer: `"adam"` or `"sgd"` (momentum 0.9). Defaults to `"adam"`.
 
-    Example:
+    Examples:
 
     >>> Embryonic(plasticity=0.1).get_config()
     {'plasticity': 0.1, 'init_scale': 1.0, 'optimizer': 'adam'}

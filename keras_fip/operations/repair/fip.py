@@ -8,6 +8,7 @@ from keras_fip.engine import distances as distances_lib
 from keras_fip.engine import normalization
 from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine import projection
+from keras_fip.engine.beta import auto_beta
 from keras_fip.engine.copy import copy_model
 from keras_fip.engine.data_adapter import fip_dataset
 from keras_fip.engine.data_adapter import num_examples
@@ -21,9 +22,10 @@ from keras_fip.operations.repair.method import RepairMethod
 from keras_fip.operations.repair.method import check_boolean
 from keras_fip.operations.repair.solver import OutputLayerSolver
 
-# `walk.beta="auto"` with labelled data: the weights of the task cross-entropy walked, the
-# one that does best on the validation split kept.
-AUTO_BETAS = (1.0, 10.0)
+# `walk.beta="auto"` with labelled data: the strengths of the task cross-entropy walked
+# (β = strength × `keras_fip.engine.beta.auto_beta`'s curvature, 1 for the KL), the one that
+# does best on the validation split kept.
+AUTO_STRENGTHS = (1.0, 10.0)
 
 
 def _get_solver(solver):
@@ -55,10 +57,12 @@ class FIP(RepairMethod):
     distance D between the network and the undamaged one on the inputs of the repair's
     data, the walk's distance taken at temperature `temperature` (logits divided by T,
     times T²: with `"kl"`, the softened distillation loss), plus β times the task
-    cross-entropy when the data have labels. The walk's β: `"auto"` walks with β = 1 and
-    β = 10 from the same start and keeps the network that does best on the validation
-    split (the first to recover when stopping at the target): twice the walk's compute in
-    the budget of one walk (`op.history["candidates"]`); a number walks with that β (0:
+    cross-entropy when the data have labels. The walk's β: `"auto"` walks at the
+    strengths 1 and 10 (`keras_fip.engine.beta.auto_beta` with the cross-entropy as the
+    objective: β = strength × D's curvature per nat, so β = 1 and β = 10 for `"kl"`) from
+    the same start and keeps the network that does best on the validation split (the
+    first to recover when stopping at the target): twice the walk's compute in the budget
+    of one walk (`op.history["candidates"]`); a number walks with that β (0:
     the pure function recovery, labels only measure accuracy). With inputs only, β is 0.
     The distance's reference is always the undamaged network.
 
@@ -83,7 +87,7 @@ class FIP(RepairMethod):
             architecture allows), an `OutputLayerSolver`, or `None` (no solve). Defaults
             to `"auto"`.
 
-    Example:
+    Examples:
 
     >>> FIP(num_paths=2).get_config()["num_paths"]
     2
@@ -113,12 +117,24 @@ class FIP(RepairMethod):
         if self.solver is not None:
             self.solver.check(model)
 
-    def betas(self, walk, labels):
+    def betas(self, walk, context):
         """The task cross-entropy weights the walk tries: 0 without labels, the walk's β
-        with them (`"auto"`: 1 and 10)."""
-        if labels is None:
+        with them (`"auto"`: `auto_beta` at the strengths 1 and 10)."""
+        if context.y is None:
             return (0.0,)
-        return AUTO_BETAS if walk.beta == "auto" else (float(walk.beta),)
+        if walk.beta != "auto":
+            return (float(walk.beta),)
+        return tuple(
+            auto_beta(
+                strength,
+                context.undamaged,
+                context.x,
+                distance=walk.distance,
+                objective="outputs",
+                seed=walk.seed,
+            )
+            for strength in AUTO_STRENGTHS
+        )
 
     def distance(self, walk):
         """D of the walk: the walk's distance on logits / `temperature` (× T²)."""
@@ -135,7 +151,7 @@ class FIP(RepairMethod):
     def repair(self, model, context):
         walk = context.walk
         start = self._solve(model, context)
-        betas = self.betas(walk, context.y)
+        betas = self.betas(walk, context)
         runs = [(index, beta) for index in range(self.num_paths) for beta in betas]
         output_kind = model_output_kind(context.undamaged, context.x)
         candidates, best = [], None

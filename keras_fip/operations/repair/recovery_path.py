@@ -70,7 +70,7 @@ def recovery_path(
         A tuple `(points, times)`: weight lists in `model.get_weights()` order (ready for
         `keras_fip.geometry.breakdown_profile`) and the numpy array of times.
 
-    Example:
+    Examples:
 
     >>> x, y = keras_fip.data.load("digits")
     >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))

@@ -43,7 +43,7 @@ def get_method(identifier):
     Returns:
         A `RepairMethod`.
 
-    Example:
+    Examples:
 
     >>> get_method("retrain")
     Retrain(release=False, optimizer='adam')
@@ -139,7 +139,7 @@ class Repair(WalkingOperation):
         walk: A `keras_fip.Walk`. Defaults to `None` (every default).
         name: The operation's name. Defaults to `None`.
 
-    Example:
+    Examples:
 
     >>> x, y = keras_fip.data.load("digits")
     >>> model = keras_fip.models.mlp(64, input_shape=(8, 8, 1))
@@ -247,13 +247,25 @@ class Repair(WalkingOperation):
     # Calling.
 
     def validate(self, model):
+        self.validate_data(model)
+        self._reference(model)
+
+    def validate_data(self, model):
+        """Checks `data`, `validation_data` and the method against `model`, before any work.
+
+        A `ValueError` names the argument that does not fit. `validate` runs it with the
+        damage reference's check; `keras_fip.DamageRepair` runs it on the network before
+        its first damage.
+
+        Args:
+            model: The `keras.Model` to be repaired, or the network before its damage.
+        """
         if self.data is not None:
             x, _ = normalize_data(self.data, name="data", model=model)
             check_inputs_match_model(model, x)
         if self.validation_data is not None:
             x_val, _ = normalize_data(self.validation_data, name="validation_data", model=model)
             check_inputs_match_model(model, x_val, name="validation_data")
-        self._reference(model)
         self.method.check(model)
 
     def __call__(self, model):

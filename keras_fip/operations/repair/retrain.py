@@ -24,7 +24,7 @@ class Retrain(RepairMethod):
             to `False`.
         optimizer: `"adam"` or `"sgd"` (momentum 0.9). Defaults to `"adam"`.
 
-    Example:
+    Examples:
 
     >>> x, y = keras_fip.data.load("digits")
     >>> model = keras_fip.models.mlp(32, input_shape=(8, 8, 1))

@@ -106,7 +106,7 @@ class OutputLayerSolver:
         damping: λ, the Levenberg-Marquardt damping of each unit's sweep step. Defaults to
             `0.1`.
 
-    Example:
+    Examples:
 
     >>> solver = OutputLayerSolver(examples=1000, sweeps=2)
     >>> OutputLayerSolver.from_config(solver.get_config()) == solver

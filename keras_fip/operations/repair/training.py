@@ -50,7 +50,7 @@ def accuracy(model, x, targets):
     Returns:
         A float in [0, 1].
 
-    Example:
+    Examples:
 
     >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
     >>> x = np.eye(2, dtype="float32")
@@ -134,7 +134,7 @@ def supervised_training(
     Returns:
         The number of steps taken.
 
-    Example:
+    Examples:
 
     >>> x, y = keras_fip.data.load("digits")
     >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
