@@ -18,13 +18,13 @@ networks from
     (`keras_fip.baselines.prune_retrain`).
   Every method sees `--batch_size` examples per step and ⌈N/batch⌉ steps per epoch, so an
   epoch is the same number of examples for all. Each baseline's learning rate is tuned
-  over its grid (`--repair_<method>_learning_rates`) on
-  the mean over the first `--repair_tuning_seeds` seeds (the first one by default; 0: all):
+  over its grid (`--repair_<method>_learning_rates`, extended by the grid's own spacing
+  past an edge that wins, within 1e-5 to 1: `keras_fip.engine.tuning.grid_search`) on the
+  mean over the first `--repair_tuning_seeds` seeds (the first one by default; 0: all):
   the rate recovering in the fewest epochs on the mean (then the best final accuracy on
   the mean) is used for every seed (a rate is the walk's `keras_fip.rules.Penalty`
   learning rate). Accuracy is measured `Repair(evaluations_per_epoch=...)` times per epoch
-  (20, or
-  `--repair_evaluations_per_epoch`) on a validation split (the first
+  (20, or `--repair_evaluations_per_epoch`) on a validation split (the first
   `--repair_validation_examples` test images) and `epochs_to_recover` is the first
   measurement within `--repair_target` of the undamaged accuracy; the final accuracy is
   also reported on the rest of the test set.
@@ -113,10 +113,15 @@ from apps import common  # noqa: E402
 from keras_fip import data  # noqa: E402
 from keras_fip import geometry  # noqa: E402
 from keras_fip import models  # noqa: E402
+from keras_fip.engine import tuning  # noqa: E402
 from keras_fip.operations.repair import recovery_path  # noqa: E402
 
 PARTS = ("recovery", "iterative", "invariant", "transitions", "vgg")
 METHODS = ("fip", "retrain", "prune")
+# The learning rates a tuning grid may be extended to, past an edge that wins.
+TUNING_BOUNDS = (1e-5, 1.0)
+# The weight of the final accuracy in a rate's score: it only breaks ties of the epochs.
+TIE_BREAK = 1e-6
 # Parts that cannot run under a distributed `--strategy` (`common.start` refuses them before
 # any work): none. The MLP parts give the one-process results on two loopback workers
 # (tests/apps/test_multi_worker.py); the VGG part too with `--repair_path_training=false`,
@@ -483,14 +488,16 @@ def _recovered_by_solves(history):
 
 
 def _tuned(method, cases, splits):
-    """The learning rate of `method`'s grid recovering first on the mean over `cases`
-    (`(seed, model, damaged)`; a run that never recovers counts as the budget), then most
-    accurate at its end on the mean; the grid's mean epochs to recover (`None`: a run
-    diverged or did not recover); and the chosen rate's runs `{seed: (history,
-    repaired)}`."""
-    grid = [float(v) for v in getattr(FLAGS, f"repair_{method}_learning_rates")] or [None]
-    scores, runs, unrecovered = {}, {}, set()
-    for rate in grid:
+    """The learning rate of `method` recovering first on the mean over `cases` (`(seed,
+    model, damaged)`; a run that never recovers counts as the budget), then most accurate at
+    its end on the mean, chosen by `keras_fip.engine.tuning.grid_search` over the method's
+    grid (extended past an edge that wins, within `TUNING_BOUNDS`); the mean epochs to
+    recover of every rate tried (`None`: a run diverged or did not recover); and the chosen
+    rate's runs `{seed: (history, repaired)}`."""
+    grid = [float(v) for v in getattr(FLAGS, f"repair_{method}_learning_rates")]
+    runs, means = {}, {}
+
+    def score(rate):
         runs[rate] = {}
         for seed, model, damaged in cases:
             solved = [
@@ -502,34 +509,25 @@ def _tuned(method, cases, splits):
             try:
                 runs[rate][seed] = _repair(method, model, damaged, rate, splits, seed)
             except FloatingPointError:  # Diverged: the rate is too high.
-                break
-        if len(runs[rate]) < len(cases):
-            scores[rate] = (np.inf, np.inf)
-            continue
+                means[rate] = None
+                return None
         histories = [history for history, _ in runs[rate].values()]
-        scores[rate] = (
-            float(
-                np.mean(
-                    [
-                        FLAGS.repair_max_epochs
-                        if h["epochs_to_recover"] is None
-                        else h["epochs_to_recover"]
-                        for h in histories
-                    ]
-                )
-            ),
-            -float(np.mean([h["val_accuracy"][-1] for h in histories])),
-        )
-        if any(h["epochs_to_recover"] is None for h in histories):
-            unrecovered.add(rate)
-    best = min(scores, key=scores.get)
-    grid = {
-        ("default" if r is None else _key(r)): (
-            None if np.isinf(s[0]) or r in unrecovered else s[0]
-        )
-        for r, s in scores.items()
-    }
-    return best, grid, runs[best]
+        recovered = [h["epochs_to_recover"] for h in histories]
+        mean = float(np.mean([FLAGS.repair_max_epochs if e is None else e for e in recovered]))
+        means[rate] = None if None in recovered else mean
+        # Fewer epochs to recover first; the final accuracy only breaks ties.
+        accuracy = float(np.mean([h["val_accuracy"][-1] for h in histories]))
+        return -mean + TIE_BREAK * accuracy
+
+    if len(grid) <= 1:  # One rate (or the method's own): nothing to choose.
+        best = grid[0] if grid else None
+        score(best)
+    else:
+        low, high = TUNING_BOUNDS
+        best, _ = tuning.grid_search(score, grid, low=low, high=high)
+    ordered = sorted(means, key=lambda r: -1.0 if r is None else r)
+    table = {("default" if r is None else _key(r)): means[r] for r in ordered}
+    return best, table, runs[best]
 
 
 def recovery(methods, seeds, splits):
