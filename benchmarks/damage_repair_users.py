@@ -18,9 +18,10 @@ Two parts, each run per seed:
   the residual net; `--epochs` and `--train_examples` change both), against retraining the
   surviving network (`Repair(method="retrain")`) for the same number of epochs over the same
   examples, its Adam rate (the walk's `keras_fip.rules.Penalty` rate) chosen among
-  `--retrain_learning_rates` (extended by factors of 3 past an edge that wins, within 1e-5 to
-  0.1) by the accuracy on the same held-out 10% of those examples that Repair holds out (its
-  `validation_split`), as the authors of the retraining strategy tune it.
+  `--retrain_learning_rates` (extended by the grid's own spacing past an edge that wins,
+  within 1e-5 to 0.1: `keras_fip.engine.tuning.grid_search`) by the accuracy on the same
+  held-out 10% of those examples that Repair holds out (its `validation_split`), as the
+  authors of the retraining strategy tune it.
   `--repair_inputs_only` adds `Repair(x)` (the pure function recovery, no labels) as
   `fip_inputs`. Test accuracies (10,000 MNIST test images; 360 digits, one is 0.28 pp) of
   the undamaged, damaged, repaired and retrained networks.
@@ -50,6 +51,7 @@ from apps import provenance
 from benchmarks import user_models
 from keras_fip import data as data_lib
 from keras_fip import models as models_lib
+from keras_fip.engine import tuning
 
 PARTS = ("eigen", "repair")
 MODELS = ("mnist_convnet", "residual_convnet")
@@ -136,8 +138,8 @@ def repair_part(name, seed, args):
         result[f"{label}_beta"] = op.history.get("beta")
         result[f"{label}_seconds"] = time.perf_counter() - began
     # Retraining: the same examples and epochs, the rate chosen on the held-out split
-    # (the grid extended by factors of 3 past an edge that wins, within [1e-5, 0.1])
-    scores = {}
+    # (the grid extended past an edge that wins, within [1e-5, 0.1])
+    retrained = {}
 
     def retrain(rate):
         walk = keras_fip.Walk(
@@ -145,27 +147,19 @@ def repair_part(name, seed, args):
         )
         op = keras_fip.Repair((x, y), method="retrain", walk=walk)
         try:
-            retrained = op(damaged)
+            retrained[rate] = op(damaged)
         except FloatingPointError:
-            scores[rate] = (-1.0, None)
-            return
-        scores[rate] = (op.history["val_accuracy"][-1], retrained)
-        result[f"retrain_validation/{rate:g}"] = scores[rate][0]
+            return None  # Diverged: the worst score.
+        result[f"retrain_validation/{rate:g}"] = op.history["val_accuracy"][-1]
+        return op.history["val_accuracy"][-1]
 
-    for rate in args.retrain_learning_rates:
-        retrain(rate)
-    while True:
-        rates = sorted(scores)
-        chosen = max(rates, key=lambda r: scores[r][0])
-        if chosen == rates[-1] and chosen * 3 <= MAX_LEARNING_RATE * (1 + 1e-9):
-            retrain(chosen * 3)
-        elif chosen == rates[0] and chosen / 3 >= MIN_LEARNING_RATE * (1 - 1e-9):
-            retrain(chosen / 3)
-        else:
-            break
-    best = (scores[chosen][0], chosen, scores[chosen][1])
-    result["retrain_learning_rate"] = best[1]
-    result["retrain"] = _accuracy(best[2], x_test, y_test)
+    chosen, _ = tuning.grid_search(
+        retrain, args.retrain_learning_rates, low=MIN_LEARNING_RATE, high=MAX_LEARNING_RATE
+    )
+    if chosen not in retrained:  # A grid of one rate: nothing was scored.
+        retrain(chosen)
+    result["retrain_learning_rate"] = chosen
+    result["retrain"] = _accuracy(retrained[chosen], x_test, y_test)
     result["fip_minus_retrain"] = result["fip"] - result["retrain"]
     return result
 
