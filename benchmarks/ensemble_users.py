@@ -9,9 +9,8 @@ the Keras example trains (`user_models.trained(name, s)`) is the start; then:
   (`op.history["train_examples"]`, every pass counted: the choice of the labels' weight,
   the reference outputs, the steps, the attacks of the diversity term, BatchNorm
   re-estimation) stay within the deep ensemble's, found from the walk's accounting
-  (`fip_passes`, with the labels' weights of `LABEL_WEIGHTS` tried: a grid extended past a
-  winning edge costs one more walk each) and checked against the op's own count in the
-  output;
+  (`fip_passes`, with the labels' weights of `LABEL_WEIGHTS` tried) and checked against
+  the op's own count in the output;
 - `deep`: K networks trained by the same Keras example recipe from K initialisations:
   the models of seeds s, s+1, ..., s+K−1 (`user_models.trained`, cached; the windows of
   different seeds overlap), `K × epochs × N` example passes; for BatchNorm nets also
@@ -82,7 +81,7 @@ def scores(model, x, y):
 def fip_passes(steps, y, num_members, labels, normalized, seed=0):
     """The example passes of `Ensemble(num_members)` walking `steps` steps a member with
     its defaults on one floating-point input: `op.history["train_examples"]`'s accounting
-    (the labels' weights of `LABEL_WEIGHTS` tried, the grid not extended).
+    (each labels' weight of `LABEL_WEIGHTS` tried).
 
     Args:
         steps: Steps between members.
@@ -173,7 +172,6 @@ def run(name, seed, data_kind, num_members, paper_walk=False):
         "train_examples": int(history["train_examples"]),
         "predicted_train_examples": fip_passes(steps, y, num_members, labels, normalized, seed),
         "labels": history["labels"],
-        "labels_tried": sorted(history.get("labels_selection", {}).get("validation_accuracy", {})),
         "radius": history["radius"],
         "learning_rate": history["learning_rate"],
         "outputs": history["outputs"],

@@ -62,8 +62,9 @@ STRENGTH = 1.0
 # `labels="auto"`: each weight τ walks the first member's segment on `data` less a
 # stratified, seeded held-out split (SELECTION_FRACTION of it, at most
 # SELECTION_MAX_EXAMPLES examples) and the lowest cross-entropy on that split chooses
-# (`keras_fip.engine.tuning.grid_search` from LABEL_WEIGHTS, extended past a winning edge).
-# With fewer than SELECTION_MIN_EXAMPLES held out, FALLBACK_LABEL_WEIGHT.
+# (`keras_fip.engine.tuning.grid_search` over LABEL_WEIGHTS, not extended past its ends: a
+# larger weight lets the labels' term outweigh the distance that keeps the function). With
+# fewer than SELECTION_MIN_EXAMPLES held out, FALLBACK_LABEL_WEIGHT.
 LABEL_WEIGHTS = (1.0, 10.0, 100.0)
 SELECTION_FRACTION = 0.2
 SELECTION_MAX_EXAMPLES = 2000
@@ -483,7 +484,9 @@ class _Run:
             passes[0] += history["train_examples"] + len(held_rows)
             return -losses[label_weight]
 
-        chosen, _ = tuning.grid_search(score, LABEL_WEIGHTS, prefer="smaller")
+        chosen, _ = tuning.grid_search(
+            score, LABEL_WEIGHTS, low=LABEL_WEIGHTS[0], high=LABEL_WEIGHTS[-1], prefer="smaller"
+        )
         record = {
             "validation_examples": int(len(held_rows)),
             "validation_cross_entropy": losses,
@@ -521,16 +524,16 @@ class Ensemble(WalkingOperation):
 
     - the labels' term τ·CE on labelled batches of `data=(x, y)`, so the walk stays on
       the FIP of the task, not only of the start's outputs. With `labels="auto"`, τ is
-      chosen on a split held out of `data`: each τ of `LABEL_WEIGHTS` (1, 10, 100,
-      extended past a winning edge, `keras_fip.engine.tuning.grid_search`) walks the
+      chosen on a split held out of `data`: each τ of `LABEL_WEIGHTS` (1, 10, 100;
+      `keras_fip.engine.tuning.grid_search` within those ends) walks the
       first member's segment from the start on `data` less a stratified, seeded fifth of
       it (at most `SELECTION_MAX_EXAMPLES` examples), and the lowest cross-entropy on
       that fifth wins (`FALLBACK_LABEL_WEIGHT` with fewer than `SELECTION_MIN_EXAMPLES`
       held out); `op.history["labels_selection"]` records the scores;
-    - the diversity term λ·L_div (`keras_fip.ensemble.Diversity`): by default, for one
-      floating-point input, each member is trained to be right (about the labels, or
-      about the members so far without labels) on inputs attacked (FGSM, radius 0.3 of
-      the inputs' range) against the members so far;
+    - the diversity term λ·L_div (`keras_fip.operations.ensemble.Diversity`): by
+      default, for one floating-point input, each member is trained to be right (about
+      the labels, or about the members so far without labels) on inputs attacked (FGSM,
+      radius 0.3 of the inputs' range) against the members so far;
     - the push −⟨u, w⟩ for a random unit direction u, which the walk follows along the
       directions the outputs on `data` do not see: by default only where there is no
       diversity term (inputs that cannot be attacked, e.g. token ids).
@@ -569,8 +572,9 @@ class Ensemble(WalkingOperation):
         labels: τ, the weight of the labels' cross-entropy (ignored when `data` has no
             labels), `False` (inputs only), or `"auto"`: chosen on a held-out split.
             Defaults to `"auto"`.
-        diversity: A `keras_fip.ensemble.Diversity` (its config is accepted). Defaults to
-            `None` (`Diversity()`: λ = 1 for one floating-point input, else no term).
+        diversity: A `keras_fip.operations.ensemble.Diversity` (its config is accepted).
+            Defaults to `None` (`Diversity()`: λ = 1 for one floating-point input, else no
+            term).
         push: `"random"`, `"random_per_member"` (a new u for each member), `"none"`, or
             `"auto"`: `"none"` with a diversity term, else `"random"`. Defaults to
             `"auto"`.

@@ -157,6 +157,6 @@ def get(diversity):
         else:
             return Diversity.from_config(diversity)
     raise ValueError(
-        "`diversity` must be a `keras_fip.ensemble.Diversity`, its config or None. "
+        "`diversity` must be a `keras_fip.operations.ensemble.Diversity`, its config or None. "
         f"Received: diversity={diversity!r}"
     )
