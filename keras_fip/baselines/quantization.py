@@ -20,6 +20,7 @@ from keras_fip.operations.base import model_output_kind
 from keras_fip.operations.quantize import BITS
 from keras_fip.operations.quantize import project
 from keras_fip.operations.quantize import quantizable_variables
+from keras_fip.operations.quantize import resolved_scales
 
 KERAS_PTQ_MODES = ("int8", "int4")
 
@@ -79,6 +80,7 @@ def ste_qat(
     batch_size=128,
     seed=0,
     per_channel=True,
+    scales="auto",
 ):
     """Quantisation-aware training with a straight-through estimator, on the labels.
 
@@ -99,6 +101,8 @@ def ste_qat(
         batch_size: Examples per step. Defaults to `128`.
         seed: Seed of the shuffling. Defaults to `0`.
         per_channel: One scale per output channel (else per kernel). Defaults to `True`.
+        scales: The scale rule, as `keras_fip.Quantize`'s (`"auto"`, `"abs_max"` or
+            `"fitted"`). Defaults to `"auto"`.
 
     Returns:
         A new `keras.Model` whose kernels lie on the grid.
@@ -106,6 +110,7 @@ def ste_qat(
     if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or bits not in BITS:
         raise ValueError(f"`bits` must be one of {list(BITS)}. Received: bits={bits!r}")
     x, y = normalize_data(data, name="data", require_labels=True, model=model)
+    rule = resolved_scales(scales, bits)
     result = copy_model(model)
     triples = [
         (variable, axes if per_channel else None)
@@ -131,7 +136,7 @@ def ste_qat(
 
     def snap():
         for (variable, axes), weights in zip(triples, latent):
-            variable.assign(project(weights.numpy(), bits, axes)[0])
+            variable.assign(project(weights.numpy(), bits, axes, rule)[0])
 
     rng = np.random.default_rng(seed)
     count = len(y)

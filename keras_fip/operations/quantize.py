@@ -24,6 +24,7 @@ __all__ = [
     "grid_scales",
     "project",
     "quantizable_variables",
+    "resolved_scales",
 ]
 
 # The bit widths the grid supports: symmetric integers in [-(2^(b-1) - 1), 2^(b-1) - 1].
@@ -34,9 +35,30 @@ KERAS_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embed
 # `beta="auto"`: β = STRENGTH × κ (`keras_fip.engine.beta.auto_beta` over the quantised
 # weights), as Compress weighs its projection.
 STRENGTH = 1e4
-SCALES = ("abs_max", "fitted")
+SCALES = ("auto", "abs_max", "fitted")
 # `scales="fitted"`: the clipping ratios tried per channel (scale = ratio × max|w| / q_max).
 FIT_RATIOS = np.linspace(0.2, 1.0, 41)
+
+
+def resolved_scales(scales, bits):
+    """The scale rule `scales` names at `bits` bits: `"auto"` is `"abs_max"` (Keras's) at the
+    widths Keras has layers for (8 and 4 bits) and `"fitted"` below them.
+
+    Args:
+        scales: `"auto"`, `"abs_max"` or `"fitted"`.
+        bits: The bit width.
+
+    Returns:
+        `"abs_max"` or `"fitted"`.
+
+    Examples:
+
+    >>> resolved_scales("auto", 4), resolved_scales("auto", 2)
+    ('abs_max', 'fitted')
+    """
+    if scales != "auto":
+        return scales
+    return "abs_max" if bits in KERAS_MODES else "fitted"
 
 
 def _check_labels(labels):
@@ -365,8 +387,10 @@ class Quantize(WalkingOperation):
         per_channel: Whether each output channel has its own scale (else one scale per
             kernel). Defaults to `True`.
         scales: `"abs_max"` (scale = q_max / max|w| per channel, as Keras's quantisers
-            compute it) or `"fitted"` (the clipping with the least projection error per
-            channel). Defaults to `"abs_max"`.
+            compute it), `"fitted"` (the clipping with the least projection error per
+            channel; a snapped kernel's scale is still q_max / max|w|) or `"auto"`:
+            `"abs_max"` at 8 and 4 bits, `"fitted"` at 3 and 2 (`resolved_scales`).
+            Defaults to `"auto"`.
         keras_layers: Whether Dense, EinsumDense and Embedding layers become Keras's
             quantised layers at 8 and 4 bits. Defaults to `True`.
         schedule: A `keras_fip.operations.quantize.QuantizeSchedule`. Defaults to `None` (its
@@ -397,7 +421,7 @@ class Quantize(WalkingOperation):
         labels="auto",
         layers=None,
         per_channel=True,
-        scales="abs_max",
+        scales="auto",
         keras_layers=True,
         schedule=None,
         walk=None,
@@ -473,7 +497,8 @@ class Quantize(WalkingOperation):
             for i, value in enumerate(start)
         ]
         objective = _GridObjective([by_id[id(v)] for v in variables], targets, beta, task_weight)
-        update = _UpdateTargets(quantized, targets, self.schedule, steps, self.bits, self.scales)
+        scales = resolved_scales(self.scales, self.bits)
+        update = _UpdateTargets(quantized, targets, self.schedule, steps, self.bits, scales)
         optimizer, learning_rate = None, None
         if isinstance(walk.rule, Penalty):
             learning_rate = walk.rule.resolve_learning_rate(variables)
@@ -494,11 +519,13 @@ class Quantize(WalkingOperation):
         history = dict(self.history or {})
 
         # Snap exactly onto the grid
-        scales = {}
+        snapped_scales = {}
         for _, variable, axes in quantized:
-            projected, _, scale = project(variable.numpy(), self.bits, axes, self.scales)
+            projected, _, scale = project(variable.numpy(), self.bits, axes, scales)
             variable.assign(projected)
-            scales[variable.path] = np.squeeze(scale) if axes is not None else scale.reshape(())
+            snapped_scales[variable.path] = (
+                np.squeeze(scale) if axes is not None else scale.reshape(())
+            )
         layer_error = {
             variable.path: float(
                 np.linalg.norm(variable.numpy() - before) / max(np.linalg.norm(before), 1e-30)
@@ -522,7 +549,7 @@ class Quantize(WalkingOperation):
             learning_rate=learning_rate,
             task_weight=float(task_weight),
             training=training,
-            scales=scales,
+            scales=snapped_scales,
             layer_error=layer_error,
             keras_layers=converted,
         )
