@@ -36,6 +36,7 @@ from keras_fip.operations import Repair  # noqa: E402
 from keras_fip.operations import chain  # noqa: E402
 from keras_fip.operations import compress  # noqa: E402
 from keras_fip.operations import damage_reference  # noqa: E402
+from keras_fip.operations import ensemble  # noqa: E402
 from keras_fip.operations import ensemble_members  # noqa: E402
 from keras_fip.operations import faults  # noqa: E402
 from keras_fip.operations import repair  # noqa: E402
@@ -63,6 +64,7 @@ __all__ = [
     "shrink",
     "strip_masks",
     "Ensemble",
+    "ensemble",
     "ensemble_members",
     "robustness",
     "Damage",

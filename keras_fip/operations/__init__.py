@@ -2,6 +2,7 @@
 
 from keras_fip.geometry.units import hidden_units
 from keras_fip.operations import compress
+from keras_fip.operations import ensemble
 from keras_fip.operations import faults
 from keras_fip.operations import repair
 from keras_fip.operations.base import Operation
