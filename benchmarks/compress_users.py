@@ -62,13 +62,14 @@ BASELINE_LEARNING_RATES = (1e-4, 1e-3)
 BATCH_SIZE = 128
 
 
-def load(name, seed, base_epochs=None):
+def load(name, seed, base_epochs=None, train_size=None):
     """`(model, (x, y), (x_val, y_val), (x_test, y_test))` for one of `MODELS`, trained
-    for `base_epochs` (`None`: as the Keras example trains it)."""
+    for `base_epochs` (`None`: as the Keras example trains it) on `train_size` MNIST
+    images (`None`: all)."""
     if name == "text_transformer":
         model, data = user_models.trained(name, seed, epochs=base_epochs)
         return model, (data["x"], data["y"]), (data["x_val"], data["y_val"]), _test(data)
-    model, data = user_models.trained(name, seed, epochs=base_epochs)
+    model, data = user_models.trained(name, seed, epochs=base_epochs, train_size=train_size)
     fit, held = holdout_rows(data["y"], MNIST_VALIDATION_FRACTION, seed)
     validation = (data["x"][held], data["y"][held])
     return model, (data["x"][fit], data["y"][fit]), validation, _test(data)
@@ -106,11 +107,21 @@ def one_shot(model, sparsity, data, epochs, learning_rate, seed):
     )
 
 
-def run(name, sparsities, seed, steps, tuned, learning_rates, base_epochs=None, task_weights=()):
+def run(
+    name,
+    sparsities,
+    seed,
+    steps,
+    tuned,
+    learning_rates,
+    base_epochs=None,
+    task_weights=(),
+    train_size=None,
+):
     """One model and seed: Compress and the baseline at each sparsity. `tuned` maps a
     sparsity to the baseline's learning rate chosen on an earlier seed (filled here when
     this seed tunes it)."""
-    model, data, validation, test = load(name, seed, base_epochs)
+    model, data, validation, test = load(name, seed, base_epochs, train_size)
     result = {
         "benchmark": "compress_users",
         "model": name,
@@ -235,6 +246,12 @@ def main(argv=None):
         help="Epochs of the users' models (default: as the Keras examples train them).",
     )
     parser.add_argument(
+        "--train_size",
+        type=int,
+        default=None,
+        help="MNIST training images of the convnet, a seeded subset (default: all 60,000).",
+    )
+    parser.add_argument(
         "--tune_every_seed",
         action="store_true",
         help="Choose the baseline's rate on every seed's validation split (by default on "
@@ -274,6 +291,7 @@ def main(argv=None):
                     learning_rates,
                     args.base_epochs,
                     task_weights,
+                    args.train_size,
                 )
             )
             print(json.dumps(results[-1]), flush=True)

@@ -69,9 +69,11 @@ def _accuracy(model, x, y):
     return user_models.accuracy(model, x, y)
 
 
-def eigen_part(seed, directions, examples):
-    """The eigen adversary against random directions on LeNet-300-100 (one seed)."""
-    model, base = models_lib.base_network("lenet_300_100", "mnist", seed=seed)
+def eigen_part(seed, directions, examples, base_epochs=None):
+    """The eigen adversary against random directions on LeNet-300-100 (one seed), trained
+    for `base_epochs` (`None`: as the apps train it)."""
+    epochs = {} if base_epochs is None else {"epochs": base_epochs}
+    model, base = models_lib.base_network("lenet_300_100", "mnist", seed=seed, **epochs)
     x, _ = data_lib.load("mnist", "train")
     x_test, y_test = data_lib.load("mnist", "test")
     clean = _accuracy(model, x_test, y_test)
@@ -86,6 +88,7 @@ def eigen_part(seed, directions, examples):
         for index in range(directions)
     ]
     return {
+        "benchmark": "damage_repair_users",
         "part": "eigen",
         "model": "lenet_300_100",
         "seed": seed,
@@ -112,7 +115,7 @@ def _subset(data, count, seed):
 
 def repair_part(name, seed, args):
     """Damage + Repair defaults against tuned retraining on one user model (one seed)."""
-    model, data = user_models.trained(name, seed)
+    model, data = user_models.trained(name, seed, epochs=args.base_epochs)
     recipe = user_models.RECIPES[name]
     data = dict(data, labels=data[recipe["labels"]])  # One-hot labels for the convnet.
     epochs, examples = BUDGETS[name]
@@ -121,6 +124,7 @@ def repair_part(name, seed, args):
     x_test, y_test = data["x_test"], data["y_test"]
     damaged = keras_fip.Damage("nodes", fraction=args.fraction, seed=seed)(model)
     result = {
+        "benchmark": "damage_repair_users",
         "part": "repair",
         "model": name,
         "seed": seed,
@@ -200,6 +204,13 @@ def main(argv=None):
     parser.add_argument("--fraction", type=float, default=0.5, help="Hidden units deleted.")
     parser.add_argument("--epochs", type=int, default=None, help="Epochs of every repair.")
     parser.add_argument("--train_examples", type=int, default=None)
+    parser.add_argument(
+        "--base_epochs",
+        type=int,
+        default=None,
+        help="Epochs of the undamaged networks (default: as the apps and the Keras examples "
+        "train them).",
+    )
     parser.add_argument("--retrain_learning_rates", default="1e-3,3e-3,1e-2")
     parser.add_argument("--repair_inputs_only", action="store_true")
     args = parser.parse_args(argv)
@@ -212,10 +223,11 @@ def main(argv=None):
     if "eigen" in parts:
         rows = []
         for seed in seeds:
-            rows.append(eigen_part(seed, args.directions, args.examples))
+            rows.append(eigen_part(seed, args.directions, args.examples, args.base_epochs))
             print(json.dumps(rows[-1]), flush=True)
         keys = ("clean", "eigen", "eigen_drop", "random_min", "random_max_drop")
-        print(json.dumps({"summary": "eigen", **_summary(rows, keys)}), flush=True)
+        summary = {"benchmark": "damage_repair_users", "summary": "eigen"}
+        print(json.dumps({**summary, **_summary(rows, keys)}), flush=True)
     if "repair" in parts:
         for name in args.models.split(","):
             rows = []
@@ -231,7 +243,8 @@ def main(argv=None):
                 "fip_minus_retrain",
                 "fip_epochs",
             )
-            print(json.dumps({"summary": f"repair/{name}", **_summary(rows, keys)}), flush=True)
+            summary = {"benchmark": "damage_repair_users", "summary": f"repair/{name}"}
+            print(json.dumps({**summary, **_summary(rows, keys)}), flush=True)
 
 
 if __name__ == "__main__":
