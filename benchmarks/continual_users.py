@@ -64,9 +64,11 @@ def _predictions(model, x, batch_size=500):
     return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
 
 
-def tasks(name, seed):
-    """`(model, old, new)`: the trained model and the two tasks' train and test splits."""
-    model, data = user_models.trained(name, seed)
+def tasks(name, seed, base_epochs=None, train_size=None, new_train_size=None):
+    """`(model, old, new)`: the trained model (`base_epochs` on `train_size` MNIST images;
+    `None`: as the Keras example trains it) and the two tasks' train and test splits (the
+    new task's training split a seeded subset of `new_train_size`; `None`: all of it)."""
+    model, data = user_models.trained(name, seed, epochs=base_epochs, train_size=train_size)
     old = {"x": data["x"], "y": data["y"], "x_test": data["x_test"], "y_test": data["y_test"]}
     if name == "text_transformer":
         old.update(x_val=data["x_val"], y_val=data["y_val"])
@@ -81,6 +83,9 @@ def tasks(name, seed):
         }
     else:
         new = user_models.fashion_mnist_data()
+    if new_train_size and new_train_size < len(new["y"]):
+        rows = np.sort(np.random.default_rng(seed).permutation(len(new["y"]))[:new_train_size])
+        new = dict(new, x=new["x"][rows], y=new["y"][rows])
     return model, old, new
 
 
@@ -127,10 +132,21 @@ def measure(model, learned, old, new):
     }
 
 
-def run(name, seed, methods, memory_size, epochs, extra):
-    model, old, new = tasks(name, seed)
+def run(
+    name,
+    seed,
+    methods,
+    memory_size,
+    epochs,
+    extra,
+    base_epochs=None,
+    train_size=None,
+    new_train_size=None,
+):
+    model, old, new = tasks(name, seed, base_epochs, train_size, new_train_size)
     memory = data_lib.memory_sample(old["x"], old["y"], memory_size, seed=seed)
     base = {
+        "benchmark": "continual_users",
         "model": name,
         "seed": seed,
         "old_task": TASKS[name][0],
@@ -213,7 +229,7 @@ def summary(results):
             )
     print()
     for row in rows:
-        print(json.dumps({"summary": True, **row}), flush=True)
+        print(json.dumps({"benchmark": "continual_users", "summary": True, **row}), flush=True)
     return rows
 
 
@@ -226,6 +242,24 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--memory", type=int, default=500, help="Old-task inputs remembered.")
     parser.add_argument("--epochs", type=int, default=5, help="Passes over the new task.")
+    parser.add_argument(
+        "--base_epochs",
+        type=int,
+        default=None,
+        help="Epochs of the users' models (default: as the Keras examples train them).",
+    )
+    parser.add_argument(
+        "--train_size",
+        type=int,
+        default=None,
+        help="MNIST training images of the convnet, a seeded subset (default: all 60,000).",
+    )
+    parser.add_argument(
+        "--new_train_size",
+        type=int,
+        default=None,
+        help="The new task's training examples, a seeded subset (default: all).",
+    )
     parser.add_argument(
         "--options",
         default="{}",
@@ -242,7 +276,19 @@ def main(argv=None):
     results = []
     for name in models:
         for seed in [int(s) for s in args.seeds.split(",")]:
-            results.extend(run(name, seed, methods, args.memory, args.epochs, extra))
+            results.extend(
+                run(
+                    name,
+                    seed,
+                    methods,
+                    args.memory,
+                    args.epochs,
+                    extra,
+                    args.base_epochs,
+                    args.train_size,
+                    args.new_train_size,
+                )
+            )
     return summary(results)
 
 

@@ -120,13 +120,21 @@ def steps_for_budget(budget, y, num_members, labels, normalized, seed=0):
     return steps
 
 
-def run(name, seed, data_kind, num_members, paper_walk=False):
-    model, data = user_models.trained(name, seed)
+def run(name, seed, data_kind, num_members, paper_walk=False, base_epochs=None):
+    """One model, data kind and seed; `base_epochs`: epochs of the start and of the deep
+    ensemble's members (`None`: as the Keras example trains them)."""
+    epochs = user_models.RECIPES[name]["epochs"] if base_epochs is None else base_epochs
+    model, data = user_models.trained(name, seed, epochs=epochs)
     x, y, x_test, y_test = data["x"], data["y"], data["x_test"], data["y_test"]
-    recipe = user_models.RECIPES[name]
     normalized = bool(keras_fip.engine.normalization.batch_normalization_layers(model))
     labels = data_kind == "labelled"
-    row = {"model": name, "seed": seed, "data": data_kind, "num_members": num_members}
+    row = {
+        "benchmark": "ensemble_users",
+        "model": name,
+        "seed": seed,
+        "data": data_kind,
+        "num_members": num_members,
+    }
     row["base"] = scores(model, x_test, y_test)
     if normalized:
         recalibrated = keras_fip.engine.copy_model(model)
@@ -135,11 +143,11 @@ def run(name, seed, data_kind, num_members, paper_walk=False):
 
     # The deep ensemble: the example's recipe from other initialisations (cached).
     members = [
-        keras_fip.engine.copy_model(user_models.trained(name, seed + k)[0])
+        keras_fip.engine.copy_model(user_models.trained(name, seed + k, epochs=epochs)[0])
         for k in range(num_members)
     ]
     deep = build_ensemble(members, name="deep_ensemble")
-    deep_passes = num_members * recipe["epochs"] * len(x)
+    deep_passes = num_members * epochs * len(x)
     row["deep"] = {
         **scores(deep, x_test, y_test),
         "member_accuracy": [scores(m, x_test, y_test)["accuracy"] for m in members],
@@ -234,7 +242,12 @@ def summary(rows):
     lines = []
     for key in sorted({(r["model"], r["data"]) for r in rows}):
         group = [r for r in rows if (r["model"], r["data"]) == key]
-        line = {"summary": key[0], "data": key[1], "seeds": [r["seed"] for r in group]}
+        line = {
+            "benchmark": "ensemble_users",
+            "summary": key[0],
+            "data": key[1],
+            "seeds": [r["seed"] for r in group],
+        }
         for method in ("base", "base_recalibrated", "fip", "deep", "deep_recalibrated", "paper"):
             if method not in group[0]:
                 continue
@@ -267,6 +280,13 @@ def main(argv=None):
         action="store_true",
         help="Also run the paper's walk (metric rule, random push, ε = 0.05) on the inputs.",
     )
+    parser.add_argument(
+        "--base_epochs",
+        type=int,
+        default=None,
+        help="Epochs of the start and of the deep ensemble's members (default: as the Keras "
+        "examples train them).",
+    )
     args = parser.parse_args(argv)
     rows = []
     for name in args.models.split(","):
@@ -275,7 +295,12 @@ def main(argv=None):
                 raise ValueError(f"`--data` takes labelled and inputs. Received: {data_kind!r}")
             for seed in [int(s) for s in args.seeds.split(",")]:
                 row = run(
-                    name, seed, data_kind, args.num_members or NUM_MEMBERS[name], args.paper_walk
+                    name,
+                    seed,
+                    data_kind,
+                    args.num_members or NUM_MEMBERS[name],
+                    args.paper_walk,
+                    args.base_epochs,
                 )
                 rows.append(row)
                 print(json.dumps(row), flush=True)

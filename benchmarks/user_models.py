@@ -374,13 +374,23 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(RECIPES))
     parser.add_argument("--seeds", default="0")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="Epochs of `fit` (default: the recipe's)."
+    )
+    parser.add_argument(
+        "--train_size",
+        type=int,
+        default=None,
+        help="Training examples, a seeded subset (MNIST only; default: all).",
+    )
     args = parser.parse_args(argv)
     for name in args.models.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
-            model, data = trained(name, seed)
+            model, data = trained(name, seed, epochs=args.epochs, train_size=args.train_size)
             print(
                 json.dumps(
                     {
+                        "benchmark": "user_models",
                         "model": name,
                         "seed": seed,
                         "params": int(model.count_params()),

@@ -7,12 +7,14 @@ scripts with their defaults, never asserted.
 import importlib
 import json
 import pkgutil
+import re
 
 import pytest
 
 import benchmarks
 
-# Tiny settings per script (digits, small models, few steps).
+# Tiny settings per script (digits, small models, few steps; users' models trained for
+# one epoch, on a few hundred MNIST images where the script takes the MNIST convnet).
 TINY_ARGUMENTS = {
     "metric_matvec": [
         "--models=mlp",
@@ -67,8 +69,42 @@ TINY_ARGUMENTS = {
         "--batch_size=32",
         "--in_process",
     ],
+    "user_models": ["--models=residual_convnet,mnist_convnet", "--epochs=1", "--train_size=512"],
+    "compress_users": [
+        "--models=mnist_convnet",
+        "--base_epochs=1",
+        "--train_size=1000",
+        "--sparsities=90",
+        "--steps=4",
+        "--learning_rates=1e-3",
+    ],
+    "continual_users": [
+        "--models=mnist_convnet",
+        "--seeds=0",
+        "--base_epochs=1",
+        "--train_size=1000",
+        "--new_train_size=512",
+        "--memory=100",
+        "--epochs=1",
+    ],
+    "damage_repair_users": [
+        "--models=residual_convnet",
+        "--base_epochs=1",
+        "--directions=2",
+        "--examples=128",
+        "--epochs=1",
+        "--train_examples=512",
+        "--retrain_learning_rates=1e-2",
+    ],
+    "ensemble_users": [
+        "--models=residual_convnet",
+        "--seeds=0",
+        "--num_members=2",
+        "--base_epochs=1",
+    ],
 }
-# The keys each script's JSON lines must have.
+# The keys each script's JSON lines must have ("a/b" is a flat key or b inside the dict
+# a); for a script whose lines come in parts, by part (every part must print).
 EXPECTED_KEYS = {
     "metric_matvec": (
         "matvec_over_gradient",
@@ -97,7 +133,41 @@ EXPECTED_KEYS = {
     ),
     "multi_worker": ("computation", "max_abs_difference"),
     "replica_scaling": ("fit_samples_per_second", "fip_samples_per_second", "fip_speedup"),
+    "user_models": ("test_accuracy", "model", "params"),
+    "compress_users": (
+        "dense/test/accuracy",
+        "fip/90/test/accuracy",
+        "oneshot/90/test/accuracy",
+        "fip/90/steps",
+        "fip/90/task_weight",
+        "fip/90/margin_over_oneshot",
+    ),
+    "continual_users": ("old_own", "old_all", "new_own", "new_all", "old_start", "method"),
+    "damage_repair_users": {
+        "eigen": ("eigen_drop", "clean", "eigen", "random_max_drop", "num_matvecs"),
+        "repair": ("fip", "undamaged", "damaged", "retrain", "fip_minus_retrain"),
+    },
+    "ensemble_users": (
+        "fip/accuracy",
+        "deep/accuracy",
+        "base/accuracy",
+        "fip/nll",
+        "fip/train_examples",
+        "deep/train_examples",
+        "checks/nll_le_base",
+    ),
 }
+# Scripts whose summary lines give the first key itself as a "mean ± std" string (the
+# others give `<key>/mean`).
+SPREAD_STRINGS = {"damage_repair_users", "ensemble_users"}
+
+
+def _has(record, key):
+    """Whether `record` has `key`, as a flat key or as a path into nested dicts."""
+    if key in record:
+        return True
+    head, _, rest = key.partition("/")
+    return bool(rest) and isinstance(record.get(head), dict) and _has(record[head], rest)
 
 
 def _scripts():
@@ -115,20 +185,31 @@ def test_benchmark_prints_json_lines(name, tmp_path, monkeypatch, capsys):
     module.main(TINY_ARGUMENTS[name])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert lines, f"benchmarks.{name} printed no JSON line"
+    parts = set()
     for line in lines:
         record = json.loads(line)
         assert record["benchmark"] == name
+        expected = EXPECTED_KEYS[name]
+        if isinstance(expected, dict):  # A summary line names its part first.
+            part = record.get("part") or record["summary"].split("/")[0]
+            expected = expected[part]
+            parts.add(part)
         if record.get("summary"):  # Mean ± std over seeds, checked below.
-            assert f"{EXPECTED_KEYS[name][0]}/mean" in record
+            if name in SPREAD_STRINGS:
+                assert re.fullmatch(r"-?\d+\.\d+ ± \d+\.\d+", record[expected[0]])
+            else:
+                assert f"{expected[0]}/mean" in record
             continue
-        for key in EXPECTED_KEYS[name]:
-            assert key in record, f"benchmarks.{name}: no {key!r} in {sorted(record)}"
+        for key in expected:
+            assert _has(record, key), f"benchmarks.{name}: no {key!r} in {sorted(record)}"
         if name == "metric_matvec":
             # TensorFlow already runs here, so the CPU allocator may keep no statistics:
             # the figure is then null with a note, never a crash.
             memory = record["peak_memory_matvec_mb"]
             assert (memory is not None and memory >= 0) or "peak_memory_note" in record
             assert record["trace_estimates_agree"]
+    if isinstance(EXPECTED_KEYS[name], dict):
+        assert parts == set(EXPECTED_KEYS[name])
 
 
 def test_fip_step_times_every_step_asked_for_beyond_one_pass_over_arrays():
