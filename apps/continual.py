@@ -7,8 +7,9 @@ same memory (`--memory_per_task` class-balanced inputs of every finished task, d
 identically). Every method gets only the model, the data, the budget and the seed: the
 rest is the library's defaults (32 examples a step, Adam cosine-decayed; the baselines'
 learning rate chosen on a held-out split of the new task, and of their labelled memory,
-as their authors tune it; `--fip_beta` and `--fip_step_rule`, when set, are passed to
-ContinualLearn's walk as `beta` and `rule` and recorded in results.json as `fip_options`):
+as their authors tune it; `--fip_beta`, `--fip_step_rule` and `--fip_learning_rate`, when
+set, are passed to ContinualLearn's walk as its `beta` and `rule` and recorded in
+results.json as `fip_options`):
 
 - `fip`: `keras_fip.ContinualLearn` (keeps the old network's outputs on the memory inputs,
   no labels);
@@ -155,6 +156,12 @@ flags.DEFINE_string(
     "past an edge that wins, first seed, reused).",
 )
 flags.DEFINE_string(
+    "fip_learning_rate",
+    None,
+    "ContinualLearn's `Penalty` learning rate: a number or `auto` (the rule's auto rate); "
+    "unset, the library default (when set it is named in results.json).",
+)
+flags.DEFINE_string(
     "fip_beta",
     "auto",
     "ContinualLearn's β: a number or `auto` (the library default; a number is named in "
@@ -225,13 +232,16 @@ def learn(method, model, t, train, validation, bench, memory, settings, state):
                 f"seed_{settings['seed']}/task_{t}",
                 settings.get("resume", False),
             )
+        options = dict(settings["fip_options"])
+        if "learning_rate" in options:  # The `penalty` rule's (`--fip_learning_rate`).
+            options["rule"] = keras_fip.rules.Penalty(options.pop("learning_rate"))
         walk = keras_fip.Walk(
             **budget,
             verbose=0,
             record_every=(10**9 if checkpoint is None else settings.get("checkpoint_every", 100)),
             checkpoint_directory=checkpoint,
             log_dir=run and run.log_dir(f"{bench['name']}/fip/seed_{settings['seed']}/task_{t}"),
-            **settings["fip_options"],
+            **options,
         )
         op = keras_fip.ContinualLearn(
             (x, y),
@@ -512,6 +522,20 @@ def main(argv):
     memory_sizes = [int(s) for s in FLAGS.memory_sizes]
     if FLAGS.ewc_lambda != "auto":
         float(FLAGS.ewc_lambda)
+    # ContinualLearn's own arguments only when set on the command line.
+    fip_options = {}
+    if FLAGS.fip_beta != "auto":
+        fip_options["beta"] = float(FLAGS.fip_beta)
+    if not FLAGS["fip_step_rule"].using_default_value:
+        fip_options["rule"] = FLAGS.fip_step_rule
+    if FLAGS.fip_learning_rate is not None:
+        if fip_options.get("rule", "penalty") != "penalty":
+            raise ValueError(
+                "`--fip_learning_rate` is the `penalty` rule's. Received: "
+                f"fip_learning_rate={FLAGS.fip_learning_rate}, fip_step_rule={fip_options['rule']}"
+            )
+        rate = FLAGS.fip_learning_rate
+        fip_options["learning_rate"] = rate if rate == "auto" else float(rate)
     swept = ["fip", "replay", "agem"] if memory_sizes else []
     run = common.start(
         "continual",
@@ -519,12 +543,6 @@ def main(argv):
         resumable=True,
     )
     output_dir = run.output_dir
-    # ContinualLearn's own arguments only when set on the command line.
-    fip_options = {}
-    if FLAGS.fip_beta != "auto":
-        fip_options["beta"] = float(FLAGS.fip_beta)
-    if not FLAGS["fip_step_rule"].using_default_value:
-        fip_options["rule"] = FLAGS.fip_step_rule
     settings = {
         "epochs": _value("epochs", DEFAULT_EPOCHS),
         "base_epochs": FLAGS.continual_base_epochs,

@@ -464,15 +464,12 @@ def _learn_cr(method, base, tasks, seed):
         return operation, operation(base)
     memory = _memory(tasks, seed)
     new_task = (tasks["cr"][0], tasks["cr"][1] + OLD_CLASSES)
-    common_args = dict(
-        head="shared",
-        epochs=FLAGS.language_cl_epochs,
-        batch_size=64,
-        learning_rate=FLAGS.language_cl_learning_rate,
-        verbose=0,
-    )
+    budget = dict(epochs=FLAGS.language_cl_epochs, batch_size=64, verbose=0)
+    common_args = dict(head="shared", learning_rate=FLAGS.language_cl_learning_rate)
     if method == "finetune":
-        operation = keras_fip.baselines.FineTune(new_task, **common_args)
+        operation = keras_fip.baselines.FineTune(
+            new_task, walk=keras_fip.Walk(**budget), **common_args
+        )
     else:
         operation = keras_fip.baselines.EWC(
             new_task,
@@ -480,7 +477,7 @@ def _learn_cr(method, base, tasks, seed):
             ewc_lambda="auto",
             lambda_grid=[float(v) for v in FLAGS.language_ewc_lambdas],
             validation_tasks=[tasks["sst5_validation"]],
-            seed=seed,
+            walk=keras_fip.Walk(**budget, seed=seed),
             **common_args,
         )
     return operation, operation(base)
@@ -526,13 +523,15 @@ def _learn_operation(tasks, seed):
         (tasks["cr"][0], tasks["cr"][1] + OLD_CLASSES),
         memory=_memory(tasks, seed),
         head="shared",
-        epochs=FLAGS.language_cl_epochs,
-        batch_size=64,
-        learning_rate=FLAGS.language_cl_learning_rate,
-        seed=seed,
-        verbose=0,
-        training=FLAGS.language_cl_training,
-        record_every=FLAGS.language_record_every,
+        walk=keras_fip.Walk(
+            epochs=FLAGS.language_cl_epochs,
+            rule=keras_fip.rules.Penalty(FLAGS.language_cl_learning_rate),
+            batch_size=64,
+            training=FLAGS.language_cl_training,
+            record_every=FLAGS.language_record_every,
+            seed=seed,
+            verbose=0,
+        ),
     )
 
 

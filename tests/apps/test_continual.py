@@ -70,9 +70,11 @@ def test_continual_app_two_task_run_and_memory_sweep(tmp_path):
         batch_size=64,
         memory_sizes=["10", "40"],
         max_train_examples=128,
+        fip_learning_rate="2e-3",
         output_dir=output_dir,
     ):
         results = continual.main([])
+    assert results["fip_options"] == {"learning_rate": 2e-3}
     assert results["mnist_fmnist/memory_per_task"] == 500
     for size in ("10", "40"):
         assert 0.0 <= results[f"mnist_fmnist/memory_{size}/fip/acc/mean"] <= 1.0
@@ -82,4 +84,9 @@ def test_continual_app_two_task_run_and_memory_sweep(tmp_path):
 def test_continual_app_rejects_unknown_methods(tmp_path):
     with flagsaver.flagsaver(methods=["magic"], output_dir=str(tmp_path)):
         with pytest.raises(ValueError, match="methods"):
+            continual.main([])
+    with flagsaver.flagsaver(
+        fip_learning_rate="1e-3", fip_step_rule="metric", output_dir=str(tmp_path)
+    ):
+        with pytest.raises(ValueError, match="fip_learning_rate"):
             continual.main([])

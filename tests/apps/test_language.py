@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from absl.testing import flagsaver
 
+import keras_fip
 from apps import language
 from tests.apps.conftest import assert_results_close
 from tests.apps.conftest import scalar_tags
@@ -137,7 +138,9 @@ def test_language_continual_learn_walks_in_the_mode_of_the_flag(training):
     with flagsaver.flagsaver(language_cl_training=training, language_memory=4):
         operation = language._learn_operation(tasks, seed=0)
         assert len(language._memory(tasks, 0)) == 4
-    assert operation.training is training
+    assert operation.walk.training is training
+    assert operation.walk.rule == keras_fip.rules.Penalty(1e-3)  # The app's flag's default.
+    assert operation.walk.batch_size == 64 and operation.walk.seed == 0
 
 
 def test_language_app_refuses_a_bad_compress_learning_rate(tmp_path):
@@ -151,4 +154,4 @@ def test_language_app_refuses_a_bad_compress_learning_rate(tmp_path):
 def test_language_compress_walks_at_the_rate_of_the_flag(value, expected):
     with flagsaver.flagsaver(language_compress_learning_rate=value):
         operation = language._compress_operation(0.3, np.zeros((4, 6), "int32"), seed=0)
-    assert operation.learning_rate == expected
+    assert operation.walk.rule == keras_fip.rules.Penalty(expected)
