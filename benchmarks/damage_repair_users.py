@@ -287,18 +287,22 @@ def main(argv=None):
         rows = []
         for seed in seeds:
             rows.append(eigen_part(seed, args))
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps({"benchmark": "damage_repair_users", **rows[-1]}), flush=True)
         keys = ("clean", "eigen", "eigen_drop", "random_min", "random_max_drop")
         results["runs"] += rows
         results["summary"]["eigen"] = _summary(rows, keys)
-        line = {"summary": "eigen", **_printable(results["summary"]["eigen"])}
+        line = {
+            "benchmark": "damage_repair_users",
+            "summary": "eigen",
+            **_printable(results["summary"]["eigen"]),
+        }
         print(json.dumps(line), flush=True)
     if "repair" in parts:
         for name in args.models.split(","):
             rows = []
             for seed in seeds:
                 rows.append(repair_part(name, seed, args))
-                print(json.dumps(rows[-1]), flush=True)
+                print(json.dumps({"benchmark": "damage_repair_users", **rows[-1]}), flush=True)
             keys = (
                 "undamaged",
                 "damaged",
@@ -311,7 +315,11 @@ def main(argv=None):
             )
             results["runs"] += rows
             results["summary"][f"repair/{name}"] = _summary(rows, keys)
-            line = {"summary": f"repair/{name}", **_printable(results["summary"][f"repair/{name}"])}
+            line = {
+                "benchmark": "damage_repair_users",
+                "summary": f"repair/{name}",
+                **_printable(results["summary"][f"repair/{name}"]),
+            }
             print(json.dumps(line), flush=True)
     if args.output_dir:
         provenance.write_results(args.output_dir, results)
