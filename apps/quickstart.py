@@ -233,12 +233,14 @@ def run(
     # A functionally invariant walk against a random step of the same length
     walk = operations.Isofunctional(
         data=x,
-        steps=walk_steps,
-        epsilon=0.05,
-        seed=seed,
-        batch_size=256,
-        verbose=0,
-        log_dir=log_dir("walk"),
+        walk=keras_fip.Walk(
+            steps=walk_steps,
+            rule=keras_fip.rules.Metric(epsilon=0.05),
+            batch_size=256,
+            seed=seed,
+            verbose=0,
+            log_dir=log_dir("walk"),
+        ),
     )
     walked, walk_time = _timed(lambda: walk(base))
     moved = _distance(walked, base)
