@@ -2,7 +2,9 @@
 
 import keras
 
+from keras_fip.engine import config
 from keras_fip.engine import projection
+from keras_fip.engine.config import Config
 
 
 def _check_boolean(value, name):
@@ -12,7 +14,7 @@ def _check_boolean(value, name):
 
 
 @keras.saving.register_keras_serializable(package="keras_fip")
-class Prunable:
+class Prunable(Config):
     """Which weights a pruning method may zero: by default, the set tfmot prunes.
 
     The kernels of Dense, EinsumDense and convolution layers (Conv1D/2D/3D, transposed,
@@ -73,32 +75,7 @@ class Prunable:
             "embeddings": self.embeddings,
         }
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
-
-    def __repr__(self):
-        arguments = ", ".join(f"{key}={value!r}" for key, value in self.get_config().items())
-        return f"Prunable({arguments})"
-
 
 def get(prunable):
-    """A `Prunable` from a prunable set, its config or `None` (the defaults)."""
-    if prunable is None:
-        return Prunable()
-    if isinstance(prunable, Prunable):
-        return prunable
-    if isinstance(prunable, dict):
-        if "class_name" in prunable:
-            prunable = keras.saving.deserialize_keras_object(prunable)
-        elif set(prunable) <= set(Prunable().get_config()):
-            prunable = Prunable.from_config(prunable)
-        if isinstance(prunable, Prunable):
-            return prunable
-    raise ValueError(
-        "`prunable` must be a `keras_fip.compress.Prunable` or None. "
-        f"Received: prunable={prunable!r}"
-    )
+    """A `Prunable` from a `Prunable`, its config or `None` (the defaults)."""
+    return config.resolve(prunable, Prunable, "prunable")

@@ -3,8 +3,10 @@
 import keras
 import numpy as np
 
+from keras_fip.engine import config
 from keras_fip.engine import data_adapter
 from keras_fip.engine import projection
+from keras_fip.engine.config import Config
 from keras_fip.geometry.diagonal import metric_diagonal
 from keras_fip.operations.base import Operation
 
@@ -12,7 +14,7 @@ CRITERIA = ("magnitude", "metric")
 
 
 @keras.saving.register_keras_serializable(package="keras_fip")
-class Saliency:
+class Saliency(Config):
     """How the projection P_p ranks weights: which are kept, over which scope.
 
     P_p(w) keeps the most salient weights (or units, filters, 2-of-4 groups) and zeroes a
@@ -124,35 +126,15 @@ class Saliency:
             "examples": self.examples,
         }
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
-
-    def __repr__(self):
-        arguments = ", ".join(f"{key}={value!r}" for key, value in self.get_config().items())
-        return f"Saliency({arguments})"
-
 
 def get(saliency):
-    """A `Saliency` from a saliency, a criterion name (`"magnitude"`, `"metric"`), a config
-    or `None` (magnitude)."""
-    if saliency is None:
-        return Saliency()
-    if isinstance(saliency, Saliency):
-        return saliency
+    """A `Saliency` from a `Saliency`, a criterion name (`"magnitude"`, `"metric"`), its
+    config or `None` (magnitude)."""
     if isinstance(saliency, str) and saliency in CRITERIA:
         return Saliency(saliency)
-    if isinstance(saliency, dict):
-        if "class_name" in saliency:
-            saliency = keras.saving.deserialize_keras_object(saliency)
-        elif set(saliency) <= set(Saliency().get_config()):
-            saliency = Saliency.from_config(saliency)
-        if isinstance(saliency, Saliency):
-            return saliency
-    raise ValueError(
-        "`saliency` must be a `keras_fip.compress.Saliency` or one of "
-        f"{list(CRITERIA)}. Received: saliency={saliency!r}"
-    )
+    if isinstance(saliency, str):
+        raise ValueError(
+            f"`saliency` must be a `Saliency` or one of {list(CRITERIA)}. "
+            f"Received: saliency={saliency!r}"
+        )
+    return config.resolve(saliency, Saliency, "saliency")

@@ -2,6 +2,8 @@
 
 import keras
 
+from keras_fip.engine import config
+from keras_fip.engine.config import Config
 from keras_fip.operations.base import Operation
 
 # The fewest steps an `epochs` budget gives: the pull needs enough steps for its targets to
@@ -16,7 +18,7 @@ MIN_TARGET_UPDATES = 40
 
 
 @keras.saving.register_keras_serializable(package="keras_fip")
-class Schedule:
+class Schedule(Config):
     """When `keras_fip.Compress` pulls, how its target sparsity ramps, and how long it walks.
 
     The walk has two phases: the pull (`pull_fraction` of the steps), in which the prunable
@@ -108,32 +110,7 @@ class Schedule:
             "update_every": self.update_every,
         }
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
-
-    def __repr__(self):
-        arguments = ", ".join(f"{key}={value!r}" for key, value in self.get_config().items())
-        return f"Schedule({arguments})"
-
 
 def get(schedule):
-    """A `Schedule` from a schedule, its config or `None` (the defaults)."""
-    if schedule is None:
-        return Schedule()
-    if isinstance(schedule, Schedule):
-        return schedule
-    if isinstance(schedule, dict):
-        if "class_name" in schedule:
-            schedule = keras.saving.deserialize_keras_object(schedule)
-        elif set(schedule) <= set(Schedule().get_config()):
-            schedule = Schedule.from_config(schedule)
-        if isinstance(schedule, Schedule):
-            return schedule
-    raise ValueError(
-        "`schedule` must be a `keras_fip.compress.Schedule` or None. "
-        f"Received: schedule={schedule!r}"
-    )
+    """A `Schedule` from a `Schedule`, its config or `None` (the defaults)."""
+    return config.resolve(schedule, Schedule, "schedule")
