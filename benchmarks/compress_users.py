@@ -41,6 +41,8 @@ Example:
     python -m benchmarks.compress_users --seeds=0,1,2 --output_dir=results/compress_users
     python -m benchmarks.compress_users --models=text_transformer --sparsities=50 \
         --variants='{"w1_slow": {"labels": 1, "rate_factor": 0.1}}'
+    python -m benchmarks.compress_users --models=mnist_convnet --base_epochs=1 \
+        --train_size=1000 --steps=4                          # a smoke run
 """
 
 import argparse
@@ -73,11 +75,11 @@ NAMES = {
 }
 
 
-def load(name, seed):
+def load(name, seed, base_epochs=None, train_size=None):
     """`(model, (x, y), (x_val, y_val), (x_test, y_test))`: the model as its Keras example
     trains it, the data it was fit on, the validation data it was not fit on, the test
     data."""
-    model, data = user_models.trained(name, seed)
+    model, data = user_models.trained(name, seed, epochs=base_epochs, train_size=train_size)
     test = (data["x_test"], data["y_test"])
     if name == "text_transformer":
         return model, (data["x"], data["y"]), (data["x_val"], data["y_val"]), test
@@ -103,11 +105,11 @@ def _zero_fractions(model):
     }
 
 
-def compress(model, sparsity, data, epochs, seed, validation=None, labels="auto", rate=None):
+def compress(model, sparsity, data, budget, seed, validation=None, labels="auto", rate=None):
     """Compress with the model, the data, the budget and the seed (and, for the variants,
     a weight of the labels and a learning rate)."""
     rule = None if rate is None else rules.Penalty(rate)
-    walk = keras_fip.Walk(epochs=epochs, seed=seed, verbose=0, rule=rule)
+    walk = keras_fip.Walk(**budget, seed=seed, verbose=0, rule=rule)
     operation = keras_fip.Compress(
         sparsity, data=data, validation_data=validation, labels=labels, walk=walk
     )
@@ -145,11 +147,21 @@ def _choice(history):
     }
 
 
-def run(name, sparsities, seed, tuned, learning_rates, variants=None):
+def run(
+    name,
+    sparsities,
+    seed,
+    tuned,
+    learning_rates,
+    variants=None,
+    steps=0,
+    base_epochs=None,
+    train_size=None,
+):
     """One model and seed: every method at each sparsity. `tuned` maps a sparsity to the
     baseline's learning rate chosen on an earlier seed (filled here when this seed tunes
     it)."""
-    model, data, validation, test = load(name, seed)
+    model, data, validation, test = load(name, seed, base_epochs, train_size)
     splits = (test, validation)
     result = {
         "benchmark": "compress_users",
@@ -160,11 +172,11 @@ def run(name, sparsities, seed, tuned, learning_rates, variants=None):
         "dense/validation/accuracy": _accuracy(model, validation),
     }
     steps_per_epoch = math.ceil(len(data[1]) / BATCH_SIZE)
-    epochs = EPOCHS[name]
+    budget = {"steps": steps} if steps else {"epochs": EPOCHS[name]}
     for percent in sparsities:
         key, sparsity = f"{percent:g}", percent / 100.0
         start = time.perf_counter()
-        sparse, operation = compress(model, sparsity, data, epochs, seed, validation)
+        sparse, operation = compress(model, sparsity, data, budget, seed, validation)
         _record(
             result,
             "fip",
@@ -176,7 +188,7 @@ def run(name, sparsities, seed, tuned, learning_rates, variants=None):
         )
         steps = operation.history["steps"]
         start = time.perf_counter()
-        sparse, operation = compress(model, sparsity, data, epochs, seed)
+        sparse, operation = compress(model, sparsity, data, budget, seed)
         _record(
             result,
             "fip_data_only",
@@ -191,7 +203,7 @@ def run(name, sparsities, seed, tuned, learning_rates, variants=None):
             rate = rules.auto_learning_rate(variables) * options.get("rate_factor", 1.0)
             start = time.perf_counter()
             sparse, operation = compress(
-                model, sparsity, data, epochs, seed, labels=options.get("labels", 0), rate=rate
+                model, sparsity, data, budget, seed, labels=options.get("labels", 0), rate=rate
             )
             _record(
                 result,
@@ -336,6 +348,24 @@ def main(argv=None):
     )
     parser.add_argument("--seeds", default="0")
     parser.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="Compress's walk in steps (0: its budget, `EPOCHS` passes raised to 1,000 steps).",
+    )
+    parser.add_argument(
+        "--base_epochs",
+        type=int,
+        default=None,
+        help="Epochs of the users' models (default: as the Keras examples train them).",
+    )
+    parser.add_argument(
+        "--train_size",
+        type=int,
+        default=None,
+        help="MNIST training images of the convnet, a seeded subset (default: all 60,000).",
+    )
+    parser.add_argument(
         "--learning_rates",
         default=",".join(f"{r:g}" for r in BASELINE_LEARNING_RATES),
         help="The baseline's grid of initial Adam rates (extended while an edge wins).",
@@ -378,7 +408,19 @@ def main(argv=None):
         for seed in seeds:
             if args.tune_every_seed:
                 tuned = {}
-            rows.append(run(name, sparsities[name], seed, tuned, learning_rates, variants))
+            rows.append(
+                run(
+                    name,
+                    sparsities[name],
+                    seed,
+                    tuned,
+                    learning_rates,
+                    variants,
+                    args.steps,
+                    args.base_epochs,
+                    args.train_size,
+                )
+            )
             print(json.dumps(rows[-1]), flush=True)
         results["runs"] += rows
         results["summary"][name] = summarize(name, rows, sparsities[name])
