@@ -41,3 +41,6 @@ _import_tensorflow_quietly()
 # absent; the apps report the attacks themselves.
 logging.getLogger("art").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=r".*PyTorch not found.*")
+# TensorFlow's retracing notices name functions the library builds per model on purpose
+# (one traced pass per model and data set); the apps print their own timings.
+logging.getLogger("tensorflow").setLevel(logging.ERROR)

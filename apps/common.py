@@ -596,3 +596,36 @@ def validation_split(x, y, fraction, seed):
             f"fraction={fraction} of {len(y)} examples"
         )
     return (x[~validation], y[~validation]), (x[validation], y[validation])
+
+
+def run(main, shared=()):
+    """Runs an app's `main` under absl, with a `--help` a person can read.
+
+    `--help` shows the app's first paragraph, the commands of its `Example:` section and
+    its flags: its own and the `shared` ones of this module it reads; `--helpfull` lists
+    every flag of the process (absl's and TensorFlow's too). The whole description stays
+    the module's docstring (`python -m pydoc apps.<name>`).
+
+    Args:
+        main: The app's `main(argv)`.
+        shared: Names of this module's flags the app reads. Defaults to `()`.
+    """
+    import sys
+
+    from absl import app
+
+    module = sys.modules["__main__"]
+    doc = (module.__doc__ or "").strip()
+    summary = doc.split("\n\n")[0]
+    commands = [line.strip() for line in doc.splitlines() if line.startswith("    python -m")]
+    name = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    usage = [summary, ""]
+    if commands:
+        usage += ["Examples:", *(f"  {command}" for command in commands[:4]), ""]
+    usage.append(
+        f"The full description: python -m pydoc apps.{name}. Every flag of the process: --helpfull."
+    )
+    module.__doc__ = "\n".join(usage)
+    for flag_name in shared:
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag_name])
+    app.run(main)

@@ -5,7 +5,7 @@ do:
 
 - a functionally invariant walk (`keras_fip.Isofunctional`, metric rule, steps of length
   ε = 0.05 on batches of 256 digits) moves the weights far while the test accuracy stays
-  put, where a random perturbation of the same size destroys it;
+  put, where a random step of the same length costs accuracy;
 - the metric tensor g of the trained network: its trace and the fraction ρ of vulnerable
   directions (most directions are resilient, which is why FIPs exist);
 - damage: random Gaussian weight noise against `keras_fip.Damage("eigen")`, the
@@ -55,7 +55,6 @@ import time
 
 import keras
 import numpy as np
-from absl import app
 from absl import flags
 
 import keras_fip
@@ -216,7 +215,8 @@ def run(
     prune_learning_rates=(3e-3,),
     validation_fraction=0.2,
 ):
-    """Runs the comparison and returns `(rows, results)`.
+    """Runs the comparison and returns `(sections, results)`: the report's rows by section
+    (`"walk"`, `"compress"`, `"damage"`, `"repair"`, `"ensemble"`) and the figures.
 
     `log_dir(name)` gives the TensorBoard directory of each FIP walk (or `None`); the
     pruning baselines choose their rate from `prune_learning_rates` on a
@@ -485,28 +485,288 @@ def run(
     for epsilon, accuracies in attacked.items():
         for key in ("fip", "deep", "single", "surrogate"):
             results[f"ensemble/{key}/transfer_pgd/{epsilon:g}/accuracy"] = float(accuracies[key])
-    rows = rows + damage_rows + [row[:5] for row in repair_rows] + ensemble_rows
-    return rows, results
+    sections = {
+        "walk": rows[:3],
+        "compress": rows[3:6],
+        "damage": damage_rows,
+        "repair": repair_rows,
+        "ensemble": ensemble_rows,
+    }
+    return sections, results
 
 
-def _plot(rows, path):
+def _plot(sections, results, sparsity, path):
+    """Four panels, one comparison each: what each shows is in its title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(8, 3.2))
-    labels = [row[0] for row in rows]
-    axis.barh(range(len(rows)), [row[1] for row in rows], color="tab:blue")
-    axis.set_yticks(range(len(rows)), labels, fontsize=8)
-    axis.invert_yaxis()
-    axis.set_xlim(0, 1)
-    axis.set_xlabel("test accuracy (digits)")
-    for i, row in enumerate(rows):
-        axis.text(min(row[1], 0.9) + 0.01, i, f"{row[1]:.3f}", va="center", fontsize=8)
+    figure, axes = plt.subplots(2, 2, figsize=(12, 7.5))
+    base = results["base/test/accuracy"]
+    fip, other, plain = "tab:orange", "tab:blue", "tab:gray"
+
+    def bars(axis, entries, title):
+        labels = [label for label, _, _ in entries]
+        values = [value for _, value, _ in entries]
+        axis.barh(range(len(entries)), values, color=[color for _, _, color in entries])
+        axis.set_yticks(range(len(entries)), labels, fontsize=9)
+        axis.invert_yaxis()
+        axis.set_xlim(0, 1)
+        axis.axvline(base, color="black", linewidth=0.8, linestyle=":")
+        for i, value in enumerate(values):
+            axis.text(value - 0.02, i, f"{value:.3f}", va="center", ha="right", color="white")
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("test accuracy (dotted line: the trained network)", fontsize=8)
+
+    walk = sections["walk"]
+    bars(
+        axes[0, 0],
+        [
+            ("trained network", walk[0][1], plain),
+            (f"FIP walk, moved {walk[1][3]:.1f}", walk[1][1], fip),
+            (f"random step, moved {walk[2][3]:.1f}", walk[2][1], other),
+        ],
+        "A FIP moves the weights and keeps the function",
+    )
+    compress = sections["compress"]
+    bars(
+        axes[0, 1],
+        [
+            ("Compress", compress[0][1], fip),
+            ("gradual pruning", compress[1][1], other),
+            ("one-shot + fine-tune", compress[2][1], other),
+        ],
+        f"Sparsify to {sparsity:.0%} at the same epochs",
+    )
+    damage, repair = sections["damage"], sections["repair"]
+    bars(
+        axes[1, 0],
+        [
+            ("random noise", damage[0][1], other),
+            ("eigen adversary", damage[1][1], fip),
+            ("50% units deleted", damage[2][1], other),
+            ("  Repair (inputs only)", repair[0][1], fip),
+            ("  retraining (labels)", repair[1][1], other),
+        ],
+        "Damage of the same norm, and repair of the deletion",
+    )
+    axis = axes[1, 1]
+    epsilons = [0.0, *ENSEMBLE_EPSILONS]
+    for key, name, color in (
+        ("fip", "FIP ensemble", fip),
+        ("deep", "deep ensemble", other),
+        ("single", "single network", plain),
+    ):
+        clean = base if key == "single" else results[f"ensemble/{key}/test/accuracy"]
+        attacked = [
+            results[f"ensemble/{key}/transfer_pgd/{e:g}/accuracy"] for e in ENSEMBLE_EPSILONS
+        ]
+        axis.plot(epsilons, [clean, *attacked], marker="o", color=color, label=name)
+    axis.set_xlabel("L∞ radius ε of PGD computed on another network", fontsize=8)
+    axis.set_ylabel("test accuracy", fontsize=8)
+    axis.set_ylim(0, 1.02)
+    axis.set_xticks(epsilons)
+    axis.legend(fontsize=9)
+    axis.set_title("Ensembles under a transferred attack", fontsize=10)
+    figure.suptitle("keras_fip quick start: a small MLP on the 8×8 digits", fontsize=12)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _table(title, meaning, columns, rows):
+    """Prints one section: its title, what it shows, then its rows under `columns`."""
+    print(f"\n{title}\n{meaning}")
+    widths = [max(44, *(len(str(row[0])) for row in rows))] + [
+        max(len(column), 9) for column in columns[1:]
+    ]
+    print(
+        "  ".join(
+            f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(columns, widths))
+        )
+    )
+    for row in rows:
+        print(
+            "  ".join(
+                f"{v:<{w}}" if i == 0 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(row, widths))
+            )
+        )
+
+
+def summary_page(results, sparsity):
+    """The results page's `summary.json`: the quick start's comparisons as tables."""
+    percent = f"{sparsity * 100:g}"
+    epsilons = [f"{e:g}" for e in ENSEMBLE_EPSILONS]
+
+    def accuracy(key):
+        return round(100 * results[key], 2)
+
+    return {
+        "title": "Quick start: a small MLP on the 8×8 digits",
+        "description": (
+            "`python -m apps.quickstart`: one seed, 360 test images (one image is 0.28 "
+            "points). Test accuracy in %."
+        ),
+        "tables": [
+            {
+                "caption": f"Sparsify to {sparsity:.0%}, the same epochs for every method",
+                "columns": ["method", "test accuracy", "sparsity"],
+                "rows": [
+                    [
+                        name,
+                        accuracy(f"{key}/{percent}/test/accuracy"),
+                        round(results[f"{key}/{percent}/sparsity"], 4),
+                    ]
+                    for key, name in (
+                        ("fip", "Compress (defaults)"),
+                        ("gradual", "gradual magnitude pruning (tuned)"),
+                        ("one_shot", "one-shot pruning + fine-tuning (tuned)"),
+                    )
+                ],
+                "headline": [0],
+            },
+            {
+                "caption": "Ensembles under L∞ PGD transferred from another network",
+                "columns": ["model", "clean", *(f"ε {e}" for e in epsilons), "example passes"],
+                "rows": [
+                    [
+                        name,
+                        accuracy(
+                            "base/test/accuracy"
+                            if key == "single"
+                            else f"ensemble/{key}/test/accuracy"
+                        ),
+                        *(accuracy(f"ensemble/{key}/transfer_pgd/{e}/accuracy") for e in epsilons),
+                        results.get(f"ensemble/{key}/train_examples", ""),
+                    ]
+                    for key, name in (
+                        ("fip", "FIP ensemble, 5 members"),
+                        ("deep", "deep ensemble, 5 networks"),
+                        ("single", "single network"),
+                    )
+                ],
+            },
+            {
+                "caption": "Damage and repair of half the hidden units",
+                "columns": ["network", "test accuracy", "epochs to recover"],
+                "rows": [
+                    ["trained", accuracy("base/test/accuracy"), ""],
+                    ["50% of hidden units deleted", accuracy("damage/nodes/test/accuracy"), ""],
+                    [
+                        "Repair (FIP, inputs only)",
+                        accuracy("repair/fip/test/accuracy"),
+                        results["repair/fip/epochs_to_recover"],
+                    ],
+                    [
+                        "retraining with labels",
+                        accuracy("repair/retrain/test/accuracy"),
+                        results["repair/retrain/epochs_to_recover"],
+                    ],
+                ],
+            },
+        ],
+    }
+
+
+def _report(sections, results, sparsity):
+    """The grouped report: each comparison with what its columns mean."""
+    percent = f"{sparsity * 100:g}"
+    num_test = 360
+    print(
+        f"\nkeras_fip quick start: a small MLP on scikit-learn's 8×8 digits ({num_test} test "
+        f"images: one image is {100 / num_test:.2f} points of accuracy)"
+    )
+    walk = sections["walk"]
+    _table(
+        "1. A functionally invariant walk",
+        "'moved': the Euclidean distance from the trained network's weights.",
+        ("network", "test acc", "moved", "seconds"),
+        [
+            (walk[0][0], f"{walk[0][1]:.4f}", "", f"{walk[0][4]:.1f}"),
+            (walk[1][0], f"{walk[1][1]:.4f}", f"{walk[1][3]:.2f}", f"{walk[1][4]:.1f}"),
+            (walk[2][0], f"{walk[2][1]:.4f}", f"{walk[2][3]:.2f}", ""),
+        ],
+    )
+    print(
+        f"The metric g of the trained network ({results['geometry/num_params']:,} weights): "
+        f"trace {results['geometry/trace']:.3g}; only a fraction rho = "
+        f"{results['geometry/rho']:.4f} of its directions change the outputs at all."
+    )
+    rates = {
+        "gradual": results.get(f"gradual/{percent}/learning_rate"),
+        "one_shot": results.get(f"one_shot/{percent}/learning_rate"),
+    }
+    compress_rows = []
+    for row, rate in zip(sections["compress"], (None, rates["gradual"], rates["one_shot"])):
+        compress_rows.append(
+            (
+                row[0],
+                f"{row[1]:.4f}",
+                f"{row[2]:.3f}",
+                "defaults" if rate is None else f"{rate:g}",
+                f"{row[4]:.1f}",
+            )
+        )
+    _table(
+        f"2. Sparsify to {sparsity:.0%}, {results['pruning/epochs']} epochs for every method",
+        "'sparsity': the share of prunable weights at exactly zero; 'rate': the baselines' "
+        "Adam rate, chosen on a validation split.",
+        ("method", "test acc", "sparsity", "rate", "seconds"),
+        compress_rows,
+    )
+    _table(
+        "3. Damage",
+        "Random noise and the eigen adversary have the same norm; the adversary moves along "
+        "the most sensitive directions of g.",
+        ("damage", "test acc", "seconds"),
+        [(row[0], f"{row[1]:.4f}", f"{row[4]:.1f}") for row in sections["damage"]],
+    )
+    _table(
+        "4. Repair of the 50% deletion",
+        "'epochs to recover': epochs until within 1 point of the trained network "
+        "(never: not within the budget).",
+        ("method", "test acc", "epochs to recover", "seconds"),
+        [
+            (
+                row[0],
+                f"{row[1]:.4f}",
+                "never" if row[5] is None else f"{row[5]:.2f}",
+                f"{row[4]:.1f}",
+            )
+            for row in sections["repair"]
+        ],
+    )
+    ensemble_rows = []
+    for key, name in (
+        ("fip", "FIP ensemble (5 members)"),
+        ("deep", "deep ensemble (5 networks)"),
+        ("single", "single network"),
+    ):
+        clean = results[
+            "base/test/accuracy" if key == "single" else f"ensemble/{key}/test/accuracy"
+        ]
+        passes = results.get(f"ensemble/{key}/train_examples")
+        ensemble_rows.append(
+            (
+                name,
+                f"{clean:.4f}",
+                *(
+                    f"{results[f'ensemble/{key}/transfer_pgd/{e:g}/accuracy']:.4f}"
+                    for e in ENSEMBLE_EPSILONS
+                ),
+                "" if passes is None else f"{passes:,}",
+            )
+        )
+    _table(
+        "5. Ensembles under attack",
+        "transfer PGD accuracy at eps "
+        + " / ".join(f"{e:g}" for e in ENSEMBLE_EPSILONS)
+        + ": L∞ PGD computed on a separately trained network; 'passes': the examples "
+        "each method's training read (forward and backward).",
+        ("model", "clean", *(f"eps {e:g}" for e in ENSEMBLE_EPSILONS), "passes"),
+        ensemble_rows,
+    )
 
 
 def main(argv):
@@ -518,7 +778,7 @@ def main(argv):
     output_dir = session.output_dir
     start = time.perf_counter()
     with session.scope():
-        rows, results = run(
+        sections, results = run(
             output_dir,
             FLAGS.seed,
             FLAGS.quickstart_walk_steps,
@@ -541,52 +801,14 @@ def main(argv):
         },
     )
     common.write_json(output_dir, "results.json", results)
+    common.write_json(output_dir, "summary.json", summary_page(results, FLAGS.quickstart_sparsity))
     session.scalars(results, prefix="quickstart")
-    _plot(rows, os.path.join(output_dir, "summary.png"))
-    print(f"\n{'method':<48}{'test acc':>10}{'sparsity':>10}{'moved':>9}{'seconds':>9}")
-    for label, accuracy, zeros, distance, seconds in rows:
-        print(f"{label:<48}{accuracy:>10.4f}{zeros:>10.3f}{distance:>9.2f}{seconds:>9.1f}")
-    print(
-        "\ntransfer PGD accuracy at eps "
-        + " / ".join(f"{e:g}" for e in ENSEMBLE_EPSILONS)
-        + ": "
-        + ", ".join(
-            f"{name} "
-            + " / ".join(
-                f"{results[f'ensemble/{key}/transfer_pgd/{e:g}/accuracy']:.3f}"
-                for e in ENSEMBLE_EPSILONS
-            )
-            for key, name in (
-                ("fip", "FIP ensemble"),
-                ("deep", "deep ensemble"),
-                ("single", "single network"),
-                ("surrogate", "surrogate (white-box)"),
-            )
-        )
-        + f"; example passes: FIP walk {results['ensemble/fip/train_examples']:,}, "
-        f"deep ensemble {results['ensemble/deep/train_examples']:,}"
-    )
-    print(
-        f"metric g of the base network ({results['geometry/num_params']} weights): "
-        f"trace {results['geometry/trace']:.3g}, vulnerable fraction "
-        f"rho {results['geometry/rho']:.4f}"
-    )
-    percent = f"{FLAGS.quickstart_sparsity * 100:g}"
-    for key in ("gradual", "one_shot"):
-        validation = results.get(f"{key}/{percent}/tuning/validation_accuracy")
-        print(
-            f"{key} learning rate {results[f'{key}/{percent}/learning_rate']:g}"
-            + (f", chosen on validation {validation}" if validation else " (not tuned)")
-        )
-    if "pruning/tuning/wall_time_seconds" in results:
-        print(
-            f"choosing the baselines' learning rates took "
-            f"{results['pruning/tuning/wall_time_seconds']:.0f} s"
-        )
-    print(f"wall time {results['wall_time_seconds']:.0f} s")
-    print(f"wrote {output_dir}/results.json and summary.png")
+    _plot(sections, results, FLAGS.quickstart_sparsity, os.path.join(output_dir, "summary.png"))
+    _report(sections, results, FLAGS.quickstart_sparsity)
+    print(f"\nwall time {results['wall_time_seconds']:.0f} s")
+    print(f"wrote {output_dir}/results.json and the plots in summary.png")
     session.close()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main, shared=("seed", "output_dir", "strategy", "tpu", "tensorboard"))

@@ -59,7 +59,19 @@ def test_quickstart_runs_and_shows_the_fip_walk_keeping_function(tmp_path):
     assert fip > results["ensemble/single/transfer_pgd/0.2/accuracy"]
     assert results["ensemble/deep/test/accuracy"] > results["base/test/accuracy"] - 0.01
     assert results["ensemble/fip/test/accuracy"] > results["base/test/accuracy"] - 0.01
-    assert "trained MLP (base)" in printed.getvalue()
+    # The report groups each comparison under its heading, with what its columns mean.
+    report = printed.getvalue()
+    headings = ["1. A functionally invariant walk", "2. Sparsify", "3. Damage", "4. Repair"]
+    headings.append("5. Ensembles under attack")
+    positions = [report.index(heading) for heading in headings]
+    assert positions == sorted(positions)
+    assert "'moved': the Euclidean distance" in report
+    assert "trained MLP (base)" in report
+    with open(os.path.join(output_dir, "summary.json")) as f:
+        page = json.load(f)
+    compress_table = page["tables"][0]
+    assert compress_table["rows"][0][1] == round(100 * results["fip/90/test/accuracy"], 2)
+    assert os.path.isfile(os.path.join(output_dir, "provenance.json"))
     assert "transfer PGD accuracy at eps 0.1 / 0.2 / 0.3" in printed.getvalue()
     # TensorBoard: the table's figures, and every FIP walk's per-step scalars.
     tags = scalar_tags(os.path.join(output_dir, "logs"))
