@@ -598,7 +598,7 @@ def validation_split(x, y, fraction, seed):
     return (x[~validation], y[~validation]), (x[validation], y[validation])
 
 
-def run(main, shared=()):
+def run(main, shared=(), defaults=None):
     """Runs an app's `main` under absl, with a `--help` a person can read.
 
     `--help` shows the app's first paragraph, the commands of its `Example:` section and
@@ -609,6 +609,8 @@ def run(main, shared=()):
     Args:
         main: The app's `main(argv)`.
         shared: Names of this module's flags the app reads. Defaults to `()`.
+        defaults: `{flag: value}`: the app's own defaults of shared flags, shown by
+            `--help` (the app reads them when the flag is not given). Defaults to `None`.
     """
     import sys
 
@@ -617,7 +619,15 @@ def run(main, shared=()):
     module = sys.modules["__main__"]
     doc = (module.__doc__ or "").strip()
     summary = doc.split("\n\n")[0]
-    commands = [line.strip() for line in doc.splitlines() if line.startswith("    python -m")]
+    commands, lines = [], doc.splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith("    python -m") and not lines[index - 1].rstrip().endswith("\\"):
+            command = line.strip()
+            following = index + 1
+            while command.endswith("\\") and following < len(lines):
+                command = command[:-1].rstrip() + " " + lines[following].strip()
+                following += 1
+            commands.append(command)
     name = os.path.splitext(os.path.basename(sys.argv[0]))[0]
     usage = [summary, ""]
     if commands:
@@ -628,4 +638,6 @@ def run(main, shared=()):
     module.__doc__ = "\n".join(usage)
     for flag_name in shared:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag_name])
+    for flag_name, value in (defaults or {}).items():
+        flags.FLAGS.set_default(flag_name, value)
     app.run(main)

@@ -107,7 +107,6 @@ from concurrent import futures
 
 import keras
 import numpy as np
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -916,4 +915,26 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(
+        main,
+        shared=(
+            "model",
+            "dataset",
+            "data_dir",
+            "epochs",
+            "batch_size",
+            "learning_rate",
+            "seed",
+            "seeds",
+            "base_epochs",
+            "methods",
+            "cache_dir",
+            "resume",
+            "checkpoint_every",
+            "output_dir",
+            "strategy",
+            "tpu",
+            "tensorboard",
+        ),
+        defaults={"epochs": DEFAULT_EPOCHS},
+    )

@@ -105,7 +105,6 @@ import keras  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 import keras_fip  # noqa: E402
@@ -1152,4 +1151,21 @@ def _main(parts, methods, seeds, run):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(
+        main,
+        shared=(
+            "dataset",
+            "data_dir",
+            "epochs",
+            "batch_size",
+            "learning_rate",
+            "seeds",
+            "base_epochs",
+            "methods",
+            "cache_dir",
+            "output_dir",
+            "strategy",
+            "tpu",
+            "tensorboard",
+        ),
+    )

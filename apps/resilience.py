@@ -64,7 +64,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 import keras_fip  # noqa: E402
@@ -815,4 +814,19 @@ def _main(parts, run):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(
+        main,
+        shared=(
+            "dataset",
+            "data_dir",
+            "epochs",
+            "batch_size",
+            "learning_rate",
+            "seed",
+            "cache_dir",
+            "output_dir",
+            "strategy",
+            "tpu",
+            "tensorboard",
+        ),
+    )

@@ -107,7 +107,6 @@ import os
 import time
 
 import numpy as np
-from absl import app
 from absl import flags
 
 import keras_fip
@@ -701,4 +700,21 @@ def _main(plans, methods, output_dir):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(
+        main,
+        shared=(
+            "data_dir",
+            "epochs",
+            "batch_size",
+            "learning_rate",
+            "seed",
+            "seeds",
+            "base_epochs",
+            "methods",
+            "cache_dir",
+            "output_dir",
+            "strategy",
+            "tpu",
+            "tensorboard",
+        ),
+    )

@@ -35,7 +35,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 from apps import common  # noqa: E402
@@ -236,4 +235,19 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(
+        main,
+        shared=(
+            "dataset",
+            "data_dir",
+            "epochs",
+            "batch_size",
+            "learning_rate",
+            "seed",
+            "cache_dir",
+            "output_dir",
+            "strategy",
+            "tpu",
+            "tensorboard",
+        ),
+    )

@@ -19,7 +19,6 @@ scalars (train/test accuracy and loss) go to `<output_dir>/logs`: `tensorboard -
 import os
 import shutil
 
-from absl import app
 from absl import flags
 
 from apps import common
@@ -78,4 +77,20 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(
+        main,
+        shared=(
+            "model",
+            "dataset",
+            "data_dir",
+            "epochs",
+            "batch_size",
+            "learning_rate",
+            "seed",
+            "cache_dir",
+            "output_dir",
+            "strategy",
+            "tpu",
+            "tensorboard",
+        ),
+    )
