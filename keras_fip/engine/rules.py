@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from keras_fip.engine import step_rules
+from keras_fip.engine.config import Config
 
 # The `"auto"` learning rate of `Penalty`: this share of the root mean square of the weights
 # being moved (their non-zero entries). Adam moves each weight by about its learning rate
@@ -74,7 +75,7 @@ def auto_learning_rate(variables):
     return AUTO_LEARNING_RATE_SCALE * math.sqrt(squares / count)
 
 
-class StepRule:
+class StepRule(Config):
     """The base class of step rules.
 
     Subclasses set `name`, say whether the objective they differentiate holds the distance D
@@ -97,17 +98,6 @@ class StepRule:
 
     def get_config(self):
         return {}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __repr__(self):
-        arguments = ", ".join(f"{key}={value!r}" for key, value in self.get_config().items())
-        return f"{type(self).__name__}({arguments})"
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
 
     def __hash__(self):
         return hash((type(self).__name__, tuple(sorted(self.get_config().items()))))

@@ -2,6 +2,7 @@
 
 import keras
 
+from keras_fip.engine.config import Config
 from keras_fip.operations.base import Operation
 
 LOSSES = ("error", "agreement")
@@ -22,7 +23,7 @@ def _auto_or_number(value, name, low_inclusive):
 
 
 @keras.saving.register_keras_serializable(package="keras_fip")
-class Diversity:
+class Diversity(Config):
     """The diversity term of an ensemble walk: each member trained on attacked inputs.
 
     `keras_fip.Ensemble` adds λ·L_div to its walk's objective, measured on inputs x̃
@@ -126,13 +127,6 @@ class Diversity:
             "adversary": self.adversary,
             "examples": self.examples,
         }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
 
     def __hash__(self):
         return hash(tuple(sorted(self.get_config().items())))

@@ -3,12 +3,13 @@
 import numpy as np
 
 from keras_fip.engine import projection
+from keras_fip.engine.config import Config
 from keras_fip.engine.layers import all_layers
 from keras_fip.engine.masks import mask_of
 from keras_fip.operations.base import Operation
 
 
-class Fault:
+class Fault(Config):
     """The base class of fault models: what `keras_fip.Damage` does to a network.
 
     A fault is a small serialisable object holding its own settings, validated in
@@ -151,18 +152,3 @@ class Fault:
             A dict.
         """
         return {"layers": self.layers}
-
-    @classmethod
-    def from_config(cls, config):
-        """Re-creates the fault from `get_config()`."""
-        return cls(**config)
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
-
-    def __hash__(self):
-        return hash((type(self).__name__, repr(self)))
-
-    def __repr__(self):
-        arguments = ", ".join(f"{key}={value!r}" for key, value in self.get_config().items())
-        return f"{type(self).__name__}({arguments})"

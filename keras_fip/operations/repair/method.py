@@ -3,8 +3,10 @@
 import keras
 import numpy as np
 
+from keras_fip.engine.config import Config
 
-class RepairMethod:
+
+class RepairMethod(Config):
     """The base class of repair strategies (`FIP`, `Retrain`, `Embryonic`).
 
     A method is a small serialisable object holding its own settings, validated in
@@ -42,21 +44,6 @@ class RepairMethod:
     def get_config(self):
         """The constructor arguments."""
         return {}
-
-    @classmethod
-    def from_config(cls, config):
-        """Re-creates the method from `get_config()`."""
-        return cls(**config)
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
-
-    def __hash__(self):
-        return hash((type(self).__name__, repr(self)))
-
-    def __repr__(self):
-        arguments = ", ".join(f"{key}={value!r}" for key, value in self.get_config().items())
-        return f"{type(self).__name__}({arguments})"
 
 
 def check_boolean(value, name):

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from keras_fip.engine import data_adapter
 from keras_fip.engine import outputs as outputs_lib
+from keras_fip.engine.config import Config
 from keras_fip.engine.masks import mask_of
 from keras_fip.operations.base import Operation
 from keras_fip.operations.repair.training import predict
@@ -58,7 +59,7 @@ def _activation_slope(activation, pre):
 
 
 @keras.saving.register_keras_serializable(package="keras_fip")
-class OutputLayerSolver:
+class OutputLayerSolver(Config):
     """Closed-form solves that start a FIP repair: the output layer, then its hidden layer.
 
     Where a model ends in a Dense layer (linear, or softmax: its pre-activation is fitted)
@@ -352,14 +353,6 @@ class OutputLayerSolver:
             "temperature": self.temperature,
             "damping": self.damping,
         }
-
-    @classmethod
-    def from_config(cls, config):
-        """Re-creates the solver from `get_config()`."""
-        return cls(**config)
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
 
     def __hash__(self):
         return hash(tuple(sorted(self.get_config().items())))
