@@ -1088,8 +1088,3 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         instance = cls(optimizer, **config)
         instance._restored = True
         return instance
-
-
-_mask_of = mask_of
-_variable_keys = variable_keys
-_attach = attach_masks
