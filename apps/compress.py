@@ -844,6 +844,49 @@ def plot(results, layer_figures, methods, percents, output_dir):
     plt.close(figure)
 
 
+METHOD_NAMES = {
+    "fip": "Compress (defaults)",
+    "gradual": "gradual magnitude pruning, global (tuned rate)",
+    "gradual_per_layer": "gradual magnitude pruning, per layer (tuned rate)",
+    "oneshot": "one-shot pruning + fine-tuning (tuned rate)",
+    "lth": "lottery ticket, rewinding (tuned rate)",
+    "tfmot": "tfmot prune_low_magnitude (tf_keras)",
+}
+
+
+def summary_page(results, config, methods, percents):
+    """The results page's `summary.json`: test accuracy per method and sparsity."""
+    seeds = ", ".join(str(seed) for seed in config["seeds"])
+    rows = []
+    for method in methods:
+        row = [METHOD_NAMES.get(method, method)]
+        for percent in percents:
+            key = f"{method}/{percent:g}/test/accuracy"
+            if key in results:
+                mean, std = 100 * results[key], 100 * results.get(key + "_std", 0.0)
+                row.append(f"{mean:.2f} ± {std:.2f}")
+            else:
+                row.append(None)
+        rows.append(row)
+    dense = 100 * results["base/0/test/accuracy"]
+    return {
+        "title": f"Compress: {config['model']} on {config['dataset']}",
+        "description": (
+            f"Test accuracy (%) at each sparsity of the prunable weights, mean ± std over seeds "
+            f"{seeds}; every method {config['epochs']} epochs from the same trained network "
+            f"(dense: {dense:.2f}%)."
+        ),
+        "tables": [
+            {
+                "caption": "Test accuracy (%)",
+                "columns": ["method", *(f"{percent:g}%" for percent in percents)],
+                "rows": rows,
+                "headline": [0],
+            }
+        ],
+    }
+
+
 def main(argv):
     del argv  # Unused.
     percents = _percent_list(FLAGS.sparsities)
@@ -895,6 +938,7 @@ def main(argv):
     config["epochs"] = epochs
     common.write_json(output_dir, "config.json", config)
     common.write_json(output_dir, "results.json", results)
+    common.write_json(output_dir, "summary.json", summary_page(results, config, methods, percents))
     plot(results, layer_figures, methods, percents, output_dir)
     sparsest_path = os.path.join(output_dir, "sparsest_fip.keras")
     if "fip" in methods:

@@ -49,7 +49,9 @@ def experiments():
 
 
 def _format(value):
-    if isinstance(value, bool) or value is None:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
         return str(value)
     if isinstance(value, int):
         return f"{value:,}"
