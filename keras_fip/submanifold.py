@@ -30,15 +30,15 @@ class Submanifold:
         dtype: Storage dtype of the weights (`"float32"` or `"float16"`, half the space).
             Defaults to `"float32"`.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> manifold = Submanifold(model)
-    >>> manifold.add(model, family="base")
-    0
-    >>> len(manifold), manifold.distances().shape
-    (1, (1, 1))
+        >>> import keras, numpy as np
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> manifold = Submanifold(model)
+        >>> manifold.add(model, family="base")
+        0
+        >>> len(manifold), manifold.distances().shape
+        (1, (1, 1))
     """
 
     def __init__(self, template, dtype="float32"):

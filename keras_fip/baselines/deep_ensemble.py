@@ -98,11 +98,11 @@ def deep_ensemble(
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
-    >>> ensemble, info = deep_ensemble(model, x, y, num_members=2, epochs=1)
-    >>> info["train_examples"] == 2 * len(x)
-    True
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
+        >>> ensemble, info = deep_ensemble(model, x, y, num_members=2, epochs=1)
+        >>> info["train_examples"] == 2 * len(x)
+        True
     """
     _check_common(num_members, epochs, "epochs", combine)
     from keras_fip.models.training import train_classifier
@@ -152,8 +152,8 @@ def fge_learning_rate(iteration, cycle_steps, high, low):
 
     Examples:
 
-    >>> fge_learning_rate(2, 4, 0.05, 0.0005)
-    0.0005
+        >>> fge_learning_rate(2, 4, 0.05, 0.0005)
+        0.0005
     """
     t = ((iteration - 1) % cycle_steps + 1) / cycle_steps
     if t <= 0.5:
@@ -246,12 +246,12 @@ def fast_geometric_ensemble(
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
-    >>> ensemble, info = fast_geometric_ensemble(model, x, y, num_members=2,
-    ...                                          cycle_epochs=1, learning_rates=(1e-2, 1e-4))
-    >>> info["num_members"]
-    2
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
+        >>> ensemble, info = fast_geometric_ensemble(model, x, y, num_members=2,
+        ...                                          cycle_epochs=1, learning_rates=(1e-2, 1e-4))
+        >>> info["num_members"]
+        2
     """
     _check_common(num_members, cycle_epochs, "cycle_epochs", combine)
     high, low = (float(v) for v in learning_rates)
@@ -291,8 +291,8 @@ def snapshot_learning_rate(iteration, total_steps, num_cycles, initial):
 
     Examples:
 
-    >>> snapshot_learning_rate(1, 100, 5, 0.1)
-    0.1
+        >>> snapshot_learning_rate(1, 100, 5, 0.1)
+        0.1
     """
     cycle = math.ceil(total_steps / num_cycles)
     return initial / 2 * (math.cos(math.pi * ((iteration - 1) % cycle) / cycle) + 1)
@@ -366,11 +366,11 @@ def snapshot_ensemble(
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
-    >>> ensemble, info = snapshot_ensemble(model, x, y, num_members=2, epochs=2)
-    >>> info["num_members"]
-    2
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
+        >>> ensemble, info = snapshot_ensemble(model, x, y, num_members=2, epochs=2)
+        >>> info["num_members"]
+        2
     """
     _check_common(num_members, epochs, "epochs", combine)
     if not learning_rate > 0:

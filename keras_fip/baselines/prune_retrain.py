@@ -78,14 +78,14 @@ def prune_retrain(
         evaluation, once all units are deleted, within `target` of the undamaged
         accuracy, counted from the start; `None` if never).
 
-    Example:
+    Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
-    >>> pruned, history = keras_fip.baselines.prune_retrain(
-    ...     model, {"dense_1": [0, 1, 2]}, (x, y), (x, y), epochs=1)
-    >>> len(keras_fip.operations.hidden_units(pruned)["dense_1"][1])
-    3
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
+        >>> pruned, history = keras_fip.baselines.prune_retrain(
+        ...     model, {"dense_1": [0, 1, 2]}, (x, y), (x, y), epochs=1)
+        >>> len(keras_fip.operations.hidden_units(pruned)["dense_1"][1])
+        3
     """
     # Validate everything before any work
     if not isinstance(model, keras.Model):

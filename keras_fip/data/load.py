@@ -57,11 +57,11 @@ def load(name, split="train", data_dir=None, download=True):
         A tuple `(x, y)`: `x` float32 scaled to [0, 1], images in NHWC layout (text sets:
         a numpy array of sentences); `y` int32 class indices.
 
-    Example:
+    Examples:
 
-    >>> x, y = keras_fip.data.load("digits", "test")
-    >>> x.shape, y.shape
-    ((360, 8, 8, 1), (360,))
+        >>> x, y = keras_fip.data.load("digits", "test")
+        >>> x.shape, y.shape
+        ((360, 8, 8, 1), (360,))
     """
     _check_name_and_split(name, split)
     if name in registry.TEXT_DATASETS:
@@ -88,10 +88,10 @@ def info(name, data_dir=None):
         `load` reads, `"scikit-learn"`, or `"tensorflow_datasets"` when no local copy exists)
         and `subset` (`True` when the local copy is only part of the official dataset).
 
-    Example:
+    Examples:
 
-    >>> keras_fip.data.info("mnist")["num_classes"]
-    10
+        >>> keras_fip.data.info("mnist")["num_classes"]
+        10
     """
     _check_name_and_split(name, "train")
     if name in registry.TEXT_DATASETS:

@@ -33,12 +33,12 @@ def split_by_classes(x, y, num_tasks=None, classes_per_task=None, relabel=True):
     Returns:
         A list of dicts with keys `x`, `y`, `classes` (the original class ids).
 
-    Example:
+    Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> tasks = keras_fip.data.split_by_classes(x, y, num_tasks=5)
-    >>> tasks[1]["classes"]
-    [2, 3]
+        >>> x, y = keras_fip.data.load("digits")
+        >>> tasks = keras_fip.data.split_by_classes(x, y, num_tasks=5)
+        >>> tasks[1]["classes"]
+        [2, 3]
     """
     x, y = _check_pair(x, y)
     classes = sorted(int(c) for c in np.unique(y))
@@ -96,12 +96,12 @@ def permuted_tasks(x, y, num_tasks, seed=0, include_identity=True):
     Returns:
         A list of dicts with keys `x`, `y`, `permutation`.
 
-    Example:
+    Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> tasks = keras_fip.data.permuted_tasks(x, y, num_tasks=3)
-    >>> len(tasks)
-    3
+        >>> x, y = keras_fip.data.load("digits")
+        >>> tasks = keras_fip.data.permuted_tasks(x, y, num_tasks=3)
+        >>> len(tasks)
+        3
     """
     x, y = _check_pair(x, y)
     if not isinstance(num_tasks, int) or num_tasks < 1:
@@ -135,12 +135,12 @@ def memory_sample(x, y, size, seed=0):
     Returns:
         A tuple `(x_memory, y_memory)`.
 
-    Example:
+    Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> x_memory, y_memory = keras_fip.data.memory_sample(x, y, size=100)
-    >>> np.bincount(y_memory).tolist()
-    [10, 10, 10, 10, 10, 10, 10, 10, 10, 10]
+        >>> x, y = keras_fip.data.load("digits")
+        >>> x_memory, y_memory = keras_fip.data.memory_sample(x, y, size=100)
+        >>> np.bincount(y_memory).tolist()
+        [10, 10, 10, 10, 10, 10, 10, 10, 10, 10]
     """
     x, y = _check_pair(x, y)
     if not isinstance(size, (int, np.integer)) or size < 1:
@@ -204,12 +204,12 @@ def build_benchmark(
         `test` (list of `(x, y)`, labels in output indices), `head`, `offsets`,
         `task_outputs`, `num_outputs` (after every task), `input_shape` and `subset`.
 
-    Example:
+    Examples:
 
-    >>> bench = build_benchmark("split_mnist", arrays={"train": keras_fip.data.load(
-    ...     "digits"), "test": keras_fip.data.load("digits", "test")})
-    >>> len(bench["train"]), bench["task_outputs"][1]
-    (5, [2, 3])
+        >>> bench = build_benchmark("split_mnist", arrays={"train": keras_fip.data.load(
+        ...     "digits"), "test": keras_fip.data.load("digits", "test")})
+        >>> len(bench["train"]), bench["task_outputs"][1]
+        (5, [2, 3])
     """
     from keras_fip.data.load import info as load_info
     from keras_fip.data.load import load as load_data

@@ -114,11 +114,11 @@ def load_text(name, split="train", data_dir=None):
     Returns:
         A tuple `(x, y)`: a numpy array of sentences (`str`, dtype object) and int32 labels.
 
-    Example:
+    Examples:
 
-    >>> x, y = keras_fip.data.load("cr", "test")
-    >>> len(x), int(y.max()) + 1
-    (378, 2)
+        >>> x, y = keras_fip.data.load("cr", "test")
+        >>> len(x), int(y.max()) + 1
+        (378, 2)
     """
     _check_split(name, split)
     x, y = _load_text_cached(name, split, None if data_dir is None else os.fspath(data_dir))
@@ -263,11 +263,11 @@ class TextEncoder:
         vocabulary: A list of tokens or the path of a vocabulary file (or its folder).
         sequence_length: Length of the packed sequences. Defaults to `64`.
 
-    Example:
+    Examples:
 
-    >>> encoder = TextEncoder(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"], 6)
-    >>> encoder(["a b", "b"]).tolist()
-    [[2, 5, 6, 3, 0, 0], [2, 6, 3, 0, 0, 0]]
+        >>> encoder = TextEncoder(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"], 6)
+        >>> encoder(["a b", "b"]).tolist()
+        [[2, 5, 6, 3, 0, 0], [2, 6, 3, 0, 0, 0]]
     """
 
     def __init__(self, vocabulary, sequence_length=64):

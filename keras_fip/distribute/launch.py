@@ -61,12 +61,12 @@ def launch_workers(command, num_workers=2, timeout=120.0, env=None, cwd=None, at
         A list, per worker, of dicts `{"returncode", "stdout", "stderr", "timed_out"}`
         (`returncode` -9 for a killed worker).
 
-    Example:
+    Examples:
 
-    >>> import sys
-    >>> results = launch_workers([sys.executable, "-c", "print('hi')"], num_workers=2)
-    >>> [r["stdout"].strip() for r in results]
-    ['hi', 'hi']
+        >>> import sys
+        >>> results = launch_workers([sys.executable, "-c", "print('hi')"], num_workers=2)
+        >>> [r["stdout"].strip() for r in results]
+        ['hi', 'hi']
     """
     if (
         not isinstance(command, (list, tuple))

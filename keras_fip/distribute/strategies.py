@@ -23,11 +23,11 @@ class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
         communication_options: A `tf.distribute.experimental.CommunicationOptions`, or
             `None` (`AUTO`). Defaults to `None`.
 
-    Example:
+    Examples:
 
-    >>> strategy = MultiWorkerMirroredStrategy()  # One worker without TF_CONFIG.
-    >>> float(strategy.reduce("MEAN", {"a": tf.constant(2.0)}, axis=0)["a"])
-    2.0
+        >>> strategy = MultiWorkerMirroredStrategy()  # One worker without TF_CONFIG.
+        >>> float(strategy.reduce("MEAN", {"a": tf.constant(2.0)}, axis=0)["a"])
+        2.0
     """
 
     def reduce(self, reduce_op, value, axis):
@@ -74,10 +74,10 @@ def get_strategy(name="default", tpu=None, communication="auto"):
     Returns:
         A `tf.distribute.Strategy`.
 
-    Example:
+    Examples:
 
-    >>> get_strategy("default").num_replicas_in_sync
-    1
+        >>> get_strategy("default").num_replicas_in_sync
+        1
     """
     check_strategy_name(name)
     if tpu is not None and (not isinstance(tpu, str) or not tpu):

@@ -61,10 +61,10 @@ def auto_beta(
 
     Examples:
 
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> x = np.random.default_rng(0).normal(size=(64, 3)).astype("float32")
-    >>> auto_beta(1.0, model, x, distance="kl", objective="outputs")
-    1.0
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> x = np.random.default_rng(0).normal(size=(64, 3)).astype("float32")
+        >>> auto_beta(1.0, model, x, distance="kl", objective="outputs")
+        1.0
     """
     if objective not in OBJECTIVES:
         raise ValueError(

@@ -22,15 +22,15 @@ class Config:
 
     Examples:
 
-    >>> class Decay(Config):
-    ...     def __init__(self, rate=0.5):
-    ...         self.rate = rate
-    ...     def get_config(self):
-    ...         return {"rate": self.rate}
-    >>> Decay(0.1)
-    Decay(rate=0.1)
-    >>> Decay.from_config(Decay(0.1).get_config()) == Decay(0.1)
-    True
+        >>> class Decay(Config):
+        ...     def __init__(self, rate=0.5):
+        ...         self.rate = rate
+        ...     def get_config(self):
+        ...         return {"rate": self.rate}
+        >>> Decay(0.1)
+        Decay(rate=0.1)
+        >>> Decay.from_config(Decay(0.1).get_config()) == Decay(0.1)
+        True
     """
 
     def get_config(self):
@@ -72,15 +72,15 @@ def resolve(value, cls, argument, default=None):
 
     Examples:
 
-    >>> class Decay(Config):
-    ...     def __init__(self, rate=0.5):
-    ...         self.rate = rate
-    ...     def get_config(self):
-    ...         return {"rate": self.rate}
-    >>> resolve({"rate": 0.1}, Decay, "decay")
-    Decay(rate=0.1)
-    >>> resolve(None, Decay, "decay")
-    Decay(rate=0.5)
+        >>> class Decay(Config):
+        ...     def __init__(self, rate=0.5):
+        ...         self.rate = rate
+        ...     def get_config(self):
+        ...         return {"rate": self.rate}
+        >>> resolve({"rate": 0.1}, Decay, "decay")
+        Decay(rate=0.1)
+        >>> resolve(None, Decay, "decay")
+        Decay(rate=0.5)
     """
     if value is None:
         return cls() if default is None else default

@@ -32,14 +32,14 @@ def copy_model(model):
     Returns:
         A new `keras.Model` whose outputs equal the input's.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> twin = copy_model(model)
-    >>> x = np.ones((1, 3), "float32")
-    >>> bool(np.array_equal(twin(x), model(x)))
-    True
+        >>> import keras, numpy as np
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> twin = copy_model(model)
+        >>> x = np.ones((1, 3), "float32")
+        >>> bool(np.array_equal(twin(x), model(x)))
+        True
     """
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
@@ -171,10 +171,10 @@ def strip_masks(model):
 
     Examples:
 
-    >>> from keras_fip.engine.masks import apply_masks
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> apply_masks(model, {model.layers[0].kernel.path: np.eye(3, 2, dtype=bool)})
-    >>> keras_fip.masks(strip_masks(model))
-    {}
+        >>> from keras_fip.engine.masks import apply_masks
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> apply_masks(model, {model.layers[0].kernel.path: np.eye(3, 2, dtype=bool)})
+        >>> keras_fip.masks(strip_masks(model))
+        {}
     """
     return masks_lib.remove_masks(copy_model(model))

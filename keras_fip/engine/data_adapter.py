@@ -80,14 +80,14 @@ def normalize_data(data, name="data", require_labels=False, model=None, check_cl
         A tuple `(x, y)`: `x` a numpy array (or a dict or list of them), `y` an int64
         array of class indices or `None` when there are no labels.
 
-    Example:
+    Examples:
 
-    >>> x, y = normalize_data((np.zeros((4, 2)), np.arange(4)))
-    >>> x.shape, y.tolist()
-    ((4, 2), [0, 1, 2, 3])
-    >>> _, y = normalize_data((np.zeros((3, 2)), np.eye(4)[[2, 0, 3]]))
-    >>> y.tolist()
-    [2, 0, 3]
+        >>> x, y = normalize_data((np.zeros((4, 2)), np.arange(4)))
+        >>> x.shape, y.tolist()
+        ((4, 2), [0, 1, 2, 3])
+        >>> _, y = normalize_data((np.zeros((3, 2)), np.eye(4)[[2, 0, 3]]))
+        >>> y.tolist()
+        [2, 0, 3]
     """
     maybe_batched = False
     if isinstance(data, tf.data.Dataset):
@@ -812,12 +812,12 @@ def fip_dataset(
         An infinite `tf.data.Dataset` of dicts, to pass to `FIPTrainer.fit` with
         `steps_per_epoch`.
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
-    >>> data = fip_dataset(model, np.ones((10, 2), "float32"), batch_size=4)
-    >>> sorted(data.element_spec)
-    ['anchor_inputs', 'anchor_outputs']
+        >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+        >>> data = fip_dataset(model, np.ones((10, 2), "float32"), batch_size=4)
+        >>> sorted(data.element_spec)
+        ['anchor_inputs', 'anchor_outputs']
     """
     for name, value in (("batch_size", batch_size), ("secondary_batch_size", secondary_batch_size)):
         if value is None and name == "secondary_batch_size":

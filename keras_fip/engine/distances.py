@@ -43,10 +43,10 @@ def squared_l2(outputs, reference_outputs):
     Returns:
         A scalar tensor.
 
-    Example:
+    Examples:
 
-    >>> float(squared_l2([[1.0, 2.0]], [[1.0, 0.0]]))
-    4.0
+        >>> float(squared_l2([[1.0, 2.0]], [[1.0, 0.0]]))
+        4.0
     """
     outputs, reference_outputs = _prepare(outputs, reference_outputs)
     difference = outputs - reference_outputs
@@ -95,10 +95,10 @@ def kl(outputs, reference_outputs):
     Returns:
         A scalar tensor.
 
-    Example:
+    Examples:
 
-    >>> round(float(kl([[0.0, 0.0]], [[0.0, 0.0]])), 6)
-    0.0
+        >>> round(float(kl([[0.0, 0.0]], [[0.0, 0.0]])), 6)
+        0.0
     """
     outputs, reference_outputs = _prepare(outputs, reference_outputs)
     per_example = _kl_from_logits(_flatten_classes(outputs), _flatten_classes(reference_outputs))
@@ -120,10 +120,10 @@ def bhattacharyya(outputs, reference_outputs):
     Returns:
         A scalar tensor.
 
-    Example:
+    Examples:
 
-    >>> round(float(bhattacharyya([[0.0, 0.0]], [[0.0, 0.0]])), 6)
-    0.0
+        >>> round(float(bhattacharyya([[0.0, 0.0]], [[0.0, 0.0]])), 6)
+        0.0
     """
     outputs, reference_outputs = _prepare(outputs, reference_outputs)
     outputs = _flatten_classes(outputs)
@@ -155,10 +155,10 @@ def get(identifier):
     Returns:
         A callable distance.
 
-    Example:
+    Examples:
 
-    >>> get("kl") is kl
-    True
+        >>> get("kl") is kl
+        True
     """
     if isinstance(identifier, dict):
         identifier = keras.saving.deserialize_keras_object(identifier)

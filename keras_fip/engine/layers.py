@@ -19,11 +19,11 @@ def sublayers(layer):
     Returns:
         A list of layers.
 
-    Example:
+    Examples:
 
-    >>> block = keras.Sequential([keras.layers.Dense(2), keras.layers.Dense(3)])
-    >>> [type(child).__name__ for child in sublayers(block)]
-    ['Dense', 'Dense']
+        >>> block = keras.Sequential([keras.layers.Dense(2), keras.layers.Dense(3)])
+        >>> [type(child).__name__ for child in sublayers(block)]
+        ['Dense', 'Dense']
     """
     if isinstance(layer, keras.Model):
         return list(layer.layers)
@@ -52,12 +52,12 @@ def all_layers(model, include_self=False):
     Returns:
         A list of layers.
 
-    Example:
+    Examples:
 
-    >>> inner = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
-    >>> outer = keras.Sequential([keras.Input((2,)), inner, keras.layers.Dense(1)])
-    >>> len(all_layers(outer))
-    3
+        >>> inner = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+        >>> outer = keras.Sequential([keras.Input((2,)), inner, keras.layers.Dense(1)])
+        >>> len(all_layers(outer))
+        3
     """
     seen, ordered = set(), []
 

@@ -116,12 +116,12 @@ class MaskConstraint(keras.constraints.Constraint):
     Returns:
         A callable `w -> constraint(w) * mask`.
 
-    Example:
+    Examples:
 
-    >>> import numpy as np
-    >>> constraint = MaskConstraint(np.array([[True, False], [False, True]]))
-    >>> np.asarray(constraint(np.ones((2, 2), "float32"))).tolist()
-    [[1.0, 0.0], [0.0, 1.0]]
+        >>> import numpy as np
+        >>> constraint = MaskConstraint(np.array([[True, False], [False, True]]))
+        >>> np.asarray(constraint(np.ones((2, 2), "float32"))).tolist()
+        [[1.0, 0.0], [0.0, 1.0]]
     """
 
     def __init__(self, mask, constraint=None):
@@ -176,12 +176,12 @@ class CompositeMaskConstraint(keras.constraints.Constraint):
         constraint: Optional user constraint applied before the mask (the one the
             composite layer had). Defaults to `None`.
 
-    Example:
+    Examples:
 
-    >>> import numpy as np
-    >>> constraint = CompositeMaskConstraint({"query/kernel": np.eye(2, dtype=bool)})
-    >>> constraint.mask_for("model/attention/query/kernel").tolist()
-    [[True, False], [False, True]]
+        >>> import numpy as np
+        >>> constraint = CompositeMaskConstraint({"query/kernel": np.eye(2, dtype=bool)})
+        >>> constraint.mask_for("model/attention/query/kernel").tolist()
+        [[True, False], [False, True]]
     """
 
     def __init__(self, masks, constraint=None):
@@ -625,12 +625,12 @@ def masks(model):
         repeat is keyed `f"{path}:{k}"`. Paths belong to this model object: a reloaded
         or cloned twin may name its variables differently.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> masks(model)
-    {}
+        >>> import keras, numpy as np
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> masks(model)
+        {}
     """
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
@@ -672,14 +672,14 @@ def apply_masks(model, masks):
     Returns:
         `None`.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> kernel = model.layers[0].kernel
-    >>> apply_masks(model, {kernel.path: np.eye(3, 2, dtype=bool)})
-    >>> int(np.count_nonzero(kernel.numpy()))
-    2
+        >>> import keras, numpy as np
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> kernel = model.layers[0].kernel
+        >>> apply_masks(model, {kernel.path: np.eye(3, 2, dtype=bool)})
+        >>> int(np.count_nonzero(kernel.numpy()))
+        2
     """
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
@@ -734,10 +734,10 @@ def remove_masks(model):
 
     Examples:
 
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> apply_masks(model, {model.layers[0].kernel.path: np.eye(3, 2, dtype=bool)})
-    >>> masks(remove_masks(model))
-    {}
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> apply_masks(model, {model.layers[0].kernel.path: np.eye(3, 2, dtype=bool)})
+        >>> masks(remove_masks(model))
+        {}
     """
     stripped = model
     owners = _variable_owners(stripped)
@@ -776,12 +776,12 @@ def sparsity(model, per_variable=False):
     Returns:
         A float in [0, 1], or a dict of floats when `per_variable=True`.
 
-    Example:
+    Examples:
 
-    >>> import keras
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> sparsity(model)  # the bias starts at zero
-    0.25
+        >>> import keras
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> sparsity(model)  # the bias starts at zero
+        0.25
     """
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
@@ -833,18 +833,18 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             Defaults to `None`.
         name: Name of the optimizer. Defaults to `None`.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> kernel = model.layers[0].kernel
-    >>> optimizer = MaskedOptimizer(
-    ...     keras.optimizers.Adam(0.1), masks={kernel.path: np.eye(3, 2, dtype=bool)}
-    ... )
-    >>> model.compile(optimizer=optimizer, loss="mse")
-    >>> _ = model.fit(np.ones((4, 3)), np.ones((4, 2)), epochs=2, verbose=0)
-    >>> int(np.count_nonzero(kernel.numpy()))
-    2
+        >>> import keras, numpy as np
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> kernel = model.layers[0].kernel
+        >>> optimizer = MaskedOptimizer(
+        ...     keras.optimizers.Adam(0.1), masks={kernel.path: np.eye(3, 2, dtype=bool)}
+        ... )
+        >>> model.compile(optimizer=optimizer, loss="mse")
+        >>> _ = model.fit(np.ones((4, 3)), np.ones((4, 2)), epochs=2, verbose=0)
+        >>> int(np.count_nonzero(kernel.numpy()))
+        2
     """
 
     def __init__(self, optimizer, masks=None, attached_masks=None, name=None, **kwargs):

@@ -37,13 +37,13 @@ def recalibrate_batch_normalization(model, data, batch_size=256, max_examples=No
         The number of BatchNormalization layers recalibrated (0 leaves the model as it
         was).
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
-    ...                           keras.layers.BatchNormalization(), keras.layers.Dense(2)])
-    >>> x = np.random.default_rng(0).normal(3.0, 2.0, (512, 4)).astype("float32")
-    >>> recalibrate_batch_normalization(model, x)
-    1
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+        ...                           keras.layers.BatchNormalization(), keras.layers.Dense(2)])
+        >>> x = np.random.default_rng(0).normal(3.0, 2.0, (512, 4)).astype("float32")
+        >>> recalibrate_batch_normalization(model, x)
+        1
     """
     if (
         not isinstance(batch_size, (int, np.integer))

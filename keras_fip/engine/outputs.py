@@ -114,11 +114,11 @@ def output_kind(model, inputs=None):
     Returns:
         `"logits"` or `"probabilities"`.
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, "softmax")])
-    >>> output_kind(model)
-    'probabilities'
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, "softmax")])
+        >>> output_kind(model)
+        'probabilities'
     """
     kind = _structural_kind(model)
     if kind is not None:
@@ -167,10 +167,10 @@ def as_logits(outputs, kind):
     Returns:
         Logits of the same distribution, with the same structure.
 
-    Example:
+    Examples:
 
-    >>> [round(float(v), 4) for v in as_logits(np.array([0.5, 0.5]), "probabilities")]
-    [-0.6931, -0.6931]
+        >>> [round(float(v), 4) for v in as_logits(np.array([0.5, 0.5]), "probabilities")]
+        [-0.6931, -0.6931]
     """
     check_output_kind(kind, "kind", allow_auto=False)
     if kind == "logits":
@@ -188,10 +188,10 @@ def as_probabilities(outputs, kind):
     Returns:
         Probabilities over the last axis, with the same structure.
 
-    Example:
+    Examples:
 
-    >>> [round(float(v), 4) for v in as_probabilities(np.array([0.0, 0.0]), "logits")]
-    [0.5, 0.5]
+        >>> [round(float(v), 4) for v in as_probabilities(np.array([0.0, 0.0]), "logits")]
+        [0.5, 0.5]
     """
     check_output_kind(kind, "kind", allow_auto=False)
     if kind == "probabilities":
@@ -257,12 +257,12 @@ def logits_model(model, kind):
     Returns:
         A `keras.Model` returning logits.
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, "softmax")])
-    >>> view = logits_model(model, "probabilities")
-    >>> view.trainable_variables[0] is model.trainable_variables[0]
-    True
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, "softmax")])
+        >>> view = logits_model(model, "probabilities")
+        >>> view.trainable_variables[0] is model.trainable_variables[0]
+        True
     """
     check_output_kind(kind, "kind", allow_auto=False)
     if kind == "logits":

@@ -41,16 +41,16 @@ class Path:
         directory: Optional directory to stream points to (created if needed, resumed if
             it holds a path). Defaults to `None`.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> path = Path(model, record_every=1)
-    >>> weights = [v.numpy() + 1.0 for v in model.trainable_variables]
-    >>> path.append(1, weights, {"secondary_loss": 0.5})
-    True
-    >>> len(path), round(float(path.metrics["euclidean_distance"][1]), 4)
-    (2, 2.8284)
+        >>> import keras, numpy as np
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> path = Path(model, record_every=1)
+        >>> weights = [v.numpy() + 1.0 for v in model.trainable_variables]
+        >>> path.append(1, weights, {"secondary_loss": 0.5})
+        True
+        >>> len(path), round(float(path.metrics["euclidean_distance"][1]), 4)
+        (2, 2.8284)
     """
 
     def __init__(self, model, record_every=1, directory=None):

@@ -71,13 +71,13 @@ def prunable_variables(
     Returns:
         A list of `keras.Variable`s.
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential(
-    ...     [keras.Input((4,), dtype="int32"), keras.layers.Embedding(10, 3),
-    ...      keras.layers.Flatten(), keras.layers.Dense(2)])
-    >>> [v.name for v in prunable_variables(model)]
-    ['embeddings', 'kernel']
+        >>> model = keras.Sequential(
+        ...     [keras.Input((4,), dtype="int32"), keras.layers.Embedding(10, 3),
+        ...      keras.layers.Flatten(), keras.layers.Dense(2)])
+        >>> [v.name for v in prunable_variables(model)]
+        ['embeddings', 'kernel']
     """
     chosen = set()
     for layer in all_layers(model):
@@ -180,12 +180,12 @@ def sparsity_summary(model, variables=None, **kwargs):
     Returns:
         A `SparsitySummary`.
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> summary = sparsity_summary(model)  # the bias starts at zero
-    >>> summary.zeros, summary.parameters, summary.prunable_sparsity
-    (2, 8, 0.0)
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> summary = sparsity_summary(model)  # the bias starts at zero
+        >>> summary.zeros, summary.parameters, summary.prunable_sparsity
+        (2, 8, 0.0)
     """
     if variables is None:
         variables = prunable_variables(model, **kwargs)
@@ -354,11 +354,11 @@ def magnitude_masks(
     Returns:
         A dict mapping `variable.path` to a boolean array (`False` = pruned).
 
-    Example:
+    Examples:
 
-    >>> model = keras_fip.models.lenet_300_100()
-    >>> masks = magnitude_masks(model, 0.9)
-    >>> kept = sum(int(m.sum()) for m in masks.values())
+        >>> model = keras_fip.models.lenet_300_100()
+        >>> masks = magnitude_masks(model, 0.9)
+        >>> kept = sum(int(m.sum()) for m in masks.values())
     """
     sparsity = check_sparsity(sparsity)
     check_structure_and_scope(structure, scope)

@@ -59,10 +59,10 @@ def auto_learning_rate(variables):
     Returns:
         A float.
 
-    Example:
+    Examples:
 
-    >>> round(auto_learning_rate([keras.Variable(np.full((4, 4), 0.5))]), 4)
-    0.022
+        >>> round(auto_learning_rate([keras.Variable(np.full((4, 4), 0.5))]), 4)
+        0.022
     """
     squares, count = 0.0, 0
     for variable in variables:
@@ -117,11 +117,11 @@ class Penalty(StepRule):
             the walk, or `"auto"`: `AUTO_LEARNING_RATE_SCALE` × the root mean square of
             the non-zero weights being moved (`auto_learning_rate`). Defaults to `"auto"`.
 
-    Example:
+    Examples:
 
-    >>> rule = Penalty(learning_rate=1e-3)
-    >>> Penalty.from_config(rule.get_config()) == rule
-    True
+        >>> rule = Penalty(learning_rate=1e-3)
+        >>> Penalty.from_config(rule.get_config()) == rule
+        True
     """
 
     name = "penalty"
@@ -158,10 +158,10 @@ class Normalized(StepRule):
     Args:
         epsilon: ε, the length of every step. Defaults to `0.01`.
 
-    Example:
+    Examples:
 
-    >>> Normalized(epsilon=0.05).get_config()
-    {'epsilon': 0.05}
+        >>> Normalized(epsilon=0.05).get_config()
+        {'epsilon': 0.05}
     """
 
     name = "normalized"
@@ -190,10 +190,10 @@ class Metric(StepRule):
         damping: δ, added to g so the system is positive definite. Defaults to `1e-3`.
         cg_iterations: Conjugate-gradient iterations a step. Defaults to `10`.
 
-    Example:
+    Examples:
 
-    >>> Metric(cg_iterations=5).get_config()["cg_iterations"]
-    5
+        >>> Metric(cg_iterations=5).get_config()["cg_iterations"]
+        5
     """
 
     name = "metric"
@@ -247,10 +247,10 @@ def get(identifier):
     Returns:
         A `StepRule`.
 
-    Example:
+    Examples:
 
-    >>> get("metric")
-    Metric(epsilon=0.01, damping=0.001, cg_iterations=10)
+        >>> get("metric")
+        Metric(epsilon=0.01, damping=0.001, cg_iterations=10)
     """
     if isinstance(identifier, StepRule):
         return identifier

@@ -62,10 +62,10 @@ def all_reduce_mean(tensors):
     Returns:
         A list of tensors: the mean over replicas of each entry.
 
-    Example:
+    Examples:
 
-    >>> [float(t) for t in all_reduce_mean([tf.constant(2.0)])]
-    [2.0]
+        >>> [float(t) for t in all_reduce_mean([tf.constant(2.0)])]
+        [2.0]
     """
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
@@ -134,11 +134,11 @@ def normalized_step(gradients, epsilon, masks=None):
         A tuple `(displacement, gradient_norm)`: the step θ to add to the weights, of
         Euclidean length ε (zero if the gradient is zero), and `‖∇‖`.
 
-    Example:
+    Examples:
 
-    >>> step, norm = normalized_step([tf.constant([3.0, 4.0])], epsilon=0.5)
-    >>> [round(float(v), 6) for v in step[0]], float(norm)
-    ([-0.3, -0.4], 5.0)
+        >>> step, norm = normalized_step([tf.constant([3.0, 4.0])], epsilon=0.5)
+        >>> [round(float(v), 6) for v in step[0]], float(norm)
+        ([-0.3, -0.4], 5.0)
     """
     gradients = apply_masks(gradients, masks)
     direction, norm = rescale(gradients, epsilon)
@@ -168,13 +168,13 @@ def conjugate_gradient(matvec, rhs, iterations, damping=0.0, tolerance=None):
     Returns:
         A tuple `(solution, residual_norm)`.
 
-    Example:
+    Examples:
 
-    >>> solution, _ = conjugate_gradient(
-    ...     lambda v: [2.0 * v[0]], [tf.constant([2.0, 4.0])], iterations=2
-    ... )
-    >>> [float(v) for v in solution[0]]
-    [1.0, 2.0]
+        >>> solution, _ = conjugate_gradient(
+        ...     lambda v: [2.0 * v[0]], [tf.constant([2.0, 4.0])], iterations=2
+        ... )
+        >>> [float(v) for v in solution[0]]
+        [1.0, 2.0]
     """
     if tolerance is None:
         tolerance = _default_tolerance(rhs[0].dtype)
@@ -231,13 +231,13 @@ def metric_step(
         A tuple `(displacement, residual_norm)`: θ rescaled to length ε (zero when ∇L is
         zero), and the CG residual norm of the unscaled solve.
 
-    Example:
+    Examples:
 
-    >>> step, _ = metric_step(
-    ...     lambda v: [4.0 * v[0]], [tf.constant([1.0, 0.0])], beta=1.0, epsilon=0.1
-    ... )
-    >>> [round(float(v), 6) for v in step[0]]
-    [-0.1, 0.0]
+        >>> step, _ = metric_step(
+        ...     lambda v: [4.0 * v[0]], [tf.constant([1.0, 0.0])], beta=1.0, epsilon=0.1
+        ... )
+        >>> [round(float(v), 6) for v in step[0]]
+        [-0.1, 0.0]
     """
     gradients = apply_masks(secondary_gradients, masks)
     rhs = [-tf.cast(beta, g.dtype) * g for g in gradients]

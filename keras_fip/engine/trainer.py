@@ -191,20 +191,20 @@ class FIPTrainer(keras.Model):
             to `"auto"`.
         **kwargs: Passed to `keras.Model` (e.g. `name`).
 
-    Example:
+    Examples:
 
-    >>> import numpy as np, keras
-    >>> from keras_fip.engine.data_adapter import fip_dataset
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    >>> x = np.random.rand(32, 4).astype("float32")
-    >>> y = np.random.randint(0, 3, 32)
-    >>> trainer = FIPTrainer(model, rule=keras_fip.rules.Normalized(epsilon=0.01),
-    ...     secondary_loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    >>> trainer.compile()
-    >>> data = fip_dataset(model, anchor=x, secondary=(x, y), batch_size=8)
-    >>> history = trainer.fit(data, epochs=1, steps_per_epoch=3, verbose=0)
-    >>> round(float(history.history["step_norm"][-1]), 6)
-    0.01
+        >>> import numpy as np, keras
+        >>> from keras_fip.engine.data_adapter import fip_dataset
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> x = np.random.rand(32, 4).astype("float32")
+        >>> y = np.random.randint(0, 3, 32)
+        >>> trainer = FIPTrainer(model, rule=keras_fip.rules.Normalized(epsilon=0.01),
+        ...     secondary_loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> trainer.compile()
+        >>> data = fip_dataset(model, anchor=x, secondary=(x, y), batch_size=8)
+        >>> history = trainer.fit(data, epochs=1, steps_per_epoch=3, verbose=0)
+        >>> round(float(history.history["step_norm"][-1]), 6)
+        0.01
     """
 
     def __init__(

@@ -33,10 +33,10 @@ def best_value(scores, prefer="smaller"):
     Returns:
         The chosen value.
 
-    Example:
+    Examples:
 
-    >>> best_value({1e-3: 0.90, 3e-3: 0.95, 1e-2: 0.95})
-    0.003
+        >>> best_value({1e-3: 0.90, 3e-3: 0.95, 1e-2: 0.95})
+        0.003
     """
     if not scores:
         raise ValueError("`scores` must hold at least one value. Received: {}")
@@ -87,11 +87,11 @@ def grid_search(score, grid, low=None, high=None, max_extensions=3, prefer="smal
         A tuple `(value, scores)`: the chosen value and `{value: score}` of every value
         tried (empty for a grid of one value).
 
-    Example:
+    Examples:
 
-    >>> accuracy = {1e-3: 0.90, 3e-3: 0.93, 1e-2: 0.95, 3e-2: 0.94}
-    >>> grid_search(accuracy.get, [1e-3, 3e-3, 1e-2])
-    (0.01, {0.001: 0.9, 0.003: 0.93, 0.01: 0.95, 0.0333: None})
+        >>> accuracy = {1e-3: 0.90, 3e-3: 0.93, 1e-2: 0.95, 3e-2: 0.94}
+        >>> grid_search(accuracy.get, [1e-3, 3e-3, 1e-2])
+        (0.01, {0.001: 0.9, 0.003: 0.93, 0.01: 0.95, 0.0333: None})
     """
     grid = sorted(float(value) for value in grid)
     if not grid or any(not math.isfinite(v) or v < 0 for v in grid) or len(set(grid)) != len(grid):
@@ -129,11 +129,11 @@ def validation_rows(labels, fraction, seed, count=None):
     Returns:
         Two sorted integer arrays.
 
-    Example:
+    Examples:
 
-    >>> train, validation = validation_rows(np.array([0, 0, 0, 0, 1, 1, 1, 1]), 0.25, 0)
-    >>> len(train), len(validation)
-    (6, 2)
+        >>> train, validation = validation_rows(np.array([0, 0, 0, 0, 1, 1, 1, 1]), 0.25, 0)
+        >>> len(train), len(validation)
+        (6, 2)
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"`fraction` must be in (0, 1). Received: fraction={fraction!r}")

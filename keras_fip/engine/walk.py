@@ -112,13 +112,13 @@ class Walk:
             `None`.
         log_dir: A directory for TensorBoard scalars of every step. Defaults to `None`.
 
-    Example:
+    Examples:
 
-    >>> walk = Walk(steps=200, rule=keras_fip.rules.Normalized(epsilon=0.05), seed=0)
-    >>> walk
-    Walk(steps=200, rule=Normalized(epsilon=0.05), seed=0)
-    >>> Walk.from_config(walk.get_config()) == walk
-    True
+        >>> walk = Walk(steps=200, rule=keras_fip.rules.Normalized(epsilon=0.05), seed=0)
+        >>> walk
+        Walk(steps=200, rule=Normalized(epsilon=0.05), seed=0)
+        >>> Walk.from_config(walk.get_config()) == walk
+        True
     """
 
     def __init__(

@@ -62,21 +62,21 @@ class WalkCheckpoint:
             the walk); a directory written by another config is refused.
         strategy: The `tf.distribute.Strategy`. Defaults to `None` (the current one).
 
-    Example:
+    Examples:
 
-    >>> import tempfile, numpy as np, keras, keras_fip
-    >>> from keras_fip.engine.data_adapter import fip_dataset
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    >>> x = np.random.rand(32, 4).astype("float32")
-    >>> checkpoint = WalkCheckpoint(tempfile.mkdtemp(), config={"op": "example"})
-    >>> path = checkpoint.open_path(model, record_every=2)
-    >>> trainer = keras_fip.FIPTrainer(model, step_rule="normalized")
-    >>> trainer.compile()
-    >>> history = checkpoint.walk("walk", trainer, fip_dataset(model, x, seed=0), 4, path,
-    ...                           verbose=0)
-    >>> checkpoint.close()
-    >>> path.steps.tolist(), len(history["step_norm"])
-    ([0, 2, 4], 4)
+        >>> import tempfile, numpy as np, keras, keras_fip
+        >>> from keras_fip.engine.data_adapter import fip_dataset
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> x = np.random.rand(32, 4).astype("float32")
+        >>> checkpoint = WalkCheckpoint(tempfile.mkdtemp(), config={"op": "example"})
+        >>> path = checkpoint.open_path(model, record_every=2)
+        >>> trainer = keras_fip.FIPTrainer(model, rule=keras_fip.rules.Normalized())
+        >>> trainer.compile()
+        >>> history = checkpoint.walk("walk", trainer, fip_dataset(model, x, seed=0), 4, path,
+        ...                           verbose=0)
+        >>> checkpoint.close()
+        >>> path.steps.tolist(), len(history["step_norm"])
+        ([0, 2, 4], 4)
     """
 
     def __init__(self, directory, config, strategy=None):

@@ -71,12 +71,12 @@ def damage_path(model, damaged, num_points=11):
 
     Examples:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
-    ...                           keras.layers.Dense(2)])
-    >>> damaged = deletion_sequence(model, [0.5])[0]
-    >>> points, times = damage_path(model, damaged, num_points=5)
-    >>> len(points), float(times[-1])
-    (5, 1.0)
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+        ...                           keras.layers.Dense(2)])
+        >>> damaged = deletion_sequence(model, [0.5])[0]
+        >>> points, times = damage_path(model, damaged, num_points=5)
+        >>> len(points), float(times[-1])
+        (5, 1.0)
     """
     _check_model(model, "model")
     _check_model(damaged, "damaged")
@@ -134,11 +134,11 @@ def deletion_sequence(model, fractions, seed=0, scope="global", layers=None):
 
     Examples:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="hidden"),
-    ...                           keras.layers.Dense(2)])
-    >>> sequence = deletion_sequence(model, [0.0, 0.5, 1.0])
-    >>> [len(units_lib.hidden_units(m)["hidden"][1]) for m in sequence]
-    [0, 4, 8]
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="hidden"),
+        ...                           keras.layers.Dense(2)])
+        >>> sequence = deletion_sequence(model, [0.0, 0.5, 1.0])
+        >>> [len(units_lib.hidden_units(m)["hidden"][1]) for m in sequence]
+        [0, 4, 8]
     """
     _check_model(model, "model")
     fractions = np.asarray(fractions, dtype=np.float64)
@@ -203,11 +203,11 @@ def breakdown_profile(points, data, model=None, times=None, outputs="logits", ba
 
     Examples:
 
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> path = [[w * (1 + 0.1 * i) for w in model.get_weights()] for i in range(4)]
-    >>> profile = breakdown_profile(path, np.ones((4, 3)), model=model)
-    >>> profile["acceleration"].shape
-    (2,)
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> path = [[w * (1 + 0.1 * i) for w in model.get_weights()] for i in range(4)]
+        >>> profile = breakdown_profile(path, np.ones((4, 3)), model=model)
+        >>> profile["acceleration"].shape
+        (2,)
     """
     if not isinstance(points, (list, tuple)) or len(points) < 3:
         raise ValueError(
@@ -248,8 +248,8 @@ def knee(x, y):
 
     Examples:
 
-    >>> knee([0.0, 0.2, 0.4, 0.6, 0.8, 1.0], [1.0, 0.99, 0.98, 0.96, 0.6, 0.1])
-    0.6
+        >>> knee([0.0, 0.2, 0.4, 0.6, 0.8, 1.0], [1.0, 0.99, 0.98, 0.96, 0.6, 0.1])
+        0.6
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
@@ -406,11 +406,11 @@ def unit_deletion_speed(
 
     Examples:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu"),
-    ...                           keras.layers.Dense(2)])
-    >>> result = unit_deletion_speed(model, np.ones((3, 4)))
-    >>> result["num_units"], result["num_alive"]
-    (8, 8)
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu"),
+        ...                           keras.layers.Dense(2)])
+        >>> result = unit_deletion_speed(model, np.ones((3, 4)))
+        >>> result["num_units"], result["num_alive"]
+        (8, 8)
     """
     _check_model(model, "model")
     _check_outputs(outputs)
@@ -461,12 +461,12 @@ def deletion_profile(
 
     Examples:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu"),
-    ...                           keras.layers.Dense(2)])
-    >>> sequence = deletion_sequence(model, [0.0, 0.25, 0.5, 1.0])
-    >>> profile = deletion_profile(sequence, np.ones((3, 4)), [0.0, 0.25, 0.5, 1.0])
-    >>> profile["speed_times"].tolist(), profile["acceleration_times"].tolist()
-    ([0.0, 0.25, 0.5], [0.125, 0.375])
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu"),
+        ...                           keras.layers.Dense(2)])
+        >>> sequence = deletion_sequence(model, [0.0, 0.25, 0.5, 1.0])
+        >>> profile = deletion_profile(sequence, np.ones((3, 4)), [0.0, 0.25, 0.5, 1.0])
+        >>> profile["speed_times"].tolist(), profile["acceleration_times"].tolist()
+        ([0.0, 0.25, 0.5], [0.125, 0.375])
     """
     if (
         not isinstance(sequence, (list, tuple))

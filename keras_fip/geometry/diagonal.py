@@ -49,12 +49,12 @@ def metric_diagonal(
     Returns:
         A list of numpy arrays, one per variable and of its shape.
 
-    Example:
+    Examples:
 
-    >>> model = keras_fip.models.mlp(16, input_shape=(8,), num_classes=3)
-    >>> diagonal = metric_diagonal(model, np.ones((4, 8), "float32"))
-    >>> [d.shape for d in diagonal] == [tuple(v.shape) for v in model.trainable_variables]
-    True
+        >>> model = keras_fip.models.mlp(16, input_shape=(8,), num_classes=3)
+        >>> diagonal = metric_diagonal(model, np.ones((4, 8), "float32"))
+        >>> [d.shape for d in diagonal] == [tuple(v.shape) for v in model.trainable_variables]
+        True
     """
     if kind not in _KINDS:
         raise ValueError(f"`kind` must be one of {list(_KINDS)}. Received: kind={kind!r}")

@@ -20,12 +20,12 @@ class Eigenpairs(tuple):
             Defaults to `None`.
         num_matvecs: products with g used to compute them. Defaults to `0`.
 
-    Example:
+    Examples:
 
-    >>> pairs = Eigenpairs(np.array([2.0, 1.0]), np.eye(2))
-    >>> values, vectors = pairs
-    >>> float(pairs.values[0])
-    2.0
+        >>> pairs = Eigenpairs(np.array([2.0, 1.0]), np.eye(2))
+        >>> values, vectors = pairs
+        >>> float(pairs.values[0])
+        2.0
     """
 
     def __new__(cls, values, vectors, variable_vectors=None, num_matvecs=0):

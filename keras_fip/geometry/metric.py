@@ -78,13 +78,13 @@ def linearize(model, inputs, outputs="logits"):
         tensors aligned with `model.trainable_variables` (summed over the
         batch, not averaged).
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> values, jvp, vjp = linearize(model, np.ones((4, 3), "float32"))
-    >>> vector = [keras.ops.ones_like(v) for v in model.trainable_variables]
-    >>> [tuple(p.shape) for p in vjp(jvp(vector))]
-    [(3, 2), (2,)]
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> values, jvp, vjp = linearize(model, np.ones((4, 3), "float32"))
+        >>> vector = [keras.ops.ones_like(v) for v in model.trainable_variables]
+        >>> [tuple(p.shape) for p in vjp(jvp(vector))]
+        [(3, 2), (2,)]
     """
     _check_outputs(outputs)
     primals = _primals(model)
@@ -164,13 +164,13 @@ def output_jvp(model, inputs, vector, outputs="logits"):
     Returns:
         A tuple `(outputs, jvp)`, both of shape `(batch, num_outputs)`.
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> vector = [keras.ops.ones_like(v) for v in model.trainable_variables]
-    >>> values, jvp = output_jvp(model, np.ones((4, 3)), vector)
-    >>> tuple(jvp.shape)
-    (4, 2)
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> vector = [keras.ops.ones_like(v) for v in model.trainable_variables]
+        >>> values, jvp = output_jvp(model, np.ones((4, 3)), vector)
+        >>> tuple(jvp.shape)
+        (4, 2)
     """
     values, jvp, _ = linearize(model, inputs, outputs)
     return values, jvp(vector)
@@ -222,13 +222,13 @@ def metric_vector_product(model, inputs, vector, outputs="logits"):
     Returns:
         A list of tensors aligned with `model.trainable_variables`.
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> vector = [keras.ops.ones_like(v) for v in model.trainable_variables]
-    >>> product = metric_vector_product(model, np.ones((4, 3)), vector)
-    >>> [tuple(p.shape) for p in product]
-    [(3, 2), (2,)]
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> vector = [keras.ops.ones_like(v) for v in model.trainable_variables]
+        >>> product = metric_vector_product(model, np.ones((4, 3)), vector)
+        >>> [tuple(p.shape) for p in product]
+        [(3, 2), (2,)]
     """
     _check_outputs(outputs)
     batch_size = tf.shape(tf.nest.flatten(inputs)[0])[0]
@@ -319,16 +319,16 @@ class MetricOperator:
             pass (each traced product adds a tangent and a reverse pass to the
             graph, and their intermediates to the peak memory). Defaults to `16`.
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> metric = MetricOperator(model, np.random.rand(8, 3).astype("float32"))
-    >>> metric.num_params
-    8
-    >>> metric.matvec(np.ones(8)).shape
-    (8,)
-    >>> metric.matmat(np.ones((8, 3))).shape
-    (8, 3)
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> metric = MetricOperator(model, np.random.rand(8, 3).astype("float32"))
+        >>> metric.num_params
+        8
+        >>> metric.matvec(np.ones(8)).shape
+        (8,)
+        >>> metric.matmat(np.ones((8, 3))).shape
+        (8, 3)
     """
 
     def __init__(self, model, data, outputs="logits", batch_size=None, vectors_per_pass=16):

@@ -113,12 +113,12 @@ def breakdown_speed(points, data, model=None, times=None, outputs="logits", batc
     Returns:
         A numpy array of `len(points) - 1` speeds.
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> path = [[w * (1 + 0.1 * i) for w in model.get_weights()] for i in range(3)]
-    >>> breakdown_speed(path, np.ones((4, 3)), model=model).shape
-    (2,)
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> path = [[w * (1 + 0.1 * i) for w in model.get_weights()] for i in range(3)]
+        >>> breakdown_speed(path, np.ones((4, 3)), model=model).shape
+        (2,)
     """
     speeds, _ = _segment_speeds(points, data, model, times, outputs, batch_size, 2)
     return speeds
@@ -144,12 +144,12 @@ def path_length(points, data, model=None, times=None, outputs="logits", batch_si
     Returns:
         The length, a Python float.
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> path = [[w * (1 + 0.1 * i) for w in model.get_weights()] for i in range(3)]
-    >>> path_length(path, np.ones((4, 3)), model=model) >= 0
-    True
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> path = [[w * (1 + 0.1 * i) for w in model.get_weights()] for i in range(3)]
+        >>> path_length(path, np.ones((4, 3)), model=model) >= 0
+        True
     """
     speeds, times = _segment_speeds(points, data, model, times, outputs, batch_size, 2)
     return float(np.sum(speeds * np.diff(times)))
@@ -174,12 +174,12 @@ def breakdown_acceleration(points, data, model=None, times=None, outputs="logits
     Returns:
         A numpy array of `len(points) - 2` accelerations.
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> path = [[w * (1 + 0.1 * i) for w in model.get_weights()] for i in range(4)]
-    >>> breakdown_acceleration(path, np.ones((4, 3)), model=model).shape
-    (2,)
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> path = [[w * (1 + 0.1 * i) for w in model.get_weights()] for i in range(4)]
+        >>> breakdown_acceleration(path, np.ones((4, 3)), model=model).shape
+        (2,)
     """
     speeds, times = _segment_speeds(points, data, model, times, outputs, batch_size, 3)
     return np.diff(speeds) / np.diff(times)[:-1]

@@ -96,13 +96,13 @@ def top_eigenpairs(op, k=10, tol=0.0, seed=0, max_iterations=None):
         `vectors` a `(num_params, k)` array of unit columns; also
         `.variable_vectors` (per-variable lists) and `.num_matvecs`.
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> metric = MetricOperator(model, np.random.rand(16, 3).astype("float32"))
-    >>> values, vectors = top_eigenpairs(metric, k=2)
-    >>> vectors.shape
-    (8, 2)
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> metric = MetricOperator(model, np.random.rand(16, 3).astype("float32"))
+        >>> values, vectors = top_eigenpairs(metric, k=2)
+        >>> vectors.shape
+        (8, 2)
     """
     counting = _CountingOperator(op)
     _check_positive_int(k, "k")
@@ -158,12 +158,12 @@ def trace(op, num_samples=100, method="hutch++", seed=0):
     Returns:
         The estimate, a Python float.
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> metric = MetricOperator(model, np.random.rand(16, 3).astype("float32"))
-    >>> trace(metric, num_samples=30) > 0
-    True
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> metric = MetricOperator(model, np.random.rand(16, 3).astype("float32"))
+        >>> trace(metric, num_samples=30) > 0
+        True
     """
     counting = _CountingOperator(op)
     if method not in ("hutch++", "hutchinson"):
@@ -274,13 +274,13 @@ def spectral_density(op, num_probes=10, num_steps=50, num_points=1000, sigma=Non
         A tuple `(grid, density)` of numpy arrays of length `num_points`; the
         grid extends 5 sigma beyond the extreme nodes.
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> metric = MetricOperator(model, np.random.rand(16, 3).astype("float32"))
-    >>> grid, density = spectral_density(metric, num_probes=2, num_steps=8)
-    >>> grid.shape
-    (1000,)
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> metric = MetricOperator(model, np.random.rand(16, 3).astype("float32"))
+        >>> grid, density = spectral_density(metric, num_probes=2, num_steps=8)
+        >>> grid.shape
+        (1000,)
     """
     counting = _CountingOperator(op)
     _check_positive_int(num_probes, "num_probes")
@@ -339,12 +339,12 @@ def vulnerable_fraction(
     Returns:
         ρ, a Python float in [0, 1].
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> metric = MetricOperator(model, np.random.rand(2, 3).astype("float32"))
-    >>> vulnerable_fraction(metric) <= 4 / 8  # rank(g) <= N·C = 4
-    True
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> metric = MetricOperator(model, np.random.rand(2, 3).astype("float32"))
+        >>> vulnerable_fraction(metric) <= 4 / 8  # rank(g) <= N·C = 4
+        True
     """
     counting = _CountingOperator(op)
     _check_non_negative(threshold, "threshold")
@@ -401,16 +401,16 @@ def expected_perturbation_change(op, sigma=None, num_samples=100, seed=0, norm=N
     Returns:
         The expected squared output change, a Python float.
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> metric = MetricOperator(model, np.random.rand(16, 3).astype("float32"))
-    >>> expected_perturbation_change(metric, sigma=0.0)
-    0.0
-    >>> a = expected_perturbation_change(metric, norm=2.0, num_samples=30)
-    >>> b = expected_perturbation_change(metric, sigma=4.0, num_samples=30)
-    >>> bool(np.isclose(a, b))
-    True
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> metric = MetricOperator(model, np.random.rand(16, 3).astype("float32"))
+        >>> expected_perturbation_change(metric, sigma=0.0)
+        0.0
+        >>> a = expected_perturbation_change(metric, norm=2.0, num_samples=30)
+        >>> b = expected_perturbation_change(metric, sigma=4.0, num_samples=30)
+        >>> bool(np.isclose(a, b))
+        True
     """
     counting = _CountingOperator(op)
     if (sigma is None) == (norm is None):

@@ -150,11 +150,11 @@ class UnitPlan:
 
     Examples:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, "relu"),
-    ...                           keras.layers.Dense(2)])
-    >>> plan = unit_plans(model)[0]
-    >>> plan.channels, len(plan.targets)
-    (3, 3)
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, "relu"),
+        ...                           keras.layers.Dense(2)])
+        >>> plan = unit_plans(model)[0]
+        >>> plan.channels, len(plan.targets)
+        (3, 3)
     """
 
     def __init__(self, layer, channels):
@@ -244,10 +244,10 @@ def unit_plans(model, layers=None):
 
     Examples:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu", name="hidden"),
-    ...                           keras.layers.Dense(2)])
-    >>> [plan.layer.name for plan in unit_plans(model)]
-    ['hidden']
+        >>> hidden = keras.layers.Dense(8, "relu", name="hidden")
+        >>> model = keras.Sequential([keras.Input((4,)), hidden, keras.layers.Dense(2)])
+        >>> [plan.layer.name for plan in unit_plans(model)]
+        ['hidden']
     """
     try:
         consumers, outputs = _graph(model)
@@ -388,11 +388,11 @@ def choose_units(plans, rng, fraction=None, count=None, scope="global"):
 
     Examples:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu"),
-    ...                           keras.layers.Dense(2)])
-    >>> plans = unit_plans(model)
-    >>> [len(units) for units in choose_units(plans, np.random.default_rng(0), 0.5)]
-    [4]
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu"),
+        ...                           keras.layers.Dense(2)])
+        >>> plans = unit_plans(model)
+        >>> [len(units) for units in choose_units(plans, np.random.default_rng(0), 0.5)]
+        [4]
     """
     if (fraction is None) == (count is None):
         raise ValueError(
@@ -452,12 +452,12 @@ def hidden_units(model, layers=None):
 
     Examples:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="hidden"),
-    ...                           keras.layers.Dense(2)])
-    >>> damaged = keras_fip.Damage(keras_fip.faults.Nodes(count=3), seed=0)(model)
-    >>> num_units, deleted = hidden_units(damaged)["hidden"]
-    >>> num_units, len(deleted)
-    (8, 3)
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="hidden"),
+        ...                           keras.layers.Dense(2)])
+        >>> damaged = keras_fip.Damage(keras_fip.faults.Nodes(count=3), seed=0)(model)
+        >>> num_units, deleted = hidden_units(damaged)["hidden"]
+        >>> num_units, len(deleted)
+        (8, 3)
     """
     plans = unit_plans(model, layers)
     listing = {}

@@ -53,12 +53,12 @@ def task_accuracy(model, x, y, mode="class_incremental", outputs=None, batch_siz
     Returns:
         A float in [0, 1].
 
-    Example:
+    Examples:
 
-    >>> import keras
-    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(4)])
-    >>> 0.0 <= task_accuracy(model, np.zeros((3, 2)), np.array([0, 1, 2])) <= 1.0
-    True
+        >>> import keras
+        >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(4)])
+        >>> 0.0 <= task_accuracy(model, np.zeros((3, 2)), np.array([0, 1, 2])) <= 1.0
+        True
     """
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {list(MODES)}. Received: mode={mode!r}")
@@ -143,10 +143,10 @@ def average_accuracy(matrix, after=None):
     Returns:
         A float.
 
-    Example:
+    Examples:
 
-    >>> average_accuracy([[0.9, 0.0], [0.8, 0.7]])
-    0.75
+        >>> average_accuracy([[0.9, 0.0], [0.8, 0.7]])
+        0.75
     """
     matrix = _check_matrix(matrix)
     after = matrix.shape[0] - 1 if after is None else int(after)
@@ -156,10 +156,10 @@ def average_accuracy(matrix, after=None):
 def backward_transfer(matrix):
     """BWT = mean over j < T−1 of R[T−1, j] − R[j, j] (0 for a single task).
 
-    Example:
+    Examples:
 
-    >>> round(backward_transfer([[0.9, 0.0], [0.8, 0.7]]), 6)
-    -0.1
+        >>> round(backward_transfer([[0.9, 0.0], [0.8, 0.7]]), 6)
+        -0.1
     """
     matrix = _check_matrix(matrix)
     tasks = matrix.shape[0]
@@ -174,10 +174,10 @@ def forgetting(matrix):
     Mammoth's `forgetting` (the best accuracy a task ever had, from when it was learned,
     minus its final one); 0 for a single task.
 
-    Example:
+    Examples:
 
-    >>> round(forgetting([[0.9, 0.0, 0.0], [0.95, 0.8, 0.0], [0.5, 0.6, 0.9]]), 6)
-    0.325
+        >>> round(forgetting([[0.9, 0.0, 0.0], [0.95, 0.8, 0.0], [0.5, 0.6, 0.9]]), 6)
+        0.325
     """
     matrix = _check_matrix(matrix)
     tasks = matrix.shape[0]

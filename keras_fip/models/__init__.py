@@ -35,10 +35,10 @@ def get(name, input_shape, num_classes, **kwargs):
     Returns:
         A functional `keras.Model` returning logits.
 
-    Example:
+    Examples:
 
-    >>> keras_fip.models.get("lenet_300_100", (28, 28, 1), 10).name
-    'lenet_300_100'
+        >>> keras_fip.models.get("lenet_300_100", (28, 28, 1), 10).name
+        'lenet_300_100'
     """
     if name not in BUILDERS:
         raise ValueError(f"`name` must be one of {sorted(BUILDERS)}. Received: name={name!r}")

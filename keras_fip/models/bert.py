@@ -55,12 +55,12 @@ def bert_backbone(
     Returns:
         A `keras_hub.models.BertBackbone`.
 
-    Example:
+    Examples:
 
-    >>> backbone = keras_fip.models.bert.bert_backbone(100, num_layers=1, hidden_dim=16,
-    ...                                               intermediate_dim=32)
-    >>> backbone.num_layers
-    1
+        >>> backbone = keras_fip.models.bert.bert_backbone(100, num_layers=1, hidden_dim=16,
+        ...                                               intermediate_dim=32)
+        >>> backbone.num_layers
+        1
     """
     import keras_hub
 
@@ -224,12 +224,12 @@ def masked_lm(backbone, sequence_length=64, num_predictions=10):
         positions), output logits `(batch, num_predictions, vocabulary_size)`. Masks it
         carries survive `.keras` save/load.
 
-    Example:
+    Examples:
 
-    >>> backbone = keras_fip.models.bert.bert_backbone(100, num_layers=1, hidden_dim=16,
-    ...                                               intermediate_dim=32)
-    >>> keras_fip.models.bert.masked_lm(backbone, 16, 3).output_shape
-    (None, 3, 100)
+        >>> backbone = keras_fip.models.bert.bert_backbone(100, num_layers=1, hidden_dim=16,
+        ...                                               intermediate_dim=32)
+        >>> keras_fip.models.bert.masked_lm(backbone, 16, 3).output_shape
+        (None, 3, 100)
     """
     validation.check_positive_int(sequence_length, "sequence_length")
     validation.check_positive_int(num_predictions, "num_predictions")
@@ -259,12 +259,12 @@ def classifier(backbone, num_classes, sequence_length=64, dropout=0.1, pooling="
         A `BertTokenClassifier` (a functional `keras.Model`): int32 token ids of shape
         `(batch, sequence_length)` in, logits `(batch, num_classes)` out.
 
-    Example:
+    Examples:
 
-    >>> backbone = keras_fip.models.bert.bert_backbone(100, num_layers=1, hidden_dim=16,
-    ...                                               intermediate_dim=32)
-    >>> keras_fip.models.bert.classifier(backbone, 7, 16).output_shape
-    (None, 7)
+        >>> backbone = keras_fip.models.bert.bert_backbone(100, num_layers=1, hidden_dim=16,
+        ...                                               intermediate_dim=32)
+        >>> keras_fip.models.bert.classifier(backbone, 7, 16).output_shape
+        (None, 7)
     """
     validation.check_positive_int(num_classes, "num_classes")
     validation.check_positive_int(sequence_length, "sequence_length")
@@ -308,14 +308,14 @@ def under_masked_lm_head(model):
     Returns:
         A function `network -> masked_lm wrapper` (the same copy each call, re-assigned).
 
-    Example:
+    Examples:
 
-    >>> backbone = keras_fip.models.bert.bert_backbone(100, num_layers=1, hidden_dim=16,
-    ...                                               intermediate_dim=32)
-    >>> mlm = keras_fip.models.bert.masked_lm(backbone, 16, 3)
-    >>> net = keras_fip.models.bert.classifier(backbone, 2, 16)
-    >>> keras_fip.models.bert.under_masked_lm_head(mlm)(net).output_shape
-    (None, 3, 100)
+        >>> backbone = keras_fip.models.bert.bert_backbone(100, num_layers=1, hidden_dim=16,
+        ...                                               intermediate_dim=32)
+        >>> mlm = keras_fip.models.bert.masked_lm(backbone, 16, 3)
+        >>> net = keras_fip.models.bert.classifier(backbone, 2, 16)
+        >>> keras_fip.models.bert.under_masked_lm_head(mlm)(net).output_shape
+        (None, 3, 100)
     """
     if not isinstance(model, keras.Model) or find_backbone(model) is None:
         raise ValueError(

@@ -22,10 +22,10 @@ def cnn5(input_shape=(28, 28, 1), num_classes=10, dense_units=(600, 120), dropou
     Returns:
         A functional `keras.Model`.
 
-    Example:
+    Examples:
 
-    >>> keras_fip.models.cnn5(num_classes=20).output_shape
-    (None, 20)
+        >>> keras_fip.models.cnn5(num_classes=20).output_shape
+        (None, 20)
     """
     input_shape = validation.check_input_shape(input_shape, rank=3)
     validation.check_positive_int(num_classes, "num_classes")

@@ -28,11 +28,11 @@ def mlp(
     Returns:
         A functional `keras.Model`.
 
-    Example:
+    Examples:
 
-    >>> model = keras_fip.models.mlp(100)
-    >>> model.output_shape
-    (None, 10)
+        >>> model = keras_fip.models.mlp(100)
+        >>> model.output_shape
+        (None, 10)
     """
     input_shape = validation.check_input_shape(input_shape)
     validation.check_positive_int(num_classes, "num_classes")
@@ -60,9 +60,9 @@ def lenet_300_100(input_shape=(28, 28, 1), num_classes=10):
     Returns:
         A functional `keras.Model` with 266,610 parameters on MNIST.
 
-    Example:
+    Examples:
 
-    >>> keras_fip.models.lenet_300_100().count_params()
-    266610
+        >>> keras_fip.models.lenet_300_100().count_params()
+        266610
     """
     return mlp((300, 100), input_shape, num_classes, name="lenet_300_100")

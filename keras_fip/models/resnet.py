@@ -49,10 +49,10 @@ def resnet(depth=20, width_multiplier=1.0, input_shape=(32, 32, 3), num_classes=
     Returns:
         A functional `keras.Model`.
 
-    Example:
+    Examples:
 
-    >>> keras_fip.models.resnet(20).count_params()
-    274042
+        >>> keras_fip.models.resnet(20).count_params()
+        274042
     """
     validation.check_choice(depth, "depth", sorted(_CONFIGS))
     multiplier = validation.check_width_multiplier(width_multiplier)

@@ -68,11 +68,11 @@ def train_classifier(
     Returns:
         The `keras.callbacks.History` of the run.
 
-    Example:
+    Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(32, input_shape=(8, 8, 1))
-    >>> history = keras_fip.models.train_classifier(model, x, y, epochs=1)
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(32, input_shape=(8, 8, 1))
+        >>> history = keras_fip.models.train_classifier(model, x, y, epochs=1)
     """
     steps_per_epoch = int(np.ceil(data_adapter.num_examples(x) / batch_size))
     compile_classifier(model, learning_rate, decay_steps=epochs * steps_per_epoch)

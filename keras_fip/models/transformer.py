@@ -38,11 +38,11 @@ def transformer_classifier(
     Returns:
         A functional `keras.Model` taking int32 token ids of shape `(batch, sequence_length)`.
 
-    Example:
+    Examples:
 
-    >>> model = keras_fip.models.transformer_classifier(vocab_size=100, sequence_length=16)
-    >>> model.output_shape
-    (None, 2)
+        >>> model = keras_fip.models.transformer_classifier(vocab_size=100, sequence_length=16)
+        >>> model.output_shape
+        (None, 2)
     """
     for value, name in (
         (vocab_size, "vocab_size"),

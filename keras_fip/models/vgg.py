@@ -28,10 +28,10 @@ def vgg(depth=16, width_multiplier=1.0, input_shape=(32, 32, 3), num_classes=10,
     Returns:
         A functional `keras.Model`.
 
-    Example:
+    Examples:
 
-    >>> keras_fip.models.vgg(11, width_multiplier=0.25).output_shape
-    (None, 10)
+        >>> keras_fip.models.vgg(11, width_multiplier=0.25).output_shape
+        (None, 10)
     """
     validation.check_choice(depth, "depth", sorted(_CONFIGS))
     multiplier = validation.check_width_multiplier(width_multiplier)

@@ -198,22 +198,22 @@ class Operation:
     Args:
         name: Name of the operation. Defaults to `None` (the class name in snake case).
 
-    Example:
+    Examples:
 
-    >>> class Scale(Operation):
-    ...     def __init__(self, factor=2.0, **kwargs):
-    ...         super().__init__(**kwargs)
-    ...         self.factor = self.check_number(factor, "factor", low=0.0)
-    ...     def call(self, model):
-    ...         for variable in model.trainable_variables:
-    ...             variable.assign(variable * self.factor)
-    ...         return model
-    ...     def get_config(self):
-    ...         return {**super().get_config(), "factor": self.factor}
-    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    >>> scaled = Scale(3.0)(model)
-    >>> scaled is model
-    False
+        >>> class Scale(Operation):
+        ...     def __init__(self, factor=2.0, **kwargs):
+        ...         super().__init__(**kwargs)
+        ...         self.factor = self.check_number(factor, "factor", low=0.0)
+        ...     def call(self, model):
+        ...         for variable in model.trainable_variables:
+        ...             variable.assign(variable * self.factor)
+        ...         return model
+        ...     def get_config(self):
+        ...         return {**super().get_config(), "factor": self.factor}
+        >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        >>> scaled = Scale(3.0)(model)
+        >>> scaled is model
+        False
     """
 
     def __init__(self, name=None):

@@ -22,15 +22,16 @@ class Chain(Operation):
         operations: A non-empty list of `Operation`s (or their serialised configs).
         name: The chain's name. Defaults to `None`.
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    >>> x = np.random.rand(16, 4).astype("float32")
-    >>> walk = Isofunctional(data=x, walk=keras_fip.Walk(steps=2, batch_size=8, verbose=0))
-    >>> both = Chain([walk, Isofunctional.from_config(walk.get_config())])
-    >>> moved = both(model)
-    >>> len(both.paths), moved is model
-    (2, False)
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> x = np.random.rand(16, 4).astype("float32")
+        >>> settings = keras_fip.Walk(steps=2, batch_size=8, verbose=0)
+        >>> walk = keras_fip.Isofunctional(data=x, walk=settings)
+        >>> both = Chain([walk, keras_fip.Isofunctional.from_config(walk.get_config())])
+        >>> moved = both(model)
+        >>> len(both.paths), moved is model
+        (2, False)
     """
 
     def __init__(self, operations, name=None):
@@ -89,10 +90,11 @@ def chain(*operations, name=None):
     Returns:
         A `Chain`, itself an `Operation`.
 
-    Example:
+    Examples:
 
-    >>> walk = Isofunctional(data=np.zeros((8, 2), "float32"), walk=keras_fip.Walk(steps=1))
-    >>> isinstance(chain(walk, walk), Operation)
-    True
+        >>> x = np.zeros((8, 2), "float32")
+        >>> walk = keras_fip.Isofunctional(data=x, walk=keras_fip.Walk(steps=1))
+        >>> isinstance(chain(walk, walk), Operation)
+        True
     """
     return Chain(list(operations), name=name)

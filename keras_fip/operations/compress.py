@@ -68,9 +68,9 @@ def holdout_rows(labels, fraction, seed=None):
 
     Examples:
 
-    >>> fit, held = holdout_rows(np.array([0, 1] * 10), 0.2, seed=0)
-    >>> len(fit), len(held)
-    (16, 4)
+        >>> fit, held = holdout_rows(np.array([0, 1] * 10), 0.2, seed=0)
+        >>> len(fit), len(held)
+        (16, 4)
     """
     return tuning.validation_rows(_class_indices(labels), fraction, seed)
 
@@ -100,13 +100,13 @@ def choose_candidate(correct):
 
     Examples:
 
-    >>> right = np.array([True] * 90 + [False] * 10)
-    >>> choose_candidate([right, np.roll(right, 3)])
-    (0, 0, 0)
-    >>> better = right.copy()
-    >>> better[90:] = True
-    >>> choose_candidate([right, better])
-    (1, 10, 0)
+        >>> right = np.array([True] * 90 + [False] * 10)
+        >>> choose_candidate([right, np.roll(right, 3)])
+        (0, 0, 0)
+        >>> better = right.copy()
+        >>> better[90:] = True
+        >>> choose_candidate([right, better])
+        (1, 10, 0)
     """
     counts = [int(np.sum(c)) for c in correct]
     best = max(range(len(correct)), key=lambda i: (counts[i], -i))
@@ -468,17 +468,17 @@ class Compress(WalkingOperation):
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(32, input_shape=(8, 8, 1))
-    >>> walk = keras_fip.Walk(steps=40, seed=0, verbose=0)
-    >>> op = keras_fip.Compress(0.9, data=x, walk=walk)  # the inputs alone
-    >>> sparse = op(model)
-    >>> round(op.sparsity_summary.prunable_sparsity, 3)
-    0.9
-    >>> labelled = keras_fip.Compress(0.9, data=(x, y), walk=walk)
-    >>> sparse = labelled(model)
-    >>> labelled.history["task_weight"] in (0.0, 1.0)
-    True
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(32, input_shape=(8, 8, 1))
+        >>> walk = keras_fip.Walk(steps=40, seed=0, verbose=0)
+        >>> op = keras_fip.Compress(0.9, data=x, walk=walk)  # the inputs alone
+        >>> sparse = op(model)
+        >>> round(op.sparsity_summary.prunable_sparsity, 3)
+        0.9
+        >>> labelled = keras_fip.Compress(0.9, data=(x, y), walk=walk)
+        >>> sparse = labelled(model)
+        >>> labelled.history["task_weight"] in (0.0, 1.0)
+        True
     """
 
     DEFAULT_BUDGET = {"epochs": 10}

@@ -33,13 +33,13 @@ class Prunable(Config):
 
     Examples:
 
-    >>> model = keras.Sequential(
-    ...     [keras.Input((4,), dtype="int32"), keras.layers.Embedding(10, 3),
-    ...      keras.layers.Flatten(), keras.layers.Dense(2)])
-    >>> [v.name for v in Prunable().variables(model)]
-    ['embeddings', 'kernel']
-    >>> [v.name for v in Prunable(embeddings=False, biases=True).variables(model)]
-    ['kernel', 'bias']
+        >>> model = keras.Sequential(
+        ...     [keras.Input((4,), dtype="int32"), keras.layers.Embedding(10, 3),
+        ...      keras.layers.Flatten(), keras.layers.Dense(2)])
+        >>> [v.name for v in Prunable().variables(model)]
+        ['embeddings', 'kernel']
+        >>> [v.name for v in Prunable(embeddings=False, biases=True).variables(model)]
+        ['kernel', 'bias']
     """
 
     def __init__(self, biases=False, normalization=False, embeddings=True):

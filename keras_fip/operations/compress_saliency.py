@@ -44,12 +44,12 @@ class Saliency(Config):
 
     Examples:
 
-    >>> Saliency("metric", examples=256)
-    Saliency(criterion='metric', scope='global', layer_floor='auto', examples=256)
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    >>> masks = Saliency(scope="per_layer").masks(model, 0.5, model.trainable_variables[:1])
-    >>> [int(mask.sum()) for mask in masks.values()]  # 6 of the kernel's 12 weights kept
-    [6]
+        >>> Saliency("metric", examples=256)
+        Saliency(criterion='metric', scope='global', layer_floor='auto', examples=256)
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> masks = Saliency(scope="per_layer").masks(model, 0.5, model.trainable_variables[:1])
+        >>> [int(mask.sum()) for mask in masks.values()]  # 6 of the kernel's 12 weights kept
+        [6]
     """
 
     def __init__(self, criterion="magnitude", *, scope="global", layer_floor="auto", examples=1024):

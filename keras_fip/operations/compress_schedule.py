@@ -43,11 +43,11 @@ class Schedule(Config):
 
     Examples:
 
-    >>> schedule = Schedule(min_steps=0, pull_fraction=0.5)
-    >>> schedule.pull_steps(100), schedule.update_interval(50)
-    (50, 10)
-    >>> Schedule.from_config(schedule.get_config()) == schedule
-    True
+        >>> schedule = Schedule(min_steps=0, pull_fraction=0.5)
+        >>> schedule.pull_steps(100), schedule.update_interval(50)
+        (50, 10)
+        >>> Schedule.from_config(schedule.get_config()) == schedule
+        True
     """
 
     def __init__(

@@ -84,17 +84,17 @@ class Damage(Operation):
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(64, input_shape=(8, 8, 1))
-    >>> damage = keras_fip.Damage(keras_fip.faults.Nodes(fraction=0.5), seed=0)
-    >>> damaged = damage(model)
-    >>> len(damage.history["units"]["dense_1"])
-    32
-    >>> adversary = keras_fip.Damage(keras_fip.faults.Eigen(num_eigenpairs=5),
-    ...                              data=(x[:300], y[:300]), seed=0)
-    >>> attacked = adversary(model)
-    >>> round(adversary.history["perturbation_norm"], 4)
-    1.0
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(64, input_shape=(8, 8, 1))
+        >>> damage = keras_fip.Damage(keras_fip.faults.Nodes(fraction=0.5), seed=0)
+        >>> damaged = damage(model)
+        >>> len(damage.history["units"]["dense_1"])
+        32
+        >>> adversary = keras_fip.Damage(keras_fip.faults.Eigen(num_eigenpairs=5),
+        ...                              data=(x[:300], y[:300]), seed=0)
+        >>> attacked = adversary(model)
+        >>> round(adversary.history["perturbation_norm"], 4)
+        1.0
     """
 
     def __init__(self, fault, *, data=None, seed=None, name=None):

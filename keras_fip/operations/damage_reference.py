@@ -44,14 +44,14 @@ class DamageReference:
 
     Examples:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
-    ...                           keras.layers.Dense(2)])
-    >>> damaged = keras_fip.Damage(keras_fip.faults.Nodes(0.5), seed=0)(model)
-    >>> reference = keras_fip.damage_reference(damaged)
-    >>> restored = reference.restore(damaged)
-    >>> bool(all(np.array_equal(a, b) for a, b in
-    ...          zip(restored.get_weights(), model.get_weights())))
-    True
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+        ...                           keras.layers.Dense(2)])
+        >>> damaged = keras_fip.Damage(keras_fip.faults.Nodes(0.5), seed=0)(model)
+        >>> reference = keras_fip.damage_reference(damaged)
+        >>> restored = reference.restore(damaged)
+        >>> bool(all(np.array_equal(a, b) for a, b in
+        ...          zip(restored.get_weights(), model.get_weights())))
+        True
     """
 
     def __init__(self, weights, masks, damage_masks, inputs=None, outputs=None, records=None):
@@ -92,11 +92,11 @@ class DamageReference:
 
         Examples:
 
-        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-        >>> damaged = keras_fip.Damage(keras_fip.faults.Gaussian(norm=0.5), seed=0)(model)
-        >>> delta = keras_fip.damage_reference(damaged).perturbation(damaged)
-        >>> round(float(np.sqrt(sum(np.sum(d.astype("float64") ** 2) for d in delta))), 4)
-        0.5
+            >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+            >>> damaged = keras_fip.Damage(keras_fip.faults.Gaussian(norm=0.5), seed=0)(model)
+            >>> delta = keras_fip.damage_reference(damaged).perturbation(damaged)
+            >>> round(float(np.sqrt(sum(np.sum(d.astype("float64") ** 2) for d in delta))), 4)
+            0.5
         """
         self._check_layout(damaged)
         index = {id(weight): i for i, weight in enumerate(damaged.weights)}
@@ -129,12 +129,12 @@ def damage_reference(model):
 
     Examples:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    >>> damaged = keras_fip.Damage("gaussian", seed=0)(model)
-    >>> keras_fip.damage_reference(damaged).records[0]["kind"]
-    'gaussian'
-    >>> keras_fip.damage_reference(model) is None
-    True
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> damaged = keras_fip.Damage("gaussian", seed=0)(model)
+        >>> keras_fip.damage_reference(damaged).records[0]["kind"]
+        'gaussian'
+        >>> keras_fip.damage_reference(model) is None
+        True
     """
     state = getattr(model, _STATE_ATTRIBUTE, None) if isinstance(model, keras.Model) else None
     return state.reference if isinstance(state, _ReferenceState) else None
@@ -250,15 +250,15 @@ def load_damaged_model(filepath, custom_objects=None, compile=True, safe_mode=Tr
 
     Examples:
 
-    >>> import os, tempfile
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
-    ...                           keras.layers.Dense(2)])
-    >>> damaged = keras_fip.Damage(keras_fip.faults.Nodes(0.5), seed=0)(model)
-    >>> path = os.path.join(tempfile.mkdtemp(), "damaged.keras")
-    >>> damaged.save(path)
-    >>> loaded = load_damaged_model(path)
-    >>> keras_fip.damage_reference(loaded).records[0]["num_hit"]
-    4
+        >>> import os, tempfile
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+        ...                           keras.layers.Dense(2)])
+        >>> damaged = keras_fip.Damage(keras_fip.faults.Nodes(0.5), seed=0)(model)
+        >>> path = os.path.join(tempfile.mkdtemp(), "damaged.keras")
+        >>> damaged.save(path)
+        >>> loaded = load_damaged_model(path)
+        >>> keras_fip.damage_reference(loaded).records[0]["num_hit"]
+        4
     """
     if not isinstance(filepath, (str, os.PathLike)) or not str(filepath).endswith(".keras"):
         raise ValueError(

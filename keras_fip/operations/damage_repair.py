@@ -51,15 +51,15 @@ class DamageRepair(Operation):
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(32, input_shape=(8, 8, 1))
-    >>> _ = keras_fip.models.train_classifier(model, x, y, epochs=5)
-    >>> repair = keras_fip.Repair((x, y), method="retrain",
-    ...                           walk=keras_fip.Walk(epochs=1, verbose=0))
-    >>> loop = keras_fip.DamageRepair(2, count=4, repair=repair, seed=0)
-    >>> result = loop(model)
-    >>> len(keras_fip.operations.hidden_units(result)["dense_1"][1])
-    8
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(32, input_shape=(8, 8, 1))
+        >>> _ = keras_fip.models.train_classifier(model, x, y, epochs=5)
+        >>> repair = keras_fip.Repair((x, y), method="retrain",
+        ...                           walk=keras_fip.Walk(epochs=1, verbose=0))
+        >>> loop = keras_fip.DamageRepair(2, count=4, repair=repair, seed=0)
+        >>> result = loop(model)
+        >>> len(keras_fip.operations.hidden_units(result)["dense_1"][1])
+        8
     """
 
     def __init__(

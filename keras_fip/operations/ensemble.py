@@ -596,17 +596,17 @@ class Ensemble(WalkingOperation):
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
-    >>> walk = keras_fip.Walk(steps=6, seed=0, verbose=0)
-    >>> op = keras_fip.Ensemble(3, data=x, walk=walk)
-    >>> ensemble = op(model)
-    >>> ensemble.output_shape
-    (None, 10)
-    >>> op.history["member_steps"]
-    [2, 4, 6]
-    >>> [m.name for m in keras_fip.ensemble_members(ensemble)]
-    ['member_0', 'member_1', 'member_2']
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
+        >>> walk = keras_fip.Walk(steps=6, seed=0, verbose=0)
+        >>> op = keras_fip.Ensemble(3, data=x, walk=walk)
+        >>> ensemble = op(model)
+        >>> ensemble.output_shape
+        (None, 10)
+        >>> op.history["member_steps"]
+        [2, 4, 6]
+        >>> [m.name for m in keras_fip.ensemble_members(ensemble)]
+        ['member_0', 'member_1', 'member_2']
     """
 
     DEFAULT_BUDGET = {"steps": MEMBER_STEPS}

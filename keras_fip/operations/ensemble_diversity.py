@@ -66,15 +66,15 @@ class Diversity(Config):
 
     Examples:
 
-    >>> diversity = Diversity(weight=2.0, attack_steps=5)
-    >>> diversity.get_config()["loss"], diversity.get_config()["attack_steps"]
-    ('error', 5)
-    >>> Diversity.from_config(diversity.get_config()) == diversity
-    True
-    >>> Diversity(radius=0.1).resolve_radius(0.0, 255.0)
-    0.1
-    >>> round(Diversity().resolve_radius(0.0, 255.0), 6)
-    76.5
+        >>> diversity = Diversity(weight=2.0, attack_steps=5)
+        >>> diversity.get_config()["loss"], diversity.get_config()["attack_steps"]
+        ('error', 5)
+        >>> Diversity.from_config(diversity.get_config()) == diversity
+        True
+        >>> Diversity(radius=0.1).resolve_radius(0.0, 255.0)
+        0.1
+        >>> round(Diversity().resolve_radius(0.0, 255.0), 6)
+        76.5
     """
 
     def __init__(

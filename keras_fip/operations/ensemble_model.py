@@ -38,14 +38,14 @@ class EnsembleCombination(keras.layers.Layer):
 
     Examples:
 
-    >>> layer = EnsembleCombination()
-    >>> z = np.array([[0.0, 0.0]], "float32")
-    >>> keras.ops.convert_to_numpy(layer([z, z])).tolist()
-    [[0.5, 0.5]]
-    >>> p = np.array([[0.2, 0.8]], "float32")
-    >>> layer = EnsembleCombination(outputs="probabilities")
-    >>> np.round(keras.ops.convert_to_numpy(layer([p, 1 - p])), 4).tolist()
-    [[0.5, 0.5]]
+        >>> layer = EnsembleCombination()
+        >>> z = np.array([[0.0, 0.0]], "float32")
+        >>> keras.ops.convert_to_numpy(layer([z, z])).tolist()
+        [[0.5, 0.5]]
+        >>> p = np.array([[0.2, 0.8]], "float32")
+        >>> layer = EnsembleCombination(outputs="probabilities")
+        >>> np.round(keras.ops.convert_to_numpy(layer([p, 1 - p])), 4).tolist()
+        [[0.5, 0.5]]
     """
 
     def __init__(self, combine="mean_probabilities", outputs="logits", **kwargs):
@@ -120,12 +120,12 @@ def ensemble_members(model):
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
-    >>> walk = keras_fip.Walk(steps=6, seed=0, verbose=0)
-    >>> ensemble = keras_fip.Ensemble(3, data=x, walk=walk)(model)
-    >>> len(keras_fip.ensemble_members(ensemble))
-    3
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
+        >>> walk = keras_fip.Walk(steps=6, seed=0, verbose=0)
+        >>> ensemble = keras_fip.Ensemble(3, data=x, walk=walk)(model)
+        >>> len(keras_fip.ensemble_members(ensemble))
+        3
     """
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
@@ -170,9 +170,9 @@ def member_output_kind(model):
 
     Examples:
 
-    >>> member = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, "softmax")])
-    >>> member_output_kind(build_ensemble([member]))
-    'probabilities'
+        >>> member = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, "softmax")])
+        >>> member_output_kind(build_ensemble([member]))
+        'probabilities'
     """
     ensemble_members(model)
     probabilities = _member_layers(model, _PROBABILITIES_SUFFIX)
@@ -221,10 +221,10 @@ def build_ensemble(
 
     Examples:
 
-    >>> members = [keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    ...            for _ in range(2)]
-    >>> build_ensemble(members).output_shape
-    (None, 2)
+        >>> members = [keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        ...            for _ in range(2)]
+        >>> build_ensemble(members).output_shape
+        (None, 2)
     """
     if (
         not isinstance(members, (list, tuple))

@@ -79,15 +79,15 @@ class Isofunctional(WalkingOperation):
         walk: A `keras_fip.Walk` (budget, rule, batch, seed, ...). Defaults to `None`.
         name: The operation's name. Defaults to `None`.
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    >>> x = np.random.rand(32, 4).astype("float32")
-    >>> walk = keras_fip.Walk(steps=5, batch_size=8, seed=0, verbose=0)
-    >>> isofunctional = Isofunctional(data=x, walk=walk)
-    >>> moved = isofunctional(model)
-    >>> [round(length, 6) for length in isofunctional.history["step_norm"]]
-    [0.01, 0.01, 0.01, 0.01, 0.01]
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> x = np.random.rand(32, 4).astype("float32")
+        >>> walk = keras_fip.Walk(steps=5, batch_size=8, record_every=1, seed=0, verbose=0)
+        >>> isofunctional = Isofunctional(data=x, walk=walk)
+        >>> moved = isofunctional(model)
+        >>> [round(length, 6) for length in isofunctional.history["step_norm"]]
+        [0.01, 0.01, 0.01, 0.01, 0.01]
     """
 
     DEFAULT_BUDGET = {"steps": 100}

@@ -103,13 +103,13 @@ def shrink(model, atol=0.0):
         A new `keras.Model` with fewer parameters and the same outputs (up to float
         rounding).
 
-    Example:
+    Examples:
 
-    >>> model = keras_fip.models.lenet_300_100()
-    >>> kernel = model.get_layer("dense_1").kernel
-    >>> kernel.assign(keras.ops.concatenate([kernel[:, :150] * 0, kernel[:, 150:]], axis=1))
-    >>> keras_fip.shrink(model).get_layer("dense_1").units
-    150
+        >>> model = keras_fip.models.lenet_300_100()
+        >>> kernel = model.get_layer("dense_1").kernel
+        >>> _ = kernel.assign(keras.ops.concatenate([kernel[:, :150] * 0, kernel[:, 150:]], axis=1))
+        >>> keras_fip.shrink(model).get_layer("dense_1").units
+        150
     """
     layers = _chain(model)
     producers = [i for i, layer in enumerate(layers) if isinstance(layer, _PRODUCERS)]

@@ -25,12 +25,12 @@ class TaskEvaluation(keras.callbacks.Callback):
 
     Examples:
 
-    >>> network = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
-    >>> x, y = np.ones((4, 2), "float32"), np.zeros(4, "int64")
-    >>> evaluation = TaskEvaluation(network, [(x, y)], every=5)
-    >>> evaluation.evaluate()
-    >>> evaluation.history["eval_step"]
-    [0]
+        >>> network = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+        >>> x, y = np.ones((4, 2), "float32"), np.zeros(4, "int64")
+        >>> evaluation = TaskEvaluation(network, [(x, y)], every=5)
+        >>> evaluation.evaluate()
+        >>> evaluation.history["eval_step"]
+        [0]
     """
 
     def __init__(self, network, tasks, every, batch_size=1024):

@@ -55,13 +55,13 @@ def logit_model(model):
     Returns:
         A `keras.Model` returning logits.
 
-    Example:
+    Examples:
 
-    >>> member = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, "softmax")])
-    >>> ensemble = keras_fip.operations.build_ensemble([member])
-    >>> x = np.ones((1, 3), "float32")
-    >>> bool(np.allclose(np.exp(logit_model(ensemble)(x)), ensemble(x), atol=1e-6))
-    True
+        >>> member = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, "softmax")])
+        >>> ensemble = keras_fip.operations.build_ensemble([member])
+        >>> x = np.ones((1, 3), "float32")
+        >>> bool(np.allclose(np.exp(logit_model(ensemble)(x)), ensemble(x), atol=1e-6))
+        True
     """
     if not is_ensemble(model):
         return outputs_lib.logits_model(model, outputs_lib.output_kind(model))
@@ -231,9 +231,9 @@ def transfer_pgd_accuracy(
         A tuple `(accuracies, adversarial)`: a dict name → accuracy on the adversarial
         inputs (plus `"surrogate"`, the attacked network's own), and the inputs.
 
-    Example:
+    Examples:
 
-    >>> # accuracies, x_adv = transfer_pgd_accuracy(surrogate, {"fip": ensemble}, x, y)
+        >>> # accuracies, x_adv = transfer_pgd_accuracy(surrogate, {"fip": ensemble}, x, y)
     """
     adversarial = pgd(
         surrogate,

@@ -34,11 +34,11 @@ def weight_distances(models):
     Returns:
         A dict: `"matrix"` (K×K numpy array), `"mean"` and `"relative_mean"` (floats).
 
-    Example:
+    Examples:
 
-    >>> a = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    >>> weight_distances([a, a])["mean"]
-    0.0
+        >>> a = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        >>> weight_distances([a, a])["mean"]
+        0.0
     """
     if not isinstance(models, (list, tuple)) or len(models) < 2:
         raise ValueError(
@@ -137,11 +137,11 @@ def linear_cka(features_x, features_y):
     Returns:
         A float in [0, 1].
 
-    Example:
+    Examples:
 
-    >>> features = np.random.default_rng(0).normal(size=(50, 4))
-    >>> round(linear_cka(features, 2 * features), 6)
-    1.0
+        >>> features = np.random.default_rng(0).normal(size=(50, 4))
+        >>> round(linear_cka(features, 2 * features), 6)
+        1.0
     """
     x = np.asarray(features_x, np.float64).reshape(len(features_x), -1)
     y = np.asarray(features_y, np.float64).reshape(len(features_y), -1)

@@ -30,10 +30,10 @@ def get(identifier):
 
     Examples:
 
-    >>> get("gaussian")
-    Gaussian(norm=1.0, layers=None)
-    >>> get(serialize(Nodes(0.3))) == Nodes(0.3)
-    True
+        >>> get("gaussian")
+        Gaussian(norm=1.0, layers=None)
+        >>> get(serialize(Nodes(0.3))) == Nodes(0.3)
+        True
     """
     if isinstance(identifier, Fault):
         return identifier

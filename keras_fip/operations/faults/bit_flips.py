@@ -30,11 +30,11 @@ class BitFlips(Fault):
 
     Examples:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    >>> damage = keras_fip.Damage(BitFlips(count=3, bits="sign"), seed=0)
-    >>> damaged = damage(model)
-    >>> [flip["bit"] for flip in damage.history["bits"]]
-    [31, 31, 31]
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> damage = keras_fip.Damage(BitFlips(count=3, bits="sign"), seed=0)
+        >>> damaged = damage(model)
+        >>> [flip["bit"] for flip in damage.history["bits"]]
+        [31, 31, 31]
     """
 
     name = "bit_flips"

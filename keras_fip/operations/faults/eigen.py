@@ -100,12 +100,12 @@ class Eigen(Fault):
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
-    >>> damage = keras_fip.Damage(Eigen(norm=1.0, num_eigenpairs=3), data=x[:200], seed=0)
-    >>> attacked = damage(model)
-    >>> len(damage.history["eigenvalues"]), round(damage.history["perturbation_norm"], 4)
-    (3, 1.0)
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
+        >>> damage = keras_fip.Damage(Eigen(norm=1.0, num_eigenpairs=3), data=x[:200], seed=0)
+        >>> attacked = damage(model)
+        >>> len(damage.history["eigenvalues"]), round(damage.history["perturbation_norm"], 4)
+        (3, 1.0)
     """
 
     name = "eigen"

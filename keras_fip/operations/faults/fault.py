@@ -26,8 +26,8 @@ class Fault(Config):
 
     Examples:
 
-    >>> keras_fip.faults.get("gaussian")
-    Gaussian(norm=1.0, layers=None)
+        >>> keras_fip.faults.get("gaussian")
+        Gaussian(norm=1.0, layers=None)
     """
 
     name = None

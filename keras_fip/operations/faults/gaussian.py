@@ -21,11 +21,11 @@ class Gaussian(Fault):
 
     Examples:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    >>> damage = keras_fip.Damage(Gaussian(norm=0.5), seed=0)
-    >>> damaged = damage(model)
-    >>> round(damage.history["perturbation_norm"], 6)
-    0.5
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> damage = keras_fip.Damage(Gaussian(norm=0.5), seed=0)
+        >>> damaged = damage(model)
+        >>> round(damage.history["perturbation_norm"], 6)
+        0.5
     """
 
     name = "gaussian"

@@ -44,14 +44,14 @@ class Nodes(Fault):
 
     Examples:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu", name="hidden"),
-    ...                           keras.layers.Dense(2)])
-    >>> damage = keras_fip.Damage(Nodes(fraction=0.25), seed=0)
-    >>> damaged = damage(model)
-    >>> damage.history["units"]
-    {'hidden': [2, 4]}
-    >>> Nodes.from_config(Nodes(count=3).get_config()) == Nodes(count=3)
-    True
+        >>> hidden = keras.layers.Dense(8, "relu", name="hidden")
+        >>> model = keras.Sequential([keras.Input((4,)), hidden, keras.layers.Dense(2)])
+        >>> damage = keras_fip.Damage(Nodes(fraction=0.25), seed=0)
+        >>> damaged = damage(model)
+        >>> damage.history["units"]
+        {'hidden': [2, 4]}
+        >>> Nodes.from_config(Nodes(count=3).get_config()) == Nodes(count=3)
+        True
     """
 
     name = "nodes"

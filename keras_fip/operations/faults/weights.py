@@ -32,12 +32,13 @@ class Weights(Fault):
 
     Examples:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5),
-    ...                           keras.layers.Dense(2)])
-    >>> damage = keras_fip.Damage(Weights(count=6), seed=0)
-    >>> damaged = damage(model)
-    >>> damage.history["num_hit"], int(sum((~m).sum() for m in keras_fip.masks(damaged).values()))
-    (6, 6)
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5),
+        ...                           keras.layers.Dense(2)])
+        >>> damage = keras_fip.Damage(Weights(count=6), seed=0)
+        >>> damaged = damage(model)
+        >>> zeroed = sum((~mask).sum() for mask in keras_fip.masks(damaged).values())
+        >>> damage.history["num_hit"], int(zeroed)
+        (6, 6)
     """
 
     name = "weights"

@@ -27,8 +27,8 @@ class Embryonic(RepairMethod):
 
     Examples:
 
-    >>> Embryonic(plasticity=0.1).get_config()
-    {'plasticity': 0.1, 'init_scale': 1.0, 'optimizer': 'adam'}
+        >>> Embryonic(plasticity=0.1).get_config()
+        {'plasticity': 0.1, 'init_scale': 1.0, 'optimizer': 'adam'}
     """
 
     name = "embryonic"

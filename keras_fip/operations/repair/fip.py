@@ -89,10 +89,10 @@ class FIP(RepairMethod):
 
     Examples:
 
-    >>> FIP(num_paths=2).get_config()["num_paths"]
-    2
-    >>> FIP.from_config(FIP(solver=None).get_config()) == FIP(solver=None)
-    True
+        >>> FIP(num_paths=2).get_config()["num_paths"]
+        2
+        >>> FIP.from_config(FIP(solver=None).get_config()) == FIP(solver=None)
+        True
     """
 
     name = "fip"

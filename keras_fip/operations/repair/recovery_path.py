@@ -72,13 +72,13 @@ def recovery_path(
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
-    >>> damaged = keras_fip.Damage(keras_fip.faults.Nodes(0.5), seed=0)(model)
-    >>> masks = keras_fip.damage_reference(damaged).damage_masks
-    >>> points, times = recovery_path(model, masks, x, num_points=3, steps_per_point=2)
-    >>> len(points)
-    3
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
+        >>> damaged = keras_fip.Damage(keras_fip.faults.Nodes(0.5), seed=0)(model)
+        >>> masks = keras_fip.damage_reference(damaged).damage_masks
+        >>> points, times = recovery_path(model, masks, x, num_points=3, steps_per_point=2)
+        >>> len(points)
+        3
     """
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")

@@ -45,8 +45,8 @@ def get_method(identifier):
 
     Examples:
 
-    >>> get_method("retrain")
-    Retrain(release=False, optimizer='adam')
+        >>> get_method("retrain")
+        Retrain(release=False, optimizer='adam')
     """
     if isinstance(identifier, RepairMethod):
         return identifier
@@ -141,15 +141,15 @@ class Repair(WalkingOperation):
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(64, input_shape=(8, 8, 1))
-    >>> _ = keras_fip.models.train_classifier(model, x, y, epochs=5)
-    >>> damaged = keras_fip.Damage(keras_fip.faults.Nodes(0.5), seed=0)(model)
-    >>> repair = keras_fip.Repair((x, y), walk=keras_fip.Walk(epochs=2, seed=0, verbose=0))
-    >>> repaired = repair(damaged)
-    >>> repair.history["epochs"] <= 2, repair.history["beta"] in (1.0, 10.0)
-    (True, True)
-    >>> restored = keras_fip.damage_reference(repaired).restore(repaired)  # the undo
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(64, input_shape=(8, 8, 1))
+        >>> _ = keras_fip.models.train_classifier(model, x, y, epochs=5)
+        >>> damaged = keras_fip.Damage(keras_fip.faults.Nodes(0.5), seed=0)(model)
+        >>> repair = keras_fip.Repair((x, y), walk=keras_fip.Walk(epochs=2, seed=0, verbose=0))
+        >>> repaired = repair(damaged)
+        >>> repair.history["epochs"] <= 2, repair.history["beta"] in (1.0, 10.0)
+        (True, True)
+        >>> restored = keras_fip.damage_reference(repaired).restore(repaired)  # the undo
     """
 
     DEFAULT_BUDGET = {"epochs": 10}

@@ -26,14 +26,14 @@ class Retrain(RepairMethod):
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(32, input_shape=(8, 8, 1))
-    >>> damaged = keras_fip.Damage(keras_fip.faults.Nodes(0.5), seed=0)(model)
-    >>> repair = keras_fip.Repair((x, y), method=Retrain(),
-    ...                           walk=keras_fip.Walk(epochs=1, seed=0, verbose=0))
-    >>> repaired = repair(damaged)
-    >>> repair.history["epochs"]
-    1.0
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(32, input_shape=(8, 8, 1))
+        >>> damaged = keras_fip.Damage(keras_fip.faults.Nodes(0.5), seed=0)(model)
+        >>> repair = keras_fip.Repair((x, y), method=Retrain(),
+        ...                           walk=keras_fip.Walk(epochs=1, seed=0, verbose=0))
+        >>> repaired = repair(damaged)
+        >>> repair.history["epochs"]
+        1.0
     """
 
     name = "retrain"

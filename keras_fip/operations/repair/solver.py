@@ -109,17 +109,17 @@ class OutputLayerSolver(Config):
 
     Examples:
 
-    >>> solver = OutputLayerSolver(examples=1000, sweeps=2)
-    >>> OutputLayerSolver.from_config(solver.get_config()) == solver
-    True
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(32, input_shape=(8, 8, 1))
-    >>> damaged = keras_fip.Damage(keras_fip.faults.Nodes(0.5), seed=0)(model)
-    >>> repair = keras_fip.Repair(x, method=keras_fip.repair.FIP(solver=solver),
-    ...                           walk=keras_fip.Walk(epochs=1, seed=0, verbose=0))
-    >>> repaired = repair(damaged)
-    >>> repair.history["solve_epochs"] > 0
-    True
+        >>> solver = OutputLayerSolver(examples=1000, sweeps=2)
+        >>> OutputLayerSolver.from_config(solver.get_config()) == solver
+        True
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(32, input_shape=(8, 8, 1))
+        >>> damaged = keras_fip.Damage(keras_fip.faults.Nodes(0.5), seed=0)(model)
+        >>> repair = keras_fip.Repair(x, method=keras_fip.repair.FIP(solver=solver),
+        ...                           walk=keras_fip.Walk(epochs=1, seed=0, verbose=0))
+        >>> repaired = repair(damaged)
+        >>> repair.history["solve_epochs"] > 0
+        True
     """
 
     def __init__(

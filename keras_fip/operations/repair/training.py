@@ -52,10 +52,10 @@ def accuracy(model, x, targets):
 
     Examples:
 
-    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
-    >>> x = np.eye(2, dtype="float32")
-    >>> accuracy(model, x, np.argmax(model(x), axis=-1))
-    1.0
+        >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+        >>> x = np.eye(2, dtype="float32")
+        >>> accuracy(model, x, np.argmax(model(x), axis=-1))
+        1.0
     """
     return float(np.mean(np.argmax(predict(model, x), axis=-1) == np.asarray(targets)))
 
@@ -136,10 +136,10 @@ def supervised_training(
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
-    >>> supervised_training(model, x, y, steps=5, learning_rate=1e-3, seed=0)
-    5
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
+        >>> supervised_training(model, x, y, steps=5, learning_rate=1e-3, seed=0)
+        5
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(
