@@ -7,7 +7,8 @@ each seed, holds a stratified, seeded `--validation_fraction` of the training sp
 
 - `fip`: `keras_fip.Quantize(bits, data=(x, y))` on the rest of the training split, its
   defaults but what `--fip_options` (a JSON object of Quantize keyword arguments; a
-  `"schedule"` object becomes a `QuantizeSchedule`) sets and the walk's `--fip_epochs`;
+  `"schedule"` object becomes a `QuantizeSchedule`) sets, the walk's `--fip_epochs` and
+  its `Penalty` rule's `--fip_learning_rate` (`"auto"` by default);
 - `qat`: `keras_fip.baselines.quantization.ste_qat` on the same grid and data, for as many
   epochs as the walk (its learning rate chosen on the validation split over
   `--qat_learning_rates`, extended past a winning edge: `keras_fip.engine.tuning.grid_search`);
@@ -135,7 +136,8 @@ def run_seed(args, seed):
     for bits in args.bits:
         steps = None
         if "fip" in args.methods:
-            walk = keras_fip.Walk(epochs=args.fip_epochs, seed=seed, verbose=0)
+            rule = keras_fip.rules.Penalty(args.fip_learning_rate)
+            walk = keras_fip.Walk(epochs=args.fip_epochs, rule=rule, seed=seed, verbose=0)
             op = keras_fip.Quantize(bits, data=(x_fit, y_fit), walk=walk, **options)
             quantized = op(model)
             steps = op.history["steps"]
@@ -149,6 +151,7 @@ def run_seed(args, seed):
                     "keras_layers": op.history["keras_layers"],
                     "layer_error": op.history["layer_error"],
                     "beta": op.history["beta"],
+                    "learning_rate": op.history["learning_rate"],
                 },
             )
         if "qat" in args.methods:
@@ -228,6 +231,7 @@ def parse(argv=None):
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--fip_epochs", type=int, default=3)
     parser.add_argument("--fip_options", default="")
+    parser.add_argument("--fip_learning_rate", default="auto")
     parser.add_argument("--qat_learning_rates", default="1e-5,1e-4,1e-3")
     parser.add_argument("--validation_fraction", type=float, default=0.1)
     parser.add_argument("--train_size", type=int, default=0)
@@ -237,6 +241,8 @@ def parse(argv=None):
     args.bits = [int(b) for b in args.bits.split(",")]
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.methods = args.methods.split(",")
+    if args.fip_learning_rate != "auto":
+        args.fip_learning_rate = float(args.fip_learning_rate)
     args.qat_learning_rates = [float(r) for r in args.qat_learning_rates.split(",")]
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
