@@ -56,6 +56,13 @@ TINY_ARGUMENTS = {
         "--sparsities=0.5",
     ],
     "multi_worker": ["--computations=metric", "--steps=2"],
+    "operation_overhead": [
+        "--model=mlp",
+        "--operations=isofunctional,compress",
+        "--steps=4",
+        "--repeats=1",
+        "--examples=512",
+    ],
     # One replica in this process (a second MirroredStrategy over the test session's two
     # logical CPUs could collide with the shared one).
     "replica_scaling": [
@@ -132,6 +139,7 @@ EXPECTED_KEYS = {
         "fip/50/steps",
     ),
     "multi_worker": ("computation", "max_abs_difference"),
+    "operation_overhead": ("operation", "steps", "call_seconds", "fit_seconds", "call_over_fit"),
     "replica_scaling": ("fit_samples_per_second", "fip_samples_per_second", "fip_speedup"),
     "user_models": ("test_accuracy", "model", "params"),
     "compress_users": (
