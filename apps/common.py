@@ -434,7 +434,8 @@ def learning_rate_grid(values, name):
     """A `--<name>` list of learning rates, checked: positive finite numbers, no repeats.
 
     One rate means no tuning (it is used as given); two or more are a grid searched on a
-    validation split (`extend_learning_rates`, `best_learning_rate`).
+    validation split (`keras_fip.engine.tuning.grid_search`, within
+    `MIN_TUNED_LEARNING_RATE` and `MAX_TUNED_LEARNING_RATE`).
 
     Args:
         values: The flag's list of strings (or numbers).
@@ -462,96 +463,6 @@ def learning_rate_grid(values, name):
             f"Received: {name}={list(values) if values else values!r}"
         )
     return sorted(rates)
-
-
-def _score(value):
-    """A validation score for comparisons: `None` (diverged) and NaN are the worst."""
-    return -np.inf if value is None or not np.isfinite(value) else float(value)
-
-
-def best_learning_rate(scores):
-    """The rate with the highest validation score; ties go to the smaller rate.
-
-    Args:
-        scores: A dict `{learning_rate: validation score}` (higher is better; `None` or
-            NaN, e.g. a diverged run, counts as the worst).
-
-    Returns:
-        The chosen learning rate.
-
-    Example:
-
-    >>> best_learning_rate({1e-3: 0.90, 3e-3: 0.95, 1e-2: 0.95})
-    0.003
-    """
-    if not scores:
-        raise ValueError("`scores` must hold at least one learning rate. Received: {}")
-    return min(scores, key=lambda rate: (-_score(scores[rate]), rate))
-
-
-def extend_learning_rates(scores):
-    """The rates to try next so that the choice is never cut off by the grid's edge.
-
-    If the largest rate tried is the best alone, 3× it (up to `MAX_TUNED_LEARNING_RATE`);
-    if the smallest is the best alone, a third of it (down to `MIN_TUNED_LEARNING_RATE`);
-    otherwise (or with a single rate: no tuning) nothing.
-
-    Args:
-        scores: A dict `{learning_rate: validation score}` of every rate tried so far.
-
-    Returns:
-        A list of new learning rates (empty when the search is over).
-
-    Example:
-
-    >>> extend_learning_rates({1e-3: 0.90, 3e-3: 0.92, 1e-2: 0.95})
-    [0.03]
-    """
-    if len(scores) < 2:
-        return []
-    rates = sorted(scores)
-    best = _score(scores[best_learning_rate(scores)])
-    alone = [r for r in rates if _score(scores[r]) == best]
-    if alone == [rates[-1]]:
-        rate = float(f"{rates[-1] * 3:.3g}")
-        return [rate] if rate <= MAX_TUNED_LEARNING_RATE * (1 + 1e-6) else []
-    if alone == [rates[0]]:
-        rate = float(f"{rates[0] / 3:.3g}")
-        return [rate] if rate >= MIN_TUNED_LEARNING_RATE * (1 - 1e-6) else []
-    return []
-
-
-def tune_learning_rate(validation_score, grid):
-    """Searches `grid` (extended past its edges while an edge wins) for the best rate.
-
-    Runs `validation_score(rate)` for every rate of the grid, then for the rates
-    `extend_learning_rates` adds, and returns the best (`best_learning_rate`). A grid of
-    one rate is not searched: it is returned as it is, without a call.
-
-    Args:
-        validation_score: A function `rate -> score` on a validation split (higher is
-            better; `None` or NaN for a diverged run).
-        grid: The learning rates to try (`learning_rate_grid`).
-
-    Returns:
-        A tuple `(rate, scores)`: the chosen rate and `{rate: score}` of every rate tried
-        (empty for a single rate).
-
-    Example:
-
-    >>> accuracy = {1e-3: 0.90, 3e-3: 0.95, 1e-2: 0.93}
-    >>> tune_learning_rate(accuracy.get, [1e-3, 3e-3, 1e-2])
-    (0.003, {0.001: 0.9, 0.003: 0.95, 0.01: 0.93})
-    """
-    grid = list(grid)
-    if len(grid) == 1:
-        return grid[0], {}
-    scores = {}
-    while grid:
-        for rate in grid:
-            scores[rate] = validation_score(rate)
-        grid = [r for r in extend_learning_rates(scores) if r not in scores]
-    return best_learning_rate(scores), scores
 
 
 def validation_split(x, y, fraction, seed):

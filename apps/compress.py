@@ -116,6 +116,7 @@ from keras_fip import baselines
 from keras_fip import data
 from keras_fip import models
 from keras_fip.engine import projection
+from keras_fip.engine import tuning as tuning_lib
 from keras_fip.operations.compress import Compress
 from keras_fip.operations.compress import Schedule
 
@@ -524,9 +525,10 @@ class _Tuning:
     """The baselines' learning-rate search, per (method, sparsity) group.
 
     Each group runs every rate of `grid` on each of `seeds`, then, once they are all
-    measured, the rates `common.extend_learning_rates` adds (while an edge rate is the
-    best), until the choice: the best mean validation accuracy over `seeds`
-    (`common.best_learning_rate`). A grid of one rate runs nothing.
+    measured, the rate `keras_fip.engine.tuning.extend_grid` adds (while an edge rate is
+    the best alone, one grid step beyond it, within the apps' bounds), until the choice:
+    the best mean validation accuracy over `seeds` (`keras_fip.engine.tuning.best_value`).
+    A grid of one rate runs nothing.
     """
 
     def __init__(self, groups, seeds, grid, make_job):
@@ -534,6 +536,7 @@ class _Tuning:
         self.seeds = seeds
         # group -> rate -> seed -> validation accuracy
         self.scores = {group: {} for group in groups} if len(grid) > 1 else {}
+        self.extended = {group: {"up": 0, "down": 0} for group in groups}
         self.make_job = make_job
         self.seconds = 0.0
 
@@ -571,14 +574,19 @@ class _Tuning:
         """The rates `group` still has to measure (none: its choice is made)."""
         return [
             rate
-            for rate in common.extend_learning_rates(self.validation(group))
+            for rate in tuning_lib.extend_grid(
+                self.validation(group),
+                low=common.MIN_TUNED_LEARNING_RATE,
+                high=common.MAX_TUNED_LEARNING_RATE,
+                extended=self.extended[group],
+            )
             if rate not in self.scores[group]
         ]
 
     def rate(self, group):
         if len(self.grid) == 1:
             return self.grid[0]
-        return common.best_learning_rate(self.validation(group))
+        return tuning_lib.best_value(self.validation(group))
 
 
 def sweep(methods, percents, seeds, epochs, batch_size, learning_rates, run, workers):

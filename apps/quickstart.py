@@ -65,6 +65,7 @@ from keras_fip import geometry
 from keras_fip import models
 from keras_fip import operations
 from keras_fip.engine import projection
+from keras_fip.engine import tuning
 
 # Quick-start settings
 flags.DEFINE_integer(
@@ -152,9 +153,9 @@ def tune_baselines(
     A network is trained as the base network is (same initialisation, recipe and epochs)
     on `(x, y)` less a stratified, seeded `validation_fraction`, so the validation images
     are new to it; each method prunes it to `sparsity` at every rate of `grid`
-    (`common.tune_learning_rate`: extended past an edge rate that wins), fine-tuning on the
-    same reduced data, and the best validation accuracy chooses the rate. No test data is
-    read. A grid of one rate is returned as it is, without training.
+    (`keras_fip.engine.tuning.grid_search`: extended past an edge rate that wins),
+    fine-tuning on the same reduced data, and the best validation accuracy chooses the
+    rate. No test data is read. A grid of one rate is returned as it is, without training.
 
     Args:
         methods: A dict `{key: function(model, sparsity, x, y, epochs, batch_size,
@@ -195,7 +196,12 @@ def tune_baselines(
             )
             return _accuracy(pruned, x_val, y_val)
 
-        chosen[key] = common.tune_learning_rate(validation_accuracy, grid)
+        chosen[key] = tuning.grid_search(
+            validation_accuracy,
+            grid,
+            low=common.MIN_TUNED_LEARNING_RATE,
+            high=common.MAX_TUNED_LEARNING_RATE,
+        )
     return chosen
 
 

@@ -44,8 +44,34 @@ def best_value(scores, prefer="smaller"):
     return min(scores, key=lambda value: (-_score(scores[value]), sign * value))
 
 
-def _next_values(scores, low, high, extended, max_extensions):
-    """One grid step past an edge that is the best alone, within the bounds, or `[]`."""
+def extend_grid(scores, low=None, high=None, extended=None, max_extensions=3):
+    """The value to try next past an edge of the values tried that is the best alone.
+
+    One grid step beyond the largest (smallest) value tried when it is the best alone (the
+    ratio of the two values at that edge), within `[low, high]`, at most `max_extensions`
+    times each way (counted in `extended`). Searches that score values asynchronously call
+    it once all scores so far are in; `grid_search` runs the whole loop.
+
+    Args:
+        scores: `{value: score}` of every value tried (higher is better; `None` or NaN for
+            a diverged run).
+        low: The smallest value an extension may reach, or `None`. Defaults to `None`.
+        high: The largest value an extension may reach, or `None`. Defaults to `None`.
+        extended: `{"up": n, "down": n}`, the extensions made so far (updated). Defaults
+            to `None` (none made).
+        max_extensions: Extensions past each edge at most. Defaults to `3`.
+
+    Returns:
+        A list of at most one new value (empty: the search is over).
+
+    Examples:
+
+        >>> extend_grid({1e-3: 0.8, 1e-2: 0.9})
+        [0.1]
+        >>> extend_grid({1e-3: 0.8, 1e-2: 0.9}, high=0.05)
+        []
+    """
+    extended = {"up": 0, "down": 0} if extended is None else extended
     if len(scores) < 2:
         return []
     values = sorted(scores)
@@ -109,7 +135,7 @@ def grid_search(score, grid, low=None, high=None, max_extensions=3, prefer="smal
         for value in pending:
             scores[value] = score(value)
         pending = [
-            v for v in _next_values(scores, low, high, extended, max_extensions) if v not in scores
+            v for v in extend_grid(scores, low, high, extended, max_extensions) if v not in scores
         ]
     return best_value(scores, prefer), scores
 

@@ -10,6 +10,7 @@ from absl.testing import flagsaver
 from apps import common
 from apps import compress
 from keras_fip import data
+from keras_fip.engine import tuning
 from keras_fip.engine.walk_checkpoint import WalkCheckpoint
 from tests.apps.conftest import scalar_tags
 
@@ -312,25 +313,26 @@ def test_compress_app_rejects_bad_learning_rate_grids(tmp_path):
 
 
 def test_learning_rate_search_extends_past_a_winning_edge_and_prefers_validation():
-    # The shared helpers of apps.compress and apps.quickstart.
+    # The search apps.compress and apps.quickstart run (keras_fip.engine.tuning).
     assert common.learning_rate_grid(["1e-2", "1e-3"], "grid") == [1e-3, 1e-2]
-    assert common.best_learning_rate({1e-3: 0.5, 3e-3: None, 1e-2: float("nan")}) == 1e-3
-    assert common.best_learning_rate({1e-3: 0.9, 3e-3: 0.9}) == 1e-3  # Ties: smaller.
-    assert common.extend_learning_rates({1e-3: 0.9}) == []  # One rate: no tuning.
-    assert common.extend_learning_rates({1e-3: 0.8, 1e-2: 0.9}) == [0.03]
-    assert common.extend_learning_rates({1e-3: 0.9, 1e-2: 0.8}) == [0.000333]
-    assert common.extend_learning_rates({1e-3: 0.9, 1e-2: 0.9}) == []  # Not alone.
-    assert common.extend_learning_rates({0.03: 0.8, 0.09: 0.9}) == []  # 0.27 > 0.1.
+    assert tuning.best_value({1e-3: 0.5, 3e-3: None, 1e-2: float("nan")}) == 1e-3
+    assert tuning.best_value({1e-3: 0.9, 3e-3: 0.9}) == 1e-3  # Ties: smaller.
+    bounds = {"low": common.MIN_TUNED_LEARNING_RATE, "high": common.MAX_TUNED_LEARNING_RATE}
+    assert tuning.extend_grid({1e-3: 0.9}, **bounds) == []  # One rate: no tuning.
+    assert tuning.extend_grid({1e-3: 0.8, 3e-3: 0.9}, **bounds) == [0.009]
+    assert tuning.extend_grid({1e-3: 0.9, 3e-3: 0.8}, **bounds) == [0.000333]
+    assert tuning.extend_grid({1e-3: 0.9, 1e-2: 0.9}, **bounds) == []  # Not alone.
+    assert tuning.extend_grid({0.03: 0.8, 0.09: 0.9}, **bounds) == []  # 0.27 > 0.1.
     calls = []
 
     def score(rate):
         calls.append(rate)
         return -abs(np.log(rate / 0.027))  # Best at 0.027, beyond the grid's top.
 
-    rate, scores = common.tune_learning_rate(score, [1e-3, 3e-3])
+    rate, scores = tuning.grid_search(score, [1e-3, 3e-3], **bounds)
     assert rate == 0.027
     assert calls == [1e-3, 3e-3, 9e-3, 0.027, 0.081] == list(scores)
-    assert common.tune_learning_rate(score, [1e-3]) == (1e-3, {})  # Not searched.
+    assert tuning.grid_search(score, [1e-3], **bounds) == (1e-3, {})  # Not searched.
     assert len(calls) == 5
 
     x, y = np.arange(300.0)[:, None], np.repeat(np.arange(3), 100)
