@@ -2,7 +2,7 @@
 
 Builds BatchNorm conv nets on scikit-learn's bundled digits (8×8): a 3×3 stem convolution
 with `width` filters, BatchNorm, ReLU, then a 3×3 BatchNorm conv block, added back to the stem
-(`residual24`, `residual48`: the net of issue 10 and a wider one) or not (`plain24`), global
+(`residual24`, `residual48`: a narrow and a wider one) or not (`plain24`), global
 average pooling, Dense 64, logits; `stem24` has no block (one convolution: an underfit net,
 ~78%, kept as the known weak case, not in the default list). 20% of the digits training split
 (stratified, seeded) is held out as a validation split that no method trains on. Trains each

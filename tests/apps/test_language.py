@@ -100,7 +100,7 @@ def test_language_app_under_a_strategy_matches_one_device(tmp_path, app_mirrored
             language.main([])
         with open(tmp_path / strategy / "results.json") as f:
             results[strategy] = json.load(f)
-    # Measured (session 14): the weight distances to 5e-5 relative, the sub-manifold's
+    # Measured: the weight distances to 5e-5 relative, the sub-manifold's
     # NLLs to 2.4e-4, every other figure to 1e-5; the names and families equal.
     assert_results_close(results["mirrored"], results["default"], rtol=1e-3, atol=1e-7)
 

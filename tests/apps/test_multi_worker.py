@@ -1,5 +1,5 @@
 """`apps.compress`, `apps.continual` and `apps.repair` with `--strategy=multi_worker` on two
-loopback workers, and the parts lifted in session 14, `apps.resilience`'s vulnerability and
+loopback workers, and `apps.resilience`'s vulnerability and
 `apps.repair`'s VGG part (~1 min).
 
 Each worker runs the apps in one process (this module's `__main__`: one TensorFlow start
@@ -92,7 +92,7 @@ REPAIR = dict(
     repair_transition_learning_rate=3e-3,
 )
 CONTINUAL_KILL_AT = "walk:6:2"
-# The parts that ran on one device only until session 14, on the settings of their
+# The parts run under a strategy in their own tests, on the settings of their
 # in-process strategy tests (odd example counts: the workers' shares of a batch differ).
 RESILIENCE = dict(
     dataset="digits",

@@ -157,7 +157,7 @@ def test_quickstart_default_run_tunes_the_baselines_on_validation(tmp_path):
         best = max(validation, key=lambda rate: (validation[rate], -float(rate)))
         assert results[f"{key}/90/learning_rate"] == float(best)
     assert results["pruning/tuning/wall_time_seconds"] > 0
-    # Issue 10's acceptance: Compress with its defaults ahead of both tuned baselines
+    # Compress with its defaults ahead of both tuned baselines
     # (measured, seed 0: 0.9722 against gradual 0.9667 and one-shot 0.9556, both at 1e-2;
     # 360 test images, one image is 0.28 pp).
     assert results["fip/90/test/accuracy"] > results["gradual/90/test/accuracy"]
