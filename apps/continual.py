@@ -39,16 +39,7 @@ and the plots `<benchmark>_path.png` (every task's accuracy along the FIP agains
 fine-tuning, Fig. 2C), `<benchmark>_final.png` (final per-task accuracy per method) and,
 with `--memory_sizes`, `<benchmark>_memory.png` (ACC against memory size).
 
-Measured here with the defaults (`python -m apps.continual`: 5 epochs for every method,
-seeds 0-2, mean ± std; class-incremental accuracy on the full test sets; 48 min wall time
-under a shared load of about 9 on 2 cores):
-
-- mnist_fmnist (cnn5, 98.7% on MNIST after the first task, memory 500 MNIST inputs,
-  Fashion-MNIST the local subset): FIP 97.8 / 86.7%, average 92.3 ± 0.1; replay 97.2 /
-  86.9, 92.0 ± 0.1; A-GEM 94.8 / 86.8, 90.8 ± 0.5; EWC (λ = 1e4 chosen on held-out
-  data) 86.3 / 85.1, 85.7 ± 3.0; fine-tuning 0.0 / 86.8, 43.4; LwF 2.3 / 86.7, 44.5.
-- split_mnist (MLP 400-400, 200 memories per task), ACC: FIP 90.2 ± 0.4, replay
-  89.9 ± 0.4, A-GEM 43.5 ± 7.6, EWC 21.3 ± 1.3, LwF 19.9, fine-tuning 19.9.
+The measured figures, with their commands, are on the results page (`docs/results.md`).
 
 Example:
 

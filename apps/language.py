@@ -52,74 +52,23 @@ Stages (each reported in `results.json`, keys prefixed by stage):
 Every stage writes `results.json` when it ends and logs its wall time
 (`<stage>/stage_wall_time_seconds`), so a stopped run keeps what it measured.
 
-Example (the default: seed 0, compositions at 10/30/60%, 117 networks queried; 36 min here
-warm under shared load):
+Example (the default: seed 0, compositions at 10/30/60%, every network of the sub-manifold
+queried):
 
     python -m apps.language
 
-Three seeds (each pretrains its own masked LM, about 50 min each here, unless
+Three seeds (each pretrains its own masked LM, unless
 `--language_pretrain_seed=0` shares seed 0's): `python -m apps.language --seeds=0,1,2`.
 
-Measured here (seed 0, 2 layers, hidden 128, feed-forward 512, 4,000 pieces, 10 pretraining
-epochs on 34,108 sentences; nice'd on two cores shared with other jobs, load 6-12):
-held-out masked-token accuracy 20.2%, pseudo-perplexity 99.4; Compress to 50% (300 steps)
-20.1% / 103.2 (−0.08 pp). SST-5 41.7%; on CR, ContinualLearn 78.0% keeping SST-5 at 40.4%
-(−1.4 pp), fine-tuning 77.5% (SST-5 falls to 28.9%), EWC 77.0% (λ = 100 chosen on
-validation; SST-5 38.2%). Three seeds of the classifiers and operations on seed 0's
-pretrained model (`--seeds=1,2 --language_pretrain_seed=0 --language_stages=continual`
-with seed 0 above), mean ± std: SST-5 41.5 ± 0.3 before; ContinualLearn SST-5 40.1 ± 0.8
-(−1.4 pp), CR 78.0 ± 0.1; fine-tuning CR 79.5 ± 1.5 (SST-5 26.4 ± 1.9; ContinualLearn
-1.6 pp behind on the mean, 2.1 and 3.2 pp on seeds 1 and 2); EWC (λ = 100 on every seed)
-CR 78.1 ± 1.0, SST-5 35.0 ± 2.5. Compositions (300 Compress steps; seed 0 from
-`python -m apps.language`, seeds 1 and 2 from `--seeds=1,2 --language_pretrain_seed=0
---language_stages=chain --language_queries= --language_pppl_queries=`), SST-5 / CR (%),
-mean ± std over the three seeds, the gaps between the means, and each seed's gaps:
-
-    sparsity   cl_then_co   co_then_cl   gaps   per seed (0, 1, 2)   distance
-   10%   39.0±0.3 / 78.7±0.7   39.6±0.4 / 79.1±1.5   0.6/0.4  0.8/2.9 0.3/0.5 0.7/1.1  23.1
-   30%   39.1±0.3 / 78.4±1.4   39.5±0.6 / 78.7±2.1   0.4/0.4  0.5/1.9 0.1/2.6 1.6/1.9  23.4
-   60%   39.5±0.3 / 78.7±1.2   39.2±0.5 / 78.3±0.6   0.3/0.4  0.6/0.5 1.1/1.9 0.8/1.1  25.0
-
-On the three-seed means both orders are within 0.6 pp on both tasks at every sparsity;
-single seeds differ by up to 2.9 pp on CR in either direction (Co→CL ahead by 2.9 on seed
-0 at 10%, behind by 2.6 on seed 1 at 30%): seed noise, not an order effect. CR's test set
-has 378 sentences (one sentence = 0.26 pp; the binomial standard error of an accuracy near
-79% is 2.1 pp). CL→Co keeps CR where ContinualLearn left it (68.5% at 30% with the
-previous 1,000-sentence anchors). On seed 0 (a scratch check) the dense ContinualLearn's CR
-does not rise with budget or rate: 78.0% at 3 epochs and 1e-3 (plateau from step 72 of
-162), 77.5% at 6 epochs (training accuracy 100%), 76.7% at 3e-4, so no budget change
-was made; with Dropout on in the walk (`--language_cl_training`) it is 78.0% and keeps
-SST-5 better (41.3% vs 40.4%).
-Sub-manifold (`python -m apps.language`, the defaults: 200 labelled query examples, 25
-pseudo-perplexity sentences): 117 networks (base 1, cl 8, each `cl_then_co_<p>` 14, each
-`co_then_cl_<p>` 22; `--language_record_every=20`). Family means (lower is better):
-
-    query                         base   cl     cl_then_co (10/30/60)   co_then_cl (10/30/60)
-    MR, NLL on CR outputs         0.702  0.734  0.656 / 0.676 / 0.654   0.736 / 0.728 / 0.730
-    SST-2, NLL on CR outputs      0.667  0.662  0.653 / 0.679 / 0.684   0.670 / 0.677 / 0.670
-    MR, pseudo-perplexity         167    234    660 / 674 / 640         354 / 345 / 378
-    TREC, pseudo-perplexity       92.1   113    390 / 289 / 295         231 / 202 / 198
-
-The sentiment queries prefer the CL→Co networks (best families `cl_then_co_60` on MR,
-`cl_then_co_10` on SST-2; MR's order means 0.662 vs 0.732, SST-2's tied at 0.672); the
-language queries prefer the networks nearest the pretrained backbone (`base`, then `cl`)
-and, of the two orders, Co→CL (about half CL→Co's pseudo-perplexity on MR) — the paper's
-pattern (IMDB best on CLCo, WikiText on CoCL), one seed. (With the previous query sizes,
-500 examples and 100 sentences, the same preferences.)
-
-`python -m apps.language` end to end (warm cache, nice'd, load 3.9-12.3 from other jobs,
-`/usr/bin/time -v`): 35 min 50 s wall, 4.5 GB peak RSS. Stages: pretrain 7 s (cached; cold:
-vocabulary 6 min and pretraining 50.5 min under load), compress 312 s, SST-5 classifier
-137 s, continual 516 s, chain (three sparsities) 877 s, sub-manifold 273 s.
+The measured figures, with their commands, are on the results page (`docs/results.md`).
 
 `--strategy=mirrored|multi_worker|tpu` runs every stage in that strategy (pretraining,
 the classifiers' `fit`, every operation and baseline, the pseudo-perplexity loops). `fit`
 draws each replica's Dropout masks apart from one device's, so the SST-5 classifier, and
 every network made from it, differs from a one-device run by the noise of its Dropout;
 with `--language_dropout=0` a run under MirroredStrategy repeats one device's figures
-(measured on the tests' tiny BERT: weight distances to 5e-5, NLLs to 2.4e-4, the rest to
-1e-5; `pytest -m large tests/apps/test_language.py -k strategy`). On a host with
-accelerators:
+(`pytest -m large tests/apps/test_language.py -k strategy` compares them on a tiny BERT).
+On a host with accelerators:
 
     python -m apps.language --strategy=mirrored --seeds=0
 

@@ -59,28 +59,8 @@ under `"{experiment}/attack/..."`), `member_vs_ensemble.png`, `layer_diversity.p
 on the local 4,000-image subset when the full set is missing and say so
 (`"{experiment}/dataset/subset"`).
 
-Measured here with the library's defaults
-(`python -m apps.robustness --experiments=mnist/lenet_300_100 --methods=fip,deep,single`:
-LeNet-300-100 on MNIST, seeds 0-2, K = 10, base networks 5 epochs, PGD ε = 0.3, step
-0.01, 40 iterations, 1 random start, on 500 seeded test images), mean ± std over seeds:
-
-    method     clean          transfer PGD    white-box PGD   compute (of deep)
-    fip        97.93 ± 0.08   91.47 ± 1.32    0.00            32%
-    deep       98.17 ± 0.02    0.00           0.00            100%
-    single     97.96 ± 0.02    0.00           0.00            10%
-
-The walk chose the labels' weight τ = 10 on every seed (on about 2,000 held-out training
-images). The surrogate's own accuracy on its attack is 0%. The FIP members average 87.3%
-under transfer; their representations are nearly identical (1 − linear CKA 0.0028, deep
-0.045): the gain comes from each member learning to be right on the inputs where the
-ensemble so far was attacked, not from representation diversity, and it does not hold
-against white-box PGD on the ensemble itself (0%, as for every method). Coherence with
-the surrogate (cosine of input gradients): FIP 0.60, single 0.71, deep 0.82. With K = 5,
-one seed and 200 attacked images
-(`--experiments=mnist/lenet_300_100 --methods=fip,single --seeds=0 --num_members=5
---attack_examples=200`): FIP clean 97.95% (single 97.97%), transfer PGD 90.0% (0% for
-the single network), at 719,536 example passes (48% of a 5-member deep ensemble's
-1,500,000; both include the base network's 300,000).
+The measured figures, with their commands, are on the results page
+(`docs/results.md`, from `results/robustness_lenet`).
 
 The default command also runs FGE and snapshot ensembles on LeNet-300-100 and the
 lighter plan on cnn5 (MNIST) and VGG-11 (CIFAR-10); their figures are in its
