@@ -1,7 +1,8 @@
 """Quantize against Keras's PTQ, straight-through QAT and TFLite PTQ on a zoo network.
 
-Trains (or reads from the cache) `keras_fip.models.base_network(--model, --dataset)` for
-each seed, holds a stratified, seeded `--validation_fraction` of the training split out
+Trains (or reads from the cache) `keras_fip.models.base_network(--model, --dataset)`
+(`--base_epochs` of training) for each seed, holds a stratified, seeded
+`--validation_fraction` of the training split out
 (`keras_fip.engine.tuning.validation_rows`), and quantises the float network at each of
 `--bits` with:
 
@@ -30,6 +31,8 @@ Example:
 
     python -m benchmarks.quantize_lenet --bits=4,3,2 --seeds=0
     python -m benchmarks.quantize_lenet --bits=2 --fip_options='{"scales": "fitted"}'
+    python -m benchmarks.quantize_lenet --model=cnn5 --base_epochs=5 --bits=4 \
+        --methods=fip,keras_int4 --train_size=10000
 """
 
 import argparse
@@ -92,7 +95,9 @@ def fip_options(text):
 
 
 def run_seed(args, seed):
-    model, _ = keras_fip.models.base_network(args.model, args.dataset, seed=seed)
+    model, _ = keras_fip.models.base_network(
+        args.model, args.dataset, epochs=args.base_epochs, seed=seed
+    )
     x, y = keras_fip.data.load(args.dataset, split="train")
     x_test, y_test = keras_fip.data.load(args.dataset, split="test")
     if args.train_size:
@@ -226,6 +231,7 @@ def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lenet_300_100")
     parser.add_argument("--dataset", default="mnist")
+    parser.add_argument("--base_epochs", type=int, default=10)
     parser.add_argument("--bits", default="8,4,3,2")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--methods", default=",".join(METHODS))

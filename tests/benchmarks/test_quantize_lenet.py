@@ -13,8 +13,8 @@ def test_the_benchmark_measures_every_method(tmp_path, monkeypatch):
     calls = []
     original = quantize_lenet.keras_fip.models.base_network
 
-    def small_network(model, dataset, seed=0):
-        calls.append((model, dataset, seed))
+    def small_network(model, dataset, epochs=10, seed=0):
+        calls.append((model, dataset, epochs, seed))
         return original("mlp", "digits", epochs=2, seed=seed, cache_dir=False)
 
     monkeypatch.setattr(quantize_lenet.keras_fip.models, "base_network", small_network)
@@ -28,7 +28,7 @@ def test_the_benchmark_measures_every_method(tmp_path, monkeypatch):
             "--output=" + str(tmp_path),
         ]
     )
-    assert calls == [("lenet_300_100", "digits", 0)]
+    assert calls == [("lenet_300_100", "digits", 10, 0)]
     methods = {(row["method"], row["bits"]) for row in rows}
     assert methods == {
         ("float", 32),
