@@ -15,7 +15,10 @@ Trains (or reads from the cache) `keras_fip.models.base_network(--model, --datas
   `--qat_learning_rates`, extended past a winning edge: `keras_fip.engine.tuning.grid_search`);
 - `keras_int8`, `keras_int4`: Keras's `model.quantize` (at 8 and 4 bits; `keras_int4` is
   also the reference at 3 and 2 bits, the lowest width Keras has);
-- `tflite`: TFLite's dynamic-range PTQ of the float network (at 8 bits).
+- `tflite`: TFLite's dynamic-range PTQ of the float network (at 8 bits);
+- `compress_fip` (not run unless named): `keras_fip.chain(Compress(--sparsity),
+  Quantize(bits))`, each with its defaults, reported also with its packed size
+  (`packed_bytes`: a bitmap of the non-zeros, `bits` bits each, a scale per channel).
 
 Keras's GPTQ (`keras.quantizers.GPTQConfig`) is not run: it calibrates on token ids (its
 calibration batches are cast to int32 and windowed from one token stream), which float
@@ -49,7 +52,7 @@ from keras_fip.baselines import quantization as baselines
 from keras_fip.engine import tuning
 from keras_fip.operations import quantize as quantize_lib
 
-METHODS = ("fip", "qat", "keras_int8", "keras_int4", "tflite")
+METHODS = ("fip", "qat", "keras_int8", "keras_int4", "tflite", "compress_fip")
 
 
 def accuracy(model, x, y):
@@ -85,6 +88,22 @@ def kernel_errors(float_model, quantized):
                 np.linalg.norm(variable.numpy() - before) / np.linalg.norm(before)
             )
     return errors
+
+
+def packed_bytes(model, bits):
+    """Bytes of the model stored sparse and low-bit: per quantised kernel a bitmap of its
+    non-zeros, `bits` bits per non-zero and a float32 scale per channel; every other
+    weight as float32."""
+    kernels = quantize_lib.quantizable_variables(model)
+    kernel_ids = {id(variable) for _, variable, _ in kernels}
+    total = 0
+    for _, variable, axes in kernels:
+        weights = variable.numpy()
+        channels = weights.size // int(np.prod([weights.shape[a] for a in axes]))
+        nonzero = int(np.count_nonzero(weights))
+        total += -(-weights.size // 8) + -(-nonzero * bits // 8) + 4 * channels
+    total += sum(4 * int(np.prod(v.shape)) for v in model.weights if id(v) not in kernel_ids)
+    return total
 
 
 def fip_options(text):
@@ -158,6 +177,19 @@ def run_seed(args, seed):
                     "beta": op.history["beta"],
                     "learning_rate": op.history["learning_rate"],
                 },
+            )
+        if "compress_fip" in args.methods:
+            walk = keras_fip.Walk(seed=seed, verbose=0)
+            chained = keras_fip.chain(
+                keras_fip.Compress(args.sparsity, data=(x_fit, y_fit), walk=walk),
+                keras_fip.Quantize(bits, data=(x_fit, y_fit), keras_layers=False, walk=walk),
+            )
+            quantized = chained(model)
+            record(
+                "compress_fip",
+                bits,
+                quantized,
+                {"sparsity": args.sparsity, "packed_bytes": packed_bytes(quantized, bits)},
             )
         if "qat" in args.methods:
             epochs = args.fip_epochs
@@ -234,10 +266,11 @@ def parse(argv=None):
     parser.add_argument("--base_epochs", type=int, default=10)
     parser.add_argument("--bits", default="8,4,3,2")
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS[:-1]))
     parser.add_argument("--fip_epochs", type=int, default=3)
     parser.add_argument("--fip_options", default="")
     parser.add_argument("--fip_learning_rate", default="auto")
+    parser.add_argument("--sparsity", type=float, default=0.95)
     parser.add_argument("--qat_learning_rates", default="1e-5,1e-4,1e-3")
     parser.add_argument("--validation_fraction", type=float, default=0.1)
     parser.add_argument("--train_size", type=int, default=0)

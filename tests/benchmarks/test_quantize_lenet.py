@@ -55,3 +55,15 @@ def test_the_benchmark_measures_every_method(tmp_path, monkeypatch):
 def test_unknown_methods_are_rejected():
     with pytest.raises(ValueError, match="gptq"):
         quantize_lenet.main(["--methods=fip,gptq"])
+
+
+def test_packed_bytes_counts_a_bitmap_the_nonzeros_and_the_scales():
+    import keras
+    import numpy as np
+
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8)])
+    kernel = np.zeros((16, 8), "float32")
+    kernel[:4] = 1.0  # 32 non-zeros
+    model.layers[0].kernel.assign(kernel)
+    # bitmap 128 / 8 + 32 non-zeros × 4 bits / 8 + 8 scales × 4 + 8 biases × 4
+    assert quantize_lenet.packed_bytes(model, 4) == 16 + 16 + 32 + 32
