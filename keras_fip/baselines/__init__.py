@@ -3,6 +3,7 @@
 `tfmot_bridge` is deliberately not imported: it runs only in its own process.
 """
 
+from keras_fip.baselines import quantization
 from keras_fip.baselines.agem import AGEM
 from keras_fip.baselines.deep_ensemble import deep_ensemble
 from keras_fip.baselines.deep_ensemble import fast_geometric_ensemble
