@@ -41,8 +41,8 @@ FIT_RATIOS = np.linspace(0.2, 1.0, 41)
 
 
 def resolved_scales(scales, bits):
-    """The scale rule `scales` names at `bits` bits: `"auto"` is `"abs_max"` (Keras's) at the
-    widths Keras has layers for (8 and 4 bits) and `"fitted"` below them.
+    """The scale rule `scales` names at `bits` bits: `"auto"` is `"abs_max"` (Keras's
+    int8 rule) at 8 bits and `"fitted"` below.
 
     Args:
         scales: `"auto"`, `"abs_max"` or `"fitted"`.
@@ -53,12 +53,12 @@ def resolved_scales(scales, bits):
 
     Examples:
 
-    >>> resolved_scales("auto", 4), resolved_scales("auto", 2)
+    >>> resolved_scales("auto", 8), resolved_scales("auto", 4)
     ('abs_max', 'fitted')
     """
     if scales != "auto":
         return scales
-    return "abs_max" if bits in KERAS_MODES else "fitted"
+    return "abs_max" if bits == 8 else "fitted"
 
 
 def _check_labels(labels):
@@ -389,7 +389,7 @@ class Quantize(WalkingOperation):
         scales: `"abs_max"` (scale = q_max / max|w| per channel, as Keras's quantisers
             compute it), `"fitted"` (the clipping with the least projection error per
             channel; a snapped kernel's scale is still q_max / max|w|) or `"auto"`:
-            `"abs_max"` at 8 and 4 bits, `"fitted"` at 3 and 2 (`resolved_scales`).
+            `"abs_max"` at 8 bits, `"fitted"` at 4, 3 and 2 (`resolved_scales`).
             Defaults to `"auto"`.
         keras_layers: Whether Dense, EinsumDense and Embedding layers become Keras's
             quantised layers at 8 and 4 bits. Defaults to `True`.
