@@ -52,19 +52,23 @@ def main(argv=None):
     accuracy_before = _accuracy(model, x_test, y_test)
 
     # Walk.
+    rules = {
+        "metric": keras_fip.rules.Metric(args.epsilon, args.damping, args.cg_iterations),
+        "normalized": keras_fip.rules.Normalized(args.epsilon),
+        "penalty": keras_fip.rules.Penalty(),
+    }
     walk = keras_fip.Isofunctional(
         data=x_train[: args.anchor_examples],
-        steps=args.steps,
-        epsilon=args.epsilon,
-        step_rule=args.step_rule,
         push=args.push,
-        beta=args.beta,
-        damping=args.damping,
-        cg_iterations=args.cg_iterations,
-        batch_size=args.batch_size,
-        record_every=args.steps,
-        seed=args.seed,
-        verbose=0,
+        walk=keras_fip.Walk(
+            steps=args.steps,
+            rule=rules[args.step_rule],
+            beta=args.beta,
+            batch_size=args.batch_size,
+            record_every=args.steps,
+            seed=args.seed,
+            verbose=0,
+        ),
     )
     start = time.perf_counter()
     moved = walk(model)

@@ -87,7 +87,7 @@ def test_chain_equals_sequential_application():
 
 
 def test_config_round_trips_through_keras_serialization():
-    operation = chain(Scale(2.5, name="double"), Shift(-1.0), verbose=0)
+    operation = chain(Scale(2.5, name="double"), Shift(-1.0), name="scale_and_shift")
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(operation))
     assert isinstance(restored, Chain)
     assert restored.get_config() == operation.get_config()
@@ -103,8 +103,8 @@ def test_config_round_trips_through_keras_serialization():
         (lambda: Scale(-1.0), "`factor` must be a number > 0.0. Received: factor=-1.0"),
         (lambda: Scale("2"), "Received: factor='2'"),
         (lambda: Scale(True), "Received: factor=True"),
-        (lambda: Scale(verbose=3), "Received: verbose=3"),
-        (lambda: Scale(callbacks=["progress"]), "Received: callbacks=\\['progress'\\]"),
+        (lambda: keras_fip.Walk(verbose=3), "Received: verbose=3"),
+        (lambda: keras_fip.Walk(callbacks=["progress"]), "Received: callbacks=\\['progress'\\]"),
         (lambda: chain(), "Received: operations=\\[\\]"),
         (lambda: chain(Scale(), "compress"), "Received: operations\\[1\\]='compress'"),
     ],
@@ -139,7 +139,11 @@ def test_nested_models_and_zoo_models_are_supported():
 
 def test_carried_data_is_used_when_no_data_is_given():
     model = _model()
-    walk = keras_fip.Isofunctional(steps=2, batch_size=4, epsilon=0.01, verbose=0)
+    walk = keras_fip.Isofunctional(
+        walk=keras_fip.Walk(
+            steps=2, batch_size=4, rule=keras_fip.rules.Metric(0.01), record_every=1, verbose=0
+        )
+    )
     with pytest.raises(ValueError, match="carries no data.*Received: data=None"):
         walk(model)
     carry_data(model, np.random.default_rng(0).random((8, 4)).astype("float32"))

@@ -99,7 +99,7 @@ OPERATIONS = {
         walk=keras_fip.Walk(steps=8, batch_size=32, verbose=0, seed=0),
     ),
     "isofunctional": lambda t, n, wrap: keras_fip.Isofunctional(
-        data=wrap(t[0]), steps=4, batch_size=32, verbose=0, seed=0
+        data=wrap(t[0]), walk=keras_fip.Walk(steps=4, batch_size=32, verbose=0, seed=0)
     ),
     "finetune": lambda t, n, wrap: keras_fip.baselines.FineTune(
         wrap(n), eval_tasks=[wrap(t)], walk=keras_fip.Walk(epochs=1, batch_size=32, seed=0)

@@ -187,7 +187,9 @@ def _cases():
         ),
         "isofunctional": (
             lambda: trained_model("sequential"),
-            lambda: keras_fip.Isofunctional(data=x, steps=8, seed=0, verbose=0),
+            lambda: keras_fip.Isofunctional(
+                data=x, walk=keras_fip.Walk(steps=8, seed=0, verbose=0)
+            ),
         ),
         "recovery_path": (lambda: trained_model("sequential"), lambda: _recovery_end),
         # Attention: sparse (IndexedSlices) embedding gradients summed over replicas.

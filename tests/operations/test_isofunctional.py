@@ -49,7 +49,15 @@ def test_walk_keeps_function_far_better_than_straight_line(digits_model):
     model, x = digits_model
     before = _hash(model)
     walk = keras_fip.Isofunctional(
-        data=x, steps=40, epsilon=0.05, batch_size=128, seed=0, verbose=0, record_every=10
+        data=x,
+        walk=keras_fip.Walk(
+            steps=40,
+            rule=keras_fip.rules.Metric(epsilon=0.05),
+            batch_size=128,
+            seed=0,
+            verbose=0,
+            record_every=10,
+        ),
     )
     moved = walk(model)
     assert _hash(model) == before
@@ -78,13 +86,15 @@ def test_callbacks_progress_and_tensorboard_logging(digits_model, tmp_path):
     log_dir = str(tmp_path / "logs")
     walk = keras_fip.Isofunctional(
         data=x,
-        steps=3,
-        step_rule="normalized",
         push="shrink",
-        batch_size=64,
-        callbacks=[Count()],
-        log_dir=log_dir,
-        verbose=0,
+        walk=keras_fip.Walk(
+            steps=3,
+            rule="normalized",
+            batch_size=64,
+            callbacks=[Count()],
+            log_dir=log_dir,
+            verbose=0,
+        ),
     )
     walk(model)
     assert Count.batches == 3
@@ -102,11 +112,15 @@ def test_config_round_trip_and_chain_of_walks(digits_model):
     model, x = digits_model
     x = x[:64]
     walk = keras_fip.Isofunctional(
-        data=x, steps=3, epsilon=0.02, batch_size=32, seed=1, step_rule="normalized", verbose=0
+        data=x,
+        walk=keras_fip.Walk(
+            steps=3, rule=keras_fip.rules.Normalized(0.02), batch_size=32, seed=1, verbose=0
+        ),
     )
     restored = keras_fip.Isofunctional.from_config(walk.get_config())
-    assert restored.get_config().keys() == walk.get_config().keys()
-    assert restored.step_rule == "normalized" and restored.seed == 1
+    assert restored.get_config() == walk.get_config()
+    assert restored.resolved_walk().rule == keras_fip.rules.Normalized(0.02)
+    assert restored.resolved_walk().seed == 1
     both = chain(walk, restored)
     result = both(model)
     assert both.path is restored.path
@@ -117,12 +131,15 @@ def test_config_round_trip_and_chain_of_walks(digits_model):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"steps": 0}, "Received: steps=0"),
-        ({"epsilon": -0.1}, "Received: epsilon=-0.1"),
+        ({"walk": {"steps": 0}}, "Received: steps=0"),
+        (
+            {"walk": {"rule": {"class_name": "keras_fip>Metric", "config": {"epsilon": -0.1}}}},
+            "epsilon",
+        ),
         ({"push": "north"}, "Received: push='north'"),
-        ({"step_rule": "newton"}, "Received: step_rule='newton'"),
-        ({"push": "none"}, "Received: push='none', step_rule='metric'"),
-        ({"batch_size": 2.5}, "Received: batch_size=2.5"),
+        ({"walk": {"rule": "newton"}}, "Received: rule='newton'"),
+        ({"push": "none"}, "Received: push='none', rule=Metric"),
+        ({"walk": {"batch_size": 2.5}}, "Received: batch_size=2.5"),
         ({"data": np.full((4, 2), np.nan)}, "`data` must not contain NaN"),
     ],
 )

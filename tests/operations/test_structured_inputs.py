@@ -349,7 +349,7 @@ OPERATIONS = {
         walk=keras_fip.Walk(steps=12, batch_size=32, verbose=0, seed=0),
     ),
     "isofunctional": lambda task, data: keras_fip.Isofunctional(
-        data=data(task[0]), steps=6, batch_size=32, verbose=0, seed=0
+        data=data(task[0]), walk=keras_fip.Walk(steps=6, batch_size=32, verbose=0, seed=0)
     ),
     "finetune": lambda task, data: keras_fip.baselines.FineTune(
         (data(_new_task(task)[0]), _new_task(task)[1]),
