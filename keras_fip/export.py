@@ -43,15 +43,15 @@ def export(model, directory, input_signature=None, verbose=False, format="saved_
         `None`. Serve with `loaded = tf.saved_model.load(directory)` then
         `loaded.serve(x)` (keep `loaded` referenced while serving).
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np, tempfile, tensorflow as tf
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> directory = tempfile.mkdtemp()
-    >>> export(model, directory)
-    >>> loaded = tf.saved_model.load(directory)
-    >>> tuple(loaded.serve(np.ones((4, 3), "float32")).shape)
-    (4, 2)
+        >>> import keras, numpy as np, tempfile, tensorflow as tf
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> directory = tempfile.mkdtemp()
+        >>> export(model, directory)
+        >>> loaded = tf.saved_model.load(directory)
+        >>> tuple(loaded.serve(np.ones((4, 3), "float32")).shape)
+        (4, 2)
     """
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")

@@ -101,12 +101,12 @@ class EWC(ContinualBaseline):
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1), num_classes=5)
-    >>> old, new = y < 5, y >= 5
-    >>> EWC((x[new], y[new] - 5), fisher_data=x[old], ewc_lambda=100.0,
-    ...     walk=keras_fip.Walk(epochs=1, verbose=0))(model).output_shape
-    (None, 10)
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1), num_classes=5)
+        >>> old, new = y < 5, y >= 5
+        >>> EWC((x[new], y[new] - 5), fisher_data=x[old], ewc_lambda=100.0,
+        ...     walk=keras_fip.Walk(epochs=1, verbose=0))(model).output_shape
+        (None, 10)
     """
 
     def __init__(

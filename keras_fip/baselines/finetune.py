@@ -30,12 +30,12 @@ class FineTune(ContinualBaseline):
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1), num_classes=5)
-    >>> new = y >= 5
-    >>> walk = keras_fip.Walk(epochs=1, verbose=0)
-    >>> FineTune((x[new], y[new] - 5), walk=walk)(model).output_shape
-    (None, 10)
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1), num_classes=5)
+        >>> new = y >= 5
+        >>> walk = keras_fip.Walk(epochs=1, verbose=0)
+        >>> FineTune((x[new], y[new] - 5), walk=walk)(model).output_shape
+        (None, 10)
     """
 
     def loss(self, model, batch):

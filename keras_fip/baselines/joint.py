@@ -33,12 +33,12 @@ class JointTraining(ContinualBaseline):
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1), num_classes=5)
-    >>> old, new = y < 5, y >= 5
-    >>> JointTraining((x[new], y[new] - 5), old_tasks=[(x[old], y[old])],
-    ...               walk=keras_fip.Walk(epochs=1, verbose=0))(model).output_shape
-    (None, 10)
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1), num_classes=5)
+        >>> old, new = y < 5, y >= 5
+        >>> JointTraining((x[new], y[new] - 5), old_tasks=[(x[old], y[old])],
+        ...               walk=keras_fip.Walk(epochs=1, verbose=0))(model).output_shape
+        (None, 10)
     """
 
     def __init__(self, new_task, old_tasks=(), **kwargs):

@@ -37,12 +37,12 @@ class LwF(ContinualBaseline):
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1), num_classes=5)
-    >>> new = y >= 5
-    >>> walk = keras_fip.Walk(epochs=1, verbose=0)
-    >>> LwF((x[new], y[new] - 5), walk=walk)(model).output_shape
-    (None, 10)
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1), num_classes=5)
+        >>> new = y >= 5
+        >>> walk = keras_fip.Walk(epochs=1, verbose=0)
+        >>> LwF((x[new], y[new] - 5), walk=walk)(model).output_shape
+        (None, 10)
     """
 
     def __init__(self, new_task, *, temperature=2.0, distillation_weight=1.0, **kwargs):

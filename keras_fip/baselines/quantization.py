@@ -42,9 +42,9 @@ def keras_ptq(model, mode):
 
     Examples:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    >>> keras_ptq(model, "int8").layers[0].quantization_mode
-    'int8'
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> keras_ptq(model, "int8").layers[0].quantization_mode
+        'int8'
     """
     if mode not in KERAS_PTQ_MODES:
         raise ValueError(f"`mode` must be one of {list(KERAS_PTQ_MODES)}. Received: mode={mode!r}")

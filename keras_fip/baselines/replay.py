@@ -122,13 +122,13 @@ class ExperienceReplay(MemoryBaseline):
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1), num_classes=5)
-    >>> old, new = y < 5, y >= 5
-    >>> replay = ExperienceReplay((x[new], y[new] - 5), memory=(x[old][:50], y[old][:50]),
-    ...                           walk=keras_fip.Walk(epochs=1, verbose=0))
-    >>> replay(model).output_shape
-    (None, 10)
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(16, input_shape=(8, 8, 1), num_classes=5)
+        >>> old, new = y < 5, y >= 5
+        >>> replay = ExperienceReplay((x[new], y[new] - 5), memory=(x[old][:50], y[old][:50]),
+        ...                           walk=keras_fip.Walk(epochs=1, verbose=0))
+        >>> replay(model).output_shape
+        (None, 10)
     """
 
     def loss(self, model, batch):

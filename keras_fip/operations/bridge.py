@@ -104,14 +104,14 @@ class Bridge(WalkingOperation):
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> a = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
-    >>> b = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
-    >>> walk = keras_fip.Walk(epochs=1, seed=0, verbose=0)
-    >>> op = Bridge(b, data=x, eval_tasks=[(x, y), (1 - x, y)], walk=walk)
-    >>> walked = op(a)
-    >>> len(op.history["task_1/accuracy"]) == len(op.history["eval_step"])
-    True
+        >>> x, y = keras_fip.data.load("digits")
+        >>> a = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
+        >>> b = keras_fip.models.mlp(16, input_shape=(8, 8, 1))
+        >>> walk = keras_fip.Walk(epochs=1, seed=0, verbose=0)
+        >>> op = Bridge(b, data=x, eval_tasks=[(x, y), (1 - x, y)], walk=walk)
+        >>> walked = op(a)
+        >>> len(op.history["task_1/accuracy"]) == len(op.history["eval_step"])
+        True
     """
 
     DEFAULT_BUDGET = {"epochs": 10}

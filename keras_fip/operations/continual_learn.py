@@ -174,14 +174,14 @@ class ContinualLearn(WalkingOperation):
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(32, input_shape=(8, 8, 1), num_classes=5)
-    >>> old, new = y < 5, y >= 5
-    >>> walk = keras_fip.Walk(epochs=1, seed=0, verbose=0)
-    >>> grown = keras_fip.ContinualLearn((x[new], y[new] - 5), memory=x[old][:200],
-    ...                                  walk=walk)(model)
-    >>> grown.output_shape
-    (None, 10)
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(32, input_shape=(8, 8, 1), num_classes=5)
+        >>> old, new = y < 5, y >= 5
+        >>> walk = keras_fip.Walk(epochs=1, seed=0, verbose=0)
+        >>> grown = keras_fip.ContinualLearn((x[new], y[new] - 5), memory=x[old][:200],
+        ...                                  walk=walk)(model)
+        >>> grown.output_shape
+        (None, 10)
     """
 
     DEFAULT_BUDGET = {"epochs": 5}

@@ -67,11 +67,11 @@ def grow_output_layer(model, num_new, seed=None):
     Returns:
         A new `keras.Model` with `C + num_new` outputs.
 
-    Example:
+    Examples:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    >>> grow_output_layer(model, 2).output_shape
-    (None, 5)
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> grow_output_layer(model, 2).output_shape
+        (None, 5)
     """
     old = output_layer(model)
     if isinstance(num_new, bool) or not isinstance(num_new, (int, np.integer)) or num_new < 1:

@@ -53,8 +53,8 @@ def resolved_scales(scales, bits):
 
     Examples:
 
-    >>> resolved_scales("auto", 8), resolved_scales("auto", 4)
-    ('abs_max', 'fitted')
+        >>> resolved_scales("auto", 8), resolved_scales("auto", 4)
+        ('abs_max', 'fitted')
     """
     if scales != "auto":
         return scales
@@ -104,10 +104,10 @@ def channel_axes(layer):
 
     Examples:
 
-    >>> dense = keras.layers.Dense(3)
-    >>> dense.build((None, 4))
-    >>> [(v.name, axes) for v, axes in channel_axes(dense)]
-    [('kernel', (0,))]
+        >>> dense = keras.layers.Dense(3)
+        >>> dense.build((None, 4))
+        >>> [(v.name, axes) for v, axes in channel_axes(dense)]
+        [('kernel', (0,))]
     """
     if getattr(layer, "quantization_mode", None) is not None or not layer.built:
         return []
@@ -208,9 +208,9 @@ def grid_scales(weights, bits, axes, scales="abs_max"):
 
     Examples:
 
-    >>> w = np.array([[1.0, -0.5], [0.25, 2.0]], "float32")
-    >>> grid_scales(w, 8, (0,))
-    array([[127. ,  63.5]], dtype=float32)
+        >>> w = np.array([[1.0, -0.5], [0.25, 2.0]], "float32")
+        >>> grid_scales(w, 8, (0,))
+        array([[127. ,  63.5]], dtype=float32)
     """
     weights = np.asarray(weights, dtype="float64")
     levels = _levels(bits)
@@ -250,10 +250,10 @@ def project(weights, bits, axes, scales="abs_max"):
 
     Examples:
 
-    >>> w = np.array([[0.9, -0.2], [0.3, 1.0]], "float32")
-    >>> projected, integers, scale = project(w, 2, (0,))
-    >>> integers.tolist()
-    [[1.0, -0.0], [0.0, 1.0]]
+        >>> w = np.array([[0.9, -0.2], [0.3, 1.0]], "float32")
+        >>> projected, integers, scale = project(w, 2, (0,))
+        >>> integers.tolist()
+        [[1.0, -0.0], [0.0, 1.0]]
     """
     weights = np.asarray(weights, dtype="float32")
     levels = _levels(bits)
@@ -400,15 +400,15 @@ class Quantize(WalkingOperation):
 
     Examples:
 
-    >>> x, y = keras_fip.data.load("digits")
-    >>> model = keras_fip.models.mlp(32, input_shape=(8, 8, 1))
-    >>> walk = keras_fip.Walk(steps=20, seed=0, verbose=0)
-    >>> op = keras_fip.Quantize(3, data=(x, y), walk=walk)
-    >>> quantized = op(model)
-    >>> kernel = quantized.layers[-1].kernel.numpy()
-    >>> integers = kernel * op.history["scales"][quantized.layers[-1].kernel.path]
-    >>> bool(np.allclose(integers, np.round(integers), atol=1e-3)), int(np.abs(integers).max())
-    (True, 3)
+        >>> x, y = keras_fip.data.load("digits")
+        >>> model = keras_fip.models.mlp(32, input_shape=(8, 8, 1))
+        >>> walk = keras_fip.Walk(steps=20, seed=0, verbose=0)
+        >>> op = keras_fip.Quantize(3, data=(x, y), walk=walk)
+        >>> quantized = op(model)
+        >>> kernel = quantized.layers[-1].kernel.numpy()
+        >>> integers = kernel * op.history["scales"][quantized.layers[-1].kernel.path]
+        >>> bool(np.allclose(integers, np.round(integers), atol=1e-3)), int(np.abs(integers).max())
+        (True, 3)
     """
 
     DEFAULT_BUDGET = {"epochs": 3}

@@ -31,11 +31,11 @@ class QuantizeSchedule:
 
     Examples:
 
-    >>> schedule = QuantizeSchedule(start_bits=8, ramp_fraction=0.5)
-    >>> [schedule.bits_at(step, 100, 4) for step in (0, 10, 30, 49, 50, 99)]
-    [8, 8, 6, 5, 4, 4]
-    >>> QuantizeSchedule.from_config(schedule.get_config()) == schedule
-    True
+        >>> schedule = QuantizeSchedule(start_bits=8, ramp_fraction=0.5)
+        >>> [schedule.bits_at(step, 100, 4) for step in (0, 10, 30, 49, 50, 99)]
+        [8, 8, 6, 5, 4, 4]
+        >>> QuantizeSchedule.from_config(schedule.get_config()) == schedule
+        True
     """
 
     def __init__(self, update_every=10, start_bits=None, ramp_fraction=0.5, min_steps=MIN_STEPS):
