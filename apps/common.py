@@ -434,7 +434,7 @@ def learning_rate_grid(values, name):
     """A `--<name>` list of learning rates, checked: positive finite numbers, no repeats.
 
     One rate means no tuning (it is used as given); two or more are a grid searched on a
-    validation split (`keras_fip.engine.tuning.grid_search`, within
+    validation split (`keras_fip.core.tuning.grid_search`, within
     `MIN_TUNED_LEARNING_RATE` and `MAX_TUNED_LEARNING_RATE`).
 
     Args:

@@ -115,8 +115,8 @@ from apps import common
 from keras_fip import baselines
 from keras_fip import data
 from keras_fip import models
-from keras_fip.engine import projection
-from keras_fip.engine import tuning as tuning_lib
+from keras_fip.core import projection
+from keras_fip.core import tuning as tuning_lib
 from keras_fip.operations.compress import Compress
 from keras_fip.operations.compress import Schedule
 
@@ -525,9 +525,9 @@ class _Tuning:
     """The baselines' learning-rate search, per (method, sparsity) group.
 
     Each group runs every rate of `grid` on each of `seeds`, then, once they are all
-    measured, the rate `keras_fip.engine.tuning.extend_grid` adds (while an edge rate is
+    measured, the rate `keras_fip.core.tuning.extend_grid` adds (while an edge rate is
     the best alone, one grid step beyond it, within the apps' bounds), until the choice:
-    the best mean validation accuracy over `seeds` (`keras_fip.engine.tuning.best_value`).
+    the best mean validation accuracy over `seeds` (`keras_fip.core.tuning.best_value`).
     A grid of one rate runs nothing.
     """
 

@@ -322,7 +322,7 @@ def compress_stage(model, encoder, held_out, seed):
         sparse = operation(model)
         metrics = mlm_metrics(sparse, held_out)
         results.update({f"{percent}/{k}": v for k, v in metrics.items()})
-        results[f"{percent}/measured_sparsity"] = keras_fip.engine.projection.prunable_sparsity(
+        results[f"{percent}/measured_sparsity"] = keras_fip.core.projection.prunable_sparsity(
             sparse, include_embeddings=FLAGS.language_embeddings
         )
         results[f"{percent}/wall_time_seconds"] = time.perf_counter() - start
@@ -559,7 +559,7 @@ def chain_stage(base, tasks, seed, learned=None, report=None):
                 {f"{percent}/{name}/{k}": v for k, v in _evaluate_both(model, tasks).items()}
             )
             results[f"{percent}/{name}/measured_sparsity"] = (
-                keras_fip.engine.projection.prunable_sparsity(model)
+                keras_fip.core.projection.prunable_sparsity(model)
             )
         results[f"{percent}/weight_distance"] = _weights_distance(cl_then_co, co_then_cl)
         results[f"{percent}/weight_distance_cl_then_co_to_base"] = _weights_distance(

@@ -64,8 +64,8 @@ from keras_fip import data
 from keras_fip import geometry
 from keras_fip import models
 from keras_fip import operations
-from keras_fip.engine import projection
-from keras_fip.engine import tuning
+from keras_fip.core import projection
+from keras_fip.core import tuning
 
 # Quick-start settings
 flags.DEFINE_integer(
@@ -153,7 +153,7 @@ def tune_baselines(
     A network is trained as the base network is (same initialisation, recipe and epochs)
     on `(x, y)` less a stratified, seeded `validation_fraction`, so the validation images
     are new to it; each method prunes it to `sparsity` at every rate of `grid`
-    (`keras_fip.engine.tuning.grid_search`: extended past an edge rate that wins),
+    (`keras_fip.core.tuning.grid_search`: extended past an edge rate that wins),
     fine-tuning on the same reduced data, and the best validation accuracy chooses the
     rate. No test data is read. A grid of one rate is returned as it is, without training.
 

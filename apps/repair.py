@@ -19,7 +19,7 @@ networks from
   Every method sees `--batch_size` examples per step and ⌈N/batch⌉ steps per epoch, so an
   epoch is the same number of examples for all. Each baseline's learning rate is tuned
   over its grid (`--repair_<method>_learning_rates`, extended by the grid's own spacing
-  past an edge that wins, within 1e-5 to 1: `keras_fip.engine.tuning.grid_search`) on the
+  past an edge that wins, within 1e-5 to 1: `keras_fip.core.tuning.grid_search`) on the
   mean over the first `--repair_tuning_seeds` seeds (the first one by default; 0: all):
   the rate recovering in the fewest epochs on the mean (then the best final accuracy on
   the mean) is used for every seed (a rate is the walk's `keras_fip.rules.Penalty`
@@ -112,7 +112,7 @@ from apps import common  # noqa: E402
 from keras_fip import data  # noqa: E402
 from keras_fip import geometry  # noqa: E402
 from keras_fip import models  # noqa: E402
-from keras_fip.engine import tuning  # noqa: E402
+from keras_fip.core import tuning  # noqa: E402
 from keras_fip.operations.repair import recovery_path  # noqa: E402
 
 PARTS = ("recovery", "iterative", "invariant", "transitions", "vgg")
@@ -489,7 +489,7 @@ def _recovered_by_solves(history):
 def _tuned(method, cases, splits):
     """The learning rate of `method` recovering first on the mean over `cases` (`(seed,
     model, damaged)`; a run that never recovers counts as the budget), then most accurate at
-    its end on the mean, chosen by `keras_fip.engine.tuning.grid_search` over the method's
+    its end on the mean, chosen by `keras_fip.core.tuning.grid_search` over the method's
     grid (extended past an edge that wins, within `TUNING_BOUNDS`); the mean epochs to
     recover of every rate tried (`None`: a run diverged or did not recover); and the chosen
     rate's runs `{seed: (history, repaired)}`."""
@@ -914,7 +914,7 @@ def vgg(seed):
     print(f"vgg: recovery path walked in {time.perf_counter() - began:.0f} s", flush=True)
     straight_points, _ = geometry.damage_path(model, damaged, FLAGS.repair_path_points)
     working = keras_fip.strip_masks(model)
-    normalized = bool(keras_fip.engine.normalization.batch_normalization_layers(working))
+    normalized = bool(keras_fip.core.normalization.batch_normalization_layers(working))
     # The straight path is the paper's naive path: the weights on the line, every other
     # state (BatchNorm statistics) as trained. Re-estimating the statistics at each point
     # is a repair step of its own; that variant is reported beside it when there is
@@ -928,7 +928,7 @@ def vgg(seed):
         for point in points:
             working.set_weights(point)
             if recalibrate:  # The recovery path recalibrated its own.
-                keras_fip.engine.normalization.recalibrate_batch_normalization(
+                keras_fip.core.normalization.recalibrate_batch_normalization(
                     working, x, 2 * FLAGS.batch_size, max_examples=4096
                 )
             visited.append(working.get_weights())

@@ -95,7 +95,7 @@ from keras_fip import baselines
 from keras_fip import data
 from keras_fip import models
 from keras_fip import robustness
-from keras_fip.engine.copy import copy_model
+from keras_fip.core.copy import copy_model
 from keras_fip.operations.ensemble import build_ensemble
 
 METHODS = ("fip", "deep", "fge", "snapshot", "single")

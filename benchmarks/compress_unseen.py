@@ -16,7 +16,7 @@ protection) fine-tuned with labels for the same number of steps Compress took
 (`op.history["steps"]`), each at the learning rate that does best on the validation split
 (as their authors tune them): the grid `--learning_rates` (1e-4 to 1e-2), extended by the
 grid's own spacing while a rate at its edge is the best alone, up to 0.1
-(`keras_fip.engine.tuning.grid_search`; a single rate is used as given), so the chosen rate
+(`keras_fip.core.tuning.grid_search`; a single rate is used as given), so the chosen rate
 is never
 cut off by the grid's edge. Prints one JSON line per net and seed with the test
 accuracies (360 images: one image is 0.28 pp, hence several seeds), then one summary line per
@@ -92,7 +92,7 @@ def _accuracy(model, x, y):
 
 
 def _layer_sparsity(model):
-    variables = keras_fip.engine.projection.prunable_variables(model)
+    variables = keras_fip.core.projection.prunable_variables(model)
     return {v.path: round(float(np.mean(v.numpy() == 0)), 3) for v in variables}
 
 
@@ -296,7 +296,7 @@ def run_net(
                 return _accuracy(pruned, x_val, y_val)
 
             # The rate chosen on the validation split, the grid extended past a winning edge.
-            best, validation = keras_fip.engine.tuning.grid_search(
+            best, validation = keras_fip.core.tuning.grid_search(
                 score, learning_rates, high=MAX_LEARNING_RATE
             )
             if not validation:  # One rate: used as given.

@@ -20,7 +20,7 @@ Every sparsity runs:
   pruned once by magnitude), fine-tuned on `(x, y)` for the epochs Compress's walk takes
   (`ceil(op.history["steps"] / steps per epoch)`), its Adam rate chosen as its authors tune
   it: on the validation data, from `--learning_rates` (1e-4, 1e-3) extended by the grid's
-  spacing while an edge rate wins (`keras_fip.engine.tuning.grid_search`), on the first
+  spacing while an edge rate wins (`keras_fip.core.tuning.grid_search`), on the first
   seed (`--tune_every_seed`: each), then used for every seed.
 
 The steps Compress spends on the candidates it did not return are reported as
@@ -57,9 +57,9 @@ import keras_fip
 from apps import provenance
 from benchmarks import user_models
 from keras_fip import baselines
-from keras_fip.engine import projection
+from keras_fip.core import projection
+from keras_fip.core import tuning
 from keras_fip.engine import rules
-from keras_fip.engine import tuning
 
 MODELS = ("text_transformer", "mnist_convnet")
 SPARSITIES = {"text_transformer": (50.0, 80.0), "mnist_convnet": (90.0,)}

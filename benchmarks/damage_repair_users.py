@@ -19,7 +19,7 @@ Two parts, each run per seed:
   surviving network (`Repair(method="retrain")`) for the same number of epochs over the same
   examples, its Adam rate (the walk's `keras_fip.rules.Penalty` rate) chosen among
   `--retrain_learning_rates` (extended by the grid's own spacing past an edge that wins,
-  within 1e-5 to 0.1: `keras_fip.engine.tuning.grid_search`) by the accuracy on the same
+  within 1e-5 to 0.1: `keras_fip.core.tuning.grid_search`) by the accuracy on the same
   held-out 10% of those examples that Repair holds out (its `validation_split`), as the
   authors of the retraining strategy tune it.
   `--repair_inputs_only` adds `Repair(x)` (the pure function recovery, no labels) as
@@ -51,7 +51,7 @@ from apps import provenance
 from benchmarks import user_models
 from keras_fip import data as data_lib
 from keras_fip import models as models_lib
-from keras_fip.engine import tuning
+from keras_fip.core import tuning
 
 PARTS = ("eigen", "repair")
 MODELS = ("mnist_convnet", "residual_convnet")

@@ -46,7 +46,7 @@ import numpy as np
 
 import keras_fip
 from benchmarks import user_models
-from keras_fip.engine import tuning
+from keras_fip.core import tuning
 from keras_fip.engine.rules import Metric
 from keras_fip.operations import ensemble as ensemble_lib
 from keras_fip.operations.ensemble import Diversity
@@ -61,7 +61,7 @@ DIVERSITY_EXAMPLES = 2048  # Ensemble's default.
 def probabilities(model, x, batch_size=1000):
     """A classifier's (or an ensemble's) probabilities on `x`, as float64."""
     outputs = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), "float64")
-    if not keras_fip.engine.outputs.looks_like_probabilities(outputs):
+    if not keras_fip.core.outputs.looks_like_probabilities(outputs):
         outputs = np.exp(outputs - outputs.max(-1, keepdims=True))
         outputs /= outputs.sum(-1, keepdims=True)
     return outputs
@@ -126,7 +126,7 @@ def run(name, seed, data_kind, num_members, paper_walk=False, base_epochs=None):
     epochs = user_models.RECIPES[name]["epochs"] if base_epochs is None else base_epochs
     model, data = user_models.trained(name, seed, epochs=epochs)
     x, y, x_test, y_test = data["x"], data["y"], data["x_test"], data["y_test"]
-    normalized = bool(keras_fip.engine.normalization.batch_normalization_layers(model))
+    normalized = bool(keras_fip.core.normalization.batch_normalization_layers(model))
     labels = data_kind == "labelled"
     row = {
         "benchmark": "ensemble_users",

@@ -49,7 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 import keras_fip
-from keras_fip.engine.data_adapter import fip_dataset
+from keras_fip.core.data_adapter import fip_dataset
 
 RULES = (
     ("penalty", "penalty"),

@@ -3,7 +3,7 @@
 Trains (or reads from the cache) `keras_fip.models.base_network(--model, --dataset)`
 (`--base_epochs` of training) for each seed, holds a stratified, seeded
 `--validation_fraction` of the training split out
-(`keras_fip.engine.tuning.validation_rows`), and quantises the float network at each of
+(`keras_fip.core.tuning.validation_rows`), and quantises the float network at each of
 `--bits` with:
 
 - `fip`: `keras_fip.Quantize(bits, data=(x, y))` on the rest of the training split, its
@@ -12,7 +12,7 @@ Trains (or reads from the cache) `keras_fip.models.base_network(--model, --datas
   its `Penalty` rule's `--fip_learning_rate` (`"auto"` by default);
 - `qat`: `keras_fip.baselines.quantization.ste_qat` on the same grid and data, for as many
   epochs as the walk (its learning rate chosen on the validation split over
-  `--qat_learning_rates`, extended past a winning edge: `keras_fip.engine.tuning.grid_search`);
+  `--qat_learning_rates`, extended past a winning edge: `keras_fip.core.tuning.grid_search`);
 - `keras_int8`, `keras_int4`: Keras's `model.quantize` (at 8 and 4 bits; `keras_int4` is
   also the reference at 3 and 2 bits, the lowest width Keras has);
 - `tflite`: TFLite's dynamic-range PTQ of the float network (at 8 bits);
@@ -49,7 +49,7 @@ import numpy as np
 
 import keras_fip
 from keras_fip.baselines import quantization as baselines
-from keras_fip.engine import tuning
+from keras_fip.core import tuning
 from keras_fip.operations import quantize as quantize_lib
 
 METHODS = ("fip", "qat", "keras_int8", "keras_int4", "tflite", "compress_fip")

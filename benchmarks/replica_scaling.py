@@ -73,7 +73,7 @@ def _measure(args):
 
     import keras_fip
     from benchmarks.fip_step import _time_fit
-    from keras_fip.engine.data_adapter import fip_dataset
+    from keras_fip.core.data_adapter import fip_dataset
 
     devices = [f"/cpu:{i}" for i in range(args.replicas)]
     strategy = tf.distribute.MirroredStrategy(devices)

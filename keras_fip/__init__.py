@@ -15,10 +15,10 @@ from keras_fip import geometry  # noqa: E402
 from keras_fip import metrics  # noqa: E402
 from keras_fip import models  # noqa: E402
 from keras_fip import robustness  # noqa: E402
+from keras_fip.core.copy import strip_masks  # noqa: E402
+from keras_fip.core.masks import MaskedOptimizer  # noqa: E402
+from keras_fip.core.masks import masks  # noqa: E402
 from keras_fip.engine import rules  # noqa: E402
-from keras_fip.engine.copy import strip_masks  # noqa: E402
-from keras_fip.engine.masks import MaskedOptimizer  # noqa: E402
-from keras_fip.engine.masks import masks  # noqa: E402
 from keras_fip.engine.path import Path  # noqa: E402
 from keras_fip.engine.trainer import FIPTrainer  # noqa: E402
 from keras_fip.engine.walk import Walk  # noqa: E402

@@ -6,7 +6,7 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from keras_fip.engine.copy import strip_masks
+from keras_fip.core.copy import strip_masks
 
 FORMATS = ("saved_model", "tflite")
 

@@ -6,7 +6,7 @@ import os
 import keras
 import numpy as np
 
-from keras_fip.engine.copy import strip_masks
+from keras_fip.core.copy import strip_masks
 
 SCORES = ("pseudo_perplexity", "nll", "accuracy")
 WEIGHTS_FILE = "weights.npy"

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_fip.core.masks import masks
 from keras_fip.engine import apply_masks
-from keras_fip.engine.masks import masks
 from keras_fip.export import export
 
 

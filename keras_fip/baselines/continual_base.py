@@ -9,7 +9,7 @@ task, 5 by default) or `steps`, `batch_size` (new-task examples per step, 32 by 
 FIP walk's and are refused). Training is Adam at `learning_rate` cosine-decayed to zero,
 BatchNormalization and Dropout in training mode as `fit` runs them. The learning rate is
 chosen as the methods' authors choose it, on a split held out of the new task
-(`learning_rate="auto"`, `keras_fip.engine.tuning.grid_search`). Masks the model carries
+(`learning_rate="auto"`, `keras_fip.core.tuning.grid_search`). Masks the model carries
 are kept (the optimizer is a `MaskedOptimizer`).
 """
 
@@ -20,15 +20,15 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fip import distribute
-from keras_fip.engine import data_adapter
-from keras_fip.engine import masks as masks_lib
-from keras_fip.engine import outputs as outputs_lib
+from keras_fip.core import data_adapter
+from keras_fip.core import masks as masks_lib
+from keras_fip.core import outputs as outputs_lib
+from keras_fip.core import tuning
+from keras_fip.core.copy import copy_model
+from keras_fip.core.data_adapter import check_inputs_match_model
+from keras_fip.core.data_adapter import normalize_data
 from keras_fip.engine import step_rules
-from keras_fip.engine import tuning
 from keras_fip.engine import walk as walk_lib
-from keras_fip.engine.copy import copy_model
-from keras_fip.engine.data_adapter import check_inputs_match_model
-from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.metrics.continual import task_accuracy
 from keras_fip.operations import heads
 from keras_fip.operations.base import Operation
@@ -47,7 +47,7 @@ WALK_FIELDS = ("steps", "epochs", "batch_size", "seed", "verbose")
 # new task minus a held-out `VALIDATION_FRACTION` (and a baseline's labelled memory minus
 # the same fraction), and the rate with the best mean held-out accuracy over the new task
 # and the old tasks' validation data the baseline has (ties: the smaller) is used to train
-# on the whole task; `keras_fip.engine.tuning.grid_search` extends the grid past an edge
+# on the whole task; `keras_fip.core.tuning.grid_search` extends the grid past an edge
 # that is the best alone, at most `MAX_GRID_EXTENSIONS` times each way.
 LEARNING_RATE_GRID = (3e-4, 1e-3, 3e-3)
 DEFAULT_LEARNING_RATE = 1e-3  # Adam's: the grid's middle.
@@ -75,7 +75,7 @@ def baseline_walk(walk):
 
 def repeated_batches(tensors, batch_size, seed):
     """An infinite, reshuffled, fixed-size batch pipeline (at most one pass a batch):
-    `keras_fip.engine.data_adapter.repeated_batches`, the same batches under any
+    `keras_fip.core.data_adapter.repeated_batches`, the same batches under any
     `tf.distribute` strategy."""
     size = len(tf.nest.flatten(tensors)[0])
     return data_adapter.repeated_batches(tensors, min(batch_size, size), seed=seed)

@@ -14,10 +14,10 @@ import math
 import keras
 import numpy as np
 
-from keras_fip.engine import data_adapter
-from keras_fip.engine import normalization
-from keras_fip.engine import outputs as outputs_lib
-from keras_fip.engine.copy import copy_model
+from keras_fip.core import data_adapter
+from keras_fip.core import normalization
+from keras_fip.core import outputs as outputs_lib
+from keras_fip.core.copy import copy_model
 from keras_fip.operations.ensemble_model import SAVED_COMBINES
 from keras_fip.operations.ensemble_model import build_ensemble
 

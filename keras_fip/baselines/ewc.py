@@ -13,10 +13,10 @@ from keras_fip.baselines.continual_base import ContinualBaseline
 from keras_fip.baselines.continual_base import check_labelled
 from keras_fip.baselines.continual_base import cross_entropy
 from keras_fip.baselines.continual_base import train
-from keras_fip.engine import data_adapter
-from keras_fip.engine import outputs as outputs_lib
-from keras_fip.engine import tuning
-from keras_fip.engine.data_adapter import normalize_data
+from keras_fip.core import data_adapter
+from keras_fip.core import outputs as outputs_lib
+from keras_fip.core import tuning
+from keras_fip.core.data_adapter import normalize_data
 from keras_fip.geometry.diagonal import metric_diagonal
 from keras_fip.operations import heads
 from keras_fip.operations.base import carried_data
@@ -29,7 +29,7 @@ LAMBDA_GRID = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7)
 # `"auto"` never lets the grid's edge cut the choice off: while the largest λ tried is the
 # best alone, one more step of the grid's spacing at that edge is tried (10× on
 # `LAMBDA_GRID`), and likewise below the smallest positive one, at most
-# `max_lambda_extensions` times each way (`keras_fip.engine.tuning.grid_search`).
+# `max_lambda_extensions` times each way (`keras_fip.core.tuning.grid_search`).
 
 
 def ewc_state(model):

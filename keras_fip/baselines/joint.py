@@ -6,7 +6,7 @@ import numpy as np
 from keras_fip.baselines.continual_base import ContinualBaseline
 from keras_fip.baselines.continual_base import check_labelled
 from keras_fip.baselines.continual_base import cross_entropy
-from keras_fip.engine import data_adapter
+from keras_fip.core import data_adapter
 
 
 @keras.saving.register_keras_serializable(package="keras_fip")

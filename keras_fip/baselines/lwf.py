@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from keras_fip.baselines.continual_base import ContinualBaseline
 from keras_fip.baselines.continual_base import cross_entropy
-from keras_fip.engine.data_adapter import reference_outputs
+from keras_fip.core.data_adapter import reference_outputs
 
 
 @keras.saving.register_keras_serializable(package="keras_fip")

@@ -3,9 +3,9 @@
 These are what a practitioner would otherwise use to sparsify a network; `Compress` is
 measured against them on the same data and epoch budget. They prune the set `Compress`
 prunes by default, the one tfmot's `prune_low_magnitude` prunes
-(`keras_fip.engine.projection.prunable_variables`: Dense, EinsumDense and convolution
+(`keras_fip.core.projection.prunable_variables`: Dense, EinsumDense and convolution
 kernels, Embedding tables, MultiHeadAttention's kernels), and their sparsity counts those
-weights (`keras_fip.engine.projection.sparsity_summary` puts it beside the zero fraction of
+weights (`keras_fip.core.projection.sparsity_summary` puts it beside the zero fraction of
 all parameters). Each function returns a new model carrying its masks (`keras_fip.masks`)
 and never changes the model it is given. The models may return logits or probabilities.
 """
@@ -13,10 +13,10 @@ and never changes the model it is given. The models may return logits or probabi
 import keras
 import numpy as np
 
-from keras_fip.engine import copy as copy_lib
-from keras_fip.engine import data_adapter
-from keras_fip.engine import masks as masks_lib
-from keras_fip.engine import projection
+from keras_fip.core import copy as copy_lib
+from keras_fip.core import data_adapter
+from keras_fip.core import masks as masks_lib
+from keras_fip.core import projection
 from keras_fip.models import training
 
 
@@ -161,7 +161,7 @@ def one_shot_magnitude_pruning(
         epochs: Fine-tuning epochs. Defaults to `10`.
         batch_size: Examples per step. Defaults to `128`.
         learning_rate: Initial Adam learning rate (cosine-decayed). Defaults to `1e-4`.
-        structure: As in `keras_fip.engine.projection.magnitude_masks`. Defaults to
+        structure: As in `keras_fip.core.projection.magnitude_masks`. Defaults to
             `"unstructured"`.
         scope: `"global"` or `"per_layer"`. Defaults to `"global"`.
         layer_floor: The layer-collapse floor of the global ranking, as in
@@ -170,7 +170,7 @@ def one_shot_magnitude_pruning(
 
     Returns:
         A new `keras.Model` with exactly `sparsity` of its prunable weights
-        (`keras_fip.engine.projection.prunable_variables`) at zero, carrying its masks.
+        (`keras_fip.core.projection.prunable_variables`) at zero, carrying its masks.
     """
     _check_common(model, sparsity, x, y, epochs, batch_size, structure, scope, layer_floor)
     pruned = copy_lib.copy_model(model)
@@ -233,7 +233,7 @@ def gradual_magnitude_pruning(
 
     Returns:
         A new `keras.Model` with exactly `sparsity` of its prunable weights
-        (`keras_fip.engine.projection.prunable_variables`) at zero, carrying its masks.
+        (`keras_fip.core.projection.prunable_variables`) at zero, carrying its masks.
     """
     _check_common(model, sparsity, x, y, epochs, batch_size, structure, scope, layer_floor)
     if not 0.0 <= begin_fraction < end_fraction <= 1.0:
@@ -313,7 +313,7 @@ def lottery_ticket(
 
     Returns:
         A new `keras.Model` with exactly `sparsity` of its prunable weights
-        (`keras_fip.engine.projection.prunable_variables`) at zero, carrying its masks.
+        (`keras_fip.core.projection.prunable_variables`) at zero, carrying its masks.
     """
     _check_common(model, sparsity, x, y, epochs, batch_size, structure, scope, layer_floor)
     if not isinstance(rounds, int) or not 1 <= rounds <= epochs:

@@ -5,13 +5,13 @@ import math
 import keras
 import numpy as np
 
-from keras_fip.engine import data_adapter
-from keras_fip.engine import masks as masks_lib
-from keras_fip.engine import normalization
-from keras_fip.engine import outputs as outputs_lib
-from keras_fip.engine.copy import copy_model
-from keras_fip.engine.data_adapter import check_inputs_match_model
-from keras_fip.engine.data_adapter import normalize_data
+from keras_fip.core import data_adapter
+from keras_fip.core import masks as masks_lib
+from keras_fip.core import normalization
+from keras_fip.core import outputs as outputs_lib
+from keras_fip.core.copy import copy_model
+from keras_fip.core.data_adapter import check_inputs_match_model
+from keras_fip.core.data_adapter import normalize_data
 from keras_fip.geometry import units as units_lib
 from keras_fip.operations.base import model_output_kind
 from keras_fip.operations.repair.training import accuracy

@@ -12,9 +12,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_fip.engine import masks as masks_lib
-from keras_fip.engine.copy import copy_model
-from keras_fip.engine.data_adapter import normalize_data
+from keras_fip.core import masks as masks_lib
+from keras_fip.core.copy import copy_model
+from keras_fip.core.data_adapter import normalize_data
 from keras_fip.export import export
 from keras_fip.operations.base import model_output_kind
 from keras_fip.operations.quantize import BITS

@@ -8,8 +8,8 @@ from keras_fip.baselines.continual_base import ContinualBaseline
 from keras_fip.baselines.continual_base import check_labelled
 from keras_fip.baselines.continual_base import cross_entropy
 from keras_fip.baselines.continual_base import repeated_batches
-from keras_fip.engine import data_adapter
-from keras_fip.engine import tuning
+from keras_fip.core import data_adapter
+from keras_fip.core import tuning
 
 
 class MemoryBaseline(ContinualBaseline):

@@ -10,9 +10,9 @@ import keras
 import numpy as np
 
 from keras_fip.baselines import magnitude_pruning
-from keras_fip.engine import copy as copy_lib
-from keras_fip.engine import masks as masks_lib
-from keras_fip.engine import projection
+from keras_fip.core import copy as copy_lib
+from keras_fip.core import masks as masks_lib
+from keras_fip.core import projection
 
 _BRIDGE_LAYERS = (
     "InputLayer",

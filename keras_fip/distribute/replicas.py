@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from keras_fip.engine import data_adapter
+from keras_fip.core import data_adapter
 
 
 def distribute_dataset(dataset, strategy=None):

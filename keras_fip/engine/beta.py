@@ -25,7 +25,7 @@ inputs of the operation's anchor data (`keras_fip.geometry.metric_diagonal`).
 
 import numpy as np
 
-from keras_fip.engine import data_adapter
+from keras_fip.core import data_adapter
 from keras_fip.geometry.diagonal import metric_diagonal
 
 AUTO_BETA_EXAMPLES = 2048

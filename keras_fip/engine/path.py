@@ -7,9 +7,9 @@ import os
 import keras
 import numpy as np
 
-from keras_fip.engine import masks as masks_lib
-from keras_fip.engine.copy import copy_model
-from keras_fip.engine.masks import MaskConstraint
+from keras_fip.core import masks as masks_lib
+from keras_fip.core.copy import copy_model
+from keras_fip.core.masks import MaskConstraint
 
 _CONFIG_FILE = "path.json"
 _MODEL_FILE = "model.keras"

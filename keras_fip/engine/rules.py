@@ -20,8 +20,8 @@ import math
 import keras
 import numpy as np
 
+from keras_fip.core.config import Config
 from keras_fip.engine import step_rules
-from keras_fip.engine.config import Config
 
 # The `"auto"` learning rate of `Penalty`: this share of the root mean square of the weights
 # being moved (their non-zero entries). Adam moves each weight by about its learning rate

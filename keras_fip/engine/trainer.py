@@ -7,12 +7,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_fip.core import outputs as outputs_lib
+from keras_fip.core.masks import MaskConstraint
+from keras_fip.core.masks import MaskedOptimizer
 from keras_fip.engine import distances as distances_lib
-from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine import rules as rules_lib
 from keras_fip.engine import step_rules
-from keras_fip.engine.masks import MaskConstraint
-from keras_fip.engine.masks import MaskedOptimizer
 
 REFERENCES = ("start", "local")
 # Step outputs that `measure_every` leaves NaN between measurements.
@@ -121,7 +121,7 @@ class FIPTrainer(keras.Model):
     For the `Normalized` and `Metric` rules the step is handed to the compiled optimizer as
     a gradient; with the default `keras.optimizers.SGD(1.0)` the weights move by exactly θ.
     Masked weights (carried as `MaskConstraint`s) are excluded from the step and stay at
-    zero. The batches are dicts, built by `keras_fip.engine.data_adapter.fip_dataset`:
+    zero. The batches are dicts, built by `keras_fip.core.data_adapter.fip_dataset`:
     `{"anchor_inputs": x, "anchor_outputs": f(x; w_ref), "secondary": batch}`;
     `"anchor_outputs"` is omitted with `reference="local"` (computed in the step from the
     previous point) and `"secondary"` when L needs no data. Each step returns, averaged
@@ -185,7 +185,7 @@ class FIPTrainer(keras.Model):
             (every step).
         outputs: What `model` returns: `"logits"`, `"probabilities"`, or `"auto"` (the
             layer that makes the output decides: a softmax means probabilities;
-            `keras_fip.engine.outputs.output_kind`). The distance, the metric and a
+            `keras_fip.core.outputs.output_kind`). The distance, the metric and a
             `secondary_loss` then see logits either way: a probability model is read
             through its log-probabilities, so pass `from_logits=True` losses. Defaults
             to `"auto"`.
@@ -194,7 +194,7 @@ class FIPTrainer(keras.Model):
     Examples:
 
         >>> import numpy as np, keras
-        >>> from keras_fip.engine.data_adapter import fip_dataset
+        >>> from keras_fip.core.data_adapter import fip_dataset
         >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
         >>> x = np.random.rand(32, 4).astype("float32")
         >>> y = np.random.randint(0, 3, 32)
@@ -763,7 +763,7 @@ class FIPTrainer(keras.Model):
         raised.
 
         Args:
-            data: The dataset from `keras_fip.engine.data_adapter.fip_dataset`.
+            data: The dataset from `keras_fip.core.data_adapter.fip_dataset`.
             steps: Number of steps (a positive integer).
             path: A `keras_fip.Path` started at the model's current weights, or `None`.
                 Steps continue after the path's last step (so a resumed path goes on).

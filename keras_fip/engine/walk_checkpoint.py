@@ -65,7 +65,7 @@ class WalkCheckpoint:
     Examples:
 
         >>> import tempfile, numpy as np, keras, keras_fip
-        >>> from keras_fip.engine.data_adapter import fip_dataset
+        >>> from keras_fip.core.data_adapter import fip_dataset
         >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
         >>> x = np.random.rand(32, 4).astype("float32")
         >>> checkpoint = WalkCheckpoint(tempfile.mkdtemp(), config={"op": "example"})

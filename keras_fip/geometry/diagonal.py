@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_fip.engine import data_adapter
-from keras_fip.engine import outputs as outputs_lib
+from keras_fip.core import data_adapter
+from keras_fip.core import outputs as outputs_lib
 from keras_fip.geometry.metric import data_inputs
 
 _KINDS = ("jacobian", "fisher")
@@ -26,7 +26,7 @@ def metric_diagonal(
 
     With `kind="jacobian"` the metric is g = (1/N) Σ_x J_xᵀ J_x of the logits (the metric
     of the squared-L2 output distance; a model ending in a softmax is read through its
-    log-probabilities, `keras_fip.engine.outputs`); with `kind="fisher"` it is the Fisher
+    log-probabilities, `keras_fip.core.outputs`); with `kind="fisher"` it is the Fisher
     information (1/N) Σ_x J_xᵀ (diag(p_x) − p_x p_xᵀ) J_x of the softmax (the Hessian of the KL
     distance at the reference). Each probe draws one output-space vector u per example,
     Rademacher for `"jacobian"`, `onehot(c) − p` with `c ~ p` for `"fisher"`, so that

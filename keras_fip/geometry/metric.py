@@ -5,8 +5,8 @@ import numpy as np
 import scipy.sparse.linalg
 import tensorflow as tf
 
-from keras_fip.engine import data_adapter
-from keras_fip.engine import outputs as outputs_lib
+from keras_fip.core import data_adapter
+from keras_fip.core import outputs as outputs_lib
 
 _OUTPUTS = ("logits", "probabilities")
 
@@ -312,7 +312,7 @@ class MetricOperator:
             log-probabilities) or `"probabilities"` (a softmax of the logits, a
             probability model's outputs). Which the model returns is read from the
             layer that makes its output, or from its outputs on `data`
-            (`keras_fip.engine.outputs.output_kind`). Defaults to `"logits"`.
+            (`keras_fip.core.outputs.output_kind`). Defaults to `"logits"`.
         batch_size: number of inputs per forward/tangent/reverse pass; `None` uses
             `min(N, 1024)`. Defaults to `None`.
         vectors_per_pass: most vectors of one `matmat` call that share a forward

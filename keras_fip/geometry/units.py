@@ -19,7 +19,7 @@ its masks hold deleted.
 import keras
 import numpy as np
 
-from keras_fip.engine import masks as masks_lib
+from keras_fip.core import masks as masks_lib
 
 SCOPES = ("global", "per_layer")
 # Layers whose units (the last axis of the kernel) can be deleted.

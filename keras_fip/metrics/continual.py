@@ -25,7 +25,7 @@ MODES = ("class_incremental", "task_incremental")
 def _logits(model, x, batch_size=1000):
     import keras
 
-    from keras_fip.engine import data_adapter
+    from keras_fip.core import data_adapter
 
     return np.concatenate(
         [
@@ -63,7 +63,7 @@ def task_accuracy(model, x, y, mode="class_incremental", outputs=None, batch_siz
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {list(MODES)}. Received: mode={mode!r}")
     y = np.asarray(y).astype("int64")
-    from keras_fip.engine import data_adapter
+    from keras_fip.core import data_adapter
 
     logits = _logits(model, data_adapter.float32_inputs(x), batch_size)
     if mode == "task_incremental":

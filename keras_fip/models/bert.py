@@ -116,12 +116,12 @@ class _BertWrapper(keras.Model):
         self.backbone = backbone
         self.sequence_length = sequence_length
         if masks:
-            from keras_fip.engine import masks as masks_lib
+            from keras_fip.core import masks as masks_lib
 
             masks_lib.apply_masks(self, masks)
 
     def get_config(self):
-        from keras_fip.engine import masks as masks_lib
+        from keras_fip.core import masks as masks_lib
 
         return {
             "name": self.name,

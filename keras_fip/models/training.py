@@ -9,8 +9,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_fip.engine import data_adapter
-from keras_fip.engine import outputs as outputs_lib
+from keras_fip.core import data_adapter
+from keras_fip.core import outputs as outputs_lib
 
 CACHE_ENV_VARIABLE = "KERAS_FIP_CACHE"
 
@@ -20,7 +20,7 @@ def compile_classifier(model, learning_rate=1e-3, decay_steps=None):
 
     Args:
         model: A `keras.Model` returning logits or probabilities (a final softmax, read
-            from its graph: `keras_fip.engine.outputs.output_kind`).
+            from its graph: `keras_fip.core.outputs.output_kind`).
         learning_rate: Initial learning rate. Defaults to `1e-3`.
         decay_steps: Steps over which the learning rate decays to zero with a cosine.
             Defaults to `None` (constant learning rate).

@@ -6,12 +6,12 @@ import weakref
 import keras
 import numpy as np
 
-from keras_fip.engine import layers as layers_lib
-from keras_fip.engine import outputs as outputs_lib
+from keras_fip.core import layers as layers_lib
+from keras_fip.core import outputs as outputs_lib
+from keras_fip.core.copy import copy_model
+from keras_fip.core.data_adapter import fip_dataset
+from keras_fip.core.data_adapter import normalize_data
 from keras_fip.engine import walk as walk_lib
-from keras_fip.engine.copy import copy_model
-from keras_fip.engine.data_adapter import fip_dataset
-from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.engine.path import Path
 from keras_fip.engine.trainer import FIPTrainer
 from keras_fip.engine.walk_checkpoint import WalkCheckpoint
@@ -120,7 +120,7 @@ def carry_data(model, inputs):
 def model_output_kind(model, data):
     """What `model` returns, `"logits"` or `"probabilities"`, read from its graph or,
     where the graph does not show it, from its outputs on `data`
-    (`keras_fip.engine.outputs.output_kind`)."""
+    (`keras_fip.core.outputs.output_kind`)."""
     kind = outputs_lib.structural_output_kind(model)
     if kind is None:
         x, _ = normalize_data(data, name="data", model=model)

@@ -3,12 +3,12 @@
 import keras
 import numpy as np
 
-from keras_fip.engine import data_adapter
-from keras_fip.engine import normalization
+from keras_fip.core import data_adapter
+from keras_fip.core import normalization
+from keras_fip.core.copy import copy_model
+from keras_fip.core.data_adapter import check_inputs_match_model
+from keras_fip.core.data_adapter import normalize_data
 from keras_fip.engine.beta import auto_beta
-from keras_fip.engine.copy import copy_model
-from keras_fip.engine.data_adapter import check_inputs_match_model
-from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.engine.rules import Penalty
 from keras_fip.operations.base import WalkingOperation
 from keras_fip.operations.base import model_output_kind

@@ -7,17 +7,17 @@ import warnings
 import keras
 import numpy as np
 
-from keras_fip.engine import data_adapter
-from keras_fip.engine import masks as masks_lib
-from keras_fip.engine import normalization
-from keras_fip.engine import outputs as outputs_lib
-from keras_fip.engine import projection
+from keras_fip.core import data_adapter
+from keras_fip.core import masks as masks_lib
+from keras_fip.core import normalization
+from keras_fip.core import outputs as outputs_lib
+from keras_fip.core import projection
+from keras_fip.core import tuning
+from keras_fip.core.copy import copy_model
+from keras_fip.core.data_adapter import fip_dataset
+from keras_fip.core.data_adapter import normalize_data
 from keras_fip.engine import step_rules
-from keras_fip.engine import tuning
 from keras_fip.engine.beta import auto_beta
-from keras_fip.engine.copy import copy_model
-from keras_fip.engine.data_adapter import fip_dataset
-from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.engine.path import Path
 from keras_fip.engine.rules import Penalty
 from keras_fip.engine.rules import auto_learning_rate
@@ -56,7 +56,7 @@ STRUCTURES = projection.STRUCTURES
 
 def holdout_rows(labels, fraction, seed=None):
     """`(fit_rows, held_rows)`: a stratified, seeded split holding out `fraction` of the
-    examples (`keras_fip.engine.tuning.validation_rows`; one-hot rows count as their class).
+    examples (`keras_fip.core.tuning.validation_rows`; one-hot rows count as their class).
 
     Args:
         labels: The labels, one row per example (class indices or one-hot rows).
@@ -403,7 +403,7 @@ class Compress(WalkingOperation):
     `prune_low_magnitude` prunes: the kernels of Dense, EinsumDense and convolution
     layers, Embedding tables and MultiHeadAttention's kernels, wherever they sit (custom
     layers, nested models); not biases or normalisation parameters. `sparsity` counts the
-    prunable weights; `op.sparsity_summary` (`keras_fip.engine.projection.SparsitySummary`)
+    prunable weights; `op.sparsity_summary` (`keras_fip.core.projection.SparsitySummary`)
     gives the zero fraction of all the model's parameters beside it, and a warning says
     when the prunable weights are less than half of the model. Which weights P_p keeps is
     the `saliency` (`keras_fip.compress.Saliency`: by magnitude or by the output metric,
@@ -522,7 +522,7 @@ class Compress(WalkingOperation):
 
     @property
     def sparsity_summary(self):
-        """The last call's `keras_fip.engine.projection.SparsitySummary` (read from
+        """The last call's `keras_fip.core.projection.SparsitySummary` (read from
         `op.history`), or `None` before a call."""
         history = self.history or {}
         if "prunable_zeros" not in history:

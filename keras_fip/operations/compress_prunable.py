@@ -2,9 +2,9 @@
 
 import keras
 
-from keras_fip.engine import config
-from keras_fip.engine import projection
-from keras_fip.engine.config import Config
+from keras_fip.core import config
+from keras_fip.core import projection
+from keras_fip.core.config import Config
 
 
 def _check_boolean(value, name):
@@ -65,7 +65,7 @@ class Prunable(Config):
 
     def summary(self, model):
         """The zero fractions of `model`'s prunable weights and of all its parameters
-        (`keras_fip.engine.projection.SparsitySummary`)."""
+        (`keras_fip.core.projection.SparsitySummary`)."""
         return projection.sparsity_summary(model, self.variables(model))
 
     def get_config(self):

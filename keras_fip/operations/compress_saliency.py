@@ -3,10 +3,10 @@
 import keras
 import numpy as np
 
-from keras_fip.engine import config
-from keras_fip.engine import data_adapter
-from keras_fip.engine import projection
-from keras_fip.engine.config import Config
+from keras_fip.core import config
+from keras_fip.core import data_adapter
+from keras_fip.core import projection
+from keras_fip.core.config import Config
 from keras_fip.geometry.diagonal import metric_diagonal
 from keras_fip.operations.base import Operation
 
@@ -27,7 +27,7 @@ class Saliency(Config):
 
     With `scope="global"` one ranking covers every prunable weight, above each layer's
     collapse floor: no variable is pruned below `layer_floor` times the density the
-    Erdős–Rényi-kernel rule gives it (`keras_fip.engine.projection.erk_densities`), which
+    Erdős–Rényi-kernel rule gives it (`keras_fip.core.projection.erk_densities`), which
     keeps a small stem or output layer alive; `"auto"` is 1 (the ERK allocation) for
     models with BatchNormalization, whose kernels' scales carry no function, and 0.5
     otherwise. With `scope="per_layer"` each variable loses the fraction p (tfmot's
@@ -92,7 +92,7 @@ class Saliency(Config):
         self, model, sparsity, variables, structure="unstructured", existing=None, importance=None
     ):
         """The masks of P_p: `sparsity` of `variables` zeroed (see
-        `keras_fip.engine.projection.magnitude_masks`).
+        `keras_fip.core.projection.magnitude_masks`).
 
         Args:
             model: The model being pruned.

@@ -2,8 +2,8 @@
 
 import keras
 
-from keras_fip.engine import config
-from keras_fip.engine.config import Config
+from keras_fip.core import config
+from keras_fip.core.config import Config
 from keras_fip.operations.base import Operation
 
 # The fewest steps an `epochs` budget gives: the pull needs enough steps for its targets to

@@ -4,16 +4,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_fip.core import data_adapter
+from keras_fip.core import normalization
+from keras_fip.core import outputs as outputs_lib
+from keras_fip.core.data_adapter import check_inputs_match_model
+from keras_fip.core.data_adapter import normalize_data
+from keras_fip.core.data_adapter import reference_outputs
 from keras_fip.data.tasks import memory_sample
-from keras_fip.engine import data_adapter
 from keras_fip.engine import distances
-from keras_fip.engine import normalization
-from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine import step_rules
 from keras_fip.engine.beta import auto_beta
-from keras_fip.engine.data_adapter import check_inputs_match_model
-from keras_fip.engine.data_adapter import normalize_data
-from keras_fip.engine.data_adapter import reference_outputs
 from keras_fip.engine.rules import Penalty
 from keras_fip.engine.trainer import FIPTrainer
 from keras_fip.operations import heads

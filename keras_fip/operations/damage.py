@@ -3,10 +3,10 @@
 import keras
 import numpy as np
 
-from keras_fip.engine import data_adapter
-from keras_fip.engine import masks as masks_lib
-from keras_fip.engine.data_adapter import check_inputs_match_model
-from keras_fip.engine.data_adapter import normalize_data
+from keras_fip.core import data_adapter
+from keras_fip.core import masks as masks_lib
+from keras_fip.core.data_adapter import check_inputs_match_model
+from keras_fip.core.data_adapter import normalize_data
 from keras_fip.operations import faults as faults_lib
 from keras_fip.operations.base import Operation
 from keras_fip.operations.base import carried_data

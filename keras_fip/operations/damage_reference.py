@@ -6,8 +6,8 @@ import os
 import keras
 import numpy as np
 
-from keras_fip.engine import masks as masks_lib
-from keras_fip.engine.copy import strip_masks
+from keras_fip.core import masks as masks_lib
+from keras_fip.core.copy import strip_masks
 
 # The attribute of a damaged model that holds its `DamageReference` (saved in `.keras`).
 _STATE_ATTRIBUTE = "_keras_fip_damage_reference"

@@ -4,18 +4,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_fip.engine import data_adapter
-from keras_fip.engine import normalization
-from keras_fip.engine import outputs as outputs_lib
+from keras_fip.core import data_adapter
+from keras_fip.core import normalization
+from keras_fip.core import outputs as outputs_lib
+from keras_fip.core import tuning
+from keras_fip.core.copy import copy_model
+from keras_fip.core.data_adapter import check_inputs_match_model
+from keras_fip.core.data_adapter import fip_dataset
+from keras_fip.core.data_adapter import model_example_shape
+from keras_fip.core.data_adapter import normalize_data
+from keras_fip.core.data_adapter import repeated_batches
 from keras_fip.engine import step_rules
-from keras_fip.engine import tuning
 from keras_fip.engine.beta import auto_beta
-from keras_fip.engine.copy import copy_model
-from keras_fip.engine.data_adapter import check_inputs_match_model
-from keras_fip.engine.data_adapter import fip_dataset
-from keras_fip.engine.data_adapter import model_example_shape
-from keras_fip.engine.data_adapter import normalize_data
-from keras_fip.engine.data_adapter import repeated_batches
 from keras_fip.engine.rules import Metric
 from keras_fip.engine.rules import Penalty
 from keras_fip.engine.trainer import FIPTrainer
@@ -62,7 +62,7 @@ STRENGTH = 1.0
 # `labels="auto"`: each weight τ walks the first member's segment on `data` less a
 # stratified, seeded held-out split (SELECTION_FRACTION of it, at most
 # SELECTION_MAX_EXAMPLES examples) and the lowest cross-entropy on that split chooses
-# (`keras_fip.engine.tuning.grid_search` over LABEL_WEIGHTS, not extended past its ends: a
+# (`keras_fip.core.tuning.grid_search` over LABEL_WEIGHTS, not extended past its ends: a
 # larger weight lets the labels' term outweigh the distance that keeps the function). With
 # fewer than SELECTION_MIN_EXAMPLES held out, FALLBACK_LABEL_WEIGHT.
 LABEL_WEIGHTS = (1.0, 10.0, 100.0)
@@ -455,7 +455,7 @@ class _Run:
     def choose_label_weight(self, model, x, y):
         """`(label_weight, record)`: the τ whose first member, walked on `(x, y)` less a
         held-out split (on as many of those examples as one segment reads), has the lowest
-        cross-entropy on that split (`keras_fip.engine.tuning.grid_search` from
+        cross-entropy on that split (`keras_fip.core.tuning.grid_search` from
         `LABEL_WEIGHTS`)."""
         fraction = min(SELECTION_FRACTION, SELECTION_MAX_EXAMPLES / len(y))
         fit_rows, held_rows = tuning.validation_rows(y, fraction, self.walk.seed)
@@ -525,7 +525,7 @@ class Ensemble(WalkingOperation):
     - the labels' term τ·CE on labelled batches of `data=(x, y)`, so the walk stays on
       the FIP of the task, not only of the start's outputs. With `labels="auto"`, τ is
       chosen on a split held out of `data`: each τ of `LABEL_WEIGHTS` (1, 10, 100;
-      `keras_fip.engine.tuning.grid_search` within those ends) walks the
+      `keras_fip.core.tuning.grid_search` within those ends) walks the
       first member's segment from the start on `data` less a stratified, seeded fifth of
       it (at most `SELECTION_MAX_EXAMPLES` examples), and the lowest cross-entropy on
       that fifth wins (`FALLBACK_LABEL_WEIGHT` with fewer than `SELECTION_MIN_EXAMPLES`

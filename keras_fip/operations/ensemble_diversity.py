@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_fip.engine.config import Config
+from keras_fip.core.config import Config
 from keras_fip.operations.base import Operation
 
 LOSSES = ("error", "agreement")

@@ -5,9 +5,9 @@ import math
 import keras
 import tensorflow as tf
 
-from keras_fip.engine import data_adapter
-from keras_fip.engine import outputs as outputs_lib
-from keras_fip.engine.data_adapter import model_example_shape
+from keras_fip.core import data_adapter
+from keras_fip.core import outputs as outputs_lib
+from keras_fip.core.data_adapter import model_example_shape
 
 COMBINES = ("mean_probabilities", "mean_logits", "log_mean_probabilities")
 # The combinations an ensemble model is built with (standard layers only).
@@ -213,7 +213,7 @@ def build_ensemble(
         name: The ensemble model's name. Defaults to `"ensemble"`.
         outputs: What the members return: `"logits"`, `"probabilities"`, or `"auto"`
             (the first member's final layer decides,
-            `keras_fip.engine.outputs.output_kind`; logits when it does not show).
+            `keras_fip.core.outputs.output_kind`; logits when it does not show).
             Defaults to `"auto"`.
 
     Returns:

@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 
-from keras_fip.engine import masks as masks_lib
+from keras_fip.core import masks as masks_lib
 
 HEADS = ("append", "shared")
 

@@ -4,10 +4,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_fip.core.data_adapter import check_inputs_match_model
+from keras_fip.core.data_adapter import normalize_data
+from keras_fip.core.data_adapter import num_examples
 from keras_fip.engine import step_rules
-from keras_fip.engine.data_adapter import check_inputs_match_model
-from keras_fip.engine.data_adapter import normalize_data
-from keras_fip.engine.data_adapter import num_examples
 from keras_fip.operations.base import WalkingOperation
 
 PUSHES = ("random", "shrink", "none")

@@ -5,12 +5,12 @@ import math
 import keras
 import numpy as np
 
-from keras_fip.engine import data_adapter
-from keras_fip.engine import layers as layers_lib
-from keras_fip.engine import normalization
+from keras_fip.core import data_adapter
+from keras_fip.core import layers as layers_lib
+from keras_fip.core import normalization
+from keras_fip.core.data_adapter import normalize_data
 from keras_fip.engine import step_rules
 from keras_fip.engine.beta import auto_beta
-from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.engine.rules import Penalty
 from keras_fip.operations import quantize_schedule
 from keras_fip.operations.base import WalkingOperation

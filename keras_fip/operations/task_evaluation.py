@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_fip.engine import data_adapter
+from keras_fip.core import data_adapter
 
 
 class TaskEvaluation(keras.callbacks.Callback):

@@ -17,7 +17,7 @@ Both use `art.attacks.evasion.ProjectedGradientDescent` on an
 import keras
 import numpy as np
 
-from keras_fip.engine import outputs as outputs_lib
+from keras_fip.core import outputs as outputs_lib
 from keras_fip.operations.ensemble_model import EnsembleCombination
 from keras_fip.operations.ensemble_model import ensemble_combine
 from keras_fip.operations.ensemble_model import ensemble_members
@@ -40,7 +40,7 @@ def logit_model(model):
     """A model returning logits (log-probabilities up to a constant) for any classifier.
 
     A plain model returning logits is returned as it is; one ending in a softmax gets a
-    view returning its log-probabilities (`keras_fip.engine.outputs.logits_model`). For a
+    view returning its log-probabilities (`keras_fip.core.outputs.logits_model`). For a
     keras_fip ensemble, a new functional model over the same members (shared weights)
     returns log p̄ (`combine="mean_probabilities"`, computed stably as
     `logsumexp_k(log p_k) − log K` from the members' logits or probabilities,

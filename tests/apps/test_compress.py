@@ -10,7 +10,7 @@ from absl.testing import flagsaver
 from apps import common
 from apps import compress
 from keras_fip import data
-from keras_fip.engine import tuning
+from keras_fip.core import tuning
 from keras_fip.engine.walk_checkpoint import WalkCheckpoint
 from tests.apps.conftest import scalar_tags
 
@@ -313,7 +313,7 @@ def test_compress_app_rejects_bad_learning_rate_grids(tmp_path):
 
 
 def test_learning_rate_search_extends_past_a_winning_edge_and_prefers_validation():
-    # The search apps.compress and apps.quickstart run (keras_fip.engine.tuning).
+    # The search apps.compress and apps.quickstart run (keras_fip.core.tuning).
     assert common.learning_rate_grid(["1e-2", "1e-3"], "grid") == [1e-3, 1e-2]
     assert tuning.best_value({1e-3: 0.5, 3e-3: None, 1e-2: float("nan")}) == 1e-3
     assert tuning.best_value({1e-3: 0.9, 3e-3: 0.9}) == 1e-3  # Ties: smaller.

@@ -8,7 +8,7 @@ import keras_fip
 from keras_fip import baselines
 from keras_fip import data
 from keras_fip import models
-from keras_fip.engine import projection
+from keras_fip.core import projection
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_baseline_reaches_exact_sparsity_keeps_masks_and_input(trained, method, 
     pruned = method(model, 0.8, x, y, epochs=2, batch_size=64, learning_rate=1e-3, **kwargs)
     assert _digest(model) == before  # the input is never mutated
     assert _prunable_zero_fraction(pruned) == pytest.approx(0.8, abs=1e-3)
-    carried = keras_fip.engine.masks.masks(pruned)
+    carried = keras_fip.core.masks.masks(pruned)
     assert set(carried) == {v.path for v in projection.prunable_variables(pruned)}
     # The masks travel: plain training afterwards keeps the zeros.
     models.train_classifier(pruned, x, y, epochs=1, batch_size=64, learning_rate=1e-2)

@@ -4,7 +4,7 @@ import pytest
 from keras_fip import baselines
 from keras_fip import data
 from keras_fip import models
-from keras_fip.engine import projection
+from keras_fip.core import projection
 
 
 def test_keras_fip_never_imports_tfmot():

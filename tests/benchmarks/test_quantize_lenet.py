@@ -6,7 +6,7 @@ import pytest
 
 import keras_fip
 from benchmarks import quantize_lenet
-from keras_fip.engine import tuning
+from keras_fip.core import tuning
 
 
 def test_the_benchmark_measures_every_method(tmp_path, monkeypatch):

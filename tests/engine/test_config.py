@@ -1,9 +1,9 @@
-"""Tests for `keras_fip.engine.config`: the base of the operations' knob objects."""
+"""Tests for `keras_fip.core.config`: the base of the operations' knob objects."""
 
 import keras
 import pytest
 
-from keras_fip.engine import config
+from keras_fip.core import config
 
 
 @keras.saving.register_keras_serializable(package="keras_fip_tests")

@@ -7,10 +7,10 @@ import keras
 import numpy as np
 import pytest
 
+from keras_fip.core.masks import masks
 from keras_fip.engine import MaskConstraint
 from keras_fip.engine import apply_masks
 from keras_fip.engine import copy_model
-from keras_fip.engine.masks import masks
 
 
 @keras.saving.register_keras_serializable(package="keras_fip_test_copy")

@@ -1,6 +1,6 @@
 """Bad labels and bad token ids raise a `ValueError` naming the argument before any work.
 
-Every operation reads its data through `keras_fip.engine.data_adapter`; these tests feed
+Every operation reads its data through `keras_fip.core.data_adapter`; these tests feed
 the mistakes users make with models written as the Keras documentation writes them
 (one-hot labels from `keras.utils.to_categorical`, token ids beyond an `Embedding`'s
 vocabulary, fractional float ids for a float `keras.Input`) to Compress, Repair, Ensemble,
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import keras_fip
-from keras_fip.engine import data_adapter
+from keras_fip.core import data_adapter
 
 VOCABULARY = 20
 LENGTH = 6

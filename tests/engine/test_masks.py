@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_fip.core.copy import copy_model
+from keras_fip.core.masks import masks
 from keras_fip.engine import MaskConstraint
 from keras_fip.engine import MaskedOptimizer
 from keras_fip.engine import apply_masks
 from keras_fip.engine import sparsity
 from keras_fip.engine import strip_masks
-from keras_fip.engine.copy import copy_model
-from keras_fip.engine.masks import masks
 
 
 @keras.saving.register_keras_serializable(package="keras_fip_test_masks")

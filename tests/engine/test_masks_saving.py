@@ -15,12 +15,12 @@ import pytest
 import tensorflow as tf
 
 import keras_fip
+from keras_fip.core import projection
+from keras_fip.core.copy import copy_model
+from keras_fip.core.masks import masks
 from keras_fip.engine import MaskedOptimizer
 from keras_fip.engine import apply_masks
-from keras_fip.engine import projection
 from keras_fip.engine import strip_masks
-from keras_fip.engine.copy import copy_model
-from keras_fip.engine.masks import masks
 
 PACKAGE = "keras_fip_test_masks_saving"
 SEQUENCE_LENGTH = 6

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_fip.engine.normalization import batch_normalization_layers
-from keras_fip.engine.normalization import recalibrate_batch_normalization
+from keras_fip.core.normalization import batch_normalization_layers
+from keras_fip.core.normalization import recalibrate_batch_normalization
 
 
 def _model():

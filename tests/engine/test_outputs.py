@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 import keras_fip
-from keras_fip.engine import outputs
+from keras_fip.core import outputs
 from keras_fip.geometry import MetricOperator
 from keras_fip.geometry.diagonal import metric_diagonal
 

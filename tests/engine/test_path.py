@@ -12,10 +12,10 @@ import keras
 import numpy as np
 import pytest
 
+from keras_fip.core.masks import masks
 from keras_fip.engine import MaskConstraint
 from keras_fip.engine import Path
 from keras_fip.engine import apply_masks
-from keras_fip.engine.masks import masks
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_fip.engine import projection
+from keras_fip.core import projection
 
 
 def _model():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_fip.core.data_adapter import fip_dataset
+from keras_fip.core.masks import apply_masks
 from keras_fip.engine import rules
-from keras_fip.engine.data_adapter import fip_dataset
-from keras_fip.engine.masks import apply_masks
 from keras_fip.engine.path import Path
 from keras_fip.engine.trainer import FIPTrainer
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from keras_fip.engine import tuning
+from keras_fip.core import tuning
 
 
 def test_extends_past_the_top_edge_by_the_grid_spacing_until_it_stops_winning():

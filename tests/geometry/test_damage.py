@@ -234,7 +234,7 @@ def _softmax_twin(model):
 def test_softmax_model_and_its_logits_twin_break_down_alike(trained):
     model, x, _ = trained
     twin = _softmax_twin(model)
-    assert keras_fip.engine.outputs.output_kind(twin) == "probabilities"
+    assert keras_fip.core.outputs.output_kind(twin) == "probabilities"
     # Probabilities are the same function of the weights for both: the same deletion
     # speeds, and the same segment speeds along the same damage path.
     speeds = [

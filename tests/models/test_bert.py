@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import keras_fip
-from keras_fip.engine import projection
+from keras_fip.core import projection
 from keras_fip.models import bert
 
 pytest.importorskip("keras_hub")  # the `text` extra

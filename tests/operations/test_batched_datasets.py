@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 import keras_fip
-from keras_fip.engine import data_adapter
+from keras_fip.core import data_adapter
 
 BATCH = 16
 

@@ -9,7 +9,7 @@ import keras_fip
 import keras_fip.operations
 from keras_fip import data
 from keras_fip import models
-from keras_fip.engine import projection
+from keras_fip.core import projection
 from keras_fip.operations import compress as compress_lib
 from keras_fip.operations.compress import Compress
 from keras_fip.operations.compress import Prunable
@@ -608,7 +608,7 @@ def test_the_held_out_choice_is_counted_in_the_history(underfit):
     model, x, y = underfit
     op = Compress(0.5, data=(x, y), walk=_walk(steps=12, batch_size=64, seed=0))
     op(model)
-    _, held_rows = keras_fip.engine.tuning.validation_rows(y, compress_lib.SELECTION_FRACTION, 0)
+    _, held_rows = keras_fip.core.tuning.validation_rows(y, compress_lib.SELECTION_FRACTION, 0)
     selection = op.history["labels_selection"]
     assert selection["validation"] == "held_out"
     assert selection["validation_examples"] == len(held_rows)

@@ -13,7 +13,7 @@ import pytest
 import keras_fip
 from keras_fip import data
 from keras_fip import models
-from keras_fip.engine import projection
+from keras_fip.core import projection
 from keras_fip.operations.compress import Prunable
 from keras_fip.operations.compress import Saliency
 from keras_fip.operations.compress import Schedule

@@ -4,7 +4,7 @@ import pytest
 
 import keras_fip
 from keras_fip import metrics
-from keras_fip.engine import masks as masks_lib
+from keras_fip.core import masks as masks_lib
 from keras_fip.operations import carried_data
 from keras_fip.operations import grow_output_layer
 from keras_fip.operations.continual_learn import ContinualLearn

@@ -220,7 +220,7 @@ def test_nodes_silence_residual_net_channels(digits):
 def test_weights_zero_exactly_round_fraction_of_kernel_entries(trained):
     op = Damage(Weights(0.37), seed=0)
     damaged = op(trained)
-    sizes = [int(np.prod(v.shape)) for v in keras_fip.engine.projection.prunable_variables(trained)]
+    sizes = [int(np.prod(v.shape)) for v in keras_fip.core.projection.prunable_variables(trained)]
     expected = round(0.37 * sum(sizes))
     assert op.history["num_hit"] == expected
     masks = keras_fip.masks(damaged)
@@ -301,7 +301,7 @@ def _softmax_twin(model):
 def test_eigen_gives_a_softmax_model_and_its_logits_twin_the_same_damage(trained, digits, labelled):
     x, y = digits
     twin = _softmax_twin(trained)
-    assert keras_fip.engine.outputs.output_kind(twin) == "probabilities"
+    assert keras_fip.core.outputs.output_kind(twin) == "probabilities"
     np.testing.assert_allclose(
         np.asarray(twin(x[:32])), keras.ops.softmax(trained(x[:32])), atol=1e-6
     )

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import keras_fip
-from keras_fip.engine import tuning
+from keras_fip.core import tuning
 from keras_fip.engine.beta import auto_beta
 from keras_fip.engine.rules import Metric
 from keras_fip.engine.rules import Penalty

@@ -203,7 +203,7 @@ def _softmax_twin(model):
 def test_repair_of_a_softmax_model_equals_the_repair_of_its_logits_twin(digits, trained, kwargs):
     x, y, x_test, y_test = digits
     twin = _softmax_twin(trained)
-    assert keras_fip.engine.outputs.output_kind(twin) == "probabilities"
+    assert keras_fip.core.outputs.output_kind(twin) == "probabilities"
     repaired = []
     for model in (trained, twin):
         damaged = Damage(Nodes(0.6), seed=0)(model)

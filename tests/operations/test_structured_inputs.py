@@ -15,8 +15,8 @@ import pytest
 import tensorflow as tf
 
 import keras_fip
-from keras_fip.engine import data_adapter
-from keras_fip.engine.copy import copy_model
+from keras_fip.core import data_adapter
+from keras_fip.core.copy import copy_model
 from keras_fip.geometry.diagonal import metric_diagonal
 from keras_fip.geometry.metric import MetricOperator
 from keras_fip.operations.base import carried_data

@@ -137,7 +137,7 @@ def test_weight_distances_coherence_and_layer_cka(networks):
 def _softmax_twin(model):
     """The same network ending in a softmax (shared weights): it returns probabilities."""
     twin = keras.Sequential([keras.Input((8, 8, 1)), model, keras.layers.Softmax()])
-    assert keras_fip.engine.outputs.output_kind(twin) == "probabilities"
+    assert keras_fip.core.outputs.output_kind(twin) == "probabilities"
     return twin
 
 

@@ -5,9 +5,9 @@ import numpy as np
 import scipy.sparse.linalg
 import tensorflow as tf
 
+from keras_fip.core import data_adapter
+from keras_fip.core import outputs as outputs_lib
 from keras_fip.distribute import summed_over_batches
-from keras_fip.engine import data_adapter
-from keras_fip.engine import outputs as outputs_lib
 from keras_fip.geometry.metric import MetricOperator
 from keras_fip.geometry.spectrum import top_eigenpairs
 from keras_fip.operations.base import model_output_kind

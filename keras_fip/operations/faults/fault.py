@@ -2,10 +2,10 @@
 
 import numpy as np
 
-from keras_fip.engine import projection
-from keras_fip.engine.config import Config
-from keras_fip.engine.layers import all_layers
-from keras_fip.engine.masks import mask_of
+from keras_fip.core import projection
+from keras_fip.core.config import Config
+from keras_fip.core.layers import all_layers
+from keras_fip.core.masks import mask_of
 from keras_fip.operations.base import Operation
 
 
@@ -84,7 +84,7 @@ class Fault(Config):
 
     def variables_of(self, model, kernels_only=False):
         """Trainable variables of the selected layers (only Dense/Conv kernels, and the
-        other weights `keras_fip.engine.projection.prunable_variables` lists, if asked)."""
+        other weights `keras_fip.core.projection.prunable_variables` lists, if asked)."""
         pool = (
             projection.prunable_variables(model)
             if kernels_only

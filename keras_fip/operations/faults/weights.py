@@ -16,7 +16,7 @@ class Weights(Fault):
 
     Exactly `round(fraction·n)` (or `count`) of the n free entries of the Dense and
     convolution kernels (and the other weights
-    `keras_fip.engine.projection.prunable_variables` lists: embedding tables, attention
+    `keras_fip.core.projection.prunable_variables` lists: embedding tables, attention
     kernels), entries already held at zero by a mask not counted. `scope="global"` draws
     them from all kernels together, `"per_layer"` that fraction of each kernel. A seeded
     permutation's prefix: one seed zeroes nested sets as `fraction` grows. The record

@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_fip.engine import normalization
+from keras_fip.core import normalization
 from keras_fip.operations.repair.training import accuracy
 
 

@@ -4,14 +4,14 @@ import math
 
 import keras
 
+from keras_fip.core import normalization
+from keras_fip.core import outputs as outputs_lib
+from keras_fip.core import projection
+from keras_fip.core.copy import copy_model
+from keras_fip.core.data_adapter import fip_dataset
+from keras_fip.core.data_adapter import num_examples
 from keras_fip.engine import distances as distances_lib
-from keras_fip.engine import normalization
-from keras_fip.engine import outputs as outputs_lib
-from keras_fip.engine import projection
 from keras_fip.engine.beta import auto_beta
-from keras_fip.engine.copy import copy_model
-from keras_fip.engine.data_adapter import fip_dataset
-from keras_fip.engine.data_adapter import num_examples
 from keras_fip.engine.path import Path
 from keras_fip.engine.rules import Penalty
 from keras_fip.engine.trainer import FIPTrainer

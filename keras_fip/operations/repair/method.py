@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 
-from keras_fip.engine.config import Config
+from keras_fip.core.config import Config
 
 
 class RepairMethod(Config):

@@ -5,16 +5,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_fip.core import data_adapter
+from keras_fip.core import normalization
+from keras_fip.core import outputs as outputs_lib
+from keras_fip.core.copy import strip_masks
+from keras_fip.core.data_adapter import check_inputs_match_model
+from keras_fip.core.data_adapter import normalize_data
 from keras_fip.distribute import distribute_dataset
 from keras_fip.distribute import replica_step
-from keras_fip.engine import data_adapter
 from keras_fip.engine import distances as distances_lib
-from keras_fip.engine import normalization
-from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine import step_rules
-from keras_fip.engine.copy import strip_masks
-from keras_fip.engine.data_adapter import check_inputs_match_model
-from keras_fip.engine.data_adapter import normalize_data
 from keras_fip.operations.base import model_output_kind
 from keras_fip.operations.repair.training import predict
 

@@ -5,13 +5,13 @@ import math
 import keras
 import numpy as np
 
-from keras_fip.engine import data_adapter
-from keras_fip.engine import masks as masks_lib
-from keras_fip.engine import projection
-from keras_fip.engine.copy import copy_model
-from keras_fip.engine.copy import strip_masks
-from keras_fip.engine.data_adapter import check_inputs_match_model
-from keras_fip.engine.data_adapter import normalize_data
+from keras_fip.core import data_adapter
+from keras_fip.core import masks as masks_lib
+from keras_fip.core import projection
+from keras_fip.core.copy import copy_model
+from keras_fip.core.copy import strip_masks
+from keras_fip.core.data_adapter import check_inputs_match_model
+from keras_fip.core.data_adapter import normalize_data
 from keras_fip.engine.rules import Penalty
 from keras_fip.engine.rules import auto_learning_rate
 from keras_fip.operations.base import WalkingOperation

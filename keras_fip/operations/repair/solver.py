@@ -6,10 +6,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_fip.engine import data_adapter
-from keras_fip.engine import outputs as outputs_lib
-from keras_fip.engine.config import Config
-from keras_fip.engine.masks import mask_of
+from keras_fip.core import data_adapter
+from keras_fip.core import outputs as outputs_lib
+from keras_fip.core.config import Config
+from keras_fip.core.masks import mask_of
 from keras_fip.operations.base import Operation
 from keras_fip.operations.repair.training import predict
 

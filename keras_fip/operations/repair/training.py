@@ -7,11 +7,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_fip.core import data_adapter
+from keras_fip.core import masks as masks_lib
+from keras_fip.core import outputs as outputs_lib
 from keras_fip.distribute import distribute_dataset
 from keras_fip.distribute import replica_step
-from keras_fip.engine import data_adapter
-from keras_fip.engine import masks as masks_lib
-from keras_fip.engine import outputs as outputs_lib
 from keras_fip.engine import step_rules
 from keras_fip.engine.path import Path
 

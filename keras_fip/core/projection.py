@@ -8,7 +8,7 @@ largest-magnitude weights (or units, filters, 2-of-4 groups) and zeroes the rest
 import keras
 import numpy as np
 
-from keras_fip.engine.layers import all_layers
+from keras_fip.core.layers import all_layers
 
 STRUCTURES = ("unstructured", "nodes", "filters", "2:4")
 SCOPES = ("global", "per_layer")

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_fip.engine import layers as layers_lib
+from keras_fip.core import layers as layers_lib
 
 # Variables whose constraint attribute is not `f"{variable.name}_constraint"`.
 _IRREGULAR_VARIABLE_NAMES = {

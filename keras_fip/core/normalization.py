@@ -3,9 +3,9 @@
 import keras
 import numpy as np
 
-from keras_fip.engine import data_adapter
-from keras_fip.engine.data_adapter import normalize_data
-from keras_fip.engine.layers import all_layers
+from keras_fip.core import data_adapter
+from keras_fip.core.data_adapter import normalize_data
+from keras_fip.core.layers import all_layers
 
 
 def batch_normalization_layers(model):

@@ -5,8 +5,8 @@ import tempfile
 
 import keras
 
-from keras_fip.engine import layers as layers_lib
-from keras_fip.engine import masks as masks_lib
+from keras_fip.core import layers as layers_lib
+from keras_fip.core import masks as masks_lib
 
 
 def copy_model(model):
@@ -160,7 +160,7 @@ def strip_masks(model):
 
     The undo of `apply_masks` (the analogue of tfmot's `strip_pruning`): a copy
     (`copy_model`) whose `MaskConstraint`s are replaced by the user constraints they wrapped
-    (`keras_fip.engine.masks.remove_masks`). Masked weights are still exactly zero, but
+    (`keras_fip.core.masks.remove_masks`). Masked weights are still exactly zero, but
     nothing keeps them there any more. The input model is not changed.
 
     Args:
@@ -171,7 +171,7 @@ def strip_masks(model):
 
     Examples:
 
-        >>> from keras_fip.engine.masks import apply_masks
+        >>> from keras_fip.core.masks import apply_masks
         >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
         >>> apply_masks(model, {model.layers[0].kernel.path: np.eye(3, 2, dtype=bool)})
         >>> keras_fip.masks(strip_masks(model))
