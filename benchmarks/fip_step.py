@@ -170,9 +170,8 @@ def benchmark(
         network = keras_fip.engine.copy_model(template)
         trainer = keras_fip.FIPTrainer(
             network,
-            step_rule=rule,
+            rule=keras_fip.rules.get(rule),
             secondary_loss=_loss(),
-            cg_iterations=10,
             **TRAINER_ARGUMENTS.get(label, {}),
         )
         trainer.compile(

@@ -138,7 +138,7 @@ def run_seed(args, seed):
             "kernel_error": kernel_errors(model, quantized),
             **(extra or {}),
         }
-        print(json.dumps(row), flush=True)
+        print(json.dumps({"benchmark": "quantize_lenet", **row}), flush=True)
         rows.append(row)
 
     float_row = {
@@ -154,7 +154,7 @@ def run_seed(args, seed):
         with open(path, "wb") as file:
             file.write(gzip.compress(weights, compresslevel=9))
         float_row["gzipped_weights_bytes"] = os.path.getsize(path)
-    print(json.dumps(float_row), flush=True)
+    print(json.dumps({"benchmark": "quantize_lenet", **float_row}), flush=True)
     rows.append(float_row)
     options = fip_options(args.fip_options)
     for bits in args.bits:
@@ -228,7 +228,7 @@ def run_seed(args, seed):
                 "accuracy": float(np.mean(np.argmax(outputs, -1) == y_test)),
                 "gzipped_tflite_bytes": size,
             }
-            print(json.dumps(row), flush=True)
+            print(json.dumps({"benchmark": "quantize_lenet", **row}), flush=True)
             rows.append(row)
     return rows
 
@@ -254,7 +254,16 @@ def summarize(rows):
             "accuracy_std": float(np.std(values)),
             "seeds": len(values),
         }
-        print(json.dumps({"summary": line}), flush=True)
+        printed = {
+            "benchmark": "quantize_lenet",
+            "summary": True,
+            "method": method,
+            "bits": bits,
+            "accuracy/mean": line["accuracy_mean"],
+            "accuracy/std": line["accuracy_std"],
+            "seeds": line["seeds"],
+        }
+        print(json.dumps(printed), flush=True)
         lines.append(line)
     return lines
 

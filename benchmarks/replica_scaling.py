@@ -85,7 +85,9 @@ def _measure(args):
         fit_model = keras_fip.models.get(args.model, x.shape[1:], 10)
         network = keras_fip.engine.copy_model(fit_model)
         fit_model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
-        trainer = keras_fip.FIPTrainer(network, step_rule=args.rule, secondary_loss=loss)
+        trainer = keras_fip.FIPTrainer(
+            network, rule=keras_fip.rules.get(args.rule), secondary_loss=loss
+        )
         trainer.compile(optimizer=keras.optimizers.Adam(1e-3) if args.rule == "penalty" else None)
     data = fip_dataset(network, anchor=x, secondary=(x, y), batch_size=half, seed=0)
 

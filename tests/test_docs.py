@@ -23,11 +23,23 @@ def code_blocks(page):
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.stem)
-def test_guide_code_runs(page, monkeypatch, tmp_path):
+def test_guide_code_runs(page, monkeypatch, tmp_path, mirrored_strategy):
     blocks = code_blocks(page)
     if not blocks:
         pytest.skip(f"{page.name} has no Python code")
     monkeypatch.chdir(tmp_path)  # Files a guide writes land in a temporary directory.
+    # A page's `get_strategy("mirrored")` gets the test session's one MirroredStrategy over
+    # its two logical CPUs (a second one in the same process collides on collective keys).
+    from keras_fip import distribute
+
+    resolve = distribute.get_strategy
+    monkeypatch.setattr(
+        distribute,
+        "get_strategy",
+        lambda name="default", **kwargs: (
+            mirrored_strategy if name == "mirrored" else resolve(name, **kwargs)
+        ),
+    )
     namespace = {"__name__": f"docs_{page.stem}"}
     for index, block in enumerate(blocks):
         try:

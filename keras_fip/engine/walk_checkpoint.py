@@ -2,6 +2,7 @@
 
 import glob
 import json
+import math
 import os
 import shutil
 
@@ -282,8 +283,14 @@ class _Saver(keras.callbacks.Callback):
         if metrics.get("finite", 1.0) < 1.0:
             return  # The walk stops; the last checkpoint stays.
         self.step += 1
+        # A scalar measured only every few steps is absent from the other steps' logs:
+        # NaN there, as `FIPTrainer.walk`'s own history has it.
+        length = max((len(values) for values in self.history.values()), default=0)
         for name, value in metrics.items():
-            self.history.setdefault(name, []).append(value)
+            self.history.setdefault(name, [math.nan] * length).append(value)
+        for name, values in self.history.items():
+            if name not in metrics:
+                values.append(math.nan)
         if len(self._path) > self._points:
             self._points = len(self._path)
             self.save(done=False)

@@ -56,6 +56,15 @@ TINY_ARGUMENTS = {
         "--sparsities=0.5",
     ],
     "multi_worker": ["--computations=metric", "--steps=2"],
+    "quantize_lenet": [
+        "--model=mlp",
+        "--dataset=digits",
+        "--base_epochs=1",
+        "--bits=4",
+        "--methods=fip,keras_int4",
+        "--fip_epochs=1",
+        '--fip_options={"schedule": {"min_steps": 5}}',
+    ],
     "operation_overhead": [
         "--model=mlp",
         "--operations=isofunctional,compress",
@@ -139,6 +148,7 @@ EXPECTED_KEYS = {
         "fip/50/steps",
     ),
     "multi_worker": ("computation", "max_abs_difference"),
+    "quantize_lenet": ("accuracy", "method", "bits"),
     "operation_overhead": ("operation", "steps", "call_seconds", "fit_seconds", "call_over_fit"),
     "replica_scaling": ("fit_samples_per_second", "fip_samples_per_second", "fip_speedup"),
     "user_models": ("test_accuracy", "model", "params"),

@@ -5,18 +5,28 @@ import keras
 import numpy as np
 import pytest
 
+from keras_fip.engine.walk import Walk
 from keras_fip.engine.walk_checkpoint import WalkCheckpoint
-from keras_fip.operations.base import Operation
+from keras_fip.operations.base import WalkingOperation
 from tests.operations.contract import KillAt
 
 
-class _Walk(Operation):
-    """A plain penalty walk through `Operation.fip_walk`, checkpointed."""
+class _Walk(WalkingOperation):
+    """A plain penalty walk through `WalkingOperation.fip_walk`, checkpointed."""
 
-    def __init__(self, x, checkpoint_directory=None, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, x, checkpoint_directory=None, callbacks=None):
+        super().__init__(
+            walk=Walk(
+                steps=12,
+                batch_size=8,
+                record_every=3,
+                seed=0,
+                checkpoint_directory=checkpoint_directory,
+                callbacks=callbacks,
+                verbose=0,
+            )
+        )
         self.x = x
-        self.checkpoint_directory = checkpoint_directory
 
     def call(self, model):
         objective = lambda network, batch: keras.ops.sum(  # noqa: E731
@@ -24,18 +34,12 @@ class _Walk(Operation):
         )
         return self.fip_walk(
             model,
+            self.resolved_walk(),
             self.x,
             12,
-            batch_size=8,
-            record_every=3,
-            seed=0,
             optimizer=keras.optimizers.Adam(1e-2),
-            checkpoint_directory=self.checkpoint_directory,
             secondary_objective=objective,
         )
-
-    def get_config(self):
-        return {**super().get_config(), "checkpoint_directory": self.checkpoint_directory}
 
 
 def _model():
@@ -48,15 +52,15 @@ def _model():
 def test_fip_walk_killed_mid_walk_resumes_to_the_same_weights_and_history(tmp_path):
     x = np.random.default_rng(0).normal(size=(40, 4)).astype("float32")
     model = _model()
-    reference_op = _Walk(x, verbose=0)
+    reference_op = _Walk(x)
     reference = reference_op(model)
     directory = str(tmp_path / "checkpoint")
     with pytest.raises(KeyboardInterrupt):
-        _Walk(x, directory, verbose=0, callbacks=[KillAt(8)])(model)
+        _Walk(x, directory, callbacks=[KillAt(8)])(model)
     with open(os.path.join(directory, "phase_walk.json")) as f:
         saved = json.load(f)
     assert (saved["step"], saved["done"], saved["points"]) == (6, False, 3)
-    op = _Walk(x, directory, verbose=0)
+    op = _Walk(x, directory)
     resumed = op(model)
     for expected, actual in zip(reference.trainable_variables, resumed.trainable_variables):
         np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=0, atol=1e-6)
