@@ -1,5 +1,6 @@
 """`Operation`: the one idea everything hangs on, a validated, serialisable `model -> model`."""
 
+import math
 import re
 import weakref
 
@@ -126,6 +127,42 @@ def model_output_kind(model, data):
         x, _ = normalize_data(data, name="data", model=model)
         kind = outputs_lib.output_kind(model, x)
     return kind
+
+
+def check_labels(labels):
+    """The `labels` argument of an operation that can use the labels of its data.
+
+    Args:
+        labels: `"auto"` (the operation chooses the labels' weight), `False` (the inputs
+            alone) or the non-negative weight of the labels' cross-entropy.
+
+    Returns:
+        `"auto"` or the weight as a float (`False` is 0.0).
+
+    Raises:
+        ValueError: for anything else, naming `labels`.
+
+    Examples:
+
+        >>> check_labels(False), check_labels(1), check_labels("auto")
+        (0.0, 1.0, 'auto')
+    """
+    if isinstance(labels, str) and labels == "auto":
+        return labels
+    if labels is False:
+        return 0.0
+    valid = (
+        isinstance(labels, (int, float, np.integer, np.floating))
+        and not isinstance(labels, bool)
+        and math.isfinite(labels)
+        and labels >= 0
+    )
+    if not valid:
+        raise ValueError(
+            "`labels` must be 'auto', False (the inputs alone) or the non-negative weight of "
+            f"the labels' cross-entropy. Received: labels={labels!r}"
+        )
+    return float(labels)
 
 
 def _snake_case(name):

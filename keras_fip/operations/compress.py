@@ -27,6 +27,7 @@ from keras_fip.operations import compress_prunable
 from keras_fip.operations import compress_saliency
 from keras_fip.operations import compress_schedule
 from keras_fip.operations.base import WalkingOperation
+from keras_fip.operations.base import check_labels
 from keras_fip.operations.base import model_output_kind
 from keras_fip.operations.compress_prunable import Prunable
 from keras_fip.operations.compress_saliency import Saliency
@@ -125,25 +126,6 @@ def _correct(model, x, y):
     elif isinstance(outputs, dict):
         outputs = next(iter(outputs.values()))
     return np.argmax(outputs, axis=-1) == _class_indices(y)
-
-
-def _check_labels(labels):
-    if isinstance(labels, str) and labels == "auto":
-        return labels
-    if labels is False:
-        return 0.0
-    valid = (
-        isinstance(labels, (int, float, np.integer, np.floating))
-        and not isinstance(labels, bool)
-        and math.isfinite(labels)
-        and labels >= 0
-    )
-    if not valid:
-        raise ValueError(
-            "`labels` must be 'auto', False (the inputs alone) or the non-negative weight of "
-            f"the labels' cross-entropy. Received: labels={labels!r}"
-        )
-    return float(labels)
 
 
 class _CosineFrom(keras.optimizers.schedules.LearningRateSchedule):
@@ -515,7 +497,7 @@ class Compress(WalkingOperation):
         if validation_data is not None:
             normalize_data(validation_data, name="validation_data", require_labels=True)
         self.validation_data = validation_data
-        self.labels = _check_labels(labels)
+        self.labels = check_labels(labels)
         self.saliency = compress_saliency.get(saliency)
         self.prunable = compress_prunable.get(prunable)
         self.schedule = compress_schedule.get(schedule)

@@ -1,7 +1,5 @@
 """`Quantize`: low-bit weights reached along a functionally invariant path."""
 
-import math
-
 import keras
 import numpy as np
 
@@ -14,6 +12,7 @@ from keras_fip.engine.beta import auto_beta
 from keras_fip.engine.rules import Penalty
 from keras_fip.operations import quantize_schedule
 from keras_fip.operations.base import WalkingOperation
+from keras_fip.operations.base import check_labels
 from keras_fip.operations.quantize_schedule import QuantizeSchedule
 
 __all__ = [
@@ -59,25 +58,6 @@ def resolved_scales(scales, bits):
     if scales != "auto":
         return scales
     return "abs_max" if bits == 8 else "fitted"
-
-
-def _check_labels(labels):
-    if isinstance(labels, str) and labels == "auto":
-        return labels
-    if labels is False:
-        return 0.0
-    valid = (
-        isinstance(labels, (int, float, np.integer, np.floating))
-        and not isinstance(labels, bool)
-        and math.isfinite(labels)
-        and labels >= 0
-    )
-    if not valid:
-        raise ValueError(
-            "`labels` must be 'auto', False (the inputs alone) or the non-negative weight of "
-            f"the labels' cross-entropy. Received: labels={labels!r}"
-        )
-    return float(labels)
 
 
 def _einsum_axes(equation, kernel_rank):
@@ -434,7 +414,7 @@ class Quantize(WalkingOperation):
         if data is not None:
             normalize_data(data, name="data")
         self.data = data
-        self.labels = _check_labels(labels)
+        self.labels = check_labels(labels)
         self.layers = self.check_layer_names(layers)
         for value, argument in ((per_channel, "per_channel"), (keras_layers, "keras_layers")):
             if not isinstance(value, bool):
