@@ -1,5 +1,6 @@
 """Elastic weight consolidation: a diagonal-Fisher penalty holding the weights old tasks need."""
 
+import warnings
 import weakref
 
 import keras
@@ -147,6 +148,13 @@ class EWC(ContinualBaseline):
             for i, task in enumerate(validation_tasks or [])
         ]
         self.validation_tasks = validation_tasks
+        if self.ewc_lambda == "auto" and not self._validation:
+            warnings.warn(
+                "EWC(ewc_lambda='auto') without `validation_tasks` chooses λ on the new task "
+                "alone, which favours the smallest λ and forgets the old tasks; pass held-out "
+                "old-task data as `validation_tasks`, or a number as `ewc_lambda`.",
+                stacklevel=2,
+            )
         self.validation_fraction = self.check_number(
             validation_fraction, "validation_fraction", low=0.0, high=1.0, high_inclusive=False
         )

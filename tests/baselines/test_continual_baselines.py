@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -205,6 +206,14 @@ def test_ewc_extends_the_lambda_grid_past_an_edge_that_wins(
     assert op.history["lambda"] == pytest.approx(chosen, rel=1e-9)
     with pytest.raises(ValueError, match="max_lambda_extensions"):
         baselines.EWC(setting["new"], max_lambda_extensions=-1)
+
+
+def test_ewc_auto_lambda_without_old_task_validation_warns(setting):
+    with pytest.warns(UserWarning, match="without `validation_tasks`"):
+        baselines.EWC(setting["new"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        baselines.EWC(setting["new"], ewc_lambda=10.0)
 
 
 def test_online_ewc_merges_penalties_and_offline_keeps_them(setting):
