@@ -509,6 +509,21 @@ def validation_split(x, y, fraction, seed):
     return (x[~validation], y[~validation]), (x[validation], y[validation])
 
 
+# Flags of this module every app reads through `start` (outputs, strategy, logs); `run`
+# shows them in every app's `--help`.
+RUN_FLAGS = ("output_dir", "strategy", "tpu", "tensorboard")
+# The flags of training a base network, which most apps read.
+TRAINING_FLAGS = (
+    "dataset",
+    "data_dir",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "seed",
+    "cache_dir",
+)
+
+
 def run(main, shared=(), defaults=None):
     """Runs an app's `main` under absl, with a `--help` a person can read.
 
@@ -519,7 +534,8 @@ def run(main, shared=(), defaults=None):
 
     Args:
         main: The app's `main(argv)`.
-        shared: Names of this module's flags the app reads. Defaults to `()`.
+        shared: Names of this module's flags the app reads besides `RUN_FLAGS`. Defaults
+            to `()`.
         defaults: `{flag: value}`: the app's own defaults of shared flags, shown by
             `--help` (the app reads them when the flag is not given). Defaults to `None`.
     """
@@ -547,7 +563,7 @@ def run(main, shared=(), defaults=None):
         f"The full description: python -m pydoc apps.{name}. Every flag of the process: --helpfull."
     )
     module.__doc__ = "\n".join(usage)
-    for flag_name in shared:
+    for flag_name in dict.fromkeys((*shared, *RUN_FLAGS)):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag_name])
     for flag_name, value in (defaults or {}).items():
         flags.FLAGS.set_default(flag_name, value)

@@ -817,4 +817,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    common.run(main, shared=("seed", "output_dir", "strategy", "tpu", "tensorboard"))
+    common.run(main, shared=("seed",))

@@ -816,17 +816,5 @@ def _main(parts, run):
 if __name__ == "__main__":
     common.run(
         main,
-        shared=(
-            "dataset",
-            "data_dir",
-            "epochs",
-            "batch_size",
-            "learning_rate",
-            "seed",
-            "cache_dir",
-            "output_dir",
-            "strategy",
-            "tpu",
-            "tensorboard",
-        ),
+        shared=common.TRAINING_FLAGS,
     )

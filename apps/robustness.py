@@ -745,9 +745,5 @@ if __name__ == "__main__":
             "base_epochs",
             "methods",
             "cache_dir",
-            "output_dir",
-            "strategy",
-            "tpu",
-            "tensorboard",
         ),
     )

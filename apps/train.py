@@ -79,18 +79,5 @@ def main(argv):
 if __name__ == "__main__":
     common.run(
         main,
-        shared=(
-            "model",
-            "dataset",
-            "data_dir",
-            "epochs",
-            "batch_size",
-            "learning_rate",
-            "seed",
-            "cache_dir",
-            "output_dir",
-            "strategy",
-            "tpu",
-            "tensorboard",
-        ),
+        shared=(*common.TRAINING_FLAGS, "model"),
     )

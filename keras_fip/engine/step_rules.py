@@ -45,6 +45,16 @@ def mean_cross_entropy(labels, logits):
     )
 
 
+def labels_term(model, batch, weight):
+    """`weight` × the batch mean cross-entropy of `model` on a labelled `(inputs, labels)`
+    batch (training mode), or 0.0 without a weight or a batch: the labels' term the walks
+    towards a projection (Compress, Quantize) add to their pull."""
+    if not weight or batch is None:
+        return 0.0
+    inputs, labels = batch
+    return weight * mean_cross_entropy(labels, model(inputs, training=True))
+
+
 def num_replicas():
     """The number of replicas in sync in the current replica context (1 outside one)."""
     context = tf.distribute.get_replica_context()

@@ -154,13 +154,8 @@ class _Objective:
         self.beta = beta
 
     def __call__(self, model, batch):
-        total = 0.0
-        if self.task_weight and batch is not None:
-            inputs, labels = batch
-            # The batch mean (the trainer scales L per replica).
-            total = self.task_weight * step_rules.mean_cross_entropy(
-                labels, model(inputs, training=True)
-            )
+        # The batch mean (the trainer scales L per replica).
+        total = step_rules.labels_term(model, batch, self.task_weight)
         variables = model.trainable_variables
         for index, mask in zip(self.indices, self.mask_variables):
             weights = variables[index].value

@@ -256,12 +256,7 @@ class _GridObjective:
         self.task_weight = task_weight
 
     def __call__(self, model, batch):
-        total = 0.0
-        if self.task_weight and batch is not None:
-            inputs, labels = batch
-            total = self.task_weight * step_rules.mean_cross_entropy(
-                labels, model(inputs, training=True)
-            )
+        total = step_rules.labels_term(model, batch, self.task_weight)
         variables = model.trainable_variables
         for index, target in zip(self.indices, self.targets):
             weights = variables[index].value

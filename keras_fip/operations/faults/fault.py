@@ -115,6 +115,20 @@ class Fault(Config):
             free.append(np.arange(size) if mask is None else np.flatnonzero(mask))
         return free
 
+    @classmethod
+    def check_amount(cls, fraction, count):
+        """`(fraction, count)` checked: at most one given, a fraction in [0, 1], a count ≥ 0."""
+        if fraction is not None and count is not None:
+            raise ValueError(
+                "Pass at most one of `fraction` and `count`. "
+                f"Received: fraction={fraction!r}, count={count!r}"
+            )
+        if fraction is not None:
+            fraction = cls.check_number(fraction, "fraction", low=0.0, high=1.0, low_inclusive=True)
+        if count is not None:
+            count = cls.check_number(count, "count", low=0, low_inclusive=True, integer=True)
+        return fraction, count
+
     @staticmethod
     def number(fraction, count, total, what):
         """`round(fraction·total)`, or `count` checked against `total`."""

@@ -75,17 +75,8 @@ class Nodes(Fault):
                     f"Received: units={units!r}, fraction={fraction!r}, count={count!r}"
                 )
             units = units_lib.check_units(units)
-        elif fraction is not None and count is not None:
-            raise ValueError(
-                "Pass at most one of `fraction` and `count`. "
-                f"Received: fraction={fraction!r}, count={count!r}"
-            )
-        if fraction is not None:
-            fraction = self.check_number(
-                fraction, "fraction", low=0.0, high=1.0, low_inclusive=True
-            )
-        if count is not None:
-            count = self.check_number(count, "count", low=0, low_inclusive=True, integer=True)
+        else:
+            fraction, count = self.check_amount(fraction, count)
         self.fraction = fraction
         self.count = count
         self.units = units

@@ -46,17 +46,7 @@ class Weights(Fault):
 
     def __init__(self, fraction=None, *, count=None, layers=None, scope="global"):
         super().__init__(layers=layers)
-        if fraction is not None and count is not None:
-            raise ValueError(
-                "Pass at most one of `fraction` and `count`. "
-                f"Received: fraction={fraction!r}, count={count!r}"
-            )
-        if fraction is not None:
-            fraction = self.check_number(
-                fraction, "fraction", low=0.0, high=1.0, low_inclusive=True
-            )
-        if count is not None:
-            count = self.check_number(count, "count", low=0, low_inclusive=True, integer=True)
+        fraction, count = self.check_amount(fraction, count)
         self.fraction = fraction
         self.count = count
         self.scope = self.check_choice(scope, "scope", units_lib.SCOPES)
