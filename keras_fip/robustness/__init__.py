@@ -1,4 +1,5 @@
-"""Robustness of models and ensembles: ART PGD attacks (transfer and white-box), diagnostics.
+"""Robustness of models and ensembles: ART attacks (PGD, AutoAttack, adaptive, transfer),
+an evaluation with its sanity checks, diagnostics.
 
 Needs the `robustness` extra (`adversarial-robustness-toolbox`) for the attacks; the
 diagnostics need only Keras and numpy.
@@ -18,3 +19,7 @@ from keras_fip.robustness.diagnostics import layer_cka
 from keras_fip.robustness.diagnostics import linear_cka
 from keras_fip.robustness.diagnostics import weight_distances
 from keras_fip.robustness.diagnostics import weight_pca
+from keras_fip.robustness.evaluation import evaluate
+from keras_fip.robustness.evaluation import margin_loss
+from keras_fip.robustness.evaluation import mean_probability_logits
+from keras_fip.robustness.evaluation import sanity_checks
