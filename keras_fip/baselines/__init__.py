@@ -4,6 +4,9 @@
 """
 
 from keras_fip.baselines import quantization
+from keras_fip.baselines.adversarial_training import fgsm_adversarial_training
+from keras_fip.baselines.adversarial_training import pgd_adversarial_ensemble
+from keras_fip.baselines.adversarial_training import pgd_adversarial_training
 from keras_fip.baselines.agem import AGEM
 from keras_fip.baselines.deep_ensemble import deep_ensemble
 from keras_fip.baselines.deep_ensemble import fast_geometric_ensemble
@@ -31,6 +34,9 @@ __all__ = [
     "deep_ensemble",
     "fast_geometric_ensemble",
     "snapshot_ensemble",
+    "fgsm_adversarial_training",
+    "pgd_adversarial_ensemble",
+    "pgd_adversarial_training",
     "AGEM",
     "EWC",
     "ExperienceReplay",
