@@ -13,6 +13,14 @@ import pytest
 
 import benchmarks
 
+# The Adversarial Robustness Toolbox configures logging when first imported
+# (`logging.config.dictConfig`, which closes every open handler, pytest's own included):
+# import it before any test runs, so that `robust_ensembles` importing it does not.
+try:
+    import art  # noqa: F401
+except ImportError:
+    pass
+
 # Tiny settings per script (digits, small models, few steps; users' models trained for
 # one epoch, on a few hundred MNIST images where the script takes the MNIST convnet).
 TINY_ARGUMENTS = {
@@ -118,6 +126,19 @@ TINY_ARGUMENTS = {
         "--num_members=2",
         "--base_epochs=1",
     ],
+    "robust_ensembles": [
+        "--dataset=digits",
+        "--train_size=300",
+        "--test_size=30",
+        "--epochs=1",
+        "--num_members=2",
+        "--attack_steps=1",
+        "--steps=2",
+        "--square_queries=5",
+        "--learning_rates=1e-3",
+        "--fip_steps=4",
+        "--sanity_epsilons=",
+    ],
 }
 # The keys each script's JSON lines must have ("a/b" is a flat key or b inside the dict
 # a); for a script whose lines come in parts, by part (every part must print).
@@ -173,6 +194,15 @@ EXPECTED_KEYS = {
         "fip/train_examples",
         "deep/train_examples",
         "checks/nll_le_base",
+    ),
+    "robust_ensembles": (
+        "clean_accuracy",
+        "method",
+        "train_examples",
+        "robust/pgd/0.1",
+        "robust/autoattack/0.3",
+        "worst_case/0.3",
+        "sanity/passed",
     ),
 }
 # Scripts whose summary lines give the first key itself as a "mean ± std" string (the
