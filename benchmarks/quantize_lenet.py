@@ -12,7 +12,9 @@ Trains (or reads from the cache) `keras_fip.models.base_network(--model, --datas
   its `Penalty` rule's `--fip_learning_rate` (`"auto"` by default);
 - `qat`: `keras_fip.baselines.quantization.ste_qat` on the same grid and data, for as many
   epochs as the walk (its learning rate chosen on the validation split over
-  `--qat_learning_rates`, extended past a winning edge: `keras_fip.core.tuning.grid_search`);
+  `--qat_learning_rates`, extended past a winning edge: `keras_fip.core.tuning.grid_search`;
+  the float network was trained on that split too, so the row also gives every rate's
+  test accuracy, `test_accuracy_by_rate`);
 - `keras_int8`, `keras_int4`: Keras's `model.quantize` (at 8 and 4 bits; `keras_int4` is
   also the reference at 3 and 2 bits, the lowest width Keras has);
 - `tflite`: TFLite's dynamic-range PTQ of the float network (at 8 bits);
@@ -25,7 +27,8 @@ calibration batches are cast to int32 and windowed from one token stream), which
 image inputs are not.
 
 Reports, per seed, method and bit width, the test accuracy, the size of the exported TFLite
-file gzipped (as tfmot's guides measure size), and the relative error of each quantised
+file gzipped (as tfmot's guides measure size) and how many times smaller it is than the
+float32 model (4 bytes a parameter: `times_smaller`), and the relative error of each quantised
 kernel (‖w_q − w‖ / ‖w‖, where the kernel is readable as floats); one JSON line each, then
 a summary line per method and width (mean over seeds). `--output` also writes them as
 `results.json` (with provenance) in that directory.
@@ -128,13 +131,17 @@ def run_seed(args, seed):
     x_fit, y_fit, x_val, y_val = x[fit_rows], y[fit_rows], x[val_rows], y[val_rows]
     rows = []
 
+    float32_bytes = 4 * sum(int(np.prod(w.shape)) for w in model.weights)
+
     def record(method, bits, quantized, extra=None):
+        size = gzipped_tflite_size(quantized)
         row = {
             "seed": seed,
             "method": method,
             "bits": bits,
             "accuracy": accuracy(quantized, x_test, y_test),
-            "gzipped_tflite_bytes": gzipped_tflite_size(quantized),
+            "gzipped_tflite_bytes": size,
+            "times_smaller": None if size is None else float32_bytes / size,
             "kernel_error": kernel_errors(model, quantized),
             **(extra or {}),
         }
@@ -147,6 +154,7 @@ def run_seed(args, seed):
         "bits": 32,
         "accuracy": accuracy(model, x_test, y_test),
         "gzipped_tflite_bytes": None,
+        "float32_bytes": float32_bytes,
     }
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "float.h5.gz")
@@ -202,13 +210,27 @@ def run_seed(args, seed):
                 )
                 return accuracy(trained_at[rate], x_val, y_val)
 
-            rate, _ = tuning.grid_search(
+            rate, validation = tuning.grid_search(
                 score, args.qat_learning_rates, low=1e-7, high=1e-1, prefer="larger"
             )
             trained = trained_at.get(rate) or baselines.ste_qat(
                 model, bits, (x_fit, y_fit), epochs=epochs, learning_rate=rate, seed=seed
             )
-            record("qat", bits, trained, {"learning_rate": rate, "epochs": epochs})
+            # Every rate's test accuracy too: the validation split was in the float
+            # network's training data, so the choice may differ from the best on test.
+            record(
+                "qat",
+                bits,
+                trained,
+                {
+                    "learning_rate": rate,
+                    "epochs": epochs,
+                    "validation_accuracy": {str(k): v for k, v in validation.items()},
+                    "test_accuracy_by_rate": {
+                        str(k): accuracy(m, x_test, y_test) for k, m in trained_at.items()
+                    },
+                },
+            )
         if "keras_int8" in args.methods and bits == 8:
             record("keras_int8", bits, baselines.keras_ptq(model, "int8"))
         if "keras_int4" in args.methods and bits <= 4:

@@ -19,6 +19,7 @@ from keras_fip.export import export
 from keras_fip.operations.base import model_output_kind
 from keras_fip.operations.quantize import BITS
 from keras_fip.operations.quantize import project
+from keras_fip.operations.quantize import project_ops
 from keras_fip.operations.quantize import quantizable_variables
 from keras_fip.operations.quantize import resolved_scales
 
@@ -124,15 +125,25 @@ def ste_qat(
     from_logits = model_output_kind(result, x) == "logits"
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
     optimizer = keras.optimizers.Adam(learning_rate)
+    optimizer.build(latent + others)
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[-1] > 1:
         y = np.argmax(y, axis=-1)
 
     @tf.function
-    def gradients(inputs, labels):
+    def train_step(inputs, labels):
+        # The model's kernels are the latent kernels' projection; the gradient taken there
+        # is applied to the latent kernels (straight through).
+        for (variable, axes), weights in zip(triples, latent):
+            variable.assign(project_ops(weights, bits, axes, rule))
         with tf.GradientTape() as tape:
             value = loss(labels, result(inputs, training=True))
-        return tape.gradient(value, kernels + others)
+        grads = tape.gradient(value, kernels + others)
+        kernel_grads = [
+            g if mask is None else g * tf.cast(mask, g.dtype)
+            for g, mask in zip(grads[: len(kernels)], masks)
+        ]
+        optimizer.apply(kernel_grads + list(grads[len(kernels) :]), latent + others)
 
     def snap():
         for (variable, axes), weights in zip(triples, latent):
@@ -144,12 +155,6 @@ def ste_qat(
         order = rng.permutation(count)
         for start in range(0, count, batch_size):
             rows = order[start : start + batch_size]
-            snap()
-            grads = gradients(tf.constant(x[rows]), tf.constant(y[rows]))
-            kernel_grads = [
-                g if mask is None else g * tf.cast(mask, g.dtype)
-                for g, mask in zip(grads[: len(kernels)], masks)
-            ]
-            optimizer.apply(kernel_grads + list(grads[len(kernels) :]), latent + others)
+            train_step(tf.constant(x[rows]), tf.constant(y[rows]))
     snap()
     return result

@@ -22,6 +22,7 @@ __all__ = [
     "channel_axes",
     "grid_scales",
     "project",
+    "project_ops",
     "quantizable_variables",
     "resolved_scales",
 ]
@@ -37,6 +38,8 @@ STRENGTH = 1e4
 SCALES = ("auto", "abs_max", "fitted")
 # `scales="fitted"`: the clipping ratios tried per channel (scale = ratio × max|w| / q_max).
 FIT_RATIOS = np.linspace(0.2, 1.0, 41)
+# The settle's learning rate starts at SETTLE_RATE × the pull's (cosine-decayed again).
+SETTLE_RATE = 1.0
 
 
 def resolved_scales(scales, bits):
@@ -215,6 +218,11 @@ def grid_scales(weights, bits, axes, scales="abs_max"):
     return (1.0 / step).astype("float32")
 
 
+def _grid_step(scale):
+    """The float32 grid step of a scale: `q × step` is read back as the integer `q`."""
+    return (1.0 / scale.astype("float64")).astype("float32")
+
+
 def project(weights, bits, axes, scales="abs_max"):
     """The projection of `weights` onto their symmetric `bits`-bit grid, per channel.
 
@@ -237,12 +245,58 @@ def project(weights, bits, axes, scales="abs_max"):
     """
     weights = np.asarray(weights, dtype="float32")
     levels = _levels(bits)
-    scale = grid_scales(weights, bits, axes, scales)
-    step = (1.0 / scale.astype("float64")).astype("float32")
+    step = _grid_step(grid_scales(weights, bits, axes, scales))
     integers = np.clip(np.round(weights / step), -levels, levels)
     # A step the float32 scale reproduces: integers × step is read back as the integers.
     projected = (integers * step).astype("float32")
     return projected, integers.astype("float32"), (1.0 / step.astype("float64")).astype("float32")
+
+
+def project_ops(weights, bits, axes, scales="abs_max"):
+    """`project`'s projected weights as Keras ops, for use inside a compiled step.
+
+    The same grid as `project` (float32 arithmetic instead of float64, so a weight halfway
+    between two grid points may round the other way).
+
+    Args:
+        weights: A tensor.
+        bits: The bit width, one of `BITS`.
+        axes: The axes reduced per channel, or `None` (one scale for the tensor).
+        scales: `"abs_max"` or `"fitted"`. Defaults to `"abs_max"`.
+
+    Returns:
+        A tensor of `weights`' shape and dtype, on the grid.
+
+    Examples:
+
+        >>> w = np.array([[0.9, -0.2], [0.3, 1.0]], "float32")
+        >>> np.asarray(project_ops(w, 2, (0,))).tolist()
+        [[0.8999999761581421, -0.0], [0.0, 1.0]]
+    """
+    ops = keras.ops
+    weights = ops.convert_to_tensor(weights)
+    levels = float(_levels(bits))
+    if axes is None:
+        axes = tuple(range(len(weights.shape)))
+    amax = ops.max(ops.abs(weights), axis=axes, keepdims=True)
+    step = ops.where(amax > 0, amax / levels, ops.ones_like(amax))
+
+    def snapped(trial):
+        return trial * ops.clip(ops.round(weights / trial), -levels, levels)
+
+    if scales == "fitted":
+        best_error, best_step = None, step
+        for ratio in FIT_RATIOS:
+            trial = step * float(ratio)
+            error = ops.sum(ops.square(weights - snapped(trial)), axis=axes, keepdims=True)
+            if best_error is None:
+                best_error, best_step = error, trial
+            else:
+                better = error < best_error
+                best_error = ops.where(better, error, best_error)
+                best_step = ops.where(better, trial, best_step)
+        step = best_step
+    return snapped(step)
 
 
 class _GridObjective:
@@ -267,7 +321,8 @@ class _GridObjective:
 
 class _UpdateTargets(keras.callbacks.Callback):
     """Recomputes the targets (the projection of the current weights onto the schedule's
-    grid) every `update_every` steps."""
+    grid) every `update_every` steps of the pull; in the settle, sets the weights to their
+    projection before each step and adds the step to the latent weights after it."""
 
     def __init__(self, quantized, targets, schedule, total_steps, bits, scales):
         super().__init__()
@@ -275,9 +330,12 @@ class _UpdateTargets(keras.callbacks.Callback):
         self.targets = targets
         self.schedule = schedule
         self.total_steps = total_steps
+        self.settle_start = schedule.settle_start(total_steps)
         self.bits = bits
         self.scales = scales
         self.step = 0
+        self.grid = None  # The settle's scales, refitted every `update_every` steps.
+        self.latent = None
 
     def update(self):
         bits = self.schedule.bits_at(self.step, self.total_steps, self.bits)
@@ -285,12 +343,36 @@ class _UpdateTargets(keras.callbacks.Callback):
             target.assign(project(variable.numpy(), bits, axes, self.scales)[0])
 
     def on_train_begin(self, logs=None):
-        if self.step == 0:
+        if self.step == 0 and self.settle_start > 0:
             self.update()
 
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.step < self.settle_start:
+            return
+        levels = _levels(self.bits)
+        if self.grid is None or (self.step - self.settle_start) % self.schedule.update_every == 0:
+            # The grid steps `project` uses (q × step is read back as q).
+            self.grid = [
+                _grid_step(grid_scales(variable.numpy(), self.bits, axes, self.scales))
+                for _, variable, axes in self.quantized
+            ]
+        self.latent = []
+        for (_, variable, _), target, step in zip(self.quantized, self.targets, self.grid):
+            weights = variable.numpy()
+            projected = (np.clip(np.round(weights / step), -levels, levels) * step).astype(
+                weights.dtype
+            )
+            self.latent.append((weights, projected))
+            variable.assign(projected)
+            target.assign(projected)
+
     def on_train_batch_end(self, batch, logs=None):
+        if self.latent is not None:
+            for (_, variable, _), (weights, projected) in zip(self.quantized, self.latent):
+                variable.assign(weights + (variable.numpy() - projected))
+            self.latent = None
         self.step += 1
-        if self.step % self.schedule.update_every == 0:
+        if self.step < self.settle_start and self.step % self.schedule.update_every == 0:
             self.update()
 
     def get_walk_state(self):
@@ -299,6 +381,34 @@ class _UpdateTargets(keras.callbacks.Callback):
 
     def set_walk_state(self, state):
         self.step = int(state["step"])
+
+
+class _PullThenSettle(keras.optimizers.schedules.LearningRateSchedule):
+    """Cosine decay over the pull, then again over the settle from `settle_rate` × the
+    pull's initial rate."""
+
+    def __init__(self, learning_rate, settle_start, total_steps, settle_rate=SETTLE_RATE):
+        self.learning_rate = learning_rate
+        self.settle_start = settle_start
+        self.total_steps = total_steps
+        self.settle_rate = settle_rate
+        self.pull = keras.optimizers.schedules.CosineDecay(learning_rate, max(settle_start, 1))
+        self.settle = keras.optimizers.schedules.CosineDecay(
+            learning_rate * settle_rate, max(total_steps - settle_start, 1)
+        )
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        settling = step >= self.settle_start
+        return keras.ops.where(settling, self.settle(step - self.settle_start), self.pull(step))
+
+    def get_config(self):
+        return {
+            "learning_rate": self.learning_rate,
+            "settle_start": self.settle_start,
+            "total_steps": self.total_steps,
+            "settle_rate": self.settle_rate,
+        }
 
 
 def _keras_config(bits):
@@ -319,9 +429,12 @@ class Quantize(WalkingOperation):
     on the inputs of `data` keeps the function; the labels' cross-entropy joins L when
     `data` has labels. The targets P(w), scales included, are recomputed from the
     current weights on the schedule (`keras_fip.operations.quantize.QuantizeSchedule`, which may
-    ramp the bit width down from a finer grid). At the end every quantised kernel is
-    snapped exactly onto its grid; BatchNormalization statistics walked in training mode
-    are re-estimated on `data`.
+    ramp the bit width down from a finer grid). The end of the walk (its second half: the
+    schedule's `settle_fraction`) settles on the final grid: each step is taken at the weights'
+    projection onto it and added to the latent weights (a straight-through estimator), so
+    weights still move between grid points while D and the labels' term keep the
+    function. At the end every quantised kernel is snapped exactly onto its grid;
+    BatchNormalization statistics walked in training mode are re-estimated on `data`.
 
     **The result.** At 8 and 4 bits with per-channel scales, Dense, EinsumDense and
     Embedding layers become Keras's own quantised layers (`layer.quantize("int8" |
@@ -338,7 +451,8 @@ class Quantize(WalkingOperation):
     **The walk** (`keras_fip.Walk`) says how: the budget (Quantize's is 3 epochs of `data`,
     raised to the schedule's `min_steps`; the walk's `steps` are taken exactly), the rule
     and its learning rate (`"auto"`: `keras_fip.rules.auto_learning_rate` of the quantised
-    weights, cosine-decayed), the batch size, the distance, β (`"auto"`:
+    weights, cosine-decayed over the pull and again, from the same rate, over the settle),
+    the batch size, the distance, β (`"auto"`:
     `keras_fip.engine.beta.auto_beta` with strength `STRENGTH` = 1e4 over the quantised
     weights), the training mode, the recording, the checkpointing, the seed, compilation,
     verbosity, callbacks and logs.
@@ -477,7 +591,9 @@ class Quantize(WalkingOperation):
         optimizer, learning_rate = None, None
         if isinstance(walk.rule, Penalty):
             learning_rate = walk.rule.resolve_learning_rate(variables)
-            schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max(steps, 1))
+            schedule = _PullThenSettle(
+                learning_rate, self.schedule.settle_start(steps), steps, SETTLE_RATE
+            )
             optimizer = keras.optimizers.Adam(schedule)
         walked = walk.replace(callbacks=[update] + list(walk.callbacks or []), seed=seed)
         self.fip_walk(

@@ -7,6 +7,8 @@ from keras_fip.operations.base import Operation
 # The fewest steps an `epochs` budget gives: the pull needs enough steps for the weights to
 # reach their grid points, however few the inputs.
 MIN_STEPS = 300
+# The share of the walk spent on the final grid after the pull.
+SETTLE_FRACTION = 0.5
 
 
 @keras.saving.register_keras_serializable(package="keras_fip")
@@ -18,8 +20,15 @@ class QuantizeSchedule:
     `start_bits` above the operation's bit width, the grid of the targets starts at
     `start_bits` and loses one bit at a time, evenly over the first `ramp_fraction` of
     the walk, so the weights reach the coarse grid through the finer ones; with
-    `start_bits=None` the targets are on the final grid from the first step. An `epochs`
-    budget of the walk is raised to `min_steps` steps; a `steps` budget is taken as it is.
+    `start_bits=None` the targets are on the final grid from the first step.
+
+    The last `settle_fraction` of the walk settles on the final grid: each step the
+    quantised weights are set to their projection, the step's gradient (of the output
+    distance and the labels' term) is taken there and added to the latent weights they
+    were projected from (a straight-through estimator), so weights can still change grid
+    points while the function is kept; the scales are refitted every `update_every`
+    steps. An `epochs` budget of the walk is raised to `min_steps` steps; a `steps`
+    budget is taken as it is.
 
     Args:
         update_every: Steps between recomputations of the targets. Defaults to `10`.
@@ -28,17 +37,28 @@ class QuantizeSchedule:
         ramp_fraction: Fraction of the walk over which the bit width ramps down to the
             final one. Defaults to `0.5`.
         min_steps: The fewest steps an `epochs` budget gives. Defaults to `300`.
+        settle_fraction: Fraction of the walk spent on the final grid (straight-through
+            steps), after the pull. Defaults to `SETTLE_FRACTION`.
 
     Examples:
 
         >>> schedule = QuantizeSchedule(start_bits=8, ramp_fraction=0.5)
         >>> [schedule.bits_at(step, 100, 4) for step in (0, 10, 30, 49, 50, 99)]
         [8, 8, 6, 5, 4, 4]
+        >>> schedule.settle_start(300)
+        150
         >>> QuantizeSchedule.from_config(schedule.get_config()) == schedule
         True
     """
 
-    def __init__(self, update_every=10, start_bits=None, ramp_fraction=0.5, min_steps=MIN_STEPS):
+    def __init__(
+        self,
+        update_every=10,
+        start_bits=None,
+        ramp_fraction=0.5,
+        min_steps=MIN_STEPS,
+        settle_fraction=SETTLE_FRACTION,
+    ):
         check = Operation.check_number
         self.update_every = check(
             update_every, "update_every", low=1, low_inclusive=True, integer=True
@@ -50,6 +70,14 @@ class QuantizeSchedule:
         self.start_bits = start_bits
         self.ramp_fraction = check(ramp_fraction, "ramp_fraction", low=0.0, high=1.0)
         self.min_steps = check(min_steps, "min_steps", low=0, low_inclusive=True, integer=True)
+        self.settle_fraction = check(
+            settle_fraction,
+            "settle_fraction",
+            low=0.0,
+            high=1.0,
+            low_inclusive=True,
+            high_inclusive=False,
+        )
 
     def total_steps(self, walk, num_examples):
         """The steps of the walk: the walk's `steps`, or its `epochs` over `num_examples`
@@ -65,6 +93,18 @@ class QuantizeSchedule:
         if walk.steps is not None:
             return walk.steps
         return max(walk.num_steps(num_examples), self.min_steps)
+
+    def settle_start(self, total_steps):
+        """The first step of the settle on the final grid in a walk of `total_steps`
+        (`total_steps` when there is none).
+
+        Args:
+            total_steps: The steps of the walk.
+
+        Returns:
+            An int in `[0, total_steps]`.
+        """
+        return total_steps - int(round(self.settle_fraction * total_steps))
 
     def bits_at(self, step, total_steps, bits):
         """The bit width of the targets at `step` of a walk of `total_steps` to `bits`.
@@ -89,6 +129,7 @@ class QuantizeSchedule:
             "start_bits": self.start_bits,
             "ramp_fraction": self.ramp_fraction,
             "min_steps": self.min_steps,
+            "settle_fraction": self.settle_fraction,
         }
 
     @classmethod

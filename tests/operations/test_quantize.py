@@ -176,7 +176,9 @@ def test_config_round_trips():
         per_channel=False,
         scales="fitted",
         keras_layers=False,
-        schedule=QuantizeSchedule(update_every=5, start_bits=8, ramp_fraction=0.3),
+        schedule=QuantizeSchedule(
+            update_every=5, start_bits=8, ramp_fraction=0.3, settle_fraction=0.25
+        ),
         walk=keras_fip.Walk(steps=12, seed=3),
         name="q",
     )
@@ -196,6 +198,75 @@ def test_schedule_ramps_the_bit_width_down():
     assert bits[0] == 8 and bits[39] == 3 and bits[40:] == [2] * 40
     assert all(a >= b for a, b in zip(bits, bits[1:]))
     assert QuantizeSchedule().bits_at(0, 80, 3) == 3
+
+
+class _GridProbe(keras.callbacks.Callback):
+    """Whether the kernels are on their grid before each step and after it."""
+
+    def __init__(self, kernels, bits):
+        super().__init__()
+        self.kernels = kernels
+        self.bits = bits
+        self.before = []
+        self.after = []
+
+    def on_grid(self):
+        return all(
+            np.allclose(
+                variable.numpy(),
+                quantize_lib.project(variable.numpy(), self.bits, axes)[0],
+                rtol=0,
+                atol=1e-6,
+            )
+            for _, variable, axes in self.kernels
+        )
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.before.append(self.on_grid())
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.after.append(self.on_grid())
+
+
+def test_the_settle_steps_from_the_grid_and_keeps_latent_weights():
+    model = trained_model("sequential")
+    x, y = contract_data()
+    schedule = QuantizeSchedule(settle_fraction=0.5)
+    assert schedule.settle_start(12) == 6
+    # The probe sees the operation's working copy, built on the first call.
+    probe = _GridProbe([], 3)
+
+    class _Bind(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            probe.kernels = quantize_lib.quantizable_variables(self.model.walked_model)
+
+    walk = keras_fip.Walk(steps=12, seed=0, verbose=0, callbacks=[_Bind(), probe])
+    op = keras_fip.Quantize(
+        3, data=(x, y), scales="abs_max", keras_layers=False, schedule=schedule, walk=walk
+    )
+    quantized = op(model)
+    # The pull's steps start off the grid; every settle step starts on it, from the
+    # projection of the latent weights, which the step then moves off it again.
+    assert not any(probe.before[:6])
+    assert all(probe.before[6:])
+    assert not any(probe.after[6:])
+    _assert_on_grid(quantized, 3, op.history)
+
+
+def test_project_ops_agrees_with_project():
+    rng = np.random.default_rng(1)
+    weights = rng.standard_normal((16, 5)).astype("float32")
+    for bits in (2, 3, 4, 8):
+        for scales in ("abs_max", "fitted"):
+            expected = quantize_lib.project(weights, bits, (0,), scales)[0]
+            np.testing.assert_allclose(
+                np.asarray(quantize_lib.project_ops(weights, bits, (0,), scales)),
+                expected,
+                rtol=1e-6,
+                atol=1e-7,
+            )
+    whole = quantize_lib.project(weights, 2, None)[0]
+    np.testing.assert_allclose(np.asarray(quantize_lib.project_ops(weights, 2, None)), whole)
 
 
 def test_layers_selects_what_is_quantized():
@@ -223,6 +294,8 @@ def test_bad_arguments_are_rejected():
         keras_fip.Quantize(4, per_channel=1)
     with pytest.raises(ValueError, match="Received: start_bits=9"):
         QuantizeSchedule(start_bits=9)
+    with pytest.raises(ValueError, match="Received: settle_fraction=1.0"):
+        QuantizeSchedule(settle_fraction=1.0)
     with pytest.raises(ValueError, match="Received: schedule="):
         keras_fip.Quantize(4, schedule="ramp")
 
