@@ -17,6 +17,10 @@ Trains (or reads from the cache) `keras_fip.models.base_network(--model, --datas
   test accuracy, `test_accuracy_by_rate`);
 - `keras_int8`, `keras_int4`: Keras's `model.quantize` (at 8 and 4 bits; `keras_int4` is
   also the reference at 3 and 2 bits, the lowest width Keras has);
+- `rtn` (not run unless named): post-training round-to-nearest onto the same `bits`-bit
+  per-channel grid with Keras's abs-max scale rule
+  (`keras_fip.baselines.quantization.round_to_nearest`): Keras's int4 quantiser carried to
+  3 and 2 bits;
 - `tflite`: TFLite's dynamic-range PTQ of the float network (at 8 bits);
 - `compress_fip` (not run unless named): `keras_fip.chain(Compress(--sparsity),
   Quantize(bits))`, each with its defaults, reported also with its packed size
@@ -55,7 +59,8 @@ from keras_fip.baselines import quantization as baselines
 from keras_fip.core import tuning
 from keras_fip.operations import quantize as quantize_lib
 
-METHODS = ("fip", "qat", "keras_int8", "keras_int4", "tflite", "compress_fip")
+METHODS = ("fip", "qat", "keras_int8", "keras_int4", "rtn", "tflite", "compress_fip")
+DEFAULT_METHODS = ("fip", "qat", "keras_int8", "keras_int4", "tflite")
 
 
 def accuracy(model, x, y):
@@ -235,6 +240,8 @@ def run_seed(args, seed):
             record("keras_int8", bits, baselines.keras_ptq(model, "int8"))
         if "keras_int4" in args.methods and bits <= 4:
             record("keras_int4", bits, baselines.keras_ptq(model, "int4"))
+        if "rtn" in args.methods:
+            record("rtn", bits, baselines.round_to_nearest(model, bits))
         if "tflite" in args.methods and bits == 8:
             with tempfile.TemporaryDirectory() as directory:
                 path = baselines.tflite_ptq(model, os.path.join(directory, "ptq.tflite"))
@@ -297,7 +304,7 @@ def parse(argv=None):
     parser.add_argument("--base_epochs", type=int, default=10)
     parser.add_argument("--bits", default="8,4,3,2")
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--methods", default=",".join(METHODS[:-1]))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     parser.add_argument("--fip_epochs", type=int, default=3)
     parser.add_argument("--fip_options", default="")
     parser.add_argument("--fip_learning_rate", default="auto")

@@ -2,6 +2,7 @@
 
 `keras_fip.Quantize` is measured against what a practitioner would otherwise use: Keras's
 `model.quantize("int8" | "int4")` (post-training, Dense/EinsumDense/Embedding only),
+round-to-nearest on `Quantize`'s grid with Keras's scale rule at any bit width,
 quantisation-aware training with a straight-through estimator on the labels (tfmot's QAT
 is Keras 2 only, so it is written here, on the same per-channel grid as `Quantize`), and
 TFLite's post-training dynamic-range quantisation (`keras_fip.export(format="tflite")` of
@@ -51,6 +52,43 @@ def keras_ptq(model, mode):
         raise ValueError(f"`mode` must be one of {list(KERAS_PTQ_MODES)}. Received: mode={mode!r}")
     result = masks_lib.remove_masks(copy_model(model))
     result.quantize(mode)
+    return result
+
+
+def round_to_nearest(model, bits, scales="abs_max", per_channel=True):
+    """Post-training round-to-nearest of a copy of `model` onto the `bits`-bit grid.
+
+    Each quantisable kernel (Dense, EinsumDense, Embedding, convolutions) is replaced by
+    its projection onto the symmetric per-channel grid `keras_fip.Quantize` snaps to
+    (`keras_fip.operations.quantize.project`), without data: with `scales="abs_max"`,
+    Keras's int8/int4 quantisers' rule (`scale = q_max / max|w|` per output channel)
+    carried to any bit width, the post-training reference below 4 bits, where Keras has
+    no quantised layers. Masks the model carries are kept (zero is on the grid).
+
+    Args:
+        model: A built `keras.Model`. Not changed.
+        bits: The bit width, one of 2, 3, 4, 8.
+        scales: `"abs_max"`, `"fitted"` or `"auto"` (`keras_fip.Quantize`'s rules).
+            Defaults to `"abs_max"`.
+        per_channel: One scale per output channel (else per kernel). Defaults to `True`.
+
+    Returns:
+        A new `keras.Model` whose kernels lie on the grid.
+
+    Examples:
+
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> kernel = round_to_nearest(model, 2).layers[0].kernel.numpy()
+        >>> bool(np.all(np.isin(np.round(kernel / np.abs(kernel).max(axis=0), 6), [-1, 0, 1])))
+        True
+    """
+    if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or bits not in BITS:
+        raise ValueError(f"`bits` must be one of {list(BITS)}. Received: bits={bits!r}")
+    rule = resolved_scales(scales, bits)
+    result = copy_model(model)
+    for _, variable, axes in quantizable_variables(result):
+        axes = axes if per_channel else None
+        variable.assign(project(variable.numpy(), bits, axes, rule)[0])
     return result
 
 

@@ -57,3 +57,22 @@ def test_tflite_ptq_writes_a_model_the_interpreter_runs(tmp_path):
     outputs = runner(**{next(iter(runner.get_input_details())): x})["output_0"]
     expected = np.asarray(model(x, training=False))
     assert np.mean(np.argmax(outputs, -1) == np.argmax(expected, -1)) >= 0.98
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_round_to_nearest_projects_a_copy_with_keras_scales(bits):
+    model = trained_model("sequential")
+    quantized = quantization.round_to_nearest(model, bits)
+    for (_, before, axes), (_, after, _) in zip(
+        quantize_lib.quantizable_variables(model), quantize_lib.quantizable_variables(quantized)
+    ):
+        np.testing.assert_array_equal(
+            after.numpy(), quantize_lib.project(before.numpy(), bits, axes, "abs_max")[0]
+        )
+        # Keras's rule: the largest weight of each channel is kept.
+        np.testing.assert_allclose(
+            np.abs(after.numpy()).max(axis=axes), np.abs(before.numpy()).max(axis=axes), rtol=1e-6
+        )
+        assert not np.array_equal(before.numpy(), after.numpy())
+    with pytest.raises(ValueError, match="Received: bits=5"):
+        quantization.round_to_nearest(model, 5)
