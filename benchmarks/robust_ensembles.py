@@ -7,7 +7,9 @@ examples, the first `--test_size` test examples) and the small conv net `convnet
 - `standard`: the network trained on clean data (`keras_fip.models.train_classifier`,
   `--epochs`, the middle learning rate of `--learning_rates`);
 - `pgd_at`: PGD adversarial training (`keras_fip.baselines.pgd_adversarial_training`,
-  ε = `--train_epsilon`, `--attack_steps` steps of 2.5·ε/steps, `--epochs`);
+  ε = `--train_epsilon`, `--attack_steps` steps of 2.5·ε/steps, `--epochs`, ε rising
+  from 0 over the first `--epsilon_warmup` of the steps: without it a few epochs at
+  ε = 0.3 can leave a constant classifier);
 - `pgd_at_ensemble`: K = `--num_members` PGD-AT networks
   (`keras_fip.baselines.pgd_adversarial_ensemble`);
 - `fgsm_at`: fast FGSM adversarial training with random start
@@ -86,6 +88,7 @@ def train(method, architecture, x, y, args, seed):
         "seed": seed,
     }
     attack = {"epsilon": args.train_epsilon, "attack_steps": args.attack_steps}
+    common["epsilon_warmup"] = args.epsilon_warmup
     if method == "pgd_at":
         model, info = adversarial_training.pgd_adversarial_training(
             architecture, x, y, **attack, **common
@@ -104,6 +107,7 @@ def train(method, architecture, x, y, args, seed):
         "train_examples": info["train_examples"],
         "selection_examples": info["selection_examples"],
         "learning_rate": info["learning_rate"],
+        "epsilon_warmup": info["epsilon_warmup"],
     }
 
 
@@ -220,6 +224,7 @@ def parse(argv=None):
     parser.add_argument("--fip_steps", type=int, default=0)
     parser.add_argument("--train_epsilon", type=float, default=0.3)
     parser.add_argument("--attack_steps", type=int, default=10)
+    parser.add_argument("--epsilon_warmup", type=float, default=0.5)
     parser.add_argument("--epsilons", default="0.1,0.3")
     parser.add_argument("--attacks", default="pgd,autoattack")
     parser.add_argument("--steps", type=int, default=50)

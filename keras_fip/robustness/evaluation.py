@@ -1,4 +1,4 @@
-"""An adversarial evaluation of classifiers and ensembles that an expert accepts.
+"""Adversarial evaluation of classifiers and whole ensembles, with its sanity checks.
 
 `evaluate` runs, at each ε of an L∞ threat model, the attacks a robustness reviewer asks
 for and returns a JSON-serialisable record in which every result carries every parameter
@@ -13,8 +13,8 @@ of its attack:
   the cross-entropy and the difference-of-logits-ratio losses (Croce & Hein, 2020).
 - `"square"`: ART's `SquareAttack`, gradient-free (queries only the outputs).
 - `"autoattack"`: AutoAttack's loop (ART's) running APGD-CE, APGD-DLR and Square in
-  turn, each on the examples the previous ones left correctly classified (the standard AutoAttack's
-  untargeted components; its targeted and FAB parts are not run).
+  turn, each on the examples the previous ones left correctly classified (the standard
+  AutoAttack's untargeted components; its targeted APGD and FAB are not run).
 - `"adaptive"`: PGD on the margin (Carlini & Wagner's) loss of the model's own decision
   scores, and for an ensemble also on the margin of its members' mean log-probabilities
   (every member pushed at once); an example counts as robust only if it survives both.

@@ -78,6 +78,29 @@ def test_compute_counts_every_pass_of_training_attacks_and_the_search(digits):
         np.testing.assert_array_equal(before, after)
 
 
+def test_an_epsilon_warmup_keeps_training_at_a_large_epsilon_from_collapsing(digits):
+    x, y, x_test, y_test = digits
+    accuracies = {}
+    for warmup in (0.0, 0.5):
+        network, info = pgd_adversarial_training(
+            _architecture(),
+            x,
+            y,
+            epsilon=0.3,
+            attack_steps=3,
+            epochs=8,
+            batch_size=64,
+            learning_rate=3e-3,
+            epsilon_warmup=warmup,
+        )
+        assert info["train_examples"] == 8 * len(x) * 4
+        assert info["epsilon_warmup"] == warmup
+        accuracies[warmup] = keras_fip.models.evaluate_classifier(network, x_test, y_test)[
+            "accuracy"
+        ]
+    assert accuracies[0.5] > 0.7 and accuracies[0.5] > accuracies[0.0] + 0.3, accuracies
+
+
 def test_pgd_ensemble_members_differ_and_are_counted(digits):
     x, y, x_test, _ = digits
     x, y = x[:300], y[:300]
@@ -130,6 +153,7 @@ def test_bad_arguments_raise_naming_them(digits):
         ({"learning_rate": -1e-3}, "learning_rate"),
         ({"learning_rate": "fast"}, "learning_rate"),
         ({"step_size": -0.1}, "step_size"),
+        ({"epsilon_warmup": 1.5}, "epsilon_warmup"),
     ]
     for arguments, name in cases:
         with pytest.raises(ValueError, match=f"`{name}`"):
