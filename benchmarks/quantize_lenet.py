@@ -14,7 +14,7 @@ Trains (or reads from the cache) `keras_fip.models.base_network(--model, --datas
   epochs as the walk (its learning rate chosen on the validation split over
   `--qat_learning_rates`, extended past a winning edge: `keras_fip.core.tuning.grid_search`;
   the float network was trained on that split too, so the row also gives every rate's
-  test accuracy, `test_accuracy_by_rate`);
+  test accuracy, `test_accuracy_by_rate`; `--qat_schedule=cosine` decays it over the run);
 - `keras_int8`, `keras_int4`: Keras's `model.quantize` (at 8 and 4 bits; `keras_int4` is
   also the reference at 3 and 2 bits, the lowest width Keras has);
 - `rtn` (not run unless named): post-training round-to-nearest onto the same `bits`-bit
@@ -209,18 +209,22 @@ def run_seed(args, seed):
 
             trained_at = {}
 
-            def score(rate, bits=bits, epochs=epochs, trained_at=trained_at):
-                trained_at[rate] = baselines.ste_qat(
+            def qat(rate, bits=bits, epochs=epochs):
+                if args.qat_schedule == "cosine":
+                    steps = epochs * -(-len(y_fit) // 128)
+                    rate = keras.optimizers.schedules.CosineDecay(rate, steps)
+                return baselines.ste_qat(
                     model, bits, (x_fit, y_fit), epochs=epochs, learning_rate=rate, seed=seed
                 )
+
+            def score(rate, trained_at=trained_at):
+                trained_at[rate] = qat(rate)
                 return accuracy(trained_at[rate], x_val, y_val)
 
             rate, validation = tuning.grid_search(
                 score, args.qat_learning_rates, low=1e-7, high=1e-1, prefer="larger"
             )
-            trained = trained_at.get(rate) or baselines.ste_qat(
-                model, bits, (x_fit, y_fit), epochs=epochs, learning_rate=rate, seed=seed
-            )
+            trained = trained_at.get(rate) or qat(rate)
             # Every rate's test accuracy too: the validation split was in the float
             # network's training data, so the choice may differ from the best on test.
             record(
@@ -229,6 +233,7 @@ def run_seed(args, seed):
                 trained,
                 {
                     "learning_rate": rate,
+                    "schedule": args.qat_schedule,
                     "epochs": epochs,
                     "validation_accuracy": {str(k): v for k, v in validation.items()},
                     "test_accuracy_by_rate": {
@@ -310,6 +315,7 @@ def parse(argv=None):
     parser.add_argument("--fip_learning_rate", default="auto")
     parser.add_argument("--sparsity", type=float, default=0.95)
     parser.add_argument("--qat_learning_rates", default="1e-5,1e-4,1e-3")
+    parser.add_argument("--qat_schedule", choices=("constant", "cosine"), default="constant")
     parser.add_argument("--validation_fraction", type=float, default=0.1)
     parser.add_argument("--train_size", type=int, default=0)
     parser.add_argument("--test_size", type=int, default=0)

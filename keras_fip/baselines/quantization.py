@@ -136,7 +136,8 @@ def ste_qat(
         bits: The bit width, one of 2, 3, 4, 8.
         data: Labelled `(x, y)` training data.
         epochs: Passes over `data`. Defaults to `1`.
-        learning_rate: Adam's learning rate. Defaults to `1e-4`.
+        learning_rate: Adam's learning rate: a float or a
+            `keras.optimizers.schedules.LearningRateSchedule`. Defaults to `1e-4`.
         batch_size: Examples per step. Defaults to `128`.
         seed: Seed of the shuffling. Defaults to `0`.
         per_channel: One scale per output channel (else per kernel). Defaults to `True`.
