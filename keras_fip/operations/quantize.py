@@ -458,9 +458,10 @@ class Quantize(WalkingOperation):
     verbosity, callbacks and logs.
 
     After a call, `op.history` holds the walk's per-step scalars and `"bits"`, `"steps"`,
-    `"beta"`, `"learning_rate"`, `"task_weight"`, `"scales"` (per quantised kernel path),
-    `"layer_error"` (per kernel, ‖w_end − w_start‖ / ‖w_start‖) and `"keras_layers"`
-    (the layers turned into Keras quantised layers); `op.path` is its `keras_fip.Path`.
+    `"settle_steps"` (the steps on the final grid), `"beta"`, `"learning_rate"`,
+    `"task_weight"`, `"scales"` (per quantised kernel path), `"layer_error"` (per kernel,
+    ‖w_end − w_start‖ / ‖w_start‖) and `"keras_layers"` (the layers turned into Keras
+    quantised layers); `op.path` is its `keras_fip.Path`.
 
     Args:
         bits: The bit width: 2, 3, 4 or 8.
@@ -636,6 +637,7 @@ class Quantize(WalkingOperation):
         history.update(
             bits=self.bits,
             steps=steps,
+            settle_steps=steps - self.schedule.settle_start(steps),
             beta=beta,
             learning_rate=learning_rate,
             task_weight=float(task_weight),

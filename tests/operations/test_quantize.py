@@ -250,6 +250,7 @@ def test_the_settle_steps_from_the_grid_and_keeps_latent_weights():
     assert not any(probe.before[:6])
     assert all(probe.before[6:])
     assert not any(probe.after[6:])
+    assert op.history["settle_steps"] == 6
     _assert_on_grid(quantized, 3, op.history)
 
 
