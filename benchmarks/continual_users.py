@@ -30,11 +30,13 @@ follows: mean, min and max over seeds, and each method's new-task accuracy again
 fine-tuning's. `--options='{"name": {"method": "fip", ...}}'` adds runs of a method with
 other arguments (fields of `keras_fip.Walk` such as `beta` or `batch_size` go to its walk,
 `learning_rate` to ContinualLearn's `Penalty` rule; reported as `name`, never chosen by the
-benchmark).
+benchmark). With `--output_dir`, writes `results.json`, `provenance.json` and
+`summary.json` (the results page's table) there.
 
 Example:
 
     python -m benchmarks.continual_users --seeds=0,1,2           # text transformer, ~10 min
+    python -m benchmarks.continual_users --methods=fip,finetune --output_dir=results/continual_users
     python -m benchmarks.continual_users --models=mnist_convnet --seeds=0,1,2
     python -m benchmarks.continual_users --methods=fip \
         --options='{"fip_lr3e-4": {"method": "fip", "learning_rate": 3e-4}}'
@@ -48,6 +50,7 @@ import time
 import numpy as np
 
 import keras_fip
+from apps import provenance
 from benchmarks import user_models
 from keras_fip import baselines
 from keras_fip import data as data_lib
@@ -233,6 +236,59 @@ def summary(results):
     return rows
 
 
+def _cell(values):
+    values = 100 * np.asarray(values)
+    return f"{values.mean():.1f} [{values.min():.1f}, {values.max():.1f}]"
+
+
+def results_summary(results):
+    """The results page's `summary.json`: one table per model, a row per method (mean
+    [min, max] over seeds)."""
+    tables = []
+    for name in dict.fromkeys(r["model"] for r in results):
+        mine = [r for r in results if r["model"] == name]
+        old, new = TASKS[name]
+        rows = []
+        for method in dict.fromkeys(r["method"] for r in mine):
+            runs = [r for r in mine if r["method"] == method]
+            rows.append(
+                [
+                    method,
+                    _cell([r["old_start"] for r in runs]),
+                    _cell([r["old_own"] for r in runs]),
+                    _cell([r["old_own"] - r["old_start"] for r in runs]),
+                    _cell([r["new_own"] for r in runs]),
+                    _cell([r["old_all"] for r in runs]),
+                ]
+            )
+        tables.append(
+            {
+                "caption": f"{name}: {old} then {new}, test accuracy (%)",
+                "columns": [
+                    "method",
+                    f"{old} at the start",
+                    f"{old}, its own outputs",
+                    f"{old} change",
+                    f"{new}, its own outputs",
+                    f"{old}, all outputs",
+                ],
+                "rows": rows,
+                "headline": [i for i, row in enumerate(rows) if row[0] in ("fip", "finetune")],
+            }
+        )
+    seeds = sorted({r["seed"] for r in results})
+    return {
+        "title": "ContinualLearn defaults on the keras.io models",
+        "description": (
+            "Each method with its library defaults, given the model, the data and the "
+            "budget (`--epochs` passes over the new task, the same for every method), the "
+            "output layer grown by the new task's classes. Mean [min, max] over seeds "
+            f"{seeds}."
+        ),
+        "tables": tables,
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="text_transformer", help=f"Among {list(MODELS)}.")
@@ -265,6 +321,11 @@ def main(argv=None):
         default="{}",
         help='Extra runs: JSON {"name": {"method": "fip", "<argument>": value, ...}}.',
     )
+    parser.add_argument(
+        "--output_dir",
+        default=None,
+        help="Where to write results.json, provenance.json and summary.json.",
+    )
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     methods = [m for m in args.methods.split(",") if m]
@@ -289,7 +350,13 @@ def main(argv=None):
                     args.new_train_size,
                 )
             )
-    return summary(results)
+    rows = summary(results)
+    if args.output_dir:
+        provenance.write_results(args.output_dir, {"runs": results, "summary": rows})
+        with open(f"{args.output_dir}/summary.json", "w") as handle:
+            json.dump(results_summary(results), handle, indent=2)
+            handle.write("\n")
+    return rows
 
 
 if __name__ == "__main__":

@@ -273,3 +273,25 @@ def test_fip_step_times_every_step_asked_for_beyond_one_pass_over_arrays():
     seconds, cpu_seconds = fip_step._time_fit(model, (x, y), steps=6, warmup=1, batch_size=16)
     assert int(model.optimizer.iterations) == 7
     assert seconds > 0 and cpu_seconds >= 0
+
+
+def test_continual_users_summary_gives_each_methods_spread_over_seeds():
+    from benchmarks import continual_users
+
+    runs = [
+        {
+            "model": "text_transformer",
+            "method": method,
+            "seed": seed,
+            "old_start": 0.8,
+            "old_own": own,
+            "old_all": 0.4,
+            "new_own": 0.75 + seed / 100,
+        }
+        for method, own in (("fip", 0.79), ("ewc", 0.7))
+        for seed in (0, 1)
+    ]
+    table = continual_users.results_summary(runs)["tables"][0]
+    assert [row[0] for row in table["rows"]] == ["fip", "ewc"]
+    assert table["rows"][0][2:5] == ["79.0 [79.0, 79.0]", "-1.0 [-1.0, -1.0]", "75.5 [75.0, 76.0]"]
+    assert table["headline"] == [0]
