@@ -2,8 +2,6 @@
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -23,25 +21,14 @@ except RuntimeError:  # Devices already initialised by an earlier import.
     pass
 
 
-def pytest_configure(config):
-    """Lets ART write its configuration file once, before the xdist workers start.
-
-    On a machine where `~/.art/config.json` does not exist yet, ART creates it at import
-    time without a lock; two workers importing ART at once can both miss it and then fail
-    with `NameError: name '_config' is not defined` (ART 1.20). The controller (the process
-    without `workerinput`) imports it first, so the workers find the file. In a child
-    process: importing ART here configures logging under pytest's capture, whose teardown
-    then fails ("I/O operation on closed file").
-    """
-    if hasattr(config, "workerinput") or importlib.util.find_spec("art") is None:
-        return
-    subprocess.run(
-        [sys.executable, "-c", "import art.config"],
-        check=False,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        timeout=300,
-    )
+# The Adversarial Robustness Toolbox configures logging when first imported
+# (`logging.config.dictConfig`, which closes every open handler, pytest's capture handlers
+# included, so a later test fails with "I/O operation on closed file"), and on a machine
+# without `~/.art/config.json` it writes that file at import time without a lock. Importing
+# it here, before pytest installs its handlers and before the xdist workers start (the
+# controller loads this file first), avoids both.
+if importlib.util.find_spec("art") is not None:
+    import art  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session")

@@ -13,14 +13,6 @@ import pytest
 
 import benchmarks
 
-# The Adversarial Robustness Toolbox configures logging when first imported
-# (`logging.config.dictConfig`, which closes every open handler, pytest's own included):
-# import it before any test runs, so that `robust_ensembles` importing it does not.
-try:
-    import art  # noqa: F401
-except ImportError:
-    pass
-
 # Tiny settings per script (digits, small models, few steps; users' models trained for
 # one epoch, on a few hundred MNIST images where the script takes the MNIST convnet).
 TINY_ARGUMENTS = {
