@@ -158,7 +158,23 @@ def _robust_accuracy(network, kind, x, y, attack, seed, batch_size=256):
     return correct / len(x), int(len(x) * (steps + 1))
 
 
-def _check(model, x, y, epsilon, steps, epochs, batch_size, learning_rate, step_size, warmup):
+def _settings(
+    model,
+    x,
+    y,
+    epsilon,
+    steps,
+    epochs,
+    batch_size,
+    learning_rate,
+    step_size,
+    warmup,
+    clip_values,
+    step_factor,
+):
+    """`(rates, attack)`: the arguments checked, the learning rates to try and the attack's
+    settings `(epsilon, step, steps, clip_values, warmup)` (the step `step_factor`·ε/steps
+    unless `step_size` is given)."""
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
     if isinstance(x, (dict, list, tuple)) or not hasattr(x, "shape"):
@@ -195,7 +211,9 @@ def _check(model, x, y, epsilon, steps, epochs, batch_size, learning_rate, step_
             "`learning_rate` must be a positive number, a list of them (chosen on a "
             f"validation split) or 'auto'. Received: learning_rate={learning_rate!r}"
         )
-    return [float(r) for r in rates]
+    step = step_factor * epsilon / steps if step_size is None else step_size
+    attack = (float(epsilon), float(step), int(steps), tuple(clip_values), float(warmup))
+    return [float(r) for r in rates], attack
 
 
 def _train(model, x, y, attack, epochs, batch_size, learning_rate, seed, num_members, name):
@@ -307,7 +325,7 @@ def pgd_adversarial_training(
         >>> info["train_examples"] == 1 * len(x) * (2 + 1)
         True
     """
-    rates = _check(
+    rates, attack = _settings(
         model,
         x,
         y,
@@ -318,14 +336,8 @@ def pgd_adversarial_training(
         learning_rate,
         step_size,
         epsilon_warmup,
-    )
-    step = PGD_STEP_FACTOR * epsilon / attack_steps if step_size is None else step_size
-    attack = (
-        float(epsilon),
-        float(step),
-        int(attack_steps),
-        tuple(clip_values),
-        float(epsilon_warmup),
+        clip_values,
+        PGD_STEP_FACTOR,
     )
     members, _, info = _train(
         model, x, y, attack, int(epochs), int(batch_size), rates, int(seed), 1, "pgd_at"
@@ -385,11 +397,20 @@ def fgsm_adversarial_training(
         >>> info["train_examples"] == 2 * len(x), info["step_size"]
         (True, 0.125)
     """
-    rates = _check(
-        model, x, y, epsilon, 1, epochs, batch_size, learning_rate, step_size, epsilon_warmup
+    rates, attack = _settings(
+        model,
+        x,
+        y,
+        epsilon,
+        1,
+        epochs,
+        batch_size,
+        learning_rate,
+        step_size,
+        epsilon_warmup,
+        clip_values,
+        FGSM_STEP_FACTOR,
     )
-    step = FGSM_STEP_FACTOR * epsilon if step_size is None else step_size
-    attack = (float(epsilon), float(step), 1, tuple(clip_values), float(epsilon_warmup))
     members, _, info = _train(
         model, x, y, attack, int(epochs), int(batch_size), rates, int(seed), 1, "fgsm_at"
     )
@@ -467,7 +488,7 @@ def pgd_adversarial_ensemble(
         raise ValueError(
             f"`combine` must be one of {list(SAVED_COMBINES)}. Received: combine={combine!r}"
         )
-    rates = _check(
+    rates, attack = _settings(
         model,
         x,
         y,
@@ -478,14 +499,8 @@ def pgd_adversarial_ensemble(
         learning_rate,
         step_size,
         epsilon_warmup,
-    )
-    step = PGD_STEP_FACTOR * epsilon / attack_steps if step_size is None else step_size
-    attack = (
-        float(epsilon),
-        float(step),
-        int(attack_steps),
-        tuple(clip_values),
-        float(epsilon_warmup),
+        clip_values,
+        PGD_STEP_FACTOR,
     )
     members, kind, info = _train(
         model,
