@@ -27,19 +27,10 @@ SETTING_KEYS = {
 }
 
 
-def _train(seed, x, y, epochs=12):
-    keras.utils.set_random_seed(seed)
-    model = keras_fip.models.mlp(32, input_shape=(8, 8, 1))
-    keras_fip.models.train_classifier(model, x, y, epochs=epochs, batch_size=64, learning_rate=3e-3)
-    return model
-
-
 @pytest.fixture(scope="module")
-def networks():
-    x, y = keras_fip.data.load("digits", "train")
-    x_test, y_test = keras_fip.data.load("digits", "test")
-    models = [_train(seed, x, y) for seed in range(3)]
-    return models, x_test[:100], y_test[:100]
+def networks(digit_networks):
+    models, x, y = digit_networks
+    return models, x[:100], y[:100]
 
 
 def _softmax_twin(model):

@@ -11,19 +11,10 @@ from keras_fip.operations.ensemble import build_ensemble
 pytest.importorskip("art", reason="needs the `robustness` extra")
 
 
-def _train(seed, x, y, width=32, epochs=12):
-    keras.utils.set_random_seed(seed)
-    model = keras_fip.models.mlp(width, input_shape=(8, 8, 1))
-    keras_fip.models.train_classifier(model, x, y, epochs=epochs, batch_size=64, learning_rate=3e-3)
-    return model
-
-
 @pytest.fixture(scope="module")
-def networks():
-    x, y = keras_fip.data.load("digits", "train")
-    x_test, y_test = keras_fip.data.load("digits", "test")
-    models = [_train(seed, x, y) for seed in range(3)]
-    return models, x_test[:120], y_test[:120]
+def networks(digit_networks):
+    models, x, y = digit_networks
+    return models, x[:120], y[:120]
 
 
 def test_whitebox_pgd_stays_in_the_ball_and_breaks_a_single_network(networks):
