@@ -25,7 +25,8 @@ from keras_fip.operations.ensemble_model import is_ensemble
 from keras_fip.operations.ensemble_model import member_output_kind
 
 
-def _require_art():
+def require_art():
+    """Raises an `ImportError` naming the extra to install when ART is missing."""
     try:
         import art  # noqa: F401
     except ImportError as error:
@@ -89,7 +90,7 @@ def art_classifier(model, num_classes, clip_values=(0.0, 1.0)):
     Returns:
         An `art.estimators.classification.TensorFlowV2Classifier`.
     """
-    _require_art()
+    require_art()
     from art.estimators.classification import TensorFlowV2Classifier
 
     network = logit_model(model)
@@ -156,7 +157,7 @@ def pgd(
             "`x` must be one array of floating-point inputs: PGD (ART) perturbs a single "
             f"input tensor. Received: x={type(x).__name__} of {len(x)} inputs"
         )
-    _require_art()
+    require_art()
     from art.attacks.evasion import ProjectedGradientDescent
 
     if num_classes is None:

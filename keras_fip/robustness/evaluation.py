@@ -36,9 +36,9 @@ from keras_fip.operations.ensemble_model import EnsembleCombination
 from keras_fip.operations.ensemble_model import ensemble_members
 from keras_fip.operations.ensemble_model import is_ensemble
 from keras_fip.operations.ensemble_model import member_output_kind
-from keras_fip.robustness.attacks import _require_art
 from keras_fip.robustness.attacks import accuracy
 from keras_fip.robustness.attacks import logit_model
+from keras_fip.robustness.attacks import require_art
 
 ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "square", "autoattack", "adaptive", "transfer")
 # The attacks run when `attacks=None`: "transfer" joins them when a surrogate is given.
@@ -53,7 +53,7 @@ SQUARE_P_INIT = 0.8
 
 def art_version():
     """The installed version of the Adversarial Robustness Toolbox."""
-    _require_art()
+    require_art()
     import art
 
     return str(art.__version__)
@@ -315,7 +315,7 @@ def evaluate(
     _check_number(restarts, "restarts", integer=True, minimum=0)
     _check_number(square_queries, "square_queries", integer=True)
     _check_number(batch_size, "batch_size", integer=True)
-    _require_art()
+    require_art()
     setup = _Setup(model, x, y, steps, restarts, square_queries, clip_values, batch_size, seed)
     setup.surrogate = surrogate
     epsilons = [float(e) for e in np.atleast_1d(epsilons)]
@@ -610,7 +610,7 @@ def sanity_checks(
         raise ValueError(f"`steps` must be increasing positive integers. Received: steps={steps!r}")
     _check_number(large_epsilon, "large_epsilon", minimum=1e-12)
     _check_inputs(model, x, y, epsilons, ("pgd",), None)
-    _require_art()
+    require_art()
     x = np.asarray(x, "float32")
     y = np.asarray(y).astype("int64").reshape(-1)
     num_classes = int(model.outputs[0].shape[-1])
