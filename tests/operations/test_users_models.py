@@ -196,24 +196,17 @@ def test_continual_learn_defaults_keep_the_old_task_and_learn_the_new_one():
     before = _fingerprint(model)
     walk = keras_fip.Walk(epochs=8, seed=0)
     learned = keras_fip.ContinualLearn((new_x, new_y), memory=x[:300], walk=walk)(model)
-    tuned = baselines.FineTune((new_x, new_y), walk=walk)(model)
     assert _unchanged(model, before)
     outputs = learned.predict(x_test, verbose=0)
     assert outputs.shape[-1] == 4 and np.allclose(outputs.sum(-1), 1.0, atol=1e-4)
     old = float(np.mean(np.argmax(outputs[:, :2], -1) == y_test))
     assert old >= _accuracy(model, x_test, y_test) - 0.04
-
-    def new_task_accuracy(result):
-        outputs = result.predict(new_test_x, verbose=0)[:, 2:]
-        return float(np.mean(np.argmax(outputs, -1) == new_test_y))
-
+    # The new task is learned above its majority class (on this toy task, where the new
+    # token's detector must be learned under the old outputs' anchor, slowly; the SST-2 →
+    # CR comparison with fine-tuning is `benchmarks.continual_users`).
+    new = learned.predict(new_test_x, verbose=0)[:, 2:]
     majority = max(np.mean(new_test_y), 1 - np.mean(new_test_y))
-    fip, fine_tuning = new_task_accuracy(learned), new_task_accuracy(tuned)
-    # Fine-tuning learns the new task and forgets the old one; the walk keeps the old task
-    # and learns the new one above its majority class (on this toy task, where the new
-    # token's detector must be learned under the old outputs' anchor, more slowly).
-    assert fine_tuning > majority + 0.1, (fine_tuning, majority)
-    assert fip > majority + 0.03, (fip, majority)
+    assert float(np.mean(np.argmax(new, -1) == new_test_y)) > majority + 0.03
 
 
 @pytest.mark.parametrize("kind", ["convnet", "transformer"])
