@@ -158,11 +158,18 @@ def pgd(
             f"input tensor. Received: x={type(x).__name__} of {len(x)} inputs"
         )
     require_art()
-    from art.attacks.evasion import ProjectedGradientDescent
-
     if num_classes is None:
         num_classes = int(model.outputs[0].shape[-1])
     classifier = art_classifier(model, num_classes, clip_values)
+    return pgd_inputs(classifier, x, y, epsilon, step, iterations, restarts, batch_size, seed)
+
+
+def pgd_inputs(classifier, x, y, epsilon, step, iterations, restarts, batch_size, seed):
+    """L∞ PGD examples of ART's `ProjectedGradientDescent` on an ART `classifier`, seeded
+    (Keras's and NumPy's generators: ART draws its random starts from NumPy)."""
+    require_art()
+    from art.attacks.evasion import ProjectedGradientDescent
+
     attack = ProjectedGradientDescent(
         classifier,
         norm=np.inf,
@@ -173,8 +180,8 @@ def pgd(
         batch_size=int(batch_size),
         verbose=False,
     )
-    keras.utils.set_random_seed(seed)
-    np.random.seed(seed)
+    keras.utils.set_random_seed(int(seed))
+    np.random.seed(int(seed))
     return attack.generate(x=np.asarray(x, "float32"), y=np.asarray(y).astype("int64"))
 
 

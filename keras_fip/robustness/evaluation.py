@@ -38,6 +38,7 @@ from keras_fip.operations.ensemble_model import is_ensemble
 from keras_fip.operations.ensemble_model import member_output_kind
 from keras_fip.robustness.attacks import accuracy
 from keras_fip.robustness.attacks import logit_model
+from keras_fip.robustness.attacks import pgd_inputs
 from keras_fip.robustness.attacks import require_art
 
 ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "square", "autoattack", "adaptive", "transfer")
@@ -149,23 +150,6 @@ def _correct(model, x, y, batch_size):
         ]
     )
     return np.argmax(outputs, -1) == y
-
-
-def _pgd_inputs(classifier, x, y, epsilon, eps_step, steps, restarts, batch_size, seed):
-    from art.attacks.evasion import ProjectedGradientDescent
-
-    attack = ProjectedGradientDescent(
-        classifier,
-        norm=np.inf,
-        eps=float(epsilon),
-        eps_step=float(eps_step),
-        max_iter=int(steps),
-        num_random_init=int(restarts),
-        batch_size=int(batch_size),
-        verbose=False,
-    )
-    _seed(seed)
-    return attack.generate(x=x, y=y)
 
 
 def _apgd(classifier, loss_type, epsilon, steps, restarts, batch_size):
@@ -375,7 +359,7 @@ class _Setup:
         )
 
     def pgd(self, classifier, epsilon):
-        return _pgd_inputs(
+        return pgd_inputs(
             classifier,
             self.x,
             self.y,
@@ -618,7 +602,7 @@ def sanity_checks(
 
     def pgd_accuracy(epsilon, count, eps_step=None, restarts=1):
         eps_step = PGD_STEP_FACTOR * epsilon / count if eps_step is None else eps_step
-        adversarial = _pgd_inputs(
+        adversarial = pgd_inputs(
             classifier, x, y, epsilon, eps_step, count, restarts, batch_size, seed
         )
         return float(np.mean(_correct(model, adversarial, y, batch_size)))
