@@ -23,6 +23,7 @@ from keras_fip.baselines.prune_retrain import prune_retrain
 from keras_fip.baselines.replay import ExperienceReplay
 from keras_fip.baselines.tfmot_baseline import tfmot_available
 from keras_fip.baselines.tfmot_baseline import tfmot_gradual_pruning
+from keras_fip.baselines.trs_ensemble import trs_ensemble
 
 __all__ = [
     "gradual_magnitude_pruning",
@@ -37,6 +38,7 @@ __all__ = [
     "fgsm_adversarial_training",
     "pgd_adversarial_ensemble",
     "pgd_adversarial_training",
+    "trs_ensemble",
     "AGEM",
     "EWC",
     "ExperienceReplay",

@@ -158,7 +158,7 @@ def _robust_accuracy(network, kind, x, y, attack, seed, batch_size=256):
     return correct / len(x), int(len(x) * (steps + 1))
 
 
-def _settings(
+def training_settings(
     model,
     x,
     y,
@@ -325,7 +325,7 @@ def pgd_adversarial_training(
         >>> info["train_examples"] == 1 * len(x) * (2 + 1)
         True
     """
-    rates, attack = _settings(
+    rates, attack = training_settings(
         model,
         x,
         y,
@@ -397,7 +397,7 @@ def fgsm_adversarial_training(
         >>> info["train_examples"] == 2 * len(x), info["step_size"]
         (True, 0.125)
     """
-    rates, attack = _settings(
+    rates, attack = training_settings(
         model,
         x,
         y,
@@ -488,7 +488,7 @@ def pgd_adversarial_ensemble(
         raise ValueError(
             f"`combine` must be one of {list(SAVED_COMBINES)}. Received: combine={combine!r}"
         )
-    rates, attack = _settings(
+    rates, attack = training_settings(
         model,
         x,
         y,
