@@ -1,749 +1,520 @@
-r"""Ensembles under adversarial attack: FIP ensembles beside the ensembles users know (Fig. 4).
+r"""Robust ensembles under an expert's evaluation: the FIP ensemble beside adversarial training.
 
-For each experiment (`dataset/model`) and seed s, every method starts from the same data:
+For each experiment (`dataset/model`: MNIST with the small conv net `convnet` of
+`benchmarks.robust_ensembles`, two 5×5 convolutions of 16 and 32 filters, pooling, dense
+128; and LeNet-300-100) and seed s, every method trains on the same `--train_size`
+examples (a stratified, seeded subset of the training set):
 
-- `single`: the base network of seed s (`keras_fip.models.base_network`, cached);
-- `fip`: `keras_fip.Ensemble(K, data=(x, y), walk=keras_fip.Walk(steps=K·S,
-  batch_size=B, seed=s))` from that network on the labelled training set, every other
-  argument at the library's default: a member every S = `--fip_member_fraction` × the
-  single network's training steps (or `--fip_steps_between`) along one `Penalty` walk
-  (Adam on D + L, D the squared distance of the logits to the start's on the anchors),
-  L = τ·CE on labelled batches (τ chosen on a split held out of the training set) + CE of
-  the true label on inputs attacked (FGSM, radius 0.3 of the inputs' range) against the
-  ensemble so far: each new member learns to be right where the ensemble so far is wrong
-  (beyond the paper; see `keras_fip.Ensemble`);
-- `deep`: K independently trained networks of the same recipe (the base networks of seeds
-  s, s+1, ..., s+K−1, i.e. `keras_fip.baselines.deep_ensemble`'s recipe through the shared
-  cache; the windows of different seeds overlap, so the deep ensemble's spread over seeds
-  understates its independent-seed spread);
-- `fge`: `keras_fip.baselines.fast_geometric_ensemble` from the base network (cyclic
-  learning rate, Garipov et al. 2018);
-- `snapshot`: `keras_fip.baselines.snapshot_ensemble` from scratch (Huang et al. 2017).
+- `standard`: the network trained on clean data (`keras_fip.models.train_classifier`,
+  `--epochs`, `--learning_rate`);
+- `deep`: K = `--num_members` standard networks from seeds s, …, s+K−1 (a deep ensemble);
+- `pgd_at`: PGD adversarial training (`keras_fip.baselines.pgd_adversarial_training`,
+  Madry et al.) at ε = `--train_epsilon` with `--attack_steps` steps, ε rising from 0
+  over the first `--epsilon_warmup` of the steps;
+- `pgd_at_ensemble`: K PGD-AT networks (`keras_fip.baselines.pgd_adversarial_ensemble`);
+- `fgsm_at`: fast FGSM adversarial training from a random start
+  (`keras_fip.baselines.fgsm_adversarial_training`, Wong et al.);
+- `trs`: a TRS ensemble of K members (`keras_fip.baselines.trs_ensemble`, Yang et al.:
+  input gradients misaligned between members and kept small), trained for the epochs that
+  bring its compute to the PGD-AT ensemble's;
+- `fip`: `keras_fip.Ensemble(K, data=(x, y), walk=keras_fip.Walk(seed=s))` from the
+  `standard` network, every argument but the model, data, budget and seed at the library's
+  default (`--fip_steps` > 0 sets the walk's steps; 0 keeps the default budget).
 
-What runs by default (sized for 2 CPU cores): the first experiment, LeNet-300-100 on
-MNIST, runs every method on `--seeds` (0, 1, 2) with `--num_members` K = 10 and attacks
-on `--attack_examples` 500 images (the headline comparison, FIP against a same-K deep
-ensemble at a recorded fraction of its compute). Every experiment after it (cnn5 on MNIST,
-VGG-11 on CIFAR-10) runs lighter: the methods in both `--methods` and `--other_methods`
-(FIP and the single network it starts from), `--other_seeds` (0), `--other_num_members`
-K = 5 and `--other_attack_examples` 200 images; every example pass is still counted, so
-`train_examples` stays comparable across methods. The deep ensemble, FGE and snapshot
-ensembles of cnn5 and VGG (9 more networks per seed for a 10-member deep ensemble, then
-20 epochs each of FGE and snapshot) are behind the flags; on a GPU host, the full
-comparison is
-`--other_seeds=0,1,2 --other_num_members=10 --other_methods=fip,deep,fge,snapshot,single
---other_attack_examples=500`. `results.json` records each experiment's seeds, K, methods,
-attack subset, per-method build and evaluation seconds and wall time.
+Compute (`train_examples`) counts example passes (one forward and backward pass of one
+example) as `keras_fip.Ensemble`'s `history["train_examples"]` counts them: every pass of
+training and of the attacks made during training; the FIP ensemble's includes its start's
+training. `{method}/train_examples/fraction_of_pgd_at_ensemble` compares each to the
+PGD-AT ensemble's.
 
-The attacks (`keras_fip.robustness`, ART `ProjectedGradientDescent`, L∞) run on a fixed
-test subset of `--attack_examples` images drawn with `--attack_seed` (the same images for
-every method and seed; clean accuracy uses the whole test set):
+Every model is evaluated by `keras_fip.robustness.evaluate` on `--attack_examples` test
+images (a seeded subset, the same for every method and seed) at each ε of `--epsilons`
+under `--attacks`: white-box PGD and AutoAttack (APGD-CE, APGD-DLR, Square; ART) on the
+whole ensemble as ONE model (the mean of its members' probabilities), the adaptive margin
+attack on the ensemble's own decision and on all members at once, and transfer PGD from an
+independent surrogate (a standard network of seed 1000 + s). `worst_case` is the accuracy
+on the images that survive every white-box attack. With `--sanity`,
+`keras_fip.robustness.sanity_checks` runs on `--sanity_examples` of them (accuracy not
+rising with ε, near 0 at ε = 0.5, more steps never helping, Square not stronger than the
+gradient attacks). Clean accuracy is on the whole test set.
 
-- transfer (the paper's threat model): PGD on a surrogate of the same architecture trained
-  separately (base network of seed 1000 + s), its adversarial images given to every model;
-- white-box: PGD on each model itself, through the whole ensemble (loss −log p̄_y).
+The defaults are sized to finish in about 45 minutes on 2 CPU cores: one seed,
+`--train_size` 6,000 examples, `--epochs` 5, K = 3, PGD-AT with 5 steps, attacks with 20
+steps, one restart and 300 Square queries on 200 images, sanity checks on 100. On a GPU
+host, the evaluation a reviewer expects is
 
-Compute is recorded in example passes (`train_examples`: one forward and backward pass of
-one example, i.e. epochs × examples for the trained networks; FIP and FGE include the base
-network's training; FIP counts every pass of its walk: the choice of the labels' weight
-(its one-member walks and held-out evaluations), anchors, task and diversity batches, the
-attacks that make its diversity inputs, the start's reference outputs and any BatchNorm
-re-estimation).
+    python -m apps.robustness --seeds=0,1,2 --train_size=60000 --epochs=20 \
+        --attack_steps=10 --attack_examples=1000 --steps=100 --restarts=5 \
+        --square_queries=5000 --sanity_examples=500
 
 Writes `config.json`, `results.json` (flat keys `"{experiment}/{method}/{measure}"`, e.g.
-`"mnist/fip/transfer_pgd/accuracy/mean"`, `"mnist/deep/whitebox_pgd/accuracy/mean"`,
-`"mnist/fip/train_examples"`; the experiment is the dataset for its default model, LeNet-300-100
-on MNIST and VGG-11 on CIFAR-10, else `dataset_model`, e.g. `mnist_cnn5`; the attack settings
-under `"{experiment}/attack/..."`), `member_vs_ensemble.png`, `layer_diversity.png`,
-`weight_pca.png`, and the first FIP ensemble as a SavedModel in `serving/`. CIFAR-10 runs
-on the local 4,000-image subset when the full set is missing and say so
-(`"{experiment}/dataset/subset"`).
-
-The measured figures, with their commands, are on the results page
-(`docs/results.md`, from `results/robustness_lenet`).
-
-The default command also runs FGE and snapshot ensembles on LeNet-300-100 and the
-lighter plan on cnn5 (MNIST) and VGG-11 (CIFAR-10); their figures are in its
-`results.json`. From an empty cache, the default command first trains 19 base networks
-(15 LeNet-300-100, 2 cnn5, 2 VGG-11). `--fip_options` overrides `Ensemble`'s defaults
-(a JSON object of its arguments, e.g. `'{"labels": 1.0}'`, with `"walk"` for `keras_fip.Walk`
-fields other than the budget, batch size and seed, e.g. `'{"walk": {"distance": "kl"}}'`;
-unset by default).
+`"mnist/fip/autoattack/0.3/mean"`, `"mnist/pgd_at/worst_case/0.1/std"`,
+`"mnist/trs/train_examples"`, `"mnist/fip/sanity/passed"`; the experiment is `mnist` for
+the conv net and `mnist_lenet_300_100` for LeNet), `evaluations.json` (every evaluation
+record, with every attack's parameters, and every sanity check), `summary.json` (the
+results page's tables and plots), `robust_vs_epsilon.png` (robust accuracy against ε per
+method and attack) and `robust_vs_compute.png` (worst-case robust accuracy against
+example passes), with `provenance.json` beside the results.
 
 Example:
 
-    python -m apps.robustness   # LeNet-300-100 (3 seeds) and cnn5 on MNIST, VGG-11 on CIFAR-10
-    python -m apps.robustness --experiments=mnist/lenet_300_100 --methods=fip,deep,single
-
-`--strategy=mirrored|multi_worker|tpu` trains the base networks, deep-ensemble members,
-FGE and snapshot ensembles with `fit` and runs the FIP walk in that strategy; the ART
-attacks and diagnostics run in the strategy's scope on one device (ART's gradient loop).
-TensorBoard scalars (every figure per seed; the FIP walk's distance moved, output change
-and losses per step) go to `<output_dir>/logs`.
+    python -m apps.robustness
+    python -m apps.robustness --experiments=mnist/convnet --methods=fip,pgd_at_ensemble
 """
 
-import json
-import os
 import time
 
+import keras
 import numpy as np
 from absl import flags
 
 import keras_fip
 from apps import common
+from benchmarks.robust_ensembles import convnet
 from keras_fip import baselines
-from keras_fip import data
-from keras_fip import models
 from keras_fip import robustness
-from keras_fip.core.copy import copy_model
+from keras_fip.baselines.trs_ensemble import ATTACK_STEPS as TRS_ATTACK_STEPS
+from keras_fip.baselines.trs_ensemble import PASSES_PER_MEMBER as TRS_PASSES_PER_MEMBER
+from keras_fip.core import tuning
 from keras_fip.operations.ensemble import build_ensemble
 
-METHODS = ("fip", "deep", "fge", "snapshot", "single")
-ENSEMBLES = ("fip", "deep", "fge", "snapshot")
-DEFAULT_EXPERIMENTS = ("mnist/lenet_300_100", "mnist/cnn5", "cifar10/vgg11")
-DEFAULT_MODELS = {"mnist": "lenet_300_100", "cifar10": "vgg11", "digits": "mlp"}
-# Per experiment: base epochs, model arguments, attack ε and step, FGE's α₁ (sized for a
-# 2-core CPU; every one can be overridden by its flag).
-SETTINGS = {
-    "mnist": dict(base_epochs=5, epsilon=0.3, step=0.01, fge_learning_rate=0.05),
-    "cifar10": dict(base_epochs=15, epsilon=8 / 255, step=2 / 255, fge_learning_rate=0.05),
-    "digits": dict(base_epochs=10, epsilon=0.3, step=0.01, fge_learning_rate=0.02),
-}
-MODEL_ARGUMENTS = {"vgg11": {"width_multiplier": 0.25}, "vgg16": {"width_multiplier": 0.25}}
-# Every experiment after the first (cnn5 and VGG-11 by default) runs lighter by default, so
-# that the default command fits in an hour on 2 CPU cores: `--other_seeds`,
-# `--other_num_members`, `--other_methods` and `--other_attack_examples` (the first
-# experiment, LeNet-300-100 on MNIST, runs on `--seeds`, `--num_members`, `--methods` and
-# `--attack_examples`). On a GPU host: `--other_seeds=0,1,2 --other_num_members=10
-# --other_methods=fip,deep,fge,snapshot,single --other_attack_examples=500`.
-OTHER_NUM_MEMBERS = 5
-OTHER_METHODS = ("fip", "single")
-OTHER_ATTACK_EXAMPLES = 200
+METHODS = ("standard", "deep", "pgd_at", "pgd_at_ensemble", "fgsm_at", "trs", "fip")
+DEFAULT_EXPERIMENTS = ("mnist/convnet", "mnist/lenet_300_100")
+ARCHITECTURES = ("convnet", "lenet_300_100", "mlp")
+ATTACKS = ("pgd", "autoattack", "adaptive", "transfer")
+# Seed offset of the transfer attack's surrogate (a standard network trained apart).
+SURROGATE_SEED = 1000
+# The app's defaults of the shared flags, sized for 2 CPU cores (see the docstring).
+DEFAULTS = {"seeds": ["0"], "epochs": 5, "learning_rate": 1e-3, "batch_size": 128}
 
-# Experiments and methods (`methods`, `seeds` and `base_epochs` are shared with other apps:
-# defined here only when no other app defined them).
+# Experiments and data
 flags.DEFINE_list("experiments", list(DEFAULT_EXPERIMENTS), "`dataset/model` pairs.")
-# `--methods` (default: all of METHODS), `--seeds` and `--base_epochs` are apps.common's.
-flags.DEFINE_list(
-    "other_seeds",
-    ["0"],
-    "Seeds of every experiment after the first (cnn5 "
-    "and VGG by default: sized for 2 cores); the first runs on --seeds.",
+flags.DEFINE_integer(
+    "train_size", 6000, "Training examples (stratified, seeded; 0: all).", lower_bound=0
+)
+flags.DEFINE_integer("num_members", 3, "K, the members of every ensemble.", lower_bound=2)
+
+# Adversarial training
+flags.DEFINE_float("train_epsilon", 0.3, "ε of the adversarial training.", lower_bound=0.0)
+flags.DEFINE_integer("attack_steps", 5, "PGD steps of PGD-AT.", lower_bound=1)
+flags.DEFINE_float(
+    "epsilon_warmup", 0.5, "Fraction of the steps over which ε rises from 0.", lower_bound=0.0
 )
 flags.DEFINE_integer(
-    "num_members", 10, "K, members of every ensemble of the first experiment.", lower_bound=1
-)
-flags.DEFINE_integer(
-    "other_num_members",
-    OTHER_NUM_MEMBERS,
-    "K of every experiment after the first (sized for 2 cores; 10 on a GPU host).",
-    lower_bound=1,
-)
-flags.DEFINE_list(
-    "other_methods",
-    list(OTHER_METHODS),
-    "Methods of every experiment after the first (a subset of --methods; all five on a GPU host).",
+    "fip_steps", 0, "Steps of the FIP walk (0: the library's default budget).", lower_bound=0
 )
 
-# Attack
-flags.DEFINE_float(
-    "pgd_epsilon", None, "L∞ radius ε (default 0.3 on MNIST, 8/255 on CIFAR-10).", lower_bound=0.0
-)
-flags.DEFINE_float(
-    "pgd_step", None, "PGD step (default 0.01 on MNIST, 2/255 on CIFAR-10).", lower_bound=0.0
-)
-flags.DEFINE_integer("pgd_iterations", 40, "PGD iterations.", lower_bound=1)
-flags.DEFINE_integer("pgd_restarts", 1, "Random starts (ART num_random_init).", lower_bound=0)
-flags.DEFINE_integer(
-    "attack_examples",
-    500,
-    "Size of the fixed, seeded test subset the attacks run on (first experiment).",
-    lower_bound=1,
-)
-flags.DEFINE_integer(
-    "other_attack_examples",
-    OTHER_ATTACK_EXAMPLES,
-    "The attack subset of every experiment after the first (500 on a GPU host).",
-    lower_bound=1,
-)
-flags.DEFINE_integer(
-    "attack_seed", 0, "Seed of the attack subset and random starts.", lower_bound=0
-)
-
-# Methods' settings
-flags.DEFINE_float(
-    "fip_member_fraction",
-    0.04,
-    "FIP steps between members, as a fraction "
-    "of the single network's training steps (base epochs × N / batch): the "
-    "walk's budget scales with the dataset and the recipe.",
-    lower_bound=0.0,
-)
-flags.DEFINE_integer(
-    "fip_steps_between",
-    None,
-    "FIP steps between members (overrides --fip_member_fraction).",
-    lower_bound=1,
-)
-flags.DEFINE_string(
-    "fip_options",
-    None,
-    "keras_fip.Ensemble keyword arguments that override the library's defaults, as JSON "
-    '(e.g. \'{"labels": 1.0}\' or \'{"walk": {"distance": "kl"}}\'); unset: the '
-    "defaults.",
-)
-flags.DEFINE_integer(
-    "fge_cycle_epochs", 2, "FGE cycle length in epochs (authors: 2-4).", lower_bound=1
-)
-flags.DEFINE_float(
-    "fge_learning_rate", None, "FGE α₁ (α₂ = α₁/100; default 0.05).", lower_bound=0.0
-)
-flags.DEFINE_integer("snapshot_cycle_epochs", 2, "Epochs per snapshot cycle.", lower_bound=1)
-flags.DEFINE_float(
-    "snapshot_learning_rate", 0.1, "Snapshot α₀ (authors: 0.1-0.2).", lower_bound=0.0
-)
-flags.DEFINE_integer(
-    "diagnostic_examples", 256, "Test images for coherence and CKA.", lower_bound=2
-)
+# Evaluation
+flags.DEFINE_list("epsilons", ["0.1", "0.2", "0.3"], "L∞ radii of the evaluation.")
+flags.DEFINE_list("attacks", list(ATTACKS), "Attacks (keras_fip.robustness.evaluate).")
+flags.DEFINE_integer("attack_examples", 200, "Test images attacked.", lower_bound=1)
+flags.DEFINE_integer("attack_seed", 0, "Seed of the attacked images.", lower_bound=0)
+flags.DEFINE_integer("steps", 20, "Steps of PGD, APGD and the adaptive attack.", lower_bound=1)
+flags.DEFINE_integer("restarts", 1, "Random restarts of every attack.", lower_bound=0)
+flags.DEFINE_integer("square_queries", 300, "Square's queries.", lower_bound=1)
+flags.DEFINE_bool("sanity", True, "Run keras_fip.robustness.sanity_checks on every method.")
+flags.DEFINE_integer("sanity_examples", 100, "Images of the sanity checks.", lower_bound=1)
 
 FLAGS = flags.FLAGS
-_RUN = {}  # {"run": common.Run} while main runs (strategy, cache, TensorBoard).
+METHOD_NAMES = {
+    "standard": "standard network",
+    "deep": "deep ensemble",
+    "pgd_at": "PGD-AT",
+    "pgd_at_ensemble": "PGD-AT ensemble",
+    "fgsm_at": "FGSM-AT",
+    "trs": "TRS ensemble",
+    "fip": "FIP ensemble (Ensemble defaults)",
+}
 
 
 def _experiment(spec):
     if spec.count("/") != 1:
         raise ValueError(f"`--experiments` entries must be `dataset/model`. Received: {spec!r}")
     dataset, model = spec.split("/")
-    common.check_choice(dataset, "experiments", sorted(SETTINGS))
-    common.check_choice(model, "experiments", sorted(models.BUILDERS))
-    name = dataset if DEFAULT_MODELS.get(dataset) == model else f"{dataset}_{model}"
-    return name, dataset, model
+    common.check_choice(dataset, "experiments", ["mnist", "digits"])
+    common.check_choice(model, "experiments", ARCHITECTURES)
+    return (dataset if model in ("convnet", "mlp") else f"{dataset}_{model}"), dataset, model
 
 
-def _flag_or(name, default):
-    return default if FLAGS[name].value is None else FLAGS[name].value
+def _architecture(model, input_shape):
+    if model == "convnet":
+        return convnet(input_shape)
+    if model == "mlp":
+        return keras_fip.models.mlp(32, input_shape=input_shape)
+    return keras_fip.models.lenet_300_100(input_shape=input_shape)
 
 
-def _base(model, dataset, seed, epochs):
-    network, _ = (_RUN["run"].base_network if _RUN else models.base_network)(
-        model,
-        dataset,
-        epochs=epochs,
-        seed=seed,
+def _standard(architecture, x, y, seed):
+    keras.utils.set_random_seed(seed)
+    network = keras.models.clone_model(architecture)
+    keras_fip.models.train_classifier(
+        network,
+        x,
+        y,
+        epochs=FLAGS.epochs,
+        batch_size=FLAGS.batch_size,
         learning_rate=FLAGS.learning_rate,
-        batch_size=128,
-        data_dir=FLAGS.data_dir,
-        cache_dir=FLAGS.cache_dir,
-        **MODEL_ARGUMENTS.get(model, {}),
     )
     return network
 
 
-def fip_options():
-    """The `Ensemble` arguments of `--fip_options` (a JSON object), validated.
-
-    `"walk"` may hold `keras_fip.Walk` fields other than the budget, batch size and seed
-    (the app sets those); `"diversity"` a `Diversity` config.
-    """
-    if not FLAGS.fip_options:
-        return {}
-    try:
-        options = json.loads(FLAGS.fip_options)
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"`--fip_options` must be a JSON object. Received: {FLAGS.fip_options!r} ({error})"
-        ) from error
-    reserved = {"num_members", "data", "name"}
-    walk_reserved = {"steps", "epochs", "batch_size", "seed"}
-    walk = options.get("walk", {}) if isinstance(options, dict) else None
-    if (
-        not isinstance(options, dict)
-        or reserved & set(options)
-        or not isinstance(walk, dict)
-        or walk_reserved & set(walk)
-    ):
-        raise ValueError(
-            "`--fip_options` must be a JSON object of keras_fip.Ensemble arguments other "
-            f"than {sorted(reserved)}, with `walk` a JSON object of keras_fip.Walk fields "
-            f"other than {sorted(walk_reserved)} (the app sets those). "
-            f"Received: {FLAGS.fip_options!r}"
+def build(method, architecture, x, y, seed, standard, reference_passes):
+    """`(model, info)`: one method's model and its compute (`info["train_examples"]`)."""
+    K, epochs, N = FLAGS.num_members, FLAGS.epochs, len(y)
+    common_arguments = dict(
+        epochs=epochs, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate, seed=seed
+    )
+    attack = dict(epsilon=FLAGS.train_epsilon, epsilon_warmup=FLAGS.epsilon_warmup)
+    if method == "standard":
+        return standard, {"train_examples": epochs * N}
+    if method == "deep":
+        members = [standard] + [_standard(architecture, x, y, seed + k) for k in range(1, K)]
+        return build_ensemble(members, name="deep_ensemble"), {"train_examples": K * epochs * N}
+    if method == "pgd_at":
+        return baselines.pgd_adversarial_training(
+            architecture, x, y, attack_steps=FLAGS.attack_steps, **attack, **common_arguments
         )
-    # Validates the arguments before any work.
-    keras_fip.Ensemble(2, **{**options, "walk": keras_fip.Walk(**walk)})
-    return options
-
-
-def build_methods(methods, model, dataset, seed, epochs, x, y, settings, K):
-    """Every method's K-member model for one seed; returns `(models, compute)`."""
-    base = _base(model, dataset, seed, epochs)
-    base_examples = epochs * len(x)
-    built, compute = {}, {}
-    for method in methods:
-        common.set_seed(seed)
-        start = time.perf_counter()
-        if method == "single":
-            built[method] = base
-            compute[method] = {"train_examples": base_examples}
-        elif method == "deep":
-            members = [copy_model(_base(model, dataset, seed + k, epochs)) for k in range(K)]
-            built[method] = build_ensemble(members, name="deep_ensemble")
-            compute[method] = {"train_examples": K * base_examples}
-        elif method == "fip":
-            steps_between = FLAGS.fip_steps_between or max(
-                1, round(FLAGS.fip_member_fraction * epochs * len(x) / FLAGS.batch_size)
-            )
-            # The library's defaults: only the data, the budget and the seed are given.
-            walk = keras_fip.Walk(
-                steps=K * steps_between,
-                batch_size=FLAGS.batch_size,
-                seed=seed,
-                verbose=0,
-                log_dir=_RUN["run"].log_dir(f"{dataset}_{model}/fip/seed_{seed}") if _RUN else None,
-            )
-            options = fip_options()
-            walk = walk.replace(**options.pop("walk", {}))
-            operation = keras_fip.Ensemble(K, data=(x, y), walk=walk, **options)
-            built[method] = operation(base)
-            compute[method] = {
-                "train_examples": base_examples + operation.history["train_examples"],
-                "labels": operation.history["labels"],
-                "radius": operation.history["radius"],
-            }
-        elif method == "fge":
-            alpha = settings["fge_learning_rate"]
-            built[method], info = baselines.fast_geometric_ensemble(
-                base,
-                x,
-                y,
-                num_members=K,
-                cycle_epochs=FLAGS.fge_cycle_epochs,
-                learning_rates=(alpha, alpha / 100),
-                batch_size=FLAGS.batch_size,
-                seed=seed,
-            )
-            total = base_examples + info["train_examples"]
-            compute[method] = {"train_examples": total}
-        elif method == "snapshot":
-            built[method], info = baselines.snapshot_ensemble(
-                base,
-                x,
-                y,
-                num_members=K,
-                epochs=K * FLAGS.snapshot_cycle_epochs,
-                learning_rate=FLAGS.snapshot_learning_rate,
-                batch_size=FLAGS.batch_size,
-                seed=seed,
-            )
-            compute[method] = {"train_examples": info["train_examples"]}
-        compute[method]["build_seconds"] = time.perf_counter() - start
-    return built, compute
-
-
-def evaluate(built, surrogate, x_test, y_test, x_attack, y_attack, settings):
-    """Clean, transfer and white-box accuracies and the diagnostics, per method."""
-    attack = dict(
-        epsilon=settings["epsilon"],
-        step=settings["step"],
-        iterations=FLAGS.pgd_iterations,
-        restarts=FLAGS.pgd_restarts,
-        seed=FLAGS.attack_seed,
-    )
-    transfer, adversarial = robustness.transfer_pgd_accuracy(
-        surrogate, built, x_attack, y_attack, **attack
-    )
-    x_diagnostic = x_attack[: FLAGS.diagnostic_examples]
-    y_diagnostic = y_attack[: FLAGS.diagnostic_examples]
-    figures = {"surrogate/transfer_pgd/accuracy": transfer["surrogate"]}
-    members_transfer, layer_diversity = {}, {}
-    for method, network in built.items():
-        start = time.perf_counter()
-        key = f"{method}"
-        figures[f"{key}/clean/accuracy"] = robustness.accuracy(network, x_test, y_test)
-        figures[f"{key}/transfer_pgd/accuracy"] = transfer[method]
-        figures[f"{key}/whitebox_pgd/accuracy"], _ = robustness.whitebox_pgd_accuracy(
-            network, x_attack, y_attack, **attack
+    if method == "pgd_at_ensemble":
+        return baselines.pgd_adversarial_ensemble(
+            architecture,
+            x,
+            y,
+            num_members=K,
+            attack_steps=FLAGS.attack_steps,
+            **attack,
+            **common_arguments,
         )
-        figures[f"{key}/coherence"] = robustness.gradient_coherence(
-            network, surrogate, x_diagnostic, y_diagnostic
-        )
-        if method in ENSEMBLES:
-            members = keras_fip.ensemble_members(network)
-            members_transfer[method] = [
-                robustness.accuracy(m, adversarial, y_attack) for m in members
-            ]
-            figures[f"{key}/member_transfer_pgd/accuracy"] = float(
-                np.mean(members_transfer[method])
-            )
-            figures[f"{key}/member_coherence"] = float(
-                np.mean(
-                    [
-                        robustness.gradient_coherence(m, surrogate, x_diagnostic, y_diagnostic)
-                        for m in members
-                    ]
-                )
-            )
-            if len(members) > 1:
-                distances = robustness.weight_distances(members)
-                figures[f"{key}/weight_distance"] = distances["mean"]
-                figures[f"{key}/relative_weight_distance"] = distances["relative_mean"]
-                layer_diversity[method] = {
-                    name: 1.0 - value
-                    for name, value in robustness.layer_cka(members, x_diagnostic).items()
-                }
-                figures[f"{key}/cka_diversity"] = float(
-                    np.mean(list(layer_diversity[method].values()))
-                )
-        figures[f"{key}/evaluate_seconds"] = time.perf_counter() - start
-    return figures, members_transfer, layer_diversity
+    if method == "fgsm_at":
+        return baselines.fgsm_adversarial_training(architecture, x, y, **attack, **common_arguments)
+    if method == "trs":
+        # The epochs that bring its compute to the PGD-AT ensemble's.
+        per_epoch = K * N * (TRS_PASSES_PER_MEMBER + TRS_ATTACK_STEPS)
+        common_arguments["epochs"] = max(1, round(reference_passes / per_epoch))
+        return baselines.trs_ensemble(architecture, x, y, num_members=K, **common_arguments)
+    walk = keras_fip.Walk(steps=FLAGS.fip_steps or None, seed=seed, verbose=0)
+    operation = keras_fip.Ensemble(K, data=(x, y), walk=walk)
+    ensemble = operation(standard)
+    return ensemble, {
+        "train_examples": epochs * N + operation.history["train_examples"],
+        "walk_examples": operation.history["train_examples"],
+        "labels": operation.history.get("labels"),
+    }
 
 
-def run_experiment(spec, seeds, methods, num_members, attack_examples, output_dir):
-    """All seeds of one experiment; returns `(name, results, plot data)`."""
-    name, dataset, model = _experiment(spec)
-    defaults = SETTINGS[dataset]
-    epochs = (
-        defaults["base_epochs"] if FLAGS["base_epochs"].using_default_value else FLAGS.base_epochs
-    )
-    settings = dict(
-        epsilon=_flag_or("pgd_epsilon", defaults["epsilon"]),
-        step=_flag_or("pgd_step", defaults["step"]),
-        fge_learning_rate=_flag_or("fge_learning_rate", defaults["fge_learning_rate"]),
-    )
-    x, y = data.load(dataset, "train", FLAGS.data_dir)
-    x_test, y_test = data.load(dataset, "test", FLAGS.data_dir)
+def _data(dataset, seed):
+    x, y = keras_fip.data.load(dataset, "train", FLAGS.data_dir)
+    x_test, y_test = keras_fip.data.load(dataset, "test", FLAGS.data_dir)
+    if FLAGS.train_size and FLAGS.train_size < len(y):
+        rows = tuning.validation_rows(y, FLAGS.train_size / len(y), seed)[1]
+        x, y = x[rows], y[rows]
+    return np.asarray(x, "float32"), np.asarray(y), x_test, y_test
+
+
+def run_seed(spec, seed, methods, epsilons):
+    """Every method of one experiment and seed: `(figures, records)`."""
+    _, dataset, model = _experiment(spec)
+    x, y, x_test, y_test = _data(dataset, seed)
     rows = np.sort(
         np.random.default_rng(FLAGS.attack_seed).choice(
-            len(x_test), min(attack_examples, len(x_test)), replace=False
+            len(y_test), min(FLAGS.attack_examples, len(y_test)), replace=False
         )
     )
     x_attack, y_attack = x_test[rows], y_test[rows]
-    per_seed, plots = [], {}
-    for seed in seeds:
+    architecture = _architecture(model, x.shape[1:])
+    standard = _standard(architecture, x, y, seed)
+    surrogate = _standard(architecture, x, y, SURROGATE_SEED + seed)
+    # The PGD-AT ensemble's compute, the budget the TRS ensemble is given.
+    reference = FLAGS.num_members * FLAGS.epochs * len(y) * (FLAGS.attack_steps + 1)
+    figures, records = {}, {}
+    for method in methods:
+        common.set_seed(seed)
         start = time.perf_counter()
-        built, compute = build_methods(
-            methods, model, dataset, seed, epochs, x, y, settings, num_members
+        network, info = build(method, architecture, x, y, seed, standard, reference)
+        figures[f"{method}/build_seconds"] = time.perf_counter() - start
+        figures[f"{method}/train_examples"] = info["train_examples"]
+        start = time.perf_counter()
+        record = robustness.evaluate(
+            network,
+            x_attack,
+            y_attack,
+            epsilons=epsilons,
+            attacks=FLAGS.attacks,
+            surrogate=surrogate if "transfer" in FLAGS.attacks else None,
+            steps=FLAGS.steps,
+            restarts=FLAGS.restarts,
+            square_queries=FLAGS.square_queries,
+            seed=FLAGS.attack_seed,
         )
-        surrogate = _base(model, dataset, 1000 + seed, epochs)
-        figures, members_transfer, layer_diversity = evaluate(
-            built, surrogate, x_test, y_test, x_attack, y_attack, settings
-        )
-        for method, cost in compute.items():
-            figures.update({f"{method}/{k}": v for k, v in cost.items()})
-        per_seed.append(figures)
-        if _RUN:  # TensorBoard: every figure of this seed (the step is the seed).
-            _RUN["run"].scalars(figures, step=seed, prefix=name)
-        print(
-            f"{name} seed {seed}: "
-            + ", ".join(
-                f"{m} clean {figures[f'{m}/clean/accuracy']:.3f} transfer "
-                f"{figures[f'{m}/transfer_pgd/accuracy']:.3f} white-box "
-                f"{figures[f'{m}/whitebox_pgd/accuracy']:.3f}"
-                for m in methods
+        figures[f"{method}/clean/accuracy"] = robustness.accuracy(network, x_test, y_test)
+        for result in record["results"]:
+            figures[f"{method}/{result['attack']}/{result['epsilon']:g}"] = result[
+                "robust_accuracy"
+            ]
+        for worst in record["worst_case"]:
+            figures[f"{method}/worst_case/{worst['epsilon']:g}"] = worst["robust_accuracy"]
+        if FLAGS.sanity:
+            checks = robustness.sanity_checks(
+                network,
+                x_attack[: FLAGS.sanity_examples],
+                y_attack[: FLAGS.sanity_examples],
+                epsilons=sorted(epsilons),
+                steps=(max(1, FLAGS.steps // 4), FLAGS.steps),
+                square_queries=FLAGS.square_queries,
+                seed=FLAGS.attack_seed,
             )
-            + f" ({time.perf_counter() - start:.0f} s)",
+            figures[f"{method}/sanity/passed"] = float(checks["passed"])
+            record["sanity_checks"] = checks
+        figures[f"{method}/evaluate_seconds"] = time.perf_counter() - start
+        record["compute"] = info
+        records[method] = record
+        print(
+            f"{spec} seed {seed} {method}: clean {figures[f'{method}/clean/accuracy']:.3f}, "
+            + ", ".join(
+                f"worst ε={e:g} {figures.get(f'{method}/worst_case/{e:g}', float('nan')):.3f}"
+                for e in epsilons
+            )
+            + f", {info['train_examples']:,} passes",
             flush=True,
         )
-        if seed == seeds[0]:
-            plots = {
-                "members_transfer": members_transfer,
-                "layer_diversity": layer_diversity,
-                "pca": {m: keras_fip.ensemble_members(built[m]) for m in built if m in ENSEMBLES},
-                "transfer": {m: figures[f"{m}/transfer_pgd/accuracy"] for m in built},
-            }
-            if "fip" in built and not os.path.isdir(os.path.join(output_dir, "serving")):
-                keras_fip.export(built["fip"], os.path.join(output_dir, "serving"))
-    results = {
-        f"{name}/dataset/subset": bool(data.info(dataset, FLAGS.data_dir)["subset"]),
-        f"{name}/model": model,
-        f"{name}/base_epochs": epochs,
-        f"{name}/num_seeds": len(seeds),
-        f"{name}/num_members": num_members,
-        f"{name}/methods": list(methods),
-    }
-    results.update(
-        {
-            f"{name}/attack/{k}": v
-            for k, v in robustness.attack_settings(
-                settings["epsilon"], settings["step"], FLAGS.pgd_iterations, FLAGS.pgd_restarts
-            ).items()
-        }
-    )
-    results[f"{name}/attack/examples"] = len(rows)
+    return figures, records
+
+
+def aggregate(name, per_seed, methods):
+    """Mean and std over seeds of every figure; the compute fractions; sanity over seeds."""
+    results = {}
     for key in per_seed[0]:
         values = np.array([figures[key] for figures in per_seed], dtype=float)
         if key.endswith("train_examples"):
             results[f"{name}/{key}"] = float(values.mean())
+        elif key.endswith("sanity/passed"):
+            results[f"{name}/{key}"] = bool(values.min() == 1.0)
         else:
             results[f"{name}/{key}/mean"] = float(values.mean())
             results[f"{name}/{key}/std"] = float(values.std())
-    _comparisons(results, name, methods)
-    return name, results, plots
+    reference = results.get(f"{name}/pgd_at_ensemble/train_examples")
+    if reference:
+        for method in methods:
+            results[f"{name}/{method}/train_examples/fraction_of_pgd_at_ensemble"] = (
+                results[f"{name}/{method}/train_examples"] / reference
+            )
+    return results
 
 
-def _comparisons(results, name, methods):
-    """The acceptance margins: FIP against the single network and the deep ensemble."""
-
-    def get(method, measure):
-        return results.get(f"{name}/{method}/{measure}")
-
-    if "fip" not in methods:
-        return
-    for other in ("single", "deep"):
-        if other in methods:
-            for attack in ("transfer_pgd", "whitebox_pgd", "clean"):
-                results[f"{name}/fip/{attack}/margin_over_{other}"] = get(
-                    "fip", f"{attack}/accuracy/mean"
-                ) - get(other, f"{attack}/accuracy/mean")
-    if "deep" in methods:
-        results[f"{name}/fip/train_examples/fraction_of_deep"] = get("fip", "train_examples") / get(
-            "deep", "train_examples"
-        )
+def _epsilons():
+    try:
+        epsilons = sorted(float(e) for e in FLAGS.epsilons)
+    except ValueError as error:
+        raise ValueError(f"`--epsilons` must be numbers. Received: {FLAGS.epsilons}") from error
+    if not epsilons or min(epsilons) <= 0:
+        raise ValueError(f"`--epsilons` must be positive. Received: {FLAGS.epsilons}")
+    return epsilons
 
 
-def plot(all_plots, output_dir):
+def plans():
+    """`(experiments, methods, seeds, epsilons)` from the flags, validated before any work."""
+    methods = [common.check_choice(m, "methods", METHODS) for m in (FLAGS.methods or METHODS)]
+    for attack in FLAGS.attacks:
+        common.check_choice(attack, "attacks", ATTACKS)
+    for spec in FLAGS.experiments:
+        _experiment(spec)
+    return list(FLAGS.experiments), methods, [int(s) for s in FLAGS.seeds], _epsilons()
+
+
+def _series(results, name, method, measure, epsilons):
+    points = [[0.0, results.get(f"{name}/{method}/clean/accuracy/mean")]]
+    points += [[e, results.get(f"{name}/{method}/{measure}/{e:g}/mean")] for e in epsilons]
+    return [p for p in points if p[1] is not None]
+
+
+def plot(results, names, methods, epsilons, output_dir):
+    """Robust accuracy against ε (per attack) and against compute (per ε)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(all_plots)
-    # Member vs ensemble adversarial (transfer) accuracy.
-    figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)
-    for axis, name in zip(axes[0], names):
-        members = all_plots[name]["members_transfer"]
-        for index, (method, values) in enumerate(members.items()):
-            axis.scatter(
-                [index] * len(values),
-                values,
-                color="grey",
-                s=12,
-                label="members" if index == 0 else None,
-            )
-            axis.scatter(
-                [index],
-                [all_plots[name]["transfer"][method]],
-                color="red",
-                marker="*",
-                s=120,
-                label="ensemble" if index == 0 else None,
-            )
-        axis.set_xticks(range(len(members)), list(members))
-        axis.set_ylabel("transfer PGD accuracy")
-        axis.set_title(name)
-        axis.legend(fontsize=7)
+    measures = [a for a in FLAGS.attacks] + ["worst_case"]
+    figure, axes = plt.subplots(
+        len(names), len(measures), figsize=(3.2 * len(measures), 3.0 * len(names)), squeeze=False
+    )
+    for row, name in zip(axes, names):
+        for axis, measure in zip(row, measures):
+            for method in methods:
+                points = _series(results, name, method, measure, epsilons)
+                if points:
+                    axis.plot(*zip(*points), marker="o", label=METHOD_NAMES[method])
+            axis.set_title(f"{name}: {measure}", fontsize=9)
+            axis.set_xlabel("ε (L∞)")
+            axis.set_ylabel("robust accuracy")
+            axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
     figure.tight_layout()
-    figure.savefig(os.path.join(output_dir, "member_vs_ensemble.png"), dpi=120)
+    figure.savefig(f"{output_dir}/robust_vs_epsilon.png", dpi=110)
     plt.close(figure)
 
-    # Diversity per layer: 1 − mean pairwise linear CKA.
-    figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)
+    figure, axes = plt.subplots(1, len(names), figsize=(5.0 * len(names), 3.6), squeeze=False)
     for axis, name in zip(axes[0], names):
-        for method, per_layer in all_plots[name]["layer_diversity"].items():
-            axis.plot(range(len(per_layer)), list(per_layer.values()), marker="o", label=method)
-            axis.set_xticks(
-                range(len(per_layer)), list(per_layer), rotation=45, fontsize=7, ha="right"
-            )
-        axis.set_ylabel("1 − linear CKA")
-        axis.set_title(name)
-        axis.legend(fontsize=7)
+        for epsilon, marker in zip(epsilons, "osd^v"):
+            for index, method in enumerate(methods):
+                passes = results.get(f"{name}/{method}/train_examples")
+                value = results.get(f"{name}/{method}/worst_case/{epsilon:g}/mean")
+                if passes is None or value is None:
+                    continue
+                axis.scatter(
+                    passes,
+                    value,
+                    color=f"C{index}",
+                    marker=marker,
+                    label=METHOD_NAMES[method] if epsilon == epsilons[0] else None,
+                )
+                if method == methods[-1]:
+                    axis.annotate(f"ε={epsilon:g}", (passes, value), fontsize=7)
+        axis.set_xscale("log")
+        axis.set_xlabel("example passes (train_examples)")
+        axis.set_ylabel("worst-case robust accuracy")
+        axis.set_title(f"{name}: markers o/s/d = ε {', '.join(f'{e:g}' for e in epsilons)}")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=6)
     figure.tight_layout()
-    figure.savefig(os.path.join(output_dir, "layer_diversity.png"), dpi=120)
-    plt.close(figure)
-
-    # Weight-space PCA of the ensembles' members (Fig. 4).
-    figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
-    for axis, name in zip(axes[0], names):
-        groups = all_plots[name]["pca"]
-        if sum(len(v) for v in groups.values()) >= 2:
-            coordinates, explained = robustness.weight_pca(groups)
-            for method, points in coordinates.items():
-                axis.scatter(points[:, 0], points[:, 1], label=method, s=18)
-            axis.set_xlabel(f"PC1 ({100 * explained[0]:.0f}%)")
-            axis.set_ylabel(f"PC2 ({100 * explained[1]:.0f}%)" if len(explained) > 1 else "PC2")
-        axis.set_title(f"{name}: member weights")
-        axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(os.path.join(output_dir, "weight_pca.png"), dpi=120)
+    figure.savefig(f"{output_dir}/robust_vs_compute.png", dpi=110)
     plt.close(figure)
 
 
-def experiment_plans():
-    """What each experiment runs, from the flags (validated before any work).
-
-    The first experiment runs on `--seeds`, `--methods`, `--num_members` and
-    `--attack_examples`; every later one on `--other_seeds`, the methods in both
-    `--methods` and `--other_methods`, `--other_num_members` and `--other_attack_examples`.
-
-    Returns:
-        A list of `(spec, seeds, methods, num_members, attack_examples)`.
-    """
-    methods = list(FLAGS.methods or METHODS)
-    methods = [common.check_choice(m, "methods", METHODS) for m in methods]
-    experiments = list(FLAGS.experiments)
-    for spec in experiments:
-        _experiment(spec)  # Validate every entry before any work.
-    for m in FLAGS.other_methods:
-        common.check_choice(m, "other_methods", METHODS)
-    fip_options()
-    other_methods = [m for m in methods if m in FLAGS.other_methods]
-    if len(experiments) > 1 and not other_methods:
-        raise ValueError(
-            "`--other_methods` (the methods of every experiment after the first) shares no "
-            f"method with `--methods`. Received: methods={methods}, "
-            f"other_methods={list(FLAGS.other_methods)}"
-        )
-    seeds = [int(s) for s in FLAGS.seeds]
-    other_seeds = [int(s) for s in FLAGS.other_seeds]
-    return [
-        (spec, seeds, methods, FLAGS.num_members, FLAGS.attack_examples)
-        if index == 0
-        else (
-            spec,
-            other_seeds,
-            other_methods,
-            FLAGS.other_num_members,
-            FLAGS.other_attack_examples,
-        )
-        for index, spec in enumerate(experiments)
-    ]
-
-
-METHOD_NAMES = {
-    "fip": "FIP ensemble (Ensemble defaults)",
-    "deep": "deep ensemble",
-    "fge": "fast geometric ensemble",
-    "snapshot": "snapshot ensemble",
-    "single": "single network",
-}
-
-
-def summary_page(results, methods, experiments):
-    """The results page's `summary.json`: clean and attacked accuracy and compute per
-    method, one table per experiment."""
+def summary_page(results, names, methods, epsilons):
+    """The results page's `summary.json`: one table and two plots per experiment."""
 
     def cell(key):
         if f"{key}/mean" not in results:
             return None
-        return f"{100 * results[f'{key}/mean']:.2f} ± {100 * results[f'{key}/std']:.2f}"
+        return f"{100 * results[f'{key}/mean']:.1f} ± {100 * results[f'{key}/std']:.1f}"
 
-    tables = []
-    for name in experiments:
-        epsilon = results.get(f"{name}/attack/epsilon")
+    tables, plots = [], []
+    for name in names:
+        columns = ["method", "clean"]
+        columns += [f"AA {e:g}" for e in epsilons] + [f"worst {e:g}" for e in epsilons]
+        columns += [f"transfer {epsilons[-1]:g}", "passes", "× PGD-AT ens.", "sanity"]
         rows = []
         for method in methods:
-            passes = results.get(f"{name}/{method}/train_examples")
+            key = f"{name}/{method}"
+            fraction = results.get(f"{key}/train_examples/fraction_of_pgd_at_ensemble")
             rows.append(
-                [
-                    METHOD_NAMES.get(method, method),
-                    cell(f"{name}/{method}/clean/accuracy"),
-                    cell(f"{name}/{method}/transfer_pgd/accuracy"),
-                    cell(f"{name}/{method}/whitebox_pgd/accuracy"),
-                    None if passes is None else int(passes),
+                [METHOD_NAMES[method], cell(f"{key}/clean/accuracy")]
+                + [cell(f"{key}/autoattack/{e:g}") for e in epsilons]
+                + [cell(f"{key}/worst_case/{e:g}") for e in epsilons]
+                + [
+                    cell(f"{key}/transfer/{epsilons[-1]:g}"),
+                    int(results[f"{key}/train_examples"]),
+                    None if fraction is None else round(fraction, 2),
+                    results.get(f"{key}/sanity/passed"),
                 ]
             )
+        seeds = results[f"{name}/num_seeds"]
         tables.append(
             {
-                "caption": f"{name}: test accuracy (%), L∞ PGD at ε {epsilon:g}",
-                "columns": ["method", "clean", "transfer PGD", "white-box PGD", "example passes"],
+                "caption": f"{name}: test accuracy (%) under L∞ attacks, mean ± std over "
+                f"{seeds} seed(s); AA = AutoAttack, worst = every white-box attack",
+                "columns": columns,
                 "rows": rows,
-                "headline": [0],
+                "headline": [methods.index("fip")] if "fip" in methods else [],
+            }
+        )
+        plots.append(
+            {
+                "title": f"{name}: worst-case robust accuracy against ε",
+                "xlabel": "ε (L∞)",
+                "ylabel": "robust accuracy",
+                "series": {
+                    METHOD_NAMES[m]: _series(results, name, m, "worst_case", epsilons)
+                    for m in methods
+                },
             }
         )
     return {
-        "title": "Ensemble: robustness of ensembles along one FIP",
+        "title": "Robust ensembles: the FIP ensemble beside adversarial training",
         "description": (
-            "Every ensemble from the same trained network; transfer PGD is computed on a "
-            "separately trained surrogate, white-box PGD on the ensemble's averaged "
-            "probabilities. Mean ± std over seeds."
+            "White-box PGD, AutoAttack and an adaptive attack on the whole ensemble (the "
+            "mean of its members' probabilities) and transfer PGD from an independent "
+            "surrogate, `keras_fip.robustness.evaluate`; compute in example passes."
         ),
         "tables": tables,
+        "plots": plots,
     }
 
 
 def main(argv):
     del argv  # Unused.
-    plans = experiment_plans()
-    methods = plans[0][2]
-    run = common.start("robustness")
-    _RUN["run"] = run
+    names_methods = plans()
+    run = common.start(
+        "robustness",
+        unsupported={"every method": "adversarial training and ART attacks run on one device"},
+    )
     try:
-        with run.scope():
-            _main(plans, methods, run.output_dir)
+        _main(*names_methods, run.output_dir)
     finally:
-        _RUN.clear()
         run.close()
 
 
-def _main(plans, methods, output_dir):
+def _main(experiments, methods, seeds, epsilons, output_dir):
     start = time.perf_counter()
-    results, all_plots = {}, {}
     config = common.flag_values(
         (
             "experiments",
             "seeds",
-            "other_seeds",
-            "num_members",
-            "other_num_members",
-            "other_methods",
-            "base_epochs",
+            "train_size",
+            "epochs",
             "batch_size",
-            "pgd_epsilon",
-            "pgd_step",
-            "pgd_iterations",
-            "pgd_restarts",
+            "learning_rate",
+            "num_members",
+            "train_epsilon",
+            "attack_steps",
+            "epsilon_warmup",
+            "fip_steps",
+            "epsilons",
+            "attacks",
             "attack_examples",
-            "other_attack_examples",
             "attack_seed",
-            "fip_member_fraction",
-            "fip_steps_between",
-            "fip_options",
-            "fge_cycle_epochs",
-            "fge_learning_rate",
-            "snapshot_cycle_epochs",
-            "snapshot_learning_rate",
-            "diagnostic_examples",
-            "strategy",
-            "tpu",
+            "steps",
+            "restarts",
+            "square_queries",
+            "sanity",
+            "sanity_examples",
         )
     )
     config["methods"] = methods
     common.write_json(output_dir, "config.json", config)
-    for plan in plans:
+    results, evaluations, names = {}, {}, []
+    for spec in experiments:
+        name, _, model = _experiment(spec)
+        names.append(name)
         experiment_start = time.perf_counter()
-        name, figures, plots = run_experiment(*plan, output_dir)
-        results.update(figures)
-        results[f"{name}/wall_time_seconds"] = time.perf_counter() - experiment_start
-        all_plots[name] = plots
+        per_seed = []
+        for seed in seeds:
+            figures, records = run_seed(spec, seed, methods, epsilons)
+            per_seed.append(figures)
+            evaluations[f"{name}/seed_{seed}"] = records
+        results.update(aggregate(name, per_seed, methods))
+        results.update(
+            {
+                f"{name}/model": model,
+                f"{name}/num_seeds": len(seeds),
+                f"{name}/methods": methods,
+                f"{name}/wall_time_seconds": time.perf_counter() - experiment_start,
+            }
+        )
         results["wall_time_seconds"] = time.perf_counter() - start
         # Written after each experiment, so a long run keeps what it has measured.
         common.write_json(output_dir, "results.json", results)
-        common.write_json(output_dir, "summary.json", summary_page(results, methods, all_plots))
-    plot(all_plots, output_dir)
-    print(f"\n{'':>22}" + "".join(f"{m:>11}" for m in methods))
-    for name in all_plots:
-        for measure in ("clean", "transfer_pgd", "whitebox_pgd"):
-            cells = "".join(
-                f"{100 * results[f'{name}/{m}/{measure}/accuracy/mean']:>11.2f}"
-                if f"{name}/{m}/{measure}/accuracy/mean" in results
-                else f"{'-':>11}"
-                for m in methods
-            )
-            print(f"{name + ' ' + measure:>22}{cells}")
+        common.write_json(output_dir, "evaluations.json", evaluations)
+        common.write_json(
+            output_dir, "summary.json", summary_page(results, names, methods, epsilons)
+        )
+    plot(results, names, methods, epsilons, output_dir)
     print(f"wall time {results['wall_time_seconds']:.0f} s -> {output_dir}")
 
 
 if __name__ == "__main__":
     common.run(
         main,
-        shared=(
-            "data_dir",
-            "epochs",
-            "batch_size",
-            "learning_rate",
-            "seed",
-            "seeds",
-            "base_epochs",
-            "methods",
-            "cache_dir",
-        ),
+        shared=("data_dir", "epochs", "batch_size", "learning_rate", "seeds", "methods"),
+        defaults=DEFAULTS,
     )

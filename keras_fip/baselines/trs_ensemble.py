@@ -23,6 +23,8 @@ STEP_FACTOR = 2.5
 # at x and at x̂ (one pass each) and the update's backward through each of them (a gradient
 # through an input gradient counts two passes).
 PASSES_PER_MEMBER = 6
+# PGD steps of the smoothness inputs.
+ATTACK_STEPS = 3
 
 
 def _input_gradients(network, kind, inputs, labels, training):
@@ -93,7 +95,7 @@ def trs_ensemble(
     smoothness=0.5,
     epsilon=0.2,
     initial_epsilon=0.1,
-    attack_steps=3,
+    attack_steps=ATTACK_STEPS,
     epochs=10,
     batch_size=128,
     learning_rate=1e-3,
