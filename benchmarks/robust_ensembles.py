@@ -14,6 +14,9 @@ examples, the first `--test_size` test examples) and the small conv net `convnet
   (`keras_fip.baselines.pgd_adversarial_ensemble`);
 - `fgsm_at`: fast FGSM adversarial training with random start
   (`keras_fip.baselines.fgsm_adversarial_training`);
+- `trs`: a TRS ensemble of K members (`keras_fip.baselines.trs_ensemble`: the members'
+  input gradients misaligned and kept small), its epochs chosen so that its compute
+  matches the PGD-AT ensemble's;
 - `fip`: `keras_fip.Ensemble(K, data=(x, y), walk=keras_fip.Walk(seed=s))` from the
   `standard` network, every other argument at its default (`--fip_steps` > 0 sets the
   walk's steps instead, for tiny runs).
@@ -47,11 +50,14 @@ import keras
 import numpy as np
 
 import keras_fip
+from keras_fip import baselines
 from keras_fip import robustness
 from keras_fip.baselines import adversarial_training
+from keras_fip.baselines.trs_ensemble import ATTACK_STEPS as TRS_ATTACK_STEPS
+from keras_fip.baselines.trs_ensemble import PASSES_PER_MEMBER as TRS_PASSES_PER_MEMBER
 from keras_fip.core import tuning
 
-METHODS = ("standard", "pgd_at", "pgd_at_ensemble", "fgsm_at", "fip")
+METHODS = ("standard", "pgd_at", "pgd_at_ensemble", "fgsm_at", "trs", "fip")
 BENCHMARK = "robust_ensembles"
 
 
@@ -101,6 +107,21 @@ def train(method, architecture, x, y, args, seed):
         model, info = adversarial_training.fgsm_adversarial_training(
             architecture, x, y, epsilon=args.train_epsilon, **common
         )
+    elif method == "trs":
+        # The epochs that bring its compute to the PGD-AT ensemble's (one learning rate).
+        reference = args.num_members * args.epochs * len(y) * (args.attack_steps + 1)
+        per_epoch = args.num_members * len(y) * (TRS_PASSES_PER_MEMBER + TRS_ATTACK_STEPS)
+        model, info = baselines.trs_ensemble(
+            architecture,
+            x,
+            y,
+            num_members=args.num_members,
+            epochs=max(1, round(reference / per_epoch)),
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rates[len(args.learning_rates) // 2],
+            seed=seed,
+        )
+        info = {**info, "selection_examples": 0, "epsilon_warmup": None}
     else:
         raise ValueError(f"Unknown method {method!r}")
     return model, {
