@@ -1,39 +1,43 @@
 """Quantize against Keras's PTQ, straight-through QAT and TFLite PTQ on a zoo network.
 
-Trains (or reads from the cache) `keras_fip.models.base_network(--model, --dataset)`
-(`--base_epochs` of training) for each seed, holds a stratified, seeded
-`--validation_fraction` of the training split out
-(`keras_fip.core.tuning.validation_rows`), and quantises the float network at each of
-`--bits` with:
+For each seed, holds a stratified, seeded `--validation_fraction` of the training split out
+(`keras_fip.core.tuning.validation_rows`), trains (or reads from the cache) the float
+network `--model` on the rest as `keras_fip.models.base_network` trains it (`--base_epochs`
+of Adam, cosine-decayed: `float_network`), so the validation split is data the float
+network never saw, and quantises it at each of `--bits` with:
 
-- `fip`: `keras_fip.Quantize(bits, data=(x, y))` on the rest of the training split, its
+- `fip`: `keras_fip.Quantize(bits, data=(x, y))` on the rest of the training split (its
+  first `--train_size` rows of a seeded stratified draw, when given), its
   defaults but what `--fip_options` (a JSON object of Quantize keyword arguments; a
   `"schedule"` object becomes a `QuantizeSchedule`) sets, the walk's `--fip_epochs` and
   its `Penalty` rule's `--fip_learning_rate` (`"auto"` by default);
 - `qat`: `keras_fip.baselines.quantization.ste_qat` on the same grid and data, for as many
   epochs as the walk (its learning rate chosen on the validation split over
   `--qat_learning_rates`, extended past a winning edge: `keras_fip.core.tuning.grid_search`;
-  the float network was trained on that split too, so the row also gives every rate's
-  test accuracy, `test_accuracy_by_rate`; `--qat_schedule=cosine` decays it over the run);
+  the row also gives every rate's test accuracy, `test_accuracy_by_rate`;
+  `--qat_schedule=cosine` decays it over the run);
 - `keras_int8`, `keras_int4`: Keras's `model.quantize` (at 8 and 4 bits; `keras_int4` is
   also the reference at 3 and 2 bits, the lowest width Keras has);
 - `rtn` (not run unless named): post-training round-to-nearest onto the same `bits`-bit
   per-channel grid with Keras's abs-max scale rule
   (`keras_fip.baselines.quantization.round_to_nearest`): Keras's int4 quantiser carried to
   3 and 2 bits;
+- `gptq` (not run unless named): Keras's GPTQ at `bits`
+  (`keras_fip.baselines.quantization.keras_gptq`, Keras's `GPTQConfig` defaults: asymmetric,
+  groups of 128 input rows), calibrated on 1,024 rows of the quantisation data; it
+  quantises Dense layers only;
 - `tflite`: TFLite's dynamic-range PTQ of the float network (at 8 bits);
 - `compress_fip` (not run unless named): `keras_fip.chain(Compress(--sparsity),
   Quantize(bits))`, each with its defaults, reported also with its packed size
   (`packed_bytes`: a bitmap of the non-zeros, `bits` bits each, a scale per channel).
 
-Keras's GPTQ (`keras.quantizers.GPTQConfig`) is not run: it calibrates on token ids (its
-calibration batches are cast to int32 and windowed from one token stream), which float
-image inputs are not.
-
 Reports, per seed, method and bit width, the test accuracy, the size of the exported TFLite
 file gzipped (as tfmot's guides measure size) and how many times smaller it is than the
 float32 model (4 bytes a parameter: `times_smaller`), and the relative error of each quantised
-kernel (‖w_q − w‖ / ‖w‖, where the kernel is readable as floats); one JSON line each, then
+kernel (‖w_q − w‖ / ‖w‖, where the kernel is readable as floats), and for `fip` how far the
+TFLite interpreter's outputs of its export lie from the Keras model's on the test set
+(`tflite_match`: the largest absolute logit difference, its ratio to the largest logit and
+the share of test predictions that agree); one JSON line each, then
 a summary line per method and width (mean over seeds). `--output` also writes them as
 `results.json` (with provenance) in that directory.
 
@@ -43,10 +47,12 @@ Example:
     python -m benchmarks.quantize_lenet --bits=2 --fip_options='{"scales": "fitted"}'
     python -m benchmarks.quantize_lenet --model=cnn5 --base_epochs=5 --bits=4 \
         --methods=fip,keras_int4 --train_size=10000
+    python -m benchmarks.quantize_lenet --bits=4,3 --methods=fip,gptq,keras_int4 --seeds=0,1,2
 """
 
 import argparse
 import gzip
+import hashlib
 import json
 import os
 import tempfile
@@ -57,9 +63,12 @@ import numpy as np
 import keras_fip
 from keras_fip.baselines import quantization as baselines
 from keras_fip.core import tuning
+from keras_fip.models import training
 from keras_fip.operations import quantize as quantize_lib
 
-METHODS = ("fip", "qat", "keras_int8", "keras_int4", "rtn", "tflite", "compress_fip")
+METHODS = ("fip", "qat", "keras_int8", "keras_int4", "gptq", "rtn", "tflite", "compress_fip")
+# Rows of the quantisation data GPTQ calibrates on.
+GPTQ_ROWS = 1024
 DEFAULT_METHODS = ("fip", "qat", "keras_int8", "keras_int4", "tflite")
 
 
@@ -80,6 +89,82 @@ def gzipped_tflite_size(model):
             return None
         with open(path, "rb") as file:
             return len(gzip.compress(file.read(), compresslevel=9))
+
+
+def float_network(model, dataset, epochs, seed, excluded_rows, cache_dir=None):
+    """`model` trained on `dataset`'s training split without `excluded_rows`, cached.
+
+    The recipe of `keras_fip.models.base_network` (seeded initialisation, Adam at 1e-3
+    cosine-decayed over `epochs`, batches of 128); cached under
+    `<cache>/base_networks/` by a key of the arguments and the excluded rows.
+
+    Returns:
+        A tuple `(network, results)` with `"test/accuracy"` and `"cache/path"`.
+    """
+    excluded = np.asarray(excluded_rows, dtype="int64")
+    config = {
+        "model": model,
+        "dataset": dataset,
+        "epochs": epochs,
+        "seed": seed,
+        "excluded_rows": hashlib.sha256(excluded.tobytes()).hexdigest()[:16],
+    }
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    directory = os.path.join(
+        cache_dir or training.default_cache_dir(),
+        "base_networks",
+        f"{model}_{dataset}_without_validation_{key}",
+    )
+    path = os.path.join(directory, "model.keras")
+    if os.path.isfile(path):
+        with open(os.path.join(directory, "results.json")) as file:
+            return keras.saving.load_model(path), json.load(file)
+    keras.utils.set_random_seed(seed)
+    info = keras_fip.data.info(dataset)
+    x, y = keras_fip.data.load(dataset, split="train")
+    kept = np.setdiff1d(np.arange(len(y)), excluded)
+    network = keras_fip.models.get(model, info["input_shape"], info["num_classes"])
+    training.train_classifier(network, x[kept], y[kept], epochs)
+    x_test, y_test = keras_fip.data.load(dataset, split="test")
+    results = {
+        "test/accuracy": accuracy(network, x_test, y_test),
+        "train/examples": int(len(kept)),
+        "config": config,
+        "cache/path": directory,
+    }
+    os.makedirs(directory, exist_ok=True)
+    network.save(path + ".tmp.keras")
+    os.replace(path + ".tmp.keras", path)
+    with open(os.path.join(directory, "results.json"), "w") as file:
+        json.dump(results, file, indent=2)
+    return network, results
+
+
+def tflite_match(model, x):
+    """How far the TFLite interpreter's outputs of `model`'s export lie from Keras's on `x`:
+    the largest absolute difference, its ratio to the largest absolute Keras output and
+    the share of rows whose argmax agrees; `None` when the converter cannot convert it."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "model.tflite")
+        try:
+            keras_fip.export(model, path, format="tflite")
+        except Exception:  # The converter's error class is not public API.
+            return None
+        runner = tf_runner(path)
+        name = next(iter(runner.get_input_details()))
+        interpreted = np.concatenate(
+            [
+                next(iter(runner(**{name: x[i : i + 1000].astype("float32")}).values()))
+                for i in range(0, len(x), 1000)
+            ]
+        )
+    expected = model.predict(x, batch_size=512, verbose=0)
+    difference = float(np.max(np.abs(interpreted - expected)))
+    return {
+        "max_abs_difference": difference,
+        "relative_difference": difference / float(np.max(np.abs(expected))),
+        "argmax_agreement": float(np.mean(np.argmax(interpreted, -1) == np.argmax(expected, -1))),
+    }
 
 
 def kernel_errors(float_model, quantized):
@@ -122,17 +207,15 @@ def fip_options(text):
 
 
 def run_seed(args, seed):
-    model, _ = keras_fip.models.base_network(
-        args.model, args.dataset, epochs=args.base_epochs, seed=seed
-    )
     x, y = keras_fip.data.load(args.dataset, split="train")
     x_test, y_test = keras_fip.data.load(args.dataset, split="test")
+    fit_rows, val_rows = tuning.validation_rows(y, args.validation_fraction, seed)
+    model, _ = float_network(args.model, args.dataset, args.base_epochs, seed, val_rows)
     if args.train_size:
-        rows = tuning.validation_rows(y, args.train_size / len(y), seed)[1]
-        x, y = x[rows], y[rows]
+        drawn = tuning.validation_rows(y[fit_rows], args.train_size / len(fit_rows), seed)[1]
+        fit_rows = fit_rows[drawn]
     if args.test_size:
         x_test, y_test = x_test[: args.test_size], y_test[: args.test_size]
-    fit_rows, val_rows = tuning.validation_rows(y, args.validation_fraction, seed)
     x_fit, y_fit, x_val, y_val = x[fit_rows], y[fit_rows], x[val_rows], y[val_rows]
     rows = []
 
@@ -189,6 +272,7 @@ def run_seed(args, seed):
                     "layer_error": op.history["layer_error"],
                     "beta": op.history["beta"],
                     "learning_rate": op.history["learning_rate"],
+                    "tflite_match": tflite_match(quantized, x_test),
                 },
             )
         if "compress_fip" in args.methods:
@@ -225,8 +309,7 @@ def run_seed(args, seed):
                 score, args.qat_learning_rates, low=1e-7, high=1e-1, prefer="larger"
             )
             trained = trained_at.get(rate) or qat(rate)
-            # Every rate's test accuracy too: the validation split was in the float
-            # network's training data, so the choice may differ from the best on test.
+            # Every rate's test accuracy too: what the choice on validation left.
             record(
                 "qat",
                 bits,
@@ -245,6 +328,9 @@ def run_seed(args, seed):
             record("keras_int8", bits, baselines.keras_ptq(model, "int8"))
         if "keras_int4" in args.methods and bits <= 4:
             record("keras_int4", bits, baselines.keras_ptq(model, "int4"))
+        if "gptq" in args.methods:
+            calibration = x_fit[np.random.default_rng(seed).permutation(len(x_fit))[:GPTQ_ROWS]]
+            record("gptq", bits, baselines.keras_gptq(model, bits, calibration))
         if "rtn" in args.methods:
             record("rtn", bits, baselines.round_to_nearest(model, bits))
         if "tflite" in args.methods and bits == 8:

@@ -2,12 +2,15 @@
 
 `keras_fip.Quantize` is measured against what a practitioner would otherwise use: Keras's
 `model.quantize("int8" | "int4")` (post-training, Dense/EinsumDense/Embedding only),
+Keras's GPTQ (`model.quantize("gptq")`, Dense/EinsumDense kernels inside sequential blocks),
 round-to-nearest on `Quantize`'s grid with Keras's scale rule at any bit width,
 quantisation-aware training with a straight-through estimator on the labels (tfmot's QAT
 is Keras 2 only, so it is written here, on the same per-channel grid as `Quantize`), and
 TFLite's post-training dynamic-range quantisation (`keras_fip.export(format="tflite")` of
 the float model).
 """
+
+import warnings
 
 import keras
 import numpy as np
@@ -25,6 +28,8 @@ from keras_fip.operations.quantize import quantizable_variables
 from keras_fip.operations.quantize import resolved_scales
 
 KERAS_PTQ_MODES = ("int8", "int4")
+# Bit widths Keras's GPTQ takes.
+GPTQ_BITS = (2, 3, 4, 8)
 
 
 def keras_ptq(model, mode):
@@ -52,6 +57,145 @@ def keras_ptq(model, mode):
         raise ValueError(f"`mode` must be one of {list(KERAS_PTQ_MODES)}. Received: mode={mode!r}")
     result = masks_lib.remove_masks(copy_model(model))
     result.quantize(mode)
+    return result
+
+
+def _gptq_structure(model, inputs, num_samples):
+    """GPTQ's calibration stream, window length, window count and layer structure."""
+    from keras_fip.models import bert
+
+    backbone = bert.find_backbone(model)
+    if backbone is not None:
+        # A BERT wrapper: the blocks are the encoder layers, the embeddings come before.
+        sequence_length = int(getattr(model, "sequence_length", inputs.shape[1]))
+        tokens = np.asarray(inputs)[:, :sequence_length]
+        stream = np.concatenate([row[row != 0] for row in tokens]).astype("int32")
+
+        def embed(token_ids):
+            embedded = backbone.token_embedding(token_ids)
+            segments = backbone.segment_embedding(keras.ops.zeros_like(token_ids))
+            summed = backbone.embeddings_add(
+                (embedded, backbone.position_embedding(embedded), segments)
+            )
+            return backbone.embeddings_layer_norm(summed)
+
+        structure = {
+            "pre_block_layers": [embed],
+            "sequential_blocks": list(backbone.transformer_layers),
+        }
+        return [stream], sequence_length, num_samples, structure
+    # A plain stack of layers ending in Dense ones: a block from each Dense layer to the next.
+    stack = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    first = next(
+        (i for i, layer in enumerate(stack) if isinstance(layer, keras.layers.Dense)), None
+    )
+    linear = len(model.inputs) == 1 and len(model.outputs) == 1
+    if (
+        first is None
+        or not linear
+        or not all(
+            isinstance(layer, (keras.layers.Dense, keras.layers.Activation, keras.layers.Dropout))
+            for layer in stack[first:]
+        )
+    ):
+        raise ValueError(
+            "`model` must be a BERT `masked_lm`/`classifier` wrapper or a single-input stack "
+            "of layers whose Dense layers (with activations and dropout between) come last, "
+            "so Keras's GPTQ can be given its blocks. "
+            f"Received: model={model.name} with layers {[layer.name for layer in stack]}"
+        )
+    blocks = []
+    for layer in stack[first:]:
+        if isinstance(layer, keras.layers.Dense):
+            blocks.append([])
+        blocks[-1].append(layer)
+    before = stack[:first]
+    examples = np.asarray(inputs, dtype="float32")
+    shape = examples.shape[1:]
+
+    # GPTQ casts its calibration stream to int32 and cuts it into windows: the float inputs
+    # travel bit for bit as int32 (`keras.ops.view`), all of them in one window.
+    def unpack(window):
+        values = keras.ops.view(window, "float32")
+        x = keras.ops.reshape(values, (-1, *shape))
+        for layer in before:
+            x = layer(x)
+        return keras.ops.expand_dims(x, 0)
+
+    structure = {
+        "pre_block_layers": [unpack],
+        "sequential_blocks": [keras.Sequential(block) for block in blocks],
+    }
+    stream = examples.reshape(-1).view("int32")
+    return [stream], stream.size, 1, structure
+
+
+def keras_gptq(model, bits, inputs, num_samples=128, group_size=128):
+    """Keras's GPTQ (`model.quantize("gptq")`) of a copy of `model`, calibrated on `inputs`.
+
+    Keras's `GPTQConfig` with its defaults (asymmetric, groups of `group_size` input rows)
+    at `weight_bits=bits`. GPTQ quantises the Dense and EinsumDense kernels of the blocks
+    its layer structure names, one block after the other on the previous blocks'
+    quantised outputs; the structure given here:
+
+    - a BERT `keras_fip.models.bert.masked_lm` or `classifier` wrapper: the blocks are the
+      encoder's transformer layers, run after the token, position and segment embeddings
+      and their normalisation; the calibration stream is `inputs`' word pieces without
+      padding (GPTQ cuts it into `num_samples` windows of the packed sequence length).
+      The embeddings, the masked-LM head and the pooler stay float.
+    - a stack of layers ending in Dense layers (LeNet-300-100, MLPs): a block per Dense
+      layer (with the activations and dropout after it); the layers before the first
+      Dense run first. GPTQ casts its calibration data to int32 and windows it from one
+      stream, so the float `inputs` are passed bit for bit as int32 (`keras.ops.view`) in
+      one window; `num_samples` is unused.
+
+    Any other model raises a `ValueError`.
+
+    Args:
+        model: A built `keras.Model` (see above). Not changed.
+        bits: The bit width, one of 2, 3, 4, 8.
+        inputs: Calibration inputs: packed token ids for BERT, float examples otherwise.
+        num_samples: Calibration windows of a BERT model. Defaults to `128`.
+        group_size: Input rows sharing a scale (`-1`: one per output channel). Defaults
+            to `128`.
+
+    Returns:
+        A new `keras.Model` whose block kernels are Keras's GPTQ-quantised ones.
+
+    Examples:
+
+        >>> model = keras_fip.models.mlp(8, input_shape=(4,), num_classes=3)
+        >>> x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+        >>> quantized = keras_gptq(model, 4, x)
+        >>> [layer.quantization_mode for layer in quantized.layers[-2:]]
+        ['gptq', 'gptq']
+    """
+    if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or bits not in GPTQ_BITS:
+        raise ValueError(f"`bits` must be one of {list(GPTQ_BITS)}. Received: bits={bits!r}")
+    result = masks_lib.remove_masks(copy_model(model))
+    dataset, sequence_length, windows, structure = _gptq_structure(result, inputs, num_samples)
+    config = keras.quantizers.GPTQConfig(
+        dataset,
+        tokenizer=lambda text: text,  # Used only for string datasets.
+        weight_bits=int(bits),
+        num_samples=windows,
+        sequence_length=sequence_length,
+        group_size=group_size,
+        quantization_layer_structure=structure,
+    )
+    # GPTQ's progress bar goes to the log, not to the output.
+    interactive = keras.config.is_interactive_logging_enabled()
+    keras.config.disable_interactive_logging()
+    try:
+        with warnings.catch_warnings():
+            # Keras names every layer GPTQ does not quantise (Flatten, LayerNormalization,
+            # Embedding, ...).
+            warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
+            warnings.filterwarnings("ignore", message="Invalid quantization mode")
+            result.quantize("gptq", config=config)
+    finally:
+        if interactive:
+            keras.config.enable_interactive_logging()
     return result
 
 

@@ -76,3 +76,28 @@ def test_round_to_nearest_projects_a_copy_with_keras_scales(bits):
         assert not np.array_equal(before.numpy(), after.numpy())
     with pytest.raises(ValueError, match="Received: bits=5"):
         quantization.round_to_nearest(model, 5)
+
+
+def test_keras_gptq_quantizes_the_dense_layers_of_a_copy_calibrated_on_float_inputs():
+    model = trained_model("sequential")
+    x, y = contract_data()
+    quantized = quantization.keras_gptq(model, 4, x)
+    dense = [layer for layer in quantized.layers if layer.weights]
+    assert [layer.quantization_mode for layer in dense] == ["gptq"] * len(dense)
+    assert all(layer.is_gptq_calibrated for layer in dense)
+    assert all(layer.quantization_mode is None for layer in model.layers)
+    assert abs(_accuracy(quantized, x, y) - _accuracy(model, x, y)) < 0.05
+    assert not np.allclose(quantized.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_keras_gptq_refuses_what_it_cannot_quantise():
+    import keras
+
+    model = trained_model("sequential")
+    with pytest.raises(ValueError, match="Received: bits=5"):
+        quantization.keras_gptq(model, 5, contract_data()[0])
+    convolutional = keras.Sequential(
+        [keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten()]
+    )
+    with pytest.raises(ValueError, match="stack of layers"):
+        quantization.keras_gptq(convolutional, 4, np.zeros((4, 8, 8, 1), "float32"))

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 import keras_fip
@@ -11,38 +12,45 @@ from keras_fip.core import tuning
 
 def test_the_benchmark_measures_every_method(tmp_path, monkeypatch):
     calls = []
-    original = quantize_lenet.keras_fip.models.base_network
+    original = quantize_lenet.float_network
 
-    def small_network(model, dataset, epochs=10, seed=0):
-        calls.append((model, dataset, epochs, seed))
-        return original("mlp", "digits", epochs=2, seed=seed, cache_dir=False)
+    def small_network(model, dataset, epochs, seed, excluded_rows):
+        calls.append((model, dataset, epochs, seed, list(excluded_rows)))
+        return original("mlp", dataset, 2, seed, excluded_rows, cache_dir=str(tmp_path))
 
-    monkeypatch.setattr(quantize_lenet.keras_fip.models, "base_network", small_network)
+    monkeypatch.setattr(quantize_lenet, "float_network", small_network)
     rows, summary = quantize_lenet.main(
         [
             "--dataset=digits",
             "--bits=8,2",
+            "--methods=fip,qat,keras_int8,keras_int4,gptq,tflite",
             "--fip_epochs=1",
             "--fip_options=" + json.dumps({"schedule": {"min_steps": 5}}),
             "--qat_learning_rates=1e-3",
             "--output=" + str(tmp_path),
         ]
     )
-    assert calls == [("lenet_300_100", "digits", 10, 0)]
+    _, labels = quantize_lenet.keras_fip.data.load("digits")
+    fit_rows, validation_rows = tuning.validation_rows(labels, 0.1, 0)
+    # The float network never sees the validation rows.
+    assert calls == [("lenet_300_100", "digits", 10, 0, validation_rows.tolist())]
     methods = {(row["method"], row["bits"]) for row in rows}
     assert methods == {
         ("float", 32),
         ("fip", 8),
         ("qat", 8),
         ("keras_int8", 8),
+        ("gptq", 8),
         ("tflite", 8),
         ("fip", 2),
         ("qat", 2),
         ("keras_int4", 2),
+        ("gptq", 2),
     }
     fip = [row for row in rows if row["method"] == "fip"]
-    _, labels = quantize_lenet.keras_fip.data.load("digits")
-    fit_rows, _ = tuning.validation_rows(labels, 0.1, 0)
+    for row in fip:
+        assert row["tflite_match"]["argmax_agreement"] > 0.98
+        assert row["tflite_match"]["relative_difference"] < 0.05
     one_epoch = keras_fip.Walk(epochs=1).resolve().num_steps(len(fit_rows))
     assert [row["steps"] for row in fip] == [max(one_epoch, 5)] * 2
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in rows)
@@ -53,13 +61,21 @@ def test_the_benchmark_measures_every_method(tmp_path, monkeypatch):
 
 
 def test_unknown_methods_are_rejected():
-    with pytest.raises(ValueError, match="gptq"):
-        quantize_lenet.main(["--methods=fip,gptq"])
+    with pytest.raises(ValueError, match="awq"):
+        quantize_lenet.main(["--methods=fip,awq"])
+
+
+def test_the_float_network_is_cached_by_its_excluded_rows(tmp_path):
+    first, results = quantize_lenet.float_network("mlp", "digits", 1, 0, [0, 1], str(tmp_path))
+    again, _ = quantize_lenet.float_network("mlp", "digits", 1, 0, [0, 1], str(tmp_path))
+    other, _ = quantize_lenet.float_network("mlp", "digits", 1, 0, [2, 3], str(tmp_path))
+    assert results["train/examples"] == len(quantize_lenet.keras_fip.data.load("digits")[1]) - 2
+    assert np.array_equal(first.get_weights()[0], again.get_weights()[0])
+    assert not np.array_equal(first.get_weights()[0], other.get_weights()[0])
 
 
 def test_packed_bytes_counts_a_bitmap_the_nonzeros_and_the_scales():
     import keras
-    import numpy as np
 
     model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8)])
     kernel = np.zeros((16, 8), "float32")
