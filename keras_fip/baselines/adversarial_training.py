@@ -172,9 +172,36 @@ def training_settings(
     clip_values,
     step_factor,
 ):
-    """`(rates, attack)`: the arguments checked, the learning rates to try and the attack's
-    settings `(epsilon, step, steps, clip_values, warmup)` (the step `step_factor`·ε/steps
-    unless `step_size` is given)."""
+    """Checks an adversarial-training baseline's arguments; returns its rates and attack.
+
+    Every check raises a `ValueError` naming the argument before any work. The attack's
+    step is `step_factor`·ε/`steps` unless `step_size` is given.
+
+    Args:
+        model: The architecture (a `keras.Model`).
+        x: Training inputs (one array).
+        y: Integer labels, one per example of `x`.
+        epsilon: ε (> 0).
+        steps: Attack steps (a positive integer).
+        epochs: Passes over the data (a positive integer).
+        batch_size: Examples per step (a positive integer).
+        learning_rate: A positive number, a list of them, or `"auto"` (`LEARNING_RATES`).
+        step_size: The attack's step α, or `None`.
+        warmup: The fraction in [0, 1] of the steps over which ε rises from 0.
+        clip_values: `(min, max)` of valid inputs.
+        step_factor: α = `step_factor`·ε/`steps` when `step_size` is `None`.
+
+    Returns:
+        A tuple `(rates, attack)`: the learning rates to try (floats) and
+        `(epsilon, step, steps, clip_values, warmup)`.
+
+    Examples:
+
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> x, y = np.zeros((3, 4), "float32"), np.array([0, 1, 0])
+        >>> training_settings(model, x, y, 0.3, 10, 1, 8, 1e-3, None, 0.0, (0.0, 1.0), 2.5)
+        ([0.001], (0.3, 0.075, 10, (0.0, 1.0), 0.0))
+    """
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a `keras.Model`. Received: model={model!r}")
     if isinstance(x, (dict, list, tuple)) or not hasattr(x, "shape"):
