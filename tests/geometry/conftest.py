@@ -35,21 +35,23 @@ def tiny_conv_bn(seed=0):
 
 
 def dense_metric(model, inputs, outputs="logits"):
-    """(1/N) Σ_x J_xᵀ J_x from explicit per-example Jacobians, float64."""
+    """(1/N) Σ_x J_xᵀ J_x from explicit per-example Jacobians, float64.
+
+    The rows of every example's J_x come from one `tape.jacobian` of all the outputs (in
+    inference mode, so an example's outputs depend on its own input only): the stacked
+    Jacobian J has the rows of every J_x, and Jᵀ J = Σ_x J_xᵀ J_x.
+    """
     variables = model.trainable_variables
-    total = 0.0
-    for example in inputs:
-        with tf.GradientTape() as tape:
-            values = model(example[None], training=False)
-            if outputs == "probabilities":
-                values = tf.nn.softmax(values, axis=-1)
-            values = tf.reshape(values, [-1])
-        jacobians = tape.jacobian(values, variables)
-        jacobian = np.concatenate(
-            [np.reshape(j.numpy(), [values.shape[0], -1]) for j in jacobians], axis=1
-        ).astype(np.float64)
-        total = total + jacobian.T @ jacobian
-    return total / len(inputs)
+    with tf.GradientTape() as tape:
+        values = model(np.asarray(inputs), training=False)
+        if outputs == "probabilities":
+            values = tf.nn.softmax(values, axis=-1)
+        values = tf.reshape(values, [-1])
+    jacobians = tape.jacobian(values, variables)
+    jacobian = np.concatenate(
+        [np.reshape(j.numpy(), [values.shape[0], -1]) for j in jacobians], axis=1
+    ).astype(np.float64)
+    return jacobian.T @ jacobian / len(inputs)
 
 
 @pytest.fixture
