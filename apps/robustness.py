@@ -415,7 +415,8 @@ def summary_page(results, names, methods, epsilons):
                 f"{seeds} seed(s); AA = AutoAttack, worst = every white-box attack",
                 "columns": columns,
                 "rows": rows,
-                "headline": [methods.index("fip")] if "fip" in methods else [],
+                # The README shows the FIP row of the first experiment.
+                "headline": [methods.index("fip")] if "fip" in methods and not tables else [],
             }
         )
         plots.append(
