@@ -67,6 +67,11 @@ def _table(caption, columns, rows):
     return "\n".join(lines) + "\n"
 
 
+def _plot_path(name, index):
+    """Where a summary's plot is drawn: `docs/results/<name>-<index>.png`."""
+    return PLOTS / f"{name.replace('/', '-')}-{index}.png"
+
+
 def _plot(name, index, spec):
     """Draws one plot of a summary to `docs/results/<name>-<index>.png`; returns its path."""
     import matplotlib
@@ -95,7 +100,7 @@ def _plot(name, index, spec):
     axis.grid(alpha=0.3)
     figure.tight_layout()
     PLOTS.mkdir(parents=True, exist_ok=True)
-    path = PLOTS / f"{name.replace('/', '-')}-{index}.png"
+    path = _plot_path(name, index)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
@@ -141,9 +146,9 @@ def render(plots=True):
                 for row_index in table.get("headline", []):
                     headline.append((title, table["columns"], table["rows"][row_index], name))
             for index, spec in enumerate(summary.get("plots", [])):
-                if plots:
-                    path = _plot(name, index, spec)
-                    sections.append(f"![{spec['title']}]({path.relative_to(PAGE.parent)})\n")
+                # The page names every plot; `plots=False` (`--check`) does not draw them.
+                path = _plot(name, index, spec) if plots else _plot_path(name, index)
+                sections.append(f"![{spec['title']}]({path.relative_to(PAGE.parent)})\n")
         else:
             rows = [(key, value) for key, value in sorted(results.items())]
             sections.append(_table("Figures", ["key", "value"], rows))
