@@ -1,9 +1,9 @@
 """Quantize on the language app's BERT encoder against Keras's int8/int4 PTQ and GPTQ.
 
-Pretrains (or reads from the cache) the language app's masked-LM BERT
-(`keras_fip.models.bert.pretrained_masked_lm`, `--pretrain_*` flags; the app's model is
-`--max_sentences=0 --pretrain_epochs=10`) for each seed and quantises it at each of `--bits`
-with:
+Pretrains (or reads from the cache) a masked-LM BERT as the language app does
+(`keras_fip.models.bert.pretrained_masked_lm`; by default a smaller one, on 8,000 sentences;
+the app's model with the flags of the second example) for each seed and quantises it at
+each of `--bits` with:
 
 - `fip`: `keras_fip.Quantize(bits, data=anchor)`, its defaults, with the walk's seed and
   `--fip_epochs` of budget (or exactly `--fip_steps`); `anchor` is `--anchor_sentences`
@@ -21,14 +21,17 @@ Reports, per seed, method and bit width, the masked-token accuracy and loss on
 layers each method quantised; one JSON line each, then a summary line per method and width
 (mean over seeds). `--output` also writes them as `results.json` (with provenance).
 
-Example (a small BERT pretrained on 8,000 sentences for 3 epochs):
+Example (a 2-layer BERT of width 64 pretrained on 8,000 sentences for 8 epochs):
 
     python -m benchmarks.quantize_bert
 
-The language app's BERT (all 34k pretraining sentences, 10 epochs), 3 seeds:
+The language app's BERT (vocabulary 4,000, width 128, all 34k pretraining sentences, 10
+epochs; Quantize keeps the outputs on the app's 4,096 anchor sentences):
 
-    python -m benchmarks.quantize_bert --max_sentences=0 --pretrain_epochs=10 \
-        --seeds=0,1,2 --output=results/quantize_bert
+    python -m benchmarks.quantize_bert --vocabulary_size=4000 --hidden_dim=128 \
+        --intermediate_dim=512 --max_sentences=0 --pretrain_epochs=10 \
+        --anchor_sentences=4096 --eval_sentences=2000 --gptq_samples=128 \
+        --output=results/quantize_bert
 """
 
 import argparse
@@ -223,18 +226,18 @@ def parse(argv=None):
     parser.add_argument("--bits", default="8,4")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--vocabulary_size", type=int, default=4000)
+    parser.add_argument("--vocabulary_size", type=int, default=2000)
     parser.add_argument("--sequence_length", type=int, default=48)
     parser.add_argument("--num_layers", type=int, default=2)
-    parser.add_argument("--hidden_dim", type=int, default=128)
-    parser.add_argument("--intermediate_dim", type=int, default=512)
-    parser.add_argument("--pretrain_epochs", type=int, default=3)
+    parser.add_argument("--hidden_dim", type=int, default=64)
+    parser.add_argument("--intermediate_dim", type=int, default=256)
+    parser.add_argument("--pretrain_epochs", type=int, default=8)
     parser.add_argument("--max_sentences", type=int, default=8000, help="0: all of them.")
-    parser.add_argument("--anchor_sentences", type=int, default=1024)
-    parser.add_argument("--eval_sentences", type=int, default=2000)
+    parser.add_argument("--anchor_sentences", type=int, default=512)
+    parser.add_argument("--eval_sentences", type=int, default=1000)
     parser.add_argument("--fip_epochs", type=int, default=3)
     parser.add_argument("--fip_steps", type=int, default=0, help="0: --fip_epochs decides.")
-    parser.add_argument("--gptq_samples", type=int, default=128)
+    parser.add_argument("--gptq_samples", type=int, default=32)
     parser.add_argument("--cache_dir", default="", help="Pretrained models' cache.")
     parser.add_argument("--output", default="")
     args = parser.parse_args(argv)

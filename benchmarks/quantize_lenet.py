@@ -388,6 +388,57 @@ def summarize(rows):
     return lines
 
 
+NAMES = {
+    "float": "float32",
+    "fip": "Quantize (defaults)",
+    "qat": "STE QAT (rate chosen on validation)",
+    "keras_int8": "Keras int8 PTQ",
+    "keras_int4": "Keras int4 PTQ (4 bits)",
+    "gptq": "Keras GPTQ",
+    "rtn": "round-to-nearest",
+    "tflite": "TFLite dynamic-range PTQ",
+    "compress_fip": "chain(Compress, Quantize)",
+}
+
+
+def summary_page(args, rows, lines):
+    """The results page's summary: test accuracy per method and width, each seed's too."""
+    seeds = ", ".join(str(seed) for seed in args.seeds)
+    table = []
+    for line in lines:
+        values = [
+            row["accuracy"]
+            for row in rows
+            if row["method"] == line["method"] and row["bits"] == line["bits"]
+        ]
+        table.append(
+            [
+                NAMES[line["method"]],
+                line["bits"],
+                f"{100 * line['accuracy_mean']:.2f} ± {100 * line['accuracy_std']:.2f}",
+                " / ".join(f"{100 * value:.2f}" for value in values),
+            ]
+        )
+    return {
+        "title": f"Quantize: {args.model} on {args.dataset}",
+        "description": (
+            f"Test accuracy (%), mean ± std over seeds {seeds} (and per seed); the float "
+            f"network trained {args.base_epochs} epochs without the validation split "
+            f"({args.validation_fraction:.0%} of the training set); Quantize and QAT "
+            f"{args.fip_epochs} epochs of the rest"
+            + (f" ({args.train_size} examples)" if args.train_size else "")
+            + "."
+        ),
+        "tables": [
+            {
+                "caption": "Test accuracy (%)",
+                "columns": ["method", "bits", "accuracy", "per seed"],
+                "rows": table,
+            }
+        ],
+    }
+
+
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lenet_300_100")
@@ -430,6 +481,8 @@ def main(argv=None):
         from apps.provenance import write_results
 
         write_results(args.output, {"rows": rows, "summary": summary, "flags": vars(args)})
+        with open(os.path.join(args.output, "summary.json"), "w") as file:
+            json.dump(summary_page(args, rows, summary), file, indent=2, sort_keys=True)
     return rows, summary
 
 

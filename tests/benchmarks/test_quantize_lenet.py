@@ -58,6 +58,8 @@ def test_the_benchmark_measures_every_method(tmp_path, monkeypatch):
     assert sizes["keras_int8"] is None  # int8 × int8 matmuls: no TFLite conversion.
     assert all(sizes[method] > 0 for method in ("fip", "qat", "tflite"))
     assert json.loads((tmp_path / "results.json").read_text())["summary"] == summary
+    table = json.loads((tmp_path / "summary.json").read_text())["tables"][0]
+    assert len(table["rows"]) == len(summary)
 
 
 def test_unknown_methods_are_rejected():
