@@ -21,7 +21,7 @@ Reports, per seed, method and bit width, the masked-token accuracy and loss on
 layers each method quantised; one JSON line each, then a summary line per method and width
 (mean over seeds). `--output` also writes them as `results.json` (with provenance).
 
-Example (a 2-layer BERT of width 64 pretrained on 8,000 sentences for 8 epochs):
+Example (a 2-layer BERT of width 64 pretrained on 8,000 sentences for 5 epochs):
 
     python -m benchmarks.quantize_bert
 
@@ -231,7 +231,7 @@ def parse(argv=None):
     parser.add_argument("--num_layers", type=int, default=2)
     parser.add_argument("--hidden_dim", type=int, default=64)
     parser.add_argument("--intermediate_dim", type=int, default=256)
-    parser.add_argument("--pretrain_epochs", type=int, default=8)
+    parser.add_argument("--pretrain_epochs", type=int, default=5)
     parser.add_argument("--max_sentences", type=int, default=8000, help="0: all of them.")
     parser.add_argument("--anchor_sentences", type=int, default=512)
     parser.add_argument("--eval_sentences", type=int, default=1000)

@@ -419,23 +419,49 @@ def summary_page(args, rows, lines):
                 " / ".join(f"{100 * value:.2f}" for value in values),
             ]
         )
+    tables = [
+        {
+            "caption": "Test accuracy (%)",
+            "columns": ["method", "bits", "accuracy", "per seed"],
+            "rows": table,
+        }
+    ]
+    matches = [row for row in rows if row["method"] == "fip" and row.get("tflite_match")]
+    if matches:
+        tables.append(
+            {
+                "caption": "Quantize's TFLite export against the Keras model, test set",
+                "columns": [
+                    "seed",
+                    "bits",
+                    "largest absolute logit difference",
+                    "relative to the largest absolute logit",
+                    "same prediction",
+                ],
+                "rows": [
+                    [
+                        row["seed"],
+                        row["bits"],
+                        f"{row['tflite_match']['max_abs_difference']:.3g}",
+                        f"{row['tflite_match']['relative_difference']:.2%}",
+                        f"{row['tflite_match']['argmax_agreement']:.2%}",
+                    ]
+                    for row in matches
+                ],
+            }
+        )
     return {
         "title": f"Quantize: {args.model} on {args.dataset}",
         "description": (
             f"Test accuracy (%), mean ± std over seeds {seeds} (and per seed); the float "
             f"network trained {args.base_epochs} epochs without the validation split "
-            f"({args.validation_fraction:.0%} of the training set); Quantize and QAT "
-            f"{args.fip_epochs} epochs of the rest"
+            f"({args.validation_fraction:.0%} of the training set); "
+            + ("Quantize and QAT" if "qat" in args.methods else "Quantize")
+            + f" {args.fip_epochs} epochs of the rest"
             + (f" ({args.train_size} examples)" if args.train_size else "")
             + "."
         ),
-        "tables": [
-            {
-                "caption": "Test accuracy (%)",
-                "columns": ["method", "bits", "accuracy", "per seed"],
-                "rows": table,
-            }
-        ],
+        "tables": tables,
     }
 
 

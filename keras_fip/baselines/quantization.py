@@ -151,6 +151,11 @@ def keras_gptq(model, bits, inputs, num_samples=128, group_size=128):
 
     Any other model raises a `ValueError`.
 
+    With Keras 3.15, GPTQ's calibration does not reach its Hessians:
+    `model.quantize("gptq")` sets every layer's quantisation mode before calibrating, so
+    the layers run their `quantized_call` and the hooks GPTQ puts on their `call` collect
+    nothing; the result is GPTQ's grid without its error compensation.
+
     Args:
         model: A built `keras.Model` (see above). Not changed.
         bits: The bit width, one of 2, 3, 4, 8.
