@@ -41,6 +41,7 @@ __all__ = [
     "Diversity",
     "Ensemble",
     "EnsembleCombination",
+    "SegmentCosine",
     "build_ensemble",
     "ensemble_combine",
     "ensemble_members",
@@ -245,6 +246,51 @@ def _attack(models, x, labels, epsilon, steps, low, high, batch_size, rng, kind)
     return np.concatenate(perturbed).astype(x.dtype)
 
 
+@keras.saving.register_keras_serializable(package="keras_fip")
+class SegmentCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """A cosine decay restarted at the start of each segment of a walk.
+
+    In the segment of steps [s_k, s_k + n_k) the rate is
+    `rate · (1 + cos(π (t − s_k) / n_k)) / 2`: it starts at `rate` and falls to near zero at
+    the segment's end, where `Ensemble` takes a member. The cyclic schedule of snapshot
+    ensembles (Huang et al. 2017) and fast geometric ensembling (Garipov et al. 2018),
+    with one cycle per member: each member is a point where the walk has settled, the
+    rate's rise between members moves the walk on.
+
+    Args:
+        rate: The rate at the start of each segment (a positive float).
+        segments: The steps of each segment (positive integers).
+
+    Examples:
+
+        >>> schedule = SegmentCosine(1.0, [4, 2])
+        >>> [round(float(schedule(step)), 3) for step in range(6)]
+        [1.0, 0.854, 0.5, 0.146, 1.0, 0.5]
+    """
+
+    def __init__(self, rate, segments):
+        self.rate = float(rate)
+        self.segments = [int(n) for n in segments]
+        if not self.segments or min(self.segments) < 1:
+            raise ValueError(
+                f"`segments` must be positive step counts. Received: segments={segments!r}"
+            )
+        ends = np.cumsum(self.segments)
+        self._starts = np.concatenate([[0], ends[:-1]]).astype("float32")
+        self._lengths = np.asarray(self.segments, "float32")
+
+    def __call__(self, step):
+        step = tf.cast(step, "float32")
+        starts = tf.constant(self._starts)
+        index = tf.reduce_sum(tf.cast(starts[1:] <= step, "int32"))
+        fraction = (step - tf.gather(starts, index)) / tf.gather(self._lengths, index)
+        fraction = tf.minimum(fraction, 1.0)
+        return self.rate * 0.5 * (1.0 + tf.cos(np.pi * fraction))
+
+    def get_config(self):
+        return {"rate": self.rate, "segments": list(self.segments)}
+
+
 def _segment_steps(total, segments):
     """The steps of each of `segments` walks sharing `total` steps as evenly as can be."""
     ends = [round(k * total / segments) for k in range(segments + 1)]
@@ -372,8 +418,10 @@ class _Run:
             outputs=self.kind,
         )
         if self.learning_rate is not None:
-            # One rate for every segment: the members are spaced alike along the walk.
-            optimizer = keras.optimizers.Adam(self.learning_rate)
+            # The same cosine in every segment: each member is taken where the rate has
+            # decayed, as snapshot ensembles take theirs.
+            rate = SegmentCosine(self.learning_rate, segments) if segments else self.learning_rate
+            optimizer = keras.optimizers.Adam(rate)
         else:
             optimizer = walk.rule.optimizer(sum(segments), model.trainable_variables)
         trainer.compile(optimizer=optimizer, jit_compile=walk.jit_compile)
@@ -545,8 +593,9 @@ class Ensemble(WalkingOperation):
     `walk=keras_fip.Walk(rule=keras_fip.rules.Metric(epsilon=0.05))`.
 
     The walk's defaults here: `MEMBER_STEPS` (100) steps per member the walk takes; the
-    `Penalty` rule at one learning rate for every segment (`"auto"`:
-    `keras_fip.engine.rules.auto_learning_rate`); the distance `DISTANCE` (`"l2"`, the
+    `Penalty` rule with its rate (`"auto"`: `keras_fip.engine.rules.auto_learning_rate`)
+    decayed by the same cosine in every segment (`SegmentCosine`), so each member is
+    taken where the walk has settled; the distance `DISTANCE` (`"l2"`, the
     squared distance of the logits) and β = `BETA` (1), which keep the members' function
     under the diversity term; `beta="auto"` is `keras_fip.engine.beta.auto_beta` with
     strength `STRENGTH` (1) for a cross-entropy (β = 1 for the KL distance); the rest as
