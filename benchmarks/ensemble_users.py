@@ -36,6 +36,10 @@ Example:
     python -m benchmarks.ensemble_users                       # 2 models x 3 seeds (labels)
     python -m benchmarks.ensemble_users --data=labelled,inputs --seeds=0,1,2
     python -m benchmarks.ensemble_users --models=residual_convnet --seeds=0 --paper_walk
+    python -m benchmarks.ensemble_users --output_dir=results/ensemble_users
+
+With `--output_dir`, writes `results.json`, `provenance.json` and `summary.json` (the results
+page's table) there.
 """
 
 import argparse
@@ -45,6 +49,7 @@ import time
 import numpy as np
 
 import keras_fip
+from apps import provenance
 from benchmarks import user_models
 from keras_fip.core import tuning
 from keras_fip.engine.rules import Metric
@@ -265,6 +270,69 @@ def summary(rows):
     return lines
 
 
+def _cell(values, scale=100.0, digits=2):
+    values = scale * np.asarray(values, "float64")
+    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
+
+
+def results_summary(rows):
+    """The results page's `summary.json`: one table per model (labelled data), a row per
+    ensemble and the start (mean ± std over seeds)."""
+    tables = []
+    for name in dict.fromkeys(r["model"] for r in rows if r["data"] == "labelled"):
+        mine = [r for r in rows if r["model"] == name and r["data"] == "labelled"]
+        methods = [("base", "the trained network")]
+        if "base_recalibrated" in mine[0]:
+            methods.append(("base_recalibrated", "the trained network, BatchNorm re-estimated"))
+        methods += [("fip", "Ensemble (defaults)"), ("deep", "deep ensemble")]
+        if "deep_recalibrated" in mine[0]:
+            methods.append(("deep_recalibrated", "deep ensemble, BatchNorm re-estimated"))
+        table_rows = []
+        for key, label in methods:
+            members = [min(r[key]["member_accuracy"]) for r in mine if "member_accuracy" in r[key]]
+            table_rows.append(
+                [
+                    label,
+                    _cell([r[key]["accuracy"] for r in mine]),
+                    _cell([r[key]["nll"] for r in mine], scale=1.0, digits=4),
+                    _cell(members) if members else "",
+                    int(np.mean([r[key].get("train_examples", 0) for r in mine])) or "",
+                ]
+            )
+        checks = {
+            check: f"{sum(r['checks'][check] for r in mine)}/{len(mine)}"
+            for check in mine[0]["checks"]
+        }
+        tables.append(
+            {
+                "caption": (
+                    f"{name}, {mine[0]['num_members']} members: test accuracy (%) and NLL; "
+                    f"checks (seeds): {checks}"
+                ),
+                "columns": [
+                    "model",
+                    "accuracy",
+                    "NLL",
+                    "worst member accuracy",
+                    "example passes",
+                ],
+                "rows": table_rows,
+                "headline": [i for i, (key, _) in enumerate(methods) if key in ("base", "fip")],
+            }
+        )
+    seeds = sorted({r["seed"] for r in rows})
+    return {
+        "title": "Ensemble defaults on the keras.io models",
+        "description": (
+            "`keras_fip.Ensemble(K, data=(x, y), walk=keras_fip.Walk(steps=K·S, seed=s))`, "
+            "every other argument its default, S the most steps between members whose example "
+            "passes stay within the deep ensemble's (K networks trained by the Keras "
+            f"example's recipe). Mean ± std over seeds {seeds}."
+        ),
+        "tables": tables,
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="mnist_convnet,residual_convnet")
@@ -287,6 +355,11 @@ def main(argv=None):
         help="Epochs of the start and of the deep ensemble's members (default: as the Keras "
         "examples train them).",
     )
+    parser.add_argument(
+        "--output_dir",
+        default=None,
+        help="Where to write results.json, provenance.json and summary.json.",
+    )
     args = parser.parse_args(argv)
     rows = []
     for name in args.models.split(","):
@@ -304,8 +377,13 @@ def main(argv=None):
                 )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    for line in summary(rows):
+    lines = summary(rows)
+    for line in lines:
         print(json.dumps(line), flush=True)
+    if args.output_dir:
+        provenance.write_results(args.output_dir, {"runs": rows, "summary": lines})
+        with open(f"{args.output_dir}/summary.json", "w") as handle:
+            json.dump(results_summary(rows), handle, indent=2)
 
 
 if __name__ == "__main__":
