@@ -284,7 +284,7 @@ def results_summary(rows):
         methods = [("base", "the trained network")]
         if "base_recalibrated" in mine[0]:
             methods.append(("base_recalibrated", "the trained network, BatchNorm re-estimated"))
-        methods += [("fip", "Ensemble (defaults)"), ("deep", "deep ensemble")]
+        methods += [("fip", f"{name}: Ensemble (defaults)"), ("deep", "deep ensemble")]
         if "deep_recalibrated" in mine[0]:
             methods.append(("deep_recalibrated", "deep ensemble, BatchNorm re-estimated"))
         table_rows = []
@@ -317,7 +317,7 @@ def results_summary(rows):
                     "example passes",
                 ],
                 "rows": table_rows,
-                "headline": [i for i, (key, _) in enumerate(methods) if key in ("base", "fip")],
+                "headline": [i for i, (key, _) in enumerate(methods) if key == "fip"],
             }
         )
     seeds = sorted({r["seed"] for r in rows})
