@@ -1,5 +1,3 @@
-import hashlib
-
 import keras
 import numpy as np
 import pytest
@@ -16,35 +14,12 @@ from keras_fip.operations.compress import Prunable
 from keras_fip.operations.compress import Saliency
 from keras_fip.operations.compress import Schedule
 from keras_fip.operations.shrink import shrink
+from tests.operations.compress_common import SHORT
+from tests.operations.compress_common import digest as _digest
+from tests.operations.compress_common import walk as _walk
+from tests.operations.compress_common import weights as _weights
+from tests.operations.compress_common import zeros as _zeros
 from tests.operations.contract import run_operation_contract
-
-# The walk of the quick tests: the budget exactly as given (no step floor).
-SHORT = Schedule(min_steps=0)
-
-
-def _walk(**kwargs):
-    return keras_fip.Walk(**{"verbose": 0, **kwargs})
-
-
-@pytest.fixture(scope="module")
-def trained():
-    keras.utils.set_random_seed(0)
-    x, y = data.load("digits")
-    model = models.mlp(64, input_shape=(8, 8, 1))
-    models.train_classifier(model, x, y, epochs=10, batch_size=64, learning_rate=3e-3)
-    return model, x, y
-
-
-def _digest(model):
-    return hashlib.sha256(b"".join(w.tobytes() for w in model.get_weights())).hexdigest()
-
-
-def _zeros(model):
-    return {v.path: np.asarray(v.numpy() == 0) for v in projection.prunable_variables(model)}
-
-
-def _weights(model):
-    return [w.numpy() for w in model.weights]
 
 
 def test_compress_reaches_exact_sparsity_without_mutating_input(trained):

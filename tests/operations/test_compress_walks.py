@@ -1,8 +1,6 @@
 """Compress: checkpoints and resume, the recorded path, the labels' choice and the prunable
 set (the walk's behaviour; `test_compress.py` holds its sparsity and function)."""
 
-import hashlib
-
 import keras
 import numpy as np
 import pytest
@@ -17,36 +15,10 @@ from keras_fip.operations.compress import Compress
 from keras_fip.operations.compress import Prunable
 from keras_fip.operations.compress import Saliency
 from keras_fip.operations.compress import Schedule
+from tests.operations.compress_common import digest as _digest
+from tests.operations.compress_common import walk as _walk
 from tests.operations.contract import KillAt
 from tests.operations.contract import run_operation_contract
-
-# The walk of the quick tests: the budget exactly as given (no step floor).
-SHORT = Schedule(min_steps=0)
-
-
-def _walk(**kwargs):
-    return keras_fip.Walk(**{"verbose": 0, **kwargs})
-
-
-@pytest.fixture(scope="module")
-def trained():
-    keras.utils.set_random_seed(0)
-    x, y = data.load("digits")
-    model = models.mlp(64, input_shape=(8, 8, 1))
-    models.train_classifier(model, x, y, epochs=10, batch_size=64, learning_rate=3e-3)
-    return model, x, y
-
-
-def _digest(model):
-    return hashlib.sha256(b"".join(w.tobytes() for w in model.get_weights())).hexdigest()
-
-
-def _zeros(model):
-    return {v.path: np.asarray(v.numpy() == 0) for v in projection.prunable_variables(model)}
-
-
-def _weights(model):
-    return [w.numpy() for w in model.weights]
 
 
 def _checkpointed(x, directory=None, callbacks=None, sparsity=0.8, **kwargs):
