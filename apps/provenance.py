@@ -69,13 +69,15 @@ def provenance():
     }
 
 
-def write_results(output_dir, results, filename="results.json"):
+def write_results(output_dir, results, filename="results.json", page=None):
     """Writes `results` as JSON to `output_dir/filename` and `provenance.json` beside it.
 
     Args:
         output_dir: The directory (created if needed).
         results: A JSON-ready dict.
         filename: The results file's name. Defaults to `"results.json"`.
+        page: The results page's summary of them (`scripts/render_results.py`), written
+            as `summary.json` beside them. Defaults to `None` (none).
 
     Returns:
         The path of the results file.
@@ -86,4 +88,8 @@ def write_results(output_dir, results, filename="results.json"):
         json.dump(results, f, indent=2, sort_keys=True, default=float)
     with open(os.path.join(output_dir, "provenance.json"), "w") as f:
         json.dump(provenance(), f, indent=2, sort_keys=True)
+    if page is not None:
+        with open(os.path.join(output_dir, "summary.json"), "w") as f:
+            json.dump(page, f, indent=2)
+            f.write("\n")
     return path

@@ -352,10 +352,9 @@ def main(argv=None):
             )
     rows = summary(results)
     if args.output_dir:
-        provenance.write_results(args.output_dir, {"runs": results, "summary": rows})
-        with open(f"{args.output_dir}/summary.json", "w") as handle:
-            json.dump(results_summary(results), handle, indent=2)
-            handle.write("\n")
+        provenance.write_results(
+            args.output_dir, {"runs": results, "summary": rows}, page=results_summary(results)
+        )
     return rows
 
 

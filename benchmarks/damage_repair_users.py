@@ -41,7 +41,6 @@ Example:
 
 import argparse
 import json
-import os
 import time
 
 import numpy as np
@@ -322,9 +321,7 @@ def main(argv=None):
             }
             print(json.dumps(line), flush=True)
     if args.output_dir:
-        provenance.write_results(args.output_dir, results)
-        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
-            json.dump(results_summary(results), f, indent=2)
+        provenance.write_results(args.output_dir, results, page=results_summary(results))
     return results
 
 

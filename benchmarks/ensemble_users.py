@@ -381,9 +381,9 @@ def main(argv=None):
     for line in lines:
         print(json.dumps(line), flush=True)
     if args.output_dir:
-        provenance.write_results(args.output_dir, {"runs": rows, "summary": lines})
-        with open(f"{args.output_dir}/summary.json", "w") as handle:
-            json.dump(results_summary(rows), handle, indent=2)
+        provenance.write_results(
+            args.output_dir, {"runs": rows, "summary": lines}, page=results_summary(rows)
+        )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ epochs; Quantize keeps the outputs on the app's 4,096 anchor sentences):
 
 import argparse
 import json
-import os
 import time
 
 import keras
@@ -260,9 +259,11 @@ def main(argv=None):
     if args.output:
         from apps.provenance import write_results
 
-        write_results(args.output, {"rows": rows, "summary": summary, "flags": vars(args)})
-        with open(os.path.join(args.output, "summary.json"), "w") as file:
-            json.dump(summary_page(args, summary), file, indent=2, sort_keys=True)
+        write_results(
+            args.output,
+            {"rows": rows, "summary": summary, "flags": vars(args)},
+            page=summary_page(args, summary),
+        )
     return rows, summary
 
 

@@ -506,9 +506,11 @@ def main(argv=None):
     if args.output:
         from apps.provenance import write_results
 
-        write_results(args.output, {"rows": rows, "summary": summary, "flags": vars(args)})
-        with open(os.path.join(args.output, "summary.json"), "w") as file:
-            json.dump(summary_page(args, rows, summary), file, indent=2, sort_keys=True)
+        write_results(
+            args.output,
+            {"rows": rows, "summary": summary, "flags": vars(args)},
+            page=summary_page(args, rows, summary),
+        )
     return rows, summary
 
 
