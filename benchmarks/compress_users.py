@@ -15,7 +15,7 @@ Every sparsity runs:
   walk=keras_fip.Walk(epochs=E, seed=S))`, what the apps pass: every other argument its
   default (the labels' use chosen on the validation data, tfmot's prunable set);
 - `fip_data_only`: the same without `validation_data`, what a user passing only the
-  training data gets;
+  training data gets (`--nodata_only` leaves it out);
 - `oneshot`: `keras_fip.baselines.one_shot_magnitude_pruning` (the same prunable set,
   pruned once by magnitude), fine-tuned on `(x, y)` for the epochs Compress's walk takes
   (`ceil(op.history["steps"] / steps per epoch)`), its Adam rate chosen as its authors tune
@@ -157,6 +157,7 @@ def run(
     steps=0,
     base_epochs=None,
     train_size=None,
+    data_only=True,
 ):
     """One model and seed: every method at each sparsity. `tuned` maps a sparsity to the
     baseline's learning rate chosen on an earlier seed (filled here when this seed tunes
@@ -187,17 +188,18 @@ def run(
             **_choice(operation.history),
         )
         steps = operation.history["steps"]
-        start = time.perf_counter()
-        sparse, operation = compress(model, sparsity, data, budget, seed)
-        _record(
-            result,
-            "fip_data_only",
-            key,
-            sparse,
-            splits,
-            time.perf_counter() - start,
-            **_choice(operation.history),
-        )
+        if data_only:
+            start = time.perf_counter()
+            sparse, operation = compress(model, sparsity, data, budget, seed)
+            _record(
+                result,
+                "fip_data_only",
+                key,
+                sparse,
+                splits,
+                time.perf_counter() - start,
+                **_choice(operation.history),
+            )
         for variant, options in (variants or {}).items():
             variables = keras_fip.Compress(sparsity).prunable_variables(model)
             rate = rules.auto_learning_rate(variables) * options.get("rate_factor", 1.0)
@@ -242,7 +244,7 @@ def run(
             learning_rate=tuned[key],
             epochs=baseline_epochs,
         )
-        for method in ("fip", "fip_data_only"):
+        for method in ("fip", "fip_data_only")[: 1 + data_only]:
             result[f"{method}/{key}/margin_over_oneshot"] = round(
                 result[f"{method}/{key}/test/accuracy"] - result[f"oneshot/{key}/test/accuracy"],
                 4,
@@ -382,6 +384,12 @@ def main(argv=None):
         help="Choose the baseline's rate on every seed's validation data (by default on "
         "the first seed's, then used for all).",
     )
+    parser.add_argument(
+        "--nodata_only",
+        dest="data_only",
+        action="store_false",
+        help="Leave out Compress without `validation_data` (`fip_data_only`).",
+    )
     parser.add_argument("--output_dir", default=None, help="Where to write results.json.")
     args = parser.parse_args(argv)
     names = args.models.split(",")
@@ -419,6 +427,7 @@ def main(argv=None):
                     args.steps,
                     args.base_epochs,
                     args.train_size,
+                    args.data_only,
                 )
             )
             print(json.dumps(rows[-1]), flush=True)

@@ -43,10 +43,12 @@ STRENGTH = 1e4
 
 # `labels="auto"` with labelled `data`: the walks tried, as (weight of the labels'
 # cross-entropy, factor of the walk's learning rate). The first keeps the dense network's
-# function on the inputs alone; the others weigh the labels in. The one most accurate on
-# the validation data is kept, if it beats the first by more than a sign test's standard
-# deviation (`choose_candidate`).
-CANDIDATES = ((0.0, 1.0), (1.0, 1.0))
+# function on the inputs alone; the second weighs the labels in; the third keeps the
+# function at a tenth of the rate, for models whose function the auto rate moves too far
+# per step (a transformer's attention and embeddings, fine-tuned at rates well below
+# their training rate). The one most accurate on the validation data is kept, if it beats
+# the first by more than a sign test's standard deviation (`choose_candidate`).
+CANDIDATES = ((0.0, 1.0), (1.0, 1.0), (0.0, 0.1))
 # Without `validation_data`, the candidates walk on `data` less a stratified, seeded
 # SELECTION_FRACTION of it and are compared there; with fewer than SELECTION_MIN_EXAMPLES
 # held out, the first candidate is taken without a choice.
@@ -387,11 +389,12 @@ class Compress(WalkingOperation):
     over all layers above a layer-collapse floor, or per layer).
 
     **Labels.** When `data` is `(x, y)` the labels are used by default (`labels="auto"`):
-    the walk on the inputs alone and a walk with the labels' cross-entropy in L are
-    compared on validation data, and the labels are weighted in only when their walk is
-    right on more validation examples than the walk on the inputs alone by more than a
-    sign test's standard deviation (`choose_candidate`), as a baseline's learning rate is
-    chosen on a validation split. The validation data are `validation_data` when given
+    the walk on the inputs alone, a walk with the labels' cross-entropy in L and the walk
+    on the inputs alone at a tenth of the learning rate (`CANDIDATES`) are compared on
+    validation data, and another walk than the first is taken only when it is right on
+    more validation examples than the walk on the inputs alone by more than a sign test's
+    standard deviation (`choose_candidate`), as a baseline's learning rate is chosen on a
+    validation split. The validation data are `validation_data` when given
     (then every candidate walks on all of `data` and the chosen one is returned); else a
     stratified, seeded fifth of `data` held out of the candidates' walks, after which the
     chosen walk runs on all of `data`. Examples the dense network was trained on favour

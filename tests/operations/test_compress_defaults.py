@@ -204,7 +204,7 @@ def test_defaults_use_the_labels_and_tfmots_prunable_set():
     assert operation.saliency == Saliency("magnitude", scope="global", layer_floor="auto")
     assert operation.schedule == Schedule(1000, 0.7, 0.7, 3, "auto")
     assert keras_fip.compress.CANDIDATES[0] == (0.0, 1.0)  # The inputs alone first.
-    assert [weight for weight, _ in keras_fip.compress.CANDIDATES] == [0.0, 1.0]
+    assert keras_fip.compress.CANDIDATES == ((0.0, 1.0), (1.0, 1.0), (0.0, 0.1))
     walk = operation.resolved_walk()
     assert (walk.epochs, walk.distance, walk.beta, walk.batch_size) == (10, "kl", "auto", 128)
     clone = keras_fip.Compress.from_config(operation.get_config())
