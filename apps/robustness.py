@@ -17,9 +17,15 @@ examples (a stratified, seeded subset of the training set):
 - `trs`: a TRS ensemble of K members (`keras_fip.baselines.trs_ensemble`, Yang et al.:
   input gradients misaligned between members and kept small), trained for the epochs that
   bring its compute to the PGD-AT ensemble's;
-- `fip`: `keras_fip.Ensemble(K, data=(x, y), walk=keras_fip.Walk(seed=s))` from the
-  `standard` network, every argument but the model, data, budget and seed at the library's
-  default (`--fip_steps` > 0 sets the walk's steps; 0 keeps the default budget).
+- `fip`: the FIP ensemble walked as an adversarially trained ensemble, from the
+  `standard` network: `keras_fip.Ensemble(K, data=(x, y), labels=False,
+  diversity=Diversity(weight=300, adversary="ensemble", attack_steps=2, radius_ramp=0.5,
+  examples=6000), walk=keras_fip.Walk(steps=240, seed=s))`
+  (`FIP_ARGUMENTS`, `FIP_DIVERSITY`): in every step of the walk, PGD from a random start
+  at ρ = 0.3 (rising from 0 over the first half of the walk) against the members so
+  far and the moving network, each member trained on those inputs with weight λ while
+  the walk's distance keeps its clean outputs; the rest at the library's defaults
+  (`--fip_steps` > 0 sets the walk's steps).
 
 Compute (`train_examples`) counts example passes (one forward and backward pass of one
 example) as `keras_fip.Ensemble`'s `history["train_examples"]` counts them: every pass of
@@ -76,6 +82,7 @@ from keras_fip import robustness
 from keras_fip.baselines.trs_ensemble import ATTACK_STEPS as TRS_ATTACK_STEPS
 from keras_fip.baselines.trs_ensemble import PASSES_PER_MEMBER as TRS_PASSES_PER_MEMBER
 from keras_fip.core import tuning
+from keras_fip.operations.ensemble import Diversity
 from keras_fip.operations.ensemble import build_ensemble
 
 METHODS = ("standard", "deep", "pgd_at", "pgd_at_ensemble", "fgsm_at", "trs", "fip")
@@ -84,6 +91,17 @@ ARCHITECTURES = ("convnet", "lenet_300_100", "mlp")
 ATTACKS = ("pgd", "autoattack", "adaptive", "transfer")
 # Seed offset of the transfer attack's surrogate (a standard network trained apart).
 SURROGATE_SEED = 1000
+# The FIP ensemble's named configuration (the arguments it needs beyond model, data, budget
+# and seed): each member adversarially trained against the whole ensemble in every step.
+FIP_DIVERSITY = {
+    "weight": 300.0,
+    "adversary": "ensemble",
+    "attack_steps": 2,
+    "radius_ramp": 0.5,
+    "examples": 6000,
+}
+FIP_ARGUMENTS = {"labels": False}
+FIP_STEPS = 240
 # The app's defaults of the shared flags, sized for 2 CPU cores (see the docstring).
 DEFAULTS = {"seeds": ["0"], "epochs": 5, "learning_rate": 1e-3, "batch_size": 128}
 
@@ -100,9 +118,7 @@ flags.DEFINE_integer("attack_steps", 5, "PGD steps of PGD-AT.", lower_bound=1)
 flags.DEFINE_float(
     "epsilon_warmup", 0.5, "Fraction of the steps over which ε rises from 0.", lower_bound=0.0
 )
-flags.DEFINE_integer(
-    "fip_steps", 0, "Steps of the FIP walk (0: the library's default budget).", lower_bound=0
-)
+flags.DEFINE_integer("fip_steps", 0, "Steps of the FIP walk (0: FIP_STEPS).", lower_bound=0)
 
 # Evaluation
 flags.DEFINE_list("epsilons", ["0.1", "0.2", "0.3"], "L∞ radii of the evaluation.")
@@ -123,7 +139,7 @@ METHOD_NAMES = {
     "pgd_at_ensemble": "PGD-AT ensemble",
     "fgsm_at": "FGSM-AT",
     "trs": "TRS ensemble",
-    "fip": "FIP ensemble (Ensemble defaults)",
+    "fip": "FIP ensemble (per-step PGD against the ensemble)",
 }
 
 
@@ -191,8 +207,10 @@ def build(method, architecture, x, y, seed, standard, reference_passes):
         per_epoch = K * N * (TRS_PASSES_PER_MEMBER + TRS_ATTACK_STEPS)
         common_arguments["epochs"] = max(1, round(reference_passes / per_epoch))
         return baselines.trs_ensemble(architecture, x, y, num_members=K, **common_arguments)
-    walk = keras_fip.Walk(steps=FLAGS.fip_steps or None, seed=seed, verbose=0)
-    operation = keras_fip.Ensemble(K, data=(x, y), walk=walk)
+    walk = keras_fip.Walk(steps=FLAGS.fip_steps or FIP_STEPS, seed=seed, verbose=0)
+    operation = keras_fip.Ensemble(
+        K, data=(x, y), diversity=Diversity(**FIP_DIVERSITY), walk=walk, **FIP_ARGUMENTS
+    )
     ensemble = operation(standard)
     return ensemble, {
         "train_examples": epochs * N + operation.history["train_examples"],

@@ -84,7 +84,9 @@ class _WalkObjective:
     the objective is called with the trainer's logits view). −⟨u, w⟩ is the driver (u a
     fixed random unit direction, replaced per member with `push="random_per_member"`,
     absent with `push="none"`). τ·CE is the labels' term on a labelled batch. L_div is
-    measured on inputs x̃ attacked against the ensemble so far: `"error"`:
+    measured on inputs x̃ attacked against the ensemble so far (with
+    `adversary="ensemble"`, in every step, against the members in the slots of
+    `watch_members` and the moving network): `"error"`:
     CE(y, f(x̃; w)), the new member learns to be right where the ensemble is wrong
     (negatively correlated errors); `"agreement"`: ⟨softmax f(x̃; w), p̄_prev(x̃)⟩, with
     its gradient normalised to length λ. The batch is a dict with `"task"` and/or
@@ -103,26 +105,69 @@ class _WalkObjective:
         self.diversity = float(diversity)
         self.loss = loss
         self.training = bool(training)
-        self.radius, self.low, self.high = 0.0, 0.0, 1.0  # Set by the walk (`adversary`).
+        self.low, self.high = 0.0, 1.0  # Set by the walk (`adversary="ensemble"`).
+        self.attack_steps = 1
+        self.slots, self.active, self.radius = [], None, None
 
     def set_direction(self, direction):
         for variable, piece in zip(self.direction, direction):
             variable.assign(piece)
 
-    def _attack_ensemble(self, model, inputs, labels, previous_gradient):
-        """FGSM against the ensemble of the members so far and the moving network:
-        x̃ = clip(x − ρ·sign ∇ₓ Σ_k p_k,y(x)), the sign of ∇ₓ(−log p̄_y) (p̄_y > 0), with
-        the members' part Σ_prev ∇ₓ p_k,y cached per member (`previous_gradient`)."""
-        inputs = tf.convert_to_tensor(inputs)
-        with tf.GradientTape() as tape:
-            tape.watch(inputs)
-            probabilities = keras.ops.softmax(
-                tf.cast(model(inputs, training=self.training), "float32"), -1
+    def watch_members(self, slots):
+        """Attacks, in every step, the networks in `slots` marked active (`set_members`)
+        with the moving network (`adversary="ensemble"`)."""
+        self.slots = list(slots)
+        self.active = keras.Variable(
+            np.zeros(len(self.slots), "float32"), trainable=False, name="active_members"
+        )
+        self.radius = keras.Variable(0.0, trainable=False, name="attack_radius")
+
+    def set_members(self, members):
+        """Puts `members` (at most as many as the slots) in the slots the attack reads."""
+        for slot, member in zip(self.slots, members):
+            for target, source in zip(slot.weights, member.weights):
+                target.assign(source.value)
+        active = np.arange(len(self.slots)) < len(members)
+        self.active.assign(active.astype("float32"))
+
+    def _mean_probability_loss(self, model, inputs, labels):
+        """−log p̄_y summed over the batch: p̄ the mean probabilities of the moving network
+        and the active members."""
+        probabilities = keras.ops.softmax(
+            tf.cast(model(inputs, training=self.training), "float32"), -1
+        )
+        total, count, active = probabilities, tf.constant(1.0), self.active.value
+        for index, slot in enumerate(self.slots):
+            total += tf.cond(
+                active[index] > 0,
+                lambda slot=slot: keras.ops.softmax(
+                    tf.cast(slot(inputs, training=False), "float32"), -1
+                ),
+                lambda: tf.zeros_like(probabilities),
             )
-            true = tf.reduce_sum(tf.gather(probabilities, tf.cast(labels, "int32"), batch_dims=1))
-        gradient = tape.gradient(true, inputs) + tf.cast(previous_gradient, inputs.dtype)
-        perturbed = inputs - tf.cast(self.radius, inputs.dtype) * tf.sign(gradient)
-        return tf.stop_gradient(tf.clip_by_value(perturbed, self.low, self.high))
+            count += active[index]
+        true = tf.gather(total / count, tf.cast(labels, "int32"), batch_dims=1)
+        return -tf.reduce_sum(tf.math.log(tf.maximum(true, 1e-12)))
+
+    def _attack_ensemble(self, model, inputs, labels):
+        """FGSM (one step) or PGD from a uniform random start (step 2.5·ρ/steps) on
+        −log p̄_y of the moving network and the active members, in the L∞ ball of radius
+        ρ (`self.radius`) within [low, high]."""
+        clean = tf.convert_to_tensor(inputs)
+        radius = tf.cast(self.radius, clean.dtype)
+        step = radius if self.attack_steps == 1 else 2.5 * radius / self.attack_steps
+        current = clean
+        if self.attack_steps > 1:
+            current = clean + tf.random.uniform(tf.shape(clean), -1.0, 1.0, clean.dtype) * radius
+            current = tf.clip_by_value(current, self.low, self.high)
+        for _ in range(self.attack_steps):
+            with tf.GradientTape() as tape:
+                tape.watch(current)
+                loss = self._mean_probability_loss(model, current, labels)
+            current = current + step * tf.sign(tape.gradient(loss, current))
+            current = tf.clip_by_value(current, clean - radius, clean + radius)
+            current = tf.stop_gradient(tf.clip_by_value(current, self.low, self.high))
+        return current
 
     def _cross_entropy(self, model, inputs, labels):
         logits = tf.cast(model(inputs, training=self.training), "float32")
@@ -144,9 +189,9 @@ class _WalkObjective:
             inputs, labels = batch["task"]
             total = total + self.task_weight * self._cross_entropy(model, inputs, labels)
         if self.diversity > 0 and "diversity" in batch:
-            inputs, targets = batch["diversity"][:2]
-            if len(batch["diversity"]) == 3:
-                inputs = self._attack_ensemble(model, inputs, targets, batch["diversity"][2])
+            inputs, targets = batch["diversity"]
+            if self.slots:
+                inputs = self._attack_ensemble(model, inputs, targets)
             if self.loss == "error":
                 total = total + self.diversity * self._cross_entropy(model, inputs, targets)
             else:
@@ -183,6 +228,24 @@ class _StopAtMetricDistance(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class _RampRadius(keras.callbacks.Callback):
+    """Sets the per-step attack's radius before each step: ρ·min(1, (t + 1)/`ramp_steps`)
+    at the walk's step t (`offset` + the segment's step), ρ with `ramp_steps` = 0."""
+
+    def __init__(self, variable, radius, ramp_steps, offset):
+        super().__init__()
+        self.variable = variable
+        self.radius = float(radius)
+        self.ramp_steps = int(ramp_steps)
+        self.offset = int(offset)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        fraction = 1.0
+        if self.ramp_steps > 0:
+            fraction = min(1.0, (self.offset + batch + 1) / self.ramp_steps)
+        self.variable.assign(self.radius * fraction)
+
+
 def _predict(models, x, batch_size, kind):
     """Mean probabilities of `models` (returning `kind` outputs) on `x` (numpy), in
     batches."""
@@ -195,24 +258,6 @@ def _predict(models, x, batch_size, kind):
         ]
         outputs.append(np.mean(probabilities, axis=0))
     return np.concatenate(outputs).astype("float32")
-
-
-def _probability_gradient(models, x, labels, batch_size, kind):
-    """Σ_k ∇ₓ p_k,y(x) over `models` (returning `kind` outputs; numpy), in batches."""
-    gradients = []
-    for start in range(0, len(x), batch_size):
-        batch = tf.constant(x[start : start + batch_size])
-        target = tf.constant(labels[start : start + batch_size].astype("int32"))
-        with tf.GradientTape() as tape:
-            tape.watch(batch)
-            total = 0.0
-            for m in models:
-                probabilities = outputs_lib.as_probabilities(
-                    tf.cast(m(batch, training=False), "float32"), kind
-                )
-                total += tf.reduce_sum(tf.gather(probabilities, target, batch_dims=1))
-        gradients.append(tape.gradient(total, batch).numpy())
-    return np.concatenate(gradients).astype(x.dtype)
 
 
 def _attack(models, x, labels, epsilon, steps, low, high, batch_size, rng, kind):
@@ -338,7 +383,8 @@ class _Run:
 
     def diversity_batch(self, previous, x, y, rng):
         """The inputs of L_div for the next segment: `examples` inputs drawn from `x`,
-        attacked against the ensemble so far, with their targets (labels for `"error"`,
+        attacked against the ensemble so far (with `adversary="ensemble"`: as they are,
+        the walk attacks them in every step), with their targets (labels for `"error"`,
         p̄_prev for `"agreement"`); and the passes they cost."""
         diversity = self.diversity
         count = min(diversity.examples, len(x))
@@ -352,10 +398,7 @@ class _Run:
             labels = labels.astype("int64")
             passes += len(inputs) * len(previous)
         if diversity.adversary == "ensemble":
-            # Attacked in each step; the members' part of the gradient is computed here.
-            gradient = _probability_gradient(previous, inputs, labels, PREDICT_BATCH, self.kind)
-            passes += len(inputs) * len(previous)
-            return (inputs, labels, gradient), passes
+            return (inputs, labels), passes
         perturbed = _attack(
             previous,
             inputs,
@@ -404,7 +447,15 @@ class _Run:
         objective = _WalkObjective(
             model, direction, label_weight, self.weight, self.diversity.loss, self.training
         )
-        objective.radius, objective.low, objective.high = self.radius, self.low, self.high
+        attacked = self.weight > 0 and self.diversity.adversary == "ensemble"
+        if attacked:
+            # Slots for the members the per-step attack reads (the start in the first
+            # segment): copies of the network whose weights each segment sets.
+            slots = max(1, include_start + len(segments) - 1)
+            objective.watch_members([copy_model(model) for _ in range(slots)])
+            objective.low, objective.high = self.low, self.high
+            objective.attack_steps = self.diversity.attack_steps
+            ramp_steps = round(self.diversity.radius_ramp * sum(segments))
         trainer = FIPTrainer(
             model,
             rule=walk.rule,
@@ -433,7 +484,6 @@ class _Run:
         train_examples = data_adapter.num_examples(x) if walk.reference == "start" else 0
         walk_examples = 0
         total_steps = 0
-        attacked = self.weight > 0 and self.diversity.adversary == "ensemble"
         for segment_steps in segments:
             # This segment's data: the anchors, the labelled batches and the attacked inputs.
             secondary = {}
@@ -446,6 +496,8 @@ class _Run:
                 secondary["diversity"] = repeated_batches(
                     tuple(tensors), batch_size, seed=int(rng.integers(2**31))
                 )
+                if attacked:
+                    objective.set_members(previous)
             dataset = anchor_data
             if secondary:
                 keys = sorted(secondary)
@@ -465,6 +517,10 @@ class _Run:
             if self.spacing is not None:
                 offset = history["metric_length"][-1] if history.get("metric_length") else 0.0
                 callbacks.append(_StopAtMetricDistance(self.spacing, offset))
+            if attacked:
+                callbacks.append(
+                    _RampRadius(objective.radius, self.radius, ramp_steps, total_steps)
+                )
             segment = trainer.walk(
                 dataset,
                 segment_steps,
@@ -477,8 +533,11 @@ class _Run:
             for key, values in segment.items():
                 history.setdefault(key, []).extend(values)
             walk_examples += steps * batch_size * (1 + len(secondary))
+            # The per-step attack: each of its steps a pass of the moving network and of
+            # every member attacked.
+            attack_passes = self.diversity.attack_steps * (1 + len(previous)) if attacked else 0
             train_examples += (
-                steps * batch_size * (self.anchor_passes() + len(secondary) + attacked)
+                steps * batch_size * (self.anchor_passes() + len(secondary) + attack_passes)
             )
 
             # Take the member (a recorded point of the path, so the steps run on).
@@ -606,8 +665,9 @@ class Ensemble(WalkingOperation):
     counts as a whole one): the start's BatchNorm re-estimation and reference outputs,
     the choice of τ (its walks, counted the same way, and the held-out evaluations), per
     step the anchor batch (× (1 + `cg_iterations`) for the `Metric` rule, + 1 with
-    `spacing`), the labelled and diversity batches and the per-step attack (adversary
-    `"ensemble"`), and per member the attack (examples × members attacked × attack
+    `spacing`), the labelled and diversity batches and, with adversary `"ensemble"`, the
+    per-step attack (attack steps × (1 + members attacked) per diversity example), and
+    per member the attack of adversary `"members"` (examples × members attacked × attack
     steps) and BatchNorm re-estimation. `op.history["walk_examples"]` counts the
     examples entering the steps of the final walk; `op.history` also records τ
     (`"labels"`), λ (`"diversity"`), ρ (`"radius"`), `"push"`, `"beta"`,

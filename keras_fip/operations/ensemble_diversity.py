@@ -39,13 +39,18 @@ class Diversity(Config):
       the mean probabilities of the members so far, its gradient normalised to length λ
       (a push away from the ensemble's answer, right or wrong).
 
-    Where x̃ comes from (`adversary`): `"members"` attacks the members taken so far
-    (the start before the first), once per member, on `examples` inputs drawn from the
-    ensemble's data: FGSM with `attack_steps=1`, else PGD from a uniform random start
-    with step 2.5·ρ/`attack_steps` (Madry et al. 2018), on −log p̄_y. `"ensemble"`
-    attacks, in every step, the ensemble the new member will join (the members so far
-    and the moving network): x̃ = clip(x − ρ·sign ∇ₓ Σ_k p_k,y(x)), with the members'
-    part of the gradient computed once per member.
+    Where x̃ comes from (`adversary`), on `examples` inputs drawn from the ensemble's
+    data per member, by FGSM with `attack_steps=1` (x̃ = clip(x + ρ·sign ∇ₓ ℓ)), else
+    PGD from a uniform random start in the ρ-ball with step 2.5·ρ/`attack_steps`
+    (Madry et al. 2018), on ℓ = −log p̄_y, p̄ the mean probabilities of the networks
+    attacked:
+
+    - `"members"` attacks the members taken so far (the start before the first), once
+      per member: the inputs are fixed for the member's segment.
+    - `"ensemble"` attacks, in every step of the walk, the ensemble the new member will
+      join: the members so far (the start before the first) and the moving network
+      (adversarial training of the new member against the whole ensemble). With
+      `radius_ramp` > 0, ρ rises linearly from 0 over that fraction of the walk's steps.
 
     The attacked inputs must be one floating-point input; `weight="auto"` turns the term
     off for other inputs (token ids, several inputs).
@@ -57,18 +62,24 @@ class Diversity(Config):
         radius: ρ, the L∞ radius of the attacks in input units, or `"auto"`:
             `RADIUS_FRACTION` (0.3) of the range of the inputs of the ensemble's data
             (0.3 for images in [0, 1], 76.5 in [0, 255]). Defaults to `"auto"`.
-        attack_steps: Steps of the once-per-member attack (`adversary="members"`): 1 is
-            FGSM, more is PGD. Defaults to `1`.
+        attack_steps: Steps of each attack: 1 is FGSM, more is PGD from a random start.
+            Defaults to `1`.
         adversary: `"members"` or `"ensemble"` (needs `loss="error"`). Defaults to
             `"members"`.
-        examples: Inputs drawn from the ensemble's data and attacked per member. Defaults
-            to `2048`.
+        examples: Inputs drawn from the ensemble's data per member (attacked once with
+            `"members"`, in every step with `"ensemble"`). Defaults to `2048`.
+        radius_ramp: The fraction of the walk's steps over which ρ rises linearly from 0
+            to `radius` (`adversary="ensemble"` only; 0: ρ from the first step).
+            Defaults to `0.0`.
 
     Examples:
 
         >>> diversity = Diversity(weight=2.0, attack_steps=5)
         >>> diversity.get_config()["loss"], diversity.get_config()["attack_steps"]
         ('error', 5)
+        >>> robust = Diversity(adversary="ensemble", attack_steps=3, radius_ramp=0.5)
+        >>> Diversity.from_config(robust.get_config()) == robust
+        True
         >>> Diversity.from_config(diversity.get_config()) == diversity
         True
         >>> Diversity(radius=0.1).resolve_radius(0.0, 255.0)
@@ -85,6 +96,7 @@ class Diversity(Config):
         attack_steps=1,
         adversary="members",
         examples=2048,
+        radius_ramp=0.0,
     ):
         self.weight = _auto_or_number(weight, "weight", low_inclusive=True)
         self.loss = Operation.check_choice(loss, "loss", LOSSES)
@@ -102,6 +114,15 @@ class Diversity(Config):
         self.examples = Operation.check_number(
             examples, "examples", low=1, low_inclusive=True, integer=True
         )
+        self.radius_ramp = Operation.check_number(
+            radius_ramp, "radius_ramp", low=0.0, high=1.0, low_inclusive=True
+        )
+        if self.radius_ramp > 0 and self.adversary != "ensemble":
+            raise ValueError(
+                "`radius_ramp` ramps the radius of the attack made in every step, which "
+                "needs `adversary='ensemble'`. "
+                f"Received: radius_ramp={radius_ramp!r}, adversary={adversary!r}"
+            )
 
     def resolve_weight(self, continuous):
         """λ: `weight`, or for `"auto"` `AUTO_WEIGHT` when `continuous` (one floating-point
@@ -126,6 +147,7 @@ class Diversity(Config):
             "attack_steps": self.attack_steps,
             "adversary": self.adversary,
             "examples": self.examples,
+            "radius_ramp": self.radius_ramp,
         }
 
     def __hash__(self):

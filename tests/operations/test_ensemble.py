@@ -305,10 +305,41 @@ def test_error_diversity_resists_transferred_attacks_and_keeps_clean_accuracy(di
     )
     base = keras_fip.models.evaluate_classifier(model, x_test, y_test)["accuracy"]
     assert np.mean(np.asarray(diverse(x_test)).argmax(-1) == y_test) > base - 0.02
-    # Compute: reference outputs; per step anchor (D), labelled and diversity batches (and
-    # the per-step attack); per member the attack on the members so far (the start, 1, 2).
-    per_step = 3 + (adversary == "ensemble")
-    assert op.history["train_examples"] == (len(x) + 180 * 64 * per_step + 256 * (1 + 1 + 2))
+    # Compute: reference outputs; per step anchor (D), labelled and diversity batches;
+    # "members": per member the attack on the members so far (the start, 1, 2);
+    # "ensemble": per step the attack on the moving network and the members so far.
+    if adversary == "members":
+        attacks = 256 * (1 + 1 + 2)
+    else:
+        attacks = 60 * 64 * ((1 + 1) + (1 + 1) + (1 + 2))
+    assert op.history["train_examples"] == len(x) + 180 * 64 * 3 + attacks
+
+
+def test_per_step_pgd_attacks_the_whole_ensemble_with_a_ramped_radius(digits, monkeypatch):
+    model, x, y, x_test, y_test = digits
+    radii = []
+    original = keras_fip.operations.ensemble._RampRadius.on_train_batch_begin
+
+    def record(self, batch, logs=None):
+        original(self, batch, logs)
+        radii.append(float(self.variable.numpy()))
+
+    monkeypatch.setattr(keras_fip.operations.ensemble._RampRadius, "on_train_batch_begin", record)
+    diversity = Diversity(
+        weight=2.0, radius=0.2, adversary="ensemble", attack_steps=3, radius_ramp=0.5, examples=128
+    )
+    op = keras_fip.Ensemble(
+        3, data=(x, y), labels=1.0, diversity=diversity, walk=_walk(12, batch_size=32)
+    )
+    ensemble = op(model)
+    # ρ rises over the first half of the walk (6 of 12 steps), then holds.
+    np.testing.assert_allclose(radii, [0.2 * min(1.0, (t + 1) / 6) for t in range(12)], rtol=1e-6)
+    # Per step: anchor, labelled and diversity batches, and 3 attack steps on the moving
+    # network and the members so far (the start; member 0; members 0 and 1).
+    attacks = 4 * 32 * 3 * ((1 + 1) + (1 + 1) + (1 + 2))
+    assert op.history["train_examples"] == len(x) + 12 * 32 * 3 + attacks
+    base = keras_fip.models.evaluate_classifier(model, x_test, y_test)["accuracy"]
+    assert np.mean(np.asarray(ensemble(x_test)).argmax(-1) == y_test) > base - 0.1
 
 
 def test_agreement_diversity_pushes_members_apart_on_perturbed_inputs(digits):
@@ -424,6 +455,9 @@ def test_bad_arguments_raise(kwargs, match):
         (dict(adversary="surrogate"), "adversary"),
         (dict(adversary="ensemble", loss="agreement"), "adversary"),
         (dict(examples=0), "examples"),
+        (dict(adversary="ensemble", radius_ramp=1.5), "radius_ramp"),
+        (dict(adversary="ensemble", radius_ramp="fast"), "radius_ramp"),
+        (dict(radius_ramp=0.5), "radius_ramp"),
     ],
 )
 def test_bad_diversity_arguments_raise(kwargs, match):
@@ -477,7 +511,9 @@ def test_config_round_trip():
     assert keras_fip.Ensemble.from_config(defaults.get_config()).get_config() == (
         defaults.get_config()
     )
-    diversity = Diversity(weight=2.0, adversary="ensemble", examples=64)
+    diversity = Diversity(
+        weight=2.0, adversary="ensemble", attack_steps=3, examples=64, radius_ramp=0.25
+    )
     assert Diversity.from_config(diversity.get_config()) == diversity
     assert (
         keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(diversity))
