@@ -368,6 +368,19 @@ class FIPTrainer(keras.Model):
             steps_per_execution=steps_per_execution,
             **kwargs,
         )
+        self._build_optimizer()
+
+    def _build_optimizer(self):
+        """Creates the optimizer's state on the walked variables before the step is traced.
+
+        Built inside the step, as `fit` otherwise does, the state would be created in the
+        first trace, and `tf.function` would trace the whole step a second time to check
+        that later calls create none."""
+        optimizer = self.optimizer
+        if optimizer.built:
+            return
+        with self.distribute_strategy.scope(), keras.name_scope(optimizer.name, caller=optimizer):
+            optimizer.build(self.network.trainable_variables)
 
     def fit(self, *args, shuffle=False, **kwargs):
         """`keras.Model.fit`; `shuffle` defaults to `False` (the pipeline shuffles)."""
