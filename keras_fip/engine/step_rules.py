@@ -19,6 +19,7 @@ the previous one's result, so collectives run in the same order on every replica
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 STEP_RULES = ("penalty", "normalized", "metric")
@@ -106,9 +107,17 @@ def apply_masks(tensors, masks):
     if masks is None:
         return list(tensors)
     return [
-        tensor if mask is None else tensor * tf.cast(mask, tensor.dtype)
+        tensor if mask is None else tensor * tf.cast(_compact(mask), tensor.dtype)
         for tensor, mask in zip(tensors, masks)
     ]
+
+
+def _compact(mask):
+    """A boolean numpy mask as bytes (a graph constant copied in one block, where a boolean
+    array is converted element by element)."""
+    if isinstance(mask, np.ndarray) and mask.dtype == np.bool_:
+        return mask.view(np.uint8)
+    return mask
 
 
 def rescale(tensors, length):
@@ -162,7 +171,7 @@ def _default_tolerance(dtype):
 def conjugate_gradient(matvec, rhs, iterations, damping=0.0, tolerance=None):
     """Solves `(A + δI) x = rhs` by conjugate gradient, A symmetric positive semi-definite.
 
-    At most `iterations` iterations, unrolled, starting from `x = 0`. Once the residual is
+    At most `iterations` iterations, starting from `x = 0`. Once the residual is
     below `tolerance · ‖rhs‖` the iterate is frozen, so rounding noise of an already
     converged solve is not amplified (which also keeps one-device and multi-replica solves
     equal). Graph-safe.
@@ -193,7 +202,8 @@ def conjugate_gradient(matvec, rhs, iterations, damping=0.0, tolerance=None):
     direction = list(rhs)
     residual_squared = inner_product(residual, residual)
     threshold = tf.cast(tolerance, residual_squared.dtype) ** 2 * residual_squared
-    for _ in range(int(iterations)):
+
+    def iteration(solution, residual, direction, residual_squared):
         active = residual_squared > threshold
         product = matvec(direction)
         if damping:
@@ -205,7 +215,22 @@ def conjugate_gradient(matvec, rhs, iterations, damping=0.0, tolerance=None):
         new_residual_squared = inner_product(residual, residual)
         beta = tf.where(active, tf.math.divide_no_nan(new_residual_squared, residual_squared), 1.0)
         direction = [r + tf.cast(beta, r.dtype) * d for r, d in zip(residual, direction)]
-        residual_squared = new_residual_squared
+        return solution, residual, direction, new_residual_squared
+
+    state = (solution, residual, direction, residual_squared)
+    if num_replicas() > 1:
+        # Unrolled: every product all-reduces, and collectives stay out of loops.
+        for _ in range(int(iterations)):
+            state = iteration(*state)
+    else:
+        # One traced iteration (a graph the size of one product, not of `iterations`).
+        state = tf.while_loop(
+            lambda *_: tf.constant(True),
+            iteration,
+            state,
+            maximum_iterations=int(iterations),
+        )
+    solution, _, _, residual_squared = state
     return solution, tf.sqrt(residual_squared)
 
 
