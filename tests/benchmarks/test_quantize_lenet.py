@@ -85,3 +85,23 @@ def test_packed_bytes_counts_a_bitmap_the_nonzeros_and_the_scales():
     model.layers[0].kernel.assign(kernel)
     # bitmap 128 / 8 + 32 non-zeros × 4 bits / 8 + 8 scales × 4 + 8 biases × 4
     assert quantize_lenet.packed_bytes(model, 4) == 16 + 16 + 32 + 32
+
+
+def test_the_summary_gives_the_chain_per_seed_against_the_dense_network():
+    args = quantize_lenet.parse(["--methods=compress_fip", "--sparsity=0.965", "--bits=3"])
+    rows = [
+        {"seed": 0, "method": "float", "bits": 32, "accuracy": 0.9812},
+        {
+            "seed": 0,
+            "method": "compress_fip",
+            "bits": 3,
+            "accuracy": 0.9807,
+            "times_smaller": 55.51,
+            "gzipped_tflite_bytes": 19213,
+        },
+    ]
+    page = quantize_lenet.summary_page(args, rows, quantize_lenet.summarize(rows))
+    assert page["title"] == "Quantize: chain(Compress(0.965), Quantize) on lenet_300_100"
+    chain = page["tables"][1]
+    assert chain["caption"] == "chain(Compress(0.965), Quantize(3)) per seed"
+    assert chain["rows"] == [[0, "55.5", 19213, "+0.05"]]
