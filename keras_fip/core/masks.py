@@ -39,6 +39,27 @@ _IRREGULAR_VARIABLE_NAMES = {
 _DEPTHWISE_LAYERS = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
 
 
+def graph_mask(mask):
+    """A mask as it enters a traced function: a boolean numpy mask as bytes (a graph
+    constant copied in one block, where a boolean array is converted element by element);
+    anything else as it is.
+
+    Args:
+        mask: A mask (a numpy array, tensor or variable).
+
+    Returns:
+        The same values, ready for `ops.cast`.
+
+    Examples:
+
+        >>> graph_mask(np.array([True, False])).dtype
+        dtype('uint8')
+    """
+    if isinstance(mask, np.ndarray) and mask.dtype == np.bool_:
+        return mask.view(np.uint8)
+    return mask
+
+
 def encode_mask(mask):
     """Packs a boolean mask into a JSON-friendly dict (shape + base64 of packed bits)."""
     mask = np.asarray(mask, dtype=bool)
@@ -146,7 +167,7 @@ class MaskConstraint(keras.constraints.Constraint):
                 f"MaskConstraint has a mask of shape {self.mask.shape} but was applied to "
                 f"a weight of shape {tuple(w.shape)}."
             )
-        return ops.multiply(w, ops.cast(self.mask, w.dtype))
+        return ops.multiply(w, ops.cast(graph_mask(self.mask), w.dtype))
 
     def get_config(self):
         return {
@@ -221,7 +242,7 @@ class CompositeMaskConstraint(keras.constraints.Constraint):
             if len(fitting) != 1:
                 return w_constrained
             mask = fitting[0]
-        return ops.multiply(w_constrained, ops.cast(mask, w_constrained.dtype))
+        return ops.multiply(w_constrained, ops.cast(graph_mask(mask), w_constrained.dtype))
 
     def get_config(self):
         return {
@@ -1013,7 +1034,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             if grad is not None and mask is not None:
                 if isinstance(grad, tf.IndexedSlices):
                     grad = tf.convert_to_tensor(grad)
-                grad = ops.multiply(grad, ops.cast(mask, grad.dtype))
+                grad = ops.multiply(grad, ops.cast(graph_mask(mask), grad.dtype))
             masked_grads.append(grad)
 
         # Inner update.
@@ -1023,7 +1044,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         for variable in variables:
             mask = masks.get(id(variable))
             if mask is not None and mask_of(variable) is not mask:
-                variable.assign(ops.multiply(variable, ops.cast(mask, variable.dtype)))
+                variable.assign(ops.multiply(variable, ops.cast(graph_mask(mask), variable.dtype)))
 
     @property
     def variables(self):

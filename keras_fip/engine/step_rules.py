@@ -19,8 +19,9 @@ the previous one's result, so collectives run in the same order on every replica
 """
 
 import keras
-import numpy as np
 import tensorflow as tf
+
+from keras_fip.core import masks as masks_lib
 
 STEP_RULES = ("penalty", "normalized", "metric")
 
@@ -107,17 +108,9 @@ def apply_masks(tensors, masks):
     if masks is None:
         return list(tensors)
     return [
-        tensor if mask is None else tensor * tf.cast(_compact(mask), tensor.dtype)
+        tensor if mask is None else tensor * tf.cast(masks_lib.graph_mask(mask), tensor.dtype)
         for tensor, mask in zip(tensors, masks)
     ]
-
-
-def _compact(mask):
-    """A boolean numpy mask as bytes (a graph constant copied in one block, where a boolean
-    array is converted element by element)."""
-    if isinstance(mask, np.ndarray) and mask.dtype == np.bool_:
-        return mask.view(np.uint8)
-    return mask
 
 
 def rescale(tensors, length):
