@@ -216,9 +216,10 @@ def conjugate_gradient(matvec, rhs, iterations, damping=0.0, tolerance=None):
         for _ in range(int(iterations)):
             state = iteration(*state)
     else:
-        # One traced iteration (a graph the size of one product, not of `iterations`).
+        # One traced iteration (a graph the size of one product, not of `iterations`),
+        # left once the residual is below the tolerance: a frozen iterate would not move.
         state = tf.while_loop(
-            lambda *_: tf.constant(True),
+            lambda *state: state[-1] > threshold,
             iteration,
             state,
             maximum_iterations=int(iterations),
