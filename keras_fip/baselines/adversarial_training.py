@@ -30,6 +30,7 @@ import tensorflow as tf
 from keras_fip.core import data_adapter
 from keras_fip.core import outputs as outputs_lib
 from keras_fip.core import tuning
+from keras_fip.core.adversarial import signed_gradient_ascent
 from keras_fip.operations.ensemble_model import SAVED_COMBINES
 from keras_fip.operations.ensemble_model import build_ensemble
 
@@ -76,19 +77,15 @@ def perturb(network, kind, x, y, epsilon, step_size, steps, seed_generator, clip
     low, high = clip_values
     x = tf.convert_to_tensor(x)
     noise = epsilon * keras.random.uniform(tf.shape(x), -1.0, 1.0, seed=seed_generator)
-    adversarial = tf.clip_by_value(x + noise, low, high)
-    for _ in range(steps):
-        with tf.GradientTape() as tape:
-            tape.watch(adversarial)
-            logits = outputs_lib.as_logits(network(adversarial, training=False), kind)
-            loss = tf.reduce_sum(
-                keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-            )
-        gradient = tape.gradient(loss, adversarial)
-        adversarial = adversarial + step_size * tf.sign(gradient)
-        adversarial = tf.clip_by_value(adversarial, x - epsilon, x + epsilon)
-        adversarial = tf.clip_by_value(adversarial, low, high)
-    return tf.stop_gradient(adversarial)
+    start = tf.clip_by_value(x + noise, low, high)
+
+    def loss(adversarial):
+        logits = outputs_lib.as_logits(network(adversarial, training=False), kind)
+        return tf.reduce_sum(
+            keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        )
+
+    return signed_gradient_ascent(loss, x, start, epsilon, step_size, steps, clip_values)
 
 
 def _fresh_copy(model, seed):

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from keras_fip.baselines.adversarial_training import training_settings
 from keras_fip.core import outputs as outputs_lib
+from keras_fip.core.adversarial import signed_gradient_ascent
 from keras_fip.operations.ensemble_model import SAVED_COMBINES
 from keras_fip.operations.ensemble_model import build_ensemble
 
@@ -69,20 +70,16 @@ def _smooth_inputs(members, kinds, inputs, labels, epsilon, steps, clip_values):
     low, high = clip_values
     step_size = STEP_FACTOR * epsilon / steps
     noise = tf.random.uniform(tf.shape(inputs), -1.0, 1.0) * epsilon
-    adversarial = tf.clip_by_value(inputs + noise, low, high)
-    for _ in range(steps):
-        with tf.GradientTape() as tape:
-            tape.watch(adversarial)
-            total = 0.0
-            for member, kind in zip(members, kinds):
-                gradient, _ = _input_gradients(member, kind, adversarial, labels, False)
-                total += tf.reduce_sum(tf.norm(gradient, axis=-1))
-        direction = tf.sign(tape.gradient(total, adversarial))
-        adversarial = tf.clip_by_value(
-            adversarial + step_size * direction, inputs - epsilon, inputs + epsilon
-        )
-        adversarial = tf.clip_by_value(adversarial, low, high)
-    return tf.stop_gradient(adversarial)
+    start = tf.clip_by_value(inputs + noise, low, high)
+
+    def steepness(adversarial):
+        total = 0.0
+        for member, kind in zip(members, kinds):
+            gradient, _ = _input_gradients(member, kind, adversarial, labels, False)
+            total += tf.reduce_sum(tf.norm(gradient, axis=-1))
+        return total
+
+    return signed_gradient_ascent(steepness, inputs, start, epsilon, step_size, steps, clip_values)
 
 
 def trs_ensemble(

@@ -8,6 +8,7 @@ from keras_fip.core import data_adapter
 from keras_fip.core import normalization
 from keras_fip.core import outputs as outputs_lib
 from keras_fip.core import tuning
+from keras_fip.core.adversarial import signed_gradient_ascent
 from keras_fip.core.copy import copy_model
 from keras_fip.core.data_adapter import check_inputs_match_model
 from keras_fip.core.data_adapter import fip_dataset
@@ -156,18 +157,19 @@ class _WalkObjective:
         clean = tf.convert_to_tensor(inputs)
         radius = tf.cast(self.radius, clean.dtype)
         step = radius if self.attack_steps == 1 else 2.5 * radius / self.attack_steps
-        current = clean
+        start = clean
         if self.attack_steps > 1:
-            current = clean + tf.random.uniform(tf.shape(clean), -1.0, 1.0, clean.dtype) * radius
-            current = tf.clip_by_value(current, self.low, self.high)
-        for _ in range(self.attack_steps):
-            with tf.GradientTape() as tape:
-                tape.watch(current)
-                loss = self._mean_probability_loss(model, current, labels)
-            current = current + step * tf.sign(tape.gradient(loss, current))
-            current = tf.clip_by_value(current, clean - radius, clean + radius)
-            current = tf.stop_gradient(tf.clip_by_value(current, self.low, self.high))
-        return current
+            start = clean + tf.random.uniform(tf.shape(clean), -1.0, 1.0, clean.dtype) * radius
+            start = tf.clip_by_value(start, self.low, self.high)
+        return signed_gradient_ascent(
+            lambda current: self._mean_probability_loss(model, current, labels),
+            clean,
+            start,
+            radius,
+            step,
+            self.attack_steps,
+            (self.low, self.high),
+        )
 
     def _cross_entropy(self, model, inputs, labels):
         logits = tf.cast(model(inputs, training=self.training), "float32")
