@@ -41,11 +41,14 @@ echo "::: install $(basename "$wheel") with the test extra"
 pip install --quiet "$wheel[test]"
 
 echo "::: top level of site-packages"
+# Away from any checkout, whose `keras_fip.egg-info` would answer for the installed package.
+cd "$work"
 python - <<'EOF'
 import importlib.metadata
 
-files = importlib.metadata.files("keras_fip")
-top = sorted({f.parts[0] for f in files if not f.parts[0].endswith(".dist-info")})
+distribution = importlib.metadata.distribution("keras_fip")
+print("keras_fip's metadata:", distribution.locate_file(""))
+top = sorted({f.parts[0] for f in distribution.files if not f.parts[0].endswith(".dist-info")})
 print("keras_fip's wheel installs:", top)
 if top != ["keras_fip"]:
     raise SystemExit(f"expected only keras_fip at the top level of site-packages, found {top}")
