@@ -9,7 +9,9 @@ import pytest
 from keras_fip import data
 from keras_fip.data import local_files
 
-SHARED = local_files.shared_data_dir()
+# The dataset files as the library finds them: env KERAS_FIP_DATA (an installed package), else
+# `../shared/data` beside the checkout.
+SHARED = os.environ.get(local_files.ENV_VARIABLE) or local_files.shared_data_dir()
 needs_shared = pytest.mark.skipif(
     not os.path.isdir(os.path.join(SHARED, "mnist")), reason="../shared/data not present"
 )

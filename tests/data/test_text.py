@@ -7,8 +7,10 @@ from keras_fip import data
 from keras_fip.data import local_files
 from keras_fip.data import text
 
+# The dataset files as the library finds them: env KERAS_FIP_DATA, else `../shared/data`.
+SHARED = os.environ.get(local_files.ENV_VARIABLE) or local_files.shared_data_dir()
 needs_text = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(local_files.shared_data_dir(), "text", "stsa.fine.train")),
+    not os.path.isfile(os.path.join(SHARED, "text", "stsa.fine.train")),
     reason="../shared/data/text not present",
 )
 
