@@ -9,9 +9,9 @@ import pytest
 from keras_fip import data
 from keras_fip.data import local_files
 
-# The dataset files as the library finds them: env KERAS_FIP_DATA (an installed package), else
-# `../shared/data` beside the checkout.
-SHARED = os.environ.get(local_files.ENV_VARIABLE) or local_files.shared_data_dir()
+# The first place the library looks for the dataset files (env KERAS_FIP_DATA, else
+# `../shared/data` beside the checkout).
+SHARED = local_files.search_roots()[0][0]
 needs_shared = pytest.mark.skipif(
     not os.path.isdir(os.path.join(SHARED, "mnist")), reason="../shared/data not present"
 )

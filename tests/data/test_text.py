@@ -7,8 +7,9 @@ from keras_fip import data
 from keras_fip.data import local_files
 from keras_fip.data import text
 
-# The dataset files as the library finds them: env KERAS_FIP_DATA, else `../shared/data`.
-SHARED = os.environ.get(local_files.ENV_VARIABLE) or local_files.shared_data_dir()
+# The first place the library looks for the dataset files (env KERAS_FIP_DATA, else
+# `../shared/data` beside the checkout).
+SHARED = local_files.search_roots()[0][0]
 needs_text = pytest.mark.skipif(
     not os.path.isfile(os.path.join(SHARED, "text", "stsa.fine.train")),
     reason="../shared/data/text not present",
